@@ -1,0 +1,1 @@
+//! kkachi client

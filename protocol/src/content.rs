@@ -1,0 +1,410 @@
+//! Message content: what travels inside an end-to-end session.
+//!
+//! Every content record carries the sender's message id (for deduplication across
+//! relays and retries), a per-conversation sequence number and the hash of the sender's
+//! previous record in that conversation (so the recipient can tell a dropped message from
+//! one that is merely late), a timestamp, and a typed body. Bodies are tagged with a
+//! kind and length-prefixed, so a kind this version does not know is kept verbatim as
+//! [`Body::Unknown`] rather than failing the whole record.
+
+use thiserror::Error;
+
+use crate::card::{Card, CardError};
+use crate::codec::{DecodeError, Reader, Writer, hash};
+
+/// Version byte of the content encoding.
+pub const CONTENT_VERSION: u8 = 1;
+/// Longest text body, in UTF-8 bytes.
+pub const MAX_TEXT_LEN: usize = 32 * 1024;
+/// Largest body of any kind, in bytes (fits a sealed payload with headroom).
+pub const MAX_BODY_LEN: usize = 60 * 1024;
+/// Most message ids one receipt may acknowledge.
+pub const MAX_RECEIPT_IDS: usize = 512;
+/// Fixed header: version, id, seq, prev, sent_at, kind, body length.
+pub const CONTENT_HEADER_LEN: usize = 1 + 16 + 8 + 32 + 8 + 2 + 4;
+
+const KIND_TEXT: u16 = 1;
+const KIND_RECEIPT: u16 = 2;
+const KIND_CARD: u16 = 3;
+
+/// A sender-chosen 16-byte message id, random per message.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    /// Lower-case hex, as shown in JSON output and logs.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`MessageId::to_hex`] output.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MessageId({})", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// What a receipt reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReceiptStatus {
+    /// Stored on the recipient's device.
+    Delivered,
+    /// Shown to the recipient.
+    Read,
+}
+
+/// The typed part of a content record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// A chat message.
+    Text(String),
+    /// Delivery or read receipts for earlier messages.
+    Receipt {
+        /// Delivered or read.
+        status: ReceiptStatus,
+        /// The acknowledged message ids.
+        ids: Vec<MessageId>,
+    },
+    /// A newer signed contact card of the sender (for example after a relay change).
+    CardUpdate(Card),
+    /// A kind this version does not understand, kept verbatim.
+    Unknown {
+        /// The kind tag.
+        kind: u16,
+        /// The raw body.
+        data: Vec<u8>,
+    },
+}
+
+impl Body {
+    /// Receipts are not part of the conversation sequence: losing one only delays a
+    /// state change, so they carry `seq = 0` and never cause a gap notice.
+    pub fn is_sequenced(&self) -> bool {
+        !matches!(self, Body::Receipt { .. })
+    }
+
+    fn kind(&self) -> u16 {
+        match self {
+            Body::Text(_) => KIND_TEXT,
+            Body::Receipt { .. } => KIND_RECEIPT,
+            Body::CardUpdate(_) => KIND_CARD,
+            Body::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Body::Text(text) => text.as_bytes().to_vec(),
+            Body::Receipt { status, ids } => {
+                let mut w = Writer::with_capacity(3 + 16 * ids.len());
+                w.u8(match status {
+                    ReceiptStatus::Delivered => 1,
+                    ReceiptStatus::Read => 2,
+                })
+                .u16(ids.len() as u16);
+                for id in ids {
+                    w.raw(&id.0);
+                }
+                w.finish()
+            }
+            Body::CardUpdate(card) => card.encode(),
+            Body::Unknown { data, .. } => data.clone(),
+        }
+    }
+
+    fn decode(kind: u16, data: &[u8]) -> Result<Self, ContentError> {
+        Ok(match kind {
+            KIND_TEXT => {
+                if data.len() > MAX_TEXT_LEN {
+                    return Err(ContentError::TextTooLong(data.len()));
+                }
+                let text = std::str::from_utf8(data)
+                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+                Body::Text(text.to_owned())
+            }
+            KIND_RECEIPT => {
+                let mut r = Reader::new(data);
+                let status = match r.u8("receipt status")? {
+                    1 => ReceiptStatus::Delivered,
+                    2 => ReceiptStatus::Read,
+                    tag => {
+                        return Err(DecodeError::UnknownTag {
+                            field: "receipt status",
+                            tag: tag.into(),
+                        }
+                        .into());
+                    }
+                };
+                let n = r.count16(MAX_RECEIPT_IDS, 16, "receipt ids")?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(MessageId(r.array("receipt id")?));
+                }
+                r.finish()?;
+                Body::Receipt { status, ids }
+            }
+            KIND_CARD => Body::CardUpdate(Card::decode(data)?),
+            kind => Body::Unknown {
+                kind,
+                data: data.to_vec(),
+            },
+        })
+    }
+}
+
+/// Why content could not be encoded or decoded.
+#[derive(Debug, Error)]
+pub enum ContentError {
+    /// Malformed bytes.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A card update whose card is invalid.
+    #[error("card update rejected: {0}")]
+    Card(#[from] CardError),
+    /// The text exceeds [`MAX_TEXT_LEN`].
+    #[error("message text is {0} bytes; the limit is 32768")]
+    TextTooLong(usize),
+    /// A receipt lists more than [`MAX_RECEIPT_IDS`] ids.
+    #[error("receipt lists {0} ids; the limit is 512")]
+    TooManyReceiptIds(usize),
+    /// An unknown body exceeds [`MAX_BODY_LEN`].
+    #[error("message body is {0} bytes; the limit is 61440")]
+    BodyTooLarge(usize),
+}
+
+/// One content record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Content {
+    /// The sender's id for this message.
+    pub id: MessageId,
+    /// Position in the sender's half of the conversation, from 1; 0 for unsequenced
+    /// bodies (receipts).
+    pub seq: u64,
+    /// [`Content::hash`] of the sender's previous sequenced record in this conversation,
+    /// all zeros for the first.
+    pub prev: [u8; 32],
+    /// Sender's clock, Unix milliseconds.
+    pub sent_at_ms: u64,
+    /// The payload.
+    pub body: Body,
+}
+
+impl Content {
+    /// Checks the limits that [`Content::decode`] enforces, so a sender learns of them
+    /// before anything is sealed.
+    pub fn check(&self) -> Result<(), ContentError> {
+        match &self.body {
+            Body::Text(t) if t.len() > MAX_TEXT_LEN => Err(ContentError::TextTooLong(t.len())),
+            Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
+                Err(ContentError::TooManyReceiptIds(ids.len()))
+            }
+            Body::Unknown { data, .. } if data.len() > MAX_BODY_LEN => {
+                Err(ContentError::BodyTooLarge(data.len()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The binary encoding (see SPEC.md, "Content"). Call [`Content::check`] first for
+    /// values not produced by [`Content::decode`].
+    pub fn encode(&self) -> Vec<u8> {
+        let body = self.body.encode();
+        let mut w = Writer::with_capacity(CONTENT_HEADER_LEN + body.len());
+        w.u8(CONTENT_VERSION)
+            .raw(&self.id.0)
+            .u64(self.seq)
+            .raw(&self.prev)
+            .u64(self.sent_at_ms)
+            .u16(self.body.kind())
+            .bytes32(&body);
+        w.finish()
+    }
+
+    /// Decodes one record occupying all of `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ContentError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8("content version")?;
+        if version != CONTENT_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "content",
+                version,
+            }
+            .into());
+        }
+        let id = MessageId(r.array("message id")?);
+        let seq = r.u64("sequence number")?;
+        let prev = r.array("previous hash")?;
+        let sent_at_ms = r.u64("timestamp")?;
+        let kind = r.u16("body kind")?;
+        let data = r.bytes32(MAX_BODY_LEN, "body")?;
+        r.finish()?;
+        Ok(Self {
+            id,
+            seq,
+            prev,
+            sent_at_ms,
+            body: Body::decode(kind, data)?,
+        })
+    }
+
+    /// The hash the sender's next sequenced record names as `prev`.
+    pub fn hash(&self) -> [u8; 32] {
+        hash("kkachi/content/v1", &[&self.encode()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Identity;
+    use proptest::prelude::*;
+
+    fn arb_body() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            ".{0,200}".prop_map(Body::Text),
+            (
+                any::<bool>(),
+                proptest::collection::vec(any::<[u8; 16]>(), 0..20)
+            )
+                .prop_map(|(read, ids)| Body::Receipt {
+                    status: if read {
+                        ReceiptStatus::Read
+                    } else {
+                        ReceiptStatus::Delivered
+                    },
+                    ids: ids.into_iter().map(MessageId).collect(),
+                }),
+            (4u16.., proptest::collection::vec(any::<u8>(), 0..100))
+                .prop_map(|(kind, data)| Body::Unknown { kind, data }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(id in any::<[u8; 16]>(), seq in any::<u64>(), prev in any::<[u8; 32]>(),
+                      sent_at_ms in any::<u64>(), body in arb_body()) {
+            let c = Content { id: MessageId(id), seq, prev, sent_at_ms, body };
+            prop_assert!(c.check().is_ok());
+            prop_assert_eq!(Content::decode(&c.encode()).unwrap(), c);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Content::decode(&bytes);
+        }
+    }
+
+    fn text(seq: u64, s: &str) -> Content {
+        Content {
+            id: MessageId([seq as u8; 16]),
+            seq,
+            prev: [0; 32],
+            sent_at_ms: 1_700_000_000_000,
+            body: Body::Text(s.into()),
+        }
+    }
+
+    #[test]
+    fn card_update_round_trips() {
+        let id = Identity::generate();
+        let card = Card::new(&id, "Minji", vec![], 4).unwrap();
+        let c = Content {
+            body: Body::CardUpdate(card),
+            ..text(1, "")
+        };
+        assert_eq!(Content::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_kind_is_kept_not_fatal() {
+        let c = Content {
+            body: Body::Unknown {
+                kind: 77,
+                data: b"future".to_vec(),
+            },
+            ..text(1, "")
+        };
+        let back = Content::decode(&c.encode()).unwrap();
+        assert_eq!(
+            back.body,
+            Body::Unknown {
+                kind: 77,
+                data: b"future".to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced_both_ways() {
+        let long = text(1, &"a".repeat(MAX_TEXT_LEN + 1));
+        assert!(matches!(long.check(), Err(ContentError::TextTooLong(_))));
+        assert!(matches!(
+            Content::decode(&long.encode()),
+            Err(ContentError::TextTooLong(_))
+        ));
+        let receipt = Content {
+            body: Body::Receipt {
+                status: ReceiptStatus::Read,
+                ids: vec![MessageId([0; 16]); MAX_RECEIPT_IDS + 1],
+            },
+            ..text(0, "")
+        };
+        assert!(matches!(
+            receipt.check(),
+            Err(ContentError::TooManyReceiptIds(_))
+        ));
+        assert!(Content::decode(&receipt.encode()).is_err());
+    }
+
+    #[test]
+    fn hash_chains_detect_changes() {
+        let a = text(1, "hi");
+        let b = text(1, "hi!");
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash(), a.clone().hash());
+    }
+
+    #[test]
+    fn message_id_hex_round_trip() {
+        let id = MessageId(*b"0123456789abcdef");
+        assert_eq!(MessageId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(MessageId::from_hex("zz"), None);
+        assert_eq!(MessageId::from_hex(&"é".repeat(16)), None);
+    }
+
+    #[test]
+    fn known_answer_encoding() {
+        let c = text(2, "안녕");
+        assert_eq!(
+            hex::encode(c.encode()),
+            concat!(
+                "01",
+                "02020202020202020202020202020202",
+                "0000000000000002",
+                "0000000000000000000000000000000000000000000000000000000000000000",
+                "0000018bcfe56800",
+                "0001",
+                "00000006",
+                "ec9588eb8595"
+            )
+        );
+    }
+}

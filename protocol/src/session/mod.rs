@@ -1,0 +1,792 @@
+//! End-to-end sessions between two users, built on Noise IK (snow).
+//!
+//! Messages reach a recipient through several relays and a direct path, so they arrive
+//! duplicated, reordered, late or not at all, and the two sides are seldom online at the
+//! same time. The construction (normative text in SPEC.md, "Sessions"):
+//!
+//! 1. **First messages.** With no session to send on, every message rides a fresh Noise
+//!    `IK` message 1 (`Noise_IK_25519_ChaChaPoly_BLAKE2s`), which the recipient can open
+//!    with nothing but its static key: no state to lose, any order works. It reveals the
+//!    sender's static key to the recipient only, inside the encryption. Each one is also
+//!    an *offer* to start a session.
+//! 2. **Answers.** The recipient answers an offer with IK message 2 (payload: the
+//!    session's generation), attached to whatever it sends next (receipts included).
+//!    The initiator, on reading it, holds the session; the responder holds it as soon as
+//!    it wrote the answer but sends on it only once the initiator has used it
+//!    (*confirmation*), since the initiator may never have read the answer.
+//! 3. **Transport.** Keys come from Noise's `Split()` of the completed handshake.
+//!    Each message is XChaCha20-Poly1305 with a random 24-byte nonce; an explicit counter
+//!    inside the ciphertext feeds a replay bitmap covering the session's whole life. No
+//!    session id travels in clear, so a relay cannot link two messages of a session.
+//! 4. **Rekey.** After a day or 1024 messages the sender attaches an offer (IK message 1
+//!    with an empty payload) to its transport messages; the answered handshake becomes
+//!    the new session, and the old one turns receive-only until nothing sealed under it
+//!    can still be in flight ([`RETAIN_SECS`]), then is erased.
+//! 5. **Choosing a session.** Sessions are ranked by (generation, "initiator has the
+//!    lower static key"). Both sides switch to the highest-ranked session they both
+//!    hold, so simultaneous offers converge on one session without coordination.
+//! 6. **Lost state.** Each [`Session`] has a random instance id, sent with every offer
+//!    and answer. A first message from a different instance than the one we share our
+//!    current session with means the peer lost its state: we stop sealing on that
+//!    session (the peer could not open it) and report [`Opened::peer_reset`], so the
+//!    caller can re-seal what the peer has not acknowledged.
+//!
+//! All functions take `now` (Unix seconds) and return bytes; nothing here reads a clock
+//! or touches the network.
+
+mod packet;
+mod persist;
+mod replay;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use rand_core::{CryptoRng, RngCore};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::codec::DecodeError;
+use crate::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
+use crate::identity::Identity;
+pub use packet::MAX_SEALED_BODY;
+use packet::{
+    Answer, InitFrame, KIND_INIT, KIND_TRANSPORT, NONCE_LEN, Offer, Outer, PACKET_VERSION,
+    TransportFrame,
+};
+pub use replay::MAX_COUNTERS;
+use replay::{InitReplay, ReplayWindow, SeenInits};
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+const PROLOGUE: &[u8] = b"kkachi/session/v1";
+/// A sender offers a new session once its current one is this old...
+pub const REKEY_AFTER_SECS: u64 = 24 * 3600;
+/// ...or has sealed this many messages.
+pub const REKEY_AFTER_MESSAGES: u64 = 1024;
+/// How long a replaced session still opens late messages, and how long an unconfirmed
+/// offer or a seen first message is remembered: the longest an envelope can live.
+pub const RETAIN_SECS: u64 = MAX_TTL_SECS + CLOCK_SKEW_SECS;
+/// Unanswered handshakes kept in memory per contact (newest win).
+pub const MAX_PENDING: usize = 8;
+/// Answered-but-unconfirmed sessions kept per contact (newest win).
+pub const MAX_OFFERED: usize = MAX_PENDING;
+/// Receive-only sessions kept per contact (newest win).
+pub const MAX_RETIRED: usize = 8;
+
+/// Why a packet could not be sealed or opened.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// The packet or a frame inside it is malformed.
+    #[error("malformed packet: {0}")]
+    Decode(#[from] DecodeError),
+    /// Decryption or the handshake failed: tampered, or not meant for us.
+    #[error("packet failed authentication")]
+    Crypto,
+    /// Already received: a duplicate or a replay. Safe to ignore.
+    #[error("duplicate or replayed packet")]
+    Replay,
+    /// A first message older than anything that can still be in flight.
+    #[error("first message is too old to accept")]
+    TooOld,
+    /// The packet came from someone other than this session's contact.
+    #[error("packet is from a different sender than this session's contact")]
+    WrongPeer,
+    /// The body exceeds [`MAX_SEALED_BODY`].
+    #[error("message body is {0} bytes; the limit is {MAX_SEALED_BODY}")]
+    BodyTooLarge(usize),
+}
+
+impl From<snow::Error> for SessionError {
+    fn from(_: snow::Error) -> Self {
+        SessionError::Crypto
+    }
+}
+
+/// Order of sessions: higher wins. `initiator_lower` breaks ties between sessions of
+/// one generation started by each side at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    generation: u32,
+    initiator_lower: bool,
+}
+
+/// Transport keys and counters of one completed handshake.
+#[derive(Debug, Clone)]
+struct Established {
+    /// The final handshake hash; a local name, never sent.
+    id: [u8; 32],
+    rank: Rank,
+    /// The peer's [`Session`] instance that holds the other half.
+    peer_instance: [u8; 8],
+    send_key: Zeroizing<[u8; 32]>,
+    recv_key: Zeroizing<[u8; 32]>,
+    next_send: u64,
+    window: ReplayWindow,
+    created_at: u64,
+    retired_at: Option<u64>,
+}
+
+impl Established {
+    fn from_handshake(
+        state: &mut snow::HandshakeState,
+        rank: Rank,
+        peer_instance: [u8; 8],
+        now: u64,
+    ) -> Self {
+        let (k1, k2) = state.dangerously_get_raw_split();
+        let (send, recv) = if state.is_initiator() {
+            (k1, k2)
+        } else {
+            (k2, k1)
+        };
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&state.get_handshake_hash()[..32]);
+        Self {
+            id,
+            rank,
+            peer_instance,
+            send_key: Zeroizing::new(send),
+            recv_key: Zeroizing::new(recv),
+            next_send: 0,
+            window: ReplayWindow::new(),
+            created_at: now,
+            retired_at: None,
+        }
+    }
+
+    fn usable_for_sending(&self) -> bool {
+        self.next_send < MAX_COUNTERS
+    }
+
+    fn due_for_rekey(&self, now: u64) -> bool {
+        self.next_send >= REKEY_AFTER_MESSAGES
+            || now >= self.created_at.saturating_add(REKEY_AFTER_SECS)
+    }
+
+    fn try_decrypt(&self, nonce: &[u8; NONCE_LEN], ciphertext: &[u8]) -> Option<Vec<u8>> {
+        XChaCha20Poly1305::new(Key::from_slice(self.recv_key.as_ref()))
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &TRANSPORT_AAD,
+                },
+            )
+            .ok()
+    }
+}
+
+const TRANSPORT_AAD: [u8; 2] = [PACKET_VERSION, KIND_TRANSPORT];
+
+/// A session we answered and can decrypt, waiting for the initiator to use it.
+#[derive(Debug, Clone)]
+struct Offered {
+    reference: [u8; 16],
+    /// The initiator's offer sequence number: the offers kept are the highest ones.
+    seq: u64,
+    answer: Vec<u8>,
+    created_at: u64,
+    session: Established,
+}
+
+/// A handshake we started and the peer has not answered yet. Held in memory only:
+/// losing it (a restart) costs one more round trip, never a message.
+#[derive(Debug)]
+struct Pending {
+    reference: [u8; 16],
+    generation: u32,
+    seq: u64,
+    state: snow::HandshakeState,
+    /// The offer bytes, for handshakes that ride transport messages (rekey).
+    offer: Option<Vec<u8>>,
+    created_at: u64,
+}
+
+/// A first message opened with our static key, not yet matched to a session.
+#[derive(Debug)]
+pub struct InitPacket {
+    remote: [u8; 32],
+    reference: [u8; 16],
+    state: snow::HandshakeState,
+    frame: InitFrame,
+}
+
+impl InitPacket {
+    /// The sender's X25519 static key, authenticated by the handshake. Find the contact
+    /// whose card carries this key, then call [`Session::accept_init`].
+    pub fn remote_static(&self) -> &[u8; 32] {
+        &self.remote
+    }
+}
+
+/// A transport packet, to be offered to each session until one opens it.
+#[derive(Debug, Clone)]
+pub struct TransportPacket {
+    nonce: [u8; NONCE_LEN],
+    ciphertext: Vec<u8>,
+}
+
+/// The two kinds of incoming packet.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A first message: the sender is known from the packet.
+    Init(InitPacket),
+    /// A transport message: try [`Session::open_transport`] on each session.
+    Transport(TransportPacket),
+}
+
+/// A decrypted body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The plaintext body (a content record).
+    pub body: Vec<u8>,
+    /// The sender's clock when it sealed the packet, Unix seconds.
+    pub sent_at: u64,
+    /// The peer has lost its session state (for example a reinstall): anything sealed
+    /// for it on the old session and not yet acknowledged should be sealed again.
+    pub peer_reset: bool,
+}
+
+/// Splits a sealed packet and, for a first message, performs the responder side of
+/// the handshake with our static key.
+pub fn open(me: &Identity, sealed: &[u8]) -> Result<Incoming, SessionError> {
+    match Outer::parse(sealed)? {
+        Outer::Init(msg1) => {
+            let secret = me.x25519_secret();
+            let mut state = builder(&secret)?.build_responder()?;
+            let mut payload = vec![0u8; msg1.len()];
+            let n = state.read_message(msg1, &mut payload)?;
+            let frame = InitFrame::decode(&payload[..n])?;
+            let remote = remote_static(&state)?;
+            Ok(Incoming::Init(InitPacket {
+                remote,
+                reference: reference(&state),
+                state,
+                frame,
+            }))
+        }
+        Outer::Transport { nonce, ciphertext } => Ok(Incoming::Transport(TransportPacket {
+            nonce: *nonce,
+            ciphertext: ciphertext.to_vec(),
+        })),
+    }
+}
+
+fn builder(secret: &[u8; 32]) -> Result<snow::Builder<'_>, SessionError> {
+    let params = NOISE_PARAMS.parse().expect("valid Noise parameters");
+    Ok(snow::Builder::new(params)
+        .local_private_key(secret)?
+        .prologue(PROLOGUE)?)
+}
+
+fn remote_static(state: &snow::HandshakeState) -> Result<[u8; 32], SessionError> {
+    state
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or(SessionError::Crypto)
+}
+
+/// The handshake hash after message 1 names the handshake on both sides.
+fn reference(state: &snow::HandshakeState) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    r.copy_from_slice(&state.get_handshake_hash()[..16]);
+    r
+}
+
+/// Everything one user keeps about end-to-end encryption with one contact.
+#[derive(Debug)]
+pub struct Session {
+    remote: [u8; 32],
+    current: Option<Established>,
+    retired: Vec<Established>,
+    offered: Vec<Offered>,
+    pending: Vec<Pending>,
+    seen_inits: SeenInits,
+    /// Random id of this session object, so the peer can tell a restart (same state)
+    /// from lost state (a new instance).
+    instance: [u8; 8],
+    /// Sequence number of our next offer. Offers are kept by highest sequence on both
+    /// sides, so the handshake we complete (always among our newest [`MAX_PENDING`]) is
+    /// always among the answers the peer keeps ([`MAX_OFFERED`] ≥ [`MAX_PENDING`]).
+    next_offer_seq: u64,
+}
+
+impl Session {
+    /// A session with the contact whose X25519 static key is `remote` (from their card).
+    pub fn new(remote: [u8; 32]) -> Self {
+        let mut instance = [0u8; 8];
+        rand_core::OsRng.fill_bytes(&mut instance);
+        Self::with_instance(remote, instance)
+    }
+
+    /// Like [`Session::new`] with a chosen instance id (deterministic tests).
+    pub fn with_instance(remote: [u8; 32], instance: [u8; 8]) -> Self {
+        Self {
+            instance,
+            remote,
+            current: None,
+            retired: Vec::new(),
+            offered: Vec::new(),
+            pending: Vec::new(),
+            seen_inits: SeenInits::new(),
+            next_offer_seq: 0,
+        }
+    }
+
+    /// The contact's X25519 static key.
+    pub fn remote(&self) -> &[u8; 32] {
+        &self.remote
+    }
+
+    /// True once a handshake has completed and confirmed: messages now have forward
+    /// secrecy.
+    pub fn is_established(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// A local name for the session messages are sealed on (changes on rekey).
+    pub fn current_id(&self) -> Option<[u8; 32]> {
+        self.current.as_ref().map(|c| c.id)
+    }
+
+    /// The generation of the current session (0 before the first).
+    pub fn generation(&self) -> u32 {
+        self.current.as_ref().map_or(0, |c| c.rank.generation)
+    }
+
+    fn rank(&self, me: &Identity, generation: u32, i_initiated: bool) -> Rank {
+        let mine = me.x25519_public();
+        let initiator_lower = if i_initiated {
+            mine < self.remote
+        } else {
+            self.remote < mine
+        };
+        Rank {
+            generation,
+            initiator_lower,
+        }
+    }
+
+    /// Seals `body` for the contact. The caller must persist this session's new state
+    /// ([`Session::encode`]) no later than it hands the packet to anyone, so a crash can
+    /// never make it reuse a counter.
+    pub fn seal<R: RngCore + CryptoRng>(
+        &mut self,
+        me: &Identity,
+        body: &[u8],
+        now: u64,
+        rng: &mut R,
+    ) -> Result<Vec<u8>, SessionError> {
+        if body.len() > MAX_SEALED_BODY {
+            return Err(SessionError::BodyTooLarge(body.len()));
+        }
+        self.expire(now);
+        let answer = self.best_answer();
+        let sendable = self
+            .current
+            .as_ref()
+            .is_some_and(Established::usable_for_sending);
+        if !sendable {
+            return self.seal_init(me, body, answer, now);
+        }
+        let offer = if self.current.as_ref().is_some_and(|c| c.due_for_rekey(now)) {
+            Some(self.rekey_offer(me, now)?)
+        } else {
+            None
+        };
+        let current = self.current.as_mut().expect("checked above");
+        let frame = TransportFrame {
+            counter: current.next_send,
+            sent_at: now,
+            answer,
+            offer,
+            body: body.to_vec(),
+        };
+        current.next_send += 1;
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let ciphertext = XChaCha20Poly1305::new(Key::from_slice(current.send_key.as_ref()))
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &frame.encode(),
+                    aad: &TRANSPORT_AAD,
+                },
+            )
+            .map_err(|_| SessionError::Crypto)?;
+        let mut packet = Vec::with_capacity(2 + NONCE_LEN + ciphertext.len());
+        packet.extend_from_slice(&TRANSPORT_AAD);
+        packet.extend_from_slice(&nonce);
+        packet.extend_from_slice(&ciphertext);
+        Ok(packet)
+    }
+
+    fn next_generation(&self) -> u32 {
+        self.generation().saturating_add(1)
+    }
+
+    /// Starts a handshake: writes IK message 1 carrying `payload`.
+    fn start_handshake(
+        &mut self,
+        me: &Identity,
+        payload: &[u8],
+        generation: u32,
+        now: u64,
+    ) -> Result<(Vec<u8>, [u8; 16]), SessionError> {
+        let seq = self.next_offer_seq;
+        self.next_offer_seq += 1;
+        let secret = me.x25519_secret();
+        let mut state = builder(&secret)?
+            .remote_public_key(&self.remote)?
+            .build_initiator()?;
+        let mut msg1 = vec![0u8; payload.len() + 128];
+        let n = state.write_message(payload, &mut msg1)?;
+        msg1.truncate(n);
+        let reference = reference(&state);
+        self.pending.push(Pending {
+            reference,
+            generation,
+            seq,
+            state,
+            offer: None,
+            created_at: now,
+        });
+        if self.pending.len() > MAX_PENDING {
+            self.pending.remove(0);
+        }
+        Ok((msg1, reference))
+    }
+
+    fn seal_init(
+        &mut self,
+        me: &Identity,
+        body: &[u8],
+        answer: Option<Answer>,
+        now: u64,
+    ) -> Result<Vec<u8>, SessionError> {
+        let generation = self.next_generation();
+        let frame = InitFrame {
+            generation,
+            seq: self.next_offer_seq,
+            instance: self.instance,
+            sent_at: now,
+            answer,
+            body: body.to_vec(),
+        };
+        let (msg1, _) = self.start_handshake(me, &frame.encode(), generation, now)?;
+        let mut packet = Vec::with_capacity(2 + msg1.len());
+        packet.extend_from_slice(&[PACKET_VERSION, KIND_INIT]);
+        packet.extend_from_slice(&msg1);
+        Ok(packet)
+    }
+
+    /// The rekey offer to attach: the outstanding one if any, else a new handshake.
+    fn rekey_offer(&mut self, me: &Identity, now: u64) -> Result<Offer, SessionError> {
+        let generation = self.next_generation();
+        if let Some(p) = self
+            .pending
+            .iter()
+            .find(|p| p.offer.is_some() && p.generation == generation)
+        {
+            let msg1 = p.offer.clone().expect("filtered on offer");
+            return Ok(Offer {
+                generation,
+                seq: p.seq,
+                instance: self.instance,
+                msg1,
+            });
+        }
+        let seq = self.next_offer_seq;
+        let (msg1, reference) = self.start_handshake(me, &[], generation, now)?;
+        let pending = self
+            .pending
+            .iter_mut()
+            .find(|p| p.reference == reference)
+            .expect("just pushed");
+        pending.offer = Some(msg1.clone());
+        Ok(Offer {
+            generation,
+            seq,
+            instance: self.instance,
+            msg1,
+        })
+    }
+
+    /// The newest answer that would improve on the current session, to attach to
+    /// everything we send until the peer uses (confirms) one.
+    fn best_answer(&self) -> Option<Answer> {
+        let floor = self.current.as_ref().map(|c| c.rank);
+        self.offered
+            .iter()
+            .rev()
+            .find(|o| floor.is_none_or(|f| o.session.rank > f))
+            .map(|o| Answer {
+                reference: o.reference,
+                msg2: o.answer.clone(),
+            })
+    }
+
+    /// Opens a first message from this session's contact (see [`open`]).
+    pub fn accept_init(
+        &mut self,
+        me: &Identity,
+        init: InitPacket,
+        now: u64,
+    ) -> Result<Opened, SessionError> {
+        if init.remote != self.remote {
+            return Err(SessionError::WrongPeer);
+        }
+        self.expire(now);
+        self.seen_inits
+            .accept(init.reference, init.frame.sent_at, now, RETAIN_SECS)
+            .map_err(|e| match e {
+                InitReplay::Duplicate => SessionError::Replay,
+                InitReplay::TooOld => SessionError::TooOld,
+            })?;
+        let peer_reset = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.peer_instance != init.frame.instance);
+        if peer_reset {
+            // The peer cannot open what we seal on this session any more.
+            let old = self.current.take().expect("checked above");
+            self.retire(old, now);
+        }
+        if let Some(answer) = &init.frame.answer {
+            self.take_answer(me, answer, now);
+        }
+        let proposal = Proposal {
+            reference: init.reference,
+            generation: init.frame.generation,
+            seq: init.frame.seq,
+            instance: init.frame.instance,
+        };
+        self.answer_offer(me, init.state, proposal, now)?;
+        Ok(Opened {
+            body: init.frame.body,
+            sent_at: init.frame.sent_at,
+            peer_reset,
+        })
+    }
+
+    /// Tries to open a transport packet with this session's keys. `None` means the
+    /// packet is not for this session (try the next); `Some(Err(Replay))` means it was
+    /// already received.
+    pub fn open_transport(
+        &mut self,
+        me: &Identity,
+        packet: &TransportPacket,
+        now: u64,
+    ) -> Option<Result<Opened, SessionError>> {
+        let (slot, plaintext) = self.find_key(packet)?;
+        Some(self.accept_transport(me, slot, &plaintext, now))
+    }
+
+    fn find_key(&self, packet: &TransportPacket) -> Option<(Slot, Vec<u8>)> {
+        let try_one = |s: &Established| s.try_decrypt(&packet.nonce, &packet.ciphertext);
+        if let Some(p) = self.current.as_ref().and_then(try_one) {
+            return Some((Slot::Current, p));
+        }
+        for (i, o) in self.offered.iter().enumerate() {
+            if let Some(p) = try_one(&o.session) {
+                return Some((Slot::Offered(i), p));
+            }
+        }
+        for (i, s) in self.retired.iter().enumerate() {
+            if let Some(p) = try_one(s) {
+                return Some((Slot::Retired(i), p));
+            }
+        }
+        None
+    }
+
+    fn slot_mut(&mut self, slot: Slot) -> &mut Established {
+        match slot {
+            Slot::Current => self.current.as_mut().expect("slot exists"),
+            Slot::Offered(i) => &mut self.offered[i].session,
+            Slot::Retired(i) => &mut self.retired[i],
+        }
+    }
+
+    fn accept_transport(
+        &mut self,
+        me: &Identity,
+        slot: Slot,
+        plaintext: &[u8],
+        now: u64,
+    ) -> Result<Opened, SessionError> {
+        let frame = TransportFrame::decode(plaintext)?;
+        let session = self.slot_mut(slot);
+        if !session.window.is_fresh(frame.counter) {
+            return Err(SessionError::Replay);
+        }
+        session.window.mark(frame.counter);
+        if let Slot::Offered(i) = slot {
+            // The initiator used the session: it holds the keys. Confirm it.
+            let offered = self.offered.remove(i);
+            let mut session = offered.session;
+            session.created_at = now;
+            self.install(session, now);
+        }
+        if let Some(answer) = &frame.answer {
+            self.take_answer(me, answer, now);
+        }
+        if let Some(offer) = &frame.offer {
+            self.answer_rekey(me, offer, now)?;
+        }
+        self.expire(now);
+        Ok(Opened {
+            body: frame.body,
+            sent_at: frame.sent_at,
+            peer_reset: false,
+        })
+    }
+
+    /// Completes one of our handshakes from the peer's answer. An answer we cannot use
+    /// (already completed, forgotten after a restart, or forged) is ignored: it never
+    /// affects the message it came with.
+    fn take_answer(&mut self, me: &Identity, answer: &Answer, now: u64) {
+        let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.reference == answer.reference)
+        else {
+            return;
+        };
+        let mut payload = [0u8; packet::MAX_ANSWER_LEN];
+        let pending = &mut self.pending[i];
+        let Ok(n) = pending.state.read_message(&answer.msg2, &mut payload) else {
+            return;
+        };
+        let Some((generation, peer_instance)) = decode_answer_payload(&payload[..n]) else {
+            return;
+        };
+        let mut pending = self.pending.remove(i);
+        let rank = self.rank(me, generation, true);
+        let session = Established::from_handshake(&mut pending.state, rank, peer_instance, now);
+        self.pending.retain(|p| p.generation > generation);
+        self.install(session, now);
+    }
+
+    /// Answers a handshake message 1 (a first message or a rekey offer) and keeps the
+    /// resulting session as offered until the peer confirms it.
+    fn answer_offer(
+        &mut self,
+        me: &Identity,
+        mut state: snow::HandshakeState,
+        proposal: Proposal,
+        now: u64,
+    ) -> Result<(), SessionError> {
+        if self
+            .offered
+            .iter()
+            .any(|o| o.reference == proposal.reference)
+        {
+            return Ok(());
+        }
+        let full = self.offered.len() >= MAX_OFFERED;
+        if full && self.offered.iter().all(|o| o.seq > proposal.seq) {
+            // Older than every answer we keep: the initiator has moved on from it.
+            return Ok(());
+        }
+        let mut msg2 = vec![0u8; packet::MAX_ANSWER_LEN];
+        let payload = encode_answer_payload(proposal.generation, self.instance);
+        let n = state.write_message(&payload, &mut msg2)?;
+        msg2.truncate(n);
+        let rank = self.rank(me, proposal.generation, false);
+        let session = Established::from_handshake(&mut state, rank, proposal.instance, now);
+        self.offered.push(Offered {
+            reference: proposal.reference,
+            seq: proposal.seq,
+            answer: msg2,
+            created_at: now,
+            session,
+        });
+        // Keep the highest sequence numbers; `best_answer` relies on this order.
+        self.offered.sort_by_key(|o| o.seq);
+        if self.offered.len() > MAX_OFFERED {
+            self.offered.remove(0);
+        }
+        Ok(())
+    }
+
+    fn answer_rekey(&mut self, me: &Identity, offer: &Offer, now: u64) -> Result<(), SessionError> {
+        let secret = me.x25519_secret();
+        let mut state = builder(&secret)?.build_responder()?;
+        let mut payload = [0u8; packet::MAX_OFFER_LEN];
+        state.read_message(&offer.msg1, &mut payload)?;
+        if remote_static(&state)? != self.remote {
+            return Err(SessionError::WrongPeer);
+        }
+        let proposal = Proposal {
+            reference: reference(&state),
+            generation: offer.generation,
+            seq: offer.seq,
+            instance: offer.instance,
+        };
+        self.answer_offer(me, state, proposal, now)
+    }
+
+    /// Makes `session` current if it outranks the current one; otherwise keeps it
+    /// receive-only.
+    fn install(&mut self, session: Established, now: u64) {
+        let better = self.current.as_ref().is_none_or(|c| session.rank > c.rank);
+        if better {
+            if let Some(old) = self.current.replace(session) {
+                self.retire(old, now);
+            }
+        } else {
+            self.retire(session, now);
+        }
+    }
+
+    fn retire(&mut self, mut session: Established, now: u64) {
+        session.retired_at = Some(now);
+        self.retired.push(session);
+        if self.retired.len() > MAX_RETIRED {
+            self.retired.remove(0);
+        }
+    }
+
+    /// Erases keys nothing can still need.
+    fn expire(&mut self, now: u64) {
+        let live = |t: u64| t.saturating_add(RETAIN_SECS) >= now;
+        self.retired.retain(|s| live(s.retired_at.unwrap_or(now)));
+        self.offered.retain(|o| live(o.created_at));
+        self.pending.retain(|p| live(p.created_at));
+    }
+}
+
+/// What an offer (a handshake message 1) proposes.
+#[derive(Debug, Clone, Copy)]
+struct Proposal {
+    reference: [u8; 16],
+    generation: u32,
+    seq: u64,
+    instance: [u8; 8],
+}
+
+/// The payload of an answer (IK message 2): the generation it confirms and the
+/// answerer's instance id.
+fn encode_answer_payload(generation: u32, instance: [u8; 8]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..4].copy_from_slice(&generation.to_be_bytes());
+    out[4..].copy_from_slice(&instance);
+    out
+}
+
+fn decode_answer_payload(payload: &[u8]) -> Option<(u32, [u8; 8])> {
+    let payload: &[u8; 12] = payload.try_into().ok()?;
+    let generation = u32::from_be_bytes(payload[..4].try_into().ok()?);
+    Some((generation, payload[4..].try_into().ok()?))
+}
+
+/// Where a session that opened a packet lives.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Current,
+    Offered(usize),
+    Retired(usize),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,284 @@
+//! Byte layouts of sealed packets and of the plaintext frames inside them.
+//!
+//! ```text
+//! packet    = version(1)=1 ‖ kind(1) ‖ rest
+//!   kind 1 (first message): rest = Noise IK message 1, whose payload is an InitFrame
+//!   kind 2 (transport):     rest = nonce(24) ‖ XChaCha20-Poly1305(key, nonce,
+//!                                    aad = version ‖ kind, TransportFrame)
+//! InitFrame      = proposed_generation(4) ‖ offer_seq(8) ‖ instance(8) ‖ sent_at(8)
+//!                  ‖ answer? ‖ body(u32 len)
+//! TransportFrame = counter(8) ‖ sent_at(8) ‖ answer? ‖ offer? ‖ body(u32 len)
+//! answer?        = 0 | 1 ‖ reference(16) ‖ msg2(u16 len, ≤ 64)
+//! offer?         = 0 | 1 ‖ proposed_generation(4) ‖ offer_seq(8) ‖ instance(8)
+//!                  ‖ msg1(u16 len, ≤ 128)
+//! ```
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::content::{CONTENT_HEADER_LEN, MAX_BODY_LEN};
+
+pub(crate) const PACKET_VERSION: u8 = 1;
+pub(crate) const KIND_INIT: u8 = 1;
+pub(crate) const KIND_TRANSPORT: u8 = 2;
+pub(crate) const NONCE_LEN: usize = 24;
+pub(crate) const TAG_LEN: usize = 16;
+/// Largest body a session seals: one content record.
+pub const MAX_SEALED_BODY: usize = CONTENT_HEADER_LEN + MAX_BODY_LEN;
+/// IK message 2 with its payload (generation ‖ instance): e (32) ‖ 12 ‖ tag (16).
+pub(crate) const MAX_ANSWER_LEN: usize = 64;
+/// IK message 1 with an empty payload: e (32) ‖ s (32 + 16) ‖ tag (16).
+pub(crate) const MAX_OFFER_LEN: usize = 128;
+
+/// A handshake answer (Noise IK message 2) riding in a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub(crate) reference: [u8; 16],
+    pub(crate) msg2: Vec<u8>,
+}
+
+/// A rekey offer (Noise IK message 1 with an empty payload) riding in a transport packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Offer {
+    pub(crate) generation: u32,
+    pub(crate) seq: u64,
+    pub(crate) instance: [u8; 8],
+    pub(crate) msg1: Vec<u8>,
+}
+
+/// The plaintext of a first message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InitFrame {
+    pub(crate) generation: u32,
+    pub(crate) seq: u64,
+    pub(crate) instance: [u8; 8],
+    pub(crate) sent_at: u64,
+    pub(crate) answer: Option<Answer>,
+    pub(crate) body: Vec<u8>,
+}
+
+/// The plaintext of a transport message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TransportFrame {
+    pub(crate) counter: u64,
+    pub(crate) sent_at: u64,
+    pub(crate) answer: Option<Answer>,
+    pub(crate) offer: Option<Offer>,
+    pub(crate) body: Vec<u8>,
+}
+
+fn write_answer(w: &mut Writer, answer: Option<&Answer>) {
+    match answer {
+        None => {
+            w.u8(0);
+        }
+        Some(a) => {
+            w.u8(1).raw(&a.reference).bytes16(&a.msg2);
+        }
+    }
+}
+
+fn read_answer(r: &mut Reader<'_>) -> Result<Option<Answer>, DecodeError> {
+    if !r.bool("answer present")? {
+        return Ok(None);
+    }
+    Ok(Some(Answer {
+        reference: r.array("answer reference")?,
+        msg2: r.bytes16(MAX_ANSWER_LEN, "answer")?.to_vec(),
+    }))
+}
+
+fn read_body(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
+    Ok(r.bytes32(MAX_SEALED_BODY, "sealed body")?.to_vec())
+}
+
+impl InitFrame {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w =
+            Writer::with_capacity(4 + 8 + 1 + 16 + 2 + MAX_ANSWER_LEN + 4 + self.body.len());
+        w.u32(self.generation)
+            .u64(self.seq)
+            .raw(&self.instance)
+            .u64(self.sent_at);
+        write_answer(&mut w, self.answer.as_ref());
+        w.bytes32(&self.body);
+        w.finish()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let frame = Self {
+            generation: r.u32("generation")?,
+            seq: r.u64("offer sequence")?,
+            instance: r.array("instance")?,
+            sent_at: r.u64("sent at")?,
+            answer: read_answer(&mut r)?,
+            body: read_body(&mut r)?,
+        };
+        r.finish()?;
+        Ok(frame)
+    }
+}
+
+impl TransportFrame {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(256 + self.body.len());
+        w.u64(self.counter).u64(self.sent_at);
+        write_answer(&mut w, self.answer.as_ref());
+        match &self.offer {
+            None => {
+                w.u8(0);
+            }
+            Some(o) => {
+                w.u8(1)
+                    .u32(o.generation)
+                    .u64(o.seq)
+                    .raw(&o.instance)
+                    .bytes16(&o.msg1);
+            }
+        }
+        w.bytes32(&self.body);
+        w.finish()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let counter = r.u64("counter")?;
+        let sent_at = r.u64("sent at")?;
+        let answer = read_answer(&mut r)?;
+        let offer = if r.bool("offer present")? {
+            Some(Offer {
+                generation: r.u32("offer generation")?,
+                seq: r.u64("offer sequence")?,
+                instance: r.array("instance")?,
+                msg1: r.bytes16(MAX_OFFER_LEN, "offer")?.to_vec(),
+            })
+        } else {
+            None
+        };
+        let body = read_body(&mut r)?;
+        r.finish()?;
+        Ok(Self {
+            counter,
+            sent_at,
+            answer,
+            offer,
+            body,
+        })
+    }
+}
+
+/// The outer layer of a sealed packet, split but not yet decrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outer<'a> {
+    Init(&'a [u8]),
+    Transport {
+        nonce: &'a [u8; NONCE_LEN],
+        ciphertext: &'a [u8],
+    },
+}
+
+impl<'a> Outer<'a> {
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > crate::envelope::MAX_PAYLOAD_LEN {
+            return Err(DecodeError::TooLong {
+                field: "sealed packet",
+                len: bytes.len() as u64,
+                max: crate::envelope::MAX_PAYLOAD_LEN as u64,
+            });
+        }
+        let mut r = Reader::new(bytes);
+        let version = r.u8("packet version")?;
+        if version != PACKET_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "sealed packet",
+                version,
+            });
+        }
+        match r.u8("packet kind")? {
+            KIND_INIT => Ok(Outer::Init(r.rest())),
+            KIND_TRANSPORT => {
+                let nonce: &[u8; NONCE_LEN] = r
+                    .take(NONCE_LEN, "nonce")?
+                    .try_into()
+                    .expect("took exactly NONCE_LEN bytes");
+                if r.remaining() < TAG_LEN {
+                    return Err(DecodeError::Truncated {
+                        field: "ciphertext",
+                    });
+                }
+                Ok(Outer::Transport {
+                    nonce,
+                    ciphertext: r.rest(),
+                })
+            }
+            tag => Err(DecodeError::UnknownTag {
+                field: "packet kind",
+                tag: tag.into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_answer() -> impl Strategy<Value = Option<Answer>> {
+        proptest::option::of(
+            (
+                any::<[u8; 16]>(),
+                proptest::collection::vec(any::<u8>(), 0..=MAX_ANSWER_LEN),
+            )
+                .prop_map(|(reference, msg2)| Answer { reference, msg2 }),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn init_frame_round_trip(generation in any::<u32>(), seq in any::<u64>(), instance in any::<[u8; 8]>(), sent_at in any::<u64>(),
+                                 answer in arb_answer(),
+                                 body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let f = InitFrame { generation, seq, instance, sent_at, answer, body };
+            prop_assert_eq!(InitFrame::decode(&f.encode()).unwrap(), f);
+        }
+
+        #[test]
+        fn transport_frame_round_trip(counter in any::<u64>(), sent_at in any::<u64>(),
+                                      answer in arb_answer(),
+                                      offer in proptest::option::of((any::<u32>(), any::<u64>(), any::<[u8; 8]>(), proptest::collection::vec(any::<u8>(), 0..=MAX_OFFER_LEN))),
+                                      body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let f = TransportFrame {
+                counter, sent_at, answer,
+                offer: offer.map(|(generation, seq, instance, msg1)| Offer { generation, seq, instance, msg1 }),
+                body,
+            };
+            prop_assert_eq!(TransportFrame::decode(&f.encode()).unwrap(), f);
+        }
+
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Outer::parse(&bytes);
+            let _ = InitFrame::decode(&bytes);
+            let _ = TransportFrame::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn outer_rejects_unknown_versions_kinds_and_short_transport() {
+        assert!(matches!(
+            Outer::parse(&[2, 1]),
+            Err(DecodeError::UnsupportedVersion { .. })
+        ));
+        assert!(matches!(
+            Outer::parse(&[1, 9]),
+            Err(DecodeError::UnknownTag { .. })
+        ));
+        assert!(matches!(
+            Outer::parse(&[1, 2, 0, 0]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        let mut ok = vec![1, 2];
+        ok.extend_from_slice(&[0; NONCE_LEN + TAG_LEN]);
+        assert!(matches!(Outer::parse(&ok), Ok(Outer::Transport { .. })));
+    }
+}

@@ -1,0 +1,436 @@
+//! Session tests: the happy path, then thousands of messages through a hostile network
+//! (duplication, reordering, loss), replays, tampering, restarts and rekeying.
+
+use std::collections::{BTreeMap, HashSet};
+
+use rand_core::RngCore;
+
+use super::*;
+use crate::{TestRng, test_rng};
+
+const T0: u64 = 1_750_000_000;
+
+struct Peer {
+    me: Identity,
+    session: Session,
+}
+
+impl Peer {
+    fn pair(seed: u64) -> (Peer, Peer) {
+        let a = Identity::generate_with(&mut test_rng(seed));
+        let b = Identity::generate_with(&mut test_rng(seed + 1));
+        let sa = Session::with_instance(b.x25519_public(), seed.to_be_bytes());
+        let sb = Session::with_instance(a.x25519_public(), (seed + 1).to_be_bytes());
+        (Peer { me: a, session: sa }, Peer { me: b, session: sb })
+    }
+
+    fn seal(&mut self, body: &[u8], now: u64, rng: &mut TestRng) -> Vec<u8> {
+        self.session.seal(&self.me, body, now, rng).unwrap()
+    }
+
+    fn open(&mut self, packet: &[u8], now: u64) -> Result<Opened, SessionError> {
+        match open(&self.me, packet)? {
+            Incoming::Init(init) => {
+                assert_eq!(init.remote_static(), self.session.remote());
+                self.session.accept_init(&self.me, init, now)
+            }
+            Incoming::Transport(t) => self
+                .session
+                .open_transport(&self.me, &t, now)
+                .unwrap_or(Err(SessionError::Crypto)),
+        }
+    }
+
+    /// Simulates a restart: the stored state is all that survives.
+    fn restart(&mut self) {
+        let bytes = self.session.encode();
+        self.session = Session::decode(&bytes).unwrap();
+    }
+}
+
+fn kind(packet: &[u8]) -> u8 {
+    packet[1]
+}
+
+#[test]
+fn first_message_then_reply_then_transport_both_ways() {
+    let (mut a, mut b) = Peer::pair(10);
+    let mut rng = test_rng(1);
+    let p1 = a.seal(b"hello bob", T0, &mut rng);
+    assert_eq!(kind(&p1), KIND_INIT);
+    assert_eq!(b.open(&p1, T0).unwrap().body, b"hello bob");
+    assert!(
+        !b.session.is_established(),
+        "responder waits for confirmation"
+    );
+
+    let p2 = b.seal(b"hi alice", T0 + 1, &mut rng);
+    assert_eq!(kind(&p2), KIND_INIT, "bob has no confirmed session yet");
+    assert_eq!(a.open(&p2, T0 + 1).unwrap().body, b"hi alice");
+    assert!(a.session.is_established(), "alice read bob's answer");
+
+    let p3 = a.seal(b"now with forward secrecy", T0 + 2, &mut rng);
+    assert_eq!(kind(&p3), KIND_TRANSPORT);
+    assert_eq!(
+        b.open(&p3, T0 + 2).unwrap().body,
+        b"now with forward secrecy"
+    );
+    assert!(b.session.is_established());
+
+    // Bob's own first message was answered too, so one more round settles both sides
+    // on the highest-ranked session.
+    let p4 = b.seal(b"transport back", T0 + 3, &mut rng);
+    assert_eq!(kind(&p4), KIND_TRANSPORT);
+    assert_eq!(a.open(&p4, T0 + 3).unwrap().body, b"transport back");
+    assert_eq!(a.session.current_id(), b.session.current_id());
+    let p5 = a.seal(b"settled", T0 + 4, &mut rng);
+    assert_eq!(b.open(&p5, T0 + 4).unwrap().body, b"settled");
+    assert_eq!(a.session.current_id(), b.session.current_id());
+}
+
+/// Exchanges messages until both sides seal on the same session.
+fn settle(a: &mut Peer, b: &mut Peer, now: u64, rng: &mut TestRng) {
+    for _ in 0..4 {
+        b.open(&a.seal(b"settle", now, rng), now).unwrap();
+        a.open(&b.seal(b"settle", now, rng), now).unwrap();
+    }
+    assert!(a.session.is_established());
+    assert_eq!(a.session.current_id(), b.session.current_id());
+}
+
+#[test]
+fn duplicates_are_replays_and_tampering_fails() {
+    let (mut a, mut b) = Peer::pair(20);
+    let mut rng = test_rng(2);
+    let p1 = a.seal(b"one", T0, &mut rng);
+    b.open(&p1, T0).unwrap();
+    assert!(matches!(b.open(&p1, T0), Err(SessionError::Replay)));
+    let reply = b.seal(b"ack", T0, &mut rng);
+    a.open(&reply, T0).unwrap();
+    let p2 = a.seal(b"two", T0, &mut rng);
+    assert_eq!(kind(&p2), KIND_TRANSPORT);
+
+    // Flip every byte position in turn: nothing opens, and the original still does.
+    for i in 0..p2.len() {
+        let mut t = p2.clone();
+        t[i] ^= 0x40;
+        assert!(b.open(&t, T0).is_err(), "tampered byte {i} accepted");
+    }
+    assert_eq!(b.open(&p2, T0).unwrap().body, b"two");
+    assert!(matches!(b.open(&p2, T0), Err(SessionError::Replay)));
+
+    // Tampered first messages fail too.
+    let p3 = b.seal(b"x", T0, &mut rng);
+    let mut init = a.seal(b"init", T0, &mut rng);
+    let _ = p3;
+    init.truncate(2);
+    assert!(b.open(&init, T0).is_err());
+}
+
+#[test]
+fn a_third_key_cannot_open_anything() {
+    let (mut a, mut b) = Peer::pair(30);
+    let eve = Identity::generate_with(&mut test_rng(99));
+    let mut eve_session = Session::new(a.me.x25519_public());
+    let mut rng = test_rng(3);
+    let init = a.seal(b"secret", T0, &mut rng);
+    assert!(open(&eve, &init).is_err(), "eve opened a first message");
+    b.open(&init, T0).unwrap();
+    a.open(&b.seal(b"r", T0, &mut rng), T0).unwrap();
+    let t = a.seal(b"secret 2", T0, &mut rng);
+    let Incoming::Transport(t) = open(&eve, &t).unwrap() else {
+        panic!("transport expected")
+    };
+    assert!(eve_session.open_transport(&eve, &t, T0).is_none());
+}
+
+#[test]
+fn first_message_from_someone_else_is_wrong_peer() {
+    let (mut a, _b) = Peer::pair(40);
+    let (mut c, _) = Peer::pair(50);
+    let mut rng = test_rng(4);
+    // c seals to a; a's session is with b.
+    c.session = Session::new(a.me.x25519_public());
+    let p = c.seal(b"hi", T0, &mut rng);
+    let Incoming::Init(init) = open(&a.me, &p).unwrap() else {
+        panic!("init expected")
+    };
+    assert_eq!(init.remote_static(), &c.me.x25519_public());
+    assert!(matches!(
+        a.session.accept_init(&a.me, init, T0),
+        Err(SessionError::WrongPeer)
+    ));
+}
+
+#[test]
+fn rekey_changes_keys_and_old_messages_still_open() {
+    let (mut a, mut b) = Peer::pair(60);
+    let mut rng = test_rng(5);
+    settle(&mut a, &mut b, T0, &mut rng);
+    let first = a.session.current_id().unwrap();
+    let generation = a.session.generation();
+
+    // A day later alice's next message carries a rekey offer.
+    let later = T0 + REKEY_AFTER_SECS + 1;
+    let offer_carrier = a.seal(b"4", later, &mut rng);
+    let late_old = a.seal(b"late under old keys", later, &mut rng);
+    b.open(&offer_carrier, later).unwrap();
+    // Bob answers inside his next transport message; alice completes the rekey.
+    a.open(&b.seal(b"5", later, &mut rng), later).unwrap();
+    let second = a.session.current_id().unwrap();
+    assert_ne!(first, second, "keys must change after a re-handshake");
+    assert_eq!(a.session.generation(), generation + 1);
+    // Alice now seals under the new keys; bob confirms on receipt.
+    b.open(&a.seal(b"6", later, &mut rng), later).unwrap();
+    assert_eq!(b.session.current_id(), Some(second));
+    // A message sealed under the old keys and delivered late still opens.
+    assert_eq!(
+        b.open(&late_old, later).unwrap().body,
+        b"late under old keys"
+    );
+    // Once nothing can still be in flight, the old keys are erased.
+    let much_later = later + RETAIN_SECS + 10;
+    b.open(&a.seal(b"7", much_later, &mut rng), much_later)
+        .unwrap();
+    assert!(
+        b.session.retired.is_empty(),
+        "old keys kept past their lifetime"
+    );
+}
+
+#[test]
+fn rekey_after_message_count() {
+    let (mut a, mut b) = Peer::pair(70);
+    let mut rng = test_rng(6);
+    settle(&mut a, &mut b, T0, &mut rng);
+    let first = a.session.current_id();
+    for i in 0..REKEY_AFTER_MESSAGES + 5 {
+        let p = a.seal(&i.to_be_bytes(), T0, &mut rng);
+        b.open(&p, T0).unwrap();
+        if i % 50 == 0 {
+            a.open(&b.seal(b"ack", T0, &mut rng), T0).unwrap();
+        }
+    }
+    a.open(&b.seal(b"ack", T0, &mut rng), T0).unwrap();
+    assert_ne!(a.session.current_id(), first);
+}
+
+#[test]
+fn state_survives_restart_mid_conversation() {
+    let (mut a, mut b) = Peer::pair(80);
+    let mut rng = test_rng(7);
+    b.open(&a.seal(b"1", T0, &mut rng), T0).unwrap();
+    a.restart(); // pending handshake lost: alice cannot read bob's answer...
+    b.restart();
+    let r = b.seal(b"2", T0, &mut rng);
+    assert_eq!(
+        a.open(&r, T0).unwrap().body,
+        b"2",
+        "...but still reads the message"
+    );
+    // ...and the next exchange establishes a session all the same.
+    b.open(&a.seal(b"3", T0, &mut rng), T0).unwrap();
+    a.open(&b.seal(b"4", T0, &mut rng), T0).unwrap();
+    assert!(a.session.is_established());
+    a.restart();
+    let p = a.seal(b"5", T0, &mut rng);
+    assert_eq!(kind(&p), KIND_TRANSPORT);
+    b.restart();
+    assert_eq!(b.open(&p, T0).unwrap().body, b"5");
+    assert!(
+        matches!(b.open(&p, T0), Err(SessionError::Replay)),
+        "replay window persisted"
+    );
+    b.restart();
+    assert!(matches!(b.open(&p, T0), Err(SessionError::Replay)));
+}
+
+#[test]
+fn simultaneous_first_messages_converge_on_one_session() {
+    for seed in 0..20 {
+        let (mut a, mut b) = Peer::pair(100 + seed * 2);
+        let mut rng = test_rng(seed);
+        let pa = a.seal(b"a1", T0, &mut rng);
+        let pb = b.seal(b"b1", T0, &mut rng);
+        a.open(&pb, T0).unwrap();
+        b.open(&pa, T0).unwrap();
+        for round in 0..4 {
+            let pa = a.seal(format!("a{round}").as_bytes(), T0, &mut rng);
+            let pb = b.seal(format!("b{round}").as_bytes(), T0, &mut rng);
+            a.open(&pb, T0).unwrap();
+            b.open(&pa, T0).unwrap();
+        }
+        assert!(a.session.is_established() && b.session.is_established());
+        assert_eq!(
+            a.session.current_id(),
+            b.session.current_id(),
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn peer_that_lost_its_state_gets_a_fresh_session() {
+    let (mut a, mut b) = Peer::pair(90);
+    let mut rng = test_rng(8);
+    settle(&mut a, &mut b, T0, &mut rng);
+    let old = b.session.current_id();
+    // Bob seals on the session both hold; then alice reinstalls from an identity
+    // backup and her session with bob is gone, so she cannot open it.
+    let sealed_before_reset = b.seal(b"sealed before the reset", T0, &mut rng);
+    a.session = Session::new(b.me.x25519_public());
+    assert!(a.open(&sealed_before_reset, T0).is_err());
+    // Her first message tells bob: he stops sealing on the old session...
+    let opened = b.open(&a.seal(b"fresh", T0, &mut rng), T0).unwrap();
+    assert!(
+        opened.peer_reset,
+        "bob must learn that alice lost her state"
+    );
+    // ...so what he seals now (his answer inside) alice can open, and a new session forms.
+    let resealed = b.seal(b"sealed again", T0, &mut rng);
+    assert_eq!(a.open(&resealed, T0).unwrap().body, b"sealed again");
+    settle(&mut a, &mut b, T0, &mut rng);
+    assert_ne!(b.session.current_id(), old);
+}
+
+#[test]
+fn oversized_body_is_refused() {
+    let (mut a, _) = Peer::pair(110);
+    let err = a
+        .session
+        .seal(&a.me, &vec![0; MAX_SEALED_BODY + 1], T0, &mut test_rng(9))
+        .unwrap_err();
+    assert!(matches!(err, SessionError::BodyTooLarge(_)));
+}
+
+#[test]
+fn first_message_too_old_is_refused() {
+    let (mut a, mut b) = Peer::pair(120);
+    let p = a.seal(b"old", T0, &mut test_rng(10));
+    assert!(matches!(
+        b.open(&p, T0 + RETAIN_SECS + 1),
+        Err(SessionError::TooOld)
+    ));
+}
+
+/// One direction of a lossy, duplicating, reordering network.
+struct Link {
+    in_flight: Vec<(u64, Vec<u8>)>,
+}
+
+/// Thousands of messages both ways through duplication, reordering and loss, with
+/// restarts and clock steps that force rekeys: every packet that arrives opens exactly
+/// once, duplicates are reported as replays, and nothing that arrives fails to open.
+#[test]
+fn hostile_network_exactly_once() {
+    for seed in 0..6u64 {
+        run_hostile(seed, 3000);
+    }
+}
+
+fn run_hostile(seed: u64, messages: u64) {
+    let (mut a, mut b) = Peer::pair(1000 + seed * 2);
+    let mut rng = test_rng(seed);
+    let mut links = [Link { in_flight: vec![] }, Link { in_flight: vec![] }];
+    let mut sent = 0u64;
+    let mut opened: [HashSet<u64>; 2] = [HashSet::new(), HashSet::new()];
+    let mut lost: [HashSet<u64>; 2] = [HashSet::new(), HashSet::new()];
+    let mut duplicates_seen = 0;
+    let mut now = T0;
+    let mut next_id = 0u64;
+    let mut ids_by_packet: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    while sent < messages || links.iter().any(|l| !l.in_flight.is_empty()) {
+        let roll = rng.next_u32() % 100;
+        let dir = (rng.next_u32() % 2) as usize;
+        if roll < 35 && sent < messages {
+            let peer = if dir == 0 { &mut a } else { &mut b };
+            let id = next_id;
+            next_id += 1;
+            let packet = peer.seal(&id.to_be_bytes(), now, &mut rng);
+            ids_by_packet.insert(packet.clone(), id);
+            links[dir].in_flight.push((id, packet));
+            sent += 1;
+        } else if roll < 38 {
+            // Loss (only while traffic continues, so answers eventually get through).
+            if sent < messages && !links[dir].in_flight.is_empty() {
+                let i = rng.next_u32() as usize % links[dir].in_flight.len();
+                let (id, _) = links[dir].in_flight.swap_remove(i);
+                lost[dir].insert(id);
+            }
+        } else if roll < 39 {
+            let peer = if dir == 0 { &mut a } else { &mut b };
+            peer.restart();
+        } else if roll < 40 {
+            now += REKEY_AFTER_SECS / 3;
+        } else if !links[dir].in_flight.is_empty() {
+            // Deliver a random in-flight packet (reordering); sometimes keep a copy.
+            let i = rng.next_u32() as usize % links[dir].in_flight.len();
+            let (id, packet) = if rng.next_u32() % 10 == 0 {
+                links[dir].in_flight[i].clone()
+            } else {
+                links[dir].in_flight.swap_remove(i)
+            };
+            let receiver = if dir == 0 { &mut b } else { &mut a };
+            match receiver.open(&packet, now) {
+                Ok(o) => {
+                    assert_eq!(o.body, id.to_be_bytes(), "seed {seed}: wrong body");
+                    assert!(
+                        opened[dir].insert(id),
+                        "seed {seed}: message {id} opened twice"
+                    );
+                }
+                Err(SessionError::Replay) => {
+                    assert!(
+                        opened[dir].contains(&id),
+                        "seed {seed}: replay of unseen {id}"
+                    );
+                    duplicates_seen += 1;
+                }
+                Err(e) => panic!("seed {seed}: message {id} failed to open: {e}"),
+            }
+        }
+    }
+    for id in 0..next_id {
+        let dir = usize::from(opened[1].contains(&id) || lost[1].contains(&id));
+        assert!(
+            opened[dir].contains(&id) || lost[dir].contains(&id),
+            "seed {seed}: message {id} neither delivered nor dropped by the network"
+        );
+    }
+    assert!(duplicates_seen > 0, "the test must exercise duplicates");
+    assert!(a.session.is_established() && b.session.is_established());
+    assert!(
+        a.session.generation() > 1,
+        "seed {seed}: the run must exercise rekeying"
+    );
+    assert_eq!(ids_by_packet.len() as u64, sent, "every packet is distinct");
+}
+
+#[test]
+fn burst_of_late_first_messages_never_strands_the_used_session() {
+    // Alice sends many first messages before any answer; bob answers them in a
+    // scrambled order; alice's transport must always open at bob.
+    for seed in 0..30u64 {
+        let (mut a, mut b) = Peer::pair(5000 + seed * 2);
+        let mut rng = test_rng(seed);
+        let mut inits: Vec<Vec<u8>> = (0..20u8).map(|i| a.seal(&[i], T0, &mut rng)).collect();
+        // Bob sees a few of the newest, answers, alice completes one.
+        let k = (seed % 5) as usize + 1;
+        for p in inits.split_off(inits.len() - k) {
+            b.open(&p, T0).unwrap();
+        }
+        a.open(&b.seal(b"answer", T0, &mut rng), T0).unwrap();
+        let t = a.seal(b"transport", T0, &mut rng);
+        assert_eq!(
+            kind(&t),
+            KIND_TRANSPORT,
+            "seed {seed}: alice completed the handshake"
+        );
+        // The remaining first messages arrive late, in scrambled order.
+        while !inits.is_empty() {
+            let i = rng.next_u32() as usize % inits.len();
+            b.open(&inits.swap_remove(i), T0).unwrap();
+        }
+        assert_eq!(b.open(&t, T0).unwrap().body, b"transport", "seed {seed}");
+    }
+}

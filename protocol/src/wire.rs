@@ -1,0 +1,694 @@
+//! The client↔relay protocol, `/kkachi/relay/1`.
+//!
+//! Request/response over libp2p streams: the client sends one [`ClientToRelay`] frame
+//! and the relay answers with one [`RelayToClient`] frame. Every frame is a u32
+//! big-endian length followed by the body; the length is checked against
+//! [`MAX_FRAME_LEN`] before the body is read.
+//!
+//! Flow for a recipient: `Subscribe { after }` is a long poll that returns a `Batch` as
+//! soon as anything newer than the cursor is stored (or an empty batch after `wait_ms`);
+//! the client makes the messages durable locally, then `Delete`s them and subscribes
+//! again from `next`. A sender only ever `Put`s; the relay answers `Stored` after the
+//! envelopes are flushed to disk.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN, MailboxId};
+
+/// The libp2p protocol name.
+pub const PROTOCOL_NAME: &str = "/kkachi/relay/1";
+/// Version number reported in [`RelayInfo`].
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Most envelopes in one `Put`.
+pub const MAX_PUT_BATCH: usize = 32;
+/// Most envelopes in one `Batch`.
+pub const MAX_BATCH_ITEMS: usize = 256;
+/// Most ids in one `Delete`.
+pub const MAX_DELETE_IDS: usize = 1024;
+/// Longest long-poll wait a client may ask for.
+pub const MAX_WAIT_MS: u32 = 60_000;
+/// Longest error message or info string.
+pub const MAX_TEXT_LEN: usize = 512;
+/// Largest frame body: a full `Put` batch plus headroom.
+pub const MAX_FRAME_LEN: usize = MAX_PUT_BATCH * (MAX_ENVELOPE_LEN + 4) + 1024;
+/// Budget for envelope bytes in one `Batch`, so it always fits a frame.
+pub const MAX_BATCH_BYTES: usize = MAX_FRAME_LEN - 1024 - MAX_BATCH_ITEMS * 12;
+
+/// Requests, client to relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientToRelay {
+    /// Store envelopes (anyone may put into any mailbox).
+    Put {
+        /// One to [`MAX_PUT_BATCH`] envelopes.
+        envelopes: Vec<Envelope>,
+    },
+    /// Read the caller's own mailbox after a cursor, without waiting.
+    Fetch {
+        /// Must be the caller's mailbox.
+        mailbox: MailboxId,
+        /// Return envelopes stored after this cursor (0 = from the start).
+        after: u64,
+        /// At most this many (capped at [`MAX_BATCH_ITEMS`]).
+        limit: u16,
+    },
+    /// Long poll: like `Fetch`, but if nothing is newer than `after`, wait up to
+    /// `wait_ms` for something to arrive.
+    Subscribe {
+        /// Must be the caller's mailbox.
+        mailbox: MailboxId,
+        /// Return envelopes stored after this cursor.
+        after: u64,
+        /// How long to wait when there is nothing yet (capped at [`MAX_WAIT_MS`]).
+        wait_ms: u32,
+    },
+    /// Delete envelopes the caller has stored durably.
+    Delete {
+        /// Must be the caller's mailbox.
+        mailbox: MailboxId,
+        /// Up to [`MAX_DELETE_IDS`] envelope ids.
+        ids: Vec<EnvelopeId>,
+    },
+    /// Ask for [`RelayInfo`].
+    Info,
+}
+
+/// Outcome of one envelope of a `Put`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Newly stored and flushed.
+    Stored,
+    /// Already held (same envelope id); nothing written.
+    Duplicate,
+    /// Refused; nothing stored.
+    Rejected {
+        /// Why.
+        code: ErrorCode,
+        /// A sentence a person can act on.
+        message: String,
+    },
+}
+
+/// An envelope as returned by `Fetch`/`Subscribe`, with its position in the mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    /// Arrival cursor within the mailbox; strictly increasing.
+    pub cursor: u64,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// What a relay says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayInfo {
+    /// [`PROTOCOL_VERSION`] of the relay.
+    pub protocol_version: u16,
+    /// Software name and version, e.g. `kkachi-relay/0.1.0`.
+    pub software: String,
+    /// Operator-chosen name.
+    pub name: String,
+    /// How to reach the operator.
+    pub operator: String,
+    /// Failure-domain label, e.g. `hetzner/fsn1`; relays sharing a label can fail together.
+    pub failure_domain: String,
+    /// Largest payload accepted.
+    pub max_payload: u32,
+    /// Longest envelope lifetime kept, seconds.
+    pub max_ttl_secs: u64,
+    /// Most envelopes held per mailbox.
+    pub mailbox_max_envelopes: u32,
+    /// Most payload bytes held per mailbox.
+    pub mailbox_max_bytes: u64,
+    /// Puts accepted per second per peer (sustained).
+    pub puts_per_sec: u32,
+}
+
+/// Reasons a relay refuses a request or an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The frame could not be decoded.
+    Malformed,
+    /// Payload or request larger than the relay accepts.
+    TooLarge,
+    /// The envelope had already expired.
+    Expired,
+    /// The expiry is further ahead than the relay's TTL.
+    ExpiryTooFar,
+    /// Only the mailbox owner may do this.
+    NotOwner,
+    /// The recipient's mailbox is full.
+    QuotaExceeded,
+    /// Too many requests from this peer; retry later.
+    RateLimited,
+    /// The relay's disk is full.
+    StorageFull,
+    /// An internal failure on the relay.
+    Internal,
+    /// The relay is shutting down; retry elsewhere.
+    ShuttingDown,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl ErrorCode {
+    fn to_u16(self) -> u16 {
+        match self {
+            Self::Malformed => 1,
+            Self::TooLarge => 2,
+            Self::Expired => 3,
+            Self::ExpiryTooFar => 4,
+            Self::NotOwner => 5,
+            Self::QuotaExceeded => 6,
+            Self::RateLimited => 7,
+            Self::StorageFull => 8,
+            Self::Internal => 9,
+            Self::ShuttingDown => 10,
+            Self::Other(n) => n,
+        }
+    }
+
+    fn from_u16(n: u16) -> Self {
+        match n {
+            1 => Self::Malformed,
+            2 => Self::TooLarge,
+            3 => Self::Expired,
+            4 => Self::ExpiryTooFar,
+            5 => Self::NotOwner,
+            6 => Self::QuotaExceeded,
+            7 => Self::RateLimited,
+            8 => Self::StorageFull,
+            9 => Self::Internal,
+            10 => Self::ShuttingDown,
+            n => Self::Other(n),
+        }
+    }
+
+    /// True if the same request may succeed later or at another relay.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::QuotaExceeded
+                | Self::RateLimited
+                | Self::StorageFull
+                | Self::Internal
+                | Self::ShuttingDown
+        )
+    }
+
+    /// Short stable name used in metrics labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::TooLarge => "too_large",
+            Self::Expired => "expired",
+            Self::ExpiryTooFar => "expiry_too_far",
+            Self::NotOwner => "not_owner",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::RateLimited => "rate_limited",
+            Self::StorageFull => "storage_full",
+            Self::Internal => "internal",
+            Self::ShuttingDown => "shutting_down",
+            Self::Other(_) => "other",
+        }
+    }
+}
+
+/// Responses, relay to client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayToClient {
+    /// Answer to `Put`: one outcome per envelope, in order. Sent only after every
+    /// `Stored` envelope is durable.
+    Stored {
+        /// Outcomes, same order as the request.
+        outcomes: Vec<PutOutcome>,
+    },
+    /// Answer to `Fetch`/`Subscribe`.
+    Batch {
+        /// Envelopes in cursor order.
+        items: Vec<StoredEnvelope>,
+        /// The cursor to ask after next time.
+        next: u64,
+        /// True if more were available than returned.
+        more: bool,
+    },
+    /// Answer to `Delete`.
+    Deleted {
+        /// How many of the ids were present and are now gone.
+        count: u32,
+    },
+    /// Answer to `Info`.
+    Info(RelayInfo),
+    /// The request as a whole was refused.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// A sentence a person can act on.
+        message: String,
+    },
+}
+
+/// Truncates to [`MAX_TEXT_LEN`] bytes on a character boundary.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_TEXT_LEN {
+        return s;
+    }
+    let mut end = MAX_TEXT_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn write_text(w: &mut Writer, s: &str) {
+    w.bytes16(clip(s).as_bytes());
+}
+
+fn read_text(r: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
+    Ok(r.str16(MAX_TEXT_LEN, field)?.to_owned())
+}
+
+fn read_tag(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
+    r.u8("message tag")
+}
+
+impl ClientToRelay {
+    /// Encodes the body (without the frame length).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Self::Put { envelopes } => {
+                w.u8(1).u16(envelopes.len() as u16);
+                for e in envelopes {
+                    e.write(&mut w);
+                }
+            }
+            Self::Fetch {
+                mailbox,
+                after,
+                limit,
+            } => {
+                w.u8(2).raw(&mailbox.0).u64(*after).u16(*limit);
+            }
+            Self::Subscribe {
+                mailbox,
+                after,
+                wait_ms,
+            } => {
+                w.u8(3).raw(&mailbox.0).u64(*after).u32(*wait_ms);
+            }
+            Self::Delete { mailbox, ids } => {
+                w.u8(4).raw(&mailbox.0).u16(ids.len() as u16);
+                for id in ids {
+                    w.raw(&id.0);
+                }
+            }
+            Self::Info => {
+                w.u8(5);
+            }
+        }
+        w.finish()
+    }
+
+    /// Decodes a frame body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        check_frame_len(bytes.len())?;
+        let mut r = Reader::new(bytes);
+        let msg = match read_tag(&mut r)? {
+            1 => {
+                let n = r.count16(MAX_PUT_BATCH, ENVELOPE_HEADER_LEN, "put envelopes")?;
+                if n == 0 {
+                    return Err(DecodeError::Invalid {
+                        field: "put envelopes",
+                        reason: "a put needs at least one envelope",
+                    });
+                }
+                let mut envelopes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    envelopes.push(Envelope::read(&mut r)?);
+                }
+                Self::Put { envelopes }
+            }
+            2 => Self::Fetch {
+                mailbox: MailboxId(r.array("mailbox")?),
+                after: r.u64("cursor")?,
+                limit: r.u16("limit")?,
+            },
+            3 => Self::Subscribe {
+                mailbox: MailboxId(r.array("mailbox")?),
+                after: r.u64("cursor")?,
+                wait_ms: r.u32("wait")?,
+            },
+            4 => {
+                let mailbox = MailboxId(r.array("mailbox")?);
+                let n = r.count16(MAX_DELETE_IDS, 32, "delete ids")?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(EnvelopeId(r.array("envelope id")?));
+                }
+                Self::Delete { mailbox, ids }
+            }
+            5 => Self::Info,
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    field: "request",
+                    tag: tag.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+impl RelayToClient {
+    /// A refusal with a message.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Encodes the body (without the frame length).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Self::Stored { outcomes } => {
+                w.u8(1).u16(outcomes.len() as u16);
+                for o in outcomes {
+                    match o {
+                        PutOutcome::Stored => {
+                            w.u8(0);
+                        }
+                        PutOutcome::Duplicate => {
+                            w.u8(1);
+                        }
+                        PutOutcome::Rejected { code, message } => {
+                            w.u8(2).u16(code.to_u16());
+                            write_text(&mut w, message);
+                        }
+                    }
+                }
+            }
+            Self::Batch { items, next, more } => {
+                w.u8(2).u16(items.len() as u16);
+                for item in items {
+                    w.u64(item.cursor);
+                    item.envelope.write(&mut w);
+                }
+                w.u64(*next).bool(*more);
+            }
+            Self::Deleted { count } => {
+                w.u8(3).u32(*count);
+            }
+            Self::Info(info) => {
+                w.u8(4).u16(info.protocol_version);
+                for s in [
+                    &info.software,
+                    &info.name,
+                    &info.operator,
+                    &info.failure_domain,
+                ] {
+                    write_text(&mut w, s);
+                }
+                w.u32(info.max_payload)
+                    .u64(info.max_ttl_secs)
+                    .u32(info.mailbox_max_envelopes)
+                    .u64(info.mailbox_max_bytes)
+                    .u32(info.puts_per_sec);
+            }
+            Self::Error { code, message } => {
+                w.u8(5).u16(code.to_u16());
+                write_text(&mut w, message);
+            }
+        }
+        w.finish()
+    }
+
+    /// Decodes a frame body.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        check_frame_len(bytes.len())?;
+        let mut r = Reader::new(bytes);
+        let msg = match read_tag(&mut r)? {
+            1 => {
+                let n = r.count16(MAX_PUT_BATCH, 1, "put outcomes")?;
+                let mut outcomes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    outcomes.push(match r.u8("put outcome")? {
+                        0 => PutOutcome::Stored,
+                        1 => PutOutcome::Duplicate,
+                        2 => PutOutcome::Rejected {
+                            code: ErrorCode::from_u16(r.u16("error code")?),
+                            message: read_text(&mut r, "error message")?,
+                        },
+                        tag => {
+                            return Err(DecodeError::UnknownTag {
+                                field: "put outcome",
+                                tag: tag.into(),
+                            });
+                        }
+                    });
+                }
+                Self::Stored { outcomes }
+            }
+            2 => {
+                let n = r.count16(MAX_BATCH_ITEMS, 8 + ENVELOPE_HEADER_LEN, "batch items")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let cursor = r.u64("cursor")?;
+                    let envelope = Envelope::read(&mut r)?;
+                    items.push(StoredEnvelope { cursor, envelope });
+                }
+                Self::Batch {
+                    items,
+                    next: r.u64("next cursor")?,
+                    more: r.bool("more")?,
+                }
+            }
+            3 => Self::Deleted {
+                count: r.u32("deleted count")?,
+            },
+            4 => Self::Info(RelayInfo {
+                protocol_version: r.u16("protocol version")?,
+                software: read_text(&mut r, "software")?,
+                name: read_text(&mut r, "relay name")?,
+                operator: read_text(&mut r, "operator")?,
+                failure_domain: read_text(&mut r, "failure domain")?,
+                max_payload: r.u32("max payload")?,
+                max_ttl_secs: r.u64("max ttl")?,
+                mailbox_max_envelopes: r.u32("mailbox max envelopes")?,
+                mailbox_max_bytes: r.u64("mailbox max bytes")?,
+                puts_per_sec: r.u32("puts per second")?,
+            }),
+            5 => Self::Error {
+                code: ErrorCode::from_u16(r.u16("error code")?),
+                message: read_text(&mut r, "error message")?,
+            },
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    field: "response",
+                    tag: tag.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn check_frame_len(len: usize) -> Result<(), DecodeError> {
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLong {
+            field: "frame",
+            len: len as u64,
+            max: MAX_FRAME_LEN as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a frame length prefix and checks it against [`MAX_FRAME_LEN`], before any
+/// buffer for the body is allocated.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    check_frame_len(len)?;
+    Ok(len)
+}
+
+/// Prefixes a body with its u32 length.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(4 + body.len());
+    w.bytes32(body);
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_envelope() -> impl Strategy<Value = Envelope> {
+        (
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(m, expires_at, payload)| Envelope {
+                mailbox: MailboxId(m),
+                expires_at,
+                payload,
+            })
+    }
+
+    fn arb_code() -> impl Strategy<Value = ErrorCode> {
+        any::<u16>().prop_map(ErrorCode::from_u16)
+    }
+
+    fn arb_request() -> impl Strategy<Value = ClientToRelay> {
+        prop_oneof![
+            proptest::collection::vec(arb_envelope(), 1..MAX_PUT_BATCH)
+                .prop_map(|envelopes| ClientToRelay::Put { envelopes }),
+            (any::<[u8; 32]>(), any::<u64>(), any::<u16>()).prop_map(|(m, after, limit)| {
+                ClientToRelay::Fetch {
+                    mailbox: MailboxId(m),
+                    after,
+                    limit,
+                }
+            }),
+            (any::<[u8; 32]>(), any::<u64>(), any::<u32>()).prop_map(|(m, after, wait_ms)| {
+                ClientToRelay::Subscribe {
+                    mailbox: MailboxId(m),
+                    after,
+                    wait_ms,
+                }
+            }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..40)
+            )
+                .prop_map(|(m, ids)| ClientToRelay::Delete {
+                    mailbox: MailboxId(m),
+                    ids: ids.into_iter().map(EnvelopeId).collect(),
+                }),
+            Just(ClientToRelay::Info),
+        ]
+    }
+
+    fn arb_response() -> impl Strategy<Value = RelayToClient> {
+        let outcome = prop_oneof![
+            Just(PutOutcome::Stored),
+            Just(PutOutcome::Duplicate),
+            (arb_code(), ".{0,40}")
+                .prop_map(|(code, message)| PutOutcome::Rejected { code, message }),
+        ];
+        prop_oneof![
+            proptest::collection::vec(outcome, 0..MAX_PUT_BATCH)
+                .prop_map(|outcomes| RelayToClient::Stored { outcomes }),
+            (
+                proptest::collection::vec((any::<u64>(), arb_envelope()), 0..10),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(items, next, more)| RelayToClient::Batch {
+                    items: items
+                        .into_iter()
+                        .map(|(cursor, envelope)| StoredEnvelope { cursor, envelope })
+                        .collect(),
+                    next,
+                    more
+                }),
+            any::<u32>().prop_map(|count| RelayToClient::Deleted { count }),
+            (".{0,30}", ".{0,30}", any::<u32>(), any::<u64>()).prop_map(|(name, fd, n, m)| {
+                RelayToClient::Info(RelayInfo {
+                    protocol_version: PROTOCOL_VERSION,
+                    software: "kkachi-relay/0.1.0".into(),
+                    name,
+                    operator: "ops@example.org".into(),
+                    failure_domain: fd,
+                    max_payload: n,
+                    max_ttl_secs: m,
+                    mailbox_max_envelopes: n,
+                    mailbox_max_bytes: m,
+                    puts_per_sec: n,
+                })
+            }),
+            (arb_code(), ".{0,60}")
+                .prop_map(|(code, message)| RelayToClient::Error { code, message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trip(msg in arb_request()) {
+            prop_assert_eq!(ClientToRelay::decode(&msg.encode()).unwrap(), msg);
+        }
+
+        #[test]
+        fn response_round_trip(msg in arb_response()) {
+            prop_assert_eq!(RelayToClient::decode(&msg.encode()).unwrap(), msg);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ClientToRelay::decode(&bytes);
+            let _ = RelayToClient::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip_including_unknown() {
+        for n in 0..20u16 {
+            assert_eq!(ErrorCode::from_u16(n).to_u16(), n);
+        }
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other(999));
+    }
+
+    #[test]
+    fn frame_length_is_bounded_before_reading() {
+        assert!(frame_len((1u32 << 30).to_be_bytes()).is_err());
+        assert!(frame_len(u32::MAX.to_be_bytes()).is_err());
+        assert_eq!(frame_len(100u32.to_be_bytes()).unwrap(), 100);
+        let f = frame(b"abc");
+        assert_eq!(&f[..4], &3u32.to_be_bytes());
+    }
+
+    #[test]
+    fn empty_and_oversized_puts_are_refused() {
+        let empty = ClientToRelay::Put { envelopes: vec![] }.encode();
+        assert!(matches!(
+            ClientToRelay::decode(&empty),
+            Err(DecodeError::Invalid { .. })
+        ));
+        // A count of 33 envelopes, over the batch limit.
+        let mut big = vec![1u8];
+        big.extend_from_slice(&33u16.to_be_bytes());
+        big.extend(std::iter::repeat_n(0u8, 33 * ENVELOPE_HEADER_LEN));
+        assert!(matches!(
+            ClientToRelay::decode(&big),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn long_error_messages_are_clipped_on_char_boundary() {
+        let msg = "가".repeat(400); // 1200 bytes
+        let encoded = RelayToClient::error(ErrorCode::Internal, msg).encode();
+        let RelayToClient::Error { message, .. } = RelayToClient::decode(&encoded).unwrap() else {
+            panic!("not an error");
+        };
+        assert!(message.len() <= MAX_TEXT_LEN);
+        assert!(message.chars().all(|c| c == '가'));
+    }
+
+    #[test]
+    fn known_answer_fetch() {
+        let msg = ClientToRelay::Fetch {
+            mailbox: MailboxId([0x11; 32]),
+            after: 5,
+            limit: 10,
+        };
+        assert_eq!(
+            hex::encode(msg.encode()),
+            "021111111111111111111111111111111111111111111111111111111111111111000000000000000500 0a"
+                .replace(' ', "")
+        );
+    }
+}
