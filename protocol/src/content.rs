@@ -84,7 +84,7 @@ pub enum Body {
         ids: Vec<MessageId>,
     },
     /// A newer signed contact card of the sender (for example after a relay change).
-    CardUpdate(Card),
+    CardUpdate(Box<Card>),
     /// A kind this version does not understand, kept verbatim.
     Unknown {
         /// The kind tag.
@@ -161,7 +161,7 @@ impl Body {
                 r.finish()?;
                 Body::Receipt { status, ids }
             }
-            KIND_CARD => Body::CardUpdate(Card::decode(data)?),
+            KIND_CARD => Body::CardUpdate(Box::new(Card::decode(data)?)),
             kind => Body::Unknown {
                 kind,
                 data: data.to_vec(),
@@ -327,7 +327,7 @@ mod tests {
         let id = Identity::generate();
         let card = Card::new(&id, "Minji", vec![], 4).unwrap();
         let c = Content {
-            body: Body::CardUpdate(card),
+            body: Body::CardUpdate(Box::new(card)),
             ..text(1, "")
         };
         assert_eq!(Content::decode(&c.encode()).unwrap(), c);

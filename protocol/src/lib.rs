@@ -26,6 +26,8 @@ pub mod card;
 mod codec;
 pub mod content;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod session;
 pub mod wire;

@@ -229,7 +229,7 @@ pub struct TransportPacket {
 #[derive(Debug)]
 pub enum Incoming {
     /// A first message: the sender is known from the packet.
-    Init(InitPacket),
+    Init(Box<InitPacket>),
     /// A transport message: try [`Session::open_transport`] on each session.
     Transport(TransportPacket),
 }
@@ -257,12 +257,12 @@ pub fn open(me: &Identity, sealed: &[u8]) -> Result<Incoming, SessionError> {
             let n = state.read_message(msg1, &mut payload)?;
             let frame = InitFrame::decode(&payload[..n])?;
             let remote = remote_static(&state)?;
-            Ok(Incoming::Init(InitPacket {
+            Ok(Incoming::Init(Box::new(InitPacket {
                 remote,
                 reference: reference(&state),
                 state,
                 frame,
-            }))
+            })))
         }
         Outer::Transport { nonce, ciphertext } => Ok(Incoming::Transport(TransportPacket {
             nonce: *nonce,
@@ -529,9 +529,10 @@ impl Session {
     pub fn accept_init(
         &mut self,
         me: &Identity,
-        init: InitPacket,
+        init: Box<InitPacket>,
         now: u64,
     ) -> Result<Opened, SessionError> {
+        let init = *init;
         if init.remote != self.remote {
             return Err(SessionError::WrongPeer);
         }

@@ -365,7 +365,7 @@ fn run_hostile(seed: u64, messages: u64) {
         } else if !links[dir].in_flight.is_empty() {
             // Deliver a random in-flight packet (reordering); sometimes keep a copy.
             let i = rng.next_u32() as usize % links[dir].in_flight.len();
-            let (id, packet) = if rng.next_u32() % 10 == 0 {
+            let (id, packet) = if rng.next_u32().is_multiple_of(10) {
                 links[dir].in_flight[i].clone()
             } else {
                 links[dir].in_flight.swap_remove(i)

@@ -1,0 +1,50 @@
+//! SPEC.md must state the limits the code enforces: each named constant appears in the
+//! spec as "`NAME` = value" (value with thousands separators).
+
+use kkachi_protocol::{card, content, envelope, session, wire};
+
+fn with_commas(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn spec_states_the_limits_the_code_enforces() {
+    let spec = include_str!("../SPEC.md");
+    let limits: &[(&str, u64)] = &[
+        ("MAX_CARD_LEN", card::MAX_CARD_LEN as u64),
+        ("MAX_INVITE_LEN", card::MAX_INVITE_LEN as u64),
+        ("MAX_PAYLOAD_LEN", envelope::MAX_PAYLOAD_LEN as u64),
+        ("MAX_SEALED_BODY", session::MAX_SEALED_BODY as u64),
+        ("MAX_COUNTERS", session::MAX_COUNTERS),
+        ("REKEY_AFTER_MESSAGES", session::REKEY_AFTER_MESSAGES),
+        ("MAX_FRAME_LEN", wire::MAX_FRAME_LEN as u64),
+        ("MAX_TEXT_LEN", content::MAX_TEXT_LEN as u64),
+        ("MAX_BODY_LEN", content::MAX_BODY_LEN as u64),
+        ("MAX_PUT_BATCH", wire::MAX_PUT_BATCH as u64),
+        ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),
+        ("MAX_DELETE_IDS", wire::MAX_DELETE_IDS as u64),
+        ("MAX_WAIT_MS", u64::from(wire::MAX_WAIT_MS)),
+        ("CLOCK_SKEW_SECS", envelope::CLOCK_SKEW_SECS),
+    ];
+    let mut missing = Vec::new();
+    for (name, value) in limits {
+        let needle = format!("`{name}` = {}", with_commas(*value));
+        if !spec.contains(&needle) {
+            missing.push(needle);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "SPEC.md lacks or misstates: {missing:#?}"
+    );
+    assert!(spec.contains(session::NOISE_PARAMS));
+    assert!(spec.contains(wire::PROTOCOL_NAME));
+}
