@@ -12,8 +12,11 @@ use crate::identity::Identity;
 use crate::session::{self, Incoming, Session};
 use crate::wire::{ClientToRelay, RelayToClient};
 
+/// A fuzz target body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name, as used for the corpus directories.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("invite", invite),
     ("envelope", envelope),
     ("wire_request", wire_request),
