@@ -1,1 +1,158 @@
-fn main() {}
+//! `kkachi-relay`: parses flags and configuration, starts the relay, prints its listen
+//! addresses, and shuts down gracefully on SIGTERM or Ctrl-C.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kkachi_relay::config::{Config, MetricsListen};
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+
+/// A kkachi relay: stores end-to-end encrypted envelopes until their recipients fetch
+/// them. It never sees who wrote a message or what it says.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Directory for the node key and mailbox database.
+    #[arg(long, global = true, env = "KKACHI_RELAY_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4040.
+    #[arg(long, env = "KKACHI_RELAY_LISTEN", value_delimiter = ',', value_name = "MULTIADDR")]
+    listen: Vec<Multiaddr>,
+
+    /// TOML configuration file (see contrib/kkachi-relay.toml).
+    #[arg(long, env = "KKACHI_RELAY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Serve /metrics and /healthz on ADDR (host:port), or "off".
+    #[arg(long, env = "KKACHI_RELAY_METRICS", value_name = "ADDR|off")]
+    metrics: Option<MetricsListen>,
+
+    /// Failure-domain label, e.g. "provider/region".
+    #[arg(long, env = "KKACHI_RELAY_FAILURE_DOMAIN", value_name = "LABEL")]
+    failure_domain: Option<String>,
+
+    /// Name shown to users.
+    #[arg(long, env = "KKACHI_RELAY_NAME")]
+    name: Option<String>,
+
+    /// How users can reach the operator.
+    #[arg(long, env = "KKACHI_RELAY_OPERATOR")]
+    operator: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the relay's PeerId (creating its key if needed) and exit.
+    Id,
+}
+
+impl Cli {
+    /// File values, then flags and environment on top.
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if !self.listen.is_empty() {
+            config.listen = self.listen.clone();
+        }
+        if let Some(m) = self.metrics {
+            config.metrics = m;
+        }
+        if let Some(fd) = &self.failure_domain {
+            config.info.failure_domain = fd.clone();
+        }
+        if let Some(name) = &self.name {
+            config.info.name = name.clone();
+        }
+        if let Some(op) = &self.operator {
+            config.info.operator = op.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("waiting for Ctrl-C"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        Ok("Ctrl-C")
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let config = cli.config()?;
+    if let Some(Command::Id) = cli.command {
+        let key = kkachi_relay::load_or_create_key(&config.data_dir)?;
+        println!("{}", key.public().to_peer_id());
+        return Ok(());
+    }
+    let data_dir = config.data_dir.clone();
+    let relay = kkachi_relay::start(config)
+        .await
+        .with_context(|| format!("starting the relay (data dir {})", data_dir.display()))?;
+    if let Some(addr) = relay.metrics_addr() {
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    let peer = relay.peer_id();
+    let mut addrs = relay.addrs();
+    let mut printed: HashSet<Multiaddr> = HashSet::new();
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            changed = addrs.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let current: Vec<Multiaddr> = addrs.borrow_and_update().clone();
+                for addr in current {
+                    if printed.insert(addr.clone()) {
+                        // The CLI contract: one line per listen address, as soon as it listens.
+                        println!("listening on {}", addr.with(Protocol::P2p(peer)));
+                    }
+                }
+            }
+            which = &mut signal => {
+                tracing::info!("{}: shutting down", which?);
+                break;
+            }
+        }
+    }
+    relay.shutdown().await?;
+    Ok(())
+}

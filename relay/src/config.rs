@@ -1,0 +1,287 @@
+//! Relay configuration: a TOML file whose every field has a default, overridden by
+//! command-line flags and `KKACHI_RELAY_*` environment variables (see `main.rs`).
+//! `contrib/kkachi-relay.toml` is the documented example; a test keeps it in sync.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kkachi_protocol::Multiaddr;
+use kkachi_protocol::envelope::{MAX_PAYLOAD_LEN, MAX_TTL_SECS};
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Where to serve `/metrics` and `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// No metrics endpoint.
+    Off,
+    /// Serve on this address.
+    On(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::On)
+            .map_err(|_| format!("expected HOST:PORT or \"off\", got {s:?}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The whole relay configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the node key and the mailbox database. Default: the platform data
+    /// directory (`~/.local/share/kkachi-relay` on Linux).
+    pub data_dir: PathBuf,
+    /// Addresses to listen on. Default: TCP and QUIC on port 4040, all interfaces.
+    pub listen: Vec<Multiaddr>,
+    /// Prometheus `/metrics` and `/healthz` address, or "off". Default: off.
+    pub metrics: MetricsListen,
+    /// What the relay tells clients about itself.
+    pub info: InfoConfig,
+    /// Storage and abuse limits.
+    pub limits: LimitsConfig,
+    /// Circuit relay v2 service, so two clients behind NAT can reach each other.
+    pub circuit: CircuitConfig,
+}
+
+/// Self-description sent to clients (`Info`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfoConfig {
+    /// A short name for this relay, shown to users. Default: empty.
+    pub name: String,
+    /// How to reach the operator (e-mail or URL). Default: empty.
+    pub operator: String,
+    /// Failure-domain label, e.g. "hetzner/fsn1" or "home/seoul": relays that share a
+    /// label can fail together, and clients warn when all of a user's relays do.
+    pub failure_domain: String,
+}
+
+/// Storage, quota and rate limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest envelope payload accepted, bytes (at most 65536). Default: 65536.
+    pub max_payload: usize,
+    /// Longest envelope lifetime accepted, seconds (at most 30 days). Default: 30 days.
+    pub max_ttl_secs: u64,
+    /// Most envelopes held per mailbox. Default: 10000.
+    pub mailbox_max_envelopes: u64,
+    /// Most bytes held per mailbox. Default: 256 MiB.
+    pub mailbox_max_bytes: u64,
+    /// Envelopes one peer may put per second, sustained. Default: 500.
+    pub puts_per_sec: u32,
+    /// Envelopes one peer may put in a burst. Default: 2000.
+    pub put_burst: u32,
+    /// Most simultaneous connections. Default: 20000.
+    pub max_connections: u32,
+    /// Most simultaneous connections from one peer. Default: 8.
+    pub max_connections_per_peer: u32,
+    /// Most connections still handshaking. Default: 512.
+    pub max_pending_connections: u32,
+    /// Long polls (subscriptions) one peer may hold open. Default: 8.
+    pub max_waiting_per_peer: usize,
+    /// Close connections idle this long, seconds (subscribed clients are never idle).
+    /// Default: 120.
+    pub idle_timeout_secs: u64,
+    /// sled page cache size, bytes. Default: 256 MiB.
+    pub cache_bytes: u64,
+}
+
+/// Circuit relay v2 limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Offer circuit relay at all. Default: true.
+    pub enabled: bool,
+    /// Most reservations held. Default: 256.
+    pub max_reservations: usize,
+    /// Most relayed circuits at once. Default: 64.
+    pub max_circuits: usize,
+    /// Longest life of one circuit, seconds (enough to upgrade to a direct path).
+    /// Default: 120.
+    pub max_circuit_secs: u64,
+    /// Most bytes relayed per circuit. Default: 1 MiB.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4040".parse().expect("valid"),
+                "/ip4/0.0.0.0/udp/4040/quic-v1".parse().expect("valid"),
+            ],
+            metrics: MetricsListen::Off,
+            info: InfoConfig::default(),
+            limits: LimitsConfig::default(),
+            circuit: CircuitConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: MAX_PAYLOAD_LEN,
+            max_ttl_secs: MAX_TTL_SECS,
+            mailbox_max_envelopes: 10_000,
+            mailbox_max_bytes: 256 << 20,
+            puts_per_sec: 500,
+            put_burst: 2000,
+            max_connections: 20_000,
+            max_connections_per_peer: 8,
+            max_pending_connections: 512,
+            max_waiting_per_peer: 8,
+            idle_timeout_secs: 120,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_reservations: 256,
+            max_circuits: 64,
+            max_circuit_secs: 120,
+            max_circuit_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The platform data directory for the relay.
+pub fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "kkachi-relay")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("kkachi-relay-data"))
+}
+
+impl Config {
+    /// Reads a TOML file; fields it omits keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks ranges that the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_payload == 0 || l.max_payload > MAX_PAYLOAD_LEN {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_payload must be between 1 and {MAX_PAYLOAD_LEN}"
+            )));
+        }
+        if l.max_ttl_secs == 0 || l.max_ttl_secs > MAX_TTL_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_ttl_secs must be between 1 and {MAX_TTL_SECS} (30 days)"
+            )));
+        }
+        if l.puts_per_sec == 0 || l.put_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.puts_per_sec and limits.put_burst must be at least 1".into(),
+            ));
+        }
+        if self.listen.is_empty() {
+            return Err(ConfigError::Invalid("at least one listen address is needed".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_secs.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_documents_every_section() {
+        let text = include_str!("../contrib/kkachi-relay.toml");
+        let cfg = Config::from_toml(text).expect("example parses");
+        cfg.validate().unwrap();
+        for section in ["[info]", "[limits]", "[circuit]"] {
+            assert!(text.contains(section), "example lacks {section}");
+        }
+        // Every limits field appears in the example with its default value.
+        let d = LimitsConfig::default();
+        assert_eq!(cfg.limits.mailbox_max_envelopes, d.mailbox_max_envelopes);
+        assert_eq!(cfg.limits.puts_per_sec, d.puts_per_sec);
+        assert_eq!(cfg.circuit.max_circuits, CircuitConfig::default().max_circuits);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.listen, Config::default().listen);
+        assert_eq!(cfg.metrics, MetricsListen::Off);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_reported() {
+        let err = Config::from_toml("[limits]\nputs_per_second = 5\n").unwrap_err();
+        assert!(err.contains("puts_per_second"), "{err}");
+        let err = Config::from_toml("metrics = \"nonsense\"").unwrap_err();
+        assert!(err.contains("HOST:PORT"), "{err}");
+        let mut cfg = Config::default();
+        cfg.limits.max_payload = 1 << 20;
+        assert!(cfg.validate().is_err());
+        assert_eq!("off".parse::<MetricsListen>(), Ok(MetricsListen::Off));
+        assert!(matches!("127.0.0.1:9464".parse(), Ok(MetricsListen::On(_))));
+    }
+}

@@ -1,0 +1,370 @@
+//! The libp2p node: one task owns the Swarm and runs the event loop.
+//!
+//! Requests go to the [`Service`]; answers that need the disk (puts) run as futures
+//! polled by this loop, so the loop never blocks on a flush. Long polls wait here, keyed
+//! by mailbox, and are answered as soon as a put lands in their mailbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use kkachi_protocol::{MailboxId, Multiaddr, PeerId, RelayToClient};
+use libp2p::connection_limits::{self, ConnectionLimits};
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::core::transport::ListenerId;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Swarm, identify, noise, ping, relay, tcp, yamux};
+use tokio::sync::{oneshot, watch};
+
+use crate::RelayError;
+use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::service::{Action, Service};
+use crate::store::MailboxStore;
+
+/// How often waiting long polls are checked for their deadline, and housekeeping runs.
+const TICK: Duration = Duration::from_millis(250);
+/// How often expired envelopes are swept.
+const EXPIRY_EVERY: Duration = Duration::from_secs(30);
+/// Most envelopes removed per sweep (keeps one sweep short).
+const EXPIRY_BATCH: usize = 10_000;
+/// Longest wait for in-flight puts at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The relay's libp2p behaviours.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mailbox: request_response::Behaviour<RelayCodec>,
+    circuit: Toggle<relay::Behaviour>,
+}
+
+pub(crate) fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, RelayError> {
+    let l = &config.limits;
+    let limits = ConnectionLimits::default()
+        .with_max_established(Some(l.max_connections))
+        .with_max_established_per_peer(Some(l.max_connections_per_peer))
+        .with_max_pending_incoming(Some(l.max_pending_connections));
+    let c = &config.circuit;
+    let circuit_config = relay::Config {
+        max_reservations: c.max_reservations,
+        max_circuits: c.max_circuits,
+        max_circuit_duration: Duration::from_secs(c.max_circuit_secs),
+        max_circuit_bytes: c.max_circuit_bytes,
+        ..Default::default()
+    };
+    let circuit_enabled = c.enabled;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| RelayError::Transport(e.to_string()))?
+        .with_quic()
+        .with_behaviour(|key| Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            identify: identify::Behaviour::new(
+                identify::Config::new("/kkachi/id/1".into(), key.public())
+                    .with_agent_version(format!("kkachi-relay/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::default(),
+            mailbox: request_response::Behaviour::with_codec(
+                RelayCodec,
+                [(PROTOCOL, ProtocolSupport::Inbound)],
+                request_response::Config::default()
+                    .with_request_timeout(REQUEST_TIMEOUT)
+                    .with_max_concurrent_streams(256),
+            ),
+            circuit: circuit_enabled
+                .then(|| relay::Behaviour::new(key.public().to_peer_id(), circuit_config))
+                .into(),
+        })
+        .map_err(|e| RelayError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout()))
+        .build();
+    Ok(swarm)
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A parked long poll.
+struct Waiter {
+    peer: PeerId,
+    after: u64,
+    deadline: Instant,
+    channel: ResponseChannel<RelayToClient>,
+}
+
+/// A put in progress: its answer and where to send it.
+type PendingPut = BoxFuture<'static, (ResponseChannel<RelayToClient>, RelayToClient, Vec<MailboxId>)>;
+
+pub(crate) struct Node<S> {
+    swarm: Swarm<Behaviour>,
+    service: Arc<Service<S>>,
+    metrics: Metrics,
+    max_waiting_per_peer: usize,
+    waiting: HashMap<MailboxId, Vec<Waiter>>,
+    waiting_per_peer: HashMap<PeerId, usize>,
+    puts: FuturesUnordered<PendingPut>,
+    addrs: watch::Sender<Vec<Multiaddr>>,
+    listeners: Vec<ListenerId>,
+}
+
+impl<S: MailboxStore + Clone> Node<S> {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        service: Arc<Service<S>>,
+        metrics: Metrics,
+        config: &Config,
+        addrs: watch::Sender<Vec<Multiaddr>>,
+        listeners: Vec<ListenerId>,
+    ) -> Self {
+        Self {
+            swarm,
+            service,
+            metrics,
+            max_waiting_per_peer: config.limits.max_waiting_per_peer,
+            waiting: HashMap::new(),
+            waiting_per_peer: HashMap::new(),
+            puts: FuturesUnordered::new(),
+            addrs,
+            listeners,
+        }
+    }
+
+    /// Runs until `shutdown` fires, then drains gracefully.
+    pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) -> Result<(), RelayError> {
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_expiry = Instant::now();
+        self.metrics.set_ready(true);
+        loop {
+            tokio::select! {
+                // Shutdown first, then finished puts (they release clients and wake long
+                // polls), then new network events, then housekeeping.
+                biased;
+                _ = &mut shutdown => break,
+                Some((channel, response, mailboxes)) = self.puts.next(), if !self.puts.is_empty() => {
+                    self.respond(channel, response);
+                    for mailbox in mailboxes {
+                        self.wake(&mailbox);
+                    }
+                }
+                event = self.swarm.select_next_some() => self.on_event(event),
+                _ = tick.tick() => {
+                    self.expire_waiters(Instant::now());
+                    if last_expiry.elapsed() >= EXPIRY_EVERY {
+                        last_expiry = Instant::now();
+                        self.sweep_expired();
+                    }
+                }
+            }
+        }
+        self.drain().await
+    }
+
+    fn respond(&mut self, channel: ResponseChannel<RelayToClient>, response: RelayToClient) {
+        // Fails only if the peer went away; nothing to do then.
+        let _ = self.swarm.behaviour_mut().mailbox.send_response(channel, response);
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.addrs.send_modify(|a| a.push(address));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.addrs.send_modify(|a| a.retain(|x| *x != address));
+            }
+            SwarmEvent::ConnectionEstablished { .. } => {
+                self.metrics.connections.inc();
+            }
+            SwarmEvent::ConnectionClosed { .. } => {
+                self.metrics.connections.dec();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection failed");
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
+            _ => {}
+        }
+    }
+
+    fn on_mailbox(&mut self, event: request_response::Event<crate::codec::Request, RelayToClient>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => match self.service.handle(&peer, request, unix_now()) {
+                Action::Respond(response) => self.respond(channel, response),
+                Action::Put { done, mailboxes } => {
+                    self.puts.push(Box::pin(async move { (channel, done.await, mailboxes) }));
+                }
+                Action::Wait { mailbox, after, wait_ms } => self.park(peer, mailbox, after, wait_ms, channel),
+            },
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                let kind = match &error {
+                    request_response::InboundFailure::Timeout => "timeout",
+                    request_response::InboundFailure::ConnectionClosed => "connection_closed",
+                    request_response::InboundFailure::UnsupportedProtocols => "unsupported_protocol",
+                    request_response::InboundFailure::ResponseOmission => "response_omission",
+                    request_response::InboundFailure::Io(_) => "io",
+                };
+                self.metrics.stream_failures.get_or_create(&Metrics::kind(kind)).inc();
+                tracing::debug!(%peer, %error, "inbound stream failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn park(
+        &mut self,
+        peer: PeerId,
+        mailbox: MailboxId,
+        after: u64,
+        wait_ms: u32,
+        channel: ResponseChannel<RelayToClient>,
+    ) {
+        let count = self.waiting_per_peer.entry(peer).or_default();
+        if *count >= self.max_waiting_per_peer {
+            // Answer at once (empty) rather than hold more streams for this peer.
+            let empty = RelayToClient::Batch { items: vec![], next: after, more: false };
+            self.respond(channel, empty);
+            return;
+        }
+        *count += 1;
+        self.metrics.waiting.inc();
+        let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
+        self.waiting.entry(mailbox).or_default().push(Waiter {
+            peer,
+            after,
+            deadline,
+            channel,
+        });
+    }
+
+    fn unpark(&mut self, waiter: &Waiter) {
+        self.metrics.waiting.dec();
+        if let Some(count) = self.waiting_per_peer.get_mut(&waiter.peer) {
+            *count -= 1;
+            if *count == 0 {
+                self.waiting_per_peer.remove(&waiter.peer);
+            }
+        }
+    }
+
+    /// Answers every long poll on `mailbox` that now has something newer.
+    fn wake(&mut self, mailbox: &MailboxId) {
+        let Some(waiters) = self.waiting.remove(mailbox) else {
+            return;
+        };
+        let mut still = Vec::new();
+        for w in waiters {
+            let response = self.service.fetch(mailbox, w.after, kkachi_protocol::wire::MAX_BATCH_ITEMS);
+            let empty = matches!(&response, RelayToClient::Batch { items, .. } if items.is_empty());
+            if empty {
+                still.push(w);
+            } else {
+                self.unpark(&w);
+                self.respond(w.channel, response);
+            }
+        }
+        if !still.is_empty() {
+            self.waiting.insert(*mailbox, still);
+        }
+    }
+
+    /// Answers long polls whose time is up with an empty batch, and forgets those whose
+    /// peer has gone.
+    fn expire_waiters(&mut self, now: Instant) {
+        let mut done = Vec::new();
+        self.waiting.retain(|_, waiters| {
+            let (keep, expired): (Vec<_>, Vec<_>) = waiters
+                .drain(..)
+                .partition(|w| w.deadline > now && w.channel.is_open());
+            done.extend(expired);
+            *waiters = keep;
+            !waiters.is_empty()
+        });
+        for w in done {
+            self.unpark(&w);
+            let empty = RelayToClient::Batch { items: vec![], next: w.after, more: false };
+            self.respond(w.channel, empty);
+        }
+    }
+
+    fn sweep_expired(&mut self) {
+        match self.service.store().expire(unix_now(), EXPIRY_BATCH) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.metrics.expired.inc_by(n as u64);
+                tracing::info!(removed = n, "expired envelopes removed");
+            }
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+        self.metrics.set_store(self.service.store().stats());
+        self.service.prune();
+    }
+
+    /// Graceful shutdown: stop accepting, answer long polls, finish in-flight puts
+    /// (their clients get their acknowledgements), flush, and return.
+    async fn drain(mut self) -> Result<(), RelayError> {
+        self.metrics.set_ready(false);
+        tracing::info!(in_flight = self.puts.len(), "shutting down: no longer accepting");
+        for id in std::mem::take(&mut self.listeners) {
+            self.swarm.remove_listener(id);
+        }
+        self.expire_waiters(Instant::now() + Duration::from_secs(3600));
+        let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !self.puts.is_empty() {
+            tokio::select! {
+                Some((channel, response, _)) = self.puts.next() => self.respond(channel, response),
+                event = self.swarm.select_next_some() => self.on_drain_event(event),
+                _ = &mut deadline => {
+                    tracing::warn!(left = self.puts.len(), "in-flight puts did not finish in time");
+                    break;
+                }
+            }
+        }
+        // Give the last responses a moment to leave.
+        let flush_out = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(flush_out);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_drain_event(event),
+                _ = &mut flush_out => break,
+            }
+        }
+        self.service.store().flush().await.map_err(|e| RelayError::Store(e.to_string()))?;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+
+    /// During drain, new requests are refused so clients move to another relay at once.
+    fn on_drain_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::Behaviour(BehaviourEvent::Mailbox(request_response::Event::Message {
+            message: request_response::Message::Request { channel, .. },
+            ..
+        })) = event
+        {
+            let refusal = RelayToClient::error(
+                kkachi_protocol::ErrorCode::ShuttingDown,
+                "this relay is shutting down; retry with another relay",
+            );
+            self.respond(channel, refusal);
+        }
+    }
+}
