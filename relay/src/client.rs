@@ -72,7 +72,11 @@ impl MailboxClient {
         let me = keypair.public().to_peer_id();
         let mut swarm: Swarm<Behaviour> = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
-            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .with_quic()
             .with_behaviour(|_| {
@@ -113,7 +117,11 @@ impl MailboxClient {
         swarm.add_peer_address(relay, addr);
         let (commands, rx) = mpsc::channel(256);
         tokio::spawn(run(swarm, relay, rx));
-        Ok(Self { relay, me, commands })
+        Ok(Self {
+            relay,
+            me,
+            commands,
+        })
     }
 
     /// The relay's PeerId.
@@ -144,19 +152,31 @@ impl MailboxClient {
     /// Fetches this client's own mailbox after `after`.
     pub async fn fetch(&self, after: u64, limit: u16) -> Result<RelayToClient, ClientError> {
         let mailbox = self.mailbox();
-        self.request(ClientToRelay::Fetch { mailbox, after, limit }).await
+        self.request(ClientToRelay::Fetch {
+            mailbox,
+            after,
+            limit,
+        })
+        .await
     }
 
     /// Long-polls this client's own mailbox after `after`.
     pub async fn subscribe(&self, after: u64, wait_ms: u32) -> Result<RelayToClient, ClientError> {
         let mailbox = self.mailbox();
-        self.request(ClientToRelay::Subscribe { mailbox, after, wait_ms }).await
+        self.request(ClientToRelay::Subscribe {
+            mailbox,
+            after,
+            wait_ms,
+        })
+        .await
     }
 }
 
 async fn run(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mpsc::Receiver<Command>) {
-    let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<RelayToClient, ClientError>>> =
-        HashMap::new();
+    let mut pending: HashMap<
+        OutboundRequestId,
+        oneshot::Sender<Result<RelayToClient, ClientError>>,
+    > = HashMap::new();
     loop {
         tokio::select! {
             command = commands.recv() => match command {

@@ -8,8 +8,8 @@
 use std::io;
 
 use futures::prelude::*;
-use kkachi_protocol::wire::{self, ClientToRelay, RelayToClient};
 use kkachi_protocol::DecodeError;
+use kkachi_protocol::wire::{self, ClientToRelay, RelayToClient};
 use libp2p::StreamProtocol;
 use libp2p::request_response;
 
@@ -33,7 +33,9 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RelayCodec;
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Result<Vec<u8>, DecodeError>> {
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+) -> io::Result<Result<Vec<u8>, DecodeError>> {
     let mut prefix = [0u8; 4];
     io.read_exact(&mut prefix).await?;
     let len = match wire::frame_len(prefix) {
@@ -73,7 +75,11 @@ impl request_response::Codec for RelayCodec {
         })
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<RelayToClient>
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<RelayToClient>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -81,7 +87,12 @@ impl request_response::Codec for RelayCodec {
         RelayToClient::decode(&body).map_err(invalid)
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Request) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Request,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -124,22 +135,34 @@ mod tests {
 
         let mut buf = Cursor::new(Vec::new());
         let resp = RelayToClient::error(ErrorCode::RateLimited, "slow down");
-        RelayCodec.write_response(&PROTOCOL, &mut buf, resp.clone()).await.unwrap();
+        RelayCodec
+            .write_response(&PROTOCOL, &mut buf, resp.clone())
+            .await
+            .unwrap();
         let mut r = Cursor::new(buf.into_inner());
-        assert_eq!(RelayCodec.read_response(&PROTOCOL, &mut r).await.unwrap(), resp);
+        assert_eq!(
+            RelayCodec.read_response(&PROTOCOL, &mut r).await.unwrap(),
+            resp
+        );
     }
 
     #[tokio::test]
     async fn gigabyte_prefix_is_malformed_without_reading_the_body() {
         let mut r = Cursor::new((1u32 << 30).to_be_bytes().to_vec());
         let req = RelayCodec.read_request(&PROTOCOL, &mut r).await.unwrap();
-        assert!(matches!(req, Request::Malformed(DecodeError::TooLong { .. })));
+        assert!(matches!(
+            req,
+            Request::Malformed(DecodeError::TooLong { .. })
+        ));
     }
 
     #[tokio::test]
     async fn garbage_body_is_malformed() {
         let mut r = Cursor::new(wire::frame(&[0xff, 1, 2]));
         let req = RelayCodec.read_request(&PROTOCOL, &mut r).await.unwrap();
-        assert!(matches!(req, Request::Malformed(DecodeError::UnknownTag { .. })));
+        assert!(matches!(
+            req,
+            Request::Malformed(DecodeError::UnknownTag { .. })
+        ));
     }
 }

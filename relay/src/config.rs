@@ -235,7 +235,9 @@ impl Config {
             ));
         }
         if self.listen.is_empty() {
-            return Err(ConfigError::Invalid("at least one listen address is needed".into()));
+            return Err(ConfigError::Invalid(
+                "at least one listen address is needed".into(),
+            ));
         }
         Ok(())
     }
@@ -261,7 +263,10 @@ mod tests {
         let d = LimitsConfig::default();
         assert_eq!(cfg.limits.mailbox_max_envelopes, d.mailbox_max_envelopes);
         assert_eq!(cfg.limits.puts_per_sec, d.puts_per_sec);
-        assert_eq!(cfg.circuit.max_circuits, CircuitConfig::default().max_circuits);
+        assert_eq!(
+            cfg.circuit.max_circuits,
+            CircuitConfig::default().max_circuits
+        );
     }
 
     #[test]

@@ -91,10 +91,14 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, RelayError> {
         message,
     };
     match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| err(format!("not a valid key file ({e}); restore it from backup"))),
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+            err(format!(
+                "not a valid key file ({e}); restore it from backup"
+            ))
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).map_err(|e| err(format!("cannot create directory: {e}")))?;
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| err(format!("cannot create directory: {e}")))?;
             let key = Keypair::generate_ed25519();
             let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
             write_private(&path, &bytes).map_err(|e| err(format!("cannot write: {e}")))?;
@@ -238,16 +242,25 @@ pub async fn start_with<S: MailboxStore + Clone>(
     let mut swarm = node::build_swarm(&config, key)?;
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        let id = swarm.listen_on(addr.clone()).map_err(|e| RelayError::Listen {
-            addr: addr.clone(),
-            message: e.to_string(),
-        })?;
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| RelayError::Listen {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
         listeners.push(id);
     }
     let service = Arc::new(service::Service::new(&config, store, metrics.clone()));
     let (addrs_tx, addrs) = watch::channel(Vec::new());
     let (shutdown, shutdown_rx) = oneshot::channel();
-    let node = node::Node::new(swarm, service, metrics.clone(), &config, addrs_tx, listeners);
+    let node = node::Node::new(
+        swarm,
+        service,
+        metrics.clone(),
+        &config,
+        addrs_tx,
+        listeners,
+    );
     let task = tokio::spawn(node.run(shutdown_rx));
     tracing::info!(%peer_id, "relay started");
     Ok(RelayHandle {

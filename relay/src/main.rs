@@ -20,7 +20,12 @@ struct Cli {
     data_dir: Option<PathBuf>,
 
     /// Listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4040.
-    #[arg(long, env = "KKACHI_RELAY_LISTEN", value_delimiter = ',', value_name = "MULTIADDR")]
+    #[arg(
+        long,
+        env = "KKACHI_RELAY_LISTEN",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     listen: Vec<Multiaddr>,
 
     /// TOML configuration file (see contrib/kkachi-relay.toml).
@@ -106,7 +111,9 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
         Ok("Ctrl-C")
     }
 }

@@ -83,15 +83,47 @@ impl Metrics {
             stream_failures: Family::default(),
             ready: Arc::new(AtomicBool::new(false)),
         };
-        registry.register("kkachi_connections", "Open connections", m.connections.clone());
+        registry.register(
+            "kkachi_connections",
+            "Open connections",
+            m.connections.clone(),
+        );
         registry.register("kkachi_puts", "Envelopes put, by outcome", m.puts.clone());
-        registry.register("kkachi_requests", "Requests handled, by kind", m.requests.clone());
-        registry.register("kkachi_rejections", "Refusals, by reason", m.rejections.clone());
-        registry.register("kkachi_stored_envelopes", "Envelopes stored", m.stored_envelopes.clone());
-        registry.register("kkachi_stored_bytes", "Bytes stored", m.stored_bytes.clone());
-        registry.register("kkachi_mailboxes", "Mailboxes with envelopes", m.mailboxes.clone());
-        registry.register("kkachi_expired", "Envelopes removed by expiry", m.expired.clone());
-        registry.register("kkachi_waiting_subscriptions", "Open long polls", m.waiting.clone());
+        registry.register(
+            "kkachi_requests",
+            "Requests handled, by kind",
+            m.requests.clone(),
+        );
+        registry.register(
+            "kkachi_rejections",
+            "Refusals, by reason",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "kkachi_stored_envelopes",
+            "Envelopes stored",
+            m.stored_envelopes.clone(),
+        );
+        registry.register(
+            "kkachi_stored_bytes",
+            "Bytes stored",
+            m.stored_bytes.clone(),
+        );
+        registry.register(
+            "kkachi_mailboxes",
+            "Mailboxes with envelopes",
+            m.mailboxes.clone(),
+        );
+        registry.register(
+            "kkachi_expired",
+            "Envelopes removed by expiry",
+            m.expired.clone(),
+        );
+        registry.register(
+            "kkachi_waiting_subscriptions",
+            "Open long polls",
+            m.waiting.clone(),
+        );
         registry.register(
             "kkachi_flush_seconds",
             "Duration of storage flushes",
@@ -188,9 +220,21 @@ impl Metrics {
             ("GET", "/healthz") if self.ready.load(Ordering::Relaxed) => {
                 ("200 OK", "text/plain", "ok\n".to_string())
             }
-            ("GET", "/healthz") => ("503 Service Unavailable", "text/plain", "starting or stopping\n".to_string()),
-            ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
-            _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+            ("GET", "/healthz") => (
+                "503 Service Unavailable",
+                "text/plain",
+                "starting or stopping\n".to_string(),
+            ),
+            ("GET", _) => (
+                "404 Not Found",
+                "text/plain",
+                "try /metrics or /healthz\n".to_string(),
+            ),
+            _ => (
+                "405 Method Not Allowed",
+                "text/plain",
+                "GET only\n".to_string(),
+            ),
         };
         format!(
             "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -209,7 +253,10 @@ mod tests {
         m.puts.get_or_create(&Metrics::kind("stored")).inc();
         m.flush_seconds.observe(0.002);
         let text = m.render();
-        assert!(text.contains("kkachi_puts_total{kind=\"stored\"} 1"), "{text}");
+        assert!(
+            text.contains("kkachi_puts_total{kind=\"stored\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("kkachi_flush_seconds_bucket"));
         assert!(text.contains("kkachi_connections"));
     }

@@ -13,10 +13,10 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use kkachi_protocol::{MailboxId, Multiaddr, PeerId, RelayToClient};
 use libp2p::connection_limits::{self, ConnectionLimits};
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Swarm, identify, noise, ping, relay, tcp, yamux};
 use tokio::sync::{oneshot, watch};
@@ -47,7 +47,10 @@ pub(crate) struct Behaviour {
     circuit: Toggle<relay::Behaviour>,
 }
 
-pub(crate) fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Behaviour>, RelayError> {
+pub(crate) fn build_swarm(
+    config: &Config,
+    keypair: Keypair,
+) -> Result<Swarm<Behaviour>, RelayError> {
     let l = &config.limits;
     let limits = ConnectionLimits::default()
         .with_max_established(Some(l.max_connections))
@@ -64,7 +67,11 @@ pub(crate) fn build_swarm(config: &Config, keypair: Keypair) -> Result<Swarm<Beh
     let circuit_enabled = c.enabled;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| RelayError::Transport(e.to_string()))?
         .with_quic()
         .with_behaviour(|key| Behaviour {
@@ -106,7 +113,14 @@ struct Waiter {
 }
 
 /// A put in progress: its answer and where to send it.
-type PendingPut = BoxFuture<'static, (ResponseChannel<RelayToClient>, RelayToClient, Vec<MailboxId>)>;
+type PendingPut = BoxFuture<
+    'static,
+    (
+        ResponseChannel<RelayToClient>,
+        RelayToClient,
+        Vec<MailboxId>,
+    ),
+>;
 
 pub(crate) struct Node<S> {
     swarm: Swarm<Behaviour>,
@@ -143,7 +157,10 @@ impl<S: MailboxStore + Clone> Node<S> {
     }
 
     /// Runs until `shutdown` fires, then drains gracefully.
-    pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) -> Result<(), RelayError> {
+    pub(crate) async fn run(
+        mut self,
+        mut shutdown: oneshot::Receiver<()>,
+    ) -> Result<(), RelayError> {
         let mut tick = tokio::time::interval(TICK);
         let mut last_expiry = Instant::now();
         self.metrics.set_ready(true);
@@ -174,7 +191,11 @@ impl<S: MailboxStore + Clone> Node<S> {
 
     fn respond(&mut self, channel: ResponseChannel<RelayToClient>, response: RelayToClient) {
         // Fails only if the peer went away; nothing to do then.
-        let _ = self.swarm.behaviour_mut().mailbox.send_response(channel, response);
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_response(channel, response);
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -205,24 +226,37 @@ impl<S: MailboxStore + Clone> Node<S> {
         match event {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             } => match self.service.handle(&peer, request, unix_now()) {
                 Action::Respond(response) => self.respond(channel, response),
                 Action::Put { done, mailboxes } => {
-                    self.puts.push(Box::pin(async move { (channel, done.await, mailboxes) }));
+                    self.puts
+                        .push(Box::pin(async move { (channel, done.await, mailboxes) }));
                 }
-                Action::Wait { mailbox, after, wait_ms } => self.park(peer, mailbox, after, wait_ms, channel),
+                Action::Wait {
+                    mailbox,
+                    after,
+                    wait_ms,
+                } => self.park(peer, mailbox, after, wait_ms, channel),
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 let kind = match &error {
                     request_response::InboundFailure::Timeout => "timeout",
                     request_response::InboundFailure::ConnectionClosed => "connection_closed",
-                    request_response::InboundFailure::UnsupportedProtocols => "unsupported_protocol",
+                    request_response::InboundFailure::UnsupportedProtocols => {
+                        "unsupported_protocol"
+                    }
                     request_response::InboundFailure::ResponseOmission => "response_omission",
                     request_response::InboundFailure::Io(_) => "io",
                 };
-                self.metrics.stream_failures.get_or_create(&Metrics::kind(kind)).inc();
+                self.metrics
+                    .stream_failures
+                    .get_or_create(&Metrics::kind(kind))
+                    .inc();
                 tracing::debug!(%peer, %error, "inbound stream failed");
             }
             _ => {}
@@ -240,7 +274,11 @@ impl<S: MailboxStore + Clone> Node<S> {
         let count = self.waiting_per_peer.entry(peer).or_default();
         if *count >= self.max_waiting_per_peer {
             // Answer at once (empty) rather than hold more streams for this peer.
-            let empty = RelayToClient::Batch { items: vec![], next: after, more: false };
+            let empty = RelayToClient::Batch {
+                items: vec![],
+                next: after,
+                more: false,
+            };
             self.respond(channel, empty);
             return;
         }
@@ -272,7 +310,9 @@ impl<S: MailboxStore + Clone> Node<S> {
         };
         let mut still = Vec::new();
         for w in waiters {
-            let response = self.service.fetch(mailbox, w.after, kkachi_protocol::wire::MAX_BATCH_ITEMS);
+            let response =
+                self.service
+                    .fetch(mailbox, w.after, kkachi_protocol::wire::MAX_BATCH_ITEMS);
             let empty = matches!(&response, RelayToClient::Batch { items, .. } if items.is_empty());
             if empty {
                 still.push(w);
@@ -300,7 +340,11 @@ impl<S: MailboxStore + Clone> Node<S> {
         });
         for w in done {
             self.unpark(&w);
-            let empty = RelayToClient::Batch { items: vec![], next: w.after, more: false };
+            let empty = RelayToClient::Batch {
+                items: vec![],
+                next: w.after,
+                more: false,
+            };
             self.respond(w.channel, empty);
         }
     }
@@ -322,7 +366,10 @@ impl<S: MailboxStore + Clone> Node<S> {
     /// (their clients get their acknowledgements), flush, and return.
     async fn drain(mut self) -> Result<(), RelayError> {
         self.metrics.set_ready(false);
-        tracing::info!(in_flight = self.puts.len(), "shutting down: no longer accepting");
+        tracing::info!(
+            in_flight = self.puts.len(),
+            "shutting down: no longer accepting"
+        );
         for id in std::mem::take(&mut self.listeners) {
             self.swarm.remove_listener(id);
         }
@@ -348,7 +395,11 @@ impl<S: MailboxStore + Clone> Node<S> {
                 _ = &mut flush_out => break,
             }
         }
-        self.service.store().flush().await.map_err(|e| RelayError::Store(e.to_string()))?;
+        self.service
+            .store()
+            .flush()
+            .await
+            .map_err(|e| RelayError::Store(e.to_string()))?;
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -43,8 +43,14 @@ impl std::fmt::Debug for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Action::Respond(r) => f.debug_tuple("Respond").field(r).finish(),
-            Action::Put { mailboxes, .. } => f.debug_struct("Put").field("mailboxes", mailboxes).finish(),
-            Action::Wait { mailbox, after, wait_ms } => f
+            Action::Put { mailboxes, .. } => {
+                f.debug_struct("Put").field("mailboxes", mailboxes).finish()
+            }
+            Action::Wait {
+                mailbox,
+                after,
+                wait_ms,
+            } => f
                 .debug_struct("Wait")
                 .field("mailbox", mailbox)
                 .field("after", after)
@@ -65,7 +71,10 @@ pub(crate) struct Service<S> {
 }
 
 fn refuse(metrics: &Metrics, code: ErrorCode, message: impl Into<String>) -> RelayToClient {
-    metrics.rejections.get_or_create(&Metrics::kind(code.as_str())).inc();
+    metrics
+        .rejections
+        .get_or_create(&Metrics::kind(code.as_str()))
+        .inc();
     RelayToClient::error(code, message)
 }
 
@@ -147,18 +156,29 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::Delete { .. } => "delete",
             ClientToRelay::Info => "info",
         };
-        self.metrics.requests.get_or_create(&Metrics::kind(kind)).inc();
+        self.metrics
+            .requests
+            .get_or_create(&Metrics::kind(kind))
+            .inc();
         match msg {
             ClientToRelay::Put { envelopes } => self.put(peer, envelopes, now),
             ClientToRelay::Info => Action::Respond(RelayToClient::Info(self.info.clone())),
-            ClientToRelay::Fetch { mailbox, after, limit } => {
-                if let Err(refusal) = self.check_owner(peer, &mailbox) {
+            ClientToRelay::Fetch {
+                mailbox,
+                after,
+                limit,
+            } => {
+                if let Some(refusal) = self.refuse_unless_owner(peer, &mailbox) {
                     return Action::Respond(refusal);
                 }
                 Action::Respond(self.fetch(&mailbox, after, usize::from(limit)))
             }
-            ClientToRelay::Subscribe { mailbox, after, wait_ms } => {
-                if let Err(refusal) = self.check_owner(peer, &mailbox) {
+            ClientToRelay::Subscribe {
+                mailbox,
+                after,
+                wait_ms,
+            } => {
+                if let Some(refusal) = self.refuse_unless_owner(peer, &mailbox) {
                     return Action::Respond(refusal);
                 }
                 let batch = self.fetch(&mailbox, after, MAX_BATCH_ITEMS);
@@ -174,7 +194,7 @@ impl<S: MailboxStore + Clone> Service<S> {
                 }
             }
             ClientToRelay::Delete { mailbox, ids } => {
-                if let Err(refusal) = self.check_owner(peer, &mailbox) {
+                if let Some(refusal) = self.refuse_unless_owner(peer, &mailbox) {
                     return Action::Respond(refusal);
                 }
                 Action::Respond(match self.store.delete(&mailbox, &ids) {
@@ -188,12 +208,13 @@ impl<S: MailboxStore + Clone> Service<S> {
         }
     }
 
-    fn check_owner(&self, peer: &PeerId, mailbox: &MailboxId) -> Result<(), RelayToClient> {
+    /// The refusal to send if `peer` does not own `mailbox`.
+    fn refuse_unless_owner(&self, peer: &PeerId, mailbox: &MailboxId) -> Option<RelayToClient> {
         if MailboxId::for_peer(peer) == *mailbox {
-            return Ok(());
+            return None;
         }
         tracing::debug!(%peer, %mailbox, "refused access to another peer's mailbox");
-        Err(refuse(
+        Some(refuse(
             &self.metrics,
             ErrorCode::NotOwner,
             "only the mailbox owner may read or delete; connect with the identity the mailbox belongs to",
@@ -238,7 +259,10 @@ impl<S: MailboxStore + Clone> Service<S> {
                 }
                 Err(e) => {
                     let code = envelope_refusal(&e);
-                    self.metrics.rejections.get_or_create(&Metrics::kind(code.as_str())).inc();
+                    self.metrics
+                        .rejections
+                        .get_or_create(&Metrics::kind(code.as_str()))
+                        .inc();
                     outcomes.push(Some(PutOutcome::Rejected {
                         code,
                         message: e.to_string(),
@@ -272,7 +296,9 @@ impl<S: MailboxStore + Clone> Service<S> {
                     refuse(&metrics, code, message)
                 }
             };
-            metrics.put_ack_seconds.observe(started.elapsed().as_secs_f64());
+            metrics
+                .put_ack_seconds
+                .observe(started.elapsed().as_secs_f64());
             response
         });
         Action::Put { done, mailboxes }
@@ -352,16 +378,32 @@ mod tests {
         let owner = PeerId::random();
         let mailbox = MailboxId::for_peer(&owner);
         let put = ClientToRelay::Put {
-            envelopes: vec![envelope(&owner, 1), envelope(&owner, 2), envelope(&owner, 1)],
+            envelopes: vec![
+                envelope(&owner, 1),
+                envelope(&owner, 2),
+                envelope(&owner, 1),
+            ],
         };
         assert_eq!(
             run(&s, &sender, put).await,
             RelayToClient::Stored {
-                outcomes: vec![PutOutcome::Stored, PutOutcome::Stored, PutOutcome::Duplicate]
+                outcomes: vec![
+                    PutOutcome::Stored,
+                    PutOutcome::Stored,
+                    PutOutcome::Duplicate
+                ]
             }
         );
-        let RelayToClient::Batch { items, next, more } =
-            run(&s, &owner, ClientToRelay::Fetch { mailbox, after: 0, limit: 10 }).await
+        let RelayToClient::Batch { items, next, more } = run(
+            &s,
+            &owner,
+            ClientToRelay::Fetch {
+                mailbox,
+                after: 0,
+                limit: 10,
+            },
+        )
+        .await
         else {
             panic!("batch expected")
         };
@@ -372,8 +414,16 @@ mod tests {
             run(&s, &owner, ClientToRelay::Delete { mailbox, ids }).await,
             RelayToClient::Deleted { count: 2 }
         );
-        let RelayToClient::Batch { items, .. } =
-            run(&s, &owner, ClientToRelay::Fetch { mailbox, after: next, limit: 10 }).await
+        let RelayToClient::Batch { items, .. } = run(
+            &s,
+            &owner,
+            ClientToRelay::Fetch {
+                mailbox,
+                after: next,
+                limit: 10,
+            },
+        )
+        .await
         else {
             panic!("batch expected")
         };
@@ -387,13 +437,27 @@ mod tests {
         let stranger = PeerId::random();
         let mailbox = MailboxId::for_peer(&owner);
         for msg in [
-            ClientToRelay::Fetch { mailbox, after: 0, limit: 10 },
-            ClientToRelay::Subscribe { mailbox, after: 0, wait_ms: 1000 },
-            ClientToRelay::Delete { mailbox, ids: vec![] },
+            ClientToRelay::Fetch {
+                mailbox,
+                after: 0,
+                limit: 10,
+            },
+            ClientToRelay::Subscribe {
+                mailbox,
+                after: 0,
+                wait_ms: 1000,
+            },
+            ClientToRelay::Delete {
+                mailbox,
+                ids: vec![],
+            },
         ] {
             assert!(matches!(
                 run(&s, &stranger, msg).await,
-                RelayToClient::Error { code: ErrorCode::NotOwner, .. }
+                RelayToClient::Error {
+                    code: ErrorCode::NotOwner,
+                    ..
+                }
             ));
         }
     }
@@ -449,7 +513,10 @@ mod tests {
         };
         assert!(matches!(
             outcomes[2],
-            PutOutcome::Rejected { code: ErrorCode::QuotaExceeded, .. }
+            PutOutcome::Rejected {
+                code: ErrorCode::QuotaExceeded,
+                ..
+            }
         ));
         // 3 of the burst of 4 are used; 2 more exceed it.
         let put = ClientToRelay::Put {
@@ -457,11 +524,19 @@ mod tests {
         };
         assert!(matches!(
             run(&s, &sender, put).await,
-            RelayToClient::Error { code: ErrorCode::RateLimited, .. }
+            RelayToClient::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
         ));
         // Another peer is not affected by this one's rate.
-        let put = ClientToRelay::Put { envelopes: vec![envelope(&PeerId::random(), 9)] };
-        assert!(matches!(run(&s, &PeerId::random(), put).await, RelayToClient::Stored { .. }));
+        let put = ClientToRelay::Put {
+            envelopes: vec![envelope(&PeerId::random(), 9)],
+        };
+        assert!(matches!(
+            run(&s, &PeerId::random(), put).await,
+            RelayToClient::Stored { .. }
+        ));
     }
 
     #[tokio::test]
@@ -469,7 +544,10 @@ mod tests {
         let metrics = Metrics::new();
         let s = Service::new(
             &Config::default(),
-            MemoryStore::new(Quota { max_envelopes: 10, max_bytes: 1000 }),
+            MemoryStore::new(Quota {
+                max_envelopes: 10,
+                max_bytes: 1000,
+            }),
             metrics.clone(),
         );
         let decode_error = kkachi_protocol::DecodeError::TrailingBytes(3);
@@ -480,7 +558,11 @@ mod tests {
         };
         assert_eq!(code, ErrorCode::Malformed);
         assert!(message.contains("trailing"));
-        assert!(metrics.render().contains("kkachi_rejections_total{kind=\"malformed\"} 1"));
+        assert!(
+            metrics
+                .render()
+                .contains("kkachi_rejections_total{kind=\"malformed\"} 1")
+        );
     }
 
     #[tokio::test]
@@ -488,12 +570,26 @@ mod tests {
         let s = service(&Config::default());
         let owner = PeerId::random();
         let mailbox = MailboxId::for_peer(&owner);
-        let sub = ClientToRelay::Subscribe { mailbox, after: 0, wait_ms: 120_000 };
+        let sub = ClientToRelay::Subscribe {
+            mailbox,
+            after: 0,
+            wait_ms: 120_000,
+        };
         assert!(matches!(
             s.handle(&owner, Request::Message(sub.clone()), NOW),
-            Action::Wait { wait_ms: MAX_WAIT_MS, .. }
+            Action::Wait {
+                wait_ms: MAX_WAIT_MS,
+                ..
+            }
         ));
-        run(&s, &PeerId::random(), ClientToRelay::Put { envelopes: vec![envelope(&owner, 1)] }).await;
+        run(
+            &s,
+            &PeerId::random(),
+            ClientToRelay::Put {
+                envelopes: vec![envelope(&owner, 1)],
+            },
+        )
+        .await;
         assert!(matches!(
             s.handle(&owner, Request::Message(sub), NOW),
             Action::Respond(RelayToClient::Batch { .. })

@@ -6,21 +6,27 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::prelude::*;
 use kkachi_protocol::wire::{self, PutOutcome};
-use kkachi_protocol::{ClientToRelay, Envelope, ErrorCode, MailboxId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{
+    ClientToRelay, Envelope, ErrorCode, MailboxId, Multiaddr, PeerId, RelayToClient,
+};
 use kkachi_relay::client::MailboxClient;
 use kkachi_relay::config::Config;
 use kkachi_relay::{RelayHandle, start};
 use libp2p::identity::Keypair;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn config(dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    c
+    Config {
+        data_dir: dir.to_path_buf(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        ..Config::default()
+    }
 }
 
 async fn relay(c: Config) -> (RelayHandle, Multiaddr) {
@@ -45,7 +51,9 @@ fn envelope(to: &PeerId, n: u32) -> Envelope {
 
 fn batch(r: RelayToClient) -> (Vec<Envelope>, u64) {
     match r {
-        RelayToClient::Batch { items, next, .. } => (items.into_iter().map(|i| i.envelope).collect(), next),
+        RelayToClient::Batch { items, next, .. } => {
+            (items.into_iter().map(|i| i.envelope).collect(), next)
+        }
         other => panic!("batch expected, got {other:?}"),
     }
 }
@@ -54,18 +62,38 @@ fn batch(r: RelayToClient) -> (Vec<Envelope>, u64) {
 async fn put_fetch_delete_and_live_subscribe() {
     let dir = tempfile::tempdir().unwrap();
     let (relay, addr) = relay(config(dir.path())).await;
-    let sender = MailboxClient::connect(Keypair::generate_ed25519(), addr.clone()).await.unwrap();
+    let sender = MailboxClient::connect(Keypair::generate_ed25519(), addr.clone())
+        .await
+        .unwrap();
     let owner_key = Keypair::generate_ed25519();
     let owner_peer = owner_key.public().to_peer_id();
-    let owner = MailboxClient::connect(owner_key, addr.clone()).await.unwrap();
+    let owner = MailboxClient::connect(owner_key, addr.clone())
+        .await
+        .unwrap();
 
-    let stored = sender.put(vec![envelope(&owner_peer, 1), envelope(&owner_peer, 2)]).await.unwrap();
-    assert_eq!(stored, RelayToClient::Stored { outcomes: vec![PutOutcome::Stored, PutOutcome::Stored] });
+    let stored = sender
+        .put(vec![envelope(&owner_peer, 1), envelope(&owner_peer, 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        RelayToClient::Stored {
+            outcomes: vec![PutOutcome::Stored, PutOutcome::Stored]
+        }
+    );
     let again = sender.put(vec![envelope(&owner_peer, 1)]).await.unwrap();
-    assert_eq!(again, RelayToClient::Stored { outcomes: vec![PutOutcome::Duplicate] });
+    assert_eq!(
+        again,
+        RelayToClient::Stored {
+            outcomes: vec![PutOutcome::Duplicate]
+        }
+    );
 
     let (items, next) = batch(owner.fetch(0, 100).await.unwrap());
-    assert_eq!(items, vec![envelope(&owner_peer, 1), envelope(&owner_peer, 2)]);
+    assert_eq!(
+        items,
+        vec![envelope(&owner_peer, 1), envelope(&owner_peer, 2)]
+    );
 
     // A long poll with nothing new waits, and is answered as soon as a put lands.
     let waiting = {
@@ -80,13 +108,19 @@ async fn put_fetch_delete_and_live_subscribe() {
     let (pushed, waited) = waiting.await.unwrap();
     let (items3, next3) = batch(pushed);
     assert_eq!(items3, vec![envelope(&owner_peer, 3)]);
-    assert!(waited < Duration::from_secs(10), "push took {waited:?}: it waited for the deadline");
+    assert!(
+        waited < Duration::from_secs(10),
+        "push took {waited:?}: it waited for the deadline"
+    );
     assert!(next3 > next);
 
     // Delete what was read; the mailbox is then empty.
     let ids = [1, 2, 3].map(|n| envelope(&owner_peer, n).id()).to_vec();
     let deleted = owner
-        .request(ClientToRelay::Delete { mailbox: owner.mailbox(), ids })
+        .request(ClientToRelay::Delete {
+            mailbox: owner.mailbox(),
+            ids,
+        })
         .await
         .unwrap();
     assert_eq!(deleted, RelayToClient::Deleted { count: 3 });
@@ -103,17 +137,36 @@ async fn strangers_cannot_read_or_delete() {
     let dir = tempfile::tempdir().unwrap();
     let (relay, addr) = relay(config(dir.path())).await;
     let victim = PeerId::random();
-    let mallory = MailboxClient::connect(Keypair::generate_ed25519(), addr).await.unwrap();
+    let mallory = MailboxClient::connect(Keypair::generate_ed25519(), addr)
+        .await
+        .unwrap();
     mallory.put(vec![envelope(&victim, 1)]).await.unwrap();
     let mailbox = MailboxId::for_peer(&victim);
     for request in [
-        ClientToRelay::Fetch { mailbox, after: 0, limit: 10 },
-        ClientToRelay::Subscribe { mailbox, after: 0, wait_ms: 10 },
-        ClientToRelay::Delete { mailbox, ids: vec![envelope(&victim, 1).id()] },
+        ClientToRelay::Fetch {
+            mailbox,
+            after: 0,
+            limit: 10,
+        },
+        ClientToRelay::Subscribe {
+            mailbox,
+            after: 0,
+            wait_ms: 10,
+        },
+        ClientToRelay::Delete {
+            mailbox,
+            ids: vec![envelope(&victim, 1).id()],
+        },
     ] {
         let answer = mallory.request(request).await.unwrap();
         assert!(
-            matches!(answer, RelayToClient::Error { code: ErrorCode::NotOwner, .. }),
+            matches!(
+                answer,
+                RelayToClient::Error {
+                    code: ErrorCode::NotOwner,
+                    ..
+                }
+            ),
             "{answer:?}"
         );
     }
@@ -127,7 +180,9 @@ async fn restart_keeps_envelopes_and_peer_id() {
     let owner_peer = owner_key.public().to_peer_id();
     let (relay1, addr1) = relay(config(dir.path())).await;
     let first_id = relay1.peer_id();
-    let sender = MailboxClient::connect(Keypair::generate_ed25519(), addr1).await.unwrap();
+    let sender = MailboxClient::connect(Keypair::generate_ed25519(), addr1)
+        .await
+        .unwrap();
     sender.put(vec![envelope(&owner_peer, 7)]).await.unwrap();
     relay1.shutdown().await.unwrap();
 
@@ -146,7 +201,9 @@ async fn info_reports_the_failure_domain_and_limits() {
     c.info.failure_domain = "provider-a/seoul".into();
     c.info.name = "seoul-1".into();
     let (relay, addr) = relay(c).await;
-    let client = MailboxClient::connect(Keypair::generate_ed25519(), addr).await.unwrap();
+    let client = MailboxClient::connect(Keypair::generate_ed25519(), addr)
+        .await
+        .unwrap();
     let RelayToClient::Info(info) = client.request(ClientToRelay::Info).await.unwrap() else {
         panic!("info expected")
     };
@@ -166,7 +223,9 @@ async fn quota_and_flood_get_errors_and_others_are_served() {
     c.limits.puts_per_sec = 5;
     c.limits.put_burst = 20;
     let (relay, addr) = relay(c).await;
-    let flooder = MailboxClient::connect(Keypair::generate_ed25519(), addr.clone()).await.unwrap();
+    let flooder = MailboxClient::connect(Keypair::generate_ed25519(), addr.clone())
+        .await
+        .unwrap();
     let victim = PeerId::random();
     let RelayToClient::Stored { outcomes } = flooder
         .put((0..4).map(|n| envelope(&victim, n)).collect())
@@ -175,26 +234,61 @@ async fn quota_and_flood_get_errors_and_others_are_served() {
     else {
         panic!("stored expected")
     };
-    assert!(matches!(outcomes[3], PutOutcome::Rejected { code: ErrorCode::QuotaExceeded, .. }));
+    assert!(matches!(
+        outcomes[3],
+        PutOutcome::Rejected {
+            code: ErrorCode::QuotaExceeded,
+            ..
+        }
+    ));
 
     // Flood: 200 puts at once from one peer. Most are refused as rate limited.
     let answers = future::join_all((0..200).map(|n| {
         let flooder = flooder.clone();
-        async move { flooder.put(vec![envelope(&PeerId::random(), n)]).await.unwrap() }
+        async move {
+            flooder
+                .put(vec![envelope(&PeerId::random(), n)])
+                .await
+                .unwrap()
+        }
     }))
     .await;
     let limited = answers
         .iter()
-        .filter(|a| matches!(a, RelayToClient::Error { code: ErrorCode::RateLimited, .. }))
+        .filter(|a| {
+            matches!(
+                a,
+                RelayToClient::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+            )
+        })
         .count();
-    assert!(limited >= 150, "only {limited} of 200 flood puts were rate limited");
+    assert!(
+        limited >= 150,
+        "only {limited} of 200 flood puts were rate limited"
+    );
 
     // Someone else is served normally meanwhile.
-    let other = MailboxClient::connect(Keypair::generate_ed25519(), addr).await.unwrap();
-    let answer = other.put(vec![envelope(&PeerId::random(), 999)]).await.unwrap();
-    assert_eq!(answer, RelayToClient::Stored { outcomes: vec![PutOutcome::Stored] });
+    let other = MailboxClient::connect(Keypair::generate_ed25519(), addr)
+        .await
+        .unwrap();
+    let answer = other
+        .put(vec![envelope(&PeerId::random(), 999)])
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        RelayToClient::Stored {
+            outcomes: vec![PutOutcome::Stored]
+        }
+    );
     let text = relay.metrics().render();
-    assert!(text.contains("kkachi_rejections_total{kind=\"rate_limited\"}"), "{text}");
+    assert!(
+        text.contains("kkachi_rejections_total{kind=\"rate_limited\"}"),
+        "{text}"
+    );
     relay.shutdown().await.unwrap();
 }
 
@@ -213,33 +307,57 @@ mod raw {
         type Request = Vec<u8>;
         type Response = Vec<u8>;
 
-        async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, _: &mut T) -> io::Result<Vec<u8>> {
+        async fn read_request<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+        ) -> io::Result<Vec<u8>> {
             Err(io::Error::other("client only"))
         }
 
-        async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>> {
+        async fn read_response<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+        ) -> io::Result<Vec<u8>> {
             let mut out = Vec::new();
             io.take(1 << 20).read_to_end(&mut out).await?;
             Ok(out)
         }
 
-        async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()> {
+        async fn write_request<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            req: Vec<u8>,
+        ) -> io::Result<()> {
             io.write_all(&req).await?;
             io.flush().await
         }
 
-        async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, _: &mut T, _: Vec<u8>) -> io::Result<()> {
+        async fn write_response<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+            _: Vec<u8>,
+        ) -> io::Result<()> {
             Err(io::Error::other("client only"))
         }
     }
 }
 
 /// A swarm that writes raw bytes on relay-protocol streams.
-async fn raw_client(addr: Multiaddr) -> libp2p::Swarm<libp2p::request_response::Behaviour<raw::RawCodec>> {
+async fn raw_client(
+    addr: Multiaddr,
+) -> libp2p::Swarm<libp2p::request_response::Behaviour<raw::RawCodec>> {
     use libp2p::request_response::{self, ProtocolSupport};
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .with_tcp(
+            Default::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
         .unwrap()
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
@@ -277,54 +395,91 @@ async fn hostile_frames_get_errors_and_do_not_disturb_others() {
     let mut garbage = wire::frame(&[0xff; 40]);
     garbage.truncate(44);
     let huge_prefix = (1u32 << 30).to_be_bytes().to_vec();
-    let unknown_version = wire::frame(&ClientToRelay::Put { envelopes: vec![envelope(&PeerId::random(), 1)] }.encode())
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| if i == 7 { 9 } else { b }) // the envelope's version byte
-        .collect::<Vec<u8>>();
+    let unknown_version = wire::frame(
+        &ClientToRelay::Put {
+            envelopes: vec![envelope(&PeerId::random(), 1)],
+        }
+        .encode(),
+    )
+    .into_iter()
+    .enumerate()
+    .map(|(i, b)| if i == 7 { 9 } else { b }) // the envelope's version byte
+    .collect::<Vec<u8>>();
     let hostile = [garbage, huge_prefix, unknown_version];
     let hostile_ids: Vec<_> = hostile
         .iter()
-        .map(|bytes| swarm.behaviour_mut().send_request(&relay_peer, bytes.clone()))
+        .map(|bytes| {
+            swarm
+                .behaviour_mut()
+                .send_request(&relay_peer, bytes.clone())
+        })
         .collect();
     // Thousands of half-open streams: a length prefix and then silence.
     for _ in 0..1500 {
-        flooder.behaviour_mut().send_request(&relay_peer, 100u32.to_be_bytes().to_vec());
+        flooder
+            .behaviour_mut()
+            .send_request(&relay_peer, 100u32.to_be_bytes().to_vec());
     }
     let mut answers = Vec::new();
     let deadline = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(deadline);
     // Meanwhile an ordinary client is served promptly.
-    let normal = MailboxClient::connect(Keypair::generate_ed25519(), addr).await.unwrap();
+    let normal = MailboxClient::connect(Keypair::generate_ed25519(), addr)
+        .await
+        .unwrap();
     let served = tokio::spawn(async move {
         let t = Instant::now();
-        let r = normal.put(vec![envelope(&PeerId::random(), 5)]).await.unwrap();
+        let r = normal
+            .put(vec![envelope(&PeerId::random(), 5)])
+            .await
+            .unwrap();
         (r, t.elapsed())
     });
     while answers.len() < hostile.len() {
         tokio::select! {
             event = swarm.select_next_some() => {
-                if let SwarmEvent::Behaviour(Event::Message { message: Message::Response { request_id, response }, .. }) = event {
-                    if hostile_ids.contains(&request_id) {
-                        answers.push(response);
-                    }
+                if let SwarmEvent::Behaviour(Event::Message { message: Message::Response { request_id, response }, .. }) = event
+                    && hostile_ids.contains(&request_id)
+                {
+                    answers.push(response);
                 }
             }
             _ = flooder.select_next_some() => {}
             _ = &mut deadline => break,
         }
     }
-    assert_eq!(answers.len(), hostile.len(), "every hostile frame gets an answer");
+    assert_eq!(
+        answers.len(),
+        hostile.len(),
+        "every hostile frame gets an answer"
+    );
     for a in &answers {
         let body = &a[4..];
         let decoded = RelayToClient::decode(body).unwrap();
-        let ok = matches!(decoded, RelayToClient::Error { code: ErrorCode::Malformed, .. });
+        let ok = matches!(
+            decoded,
+            RelayToClient::Error {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        );
         assert!(ok, "{decoded:?}");
     }
     let (r, took) = served.await.unwrap();
-    assert_eq!(r, RelayToClient::Stored { outcomes: vec![PutOutcome::Stored] });
-    assert!(took < Duration::from_secs(3), "normal client waited {took:?}");
+    assert_eq!(
+        r,
+        RelayToClient::Stored {
+            outcomes: vec![PutOutcome::Stored]
+        }
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "normal client waited {took:?}"
+    );
     let text = relay.metrics().render();
-    assert!(text.contains("kkachi_rejections_total{kind=\"malformed\"} 3"), "{text}");
+    assert!(
+        text.contains("kkachi_rejections_total{kind=\"malformed\"} 3"),
+        "{text}"
+    );
     relay.shutdown().await.unwrap();
 }

@@ -67,7 +67,9 @@ impl MailboxStore for MemoryStore {
             inner.next_cursor += 1;
             let cursor = inner.next_cursor;
             inner.index.insert(id, (envelope.mailbox, cursor));
-            inner.expiry.insert((envelope.expires_at, envelope.mailbox, cursor));
+            inner
+                .expiry
+                .insert((envelope.expires_at, envelope.mailbox, cursor));
             inner.mail.insert((envelope.mailbox, cursor), envelope);
             results.push(PutResult::Stored { cursor });
         }

@@ -217,7 +217,10 @@ impl SledStore {
 impl MailboxStore for SledStore {
     async fn put(&self, envelopes: Vec<Envelope>) -> Result<Vec<PutResult>, StoreError> {
         let results = self.insert(&envelopes)?;
-        if results.iter().any(|r| !matches!(r, PutResult::QuotaExceeded)) {
+        if results
+            .iter()
+            .any(|r| !matches!(r, PutResult::QuotaExceeded))
+        {
             // Duplicates wait too: the earlier copy may not be flushed yet.
             self.commit.wait_durable().await?;
         }

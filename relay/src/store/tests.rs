@@ -27,7 +27,10 @@ async fn suite<S: MailboxStore>(store: S) {
     assert!(matches!(r[0], PutResult::Stored { .. }));
     assert!(matches!(r[1], PutResult::Stored { .. }));
     assert_eq!(r[2], PutResult::Duplicate);
-    assert_eq!(store.put(vec![env(1, 2, 200)]).await.unwrap(), vec![PutResult::Duplicate]);
+    assert_eq!(
+        store.put(vec![env(1, 2, 200)]).await.unwrap(),
+        vec![PutResult::Duplicate]
+    );
     assert_eq!(store.stats().envelopes, 2);
     assert_eq!(store.stats().mailboxes, 1);
 
@@ -45,7 +48,13 @@ async fn suite<S: MailboxStore>(store: S) {
     assert!(empty.items.is_empty());
     assert_eq!(empty.next, page2.next);
     // other mailboxes are separate
-    assert!(store.fetch(&MailboxId([2; 32]), 0, 10, usize::MAX).unwrap().items.is_empty());
+    assert!(
+        store
+            .fetch(&MailboxId([2; 32]), 0, 10, usize::MAX)
+            .unwrap()
+            .items
+            .is_empty()
+    );
     // the byte budget still returns at least one envelope
     assert_eq!(store.fetch(&m1, 0, 10, 1).unwrap().items.len(), 1);
 
@@ -61,20 +70,37 @@ async fn suite<S: MailboxStore>(store: S) {
         .put((10..16).map(|n| env(3, n, 500)).collect())
         .await
         .unwrap();
-    assert_eq!(r.iter().filter(|r| matches!(r, PutResult::Stored { .. })).count(), 5);
+    assert_eq!(
+        r.iter()
+            .filter(|r| matches!(r, PutResult::Stored { .. }))
+            .count(),
+        5
+    );
     assert_eq!(r[5], PutResult::QuotaExceeded);
     // another mailbox is unaffected
-    assert!(matches!(store.put(vec![env(4, 1, 500)]).await.unwrap()[0], PutResult::Stored { .. }));
+    assert!(matches!(
+        store.put(vec![env(4, 1, 500)]).await.unwrap()[0],
+        PutResult::Stored { .. }
+    ));
 
     // expiry removes exactly what is due
     assert_eq!(store.expire(150, 100).unwrap(), 0);
     assert_eq!(store.expire(200, 100).unwrap(), 1);
-    assert!(store.fetch(&m1, 0, 10, usize::MAX).unwrap().items.is_empty());
+    assert!(
+        store
+            .fetch(&m1, 0, 10, usize::MAX)
+            .unwrap()
+            .items
+            .is_empty()
+    );
     assert_eq!(store.expire(500, 2).unwrap(), 2, "max bounds one sweep");
     assert_eq!(store.expire(500, 100).unwrap(), 4);
     assert_eq!(store.stats(), StoreStats::default());
     // after expiry the envelope can be stored again
-    assert!(matches!(store.put(vec![env(1, 2, 900)]).await.unwrap()[0], PutResult::Stored { .. }));
+    assert!(matches!(
+        store.put(vec![env(1, 2, 900)]).await.unwrap()[0],
+        PutResult::Stored { .. }
+    ));
     store.flush().await.unwrap();
 }
 
@@ -95,12 +121,18 @@ async fn sled_store_survives_reopen_with_cursors_increasing() {
     let m = MailboxId([1; 32]);
     let last = {
         let store = SledStore::open(dir.path(), QUOTA, 16 << 20, None).unwrap();
-        store.put(vec![env(1, 1, 100), env(1, 2, 100)]).await.unwrap();
+        store
+            .put(vec![env(1, 1, 100), env(1, 2, 100)])
+            .await
+            .unwrap();
         store.fetch(&m, 0, 10, usize::MAX).unwrap().next
     };
     let store = SledStore::open(dir.path(), QUOTA, 16 << 20, None).unwrap();
     assert_eq!(store.stats().envelopes, 2, "usage rebuilt from disk");
-    assert_eq!(store.put(vec![env(1, 1, 100)]).await.unwrap(), vec![PutResult::Duplicate]);
+    assert_eq!(
+        store.put(vec![env(1, 1, 100)]).await.unwrap(),
+        vec![PutResult::Duplicate]
+    );
     let PutResult::Stored { cursor } = store.put(vec![env(1, 3, 100)]).await.unwrap()[0] else {
         panic!("not stored");
     };
@@ -133,6 +165,9 @@ async fn concurrent_puts_share_flushes() {
     }
     let n = flushes.load(Ordering::Relaxed);
     assert!(n >= 1);
-    assert!(n < u64::from(puts), "{n} flushes for {puts} puts: no group commit");
+    assert!(
+        n < u64::from(puts),
+        "{n} flushes for {puts} puts: no group commit"
+    );
     assert_eq!(store.stats().envelopes, u64::from(puts));
 }
