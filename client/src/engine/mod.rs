@@ -1,0 +1,563 @@
+//! The delivery engine: everything between "the user pressed send" and "the contact's
+//! device has it", and the way back.
+//!
+//! Sending: a message is sealed, wrapped in an envelope, and written to the local
+//! store *with* the session state that sealed it, in one transaction, then flushed;
+//! only then does `send` return. Delivery then writes the envelope to every inbox relay
+//! of the recipient concurrently (and directly when the contact is on the LAN) and
+//! retries each path that has not acknowledged, with exponential backoff and jitter,
+//! until the contact's delivery receipt arrives. States: queued → relayed n/N →
+//! delivered → read.
+//!
+//! Receiving (`receive.rs`): envelopes from any relay or path are deduplicated by
+//! envelope id and message id, opened, stored durably, answered with a receipt, and
+//! only then deleted from the relay. Sequence gaps are recorded and shown.
+
+mod receive;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+use kkachi_protocol::wire::PutOutcome;
+use kkachi_protocol::{
+    Body, ClientToRelay, Content, Envelope, Identity, MailboxId, MessageId, Multiaddr, PeerId,
+    RelayToClient,
+};
+use rand::Rng;
+use thiserror::Error;
+use tokio::sync::{Mutex, broadcast};
+
+use crate::net::{NetError, Transport};
+use crate::store::{
+    Contact, Direction, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind,
+    StoreError, Target, TreeId, WriteSet, message_key,
+};
+
+pub use receive::Received;
+
+/// How long one delivery attempt to one relay may take.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First retry delay after a failed attempt; doubles up to [`MAX_BACKOFF_MS`].
+pub const MIN_BACKOFF_MS: u64 = 500;
+/// Longest wait between attempts to one relay.
+pub const MAX_BACKOFF_MS: u64 = 60_000;
+/// How often a message every relay acknowledged, but the contact has not, is put again
+/// (a relay may have lost it).
+pub const REPUT_AFTER_MS: u64 = 3_600_000;
+/// Deliveries attempted at once.
+const PARALLEL_DELIVERIES: usize = 16;
+/// Capacity of the application event channel.
+const EVENT_CAPACITY: usize = 1024;
+
+/// Failures the user can act on.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The message is invalid (too long, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// Encryption failed.
+    #[error("encryption failed: {0}")]
+    Session(#[from] kkachi_protocol::SessionError),
+}
+
+/// Something the user interface may want to show.
+#[derive(Debug, Clone)]
+pub enum AppEvent {
+    /// A new message arrived.
+    Message(Received),
+    /// An outgoing message changed state.
+    State {
+        /// The contact.
+        contact: PeerId,
+        /// The message.
+        id: MessageId,
+        /// Its new state.
+        state: MessageState,
+    },
+    /// A contact's card changed (new relays or name).
+    ContactUpdated(PeerId),
+    /// A relay answered (true) or failed (false).
+    Relay {
+        /// Its address.
+        addr: String,
+        /// Reachable.
+        up: bool,
+    },
+}
+
+/// A message made durable by [`Engine::send_text`].
+#[derive(Debug, Clone, Copy)]
+pub struct Queued {
+    /// The message id.
+    pub id: MessageId,
+    /// Its outbox key.
+    pub outbox_key: u64,
+}
+
+/// How far a delivery got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Paths (relays, direct) that acknowledged.
+    pub acked: u8,
+    /// The contact's relays.
+    pub total: u8,
+    /// Handed to the contact directly.
+    pub direct: bool,
+}
+
+/// Live end-to-end sessions by contact, written through to the store.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    live: HashMap<PeerId, kkachi_protocol::Session>,
+}
+
+impl Sessions {
+    /// The live session with `contact`, loaded from the store the first time.
+    pub(crate) fn get(
+        &mut self,
+        store: &LocalStore,
+        contact: &Contact,
+    ) -> Result<&mut kkachi_protocol::Session, StoreError> {
+        if !self.live.contains_key(&contact.peer) {
+            let session = store.session(contact)?;
+            self.live.insert(contact.peer, session);
+        }
+        Ok(self.live.get_mut(&contact.peer).expect("inserted above"))
+    }
+
+    /// Forgets in-memory state after a failed write, so memory never runs ahead of disk.
+    pub(crate) fn reset(&mut self) {
+        self.live.clear();
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The engine: local store, identity and a network.
+#[derive(Debug)]
+pub struct Engine<T> {
+    store: LocalStore,
+    me: Identity,
+    net: T,
+    /// Serialises read-modify-write of sessions, conversations and the outbox, and
+    /// holds the live sessions: their unanswered handshakes exist only in memory.
+    lock: Mutex<Sessions>,
+    events: broadcast::Sender<AppEvent>,
+}
+
+fn is_ack(outcome: &PutOutcome) -> bool {
+    matches!(outcome, PutOutcome::Stored | PutOutcome::Duplicate)
+}
+
+/// Exponential backoff with full jitter: up to min(max, min·2^attempts).
+fn backoff_ms(attempts: u32) -> u64 {
+    let cap = MIN_BACKOFF_MS
+        .saturating_mul(1 << attempts.min(16))
+        .min(MAX_BACKOFF_MS);
+    rand::thread_rng().gen_range(cap / 2..=cap)
+}
+
+impl<T: Transport> Engine<T> {
+    /// An engine over an opened store for `me`.
+    pub fn new(store: LocalStore, me: Identity, net: T) -> Arc<Self> {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Arc::new(Self {
+            store,
+            me,
+            net,
+            lock: Mutex::new(Sessions::default()),
+            events,
+        })
+    }
+
+    /// The local store.
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    /// The user's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.me
+    }
+
+    /// The network.
+    pub fn net(&self) -> &T {
+        &self.net
+    }
+
+    /// Subscribes to application events.
+    pub fn subscribe(&self) -> broadcast::Receiver<AppEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: AppEvent) {
+        // No subscribers is fine; lagging ones miss old events and re-read the store.
+        let _ = self.events.send(event);
+    }
+
+    /// Seals `content` for `contact` with `session` and adds the envelope to `w` as an
+    /// outbox entry. The caller holds the lock, writes `session` into `w` and applies
+    /// it: the session state and the packet it sealed become durable together.
+    fn seal_into(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut kkachi_protocol::Session,
+        content: &Content,
+        kind: OutboxKind,
+        now: u64,
+    ) -> Result<u64, EngineError> {
+        let packet = session.seal(
+            &self.me,
+            &content.encode(),
+            now / 1000,
+            &mut rand_core::OsRng,
+        )?;
+        let envelope = Envelope {
+            mailbox: MailboxId::for_peer(&contact.peer),
+            expires_at: now / 1000 + DEFAULT_TTL_SECS,
+            payload: packet,
+        };
+        let targets = contact
+            .card
+            .relays()
+            .iter()
+            .map(|addr| Target {
+                addr: addr.to_string(),
+                acked: false,
+                attempts: 0,
+                next_try_ms: 0,
+            })
+            .collect();
+        let key = self.store.next_outbox_seq()?;
+        let entry = OutboxEntry {
+            message_id: content.id.0,
+            contact: contact.peer.to_bytes(),
+            envelope: envelope.encode(),
+            targets,
+            direct_acked: false,
+            kind,
+            created_ms: now,
+        };
+        LocalStore::write_outbox(w, key, &entry);
+        Ok(key)
+    }
+
+    /// Makes a text message durable in the outbox. Returns once it is on disk; nothing
+    /// has been sent yet (see [`Engine::deliver`]).
+    pub async fn send_text(&self, contact: &Contact, text: &str) -> Result<Queued, EngineError> {
+        if text.trim().is_empty() {
+            return Err(EngineError::Invalid("the message is empty".into()));
+        }
+        let now = now_ms();
+        let mut sessions = self.lock.lock().await;
+        let mut conv = self.store.conversation(&contact.peer)?;
+        let seq = conv.next_seq.max(1);
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq,
+            prev: conv.last_hash,
+            sent_at_ms: now,
+            body: Body::Text(text.to_owned()),
+        };
+        content
+            .check()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let mut w = WriteSet::default();
+        let session = sessions.get(&self.store, contact)?;
+        let outbox_key =
+            self.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
+        LocalStore::write_session(&mut w, &contact.peer, session);
+        conv.next_seq = seq + 1;
+        conv.last_hash = content.hash();
+        let local = conv.next_local;
+        conv.next_local += 1;
+        LocalStore::write_conversation(&mut w, &contact.peer, &conv);
+        let record = MessageRecord {
+            id: content.id.0,
+            direction: Direction::Out,
+            text: text.to_owned(),
+            state: MessageState::Queued,
+            sent_at_ms: now,
+            stored_at_ms: now,
+            seq,
+            prev: content.prev,
+        };
+        LocalStore::write_message(
+            &mut w,
+            &contact.peer,
+            message_key(&contact.peer, local),
+            &record,
+        );
+        if let Err(e) = self.store.apply(w) {
+            sessions.reset();
+            return Err(e.into());
+        }
+        self.store.flush().await?;
+        Ok(Queued {
+            id: content.id,
+            outbox_key,
+        })
+    }
+
+    /// Queues a control record (receipt, card update) for `contact` sealed with
+    /// `session`. Caller holds the lock, writes the session and applies `w`.
+    fn queue_control(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut kkachi_protocol::Session,
+        body: Body,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: now,
+            body,
+        };
+        self.seal_into(w, contact, session, &content, OutboxKind::Control, now)?;
+        Ok(())
+    }
+
+    /// Tries every path of one outbox entry that has not acknowledged and is due (or all
+    /// of them if `force`), concurrently, each bounded by `attempt_timeout`.
+    pub async fn deliver(
+        &self,
+        key: u64,
+        force: bool,
+        attempt_timeout: Duration,
+    ) -> Result<Option<Progress>, EngineError> {
+        let Some(entry) = self.outbox_entry(key)? else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        let envelope = Envelope::decode(&entry.envelope)
+            .map_err(|e| EngineError::Invalid(format!("outbox envelope unreadable: {e}")))?;
+        let contact_peer = PeerId::from_bytes(&entry.contact)
+            .map_err(|_| StoreError::Corrupt("outbox contact"))?;
+        let due: Vec<String> = entry
+            .targets
+            .iter()
+            .filter(|t| !t.acked && (force || t.next_try_ms <= now))
+            .map(|t| t.addr.clone())
+            .collect();
+        let direct = !entry.direct_acked && self.net.direct_peers().contains(&contact_peer);
+        let attempts = due.iter().map(|addr| {
+            let envelope = envelope.clone();
+            async move {
+                let result = match addr.parse::<Multiaddr>() {
+                    Ok(relay) => {
+                        let request = ClientToRelay::Put {
+                            envelopes: vec![envelope],
+                        };
+                        match tokio::time::timeout(
+                            attempt_timeout,
+                            self.net.request(&relay, request),
+                        )
+                        .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Err(NetError::Unreachable("timed out".into())),
+                        }
+                    }
+                    Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
+                };
+                (addr.clone(), result)
+            }
+        });
+        let direct_attempt = async {
+            if !direct {
+                return None;
+            }
+            let r = tokio::time::timeout(
+                attempt_timeout,
+                self.net.direct_put(contact_peer, vec![envelope.clone()]),
+            )
+            .await;
+            Some(
+                matches!(r, Ok(Ok(RelayToClient::Stored { ref outcomes })) if outcomes.first().is_some_and(is_ack)),
+            )
+        };
+        let (results, direct_ok) =
+            futures::join!(futures::future::join_all(attempts), direct_attempt);
+        self.record_attempts(key, &contact_peer, results, direct_ok == Some(true))
+            .await
+    }
+
+    fn outbox_entry(&self, key: u64) -> Result<Option<OutboxEntry>, EngineError> {
+        Ok(self
+            .store
+            .outbox()?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, e)| e))
+    }
+
+    /// Merges attempt results into the stored entry (it may have changed meanwhile).
+    async fn record_attempts(
+        &self,
+        key: u64,
+        contact: &PeerId,
+        results: Vec<(String, Result<RelayToClient, NetError>)>,
+        direct_ok: bool,
+    ) -> Result<Option<Progress>, EngineError> {
+        let _sessions = self.lock.lock().await;
+        let Some(mut entry) = self.outbox_entry(key)? else {
+            return Ok(None); // delivered and removed meanwhile
+        };
+        let now = now_ms();
+        for (addr, result) in results {
+            let Some(target) = entry.targets.iter_mut().find(|t| t.addr == addr) else {
+                continue;
+            };
+            let acked = match &result {
+                Ok(RelayToClient::Stored { outcomes }) => outcomes.first().is_some_and(is_ack),
+                _ => false,
+            };
+            if acked {
+                target.acked = true;
+                self.note_relay(&addr, Ok(()));
+            } else {
+                target.attempts = target.attempts.saturating_add(1);
+                target.next_try_ms = now + backoff_ms(target.attempts);
+                match result {
+                    // The relay answered but refused: it is up.
+                    Ok(answer) => {
+                        tracing::debug!(relay = %addr, ?answer, "relay refused the envelope")
+                    }
+                    Err(e) => {
+                        tracing::debug!(relay = %addr, error = %e, "relay unreachable");
+                        self.note_relay(&addr, Err(e.to_string()));
+                    }
+                }
+            }
+        }
+        entry.direct_acked |= direct_ok;
+        let progress = Progress {
+            acked: entry.acked_count(),
+            total: entry.targets.len() as u8,
+            direct: entry.direct_acked,
+        };
+        let mut w = WriteSet::default();
+        let all_paths_done = entry.targets.iter().all(|t| t.acked) || entry.direct_acked;
+        if entry.kind == OutboxKind::Control && all_paths_done {
+            w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+        } else {
+            LocalStore::write_outbox(&mut w, key, &entry);
+        }
+        if entry.kind == OutboxKind::Message && progress.acked > 0 {
+            let state = MessageState::Relayed {
+                relayed: progress.acked,
+                total: progress.total,
+            };
+            self.advance_state(&mut w, contact, &MessageId(entry.message_id), state)?;
+        }
+        self.store.apply(w)?;
+        Ok(Some(progress))
+    }
+
+    /// Moves a stored message's state forward (never back) and tells the UI.
+    fn advance_state(
+        &self,
+        w: &mut WriteSet,
+        contact: &PeerId,
+        id: &MessageId,
+        state: MessageState,
+    ) -> Result<bool, EngineError> {
+        let Some((key, mut record)) = self.store.message(contact, id)? else {
+            return Ok(false);
+        };
+        if !record.state.advances_to(&state) {
+            return Ok(false);
+        }
+        record.state = state;
+        w.put_record(TreeId::Messages, key, &record);
+        self.emit(AppEvent::State {
+            contact: *contact,
+            id: *id,
+            state,
+        });
+        Ok(true)
+    }
+
+    /// Delivers every outbox entry with a path that is due; returns how many entries
+    /// were attempted.
+    pub async fn deliver_due(&self) -> Result<usize, EngineError> {
+        let now = now_ms();
+        let direct = self.net.direct_peers();
+        let due: Vec<(u64, bool)> = self
+            .store
+            .outbox()?
+            .into_iter()
+            .filter_map(|(key, e)| {
+                let relay_due = e.targets.iter().any(|t| !t.acked && t.next_try_ms <= now);
+                let peer = PeerId::from_bytes(&e.contact).ok();
+                let direct_due = !e.direct_acked && peer.is_some_and(|p| direct.contains(&p));
+                // Every relay has it but no receipt yet: put again now and then, in
+                // case a relay lost it.
+                let reput = e.kind == OutboxKind::Message
+                    && !e.targets.is_empty()
+                    && e.targets.iter().all(|t| t.acked)
+                    && now.saturating_sub(e.created_ms) > REPUT_AFTER_MS
+                    && e.targets.iter().all(|t| t.next_try_ms <= now);
+                (relay_due || direct_due || reput).then_some((key, reput))
+            })
+            .collect();
+        let n = due.len();
+        futures::stream::iter(due)
+            .for_each_concurrent(PARALLEL_DELIVERIES, |(key, reput)| async move {
+                if reput {
+                    let _ = self.reset_targets(key).await;
+                }
+                if let Err(e) = self.deliver(key, false, ATTEMPT_TIMEOUT).await {
+                    tracing::warn!(error = %e, "delivery failed");
+                }
+            })
+            .await;
+        Ok(n)
+    }
+
+    /// Marks every relay of an entry as not yet acknowledged (to put it again).
+    async fn reset_targets(&self, key: u64) -> Result<(), EngineError> {
+        let _sessions = self.lock.lock().await;
+        let Some(mut entry) = self.outbox_entry(key)? else {
+            return Ok(());
+        };
+        let next = now_ms() + REPUT_AFTER_MS;
+        for t in &mut entry.targets {
+            t.acked = false;
+            t.next_try_ms = 0;
+            t.attempts = 0;
+        }
+        entry.created_ms = next - REPUT_AFTER_MS;
+        let mut w = WriteSet::default();
+        LocalStore::write_outbox(&mut w, key, &entry);
+        self.store.apply(w)?;
+        Ok(())
+    }
+
+    /// The earliest time any outbox path is due, for the daemon's sleep.
+    pub fn next_due_ms(&self) -> Result<Option<u64>, EngineError> {
+        Ok(self
+            .store
+            .outbox()?
+            .iter()
+            .flat_map(|(_, e)| e.targets.iter().filter(|t| !t.acked).map(|t| t.next_try_ms))
+            .min())
+    }
+}

@@ -1,0 +1,622 @@
+//! Engine tests against an in-memory network: relays are the relay crate's
+//! `MemoryStore`s that can be switched off; direct paths are in-memory queues.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use kkachi_protocol::{Card, Identity, MailboxId};
+use kkachi_relay::store::{MailboxStore, MemoryStore, PutResult, Quota};
+use parking_lot::Mutex;
+
+use super::*;
+use crate::store::{Contact, Profile};
+
+#[derive(Default)]
+struct FakeInner {
+    relays: HashMap<String, (MemoryStore, bool)>,
+    direct: HashSet<PeerId>,
+    direct_inbox: HashMap<PeerId, Vec<Envelope>>,
+}
+
+#[derive(Clone, Default)]
+struct FakeNet {
+    inner: Arc<Mutex<FakeInner>>,
+}
+
+impl std::fmt::Debug for FakeNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeNet")
+    }
+}
+
+impl FakeNet {
+    fn add_relay(&self) -> Multiaddr {
+        let peer = PeerId::random();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{peer}").parse().unwrap();
+        let quota = Quota {
+            max_envelopes: 10_000,
+            max_bytes: u64::MAX,
+        };
+        self.inner
+            .lock()
+            .relays
+            .insert(addr.to_string(), (MemoryStore::new(quota), true));
+        addr
+    }
+
+    fn set_up(&self, relay: &Multiaddr, up: bool) {
+        self.inner
+            .lock()
+            .relays
+            .get_mut(&relay.to_string())
+            .unwrap()
+            .1 = up;
+    }
+
+    fn relay_store(&self, relay: &Multiaddr) -> MemoryStore {
+        self.inner.lock().relays[&relay.to_string()].0.clone()
+    }
+}
+
+impl Transport for FakeNet {
+    async fn request(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> Result<RelayToClient, NetError> {
+        let store = {
+            let inner = self.inner.lock();
+            match inner.relays.get(&relay.to_string()) {
+                Some((store, true)) => store.clone(),
+                _ => return Err(NetError::Unreachable("connection refused".into())),
+            }
+        };
+        Ok(match request {
+            ClientToRelay::Put { envelopes } => {
+                let results = store.put(envelopes).await.unwrap();
+                RelayToClient::Stored {
+                    outcomes: results
+                        .into_iter()
+                        .map(|r| match r {
+                            PutResult::Stored { .. } => PutOutcome::Stored,
+                            PutResult::Duplicate => PutOutcome::Duplicate,
+                            PutResult::QuotaExceeded => PutOutcome::Rejected {
+                                code: kkachi_protocol::ErrorCode::QuotaExceeded,
+                                message: "full".into(),
+                            },
+                        })
+                        .collect(),
+                }
+            }
+            ClientToRelay::Fetch {
+                mailbox,
+                after,
+                limit,
+            } => {
+                let f = store
+                    .fetch(&mailbox, after, usize::from(limit), usize::MAX)
+                    .unwrap();
+                RelayToClient::Batch {
+                    items: f.items,
+                    next: f.next,
+                    more: f.more,
+                }
+            }
+            ClientToRelay::Subscribe { mailbox, after, .. } => {
+                let f = store.fetch(&mailbox, after, 256, usize::MAX).unwrap();
+                RelayToClient::Batch {
+                    items: f.items,
+                    next: f.next,
+                    more: f.more,
+                }
+            }
+            ClientToRelay::Delete { mailbox, ids } => RelayToClient::Deleted {
+                count: store.delete(&mailbox, &ids).unwrap(),
+            },
+            ClientToRelay::Info => {
+                RelayToClient::error(kkachi_protocol::ErrorCode::Internal, "fake")
+            }
+        })
+    }
+
+    async fn direct_put(
+        &self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+    ) -> Result<RelayToClient, NetError> {
+        let mut inner = self.inner.lock();
+        if !inner.direct.contains(&peer) {
+            return Err(NetError::Unreachable("not on the LAN".into()));
+        }
+        let n = envelopes.len();
+        inner
+            .direct_inbox
+            .entry(peer)
+            .or_default()
+            .extend(envelopes);
+        Ok(RelayToClient::Stored {
+            outcomes: vec![PutOutcome::Stored; n],
+        })
+    }
+
+    fn direct_peers(&self) -> HashSet<PeerId> {
+        self.inner.lock().direct.clone()
+    }
+
+    fn connected(&self) -> HashSet<PeerId> {
+        HashSet::new()
+    }
+}
+
+struct User {
+    engine: Arc<Engine<FakeNet>>,
+    card: Card,
+    relays: Vec<Multiaddr>,
+    _dir: tempfile::TempDir,
+}
+
+impl User {
+    fn new(net: &FakeNet, name: &str, relays: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let me = Identity::generate();
+        store
+            .init_identity(
+                &me,
+                &Profile {
+                    name: name.into(),
+                    card_version: 1,
+                },
+            )
+            .unwrap();
+        let relays: Vec<Multiaddr> = (0..relays).map(|_| net.add_relay()).collect();
+        for r in &relays {
+            store.add_relay(r).unwrap();
+        }
+        let card = Card::new(&me, name, relays.clone(), 1).unwrap();
+        Self {
+            engine: Engine::new(store, me, net.clone()),
+            card,
+            relays,
+            _dir: dir,
+        }
+    }
+
+    fn peer(&self) -> PeerId {
+        self.engine.identity().peer_id()
+    }
+
+    fn add_contact(&self, other: &User) -> Contact {
+        let contact = Contact {
+            peer: other.peer(),
+            name: other.card.name().into(),
+            card: other.card.clone(),
+        };
+        let mut w = WriteSet::default();
+        LocalStore::write_contact(&mut w, &contact);
+        self.engine.store().apply(w).unwrap();
+        contact
+    }
+
+    async fn sync(&self) -> Vec<Received> {
+        let mut out = Vec::new();
+        for r in &self.relays {
+            if let Ok(mut got) = self.engine.sync_relay(r, 0).await {
+                out.append(&mut got);
+            }
+        }
+        out
+    }
+
+    fn messages(&self, with: &User) -> Vec<MessageRecord> {
+        self.engine.store().messages(&with.peer()).unwrap()
+    }
+}
+
+async fn pair(net: &FakeNet) -> (User, User, Contact, Contact) {
+    let alice = User::new(net, "alice", 3);
+    let bob = User::new(net, "bob", 3);
+    let bob_at_alice = alice.add_contact(&bob);
+    let alice_at_bob = bob.add_contact(&alice);
+    (alice, bob, bob_at_alice, alice_at_bob)
+}
+
+#[tokio::test]
+async fn send_relay_receive_receipt_delivered() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let queued = alice.engine.send_text(&bob_c, "hello bob").await.unwrap();
+    assert_eq!(alice.messages(&bob)[0].state, MessageState::Queued);
+    let progress = alice
+        .engine
+        .deliver(queued.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        progress,
+        Progress {
+            acked: 3,
+            total: 3,
+            direct: false
+        }
+    );
+    assert_eq!(
+        alice.messages(&bob)[0].state,
+        MessageState::Relayed {
+            relayed: 3,
+            total: 3
+        }
+    );
+
+    // Three relays hold it; bob shows it once.
+    let got = bob.sync().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.text, "hello bob");
+    assert_eq!(bob.messages(&alice).len(), 1);
+    // Deleted from bob's relays after it was stored.
+    for r in &bob.relays {
+        let mailbox = MailboxId::for_peer(&bob.peer());
+        assert!(
+            net.relay_store(r)
+                .fetch(&mailbox, 0, 10, usize::MAX)
+                .unwrap()
+                .items
+                .is_empty()
+        );
+    }
+    // Bob's receipt travels back; alice sees "delivered" and her outbox empties.
+    bob.engine.deliver_due().await.unwrap();
+    assert!(
+        alice.sync().await.is_empty(),
+        "receipts are not shown as messages"
+    );
+    assert_eq!(alice.messages(&bob)[0].state, MessageState::Delivered);
+    assert_eq!(alice.engine.store().outbox_len(), 0);
+    // A second sync shows nothing new.
+    assert!(bob.sync().await.is_empty());
+}
+
+#[tokio::test]
+async fn one_relay_down_loses_nothing_and_catches_up_later() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    net.set_up(&bob.relays[1], false);
+    let q = alice
+        .engine
+        .send_text(&bob_c, "through two of three")
+        .await
+        .unwrap();
+    let p = alice
+        .engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((p.acked, p.total), (2, 3));
+    let got = bob.sync().await;
+    assert_eq!(got.len(), 1);
+    net.set_up(&bob.relays[1], true);
+    let p = alice
+        .engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((p.acked, p.total), (3, 3));
+    // The late copy on the revived relay is recognised and not shown again.
+    assert!(bob.sync().await.is_empty());
+    assert_eq!(bob.messages(&alice).len(), 1);
+}
+
+#[tokio::test]
+async fn all_relays_down_queues_then_delivers_when_one_returns() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    let q = alice.engine.send_text(&bob_c, "wait for me").await.unwrap();
+    let p = alice
+        .engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.acked, 0);
+    assert_eq!(alice.messages(&bob)[0].state, MessageState::Queued);
+    // Backoff is in place: the next attempt is scheduled in the future.
+    let next = alice.engine.next_due_ms().unwrap().unwrap();
+    assert!(next > now_ms());
+    net.set_up(&bob.relays[2], true);
+    alice
+        .engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    let got = bob.sync().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.text, "wait for me");
+}
+
+#[tokio::test]
+async fn replies_and_many_messages_exactly_once_in_order() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    for i in 0..20 {
+        let q = alice
+            .engine
+            .send_text(&bob_c, &format!("a{i}"))
+            .await
+            .unwrap();
+        alice
+            .engine
+            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+            .await
+            .unwrap();
+        if i % 5 == 0 {
+            let q = bob
+                .engine
+                .send_text(&alice_c, &format!("b{i}"))
+                .await
+                .unwrap();
+            bob.engine
+                .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+                .await
+                .unwrap();
+        }
+        if i % 3 == 0 {
+            bob.sync().await;
+            alice.sync().await;
+            alice.engine.deliver_due().await.unwrap();
+            bob.engine.deliver_due().await.unwrap();
+        }
+    }
+    bob.sync().await;
+    alice.sync().await;
+    let texts: Vec<String> = bob
+        .messages(&alice)
+        .iter()
+        .filter(|m| m.direction == Direction::In)
+        .map(|m| m.text.clone())
+        .collect();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+    let mut sorted = texts.clone();
+    sorted.sort_by_key(|t| t[1..].parse::<u32>().unwrap());
+    expected.sort_by_key(|t| t[1..].parse::<u32>().unwrap());
+    assert_eq!(sorted, expected, "every message exactly once");
+    let alice_in = alice
+        .messages(&bob)
+        .iter()
+        .filter(|m| m.direction == Direction::In)
+        .count();
+    assert_eq!(alice_in, 4);
+    assert!(
+        bob.engine
+            .store()
+            .conversation(&alice.peer())
+            .unwrap()
+            .missing
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_message_shows_as_a_gap_until_it_arrives() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let first = alice.engine.send_text(&bob_c, "one").await.unwrap();
+    alice
+        .engine
+        .deliver(first.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    bob.sync().await;
+    // "two" is sealed but reaches no relay yet; "three" does.
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    let two = alice.engine.send_text(&bob_c, "two").await.unwrap();
+    alice
+        .engine
+        .deliver(two.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    for r in &bob.relays {
+        net.set_up(r, true);
+    }
+    let three = alice.engine.send_text(&bob_c, "three").await.unwrap();
+    alice
+        .engine
+        .deliver(three.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    let got = bob.sync().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].missing, vec![2], "the gap is reported, not hidden");
+    // The retry fills it.
+    alice
+        .engine
+        .deliver(two.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    let got = bob.sync().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.text, "two");
+    assert!(got[0].missing.is_empty());
+}
+
+#[tokio::test]
+async fn direct_path_on_the_lan_without_relays() {
+    let net = FakeNet::default();
+    let alice = User::new(&net, "alice", 0);
+    let bob = User::new(&net, "bob", 0);
+    let bob_c = alice.add_contact(&bob);
+    alice.add_contact(&bob);
+    bob.add_contact(&alice);
+    net.inner.lock().direct.insert(bob.peer());
+    let q = alice
+        .engine
+        .send_text(&bob_c, "no internet here")
+        .await
+        .unwrap();
+    let p = alice
+        .engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(p.direct);
+    let inbox = net.inner.lock().direct_inbox.remove(&bob.peer()).unwrap();
+    let got = bob.engine.receive(inbox.clone()).await.unwrap();
+    assert_eq!(got[0].message.text, "no internet here");
+    // The same envelope again (another path) is not shown twice.
+    assert!(bob.engine.receive(inbox).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn outbox_survives_restart_and_delivers_after() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    alice
+        .engine
+        .send_text(&bob_c, "survive a restart")
+        .await
+        .unwrap();
+    // Restart: drop the engine and reopen the store from disk.
+    let User {
+        engine,
+        card,
+        relays,
+        _dir,
+    } = alice;
+    let me = engine.identity().clone();
+    drop(engine);
+    let store = LocalStore::open(_dir.path()).unwrap();
+    assert_eq!(store.outbox_len(), 1);
+    let alice = User {
+        engine: Engine::new(store, me, net.clone()),
+        card,
+        relays,
+        _dir,
+    };
+    for r in &bob.relays {
+        net.set_up(r, true);
+    }
+    let key = alice.engine.store().outbox().unwrap()[0].0;
+    alice
+        .engine
+        .deliver(key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(bob.sync().await[0].message.text, "survive a restart");
+}
+
+#[tokio::test]
+async fn contact_that_lost_its_state_still_gets_every_message() {
+    let net = FakeNet::default();
+    let (alice, mut bob, bob_c, alice_c) = pair(&net).await;
+    // Exchange until both sides seal on an established session.
+    for round in 0..6 {
+        let q = alice
+            .engine
+            .send_text(&bob_c, &format!("a{round}"))
+            .await
+            .unwrap();
+        alice
+            .engine
+            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+            .await
+            .unwrap();
+        bob.sync().await;
+        bob.engine.deliver_due().await.unwrap();
+        let q = bob
+            .engine
+            .send_text(&alice_c, &format!("b{round}"))
+            .await
+            .unwrap();
+        bob.engine
+            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+            .await
+            .unwrap();
+        alice.sync().await;
+        alice.engine.deliver_due().await.unwrap();
+        bob.sync().await;
+    }
+    assert!(
+        alice
+            .engine
+            .store()
+            .session(&bob_c)
+            .unwrap()
+            .is_established()
+    );
+    assert!(
+        bob.engine
+            .store()
+            .session(&alice_c)
+            .unwrap()
+            .is_established()
+    );
+    // Alice seals on the established session; then bob loses his session states.
+    let q = alice
+        .engine
+        .send_text(&bob_c, "sealed before bob's reset")
+        .await
+        .unwrap();
+    bob.engine
+        .store()
+        .apply({
+            let mut w = WriteSet::default();
+            w.remove(TreeId::Sessions, alice.peer().to_bytes());
+            w
+        })
+        .unwrap();
+    bob.engine = Engine::new(
+        bob.engine.store().clone(),
+        bob.engine.identity().clone(),
+        net.clone(),
+    );
+    alice
+        .engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(bob.sync().await.is_empty(), "bob cannot open it");
+    // Bob writes; alice learns of the reset and seals again; bob gets it.
+    let q = bob
+        .engine
+        .send_text(&alice_c, "I reinstalled")
+        .await
+        .unwrap();
+    bob.engine
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    alice.sync().await;
+    alice.engine.deliver_due().await.unwrap();
+    let key = alice
+        .engine
+        .store()
+        .outbox()
+        .unwrap()
+        .into_iter()
+        .find(|(_, e)| e.message_id == q.id.0 || e.kind == OutboxKind::Message)
+        .map(|(k, _)| k);
+    if let Some(key) = key {
+        alice
+            .engine
+            .deliver(key, true, ATTEMPT_TIMEOUT)
+            .await
+            .unwrap();
+    }
+    let got = bob.sync().await;
+    assert!(
+        got.iter()
+            .any(|r| r.message.text == "sealed before bob's reset"),
+        "{got:?}"
+    );
+}

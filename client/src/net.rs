@@ -1,0 +1,541 @@
+//! The network task: the only owner of the libp2p Swarm.
+//!
+//! Everything else talks to it through [`Network`], a cheap handle sending commands on a
+//! bounded channel with oneshot replies; it reports what happens as [`NetEvent`]s on
+//! another bounded channel (as in rust-libp2p's file-sharing example).
+//!
+//! The node speaks `/kkachi/relay/1` both ways: outbound to relays, and inbound from
+//! contacts on the same network, who hand envelopes for *our* mailbox straight to us
+//! (a client accepts puts into its own mailbox only). mDNS finds those contacts with no
+//! relay and no internet at all.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
+use kkachi_relay::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec, Request};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Swarm, identify, mdns, noise, ping, tcp, yamux};
+use parking_lot::RwLock;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+/// Capacity of the command channel into the network task.
+const COMMANDS: usize = 256;
+/// Capacity of the event channel out of it.
+const EVENTS: usize = 1024;
+
+/// Why a network operation failed.
+#[derive(Debug, Clone, Error)]
+pub enum NetError {
+    /// The address has no `/p2p/<peer id>`.
+    #[error("address {0} must end with /p2p/<peer id>")]
+    NoPeerId(String),
+    /// The peer could not be reached, or the exchange failed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The network task has stopped.
+    #[error("the network task stopped")]
+    Stopped,
+}
+
+/// What the network reports.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A contact handed us envelopes directly. Answer on `reply` once they are durable
+    /// (dropping it unanswered makes the sender retry).
+    DirectPut {
+        /// Who sent them.
+        from: PeerId,
+        /// The envelopes.
+        envelopes: Vec<Envelope>,
+        /// Where the answer goes.
+        reply: DirectReply,
+    },
+    /// A peer was found on the local network (or lost).
+    LanPeer {
+        /// The peer.
+        peer: PeerId,
+        /// Found (true) or gone (false).
+        up: bool,
+    },
+    /// A connection to a peer opened (or its last one closed).
+    Connection {
+        /// The peer.
+        peer: PeerId,
+        /// Open (true) or closed (false).
+        up: bool,
+    },
+}
+
+/// The answer to a direct put, routed back into the network task.
+#[derive(Debug)]
+pub struct DirectReply {
+    channel: ResponseChannel<RelayToClient>,
+    answers: mpsc::Sender<(ResponseChannel<RelayToClient>, RelayToClient)>,
+}
+
+impl DirectReply {
+    /// Sends the answer to the peer.
+    pub async fn send(self, response: RelayToClient) {
+        let _ = self.answers.send((self.channel, response)).await;
+    }
+}
+
+/// What the engine needs from a network: relay requests and direct handovers.
+/// [`Network`] is the real one; tests use in-memory fakes.
+pub trait Transport: Clone + Send + Sync + 'static {
+    /// Sends one request to the relay at `relay` (ending in `/p2p/<id>`).
+    fn request(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send;
+
+    /// Hands envelopes to a contact directly.
+    fn direct_put(
+        &self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send;
+
+    /// Peers reachable directly right now (on the LAN, connected).
+    fn direct_peers(&self) -> HashSet<PeerId>;
+
+    /// Peers with an open connection right now.
+    fn connected(&self) -> HashSet<PeerId>;
+}
+
+enum Command {
+    Request {
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        request: ClientToRelay,
+        reply: oneshot::Sender<Result<RelayToClient, NetError>>,
+    },
+}
+
+/// Handle to the network task.
+#[derive(Clone, Debug)]
+pub struct Network {
+    commands: mpsc::Sender<Command>,
+    state: Arc<RwLock<PeerState>>,
+    local: PeerId,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    connected: HashSet<PeerId>,
+    lan: HashSet<PeerId>,
+    listen: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Request { peer, .. } => write!(f, "Request({peer})"),
+        }
+    }
+}
+
+/// Options for starting the network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on (for direct delivery from contacts).
+    pub listen: Vec<Multiaddr>,
+    /// Look for contacts on the local network with mDNS.
+    pub mdns: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
+            ],
+            mdns: true,
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    mailbox: request_response::Behaviour<RelayCodec>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// The peer id at the end of a multiaddr.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+impl Network {
+    /// Starts the network task as `keypair`; returns the handle and the event stream.
+    pub fn start(
+        keypair: Keypair,
+        config: NetConfig,
+    ) -> Result<(Self, mpsc::Receiver<NetEvent>), NetError> {
+        let local = keypair.public().to_peer_id();
+        let transport_err =
+            |e: &dyn std::fmt::Display| NetError::Unreachable(format!("network setup failed: {e}"));
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| transport_err(&e))?
+            .with_quic()
+            .with_behaviour(
+                |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                    let mdns = if config.mdns {
+                        Some(mdns::tokio::Behaviour::new(
+                            mdns::Config {
+                                query_interval: Duration::from_secs(5),
+                                ..Default::default()
+                            },
+                            key.public().to_peer_id(),
+                        )?)
+                    } else {
+                        None
+                    };
+                    Ok(Behaviour {
+                        mailbox: request_response::Behaviour::with_codec(
+                            RelayCodec,
+                            [(PROTOCOL, ProtocolSupport::Full)],
+                            request_response::Config::default()
+                                .with_request_timeout(REQUEST_TIMEOUT)
+                                .with_max_concurrent_streams(256),
+                        ),
+                        identify: identify::Behaviour::new(
+                            identify::Config::new("/kkachi/id/1".into(), key.public())
+                                .with_agent_version(format!(
+                                    "kkachi/{}",
+                                    env!("CARGO_PKG_VERSION")
+                                )),
+                        ),
+                        ping: ping::Behaviour::default(),
+                        mdns: mdns.into(),
+                    })
+                },
+            )
+            .map_err(|e| transport_err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| transport_err(&e))?;
+        }
+        let (commands, commands_rx) = mpsc::channel(COMMANDS);
+        let (events_tx, events) = mpsc::channel(EVENTS);
+        let (answers_tx, answers) = mpsc::channel(COMMANDS);
+        let state = Arc::new(RwLock::new(PeerState::default()));
+        let task = NetworkTask {
+            swarm,
+            commands: commands_rx,
+            events: events_tx,
+            state: state.clone(),
+            pending: HashMap::new(),
+            local,
+            answers,
+            answers_tx,
+        };
+        tokio::spawn(task.run());
+        Ok((
+            Self {
+                commands,
+                state,
+                local,
+            },
+            events,
+        ))
+    }
+
+    /// Our own peer id.
+    pub fn local_peer(&self) -> PeerId {
+        self.local
+    }
+
+    /// Addresses we listen on.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.state.read().listen.clone()
+    }
+
+    async fn send(
+        &self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        request: ClientToRelay,
+    ) -> Result<RelayToClient, NetError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                peer,
+                addr,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        answer.await.map_err(|_| NetError::Stopped)?
+    }
+}
+
+impl Transport for Network {
+    async fn request(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> Result<RelayToClient, NetError> {
+        let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
+        self.send(peer, Some(relay.clone()), request).await
+    }
+
+    async fn direct_put(
+        &self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+    ) -> Result<RelayToClient, NetError> {
+        self.send(peer, None, ClientToRelay::Put { envelopes })
+            .await
+    }
+
+    fn direct_peers(&self) -> HashSet<PeerId> {
+        let s = self.state.read();
+        s.lan.union(&s.connected).copied().collect()
+    }
+
+    fn connected(&self) -> HashSet<PeerId> {
+        self.state.read().connected.clone()
+    }
+}
+
+type Reply = oneshot::Sender<Result<RelayToClient, NetError>>;
+
+struct NetworkTask {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    state: Arc<RwLock<PeerState>>,
+    pending: HashMap<OutboundRequestId, Reply>,
+    local: PeerId,
+    /// Answers to direct puts, produced by the application.
+    answers: mpsc::Receiver<(ResponseChannel<RelayToClient>, RelayToClient)>,
+    answers_tx: mpsc::Sender<(ResponseChannel<RelayToClient>, RelayToClient)>,
+}
+
+impl NetworkTask {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break, // every handle dropped
+                },
+                Some((channel, response)) = self.answers.recv() => {
+                    let _ = self.swarm.behaviour_mut().mailbox.send_response(channel, response);
+                }
+                event = self.swarm.select_next_some() => self.on_event(event).await,
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                peer,
+                addr,
+                request,
+                reply,
+            } => {
+                if let Some(addr) = addr {
+                    let bare: Multiaddr = addr
+                        .iter()
+                        .filter(|p| !matches!(p, Protocol::P2p(_)))
+                        .collect();
+                    self.swarm.add_peer_address(peer, bare);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .mailbox
+                    .send_request(&peer, Request::Message(request));
+                self.pending.insert(id, reply);
+            }
+        }
+    }
+
+    async fn emit(events: &mpsc::Sender<NetEvent>, event: NetEvent) {
+        // Bounded: if the application falls behind, the network waits for it.
+        let _ = events.send(event).await;
+    }
+
+    async fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!(%address, "listening");
+                self.state.write().listen.push(address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established.get() == 1 {
+                    self.state.write().connected.insert(peer_id);
+                    Self::emit(
+                        &self.events,
+                        NetEvent::Connection {
+                            peer: peer_id,
+                            up: true,
+                        },
+                    )
+                    .await;
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.state.write().connected.remove(&peer_id);
+                    Self::emit(
+                        &self.events,
+                        NetEvent::Connection {
+                            peer: peer_id,
+                            up: false,
+                        },
+                    )
+                    .await;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let mut new = Vec::new();
+                for (peer, addr) in found {
+                    if peer == self.local {
+                        continue;
+                    }
+                    self.swarm.add_peer_address(peer, addr);
+                    if self.state.write().lan.insert(peer) {
+                        new.push(peer);
+                    }
+                }
+                for peer in new {
+                    tracing::info!(%peer, "found a peer on the local network");
+                    Self::emit(&self.events, NetEvent::LanPeer { peer, up: true }).await;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                let peers: HashSet<PeerId> = gone.into_iter().map(|(p, _)| p).collect();
+                for peer in peers {
+                    if self.state.write().lan.remove(&peer) {
+                        Self::emit(&self.events, NetEvent::LanPeer { peer, up: false }).await;
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_mailbox(&mut self, event: request_response::Event<Request, RelayToClient>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    self.on_direct_request(peer, request, channel).await;
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Unreachable(format!("{peer}: {error}"))));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A peer speaks the relay protocol to us: we accept puts into our own mailbox.
+    async fn on_direct_request(
+        &mut self,
+        from: PeerId,
+        request: Request,
+        channel: ResponseChannel<RelayToClient>,
+    ) {
+        use kkachi_protocol::ErrorCode;
+        let mine = kkachi_protocol::MailboxId::for_peer(&self.local);
+        let refusal = match request {
+            Request::Message(ClientToRelay::Put { envelopes })
+                if envelopes.iter().all(|e| e.mailbox == mine) =>
+            {
+                let reply = DirectReply {
+                    channel,
+                    answers: self.answers_tx.clone(),
+                };
+                Self::emit(
+                    &self.events,
+                    NetEvent::DirectPut {
+                        from,
+                        envelopes,
+                        reply,
+                    },
+                )
+                .await;
+                return;
+            }
+            Request::Message(ClientToRelay::Put { .. }) => RelayToClient::error(
+                ErrorCode::NotOwner,
+                "a client accepts envelopes for its own mailbox only",
+            ),
+            Request::Message(ClientToRelay::Info) => RelayToClient::error(
+                ErrorCode::NotOwner,
+                "this is a kkachi client, not a relay; it accepts direct puts for its own mailbox",
+            ),
+            Request::Message(_) => {
+                RelayToClient::error(ErrorCode::NotOwner, "a client serves only direct puts")
+            }
+            Request::Malformed(e) => RelayToClient::error(
+                ErrorCode::Malformed,
+                format!("request could not be decoded: {e}"),
+            ),
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_response(channel, refusal);
+    }
+}

@@ -1,0 +1,814 @@
+//! The local database (sled 0.34) in the user's home directory.
+//!
+//! Everything the client knows lives here: identity, profile, own relays, contacts and
+//! their cards, end-to-end session states, conversations, messages with their states,
+//! the outbox, per-relay cursors and seen envelope ids. Related changes are collected
+//! in a [`WriteSet`] and applied in one multi-tree transaction, then flushed: a message
+//! is in the outbox, with the session state that sealed it, before anyone is told it
+//! was sent.
+
+use std::path::{Path, PathBuf};
+
+use kkachi_protocol::{Card, EnvelopeId, Identity, MessageId, Multiaddr, PeerId, Session};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use thiserror::Error;
+
+/// Local store failures.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// Another kkachi process has the database open.
+    #[error(
+        "another kkachi process (daemon or tui) is using {0}; stop it, or run this command while it runs \
+         (commands are forwarded to it)"
+    )]
+    Locked(PathBuf),
+    /// sled failed.
+    #[error("local database error: {0}")]
+    Db(String),
+    /// A record does not decode (a newer version wrote it, or corruption).
+    #[error("local database record {0} is unreadable")]
+    Corrupt(&'static str),
+}
+
+fn db(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// The user's own profile.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Profile {
+    /// Display name.
+    pub name: String,
+    /// Version counter of the user's own card; bumped when relays change.
+    pub card_version: u64,
+}
+
+/// What the client knows about one of its own inbox relays.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayRecord {
+    /// Full address, ending in `/p2p/<peer id>`.
+    pub addr: String,
+    /// Name from the relay's info, once fetched.
+    pub name: String,
+    /// Failure-domain label from the relay's info, once fetched.
+    pub failure_domain: String,
+    /// Mailbox cursor: everything up to here has been received.
+    pub cursor: u64,
+    /// Unix ms of the last successful exchange.
+    pub last_ok_ms: Option<u64>,
+    /// The last error, if the last exchange failed.
+    pub last_error: Option<String>,
+}
+
+/// A contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    /// The contact's user id.
+    pub peer: PeerId,
+    /// The name shown locally (their card name unless the user chose another).
+    pub name: String,
+    /// Their latest signed card.
+    pub card: Card,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ContactRecord {
+    name: String,
+    card: Vec<u8>,
+}
+
+/// Per-contact conversation bookkeeping.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conversation {
+    /// Sequence number of our next sequenced message to them.
+    pub next_seq: u64,
+    /// Hash of our last sequenced message to them.
+    pub last_hash: [u8; 32],
+    /// Highest sequence number received from them.
+    pub recv_max_seq: u64,
+    /// Their sequence numbers below `recv_max_seq` not (yet) received: shown as gaps.
+    pub missing: Vec<u64>,
+    /// Local order counter for message keys.
+    pub next_local: u64,
+}
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Direction {
+    /// Received from the contact.
+    In,
+    /// Sent by us.
+    Out,
+}
+
+/// Where an outgoing message is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MessageState {
+    /// Durable locally; no relay has it yet.
+    Queued,
+    /// Stored by `relayed` of `total` relays (or handed over directly).
+    Relayed {
+        /// Relays (and direct paths) that acknowledged.
+        relayed: u8,
+        /// Relays the contact has.
+        total: u8,
+    },
+    /// The contact's device has it.
+    Delivered,
+    /// The contact has seen it.
+    Read,
+    /// An incoming message.
+    Received,
+}
+
+impl MessageState {
+    /// The word shown to users and in JSON.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Relayed { .. } => "relayed",
+            Self::Delivered => "delivered",
+            Self::Read => "read",
+            Self::Received => "received",
+        }
+    }
+
+    /// Rank for never moving a state backwards.
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Queued => 0,
+            Self::Relayed { .. } => 1,
+            Self::Received => 1,
+            Self::Delivered => 2,
+            Self::Read => 3,
+        }
+    }
+
+    /// True if `next` would move this state forward (or add relays).
+    pub fn advances_to(&self, next: &MessageState) -> bool {
+        match (self, next) {
+            (Self::Relayed { relayed: a, .. }, Self::Relayed { relayed: b, .. }) => b > a,
+            _ => next.rank() > self.rank(),
+        }
+    }
+}
+
+/// One message in a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// The sender's id for it.
+    pub id: [u8; 16],
+    /// In or out.
+    pub direction: Direction,
+    /// The text.
+    pub text: String,
+    /// Delivery state.
+    pub state: MessageState,
+    /// Sender's clock, Unix ms.
+    pub sent_at_ms: u64,
+    /// Our clock when stored, Unix ms.
+    pub stored_at_ms: u64,
+    /// The sender's sequence number.
+    pub seq: u64,
+    /// Hash of the sender's previous sequenced record (kept to seal again if needed).
+    pub prev: [u8; 32],
+}
+
+/// What an outbox entry carries.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// A conversation message: kept until the contact's delivery receipt.
+    Message,
+    /// A receipt or card update: kept until every relay (or the contact) has it.
+    Control,
+}
+
+/// One relay an outbox entry must reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Target {
+    /// The relay address.
+    pub addr: String,
+    /// It acknowledged (durably stored) the envelope.
+    pub acked: bool,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Not before this Unix ms.
+    pub next_try_ms: u64,
+}
+
+/// An envelope waiting to be delivered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The message it carries.
+    pub message_id: [u8; 16],
+    /// The recipient.
+    pub contact: Vec<u8>,
+    /// The encoded envelope.
+    pub envelope: Vec<u8>,
+    /// The recipient's relays.
+    pub targets: Vec<Target>,
+    /// Handed to the contact directly (LAN).
+    pub direct_acked: bool,
+    /// What it is.
+    pub kind: OutboxKind,
+    /// Unix ms when queued.
+    pub created_ms: u64,
+}
+
+impl OutboxEntry {
+    /// Relays plus direct handovers that acknowledged.
+    pub fn acked_count(&self) -> u8 {
+        let relays = self.targets.iter().filter(|t| t.acked).count();
+        (relays + usize::from(self.direct_acked)).min(usize::from(u8::MAX)) as u8
+    }
+}
+
+/// Trees of the database, for [`WriteSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeId {
+    /// Identity and profile.
+    Meta = 0,
+    /// Own relays.
+    Relays,
+    /// Contacts.
+    Contacts,
+    /// Session states.
+    Sessions,
+    /// Conversations.
+    Conversations,
+    /// Messages by (contact, local order).
+    Messages,
+    /// Message id → message key.
+    MessageIndex,
+    /// Outbox by order.
+    Outbox,
+    /// Seen envelope ids.
+    Seen,
+}
+
+const TREES: [&str; 9] = [
+    "meta",
+    "relays",
+    "contacts",
+    "sessions",
+    "conversations",
+    "messages",
+    "message_index",
+    "outbox",
+    "seen",
+];
+
+/// Changes to apply atomically.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    ops: Vec<(TreeId, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteSet {
+    /// Sets `key` to `value` in `tree`.
+    pub fn put(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((tree, key.into(), Some(value.into())));
+    }
+
+    /// Sets `key` to a serialised record.
+    pub fn put_record<T: Serialize>(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: &T) {
+        let bytes = postcard::to_stdvec(value).expect("records serialise");
+        self.put(tree, key, bytes);
+    }
+
+    /// Removes `key` from `tree`.
+    pub fn remove(&mut self, tree: TreeId, key: impl Into<Vec<u8>>) {
+        self.ops.push((tree, key.into(), None));
+    }
+
+    /// True if nothing is to be written.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Appends another set's changes.
+    pub fn extend(&mut self, other: WriteSet) {
+        self.ops.extend(other.ops);
+    }
+}
+
+/// Key of a message: contact peer bytes ‖ local order (big-endian).
+pub fn message_key(contact: &PeerId, local: u64) -> Vec<u8> {
+    let mut k = contact.to_bytes();
+    k.extend_from_slice(&local.to_be_bytes());
+    k
+}
+
+/// The local database.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+    path: PathBuf,
+}
+
+const IDENTITY_KEY: &[u8] = b"identity";
+const PROFILE_KEY: &[u8] = b"profile";
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
+}
+
+impl LocalStore {
+    /// Opens (or creates) the database under `home`.
+    pub fn open(home: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(home).map_err(db)?;
+        let path = home.join("db");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(64 << 20)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|e| {
+                if e.to_string().contains("could not acquire lock") {
+                    StoreError::Locked(home.to_path_buf())
+                } else {
+                    db(e)
+                }
+            })?;
+        let trees = TREES
+            .iter()
+            .map(|name| db.open_tree(name).map_err(self::db))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            db,
+            trees,
+            path: home.to_path_buf(),
+        })
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        &self.path
+    }
+
+    fn tree(&self, id: TreeId) -> &sled::Tree {
+        &self.trees[id as usize]
+    }
+
+    /// Applies `writes` atomically (all or nothing). Call [`LocalStore::flush`] before
+    /// telling anyone about them.
+    pub fn apply(&self, writes: WriteSet) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let trees: Vec<&sled::Tree> = self.trees.iter().collect();
+        let result: Result<(), TransactionError<()>> = trees.as_slice().transaction(|tx| {
+            for (tree, key, value) in &writes.ops {
+                let t = &tx[*tree as usize];
+                match value {
+                    Some(v) => {
+                        t.insert(key.as_slice(), v.as_slice())?;
+                    }
+                    None => {
+                        t.remove(key.as_slice())?;
+                    }
+                }
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        result.map_err(|e| match e {
+            TransactionError::Storage(e) => db(e),
+            TransactionError::Abort(()) => StoreError::Db("transaction aborted".into()),
+        })
+    }
+
+    /// Makes everything applied so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map(|_| ()).map_err(db)
+    }
+
+    fn get_record<T: DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.tree(tree).get(key).map_err(db)? {
+            Some(v) => decode(&v, what).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn records<T: DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        what: &'static str,
+    ) -> Result<Vec<(sled::IVec, T)>, StoreError> {
+        self.tree(tree)
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(db)?;
+                Ok((k, decode(&v, what)?))
+            })
+            .collect()
+    }
+
+    // --- identity and profile ---
+
+    /// The user's identity, if `init` has run.
+    pub fn identity(&self) -> Result<Option<Identity>, StoreError> {
+        match self.tree(TreeId::Meta).get(IDENTITY_KEY).map_err(db)? {
+            Some(bytes) => Identity::from_secret_bytes(&bytes)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("identity")),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the identity and profile (once, at `init`).
+    pub fn init_identity(&self, identity: &Identity, profile: &Profile) -> Result<(), StoreError> {
+        let mut w = WriteSet::default();
+        w.put(
+            TreeId::Meta,
+            IDENTITY_KEY,
+            identity.to_secret_bytes().to_vec(),
+        );
+        w.put_record(TreeId::Meta, PROFILE_KEY, profile);
+        self.apply(w)
+    }
+
+    /// The user's profile.
+    pub fn profile(&self) -> Result<Option<Profile>, StoreError> {
+        self.get_record(TreeId::Meta, PROFILE_KEY, "profile")
+    }
+
+    /// Next outbox order number (read-modify-write inside the caller's WriteSet).
+    pub fn next_outbox_seq(&self) -> Result<u64, StoreError> {
+        let id = self.db.generate_id().map_err(db)?;
+        Ok(id)
+    }
+
+    // --- relays ---
+
+    /// Own inbox relays, in the order added.
+    pub fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        let mut relays: Vec<(u64, RelayRecord)> = self
+            .records::<(u64, RelayRecord)>(TreeId::Relays, "relay")?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        relays.sort_by_key(|(order, _)| *order);
+        Ok(relays.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Adds a relay; false if it was already there.
+    pub fn add_relay(&self, addr: &Multiaddr) -> Result<bool, StoreError> {
+        let key = addr.to_string();
+        if self.tree(TreeId::Relays).contains_key(&key).map_err(db)? {
+            return Ok(false);
+        }
+        let order = self.db.generate_id().map_err(db)?;
+        let record = RelayRecord {
+            addr: key.clone(),
+            name: String::new(),
+            failure_domain: String::new(),
+            cursor: 0,
+            last_ok_ms: None,
+            last_error: None,
+        };
+        let mut w = WriteSet::default();
+        w.put_record(TreeId::Relays, key, &(order, record));
+        self.apply(w)?;
+        Ok(true)
+    }
+
+    /// Removes a relay; false if it was not there.
+    pub fn remove_relay(&self, addr: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tree(TreeId::Relays)
+            .remove(addr)
+            .map_err(db)?
+            .is_some())
+    }
+
+    /// Updates a relay's record in place (no-op if it was removed meanwhile).
+    pub fn update_relay(
+        &self,
+        addr: &str,
+        f: impl FnOnce(&mut RelayRecord),
+    ) -> Result<(), StoreError> {
+        let Some((order, mut record)) =
+            self.get_record::<(u64, RelayRecord)>(TreeId::Relays, addr.as_bytes(), "relay")?
+        else {
+            return Ok(());
+        };
+        f(&mut record);
+        let mut w = WriteSet::default();
+        w.put_record(TreeId::Relays, addr, &(order, record));
+        self.apply(w)
+    }
+
+    // --- contacts ---
+
+    /// All contacts.
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(TreeId::Contacts).iter() {
+            let (k, v) = item.map_err(db)?;
+            out.push(contact_from(&k, &v)?);
+        }
+        out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+        Ok(out)
+    }
+
+    /// One contact.
+    pub fn contact(&self, peer: &PeerId) -> Result<Option<Contact>, StoreError> {
+        match self
+            .tree(TreeId::Contacts)
+            .get(peer.to_bytes())
+            .map_err(db)?
+        {
+            Some(v) => contact_from(&peer.to_bytes(), &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds or replaces a contact (in a WriteSet).
+    pub fn write_contact(w: &mut WriteSet, contact: &Contact) {
+        let record = ContactRecord {
+            name: contact.name.clone(),
+            card: contact.card.encode(),
+        };
+        w.put_record(TreeId::Contacts, contact.peer.to_bytes(), &record);
+    }
+
+    // --- sessions and conversations ---
+
+    /// The session with `contact` (a fresh one if none is stored).
+    pub fn session(&self, contact: &Contact) -> Result<Session, StoreError> {
+        match self
+            .tree(TreeId::Sessions)
+            .get(contact.peer.to_bytes())
+            .map_err(db)?
+        {
+            Some(bytes) => Session::decode(&bytes).map_err(|_| StoreError::Corrupt("session")),
+            None => Ok(Session::new(*contact.card.identity().x25519())),
+        }
+    }
+
+    /// Writes a session state (in a WriteSet).
+    pub fn write_session(w: &mut WriteSet, peer: &PeerId, session: &Session) {
+        w.put(TreeId::Sessions, peer.to_bytes(), session.encode().to_vec());
+    }
+
+    /// The conversation with `peer`.
+    pub fn conversation(&self, peer: &PeerId) -> Result<Conversation, StoreError> {
+        Ok(self
+            .get_record(TreeId::Conversations, &peer.to_bytes(), "conversation")?
+            .unwrap_or_default())
+    }
+
+    /// Writes a conversation (in a WriteSet).
+    pub fn write_conversation(w: &mut WriteSet, peer: &PeerId, conv: &Conversation) {
+        w.put_record(TreeId::Conversations, peer.to_bytes(), conv);
+    }
+
+    // --- messages ---
+
+    /// Messages with `peer`, oldest first.
+    pub fn messages(&self, peer: &PeerId) -> Result<Vec<MessageRecord>, StoreError> {
+        self.tree(TreeId::Messages)
+            .scan_prefix(peer.to_bytes())
+            .map(|item| {
+                let (_, v) = item.map_err(db)?;
+                decode(&v, "message")
+            })
+            .collect()
+    }
+
+    /// The most recent `n` messages with `peer`, oldest first.
+    pub fn recent_messages(
+        &self,
+        peer: &PeerId,
+        n: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let mut out: Vec<MessageRecord> = self
+            .tree(TreeId::Messages)
+            .scan_prefix(peer.to_bytes())
+            .rev()
+            .take(n)
+            .map(|item| {
+                let (_, v) = item.map_err(db)?;
+                decode(&v, "message")
+            })
+            .collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// A message by its sender's id within a conversation: (key, record).
+    pub fn message(
+        &self,
+        peer: &PeerId,
+        id: &MessageId,
+    ) -> Result<Option<(Vec<u8>, MessageRecord)>, StoreError> {
+        let Some(key) = self
+            .tree(TreeId::MessageIndex)
+            .get(index_key(peer, id))
+            .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_record(TreeId::Messages, &key, "message")?
+            .map(|m| (key.to_vec(), m)))
+    }
+
+    /// Writes a new message and its index entry (in a WriteSet).
+    pub fn write_message(w: &mut WriteSet, peer: &PeerId, key: Vec<u8>, message: &MessageRecord) {
+        w.put(
+            TreeId::MessageIndex,
+            index_key(peer, &MessageId(message.id)),
+            key.clone(),
+        );
+        w.put_record(TreeId::Messages, key, message);
+    }
+
+    // --- outbox ---
+
+    /// Every outbox entry, oldest first, with its key.
+    pub fn outbox(&self) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        self.records::<OutboxEntry>(TreeId::Outbox, "outbox entry")
+            .map(|v| {
+                v.into_iter()
+                    .map(|(k, e)| {
+                        (
+                            u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+                            e,
+                        )
+                    })
+                    .collect()
+            })
+    }
+
+    /// Number of entries waiting.
+    pub fn outbox_len(&self) -> usize {
+        self.tree(TreeId::Outbox).len()
+    }
+
+    /// Writes an outbox entry (in a WriteSet).
+    pub fn write_outbox(w: &mut WriteSet, key: u64, entry: &OutboxEntry) {
+        w.put_record(TreeId::Outbox, key.to_be_bytes().to_vec(), entry);
+    }
+
+    // --- seen envelopes ---
+
+    /// True if this envelope was already processed.
+    pub fn seen(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        self.tree(TreeId::Seen).contains_key(id.0).map_err(db)
+    }
+
+    /// Records an envelope as processed at `now_ms` (in a WriteSet).
+    pub fn write_seen(w: &mut WriteSet, id: &EnvelopeId, now_ms: u64) {
+        w.put(TreeId::Seen, id.0.to_vec(), now_ms.to_be_bytes().to_vec());
+    }
+
+    /// Forgets seen envelope ids older than `before_ms` (they can no longer arrive:
+    /// envelopes expire).
+    pub fn prune_seen(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut w = WriteSet::default();
+        for item in self.tree(TreeId::Seen).iter() {
+            let (k, v) = item.map_err(db)?;
+            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at < before_ms {
+                w.remove(TreeId::Seen, k.to_vec());
+            }
+        }
+        let n = w.ops.len();
+        self.apply(w)?;
+        Ok(n)
+    }
+}
+
+fn index_key(peer: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(&id.0);
+    k
+}
+
+fn contact_from(key: &[u8], value: &[u8]) -> Result<Contact, StoreError> {
+    let record: ContactRecord = decode(value, "contact")?;
+    let peer = PeerId::from_bytes(key).map_err(|_| StoreError::Corrupt("contact key"))?;
+    let card = Card::decode(&record.card).map_err(|_| StoreError::Corrupt("contact card"))?;
+    Ok(Contact {
+        peer,
+        name: record.name,
+        card,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_profile_relays_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert!(store.identity().unwrap().is_none());
+        let id = Identity::generate();
+        let profile = Profile {
+            name: "Jiwoo".into(),
+            card_version: 1,
+        };
+        store.init_identity(&id, &profile).unwrap();
+        let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{}", PeerId::random())
+            .parse()
+            .unwrap();
+        let b: Multiaddr = format!("/ip4/127.0.0.1/tcp/2/p2p/{}", PeerId::random())
+            .parse()
+            .unwrap();
+        assert!(store.add_relay(&b).unwrap());
+        assert!(store.add_relay(&a).unwrap());
+        assert!(!store.add_relay(&a).unwrap(), "duplicate add");
+        store
+            .update_relay(&a.to_string(), |r| r.cursor = 42)
+            .unwrap();
+        drop(store);
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(store.identity().unwrap().unwrap().peer_id(), id.peer_id());
+        assert_eq!(store.profile().unwrap(), Some(profile));
+        let relays = store.relays().unwrap();
+        assert_eq!(
+            relays.iter().map(|r| r.addr.clone()).collect::<Vec<_>>(),
+            vec![b.to_string(), a.to_string()]
+        );
+        assert_eq!(relays[1].cursor, 42);
+        assert!(store.remove_relay(&b.to_string()).unwrap());
+        assert_eq!(store.relays().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn second_open_reports_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = LocalStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            LocalStore::open(dir.path()),
+            Err(StoreError::Locked(_))
+        ));
+    }
+
+    #[test]
+    fn write_sets_apply_across_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let peer = PeerId::random();
+        let mut w = WriteSet::default();
+        let msg = MessageRecord {
+            id: [1; 16],
+            direction: Direction::Out,
+            text: "hi".into(),
+            state: MessageState::Queued,
+            sent_at_ms: 1,
+            stored_at_ms: 1,
+            seq: 1,
+            prev: [0; 32],
+        };
+        LocalStore::write_message(&mut w, &peer, message_key(&peer, 0), &msg);
+        LocalStore::write_conversation(
+            &mut w,
+            &peer,
+            &Conversation {
+                next_seq: 2,
+                ..Default::default()
+            },
+        );
+        store.apply(w).unwrap();
+        assert_eq!(store.messages(&peer).unwrap(), vec![msg.clone()]);
+        assert_eq!(
+            store
+                .message(&peer, &MessageId([1; 16]))
+                .unwrap()
+                .unwrap()
+                .1,
+            msg
+        );
+        assert_eq!(store.conversation(&peer).unwrap().next_seq, 2);
+    }
+
+    #[test]
+    fn states_only_move_forward() {
+        let r1 = MessageState::Relayed {
+            relayed: 1,
+            total: 3,
+        };
+        let r2 = MessageState::Relayed {
+            relayed: 2,
+            total: 3,
+        };
+        assert!(MessageState::Queued.advances_to(&r1));
+        assert!(r1.advances_to(&r2));
+        assert!(!r2.advances_to(&r1));
+        assert!(r2.advances_to(&MessageState::Delivered));
+        assert!(!MessageState::Read.advances_to(&MessageState::Delivered));
+    }
+}
