@@ -5,6 +5,17 @@
 //! - [`net`]: the task owning the libp2p Swarm (relays, LAN peers via mDNS).
 //! - [`engine`]: the delivery engine: durable outbox, multi-path delivery with retries,
 //!   receiving with deduplication, receipts and gap detection.
+//! - [`runtime`]: network and engine together; the daemon loop.
+//! - [`cli`], [`commands`]: the command line; [`ipc`] forwards commands to a running
+//!   daemon or UI, which holds the database.
+//! - [`tui`]: the terminal UI.
+pub mod cli;
+pub mod commands;
 pub mod engine;
+pub mod ipc;
 pub mod net;
+pub mod qr;
+pub mod runtime;
 pub mod store;
+pub mod time;
+pub mod tui;

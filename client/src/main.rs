@@ -1,1 +1,176 @@
-fn main() {}
+//! `kkachi`: parses the command line, opens the home directory (or forwards the
+//! command to the daemon that holds it), runs the command, prints its output.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use kkachi_client::cli::{Cli, Command};
+use kkachi_client::commands::{App, Output, UserError, print_received};
+use kkachi_client::engine::AppEvent;
+use kkachi_client::store::{LocalStore, StoreError};
+use kkachi_client::{ipc, runtime};
+
+fn default_home() -> PathBuf {
+    directories::ProjectDirs::from("", "", "kkachi")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".kkachi"))
+}
+
+fn init_logging(to_file: Option<&Path>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_mdns=error"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match to_file.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    }) {
+        Some(file) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init(),
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+}
+
+fn emit(output: &Output) -> ExitCode {
+    let _ = std::io::stdout().write_all(output.stdout.as_bytes());
+    let _ = std::io::stderr().write_all(output.stderr.as_bytes());
+    ExitCode::from(output.code.clamp(0, 255) as u8)
+}
+
+fn error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(1)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn daemon(home: &Path, json: bool) -> Result<(), UserError> {
+    let store = match LocalStore::open(home) {
+        Ok(s) => s,
+        Err(StoreError::Locked(_)) => {
+            return Err(UserError(format!(
+                "a kkachi daemon or UI is already running for {}",
+                home.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let me = store.identity()?.ok_or_else(|| {
+        UserError("no identity yet: create one with `kkachi init --name NAME`".into())
+    })?;
+    let engine = runtime::start_engine(store, me, runtime::net_config())?;
+    let control = tokio::spawn(ipc::serve(home.to_path_buf(), engine.clone()));
+    let mut events = engine.subscribe();
+    let printer = tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(AppEvent::Message(r)) => {
+                    let mut out = Output::default();
+                    print_received(&mut out, &r, json);
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = stdout.write_all(out.stdout.as_bytes());
+                    let _ = stdout.flush();
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "output fell behind; see `kkachi history`");
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    eprintln!(
+        "kkachi daemon online as {} ({} relays); Ctrl-C to stop",
+        engine.identity().peer_id(),
+        engine.store().relays()?.len()
+    );
+    runtime::run_online(engine.clone(), wait_for_signal()).await;
+    control.abort();
+    printer.abort();
+    ipc::cleanup(home);
+    Ok(())
+}
+
+async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
+    match LocalStore::open(home) {
+        Ok(store) => {
+            let mut app = App::new(store.clone());
+            let result = app.run(command, json).await;
+            let _ = store.flush().await;
+            match result {
+                Ok(output) => emit(&output),
+                Err(e) => error(e),
+            }
+        }
+        Err(StoreError::Locked(_)) => match ipc::forward(home, command, json).await {
+            Ok(output) => emit(&output),
+            Err(e) => error(e),
+        },
+        Err(e) => error(e),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let home = cli.home.clone().unwrap_or_else(default_home);
+    let command = cli.command.unwrap_or(Command::Tui);
+    let is_tui = matches!(command, Command::Tui);
+    if is_tui {
+        let _ = std::fs::create_dir_all(&home);
+        init_logging(Some(&home.join("kkachi.log")));
+    } else {
+        init_logging(None);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return error(format!("cannot start: {e}")),
+    };
+    let code = runtime.block_on(async {
+        match command {
+            Command::Daemon => match daemon(&home, cli.json).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => error(e),
+            },
+            Command::Tui => match kkachi_client::tui::run(&home).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => error(e),
+            },
+            other => one_shot(&home, other, cli.json).await,
+        }
+    });
+    // Background network tasks end with the process.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}

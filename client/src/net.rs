@@ -395,35 +395,25 @@ impl NetworkTask {
                 peer_id,
                 num_established,
                 ..
-            } => {
-                if num_established.get() == 1 {
-                    self.state.write().connected.insert(peer_id);
-                    Self::emit(
-                        &self.events,
-                        NetEvent::Connection {
-                            peer: peer_id,
-                            up: true,
-                        },
-                    )
-                    .await;
-                }
+            } if num_established.get() == 1 => {
+                self.state.write().connected.insert(peer_id);
+                let event = NetEvent::Connection {
+                    peer: peer_id,
+                    up: true,
+                };
+                Self::emit(&self.events, event).await;
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.state.write().connected.remove(&peer_id);
-                    Self::emit(
-                        &self.events,
-                        NetEvent::Connection {
-                            peer: peer_id,
-                            up: false,
-                        },
-                    )
-                    .await;
-                }
+                self.state.write().connected.remove(&peer_id);
+                let event = NetEvent::Connection {
+                    peer: peer_id,
+                    up: false,
+                };
+                Self::emit(&self.events, event).await;
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let mut new = Vec::new();

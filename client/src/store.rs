@@ -516,7 +516,7 @@ impl LocalStore {
             let (k, v) = item.map_err(db)?;
             out.push(contact_from(&k, &v)?);
         }
-        out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+        out.sort_by_key(|c| c.name.to_lowercase());
         Ok(out)
     }
 

@@ -44,8 +44,9 @@ pub use receive::Received;
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// First retry delay after a failed attempt; doubles up to [`MAX_BACKOFF_MS`].
 pub const MIN_BACKOFF_MS: u64 = 500;
-/// Longest wait between attempts to one relay.
-pub const MAX_BACKOFF_MS: u64 = 60_000;
+/// Longest wait between attempts to one relay (a relay that comes back is retried
+/// within this, or at once when we connect to it for another reason).
+pub const MAX_BACKOFF_MS: u64 = 15_000;
 /// How often a message every relay acknowledged, but the contact has not, is put again
 /// (a relay may have lost it).
 pub const REPUT_AFTER_MS: u64 = 3_600_000;
@@ -126,11 +127,10 @@ impl Sessions {
         store: &LocalStore,
         contact: &Contact,
     ) -> Result<&mut kkachi_protocol::Session, StoreError> {
-        if !self.live.contains_key(&contact.peer) {
-            let session = store.session(contact)?;
-            self.live.insert(contact.peer, session);
-        }
-        Ok(self.live.get_mut(&contact.peer).expect("inserted above"))
+        Ok(match self.live.entry(contact.peer) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(store.session(contact)?),
+        })
     }
 
     /// Forgets in-memory state after a failed write, so memory never runs ahead of disk.
@@ -168,6 +168,11 @@ fn backoff_ms(attempts: u32) -> u64 {
         .saturating_mul(1 << attempts.min(16))
         .min(MAX_BACKOFF_MS);
     rand::thread_rng().gen_range(cap / 2..=cap)
+}
+
+/// Delay before retrying after `failures` consecutive failures.
+pub fn backoff_delay(failures: u32) -> Duration {
+    Duration::from_millis(backoff_ms(failures))
 }
 
 impl<T: Transport> Engine<T> {
@@ -331,6 +336,33 @@ impl<T: Transport> Engine<T> {
             body,
         };
         self.seal_into(w, contact, session, &content, OutboxKind::Control, now)?;
+        Ok(())
+    }
+
+    /// Queues `card` for every contact (after a relay change), sealed and durable.
+    pub async fn queue_card_updates(
+        &self,
+        card: &kkachi_protocol::Card,
+    ) -> Result<(), EngineError> {
+        let now = now_ms();
+        let mut sessions = self.lock.lock().await;
+        let mut w = WriteSet::default();
+        for contact in self.store.contacts()? {
+            let session = sessions.get(&self.store, &contact)?;
+            self.queue_control(
+                &mut w,
+                &contact,
+                session,
+                Body::CardUpdate(Box::new(card.clone())),
+                now,
+            )?;
+            LocalStore::write_session(&mut w, &contact.peer, session);
+        }
+        if let Err(e) = self.store.apply(w) {
+            sessions.reset();
+            return Err(e.into());
+        }
+        self.store.flush().await?;
         Ok(())
     }
 
@@ -549,6 +581,35 @@ impl<T: Transport> Engine<T> {
         LocalStore::write_outbox(&mut w, key, &entry);
         self.store.apply(w)?;
         Ok(())
+    }
+
+    /// Makes every unacknowledged outbox path whose relay address satisfies `matches`
+    /// due at `now`; true if any was waiting.
+    pub async fn expedite(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        now: u64,
+    ) -> Result<bool, EngineError> {
+        let _sessions = self.lock.lock().await;
+        let mut w = WriteSet::default();
+        let mut any = false;
+        for (key, mut entry) in self.store.outbox()? {
+            let mut changed = false;
+            for t in entry
+                .targets
+                .iter_mut()
+                .filter(|t| !t.acked && t.next_try_ms > now && matches(&t.addr))
+            {
+                t.next_try_ms = now;
+                changed = true;
+            }
+            if changed {
+                any = true;
+                LocalStore::write_outbox(&mut w, key, &entry);
+            }
+        }
+        self.store.apply(w)?;
+        Ok(any)
     }
 
     /// The earliest time any outbox path is due, for the daemon's sleep.

@@ -27,14 +27,6 @@ pub struct Received {
     pub missing: Vec<u64>,
 }
 
-/// What one envelope turned out to be.
-enum Outcome {
-    /// New text to show.
-    Text(Received),
-    /// Anything else (receipt, card, duplicate, undecryptable): nothing to show.
-    Quiet,
-}
-
 impl<T: Transport> Engine<T> {
     /// Processes envelopes from a relay or a direct path. Everything is durable when
     /// this returns, so the caller may delete them from the relay. Returns new texts.
@@ -80,15 +72,13 @@ impl<T: Transport> Engine<T> {
                     continue;
                 }
             };
-            match self.apply_content(&mut w, &contact, &mut convs, content, now)? {
-                Outcome::Text(r) => {
-                    match receipts.iter_mut().find(|(c, _)| c.peer == contact.peer) {
-                        Some((_, ids)) => ids.push(MessageId(r.message.id)),
-                        None => receipts.push((contact.clone(), vec![MessageId(r.message.id)])),
-                    }
-                    shown.push(r);
+            // `None`: a receipt, card update or duplicate: nothing to show.
+            if let Some(r) = self.apply_content(&mut w, &contact, &mut convs, content, now)? {
+                match receipts.iter_mut().find(|(c, _)| c.peer == contact.peer) {
+                    Some((_, ids)) => ids.push(MessageId(r.message.id)),
+                    None => receipts.push((contact.clone(), vec![MessageId(r.message.id)])),
                 }
-                Outcome::Quiet => {}
+                shown.push(r);
             }
         }
         // Receipts ride the same transaction: they exist iff the messages are stored.
@@ -181,11 +171,11 @@ impl<T: Transport> Engine<T> {
         convs: &mut Vec<(PeerId, Conversation)>,
         content: Content,
         now: u64,
-    ) -> Result<Outcome, EngineError> {
+    ) -> Result<Option<Received>, EngineError> {
         match content.body {
             Body::Text(text) => {
                 if self.store.message(&contact.peer, &content.id)?.is_some() {
-                    return Ok(Outcome::Quiet); // same message through another path
+                    return Ok(None); // same message through another path
                 }
                 let conv = conv_mut(convs, &self.store, &contact.peer)?;
                 let missing = note_sequence(conv, content.seq);
@@ -207,7 +197,7 @@ impl<T: Transport> Engine<T> {
                     message_key(&contact.peer, local),
                     &record,
                 );
-                Ok(Outcome::Text(Received {
+                Ok(Some(Received {
                     contact: contact.peer,
                     name: contact.name.clone(),
                     message: record,
@@ -231,7 +221,7 @@ impl<T: Transport> Engine<T> {
                         w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
                     }
                 }
-                Ok(Outcome::Quiet)
+                Ok(None)
             }
             Body::CardUpdate(card) => {
                 if card.supersedes(&contact.card) {
@@ -243,11 +233,11 @@ impl<T: Transport> Engine<T> {
                     LocalStore::write_contact(w, &updated);
                     self.emit(AppEvent::ContactUpdated(contact.peer));
                 }
-                Ok(Outcome::Quiet)
+                Ok(None)
             }
             Body::Unknown { kind, .. } => {
                 tracing::debug!(kind, from = %contact.peer, "ignoring content of an unknown kind");
-                Ok(Outcome::Quiet)
+                Ok(None)
             }
         }
     }

@@ -1,0 +1,110 @@
+//! Command-line syntax (the CLI contract in the design notes; scripts rely on it).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// kkachi: a messenger that keeps working when a datacenter burns.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Where kkachi keeps your identity, contacts and messages.
+    #[arg(long, global = true, env = "KKACHI_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Machine-readable output (JSON).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// What to do; without one, the terminal UI starts.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The commands.
+#[derive(Debug, Clone, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum Command {
+    /// Create your identity.
+    Init {
+        /// The name your contacts see.
+        #[arg(long)]
+        name: String,
+    },
+    /// Manage your inbox relays.
+    #[command(subcommand)]
+    Relay(RelayCommand),
+    /// Print your invite code (give it to people who should be able to write to you).
+    Invite {
+        /// Also draw it as a QR code.
+        #[arg(long)]
+        qr: bool,
+    },
+    /// Manage contacts.
+    #[command(subcommand)]
+    Contact(ContactCommand),
+    /// Send a message. Exits 0 once it is safely in your outbox.
+    Send(SendArgs),
+    /// Deliver the outbox, fetch new mail, print new messages, exit.
+    Sync {
+        /// Give up on unreachable relays after this many seconds.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Show the conversation with a contact.
+    History {
+        /// Contact name or peer id.
+        contact: String,
+        /// Show only the last N messages.
+        #[arg(long)]
+        last: Option<usize>,
+    },
+    /// Stay online: receive, deliver, and print each incoming message as a line.
+    Daemon,
+    /// The terminal UI.
+    Tui,
+}
+
+/// `kkachi relay ...`
+#[derive(Debug, Clone, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum RelayCommand {
+    /// Add inbox relays (multiaddrs ending in /p2p/<peer id>).
+    Add {
+        /// Relay addresses.
+        #[arg(required = true)]
+        addrs: Vec<String>,
+    },
+    /// List your relays, their failure domains and whether they answer.
+    List,
+    /// Remove an inbox relay.
+    Remove {
+        /// The relay address (as listed).
+        addr: String,
+    },
+}
+
+/// `kkachi contact ...`
+#[derive(Debug, Clone, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum ContactCommand {
+    /// Add (or update) a contact from their invite code.
+    Add {
+        /// The invite code (starts with kk1).
+        code: String,
+        /// A name of your choosing for them.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List contacts.
+    List,
+}
+
+/// `kkachi send ...`
+#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
+pub struct SendArgs {
+    /// Contact name or peer id.
+    pub contact: String,
+    /// The message.
+    pub text: String,
+    /// How long to wait for relays to acknowledge, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout: f64,
+}
