@@ -1,0 +1,171 @@
+//! The command line as a person meets it: clear errors for the usual mistakes, and the
+//! documented outputs. Runs the real `kkachi` binary against temporary homes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kkachi(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kkachi"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("KKACHI_MDNS", "0")
+        .env("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("kkachi runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "failed: {}\n{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+fn fails_with(o: Output, needle: &str) {
+    assert!(!o.status.success(), "should fail: {}", stdout(&o));
+    let err = stderr(&o);
+    assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
+}
+
+#[test]
+fn commands_before_init_say_how_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["invite"][..],
+        &["contact", "list"],
+        &["send", "bob", "hi"],
+        &["history", "bob"],
+    ] {
+        fails_with(kkachi(dir.path(), args), "kkachi init --name");
+    }
+}
+
+#[test]
+fn init_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ok(kkachi(dir.path(), &["init", "--name", "Minji"]));
+    assert!(first.contains("Created identity Minji"));
+    fails_with(
+        kkachi(dir.path(), &["init", "--name", "Other"]),
+        "already exists",
+    );
+    fails_with(
+        kkachi(
+            tempfile::tempdir().unwrap().path(),
+            &["init", "--name", " "],
+        ),
+        "name",
+    );
+}
+
+#[test]
+fn invites_round_trip_and_bad_codes_are_explained() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    ok(kkachi(a.path(), &["init", "--name", "Minji"]));
+    ok(kkachi(b.path(), &["init", "--name", "Hyun"]));
+    let invite = kkachi(a.path(), &["invite"]);
+    assert!(
+        stderr(&invite).contains("no relays"),
+        "warns about missing relays"
+    );
+    let code = ok(invite).trim().to_string();
+    assert!(code.starts_with("kk1") && !code.contains('\n'));
+    let added = ok(kkachi(b.path(), &["contact", "add", &code]));
+    assert!(added.contains("added contact Minji"), "{added}");
+    let list = ok(kkachi(b.path(), &["contact", "list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v[0]["name"], "Minji");
+
+    // A typo, a truncated code, something else entirely, your own code.
+    let mut typo = code.clone();
+    let last = typo.pop().unwrap();
+    typo.push(if last == 'a' { 'b' } else { 'a' });
+    fails_with(kkachi(b.path(), &["contact", "add", &typo]), "mistyped");
+    fails_with(
+        kkachi(b.path(), &["contact", "add", &code[..code.len() / 2]]),
+        "invite code",
+    );
+    fails_with(
+        kkachi(b.path(), &["contact", "add", "hello"]),
+        "not a kkachi invite code",
+    );
+    let own = ok(kkachi(b.path(), &["invite"])).trim().to_string();
+    fails_with(
+        kkachi(b.path(), &["contact", "add", &own]),
+        "your own invite code",
+    );
+
+    let qr = ok(kkachi(a.path(), &["invite", "--qr"]));
+    assert!(qr.lines().count() > 20, "a QR code follows the code");
+}
+
+#[test]
+fn unknown_contact_and_bad_relay_addresses() {
+    let a = tempfile::tempdir().unwrap();
+    ok(kkachi(a.path(), &["init", "--name", "Minji"]));
+    fails_with(
+        kkachi(a.path(), &["send", "nobody", "hi"]),
+        "no contact named",
+    );
+    fails_with(
+        kkachi(a.path(), &["relay", "add", "not-an-address"]),
+        "not a multiaddr",
+    );
+    fails_with(
+        kkachi(a.path(), &["relay", "add", "/ip4/127.0.0.1/tcp/4040"]),
+        "/p2p/",
+    );
+    fails_with(
+        kkachi(a.path(), &["relay", "remove", "/ip4/127.0.0.1/tcp/1"]),
+        "not one of your relays",
+    );
+}
+
+#[test]
+fn send_to_unreachable_relays_is_queued_not_lost() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    ok(kkachi(a.path(), &["init", "--name", "Minji"]));
+    ok(kkachi(b.path(), &["init", "--name", "Hyun"]));
+    // A relay address nobody listens on.
+    let peer = "12D3KooWCLXbNhRE2Ev1vJ79en18cz4auE64p6NGYJHPxPCNkMe2";
+    ok(kkachi(
+        b.path(),
+        &["relay", "add", &format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}")],
+    ));
+    let code = ok(kkachi(b.path(), &["invite"])).trim().to_string();
+    ok(kkachi(a.path(), &["contact", "add", &code]));
+    let sent = kkachi(
+        a.path(),
+        &["send", "Hyun", "are you there?", "--timeout", "1"],
+    );
+    let text = ok(sent);
+    assert!(text.contains("queued"), "{text}");
+    let json = ok(kkachi(
+        a.path(),
+        &["send", "hyun", "again", "--timeout", "0.5", "--json"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["state"], "queued");
+    assert_eq!(v["relayed"], 0);
+    let history = ok(kkachi(a.path(), &["history", "Hyun", "--json"]));
+    let h: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(h.as_array().unwrap().len(), 2);
+    for m in h.as_array().unwrap() {
+        assert_eq!(m["direction"], "out");
+        assert_eq!(m["state"], "queued");
+        assert!(m["id"].as_str().unwrap().len() == 32 && m["sent_at"].as_u64().is_some());
+    }
+    let list = kkachi(b.path(), &["relay", "list"]);
+    assert!(stdout(&list).contains("down"), "{}", stdout(&list));
+    assert!(stderr(&list).contains("single relay"), "{}", stderr(&list));
+}
