@@ -78,6 +78,9 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// After the first acknowledgement, how long `send` waits for slower relays.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
+
 const NO_IDENTITY: &str = "no identity yet: create one with `kkachi init --name NAME`";
 
 impl App {
@@ -480,49 +483,86 @@ impl App {
         let contact = self.resolve(&args.contact)?;
         let engine = self.engine()?;
         let queued = engine.send_text(&contact, &args.text).await?;
-        // Durable now. Try to deliver within the timeout; whatever does not make it
-        // stays in the outbox for `sync` or the daemon.
+        // Durable now. Deliver within the timeout; once one path has it, wait only
+        // briefly for the others (a dead relay must not hold the sender up). Whatever
+        // does not make it stays in the outbox for `sync` or the daemon.
         let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
         let mut progress = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        let mut delivered = false;
+        while Instant::now() < deadline {
+            let attempt = deadline
+                .saturating_duration_since(Instant::now())
+                .min(ATTEMPT_TIMEOUT);
+            let round = {
+                let engine = engine.clone();
+                let key = queued.outbox_key;
+                tokio::spawn(async move { engine.deliver(key, true, attempt).await })
+            };
+            let mut first_ack: Option<Instant> = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match engine.progress(queued.outbox_key)? {
+                    // Gone from the outbox: handed over directly (or a receipt came).
+                    None => delivered = true,
+                    Some(p) => progress = Some(p),
+                }
+                let acked = delivered || progress.is_some_and(|p| p.acked > 0);
+                if acked && first_ack.is_none() {
+                    first_ack = Some(Instant::now());
+                }
+                let all = progress
+                    .is_some_and(|p| p.acked as usize >= usize::from(p.total).max(1) || p.direct);
+                let grace_over = first_ack.is_some_and(|t| t.elapsed() >= STRAGGLER_GRACE);
+                if delivered
+                    || all
+                    || grace_over
+                    || round.is_finished()
+                    || Instant::now() >= deadline
+                {
+                    break;
+                }
+            }
+            if delivered || progress.is_some_and(|p| p.acked > 0) {
                 break;
             }
-            let attempt = left.min(ATTEMPT_TIMEOUT);
-            progress = engine
-                .deliver(queued.outbox_key, true, attempt)
-                .await?
-                .or(progress);
-            let done = progress
-                .is_some_and(|p| p.acked as usize >= usize::from(p.total).max(1) || p.direct);
-            if done {
-                break;
+            if !round.is_finished() {
+                let _ =
+                    tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), round)
+                        .await;
             }
             tokio::time::sleep(
                 Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now())),
             )
             .await;
         }
-        let (acked, total, direct) = progress
-            .map_or((0, contact.card.relays().len() as u8, false), |p| {
-                (p.acked, p.total, p.direct)
-            });
-        let state = if acked == 0 { "queued" } else { "relayed" };
+        let (acked, total) = progress.map_or((0, contact.card.relays().len() as u8), |p| {
+            (p.acked, p.total)
+        });
+        let state = if delivered {
+            "delivered"
+        } else if acked == 0 {
+            "queued"
+        } else {
+            "relayed"
+        };
         if json {
             out.json(
                 json!({ "id": queued.id.to_hex(), "to": contact.name, "state": state,
-                             "relayed": acked, "relays": total, "direct": direct }),
+                             "relayed": acked, "relays": total, "direct": delivered }),
             );
+        } else if delivered {
+            out.out(format!(
+                "delivered to {} directly (message {})",
+                contact.name, queued.id
+            ));
         } else if acked == 0 {
             out.out(format!(
                 "queued for {} (message {}): no relay of theirs answered within {}s; it stays in your outbox and `kkachi sync` or `kkachi daemon` delivers it",
                 contact.name, queued.id, args.timeout
             ));
         } else {
-            let via = if direct { ", handed over directly" } else { "" };
             out.out(format!(
-                "sent to {}: relayed {}/{}{via} (message {})",
+                "sent to {}: relayed {}/{} (message {})",
                 contact.name, acked, total, queued.id
             ));
         }

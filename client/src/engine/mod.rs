@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::wire::PutOutcome;
 use kkachi_protocol::{
@@ -156,6 +156,12 @@ pub struct Engine<T> {
     /// holds the live sessions: their unanswered handshakes exist only in memory.
     lock: Mutex<Sessions>,
     events: broadcast::Sender<AppEvent>,
+}
+
+/// One path's answer during a delivery.
+enum Attempt {
+    Relay(String, Result<RelayToClient, NetError>),
+    Direct(bool),
 }
 
 fn is_ack(outcome: &PutOutcome) -> bool {
@@ -389,46 +395,68 @@ impl<T: Transport> Engine<T> {
             .map(|t| t.addr.clone())
             .collect();
         let direct = !entry.direct_acked && self.net.direct_peers().contains(&contact_peer);
-        let attempts = due.iter().map(|addr| {
-            let envelope = envelope.clone();
-            async move {
-                let result = match addr.parse::<Multiaddr>() {
-                    Ok(relay) => {
-                        let request = ClientToRelay::Put {
-                            envelopes: vec![envelope],
-                        };
-                        match tokio::time::timeout(
-                            attempt_timeout,
-                            self.net.request(&relay, request),
-                        )
-                        .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => Err(NetError::Unreachable("timed out".into())),
+        let mut attempts: futures::stream::FuturesUnordered<_> = due
+            .iter()
+            .map(|addr| {
+                let envelope = envelope.clone();
+                async move {
+                    let result = match addr.parse::<Multiaddr>() {
+                        Ok(relay) => {
+                            let request = ClientToRelay::Put {
+                                envelopes: vec![envelope],
+                            };
+                            match tokio::time::timeout(
+                                attempt_timeout,
+                                self.net.request(&relay, request),
+                            )
+                            .await
+                            {
+                                Ok(r) => r,
+                                Err(_) => Err(NetError::Unreachable("timed out".into())),
+                            }
                         }
-                    }
-                    Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
-                };
-                (addr.clone(), result)
-            }
-        });
-        let direct_attempt = async {
-            if !direct {
-                return None;
-            }
-            let r = tokio::time::timeout(
-                attempt_timeout,
-                self.net.direct_put(contact_peer, vec![envelope.clone()]),
-            )
-            .await;
-            Some(
-                matches!(r, Ok(Ok(RelayToClient::Stored { ref outcomes })) if outcomes.first().is_some_and(is_ack)),
-            )
-        };
-        let (results, direct_ok) =
-            futures::join!(futures::future::join_all(attempts), direct_attempt);
-        self.record_attempts(key, &contact_peer, results, direct_ok == Some(true))
-            .await
+                        Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
+                    };
+                    Attempt::Relay(addr.clone(), result)
+                }
+                .boxed()
+            })
+            .collect();
+        if direct {
+            let envelope = envelope.clone();
+            attempts.push(
+                async move {
+                    let r = tokio::time::timeout(attempt_timeout, self.net.direct_put(contact_peer, vec![envelope])).await;
+                    Attempt::Direct(matches!(r, Ok(Ok(RelayToClient::Stored { ref outcomes })) if outcomes.first().is_some_and(is_ack)))
+                }
+                .boxed(),
+            );
+        }
+        // Record each path as it answers, so progress is visible before the slowest.
+        let mut progress = None;
+        while let Some(attempt) = attempts.next().await {
+            let (results, direct_ok) = match attempt {
+                Attempt::Relay(addr, result) => (vec![(addr, result)], false),
+                Attempt::Direct(ok) => (vec![], ok),
+            };
+            progress = self
+                .record_attempts(key, &contact_peer, results, direct_ok)
+                .await?
+                .or(progress);
+        }
+        match progress {
+            Some(p) => Ok(Some(p)),
+            None => Ok(self.progress(key)?),
+        }
+    }
+
+    /// How far an outbox entry has got (None once it is gone).
+    pub fn progress(&self, key: u64) -> Result<Option<Progress>, EngineError> {
+        Ok(self.outbox_entry(key)?.map(|e| Progress {
+            acked: e.acked_count(),
+            total: e.targets.len() as u8,
+            direct: e.direct_acked,
+        }))
     }
 
     fn outbox_entry(&self, key: u64) -> Result<Option<OutboxEntry>, EngineError> {
@@ -487,12 +515,21 @@ impl<T: Transport> Engine<T> {
         };
         let mut w = WriteSet::default();
         let all_paths_done = entry.targets.iter().all(|t| t.acked) || entry.direct_acked;
-        if entry.kind == OutboxKind::Control && all_paths_done {
+        // A direct handover is answered only after the contact stored it durably: it
+        // is delivered, and nothing more needs sending.
+        if (entry.kind == OutboxKind::Control && all_paths_done) || entry.direct_acked {
             w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
         } else {
             LocalStore::write_outbox(&mut w, key, &entry);
         }
-        if entry.kind == OutboxKind::Message && progress.acked > 0 {
+        if entry.kind == OutboxKind::Message && entry.direct_acked {
+            self.advance_state(
+                &mut w,
+                contact,
+                &MessageId(entry.message_id),
+                MessageState::Delivered,
+            )?;
+        } else if entry.kind == OutboxKind::Message && progress.acked > 0 {
             let state = MessageState::Relayed {
                 relayed: progress.acked,
                 total: progress.total,

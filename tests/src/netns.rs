@@ -1,0 +1,191 @@
+//! Network namespaces for LAN and partition scenarios. Everything created here is
+//! named with a per-test prefix and removed on drop. Root only.
+
+use std::process::Command;
+
+/// Why a namespace scenario cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.as_deref() != Some("0") {
+        return Some("needs root (network namespaces)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs the `ip` command (iproute2)".into());
+    }
+    None
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// Two namespaces joined by a veth pair on 10.x addresses private to them.
+#[derive(Debug)]
+pub struct Lan {
+    /// Namespace names.
+    pub ns: [String; 2],
+    /// Their addresses.
+    pub ips: [String; 2],
+}
+
+impl Lan {
+    /// Creates `{prefix}a` and `{prefix}b` joined by a veth pair, multicast enabled.
+    pub fn create(prefix: &str, subnet: u8) -> Result<Self, String> {
+        let lan = Self {
+            ns: [format!("{prefix}a"), format!("{prefix}b")],
+            ips: [format!("10.213.{subnet}.1"), format!("10.213.{subnet}.2")],
+        };
+        lan.remove();
+        let (va, vb) = (format!("{prefix}va"), format!("{prefix}vb"));
+        for ns in &lan.ns {
+            run(&["ip", "netns", "add", ns])?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        run(&[
+            "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+        ])?;
+        run(&["ip", "link", "set", &va, "netns", &lan.ns[0]])?;
+        run(&["ip", "link", "set", &vb, "netns", &lan.ns[1]])?;
+        for (i, v) in [va, vb].iter().enumerate() {
+            let cidr = format!("{}/24", lan.ips[i]);
+            run(&["ip", "-n", &lan.ns[i], "addr", "add", &cidr, "dev", v])?;
+            run(&[
+                "ip",
+                "-n",
+                &lan.ns[i],
+                "link",
+                "set",
+                v,
+                "up",
+                "multicast",
+                "on",
+            ])?;
+            // Multicast (mDNS) needs a route.
+            run(&[
+                "ip",
+                "-n",
+                &lan.ns[i],
+                "route",
+                "add",
+                "224.0.0.0/4",
+                "dev",
+                v,
+            ])?;
+        }
+        Ok(lan)
+    }
+
+    fn remove(&self) {
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+
+    /// Drops all traffic between the two namespaces (nftables in the first), or
+    /// restores it.
+    pub fn cut(&self, cut: bool) -> Result<(), String> {
+        let ns = &self.ns[0];
+        if cut {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "table",
+                "inet",
+                "kkachi_cut",
+            ])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "kkachi_cut",
+                "out",
+                "{ type filter hook output priority 0 ; policy drop ; }",
+            ])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "kkachi_cut",
+                "in",
+                "{ type filter hook input priority 0 ; policy drop ; }",
+            ])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "kkachi_cut",
+                "out",
+                "oif",
+                "lo",
+                "accept",
+            ])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "kkachi_cut",
+                "in",
+                "iif",
+                "lo",
+                "accept",
+            ])
+        } else {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "kkachi_cut",
+            ])
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

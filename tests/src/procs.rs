@@ -1,0 +1,331 @@
+//! Real processes: relays and users.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (built by `cargo test --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found; build it first with `cargo build --workspace` (or run `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A relay process with a fixed port and data directory, so a restart keeps its
+/// address and PeerId.
+#[derive(Debug)]
+pub struct RelayProc {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// TCP port.
+    pub port: u16,
+    /// Full address, `/ip4/127.0.0.1/tcp/PORT/p2p/ID`.
+    pub addr: String,
+    /// Extra arguments given at every start.
+    pub args: Vec<String>,
+    child: Option<Child>,
+    /// The IP to listen on.
+    pub ip: String,
+    netns: Option<String>,
+}
+
+impl RelayProc {
+    /// Starts a relay on loopback.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        Self::start_on(dir, "127.0.0.1", None, args)
+    }
+
+    /// Starts a relay on `ip`, inside network namespace `netns` if given.
+    pub fn start_on(dir: &Path, ip: &str, netns: Option<&str>, args: &[&str]) -> Self {
+        let mut relay = Self {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            addr: String::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            ip: ip.to_string(),
+            netns: netns.map(str::to_string),
+        };
+        relay.restart();
+        relay
+    }
+
+    /// (Re)starts the process on the same port and data; waits for its address line.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "relay already running");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("kkachi-relay"));
+                c
+            }
+            None => Command::new(bin("kkachi-relay")),
+        };
+        let listen = format!("/ip4/{}/tcp/{}", self.ip, self.port);
+        let mut child = cmd
+            .args(["--listen", &listen, "--metrics", "off", "--data-dir"])
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("relay starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("relay printed its address");
+        self.addr = line
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_string();
+        self.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A user: a home directory and the `kkachi` binary.
+#[derive(Debug)]
+pub struct User {
+    /// Home directory.
+    pub home: PathBuf,
+    /// Display name.
+    pub name: String,
+    netns: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+/// A running `kkachi daemon --json`, its messages read as they are printed.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    lines: mpsc::Receiver<(Instant, serde_json::Value)>,
+}
+
+impl User {
+    /// A user with an identity, on loopback, mDNS off.
+    pub fn new(root: &Path, name: &str) -> Self {
+        Self::with_env(
+            root,
+            name,
+            None,
+            &[
+                ("KKACHI_MDNS", "0"),
+                ("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0"),
+            ],
+        )
+    }
+
+    /// A user with an identity, in network namespace `netns`, with extra environment.
+    pub fn with_env(root: &Path, name: &str, netns: Option<&str>, env: &[(&str, &str)]) -> Self {
+        let user = Self {
+            home: root.join(name),
+            name: name.to_string(),
+            netns: netns.map(str::to_string),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        user.ok(&["init", "--name", name]);
+        user
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("kkachi"));
+                c
+            }
+            None => Command::new(bin("kkachi")),
+        };
+        cmd.arg("--home").arg(&self.home).env("RUST_LOG", "error");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs a command.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("kkachi runs")
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "{} {:?} failed: {}{}",
+            self.name,
+            args,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// This user's invite code.
+    pub fn invite(&self) -> String {
+        self.ok(&["invite"]).trim().to_string()
+    }
+
+    /// Makes `a` and `b` contacts of each other.
+    pub fn introduce(a: &User, b: &User) {
+        a.ok(&["contact", "add", &b.invite()]);
+        b.ok(&["contact", "add", &a.invite()]);
+    }
+
+    /// Sends `text` to `to` with `--json`; the message id if the command exited 0.
+    pub fn send(&self, to: &str, text: &str, timeout_secs: f64) -> Option<serde_json::Value> {
+        let o = self.run(&[
+            "send",
+            to,
+            text,
+            "--json",
+            "--timeout",
+            &timeout_secs.to_string(),
+        ]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Starts `kkachi daemon --json`; waits until it accepts commands.
+    pub fn daemon(&self) -> Daemon {
+        let mut child = self
+            .command()
+            .args(["daemon", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    let _ = tx.send((Instant::now(), v));
+                }
+            }
+        });
+        let socket = self.home.join("daemon.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(socket.exists(), "{}'s daemon did not start", self.name);
+        Daemon {
+            child: Some(child),
+            lines,
+        }
+    }
+}
+
+impl Daemon {
+    /// Messages printed so far or within `wait`, until `until` says enough.
+    pub fn collect(
+        &self,
+        wait: Duration,
+        mut until: impl FnMut(&[(Instant, serde_json::Value)]) -> bool,
+    ) -> Vec<(Instant, serde_json::Value)> {
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        loop {
+            if until(&got) {
+                return got;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return got;
+            }
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) => got.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return got,
+            }
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

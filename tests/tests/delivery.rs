@@ -1,0 +1,247 @@
+//! Delivery through real processes: three relays and two users, relays killed while
+//! sending, all relays down then one back, a client killed mid-send, replies, and a LAN
+//! with no relay at all. Each scenario prints the checker's figures.
+
+use std::time::{Duration, Instant};
+
+use kkachi_tests::checker::Checker;
+use kkachi_tests::netns::{self, Lan};
+use kkachi_tests::procs::{RelayProc, User};
+use kkachi_tests::soak;
+
+struct World {
+    _dir: tempfile::TempDir,
+    relays: Vec<RelayProc>,
+    alice: User,
+    bob: User,
+}
+
+/// Three relays in three failure domains; alice and bob both use all three.
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let relays: Vec<RelayProc> = (0..3)
+        .map(|i| {
+            let domain = format!("test/dc{i}");
+            RelayProc::start(
+                &dir.path().join(format!("relay{i}")),
+                &["--failure-domain", &domain],
+            )
+        })
+        .collect();
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    let addrs: Vec<&str> = relays.iter().map(|r| r.addr.as_str()).collect();
+    for u in [&alice, &bob] {
+        let mut args = vec!["relay", "add"];
+        args.extend(&addrs);
+        u.ok(&args);
+    }
+    User::introduce(&alice, &bob);
+    World {
+        _dir: dir,
+        relays,
+        alice,
+        bob,
+    }
+}
+
+fn record_send(checker: &mut Checker, user: &User, to: &str, text: &str) -> bool {
+    let at = Instant::now();
+    match user.send(to, text, 5.0) {
+        Some(v) => {
+            checker.sent(v["id"].as_str().expect("id"), at);
+            true
+        }
+        None => false,
+    }
+}
+
+fn drain(checker: &mut Checker, daemon: &kkachi_tests::procs::Daemon, wait: Duration) {
+    let expected = checker.outstanding();
+    let got = daemon.collect(wait, |g| g.len() >= expected);
+    for (at, line) in &got {
+        checker.shown(*at, line);
+    }
+    // Anything extra (duplicates) shows up within a short grace period.
+    for (at, line) in daemon.collect(Duration::from_millis(500), |_| false) {
+        checker.shown(at, &line);
+    }
+}
+
+#[test]
+fn relays_killed_one_by_one_while_sending() {
+    let mut w = world();
+    let bob_daemon = w.bob.daemon();
+    let mut alice_daemon = w.alice.daemon();
+    let n = if soak() { 300 } else { 45 };
+    let mut checker = Checker::default();
+    let mut replies = Checker::default();
+    for i in 0..n {
+        if i == n / 3 {
+            w.relays[0].kill9();
+        }
+        if i == 2 * n / 3 {
+            w.relays[1].kill9();
+        }
+        assert!(
+            record_send(&mut checker, &w.alice, "bob", &format!("message {i}")),
+            "send {i} failed"
+        );
+        if i % 9 == 0 {
+            record_send(&mut replies, &w.bob, "alice", &format!("reply {i}"));
+        }
+    }
+    drain(&mut checker, &bob_daemon, Duration::from_secs(60));
+    let report = checker.report();
+    println!("kill one by one (alice→bob): {report}");
+    assert_eq!(report.lost, 0, "{report}");
+    assert_eq!(report.duplicated, 0, "{report}");
+    assert_eq!(report.reordered_without_notice, 0, "{report}");
+    // The reply path works through the surviving relays too.
+    let _ = &mut alice_daemon;
+    let got = alice_daemon.collect(Duration::from_secs(30), |g| {
+        g.len() >= replies.outstanding()
+    });
+    for (at, line) in &got {
+        replies.shown(*at, line);
+    }
+    let r = replies.report();
+    println!("kill one by one (bob→alice replies): {r}");
+    assert_eq!((r.lost, r.duplicated), (0, 0), "{r}");
+}
+
+#[test]
+fn all_relays_down_then_one_returns() {
+    let mut w = world();
+    let bob_daemon = w.bob.daemon();
+    let _alice_daemon = w.alice.daemon();
+    for r in &mut w.relays {
+        r.kill9();
+    }
+    let mut checker = Checker::default();
+    for i in 0..5 {
+        // Exits 0 with "queued": durable in the outbox.
+        let at = Instant::now();
+        let v = w
+            .alice
+            .send("bob", &format!("during the outage {i}"), 0.5)
+            .expect("send succeeds");
+        assert_eq!(v["state"], "queued", "{v}");
+        checker.sent(v["id"].as_str().unwrap(), at);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        bob_daemon
+            .collect(Duration::from_millis(300), |_| false)
+            .len(),
+        0
+    );
+    // One relay returns (same address, same data): everything arrives, no user action.
+    let back = Instant::now();
+    w.relays[1].restart();
+    drain(&mut checker, &bob_daemon, Duration::from_secs(60));
+    let report = checker.report();
+    println!(
+        "total outage, one relay back after {:?}: {report}",
+        back.elapsed()
+    );
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
+}
+
+#[test]
+fn client_killed_mid_send_and_restarted() {
+    let w = world();
+    let bob_daemon = w.bob.daemon();
+    let mut checker = Checker::default();
+    let rounds = if soak() { 10 } else { 3 };
+    for round in 0..rounds {
+        let mut alice_daemon = w.alice.daemon();
+        // Sends go through the daemon (forwarded); kill it at a varying point.
+        let sender = {
+            let home = w.alice.home.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for i in 0..30 {
+                    let at = Instant::now();
+                    let o = std::process::Command::new(kkachi_tests::procs::bin("kkachi"))
+                        .arg("--home")
+                        .arg(&home)
+                        .args([
+                            "send",
+                            "bob",
+                            &format!("r{round} m{i}"),
+                            "--json",
+                            "--timeout",
+                            "2",
+                        ])
+                        .env("KKACHI_MDNS", "0")
+                        .output()
+                        .unwrap();
+                    if o.status.success() {
+                        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                        ids.push((v["id"].as_str().unwrap().to_string(), at));
+                    }
+                }
+                ids
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200 + 150 * round as u64));
+        alice_daemon.kill9();
+        let ids = sender.join().unwrap();
+        for (id, at) in &ids {
+            checker.sent(id, *at);
+        }
+    }
+    // Restarted, alice's daemon delivers whatever the kills interrupted.
+    let _alice = w.alice.daemon();
+    drain(&mut checker, &bob_daemon, Duration::from_secs(60));
+    let report = checker.report();
+    println!("client kill -9 mid-send ({rounds} rounds): {report}");
+    assert!(report.sent > 0, "some sends must have succeeded");
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
+}
+
+#[test]
+fn lan_only_two_namespaces_no_relay() {
+    if let Some(why) = netns::unavailable() {
+        println!("SKIPPED lan_only_two_namespaces_no_relay: {why}");
+        return;
+    }
+    let lan = Lan::create("kkt_lan_", 41).expect("namespaces");
+    let dir = tempfile::tempdir().unwrap();
+    let listen_a = format!("/ip4/{}/tcp/0", lan.ips[0]);
+    let listen_b = format!("/ip4/{}/tcp/0", lan.ips[1]);
+    let alice = User::with_env(
+        dir.path(),
+        "alice",
+        Some(&lan.ns[0]),
+        &[("KKACHI_LISTEN", &listen_a)],
+    );
+    let bob = User::with_env(
+        dir.path(),
+        "bob",
+        Some(&lan.ns[1]),
+        &[("KKACHI_LISTEN", &listen_b)],
+    );
+    User::introduce(&alice, &bob);
+    let bob_daemon = bob.daemon();
+    let _alice_daemon = alice.daemon();
+    let mut checker = Checker::default();
+    let started = Instant::now();
+    for i in 0..5 {
+        // No relays: each send waits for bob to show up on the LAN and hands over directly.
+        let at = Instant::now();
+        let v = alice
+            .send("bob", &format!("over the LAN {i}"), 10.0)
+            .expect("send succeeds");
+        assert_eq!(v["direct"], true, "{v}");
+        checker.sent(v["id"].as_str().unwrap(), at);
+    }
+    drain(&mut checker, &bob_daemon, Duration::from_secs(30));
+    let report = checker.report();
+    println!(
+        "LAN only (mDNS, direct), first send after {:?}: {report}",
+        started.elapsed()
+    );
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
+}
