@@ -95,10 +95,11 @@ pub enum Body {
 }
 
 impl Body {
-    /// Receipts are not part of the conversation sequence: losing one only delays a
-    /// state change, so they carry `seq = 0` and never cause a gap notice.
+    /// Only texts are part of the conversation sequence. Receipts and card updates are
+    /// control records: losing one only delays a state change, so they carry `seq = 0`
+    /// and never cause a gap notice.
     pub fn is_sequenced(&self) -> bool {
-        !matches!(self, Body::Receipt { .. })
+        matches!(self, Body::Text(_))
     }
 
     fn kind(&self) -> u16 {
@@ -196,7 +197,7 @@ pub struct Content {
     /// The sender's id for this message.
     pub id: MessageId,
     /// Position in the sender's half of the conversation, from 1; 0 for unsequenced
-    /// bodies (receipts).
+    /// bodies (receipts, card updates).
     pub seq: u64,
     /// [`Content::hash`] of the sender's previous sequenced record in this conversation,
     /// all zeros for the first.
@@ -331,6 +332,8 @@ mod tests {
             ..text(1, "")
         };
         assert_eq!(Content::decode(&c.encode()).unwrap(), c);
+        assert!(!c.body.is_sequenced(), "card updates never cause gap notices");
+        assert!(Body::Text("x".into()).is_sequenced());
     }
 
     #[test]
