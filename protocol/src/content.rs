@@ -332,7 +332,10 @@ mod tests {
             ..text(1, "")
         };
         assert_eq!(Content::decode(&c.encode()).unwrap(), c);
-        assert!(!c.body.is_sequenced(), "card updates never cause gap notices");
+        assert!(
+            !c.body.is_sequenced(),
+            "card updates never cause gap notices"
+        );
         assert!(Body::Text("x".into()).is_sequenced());
     }
 
