@@ -22,7 +22,7 @@ pub struct Cli {
 }
 
 /// The commands.
-#[derive(Debug, Clone, Subcommand, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum Command {
     /// Create your identity.
     Init {
@@ -62,10 +62,13 @@ pub enum Command {
     Daemon,
     /// The terminal UI.
     Tui,
+    /// Try kkachi on this machine: three local relays, a second user who answers, and
+    /// keys to take relays down while you chat.
+    Demo,
 }
 
 /// `kkachi relay ...`
-#[derive(Debug, Clone, Subcommand, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum RelayCommand {
     /// Add inbox relays (multiaddrs ending in /p2p/<peer id>).
     Add {
@@ -83,7 +86,7 @@ pub enum RelayCommand {
 }
 
 /// `kkachi contact ...`
-#[derive(Debug, Clone, Subcommand, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum ContactCommand {
     /// Add (or update) a contact from their invite code.
     Add {
@@ -98,7 +101,7 @@ pub enum ContactCommand {
 }
 
 /// `kkachi send ...`
-#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Args, serde::Serialize, serde::Deserialize)]
 pub struct SendArgs {
     /// Contact name or peer id.
     pub contact: String,

@@ -147,6 +147,9 @@ impl App {
             Command::Daemon | Command::Tui => {
                 return fail("a kkachi daemon or UI is already running for this home");
             }
+            Command::Demo => {
+                return fail("`kkachi demo` runs on its own, in a temporary home");
+            }
         }
         Ok(out)
     }

@@ -143,7 +143,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = cli.home.clone().unwrap_or_else(default_home);
     let command = cli.command.unwrap_or(Command::Tui);
-    let is_tui = matches!(command, Command::Tui);
+    let is_tui = matches!(command, Command::Tui | Command::Demo);
     if is_tui {
         let _ = std::fs::create_dir_all(&home);
         init_logging(Some(&home.join("kkachi.log")));
@@ -164,6 +164,10 @@ fn main() -> ExitCode {
                 Err(e) => error(e),
             },
             Command::Tui => match kkachi_client::tui::run(&home).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => error(e),
+            },
+            Command::Demo => match kkachi_client::tui::demo::run().await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => error(e),
             },

@@ -271,6 +271,11 @@ impl Network {
         self.local
     }
 
+    /// Peers found on the local network (mDNS) and not yet expired.
+    pub fn lan_peers(&self) -> HashSet<PeerId> {
+        self.state.read().lan.clone()
+    }
+
     /// Addresses we listen on.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.state.read().listen.clone()

@@ -372,6 +372,51 @@ impl<T: Transport> Engine<T> {
         Ok(())
     }
 
+    /// Marks the incoming messages of `peer` as read and tells them (read receipts).
+    pub async fn mark_read(&self, peer: &PeerId) -> Result<(), EngineError> {
+        let Some(contact) = self.store.contact(peer)? else {
+            return Ok(());
+        };
+        let now = now_ms();
+        {
+            let mut sessions = self.lock.lock().await;
+            let unread: Vec<MessageRecord> = self
+                .store
+                .recent_messages(peer, 500)?
+                .into_iter()
+                .filter(|m| m.direction == Direction::In && m.state == MessageState::Received)
+                .collect();
+            if unread.is_empty() {
+                return Ok(());
+            }
+            let mut w = WriteSet::default();
+            let mut ids = Vec::new();
+            for m in unread {
+                if let Some((key, mut record)) = self.store.message(peer, &MessageId(m.id))? {
+                    record.state = MessageState::Read;
+                    w.put_record(TreeId::Messages, key, &record);
+                    ids.push(MessageId(m.id));
+                }
+            }
+            for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
+                let session = sessions.get(&self.store, &contact)?;
+                let receipt = Body::Receipt {
+                    status: kkachi_protocol::ReceiptStatus::Read,
+                    ids: chunk.to_vec(),
+                };
+                self.queue_control(&mut w, &contact, session, receipt, now)?;
+                LocalStore::write_session(&mut w, &contact.peer, session);
+            }
+            if let Err(e) = self.store.apply(w) {
+                sessions.reset();
+                return Err(e.into());
+            }
+        }
+        self.store.flush().await?;
+        self.deliver_due().await?;
+        Ok(())
+    }
+
     /// Tries every path of one outbox entry that has not acknowledged and is due (or all
     /// of them if `force`), concurrently, each bounded by `attempt_timeout`.
     pub async fn deliver(

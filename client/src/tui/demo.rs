@@ -1,0 +1,227 @@
+//! `kkachi demo`: the whole idea on one machine, in one command. Three relays run in
+//! this process (in memory), a second user ("Kkachi") answers every message, and the
+//! UI opens with keys to take relays down and bring them back while chatting.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use kkachi_protocol::{Card, Identity, Multiaddr};
+use kkachi_relay::config::Config;
+use kkachi_relay::store::{MemoryStore, Quota};
+use kkachi_relay::{Metrics, RelayHandle};
+use libp2p::identity::Keypair;
+use tokio::sync::Mutex;
+
+use super::RelaySwitch;
+use crate::commands::UserError;
+use crate::engine::{ATTEMPT_TIMEOUT, AppEvent};
+use crate::net::NetConfig;
+use crate::store::{Contact, LocalStore, Profile, WriteSet};
+
+/// One demo relay: its key and in-memory store outlive restarts.
+#[derive(Debug)]
+struct Slot {
+    key: Keypair,
+    store: MemoryStore,
+    port: u16,
+    running: Option<RelayHandle>,
+}
+
+/// The three relays of the demo.
+#[derive(Debug)]
+pub struct DemoRelays {
+    slots: Mutex<Vec<Slot>>,
+}
+
+fn loopback_net() -> NetConfig {
+    NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
+        mdns: false,
+    }
+}
+
+fn free_port() -> Result<u16, UserError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn start_slot(slot: &mut Slot, i: usize) -> Result<Multiaddr, UserError> {
+    let config = Config {
+        data_dir: PathBuf::new(),
+        listen: vec![
+            format!("/ip4/127.0.0.1/tcp/{}", slot.port)
+                .parse()
+                .expect("valid"),
+        ],
+        info: kkachi_relay::config::InfoConfig {
+            name: format!("demo-{}", i + 1),
+            operator: "kkachi demo".into(),
+            failure_domain: format!("demo/zone-{}", i + 1),
+        },
+        ..Config::default()
+    };
+    let mut handle =
+        kkachi_relay::start_with(config, slot.key.clone(), slot.store.clone(), Metrics::new())
+            .await
+            .map_err(|e| UserError(format!("demo relay {}: {e}", i + 1)))?;
+    let addr = handle.wait_listening(1).await.remove(0);
+    slot.running = Some(handle);
+    Ok(addr)
+}
+
+impl DemoRelays {
+    async fn start() -> Result<(Arc<Self>, Vec<Multiaddr>), UserError> {
+        let mut slots = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..3 {
+            let mut slot = Slot {
+                key: Keypair::generate_ed25519(),
+                store: MemoryStore::new(Quota {
+                    max_envelopes: 100_000,
+                    max_bytes: 1 << 30,
+                }),
+                port: free_port()?,
+                running: None,
+            };
+            addrs.push(start_slot(&mut slot, i).await?);
+            slots.push(slot);
+        }
+        Ok((
+            Arc::new(Self {
+                slots: Mutex::new(slots),
+            }),
+            addrs,
+        ))
+    }
+}
+
+impl RelaySwitch for DemoRelays {
+    fn toggle(&self, n: usize) -> BoxFuture<'_, String> {
+        async move {
+            let mut slots = self.slots.lock().await;
+            let Some(slot) = slots.get_mut(n) else {
+                return format!("there is no relay {}", n + 1);
+            };
+            match slot.running.take() {
+                Some(handle) => {
+                    let _ = handle.shutdown().await;
+                    format!(
+                        "relay demo-{} is DOWN: keep chatting, nothing is lost",
+                        n + 1
+                    )
+                }
+                None => match start_slot(slot, n).await {
+                    Ok(_) => format!("relay demo-{} is back up", n + 1),
+                    Err(e) => format!("could not restart relay {}: {e}", n + 1),
+                },
+            }
+        }
+        .boxed()
+    }
+}
+
+fn make_user(
+    home: &Path,
+    name: &str,
+    relays: &[Multiaddr],
+) -> Result<(LocalStore, Identity, Card), UserError> {
+    let store = LocalStore::open(home)?;
+    let me = Identity::generate();
+    store.init_identity(
+        &me,
+        &Profile {
+            name: name.into(),
+            card_version: 1,
+        },
+    )?;
+    for r in relays {
+        store.add_relay(r)?;
+    }
+    let card = Card::new(&me, name, relays.to_vec(), 1)?;
+    Ok((store, me, card))
+}
+
+fn befriend(store: &LocalStore, card: &Card) -> Result<(), UserError> {
+    let contact = Contact {
+        peer: card.identity().peer_id(),
+        name: card.name().into(),
+        card: card.clone(),
+    };
+    let mut w = WriteSet::default();
+    LocalStore::write_contact(&mut w, &contact);
+    Ok(store.apply(w)?)
+}
+
+fn reply_to(text: &str, count: usize) -> String {
+    match count {
+        1 => format!(
+            "안녕! I got \"{text}\" through the relays. Press F2, F3 or F4 to take a relay down, and keep writing."
+        ),
+        2 => "Each message goes to all three relays at once; I read from whichever answers.".into(),
+        3 => "Take two relays down: still fine. Take all three down: your messages wait in the outbox (see the status bar) and go out when one returns.".into(),
+        _ => format!("Got it: \"{text}\" ({count} so far)."),
+    }
+}
+
+/// Runs the demo until the UI quits.
+pub async fn run() -> Result<(), UserError> {
+    let root = tempfile::Builder::new().prefix("kkachi-demo-").tempdir()?;
+    let (relays, addrs) = DemoRelays::start().await?;
+    let (you_store, _, you_card) = make_user(&root.path().join("you"), "You", &addrs)?;
+    let (bot_store, bot_me, bot_card) = make_user(&root.path().join("kkachi"), "Kkachi", &addrs)?;
+    befriend(&you_store, &bot_card)?;
+    befriend(&bot_store, &you_card)?;
+    drop(you_store);
+
+    let bot = crate::runtime::start_engine(bot_store, bot_me, loopback_net())?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let bot_online = tokio::spawn(crate::runtime::run_online(bot.clone(), async {
+        let _ = stopped.await;
+    }));
+    let responder = {
+        let bot = bot.clone();
+        let mut events = bot.subscribe();
+        tokio::spawn(async move {
+            let mut count = 0;
+            while let Ok(event) = events.recv().await {
+                let AppEvent::Message(r) = event else {
+                    continue;
+                };
+                count += 1;
+                let Ok(Some(contact)) = bot.store().contact(&r.contact) else {
+                    continue;
+                };
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                if let Ok(q) = bot
+                    .send_text(&contact, &reply_to(&r.message.text, count))
+                    .await
+                {
+                    let _ = bot.deliver(q.outbox_key, true, ATTEMPT_TIMEOUT).await;
+                }
+            }
+        })
+    };
+    // A first message from the bot, so the conversation is open on start.
+    if let Ok(Some(you)) = bot.store().contact(&you_card.identity().peer_id()) {
+        let hello = "Hi! I'm a second user on this machine. Write me something.";
+        if let Ok(q) = bot.send_text(&you, hello).await {
+            let _ = bot.deliver(q.outbox_key, true, ATTEMPT_TIMEOUT).await;
+        }
+    }
+    let switch: Arc<dyn RelaySwitch> = relays.clone();
+    let result = super::run_with(&root.path().join("you"), loopback_net(), Some(switch)).await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), bot_online).await;
+    responder.abort();
+    let slots = std::mem::take(&mut *relays.slots.lock().await);
+    for slot in slots {
+        if let Some(h) = slot.running {
+            let _ = h.shutdown().await;
+        }
+    }
+    result
+}

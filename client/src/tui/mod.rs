@@ -1,0 +1,367 @@
+//! The terminal UI, in The Elm Architecture: [`state`] is the model, [`update`] turns
+//! messages into state changes and effects (no I/O), [`view`] draws. This module is
+//! the runtime: it reads keys on a thread, runs effects as tasks, feeds engine events
+//! back as messages, and redraws. The network runs in its own tasks; the UI never
+//! waits on it. Logs go to `kkachi.log` in the home directory, never over the screen.
+
+pub mod demo;
+pub mod state;
+pub mod update;
+pub mod view;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kkachi_protocol::PeerId;
+use ratatui::crossterm::event::{self, Event};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cli::Command;
+use crate::commands::{App, UserError};
+use crate::engine::{ATTEMPT_TIMEOUT, AppEvent, Engine};
+use crate::net::{NetConfig, Network, Transport, peer_of};
+use crate::store::{Direction, LocalStore, MessageState, StoreError};
+use state::{ConversationSummary, Snapshot, State, Status};
+use update::{Effect, Msg, update};
+
+/// Messages shown per conversation.
+const MESSAGES_SHOWN: usize = 500;
+/// Status refresh even when nothing happens.
+const TICK: Duration = Duration::from_millis(500);
+/// How long a notice stays in the status bar.
+const NOTICE_FOR: Duration = Duration::from_secs(8);
+
+/// Demo hooks: take relays down and bring them back.
+pub trait RelaySwitch: Send + Sync {
+    /// Toggles relay `n`; returns a line to show.
+    fn toggle(&self, n: usize) -> futures::future::BoxFuture<'_, String>;
+}
+
+/// Runs the UI for `home` with the default network settings.
+pub async fn run(home: &Path) -> Result<(), UserError> {
+    run_with(home, crate::runtime::net_config(), None).await
+}
+
+/// Everything online for one home: engine, background loop, control socket.
+struct Online {
+    engine: Arc<Engine<Network>>,
+    stop: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Online {
+    fn start(home: &Path, store: LocalStore, config: NetConfig) -> Result<Self, UserError> {
+        let me = store
+            .identity()?
+            .ok_or_else(|| UserError("no identity".into()))?;
+        let engine = crate::runtime::start_engine(store, me, config)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let online = tokio::spawn(crate::runtime::run_online(engine.clone(), async {
+            let _ = stopped.await;
+        }));
+        let home = home.to_path_buf();
+        let control = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::ipc::serve(home, engine).await {
+                    tracing::warn!(error = %e, "control socket failed");
+                }
+            })
+        };
+        Ok(Self {
+            engine,
+            stop: Some(stop),
+            tasks: vec![online, control],
+        })
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let mut tasks = self.tasks.into_iter();
+        if let Some(online) = tasks.next() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), online).await;
+        }
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Runs the UI for `home`; `demo` adds keys to switch relays.
+pub async fn run_with(
+    home: &Path,
+    config: NetConfig,
+    demo: Option<Arc<dyn RelaySwitch>>,
+) -> Result<(), UserError> {
+    let store = match LocalStore::open(home) {
+        Ok(s) => s,
+        Err(StoreError::Locked(_)) => {
+            return Err(UserError(format!(
+                "a kkachi daemon is running for {}; stop it to open the UI (the UI stays online just like it)",
+                home.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut online = match store.identity()? {
+        Some(_) => Some(Online::start(home, store.clone(), config.clone())?),
+        None => None,
+    };
+    let mut state = State {
+        demo: demo.is_some(),
+        ..State::default()
+    };
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    spawn_key_reader(tx.clone());
+    let mut events = online.as_ref().map(|o| o.engine.subscribe());
+    let mut terminal = ratatui::init();
+    let _ = ratatui::crossterm::execute!(
+        std::io::stdout(),
+        ratatui::crossterm::event::EnableBracketedPaste
+    );
+    let mut tick = tokio::time::interval(TICK);
+    update(
+        &mut state,
+        Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), None)),
+    );
+    let result = loop {
+        if let Err(e) = terminal.draw(|f| view::view(&state, f)) {
+            break Err(UserError(format!("cannot draw: {e}")));
+        }
+        let msg = tokio::select! {
+            Some(msg) = rx.recv() => msg,
+            event = recv_event(&mut events) => match event {
+                Some(AppEvent::Message(r)) => Msg::Arrived(r.contact),
+                _ => Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected)),
+            },
+            _ = tick.tick() => {
+                if state.notice.as_ref().is_some_and(|(_, at)| at.elapsed() > NOTICE_FOR) {
+                    state.notice = None;
+                }
+                Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected))
+            }
+        };
+        for effect in update(&mut state, msg) {
+            match effect {
+                Effect::Init(name) => {
+                    let mut app = App::new(store.clone());
+                    match app.run(Command::Init { name }, false).await {
+                        Ok(_) => match Online::start(home, store.clone(), config.clone()) {
+                            Ok(o) => {
+                                events = Some(o.engine.subscribe());
+                                online = Some(o);
+                            }
+                            Err(e) => {
+                                state.notice =
+                                    Some((format!("error: {e}"), std::time::Instant::now()))
+                            }
+                        },
+                        Err(e) => {
+                            state.notice = Some((format!("error: {e}"), std::time::Instant::now()))
+                        }
+                    }
+                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
+                    update(&mut state, Msg::Loaded(data));
+                }
+                Effect::Reload => {
+                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
+                    update(&mut state, Msg::Loaded(data));
+                }
+                Effect::Bell => {
+                    let _ = std::io::stdout().write_all(b"\x07");
+                    let _ = std::io::stdout().flush();
+                }
+                other => {
+                    if let Some(o) = &online {
+                        run_effect(other, o.engine.clone(), demo.clone(), tx.clone());
+                    }
+                }
+            }
+        }
+        if state.quit {
+            break Ok(());
+        }
+    };
+    let _ = ratatui::crossterm::execute!(
+        std::io::stdout(),
+        ratatui::crossterm::event::DisableBracketedPaste
+    );
+    ratatui::restore();
+    if let Some(o) = online {
+        o.shutdown().await;
+    }
+    crate::ipc::cleanup(home);
+    let _ = store.flush().await;
+    result
+}
+
+async fn recv_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<AppEvent>>,
+) -> Option<AppEvent> {
+    match events {
+        // Lagged (None): the caller reloads everything.
+        Some(rx) => rx.recv().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads terminal events on a thread (crossterm's reader blocks).
+fn spawn_key_reader(tx: mpsc::Sender<Msg>) {
+    std::thread::spawn(move || {
+        loop {
+            let msg = match event::read() {
+                Ok(Event::Key(key)) => Msg::Key(key),
+                Ok(Event::Paste(text)) => Msg::Paste(text),
+                Ok(Event::Resize(..)) => Msg::Redraw,
+                Ok(_) => continue,
+                Err(_) => break,
+            };
+            if tx.blocking_send(msg).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Runs an effect in the background; its outcome comes back as a message.
+fn run_effect(
+    effect: Effect,
+    engine: Arc<Engine<Network>>,
+    demo: Option<Arc<dyn RelaySwitch>>,
+    tx: mpsc::Sender<Msg>,
+) {
+    tokio::spawn(async move {
+        let done = match effect {
+            Effect::Send { to, text } => {
+                let result = async {
+                    let contact = engine
+                        .store()
+                        .contact(&to)?
+                        .ok_or_else(|| UserError("that contact is gone".into()))?;
+                    let queued = engine.send_text(&contact, &text).await?;
+                    let _ = tx.send(Msg::Redraw).await;
+                    engine
+                        .deliver(queued.outbox_key, true, ATTEMPT_TIMEOUT)
+                        .await?;
+                    Ok::<_, UserError>(String::new())
+                }
+                .await;
+                match result {
+                    Ok(_) => Msg::Done {
+                        title: None,
+                        result: Ok(String::new()),
+                    },
+                    Err(e) => Msg::Done {
+                        title: None,
+                        result: Err(e.to_string()),
+                    },
+                }
+            }
+            Effect::Run { command, title } => {
+                let mut app = App::online(engine);
+                let result = match app.run(command, false).await {
+                    Ok(out) if out.code == 0 => Ok(format!("{}{}", out.stdout, out.stderr)
+                        .trim_end()
+                        .to_string()),
+                    Ok(out) => Err(out.stderr.trim().to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let result = result.map(|s| if s.is_empty() { "done".into() } else { s });
+                Msg::Done { title, result }
+            }
+            Effect::MarkRead(peer) => {
+                if let Err(e) = engine.mark_read(&peer).await {
+                    tracing::warn!(error = %e, "could not send read receipts");
+                }
+                return;
+            }
+            Effect::ToggleRelay(n) => match demo {
+                Some(d) => Msg::Done {
+                    title: None,
+                    result: Ok(d.toggle(n).await),
+                },
+                None => return,
+            },
+            Effect::Init(_) | Effect::Reload | Effect::Bell => return,
+        };
+        let _ = tx.send(done).await;
+    });
+}
+
+/// Reads what the UI shows from the store and the network.
+pub fn snapshot(
+    store: &LocalStore,
+    engine: Option<&Arc<Engine<Network>>>,
+    selected: Option<PeerId>,
+) -> Snapshot {
+    let me = match (store.identity(), store.profile()) {
+        (Ok(Some(id)), Ok(Some(p))) => Some((p.name, id.peer_id())),
+        _ => None,
+    };
+    let mut conversations: Vec<ConversationSummary> = store
+        .contacts()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            let recent = store.recent_messages(&c.peer, 200).unwrap_or_default();
+            ConversationSummary {
+                peer: c.peer,
+                name: c.name,
+                unread: recent
+                    .iter()
+                    .filter(|m| m.direction == Direction::In && m.state == MessageState::Received)
+                    .count(),
+                last_ms: recent.last().map(|m| m.sent_at_ms),
+            }
+        })
+        .collect();
+    conversations.sort_by_key(|c| std::cmp::Reverse(c.last_ms));
+    let selected = selected.or_else(|| conversations.first().map(|c| c.peer));
+    let (messages, missing) = match selected {
+        Some(peer) => (
+            store
+                .recent_messages(&peer, MESSAGES_SHOWN)
+                .unwrap_or_default(),
+            store
+                .conversation(&peer)
+                .map(|c| c.missing)
+                .unwrap_or_default(),
+        ),
+        None => (vec![], vec![]),
+    };
+    let relays = store.relays().unwrap_or_default();
+    let status = match engine {
+        Some(engine) => {
+            let connected = engine.net().connected();
+            let relay_peers: Vec<PeerId> = relays
+                .iter()
+                .filter_map(|r| r.addr.parse().ok().and_then(|a| peer_of(&a)))
+                .collect();
+            Status {
+                relays_up: relay_peers.iter().filter(|p| connected.contains(p)).count(),
+                relays: relays.len(),
+                // What no relay (or contact) has yet: the messages really waiting.
+                outbox: store
+                    .outbox()
+                    .map(|o| o.iter().filter(|(_, e)| e.acked_count() == 0).count())
+                    .unwrap_or(0),
+                lan_peers: engine.net().lan_peers().len(),
+            }
+        }
+        None => Status {
+            relays: relays.len(),
+            ..Status::default()
+        },
+    };
+    Snapshot {
+        me,
+        conversations,
+        messages,
+        missing,
+        status,
+    }
+}

@@ -1,0 +1,155 @@
+//! The model of the terminal UI: everything `view` draws, nothing else.
+
+use std::time::Instant;
+
+use kkachi_protocol::PeerId;
+use ratatui_textarea::TextArea;
+
+use crate::store::MessageRecord;
+
+/// One conversation in the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// The contact.
+    pub peer: PeerId,
+    /// Their name.
+    pub name: String,
+    /// Incoming messages not yet seen in the UI.
+    pub unread: usize,
+    /// When the last message was sent, Unix ms.
+    pub last_ms: Option<u64>,
+}
+
+/// Connectivity shown in the status bar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Own inbox relays with an open connection.
+    pub relays_up: usize,
+    /// Own inbox relays configured.
+    pub relays: usize,
+    /// Outbox entries no relay or contact has acknowledged yet.
+    pub outbox: usize,
+    /// Contacts reachable directly on the local network.
+    pub lan_peers: usize,
+}
+
+impl Status {
+    /// Nothing is reachable: no relay and no LAN peer.
+    pub fn offline(&self) -> bool {
+        self.relays_up == 0 && self.lan_peers == 0
+    }
+}
+
+/// What the loader read from the store for the current selection.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Our name and id, once `init` has run.
+    pub me: Option<(String, PeerId)>,
+    /// Conversations, most recent first.
+    pub conversations: Vec<ConversationSummary>,
+    /// Messages of the selected conversation, oldest first.
+    pub messages: Vec<MessageRecord>,
+    /// Their sequence numbers still missing in the selected conversation.
+    pub missing: Vec<u64>,
+    /// Connectivity.
+    pub status: Status,
+}
+
+/// A panel drawn over the chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Overlay {
+    /// Keys and commands.
+    Help,
+    /// First start: asks for a name.
+    Welcome,
+    /// Text from a command (invite with QR, relay list, errors).
+    Text {
+        /// Panel title.
+        title: String,
+        /// Its lines.
+        body: String,
+    },
+}
+
+/// The whole UI state.
+pub struct State {
+    /// Data from the store.
+    pub data: Snapshot,
+    /// The selected conversation.
+    pub selected: Option<PeerId>,
+    /// The input box.
+    pub input: TextArea<'static>,
+    /// An open panel, if any.
+    pub overlay: Option<Overlay>,
+    /// A one-line notice in the status bar, and when it was set.
+    pub notice: Option<(String, Instant)>,
+    /// Lines scrolled up from the bottom of the chat.
+    pub scroll: usize,
+    /// Ring the terminal bell for messages in other conversations.
+    pub bell: bool,
+    /// Demo controls are available (F2–F4 toggle relays).
+    pub demo: bool,
+    /// Set when the user asked to quit.
+    pub quit: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("selected", &self.selected)
+            .field("overlay", &self.overlay)
+            .field("scroll", &self.scroll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            data: Snapshot::default(),
+            selected: None,
+            input: new_input(),
+            overlay: None,
+            notice: None,
+            scroll: 0,
+            bell: true,
+            demo: false,
+            quit: false,
+        }
+    }
+}
+
+/// A fresh input box.
+pub fn new_input() -> TextArea<'static> {
+    let mut input = TextArea::default();
+    input.set_cursor_line_style(ratatui::style::Style::default());
+    input.set_placeholder_text("Type a message, or /help");
+    input
+}
+
+impl State {
+    /// The selected conversation's summary.
+    pub fn current(&self) -> Option<&ConversationSummary> {
+        let peer = self.selected?;
+        self.data.conversations.iter().find(|c| c.peer == peer)
+    }
+
+    /// Takes in new data; keeps the selection valid (the most recent conversation when
+    /// there was none).
+    pub fn load(&mut self, data: Snapshot) {
+        self.data = data;
+        let valid = self
+            .selected
+            .is_some_and(|p| self.data.conversations.iter().any(|c| c.peer == p));
+        if !valid {
+            self.selected = self.data.conversations.first().map(|c| c.peer);
+            self.scroll = 0;
+        }
+        if self.data.me.is_none() && self.overlay.is_none() {
+            self.overlay = Some(Overlay::Welcome);
+        }
+        if self.data.me.is_some() && self.overlay == Some(Overlay::Welcome) {
+            self.overlay = None;
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! `update(state, msg) -> effects`: all UI behaviour, with no I/O.
+
+use std::time::Instant;
+
+use kkachi_protocol::PeerId;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+
+use super::state::{Overlay, Snapshot, State, new_input};
+use crate::cli::{Command, ContactCommand, RelayCommand};
+
+/// Something that happened.
+#[derive(Debug)]
+pub enum Msg {
+    /// A key press.
+    Key(KeyEvent),
+    /// Pasted text.
+    Paste(String),
+    /// Fresh data from the store.
+    Loaded(Snapshot),
+    /// A message arrived in a conversation.
+    Arrived(PeerId),
+    /// The terminal changed size: just draw again.
+    Redraw,
+    /// A background effect finished: text to show, or an error.
+    Done {
+        /// Panel title (None: a one-line notice).
+        title: Option<String>,
+        /// The output or error.
+        result: Result<String, String>,
+    },
+}
+
+/// Something for the runtime to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send a text.
+    Send {
+        /// To whom.
+        to: PeerId,
+        /// What.
+        text: String,
+    },
+    /// Run a CLI command; show its output in a panel titled `title`.
+    Run {
+        /// The command.
+        command: Command,
+        /// Panel title (None: one-line notice).
+        title: Option<String>,
+    },
+    /// Create the identity.
+    Init(String),
+    /// Tell the contact we saw these messages.
+    MarkRead(PeerId),
+    /// Re-read the store (selection or scroll changed).
+    Reload,
+    /// Ring the terminal bell.
+    Bell,
+    /// Demo: take relay `n` (0-based) down or bring it back.
+    ToggleRelay(usize),
+}
+
+/// The help text (also `/help`).
+pub const HELP: &str = "\
+Enter        send the message (or run a /command)
+Alt+Enter    new line
+Tab, S-Tab   next / previous conversation (also Alt+Down / Alt+Up)
+PgUp, PgDn   scroll the conversation
+F1           this help          Esc   close a panel
+Ctrl+C       quit
+
+/invite                 your invite code and QR code
+/add CODE [name]        add a contact from their invite code
+/relays                 your relays: up/down, latency, failure domain
+/relay add ADDR         add an inbox relay      /relay remove ADDR
+/bell                   bell on/off for messages in other conversations
+/quit                   quit";
+
+/// Applies `msg` to `state`; returns what the runtime must do.
+pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
+    match msg {
+        Msg::Loaded(data) => {
+            state.load(data);
+            vec![]
+        }
+        Msg::Arrived(peer) => {
+            if state.selected == Some(peer) {
+                state.scroll = 0;
+                vec![Effect::Reload, Effect::MarkRead(peer)]
+            } else if state.bell {
+                vec![Effect::Reload, Effect::Bell]
+            } else {
+                vec![Effect::Reload]
+            }
+        }
+        Msg::Done { title, result } => {
+            match (title, result) {
+                (Some(title), Ok(body)) => state.overlay = Some(Overlay::Text { title, body }),
+                (None, Ok(line)) => {
+                    if let Some(first) = line.lines().next() {
+                        notice(state, first);
+                    }
+                }
+                (_, Err(e)) => notice(state, &format!("error: {e}")),
+            }
+            vec![Effect::Reload]
+        }
+        Msg::Redraw => vec![],
+        Msg::Paste(text) => {
+            state.input.insert_str(text);
+            vec![]
+        }
+        Msg::Key(key) if key.kind != KeyEventKind::Release => on_key(state, key),
+        Msg::Key(_) => vec![],
+    }
+}
+
+fn notice(state: &mut State, text: &str) {
+    state.notice = Some((text.to_string(), Instant::now()));
+}
+
+fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
+    let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+    let alt = key.modifiers.contains(KeyModifiers::ALT);
+    match key.code {
+        KeyCode::Char('c') if ctrl => {
+            state.quit = true;
+            vec![]
+        }
+        KeyCode::F(1) => {
+            state.overlay = Some(Overlay::Help);
+            vec![]
+        }
+        KeyCode::F(n @ 2..=4) if state.demo => vec![Effect::ToggleRelay(usize::from(n - 2))],
+        KeyCode::Esc if state.overlay.is_some() && state.overlay != Some(Overlay::Welcome) => {
+            state.overlay = None;
+            vec![]
+        }
+        KeyCode::Tab => switch(state, 1),
+        KeyCode::BackTab => switch(state, -1),
+        KeyCode::Down if alt => switch(state, 1),
+        KeyCode::Up if alt => switch(state, -1),
+        KeyCode::PageUp => {
+            state.scroll = state.scroll.saturating_add(10);
+            vec![]
+        }
+        KeyCode::PageDown => {
+            state.scroll = state.scroll.saturating_sub(10);
+            vec![]
+        }
+        KeyCode::Enter if alt => {
+            state.input.insert_newline();
+            vec![]
+        }
+        KeyCode::Enter => submit(state),
+        _ => {
+            state.input.input(key);
+            vec![]
+        }
+    }
+}
+
+fn switch(state: &mut State, step: isize) -> Vec<Effect> {
+    let list = &state.data.conversations;
+    if list.is_empty() {
+        return vec![];
+    }
+    let at = state
+        .selected
+        .and_then(|p| list.iter().position(|c| c.peer == p))
+        .unwrap_or(0) as isize;
+    let next = (at + step).rem_euclid(list.len() as isize) as usize;
+    let peer = list[next].peer;
+    state.selected = Some(peer);
+    state.scroll = 0;
+    vec![Effect::Reload, Effect::MarkRead(peer)]
+}
+
+fn submit(state: &mut State) -> Vec<Effect> {
+    let text = state.input.lines().join("\n");
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return vec![];
+    }
+    state.input = new_input();
+    if state.data.me.is_none() {
+        // The welcome panel asks for a name.
+        return vec![Effect::Init(text)];
+    }
+    if let Some(command) = text.strip_prefix('/') {
+        return run_command(state, command);
+    }
+    match state.selected {
+        Some(to) => {
+            state.scroll = 0;
+            vec![Effect::Send { to, text }]
+        }
+        None => {
+            notice(state, "no conversation yet: add a contact with /add CODE");
+            vec![]
+        }
+    }
+}
+
+fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
+    let mut words = line.split_whitespace();
+    let run = |command, title: Option<&str>| Effect::Run {
+        command,
+        title: title.map(str::to_string),
+    };
+    match (words.next(), words.next()) {
+        (Some("quit" | "q"), _) => {
+            state.quit = true;
+            vec![]
+        }
+        (Some("help"), _) => {
+            state.overlay = Some(Overlay::Help);
+            vec![]
+        }
+        (Some("invite"), _) => vec![run(Command::Invite { qr: true }, Some("Your invite code"))],
+        (Some("relays"), _) | (Some("relay"), Some("list")) => {
+            vec![run(Command::Relay(RelayCommand::List), Some("Relays"))]
+        }
+        (Some("relay"), Some("add")) => {
+            let addrs: Vec<String> = words.map(str::to_string).collect();
+            if addrs.is_empty() {
+                notice(state, "usage: /relay add ADDR");
+                return vec![];
+            }
+            vec![run(Command::Relay(RelayCommand::Add { addrs }), None)]
+        }
+        (Some("relay"), Some("remove")) => match words.next() {
+            Some(addr) => vec![run(
+                Command::Relay(RelayCommand::Remove {
+                    addr: addr.to_string(),
+                }),
+                None,
+            )],
+            None => {
+                notice(state, "usage: /relay remove ADDR");
+                vec![]
+            }
+        },
+        (Some("add"), Some(code)) => {
+            let name: Vec<&str> = words.collect();
+            let name = (!name.is_empty()).then(|| name.join(" "));
+            vec![run(
+                Command::Contact(ContactCommand::Add {
+                    code: code.to_string(),
+                    name,
+                }),
+                None,
+            )]
+        }
+        (Some("add"), None) => {
+            notice(state, "usage: /add CODE [name]");
+            vec![]
+        }
+        (Some("bell"), _) => {
+            state.bell = !state.bell;
+            notice(state, if state.bell { "bell on" } else { "bell off" });
+            vec![]
+        }
+        _ => {
+            notice(state, &format!("unknown command /{line}; /help lists them"));
+            vec![]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tui::state::{ConversationSummary, Status};
+
+    fn key(code: KeyCode) -> Msg {
+        Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+    }
+
+    fn typed(state: &mut State, text: &str) {
+        for c in text.chars() {
+            update(state, key(KeyCode::Char(c)));
+        }
+    }
+
+    fn loaded(n: usize) -> (State, Vec<PeerId>) {
+        let peers: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
+        let mut s = State::default();
+        update(
+            &mut s,
+            Msg::Loaded(Snapshot {
+                me: Some(("me".into(), PeerId::random())),
+                conversations: peers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| ConversationSummary {
+                        peer: *p,
+                        name: format!("c{i}"),
+                        unread: 0,
+                        last_ms: None,
+                    })
+                    .collect(),
+                status: Status {
+                    relays_up: 1,
+                    relays: 2,
+                    outbox: 0,
+                    lan_peers: 0,
+                },
+                ..Snapshot::default()
+            }),
+        );
+        (s, peers)
+    }
+
+    #[test]
+    fn starts_on_the_most_recent_conversation_and_enter_sends() {
+        let (mut s, peers) = loaded(3);
+        assert_eq!(s.selected, Some(peers[0]));
+        typed(&mut s, "hello");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            effects,
+            vec![Effect::Send {
+                to: peers[0],
+                text: "hello".into()
+            }]
+        );
+        assert_eq!(s.input.lines(), [""], "input cleared after sending");
+        assert!(
+            update(&mut s, key(KeyCode::Enter)).is_empty(),
+            "empty input sends nothing"
+        );
+    }
+
+    #[test]
+    fn alt_enter_makes_a_new_line() {
+        let (mut s, peers) = loaded(1);
+        typed(&mut s, "a");
+        update(
+            &mut s,
+            Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT)),
+        );
+        typed(&mut s, "b");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            effects,
+            vec![Effect::Send {
+                to: peers[0],
+                text: "a\nb".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn tab_cycles_conversations_both_ways() {
+        let (mut s, peers) = loaded(3);
+        update(&mut s, key(KeyCode::Tab));
+        assert_eq!(s.selected, Some(peers[1]));
+        update(&mut s, key(KeyCode::BackTab));
+        update(&mut s, key(KeyCode::BackTab));
+        assert_eq!(s.selected, Some(peers[2]), "wraps around");
+        update(
+            &mut s,
+            Msg::Key(KeyEvent::new(KeyCode::Down, KeyModifiers::ALT)),
+        );
+        assert_eq!(s.selected, Some(peers[0]));
+    }
+
+    #[test]
+    fn commands_become_effects_and_unknown_ones_say_so() {
+        let (mut s, _) = loaded(1);
+        typed(&mut s, "/add kk1abc Minji Park");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            e,
+            vec![Effect::Run {
+                command: Command::Contact(ContactCommand::Add {
+                    code: "kk1abc".into(),
+                    name: Some("Minji Park".into())
+                }),
+                title: None
+            }]
+        );
+        typed(&mut s, "/relays");
+        assert!(matches!(
+            update(&mut s, key(KeyCode::Enter))[0],
+            Effect::Run {
+                command: Command::Relay(RelayCommand::List),
+                ..
+            }
+        ));
+        typed(&mut s, "/frobnicate");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("unknown command"));
+        typed(&mut s, "/quit");
+        update(&mut s, key(KeyCode::Enter));
+        assert!(s.quit);
+    }
+
+    #[test]
+    fn help_opens_with_f1_and_closes_with_esc() {
+        let (mut s, _) = loaded(1);
+        update(&mut s, key(KeyCode::F(1)));
+        assert_eq!(s.overlay, Some(Overlay::Help));
+        update(&mut s, key(KeyCode::Esc));
+        assert_eq!(s.overlay, None);
+    }
+
+    #[test]
+    fn first_start_asks_for_a_name() {
+        let mut s = State::default();
+        update(&mut s, Msg::Loaded(Snapshot::default()));
+        assert_eq!(s.overlay, Some(Overlay::Welcome));
+        update(&mut s, key(KeyCode::Esc));
+        assert_eq!(
+            s.overlay,
+            Some(Overlay::Welcome),
+            "the welcome panel stays until a name is given"
+        );
+        typed(&mut s, "Jiwoo");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Init("Jiwoo".into())]
+        );
+    }
+
+    #[test]
+    fn messages_elsewhere_ring_the_bell_unless_turned_off() {
+        let (mut s, peers) = loaded(2);
+        assert!(update(&mut s, Msg::Arrived(peers[1])).contains(&Effect::Bell));
+        assert!(update(&mut s, Msg::Arrived(peers[0])).contains(&Effect::MarkRead(peers[0])));
+        typed(&mut s, "/bell");
+        update(&mut s, key(KeyCode::Enter));
+        assert!(!update(&mut s, Msg::Arrived(peers[1])).contains(&Effect::Bell));
+    }
+
+    #[test]
+    fn ctrl_c_quits_and_paging_scrolls() {
+        let (mut s, _) = loaded(1);
+        update(&mut s, key(KeyCode::PageUp));
+        assert_eq!(s.scroll, 10);
+        update(&mut s, key(KeyCode::PageDown));
+        assert_eq!(s.scroll, 0);
+        update(
+            &mut s,
+            Msg::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+        );
+        assert!(s.quit);
+    }
+}

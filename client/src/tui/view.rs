@@ -1,0 +1,414 @@
+//! `view(state, frame)`: draws the state; decides nothing.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span, Text};
+use ratatui::widgets::{Block, Clear, List, ListItem, ListState, Paragraph, Wrap};
+use unicode_width::UnicodeWidthChar;
+
+use super::state::{Overlay, State};
+use super::update::HELP;
+use crate::store::{Direction, MessageRecord, MessageState};
+use crate::time::format_ms_short;
+
+/// Draws the whole screen.
+pub fn view(state: &State, frame: &mut Frame) {
+    let [main, status] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(1)]).areas(frame.area());
+    let list_width = if main.width > 60 { 26 } else { main.width / 3 };
+    let [list, right] =
+        Layout::horizontal([Constraint::Length(list_width), Constraint::Min(10)]).areas(main);
+    let input_height = (state.input.lines().len() as u16 + 2).clamp(3, 8);
+    let [chat, input] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(input_height)]).areas(right);
+    draw_list(state, frame, list);
+    draw_chat(state, frame, chat);
+    draw_input(state, frame, input);
+    draw_status(state, frame, status);
+    if let Some(overlay) = &state.overlay {
+        draw_overlay(overlay, frame, main);
+    }
+}
+
+fn draw_list(state: &State, frame: &mut Frame, area: Rect) {
+    let items: Vec<ListItem> = state
+        .data
+        .conversations
+        .iter()
+        .map(|c| {
+            let when = c.last_ms.map(format_ms_short).unwrap_or_default();
+            let mut spans = vec![Span::raw(c.name.clone())];
+            if c.unread > 0 {
+                spans.push(Span::raw(" "));
+                spans.push(Span::styled(
+                    format!("({})", c.unread),
+                    Style::new().fg(Color::Yellow).bold(),
+                ));
+            }
+            let used: usize = spans.iter().map(|s| s.width()).sum();
+            let inner = usize::from(area.width.saturating_sub(4));
+            let pad = inner.saturating_sub(used + when.len());
+            spans.push(Span::raw(" ".repeat(pad)));
+            spans.push(Span::styled(when, Style::new().fg(Color::DarkGray)));
+            ListItem::new(Line::from(spans))
+        })
+        .collect();
+    let selected = state
+        .selected
+        .and_then(|p| state.data.conversations.iter().position(|c| c.peer == p));
+    let list = List::new(items)
+        .block(Block::bordered().title(" Conversations "))
+        .highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+        .highlight_symbol("›");
+    let mut list_state = ListState::default().with_selected(selected);
+    frame.render_stateful_widget(list, area, &mut list_state);
+}
+
+/// The delivery glyph of an outgoing message.
+pub fn glyph(state: &MessageState) -> Span<'static> {
+    match state {
+        MessageState::Queued => Span::styled(" ◷ queued", Style::new().fg(Color::Yellow)),
+        MessageState::Relayed { relayed, total } => Span::styled(
+            format!(" ✓ {relayed}/{total}"),
+            Style::new().fg(Color::DarkGray),
+        ),
+        MessageState::Delivered => Span::styled(" ✓✓", Style::new().fg(Color::Green)),
+        MessageState::Read => Span::styled(" ✓✓ read", Style::new().fg(Color::Cyan)),
+        MessageState::Received => Span::raw(""),
+    }
+}
+
+fn message_lines(m: &MessageRecord, them: &str, width: usize) -> Vec<Line<'static>> {
+    let (who, who_style) = match m.direction {
+        Direction::Out => ("me".to_string(), Style::new().fg(Color::Blue).bold()),
+        Direction::In => (them.to_string(), Style::new().fg(Color::Magenta).bold()),
+    };
+    let prefix = format!("{} {}: ", format_ms_short(m.sent_at_ms), who);
+    let indent = prefix.chars().count().min(width / 2);
+    let mut lines = Vec::new();
+    let mut first = true;
+    for paragraph in m.text.split('\n') {
+        for chunk in wrap(paragraph, width.saturating_sub(indent).max(8)) {
+            let mut spans = Vec::new();
+            if first {
+                spans.push(Span::styled(
+                    format_ms_short(m.sent_at_ms),
+                    Style::new().fg(Color::DarkGray),
+                ));
+                spans.push(Span::raw(" "));
+                spans.push(Span::styled(who.clone(), who_style));
+                spans.push(Span::raw(": "));
+                first = false;
+            } else {
+                spans.push(Span::raw(" ".repeat(indent)));
+            }
+            spans.push(Span::raw(chunk));
+            lines.push(Line::from(spans));
+        }
+    }
+    if m.direction == Direction::Out
+        && let Some(last) = lines.last_mut()
+    {
+        last.spans.push(glyph(&m.state));
+    }
+    lines
+}
+
+/// Splits `text` into pieces at most `width` columns wide (wide characters count two).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut line = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w > width && !line.is_empty() {
+            out.push(std::mem::take(&mut line));
+            used = 0;
+        }
+        line.push(c);
+        used += w;
+    }
+    out.push(line);
+    out
+}
+
+fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
+    let Some(current) = state.current() else {
+        let hint = Paragraph::new(Text::from(vec![
+            Line::from("No conversations yet."),
+            Line::from(""),
+            Line::from("Ask someone for their invite code and type /add CODE,"),
+            Line::from("and give them yours with /invite."),
+        ]))
+        .block(Block::bordered().title(" kkachi "))
+        .wrap(Wrap { trim: false });
+        frame.render_widget(hint, area);
+        return;
+    };
+    let width = usize::from(area.width.saturating_sub(2));
+    let mut lines: Vec<Line> = Vec::new();
+    for m in &state.data.messages {
+        lines.extend(message_lines(m, &current.name, width));
+    }
+    if !state.data.missing.is_empty() {
+        lines.push(Line::from(Span::styled(
+            format!(
+                "⚠ {} earlier message(s) from {} not received yet",
+                state.data.missing.len(),
+                current.name
+            ),
+            Style::new().fg(Color::Yellow),
+        )));
+    }
+    let height = usize::from(area.height.saturating_sub(2));
+    let bottom = lines.len().saturating_sub(
+        state
+            .scroll
+            .min(lines.len().saturating_sub(height.min(lines.len()))),
+    );
+    let top = bottom.saturating_sub(height);
+    let visible: Vec<Line> = lines[top..bottom].to_vec();
+    let mut title = format!(" {} ", current.name);
+    if state.scroll > 0 {
+        title.push_str("(scrolled, PgDn) ");
+    }
+    frame.render_widget(
+        Paragraph::new(visible).block(Block::bordered().title(title)),
+        area,
+    );
+}
+
+fn draw_input(state: &State, frame: &mut Frame, area: Rect) {
+    let mut input = state.input.clone();
+    input.set_block(
+        Block::bordered().title(" Message · Enter send · Alt+Enter new line · F1 help "),
+    );
+    frame.render_widget(&input, area);
+}
+
+fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
+    let s = &state.data.status;
+    let relay_style = if s.relays_up == 0 {
+        Style::new().fg(Color::Red).bold()
+    } else if s.relays_up < s.relays {
+        Style::new().fg(Color::Yellow)
+    } else {
+        Style::new().fg(Color::Green)
+    };
+    let mut spans = vec![
+        Span::styled(
+            format!(" relays {}/{} ", s.relays_up, s.relays),
+            relay_style,
+        ),
+        Span::raw("│"),
+        Span::raw(format!(" outbox {} ", s.outbox)),
+        Span::raw("│"),
+        Span::raw(format!(" LAN {} ", s.lan_peers)),
+    ];
+    if s.offline() {
+        spans.push(Span::raw("│"));
+        spans.push(Span::styled(
+            " OFFLINE: messages wait in the outbox ",
+            Style::new().fg(Color::White).bg(Color::Red).bold(),
+        ));
+    }
+    if state.demo {
+        spans.push(Span::raw("│"));
+        spans.push(Span::styled(
+            " F2/F3/F4 relay down/up ",
+            Style::new().fg(Color::Cyan),
+        ));
+    }
+    if let Some((notice, _)) = &state.notice {
+        spans.push(Span::raw("│ "));
+        spans.push(Span::styled(notice.clone(), Style::new().italic()));
+    }
+    frame.render_widget(Paragraph::new(Line::from(spans)), area);
+}
+
+fn centered(area: Rect, width: u16, height: u16) -> Rect {
+    let w = width.min(area.width);
+    let h = height.min(area.height);
+    Rect::new(
+        area.x + (area.width - w) / 2,
+        area.y + (area.height - h) / 2,
+        w,
+        h,
+    )
+}
+
+fn draw_overlay(overlay: &Overlay, frame: &mut Frame, area: Rect) {
+    let (title, body) = match overlay {
+        Overlay::Help => (" Help (Esc closes) ".to_string(), HELP.to_string()),
+        Overlay::Welcome => (
+            " Welcome to kkachi ".to_string(),
+            "kkachi keeps your chats going when a server or a whole datacenter fails:\n\
+             messages go to several relays run by different people, wait safely on your\n\
+             device when nothing is reachable, and travel directly on a local network.\n\n\
+             Type the name your contacts will see, and press Enter."
+                .to_string(),
+        ),
+        Overlay::Text { title, body } => (format!(" {title} (Esc closes) "), body.clone()),
+    };
+    let lines = body.lines().count() as u16 + 2;
+    let widest = body.lines().map(|l| l.chars().count()).max().unwrap_or(20) as u16 + 4;
+    let rect = centered(area, widest.max(title.chars().count() as u16 + 4), lines);
+    frame.render_widget(Clear, rect);
+    frame.render_widget(
+        Paragraph::new(body).block(Block::bordered().title(title)),
+        rect,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use kkachi_protocol::PeerId;
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+
+    use super::*;
+    use crate::tui::state::{ConversationSummary, Snapshot, Status};
+
+    fn message(
+        direction: Direction,
+        text: &str,
+        state: MessageState,
+        minute: u64,
+    ) -> MessageRecord {
+        MessageRecord {
+            id: [minute as u8; 16],
+            direction,
+            text: text.into(),
+            state,
+            sent_at_ms: 1_700_000_000_000 + minute * 60_000,
+            stored_at_ms: 0,
+            seq: minute,
+            prev: [0; 32],
+        }
+    }
+
+    fn render(state: &State, w: u16, h: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+        terminal.draw(|f| view(state, f)).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        let mut out = String::new();
+        for y in 0..h {
+            let mut x = 0;
+            while x < w {
+                let symbol = buffer[(x, y)].symbol();
+                out.push_str(symbol);
+                // A wide character covers the next cell too.
+                x += unicode_width::UnicodeWidthStr::width(symbol).max(1) as u16;
+            }
+            out.push('\n');
+        }
+        // Times depend on the local time zone; mask them.
+        mask_times(&out)
+    }
+
+    fn mask_times(s: &str) -> String {
+        let chars: Vec<char> = s.chars().collect();
+        let mut out = String::new();
+        let mut i = 0;
+        while i < chars.len() {
+            if i + 5 <= chars.len()
+                && chars[i].is_ascii_digit()
+                && chars[i + 1].is_ascii_digit()
+                && chars[i + 2] == ':'
+                && chars[i + 3].is_ascii_digit()
+                && chars[i + 4].is_ascii_digit()
+            {
+                out.push_str("HH:MM");
+                i += 5;
+            } else {
+                out.push(chars[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn chat_state() -> State {
+        let minji = PeerId::random();
+        let mut s = State::default();
+        s.load(Snapshot {
+            me: Some(("Jiwoo".into(), PeerId::random())),
+            conversations: vec![
+                ConversationSummary {
+                    peer: minji,
+                    name: "Minji".into(),
+                    unread: 0,
+                    last_ms: Some(1_700_000_300_000),
+                },
+                ConversationSummary {
+                    peer: PeerId::random(),
+                    name: "Hyun".into(),
+                    unread: 2,
+                    last_ms: Some(1_700_000_000_000),
+                },
+            ],
+            messages: vec![
+                message(Direction::In, "점심 먹었어?", MessageState::Received, 1),
+                message(Direction::Out, "아직! you?", MessageState::Read, 2),
+                message(
+                    Direction::Out,
+                    "relay test",
+                    MessageState::Relayed {
+                        relayed: 2,
+                        total: 3,
+                    },
+                    3,
+                ),
+                message(Direction::Out, "nothing reachable", MessageState::Queued, 4),
+            ],
+            missing: vec![5],
+            status: Status {
+                relays_up: 1,
+                relays: 2,
+                outbox: 1,
+                lan_peers: 0,
+            },
+        });
+        s
+    }
+
+    #[test]
+    fn chat_screen_snapshot() {
+        insta::assert_snapshot!(render(&chat_state(), 80, 16));
+    }
+
+    #[test]
+    fn offline_status_and_help_overlay_snapshot() {
+        let mut s = chat_state();
+        s.data.status = Status {
+            relays_up: 0,
+            relays: 2,
+            outbox: 3,
+            lan_peers: 0,
+        };
+        s.overlay = Some(Overlay::Help);
+        let screen = render(&s, 80, 22);
+        assert!(screen.contains("OFFLINE"));
+        assert!(screen.contains("relays 0/2"));
+        insta::assert_snapshot!(screen);
+    }
+
+    #[test]
+    fn welcome_on_first_start_and_tiny_terminals_do_not_panic() {
+        let mut s = State::default();
+        s.load(Snapshot::default());
+        let screen = render(&s, 80, 20);
+        assert!(screen.contains("Welcome to kkachi"));
+        for (w, h) in [(1, 1), (10, 4), (20, 3), (200, 60)] {
+            render(&chat_state(), w, h);
+        }
+    }
+
+    #[test]
+    fn wide_characters_wrap_by_columns() {
+        let pieces = wrap("가나다라마", 4);
+        assert_eq!(pieces, vec!["가나", "다라", "마"]);
+        assert_eq!(wrap("", 4), vec![""]);
+    }
+}
