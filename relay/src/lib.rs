@@ -129,9 +129,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reports a storage failure the relay cannot continue after.
+type FatalProbe = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// A running relay.
-#[derive(Debug)]
 pub struct RelayHandle {
+    fatal: FatalProbe,
     peer_id: PeerId,
     addrs: watch::Receiver<Vec<Multiaddr>>,
     metrics: Metrics,
@@ -140,7 +143,27 @@ pub struct RelayHandle {
     task: JoinHandle<Result<(), RelayError>>,
 }
 
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("peer_id", &self.peer_id)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RelayHandle {
+    /// A storage failure the relay cannot continue after, if one happened: the relay
+    /// is stopping, and should be restarted once the cause (a full disk) is fixed.
+    pub fn fatal(&self) -> Option<String> {
+        (self.fatal)()
+    }
+
+    /// True once the relay task has ended (after `shutdown` or a fatal failure).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// The relay's PeerId.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
@@ -250,6 +273,8 @@ pub async fn start_with<S: MailboxStore + Clone>(
             })?;
         listeners.push(id);
     }
+    let probe_store = store.clone();
+    let fatal: FatalProbe = Arc::new(move || probe_store.fatal());
     let service = Arc::new(service::Service::new(&config, store, metrics.clone()));
     let (addrs_tx, addrs) = watch::channel(Vec::new());
     let (shutdown, shutdown_rx) = oneshot::channel();
@@ -264,6 +289,7 @@ pub async fn start_with<S: MailboxStore + Clone>(
     let task = tokio::spawn(node.run(shutdown_rx));
     tracing::info!(%peer_id, "relay started");
     Ok(RelayHandle {
+        fatal,
         peer_id,
         addrs,
         metrics,

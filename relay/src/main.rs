@@ -140,8 +140,21 @@ async fn main() -> anyhow::Result<()> {
     let mut printed: HashSet<Multiaddr> = HashSet::new();
     let signal = wait_for_signal();
     tokio::pin!(signal);
+    let mut watchdog = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
         tokio::select! {
+            _ = watchdog.tick() => {
+                if let Some(why) = relay.fatal() {
+                    // The node drains by itself; a store that blocks in sled must not
+                    // keep the process alive. Everything acknowledged is on disk.
+                    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(12);
+                    while !relay.is_finished() && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    eprintln!("error: storage failed ({why}); stopped. Start the relay again once the disk has space (systemd and Docker restart it automatically).");
+                    std::process::exit(1);
+                }
+            }
             changed = addrs.changed() => {
                 if changed.is_err() {
                     break;
@@ -160,6 +173,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    relay.shutdown().await?;
+    if let Err(e) = relay.shutdown().await {
+        // Exit without running destructors: a failed store may block in them, and
+        // everything acknowledged is already on disk.
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     Ok(())
 }

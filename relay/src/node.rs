@@ -132,6 +132,8 @@ pub(crate) struct Node<S> {
     puts: FuturesUnordered<PendingPut>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     listeners: Vec<ListenerId>,
+    /// Set when the store failed: drain without a final flush, and report it.
+    fatal: Option<String>,
 }
 
 impl<S: MailboxStore + Clone> Node<S> {
@@ -153,6 +155,7 @@ impl<S: MailboxStore + Clone> Node<S> {
             puts: FuturesUnordered::new(),
             addrs,
             listeners,
+            fatal: None,
         }
     }
 
@@ -178,6 +181,10 @@ impl<S: MailboxStore + Clone> Node<S> {
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 _ = tick.tick() => {
+                    if let Some(why) = self.service.store().fatal() {
+                        self.fatal = Some(why);
+                        break;
+                    }
                     self.expire_waiters(Instant::now());
                     if last_expiry.elapsed() >= EXPIRY_EVERY {
                         last_expiry = Instant::now();
@@ -394,6 +401,12 @@ impl<S: MailboxStore + Clone> Node<S> {
                 event = self.swarm.select_next_some() => self.on_drain_event(event),
                 _ = &mut flush_out => break,
             }
+        }
+        if let Some(why) = self.fatal.take() {
+            // The store cannot flush any more; everything acknowledged already was.
+            return Err(RelayError::Store(format!(
+                "{why}. Stopped; start the relay again once the disk has space (systemd and Docker restart it automatically)"
+            )));
         }
         self.service
             .store()

@@ -5,6 +5,9 @@
 //!   data), daemons whose JSON output is read line by line.
 //! - [`checker`]: records what was reported sent and what was shown, and reports lost,
 //!   duplicated, reordered-without-notice, latency percentiles and the longest gap.
+//! - [`faults`]: a fault-injecting TCP proxy (blackhole, delay, reset) and a malicious
+//!   relay store (tamper, duplicate, replay, reorder, drop); [`inproc`] runs relays
+//!   with such stores inside the test process.
 //! - [`netns`]: network namespaces and nftables rules for LAN and partition scenarios
 //!   (root only; tests say why they skip otherwise).
 //!
@@ -12,10 +15,78 @@
 //! test --workspace` builds them.
 
 pub mod checker;
+pub mod faults;
 pub mod netns;
 pub mod procs;
 
 /// True when long soak runs are asked for (`KKACHI_SOAK=1`).
 pub fn soak() -> bool {
     std::env::var_os("KKACHI_SOAK").is_some_and(|v| v != "0")
+}
+
+pub mod inproc {
+    //! A relay with a chosen store, run on its own runtime thread inside the test.
+
+    use kkachi_relay::config::Config;
+    use kkachi_relay::store::MailboxStore;
+    use libp2p::identity::Keypair;
+
+    /// A relay running inside this process.
+    #[derive(Debug)]
+    pub struct InProcessRelay {
+        /// Its address, ending in `/p2p/<id>`.
+        pub addr: String,
+        stop: Option<std::sync::mpsc::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl InProcessRelay {
+        /// Starts a relay over `store` on loopback.
+        pub fn start<S: MailboxStore + Clone>(store: S) -> Self {
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let config = Config {
+                        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
+                        ..Config::default()
+                    };
+                    let mut relay = kkachi_relay::start_with(
+                        config,
+                        Keypair::generate_ed25519(),
+                        store,
+                        kkachi_relay::Metrics::new(),
+                    )
+                    .await
+                    .expect("relay starts");
+                    let addr = relay.wait_listening(1).await.remove(0);
+                    addr_tx.send(addr.to_string()).expect("report address");
+                    let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+                    let _ = relay.shutdown().await;
+                });
+            });
+            let addr = addr_rx.recv().expect("relay address");
+            Self {
+                addr,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for InProcessRelay {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
 }

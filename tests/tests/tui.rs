@@ -13,17 +13,34 @@ struct Tmux {
 
 impl Tmux {
     fn start(session: &str, command: &str) -> Self {
-        let _ = Command::new("tmux").args(["kill-session", "-t", session]).output();
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", session])
+            .output();
         let ok = Command::new("tmux")
-            .args(["new-session", "-d", "-s", session, "-x", "100", "-y", "30", command])
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                session,
+                "-x",
+                "100",
+                "-y",
+                "30",
+                command,
+            ])
             .status()
             .expect("tmux runs");
         assert!(ok.success(), "tmux session did not start");
-        Self { session: session.to_string() }
+        Self {
+            session: session.to_string(),
+        }
     }
 
     fn screen(&self) -> String {
-        let o = Command::new("tmux").args(["capture-pane", "-t", &self.session, "-p"]).output().unwrap();
+        let o = Command::new("tmux")
+            .args(["capture-pane", "-t", &self.session, "-p"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -41,7 +58,10 @@ impl Tmux {
             if screen.contains(needle) {
                 return screen;
             }
-            assert!(Instant::now() < deadline, "screen never showed {needle:?}:\n{screen}");
+            assert!(
+                Instant::now() < deadline,
+                "screen never showed {needle:?}:\n{screen}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -49,7 +69,9 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.session]).output();
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .output();
     }
 }
 
@@ -60,7 +82,9 @@ fn tui_shows_sends_and_notices_a_dead_relay() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut relays: Vec<RelayProc> = (0..2).map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[])).collect();
+    let mut relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
     let alice = User::new(dir.path(), "alice");
     let bob = User::new(dir.path(), "bob");
     for u in [&alice, &bob] {
@@ -82,7 +106,10 @@ fn tui_shows_sends_and_notices_a_dead_relay() {
     let bob_daemon = bob.daemon();
     tmux.keys(&["hi bob, typed in the UI", "Enter"]);
     let got = bob_daemon.collect(Duration::from_secs(20), |g| !g.is_empty());
-    assert_eq!(got.first().map(|(_, v)| v["text"].clone()), Some("hi bob, typed in the UI".into()));
+    assert_eq!(
+        got.first().map(|(_, v)| v["text"].clone()),
+        Some("hi bob, typed in the UI".into())
+    );
     // Bob's receipt turns the glyph into "delivered".
     tmux.wait_for("✓✓", Duration::from_secs(20));
 

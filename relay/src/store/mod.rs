@@ -108,6 +108,12 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Makes everything written so far durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A failure the store cannot continue after (the relay then stops, to be
+    /// restarted by its supervisor). `None` while healthy.
+    fn fatal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Per-mailbox usage, kept in memory and checked against the quota on every put.

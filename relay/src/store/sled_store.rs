@@ -33,8 +33,16 @@ const EXPIRY: u8 = b'e';
 pub type FlushObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// Durable mailbox store in a sled database directory.
+///
+/// sled 0.34 cannot continue after a failed write to its log (a full disk, an I/O
+/// error): later operations fail or block. The store then reports itself failed
+/// ([`MailboxStore::fatal`]) so the relay stops cleanly and its supervisor restarts it;
+/// on open, sled recovers everything that was ever flushed, which is everything that
+/// was acknowledged.
 #[derive(Clone)]
 pub struct SledStore {
+    /// The first storage failure, once one happened.
+    failed: Arc<Mutex<Option<String>>>,
     db: sled::Db,
     tree: sled::Tree,
     quota: Quota,
@@ -143,6 +151,7 @@ impl SledStore {
         }
         let commit = GroupCommit::new(db.clone(), on_flush);
         Ok(Self {
+            failed: Arc::default(),
             db,
             tree,
             quota,
@@ -214,17 +223,40 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Records a storage failure (the first one wins) and passes the error on.
+    fn note(&self, e: StoreError) -> StoreError {
+        let mut failed = self.failed.lock();
+        if failed.is_none() {
+            tracing::error!(error = %e, "storage failed; the relay stops so it can be restarted cleanly");
+            *failed = Some(e.to_string());
+        }
+        e
+    }
+}
+
 impl MailboxStore for SledStore {
     async fn put(&self, envelopes: Vec<Envelope>) -> Result<Vec<PutResult>, StoreError> {
-        let results = self.insert(&envelopes)?;
+        if let Some(why) = self.failed.lock().clone() {
+            return Err(if why.contains("full") {
+                StoreError::Full
+            } else {
+                StoreError::Io(why)
+            });
+        }
+        let results = self.insert(&envelopes).map_err(|e| self.note(e))?;
         if results
             .iter()
             .any(|r| !matches!(r, PutResult::QuotaExceeded))
         {
             // Duplicates wait too: the earlier copy may not be flushed yet.
-            self.commit.wait_durable().await?;
+            self.commit.wait_durable().await.map_err(|e| self.note(e))?;
         }
         Ok(results)
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.failed.lock().clone()
     }
 
     fn fetch(
