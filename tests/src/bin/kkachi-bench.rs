@@ -1,0 +1,501 @@
+//! kkachi-bench: headline performance figures, each beside a baseline measured in the
+//! same run on the same machine.
+//!
+//! Build everything in release mode first (the relays run as separate processes):
+//!
+//! ```sh
+//! cargo build --release --workspace && target/release/kkachi-bench [--quick] [--json]
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures::StreamExt;
+use kkachi_client::engine::{AppEvent, Engine};
+use kkachi_client::net::{NetConfig, Network};
+use kkachi_client::store::{Contact, LocalStore, Profile, WriteSet};
+use kkachi_protocol::{Card, ClientToRelay, Envelope, Identity, MailboxId, PutOutcome, RelayToClient};
+use kkachi_relay::client::MailboxClient;
+use libp2p::identity::Keypair;
+use parking_lot::Mutex;
+use serde_json::json;
+
+/// Measures kkachi against the limits of this machine.
+#[derive(Debug, Parser)]
+struct Args {
+    /// A short run (under a minute) for smoke testing.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// A relay process from the release build.
+struct Relay {
+    child: Option<Child>,
+    addr: String,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn relay_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("exe dir")?.join("kkachi-relay");
+    if !bin.exists() {
+        bail!("{} not found: run `cargo build --release --workspace` first", bin.display());
+    }
+    Ok(bin)
+}
+
+impl Relay {
+    fn start(dir: &Path, port: u16) -> Result<Self> {
+        let config = dir.join("bench.toml");
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            &config,
+            "[limits]\nmailbox_max_envelopes = 100000000\nmailbox_max_bytes = 100000000000\n\
+             puts_per_sec = 10000000\nput_burst = 10000000\nmax_connections = 100000\n\
+             max_pending_connections = 100000\nmax_waiting_per_peer = 64\n",
+        )?;
+        let mut child = Command::new(relay_bin()?)
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}"), "--metrics", "off", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).context("relay did not start")?;
+        let addr = line.strip_prefix("listening on ").context("listening line")?.to_string();
+        Ok(Self { child: Some(child), addr, port, dir: dir.to_path_buf() })
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let fresh = Relay::start(&self.dir, self.port)?;
+        self.child = fresh.child;
+        Ok(())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn envelope(to: &MailboxId, n: u64, size: usize) -> Envelope {
+    let mut payload = vec![0u8; size];
+    payload[..8].copy_from_slice(&n.to_be_bytes());
+    Envelope { mailbox: *to, expires_at: now_s() + 3600, payload }
+}
+
+/// Durable 512-byte puts from many senders to one relay.
+async fn ingest(root: &Path, senders: usize, in_flight: usize, batch: usize, duration: Duration) -> Result<serde_json::Value> {
+    let relay = Relay::start(&root.join(format!("ingest-{batch}")), free_port())?;
+    let mut clients = Vec::new();
+    for _ in 0..senders {
+        clients.push(MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?);
+    }
+    let to = MailboxId::for_peer(&libp2p::PeerId::random());
+    let acks: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for (c, client) in clients.iter().enumerate() {
+        for f in 0..in_flight {
+            let client = client.clone();
+            let acks = acks.clone();
+            let stored = stored.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = ((c * 1000 + f) as u64) << 32;
+                while Instant::now() < deadline {
+                    let envs: Vec<Envelope> = (0..batch).map(|i| envelope(&to, n + i as u64, 512)).collect();
+                    n += batch as u64;
+                    let t = Instant::now();
+                    if let Ok(RelayToClient::Stored { outcomes }) = client.put(envs).await {
+                        let ok = outcomes.iter().filter(|o| matches!(o, PutOutcome::Stored)).count();
+                        stored.fetch_add(ok as u64, std::sync::atomic::Ordering::Relaxed);
+                        acks.lock().push(t.elapsed());
+                    }
+                }
+            }));
+        }
+    }
+    let started = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed();
+    let mut acks = acks.lock().clone();
+    acks.sort();
+    let total = stored.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(json!({
+        "batch": batch,
+        "senders": senders * in_flight,
+        "msgs_per_s": total as f64 / elapsed.as_secs_f64(),
+        "ack_p50_us": us(pct(&acks, 0.5)),
+        "ack_p99_us": us(pct(&acks, 0.99)),
+    }))
+}
+
+struct User {
+    engine: Arc<Engine<Network>>,
+    card: Card,
+    _dir: tempfile::TempDir,
+}
+
+fn user(name: &str, relays: &[String]) -> Result<User> {
+    let dir = tempfile::tempdir()?;
+    let store = LocalStore::open(dir.path())?;
+    let me = Identity::generate();
+    store.init_identity(&me, &Profile { name: name.into(), card_version: 1 })?;
+    let addrs: Vec<kkachi_protocol::Multiaddr> = relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
+    for a in &addrs {
+        store.add_relay(a)?;
+    }
+    let card = Card::new(&me, name, addrs, 1)?;
+    let config = NetConfig { listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?], mdns: false };
+    let engine = kkachi_client::runtime::start_engine(store, me, config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(User { engine, card, _dir: dir })
+}
+
+fn befriend(a: &User, b: &User) -> Result<Contact> {
+    let contact = Contact { peer: b.card.identity().peer_id(), name: b.card.name().into(), card: b.card.clone() };
+    let mut w = WriteSet::default();
+    LocalStore::write_contact(&mut w, &contact);
+    a.engine.store().apply(w)?;
+    Ok(contact)
+}
+
+/// Send → shown latency through three relays, with background load, and the pause when
+/// one relay is killed with -9 under that load.
+async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> Result<(serde_json::Value, serde_json::Value)> {
+    let mut relays: Vec<Relay> = (0..3).map(|i| Relay::start(&root.join(format!("lat-{i}")), free_port())).collect::<Result<_>>()?;
+    let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
+    let alice = user("alice", &addrs)?;
+    let bob = user("bob", &addrs)?;
+    let bob_at_alice = befriend(&alice, &bob)?;
+    befriend(&bob, &alice)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    for u in [&alice, &bob] {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(kkachi_client::runtime::run_online(u.engine.clone(), async move {
+            let _ = stop.changed().await;
+        }));
+    }
+    // Background load: a third party putting envelopes into other mailboxes.
+    let loader = MailboxClient::connect(Keypair::generate_ed25519(), addrs[1].parse()?).await?;
+    let load = {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let to = MailboxId::for_peer(&libp2p::PeerId::random());
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let per_tick = (load_per_s / 100).max(1);
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tick.tick() => {
+                        let envs: Vec<Envelope> = (0..per_tick).map(|i| envelope(&to, n + i, 512)).collect();
+                        n += per_tick;
+                        let _ = loader.put(envs).await;
+                    }
+                }
+            }
+        })
+    };
+    let mut events = bob.engine.subscribe();
+    let shown: Arc<Mutex<HashMap<[u8; 16], Vec<Instant>>>> = Arc::default();
+    let collector = {
+        let shown = shown.clone();
+        tokio::spawn(async move {
+            while let Ok(e) = events.recv().await {
+                if let AppEvent::Message(r) = e {
+                    shown.lock().entry(r.message.id).or_default().push(Instant::now());
+                }
+            }
+        })
+    };
+    // Warm up: sessions established, connections open.
+    for _ in 0..5 {
+        let q = alice.engine.send_text(&bob_at_alice, "warm-up").await?;
+        alice.engine.deliver(q.outbox_key, true, Duration::from_secs(5)).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shown.lock().clear();
+    let mut sent: Vec<([u8; 16], Instant)> = Vec::new();
+    let kill_at = messages / 2;
+    let mut killed_at = None;
+    for i in 0..messages {
+        if i == kill_at {
+            relays[0].kill9();
+            killed_at = Some(Instant::now());
+        }
+        let t = Instant::now();
+        let q = alice.engine.send_text(&bob_at_alice, &format!("bench {i}")).await?;
+        let engine = alice.engine.clone();
+        tokio::spawn(async move {
+            let _ = engine.deliver(q.outbox_key, true, Duration::from_secs(5)).await;
+        });
+        sent.push((q.id.0, t));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && sent.iter().any(|(id, _)| !shown.lock().contains_key(id)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    load.abort();
+    collector.abort();
+    let shown = shown.lock().clone();
+    let lost = sent.iter().filter(|(id, _)| !shown.contains_key(id)).count();
+    let duplicated: usize = shown.values().map(|v| v.len().saturating_sub(1)).sum();
+    let mut before: Vec<Duration> = Vec::new();
+    let mut arrivals: Vec<(Instant, Instant)> = Vec::new();
+    for (i, (id, t)) in sent.iter().enumerate() {
+        if let Some(at) = shown.get(id).and_then(|v| v.first()) {
+            arrivals.push((*t, *at));
+            if i < kill_at {
+                before.push(at.saturating_duration_since(*t));
+            }
+        }
+    }
+    before.sort();
+    // Failover gap: the longest time any message waited while nothing was shown,
+    // among messages sent after the kill.
+    let mut shown_times: Vec<Instant> = arrivals.iter().map(|(_, a)| *a).collect();
+    shown_times.sort();
+    let killed = killed_at.unwrap_or_else(Instant::now);
+    let gap = arrivals
+        .iter()
+        .filter(|(t, _)| *t >= killed)
+        .map(|(t, a)| {
+            let prev = shown_times.iter().rev().find(|x| **x < *a).copied().unwrap_or(*t);
+            a.saturating_duration_since(prev.max(*t))
+        })
+        .max()
+        .unwrap_or_default();
+    Ok((
+        json!({ "latency_p50_us": us(pct(&before, 0.5)), "latency_p99_us": us(pct(&before, 0.99)),
+                "messages": kill_at, "background_puts_per_s": load_per_s }),
+        json!({ "failover_gap_ms": gap.as_secs_f64() * 1e3, "lost": lost, "duplicated": duplicated,
+                "messages": messages }),
+    ))
+}
+
+/// Clients reconnecting after a relay restart, and new connections per second.
+async fn reconnect_and_handshakes(root: &Path, clients: usize) -> Result<serde_json::Value> {
+    let mut relay = Relay::start(&root.join("reconnect"), free_port())?;
+    let mut connected = Vec::new();
+    let started = Instant::now();
+    let dials = futures::stream::iter(0..clients)
+        .map(|_| {
+            let addr = relay.addr.clone();
+            async move { MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let dial_time = started.elapsed();
+    for d in dials {
+        connected.push(d?);
+    }
+    let handshakes_per_s = clients as f64 / dial_time.as_secs_f64();
+    let idle_rss = relay.rss_kib();
+    relay.restart()?;
+    let t = Instant::now();
+    let back = futures::stream::iter(connected.iter().cloned())
+        .map(|c| async move {
+            // Each client retries until the relay answers again (libp2p redials).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(RelayToClient::Info(_)) = c.request(ClientToRelay::Info).await {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        })
+        .buffer_unordered(clients.max(1))
+        .collect::<Vec<bool>>()
+        .await;
+    let reconnect = t.elapsed();
+    let ok = back.iter().filter(|b| **b).count();
+    Ok(json!({ "clients": clients, "reconnected": ok, "reconnect_s": reconnect.as_secs_f64(),
+               "handshakes_per_s": handshakes_per_s, "relay_rss_kib_with_clients": idle_rss }))
+}
+
+/// Relay memory per idle connection: RSS with N idle connections minus RSS with none.
+async fn idle_memory(root: &Path, connections: usize) -> Result<serde_json::Value> {
+    let relay = Relay::start(&root.join("idle"), free_port())?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = relay.rss_kib();
+    let clients: Vec<MailboxClient> = futures::stream::iter(0..connections)
+        .map(|_| {
+            let addr = relay.addr.clone();
+            async move { MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await }
+        })
+        .buffer_unordered(64)
+        .filter_map(|r| async move { r.ok() })
+        .collect()
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = relay.rss_kib();
+    let per = (loaded.saturating_sub(base)) as f64 / clients.len().max(1) as f64;
+    Ok(json!({ "connections": clients.len(), "rss_base_kib": base, "rss_kib": loaded, "idle_conn_kib": per }))
+}
+
+/// Baseline: a bare libp2p request/response round trip (tiny payload) on loopback.
+async fn libp2p_rtt(rounds: usize) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let relay = Relay::start(dir.path(), free_port())?;
+    let client = MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?;
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        client.request(ClientToRelay::Info).await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(pct(&times, 0.5))
+}
+
+/// Baselines: raw sled inserts of 512 bytes with a flush after each, and without.
+fn sled_baseline(n: usize) -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open()?;
+    let value = vec![7u8; 512];
+    let t = Instant::now();
+    for i in 0..n as u64 {
+        db.insert(i.to_be_bytes(), value.as_slice())?;
+        db.flush()?;
+    }
+    let with_flush = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in n as u64..(2 * n) as u64 {
+        db.insert(i.to_be_bytes(), value.as_slice())?;
+    }
+    db.flush()?;
+    let without = n as f64 / t.elapsed().as_secs_f64();
+    Ok((with_flush, without))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let root = tempfile::tempdir()?;
+    let q = args.quick;
+    eprintln!("kkachi-bench ({}) on {} cores", if q { "quick" } else { "full" }, std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    let (sled_flush, sled_noflush) = sled_baseline(if q { 500 } else { 3000 })?;
+    let rtt = libp2p_rtt(if q { 200 } else { 2000 }).await?;
+    eprintln!("baselines done");
+    let duration = Duration::from_secs(if q { 3 } else { 15 });
+    let single = ingest(root.path(), 8, 16, 1, duration).await?;
+    let batched = ingest(root.path(), 8, 8, 16, duration).await?;
+    eprintln!("ingest done");
+    let (latency, failover) = latency_and_failover(root.path(), if q { 60 } else { 400 }, if q { 500 } else { 2000 }).await?;
+    eprintln!("latency and failover done");
+    let reconnect = reconnect_and_handshakes(root.path(), if q { 50 } else { 1000 }).await?;
+    eprintln!("reconnect done");
+    let idle = idle_memory(root.path(), if q { 100 } else { 1000 }).await?;
+
+    let ingest_rate = batched["msgs_per_s"].as_f64().unwrap_or(0.0).max(single["msgs_per_s"].as_f64().unwrap_or(0.0));
+    let report = json!({
+        "mode": if q { "quick" } else { "full" },
+        "ingest_msgs_per_s": ingest_rate,
+        "ingest_single": single,
+        "ingest_batched": batched,
+        "put_ack_p50_us": single["ack_p50_us"],
+        "put_ack_p99_us": single["ack_p99_us"],
+        "latency_p50_us": latency["latency_p50_us"],
+        "latency_p99_us": latency["latency_p99_us"],
+        "latency": latency,
+        "failover_gap_ms": failover["failover_gap_ms"],
+        "lost": failover["lost"],
+        "duplicated": failover["duplicated"],
+        "reconnect": reconnect,
+        "handshakes_per_s": reconnect["handshakes_per_s"],
+        "idle_conn_kib": idle["idle_conn_kib"],
+        "idle": idle,
+        "baseline_libp2p_rtt_us": us(rtt),
+        "baseline_sled_insert_flush_per_s": sled_flush,
+        "baseline_sled_insert_per_s": sled_noflush,
+    });
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    println!("{:<44} {:>14}  {}", "figure", "value", "as a ratio to this machine's limits");
+    println!("{:<44} {:>14.0}  {:.1}x sled insert+flush per item ({:.0}/s)", "ingest, durable 512 B puts/s (best)", ingest_rate, ingest_rate / sled_flush, sled_flush);
+    println!("{:<44} {:>14.0}  batch 1, {} in flight", "  single-envelope puts/s", f(&single["msgs_per_s"]), single["senders"]);
+    println!("{:<44} {:>14.0}  batch 16, {} in flight", "  batched puts/s", f(&batched["msgs_per_s"]), batched["senders"]);
+    println!("{:<44} {:>14.0}  {:.1}x libp2p round trip", "put ack p50 (µs)", f(&single["ack_p50_us"]), f(&single["ack_p50_us"]) / us(rtt));
+    println!("{:<44} {:>14.0}", "put ack p99 (µs)", f(&single["ack_p99_us"]));
+    println!("{:<44} {:>14.0}  {:.1}x libp2p round trip", "send→shown p50 via 3 relays (µs)", f(&latency["latency_p50_us"]), f(&latency["latency_p50_us"]) / us(rtt));
+    println!("{:<44} {:>14.0}", "send→shown p99 (µs)", f(&latency["latency_p99_us"]));
+    println!("{:<44} {:>14.1}  lost {}, duplicated {}", "failover gap, 1 of 3 relays kill -9 (ms)", f(&failover["failover_gap_ms"]), failover["lost"], failover["duplicated"]);
+    println!("{:<44} {:>14.2}  {} of {} clients", "reconnect after relay restart (s)", f(&reconnect["reconnect_s"]), reconnect["reconnected"], reconnect["clients"]);
+    println!("{:<44} {:>14.0}", "new connections (Noise handshakes)/s", f(&reconnect["handshakes_per_s"]));
+    println!("{:<44} {:>14.1}  at {} connections", "relay memory per idle connection (KiB)", f(&idle["idle_conn_kib"]), idle["connections"]);
+    println!("{:<44} {:>14.0}", "baseline: libp2p request/response RTT (µs)", us(rtt));
+    println!("{:<44} {:>14.0}", "baseline: sled insert+flush per item (/s)", sled_flush);
+    println!("{:<44} {:>14.0}", "baseline: sled insert without flush (/s)", sled_noflush);
+    if args.json {
+        println!("{report}");
+    }
+    Ok(())
+}
