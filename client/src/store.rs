@@ -360,6 +360,18 @@ impl LocalStore {
         if writes.is_empty() {
             return Ok(());
         }
+        // One tree: an atomic batch is enough and much cheaper than a transaction.
+        let first = writes.ops[0].0;
+        if writes.ops.iter().all(|(t, _, _)| *t == first) {
+            let mut batch = sled::Batch::default();
+            for (_, key, value) in writes.ops {
+                match value {
+                    Some(v) => batch.insert(key, v),
+                    None => batch.remove(key),
+                }
+            }
+            return self.tree(first).apply_batch(batch).map_err(db);
+        }
         let trees: Vec<&sled::Tree> = self.trees.iter().collect();
         let result: Result<(), TransactionError<()>> = trees.as_slice().transaction(|tx| {
             for (tree, key, value) in &writes.ops {
@@ -648,6 +660,11 @@ impl LocalStore {
                     })
                     .collect()
             })
+    }
+
+    /// One outbox entry.
+    pub fn outbox_entry(&self, key: u64) -> Result<Option<OutboxEntry>, StoreError> {
+        self.get_record(TreeId::Outbox, &key.to_be_bytes(), "outbox entry")
     }
 
     /// Number of entries waiting.

@@ -505,12 +505,7 @@ impl<T: Transport> Engine<T> {
     }
 
     fn outbox_entry(&self, key: u64) -> Result<Option<OutboxEntry>, EngineError> {
-        Ok(self
-            .store
-            .outbox()?
-            .into_iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, e)| e))
+        Ok(self.store.outbox_entry(key)?)
     }
 
     /// Merges attempt results into the stored entry (it may have changed meanwhile).

@@ -19,7 +19,9 @@ use futures::StreamExt;
 use kkachi_client::engine::{AppEvent, Engine};
 use kkachi_client::net::{NetConfig, Network};
 use kkachi_client::store::{Contact, LocalStore, Profile, WriteSet};
-use kkachi_protocol::{Card, ClientToRelay, Envelope, Identity, MailboxId, PutOutcome, RelayToClient};
+use kkachi_protocol::{
+    Card, ClientToRelay, Envelope, Identity, MailboxId, PutOutcome, RelayToClient,
+};
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
@@ -37,7 +39,10 @@ struct Args {
 }
 
 fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -63,7 +68,10 @@ fn relay_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("exe dir")?.join("kkachi-relay");
     if !bin.exists() {
-        bail!("{} not found: run `cargo build --release --workspace` first", bin.display());
+        bail!(
+            "{} not found: run `cargo build --release --workspace` first",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -79,7 +87,13 @@ impl Relay {
              max_pending_connections = 100000\nmax_waiting_per_peer = 64\n",
         )?;
         let mut child = Command::new(relay_bin()?)
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}"), "--metrics", "off", "--config"])
+            .args([
+                "--listen",
+                &format!("/ip4/127.0.0.1/tcp/{port}"),
+                "--metrics",
+                "off",
+                "--config",
+            ])
             .arg(&config)
             .arg("--data-dir")
             .arg(dir)
@@ -91,13 +105,26 @@ impl Relay {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(30)).context("relay did not start")?;
-        let addr = line.strip_prefix("listening on ").context("listening line")?.to_string();
-        Ok(Self { child: Some(child), addr, port, dir: dir.to_path_buf() })
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("relay did not start")?;
+        let addr = line
+            .strip_prefix("listening on ")
+            .context("listening line")?
+            .to_string();
+        Ok(Self {
+            child: Some(child),
+            addr,
+            port,
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn kill9(&mut self) {
@@ -109,8 +136,8 @@ impl Relay {
 
     fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let fresh = Relay::start(&self.dir, self.port)?;
-        self.child = fresh.child;
+        let mut fresh = Relay::start(&self.dir, self.port)?;
+        self.child = fresh.child.take();
         Ok(())
     }
 
@@ -134,21 +161,36 @@ impl Drop for Relay {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn envelope(to: &MailboxId, n: u64, size: usize) -> Envelope {
     let mut payload = vec![0u8; size];
     payload[..8].copy_from_slice(&n.to_be_bytes());
-    Envelope { mailbox: *to, expires_at: now_s() + 3600, payload }
+    Envelope {
+        mailbox: *to,
+        expires_at: now_s() + 3600,
+        payload,
+    }
 }
 
 /// Durable 512-byte puts from many senders to one relay.
-async fn ingest(root: &Path, senders: usize, in_flight: usize, batch: usize, duration: Duration) -> Result<serde_json::Value> {
+async fn ingest(
+    root: &Path,
+    senders: usize,
+    in_flight: usize,
+    batch: usize,
+    duration: Duration,
+) -> Result<serde_json::Value> {
     let relay = Relay::start(&root.join(format!("ingest-{batch}")), free_port())?;
     let mut clients = Vec::new();
     for _ in 0..senders {
-        clients.push(MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?);
+        clients
+            .push(MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?);
     }
     let to = MailboxId::for_peer(&libp2p::PeerId::random());
     let acks: Arc<Mutex<Vec<Duration>>> = Arc::default();
@@ -163,11 +205,16 @@ async fn ingest(root: &Path, senders: usize, in_flight: usize, batch: usize, dur
             tasks.push(tokio::spawn(async move {
                 let mut n = ((c * 1000 + f) as u64) << 32;
                 while Instant::now() < deadline {
-                    let envs: Vec<Envelope> = (0..batch).map(|i| envelope(&to, n + i as u64, 512)).collect();
+                    let envs: Vec<Envelope> = (0..batch)
+                        .map(|i| envelope(&to, n + i as u64, 512))
+                        .collect();
                     n += batch as u64;
                     let t = Instant::now();
                     if let Ok(RelayToClient::Stored { outcomes }) = client.put(envs).await {
-                        let ok = outcomes.iter().filter(|o| matches!(o, PutOutcome::Stored)).count();
+                        let ok = outcomes
+                            .iter()
+                            .filter(|o| matches!(o, PutOutcome::Stored))
+                            .count();
                         stored.fetch_add(ok as u64, std::sync::atomic::Ordering::Relaxed);
                         acks.lock().push(t.elapsed());
                     }
@@ -202,19 +249,38 @@ fn user(name: &str, relays: &[String]) -> Result<User> {
     let dir = tempfile::tempdir()?;
     let store = LocalStore::open(dir.path())?;
     let me = Identity::generate();
-    store.init_identity(&me, &Profile { name: name.into(), card_version: 1 })?;
-    let addrs: Vec<kkachi_protocol::Multiaddr> = relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
+    store.init_identity(
+        &me,
+        &Profile {
+            name: name.into(),
+            card_version: 1,
+        },
+    )?;
+    let addrs: Vec<kkachi_protocol::Multiaddr> =
+        relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
     for a in &addrs {
         store.add_relay(a)?;
     }
     let card = Card::new(&me, name, addrs, 1)?;
-    let config = NetConfig { listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?], mdns: false };
-    let engine = kkachi_client::runtime::start_engine(store, me, config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(User { engine, card, _dir: dir })
+    let config = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        mdns: false,
+    };
+    let engine = kkachi_client::runtime::start_engine(store, me, config)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(User {
+        engine,
+        card,
+        _dir: dir,
+    })
 }
 
 fn befriend(a: &User, b: &User) -> Result<Contact> {
-    let contact = Contact { peer: b.card.identity().peer_id(), name: b.card.name().into(), card: b.card.clone() };
+    let contact = Contact {
+        peer: b.card.identity().peer_id(),
+        name: b.card.name().into(),
+        card: b.card.clone(),
+    };
     let mut w = WriteSet::default();
     LocalStore::write_contact(&mut w, &contact);
     a.engine.store().apply(w)?;
@@ -223,8 +289,14 @@ fn befriend(a: &User, b: &User) -> Result<Contact> {
 
 /// Send → shown latency through three relays, with background load, and the pause when
 /// one relay is killed with -9 under that load.
-async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> Result<(serde_json::Value, serde_json::Value)> {
-    let mut relays: Vec<Relay> = (0..3).map(|i| Relay::start(&root.join(format!("lat-{i}")), free_port())).collect::<Result<_>>()?;
+async fn latency_and_failover(
+    root: &Path,
+    messages: usize,
+    load_per_s: u64,
+) -> Result<(serde_json::Value, serde_json::Value)> {
+    let mut relays: Vec<Relay> = (0..3)
+        .map(|i| Relay::start(&root.join(format!("lat-{i}")), free_port()))
+        .collect::<Result<_>>()?;
     let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
     let alice = user("alice", &addrs)?;
     let bob = user("bob", &addrs)?;
@@ -233,9 +305,12 @@ async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for u in [&alice, &bob] {
         let mut stop = stop_rx.clone();
-        tokio::spawn(kkachi_client::runtime::run_online(u.engine.clone(), async move {
-            let _ = stop.changed().await;
-        }));
+        tokio::spawn(kkachi_client::runtime::run_online(
+            u.engine.clone(),
+            async move {
+                let _ = stop.changed().await;
+            },
+        ));
     }
     // Background load: a third party putting envelopes into other mailboxes.
     let loader = MailboxClient::connect(Keypair::generate_ed25519(), addrs[1].parse()?).await?;
@@ -265,7 +340,11 @@ async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> 
         tokio::spawn(async move {
             while let Ok(e) = events.recv().await {
                 if let AppEvent::Message(r) = e {
-                    shown.lock().entry(r.message.id).or_default().push(Instant::now());
+                    shown
+                        .lock()
+                        .entry(r.message.id)
+                        .or_default()
+                        .push(Instant::now());
                 }
             }
         })
@@ -273,7 +352,10 @@ async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> 
     // Warm up: sessions established, connections open.
     for _ in 0..5 {
         let q = alice.engine.send_text(&bob_at_alice, "warm-up").await?;
-        alice.engine.deliver(q.outbox_key, true, Duration::from_secs(5)).await?;
+        alice
+            .engine
+            .deliver(q.outbox_key, true, Duration::from_secs(5))
+            .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -287,10 +369,15 @@ async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> 
             killed_at = Some(Instant::now());
         }
         let t = Instant::now();
-        let q = alice.engine.send_text(&bob_at_alice, &format!("bench {i}")).await?;
+        let q = alice
+            .engine
+            .send_text(&bob_at_alice, &format!("bench {i}"))
+            .await?;
         let engine = alice.engine.clone();
         tokio::spawn(async move {
-            let _ = engine.deliver(q.outbox_key, true, Duration::from_secs(5)).await;
+            let _ = engine
+                .deliver(q.outbox_key, true, Duration::from_secs(5))
+                .await;
         });
         sent.push((q.id.0, t));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -304,7 +391,10 @@ async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> 
     load.abort();
     collector.abort();
     let shown = shown.lock().clone();
-    let lost = sent.iter().filter(|(id, _)| !shown.contains_key(id)).count();
+    let lost = sent
+        .iter()
+        .filter(|(id, _)| !shown.contains_key(id))
+        .count();
     let duplicated: usize = shown.values().map(|v| v.len().saturating_sub(1)).sum();
     let mut before: Vec<Duration> = Vec::new();
     let mut arrivals: Vec<(Instant, Instant)> = Vec::new();
@@ -326,7 +416,12 @@ async fn latency_and_failover(root: &Path, messages: usize, load_per_s: u64) -> 
         .iter()
         .filter(|(t, _)| *t >= killed)
         .map(|(t, a)| {
-            let prev = shown_times.iter().rev().find(|x| **x < *a).copied().unwrap_or(*t);
+            let prev = shown_times
+                .iter()
+                .rev()
+                .find(|x| **x < *a)
+                .copied()
+                .unwrap_or(*t);
             a.saturating_duration_since(prev.max(*t))
         })
         .max()
@@ -347,7 +442,9 @@ async fn reconnect_and_handshakes(root: &Path, clients: usize) -> Result<serde_j
     let dials = futures::stream::iter(0..clients)
         .map(|_| {
             let addr = relay.addr.clone();
-            async move { MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await }
+            async move {
+                MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await
+            }
         })
         .buffer_unordered(64)
         .collect::<Vec<_>>()
@@ -377,8 +474,10 @@ async fn reconnect_and_handshakes(root: &Path, clients: usize) -> Result<serde_j
         .await;
     let reconnect = t.elapsed();
     let ok = back.iter().filter(|b| **b).count();
-    Ok(json!({ "clients": clients, "reconnected": ok, "reconnect_s": reconnect.as_secs_f64(),
-               "handshakes_per_s": handshakes_per_s, "relay_rss_kib_with_clients": idle_rss }))
+    Ok(
+        json!({ "clients": clients, "reconnected": ok, "reconnect_s": reconnect.as_secs_f64(),
+               "handshakes_per_s": handshakes_per_s, "relay_rss_kib_with_clients": idle_rss }),
+    )
 }
 
 /// Relay memory per idle connection: RSS with N idle connections minus RSS with none.
@@ -389,7 +488,9 @@ async fn idle_memory(root: &Path, connections: usize) -> Result<serde_json::Valu
     let clients: Vec<MailboxClient> = futures::stream::iter(0..connections)
         .map(|_| {
             let addr = relay.addr.clone();
-            async move { MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await }
+            async move {
+                MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await
+            }
         })
         .buffer_unordered(64)
         .filter_map(|r| async move { r.ok() })
@@ -398,7 +499,9 @@ async fn idle_memory(root: &Path, connections: usize) -> Result<serde_json::Valu
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = relay.rss_kib();
     let per = (loaded.saturating_sub(base)) as f64 / clients.len().max(1) as f64;
-    Ok(json!({ "connections": clients.len(), "rss_base_kib": base, "rss_kib": loaded, "idle_conn_kib": per }))
+    Ok(
+        json!({ "connections": clients.len(), "rss_base_kib": base, "rss_kib": loaded, "idle_conn_kib": per }),
+    )
 }
 
 /// Baseline: a bare libp2p request/response round trip (tiny payload) on loopback.
@@ -419,7 +522,10 @@ async fn libp2p_rtt(rounds: usize) -> Result<Duration> {
 /// Baselines: raw sled inserts of 512 bytes with a flush after each, and without.
 fn sled_baseline(n: usize) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir()?;
-    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open()?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .flush_every_ms(None)
+        .open()?;
     let value = vec![7u8; 512];
     let t = Instant::now();
     for i in 0..n as u64 {
@@ -441,7 +547,11 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let root = tempfile::tempdir()?;
     let q = args.quick;
-    eprintln!("kkachi-bench ({}) on {} cores", if q { "quick" } else { "full" }, std::thread::available_parallelism().map_or(0, |n| n.get()));
+    eprintln!(
+        "kkachi-bench ({}) on {} cores",
+        if q { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     let (sled_flush, sled_noflush) = sled_baseline(if q { 500 } else { 3000 })?;
     let rtt = libp2p_rtt(if q { 200 } else { 2000 }).await?;
@@ -450,13 +560,21 @@ async fn main() -> Result<()> {
     let single = ingest(root.path(), 8, 16, 1, duration).await?;
     let batched = ingest(root.path(), 8, 8, 16, duration).await?;
     eprintln!("ingest done");
-    let (latency, failover) = latency_and_failover(root.path(), if q { 60 } else { 400 }, if q { 500 } else { 2000 }).await?;
+    let (latency, failover) = latency_and_failover(
+        root.path(),
+        if q { 60 } else { 400 },
+        if q { 500 } else { 2000 },
+    )
+    .await?;
     eprintln!("latency and failover done");
     let reconnect = reconnect_and_handshakes(root.path(), if q { 50 } else { 1000 }).await?;
     eprintln!("reconnect done");
     let idle = idle_memory(root.path(), if q { 100 } else { 1000 }).await?;
 
-    let ingest_rate = batched["msgs_per_s"].as_f64().unwrap_or(0.0).max(single["msgs_per_s"].as_f64().unwrap_or(0.0));
+    let ingest_rate = batched["msgs_per_s"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .max(single["msgs_per_s"].as_f64().unwrap_or(0.0));
     let report = json!({
         "mode": if q { "quick" } else { "full" },
         "ingest_msgs_per_s": ingest_rate,
@@ -479,21 +597,89 @@ async fn main() -> Result<()> {
         "baseline_sled_insert_per_s": sled_noflush,
     });
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-    println!("{:<44} {:>14}  {}", "figure", "value", "as a ratio to this machine's limits");
-    println!("{:<44} {:>14.0}  {:.1}x sled insert+flush per item ({:.0}/s)", "ingest, durable 512 B puts/s (best)", ingest_rate, ingest_rate / sled_flush, sled_flush);
-    println!("{:<44} {:>14.0}  batch 1, {} in flight", "  single-envelope puts/s", f(&single["msgs_per_s"]), single["senders"]);
-    println!("{:<44} {:>14.0}  batch 16, {} in flight", "  batched puts/s", f(&batched["msgs_per_s"]), batched["senders"]);
-    println!("{:<44} {:>14.0}  {:.1}x libp2p round trip", "put ack p50 (µs)", f(&single["ack_p50_us"]), f(&single["ack_p50_us"]) / us(rtt));
-    println!("{:<44} {:>14.0}", "put ack p99 (µs)", f(&single["ack_p99_us"]));
-    println!("{:<44} {:>14.0}  {:.1}x libp2p round trip", "send→shown p50 via 3 relays (µs)", f(&latency["latency_p50_us"]), f(&latency["latency_p50_us"]) / us(rtt));
-    println!("{:<44} {:>14.0}", "send→shown p99 (µs)", f(&latency["latency_p99_us"]));
-    println!("{:<44} {:>14.1}  lost {}, duplicated {}", "failover gap, 1 of 3 relays kill -9 (ms)", f(&failover["failover_gap_ms"]), failover["lost"], failover["duplicated"]);
-    println!("{:<44} {:>14.2}  {} of {} clients", "reconnect after relay restart (s)", f(&reconnect["reconnect_s"]), reconnect["reconnected"], reconnect["clients"]);
-    println!("{:<44} {:>14.0}", "new connections (Noise handshakes)/s", f(&reconnect["handshakes_per_s"]));
-    println!("{:<44} {:>14.1}  at {} connections", "relay memory per idle connection (KiB)", f(&idle["idle_conn_kib"]), idle["connections"]);
-    println!("{:<44} {:>14.0}", "baseline: libp2p request/response RTT (µs)", us(rtt));
-    println!("{:<44} {:>14.0}", "baseline: sled insert+flush per item (/s)", sled_flush);
-    println!("{:<44} {:>14.0}", "baseline: sled insert without flush (/s)", sled_noflush);
+    println!(
+        "{:<44} {:>14}  {}",
+        "figure", "value", "as a ratio to this machine's limits"
+    );
+    println!(
+        "{:<44} {:>14.0}  {:.1}x sled insert+flush per item ({:.0}/s)",
+        "ingest, durable 512 B puts/s (best)",
+        ingest_rate,
+        ingest_rate / sled_flush,
+        sled_flush
+    );
+    println!(
+        "{:<44} {:>14.0}  batch 1, {} in flight",
+        "  single-envelope puts/s",
+        f(&single["msgs_per_s"]),
+        single["senders"]
+    );
+    println!(
+        "{:<44} {:>14.0}  batch 16, {} in flight",
+        "  batched puts/s",
+        f(&batched["msgs_per_s"]),
+        batched["senders"]
+    );
+    println!(
+        "{:<44} {:>14.0}  {:.1}x libp2p round trip",
+        "put ack p50 (µs)",
+        f(&single["ack_p50_us"]),
+        f(&single["ack_p50_us"]) / us(rtt)
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "put ack p99 (µs)",
+        f(&single["ack_p99_us"])
+    );
+    println!(
+        "{:<44} {:>14.0}  {:.1}x libp2p round trip",
+        "send→shown p50 via 3 relays (µs)",
+        f(&latency["latency_p50_us"]),
+        f(&latency["latency_p50_us"]) / us(rtt)
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "send→shown p99 (µs)",
+        f(&latency["latency_p99_us"])
+    );
+    println!(
+        "{:<44} {:>14.1}  lost {}, duplicated {}",
+        "failover gap, 1 of 3 relays kill -9 (ms)",
+        f(&failover["failover_gap_ms"]),
+        failover["lost"],
+        failover["duplicated"]
+    );
+    println!(
+        "{:<44} {:>14.2}  {} of {} clients",
+        "reconnect after relay restart (s)",
+        f(&reconnect["reconnect_s"]),
+        reconnect["reconnected"],
+        reconnect["clients"]
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "new connections (Noise handshakes)/s",
+        f(&reconnect["handshakes_per_s"])
+    );
+    println!(
+        "{:<44} {:>14.1}  at {} connections",
+        "relay memory per idle connection (KiB)",
+        f(&idle["idle_conn_kib"]),
+        idle["connections"]
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "baseline: libp2p request/response RTT (µs)",
+        us(rtt)
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "baseline: sled insert+flush per item (/s)", sled_flush
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "baseline: sled insert without flush (/s)", sled_noflush
+    );
     if args.json {
         println!("{report}");
     }
