@@ -21,6 +21,19 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The lines a child prints, read on a thread as they come.
+fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -90,13 +103,7 @@ impl RelayProc {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("relay starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = lines_of(child.stdout.take().expect("stdout"));
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("relay printed its address");
@@ -271,10 +278,10 @@ impl User {
             .stderr(Stdio::null())
             .spawn()
             .expect("daemon starts");
-        let stdout = child.stdout.take().expect("stdout");
+        let raw = lines_of(child.stdout.take().expect("stdout"));
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in raw {
                 if let Ok(v) = serde_json::from_str(&line) {
                     let _ = tx.send((Instant::now(), v));
                 }

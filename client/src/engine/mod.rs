@@ -219,6 +219,27 @@ impl<T: Transport> Engine<T> {
         let _ = self.events.send(event);
     }
 
+    /// Seals `content` for `contact` into a fresh envelope (default lifetime from `now`).
+    fn seal_envelope(
+        &self,
+        contact: &Contact,
+        session: &mut kkachi_protocol::Session,
+        content: &Content,
+        now: u64,
+    ) -> Result<Envelope, EngineError> {
+        let packet = session.seal(
+            &self.me,
+            &content.encode(),
+            now / 1000,
+            &mut rand_core::OsRng,
+        )?;
+        Ok(Envelope {
+            mailbox: MailboxId::for_peer(&contact.peer),
+            expires_at: now / 1000 + DEFAULT_TTL_SECS,
+            payload: packet,
+        })
+    }
+
     /// Seals `content` for `contact` with `session` and adds the envelope to `w` as an
     /// outbox entry. The caller holds the lock, writes `session` into `w` and applies
     /// it: the session state and the packet it sealed become durable together.
@@ -231,17 +252,7 @@ impl<T: Transport> Engine<T> {
         kind: OutboxKind,
         now: u64,
     ) -> Result<u64, EngineError> {
-        let packet = session.seal(
-            &self.me,
-            &content.encode(),
-            now / 1000,
-            &mut rand_core::OsRng,
-        )?;
-        let envelope = Envelope {
-            mailbox: MailboxId::for_peer(&contact.peer),
-            expires_at: now / 1000 + DEFAULT_TTL_SECS,
-            payload: packet,
-        };
+        let envelope = self.seal_envelope(contact, session, content, now)?;
         let targets = contact
             .card
             .relays()

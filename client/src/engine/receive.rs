@@ -268,19 +268,10 @@ impl<T: Transport> Engine<T> {
                 sent_at_ms: record.sent_at_ms,
                 body: Body::Text(record.text),
             };
-            let packet = session.seal(
-                &self.me,
-                &content.encode(),
-                now / 1000,
-                &mut rand_core::OsRng,
-            )?;
-            let old = Envelope::decode(&entry.envelope)
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
-            entry.envelope = Envelope {
-                payload: packet,
-                ..old
-            }
-            .encode();
+            // Same message id, sealed anew, with a fresh lifetime.
+            entry.envelope = self
+                .seal_envelope(contact, session, &content, now)?
+                .encode();
             for t in &mut entry.targets {
                 t.acked = false;
                 t.next_try_ms = 0;

@@ -598,8 +598,8 @@ async fn main() -> Result<()> {
     });
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     println!(
-        "{:<44} {:>14}  {}",
-        "figure", "value", "as a ratio to this machine's limits"
+        "{:<44} {:>14}  as a ratio to this machine's limits",
+        "figure", "value"
     );
     println!(
         "{:<44} {:>14.0}  {:.1}x sled insert+flush per item ({:.0}/s)",
