@@ -291,11 +291,13 @@ fn befriend(a: &User, b: &User) -> Result<Contact> {
 /// one relay is killed with -9 under that load.
 async fn latency_and_failover(
     root: &Path,
+    relay_count: usize,
     messages: usize,
     load_per_s: u64,
+    kill: bool,
 ) -> Result<(serde_json::Value, serde_json::Value)> {
-    let mut relays: Vec<Relay> = (0..3)
-        .map(|i| Relay::start(&root.join(format!("lat-{i}")), free_port()))
+    let mut relays: Vec<Relay> = (0..relay_count)
+        .map(|i| Relay::start(&root.join(format!("lat{relay_count}-{i}")), free_port()))
         .collect::<Result<_>>()?;
     let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
     let alice = user("alice", &addrs)?;
@@ -313,10 +315,15 @@ async fn latency_and_failover(
         ));
     }
     // Background load: a third party putting envelopes into other mailboxes.
-    let loader = MailboxClient::connect(Keypair::generate_ed25519(), addrs[1].parse()?).await?;
+    let loader =
+        MailboxClient::connect(Keypair::generate_ed25519(), addrs[addrs.len() - 1].parse()?)
+            .await?;
     let load = {
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            if load_per_s == 0 {
+                return;
+            }
             let to = MailboxId::for_peer(&libp2p::PeerId::random());
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             let per_tick = (load_per_s / 100).max(1);
@@ -361,7 +368,7 @@ async fn latency_and_failover(
     tokio::time::sleep(Duration::from_millis(500)).await;
     shown.lock().clear();
     let mut sent: Vec<([u8; 16], Instant)> = Vec::new();
-    let kill_at = messages / 2;
+    let kill_at = if kill { messages / 2 } else { messages };
     let mut killed_at = None;
     for i in 0..messages {
         if i == kill_at {
@@ -432,6 +439,101 @@ async fn latency_and_failover(
         json!({ "failover_gap_ms": gap.as_secs_f64() * 1e3, "lost": lost, "duplicated": duplicated,
                 "messages": messages }),
     ))
+}
+
+/// `kkachi history` on a conversation of `n` messages: the whole history, and the last
+/// 50, each the median of three runs of the real binary.
+fn history_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
+    use kkachi_client::store::{Direction, MessageRecord, MessageState, message_key};
+    let home = root.join("history");
+    let store = LocalStore::open(&home)?;
+    let me = Identity::generate();
+    store.init_identity(
+        &me,
+        &Profile {
+            name: "me".into(),
+            card_version: 1,
+        },
+    )?;
+    let other = Identity::generate();
+    let card = Card::new(&other, "Minji", vec![], 1)?;
+    let peer = card.identity().peer_id();
+    let mut w = WriteSet::default();
+    LocalStore::write_contact(
+        &mut w,
+        &Contact {
+            peer,
+            name: "Minji".into(),
+            card,
+        },
+    );
+    store.apply(w)?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut w = WriteSet::default();
+        for &i in chunk {
+            let record = MessageRecord {
+                id: (i as u128).to_be_bytes(),
+                direction: if i % 2 == 0 {
+                    Direction::Out
+                } else {
+                    Direction::In
+                },
+                text: format!("message number {i}, about as long as a chat line usually is"),
+                state: if i % 2 == 0 {
+                    MessageState::Delivered
+                } else {
+                    MessageState::Received
+                },
+                sent_at_ms: 1_700_000_000_000 + i as u64 * 1000,
+                stored_at_ms: 0,
+                seq: i as u64 / 2 + 1,
+                prev: [0; 32],
+            };
+            LocalStore::write_message(&mut w, &peer, message_key(&peer, i as u64), &record);
+        }
+        store.apply(w)?;
+    }
+    let mut conv = store.conversation(&peer)?;
+    conv.next_local = n as u64;
+    let mut w = WriteSet::default();
+    LocalStore::write_conversation(&mut w, &peer, &conv);
+    store.apply(w)?;
+    drop(store);
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("kkachi");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release --workspace` first",
+            bin.display()
+        );
+    }
+    let time = |args: &[&str]| -> Result<(Duration, usize)> {
+        let mut runs = Vec::new();
+        let mut lines = 0;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let out = Command::new(&bin)
+                .arg("--home")
+                .arg(&home)
+                .args(args)
+                .output()?;
+            runs.push(t.elapsed());
+            if !out.status.success() {
+                bail!("history failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            lines = out.stdout.iter().filter(|b| **b == b'\n').count();
+        }
+        runs.sort();
+        Ok((runs[1], lines))
+    };
+    let (all, all_lines) = time(&["history", "Minji"])?;
+    let (last, _) = time(&["history", "Minji", "--last", "50"])?;
+    Ok(
+        json!({ "messages": n, "history_all_ms": all.as_secs_f64() * 1e3, "lines": all_lines,
+               "history_last50_ms": last.as_secs_f64() * 1e3 }),
+    )
 }
 
 /// Clients reconnecting after a relay restart, and new connections per second.
@@ -562,10 +664,15 @@ async fn main() -> Result<()> {
     eprintln!("ingest done");
     let (latency, failover) = latency_and_failover(
         root.path(),
+        3,
         if q { 60 } else { 400 },
         if q { 500 } else { 2000 },
+        true,
     )
     .await?;
+    let (latency_one, _) =
+        latency_and_failover(root.path(), 1, if q { 30 } else { 200 }, 0, false).await?;
+    let history = history_bench(root.path(), if q { 20_000 } else { 100_000 })?;
     eprintln!("latency and failover done");
     let reconnect = reconnect_and_handshakes(root.path(), if q { 50 } else { 1000 }).await?;
     eprintln!("reconnect done");
@@ -585,6 +692,10 @@ async fn main() -> Result<()> {
         "latency_p50_us": latency["latency_p50_us"],
         "latency_p99_us": latency["latency_p99_us"],
         "latency": latency,
+        "latency_one_relay_idle_p50_us": latency_one["latency_p50_us"],
+        "latency_one_relay_idle_p99_us": latency_one["latency_p99_us"],
+        "history": history,
+        "history_ms": history["history_all_ms"],
         "failover_gap_ms": failover["failover_gap_ms"],
         "lost": failover["lost"],
         "duplicated": failover["duplicated"],
@@ -641,6 +752,19 @@ async fn main() -> Result<()> {
         "{:<44} {:>14.0}",
         "send→shown p99 (µs)",
         f(&latency["latency_p99_us"])
+    );
+    println!(
+        "{:<44} {:>14.0}  p99 {:.0} µs",
+        "send→shown p50, 1 relay, no other load (µs)",
+        f(&latency_one["latency_p50_us"]),
+        f(&latency_one["latency_p99_us"])
+    );
+    println!(
+        "{:<44} {:>14.0}  {} lines; --last 50: {:.0} ms",
+        "`kkachi history` of a long conversation (ms)",
+        f(&history["history_all_ms"]),
+        history["lines"],
+        f(&history["history_last50_ms"])
     );
     println!(
         "{:<44} {:>14.1}  lost {}, duplicated {}",
