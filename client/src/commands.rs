@@ -794,3 +794,34 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::failure_domain_warnings;
+
+    #[test]
+    fn warns_when_relays_can_fail_together() {
+        let all_same = failure_domain_warnings(["aws/seoul", "aws/seoul", "aws/seoul"].into_iter());
+        assert!(
+            all_same.iter().any(|w| w.contains("\"aws/seoul\"")),
+            "{all_same:?}"
+        );
+        let spread =
+            failure_domain_warnings(["aws/seoul", "hetzner/fsn1", "home/busan"].into_iter());
+        assert!(spread.is_empty(), "{spread:?}");
+        let single = failure_domain_warnings(["aws/seoul"].into_iter());
+        assert!(
+            single.iter().any(|w| w.contains("single relay")),
+            "{single:?}"
+        );
+        let unknown = failure_domain_warnings(["aws/seoul", ""].into_iter());
+        assert!(
+            unknown.iter().any(|w| w.contains("did not report")),
+            "{unknown:?}"
+        );
+        assert!(
+            !unknown.iter().any(|w| w.contains("all your relays")),
+            "unknown domains are not assumed equal"
+        );
+    }
+}
