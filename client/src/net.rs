@@ -22,7 +22,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Swarm, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::{Swarm, dcutr, identify, mdns, noise, ping, relay, tcp, yamux};
 use parking_lot::RwLock;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -114,6 +114,10 @@ pub trait Transport: Clone + Send + Sync + 'static {
 }
 
 enum Command {
+    /// Reserve a slot at one of our relays so contacts can reach us through it.
+    ListenVia(Multiaddr),
+    /// Connect to a contact through one of its relays (then DCUtR may go direct).
+    DialVia { relay: Multiaddr, peer: PeerId },
     Request {
         peer: PeerId,
         addr: Option<Multiaddr>,
@@ -141,6 +145,8 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Request { peer, .. } => write!(f, "Request({peer})"),
+            Command::ListenVia(addr) => write!(f, "ListenVia({addr})"),
+            Command::DialVia { peer, .. } => write!(f, "DialVia({peer})"),
         }
     }
 }
@@ -168,6 +174,8 @@ impl Default for NetConfig {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
     mailbox: request_response::Behaviour<RelayCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -200,8 +208,12 @@ impl Network {
             )
             .map_err(|e| transport_err(&e))?
             .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport_err(&e))?
             .with_behaviour(
-                |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                |key,
+                 relay_client|
+                 -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
                     let mdns = if config.mdns {
                         Some(mdns::tokio::Behaviour::new(
                             mdns::Config {
@@ -214,6 +226,8 @@ impl Network {
                         None
                     };
                     Ok(Behaviour {
+                        relay_client,
+                        dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
                         mailbox: request_response::Behaviour::with_codec(
                             RelayCodec,
                             [(PROTOCOL, ProtocolSupport::Full)],
@@ -279,6 +293,18 @@ impl Network {
     /// Addresses we listen on.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.state.read().listen.clone()
+    }
+
+    /// Asks `relay` (one of ours, ending in `/p2p/<id>`) for a reservation, so contacts
+    /// can connect to us through it and then upgrade to a direct connection (DCUtR).
+    pub async fn listen_via(&self, relay: Multiaddr) {
+        let _ = self.commands.send(Command::ListenVia(relay)).await;
+    }
+
+    /// Connects to `peer` through `relay` (one of the peer's relays); DCUtR then tries
+    /// for a direct connection.
+    pub async fn dial_via(&self, relay: Multiaddr, peer: PeerId) {
+        let _ = self.commands.send(Command::DialVia { relay, peer }).await;
     }
 
     async fn send(
@@ -362,6 +388,21 @@ impl NetworkTask {
 
     fn on_command(&mut self, command: Command) {
         match command {
+            Command::ListenVia(relay) => {
+                let circuit = relay.with(Protocol::P2pCircuit);
+                if let Err(e) = self.swarm.listen_on(circuit) {
+                    tracing::debug!(error = %e, "no reservation at relay");
+                }
+            }
+            Command::DialVia { relay, peer } => {
+                if self.swarm.is_connected(&peer) {
+                    return;
+                }
+                let addr = relay.with(Protocol::P2pCircuit).with(Protocol::P2p(peer));
+                if let Err(e) = self.swarm.dial(addr) {
+                    tracing::debug!(%peer, error = %e, "dial through relay failed");
+                }
+            }
             Command::Request {
                 peer,
                 addr,
@@ -445,6 +486,14 @@ impl NetworkTask {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => match event.result {
+                Ok(_) => {
+                    tracing::info!(peer = %event.remote_peer_id, "direct connection through hole punching")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %event.remote_peer_id, error = %e, "hole punching failed")
+                }
+            },
             _ => {}
         }
     }

@@ -209,6 +209,9 @@ impl<S: MailboxStore + Clone> Node<S> {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // A relay is a server: what it listens on is where clients reach it.
+                // Circuit relaying is only offered for confirmed external addresses.
+                self.swarm.add_external_address(address.clone());
                 self.addrs.send_modify(|a| a.push(address));
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {

@@ -245,3 +245,39 @@ fn lan_only_two_namespaces_no_relay() {
     );
     assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
 }
+
+#[test]
+fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
+    // No mDNS: the only way to meet directly is through the relay (circuit relay v2),
+    // then hole punching (DCUtR) upgrades to a direct connection.
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), &[]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &relay.addr]);
+    }
+    User::introduce(&alice, &bob);
+    let bob_daemon = bob.daemon();
+    let _alice_daemon = alice.daemon();
+    let mut checker = Checker::default();
+    let started = Instant::now();
+    let mut direct_after = None;
+    for i in 0..40 {
+        let at = Instant::now();
+        let v = alice
+            .send("bob", &format!("m{i}"), 5.0)
+            .expect("send succeeds");
+        checker.sent(v["id"].as_str().unwrap(), at);
+        if v["direct"] == true {
+            direct_after = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drain(&mut checker, &bob_daemon, Duration::from_secs(30));
+    let report = checker.report();
+    println!("relay circuit + hole punching: direct after {direct_after:?}; {report}");
+    assert!(direct_after.is_some(), "never handed over directly");
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
+}
