@@ -41,7 +41,7 @@ pub mod inproc {
     }
 
     impl InProcessRelay {
-        /// Starts a relay over `store` on loopback.
+        /// Starts a relay over `store` on loopback (circuit relaying off).
         pub fn start<S: MailboxStore + Clone>(store: S) -> Self {
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
             let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -52,10 +52,13 @@ pub mod inproc {
                     .build()
                     .expect("runtime");
                 rt.block_on(async move {
-                    let config = Config {
+                    let mut config = Config {
                         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
                         ..Config::default()
                     };
+                    // Only a store under test here: no circuits, so no direct path between
+                    // its users can hide what the store does.
+                    config.circuit.enabled = false;
                     let mut relay = kkachi_relay::start_with(
                         config,
                         Keypair::generate_ed25519(),
