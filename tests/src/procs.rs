@@ -21,6 +21,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// kill -9 the child, if running, and reap it.
+fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERM the child, if running, and wait for it to exit.
+fn terminate(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+}
+
+/// `program`, run inside network namespace `netns` when given.
+fn command_in(netns: Option<&str>, program: PathBuf) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// The lines a child prints, read on a thread as they come.
 fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -85,14 +115,7 @@ impl RelayProc {
     /// (Re)starts the process on the same port and data; waits for its address line.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "relay already running");
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("kkachi-relay"));
-                c
-            }
-            None => Command::new(bin("kkachi-relay")),
-        };
+        let mut cmd = command_in(self.netns.as_deref(), bin("kkachi-relay"));
         let listen = format!("/ip4/{}/tcp/{}", self.ip, self.port);
         let mut child = cmd
             .args(["--listen", &listen, "--metrics", "off", "--data-dir"])
@@ -116,20 +139,12 @@ impl RelayProc {
 
     /// kill -9.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill9(&mut self.child);
     }
 
     /// SIGTERM, and wait for a clean exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
+        terminate(&mut self.child);
     }
 
     /// True while the process runs.
@@ -208,14 +223,7 @@ impl User {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("kkachi"));
-                c
-            }
-            None => Command::new(bin("kkachi")),
-        };
+        let mut cmd = command_in(self.netns.as_deref(), bin("kkachi"));
         cmd.arg("--home").arg(&self.home).env("RUST_LOG", "error");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -330,20 +338,12 @@ impl Daemon {
 
     /// kill -9.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill9(&mut self.child);
     }
 
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
+        terminate(&mut self.child);
     }
 }
 
