@@ -31,6 +31,9 @@ pub enum StoreError {
     /// A record does not decode (a newer version wrote it, or corruption).
     #[error("local database record {0} is unreadable")]
     Corrupt(&'static str),
+    /// The name or relays do not make a valid card.
+    #[error("invalid card: {0}")]
+    InvalidCard(String),
 }
 
 fn db(e: impl std::fmt::Display) -> StoreError {
@@ -434,6 +437,43 @@ impl LocalStore {
                 .map_err(|_| StoreError::Corrupt("identity")),
             None => Ok(None),
         }
+    }
+
+    /// A new home at `home` with a fresh identity named `name` and these inbox relays
+    /// (what `init` and `relay add` do); returns it with the identity and signed card.
+    pub fn provision(
+        home: &Path,
+        name: &str,
+        relays: &[Multiaddr],
+    ) -> Result<(Self, Identity, Card), StoreError> {
+        let store = Self::open(home)?;
+        let me = Identity::generate();
+        let card = Card::new(&me, name, relays.to_vec(), 1)
+            .map_err(|e| StoreError::InvalidCard(e.to_string()))?;
+        store.init_identity(
+            &me,
+            &Profile {
+                name: name.to_owned(),
+                card_version: 1,
+            },
+        )?;
+        for r in relays {
+            store.add_relay(r)?;
+        }
+        Ok((store, me, card))
+    }
+
+    /// Adds `card`'s owner as a contact under the card's name.
+    pub fn add_card(&self, card: &Card) -> Result<Contact, StoreError> {
+        let contact = Contact {
+            peer: card.identity().peer_id(),
+            name: card.name().to_owned(),
+            card: card.clone(),
+        };
+        let mut w = WriteSet::default();
+        Self::write_contact(&mut w, &contact);
+        self.apply(w)?;
+        Ok(contact)
     }
 
     /// Writes the identity and profile (once, at `init`).

@@ -4,12 +4,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use kkachi_protocol::{Card, Identity, MailboxId};
+use kkachi_protocol::{Card, MailboxId};
 use kkachi_relay::store::{MailboxStore, MemoryStore, PutResult, Quota};
 use parking_lot::Mutex;
 
 use super::*;
-use crate::store::{Contact, Profile};
+use crate::store::Contact;
 
 #[derive(Default)]
 struct FakeInner {
@@ -158,22 +158,8 @@ struct User {
 impl User {
     fn new(net: &FakeNet, name: &str, relays: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        let me = Identity::generate();
-        store
-            .init_identity(
-                &me,
-                &Profile {
-                    name: name.into(),
-                    card_version: 1,
-                },
-            )
-            .unwrap();
         let relays: Vec<Multiaddr> = (0..relays).map(|_| net.add_relay()).collect();
-        for r in &relays {
-            store.add_relay(r).unwrap();
-        }
-        let card = Card::new(&me, name, relays.clone(), 1).unwrap();
+        let (store, me, card) = LocalStore::provision(dir.path(), name, &relays).unwrap();
         Self {
             engine: Engine::new(store, me, net.clone()),
             card,
@@ -206,6 +192,18 @@ impl User {
             }
         }
         out
+    }
+
+    /// Sends `text` to `to` and tries every path once.
+    async fn send(&self, to: &Contact, text: &str) -> (Queued, Progress) {
+        let q = self.engine.send_text(to, text).await.unwrap();
+        let p = self
+            .engine
+            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+            .await
+            .unwrap()
+            .unwrap();
+        (q, p)
     }
 
     fn messages(&self, with: &User) -> Vec<MessageRecord> {
@@ -282,17 +280,7 @@ async fn one_relay_down_loses_nothing_and_catches_up_later() {
     let net = FakeNet::default();
     let (alice, bob, bob_c, _) = pair(&net).await;
     net.set_up(&bob.relays[1], false);
-    let q = alice
-        .engine
-        .send_text(&bob_c, "through two of three")
-        .await
-        .unwrap();
-    let p = alice
-        .engine
-        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap()
-        .unwrap();
+    let (q, p) = alice.send(&bob_c, "through two of three").await;
     assert_eq!((p.acked, p.total), (2, 3));
     let got = bob.sync().await;
     assert_eq!(got.len(), 1);
@@ -316,13 +304,7 @@ async fn all_relays_down_queues_then_delivers_when_one_returns() {
     for r in &bob.relays {
         net.set_up(r, false);
     }
-    let q = alice.engine.send_text(&bob_c, "wait for me").await.unwrap();
-    let p = alice
-        .engine
-        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap()
-        .unwrap();
+    let (q, p) = alice.send(&bob_c, "wait for me").await;
     assert_eq!(p.acked, 0);
     assert_eq!(alice.messages(&bob)[0].state, MessageState::Queued);
     // Backoff is in place: the next attempt is scheduled in the future.
@@ -344,26 +326,9 @@ async fn replies_and_many_messages_exactly_once_in_order() {
     let net = FakeNet::default();
     let (alice, bob, bob_c, alice_c) = pair(&net).await;
     for i in 0..20 {
-        let q = alice
-            .engine
-            .send_text(&bob_c, &format!("a{i}"))
-            .await
-            .unwrap();
-        alice
-            .engine
-            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-            .await
-            .unwrap();
+        let _ = alice.send(&bob_c, &format!("a{i}")).await;
         if i % 5 == 0 {
-            let q = bob
-                .engine
-                .send_text(&alice_c, &format!("b{i}"))
-                .await
-                .unwrap();
-            bob.engine
-                .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-                .await
-                .unwrap();
+            let _ = bob.send(&alice_c, &format!("b{i}")).await;
         }
         if i % 3 == 0 {
             bob.sync().await;
@@ -405,32 +370,17 @@ async fn replies_and_many_messages_exactly_once_in_order() {
 async fn a_dropped_message_shows_as_a_gap_until_it_arrives() {
     let net = FakeNet::default();
     let (alice, bob, bob_c, _) = pair(&net).await;
-    let first = alice.engine.send_text(&bob_c, "one").await.unwrap();
-    alice
-        .engine
-        .deliver(first.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap();
+    let _ = alice.send(&bob_c, "one").await;
     bob.sync().await;
     // "two" is sealed but reaches no relay yet; "three" does.
     for r in &bob.relays {
         net.set_up(r, false);
     }
-    let two = alice.engine.send_text(&bob_c, "two").await.unwrap();
-    alice
-        .engine
-        .deliver(two.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap();
+    let (two, _) = alice.send(&bob_c, "two").await;
     for r in &bob.relays {
         net.set_up(r, true);
     }
-    let three = alice.engine.send_text(&bob_c, "three").await.unwrap();
-    alice
-        .engine
-        .deliver(three.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap();
+    let _ = alice.send(&bob_c, "three").await;
     let got = bob.sync().await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].missing, vec![2], "the gap is reported, not hidden");
@@ -452,20 +402,9 @@ async fn direct_path_on_the_lan_without_relays() {
     let alice = User::new(&net, "alice", 0);
     let bob = User::new(&net, "bob", 0);
     let bob_c = alice.add_contact(&bob);
-    alice.add_contact(&bob);
     bob.add_contact(&alice);
     net.inner.lock().direct.insert(bob.peer());
-    let q = alice
-        .engine
-        .send_text(&bob_c, "no internet here")
-        .await
-        .unwrap();
-    let p = alice
-        .engine
-        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap()
-        .unwrap();
+    let (_, p) = alice.send(&bob_c, "no internet here").await;
     assert!(p.direct);
     let inbox = net.inner.lock().direct_inbox.remove(&bob.peer()).unwrap();
     let got = bob.engine.receive(inbox.clone()).await.unwrap();
@@ -521,27 +460,10 @@ async fn contact_that_lost_its_state_still_gets_every_message() {
     let (alice, mut bob, bob_c, alice_c) = pair(&net).await;
     // Exchange until both sides seal on an established session.
     for round in 0..6 {
-        let q = alice
-            .engine
-            .send_text(&bob_c, &format!("a{round}"))
-            .await
-            .unwrap();
-        alice
-            .engine
-            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-            .await
-            .unwrap();
+        let _ = alice.send(&bob_c, &format!("a{round}")).await;
         bob.sync().await;
         bob.engine.deliver_due().await.unwrap();
-        let q = bob
-            .engine
-            .send_text(&alice_c, &format!("b{round}"))
-            .await
-            .unwrap();
-        bob.engine
-            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-            .await
-            .unwrap();
+        let _ = bob.send(&alice_c, &format!("b{round}")).await;
         alice.sync().await;
         alice.engine.deliver_due().await.unwrap();
         bob.sync().await;
@@ -587,15 +509,7 @@ async fn contact_that_lost_its_state_still_gets_every_message() {
         .unwrap();
     assert!(bob.sync().await.is_empty(), "bob cannot open it");
     // Bob writes; alice learns of the reset and seals again; bob gets it.
-    let q = bob
-        .engine
-        .send_text(&alice_c, "I reinstalled")
-        .await
-        .unwrap();
-    bob.engine
-        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
-        .await
-        .unwrap();
+    let (q, _) = bob.send(&alice_c, "I reinstalled").await;
     alice.sync().await;
     alice.engine.deliver_due().await.unwrap();
     let key = alice

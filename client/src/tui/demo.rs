@@ -2,13 +2,13 @@
 //! this process (in memory), a second user ("Kkachi") answers every message, and the
 //! UI opens with keys to take relays down and bring them back while chatting.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use kkachi_protocol::{Card, Identity, Multiaddr};
+use kkachi_protocol::Multiaddr;
 use kkachi_relay::config::Config;
 use kkachi_relay::store::{MemoryStore, Quota};
 use kkachi_relay::{Metrics, RelayHandle};
@@ -19,7 +19,7 @@ use super::RelaySwitch;
 use crate::commands::UserError;
 use crate::engine::{ATTEMPT_TIMEOUT, AppEvent};
 use crate::net::NetConfig;
-use crate::store::{Contact, LocalStore, Profile, WriteSet};
+use crate::store::LocalStore;
 
 /// One demo relay: its key and in-memory store outlive restarts.
 #[derive(Debug)]
@@ -124,38 +124,6 @@ impl RelaySwitch for DemoRelays {
     }
 }
 
-fn make_user(
-    home: &Path,
-    name: &str,
-    relays: &[Multiaddr],
-) -> Result<(LocalStore, Identity, Card), UserError> {
-    let store = LocalStore::open(home)?;
-    let me = Identity::generate();
-    store.init_identity(
-        &me,
-        &Profile {
-            name: name.into(),
-            card_version: 1,
-        },
-    )?;
-    for r in relays {
-        store.add_relay(r)?;
-    }
-    let card = Card::new(&me, name, relays.to_vec(), 1)?;
-    Ok((store, me, card))
-}
-
-fn befriend(store: &LocalStore, card: &Card) -> Result<(), UserError> {
-    let contact = Contact {
-        peer: card.identity().peer_id(),
-        name: card.name().into(),
-        card: card.clone(),
-    };
-    let mut w = WriteSet::default();
-    LocalStore::write_contact(&mut w, &contact);
-    Ok(store.apply(w)?)
-}
-
 fn reply_to(text: &str, count: usize) -> String {
     match count {
         1 => format!(
@@ -171,10 +139,11 @@ fn reply_to(text: &str, count: usize) -> String {
 pub async fn run() -> Result<(), UserError> {
     let root = tempfile::Builder::new().prefix("kkachi-demo-").tempdir()?;
     let (relays, addrs) = DemoRelays::start().await?;
-    let (you_store, _, you_card) = make_user(&root.path().join("you"), "You", &addrs)?;
-    let (bot_store, bot_me, bot_card) = make_user(&root.path().join("kkachi"), "Kkachi", &addrs)?;
-    befriend(&you_store, &bot_card)?;
-    befriend(&bot_store, &you_card)?;
+    let (you_store, _, you_card) = LocalStore::provision(&root.path().join("you"), "You", &addrs)?;
+    let (bot_store, bot_me, bot_card) =
+        LocalStore::provision(&root.path().join("kkachi"), "Kkachi", &addrs)?;
+    you_store.add_card(&bot_card)?;
+    bot_store.add_card(&you_card)?;
     drop(you_store);
 
     let bot = crate::runtime::start_engine(bot_store, bot_me, loopback_net())?;

@@ -250,21 +250,9 @@ struct User {
 
 fn user(name: &str, relays: &[String]) -> Result<User> {
     let dir = tempfile::tempdir()?;
-    let store = LocalStore::open(dir.path())?;
-    let me = Identity::generate();
-    store.init_identity(
-        &me,
-        &Profile {
-            name: name.into(),
-            card_version: 1,
-        },
-    )?;
     let addrs: Vec<kkachi_protocol::Multiaddr> =
         relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
-    for a in &addrs {
-        store.add_relay(a)?;
-    }
-    let card = Card::new(&me, name, addrs, 1)?;
+    let (store, me, card) = LocalStore::provision(dir.path(), name, &addrs)?;
     let config = NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         mdns: false,
@@ -279,15 +267,7 @@ fn user(name: &str, relays: &[String]) -> Result<User> {
 }
 
 fn befriend(a: &User, b: &User) -> Result<Contact> {
-    let contact = Contact {
-        peer: b.card.identity().peer_id(),
-        name: b.card.name().into(),
-        card: b.card.clone(),
-    };
-    let mut w = WriteSet::default();
-    LocalStore::write_contact(&mut w, &contact);
-    a.engine.store().apply(w)?;
-    Ok(contact)
+    Ok(a.engine.store().add_card(&b.card)?)
 }
 
 /// Send → shown latency through three relays, with background load, and the pause when
