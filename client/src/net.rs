@@ -12,11 +12,12 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec, Request};
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -31,6 +32,14 @@ use tokio::sync::{mpsc, oneshot};
 const COMMANDS: usize = 256;
 /// Capacity of the event channel out of it.
 const EVENTS: usize = 1024;
+/// After a relay refused a reservation, wait this long before asking again (doubling).
+const RESERVE_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest wait between reservation attempts at a relay that keeps refusing.
+const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// First wait between attempts to reach a contact through its relays (doubling).
+const SEEK_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between those attempts.
+const SEEK_MAX: Duration = Duration::from_secs(30);
 
 /// Why a network operation failed.
 #[derive(Debug, Clone, Error)]
@@ -111,13 +120,20 @@ pub trait Transport: Clone + Send + Sync + 'static {
 
     /// Peers with an open connection right now.
     fn connected(&self) -> HashSet<PeerId>;
+
+    /// Try for a direct connection to `peer` through one of its `relays` (circuit relay,
+    /// then hole punching). Returns at once; attempts to one peer back off.
+    fn seek_direct(&self, _peer: PeerId, _relays: &[Multiaddr]) {}
 }
 
 enum Command {
-    /// Reserve a slot at one of our relays so contacts can reach us through it.
-    ListenVia(Multiaddr),
+    /// Keep reservations at exactly these relays (ours) so contacts can reach us.
+    ReserveAt(Vec<Multiaddr>),
     /// Connect to a contact through one of its relays (then DCUtR may go direct).
-    DialVia { relay: Multiaddr, peer: PeerId },
+    SeekDirect {
+        peer: PeerId,
+        relays: Vec<Multiaddr>,
+    },
     Request {
         peer: PeerId,
         addr: Option<Multiaddr>,
@@ -145,8 +161,8 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Request { peer, .. } => write!(f, "Request({peer})"),
-            Command::ListenVia(addr) => write!(f, "ListenVia({addr})"),
-            Command::DialVia { peer, .. } => write!(f, "DialVia({peer})"),
+            Command::ReserveAt(relays) => write!(f, "ReserveAt({} relays)", relays.len()),
+            Command::SeekDirect { peer, .. } => write!(f, "SeekDirect({peer})"),
         }
     }
 }
@@ -268,6 +284,8 @@ impl Network {
             local,
             answers,
             answers_tx,
+            reservations: HashMap::new(),
+            seeking: HashMap::new(),
         };
         tokio::spawn(task.run());
         Ok((
@@ -295,16 +313,12 @@ impl Network {
         self.state.read().listen.clone()
     }
 
-    /// Asks `relay` (one of ours, ending in `/p2p/<id>`) for a reservation, so contacts
-    /// can connect to us through it and then upgrade to a direct connection (DCUtR).
-    pub async fn listen_via(&self, relay: Multiaddr) {
-        let _ = self.commands.send(Command::ListenVia(relay)).await;
-    }
-
-    /// Connects to `peer` through `relay` (one of the peer's relays); DCUtR then tries
-    /// for a direct connection.
-    pub async fn dial_via(&self, relay: Multiaddr, peer: PeerId) {
-        let _ = self.commands.send(Command::DialVia { relay, peer }).await;
+    /// Keeps a circuit reservation at each of `relays` (ours, each ending in
+    /// `/p2p/<id>`) and at no other, so contacts can connect to us through them and
+    /// then upgrade to a direct connection (DCUtR). Call it again whenever convenient:
+    /// it is idempotent, and a relay that refused is asked again only after a backoff.
+    pub async fn reserve_at(&self, relays: Vec<Multiaddr>) {
+        let _ = self.commands.send(Command::ReserveAt(relays)).await;
     }
 
     async fn send(
@@ -354,6 +368,15 @@ impl Transport for Network {
     fn connected(&self) -> HashSet<PeerId> {
         self.state.read().connected.clone()
     }
+
+    fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
+        if relays.is_empty() || self.state.read().connected.contains(&peer) {
+            return;
+        }
+        let relays = relays.to_vec();
+        // Best effort: a full command queue means the task is busy; the next call retries.
+        let _ = self.commands.try_send(Command::SeekDirect { peer, relays });
+    }
 }
 
 type Reply = oneshot::Sender<Result<RelayToClient, NetError>>;
@@ -368,6 +391,25 @@ struct NetworkTask {
     /// Answers to direct puts, produced by the application.
     answers: mpsc::Receiver<(ResponseChannel<RelayToClient>, RelayToClient)>,
     answers_tx: mpsc::Sender<(ResponseChannel<RelayToClient>, RelayToClient)>,
+    /// Reservations wanted at our own relays, by relay peer id.
+    reservations: HashMap<PeerId, Reservation>,
+    /// Contacts we are trying to reach through their relays: attempts so far and when
+    /// the next may start. Forgotten once connected.
+    seeking: HashMap<PeerId, (u32, Instant)>,
+}
+
+/// A circuit relay reservation we keep at one of our relays. It is asked for only over
+/// an established connection: asking while the connection is still being dialled (by
+/// a mailbox request, say) makes the relay client's own dial fail and the listener
+/// close at once. A reservation dies with its connection and is asked for again when
+/// the relay is back.
+#[derive(Debug)]
+struct Reservation {
+    addr: Multiaddr,
+    listener: Option<ListenerId>,
+    /// Consecutive refusals; reset once the relay grants one.
+    refusals: u32,
+    not_before: Instant,
 }
 
 impl NetworkTask {
@@ -388,21 +430,30 @@ impl NetworkTask {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::ListenVia(relay) => {
-                let circuit = relay.with(Protocol::P2pCircuit);
-                if let Err(e) = self.swarm.listen_on(circuit) {
-                    tracing::debug!(error = %e, "no reservation at relay");
+            Command::ReserveAt(relays) => {
+                let wanted: HashMap<PeerId, Multiaddr> = relays
+                    .into_iter()
+                    .filter_map(|a| peer_of(&a).map(|p| (p, a)))
+                    .collect();
+                let swarm = &mut self.swarm;
+                self.reservations.retain(|peer, r| {
+                    let keep = wanted.contains_key(peer);
+                    if let (false, Some(listener)) = (keep, r.listener) {
+                        swarm.remove_listener(listener);
+                    }
+                    keep
+                });
+                for (peer, addr) in wanted {
+                    self.reservations.entry(peer).or_insert(Reservation {
+                        addr,
+                        listener: None,
+                        refusals: 0,
+                        not_before: Instant::now(),
+                    });
+                    self.reserve(peer);
                 }
             }
-            Command::DialVia { relay, peer } => {
-                if self.swarm.is_connected(&peer) {
-                    return;
-                }
-                let addr = relay.with(Protocol::P2pCircuit).with(Protocol::P2p(peer));
-                if let Err(e) = self.swarm.dial(addr) {
-                    tracing::debug!(%peer, error = %e, "dial through relay failed");
-                }
-            }
+            Command::SeekDirect { peer, relays } => self.seek_direct(peer, &relays),
             Command::Request {
                 peer,
                 addr,
@@ -426,6 +477,85 @@ impl NetworkTask {
         }
     }
 
+    /// Asks `relay` for a reservation if we want one, hold none, are connected to it
+    /// and it has not refused us recently.
+    fn reserve(&mut self, relay: PeerId) {
+        let connected = self.swarm.is_connected(&relay);
+        let Some(r) = self.reservations.get_mut(&relay) else {
+            return;
+        };
+        if r.listener.is_some() || !connected || Instant::now() < r.not_before {
+            return;
+        }
+        match self
+            .swarm
+            .listen_on(r.addr.clone().with(Protocol::P2pCircuit))
+        {
+            Ok(id) => r.listener = Some(id),
+            Err(e) => tracing::debug!(%relay, error = %e, "cannot ask relay for a reservation"),
+        }
+    }
+
+    /// Dials `peer` through one of its relays (taking them in turn), unless connected
+    /// or an attempt was made too recently. DCUtR then tries for a direct connection.
+    /// The contact's reservation may not be in place yet, so attempts back off from
+    /// `SEEK_FIRST` to `SEEK_MAX`.
+    fn seek_direct(&mut self, peer: PeerId, relays: &[Multiaddr]) {
+        if relays.is_empty() || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let (attempts, not_before) = self
+            .seeking
+            .get(&peer)
+            .copied()
+            .unwrap_or((0, Instant::now()));
+        if Instant::now() < not_before {
+            return;
+        }
+        let wait = SEEK_FIRST
+            .saturating_mul(1 << attempts.min(10))
+            .min(SEEK_MAX);
+        self.seeking
+            .insert(peer, (attempts.saturating_add(1), Instant::now() + wait));
+        let relay = &relays[attempts as usize % relays.len()];
+        let addr = relay
+            .clone()
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(peer));
+        tracing::debug!(%peer, via = %addr, "reaching a contact through its relay");
+        if let Err(e) = self.swarm.dial(addr) {
+            tracing::debug!(%peer, error = %e, "dial through relay failed");
+        }
+    }
+
+    /// A circuit listener closed: its connection went away (ask again when it is back)
+    /// or the relay refused (ask again later, backing off).
+    fn on_listener_closed(&mut self, listener: ListenerId, refused: Option<String>) {
+        let Some((relay, r)) = self
+            .reservations
+            .iter_mut()
+            .find(|(_, r)| r.listener == Some(listener))
+        else {
+            return;
+        };
+        r.listener = None;
+        let relay = *relay;
+        match refused {
+            Some(reason) => {
+                r.refusals = r.refusals.saturating_add(1);
+                let wait = RESERVE_BACKOFF
+                    .saturating_mul(1 << r.refusals.min(10))
+                    .min(RESERVE_BACKOFF_MAX);
+                r.not_before = Instant::now() + wait;
+                tracing::info!(%relay, %reason, ?wait, "relay refused a reservation");
+            }
+            None => {
+                tracing::debug!(%relay, "reservation ended with its connection");
+                self.reserve(relay);
+            }
+        }
+    }
+
     async fn emit(events: &mpsc::Sender<NetEvent>, event: NetEvent) {
         // Bounded: if the application falls behind, the network waits for it.
         let _ = events.send(event).await;
@@ -433,15 +563,39 @@ impl NetworkTask {
 
     async fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
+                if let Some(r) = self
+                    .reservations
+                    .values_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    r.refusals = 0;
+                }
                 tracing::debug!(%address, "listening");
                 self.state.write().listen.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.state.write().listen.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                self.state.write().listen.retain(|a| !addresses.contains(a));
+                let refused = reason.err().map(|e| e.to_string());
+                self.on_listener_closed(listener_id, refused);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
                 ..
             } if num_established.get() == 1 => {
+                self.reserve(peer_id);
+                self.seeking.remove(&peer_id);
                 self.state.write().connected.insert(peer_id);
                 let event = NetEvent::Connection {
                     peer: peer_id,

@@ -21,8 +21,6 @@ pub const SUBSCRIBE_WAIT_MS: u32 = 25_000;
 const RELAY_RESCAN: Duration = Duration::from_secs(2);
 /// Longest pause between outbox passes.
 const DELIVERY_TICK: Duration = Duration::from_millis(500);
-/// How often to try reaching a contact through one of its relays (for a direct path).
-const DIAL_VIA_EVERY: Duration = Duration::from_secs(30);
 
 /// Network options from the environment: `KKACHI_LISTEN` (comma-separated
 /// multiaddrs) and `KKACHI_MDNS=0` to turn LAN discovery off.
@@ -124,17 +122,16 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
     let mut rescan = tokio::time::interval(RELAY_RESCAN);
     let mut deliver = tokio::time::interval(DELIVERY_TICK);
     deliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dialed: HashMap<PeerId, std::time::Instant> = HashMap::new();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = rescan.tick() => supervise_inboxes(&engine, &mut inboxes),
+            _ = rescan.tick() => supervise_inboxes(&engine, &mut inboxes).await,
             _ = deliver.tick() => {
                 if let Err(e) = engine.deliver_due().await {
                     tracing::warn!(error = %e, "outbox pass failed");
                 }
-                seek_direct_paths(&engine, &mut dialed).await;
+                seek_direct_paths(&engine);
             }
         }
     }
@@ -144,41 +141,32 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
     let _ = engine.store().flush().await;
 }
 
-/// For contacts with messages waiting and no connection: connect through one of their
-/// relays, so hole punching (DCUtR) can open a direct path. At most every 30 s each.
-async fn seek_direct_paths(
-    engine: &Arc<Engine<Network>>,
-    dialed: &mut HashMap<PeerId, std::time::Instant>,
-) {
+/// For contacts with messages waiting and no connection: keep trying to connect
+/// through one of their relays, so hole punching (DCUtR) can open a direct path.
+fn seek_direct_paths(engine: &Arc<Engine<Network>>) {
     let Ok(outbox) = engine.store().outbox() else {
         return;
     };
-    let connected = engine.net().connected();
     let mut waiting: Vec<PeerId> = outbox
         .iter()
         .filter(|(_, e)| e.kind == crate::store::OutboxKind::Message)
         .filter_map(|(_, e)| PeerId::from_bytes(&e.contact).ok())
-        .filter(|p| !connected.contains(p))
         .collect();
     waiting.sort();
     waiting.dedup();
-    dialed.retain(|_, at| at.elapsed() < DIAL_VIA_EVERY);
     for peer in waiting {
-        if dialed.contains_key(&peer) {
-            continue;
-        }
-        let Ok(Some(contact)) = engine.store().contact(&peer) else {
-            continue;
-        };
-        if let Some(relay) = contact.card.relays().first() {
-            dialed.insert(peer, std::time::Instant::now());
-            engine.net().dial_via(relay.clone(), peer).await;
+        if let Ok(Some(contact)) = engine.store().contact(&peer) {
+            engine.net().seek_direct(peer, contact.card.relays());
         }
     }
 }
 
-/// Keeps one inbox task per own relay: starts new ones, stops removed ones.
-fn supervise_inboxes(engine: &Arc<Engine<Network>>, inboxes: &mut HashMap<String, JoinHandle<()>>) {
+/// Keeps one inbox task per own relay (starts new ones, stops removed ones) and a
+/// circuit reservation at each, so contacts can reach us through it and go direct.
+async fn supervise_inboxes(
+    engine: &Arc<Engine<Network>>,
+    inboxes: &mut HashMap<String, JoinHandle<()>>,
+) {
     let Ok(relays) = engine.store().relays() else {
         return;
     };
@@ -197,16 +185,10 @@ fn supervise_inboxes(engine: &Arc<Engine<Network>>, inboxes: &mut HashMap<String
         let Ok(relay) = addr.parse::<Multiaddr>() else {
             continue;
         };
-        let engine = engine.clone();
-        inboxes.insert(
-            addr,
-            tokio::spawn(async move {
-                // Contacts can reach us through this relay too, and go direct from there.
-                engine.net().listen_via(relay.clone()).await;
-                inbox_loop(engine, relay).await
-            }),
-        );
+        inboxes.insert(addr, tokio::spawn(inbox_loop(engine.clone(), relay)));
     }
+    let relays = inboxes.keys().filter_map(|a| a.parse().ok()).collect();
+    engine.net().reserve_at(relays).await;
 }
 
 /// Long-polls one relay forever: catch up from the stored cursor, then wait for more.

@@ -296,11 +296,13 @@ impl User {
             }
         });
         let socket = self.home.join("daemon.sock");
+        // A daemon killed before may have left its socket file: wait for one that answers.
+        let answers = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() && Instant::now() < deadline {
+        while !answers() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(socket.exists(), "{}'s daemon did not start", self.name);
+        assert!(answers(), "{}'s daemon did not start", self.name);
         Daemon {
             child: Some(child),
             lines,

@@ -329,6 +329,8 @@ impl<T: Transport> Engine<T> {
             return Err(e.into());
         }
         self.store.flush().await?;
+        // Talking to them: try for a direct path while the relays carry this one.
+        self.net.seek_direct(contact.peer, contact.card.relays());
         Ok(Queued {
             id: content.id,
             outbox_key,
