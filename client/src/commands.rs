@@ -1,6 +1,7 @@
 //! What each command does. Commands write to an [`Output`] rather than the terminal,
 //! so the same code runs in a one-shot process or, forwarded, inside a running daemon.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use crate::net::{Network, Transport, peer_of};
 use crate::store::{
     Contact, Direction, LocalStore, MessageRecord, MessageState, Profile, WriteSet,
 };
-use crate::time::format_ms;
+use crate::time::{LocalTimes, format_ms};
 
 /// What a command printed and how it ended.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -633,18 +634,29 @@ impl App {
         out: &mut Output,
     ) -> Result<(), UserError> {
         let contact = self.resolve(who)?;
-        let messages = match last {
-            Some(n) => self.store.recent_messages(&contact.peer, n)?,
-            None => self.store.messages(&contact.peer)?,
+        let mut times = LocalTimes::default();
+        let mut count = 0usize;
+        let mut list = Vec::new();
+        let mut each = |m: MessageRecord| {
+            count += 1;
+            if json {
+                list.push(message_json(&contact, &m));
+            } else {
+                push_history_line(&mut out.stdout, &mut times, &contact, &m);
+            }
         };
+        match last {
+            Some(n) => self
+                .store
+                .recent_messages(&contact.peer, n)?
+                .into_iter()
+                .for_each(each),
+            None => self.store.for_each_message(&contact.peer, &mut each)?,
+        }
         let conv = self.store.conversation(&contact.peer)?;
         if json {
-            let list: Vec<_> = messages.iter().map(|m| message_json(&contact, m)).collect();
             out.json(serde_json::Value::Array(list));
             return Ok(());
-        }
-        for m in &messages {
-            out.out(history_line(&contact, m));
         }
         if !conv.missing.is_empty() {
             out.out(format!(
@@ -654,7 +666,7 @@ impl App {
                 conv.missing
             ));
         }
-        if messages.is_empty() {
+        if count == 0 {
             out.warn(format!("no messages with {} yet", contact.name));
         }
         Ok(())
@@ -716,24 +728,39 @@ pub fn failure_domain_warnings<'a>(domains: impl Iterator<Item = &'a str>) -> Ve
     warnings
 }
 
-fn state_text(state: &MessageState) -> String {
-    match state {
-        MessageState::Relayed { relayed, total } => format!("relayed {relayed}/{total}"),
-        other => other.label().to_string(),
+/// A message's state as the user reads it: "delivered", "relayed 2/3".
+struct StateText<'a>(&'a MessageState);
+
+impl std::fmt::Display for StateText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            MessageState::Relayed { relayed, total } => write!(f, "relayed {relayed}/{total}"),
+            other => f.write_str(other.label()),
+        }
     }
 }
 
-/// One history line.
-pub fn history_line(contact: &Contact, m: &MessageRecord) -> String {
-    let when = format_ms(m.sent_at_ms);
+/// Appends one history line (and a newline) to `out`.
+pub fn push_history_line(
+    out: &mut String,
+    times: &mut LocalTimes,
+    contact: &Contact,
+    m: &MessageRecord,
+) {
+    times.push_long(out, m.sent_at_ms);
     match m.direction {
-        Direction::Out => format!(
-            "{when}  me → {}: {}  [{}]",
-            contact.name,
-            m.text,
-            state_text(&m.state)
-        ),
-        Direction::In => format!("{when}  {}: {}", contact.name, m.text),
+        Direction::Out => {
+            let _ = writeln!(
+                out,
+                "  me → {}: {}  [{}]",
+                contact.name,
+                m.text,
+                StateText(&m.state)
+            );
+        }
+        Direction::In => {
+            let _ = writeln!(out, "  {}: {}", contact.name, m.text);
+        }
     }
 }
 

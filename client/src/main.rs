@@ -40,10 +40,15 @@ fn init_logging(to_file: Option<&Path>) {
     }
 }
 
-fn emit(output: &Output) -> ExitCode {
+/// Writes a command's output; its exit code.
+fn write_output(output: &Output) -> u8 {
     let _ = std::io::stdout().write_all(output.stdout.as_bytes());
     let _ = std::io::stderr().write_all(output.stderr.as_bytes());
-    ExitCode::from(output.code.clamp(0, 255) as u8)
+    output.code.clamp(0, 255) as u8
+}
+
+fn emit(output: &Output) -> ExitCode {
+    ExitCode::from(write_output(output))
 }
 
 fn error(e: impl std::fmt::Display) -> ExitCode {
@@ -125,11 +130,21 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
         Ok(store) => {
             let mut app = App::new(store.clone());
             let result = app.run(command, json).await;
-            let _ = store.flush().await;
-            match result {
-                Ok(output) => emit(&output),
-                Err(e) => error(e),
+            let flushed = store.flush().await;
+            let code = match result {
+                Ok(output) => write_output(&output),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            };
+            if flushed.is_ok() {
+                // Everything is durable. Tearing down the page cache and the runtime
+                // would cost more than a read of a long history itself: skip it.
+                let _ = std::io::stdout().flush();
+                std::process::exit(code.into());
             }
+            ExitCode::from(code)
         }
         Err(StoreError::Locked(_)) => match ipc::forward(home, command, json).await {
             Ok(output) => emit(&output),

@@ -628,13 +628,52 @@ impl LocalStore {
 
     /// Messages with `peer`, oldest first.
     pub fn messages(&self, peer: &PeerId) -> Result<Vec<MessageRecord>, StoreError> {
-        self.tree(TreeId::Messages)
-            .scan_prefix(peer.to_bytes())
-            .map(|item| {
-                let (_, v) = item.map_err(db)?;
-                decode(&v, "message")
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.for_each_message(peer, |m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every message with `peer`, oldest first, without holding them
+    /// all. Reading pages of a store just opened is most of the cost of a long history,
+    /// so a helper thread reads ahead while this one decodes and `f` works.
+    pub fn for_each_message(
+        &self,
+        peer: &PeerId,
+        mut f: impl FnMut(MessageRecord),
+    ) -> Result<(), StoreError> {
+        const BATCH: usize = 512;
+        let tree = self.tree(TreeId::Messages);
+        let prefix = peer.to_bytes();
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<sled::IVec>, StoreError>>(8);
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                for item in tree.scan_prefix(prefix) {
+                    match item {
+                        Ok((_, v)) => batch.push(v),
+                        Err(e) => {
+                            let _ = tx.send(Err(db(e)));
+                            return;
+                        }
+                    }
+                    if batch.len() == BATCH
+                        && tx
+                            .send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))
+                            .is_err()
+                    {
+                        return; // the reader gave up
+                    }
+                }
+                let _ = tx.send(Ok(batch));
+            });
+            // Dropping `rx` on an error stops the helper at its next batch.
+            for batch in rx {
+                for v in batch? {
+                    f(decode(&v, "message")?);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// The most recent `n` messages with `peer`, oldest first.
@@ -850,6 +889,51 @@ mod tests {
             msg
         );
         assert_eq!(store.conversation(&peer).unwrap().next_seq, 2);
+    }
+
+    #[test]
+    fn long_conversations_read_in_order_across_batches_and_stop_on_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let (peer, other) = (PeerId::random(), PeerId::random());
+        let record = |i: u64| MessageRecord {
+            id: u128::from(i).to_be_bytes(),
+            direction: Direction::In,
+            text: format!("m{i}"),
+            state: MessageState::Received,
+            sent_at_ms: i,
+            stored_at_ms: i,
+            seq: i + 1,
+            prev: [0; 32],
+        };
+        let mut w = WriteSet::default();
+        for i in 0..1300 {
+            LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record(i));
+            LocalStore::write_message(&mut w, &other, message_key(&other, i), &record(i + 5000));
+        }
+        store.apply(w).unwrap();
+        let mut seen = Vec::new();
+        store
+            .for_each_message(&peer, |m| seen.push(m.sent_at_ms))
+            .unwrap();
+        assert_eq!(seen, (0..1300).collect::<Vec<u64>>());
+        assert_eq!(
+            store.recent_messages(&peer, 2).unwrap(),
+            vec![record(1298), record(1299)]
+        );
+
+        // A damaged record in the middle: an error, and nothing after it.
+        store
+            .tree(TreeId::Messages)
+            .insert(message_key(&peer, 700), &[0xff; 3][..])
+            .unwrap();
+        let mut count = 0;
+        let result = store.for_each_message(&peer, |_| count += 1);
+        assert!(
+            matches!(result, Err(StoreError::Corrupt("message"))),
+            "{result:?}"
+        );
+        assert_eq!(count, 700);
     }
 
     #[test]

@@ -165,6 +165,22 @@ fn send_to_unreachable_relays_is_queued_not_lost() {
         assert_eq!(m["state"], "queued");
         assert!(m["id"].as_str().unwrap().len() == 32 && m["sent_at"].as_u64().is_some());
     }
+    let plain = ok(kkachi(a.path(), &["history", "Hyun"]));
+    let lines: Vec<&str> = plain.lines().collect();
+    assert_eq!(lines.len(), 2, "{plain}");
+    // "2026-11-22 14:03  me → Hyun: are you there?  [queued]"
+    let (when, rest) = lines[0].split_at(16);
+    assert!(
+        when.as_bytes()[4] == b'-' && when.as_bytes()[10] == b' ' && when.as_bytes()[13] == b':',
+        "{plain}"
+    );
+    assert_eq!(rest, "  me → Hyun: are you there?  [queued]");
+    assert!(
+        lines[1].ends_with("  me → Hyun: again  [queued]"),
+        "{plain}"
+    );
+    let last = ok(kkachi(a.path(), &["history", "Hyun", "--last", "1"]));
+    assert_eq!(last.trim_end(), lines[1]);
     let list = kkachi(b.path(), &["relay", "list"]);
     assert!(stdout(&list).contains("down"), "{}", stdout(&list));
     assert!(stderr(&list).contains("single relay"), "{}", stderr(&list));

@@ -6,6 +6,8 @@
 //! ```sh
 //! cargo build --release --workspace && target/release/kkachi-bench [--quick] [--json]
 //! ```
+//!
+//! `--only latency,history` (say) runs just those parts.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,16 @@ struct Args {
     /// Clients for the reconnect measurement (default 1,000; 50 with --quick).
     #[arg(long)]
     clients: Option<usize>,
+    /// Run only these parts (comma-separated); the baselines always run. Figures of
+    /// the parts left out are null in the JSON and missing from the table.
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "reconnect", "idle"])]
+    only: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 fn now_s() -> u64 {
@@ -642,33 +654,60 @@ async fn main() -> Result<()> {
     let rtt = libp2p_rtt(if q { 200 } else { 2000 }).await?;
     eprintln!("baselines done");
     let duration = Duration::from_secs(if q { 3 } else { 15 });
-    let single = ingest(root.path(), 8, 16, 1, duration).await?;
-    // The same puts at a moderate load (8 senders, one request each in flight): the
-    // acknowledgement time a client sees when the relay is not saturated.
-    let moderate = ingest(root.path(), 8, 1, 1, duration).await?;
-    let batched = ingest(root.path(), 8, 8, 16, duration).await?;
-    eprintln!("ingest done");
-    let (latency, failover) = latency_and_failover(
-        root.path(),
-        3,
-        if q { 60 } else { 400 },
-        if q { 500 } else { 2000 },
-        true,
-    )
-    .await?;
-    let (latency_one, _) =
-        latency_and_failover(root.path(), 1, if q { 30 } else { 200 }, 0, false).await?;
-    let history = history_bench(root.path(), if q { 20_000 } else { 100_000 })?;
-    eprintln!("latency and failover done");
-    let clients = args.clients.unwrap_or(if q { 50 } else { 1000 });
-    let reconnect = reconnect_and_handshakes(root.path(), clients).await?;
-    eprintln!("reconnect done");
-    let idle = idle_memory(root.path(), if q { 100 } else { 1000 }).await?;
+    let null = serde_json::Value::Null;
+    let (single, moderate, batched) = if args.runs("ingest") {
+        let single = ingest(root.path(), 8, 16, 1, duration).await?;
+        // The same puts at a moderate load (8 senders, one request each in flight): the
+        // acknowledgement time a client sees when the relay is not saturated.
+        let moderate = ingest(root.path(), 8, 1, 1, duration).await?;
+        let batched = ingest(root.path(), 8, 8, 16, duration).await?;
+        eprintln!("ingest done");
+        (single, moderate, batched)
+    } else {
+        (null.clone(), null.clone(), null.clone())
+    };
+    let (latency, failover, latency_one) = if args.runs("latency") {
+        let (latency, failover) = latency_and_failover(
+            root.path(),
+            3,
+            if q { 60 } else { 400 },
+            if q { 500 } else { 2000 },
+            true,
+        )
+        .await?;
+        let (latency_one, _) =
+            latency_and_failover(root.path(), 1, if q { 30 } else { 200 }, 0, false).await?;
+        eprintln!("latency and failover done");
+        (latency, failover, latency_one)
+    } else {
+        (null.clone(), null.clone(), null.clone())
+    };
+    let history = if args.runs("history") {
+        history_bench(root.path(), if q { 20_000 } else { 100_000 })?
+    } else {
+        null.clone()
+    };
+    let reconnect = if args.runs("reconnect") {
+        let clients = args.clients.unwrap_or(if q { 50 } else { 1000 });
+        let r = reconnect_and_handshakes(root.path(), clients).await?;
+        eprintln!("reconnect done");
+        r
+    } else {
+        null.clone()
+    };
+    let idle = if args.runs("idle") {
+        idle_memory(root.path(), if q { 100 } else { 1000 }).await?
+    } else {
+        null
+    };
 
-    let ingest_rate = batched["msgs_per_s"]
-        .as_f64()
-        .unwrap_or(0.0)
-        .max(single["msgs_per_s"].as_f64().unwrap_or(0.0));
+    let ingest_rate = match (
+        batched["msgs_per_s"].as_f64(),
+        single["msgs_per_s"].as_f64(),
+    ) {
+        (Some(a), Some(b)) => json!(a.max(b)),
+        _ => serde_json::Value::Null,
+    };
     let report = json!({
         "mode": if q { "quick" } else { "full" },
         "ingest_msgs_per_s": ingest_rate,
@@ -702,93 +741,105 @@ async fn main() -> Result<()> {
         "{:<44} {:>14}  as a ratio to this machine's limits",
         "figure", "value"
     );
-    println!(
-        "{:<44} {:>14.0}  {:.1}x sled insert+flush per item ({:.0}/s)",
-        "ingest, durable 512 B puts/s (best)",
-        ingest_rate,
-        ingest_rate / sled_flush,
-        sled_flush
-    );
-    println!(
-        "{:<44} {:>14.0}  batch 1, {} in flight",
-        "  single-envelope puts/s",
-        f(&single["msgs_per_s"]),
-        single["senders"]
-    );
-    println!(
-        "{:<44} {:>14.0}  batch 16, {} in flight",
-        "  batched puts/s",
-        f(&batched["msgs_per_s"]),
-        batched["senders"]
-    );
-    println!(
-        "{:<44} {:>14.0}  {:.1}x libp2p round trip",
-        "put ack p50 (µs)",
-        f(&single["ack_p50_us"]),
-        f(&single["ack_p50_us"]) / us(rtt)
-    );
-    println!(
-        "{:<44} {:>14.0}  at saturation (128 in flight)",
-        "put ack p99 (µs)",
-        f(&single["ack_p99_us"])
-    );
-    println!(
-        "{:<44} {:>14.0}  p99 {:.0} µs; {:.0} puts/s, {} senders, 1 in flight each",
-        "put ack p50 at moderate load (µs)",
-        f(&moderate["ack_p50_us"]),
-        f(&moderate["ack_p99_us"]),
-        f(&moderate["msgs_per_s"]),
-        moderate["senders"]
-    );
-    println!(
-        "{:<44} {:>14.0}  {:.1}x libp2p round trip",
-        "send→shown p50 via 3 relays (µs)",
-        f(&latency["latency_p50_us"]),
-        f(&latency["latency_p50_us"]) / us(rtt)
-    );
-    println!(
-        "{:<44} {:>14.0}",
-        "send→shown p99 (µs)",
-        f(&latency["latency_p99_us"])
-    );
-    println!(
-        "{:<44} {:>14.0}  p99 {:.0} µs",
-        "send→shown p50, 1 relay, no other load (µs)",
-        f(&latency_one["latency_p50_us"]),
-        f(&latency_one["latency_p99_us"])
-    );
-    println!(
-        "{:<44} {:>14.0}  {} lines; --last 50: {:.0} ms",
-        "`kkachi history` of a long conversation (ms)",
-        f(&history["history_all_ms"]),
-        history["lines"],
-        f(&history["history_last50_ms"])
-    );
-    println!(
-        "{:<44} {:>14.1}  lost {}, duplicated {}",
-        "failover gap, 1 of 3 relays kill -9 (ms)",
-        f(&failover["failover_gap_ms"]),
-        failover["lost"],
-        failover["duplicated"]
-    );
-    println!(
-        "{:<44} {:>14.2}  {} of {} clients",
-        "reconnect after relay restart (s)",
-        f(&reconnect["reconnect_s"]),
-        reconnect["reconnected"],
-        reconnect["clients"]
-    );
-    println!(
-        "{:<44} {:>14.0}",
-        "new connections (Noise handshakes)/s",
-        f(&reconnect["handshakes_per_s"])
-    );
-    println!(
-        "{:<44} {:>14.1}  at {} connections",
-        "relay memory per idle connection (KiB)",
-        f(&idle["idle_conn_kib"]),
-        idle["connections"]
-    );
+    if args.runs("ingest") {
+        println!(
+            "{:<44} {:>14.0}  {:.1}x sled insert+flush per item ({:.0}/s)",
+            "ingest, durable 512 B puts/s (best)",
+            f(&ingest_rate),
+            f(&ingest_rate) / sled_flush,
+            sled_flush
+        );
+        println!(
+            "{:<44} {:>14.0}  batch 1, {} in flight",
+            "  single-envelope puts/s",
+            f(&single["msgs_per_s"]),
+            single["senders"]
+        );
+        println!(
+            "{:<44} {:>14.0}  batch 16, {} in flight",
+            "  batched puts/s",
+            f(&batched["msgs_per_s"]),
+            batched["senders"]
+        );
+        println!(
+            "{:<44} {:>14.0}  {:.1}x libp2p round trip",
+            "put ack p50 (µs)",
+            f(&single["ack_p50_us"]),
+            f(&single["ack_p50_us"]) / us(rtt)
+        );
+        println!(
+            "{:<44} {:>14.0}  at saturation (128 in flight)",
+            "put ack p99 (µs)",
+            f(&single["ack_p99_us"])
+        );
+        println!(
+            "{:<44} {:>14.0}  p99 {:.0} µs; {:.0} puts/s, {} senders, 1 in flight each",
+            "put ack p50 at moderate load (µs)",
+            f(&moderate["ack_p50_us"]),
+            f(&moderate["ack_p99_us"]),
+            f(&moderate["msgs_per_s"]),
+            moderate["senders"]
+        );
+    }
+    if args.runs("latency") {
+        println!(
+            "{:<44} {:>14.0}  {:.1}x libp2p round trip",
+            "send→shown p50 via 3 relays (µs)",
+            f(&latency["latency_p50_us"]),
+            f(&latency["latency_p50_us"]) / us(rtt)
+        );
+        println!(
+            "{:<44} {:>14.0}",
+            "send→shown p99 (µs)",
+            f(&latency["latency_p99_us"])
+        );
+        println!(
+            "{:<44} {:>14.0}  p99 {:.0} µs",
+            "send→shown p50, 1 relay, no other load (µs)",
+            f(&latency_one["latency_p50_us"]),
+            f(&latency_one["latency_p99_us"])
+        );
+    }
+    if args.runs("history") {
+        println!(
+            "{:<44} {:>14.0}  {} lines; --last 50: {:.0} ms",
+            "`kkachi history` of a long conversation (ms)",
+            f(&history["history_all_ms"]),
+            history["lines"],
+            f(&history["history_last50_ms"])
+        );
+    }
+    if args.runs("latency") {
+        println!(
+            "{:<44} {:>14.1}  lost {}, duplicated {}",
+            "failover gap, 1 of 3 relays kill -9 (ms)",
+            f(&failover["failover_gap_ms"]),
+            failover["lost"],
+            failover["duplicated"]
+        );
+    }
+    if args.runs("reconnect") {
+        println!(
+            "{:<44} {:>14.2}  {} of {} clients",
+            "reconnect after relay restart (s)",
+            f(&reconnect["reconnect_s"]),
+            reconnect["reconnected"],
+            reconnect["clients"]
+        );
+        println!(
+            "{:<44} {:>14.0}",
+            "new connections (Noise handshakes)/s",
+            f(&reconnect["handshakes_per_s"])
+        );
+    }
+    if args.runs("idle") {
+        println!(
+            "{:<44} {:>14.1}  at {} connections",
+            "relay memory per idle connection (KiB)",
+            f(&idle["idle_conn_kib"]),
+            idle["connections"]
+        );
+    }
     println!(
         "{:<44} {:>14.0}",
         "baseline: libp2p request/response RTT (µs)",
