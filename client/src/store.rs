@@ -8,6 +8,8 @@
 //! was sent.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kkachi_protocol::{Card, EnvelopeId, Identity, MessageId, Multiaddr, PeerId, Session};
 use serde::de::DeserializeOwned;
@@ -311,6 +313,17 @@ pub struct LocalStore {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     path: PathBuf,
+    contacts: Arc<ContactCache>,
+}
+
+/// Decoded contacts. Decoding checks each card's signatures, which costs more than
+/// the rest of receiving a message, and contacts are read on every one.
+#[derive(Debug, Default)]
+struct ContactCache {
+    /// Bumped after every write to the contacts tree.
+    generation: AtomicU64,
+    /// The contacts as of `.0`, a generation.
+    cached: parking_lot::RwLock<Option<(u64, Arc<Vec<Contact>>)>>,
 }
 
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -345,6 +358,7 @@ impl LocalStore {
             db,
             trees,
             path: home.to_path_buf(),
+            contacts: Arc::default(),
         })
     }
 
@@ -363,6 +377,16 @@ impl LocalStore {
         if writes.is_empty() {
             return Ok(());
         }
+        let contacts_changed = writes.ops.iter().any(|(t, _, _)| *t == TreeId::Contacts);
+        let result = self.apply_ops(writes);
+        if contacts_changed {
+            // After the write, so a reader that loaded the old contacts cannot keep them.
+            self.contacts.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn apply_ops(&self, writes: WriteSet) -> Result<(), StoreError> {
         // One tree: an atomic batch is enough and much cheaper than a transaction.
         let first = writes.ops[0].0;
         if writes.ops.iter().all(|(t, _, _)| *t == first) {
@@ -375,10 +399,15 @@ impl LocalStore {
             }
             return self.tree(first).apply_batch(batch).map_err(db);
         }
-        let trees: Vec<&sled::Tree> = self.trees.iter().collect();
+        // A transaction over the trees written and no others: its cost grows with them.
+        let mut used: Vec<TreeId> = writes.ops.iter().map(|(t, _, _)| *t).collect();
+        used.sort_by_key(|t| *t as usize);
+        used.dedup();
+        let trees: Vec<&sled::Tree> = used.iter().map(|t| self.tree(*t)).collect();
+        let slot = |t: TreeId| used.iter().position(|u| *u == t).expect("tree listed");
         let result: Result<(), TransactionError<()>> = trees.as_slice().transaction(|tx| {
             for (tree, key, value) in &writes.ops {
-                let t = &tx[*tree as usize];
+                let t = &tx[slot(*tree)];
                 match value {
                     Some(v) => {
                         t.insert(key.as_slice(), v.as_slice())?;
@@ -563,25 +592,35 @@ impl LocalStore {
 
     /// All contacts.
     pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        Ok(self.cached_contacts()?.as_ref().clone())
+    }
+
+    /// All contacts, decoded once per change of the contacts tree.
+    fn cached_contacts(&self) -> Result<Arc<Vec<Contact>>, StoreError> {
+        let generation = self.contacts.generation.load(Ordering::SeqCst);
+        if let Some((g, contacts)) = self.contacts.cached.read().as_ref()
+            && *g == generation
+        {
+            return Ok(contacts.clone());
+        }
         let mut out = Vec::new();
         for item in self.tree(TreeId::Contacts).iter() {
             let (k, v) = item.map_err(db)?;
             out.push(contact_from(&k, &v)?);
         }
         out.sort_by_key(|c| c.name.to_lowercase());
+        let out = Arc::new(out);
+        *self.contacts.cached.write() = Some((generation, out.clone()));
         Ok(out)
     }
 
     /// One contact.
     pub fn contact(&self, peer: &PeerId) -> Result<Option<Contact>, StoreError> {
-        match self
-            .tree(TreeId::Contacts)
-            .get(peer.to_bytes())
-            .map_err(db)?
-        {
-            Some(v) => contact_from(&peer.to_bytes(), &v).map(Some),
-            None => Ok(None),
-        }
+        Ok(self
+            .cached_contacts()?
+            .iter()
+            .find(|c| c.peer == *peer)
+            .cloned())
     }
 
     /// Adds or replaces a contact (in a WriteSet).
@@ -934,6 +973,32 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(count, 700);
+    }
+
+    #[test]
+    fn contacts_read_after_a_change_are_the_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let other = store.clone();
+        let soyeon = Identity::generate();
+        let card = Card::new(&soyeon, "Soyeon", vec![], 1).unwrap();
+        assert!(store.contacts().unwrap().is_empty());
+        store.add_card(&card).unwrap();
+        // Seen through another handle of the same store too.
+        assert_eq!(other.contacts().unwrap()[0].name, "Soyeon");
+        let mut renamed = other.contact(&soyeon.peer_id()).unwrap().unwrap();
+        renamed.name = "Soyeon (work)".into();
+        let mut w = WriteSet::default();
+        LocalStore::write_contact(&mut w, &renamed);
+        // A write that spans trees goes through a transaction: still seen.
+        LocalStore::write_conversation(&mut w, &soyeon.peer_id(), &Conversation::default());
+        other.apply(w).unwrap();
+        assert_eq!(store.contacts().unwrap()[0].name, "Soyeon (work)");
+        assert_eq!(
+            store.contact(&soyeon.peer_id()).unwrap().unwrap().name,
+            "Soyeon (work)"
+        );
+        assert!(store.contact(&PeerId::random()).unwrap().is_none());
     }
 
     #[test]
