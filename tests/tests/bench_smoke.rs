@@ -24,6 +24,7 @@ fn bench_quick_reports_every_figure() {
         "latency_p50_us",
         "latency_p99_us",
         "failover_gap_ms",
+        "history_ms",
         "handshakes_per_s",
         "idle_conn_kib",
         "baseline_libp2p_rtt_us",
@@ -41,4 +42,32 @@ fn bench_quick_reports_every_figure() {
         "{v}"
     );
     println!("{}", stdout.lines().take(16).collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
+fn bench_only_runs_the_parts_asked_for() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kkachi-bench"))
+        .args(["--quick", "--json", "--only", "history"])
+        .output()
+        .expect("kkachi-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
+    assert!(v["history_ms"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert_eq!(v["history"]["lines"], 20_000, "{v}");
+    for skipped in ["ingest_msgs_per_s", "latency_p50_us", "idle_conn_kib"] {
+        assert!(v[skipped].is_null(), "{skipped} should not run: {v}");
+    }
+    assert!(!stdout.contains("ingest, durable"), "{stdout}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_kkachi-bench"))
+        .args(["--only", "histroy"])
+        .output()
+        .expect("kkachi-bench runs");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("possible values"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }
