@@ -133,6 +133,16 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
                 }
                 seek_direct_paths(&engine);
             }
+            _ = engine.outbox_queued() => {
+                // Receipts just queued: send them now, without waiting for the pass in
+                // flight (a slow relay must not hold them up).
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = engine.deliver_due().await {
+                        tracing::warn!(error = %e, "outbox pass failed");
+                    }
+                });
+            }
         }
     }
     for (_, task) in inboxes {

@@ -17,7 +17,7 @@ mod receive;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,6 +156,22 @@ pub struct Engine<T> {
     /// holds the live sessions: their unanswered handshakes exist only in memory.
     lock: Mutex<Sessions>,
     events: broadcast::Sender<AppEvent>,
+    /// Outbox entries being delivered right now, so an outbox pass leaves them alone.
+    in_flight: parking_lot::Mutex<HashSet<u64>>,
+    /// Woken when something was queued that nobody is delivering yet (receipts).
+    outbox_wake: tokio::sync::Notify,
+}
+
+/// Marks an outbox entry as being delivered until dropped.
+struct InFlight<'a> {
+    set: &'a parking_lot::Mutex<HashSet<u64>>,
+    key: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
+    }
 }
 
 /// One path's answer during a delivery.
@@ -191,7 +207,16 @@ impl<T: Transport> Engine<T> {
             net,
             lock: Mutex::new(Sessions::default()),
             events,
+            in_flight: parking_lot::Mutex::default(),
+            outbox_wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Resolves when something was queued that nobody is delivering yet (receipts for
+    /// messages just received): the daemon then runs an outbox pass at once instead of
+    /// at its next tick, so receipts leave one by one instead of in bursts.
+    pub async fn outbox_queued(&self) {
+        self.outbox_wake.notified().await;
     }
 
     /// The local store.
@@ -438,6 +463,11 @@ impl<T: Transport> Engine<T> {
         force: bool,
         attempt_timeout: Duration,
     ) -> Result<Option<Progress>, EngineError> {
+        // Marked while it runs, unless an outbox pass claimed it (that pass releases it).
+        let _in_flight = self.in_flight.lock().insert(key).then(|| InFlight {
+            set: &self.in_flight,
+            key,
+        });
         let Some(entry) = self.outbox_entry(key)? else {
             return Ok(None);
         };
@@ -622,7 +652,7 @@ impl<T: Transport> Engine<T> {
     pub async fn deliver_due(&self) -> Result<usize, EngineError> {
         let now = now_ms();
         let direct = self.net.direct_peers();
-        let due: Vec<(u64, bool)> = self
+        let mut due: Vec<(u64, bool)> = self
             .store
             .outbox()?
             .into_iter()
@@ -640,9 +670,23 @@ impl<T: Transport> Engine<T> {
                 (relay_due || direct_due || reput).then_some((key, reput))
             })
             .collect();
-        let n = due.len();
-        futures::stream::iter(due)
-            .for_each_concurrent(PARALLEL_DELIVERIES, |(key, reput)| async move {
+        // Claim them, leaving out what another pass or a sender is delivering already.
+        let claimed: Vec<(u64, bool, InFlight<'_>)> = {
+            let mut busy = self.in_flight.lock();
+            due.retain(|(key, _)| busy.insert(*key));
+            due.into_iter()
+                .map(|(key, reput)| {
+                    let claim = InFlight {
+                        set: &self.in_flight,
+                        key,
+                    };
+                    (key, reput, claim)
+                })
+                .collect()
+        };
+        let n = claimed.len();
+        futures::stream::iter(claimed)
+            .for_each_concurrent(PARALLEL_DELIVERIES, |(key, reput, _claim)| async move {
                 if reput {
                     let _ = self.reset_targets(key).await;
                 }

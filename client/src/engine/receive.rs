@@ -82,6 +82,7 @@ impl<T: Transport> Engine<T> {
             }
         }
         // Receipts ride the same transaction: they exist iff the messages are stored.
+        let receipts_queued = !receipts.is_empty();
         for (contact, ids) in receipts {
             let session = sessions.get(&self.store, &contact)?;
             let receipt = Body::Receipt {
@@ -107,6 +108,9 @@ impl<T: Transport> Engine<T> {
         self.store.flush().await?;
         for r in &shown {
             self.emit(AppEvent::Message(r.clone()));
+        }
+        if receipts_queued {
+            self.outbox_wake.notify_one();
         }
         Ok(shown)
     }

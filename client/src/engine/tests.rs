@@ -16,6 +16,10 @@ struct FakeInner {
     relays: HashMap<String, (MemoryStore, bool)>,
     direct: HashSet<PeerId>,
     direct_inbox: HashMap<PeerId, Vec<Envelope>>,
+    /// While set, puts wait for a permit (a slow network).
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Puts that reached a relay.
+    puts: usize,
 }
 
 #[derive(Clone, Default)]
@@ -73,6 +77,11 @@ impl Transport for FakeNet {
         };
         Ok(match request {
             ClientToRelay::Put { envelopes } => {
+                let gate = self.inner.lock().gate.clone();
+                if let Some(gate) = gate {
+                    drop(gate.acquire().await.unwrap());
+                }
+                self.inner.lock().puts += 1;
                 let results = store.put(envelopes).await.unwrap();
                 RelayToClient::Stored {
                     outcomes: results
@@ -532,5 +541,53 @@ async fn contact_that_lost_its_state_still_gets_every_message() {
         got.iter()
             .any(|r| r.message.text == "sealed before bob's reset"),
         "{got:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_outbox_pass_leaves_deliveries_in_flight_alone() {
+    let net = FakeNet::default();
+    let (alice, _bob, bob_c, _) = pair(&net).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    net.inner.lock().gate = Some(gate.clone());
+    let q = alice
+        .engine
+        .send_text(&bob_c, "slow network")
+        .await
+        .unwrap();
+    let sending = {
+        let engine = alice.engine.clone();
+        tokio::spawn(async move { engine.deliver(q.outbox_key, true, ATTEMPT_TIMEOUT).await })
+    };
+    tokio::task::yield_now().await;
+    // The sender's delivery is waiting on the network: a pass must not start another.
+    assert_eq!(alice.engine.deliver_due().await.unwrap(), 0);
+    gate.add_permits(100);
+    let progress = sending.await.unwrap().unwrap().unwrap();
+    assert_eq!(progress.acked, 3);
+    assert_eq!(net.inner.lock().puts, 3, "one put per relay, not two");
+    // Once it is done, nothing is left claimed: a later pass may pick the entry up.
+    assert!(alice.engine.in_flight.lock().is_empty());
+}
+
+#[tokio::test]
+async fn receipts_wake_the_outbox_instead_of_waiting_for_a_pass() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    alice.send(&bob_c, "hello").await;
+    assert_eq!(bob.sync().await.len(), 1);
+    // Bob queued a receipt; whoever runs the outbox hears of it at once.
+    tokio::time::timeout(Duration::from_secs(1), bob.engine.outbox_queued())
+        .await
+        .expect("the outbox was woken");
+    assert_eq!(bob.engine.deliver_due().await.unwrap(), 1);
+    alice.sync().await;
+    assert_eq!(alice.messages(&bob)[0].state, MessageState::Delivered);
+    // Receiving nothing new wakes nobody.
+    bob.sync().await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), bob.engine.outbox_queued())
+            .await
+            .is_err()
     );
 }
