@@ -112,6 +112,12 @@ pub struct LimitsConfig {
     pub puts_per_sec: u32,
     /// Envelopes one peer may put in a burst. Default: 2000.
     pub put_burst: u32,
+    /// Envelopes all peers connecting from one address (an IPv4 address or an IPv6
+    /// /64) may put per second, sustained, so fresh identities do not buy a flooder
+    /// more. Default: 2000.
+    pub puts_per_sec_per_address: u32,
+    /// Envelopes all peers from one address may put in a burst. Default: 10000.
+    pub put_burst_per_address: u32,
     /// Most simultaneous connections. Default: 20000.
     pub max_connections: u32,
     /// Most simultaneous connections from one peer. Default: 8.
@@ -169,6 +175,8 @@ impl Default for LimitsConfig {
             mailbox_max_bytes: 256 << 20,
             puts_per_sec: 500,
             put_burst: 2000,
+            puts_per_sec_per_address: 2000,
+            put_burst_per_address: 10_000,
             max_connections: 20_000,
             max_connections_per_peer: 8,
             max_pending_connections: 512,
@@ -228,6 +236,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "limits.max_ttl_secs must be between 1 and {MAX_TTL_SECS} (30 days)"
             )));
+        }
+        if l.puts_per_sec_per_address == 0 || l.put_burst_per_address == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.puts_per_sec_per_address and limits.put_burst_per_address must be at least 1"
+                    .into(),
+            ));
         }
         if l.puts_per_sec == 0 || l.put_burst == 0 {
             return Err(ConfigError::Invalid(

@@ -5,6 +5,7 @@
 //! by mailbox, and are answered as soon as a put lands in their mailbox.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +18,7 @@ use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Swarm, identify, noise, ping, relay, tcp, yamux};
 use tokio::sync::{oneshot, watch};
 
@@ -25,7 +26,7 @@ use crate::RelayError;
 use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::service::{Action, Service};
+use crate::service::{Action, Service, source_address};
 use crate::store::MailboxStore;
 
 /// How often waiting long polls are checked for their deadline, and housekeeping runs.
@@ -129,6 +130,8 @@ pub(crate) struct Node<S> {
     max_waiting_per_peer: usize,
     waiting: HashMap<MailboxId, Vec<Waiter>>,
     waiting_per_peer: HashMap<PeerId, usize>,
+    /// The address each direct connection's puts count under (rate limits).
+    sources: HashMap<ConnectionId, IpAddr>,
     puts: FuturesUnordered<PendingPut>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     listeners: Vec<ListenerId>,
@@ -152,6 +155,7 @@ impl<S: MailboxStore + Clone> Node<S> {
             max_waiting_per_peer: config.limits.max_waiting_per_peer,
             waiting: HashMap::new(),
             waiting_per_peer: HashMap::new(),
+            sources: HashMap::new(),
             puts: FuturesUnordered::new(),
             addrs,
             listeners,
@@ -217,11 +221,19 @@ impl<S: MailboxStore + Clone> Node<S> {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.addrs.send_modify(|a| a.retain(|x| *x != address));
             }
-            SwarmEvent::ConnectionEstablished { .. } => {
+            SwarmEvent::ConnectionEstablished {
+                connection_id,
+                endpoint,
+                ..
+            } => {
                 self.metrics.connections.inc();
+                if let Some(source) = source_address(endpoint.get_remote_address()) {
+                    self.sources.insert(connection_id, source);
+                }
             }
-            SwarmEvent::ConnectionClosed { .. } => {
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.metrics.connections.dec();
+                self.sources.remove(&connection_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -236,23 +248,26 @@ impl<S: MailboxStore + Clone> Node<S> {
         match event {
             request_response::Event::Message {
                 peer,
+                connection_id,
                 message:
                     request_response::Message::Request {
                         request, channel, ..
                     },
-                ..
-            } => match self.service.handle(&peer, request, unix_now()) {
-                Action::Respond(response) => self.respond(channel, response),
-                Action::Put { done, mailboxes } => {
-                    self.puts
-                        .push(Box::pin(async move { (channel, done.await, mailboxes) }));
+            } => {
+                let source = self.sources.get(&connection_id).copied();
+                match self.service.handle(&peer, source, request, unix_now()) {
+                    Action::Respond(response) => self.respond(channel, response),
+                    Action::Put { done, mailboxes } => {
+                        self.puts
+                            .push(Box::pin(async move { (channel, done.await, mailboxes) }));
+                    }
+                    Action::Wait {
+                        mailbox,
+                        after,
+                        wait_ms,
+                    } => self.park(peer, mailbox, after, wait_ms, channel),
                 }
-                Action::Wait {
-                    mailbox,
-                    after,
-                    wait_ms,
-                } => self.park(peer, mailbox, after, wait_ms, channel),
-            },
+            }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 let kind = match &error {
                     request_response::InboundFailure::Timeout => "timeout",

@@ -2,6 +2,7 @@
 //! control, rate limits, and calls into the store. The node (`node.rs`) turns its
 //! [`Action`]s into responses on streams.
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Instant;
 
@@ -12,8 +13,9 @@ use kkachi_protocol::wire::{
     MAX_BATCH_BYTES, MAX_BATCH_ITEMS, MAX_WAIT_MS, PROTOCOL_VERSION, PutOutcome,
 };
 use kkachi_protocol::{
-    ClientToRelay, Envelope, ErrorCode, MailboxId, PeerId, RelayInfo, RelayToClient,
+    ClientToRelay, Envelope, ErrorCode, MailboxId, Multiaddr, PeerId, RelayInfo, RelayToClient,
 };
+use libp2p::multiaddr::Protocol;
 
 use crate::codec::Request;
 use crate::config::Config;
@@ -68,6 +70,24 @@ pub(crate) struct Service<S> {
     max_payload: usize,
     max_ttl: u64,
     puts: DefaultKeyedRateLimiter<PeerId>,
+    /// The same, shared by every peer connecting from one address.
+    puts_by_address: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+/// The address a connection's puts are counted under: its IPv4 address, or the /64 of
+/// its IPv6 address (one host usually has a whole /64). None for relayed connections.
+pub(crate) fn source_address(remote: &Multiaddr) -> Option<IpAddr> {
+    if remote.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        return None;
+    }
+    remote.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => {
+            let prefix = u128::from(ip) & !((1u128 << 64) - 1);
+            Some(IpAddr::V6(prefix.into()))
+        }
+        _ => None,
+    })
 }
 
 fn refuse(metrics: &Metrics, code: ErrorCode, message: impl Into<String>) -> RelayToClient {
@@ -105,6 +125,8 @@ impl<S: MailboxStore + Clone> Service<S> {
         let l = &config.limits;
         let rate = NonZeroU32::new(l.puts_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(l.put_burst).unwrap_or(NonZeroU32::MIN);
+        let address_rate = NonZeroU32::new(l.puts_per_sec_per_address).unwrap_or(NonZeroU32::MIN);
+        let address_burst = NonZeroU32::new(l.put_burst_per_address).unwrap_or(NonZeroU32::MIN);
         Self {
             store,
             metrics,
@@ -123,6 +145,9 @@ impl<S: MailboxStore + Clone> Service<S> {
             max_payload: l.max_payload,
             max_ttl: l.max_ttl_secs,
             puts: RateLimiter::keyed(RateQuota::per_second(rate).allow_burst(burst)),
+            puts_by_address: RateLimiter::keyed(
+                RateQuota::per_second(address_rate).allow_burst(address_burst),
+            ),
         }
     }
 
@@ -134,10 +159,19 @@ impl<S: MailboxStore + Clone> Service<S> {
     pub(crate) fn prune(&self) {
         self.puts.retain_recent();
         self.puts.shrink_to_fit();
+        self.puts_by_address.retain_recent();
+        self.puts_by_address.shrink_to_fit();
     }
 
-    /// Decides what to do with one request from `peer` at Unix time `now`.
-    pub(crate) fn handle(&self, peer: &PeerId, request: Request, now: u64) -> Action {
+    /// Decides what to do with one request from `peer`, connected from `source` (see
+    /// [`source_address`]), at Unix time `now`.
+    pub(crate) fn handle(
+        &self,
+        peer: &PeerId,
+        source: Option<IpAddr>,
+        request: Request,
+        now: u64,
+    ) -> Action {
         let msg = match request {
             Request::Message(msg) => msg,
             Request::Malformed(e) => {
@@ -161,7 +195,7 @@ impl<S: MailboxStore + Clone> Service<S> {
             .get_or_create(&Metrics::kind(kind))
             .inc();
         match msg {
-            ClientToRelay::Put { envelopes } => self.put(peer, envelopes, now),
+            ClientToRelay::Put { envelopes } => self.put(peer, source, envelopes, now),
             ClientToRelay::Info => Action::Respond(RelayToClient::Info(self.info.clone())),
             ClientToRelay::Fetch {
                 mailbox,
@@ -238,7 +272,13 @@ impl<S: MailboxStore + Clone> Service<S> {
         }
     }
 
-    fn put(&self, peer: &PeerId, envelopes: Vec<Envelope>, now: u64) -> Action {
+    fn put(
+        &self,
+        peer: &PeerId,
+        source: Option<IpAddr>,
+        envelopes: Vec<Envelope>,
+        now: u64,
+    ) -> Action {
         let n = NonZeroU32::new(envelopes.len() as u32).unwrap_or(NonZeroU32::MIN);
         if !matches!(self.puts.check_key_n(peer, n), Ok(Ok(()))) {
             tracing::debug!(%peer, "put rate limited");
@@ -246,6 +286,16 @@ impl<S: MailboxStore + Clone> Service<S> {
                 &self.metrics,
                 ErrorCode::RateLimited,
                 "too many envelopes from this peer; slow down and retry in a few seconds",
+            ));
+        }
+        if let Some(address) = source
+            && !matches!(self.puts_by_address.check_key_n(&address, n), Ok(Ok(())))
+        {
+            tracing::debug!(%peer, %address, "put rate limited for its address");
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "too many envelopes from your network address; slow down and retry in a few seconds",
             ));
         }
         let started = Instant::now();
@@ -360,7 +410,16 @@ mod tests {
     }
 
     async fn run(s: &Service<MemoryStore>, peer: &PeerId, msg: ClientToRelay) -> RelayToClient {
-        match s.handle(peer, Request::Message(msg), NOW) {
+        run_from(s, peer, None, msg).await
+    }
+
+    async fn run_from(
+        s: &Service<MemoryStore>,
+        peer: &PeerId,
+        source: Option<IpAddr>,
+        msg: ClientToRelay,
+    ) -> RelayToClient {
+        match s.handle(peer, source, Request::Message(msg), NOW) {
             Action::Respond(r) => r,
             Action::Put { done, .. } => done.await,
             Action::Wait { .. } => RelayToClient::Batch {
@@ -540,6 +599,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn made_up_identities_share_their_address_limit() {
+        let mut config = Config::default();
+        config.limits.puts_per_sec = 1;
+        config.limits.put_burst = 4;
+        config.limits.puts_per_sec_per_address = 1;
+        config.limits.put_burst_per_address = 10;
+        let s = service(&config);
+        let flooder: Option<IpAddr> = Some("192.0.2.7".parse().unwrap());
+        let put = || ClientToRelay::Put {
+            envelopes: vec![envelope(&PeerId::random(), 1)],
+        };
+        // Ten fresh identities from one address each stay within their own limit,
+        // and together use up the address's burst.
+        for _ in 0..10 {
+            let answer = run_from(&s, &PeerId::random(), flooder, put()).await;
+            assert!(matches!(answer, RelayToClient::Stored { .. }), "{answer:?}");
+        }
+        let RelayToClient::Error { code, message } =
+            run_from(&s, &PeerId::random(), flooder, put()).await
+        else {
+            panic!("the eleventh fresh identity must be refused");
+        };
+        assert_eq!(code, ErrorCode::RateLimited);
+        assert!(message.contains("network address"), "{message}");
+        // Someone else, elsewhere, is served.
+        let other: Option<IpAddr> = Some("198.51.100.1".parse().unwrap());
+        assert!(matches!(
+            run_from(&s, &PeerId::random(), other, put()).await,
+            RelayToClient::Stored { .. }
+        ));
+    }
+
+    #[test]
+    fn puts_count_under_the_ipv4_address_or_the_ipv6_64() {
+        let addr = |s: &str| s.parse::<Multiaddr>().unwrap();
+        assert_eq!(
+            source_address(&addr("/ip4/203.0.113.9/tcp/4001")),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        assert_eq!(
+            source_address(&addr("/ip6/2001:db8:1:2:aaaa:bbbb:cccc:dddd/udp/1/quic-v1")),
+            Some("2001:db8:1:2::".parse().unwrap())
+        );
+        assert_eq!(
+            source_address(&addr("/ip6/2001:db8:1:2::9/tcp/1")),
+            source_address(&addr("/ip6/2001:db8:1:2:ffff::1/tcp/2")),
+        );
+        let relayed = format!(
+            "/ip4/203.0.113.9/tcp/4001/p2p/{}/p2p-circuit",
+            PeerId::random()
+        );
+        assert_eq!(source_address(&addr(&relayed)), None);
+    }
+
+    #[tokio::test]
     async fn malformed_requests_get_an_error_and_a_metric() {
         let metrics = Metrics::new();
         let s = Service::new(
@@ -551,9 +665,12 @@ mod tests {
             metrics.clone(),
         );
         let decode_error = kkachi_protocol::DecodeError::TrailingBytes(3);
-        let Action::Respond(RelayToClient::Error { code, message }) =
-            s.handle(&PeerId::random(), Request::Malformed(decode_error), NOW)
-        else {
+        let Action::Respond(RelayToClient::Error { code, message }) = s.handle(
+            &PeerId::random(),
+            None,
+            Request::Malformed(decode_error),
+            NOW,
+        ) else {
             panic!("error expected")
         };
         assert_eq!(code, ErrorCode::Malformed);
@@ -576,7 +693,7 @@ mod tests {
             wait_ms: 120_000,
         };
         assert!(matches!(
-            s.handle(&owner, Request::Message(sub.clone()), NOW),
+            s.handle(&owner, None, Request::Message(sub.clone()), NOW),
             Action::Wait {
                 wait_ms: MAX_WAIT_MS,
                 ..
@@ -591,7 +708,7 @@ mod tests {
         )
         .await;
         assert!(matches!(
-            s.handle(&owner, Request::Message(sub), NOW),
+            s.handle(&owner, None, Request::Message(sub), NOW),
             Action::Respond(RelayToClient::Batch { .. })
         ));
     }

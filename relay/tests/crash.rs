@@ -26,7 +26,8 @@ async fn spawn_relay(dir: &std::path::Path) -> RelayProcess {
     std::fs::write(
         &config,
         "[limits]\nmailbox_max_envelopes = 10000000\nmailbox_max_bytes = 10000000000\n\
-         puts_per_sec = 1000000\nput_burst = 1000000\n",
+         puts_per_sec = 1000000\nput_burst = 1000000\n\
+         puts_per_sec_per_address = 1000000\nput_burst_per_address = 1000000\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kkachi-relay"))

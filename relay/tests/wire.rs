@@ -292,6 +292,56 @@ async fn quota_and_flood_get_errors_and_others_are_served() {
     relay.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn fresh_identities_from_one_address_share_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.limits.puts_per_sec = 1000;
+    c.limits.put_burst = 1000;
+    c.limits.puts_per_sec_per_address = 1;
+    c.limits.put_burst_per_address = 6;
+    let (relay, addr) = relay(c).await;
+    // Every client here connects from 127.0.0.1: six identities of two puts each, none
+    // over its own limit, share the address's burst of 6 (plus 1 a second).
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for i in 0..6u32 {
+        let client = MailboxClient::connect(Keypair::generate_ed25519(), addr.clone())
+            .await
+            .unwrap();
+        for n in 0..2 {
+            answers.push(
+                client
+                    .put(vec![envelope(&PeerId::random(), i * 10 + n)])
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    let stored = answers
+        .iter()
+        .filter(|a| matches!(a, RelayToClient::Stored { .. }))
+        .count();
+    assert!(
+        (6..=6 + refilled).contains(&stored),
+        "{stored} stored: {answers:?}"
+    );
+    assert!(stored < answers.len(), "nothing refused: {answers:?}");
+    for refusal in answers
+        .iter()
+        .skip(6)
+        .filter(|a| !matches!(a, RelayToClient::Stored { .. }))
+    {
+        let RelayToClient::Error { code, message } = refusal else {
+            panic!("unexpected answer {refusal:?}");
+        };
+        assert_eq!(*code, ErrorCode::RateLimited);
+        assert!(message.contains("network address"), "{message}");
+    }
+    relay.shutdown().await.unwrap();
+}
+
 /// Sends arbitrary bytes on a relay-protocol stream and reads whatever comes back.
 mod raw {
     use std::io;

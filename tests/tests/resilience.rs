@@ -391,7 +391,7 @@ fn relay_disk_full_refuses_and_recovers() {
 
 fn write_limits(dir: &std::path::Path) -> String {
     let path = dir.join("limits.toml");
-    std::fs::write(&path, "[limits]\nmailbox_max_envelopes = 100000\nmailbox_max_bytes = 10000000000\nputs_per_sec = 100000\nput_burst = 100000\ncache_bytes = 1048576\n").unwrap();
+    std::fs::write(&path, "[limits]\nmailbox_max_envelopes = 100000\nmailbox_max_bytes = 10000000000\nputs_per_sec = 100000\nput_burst = 100000\nputs_per_sec_per_address = 100000\nput_burst_per_address = 100000\ncache_bytes = 1048576\n").unwrap();
     path.display().to_string()
 }
 

@@ -98,7 +98,8 @@ impl Relay {
         std::fs::write(
             &config,
             "[limits]\nmailbox_max_envelopes = 100000000\nmailbox_max_bytes = 100000000000\n\
-             puts_per_sec = 10000000\nput_burst = 10000000\nmax_connections = 100000\n\
+             puts_per_sec = 10000000\nput_burst = 10000000\nputs_per_sec_per_address = 10000000\n\
+             put_burst_per_address = 10000000\nmax_connections = 100000\n\
              max_pending_connections = 100000\nmax_waiting_per_peer = 64\n",
         )?;
         let mut child = Command::new(relay_bin()?)
