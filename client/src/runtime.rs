@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::commands::UserError;
 use crate::engine::{Engine, now_ms};
-use crate::net::{NetConfig, NetEvent, Network, Transport, peer_of};
+use crate::net::{NetConfig, NetEvent, Network, peer_of};
 use crate::store::LocalStore;
 
 /// Long-poll wait on each relay.
@@ -131,7 +131,6 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
                 if let Err(e) = engine.deliver_due().await {
                     tracing::warn!(error = %e, "outbox pass failed");
                 }
-                seek_direct_paths(&engine);
             }
             _ = engine.outbox_queued() => {
                 // Receipts just queued: send them now, without waiting for the pass in
@@ -149,26 +148,6 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
         task.abort();
     }
     let _ = engine.store().flush().await;
-}
-
-/// For contacts with messages waiting and no connection: keep trying to connect
-/// through one of their relays, so hole punching (DCUtR) can open a direct path.
-fn seek_direct_paths(engine: &Arc<Engine<Network>>) {
-    let Ok(outbox) = engine.store().outbox() else {
-        return;
-    };
-    let mut waiting: Vec<PeerId> = outbox
-        .iter()
-        .filter(|(_, e)| e.kind == crate::store::OutboxKind::Message)
-        .filter_map(|(_, e)| PeerId::from_bytes(&e.contact).ok())
-        .collect();
-    waiting.sort();
-    waiting.dedup();
-    for peer in waiting {
-        if let Ok(Some(contact)) = engine.store().contact(&peer) {
-            engine.net().seek_direct(peer, contact.card.relays());
-        }
-    }
 }
 
 /// Keeps one inbox task per own relay (starts new ones, stops removed ones) and a

@@ -648,10 +648,12 @@ impl<T: Transport> Engine<T> {
     }
 
     /// Delivers every outbox entry with a path that is due; returns how many entries
-    /// were attempted.
+    /// were attempted. Contacts with messages waiting and no direct path are asked for
+    /// one (through their relays; the network backs off per contact).
     pub async fn deliver_due(&self) -> Result<usize, EngineError> {
         let now = now_ms();
         let direct = self.net.direct_peers();
+        let mut waiting: HashSet<PeerId> = HashSet::new();
         let mut due: Vec<(u64, bool)> = self
             .store
             .outbox()?
@@ -659,6 +661,11 @@ impl<T: Transport> Engine<T> {
             .filter_map(|(key, e)| {
                 let relay_due = e.targets.iter().any(|t| !t.acked && t.next_try_ms <= now);
                 let peer = PeerId::from_bytes(&e.contact).ok();
+                if let Some(p) =
+                    peer.filter(|p| e.kind == OutboxKind::Message && !direct.contains(p))
+                {
+                    waiting.insert(p);
+                }
                 let direct_due = !e.direct_acked && peer.is_some_and(|p| direct.contains(&p));
                 // Every relay has it but no receipt yet: put again now and then, in
                 // case a relay lost it.
@@ -670,6 +677,11 @@ impl<T: Transport> Engine<T> {
                 (relay_due || direct_due || reput).then_some((key, reput))
             })
             .collect();
+        for peer in waiting {
+            if let Some(contact) = self.store.contact(&peer)? {
+                self.net.seek_direct(peer, contact.card.relays());
+            }
+        }
         // Claim them, leaving out what another pass or a sender is delivering already.
         let claimed: Vec<(u64, bool, InFlight<'_>)> = {
             let mut busy = self.in_flight.lock();

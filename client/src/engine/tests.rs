@@ -20,6 +20,8 @@ struct FakeInner {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     /// Puts that reached a relay.
     puts: usize,
+    /// Contacts the engine asked a direct path to.
+    sought: Vec<PeerId>,
 }
 
 #[derive(Clone, Default)]
@@ -154,6 +156,13 @@ impl Transport for FakeNet {
 
     fn connected(&self) -> HashSet<PeerId> {
         HashSet::new()
+    }
+
+    fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
+        // Like the real network: no relay of theirs, no way to reach them through one.
+        if !relays.is_empty() {
+            self.inner.lock().sought.push(peer);
+        }
     }
 }
 
@@ -590,4 +599,23 @@ async fn receipts_wake_the_outbox_instead_of_waiting_for_a_pass() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn waiting_messages_ask_for_a_direct_path_unless_there_is_one() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    alice.send(&bob_c, "are you there?").await;
+    net.inner.lock().sought.clear();
+    alice.engine.deliver_due().await.unwrap();
+    assert_eq!(net.inner.lock().sought, vec![bob.peer()]);
+    // On the LAN: handed over directly, nothing left waiting, nobody sought.
+    net.inner.lock().direct.insert(bob.peer());
+    net.inner.lock().sought.clear();
+    alice.engine.deliver_due().await.unwrap();
+    assert!(net.inner.lock().sought.is_empty());
+    assert_eq!(alice.messages(&bob)[0].state, MessageState::Delivered);
 }
