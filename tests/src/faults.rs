@@ -150,6 +150,20 @@ pub struct Evil {
     pub drop_every: u64,
 }
 
+impl Evil {
+    /// Every misbehaviour at once: tampers, duplicates, replays, reorders, and drops
+    /// every `drop_every`th envelope.
+    pub fn all(drop_every: u64) -> Self {
+        Self {
+            tamper: true,
+            duplicate: true,
+            replay: true,
+            reorder: true,
+            drop_every,
+        }
+    }
+}
+
 /// A relay store that misbehaves in every way a relay can, for tests.
 #[derive(Debug, Clone)]
 pub struct EvilStore {

@@ -1,7 +1,10 @@
 //! Network namespaces for LAN and partition scenarios. Everything created here is
 //! named with a per-test prefix and removed on drop. Root only.
 
+use std::path::Path;
 use std::process::Command;
+
+use crate::procs::User;
 
 /// Why a namespace scenario cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
@@ -90,6 +93,18 @@ impl Lan {
         Ok(lan)
     }
 
+    /// Alice in the first namespace and bob in the second, each listening on its LAN
+    /// address, introduced to each other, with no relay.
+    pub fn alice_and_bob(&self, root: &Path) -> (User, User) {
+        let user = |i: usize, name: &str| {
+            let listen = format!("/ip4/{}/tcp/0", self.ips[i]);
+            User::with_env(root, name, Some(&self.ns[i]), &[("KKACHI_LISTEN", &listen)])
+        };
+        let (alice, bob) = (user(0, "alice"), user(1, "bob"));
+        User::introduce(&alice, &bob);
+        (alice, bob)
+    }
+
     fn remove(&self) {
         for ns in &self.ns {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
@@ -97,90 +112,24 @@ impl Lan {
     }
 
     /// Drops all traffic between the two namespaces (nftables in the first), or
-    /// restores it.
+    /// restores it. Loopback inside the namespace keeps working.
     pub fn cut(&self, cut: bool) -> Result<(), String> {
-        let ns = &self.ns[0];
-        if cut {
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add",
-                "table",
-                "inet",
-                "kkachi_cut",
-            ])?;
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add",
-                "chain",
-                "inet",
-                "kkachi_cut",
-                "out",
-                "{ type filter hook output priority 0 ; policy drop ; }",
-            ])?;
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add",
-                "chain",
-                "inet",
-                "kkachi_cut",
-                "in",
-                "{ type filter hook input priority 0 ; policy drop ; }",
-            ])?;
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add",
-                "rule",
-                "inet",
-                "kkachi_cut",
-                "out",
-                "oif",
-                "lo",
-                "accept",
-            ])?;
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add",
-                "rule",
-                "inet",
-                "kkachi_cut",
-                "in",
-                "iif",
-                "lo",
-                "accept",
-            ])
-        } else {
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "kkachi_cut",
-            ])
+        const TABLE: &str = "kkachi_cut";
+        let nft = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", self.ns[0].as_str(), "nft"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        if !cut {
+            return nft(&["delete", "table", "inet", TABLE]);
         }
+        nft(&["add", "table", "inet", TABLE])?;
+        for (chain, hook, lo) in [("out", "output", "oif"), ("in", "input", "iif")] {
+            let policy = format!("{{ type filter hook {hook} priority 0 ; policy drop ; }}");
+            nft(&["add", "chain", "inet", TABLE, chain, &policy])?;
+            nft(&["add", "rule", "inet", TABLE, chain, lo, "lo", "accept"])?;
+        }
+        Ok(())
     }
 }
 

@@ -209,21 +209,7 @@ fn lan_only_two_namespaces_no_relay() {
     }
     let lan = Lan::create("kkt_lan_", 41).expect("namespaces");
     let dir = tempfile::tempdir().unwrap();
-    let listen_a = format!("/ip4/{}/tcp/0", lan.ips[0]);
-    let listen_b = format!("/ip4/{}/tcp/0", lan.ips[1]);
-    let alice = User::with_env(
-        dir.path(),
-        "alice",
-        Some(&lan.ns[0]),
-        &[("KKACHI_LISTEN", &listen_a)],
-    );
-    let bob = User::with_env(
-        dir.path(),
-        "bob",
-        Some(&lan.ns[1]),
-        &[("KKACHI_LISTEN", &listen_b)],
-    );
-    User::introduce(&alice, &bob);
+    let (alice, bob) = lan.alice_and_bob(dir.path());
     let bob_daemon = bob.daemon();
     let _alice_daemon = alice.daemon();
     let mut checker = Checker::default();

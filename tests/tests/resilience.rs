@@ -155,16 +155,7 @@ fn partitioned_relay_without_dying_then_healed() {
 
 #[test]
 fn lying_relay_next_to_an_honest_one() {
-    let evil = EvilStore::new(
-        MemoryStore::new(quota()),
-        Evil {
-            tamper: true,
-            duplicate: true,
-            replay: true,
-            reorder: true,
-            drop_every: 4,
-        },
-    );
+    let evil = EvilStore::new(MemoryStore::new(quota()), Evil::all(4));
     let liar = InProcessRelay::start(evil.clone());
     let dir = tempfile::tempdir().unwrap();
     let honest = RelayProc::start(&dir.path().join("honest"), &[]);
@@ -199,16 +190,7 @@ fn lying_relay_next_to_an_honest_one() {
 
 #[test]
 fn lying_relay_alone_drops_show_as_gaps() {
-    let evil = EvilStore::new(
-        MemoryStore::new(quota()),
-        Evil {
-            tamper: true,
-            duplicate: true,
-            replay: true,
-            reorder: true,
-            drop_every: 5,
-        },
-    );
+    let evil = EvilStore::new(MemoryStore::new(quota()), Evil::all(5));
     let liar = InProcessRelay::start(evil.clone());
     let dir = tempfile::tempdir().unwrap();
     let honest = RelayProc::start(&dir.path().join("alice-relay"), &[]);
@@ -434,21 +416,7 @@ fn lan_partition_with_nftables_then_heal() {
     }
     let lan = netns::Lan::create("kkt_cut_", 42).expect("namespaces");
     let dir = tempfile::tempdir().unwrap();
-    let listen_a = format!("/ip4/{}/tcp/0", lan.ips[0]);
-    let listen_b = format!("/ip4/{}/tcp/0", lan.ips[1]);
-    let alice = User::with_env(
-        dir.path(),
-        "alice",
-        Some(&lan.ns[0]),
-        &[("KKACHI_LISTEN", &listen_a)],
-    );
-    let bob = User::with_env(
-        dir.path(),
-        "bob",
-        Some(&lan.ns[1]),
-        &[("KKACHI_LISTEN", &listen_b)],
-    );
-    User::introduce(&alice, &bob);
+    let (alice, bob) = lan.alice_and_bob(dir.path());
     let bob_daemon = bob.daemon();
     let _alice_daemon = alice.daemon();
     let mut checker = Checker::default();

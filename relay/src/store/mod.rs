@@ -126,20 +126,11 @@ pub(crate) struct Usage {
 impl Usage {
     /// Reserves room for an envelope of `bytes`, or says the quota is reached.
     pub(crate) fn try_add(&mut self, mailbox: MailboxId, bytes: u64, quota: Quota) -> bool {
-        let entry = self.by_mailbox.entry(mailbox).or_default();
-        if entry.0 >= quota.max_envelopes || entry.1.saturating_add(bytes) > quota.max_bytes {
-            if entry.0 == 0 {
-                self.by_mailbox.remove(&mailbox);
-            }
+        let (count, used) = self.by_mailbox.get(&mailbox).copied().unwrap_or_default();
+        if count >= quota.max_envelopes || used.saturating_add(bytes) > quota.max_bytes {
             return false;
         }
-        if entry.0 == 0 {
-            self.totals.mailboxes += 1;
-        }
-        entry.0 += 1;
-        entry.1 += bytes;
-        self.totals.envelopes += 1;
-        self.totals.bytes += bytes;
+        self.add_existing(mailbox, bytes);
         true
     }
 
