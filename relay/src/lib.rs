@@ -17,6 +17,7 @@
 //! [`start`] runs a relay from a [`Config`] and returns a [`RelayHandle`]; the binary
 //! (`main.rs`) only parses flags, builds the config and waits for a signal.
 
+mod boxed;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -23,6 +23,7 @@ use libp2p::{Swarm, identify, noise, ping, relay, tcp, yamux};
 use tokio::sync::{oneshot, watch};
 
 use crate::RelayError;
+use crate::boxed::Boxed;
 use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -51,7 +52,7 @@ pub(crate) struct Behaviour {
 pub(crate) fn build_swarm(
     config: &Config,
     keypair: Keypair,
-) -> Result<Swarm<Behaviour>, RelayError> {
+) -> Result<Swarm<Boxed<Behaviour>>, RelayError> {
     let l = &config.limits;
     let limits = ConnectionLimits::default()
         .with_max_established(Some(l.max_connections))
@@ -75,23 +76,25 @@ pub(crate) fn build_swarm(
         )
         .map_err(|e| RelayError::Transport(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| Behaviour {
-            limits: connection_limits::Behaviour::new(limits),
-            identify: identify::Behaviour::new(
-                identify::Config::new("/kkachi/id/1".into(), key.public())
-                    .with_agent_version(format!("kkachi-relay/{}", env!("CARGO_PKG_VERSION"))),
-            ),
-            ping: ping::Behaviour::default(),
-            mailbox: request_response::Behaviour::with_codec(
-                RelayCodec,
-                [(PROTOCOL, ProtocolSupport::Inbound)],
-                request_response::Config::default()
-                    .with_request_timeout(REQUEST_TIMEOUT)
-                    .with_max_concurrent_streams(256),
-            ),
-            circuit: circuit_enabled
-                .then(|| relay::Behaviour::new(key.public().to_peer_id(), circuit_config))
-                .into(),
+        .with_behaviour(|key| {
+            Boxed(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/kkachi/id/1".into(), key.public())
+                        .with_agent_version(format!("kkachi-relay/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::default(),
+                mailbox: request_response::Behaviour::with_codec(
+                    RelayCodec,
+                    [(PROTOCOL, ProtocolSupport::Inbound)],
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(256),
+                ),
+                circuit: circuit_enabled
+                    .then(|| relay::Behaviour::new(key.public().to_peer_id(), circuit_config))
+                    .into(),
+            })
         })
         .map_err(|e| RelayError::Transport(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout()))
@@ -124,7 +127,7 @@ type PendingPut = BoxFuture<
 >;
 
 pub(crate) struct Node<S> {
-    swarm: Swarm<Behaviour>,
+    swarm: Swarm<Boxed<Behaviour>>,
     service: Arc<Service<S>>,
     metrics: Metrics,
     max_waiting_per_peer: usize,
@@ -141,7 +144,7 @@ pub(crate) struct Node<S> {
 
 impl<S: MailboxStore + Clone> Node<S> {
     pub(crate) fn new(
-        swarm: Swarm<Behaviour>,
+        swarm: Swarm<Boxed<Behaviour>>,
         service: Arc<Service<S>>,
         metrics: Metrics,
         config: &Config,
