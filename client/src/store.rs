@@ -314,6 +314,20 @@ pub struct LocalStore {
     trees: Vec<sled::Tree>,
     path: PathBuf,
     contacts: Arc<ContactCache>,
+    durability: Arc<Durability>,
+}
+
+/// Which writes are on disk. Each write takes the next number; a flush makes every
+/// number taken before it started durable. So a flush with nothing new to write (a
+/// receive of copies already stored, say) returns at once instead of waiting on the disk.
+#[derive(Debug, Default)]
+struct Durability {
+    /// Writes applied so far.
+    written: AtomicU64,
+    /// All writes up to this number are durable.
+    durable: AtomicU64,
+    /// Flushes that went to the disk.
+    flushes: AtomicU64,
 }
 
 /// Decoded contacts. Decoding checks each card's signatures, which costs more than
@@ -359,6 +373,7 @@ impl LocalStore {
             trees,
             path: home.to_path_buf(),
             contacts: Arc::default(),
+            durability: Arc::default(),
         })
     }
 
@@ -379,6 +394,8 @@ impl LocalStore {
         }
         let contacts_changed = writes.ops.iter().any(|(t, _, _)| *t == TreeId::Contacts);
         let result = self.apply_ops(writes);
+        // Counted even if it failed: at worst a flush that finds nothing to write.
+        self.durability.written.fetch_add(1, Ordering::SeqCst);
         if contacts_changed {
             // After the write, so a reader that loaded the old contacts cannot keep them.
             self.contacts.generation.fetch_add(1, Ordering::SeqCst);
@@ -427,7 +444,21 @@ impl LocalStore {
 
     /// Makes everything applied so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map(|_| ()).map_err(db)
+        let d = &self.durability;
+        // Taken before the flush starts, so every write it counts is in that flush.
+        let target = d.written.load(Ordering::SeqCst);
+        if d.durable.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        self.db.flush_async().await.map_err(db)?;
+        d.flushes.fetch_add(1, Ordering::Relaxed);
+        d.durable.fetch_max(target, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Flushes that went to the disk so far.
+    pub fn disk_flushes(&self) -> u64 {
+        self.durability.flushes.load(Ordering::Relaxed)
     }
 
     fn get_record<T: DeserializeOwned>(
@@ -564,11 +595,9 @@ impl LocalStore {
 
     /// Removes a relay; false if it was not there.
     pub fn remove_relay(&self, addr: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .tree(TreeId::Relays)
-            .remove(addr)
-            .map_err(db)?
-            .is_some())
+        let removed = self.tree(TreeId::Relays).remove(addr);
+        self.durability.written.fetch_add(1, Ordering::SeqCst);
+        Ok(removed.map_err(db)?.is_some())
     }
 
     /// Updates a relay's record in place (no-op if it was removed meanwhile).
@@ -844,6 +873,40 @@ fn contact_from(key: &[u8], value: &[u8]) -> Result<Contact, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flush_goes_to_the_disk_only_when_something_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(store.flush()).unwrap();
+        assert_eq!(store.disk_flushes(), 0, "nothing written yet");
+
+        let relay: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        assert!(store.add_relay(&relay).unwrap());
+        rt.block_on(store.flush()).unwrap();
+        assert_eq!(store.disk_flushes(), 1);
+        rt.block_on(store.flush()).unwrap();
+        assert_eq!(store.disk_flushes(), 1, "nothing new since the last flush");
+
+        // A clone shares the record (the engine and the network task hold clones).
+        let other = store.clone();
+        assert!(other.remove_relay(&relay.to_string()).unwrap());
+        rt.block_on(store.flush()).unwrap();
+        assert_eq!(store.disk_flushes(), 2, "a removal is a write too");
+
+        assert!(other.add_relay(&relay).unwrap());
+        rt.block_on(other.flush()).unwrap();
+        drop((store, other));
+        let reopened = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(
+            reopened.relays().unwrap().len(),
+            1,
+            "the flushed write is on disk"
+        );
+    }
 
     #[test]
     fn identity_profile_relays_round_trip() {
