@@ -21,6 +21,7 @@ fn bench_quick_reports_every_figure() {
         "ingest_msgs_per_s",
         "put_ack_p50_us",
         "put_ack_p99_us",
+        "put_ack_bounded_p99_us",
         "latency_p50_us",
         "latency_p99_us",
         "failover_gap_ms",
@@ -41,7 +42,7 @@ fn bench_quick_reports_every_figure() {
         v["reconnect"]["reconnected"], v["reconnect"]["clients"],
         "{v}"
     );
-    println!("{}", stdout.lines().take(16).collect::<Vec<_>>().join("\n"));
+    println!("{}", stdout.lines().take(17).collect::<Vec<_>>().join("\n"));
 }
 
 #[test]
