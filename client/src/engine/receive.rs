@@ -105,14 +105,10 @@ impl<T: Transport> Engine<T> {
             sessions.reset();
             return Err(e.into());
         }
-        // Shown once stored, without waiting for the disk: no copy is given up before the
-        // flush below (the caller deletes the relays' copies and acknowledges a direct
-        // sender only after this returns), so after a crash in between the relays still
-        // hold it and it is stored on the next start.
+        self.store.flush().await?;
         for r in &shown {
             self.emit(AppEvent::Message(r.clone()));
         }
-        self.store.flush().await?;
         if receipts_queued {
             self.outbox_wake.notify_one();
         }
