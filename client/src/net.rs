@@ -22,7 +22,7 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Swarm, dcutr, identify, mdns, noise, ping, relay, tcp, yamux};
 use parking_lot::RwLock;
 use thiserror::Error;
@@ -155,6 +155,8 @@ struct PeerState {
     connected: HashSet<PeerId>,
     lan: HashSet<PeerId>,
     listen: Vec<Multiaddr>,
+    /// Open connections per peer, and whether each goes through a relay (a circuit).
+    links: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -207,6 +209,14 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 }
 
 impl Network {
+    /// Open connections to `peer`: how many are direct, and how many go through a relay.
+    pub fn links(&self, peer: &PeerId) -> (usize, usize) {
+        self.state.read().links.get(peer).map_or((0, 0), |links| {
+            let relayed = links.iter().filter(|(_, relayed)| *relayed).count();
+            (links.len() - relayed, relayed)
+        })
+    }
+
     /// Starts the network task as `keypair`; returns the handle and the event stream.
     pub fn start(
         keypair: Keypair,
@@ -591,9 +601,20 @@ impl NetworkTask {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                ref endpoint,
                 num_established,
                 ..
-            } if num_established.get() == 1 => {
+            } if num_established.get() > 1 => {
+                self.link_up(peer_id, connection_id, endpoint.is_relayed());
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ref endpoint,
+                ..
+            } => {
+                self.link_up(peer_id, connection_id, endpoint.is_relayed());
                 self.reserve(peer_id);
                 self.seeking.remove(&peer_id);
                 self.state.write().connected.insert(peer_id);
@@ -605,9 +626,16 @@ impl NetworkTask {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => self.link_down(peer_id, connection_id),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
                 ..
             } => {
+                self.link_down(peer_id, connection_id);
                 self.state.write().connected.remove(&peer_id);
                 let event = NetEvent::Connection {
                     peer: peer_id,
@@ -649,6 +677,41 @@ impl NetworkTask {
                 }
             },
             _ => {}
+        }
+    }
+
+    /// Records a new connection. Once a peer is reachable directly, its relayed
+    /// connections go: requests are spread over all of a peer's connections, so half
+    /// would still take the long way through the relay, and each circuit holds one of
+    /// the relay's few circuit slots.
+    fn link_up(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
+        let redundant: Vec<ConnectionId> = {
+            let mut state = self.state.write();
+            let links = state.links.entry(peer).or_default();
+            links.push((id, relayed));
+            if links.iter().any(|(_, relayed)| !relayed) {
+                links
+                    .iter()
+                    .filter(|(_, relayed)| *relayed)
+                    .map(|(id, _)| *id)
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        for id in redundant {
+            tracing::debug!(%peer, "direct connection up: closing the relayed one");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn link_down(&mut self, peer: PeerId, id: ConnectionId) {
+        let mut state = self.state.write();
+        if let Some(links) = state.links.get_mut(&peer) {
+            links.retain(|(c, _)| *c != id);
+            if links.is_empty() {
+                state.links.remove(&peer);
+            }
         }
     }
 

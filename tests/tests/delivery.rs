@@ -302,3 +302,57 @@ fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
     let again = send_until_direct(&alice, &bob_daemon, "after relay restart", 50);
     assert!(again.is_some(), "no direct path once the relay came back");
 }
+
+#[test]
+fn hole_punched_contacts_drop_the_relayed_connection() {
+    // Once hole punching has opened a direct connection, the circuit through the relay
+    // must go: requests are spread over all of a peer's connections, so it would carry
+    // half of the direct deliveries the long way, and it holds one of the relay's slots.
+    use kkachi_client::net::{NetConfig, Network, Transport};
+    use libp2p::identity::Keypair;
+
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = || NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            mdns: false,
+        };
+        let (alice, _alice_events) = Network::start(Keypair::generate_ed25519(), config()).unwrap();
+        let bob_key = Keypair::generate_ed25519();
+        let bob_id = bob_key.public().to_peer_id();
+        let (bob, _bob_events) = Network::start(bob_key, config()).unwrap();
+        let relay_addr: libp2p::Multiaddr = relay.addr.parse().unwrap();
+        // Bob is connected to his relay (as his inbox subscription keeps him), which is
+        // where he asks for a reservation.
+        let info = bob
+            .request(&relay_addr, kkachi_protocol::ClientToRelay::Info)
+            .await;
+        assert!(info.is_ok(), "relay unreachable: {info:?}");
+        // Alice knows no address of bob's: the circuit through the relay is the only way
+        // to him, and hole punching over it the only way to a direct connection.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            bob.reserve_at(vec![relay_addr.clone()]).await;
+            alice.seek_direct(bob_id, std::slice::from_ref(&relay_addr));
+            if let (1.., 0) = alice.links(&bob_id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let links = alice.links(&bob_id);
+        println!(
+            "circuit then hole punch: links to bob (direct, relayed) {links:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            links.0 >= 1 && links.1 == 0,
+            "want direct connections to bob and no relayed one: {links:?}"
+        );
+        // It stays that way: nothing opens a new circuit while a direct one is up.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let later = alice.links(&bob_id);
+        assert!(later.0 >= 1 && later.1 == 0, "{later:?}");
+    });
+}
