@@ -870,6 +870,22 @@ fn contact_from(key: &[u8], value: &[u8]) -> Result<Contact, StoreError> {
     })
 }
 
+/// Opens a store just closed in this process. sled lets go of its file lock only once
+/// the jobs it queued on its shared I/O threads have run, which can lag the drop while
+/// other stores keep those threads busy (tests run in parallel).
+#[cfg(test)]
+pub(crate) fn reopen(home: &Path) -> LocalStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match LocalStore::open(home) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.expect("store reopens"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,7 +916,7 @@ mod tests {
         assert!(other.add_relay(&relay).unwrap());
         rt.block_on(other.flush()).unwrap();
         drop((store, other));
-        let reopened = LocalStore::open(dir.path()).unwrap();
+        let reopened = reopen(dir.path());
         assert_eq!(
             reopened.relays().unwrap().len(),
             1,
@@ -932,7 +948,7 @@ mod tests {
             .update_relay(&a.to_string(), |r| r.cursor = 42)
             .unwrap();
         drop(store);
-        let store = LocalStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.identity().unwrap().unwrap().peer_id(), id.peer_id());
         assert_eq!(store.profile().unwrap(), Some(profile));
         let relays = store.relays().unwrap();

@@ -452,7 +452,7 @@ async fn outbox_survives_restart_and_delivers_after() {
     } = alice;
     let me = engine.identity().clone();
     drop(engine);
-    let store = LocalStore::open(_dir.path()).unwrap();
+    let store = crate::store::reopen(_dir.path());
     assert_eq!(store.outbox_len(), 1);
     let alice = User {
         engine: Engine::new(store, me, net.clone()),
