@@ -461,7 +461,7 @@ impl App {
         } else if contacts.is_empty() {
             out.warn("no contacts yet: add one with `kkachi contact add CODE`");
         } else {
-            for c in contacts {
+            for c in contacts.iter() {
                 out.out(format!(
                     "{:<20} {} ({} relays)",
                     c.name,

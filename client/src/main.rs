@@ -51,9 +51,14 @@ fn emit(output: &Output) -> ExitCode {
     ExitCode::from(write_output(output))
 }
 
-fn error(e: impl std::fmt::Display) -> ExitCode {
+/// Reports an error; the exit code for it.
+fn report(e: impl std::fmt::Display) -> u8 {
     eprintln!("error: {e}");
-    ExitCode::from(1)
+    1
+}
+
+fn error(e: impl std::fmt::Display) -> ExitCode {
+    ExitCode::from(report(e))
 }
 
 async fn wait_for_signal() {
@@ -133,10 +138,7 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
             let flushed = store.flush().await;
             let code = match result {
                 Ok(output) => write_output(&output),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    1
-                }
+                Err(e) => report(e),
             };
             if flushed.is_ok() {
                 // Everything is durable. Tearing down the page cache and the runtime

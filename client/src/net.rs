@@ -152,10 +152,10 @@ pub struct Network {
 
 #[derive(Debug, Default)]
 struct PeerState {
-    connected: HashSet<PeerId>,
     lan: HashSet<PeerId>,
     listen: Vec<Multiaddr>,
-    /// Open connections per peer, and whether each goes through a relay (a circuit).
+    /// Open connections per connected peer, and whether each goes through a relay (a
+    /// circuit).
     links: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
 }
 
@@ -372,15 +372,15 @@ impl Transport for Network {
 
     fn direct_peers(&self) -> HashSet<PeerId> {
         let s = self.state.read();
-        s.lan.union(&s.connected).copied().collect()
+        s.lan.iter().chain(s.links.keys()).copied().collect()
     }
 
     fn connected(&self) -> HashSet<PeerId> {
-        self.state.read().connected.clone()
+        self.state.read().links.keys().copied().collect()
     }
 
     fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
-        if relays.is_empty() || self.state.read().connected.contains(&peer) {
+        if relays.is_empty() || self.state.read().links.contains_key(&peer) {
             return;
         }
         let relays = relays.to_vec();
@@ -602,46 +602,35 @@ impl NetworkTask {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
-                ref endpoint,
+                endpoint,
                 num_established,
-                ..
-            } if num_established.get() > 1 => {
-                self.link_up(peer_id, connection_id, endpoint.is_relayed());
-            }
-            SwarmEvent::ConnectionEstablished {
-                peer_id,
-                connection_id,
-                ref endpoint,
                 ..
             } => {
                 self.link_up(peer_id, connection_id, endpoint.is_relayed());
-                self.reserve(peer_id);
-                self.seeking.remove(&peer_id);
-                self.state.write().connected.insert(peer_id);
-                let event = NetEvent::Connection {
-                    peer: peer_id,
-                    up: true,
-                };
-                Self::emit(&self.events, event).await;
+                if num_established.get() == 1 {
+                    self.reserve(peer_id);
+                    self.seeking.remove(&peer_id);
+                    let event = NetEvent::Connection {
+                        peer: peer_id,
+                        up: true,
+                    };
+                    Self::emit(&self.events, event).await;
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
                 num_established,
-                ..
-            } if num_established > 0 => self.link_down(peer_id, connection_id),
-            SwarmEvent::ConnectionClosed {
-                peer_id,
-                connection_id,
                 ..
             } => {
                 self.link_down(peer_id, connection_id);
-                self.state.write().connected.remove(&peer_id);
-                let event = NetEvent::Connection {
-                    peer: peer_id,
-                    up: false,
-                };
-                Self::emit(&self.events, event).await;
+                if num_established == 0 {
+                    let event = NetEvent::Connection {
+                        peer: peer_id,
+                        up: false,
+                    };
+                    Self::emit(&self.events, event).await;
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let mut new = Vec::new();

@@ -21,6 +21,9 @@ pub const SUBSCRIBE_WAIT_MS: u32 = 25_000;
 const RELAY_RESCAN: Duration = Duration::from_secs(2);
 /// Longest pause between outbox passes.
 const DELIVERY_TICK: Duration = Duration::from_millis(500);
+/// Most outbox passes started for fresh receipts at once. Past this, receipts wait for
+/// a pass already running or the next tick, instead of each starting a full pass.
+const RECEIPT_PASSES: usize = 4;
 
 /// Network options from the environment: `KKACHI_LISTEN` (comma-separated
 /// multiaddrs) and `KKACHI_MDNS=0` to turn LAN discovery off.
@@ -122,6 +125,7 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
     let mut rescan = tokio::time::interval(RELAY_RESCAN);
     let mut deliver = tokio::time::interval(DELIVERY_TICK);
     deliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let receipt_passes = Arc::new(tokio::sync::Semaphore::new(RECEIPT_PASSES));
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -135,8 +139,12 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
             _ = engine.outbox_queued() => {
                 // Receipts just queued: send them now, without waiting for the pass in
                 // flight (a slow relay must not hold them up).
+                let Ok(permit) = receipt_passes.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let engine = engine.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = engine.deliver_due().await {
                         tracing::warn!(error = %e, "outbox pass failed");
                     }

@@ -619,13 +619,8 @@ impl LocalStore {
 
     // --- contacts ---
 
-    /// All contacts.
-    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
-        Ok(self.cached_contacts()?.as_ref().clone())
-    }
-
-    /// All contacts, decoded once per change of the contacts tree.
-    fn cached_contacts(&self) -> Result<Arc<Vec<Contact>>, StoreError> {
+    /// All contacts, by name. Decoded once per change of the contacts tree and shared.
+    pub fn contacts(&self) -> Result<Arc<Vec<Contact>>, StoreError> {
         let generation = self.contacts.generation.load(Ordering::SeqCst);
         if let Some((g, contacts)) = self.contacts.cached.read().as_ref()
             && *g == generation
@@ -645,11 +640,7 @@ impl LocalStore {
 
     /// One contact.
     pub fn contact(&self, peer: &PeerId) -> Result<Option<Contact>, StoreError> {
-        Ok(self
-            .cached_contacts()?
-            .iter()
-            .find(|c| c.peer == *peer)
-            .cloned())
+        Ok(self.contacts()?.iter().find(|c| c.peer == *peer).cloned())
     }
 
     /// Adds or replaces a contact (in a WriteSet).

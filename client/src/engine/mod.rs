@@ -168,6 +168,16 @@ struct InFlight<'a> {
     key: u64,
 }
 
+impl<'a> InFlight<'a> {
+    /// Claims `key`, unless someone is delivering it already.
+    fn claim(set: &'a parking_lot::Mutex<HashSet<u64>>, key: u64) -> Option<Self> {
+        // Not `then_some`: a claim built and dropped for a key already taken would
+        // release the other claimant's key (and lock the set while it is held).
+        let fresh = set.lock().insert(key);
+        fresh.then(|| Self { set, key })
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.set.lock().remove(&self.key);
@@ -391,11 +401,11 @@ impl<T: Transport> Engine<T> {
         let now = now_ms();
         let mut sessions = self.lock.lock().await;
         let mut w = WriteSet::default();
-        for contact in self.store.contacts()? {
-            let session = sessions.get(&self.store, &contact)?;
+        for contact in self.store.contacts()?.iter() {
+            let session = sessions.get(&self.store, contact)?;
             self.queue_control(
                 &mut w,
-                &contact,
+                contact,
                 session,
                 Body::CardUpdate(Box::new(card.clone())),
                 now,
@@ -464,10 +474,7 @@ impl<T: Transport> Engine<T> {
         attempt_timeout: Duration,
     ) -> Result<Option<Progress>, EngineError> {
         // Marked while it runs, unless an outbox pass claimed it (that pass releases it).
-        let _in_flight = self.in_flight.lock().insert(key).then(|| InFlight {
-            set: &self.in_flight,
-            key,
-        });
+        let _in_flight = InFlight::claim(&self.in_flight, key);
         let Some(entry) = self.outbox_entry(key)? else {
             return Ok(None);
         };
@@ -654,7 +661,7 @@ impl<T: Transport> Engine<T> {
         let now = now_ms();
         let direct = self.net.direct_peers();
         let mut waiting: HashSet<PeerId> = HashSet::new();
-        let mut due: Vec<(u64, bool)> = self
+        let due: Vec<(u64, bool)> = self
             .store
             .outbox()?
             .into_iter()
@@ -683,19 +690,12 @@ impl<T: Transport> Engine<T> {
             }
         }
         // Claim them, leaving out what another pass or a sender is delivering already.
-        let claimed: Vec<(u64, bool, InFlight<'_>)> = {
-            let mut busy = self.in_flight.lock();
-            due.retain(|(key, _)| busy.insert(*key));
-            due.into_iter()
-                .map(|(key, reput)| {
-                    let claim = InFlight {
-                        set: &self.in_flight,
-                        key,
-                    };
-                    (key, reput, claim)
-                })
-                .collect()
-        };
+        let claimed: Vec<(u64, bool, InFlight<'_>)> = due
+            .into_iter()
+            .filter_map(|(key, reput)| {
+                InFlight::claim(&self.in_flight, key).map(|claim| (key, reput, claim))
+            })
+            .collect();
         let n = claimed.len();
         futures::stream::iter(claimed)
             .for_each_concurrent(PARALLEL_DELIVERIES, |(key, reput, _claim)| async move {

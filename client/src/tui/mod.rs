@@ -305,12 +305,12 @@ pub fn snapshot(
     let mut conversations: Vec<ConversationSummary> = store
         .contacts()
         .unwrap_or_default()
-        .into_iter()
+        .iter()
         .map(|c| {
             let recent = store.recent_messages(&c.peer, 200).unwrap_or_default();
             ConversationSummary {
                 peer: c.peer,
-                name: c.name,
+                name: c.name.clone(),
                 unread: recent
                     .iter()
                     .filter(|m| m.direction == Direction::In && m.state == MessageState::Received)

@@ -13,6 +13,7 @@
 //! from [`GroupCommit`], which runs one `flush` for every put waiting when it starts.
 //! No task outlives the store, so dropping it releases the database (and its lock).
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -409,27 +410,26 @@ impl GroupCommit {
         // The blocking thread flushes and wakes the waiters itself: one thread hop
         // fewer on every acknowledgement than flushing from a task. It lets go of the
         // database before waking anyone, so a store closed right after its last put
-        // can be opened again at once.
-        let flush = tokio::task::spawn_blocking(move || {
+        // can be opened again at once. A panicking flush still wakes them, as failed.
+        tokio::task::spawn_blocking(move || {
             let began = Instant::now();
-            let result = db.flush();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| db.flush()));
             drop(db);
             if let Some(observe) = &on_flush {
                 observe(began.elapsed());
             }
-            let outcome = result.map(|_| ()).map_err(|e| {
-                tracing::error!(error = %e, "flush failed; puts are refused until one succeeds");
-                matches!(io(&e), StoreError::Full)
-            });
+            let outcome = match result {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "flush failed; puts are refused until one succeeds");
+                    Err(matches!(io(&e), StoreError::Full))
+                }
+                Err(_) => {
+                    tracing::error!("flush panicked; puts are refused until one succeeds");
+                    Err(false)
+                }
+            };
             finish_flush(&state, target, outcome);
-        });
-        // If the flush thread died, the waiters must still hear of it.
-        let state = Arc::clone(&self.state);
-        tokio::spawn(async move {
-            if let Err(e) = flush.await {
-                tracing::error!(error = %e, "flush task failed");
-                finish_flush(&state, target, Err(false));
-            }
         });
     }
 
