@@ -53,6 +53,14 @@ impl std::fmt::Display for MailboxId {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EnvelopeId(pub [u8; 32]);
 
+impl EnvelopeId {
+    /// The id of the envelope whose encoding ([`Envelope::encode`]) is `bytes`, without
+    /// decoding it.
+    pub fn of_encoding(bytes: &[u8]) -> Self {
+        Self(hash("kkachi/envelope/v1", &[bytes]))
+    }
+}
+
 impl std::fmt::Debug for EnvelopeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "EnvelopeId({})", short_hex(&self.0))
@@ -135,7 +143,7 @@ impl Envelope {
 
     /// The envelope id: BLAKE2s over the encoding.
     pub fn id(&self) -> EnvelopeId {
-        EnvelopeId(hash("kkachi/envelope/v1", &[&self.encode()]))
+        EnvelopeId::of_encoding(&self.encode())
     }
 
     pub(crate) fn write(&self, w: &mut Writer) {
@@ -247,6 +255,7 @@ mod tests {
     fn id_is_stable_and_sensitive() {
         let a = env(b"hello".to_vec(), 100);
         assert_eq!(a.id(), a.clone().id());
+        assert_eq!(EnvelopeId::of_encoding(&a.encode()), a.id());
         assert_ne!(a.id(), env(b"hellp".to_vec(), 100).id());
         assert_ne!(a.id(), env(b"hello".to_vec(), 101).id());
     }

@@ -1,34 +1,34 @@
 //! An in-memory store with the same semantics as the sled one, minus durability: for
 //! tests and for relays whose data may vanish on restart (`--data-dir` unset in demos).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kkachi_protocol::wire::StoredEnvelope;
 use kkachi_protocol::{Envelope, EnvelopeId, MailboxId};
 use parking_lot::Mutex;
 
-use super::{Fetched, MailboxStore, PutResult, Quota, StoreError, StoreStats, Usage};
+use super::index::{Entry, Index};
+use super::{Fetched, MailboxStore, PutResult, Quota, StoreError, StoreStats};
 
 #[derive(Debug, Default)]
 struct Inner {
     mail: BTreeMap<(MailboxId, u64), Envelope>,
-    index: HashMap<EnvelopeId, (MailboxId, u64)>,
-    expiry: BTreeSet<(u64, MailboxId, u64)>,
+    index: Index,
     next_cursor: u64,
-    usage: Usage,
 }
 
 impl Inner {
-    fn remove(&mut self, id: &EnvelopeId) -> bool {
-        let Some((mailbox, cursor)) = self.index.remove(id) else {
+    /// Removes the envelope `id` if it is held in `mailbox`.
+    fn remove(&mut self, mailbox: &MailboxId, id: &EnvelopeId) -> bool {
+        let Some(slot) = self.index.locate(id) else {
             return false;
         };
-        if let Some(env) = self.mail.remove(&(mailbox, cursor)) {
-            self.expiry.remove(&(env.expires_at, mailbox, cursor));
-            self.usage.remove(&mailbox, env.encoded_len() as u64);
-        }
-        true
+        let Some(envelope) = self.mail.remove(&(*mailbox, slot.cursor)) else {
+            return false;
+        };
+        self.index
+            .remove(id, mailbox, envelope.encoded_len() as u64)
     }
 }
 
@@ -55,21 +55,23 @@ impl MailboxStore for MemoryStore {
         let mut results = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
             let id = envelope.id();
-            if inner.index.contains_key(&id) {
+            if inner.index.locate(&id).is_some() {
                 results.push(PutResult::Duplicate);
                 continue;
             }
-            let bytes = envelope.encoded_len() as u64;
-            if !inner.usage.try_add(envelope.mailbox, bytes, self.quota) {
+            let entry = Entry {
+                id,
+                mailbox: envelope.mailbox,
+                cursor: inner.next_cursor + 1,
+                expires_at: envelope.expires_at,
+                bytes: envelope.encoded_len() as u64,
+            };
+            if !inner.index.try_add(entry, self.quota) {
                 results.push(PutResult::QuotaExceeded);
                 continue;
             }
-            inner.next_cursor += 1;
-            let cursor = inner.next_cursor;
-            inner.index.insert(id, (envelope.mailbox, cursor));
-            inner
-                .expiry
-                .insert((envelope.expires_at, envelope.mailbox, cursor));
+            inner.next_cursor = entry.cursor;
+            let cursor = entry.cursor;
             inner.mail.insert((envelope.mailbox, cursor), envelope);
             results.push(PutResult::Stored { cursor });
         }
@@ -108,7 +110,7 @@ impl MailboxStore for MemoryStore {
         let mut inner = self.inner.lock();
         let mut count = 0;
         for id in ids {
-            if inner.index.get(id).is_some_and(|(m, _)| m == mailbox) && inner.remove(id) {
+            if inner.remove(mailbox, id) {
                 count += 1;
             }
         }
@@ -117,18 +119,18 @@ impl MailboxStore for MemoryStore {
 
     fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
         let mut inner = self.inner.lock();
-        let due: Vec<EnvelopeId> = inner
-            .expiry
-            .iter()
-            .take_while(|(at, _, _)| *at <= now)
-            .take(max)
-            .filter_map(|(_, m, c)| inner.mail.get(&(*m, *c)).map(Envelope::id))
-            .collect();
-        Ok(due.iter().filter(|id| inner.remove(id)).count())
+        let mut count = 0;
+        for due in inner.index.due(now, max) {
+            match inner.mail.get(&(due.mailbox, due.cursor)).map(Envelope::id) {
+                Some(id) if inner.remove(&due.mailbox, &id) => count += 1,
+                _ => inner.index.forget_expiry(&due),
+            }
+        }
+        Ok(count)
     }
 
     fn stats(&self) -> StoreStats {
-        self.inner.lock().usage.totals()
+        self.inner.lock().index.totals()
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -6,6 +6,7 @@
 //! flush shared by every put waiting at that moment); [`MemoryStore`] keeps everything
 //! in memory for tests and throwaway relays.
 
+mod index;
 mod memory;
 mod sled_store;
 

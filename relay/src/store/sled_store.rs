@@ -1,12 +1,15 @@
 //! The durable store on sled 0.34, with group commit.
 //!
-//! One tree, three key families, written together in one atomic batch per put:
+//! One tree, one key per envelope, in the order fetches read a mailbox:
 //!
 //! ```text
 //! 'm' ‖ mailbox(32) ‖ cursor(8)      → encoded envelope
-//! 'i' ‖ envelope_id(32)              → mailbox(32) ‖ cursor(8) ‖ expires_at(8)
-//! 'e' ‖ expires_at(8) ‖ mailbox(32) ‖ cursor(8) → envelope_id(32)
 //! ```
+//!
+//! Finding an envelope by id (duplicates, deletes) and by expiry time goes through the
+//! in-memory [`Index`], rebuilt from the envelopes when the store opens, so a put writes
+//! nothing else. (Stores written before kept those two indexes on disk as 'i' and 'e'
+//! keys; opening one removes them.)
 //!
 //! Cursors come from sled's persistent monotonic id generator, so they keep increasing
 //! across restarts and crashes. sled's own periodic flush is off: durability comes only
@@ -24,11 +27,12 @@ use kkachi_protocol::{Envelope, EnvelopeId, MailboxId};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::{Fetched, MailboxStore, PutResult, Quota, StoreError, StoreStats, Usage};
+use super::index::{Entry, Index};
+use super::{Fetched, MailboxStore, PutResult, Quota, StoreError, StoreStats};
 
 const MAIL: u8 = b'm';
-const INDEX: u8 = b'i';
-const EXPIRY: u8 = b'e';
+/// Key families of the earlier layout, removed on open.
+const OLD_FAMILIES: [u8; 2] = [b'i', b'e'];
 
 /// Called with the duration of every flush (for metrics).
 pub type FlushObserver = Arc<dyn Fn(Duration) + Send + Sync>;
@@ -47,9 +51,10 @@ pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
     quota: Quota,
-    /// Serialises check-and-insert so concurrent puts of one envelope store it once,
-    /// and keeps per-mailbox usage.
-    usage: Arc<Mutex<Usage>>,
+    /// Held envelopes by id and expiry, and per-mailbox usage. Every change to the tree
+    /// happens under this lock, so concurrent puts of one envelope store it once and
+    /// the index always matches the tree.
+    index: Arc<Mutex<Index>>,
     commit: Arc<GroupCommit>,
 }
 
@@ -80,48 +85,15 @@ fn mail_key(mailbox: &MailboxId, cursor: u64) -> [u8; 41] {
     k
 }
 
-fn index_key(id: &EnvelopeId) -> [u8; 33] {
-    let mut k = [0u8; 33];
-    k[0] = INDEX;
-    k[1..].copy_from_slice(&id.0);
-    k
-}
-
-fn expiry_key(expires_at: u64, mailbox: &MailboxId, cursor: u64) -> [u8; 49] {
-    let mut k = [0u8; 49];
-    k[0] = EXPIRY;
-    k[1..9].copy_from_slice(&expires_at.to_be_bytes());
-    k[9..41].copy_from_slice(&mailbox.0);
-    k[41..].copy_from_slice(&cursor.to_be_bytes());
-    k
-}
-
-/// The value under an index key.
-struct Located {
-    mailbox: MailboxId,
-    cursor: u64,
-    expires_at: u64,
-}
-
-impl Located {
-    fn encode(&self) -> [u8; 48] {
-        let mut v = [0u8; 48];
-        v[..32].copy_from_slice(&self.mailbox.0);
-        v[32..40].copy_from_slice(&self.cursor.to_be_bytes());
-        v[40..].copy_from_slice(&self.expires_at.to_be_bytes());
-        v
-    }
-
-    fn decode(v: &[u8]) -> Result<Self, StoreError> {
-        let v: &[u8; 48] = v
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("index entry has the wrong length".into()))?;
-        Ok(Self {
-            mailbox: MailboxId(v[..32].try_into().expect("32 bytes")),
-            cursor: u64::from_be_bytes(v[32..40].try_into().expect("8 bytes")),
-            expires_at: u64::from_be_bytes(v[40..].try_into().expect("8 bytes")),
-        })
-    }
+/// The mailbox and cursor in a mail key.
+fn parse_mail_key(key: &[u8]) -> Result<(MailboxId, u64), StoreError> {
+    let key: &[u8; 41] = key
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("mail key has the wrong length".into()))?;
+    Ok((
+        MailboxId(key[1..33].try_into().expect("32 bytes")),
+        u64::from_be_bytes(key[33..].try_into().expect("8 bytes")),
+    ))
 }
 
 impl SledStore {
@@ -140,15 +112,24 @@ impl SledStore {
             .open()
             .map_err(io)?;
         let tree = db.open_tree("mailboxes").map_err(io)?;
-        let mut usage = Usage::default();
-        for item in tree.scan_prefix([MAIL]) {
-            let (key, value) = item.map_err(io)?;
-            let mailbox = MailboxId(
-                key.get(1..33)
-                    .and_then(|m| m.try_into().ok())
-                    .ok_or_else(|| StoreError::Corrupt("mail key has the wrong length".into()))?,
+        let started = Instant::now();
+        let index = build_index(&tree)?;
+        let removed = remove_old_families(&tree)?;
+        if removed > 0 {
+            db.flush().map_err(io)?;
+            tracing::info!(
+                records = removed,
+                "removed the on-disk indexes of the earlier store layout"
             );
-            usage.add_existing(mailbox, value.len() as u64);
+        }
+        let totals = index.totals();
+        if totals.envelopes > 0 {
+            tracing::info!(
+                envelopes = totals.envelopes,
+                mailboxes = totals.mailboxes,
+                ms = started.elapsed().as_millis() as u64,
+                "indexed the stored envelopes"
+            );
         }
         let commit = GroupCommit::new(db.clone(), on_flush);
         Ok(Self {
@@ -156,72 +137,104 @@ impl SledStore {
             db,
             tree,
             quota,
-            usage: Arc::new(Mutex::new(usage)),
+            index: Arc::new(Mutex::new(index)),
             commit,
         })
     }
 
     fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
-        let mut usage = self.usage.lock();
+        let mut index = self.index.lock();
         let mut batch = sled::Batch::default();
         let mut results = Vec::with_capacity(envelopes.len());
-        let mut in_batch = Vec::new();
+        let mut added = Vec::new();
         for envelope in envelopes {
-            let id = envelope.id();
-            let ikey = index_key(&id);
-            if in_batch.contains(&id) || self.tree.contains_key(ikey).map_err(io)? {
-                results.push(PutResult::Duplicate);
-                continue;
-            }
             let bytes = envelope.encode();
-            if !usage.try_add(envelope.mailbox, bytes.len() as u64, self.quota) {
-                results.push(PutResult::QuotaExceeded);
+            let id = EnvelopeId::of_encoding(&bytes);
+            if index.locate(&id).is_some() {
+                results.push(PutResult::Duplicate);
                 continue;
             }
             // Cursor 0 means "from the start", so stored cursors begin at 1.
             let cursor = self.db.generate_id().map_err(io)? + 1;
-            let located = Located {
+            let entry = Entry {
+                id,
                 mailbox: envelope.mailbox,
                 cursor,
                 expires_at: envelope.expires_at,
+                bytes: bytes.len() as u64,
             };
+            if !index.try_add(entry, self.quota) {
+                results.push(PutResult::QuotaExceeded);
+                continue;
+            }
             batch.insert(mail_key(&envelope.mailbox, cursor).as_slice(), bytes);
-            batch.insert(ikey.as_slice(), located.encode().as_slice());
-            batch.insert(
-                expiry_key(envelope.expires_at, &envelope.mailbox, cursor).as_slice(),
-                id.0.as_slice(),
-            );
-            in_batch.push(id);
+            added.push(entry);
             results.push(PutResult::Stored { cursor });
         }
         if let Err(e) = self.tree.apply_batch(batch) {
-            // Undo the usage reserved for what did not get written.
-            for (envelope, result) in envelopes.iter().zip(&results) {
-                if matches!(result, PutResult::Stored { .. }) {
-                    usage.remove(&envelope.mailbox, envelope.encoded_len() as u64);
-                }
+            // Nothing of the batch was written.
+            for entry in &added {
+                index.remove(&entry.id, &entry.mailbox, entry.bytes);
             }
             return Err(io(e));
         }
         Ok(results)
     }
+}
 
-    fn remove_located(
-        &self,
-        batch: &mut sled::Batch,
-        usage: &mut Usage,
-        id: &EnvelopeId,
-        at: &Located,
-    ) -> Result<(), StoreError> {
-        let mkey = mail_key(&at.mailbox, at.cursor);
-        if let Some(v) = self.tree.get(mkey).map_err(io)? {
-            usage.remove(&at.mailbox, v.len() as u64);
+/// Indexes every envelope in the tree. A second copy of an id (which puts never
+/// write) is removed.
+fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
+    let mut index = Index::default();
+    let mut extra = sled::Batch::default();
+    let mut extras = 0;
+    for item in tree.scan_prefix([MAIL]) {
+        let (key, value) = item.map_err(io)?;
+        let (mailbox, cursor) = parse_mail_key(&key)?;
+        let envelope = Envelope::decode(&value).map_err(|e| {
+            StoreError::Corrupt(format!("envelope at cursor {cursor} does not decode: {e}"))
+        })?;
+        let entry = Entry {
+            id: EnvelopeId::of_encoding(&value),
+            mailbox,
+            cursor,
+            expires_at: envelope.expires_at,
+            bytes: value.len() as u64,
+        };
+        if index.add_existing(entry).is_err() {
+            extra.remove(key);
+            extras += 1;
         }
-        batch.remove(mkey.as_slice());
-        batch.remove(index_key(id).as_slice());
-        batch.remove(expiry_key(at.expires_at, &at.mailbox, at.cursor).as_slice());
-        Ok(())
     }
+    if extras > 0 {
+        tracing::warn!(
+            envelopes = extras,
+            "removing second copies of stored envelopes"
+        );
+        tree.apply_batch(extra).map_err(io)?;
+    }
+    Ok(index)
+}
+
+/// Removes the 'i' and 'e' records of the earlier layout; returns how many there were.
+fn remove_old_families(tree: &sled::Tree) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    for family in OLD_FAMILIES {
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for key in tree.scan_prefix([family]).keys().take(10_000) {
+                batch.remove(key.map_err(io)?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            tree.apply_batch(batch).map_err(io)?;
+            removed += n;
+        }
+    }
+    Ok(removed)
 }
 
 impl SledStore {
@@ -293,50 +306,54 @@ impl MailboxStore for SledStore {
     }
 
     fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
-        let mut usage = self.usage.lock();
+        let mut index = self.index.lock();
         let mut batch = sled::Batch::default();
-        let mut count = 0;
+        let mut removed = Vec::new();
         for id in ids {
-            let Some(v) = self.tree.get(index_key(id)).map_err(io)? else {
+            let Some(slot) = index.locate(id) else {
                 continue;
             };
-            let at = Located::decode(&v)?;
-            if at.mailbox != *mailbox {
+            // Cursors are unique across mailboxes: the key exists only if the envelope
+            // is in `mailbox`.
+            let key = mail_key(mailbox, slot.cursor);
+            let Some(value) = self.tree.get(key).map_err(io)? else {
                 continue;
-            }
-            self.remove_located(&mut batch, &mut usage, id, &at)?;
-            count += 1;
+            };
+            batch.remove(key.as_slice());
+            removed.push((*id, value.len() as u64));
         }
         self.tree.apply_batch(batch).map_err(io)?;
-        Ok(count)
+        for (id, bytes) in &removed {
+            index.remove(id, mailbox, *bytes);
+        }
+        Ok(removed.len() as u32)
     }
 
     fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
-        let mut usage = self.usage.lock();
+        let mut index = self.index.lock();
         let mut batch = sled::Batch::default();
-        let mut count = 0;
-        let start = [EXPIRY];
-        let end = expiry_key(now, &MailboxId([0xff; 32]), u64::MAX);
-        for item in self.tree.range(start.as_slice()..=end.as_slice()).take(max) {
-            let (_, id) = item.map_err(io)?;
-            let id = EnvelopeId(
-                id.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("expiry entry".into()))?,
-            );
-            let Some(v) = self.tree.get(index_key(&id)).map_err(io)? else {
-                continue;
-            };
-            let at = Located::decode(&v)?;
-            self.remove_located(&mut batch, &mut usage, &id, &at)?;
-            count += 1;
+        let mut removed = Vec::new();
+        for due in index.due(now, max) {
+            let key = mail_key(&due.mailbox, due.cursor);
+            match self.tree.get(key).map_err(io)? {
+                Some(value) => {
+                    batch.remove(key.as_slice());
+                    removed.push((EnvelopeId::of_encoding(&value), due, value.len() as u64));
+                }
+                None => index.forget_expiry(&due),
+            }
         }
         self.tree.apply_batch(batch).map_err(io)?;
-        Ok(count)
+        for (id, due, bytes) in &removed {
+            if !index.remove(id, &due.mailbox, *bytes) {
+                index.forget_expiry(due);
+            }
+        }
+        Ok(removed.len())
     }
 
     fn stats(&self) -> StoreStats {
-        self.usage.lock().totals()
+        self.index.lock().totals()
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

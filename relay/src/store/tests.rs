@@ -120,14 +120,14 @@ async fn sled_store_survives_reopen_with_cursors_increasing() {
     let dir = tempfile::tempdir().unwrap();
     let m = MailboxId([1; 32]);
     let last = {
-        let store = SledStore::open(dir.path(), QUOTA, 16 << 20, None).unwrap();
+        let store = reopen(dir.path());
         store
             .put(vec![env(1, 1, 100), env(1, 2, 100)])
             .await
             .unwrap();
         store.fetch(&m, 0, 10, usize::MAX).unwrap().next
     };
-    let store = SledStore::open(dir.path(), QUOTA, 16 << 20, None).unwrap();
+    let store = reopen(dir.path());
     assert_eq!(store.stats().envelopes, 2, "usage rebuilt from disk");
     assert_eq!(
         store.put(vec![env(1, 1, 100)]).await.unwrap(),
@@ -137,6 +137,125 @@ async fn sled_store_survives_reopen_with_cursors_increasing() {
         panic!("not stored");
     };
     assert!(cursor > last, "cursors keep increasing across restarts");
+}
+
+/// Opens the store in `dir`, waiting for sled to let go of a database just dropped
+/// (its file lock outlives the drop while its shared I/O threads are busy).
+fn reopen(dir: &std::path::Path) -> SledStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledStore::open(dir, QUOTA, 16 << 20, None) {
+            Err(StoreError::Io(e)) if std::time::Instant::now() < deadline => {
+                assert!(e.contains("lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sled_store_finds_by_id_and_expiry_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m1, m2) = (MailboxId([1; 32]), MailboxId([2; 32]));
+    {
+        let store = reopen(dir.path());
+        let all = vec![
+            env(1, 1, 100),
+            env(1, 2, 300),
+            env(2, 3, 100),
+            env(2, 4, 300),
+        ];
+        store.put(all).await.unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_eq!(store.stats().envelopes, 4);
+    assert_eq!(store.stats().mailboxes, 2);
+    // by id, only in its own mailbox
+    assert_eq!(store.delete(&m2, &[env(1, 2, 300).id()]).unwrap(), 0);
+    assert_eq!(store.delete(&m1, &[env(1, 2, 300).id()]).unwrap(), 1);
+    // by expiry
+    assert_eq!(store.expire(200, 100).unwrap(), 2);
+    assert_eq!(store.stats().envelopes, 1);
+    let left = store.fetch(&m2, 0, 10, usize::MAX).unwrap();
+    assert_eq!(left.items.len(), 1);
+    assert_eq!(left.items[0].envelope, env(2, 4, 300));
+    assert!(
+        store
+            .fetch(&m1, 0, 10, usize::MAX)
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    // what was removed can be stored again; what is held is still a duplicate
+    let again = store
+        .put(vec![env(1, 1, 900), env(2, 4, 300)])
+        .await
+        .unwrap();
+    assert!(matches!(again[0], PutResult::Stored { .. }));
+    assert_eq!(again[1], PutResult::Duplicate);
+    drop(store);
+    // and the removals were written, not only forgotten
+    let store = reopen(dir.path());
+    assert_eq!(store.stats().envelopes, 2);
+}
+
+#[tokio::test]
+async fn sled_store_of_the_earlier_layout_opens_without_its_on_disk_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = MailboxId([1; 32]);
+    {
+        let store = reopen(dir.path());
+        store
+            .put(vec![env(1, 1, 100), env(1, 2, 300)])
+            .await
+            .unwrap();
+    }
+    // Add the index and expiry records the earlier layout wrote next to each envelope.
+    let written = {
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("mailboxes").unwrap();
+        let mail: Vec<_> = tree.scan_prefix(b"m").map(Result::unwrap).collect();
+        assert_eq!(mail.len(), 2);
+        for (key, value) in &mail {
+            let envelope = Envelope::decode(value).unwrap();
+            let mut located = key[1..].to_vec();
+            located.extend_from_slice(&envelope.expires_at.to_be_bytes());
+            let mut index_key = vec![b'i'];
+            index_key.extend_from_slice(&envelope.id().0);
+            tree.insert(index_key, located).unwrap();
+            let mut expiry_key = vec![b'e'];
+            expiry_key.extend_from_slice(&envelope.expires_at.to_be_bytes());
+            expiry_key.extend_from_slice(&key[1..]);
+            tree.insert(expiry_key, envelope.id().0.to_vec()).unwrap();
+        }
+        db.flush().unwrap();
+        tree.len()
+    };
+    assert_eq!(written, 6);
+    let store = reopen(dir.path());
+    assert_eq!(store.stats().envelopes, 2);
+    assert_eq!(
+        store.put(vec![env(1, 1, 100)]).await.unwrap(),
+        vec![PutResult::Duplicate]
+    );
+    assert_eq!(store.expire(100, 10).unwrap(), 1);
+    let left = store.fetch(&m, 0, 10, usize::MAX).unwrap();
+    assert_eq!(left.items.len(), 1);
+    assert_eq!(left.items[0].envelope, env(1, 2, 300));
+    drop(store);
+    let db = loop {
+        match sled::open(dir.path()) {
+            Ok(db) => break db,
+            Err(e) => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    };
+    let tree = db.open_tree("mailboxes").unwrap();
+    let keys: Vec<u8> = tree.iter().keys().map(|k| k.unwrap()[0]).collect();
+    assert_eq!(keys, vec![b'm'], "only the one envelope left, nothing else");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

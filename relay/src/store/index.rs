@@ -1,0 +1,191 @@
+//! What a store keeps in memory about the envelopes it holds: where each id is, what
+//! expires when, and per-mailbox usage.
+//!
+//! Both stores use it. For the sled store it is what lets each put write one key per
+//! envelope (the envelope itself, under its mailbox and cursor): finding duplicates,
+//! deleting by id and expiring by time need no records on disk, because the index is
+//! rebuilt from the envelopes when the store opens. It costs memory per held envelope
+//! (one hash-map entry and one B-tree entry: about 200 bytes, measured with a million), which the README's
+//! sizing notes count.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kkachi_protocol::{EnvelopeId, MailboxId};
+
+use super::{Quota, StoreStats, Usage};
+
+/// Where a held envelope is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// Its arrival cursor; with the mailbox named in a request, its key in the store.
+    pub(crate) cursor: u64,
+    pub(crate) expires_at: u64,
+}
+
+/// The in-memory index of held envelopes.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    ids: HashMap<EnvelopeId, Slot>,
+    /// (expires_at, cursor) → mailbox: the order expiry works through.
+    expiry: BTreeMap<(u64, u64), MailboxId>,
+    usage: Usage,
+}
+
+/// A held envelope whose time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Due {
+    pub(crate) mailbox: MailboxId,
+    pub(crate) cursor: u64,
+    pub(crate) expires_at: u64,
+}
+
+/// An envelope being added to the index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Entry {
+    pub(crate) id: EnvelopeId,
+    pub(crate) mailbox: MailboxId,
+    pub(crate) cursor: u64,
+    pub(crate) expires_at: u64,
+    /// Its encoded size, counted against the mailbox's quota.
+    pub(crate) bytes: u64,
+}
+
+impl Index {
+    /// Where the envelope `id` is, if held (in whichever mailbox).
+    pub(crate) fn locate(&self, id: &EnvelopeId) -> Option<Slot> {
+        self.ids.get(id).copied()
+    }
+
+    /// Adds a new envelope if its mailbox has room; false (and nothing changed) if not.
+    /// The caller has checked that `entry.id` is not held.
+    pub(crate) fn try_add(&mut self, entry: Entry, quota: Quota) -> bool {
+        if !self.usage.try_add(entry.mailbox, entry.bytes, quota) {
+            return false;
+        }
+        self.insert(entry);
+        true
+    }
+
+    /// Adds an envelope found in the store when it opens (no quota check: it was
+    /// admitted before). A second copy of an id (which puts never write) is indexed
+    /// and counted once, and its cursor is returned so the caller can drop it.
+    pub(crate) fn add_existing(&mut self, entry: Entry) -> Result<(), u64> {
+        if self.ids.contains_key(&entry.id) {
+            return Err(entry.cursor);
+        }
+        self.usage.add_existing(entry.mailbox, entry.bytes);
+        self.insert(entry);
+        Ok(())
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let slot = Slot {
+            cursor: entry.cursor,
+            expires_at: entry.expires_at,
+        };
+        self.ids.insert(entry.id, slot);
+        self.expiry
+            .insert((entry.expires_at, entry.cursor), entry.mailbox);
+    }
+
+    /// Forgets a held envelope of `bytes` in `mailbox`. Returns false if `id` was not
+    /// held.
+    pub(crate) fn remove(&mut self, id: &EnvelopeId, mailbox: &MailboxId, bytes: u64) -> bool {
+        let Some(slot) = self.ids.remove(id) else {
+            return false;
+        };
+        self.expiry.remove(&(slot.expires_at, slot.cursor));
+        self.usage.remove(mailbox, bytes);
+        true
+    }
+
+    /// Up to `max` held envelopes that expired at or before `now`, soonest first.
+    pub(crate) fn due(&self, now: u64, max: usize) -> Vec<Due> {
+        self.expiry
+            .range(..=(now, u64::MAX))
+            .take(max)
+            .map(|(&(expires_at, cursor), &mailbox)| Due {
+                mailbox,
+                cursor,
+                expires_at,
+            })
+            .collect()
+    }
+
+    /// Forgets an expiry entry whose envelope is not in the store. Defensive: the index
+    /// and the store change together, under one lock, so this finds nothing to do
+    /// unless they disagree, and then keeps one stale entry from holding up expiry.
+    pub(crate) fn forget_expiry(&mut self, due: &Due) {
+        self.expiry.remove(&(due.expires_at, due.cursor));
+    }
+
+    pub(crate) fn totals(&self) -> StoreStats {
+        self.usage.totals()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUOTA: Quota = Quota {
+        max_envelopes: 2,
+        max_bytes: 1_000,
+    };
+
+    fn entry(id: u8, mailbox: u8, cursor: u64, expires_at: u64) -> Entry {
+        Entry {
+            id: EnvelopeId([id; 32]),
+            mailbox: MailboxId([mailbox; 32]),
+            cursor,
+            expires_at,
+            bytes: 100,
+        }
+    }
+
+    #[test]
+    fn adds_locates_expires_and_removes() {
+        let mut index = Index::default();
+        assert!(index.try_add(entry(1, 1, 1, 50), QUOTA));
+        assert!(index.try_add(entry(2, 1, 2, 20), QUOTA));
+        assert!(!index.try_add(entry(3, 1, 3, 10), QUOTA), "quota of 2");
+        assert!(index.try_add(entry(3, 2, 3, 20), QUOTA), "other mailbox");
+        assert_eq!(
+            index.locate(&EnvelopeId([2; 32])),
+            Some(Slot {
+                cursor: 2,
+                expires_at: 20
+            })
+        );
+        assert_eq!(index.locate(&EnvelopeId([9; 32])), None);
+        // soonest first, ties by cursor, bounded by `max`
+        let due = |at: &[Due]| {
+            at.iter()
+                .map(|d| (d.mailbox.0[0], d.cursor))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(due(&index.due(20, 10)), [(1, 2), (2, 3)]);
+        assert_eq!(due(&index.due(20, 1)), [(1, 2)]);
+        assert_eq!(due(&index.due(19, 10)), []);
+
+        assert!(index.remove(&EnvelopeId([2; 32]), &MailboxId([1; 32]), 100));
+        assert!(!index.remove(&EnvelopeId([2; 32]), &MailboxId([1; 32]), 100));
+        assert_eq!(due(&index.due(20, 10)), [(2, 3)]);
+        let stale = index.due(20, 10)[0];
+        index.forget_expiry(&stale);
+        assert_eq!(due(&index.due(u64::MAX, 10)), [(1, 1)]);
+        assert_eq!(index.totals().envelopes, 2);
+        assert!(index.try_add(entry(4, 1, 4, 90), QUOTA), "room again");
+    }
+
+    #[test]
+    fn a_second_copy_found_on_open_is_counted_once() {
+        let mut index = Index::default();
+        assert_eq!(index.add_existing(entry(1, 1, 1, 50)), Ok(()));
+        assert_eq!(index.add_existing(entry(1, 1, 7, 50)), Err(7));
+        assert_eq!(index.totals().envelopes, 1);
+        let due = index.due(50, 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].cursor, 1);
+    }
+}
