@@ -662,9 +662,9 @@ async fn main() -> Result<()> {
         // acknowledgement time a client sees when the relay is not saturated.
         let moderate = ingest(root.path(), 8, 1, 1, duration).await?;
         let batched = ingest(root.path(), 8, 8, 16, duration).await?;
-        // Batches with fewer in flight: the rate that comes with a short acknowledgement
-        // (at saturation the acknowledgement is mostly queueing).
-        let bounded = ingest(root.path(), 8, 1, 16, duration).await?;
+        // Batches with fewer in flight (6 × 16 envelopes): the rate that comes with a
+        // short acknowledgement (at saturation the acknowledgement is mostly queueing).
+        let bounded = ingest(root.path(), 6, 1, 16, duration).await?;
         eprintln!("ingest done");
         (single, moderate, batched, bounded)
     } else {
