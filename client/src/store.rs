@@ -395,7 +395,7 @@ impl LocalStore {
         let contacts_changed = writes.ops.iter().any(|(t, _, _)| *t == TreeId::Contacts);
         let result = self.apply_ops(writes);
         // Counted even if it failed: at worst a flush that finds nothing to write.
-        self.durability.written.fetch_add(1, Ordering::SeqCst);
+        self.wrote();
         if contacts_changed {
             // After the write, so a reader that loaded the old contacts cannot keep them.
             self.contacts.generation.fetch_add(1, Ordering::SeqCst);
@@ -440,6 +440,12 @@ impl LocalStore {
             TransactionError::Storage(e) => db(e),
             TransactionError::Abort(()) => StoreError::Db("transaction aborted".into()),
         })
+    }
+
+    /// Counts a write to the database, so the next flush goes to the disk. Called after
+    /// the write: a flush that starts between the two covers it or leaves it to the next.
+    fn wrote(&self) {
+        self.durability.written.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Makes everything applied so far durable.
@@ -596,7 +602,7 @@ impl LocalStore {
     /// Removes a relay; false if it was not there.
     pub fn remove_relay(&self, addr: &str) -> Result<bool, StoreError> {
         let removed = self.tree(TreeId::Relays).remove(addr);
-        self.durability.written.fetch_add(1, Ordering::SeqCst);
+        self.wrote();
         Ok(removed.map_err(db)?.is_some())
     }
 

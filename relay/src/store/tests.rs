@@ -17,6 +17,13 @@ fn env(mailbox: u8, n: u32, expires_at: u64) -> Envelope {
     }
 }
 
+/// Every envelope held in `mailbox`, in cursor order.
+fn held<S: MailboxStore>(store: &S, mailbox: &MailboxId) -> Vec<Envelope> {
+    let page = store.fetch(mailbox, 0, usize::MAX, usize::MAX).unwrap();
+    assert!(!page.more);
+    page.items.into_iter().map(|i| i.envelope).collect()
+}
+
 async fn suite<S: MailboxStore>(store: S) {
     let m1 = MailboxId([1; 32]);
     // put, dedup within and across batches
@@ -48,13 +55,7 @@ async fn suite<S: MailboxStore>(store: S) {
     assert!(empty.items.is_empty());
     assert_eq!(empty.next, page2.next);
     // other mailboxes are separate
-    assert!(
-        store
-            .fetch(&MailboxId([2; 32]), 0, 10, usize::MAX)
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert!(held(&store, &MailboxId([2; 32])).is_empty());
     // the byte budget still returns at least one envelope
     assert_eq!(store.fetch(&m1, 0, 10, 1).unwrap().items.len(), 1);
 
@@ -86,13 +87,7 @@ async fn suite<S: MailboxStore>(store: S) {
     // expiry removes exactly what is due
     assert_eq!(store.expire(150, 100).unwrap(), 0);
     assert_eq!(store.expire(200, 100).unwrap(), 1);
-    assert!(
-        store
-            .fetch(&m1, 0, 10, usize::MAX)
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert!(held(&store, &m1).is_empty());
     assert_eq!(store.expire(500, 2).unwrap(), 2, "max bounds one sweep");
     assert_eq!(store.expire(500, 100).unwrap(), 4);
     assert_eq!(store.stats(), StoreStats::default());
@@ -177,16 +172,8 @@ async fn sled_store_finds_by_id_and_expiry_after_reopen() {
     // by expiry
     assert_eq!(store.expire(200, 100).unwrap(), 2);
     assert_eq!(store.stats().envelopes, 1);
-    let left = store.fetch(&m2, 0, 10, usize::MAX).unwrap();
-    assert_eq!(left.items.len(), 1);
-    assert_eq!(left.items[0].envelope, env(2, 4, 300));
-    assert!(
-        store
-            .fetch(&m1, 0, 10, usize::MAX)
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert_eq!(held(&store, &m2), vec![env(2, 4, 300)]);
+    assert!(held(&store, &m1).is_empty());
     // what was removed can be stored again; what is held is still a duplicate
     let again = store
         .put(vec![env(1, 1, 900), env(2, 4, 300)])
@@ -240,9 +227,7 @@ async fn sled_store_of_the_earlier_layout_opens_without_its_on_disk_indexes() {
         vec![PutResult::Duplicate]
     );
     assert_eq!(store.expire(100, 10).unwrap(), 1);
-    let left = store.fetch(&m, 0, 10, usize::MAX).unwrap();
-    assert_eq!(left.items.len(), 1);
-    assert_eq!(left.items[0].envelope, env(1, 2, 300));
+    assert_eq!(held(&store, &m), vec![env(1, 2, 300)]);
     drop(store);
     let db = loop {
         match sled::open(dir.path()) {
