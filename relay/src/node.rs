@@ -2,7 +2,8 @@
 //!
 //! Requests go to the [`Service`]; answers that need the disk (puts) run as futures
 //! polled by this loop, so the loop never blocks on a flush. Long polls wait here, keyed
-//! by mailbox, and are answered as soon as a put lands in their mailbox.
+//! by mailbox, and are answered as soon as a put lands in their mailbox, without waiting
+//! for its flush.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -117,14 +118,7 @@ struct Waiter {
 }
 
 /// A put in progress: its answer and where to send it.
-type PendingPut = BoxFuture<
-    'static,
-    (
-        ResponseChannel<RelayToClient>,
-        RelayToClient,
-        Vec<MailboxId>,
-    ),
->;
+type PendingPut = BoxFuture<'static, (ResponseChannel<RelayToClient>, RelayToClient)>;
 
 pub(crate) struct Node<S> {
     swarm: Swarm<Boxed<Behaviour>>,
@@ -176,15 +170,12 @@ impl<S: MailboxStore + Clone> Node<S> {
         self.metrics.set_ready(true);
         loop {
             tokio::select! {
-                // Shutdown first, then finished puts (they release clients and wake long
-                // polls), then new network events, then housekeeping.
+                // Shutdown first, then finished puts (they release clients), then new
+                // network events, then housekeeping.
                 biased;
                 _ = &mut shutdown => break,
-                Some((channel, response, mailboxes)) = self.puts.next(), if !self.puts.is_empty() => {
+                Some((channel, response)) = self.puts.next(), if !self.puts.is_empty() => {
                     self.respond(channel, response);
-                    for mailbox in mailboxes {
-                        self.wake(&mailbox);
-                    }
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 _ = tick.tick() => {
@@ -262,7 +253,10 @@ impl<S: MailboxStore + Clone> Node<S> {
                     Action::Respond(response) => self.respond(channel, response),
                     Action::Put { done, mailboxes } => {
                         self.puts
-                            .push(Box::pin(async move { (channel, done.await, mailboxes) }));
+                            .push(Box::pin(async move { (channel, done.await) }));
+                        for mailbox in mailboxes {
+                            self.wake(&mailbox);
+                        }
                     }
                     Action::Wait {
                         mailbox,
@@ -406,7 +400,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         tokio::pin!(deadline);
         while !self.puts.is_empty() {
             tokio::select! {
-                Some((channel, response, _)) = self.puts.next() => self.respond(channel, response),
+                Some((channel, response)) = self.puts.next() => self.respond(channel, response),
                 event = self.swarm.select_next_some() => self.on_drain_event(event),
                 _ = &mut deadline => {
                     tracing::warn!(left = self.puts.len(), "in-flight puts did not finish in time");

@@ -26,11 +26,13 @@ use crate::store::{MailboxStore, PutResult, StoreError};
 pub(crate) enum Action {
     /// Answer now.
     Respond(RelayToClient),
-    /// Answer when the put (store + flush) completes.
+    /// The put is stored (visible, not yet durable): answer when it is durable.
     Put {
-        /// Resolves to the answer.
+        /// Resolves to the answer once the envelopes are flushed.
         done: BoxFuture<'static, RelayToClient>,
-        /// Mailboxes that may have new envelopes afterwards.
+        /// Mailboxes that have new envelopes now: their long polls can be answered
+        /// before the flush, since the sender's copy stays in its outbox until the
+        /// acknowledgement and the recipient drops duplicates.
         mailboxes: Vec<MailboxId>,
     },
     /// Nothing yet: park the long poll until something arrives or `wait_ms` passes.
@@ -320,16 +322,31 @@ impl<S: MailboxStore + Clone> Service<S> {
                 }
             }
         }
-        let mut mailboxes: Vec<MailboxId> = valid.iter().map(|e| e.mailbox).collect();
+        // Inserted now, so long polls can be answered at once; acknowledged once durable.
+        let stored = if valid.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.insert(&valid)
+        };
+        let mut mailboxes: Vec<MailboxId> = match &stored {
+            Ok(results) => valid
+                .iter()
+                .zip(results)
+                .filter(|(_, r)| matches!(r, PutResult::Stored { .. }))
+                .map(|(e, _)| e.mailbox)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         mailboxes.sort();
         mailboxes.dedup();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let done = Box::pin(async move {
-            let stored = if valid.is_empty() {
-                Ok(Vec::new())
-            } else {
-                store.put(valid).await
+            let stored = match stored {
+                Ok(results) if results.iter().any(PutResult::needs_flush) => {
+                    store.flush().await.map(|()| results)
+                }
+                other => other,
             };
             let response = match stored {
                 Ok(results) => {
@@ -390,6 +407,8 @@ mod tests {
     use super::*;
     use crate::store::{MemoryStore, Quota};
     use kkachi_protocol::EnvelopeId;
+    use std::sync::Arc;
+    use std::time::Duration;
 
     const NOW: u64 = 1_750_000_000;
 
@@ -711,5 +730,108 @@ mod tests {
             s.handle(&owner, None, Request::Message(sub), NOW),
             Action::Respond(RelayToClient::Batch { .. })
         ));
+    }
+
+    /// A memory store whose flushes wait until the test opens the gate.
+    #[derive(Clone)]
+    struct GatedStore {
+        inner: MemoryStore,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl MailboxStore for GatedStore {
+        fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+            self.inner.insert(envelopes)
+        }
+        fn fetch(
+            &self,
+            mailbox: &MailboxId,
+            after: u64,
+            limit: usize,
+            max_bytes: usize,
+        ) -> Result<crate::store::Fetched, StoreError> {
+            self.inner.fetch(mailbox, after, limit, max_bytes)
+        }
+        fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
+            self.inner.delete(mailbox, ids)
+        }
+        fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
+            self.inner.expire(now, max)
+        }
+        fn stats(&self) -> crate::store::StoreStats {
+            self.inner.stats()
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            // One permit per flush: used up, not handed back.
+            self.gate.acquire().await.expect("gate open").forget();
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn long_polls_see_a_put_before_it_is_durable_and_the_ack_waits_for_the_flush() {
+        let quota = Quota {
+            max_envelopes: 10,
+            max_bytes: 1 << 20,
+        };
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let store = GatedStore {
+            inner: MemoryStore::new(quota),
+            gate: gate.clone(),
+        };
+        let s = Service::new(&Config::default(), store, Metrics::new());
+        let (alice, bob) = (PeerId::random(), PeerId::random());
+        let put = |envelopes| Request::Message(ClientToRelay::Put { envelopes });
+        let Action::Put { done, mailboxes } = s.handle(
+            &PeerId::random(),
+            None,
+            put(vec![
+                envelope(&alice, 1),
+                envelope(&bob, 2),
+                envelope(&alice, 3),
+            ]),
+            NOW,
+        ) else {
+            panic!("a put expected")
+        };
+        let mut expected = vec![MailboxId::for_peer(&alice), MailboxId::for_peer(&bob)];
+        expected.sort();
+        assert_eq!(mailboxes, expected, "each mailbox with something new, once");
+        // Readable before the flush...
+        let RelayToClient::Batch { items, .. } = s.fetch(&MailboxId::for_peer(&alice), 0, 10)
+        else {
+            panic!("a batch expected")
+        };
+        assert_eq!(items.len(), 2);
+        // ...but not acknowledged before it.
+        let mut done = std::pin::pin!(done);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), done.as_mut())
+                .await
+                .is_err(),
+            "acknowledged before the flush"
+        );
+        gate.add_permits(1);
+        let RelayToClient::Stored { outcomes } = done.await else {
+            panic!("stored expected")
+        };
+        assert_eq!(outcomes, vec![PutOutcome::Stored; 3]);
+
+        // A duplicate wakes nobody (nothing new) but still waits for a flush.
+        let Action::Put { done, mailboxes } =
+            s.handle(&PeerId::random(), None, put(vec![envelope(&bob, 2)]), NOW)
+        else {
+            panic!("a put expected")
+        };
+        assert!(mailboxes.is_empty());
+        let mut done = std::pin::pin!(done);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), done.as_mut())
+                .await
+                .is_err(),
+            "a duplicate acknowledged before the flush"
+        );
+        gate.add_permits(1);
+        assert!(matches!(done.await, RelayToClient::Stored { .. }));
     }
 }

@@ -197,9 +197,9 @@ impl EvilStore {
 }
 
 impl MailboxStore for EvilStore {
-    async fn put(&self, envelopes: Vec<Envelope>) -> Result<Vec<PutResult>, StoreError> {
+    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
         let ids: Vec<EnvelopeId> = envelopes.iter().map(Envelope::id).collect();
-        let results = self.inner.put(envelopes.clone()).await?;
+        let results = self.inner.insert(envelopes)?;
         if self.evil.drop_every > 0 {
             for (i, (id, r)) in ids.iter().zip(&results).enumerate() {
                 if matches!(r, PutResult::Stored { .. })

@@ -50,7 +50,7 @@ impl MemoryStore {
 }
 
 impl MailboxStore for MemoryStore {
-    async fn put(&self, envelopes: Vec<Envelope>) -> Result<Vec<PutResult>, StoreError> {
+    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
         let mut inner = self.inner.lock();
         let mut results = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
@@ -72,7 +72,9 @@ impl MailboxStore for MemoryStore {
             }
             inner.next_cursor = entry.cursor;
             let cursor = entry.cursor;
-            inner.mail.insert((envelope.mailbox, cursor), envelope);
+            inner
+                .mail
+                .insert((envelope.mailbox, cursor), envelope.clone());
             results.push(PutResult::Stored { cursor });
         }
         Ok(results)

@@ -43,6 +43,14 @@ pub enum PutResult {
     QuotaExceeded,
 }
 
+impl PutResult {
+    /// True if the answer must wait for a flush: a stored envelope, or a duplicate
+    /// (its earlier copy may not be flushed yet).
+    pub fn needs_flush(&self) -> bool {
+        !matches!(self, PutResult::QuotaExceeded)
+    }
+}
+
 /// A page of a mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
@@ -81,12 +89,24 @@ pub enum StoreError {
 
 /// Mailbox storage as the relay service needs it.
 pub trait MailboxStore: Send + Sync + 'static {
+    /// Stores envelopes (already validated), visible to [`fetch`](Self::fetch) when this
+    /// returns but not yet durable: [`flush`](Self::flush) before acknowledging them.
+    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError>;
+
     /// Stores envelopes (already validated). Resolves only once every `Stored` and
     /// `Duplicate` envelope is durable.
     fn put(
         &self,
         envelopes: Vec<Envelope>,
-    ) -> impl Future<Output = Result<Vec<PutResult>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<PutResult>, StoreError>> + Send {
+        async move {
+            let results = self.insert(&envelopes)?;
+            if results.iter().any(PutResult::needs_flush) {
+                self.flush().await?;
+            }
+            Ok(results)
+        }
+    }
 
     /// Up to `limit` envelopes and about `max_bytes` (at least one envelope if any)
     /// stored in `mailbox` after cursor `after`.

@@ -142,7 +142,7 @@ impl SledStore {
         })
     }
 
-    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+    fn insert_batch(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
         let mut index = self.index.lock();
         let mut batch = sled::Batch::default();
         let mut results = Vec::with_capacity(envelopes.len());
@@ -250,7 +250,7 @@ impl SledStore {
 }
 
 impl MailboxStore for SledStore {
-    async fn put(&self, envelopes: Vec<Envelope>) -> Result<Vec<PutResult>, StoreError> {
+    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
         if let Some(why) = self.failed.lock().clone() {
             return Err(if why.contains("full") {
                 StoreError::Full
@@ -258,15 +258,7 @@ impl MailboxStore for SledStore {
                 StoreError::Io(why)
             });
         }
-        let results = self.insert(&envelopes).map_err(|e| self.note(e))?;
-        if results
-            .iter()
-            .any(|r| !matches!(r, PutResult::QuotaExceeded))
-        {
-            // Duplicates wait too: the earlier copy may not be flushed yet.
-            self.commit.wait_durable().await.map_err(|e| self.note(e))?;
-        }
-        Ok(results)
+        self.insert_batch(envelopes).map_err(|e| self.note(e))
     }
 
     fn fatal(&self) -> Option<String> {
@@ -357,7 +349,7 @@ impl MailboxStore for SledStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.commit.wait_durable().await
+        self.commit.wait_durable().await.map_err(|e| self.note(e))
     }
 }
 
