@@ -462,6 +462,17 @@ impl LocalStore {
         Ok(())
     }
 
+    /// A ticket for every write applied so far: [`LocalStore::is_durable`] says when
+    /// they are all on disk.
+    pub fn write_ticket(&self) -> u64 {
+        self.durability.written.load(Ordering::SeqCst)
+    }
+
+    /// True once every write counted by `ticket` is durable.
+    pub fn is_durable(&self, ticket: u64) -> bool {
+        self.durability.durable.load(Ordering::SeqCst) >= ticket
+    }
+
     /// Flushes that went to the disk so far.
     pub fn disk_flushes(&self) -> u64 {
         self.durability.flushes.load(Ordering::Relaxed)

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+use kkachi_protocol::session::MAX_UNSAVED_SEALS;
 use kkachi_protocol::wire::PutOutcome;
 use kkachi_protocol::{
     Body, ClientToRelay, Content, Envelope, Identity, MailboxId, MessageId, Multiaddr, PeerId,
@@ -31,6 +32,7 @@ use kkachi_protocol::{
 use rand::Rng;
 use thiserror::Error;
 use tokio::sync::{Mutex, broadcast};
+use tokio::task::JoinHandle;
 
 use crate::net::{NetError, Transport};
 use crate::store::{
@@ -129,7 +131,13 @@ impl Sessions {
     ) -> Result<&mut kkachi_protocol::Session, StoreError> {
         Ok(match self.live.entry(contact.peer) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(store.session(contact)?),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                // What is on disk may lag packets already handed out (see
+                // `Engine::send_text_and_deliver`): skip past them.
+                let mut session = store.session(contact)?;
+                session.resume_after_restart();
+                v.insert(session)
+            }
         })
     }
 
@@ -160,6 +168,9 @@ pub struct Engine<T> {
     in_flight: parking_lot::Mutex<HashSet<u64>>,
     /// Woken when something was queued that nobody is delivering yet (receipts).
     outbox_wake: tokio::sync::Notify,
+    /// Write tickets of messages handed to the network before their write was durable;
+    /// at most [`MAX_UNSAVED_SEALS`] at once.
+    unsaved: parking_lot::Mutex<Vec<u64>>,
 }
 
 /// Marks an outbox entry as being delivered until dropped.
@@ -219,6 +230,7 @@ impl<T: Transport> Engine<T> {
             events,
             in_flight: parking_lot::Mutex::default(),
             outbox_wake: tokio::sync::Notify::new(),
+            unsaved: parking_lot::Mutex::default(),
         })
     }
 
@@ -316,6 +328,64 @@ impl<T: Transport> Engine<T> {
     /// Makes a text message durable in the outbox. Returns once it is on disk; nothing
     /// has been sent yet (see [`Engine::deliver`]).
     pub async fn send_text(&self, contact: &Contact, text: &str) -> Result<Queued, EngineError> {
+        let (queued, _) = self.queue_text(contact, text).await?;
+        self.store.flush().await?;
+        // Talking to them: try for a direct path while the relays carry this one.
+        self.net.seek_direct(contact.peer, contact.card.relays());
+        Ok(queued)
+    }
+
+    /// [`Engine::send_text`], and delivers it in a task of its own (the handle says how
+    /// far it got). The delivery starts while the message is being made durable rather
+    /// than after: this returns, like `send_text`, only once it is durable. A crash in
+    /// between may let the message reach the contact while losing the sender's copy;
+    /// at most [`MAX_UNSAVED_SEALS`] messages are ever out before their write is
+    /// durable, which is what a session skips on loading, so no counter repeats.
+    pub async fn send_text_and_deliver(
+        self: &Arc<Self>,
+        contact: &Contact,
+        text: &str,
+        attempt_timeout: Duration,
+    ) -> Result<(Queued, JoinHandle<Result<Option<Progress>, EngineError>>), EngineError> {
+        let (queued, ticket) = self.queue_text(contact, text).await?;
+        let key = queued.outbox_key;
+        let engine = self.clone();
+        let early = self.claim_unsaved(ticket).then(|| {
+            tokio::spawn(async move { engine.hand_over(key, true, attempt_timeout).await })
+        });
+        if let Err(e) = self.store.flush().await {
+            if let Some(delivery) = early {
+                delivery.abort();
+            }
+            return Err(e.into());
+        }
+        let delivery = early.unwrap_or_else(|| {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.hand_over(key, true, attempt_timeout).await })
+        });
+        self.net.seek_direct(contact.peer, contact.card.relays());
+        Ok((queued, delivery))
+    }
+
+    /// Takes one of the [`MAX_UNSAVED_SEALS`] places for a message handed out before
+    /// the write `ticket` is durable; false if they are all taken.
+    fn claim_unsaved(&self, ticket: u64) -> bool {
+        let mut unsaved = self.unsaved.lock();
+        unsaved.retain(|t| !self.store.is_durable(*t));
+        let free = (unsaved.len() as u64) < MAX_UNSAVED_SEALS;
+        if free {
+            unsaved.push(ticket);
+        }
+        free
+    }
+
+    /// Seals `text` for `contact` into the outbox and history, applied but not yet
+    /// durable; with the write ticket that says when it is.
+    async fn queue_text(
+        &self,
+        contact: &Contact,
+        text: &str,
+    ) -> Result<(Queued, u64), EngineError> {
         if text.trim().is_empty() {
             return Err(EngineError::Invalid("the message is empty".into()));
         }
@@ -363,13 +433,11 @@ impl<T: Transport> Engine<T> {
             sessions.reset();
             return Err(e.into());
         }
-        self.store.flush().await?;
-        // Talking to them: try for a direct path while the relays carry this one.
-        self.net.seek_direct(contact.peer, contact.card.relays());
-        Ok(Queued {
+        let queued = Queued {
             id: content.id,
             outbox_key,
-        })
+        };
+        Ok((queued, self.store.write_ticket()))
     }
 
     /// Queues a control record (receipt, card update) for `contact` sealed with
@@ -468,6 +536,18 @@ impl<T: Transport> Engine<T> {
     /// Tries every path of one outbox entry that has not acknowledged and is due (or all
     /// of them if `force`), concurrently, each bounded by `attempt_timeout`.
     pub async fn deliver(
+        &self,
+        key: u64,
+        force: bool,
+        attempt_timeout: Duration,
+    ) -> Result<Option<Progress>, EngineError> {
+        // Nothing leaves before the write that sealed it is durable (free when it is).
+        self.store.flush().await?;
+        self.hand_over(key, force, attempt_timeout).await
+    }
+
+    /// [`Engine::deliver`] without making sure the entry is durable first.
+    async fn hand_over(
         &self,
         key: u64,
         force: bool,

@@ -619,3 +619,104 @@ async fn waiting_messages_ask_for_a_direct_path_unless_there_is_one() {
     assert!(net.inner.lock().sought.is_empty());
     assert_eq!(alice.messages(&bob)[0].state, MessageState::Delivered);
 }
+
+#[tokio::test]
+async fn send_and_deliver_reports_progress_and_leaves_the_message_durable() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let store = alice.engine.store();
+    let before = store.write_ticket();
+    let (queued, delivery) = alice
+        .engine
+        .send_text_and_deliver(&bob_c, "hello", ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    // The message's own write is the first after `before`.
+    assert!(
+        store.is_durable(before + 1),
+        "returned before the message was durable"
+    );
+    assert_eq!(alice.messages(&bob)[0].id, queued.id.0);
+    let progress = delivery.await.unwrap().unwrap().unwrap();
+    assert_eq!(progress.acked, 3);
+    assert_eq!(bob.sync().await[0].message.text, "hello");
+}
+
+#[tokio::test]
+async fn at_most_the_bound_of_messages_leave_before_they_are_durable() {
+    let net = FakeNet::default();
+    let (alice, _bob, _, _) = pair(&net).await;
+    let store = alice.engine.store();
+    let mut w = WriteSet::default();
+    w.put(TreeId::Contacts, b"x".to_vec(), b"y".to_vec());
+    store.apply(w).unwrap();
+    let ticket = store.write_ticket();
+    assert!(!store.is_durable(ticket));
+    for _ in 0..MAX_UNSAVED_SEALS {
+        assert!(alice.engine.claim_unsaved(ticket));
+    }
+    assert!(
+        !alice.engine.claim_unsaved(ticket),
+        "one more would be past what a restart skips"
+    );
+    store.flush().await.unwrap();
+    assert!(store.is_durable(ticket));
+    assert!(
+        alice.engine.claim_unsaved(store.write_ticket()),
+        "places free once durable"
+    );
+}
+
+#[tokio::test]
+async fn messages_out_before_a_crash_lost_their_write_do_not_block_later_ones() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    // Both sides on an established session, so messages carry transport counters.
+    for round in 0..6 {
+        let _ = alice.send(&bob_c, &format!("a{round}")).await;
+        bob.sync().await;
+        bob.engine.deliver_due().await.unwrap();
+        let _ = bob.send(&alice_c, &format!("b{round}")).await;
+        alice.sync().await;
+        alice.engine.deliver_due().await.unwrap();
+        bob.sync().await;
+    }
+    let at_crash = alice.engine.store().session(&bob_c).unwrap();
+    assert!(at_crash.is_established());
+    // As many as may leave before their write is durable reach bob...
+    for i in 0..MAX_UNSAVED_SEALS {
+        let (_, delivery) = alice
+            .engine
+            .send_text_and_deliver(&bob_c, &format!("out {i}"), ATTEMPT_TIMEOUT)
+            .await
+            .unwrap();
+        delivery.await.unwrap().unwrap();
+    }
+    assert_eq!(bob.sync().await.len() as u64, MAX_UNSAVED_SEALS);
+    // ...then alice crashes and her session state on disk is the one from before them.
+    let mut w = WriteSet::default();
+    LocalStore::write_session(&mut w, &bob.peer(), &at_crash);
+    alice.engine.store().apply(w).unwrap();
+    let restarted = Engine::new(
+        alice.engine.store().clone(),
+        alice.engine.identity().clone(),
+        net.clone(),
+    );
+    let q = restarted
+        .send_text(&bob_c, "after the crash")
+        .await
+        .unwrap();
+    restarted
+        .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        .await
+        .unwrap();
+    let shown = bob.sync().await;
+    assert_eq!(
+        shown
+            .iter()
+            .map(|r| r.message.text.as_str())
+            .collect::<Vec<_>>(),
+        ["after the crash"],
+        "refused as a replay if its counter repeated"
+    );
+}

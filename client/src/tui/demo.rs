@@ -165,11 +165,15 @@ pub async fn run() -> Result<(), UserError> {
                     continue;
                 };
                 tokio::time::sleep(Duration::from_millis(400)).await;
-                if let Ok(q) = bot
-                    .send_text(&contact, &reply_to(&r.message.text, count))
+                if let Ok((_, delivery)) = bot
+                    .send_text_and_deliver(
+                        &contact,
+                        &reply_to(&r.message.text, count),
+                        ATTEMPT_TIMEOUT,
+                    )
                     .await
                 {
-                    let _ = bot.deliver(q.outbox_key, true, ATTEMPT_TIMEOUT).await;
+                    let _ = delivery.await;
                 }
             }
         })
@@ -177,8 +181,11 @@ pub async fn run() -> Result<(), UserError> {
     // A first message from the bot, so the conversation is open on start.
     if let Ok(Some(you)) = bot.store().contact(&you_card.identity().peer_id()) {
         let hello = "Hi! I'm a second user on this machine. Write me something.";
-        if let Ok(q) = bot.send_text(&you, hello).await {
-            let _ = bot.deliver(q.outbox_key, true, ATTEMPT_TIMEOUT).await;
+        if let Ok((_, delivery)) = bot
+            .send_text_and_deliver(&you, hello, ATTEMPT_TIMEOUT)
+            .await
+        {
+            let _ = delivery.await;
         }
     }
     let switch: Arc<dyn RelaySwitch> = relays.clone();

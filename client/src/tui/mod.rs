@@ -242,11 +242,13 @@ fn run_effect(
                         .store()
                         .contact(&to)?
                         .ok_or_else(|| UserError("that contact is gone".into()))?;
-                    let queued = engine.send_text(&contact, &text).await?;
-                    let _ = tx.send(Msg::Redraw).await;
-                    engine
-                        .deliver(queued.outbox_key, true, ATTEMPT_TIMEOUT)
+                    let (_, delivery) = engine
+                        .send_text_and_deliver(&contact, &text, ATTEMPT_TIMEOUT)
                         .await?;
+                    let _ = tx.send(Msg::Redraw).await;
+                    delivery
+                        .await
+                        .map_err(|e| UserError(format!("delivery stopped: {e}")))??;
                     Ok::<_, UserError>(String::new())
                 }
                 .await;

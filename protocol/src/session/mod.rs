@@ -53,6 +53,11 @@ use packet::{
     TransportFrame,
 };
 pub use replay::MAX_COUNTERS;
+
+/// Most packets a caller may hand out sealed by a state it has not yet made durable
+/// (SPEC 4.3): a state loaded at start-up skips this many counters and offer numbers
+/// ([`Session::resume_after_restart`]), so none handed out before a crash repeats.
+pub const MAX_UNSAVED_SEALS: u64 = 16;
 use replay::{InitReplay, ReplayWindow, SeenInits};
 
 /// The Noise protocol name.
@@ -329,6 +334,26 @@ impl Session {
             pending: Vec::new(),
             seen_inits: SeenInits::new(),
             next_offer_seq: 0,
+        }
+    }
+
+    /// Call on a state just loaded from storage, before sealing with it: skips the
+    /// [`MAX_UNSAVED_SEALS`] transport counters and offer numbers that the previous run
+    /// may have handed out before its state was durable. The peer's replay bitmap takes
+    /// the jump in its stride; a counter past [`MAX_COUNTERS`] only means the next
+    /// message opens a fresh handshake.
+    pub fn resume_after_restart(&mut self) {
+        self.next_offer_seq = self.next_offer_seq.saturating_add(MAX_UNSAVED_SEALS);
+        let sessions = self
+            .current
+            .iter_mut()
+            .chain(self.retired.iter_mut())
+            .chain(self.offered.iter_mut().map(|o| &mut o.session));
+        for s in sessions {
+            s.next_send = s
+                .next_send
+                .saturating_add(MAX_UNSAVED_SEALS)
+                .min(MAX_COUNTERS);
         }
     }
 

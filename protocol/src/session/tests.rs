@@ -99,6 +99,52 @@ fn settle(a: &mut Peer, b: &mut Peer, now: u64, rng: &mut TestRng) {
 }
 
 #[test]
+fn packets_handed_out_before_their_state_was_saved_do_not_repeat_after_a_restart() {
+    for resume in [true, false] {
+        let (mut a, mut b) = Peer::pair(30);
+        let mut rng = test_rng(3);
+        settle(&mut a, &mut b, T0, &mut rng);
+        // What was durable when Alice crashed...
+        let saved = a.session.encode();
+        // ...after which she handed out as many packets as she may without saving.
+        for i in 0..MAX_UNSAVED_SEALS {
+            let p = a.seal(format!("unsaved {i}").as_bytes(), T0 + 1, &mut rng);
+            assert_eq!(
+                b.open(&p, T0 + 1).unwrap().body,
+                format!("unsaved {i}").as_bytes()
+            );
+        }
+        a.session = Session::decode(&saved).unwrap();
+        if resume {
+            a.session.resume_after_restart();
+        }
+        let after = a.seal(b"after the crash", T0 + 2, &mut rng);
+        assert_eq!(kind(&after), KIND_TRANSPORT);
+        let opened = b.open(&after, T0 + 2);
+        if resume {
+            assert_eq!(opened.unwrap().body, b"after the crash");
+        } else {
+            assert!(
+                matches!(opened, Err(SessionError::Replay)),
+                "without the skip the counter repeats and the message is refused"
+            );
+        }
+    }
+}
+
+#[test]
+fn resuming_near_the_counter_limit_falls_back_to_a_fresh_handshake() {
+    let (mut a, mut b) = Peer::pair(40);
+    let mut rng = test_rng(4);
+    settle(&mut a, &mut b, T0, &mut rng);
+    a.session.current.as_mut().unwrap().next_send = MAX_COUNTERS - 1;
+    a.session.resume_after_restart();
+    let p = a.seal(b"fresh", T0 + 1, &mut rng);
+    assert_eq!(kind(&p), KIND_INIT);
+    assert_eq!(b.open(&p, T0 + 1).unwrap().body, b"fresh");
+}
+
+#[test]
 fn duplicates_are_replays_and_tampering_fails() {
     let (mut a, mut b) = Peer::pair(20);
     let mut rng = test_rng(2);

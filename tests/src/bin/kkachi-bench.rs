@@ -372,16 +372,11 @@ async fn latency_and_failover(
             killed_at = Some(Instant::now());
         }
         let t = Instant::now();
-        let q = alice
+        // As the terminal UI sends: delivery starts while the message is made durable.
+        let (q, _delivery) = alice
             .engine
-            .send_text(&bob_at_alice, &format!("bench {i}"))
+            .send_text_and_deliver(&bob_at_alice, &format!("bench {i}"), Duration::from_secs(5))
             .await?;
-        let engine = alice.engine.clone();
-        tokio::spawn(async move {
-            let _ = engine
-                .deliver(q.outbox_key, true, Duration::from_secs(5))
-                .await;
-        });
         sent.push((q.id.0, t));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
