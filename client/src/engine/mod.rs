@@ -349,20 +349,19 @@ impl<T: Transport> Engine<T> {
     ) -> Result<(Queued, JoinHandle<Result<Option<Progress>, EngineError>>), EngineError> {
         let (queued, ticket) = self.queue_text(contact, text).await?;
         let key = queued.outbox_key;
-        let engine = self.clone();
-        let early = self.claim_unsaved(ticket).then(|| {
+        let start = || {
+            let engine = self.clone();
             tokio::spawn(async move { engine.hand_over(key, true, attempt_timeout).await })
-        });
+        };
+        let early = self.claim_unsaved(ticket).then(start);
         if let Err(e) = self.store.flush().await {
             if let Some(delivery) = early {
                 delivery.abort();
             }
             return Err(e.into());
         }
-        let delivery = early.unwrap_or_else(|| {
-            let engine = self.clone();
-            tokio::spawn(async move { engine.hand_over(key, true, attempt_timeout).await })
-        });
+        // Past the bound, it leaves now that it is durable.
+        let delivery = early.unwrap_or_else(start);
         self.net.seek_direct(contact.peer, contact.card.relays());
         Ok((queued, delivery))
     }
