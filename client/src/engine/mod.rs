@@ -776,12 +776,17 @@ impl<T: Transport> Engine<T> {
             })
             .collect();
         let n = claimed.len();
+        // One flush for the whole pass (as in `deliver`): each delivery's bookkeeping
+        // is a write, so flushing per entry would go to the disk again and again.
+        if n > 0 {
+            self.store.flush().await?;
+        }
         futures::stream::iter(claimed)
             .for_each_concurrent(PARALLEL_DELIVERIES, |(key, reput, _claim)| async move {
                 if reput {
                     let _ = self.reset_targets(key).await;
                 }
-                if let Err(e) = self.deliver(key, false, ATTEMPT_TIMEOUT).await {
+                if let Err(e) = self.hand_over(key, false, ATTEMPT_TIMEOUT).await {
                     tracing::warn!(error = %e, "delivery failed");
                 }
             })

@@ -229,6 +229,19 @@ impl User {
     }
 }
 
+/// Messages both ways, with receipts, until both sides seal on an established session.
+async fn converse(alice: &User, bob: &User, bob_c: &Contact, alice_c: &Contact) {
+    for round in 0..6 {
+        let _ = alice.send(bob_c, &format!("a{round}")).await;
+        bob.sync().await;
+        bob.engine.deliver_due().await.unwrap();
+        let _ = bob.send(alice_c, &format!("b{round}")).await;
+        alice.sync().await;
+        alice.engine.deliver_due().await.unwrap();
+        bob.sync().await;
+    }
+}
+
 async fn pair(net: &FakeNet) -> (User, User, Contact, Contact) {
     let alice = User::new(net, "alice", 3);
     let bob = User::new(net, "bob", 3);
@@ -477,15 +490,7 @@ async fn contact_that_lost_its_state_still_gets_every_message() {
     let net = FakeNet::default();
     let (alice, mut bob, bob_c, alice_c) = pair(&net).await;
     // Exchange until both sides seal on an established session.
-    for round in 0..6 {
-        let _ = alice.send(&bob_c, &format!("a{round}")).await;
-        bob.sync().await;
-        bob.engine.deliver_due().await.unwrap();
-        let _ = bob.send(&alice_c, &format!("b{round}")).await;
-        alice.sync().await;
-        alice.engine.deliver_due().await.unwrap();
-        bob.sync().await;
-    }
+    converse(&alice, &bob, &bob_c, &alice_c).await;
     assert!(
         alice
             .engine
@@ -672,15 +677,7 @@ async fn messages_out_before_a_crash_lost_their_write_do_not_block_later_ones() 
     let net = FakeNet::default();
     let (alice, bob, bob_c, alice_c) = pair(&net).await;
     // Both sides on an established session, so messages carry transport counters.
-    for round in 0..6 {
-        let _ = alice.send(&bob_c, &format!("a{round}")).await;
-        bob.sync().await;
-        bob.engine.deliver_due().await.unwrap();
-        let _ = bob.send(&alice_c, &format!("b{round}")).await;
-        alice.sync().await;
-        alice.engine.deliver_due().await.unwrap();
-        bob.sync().await;
-    }
+    converse(&alice, &bob, &bob_c, &alice_c).await;
     let at_crash = alice.engine.store().session(&bob_c).unwrap();
     assert!(at_crash.is_established());
     // As many as may leave before their write is durable reach bob...
