@@ -74,7 +74,13 @@ pub enum EngineError {
 /// Something the user interface may want to show.
 #[derive(Debug, Clone)]
 pub enum AppEvent {
-    /// A new message arrived.
+    /// A new message is in the store, not yet on disk: a view of the store (the
+    /// terminal UI) may show it now. If the process dies before the disk has it, it was
+    /// never acknowledged, so it arrives again after a restart and is stored once.
+    /// [`AppEvent::Message`] follows once it is durable.
+    Incoming(Received),
+    /// A new message is durable. Sent exactly once per message, even across a crash:
+    /// for output that cannot be taken back (the daemon's stream of messages).
     Message(Received),
     /// An outgoing message changed state.
     State {
@@ -195,6 +201,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Marks the place [`Engine::claim_unsaved`] took for a message not yet written.
+const UNSAVED_UNWRITTEN: u64 = u64::MAX;
+
 /// One path's answer during a delivery.
 enum Attempt {
     Relay(String, Result<RelayToClient, NetError>),
@@ -298,7 +307,7 @@ impl<T: Transport> Engine<T> {
         content: &Content,
         kind: OutboxKind,
         now: u64,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, OutboxEntry), EngineError> {
         let envelope = self.seal_envelope(contact, session, content, now)?;
         let targets = contact
             .card
@@ -322,13 +331,13 @@ impl<T: Transport> Engine<T> {
             created_ms: now,
         };
         LocalStore::write_outbox(w, key, &entry);
-        Ok(key)
+        Ok((key, entry))
     }
 
     /// Makes a text message durable in the outbox. Returns once it is on disk; nothing
     /// has been sent yet (see [`Engine::deliver`]).
     pub async fn send_text(&self, contact: &Contact, text: &str) -> Result<Queued, EngineError> {
-        let (queued, _) = self.queue_text(contact, text).await?;
+        let (queued, ()) = self.queue_text(contact, text, |_, _| ()).await?;
         self.store.flush().await?;
         // Talking to them: try for a direct path while the relays carry this one.
         self.net.seek_direct(contact.peer, contact.card.relays());
@@ -336,24 +345,39 @@ impl<T: Transport> Engine<T> {
     }
 
     /// [`Engine::send_text`], and delivers it in a task of its own (the handle says how
-    /// far it got). The delivery starts while the message is being made durable rather
-    /// than after: this returns, like `send_text`, only once it is durable. A crash in
-    /// between may let the message reach the contact while losing the sender's copy;
-    /// at most [`MAX_UNSAVED_SEALS`] messages are ever out before their write is
-    /// durable, which is what a session skips on loading, so no counter repeats.
+    /// far it got). The delivery starts as soon as the message is sealed, while it is
+    /// written and made durable; this returns, like `send_text`, only once it is
+    /// durable. A crash in between may let the message reach the contact while losing
+    /// the sender's copy; at most [`MAX_UNSAVED_SEALS`] messages are ever out before
+    /// their write is durable, which is what a session skips on loading, so no counter
+    /// repeats.
     pub async fn send_text_and_deliver(
         self: &Arc<Self>,
         contact: &Contact,
         text: &str,
         attempt_timeout: Duration,
     ) -> Result<(Queued, JoinHandle<Result<Option<Progress>, EngineError>>), EngineError> {
-        let (queued, ticket) = self.queue_text(contact, text).await?;
-        let key = queued.outbox_key;
-        let start = || {
+        let start = |key: u64, entry: Option<OutboxEntry>| {
             let engine = self.clone();
-            tokio::spawn(async move { engine.hand_over(key, true, attempt_timeout).await })
+            tokio::spawn(async move {
+                let _in_flight = InFlight::claim(&engine.in_flight, key);
+                let entry = match entry {
+                    Some(entry) => entry,
+                    None => match engine.outbox_entry(key)? {
+                        Some(entry) => entry,
+                        None => return Ok(None),
+                    },
+                };
+                engine
+                    .hand_over_entry(key, entry, true, attempt_timeout)
+                    .await
+            })
         };
-        let early = self.claim_unsaved(ticket).then(start);
+        let (queued, early) = self
+            .queue_text(contact, text, |key, entry| {
+                self.claim_unsaved().then(|| start(key, Some(entry)))
+            })
+            .await?;
         if let Err(e) = self.store.flush().await {
             if let Some(delivery) = early {
                 delivery.abort();
@@ -361,30 +385,46 @@ impl<T: Transport> Engine<T> {
             return Err(e.into());
         }
         // Past the bound, it leaves now that it is durable.
-        let delivery = early.unwrap_or_else(start);
+        let delivery = early.unwrap_or_else(|| start(queued.outbox_key, None));
         self.net.seek_direct(contact.peer, contact.card.relays());
         Ok((queued, delivery))
     }
 
     /// Takes one of the [`MAX_UNSAVED_SEALS`] places for a message handed out before
-    /// the write `ticket` is durable; false if they are all taken.
-    fn claim_unsaved(&self, ticket: u64) -> bool {
+    /// its write is durable; false if they are all taken. The place is held until the
+    /// write that [`Engine::settle_unsaved`] then names is durable.
+    fn claim_unsaved(&self) -> bool {
         let mut unsaved = self.unsaved.lock();
         unsaved.retain(|t| !self.store.is_durable(*t));
         let free = (unsaved.len() as u64) < MAX_UNSAVED_SEALS;
         if free {
-            unsaved.push(ticket);
+            unsaved.push(UNSAVED_UNWRITTEN);
         }
         free
     }
 
+    /// The place taken by the last [`Engine::claim_unsaved`] is held until `ticket` is
+    /// durable (the caller held the session lock from the claim until its write).
+    fn settle_unsaved(&self, ticket: u64) {
+        if let Some(t) = self
+            .unsaved
+            .lock()
+            .iter_mut()
+            .find(|t| **t == UNSAVED_UNWRITTEN)
+        {
+            *t = ticket;
+        }
+    }
+
     /// Seals `text` for `contact` into the outbox and history, applied but not yet
-    /// durable; with the write ticket that says when it is.
-    async fn queue_text(
+    /// durable. `sealed` sees the outbox entry once it is sealed, before it is written
+    /// (to start delivering it), with the session lock held.
+    async fn queue_text<R>(
         &self,
         contact: &Contact,
         text: &str,
-    ) -> Result<(Queued, u64), EngineError> {
+        sealed: impl FnOnce(u64, OutboxEntry) -> R,
+    ) -> Result<(Queued, R), EngineError> {
         if text.trim().is_empty() {
             return Err(EngineError::Invalid("the message is empty".into()));
         }
@@ -404,7 +444,7 @@ impl<T: Transport> Engine<T> {
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let mut w = WriteSet::default();
         let session = sessions.get(&self.store, contact)?;
-        let outbox_key =
+        let (outbox_key, entry) =
             self.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
         LocalStore::write_session(&mut w, &contact.peer, session);
         conv.next_seq = seq + 1;
@@ -428,7 +468,11 @@ impl<T: Transport> Engine<T> {
             message_key(&contact.peer, local),
             &record,
         );
-        if let Err(e) = self.store.apply(w) {
+        let early = sealed(outbox_key, entry);
+        let applied = self.store.apply(w);
+        // Counted even if the write failed: what left must not be sealed again.
+        self.settle_unsaved(self.store.write_ticket());
+        if let Err(e) = applied {
             sessions.reset();
             return Err(e.into());
         }
@@ -436,7 +480,7 @@ impl<T: Transport> Engine<T> {
             id: content.id,
             outbox_key,
         };
-        Ok((queued, self.store.write_ticket()))
+        Ok((queued, early))
     }
 
     /// Queues a control record (receipt, card update) for `contact` sealed with
@@ -557,6 +601,21 @@ impl<T: Transport> Engine<T> {
         let Some(entry) = self.outbox_entry(key)? else {
             return Ok(None);
         };
+        self.hand_over_entry(key, entry, force, attempt_timeout)
+            .await
+    }
+
+    /// Sends outbox entry `key` (as read, or as sealed and not yet written) on each due
+    /// path. The direct path goes first: when the contact is connected, it is the one
+    /// that shows the message. Results are recorded once the entry is written (under
+    /// the session lock, which its writer holds until then).
+    async fn hand_over_entry(
+        &self,
+        key: u64,
+        entry: OutboxEntry,
+        force: bool,
+        attempt_timeout: Duration,
+    ) -> Result<Option<Progress>, EngineError> {
         let now = now_ms();
         let envelope = Envelope::decode(&entry.envelope)
             .map_err(|e| EngineError::Invalid(format!("outbox envelope unreadable: {e}")))?;
@@ -569,10 +628,21 @@ impl<T: Transport> Engine<T> {
             .map(|t| t.addr.clone())
             .collect();
         let direct = !entry.direct_acked && self.net.direct_peers().contains(&contact_peer);
-        let mut attempts: futures::stream::FuturesUnordered<_> = due
-            .iter()
-            .map(|addr| {
-                let envelope = envelope.clone();
+        // Polled in the order pushed: the direct request is the first to leave.
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        if direct {
+            let envelope = envelope.clone();
+            attempts.push(
+                async move {
+                    let r = tokio::time::timeout(attempt_timeout, self.net.direct_put(contact_peer, vec![envelope])).await;
+                    Attempt::Direct(matches!(r, Ok(Ok(RelayToClient::Stored { ref outcomes })) if outcomes.first().is_some_and(is_ack)))
+                }
+                .boxed(),
+            );
+        }
+        for addr in due {
+            let envelope = envelope.clone();
+            attempts.push(
                 async move {
                     let result = match addr.parse::<Multiaddr>() {
                         Ok(relay) => {
@@ -591,17 +661,7 @@ impl<T: Transport> Engine<T> {
                         }
                         Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
                     };
-                    Attempt::Relay(addr.clone(), result)
-                }
-                .boxed()
-            })
-            .collect();
-        if direct {
-            let envelope = envelope.clone();
-            attempts.push(
-                async move {
-                    let r = tokio::time::timeout(attempt_timeout, self.net.direct_put(contact_peer, vec![envelope])).await;
-                    Attempt::Direct(matches!(r, Ok(Ok(RelayToClient::Stored { ref outcomes })) if outcomes.first().is_some_and(is_ack)))
+                    Attempt::Relay(addr, result)
                 }
                 .boxed(),
             );

@@ -30,6 +30,8 @@ pub struct Received {
 impl<T: Transport> Engine<T> {
     /// Processes envelopes from a relay or a direct path. Everything is durable when
     /// this returns, so the caller may delete them from the relay. Returns new texts.
+    /// Each is announced twice: [`AppEvent::Incoming`] once it is in the store, then
+    /// [`AppEvent::Message`] once it is on disk.
     pub async fn receive(&self, envelopes: Vec<Envelope>) -> Result<Vec<Received>, EngineError> {
         let mine = MailboxId::for_peer(&self.me.peer_id());
         let now = now_ms();
@@ -104,6 +106,12 @@ impl<T: Transport> Engine<T> {
         if let Err(e) = self.store.apply(w) {
             sessions.reset();
             return Err(e.into());
+        }
+        // In the store now: a view of it may show them while they go to the disk. Nothing
+        // is acknowledged (receipt, relay delete, direct answer) before they are durable.
+        drop(sessions);
+        for r in &shown {
+            self.emit(AppEvent::Incoming(r.clone()));
         }
         self.store.flush().await?;
         for r in &shown {

@@ -658,17 +658,25 @@ async fn at_most_the_bound_of_messages_leave_before_they_are_durable() {
     let ticket = store.write_ticket();
     assert!(!store.is_durable(ticket));
     for _ in 0..MAX_UNSAVED_SEALS {
-        assert!(alice.engine.claim_unsaved(ticket));
+        assert!(alice.engine.claim_unsaved());
+        alice.engine.settle_unsaved(ticket);
     }
     assert!(
-        !alice.engine.claim_unsaved(ticket),
+        !alice.engine.claim_unsaved(),
         "one more would be past what a restart skips"
     );
     store.flush().await.unwrap();
     assert!(store.is_durable(ticket));
+    // A place claimed for a message sealed but not written yet stays taken through any
+    // flush until its write is named.
+    assert!(alice.engine.claim_unsaved(), "places free once durable");
+    store.flush().await.unwrap();
+    for _ in 1..MAX_UNSAVED_SEALS {
+        assert!(alice.engine.claim_unsaved());
+    }
     assert!(
-        alice.engine.claim_unsaved(store.write_ticket()),
-        "places free once durable"
+        !alice.engine.claim_unsaved(),
+        "the unwritten message's place was given away"
     );
 }
 
@@ -715,5 +723,54 @@ async fn messages_out_before_a_crash_lost_their_write_do_not_block_later_ones() 
             .collect::<Vec<_>>(),
         ["after the crash"],
         "refused as a replay if its counter repeated"
+    );
+}
+
+#[tokio::test]
+async fn a_message_is_announced_when_stored_then_once_durable_and_never_again() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    net.inner.lock().direct.insert(bob.peer());
+    // What bob's subscribers see, and whether the store was durable at that moment
+    // (this runtime has one thread: the subscriber runs while `receive` waits).
+    let mut events = bob.engine.subscribe();
+    let store = bob.engine.store().clone();
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        // The write that stored the message: every write so far when it is announced.
+        let mut stored = None;
+        while let Ok(event) = events.recv().await {
+            match event {
+                AppEvent::Incoming(r) => {
+                    let ticket = *stored.insert(store.write_ticket());
+                    seen.push(("incoming", r.message.text, store.is_durable(ticket)));
+                }
+                AppEvent::Message(r) => {
+                    let durable = stored.is_some_and(|t| store.is_durable(t));
+                    seen.push(("message", r.message.text, durable));
+                }
+                _ => {}
+            }
+        }
+        seen
+    });
+    let (_, p) = alice.send(&bob_c, "once").await;
+    assert!(p.direct);
+    assert_eq!(net.inner.lock().puts, 3, "the relays carry it too");
+    // The direct copy, then the three relays' copies.
+    let inbox = net.inner.lock().direct_inbox.remove(&bob.peer()).unwrap();
+    assert_eq!(bob.engine.receive(inbox).await.unwrap().len(), 1);
+    assert!(bob.sync().await.is_empty());
+    let engine = bob.engine.clone();
+    drop(bob);
+    drop(engine);
+    let seen = seen.await.unwrap();
+    assert_eq!(
+        seen,
+        [
+            ("incoming", "once".to_owned(), false),
+            ("message", "once".to_owned(), true)
+        ],
+        "shown from the store before the disk has it, announced durable once"
     );
 }

@@ -135,7 +135,9 @@ pub async fn run_with(
         let msg = tokio::select! {
             Some(msg) = rx.recv() => msg,
             event = recv_event(&mut events) => match event {
-                Some(AppEvent::Message(r)) => Msg::Arrived(r.contact),
+                // Shown as soon as it is in the store; the durable copy changes nothing.
+                Some(AppEvent::Incoming(r)) => Msg::Arrived(r.contact),
+                Some(AppEvent::Message(_)) => Msg::Redraw,
                 _ => Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected)),
             },
             _ = tick.tick() => {
