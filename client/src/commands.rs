@@ -493,6 +493,7 @@ impl App {
         let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
         let mut progress = None;
         let mut delivered = false;
+        let mut direct = false;
         while Instant::now() < deadline {
             let attempt = deadline
                 .saturating_duration_since(Instant::now())
@@ -526,7 +527,17 @@ impl App {
                     break;
                 }
             }
-            if delivered || progress.is_some_and(|p| p.acked > 0) {
+            if delivered {
+                // Gone from the outbox: handed over directly, or the contact's receipt
+                // came back through the relays. The round says which once its other
+                // paths answer.
+                let wait = STRAGGLER_GRACE.min(deadline.saturating_duration_since(Instant::now()));
+                if let Ok(Ok(Ok(Some(p)))) = tokio::time::timeout(wait, round).await {
+                    direct = p.direct;
+                }
+                break;
+            }
+            if progress.is_some_and(|p| p.acked > 0) {
                 break;
             }
             if !round.is_finished() {
@@ -552,12 +563,14 @@ impl App {
         if json {
             out.json(
                 json!({ "id": queued.id.to_hex(), "to": contact.name, "state": state,
-                             "relayed": acked, "relays": total, "direct": delivered }),
+                             "relayed": acked, "relays": total, "direct": direct }),
             );
         } else if delivered {
             out.out(format!(
-                "delivered to {} directly (message {})",
-                contact.name, queued.id
+                "delivered to {}{} (message {})",
+                contact.name,
+                if direct { " directly" } else { "" },
+                queued.id
             ));
         } else if acked == 0 {
             out.out(format!(

@@ -148,6 +148,8 @@ pub struct Network {
     commands: mpsc::Sender<Command>,
     state: Arc<RwLock<PeerState>>,
     local: PeerId,
+    /// [`NetConfig::direct`].
+    direct: bool,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +178,10 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Look for contacts on the local network with mDNS.
     pub mdns: bool,
+    /// Connect to contacts directly (LAN, hole punching) and take deliveries from them.
+    /// Off: relays only. Contacts never learn our addresses, and nobody on the LAN sees
+    /// us (no listening, no mDNS, no circuit reservations).
+    pub direct: bool,
 }
 
 impl Default for NetConfig {
@@ -186,6 +192,7 @@ impl Default for NetConfig {
                 "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
             ],
             mdns: true,
+            direct: true,
         }
     }
 }
@@ -240,7 +247,7 @@ impl Network {
                 |key,
                  relay_client|
                  -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                    let mdns = if config.mdns {
+                    let mdns = if config.mdns && config.direct {
                         Some(mdns::tokio::Behaviour::new(
                             mdns::Config {
                                 query_interval: Duration::from_secs(5),
@@ -276,7 +283,7 @@ impl Network {
             .map_err(|e| transport_err(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build();
-        for addr in &config.listen {
+        for addr in config.listen.iter().filter(|_| config.direct) {
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| transport_err(&e))?;
@@ -296,6 +303,7 @@ impl Network {
             answers_tx,
             reservations: HashMap::new(),
             seeking: HashMap::new(),
+            direct: config.direct,
         };
         tokio::spawn(task.run());
         Ok((
@@ -303,6 +311,7 @@ impl Network {
                 commands,
                 state,
                 local,
+                direct: config.direct,
             },
             events,
         ))
@@ -328,6 +337,8 @@ impl Network {
     /// then upgrade to a direct connection (DCUtR). Call it again whenever convenient:
     /// it is idempotent, and a relay that refused is asked again only after a backoff.
     pub async fn reserve_at(&self, relays: Vec<Multiaddr>) {
+        // Relays only: a reservation is how contacts would reach us directly.
+        let relays = if self.direct { relays } else { Vec::new() };
         let _ = self.commands.send(Command::ReserveAt(relays)).await;
     }
 
@@ -371,6 +382,9 @@ impl Transport for Network {
     }
 
     fn direct_peers(&self) -> HashSet<PeerId> {
+        if !self.direct {
+            return HashSet::new();
+        }
         let s = self.state.read();
         s.lan.iter().chain(s.links.keys()).copied().collect()
     }
@@ -380,7 +394,7 @@ impl Transport for Network {
     }
 
     fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
-        if relays.is_empty() || self.state.read().links.contains_key(&peer) {
+        if !self.direct || relays.is_empty() || self.state.read().links.contains_key(&peer) {
             return;
         }
         let relays = relays.to_vec();
@@ -406,6 +420,8 @@ struct NetworkTask {
     /// Contacts we are trying to reach through their relays: attempts so far and when
     /// the next may start. Forgotten once connected.
     seeking: HashMap<PeerId, (u32, Instant)>,
+    /// [`NetConfig::direct`]: off, direct deliveries are refused.
+    direct: bool,
 }
 
 /// A circuit relay reservation we keep at one of our relays. It is asked for only over
@@ -748,6 +764,10 @@ impl NetworkTask {
         use kkachi_protocol::ErrorCode;
         let mine = kkachi_protocol::MailboxId::for_peer(&self.local);
         let refusal = match request {
+            Request::Message(ClientToRelay::Put { .. }) if !self.direct => RelayToClient::error(
+                ErrorCode::NotOwner,
+                "this client takes deliveries through its relays only",
+            ),
             Request::Message(ClientToRelay::Put { envelopes })
                 if envelopes.iter().all(|e| e.mailbox == mine) =>
             {

@@ -26,7 +26,8 @@ const DELIVERY_TICK: Duration = Duration::from_millis(500);
 const RECEIPT_PASSES: usize = 4;
 
 /// Network options from the environment: `KKACHI_LISTEN` (comma-separated
-/// multiaddrs) and `KKACHI_MDNS=0` to turn LAN discovery off.
+/// multiaddrs), `KKACHI_MDNS=0` to turn LAN discovery off and `KKACHI_DIRECT=0` for
+/// relays only (no direct connections to contacts at all).
 pub fn net_config() -> NetConfig {
     let mut config = NetConfig::default();
     if let Ok(listen) = std::env::var("KKACHI_LISTEN") {
@@ -43,8 +44,13 @@ pub fn net_config() -> NetConfig {
             .collect();
         config.listen = addrs;
     }
-    if std::env::var("KKACHI_MDNS").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off")) {
+    let off =
+        |name: &str| std::env::var(name).is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off"));
+    if off("KKACHI_MDNS") {
         config.mdns = false;
+    }
+    if off("KKACHI_DIRECT") {
+        config.direct = false;
     }
     config
 }

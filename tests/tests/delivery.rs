@@ -304,6 +304,32 @@ fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
 }
 
 #[test]
+fn relays_only_users_are_never_reached_directly() {
+    // The same setting as above, where the path opens within a few sends, but both
+    // users turned direct connections off: every message goes through the relay.
+    let dir = tempfile::tempdir().unwrap();
+    let _relay = RelayProc::start(&dir.path().join("relay"), &[]);
+    let env = [
+        ("KKACHI_MDNS", "0"),
+        ("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0"),
+        ("KKACHI_DIRECT", "0"),
+    ];
+    let alice = User::with_env(dir.path(), "alice", None, &env);
+    let bob = User::with_env(dir.path(), "bob", None, &env);
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &_relay.addr]);
+    }
+    User::introduce(&alice, &bob);
+    let bob_daemon = bob.daemon();
+    let _alice_daemon = alice.daemon();
+    let direct = send_until_direct(&alice, &bob_daemon, "relays only", 15);
+    assert_eq!(
+        direct, None,
+        "handed over directly although both turned it off"
+    );
+}
+
+#[test]
 fn hole_punched_contacts_drop_the_relayed_connection() {
     // Once hole punching has opened a direct connection, the circuit through the relay
     // must go: requests are spread over all of a peer's connections, so it would carry
@@ -318,6 +344,7 @@ fn hole_punched_contacts_drop_the_relayed_connection() {
         let config = || NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             mdns: false,
+            direct: true,
         };
         let (alice, _alice_events) = Network::start(Keypair::generate_ed25519(), config()).unwrap();
         let bob_key = Keypair::generate_ed25519();

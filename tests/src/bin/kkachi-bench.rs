@@ -261,7 +261,8 @@ struct User {
     _dir: tempfile::TempDir,
 }
 
-fn user(name: &str, relays: &[String]) -> Result<User> {
+/// A client online at `relays`; with `direct`, it also connects to contacts directly.
+fn user(name: &str, relays: &[String], direct: bool) -> Result<User> {
     let dir = tempfile::tempdir()?;
     let addrs: Vec<kkachi_protocol::Multiaddr> =
         relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
@@ -269,6 +270,7 @@ fn user(name: &str, relays: &[String]) -> Result<User> {
     let config = NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         mdns: false,
+        direct,
     };
     let engine = kkachi_client::runtime::start_engine(store, me, config)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -283,21 +285,27 @@ fn befriend(a: &User, b: &User) -> Result<Contact> {
     Ok(a.engine.store().add_card(&b.card)?)
 }
 
-/// Send → shown latency through three relays, with background load, and the pause when
-/// one relay is killed with -9 under that load.
+/// Send → shown latency through `relay_count` relays, with background load, and the
+/// pause when one relay is killed with -9 under that load. With `direct`, the two
+/// clients also connect to each other directly (which then carries most messages
+/// first); without, everything goes through the relays.
 async fn latency_and_failover(
     root: &Path,
     relay_count: usize,
     messages: usize,
     load_per_s: u64,
     kill: bool,
+    direct: bool,
 ) -> Result<(serde_json::Value, serde_json::Value)> {
     let mut relays: Vec<Relay> = (0..relay_count)
-        .map(|i| Relay::start(&root.join(format!("lat{relay_count}-{i}")), free_port()))
+        .map(|i| {
+            let dir = root.join(format!("lat{relay_count}-{direct}-{i}"));
+            Relay::start(&dir, free_port())
+        })
         .collect::<Result<_>>()?;
     let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
-    let alice = user("alice", &addrs)?;
-    let bob = user("bob", &addrs)?;
+    let alice = user("alice", &addrs, direct)?;
+    let bob = user("bob", &addrs, direct)?;
     let bob_at_alice = befriend(&alice, &bob)?;
     befriend(&bob, &alice)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -685,21 +693,20 @@ async fn main() -> Result<()> {
     } else {
         (null.clone(), null.clone(), null.clone(), null.clone())
     };
-    let (latency, failover, latency_one) = if args.runs("latency") {
-        let (latency, failover) = latency_and_failover(
-            root.path(),
-            3,
-            if q { 60 } else { 400 },
-            if q { 500 } else { 2000 },
-            true,
-        )
-        .await?;
+    let (latency, failover, latency_one, latency_direct) = if args.runs("latency") {
+        let load = if q { 500 } else { 2000 };
+        let (latency, failover) =
+            latency_and_failover(root.path(), 3, if q { 60 } else { 400 }, load, true, false)
+                .await?;
         let (latency_one, _) =
-            latency_and_failover(root.path(), 1, if q { 30 } else { 200 }, 0, false).await?;
+            latency_and_failover(root.path(), 1, if q { 30 } else { 200 }, 0, false, false).await?;
+        let (latency_direct, _) =
+            latency_and_failover(root.path(), 3, if q { 30 } else { 200 }, load, false, true)
+                .await?;
         eprintln!("latency and failover done");
-        (latency, failover, latency_one)
+        (latency, failover, latency_one, latency_direct)
     } else {
-        (null.clone(), null.clone(), null.clone())
+        (null.clone(), null.clone(), null.clone(), null.clone())
     };
     let history = if args.runs("history") {
         history_bench(root.path(), if q { 20_000 } else { 100_000 })?
@@ -745,6 +752,9 @@ async fn main() -> Result<()> {
         "latency": latency,
         "latency_one_relay_idle_p50_us": latency_one["latency_p50_us"],
         "latency_one_relay_idle_p99_us": latency_one["latency_p99_us"],
+        "latency_direct_p50_us": latency_direct["latency_p50_us"],
+        "latency_direct_p99_us": latency_direct["latency_p99_us"],
+        "latency_direct": latency_direct,
         "history": history,
         "history_ms": history["history_all_ms"],
         "failover_gap_ms": failover["failover_gap_ms"],
@@ -814,7 +824,7 @@ async fn main() -> Result<()> {
     if args.runs("latency") {
         println!(
             "{:<44} {:>14.0}  {:.1}x libp2p round trip",
-            "send→shown p50 via 3 relays (µs)",
+            "send→shown p50 via 3 relays only (µs)",
             f(&latency["latency_p50_us"]),
             f(&latency["latency_p50_us"]) / us(rtt)
         );
@@ -834,6 +844,12 @@ async fn main() -> Result<()> {
             "send→shown p50, 1 relay, no other load (µs)",
             f(&latency_one["latency_p50_us"]),
             f(&latency_one["latency_p99_us"])
+        );
+        println!(
+            "{:<44} {:>14.0}  p99 {:.0} µs; 3 relays as well, same load",
+            "send→shown p50, connected directly (µs)",
+            f(&latency_direct["latency_p50_us"]),
+            f(&latency_direct["latency_p99_us"])
         );
     }
     if args.runs("history") {
