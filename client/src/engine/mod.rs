@@ -3,15 +3,17 @@
 //!
 //! Sending: a message is sealed, wrapped in an envelope, and written to the local
 //! store *with* the session state that sealed it, in one transaction, then flushed;
-//! only then does `send` return. Delivery then writes the envelope to every inbox relay
-//! of the recipient concurrently (and directly when the contact is on the LAN) and
+//! only then does `send` return. Delivery writes the envelope to every inbox relay of
+//! the recipient concurrently (and directly when connected, that request first) and
 //! retries each path that has not acknowledged, with exponential backoff and jitter,
-//! until the contact's delivery receipt arrives. States: queued → relayed n/N →
-//! delivered → read.
+//! until the contact's delivery receipt arrives. The terminal UI's sends start
+//! delivering as soon as they are sealed (a bounded number ahead of the disk). States:
+//! queued → relayed n/N → delivered → read.
 //!
 //! Receiving (`receive.rs`): envelopes from any relay or path are deduplicated by
-//! envelope id and message id, opened, stored durably, answered with a receipt, and
-//! only then deleted from the relay. Sequence gaps are recorded and shown.
+//! envelope id and message id, opened and stored; a view of the store may show them
+//! then. Once durable they are answered with a receipt, and only then deleted from
+//! the relay. Sequence gaps are recorded and shown.
 
 mod receive;
 #[cfg(test)]
