@@ -193,18 +193,16 @@ pub struct Daemon {
     lines: mpsc::Receiver<(Instant, serde_json::Value)>,
 }
 
+/// The environment of a user on loopback: mDNS off, listening on 127.0.0.1 only.
+pub const LOOPBACK_ENV: [(&str, &str); 2] = [
+    ("KKACHI_MDNS", "0"),
+    ("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0"),
+];
+
 impl User {
     /// A user with an identity, on loopback, mDNS off.
     pub fn new(root: &Path, name: &str) -> Self {
-        Self::with_env(
-            root,
-            name,
-            None,
-            &[
-                ("KKACHI_MDNS", "0"),
-                ("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0"),
-            ],
-        )
+        Self::with_env(root, name, None, &LOOPBACK_ENV)
     }
 
     /// A user with an identity, in network namespace `netns`, with extra environment.

@@ -2,11 +2,12 @@
 //! sending, all relays down then one back, a client killed mid-send, replies, and a LAN
 //! with no relay at all. Each scenario prints the checker's figures.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kkachi_tests::checker::Checker;
 use kkachi_tests::netns::{self, Lan};
-use kkachi_tests::procs::{RelayProc, User};
+use kkachi_tests::procs::{LOOPBACK_ENV, RelayProc, User};
 use kkachi_tests::soak;
 
 struct World {
@@ -274,6 +275,18 @@ fn send_until_direct(
     direct_after
 }
 
+/// Alice and bob on loopback (with `env` as well), introduced, both using `relay` only.
+fn pair_at(relay: &RelayProc, root: &Path, env: &[(&str, &str)]) -> (User, User) {
+    let env: Vec<(&str, &str)> = LOOPBACK_ENV.iter().chain(env).copied().collect();
+    let alice = User::with_env(root, "alice", None, &env);
+    let bob = User::with_env(root, "bob", None, &env);
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &relay.addr]);
+    }
+    User::introduce(&alice, &bob);
+    (alice, bob)
+}
+
 #[test]
 fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
     // No mDNS: the only way to meet directly is through the relay (circuit relay v2),
@@ -281,12 +294,7 @@ fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
     // through the relay and starts that; the next ones should find the path open.
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProc::start(&dir.path().join("relay"), &[]);
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    for u in [&alice, &bob] {
-        u.ok(&["relay", "add", &relay.addr]);
-    }
-    User::introduce(&alice, &bob);
+    let (alice, bob) = pair_at(&relay, dir.path(), &[]);
     let bob_daemon = bob.daemon();
     let alice_daemon = alice.daemon();
     let first = send_until_direct(&alice, &bob_daemon, "fresh", 50);
@@ -308,18 +316,8 @@ fn relays_only_users_are_never_reached_directly() {
     // The same setting as above, where the path opens within a few sends, but both
     // users turned direct connections off: every message goes through the relay.
     let dir = tempfile::tempdir().unwrap();
-    let _relay = RelayProc::start(&dir.path().join("relay"), &[]);
-    let env = [
-        ("KKACHI_MDNS", "0"),
-        ("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0"),
-        ("KKACHI_DIRECT", "0"),
-    ];
-    let alice = User::with_env(dir.path(), "alice", None, &env);
-    let bob = User::with_env(dir.path(), "bob", None, &env);
-    for u in [&alice, &bob] {
-        u.ok(&["relay", "add", &_relay.addr]);
-    }
-    User::introduce(&alice, &bob);
+    let relay = RelayProc::start(&dir.path().join("relay"), &[]);
+    let (alice, bob) = pair_at(&relay, dir.path(), &[("KKACHI_DIRECT", "0")]);
     let bob_daemon = bob.daemon();
     let _alice_daemon = alice.daemon();
     let direct = send_until_direct(&alice, &bob_daemon, "relays only", 15);

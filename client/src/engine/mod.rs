@@ -361,19 +361,7 @@ impl<T: Transport> Engine<T> {
     ) -> Result<(Queued, JoinHandle<Result<Option<Progress>, EngineError>>), EngineError> {
         let start = |key: u64, entry: Option<OutboxEntry>| {
             let engine = self.clone();
-            tokio::spawn(async move {
-                let _in_flight = InFlight::claim(&engine.in_flight, key);
-                let entry = match entry {
-                    Some(entry) => entry,
-                    None => match engine.outbox_entry(key)? {
-                        Some(entry) => entry,
-                        None => return Ok(None),
-                    },
-                };
-                engine
-                    .hand_over_entry(key, entry, true, attempt_timeout)
-                    .await
-            })
+            tokio::spawn(async move { engine.hand_over(key, entry, true, attempt_timeout).await })
         };
         let (queued, early) = self
             .queue_text(contact, text, |key, entry| {
@@ -588,36 +576,30 @@ impl<T: Transport> Engine<T> {
     ) -> Result<Option<Progress>, EngineError> {
         // Nothing leaves before the write that sealed it is durable (free when it is).
         self.store.flush().await?;
-        self.hand_over(key, force, attempt_timeout).await
+        self.hand_over(key, None, force, attempt_timeout).await
     }
 
-    /// [`Engine::deliver`] without making sure the entry is durable first.
+    /// [`Engine::deliver`] without making sure the entry is durable first: sends outbox
+    /// entry `key` on each due path. `sealed` is the entry as sealed and not yet written
+    /// (None: read it). The direct path goes first: when the contact is connected, it is
+    /// the one that shows the message. Results are recorded once the entry is written
+    /// (under the session lock, which its writer holds until then).
     async fn hand_over(
         &self,
         key: u64,
+        sealed: Option<OutboxEntry>,
         force: bool,
         attempt_timeout: Duration,
     ) -> Result<Option<Progress>, EngineError> {
         // Marked while it runs, unless an outbox pass claimed it (that pass releases it).
         let _in_flight = InFlight::claim(&self.in_flight, key);
-        let Some(entry) = self.outbox_entry(key)? else {
-            return Ok(None);
+        let entry = match sealed {
+            Some(entry) => entry,
+            None => match self.outbox_entry(key)? {
+                Some(entry) => entry,
+                None => return Ok(None),
+            },
         };
-        self.hand_over_entry(key, entry, force, attempt_timeout)
-            .await
-    }
-
-    /// Sends outbox entry `key` (as read, or as sealed and not yet written) on each due
-    /// path. The direct path goes first: when the contact is connected, it is the one
-    /// that shows the message. Results are recorded once the entry is written (under
-    /// the session lock, which its writer holds until then).
-    async fn hand_over_entry(
-        &self,
-        key: u64,
-        entry: OutboxEntry,
-        force: bool,
-        attempt_timeout: Duration,
-    ) -> Result<Option<Progress>, EngineError> {
         let now = now_ms();
         let envelope = Envelope::decode(&entry.envelope)
             .map_err(|e| EngineError::Invalid(format!("outbox envelope unreadable: {e}")))?;
@@ -848,7 +830,7 @@ impl<T: Transport> Engine<T> {
                 if reput {
                     let _ = self.reset_targets(key).await;
                 }
-                if let Err(e) = self.hand_over(key, false, ATTEMPT_TIMEOUT).await {
+                if let Err(e) = self.hand_over(key, None, false, ATTEMPT_TIMEOUT).await {
                     tracing::warn!(error = %e, "delivery failed");
                 }
             })
