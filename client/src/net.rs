@@ -281,7 +281,14 @@ impl Network {
                 },
             )
             .map_err(|e| transport_err(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            // A dialer proposing one protocol sends its first request with the proposal
+            // instead of waiting for the confirmation: one round trip fewer per request.
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(Duration::from_secs(60))
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+            })
             .build();
         for addr in config.listen.iter().filter(|_| config.direct) {
             swarm

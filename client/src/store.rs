@@ -456,7 +456,13 @@ impl LocalStore {
         if d.durable.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
-        self.db.flush_async().await.map_err(db)?;
+        // Not sled's `flush_async`: it hands the flush to sled's own pool, which wakes
+        // every idle thread of the pool for each job; the runtime's blocking pool wakes one.
+        let handle = self.db.clone();
+        tokio::task::spawn_blocking(move || handle.flush())
+            .await
+            .map_err(|e| StoreError::Db(format!("flush stopped: {e}")))?
+            .map_err(db)?;
         d.flushes.fetch_add(1, Ordering::Relaxed);
         d.durable.fetch_max(target, Ordering::SeqCst);
         Ok(())

@@ -459,6 +459,9 @@ impl<T: Transport> Engine<T> {
             &record,
         );
         let early = sealed(outbox_key, entry);
+        // A task woken from here runs only once this one yields: let the delivery put
+        // the packet on the wire before the write below.
+        tokio::task::yield_now().await;
         let applied = self.store.apply(w);
         // Counted even if the write failed: what left must not be sealed again.
         self.settle_unsaved(self.store.write_ticket());

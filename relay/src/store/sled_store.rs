@@ -11,6 +11,13 @@
 //! nothing else. (Stores written before kept those two indexes on disk as 'i' and 'e'
 //! keys; opening one removes them.)
 //!
+//! Every write is one key, inserted or removed alone: never a sled batch or transaction.
+//! In sled 0.34 those take a process-wide lock that waits for any flush in progress (a
+//! put would wait out the group commit's fsync) and seal the log buffer each time. No
+//! write here needs several keys at once: a put partly written before a crash was not
+//! acknowledged, and when its sender puts it again the written part comes back as
+//! duplicates.
+//!
 //! Cursors come from sled's persistent monotonic id generator, so they keep increasing
 //! across restarts and crashes. sled's own periodic flush is off: durability comes only
 //! from [`GroupCommit`], which runs one `flush` for every put waiting when it starts.
@@ -144,9 +151,7 @@ impl SledStore {
 
     fn insert_batch(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
         let mut index = self.index.lock();
-        let mut batch = sled::Batch::default();
         let mut results = Vec::with_capacity(envelopes.len());
-        let mut added = Vec::new();
         for envelope in envelopes {
             let bytes = envelope.encode();
             let id = EnvelopeId::of_encoding(&bytes);
@@ -167,16 +172,13 @@ impl SledStore {
                 results.push(PutResult::QuotaExceeded);
                 continue;
             }
-            batch.insert(mail_key(&envelope.mailbox, cursor).as_slice(), bytes);
-            added.push(entry);
-            results.push(PutResult::Stored { cursor });
-        }
-        if let Err(e) = self.tree.apply_batch(batch) {
-            // Nothing of the batch was written.
-            for entry in &added {
+            // One key at a time, never a batch (see the module docs). Those written
+            // before a failure stay, and the index keeps them.
+            if let Err(e) = self.tree.insert(mail_key(&envelope.mailbox, cursor), bytes) {
                 index.remove(&entry.id, &entry.mailbox, entry.bytes);
+                return Err(io(e));
             }
-            return Err(io(e));
+            results.push(PutResult::Stored { cursor });
         }
         Ok(results)
     }
@@ -186,8 +188,7 @@ impl SledStore {
 /// write) is removed.
 fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
     let mut index = Index::default();
-    let mut extra = sled::Batch::default();
-    let mut extras = 0;
+    let mut extra = Vec::new();
     for item in tree.scan_prefix([MAIL]) {
         let (key, value) = item.map_err(io)?;
         let (mailbox, cursor) = parse_mail_key(&key)?;
@@ -202,16 +203,17 @@ fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
             bytes: value.len() as u64,
         };
         if index.add_existing(entry).is_err() {
-            extra.remove(key);
-            extras += 1;
+            extra.push(key);
         }
     }
-    if extras > 0 {
+    if !extra.is_empty() {
         tracing::warn!(
-            envelopes = extras,
+            envelopes = extra.len(),
             "removing second copies of stored envelopes"
         );
-        tree.apply_batch(extra).map_err(io)?;
+        for key in extra {
+            tree.remove(key).map_err(io)?;
+        }
     }
     Ok(index)
 }
@@ -220,18 +222,9 @@ fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
 fn remove_old_families(tree: &sled::Tree) -> Result<u64, StoreError> {
     let mut removed = 0;
     for family in OLD_FAMILIES {
-        loop {
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
-            for key in tree.scan_prefix([family]).keys().take(10_000) {
-                batch.remove(key.map_err(io)?);
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            tree.apply_batch(batch).map_err(io)?;
-            removed += n;
+        for key in tree.scan_prefix([family]).keys() {
+            tree.remove(key.map_err(io)?).map_err(io)?;
+            removed += 1;
         }
     }
     Ok(removed)
@@ -299,8 +292,7 @@ impl MailboxStore for SledStore {
 
     fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
         let mut index = self.index.lock();
-        let mut batch = sled::Batch::default();
-        let mut removed = Vec::new();
+        let mut removed = 0;
         for id in ids {
             let Some(slot) = index.locate(id) else {
                 continue;
@@ -308,40 +300,32 @@ impl MailboxStore for SledStore {
             // Cursors are unique across mailboxes: the key exists only if the envelope
             // is in `mailbox`.
             let key = mail_key(mailbox, slot.cursor);
-            let Some(value) = self.tree.get(key).map_err(io)? else {
+            let Some(value) = self.tree.remove(key).map_err(io)? else {
                 continue;
             };
-            batch.remove(key.as_slice());
-            removed.push((*id, value.len() as u64));
+            index.remove(id, mailbox, value.len() as u64);
+            removed += 1;
         }
-        self.tree.apply_batch(batch).map_err(io)?;
-        for (id, bytes) in &removed {
-            index.remove(id, mailbox, *bytes);
-        }
-        Ok(removed.len() as u32)
+        Ok(removed)
     }
 
     fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
         let mut index = self.index.lock();
-        let mut batch = sled::Batch::default();
-        let mut removed = Vec::new();
+        let mut removed = 0;
         for due in index.due(now, max) {
             let key = mail_key(&due.mailbox, due.cursor);
-            match self.tree.get(key).map_err(io)? {
+            match self.tree.remove(key).map_err(io)? {
                 Some(value) => {
-                    batch.remove(key.as_slice());
-                    removed.push((EnvelopeId::of_encoding(&value), due, value.len() as u64));
+                    let id = EnvelopeId::of_encoding(&value);
+                    if !index.remove(&id, &due.mailbox, value.len() as u64) {
+                        index.forget_expiry(&due);
+                    }
+                    removed += 1;
                 }
                 None => index.forget_expiry(&due),
             }
         }
-        self.tree.apply_batch(batch).map_err(io)?;
-        for (id, due, bytes) in &removed {
-            if !index.remove(id, &due.mailbox, *bytes) {
-                index.forget_expiry(due);
-            }
-        }
-        Ok(removed.len())
+        Ok(removed)
     }
 
     fn stats(&self) -> StoreStats {

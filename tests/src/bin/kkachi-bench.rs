@@ -45,6 +45,12 @@ struct Args {
     /// the parts left out are null in the JSON and missing from the table.
     #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "reconnect", "idle"])]
     only: Vec<String>,
+    /// Internal: run as the recipient of the latency runs, on this client home.
+    #[arg(long, hide = true)]
+    recipient: Option<PathBuf>,
+    /// Internal: the recipient takes deliveries through its relays only.
+    #[arg(long, hide = true)]
+    relays_only: bool,
 }
 
 impl Args {
@@ -261,18 +267,21 @@ struct User {
     _dir: tempfile::TempDir,
 }
 
+fn net_config(direct: bool) -> Result<NetConfig> {
+    Ok(NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        mdns: false,
+        direct,
+    })
+}
+
 /// A client online at `relays`; with `direct`, it also connects to contacts directly.
 fn user(name: &str, relays: &[String], direct: bool) -> Result<User> {
     let dir = tempfile::tempdir()?;
     let addrs: Vec<kkachi_protocol::Multiaddr> =
         relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
     let (store, me, card) = LocalStore::provision(dir.path(), name, &addrs)?;
-    let config = NetConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        mdns: false,
-        direct,
-    };
-    let engine = kkachi_client::runtime::start_engine(store, me, config)
+    let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(User {
         engine,
@@ -281,14 +290,123 @@ fn user(name: &str, relays: &[String], direct: bool) -> Result<User> {
     })
 }
 
-fn befriend(a: &User, b: &User) -> Result<Contact> {
-    Ok(a.engine.store().add_card(&b.card)?)
+/// Microseconds on the machine's monotonic clock, which every process reads alike: the
+/// sender here and the recipient in its own process time one message with it.
+fn mono_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
+/// The recipient of the latency runs, in its own process as it would be on its own
+/// device (clients in one process would share sled's process-wide write lock and one
+/// runtime). Prints `ready`, then `shown <id> <µs>` when a message is in the store (what
+/// the terminal UI shows) and `durable <id> <µs>` once it is on disk, until its
+/// standard input closes.
+async fn recipient(home: PathBuf, direct: bool) -> Result<()> {
+    use std::io::Write;
+    let store = LocalStore::open(&home)?;
+    let me = store
+        .identity()?
+        .context("the recipient's home has no identity")?;
+    let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut events = engine.subscribe();
+    let printer = tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            let (what, r) = match e {
+                AppEvent::Incoming(r) => ("shown", r),
+                AppEvent::Message(r) => ("durable", r),
+                _ => continue,
+            };
+            let at = mono_us();
+            let id = u128::from_be_bytes(r.message.id);
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{what} {id:032x} {at}");
+            let _ = out.flush();
+        }
+    });
+    println!("ready");
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut sink = [0u8; 64];
+        while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+        drop(closed_tx);
+    });
+    kkachi_client::runtime::run_online(engine, async move {
+        let _ = closed.await;
+    })
+    .await;
+    printer.abort();
+    Ok(())
+}
+
+/// What the recipient process reported: µs timestamps by message id.
+#[derive(Default)]
+struct Seen {
+    shown: HashMap<[u8; 16], Vec<u64>>,
+    durable: HashMap<[u8; 16], Vec<u64>>,
+}
+
+/// Starts the recipient process on `home` and collects what it reports.
+async fn spawn_recipient(
+    home: &Path,
+    direct: bool,
+) -> Result<(tokio::process::Child, Arc<Mutex<Seen>>)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.arg("--recipient").arg(home);
+    if !direct {
+        command.arg("--relays-only");
+    }
+    let mut child = command
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+        Ok(Ok(Some(line))) if line == "ready" => {}
+        other => bail!("the recipient process did not start: {other:?}"),
+    }
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut parts = line.split(' ');
+            let (Some(what), Some(id), Some(at)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(id), Ok(at)) = (u128::from_str_radix(id, 16), at.parse::<u64>()) else {
+                continue;
+            };
+            let mut seen = sink.lock();
+            let map = if what == "shown" {
+                &mut seen.shown
+            } else {
+                &mut seen.durable
+            };
+            map.entry(id.to_be_bytes()).or_default().push(at);
+        }
+    });
+    Ok((child, seen))
+}
+
+fn pct_us(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
 }
 
 /// Send → shown latency through `relay_count` relays, with background load, and the
-/// pause when one relay is killed with -9 under that load. With `direct`, the two
-/// clients also connect to each other directly (which then carries most messages
-/// first); without, everything goes through the relays.
+/// pause when one relay is killed with -9 under that load. The sender runs here, the
+/// recipient in its own process. With `direct`, the two clients also connect to each
+/// other directly (which then carries most messages first); without, everything goes
+/// through the relays.
 async fn latency_and_failover(
     root: &Path,
     relay_count: usize,
@@ -305,66 +423,48 @@ async fn latency_and_failover(
         .collect::<Result<_>>()?;
     let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
     let alice = user("alice", &addrs, direct)?;
-    let bob = user("bob", &addrs, direct)?;
-    let bob_at_alice = befriend(&alice, &bob)?;
-    befriend(&bob, &alice)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    for u in [&alice, &bob] {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(kkachi_client::runtime::run_online(
-            u.engine.clone(),
-            async move {
-                let _ = stop.changed().await;
-            },
-        ));
-    }
+    // Bob's home is made here, then handed to his own process.
+    let bob_home = tempfile::tempdir()?;
+    let bob_at_alice = {
+        let relays: Vec<kkachi_protocol::Multiaddr> =
+            addrs.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
+        let (store, _, card) = LocalStore::provision(bob_home.path(), "bob", &relays)?;
+        store.add_card(&alice.card)?;
+        store.flush().await?;
+        alice.engine.store().add_card(&card)?
+    };
+    let (mut bob, seen) = spawn_recipient(bob_home.path(), direct).await?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(kkachi_client::runtime::run_online(
+        alice.engine.clone(),
+        async move {
+            let _ = stop_rx.changed().await;
+        },
+    ));
     // Background load: a third party putting envelopes into other mailboxes.
     let loader =
         MailboxClient::connect(Keypair::generate_ed25519(), addrs[addrs.len() - 1].parse()?)
             .await?;
-    let load = {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            if load_per_s == 0 {
-                return;
-            }
-            let to = MailboxId::for_peer(&libp2p::PeerId::random());
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let per_tick = (load_per_s / 100).max(1);
-            let mut n = 0u64;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = tick.tick() => {
-                        let envs: Vec<Envelope> = (0..per_tick).map(|i| envelope(&to, n + i, 512)).collect();
-                        n += per_tick;
-                        let _ = loader.put(envs).await;
-                    }
+    let (load_stop, mut load_stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        if load_per_s == 0 {
+            return;
+        }
+        let to = MailboxId::for_peer(&libp2p::PeerId::random());
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let per_tick = (load_per_s / 100).max(1);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                _ = load_stopped.changed() => break,
+                _ = tick.tick() => {
+                    let envs: Vec<Envelope> = (0..per_tick).map(|i| envelope(&to, n + i, 512)).collect();
+                    n += per_tick;
+                    let _ = loader.put(envs).await;
                 }
             }
-        })
-    };
-    let mut events = bob.engine.subscribe();
-    // Shown: when the terminal UI shows it (in the store). Durable: when it is on disk
-    // and announced for good; loss and duplicates are counted on these.
-    let shown: Arc<Mutex<HashMap<[u8; 16], Vec<Instant>>>> = Arc::default();
-    let durable: Arc<Mutex<HashMap<[u8; 16], Vec<Instant>>>> = Arc::default();
-    let collector = {
-        let (shown, durable) = (shown.clone(), durable.clone());
-        tokio::spawn(async move {
-            while let Ok(e) = events.recv().await {
-                let (map, r) = match e {
-                    AppEvent::Incoming(r) => (&shown, r),
-                    AppEvent::Message(r) => (&durable, r),
-                    _ => continue,
-                };
-                map.lock()
-                    .entry(r.message.id)
-                    .or_default()
-                    .push(Instant::now());
-            }
-        })
-    };
+        }
+    });
     // Warm up: sessions established, connections open.
     for _ in 0..5 {
         let q = alice.engine.send_text(&bob_at_alice, "warm-up").await?;
@@ -375,17 +475,16 @@ async fn latency_and_failover(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shown.lock().clear();
-    durable.lock().clear();
-    let mut sent: Vec<([u8; 16], Instant)> = Vec::new();
+    *seen.lock() = Seen::default();
+    let mut sent: Vec<([u8; 16], u64)> = Vec::new();
     let kill_at = if kill { messages / 2 } else { messages };
     let mut killed_at = None;
     for i in 0..messages {
         if i == kill_at {
             relays[0].kill9();
-            killed_at = Some(Instant::now());
+            killed_at = Some(mono_us());
         }
-        let t = Instant::now();
+        let t = mono_us();
         // As the terminal UI sends: delivery starts while the message is made durable.
         let (q, _delivery) = alice
             .engine
@@ -395,15 +494,26 @@ async fn latency_and_failover(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && sent.iter().any(|(id, _)| !durable.lock().contains_key(id)) {
+    while Instant::now() < deadline
+        && sent
+            .iter()
+            .any(|(id, _)| !seen.lock().durable.contains_key(id))
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(true);
-    load.abort();
-    collector.abort();
-    let shown = shown.lock().clone();
-    let durable = durable.lock().clone();
+    let _ = load_stop.send(true);
+    let _ = load.await;
+    // Closing its input stops the recipient; it flushes and exits.
+    drop(bob.stdin.take());
+    if tokio::time::timeout(Duration::from_secs(10), bob.wait())
+        .await
+        .is_err()
+    {
+        let _ = bob.kill().await;
+    }
+    let Seen { shown, durable } = std::mem::take(&mut *seen.lock());
     let lost = sent
         .iter()
         .filter(|(id, _)| !durable.contains_key(id) || !shown.contains_key(id))
@@ -413,30 +523,30 @@ async fn latency_and_failover(
         .flat_map(|m| m.values())
         .map(|v| v.len().saturating_sub(1))
         .sum();
-    let mut before: Vec<Duration> = Vec::new();
-    let mut before_durable: Vec<Duration> = Vec::new();
-    let mut arrivals: Vec<(Instant, Instant)> = Vec::new();
+    let mut before: Vec<u64> = Vec::new();
+    let mut before_durable: Vec<u64> = Vec::new();
+    let mut arrivals: Vec<(u64, u64)> = Vec::new();
     for (i, (id, t)) in sent.iter().enumerate() {
         if let Some(at) = shown.get(id).and_then(|v| v.first()) {
             arrivals.push((*t, *at));
             if i < kill_at {
-                before.push(at.saturating_duration_since(*t));
+                before.push(at.saturating_sub(*t));
             }
         }
         if let Some(at) = durable.get(id).and_then(|v| v.first())
             && i < kill_at
         {
-            before_durable.push(at.saturating_duration_since(*t));
+            before_durable.push(at.saturating_sub(*t));
         }
     }
     before.sort();
     before_durable.sort();
     // Failover gap: the longest time any message waited while nothing was shown,
     // among messages sent after the kill.
-    let mut shown_times: Vec<Instant> = arrivals.iter().map(|(_, a)| *a).collect();
+    let mut shown_times: Vec<u64> = arrivals.iter().map(|(_, a)| *a).collect();
     shown_times.sort();
-    let killed = killed_at.unwrap_or_else(Instant::now);
-    let gap = arrivals
+    let killed = killed_at.unwrap_or_else(mono_us);
+    let gap_us = arrivals
         .iter()
         .filter(|(t, _)| *t >= killed)
         .map(|(t, a)| {
@@ -446,16 +556,16 @@ async fn latency_and_failover(
                 .find(|x| **x < *a)
                 .copied()
                 .unwrap_or(*t);
-            a.saturating_duration_since(prev.max(*t))
+            a.saturating_sub(prev.max(*t))
         })
         .max()
         .unwrap_or_default();
     Ok((
-        json!({ "latency_p50_us": us(pct(&before, 0.5)), "latency_p99_us": us(pct(&before, 0.99)),
-                "durable_p50_us": us(pct(&before_durable, 0.5)),
-                "durable_p99_us": us(pct(&before_durable, 0.99)),
+        json!({ "latency_p50_us": pct_us(&before, 0.5), "latency_p99_us": pct_us(&before, 0.99),
+                "durable_p50_us": pct_us(&before_durable, 0.5),
+                "durable_p99_us": pct_us(&before_durable, 0.99),
                 "messages": kill_at, "background_puts_per_s": load_per_s }),
-        json!({ "failover_gap_ms": gap.as_secs_f64() * 1e3, "lost": lost, "duplicated": duplicated,
+        json!({ "failover_gap_ms": gap_us as f64 / 1e3, "lost": lost, "duplicated": duplicated,
                 "messages": messages }),
     ))
 }
@@ -665,7 +775,15 @@ fn sled_baseline(n: usize) -> Result<(f64, f64)> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    // On the runtime's workers, where the client's own tasks run (the thread blocked on
+    // `main` is not one of them, and each wake-up from it is a thread hand-off).
+    tokio::spawn(run(Args::parse())).await?
+}
+
+async fn run(args: Args) -> Result<()> {
+    if let Some(home) = args.recipient {
+        return recipient(home, !args.relays_only).await;
+    }
     let root = tempfile::tempdir()?;
     let q = args.quick;
     eprintln!(
