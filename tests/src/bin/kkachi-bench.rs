@@ -1,7 +1,8 @@
 //! kkachi-bench: headline performance figures, each beside a baseline measured in the
 //! same run on the same machine.
 //!
-//! Build everything in release mode first (the relays run as separate processes):
+//! Build everything in release mode first (the relays run as separate processes, and so
+//! does the receiving client of the latency runs: this binary again, with `--recipient`):
 //!
 //! ```sh
 //! cargo build --release --workspace && target/release/kkachi-bench [--quick] [--json]
