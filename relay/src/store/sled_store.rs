@@ -149,7 +149,7 @@ impl SledStore {
         })
     }
 
-    fn insert_batch(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+    fn insert_envelopes(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
         let mut index = self.index.lock();
         let mut results = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
@@ -251,7 +251,7 @@ impl MailboxStore for SledStore {
                 StoreError::Io(why)
             });
         }
-        self.insert_batch(envelopes).map_err(|e| self.note(e))
+        self.insert_envelopes(envelopes).map_err(|e| self.note(e))
     }
 
     fn fatal(&self) -> Option<String> {

@@ -67,9 +67,9 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
+fn pct<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -396,13 +396,6 @@ async fn spawn_recipient(
     Ok((child, seen))
 }
 
-fn pct_us(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
-}
-
 /// Send → shown latency through `relay_count` relays, with background load, and the
 /// pause when one relay is killed with -9 under that load. The sender runs here, the
 /// recipient in its own process. With `direct`, the two clients also connect to each
@@ -435,18 +428,19 @@ async fn latency_and_failover(
         alice.engine.store().add_card(&card)?
     };
     let (mut bob, seen) = spawn_recipient(bob_home.path(), direct).await?;
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut alice_stop = stop_rx.clone();
     tokio::spawn(kkachi_client::runtime::run_online(
         alice.engine.clone(),
         async move {
-            let _ = stop_rx.changed().await;
+            let _ = alice_stop.changed().await;
         },
     ));
     // Background load: a third party putting envelopes into other mailboxes.
     let loader =
         MailboxClient::connect(Keypair::generate_ed25519(), addrs[addrs.len() - 1].parse()?)
             .await?;
-    let (load_stop, mut load_stopped) = tokio::sync::watch::channel(false);
+    let mut load_stopped = stop_rx.clone();
     let load = tokio::spawn(async move {
         if load_per_s == 0 {
             return;
@@ -504,7 +498,6 @@ async fn latency_and_failover(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(true);
-    let _ = load_stop.send(true);
     let _ = load.await;
     // Closing its input stops the recipient; it flushes and exits.
     drop(bob.stdin.take());
@@ -562,9 +555,9 @@ async fn latency_and_failover(
         .max()
         .unwrap_or_default();
     Ok((
-        json!({ "latency_p50_us": pct_us(&before, 0.5), "latency_p99_us": pct_us(&before, 0.99),
-                "durable_p50_us": pct_us(&before_durable, 0.5),
-                "durable_p99_us": pct_us(&before_durable, 0.99),
+        json!({ "latency_p50_us": pct(&before, 0.5), "latency_p99_us": pct(&before, 0.99),
+                "durable_p50_us": pct(&before_durable, 0.5),
+                "durable_p99_us": pct(&before_durable, 0.99),
                 "messages": kill_at, "background_puts_per_s": load_per_s }),
         json!({ "failover_gap_ms": gap_us as f64 / 1e3, "lost": lost, "duplicated": duplicated,
                 "messages": messages }),
