@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kkachi_protocol::wire::RelayInfo;
-use kkachi_protocol::{Card, ClientToRelay, Identity, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{Card, ClientToRelay, Identity, MessageId, Multiaddr, PeerId, RelayToClient};
 use serde_json::json;
 
 use crate::cli::{Command, ContactCommand, RelayCommand, SendArgs};
-use crate::engine::{ATTEMPT_TIMEOUT, Engine, Received, now_ms};
+use crate::engine::{ATTEMPT_TIMEOUT, AppEvent, Engine, Received, now_ms};
 use crate::net::{Network, Transport, peer_of};
 use crate::store::{
     Contact, Direction, LocalStore, MessageRecord, MessageState, Profile, WriteSet,
@@ -486,6 +486,8 @@ impl App {
     ) -> Result<(), UserError> {
         let contact = self.resolve(&args.contact)?;
         let engine = self.engine()?;
+        // Another delivery (a running daemon's outbox pass) may hand it over first.
+        let mut events = engine.subscribe();
         let queued = engine.send_text(&contact, &args.text).await?;
         // Durable now. Deliver within the timeout; once one path has it, wait only
         // briefly for the others (a dead relay must not hold the sender up). Whatever
@@ -535,6 +537,7 @@ impl App {
                 if let Ok(Ok(Ok(Some(p)))) = tokio::time::timeout(wait, round).await {
                     direct = p.direct;
                 }
+                direct |= handed_over(&mut events, &queued.id);
                 break;
             }
             if progress.is_some_and(|p| p.acked > 0) {
@@ -795,6 +798,19 @@ pub fn message_json(contact: &Contact, m: &MessageRecord) -> serde_json::Value {
         "sent_at": m.sent_at_ms,
         "seq": m.seq,
     })
+}
+
+/// True if the events seen so far say message `id` was handed to its contact directly.
+/// An event skipped because the receiver fell behind counts as not seen.
+fn handed_over(events: &mut tokio::sync::broadcast::Receiver<AppEvent>, id: &MessageId) -> bool {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        match events.try_recv() {
+            Ok(AppEvent::HandedOver { id: handed, .. }) if handed == *id => return true,
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

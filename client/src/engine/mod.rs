@@ -93,6 +93,15 @@ pub enum AppEvent {
         /// Its new state.
         state: MessageState,
     },
+    /// An outgoing message was handed to the contact's device directly (it is
+    /// [`MessageState::Delivered`]), by whichever delivery did it (two racing
+    /// deliveries may both announce it).
+    HandedOver {
+        /// The contact.
+        contact: PeerId,
+        /// The message.
+        id: MessageId,
+    },
     /// A contact's card changed (new relays or name).
     ContactUpdated(PeerId),
     /// A relay answered (true) or failed (false).
@@ -660,6 +669,15 @@ impl<T: Transport> Engine<T> {
                 Attempt::Relay(addr, result) => (vec![(addr, result)], false),
                 Attempt::Direct(ok) => (vec![], ok),
             };
+            // The contact has it durably, whatever becomes of the bookkeeping (its
+            // receipt may even have removed the entry already). Told before the entry
+            // goes, so whoever sees it gone has the event.
+            if direct_ok && entry.kind == OutboxKind::Message {
+                self.emit(AppEvent::HandedOver {
+                    contact: contact_peer,
+                    id: MessageId(entry.message_id),
+                });
+            }
             progress = self
                 .record_attempts(key, &contact_peer, results, direct_ok)
                 .await?

@@ -774,3 +774,42 @@ async fn a_message_is_announced_when_stored_then_once_durable_and_never_again() 
         "shown from the store before the disk has it, announced durable once"
     );
 }
+
+/// The `HandedOver` events of `rx` so far.
+fn handed_over(rx: &mut tokio::sync::broadcast::Receiver<AppEvent>) -> Vec<MessageId> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .filter_map(|e| match e {
+            AppEvent::HandedOver { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_direct_handover_is_announced_whoever_delivered_it() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let mut rx = alice.engine.subscribe();
+    // Through the relays only: stored, not handed over.
+    let (relayed, p) = alice.send(&bob_c, "via relays").await;
+    assert_eq!((p.acked, p.direct), (3, false));
+    assert!(handed_over(&mut rx).is_empty());
+    // Bob comes onto the LAN with a message waiting; the outbox pass (not the sender)
+    // hands over both (the relayed one has no receipt yet), and whoever waits on one
+    // learns so from the event, since its entry is gone.
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    let waiting = alice.engine.send_text(&bob_c, "on the LAN").await.unwrap();
+    net.inner.lock().direct.insert(bob.peer());
+    alice.engine.deliver_due().await.unwrap();
+    assert_eq!(alice.engine.progress(waiting.outbox_key).unwrap(), None);
+    let mut got = handed_over(&mut rx);
+    got.sort_by_key(|id| id.0);
+    let mut want = vec![relayed.id, waiting.id];
+    want.sort_by_key(|id| id.0);
+    assert_eq!(got, want);
+    // Once each: a later pass finds nothing to hand over.
+    alice.engine.deliver_due().await.unwrap();
+    assert!(handed_over(&mut rx).is_empty());
+}
