@@ -1272,7 +1272,7 @@ mod tests {
         renamed.name = "Soyeon (work)".into();
         let mut w = WriteSet::default();
         LocalStore::write_contact(&mut w, &renamed);
-        // A write that spans trees goes through a transaction: still seen.
+        // A write that spans trees goes through the journal: still seen.
         LocalStore::write_conversation(&mut w, &soyeon.peer_id(), &Conversation::default());
         other.apply(w).unwrap();
         assert_eq!(store.contacts().unwrap()[0].name, "Soyeon (work)");

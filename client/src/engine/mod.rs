@@ -2,7 +2,7 @@
 //! device has it", and the way back.
 //!
 //! Sending: a message is sealed, wrapped in an envelope, and written to the local
-//! store *with* the session state that sealed it, in one transaction, then flushed;
+//! store *with* the session state that sealed it, in one write set, then flushed;
 //! only then does `send` return. Delivery writes the envelope to every inbox relay of
 //! the recipient concurrently (and directly when connected, that request first) and
 //! retries each path that has not acknowledged, with exponential backoff and jitter,

@@ -83,7 +83,7 @@ impl<T: Transport> Engine<T> {
                 shown.push(r);
             }
         }
-        // Receipts ride the same transaction: they exist iff the messages are stored.
+        // Receipts ride the same write set: they exist iff the messages are stored.
         let receipts_queued = !receipts.is_empty();
         for (contact, ids) in receipts {
             let session = sessions.get(&self.store, &contact)?;
