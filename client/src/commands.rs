@@ -531,8 +531,8 @@ impl App {
             }
             if delivered {
                 // Gone from the outbox: handed over directly, or the contact's receipt
-                // came back through the relays. The round says which once its other
-                // paths answer.
+                // came back through the relays. This round says which once its other
+                // paths answer, or the event of whichever delivery handed it over.
                 let wait = STRAGGLER_GRACE.min(deadline.saturating_duration_since(Instant::now()));
                 if let Ok(Ok(Ok(Some(p)))) = tokio::time::timeout(wait, round).await {
                     direct = p.direct;
