@@ -1,7 +1,9 @@
 //! Requests over libp2p start no timer thread: every timeout libp2p arms for a request
 //! (stream upgrade, request, idle connection) runs on the Tokio runtime's timer. Upstream
 //! futures-timer would start a `futures-timer` thread on the first one and wake it for
-//! each. Alone in its own test binary, as the check looks at every thread in the process.
+//! each. Alone in its own test binary, as the check looks at every thread in the process
+//! (listed in Linux's /proc).
+#![cfg(target_os = "linux")]
 
 use std::time::Duration;
 
@@ -20,7 +22,6 @@ fn thread_names() -> Vec<String> {
         .collect()
 }
 
-#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_run_their_timeouts_on_the_runtime() {
     let dir = tempfile::tempdir().unwrap();

@@ -67,8 +67,7 @@ impl Delay {
         Delay { inner }
     }
 
-    /// Resets this timeout to an new timeout which will fire at the time
-    /// specified by `at`.
+    /// Resets this timeout to fire `dur` time from now, whether or not it has fired.
     #[inline]
     pub fn reset(&mut self, dur: Duration) {
         match &mut self.inner {
