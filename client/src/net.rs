@@ -4,10 +4,12 @@
 //! bounded channel with oneshot replies; it reports what happens as [`NetEvent`]s on
 //! another bounded channel (as in rust-libp2p's file-sharing example).
 //!
-//! The node speaks `/kkachi/relay/1` both ways: outbound to relays, and inbound from
-//! contacts on the same network, who hand envelopes for *our* mailbox straight to us
-//! (a client accepts puts into its own mailbox only). mDNS finds those contacts with no
-//! relay and no internet at all.
+//! Requests to a relay go over one long-lived session stream (`/kkachi/relay/2`), written
+//! from the caller's task; a relay that does not speak it gets `/kkachi/relay/1`, one
+//! stream per request through this task. The node also speaks `/kkachi/relay/1` inbound
+//! from contacts on the same network, who hand envelopes for *our* mailbox straight to
+//! us (a client accepts puts into its own mailbox only). mDNS finds those contacts with
+//! no relay and no internet at all.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec, Request};
+use kkachi_relay::session::{SESSION_PROTOCOL, Session};
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -40,6 +43,11 @@ const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(300);
 const SEEK_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between those attempts.
 const SEEK_MAX: Duration = Duration::from_secs(30);
+/// Longest wait for a session stream to a connected relay to open.
+const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a relay whose session closed before its first answer (it does not speak
+/// `/kkachi/relay/2`) is spoken to with `/kkachi/relay/1` only.
+const SESSION_FALLBACK: Duration = Duration::from_secs(600);
 
 /// Why a network operation failed.
 #[derive(Debug, Clone, Error)]
@@ -143,13 +151,40 @@ enum Command {
 }
 
 /// Handle to the network task.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Network {
     commands: mpsc::Sender<Command>,
     state: Arc<RwLock<PeerState>>,
     local: PeerId,
     /// [`NetConfig::direct`].
     direct: bool,
+    control: libp2p_stream::Control,
+    /// The session with each relay spoken to, opened on first use.
+    sessions: Arc<parking_lot::Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<SessionSlot>>>>>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("local", &self.local)
+            .field("direct", &self.direct)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What is known of the session with one relay.
+#[derive(Debug, Default)]
+enum SessionSlot {
+    /// None open.
+    #[default]
+    Closed,
+    /// Open; `answered` once an answer came over it.
+    Open {
+        session: Arc<Session>,
+        answered: bool,
+    },
+    /// The relay speaks `/kkachi/relay/1` only (asked again after this instant).
+    OneOnly(Instant),
 }
 
 #[derive(Debug, Default)]
@@ -202,9 +237,17 @@ struct Behaviour {
     relay_client: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
     mailbox: request_response::Behaviour<RelayCodec>,
+    session: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// The address without its `/p2p/<peer id>`.
+fn bare(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
 }
 
 /// The peer id at the end of a multiaddr.
@@ -268,6 +311,7 @@ impl Network {
                                 .with_request_timeout(REQUEST_TIMEOUT)
                                 .with_max_concurrent_streams(256),
                         ),
+                        session: libp2p_stream::Behaviour::new(),
                         identify: identify::Behaviour::new(
                             identify::Config::new("/kkachi/id/1".into(), key.public())
                                 .with_agent_version(format!(
@@ -295,6 +339,7 @@ impl Network {
                 .listen_on(addr.clone())
                 .map_err(|e| transport_err(&e))?;
         }
+        let control = swarm.behaviour().session.new_control();
         let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let (events_tx, events) = mpsc::channel(EVENTS);
         let (answers_tx, answers) = mpsc::channel(COMMANDS);
@@ -319,6 +364,8 @@ impl Network {
                 state,
                 local,
                 direct: config.direct,
+                control,
+                sessions: Arc::default(),
             },
             events,
         ))
@@ -369,6 +416,78 @@ impl Network {
     }
 }
 
+impl Network {
+    /// Sends `request` over the session with `relay`, opening it if need be. `None`:
+    /// send it with `/kkachi/relay/1`, because the relay speaks only that, or because
+    /// there is no connection yet (a session is opened only over an open connection;
+    /// the request/response path dials, and reports a relay that is down at once).
+    async fn session_request(
+        &self,
+        peer: PeerId,
+        request: &ClientToRelay,
+    ) -> Option<Result<RelayToClient, NetError>> {
+        let slot = self.sessions.lock().entry(peer).or_default().clone();
+        let session = {
+            let mut slot = slot.lock().await;
+            match &*slot {
+                SessionSlot::Open { session, .. } if session.is_open() => session.clone(),
+                SessionSlot::OneOnly(until) if Instant::now() < *until => return None,
+                _ if !self.state.read().links.contains_key(&peer) => return None,
+                _ => match self.open_session(peer).await {
+                    Ok(session) => {
+                        *slot = SessionSlot::Open {
+                            session: session.clone(),
+                            answered: false,
+                        };
+                        session
+                    }
+                    Err(e) => return Some(Err(e)),
+                },
+            }
+        };
+        let result = session.request(request).await;
+        let mut slot = slot.lock().await;
+        match (&mut *slot, result) {
+            (SessionSlot::Open { answered, .. }, Ok(answer)) => {
+                *answered = true;
+                Some(Ok(answer))
+            }
+            (_, Ok(answer)) => Some(Ok(answer)),
+            (
+                SessionSlot::Open {
+                    session: s,
+                    answered: false,
+                },
+                Err(e),
+            ) if Arc::ptr_eq(s, &session) => {
+                // Closed before any answer: most likely a relay that does not speak the
+                // session protocol. Every request is idempotent, so it goes again the
+                // old way.
+                tracing::debug!(relay = %peer, error = %e, "no session; using /kkachi/relay/1");
+                *slot = SessionSlot::OneOnly(Instant::now() + SESSION_FALLBACK);
+                None
+            }
+            (_, Err(e)) => Some(Err(NetError::Unreachable(format!("{peer}: {e}")))),
+        }
+    }
+
+    async fn open_session(&self, peer: PeerId) -> Result<Arc<Session>, NetError> {
+        let mut control = self.control.clone();
+        match tokio::time::timeout(
+            SESSION_OPEN_TIMEOUT,
+            control.open_stream(peer, SESSION_PROTOCOL),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => Ok(Session::start(stream)),
+            Ok(Err(e)) => Err(NetError::Unreachable(format!("{peer}: {e}"))),
+            Err(_) => Err(NetError::Unreachable(format!(
+                "{peer}: no session within {SESSION_OPEN_TIMEOUT:?}"
+            ))),
+        }
+    }
+}
+
 impl Transport for Network {
     async fn request(
         &self,
@@ -376,7 +495,10 @@ impl Transport for Network {
         request: ClientToRelay,
     ) -> Result<RelayToClient, NetError> {
         let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
-        self.send(peer, Some(relay.clone()), request).await
+        match self.session_request(peer, &request).await {
+            Some(result) => result,
+            None => self.send(peer, Some(relay.clone()), request).await,
+        }
     }
 
     async fn direct_put(
@@ -494,11 +616,7 @@ impl NetworkTask {
                 reply,
             } => {
                 if let Some(addr) = addr {
-                    let bare: Multiaddr = addr
-                        .iter()
-                        .filter(|p| !matches!(p, Protocol::P2p(_)))
-                        .collect();
-                    self.swarm.add_peer_address(peer, bare);
+                    self.swarm.add_peer_address(peer, bare(&addr));
                 }
                 let id = self
                     .swarm

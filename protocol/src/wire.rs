@@ -14,8 +14,14 @@
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN, MailboxId};
 
-/// The libp2p protocol name.
+/// The libp2p protocol name: one request and its answer per stream.
 pub const PROTOCOL_NAME: &str = "/kkachi/relay/1";
+/// The session protocol: one long-lived stream carries many requests, each frame
+/// tagged with its request id, answered in any order (SPEC.md §6.1).
+pub const SESSION_PROTOCOL_NAME: &str = "/kkachi/relay/2";
+/// Most requests a session may have unanswered; a relay reads no further request
+/// from the stream until one is answered.
+pub const MAX_IN_FLIGHT: usize = 64;
 /// Version number reported in [`RelayInfo`].
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Most envelopes in one `Put`.
@@ -513,6 +519,26 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
     Ok(len)
 }
 
+/// A session frame: `u32 len ‖ u32 id ‖ message`, where the length counts the id too.
+pub fn session_frame(id: u32, message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + message.len());
+    out.extend_from_slice(&((4 + message.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Splits a session frame's body (after its length) into the request id and message.
+pub fn session_split(body: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    if body.len() < 4 {
+        return Err(DecodeError::Truncated {
+            field: "request id",
+        });
+    }
+    let (id, message) = body.split_at(4);
+    Ok((u32::from_be_bytes(id.try_into().expect("4 bytes")), message))
+}
+
 /// Prefixes a body with its u32 length.
 pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut w = Writer::with_capacity(4 + body.len());
@@ -524,6 +550,21 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn session_frames_carry_their_request_id() {
+        let message = ClientToRelay::Info.encode();
+        let framed = session_frame(0xdead_beef, &message);
+        let len = frame_len(framed[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, framed.len() - 4);
+        let (id, rest) = session_split(&framed[4..]).unwrap();
+        assert_eq!(id, 0xdead_beef);
+        assert_eq!(ClientToRelay::decode(rest).unwrap(), ClientToRelay::Info);
+        assert!(matches!(
+            session_split(&[1, 2, 3]),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
 
     fn arb_envelope() -> impl Strategy<Value = Envelope> {
         (

@@ -24,6 +24,7 @@ pub mod config;
 pub mod metrics;
 mod node;
 mod service;
+pub mod session;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -279,6 +280,18 @@ pub async fn start_with<S: MailboxStore + Clone>(
     let service = Arc::new(service::Service::new(&config, store, metrics.clone()));
     let (addrs_tx, addrs) = watch::channel(Vec::new());
     let (shutdown, shutdown_rx) = oneshot::channel();
+    let (sessions_tx, sessions) = tokio::sync::mpsc::channel(1024);
+    let incoming = swarm
+        .behaviour()
+        .session
+        .new_control()
+        .accept(session::SESSION_PROTOCOL)
+        .map_err(|e| RelayError::Transport(e.to_string()))?;
+    tokio::spawn(session::accept(
+        incoming,
+        sessions_tx,
+        config.idle_timeout(),
+    ));
     let node = node::Node::new(
         swarm,
         service,
@@ -286,6 +299,7 @@ pub async fn start_with<S: MailboxStore + Clone>(
         &config,
         addrs_tx,
         listeners,
+        sessions,
     );
     let task = tokio::spawn(node.run(shutdown_rx));
     tracing::info!(%peer_id, "relay started");

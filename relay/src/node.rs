@@ -21,7 +21,7 @@ use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Swarm, identify, noise, ping, relay, tcp, yamux};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::RelayError;
 use crate::boxed::Boxed;
@@ -29,6 +29,7 @@ use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::service::{Action, Service, source_address};
+use crate::session::{SessionReply, SessionRequest};
 use crate::store::MailboxStore;
 
 /// How often waiting long polls are checked for their deadline, and housekeeping runs.
@@ -47,6 +48,7 @@ pub(crate) struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mailbox: request_response::Behaviour<RelayCodec>,
+    pub(crate) session: libp2p_stream::Behaviour,
     circuit: Toggle<relay::Behaviour>,
 }
 
@@ -92,6 +94,7 @@ pub(crate) fn build_swarm(
                         .with_request_timeout(REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(256),
                 ),
+                session: libp2p_stream::Behaviour::new(),
                 circuit: circuit_enabled
                     .then(|| relay::Behaviour::new(key.public().to_peer_id(), circuit_config))
                     .into(),
@@ -109,16 +112,37 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+impl From<SessionReply> for Reply {
+    fn from(reply: SessionReply) -> Self {
+        Reply::Session(reply)
+    }
+}
+
+/// Where an answer goes: the request's own stream (`/kkachi/relay/1`) or a session.
+pub(crate) enum Reply {
+    Stream(ResponseChannel<RelayToClient>),
+    Session(SessionReply),
+}
+
+impl Reply {
+    fn is_open(&self) -> bool {
+        match self {
+            Reply::Stream(channel) => channel.is_open(),
+            Reply::Session(reply) => reply.is_open(),
+        }
+    }
+}
+
 /// A parked long poll.
 struct Waiter {
     peer: PeerId,
     after: u64,
     deadline: Instant,
-    channel: ResponseChannel<RelayToClient>,
+    reply: Reply,
 }
 
 /// A put in progress: its answer and where to send it.
-type PendingPut = BoxFuture<'static, (ResponseChannel<RelayToClient>, RelayToClient)>;
+type PendingPut = BoxFuture<'static, (Reply, RelayToClient)>;
 
 pub(crate) struct Node<S> {
     swarm: Swarm<Boxed<Behaviour>>,
@@ -129,6 +153,11 @@ pub(crate) struct Node<S> {
     waiting_per_peer: HashMap<PeerId, usize>,
     /// The address each direct connection's puts count under (rate limits).
     sources: HashMap<ConnectionId, IpAddr>,
+    /// The address of each peer's latest direct connection: what its session requests
+    /// count under (a session stream does not name its connection).
+    peer_sources: HashMap<PeerId, IpAddr>,
+    /// Requests read off session streams.
+    sessions: mpsc::Receiver<SessionRequest>,
     puts: FuturesUnordered<PendingPut>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     listeners: Vec<ListenerId>,
@@ -144,6 +173,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         config: &Config,
         addrs: watch::Sender<Vec<Multiaddr>>,
         listeners: Vec<ListenerId>,
+        sessions: mpsc::Receiver<SessionRequest>,
     ) -> Self {
         Self {
             swarm,
@@ -153,6 +183,8 @@ impl<S: MailboxStore + Clone> Node<S> {
             waiting: HashMap::new(),
             waiting_per_peer: HashMap::new(),
             sources: HashMap::new(),
+            peer_sources: HashMap::new(),
+            sessions,
             puts: FuturesUnordered::new(),
             addrs,
             listeners,
@@ -174,8 +206,12 @@ impl<S: MailboxStore + Clone> Node<S> {
                 // network events, then housekeeping.
                 biased;
                 _ = &mut shutdown => break,
-                Some((channel, response)) = self.puts.next(), if !self.puts.is_empty() => {
-                    self.respond(channel, response);
+                Some((reply, response)) = self.puts.next(), if !self.puts.is_empty() => {
+                    self.respond(reply, response);
+                }
+                Some(r) = self.sessions.recv() => {
+                    let source = self.peer_sources.get(&r.peer).copied();
+                    self.on_request(r.peer, source, r.request, Reply::Session(r.reply));
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 _ = tick.tick() => {
@@ -194,13 +230,20 @@ impl<S: MailboxStore + Clone> Node<S> {
         self.drain().await
     }
 
-    fn respond(&mut self, channel: ResponseChannel<RelayToClient>, response: RelayToClient) {
+    fn respond(&mut self, reply: Reply, response: RelayToClient) {
         // Fails only if the peer went away; nothing to do then.
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .mailbox
-            .send_response(channel, response);
+        match reply {
+            Reply::Stream(channel) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .mailbox
+                    .send_response(channel, response);
+            }
+            Reply::Session(reply) => {
+                reply.send(response);
+            }
+        }
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -216,6 +259,7 @@ impl<S: MailboxStore + Clone> Node<S> {
                 self.addrs.send_modify(|a| a.retain(|x| *x != address));
             }
             SwarmEvent::ConnectionEstablished {
+                peer_id,
                 connection_id,
                 endpoint,
                 ..
@@ -223,11 +267,20 @@ impl<S: MailboxStore + Clone> Node<S> {
                 self.metrics.connections.inc();
                 if let Some(source) = source_address(endpoint.get_remote_address()) {
                     self.sources.insert(connection_id, source);
+                    self.peer_sources.insert(peer_id, source);
                 }
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
                 self.metrics.connections.dec();
                 self.sources.remove(&connection_id);
+                if num_established == 0 {
+                    self.peer_sources.remove(&peer_id);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -249,21 +302,7 @@ impl<S: MailboxStore + Clone> Node<S> {
                     },
             } => {
                 let source = self.sources.get(&connection_id).copied();
-                match self.service.handle(&peer, source, request, unix_now()) {
-                    Action::Respond(response) => self.respond(channel, response),
-                    Action::Put { done, mailboxes } => {
-                        self.puts
-                            .push(Box::pin(async move { (channel, done.await) }));
-                        for mailbox in mailboxes {
-                            self.wake(&mailbox);
-                        }
-                    }
-                    Action::Wait {
-                        mailbox,
-                        after,
-                        wait_ms,
-                    } => self.park(peer, mailbox, after, wait_ms, channel),
-                }
+                self.on_request(peer, source, request, Reply::Stream(channel));
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 let kind = match &error {
@@ -285,14 +324,31 @@ impl<S: MailboxStore + Clone> Node<S> {
         }
     }
 
-    fn park(
+    /// One request, from either protocol.
+    fn on_request(
         &mut self,
         peer: PeerId,
-        mailbox: MailboxId,
-        after: u64,
-        wait_ms: u32,
-        channel: ResponseChannel<RelayToClient>,
+        source: Option<IpAddr>,
+        request: crate::codec::Request,
+        reply: Reply,
     ) {
+        match self.service.handle(&peer, source, request, unix_now()) {
+            Action::Respond(response) => self.respond(reply, response),
+            Action::Put { done, mailboxes } => {
+                self.puts.push(Box::pin(async move { (reply, done.await) }));
+                for mailbox in mailboxes {
+                    self.wake(&mailbox);
+                }
+            }
+            Action::Wait {
+                mailbox,
+                after,
+                wait_ms,
+            } => self.park(peer, mailbox, after, wait_ms, reply),
+        }
+    }
+
+    fn park(&mut self, peer: PeerId, mailbox: MailboxId, after: u64, wait_ms: u32, reply: Reply) {
         let count = self.waiting_per_peer.entry(peer).or_default();
         if *count >= self.max_waiting_per_peer {
             // Answer at once (empty) rather than hold more streams for this peer.
@@ -301,7 +357,7 @@ impl<S: MailboxStore + Clone> Node<S> {
                 next: after,
                 more: false,
             };
-            self.respond(channel, empty);
+            self.respond(reply, empty);
             return;
         }
         *count += 1;
@@ -311,7 +367,7 @@ impl<S: MailboxStore + Clone> Node<S> {
             peer,
             after,
             deadline,
-            channel,
+            reply,
         });
     }
 
@@ -340,7 +396,7 @@ impl<S: MailboxStore + Clone> Node<S> {
                 still.push(w);
             } else {
                 self.unpark(&w);
-                self.respond(w.channel, response);
+                self.respond(w.reply, response);
             }
         }
         if !still.is_empty() {
@@ -355,7 +411,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         self.waiting.retain(|_, waiters| {
             let (keep, expired): (Vec<_>, Vec<_>) = waiters
                 .drain(..)
-                .partition(|w| w.deadline > now && w.channel.is_open());
+                .partition(|w| w.deadline > now && w.reply.is_open());
             done.extend(expired);
             *waiters = keep;
             !waiters.is_empty()
@@ -367,7 +423,7 @@ impl<S: MailboxStore + Clone> Node<S> {
                 next: w.after,
                 more: false,
             };
-            self.respond(w.channel, empty);
+            self.respond(w.reply, empty);
         }
     }
 
@@ -400,7 +456,8 @@ impl<S: MailboxStore + Clone> Node<S> {
         tokio::pin!(deadline);
         while !self.puts.is_empty() {
             tokio::select! {
-                Some((channel, response)) = self.puts.next() => self.respond(channel, response),
+                Some((reply, response)) = self.puts.next() => self.respond(reply, response),
+                Some(r) = self.sessions.recv() => self.refuse(r.reply),
                 event = self.swarm.select_next_some() => self.on_drain_event(event),
                 _ = &mut deadline => {
                     tracing::warn!(left = self.puts.len(), "in-flight puts did not finish in time");
@@ -413,6 +470,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         tokio::pin!(flush_out);
         loop {
             tokio::select! {
+                Some(r) = self.sessions.recv() => self.refuse(r.reply),
                 event = self.swarm.select_next_some() => self.on_drain_event(event),
                 _ = &mut flush_out => break,
             }
@@ -439,11 +497,15 @@ impl<S: MailboxStore + Clone> Node<S> {
             ..
         })) = event
         {
-            let refusal = RelayToClient::error(
-                kkachi_protocol::ErrorCode::ShuttingDown,
-                "this relay is shutting down; retry with another relay",
-            );
-            self.respond(channel, refusal);
+            self.refuse(Reply::Stream(channel));
         }
+    }
+
+    fn refuse(&mut self, reply: impl Into<Reply>) {
+        let refusal = RelayToClient::error(
+            kkachi_protocol::ErrorCode::ShuttingDown,
+            "this relay is shutting down; retry with another relay",
+        );
+        self.respond(reply.into(), refusal);
     }
 }
