@@ -178,11 +178,8 @@ enum SessionSlot {
     /// None open.
     #[default]
     Closed,
-    /// Open; `answered` once an answer came over it.
-    Open {
-        session: Arc<Session>,
-        answered: bool,
-    },
+    /// Open.
+    Open(Arc<Session>),
     /// The relay speaks `/kkachi/relay/1` only (asked again after this instant).
     OneOnly(Instant),
 }
@@ -241,13 +238,6 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-}
-
-/// The address without its `/p2p/<peer id>`.
-fn bare(addr: &Multiaddr) -> Multiaddr {
-    addr.iter()
-        .filter(|p| !matches!(p, Protocol::P2p(_)))
-        .collect()
 }
 
 /// The peer id at the end of a multiaddr.
@@ -430,44 +420,32 @@ impl Network {
         let session = {
             let mut slot = slot.lock().await;
             match &*slot {
-                SessionSlot::Open { session, .. } if session.is_open() => session.clone(),
+                SessionSlot::Open(session) if session.is_open() => session.clone(),
                 SessionSlot::OneOnly(until) if Instant::now() < *until => return None,
                 _ if !self.state.read().links.contains_key(&peer) => return None,
                 _ => match self.open_session(peer).await {
                     Ok(session) => {
-                        *slot = SessionSlot::Open {
-                            session: session.clone(),
-                            answered: false,
-                        };
+                        *slot = SessionSlot::Open(session.clone());
                         session
                     }
                     Err(e) => return Some(Err(e)),
                 },
             }
         };
-        let result = session.request(request).await;
-        let mut slot = slot.lock().await;
-        match (&mut *slot, result) {
-            (SessionSlot::Open { answered, .. }, Ok(answer)) => {
-                *answered = true;
-                Some(Ok(answer))
-            }
-            (_, Ok(answer)) => Some(Ok(answer)),
-            (
-                SessionSlot::Open {
-                    session: s,
-                    answered: false,
-                },
-                Err(e),
-            ) if Arc::ptr_eq(s, &session) => {
+        match session.request(request).await {
+            Ok(answer) => Some(Ok(answer)),
+            Err(e) if !session.was_answered() => {
                 // Closed before any answer: most likely a relay that does not speak the
                 // session protocol. Every request is idempotent, so it goes again the
                 // old way.
                 tracing::debug!(relay = %peer, error = %e, "no session; using /kkachi/relay/1");
-                *slot = SessionSlot::OneOnly(Instant::now() + SESSION_FALLBACK);
+                let mut slot = slot.lock().await;
+                if matches!(&*slot, SessionSlot::Open(s) if Arc::ptr_eq(s, &session)) {
+                    *slot = SessionSlot::OneOnly(Instant::now() + SESSION_FALLBACK);
+                }
                 None
             }
-            (_, Err(e)) => Some(Err(NetError::Unreachable(format!("{peer}: {e}")))),
+            Err(e) => Some(Err(NetError::Unreachable(format!("{peer}: {e}")))),
         }
     }
 
@@ -616,7 +594,11 @@ impl NetworkTask {
                 reply,
             } => {
                 if let Some(addr) = addr {
-                    self.swarm.add_peer_address(peer, bare(&addr));
+                    let bare: Multiaddr = addr
+                        .iter()
+                        .filter(|p| !matches!(p, Protocol::P2p(_)))
+                        .collect();
+                    self.swarm.add_peer_address(peer, bare);
                 }
                 let id = self
                     .swarm

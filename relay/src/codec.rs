@@ -33,7 +33,9 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RelayCodec;
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(
+/// Reads one frame body; `Ok(Err(_))` when the announced length is over the limit
+/// (nothing more is read then).
+pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
 ) -> io::Result<Result<Vec<u8>, DecodeError>> {
     let mut prefix = [0u8; 4];

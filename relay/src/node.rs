@@ -112,12 +112,6 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl From<SessionReply> for Reply {
-    fn from(reply: SessionReply) -> Self {
-        Reply::Session(reply)
-    }
-}
-
 /// Where an answer goes: the request's own stream (`/kkachi/relay/1`) or a session.
 pub(crate) enum Reply {
     Stream(ResponseChannel<RelayToClient>),
@@ -457,7 +451,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         while !self.puts.is_empty() {
             tokio::select! {
                 Some((reply, response)) = self.puts.next() => self.respond(reply, response),
-                Some(r) = self.sessions.recv() => self.refuse(r.reply),
+                Some(r) = self.sessions.recv() => self.refuse(Reply::Session(r.reply)),
                 event = self.swarm.select_next_some() => self.on_drain_event(event),
                 _ = &mut deadline => {
                     tracing::warn!(left = self.puts.len(), "in-flight puts did not finish in time");
@@ -470,7 +464,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         tokio::pin!(flush_out);
         loop {
             tokio::select! {
-                Some(r) = self.sessions.recv() => self.refuse(r.reply),
+                Some(r) = self.sessions.recv() => self.refuse(Reply::Session(r.reply)),
                 event = self.swarm.select_next_some() => self.on_drain_event(event),
                 _ = &mut flush_out => break,
             }
@@ -501,11 +495,11 @@ impl<S: MailboxStore + Clone> Node<S> {
         }
     }
 
-    fn refuse(&mut self, reply: impl Into<Reply>) {
+    fn refuse(&mut self, reply: Reply) {
         let refusal = RelayToClient::error(
             kkachi_protocol::ErrorCode::ShuttingDown,
             "this relay is shutting down; retry with another relay",
         );
-        self.respond(reply.into(), refusal);
+        self.respond(reply, refusal);
     }
 }

@@ -14,34 +14,21 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::io::{ReadHalf, WriteHalf};
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncReadExt as _, AsyncWriteExt};
 use kkachi_protocol::wire::{self, ClientToRelay, ErrorCode, RelayToClient};
 use kkachi_protocol::{DecodeError, PeerId};
 use libp2p::{Stream, StreamProtocol};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::codec::{REQUEST_TIMEOUT, Request};
+use crate::codec::{REQUEST_TIMEOUT, Request, read_frame};
 
 /// The session protocol name as a libp2p stream protocol.
 pub const SESSION_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::SESSION_PROTOCOL_NAME);
-
-/// Reads one frame body; `Ok(Err(_))` when the announced length is over the limit.
-async fn read_frame(io: &mut ReadHalf<Stream>) -> io::Result<Result<Vec<u8>, DecodeError>> {
-    let mut prefix = [0u8; 4];
-    io.read_exact(&mut prefix).await?;
-    let len = match wire::frame_len(prefix) {
-        Ok(len) => len,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
-    Ok(Ok(body))
-}
 
 /// A request read off a session, on its way to the node.
 #[derive(Debug)]
@@ -94,6 +81,8 @@ pub(crate) async fn serve(
     idle: Duration,
 ) {
     let (mut reader, writer) = stream.split();
+    // Unbounded in type only: every answer but the last refusal goes through a
+    // SessionReply, and at most MAX_IN_FLIGHT of those exist at once.
     let (out, answers) = mpsc::unbounded_channel();
     let writing = tokio::spawn(write_answers(writer, answers));
     let places = Arc::new(Semaphore::new(wire::MAX_IN_FLIGHT));
@@ -215,6 +204,8 @@ pub struct Session {
     /// Unanswered requests; `None` once the stream is closed.
     pending: Arc<Mutex<Option<Pending>>>,
     next_id: AtomicU32,
+    /// Set by the reading task once any answer came over the stream.
+    answered: Arc<AtomicBool>,
     /// Stops the reading task, which lets go of the stream.
     stop: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -224,14 +215,27 @@ impl Session {
     pub fn start(stream: Stream) -> Arc<Self> {
         let (reader, writer) = stream.split();
         let pending = Arc::new(Mutex::new(Some(Pending::new())));
+        let answered = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(read_answers(reader, pending.clone(), stopped));
+        tokio::spawn(read_answers(
+            reader,
+            pending.clone(),
+            answered.clone(),
+            stopped,
+        ));
         Arc::new(Self {
             writer: futures::lock::Mutex::new(writer),
             pending,
             next_id: AtomicU32::new(1),
+            answered,
             stop: Mutex::new(Some(stop)),
         })
+    }
+
+    /// Whether any answer ever came over this session: one that closes before its
+    /// first answer most likely met a relay without the session protocol.
+    pub fn was_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// Whether requests can still be sent.
@@ -313,6 +317,7 @@ fn fail_all(pending: &Mutex<Option<Pending>>, why: &str) {
 async fn read_answers(
     mut reader: ReadHalf<Stream>,
     pending: Arc<Mutex<Option<Pending>>>,
+    answered: Arc<AtomicBool>,
     stopped: oneshot::Receiver<()>,
 ) {
     let reading = async {
@@ -339,6 +344,7 @@ async fn read_answers(
                     _ => "refused by the relay".into(),
                 };
             }
+            answered.store(true, Ordering::Relaxed);
             let tx = pending.lock().as_mut().and_then(|p| p.remove(&id));
             if let Some(tx) = tx {
                 let _ = tx.send(answer);
