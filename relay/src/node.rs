@@ -503,3 +503,23 @@ impl<S: MailboxStore + Clone> Node<S> {
         self.respond(reply, refusal);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::swarm::THandler;
+
+    /// Every connection keeps the composed handler for its whole life, so its size is paid
+    /// per idle connection. identify's used to be 3.4 KB, most of it an inline queue of
+    /// pending events (relay/vendor/libp2p-identify/PATCHED.md).
+    #[test]
+    fn connection_handler_stays_small() {
+        let identify = std::mem::size_of::<THandler<identify::Behaviour>>();
+        let all = std::mem::size_of::<THandler<Behaviour>>();
+        assert!(identify <= 1_536, "identify's handler is {identify} bytes");
+        assert!(
+            all <= 3_072,
+            "the relay's connection handler is {all} bytes"
+        );
+    }
+}
