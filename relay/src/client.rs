@@ -1,20 +1,26 @@
 //! A minimal client for one relay: a task owning a small Swarm, and a handle that sends
 //! requests and awaits answers. Used by the relay's tests, the benchmarks and tools;
 //! the messenger itself (`kkachi`) has its own network task that speaks to many relays.
+//!
+//! Like the messenger, it speaks the session protocol (`/kkachi/relay/2`: one long-lived
+//! stream, requests written from the caller's task) unless asked for `/kkachi/relay/1`
+//! (a stream per request, sent by the swarm's task).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use kkachi_protocol::{ClientToRelay, Envelope, MailboxId, Multiaddr, PeerId, RelayToClient};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Swarm, noise, tcp, yamux};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec, Request};
+use crate::session::{SESSION_PROTOCOL, Session};
 
 /// Why a request did not get an answer.
 #[derive(Debug, Error)]
@@ -48,15 +54,86 @@ enum Command {
     },
 }
 
+/// Which of the relay's protocols a [`MailboxClient`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `/kkachi/relay/2`: one long-lived session stream carries every request.
+    Session,
+    /// `/kkachi/relay/1`: one stream per request.
+    PerRequest,
+}
+
 /// A connection to one relay.
 #[derive(Debug, Clone)]
 pub struct MailboxClient {
     relay: PeerId,
     me: PeerId,
+    /// To the swarm's task, which stops once every clone of this handle is gone.
     commands: mpsc::Sender<Command>,
+    /// `Some` when speaking [`Protocol::Session`].
+    session: Option<Arc<SessionPlace>>,
 }
 
-type Behaviour = request_response::Behaviour<RelayCodec>;
+/// The current session, and what opens the next one: relays close sessions that stay
+/// idle, and the connection may go and come back.
+struct SessionPlace {
+    control: libp2p_stream::Control,
+    /// `None` while a new one is being opened.
+    current: parking_lot::Mutex<Option<Arc<Session>>>,
+    reopening: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for SessionPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPlace").finish_non_exhaustive()
+    }
+}
+
+impl SessionPlace {
+    /// The session, if it is open.
+    fn open(&self) -> Option<Arc<Session>> {
+        self.current.lock().clone().filter(|s| s.is_open())
+    }
+
+    /// Opens a new session in the background, unless that is already under way.
+    fn reopen(self: &Arc<Self>, relay: PeerId) {
+        use std::sync::atomic::Ordering;
+        if self.reopening.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let place = self.clone();
+        tokio::spawn(async move {
+            match open_session(&mut place.control.clone(), relay).await {
+                Ok(session) => *place.current.lock() = Some(session),
+                Err(e) => tracing::debug!(%relay, error = %e, "no session yet"),
+            }
+            place.reopening.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Opens a session stream with `relay` (dialling it if need be).
+async fn open_session(
+    control: &mut libp2p_stream::Control,
+    relay: PeerId,
+) -> Result<Arc<Session>, String> {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        control.open_stream(relay, SESSION_PROTOCOL),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => Ok(Session::start(stream)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    mailbox: request_response::Behaviour<RelayCodec>,
+    session: libp2p_stream::Behaviour,
+}
 
 fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
@@ -66,8 +143,18 @@ fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
 }
 
 impl MailboxClient {
-    /// Connects to the relay at `addr` (which ends in `/p2p/<peer id>`) as `keypair`.
+    /// Connects to the relay at `addr` (which ends in `/p2p/<peer id>`) as `keypair`, and
+    /// opens a session ([`Protocol::Session`]).
     pub async fn connect(keypair: Keypair, addr: Multiaddr) -> Result<Self, ClientError> {
+        Self::connect_with(keypair, addr, Protocol::Session).await
+    }
+
+    /// [`MailboxClient::connect`], speaking `protocol`.
+    pub async fn connect_with(
+        keypair: Keypair,
+        addr: Multiaddr,
+        protocol: Protocol,
+    ) -> Result<Self, ClientError> {
         let relay = relay_peer(&addr).ok_or_else(|| ClientError::NoPeerId(addr.clone()))?;
         let me = keypair.public().to_peer_id();
         let mut swarm: Swarm<Behaviour> = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -79,14 +166,15 @@ impl MailboxClient {
             )
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .with_quic()
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
+            .with_behaviour(|_| Behaviour {
+                mailbox: request_response::Behaviour::with_codec(
                     RelayCodec,
                     [(PROTOCOL, ProtocolSupport::Outbound)],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(1024),
-                )
+                ),
+                session: libp2p_stream::Behaviour::new(),
             })
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
@@ -114,14 +202,38 @@ impl MailboxClient {
                 }
             }
         }
-        swarm.add_peer_address(relay, addr);
+        swarm.add_peer_address(relay, addr.clone());
+        let mut control = swarm.behaviour().session.new_control();
         let (commands, rx) = mpsc::channel(256);
         tokio::spawn(run(swarm, relay, rx));
+        let session = match protocol {
+            Protocol::PerRequest => None,
+            Protocol::Session => {
+                let session = open_session(&mut control, relay).await.map_err(|message| {
+                    ClientError::Dial {
+                        addr,
+                        message: format!("no session: {message}"),
+                    }
+                })?;
+                Some(Arc::new(SessionPlace {
+                    control,
+                    current: parking_lot::Mutex::new(Some(session)),
+                    reopening: false.into(),
+                }))
+            }
+        };
         Ok(Self {
             relay,
             me,
             commands,
+            session,
         })
+    }
+
+    /// Whether requests go over an open session now (a closed one is reopened in the
+    /// background; until then requests use `/kkachi/relay/1`).
+    pub fn has_session(&self) -> bool {
+        self.session.as_ref().is_some_and(|p| p.open().is_some())
     }
 
     /// The relay's PeerId.
@@ -136,6 +248,20 @@ impl MailboxClient {
 
     /// Sends one request and waits for the answer.
     pub async fn request(&self, request: ClientToRelay) -> Result<RelayToClient, ClientError> {
+        if let Some(place) = &self.session {
+            match place.open() {
+                Some(session) => {
+                    return session
+                        .request(&request)
+                        .await
+                        .map_err(|e| ClientError::Request(e.to_string()));
+                }
+                // Closed (the relay closes idle sessions, or the connection went): this
+                // request goes the first way, which dials if need be, as the messenger's
+                // do; the next ones use the new session once it is open.
+                None => place.reopen(self.relay),
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request { request, reply })
@@ -181,22 +307,22 @@ async fn run(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mpsc::Rec
         tokio::select! {
             command = commands.recv() => match command {
                 Some(Command::Request { request, reply }) => {
-                    let id = swarm.behaviour_mut().send_request(&relay, Request::Message(request));
+                    let id = swarm.behaviour_mut().mailbox.send_request(&relay, Request::Message(request));
                     pending.insert(id, reply);
                 }
                 // Every handle is gone.
                 None => break,
             },
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(request_response::Event::Message {
+                SwarmEvent::Behaviour(BehaviourEvent::Mailbox(request_response::Event::Message {
                     message: request_response::Message::Response { request_id, response },
                     ..
-                }) => {
+                })) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. }) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Mailbox(request_response::Event::OutboundFailure { request_id, error, .. })) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Err(ClientError::Request(error.to_string())));
                     }

@@ -357,12 +357,17 @@ impl<S: MailboxStore + Clone> Node<S> {
         *count += 1;
         self.metrics.waiting.inc();
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
-        self.waiting.entry(mailbox).or_default().push(Waiter {
-            peer,
-            after,
-            deadline,
-            reply,
-        });
+        // Most mailboxes have one waiter (their owner's long poll): room for one, not
+        // the four a first push would make.
+        self.waiting
+            .entry(mailbox)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(Waiter {
+                peer,
+                after,
+                deadline,
+                reply,
+            });
     }
 
     fn unpark(&mut self, waiter: &Waiter) {

@@ -38,19 +38,28 @@ pub(crate) struct SessionRequest {
     pub(crate) reply: SessionReply,
 }
 
+/// The channel from the node to a session's writer. Unbounded in type only: every answer
+/// but a last refusal goes through a [`SessionReply`], and at most
+/// [`wire::MAX_IN_FLIGHT`] of those exist at once. Answers are boxed, and the channel is
+/// futures' (a node per message) rather than Tokio's (slots 32 at a time, up front): a
+/// session held open by an idle client should not hold 32 answers' worth (4 KiB) of slots.
+type Answers = futures::channel::mpsc::UnboundedSender<(u32, Box<RelayToClient>)>;
+
 /// Where the answer to one session request goes. Holds one of the session's
 /// [`wire::MAX_IN_FLIGHT`] places until it is answered or dropped.
 #[derive(Debug)]
 pub(crate) struct SessionReply {
     id: u32,
-    out: mpsc::UnboundedSender<(u32, RelayToClient)>,
+    out: Answers,
     _place: OwnedSemaphorePermit,
 }
 
 impl SessionReply {
     /// Sends the answer; false if the session is gone.
     pub(crate) fn send(self, response: RelayToClient) -> bool {
-        self.out.send((self.id, response)).is_ok()
+        self.out
+            .unbounded_send((self.id, Box::new(response)))
+            .is_ok()
     }
 
     /// Whether the session can still take the answer.
@@ -81,9 +90,7 @@ pub(crate) async fn serve(
     idle: Duration,
 ) {
     let (mut reader, writer) = stream.split();
-    // Unbounded in type only: every answer but the last refusal goes through a
-    // SessionReply, and at most MAX_IN_FLIGHT of those exist at once.
-    let (out, answers) = mpsc::unbounded_channel();
+    let (out, answers) = futures::channel::mpsc::unbounded();
     let writing = tokio::spawn(write_answers(writer, answers));
     let places = Arc::new(Semaphore::new(wire::MAX_IN_FLIGHT));
     loop {
@@ -117,7 +124,7 @@ pub(crate) async fn serve(
             Ok(Err(e)) => {
                 // The stream cannot be read past a length it refuses: say why, then close.
                 tracing::debug!(%peer, error = %e, "session frame refused");
-                let _ = out.send((0, refusal(&e)));
+                let _ = out.unbounded_send((0, Box::new(refusal(&e))));
                 break;
             }
             Err(_) => break, // closed or broken
@@ -125,7 +132,7 @@ pub(crate) async fn serve(
         let (id, message) = match wire::session_split(&body) {
             Ok(x) => x,
             Err(e) => {
-                let _ = out.send((0, refusal(&e)));
+                let _ = out.unbounded_send((0, Box::new(refusal(&e))));
                 break;
             }
         };
@@ -167,10 +174,10 @@ fn refusal(e: &DecodeError) -> RelayToClient {
 /// Writes answers as they come, several per flush when they queue up.
 async fn write_answers(
     mut writer: WriteHalf<Stream>,
-    mut answers: mpsc::UnboundedReceiver<(u32, RelayToClient)>,
+    mut answers: futures::channel::mpsc::UnboundedReceiver<(u32, Box<RelayToClient>)>,
 ) {
     let mut buf = Vec::new();
-    while let Some((id, response)) = answers.recv().await {
+    while let Some((id, response)) = futures::StreamExt::next(&mut answers).await {
         buf.clear();
         buf.extend(wire::session_frame(id, &response.encode()));
         while let Ok((id, response)) = answers.try_recv() {

@@ -213,3 +213,39 @@ async fn an_idle_session_is_closed_by_the_relay() {
         "the relay closes a session idle past its timeout"
     );
 }
+
+/// A client that keeps its handle past the relay's idle timeout is still answered, and
+/// has a session again soon after.
+#[tokio::test]
+async fn a_mailbox_client_reopens_a_session_the_relay_closed() {
+    let (_relay, addr, _dir) = relay(1).await;
+    let client = kkachi_relay::client::MailboxClient::connect(
+        libp2p::identity::Keypair::generate_ed25519(),
+        addr,
+    )
+    .await
+    .unwrap();
+    assert!(client.has_session());
+    assert!(matches!(
+        client.request(ClientToRelay::Info).await.unwrap(),
+        RelayToClient::Info(_)
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while client.has_session() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!client.has_session(), "the relay closes an idle session");
+    assert!(matches!(
+        client.request(ClientToRelay::Info).await.unwrap(),
+        RelayToClient::Info(_)
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !client.has_session() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(client.has_session(), "a new session is opened");
+    assert!(matches!(
+        client.request(ClientToRelay::Info).await.unwrap(),
+        RelayToClient::Info(_)
+    ));
+}

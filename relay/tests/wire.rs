@@ -9,7 +9,7 @@ use kkachi_protocol::wire::{self, PutOutcome};
 use kkachi_protocol::{
     ClientToRelay, Envelope, ErrorCode, MailboxId, Multiaddr, PeerId, RelayToClient,
 };
-use kkachi_relay::client::MailboxClient;
+use kkachi_relay::client::{MailboxClient, Protocol};
 use kkachi_relay::config::Config;
 use kkachi_relay::{RelayHandle, start};
 use libp2p::identity::Keypair;
@@ -60,14 +60,24 @@ fn batch(r: RelayToClient) -> (Vec<Envelope>, u64) {
 
 #[tokio::test]
 async fn put_fetch_delete_and_live_subscribe() {
+    conversation(Protocol::Session).await;
+}
+
+/// The same conversation over the first version of the protocol, which relays still speak.
+#[tokio::test]
+async fn put_fetch_delete_and_live_subscribe_per_request() {
+    conversation(Protocol::PerRequest).await;
+}
+
+async fn conversation(protocol: Protocol) {
     let dir = tempfile::tempdir().unwrap();
     let (relay, addr) = relay(config(dir.path())).await;
-    let sender = MailboxClient::connect(Keypair::generate_ed25519(), addr.clone())
+    let sender = MailboxClient::connect_with(Keypair::generate_ed25519(), addr.clone(), protocol)
         .await
         .unwrap();
     let owner_key = Keypair::generate_ed25519();
     let owner_peer = owner_key.public().to_peer_id();
-    let owner = MailboxClient::connect(owner_key, addr.clone())
+    let owner = MailboxClient::connect_with(owner_key, addr.clone(), protocol)
         .await
         .unwrap();
 

@@ -25,7 +25,7 @@ use kkachi_client::store::{Contact, LocalStore, Profile, WriteSet};
 use kkachi_protocol::{
     Card, ClientToRelay, Envelope, Identity, MailboxId, PutOutcome, RelayToClient,
 };
-use kkachi_relay::client::MailboxClient;
+use kkachi_relay::client::{MailboxClient, Protocol};
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
 use serde_json::json;
@@ -706,27 +706,68 @@ async fn reconnect_and_handshakes(root: &Path, clients: usize) -> Result<serde_j
 }
 
 /// Relay memory per idle connection: RSS with N idle connections minus RSS with none.
+/// Idle as the messenger keeps it: a session open and a long poll waiting on it. Also
+/// measured on a fresh relay: bare connections, without any stream.
 async fn idle_memory(root: &Path, connections: usize) -> Result<serde_json::Value> {
-    let relay = Relay::start(&root.join("idle"), free_port())?;
+    let (kib, n) = idle_rss_per_connection(&root.join("idle"), connections, true).await?;
+    let (bare_kib, _) =
+        idle_rss_per_connection(&root.join("idle-bare"), connections, false).await?;
+    Ok(json!({ "connections": n, "idle_conn_kib": kib, "bare_conn_kib": bare_kib }))
+}
+
+async fn idle_rss_per_connection(
+    dir: &Path,
+    connections: usize,
+    polling: bool,
+) -> Result<(f64, usize)> {
+    let relay = Relay::start(dir, free_port())?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = relay.rss_kib();
+    let protocol = if polling {
+        Protocol::Session
+    } else {
+        Protocol::PerRequest
+    };
     let clients: Vec<MailboxClient> = futures::stream::iter(0..connections)
         .map(|_| {
             let addr = relay.addr.clone();
             async move {
-                MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await
+                MailboxClient::connect_with(
+                    Keypair::generate_ed25519(),
+                    addr.parse().unwrap(),
+                    protocol,
+                )
+                .await
             }
         })
         .buffer_unordered(64)
         .filter_map(|r| async move { r.ok() })
         .collect()
         .await;
+    let polls: Vec<_> = clients
+        .iter()
+        .filter(|_| polling)
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                loop {
+                    if c.subscribe(0, kkachi_protocol::wire::MAX_WAIT_MS)
+                        .await
+                        .is_err()
+                    {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = relay.rss_kib();
+    for p in polls {
+        p.abort();
+    }
     let per = (loaded.saturating_sub(base)) as f64 / clients.len().max(1) as f64;
-    Ok(
-        json!({ "connections": clients.len(), "rss_base_kib": base, "rss_kib": loaded, "idle_conn_kib": per }),
-    )
+    Ok((per, clients.len()))
 }
 
 /// Baseline: a bare libp2p request/response round trip (tiny payload) on loopback.
@@ -998,10 +1039,11 @@ async fn run(args: Args) -> Result<()> {
     }
     if args.runs("idle") {
         println!(
-            "{:<44} {:>14.1}  at {} connections",
+            "{:<44} {:>14.1}  at {} connections, each with a session and a long poll waiting; a bare connection {:.1} KiB",
             "relay memory per idle connection (KiB)",
             f(&idle["idle_conn_kib"]),
-            idle["connections"]
+            idle["connections"],
+            f(&idle["bare_conn_kib"])
         );
     }
     println!(
