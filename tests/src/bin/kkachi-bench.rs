@@ -774,7 +774,13 @@ async fn idle_rss_per_connection(
 async fn libp2p_rtt(rounds: usize) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
     let relay = Relay::start(dir.path(), free_port())?;
-    let client = MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?;
+    // A stream per request, as libp2p's request/response does (sessions are kkachi's own).
+    let client = MailboxClient::connect_with(
+        Keypair::generate_ed25519(),
+        relay.addr.parse()?,
+        Protocol::PerRequest,
+    )
+    .await?;
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t = Instant::now();
