@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec, Request};
-use kkachi_relay::session::{SESSION_PROTOCOL, Session};
+use kkachi_relay::session::Session;
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -450,19 +450,9 @@ impl Network {
     }
 
     async fn open_session(&self, peer: PeerId) -> Result<Arc<Session>, NetError> {
-        let mut control = self.control.clone();
-        match tokio::time::timeout(
-            SESSION_OPEN_TIMEOUT,
-            control.open_stream(peer, SESSION_PROTOCOL),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => Ok(Session::start(stream)),
-            Ok(Err(e)) => Err(NetError::Unreachable(format!("{peer}: {e}"))),
-            Err(_) => Err(NetError::Unreachable(format!(
-                "{peer}: no session within {SESSION_OPEN_TIMEOUT:?}"
-            ))),
-        }
+        Session::open(&mut self.control.clone(), peer, SESSION_OPEN_TIMEOUT)
+            .await
+            .map_err(|e| NetError::Unreachable(format!("{peer}: {e}")))
     }
 }
 

@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec, Request};
-use crate::session::{SESSION_PROTOCOL, Session};
+use crate::session::Session;
 
 /// Why a request did not get an answer.
 #[derive(Debug, Error)]
@@ -78,8 +78,8 @@ pub struct MailboxClient {
 /// idle, and the connection may go and come back.
 struct SessionPlace {
     control: libp2p_stream::Control,
-    /// `None` while a new one is being opened.
-    current: parking_lot::Mutex<Option<Arc<Session>>>,
+    /// The latest session; a closed one stays until its successor is open.
+    current: parking_lot::Mutex<Arc<Session>>,
     reopening: std::sync::atomic::AtomicBool,
 }
 
@@ -92,7 +92,7 @@ impl std::fmt::Debug for SessionPlace {
 impl SessionPlace {
     /// The session, if it is open.
     fn open(&self) -> Option<Arc<Session>> {
-        self.current.lock().clone().filter(|s| s.is_open())
+        Some(self.current.lock().clone()).filter(|s| s.is_open())
     }
 
     /// Opens a new session in the background, unless that is already under way.
@@ -103,8 +103,8 @@ impl SessionPlace {
         }
         let place = self.clone();
         tokio::spawn(async move {
-            match open_session(&mut place.control.clone(), relay).await {
-                Ok(session) => *place.current.lock() = Some(session),
+            match Session::open(&mut place.control.clone(), relay, SESSION_OPEN_TIMEOUT).await {
+                Ok(session) => *place.current.lock() = session,
                 Err(e) => tracing::debug!(%relay, error = %e, "no session yet"),
             }
             place.reopening.store(false, Ordering::Release);
@@ -112,22 +112,8 @@ impl SessionPlace {
     }
 }
 
-/// Opens a session stream with `relay` (dialling it if need be).
-async fn open_session(
-    control: &mut libp2p_stream::Control,
-    relay: PeerId,
-) -> Result<Arc<Session>, String> {
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        control.open_stream(relay, SESSION_PROTOCOL),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => Ok(Session::start(stream)),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
-    }
-}
+/// How long opening a session may take.
+const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -209,15 +195,15 @@ impl MailboxClient {
         let session = match protocol {
             Protocol::PerRequest => None,
             Protocol::Session => {
-                let session = open_session(&mut control, relay).await.map_err(|message| {
-                    ClientError::Dial {
+                let session = Session::open(&mut control, relay, SESSION_OPEN_TIMEOUT)
+                    .await
+                    .map_err(|e| ClientError::Dial {
                         addr,
-                        message: format!("no session: {message}"),
-                    }
-                })?;
+                        message: e.to_string(),
+                    })?;
                 Some(Arc::new(SessionPlace {
                     control,
-                    current: parking_lot::Mutex::new(Some(session)),
+                    current: parking_lot::Mutex::new(session),
                     reopening: false.into(),
                 }))
             }

@@ -199,6 +199,9 @@ pub enum SessionError {
     /// No answer within the request timeout.
     #[error("no answer from the relay within {0:?}")]
     Timeout(Duration),
+    /// The session stream could not be opened.
+    #[error("no session with the relay: {0}")]
+    NotOpened(String),
 }
 
 type Pending = HashMap<u32, oneshot::Sender<Result<RelayToClient, SessionError>>>;
@@ -237,6 +240,22 @@ impl Session {
             answered,
             stop: Mutex::new(Some(stop)),
         })
+    }
+
+    /// Opens a session stream with `relay` over `control` (which dials if need be) and
+    /// starts it; gives up after `timeout`.
+    pub async fn open(
+        control: &mut libp2p_stream::Control,
+        relay: PeerId,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, SessionError> {
+        match tokio::time::timeout(timeout, control.open_stream(relay, SESSION_PROTOCOL)).await {
+            Ok(Ok(stream)) => Ok(Self::start(stream)),
+            Ok(Err(e)) => Err(SessionError::NotOpened(e.to_string())),
+            Err(_) => Err(SessionError::NotOpened(format!(
+                "not open within {timeout:?}"
+            ))),
+        }
     }
 
     /// Whether any answer ever came over this session: one that closes before its
