@@ -408,11 +408,8 @@ impl<S: MailboxStore + Clone> Node<S> {
     fn expire_waiters(&mut self, now: Instant) {
         let mut done = Vec::new();
         self.waiting.retain(|_, waiters| {
-            let (keep, expired): (Vec<_>, Vec<_>) = waiters
-                .drain(..)
-                .partition(|w| w.deadline > now && w.reply.is_open());
-            done.extend(expired);
-            *waiters = keep;
+            // In place: a mailbox's list keeps its allocation (room for one waiter).
+            done.extend(waiters.extract_if(.., |w| w.deadline <= now || !w.reply.is_open()));
             !waiters.is_empty()
         });
         for w in done {

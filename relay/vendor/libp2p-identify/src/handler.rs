@@ -345,6 +345,11 @@ impl ConnectionHandler for Handler {
         cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Event>> {
         if let Some(event) = self.events.pop() {
+            // kkachi patch: a drained queue gives its buffer back (a spilled `SmallVec` keeps
+            // its capacity otherwise, for the life of the connection).
+            if self.events.is_empty() {
+                self.events = SmallVec::new();
+            }
             return Poll::Ready(event);
         }
 
