@@ -153,6 +153,8 @@ pub(crate) struct Node<S> {
     /// Requests read off session streams.
     sessions: mpsc::Receiver<SessionRequest>,
     puts: FuturesUnordered<PendingPut>,
+    /// Puts were added since the node last let other tasks run: see [`Node::run`].
+    fresh_puts: bool,
     addrs: watch::Sender<Vec<Multiaddr>>,
     listeners: Vec<ListenerId>,
     /// Set when the store failed: drain without a final flush, and report it.
@@ -180,6 +182,7 @@ impl<S: MailboxStore + Clone> Node<S> {
             peer_sources: HashMap::new(),
             sessions,
             puts: FuturesUnordered::new(),
+            fresh_puts: false,
             addrs,
             listeners,
             fatal: None,
@@ -195,6 +198,13 @@ impl<S: MailboxStore + Clone> Node<S> {
         let mut last_expiry = Instant::now();
         self.metrics.set_ready(true);
         loop {
+            // A new put's first poll starts the store's flush, which wakes a blocking
+            // thread and sled's I/O pool. Let the long polls it answered be written out
+            // first: on a busy machine the woken threads can take the core from the
+            // tasks that carry the message on.
+            if std::mem::take(&mut self.fresh_puts) {
+                tokio::task::yield_now().await;
+            }
             tokio::select! {
                 // Shutdown first, then finished puts (they release clients), then new
                 // network events, then housekeeping.
@@ -330,6 +340,7 @@ impl<S: MailboxStore + Clone> Node<S> {
             Action::Respond(response) => self.respond(reply, response),
             Action::Put { done, mailboxes } => {
                 self.puts.push(Box::pin(async move { (reply, done.await) }));
+                self.fresh_puts = true;
                 for mailbox in mailboxes {
                     self.wake(&mailbox);
                 }
