@@ -393,24 +393,28 @@ impl<S: MailboxStore + Clone> Node<S> {
 
     /// Answers every long poll on `mailbox` that now has something newer.
     fn wake(&mut self, mailbox: &MailboxId) {
-        let Some(waiters) = self.waiting.remove(mailbox) else {
+        let Some(mut waiters) = self.waiting.remove(mailbox) else {
             return;
         };
-        let mut still = Vec::new();
-        for w in waiters {
-            let response =
-                self.service
-                    .fetch(mailbox, w.after, kkachi_protocol::wire::MAX_BATCH_ITEMS);
+        // In place, as in `expire_waiters`: those still waiting keep the list's allocation.
+        let mut i = 0;
+        while i < waiters.len() {
+            let response = self.service.fetch(
+                mailbox,
+                waiters[i].after,
+                kkachi_protocol::wire::MAX_BATCH_ITEMS,
+            );
             let empty = matches!(&response, RelayToClient::Batch { items, .. } if items.is_empty());
             if empty {
-                still.push(w);
+                i += 1;
             } else {
+                let w = waiters.swap_remove(i);
                 self.unpark(&w);
                 self.respond(w.reply, response);
             }
         }
-        if !still.is_empty() {
-            self.waiting.insert(*mailbox, still);
+        if !waiters.is_empty() {
+            self.waiting.insert(*mailbox, waiters);
         }
     }
 
