@@ -42,6 +42,9 @@ pub enum Command {
     /// Manage contacts.
     #[command(subcommand)]
     Contact(ContactCommand),
+    /// Messages from people who are not your contacts yet: list, accept, reject, block.
+    #[command(subcommand)]
+    Request(RequestCommand),
     /// Send a message. Exits 0 once it is safely in your outbox.
     Send(SendArgs),
     /// Deliver the outbox, fetch new mail, print new messages, exit.
@@ -98,6 +101,53 @@ pub enum ContactCommand {
     },
     /// List contacts.
     List,
+    /// Remove a contact and your conversation with them.
+    Remove {
+        /// Contact name or peer id.
+        contact: String,
+    },
+    /// Block a contact (or the sender of a message request): what they send is dropped.
+    Block {
+        /// Contact name, request sender, or peer id.
+        contact: String,
+    },
+    /// Unblock someone.
+    Unblock {
+        /// Contact name, or the blocked peer id.
+        contact: String,
+    },
+    /// Give a contact another name (shown only to you).
+    Rename {
+        /// Contact name or peer id.
+        contact: String,
+        /// The new name.
+        name: String,
+    },
+}
+
+/// `kkachi request ...`
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum RequestCommand {
+    /// Show who wrote to you without being a contact, and what they wrote.
+    List,
+    /// Add the sender as a contact; their messages move into the conversation.
+    Accept {
+        /// The name they give, or their peer id (or its start or end).
+        who: String,
+        /// A name of your choosing for them.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Drop their messages (they may write again).
+    Reject {
+        /// The name they give, or their peer id.
+        who: String,
+    },
+    /// Drop their messages and block them.
+    Block {
+        /// The name they give, or their peer id.
+        who: String,
+    },
 }
 
 /// `kkachi send ...`

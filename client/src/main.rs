@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kkachi_client::cli::{Cli, Command};
-use kkachi_client::commands::{App, Output, UserError, print_received};
+use kkachi_client::commands::{App, Output, UserError, print_received, request_line};
 use kkachi_client::engine::AppEvent;
 use kkachi_client::store::{LocalStore, StoreError};
 use kkachi_client::{ipc, runtime};
@@ -100,9 +100,17 @@ async fn daemon(home: &Path, json: bool) -> Result<(), UserError> {
     let engine = runtime::start_engine(store, me, runtime::net_config())?;
     let control = tokio::spawn(ipc::serve(home.to_path_buf(), engine.clone()));
     let mut events = engine.subscribe();
+    let store_for_requests = engine.store().clone();
     let printer = tokio::spawn(async move {
         loop {
             match events.recv().await {
+                Ok(AppEvent::Request(peer)) => {
+                    // Not a message of a contact: told on stderr, never mixed into the
+                    // stream of messages.
+                    if let Ok(Some(request)) = store_for_requests.request(&peer) {
+                        eprintln!("{}", request_line(&request));
+                    }
+                }
                 Ok(AppEvent::Message(r)) => {
                     let mut out = Output::default();
                     print_received(&mut out, &r, json);

@@ -361,6 +361,20 @@ impl Network {
         ))
     }
 
+    /// A handle with no network behind it: every request fails at once. For an engine
+    /// that only changes local state (contacts) in a process that needs no network.
+    pub fn offline(local: PeerId) -> Self {
+        let (commands, _) = mpsc::channel(1);
+        Self {
+            commands,
+            state: Arc::default(),
+            local,
+            direct: false,
+            control: libp2p_stream::Behaviour::new().new_control(),
+            sessions: Arc::default(),
+        }
+    }
+
     /// Our own peer id.
     pub fn local_peer(&self) -> PeerId {
         self.local

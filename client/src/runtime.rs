@@ -24,6 +24,8 @@ const DELIVERY_TICK: Duration = Duration::from_millis(500);
 /// Most outbox passes started for fresh receipts at once. Past this, receipts wait for
 /// a pass already running or the next tick, instead of each starting a full pass.
 const RECEIPT_PASSES: usize = 4;
+/// How often the daemon forgets expired envelopes and held messages.
+const HOUSEKEEPING: Duration = Duration::from_secs(6 * 3600);
 
 /// Network options from the environment: `KKACHI_LISTEN` (comma-separated
 /// multiaddrs), `KKACHI_MDNS=0` to turn LAN discovery off and `KKACHI_DIRECT=0` for
@@ -82,6 +84,20 @@ async fn pump(
                 envelopes,
                 reply,
             } => {
+                // A direct handover tells the sender "delivered": only a contact who is
+                // not blocked may make one. Anyone else goes through the relays, where
+                // a first message is held as a request and stays "relayed".
+                let store = engine.store();
+                let contact = matches!(store.contact(&from), Ok(Some(_)))
+                    && matches!(store.blocked(&from), Ok(None));
+                if !contact {
+                    let refusal = RelayToClient::error(
+                        kkachi_protocol::ErrorCode::NotOwner,
+                        "this client takes direct deliveries from its contacts only",
+                    );
+                    tokio::spawn(reply.send(refusal));
+                    continue;
+                }
                 let engine = engine.clone();
                 tokio::spawn(async move {
                     let n = envelopes.len();
@@ -132,10 +148,16 @@ pub async fn run_online(engine: Arc<Engine<Network>>, stop: impl std::future::Fu
     let mut deliver = tokio::time::interval(DELIVERY_TICK);
     deliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let receipt_passes = Arc::new(tokio::sync::Semaphore::new(RECEIPT_PASSES));
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            _ = housekeeping.tick() => {
+                if let Err(e) = engine.housekeeping().await {
+                    tracing::warn!(error = %e, "housekeeping failed");
+                }
+            }
             _ = rescan.tick() => supervise_inboxes(&engine, &mut inboxes).await,
             _ = deliver.tick() => {
                 if let Err(e) = engine.deliver_due().await {

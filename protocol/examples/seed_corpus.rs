@@ -132,7 +132,7 @@ fn main() {
         Content {
             seq: 2,
             prev: text.hash(),
-            body: Body::CardUpdate(Box::new(card)),
+            body: Body::CardUpdate(Box::new(card.clone())),
             ..text.clone()
         },
         Content {
@@ -152,18 +152,25 @@ fn main() {
     let mut a = Session::with_instance(bob.x25519_public(), [1; 8]);
     let mut b = Session::with_instance(alice.x25519_public(), [2; 8]);
     write("session_state", "fresh", &a.encode());
-    let init = a.seal(&alice, &text.encode(), NOW, &mut rng).expect("seal");
+    let bob_card = Card::new(&bob, "Bob", vec![], 1).expect("card");
+    let init = a
+        .seal(&alice, &card, &text.encode(), NOW, &mut rng)
+        .expect("seal");
     write("session_packet", "init", &init);
     let Ok(Incoming::Init(p)) = session::open(&bob, &init) else {
         panic!("init opens")
     };
     b.accept_init(&bob, p, NOW).expect("accept");
-    let reply = b.seal(&bob, b"reply", NOW, &mut rng).expect("seal");
+    let reply = b
+        .seal(&bob, &bob_card, b"reply", NOW, &mut rng)
+        .expect("seal");
     let Ok(Incoming::Init(p)) = session::open(&alice, &reply) else {
         panic!("reply opens")
     };
     a.accept_init(&alice, p, NOW).expect("accept");
-    let transport = a.seal(&alice, &text.encode(), NOW, &mut rng).expect("seal");
+    let transport = a
+        .seal(&alice, &card, &text.encode(), NOW, &mut rng)
+        .expect("seal");
     write("session_packet", "transport", &transport);
     write("session_state", "established", &a.encode());
     write("session_state", "answered", &b.encode());

@@ -16,9 +16,12 @@ use crate::identity::{Identity, IdentityError, PublicIdentity};
 /// Prefix of every invite code; the `1` is the format version.
 pub const INVITE_PREFIX: &str = "kk1";
 /// Version byte of the card encoding.
-pub const CARD_VERSION: u8 = 1;
-/// Longest display name, in UTF-8 bytes.
-pub const MAX_NAME_LEN: usize = 64;
+pub const CARD_VERSION: u8 = 2;
+/// Longest display name, in characters (Unicode scalar values): 64 characters of any
+/// script, so a name of 21 Hangul syllables fits even when typed decomposed.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest display name, in UTF-8 bytes (what its one-byte length prefix can hold).
+pub const MAX_NAME_LEN: usize = 255;
 /// Most inbox relays a card may list.
 pub const MAX_RELAYS: usize = 8;
 /// Longest encoded relay multiaddr, in bytes.
@@ -35,7 +38,8 @@ pub const MAX_CARD_LEN: usize = 1
 /// Longest invite code accepted, in characters; checked before decoding.
 pub const MAX_INVITE_LEN: usize = INVITE_PREFIX.len() + (MAX_CARD_LEN + CHECKSUM_LEN) * 14 / 10 + 8;
 const CHECKSUM_LEN: usize = 4;
-const SIGNATURE_CONTEXT: &str = "kkachi/card/v1";
+/// Label of a card's signature ([`Identity::sign`]).
+const SIGNATURE_LABEL: &str = "kkachi/card/v2";
 
 /// Why a card or invite code was refused. Each message says what a person can do.
 #[derive(Debug, Error)]
@@ -64,6 +68,81 @@ pub enum CardError {
     /// A field is out of range.
     #[error("invalid card: {0}")]
     Invalid(&'static str),
+    /// The display name breaks the rules of [`check_name`].
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// Why a display name was refused. Names are shown to other people, so they may not
+/// hide characters or change how the text around them is drawn.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NameError {
+    /// Empty, or only spaces.
+    #[error("the name is empty")]
+    Empty,
+    /// Starts or ends with a space.
+    #[error("the name starts or ends with a space")]
+    Padded,
+    /// More than [`MAX_NAME_CHARS`] characters or [`MAX_NAME_LEN`] bytes.
+    #[error("the name is {0} characters long; the limit is 64")]
+    TooLong(usize),
+    /// A control character (line breaks, escape sequences, ...).
+    #[error("the name contains a control character (U+{0:04X})")]
+    Control(u32),
+    /// A character that is invisible or changes the direction of the text around it,
+    /// which would let one name pass for another.
+    #[error("the name contains an invisible or text-direction character (U+{0:04X})")]
+    Invisible(u32),
+}
+
+/// True for characters a name may not contain although they are not control
+/// characters: they are invisible or reorder the text around them, so a name holding
+/// them can look like another (bidirectional overrides, zero-width characters, Hangul
+/// fillers, tag characters, ...).
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'                      // soft hyphen
+            | '\u{034F}'                // combining grapheme joiner
+            | '\u{061C}'                // Arabic letter mark
+            | '\u{115F}' | '\u{1160}'    // Hangul choseong / jungseong fillers
+            | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'    // Mongolian selectors and vowel separator
+            | '\u{200B}'..='\u{200F}'    // zero-width space, joiners, LRM, RLM
+            | '\u{2028}'..='\u{202E}'    // line/paragraph separators, bidi embeddings
+            | '\u{2060}'..='\u{206F}'    // word joiner, invisible operators, bidi isolates
+            | '\u{3164}'                // Hangul filler
+            | '\u{FE00}'..='\u{FE0F}'    // variation selectors
+            | '\u{FEFF}'                // zero-width no-break space
+            | '\u{FFA0}'                // halfwidth Hangul filler
+            | '\u{FFF9}'..='\u{FFFB}'    // interlinear annotation
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}' // tags and variation selectors supplement
+    )
+}
+
+/// Checks a display name: not blank, no leading or trailing space, at most
+/// [`MAX_NAME_CHARS`] characters, no control, invisible or text-direction characters.
+/// Cards are checked with it, and clients check the names users give contacts.
+pub fn check_name(name: &str) -> Result<(), NameError> {
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(NameError::Control(c.into()));
+    }
+    if let Some(c) = name.chars().find(|c| is_invisible(*c)) {
+        return Err(NameError::Invisible(c.into()));
+    }
+    if name.trim().is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.trim() != name {
+        return Err(NameError::Padded);
+    }
+    let chars = name.chars().count();
+    if chars > MAX_NAME_CHARS || name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong(chars));
+    }
+    Ok(())
 }
 
 /// A signed contact card.
@@ -84,16 +163,28 @@ impl Card {
         relays: Vec<Multiaddr>,
         version: u64,
     ) -> Result<Self, CardError> {
+        Self::signed(identity.public(), identity, name, relays, version)
+    }
+
+    /// A card for `public`, signed by `signer`. Only tests build one where the two
+    /// differ: a forged card, which every decoder must refuse or see through.
+    pub(crate) fn signed(
+        public: PublicIdentity,
+        signer: &Identity,
+        name: &str,
+        relays: Vec<Multiaddr>,
+        version: u64,
+    ) -> Result<Self, CardError> {
         check_name(name)?;
         check_relays(&relays)?;
         let mut card = Self {
-            identity: identity.public(),
+            identity: public,
             version,
             name: name.to_owned(),
             relays,
             signature: [0; 64],
         };
-        card.signature = identity.sign(&card.signed_message());
+        card.signature = signer.sign(SIGNATURE_LABEL, &card.unsigned());
         Ok(card)
     }
 
@@ -133,11 +224,10 @@ impl Card {
         }
     }
 
-    fn signed_message(&self) -> Vec<u8> {
+    fn unsigned(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(MAX_CARD_LEN);
         self.write_unsigned(&mut w);
-        let body = w.finish();
-        hash(SIGNATURE_CONTEXT, &[&body]).to_vec()
+        w.finish()
     }
 
     /// The binary encoding (see SPEC.md, "Card").
@@ -201,7 +291,7 @@ impl Card {
         };
         if !card
             .identity
-            .verify(&card.signed_message(), &card.signature)
+            .verify(SIGNATURE_LABEL, &card.unsigned(), &card.signature)
         {
             return Err(CardError::BadSignature);
         }
@@ -237,23 +327,6 @@ impl Card {
         }
         Self::decode(card)
     }
-}
-
-fn check_name(name: &str) -> Result<(), CardError> {
-    if name.trim().is_empty() {
-        return Err(CardError::Invalid("the display name is empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(CardError::Invalid(
-            "the display name is longer than 64 bytes",
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(CardError::Invalid(
-            "the display name contains control characters",
-        ));
-    }
-    Ok(())
 }
 
 fn check_relays(relays: &[Multiaddr]) -> Result<(), CardError> {
@@ -394,7 +467,8 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let card = Card::new(&id, &"n".repeat(MAX_NAME_LEN), relays, u64::MAX).unwrap();
+        // The longest name in bytes: 63 four-byte characters.
+        let card = Card::new(&id, &"😀".repeat(MAX_NAME_LEN / 4), relays, u64::MAX).unwrap();
         let code = card.to_invite();
         assert!(
             code.len() <= MAX_INVITE_LEN,
@@ -403,5 +477,70 @@ mod tests {
             MAX_INVITE_LEN
         );
         assert_eq!(Card::from_invite(&code).unwrap(), card);
+    }
+
+    #[test]
+    fn names_that_hide_or_reorder_text_are_refused() {
+        // 21 Hangul syllables fit, composed or decomposed (what some keyboards send).
+        let composed = "가나다라마바사아자차카타파하거너더러머버서";
+        assert_eq!(composed.chars().count(), 21);
+        assert_eq!(check_name(composed), Ok(()));
+        let decomposed: String = composed
+            .chars()
+            .flat_map(|c| {
+                // Unicode's Hangul decomposition: L, V (every syllable here has no T).
+                let s = u32::from(c) - 0xAC00;
+                [0x1100 + s / 588, 0x1161 + (s % 588) / 28].map(|u| char::from_u32(u).unwrap())
+            })
+            .collect();
+        assert_eq!(decomposed.chars().count(), 42);
+        assert_eq!(check_name(&decomposed), Ok(()));
+        assert_eq!(check_name("Jiwoo 지우 🐦"), Ok(()));
+        assert_eq!(check_name(&"가".repeat(64)), Ok(()));
+        assert_eq!(check_name(&"가".repeat(65)), Err(NameError::TooLong(65)));
+        assert_eq!(check_name("   "), Err(NameError::Empty));
+        assert_eq!(check_name(" Alice"), Err(NameError::Padded));
+        assert_eq!(check_name("Al\x1b[2Jice"), Err(NameError::Control(0x1b)));
+        assert_eq!(check_name("Alice\nBob"), Err(NameError::Control(0x0a)));
+        assert_eq!(check_name("A\u{85}"), Err(NameError::Control(0x85)));
+        // Lookalikes: a right-to-left override, zero-width joiners, a Hangul filler.
+        assert_eq!(
+            check_name("Ali\u{202E}ecb"),
+            Err(NameError::Invisible(0x202E))
+        );
+        assert_eq!(
+            check_name("Al\u{200B}ice"),
+            Err(NameError::Invisible(0x200B))
+        );
+        assert_eq!(
+            check_name("Alice\u{2066}"),
+            Err(NameError::Invisible(0x2066))
+        );
+        assert_eq!(
+            check_name("지\u{3164}우"),
+            Err(NameError::Invisible(0x3164))
+        );
+        assert_eq!(
+            check_name("Bob\u{E0041}"),
+            Err(NameError::Invisible(0xE0041))
+        );
+        let id = Identity::generate_with(&mut test_rng(7));
+        assert!(matches!(
+            Card::new(&id, "Ali\u{202E}ecb", vec![], 1),
+            Err(CardError::Name(NameError::Invisible(0x202E)))
+        ));
+    }
+
+    #[test]
+    fn a_card_signature_covers_only_cards() {
+        // The card's signature is made for the card label: the same key's signature
+        // over the same bytes for another purpose does not make a valid card.
+        let (id, card) = sample(1);
+        let mut bytes = card.encode();
+        let unsigned = card.unsigned();
+        let other_purpose = id.sign("kkachi/x25519-binding/v2", &unsigned);
+        let n = bytes.len();
+        bytes[n - 64..].copy_from_slice(&other_purpose);
+        assert!(matches!(Card::decode(&bytes), Err(CardError::BadSignature)));
     }
 }

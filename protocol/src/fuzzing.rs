@@ -102,6 +102,26 @@ pub fn session_packet(data: &[u8]) {
     }
 }
 
+/// A card pairing `signer`'s identity key with someone else's X25519 key (`x25519`,
+/// copied from that person's public card), signed by `signer`: a forgery anyone can
+/// make. Every check must see through it (tests use it to prove they do).
+pub fn forged_card(
+    signer: &Identity,
+    x25519: [u8; 32],
+    name: &str,
+    relays: Vec<multiaddr::Multiaddr>,
+    version: u64,
+) -> Card {
+    Card::signed(
+        signer.public_with_foreign_x25519(x25519),
+        signer,
+        name,
+        relays,
+        version,
+    )
+    .expect("valid name and relays")
+}
+
 /// Stored session state (read back from the local database, which may be corrupt).
 pub fn session_state(data: &[u8]) {
     if let Ok(s) = Session::decode(data) {

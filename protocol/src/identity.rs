@@ -3,7 +3,14 @@
 //! A user is named by an Ed25519 key (the libp2p keypair; its [`PeerId`] is the user's
 //! id on the network). End-to-end sessions use a separate X25519 static key, bound to the
 //! identity by an Ed25519 signature over the X25519 public key, so a contact who trusts
-//! the identity key also trusts the session key.
+//! the identity key also trusts the session key. The other direction (the holder of the
+//! X25519 key names its identity key) is carried inside the session handshake: every
+//! first message carries the sender's card, and only the holder of the X25519 secret can
+//! produce a first message under that key (see `session`).
+//!
+//! Every signature made with an identity key names what it is for: the signed bytes are
+//! `u8 len(label) ‖ label ‖ message` ([`Identity::sign`]), so a signature made for one
+//! purpose can never be read as one made for another.
 
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use rand_core::{CryptoRng, RngCore};
@@ -13,8 +20,8 @@ use zeroize::Zeroizing;
 
 use crate::codec::{DecodeError, Reader, Writer};
 
-/// Domain-separation prefix of the signature binding the X25519 key to the identity.
-const BINDING_CONTEXT: &[u8] = b"kkachi/x25519-binding/v1";
+/// Label of the signature binding the X25519 key to the identity.
+const BINDING_LABEL: &str = "kkachi/x25519-binding/v2";
 /// Version byte of the secret identity encoding.
 const SECRET_VERSION: u8 = 1;
 /// Length of [`Identity::to_secret_bytes`].
@@ -88,11 +95,22 @@ impl Identity {
     /// The public half, with the signature binding the X25519 key.
     pub fn public(&self) -> PublicIdentity {
         let x25519 = self.x25519_public();
-        let sig = self.sign(&binding_message(&x25519));
+        let sig = self.sign(BINDING_LABEL, &x25519);
         PublicIdentity {
             ed25519: self.keypair.public().to_bytes(),
             x25519,
             binding: sig,
+        }
+    }
+
+    /// A public identity pairing this identity key with another X25519 key, bound by
+    /// this key's signature: what anyone can make from someone else's public card, and
+    /// what the protocol must see through (tests only).
+    pub(crate) fn public_with_foreign_x25519(&self, x25519: [u8; 32]) -> PublicIdentity {
+        PublicIdentity {
+            ed25519: self.keypair.public().to_bytes(),
+            x25519,
+            binding: self.sign(BINDING_LABEL, &x25519),
         }
     }
 
@@ -106,9 +124,11 @@ impl Identity {
         Zeroizing::new(self.x25519.to_bytes())
     }
 
-    /// An Ed25519 signature over `msg`.
-    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
-        let sig = self.keypair.sign(msg);
+    /// An Ed25519 signature over `msg` for the purpose named by `label` (a
+    /// `kkachi/…/vN` string of at most 255 bytes): the signed bytes are
+    /// `u8 len(label) ‖ label ‖ msg`.
+    pub fn sign(&self, label: &str, msg: &[u8]) -> [u8; 64] {
+        let sig = self.keypair.sign(&labelled(label, msg));
         let mut out = [0u8; 64];
         out.copy_from_slice(&sig);
         out
@@ -143,8 +163,15 @@ impl Identity {
     }
 }
 
-fn binding_message(x25519: &[u8; 32]) -> Vec<u8> {
-    [BINDING_CONTEXT, x25519.as_slice()].concat()
+/// The bytes a signature for `label` covers.
+fn labelled(label: &str, msg: &[u8]) -> Vec<u8> {
+    let label = label.as_bytes();
+    assert!(label.len() <= 255, "signature labels are short constants");
+    let mut out = Vec::with_capacity(1 + label.len() + msg.len());
+    out.push(label.len() as u8);
+    out.extend_from_slice(label);
+    out.extend_from_slice(msg);
+    out
 }
 
 /// What others know of a user: the identity key, the session key and the signature
@@ -186,9 +213,10 @@ impl PublicIdentity {
             .expect("validated when the PublicIdentity was built")
     }
 
-    /// Checks an Ed25519 signature made by this identity.
-    pub fn verify(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
-        self.ed25519_key().verify(msg, sig)
+    /// Checks an Ed25519 signature made by this identity with [`Identity::sign`] for
+    /// the purpose `label`.
+    pub fn verify(&self, label: &str, msg: &[u8], sig: &[u8; 64]) -> bool {
+        self.ed25519_key().verify(&labelled(label, msg), sig)
     }
 
     pub(crate) fn write(&self, w: &mut Writer) {
@@ -201,7 +229,7 @@ impl PublicIdentity {
         let binding = r.array::<64>("key binding signature")?;
         let key =
             ed25519::PublicKey::try_from_bytes(&ed25519).map_err(|_| IdentityError::BadKey)?;
-        if !key.verify(&binding_message(&x25519), &binding) {
+        if !key.verify(&labelled(BINDING_LABEL, &x25519), &binding) {
             return Err(IdentityError::BadBinding);
         }
         Ok(Self {
@@ -249,9 +277,13 @@ mod tests {
         let back = PublicIdentity::decode(&public.encode()).unwrap();
         assert_eq!(back, public);
         assert_eq!(back.peer_id(), id.peer_id());
-        let sig = id.sign(b"hello");
-        assert!(back.verify(b"hello", &sig));
-        assert!(!back.verify(b"hellp", &sig));
+        let sig = id.sign("kkachi/test/v1", b"hello");
+        assert!(back.verify("kkachi/test/v1", b"hello", &sig));
+        assert!(!back.verify("kkachi/test/v1", b"hellp", &sig));
+        // The same bytes signed for another purpose do not verify for this one, nor
+        // does moving bytes between label and message.
+        assert!(!back.verify("kkachi/test/v2", b"hello", &sig));
+        assert!(!back.verify("kkachi/test/v1h", b"ello", &sig));
     }
 
     #[test]

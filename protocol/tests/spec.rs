@@ -33,6 +33,15 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_DELETE_IDS", wire::MAX_DELETE_IDS as u64),
         ("MAX_WAIT_MS", u64::from(wire::MAX_WAIT_MS)),
         ("CLOCK_SKEW_SECS", envelope::CLOCK_SKEW_SECS),
+        ("MAX_NAME_CHARS", card::MAX_NAME_CHARS as u64),
+        (
+            "MAX_FIRST_GENERATION",
+            u64::from(session::MAX_FIRST_GENERATION),
+        ),
+        (
+            "MAX_GENERATION_STEP",
+            u64::from(session::MAX_GENERATION_STEP),
+        ),
     ];
     let mut missing = Vec::new();
     for (name, value) in limits {

@@ -13,7 +13,7 @@ pub struct Checker {
     order: Vec<String>,
     shown: HashMap<String, Vec<Instant>>,
     /// (seq, missing-at-that-time) in arrival order, per sender.
-    arrivals: HashMap<String, Vec<(u64, Vec<u64>)>>,
+    arrivals: HashMap<String, Vec<(u64, Vec<(u64, u64)>)>>,
 }
 
 /// The verdict.
@@ -61,7 +61,8 @@ impl Checker {
         self.order.push(id.to_string());
     }
 
-    /// Records a daemon output line (JSON object with id, from, seq, optional missing).
+    /// Records a daemon output line (JSON object with id, from, seq, and the missing
+    /// ranges as `gaps`: `[[first, last], …]`).
     pub fn shown(&mut self, at: Instant, line: &serde_json::Value) {
         let Some(id) = line["id"].as_str() else {
             return;
@@ -69,11 +70,10 @@ impl Checker {
         self.shown.entry(id.to_string()).or_default().push(at);
         let from = line["peer_id"].as_str().unwrap_or_default().to_string();
         let seq = line["seq"].as_u64().unwrap_or(0);
-        let missing = line["missing"]
-            .as_array()
-            .map(|m| m.iter().filter_map(|v| v.as_u64()).collect())
-            .unwrap_or_default();
-        self.arrivals.entry(from).or_default().push((seq, missing));
+        self.arrivals
+            .entry(from)
+            .or_default()
+            .push((seq, gap_ranges(line)));
     }
 
     /// Ids reported sent but not shown yet.
@@ -108,12 +108,12 @@ impl Checker {
         let mut reordered = 0;
         for arrivals in self.arrivals.values() {
             let mut max_seq = 0;
-            let mut announced: Vec<u64> = Vec::new();
-            for (seq, missing) in arrivals {
-                if *seq < max_seq && !announced.contains(seq) {
+            let mut announced: Vec<(u64, u64)> = Vec::new();
+            for (seq, gaps) in arrivals {
+                if *seq < max_seq && !announced.iter().any(|(a, b)| a <= seq && seq <= b) {
                     reordered += 1;
                 }
-                announced.extend(missing);
+                announced.extend(gaps);
                 max_seq = max_seq.max(*seq);
             }
         }
@@ -149,6 +149,18 @@ impl Checker {
     }
 }
 
+/// The missing ranges a daemon line announces (`"gaps": [[first, last], …]`).
+pub fn gap_ranges(line: &serde_json::Value) -> Vec<(u64, u64)> {
+    line["gaps"]
+        .as_array()
+        .map(|gaps| {
+            gaps.iter()
+                .filter_map(|g| Some((g[0].as_u64()?, g[1].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,9 +173,9 @@ mod tests {
         for id in ["a", "b", "c", "d"] {
             c.sent(id, t0);
         }
-        let line = |id: &str, seq: u64, missing: Vec<u64>| json!({"id": id, "peer_id": "p", "seq": seq, "missing": missing});
+        let line = |id: &str, seq: u64, gaps: Vec<(u64, u64)>| json!({"id": id, "peer_id": "p", "seq": seq, "gaps": gaps});
         c.shown(t0 + Duration::from_millis(10), &line("a", 1, vec![]));
-        c.shown(t0 + Duration::from_millis(20), &line("c", 3, vec![2]));
+        c.shown(t0 + Duration::from_millis(20), &line("c", 3, vec![(2, 2)]));
         c.shown(t0 + Duration::from_millis(30), &line("b", 2, vec![]));
         c.shown(t0 + Duration::from_millis(40), &line("b", 2, vec![]));
         let r = c.report();

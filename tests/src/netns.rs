@@ -22,6 +22,21 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// Why a scenario that also cuts links with nftables cannot run here, if it cannot.
+pub fn nft_unavailable() -> Option<String> {
+    if let Some(why) = unavailable() {
+        return Some(why);
+    }
+    match Command::new("nft").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "`nft --version` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("needs the `nft` command (nftables): {e}")),
+    }
+}
+
 fn run(args: &[&str]) -> Result<(), String> {
     let o = Command::new(args[0])
         .args(&args[1..])

@@ -10,11 +10,17 @@
 //! delivering as soon as they are sealed (a bounded number ahead of the disk). States:
 //! queued → relayed n/N → delivered → read.
 //!
-//! Receiving (`receive.rs`): envelopes from any relay or path are deduplicated by
-//! envelope id and message id, opened and stored; a view of the store may show them
-//! then. Once durable they are answered with a receipt, and only then deleted from
-//! the relay. Sequence gaps are recorded and shown.
+//! Receiving (`receive.rs`): each envelope from any relay or path, on its own, is
+//! deduplicated by envelope id and message id, opened and stored; a view of the store
+//! may show it then. Once durable it is answered with a receipt, and only then deleted
+//! from the relay. Sequence gaps and breaks in a contact's hash chain are recorded and
+//! shown. First messages from people who are not contacts are held as requests.
+//!
+//! Contacts (`contacts.rs`): adding, accepting a request (its held messages then go
+//! through the receive path), blocking, removing, renaming; all under the engine's
+//! lock, like everything that touches sessions.
 
+mod contacts;
 mod receive;
 #[cfg(test)]
 mod tests;
@@ -42,6 +48,7 @@ use crate::store::{
     StoreError, Target, TreeId, WriteSet, message_key,
 };
 
+pub use contacts::{ContactError, ContactOutcome};
 pub use receive::Received;
 
 /// How long one delivery attempt to one relay may take.
@@ -71,6 +78,9 @@ pub enum EngineError {
     /// Encryption failed.
     #[error("encryption failed: {0}")]
     Session(#[from] kkachi_protocol::SessionError),
+    /// A change to contacts was refused.
+    #[error(transparent)]
+    Contact(#[from] ContactError),
 }
 
 /// Something the user interface may want to show.
@@ -102,8 +112,10 @@ pub enum AppEvent {
         /// The message.
         id: MessageId,
     },
-    /// A contact's card changed (new relays or name).
+    /// A contact was added, changed (new relays or name), blocked or removed.
     ContactUpdated(PeerId),
+    /// Someone who is not a contact sent a message; it is held as a request.
+    Request(PeerId),
     /// A relay answered (true) or failed (false).
     Relay {
         /// Its address.
@@ -162,6 +174,12 @@ impl Sessions {
     pub(crate) fn reset(&mut self) {
         self.live.clear();
     }
+
+    /// Forgets the live session with `peer` (removed, or blocked: its state is gone
+    /// from the store too).
+    pub(crate) fn forget(&mut self, peer: &PeerId) {
+        self.live.remove(peer);
+    }
 }
 
 /// Unix milliseconds now.
@@ -188,6 +206,8 @@ pub struct Engine<T> {
     /// Write tickets of messages handed to the network before their write was durable;
     /// at most [`MAX_UNSAVED_SEALS`] at once.
     unsaved: parking_lot::Mutex<Vec<u64>>,
+    /// Our own card as of its version: every first message carries it.
+    card: parking_lot::Mutex<Option<kkachi_protocol::Card>>,
 }
 
 /// Marks an outbox entry as being delivered until dropped.
@@ -251,7 +271,24 @@ impl<T: Transport> Engine<T> {
             in_flight: parking_lot::Mutex::default(),
             outbox_wake: tokio::sync::Notify::new(),
             unsaved: parking_lot::Mutex::default(),
+            card: parking_lot::Mutex::default(),
         })
+    }
+
+    /// Our card as it stands, signed once per version of it (relays change its version).
+    fn own_card(&self) -> Result<kkachi_protocol::Card, EngineError> {
+        let version = self
+            .store
+            .profile()?
+            .map(|p| p.card_version)
+            .ok_or(StoreError::Corrupt("profile"))?;
+        let mut cached = self.card.lock();
+        if let Some(card) = cached.as_ref().filter(|c| c.version() == version) {
+            return Ok(card.clone());
+        }
+        let card = self.store.own_card(&self.me)?;
+        *cached = Some(card.clone());
+        Ok(card)
     }
 
     /// Resolves when something was queued that nobody is delivering yet (receipts for
@@ -296,6 +333,7 @@ impl<T: Transport> Engine<T> {
     ) -> Result<Envelope, EngineError> {
         let packet = session.seal(
             &self.me,
+            &self.own_card()?,
             &content.encode(),
             now / 1000,
             &mut rand_core::OsRng,

@@ -1,17 +1,37 @@
-//! Receiving: open, deduplicate, store durably, acknowledge with receipts; then (the
-//! caller) deletes from the relay. Also sealing again for a contact that lost its state.
+//! Receiving: each envelope on its own, from opening to a durable outcome.
+//!
+//! Every byte of an envelope is someone else's choice, so each one is handled in
+//! isolation, in its own write set: it is either applied (a message stored, a receipt
+//! or card taken in), held (a first message from someone who is not a contact yet),
+//! refused for good (the reason is logged), or skipped (already handled, expired, not
+//! ours). Only the first three mark it seen, in the same write set as the outcome: an
+//! envelope is never marked seen before what it led to is written, and a store failure
+//! stops the batch without marking anything it did not finish. Nothing a sender chose
+//! sizes an allocation unchecked ([`crate::sequence`] keeps gaps as bounded ranges), and
+//! should reading one envelope still panic (a bug), that envelope alone is refused and
+//! the rest of the batch goes on: one bad envelope never silences anyone.
+//!
+//! Delivery receipts are queued as markers in each message's write set and sealed once
+//! per contact at the end of the batch; markers a crash left behind are sealed by the
+//! next batch. Nothing is acknowledged (receipt, relay delete, direct answer) before it
+//! is durable: the caller flushes first.
 
-use kkachi_protocol::session::{self, Incoming};
+use std::borrow::Cow;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
+use kkachi_protocol::session::{self, Incoming, InitPacket};
 use kkachi_protocol::{
-    Body, Content, Envelope, MailboxId, MessageId, Multiaddr, PeerId, ReceiptStatus, RelayToClient,
-    Session, SessionError,
+    Body, Content, Envelope, MailboxId, MessageId, Multiaddr, Opened, PeerId, ReceiptStatus,
+    RelayToClient, Session, SessionError,
 };
 
 use super::{AppEvent, Engine, EngineError, Sessions, now_ms};
 use crate::net::Transport;
+use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
-    Contact, Conversation, Direction, LocalStore, MessageRecord, MessageState, OutboxKind, TreeId,
-    WriteSet, message_key,
+    Contact, Direction, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
+    MAX_STORED_PER_CONTACT, MessageRecord, MessageState, OutboxKind, TreeId, WriteSet, message_key,
 };
 
 /// A message shown to the user.
@@ -23,176 +43,349 @@ pub struct Received {
     pub name: String,
     /// The message.
     pub message: MessageRecord,
-    /// Sequence numbers of theirs still missing after this one arrived.
-    pub missing: Vec<u64>,
+    /// Their sequence numbers still missing after this one arrived.
+    pub gaps: Gaps,
+}
+
+/// Where a batch of envelopes comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A relay or a direct path: envelopes already handled are skipped.
+    Network,
+    /// Messages held from `PeerId` while they were not a contact, now accepted: they
+    /// were marked seen when held, and each leaves the held ones as it is applied.
+    Held(PeerId),
+}
+
+/// What became of one envelope.
+#[derive(Debug)]
+enum Outcome {
+    /// A new message to show.
+    Shown(Received),
+    /// Taken in: a receipt, a card, a copy of something stored, an unknown kind.
+    Applied(&'static str),
+    /// Held: a first message from someone who is not a contact.
+    Held(PeerId),
+    /// Refused for good.
+    Refused(Cow<'static, str>),
+    /// Not handled now, and not marked: already seen, expired, not ours.
+    Skipped(&'static str),
+}
+
+/// How a batch went, for the caller.
+#[derive(Debug, Default)]
+struct Tally {
+    shown: Vec<Received>,
+    held: Vec<PeerId>,
+    refused: usize,
+}
+
+fn refused(reason: impl Into<Cow<'static, str>>) -> Result<Outcome, EngineError> {
+    Ok(Outcome::Refused(reason.into()))
 }
 
 impl<T: Transport> Engine<T> {
     /// Processes envelopes from a relay or a direct path. Everything is durable when
     /// this returns, so the caller may delete them from the relay. Returns new texts.
     /// Each is announced twice: [`AppEvent::Incoming`] once it is in the store, then
-    /// [`AppEvent::Message`] once it is on disk.
+    /// [`AppEvent::Message`] once it is on disk. An `Err` is a failure of the local
+    /// store: whatever was not finished is not marked, so it comes again.
     pub async fn receive(&self, envelopes: Vec<Envelope>) -> Result<Vec<Received>, EngineError> {
-        let mine = MailboxId::for_peer(&self.me.peer_id());
-        let now = now_ms();
-        let mut sessions = self.lock.lock().await;
-        let contacts = self.store.contacts()?;
-        let mut w = WriteSet::default();
-        let mut shown = Vec::new();
-        // Contacts whose session changed in this batch, and their conversations.
-        let mut touched: Vec<PeerId> = Vec::new();
-        let mut convs: Vec<(PeerId, Conversation)> = Vec::new();
-        let mut receipts: Vec<(Contact, Vec<MessageId>)> = Vec::new();
-        for envelope in envelopes {
-            let id = envelope.id();
-            if envelope.mailbox != mine || self.store.seen(&id)? {
-                continue;
-            }
-            LocalStore::write_seen(&mut w, &id, now);
-            let opened = self.open(
-                &contacts,
-                &mut sessions,
-                &mut touched,
-                &envelope.payload,
-                now,
-            );
-            let (contact, body, peer_reset) = match opened {
-                Ok(x) => x,
-                Err(reason) => {
-                    tracing::debug!(envelope = %id, %reason, "envelope not opened");
-                    continue;
-                }
-            };
-            if peer_reset {
-                let session = sessions.get(&self.store, &contact)?;
-                self.reseal_for(&mut w, &contact, session, now)?;
-            }
-            let content = match Content::decode(&body) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(from = %contact.peer, error = %e, "unreadable content");
-                    continue;
-                }
-            };
-            // `None`: a receipt, card update or duplicate: nothing to show.
-            if let Some(r) = self.apply_content(&mut w, &contact, &mut convs, content, now)? {
-                match receipts.iter_mut().find(|(c, _)| c.peer == contact.peer) {
-                    Some((_, ids)) => ids.push(MessageId(r.message.id)),
-                    None => receipts.push((contact.clone(), vec![MessageId(r.message.id)])),
-                }
-                shown.push(r);
-            }
-        }
-        // Receipts ride the same write set: they exist iff the messages are stored.
-        let receipts_queued = !receipts.is_empty();
-        for (contact, ids) in receipts {
-            let session = sessions.get(&self.store, &contact)?;
-            let receipt = Body::Receipt {
-                status: ReceiptStatus::Delivered,
-                ids,
-            };
-            self.queue_control(&mut w, &contact, session, receipt, now)?;
-            if !touched.contains(&contact.peer) {
-                touched.push(contact.peer);
-            }
-        }
-        for contact in contacts.iter().filter(|c| touched.contains(&c.peer)) {
-            let session = sessions.get(&self.store, contact)?;
-            LocalStore::write_session(&mut w, &contact.peer, session);
-        }
-        for (peer, conv) in &convs {
-            LocalStore::write_conversation(&mut w, peer, conv);
-        }
-        if let Err(e) = self.store.apply(w) {
-            sessions.reset();
-            return Err(e.into());
-        }
-        // In the store now: a view of it may show them while they go to the disk. Nothing
-        // is acknowledged (receipt, relay delete, direct answer) before they are durable.
-        drop(sessions);
-        for r in &shown {
-            self.emit(AppEvent::Incoming(r.clone()));
-        }
-        self.store.flush().await?;
-        for r in &shown {
-            self.emit(AppEvent::Message(r.clone()));
-        }
-        if receipts_queued {
-            self.outbox_wake.notify_one();
-        }
-        Ok(shown)
+        self.receive_from(envelopes, Source::Network).await
     }
 
-    /// Opens a sealed packet against our contacts' sessions.
-    fn open(
+    pub(crate) async fn receive_from(
         &self,
-        contacts: &[Contact],
-        sessions: &mut Sessions,
-        touched: &mut Vec<PeerId>,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<(Contact, Vec<u8>, bool), String> {
-        let mut touch = |peer: PeerId| {
-            if !touched.contains(&peer) {
-                touched.push(peer);
+        envelopes: Vec<Envelope>,
+        source: Source,
+    ) -> Result<Vec<Received>, EngineError> {
+        let now = now_ms();
+        let mut tally = Tally::default();
+        let result = self.receive_each(&envelopes, source, now, &mut tally).await;
+        // What was applied goes to the disk even if a later envelope failed, so that
+        // what was announced in the store is announced durable too.
+        let flushed = self.store.flush().await;
+        if flushed.is_ok() {
+            for r in &tally.shown {
+                self.emit(AppEvent::Message(r.clone()));
             }
+        }
+        for peer in tally.held.iter().copied() {
+            self.emit(AppEvent::Request(peer));
+        }
+        result?;
+        flushed?;
+        Ok(tally.shown)
+    }
+
+    /// Applies each envelope in its own write set, then seals the receipts due.
+    async fn receive_each(
+        &self,
+        envelopes: &[Envelope],
+        source: Source,
+        now: u64,
+        tally: &mut Tally,
+    ) -> Result<(), EngineError> {
+        let mut sessions = self.lock.lock().await;
+        for envelope in envelopes {
+            let id = envelope.id();
+            let attempt = catch_unwind(AssertUnwindSafe(|| {
+                let mut w = WriteSet::default();
+                self.receive_one(&mut w, &mut sessions, envelope, source, now)
+                    .map(|outcome| (outcome, w))
+            }));
+            let (outcome, mut w) = match attempt {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => {
+                    sessions.reset();
+                    return Err(e);
+                }
+                Err(_) => {
+                    // Memory may be half-changed: take the sessions again from the store,
+                    // which holds what the envelopes before this one left.
+                    sessions.reset();
+                    tracing::error!(envelope = %id, "reading an envelope panicked; it is refused");
+                    let outcome = Outcome::Refused("reading it failed (a bug in kkachi)".into());
+                    (outcome, WriteSet::default())
+                }
+            };
+            if !matches!(outcome, Outcome::Skipped(_)) {
+                LocalStore::write_seen(&mut w, &id, envelope.expires_at);
+            }
+            if let Source::Held(peer) = source
+                && !matches!(outcome, Outcome::Skipped(_))
+            {
+                self.store.release_held(&mut w, &peer, envelope)?;
+            }
+            if let Err(e) = self.store.apply(w) {
+                sessions.reset();
+                return Err(e.into());
+            }
+            self.note_outcome(&id, outcome, tally);
+        }
+        let sealed = self.seal_due_receipts(&mut sessions, now)?;
+        drop(sessions);
+        if sealed {
+            self.outbox_wake.notify_one();
+        }
+        Ok(())
+    }
+
+    fn note_outcome(&self, id: &kkachi_protocol::EnvelopeId, outcome: Outcome, tally: &mut Tally) {
+        match outcome {
+            Outcome::Shown(r) => {
+                // In the store now: a view of it may show it while it goes to the disk.
+                self.emit(AppEvent::Incoming(r.clone()));
+                tally.shown.push(r);
+            }
+            Outcome::Applied(what) => tracing::debug!(envelope = %id, what, "applied"),
+            Outcome::Held(peer) => {
+                tracing::info!(envelope = %id, from = %peer, "held a message from someone who is not a contact");
+                if !tally.held.contains(&peer) {
+                    tally.held.push(peer);
+                }
+            }
+            Outcome::Refused(reason) => {
+                tally.refused += 1;
+                tracing::info!(envelope = %id, %reason, "envelope refused");
+            }
+            Outcome::Skipped(why) => tracing::trace!(envelope = %id, why, "skipped"),
+        }
+    }
+
+    /// Opens one envelope and writes what it leads to into `w` (the caller marks it
+    /// seen there). `Err` only for a failure of the local store.
+    fn receive_one(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        envelope: &Envelope,
+        source: Source,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        if source == Source::Network && self.store.seen(&envelope.id())? {
+            return Ok(Outcome::Skipped("already handled"));
+        }
+        if envelope.expires_at.saturating_add(CLOCK_SKEW_SECS) < now / 1000 {
+            return Ok(Outcome::Skipped("expired"));
+        }
+        if envelope.mailbox != MailboxId::for_peer(&self.me.peer_id()) {
+            return Ok(Outcome::Skipped("addressed to another mailbox"));
+        }
+        let packet = match session::open(&self.me, &envelope.payload) {
+            Ok(p) => p,
+            Err(e) => return refused(format!("unreadable: {e}")),
         };
-        let now_s = now / 1000;
-        match session::open(&self.me, payload).map_err(|e| e.to_string())? {
+        let (contact, opened) = match packet {
             Incoming::Init(init) => {
-                let Some(contact) = contacts
-                    .iter()
-                    .find(|c| c.card.identity().x25519() == init.remote_static())
-                else {
-                    return Err("first message from someone who is not a contact".into());
-                };
-                let session = sessions
-                    .get(&self.store, contact)
-                    .map_err(|e| e.to_string())?;
-                touch(contact.peer);
-                match session.accept_init(&self.me, init, now_s) {
-                    Ok(opened) => Ok((contact.clone(), opened.body, opened.peer_reset)),
-                    Err(SessionError::Replay) => Err("duplicate".into()),
-                    Err(e) => Err(e.to_string()),
+                match self.open_first(w, sessions, envelope, init, source, now)? {
+                    Ok(x) => x,
+                    Err(outcome) => return Ok(outcome),
                 }
             }
             Incoming::Transport(packet) => {
-                for contact in contacts {
-                    let session = sessions
-                        .get(&self.store, contact)
-                        .map_err(|e| e.to_string())?;
-                    match session.open_transport(&self.me, &packet, now_s) {
-                        None => continue,
-                        Some(Ok(opened)) => {
-                            touch(contact.peer);
-                            return Ok((contact.clone(), opened.body, opened.peer_reset));
-                        }
-                        Some(Err(SessionError::Replay)) => return Err("duplicate".into()),
-                        Some(Err(e)) => return Err(e.to_string()),
-                    }
+                let contacts = self.store.contacts()?;
+                let mut found = None;
+                for contact in contacts.iter() {
+                    let session = sessions.get(&self.store, contact)?;
+                    let Some(result) = session.open_transport(&self.me, &packet, now / 1000) else {
+                        continue;
+                    };
+                    // Whatever it did to the session is kept with the outcome.
+                    LocalStore::write_session(w, &contact.peer, session);
+                    found = Some(match result {
+                        Ok(opened) => Ok((contact.clone(), opened)),
+                        Err(SessionError::Replay) => Err("a copy of a message already read"),
+                        Err(_) => Err("it opened but its frame is malformed"),
+                    });
+                    break;
                 }
-                Err("no session opens it".into())
+                match found {
+                    Some(Ok(x)) => x,
+                    Some(Err(reason)) => return refused(reason),
+                    None => return refused("no session of ours opens it"),
+                }
             }
+        };
+        if opened.peer_reset {
+            let session = sessions.get(&self.store, &contact)?;
+            self.reseal_for(w, &contact, session, now)?;
+            LocalStore::write_session(w, &contact.peer, session);
         }
+        let content = match Content::decode(&opened.body) {
+            Ok(c) => c,
+            Err(e) => return refused(format!("unreadable content from {}: {e}", contact.peer)),
+        };
+        self.apply_content(w, &contact, content, now)
     }
 
+    /// A first message: from a contact (by both keys) it is accepted into their
+    /// session; from anyone else not blocked it is held as a request. The inner `Err`
+    /// is an outcome that ends the envelope here.
+    fn open_first(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        envelope: &Envelope,
+        init: Box<InitPacket>,
+        source: Source,
+        now: u64,
+    ) -> Result<Result<(Contact, Opened), Outcome>, EngineError> {
+        let card = init.sender_card().clone();
+        let peer = card.identity().peer_id();
+        let end = |reason: &'static str| Ok(Err(Outcome::Refused(reason.into())));
+        if peer == self.me.peer_id() {
+            return end("a first message that claims to be from ourselves");
+        }
+        if self.store.blocked(&peer)?.is_some() {
+            return end("from a blocked sender");
+        }
+        let contacts = self.store.contacts()?;
+        let Some(contact) = contacts.iter().find(|c| c.peer == peer) else {
+            if source != Source::Network {
+                // Being accepted, yet not a contact (removed meanwhile): it stays held.
+                return Ok(Err(Outcome::Skipped("the sender is not a contact")));
+            }
+            return self.hold(w, envelope, &init, now).map(Err);
+        };
+        if contact.card.identity().x25519() != init.remote_static() {
+            return end("a first message under a session key their card does not carry");
+        }
+        let session = sessions.get(&self.store, contact)?;
+        let result = session.accept_init(&self.me, init, now / 1000);
+        LocalStore::write_session(w, &contact.peer, session);
+        let opened = match result {
+            Ok(opened) => opened,
+            Err(SessionError::Replay) => return end("a copy of a message already read"),
+            Err(SessionError::TooOld) => return end("a first message older than any envelope"),
+            Err(_) => return end("a first message that does not fit their session"),
+        };
+        let mut contact = contact.clone();
+        if card.supersedes(&contact.card) {
+            // Their newest card rides every first message: take it like a card update.
+            contact.card = card;
+            LocalStore::write_contact(w, &contact);
+            self.emit(AppEvent::ContactUpdated(contact.peer));
+        }
+        Ok(Ok((contact, opened)))
+    }
+
+    /// Holds a first message from someone who is not a contact, within the bounds.
+    fn hold(
+        &self,
+        w: &mut WriteSet,
+        envelope: &Envelope,
+        init: &InitPacket,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let peer = init.sender_card().identity().peer_id();
+        let content = match Content::decode(init.body()) {
+            Ok(c) => c,
+            Err(e) => return refused(format!("unreadable content from a stranger: {e}")),
+        };
+        let text = match content.body {
+            Body::Text(text) => Some(text),
+            Body::Unknown { .. } => None,
+            Body::Receipt { .. } | Body::CardUpdate(_) => {
+                return refused("a receipt or card from someone who is not a contact");
+            }
+        };
+        if self.store.is_held(&peer, &content.id.0)? {
+            return Ok(Outcome::Applied("a copy of a held message"));
+        }
+        let (mine, total) = self.store.held_counts(&peer)?;
+        if mine >= MAX_HELD_PER_SENDER {
+            return refused("this sender already has the most messages held");
+        }
+        if total >= MAX_HELD_TOTAL {
+            return refused("message requests are full");
+        }
+        let held = HeldMessage {
+            envelope: envelope.encode(),
+            card: init.sender_card().encode(),
+            message_id: content.id.0,
+            seq: content.seq,
+            sent_at_ms: content.sent_at_ms,
+            text,
+            received_ms: now,
+            expires_at: envelope.expires_at,
+        };
+        LocalStore::write_held(w, &peer, &held);
+        Ok(Outcome::Held(peer))
+    }
+
+    /// Takes in one content record from `contact`.
     fn apply_content(
         &self,
         w: &mut WriteSet,
         contact: &Contact,
-        convs: &mut Vec<(PeerId, Conversation)>,
         content: Content,
         now: u64,
-    ) -> Result<Option<Received>, EngineError> {
+    ) -> Result<Outcome, EngineError> {
+        let peer = contact.peer;
         match content.body {
-            Body::Text(text) => {
-                if self.store.message(&contact.peer, &content.id)?.is_some() {
-                    return Ok(None); // same message through another path
+            Body::Text(_) if self.store.message(&peer, &content.id)?.is_some() => {
+                // A copy (another path, or sealed again): confirm it again, in case the
+                // first receipt was lost.
+                LocalStore::write_receipt_due(w, &peer, &content.id);
+                Ok(Outcome::Applied("a copy of a message already stored"))
+            }
+            Body::Text(ref text) => {
+                let mut conv = self.store.conversation(&peer)?;
+                let size = text.len() as u64;
+                if conv.received_bytes.saturating_add(size) > MAX_STORED_PER_CONTACT {
+                    conv.refused = conv.refused.saturating_add(1);
+                    LocalStore::write_conversation(w, &peer, &conv);
+                    return refused("over the storage limit for one contact");
                 }
-                let conv = conv_mut(convs, &self.store, &contact.peer)?;
-                let missing = note_sequence(conv, content.seq);
+                conv.received_bytes += size;
+                self.check_chain(w, &peer, &mut conv, &content)?;
+                conv.gaps.arrived(content.seq);
                 let local = conv.next_local;
                 conv.next_local += 1;
+                let Body::Text(text) = content.body else {
+                    unreachable!("matched above")
+                };
                 let record = MessageRecord {
                     id: content.id.0,
                     direction: Direction::In,
@@ -203,17 +396,14 @@ impl<T: Transport> Engine<T> {
                     seq: content.seq,
                     prev: content.prev,
                 };
-                LocalStore::write_message(
-                    w,
-                    &contact.peer,
-                    message_key(&contact.peer, local),
-                    &record,
-                );
-                Ok(Some(Received {
-                    contact: contact.peer,
+                LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
+                LocalStore::write_conversation(w, &peer, &conv);
+                LocalStore::write_receipt_due(w, &peer, &content.id);
+                Ok(Outcome::Shown(Received {
+                    contact: peer,
                     name: contact.name.clone(),
                     message: record,
-                    missing,
+                    gaps: conv.gaps,
                 }))
             }
             Body::Receipt { status, ids } => {
@@ -222,36 +412,121 @@ impl<T: Transport> Engine<T> {
                     ReceiptStatus::Read => MessageState::Read,
                 };
                 for id in &ids {
-                    self.advance_state(w, &contact.peer, id, state)?;
+                    self.advance_state(w, &peer, id, state)?;
                 }
                 // Delivered: the outbox entries of those messages are done.
                 for (key, entry) in self.store.outbox()? {
                     if entry.kind == OutboxKind::Message
-                        && entry.contact == contact.peer.to_bytes()
+                        && entry.contact == peer.to_bytes()
                         && ids.contains(&MessageId(entry.message_id))
                     {
                         w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
                     }
                 }
-                Ok(None)
+                Ok(Outcome::Applied("a receipt"))
             }
             Body::CardUpdate(card) => {
                 if card.supersedes(&contact.card) {
                     let updated = Contact {
-                        peer: contact.peer,
+                        peer,
                         name: contact.name.clone(),
                         card: *card,
                     };
                     LocalStore::write_contact(w, &updated);
-                    self.emit(AppEvent::ContactUpdated(contact.peer));
+                    self.emit(AppEvent::ContactUpdated(peer));
                 }
-                Ok(None)
+                Ok(Outcome::Applied("a card update"))
             }
             Body::Unknown { kind, .. } => {
-                tracing::debug!(kind, from = %contact.peer, "ignoring content of an unknown kind");
-                Ok(None)
+                // A kind from a newer version: it still takes its place in their
+                // sequence, so it causes no false gap.
+                if content.seq > 0 {
+                    let mut conv = self.store.conversation(&peer)?;
+                    self.check_chain(w, &peer, &mut conv, &content)?;
+                    conv.gaps.arrived(content.seq);
+                    LocalStore::write_conversation(w, &peer, &conv);
+                }
+                tracing::debug!(kind, from = %peer, "ignoring content of an unknown kind");
+                Ok(Outcome::Applied("a kind this version does not know"))
             }
         }
+    }
+
+    /// Checks a sequenced record against their records next to it (SPEC §5) and
+    /// records it; what does not fit is noted in `conv` and shown.
+    fn check_chain(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        conv: &mut crate::store::Conversation,
+        content: &Content,
+    ) -> Result<(), EngineError> {
+        let seq = content.seq;
+        if seq == 0 {
+            return Ok(());
+        }
+        let link = ChainLink {
+            id: content.id.0,
+            hash: content.hash(),
+            prev: content.prev,
+        };
+        let same = self.store.chain_link(peer, seq)?;
+        let before = match seq {
+            1 => None,
+            _ => self.store.chain_link(peer, seq - 1)?,
+        };
+        let after = match seq {
+            u64::MAX => None,
+            _ => self.store.chain_link(peer, seq + 1)?,
+        };
+        let check = ChainCheck::of(seq, &link, same.as_ref(), before.as_ref(), after.as_ref());
+        if check.conflict {
+            conv.conflicts = conv.conflicts.saturating_add(1);
+            tracing::warn!(from = %peer, seq, "two messages claim one sequence number");
+        }
+        for at in check.break_before.into_iter().chain(check.break_after) {
+            note_break(&mut conv.chain_breaks, at);
+            tracing::warn!(from = %peer, seq = at, "a message does not follow the one before it");
+        }
+        if same.is_none() {
+            LocalStore::write_chain_link(w, peer, seq, &link);
+        }
+        Ok(())
+    }
+
+    /// Seals the delivery receipts due (one per contact, for every message whose
+    /// marker is waiting) into the outbox. True if any were sealed.
+    fn seal_due_receipts(&self, sessions: &mut Sessions, now: u64) -> Result<bool, EngineError> {
+        let due = self.store.receipts_due()?;
+        if due.is_empty() {
+            return Ok(false);
+        }
+        let mut w = WriteSet::default();
+        let mut sealed = false;
+        for (peer, ids) in due {
+            for id in &ids {
+                LocalStore::clear_receipt_due(&mut w, &peer, id);
+            }
+            let contact = match self.store.contact(&peer)? {
+                Some(c) if self.store.blocked(&peer)?.is_none() => c,
+                _ => continue, // removed or blocked meanwhile: nothing to confirm
+            };
+            let session = sessions.get(&self.store, &contact)?;
+            for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
+                let receipt = Body::Receipt {
+                    status: ReceiptStatus::Delivered,
+                    ids: chunk.to_vec(),
+                };
+                self.queue_control(&mut w, &contact, session, receipt, now)?;
+                sealed = true;
+            }
+            LocalStore::write_session(&mut w, &contact.peer, session);
+        }
+        if let Err(e) = self.store.apply(w) {
+            sessions.reset();
+            return Err(e.into());
+        }
+        Ok(sealed)
     }
 
     /// The contact lost its session state: what we sealed for it and it has not
@@ -374,56 +649,5 @@ impl<T: Transport> Engine<T> {
             addr: addr.to_owned(),
             up,
         });
-    }
-}
-
-fn conv_mut<'a>(
-    convs: &'a mut Vec<(PeerId, Conversation)>,
-    store: &LocalStore,
-    peer: &PeerId,
-) -> Result<&'a mut Conversation, EngineError> {
-    if let Some(i) = convs.iter().position(|(p, _)| p == peer) {
-        return Ok(&mut convs[i].1);
-    }
-    convs.push((*peer, store.conversation(peer)?));
-    Ok(&mut convs.last_mut().expect("just pushed").1)
-}
-
-/// Records that sequence number `seq` arrived; returns what is still missing.
-fn note_sequence(conv: &mut Conversation, seq: u64) -> Vec<u64> {
-    if seq == 0 {
-        return conv.missing.clone();
-    }
-    if seq > conv.recv_max_seq {
-        conv.missing.extend(conv.recv_max_seq + 1..seq);
-        conv.recv_max_seq = seq;
-    } else {
-        conv.missing.retain(|&m| m != seq);
-    }
-    // Bound the list: a contact cannot make us hold more than this many gaps.
-    const MAX_MISSING: usize = 1000;
-    if conv.missing.len() > MAX_MISSING {
-        let drop = conv.missing.len() - MAX_MISSING;
-        conv.missing.drain(..drop);
-    }
-    conv.missing.clone()
-}
-
-#[cfg(test)]
-mod sequence_tests {
-    use super::*;
-
-    #[test]
-    fn gaps_are_recorded_and_filled() {
-        let mut c = Conversation::default();
-        assert!(note_sequence(&mut c, 1).is_empty());
-        assert_eq!(note_sequence(&mut c, 4), vec![2, 3]);
-        assert_eq!(note_sequence(&mut c, 3), vec![2]);
-        assert!(note_sequence(&mut c, 2).is_empty());
-        assert!(note_sequence(&mut c, 5).is_empty());
-        assert!(
-            note_sequence(&mut c, 0).is_empty(),
-            "receipts never cause gaps"
-        );
     }
 }

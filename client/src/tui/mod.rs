@@ -138,6 +138,11 @@ pub async fn run_with(
                 // Shown as soon as it is in the store; the durable copy changes nothing.
                 Some(AppEvent::Incoming(r)) => Msg::Arrived(r.contact),
                 Some(AppEvent::Message(_)) => Msg::Redraw,
+                Some(AppEvent::Request(peer)) => {
+                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
+                    update(&mut state, Msg::Loaded(data));
+                    Msg::Request(peer)
+                }
                 _ => Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected)),
             },
             _ = tick.tick() => {
@@ -325,18 +330,19 @@ pub fn snapshot(
         .collect();
     conversations.sort_by_key(|c| std::cmp::Reverse(c.last_ms));
     let selected = selected.or_else(|| conversations.first().map(|c| c.peer));
-    let (messages, missing) = match selected {
+    let (messages, notices) = match selected {
         Some(peer) => (
             store
                 .recent_messages(&peer, MESSAGES_SHOWN)
                 .unwrap_or_default(),
-            store
-                .conversation(&peer)
-                .map(|c| c.missing)
-                .unwrap_or_default(),
+            match (store.conversation(&peer), store.contact(&peer)) {
+                (Ok(conv), Ok(Some(c))) => crate::commands::notices(&conv, &c.name),
+                _ => vec![],
+            },
         ),
         None => (vec![], vec![]),
     };
+    let requests = store.requests().map(|r| r.len()).unwrap_or(0);
     let relays = store.relays().unwrap_or_default();
     let status = match engine {
         Some(engine) => {
@@ -354,10 +360,12 @@ pub fn snapshot(
                     .map(|o| o.iter().filter(|(_, e)| e.acked_count() == 0).count())
                     .unwrap_or(0),
                 lan_peers: engine.net().lan_peers().len(),
+                requests,
             }
         }
         None => Status {
             relays: relays.len(),
+            requests,
             ..Status::default()
         },
     };
@@ -365,7 +373,7 @@ pub fn snapshot(
         me,
         conversations,
         messages,
-        missing,
+        notices,
         status,
     }
 }

@@ -31,6 +31,8 @@ pub struct Status {
     pub outbox: usize,
     /// Contacts reachable directly on the local network.
     pub lan_peers: usize,
+    /// People who are not contacts with messages held (`/requests`).
+    pub requests: usize,
 }
 
 impl Status {
@@ -49,8 +51,9 @@ pub struct Snapshot {
     pub conversations: Vec<ConversationSummary>,
     /// Messages of the selected conversation, oldest first.
     pub messages: Vec<MessageRecord>,
-    /// Their sequence numbers still missing in the selected conversation.
-    pub missing: Vec<u64>,
+    /// What the user should know about the selected conversation: gaps, breaks in the
+    /// contact's hash chain, refused messages (already safe to draw).
+    pub notices: Vec<String>,
     /// Connectivity.
     pub status: Status,
 }

@@ -6,7 +6,7 @@ use kkachi_protocol::PeerId;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use super::state::{Overlay, Snapshot, State, new_input};
-use crate::cli::{Command, ContactCommand, RelayCommand};
+use crate::cli::{Command, ContactCommand, RelayCommand, RequestCommand};
 
 /// Something that happened.
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub enum Msg {
     Loaded(Snapshot),
     /// A message arrived in a conversation.
     Arrived(PeerId),
+    /// Someone who is not a contact wrote; their message is held.
+    Request(PeerId),
     /// The terminal changed size: just draw again.
     Redraw,
     /// A background effect finished: text to show, or an error.
@@ -70,6 +72,11 @@ Ctrl+C       quit
 
 /invite                 your invite code and QR code
 /add CODE [name]        add a contact from their invite code
+/requests               messages from people who are not contacts yet
+/accept WHO [name]      add them; their messages join the conversation
+/reject WHO             drop their messages    /block WHO   block them
+/unblock WHO            unblock someone        /remove WHO  remove a contact
+/rename NAME            rename this conversation's contact
 /relays                 your relays: up/down, latency, failure domain
 /relay add ADDR         add an inbox relay      /relay remove ADDR
 /bell                   bell on/off for messages in other conversations
@@ -81,6 +88,14 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         Msg::Loaded(data) => {
             state.load(data);
             vec![]
+        }
+        Msg::Request(_) => {
+            notice(state, "a message request arrived: /requests shows it");
+            if state.bell {
+                vec![Effect::Bell]
+            } else {
+                vec![]
+            }
         }
         Msg::Arrived(peer) => {
             if state.selected == Some(peer) {
@@ -255,6 +270,67 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             notice(state, "usage: /add CODE [name]");
             vec![]
         }
+        (Some("requests"), _) => vec![run(
+            Command::Request(RequestCommand::List),
+            Some("Message requests"),
+        )],
+        (Some("accept"), Some(who)) => {
+            let name: Vec<&str> = words.collect();
+            let name = (!name.is_empty()).then(|| name.join(" "));
+            let who = who.to_string();
+            vec![run(
+                Command::Request(RequestCommand::Accept { who, name }),
+                None,
+            )]
+        }
+        (Some("reject"), Some(who)) => vec![run(
+            Command::Request(RequestCommand::Reject {
+                who: who.to_string(),
+            }),
+            None,
+        )],
+        (Some("block"), Some(who)) => vec![run(
+            Command::Contact(ContactCommand::Block {
+                contact: who.to_string(),
+            }),
+            None,
+        )],
+        (Some("unblock"), Some(who)) => vec![run(
+            Command::Contact(ContactCommand::Unblock {
+                contact: who.to_string(),
+            }),
+            None,
+        )],
+        (Some("remove"), Some(who)) => vec![run(
+            Command::Contact(ContactCommand::Remove {
+                contact: who.to_string(),
+            }),
+            None,
+        )],
+        (Some("rename"), Some(first)) => match state.selected {
+            Some(peer) => {
+                let name = std::iter::once(first)
+                    .chain(words)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                vec![run(
+                    Command::Contact(ContactCommand::Rename {
+                        contact: peer.to_string(),
+                        name,
+                    }),
+                    None,
+                )]
+            }
+            None => {
+                notice(state, "open the conversation to rename first");
+                vec![]
+            }
+        },
+        (Some(cmd @ ("accept" | "reject" | "block" | "unblock" | "remove" | "rename")), None) => {
+            let what = if cmd == "rename" { "NAME" } else { "WHO" };
+            notice(state, &format!("usage: /{cmd} {what} (see /help)"));
+            vec![]
+        }
         (Some("bell"), _) => {
             state.bell = !state.bell;
             notice(state, if state.bell { "bell on" } else { "bell off" });
@@ -304,6 +380,7 @@ mod tests {
                     relays: 2,
                     outbox: 0,
                     lan_peers: 0,
+                    requests: 0,
                 },
                 ..Snapshot::default()
             }),

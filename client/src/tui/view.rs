@@ -9,6 +9,7 @@ use unicode_width::UnicodeWidthChar;
 
 use super::state::{Overlay, State};
 use super::update::HELP;
+use crate::sanitize::{for_terminal, for_terminal_block};
 use crate::store::{Direction, MessageRecord, MessageState};
 use crate::time::format_ms_short;
 
@@ -38,7 +39,7 @@ fn draw_list(state: &State, frame: &mut Frame, area: Rect) {
         .iter()
         .map(|c| {
             let when = c.last_ms.map(format_ms_short).unwrap_or_default();
-            let mut spans = vec![Span::raw(c.name.clone())];
+            let mut spans = vec![Span::raw(for_terminal(&c.name).into_owned())];
             if c.unread > 0 {
                 spans.push(Span::raw(" "));
                 spans.push(Span::styled(
@@ -88,7 +89,8 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize) -> Vec<Line<'stati
     let indent = prefix.chars().count().min(width / 2);
     let mut lines = Vec::new();
     let mut first = true;
-    for paragraph in m.text.split('\n') {
+    // What a peer wrote never reaches the terminal raw: escapes become visible.
+    for paragraph in for_terminal_block(&m.text).split('\n') {
         for chunk in wrap(paragraph, width.saturating_sub(indent).max(8)) {
             let mut spans = Vec::new();
             if first {
@@ -148,18 +150,17 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
     };
     let width = usize::from(area.width.saturating_sub(2));
     let mut lines: Vec<Line> = Vec::new();
+    let them = for_terminal(&current.name);
     for m in &state.data.messages {
-        lines.extend(message_lines(m, &current.name, width));
+        lines.extend(message_lines(m, &them, width));
     }
-    if !state.data.missing.is_empty() {
-        lines.push(Line::from(Span::styled(
-            format!(
-                "⚠ {} earlier message(s) from {} not received yet",
-                state.data.missing.len(),
-                current.name
-            ),
-            Style::new().fg(Color::Yellow),
-        )));
+    for notice in &state.data.notices {
+        for chunk in wrap(&format!("⚠ {notice}"), width.max(8)) {
+            lines.push(Line::from(Span::styled(
+                chunk,
+                Style::new().fg(Color::Yellow),
+            )));
+        }
     }
     let height = usize::from(area.height.saturating_sub(2));
     let bottom = lines.len().saturating_sub(
@@ -169,7 +170,7 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
     );
     let top = bottom.saturating_sub(height);
     let visible: Vec<Line> = lines[top..bottom].to_vec();
-    let mut title = format!(" {} ", current.name);
+    let mut title = format!(" {them} ");
     if state.scroll > 0 {
         title.push_str("(scrolled, PgDn) ");
     }
@@ -206,6 +207,13 @@ fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
         Span::raw("│"),
         Span::raw(format!(" LAN {} ", s.lan_peers)),
     ];
+    if s.requests > 0 {
+        spans.push(Span::raw("│"));
+        spans.push(Span::styled(
+            format!(" requests {} (/requests) ", s.requests),
+            Style::new().fg(Color::Yellow).bold(),
+        ));
+    }
     if s.offline() {
         spans.push(Span::raw("│"));
         spans.push(Span::styled(
@@ -362,12 +370,15 @@ mod tests {
                 ),
                 message(Direction::Out, "nothing reachable", MessageState::Queued, 4),
             ],
-            missing: vec![5],
+            notices: vec![
+                "1 message(s) from Minji missing so far (numbers 5); they may still arrive".into(),
+            ],
             status: Status {
                 relays_up: 1,
                 relays: 2,
                 outbox: 1,
                 lan_peers: 0,
+                requests: 0,
             },
         });
         s
@@ -386,6 +397,7 @@ mod tests {
             relays: 2,
             outbox: 3,
             lan_peers: 0,
+            requests: 0,
         };
         s.overlay = Some(Overlay::Help);
         let screen = render(&s, 80, 22);

@@ -7,8 +7,12 @@
 //! 1. **First messages.** With no session to send on, every message rides a fresh Noise
 //!    `IK` message 1 (`Noise_IK_25519_ChaChaPoly_BLAKE2s`), which the recipient can open
 //!    with nothing but its static key: no state to lose, any order works. It reveals the
-//!    sender's static key to the recipient only, inside the encryption. Each one is also
-//!    an *offer* to start a session.
+//!    sender's static key to the recipient only, inside the encryption, and carries the
+//!    sender's signed card, whose X25519 key must be that static key: the card's owner
+//!    signed the key, and only the key's holder could have sealed the message, so the
+//!    recipient knows the sender's identity both ways (and can hold a message from
+//!    someone it has not added yet as a request). Each one is also an *offer* to start a
+//!    session.
 //! 2. **Answers.** The recipient answers an offer with IK message 2 (payload: the
 //!    session's generation), attached to whatever it sends next (receipts included).
 //!    The initiator, on reading it, holds the session; the responder holds it as soon as
@@ -44,6 +48,7 @@ use rand_core::{CryptoRng, RngCore};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::card::{Card, CardError};
 use crate::codec::DecodeError;
 use crate::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use crate::identity::Identity;
@@ -62,7 +67,7 @@ use replay::{InitReplay, ReplayWindow, SeenInits};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
-const PROLOGUE: &[u8] = b"kkachi/session/v1";
+const PROLOGUE: &[u8] = b"kkachi/session/v2";
 /// A sender offers a new session once its current one is this old...
 pub const REKEY_AFTER_SECS: u64 = 24 * 3600;
 /// ...or has sealed this many messages.
@@ -76,6 +81,14 @@ pub const MAX_PENDING: usize = 8;
 pub const MAX_OFFERED: usize = MAX_PENDING;
 /// Receive-only sessions kept per contact (newest win).
 pub const MAX_RETIRED: usize = 8;
+/// Highest generation a first offer may propose to a state that holds no session. An
+/// honest peer proposes one more than its current generation, which only grows by one
+/// per rekey; this bound and [`MAX_GENERATION_STEP`] keep a hostile peer from driving
+/// generations to `u32::MAX`, where no new session could outrank the current one and
+/// rekeying would stop.
+pub const MAX_FIRST_GENERATION: u32 = 1 << 20;
+/// Most an offer may propose above the highest generation this state holds.
+pub const MAX_GENERATION_STEP: u32 = 16;
 
 /// Why a packet could not be sealed or opened.
 #[derive(Debug, Error)]
@@ -98,6 +111,13 @@ pub enum SessionError {
     /// The body exceeds [`MAX_SEALED_BODY`].
     #[error("message body is {0} bytes; the limit is {MAX_SEALED_BODY}")]
     BodyTooLarge(usize),
+    /// The card inside a first message does not decode or verify.
+    #[error("the sender's card in a first message is invalid: {0}")]
+    SenderCard(#[from] CardError),
+    /// The card inside a first message binds another X25519 key than the one the
+    /// message was sealed with: someone presents a card that is not theirs.
+    #[error("the sender's card names another session key than the one it sealed with")]
+    CardMismatch,
 }
 
 impl From<snow::Error> for SessionError {
@@ -213,13 +233,32 @@ pub struct InitPacket {
     reference: [u8; 16],
     state: snow::HandshakeState,
     frame: InitFrame,
+    card: Card,
 }
 
 impl InitPacket {
-    /// The sender's X25519 static key, authenticated by the handshake. Find the contact
-    /// whose card carries this key, then call [`Session::accept_init`].
+    /// The sender's X25519 static key, authenticated by the handshake.
     pub fn remote_static(&self) -> &[u8; 32] {
         &self.remote
+    }
+
+    /// The sender's card, verified and bound to [`InitPacket::remote_static`]: find the
+    /// contact with this card's identity (both keys), then call
+    /// [`Session::accept_init`]; from someone not yet a contact, the card says who asks.
+    pub fn sender_card(&self) -> &Card {
+        &self.card
+    }
+
+    /// The body, read without any session: for holding a message from someone who is
+    /// not a contact yet. The packet itself can be opened again later (with the same
+    /// static key) to accept it into a session.
+    pub fn body(&self) -> &[u8] {
+        &self.frame.body
+    }
+
+    /// The sender's clock when it sealed the packet, Unix seconds.
+    pub fn sent_at(&self) -> u64 {
+        self.frame.sent_at
     }
 }
 
@@ -249,6 +288,11 @@ pub struct Opened {
     /// The peer has lost its session state (for example a reinstall): anything sealed
     /// for it on the old session and not yet acknowledged should be sealed again.
     pub peer_reset: bool,
+    /// A first message older than the floor of the seen-message cache (more than
+    /// `SeenInits::CAPACITY` first messages came after it): it may be a late copy or a
+    /// replay, so it changed no session state, but its body is returned so that a late
+    /// message is not lost. The caller deduplicates it by message id like any other.
+    pub late: bool,
 }
 
 /// Splits a sealed packet and, for a first message, performs the responder side of
@@ -262,11 +306,16 @@ pub fn open(me: &Identity, sealed: &[u8]) -> Result<Incoming, SessionError> {
             let n = state.read_message(msg1, &mut payload)?;
             let frame = InitFrame::decode(&payload[..n])?;
             let remote = remote_static(&state)?;
+            let card = Card::decode(&frame.card)?;
+            if *card.identity().x25519() != remote {
+                return Err(SessionError::CardMismatch);
+            }
             Ok(Incoming::Init(Box::new(InitPacket {
                 remote,
                 reference: reference(&state),
                 state,
                 frame,
+                card,
             })))
         }
         Outer::Transport { nonce, ciphertext } => Ok(Incoming::Transport(TransportPacket {
@@ -391,12 +440,14 @@ impl Session {
         }
     }
 
-    /// Seals `body` for the contact. The caller must persist this session's new state
-    /// ([`Session::encode`]) no later than it hands the packet to anyone, so a crash can
-    /// never make it reuse a counter.
+    /// Seals `body` for the contact. `card` is our own current card: a first message
+    /// carries it, so the contact learns who we are (both keys) even before adding us.
+    /// The caller must persist this session's new state ([`Session::encode`]) no later
+    /// than it hands the packet to anyone, so a crash can never make it reuse a counter.
     pub fn seal<R: RngCore + CryptoRng>(
         &mut self,
         me: &Identity,
+        card: &Card,
         body: &[u8],
         now: u64,
         rng: &mut R,
@@ -411,7 +462,7 @@ impl Session {
             .as_ref()
             .is_some_and(Established::usable_for_sending);
         if !sendable {
-            return self.seal_init(me, body, answer, now);
+            return self.seal_init(me, card, body, answer, now);
         }
         let offer = if self.current.as_ref().is_some_and(|c| c.due_for_rekey(now)) {
             Some(self.rekey_offer(me, now)?)
@@ -484,10 +535,17 @@ impl Session {
     fn seal_init(
         &mut self,
         me: &Identity,
+        card: &Card,
         body: &[u8],
         answer: Option<Answer>,
         now: u64,
     ) -> Result<Vec<u8>, SessionError> {
+        if *card.identity().x25519() != me.x25519_public()
+            || card.identity().peer_id() != me.peer_id()
+        {
+            // Sealing would succeed, and the recipient would refuse every such message.
+            return Err(SessionError::CardMismatch);
+        }
         let generation = self.next_generation();
         let frame = InitFrame {
             generation,
@@ -495,6 +553,7 @@ impl Session {
             instance: self.instance,
             sent_at: now,
             answer,
+            card: card.encode(),
             body: body.to_vec(),
         };
         let (msg1, _) = self.start_handshake(me, &frame.encode(), generation, now)?;
@@ -562,12 +621,25 @@ impl Session {
             return Err(SessionError::WrongPeer);
         }
         self.expire(now);
-        self.seen_inits
+        match self
+            .seen_inits
             .accept(init.reference, init.frame.sent_at, now, RETAIN_SECS)
-            .map_err(|e| match e {
-                InitReplay::Duplicate => SessionError::Replay,
-                InitReplay::TooOld => SessionError::TooOld,
-            })?;
+        {
+            Ok(()) => {}
+            Err(InitReplay::Duplicate) => return Err(SessionError::Replay),
+            Err(InitReplay::TooOld) => return Err(SessionError::TooOld),
+            Err(InitReplay::BelowFloor) => {
+                // Possibly a replay we can no longer recognise, possibly an honest
+                // message that waited while many newer ones came: its body, but no say
+                // over the session (no lost-state detection, no answer).
+                return Ok(Opened {
+                    body: init.frame.body,
+                    sent_at: init.frame.sent_at,
+                    peer_reset: false,
+                    late: true,
+                });
+            }
+        }
         let peer_reset = self
             .current
             .as_ref()
@@ -591,6 +663,7 @@ impl Session {
             body: init.frame.body,
             sent_at: init.frame.sent_at,
             peer_reset,
+            late: false,
         })
     }
 
@@ -664,6 +737,7 @@ impl Session {
             body: frame.body,
             sent_at: frame.sent_at,
             peer_reset: false,
+            late: false,
         })
     }
 
@@ -709,6 +783,11 @@ impl Session {
         {
             return Ok(());
         }
+        if proposal.generation > self.highest_acceptable_generation() {
+            // Not answered: a hostile peer cannot push generations towards the end of
+            // their range. The message it came with is still opened.
+            return Ok(());
+        }
         let full = self.offered.len() >= MAX_OFFERED;
         if full && self.offered.iter().all(|o| o.seq > proposal.seq) {
             // Older than every answer we keep: the initiator has moved on from it.
@@ -750,6 +829,24 @@ impl Session {
             instance: offer.instance,
         };
         self.answer_offer(me, state, proposal, now)
+    }
+
+    /// The highest generation an offer may propose to this state (see
+    /// [`MAX_FIRST_GENERATION`]).
+    fn highest_acceptable_generation(&self) -> u32 {
+        let held = self
+            .current
+            .iter()
+            .chain(self.retired.iter())
+            .chain(self.offered.iter().map(|o| &o.session))
+            .map(|s| s.rank.generation)
+            .max();
+        match held {
+            None => MAX_FIRST_GENERATION,
+            Some(g) => g
+                .saturating_add(MAX_GENERATION_STEP)
+                .min(u32::MAX - MAX_GENERATION_STEP),
+        }
     }
 
     /// Makes `session` current if it outranks the current one; otherwise keeps it

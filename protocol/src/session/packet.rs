@@ -6,17 +6,18 @@
 //!   kind 2 (transport):     rest = nonce(24) ‖ XChaCha20-Poly1305(key, nonce,
 //!                                    aad = version ‖ kind, TransportFrame)
 //! InitFrame      = proposed_generation(4) ‖ offer_seq(8) ‖ instance(8) ‖ sent_at(8)
-//!                  ‖ answer? ‖ body(u32 len)
+//!                  ‖ answer? ‖ sender_card(u16 len) ‖ body(u32 len)
 //! TransportFrame = counter(8) ‖ sent_at(8) ‖ answer? ‖ offer? ‖ body(u32 len)
 //! answer?        = 0 | 1 ‖ reference(16) ‖ msg2(u16 len, ≤ 64)
 //! offer?         = 0 | 1 ‖ proposed_generation(4) ‖ offer_seq(8) ‖ instance(8)
 //!                  ‖ msg1(u16 len, ≤ 128)
 //! ```
 
+use crate::card::MAX_CARD_LEN;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::content::{CONTENT_HEADER_LEN, MAX_BODY_LEN};
 
-pub(crate) const PACKET_VERSION: u8 = 1;
+pub(crate) const PACKET_VERSION: u8 = 2;
 pub(crate) const KIND_INIT: u8 = 1;
 pub(crate) const KIND_TRANSPORT: u8 = 2;
 pub(crate) const NONCE_LEN: usize = 24;
@@ -52,6 +53,8 @@ pub(crate) struct InitFrame {
     pub(crate) instance: [u8; 8],
     pub(crate) sent_at: u64,
     pub(crate) answer: Option<Answer>,
+    /// The sender's encoded card: who holds the static key this message came from.
+    pub(crate) card: Vec<u8>,
     pub(crate) body: Vec<u8>,
 }
 
@@ -92,14 +95,15 @@ fn read_body(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
 
 impl InitFrame {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w =
-            Writer::with_capacity(4 + 8 + 1 + 16 + 2 + MAX_ANSWER_LEN + 4 + self.body.len());
+        let mut w = Writer::with_capacity(
+            4 + 8 + 8 + 8 + 1 + 16 + 2 + MAX_ANSWER_LEN + 2 + self.card.len() + 4 + self.body.len(),
+        );
         w.u32(self.generation)
             .u64(self.seq)
             .raw(&self.instance)
             .u64(self.sent_at);
         write_answer(&mut w, self.answer.as_ref());
-        w.bytes32(&self.body);
+        w.bytes16(&self.card).bytes32(&self.body);
         w.finish()
     }
 
@@ -111,6 +115,7 @@ impl InitFrame {
             instance: r.array("instance")?,
             sent_at: r.u64("sent at")?,
             answer: read_answer(&mut r)?,
+            card: r.bytes16(MAX_CARD_LEN, "sender card")?.to_vec(),
             body: read_body(&mut r)?,
         };
         r.finish()?;
@@ -237,8 +242,9 @@ mod tests {
         #[test]
         fn init_frame_round_trip(generation in any::<u32>(), seq in any::<u64>(), instance in any::<[u8; 8]>(), sent_at in any::<u64>(),
                                  answer in arb_answer(),
+                                 card in proptest::collection::vec(any::<u8>(), 0..300),
                                  body in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let f = InitFrame { generation, seq, instance, sent_at, answer, body };
+            let f = InitFrame { generation, seq, instance, sent_at, answer, card, body };
             prop_assert_eq!(InitFrame::decode(&f.encode()).unwrap(), f);
         }
 
@@ -266,18 +272,18 @@ mod tests {
     #[test]
     fn outer_rejects_unknown_versions_kinds_and_short_transport() {
         assert!(matches!(
-            Outer::parse(&[2, 1]),
+            Outer::parse(&[1, 1]),
             Err(DecodeError::UnsupportedVersion { .. })
         ));
         assert!(matches!(
-            Outer::parse(&[1, 9]),
+            Outer::parse(&[PACKET_VERSION, 9]),
             Err(DecodeError::UnknownTag { .. })
         ));
         assert!(matches!(
-            Outer::parse(&[1, 2, 0, 0]),
+            Outer::parse(&[PACKET_VERSION, 2, 0, 0]),
             Err(DecodeError::Truncated { .. })
         ));
-        let mut ok = vec![1, 2];
+        let mut ok = vec![PACKET_VERSION, 2];
         ok.extend_from_slice(&[0; NONCE_LEN + TAG_LEN]);
         assert!(matches!(Outer::parse(&ok), Ok(Outer::Transport { .. })));
     }

@@ -69,8 +69,12 @@ pub(crate) struct SeenInits {
 /// Why a first message was refused as a replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InitReplay {
+    /// Seen before.
     Duplicate,
+    /// Older than anything that can still be in flight.
     TooOld,
+    /// At or below the floor: not remembered either way. It was not recorded.
+    BelowFloor,
 }
 
 impl SeenInits {
@@ -93,8 +97,11 @@ impl SeenInits {
         max_age: u64,
     ) -> Result<(), InitReplay> {
         self.prune(now, max_age);
-        if sent_at.saturating_add(max_age) < now || (self.floor > 0 && sent_at <= self.floor) {
+        if sent_at.saturating_add(max_age) < now {
             return Err(InitReplay::TooOld);
+        }
+        if self.floor > 0 && sent_at <= self.floor {
+            return Err(InitReplay::BelowFloor);
         }
         if self.entries.contains_key(&reference) {
             return Err(InitReplay::Duplicate);
@@ -111,6 +118,12 @@ impl SeenInits {
             self.floor = self.floor.max(oldest_at);
         }
         Ok(())
+    }
+
+    /// Raises the floor as `CAPACITY` first messages would (tests).
+    #[cfg(test)]
+    pub(crate) fn raise_floor(&mut self, floor: u64) {
+        self.floor = self.floor.max(floor);
     }
 
     fn prune(&mut self, now: u64, max_age: u64) {
@@ -190,6 +203,9 @@ mod tests {
         // A replay of an evicted entry is below the floor.
         let mut r = [0u8; 16];
         r[..8].copy_from_slice(&0u64.to_be_bytes());
-        assert_eq!(s.accept(r, 1000, 2000, 1_000_000), Err(InitReplay::TooOld));
+        assert_eq!(
+            s.accept(r, 1000, 2000, 1_000_000),
+            Err(InitReplay::BelowFloor)
+        );
     }
 }

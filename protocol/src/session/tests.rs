@@ -12,7 +12,12 @@ const T0: u64 = 1_750_000_000;
 
 struct Peer {
     me: Identity,
+    card: Card,
     session: Session,
+}
+
+fn card_of(me: &Identity) -> Card {
+    Card::new(me, "Peer", vec![], 1).unwrap()
 }
 
 impl Peer {
@@ -21,11 +26,24 @@ impl Peer {
         let b = Identity::generate_with(&mut test_rng(seed + 1));
         let sa = Session::with_instance(b.x25519_public(), seed.to_be_bytes());
         let sb = Session::with_instance(a.x25519_public(), (seed + 1).to_be_bytes());
-        (Peer { me: a, session: sa }, Peer { me: b, session: sb })
+        (
+            Peer {
+                card: card_of(&a),
+                me: a,
+                session: sa,
+            },
+            Peer {
+                card: card_of(&b),
+                me: b,
+                session: sb,
+            },
+        )
     }
 
     fn seal(&mut self, body: &[u8], now: u64, rng: &mut TestRng) -> Vec<u8> {
-        self.session.seal(&self.me, body, now, rng).unwrap()
+        self.session
+            .seal(&self.me, &self.card, body, now, rng)
+            .unwrap()
     }
 
     fn open(&mut self, packet: &[u8], now: u64) -> Result<Opened, SessionError> {
@@ -344,7 +362,13 @@ fn oversized_body_is_refused() {
     let (mut a, _) = Peer::pair(110);
     let err = a
         .session
-        .seal(&a.me, &vec![0; MAX_SEALED_BODY + 1], T0, &mut test_rng(9))
+        .seal(
+            &a.me,
+            &a.card,
+            &vec![0; MAX_SEALED_BODY + 1],
+            T0,
+            &mut test_rng(9),
+        )
         .unwrap_err();
     assert!(matches!(err, SessionError::BodyTooLarge(_)));
 }
@@ -479,4 +503,141 @@ fn burst_of_late_first_messages_never_strands_the_used_session() {
         }
         assert_eq!(b.open(&t, T0).unwrap().body, b"transport", "seed {seed}");
     }
+}
+
+/// A first message from `p` proposing `generation`, with `card` as the sender's card.
+fn init_with(p: &mut Peer, generation: u32, card: &Card, body: &[u8], now: u64) -> Vec<u8> {
+    let frame = InitFrame {
+        generation,
+        seq: p.session.next_offer_seq,
+        instance: p.session.instance,
+        sent_at: now,
+        answer: None,
+        card: card.encode(),
+        body: body.to_vec(),
+    };
+    let (msg1, _) = p
+        .session
+        .start_handshake(&p.me, &frame.encode(), generation, now)
+        .unwrap();
+    let mut packet = vec![PACKET_VERSION, KIND_INIT];
+    packet.extend_from_slice(&msg1);
+    packet
+}
+
+#[test]
+fn a_first_message_names_its_sender_both_ways() {
+    let (mut a, b) = Peer::pair(600);
+    let mut rng = test_rng(60);
+    let p = a.seal(b"hello", T0, &mut rng);
+    let Incoming::Init(init) = open(&b.me, &p).unwrap() else {
+        panic!("init expected")
+    };
+    assert_eq!(init.sender_card(), &a.card);
+    assert_eq!(init.sender_card().identity().peer_id(), a.me.peer_id());
+    assert_eq!(init.body(), b"hello");
+
+    // Mallory pairs her identity key with alice's X25519 key in a card she signs:
+    // valid on its own, but she cannot seal with alice's key, and alice's messages
+    // carry alice's card.
+    let mallory = Identity::generate_with(&mut test_rng(61));
+    let forged =
+        crate::fuzzing::forged_card(&mallory, a.me.x25519_public(), "Aid Station", vec![], 1);
+    assert!(
+        Card::decode(&forged.encode()).is_ok(),
+        "the forgery verifies alone"
+    );
+    // Alice presenting someone else's card (or anyone presenting a card whose key is
+    // not the one they seal with) is refused.
+    let other = card_of(&Identity::generate_with(&mut test_rng(62)));
+    let p = init_with(&mut a, 1, &other, b"who am I", T0);
+    assert!(matches!(open(&b.me, &p), Err(SessionError::CardMismatch)));
+    // Sealing with a card that is not ours is refused before anything leaves.
+    let mut fresh = Session::new(b.me.x25519_public());
+    assert!(matches!(
+        fresh.seal(&a.me, &forged, b"x", T0, &mut rng),
+        Err(SessionError::CardMismatch)
+    ));
+}
+
+#[test]
+fn proposals_at_the_end_of_the_generation_range_are_not_answered() {
+    let (mut a, mut b) = Peer::pair(610);
+    let mut rng = test_rng(61);
+    // Mallory-as-alice proposes the last generation: the message opens, no session.
+    let card = a.card.clone();
+    let p = init_with(&mut a, u32::MAX, &card, b"pushy", T0);
+    assert_eq!(b.open(&p, T0).unwrap().body, b"pushy");
+    assert!(b.session.offered.is_empty(), "not answered");
+    let p = init_with(&mut a, MAX_FIRST_GENERATION + 1, &card, b"still pushy", T0);
+    assert_eq!(b.open(&p, T0).unwrap().body, b"still pushy");
+    assert!(b.session.offered.is_empty(), "not answered");
+    // Honest proposals still are, and the sessions they start rekey as usual.
+    settle(&mut a, &mut b, T0, &mut rng);
+    let g = b.session.generation();
+    assert!(g >= 1 && g <= 2, "generation {g}");
+    let p = init_with(&mut a, g + MAX_GENERATION_STEP + 1, &card, b"jump", T0 + 1);
+    assert_eq!(b.open(&p, T0 + 1).unwrap().body, b"jump");
+    assert!(
+        b.session
+            .offered
+            .iter()
+            .all(|o| o.session.rank.generation <= g + MAX_GENERATION_STEP),
+        "a jump past the step is not answered"
+    );
+    let later = T0 + REKEY_AFTER_SECS + 10;
+    settle(&mut a, &mut b, later, &mut rng);
+    settle(&mut b, &mut a, later + 1, &mut rng);
+    assert!(b.session.generation() > g, "rekeying moved on");
+}
+
+#[test]
+fn a_first_message_below_the_floor_is_opened_late_without_touching_the_session() {
+    let (mut a, mut b) = Peer::pair(620);
+    let mut rng = test_rng(62);
+    let old = a.seal(b"waited a long time", T0, &mut rng);
+    // Thousands of newer first messages have raised the floor past it.
+    b.session.seen_inits.raise_floor(T0 + 5);
+    let opened = b.open(&old, T0 + 10).unwrap();
+    assert_eq!(opened.body, b"waited a long time");
+    assert!(opened.late && !opened.peer_reset);
+    assert!(
+        b.session.offered.is_empty(),
+        "a late message is not answered"
+    );
+    // Expired for good is still refused.
+    let (mut c, mut d) = Peer::pair(630);
+    let p = c.seal(b"ancient", T0, &mut rng);
+    assert!(matches!(
+        d.open(&p, T0 + RETAIN_SECS + 1),
+        Err(SessionError::TooOld)
+    ));
+}
+
+#[test]
+fn the_largest_first_message_fits_an_envelope() {
+    use crate::card::MAX_NAME_LEN;
+    use crate::envelope::MAX_PAYLOAD_LEN;
+    let (mut a, mut b) = Peer::pair(640);
+    let peer = a.me.peer_id();
+    let host = "r".repeat(200);
+    let relays = (0..crate::card::MAX_RELAYS)
+        .map(|i| {
+            format!("/dns4/{host}/tcp/{}/p2p/{peer}", 4000 + i)
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    a.card = Card::new(&a.me, &"😀".repeat(MAX_NAME_LEN / 4), relays, u64::MAX).unwrap();
+    // The largest first message also carries an answer: b wrote first.
+    let mut rng = test_rng(64);
+    a.open(&b.seal(b"x", T0, &mut rng), T0).unwrap();
+    let big = a.seal(&vec![7; MAX_SEALED_BODY], T0, &mut rng);
+    assert_eq!(kind(&big), KIND_INIT);
+    assert!(
+        big.len() <= MAX_PAYLOAD_LEN,
+        "{} > {MAX_PAYLOAD_LEN}",
+        big.len()
+    );
+    assert_eq!(b.open(&big, T0).unwrap().body.len(), MAX_SEALED_BODY);
 }

@@ -24,6 +24,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::sequence::{ChainLink, Gaps};
+
+mod requests;
+
+pub use requests::{Blocked, HeldMessage, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL, Request};
+
 /// Local store failures.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -98,13 +104,24 @@ pub struct Conversation {
     pub next_seq: u64,
     /// Hash of our last sequenced message to them.
     pub last_hash: [u8; 32],
-    /// Highest sequence number received from them.
-    pub recv_max_seq: u64,
-    /// Their sequence numbers below `recv_max_seq` not (yet) received: shown as gaps.
-    pub missing: Vec<u64>,
+    /// Which of their sequence numbers are missing: shown as gaps.
+    pub gaps: Gaps,
+    /// Their sequence numbers where the hash chain breaks: a message there does not
+    /// follow the one before it (altered, replaced, or sent from a restored copy).
+    pub chain_breaks: Vec<u64>,
+    /// Their messages that claimed a sequence number another of theirs holds.
+    pub conflicts: u64,
+    /// Bytes of their messages stored, for [`MAX_STORED_PER_CONTACT`].
+    pub received_bytes: u64,
+    /// Their messages refused because of [`MAX_STORED_PER_CONTACT`].
+    pub refused: u64,
     /// Local order counter for message keys.
     pub next_local: u64,
 }
+
+/// Most bytes of one contact's messages kept: past this, what they send is refused (and
+/// counted), so a hostile contact cannot fill the disk. About two million short messages.
+pub const MAX_STORED_PER_CONTACT: u64 = 256 << 20;
 
 /// Which way a message went.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -258,9 +275,17 @@ pub enum TreeId {
     Outbox,
     /// Seen envelope ids.
     Seen,
+    /// Messages held from people who are not contacts, by sender and message id.
+    Requests,
+    /// Blocked senders.
+    Blocked,
+    /// Each contact's received sequenced records, by sequence number: their hash chain.
+    Chain,
+    /// Received messages whose delivery receipt is not sealed yet.
+    ReceiptsDue,
 }
 
-const TREES: [&str; 9] = [
+const TREES: [&str; 13] = [
     "meta",
     "relays",
     "contacts",
@@ -270,6 +295,10 @@ const TREES: [&str; 9] = [
     "message_index",
     "outbox",
     "seen",
+    "requests",
+    "blocked",
+    "chain",
+    "receipts_due",
 ];
 
 /// Changes to apply atomically.
@@ -624,6 +653,18 @@ impl LocalStore {
         Ok((store, me, card))
     }
 
+    /// The user's own card as it stands (profile name, relays, card version).
+    pub fn own_card(&self, me: &Identity) -> Result<Card, StoreError> {
+        let profile = self.profile()?.ok_or(StoreError::Corrupt("profile"))?;
+        let relays = self
+            .relays()?
+            .iter()
+            .filter_map(|r| r.addr.parse().ok())
+            .collect();
+        Card::new(me, &profile.name, relays, profile.card_version)
+            .map_err(|e| StoreError::InvalidCard(e.to_string()))
+    }
+
     /// Adds `card`'s owner as a contact under the card's name.
     pub fn add_card(&self, card: &Card) -> Result<Contact, StoreError> {
         let contact = Contact {
@@ -888,6 +929,80 @@ impl LocalStore {
         w.put_record(TreeId::Messages, key, message);
     }
 
+    // --- receipts due ---
+
+    /// Notes that message `id` of `peer` is to be confirmed (in a WriteSet).
+    pub fn write_receipt_due(w: &mut WriteSet, peer: &PeerId, id: &MessageId) {
+        w.put(TreeId::ReceiptsDue, index_key(peer, id), Vec::new());
+    }
+
+    /// Clears the note of [`LocalStore::write_receipt_due`] (in a WriteSet).
+    pub fn clear_receipt_due(w: &mut WriteSet, peer: &PeerId, id: &MessageId) {
+        w.remove(TreeId::ReceiptsDue, index_key(peer, id));
+    }
+
+    /// Messages to confirm, by contact.
+    pub fn receipts_due(&self) -> Result<Vec<(PeerId, Vec<MessageId>)>, StoreError> {
+        let mut out: Vec<(PeerId, Vec<MessageId>)> = Vec::new();
+        for item in self.tree(TreeId::ReceiptsDue).iter() {
+            let (k, _) = item.map_err(db)?;
+            let split = k
+                .len()
+                .checked_sub(16)
+                .ok_or(StoreError::Corrupt("receipt due"))?;
+            let peer =
+                PeerId::from_bytes(&k[..split]).map_err(|_| StoreError::Corrupt("receipt due"))?;
+            let id = MessageId(k[split..].try_into().expect("16 bytes"));
+            match out.last_mut() {
+                Some((p, ids)) if *p == peer => ids.push(id),
+                _ => out.push((peer, vec![id])),
+            }
+        }
+        Ok(out)
+    }
+
+    // --- hash chains ---
+
+    /// The record of `peer` held at sequence number `seq`, if any.
+    pub fn chain_link(&self, peer: &PeerId, seq: u64) -> Result<Option<ChainLink>, StoreError> {
+        self.get_record(TreeId::Chain, &chain_key(peer, seq), "chain link")
+    }
+
+    /// Records the record of `peer` at `seq` (in a WriteSet).
+    pub fn write_chain_link(w: &mut WriteSet, peer: &PeerId, seq: u64, link: &ChainLink) {
+        w.put_record(TreeId::Chain, chain_key(peer, seq), link);
+    }
+
+    /// Everything kept about `peer` goes (in a WriteSet): contact, session,
+    /// conversation, messages, chain and outbox entries. Returns how many messages.
+    pub fn forget_contact(&self, w: &mut WriteSet, peer: &PeerId) -> Result<usize, StoreError> {
+        let prefix = peer.to_bytes();
+        w.remove(TreeId::Contacts, prefix.clone());
+        w.remove(TreeId::Sessions, prefix.clone());
+        w.remove(TreeId::Conversations, prefix.clone());
+        let mut messages = 0;
+        for tree in [TreeId::Messages, TreeId::MessageIndex, TreeId::Chain] {
+            for item in self.tree(tree).scan_prefix(&prefix) {
+                let (k, _) = item.map_err(db)?;
+                w.remove(tree, k.to_vec());
+                messages += usize::from(tree == TreeId::Messages);
+            }
+        }
+        self.forget_outbox(w, peer)?;
+        Ok(messages)
+    }
+
+    /// Drops every outbox entry for `peer` (in a WriteSet).
+    pub fn forget_outbox(&self, w: &mut WriteSet, peer: &PeerId) -> Result<(), StoreError> {
+        let contact = peer.to_bytes();
+        for (key, entry) in self.outbox()? {
+            if entry.contact == contact {
+                w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+            }
+        }
+        Ok(())
+    }
+
     // --- outbox ---
 
     /// Every outbox entry, oldest first, with its key.
@@ -927,26 +1042,49 @@ impl LocalStore {
         self.tree(TreeId::Seen).contains_key(id.0).map_err(db)
     }
 
-    /// Records an envelope as processed at `now_ms` (in a WriteSet).
-    pub fn write_seen(w: &mut WriteSet, id: &EnvelopeId, now_ms: u64) {
-        w.put(TreeId::Seen, id.0.to_vec(), now_ms.to_be_bytes().to_vec());
+    /// Records an envelope as handled for good (in a WriteSet), until it expires
+    /// (`expires_at`, Unix seconds): after that no relay may hand it out again, and
+    /// [`LocalStore::prune_seen`] forgets it.
+    pub fn write_seen(w: &mut WriteSet, id: &EnvelopeId, expires_at: u64) {
+        w.put(
+            TreeId::Seen,
+            id.0.to_vec(),
+            expires_at.to_be_bytes().to_vec(),
+        );
     }
 
-    /// Forgets seen envelope ids older than `before_ms` (they can no longer arrive:
-    /// envelopes expire).
-    pub fn prune_seen(&self, before_ms: u64) -> Result<usize, StoreError> {
+    /// Forgets the ids of envelopes that expired before `before` (Unix seconds; pass
+    /// now minus the tolerated clock skew): the receive path refuses expired envelopes
+    /// before it looks them up. Returns how many were forgotten.
+    pub fn prune_seen(&self, before: u64) -> Result<usize, StoreError> {
         let mut w = WriteSet::default();
+        let mut n = 0;
         for item in self.tree(TreeId::Seen).iter() {
             let (k, v) = item.map_err(db)?;
-            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if at < before_ms {
+            let expires = <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_be_bytes);
+            if expires < before {
                 w.remove(TreeId::Seen, k.to_vec());
+                n += 1;
+            }
+            // In bounded sets: each is one journaled write.
+            if w.ops.len() >= 1024 {
+                self.apply(std::mem::take(&mut w))?;
             }
         }
-        let n = w.ops.len();
         self.apply(w)?;
         Ok(n)
     }
+
+    /// Envelope ids remembered as handled.
+    pub fn seen_len(&self) -> usize {
+        self.tree(TreeId::Seen).len()
+    }
+}
+
+fn chain_key(peer: &PeerId, seq: u64) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn index_key(peer: &PeerId, id: &MessageId) -> Vec<u8> {

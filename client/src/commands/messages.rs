@@ -1,0 +1,401 @@
+//! `send`, `sync`, `history`, and how a message is printed.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use kkachi_protocol::{MessageId, Multiaddr};
+use serde_json::json;
+
+use super::{App, Output, UserError, fail, hex, name, short_id};
+use crate::cli::SendArgs;
+use crate::engine::{ATTEMPT_TIMEOUT, AppEvent, Received};
+use crate::sanitize::for_terminal;
+use crate::store::{Contact, Conversation, Direction, MessageRecord, MessageState, Request};
+use crate::time::{LocalTimes, format_ms};
+
+/// After the first acknowledgement, how long `send` waits for slower relays.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
+
+impl App {
+    pub(super) async fn send(
+        &mut self,
+        args: SendArgs,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
+        let contact = self.resolve(&args.contact)?;
+        if self.store.blocked(&contact.peer)?.is_some() {
+            return fail(format!(
+                "{} is blocked; `kkachi contact unblock {}` first",
+                name(&contact.name),
+                name(&contact.name)
+            ));
+        }
+        let engine = self.engine()?;
+        // Another delivery (a running daemon's outbox pass) may hand it over first.
+        let mut events = engine.subscribe();
+        let queued = engine.send_text(&contact, &args.text).await?;
+        // Durable now. Deliver within the timeout; once one path has it, wait only
+        // briefly for the others (a dead relay must not hold the sender up). Whatever
+        // does not make it stays in the outbox for `sync` or the daemon.
+        let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
+        let mut progress = None;
+        let mut delivered = false;
+        let mut direct = false;
+        while Instant::now() < deadline {
+            let attempt = deadline
+                .saturating_duration_since(Instant::now())
+                .min(ATTEMPT_TIMEOUT);
+            let round = {
+                let engine = engine.clone();
+                let key = queued.outbox_key;
+                tokio::spawn(async move { engine.deliver(key, true, attempt).await })
+            };
+            let mut first_ack: Option<Instant> = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match engine.progress(queued.outbox_key)? {
+                    // Gone from the outbox: handed over directly (or a receipt came).
+                    None => delivered = true,
+                    Some(p) => progress = Some(p),
+                }
+                let acked = delivered || progress.is_some_and(|p| p.acked > 0);
+                if acked && first_ack.is_none() {
+                    first_ack = Some(Instant::now());
+                }
+                let all = progress
+                    .is_some_and(|p| p.acked as usize >= usize::from(p.total).max(1) || p.direct);
+                let grace_over = first_ack.is_some_and(|t| t.elapsed() >= STRAGGLER_GRACE);
+                if delivered
+                    || all
+                    || grace_over
+                    || round.is_finished()
+                    || Instant::now() >= deadline
+                {
+                    break;
+                }
+            }
+            if delivered {
+                // Gone from the outbox: handed over directly, or the contact's receipt
+                // came back through the relays. This round says which once its other
+                // paths answer, or the event of whichever delivery handed it over.
+                let wait = STRAGGLER_GRACE.min(deadline.saturating_duration_since(Instant::now()));
+                if let Ok(Ok(Ok(Some(p)))) = tokio::time::timeout(wait, round).await {
+                    direct = p.direct;
+                }
+                direct |= handed_over(&mut events, &queued.id);
+                break;
+            }
+            if progress.is_some_and(|p| p.acked > 0) {
+                break;
+            }
+            if !round.is_finished() {
+                let _ =
+                    tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), round)
+                        .await;
+            }
+            tokio::time::sleep(
+                Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now())),
+            )
+            .await;
+        }
+        let (acked, total) = progress.map_or((0, contact.card.relays().len() as u8), |p| {
+            (p.acked, p.total)
+        });
+        let state = if delivered {
+            "delivered"
+        } else if acked == 0 {
+            "queued"
+        } else {
+            "relayed"
+        };
+        if json {
+            out.json(
+                json!({ "id": queued.id.to_hex(), "to": contact.name, "state": state,
+                             "relayed": acked, "relays": total, "direct": direct }),
+            );
+        } else if delivered {
+            out.out(format!(
+                "delivered to {}{} (message {})",
+                name(&contact.name),
+                if direct { " directly" } else { "" },
+                queued.id
+            ));
+        } else if acked == 0 {
+            out.out(format!(
+                "queued for {} (message {}): no relay of theirs answered within {}s; it stays in your outbox and `kkachi sync` or `kkachi daemon` delivers it",
+                name(&contact.name), queued.id, args.timeout
+            ));
+        } else {
+            out.out(format!(
+                "sent to {}: relayed {}/{} (message {})",
+                name(&contact.name),
+                acked,
+                total,
+                queued.id
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn sync(
+        &mut self,
+        timeout: f64,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
+        self.identity()?;
+        let engine = self.engine()?;
+        engine.housekeeping().await?;
+        let limit = Duration::from_secs_f64(timeout.max(0.1));
+        // Deliver everything pending (all paths, now), then fetch from every own relay.
+        let keys: Vec<u64> = self.store.outbox()?.into_iter().map(|(k, _)| k).collect();
+        let deliveries = keys
+            .iter()
+            .map(|k| engine.deliver(*k, true, limit.min(ATTEMPT_TIMEOUT)));
+        let _ = tokio::time::timeout(limit, futures::future::join_all(deliveries)).await;
+        let relays = self.store.relays()?;
+        let fetches = relays.iter().map(|r| {
+            let engine = engine.clone();
+            let addr = r.addr.clone();
+            async move {
+                let result = match addr.parse::<Multiaddr>() {
+                    Ok(a) => match tokio::time::timeout(limit, engine.sync_relay(&a, 0)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("no answer within {}s", limit.as_secs_f64())),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                (addr, result)
+            }
+        });
+        let mut received: Vec<Received> = Vec::new();
+        let mut reached = 0;
+        for (addr, result) in futures::future::join_all(fetches).await {
+            match result {
+                Ok(mut got) => {
+                    reached += 1;
+                    received.append(&mut got);
+                }
+                Err(e) => out.warn(format!("relay {addr} unreachable: {e}")),
+            }
+        }
+        // Receipts for what just arrived go out before we exit.
+        let _ = tokio::time::timeout(limit, engine.deliver_due()).await;
+        received.sort_by_key(|r| r.message.sent_at_ms);
+        for r in &received {
+            print_received(out, r, json);
+        }
+        let pending = self.store.outbox_len();
+        for request in self.store.requests()? {
+            out.warn(request_line(&request));
+        }
+        if !json {
+            out.warn(format!(
+                "{} new message(s); {reached}/{} relays reached; {pending} item(s) waiting in the outbox",
+                received.len(),
+                relays.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn history(
+        &self,
+        who: &str,
+        last: Option<usize>,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
+        let contact = self.resolve(who)?;
+        let mut times = LocalTimes::default();
+        let mut count = 0usize;
+        let mut list = Vec::new();
+        let mut each = |m: MessageRecord| {
+            count += 1;
+            if json {
+                list.push(message_json(&contact, &m));
+            } else {
+                push_history_line(&mut out.stdout, &mut times, &contact, &m);
+            }
+        };
+        match last {
+            Some(n) => self
+                .store
+                .recent_messages(&contact.peer, n)?
+                .into_iter()
+                .for_each(each),
+            None => self.store.for_each_message(&contact.peer, &mut each)?,
+        }
+        let conv = self.store.conversation(&contact.peer)?;
+        if json {
+            out.json(serde_json::Value::Array(list));
+            return Ok(());
+        }
+        for notice in notices(&conv, &contact.name) {
+            out.out(format!("  ⚠ {notice}"));
+        }
+        if count == 0 {
+            out.warn(format!("no messages with {} yet", name(&contact.name)));
+        }
+        Ok(())
+    }
+}
+
+/// A message's state as the user reads it: "delivered", "relayed 2/3".
+struct StateText<'a>(&'a MessageState);
+
+impl std::fmt::Display for StateText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            MessageState::Relayed { relayed, total } => write!(f, "relayed {relayed}/{total}"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// Appends one history line (and a newline) to `out`.
+pub fn push_history_line(
+    out: &mut String,
+    times: &mut LocalTimes,
+    contact: &Contact,
+    m: &MessageRecord,
+) {
+    times.push_long(out, m.sent_at_ms);
+    match m.direction {
+        Direction::Out => {
+            let _ = writeln!(
+                out,
+                "  me → {}: {}  [{}]",
+                name(&contact.name),
+                for_terminal(&m.text),
+                StateText(&m.state)
+            );
+        }
+        Direction::In => {
+            let _ = writeln!(out, "  {}: {}", name(&contact.name), for_terminal(&m.text));
+        }
+    }
+}
+
+/// A message as JSON (history and daemon output).
+pub fn message_json(contact: &Contact, m: &MessageRecord) -> serde_json::Value {
+    let (relayed, relays) = match m.state {
+        MessageState::Relayed { relayed, total } => (Some(relayed), Some(total)),
+        _ => (None, None),
+    };
+    json!({
+        "id": hex(&m.id),
+        "contact": contact.name,
+        "peer_id": contact.peer.to_string(),
+        "direction": match m.direction { Direction::In => "in", Direction::Out => "out" },
+        "text": m.text,
+        "state": m.state.label(),
+        "relayed": relayed,
+        "relays": relays,
+        "sent_at": m.sent_at_ms,
+        "seq": m.seq,
+    })
+}
+
+/// True if the events seen so far say message `id` was handed to its contact directly.
+/// An event skipped because the receiver fell behind counts as not seen.
+fn handed_over(events: &mut tokio::sync::broadcast::Receiver<AppEvent>, id: &MessageId) -> bool {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        match events.try_recv() {
+            Ok(AppEvent::HandedOver { id: handed, .. }) if handed == *id => return true,
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
+        }
+    }
+}
+
+/// Prints an incoming message (sync and daemon).
+pub fn print_received(out: &mut Output, r: &Received, json: bool) {
+    if json {
+        let mut v = json!({
+            "id": hex(&r.message.id),
+            "from": r.name,
+            "peer_id": r.contact.to_string(),
+            "direction": "in",
+            "text": r.message.text,
+            "state": r.message.state.label(),
+            "sent_at": r.message.sent_at_ms,
+            "seq": r.message.seq,
+        });
+        if r.gaps.missing() > 0 {
+            v["missing"] = json!(r.gaps.missing());
+            v["gaps"] = json!(r.gaps.ranges());
+        }
+        out.json(v);
+    } else {
+        out.out(format!(
+            "{}  {}: {}",
+            format_ms(r.message.sent_at_ms),
+            name(&r.name),
+            for_terminal(&r.message.text)
+        ));
+        if r.gaps.missing() > 0 {
+            out.out(format!(
+                "  ⚠ {} earlier message(s) from {} not received yet (numbers {})",
+                r.gaps.missing(),
+                name(&r.name),
+                r.gaps.describe()
+            ));
+        }
+    }
+}
+
+/// What the user should know about a conversation beyond its messages: gaps, breaks in
+/// the contact's hash chain, conflicting messages, messages refused.
+pub fn notices(conv: &Conversation, who: &str) -> Vec<String> {
+    let who = name(who);
+    let mut out = Vec::new();
+    let gaps = &conv.gaps;
+    if gaps.missing() > 0 {
+        out.push(format!(
+            "{} message(s) from {who} missing so far (numbers {}); they may still arrive",
+            gaps.missing(),
+            gaps.describe()
+        ));
+    }
+    if gaps.forgotten() > 0 {
+        out.push(format!(
+            "{} older missing message(s) from {who} are no longer tracked",
+            gaps.forgotten()
+        ));
+    }
+    if !conv.chain_breaks.is_empty() {
+        let list: Vec<String> = conv.chain_breaks.iter().map(u64::to_string).collect();
+        out.push(format!(
+            "message(s) number {} from {who} do not follow the one before: one may have been \
+             altered, replaced, or sent from a restored copy of their app",
+            list.join(", ")
+        ));
+    }
+    if conv.conflicts > 0 {
+        out.push(format!(
+            "{} message(s) from {who} claimed a number another of their messages holds",
+            conv.conflicts
+        ));
+    }
+    if conv.refused > 0 {
+        out.push(format!(
+            "{} message(s) from {who} were refused: what they sent takes more than the 256 MiB \
+             kept per contact. Block them, or remove and add them again to start over",
+            conv.refused
+        ));
+    }
+    out
+}
+
+/// One line about a message request, for stderr.
+pub fn request_line(request: &Request) -> String {
+    format!(
+        "message request from {} ({}): {} message(s); `kkachi request list` shows them",
+        name(request.card.name()),
+        short_id(&request.peer),
+        request.messages.len()
+    )
+}

@@ -1,0 +1,281 @@
+//! What each command does. Commands write to an [`Output`] rather than the terminal,
+//! so the same code runs in a one-shot process or, forwarded, inside a running daemon.
+//!
+//! - this module: [`App`] (the store, and an engine once a command needs one), the
+//!   dispatch, `init`, `invite`, and finding a contact by what the user typed;
+//! - `contacts`: `contact …` and `request …` (message requests);
+//! - `messages`: `send`, `sync`, `history`, and how a message is printed;
+//! - `relays`: `relay …`, and telling contacts when relays change.
+//!
+//! Everything a peer chose (names, texts, a relay's strings) is printed through
+//! [`crate::sanitize`], never raw.
+
+mod contacts;
+mod messages;
+mod relays;
+
+use std::sync::Arc;
+
+use kkachi_protocol::{Card, Identity, PeerId};
+use serde_json::json;
+
+use crate::cli::{Command, RelayCommand};
+use crate::engine::Engine;
+use crate::net::Network;
+use crate::sanitize::for_terminal;
+use crate::store::{Contact, LocalStore, Profile};
+
+pub use messages::{message_json, notices, print_received, push_history_line, request_line};
+pub use relays::failure_domain_warnings;
+
+/// What a command printed and how it ended.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Output {
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Exit code.
+    pub code: i32,
+}
+
+impl Output {
+    fn out(&mut self, line: impl AsRef<str>) {
+        self.stdout.push_str(line.as_ref());
+        self.stdout.push('\n');
+    }
+
+    fn warn(&mut self, line: impl AsRef<str>) {
+        self.stderr.push_str(line.as_ref());
+        self.stderr.push('\n');
+    }
+
+    fn json(&mut self, value: serde_json::Value) {
+        self.out(value.to_string());
+    }
+}
+
+/// A failure the user can act on: printed to stderr, exit code 1.
+#[derive(Debug, Clone)]
+pub struct UserError(pub String);
+
+impl std::fmt::Display for UserError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for UserError {
+    fn from(e: E) -> Self {
+        UserError(e.to_string())
+    }
+}
+
+fn fail<T>(message: impl Into<String>) -> Result<T, UserError> {
+    Err(UserError(message.into()))
+}
+
+/// Everything a command may use: the store, the identity, and (once started) the
+/// network and engine.
+pub struct App {
+    store: LocalStore,
+    engine: Option<Arc<Engine<Network>>>,
+    /// An engine with no network, for changes that need none (contacts).
+    offline: Option<Arc<Engine<Network>>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("home", &self.store.home())
+            .finish_non_exhaustive()
+    }
+}
+
+const NO_IDENTITY: &str = "no identity yet: create one with `kkachi init --name NAME`";
+
+impl App {
+    /// Commands over an opened store; the network starts when a command needs it.
+    pub fn new(store: LocalStore) -> Self {
+        Self {
+            store,
+            engine: None,
+            offline: None,
+        }
+    }
+
+    /// Commands inside a running daemon, sharing its engine.
+    pub fn online(engine: Arc<Engine<Network>>) -> Self {
+        Self {
+            store: engine.store().clone(),
+            engine: Some(engine),
+            offline: None,
+        }
+    }
+
+    fn identity(&self) -> Result<Identity, UserError> {
+        self.store
+            .identity()?
+            .ok_or_else(|| UserError(NO_IDENTITY.into()))
+    }
+
+    fn profile(&self) -> Result<Profile, UserError> {
+        self.store
+            .profile()?
+            .ok_or_else(|| UserError(NO_IDENTITY.into()))
+    }
+
+    /// The engine, starting the network if this process has none yet.
+    pub fn engine(&mut self) -> Result<Arc<Engine<Network>>, UserError> {
+        if let Some(e) = &self.engine {
+            return Ok(e.clone());
+        }
+        let me = self.identity()?;
+        let engine =
+            crate::runtime::start_engine(self.store.clone(), me, crate::runtime::net_config())?;
+        self.engine = Some(engine.clone());
+        Ok(engine)
+    }
+
+    /// The running engine if there is one, else one that never touches the network:
+    /// for local changes that must be made under the engine's lock.
+    fn local_engine(&mut self) -> Result<Arc<Engine<Network>>, UserError> {
+        if let Some(e) = self.engine.as_ref().or(self.offline.as_ref()) {
+            return Ok(e.clone());
+        }
+        let me = self.identity()?;
+        let net = Network::offline(me.peer_id());
+        let engine = Engine::new(self.store.clone(), me, net);
+        self.offline = Some(engine.clone());
+        Ok(engine)
+    }
+
+    /// Runs one command (not `daemon` or `tui`, which the binary handles).
+    pub async fn run(&mut self, command: Command, json: bool) -> Result<Output, UserError> {
+        let mut out = Output::default();
+        match command {
+            Command::Init { name } => self.init(&name, json, &mut out)?,
+            Command::Relay(RelayCommand::Add { addrs }) => {
+                self.relay_add(&addrs, json, &mut out).await?
+            }
+            Command::Relay(RelayCommand::List) => self.relay_list(json, &mut out).await?,
+            Command::Relay(RelayCommand::Remove { addr }) => {
+                self.relay_remove(&addr, json, &mut out).await?
+            }
+            Command::Invite { qr } => self.invite(qr, json, &mut out)?,
+            Command::Contact(command) => self.contact(command, json, &mut out).await?,
+            Command::Request(command) => self.request(command, json, &mut out).await?,
+            Command::Send(args) => self.send(args, json, &mut out).await?,
+            Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
+            Command::History { contact, last } => self.history(&contact, last, json, &mut out)?,
+            Command::Daemon | Command::Tui => {
+                return fail("a kkachi daemon or UI is already running for this home");
+            }
+            Command::Demo => {
+                return fail("`kkachi demo` runs on its own, in a temporary home");
+            }
+        }
+        Ok(out)
+    }
+
+    fn init(&self, name: &str, json: bool, out: &mut Output) -> Result<(), UserError> {
+        if let Some(existing) = self.store.identity()? {
+            return fail(format!(
+                "an identity already exists in {} (peer id {}); use another --home for a second one",
+                self.store.home().display(),
+                existing.peer_id()
+            ));
+        }
+        let identity = Identity::generate();
+        // Validates the name with the same rules a card uses.
+        Card::new(&identity, name, vec![], 1)?;
+        self.store.init_identity(
+            &identity,
+            &Profile {
+                name: name.to_owned(),
+                card_version: 1,
+            },
+        )?;
+        if json {
+            out.json(json!({ "peer_id": identity.peer_id().to_string(), "name": name }));
+        } else {
+            out.out(format!("Created identity {name} ({}).", identity.peer_id()));
+            out.out(
+                "Next: add inbox relays with `kkachi relay add ADDR`, then share `kkachi invite`.",
+            );
+        }
+        Ok(())
+    }
+
+    fn invite(&self, qr: bool, json: bool, out: &mut Output) -> Result<(), UserError> {
+        let card = self.own_card()?;
+        let code = card.to_invite();
+        if card.relays().is_empty() {
+            out.warn("note: you have no relays, so this code reaches you only on your local network; add relays with `kkachi relay add ADDR`");
+        }
+        if json {
+            out.json(json!({ "invite": code, "peer_id": card.identity().peer_id().to_string(), "version": card.version() }));
+        } else {
+            out.out(&code);
+            if qr {
+                out.out(crate::qr::render(&code)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds a contact by name (case-insensitive), full peer id, or unique peer id prefix.
+    pub fn resolve(&self, who: &str) -> Result<Contact, UserError> {
+        resolve_contact(&self.store, who)
+    }
+}
+
+/// Finds a contact by name (case-insensitive), full peer id, or unique peer id prefix.
+pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, UserError> {
+    if store.identity()?.is_none() {
+        return fail(NO_IDENTITY);
+    }
+    let contacts = store.contacts()?;
+    if let Some(c) = contacts.iter().find(|c| c.name.eq_ignore_ascii_case(who)) {
+        return Ok(c.clone());
+    }
+    if let Ok(peer) = who.parse::<PeerId>()
+        && let Some(c) = contacts.iter().find(|c| c.peer == peer)
+    {
+        return Ok(c.clone());
+    }
+    let by_prefix: Vec<&Contact> = contacts
+        .iter()
+        .filter(|c| who.len() >= 6 && c.peer.to_string().starts_with(who))
+        .collect();
+    match by_prefix.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => fail(format!(
+            "no contact named {who:?}; `kkachi contact list` shows your contacts, `kkachi contact add CODE` adds one"
+        )),
+        many => fail(format!(
+            "{who:?} matches {} contacts ({}); use more of the peer id",
+            many.len(),
+            many.iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A peer's id as people compare it: its last 8 characters, like a fingerprint.
+fn short_id(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    s[s.len().saturating_sub(8)..].to_string()
+}
+
+/// A name a peer chose, safe to print.
+fn name(s: &str) -> std::borrow::Cow<'_, str> {
+    for_terminal(s)
+}

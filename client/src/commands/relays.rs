@@ -1,0 +1,252 @@
+//! `relay add|list|remove`, and telling contacts when relays change.
+
+use std::time::{Duration, Instant};
+
+use kkachi_protocol::wire::RelayInfo;
+use kkachi_protocol::{Card, ClientToRelay, Multiaddr, RelayToClient};
+use serde_json::json;
+
+use super::{App, Output, UserError, fail, name};
+use crate::engine::now_ms;
+use crate::net::{Transport, peer_of};
+use crate::store::WriteSet;
+
+impl App {
+    pub(super) fn own_card(&self) -> Result<Card, UserError> {
+        self.profile()?;
+        Ok(self.store.own_card(&self.identity()?)?)
+    }
+
+    /// After a relay change: a new card version, sent to every contact in-band.
+    pub(super) async fn announce_card(&mut self, out: &mut Output) -> Result<(), UserError> {
+        let mut profile = self.profile()?;
+        profile.card_version += 1;
+        let mut w = WriteSet::default();
+        w.put_record(crate::store::TreeId::Meta, b"profile".to_vec(), &profile);
+        self.store.apply(w)?;
+        let card = self.own_card()?;
+        let contacts = self.store.contacts()?;
+        if contacts.is_empty() {
+            return Ok(());
+        }
+        let engine = self.engine()?;
+        engine.queue_card_updates(&card).await?;
+        engine.deliver_due().await?;
+        out.warn(format!(
+            "your new relays were sent to {} contact(s)",
+            contacts.len()
+        ));
+        Ok(())
+    }
+
+    pub(super) async fn relay_add(
+        &mut self,
+        addrs: &[String],
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
+        self.identity()?;
+        let mut parsed = Vec::new();
+        for a in addrs {
+            let addr: Multiaddr = a
+                .parse()
+                .map_err(|e| UserError(format!("{a:?} is not a multiaddr ({e}); expected e.g. /ip4/203.0.113.5/tcp/4040/p2p/12D3KooW...")))?;
+            if peer_of(&addr).is_none() {
+                return fail(format!(
+                    "{a} must end with /p2p/<relay peer id> (the relay prints its full address when it starts)"
+                ));
+            }
+            parsed.push(addr);
+        }
+        let mut added = Vec::new();
+        for addr in &parsed {
+            if self.store.add_relay(addr)? {
+                added.push(addr.to_string());
+            } else {
+                out.warn(format!("{addr} is already one of your relays"));
+            }
+        }
+        if !added.is_empty() {
+            self.announce_card(out).await?;
+        }
+        if json {
+            out.json(json!({ "added": added }));
+        } else {
+            for a in &added {
+                out.out(format!("added relay {a}"));
+            }
+            if !added.is_empty() {
+                out.out(
+                    "check they answer with `kkachi relay list`; share your new `kkachi invite`",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn relay_remove(
+        &mut self,
+        addr: &str,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
+        self.identity()?;
+        if !self.store.remove_relay(addr)? {
+            return fail(format!(
+                "{addr} is not one of your relays; `kkachi relay list` shows them"
+            ));
+        }
+        self.announce_card(out).await?;
+        if json {
+            out.json(json!({ "removed": addr }));
+        } else {
+            out.out(format!("removed relay {addr}"));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn relay_list(
+        &mut self,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
+        self.identity()?;
+        let relays = self.store.relays()?;
+        if relays.is_empty() {
+            if json {
+                out.json(json!([]));
+            }
+            out.warn("no relays yet: people can reach you only on your local network. Add some with `kkachi relay add ADDR`.");
+            return Ok(());
+        }
+        let engine = self.engine()?;
+        let probes = relays.iter().map(|r| {
+            let engine = engine.clone();
+            let addr = r.addr.clone();
+            async move {
+                let started = Instant::now();
+                let result = match addr.parse::<Multiaddr>() {
+                    Ok(a) => tokio::time::timeout(
+                        Duration::from_secs(3),
+                        engine.net().request(&a, ClientToRelay::Info),
+                    )
+                    .await
+                    .map_err(|_| "no answer within 3 s".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+                    Err(e) => Err(e.to_string()),
+                };
+                (addr, result, started.elapsed())
+            }
+        });
+        let results = futures::future::join_all(probes).await;
+        let mut rows = Vec::new();
+        for (addr, result, took) in results {
+            let info: Option<RelayInfo> = match &result {
+                Ok(RelayToClient::Info(info)) => Some(info.clone()),
+                _ => None,
+            };
+            if let Some(info) = &info {
+                self.store.update_relay(&addr, |r| {
+                    r.name = info.name.clone();
+                    r.failure_domain = info.failure_domain.clone();
+                    r.last_ok_ms = Some(now_ms());
+                    r.last_error = None;
+                })?;
+            }
+            let record = self.store.relays()?.into_iter().find(|r| r.addr == addr);
+            let domain = record
+                .as_ref()
+                .map(|r| r.failure_domain.clone())
+                .unwrap_or_default();
+            let name = record.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+            let status = match (&info, &result) {
+                (Some(_), _) => format!("up ({} ms)", took.as_millis()),
+                (None, Err(e)) => format!("down: {e}"),
+                (None, Ok(other)) => format!("down: unexpected answer {other:?}"),
+            };
+            rows.push((addr, name, domain, info.is_some(), status, took));
+        }
+        if json {
+            let list: Vec<_> = rows
+                .iter()
+                .map(|(addr, name, domain, up, status, took)| {
+                    json!({ "addr": addr, "name": name, "failure_domain": domain, "up": up,
+                            "status": status, "latency_ms": if *up { Some(took.as_millis() as u64) } else { None } })
+                })
+                .collect();
+            out.json(serde_json::Value::Array(list));
+        } else {
+            // The relay chose its name and failure domain, and the status may quote its
+            // error: none of them reaches the terminal raw.
+            for (addr, relay_name, domain, _, status, _) in &rows {
+                let domain = if domain.is_empty() {
+                    "(no failure domain)"
+                } else {
+                    domain
+                };
+                out.out(format!(
+                    "{:<16} {:<24} {:<16} {addr}",
+                    name(status),
+                    name(domain),
+                    name(relay_name)
+                ));
+            }
+        }
+        for warning in failure_domain_warnings(rows.iter().map(|r| r.2.as_str())) {
+            out.warn(format!("warning: {}", name(&warning)));
+        }
+        Ok(())
+    }
+}
+
+/// Warnings about relays that can fail together (the lesson of a single building).
+pub fn failure_domain_warnings<'a>(domains: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let domains: Vec<&str> = domains.collect();
+    let mut warnings = Vec::new();
+    if domains.len() == 1 {
+        warnings.push("you have a single relay: when it is down, mail waits until it returns. Add a second, run by someone else.".to_string());
+    }
+    let known: Vec<&str> = domains.iter().copied().filter(|d| !d.is_empty()).collect();
+    if domains.len() > 1 && known.len() == domains.len() && known.iter().all(|d| *d == known[0]) {
+        warnings.push(format!(
+            "all your relays are in failure domain {:?}: one outage there takes every one of them down. Add a relay run elsewhere.",
+            known[0]
+        ));
+    }
+    let unknown = domains.len() - known.len();
+    if unknown > 0 && domains.len() > 1 {
+        warnings.push(format!("{unknown} relay(s) did not report a failure domain (unreachable, or not configured by its operator)"));
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_domain_warnings;
+
+    #[test]
+    fn warns_when_relays_can_fail_together() {
+        let all_same = failure_domain_warnings(["aws/seoul", "aws/seoul", "aws/seoul"].into_iter());
+        assert!(
+            all_same.iter().any(|w| w.contains("\"aws/seoul\"")),
+            "{all_same:?}"
+        );
+        let spread =
+            failure_domain_warnings(["aws/seoul", "hetzner/fsn1", "home/busan"].into_iter());
+        assert!(spread.is_empty(), "{spread:?}");
+        let single = failure_domain_warnings(["aws/seoul"].into_iter());
+        assert!(
+            single.iter().any(|w| w.contains("single relay")),
+            "{single:?}"
+        );
+        let unknown = failure_domain_warnings(["aws/seoul", ""].into_iter());
+        assert!(
+            unknown.iter().any(|w| w.contains("did not report")),
+            "{unknown:?}"
+        );
+        assert!(
+            !unknown.iter().any(|w| w.contains("all your relays")),
+            "unknown domains are not assumed equal"
+        );
+    }
+}

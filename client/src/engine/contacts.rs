@@ -1,0 +1,298 @@
+//! Contacts the user controls: adding (which accepts what they sent before), message
+//! requests, blocking, removing, renaming.
+//!
+//! Every change runs under the engine's lock, as receiving does: a card update being
+//! received must not write back a name the user just changed, and a contact removed
+//! must not have its session written again by a message arriving at that moment.
+
+use kkachi_protocol::card::{NameError, check_name};
+use kkachi_protocol::{Card, Envelope, PeerId};
+use thiserror::Error;
+
+use super::receive::Source;
+use super::{AppEvent, Engine, EngineError, Received, now_ms};
+use crate::net::Transport;
+use crate::store::{Blocked, Contact, LocalStore, TreeId, WriteSet};
+
+/// Why a change to contacts was refused. Each message says what to do.
+#[derive(Debug, Error)]
+pub enum ContactError {
+    /// The card is the user's own.
+    #[error("that is your own invite code")]
+    Own,
+    /// The card pairs someone's identity with the user's own session key.
+    #[error(
+        "this card carries your own session key: someone made it from your invite code. Do not add it"
+    )]
+    OwnKey,
+    /// Another contact holds the card's session key: one of the two cards is forged.
+    #[error(
+        "this card's session key belongs to your contact {holder}: one of the two cards is forged. \
+         Check with {holder} in person; `kkachi contact remove` removes the wrong one"
+    )]
+    KeyTaken {
+        /// The contact holding it.
+        holder: String,
+    },
+    /// The name is taken by another contact.
+    #[error("you already have a contact named {0}; choose another name")]
+    NameTaken(String),
+    /// The name breaks the rules for names.
+    #[error("that name cannot be used: {0}")]
+    Name(#[from] NameError),
+    /// Not a contact.
+    #[error("{0} is not one of your contacts; `kkachi contact list` shows them")]
+    NotContact(String),
+    /// Nothing is held from that sender.
+    #[error("no message request from {0}; `kkachi request list` shows them")]
+    NoRequest(String),
+}
+
+/// What a change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactOutcome {
+    /// The contact as it is now (None once removed).
+    pub contact: Option<Contact>,
+    /// True if the contact is new.
+    pub added: bool,
+    /// True if a newer card of theirs was taken.
+    pub updated: bool,
+    /// True if they were blocked before.
+    pub unblocked: bool,
+    /// Messages they sent before they were a contact, now in the conversation.
+    pub accepted: Vec<Received>,
+    /// Messages removed with a removed contact.
+    pub removed_messages: usize,
+}
+
+impl ContactOutcome {
+    fn of(contact: Option<Contact>) -> Self {
+        Self {
+            contact,
+            added: false,
+            updated: false,
+            unblocked: false,
+            accepted: Vec::new(),
+            removed_messages: 0,
+        }
+    }
+}
+
+impl<T: Transport> Engine<T> {
+    /// Adds `card`'s owner as a contact, named `name` (else as before, else as the card
+    /// says), or takes a newer card of theirs. A card whose session key is ours or
+    /// another contact's is refused: one of the two is forged. Adding someone blocked
+    /// unblocks them. Messages they sent before they were a contact (held as a request)
+    /// then go into the conversation, in their order, and are confirmed to them.
+    pub async fn add_contact(
+        &self,
+        card: &Card,
+        name: Option<&str>,
+    ) -> Result<ContactOutcome, EngineError> {
+        let peer = card.identity().peer_id();
+        let mut outcome = {
+            let _sessions = self.lock.lock().await;
+            if peer == self.me.peer_id() {
+                return Err(ContactError::Own.into());
+            }
+            if *card.identity().x25519() == self.me.x25519_public() {
+                return Err(ContactError::OwnKey.into());
+            }
+            let contacts = self.store.contacts()?;
+            if let Some(holder) = contacts
+                .iter()
+                .find(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519())
+            {
+                return Err(ContactError::KeyTaken {
+                    holder: holder.name.clone(),
+                }
+                .into());
+            }
+            let existing = contacts.iter().find(|c| c.peer == peer);
+            let name = match (name, existing) {
+                (Some(n), _) => n.trim().to_owned(),
+                (None, Some(c)) => c.name.clone(),
+                (None, None) => card.name().to_owned(),
+            };
+            self.check_contact_name(&name, &peer, &contacts)?;
+            let (card, updated) = match existing {
+                Some(old) if !card.supersedes(&old.card) => (old.card.clone(), false),
+                Some(_) => (card.clone(), true),
+                None => (card.clone(), false),
+            };
+            let contact = Contact { peer, name, card };
+            let mut w = WriteSet::default();
+            LocalStore::write_contact(&mut w, &contact);
+            let unblocked = self.store.blocked(&peer)?.is_some();
+            if unblocked {
+                LocalStore::write_unblocked(&mut w, &peer);
+            }
+            self.store.apply(w)?;
+            ContactOutcome {
+                added: existing.is_none(),
+                updated,
+                unblocked,
+                ..ContactOutcome::of(Some(contact))
+            }
+        };
+        outcome.accepted = self.adopt_held_from(&peer).await?;
+        self.store.flush().await?;
+        self.emit(AppEvent::ContactUpdated(peer));
+        Ok(outcome)
+    }
+
+    /// Accepts the request of `peer`: adds them from the newest card they sent, named
+    /// `name` if given, and takes in what they sent.
+    pub async fn accept_request(
+        &self,
+        peer: &PeerId,
+        name: Option<&str>,
+    ) -> Result<ContactOutcome, EngineError> {
+        let request = self
+            .store
+            .request(peer)?
+            .ok_or_else(|| ContactError::NoRequest(peer.to_string()))?;
+        self.add_contact(&request.card, name).await
+    }
+
+    /// Drops what `peer` sent as a request; they may ask again.
+    pub async fn reject_request(&self, peer: &PeerId) -> Result<usize, EngineError> {
+        let _sessions = self.lock.lock().await;
+        let mut w = WriteSet::default();
+        let n = self.store.remove_request(&mut w, peer)?;
+        if n == 0 {
+            return Err(ContactError::NoRequest(peer.to_string()).into());
+        }
+        self.store.apply(w)?;
+        self.store.flush().await?;
+        Ok(n)
+    }
+
+    /// Blocks `peer` (a contact or a sender of a request): what they send is dropped
+    /// unread, their session and what waits for them in the outbox go, and anything
+    /// held from them. A contact stays listed (as blocked) with the conversation.
+    pub async fn block(&self, peer: &PeerId, name: &str) -> Result<ContactOutcome, EngineError> {
+        let mut sessions = self.lock.lock().await;
+        let mut w = WriteSet::default();
+        let record = Blocked {
+            name: name.to_owned(),
+            at_ms: now_ms(),
+        };
+        LocalStore::write_blocked(&mut w, peer, &record);
+        // Without the session nothing of theirs opens; unblocked, a fresh one starts.
+        w.remove(TreeId::Sessions, peer.to_bytes());
+        self.store.forget_outbox(&mut w, peer)?;
+        self.store.remove_request(&mut w, peer)?;
+        sessions.forget(peer);
+        self.store.apply(w)?;
+        drop(sessions);
+        self.store.flush().await?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(ContactOutcome::of(self.store.contact(peer)?))
+    }
+
+    /// Unblocks `peer`; false if they were not blocked.
+    pub async fn unblock(&self, peer: &PeerId) -> Result<bool, EngineError> {
+        let _sessions = self.lock.lock().await;
+        if self.store.blocked(peer)?.is_none() {
+            return Ok(false);
+        }
+        let mut w = WriteSet::default();
+        LocalStore::write_unblocked(&mut w, peer);
+        self.store.apply(w)?;
+        self.store.flush().await?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(true)
+    }
+
+    /// Removes contact `peer` with everything kept about them: conversation, session,
+    /// outbox entries. What they send afterwards is a request again.
+    pub async fn remove_contact(&self, peer: &PeerId) -> Result<ContactOutcome, EngineError> {
+        let mut sessions = self.lock.lock().await;
+        let mut w = WriteSet::default();
+        let removed = self.store.forget_contact(&mut w, peer)?;
+        sessions.forget(peer);
+        self.store.apply(w)?;
+        drop(sessions);
+        self.store.flush().await?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(ContactOutcome {
+            removed_messages: removed,
+            ..ContactOutcome::of(None)
+        })
+    }
+
+    /// Gives contact `peer` the name `name` (shown only here).
+    pub async fn rename_contact(
+        &self,
+        peer: &PeerId,
+        name: &str,
+    ) -> Result<ContactOutcome, EngineError> {
+        let _sessions = self.lock.lock().await;
+        let contacts = self.store.contacts()?;
+        let Some(mut contact) = contacts.iter().find(|c| c.peer == *peer).cloned() else {
+            return Err(ContactError::NotContact(peer.to_string()).into());
+        };
+        let name = name.trim();
+        self.check_contact_name(name, peer, &contacts)?;
+        contact.name = name.to_owned();
+        let mut w = WriteSet::default();
+        LocalStore::write_contact(&mut w, &contact);
+        self.store.apply(w)?;
+        self.store.flush().await?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(ContactOutcome::of(Some(contact)))
+    }
+
+    /// Names follow the rules of card names (nothing hidden or reordered), and no two
+    /// contacts share one (any case).
+    fn check_contact_name(
+        &self,
+        name: &str,
+        peer: &PeerId,
+        contacts: &[Contact],
+    ) -> Result<(), ContactError> {
+        check_name(name)?;
+        if contacts
+            .iter()
+            .any(|c| c.peer != *peer && c.name.to_lowercase() == name.to_lowercase())
+        {
+            return Err(ContactError::NameTaken(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Takes in what `peer` sent while not a contact (they are one now).
+    async fn adopt_held_from(&self, peer: &PeerId) -> Result<Vec<Received>, EngineError> {
+        let Some(request) = self.store.request(peer)? else {
+            return Ok(Vec::new());
+        };
+        let envelopes: Vec<Envelope> = request
+            .messages
+            .iter()
+            .filter_map(|m| Envelope::decode(&m.envelope).ok())
+            .collect();
+        self.receive_from(envelopes, Source::Held(*peer)).await
+    }
+
+    /// Upkeep, at start and now and then: forgets seen envelopes and held messages that
+    /// expired, takes in what is held from senders who are contacts by now (a crash
+    /// between adding one and taking it in), and seals receipts a crash left due.
+    pub async fn housekeeping(&self) -> Result<(), EngineError> {
+        let before = (now_ms() / 1000).saturating_sub(kkachi_protocol::envelope::CLOCK_SKEW_SECS);
+        let pruned = self.store.prune_seen(before)?;
+        let expired = self.store.prune_requests(before)?;
+        if pruned + expired > 0 {
+            tracing::info!(pruned, expired, "forgot expired envelopes");
+        }
+        let contacts = self.store.contacts()?;
+        for request in self.store.requests()? {
+            if contacts.iter().any(|c| c.peer == request.peer) {
+                self.adopt_held_from(&request.peer).await?;
+            }
+        }
+        // Nothing to receive, but receipts left due are sealed.
+        self.receive_from(Vec::new(), Source::Network).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! Message requests and blocked senders.
+//!
+//! A first message from someone who is not a contact is not thrown away: it is held,
+//! sealed as it arrived, under its sender and message id, until the user accepts the
+//! sender (it then goes through the receive path like any other), rejects or blocks
+//! them, or it expires. Held messages are bounded per sender and in total, so strangers
+//! cannot fill the disk. Blocked senders are remembered by identity; what they send is
+//! dropped unread.
+
+use kkachi_protocol::{Card, PeerId};
+use serde::{Deserialize, Serialize};
+
+use super::{LocalStore, StoreError, TreeId, WriteSet, db, decode};
+
+/// Most messages held from one sender who is not a contact.
+pub const MAX_HELD_PER_SENDER: usize = 50;
+/// Most messages held from all such senders together.
+pub const MAX_HELD_TOTAL: usize = 1000;
+
+/// One message held from someone who is not a contact yet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldMessage {
+    /// The envelope as it arrived (still sealed: accepting opens it again).
+    pub envelope: Vec<u8>,
+    /// The card it carried: who the sender says they are.
+    pub card: Vec<u8>,
+    /// The sender's id for the message.
+    pub message_id: [u8; 16],
+    /// The sender's sequence number for it, to accept messages in order.
+    pub seq: u64,
+    /// The sender's clock, Unix ms.
+    pub sent_at_ms: u64,
+    /// Its text, to show before accepting (None for kinds that have none).
+    pub text: Option<String>,
+    /// When it arrived, Unix ms.
+    pub received_ms: u64,
+    /// When the envelope expires, Unix seconds: then it is forgotten.
+    pub expires_at: u64,
+}
+
+/// Everything held from one sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The sender.
+    pub peer: PeerId,
+    /// Their newest card among the messages.
+    pub card: Card,
+    /// The messages, in the sender's order.
+    pub messages: Vec<HeldMessage>,
+}
+
+/// A blocked sender.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Blocked {
+    /// The name they had when blocked.
+    pub name: String,
+    /// When, Unix ms.
+    pub at_ms: u64,
+}
+
+fn held_key(peer: &PeerId, message_id: &[u8; 16]) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(message_id);
+    k
+}
+
+impl LocalStore {
+    /// Every sender with messages held, oldest request first.
+    pub fn requests(&self) -> Result<Vec<Request>, StoreError> {
+        let mut out: Vec<Request> = Vec::new();
+        for item in self.tree(TreeId::Requests).iter() {
+            let (k, v) = item.map_err(db)?;
+            let held: HeldMessage = decode(&v, "held message")?;
+            let peer = k
+                .len()
+                .checked_sub(16)
+                .and_then(|n| PeerId::from_bytes(&k[..n]).ok())
+                .ok_or(StoreError::Corrupt("held message key"))?;
+            let card = Card::decode(&held.card).map_err(|_| StoreError::Corrupt("held card"))?;
+            match out.iter_mut().find(|r| r.peer == peer) {
+                Some(r) => {
+                    if card.version() > r.card.version() {
+                        r.card = card;
+                    }
+                    r.messages.push(held);
+                }
+                None => out.push(Request {
+                    peer,
+                    card,
+                    messages: vec![held],
+                }),
+            }
+        }
+        for r in &mut out {
+            r.messages
+                .sort_by_key(|m| (m.seq, m.sent_at_ms, m.received_ms));
+        }
+        out.sort_by_key(|r| r.messages.iter().map(|m| m.received_ms).min());
+        Ok(out)
+    }
+
+    /// What is held from `peer`, if anything.
+    pub fn request(&self, peer: &PeerId) -> Result<Option<Request>, StoreError> {
+        Ok(self.requests()?.into_iter().find(|r| r.peer == *peer))
+    }
+
+    /// How many messages are held: (from `peer`, in total).
+    pub fn held_counts(&self, peer: &PeerId) -> Result<(usize, usize), StoreError> {
+        let tree = self.tree(TreeId::Requests);
+        let mine = tree.scan_prefix(peer.to_bytes()).count();
+        Ok((mine, tree.len()))
+    }
+
+    /// True if message `id` of `peer` is held already.
+    pub fn is_held(&self, peer: &PeerId, id: &[u8; 16]) -> Result<bool, StoreError> {
+        self.tree(TreeId::Requests)
+            .contains_key(held_key(peer, id))
+            .map_err(db)
+    }
+
+    /// Holds a message (in a WriteSet).
+    pub fn write_held(w: &mut WriteSet, peer: &PeerId, held: &HeldMessage) {
+        w.put_record(TreeId::Requests, held_key(peer, &held.message_id), held);
+    }
+
+    /// Drops everything held from `peer` (in a WriteSet).
+    pub fn remove_request(&self, w: &mut WriteSet, peer: &PeerId) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.tree(TreeId::Requests).scan_prefix(peer.to_bytes()) {
+            let (k, _) = item.map_err(db)?;
+            w.remove(TreeId::Requests, k.to_vec());
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Drops the held message of `peer` that `envelope` is (in a WriteSet): it has been
+    /// taken in.
+    pub fn release_held(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        envelope: &kkachi_protocol::Envelope,
+    ) -> Result<(), StoreError> {
+        let bytes = envelope.encode();
+        for item in self.tree(TreeId::Requests).scan_prefix(peer.to_bytes()) {
+            let (k, v) = item.map_err(db)?;
+            let held: HeldMessage = decode(&v, "held message")?;
+            if held.envelope == bytes {
+                w.remove(TreeId::Requests, k.to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops held messages that expired before `before` (Unix seconds).
+    pub fn prune_requests(&self, before: u64) -> Result<usize, StoreError> {
+        let mut w = WriteSet::default();
+        for item in self.tree(TreeId::Requests).iter() {
+            let (k, v) = item.map_err(db)?;
+            let held: HeldMessage = decode(&v, "held message")?;
+            if held.expires_at < before {
+                w.remove(TreeId::Requests, k.to_vec());
+            }
+        }
+        let n = w.ops.len();
+        self.apply(w)?;
+        Ok(n)
+    }
+
+    // --- blocked ---
+
+    /// The blocked sender `peer`, if blocked.
+    pub fn blocked(&self, peer: &PeerId) -> Result<Option<Blocked>, StoreError> {
+        self.get_record(TreeId::Blocked, &peer.to_bytes(), "blocked sender")
+    }
+
+    /// Every blocked sender.
+    pub fn blocked_all(&self) -> Result<Vec<(PeerId, Blocked)>, StoreError> {
+        self.records::<Blocked>(TreeId::Blocked, "blocked sender")?
+            .into_iter()
+            .map(|(k, b)| {
+                PeerId::from_bytes(&k)
+                    .map(|p| (p, b))
+                    .map_err(|_| StoreError::Corrupt("blocked sender key"))
+            })
+            .collect()
+    }
+
+    /// Blocks `peer` (in a WriteSet).
+    pub fn write_blocked(w: &mut WriteSet, peer: &PeerId, blocked: &Blocked) {
+        w.put_record(TreeId::Blocked, peer.to_bytes(), blocked);
+    }
+
+    /// Unblocks `peer` (in a WriteSet).
+    pub fn write_unblocked(w: &mut WriteSet, peer: &PeerId) {
+        w.remove(TreeId::Blocked, peer.to_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kkachi_protocol::Identity;
+
+    use super::*;
+
+    fn held(card: &Card, id: u8, seq: u64, received_ms: u64) -> HeldMessage {
+        HeldMessage {
+            envelope: vec![id; 10],
+            card: card.encode(),
+            message_id: [id; 16],
+            seq,
+            sent_at_ms: seq,
+            text: Some(format!("m{id}")),
+            received_ms,
+            expires_at: 1000 + u64::from(id),
+        }
+    }
+
+    #[test]
+    fn requests_group_by_sender_in_order_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let (frank, hana) = (Identity::generate(), Identity::generate());
+        let frank_card = Card::new(&frank, "Frank", vec![], 1).unwrap();
+        let frank_newer = Card::new(&frank, "Frank K", vec![], 2).unwrap();
+        let hana_card = Card::new(&hana, "Hana", vec![], 1).unwrap();
+        let mut w = WriteSet::default();
+        LocalStore::write_held(&mut w, &frank.peer_id(), &held(&frank_newer, 2, 2, 50));
+        LocalStore::write_held(&mut w, &frank.peer_id(), &held(&frank_card, 1, 1, 60));
+        LocalStore::write_held(&mut w, &hana.peer_id(), &held(&hana_card, 9, 1, 10));
+        store.apply(w).unwrap();
+        let all = store.requests().unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.card.name()).collect::<Vec<_>>(),
+            ["Hana", "Frank K"],
+            "oldest request first, newest card"
+        );
+        let seqs: Vec<u64> = all[1].messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2], "in the sender's order");
+        assert_eq!(store.held_counts(&frank.peer_id()).unwrap(), (2, 3));
+        assert!(store.is_held(&frank.peer_id(), &[1; 16]).unwrap());
+        assert_eq!(store.prune_requests(1002).unwrap(), 1);
+        assert_eq!(store.held_counts(&frank.peer_id()).unwrap(), (1, 2));
+        let mut w = WriteSet::default();
+        assert_eq!(store.remove_request(&mut w, &frank.peer_id()).unwrap(), 1);
+        store.apply(w).unwrap();
+        assert!(store.request(&frank.peer_id()).unwrap().is_none());
+        assert!(store.request(&hana.peer_id()).unwrap().is_some());
+    }
+}
