@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::receive::Source;
 use super::{AppEvent, Engine, EngineError, Received, now_ms};
 use crate::net::Transport;
-use crate::store::{Blocked, Contact, LocalStore, TreeId, WriteSet};
+use crate::store::{Blocked, Contact, LocalStore, WriteSet};
 
 /// Why a change to contacts was refused. Each message says what to do.
 #[derive(Debug, Error)]
@@ -169,21 +169,19 @@ impl<T: Transport> Engine<T> {
     }
 
     /// Blocks `peer` (a contact or a sender of a request): what they send is dropped
-    /// unread, their session and what waits for them in the outbox go, and anything
-    /// held from them. A contact stays listed (as blocked) with the conversation.
+    /// unread (opened only as far as needed to know it is theirs), what waits for them
+    /// in the outbox goes, and anything held from them. A contact stays listed (as
+    /// blocked) with the conversation and session, so unblocking resumes both.
     pub async fn block(&self, peer: &PeerId, name: &str) -> Result<ContactOutcome, EngineError> {
-        let mut sessions = self.lock.lock().await;
+        let sessions = self.lock.lock().await;
         let mut w = WriteSet::default();
         let record = Blocked {
             name: name.to_owned(),
             at_ms: now_ms(),
         };
         LocalStore::write_blocked(&mut w, peer, &record);
-        // Without the session nothing of theirs opens; unblocked, a fresh one starts.
-        w.remove(TreeId::Sessions, peer.to_bytes());
         self.store.forget_outbox(&mut w, peer)?;
         self.store.remove_request(&mut w, peer)?;
-        sessions.forget(peer);
         self.store.apply(w)?;
         drop(sessions);
         self.store.flush().await?;

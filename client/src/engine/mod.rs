@@ -208,6 +208,8 @@ pub struct Engine<T> {
     unsaved: parking_lot::Mutex<Vec<u64>>,
     /// Our own card as of its version: every first message carries it.
     card: parking_lot::Mutex<Option<kkachi_protocol::Card>>,
+    /// Envelopes refused because reading them panicked (a bug) since start.
+    faults: std::sync::atomic::AtomicU64,
 }
 
 /// Marks an outbox entry as being delivered until dropped.
@@ -272,6 +274,7 @@ impl<T: Transport> Engine<T> {
             outbox_wake: tokio::sync::Notify::new(),
             unsaved: parking_lot::Mutex::default(),
             card: parking_lot::Mutex::default(),
+            faults: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -296,6 +299,12 @@ impl<T: Transport> Engine<T> {
     /// at its next tick, so receipts leave one by one instead of in bursts.
     pub async fn outbox_queued(&self) {
         self.outbox_wake.notified().await;
+    }
+
+    /// How many envelopes were refused since start because reading them panicked: a
+    /// bug in kkachi, which the log names. The rest of their batch went on.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The local store.

@@ -144,6 +144,8 @@ impl<T: Transport> Engine<T> {
                     // Memory may be half-changed: take the sessions again from the store,
                     // which holds what the envelopes before this one left.
                     sessions.reset();
+                    self.faults
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(envelope = %id, "reading an envelope panicked; it is refused");
                     let outcome = Outcome::Refused("reading it failed (a bug in kkachi)".into());
                     (outcome, WriteSet::default())
@@ -234,6 +236,10 @@ impl<T: Transport> Engine<T> {
                     // Whatever it did to the session is kept with the outcome.
                     LocalStore::write_session(w, &contact.peer, session);
                     found = Some(match result {
+                        // Opened only to know whose it is: dropped unread.
+                        Ok(_) if self.store.blocked(&contact.peer)?.is_some() => {
+                            Err("from a blocked contact")
+                        }
                         Ok(opened) => Ok((contact.clone(), opened)),
                         Err(SessionError::Replay) => Err("a copy of a message already read"),
                         Err(_) => Err("it opened but its frame is malformed"),
@@ -371,6 +377,10 @@ impl<T: Transport> Engine<T> {
                 Ok(Outcome::Applied("a copy of a message already stored"))
             }
             Body::Text(ref text) => {
+                #[cfg(test)]
+                if text == super::tests::PANIC_TEXT {
+                    panic!("a bug while reading an envelope");
+                }
                 let mut conv = self.store.conversation(&peer)?;
                 let size = text.len() as u64;
                 if conv.received_bytes.saturating_add(size) > MAX_STORED_PER_CONTACT {

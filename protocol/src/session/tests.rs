@@ -575,7 +575,7 @@ fn proposals_at_the_end_of_the_generation_range_are_not_answered() {
     // Honest proposals still are, and the sessions they start rekey as usual.
     settle(&mut a, &mut b, T0, &mut rng);
     let g = b.session.generation();
-    assert!(g >= 1 && g <= 2, "generation {g}");
+    assert!((1..=2).contains(&g), "generation {g}");
     let p = init_with(&mut a, g + MAX_GENERATION_STEP + 1, &card, b"jump", T0 + 1);
     assert_eq!(b.open(&p, T0 + 1).unwrap().body, b"jump");
     assert!(
