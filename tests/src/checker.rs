@@ -13,7 +13,7 @@ pub struct Checker {
     order: Vec<String>,
     shown: HashMap<String, Vec<Instant>>,
     /// (seq, missing-at-that-time) in arrival order, per sender.
-    arrivals: HashMap<String, Vec<(u64, Vec<(u64, u64)>)>>,
+    arrivals: HashMap<String, Vec<Arrival>>,
 }
 
 /// The verdict.
@@ -53,6 +53,9 @@ impl fmt::Display for Report {
         )
     }
 }
+
+/// One message shown: its sequence number and the missing ranges announced with it.
+type Arrival = (u64, Vec<(u64, u64)>);
 
 impl Checker {
     /// Records a message the app reported as sent (its id), at `at`.

@@ -8,6 +8,8 @@
 //! - [`faults`]: a fault-injecting TCP proxy (blackhole, delay, reset) and a malicious
 //!   relay store (tamper, duplicate, replay, reorder, drop); [`inproc`] runs relays
 //!   with such stores inside the test process.
+//! - [`evil`]: a hostile contact with a real session, sending what no honest client
+//!   would.
 //! - [`netns`]: network namespaces and nftables rules for LAN and partition scenarios
 //!   (root only; tests say why they skip otherwise).
 //!
@@ -15,6 +17,7 @@
 //! test --workspace` builds them.
 
 pub mod checker;
+pub mod evil;
 pub mod faults;
 pub mod netns;
 pub mod procs;

@@ -341,6 +341,13 @@ impl Daemon {
         kill9(&mut self.child);
     }
 
+    /// True while the process runs (it has not exited or been stopped).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
         terminate(&mut self.child);

@@ -6,7 +6,7 @@
 //! must not have its session written again by a message arriving at that moment.
 
 use kkachi_protocol::card::{NameError, check_name};
-use kkachi_protocol::{Card, Envelope, PeerId};
+use kkachi_protocol::{Body, Card, Envelope, PeerId};
 use thiserror::Error;
 
 use super::receive::Source;
@@ -91,7 +91,7 @@ impl<T: Transport> Engine<T> {
     ) -> Result<ContactOutcome, EngineError> {
         let peer = card.identity().peer_id();
         let mut outcome = {
-            let _sessions = self.lock.lock().await;
+            let mut sessions = self.lock.lock().await;
             if peer == self.me.peer_id() {
                 return Err(ContactError::Own.into());
             }
@@ -123,11 +123,23 @@ impl<T: Transport> Engine<T> {
             let contact = Contact { peer, name, card };
             let mut w = WriteSet::default();
             LocalStore::write_contact(&mut w, &contact);
+            if existing.is_none() {
+                // Our card goes to a new contact: it says where we are, and if they
+                // still hold a session with an earlier us (we removed them), our fresh
+                // session tells them to seal again what we never confirmed.
+                let session = sessions.get(&self.store, &contact)?;
+                let card = Box::new(self.own_card()?);
+                self.queue_control(&mut w, &contact, session, Body::CardUpdate(card), now_ms())?;
+                LocalStore::write_session(&mut w, &peer, session);
+            }
             let unblocked = self.store.blocked(&peer)?.is_some();
             if unblocked {
                 LocalStore::write_unblocked(&mut w, &peer);
             }
-            self.store.apply(w)?;
+            if let Err(e) = self.store.apply(w) {
+                sessions.reset();
+                return Err(e.into());
+            }
             ContactOutcome {
                 added: existing.is_none(),
                 updated,

@@ -402,6 +402,42 @@ async fn a_removed_contact_leaves_nothing_and_writes_as_a_stranger() {
 }
 
 #[tokio::test]
+async fn a_contact_removed_and_added_again_gets_what_they_sent_meanwhile() {
+    let c = cast().await;
+    let mallory_at_carol = c.carol.contact_of(&c.mallory.peer()).unwrap();
+    converse(&c.mallory, &c.carol, &c.carol_at_mallory, &mallory_at_carol).await;
+    c.carol
+        .engine
+        .remove_contact(&c.mallory.peer())
+        .await
+        .unwrap();
+    // Mallory still holds the session: this is a transport packet Carol cannot open.
+    let _ = c
+        .mallory
+        .send(&c.carol_at_mallory, "did you get this?")
+        .await;
+    assert!(c.carol.sync().await.is_empty());
+    c.carol
+        .engine
+        .add_contact(&c.mallory.card, None)
+        .await
+        .unwrap();
+    // Carol's card goes out under a fresh session; Mallory's client sees Carol's state
+    // is new and seals again what Carol never confirmed.
+    c.carol.engine.deliver_due().await.unwrap();
+    c.mallory.sync().await;
+    c.mallory.engine.deliver_due().await.unwrap();
+    let got = c.carol.sync().await;
+    assert_eq!(
+        got.iter()
+            .map(|r| r.message.text.as_str())
+            .collect::<Vec<_>>(),
+        ["did you get this?"]
+    );
+    assert!(c.carol.sync().await.is_empty());
+}
+
+#[tokio::test]
 async fn a_broken_hash_chain_and_a_reused_number_are_shown_not_hidden() {
     let c = cast().await;
     let first = raw_text(1, [0; 32], "one");
