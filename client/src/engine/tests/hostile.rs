@@ -296,17 +296,24 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
         matches!(&err, EngineError::Contact(ContactError::KeyTaken { holder }) if holder == "Aid Station"),
         "{err}"
     );
-    // Nothing went to Mallory's relays: no receipt, nothing.
+    // Nothing Mallory can read reached her relays: no receipt of Alice's message, and
+    // what Carol sealed for "Aid Station" (her card, on adding it) is sealed to Alice's
+    // key, which Mallory does not hold.
     carol.engine.deliver_due().await.unwrap();
     for r in &mallory.relays {
         let mailbox = MailboxId::for_peer(&mallory.peer());
-        assert!(
-            net.relay_store(r)
-                .fetch(&mailbox, 0, 10, usize::MAX)
-                .unwrap()
-                .items
-                .is_empty()
-        );
+        for item in net
+            .relay_store(r)
+            .fetch(&mailbox, 0, 100, usize::MAX)
+            .unwrap()
+            .items
+        {
+            assert!(
+                kkachi_protocol::session::open(mallory.engine.identity(), &item.envelope.payload)
+                    .is_err(),
+                "mallory opened something meant for the forged card"
+            );
+        }
     }
     // With the forgery removed, Alice's message arrives as hers.
     carol.engine.remove_contact(&mallory.peer()).await.unwrap();
