@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::commands::UserError;
-use crate::engine::{Engine, now_ms};
+use crate::engine::{Engine, Verdict, now_ms};
 use crate::net::{NetConfig, NetEvent, Network, peer_of};
 use crate::store::LocalStore;
 
@@ -100,11 +100,11 @@ async fn pump(
                 }
                 let engine = engine.clone();
                 tokio::spawn(async move {
-                    let n = envelopes.len();
-                    let response = match engine.receive(envelopes).await {
-                        // Stored durably (or already had them): acknowledge all.
-                        Ok(_) => RelayToClient::Stored {
-                            outcomes: vec![PutOutcome::Stored; n],
+                    let response = match engine.receive_direct(envelopes).await {
+                        // Durable now: each envelope's answer says what became of it, so
+                        // the sender counts as delivered only what was taken in.
+                        Ok(verdicts) => RelayToClient::Stored {
+                            outcomes: verdicts.into_iter().map(direct_outcome).collect(),
                         },
                         Err(e) => {
                             tracing::warn!(%from, error = %e, "could not store a direct delivery");
@@ -137,6 +137,26 @@ async fn pump(
             }
             NetEvent::LanPeer { .. } | NetEvent::Connection { .. } => {}
         }
+    }
+}
+
+/// How a direct sender is told what became of one envelope.
+fn direct_outcome(verdict: Verdict) -> PutOutcome {
+    let rejected = |code, message: &str| PutOutcome::Rejected {
+        code,
+        message: message.into(),
+    };
+    match verdict {
+        Verdict::Taken => PutOutcome::Stored,
+        Verdict::Duplicate => PutOutcome::Duplicate,
+        Verdict::Held => rejected(
+            kkachi_protocol::ErrorCode::NotOwner,
+            "held as a message request until the recipient accepts you",
+        ),
+        Verdict::Refused => rejected(
+            kkachi_protocol::ErrorCode::Malformed,
+            "the recipient could not take it in",
+        ),
     }
 }
 

@@ -41,7 +41,16 @@ impl App {
                 }
                 Ok(())
             }
-            ContactCommand::Block { contact } => self.block(&contact, json, out).await,
+            ContactCommand::Block { contact } => {
+                let (peer, label) = match resolve_contact(&self.store, &contact) {
+                    Ok(c) => (c.peer, c.name),
+                    Err(not_contact) => match contact.parse::<PeerId>() {
+                        Ok(p) => (p, contact.clone()),
+                        Err(_) => return Err(not_contact),
+                    },
+                };
+                self.block(peer, label, json, out).await
+            }
             ContactCommand::Unblock { contact } => self.unblock(&contact, json, out).await,
             ContactCommand::Rename { contact, name: new } => {
                 let c = self.resolve(&contact)?;
@@ -130,18 +139,14 @@ impl App {
         Ok(())
     }
 
-    /// Blocks a contact, the sender of a request, or a peer id.
-    async fn block(&mut self, who: &str, json: bool, out: &mut Output) -> Result<(), UserError> {
-        let (peer, label) = match resolve_contact(&self.store, who) {
-            Ok(c) => (c.peer, c.name),
-            Err(not_contact) => match resolve_request(&self.store, who) {
-                Ok(r) => (r.peer, r.card.name().to_owned()),
-                Err(_) => match who.parse::<PeerId>() {
-                    Ok(p) => (p, who.to_owned()),
-                    Err(_) => return Err(not_contact),
-                },
-            },
-        };
+    /// Blocks `peer`, known to the user as `label`.
+    async fn block(
+        &mut self,
+        peer: PeerId,
+        label: String,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), UserError> {
         self.local_engine()?.block(&peer, &label).await?;
         if json {
             out.json(json!({ "blocked": label, "peer_id": peer.to_string() }));
@@ -212,7 +217,13 @@ impl App {
                 }
                 Ok(())
             }
-            RequestCommand::Block { who } => self.block(&who, json, out).await,
+            // Only among requests: a stranger calling themselves "Mom" must not get
+            // your contact Mom blocked.
+            RequestCommand::Block { who } => {
+                let r = resolve_request(&self.store, &who)?;
+                self.block(r.peer, r.card.name().to_owned(), json, out)
+                    .await
+            }
         }
     }
 
@@ -222,6 +233,13 @@ impl App {
             let list: Vec<_> = requests.iter().map(request_json).collect();
             out.json(serde_json::Value::Array(list));
             return Ok(());
+        }
+        let dropped = self.store.requests_dropped()?;
+        if dropped > 0 {
+            out.warn(format!(
+                "{dropped} message(s) from people who are not contacts were dropped because requests were full \
+                 (20 per sender, 2,000 in all); reject or block the ones you do not want"
+            ));
         }
         if requests.is_empty() {
             out.warn("no message requests");
@@ -321,7 +339,10 @@ fn resolve_request(store: &LocalStore, who: &str) -> Result<Request, UserError> 
         .filter(|r| r.card.name().to_lowercase() == who.to_lowercase())
         .collect();
     match (by_id.as_slice(), by_name.as_slice()) {
-        ([one], _) | ([], [one]) => Ok((*one).clone()),
+        // One match either way, or the same request both ways: an id that merely ends
+        // like someone's name does not win over the name.
+        ([one], []) | ([], [one]) => Ok((*one).clone()),
+        ([a], [b]) if a.peer == b.peer => Ok((*a).clone()),
         ([], []) => fail(format!(
             "no message request from {:?}; `kkachi request list` shows them",
             for_terminal(who).as_ref()

@@ -177,7 +177,8 @@ impl App {
                     reached += 1;
                     received.append(&mut got);
                 }
-                Err(e) => out.warn(format!("relay {addr} unreachable: {e}")),
+                // The relay chose the words of its error: escaped.
+                Err(e) => out.warn(format!("relay {addr} unreachable: {}", for_terminal(&e))),
             }
         }
         // Receipts for what just arrived go out before we exit.

@@ -51,7 +51,7 @@ impl Output {
     }
 
     fn json(&mut self, value: serde_json::Value) {
-        self.out(value.to_string());
+        self.out(crate::sanitize::json(&value));
     }
 }
 
@@ -236,11 +236,15 @@ pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, UserErr
         return fail(NO_IDENTITY);
     }
     let contacts = store.contacts()?;
-    if let Some(c) = contacts.iter().find(|c| c.name.eq_ignore_ascii_case(who)) {
-        return Ok(c.clone());
-    }
+    // An id first: a name can never stand for someone else's id.
     if let Ok(peer) = who.parse::<PeerId>()
         && let Some(c) = contacts.iter().find(|c| c.peer == peer)
+    {
+        return Ok(c.clone());
+    }
+    if let Some(c) = contacts
+        .iter()
+        .find(|c| c.name.to_lowercase() == who.to_lowercase())
     {
         return Ok(c.clone());
     }
@@ -251,13 +255,15 @@ pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, UserErr
     match by_prefix.as_slice() {
         [one] => Ok((*one).clone()),
         [] => fail(format!(
-            "no contact named {who:?}; `kkachi contact list` shows your contacts, `kkachi contact add CODE` adds one"
+            "no contact named {:?}; `kkachi contact list` shows your contacts, `kkachi contact add CODE` adds one",
+            for_terminal(who).as_ref()
         )),
         many => fail(format!(
-            "{who:?} matches {} contacts ({}); use more of the peer id",
+            "{:?} matches {} contacts ({}); use more of the peer id",
+            for_terminal(who).as_ref(),
             many.len(),
             many.iter()
-                .map(|c| c.name.as_str())
+                .map(|c| name(&c.name).into_owned())
                 .collect::<Vec<_>>()
                 .join(", ")
         )),

@@ -43,6 +43,12 @@ pub enum ContactError {
     /// Not a contact.
     #[error("{0} is not one of your contacts; `kkachi contact list` shows them")]
     NotContact(String),
+    /// The contact is blocked: nothing is sent to them.
+    #[error("{0} is blocked; unblock them first (`kkachi contact unblock`)")]
+    Blocked(String),
+    /// A name that reads as a peer id would take over addressing by id.
+    #[error("a name may not look like a peer id")]
+    NameIsPeerId,
     /// Nothing is held from that sender.
     #[error("no message request from {0}; `kkachi request list` shows them")]
     NoRequest(String),
@@ -169,13 +175,16 @@ impl<T: Transport> Engine<T> {
 
     /// Drops what `peer` sent as a request; they may ask again.
     pub async fn reject_request(&self, peer: &PeerId) -> Result<usize, EngineError> {
-        let _sessions = self.lock.lock().await;
-        let mut w = WriteSet::default();
-        let n = self.store.remove_request(&mut w, peer)?;
-        if n == 0 {
-            return Err(ContactError::NoRequest(peer.to_string()).into());
-        }
-        self.store.apply(w)?;
+        let n = {
+            let _sessions = self.lock.lock().await;
+            let mut w = WriteSet::default();
+            let n = self.store.remove_request(&mut w, peer)?;
+            if n == 0 {
+                return Err(ContactError::NoRequest(peer.to_string()).into());
+            }
+            self.store.apply(w)?;
+            n
+        };
         self.store.flush().await?;
         Ok(n)
     }
@@ -185,17 +194,18 @@ impl<T: Transport> Engine<T> {
     /// in the outbox goes, and anything held from them. A contact stays listed (as
     /// blocked) with the conversation and session, so unblocking resumes both.
     pub async fn block(&self, peer: &PeerId, name: &str) -> Result<ContactOutcome, EngineError> {
-        let sessions = self.lock.lock().await;
-        let mut w = WriteSet::default();
-        let record = Blocked {
-            name: name.to_owned(),
-            at_ms: now_ms(),
-        };
-        LocalStore::write_blocked(&mut w, peer, &record);
-        self.store.forget_outbox(&mut w, peer)?;
-        self.store.remove_request(&mut w, peer)?;
-        self.store.apply(w)?;
-        drop(sessions);
+        {
+            let _sessions = self.lock.lock().await;
+            let mut w = WriteSet::default();
+            let record = Blocked {
+                name: name.to_owned(),
+                at_ms: now_ms(),
+            };
+            LocalStore::write_blocked(&mut w, peer, &record);
+            self.store.forget_outbox(&mut w, peer)?;
+            self.store.remove_request(&mut w, peer)?;
+            self.store.apply(w)?;
+        }
         self.store.flush().await?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(self.store.contact(peer)?))
@@ -203,27 +213,48 @@ impl<T: Transport> Engine<T> {
 
     /// Unblocks `peer`; false if they were not blocked.
     pub async fn unblock(&self, peer: &PeerId) -> Result<bool, EngineError> {
-        let _sessions = self.lock.lock().await;
-        if self.store.blocked(peer)?.is_none() {
-            return Ok(false);
+        {
+            let _sessions = self.lock.lock().await;
+            if self.store.blocked(peer)?.is_none() {
+                return Ok(false);
+            }
+            let mut w = WriteSet::default();
+            LocalStore::write_unblocked(&mut w, peer);
+            self.store.apply(w)?;
         }
-        let mut w = WriteSet::default();
-        LocalStore::write_unblocked(&mut w, peer);
-        self.store.apply(w)?;
         self.store.flush().await?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(true)
     }
 
     /// Removes contact `peer` with everything kept about them: conversation, session,
-    /// outbox entries. What they send afterwards is a request again.
+    /// outbox entries. They are sent our card once more, from a fresh session: their
+    /// client then knows ours is gone, and seals what it sends from then on (and what we
+    /// never confirmed) as first messages, which arrive here as a message request.
     pub async fn remove_contact(&self, peer: &PeerId) -> Result<ContactOutcome, EngineError> {
-        let mut sessions = self.lock.lock().await;
-        let mut w = WriteSet::default();
-        let removed = self.store.forget_contact(&mut w, peer)?;
-        sessions.forget(peer);
-        self.store.apply(w)?;
-        drop(sessions);
+        let removed = {
+            let mut sessions = self.lock.lock().await;
+            let Some(contact) = self.store.contact(peer)? else {
+                return Err(ContactError::NotContact(peer.to_string()).into());
+            };
+            let mut w = WriteSet::default();
+            let removed = self.store.forget_contact(&mut w, peer)?;
+            sessions.forget(peer);
+            if self.store.blocked(peer)?.is_none() {
+                // Sealed on a session that is never stored: nothing of it stays here.
+                let mut fresh = kkachi_protocol::Session::new(*contact.card.identity().x25519());
+                let card = Box::new(self.own_card()?);
+                self.queue_control(
+                    &mut w,
+                    &contact,
+                    &mut fresh,
+                    Body::CardUpdate(card),
+                    now_ms(),
+                )?;
+            }
+            self.store.apply(w)?;
+            removed
+        };
         self.store.flush().await?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {
@@ -238,17 +269,20 @@ impl<T: Transport> Engine<T> {
         peer: &PeerId,
         name: &str,
     ) -> Result<ContactOutcome, EngineError> {
-        let _sessions = self.lock.lock().await;
-        let contacts = self.store.contacts()?;
-        let Some(mut contact) = contacts.iter().find(|c| c.peer == *peer).cloned() else {
-            return Err(ContactError::NotContact(peer.to_string()).into());
+        let contact = {
+            let _sessions = self.lock.lock().await;
+            let contacts = self.store.contacts()?;
+            let Some(mut contact) = contacts.iter().find(|c| c.peer == *peer).cloned() else {
+                return Err(ContactError::NotContact(peer.to_string()).into());
+            };
+            let name = name.trim();
+            self.check_contact_name(name, peer, &contacts)?;
+            contact.name = name.to_owned();
+            let mut w = WriteSet::default();
+            LocalStore::write_contact(&mut w, &contact);
+            self.store.apply(w)?;
+            contact
         };
-        let name = name.trim();
-        self.check_contact_name(name, peer, &contacts)?;
-        contact.name = name.to_owned();
-        let mut w = WriteSet::default();
-        LocalStore::write_contact(&mut w, &contact);
-        self.store.apply(w)?;
         self.store.flush().await?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(Some(contact)))
@@ -263,6 +297,9 @@ impl<T: Transport> Engine<T> {
         contacts: &[Contact],
     ) -> Result<(), ContactError> {
         check_name(name)?;
+        if looks_like_peer_id(name) {
+            return Err(ContactError::NameIsPeerId);
+        }
         if contacts
             .iter()
             .any(|c| c.peer != *peer && c.name.to_lowercase() == name.to_lowercase())
@@ -282,7 +319,10 @@ impl<T: Transport> Engine<T> {
             .iter()
             .filter_map(|m| Envelope::decode(&m.envelope).ok())
             .collect();
-        self.receive_from(envelopes, Source::Held(*peer)).await
+        Ok(self
+            .receive_from(envelopes, Source::Held(*peer))
+            .await?
+            .shown)
     }
 
     /// Upkeep, at start and now and then: forgets seen envelopes and held messages that
@@ -305,4 +345,12 @@ impl<T: Transport> Engine<T> {
         self.receive_from(Vec::new(), Source::Network).await?;
         Ok(())
     }
+}
+
+/// True if `name` could be taken for a peer id (or the start of one), which commands
+/// accept wherever they accept a name.
+fn looks_like_peer_id(name: &str) -> bool {
+    name.parse::<PeerId>().is_ok()
+        || ((name.starts_with("12D3Koo") || name.starts_with("Qm"))
+            && name.chars().all(|c| c.is_ascii_alphanumeric()))
 }

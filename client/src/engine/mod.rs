@@ -49,7 +49,7 @@ use crate::store::{
 };
 
 pub use contacts::{ContactError, ContactOutcome};
-pub use receive::Received;
+pub use receive::{Received, Verdict};
 
 /// How long one delivery attempt to one relay may take.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -474,6 +474,9 @@ impl<T: Transport> Engine<T> {
         if text.trim().is_empty() {
             return Err(EngineError::Invalid("the message is empty".into()));
         }
+        if self.store.blocked(&contact.peer)?.is_some() {
+            return Err(ContactError::Blocked(contact.name.clone()).into());
+        }
         let now = now_ms();
         let mut sessions = self.lock.lock().await;
         let mut conv = self.store.conversation(&contact.peer)?;
@@ -562,6 +565,10 @@ impl<T: Transport> Engine<T> {
         let mut sessions = self.lock.lock().await;
         let mut w = WriteSet::default();
         for contact in self.store.contacts()?.iter() {
+            // Someone blocked does not learn where we moved.
+            if self.store.blocked(&contact.peer)?.is_some() {
+                continue;
+            }
             let session = sessions.get(&self.store, contact)?;
             self.queue_control(
                 &mut w,
@@ -585,6 +592,9 @@ impl<T: Transport> Engine<T> {
         let Some(contact) = self.store.contact(peer)? else {
             return Ok(());
         };
+        if self.store.blocked(peer)?.is_some() {
+            return Ok(()); // they learn nothing, read receipts included
+        }
         let now = now_ms();
         {
             let mut sessions = self.lock.lock().await;
@@ -832,7 +842,8 @@ impl<T: Transport> Engine<T> {
         let Some((key, mut record)) = self.store.message(contact, id)? else {
             return Ok(false);
         };
-        if !record.state.advances_to(&state) {
+        // Receipts are about what we sent: one naming their own messages changes nothing.
+        if record.direction != Direction::Out || !record.state.advances_to(&state) {
             return Ok(false);
         }
         record.state = state;

@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
+use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use kkachi_protocol::session::{self, Incoming, InitPacket};
 use kkachi_protocol::{
     Body, Content, Envelope, MailboxId, MessageId, Multiaddr, Opened, PeerId, ReceiptStatus,
@@ -66,23 +66,52 @@ enum Outcome {
     Applied(&'static str),
     /// Held: a first message from someone who is not a contact.
     Held(PeerId),
-    /// Refused for good.
+    /// Refused for good, and remembered as handled (it opened, so copies of it are
+    /// recognised without opening them again).
     Refused(Cow<'static, str>),
+    /// Not for us to read: it does not open, or is not an envelope we may take. Not
+    /// remembered (nothing of it is kept), so nobody can make the list of handled
+    /// envelopes grow with bytes that mean nothing.
+    Dropped(Cow<'static, str>),
     /// Not handled now, and not marked: already seen, expired, not ours.
     Skipped(&'static str),
 }
 
+/// What became of one envelope, as a direct sender is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Taken in (shown, or nothing more to do).
+    Taken,
+    /// Held as a message request: not confirmed to its sender.
+    Held,
+    /// Handled before.
+    Duplicate,
+    /// Refused, or cannot be read.
+    Refused,
+}
+
+/// Why an envelope is skipped when it was handled before.
+const SEEN: &str = "already handled";
+
 /// How a batch went, for the caller.
 #[derive(Debug, Default)]
-struct Tally {
-    shown: Vec<Received>,
+pub(crate) struct Tally {
+    pub(crate) shown: Vec<Received>,
     held: Vec<PeerId>,
-    refused: usize,
+    pub(crate) verdicts: Vec<Verdict>,
 }
 
 fn refused(reason: impl Into<Cow<'static, str>>) -> Result<Outcome, EngineError> {
     Ok(Outcome::Refused(reason.into()))
 }
+
+fn dropped(reason: impl Into<Cow<'static, str>>) -> Result<Outcome, EngineError> {
+    Ok(Outcome::Dropped(reason.into()))
+}
+
+/// What a stored record costs beyond its text, for [`MAX_STORED_PER_CONTACT`]: the
+/// record, its index entries and its hash-chain link.
+const RECORD_OVERHEAD: u64 = 256;
 
 impl<T: Transport> Engine<T> {
     /// Processes envelopes from a relay or a direct path. Everything is durable when
@@ -91,14 +120,26 @@ impl<T: Transport> Engine<T> {
     /// [`AppEvent::Message`] once it is on disk. An `Err` is a failure of the local
     /// store: whatever was not finished is not marked, so it comes again.
     pub async fn receive(&self, envelopes: Vec<Envelope>) -> Result<Vec<Received>, EngineError> {
-        self.receive_from(envelopes, Source::Network).await
+        Ok(self.receive_from(envelopes, Source::Network).await?.shown)
+    }
+
+    /// [`Engine::receive`] for envelopes a contact handed over directly: what became of
+    /// each, in order, so the answer says which ones were taken in.
+    pub async fn receive_direct(
+        &self,
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Verdict>, EngineError> {
+        Ok(self
+            .receive_from(envelopes, Source::Network)
+            .await?
+            .verdicts)
     }
 
     pub(crate) async fn receive_from(
         &self,
         envelopes: Vec<Envelope>,
         source: Source,
-    ) -> Result<Vec<Received>, EngineError> {
+    ) -> Result<Tally, EngineError> {
         let now = now_ms();
         let mut tally = Tally::default();
         let result = self.receive_each(&envelopes, source, now, &mut tally).await;
@@ -115,7 +156,7 @@ impl<T: Transport> Engine<T> {
         }
         result?;
         flushed?;
-        Ok(tally.shown)
+        Ok(tally)
     }
 
     /// Applies each envelope in its own write set, then seals the receipts due.
@@ -151,7 +192,10 @@ impl<T: Transport> Engine<T> {
                     (outcome, WriteSet::default())
                 }
             };
-            if !matches!(outcome, Outcome::Skipped(_)) {
+            let handled = !matches!(outcome, Outcome::Skipped(_) | Outcome::Dropped(_));
+            if handled {
+                // Remembered until it expires (receive_one refused expiries further
+                // ahead than any envelope may have).
                 LocalStore::write_seen(&mut w, &id, envelope.expires_at);
             }
             if let Source::Held(peer) = source
@@ -174,25 +218,38 @@ impl<T: Transport> Engine<T> {
     }
 
     fn note_outcome(&self, id: &kkachi_protocol::EnvelopeId, outcome: Outcome, tally: &mut Tally) {
-        match outcome {
+        let verdict = match outcome {
             Outcome::Shown(r) => {
                 // In the store now: a view of it may show it while it goes to the disk.
                 self.emit(AppEvent::Incoming(r.clone()));
                 tally.shown.push(r);
+                Verdict::Taken
             }
-            Outcome::Applied(what) => tracing::debug!(envelope = %id, what, "applied"),
+            Outcome::Applied(what) => {
+                tracing::debug!(envelope = %id, what, "applied");
+                Verdict::Taken
+            }
             Outcome::Held(peer) => {
                 tracing::info!(envelope = %id, from = %peer, "held a message from someone who is not a contact");
                 if !tally.held.contains(&peer) {
                     tally.held.push(peer);
                 }
+                Verdict::Held
             }
-            Outcome::Refused(reason) => {
-                tally.refused += 1;
+            Outcome::Refused(reason) | Outcome::Dropped(reason) => {
                 tracing::info!(envelope = %id, %reason, "envelope refused");
+                Verdict::Refused
             }
-            Outcome::Skipped(why) => tracing::trace!(envelope = %id, why, "skipped"),
-        }
+            Outcome::Skipped(why) => {
+                tracing::trace!(envelope = %id, why, "skipped");
+                if why == SEEN {
+                    Verdict::Duplicate
+                } else {
+                    Verdict::Refused
+                }
+            }
+        };
+        tally.verdicts.push(verdict);
     }
 
     /// Opens one envelope and writes what it leads to into `w` (the caller marks it
@@ -206,17 +263,25 @@ impl<T: Transport> Engine<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         if source == Source::Network && self.store.seen(&envelope.id())? {
-            return Ok(Outcome::Skipped("already handled"));
+            return Ok(Outcome::Skipped(SEEN));
         }
-        if envelope.expires_at.saturating_add(CLOCK_SKEW_SECS) < now / 1000 {
+        let now_s = now / 1000;
+        if envelope.expires_at.saturating_add(CLOCK_SKEW_SECS) < now_s {
             return Ok(Outcome::Skipped("expired"));
+        }
+        // What a relay may not accept, a client does not either: an expiry this far
+        // ahead would keep its id remembered (and a request held) for ever.
+        if envelope.expires_at > now_s + MAX_TTL_SECS + CLOCK_SKEW_SECS {
+            return Ok(Outcome::Skipped(
+                "expires further ahead than any envelope may",
+            ));
         }
         if envelope.mailbox != MailboxId::for_peer(&self.me.peer_id()) {
             return Ok(Outcome::Skipped("addressed to another mailbox"));
         }
         let packet = match session::open(&self.me, &envelope.payload) {
             Ok(p) => p,
-            Err(e) => return refused(format!("unreadable: {e}")),
+            Err(e) => return dropped(format!("unreadable: {e}")),
         };
         let (contact, opened) = match packet {
             Incoming::Init(init) => {
@@ -249,13 +314,21 @@ impl<T: Transport> Engine<T> {
                 match found {
                     Some(Ok(x)) => x,
                     Some(Err(reason)) => return refused(reason),
-                    None => return refused("no session of ours opens it"),
+                    None => return dropped("no session of ours opens it"),
                 }
             }
         };
         if opened.peer_reset {
             let session = sessions.get(&self.store, &contact)?;
-            self.reseal_for(w, &contact, session, now)?;
+            // Their lost state is theirs to recover from; a failure to seal for them
+            // again must not refuse the message that told us.
+            let mut again = WriteSet::default();
+            match self.reseal_for(&mut again, &contact, session, now) {
+                Ok(()) => w.extend(again),
+                Err(e) => {
+                    tracing::warn!(contact = %contact.peer, error = %e, "could not seal again")
+                }
+            }
             LocalStore::write_session(w, &contact.peer, session);
         }
         let content = match Content::decode(&opened.body) {
@@ -341,10 +414,24 @@ impl<T: Transport> Engine<T> {
         }
         let (mine, total) = self.store.held_counts(&peer)?;
         if mine >= MAX_HELD_PER_SENDER {
+            self.store.count_request_dropped(w)?;
             return refused("this sender already has the most messages held");
         }
         if total >= MAX_HELD_TOTAL {
-            return refused("message requests are full");
+            // Full: the sender holding the most gives up one, if that leaves them still
+            // holding more than this one would. A flood from one identity only ever
+            // makes room for others; many identities can still fill it (counted and
+            // shown, never silent).
+            match self.store.largest_request()? {
+                Some((largest, n, key)) if largest != peer && n > mine + 1 => {
+                    w.remove(TreeId::Requests, key);
+                }
+                _ => {
+                    self.store.count_request_dropped(w)?;
+                    return refused("message requests are full");
+                }
+            }
+            self.store.count_request_dropped(w)?;
         }
         let held = HeldMessage {
             envelope: envelope.encode(),
@@ -382,13 +469,10 @@ impl<T: Transport> Engine<T> {
                     panic!("a bug while reading an envelope");
                 }
                 let mut conv = self.store.conversation(&peer)?;
-                let size = text.len() as u64;
-                if conv.received_bytes.saturating_add(size) > MAX_STORED_PER_CONTACT {
-                    conv.refused = conv.refused.saturating_add(1);
+                if !charge(&mut conv, text.len() as u64) {
                     LocalStore::write_conversation(w, &peer, &conv);
                     return refused("over the storage limit for one contact");
                 }
-                conv.received_bytes += size;
                 self.check_chain(w, &peer, &mut conv, &content)?;
                 conv.gaps.arrived(content.seq);
                 let local = conv.next_local;
@@ -452,6 +536,10 @@ impl<T: Transport> Engine<T> {
                 // sequence, so it causes no false gap.
                 if content.seq > 0 {
                     let mut conv = self.store.conversation(&peer)?;
+                    if !charge(&mut conv, 0) {
+                        LocalStore::write_conversation(w, &peer, &conv);
+                        return refused("over the storage limit for one contact");
+                    }
                     self.check_chain(w, &peer, &mut conv, &content)?;
                     conv.gaps.arrived(content.seq);
                     LocalStore::write_conversation(w, &peer, &conv);
@@ -514,23 +602,35 @@ impl<T: Transport> Engine<T> {
         let mut w = WriteSet::default();
         let mut sealed = false;
         for (peer, ids) in due {
-            for id in &ids {
-                LocalStore::clear_receipt_due(&mut w, &peer, id);
-            }
             let contact = match self.store.contact(&peer)? {
-                Some(c) if self.store.blocked(&peer)?.is_none() => c,
-                _ => continue, // removed or blocked meanwhile: nothing to confirm
+                Some(c) if self.store.blocked(&peer)?.is_none() => Some(c),
+                _ => None, // removed or blocked meanwhile: nothing to confirm
             };
-            let session = sessions.get(&self.store, &contact)?;
-            for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
-                let receipt = Body::Receipt {
-                    status: ReceiptStatus::Delivered,
-                    ids: chunk.to_vec(),
-                };
-                self.queue_control(&mut w, &contact, session, receipt, now)?;
-                sealed = true;
+            let mut theirs = WriteSet::default();
+            for id in &ids {
+                LocalStore::clear_receipt_due(&mut theirs, &peer, id);
             }
-            LocalStore::write_session(&mut w, &contact.peer, session);
+            if let Some(contact) = contact {
+                let session = sessions.get(&self.store, &contact)?;
+                let receipts = ids
+                    .chunks(kkachi_protocol::content::MAX_RECEIPT_IDS)
+                    .try_for_each(|chunk| {
+                        let receipt = Body::Receipt {
+                            status: ReceiptStatus::Delivered,
+                            ids: chunk.to_vec(),
+                        };
+                        self.queue_control(&mut theirs, &contact, session, receipt, now)
+                    });
+                if let Err(e) = receipts {
+                    // One contact's trouble stays theirs: the markers stay for later.
+                    tracing::warn!(contact = %peer, error = %e, "could not seal receipts");
+                    sessions.reset();
+                    continue;
+                }
+                sealed = true;
+                LocalStore::write_session(&mut theirs, &contact.peer, session);
+            }
+            w.extend(theirs);
         }
         if let Err(e) = self.store.apply(w) {
             sessions.reset();
@@ -660,4 +760,16 @@ impl<T: Transport> Engine<T> {
             up,
         });
     }
+}
+
+/// Counts a record of `len` bytes against [`MAX_STORED_PER_CONTACT`]; false (and the
+/// refusal counted) if it would pass it.
+fn charge(conv: &mut crate::store::Conversation, len: u64) -> bool {
+    let size = len.saturating_add(RECORD_OVERHEAD);
+    if conv.received_bytes.saturating_add(size) > MAX_STORED_PER_CONTACT {
+        conv.refused = conv.refused.saturating_add(1);
+        return false;
+    }
+    conv.received_bytes += size;
+    true
 }

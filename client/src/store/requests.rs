@@ -13,9 +13,13 @@ use serde::{Deserialize, Serialize};
 use super::{LocalStore, StoreError, TreeId, WriteSet, db, decode};
 
 /// Most messages held from one sender who is not a contact.
-pub const MAX_HELD_PER_SENDER: usize = 50;
-/// Most messages held from all such senders together.
-pub const MAX_HELD_TOTAL: usize = 1000;
+pub const MAX_HELD_PER_SENDER: usize = 20;
+/// Most messages held from all such senders together. When full, the sender holding
+/// the most gives up one to a sender holding fewer; see [`LocalStore::largest_request`].
+pub const MAX_HELD_TOTAL: usize = 2000;
+
+/// Where the count of requests dropped because they were full is kept.
+const DROPPED_KEY: &[u8] = b"requests_dropped";
 
 /// One message held from someone who is not a contact yet.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -109,6 +113,62 @@ impl LocalStore {
         let tree = self.tree(TreeId::Requests);
         let mine = tree.scan_prefix(peer.to_bytes()).count();
         Ok((mine, tree.len()))
+    }
+
+    /// The sender holding the most messages (the first found among equals), how many,
+    /// and the key of one of them: what gives way when requests are full.
+    pub fn largest_request(&self) -> Result<Option<(PeerId, usize, Vec<u8>)>, StoreError> {
+        let mut best: Option<(Vec<u8>, usize, Vec<u8>)> = None;
+        let mut current: Option<(Vec<u8>, usize, Vec<u8>)> = None;
+        // Keys are sender ‖ message id, so each sender's messages are adjacent.
+        for item in self.tree(TreeId::Requests).iter() {
+            let (k, _) = item.map_err(db)?;
+            let prefix = k[..k.len().saturating_sub(16)].to_vec();
+            match &mut current {
+                Some((p, n, last)) if *p == prefix => {
+                    *n += 1;
+                    *last = k.to_vec();
+                }
+                _ => {
+                    if let Some(done) = current.take()
+                        && best.as_ref().is_none_or(|b| done.1 > b.1)
+                    {
+                        best = Some(done);
+                    }
+                    current = Some((prefix, 1, k.to_vec()));
+                }
+            }
+        }
+        if let Some(done) = current
+            && best.as_ref().is_none_or(|b| done.1 > b.1)
+        {
+            best = Some(done);
+        }
+        best.map(|(p, n, key)| {
+            PeerId::from_bytes(&p)
+                .map(|peer| (peer, n, key))
+                .map_err(|_| StoreError::Corrupt("held message key"))
+        })
+        .transpose()
+    }
+
+    /// Messages from people who are not contacts dropped so far because requests were
+    /// full.
+    pub fn requests_dropped(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .tree(TreeId::Meta)
+            .get(DROPPED_KEY)
+            .map_err(db)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Counts one more dropped request (in a WriteSet; the caller holds the engine's
+    /// lock, so read and write do not race).
+    pub fn count_request_dropped(&self, w: &mut WriteSet) -> Result<(), StoreError> {
+        let n = self.requests_dropped()?.saturating_add(1);
+        w.put(TreeId::Meta, DROPPED_KEY, n.to_be_bytes().to_vec());
+        Ok(())
     }
 
     /// True if message `id` of `peer` is held already.
@@ -239,6 +299,15 @@ mod tests {
         let seqs: Vec<u64> = all[1].messages.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [1, 2], "in the sender's order");
         assert_eq!(store.held_counts(&frank.peer_id()).unwrap(), (2, 3));
+        // Frank holds the most: his messages give way first when requests are full.
+        let (largest, n, key) = store.largest_request().unwrap().unwrap();
+        assert_eq!((largest, n), (frank.peer_id(), 2));
+        assert!(key.starts_with(&frank.peer_id().to_bytes()));
+        assert_eq!(store.requests_dropped().unwrap(), 0);
+        let mut w = WriteSet::default();
+        store.count_request_dropped(&mut w).unwrap();
+        store.apply(w).unwrap();
+        assert_eq!(store.requests_dropped().unwrap(), 1);
         assert!(store.is_held(&frank.peer_id(), &[1; 16]).unwrap());
         assert_eq!(store.prune_requests(1002).unwrap(), 1);
         assert_eq!(store.held_counts(&frank.peer_id()).unwrap(), (1, 2));

@@ -445,6 +445,40 @@ async fn a_contact_removed_and_added_again_gets_what_they_sent_meanwhile() {
 }
 
 #[tokio::test]
+async fn what_a_removed_contact_sends_afterwards_arrives_as_a_request() {
+    let c = cast().await;
+    let mallory_at_carol = c.carol.contact_of(&c.mallory.peer()).unwrap();
+    converse(&c.mallory, &c.carol, &c.carol_at_mallory, &mallory_at_carol).await;
+    c.carol
+        .engine
+        .remove_contact(&c.mallory.peer())
+        .await
+        .unwrap();
+    let _ = c
+        .mallory
+        .send(&c.carol_at_mallory, "sorry, can we talk?")
+        .await;
+    assert!(c.carol.sync().await.is_empty());
+    // Carol's card from a fresh session tells Mallory's client that Carol's state is
+    // gone: it seals again what Carol never confirmed, as first messages.
+    c.carol.engine.deliver_due().await.unwrap();
+    c.mallory.sync().await;
+    c.mallory.engine.deliver_due().await.unwrap();
+    assert!(
+        c.carol.sync().await.is_empty(),
+        "not a contact: nothing shown"
+    );
+    let request = c.carol.engine.store().request(&c.mallory.peer()).unwrap();
+    let texts: Vec<_> = request
+        .unwrap()
+        .messages
+        .into_iter()
+        .filter_map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["sorry, can we talk?"]);
+}
+
+#[tokio::test]
 async fn a_broken_hash_chain_and_a_reused_number_are_shown_not_hidden() {
     let c = cast().await;
     let first = raw_text(1, [0; 32], "one");
