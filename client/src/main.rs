@@ -192,10 +192,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => error(e),
             },
+            #[cfg(feature = "demo")]
             Command::Demo => match kkachi_client::tui::demo::run().await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => error(e),
             },
+            #[cfg(not(feature = "demo"))]
+            Command::Demo => error("this kkachi was built without the demo (feature `demo`)"),
             other => one_shot(&home, other, cli.json).await,
         }
     });

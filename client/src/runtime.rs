@@ -95,7 +95,7 @@ async fn pump(
                         kkachi_protocol::ErrorCode::NotOwner,
                         "this client takes direct deliveries from its contacts only",
                     );
-                    tokio::spawn(reply.send(refusal));
+                    reply.send(refusal);
                     continue;
                 }
                 let engine = engine.clone();
@@ -114,7 +114,7 @@ async fn pump(
                             )
                         }
                     };
-                    reply.send(response).await;
+                    reply.send(response);
                 });
             }
             NetEvent::LanPeer { peer, up: true } => {

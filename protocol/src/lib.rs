@@ -14,7 +14,8 @@
 //! - [`session`]: end-to-end encryption between two users over Noise IK, tolerant of
 //!   duplication, reordering, loss and restarts.
 //! - [`content`]: what a session carries: message id, sequence and hash chain, body.
-//! - [`wire`]: the client↔relay request/response protocol, `/kkachi/relay/1`.
+//! - [`wire`]: the client↔relay protocol, `/kkachi/relay/2`: requests and answers over
+//!   one long-lived stream.
 //!
 //! Sending a text, end to end: build a [`Content`], encode it, [`Session::seal`] it for
 //! the contact, wrap the packet in an [`Envelope`] for the contact's [`MailboxId`], and

@@ -1,9 +1,10 @@
-//! The client↔relay protocol, `/kkachi/relay/1`.
+//! The client↔relay protocol, `/kkachi/relay/2`.
 //!
-//! Request/response over libp2p streams: the client sends one [`ClientToRelay`] frame
-//! and the relay answers with one [`RelayToClient`] frame. Every frame is a u32
-//! big-endian length followed by the body; the length is checked against
-//! [`MAX_FRAME_LEN`] before the body is read.
+//! Requests and answers over one long-lived libp2p stream (a session): the client sends
+//! [`ClientToRelay`] messages, each tagged with its id, and the relay answers each with a
+//! [`RelayToClient`] under the same id, in any order. Every frame is a u32 big-endian
+//! length followed by the body; the length is checked against [`MAX_FRAME_LEN`] before
+//! the body is read. Contacts hand envelopes to each other directly the same way.
 //!
 //! Flow for a recipient: `Subscribe { after }` is a long poll that returns a `Batch` as
 //! soon as anything newer than the cursor is stored (or an empty batch after `wait_ms`);
@@ -14,16 +15,14 @@
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN, MailboxId};
 
-/// The libp2p protocol name: one request and its answer per stream.
-pub const PROTOCOL_NAME: &str = "/kkachi/relay/1";
-/// The session protocol: one long-lived stream carries many requests, each frame
-/// tagged with its request id, answered in any order (SPEC.md §6.1).
+/// The session protocol, the only one relays speak: one long-lived stream carries many
+/// requests, each frame tagged with its request id, answered in any order (SPEC.md §6).
 pub const SESSION_PROTOCOL_NAME: &str = "/kkachi/relay/2";
 /// Most requests a session may have unanswered; a relay reads no further request
 /// from the stream until one is answered.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Version number reported in [`RelayInfo`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version number reported in [`RelayInfo`]: the protocol version of SPEC.md.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Most envelopes in one `Put`.
 pub const MAX_PUT_BATCH: usize = 32;
 /// Most envelopes in one `Batch`.

@@ -55,5 +55,5 @@ fn spec_states_the_limits_the_code_enforces() {
         "SPEC.md lacks or misstates: {missing:#?}"
     );
     assert!(spec.contains(session::NOISE_PARAMS));
-    assert!(spec.contains(wire::PROTOCOL_NAME));
+    assert!(spec.contains(wire::SESSION_PROTOCOL_NAME));
 }

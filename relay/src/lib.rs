@@ -1,315 +1,50 @@
-//! kkachi-relay: a durable store-and-forward mailbox server.
+//! kkachi-relay: the client↔relay wire protocol, and (feature `server`, on by default)
+//! the relay itself: a durable store-and-forward mailbox server.
 //!
 //! A relay holds end-to-end encrypted envelopes for recipients until they fetch and
 //! delete them. It sees a mailbox address and opaque bytes: no plaintext, no sender.
 //! Users pick several relays run by different people; any one of them is enough.
 //!
-//! Map of the crate:
-//! - [`config`]: the TOML configuration with every field documented and defaulted.
+//! The client half, what a messenger needs to talk to relays and to contacts, builds
+//! without the server (`default-features = false`: no store, no metrics, no rate
+//! limiter):
+//! - [`session`]: the session protocol (`/kkachi/relay/2`), both sides: [`session::Session`]
+//!   asks, [`session::serve`] answers;
+//! - [`framing`]: frames on a session stream;
+//! - [`transport`]: the Swarm every kkachi node is built on;
+//! - [`client`]: a minimal client for one relay, for tools and tests.
+//!
+//! The server (feature `server`):
+//! - [`config`]: the TOML configuration with every field documented and defaulted;
 //! - [`store`]: the [`MailboxStore`](store::MailboxStore) seam, with the durable sled
-//!   store (group commit) and an in-memory one.
-//! - `service`: what each request does (validation, ownership, quotas, rate limits).
-//! - `node`: the task owning the libp2p Swarm; long polls and graceful shutdown.
-//! - [`codec`]: frames on libp2p streams for `/kkachi/relay/1`.
+//!   store (group commit) and an in-memory one;
+//! - `service`: what each request does (validation, ownership, quotas, rate limits);
+//! - `node`: the task owning the libp2p Swarm, the relay's one event loop: requests,
+//!   long polls, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/healthz` endpoint.
-//! - [`client`]: a minimal client for tools and tests.
 //!
 //! [`start`] runs a relay from a [`Config`] and returns a [`RelayHandle`]; the binary
 //! (`main.rs`) only parses flags, builds the config and waits for a signal.
 
-mod boxed;
 pub mod client;
-pub mod codec;
-pub mod config;
-pub mod metrics;
-mod node;
-mod service;
+pub mod framing;
 pub mod session;
+pub mod transport;
+
+#[cfg(feature = "server")]
+mod boxed;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+mod node;
+#[cfg(feature = "server")]
+mod server;
+#[cfg(feature = "server")]
+mod service;
+#[cfg(feature = "server")]
 pub mod store;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
-
-use kkachi_protocol::{Multiaddr, PeerId};
-use libp2p::identity::Keypair;
-use thiserror::Error;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
-
-pub use config::Config;
-pub use metrics::Metrics;
-use store::{MailboxStore, Quota, SledStore};
-
-/// File name of the node key inside the data directory.
-pub const KEY_FILE: &str = "relay.key";
-/// Directory name of the mailbox database inside the data directory.
-pub const DB_DIR: &str = "db";
-
-/// Why a relay could not start or stopped with an error.
-#[derive(Debug, Error)]
-pub enum RelayError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    /// The node key could not be read or written.
-    #[error("node key {path}: {message}")]
-    Key {
-        /// The key file.
-        path: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// The store could not be opened or flushed.
-    #[error("mailbox store: {0}")]
-    Store(String),
-    /// The network transport could not be set up.
-    #[error("transport: {0}")]
-    Transport(String),
-    /// A listen address could not be used.
-    #[error("cannot listen on {addr}: {message}")]
-    Listen {
-        /// The address.
-        addr: Multiaddr,
-        /// Why.
-        message: String,
-    },
-    /// The metrics endpoint could not bind.
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// Loads the node key from `data_dir`, creating it (mode 0600) on first use, so the
-/// relay's PeerId survives restarts.
-pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, RelayError> {
-    let path = data_dir.join(KEY_FILE);
-    let err = |message: String| RelayError::Key {
-        path: path.display().to_string(),
-        message,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
-            err(format!(
-                "not a valid key file ({e}); restore it from backup"
-            ))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir)
-                .map_err(|e| err(format!("cannot create directory: {e}")))?;
-            let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
-            write_private(&path, &bytes).map_err(|e| err(format!("cannot write: {e}")))?;
-            tracing::info!(path = %path.display(), "created a new node key");
-            Ok(key)
-        }
-        Err(e) => Err(err(format!("cannot read: {e}"))),
-    }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// Reports a storage failure the relay cannot continue after.
-type FatalProbe = Arc<dyn Fn() -> Option<String> + Send + Sync>;
-
-/// A running relay.
-pub struct RelayHandle {
-    fatal: FatalProbe,
-    peer_id: PeerId,
-    addrs: watch::Receiver<Vec<Multiaddr>>,
-    metrics: Metrics,
-    metrics_addr: Option<SocketAddr>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), RelayError>>,
-}
-
-impl std::fmt::Debug for RelayHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayHandle")
-            .field("peer_id", &self.peer_id)
-            .field("metrics_addr", &self.metrics_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RelayHandle {
-    /// A storage failure the relay cannot continue after, if one happened: the relay
-    /// is stopping, and should be restarted once the cause (a full disk) is fixed.
-    pub fn fatal(&self) -> Option<String> {
-        (self.fatal)()
-    }
-
-    /// True once the relay task has ended (after `shutdown` or a fatal failure).
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    /// The relay's PeerId.
-    pub fn peer_id(&self) -> PeerId {
-        self.peer_id
-    }
-
-    /// Its metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// Where `/metrics` is served, if anywhere.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_addr
-    }
-
-    /// A live view of the listen addresses (without `/p2p/`).
-    pub fn addrs(&self) -> watch::Receiver<Vec<Multiaddr>> {
-        self.addrs.clone()
-    }
-
-    /// Waits until the relay listens on at least `n` addresses and returns them, each
-    /// ending in `/p2p/<peer id>` (ready for an invite code).
-    pub async fn wait_listening(&mut self, n: usize) -> Vec<Multiaddr> {
-        let peer = self.peer_id;
-        let addrs = self
-            .addrs
-            .wait_for(|a| a.len() >= n)
-            .await
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        addrs
-            .into_iter()
-            .map(|a| a.with(libp2p::multiaddr::Protocol::P2p(peer)))
-            .collect()
-    }
-
-    /// Stops gracefully: stop accepting, finish in-flight puts, flush.
-    pub async fn shutdown(mut self) -> Result<(), RelayError> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.join().await
-    }
-
-    /// Waits for the relay task to end.
-    pub async fn join(self) -> Result<(), RelayError> {
-        match self.task.await {
-            Ok(result) => result,
-            Err(e) => Err(RelayError::Transport(format!("relay task failed: {e}"))),
-        }
-    }
-}
-
-/// Starts a relay with its durable store in `config.data_dir`.
-pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
-    config.validate()?;
-    let key = load_or_create_key(&config.data_dir)?;
-    let metrics = Metrics::new();
-    let flush_metric = metrics.flush_seconds.clone();
-    let observer: store::FlushObserver =
-        Arc::new(move |d: std::time::Duration| flush_metric.observe(d.as_secs_f64()));
-    let store = SledStore::open(
-        &config.data_dir.join(DB_DIR),
-        quota(&config),
-        config.limits.cache_bytes,
-        Some(observer),
-    )
-    .map_err(|e| RelayError::Store(e.to_string()))?;
-    start_with(config, key, store, metrics).await
-}
-
-/// The per-mailbox quota a config asks for.
-pub fn quota(config: &Config) -> Quota {
-    Quota {
-        max_envelopes: config.limits.mailbox_max_envelopes,
-        max_bytes: config.limits.mailbox_max_bytes,
-    }
-}
-
-/// Starts a relay with the given key and store (for example an in-memory store).
-pub async fn start_with<S: MailboxStore + Clone>(
-    config: Config,
-    key: Keypair,
-    store: S,
-    metrics: Metrics,
-) -> Result<RelayHandle, RelayError> {
-    config.validate()?;
-    let peer_id = key.public().to_peer_id();
-    metrics.set_store(store.stats());
-    let metrics_addr = match config.metrics {
-        config::MetricsListen::Off => None,
-        config::MetricsListen::On(addr) => Some(
-            metrics
-                .serve(addr)
-                .await
-                .map_err(|source| RelayError::Metrics { addr, source })?,
-        ),
-    };
-    let mut swarm = node::build_swarm(&config, key)?;
-    let mut listeners = Vec::new();
-    for addr in &config.listen {
-        let id = swarm
-            .listen_on(addr.clone())
-            .map_err(|e| RelayError::Listen {
-                addr: addr.clone(),
-                message: e.to_string(),
-            })?;
-        listeners.push(id);
-    }
-    let probe_store = store.clone();
-    let fatal: FatalProbe = Arc::new(move || probe_store.fatal());
-    let service = Arc::new(service::Service::new(&config, store, metrics.clone()));
-    let (addrs_tx, addrs) = watch::channel(Vec::new());
-    let (shutdown, shutdown_rx) = oneshot::channel();
-    let (sessions_tx, sessions) = tokio::sync::mpsc::channel(1024);
-    let incoming = swarm
-        .behaviour()
-        .session
-        .new_control()
-        .accept(session::SESSION_PROTOCOL)
-        .map_err(|e| RelayError::Transport(e.to_string()))?;
-    tokio::spawn(session::accept(
-        incoming,
-        sessions_tx,
-        config.idle_timeout(),
-    ));
-    let node = node::Node::new(
-        swarm,
-        service,
-        metrics.clone(),
-        &config,
-        addrs_tx,
-        listeners,
-        sessions,
-    );
-    let task = tokio::spawn(node.run(shutdown_rx));
-    tracing::info!(%peer_id, "relay started");
-    Ok(RelayHandle {
-        fatal,
-        peer_id,
-        addrs,
-        metrics,
-        metrics_addr,
-        shutdown: Some(shutdown),
-        task,
-    })
-}
+#[cfg(feature = "server")]
+pub use server::*;

@@ -52,8 +52,6 @@ pub struct Metrics {
     pub flush_seconds: Histogram,
     /// Time from receiving a put to acknowledging it.
     pub put_ack_seconds: Histogram,
-    /// Stream-level failures (timeouts, resets, unreadable frames), by kind.
-    pub stream_failures: Family<Kind, Counter>,
     ready: Arc<AtomicBool>,
 }
 
@@ -80,7 +78,6 @@ impl Metrics {
             waiting: Gauge::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             put_ack_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            stream_failures: Family::default(),
             ready: Arc::new(AtomicBool::new(false)),
         };
         registry.register(
@@ -133,11 +130,6 @@ impl Metrics {
             "kkachi_put_ack_seconds",
             "Time from receiving a put to acknowledging it",
             m.put_ack_seconds.clone(),
-        );
-        registry.register(
-            "kkachi_stream_failures",
-            "Stream failures, by kind",
-            m.stream_failures.clone(),
         );
         Self {
             registry: Arc::new(registry),

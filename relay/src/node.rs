@@ -17,15 +17,13 @@ use kkachi_protocol::{MailboxId, Multiaddr, PeerId, RelayToClient};
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{Swarm, identify, noise, ping, relay, tcp, yamux};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Swarm, identify, ping, relay};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::RelayError;
 use crate::boxed::Boxed;
-use crate::codec::{PROTOCOL, REQUEST_TIMEOUT, RelayCodec};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::service::{Action, Service, source_address};
@@ -47,7 +45,6 @@ pub(crate) struct Behaviour {
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    mailbox: request_response::Behaviour<RelayCodec>,
     pub(crate) session: libp2p_stream::Behaviour,
     circuit: Toggle<relay::Behaviour>,
 }
@@ -70,40 +67,25 @@ pub(crate) fn build_swarm(
         ..Default::default()
     };
     let circuit_enabled = c.enabled;
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| RelayError::Transport(e.to_string()))?
-        .with_quic()
-        .with_behaviour(|key| {
+    crate::transport::swarm(
+        keypair,
+        |key| {
             Boxed(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
-                identify: identify::Behaviour::new(
-                    identify::Config::new("/kkachi/id/1".into(), key.public())
-                        .with_agent_version(format!("kkachi-relay/{}", env!("CARGO_PKG_VERSION"))),
-                ),
+                identify: identify::Behaviour::new(crate::transport::identify_config(
+                    key.public(),
+                    "kkachi-relay",
+                )),
                 ping: ping::Behaviour::default(),
-                mailbox: request_response::Behaviour::with_codec(
-                    RelayCodec,
-                    [(PROTOCOL, ProtocolSupport::Inbound)],
-                    request_response::Config::default()
-                        .with_request_timeout(REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(256),
-                ),
                 session: libp2p_stream::Behaviour::new(),
                 circuit: circuit_enabled
                     .then(|| relay::Behaviour::new(key.public().to_peer_id(), circuit_config))
                     .into(),
             })
-        })
-        .map_err(|e| RelayError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout()))
-        .build();
-    Ok(swarm)
+        },
+        config.idle_timeout(),
+    )
+    .map_err(|e| RelayError::Transport(e.to_string()))
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -112,20 +94,8 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Where an answer goes: the request's own stream (`/kkachi/relay/1`) or a session.
-pub(crate) enum Reply {
-    Stream(ResponseChannel<RelayToClient>),
-    Session(SessionReply),
-}
-
-impl Reply {
-    fn is_open(&self) -> bool {
-        match self {
-            Reply::Stream(channel) => channel.is_open(),
-            Reply::Session(reply) => reply.is_open(),
-        }
-    }
-}
+/// Where an answer goes: back over the session the request came on.
+type Reply = SessionReply;
 
 /// A parked long poll.
 struct Waiter {
@@ -145,10 +115,8 @@ pub(crate) struct Node<S> {
     max_waiting_per_peer: usize,
     waiting: HashMap<MailboxId, Vec<Waiter>>,
     waiting_per_peer: HashMap<PeerId, usize>,
-    /// The address each direct connection's puts count under (rate limits).
-    sources: HashMap<ConnectionId, IpAddr>,
-    /// The address of each peer's latest direct connection: what its session requests
-    /// count under (a session stream does not name its connection).
+    /// The address of each peer's latest direct connection: what its requests count
+    /// under for rate limits (a session stream does not name its connection).
     peer_sources: HashMap<PeerId, IpAddr>,
     /// Requests read off session streams.
     sessions: mpsc::Receiver<SessionRequest>,
@@ -178,7 +146,6 @@ impl<S: MailboxStore + Clone> Node<S> {
             max_waiting_per_peer: config.limits.max_waiting_per_peer,
             waiting: HashMap::new(),
             waiting_per_peer: HashMap::new(),
-            sources: HashMap::new(),
             peer_sources: HashMap::new(),
             sessions,
             puts: FuturesUnordered::new(),
@@ -215,7 +182,7 @@ impl<S: MailboxStore + Clone> Node<S> {
                 }
                 Some(r) = self.sessions.recv() => {
                     let source = self.peer_sources.get(&r.peer).copied();
-                    self.on_request(r.peer, source, r.request, Reply::Session(r.reply));
+                    self.on_request(r.peer, source, r.request, r.reply);
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 _ = tick.tick() => {
@@ -236,18 +203,7 @@ impl<S: MailboxStore + Clone> Node<S> {
 
     fn respond(&mut self, reply: Reply, response: RelayToClient) {
         // Fails only if the peer went away; nothing to do then.
-        match reply {
-            Reply::Stream(channel) => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .mailbox
-                    .send_response(channel, response);
-            }
-            Reply::Session(reply) => {
-                reply.send(response);
-            }
-        }
+        reply.send(response);
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -263,30 +219,23 @@ impl<S: MailboxStore + Clone> Node<S> {
                 self.addrs.send_modify(|a| a.retain(|x| *x != address));
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id,
-                connection_id,
-                endpoint,
-                ..
+                peer_id, endpoint, ..
             } => {
                 self.metrics.connections.inc();
                 if let Some(source) = source_address(endpoint.get_remote_address()) {
-                    self.sources.insert(connection_id, source);
                     self.peer_sources.insert(peer_id, source);
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                connection_id,
                 num_established,
                 ..
             } => {
                 self.metrics.connections.dec();
-                self.sources.remove(&connection_id);
                 if num_established == 0 {
                     self.peer_sources.remove(&peer_id);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(event)) => self.on_mailbox(event),
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection failed");
             }
@@ -295,45 +244,12 @@ impl<S: MailboxStore + Clone> Node<S> {
         }
     }
 
-    fn on_mailbox(&mut self, event: request_response::Event<crate::codec::Request, RelayToClient>) {
-        match event {
-            request_response::Event::Message {
-                peer,
-                connection_id,
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
-            } => {
-                let source = self.sources.get(&connection_id).copied();
-                self.on_request(peer, source, request, Reply::Stream(channel));
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                let kind = match &error {
-                    request_response::InboundFailure::Timeout => "timeout",
-                    request_response::InboundFailure::ConnectionClosed => "connection_closed",
-                    request_response::InboundFailure::UnsupportedProtocols => {
-                        "unsupported_protocol"
-                    }
-                    request_response::InboundFailure::ResponseOmission => "response_omission",
-                    request_response::InboundFailure::Io(_) => "io",
-                };
-                self.metrics
-                    .stream_failures
-                    .get_or_create(&Metrics::kind(kind))
-                    .inc();
-                tracing::debug!(%peer, %error, "inbound stream failed");
-            }
-            _ => {}
-        }
-    }
-
-    /// One request, from either protocol.
+    /// One request.
     fn on_request(
         &mut self,
         peer: PeerId,
         source: Option<IpAddr>,
-        request: crate::codec::Request,
+        request: crate::framing::Request,
         reply: Reply,
     ) {
         match self.service.handle(&peer, source, request, unix_now()) {
@@ -468,8 +384,8 @@ impl<S: MailboxStore + Clone> Node<S> {
         while !self.puts.is_empty() {
             tokio::select! {
                 Some((reply, response)) = self.puts.next() => self.respond(reply, response),
-                Some(r) = self.sessions.recv() => self.refuse(Reply::Session(r.reply)),
-                event = self.swarm.select_next_some() => self.on_drain_event(event),
+                Some(r) = self.sessions.recv() => self.refuse(r.reply),
+                _ = self.swarm.select_next_some() => {}
                 _ = &mut deadline => {
                     tracing::warn!(left = self.puts.len(), "in-flight puts did not finish in time");
                     break;
@@ -481,8 +397,8 @@ impl<S: MailboxStore + Clone> Node<S> {
         tokio::pin!(flush_out);
         loop {
             tokio::select! {
-                Some(r) = self.sessions.recv() => self.refuse(Reply::Session(r.reply)),
-                event = self.swarm.select_next_some() => self.on_drain_event(event),
+                Some(r) = self.sessions.recv() => self.refuse(r.reply),
+                _ = self.swarm.select_next_some() => {}
                 _ = &mut flush_out => break,
             }
         }
@@ -502,16 +418,6 @@ impl<S: MailboxStore + Clone> Node<S> {
     }
 
     /// During drain, new requests are refused so clients move to another relay at once.
-    fn on_drain_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
-        if let SwarmEvent::Behaviour(BehaviourEvent::Mailbox(request_response::Event::Message {
-            message: request_response::Message::Request { channel, .. },
-            ..
-        })) = event
-        {
-            self.refuse(Reply::Stream(channel));
-        }
-    }
-
     fn refuse(&mut self, reply: Reply) {
         let refusal = RelayToClient::error(
             kkachi_protocol::ErrorCode::ShuttingDown,

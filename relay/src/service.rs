@@ -17,8 +17,8 @@ use kkachi_protocol::{
 };
 use libp2p::multiaddr::Protocol;
 
-use crate::codec::Request;
 use crate::config::Config;
+use crate::framing::Request;
 use crate::metrics::Metrics;
 use crate::store::{MailboxStore, PutResult, StoreError};
 

@@ -154,6 +154,56 @@ async fn a_malformed_request_is_answered_under_its_id_and_the_session_goes_on() 
 }
 
 #[tokio::test]
+async fn an_envelope_of_an_unknown_version_is_malformed() {
+    let (_relay, addr, _dir) = relay(30).await;
+    let (me, mut stream) = open(&addr).await;
+    let mut put = ClientToRelay::Put {
+        envelopes: vec![envelope_for(&me)],
+    }
+    .encode();
+    put[3] = 9; // the envelope's version byte, after the tag and the count
+    write(&mut stream, &wire::session_frame(3, &put)).await;
+    match read_answer(&mut stream).await.unwrap() {
+        (3, RelayToClient::Error { code, .. }) => assert_eq!(code, ErrorCode::Malformed),
+        other => panic!("error for request 3 expected, got {other:?}"),
+    }
+}
+
+/// Sessions that send the start of a frame and then nothing hold only themselves up.
+#[tokio::test]
+async fn half_sent_frames_on_many_sessions_hold_up_no_one_else() {
+    let (relay, addr, _dir) = relay(30).await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let (_, mut stream) = open(&addr).await;
+        write(&mut stream, &100u32.to_be_bytes()).await;
+        held.push(stream);
+    }
+    let normal = kkachi_relay::client::MailboxClient::connect(
+        libp2p::identity::Keypair::generate_ed25519(),
+        addr,
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let answer = normal
+        .put(vec![envelope_for(&PeerId::random())])
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, RelayToClient::Stored { ref outcomes } if outcomes.len() == 1),
+        "{answer:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "an ordinary client waited {took:?}"
+    );
+    drop(held);
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_oversized_frame_closes_only_its_own_session_with_a_reason() {
     let (_relay, addr, _dir) = relay(30).await;
     let (_, mut bad) = open(&addr).await;
@@ -248,4 +298,43 @@ async fn a_mailbox_client_reopens_a_session_the_relay_closed() {
         client.request(ClientToRelay::Info).await.unwrap(),
         RelayToClient::Info(_)
     ));
+}
+
+/// A relay restarted on the same address: the client connects again by itself and its
+/// next request is answered (while the relay is down, requests fail at once).
+#[tokio::test]
+async fn a_mailbox_client_comes_back_after_the_relay_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = || Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()],
+        ..Config::default()
+    };
+    let mut relay = start(config()).await.unwrap();
+    let addr = relay.wait_listening(1).await.remove(0);
+    let client = kkachi_relay::client::MailboxClient::connect(
+        libp2p::identity::Keypair::generate_ed25519(),
+        addr,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        client.request(ClientToRelay::Info).await.unwrap(),
+        RelayToClient::Info(_)
+    ));
+    relay.shutdown().await.unwrap();
+    let down = client.request(ClientToRelay::Info).await.unwrap_err();
+    assert!(down.to_string().contains("cannot reach relay"), "{down}");
+    let mut relay = start(config()).await.unwrap();
+    relay.wait_listening(1).await;
+    assert!(matches!(
+        client.request(ClientToRelay::Info).await.unwrap(),
+        RelayToClient::Info(_)
+    ));
+    relay.shutdown().await.unwrap();
 }

@@ -1,15 +1,14 @@
-//! Requests over libp2p start no timer thread: every timeout libp2p arms for a request
-//! (stream upgrade, request, idle connection) runs on the Tokio runtime's timer. The
-//! requests go over `/kkachi/relay/1`, a stream per request, which arms the most. Upstream
-//! futures-timer would start a `futures-timer` thread on the first one and wake it for
-//! each. Alone in its own test binary, as the check looks at every thread in the process
-//! (listed in Linux's /proc).
+//! A client and a relay start no timer thread: every timeout libp2p arms (connection
+//! setup, stream upgrades, idle connections, pings) runs on the Tokio runtime's timer.
+//! Upstream futures-timer would start a `futures-timer` thread on the first one and wake
+//! it for each. Alone in its own test binary, as the check looks at every thread in the
+//! process (listed in Linux's /proc).
 #![cfg(target_os = "linux")]
 
 use std::time::Duration;
 
 use kkachi_protocol::wire::{ClientToRelay, RelayToClient};
-use kkachi_relay::client::{MailboxClient, Protocol};
+use kkachi_relay::client::MailboxClient;
 use kkachi_relay::config::Config;
 use kkachi_relay::start;
 use libp2p::identity::Keypair;
@@ -34,10 +33,9 @@ async fn requests_run_their_timeouts_on_the_runtime() {
     .await
     .expect("relay starts");
     let addr = relay.wait_listening(1).await.remove(0);
-    let client =
-        MailboxClient::connect_with(Keypair::generate_ed25519(), addr, Protocol::PerRequest)
-            .await
-            .expect("connects");
+    let client = MailboxClient::connect(Keypair::generate_ed25519(), addr)
+        .await
+        .expect("connects");
     for _ in 0..50 {
         let answer = client.request(ClientToRelay::Info).await.expect("answer");
         assert!(matches!(answer, RelayToClient::Info(_)), "{answer:?}");

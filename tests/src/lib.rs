@@ -8,6 +8,7 @@
 //! - [`faults`]: a fault-injecting TCP proxy (blackhole, delay, reset) and a malicious
 //!   relay store (tamper, duplicate, replay, reorder, drop); [`inproc`] runs relays
 //!   with such stores inside the test process.
+//! - [`echo`]: a plain libp2p request/response exchange, the benchmark's baseline.
 //! - [`evil`]: a hostile contact with a real session, sending what no honest client
 //!   would.
 //! - [`netns`]: network namespaces and nftables rules for LAN and partition scenarios
@@ -17,6 +18,7 @@
 //! test --workspace` builds them.
 
 pub mod checker;
+pub mod echo;
 pub mod evil;
 pub mod faults;
 pub mod netns;

@@ -4,6 +4,7 @@
 //! back as messages, and redraws. The network runs in its own tasks; the UI never
 //! waits on it. Logs go to `kkachi.log` in the home directory, never over the screen.
 
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod state;
 pub mod update;

@@ -25,7 +25,7 @@ use kkachi_client::store::{Contact, LocalStore, Profile, WriteSet};
 use kkachi_protocol::{
     Card, ClientToRelay, Envelope, Identity, MailboxId, PutOutcome, RelayToClient,
 };
-use kkachi_relay::client::{MailboxClient, Protocol};
+use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
 use serde_json::json;
@@ -52,6 +52,9 @@ struct Args {
     /// Internal: the recipient takes deliveries through its relays only.
     #[arg(long, hide = true)]
     relays_only: bool,
+    /// Internal: serve the round-trip baseline's echoes and print the address.
+    #[arg(long, hide = true)]
+    echo: bool,
 }
 
 impl Args {
@@ -705,39 +708,22 @@ async fn reconnect_and_handshakes(root: &Path, clients: usize) -> Result<serde_j
     )
 }
 
-/// Relay memory per idle connection: RSS with N idle connections minus RSS with none.
-/// Idle as the messenger keeps it: a session open and a long poll waiting on it. Also
-/// measured on a fresh relay: bare connections, without any stream.
+/// Relay memory per idle connection, as the messenger keeps one: a session open and a
+/// long poll waiting on it. RSS with N such connections minus RSS with none.
 async fn idle_memory(root: &Path, connections: usize) -> Result<serde_json::Value> {
-    let (kib, n) = idle_rss_per_connection(&root.join("idle"), connections, true).await?;
-    let (bare_kib, _) =
-        idle_rss_per_connection(&root.join("idle-bare"), connections, false).await?;
-    Ok(json!({ "connections": n, "idle_conn_kib": kib, "bare_conn_kib": bare_kib }))
+    let (kib, n) = idle_rss_per_connection(&root.join("idle"), connections).await?;
+    Ok(json!({ "connections": n, "idle_conn_kib": kib }))
 }
 
-async fn idle_rss_per_connection(
-    dir: &Path,
-    connections: usize,
-    polling: bool,
-) -> Result<(f64, usize)> {
+async fn idle_rss_per_connection(dir: &Path, connections: usize) -> Result<(f64, usize)> {
     let relay = Relay::start(dir, free_port())?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = relay.rss_kib();
-    let protocol = if polling {
-        Protocol::Session
-    } else {
-        Protocol::PerRequest
-    };
     let clients: Vec<MailboxClient> = futures::stream::iter(0..connections)
         .map(|_| {
             let addr = relay.addr.clone();
             async move {
-                MailboxClient::connect_with(
-                    Keypair::generate_ed25519(),
-                    addr.parse().unwrap(),
-                    protocol,
-                )
-                .await
+                MailboxClient::connect(Keypair::generate_ed25519(), addr.parse().unwrap()).await
             }
         })
         .buffer_unordered(64)
@@ -746,7 +732,6 @@ async fn idle_rss_per_connection(
         .await;
     let polls: Vec<_> = clients
         .iter()
-        .filter(|_| polling)
         .map(|c| {
             let c = c.clone();
             tokio::spawn(async move {
@@ -770,23 +755,26 @@ async fn idle_rss_per_connection(
     Ok((per, clients.len()))
 }
 
-/// Baseline: a bare libp2p request/response round trip (tiny payload) on loopback.
+/// Baseline: a plain libp2p request/response round trip (16 bytes each way, a stream
+/// per request) between this process and another on loopback.
 async fn libp2p_rtt(rounds: usize) -> Result<Duration> {
-    let dir = tempfile::tempdir()?;
-    let relay = Relay::start(dir.path(), free_port())?;
-    // A stream per request, as libp2p's request/response does (sessions are kkachi's own).
-    let client = MailboxClient::connect_with(
-        Keypair::generate_ed25519(),
-        relay.addr.parse()?,
-        Protocol::PerRequest,
-    )
-    .await?;
-    let mut times = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        client.request(ClientToRelay::Info).await?;
-        times.push(t.elapsed());
-    }
+    let mut server = Command::new(std::env::current_exe()?)
+        .arg("--echo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    let stdout = server.stdout.take().context("echo server output")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let addr: libp2p::Multiaddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("echo server address")?
+        .parse()?;
+    let times = kkachi_tests::echo::round_trips(addr, rounds).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let mut times = times?;
     times.sort();
     Ok(pct(&times, 0.5))
 }
@@ -824,6 +812,9 @@ async fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     if let Some(home) = args.recipient {
         return recipient(home, !args.relays_only).await;
+    }
+    if args.echo {
+        return kkachi_tests::echo::serve(|addr| println!("listening on {addr}")).await;
     }
     let root = tempfile::tempdir()?;
     let q = args.quick;
@@ -1045,11 +1036,10 @@ async fn run(args: Args) -> Result<()> {
     }
     if args.runs("idle") {
         println!(
-            "{:<44} {:>14.1}  at {} connections, each with a session and a long poll waiting; a bare connection {:.1} KiB",
+            "{:<44} {:>14.1}  at {} connections, each with a session and a long poll waiting",
             "relay memory per idle connection (KiB)",
             f(&idle["idle_conn_kib"]),
             idle["connections"],
-            f(&idle["bare_conn_kib"])
         );
     }
     println!(

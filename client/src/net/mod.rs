@@ -1,0 +1,344 @@
+//! The network: one task owns the libp2p Swarm (`task.rs`); everything else talks to it
+//! through [`Network`], a cheap handle sending commands on a bounded channel with oneshot
+//! replies, and hears what happens as [`NetEvent`]s on another bounded channel (as in
+//! rust-libp2p's file-sharing example).
+//!
+//! Every exchange, with a relay or a contact, goes over one long-lived session stream
+//! per peer (`/kkachi/relay/2`, SPEC §6), opened on first use: the handle asks the task
+//! to dial (pending dials are answered when the connection is up or has failed), then
+//! opens the stream and writes each request straight to it from the caller's task. A
+//! contact on the same network (mDNS) or connected directly hands envelopes for *our*
+//! mailbox over a session to us, which we serve like a relay would, for puts into our
+//! own mailbox only.
+
+mod task;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
+use kkachi_relay::session::{Session, SessionError, SessionReply};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use parking_lot::RwLock;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use task::{Command, NetworkTask, PeerState};
+
+/// Capacity of the command channel into the network task.
+const COMMANDS: usize = 256;
+/// Capacity of the event channel out of it.
+const EVENTS: usize = 1024;
+/// Longest wait for a session stream to a connected peer to open.
+const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a network operation failed.
+#[derive(Debug, Clone, Error)]
+pub enum NetError {
+    /// The address has no `/p2p/<peer id>`.
+    #[error("address {0} must end with /p2p/<peer id>")]
+    NoPeerId(String),
+    /// The peer could not be reached, or the exchange failed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The network task has stopped.
+    #[error("the network task stopped")]
+    Stopped,
+    /// The network could not be set up.
+    #[error(transparent)]
+    Setup(Arc<kkachi_relay::transport::TransportError>),
+}
+
+/// What the network reports.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A peer handed us envelopes for our own mailbox directly. Answer on `reply` once
+    /// they are durable (dropping it unanswered makes the sender retry).
+    DirectPut {
+        /// Who sent them.
+        from: PeerId,
+        /// The envelopes.
+        envelopes: Vec<Envelope>,
+        /// Where the answer goes.
+        reply: DirectReply,
+    },
+    /// A peer was found on the local network (or lost).
+    LanPeer {
+        /// The peer.
+        peer: PeerId,
+        /// Found (true) or gone (false).
+        up: bool,
+    },
+    /// A connection to a peer opened (or its last one closed).
+    Connection {
+        /// The peer.
+        peer: PeerId,
+        /// Open (true) or closed (false).
+        up: bool,
+    },
+}
+
+/// The answer to a direct put, sent back over the session it came on.
+#[derive(Debug)]
+pub struct DirectReply(SessionReply);
+
+impl DirectReply {
+    /// Sends the answer to the peer.
+    pub fn send(self, response: RelayToClient) {
+        self.0.send(response);
+    }
+}
+
+/// What the engine needs from a network: relay requests and direct handovers.
+/// [`Network`] is the real one; tests use in-memory fakes.
+pub trait Transport: Clone + Send + Sync + 'static {
+    /// Sends one request to the relay at `relay` (ending in `/p2p/<id>`).
+    fn request(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send;
+
+    /// Hands envelopes to a contact directly.
+    fn direct_put(
+        &self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send;
+
+    /// Peers reachable directly right now (on the LAN, connected).
+    fn direct_peers(&self) -> HashSet<PeerId>;
+
+    /// Peers with an open connection right now.
+    fn connected(&self) -> HashSet<PeerId>;
+
+    /// Try for a direct connection to `peer` through one of its `relays` (circuit relay,
+    /// then hole punching). Returns at once; attempts to one peer back off.
+    fn seek_direct(&self, _peer: PeerId, _relays: &[Multiaddr]) {}
+}
+
+/// Options for starting the network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on (for direct delivery from contacts).
+    pub listen: Vec<Multiaddr>,
+    /// Look for contacts on the local network with mDNS.
+    pub mdns: bool,
+    /// Connect to contacts directly (LAN, hole punching) and take deliveries from them.
+    /// Off: relays only. Contacts never learn our addresses, and nobody on the LAN sees
+    /// us (no listening, no mDNS, no circuit reservations).
+    pub direct: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
+            ],
+            mdns: true,
+            direct: true,
+        }
+    }
+}
+
+/// The session with one peer: none yet, or the latest (closed ones are replaced on use).
+type SessionSlot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
+
+/// Handle to the network task.
+#[derive(Clone)]
+pub struct Network {
+    commands: mpsc::Sender<Command>,
+    state: Arc<RwLock<PeerState>>,
+    local: PeerId,
+    /// [`NetConfig::direct`].
+    direct: bool,
+    control: libp2p_stream::Control,
+    /// The session with each peer spoken to, opened on first use.
+    sessions: Arc<parking_lot::Mutex<HashMap<PeerId, SessionSlot>>>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("local", &self.local)
+            .field("direct", &self.direct)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The peer id at the end of a multiaddr.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+impl Network {
+    /// Starts the network task as `keypair`; returns the handle and the event stream.
+    pub fn start(
+        keypair: Keypair,
+        config: NetConfig,
+    ) -> Result<(Self, mpsc::Receiver<NetEvent>), NetError> {
+        let local = keypair.public().to_peer_id();
+        let (commands, commands_rx) = mpsc::channel(COMMANDS);
+        let (events_tx, events) = mpsc::channel(EVENTS);
+        let state = Arc::new(RwLock::new(PeerState::default()));
+        let (task, control) =
+            NetworkTask::new(keypair, &config, commands_rx, events_tx, state.clone())?;
+        tokio::spawn(task.run());
+        Ok((
+            Self {
+                commands,
+                state,
+                local,
+                direct: config.direct,
+                control,
+                sessions: Arc::default(),
+            },
+            events,
+        ))
+    }
+
+    /// A handle with no network behind it: every request fails at once. For an engine
+    /// that only changes local state (contacts) in a process that needs no network.
+    pub fn offline(local: PeerId) -> Self {
+        let (commands, _) = mpsc::channel(1);
+        Self {
+            commands,
+            state: Arc::default(),
+            local,
+            direct: false,
+            control: libp2p_stream::Behaviour::new().new_control(),
+            sessions: Arc::default(),
+        }
+    }
+
+    /// Our own peer id.
+    pub fn local_peer(&self) -> PeerId {
+        self.local
+    }
+
+    /// Open connections to `peer`: how many are direct, and how many go through a relay.
+    pub fn links(&self, peer: &PeerId) -> (usize, usize) {
+        self.state.read().links.get(peer).map_or((0, 0), |links| {
+            let relayed = links.iter().filter(|(_, relayed)| *relayed).count();
+            (links.len() - relayed, relayed)
+        })
+    }
+
+    /// Peers found on the local network (mDNS) and not yet expired.
+    pub fn lan_peers(&self) -> HashSet<PeerId> {
+        self.state.read().lan.clone()
+    }
+
+    /// Addresses we listen on.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.state.read().listen.clone()
+    }
+
+    /// Keeps a circuit reservation at each of `relays` (ours, each ending in
+    /// `/p2p/<id>`) and at no other, so contacts can connect to us through them and
+    /// then upgrade to a direct connection (DCUtR). Call it again whenever convenient:
+    /// it is idempotent, and a relay that refused is asked again only after a backoff.
+    pub async fn reserve_at(&self, relays: Vec<Multiaddr>) {
+        // Relays only: a reservation is how contacts would reach us directly.
+        let relays = if self.direct { relays } else { Vec::new() };
+        let _ = self.commands.send(Command::ReserveAt(relays)).await;
+    }
+
+    /// Connects to `peer` (at `addr`, or wherever it is known to be); returns once the
+    /// connection is up, or why it could not be made.
+    async fn dial(&self, peer: PeerId, addr: Option<Multiaddr>) -> Result<(), NetError> {
+        let (reply, done) = oneshot::channel();
+        self.commands
+            .send(Command::Dial { peer, addr, reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        done.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// The open session with `peer`, dialling and opening one if need be.
+    async fn session(
+        &self,
+        peer: PeerId,
+        addr: Option<&Multiaddr>,
+    ) -> Result<Arc<Session>, NetError> {
+        let slot = self.sessions.lock().entry(peer).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(session) = slot.as_ref().filter(|s| s.is_open()) {
+            return Ok(session.clone());
+        }
+        self.dial(peer, addr.cloned()).await?;
+        let session = Session::open(&mut self.control.clone(), peer, SESSION_OPEN_TIMEOUT)
+            .await
+            .map_err(|e| NetError::Unreachable(format!("{peer}: {e}")))?;
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    /// One request to `peer` over its session. Every request is idempotent, so one
+    /// whose session closed under it goes again, once, on a new session.
+    async fn exchange(
+        &self,
+        peer: PeerId,
+        addr: Option<&Multiaddr>,
+        request: &ClientToRelay,
+    ) -> Result<RelayToClient, NetError> {
+        let mut again = true;
+        loop {
+            let session = self.session(peer, addr).await?;
+            match session.request(request).await {
+                Ok(answer) => return Ok(answer),
+                Err(SessionError::Closed(_)) if again => again = false,
+                Err(e) => return Err(NetError::Unreachable(format!("{peer}: {e}"))),
+            }
+        }
+    }
+}
+
+impl Transport for Network {
+    async fn request(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> Result<RelayToClient, NetError> {
+        let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
+        self.exchange(peer, Some(relay), &request).await
+    }
+
+    async fn direct_put(
+        &self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+    ) -> Result<RelayToClient, NetError> {
+        self.exchange(peer, None, &ClientToRelay::Put { envelopes })
+            .await
+    }
+
+    fn direct_peers(&self) -> HashSet<PeerId> {
+        if !self.direct {
+            return HashSet::new();
+        }
+        let s = self.state.read();
+        s.lan.iter().chain(s.links.keys()).copied().collect()
+    }
+
+    fn connected(&self) -> HashSet<PeerId> {
+        self.state.read().links.keys().copied().collect()
+    }
+
+    fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
+        if !self.direct || relays.is_empty() || self.state.read().links.contains_key(&peer) {
+            return;
+        }
+        let relays = relays.to_vec();
+        // Best effort: a full command queue means the task is busy; the next call retries.
+        let _ = self.commands.try_send(Command::SeekDirect { peer, relays });
+    }
+}

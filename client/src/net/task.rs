@@ -1,0 +1,543 @@
+//! The task that owns the libp2p Swarm: the network's one event loop. It runs commands
+//! from [`super::Network`] handles (dial, keep relay reservations, seek a direct path to
+//! a contact), answers pending dials as connections come up or fail, keeps track of who
+//! is connected and how, and serves the session streams contacts open to hand us
+//! envelopes directly.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kkachi_protocol::{ClientToRelay, ErrorCode, MailboxId, Multiaddr, PeerId, RelayToClient};
+use kkachi_relay::framing::Request;
+use kkachi_relay::session::{SESSION_PROTOCOL, SessionRequest};
+use kkachi_relay::transport;
+use libp2p::core::transport::ListenerId;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
+use libp2p::{Swarm, dcutr, identify, mdns, ping, relay};
+use parking_lot::RwLock;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{DirectReply, NetConfig, NetError, NetEvent};
+
+/// After a relay refused a reservation, wait this long before asking again (doubling).
+const RESERVE_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest wait between reservation attempts at a relay that keeps refusing.
+const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// First wait between attempts to reach a contact through its relays (doubling).
+const SEEK_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between those attempts.
+const SEEK_MAX: Duration = Duration::from_secs(30);
+/// A contact's session with us that has been quiet this long is closed.
+const DIRECT_SESSION_IDLE: Duration = Duration::from_secs(120);
+/// Requests from contacts' sessions waiting for this task.
+const DIRECT_REQUESTS: usize = 256;
+
+/// What a [`super::Network`] handle asks of the task.
+pub(super) enum Command {
+    /// Keep reservations at exactly these relays (ours) so contacts can reach us.
+    ReserveAt(Vec<Multiaddr>),
+    /// Connect to a contact through one of its relays (then DCUtR may go direct).
+    SeekDirect {
+        peer: PeerId,
+        relays: Vec<Multiaddr>,
+    },
+    /// Connect to `peer` (at `addr` if given); answered once connected or failed.
+    Dial {
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::ReserveAt(relays) => write!(f, "ReserveAt({} relays)", relays.len()),
+            Command::SeekDirect { peer, .. } => write!(f, "SeekDirect({peer})"),
+            Command::Dial { peer, .. } => write!(f, "Dial({peer})"),
+        }
+    }
+}
+
+/// What the task shares with the handles.
+#[derive(Debug, Default)]
+pub(super) struct PeerState {
+    pub(super) lan: HashSet<PeerId>,
+    pub(super) listen: Vec<Multiaddr>,
+    /// Open connections per connected peer, and whether each goes through a relay (a
+    /// circuit).
+    pub(super) links: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+}
+
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    session: libp2p_stream::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// A circuit relay reservation we keep at one of our relays. It is asked for only over
+/// an established connection: asking while the connection is still being dialled (by
+/// a mailbox request, say) makes the relay client's own dial fail and the listener
+/// close at once. A reservation dies with its connection and is asked for again when
+/// the relay is back.
+#[derive(Debug)]
+struct Reservation {
+    addr: Multiaddr,
+    listener: Option<ListenerId>,
+    /// Consecutive refusals; reset once the relay grants one.
+    refusals: u32,
+    not_before: Instant,
+}
+
+pub(super) struct NetworkTask {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    state: Arc<RwLock<PeerState>>,
+    local: PeerId,
+    /// Dials waiting for their connection, by peer.
+    dialing: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
+    /// Requests read off the session streams contacts opened to us (none without
+    /// [`NetConfig::direct`]).
+    direct: Option<mpsc::Receiver<SessionRequest>>,
+    /// Reservations wanted at our own relays, by relay peer id.
+    reservations: HashMap<PeerId, Reservation>,
+    /// Contacts we are trying to reach through their relays: attempts so far and when
+    /// the next may start. Forgotten once connected.
+    seeking: HashMap<PeerId, (u32, Instant)>,
+}
+
+impl NetworkTask {
+    /// Builds the Swarm as `keypair`, listening as `config` says; returns the task (to
+    /// be spawned) and the control that opens session streams.
+    pub(super) fn new(
+        keypair: Keypair,
+        config: &NetConfig,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<NetEvent>,
+        state: Arc<RwLock<PeerState>>,
+    ) -> Result<(Self, libp2p_stream::Control), NetError> {
+        let local = keypair.public().to_peer_id();
+        let setup =
+            |e: &dyn std::fmt::Display| NetError::Unreachable(format!("network setup failed: {e}"));
+        let mdns = if config.mdns && config.direct {
+            let mdns_config = mdns::Config {
+                query_interval: Duration::from_secs(5),
+                ..Default::default()
+            };
+            Some(mdns::tokio::Behaviour::new(mdns_config, local).map_err(|e| setup(&e))?)
+        } else {
+            None
+        };
+        let mut swarm = transport::swarm_with_relay_client(
+            keypair,
+            |key, relay_client| Behaviour {
+                relay_client,
+                dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+                session: libp2p_stream::Behaviour::new(),
+                identify: identify::Behaviour::new(transport::identify_config(
+                    key.public(),
+                    "kkachi",
+                )),
+                ping: ping::Behaviour::default(),
+                mdns: mdns.into(),
+            },
+            // A dialer proposing one protocol sends its first message with the proposal
+            // instead of waiting for the confirmation: one round trip fewer per stream.
+            |c| {
+                c.with_idle_connection_timeout(Duration::from_secs(60))
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+            },
+        )
+        .map_err(|e| NetError::Setup(Arc::new(e)))?;
+        for addr in config.listen.iter().filter(|_| config.direct) {
+            swarm.listen_on(addr.clone()).map_err(|e| setup(&e))?;
+        }
+        let mut control = swarm.behaviour().session.new_control();
+        let direct = if config.direct {
+            let incoming = control.accept(SESSION_PROTOCOL).map_err(|e| setup(&e))?;
+            let (tx, rx) = mpsc::channel(DIRECT_REQUESTS);
+            tokio::spawn(kkachi_relay::session::accept(
+                incoming,
+                tx,
+                DIRECT_SESSION_IDLE,
+            ));
+            Some(rx)
+        } else {
+            None
+        };
+        let task = Self {
+            swarm,
+            commands,
+            events,
+            state,
+            local,
+            dialing: HashMap::new(),
+            direct,
+            reservations: HashMap::new(),
+            seeking: HashMap::new(),
+        };
+        Ok((task, control))
+    }
+
+    pub(super) async fn run(mut self) {
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break, // every handle dropped
+                },
+                Some(request) = recv(&mut self.direct) => self.on_direct_request(request).await,
+                event = self.swarm.select_next_some() => self.on_event(event).await,
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ReserveAt(relays) => {
+                let wanted: HashMap<PeerId, Multiaddr> = relays
+                    .into_iter()
+                    .filter_map(|a| super::peer_of(&a).map(|p| (p, a)))
+                    .collect();
+                let swarm = &mut self.swarm;
+                self.reservations.retain(|peer, r| {
+                    let keep = wanted.contains_key(peer);
+                    if let (false, Some(listener)) = (keep, r.listener) {
+                        swarm.remove_listener(listener);
+                    }
+                    keep
+                });
+                for (peer, addr) in wanted {
+                    self.reservations.entry(peer).or_insert(Reservation {
+                        addr,
+                        listener: None,
+                        refusals: 0,
+                        not_before: Instant::now(),
+                    });
+                    self.reserve(peer);
+                }
+            }
+            Command::SeekDirect { peer, relays } => self.seek_direct(peer, &relays),
+            Command::Dial { peer, addr, reply } => self.dial(peer, addr, reply),
+        }
+    }
+
+    /// Connects to `peer`, answering `reply` once connected (at once if already) or
+    /// failed. Dials to one peer share one attempt.
+    fn dial(
+        &mut self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    ) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let opts = match addr {
+            Some(addr) => {
+                let bare: Multiaddr = addr
+                    .iter()
+                    .filter(|p| !matches!(p, Protocol::P2p(_)))
+                    .collect();
+                // Kept, so a session opened after the connection went can dial again.
+                self.swarm.add_peer_address(peer, bare.clone());
+                DialOpts::peer_id(peer).addresses(vec![bare]).build()
+            }
+            None => DialOpts::peer_id(peer).build(),
+        };
+        match self.swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                self.dialing.entry(peer).or_default().push(reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NetError::Unreachable(format!("{peer}: {e}"))));
+            }
+        }
+    }
+
+    /// Answers the dials waiting for `peer`.
+    fn dialled(&mut self, peer: PeerId, result: Result<(), NetError>) {
+        for reply in self.dialing.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(result.clone());
+        }
+    }
+
+    /// Asks `relay` for a reservation if we want one, hold none, are connected to it
+    /// and it has not refused us recently.
+    fn reserve(&mut self, relay: PeerId) {
+        let connected = self.swarm.is_connected(&relay);
+        let Some(r) = self.reservations.get_mut(&relay) else {
+            return;
+        };
+        if r.listener.is_some() || !connected || Instant::now() < r.not_before {
+            return;
+        }
+        match self
+            .swarm
+            .listen_on(r.addr.clone().with(Protocol::P2pCircuit))
+        {
+            Ok(id) => r.listener = Some(id),
+            Err(e) => tracing::debug!(%relay, error = %e, "cannot ask relay for a reservation"),
+        }
+    }
+
+    /// Dials `peer` through one of its relays (taking them in turn), unless connected
+    /// or an attempt was made too recently. DCUtR then tries for a direct connection.
+    /// The contact's reservation may not be in place yet, so attempts back off from
+    /// `SEEK_FIRST` to `SEEK_MAX`.
+    fn seek_direct(&mut self, peer: PeerId, relays: &[Multiaddr]) {
+        if relays.is_empty() || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let (attempts, not_before) = self
+            .seeking
+            .get(&peer)
+            .copied()
+            .unwrap_or((0, Instant::now()));
+        if Instant::now() < not_before {
+            return;
+        }
+        let wait = SEEK_FIRST
+            .saturating_mul(1 << attempts.min(10))
+            .min(SEEK_MAX);
+        self.seeking
+            .insert(peer, (attempts.saturating_add(1), Instant::now() + wait));
+        let relay = &relays[attempts as usize % relays.len()];
+        let addr = relay
+            .clone()
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(peer));
+        tracing::debug!(%peer, via = %addr, "reaching a contact through its relay");
+        if let Err(e) = self.swarm.dial(addr) {
+            tracing::debug!(%peer, error = %e, "dial through relay failed");
+        }
+    }
+
+    /// A circuit listener closed: its connection went away (ask again when it is back)
+    /// or the relay refused (ask again later, backing off).
+    fn on_listener_closed(&mut self, listener: ListenerId, refused: Option<String>) {
+        let Some((relay, r)) = self
+            .reservations
+            .iter_mut()
+            .find(|(_, r)| r.listener == Some(listener))
+        else {
+            return;
+        };
+        r.listener = None;
+        let relay = *relay;
+        match refused {
+            Some(reason) => {
+                r.refusals = r.refusals.saturating_add(1);
+                let wait = RESERVE_BACKOFF
+                    .saturating_mul(1 << r.refusals.min(10))
+                    .min(RESERVE_BACKOFF_MAX);
+                r.not_before = Instant::now() + wait;
+                tracing::info!(%relay, %reason, ?wait, "relay refused a reservation");
+            }
+            None => {
+                tracing::debug!(%relay, "reservation ended with its connection");
+                self.reserve(relay);
+            }
+        }
+    }
+
+    async fn emit(events: &mpsc::Sender<NetEvent>, event: NetEvent) {
+        // Bounded: if the application falls behind, the network waits for it.
+        let _ = events.send(event).await;
+    }
+
+    async fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
+                if let Some(r) = self
+                    .reservations
+                    .values_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    r.refusals = 0;
+                }
+                tracing::debug!(%address, "listening");
+                self.state.write().listen.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.state.write().listen.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                self.state.write().listen.retain(|a| !addresses.contains(a));
+                let refused = reason.err().map(|e| e.to_string());
+                self.on_listener_closed(listener_id, refused);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                self.link_up(peer_id, connection_id, endpoint.is_relayed());
+                self.dialled(peer_id, Ok(()));
+                if num_established.get() == 1 {
+                    self.reserve(peer_id);
+                    self.seeking.remove(&peer_id);
+                    let event = NetEvent::Connection {
+                        peer: peer_id,
+                        up: true,
+                    };
+                    Self::emit(&self.events, event).await;
+                }
+            }
+            // Those waiting hear of a failed dial unless another connection made it.
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer) => {
+                self.dialled(peer, Err(NetError::Unreachable(format!("{peer}: {error}"))));
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.link_down(peer_id, connection_id);
+                if num_established == 0 {
+                    let event = NetEvent::Connection {
+                        peer: peer_id,
+                        up: false,
+                    };
+                    Self::emit(&self.events, event).await;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let mut new = Vec::new();
+                for (peer, addr) in found {
+                    if peer == self.local {
+                        continue;
+                    }
+                    self.swarm.add_peer_address(peer, addr);
+                    if self.state.write().lan.insert(peer) {
+                        new.push(peer);
+                    }
+                }
+                for peer in new {
+                    tracing::info!(%peer, "found a peer on the local network");
+                    Self::emit(&self.events, NetEvent::LanPeer { peer, up: true }).await;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                let peers: HashSet<PeerId> = gone.into_iter().map(|(p, _)| p).collect();
+                for peer in peers {
+                    if self.state.write().lan.remove(&peer) {
+                        Self::emit(&self.events, NetEvent::LanPeer { peer, up: false }).await;
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => match event.result {
+                Ok(_) => {
+                    tracing::info!(peer = %event.remote_peer_id, "direct connection through hole punching")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %event.remote_peer_id, error = %e, "hole punching failed")
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Records a new connection. Once a peer is reachable directly, its relayed
+    /// connections go: requests are spread over all of a peer's connections, so half
+    /// would still take the long way through the relay, and each circuit holds one of
+    /// the relay's few circuit slots.
+    fn link_up(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
+        let redundant: Vec<ConnectionId> = {
+            let mut state = self.state.write();
+            let links = state.links.entry(peer).or_default();
+            links.push((id, relayed));
+            if links.iter().any(|(_, relayed)| !relayed) {
+                links
+                    .iter()
+                    .filter(|(_, relayed)| *relayed)
+                    .map(|(id, _)| *id)
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        for id in redundant {
+            tracing::debug!(%peer, "direct connection up: closing the relayed one");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn link_down(&mut self, peer: PeerId, id: ConnectionId) {
+        let mut state = self.state.write();
+        if let Some(links) = state.links.get_mut(&peer) {
+            links.retain(|(c, _)| *c != id);
+            if links.is_empty() {
+                state.links.remove(&peer);
+            }
+        }
+    }
+
+    /// A peer asks something of us over a session: we take puts into our own mailbox
+    /// (the engine decides whose), nothing else.
+    async fn on_direct_request(&mut self, r: SessionRequest) {
+        let mine = MailboxId::for_peer(&self.local);
+        let refusal = match r.request {
+            Request::Message(ClientToRelay::Put { envelopes })
+                if envelopes.iter().all(|e| e.mailbox == mine) =>
+            {
+                let event = NetEvent::DirectPut {
+                    from: r.peer,
+                    envelopes,
+                    reply: DirectReply(r.reply),
+                };
+                Self::emit(&self.events, event).await;
+                return;
+            }
+            Request::Message(ClientToRelay::Put { .. }) => RelayToClient::error(
+                ErrorCode::NotOwner,
+                "a client accepts envelopes for its own mailbox only",
+            ),
+            Request::Message(_) => RelayToClient::error(
+                ErrorCode::NotOwner,
+                "this is a kkachi client, not a relay; it takes direct puts for its own mailbox only",
+            ),
+            Request::Malformed(e) => RelayToClient::error(
+                ErrorCode::Malformed,
+                format!("request could not be decoded: {e}"),
+            ),
+        };
+        r.reply.send(refusal);
+    }
+}
+
+/// The next request from contacts' sessions; never, without them.
+async fn recv(direct: &mut Option<mpsc::Receiver<SessionRequest>>) -> Option<SessionRequest> {
+    match direct {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
