@@ -5,7 +5,6 @@
 //! its output; the user sees no difference.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -49,7 +48,7 @@ pub async fn forward(home: &Path, command: Command, json: bool) -> Result<Output
 }
 
 /// Serves forwarded commands until the task is dropped.
-pub async fn serve(home: PathBuf, engine: Arc<Engine<Network>>) -> Result<(), UserError> {
+pub async fn serve(home: PathBuf, engine: Engine<Network>) -> Result<(), UserError> {
     let path = socket_path(&home);
     // A socket file left by a daemon that crashed: nobody answers on it.
     if path.exists() && UnixStream::connect(&path).await.is_err() {
@@ -73,7 +72,7 @@ pub async fn serve(home: PathBuf, engine: Arc<Engine<Network>>) -> Result<(), Us
     }
 }
 
-async fn answer(stream: UnixStream, engine: Arc<Engine<Network>>) -> Result<(), UserError> {
+async fn answer(stream: UnixStream, engine: Engine<Network>) -> Result<(), UserError> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))

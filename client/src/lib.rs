@@ -8,7 +8,7 @@
 //! - [`net`]: the task owning the libp2p Swarm (relays, LAN peers via mDNS).
 //! - [`engine`]: the delivery engine: durable outbox, multi-path delivery with retries,
 //!   receiving with deduplication, receipts and gap detection.
-//! - [`runtime`]: network and engine together; the daemon loop.
+//! - [`runtime`]: the engine started with a real network, and the network's settings.
 //! - [`cli`], [`commands`]: the command line; [`ipc`] forwards commands to a running
 //!   daemon or UI, which holds the database.
 //! - [`tui`]: the terminal UI.

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kkachi_client::cli::{Cli, Command};
 use kkachi_client::commands::{App, Output, UserError, print_received, request_line};
-use kkachi_client::engine::AppEvent;
+use kkachi_client::engine::{AppEvent, Mode};
 use kkachi_client::store::{LocalStore, StoreError};
 use kkachi_client::{ipc, runtime};
 
@@ -97,7 +97,7 @@ async fn daemon(home: &Path, json: bool) -> Result<(), UserError> {
     let me = store.identity()?.ok_or_else(|| {
         UserError("no identity yet: create one with `kkachi init --name NAME`".into())
     })?;
-    let engine = runtime::start_engine(store, me, runtime::net_config())?;
+    let engine = runtime::start_engine(store, me, runtime::net_config(), Mode::ONLINE)?;
     let control = tokio::spawn(ipc::serve(home.to_path_buf(), engine.clone()));
     let mut events = engine.subscribe();
     let store_for_requests = engine.store().clone();
@@ -131,8 +131,11 @@ async fn daemon(home: &Path, json: bool) -> Result<(), UserError> {
         engine.identity().peer_id(),
         engine.store().relays()?.len()
     );
-    runtime::run_online(engine.clone(), wait_for_signal()).await;
+    wait_for_signal().await;
+    // Structured shutdown: no new commands; the engine stops what is under way (it is
+    // retried on the next start), flushes what it wrote, and answers who waits.
     control.abort();
+    engine.shutdown().await;
     printer.abort();
     ipc::cleanup(home);
     Ok(())
@@ -143,6 +146,8 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
         Ok(store) => {
             let mut app = App::new(store.clone());
             let result = app.run(command, json).await;
+            // The command's engines stop (what they wrote is flushed).
+            app.close().await;
             let flushed = store.flush().await;
             let code = match result {
                 Ok(output) => write_output(&output),

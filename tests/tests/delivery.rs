@@ -359,7 +359,7 @@ fn hole_punched_contacts_drop_the_relayed_connection() {
         // to him, and hole punching over it the only way to a direct connection.
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
-            bob.reserve_at(vec![relay_addr.clone()]).await;
+            bob.reserve_at(vec![relay_addr.clone()]);
             alice.seek_direct(bob_id, std::slice::from_ref(&relay_addr));
             if let (1.., 0) = alice.links(&bob_id) {
                 break;

@@ -28,7 +28,7 @@ impl App {
             ContactCommand::List => self.contact_list(json, out),
             ContactCommand::Remove { contact } => {
                 let c = self.resolve(&contact)?;
-                let done = self.local_engine()?.remove_contact(&c.peer).await?;
+                let done = self.local_engine()?.remove_contact(c.peer).await?;
                 if json {
                     out.json(json!({ "removed": c.name, "peer_id": c.peer.to_string(),
                                      "messages": done.removed_messages }));
@@ -54,7 +54,9 @@ impl App {
             ContactCommand::Unblock { contact } => self.unblock(&contact, json, out).await,
             ContactCommand::Rename { contact, name: new } => {
                 let c = self.resolve(&contact)?;
-                self.local_engine()?.rename_contact(&c.peer, &new).await?;
+                self.local_engine()?
+                    .rename_contact(c.peer, new.clone())
+                    .await?;
                 if json {
                     out.json(json!({ "renamed": c.name, "name": new.trim(), "peer_id": c.peer.to_string() }));
                 } else {
@@ -74,10 +76,7 @@ impl App {
     ) -> Result<(), UserError> {
         let card = Card::from_invite(code)?;
         let before = self.store.contact(&card.identity().peer_id())?;
-        let done = self
-            .local_engine()?
-            .add_contact(&card, new_name.as_deref())
-            .await?;
+        let done = self.local_engine()?.add_contact(card, new_name).await?;
         report_added(&done, before.is_some(), json, out);
         Ok(())
     }
@@ -147,7 +146,7 @@ impl App {
         json: bool,
         out: &mut Output,
     ) -> Result<(), UserError> {
-        self.local_engine()?.block(&peer, &label).await?;
+        self.local_engine()?.block(peer, label.clone()).await?;
         if json {
             out.json(json!({ "blocked": label, "peer_id": peer.to_string() }));
         } else {
@@ -172,7 +171,7 @@ impl App {
                 }
             }
         };
-        if !self.local_engine()?.unblock(&peer).await? {
+        if !self.local_engine()?.unblock(peer).await? {
             return fail(format!("{} is not blocked", for_terminal(who)));
         }
         if json {
@@ -197,16 +196,13 @@ impl App {
             RequestCommand::List => self.request_list(json, out),
             RequestCommand::Accept { who, name: new } => {
                 let r = resolve_request(&self.store, &who)?;
-                let done = self
-                    .local_engine()?
-                    .accept_request(&r.peer, new.as_deref())
-                    .await?;
+                let done = self.local_engine()?.accept_request(r.peer, new).await?;
                 report_added(&done, false, json, out);
                 Ok(())
             }
             RequestCommand::Reject { who } => {
                 let r = resolve_request(&self.store, &who)?;
-                let n = self.local_engine()?.reject_request(&r.peer).await?;
+                let n = self.local_engine()?.reject_request(r.peer).await?;
                 if json {
                     out.json(json!({ "rejected": r.peer.to_string(), "messages": n }));
                 } else {

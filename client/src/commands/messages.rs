@@ -3,12 +3,11 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use kkachi_protocol::{MessageId, Multiaddr};
 use serde_json::json;
 
 use super::{App, Output, UserError, fail, hex, name, short_id};
 use crate::cli::SendArgs;
-use crate::engine::{ATTEMPT_TIMEOUT, AppEvent, Received};
+use crate::engine::{Progress, Received, SendEvent};
 use crate::sanitize::for_terminal;
 use crate::store::{Contact, Conversation, Direction, MessageRecord, MessageState, Request};
 use crate::time::{LocalTimes, format_ms};
@@ -32,89 +31,60 @@ impl App {
             ));
         }
         let engine = self.engine()?;
-        // Another delivery (a running daemon's outbox pass) may hand it over first.
-        let mut events = engine.subscribe();
-        let queued = engine.send_text(&contact, &args.text).await?;
-        // Durable now. Deliver within the timeout; once one path has it, wait only
-        // briefly for the others (a dead relay must not hold the sender up). Whatever
-        // does not make it stays in the outbox for `sync` or the daemon.
+        let mut sending = engine.send(contact.peer, args.text.clone()).await?;
+        let queued = sending.queued;
+        // The contract: exit 0 once it is durable in the outbox.
+        match sending.events.recv().await {
+            Some(SendEvent::Durable) => {}
+            Some(SendEvent::NotDurable(why)) => {
+                return fail(format!("the message could not be saved: {why}"));
+            }
+            other => return fail(format!("the message could not be saved ({other:?})")),
+        }
+        // Then its delivery within the timeout; once one path has it, only briefly for
+        // the others (a dead relay must not hold the sender up). What does not make it
+        // stays in the outbox for `sync` or the daemon.
         let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
-        let mut progress = None;
-        let mut delivered = false;
-        let mut direct = false;
-        while Instant::now() < deadline {
-            let attempt = deadline
-                .saturating_duration_since(Instant::now())
-                .min(ATTEMPT_TIMEOUT);
-            let round = {
-                let engine = engine.clone();
-                let key = queued.outbox_key;
-                tokio::spawn(async move { engine.deliver(key, true, attempt).await })
-            };
-            let mut first_ack: Option<Instant> = None;
-            loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                match engine.progress(queued.outbox_key)? {
-                    // Gone from the outbox: handed over directly (or a receipt came).
-                    None => delivered = true,
-                    Some(p) => progress = Some(p),
+        let total = contact.card.relays().len().min(usize::from(u8::MAX)) as u8;
+        let mut progress = Progress {
+            acked: 0,
+            total,
+            direct: false,
+        };
+        let mut delivered = None;
+        let mut first_ack: Option<Instant> = None;
+        loop {
+            let until = first_ack.map_or(deadline, |t| (t + STRAGGLER_GRACE).min(deadline));
+            let event = tokio::time::timeout_at(until.into(), sending.events.recv()).await;
+            match event {
+                Ok(Some(SendEvent::Progress(p))) => {
+                    progress = p;
+                    first_ack = first_ack.or((p.acked > 0).then(Instant::now));
+                    if p.direct || p.acked >= p.total.max(1) {
+                        break;
+                    }
                 }
-                let acked = delivered || progress.is_some_and(|p| p.acked > 0);
-                if acked && first_ack.is_none() {
-                    first_ack = Some(Instant::now());
-                }
-                let all = progress
-                    .is_some_and(|p| p.acked as usize >= usize::from(p.total).max(1) || p.direct);
-                let grace_over = first_ack.is_some_and(|t| t.elapsed() >= STRAGGLER_GRACE);
-                if delivered
-                    || all
-                    || grace_over
-                    || round.is_finished()
-                    || Instant::now() >= deadline
-                {
+                Ok(Some(SendEvent::Delivered { direct })) => {
+                    delivered = Some(direct);
                     break;
                 }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
             }
-            if delivered {
-                // Gone from the outbox: handed over directly, or the contact's receipt
-                // came back through the relays. This round says which once its other
-                // paths answer, or the event of whichever delivery handed it over.
-                let wait = STRAGGLER_GRACE.min(deadline.saturating_duration_since(Instant::now()));
-                if let Ok(Ok(Ok(Some(p)))) = tokio::time::timeout(wait, round).await {
-                    direct = p.direct;
-                }
-                direct |= handed_over(&mut events, &queued.id);
-                break;
-            }
-            if progress.is_some_and(|p| p.acked > 0) {
-                break;
-            }
-            if !round.is_finished() {
-                let _ =
-                    tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), round)
-                        .await;
-            }
-            tokio::time::sleep(
-                Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now())),
-            )
-            .await;
         }
-        let (acked, total) = progress.map_or((0, contact.card.relays().len() as u8), |p| {
-            (p.acked, p.total)
-        });
-        let state = if delivered {
-            "delivered"
-        } else if acked == 0 {
-            "queued"
-        } else {
-            "relayed"
+        let (acked, total) = (progress.acked, progress.total);
+        let state = match (delivered, acked) {
+            (Some(_), _) => "delivered",
+            (None, 0) => "queued",
+            (None, _) => "relayed",
         };
+        let direct = delivered == Some(true) || progress.direct;
         if json {
             out.json(
                 json!({ "id": queued.id.to_hex(), "to": contact.name, "state": state,
-                             "relayed": acked, "relays": total, "direct": direct }),
+                        "relayed": acked, "relays": total, "direct": direct }),
             );
-        } else if delivered {
+        } else if delivered.is_some() {
             out.out(format!(
                 "delivered to {}{} (message {})",
                 name(&contact.name),
@@ -124,7 +94,9 @@ impl App {
         } else if acked == 0 {
             out.out(format!(
                 "queued for {} (message {}): no relay of theirs answered within {}s; it stays in your outbox and `kkachi sync` or `kkachi daemon` delivers it",
-                name(&contact.name), queued.id, args.timeout
+                name(&contact.name),
+                queued.id,
+                args.timeout
             ));
         } else {
             out.out(format!(
@@ -146,43 +118,19 @@ impl App {
     ) -> Result<(), UserError> {
         self.identity()?;
         let engine = self.engine()?;
-        engine.housekeeping().await?;
         let limit = Duration::from_secs_f64(timeout.max(0.1));
-        // Deliver everything pending (all paths, now), then fetch from every own relay.
-        let keys: Vec<u64> = self.store.outbox()?.into_iter().map(|(k, _)| k).collect();
-        let deliveries = keys
-            .iter()
-            .map(|k| engine.deliver(*k, true, limit.min(ATTEMPT_TIMEOUT)));
-        let _ = tokio::time::timeout(limit, futures::future::join_all(deliveries)).await;
-        let relays = self.store.relays()?;
-        let fetches = relays.iter().map(|r| {
-            let engine = engine.clone();
-            let addr = r.addr.clone();
-            async move {
-                let result = match addr.parse::<Multiaddr>() {
-                    Ok(a) => match tokio::time::timeout(limit, engine.sync_relay(&a, 0)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(format!("no answer within {}s", limit.as_secs_f64())),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                (addr, result)
-            }
-        });
-        let mut received: Vec<Received> = Vec::new();
+        // Everything pending goes now; every relay of ours is read; receipts for what
+        // came go out before it returns.
+        let report = engine.sync(limit).await?;
         let mut reached = 0;
-        for (addr, result) in futures::future::join_all(fetches).await {
+        for (addr, result) in &report.relays {
             match result {
-                Ok(mut got) => {
-                    reached += 1;
-                    received.append(&mut got);
-                }
+                Ok(()) => reached += 1,
                 // The relay chose the words of its error: escaped.
-                Err(e) => out.warn(format!("relay {addr} unreachable: {}", for_terminal(&e))),
+                Err(e) => out.warn(format!("relay {addr} unreachable: {}", for_terminal(e))),
             }
         }
-        // Receipts for what just arrived go out before we exit.
-        let _ = tokio::time::timeout(limit, engine.deliver_due()).await;
+        let mut received = report.shown;
         received.sort_by_key(|r| r.message.sent_at_ms);
         for r in &received {
             print_received(out, r, json);
@@ -195,7 +143,7 @@ impl App {
             out.warn(format!(
                 "{} new message(s); {reached}/{} relays reached; {pending} item(s) waiting in the outbox",
                 received.len(),
-                relays.len()
+                report.relays.len()
             ));
         }
         Ok(())
@@ -297,19 +245,6 @@ pub fn message_json(contact: &Contact, m: &MessageRecord) -> serde_json::Value {
         "sent_at": m.sent_at_ms,
         "seq": m.seq,
     })
-}
-
-/// True if the events seen so far say message `id` was handed to its contact directly.
-/// An event skipped because the receiver fell behind counts as not seen.
-fn handed_over(events: &mut tokio::sync::broadcast::Receiver<AppEvent>, id: &MessageId) -> bool {
-    use tokio::sync::broadcast::error::TryRecvError;
-    loop {
-        match events.try_recv() {
-            Ok(AppEvent::HandedOver { id: handed, .. }) if handed == *id => return true,
-            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-            Err(TryRecvError::Empty | TryRecvError::Closed) => return false,
-        }
-    }
 }
 
 /// Prints an incoming message (sync and daemon).

@@ -14,13 +14,11 @@ mod contacts;
 mod messages;
 mod relays;
 
-use std::sync::Arc;
-
 use kkachi_protocol::{Card, Identity, PeerId};
 use serde_json::json;
 
 use crate::cli::{Command, RelayCommand};
-use crate::engine::Engine;
+use crate::engine::{Engine, Mode};
 use crate::net::Network;
 use crate::sanitize::for_terminal;
 use crate::store::{Contact, LocalStore, Profile};
@@ -79,9 +77,11 @@ fn fail<T>(message: impl Into<String>) -> Result<T, UserError> {
 /// network and engine.
 pub struct App {
     store: LocalStore,
-    engine: Option<Arc<Engine<Network>>>,
+    engine: Option<Engine<Network>>,
+    /// The engine is this command's own (not a running daemon's): stopped at the end.
+    owned: bool,
     /// An engine with no network, for changes that need none (contacts).
-    offline: Option<Arc<Engine<Network>>>,
+    offline: Option<Engine<Network>>,
 }
 
 impl std::fmt::Debug for App {
@@ -100,16 +100,28 @@ impl App {
         Self {
             store,
             engine: None,
+            owned: false,
             offline: None,
         }
     }
 
     /// Commands inside a running daemon, sharing its engine.
-    pub fn online(engine: Arc<Engine<Network>>) -> Self {
+    pub fn online(engine: Engine<Network>) -> Self {
         Self {
             store: engine.store().clone(),
             engine: Some(engine),
+            owned: false,
             offline: None,
+        }
+    }
+
+    /// Stops the engines this command started, once what they wrote is durable.
+    pub async fn close(self) {
+        if let (true, Some(engine)) = (self.owned, &self.engine) {
+            engine.shutdown().await;
+        }
+        if let Some(engine) = &self.offline {
+            engine.shutdown().await;
         }
     }
 
@@ -125,27 +137,33 @@ impl App {
             .ok_or_else(|| UserError(NO_IDENTITY.into()))
     }
 
-    /// The engine, starting the network if this process has none yet.
-    pub fn engine(&mut self) -> Result<Arc<Engine<Network>>, UserError> {
+    /// The engine, starting it (and the network) if this process has none yet: it
+    /// delivers, and receives when asked.
+    pub fn engine(&mut self) -> Result<Engine<Network>, UserError> {
         if let Some(e) = &self.engine {
             return Ok(e.clone());
         }
         let me = self.identity()?;
-        let engine =
-            crate::runtime::start_engine(self.store.clone(), me, crate::runtime::net_config())?;
+        let engine = crate::runtime::start_engine(
+            self.store.clone(),
+            me,
+            crate::runtime::net_config(),
+            Mode::ONE_SHOT,
+        )?;
         self.engine = Some(engine.clone());
+        self.owned = true;
         Ok(engine)
     }
 
     /// The running engine if there is one, else one that never touches the network:
-    /// for local changes that must be made under the engine's lock.
-    fn local_engine(&mut self) -> Result<Arc<Engine<Network>>, UserError> {
+    /// for local changes, which are made on the engine's task like all others.
+    fn local_engine(&mut self) -> Result<Engine<Network>, UserError> {
         if let Some(e) = self.engine.as_ref().or(self.offline.as_ref()) {
             return Ok(e.clone());
         }
         let me = self.identity()?;
         let net = Network::offline(me.peer_id());
-        let engine = Engine::new(self.store.clone(), me, net);
+        let engine = Engine::start(self.store.clone(), me, net, None, Mode::LOCAL);
         self.offline = Some(engine.clone());
         Ok(engine)
     }

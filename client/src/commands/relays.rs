@@ -24,14 +24,18 @@ impl App {
         let mut w = WriteSet::default();
         w.put_record(crate::store::TreeId::Meta, b"profile".to_vec(), &profile);
         self.store.apply(w)?;
-        let card = self.own_card()?;
         let contacts = self.store.contacts()?;
         if contacts.is_empty() {
+            // No one to tell; a running daemon still takes the new set of relays.
+            if let Some(engine) = &self.engine {
+                engine.relays_changed(false).await?;
+            }
             return Ok(());
         }
         let engine = self.engine()?;
-        engine.queue_card_updates(&card).await?;
-        engine.deliver_due().await?;
+        engine.relays_changed(true).await?;
+        // What was queued goes out before this command ends (a daemon keeps at it).
+        engine.settle().await?;
         out.warn(format!(
             "your new relays were sent to {} contact(s)",
             contacts.len()

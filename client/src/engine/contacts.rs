@@ -1,17 +1,18 @@
 //! Contacts the user controls: adding (which accepts what they sent before), message
 //! requests, blocking, removing, renaming.
 //!
-//! Every change runs under the engine's lock, as receiving does: a card update being
-//! received must not write back a name the user just changed, and a contact removed
-//! must not have its session written again by a message arriving at that moment.
+//! Every change runs on the engine's owner task, one at a time, as receiving does: a
+//! card update being received cannot write back a name the user just changed, and a
+//! contact removed cannot have its session written again by a message arriving at that
+//! moment. Each writes (applied, not flushed); the owner flushes before it answers.
 
 use kkachi_protocol::card::{NameError, check_name};
-use kkachi_protocol::{Body, Card, Envelope, PeerId};
+use kkachi_protocol::{Body, Card, Envelope, PeerId, Session};
 use thiserror::Error;
 
 use super::receive::Source;
-use super::{AppEvent, Engine, EngineError, Received, now_ms};
-use crate::net::Transport;
+use super::state::{Sessions, State};
+use super::{AppEvent, EngineError, Received, now_ms};
 use crate::store::{Blocked, Contact, LocalStore, WriteSet};
 
 /// Why a change to contacts was refused. Each message says what to do.
@@ -84,108 +85,109 @@ impl ContactOutcome {
     }
 }
 
-impl<T: Transport> Engine<T> {
+impl<T> State<T> {
     /// Adds `card`'s owner as a contact, named `name` (else as before, else as the card
     /// says), or takes a newer card of theirs. A card whose session key is ours or
     /// another contact's is refused: one of the two is forged. Adding someone blocked
     /// unblocks them. Messages they sent before they were a contact (held as a request)
     /// then go into the conversation, in their order, and are confirmed to them.
-    pub async fn add_contact(
-        &self,
+    pub(crate) fn add_contact(
+        &mut self,
         card: &Card,
         name: Option<&str>,
+        now: u64,
     ) -> Result<ContactOutcome, EngineError> {
         let peer = card.identity().peer_id();
-        let mut outcome = {
-            let mut sessions = self.lock.lock().await;
-            if peer == self.me.peer_id() {
-                return Err(ContactError::Own.into());
-            }
-            if *card.identity().x25519() == self.me.x25519_public() {
-                return Err(ContactError::OwnKey.into());
-            }
-            let contacts = self.store.contacts()?;
-            if let Some(holder) = contacts
-                .iter()
-                .find(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519())
-            {
-                return Err(ContactError::KeyTaken {
-                    holder: holder.name.clone(),
-                }
-                .into());
-            }
-            let existing = contacts.iter().find(|c| c.peer == peer);
-            let name = match (name, existing) {
-                (Some(n), _) => n.trim().to_owned(),
-                (None, Some(c)) => c.name.clone(),
-                (None, None) => card.name().to_owned(),
-            };
-            self.check_contact_name(&name, &peer, &contacts)?;
-            let (card, updated) = match existing {
-                Some(old) if !card.supersedes(&old.card) => (old.card.clone(), false),
-                Some(_) => (card.clone(), true),
-                None => (card.clone(), false),
-            };
-            let contact = Contact { peer, name, card };
-            let mut w = WriteSet::default();
-            LocalStore::write_contact(&mut w, &contact);
-            if existing.is_none() {
-                // Our card goes to a new contact: it says where we are, and if they
-                // still hold a session with an earlier us (we removed them), our fresh
-                // session tells them to seal again what we never confirmed.
-                let session = sessions.get(&self.store, &contact)?;
-                let card = Box::new(self.own_card()?);
-                self.queue_control(&mut w, &contact, session, Body::CardUpdate(card), now_ms())?;
-                LocalStore::write_session(&mut w, &peer, session);
-            }
-            let unblocked = self.store.blocked(&peer)?.is_some();
-            if unblocked {
-                LocalStore::write_unblocked(&mut w, &peer);
-            }
-            if let Err(e) = self.store.apply(w) {
-                sessions.reset();
-                return Err(e.into());
-            }
-            ContactOutcome {
-                added: existing.is_none(),
-                updated,
-                unblocked,
-                ..ContactOutcome::of(Some(contact))
-            }
-        };
-        outcome.accepted = self.adopt_held_from(&peer).await?;
-        self.store.flush().await?;
+        let mut outcome =
+            self.with_sessions(|this, sessions| this.write_contact(sessions, card, name, now))?;
+        outcome.accepted = self.adopt_held_from(&peer, now)?;
         self.emit(AppEvent::ContactUpdated(peer));
         Ok(outcome)
     }
 
+    fn write_contact(
+        &self,
+        sessions: &mut Sessions,
+        card: &Card,
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<ContactOutcome, EngineError> {
+        let peer = card.identity().peer_id();
+        if peer == self.me.peer_id() {
+            return Err(ContactError::Own.into());
+        }
+        if *card.identity().x25519() == self.me.x25519_public() {
+            return Err(ContactError::OwnKey.into());
+        }
+        let contacts = self.store.contacts()?;
+        if let Some(holder) = contacts
+            .iter()
+            .find(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519())
+        {
+            return Err(ContactError::KeyTaken {
+                holder: holder.name.clone(),
+            }
+            .into());
+        }
+        let existing = contacts.iter().find(|c| c.peer == peer);
+        let name = match (name, existing) {
+            (Some(n), _) => n.trim().to_owned(),
+            (None, Some(c)) => c.name.clone(),
+            (None, None) => card.name().to_owned(),
+        };
+        check_contact_name(&name, &peer, &contacts)?;
+        let (card, updated) = match existing {
+            Some(old) if !card.supersedes(&old.card) => (old.card.clone(), false),
+            Some(_) => (card.clone(), true),
+            None => (card.clone(), false),
+        };
+        let contact = Contact { peer, name, card };
+        let mut w = WriteSet::default();
+        LocalStore::write_contact(&mut w, &contact);
+        if existing.is_none() {
+            // Our card goes to a new contact: it says where we are, and if they still
+            // hold a session with an earlier us (we removed them), our fresh session
+            // tells them to seal again what we never confirmed.
+            let session = sessions.get(&self.store, &contact)?;
+            let card = Box::new(self.own_card()?);
+            self.queue_control(&mut w, &contact, session, Body::CardUpdate(card), now)?;
+        }
+        let unblocked = self.store.blocked(&peer)?.is_some();
+        if unblocked {
+            LocalStore::write_unblocked(&mut w, &peer);
+        }
+        self.apply_or_reset(sessions, w)?;
+        Ok(ContactOutcome {
+            added: existing.is_none(),
+            updated,
+            unblocked,
+            ..ContactOutcome::of(Some(contact))
+        })
+    }
+
     /// Accepts the request of `peer`: adds them from the newest card they sent, named
     /// `name` if given, and takes in what they sent.
-    pub async fn accept_request(
-        &self,
+    pub(crate) fn accept_request(
+        &mut self,
         peer: &PeerId,
         name: Option<&str>,
+        now: u64,
     ) -> Result<ContactOutcome, EngineError> {
         let request = self
             .store
             .request(peer)?
             .ok_or_else(|| ContactError::NoRequest(peer.to_string()))?;
-        self.add_contact(&request.card, name).await
+        self.add_contact(&request.card, name, now)
     }
 
     /// Drops what `peer` sent as a request; they may ask again.
-    pub async fn reject_request(&self, peer: &PeerId) -> Result<usize, EngineError> {
-        let n = {
-            let _sessions = self.lock.lock().await;
-            let mut w = WriteSet::default();
-            let n = self.store.remove_request(&mut w, peer)?;
-            if n == 0 {
-                return Err(ContactError::NoRequest(peer.to_string()).into());
-            }
-            self.store.apply(w)?;
-            n
-        };
-        self.store.flush().await?;
+    pub(crate) fn reject_request(&mut self, peer: &PeerId) -> Result<usize, EngineError> {
+        let mut w = WriteSet::default();
+        let n = self.store.remove_request(&mut w, peer)?;
+        if n == 0 {
+            return Err(ContactError::NoRequest(peer.to_string()).into());
+        }
+        self.store.apply(w)?;
         Ok(n)
     }
 
@@ -193,36 +195,32 @@ impl<T: Transport> Engine<T> {
     /// unread (opened only as far as needed to know it is theirs), what waits for them
     /// in the outbox goes, and anything held from them. A contact stays listed (as
     /// blocked) with the conversation and session, so unblocking resumes both.
-    pub async fn block(&self, peer: &PeerId, name: &str) -> Result<ContactOutcome, EngineError> {
-        {
-            let _sessions = self.lock.lock().await;
-            let mut w = WriteSet::default();
-            let record = Blocked {
-                name: name.to_owned(),
-                at_ms: now_ms(),
-            };
-            LocalStore::write_blocked(&mut w, peer, &record);
-            self.store.forget_outbox(&mut w, peer)?;
-            self.store.remove_request(&mut w, peer)?;
-            self.store.apply(w)?;
-        }
-        self.store.flush().await?;
+    pub(crate) fn block(
+        &mut self,
+        peer: &PeerId,
+        name: &str,
+    ) -> Result<ContactOutcome, EngineError> {
+        let mut w = WriteSet::default();
+        let record = Blocked {
+            name: name.to_owned(),
+            at_ms: now_ms(),
+        };
+        LocalStore::write_blocked(&mut w, peer, &record);
+        self.store.forget_outbox(&mut w, peer)?;
+        self.store.remove_request(&mut w, peer)?;
+        self.store.apply(w)?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(self.store.contact(peer)?))
     }
 
     /// Unblocks `peer`; false if they were not blocked.
-    pub async fn unblock(&self, peer: &PeerId) -> Result<bool, EngineError> {
-        {
-            let _sessions = self.lock.lock().await;
-            if self.store.blocked(peer)?.is_none() {
-                return Ok(false);
-            }
-            let mut w = WriteSet::default();
-            LocalStore::write_unblocked(&mut w, peer);
-            self.store.apply(w)?;
+    pub(crate) fn unblock(&mut self, peer: &PeerId) -> Result<bool, EngineError> {
+        if self.store.blocked(peer)?.is_none() {
+            return Ok(false);
         }
-        self.store.flush().await?;
+        let mut w = WriteSet::default();
+        LocalStore::write_unblocked(&mut w, peer);
+        self.store.apply(w)?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(true)
     }
@@ -231,31 +229,27 @@ impl<T: Transport> Engine<T> {
     /// outbox entries. They are sent our card once more, from a fresh session: their
     /// client then knows ours is gone, and seals what it sends from then on (and what we
     /// never confirmed) as first messages, which arrive here as a message request.
-    pub async fn remove_contact(&self, peer: &PeerId) -> Result<ContactOutcome, EngineError> {
-        let removed = {
-            let mut sessions = self.lock.lock().await;
-            let Some(contact) = self.store.contact(peer)? else {
-                return Err(ContactError::NotContact(peer.to_string()).into());
-            };
-            let mut w = WriteSet::default();
-            let removed = self.store.forget_contact(&mut w, peer)?;
-            sessions.forget(peer);
-            if self.store.blocked(peer)?.is_none() {
-                // Sealed on a session that is never stored: nothing of it stays here.
-                let mut fresh = kkachi_protocol::Session::new(*contact.card.identity().x25519());
-                let card = Box::new(self.own_card()?);
-                self.queue_control(
-                    &mut w,
-                    &contact,
-                    &mut fresh,
-                    Body::CardUpdate(card),
-                    now_ms(),
-                )?;
-            }
-            self.store.apply(w)?;
-            removed
+    pub(crate) fn remove_contact(
+        &mut self,
+        peer: &PeerId,
+        now: u64,
+    ) -> Result<ContactOutcome, EngineError> {
+        let Some(contact) = self.store.contact(peer)? else {
+            return Err(ContactError::NotContact(peer.to_string()).into());
         };
-        self.store.flush().await?;
+        let removed = self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let removed = this.store.forget_contact(&mut w, peer)?;
+            sessions.forget(peer);
+            if this.store.blocked(peer)?.is_none() {
+                // Sealed on a session that is never stored: nothing of it stays here.
+                let mut fresh = Session::new(*contact.card.identity().x25519());
+                let card = Box::new(this.own_card()?);
+                this.queue_control(&mut w, &contact, &mut fresh, Body::CardUpdate(card), now)?;
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(removed)
+        })?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {
             removed_messages: removed,
@@ -264,53 +258,27 @@ impl<T: Transport> Engine<T> {
     }
 
     /// Gives contact `peer` the name `name` (shown only here).
-    pub async fn rename_contact(
-        &self,
+    pub(crate) fn rename_contact(
+        &mut self,
         peer: &PeerId,
         name: &str,
     ) -> Result<ContactOutcome, EngineError> {
-        let contact = {
-            let _sessions = self.lock.lock().await;
-            let contacts = self.store.contacts()?;
-            let Some(mut contact) = contacts.iter().find(|c| c.peer == *peer).cloned() else {
-                return Err(ContactError::NotContact(peer.to_string()).into());
-            };
-            let name = name.trim();
-            self.check_contact_name(name, peer, &contacts)?;
-            contact.name = name.to_owned();
-            let mut w = WriteSet::default();
-            LocalStore::write_contact(&mut w, &contact);
-            self.store.apply(w)?;
-            contact
+        let contacts = self.store.contacts()?;
+        let Some(mut contact) = contacts.iter().find(|c| c.peer == *peer).cloned() else {
+            return Err(ContactError::NotContact(peer.to_string()).into());
         };
-        self.store.flush().await?;
+        let name = name.trim();
+        check_contact_name(name, peer, &contacts)?;
+        contact.name = name.to_owned();
+        let mut w = WriteSet::default();
+        LocalStore::write_contact(&mut w, &contact);
+        self.store.apply(w)?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(Some(contact)))
     }
 
-    /// Names follow the rules of card names (nothing hidden or reordered), and no two
-    /// contacts share one (any case).
-    fn check_contact_name(
-        &self,
-        name: &str,
-        peer: &PeerId,
-        contacts: &[Contact],
-    ) -> Result<(), ContactError> {
-        check_name(name)?;
-        if looks_like_peer_id(name) {
-            return Err(ContactError::NameIsPeerId);
-        }
-        if contacts
-            .iter()
-            .any(|c| c.peer != *peer && c.name.to_lowercase() == name.to_lowercase())
-        {
-            return Err(ContactError::NameTaken(name.to_owned()));
-        }
-        Ok(())
-    }
-
     /// Takes in what `peer` sent while not a contact (they are one now).
-    async fn adopt_held_from(&self, peer: &PeerId) -> Result<Vec<Received>, EngineError> {
+    fn adopt_held_from(&mut self, peer: &PeerId, now: u64) -> Result<Vec<Received>, EngineError> {
         let Some(request) = self.store.request(peer)? else {
             return Ok(Vec::new());
         };
@@ -319,32 +287,46 @@ impl<T: Transport> Engine<T> {
             .iter()
             .filter_map(|m| Envelope::decode(&m.envelope).ok())
             .collect();
-        Ok(self
-            .receive_from(envelopes, Source::Held(*peer))
-            .await?
-            .shown)
+        Ok(self.receive(&envelopes, Source::Held(*peer), now)?.shown)
     }
 
     /// Upkeep, at start and now and then: forgets seen envelopes and held messages that
-    /// expired, takes in what is held from senders who are contacts by now (a crash
-    /// between adding one and taking it in), and seals receipts a crash left due.
-    pub async fn housekeeping(&self) -> Result<(), EngineError> {
-        let before = (now_ms() / 1000).saturating_sub(kkachi_protocol::envelope::CLOCK_SKEW_SECS);
+    /// expired, and takes in what is held from senders who are contacts by now (a crash
+    /// between adding one and taking it in). Returns what that took in.
+    pub(crate) fn housekeeping(&mut self, now: u64) -> Result<Vec<Received>, EngineError> {
+        let before = (now / 1000).saturating_sub(kkachi_protocol::envelope::CLOCK_SKEW_SECS);
         let pruned = self.store.prune_seen(before)?;
         let expired = self.store.prune_requests(before)?;
         if pruned + expired > 0 {
             tracing::info!(pruned, expired, "forgot expired envelopes");
         }
         let contacts = self.store.contacts()?;
+        let mut shown = Vec::new();
         for request in self.store.requests()? {
             if contacts.iter().any(|c| c.peer == request.peer) {
-                self.adopt_held_from(&request.peer).await?;
+                shown.extend(self.adopt_held_from(&request.peer, now)?);
             }
         }
-        // Nothing to receive, but receipts left due are sealed.
-        self.receive_from(Vec::new(), Source::Network).await?;
-        Ok(())
+        // Nothing to receive, but receipts a crash left due are sealed.
+        shown.extend(self.receive(&[], Source::Network, now)?.shown);
+        Ok(shown)
     }
+}
+
+/// Names follow the rules of card names (nothing hidden or reordered, not an id), and
+/// no two contacts share one (any case).
+fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result<(), ContactError> {
+    check_name(name)?;
+    if looks_like_peer_id(name) {
+        return Err(ContactError::NameIsPeerId);
+    }
+    if contacts
+        .iter()
+        .any(|c| c.peer != *peer && c.name.to_lowercase() == name.to_lowercase())
+    {
+        return Err(ContactError::NameTaken(name.to_owned()));
+    }
+    Ok(())
 }
 
 /// True if `name` could be taken for a peer id (or the start of one), which commands

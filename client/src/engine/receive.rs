@@ -22,12 +22,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use kkachi_protocol::session::{self, Incoming, InitPacket};
 use kkachi_protocol::{
-    Body, Content, Envelope, MailboxId, MessageId, Multiaddr, Opened, PeerId, ReceiptStatus,
-    RelayToClient, Session, SessionError,
+    Body, Content, Envelope, MailboxId, MessageId, Opened, PeerId, ReceiptStatus, Session,
+    SessionError,
 };
 
-use super::{AppEvent, Engine, EngineError, Sessions, now_ms};
-use crate::net::Transport;
+use super::state::{Sessions, State};
+use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
     Contact, Direction, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
@@ -96,9 +96,14 @@ const SEEN: &str = "already handled";
 /// How a batch went, for the caller.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
+    /// New texts, in the order they were applied.
     pub(crate) shown: Vec<Received>,
-    held: Vec<PeerId>,
+    /// Senders of new message requests.
+    pub(crate) held: Vec<PeerId>,
+    /// What became of each envelope, in order.
     pub(crate) verdicts: Vec<Verdict>,
+    /// Receipts were sealed into the outbox.
+    pub(crate) receipts: bool,
 }
 
 fn refused(reason: impl Into<Cow<'static, str>>) -> Result<Outcome, EngineError> {
@@ -113,107 +118,75 @@ fn dropped(reason: impl Into<Cow<'static, str>>) -> Result<Outcome, EngineError>
 /// record, its index entries and its hash-chain link.
 const RECORD_OVERHEAD: u64 = 256;
 
-impl<T: Transport> Engine<T> {
-    /// Processes envelopes from a relay or a direct path. Everything is durable when
-    /// this returns, so the caller may delete them from the relay. Returns new texts.
-    /// Each is announced twice: [`AppEvent::Incoming`] once it is in the store, then
-    /// [`AppEvent::Message`] once it is on disk. An `Err` is a failure of the local
-    /// store: whatever was not finished is not marked, so it comes again.
-    pub async fn receive(&self, envelopes: Vec<Envelope>) -> Result<Vec<Received>, EngineError> {
-        Ok(self.receive_from(envelopes, Source::Network).await?.shown)
-    }
-
-    /// [`Engine::receive`] for envelopes a contact handed over directly: what became of
-    /// each, in order, so the answer says which ones were taken in.
-    pub async fn receive_direct(
-        &self,
-        envelopes: Vec<Envelope>,
-    ) -> Result<Vec<Verdict>, EngineError> {
-        Ok(self
-            .receive_from(envelopes, Source::Network)
-            .await?
-            .verdicts)
-    }
-
-    pub(crate) async fn receive_from(
-        &self,
-        envelopes: Vec<Envelope>,
+impl<T> State<T> {
+    /// Reads `envelopes`, each in its own write set, applied (not yet flushed), then
+    /// seals the receipts due. New texts are announced as [`AppEvent::Incoming`] as they
+    /// are applied; the caller announces them durable once it has flushed. An `Err` is a
+    /// failure of the local store: what was not finished is not marked, so it comes
+    /// again.
+    pub(crate) fn receive(
+        &mut self,
+        envelopes: &[Envelope],
         source: Source,
+        now: u64,
     ) -> Result<Tally, EngineError> {
-        let now = now_ms();
         let mut tally = Tally::default();
-        let result = self.receive_each(&envelopes, source, now, &mut tally).await;
-        // What was applied goes to the disk even if a later envelope failed, so that
-        // what was announced in the store is announced durable too.
-        let flushed = self.store.flush().await;
-        if flushed.is_ok() {
-            for r in &tally.shown {
-                self.emit(AppEvent::Message(r.clone()));
+        let result = self.with_sessions(|this, sessions| {
+            for envelope in envelopes {
+                this.receive_envelope(sessions, envelope, source, now, &mut tally)?;
             }
-        }
-        for peer in tally.held.iter().copied() {
-            self.emit(AppEvent::Request(peer));
-        }
+            tally.receipts = this.seal_due_receipts(sessions, now)?;
+            Ok(())
+        });
+        // What was applied is announced durable once flushed, even if a later envelope
+        // failed: it is in the store.
+        self.announced.extend(tally.shown.iter().cloned());
+        self.requests.extend(tally.held.iter().copied());
         result?;
-        flushed?;
         Ok(tally)
     }
 
-    /// Applies each envelope in its own write set, then seals the receipts due.
-    async fn receive_each(
+    /// One envelope, in isolation: a panic while reading it refuses it alone.
+    fn receive_envelope(
         &self,
-        envelopes: &[Envelope],
+        sessions: &mut Sessions,
+        envelope: &Envelope,
         source: Source,
         now: u64,
         tally: &mut Tally,
     ) -> Result<(), EngineError> {
-        let mut sessions = self.lock.lock().await;
-        for envelope in envelopes {
-            let id = envelope.id();
-            let attempt = catch_unwind(AssertUnwindSafe(|| {
-                let mut w = WriteSet::default();
-                self.receive_one(&mut w, &mut sessions, envelope, source, now)
-                    .map(|outcome| (outcome, w))
-            }));
-            let (outcome, mut w) = match attempt {
-                Ok(Ok(done)) => done,
-                Ok(Err(e)) => {
-                    sessions.reset();
-                    return Err(e);
-                }
-                Err(_) => {
-                    // Memory may be half-changed: take the sessions again from the store,
-                    // which holds what the envelopes before this one left.
-                    sessions.reset();
-                    self.faults
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(envelope = %id, "reading an envelope panicked; it is refused");
-                    let outcome = Outcome::Refused("reading it failed (a bug in kkachi)".into());
-                    (outcome, WriteSet::default())
-                }
-            };
-            let handled = !matches!(outcome, Outcome::Skipped(_) | Outcome::Dropped(_));
-            if handled {
-                // Remembered until it expires (receive_one refused expiries further
-                // ahead than any envelope may have).
-                LocalStore::write_seen(&mut w, &id, envelope.expires_at);
-            }
-            if let Source::Held(peer) = source
-                && !matches!(outcome, Outcome::Skipped(_))
-            {
-                self.store.release_held(&mut w, &peer, envelope)?;
-            }
-            if let Err(e) = self.store.apply(w) {
+        let id = envelope.id();
+        let attempt = catch_unwind(AssertUnwindSafe(|| {
+            let mut w = WriteSet::default();
+            self.receive_one(&mut w, sessions, envelope, source, now)
+                .map(|outcome| (outcome, w))
+        }));
+        let (outcome, mut w) = match attempt {
+            Ok(done) => done?,
+            Err(_) => {
+                // Memory may be half-changed: take the sessions again from the store,
+                // which holds what the envelopes before this one left.
                 sessions.reset();
-                return Err(e.into());
+                self.faults
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(envelope = %id, "reading an envelope panicked; it is refused");
+                let outcome = Outcome::Refused("reading it failed (a bug in kkachi)".into());
+                (outcome, WriteSet::default())
             }
-            self.note_outcome(&id, outcome, tally);
+        };
+        let handled = !matches!(outcome, Outcome::Skipped(_) | Outcome::Dropped(_));
+        if handled {
+            // Remembered until it expires (receive_one refused expiries further ahead
+            // than any envelope may have).
+            LocalStore::write_seen(&mut w, &id, envelope.expires_at);
         }
-        let sealed = self.seal_due_receipts(&mut sessions, now)?;
-        drop(sessions);
-        if sealed {
-            self.outbox_wake.notify_one();
+        if let Source::Held(peer) = source
+            && !matches!(outcome, Outcome::Skipped(_))
+        {
+            self.store.release_held(&mut w, &peer, envelope)?;
         }
+        self.apply_or_reset(sessions, w)?;
+        self.note_outcome(&id, outcome, tally);
         Ok(())
     }
 
@@ -620,6 +593,7 @@ impl<T: Transport> Engine<T> {
                             ids: chunk.to_vec(),
                         };
                         self.queue_control(&mut theirs, &contact, session, receipt, now)
+                            .map(drop)
                     });
                 if let Err(e) = receipts {
                     // One contact's trouble stays theirs: the markers stay for later.
@@ -678,87 +652,6 @@ impl<T: Transport> Engine<T> {
         }
         tracing::info!(contact = %contact.peer, "contact lost its session; unconfirmed messages sealed again");
         Ok(())
-    }
-
-    /// Fetches everything waiting at one of our relays (no long wait), processes it,
-    /// deletes it there. Returns new texts.
-    pub async fn sync_relay(
-        &self,
-        relay: &Multiaddr,
-        wait_ms: u32,
-    ) -> Result<Vec<Received>, String> {
-        let mailbox = MailboxId::for_peer(&self.me.peer_id());
-        let addr = relay.to_string();
-        let mut shown = Vec::new();
-        let mut first = true;
-        loop {
-            let cursor = self
-                .store
-                .relays()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .find(|r| r.addr == addr)
-                .map_or(0, |r| r.cursor);
-            let request = if first && wait_ms > 0 {
-                kkachi_protocol::ClientToRelay::Subscribe {
-                    mailbox,
-                    after: cursor,
-                    wait_ms,
-                }
-            } else {
-                kkachi_protocol::ClientToRelay::Fetch {
-                    mailbox,
-                    after: cursor,
-                    limit: 256,
-                }
-            };
-            first = false;
-            let answer = self.net.request(relay, request).await;
-            let (items, next, more) = match answer {
-                Ok(RelayToClient::Batch { items, next, more }) => (items, next, more),
-                Ok(RelayToClient::Error { code, message }) => {
-                    self.note_relay(&addr, Err(format!("{}: {message}", code.as_str())));
-                    return Err(message);
-                }
-                Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                Err(e) => {
-                    self.note_relay(&addr, Err(e.to_string()));
-                    return Err(e.to_string());
-                }
-            };
-            let ids: Vec<_> = items.iter().map(|i| i.envelope.id()).collect();
-            let envelopes = items.into_iter().map(|i| i.envelope).collect();
-            shown.extend(self.receive(envelopes).await.map_err(|e| e.to_string())?);
-            if !ids.is_empty() {
-                let delete = kkachi_protocol::ClientToRelay::Delete { mailbox, ids };
-                if let Err(e) = self.net.request(relay, delete).await {
-                    tracing::debug!(relay = %addr, error = %e, "delete failed; will be deduplicated");
-                }
-            }
-            let _ = self
-                .store
-                .update_relay(&addr, |r| r.cursor = r.cursor.max(next));
-            self.note_relay(&addr, Ok(()));
-            if !more {
-                return Ok(shown);
-            }
-        }
-    }
-
-    /// Records a relay's health and tells the UI.
-    pub(crate) fn note_relay(&self, addr: &str, result: Result<(), String>) {
-        let up = result.is_ok();
-        let _ = self.store.update_relay(addr, |r| match result {
-            Ok(()) => {
-                r.last_ok_ms = Some(now_ms());
-                r.last_error = None;
-            }
-            Err(e) => r.last_error = Some(e),
-        });
-        self.emit(AppEvent::Relay {
-            addr: addr.to_owned(),
-            up,
-        });
     }
 }
 

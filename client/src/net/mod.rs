@@ -118,6 +118,10 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// Try for a direct connection to `peer` through one of its `relays` (circuit relay,
     /// then hole punching). Returns at once; attempts to one peer back off.
     fn seek_direct(&self, _peer: PeerId, _relays: &[Multiaddr]) {}
+
+    /// Keep a circuit reservation at each of our `relays` (and at no other), so contacts
+    /// can reach us through them and then go direct. Returns at once.
+    fn reserve_at(&self, _relays: Vec<Multiaddr>) {}
 }
 
 /// Options for starting the network.
@@ -242,16 +246,6 @@ impl Network {
         self.state.read().listen.clone()
     }
 
-    /// Keeps a circuit reservation at each of `relays` (ours, each ending in
-    /// `/p2p/<id>`) and at no other, so contacts can connect to us through them and
-    /// then upgrade to a direct connection (DCUtR). Call it again whenever convenient:
-    /// it is idempotent, and a relay that refused is asked again only after a backoff.
-    pub async fn reserve_at(&self, relays: Vec<Multiaddr>) {
-        // Relays only: a reservation is how contacts would reach us directly.
-        let relays = if self.direct { relays } else { Vec::new() };
-        let _ = self.commands.send(Command::ReserveAt(relays)).await;
-    }
-
     /// Connects to `peer` (at `addr`, or wherever it is known to be); returns once the
     /// connection is up, or why it could not be made.
     async fn dial(&self, peer: PeerId, addr: Option<Multiaddr>) -> Result<(), NetError> {
@@ -340,5 +334,12 @@ impl Transport for Network {
         let relays = relays.to_vec();
         // Best effort: a full command queue means the task is busy; the next call retries.
         let _ = self.commands.try_send(Command::SeekDirect { peer, relays });
+    }
+
+    /// Idempotent, and a relay that refused is asked again only after a backoff.
+    fn reserve_at(&self, relays: Vec<Multiaddr>) {
+        // Relays only: a reservation is how contacts would reach us directly.
+        let relays = if self.direct { relays } else { Vec::new() };
+        let _ = self.commands.try_send(Command::ReserveAt(relays));
     }
 }

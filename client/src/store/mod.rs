@@ -356,6 +356,9 @@ pub struct LocalStore {
     path: PathBuf,
     contacts: Arc<ContactCache>,
     durability: Arc<Durability>,
+    /// Outbox keys written since [`LocalStore::take_outbox_changes`] last took them: how
+    /// the engine's scheduler learns of every change to the outbox, whoever made it.
+    outbox_changes: Arc<parking_lot::Mutex<Vec<u64>>>,
 }
 
 /// Takes writes in turn.
@@ -480,6 +483,7 @@ impl LocalStore {
             path: home.to_path_buf(),
             contacts: Arc::default(),
             durability: Arc::default(),
+            outbox_changes: Arc::default(),
         })
     }
 
@@ -500,6 +504,19 @@ impl LocalStore {
             return Ok(());
         }
         let contacts_changed = writes.ops.iter().any(|(t, _, _)| *t == TreeId::Contacts);
+        let outbox: Vec<u64> = writes
+            .ops
+            .iter()
+            .filter(|(t, _, _)| *t == TreeId::Outbox)
+            .filter_map(|(_, k, _)| {
+                <[u8; 8]>::try_from(k.as_slice())
+                    .ok()
+                    .map(u64::from_be_bytes)
+            })
+            .collect();
+        if !outbox.is_empty() {
+            self.outbox_changes.lock().extend(outbox);
+        }
         let result = self.apply_ops(writes);
         if contacts_changed {
             // After the write, so a reader that loaded the old contacts cannot keep them.
@@ -549,6 +566,14 @@ impl LocalStore {
     /// the write, in its turn.
     fn wrote(&self) {
         self.durability.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The outbox keys written (set or removed) since the last call, in order, each once.
+    pub fn take_outbox_changes(&self) -> Vec<u64> {
+        let mut keys = std::mem::take(&mut *self.outbox_changes.lock());
+        let mut seen = std::collections::HashSet::new();
+        keys.retain(|k| seen.insert(*k));
+        keys
     }
 
     /// Makes everything applied so far durable.

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 
 use super::RelaySwitch;
 use crate::commands::UserError;
-use crate::engine::{ATTEMPT_TIMEOUT, AppEvent};
+use crate::engine::{AppEvent, Mode};
 use crate::net::NetConfig;
 use crate::store::LocalStore;
 
@@ -147,11 +147,7 @@ pub async fn run() -> Result<(), UserError> {
     bot_store.add_card(&you_card)?;
     drop(you_store);
 
-    let bot = crate::runtime::start_engine(bot_store, bot_me, loopback_net())?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let bot_online = tokio::spawn(crate::runtime::run_online(bot.clone(), async {
-        let _ = stopped.await;
-    }));
+    let bot = crate::runtime::start_engine(bot_store, bot_me, loopback_net(), Mode::ONLINE)?;
     let responder = {
         let bot = bot.clone();
         let mut events = bot.subscribe();
@@ -162,38 +158,20 @@ pub async fn run() -> Result<(), UserError> {
                     continue;
                 };
                 count += 1;
-                let Ok(Some(contact)) = bot.store().contact(&r.contact) else {
-                    continue;
-                };
                 tokio::time::sleep(Duration::from_millis(400)).await;
-                if let Ok((_, delivery)) = bot
-                    .send_text_and_deliver(
-                        &contact,
-                        &reply_to(&r.message.text, count),
-                        ATTEMPT_TIMEOUT,
-                    )
-                    .await
-                {
-                    let _ = delivery.await;
-                }
+                let _ = bot.send(r.contact, reply_to(&r.message.text, count)).await;
             }
         })
     };
     // A first message from the bot, so the conversation is open on start.
-    if let Ok(Some(you)) = bot.store().contact(&you_card.identity().peer_id()) {
-        let hello = "Hi! I'm a second user on this machine. Write me something.";
-        if let Ok((_, delivery)) = bot
-            .send_text_and_deliver(&you, hello, ATTEMPT_TIMEOUT)
-            .await
-        {
-            let _ = delivery.await;
-        }
-    }
+    let hello = "Hi! I'm a second user on this machine. Write me something.";
+    let _ = bot
+        .send(you_card.identity().peer_id(), hello.to_owned())
+        .await;
     let switch: Arc<dyn RelaySwitch> = relays.clone();
     let result = super::run_with(&root.path().join("you"), loopback_net(), Some(switch)).await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(2), bot_online).await;
     responder.abort();
+    bot.shutdown().await;
     let slots = std::mem::take(&mut *relays.slots.lock().await);
     for slot in slots {
         if let Some(h) = slot.running {

@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use kkachi_protocol::PeerId;
 use ratatui::crossterm::event::{self, Event};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::cli::Command;
 use crate::commands::{App, UserError};
-use crate::engine::{ATTEMPT_TIMEOUT, AppEvent, Engine};
+use crate::engine::{AppEvent, Engine, Mode, SendEvent};
 use crate::net::{NetConfig, Network, Transport, peer_of};
 use crate::store::{Direction, LocalStore, MessageState, StoreError};
 use state::{ConversationSummary, Snapshot, State, Status};
@@ -45,11 +45,11 @@ pub async fn run(home: &Path) -> Result<(), UserError> {
     run_with(home, crate::runtime::net_config(), None).await
 }
 
-/// Everything online for one home: engine, background loop, control socket.
+/// Everything online for one home: the engine (receiving and delivering) and the
+/// control socket other `kkachi` commands are forwarded to.
 struct Online {
-    engine: Arc<Engine<Network>>,
-    stop: Option<oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    engine: Engine<Network>,
+    control: tokio::task::JoinHandle<()>,
 }
 
 impl Online {
@@ -57,11 +57,7 @@ impl Online {
         let me = store
             .identity()?
             .ok_or_else(|| UserError("no identity".into()))?;
-        let engine = crate::runtime::start_engine(store, me, config)?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let online = tokio::spawn(crate::runtime::run_online(engine.clone(), async {
-            let _ = stopped.await;
-        }));
+        let engine = crate::runtime::start_engine(store, me, config, Mode::ONLINE)?;
         let home = home.to_path_buf();
         let control = {
             let engine = engine.clone();
@@ -71,24 +67,13 @@ impl Online {
                 }
             })
         };
-        Ok(Self {
-            engine,
-            stop: Some(stop),
-            tasks: vec![online, control],
-        })
+        Ok(Self { engine, control })
     }
 
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let mut tasks = self.tasks.into_iter();
-        if let Some(online) = tasks.next() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), online).await;
-        }
-        for t in tasks {
-            t.abort();
-        }
+    /// Stops taking commands, then the engine (which flushes what it wrote).
+    async fn shutdown(self) {
+        self.control.abort();
+        self.engine.shutdown().await;
     }
 }
 
@@ -238,7 +223,7 @@ fn spawn_key_reader(tx: mpsc::Sender<Msg>) {
 /// Runs an effect in the background; its outcome comes back as a message.
 fn run_effect(
     effect: Effect,
-    engine: Arc<Engine<Network>>,
+    engine: Engine<Network>,
     demo: Option<Arc<dyn RelaySwitch>>,
     tx: mpsc::Sender<Msg>,
 ) {
@@ -246,18 +231,16 @@ fn run_effect(
         let done = match effect {
             Effect::Send { to, text } => {
                 let result = async {
-                    let contact = engine
-                        .store()
-                        .contact(&to)?
-                        .ok_or_else(|| UserError("that contact is gone".into()))?;
-                    let (_, delivery) = engine
-                        .send_text_and_deliver(&contact, &text, ATTEMPT_TIMEOUT)
-                        .await?;
+                    let mut sending = engine.send(to, text).await?;
                     let _ = tx.send(Msg::Redraw).await;
-                    delivery
-                        .await
-                        .map_err(|e| UserError(format!("delivery stopped: {e}")))??;
-                    Ok::<_, UserError>(String::new())
+                    // Its marks follow from the engine's events; only a failure to save it
+                    // is said here.
+                    match sending.events.recv().await {
+                        Some(SendEvent::NotDurable(why)) => {
+                            Err(UserError(format!("the message could not be saved: {why}")))
+                        }
+                        _ => Ok::<_, UserError>(String::new()),
+                    }
                 }
                 .await;
                 match result {
@@ -284,7 +267,7 @@ fn run_effect(
                 Msg::Done { title, result }
             }
             Effect::MarkRead(peer) => {
-                if let Err(e) = engine.mark_read(&peer).await {
+                if let Err(e) = engine.mark_read(peer).await {
                     tracing::warn!(error = %e, "could not send read receipts");
                 }
                 return;
@@ -305,7 +288,7 @@ fn run_effect(
 /// Reads what the UI shows from the store and the network.
 pub fn snapshot(
     store: &LocalStore,
-    engine: Option<&Arc<Engine<Network>>>,
+    engine: Option<&Engine<Network>>,
     selected: Option<PeerId>,
 ) -> Snapshot {
     let me = match (store.identity(), store.profile()) {

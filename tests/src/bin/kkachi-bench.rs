@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use futures::StreamExt;
-use kkachi_client::engine::{AppEvent, Engine};
+use kkachi_client::engine::{AppEvent, Engine, Mode, SendEvent};
 use kkachi_client::net::{NetConfig, Network};
 use kkachi_client::store::{Contact, LocalStore, Profile, WriteSet};
 use kkachi_protocol::{
@@ -266,7 +266,7 @@ async fn ingest(
 }
 
 struct User {
-    engine: Arc<Engine<Network>>,
+    engine: Engine<Network>,
     card: Card,
     _dir: tempfile::TempDir,
 }
@@ -285,7 +285,7 @@ fn user(name: &str, relays: &[String], direct: bool) -> Result<User> {
     let addrs: Vec<kkachi_protocol::Multiaddr> =
         relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
     let (store, me, card) = LocalStore::provision(dir.path(), name, &addrs)?;
-    let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?)
+    let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?, Mode::ONLINE)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(User {
         engine,
@@ -312,7 +312,7 @@ async fn recipient(home: PathBuf, direct: bool) -> Result<()> {
     let me = store
         .identity()?
         .context("the recipient's home has no identity")?;
-    let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?)
+    let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?, Mode::ONLINE)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut events = engine.subscribe();
     let printer = tokio::spawn(async move {
@@ -337,10 +337,8 @@ async fn recipient(home: PathBuf, direct: bool) -> Result<()> {
         while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
         drop(closed_tx);
     });
-    kkachi_client::runtime::run_online(engine, async move {
-        let _ = closed.await;
-    })
-    .await;
+    let _ = closed.await;
+    engine.shutdown().await;
     printer.abort();
     Ok(())
 }
@@ -428,17 +426,11 @@ async fn latency_and_failover(
         let (store, _, card) = LocalStore::provision(bob_home.path(), "bob", &relays)?;
         store.add_card(&alice.card)?;
         store.flush().await?;
-        alice.engine.store().add_card(&card)?
+        alice.engine.add_contact(card.clone(), None).await?;
+        card.identity().peer_id()
     };
     let (mut bob, seen) = spawn_recipient(bob_home.path(), direct).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut alice_stop = stop_rx.clone();
-    tokio::spawn(kkachi_client::runtime::run_online(
-        alice.engine.clone(),
-        async move {
-            let _ = alice_stop.changed().await;
-        },
-    ));
     // Background load: a third party putting envelopes into other mailboxes.
     let loader =
         MailboxClient::connect(Keypair::generate_ed25519(), addrs[addrs.len() - 1].parse()?)
@@ -465,11 +457,15 @@ async fn latency_and_failover(
     });
     // Warm up: sessions established, connections open.
     for _ in 0..5 {
-        let q = alice.engine.send_text(&bob_at_alice, "warm-up").await?;
-        alice
-            .engine
-            .deliver(q.outbox_key, true, Duration::from_secs(5))
-            .await?;
+        let mut sending = alice.engine.send(bob_at_alice, "warm-up".into()).await?;
+        let delivered = async {
+            while let Some(event) = sending.events.recv().await {
+                if matches!(event, SendEvent::Delivered { .. }) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), delivered).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -484,11 +480,11 @@ async fn latency_and_failover(
         }
         let t = mono_us();
         // As the terminal UI sends: delivery starts while the message is made durable.
-        let (q, _delivery) = alice
+        let sending = alice
             .engine
-            .send_text_and_deliver(&bob_at_alice, &format!("bench {i}"), Duration::from_secs(5))
+            .send(bob_at_alice, format!("bench {i}"))
             .await?;
-        sent.push((q.id.0, t));
+        sent.push((sending.queued.id.0, t));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -143,7 +143,7 @@ async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
     assert_eq!(requests[0].card.name(), "Frank");
     assert_eq!(requests[0].messages.len(), 2);
     // Carol's client confirms nothing: Frank sees "relayed", never "delivered".
-    carol.engine.deliver_due().await.unwrap();
+    carol.engine.settle().await.unwrap();
     frank.sync().await;
     assert!(matches!(
         frank.messages(&carol)[0].state,
@@ -163,7 +163,7 @@ async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
     // Accepting moves both into the conversation, in Frank's order, once.
     let done = carol
         .engine
-        .accept_request(&frank.peer(), None)
+        .accept_request(frank.peer(), None)
         .await
         .unwrap();
     assert!(done.added);
@@ -177,11 +177,16 @@ async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
     assert!(carol.engine.store().requests().unwrap().is_empty());
     assert!(carol.sync().await.is_empty());
     // Now Frank sees them delivered.
-    carol.engine.deliver_due().await.unwrap();
+    carol.engine.settle().await.unwrap();
     frank.sync().await;
     assert_eq!(frank.messages(&carol)[0].state, MessageState::Delivered);
     assert!(
-        frank.engine.progress(first.outbox_key).unwrap().is_none(),
+        frank
+            .engine
+            .progress(first.outbox_key)
+            .await
+            .unwrap()
+            .is_none(),
         "done"
     );
     // And the conversation goes on both ways.
@@ -198,7 +203,11 @@ async fn adding_a_strangers_code_accepts_what_they_sent() {
     let carol_at_frank = frank.add_contact(&carol);
     let _ = frank.send(&carol_at_frank, "hello from the shelter").await;
     carol.sync().await;
-    let done = carol.engine.add_contact(&frank.card, None).await.unwrap();
+    let done = carol
+        .engine
+        .add_contact(frank.card.clone(), None)
+        .await
+        .unwrap();
     assert_eq!(done.accepted.len(), 1);
     assert_eq!(texts(&carol, &frank), ["hello from the shelter"]);
 }
@@ -218,7 +227,7 @@ async fn held_messages_are_bounded_per_sender_and_can_be_rejected_or_blocked() {
         (MAX_HELD_PER_SENDER, MAX_HELD_PER_SENDER)
     );
     assert_eq!(
-        carol.engine.reject_request(&spammer.peer()).await.unwrap(),
+        carol.engine.reject_request(spammer.peer()).await.unwrap(),
         MAX_HELD_PER_SENDER
     );
     spam(&spammer, &carol_at_spammer, 99).await;
@@ -230,7 +239,7 @@ async fn held_messages_are_bounded_per_sender_and_can_be_rejected_or_blocked() {
     );
     carol
         .engine
-        .block(&spammer.peer(), "Spammer")
+        .block(spammer.peer(), "Spammer".into())
         .await
         .unwrap();
     assert_eq!(
@@ -247,12 +256,7 @@ async fn held_messages_are_bounded_per_sender_and_can_be_rejected_or_blocked() {
 }
 
 async fn spam(spammer: &User, to: &Contact, i: usize) {
-    spammer
-        .engine
-        .send_text(to, &format!("buy now {i}"))
-        .await
-        .unwrap();
-    spammer.engine.deliver_due().await.unwrap();
+    spammer.send(to, &format!("buy now {i}")).await;
 }
 
 #[tokio::test]
@@ -269,7 +273,11 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
         mallory.relays.clone(),
         1,
     );
-    carol.engine.add_contact(&forged, None).await.unwrap();
+    carol
+        .engine
+        .add_contact(forged.clone(), None)
+        .await
+        .unwrap();
     let carol_at_alice = alice.add_contact(&carol);
     let _ = alice
         .send(&carol_at_alice, "I am at the shelter on 5th street")
@@ -289,7 +297,7 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
     // Accepting Alice while the forgery holds her key is refused, naming it.
     let err = carol
         .engine
-        .accept_request(&alice.peer(), None)
+        .accept_request(alice.peer(), None)
         .await
         .unwrap_err();
     assert!(
@@ -299,7 +307,7 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
     // Nothing Mallory can read reached her relays: no receipt of Alice's message, and
     // what Carol sealed for "Aid Station" (her card, on adding it) is sealed to Alice's
     // key, which Mallory does not hold.
-    carol.engine.deliver_due().await.unwrap();
+    carol.engine.settle().await.unwrap();
     for r in &mallory.relays {
         let mailbox = MailboxId::for_peer(&mallory.peer());
         for item in net
@@ -316,15 +324,19 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
         }
     }
     // With the forgery removed, Alice's message arrives as hers.
-    carol.engine.remove_contact(&mallory.peer()).await.unwrap();
+    carol.engine.remove_contact(mallory.peer()).await.unwrap();
     carol
         .engine
-        .accept_request(&alice.peer(), None)
+        .accept_request(alice.peer(), None)
         .await
         .unwrap();
     assert_eq!(texts(&carol, &alice), ["I am at the shelter on 5th street"]);
     // And the other order: Alice first, then the forgery is refused.
-    let err = carol.engine.add_contact(&forged, None).await.unwrap_err();
+    let err = carol
+        .engine
+        .add_contact(forged.clone(), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, EngineError::Contact(ContactError::KeyTaken { .. })),
         "{err}"
@@ -336,7 +348,11 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
         vec![],
         1,
     );
-    let err = carol.engine.add_contact(&own, None).await.unwrap_err();
+    let err = carol
+        .engine
+        .add_contact(own.clone(), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, EngineError::Contact(ContactError::OwnKey)),
         "{err}"
@@ -348,11 +364,11 @@ async fn a_blocked_contact_is_dropped_unread_until_unblocked() {
     let c = cast().await;
     let _ = c.mallory.send(&c.carol_at_mallory, "one").await;
     c.carol.sync().await;
-    c.carol.engine.deliver_due().await.unwrap();
+    c.carol.engine.settle().await.unwrap();
     c.mallory.sync().await;
     c.carol
         .engine
-        .block(&c.mallory.peer(), "Mallory")
+        .block(c.mallory.peer(), "Mallory".into())
         .await
         .unwrap();
     // Transport packets (their session is established) and first messages alike.
@@ -369,7 +385,7 @@ async fn a_blocked_contact_is_dropped_unread_until_unblocked() {
         ["one"],
         "the conversation is kept"
     );
-    assert!(c.carol.engine.unblock(&c.mallory.peer()).await.unwrap());
+    assert!(c.carol.engine.unblock(c.mallory.peer()).await.unwrap());
     let _ = c.mallory.send(&c.carol_at_mallory, "four").await;
     c.carol.sync().await;
     assert!(texts(&c.carol, &c.mallory).contains(&"four".to_string()));
@@ -383,7 +399,7 @@ async fn a_removed_contact_leaves_nothing_and_writes_as_a_stranger() {
     let done = c
         .carol
         .engine
-        .remove_contact(&c.mallory.peer())
+        .remove_contact(c.mallory.peer())
         .await
         .unwrap();
     assert_eq!(done.removed_messages, 1);
@@ -393,7 +409,7 @@ async fn a_removed_contact_leaves_nothing_and_writes_as_a_stranger() {
     let err = c
         .carol
         .engine
-        .rename_contact(&c.alice.peer(), "Al\u{202e}ice")
+        .rename_contact(c.alice.peer(), "Al\u{202e}ice".into())
         .await
         .unwrap_err();
     assert!(
@@ -402,7 +418,7 @@ async fn a_removed_contact_leaves_nothing_and_writes_as_a_stranger() {
     );
     c.carol
         .engine
-        .rename_contact(&c.alice.peer(), "앨리스")
+        .rename_contact(c.alice.peer(), "앨리스".into())
         .await
         .unwrap();
     assert_eq!(c.carol.contact_of(&c.alice.peer()).unwrap().name, "앨리스");
@@ -415,7 +431,7 @@ async fn a_contact_removed_and_added_again_gets_what_they_sent_meanwhile() {
     converse(&c.mallory, &c.carol, &c.carol_at_mallory, &mallory_at_carol).await;
     c.carol
         .engine
-        .remove_contact(&c.mallory.peer())
+        .remove_contact(c.mallory.peer())
         .await
         .unwrap();
     // Mallory still holds the session: this is a transport packet Carol cannot open.
@@ -426,14 +442,14 @@ async fn a_contact_removed_and_added_again_gets_what_they_sent_meanwhile() {
     assert!(c.carol.sync().await.is_empty());
     c.carol
         .engine
-        .add_contact(&c.mallory.card, None)
+        .add_contact(c.mallory.card.clone(), None)
         .await
         .unwrap();
     // Carol's card goes out under a fresh session; Mallory's client sees Carol's state
     // is new and seals again what Carol never confirmed.
-    c.carol.engine.deliver_due().await.unwrap();
+    c.carol.engine.settle().await.unwrap();
     c.mallory.sync().await;
-    c.mallory.engine.deliver_due().await.unwrap();
+    c.mallory.engine.settle().await.unwrap();
     let got = c.carol.sync().await;
     assert_eq!(
         got.iter()
@@ -451,7 +467,7 @@ async fn what_a_removed_contact_sends_afterwards_arrives_as_a_request() {
     converse(&c.mallory, &c.carol, &c.carol_at_mallory, &mallory_at_carol).await;
     c.carol
         .engine
-        .remove_contact(&c.mallory.peer())
+        .remove_contact(c.mallory.peer())
         .await
         .unwrap();
     let _ = c
@@ -461,9 +477,9 @@ async fn what_a_removed_contact_sends_afterwards_arrives_as_a_request() {
     assert!(c.carol.sync().await.is_empty());
     // Carol's card from a fresh session tells Mallory's client that Carol's state is
     // gone: it seals again what Carol never confirmed, as first messages.
-    c.carol.engine.deliver_due().await.unwrap();
+    c.carol.engine.settle().await.unwrap();
     c.mallory.sync().await;
-    c.mallory.engine.deliver_due().await.unwrap();
+    c.mallory.engine.settle().await.unwrap();
     assert!(
         c.carol.sync().await.is_empty(),
         "not a contact: nothing shown"
@@ -585,10 +601,10 @@ async fn a_direct_handover_from_a_stranger_is_not_delivered() {
     let (q, p) = frank.send(&carol_at_frank, "hi").await;
     assert!(!p.direct);
     carol.sync().await;
-    carol.engine.deliver_due().await.unwrap();
+    carol.engine.settle().await.unwrap();
     frank.sync().await;
     assert!(
-        frank.engine.progress(q.outbox_key).unwrap().is_some(),
+        frank.engine.progress(q.outbox_key).await.unwrap().is_some(),
         "still waiting"
     );
 }
@@ -739,7 +755,7 @@ async fn play(acts: Vec<Act>) {
         // carry the rest.
         if i % 5 == 4 {
             c.carol.sync().await;
-            c.carol.engine.deliver_due().await.unwrap();
+            c.carol.engine.settle().await.unwrap();
             c.mallory.sync().await;
         }
     }

@@ -9,13 +9,21 @@ mod hostile;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use kkachi_protocol::{Card, MailboxId};
+use tokio::sync::mpsc;
+
+use kkachi_protocol::wire::PutOutcome;
+use kkachi_protocol::{
+    Body, Card, ClientToRelay, Content, Envelope, MailboxId, MessageId, Multiaddr, PeerId,
+    RelayToClient,
+};
 use kkachi_relay::store::{MailboxStore, MemoryStore, PutResult, Quota};
 use parking_lot::Mutex;
 
 use super::*;
-use crate::store::Contact;
+use crate::net::{NetError, Transport};
+use crate::store::{Contact, Direction, LocalStore, MessageRecord, MessageState, WriteSet};
 
 #[derive(Default)]
 struct FakeInner {
@@ -173,10 +181,15 @@ impl Transport for FakeNet {
 }
 
 struct User {
-    engine: Arc<Engine<FakeNet>>,
+    engine: Engine<FakeNet>,
     card: Card,
     relays: Vec<Multiaddr>,
     _dir: tempfile::TempDir,
+}
+
+/// An engine as a one-shot command runs it: delivering, receiving when asked.
+fn engine(store: LocalStore, me: kkachi_protocol::Identity, net: &FakeNet) -> Engine<FakeNet> {
+    Engine::start(store, me, net.clone(), None, Mode::ONE_SHOT)
 }
 
 impl User {
@@ -185,7 +198,7 @@ impl User {
         let relays: Vec<Multiaddr> = (0..relays).map(|_| net.add_relay()).collect();
         let (store, me, card) = LocalStore::provision(dir.path(), name, &relays).unwrap();
         Self {
-            engine: Engine::new(store, me, net.clone()),
+            engine: engine(store, me, net),
             card,
             relays,
             _dir: dir,
@@ -208,26 +221,45 @@ impl User {
         contact
     }
 
+    /// What waits at each of our relays, taken in (and its receipts sent).
     async fn sync(&self) -> Vec<Received> {
-        let mut out = Vec::new();
-        for r in &self.relays {
-            if let Ok(mut got) = self.engine.sync_relay(r, 0).await {
-                out.append(&mut got);
-            }
-        }
-        out
-    }
-
-    /// Sends `text` to `to` and tries every path once.
-    async fn send(&self, to: &Contact, text: &str) -> (Queued, Progress) {
-        let q = self.engine.send_text(to, text).await.unwrap();
-        let p = self
-            .engine
-            .deliver(q.outbox_key, true, ATTEMPT_TIMEOUT)
+        self.engine
+            .sync(Duration::from_secs(10))
             .await
             .unwrap()
-            .unwrap();
-        (q, p)
+            .shown
+    }
+
+    /// Seals `text` for `to`; returns once it is durable (its delivery under way).
+    async fn queue(&self, to: &Contact, text: &str) -> (Queued, mpsc::Receiver<SendEvent>) {
+        let mut sending = self.engine.send(to.peer, text.into()).await.unwrap();
+        assert_eq!(sending.events.recv().await, Some(SendEvent::Durable));
+        (sending.queued, sending.events)
+    }
+
+    /// Sends `text` to `to`, lets every path be tried once, and says how far it got.
+    async fn send(&self, to: &Contact, text: &str) -> (Queued, Progress) {
+        let (q, mut events) = self.queue(to, text).await;
+        self.engine.settle().await.unwrap();
+        let mut progress = Progress {
+            acked: 0,
+            total: to.card.relays().len() as u8,
+            direct: false,
+        };
+        while let Ok(event) = events.try_recv() {
+            match event {
+                SendEvent::Progress(p) => progress = p,
+                SendEvent::Delivered { direct } => progress.direct |= direct,
+                _ => {}
+            }
+        }
+        (q, progress)
+    }
+
+    /// Every path of every entry is tried now; how far entry `key` got (None: done).
+    async fn deliver(&self, key: u64) -> Option<Progress> {
+        self.engine.deliver_now().await.unwrap();
+        self.engine.progress(key).await.unwrap()
     }
 
     fn messages(&self, with: &User) -> Vec<MessageRecord> {
@@ -237,19 +269,21 @@ impl User {
     /// Seals `content` exactly as given (any seq, prev, body) for `to` through our
     /// session with them, as a modified client could, and puts it on their relays.
     async fn send_raw(&self, to: &Contact, content: &Content) -> Envelope {
-        let now = now_ms();
-        let envelope = {
-            let mut sessions = self.engine.lock.lock().await;
-            let session = sessions.get(self.engine.store(), to).unwrap();
-            let envelope = self
-                .engine
-                .seal_envelope(to, session, content, now)
-                .unwrap();
-            let mut w = WriteSet::default();
-            LocalStore::write_session(&mut w, &to.peer, session);
-            self.engine.store().apply(w).unwrap();
-            envelope
-        };
+        let (to2, content) = (to.clone(), content.clone());
+        let envelope = self
+            .engine
+            .change(move |state, now| {
+                state.with_sessions(|this, sessions| {
+                    let session = sessions.get(&this.store, &to2)?;
+                    let envelope = this.seal_envelope(&to2, session, &content, now)?;
+                    let mut w = WriteSet::default();
+                    LocalStore::write_session(&mut w, &to2.peer, session);
+                    this.apply_or_reset(sessions, w)?;
+                    Ok(envelope)
+                })
+            })
+            .await
+            .unwrap();
         self.put_raw(to, envelope.clone()).await;
         envelope
     }
@@ -266,6 +300,14 @@ impl User {
 
     fn contact_of(&self, peer: &PeerId) -> Option<Contact> {
         self.engine.store().contact(peer).unwrap()
+    }
+
+    /// Stops the engine and starts it again on the same store, as after a restart.
+    async fn restart(&mut self, net: &FakeNet) {
+        let me = self.engine.identity().clone();
+        self.engine.shutdown().await;
+        let store = self.engine.store().clone();
+        self.engine = engine(store, me, net);
     }
 }
 
@@ -289,10 +331,8 @@ async fn converse(alice: &User, bob: &User, bob_c: &Contact, alice_c: &Contact) 
     for round in 0..6 {
         let _ = alice.send(bob_c, &format!("a{round}")).await;
         bob.sync().await;
-        bob.engine.deliver_due().await.unwrap();
         let _ = bob.send(alice_c, &format!("b{round}")).await;
         alice.sync().await;
-        alice.engine.deliver_due().await.unwrap();
         bob.sync().await;
     }
 }

@@ -1,0 +1,248 @@
+//! The decisions with a fake clock: every time is a number of milliseconds.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::store::Target;
+use kkachi_protocol::session::MAX_UNSAVED_SEALS;
+
+const T0: u64 = 1_000_000;
+
+fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
+    OutboxEntry {
+        message_id: [7; 16],
+        contact: contact.to_bytes(),
+        envelope: vec![1, 2, 3],
+        targets: relays
+            .iter()
+            .map(|a| Target {
+                addr: a.to_string(),
+                acked: false,
+                attempts: 0,
+                next_try_ms: 0,
+            })
+            .collect(),
+        direct_acked: false,
+        kind,
+        created_ms: T0,
+    }
+}
+
+fn paths(attempts: &[Attempt]) -> Vec<(u64, Path)> {
+    attempts.iter().map(|a| (a.key, a.path.clone())).collect()
+}
+
+#[test]
+fn due_paths_are_handed_out_once_direct_first() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &["r1", "r2"]));
+    d.upsert(2, entry(OutboxKind::Control, bob, &["r1"]));
+    d.set_direct([bob].into());
+    let first = d.poll_attempts(T0, 3);
+    assert_eq!(
+        paths(&first),
+        [
+            (1, Path::Direct),
+            (1, Path::Relay("r1".into())),
+            (1, Path::Relay("r2".into()))
+        ]
+    );
+    assert_eq!(first[0].message, Some(MessageId([7; 16])));
+    // The rest, and nothing twice while in flight.
+    let second = d.poll_attempts(T0, 10);
+    assert_eq!(
+        paths(&second),
+        [(2, Path::Direct), (2, Path::Relay("r1".into()))]
+    );
+    assert_eq!(
+        second[0].message, None,
+        "a control record carries no message"
+    );
+    assert!(d.poll_attempts(T0, 10).is_empty());
+    assert_eq!(d.in_flight(), 5);
+    assert_eq!(d.next_deadline(), None, "everything is in flight");
+}
+
+#[test]
+fn acknowledgements_advance_the_message_and_finish_what_is_done() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &["r1", "r2"]));
+    let a = d.poll_attempts(T0, 10);
+    let r = d.handle_result(&a[0], Outcome::Acked, T0 + 5, 0);
+    assert_eq!(
+        r.state,
+        Some(MessageState::Relayed {
+            relayed: 1,
+            total: 2
+        })
+    );
+    assert_eq!(r.relay, Some(("r1".into(), Ok(()))));
+    assert_eq!(r.progress.unwrap().acked, 1);
+    assert!(r.entry.is_some(), "a message waits for its receipt");
+    // Every relay has it: it waits for the contact, and nothing is due until the reput.
+    let r = d.handle_result(&a[1], Outcome::Acked, T0 + 6, 0);
+    assert!(r.entry.is_some());
+    assert_eq!(d.next_deadline(), Some(T0 + REPUT_AFTER_MS + 1));
+    // A receipt finishes it; a late answer after that changes nothing.
+    assert_eq!(d.handle_receipt(&bob, &[MessageId([7; 16])]), [1]);
+    assert!(d.is_empty());
+    let late = d.handle_result(&a[0], Outcome::Acked, T0 + 7, 0);
+    assert!(!late.known && late.entry.is_none() && late.state.is_none());
+
+    // A receipt is done once every relay has it.
+    d.upsert(2, entry(OutboxKind::Control, bob, &["r1"]));
+    let a = d.poll_attempts(T0, 10);
+    let r = d.handle_result(&a[0], Outcome::Acked, T0, 0);
+    assert!(r.known && r.entry.is_none() && r.state.is_none());
+    assert!(d.is_empty());
+}
+
+#[test]
+fn a_direct_handover_delivers_and_finishes() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &["r1"]));
+    d.set_direct([bob].into());
+    let a = d.poll_attempts(T0, 10);
+    let r = d.handle_result(&a[0], Outcome::Acked, T0, 0);
+    assert_eq!(r.state, Some(MessageState::Delivered));
+    assert!(r.handed_over && r.entry.is_none() && r.relay.is_none());
+    // The relay's answer, after: the entry is gone, the handover stands.
+    let late = d.handle_result(&a[1], Outcome::Acked, T0, 0);
+    assert!(!late.known && !late.handed_over);
+    // A refused direct handover is not a delivery.
+    d.upsert(2, entry(OutboxKind::Message, bob, &[]));
+    let a = d.poll_attempts(T0, 10);
+    let r = d.handle_result(&a[0], Outcome::Refused("held".into()), T0, 0);
+    assert!(!r.handed_over && r.state.is_none() && r.entry.is_some());
+}
+
+#[test]
+fn failures_back_off_and_a_relay_that_returns_is_tried_at_once() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &["r1", "r2"]));
+    let a = d.poll_attempts(T0, 10);
+    let r = d.handle_result(&a[0], Outcome::Unreachable("refused".into()), T0, 0);
+    assert_eq!(r.relay, Some(("r1".into(), Err("refused".into()))));
+    let t = &r.entry.unwrap().targets[0];
+    assert_eq!((t.attempts, t.next_try_ms), (1, T0 + MIN_BACKOFF_MS));
+    // Refused by a relay that answered: up, and still backing off.
+    let r = d.handle_result(&a[1], Outcome::Refused("quota".into()), T0, 1);
+    assert_eq!(r.relay, Some(("r2".into(), Ok(()))));
+    assert_eq!(d.next_deadline(), Some(T0 + MIN_BACKOFF_MS));
+    assert!(d.poll_attempts(T0 + 100, 10).is_empty(), "not due yet");
+    // r1 is back: due now; r2 still waits.
+    let changed = d.handle_relay_up(|a| a == "r1", T0 + 200);
+    assert_eq!(changed.len(), 1);
+    assert_eq!(
+        paths(&d.poll_attempts(T0 + 200, 10)),
+        [(1, Path::Relay("r1".into()))]
+    );
+    // And everything, when forced.
+    assert_eq!(d.handle_force(T0 + 300).len(), 1);
+    assert_eq!(
+        paths(&d.poll_attempts(T0 + 300, 10)),
+        [(1, Path::Relay("r2".into()))]
+    );
+}
+
+#[test]
+fn a_message_no_one_confirmed_is_put_again_after_an_hour() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &["r1"]));
+    let a = d.poll_attempts(T0, 10);
+    d.handle_result(&a[0], Outcome::Acked, T0, 0);
+    assert!(d.poll_reputs(T0 + REPUT_AFTER_MS).is_empty());
+    let again = d.poll_reputs(T0 + REPUT_AFTER_MS + 1);
+    assert_eq!(again.len(), 1);
+    assert!(!again[0].1.targets[0].acked);
+    assert_eq!(d.poll_attempts(T0 + REPUT_AFTER_MS + 1, 10).len(), 1);
+    // Held while its write is not durable: nothing leaves, nothing is due.
+    d.hold(1);
+    assert!(d.poll_attempts(u64::MAX, 10).is_empty());
+    d.release(1);
+    assert_eq!(d.waiting_contacts(), [bob].into());
+    d.forget_contact(&bob);
+    assert!(d.is_empty());
+}
+
+proptest! {
+    #[test]
+    fn backoff_doubles_up_to_the_cap_within_its_jitter(failures in 0u32..64, jitter in any::<u64>()) {
+        let wait = backoff_ms(failures, jitter);
+        let cap = (MIN_BACKOFF_MS << failures.min(16)).min(MAX_BACKOFF_MS);
+        prop_assert!(wait >= cap / 2 && wait <= cap, "{wait} outside [{}, {cap}]", cap / 2);
+    }
+
+    /// Whatever the answers, every path is eventually acknowledged or waits with a
+    /// deadline; nothing is lost from the outbox but what is done.
+    #[test]
+    fn every_entry_is_done_or_has_a_deadline(answers in proptest::collection::vec(0u8..3, 1..60)) {
+        let bob = PeerId::random();
+        let mut d = Deliveries::default();
+        d.upsert(1, entry(OutboxKind::Control, bob, &["r1", "r2", "r3"]));
+        let mut now = T0;
+        for (i, answer) in answers.into_iter().enumerate() {
+            let due = d.poll_attempts(now, 10);
+            for a in due {
+                let outcome = match answer {
+                    0 => Outcome::Acked,
+                    1 => Outcome::Refused("no".into()),
+                    _ => Outcome::Unreachable("down".into()),
+                };
+                d.handle_result(&a, outcome, now, i as u64);
+            }
+            if d.is_empty() {
+                break;
+            }
+            prop_assert!(d.next_deadline().is_some(), "an entry waits with no deadline");
+            now = d.next_deadline().unwrap().max(now);
+        }
+    }
+}
+
+#[test]
+fn at_most_the_bound_of_sends_leave_before_they_are_durable() {
+    let mut early = EarlySends::default();
+    let not_yet = |_| false;
+    for ticket in 0..MAX_UNSAVED_SEALS {
+        assert!(early.claim(ticket, not_yet));
+    }
+    assert!(!early.claim(99, not_yet), "every place is taken");
+    // Once the first writes are durable, their places are free again.
+    for ticket in 100..104 {
+        assert!(early.claim(ticket, |t| t < 4));
+    }
+    assert!(!early.claim(104, |t| t < 4));
+}
+
+#[test]
+fn inbox_polls_back_off_when_relays_fail() {
+    let mut i = Inboxes::default();
+    i.set(["r1".to_string(), "r2".to_string()]);
+    assert_eq!(i.poll(T0), ["r1", "r2"]);
+    assert!(i.poll(T0).is_empty(), "under way");
+    assert_eq!(i.next_deadline(), None);
+    i.handle_answer("r1", true, T0 + 10, 0);
+    assert_eq!(
+        i.next_deadline(),
+        Some(T0 + 10),
+        "answered: poll again at once"
+    );
+    i.handle_answer("r2", false, T0 + 10, 0);
+    assert_eq!(i.poll(T0 + 10), ["r1"]);
+    assert_eq!(i.next_deadline(), Some(T0 + 10 + MIN_BACKOFF_MS));
+    i.handle_relay_up("r2", T0 + 20);
+    assert_eq!(i.poll(T0 + 20), ["r2"]);
+    i.set(["r2".to_string()]);
+    i.handle_answer("r1", true, T0 + 30, 0);
+    assert_eq!(
+        i.next_deadline(),
+        None,
+        "r1 is no longer ours, r2 is under way"
+    );
+}

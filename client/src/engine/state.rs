@@ -1,0 +1,402 @@
+//! What the engine's owner task holds, and the changes it makes to it: sealing for a
+//! contact, queueing a message or a control record into the outbox, read receipts,
+//! card updates. Everything here runs on the owner task, one thing at a time, so no
+//! lock is needed; everything writes to the store (applied, not yet flushed) and
+//! leaves flushing, and telling anyone, to the owner.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+use kkachi_protocol::{
+    Body, Card, Content, Envelope, Identity, MailboxId, MessageId, PeerId, ReceiptStatus, Session,
+};
+use tokio::sync::broadcast;
+
+use super::{AppEvent, ContactError, EngineError, Queued};
+use crate::store::{
+    Contact, Direction, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind,
+    StoreError, Target, TreeId, WriteSet, message_key,
+};
+
+/// Live end-to-end sessions by contact, written through to the store. Their
+/// unanswered handshakes exist only here.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    live: HashMap<PeerId, Session>,
+}
+
+impl Sessions {
+    /// The live session with `contact`, loaded from the store the first time.
+    pub(crate) fn get(
+        &mut self,
+        store: &LocalStore,
+        contact: &Contact,
+    ) -> Result<&mut Session, StoreError> {
+        Ok(match self.live.entry(contact.peer) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                // What is on disk may lag packets already handed out (a send leaves
+                // before its write is durable): skip past them.
+                let mut session = store.session(contact)?;
+                session.resume_after_restart();
+                v.insert(session)
+            }
+        })
+    }
+
+    /// Forgets in-memory state after a failed write, so memory never runs ahead of disk.
+    pub(crate) fn reset(&mut self) {
+        self.live.clear();
+    }
+
+    /// Forgets the live session with `peer` (removed: its state is gone from the store).
+    pub(crate) fn forget(&mut self, peer: &PeerId) {
+        self.live.remove(peer);
+    }
+}
+
+/// The engine's state, owned by its task.
+#[derive(Debug)]
+pub(crate) struct State<T> {
+    pub(crate) store: LocalStore,
+    pub(crate) me: Identity,
+    pub(crate) net: T,
+    pub(crate) sessions: Sessions,
+    pub(crate) events: broadcast::Sender<AppEvent>,
+    /// Our own card as of its version: every first message carries it.
+    card: parking_lot::Mutex<Option<Card>>,
+    /// Envelopes refused because reading them panicked (a bug), shared with handles.
+    pub(crate) faults: Arc<AtomicU64>,
+    /// New messages taken in, to announce durable once flushed (by the owner).
+    pub(crate) announced: Vec<super::Received>,
+    /// Senders of new message requests, likewise.
+    pub(crate) requests: Vec<PeerId>,
+}
+
+impl<T> State<T> {
+    pub(crate) fn new(
+        store: LocalStore,
+        me: Identity,
+        net: T,
+        events: broadcast::Sender<AppEvent>,
+        faults: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            store,
+            me,
+            net,
+            sessions: Sessions::default(),
+            events,
+            card: parking_lot::Mutex::default(),
+            faults,
+            announced: Vec::new(),
+            requests: Vec::new(),
+        }
+    }
+
+    pub(crate) fn emit(&self, event: AppEvent) {
+        // No subscribers is fine; lagging ones miss old events and re-read the store.
+        let _ = self.events.send(event);
+    }
+
+    /// Runs `f` with the live sessions taken out of the state, so it can use both; on
+    /// failure the sessions are forgotten, as they may have run ahead of the store.
+    pub(crate) fn with_sessions<R>(
+        &mut self,
+        f: impl FnOnce(&Self, &mut Sessions) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let mut sessions = std::mem::take(&mut self.sessions);
+        let result = f(self, &mut sessions);
+        if result.is_err() {
+            sessions.reset();
+        }
+        self.sessions = sessions;
+        result
+    }
+
+    /// Applies `w`; on failure forgets live sessions, which may have run ahead of it.
+    pub(crate) fn apply_or_reset(
+        &self,
+        sessions: &mut Sessions,
+        w: WriteSet,
+    ) -> Result<(), EngineError> {
+        self.store.apply(w).map_err(|e| {
+            sessions.reset();
+            e.into()
+        })
+    }
+
+    /// Our card as it stands, signed once per version of it (relays change its version).
+    pub(crate) fn own_card(&self) -> Result<Card, EngineError> {
+        let version = self
+            .store
+            .profile()?
+            .map(|p| p.card_version)
+            .ok_or(StoreError::Corrupt("profile"))?;
+        let mut cached = self.card.lock();
+        if let Some(card) = cached.as_ref().filter(|c| c.version() == version) {
+            return Ok(card.clone());
+        }
+        let card = self.store.own_card(&self.me)?;
+        *cached = Some(card.clone());
+        Ok(card)
+    }
+
+    /// Seals `content` for `contact` into a fresh envelope (default lifetime from `now`).
+    pub(crate) fn seal_envelope(
+        &self,
+        contact: &Contact,
+        session: &mut Session,
+        content: &Content,
+        now: u64,
+    ) -> Result<Envelope, EngineError> {
+        let card = self.own_card()?;
+        let packet = session.seal(
+            &self.me,
+            &card,
+            &content.encode(),
+            now / 1000,
+            &mut rand_core::OsRng,
+        )?;
+        Ok(Envelope {
+            mailbox: MailboxId::for_peer(&contact.peer),
+            expires_at: now / 1000 + DEFAULT_TTL_SECS,
+            payload: packet,
+        })
+    }
+
+    /// Seals `content` for `contact` with `session` and adds the envelope to `w` as an
+    /// outbox entry, with the session state that sealed it: both become durable
+    /// together.
+    pub(crate) fn seal_into(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut Session,
+        content: &Content,
+        kind: OutboxKind,
+        now: u64,
+    ) -> Result<u64, EngineError> {
+        let sealed = self.seal_envelope(contact, session, content, now);
+        LocalStore::write_session(w, &contact.peer, session);
+        let envelope = sealed?;
+        let targets = contact
+            .card
+            .relays()
+            .iter()
+            .map(|addr| Target {
+                addr: addr.to_string(),
+                acked: false,
+                attempts: 0,
+                next_try_ms: 0,
+            })
+            .collect();
+        let key = self.store.next_outbox_seq()?;
+        let entry = OutboxEntry {
+            message_id: content.id.0,
+            contact: contact.peer.to_bytes(),
+            envelope: envelope.encode(),
+            targets,
+            direct_acked: false,
+            kind,
+            created_ms: now,
+        };
+        LocalStore::write_outbox(w, key, &entry);
+        Ok(key)
+    }
+
+    /// Queues a control record (receipt, card update) for `contact` into `w`, sealed
+    /// with `session`.
+    pub(crate) fn queue_control(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut Session,
+        body: Body,
+        now: u64,
+    ) -> Result<u64, EngineError> {
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: now,
+            body,
+        };
+        self.seal_into(w, contact, session, &content, OutboxKind::Control, now)
+    }
+
+    /// Seals `text` for `contact` into the outbox and the conversation, applied but not
+    /// yet durable.
+    pub(crate) fn queue_text(
+        &mut self,
+        contact: &Contact,
+        text: &str,
+        now: u64,
+    ) -> Result<Queued, EngineError> {
+        if text.trim().is_empty() {
+            return Err(EngineError::Invalid("the message is empty".into()));
+        }
+        if self.store.blocked(&contact.peer)?.is_some() {
+            return Err(ContactError::Blocked(contact.name.clone()).into());
+        }
+        let conv = self.store.conversation(&contact.peer)?;
+        let seq = conv.next_seq.max(1);
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq,
+            prev: conv.last_hash,
+            sent_at_ms: now,
+            body: Body::Text(text.to_owned()),
+        };
+        content
+            .check()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        self.with_sessions(|this, sessions| this.write_text(sessions, contact, conv, content, now))
+    }
+
+    fn write_text(
+        &self,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        mut conv: crate::store::Conversation,
+        content: Content,
+        now: u64,
+    ) -> Result<Queued, EngineError> {
+        let Body::Text(text) = &content.body else {
+            unreachable!("a text");
+        };
+        let seq = content.seq;
+        let mut w = WriteSet::default();
+        let session = sessions.get(&self.store, contact)?;
+        let outbox_key =
+            self.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
+        conv.next_seq = seq + 1;
+        conv.last_hash = content.hash();
+        let local = conv.next_local;
+        conv.next_local += 1;
+        LocalStore::write_conversation(&mut w, &contact.peer, &conv);
+        let record = MessageRecord {
+            id: content.id.0,
+            direction: Direction::Out,
+            text: text.clone(),
+            state: MessageState::Queued,
+            sent_at_ms: now,
+            stored_at_ms: now,
+            seq,
+            prev: content.prev,
+        };
+        LocalStore::write_message(
+            &mut w,
+            &contact.peer,
+            message_key(&contact.peer, local),
+            &record,
+        );
+        self.apply_or_reset(sessions, w)?;
+        Ok(Queued {
+            id: content.id,
+            outbox_key,
+        })
+    }
+
+    /// Marks the incoming messages of `peer` as read and queues read receipts; false if
+    /// there was nothing to mark.
+    pub(crate) fn mark_read(&mut self, peer: &PeerId, now: u64) -> Result<bool, EngineError> {
+        let Some(contact) = self.store.contact(peer)? else {
+            return Ok(false);
+        };
+        if self.store.blocked(peer)?.is_some() {
+            return Ok(false); // they learn nothing, read receipts included
+        }
+        let mut w = WriteSet::default();
+        let mut ids = Vec::new();
+        for m in self.store.recent_messages(peer, 500)? {
+            if m.direction != Direction::In || m.state != MessageState::Received {
+                continue;
+            }
+            if let Some((key, mut record)) = self.store.message(peer, &MessageId(m.id))? {
+                record.state = MessageState::Read;
+                w.put_record(TreeId::Messages, key, &record);
+                ids.push(MessageId(m.id));
+            }
+        }
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        self.with_sessions(|this, sessions| {
+            let session = sessions.get(&this.store, &contact)?;
+            for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
+                let receipt = Body::Receipt {
+                    status: ReceiptStatus::Read,
+                    ids: chunk.to_vec(),
+                };
+                this.queue_control(&mut w, &contact, session, receipt, now)?;
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(true)
+        })
+    }
+
+    /// Queues our current card for every contact not blocked (after a relay change).
+    pub(crate) fn queue_card_updates(&mut self, now: u64) -> Result<usize, EngineError> {
+        let card = self.own_card()?;
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let mut n = 0;
+            for contact in this.store.contacts()?.iter() {
+                // Someone blocked does not learn where we moved.
+                if this.store.blocked(&contact.peer)?.is_some() {
+                    continue;
+                }
+                let session = sessions.get(&this.store, contact)?;
+                let body = Body::CardUpdate(Box::new(card.clone()));
+                this.queue_control(&mut w, contact, session, body, now)?;
+                n += 1;
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(n)
+        })
+    }
+
+    /// Moves a stored message's state forward (never back) and tells the UI.
+    pub(crate) fn advance_state(
+        &self,
+        w: &mut WriteSet,
+        contact: &PeerId,
+        id: &MessageId,
+        state: MessageState,
+    ) -> Result<bool, EngineError> {
+        let Some((key, mut record)) = self.store.message(contact, id)? else {
+            return Ok(false);
+        };
+        // Receipts are about what we sent: one naming their own messages changes nothing.
+        if record.direction != Direction::Out || !record.state.advances_to(&state) {
+            return Ok(false);
+        }
+        record.state = state;
+        w.put_record(TreeId::Messages, key, &record);
+        self.emit(AppEvent::State {
+            contact: *contact,
+            id: *id,
+            state,
+        });
+        Ok(true)
+    }
+
+    /// Records a relay's health and tells the UI.
+    pub(crate) fn note_relay(&self, addr: &str, result: Result<(), String>) {
+        let up = result.is_ok();
+        let _ = self.store.update_relay(addr, |r| match result {
+            Ok(()) => {
+                r.last_ok_ms = Some(super::now_ms());
+                r.last_error = None;
+            }
+            Err(e) => r.last_error = Some(e),
+        });
+        self.emit(AppEvent::Relay {
+            addr: addr.to_owned(),
+            up,
+        });
+    }
+}
