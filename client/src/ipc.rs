@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::cli::Command;
-use crate::commands::{App, Output, UserError};
+use crate::commands::{App, CommandError, Output};
 use crate::engine::Engine;
 use crate::net::Network;
 
@@ -29,33 +29,35 @@ pub fn socket_path(home: &Path) -> PathBuf {
 }
 
 /// Sends `command` to the daemon running for `home`.
-pub async fn forward(home: &Path, command: Command, json: bool) -> Result<Output, UserError> {
+pub async fn forward(home: &Path, command: Command, json: bool) -> Result<Output, CommandError> {
     let path = socket_path(home);
-    let mut stream = UnixStream::connect(&path).await.map_err(|e| {
-        UserError(format!(
-            "another kkachi process holds {} but its control socket is unreachable ({e}); is it still starting?",
-            home.display()
-        ))
-    })?;
+    let mut stream =
+        UnixStream::connect(&path)
+            .await
+            .map_err(|source| CommandError::DaemonUnreachable {
+                home: home.to_path_buf(),
+                source,
+            })?;
     let mut line = serde_json::to_vec(&Request { command, json })?;
     line.push(b'\n');
     stream.write_all(&line).await?;
     stream.shutdown().await?;
     let mut answer = Vec::new();
     stream.take(64 << 20).read_to_end(&mut answer).await?;
-    serde_json::from_slice(&answer)
-        .map_err(|e| UserError(format!("the running daemon gave an unreadable answer: {e}")))
+    serde_json::from_slice(&answer).map_err(CommandError::DaemonAnswer)
 }
 
 /// Serves forwarded commands until the task is dropped.
-pub async fn serve(home: PathBuf, engine: Engine<Network>) -> Result<(), UserError> {
+pub async fn serve(home: PathBuf, engine: Engine<Network>) -> Result<(), CommandError> {
     let path = socket_path(&home);
     // A socket file left by a daemon that crashed: nobody answers on it.
     if path.exists() && UnixStream::connect(&path).await.is_err() {
         let _ = std::fs::remove_file(&path);
     }
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| UserError(format!("cannot create {}: {e}", path.display())))?;
+    let listener = UnixListener::bind(&path).map_err(|source| CommandError::ControlSocket {
+        path: path.clone(),
+        source,
+    })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -72,7 +74,7 @@ pub async fn serve(home: PathBuf, engine: Engine<Network>) -> Result<(), UserErr
     }
 }
 
-async fn answer(stream: UnixStream, engine: Engine<Network>) -> Result<(), UserError> {
+async fn answer(stream: UnixStream, engine: Engine<Network>) -> Result<(), CommandError> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))

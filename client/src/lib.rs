@@ -1,17 +1,28 @@
 //! kkachi-client: the messenger.
 //!
+//! One event loop owns the messenger's state: the engine's owner task
+//! ([`engine`]'s `owner`), which holds the store's writes, the outbox's schedule and
+//! the long polls on our relays, and sleeps until its next deadline or event. Beside
+//! it, the network task ([`net`]) owns the libp2p Swarm and answers the engine's
+//! requests. The CLI, the daemon and the terminal UI hold an [`engine::Engine`]
+//! handle and talk to the owner through it; nothing else writes.
+//!
 //! - [`store`]: the local sled database (identity, contacts, sessions, messages,
 //!   outbox, cursors, message requests, blocked senders).
 //! - [`sequence`]: what a contact's sequence numbers and hash chain say is missing or
 //!   altered, in bounded space.
 //! - [`sanitize`]: text a peer chose, made safe to print on a terminal.
-//! - [`net`]: the task owning the libp2p Swarm (relays, LAN peers via mDNS).
-//! - [`engine`]: the delivery engine: durable outbox, multi-path delivery with retries,
-//!   receiving with deduplication, receipts and gap detection.
+//! - [`backoff`]: the one retry schedule.
+//! - [`net`]: the task owning the libp2p Swarm (relays, contacts directly, LAN peers
+//!   via mDNS).
+//! - [`engine`]: the delivery engine: its sans-io core (what is due, backoff, what an
+//!   answer changes), the owner task, receiving with deduplication, receipts and gap
+//!   detection, message requests.
 //! - [`runtime`]: the engine started with a real network, and the network's settings.
 //! - [`cli`], [`commands`]: the command line; [`ipc`] forwards commands to a running
 //!   daemon or UI, which holds the database.
 //! - [`tui`]: the terminal UI.
+pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod engine;

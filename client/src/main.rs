@@ -1,5 +1,10 @@
 //! `kkachi`: parses the command line, opens the home directory (or forwards the
 //! command to the daemon that holds it), runs the command, prints its output.
+//!
+//! Its one event loop is the engine's owner task (see the `kkachi_client` crate docs):
+//! `daemon` and the UI run it until SIGTERM or Ctrl-C, then shut it down, which
+//! finishes the writes under way and flushes before the process exits 0; one-shot
+//! commands run it for as long as the command takes.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -7,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kkachi_client::cli::{Cli, Command};
-use kkachi_client::commands::{App, Output, UserError, print_received, request_line};
+use kkachi_client::commands::{App, CommandError, Output, print_received, request_line};
 use kkachi_client::engine::{AppEvent, Mode};
 use kkachi_client::store::{LocalStore, StoreError};
 use kkachi_client::{ipc, runtime};
@@ -83,20 +88,18 @@ async fn wait_for_signal() {
     }
 }
 
-async fn daemon(home: &Path, json: bool) -> Result<(), UserError> {
+async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
     let store = match LocalStore::open(home) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
-            return Err(UserError(format!(
+            return Err(CommandError::Refused(format!(
                 "a kkachi daemon or UI is already running for {}",
                 home.display()
             )));
         }
         Err(e) => return Err(e.into()),
     };
-    let me = store.identity()?.ok_or_else(|| {
-        UserError("no identity yet: create one with `kkachi init --name NAME`".into())
-    })?;
+    let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
     let engine = runtime::start_engine(store, me, runtime::net_config(), Mode::ONLINE)?;
     let control = tokio::spawn(ipc::serve(home.to_path_buf(), engine.clone()));
     let mut events = engine.subscribe();
@@ -207,7 +210,7 @@ fn main() -> ExitCode {
             other => one_shot(&home, other, cli.json).await,
         }
     });
-    // Background network tasks end with the process.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    // What is left (the network task) is cancelled; a flush under way finishes.
+    drop(runtime);
     code
 }

@@ -53,7 +53,7 @@ struct SessionPlace {
     current: tokio::sync::Mutex<Arc<Session>>,
     /// Asks the swarm's task to connect again; it stops once this is dropped (with the
     /// last handle).
-    dial: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    dial: mpsc::Sender<oneshot::Sender<Result<(), ClientError>>>,
 }
 
 impl std::fmt::Debug for SessionPlace {
@@ -156,8 +156,7 @@ impl MailboxClient {
                 .map_err(|_| ClientError::Request("client stopped".into()))?;
             connected
                 .await
-                .map_err(|_| ClientError::Request("client stopped".into()))?
-                .map_err(ClientError::Request)?;
+                .map_err(|_| ClientError::Request("client stopped".into()))??;
             *current = Session::open(
                 &mut self.place.control.clone(),
                 self.relay,
@@ -216,9 +215,9 @@ async fn drive(
     mut swarm: libp2p::Swarm<Behaviour>,
     relay: PeerId,
     addr: Multiaddr,
-    mut dials: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
+    mut dials: mpsc::Receiver<oneshot::Sender<Result<(), ClientError>>>,
 ) {
-    let mut waiting: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut waiting: Vec<oneshot::Sender<Result<(), ClientError>>> = Vec::new();
     loop {
         tokio::select! {
             asked = dials.recv() => {
@@ -230,7 +229,7 @@ async fn drive(
                 if waiting.is_empty()
                     && let Err(e) = swarm.dial(addr.clone())
                 {
-                    let _ = reply.send(Err(format!("cannot reach relay {addr}: {e}")));
+                    let _ = reply.send(Err(ClientError::Dial { addr: addr.clone(), message: e.to_string() }));
                     continue;
                 }
                 waiting.push(reply);
@@ -243,7 +242,7 @@ async fn drive(
                 }
                 SwarmEvent::OutgoingConnectionError { error, .. } if !swarm.is_connected(&relay) => {
                     for reply in waiting.drain(..) {
-                        let _ = reply.send(Err(format!("cannot reach relay {addr}: {error}")));
+                        let _ = reply.send(Err(ClientError::Dial { addr: addr.clone(), message: error.to_string() }));
                     }
                 }
                 _ => {}

@@ -23,12 +23,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
-    #[error("invalid config file {path}: {message}")]
+    #[error("invalid config file {path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// What is wrong, with line and column.
-        message: String,
+        source: toml::de::Error,
     },
     /// A value is out of range.
     #[error("invalid config: {0}")]
@@ -213,15 +213,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            message,
+            source,
         })
     }
 
     /// Parses TOML text.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Checks ranges that the types cannot express.
@@ -293,9 +293,13 @@ mod tests {
 
     #[test]
     fn typos_and_bad_values_are_reported() {
-        let err = Config::from_toml("[limits]\nputs_per_second = 5\n").unwrap_err();
+        let err = Config::from_toml("[limits]\nputs_per_second = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("puts_per_second"), "{err}");
-        let err = Config::from_toml("metrics = \"nonsense\"").unwrap_err();
+        let err = Config::from_toml("metrics = \"nonsense\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("HOST:PORT"), "{err}");
         let mut cfg = Config::default();
         cfg.limits.max_payload = 1 << 20;

@@ -1,5 +1,8 @@
 //! `kkachi-relay`: parses flags and configuration, starts the relay, prints its listen
 //! addresses, and shuts down gracefully on SIGTERM or Ctrl-C.
+//!
+//! Its one event loop is the node task (`kkachi_relay::node`), which owns the Swarm:
+//! sessions, long polls and the store's group commits meet there.
 
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use anyhow::Context;
+
 use crate::procs::User;
 
 /// Why a namespace scenario cannot run here, if it cannot.
@@ -37,19 +39,15 @@ pub fn nft_unavailable() -> Option<String> {
     }
 }
 
-fn run(args: &[&str]) -> Result<(), String> {
+fn run(args: &[&str]) -> anyhow::Result<()> {
     let o = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .map_err(|e| format!("{}: {e}", args[0]))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
+        .with_context(|| format!("cannot run {}", args[0]))?;
+    if !o.status.success() {
+        anyhow::bail!("{args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
     }
+    Ok(())
 }
 
 /// Two namespaces joined by a veth pair on 10.x addresses private to them.
@@ -63,7 +61,7 @@ pub struct Lan {
 
 impl Lan {
     /// Creates `{prefix}a` and `{prefix}b` joined by a veth pair, multicast enabled.
-    pub fn create(prefix: &str, subnet: u8) -> Result<Self, String> {
+    pub fn create(prefix: &str, subnet: u8) -> anyhow::Result<Self> {
         let lan = Self {
             ns: [format!("{prefix}a"), format!("{prefix}b")],
             ips: [format!("10.213.{subnet}.1"), format!("10.213.{subnet}.2")],
@@ -128,7 +126,7 @@ impl Lan {
 
     /// Drops all traffic between the two namespaces (nftables in the first), or
     /// restores it. Loopback inside the namespace keeps working.
-    pub fn cut(&self, cut: bool) -> Result<(), String> {
+    pub fn cut(&self, cut: bool) -> anyhow::Result<()> {
         const TABLE: &str = "kkachi_cut";
         let nft = |args: &[&str]| {
             let mut all = vec!["ip", "netns", "exec", self.ns[0].as_str(), "nft"];

@@ -5,7 +5,7 @@ use kkachi_protocol::{Card, PeerId};
 use serde_json::json;
 use unicode_width::UnicodeWidthStr;
 
-use super::{App, Output, UserError, fail, hex, name, resolve_contact, short_id};
+use super::{App, CommandError, Output, fail, hex, name, resolve_contact, short_id};
 use crate::cli::{ContactCommand, RequestCommand};
 use crate::engine::ContactOutcome;
 use crate::sanitize::for_terminal;
@@ -21,7 +21,7 @@ impl App {
         command: ContactCommand,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.identity()?;
         match command {
             ContactCommand::Add { code, name } => self.contact_add(&code, name, json, out).await,
@@ -73,7 +73,7 @@ impl App {
         new_name: Option<String>,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         let card = Card::from_invite(code)?;
         let before = self.store.contact(&card.identity().peer_id())?;
         let done = self.local_engine()?.add_contact(card, new_name).await?;
@@ -81,7 +81,7 @@ impl App {
         Ok(())
     }
 
-    fn contact_list(&self, json: bool, out: &mut Output) -> Result<(), UserError> {
+    fn contact_list(&self, json: bool, out: &mut Output) -> Result<(), CommandError> {
         let contacts = self.store.contacts()?;
         let blocked = self.store.blocked_all()?;
         let is_blocked = |p: &PeerId| blocked.iter().any(|(b, _)| b == p);
@@ -145,7 +145,7 @@ impl App {
         label: String,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.local_engine()?.block(peer, label.clone()).await?;
         if json {
             out.json(json!({ "blocked": label, "peer_id": peer.to_string() }));
@@ -158,7 +158,12 @@ impl App {
         Ok(())
     }
 
-    async fn unblock(&mut self, who: &str, json: bool, out: &mut Output) -> Result<(), UserError> {
+    async fn unblock(
+        &mut self,
+        who: &str,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
         let peer = match resolve_contact(&self.store, who) {
             Ok(c) => c.peer,
             Err(not_contact) => {
@@ -190,7 +195,7 @@ impl App {
         command: RequestCommand,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.identity()?;
         match command {
             RequestCommand::List => self.request_list(json, out),
@@ -223,7 +228,7 @@ impl App {
         }
     }
 
-    fn request_list(&self, json: bool, out: &mut Output) -> Result<(), UserError> {
+    fn request_list(&self, json: bool, out: &mut Output) -> Result<(), CommandError> {
         let requests = self.store.requests()?;
         if json {
             let list: Vec<_> = requests.iter().map(request_json).collect();
@@ -324,7 +329,7 @@ fn matches_id(peer: &PeerId, who: &str) -> bool {
 
 /// Finds a message request by the name its sender gives (any case) or their id (whole,
 /// or a unique start or end of at least 6 characters).
-fn resolve_request(store: &LocalStore, who: &str) -> Result<Request, UserError> {
+fn resolve_request(store: &LocalStore, who: &str) -> Result<Request, CommandError> {
     let requests = store.requests()?;
     let by_id: Vec<&Request> = requests
         .iter()

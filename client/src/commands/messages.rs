@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{App, Output, UserError, fail, hex, name, short_id};
+use super::{App, CommandError, Output, fail, hex, name, short_id};
 use crate::cli::SendArgs;
 use crate::engine::{Progress, Received, SendEvent};
 use crate::sanitize::for_terminal;
@@ -21,7 +21,7 @@ impl App {
         args: SendArgs,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         let contact = self.resolve(&args.contact)?;
         if self.store.blocked(&contact.peer)?.is_some() {
             return fail(format!(
@@ -36,9 +36,7 @@ impl App {
         // The contract: exit 0 once it is durable in the outbox.
         match sending.events.recv().await {
             Some(SendEvent::Durable) => {}
-            Some(SendEvent::NotDurable(why)) => {
-                return fail(format!("the message could not be saved: {why}"));
-            }
+            Some(SendEvent::NotDurable(why)) => return Err(CommandError::NotSaved(why)),
             other => return fail(format!("the message could not be saved ({other:?})")),
         }
         // Then its delivery within the timeout; once one path has it, only briefly for
@@ -115,7 +113,7 @@ impl App {
         timeout: f64,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.identity()?;
         let engine = self.engine()?;
         let limit = Duration::from_secs_f64(timeout.max(0.1));
@@ -127,7 +125,7 @@ impl App {
             match result {
                 Ok(()) => reached += 1,
                 // The relay chose the words of its error: escaped.
-                Err(e) => out.warn(format!("relay {addr} unreachable: {}", for_terminal(e))),
+                Err(e) => out.warn(format!("relay {addr}: {}", for_terminal(&e.to_string()))),
             }
         }
         let mut received = report.shown;
@@ -155,7 +153,7 @@ impl App {
         last: Option<usize>,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         let contact = self.resolve(who)?;
         let mut times = LocalTimes::default();
         let mut count = 0usize;

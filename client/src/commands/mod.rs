@@ -14,14 +14,16 @@ mod contacts;
 mod messages;
 mod relays;
 
+use std::path::PathBuf;
+
 use kkachi_protocol::{Card, Identity, PeerId};
 use serde_json::json;
 
 use crate::cli::{Command, RelayCommand};
-use crate::engine::{Engine, Mode};
-use crate::net::Network;
+use crate::engine::{Engine, EngineError, Mode};
+use crate::net::{NetError, Network};
 use crate::sanitize::for_terminal;
-use crate::store::{Contact, LocalStore, Profile};
+use crate::store::{Contact, LocalStore, Profile, StoreError};
 
 pub use messages::{message_json, notices, print_received, push_history_line, request_line};
 pub use relays::failure_domain_warnings;
@@ -53,24 +55,67 @@ impl Output {
     }
 }
 
-/// A failure the user can act on: printed to stderr, exit code 1.
-#[derive(Debug, Clone)]
-pub struct UserError(pub String);
-
-impl std::fmt::Display for UserError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a command failed: printed to stderr, exit code 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// What was asked cannot be done as asked; the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// This home has no identity yet.
+    #[error("no identity yet: create one with `kkachi init --name NAME`")]
+    NoIdentity,
+    /// Another kkachi process holds this home and could not be asked.
+    #[error(
+        "another kkachi process holds {home} but its control socket is unreachable ({source}); is it still starting?"
+    )]
+    DaemonUnreachable {
+        /// The home directory.
+        home: PathBuf,
+        /// Why the socket did not answer.
+        source: std::io::Error,
+    },
+    /// The running daemon's answer could not be read.
+    #[error("the running daemon gave an unreadable answer: {0}")]
+    DaemonAnswer(serde_json::Error),
+    /// The control socket could not be created.
+    #[error("cannot create {path}: {source}")]
+    ControlSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The message could not be made durable.
+    #[error("the message could not be saved: {0}")]
+    NotSaved(std::sync::Arc<StoreError>),
+    /// The terminal failed.
+    #[error("the terminal: {0}")]
+    Terminal(std::io::Error),
+    /// The local database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The network.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A card or invite code.
+    #[error(transparent)]
+    Card(#[from] kkachi_protocol::CardError),
+    /// The invite code does not fit in a QR code.
+    #[error("cannot draw the QR code: {0}")]
+    Qr(#[from] qrcode::types::QrError),
+    /// Reading or writing a file or socket.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A request or answer on the control socket.
+    #[error("control socket: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
-impl<E: std::error::Error> From<E> for UserError {
-    fn from(e: E) -> Self {
-        UserError(e.to_string())
-    }
-}
-
-fn fail<T>(message: impl Into<String>) -> Result<T, UserError> {
-    Err(UserError(message.into()))
+fn fail<T>(message: impl Into<String>) -> Result<T, CommandError> {
+    Err(CommandError::Refused(message.into()))
 }
 
 /// Everything a command may use: the store, the identity, and (once started) the
@@ -91,8 +136,6 @@ impl std::fmt::Debug for App {
             .finish_non_exhaustive()
     }
 }
-
-const NO_IDENTITY: &str = "no identity yet: create one with `kkachi init --name NAME`";
 
 impl App {
     /// Commands over an opened store; the network starts when a command needs it.
@@ -125,21 +168,17 @@ impl App {
         }
     }
 
-    fn identity(&self) -> Result<Identity, UserError> {
-        self.store
-            .identity()?
-            .ok_or_else(|| UserError(NO_IDENTITY.into()))
+    fn identity(&self) -> Result<Identity, CommandError> {
+        self.store.identity()?.ok_or(CommandError::NoIdentity)
     }
 
-    fn profile(&self) -> Result<Profile, UserError> {
-        self.store
-            .profile()?
-            .ok_or_else(|| UserError(NO_IDENTITY.into()))
+    fn profile(&self) -> Result<Profile, CommandError> {
+        self.store.profile()?.ok_or(CommandError::NoIdentity)
     }
 
     /// The engine, starting it (and the network) if this process has none yet: it
     /// delivers, and receives when asked.
-    pub fn engine(&mut self) -> Result<Engine<Network>, UserError> {
+    pub fn engine(&mut self) -> Result<Engine<Network>, CommandError> {
         if let Some(e) = &self.engine {
             return Ok(e.clone());
         }
@@ -157,7 +196,7 @@ impl App {
 
     /// The running engine if there is one, else one that never touches the network:
     /// for local changes, which are made on the engine's task like all others.
-    fn local_engine(&mut self) -> Result<Engine<Network>, UserError> {
+    fn local_engine(&mut self) -> Result<Engine<Network>, CommandError> {
         if let Some(e) = self.engine.as_ref().or(self.offline.as_ref()) {
             return Ok(e.clone());
         }
@@ -169,7 +208,7 @@ impl App {
     }
 
     /// Runs one command (not `daemon` or `tui`, which the binary handles).
-    pub async fn run(&mut self, command: Command, json: bool) -> Result<Output, UserError> {
+    pub async fn run(&mut self, command: Command, json: bool) -> Result<Output, CommandError> {
         let mut out = Output::default();
         match command {
             Command::Init { name } => self.init(&name, json, &mut out)?,
@@ -196,7 +235,7 @@ impl App {
         Ok(out)
     }
 
-    fn init(&self, name: &str, json: bool, out: &mut Output) -> Result<(), UserError> {
+    fn init(&self, name: &str, json: bool, out: &mut Output) -> Result<(), CommandError> {
         if let Some(existing) = self.store.identity()? {
             return fail(format!(
                 "an identity already exists in {} (peer id {}); use another --home for a second one",
@@ -225,7 +264,7 @@ impl App {
         Ok(())
     }
 
-    fn invite(&self, qr: bool, json: bool, out: &mut Output) -> Result<(), UserError> {
+    fn invite(&self, qr: bool, json: bool, out: &mut Output) -> Result<(), CommandError> {
         let card = self.own_card()?;
         let code = card.to_invite();
         if card.relays().is_empty() {
@@ -243,15 +282,15 @@ impl App {
     }
 
     /// Finds a contact by name (case-insensitive), full peer id, or unique peer id prefix.
-    pub fn resolve(&self, who: &str) -> Result<Contact, UserError> {
+    pub fn resolve(&self, who: &str) -> Result<Contact, CommandError> {
         resolve_contact(&self.store, who)
     }
 }
 
 /// Finds a contact by name (case-insensitive), full peer id, or unique peer id prefix.
-pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, UserError> {
+pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, CommandError> {
     if store.identity()?.is_none() {
-        return fail(NO_IDENTITY);
+        return Err(CommandError::NoIdentity);
     }
     let contacts = store.contacts()?;
     // An id first: a name can never stand for someone else's id.

@@ -6,19 +6,19 @@ use kkachi_protocol::wire::RelayInfo;
 use kkachi_protocol::{Card, ClientToRelay, Multiaddr, RelayToClient};
 use serde_json::json;
 
-use super::{App, Output, UserError, fail, name};
+use super::{App, CommandError, Output, fail, name};
 use crate::engine::now_ms;
 use crate::net::{Transport, peer_of};
 use crate::store::WriteSet;
 
 impl App {
-    pub(super) fn own_card(&self) -> Result<Card, UserError> {
+    pub(super) fn own_card(&self) -> Result<Card, CommandError> {
         self.profile()?;
         Ok(self.store.own_card(&self.identity()?)?)
     }
 
     /// After a relay change: a new card version, sent to every contact in-band.
-    pub(super) async fn announce_card(&mut self, out: &mut Output) -> Result<(), UserError> {
+    pub(super) async fn announce_card(&mut self, out: &mut Output) -> Result<(), CommandError> {
         let mut profile = self.profile()?;
         profile.card_version += 1;
         let mut w = WriteSet::default();
@@ -48,13 +48,13 @@ impl App {
         addrs: &[String],
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.identity()?;
         let mut parsed = Vec::new();
         for a in addrs {
             let addr: Multiaddr = a
                 .parse()
-                .map_err(|e| UserError(format!("{a:?} is not a multiaddr ({e}); expected e.g. /ip4/203.0.113.5/tcp/4040/p2p/12D3KooW...")))?;
+                .map_err(|e| CommandError::Refused(format!("{a:?} is not a multiaddr ({e}); expected e.g. /ip4/203.0.113.5/tcp/4040/p2p/12D3KooW...")))?;
             if peer_of(&addr).is_none() {
                 return fail(format!(
                     "{a} must end with /p2p/<relay peer id> (the relay prints its full address when it starts)"
@@ -93,7 +93,7 @@ impl App {
         addr: &str,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.identity()?;
         if !self.store.remove_relay(addr)? {
             return fail(format!(
@@ -113,7 +113,7 @@ impl App {
         &mut self,
         json: bool,
         out: &mut Output,
-    ) -> Result<(), UserError> {
+    ) -> Result<(), CommandError> {
         self.identity()?;
         let relays = self.store.relays()?;
         if relays.is_empty() {

@@ -11,33 +11,27 @@
 //!   ([`Deliveries::next_deadline`]).
 //! - [`Inboxes`]: the long polls on our own relays, with backoff for those that fail.
 //! - [`EarlySends`]: how many sends may leave before their write is durable.
-//! - [`backoff_ms`]: exponential backoff with jitter.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use kkachi_protocol::session::MAX_UNSAVED_SEALS;
 use kkachi_protocol::{MessageId, PeerId};
 
+use super::RelayError;
+use crate::backoff::Backoff;
 use crate::store::{MessageState, OutboxEntry, OutboxKind};
 
-/// First retry delay after a failed attempt; doubles up to [`MAX_BACKOFF_MS`].
-pub const MIN_BACKOFF_MS: u64 = 500;
-/// Longest wait between attempts to one relay (a relay that comes back is retried at
-/// once, when we connect to it for another reason).
-pub const MAX_BACKOFF_MS: u64 = 15_000;
+/// Waits between attempts on one path after failures: from half a second, doubling,
+/// up to 15 s (a relay that comes back is retried at once, when we connect to it for
+/// another reason). Our relays' long polls back off alike.
+pub const RETRY: Backoff = Backoff {
+    first: Duration::from_millis(500),
+    max: Duration::from_secs(15),
+};
 /// How long after every relay acknowledged a message, with no receipt from the contact,
 /// it is put again (a relay may have lost it).
 pub const REPUT_AFTER_MS: u64 = 3_600_000;
-
-/// Exponential backoff with jitter: a wait in `[cap/2, cap]` for
-/// `cap = min(MAX, MIN·2^failures)`; `jitter` (any number, random in practice) picks
-/// where.
-pub fn backoff_ms(failures: u32, jitter: u64) -> u64 {
-    let cap = MIN_BACKOFF_MS
-        .saturating_mul(1 << failures.min(16))
-        .min(MAX_BACKOFF_MS);
-    cap / 2 + jitter % (cap / 2 + 1)
-}
 
 /// A way a copy of an outbox entry travels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,7 +102,7 @@ pub struct Recorded {
     /// It was handed to the contact directly (it is delivered).
     pub handed_over: bool,
     /// What the answer says of the relay asked: up, or down with why.
-    pub relay: Option<(String, Result<(), String>)>,
+    pub relay: Option<(String, Result<(), RelayError>)>,
     /// How far the delivery got (None once done).
     pub progress: Option<Progress>,
 }
@@ -223,7 +217,7 @@ impl Deliveries {
     }
 
     /// Records how `attempt` ended at `now`; `jitter` places the next try of a path
-    /// that failed (see [`backoff_ms`]).
+    /// that failed (see [`RETRY`]).
     pub fn handle_result(
         &mut self,
         attempt: &Attempt,
@@ -234,7 +228,7 @@ impl Deliveries {
         self.in_flight.remove(&(attempt.key, attempt.path.clone()));
         let relay = match (&attempt.path, &outcome) {
             (Path::Relay(addr), Outcome::Unreachable(why)) => {
-                Some((addr.clone(), Err(why.clone())))
+                Some((addr.clone(), Err(RelayError::Unreachable(why.clone()))))
             }
             (Path::Relay(addr), _) => Some((addr.clone(), Ok(()))),
             (Path::Direct, _) => None,
@@ -261,7 +255,7 @@ impl Deliveries {
                         t.acked = true;
                     } else {
                         t.attempts = t.attempts.saturating_add(1);
-                        t.next_try_ms = now + backoff_ms(t.attempts, jitter);
+                        t.next_try_ms = now + RETRY.wait_ms(t.attempts, jitter);
                     }
                 }
             }
@@ -489,7 +483,7 @@ impl Inboxes {
             inbox.next_ms = now;
         } else {
             inbox.failures = inbox.failures.saturating_add(1);
-            inbox.next_ms = now + backoff_ms(inbox.failures, jitter);
+            inbox.next_ms = now + RETRY.wait_ms(inbox.failures, jitter);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The delivery engine: everything between "the user pressed send" and "the contact's
 //! device has it", and the way back.
 //!
-//! One task owns the engine (`owner.rs`): the store's writes, the live end-to-end
+//! One task owns the engine (`owner/`): the store's writes, the live end-to-end
 //! sessions, the outbox's schedule and the long polls on our own relays. It sleeps until
 //! the next deadline or the next event (a command, a network answer, a flush done, a
 //! network event): no fixed-interval polling. Everything else talks to it through an
@@ -80,6 +80,26 @@ pub enum EngineError {
     /// The engine has stopped (the process is shutting down).
     #[error("the engine has stopped")]
     Stopped,
+    /// What was written could not be made durable.
+    #[error("the local database could not save it: {0}")]
+    NotSaved(Arc<StoreError>),
+}
+
+/// Why one of our relays did not serve a request.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RelayError {
+    /// No answer: down, unreachable, or too slow.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// It answered, and refused (its own words).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No answer before the caller's deadline.
+    #[error("no answer in time")]
+    Late,
+    /// What it sent could not be stored here; it is fetched again.
+    #[error("what came could not be stored: {0}")]
+    NotStored(String),
 }
 
 /// Something the user interface may want to show.
@@ -133,13 +153,13 @@ pub struct Queued {
 }
 
 /// How a send goes, as it happens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SendEvent {
     /// The message is durable in the outbox: it will be delivered, whatever happens to
     /// this process.
     Durable,
     /// It could not be made durable: it may be lost with this process.
-    NotDurable(String),
+    NotDurable(Arc<StoreError>),
     /// More paths acknowledged.
     Progress(Progress),
     /// The contact has it: handed over directly (`true`), or confirmed by its receipt.
@@ -192,7 +212,7 @@ pub struct SyncReport {
     /// New messages, as they came.
     pub shown: Vec<Received>,
     /// Each of our relays, and whether it answered (or why not).
-    pub relays: Vec<(String, Result<(), String>)>,
+    pub relays: Vec<(String, Result<(), RelayError>)>,
 }
 
 /// Unix milliseconds now.

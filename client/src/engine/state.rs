@@ -385,14 +385,14 @@ impl<T> State<T> {
     }
 
     /// Records a relay's health and tells the UI.
-    pub(crate) fn note_relay(&self, addr: &str, result: Result<(), String>) {
+    pub(crate) fn note_relay(&self, addr: &str, result: Result<(), super::RelayError>) {
         let up = result.is_ok();
         let _ = self.store.update_relay(addr, |r| match result {
             Ok(()) => {
                 r.last_ok_ms = Some(super::now_ms());
                 r.last_error = None;
             }
-            Err(e) => r.last_error = Some(e),
+            Err(e) => r.last_error = Some(e.to_string()),
         });
         self.emit(AppEvent::Relay {
             addr: addr.to_owned(),

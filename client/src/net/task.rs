@@ -24,15 +24,18 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DirectReply, NetConfig, NetError, NetEvent};
+use crate::backoff::Backoff;
 
-/// After a relay refused a reservation, wait this long before asking again (doubling).
-const RESERVE_BACKOFF: Duration = Duration::from_secs(2);
-/// The longest wait between reservation attempts at a relay that keeps refusing.
-const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// First wait between attempts to reach a contact through its relays (doubling).
-const SEEK_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between those attempts.
-const SEEK_MAX: Duration = Duration::from_secs(30);
+/// Waits before asking a relay that refused a reservation again.
+const RESERVE_AGAIN: Backoff = Backoff {
+    first: Duration::from_secs(2),
+    max: Duration::from_secs(300),
+};
+/// Waits between attempts to reach a contact through its relays.
+const SEEK_AGAIN: Backoff = Backoff {
+    first: Duration::from_secs(1),
+    max: Duration::from_secs(30),
+};
 /// A contact's session with us that has been quiet this long is closed.
 const DIRECT_SESSION_IDLE: Duration = Duration::from_secs(120);
 /// Requests from contacts' sessions waiting for this task.
@@ -297,8 +300,8 @@ impl NetworkTask {
 
     /// Dials `peer` through one of its relays (taking them in turn), unless connected
     /// or an attempt was made too recently. DCUtR then tries for a direct connection.
-    /// The contact's reservation may not be in place yet, so attempts back off from
-    /// `SEEK_FIRST` to `SEEK_MAX`.
+    /// The contact's reservation may not be in place yet, so attempts back off
+    /// ([`SEEK_AGAIN`]).
     fn seek_direct(&mut self, peer: PeerId, relays: &[Multiaddr]) {
         if relays.is_empty() || self.swarm.is_connected(&peer) {
             return;
@@ -311,9 +314,7 @@ impl NetworkTask {
         if Instant::now() < not_before {
             return;
         }
-        let wait = SEEK_FIRST
-            .saturating_mul(1 << attempts.min(10))
-            .min(SEEK_MAX);
+        let wait = SEEK_AGAIN.wait(attempts, rand::random());
         self.seeking
             .insert(peer, (attempts.saturating_add(1), Instant::now() + wait));
         let relay = &relays[attempts as usize % relays.len()];
@@ -342,9 +343,7 @@ impl NetworkTask {
         match refused {
             Some(reason) => {
                 r.refusals = r.refusals.saturating_add(1);
-                let wait = RESERVE_BACKOFF
-                    .saturating_mul(1 << r.refusals.min(10))
-                    .min(RESERVE_BACKOFF_MAX);
+                let wait = RESERVE_AGAIN.wait(r.refusals, rand::random());
                 r.not_before = Instant::now() + wait;
                 tracing::info!(%relay, %reason, ?wait, "relay refused a reservation");
             }

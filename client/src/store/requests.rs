@@ -223,7 +223,7 @@ impl LocalStore {
                 w.remove(TreeId::Requests, k.to_vec());
             }
         }
-        let n = w.ops.len();
+        let n = w.len();
         self.apply(w)?;
         Ok(n)
     }

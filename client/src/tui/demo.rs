@@ -16,7 +16,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::Mutex;
 
 use super::RelaySwitch;
-use crate::commands::UserError;
+use crate::commands::CommandError;
 use crate::engine::{AppEvent, Mode};
 use crate::net::NetConfig;
 use crate::store::LocalStore;
@@ -44,13 +44,13 @@ fn loopback_net() -> NetConfig {
     }
 }
 
-fn free_port() -> Result<u16, UserError> {
+fn free_port() -> Result<u16, CommandError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-async fn start_slot(slot: &mut Slot, i: usize) -> Result<Multiaddr, UserError> {
+async fn start_slot(slot: &mut Slot, i: usize) -> Result<Multiaddr, CommandError> {
     let config = Config {
         data_dir: PathBuf::new(),
         listen: vec![
@@ -68,14 +68,14 @@ async fn start_slot(slot: &mut Slot, i: usize) -> Result<Multiaddr, UserError> {
     let mut handle =
         kkachi_relay::start_with(config, slot.key.clone(), slot.store.clone(), Metrics::new())
             .await
-            .map_err(|e| UserError(format!("demo relay {}: {e}", i + 1)))?;
+            .map_err(|e| CommandError::Refused(format!("demo relay {}: {e}", i + 1)))?;
     let addr = handle.wait_listening(1).await.remove(0);
     slot.running = Some(handle);
     Ok(addr)
 }
 
 impl DemoRelays {
-    async fn start() -> Result<(Arc<Self>, Vec<Multiaddr>), UserError> {
+    async fn start() -> Result<(Arc<Self>, Vec<Multiaddr>), CommandError> {
         let mut slots = Vec::new();
         let mut addrs = Vec::new();
         for i in 0..3 {
@@ -137,7 +137,7 @@ fn reply_to(text: &str, count: usize) -> String {
 }
 
 /// Runs the demo until the UI quits.
-pub async fn run() -> Result<(), UserError> {
+pub async fn run() -> Result<(), CommandError> {
     let root = tempfile::Builder::new().prefix("kkachi-demo-").tempdir()?;
     let (relays, addrs) = DemoRelays::start().await?;
     let (you_store, _, you_card) = LocalStore::provision(&root.path().join("you"), "You", &addrs)?;

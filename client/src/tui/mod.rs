@@ -20,7 +20,7 @@ use ratatui::crossterm::event::{self, Event};
 use tokio::sync::mpsc;
 
 use crate::cli::Command;
-use crate::commands::{App, UserError};
+use crate::commands::{App, CommandError};
 use crate::engine::{AppEvent, Engine, Mode, SendEvent};
 use crate::net::{NetConfig, Network, Transport, peer_of};
 use crate::store::{Direction, LocalStore, MessageState, StoreError};
@@ -41,7 +41,7 @@ pub trait RelaySwitch: Send + Sync {
 }
 
 /// Runs the UI for `home` with the default network settings.
-pub async fn run(home: &Path) -> Result<(), UserError> {
+pub async fn run(home: &Path) -> Result<(), CommandError> {
     run_with(home, crate::runtime::net_config(), None).await
 }
 
@@ -53,10 +53,8 @@ struct Online {
 }
 
 impl Online {
-    fn start(home: &Path, store: LocalStore, config: NetConfig) -> Result<Self, UserError> {
-        let me = store
-            .identity()?
-            .ok_or_else(|| UserError("no identity".into()))?;
+    fn start(home: &Path, store: LocalStore, config: NetConfig) -> Result<Self, CommandError> {
+        let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
         let engine = crate::runtime::start_engine(store, me, config, Mode::ONLINE)?;
         let home = home.to_path_buf();
         let control = {
@@ -82,11 +80,11 @@ pub async fn run_with(
     home: &Path,
     config: NetConfig,
     demo: Option<Arc<dyn RelaySwitch>>,
-) -> Result<(), UserError> {
+) -> Result<(), CommandError> {
     let store = match LocalStore::open(home) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
-            return Err(UserError(format!(
+            return Err(CommandError::Refused(format!(
                 "a kkachi daemon is running for {}; stop it to open the UI (the UI stays online just like it)",
                 home.display()
             )));
@@ -116,7 +114,7 @@ pub async fn run_with(
     );
     let result = loop {
         if let Err(e) = terminal.draw(|f| view::view(&state, f)) {
-            break Err(UserError(format!("cannot draw: {e}")));
+            break Err(CommandError::Terminal(e));
         }
         let msg = tokio::select! {
             Some(msg) = rx.recv() => msg,
@@ -236,10 +234,8 @@ fn run_effect(
                     // Its marks follow from the engine's events; only a failure to save it
                     // is said here.
                     match sending.events.recv().await {
-                        Some(SendEvent::NotDurable(why)) => {
-                            Err(UserError(format!("the message could not be saved: {why}")))
-                        }
-                        _ => Ok::<_, UserError>(String::new()),
+                        Some(SendEvent::NotDurable(why)) => Err(CommandError::NotSaved(why)),
+                        _ => Ok::<_, CommandError>(String::new()),
                     }
                 }
                 .await;

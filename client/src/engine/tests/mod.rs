@@ -233,7 +233,10 @@ impl User {
     /// Seals `text` for `to`; returns once it is durable (its delivery under way).
     async fn queue(&self, to: &Contact, text: &str) -> (Queued, mpsc::Receiver<SendEvent>) {
         let mut sending = self.engine.send(to.peer, text.into()).await.unwrap();
-        assert_eq!(sending.events.recv().await, Some(SendEvent::Durable));
+        assert!(matches!(
+            sending.events.recv().await,
+            Some(SendEvent::Durable)
+        ));
         (sending.queued, sending.events)
     }
 

@@ -1,0 +1,262 @@
+//! Our mailboxes at our relays: long polls, fetches, deletes once durable, syncs; and
+//! envelopes contacts hand us directly.
+
+use std::time::Duration;
+
+use kkachi_protocol::wire::PutOutcome;
+use kkachi_protocol::{
+    ClientToRelay, Envelope, EnvelopeId, MailboxId, Multiaddr, PeerId, RelayToClient,
+};
+use rand::Rng;
+use tokio::sync::oneshot;
+
+use super::super::receive::Source;
+use super::super::{RelayError, SyncReport, Verdict, now_ms};
+use super::{After, Done, Flushed, Owner, SyncRun};
+use crate::net::{DirectReply, NetError, Transport};
+
+impl<T: Transport> Owner<T> {
+    /// Where our mailbox at `relay` was read up to.
+    pub(super) fn cursor(&self, relay: &str) -> u64 {
+        self.state
+            .store
+            .relays()
+            .ok()
+            .and_then(|rs| rs.into_iter().find(|r| r.addr == relay))
+            .map_or(0, |r| r.cursor)
+    }
+
+    pub(super) fn ask_mailbox(&mut self, relay: String, request: ClientToRelay, sync: bool) {
+        let net = self.state.net.clone();
+        self.work.push(Box::pin(async move {
+            let result = match relay.parse::<Multiaddr>() {
+                Ok(addr) => net.request(&addr, request).await,
+                Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
+            };
+            Done::Mailbox {
+                relay,
+                result,
+                sync,
+            }
+        }));
+    }
+
+    pub(super) fn on_mailbox(
+        &mut self,
+        relay: String,
+        result: Result<RelayToClient, NetError>,
+        sync: bool,
+    ) {
+        let now = now_ms();
+        let (items, next, more) = match result {
+            Ok(RelayToClient::Batch { items, next, more }) => (items, next, more),
+            Ok(other) => {
+                let why = match other {
+                    RelayToClient::Error { code, message } => {
+                        format!("{}: {message}", code.as_str())
+                    }
+                    other => format!("unexpected answer {other:?}"),
+                };
+                return self.mailbox_failed(&relay, RelayError::Refused(why), sync, now);
+            }
+            Err(e) => {
+                let why = RelayError::Unreachable(e.to_string());
+                return self.mailbox_failed(&relay, why, sync, now);
+            }
+        };
+        let ids: Vec<EnvelopeId> = items.iter().map(|i| i.envelope.id()).collect();
+        let envelopes: Vec<Envelope> = items.into_iter().map(|i| i.envelope).collect();
+        let result = self.state.receive(&envelopes, Source::Network, now);
+        self.drain_announcements();
+        match result {
+            Ok(tally) => {
+                if let Some(run) = self.syncs.iter_mut().find(|_| sync) {
+                    run.report.shown.extend(tally.shown);
+                }
+                let after = After::Mailbox {
+                    relay,
+                    ids,
+                    next,
+                    more,
+                    sync,
+                };
+                self.wait_durable(after);
+            }
+            Err(e) => self.mailbox_failed(&relay, RelayError::NotStored(e.to_string()), sync, now),
+        }
+        self.sync_outbox();
+    }
+
+    pub(super) fn mailbox_failed(&mut self, relay: &str, why: RelayError, sync: bool, now: u64) {
+        self.state.note_relay(relay, Err(why.clone()));
+        if sync {
+            self.sync_relay_done(relay, Err(why));
+        } else {
+            let jitter = rand::thread_rng().r#gen::<u64>();
+            self.inboxes.handle_answer(relay, false, now, jitter);
+        }
+    }
+
+    pub(super) fn sync_relay_done(&mut self, relay: &str, result: Result<(), RelayError>) {
+        for run in &mut self.syncs {
+            if let Some(i) = run.left.iter().position(|r| r == relay) {
+                run.left.remove(i);
+                run.report.relays.push((relay.to_owned(), result.clone()));
+            }
+        }
+    }
+
+    pub(super) fn delete(&mut self, relay: &str, mailbox: MailboxId, ids: Vec<EnvelopeId>) {
+        let net = self.state.net.clone();
+        let relay = relay.to_owned();
+        self.work.push(Box::pin(async move {
+            if let Ok(addr) = relay.parse::<Multiaddr>()
+                && let Err(e) = net.request(&addr, ClientToRelay::Delete { mailbox, ids }).await
+            {
+                tracing::debug!(%relay, error = %e, "delete failed; what stays is recognised as a copy");
+            }
+            Done::Deleted
+        }));
+    }
+
+    pub(super) fn start_sync(
+        &mut self,
+        reply: oneshot::Sender<SyncReport>,
+        timeout: Duration,
+        now: u64,
+    ) {
+        let due = self.deliveries.handle_force(now);
+        self.write_entries(due);
+        let relays: Vec<String> = match self.state.store.relays() {
+            Ok(rs) => rs.into_iter().map(|r| r.addr).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read our relays");
+                Vec::new()
+            }
+        };
+        let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
+        for relay in &relays {
+            let after = self.cursor(relay);
+            let fetch = ClientToRelay::Fetch {
+                mailbox,
+                after,
+                limit: 256,
+            };
+            self.ask_mailbox(relay.clone(), fetch, true);
+        }
+        self.syncs.push(SyncRun {
+            left: relays,
+            report: SyncReport::default(),
+            deadline: now + timeout.as_millis() as u64,
+            reply,
+        });
+        // Housekeeping first: what expired goes, receipts a crash left are sealed.
+        let result = self.state.housekeeping(now).map(drop);
+        self.after_change(result, |_| {});
+    }
+
+    /// A peer handed us envelopes directly: a contact (not blocked) is answered per
+    /// envelope once what became of them is durable; anyone else is sent to the relays.
+    pub(super) fn direct_put(
+        &mut self,
+        from: PeerId,
+        envelopes: Vec<Envelope>,
+        reply: DirectReply,
+        now: u64,
+    ) {
+        let store = &self.state.store;
+        let contact =
+            matches!(store.contact(&from), Ok(Some(_))) && matches!(store.blocked(&from), Ok(None));
+        if !contact {
+            reply.send(RelayToClient::error(
+                kkachi_protocol::ErrorCode::NotOwner,
+                "this client takes direct deliveries from its contacts only",
+            ));
+            return;
+        }
+        let result = self.state.receive(&envelopes, Source::Network, now);
+        self.drain_announcements();
+        match result {
+            Ok(tally) => {
+                self.sync_outbox();
+                let outcomes: Vec<PutOutcome> =
+                    tally.verdicts.into_iter().map(direct_outcome).collect();
+                self.wait_durable(After::Reply(Box::new(move |flushed| {
+                    reply.send(match flushed {
+                        Ok(()) => RelayToClient::Stored { outcomes },
+                        Err(_) => RelayToClient::error(
+                            kkachi_protocol::ErrorCode::Internal,
+                            "the recipient could not store it",
+                        ),
+                    });
+                })));
+            }
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "could not store a direct delivery");
+                reply.send(RelayToClient::error(
+                    kkachi_protocol::ErrorCode::Internal,
+                    "the recipient could not store it",
+                ));
+            }
+        }
+    }
+
+    /// A batch from our mailbox at `relay` is durable (or the flush failed): delete it
+    /// there, move the cursor past it, and fetch more or wait for the next.
+    pub(super) fn mailbox_durable(
+        &mut self,
+        relay: String,
+        ids: Vec<EnvelopeId>,
+        next: u64,
+        more: bool,
+        sync: bool,
+        flushed: Flushed,
+    ) {
+        if flushed.is_err() {
+            // Not durable: not deleted, not moved past; it comes again.
+            let why = RelayError::NotStored("the local database failed".into());
+            return self.mailbox_failed(&relay, why, sync, now_ms());
+        }
+        let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
+        if !ids.is_empty() {
+            self.delete(&relay, mailbox, ids);
+        }
+        let _ = self
+            .state
+            .store
+            .update_relay(&relay, |r| r.cursor = r.cursor.max(next));
+        self.state.note_relay(&relay, Ok(()));
+        if more {
+            let fetch = ClientToRelay::Fetch {
+                mailbox,
+                after: next,
+                limit: 256,
+            };
+            self.ask_mailbox(relay, fetch, sync);
+        } else if sync {
+            self.sync_relay_done(&relay, Ok(()));
+        } else {
+            self.inboxes.handle_answer(&relay, true, now_ms(), 0);
+        }
+    }
+}
+
+/// How a direct sender is told what became of one envelope.
+fn direct_outcome(verdict: Verdict) -> PutOutcome {
+    let rejected = |code, message: &str| PutOutcome::Rejected {
+        code,
+        message: message.into(),
+    };
+    match verdict {
+        Verdict::Taken => PutOutcome::Stored,
+        Verdict::Duplicate => PutOutcome::Duplicate,
+        Verdict::Held => rejected(
+            kkachi_protocol::ErrorCode::NotOwner,
+            "held as a message request until the recipient accepts you",
+        ),
+        Verdict::Refused => rejected(
+            kkachi_protocol::ErrorCode::Malformed,
+            "the recipient could not take it in",
+        ),
+    }
+}

@@ -1,0 +1,560 @@
+//! The engine's one event loop. One task owns the [`State`] (store writes, live
+//! sessions), the outbox's schedule ([`Deliveries`]) and the long polls on our relays
+//! ([`Inboxes`]); it sleeps until the next deadline or the next event:
+//!
+//! - a command from an [`Engine`](super::Engine) handle (send, a change to contacts, sync);
+//! - a piece of work finishing: an attempt to deliver, a poll or fetch of our mailbox, a
+//!   flush of the store;
+//! - a network event (a contact handing us envelopes, a peer or relay appearing).
+//!
+//! Network exchanges and flushes run as futures this task polls, so it never waits on
+//! the disk or the network: what must follow a write (an answer, a relay delete, a
+//! "durable" to the sender) waits in `after` for the flush that covers the write, and
+//! one flush covers every write made before it started (group commit). Nothing is
+//! acknowledged before it is durable, and nothing leaves before the write that sealed
+//! it is durable, but the newest sends (at most `MAX_UNSAVED_SEALS` at once).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use kkachi_protocol::{ClientToRelay, EnvelopeId, MailboxId, Multiaddr, PeerId, RelayToClient};
+use tokio::sync::{mpsc, oneshot};
+
+use super::machine::{Attempt, Deliveries, EarlySends, Inboxes, Outcome};
+use super::state::State;
+use super::{
+    EngineError, Mode, Progress, RelayError, SUBSCRIBE_WAIT_MS, Sending, SyncReport, now_ms,
+};
+use crate::net::{NetError, NetEvent, Transport, peer_of};
+use crate::store::StoreError;
+use watch::Watcher;
+
+mod inbox;
+mod outbox;
+mod watch;
+
+/// Attempts to deliver under way at once.
+const PARALLEL_DELIVERIES: usize = 16;
+/// How often expired envelopes and requests are forgotten.
+const HOUSEKEEPING_MS: u64 = 6 * 3600 * 1000;
+/// How often contacts with messages waiting are sought for a direct path.
+const SEEK_MS: u64 = 30_000;
+/// Room for progress events per send; a receiver that lags misses some.
+const SEND_EVENTS: usize = 32;
+
+/// A change to run on the owner task; its result goes back boxed.
+pub(super) type Change<T> =
+    Box<dyn FnOnce(&mut State<T>, u64) -> Result<Box<dyn Any + Send>, EngineError> + Send>;
+
+/// What a handle asks of the owner.
+pub(super) enum Command<T> {
+    Send {
+        contact: PeerId,
+        text: String,
+        reply: oneshot::Sender<Result<Sending, EngineError>>,
+    },
+    Change {
+        run: Change<T>,
+        reply: oneshot::Sender<Result<Box<dyn Any + Send>, EngineError>>,
+    },
+    RelaysChanged {
+        announce: bool,
+        reply: oneshot::Sender<Result<usize, EngineError>>,
+    },
+    Sync {
+        timeout: Duration,
+        reply: oneshot::Sender<SyncReport>,
+    },
+    Settle {
+        force: bool,
+        reply: oneshot::Sender<()>,
+    },
+    Progress {
+        key: u64,
+        reply: oneshot::Sender<Option<Progress>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A piece of work that finished.
+enum Done {
+    Attempt(Attempt, Outcome),
+    Mailbox {
+        relay: String,
+        result: Result<RelayToClient, NetError>,
+        sync: bool,
+    },
+    Flushed(Flushed),
+    Deleted,
+}
+
+/// Whether a flush made the writes before it durable.
+type Flushed = Result<(), Arc<StoreError>>;
+
+/// What waits for a write to be durable.
+enum After {
+    /// Let these outbox entries leave.
+    Release(Vec<u64>),
+    /// Announce messages durable, and new requests.
+    Announce(Vec<super::Received>, Vec<PeerId>),
+    /// Answer someone (told whether the flush succeeded).
+    Reply(Box<dyn FnOnce(Flushed) + Send>),
+    /// A send is durable: its watcher hears so.
+    SendDurable(u64),
+    /// A batch from our mailbox at `relay` is durable: delete it there, move the cursor.
+    Mailbox {
+        relay: String,
+        ids: Vec<EnvelopeId>,
+        next: u64,
+        more: bool,
+        sync: bool,
+    },
+}
+
+/// A sync under way.
+struct SyncRun {
+    left: Vec<String>,
+    report: SyncReport,
+    /// Past this, it answers with what it has.
+    deadline: u64,
+    reply: oneshot::Sender<SyncReport>,
+}
+
+pub(super) struct Owner<T> {
+    state: State<T>,
+    mode: Mode,
+    deliveries: Deliveries,
+    inboxes: Inboxes,
+    commands: mpsc::Receiver<Command<T>>,
+    net_events: Option<mpsc::Receiver<NetEvent>>,
+    work: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// What waits for its write (the ticket) to be durable.
+    after: Vec<(u64, After)>,
+    flushing: bool,
+    /// Sends that left before they were durable.
+    early: EarlySends,
+    /// Progress of sends, by outbox key.
+    watchers: HashMap<u64, Watcher>,
+    syncs: Vec<SyncRun>,
+    settles: Vec<oneshot::Sender<()>>,
+    next_housekeeping: u64,
+    next_seek: u64,
+    stopping: Option<oneshot::Sender<()>>,
+}
+
+impl<T: Transport> Owner<T> {
+    pub(super) fn new(
+        state: State<T>,
+        mode: Mode,
+        commands: mpsc::Receiver<Command<T>>,
+        net_events: Option<mpsc::Receiver<NetEvent>>,
+    ) -> Self {
+        Self {
+            state,
+            mode,
+            deliveries: Deliveries::default(),
+            inboxes: Inboxes::default(),
+            commands,
+            net_events,
+            work: FuturesUnordered::new(),
+            after: Vec::new(),
+            flushing: false,
+            early: EarlySends::default(),
+            watchers: HashMap::new(),
+            syncs: Vec::new(),
+            settles: Vec::new(),
+            next_housekeeping: 0,
+            next_seek: 0,
+            stopping: None,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        if let Err(e) = self.load() {
+            tracing::error!(error = %e, "cannot read the outbox");
+        }
+        loop {
+            let now = now_ms();
+            self.start_work(now);
+            self.settle_waiters(now);
+            let sleep = self
+                .next_deadline(now)
+                .map(|at| tokio::time::sleep(Duration::from_millis(at.saturating_sub(now))));
+            tokio::select! {
+                // Finished work first: it releases answers and makes room for more.
+                biased;
+                Some(done) = self.work.next(), if !self.work.is_empty() => self.on_done(done),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break, // every handle is gone
+                },
+                Some(event) = recv(&mut self.net_events) => self.on_net_event(event),
+                () = sleep_or_never(sleep) => {}
+            }
+            if self.stopping.is_some() {
+                break;
+            }
+        }
+        self.stop().await;
+    }
+
+    /// The outbox as stored, and our relays.
+    fn load(&mut self) -> Result<(), EngineError> {
+        for (key, entry) in self.state.store.outbox()? {
+            self.deliveries.upsert(key, entry);
+        }
+        self.state.store.take_outbox_changes();
+        self.deliveries.set_direct(self.state.net.direct_peers());
+        self.take_relays()?;
+        Ok(())
+    }
+
+    /// Our relays as stored: polled (in the inbox mode) and kept reservations at.
+    fn take_relays(&mut self) -> Result<(), EngineError> {
+        let relays: Vec<String> = self
+            .state
+            .store
+            .relays()?
+            .into_iter()
+            .map(|r| r.addr)
+            .collect();
+        if self.mode.inbox {
+            self.inboxes.set(relays.iter().cloned());
+            self.state
+                .net
+                .reserve_at(relays.iter().filter_map(|a| a.parse().ok()).collect());
+        }
+        Ok(())
+    }
+
+    /// Final steps: make everything written durable, answer who waits.
+    async fn stop(mut self) {
+        let flushed = self.state.store.flush().await.map_err(Arc::new);
+        for (_, after) in std::mem::take(&mut self.after) {
+            self.run_after(after, flushed.clone());
+        }
+        for run in self.syncs.drain(..) {
+            let _ = run.reply.send(run.report);
+        }
+        for w in self.settles.drain(..) {
+            let _ = w.send(());
+        }
+        if let Some(reply) = self.stopping.take() {
+            let _ = reply.send(());
+        }
+        tracing::debug!("engine stopped");
+    }
+
+    // --- deadlines and work ---
+
+    fn next_deadline(&self, now: u64) -> Option<u64> {
+        let mut deadlines = vec![];
+        if self.mode.deliver {
+            deadlines.extend(self.deliveries.next_deadline());
+            if !self.deliveries.is_empty() {
+                deadlines.push(self.next_seek);
+            }
+        }
+        if self.mode.inbox {
+            deadlines.extend(self.inboxes.next_deadline());
+            deadlines.push(self.next_housekeeping);
+        }
+        deadlines.extend(self.syncs.iter().map(|r| r.deadline));
+        deadlines.into_iter().min().map(|d| d.max(now))
+    }
+
+    /// Starts what is due: upkeep, long polls, deliveries.
+    fn start_work(&mut self, now: u64) {
+        if self.mode.inbox && now >= self.next_housekeeping {
+            self.next_housekeeping = now + HOUSEKEEPING_MS;
+            let result = self.state.housekeeping(now);
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "housekeeping failed");
+            }
+            self.after_change(result.map(drop), |_| {});
+        }
+        if self.mode.inbox {
+            let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
+            for relay in self.inboxes.poll(now) {
+                let after = self.cursor(&relay);
+                let request = ClientToRelay::Subscribe {
+                    mailbox,
+                    after,
+                    wait_ms: SUBSCRIBE_WAIT_MS,
+                };
+                self.ask_mailbox(relay, request, false);
+            }
+        }
+        if !self.mode.deliver {
+            return;
+        }
+        let reputs = self.deliveries.poll_reputs(now);
+        if !reputs.is_empty() {
+            self.write_entries(reputs);
+        }
+        if now >= self.next_seek {
+            self.next_seek = now + SEEK_MS;
+            self.seek_direct();
+        }
+        let room = PARALLEL_DELIVERIES.saturating_sub(self.deliveries.in_flight());
+        for attempt in self.deliveries.poll_attempts(now, room) {
+            self.start_attempt(attempt);
+        }
+        self.maybe_flush();
+    }
+
+    // --- what finished ---
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Attempt(attempt, outcome) => self.on_attempt(attempt, outcome),
+            Done::Mailbox {
+                relay,
+                result,
+                sync,
+            } => self.on_mailbox(relay, result, sync),
+            Done::Flushed(result) => {
+                self.flushing = false;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "flushing the store failed");
+                }
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
+                    .into_iter()
+                    .partition(|(ticket, _)| {
+                        result.is_err() || self.state.store.is_durable(*ticket)
+                    });
+                self.after = waiting;
+                for (_, after) in ready {
+                    self.run_after(after, result.clone());
+                }
+            }
+            Done::Deleted => {}
+        }
+        self.maybe_flush();
+    }
+
+    fn run_after(&mut self, after: After, flushed: Flushed) {
+        match after {
+            After::Release(keys) => {
+                for key in keys {
+                    self.deliveries.release(key);
+                }
+            }
+            After::Announce(shown, requests) => {
+                if flushed.is_ok() {
+                    for r in shown {
+                        self.state.emit(super::AppEvent::Message(r));
+                    }
+                }
+                for peer in requests {
+                    self.state.emit(super::AppEvent::Request(peer));
+                }
+            }
+            After::Reply(reply) => reply(flushed),
+            After::SendDurable(key) => {
+                if let Some(w) = self.watchers.get_mut(&key) {
+                    w.durable(flushed);
+                    if w.finished() || w.abandoned() {
+                        self.watchers.remove(&key);
+                    }
+                }
+            }
+            After::Mailbox {
+                relay,
+                ids,
+                next,
+                more,
+                sync,
+            } => self.mailbox_durable(relay, ids, next, more, sync, flushed),
+        }
+    }
+
+    // --- commands ---
+
+    fn on_command(&mut self, command: Command<T>) {
+        let now = now_ms();
+        match command {
+            Command::Send {
+                contact,
+                text,
+                reply,
+            } => {
+                let _ = reply.send(self.send(contact, &text, now));
+            }
+            Command::Change { run, reply } => {
+                let result = run(&mut self.state, now);
+                self.after_change(result, move |r| {
+                    let _ = reply.send(r);
+                });
+            }
+            Command::RelaysChanged { announce, reply } => {
+                let result = self.take_relays().and_then(|()| match announce {
+                    true => self.state.queue_card_updates(now),
+                    false => Ok(0),
+                });
+                self.after_change(result, move |r| {
+                    let _ = reply.send(r);
+                });
+            }
+            Command::Sync { timeout, reply } => {
+                self.deliveries.set_direct(self.state.net.direct_peers());
+                self.start_sync(reply, timeout, now);
+            }
+            Command::Settle { force, reply } => {
+                self.deliveries.set_direct(self.state.net.direct_peers());
+                if force {
+                    let due = self.deliveries.handle_force(now);
+                    self.write_entries(due);
+                }
+                self.settles.push(reply);
+            }
+            Command::Progress { key, reply } => {
+                let _ = reply.send(self.deliveries.progress(key));
+            }
+            Command::Shutdown { reply } => self.stopping = Some(reply),
+        }
+        self.maybe_flush();
+    }
+
+    /// After a change made by a command: the outbox learns what changed, and `reply`
+    /// gets the result once what it wrote is durable (at once if it failed).
+    fn after_change<R: Send + 'static>(
+        &mut self,
+        result: Result<R, EngineError>,
+        reply: impl FnOnce(Result<R, EngineError>) + Send + 'static,
+    ) {
+        self.drain_announcements();
+        self.sync_outbox();
+        match result {
+            Err(e) => reply(Err(e)),
+            Ok(r) => self.wait_durable(After::Reply(Box::new(move |flushed| {
+                reply(flushed.map(|()| r).map_err(EngineError::NotSaved))
+            }))),
+        }
+    }
+
+    /// What the state took in is announced once durable.
+    fn drain_announcements(&mut self) {
+        let shown = std::mem::take(&mut self.state.announced);
+        let requests = std::mem::take(&mut self.state.requests);
+        if !shown.is_empty() || !requests.is_empty() {
+            self.wait_durable(After::Announce(shown, requests));
+        }
+    }
+
+    /// `after` runs once everything written so far is durable.
+    fn wait_durable(&mut self, after: After) {
+        let ticket = self.state.store.write_ticket();
+        self.after.push((ticket, after));
+    }
+
+    /// Starts a flush if something waits for one and none is under way.
+    fn maybe_flush(&mut self) {
+        if self.flushing {
+            return;
+        }
+        let store = &self.state.store;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
+            .into_iter()
+            .partition(|(ticket, _)| store.is_durable(*ticket));
+        self.after = waiting;
+        for (_, after) in ready {
+            self.run_after(after, Ok(()));
+        }
+        if self.after.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let store = self.state.store.clone();
+        self.work.push(Box::pin(async move {
+            Done::Flushed(store.flush().await.map_err(Arc::new))
+        }));
+    }
+
+    /// Answers who waits for quiet: nothing under way, nothing due now, nothing waiting
+    /// for the disk; and syncs whose fetches are all done, once quiet too.
+    fn settle_waiters(&mut self, now: u64) {
+        // Syncs out of time answer with what they have.
+        let (late, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.syncs)
+            .into_iter()
+            .partition(|r| now >= r.deadline);
+        self.syncs = running;
+        for mut run in late {
+            for relay in run.left.drain(..) {
+                run.report.relays.push((relay, Err(RelayError::Late)));
+            }
+            let _ = run.reply.send(run.report);
+        }
+        let quiet = self.deliveries.in_flight() == 0
+            && self.after.is_empty()
+            && !self.flushing
+            && (!self.mode.deliver || self.deliveries.next_deadline().is_none_or(|d| d > now));
+        if !quiet {
+            return;
+        }
+        for w in self.settles.drain(..) {
+            let _ = w.send(());
+        }
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.syncs)
+            .into_iter()
+            .partition(|r| r.left.is_empty());
+        self.syncs = running;
+        for run in done {
+            let _ = run.reply.send(run.report);
+        }
+    }
+
+    // --- the network ---
+
+    fn on_net_event(&mut self, event: NetEvent) {
+        let now = now_ms();
+        match event {
+            NetEvent::DirectPut {
+                from,
+                envelopes,
+                reply,
+            } => self.direct_put(from, envelopes, reply, now),
+            NetEvent::LanPeer { .. } => {
+                self.deliveries.set_direct(self.state.net.direct_peers());
+            }
+            NetEvent::Connection { peer, up } => {
+                self.deliveries.set_direct(self.state.net.direct_peers());
+                if up {
+                    // A relay we could not reach is back: what waits for it goes now.
+                    let of_peer = |addr: &str| {
+                        addr.parse::<Multiaddr>().ok().and_then(|a| peer_of(&a)) == Some(peer)
+                    };
+                    let due = self.deliveries.handle_relay_up(of_peer, now);
+                    self.write_entries(due);
+                    if let Ok(relays) = self.state.store.relays() {
+                        for r in relays.iter().filter(|r| of_peer(&r.addr)) {
+                            self.inboxes.handle_relay_up(&r.addr, now);
+                        }
+                    }
+                }
+            }
+        }
+        self.maybe_flush();
+    }
+}
+
+async fn recv(events: &mut Option<mpsc::Receiver<NetEvent>>) -> Option<NetEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_or_never(sleep: Option<tokio::time::Sleep>) {
+    match sleep {
+        Some(s) => s.await,
+        None => std::future::pending().await,
+    }
+}

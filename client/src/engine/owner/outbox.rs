@@ -1,0 +1,189 @@
+//! The outbox: attempts to deliver on each path, what their answers change, new sends.
+
+use kkachi_protocol::wire::PutOutcome;
+use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use super::super::machine::{Attempt, Outcome, Path};
+use super::super::{ATTEMPT_TIMEOUT, EngineError, Sending, now_ms};
+use super::watch::Watcher;
+use super::{After, Done, Owner, SEND_EVENTS};
+use crate::net::{NetError, Transport};
+use crate::store::{LocalStore, WriteSet};
+
+impl<T: Transport> Owner<T> {
+    pub(super) fn start_attempt(&mut self, attempt: Attempt) {
+        if let Some(watcher) = self.watchers.get_mut(&attempt.key) {
+            watcher.on_attempt();
+        }
+        let net = self.state.net.clone();
+        self.work.push(Box::pin(async move {
+            let outcome = match Envelope::decode(&attempt.envelope) {
+                Err(e) => Outcome::Refused(format!("the outbox envelope is unreadable: {e}")),
+                Ok(envelope) => match &attempt.path {
+                    Path::Direct => put(net.direct_put(attempt.contact, vec![envelope])).await,
+                    Path::Relay(addr) => match addr.parse::<Multiaddr>() {
+                        Ok(relay) => {
+                            let request = ClientToRelay::Put {
+                                envelopes: vec![envelope],
+                            };
+                            put(net.request(&relay, request)).await
+                        }
+                        Err(e) => Outcome::Unreachable(format!("bad relay address: {e}")),
+                    },
+                },
+            };
+            Done::Attempt(attempt, outcome)
+        }));
+    }
+
+    /// Contacts with messages waiting and no direct path are sought for one (through
+    /// their relays; the network backs off per contact).
+    pub(super) fn seek_direct(&self) {
+        for peer in self.deliveries.waiting_contacts() {
+            if let Ok(Some(contact)) = self.state.store.contact(&peer) {
+                self.state.net.seek_direct(peer, contact.card.relays());
+            }
+        }
+    }
+
+    pub(super) fn on_attempt(&mut self, attempt: Attempt, outcome: Outcome) {
+        let now = now_ms();
+        let jitter = rand::thread_rng().r#gen::<u64>();
+        let r = self
+            .deliveries
+            .handle_result(&attempt, outcome, now, jitter);
+        let mut w = WriteSet::default();
+        match &r.entry {
+            Some(entry) => LocalStore::write_outbox(&mut w, attempt.key, entry),
+            None if r.known => w.remove(
+                crate::store::TreeId::Outbox,
+                attempt.key.to_be_bytes().to_vec(),
+            ),
+            None => {}
+        }
+        if let (Some(state), Some(id)) = (r.state, attempt.message)
+            && let Err(e) = self
+                .state
+                .advance_state(&mut w, &attempt.contact, &id, state)
+        {
+            tracing::warn!(error = %e, "cannot record a message's state");
+        }
+        if r.handed_over
+            && let Some(id) = attempt.message
+        {
+            self.state.emit(super::super::AppEvent::HandedOver {
+                contact: attempt.contact,
+                id,
+            });
+        }
+        if let Err(e) = self.state.store.apply(w) {
+            tracing::warn!(error = %e, "cannot record a delivery");
+        }
+        if let Some((addr, health)) = r.relay {
+            if let Err(why) = &health {
+                tracing::debug!(relay = %addr, error = %why, "relay unreachable");
+            }
+            self.state.note_relay(&addr, health);
+        }
+        // Only this answer's own write is new, and the schedule has it already.
+        self.state.store.take_outbox_changes();
+        if let Some(watcher) = self.watchers.get_mut(&attempt.key) {
+            watcher.on_answer(r.handed_over, r.progress, r.entry.is_none());
+            if watcher.finished() {
+                self.watchers.remove(&attempt.key);
+            }
+        }
+    }
+
+    pub(super) fn send(
+        &mut self,
+        contact: PeerId,
+        text: &str,
+        now: u64,
+    ) -> Result<Sending, EngineError> {
+        let Some(card) = self.state.store.contact(&contact)? else {
+            return Err(super::super::ContactError::NotContact(contact.to_string()).into());
+        };
+        let queued = self.state.queue_text(&card, text, now)?;
+        let (events, rx) = mpsc::channel(SEND_EVENTS);
+        self.watchers
+            .insert(queued.outbox_key, Watcher::new(events));
+        self.sync_outbox();
+        // The newest sends leave before their write is durable, within the bound.
+        let store = &self.state.store;
+        if self
+            .early
+            .claim(store.write_ticket(), |t| store.is_durable(t))
+        {
+            self.deliveries.release(queued.outbox_key);
+        }
+        self.state.net.seek_direct(contact, card.card.relays());
+        self.wait_durable(After::SendDurable(queued.outbox_key));
+        Ok(Sending { queued, events: rx })
+    }
+
+    /// Brings the schedule up to date with what was written to the outbox (by anyone):
+    /// changed entries wait for their write to be durable before they leave.
+    pub(super) fn sync_outbox(&mut self) {
+        let changed = self.state.store.take_outbox_changes();
+        if changed.is_empty() {
+            return;
+        }
+        let mut held = Vec::new();
+        for key in changed {
+            match self.state.store.outbox_entry(key) {
+                Ok(Some(entry)) => {
+                    self.deliveries.upsert(key, entry);
+                    self.deliveries.hold(key);
+                    held.push(key);
+                }
+                Ok(None) => {
+                    self.deliveries.remove(key);
+                    if let Some(watcher) = self.watchers.get_mut(&key) {
+                        watcher.on_receipt();
+                        if watcher.finished() {
+                            self.watchers.remove(&key);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, key, "cannot read an outbox entry"),
+            }
+        }
+        self.wait_durable(After::Release(held));
+    }
+
+    pub(super) fn write_entries(&mut self, entries: Vec<(u64, crate::store::OutboxEntry)>) {
+        let mut w = WriteSet::default();
+        for (key, entry) in &entries {
+            LocalStore::write_outbox(&mut w, *key, entry);
+        }
+        if let Err(e) = self.state.store.apply(w) {
+            tracing::warn!(error = %e, "cannot record the outbox's schedule");
+        }
+        // Timing only: the envelopes did not change, so they need not wait.
+        self.state.store.take_outbox_changes();
+    }
+}
+
+/// One put, and what its answer means for the path.
+async fn put(
+    request: impl std::future::Future<Output = Result<RelayToClient, NetError>>,
+) -> Outcome {
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, request).await {
+        Err(_) => Outcome::Unreachable(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+        Ok(Err(e)) => Outcome::Unreachable(e.to_string()),
+        Ok(Ok(RelayToClient::Stored { outcomes })) => match outcomes.first() {
+            Some(PutOutcome::Stored | PutOutcome::Duplicate) => Outcome::Acked,
+            Some(PutOutcome::Rejected { code, message }) => {
+                Outcome::Refused(format!("{}: {message}", code.as_str()))
+            }
+            None => Outcome::Refused("an empty answer".into()),
+        },
+        Ok(Ok(RelayToClient::Error { code, message })) => {
+            Outcome::Refused(format!("{}: {message}", code.as_str()))
+        }
+        Ok(Ok(other)) => Outcome::Refused(format!("unexpected answer {other:?}")),
+    }
+}

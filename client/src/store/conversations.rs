@@ -1,0 +1,287 @@
+//! Contacts, sessions, conversations, messages, receipts due and hash chains.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kkachi_protocol::{Card, MessageId, PeerId, Session};
+
+use super::records::ContactRecord;
+use super::{
+    Contact, Conversation, LocalStore, MessageRecord, StoreError, TreeId, WriteSet, db, decode,
+};
+use crate::sequence::ChainLink;
+
+/// Decoded contacts. Decoding checks each card's signatures, which costs more than
+/// the rest of receiving a message, and contacts are read on every one.
+#[derive(Debug, Default)]
+pub(super) struct ContactCache {
+    /// Bumped after every write to the contacts tree.
+    pub(super) generation: AtomicU64,
+    /// The contacts as of `.0`, a generation.
+    cached: parking_lot::RwLock<Option<(u64, Arc<Vec<Contact>>)>>,
+}
+
+impl LocalStore {
+    // --- contacts ---
+
+    /// All contacts, by name. Decoded once per change of the contacts tree and shared.
+    pub fn contacts(&self) -> Result<Arc<Vec<Contact>>, StoreError> {
+        let generation = self.contacts.generation.load(Ordering::SeqCst);
+        if let Some((g, contacts)) = self.contacts.cached.read().as_ref()
+            && *g == generation
+        {
+            return Ok(contacts.clone());
+        }
+        let mut out = Vec::new();
+        for item in self.tree(TreeId::Contacts).iter() {
+            let (k, v) = item.map_err(db)?;
+            out.push(contact_from(&k, &v)?);
+        }
+        out.sort_by_key(|c| c.name.to_lowercase());
+        let out = Arc::new(out);
+        *self.contacts.cached.write() = Some((generation, out.clone()));
+        Ok(out)
+    }
+
+    /// One contact.
+    pub fn contact(&self, peer: &PeerId) -> Result<Option<Contact>, StoreError> {
+        Ok(self.contacts()?.iter().find(|c| c.peer == *peer).cloned())
+    }
+
+    /// Adds or replaces a contact (in a WriteSet).
+    pub fn write_contact(w: &mut WriteSet, contact: &Contact) {
+        let record = ContactRecord {
+            name: contact.name.clone(),
+            card: contact.card.encode(),
+        };
+        w.put_record(TreeId::Contacts, contact.peer.to_bytes(), &record);
+    }
+
+    // --- sessions and conversations ---
+
+    /// The session with `contact` (a fresh one if none is stored).
+    pub fn session(&self, contact: &Contact) -> Result<Session, StoreError> {
+        match self
+            .tree(TreeId::Sessions)
+            .get(contact.peer.to_bytes())
+            .map_err(db)?
+        {
+            Some(bytes) => Session::decode(&bytes).map_err(|_| StoreError::Corrupt("session")),
+            None => Ok(Session::new(*contact.card.identity().x25519())),
+        }
+    }
+
+    /// Writes a session state (in a WriteSet).
+    pub fn write_session(w: &mut WriteSet, peer: &PeerId, session: &Session) {
+        w.put(TreeId::Sessions, peer.to_bytes(), session.encode().to_vec());
+    }
+
+    /// The conversation with `peer`.
+    pub fn conversation(&self, peer: &PeerId) -> Result<Conversation, StoreError> {
+        Ok(self
+            .get_record(TreeId::Conversations, &peer.to_bytes(), "conversation")?
+            .unwrap_or_default())
+    }
+
+    /// Writes a conversation (in a WriteSet).
+    pub fn write_conversation(w: &mut WriteSet, peer: &PeerId, conv: &Conversation) {
+        w.put_record(TreeId::Conversations, peer.to_bytes(), conv);
+    }
+
+    // --- messages ---
+
+    /// Messages with `peer`, oldest first.
+    pub fn messages(&self, peer: &PeerId) -> Result<Vec<MessageRecord>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each_message(peer, |m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every message with `peer`, oldest first, without holding them
+    /// all. Reading pages of a store just opened is most of the cost of a long history,
+    /// so a helper thread reads ahead while this one decodes and `f` works.
+    pub fn for_each_message(
+        &self,
+        peer: &PeerId,
+        mut f: impl FnMut(MessageRecord),
+    ) -> Result<(), StoreError> {
+        const BATCH: usize = 512;
+        let tree = self.tree(TreeId::Messages);
+        let prefix = peer.to_bytes();
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<sled::IVec>, StoreError>>(8);
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                for item in tree.scan_prefix(prefix) {
+                    match item {
+                        Ok((_, v)) => batch.push(v),
+                        Err(e) => {
+                            let _ = tx.send(Err(db(e)));
+                            return;
+                        }
+                    }
+                    if batch.len() == BATCH
+                        && tx
+                            .send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))
+                            .is_err()
+                    {
+                        return; // the reader gave up
+                    }
+                }
+                let _ = tx.send(Ok(batch));
+            });
+            // Dropping `rx` on an error stops the helper at its next batch.
+            for batch in rx {
+                for v in batch? {
+                    f(decode(&v, "message")?);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The most recent `n` messages with `peer`, oldest first.
+    pub fn recent_messages(
+        &self,
+        peer: &PeerId,
+        n: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let mut out: Vec<MessageRecord> = self
+            .tree(TreeId::Messages)
+            .scan_prefix(peer.to_bytes())
+            .rev()
+            .take(n)
+            .map(|item| {
+                let (_, v) = item.map_err(db)?;
+                decode(&v, "message")
+            })
+            .collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// A message by its sender's id within a conversation: (key, record).
+    pub fn message(
+        &self,
+        peer: &PeerId,
+        id: &MessageId,
+    ) -> Result<Option<(Vec<u8>, MessageRecord)>, StoreError> {
+        let Some(key) = self
+            .tree(TreeId::MessageIndex)
+            .get(index_key(peer, id))
+            .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_record(TreeId::Messages, &key, "message")?
+            .map(|m| (key.to_vec(), m)))
+    }
+
+    /// Writes a new message and its index entry (in a WriteSet).
+    pub fn write_message(w: &mut WriteSet, peer: &PeerId, key: Vec<u8>, message: &MessageRecord) {
+        w.put(
+            TreeId::MessageIndex,
+            index_key(peer, &MessageId(message.id)),
+            key.clone(),
+        );
+        w.put_record(TreeId::Messages, key, message);
+    }
+
+    // --- receipts due ---
+
+    /// Notes that message `id` of `peer` is to be confirmed (in a WriteSet).
+    pub fn write_receipt_due(w: &mut WriteSet, peer: &PeerId, id: &MessageId) {
+        w.put(TreeId::ReceiptsDue, index_key(peer, id), Vec::new());
+    }
+
+    /// Clears the note of [`LocalStore::write_receipt_due`] (in a WriteSet).
+    pub fn clear_receipt_due(w: &mut WriteSet, peer: &PeerId, id: &MessageId) {
+        w.remove(TreeId::ReceiptsDue, index_key(peer, id));
+    }
+
+    /// Messages to confirm, by contact.
+    pub fn receipts_due(&self) -> Result<Vec<(PeerId, Vec<MessageId>)>, StoreError> {
+        let mut out: Vec<(PeerId, Vec<MessageId>)> = Vec::new();
+        for item in self.tree(TreeId::ReceiptsDue).iter() {
+            let (k, _) = item.map_err(db)?;
+            let split = k
+                .len()
+                .checked_sub(16)
+                .ok_or(StoreError::Corrupt("receipt due"))?;
+            let peer =
+                PeerId::from_bytes(&k[..split]).map_err(|_| StoreError::Corrupt("receipt due"))?;
+            let id = MessageId(k[split..].try_into().expect("16 bytes"));
+            match out.last_mut() {
+                Some((p, ids)) if *p == peer => ids.push(id),
+                _ => out.push((peer, vec![id])),
+            }
+        }
+        Ok(out)
+    }
+
+    // --- hash chains ---
+
+    /// The record of `peer` held at sequence number `seq`, if any.
+    pub fn chain_link(&self, peer: &PeerId, seq: u64) -> Result<Option<ChainLink>, StoreError> {
+        self.get_record(TreeId::Chain, &chain_key(peer, seq), "chain link")
+    }
+
+    /// Records the record of `peer` at `seq` (in a WriteSet).
+    pub fn write_chain_link(w: &mut WriteSet, peer: &PeerId, seq: u64, link: &ChainLink) {
+        w.put_record(TreeId::Chain, chain_key(peer, seq), link);
+    }
+
+    /// Everything kept about `peer` goes (in a WriteSet): contact, session,
+    /// conversation, messages, chain and outbox entries. Returns how many messages.
+    pub fn forget_contact(&self, w: &mut WriteSet, peer: &PeerId) -> Result<usize, StoreError> {
+        let prefix = peer.to_bytes();
+        w.remove(TreeId::Contacts, prefix.clone());
+        w.remove(TreeId::Sessions, prefix.clone());
+        w.remove(TreeId::Conversations, prefix.clone());
+        let mut messages = 0;
+        for tree in [TreeId::Messages, TreeId::MessageIndex, TreeId::Chain] {
+            for item in self.tree(tree).scan_prefix(&prefix) {
+                let (k, _) = item.map_err(db)?;
+                w.remove(tree, k.to_vec());
+                messages += usize::from(tree == TreeId::Messages);
+            }
+        }
+        self.forget_outbox(w, peer)?;
+        Ok(messages)
+    }
+
+    /// Drops every outbox entry for `peer` (in a WriteSet).
+    pub fn forget_outbox(&self, w: &mut WriteSet, peer: &PeerId) -> Result<(), StoreError> {
+        let contact = peer.to_bytes();
+        for (key, entry) in self.outbox()? {
+            if entry.contact == contact {
+                w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn chain_key(peer: &PeerId, seq: u64) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn index_key(peer: &PeerId, id: &MessageId) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(&id.0);
+    k
+}
+
+fn contact_from(key: &[u8], value: &[u8]) -> Result<Contact, StoreError> {
+    let record: ContactRecord = decode(value, "contact")?;
+    let peer = PeerId::from_bytes(key).map_err(|_| StoreError::Corrupt("contact key"))?;
+    let card = Card::decode(&record.card).map_err(|_| StoreError::Corrupt("contact card"))?;
+    Ok(Contact {
+        peer,
+        name: record.name,
+        card,
+    })
+}

@@ -1,0 +1,213 @@
+//! The records the store holds, as the rest of the client sees them.
+
+use kkachi_protocol::{Card, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::sequence::Gaps;
+
+/// The user's own profile.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Profile {
+    /// Display name.
+    pub name: String,
+    /// Version counter of the user's own card; bumped when relays change.
+    pub card_version: u64,
+}
+
+/// What the client knows about one of its own inbox relays.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayRecord {
+    /// Full address, ending in `/p2p/<peer id>`.
+    pub addr: String,
+    /// Name from the relay's info, once fetched.
+    pub name: String,
+    /// Failure-domain label from the relay's info, once fetched.
+    pub failure_domain: String,
+    /// Mailbox cursor: everything up to here has been received.
+    pub cursor: u64,
+    /// Unix ms of the last successful exchange.
+    pub last_ok_ms: Option<u64>,
+    /// The last error, if the last exchange failed.
+    pub last_error: Option<String>,
+}
+
+/// A contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    /// The contact's user id.
+    pub peer: PeerId,
+    /// The name shown locally (their card name unless the user chose another).
+    pub name: String,
+    /// Their latest signed card.
+    pub card: Card,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct ContactRecord {
+    pub(super) name: String,
+    pub(super) card: Vec<u8>,
+}
+
+/// Per-contact conversation bookkeeping.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conversation {
+    /// Sequence number of our next sequenced message to them.
+    pub next_seq: u64,
+    /// Hash of our last sequenced message to them.
+    pub last_hash: [u8; 32],
+    /// Which of their sequence numbers are missing: shown as gaps.
+    pub gaps: Gaps,
+    /// Their sequence numbers where the hash chain breaks: a message there does not
+    /// follow the one before it (altered, replaced, or sent from a restored copy).
+    pub chain_breaks: Vec<u64>,
+    /// Their messages that claimed a sequence number another of theirs holds.
+    pub conflicts: u64,
+    /// Bytes of their messages stored, for [`MAX_STORED_PER_CONTACT`].
+    pub received_bytes: u64,
+    /// Their messages refused because of [`MAX_STORED_PER_CONTACT`].
+    pub refused: u64,
+    /// Local order counter for message keys.
+    pub next_local: u64,
+}
+
+/// Most bytes of one contact's messages kept: past this, what they send is refused (and
+/// counted), so a hostile contact cannot fill the disk. About two million short messages.
+pub const MAX_STORED_PER_CONTACT: u64 = 256 << 20;
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Direction {
+    /// Received from the contact.
+    In,
+    /// Sent by us.
+    Out,
+}
+
+/// Where an outgoing message is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MessageState {
+    /// Durable locally; no relay has it yet.
+    Queued,
+    /// Stored by `relayed` of `total` relays (or handed over directly).
+    Relayed {
+        /// Relays (and direct paths) that acknowledged.
+        relayed: u8,
+        /// Relays the contact has.
+        total: u8,
+    },
+    /// The contact's device has it.
+    Delivered,
+    /// The contact has seen it.
+    Read,
+    /// An incoming message.
+    Received,
+}
+
+impl MessageState {
+    /// The word shown to users and in JSON.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Relayed { .. } => "relayed",
+            Self::Delivered => "delivered",
+            Self::Read => "read",
+            Self::Received => "received",
+        }
+    }
+
+    /// Rank for never moving a state backwards.
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Queued => 0,
+            Self::Relayed { .. } => 1,
+            Self::Received => 1,
+            Self::Delivered => 2,
+            Self::Read => 3,
+        }
+    }
+
+    /// True if `next` would move this state forward (or add relays).
+    pub fn advances_to(&self, next: &MessageState) -> bool {
+        match (self, next) {
+            (Self::Relayed { relayed: a, .. }, Self::Relayed { relayed: b, .. }) => b > a,
+            _ => next.rank() > self.rank(),
+        }
+    }
+}
+
+/// One message in a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// The sender's id for it.
+    pub id: [u8; 16],
+    /// In or out.
+    pub direction: Direction,
+    /// The text.
+    pub text: String,
+    /// Delivery state.
+    pub state: MessageState,
+    /// Sender's clock, Unix ms.
+    pub sent_at_ms: u64,
+    /// Our clock when stored, Unix ms.
+    pub stored_at_ms: u64,
+    /// The sender's sequence number.
+    pub seq: u64,
+    /// Hash of the sender's previous sequenced record (kept to seal again if needed).
+    pub prev: [u8; 32],
+}
+
+/// What an outbox entry carries.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// A conversation message: kept until the contact's delivery receipt.
+    Message,
+    /// A receipt or card update: kept until every relay (or the contact) has it.
+    Control,
+}
+
+/// One relay an outbox entry must reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Target {
+    /// The relay address.
+    pub addr: String,
+    /// It acknowledged (durably stored) the envelope.
+    pub acked: bool,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Not before this Unix ms.
+    pub next_try_ms: u64,
+}
+
+/// An envelope waiting to be delivered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The message it carries.
+    pub message_id: [u8; 16],
+    /// The recipient.
+    pub contact: Vec<u8>,
+    /// The encoded envelope.
+    pub envelope: Vec<u8>,
+    /// The recipient's relays.
+    pub targets: Vec<Target>,
+    /// Handed to the contact directly (LAN).
+    pub direct_acked: bool,
+    /// What it is.
+    pub kind: OutboxKind,
+    /// Unix ms when queued.
+    pub created_ms: u64,
+}
+
+impl OutboxEntry {
+    /// Relays plus direct handovers that acknowledged.
+    pub fn acked_count(&self) -> u8 {
+        let relays = self.targets.iter().filter(|t| t.acked).count();
+        (relays + usize::from(self.direct_acked)).min(usize::from(u8::MAX)) as u8
+    }
+}
+
+/// Key of a message: contact peer bytes ‖ local order (big-endian).
+pub fn message_key(contact: &PeerId, local: u64) -> Vec<u8> {
+    let mut k = contact.to_bytes();
+    k.extend_from_slice(&local.to_be_bytes());
+    k
+}

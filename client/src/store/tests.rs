@@ -1,0 +1,318 @@
+use kkachi_protocol::{MessageId, PeerId};
+
+use super::writes::{JOURNAL_KEY, journal_entry};
+use super::*;
+
+#[test]
+fn a_write_set_cut_short_is_completed_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = WriteSet::default();
+    w.put(TreeId::Seen, b"envelope".to_vec(), b"1".to_vec());
+    w.put(TreeId::Messages, b"message".to_vec(), b"hello".to_vec());
+    w.remove(TreeId::Outbox, b"sent".to_vec());
+    {
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .tree(TreeId::Outbox)
+            .insert(b"sent", &b"x"[..])
+            .unwrap();
+        // What a crash after the set's first key leaves on disk.
+        store
+            .journal
+            .insert(JOURNAL_KEY, journal_entry(w.ops()))
+            .unwrap();
+        store
+            .tree(TreeId::Seen)
+            .insert(b"envelope", &b"1"[..])
+            .unwrap();
+        store.db.flush().unwrap();
+    }
+    let store = reopen(dir.path());
+    let get = |t: TreeId, k: &[u8]| store.tree(t).get(k).unwrap().map(|v| v.to_vec());
+    assert_eq!(get(TreeId::Messages, b"message"), Some(b"hello".to_vec()));
+    assert_eq!(get(TreeId::Seen, b"envelope"), Some(b"1".to_vec()));
+    assert_eq!(get(TreeId::Outbox, b"sent"), None);
+    assert!(
+        store.journal.is_empty(),
+        "the journal is cleared once applied"
+    );
+    // And applying sets as usual leaves nothing in the journal.
+    store.apply(w).unwrap();
+    assert!(store.journal.is_empty());
+}
+
+/// The child side of the test below: writes sets of three keys, flushing all the
+/// while, until it is killed.
+fn write_sets_until_killed(home: &Path) -> ! {
+    let store = LocalStore::open(home).unwrap();
+    let flusher = store.db.clone();
+    std::thread::spawn(move || {
+        loop {
+            let _ = flusher.flush();
+        }
+    });
+    println!("writing");
+    for i in 0u64.. {
+        let mut w = WriteSet::default();
+        w.put(TreeId::Seen, b"set".to_vec(), i.to_be_bytes().to_vec());
+        w.put(TreeId::Messages, i.to_be_bytes().to_vec(), vec![7; 300]);
+        w.put(TreeId::Outbox, b"set".to_vec(), i.to_be_bytes().to_vec());
+        store.apply(w).unwrap();
+    }
+    unreachable!("written forever")
+}
+
+#[test]
+fn write_sets_survive_kill_9_whole_or_not_at_all() {
+    use std::io::BufRead;
+    if let Some(home) = std::env::var_os("KKACHI_CRASH_CHILD") {
+        write_sets_until_killed(Path::new(&home));
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut checked = 0;
+    for round in 0..12u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "store::tests::write_sets_survive_kill_9_whole_or_not_at_all",
+            ])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env("KKACHI_CRASH_CHILD", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("writing") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the child stopped");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30 + 17 * round));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let store = reopen(dir.path());
+        let get = |t: TreeId, k: &[u8]| store.tree(t).get(k).unwrap().map(|v| v.to_vec());
+        let seen = get(TreeId::Seen, b"set");
+        assert_eq!(
+            seen,
+            get(TreeId::Outbox, b"set"),
+            "round {round}: half a set"
+        );
+        if let Some(last) = seen {
+            assert!(
+                get(TreeId::Messages, &last).is_some(),
+                "round {round}: half a set"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no round left anything on disk to check");
+}
+
+#[test]
+fn flush_goes_to_the_disk_only_when_something_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.flush()).unwrap();
+    assert_eq!(store.disk_flushes(), 0, "nothing written yet");
+
+    let relay: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+    assert!(store.add_relay(&relay).unwrap());
+    rt.block_on(store.flush()).unwrap();
+    assert_eq!(store.disk_flushes(), 1);
+    rt.block_on(store.flush()).unwrap();
+    assert_eq!(store.disk_flushes(), 1, "nothing new since the last flush");
+
+    // A clone shares the record (the engine and the network task hold clones).
+    let other = store.clone();
+    assert!(other.remove_relay(&relay.to_string()).unwrap());
+    rt.block_on(store.flush()).unwrap();
+    assert_eq!(store.disk_flushes(), 2, "a removal is a write too");
+
+    assert!(other.add_relay(&relay).unwrap());
+    rt.block_on(other.flush()).unwrap();
+    drop((store, other));
+    let reopened = reopen(dir.path());
+    assert_eq!(
+        reopened.relays().unwrap().len(),
+        1,
+        "the flushed write is on disk"
+    );
+}
+
+#[test]
+fn identity_profile_relays_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    assert!(store.identity().unwrap().is_none());
+    let id = Identity::generate();
+    let profile = Profile {
+        name: "Jiwoo".into(),
+        card_version: 1,
+    };
+    store.init_identity(&id, &profile).unwrap();
+    let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{}", PeerId::random())
+        .parse()
+        .unwrap();
+    let b: Multiaddr = format!("/ip4/127.0.0.1/tcp/2/p2p/{}", PeerId::random())
+        .parse()
+        .unwrap();
+    assert!(store.add_relay(&b).unwrap());
+    assert!(store.add_relay(&a).unwrap());
+    assert!(!store.add_relay(&a).unwrap(), "duplicate add");
+    store
+        .update_relay(&a.to_string(), |r| r.cursor = 42)
+        .unwrap();
+    drop(store);
+    let store = reopen(dir.path());
+    assert_eq!(store.identity().unwrap().unwrap().peer_id(), id.peer_id());
+    assert_eq!(store.profile().unwrap(), Some(profile));
+    let relays = store.relays().unwrap();
+    assert_eq!(
+        relays.iter().map(|r| r.addr.clone()).collect::<Vec<_>>(),
+        vec![b.to_string(), a.to_string()]
+    );
+    assert_eq!(relays[1].cursor, 42);
+    assert!(store.remove_relay(&b.to_string()).unwrap());
+    assert_eq!(store.relays().unwrap().len(), 1);
+}
+
+#[test]
+fn second_open_reports_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = LocalStore::open(dir.path()).unwrap();
+    assert!(matches!(
+        LocalStore::open(dir.path()),
+        Err(StoreError::Locked(_))
+    ));
+}
+
+#[test]
+fn write_sets_apply_across_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let peer = PeerId::random();
+    let mut w = WriteSet::default();
+    let msg = MessageRecord {
+        id: [1; 16],
+        direction: Direction::Out,
+        text: "hi".into(),
+        state: MessageState::Queued,
+        sent_at_ms: 1,
+        stored_at_ms: 1,
+        seq: 1,
+        prev: [0; 32],
+    };
+    LocalStore::write_message(&mut w, &peer, message_key(&peer, 0), &msg);
+    LocalStore::write_conversation(
+        &mut w,
+        &peer,
+        &Conversation {
+            next_seq: 2,
+            ..Default::default()
+        },
+    );
+    store.apply(w).unwrap();
+    assert_eq!(store.messages(&peer).unwrap(), vec![msg.clone()]);
+    assert_eq!(
+        store
+            .message(&peer, &MessageId([1; 16]))
+            .unwrap()
+            .unwrap()
+            .1,
+        msg
+    );
+    assert_eq!(store.conversation(&peer).unwrap().next_seq, 2);
+}
+
+#[test]
+fn long_conversations_read_in_order_across_batches_and_stop_on_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let (peer, other) = (PeerId::random(), PeerId::random());
+    let record = |i: u64| MessageRecord {
+        id: u128::from(i).to_be_bytes(),
+        direction: Direction::In,
+        text: format!("m{i}"),
+        state: MessageState::Received,
+        sent_at_ms: i,
+        stored_at_ms: i,
+        seq: i + 1,
+        prev: [0; 32],
+    };
+    let mut w = WriteSet::default();
+    for i in 0..1300 {
+        LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record(i));
+        LocalStore::write_message(&mut w, &other, message_key(&other, i), &record(i + 5000));
+    }
+    store.apply(w).unwrap();
+    let mut seen = Vec::new();
+    store
+        .for_each_message(&peer, |m| seen.push(m.sent_at_ms))
+        .unwrap();
+    assert_eq!(seen, (0..1300).collect::<Vec<u64>>());
+    assert_eq!(
+        store.recent_messages(&peer, 2).unwrap(),
+        vec![record(1298), record(1299)]
+    );
+
+    // A damaged record in the middle: an error, and nothing after it.
+    store
+        .tree(TreeId::Messages)
+        .insert(message_key(&peer, 700), &[0xff; 3][..])
+        .unwrap();
+    let mut count = 0;
+    let result = store.for_each_message(&peer, |_| count += 1);
+    assert!(
+        matches!(result, Err(StoreError::Corrupt("message"))),
+        "{result:?}"
+    );
+    assert_eq!(count, 700);
+}
+
+#[test]
+fn contacts_read_after_a_change_are_the_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let other = store.clone();
+    let soyeon = Identity::generate();
+    let card = Card::new(&soyeon, "Soyeon", vec![], 1).unwrap();
+    assert!(store.contacts().unwrap().is_empty());
+    store.add_card(&card).unwrap();
+    // Seen through another handle of the same store too.
+    assert_eq!(other.contacts().unwrap()[0].name, "Soyeon");
+    let mut renamed = other.contact(&soyeon.peer_id()).unwrap().unwrap();
+    renamed.name = "Soyeon (work)".into();
+    let mut w = WriteSet::default();
+    LocalStore::write_contact(&mut w, &renamed);
+    // A write that spans trees goes through the journal: still seen.
+    LocalStore::write_conversation(&mut w, &soyeon.peer_id(), &Conversation::default());
+    other.apply(w).unwrap();
+    assert_eq!(store.contacts().unwrap()[0].name, "Soyeon (work)");
+    assert_eq!(
+        store.contact(&soyeon.peer_id()).unwrap().unwrap().name,
+        "Soyeon (work)"
+    );
+    assert!(store.contact(&PeerId::random()).unwrap().is_none());
+}
+
+#[test]
+fn states_only_move_forward() {
+    let r1 = MessageState::Relayed {
+        relayed: 1,
+        total: 3,
+    };
+    let r2 = MessageState::Relayed {
+        relayed: 2,
+        total: 3,
+    };
+    assert!(MessageState::Queued.advances_to(&r1));
+    assert!(r1.advances_to(&r2));
+    assert!(!r2.advances_to(&r1));
+    assert!(r2.advances_to(&MessageState::Delivered));
+    assert!(!MessageState::Read.advances_to(&MessageState::Delivered));
+}
