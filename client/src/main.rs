@@ -101,47 +101,75 @@ async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
     };
     let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
     let engine = runtime::start_engine(store, me, runtime::net_config(), Mode::ONLINE)?;
-    let control = tokio::spawn(ipc::serve(home.to_path_buf(), engine.clone()));
-    let mut events = engine.subscribe();
-    let store_for_requests = engine.store().clone();
-    let printer = tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(AppEvent::Request(peer)) => {
-                    // Not a message of a contact: told on stderr, never mixed into the
-                    // stream of messages.
-                    if let Ok(Some(request)) = store_for_requests.request(&peer) {
-                        eprintln!("{}", request_line(&request));
-                    }
-                }
-                Ok(AppEvent::Message(r)) => {
-                    let mut out = Output::default();
-                    print_received(&mut out, &r, json);
-                    let mut stdout = std::io::stdout().lock();
-                    let _ = stdout.write_all(out.stdout.as_bytes());
-                    let _ = stdout.flush();
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "output fell behind; see `kkachi history`");
-                }
-                Err(_) => break,
-            }
-        }
-    });
+    let control = ipc::Control::start(home, engine.clone()).await?;
+    let events = engine.subscribe();
+    let (stop_printer, printer_stop) = tokio::sync::oneshot::channel();
+    let printer = tokio::spawn(print_events(
+        events,
+        engine.store().clone(),
+        json,
+        printer_stop,
+    ));
     eprintln!(
         "kkachi daemon online as {} ({} relays); Ctrl-C to stop",
         engine.identity().peer_id(),
         engine.store().relays()?.len()
     );
     wait_for_signal().await;
-    // Structured shutdown: no new commands; the engine stops what is under way (it is
-    // retried on the next start), flushes what it wrote, and answers who waits.
-    control.abort();
-    engine.shutdown().await;
-    printer.abort();
-    ipc::cleanup(home);
-    Ok(())
+    // Structured shutdown: the engine stops what is under way (it is retried on the
+    // next start), flushes what it wrote and answers who waits; then the commands
+    // under way on the control socket give their answers, and what the engine
+    // announced is printed.
+    let stopped = engine.shutdown().await;
+    control.stop().await;
+    let _ = stop_printer.send(());
+    let _ = printer.await;
+    Ok(stopped?)
+}
+
+/// Prints what the engine announces: messages once durable (on stdout), message
+/// requests (on stderr). On `stop`, prints what was announced before it and returns.
+async fn print_events(
+    mut events: tokio::sync::broadcast::Receiver<AppEvent>,
+    store: LocalStore,
+    json: bool,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let print = |event: AppEvent| match event {
+        AppEvent::Request(peer) => {
+            // Not a message of a contact: told on stderr, never mixed into the stream
+            // of messages.
+            if let Ok(Some(request)) = store.request(&peer) {
+                eprintln!("{}", request_line(&request));
+            }
+        }
+        AppEvent::Message(r) => {
+            let mut out = Output::default();
+            print_received(&mut out, &r, json);
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(out.stdout.as_bytes());
+            let _ = stdout.flush();
+        }
+        _ => {}
+    };
+    let lagged = |n| tracing::warn!(missed = n, "output fell behind; see `kkachi history`");
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => print(event),
+                Err(RecvError::Lagged(n)) => lagged(n),
+                Err(RecvError::Closed) => return,
+            },
+            _ = &mut stop => loop {
+                match events.try_recv() {
+                    Ok(event) => print(event),
+                    Err(TryRecvError::Lagged(n)) => lagged(n),
+                    Err(_) => return,
+                }
+            },
+        }
+    }
 }
 
 async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
@@ -150,11 +178,23 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
             let mut app = App::new(store.clone());
             let result = app.run(command, json).await;
             // The command's engines stop (what they wrote is flushed).
-            app.close().await;
-            let flushed = store.flush().await;
-            let code = match result {
-                Ok(output) => write_output(&output),
-                Err(e) => report(e),
+            let closed = app.close().await;
+            let flushed = store.flush().await.map_err(CommandError::from);
+            let code = match (
+                result,
+                closed.and(
+                    flushed
+                        .as_ref()
+                        .map_err(|e| CommandError::Refused(e.to_string()))
+                        .copied(),
+                ),
+            ) {
+                (Ok(output), Ok(())) => write_output(&output),
+                (Ok(output), Err(e)) => {
+                    write_output(&output);
+                    report(e)
+                }
+                (Err(e), _) => report(e),
             };
             if flushed.is_ok() {
                 // Everything is durable. Tearing down the page cache and the runtime

@@ -29,14 +29,13 @@ fn kill9(child: &mut Option<Child>) {
     }
 }
 
-/// SIGTERM the child, if running, and wait for it to exit.
-fn terminate(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let _ = c.wait();
-    }
+/// SIGTERM the child, if running, and wait for it to exit: how it exited.
+fn terminate(child: &mut Option<Child>) -> Option<std::process::ExitStatus> {
+    let mut c = child.take()?;
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
+    c.wait().ok()
 }
 
 /// `program`, run inside network namespace `netns` when given.
@@ -144,7 +143,7 @@ impl RelayProc {
 
     /// SIGTERM, and wait for a clean exit.
     pub fn stop(&mut self) {
-        terminate(&mut self.child);
+        let _ = terminate(&mut self.child);
     }
 
     /// True while the process runs.
@@ -348,9 +347,9 @@ impl Daemon {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// SIGTERM and wait.
-    pub fn stop(&mut self) {
-        terminate(&mut self.child);
+    /// SIGTERM and wait: how it exited (None if it was not running).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        terminate(&mut self.child)
     }
 }
 

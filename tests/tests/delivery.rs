@@ -203,6 +203,68 @@ fn client_killed_mid_send_and_restarted() {
 }
 
 #[test]
+fn daemons_stopped_with_sigterm_mid_traffic_exit_0_and_lose_nothing() {
+    // Ctrl+C or SIGTERM: what is under way is finished and flushed, the process exits
+    // 0, and a restart neither loses nor repeats anything, on either side.
+    let w = world();
+    let mut bob_daemon = w.bob.daemon();
+    let mut checker = Checker::default();
+    let rounds = if soak() { 8 } else { 3 };
+    for round in 0..rounds {
+        let mut alice_daemon = w.alice.daemon();
+        let sender = {
+            let alice = w.alice.home.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for i in 0..15 {
+                    let at = Instant::now();
+                    let o = std::process::Command::new(kkachi_tests::procs::bin("kkachi"))
+                        .arg("--home")
+                        .arg(&alice)
+                        .args(["send", "bob", &format!("t{round} m{i}"), "--json"])
+                        .args(["--timeout", "2"])
+                        .env("KKACHI_MDNS", "0")
+                        .output()
+                        .unwrap();
+                    if o.status.success() {
+                        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                        ids.push((v["id"].as_str().unwrap().to_string(), at));
+                    }
+                }
+                ids
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300 + 200 * round as u64));
+        // Both stop while messages are in flight between them.
+        let alice_status = alice_daemon.stop();
+        let bob_status = bob_daemon.stop();
+        assert!(
+            alice_status.is_some_and(|s| s.success()),
+            "the sender's daemon exits 0 on SIGTERM: {alice_status:?}"
+        );
+        assert!(
+            bob_status.is_some_and(|s| s.success()),
+            "the recipient's daemon exits 0 on SIGTERM: {bob_status:?}"
+        );
+        for (id, at) in sender.join().unwrap() {
+            checker.sent(&id, at);
+        }
+        // What bob's daemon printed before it stopped.
+        for (at, line) in bob_daemon.collect(Duration::from_secs(2), |_| false) {
+            checker.shown(at, &line);
+        }
+        bob_daemon = w.bob.daemon();
+    }
+    // Started again, alice's daemon delivers what the stops interrupted.
+    let _alice = w.alice.daemon();
+    drain(&mut checker, &bob_daemon, Duration::from_secs(60));
+    let report = checker.report();
+    println!("daemons stopped with SIGTERM mid-traffic ({rounds} rounds): {report}");
+    assert!(report.sent > 0, "some sends must have succeeded");
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
+}
+
+#[test]
 fn lan_only_two_namespaces_no_relay() {
     if let Some(why) = netns::unavailable() {
         println!("SKIPPED lan_only_two_namespaces_no_relay: {why}");

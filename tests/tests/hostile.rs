@@ -235,7 +235,11 @@ fn a_hostile_contact_cannot_crash_silence_or_impersonate_anyone() {
         mallory_ids.len(),
         "nothing of mallory's twice"
     );
-    daemon.stop();
+    let status = daemon.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM stops the daemon cleanly: {status:?}"
+    );
 
     // What reaches a terminal holds no escape sequence and no forged line.
     let history = carol.run(&["history", "Mallory"]);

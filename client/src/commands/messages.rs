@@ -50,6 +50,7 @@ impl App {
             direct: false,
         };
         let mut delivered = None;
+        let mut withdrawn = false;
         let mut first_ack: Option<Instant> = None;
         loop {
             let until = first_ack.map_or(deadline, |t| (t + STRAGGLER_GRACE).min(deadline));
@@ -66,6 +67,10 @@ impl App {
                     delivered = Some(direct);
                     break;
                 }
+                Ok(Some(SendEvent::Withdrawn)) => {
+                    withdrawn = true;
+                    break;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
@@ -73,6 +78,7 @@ impl App {
         let (acked, total) = (progress.acked, progress.total);
         let state = match (delivered, acked) {
             (Some(_), _) => "delivered",
+            _ if withdrawn => "withdrawn",
             (None, 0) => "queued",
             (None, _) => "relayed",
         };
@@ -82,6 +88,12 @@ impl App {
                 json!({ "id": queued.id.to_hex(), "to": contact.name, "state": state,
                         "relayed": acked, "relays": total, "direct": direct }),
             );
+        } else if withdrawn {
+            out.out(format!(
+                "not sent to {}: they were removed or blocked meanwhile (message {})",
+                name(&contact.name),
+                queued.id
+            ));
         } else if delivered.is_some() {
             out.out(format!(
                 "delivered to {}{} (message {})",

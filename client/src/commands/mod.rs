@@ -158,14 +158,16 @@ impl App {
         }
     }
 
-    /// Stops the engines this command started, once what they wrote is durable.
-    pub async fn close(self) {
+    /// Stops the engines this command started, once what they wrote is durable (or
+    /// with the error that kept it from the disk).
+    pub async fn close(self) -> Result<(), CommandError> {
         if let (true, Some(engine)) = (self.owned, &self.engine) {
-            engine.shutdown().await;
+            engine.shutdown().await?;
         }
         if let Some(engine) = &self.offline {
-            engine.shutdown().await;
+            engine.shutdown().await?;
         }
+        Ok(())
     }
 
     fn identity(&self) -> Result<Identity, CommandError> {

@@ -47,6 +47,9 @@ pub enum Path {
 pub struct Attempt {
     /// The outbox entry.
     pub key: u64,
+    /// Which version of the entry it carries: an answer for an entry sealed again
+    /// since changes nothing of it.
+    pub version: u64,
     /// Where to.
     pub path: Path,
     /// Whose it is.
@@ -89,43 +92,129 @@ impl Progress {
     }
 }
 
+/// What an answer does to the stored entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing (the entry is gone, or was sealed again since the attempt left).
+    Nothing,
+    /// Write the entry as it is now.
+    Write(OutboxEntry),
+    /// It is done: remove it.
+    Remove,
+}
+
 /// What an answer changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
-    /// The entry as it is now (to be written), or `None`: done, to be removed (also
-    /// `None` if it was gone already, see `known`).
-    pub entry: Option<OutboxEntry>,
-    /// False if the entry was gone when the answer came (a receipt removed it).
-    pub known: bool,
+    /// What to write.
+    pub change: Change,
+    /// The entry is no longer in the outbox (done now, or gone before the answer came).
+    pub gone: bool,
     /// The state its message moves to, if any.
     pub state: Option<MessageState>,
     /// It was handed to the contact directly (it is delivered).
     pub handed_over: bool,
     /// What the answer says of the relay asked: up, or down with why.
     pub relay: Option<(String, Result<(), RelayError>)>,
-    /// How far the delivery got (None once done).
+    /// How far the delivery got, if that changed.
     pub progress: Option<Progress>,
+}
+
+/// One outbox entry as scheduled.
+#[derive(Debug)]
+struct Scheduled {
+    entry: OutboxEntry,
+    contact: PeerId,
+    version: u64,
+    /// Failed direct hand-overs in a row, and when the next may go.
+    direct_failures: u32,
+    direct_next_ms: u64,
+    /// Paths with an attempt under way.
+    in_flight: Vec<Path>,
+}
+
+impl Scheduled {
+    fn busy(&self, path: &Path) -> bool {
+        self.in_flight.contains(path)
+    }
+
+    fn relay_busy(&self, addr: &str) -> bool {
+        self.in_flight
+            .iter()
+            .any(|p| matches!(p, Path::Relay(a) if a == addr))
+    }
+
+    /// The direct path, if it is wanted at all: the contact is reachable directly
+    /// and has not taken it yet.
+    fn wants_direct(&self, direct: &HashSet<PeerId>) -> bool {
+        !self.entry.direct_acked && direct.contains(&self.contact)
+    }
+
+    /// Every relay holds it and the contact never confirmed: when to put it again.
+    fn reput_at(&self) -> Option<u64> {
+        let e = &self.entry;
+        (e.kind == OutboxKind::Message
+            && !e.targets.is_empty()
+            && e.targets.iter().all(|t| t.acked))
+        .then(|| e.created_ms.saturating_add(REPUT_AFTER_MS + 1))
+    }
 }
 
 /// The outbox's entries and the attempts in flight for them.
 #[derive(Debug, Default)]
 pub struct Deliveries {
-    entries: BTreeMap<u64, OutboxEntry>,
-    in_flight: HashSet<(u64, Path)>,
+    entries: BTreeMap<u64, Scheduled>,
+    /// Attempts under way, over all entries (also those removed while it ran).
+    in_flight: usize,
     /// Entries whose latest write is not durable yet: nothing of them leaves until it is.
     held: HashSet<u64>,
     /// Contacts reachable directly now.
     direct: HashSet<PeerId>,
+    versions: u64,
+    /// The next deadline, while nothing changed since it was worked out.
+    deadline: std::cell::Cell<Option<Option<u64>>>,
 }
 
 impl Deliveries {
-    /// An entry as the store holds it (new, or changed by someone else).
-    pub fn upsert(&mut self, key: u64, entry: OutboxEntry) {
-        self.entries.insert(key, entry);
+    fn changed(&mut self) {
+        self.deadline.set(None);
+    }
+
+    /// An entry as the store holds it (new, or changed by someone else). False (and
+    /// not scheduled) if its contact is unreadable.
+    pub fn upsert(&mut self, key: u64, entry: OutboxEntry) -> bool {
+        let Ok(contact) = PeerId::from_bytes(&entry.contact) else {
+            return false;
+        };
+        self.changed();
+        self.versions += 1;
+        let version = self.versions;
+        match self.entries.get_mut(&key) {
+            Some(s) => {
+                s.entry = entry;
+                s.contact = contact;
+                s.version = version;
+            }
+            None => {
+                self.entries.insert(
+                    key,
+                    Scheduled {
+                        entry,
+                        contact,
+                        version,
+                        direct_failures: 0,
+                        direct_next_ms: 0,
+                        in_flight: Vec::new(),
+                    },
+                );
+            }
+        }
+        true
     }
 
     /// An entry gone from the store.
     pub fn remove(&mut self, key: u64) {
+        self.changed();
         self.entries.remove(&key);
         self.held.remove(&key);
     }
@@ -133,17 +222,19 @@ impl Deliveries {
     /// Entry `key` may not leave until [`Deliveries::release`]: its latest write (the
     /// session state that sealed it, say) is not durable yet.
     pub fn hold(&mut self, key: u64) {
+        self.changed();
         self.held.insert(key);
     }
 
     /// Entry `key` may leave again.
     pub fn release(&mut self, key: u64) {
+        self.changed();
         self.held.remove(&key);
     }
 
     /// The entry `key`, if waiting.
     pub fn get(&self, key: u64) -> Option<&OutboxEntry> {
-        self.entries.get(&key)
+        self.entries.get(&key).map(|s| &s.entry)
     }
 
     /// Entries waiting.
@@ -158,17 +249,20 @@ impl Deliveries {
 
     /// Attempts under way.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight
     }
 
     /// Who is reachable directly now.
     pub fn set_direct(&mut self, peers: HashSet<PeerId>) {
-        self.direct = peers;
+        if peers != self.direct {
+            self.changed();
+            self.direct = peers;
+        }
     }
 
     /// How far entry `key` got (None once it is gone).
     pub fn progress(&self, key: u64) -> Option<Progress> {
-        self.entries.get(&key).map(Progress::of)
+        self.entries.get(&key).map(|s| Progress::of(&s.entry))
     }
 
     /// Up to `limit` attempts due at `now`, oldest entries first and each entry's direct
@@ -176,42 +270,45 @@ impl Deliveries {
     /// shows the message). Each is in flight until [`Deliveries::handle_result`].
     pub fn poll_attempts(&mut self, now: u64, limit: usize) -> Vec<Attempt> {
         let mut out = Vec::new();
-        for (key, entry) in &self.entries {
+        if limit == 0 || self.next_deadline().is_none_or(|d| d > now) {
+            return out;
+        }
+        for (key, s) in &mut self.entries {
             if out.len() >= limit {
                 break;
             }
             if self.held.contains(key) {
                 continue;
             }
-            let Ok(contact) = PeerId::from_bytes(&entry.contact) else {
-                continue;
-            };
             let direct =
-                (!entry.direct_acked && self.direct.contains(&contact)).then_some(Path::Direct);
-            let relays = entry
+                (s.wants_direct(&self.direct) && s.direct_next_ms <= now && !s.busy(&Path::Direct))
+                    .then_some(Path::Direct);
+            let relays: Vec<Path> = s
+                .entry
                 .targets
                 .iter()
-                .filter(|t| !t.acked && t.next_try_ms <= now)
-                .map(|t| Path::Relay(t.addr.clone()));
+                .filter(|t| !t.acked && t.next_try_ms <= now && !s.relay_busy(&t.addr))
+                .map(|t| Path::Relay(t.addr.clone()))
+                .collect();
             for path in direct.into_iter().chain(relays) {
                 if out.len() >= limit {
                     break;
                 }
-                if self.in_flight.contains(&(*key, path.clone())) {
-                    continue;
-                }
+                s.in_flight.push(path.clone());
                 out.push(Attempt {
                     key: *key,
+                    version: s.version,
                     path,
-                    contact,
-                    message: (entry.kind == OutboxKind::Message)
-                        .then_some(MessageId(entry.message_id)),
-                    envelope: entry.envelope.clone(),
+                    contact: s.contact,
+                    message: (s.entry.kind == OutboxKind::Message)
+                        .then_some(MessageId(s.entry.message_id)),
+                    envelope: s.entry.envelope.clone(),
                 });
             }
         }
-        for a in &out {
-            self.in_flight.insert((a.key, a.path.clone()));
+        if !out.is_empty() {
+            self.in_flight += out.len();
+            self.changed();
         }
         out
     }
@@ -225,7 +322,8 @@ impl Deliveries {
         now: u64,
         jitter: u64,
     ) -> Recorded {
-        self.in_flight.remove(&(attempt.key, attempt.path.clone()));
+        self.changed();
+        self.in_flight = self.in_flight.saturating_sub(1);
         let relay = match (&attempt.path, &outcome) {
             (Path::Relay(addr), Outcome::Unreachable(why)) => {
                 Some((addr.clone(), Err(RelayError::Unreachable(why.clone()))))
@@ -234,21 +332,41 @@ impl Deliveries {
             (Path::Direct, _) => None,
         };
         let acked = outcome == Outcome::Acked;
-        let handed_over = acked && attempt.path == Path::Direct;
-        let Some(entry) = self.entries.get_mut(&attempt.key) else {
-            // Done meanwhile (a receipt came): nothing to keep.
+        let handed_over = acked && attempt.path == Path::Direct && attempt.message.is_some();
+        let unchanged = |gone| Recorded {
+            change: Change::Nothing,
+            gone,
+            state: None,
+            handed_over: false,
+            relay: relay.clone(),
+            progress: None,
+        };
+        let Some(s) = self.entries.get_mut(&attempt.key) else {
+            // Done meanwhile (a receipt came): nothing to keep, but a hand-over stands.
             return Recorded {
-                entry: None,
-                known: false,
-                state: None,
-                handed_over: handed_over && attempt.message.is_some(),
-                relay,
-                progress: None,
+                handed_over,
+                ..unchanged(true)
             };
         };
-        let before = entry.acked_count();
+        if let Some(i) = s.in_flight.iter().position(|p| *p == attempt.path) {
+            s.in_flight.swap_remove(i);
+        }
+        if s.version != attempt.version {
+            // Sealed again since: the answer is for an envelope that is no longer ours
+            // to deliver, except that a hand-over of it still delivered the message.
+            if handed_over {
+                return self.finish(attempt.key, handed_over, relay);
+            }
+            return unchanged(false);
+        }
+        let entry = &mut s.entry;
+        let before = Progress::of(entry);
         match &attempt.path {
-            Path::Direct => entry.direct_acked |= acked,
+            Path::Direct if acked => entry.direct_acked = true,
+            Path::Direct => {
+                s.direct_failures = s.direct_failures.saturating_add(1);
+                s.direct_next_ms = now + RETRY.wait_ms(s.direct_failures, jitter);
+            }
             Path::Relay(addr) => {
                 if let Some(t) = entry.targets.iter_mut().find(|t| t.addr == *addr) {
                     if acked {
@@ -266,50 +384,41 @@ impl Deliveries {
         // delivered, nothing more needs sending. A receipt or card is done once every
         // relay (or the contact) has it; a message, once the contact confirms.
         let all_relays = entry.targets.iter().all(|t| t.acked);
-        let done = entry.direct_acked || (!is_message && all_relays);
-        let state = if is_message && entry.direct_acked {
-            Some(MessageState::Delivered)
-        } else if is_message && progress.acked > before {
-            Some(MessageState::Relayed {
+        if entry.direct_acked || (!is_message && all_relays) {
+            return self.finish(attempt.key, handed_over, relay);
+        }
+        let state =
+            (is_message && progress.acked > before.acked).then_some(MessageState::Relayed {
                 relayed: progress.acked,
                 total: progress.total,
-            })
-        } else {
-            None
-        };
-        let entry = if done {
-            self.entries.remove(&attempt.key);
-            None
-        } else {
-            Some(entry.clone())
-        };
+            });
         Recorded {
-            progress: entry.as_ref().map(|_| progress),
-            entry,
-            known: true,
+            change: Change::Write(entry.clone()),
+            gone: false,
             state,
-            handed_over: handed_over && is_message,
+            handed_over: false,
             relay,
+            progress: (progress != before).then_some(progress),
         }
     }
 
-    /// The contact confirmed messages `ids`: their entries are done. Returns their keys.
-    pub fn handle_receipt(&mut self, contact: &PeerId, ids: &[MessageId]) -> Vec<u64> {
-        let contact = contact.to_bytes();
-        let done: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| {
-                e.kind == OutboxKind::Message
-                    && e.contact == contact
-                    && ids.contains(&MessageId(e.message_id))
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in &done {
-            self.entries.remove(key);
+    /// Entry `key` is done by an answer: removed.
+    fn finish(
+        &mut self,
+        key: u64,
+        handed_over: bool,
+        relay: Option<(String, Result<(), RelayError>)>,
+    ) -> Recorded {
+        self.entries.remove(&key);
+        self.held.remove(&key);
+        Recorded {
+            change: Change::Remove,
+            gone: true,
+            state: handed_over.then_some(MessageState::Delivered),
+            handed_over,
+            relay,
+            progress: None,
         }
-        done
     }
 
     /// A relay (`matches` its address) is reachable again: what waits for it is due now.
@@ -324,14 +433,19 @@ impl Deliveries {
 
     /// Every path not yet acknowledged is due now (the user asked to send everything).
     pub fn handle_force(&mut self, now: u64) -> Vec<(u64, OutboxEntry)> {
+        for s in self.entries.values_mut() {
+            s.direct_next_ms = s.direct_next_ms.min(now);
+        }
         self.make_due(|_| true, now)
     }
 
     fn make_due(&mut self, matches: impl Fn(&str) -> bool, now: u64) -> Vec<(u64, OutboxEntry)> {
+        self.changed();
         let mut changed = Vec::new();
-        for (key, entry) in &mut self.entries {
+        for (key, s) in &mut self.entries {
             let mut touched = false;
-            for t in entry
+            for t in s
+                .entry
                 .targets
                 .iter_mut()
                 .filter(|t| !t.acked && t.next_try_ms > now && matches(&t.addr))
@@ -340,7 +454,7 @@ impl Deliveries {
                 touched = true;
             }
             if touched {
-                changed.push((*key, entry.clone()));
+                changed.push((*key, s.entry.clone()));
             }
         }
         changed
@@ -348,53 +462,55 @@ impl Deliveries {
 
     /// Messages every relay acknowledged more than [`REPUT_AFTER_MS`] ago without a
     /// receipt from the contact: every relay is marked not acknowledged again, so they
-    /// are put once more (a relay may have lost them). Returns them, to be written.
+    /// are put again. Returns the entries changed, to be written.
     pub fn poll_reputs(&mut self, now: u64) -> Vec<(u64, OutboxEntry)> {
-        let in_flight = &self.in_flight;
+        if self.next_deadline().is_none_or(|d| d > now) {
+            return Vec::new();
+        }
         let mut out = Vec::new();
-        for (key, entry) in &mut self.entries {
-            let stale = entry.kind == OutboxKind::Message
-                && !entry.targets.is_empty()
-                && entry.targets.iter().all(|t| t.acked)
-                && now.saturating_sub(entry.created_ms) > REPUT_AFTER_MS
-                && !in_flight.iter().any(|(k, _)| k == key);
+        for (key, s) in &mut self.entries {
+            let stale = s.reput_at().is_some_and(|at| at <= now) && s.in_flight.is_empty();
             if stale {
-                for t in &mut entry.targets {
+                for t in &mut s.entry.targets {
                     t.acked = false;
                     t.attempts = 0;
                     t.next_try_ms = now;
                 }
-                entry.created_ms = now;
-                out.push((*key, entry.clone()));
+                s.entry.created_ms = now;
+                out.push((*key, s.entry.clone()));
             }
+        }
+        if !out.is_empty() {
+            self.changed();
         }
         out
     }
 
     /// When something is due next (Unix ms), if anything waits that is not in flight:
-    /// a relay path's next try, or a message's time to be put again.
+    /// a relay path's next try, a direct hand-over, or a message's time to be put
+    /// again. Worked out again only after a change.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.entries
+        if let Some(known) = self.deadline.get() {
+            return known;
+        }
+        let next = self
+            .entries
             .iter()
             .filter(|(key, _)| !self.held.contains(key))
-            .flat_map(|(key, e)| {
-                let paths = e
+            .flat_map(|(_, s)| {
+                let relays = s
+                    .entry
                     .targets
                     .iter()
-                    .filter(move |t| {
-                        !t.acked
-                            && !self
-                                .in_flight
-                                .contains(&(*key, Path::Relay(t.addr.clone())))
-                    })
+                    .filter(|t| !t.acked && !s.relay_busy(&t.addr))
                     .map(|t| t.next_try_ms);
-                let reput = (e.kind == OutboxKind::Message
-                    && !e.targets.is_empty()
-                    && e.targets.iter().all(|t| t.acked))
-                .then(|| e.created_ms.saturating_add(REPUT_AFTER_MS + 1));
-                paths.chain(reput)
+                let direct = (s.wants_direct(&self.direct) && !s.busy(&Path::Direct))
+                    .then_some(s.direct_next_ms);
+                relays.chain(direct).chain(s.reput_at())
             })
-            .min()
+            .min();
+        self.deadline.set(Some(next));
+        next
     }
 
     /// Contacts with messages waiting who are not reachable directly: worth a try for a
@@ -402,16 +518,16 @@ impl Deliveries {
     pub fn waiting_contacts(&self) -> HashSet<PeerId> {
         self.entries
             .values()
-            .filter(|e| e.kind == OutboxKind::Message)
-            .filter_map(|e| PeerId::from_bytes(&e.contact).ok())
+            .filter(|s| s.entry.kind == OutboxKind::Message)
+            .map(|s| s.contact)
             .filter(|p| !self.direct.contains(p))
             .collect()
     }
 
     /// Drops everything for `contact` (removed or blocked).
     pub fn forget_contact(&mut self, contact: &PeerId) {
-        let contact = contact.to_bytes();
-        self.entries.retain(|_, e| e.contact != contact);
+        self.changed();
+        self.entries.retain(|_, s| s.contact != *contact);
     }
 }
 
@@ -447,7 +563,24 @@ struct Inbox {
     failures: u32,
     next_ms: u64,
     polling: bool,
+    /// When the poll under way (or the last) was asked.
+    asked_ms: u64,
 }
+
+/// How a poll of one of our relays ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// It brought envelopes: poll again at once.
+    Items,
+    /// Nothing: a long poll that waited out its time, so poll again at once; but not
+    /// more often than [`MIN_POLL_SPACING_MS`], for a relay that answers at once.
+    Empty,
+    /// No answer, or a refusal: back off.
+    Failed,
+}
+
+/// The least time between two polls of one relay that both came back empty.
+pub const MIN_POLL_SPACING_MS: u64 = 1_000;
 
 impl Inboxes {
     /// Our relays are now `addrs`: new ones are polled at once, removed ones dropped.
@@ -466,24 +599,32 @@ impl Inboxes {
         for (addr, inbox) in &mut self.relays {
             if !inbox.polling && inbox.next_ms <= now {
                 inbox.polling = true;
+                inbox.asked_ms = now;
                 out.push(addr.clone());
             }
         }
         out
     }
 
-    /// A poll of `relay` ended: answered (poll again at once) or failed (back off).
-    pub fn handle_answer(&mut self, relay: &str, answered: bool, now: u64, jitter: u64) {
+    /// A poll of `relay` ended (see [`Answer`]).
+    pub fn handle_answer(&mut self, relay: &str, answer: Answer, now: u64, jitter: u64) {
         let Some(inbox) = self.relays.get_mut(relay) else {
             return; // no longer ours
         };
         inbox.polling = false;
-        if answered {
-            inbox.failures = 0;
-            inbox.next_ms = now;
-        } else {
-            inbox.failures = inbox.failures.saturating_add(1);
-            inbox.next_ms = now + RETRY.wait_ms(inbox.failures, jitter);
+        match answer {
+            Answer::Items => {
+                inbox.failures = 0;
+                inbox.next_ms = now;
+            }
+            Answer::Empty => {
+                inbox.failures = 0;
+                inbox.next_ms = now.max(inbox.asked_ms + MIN_POLL_SPACING_MS);
+            }
+            Answer::Failed => {
+                inbox.failures = inbox.failures.saturating_add(1);
+                inbox.next_ms = now + RETRY.wait_ms(inbox.failures, jitter);
+            }
         }
     }
 

@@ -167,6 +167,8 @@ pub enum SendEvent {
         /// Handed over directly.
         direct: bool,
     },
+    /// It left the outbox undelivered: the contact was removed or blocked.
+    Withdrawn,
 }
 
 /// A send under way: the message, and its progress as it happens.
@@ -457,12 +459,18 @@ impl<T: Transport> Engine<T> {
     }
 
     /// Stops the owner task: what is under way is dropped (it is retried later), what
-    /// was written is flushed, and waiting answers are given. Returns once done.
-    pub async fn shutdown(&self) {
-        let _ = self.ask(|reply| Command::Shutdown { reply }).await;
+    /// was written is flushed, and waiting answers are given. Returns once done, with
+    /// the last flush's failure if it failed (stopped already: `Ok`).
+    pub async fn shutdown(&self) -> Result<(), EngineError> {
+        let result = match self.ask(|reply| Command::Shutdown { reply }).await {
+            Ok(flushed) => flushed,
+            Err(EngineError::Stopped) => Ok(()),
+            Err(e) => Err(e),
+        };
         let task = self.task.lock().take();
         if let Some(task) = task {
             let _ = task.await;
         }
+        result
     }
 }

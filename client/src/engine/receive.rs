@@ -31,7 +31,7 @@ use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
     Contact, Direction, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
-    MAX_STORED_PER_CONTACT, MessageRecord, MessageState, OutboxKind, TreeId, WriteSet, message_key,
+    MAX_STORED_PER_CONTACT, MessageRecord, MessageState, TreeId, WriteSet, message_key,
 };
 
 /// A message shown to the user.
@@ -482,13 +482,8 @@ impl<T> State<T> {
                     self.advance_state(w, &peer, id, state)?;
                 }
                 // Delivered: the outbox entries of those messages are done.
-                for (key, entry) in self.store.outbox()? {
-                    if entry.kind == OutboxKind::Message
-                        && entry.contact == peer.to_bytes()
-                        && ids.contains(&MessageId(entry.message_id))
-                    {
-                        w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
-                    }
+                for key in self.store.outbox_keys_for(&peer, &ids) {
+                    w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
                 }
                 Ok(Outcome::Applied("a receipt"))
             }
@@ -622,10 +617,10 @@ impl<T> State<T> {
         session: &mut Session,
         now: u64,
     ) -> Result<(), EngineError> {
-        for (key, mut entry) in self.store.outbox()? {
-            if entry.contact != contact.peer.to_bytes() || entry.kind != OutboxKind::Message {
+        for key in self.store.outbox_keys_of(&contact.peer) {
+            let Some(mut entry) = self.store.outbox_entry(key)? else {
                 continue;
-            }
+            };
             let Some((_, record)) = self
                 .store
                 .message(&contact.peer, &MessageId(entry.message_id))?

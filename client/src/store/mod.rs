@@ -72,6 +72,11 @@ pub struct LocalStore {
     /// Outbox keys written since [`LocalStore::take_outbox_changes`] last took them: how
     /// the engine's scheduler learns of every change to the outbox, whoever made it.
     outbox_changes: Arc<parking_lot::Mutex<Vec<u64>>>,
+    /// The outbox's messages by contact and id.
+    outbox_index: Arc<parking_lot::Mutex<outbox::OutboxIndex>>,
+    /// Held while a relay record is read, changed and written back, so two changes
+    /// (the engine's cursor, `relay list`'s names) cannot undo each other.
+    relays_turn: Arc<parking_lot::Mutex<()>>,
 }
 
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -104,7 +109,7 @@ impl LocalStore {
             .collect::<Result<_, _>>()?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(self::db)?;
         complete_journaled(&db, &trees, &journal)?;
-        Ok(Self {
+        let store = Self {
             db,
             trees,
             journal,
@@ -113,7 +118,11 @@ impl LocalStore {
             contacts: Arc::default(),
             durability: Arc::default(),
             outbox_changes: Arc::default(),
-        })
+            outbox_index: Arc::default(),
+            relays_turn: Arc::default(),
+        };
+        store.load_outbox_index()?;
+        Ok(store)
     }
 
     /// The home directory.
@@ -250,6 +259,7 @@ impl LocalStore {
 
     /// Adds a relay; false if it was already there.
     pub fn add_relay(&self, addr: &Multiaddr) -> Result<bool, StoreError> {
+        let _turn = self.relays_turn.lock();
         let key = addr.to_string();
         if self.tree(TreeId::Relays).contains_key(&key).map_err(db)? {
             return Ok(false);
@@ -271,6 +281,7 @@ impl LocalStore {
 
     /// Removes a relay; false if it was not there.
     pub fn remove_relay(&self, addr: &str) -> Result<bool, StoreError> {
+        let _turn = self.relays_turn.lock();
         if self.tree(TreeId::Relays).get(addr).map_err(db)?.is_none() {
             return Ok(false);
         }
@@ -286,12 +297,17 @@ impl LocalStore {
         addr: &str,
         f: impl FnOnce(&mut RelayRecord),
     ) -> Result<(), StoreError> {
+        let _turn = self.relays_turn.lock();
         let Some((order, mut record)) =
             self.get_record::<(u64, RelayRecord)>(TreeId::Relays, addr.as_bytes(), "relay")?
         else {
             return Ok(());
         };
+        let before = record.clone();
         f(&mut record);
+        if record == before {
+            return Ok(());
+        }
         let mut w = WriteSet::default();
         w.put_record(TreeId::Relays, addr, &(order, record));
         self.apply(w)

@@ -1,8 +1,57 @@
 //! The outbox, and the envelope ids already handled.
 
-use kkachi_protocol::EnvelopeId;
+use std::collections::{BTreeSet, HashMap};
 
-use super::{LocalStore, OutboxEntry, StoreError, TreeId, WriteSet, db};
+use kkachi_protocol::{EnvelopeId, MessageId, PeerId};
+use serde::Deserialize;
+
+use super::{LocalStore, OutboxEntry, OutboxKind, StoreError, TreeId, WriteSet, db};
+
+/// The first fields of an [`OutboxEntry`], as stored: what the index needs.
+#[derive(Deserialize)]
+struct Head {
+    message_id: [u8; 16],
+    contact: Vec<u8>,
+    kind: OutboxKind,
+}
+
+/// The outbox's messages by contact and message id, in memory, kept up to date by
+/// every write: a receipt (which names message ids) or a contact who lost its session
+/// finds its entries without reading the whole outbox.
+#[derive(Debug, Default)]
+pub(super) struct OutboxIndex {
+    by_contact: HashMap<Vec<u8>, BTreeSet<u64>>,
+    by_message: HashMap<(Vec<u8>, [u8; 16]), u64>,
+    by_key: HashMap<u64, (Vec<u8>, [u8; 16])>,
+}
+
+impl OutboxIndex {
+    /// Entry `key` is now `value` (an encoded entry), or (`None`) gone.
+    pub(super) fn note(&mut self, key: u64, value: Option<&[u8]>) {
+        if let Some((contact, id)) = self.by_key.remove(&key) {
+            self.by_message.remove(&(contact.clone(), id));
+            if let Some(keys) = self.by_contact.get_mut(&contact) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.by_contact.remove(&contact);
+                }
+            }
+        }
+        let Some((head, _)) = value.and_then(|v| postcard::take_from_bytes::<Head>(v).ok()) else {
+            return;
+        };
+        if head.kind != OutboxKind::Message {
+            return;
+        }
+        self.by_contact
+            .entry(head.contact.clone())
+            .or_default()
+            .insert(key);
+        self.by_message
+            .insert((head.contact.clone(), head.message_id), key);
+        self.by_key.insert(key, (head.contact, head.message_id));
+    }
+}
 
 impl LocalStore {
     // --- outbox ---
@@ -25,6 +74,39 @@ impl LocalStore {
     /// One outbox entry.
     pub fn outbox_entry(&self, key: u64) -> Result<Option<OutboxEntry>, StoreError> {
         self.get_record(TreeId::Outbox, &key.to_be_bytes(), "outbox entry")
+    }
+
+    /// The outbox keys of `contact`'s messages among `ids` (receipts and card
+    /// updates are not included).
+    pub fn outbox_keys_for(&self, contact: &PeerId, ids: &[MessageId]) -> Vec<u64> {
+        let contact = contact.to_bytes();
+        let index = self.outbox_index.lock();
+        ids.iter()
+            .filter_map(|id| index.by_message.get(&(contact.clone(), id.0)).copied())
+            .collect()
+    }
+
+    /// The outbox keys of every message waiting for `contact`, oldest first.
+    pub fn outbox_keys_of(&self, contact: &PeerId) -> Vec<u64> {
+        let index = self.outbox_index.lock();
+        index
+            .by_contact
+            .get(&contact.to_bytes())
+            .map(|keys| keys.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The index as the outbox holds it now.
+    pub(super) fn load_outbox_index(&self) -> Result<(), StoreError> {
+        let mut index = OutboxIndex::default();
+        for item in self.tree(TreeId::Outbox).iter() {
+            let (k, v) = item.map_err(db)?;
+            if let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) {
+                index.note(u64::from_be_bytes(key), Some(&v));
+            }
+        }
+        *self.outbox_index.lock() = index;
+        Ok(())
     }
 
     /// Number of entries waiting.

@@ -185,14 +185,15 @@ pub struct OutboxEntry {
     pub message_id: [u8; 16],
     /// The recipient.
     pub contact: Vec<u8>,
+    /// What it is. (Before the envelope: the store's index reads the fields up to
+    /// here without decoding the rest.)
+    pub kind: OutboxKind,
     /// The encoded envelope.
     pub envelope: Vec<u8>,
     /// The recipient's relays.
     pub targets: Vec<Target>,
     /// Handed to the contact directly (LAN).
     pub direct_acked: bool,
-    /// What it is.
-    pub kind: OutboxKind,
     /// Unix ms when queued.
     pub created_ms: u64,
 }

@@ -316,3 +316,44 @@ fn states_only_move_forward() {
     assert!(r2.advances_to(&MessageState::Delivered));
     assert!(!MessageState::Read.advances_to(&MessageState::Delivered));
 }
+
+#[test]
+fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
+    use crate::store::{OutboxEntry, OutboxKind};
+    let dir = tempfile::tempdir().unwrap();
+    let (bob, carol) = (PeerId::random(), PeerId::random());
+    let entry = |to: &PeerId, id: u8, kind| OutboxEntry {
+        message_id: [id; 16],
+        contact: to.to_bytes(),
+        kind,
+        envelope: vec![0; 64],
+        targets: Vec::new(),
+        direct_acked: false,
+        created_ms: 0,
+    };
+    {
+        let store = LocalStore::open(dir.path()).unwrap();
+        let mut w = WriteSet::default();
+        LocalStore::write_outbox(&mut w, 1, &entry(&bob, 1, OutboxKind::Message));
+        LocalStore::write_outbox(&mut w, 2, &entry(&bob, 2, OutboxKind::Message));
+        LocalStore::write_outbox(&mut w, 3, &entry(&carol, 1, OutboxKind::Message));
+        LocalStore::write_outbox(&mut w, 4, &entry(&bob, 3, OutboxKind::Control));
+        store.apply(w).unwrap();
+        let ids = [MessageId([1; 16]), MessageId([3; 16]), MessageId([9; 16])];
+        assert_eq!(
+            store.outbox_keys_for(&bob, &ids),
+            [1],
+            "messages only, bob's only"
+        );
+        assert_eq!(store.outbox_keys_of(&bob), [1, 2]);
+        let mut w = WriteSet::default();
+        w.remove(TreeId::Outbox, 1u64.to_be_bytes().to_vec());
+        store.apply(w).unwrap();
+        assert!(store.outbox_keys_for(&bob, &ids).is_empty());
+        assert_eq!(store.outbox_keys_of(&bob), [2]);
+    }
+    let store = reopen(dir.path());
+    assert_eq!(store.outbox_keys_of(&bob), [2]);
+    assert_eq!(store.outbox_keys_of(&carol), [3]);
+    assert_eq!(store.outbox_keys_for(&carol, &[MessageId([1; 16])]), [3]);
+}

@@ -183,16 +183,16 @@ impl LocalStore {
             return Ok(());
         }
         let contacts_changed = writes.ops.iter().any(|(t, _, _)| *t == TreeId::Contacts);
-        let outbox: Vec<u64> = writes
-            .ops
-            .iter()
-            .filter(|(t, _, _)| *t == TreeId::Outbox)
-            .filter_map(|(_, k, _)| {
-                <[u8; 8]>::try_from(k.as_slice())
-                    .ok()
-                    .map(u64::from_be_bytes)
-            })
-            .collect();
+        let mut outbox = Vec::new();
+        for (t, k, v) in &writes.ops {
+            if *t == TreeId::Outbox
+                && let Ok(key) = <[u8; 8]>::try_from(k.as_slice())
+            {
+                let key = u64::from_be_bytes(key);
+                self.outbox_index.lock().note(key, v.as_deref());
+                outbox.push(key);
+            }
+        }
         if !outbox.is_empty() {
             self.outbox_changes.lock().extend(outbox);
         }

@@ -171,7 +171,7 @@ pub async fn run() -> Result<(), CommandError> {
     let switch: Arc<dyn RelaySwitch> = relays.clone();
     let result = super::run_with(&root.path().join("you"), loopback_net(), Some(switch)).await;
     responder.abort();
-    bot.shutdown().await;
+    let _ = bot.shutdown().await;
     let slots = std::mem::take(&mut *relays.slots.lock().await);
     for slot in slots {
         if let Some(h) = slot.running {

@@ -49,29 +49,27 @@ pub async fn run(home: &Path) -> Result<(), CommandError> {
 /// control socket other `kkachi` commands are forwarded to.
 struct Online {
     engine: Engine<Network>,
-    control: tokio::task::JoinHandle<()>,
+    control: crate::ipc::Control,
 }
 
 impl Online {
-    fn start(home: &Path, store: LocalStore, config: NetConfig) -> Result<Self, CommandError> {
+    async fn start(
+        home: &Path,
+        store: LocalStore,
+        config: NetConfig,
+    ) -> Result<Self, CommandError> {
         let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
         let engine = crate::runtime::start_engine(store, me, config, Mode::ONLINE)?;
-        let home = home.to_path_buf();
-        let control = {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                if let Err(e) = crate::ipc::serve(home, engine).await {
-                    tracing::warn!(error = %e, "control socket failed");
-                }
-            })
-        };
+        let control = crate::ipc::Control::start(home, engine.clone()).await?;
         Ok(Self { engine, control })
     }
 
-    /// Stops taking commands, then the engine (which flushes what it wrote).
-    async fn shutdown(self) {
-        self.control.abort();
-        self.engine.shutdown().await;
+    /// Stops the engine (which flushes what it wrote), then the control socket (whose
+    /// commands under way answer).
+    async fn shutdown(self) -> Result<(), CommandError> {
+        let stopped = self.engine.shutdown().await;
+        self.control.stop().await;
+        Ok(stopped?)
     }
 }
 
@@ -92,7 +90,7 @@ pub async fn run_with(
         Err(e) => return Err(e.into()),
     };
     let mut online = match store.identity()? {
-        Some(_) => Some(Online::start(home, store.clone(), config.clone())?),
+        Some(_) => Some(Online::start(home, store.clone(), config.clone()).await?),
         None => None,
     };
     let mut state = State {
@@ -141,7 +139,7 @@ pub async fn run_with(
                 Effect::Init(name) => {
                     let mut app = App::new(store.clone());
                     match app.run(Command::Init { name }, false).await {
-                        Ok(_) => match Online::start(home, store.clone(), config.clone()) {
+                        Ok(_) => match Online::start(home, store.clone(), config.clone()).await {
                             Ok(o) => {
                                 events = Some(o.engine.subscribe());
                                 online = Some(o);
@@ -182,12 +180,12 @@ pub async fn run_with(
         ratatui::crossterm::event::DisableBracketedPaste
     );
     ratatui::restore();
-    if let Some(o) = online {
-        o.shutdown().await;
-    }
-    crate::ipc::cleanup(home);
-    let _ = store.flush().await;
-    result
+    let stopped = match online {
+        Some(o) => o.shutdown().await,
+        None => Ok(()),
+    };
+    store.flush().await?;
+    result.and(stopped)
 }
 
 async fn recv_event(

@@ -80,22 +80,25 @@ fn acknowledgements_advance_the_message_and_finish_what_is_done() {
     );
     assert_eq!(r.relay, Some(("r1".into(), Ok(()))));
     assert_eq!(r.progress.unwrap().acked, 1);
-    assert!(r.entry.is_some(), "a message waits for its receipt");
+    assert!(
+        matches!(r.change, Change::Write(_)),
+        "a message waits for its receipt"
+    );
     // Every relay has it: it waits for the contact, and nothing is due until the reput.
     let r = d.handle_result(&a[1], Outcome::Acked, T0 + 6, 0);
-    assert!(r.entry.is_some());
+    assert!(matches!(r.change, Change::Write(_)));
     assert_eq!(d.next_deadline(), Some(T0 + REPUT_AFTER_MS + 1));
-    // A receipt finishes it; a late answer after that changes nothing.
-    assert_eq!(d.handle_receipt(&bob, &[MessageId([7; 16])]), [1]);
+    // A receipt finishes it (the store removes it); a late answer changes nothing.
+    d.remove(1);
     assert!(d.is_empty());
     let late = d.handle_result(&a[0], Outcome::Acked, T0 + 7, 0);
-    assert!(!late.known && late.entry.is_none() && late.state.is_none());
+    assert!(late.gone && late.change == Change::Nothing && late.state.is_none());
 
     // A receipt is done once every relay has it.
     d.upsert(2, entry(OutboxKind::Control, bob, &["r1"]));
     let a = d.poll_attempts(T0, 10);
     let r = d.handle_result(&a[0], Outcome::Acked, T0, 0);
-    assert!(r.known && r.entry.is_none() && r.state.is_none());
+    assert!(r.gone && r.change == Change::Remove && r.state.is_none());
     assert!(d.is_empty());
 }
 
@@ -108,15 +111,15 @@ fn a_direct_handover_delivers_and_finishes() {
     let a = d.poll_attempts(T0, 10);
     let r = d.handle_result(&a[0], Outcome::Acked, T0, 0);
     assert_eq!(r.state, Some(MessageState::Delivered));
-    assert!(r.handed_over && r.entry.is_none() && r.relay.is_none());
+    assert!(r.handed_over && r.change == Change::Remove && r.relay.is_none());
     // The relay's answer, after: the entry is gone, the handover stands.
     let late = d.handle_result(&a[1], Outcome::Acked, T0, 0);
-    assert!(!late.known && !late.handed_over);
+    assert!(late.gone && late.change == Change::Nothing && !late.handed_over);
     // A refused direct handover is not a delivery.
     d.upsert(2, entry(OutboxKind::Message, bob, &[]));
     let a = d.poll_attempts(T0, 10);
     let r = d.handle_result(&a[0], Outcome::Refused("held".into()), T0, 0);
-    assert!(!r.handed_over && r.state.is_none() && r.entry.is_some());
+    assert!(!r.handed_over && r.state.is_none() && matches!(r.change, Change::Write(_)));
 }
 
 #[test]
@@ -130,7 +133,10 @@ fn failures_back_off_and_a_relay_that_returns_is_tried_at_once() {
         r.relay,
         Some(("r1".into(), Err(RelayError::Unreachable("refused".into()))))
     );
-    let t = &r.entry.unwrap().targets[0];
+    let Change::Write(entry) = r.change else {
+        panic!("the entry is kept")
+    };
+    let t = &entry.targets[0];
     assert_eq!(
         (t.attempts, t.next_try_ms),
         (1, T0 + RETRY.first.as_millis() as u64)
@@ -226,13 +232,13 @@ fn inbox_polls_back_off_when_relays_fail() {
     assert_eq!(i.poll(T0), ["r1", "r2"]);
     assert!(i.poll(T0).is_empty(), "under way");
     assert_eq!(i.next_deadline(), None);
-    i.handle_answer("r1", true, T0 + 10, 0);
+    i.handle_answer("r1", Answer::Items, T0 + 10, 0);
     assert_eq!(
         i.next_deadline(),
         Some(T0 + 10),
         "answered: poll again at once"
     );
-    i.handle_answer("r2", false, T0 + 10, 0);
+    i.handle_answer("r2", Answer::Failed, T0 + 10, 0);
     assert_eq!(i.poll(T0 + 10), ["r1"]);
     assert_eq!(
         i.next_deadline(),
@@ -241,10 +247,97 @@ fn inbox_polls_back_off_when_relays_fail() {
     i.handle_relay_up("r2", T0 + 20);
     assert_eq!(i.poll(T0 + 20), ["r2"]);
     i.set(["r2".to_string()]);
-    i.handle_answer("r1", true, T0 + 30, 0);
+    i.handle_answer("r1", Answer::Items, T0 + 30, 0);
     assert_eq!(
         i.next_deadline(),
         None,
         "r1 is no longer ours, r2 is under way"
     );
+}
+
+#[test]
+fn a_relay_that_answers_empty_at_once_is_not_polled_in_a_loop() {
+    let mut i = Inboxes::default();
+    i.set(["r1".to_string()]);
+    assert_eq!(i.poll(T0), ["r1"]);
+    // A long poll that waited out its time: again at once.
+    i.handle_answer("r1", Answer::Empty, T0 + 25_000, 0);
+    assert_eq!(i.next_deadline(), Some(T0 + 25_000));
+    assert_eq!(i.poll(T0 + 25_000), ["r1"]);
+    // Empty within milliseconds: not before a second after it was asked.
+    i.handle_answer("r1", Answer::Empty, T0 + 25_003, 0);
+    assert_eq!(i.next_deadline(), Some(T0 + 25_000 + MIN_POLL_SPACING_MS));
+    assert!(i.poll(T0 + 25_500).is_empty());
+}
+
+#[test]
+fn a_contact_refusing_direct_hand_overs_is_retried_with_backoff_not_in_a_loop() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &[]));
+    d.set_direct([bob].into());
+    let mut now = T0;
+    let mut waits = Vec::new();
+    for failures in 1..=6u32 {
+        let a = d.poll_attempts(now, 10);
+        assert_eq!(paths(&a), [(1, Path::Direct)], "try {failures}");
+        let r = d.handle_result(&a[0], Outcome::Refused("not_owner".into()), now, 0);
+        assert!(!r.handed_over && r.change != Change::Remove);
+        let next = d.next_deadline().expect("a next try");
+        assert!(next > now, "the next try waits");
+        assert!(d.poll_attempts(now, 10).is_empty(), "nothing again at once");
+        waits.push(next - now);
+        now = next;
+    }
+    assert!(
+        waits.windows(2).all(|w| w[1] >= w[0]),
+        "waits grow: {waits:?}"
+    );
+    // Asked to send everything now, it goes at once.
+    d.handle_force(now);
+    assert_eq!(paths(&d.poll_attempts(now, 10)), [(1, Path::Direct)]);
+}
+
+#[test]
+fn an_answer_for_an_entry_sealed_again_since_changes_nothing() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    d.upsert(1, entry(OutboxKind::Message, bob, &["r1"]));
+    let old = d.poll_attempts(T0, 10);
+    // Sealed again while the old copy travels.
+    let mut resealed = entry(OutboxKind::Message, bob, &["r1"]);
+    resealed.envelope = vec![9, 9, 9];
+    d.upsert(1, resealed);
+    let r = d.handle_result(&old[0], Outcome::Acked, T0, 0);
+    assert_eq!(r.change, Change::Nothing);
+    assert!(!r.gone);
+    let again = d.poll_attempts(T0, 10);
+    assert_eq!(again.len(), 1, "the new envelope still goes to r1");
+    assert_eq!(again[0].envelope, [9, 9, 9]);
+}
+
+#[test]
+fn with_every_slot_taken_nothing_is_handed_out_and_an_answer_frees_one() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    for key in 0..5 {
+        d.upsert(key, entry(OutboxKind::Message, bob, &["r1"]));
+    }
+    let first = d.poll_attempts(T0, 3);
+    assert_eq!(first.len(), 3);
+    assert_eq!(d.in_flight(), 3);
+    assert!(d.poll_attempts(T0, 0).is_empty());
+    d.handle_result(&first[0], Outcome::Unreachable("down".into()), T0, 0);
+    assert_eq!(d.in_flight(), 2);
+    assert_eq!(d.poll_attempts(T0, 1).len(), 1);
+}
+
+#[test]
+fn entries_naming_no_valid_contact_are_not_scheduled() {
+    let mut d = Deliveries::default();
+    let mut bad = entry(OutboxKind::Message, PeerId::random(), &["r1"]);
+    bad.contact = vec![1, 2, 3];
+    assert!(!d.upsert(1, bad));
+    assert!(d.is_empty());
+    assert_eq!(d.next_deadline(), None);
 }

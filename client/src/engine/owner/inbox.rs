@@ -10,9 +10,10 @@ use kkachi_protocol::{
 use rand::Rng;
 use tokio::sync::oneshot;
 
+use super::super::machine::Answer;
 use super::super::receive::Source;
 use super::super::{RelayError, SyncReport, Verdict, now_ms};
-use super::{After, Done, Flushed, Owner, SyncRun};
+use super::{After, Batch, Done, Flushed, Owner, SyncRun};
 use crate::net::{DirectReply, NetError, Transport};
 
 impl<T: Transport> Owner<T> {
@@ -70,16 +71,18 @@ impl<T: Transport> Owner<T> {
         self.drain_announcements();
         match result {
             Ok(tally) => {
-                if let Some(run) = self.syncs.iter_mut().find(|_| sync) {
-                    run.report.shown.extend(tally.shown);
-                }
-                let after = After::Mailbox {
+                let empty = ids.is_empty();
+                let after = After::Mailbox(Batch {
                     relay,
                     ids,
                     next,
                     more,
                     sync,
-                };
+                    empty,
+                    // A sync reports them once they are durable, so it never prints
+                    // what a crash could make it print again.
+                    shown: if sync { tally.shown } else { Vec::new() },
+                });
                 self.wait_durable(after);
             }
             Err(e) => self.mailbox_failed(&relay, RelayError::NotStored(e.to_string()), sync, now),
@@ -93,7 +96,8 @@ impl<T: Transport> Owner<T> {
             self.sync_relay_done(relay, Err(why));
         } else {
             let jitter = rand::thread_rng().r#gen::<u64>();
-            self.inboxes.handle_answer(relay, false, now, jitter);
+            self.inboxes
+                .handle_answer(relay, Answer::Failed, now, jitter);
         }
     }
 
@@ -192,6 +196,7 @@ impl<T: Transport> Owner<T> {
                 })));
             }
             Err(e) => {
+                self.sync_outbox();
                 tracing::warn!(%from, error = %e, "could not store a direct delivery");
                 reply.send(RelayToClient::error(
                     kkachi_protocol::ErrorCode::Internal,
@@ -201,21 +206,25 @@ impl<T: Transport> Owner<T> {
         }
     }
 
-    /// A batch from our mailbox at `relay` is durable (or the flush failed): delete it
-    /// there, move the cursor past it, and fetch more or wait for the next.
-    pub(super) fn mailbox_durable(
-        &mut self,
-        relay: String,
-        ids: Vec<EnvelopeId>,
-        next: u64,
-        more: bool,
-        sync: bool,
-        flushed: Flushed,
-    ) {
+    /// A batch from our mailbox at `relay` is durable (or the last flush failed):
+    /// delete it there, move the cursor past it, and fetch more or wait for the next.
+    pub(super) fn mailbox_durable(&mut self, batch: Batch, flushed: Flushed) {
+        let Batch {
+            relay,
+            ids,
+            next,
+            more,
+            sync,
+            empty,
+            shown,
+        } = batch;
         if flushed.is_err() {
             // Not durable: not deleted, not moved past; it comes again.
             let why = RelayError::NotStored("the local database failed".into());
             return self.mailbox_failed(&relay, why, sync, now_ms());
+        }
+        for run in &mut self.syncs {
+            run.report.shown.extend(shown.iter().cloned());
         }
         let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
         if !ids.is_empty() {
@@ -236,7 +245,8 @@ impl<T: Transport> Owner<T> {
         } else if sync {
             self.sync_relay_done(&relay, Ok(()));
         } else {
-            self.inboxes.handle_answer(&relay, true, now_ms(), 0);
+            let answer = if empty { Answer::Empty } else { Answer::Items };
+            self.inboxes.handle_answer(&relay, answer, now_ms(), 0);
         }
     }
 }

@@ -79,7 +79,7 @@ pub(super) enum Command<T> {
         reply: oneshot::Sender<Option<Progress>>,
     },
     Shutdown {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
 }
 
@@ -108,14 +108,22 @@ enum After {
     Reply(Box<dyn FnOnce(Flushed) + Send>),
     /// A send is durable: its watcher hears so.
     SendDurable(u64),
-    /// A batch from our mailbox at `relay` is durable: delete it there, move the cursor.
-    Mailbox {
-        relay: String,
-        ids: Vec<EnvelopeId>,
-        next: u64,
-        more: bool,
-        sync: bool,
-    },
+    /// A batch from our mailbox is durable: delete it there, move the cursor.
+    Mailbox(Batch),
+}
+
+/// A batch from our mailbox at `relay`, taken in.
+struct Batch {
+    relay: String,
+    ids: Vec<EnvelopeId>,
+    /// The cursor after it, and whether more waits.
+    next: u64,
+    more: bool,
+    /// Fetched by a sync (which reports `shown`), or by the long poll.
+    sync: bool,
+    /// The relay had nothing.
+    empty: bool,
+    shown: Vec<super::Received>,
 }
 
 /// A sync under way.
@@ -138,6 +146,9 @@ pub(super) struct Owner<T> {
     /// What waits for its write (the ticket) to be durable.
     after: Vec<(u64, After)>,
     flushing: bool,
+    /// Flushes that failed in a row, and when to try again.
+    flush_failures: u32,
+    next_flush: u64,
     /// Sends that left before they were durable.
     early: EarlySends,
     /// Progress of sends, by outbox key.
@@ -146,7 +157,7 @@ pub(super) struct Owner<T> {
     settles: Vec<oneshot::Sender<()>>,
     next_housekeeping: u64,
     next_seek: u64,
-    stopping: Option<oneshot::Sender<()>>,
+    stopping: Option<oneshot::Sender<Result<(), EngineError>>>,
 }
 
 impl<T: Transport> Owner<T> {
@@ -166,6 +177,8 @@ impl<T: Transport> Owner<T> {
             work: FuturesUnordered::new(),
             after: Vec::new(),
             flushing: false,
+            flush_failures: 0,
+            next_flush: 0,
             early: EarlySends::default(),
             watchers: HashMap::new(),
             syncs: Vec::new(),
@@ -187,9 +200,9 @@ impl<T: Transport> Owner<T> {
             let sleep = self
                 .next_deadline(now)
                 .map(|at| tokio::time::sleep(Duration::from_millis(at.saturating_sub(now))));
+            // Not biased: a steady stream of finished work must not hold up commands
+            // and contacts' hand-overs.
             tokio::select! {
-                // Finished work first: it releases answers and makes room for more.
-                biased;
                 Some(done) = self.work.next(), if !self.work.is_empty() => self.on_done(done),
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
@@ -208,7 +221,12 @@ impl<T: Transport> Owner<T> {
     /// The outbox as stored, and our relays.
     fn load(&mut self) -> Result<(), EngineError> {
         for (key, entry) in self.state.store.outbox()? {
-            self.deliveries.upsert(key, entry);
+            if !self.deliveries.upsert(key, entry) {
+                tracing::warn!(
+                    key,
+                    "an outbox entry names no valid contact; it is left alone"
+                );
+            }
         }
         self.state.store.take_outbox_changes();
         self.deliveries.set_direct(self.state.net.direct_peers());
@@ -234,9 +252,13 @@ impl<T: Transport> Owner<T> {
         Ok(())
     }
 
-    /// Final steps: make everything written durable, answer who waits.
+    /// Final steps: make everything written durable, answer who waits, and tell the
+    /// one who asked to stop whether the last flush made it.
     async fn stop(mut self) {
         let flushed = self.state.store.flush().await.map_err(Arc::new);
+        if let Err(e) = &flushed {
+            tracing::error!(error = %e, "the last flush before stopping failed");
+        }
         for (_, after) in std::mem::take(&mut self.after) {
             self.run_after(after, flushed.clone());
         }
@@ -247,7 +269,7 @@ impl<T: Transport> Owner<T> {
             let _ = w.send(());
         }
         if let Some(reply) = self.stopping.take() {
-            let _ = reply.send(());
+            let _ = reply.send(flushed.map_err(EngineError::NotSaved));
         }
         tracing::debug!("engine stopped");
     }
@@ -256,11 +278,15 @@ impl<T: Transport> Owner<T> {
 
     fn next_deadline(&self, now: u64) -> Option<u64> {
         let mut deadlines = vec![];
-        if self.mode.deliver {
+        // With every delivery slot taken, the next answer wakes the loop.
+        if self.mode.deliver && self.deliveries.in_flight() < PARALLEL_DELIVERIES {
             deadlines.extend(self.deliveries.next_deadline());
             if !self.deliveries.is_empty() {
                 deadlines.push(self.next_seek);
             }
+        }
+        if !self.after.is_empty() && !self.flushing {
+            deadlines.push(self.next_flush);
         }
         if self.mode.inbox {
             deadlines.extend(self.inboxes.next_deadline());
@@ -293,6 +319,7 @@ impl<T: Transport> Owner<T> {
             }
         }
         if !self.mode.deliver {
+            self.maybe_flush();
             return;
         }
         let reputs = self.deliveries.poll_reputs(now);
@@ -320,24 +347,47 @@ impl<T: Transport> Owner<T> {
                 result,
                 sync,
             } => self.on_mailbox(relay, result, sync),
-            Done::Flushed(result) => {
-                self.flushing = false;
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "flushing the store failed");
-                }
-                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
-                    .into_iter()
-                    .partition(|(ticket, _)| {
-                        result.is_err() || self.state.store.is_durable(*ticket)
-                    });
-                self.after = waiting;
-                for (_, after) in ready {
-                    self.run_after(after, result.clone());
-                }
-            }
+            Done::Flushed(result) => self.flushed(result),
             Done::Deleted => {}
         }
         self.maybe_flush();
+    }
+
+    /// A flush ended. What it made durable goes ahead. If it failed, who waits for an
+    /// answer is told, and the rest (packets to release, messages to announce, relay
+    /// batches to delete) waits for a flush that succeeds, tried again with backoff.
+    fn flushed(&mut self, result: Flushed) {
+        self.flushing = false;
+        let store = &self.state.store;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
+            .into_iter()
+            .partition(|(ticket, _)| store.is_durable(*ticket));
+        self.after = waiting;
+        for (_, after) in ready {
+            self.run_after(after, Ok(()));
+        }
+        match result {
+            Ok(()) => self.flush_failures = 0,
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the store failed");
+                self.flush_failures = self.flush_failures.saturating_add(1);
+                let wait = crate::backoff::Backoff {
+                    first: Duration::from_millis(100),
+                    max: Duration::from_secs(10),
+                };
+                self.next_flush =
+                    now_ms() + wait.wait_ms(self.flush_failures, rand::random::<u64>());
+                let (told, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
+                    .into_iter()
+                    .partition(|(_, after)| {
+                        matches!(after, After::Reply(_) | After::SendDurable(_))
+                    });
+                self.after = kept;
+                for (_, after) in told {
+                    self.run_after(after, Err(e.clone()));
+                }
+            }
+        }
     }
 
     fn run_after(&mut self, after: After, flushed: Flushed) {
@@ -366,13 +416,7 @@ impl<T: Transport> Owner<T> {
                     }
                 }
             }
-            After::Mailbox {
-                relay,
-                ids,
-                next,
-                more,
-                sync,
-            } => self.mailbox_durable(relay, ids, next, more, sync, flushed),
+            After::Mailbox(batch) => self.mailbox_durable(batch, flushed),
         }
     }
 
@@ -455,7 +499,8 @@ impl<T: Transport> Owner<T> {
         self.after.push((ticket, after));
     }
 
-    /// Starts a flush if something waits for one and none is under way.
+    /// Starts a flush if something waits for one and none is under way (nor, after a
+    /// failure, before its retry is due).
     fn maybe_flush(&mut self) {
         if self.flushing {
             return;
@@ -468,7 +513,7 @@ impl<T: Transport> Owner<T> {
         for (_, after) in ready {
             self.run_after(after, Ok(()));
         }
-        if self.after.is_empty() {
+        if self.after.is_empty() || now_ms() < self.next_flush {
             return;
         }
         self.flushing = true;

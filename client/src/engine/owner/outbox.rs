@@ -5,12 +5,12 @@ use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient}
 use rand::Rng;
 use tokio::sync::mpsc;
 
-use super::super::machine::{Attempt, Outcome, Path};
+use super::super::machine::{Attempt, Change, Outcome, Path};
 use super::super::{ATTEMPT_TIMEOUT, EngineError, Sending, now_ms};
 use super::watch::Watcher;
 use super::{After, Done, Owner, SEND_EVENTS};
 use crate::net::{NetError, Transport};
-use crate::store::{LocalStore, WriteSet};
+use crate::store::{LocalStore, MessageState, OutboxEntry, WriteSet};
 
 impl<T: Transport> Owner<T> {
     pub(super) fn start_attempt(&mut self, attempt: Attempt) {
@@ -55,13 +55,13 @@ impl<T: Transport> Owner<T> {
             .deliveries
             .handle_result(&attempt, outcome, now, jitter);
         let mut w = WriteSet::default();
-        match &r.entry {
-            Some(entry) => LocalStore::write_outbox(&mut w, attempt.key, entry),
-            None if r.known => w.remove(
+        match &r.change {
+            Change::Write(entry) => LocalStore::write_outbox(&mut w, attempt.key, entry),
+            Change::Remove => w.remove(
                 crate::store::TreeId::Outbox,
                 attempt.key.to_be_bytes().to_vec(),
             ),
-            None => {}
+            Change::Nothing => {}
         }
         if let (Some(state), Some(id)) = (r.state, attempt.message)
             && let Err(e) = self
@@ -87,11 +87,11 @@ impl<T: Transport> Owner<T> {
             }
             self.state.note_relay(&addr, health);
         }
-        // Only this answer's own write is new, and the schedule has it already.
-        self.state.store.take_outbox_changes();
+        // This answer's own write is in the schedule already.
+        self.sync_outbox_except(&[attempt.key]);
         if let Some(watcher) = self.watchers.get_mut(&attempt.key) {
-            watcher.on_answer(r.handed_over, r.progress, r.entry.is_none());
-            if watcher.finished() {
+            watcher.on_answer(r.handed_over, r.progress, r.gone);
+            if watcher.finished() || watcher.abandoned() {
                 self.watchers.remove(&attempt.key);
             }
         }
@@ -109,7 +109,7 @@ impl<T: Transport> Owner<T> {
         let queued = self.state.queue_text(&card, text, now)?;
         let (events, rx) = mpsc::channel(SEND_EVENTS);
         self.watchers
-            .insert(queued.outbox_key, Watcher::new(events));
+            .insert(queued.outbox_key, Watcher::new(events, contact, queued.id));
         self.sync_outbox();
         // The newest sends leave before their write is durable, within the bound.
         let store = &self.state.store;
@@ -127,7 +127,19 @@ impl<T: Transport> Owner<T> {
     /// Brings the schedule up to date with what was written to the outbox (by anyone):
     /// changed entries wait for their write to be durable before they leave.
     pub(super) fn sync_outbox(&mut self) {
-        let changed = self.state.store.take_outbox_changes();
+        self.sync_outbox_except(&[]);
+    }
+
+    /// [`Owner::sync_outbox`], but for the entries `own`: written from the schedule,
+    /// which has them already.
+    pub(super) fn sync_outbox_except(&mut self, own: &[u64]) {
+        let changed: Vec<u64> = self
+            .state
+            .store
+            .take_outbox_changes()
+            .into_iter()
+            .filter(|k| !own.contains(k))
+            .collect();
         if changed.is_empty() {
             return;
         }
@@ -135,18 +147,19 @@ impl<T: Transport> Owner<T> {
         for key in changed {
             match self.state.store.outbox_entry(key) {
                 Ok(Some(entry)) => {
-                    self.deliveries.upsert(key, entry);
-                    self.deliveries.hold(key);
-                    held.push(key);
+                    if self.deliveries.upsert(key, entry) {
+                        self.deliveries.hold(key);
+                        held.push(key);
+                    } else {
+                        tracing::warn!(
+                            key,
+                            "an outbox entry names no valid contact; it is left alone"
+                        );
+                    }
                 }
                 Ok(None) => {
                     self.deliveries.remove(key);
-                    if let Some(watcher) = self.watchers.get_mut(&key) {
-                        watcher.on_receipt();
-                        if watcher.finished() {
-                            self.watchers.remove(&key);
-                        }
-                    }
+                    self.outbox_left(key);
                 }
                 Err(e) => tracing::warn!(error = %e, key, "cannot read an outbox entry"),
             }
@@ -154,7 +167,26 @@ impl<T: Transport> Owner<T> {
         self.wait_durable(After::Release(held));
     }
 
-    pub(super) fn write_entries(&mut self, entries: Vec<(u64, crate::store::OutboxEntry)>) {
+    /// Entry `key` left the outbox, not by an answer here: the contact's receipt, or
+    /// the contact was removed or blocked. Its message's state says which.
+    fn outbox_left(&mut self, key: u64) {
+        let Some(watcher) = self.watchers.get_mut(&key) else {
+            return;
+        };
+        let delivered = matches!(
+            self.state.store.message(&watcher.contact, &watcher.message),
+            Ok(Some((_, record))) if matches!(record.state, MessageState::Delivered | MessageState::Read)
+        );
+        watcher.on_removed(delivered);
+        if watcher.finished() || watcher.abandoned() {
+            self.watchers.remove(&key);
+        }
+    }
+
+    pub(super) fn write_entries(&mut self, entries: Vec<(u64, OutboxEntry)>) {
+        if entries.is_empty() {
+            return;
+        }
         let mut w = WriteSet::default();
         for (key, entry) in &entries {
             LocalStore::write_outbox(&mut w, *key, entry);
@@ -163,7 +195,8 @@ impl<T: Transport> Owner<T> {
             tracing::warn!(error = %e, "cannot record the outbox's schedule");
         }
         // Timing only: the envelopes did not change, so they need not wait.
-        self.state.store.take_outbox_changes();
+        let own: Vec<u64> = entries.iter().map(|(k, _)| *k).collect();
+        self.sync_outbox_except(&own);
     }
 }
 

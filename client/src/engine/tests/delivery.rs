@@ -210,7 +210,7 @@ async fn contact_that_lost_its_state_still_gets_every_message() {
     assert!(established(&alice, &bob_c) && established(&bob, &alice_c));
     // Bob loses his session states (a reinstall), then alice seals on the session he
     // no longer has.
-    bob.engine.shutdown().await;
+    bob.engine.shutdown().await.unwrap();
     let mut w = WriteSet::default();
     w.remove(TreeId::Sessions, alice.peer().to_bytes());
     bob.engine.store().apply(w).unwrap();
@@ -345,7 +345,7 @@ async fn messages_out_before_a_crash_lost_their_write_do_not_block_later_ones() 
     }
     assert_eq!(bob.sync().await.len() as u64, MAX_UNSAVED_SEALS);
     // ...then alice crashes and her session state on disk is the one from before them.
-    alice.engine.shutdown().await;
+    alice.engine.shutdown().await.unwrap();
     let mut w = WriteSet::default();
     LocalStore::write_session(&mut w, &bob.peer(), &at_crash);
     alice.engine.store().apply(w).unwrap();
@@ -399,7 +399,7 @@ async fn a_message_is_announced_when_stored_then_once_durable_and_never_again() 
     let inbox = net.inner.lock().direct_inbox.remove(&bob.peer()).unwrap();
     assert_eq!(bob.engine.receive(inbox).await.unwrap().len(), 1);
     assert!(bob.sync().await.is_empty());
-    bob.engine.shutdown().await;
+    bob.engine.shutdown().await.unwrap();
     drop(bob);
     let seen = seen.await.unwrap();
     assert_eq!(
@@ -463,5 +463,53 @@ async fn a_direct_handover_is_announced_once_whoever_waits() {
             .unwrap()
             .iter()
             .all(|(_, e)| e.kind != OutboxKind::Message)
+    );
+}
+
+#[tokio::test]
+async fn a_contact_refusing_direct_hand_overs_is_not_asked_again_at_once() {
+    // Bob removed alice: on the LAN, he refuses what she hands him. She tries again
+    // only after a backoff (the relays carry it meanwhile), and settles.
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    {
+        let mut inner = net.inner.lock();
+        inner.direct.insert(bob.peer());
+        inner.refusing.insert(bob.peer());
+    }
+    let (_, p) = tokio::time::timeout(Duration::from_secs(10), alice.send(&bob_c, "hello"))
+        .await
+        .expect("settles although the direct path refuses");
+    assert_eq!((p.acked, p.direct), (3, false), "the relays have it");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.engine.settle().await.unwrap();
+    assert_eq!(net.inner.lock().direct_puts, 1, "not asked again at once");
+}
+
+#[tokio::test]
+async fn a_send_to_a_contact_blocked_meanwhile_ends_withdrawn() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    let (queued, mut events) = alice.queue(&bob_c, "never mind").await;
+    alice.engine.settle().await.unwrap();
+    alice.engine.block(bob.peer(), "bob".into()).await.unwrap();
+    alice.engine.settle().await.unwrap();
+    let told: Vec<SendEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(
+        matches!(told.last(), Some(SendEvent::Withdrawn)),
+        "ends withdrawn: {told:?}"
+    );
+    assert!(
+        !told
+            .iter()
+            .any(|e| matches!(e, SendEvent::Delivered { .. })),
+        "never delivered: {told:?}"
+    );
+    assert_eq!(
+        alice.engine.progress(queued.outbox_key).await.unwrap(),
+        None
     );
 }

@@ -36,6 +36,10 @@ struct FakeInner {
     puts: usize,
     /// Contacts the engine asked a direct path to.
     sought: Vec<PeerId>,
+    /// Direct peers that refuse what is handed to them (they removed us), and how
+    /// many hand-overs were tried.
+    refusing: HashSet<PeerId>,
+    direct_puts: usize,
 }
 
 #[derive(Clone, Default)]
@@ -152,6 +156,13 @@ impl Transport for FakeNet {
         let mut inner = self.inner.lock();
         if !inner.direct.contains(&peer) {
             return Err(NetError::Unreachable("not on the LAN".into()));
+        }
+        inner.direct_puts += 1;
+        if inner.refusing.contains(&peer) {
+            return Ok(RelayToClient::error(
+                kkachi_protocol::ErrorCode::NotOwner,
+                "this client takes direct deliveries from its contacts only",
+            ));
         }
         let n = envelopes.len();
         inner
@@ -308,7 +319,7 @@ impl User {
     /// Stops the engine and starts it again on the same store, as after a restart.
     async fn restart(&mut self, net: &FakeNet) {
         let me = self.engine.identity().clone();
-        self.engine.shutdown().await;
+        self.engine.shutdown().await.unwrap();
         let store = self.engine.store().clone();
         self.engine = engine(store, me, net);
     }

@@ -1,0 +1,354 @@
+//! The table of figures, from one run or the median of several.
+
+use serde_json::{Value, json};
+
+use crate::Args;
+
+/// One line of the table, from one run.
+struct Row {
+    label: &'static str,
+    value: f64,
+    decimals: usize,
+    /// The value over a baseline of the same run, and what that baseline is.
+    ratio: Option<(f64, &'static str)>,
+    note: String,
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The rows of one run's report, for the parts asked for.
+fn rows(args: &Args, r: &Value) -> Vec<Row> {
+    let rtt = num(&r["baseline_libp2p_rtt_us"]);
+    let sled_flush = num(&r["baseline_sled_insert_flush_per_s"]);
+    let row = |label, value: &Value, decimals, note: String| Row {
+        label,
+        value: num(value),
+        decimals,
+        ratio: None,
+        note,
+    };
+    let over_rtt = |mut row: Row| {
+        row.ratio = Some((row.value / rtt, "libp2p round trip"));
+        row
+    };
+    let mut out = Vec::new();
+    if args.part("ingest") {
+        let (single, batched, bounded, moderate) = (
+            &r["ingest_single"],
+            &r["ingest_batched"],
+            &r["ingest_bounded"],
+            &r["ingest_moderate"],
+        );
+        let mut best = row(
+            "ingest, durable 512 B puts/s (best)",
+            &r["ingest_msgs_per_s"],
+            0,
+            String::new(),
+        );
+        best.ratio = Some((best.value / sled_flush, "sled insert+flush per item"));
+        out.push(best);
+        out.push(row(
+            "  single-envelope puts/s",
+            &single["msgs_per_s"],
+            0,
+            format!("batch 1, {} in flight", single["senders"]),
+        ));
+        out.push(row(
+            "  batched puts/s",
+            &batched["msgs_per_s"],
+            0,
+            format!("batch 16, {} in flight", batched["senders"]),
+        ));
+        out.push(row(
+            "  batched puts/s, fewer in flight",
+            &bounded["msgs_per_s"],
+            0,
+            format!(
+                "batch 16, {} in flight: ack p50 {:.0} µs, p99 {:.0} µs",
+                bounded["senders"],
+                num(&bounded["ack_p50_us"]),
+                num(&bounded["ack_p99_us"])
+            ),
+        ));
+        out.push(over_rtt(row(
+            "put ack p50 (µs)",
+            &single["ack_p50_us"],
+            0,
+            String::new(),
+        )));
+        out.push(row(
+            "put ack p99 (µs)",
+            &single["ack_p99_us"],
+            0,
+            "at saturation (128 in flight)".into(),
+        ));
+        out.push(row(
+            "put ack p50 at moderate load (µs)",
+            &moderate["ack_p50_us"],
+            0,
+            format!(
+                "p99 {:.0} µs; {:.0} puts/s, {} senders, 1 in flight each",
+                num(&moderate["ack_p99_us"]),
+                num(&moderate["msgs_per_s"]),
+                moderate["senders"]
+            ),
+        ));
+    }
+    if args.part("latency") {
+        out.push(over_rtt(row(
+            "send→shown p50 via 3 relays only (µs)",
+            &r["latency_p50_us"],
+            0,
+            String::new(),
+        )));
+        out.push(row(
+            "send→shown p99 (µs)",
+            &r["latency_p99_us"],
+            0,
+            String::new(),
+        ));
+        out.push(row(
+            "send→durable at the recipient p50 (µs)",
+            &r["latency"]["durable_p50_us"],
+            0,
+            format!(
+                "p99 {:.0} µs (what `kkachi daemon` prints)",
+                num(&r["latency"]["durable_p99_us"])
+            ),
+        ));
+        out.push(over_rtt(row(
+            "send→shown p50, 1 relay, no other load (µs)",
+            &r["latency_one_relay_idle_p50_us"],
+            0,
+            format!("p99 {:.0} µs", num(&r["latency_one_relay_idle_p99_us"])),
+        )));
+        out.push(over_rtt(row(
+            "send→shown p50, connected directly (µs)",
+            &r["latency_direct_p50_us"],
+            0,
+            format!(
+                "p99 {:.0} µs; 3 relays as well, same load",
+                num(&r["latency_direct_p99_us"])
+            ),
+        )));
+        out.push(row(
+            "failover gap, 1 of 3 relays kill -9 (ms)",
+            &r["failover_gap_ms"],
+            1,
+            format!("lost {}, duplicated {}", r["lost"], r["duplicated"]),
+        ));
+    }
+    if args.part("history") {
+        out.push(row(
+            "`kkachi history` of a long conversation (ms)",
+            &r["history"]["history_all_ms"],
+            0,
+            format!(
+                "{} lines; --last 50: {:.0} ms",
+                r["history"]["lines"],
+                num(&r["history"]["history_last50_ms"])
+            ),
+        ));
+    }
+    if args.part("reconnect") {
+        out.push(row(
+            "reconnect after relay restart (s)",
+            &r["reconnect"]["reconnect_s"],
+            2,
+            format!(
+                "{} of {} clients",
+                r["reconnect"]["reconnected"], r["reconnect"]["clients"]
+            ),
+        ));
+        out.push(row(
+            "new connections (Noise handshakes)/s",
+            &r["handshakes_per_s"],
+            0,
+            String::new(),
+        ));
+    }
+    if args.part("idle") {
+        out.push(row(
+            "relay memory per idle connection (KiB)",
+            &r["idle_conn_kib"],
+            1,
+            format!(
+                "at {} connections, each with a session and a long poll waiting",
+                r["idle"]["connections"]
+            ),
+        ));
+    }
+    out.push(row(
+        "baseline: libp2p request/response RTT (µs)",
+        &r["baseline_libp2p_rtt_us"],
+        0,
+        String::new(),
+    ));
+    out.push(row(
+        "baseline: sled insert+flush per item (/s)",
+        &r["baseline_sled_insert_flush_per_s"],
+        0,
+        String::new(),
+    ));
+    out.push(row(
+        "baseline: sled insert without flush (/s)",
+        &r["baseline_sled_insert_per_s"],
+        0,
+        String::new(),
+    ));
+    out
+}
+
+/// The median of `values` (NaN if there are none), the mean of the middle two for an
+/// even count.
+fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Prints the table: each figure of one run, or with several runs each figure's median
+/// and its range (smallest–largest), its ratio the median of the runs' ratios.
+pub(crate) fn print(args: &Args, reports: &[Value]) {
+    let runs: Vec<Vec<Row>> = reports.iter().map(|r| rows(args, r)).collect();
+    let Some(first) = runs.first() else { return };
+    let several = runs.len() > 1;
+    println!(
+        "{:<44} {:>14}  {}",
+        "figure",
+        if several { "median" } else { "value" },
+        if several {
+            format!(
+                "(range over {} runs); ratio to this machine's limits",
+                runs.len()
+            )
+        } else {
+            "ratio to this machine's limits".into()
+        }
+    );
+    for (i, head) in first.iter().enumerate() {
+        let values: Vec<f64> = runs.iter().map(|r| r[i].value).collect();
+        let mid = median(&values);
+        let ratio = head.ratio.map(|(_, basis)| {
+            let ratios: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r[i].ratio.map(|x| x.0))
+                .collect();
+            format!("{:.1}x {basis}", median(&ratios))
+        });
+        // The note of the run nearest the median, except for what must be counted
+        // over every run.
+        let nearest = runs
+            .iter()
+            .min_by(|a, b| {
+                (a[i].value - mid)
+                    .abs()
+                    .total_cmp(&(b[i].value - mid).abs())
+            })
+            .map_or(String::new(), |r| r[i].note.clone());
+        let note = if head.label.starts_with("failover") && several {
+            let sum = |key: &str| {
+                reports
+                    .iter()
+                    .map(|r| r[key].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            };
+            format!(
+                "lost {}, duplicated {} over all runs",
+                sum("lost"),
+                sum("duplicated")
+            )
+        } else {
+            nearest
+        };
+        let d = head.decimals;
+        let range = if several {
+            let finite: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+            let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!(" ({lo:.d$}–{hi:.d$})")
+        } else {
+            String::new()
+        };
+        let tail: Vec<String> = ratio
+            .into_iter()
+            .chain(Some(note))
+            .filter(|s| !s.is_empty())
+            .collect();
+        println!(
+            "{:<44} {:>14}{range}  {}",
+            head.label,
+            format!("{mid:.d$}"),
+            tail.join("; ")
+        );
+    }
+}
+
+/// The JSON summary: one run's report as it is; for several, each top-level figure's
+/// median, lost and duplicated summed, and every run's report under "runs".
+pub(crate) fn summary(reports: &[Value]) -> Value {
+    if let [only] = reports {
+        return only.clone();
+    }
+    let mut out = serde_json::Map::new();
+    if let Some(Value::Object(first)) = reports.first() {
+        for (key, value) in first {
+            let merged = match (key.as_str(), value) {
+                ("lost" | "duplicated", _) => json!(
+                    reports
+                        .iter()
+                        .map(|r| r[key].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                ),
+                (_, Value::Number(_)) => {
+                    let values: Vec<f64> = reports.iter().map(|r| num(&r[key])).collect();
+                    json!(median(&values))
+                }
+                _ => value.clone(),
+            };
+            out.insert(key.clone(), merged);
+        }
+    }
+    out.insert("runs".into(), Value::Array(reports.to_vec()));
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts_skip_missing_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn several_runs_sum_what_was_lost_and_take_medians_of_figures() {
+        let runs = [
+            json!({ "latency_p50_us": 900.0, "lost": 0, "duplicated": 1, "mode": "full" }),
+            json!({ "latency_p50_us": 1100.0, "lost": 2, "duplicated": 0, "mode": "full" }),
+            json!({ "latency_p50_us": 1000.0, "lost": 0, "duplicated": 0, "mode": "full" }),
+        ];
+        let s = summary(&runs);
+        assert_eq!(s["latency_p50_us"], 1000.0);
+        assert_eq!(
+            (s["lost"].clone(), s["duplicated"].clone()),
+            (json!(2), json!(1))
+        );
+        assert_eq!(s["runs"].as_array().map(Vec::len), Some(3));
+        assert_eq!(summary(&runs[..1]), runs[0]);
+    }
+}
