@@ -57,6 +57,35 @@ fn record_send(checker: &mut Checker, user: &User, to: &str, text: &str) -> bool
     }
 }
 
+/// `user` sends `n` messages to bob with the CLI (forwarded to their daemon while it
+/// runs), one after another, on a thread: the ids of those that succeeded.
+fn send_in_background(
+    user: &User,
+    label: &str,
+    n: usize,
+) -> std::thread::JoinHandle<Vec<(String, Instant)>> {
+    let (home, label) = (user.home.clone(), label.to_owned());
+    std::thread::spawn(move || {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let at = Instant::now();
+            let o = std::process::Command::new(kkachi_tests::procs::bin("kkachi"))
+                .arg("--home")
+                .arg(&home)
+                .args(["send", "bob", &format!("{label} m{i}"), "--json"])
+                .args(["--timeout", "2"])
+                .env("KKACHI_MDNS", "0")
+                .output()
+                .unwrap();
+            if o.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                ids.push((v["id"].as_str().unwrap().to_string(), at));
+            }
+        }
+        ids
+    })
+}
+
 fn drain(checker: &mut Checker, daemon: &kkachi_tests::procs::Daemon, wait: Duration) {
     let expected = checker.outstanding();
     let got = daemon.collect(wait, |g| g.len() >= expected);
@@ -158,34 +187,7 @@ fn client_killed_mid_send_and_restarted() {
     for round in 0..rounds {
         let mut alice_daemon = w.alice.daemon();
         // Sends go through the daemon (forwarded); kill it at a varying point.
-        let sender = {
-            let home = w.alice.home.clone();
-            std::thread::spawn(move || {
-                let mut ids = Vec::new();
-                for i in 0..30 {
-                    let at = Instant::now();
-                    let o = std::process::Command::new(kkachi_tests::procs::bin("kkachi"))
-                        .arg("--home")
-                        .arg(&home)
-                        .args([
-                            "send",
-                            "bob",
-                            &format!("r{round} m{i}"),
-                            "--json",
-                            "--timeout",
-                            "2",
-                        ])
-                        .env("KKACHI_MDNS", "0")
-                        .output()
-                        .unwrap();
-                    if o.status.success() {
-                        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                        ids.push((v["id"].as_str().unwrap().to_string(), at));
-                    }
-                }
-                ids
-            })
-        };
+        let sender = send_in_background(&w.alice, &format!("r{round}"), 30);
         std::thread::sleep(Duration::from_millis(200 + 150 * round as u64));
         alice_daemon.kill9();
         let ids = sender.join().unwrap();
@@ -212,28 +214,7 @@ fn daemons_stopped_with_sigterm_mid_traffic_exit_0_and_lose_nothing() {
     let rounds = if soak() { 8 } else { 3 };
     for round in 0..rounds {
         let mut alice_daemon = w.alice.daemon();
-        let sender = {
-            let alice = w.alice.home.clone();
-            std::thread::spawn(move || {
-                let mut ids = Vec::new();
-                for i in 0..15 {
-                    let at = Instant::now();
-                    let o = std::process::Command::new(kkachi_tests::procs::bin("kkachi"))
-                        .arg("--home")
-                        .arg(&alice)
-                        .args(["send", "bob", &format!("t{round} m{i}"), "--json"])
-                        .args(["--timeout", "2"])
-                        .env("KKACHI_MDNS", "0")
-                        .output()
-                        .unwrap();
-                    if o.status.success() {
-                        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                        ids.push((v["id"].as_str().unwrap().to_string(), at));
-                    }
-                }
-                ids
-            })
-        };
+        let sender = send_in_background(&w.alice, &format!("t{round}"), 15);
         std::thread::sleep(Duration::from_millis(300 + 200 * round as u64));
         // Both stop while messages are in flight between them.
         let alice_status = alice_daemon.stop();

@@ -209,33 +209,25 @@ impl<T: Transport> Owner<T> {
     /// A batch from our mailbox at `relay` is durable (or the last flush failed):
     /// delete it there, move the cursor past it, and fetch more or wait for the next.
     pub(super) fn mailbox_durable(&mut self, batch: Batch, flushed: Flushed) {
-        let Batch {
-            relay,
-            ids,
-            next,
-            more,
-            sync,
-            empty,
-            shown,
-        } = batch;
+        let (relay, next, sync) = (batch.relay, batch.next, batch.sync);
         if flushed.is_err() {
             // Not durable: not deleted, not moved past; it comes again.
             let why = RelayError::NotStored("the local database failed".into());
             return self.mailbox_failed(&relay, why, sync, now_ms());
         }
         for run in &mut self.syncs {
-            run.report.shown.extend(shown.iter().cloned());
+            run.report.shown.extend(batch.shown.iter().cloned());
         }
         let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
-        if !ids.is_empty() {
-            self.delete(&relay, mailbox, ids);
+        if !batch.ids.is_empty() {
+            self.delete(&relay, mailbox, batch.ids);
         }
         let _ = self
             .state
             .store
             .update_relay(&relay, |r| r.cursor = r.cursor.max(next));
         self.state.note_relay(&relay, Ok(()));
-        if more {
+        if batch.more {
             let fetch = ClientToRelay::Fetch {
                 mailbox,
                 after: next,
@@ -245,7 +237,11 @@ impl<T: Transport> Owner<T> {
         } else if sync {
             self.sync_relay_done(&relay, Ok(()));
         } else {
-            let answer = if empty { Answer::Empty } else { Answer::Items };
+            let answer = if batch.empty {
+                Answer::Empty
+            } else {
+                Answer::Items
+            };
             self.inboxes.handle_answer(&relay, answer, now_ms(), 0);
         }
     }

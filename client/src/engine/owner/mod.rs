@@ -358,14 +358,7 @@ impl<T: Transport> Owner<T> {
     /// batches to delete) waits for a flush that succeeds, tried again with backoff.
     fn flushed(&mut self, result: Flushed) {
         self.flushing = false;
-        let store = &self.state.store;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
-            .into_iter()
-            .partition(|(ticket, _)| store.is_durable(*ticket));
-        self.after = waiting;
-        for (_, after) in ready {
-            self.run_after(after, Ok(()));
-        }
+        self.run_durable();
         match result {
             Ok(()) => self.flush_failures = 0,
             Err(e) => {
@@ -499,12 +492,8 @@ impl<T: Transport> Owner<T> {
         self.after.push((ticket, after));
     }
 
-    /// Starts a flush if something waits for one and none is under way (nor, after a
-    /// failure, before its retry is due).
-    fn maybe_flush(&mut self) {
-        if self.flushing {
-            return;
-        }
+    /// Runs what waited for writes that are durable now.
+    fn run_durable(&mut self) {
         let store = &self.state.store;
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.after)
             .into_iter()
@@ -513,6 +502,15 @@ impl<T: Transport> Owner<T> {
         for (_, after) in ready {
             self.run_after(after, Ok(()));
         }
+    }
+
+    /// Starts a flush if something waits for one and none is under way (nor, after a
+    /// failure, before its retry is due).
+    fn maybe_flush(&mut self) {
+        if self.flushing {
+            return;
+        }
+        self.run_durable();
         if self.after.is_empty() || now_ms() < self.next_flush {
             return;
         }

@@ -2,8 +2,10 @@
 //! `MemoryStore`s that can be switched off; direct paths are in-memory queues.
 //!
 //! - `delivery`: sending, receiving, receipts, relays down, restarts, direct paths;
-//! - `hostile`: contacts and strangers sending what no honest client would.
+//! - `hostile`: contacts and strangers sending what no honest client would;
+//! - `contacts`: message requests, blocking, removing and adding contacts again.
 
+mod contacts;
 mod delivery;
 mod hostile;
 

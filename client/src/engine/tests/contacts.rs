@@ -1,0 +1,278 @@
+//! Strangers and the contacts you control: first messages held as requests, accepted,
+//! rejected or blocked; contacts blocked, removed and added again.
+
+use super::hostile::{cast, texts};
+use super::*;
+use crate::engine::ContactError;
+use crate::store::MAX_HELD_PER_SENDER;
+
+async fn spam(spammer: &User, to: &Contact, i: usize) {
+    spammer.send(to, &format!("buy now {i}")).await;
+}
+
+#[tokio::test]
+async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
+    let net = FakeNet::default();
+    let frank = User::new(&net, "Frank", 2);
+    let carol = User::new(&net, "Carol", 2);
+    // Frank has Carol's code; Carol does not know Frank yet.
+    let carol_at_frank = frank.add_contact(&carol);
+    let (first, _) = frank
+        .send(&carol_at_frank, "injured at the station, please add me")
+        .await;
+    let _ = frank.send(&carol_at_frank, "I am by the east exit").await;
+    assert!(
+        carol.sync().await.is_empty(),
+        "nothing shown from a stranger"
+    );
+    let requests = carol.engine.store().requests().unwrap();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].card.name(), "Frank");
+    assert_eq!(requests[0].messages.len(), 2);
+    // Carol's client confirms nothing: Frank sees "relayed", never "delivered".
+    carol.engine.settle().await.unwrap();
+    frank.sync().await;
+    assert!(matches!(
+        frank.messages(&carol)[0].state,
+        MessageState::Relayed { .. }
+    ));
+    // The relays no longer hold it; Carol's device does.
+    for r in &carol.relays {
+        let mailbox = MailboxId::for_peer(&carol.peer());
+        assert!(
+            net.relay_store(r)
+                .fetch(&mailbox, 0, 10, usize::MAX)
+                .unwrap()
+                .items
+                .is_empty()
+        );
+    }
+    // Accepting moves both into the conversation, in Frank's order, once.
+    let done = carol
+        .engine
+        .accept_request(frank.peer(), None)
+        .await
+        .unwrap();
+    assert!(done.added);
+    assert_eq!(
+        texts(&carol, &frank),
+        [
+            "injured at the station, please add me",
+            "I am by the east exit"
+        ]
+    );
+    assert!(carol.engine.store().requests().unwrap().is_empty());
+    assert!(carol.sync().await.is_empty());
+    // Now Frank sees them delivered.
+    carol.engine.settle().await.unwrap();
+    frank.sync().await;
+    assert_eq!(frank.messages(&carol)[0].state, MessageState::Delivered);
+    assert!(
+        frank
+            .engine
+            .progress(first.outbox_key)
+            .await
+            .unwrap()
+            .is_none(),
+        "done"
+    );
+    // And the conversation goes on both ways.
+    let frank_at_carol = carol.contact_of(&frank.peer()).unwrap();
+    let _ = carol.send(&frank_at_carol, "coming").await;
+    assert_eq!(frank.sync().await.len(), 1);
+}
+
+#[tokio::test]
+async fn adding_a_strangers_code_accepts_what_they_sent() {
+    let net = FakeNet::default();
+    let frank = User::new(&net, "Frank", 1);
+    let carol = User::new(&net, "Carol", 1);
+    let carol_at_frank = frank.add_contact(&carol);
+    let _ = frank.send(&carol_at_frank, "hello from the shelter").await;
+    carol.sync().await;
+    let done = carol
+        .engine
+        .add_contact(frank.card.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(done.accepted.len(), 1);
+    assert_eq!(texts(&carol, &frank), ["hello from the shelter"]);
+}
+
+#[tokio::test]
+async fn held_messages_are_bounded_per_sender_and_can_be_rejected_or_blocked() {
+    let net = FakeNet::default();
+    let spammer = User::new(&net, "Spammer", 1);
+    let carol = User::new(&net, "Carol", 1);
+    let carol_at_spammer = spammer.add_contact(&carol);
+    for i in 0..MAX_HELD_PER_SENDER + 5 {
+        spam(&spammer, &carol_at_spammer, i).await;
+    }
+    carol.sync().await;
+    assert_eq!(
+        carol.engine.store().held_counts(&spammer.peer()).unwrap(),
+        (MAX_HELD_PER_SENDER, MAX_HELD_PER_SENDER)
+    );
+    assert_eq!(
+        carol.engine.reject_request(spammer.peer()).await.unwrap(),
+        MAX_HELD_PER_SENDER
+    );
+    spam(&spammer, &carol_at_spammer, 99).await;
+    carol.sync().await;
+    assert_eq!(
+        carol.engine.store().held_counts(&spammer.peer()).unwrap().0,
+        1,
+        "may ask again"
+    );
+    carol
+        .engine
+        .block(spammer.peer(), "Spammer".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        carol.engine.store().held_counts(&spammer.peer()).unwrap().0,
+        0
+    );
+    spam(&spammer, &carol_at_spammer, 100).await;
+    carol.sync().await;
+    assert_eq!(
+        carol.engine.store().held_counts(&spammer.peer()).unwrap().0,
+        0,
+        "blocked: dropped unread"
+    );
+}
+
+#[tokio::test]
+async fn a_blocked_contact_is_dropped_unread_until_unblocked() {
+    let c = cast().await;
+    let _ = c.mallory.send(&c.carol_at_mallory, "one").await;
+    c.carol.sync().await;
+    c.carol.engine.settle().await.unwrap();
+    c.mallory.sync().await;
+    c.carol
+        .engine
+        .block(c.mallory.peer(), "Mallory".into())
+        .await
+        .unwrap();
+    // Transport packets (their session is established) and first messages alike.
+    let _ = c.mallory.send(&c.carol_at_mallory, "two").await;
+    c.mallory
+        .send_raw(&c.carol_at_mallory, &raw_text(9, [0; 32], "three"))
+        .await;
+    let _ = c.alice.send(&c.carol_at_alice, "alice goes on").await;
+    let got = c.carol.sync().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.text, "alice goes on");
+    assert_eq!(
+        texts(&c.carol, &c.mallory),
+        ["one"],
+        "the conversation is kept"
+    );
+    assert!(c.carol.engine.unblock(c.mallory.peer()).await.unwrap());
+    let _ = c.mallory.send(&c.carol_at_mallory, "four").await;
+    c.carol.sync().await;
+    assert!(texts(&c.carol, &c.mallory).contains(&"four".to_string()));
+}
+
+#[tokio::test]
+async fn a_removed_contact_leaves_nothing_and_writes_as_a_stranger() {
+    let c = cast().await;
+    let _ = c.mallory.send(&c.carol_at_mallory, "one").await;
+    c.carol.sync().await;
+    let done = c
+        .carol
+        .engine
+        .remove_contact(c.mallory.peer())
+        .await
+        .unwrap();
+    assert_eq!(done.removed_messages, 1);
+    assert!(c.carol.contact_of(&c.mallory.peer()).is_none());
+    assert!(c.carol.messages(&c.mallory).is_empty());
+    // Renaming and name rules.
+    let err = c
+        .carol
+        .engine
+        .rename_contact(c.alice.peer(), "Al\u{202e}ice".into())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Contact(ContactError::Name(_))),
+        "{err}"
+    );
+    c.carol
+        .engine
+        .rename_contact(c.alice.peer(), "앨리스".into())
+        .await
+        .unwrap();
+    assert_eq!(c.carol.contact_of(&c.alice.peer()).unwrap().name, "앨리스");
+}
+
+#[tokio::test]
+async fn a_contact_removed_and_added_again_gets_what_they_sent_meanwhile() {
+    let c = cast().await;
+    let mallory_at_carol = c.carol.contact_of(&c.mallory.peer()).unwrap();
+    converse(&c.mallory, &c.carol, &c.carol_at_mallory, &mallory_at_carol).await;
+    c.carol
+        .engine
+        .remove_contact(c.mallory.peer())
+        .await
+        .unwrap();
+    // Mallory still holds the session: this is a transport packet Carol cannot open.
+    let _ = c
+        .mallory
+        .send(&c.carol_at_mallory, "did you get this?")
+        .await;
+    assert!(c.carol.sync().await.is_empty());
+    c.carol
+        .engine
+        .add_contact(c.mallory.card.clone(), None)
+        .await
+        .unwrap();
+    // Carol's card goes out under a fresh session; Mallory's client sees Carol's state
+    // is new and seals again what Carol never confirmed.
+    c.carol.engine.settle().await.unwrap();
+    c.mallory.sync().await;
+    c.mallory.engine.settle().await.unwrap();
+    let got = c.carol.sync().await;
+    assert_eq!(
+        got.iter()
+            .map(|r| r.message.text.as_str())
+            .collect::<Vec<_>>(),
+        ["did you get this?"]
+    );
+    assert!(c.carol.sync().await.is_empty());
+}
+
+#[tokio::test]
+async fn what_a_removed_contact_sends_afterwards_arrives_as_a_request() {
+    let c = cast().await;
+    let mallory_at_carol = c.carol.contact_of(&c.mallory.peer()).unwrap();
+    converse(&c.mallory, &c.carol, &c.carol_at_mallory, &mallory_at_carol).await;
+    c.carol
+        .engine
+        .remove_contact(c.mallory.peer())
+        .await
+        .unwrap();
+    let _ = c
+        .mallory
+        .send(&c.carol_at_mallory, "sorry, can we talk?")
+        .await;
+    assert!(c.carol.sync().await.is_empty());
+    // Carol's card from a fresh session tells Mallory's client that Carol's state is
+    // gone: it seals again what Carol never confirmed, as first messages.
+    c.carol.engine.settle().await.unwrap();
+    c.mallory.sync().await;
+    c.mallory.engine.settle().await.unwrap();
+    assert!(
+        c.carol.sync().await.is_empty(),
+        "not a contact: nothing shown"
+    );
+    let request = c.carol.engine.store().request(&c.mallory.peer()).unwrap();
+    let texts: Vec<_> = request
+        .unwrap()
+        .messages
+        .into_iter()
+        .filter_map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["sorry, can we talk?"]);
+}
