@@ -155,7 +155,7 @@ pub enum RequestCommand {
 pub struct SendArgs {
     /// Contact name or peer id.
     pub contact: String,
-    /// The message.
+    /// The message; `-` reads it from standard input.
     pub text: String,
     /// How long to wait for relays to acknowledge, in seconds.
     #[arg(long, default_value_t = 5.0)]

@@ -212,10 +212,51 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
     }
 }
 
+/// `send CONTACT -`: the text is read from standard input here, in the process the
+/// person started (a running daemon, which may take the command, has another stdin).
+/// At most the longest text a message may carry is read; one final newline is dropped.
+fn text_from_stdin(command: Command) -> Result<Command, String> {
+    use std::io::Read;
+    let Command::Send(mut args) = command else {
+        return Ok(command);
+    };
+    if args.text != "-" {
+        return Ok(Command::Send(args));
+    }
+    let limit = kkachi_protocol::content::MAX_TEXT_LEN;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the message from standard input: {e}"))?;
+    if bytes.len() > limit {
+        return Err(format!(
+            "the message on standard input is longer than {limit} bytes, the most one message holds"
+        ));
+    }
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| "the message on standard input is not UTF-8 text".to_string())?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.trim().is_empty() {
+        return Err("no message on standard input".into());
+    }
+    args.text = text;
+    Ok(Command::Send(args))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = cli.home.clone().unwrap_or_else(default_home);
-    let command = cli.command.unwrap_or(Command::Tui);
+    let command = match text_from_stdin(cli.command.unwrap_or(Command::Tui)) {
+        Ok(command) => command,
+        Err(e) => return error(e),
+    };
     let is_tui = matches!(command, Command::Tui | Command::Demo);
     if is_tui {
         let _ = std::fs::create_dir_all(&home);

@@ -185,3 +185,67 @@ fn send_to_unreachable_relays_is_queued_not_lost() {
     assert!(stdout(&list).contains("down"), "{}", stdout(&list));
     assert!(stderr(&list).contains("single relay"), "{}", stderr(&list));
 }
+
+/// `kkachi` with `input` on its standard input.
+fn kkachi_with_input(home: &Path, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kkachi"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("KKACHI_MDNS", "0")
+        .env("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kkachi runs");
+    let mut stdin = child.stdin.take().unwrap();
+    // A refused message may leave the rest unread: a broken pipe is no failure here.
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    child.wait_with_output().expect("kkachi finishes")
+}
+
+#[test]
+fn send_dash_reads_the_message_from_standard_input() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    ok(kkachi(a.path(), &["init", "--name", "Minji"]));
+    ok(kkachi(b.path(), &["init", "--name", "Hyun"]));
+    let peer = "12D3KooWCLXbNhRE2Ev1vJ79en18cz4auE64p6NGYJHPxPCNkMe2";
+    ok(kkachi(
+        b.path(),
+        &["relay", "add", &format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}")],
+    ));
+    let code = ok(kkachi(b.path(), &["invite"])).trim().to_string();
+    ok(kkachi(a.path(), &["contact", "add", &code]));
+    let send = ["send", "Hyun", "-", "--timeout", "0.3"];
+    let sent = ok(kkachi_with_input(
+        a.path(),
+        &send,
+        "two lines,\nsecond 까치\n".as_bytes(),
+    ));
+    assert!(sent.contains("queued"), "{sent}");
+    fails_with(
+        kkachi_with_input(a.path(), &send, b"\n"),
+        "no message on standard input",
+    );
+    fails_with(
+        kkachi_with_input(a.path(), &send, b"\xff\xfe bad"),
+        "not UTF-8",
+    );
+    let long = vec![b'a'; kkachi_protocol::content::MAX_TEXT_LEN + 1];
+    fails_with(kkachi_with_input(a.path(), &send, &long), "longer than");
+    let history = ok(kkachi(a.path(), &["history", "Hyun", "--json"]));
+    let h: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let texts: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["two lines,\nsecond 까치"]);
+}

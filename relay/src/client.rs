@@ -14,7 +14,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::session::{Session, SessionError};
+use crate::session::{Session, SessionError, SessionSlot};
 use crate::transport;
 
 #[derive(Debug, Error)]
@@ -50,7 +50,7 @@ pub struct MailboxClient {
 /// idle, and the connection may go and come back.
 struct SessionPlace {
     control: libp2p_stream::Control,
-    current: tokio::sync::Mutex<Arc<Session>>,
+    current: SessionSlot,
     /// Asks the swarm's task to connect again; it stops once this is dropped (with the
     /// last handle).
     dial: mpsc::Sender<oneshot::Sender<Result<(), ClientError>>>,
@@ -120,7 +120,7 @@ impl MailboxClient {
             me,
             place: Arc::new(SessionPlace {
                 control,
-                current: tokio::sync::Mutex::new(session),
+                current: SessionSlot::holding(session),
                 dial,
             }),
         })
@@ -129,7 +129,7 @@ impl MailboxClient {
     /// Whether the session is open now (a closed one is opened again by the next
     /// request).
     pub fn has_session(&self) -> bool {
-        self.place.current.try_lock().is_ok_and(|s| s.is_open())
+        self.place.current.open_session().is_some()
     }
 
     /// The relay's PeerId.
@@ -145,27 +145,24 @@ impl MailboxClient {
     /// The open session, or a new one if the relay closed the last (idle) or the
     /// connection went.
     async fn session(&self) -> Result<Arc<Session>, ClientError> {
-        let mut current = self.place.current.lock().await;
-        if !current.is_open() {
-            // Connected again first (the relay may have restarted), then a new session.
-            let (reply, connected) = oneshot::channel();
-            self.place
-                .dial
-                .send(reply)
-                .await
-                .map_err(|_| ClientError::Request("client stopped".into()))?;
-            connected
-                .await
-                .map_err(|_| ClientError::Request("client stopped".into()))??;
-            *current = Session::open(
-                &mut self.place.control.clone(),
-                self.relay,
-                SESSION_OPEN_TIMEOUT,
-            )
+        let place = &self.place;
+        place
+            .current
+            .get_or_open(|| async {
+                let (reply, connected) = oneshot::channel();
+                place
+                    .dial
+                    .send(reply)
+                    .await
+                    .map_err(|_| ClientError::Request("client stopped".into()))?;
+                connected
+                    .await
+                    .map_err(|_| ClientError::Request("client stopped".into()))??;
+                Session::open(&mut place.control.clone(), self.relay, SESSION_OPEN_TIMEOUT)
+                    .await
+                    .map_err(|e| ClientError::Request(e.to_string()))
+            })
             .await
-            .map_err(|e| ClientError::Request(e.to_string()))?;
-        }
-        Ok(current.clone())
     }
 
     /// Sends one request and waits for the answer. Every request is idempotent: one

@@ -283,6 +283,48 @@ pub enum SessionError {
 
 type Pending = HashMap<u32, oneshot::Sender<Result<RelayToClient, SessionError>>>;
 
+/// Where the session with one peer is kept: none yet, or the latest. Requests take an
+/// open one without waiting (a plain lock, held for a clone); only when there is none
+/// does a caller open one, and callers arriving meanwhile wait for it instead of opening
+/// their own.
+#[derive(Debug, Default)]
+pub struct SessionSlot {
+    current: Mutex<Option<Arc<Session>>>,
+    opening: tokio::sync::Mutex<()>,
+}
+
+impl SessionSlot {
+    /// A slot holding `session`.
+    pub fn holding(session: Arc<Session>) -> Self {
+        Self {
+            current: Mutex::new(Some(session)),
+            opening: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The open session, if there is one.
+    pub fn open_session(&self) -> Option<Arc<Session>> {
+        self.current.lock().clone().filter(|s| s.is_open())
+    }
+
+    /// The open session, or one `open` opens (one caller at a time; the rest take it).
+    pub async fn get_or_open<E, F>(&self, open: impl FnOnce() -> F) -> Result<Arc<Session>, E>
+    where
+        F: std::future::Future<Output = Result<Arc<Session>, E>>,
+    {
+        if let Some(session) = self.open_session() {
+            return Ok(session);
+        }
+        let _turn = self.opening.lock().await;
+        if let Some(session) = self.open_session() {
+            return Ok(session);
+        }
+        let session = open().await?;
+        *self.current.lock() = Some(session.clone());
+        Ok(session)
+    }
+}
+
 /// The client side of one session stream: requests are written straight to the
 /// stream from the caller's task, answers are matched to them by id.
 #[derive(Debug)]

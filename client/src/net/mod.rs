@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
-use kkachi_relay::session::{Session, SessionError, SessionReply};
+use kkachi_relay::session::{Session, SessionError, SessionReply, SessionSlot};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use parking_lot::RwLock;
@@ -150,9 +150,6 @@ impl Default for NetConfig {
     }
 }
 
-/// The session with one peer: none yet, or the latest (closed ones are replaced on use).
-type SessionSlot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
-
 /// Handle to the network task.
 #[derive(Clone)]
 pub struct Network {
@@ -163,7 +160,7 @@ pub struct Network {
     direct: bool,
     control: libp2p_stream::Control,
     /// The session with each peer spoken to, opened on first use.
-    sessions: Arc<parking_lot::Mutex<HashMap<PeerId, SessionSlot>>>,
+    sessions: Arc<parking_lot::Mutex<HashMap<PeerId, Arc<SessionSlot>>>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -264,16 +261,13 @@ impl Network {
         addr: Option<&Multiaddr>,
     ) -> Result<Arc<Session>, NetError> {
         let slot = self.sessions.lock().entry(peer).or_default().clone();
-        let mut slot = slot.lock().await;
-        if let Some(session) = slot.as_ref().filter(|s| s.is_open()) {
-            return Ok(session.clone());
-        }
-        self.dial(peer, addr.cloned()).await?;
-        let session = Session::open(&mut self.control.clone(), peer, SESSION_OPEN_TIMEOUT)
-            .await
-            .map_err(|e| NetError::Unreachable(format!("{peer}: {e}")))?;
-        *slot = Some(session.clone());
-        Ok(session)
+        slot.get_or_open(|| async {
+            self.dial(peer, addr.cloned()).await?;
+            Session::open(&mut self.control.clone(), peer, SESSION_OPEN_TIMEOUT)
+                .await
+                .map_err(|e| NetError::Unreachable(format!("{peer}: {e}")))
+        })
+        .await
     }
 
     /// One request to `peer` over its session. Every request is idempotent, so one

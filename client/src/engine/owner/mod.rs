@@ -350,7 +350,6 @@ impl<T: Transport> Owner<T> {
             Done::Flushed(result) => self.flushed(result),
             Done::Deleted => {}
         }
-        self.maybe_flush();
     }
 
     /// A flush ended. What it made durable goes ahead. If it failed, who waits for an
@@ -457,7 +456,6 @@ impl<T: Transport> Owner<T> {
             }
             Command::Shutdown { reply } => self.stopping = Some(reply),
         }
-        self.maybe_flush();
     }
 
     /// After a change made by a command: the outbox learns what changed, and `reply`
@@ -505,7 +503,10 @@ impl<T: Transport> Owner<T> {
     }
 
     /// Starts a flush if something waits for one and none is under way (nor, after a
-    /// failure, before its retry is due).
+    /// failure, before its retry is due). Called last in each turn of the loop, after the
+    /// turn's deliveries have started: the flush wakes a blocking thread and sled's I/O
+    /// pool, and starts only once this task has yielded, so the requests those deliveries
+    /// wrote go out first instead of waiting for a core.
     fn maybe_flush(&mut self) {
         if self.flushing {
             return;
@@ -517,6 +518,7 @@ impl<T: Transport> Owner<T> {
         self.flushing = true;
         let store = self.state.store.clone();
         self.work.push(Box::pin(async move {
+            tokio::task::yield_now().await;
             Done::Flushed(store.flush().await.map_err(Arc::new))
         }));
     }
@@ -584,7 +586,6 @@ impl<T: Transport> Owner<T> {
                 }
             }
         }
-        self.maybe_flush();
     }
 }
 
