@@ -4,16 +4,21 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn kkachi(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kkachi"))
+/// The `kkachi` binary on `home`, offline from the LAN, logging only errors.
+fn kkachi_command(home: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kkachi"));
+    command
         .arg("--home")
         .arg(home)
         .args(args)
         .env("KKACHI_MDNS", "0")
         .env("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0")
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("kkachi runs")
+        .env("RUST_LOG", "error");
+    command
+}
+
+fn kkachi(home: &Path, args: &[&str]) -> Output {
+    kkachi_command(home, args).output().expect("kkachi runs")
 }
 
 fn stdout(o: &Output) -> String {
@@ -130,8 +135,9 @@ fn unknown_contact_and_bad_relay_addresses() {
     );
 }
 
-#[test]
-fn send_to_unreachable_relays_is_queued_not_lost() {
+/// Minji's and Hyun's homes: Minji has Hyun as a contact, and Hyun's one relay is an
+/// address nobody listens on, so what Minji sends stays queued.
+fn minji_with_hyun_behind_a_dead_relay() -> (tempfile::TempDir, tempfile::TempDir) {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     ok(kkachi(a.path(), &["init", "--name", "Minji"]));
@@ -144,6 +150,12 @@ fn send_to_unreachable_relays_is_queued_not_lost() {
     ));
     let code = ok(kkachi(b.path(), &["invite"])).trim().to_string();
     ok(kkachi(a.path(), &["contact", "add", &code]));
+    (a, b)
+}
+
+#[test]
+fn send_to_unreachable_relays_is_queued_not_lost() {
+    let (a, b) = minji_with_hyun_behind_a_dead_relay();
     let sent = kkachi(
         a.path(),
         &["send", "Hyun", "are you there?", "--timeout", "1"],
@@ -190,13 +202,7 @@ fn send_to_unreachable_relays_is_queued_not_lost() {
 fn kkachi_with_input(home: &Path, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
     use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kkachi"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env("KKACHI_MDNS", "0")
-        .env("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0")
-        .env("RUST_LOG", "error")
+    let mut child = kkachi_command(home, args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -211,17 +217,7 @@ fn kkachi_with_input(home: &Path, args: &[&str], input: &[u8]) -> Output {
 
 #[test]
 fn send_dash_reads_the_message_from_standard_input() {
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
-    ok(kkachi(a.path(), &["init", "--name", "Minji"]));
-    ok(kkachi(b.path(), &["init", "--name", "Hyun"]));
-    let peer = "12D3KooWCLXbNhRE2Ev1vJ79en18cz4auE64p6NGYJHPxPCNkMe2";
-    ok(kkachi(
-        b.path(),
-        &["relay", "add", &format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}")],
-    ));
-    let code = ok(kkachi(b.path(), &["invite"])).trim().to_string();
-    ok(kkachi(a.path(), &["contact", "add", &code]));
+    let (a, _b) = minji_with_hyun_behind_a_dead_relay();
     let send = ["send", "Hyun", "-", "--timeout", "0.3"];
     let sent = ok(kkachi_with_input(
         a.path(),

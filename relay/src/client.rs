@@ -149,6 +149,7 @@ impl MailboxClient {
         place
             .current
             .get_or_open(|| async {
+                // Connected again first (the relay may have restarted), then a new session.
                 let (reply, connected) = oneshot::channel();
                 place
                     .dial

@@ -503,7 +503,7 @@ impl<T: Transport> Owner<T> {
     }
 
     /// Starts a flush if something waits for one and none is under way (nor, after a
-    /// failure, before its retry is due). Called last in each turn of the loop, after the
+    /// failure, before its retry is due). Called only at the end of `start_work`, once the
     /// turn's deliveries have started: the flush wakes a blocking thread and sled's I/O
     /// pool, and starts only once this task has yielded, so the requests those deliveries
     /// wrote go out first instead of waiting for a core.
