@@ -11,9 +11,9 @@ use std::path::Path;
 use kkachi_protocol::content::{Body, Content, MessageId, ReceiptStatus};
 use kkachi_protocol::fuzzing::{fuzz_recipient, fuzz_sender};
 use kkachi_protocol::session::{self, Incoming};
-use kkachi_protocol::wire::{PROTOCOL_VERSION, PutOutcome, RelayInfo, StoredEnvelope};
+use kkachi_protocol::wire::{Addressed, PROTOCOL_VERSION, PutOutcome, RelayInfo, StoredEnvelope};
 use kkachi_protocol::{
-    Card, ClientToRelay, Envelope, EnvelopeId, ErrorCode, MailboxId, Multiaddr, RelayToClient,
+    Card, ClientToRelay, Envelope, EnvelopeId, ErrorCode, Multiaddr, QueueKind, RelayToClient,
     Session,
 };
 
@@ -45,31 +45,50 @@ fn main() {
     );
 
     let envelope = Envelope {
-        mailbox: MailboxId::for_peer(&bob.peer_id()),
         expires_at: NOW + 3600,
         payload: b"sealed bytes".to_vec(),
     };
     write("envelope", "valid", &envelope.encode());
+    let inbox = bob.inbox_key(&bob.peer_id());
 
     let requests = [
         ClientToRelay::Put {
-            envelopes: vec![envelope.clone(), envelope.clone()],
+            items: vec![
+                Addressed {
+                    write: alice.write_key_for(&bob.public(), &bob.peer_id()),
+                    envelope: envelope.clone(),
+                },
+                Addressed {
+                    write: bob.request_write_key(&bob.peer_id(), 0),
+                    envelope: envelope.clone(),
+                },
+            ],
         },
         ClientToRelay::Fetch {
-            mailbox: envelope.mailbox,
+            key: inbox.clone(),
             after: 3,
             limit: 100,
         },
         ClientToRelay::Subscribe {
-            mailbox: envelope.mailbox,
+            key: inbox.clone(),
             after: 0,
             wait_ms: 25_000,
         },
         ClientToRelay::Delete {
-            mailbox: envelope.mailbox,
+            key: inbox.clone(),
             ids: vec![envelope.id(), EnvelopeId([9; 32])],
         },
         ClientToRelay::Info,
+        ClientToRelay::Grant {
+            key: inbox.clone(),
+            kind: QueueKind::Inbox,
+            token: Vec::new(),
+            write_ids: vec![bob.grant_for(&alice.public(), &bob.peer_id()).id()],
+        },
+        ClientToRelay::Revoke {
+            key: inbox.clone(),
+            write_ids: vec![bob.grant_for(&alice.public(), &bob.peer_id()).id()],
+        },
     ];
     for (i, r) in requests.iter().enumerate() {
         write("wire_request", &format!("req-{i}"), &r.encode());
@@ -102,10 +121,15 @@ fn main() {
             failure_domain: "provider-a/seoul".into(),
             max_payload: 65536,
             max_ttl_secs: 2_592_000,
-            mailbox_max_envelopes: 10_000,
-            mailbox_max_bytes: 100 << 20,
+            capability_max_envelopes: 1_000,
+            capability_max_bytes: 32 << 20,
             puts_per_sec: 50,
+            open_policy: 0,
+            grants_per_queue: 4_096,
+            request_max_envelopes: 256,
+            request_max_ttl_secs: 7 * 24 * 3600,
         }),
+        RelayToClient::Granted { grants: 12 },
         RelayToClient::error(ErrorCode::RateLimited, "slow down"),
     ];
     for (i, r) in responses.iter().enumerate() {

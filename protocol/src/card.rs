@@ -7,16 +7,18 @@
 //! signature is even checked. A card with a higher version from the same identity
 //! replaces an older one; clients send new cards in-band when relays change.
 
+use libp2p_identity::PeerId;
 use multiaddr::{Multiaddr, Protocol};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer, hash};
 use crate::identity::{Identity, IdentityError, PublicIdentity};
+use crate::queue::WriteKey;
 
 /// Prefix of every invite code; the `1` is the format version.
 pub const INVITE_PREFIX: &str = "kk1";
 /// Version byte of the card encoding.
-pub const CARD_VERSION: u8 = 2;
+pub const CARD_VERSION: u8 = 3;
 /// Longest display name, in characters (Unicode scalar values): 64 characters of any
 /// script, so a name of 21 Hangul syllables fits even when typed decomposed.
 pub const MAX_NAME_CHARS: usize = 64;
@@ -26,20 +28,21 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_RELAYS: usize = 8;
 /// Longest encoded relay multiaddr, in bytes.
 pub const MAX_ADDR_LEN: usize = 256;
-/// Longest encoded card: version, identity, counter, name, relays, signature.
+/// Longest encoded card: version, identity, counter, name, relays with their
+/// contact-request write keys, signature.
 pub const MAX_CARD_LEN: usize = 1
     + crate::identity::PUBLIC_LEN
     + 8
     + 1
     + MAX_NAME_LEN
     + 1
-    + MAX_RELAYS * (2 + MAX_ADDR_LEN)
+    + MAX_RELAYS * (2 + MAX_ADDR_LEN + 32)
     + 64;
 /// Longest invite code accepted, in characters; checked before decoding.
 pub const MAX_INVITE_LEN: usize = INVITE_PREFIX.len() + (MAX_CARD_LEN + CHECKSUM_LEN) * 14 / 10 + 8;
 const CHECKSUM_LEN: usize = 4;
 /// Label of a card's signature ([`Identity::sign`]).
-const SIGNATURE_LABEL: &str = "kkachi/card/v2";
+const SIGNATURE_LABEL: &str = "kkachi/card/v3";
 
 /// Why a card or invite code was refused. Each message says what a person can do.
 #[derive(Debug, Error)]
@@ -152,18 +155,33 @@ pub struct Card {
     version: u64,
     name: String,
     relays: Vec<Multiaddr>,
+    /// The write key of the owner's contact-request queue on each relay, in order.
+    requests: Vec<WriteKey>,
     signature: [u8; 64],
 }
 
 impl Card {
-    /// Creates and signs a card for `identity`.
+    /// Creates and signs a card for `identity`, with request queues of epoch 0.
     pub fn new(
         identity: &Identity,
         name: &str,
         relays: Vec<Multiaddr>,
         version: u64,
     ) -> Result<Self, CardError> {
-        Self::signed(identity.public(), identity, name, relays, version)
+        Self::new_at_epoch(identity, name, relays, version, 0)
+    }
+
+    /// Creates and signs a card whose request queues are those of `epoch`: cards of an
+    /// earlier epoch (and the invite codes made from them) reach nobody once the owner
+    /// stops reading those queues.
+    pub fn new_at_epoch(
+        identity: &Identity,
+        name: &str,
+        relays: Vec<Multiaddr>,
+        version: u64,
+        epoch: u32,
+    ) -> Result<Self, CardError> {
+        Self::signed_at(identity.public(), identity, name, relays, version, epoch)
     }
 
     /// A card for `public`, signed by `signer`. Only tests build one where the two
@@ -175,13 +193,29 @@ impl Card {
         relays: Vec<Multiaddr>,
         version: u64,
     ) -> Result<Self, CardError> {
+        Self::signed_at(public, signer, name, relays, version, 0)
+    }
+
+    fn signed_at(
+        public: PublicIdentity,
+        signer: &Identity,
+        name: &str,
+        relays: Vec<Multiaddr>,
+        version: u64,
+        epoch: u32,
+    ) -> Result<Self, CardError> {
         check_name(name)?;
         check_relays(&relays)?;
+        let requests = relays
+            .iter()
+            .map(|addr| signer.request_write_key(&relay_peer(addr), epoch))
+            .collect();
         let mut card = Self {
             identity: public,
             version,
             name: name.to_owned(),
             relays,
+            requests,
             signature: [0; 64],
         };
         card.signature = signer.sign(SIGNATURE_LABEL, &card.unsigned());
@@ -208,6 +242,19 @@ impl Card {
         &self.relays
     }
 
+    /// The write key of the owner's contact-request queue at `relays()[i]`.
+    pub fn request_key(&self, i: usize) -> Option<&WriteKey> {
+        self.requests.get(i)
+    }
+
+    /// The request queue's write key at the relay `relay` (its peer id), if listed.
+    pub fn request_key_at(&self, relay: &PeerId) -> Option<&WriteKey> {
+        self.relays
+            .iter()
+            .position(|a| relay_peer(a) == *relay)
+            .and_then(|i| self.requests.get(i))
+    }
+
     /// True if `self` is a newer card of the same identity than `other`.
     pub fn supersedes(&self, other: &Card) -> bool {
         self.identity == other.identity && self.version > other.version
@@ -219,8 +266,8 @@ impl Card {
         w.u64(self.version)
             .bytes8(self.name.as_bytes())
             .u8(self.relays.len() as u8);
-        for addr in &self.relays {
-            w.bytes16(&addr.to_vec());
+        for (addr, key) in self.relays.iter().zip(&self.requests) {
+            w.bytes16(&addr.to_vec()).raw(&key.0);
         }
     }
 
@@ -270,6 +317,7 @@ impl Card {
             .into());
         }
         let mut relays = Vec::with_capacity(count);
+        let mut requests = Vec::with_capacity(count);
         for _ in 0..count {
             let raw = r.bytes16(MAX_ADDR_LEN, "relay address")?;
             let addr = Multiaddr::try_from(raw.to_vec()).map_err(|_| DecodeError::Invalid {
@@ -277,6 +325,7 @@ impl Card {
                 reason: "not a multiaddr",
             })?;
             relays.push(addr);
+            requests.push(WriteKey(r.array("request write key")?));
         }
         let signature = r.array::<64>("card signature")?;
         r.finish()?;
@@ -287,6 +336,7 @@ impl Card {
             version: card_version,
             name,
             relays,
+            requests,
             signature,
         };
         if !card
@@ -326,6 +376,15 @@ impl Card {
             return Err(CardError::BadChecksum);
         }
         Self::decode(card)
+    }
+}
+
+/// The peer id an address ends with (checked by [`check_relays`] for every card), or a
+/// placeholder that names no relay.
+fn relay_peer(addr: &Multiaddr) -> PeerId {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => peer,
+        _ => PeerId::from_bytes(&[0, 0]).expect("the empty identity multihash"),
     }
 }
 

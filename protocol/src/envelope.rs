@@ -1,21 +1,21 @@
 //! Envelopes: all a relay ever sees of a message.
 //!
-//! An envelope names a recipient mailbox, an expiry and an opaque sealed payload (an
-//! end-to-end encrypted packet, see [`crate::session`]). Its id is a hash of its
+//! An envelope is an expiry and an opaque sealed payload (an end-to-end encrypted
+//! packet, see [`crate::session`]); the queue it goes into travels beside it in a put
+//! ([`crate::wire`]), so nothing in it names a recipient. Its id is a hash of its
 //! encoding, computed by whoever holds it and never trusted from the wire, so the same
 //! envelope delivered through three relays deduplicates to one.
 
-use libp2p_identity::PeerId;
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer, hash};
 
 /// Version byte of the envelope encoding.
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 /// Largest sealed payload, in bytes.
 pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
-/// Fixed part of an encoded envelope: version, mailbox, expiry, payload length.
-pub const ENVELOPE_HEADER_LEN: usize = 1 + 32 + 8 + 4;
+/// Fixed part of an encoded envelope: version, expiry, payload length.
+pub const ENVELOPE_HEADER_LEN: usize = 1 + 8 + 4;
 /// Largest encoded envelope.
 pub const MAX_ENVELOPE_LEN: usize = ENVELOPE_HEADER_LEN + MAX_PAYLOAD_LEN;
 /// Lifetime clients give envelopes unless configured otherwise: 14 days.
@@ -25,30 +25,6 @@ pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Clock difference tolerated between a sender and a relay.
 pub const CLOCK_SKEW_SECS: u64 = 300;
 
-/// A 32-byte mailbox address, derived from the owner's [`PeerId`].
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MailboxId(pub [u8; 32]);
-
-impl MailboxId {
-    /// The mailbox of the user (or device) whose network identity is `peer`. A relay
-    /// lets only a connection authenticated as `peer` read or delete from it.
-    pub fn for_peer(peer: &PeerId) -> Self {
-        Self(hash("kkachi/mailbox/v1", &[&peer.to_bytes()]))
-    }
-}
-
-impl std::fmt::Debug for MailboxId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MailboxId({})", short_hex(&self.0))
-    }
-}
-
-impl std::fmt::Display for MailboxId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&short_hex(&self.0))
-    }
-}
-
 /// A 32-byte envelope id: BLAKE2s of the envelope's encoding.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EnvelopeId(pub [u8; 32]);
@@ -57,7 +33,7 @@ impl EnvelopeId {
     /// The id of the envelope whose encoding ([`Envelope::encode`]) is `bytes`, without
     /// decoding it.
     pub fn of_encoding(bytes: &[u8]) -> Self {
-        Self(hash("kkachi/envelope/v1", &[bytes]))
+        Self(hash("kkachi/envelope/v2", &[bytes]))
     }
 }
 
@@ -117,8 +93,6 @@ pub enum EnvelopeError {
 /// An envelope as stored and forwarded by relays.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
-    /// The recipient's mailbox.
-    pub mailbox: MailboxId,
     /// Unix time (seconds) after which relays drop it.
     pub expires_at: u64,
     /// The sealed end-to-end packet.
@@ -128,7 +102,6 @@ pub struct Envelope {
 impl std::fmt::Debug for Envelope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Envelope")
-            .field("mailbox", &self.mailbox)
             .field("expires_at", &self.expires_at)
             .field("payload_len", &self.payload.len())
             .finish()
@@ -148,7 +121,6 @@ impl Envelope {
 
     pub(crate) fn write(&self, w: &mut Writer) {
         w.u8(ENVELOPE_VERSION)
-            .raw(&self.mailbox.0)
             .u64(self.expires_at)
             .bytes32(&self.payload);
     }
@@ -161,11 +133,9 @@ impl Envelope {
                 version,
             });
         }
-        let mailbox = MailboxId(r.array("mailbox")?);
         let expires_at = r.u64("expiry")?;
         let payload = r.bytes32(MAX_PAYLOAD_LEN, "payload")?.to_vec();
         Ok(Self {
-            mailbox,
             expires_at,
             payload,
         })
@@ -229,7 +199,6 @@ mod tests {
 
     fn env(payload: Vec<u8>, expires_at: u64) -> Envelope {
         Envelope {
-            mailbox: MailboxId([3; 32]),
             expires_at,
             payload,
         }
@@ -237,9 +206,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(mailbox in any::<[u8; 32]>(), expires_at in any::<u64>(),
+        fn round_trip(expires_at in any::<u64>(),
                       payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            let e = Envelope { mailbox: MailboxId(mailbox), expires_at, payload };
+            let e = Envelope { expires_at, payload };
             let bytes = e.encode();
             prop_assert_eq!(bytes.len(), e.encoded_len());
             prop_assert_eq!(Envelope::decode(&bytes).unwrap(), e);
@@ -267,8 +236,7 @@ mod tests {
         assert_eq!(
             hex,
             concat!(
-                "01",
-                "0303030303030303030303030303030303030303030303030303030303030303",
+                "02",
                 "0102030405060708",
                 "00000002",
                 "aabb"
@@ -276,7 +244,7 @@ mod tests {
         );
         assert_eq!(
             hex::encode(e.id().0),
-            "aca8abd84f4158a00748bf7304e11654d077cba2f38b79956226743917c060ca",
+            "6cdf43bdca1caa476fd4ec6567e3f1ac84417e850cebd5d63098385fca02273a",
             "envelope id derivation changed"
         );
     }
@@ -311,17 +279,17 @@ mod tests {
     fn oversized_and_hostile_inputs_are_typed_errors() {
         // Length prefix of 1 GiB.
         let mut bytes = env(vec![1], 5).encode();
-        bytes[41..45].copy_from_slice(&(1u32 << 30).to_be_bytes());
+        bytes[9..13].copy_from_slice(&(1u32 << 30).to_be_bytes());
         assert!(matches!(
             Envelope::decode(&bytes),
             Err(EnvelopeError::Decode(DecodeError::TooLong { .. }))
         ));
         let mut bytes = env(vec![1], 5).encode();
-        bytes[0] = 2;
+        bytes[0] = 1;
         assert!(matches!(
             Envelope::decode(&bytes),
             Err(EnvelopeError::Decode(DecodeError::UnsupportedVersion {
-                version: 2,
+                version: 1,
                 ..
             }))
         ));
@@ -331,13 +299,5 @@ mod tests {
             Envelope::decode(&bytes),
             Err(EnvelopeError::Decode(DecodeError::TrailingBytes(1)))
         ));
-    }
-
-    #[test]
-    fn mailbox_is_bound_to_peer() {
-        let a = crate::Identity::generate().peer_id();
-        let b = crate::Identity::generate().peer_id();
-        assert_eq!(MailboxId::for_peer(&a), MailboxId::for_peer(&a));
-        assert_ne!(MailboxId::for_peer(&a), MailboxId::for_peer(&b));
     }
 }

@@ -30,13 +30,15 @@ pub mod envelope;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod queue;
 pub mod session;
 pub mod wire;
 
 pub use card::{Card, CardError};
 pub use codec::DecodeError;
 pub use content::{Body, Content, ContentError, MessageId, ReceiptStatus};
-pub use envelope::{Envelope, EnvelopeError, EnvelopeId, MailboxId};
+pub use envelope::{Envelope, EnvelopeError, EnvelopeId};
+pub use queue::{QueueId, QueueKind, ReadKey, WriteId, WriteKey};
 pub use identity::{Identity, IdentityError, PublicIdentity};
 pub use session::{Incoming, Opened, Session, SessionError};
 pub use wire::{ClientToRelay, ErrorCode, PutOutcome, RelayInfo, RelayToClient, StoredEnvelope};

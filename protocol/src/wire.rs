@@ -13,7 +13,8 @@
 //! envelopes are flushed to disk.
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN, MailboxId};
+use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN};
+use crate::queue::{QueueKind, ReadKey, WriteId, WriteKey};
 
 /// The session protocol, the only one relays speak: one long-lived stream carries many
 /// requests, each frame tagged with its request id, answered in any order (SPEC.md §6).
@@ -33,23 +34,27 @@ pub const MAX_DELETE_IDS: usize = 1024;
 pub const MAX_WAIT_MS: u32 = 60_000;
 /// Longest error message or info string.
 pub const MAX_TEXT_LEN: usize = 512;
+/// Most write ids in one `Grant` or `Revoke`.
+pub const MAX_GRANT_IDS: usize = 1024;
+/// Longest access token in a `Grant`.
+pub const MAX_TOKEN_LEN: usize = 64;
 /// Largest frame body: a full `Put` batch plus headroom.
-pub const MAX_FRAME_LEN: usize = MAX_PUT_BATCH * (MAX_ENVELOPE_LEN + 4) + 1024;
+pub const MAX_FRAME_LEN: usize = MAX_PUT_BATCH * (32 + MAX_ENVELOPE_LEN + 4) + 1024;
 /// Budget for envelope bytes in one `Batch`, so it always fits a frame.
 pub const MAX_BATCH_BYTES: usize = MAX_FRAME_LEN - 1024 - MAX_BATCH_ITEMS * 12;
 
 /// Requests, client to relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientToRelay {
-    /// Store envelopes (anyone may put into any mailbox).
+    /// Store envelopes, each into the queue its write key was granted for.
     Put {
         /// One to [`MAX_PUT_BATCH`] envelopes.
-        envelopes: Vec<Envelope>,
+        items: Vec<Addressed>,
     },
-    /// Read the caller's own mailbox after a cursor, without waiting.
+    /// Read a queue after a cursor, without waiting.
     Fetch {
-        /// Must be the caller's mailbox.
-        mailbox: MailboxId,
+        /// The queue's read key.
+        key: ReadKey,
         /// Return envelopes stored after this cursor (0 = from the start).
         after: u64,
         /// At most this many (capped at [`MAX_BATCH_ITEMS`]).
@@ -58,8 +63,8 @@ pub enum ClientToRelay {
     /// Long poll: like `Fetch`, but if nothing is newer than `after`, wait up to
     /// `wait_ms` for something to arrive.
     Subscribe {
-        /// Must be the caller's mailbox.
-        mailbox: MailboxId,
+        /// The queue's read key.
+        key: ReadKey,
         /// Return envelopes stored after this cursor.
         after: u64,
         /// How long to wait when there is nothing yet (capped at [`MAX_WAIT_MS`]).
@@ -67,13 +72,53 @@ pub enum ClientToRelay {
     },
     /// Delete envelopes the caller has stored durably.
     Delete {
-        /// Must be the caller's mailbox.
-        mailbox: MailboxId,
+        /// The queue's read key.
+        key: ReadKey,
         /// Up to [`MAX_DELETE_IDS`] envelope ids.
         ids: Vec<EnvelopeId>,
     },
     /// Ask for [`RelayInfo`].
     Info,
+    /// Open the queue of `key` if it does not exist, and let holders of the write keys
+    /// whose ids are listed put into it.
+    Grant {
+        /// The queue's read key.
+        key: ReadKey,
+        /// What these capabilities are for (which limits apply to their puts).
+        kind: QueueKind,
+        /// An access token, for relays that open queues only for token holders
+        /// (empty otherwise).
+        token: Vec<u8>,
+        /// Up to [`MAX_GRANT_IDS`] write ids.
+        write_ids: Vec<WriteId>,
+    },
+    /// Withdraw write capabilities from the queue of `key`.
+    Revoke {
+        /// The queue's read key.
+        key: ReadKey,
+        /// Up to [`MAX_GRANT_IDS`] write ids.
+        write_ids: Vec<WriteId>,
+    },
+}
+
+/// An envelope and the write key it is put with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addressed {
+    /// The capability naming the queue (all zeros on a direct handover, where the
+    /// contact's session says whose it is).
+    pub write: WriteKey,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+impl Addressed {
+    /// An envelope handed straight to a contact, with no queue named.
+    pub fn direct(envelope: Envelope) -> Self {
+        Self {
+            write: WriteKey([0; 32]),
+            envelope,
+        }
+    }
 }
 
 /// Outcome of one envelope of a `Put`.
@@ -118,12 +163,20 @@ pub struct RelayInfo {
     pub max_payload: u32,
     /// Longest envelope lifetime kept, seconds.
     pub max_ttl_secs: u64,
-    /// Most envelopes held per mailbox.
-    pub mailbox_max_envelopes: u32,
-    /// Most payload bytes held per mailbox.
-    pub mailbox_max_bytes: u64,
-    /// Puts accepted per second per peer (sustained).
+    /// Most envelopes held for one write capability (one contact's puts into a queue).
+    pub capability_max_envelopes: u32,
+    /// Most bytes held for one write capability.
+    pub capability_max_bytes: u64,
+    /// Puts accepted per second per connection (sustained).
     pub puts_per_sec: u32,
+    /// Who may open queues: 0 anyone, 1 holders of an access token from the operator.
+    pub open_policy: u8,
+    /// Most write capabilities one queue may grant.
+    pub grants_per_queue: u32,
+    /// Most envelopes a contact-request queue holds.
+    pub request_max_envelopes: u32,
+    /// Longest time a contact-request queue keeps an envelope, seconds.
+    pub request_max_ttl_secs: u64,
 }
 
 /// Reasons a relay refuses a request or an envelope.
@@ -149,6 +202,10 @@ pub enum ErrorCode {
     Internal,
     /// The relay is shutting down; retry elsewhere.
     ShuttingDown,
+    /// No queue here takes this write key (never granted, or revoked).
+    NoQueue,
+    /// This relay opens queues only for holders of an access token from its operator.
+    NotAllowed,
     /// A code this version does not know.
     Other(u16),
 }
@@ -166,6 +223,8 @@ impl ErrorCode {
             Self::StorageFull => 8,
             Self::Internal => 9,
             Self::ShuttingDown => 10,
+            Self::NoQueue => 11,
+            Self::NotAllowed => 12,
             Self::Other(n) => n,
         }
     }
@@ -182,6 +241,8 @@ impl ErrorCode {
             8 => Self::StorageFull,
             9 => Self::Internal,
             10 => Self::ShuttingDown,
+            11 => Self::NoQueue,
+            12 => Self::NotAllowed,
             n => Self::Other(n),
         }
     }
@@ -211,6 +272,8 @@ impl ErrorCode {
             Self::StorageFull => "storage_full",
             Self::Internal => "internal",
             Self::ShuttingDown => "shutting_down",
+            Self::NoQueue => "no_queue",
+            Self::NotAllowed => "not_allowed",
             Self::Other(_) => "other",
         }
     }
@@ -241,6 +304,11 @@ pub enum RelayToClient {
     },
     /// Answer to `Info`.
     Info(RelayInfo),
+    /// Answer to `Grant` and `Revoke`: the queue now grants this many write keys.
+    Granted {
+        /// Write capabilities the queue holds after the request.
+        grants: u32,
+    },
     /// The request as a whole was refused.
     Error {
         /// Why.
@@ -274,39 +342,65 @@ fn read_tag(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
     r.u8("message tag")
 }
 
+fn write_ids_to(w: &mut Writer, ids: &[WriteId]) {
+    w.u16(ids.len() as u16);
+    for id in ids {
+        w.raw(&id.0);
+    }
+}
+
+fn read_write_ids(r: &mut Reader<'_>) -> Result<Vec<WriteId>, DecodeError> {
+    let n = r.count16(MAX_GRANT_IDS, 32, "write ids")?;
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(WriteId(r.array("write id")?));
+    }
+    Ok(ids)
+}
+
 impl ClientToRelay {
     /// Encodes the body (without the frame length).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         match self {
-            Self::Put { envelopes } => {
-                w.u8(1).u16(envelopes.len() as u16);
-                for e in envelopes {
-                    e.write(&mut w);
+            Self::Put { items } => {
+                w.u8(1).u16(items.len() as u16);
+                for item in items {
+                    w.raw(&item.write.0);
+                    item.envelope.write(&mut w);
                 }
             }
-            Self::Fetch {
-                mailbox,
-                after,
-                limit,
-            } => {
-                w.u8(2).raw(&mailbox.0).u64(*after).u16(*limit);
+            Self::Fetch { key, after, limit } => {
+                w.u8(2).raw(&key.0).u64(*after).u16(*limit);
             }
             Self::Subscribe {
-                mailbox,
+                key,
                 after,
                 wait_ms,
             } => {
-                w.u8(3).raw(&mailbox.0).u64(*after).u32(*wait_ms);
+                w.u8(3).raw(&key.0).u64(*after).u32(*wait_ms);
             }
-            Self::Delete { mailbox, ids } => {
-                w.u8(4).raw(&mailbox.0).u16(ids.len() as u16);
+            Self::Delete { key, ids } => {
+                w.u8(4).raw(&key.0).u16(ids.len() as u16);
                 for id in ids {
                     w.raw(&id.0);
                 }
             }
             Self::Info => {
                 w.u8(5);
+            }
+            Self::Grant {
+                key,
+                kind,
+                token,
+                write_ids,
+            } => {
+                w.u8(6).raw(&key.0).u8(kind.to_u8()).bytes8(token);
+                write_ids_to(&mut w, write_ids);
+            }
+            Self::Revoke { key, write_ids } => {
+                w.u8(7).raw(&key.0);
+                write_ids_to(&mut w, write_ids);
             }
         }
         w.finish()
@@ -318,39 +412,63 @@ impl ClientToRelay {
         let mut r = Reader::new(bytes);
         let msg = match read_tag(&mut r)? {
             1 => {
-                let n = r.count16(MAX_PUT_BATCH, ENVELOPE_HEADER_LEN, "put envelopes")?;
+                let n = r.count16(MAX_PUT_BATCH, 32 + ENVELOPE_HEADER_LEN, "put envelopes")?;
                 if n == 0 {
                     return Err(DecodeError::Invalid {
                         field: "put envelopes",
                         reason: "a put needs at least one envelope",
                     });
                 }
-                let mut envelopes = Vec::with_capacity(n);
+                let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    envelopes.push(Envelope::read(&mut r)?);
+                    let write = WriteKey(r.array("write key")?);
+                    items.push(Addressed {
+                        write,
+                        envelope: Envelope::read(&mut r)?,
+                    });
                 }
-                Self::Put { envelopes }
+                Self::Put { items }
             }
             2 => Self::Fetch {
-                mailbox: MailboxId(r.array("mailbox")?),
+                key: ReadKey(r.array("read key")?),
                 after: r.u64("cursor")?,
                 limit: r.u16("limit")?,
             },
             3 => Self::Subscribe {
-                mailbox: MailboxId(r.array("mailbox")?),
+                key: ReadKey(r.array("read key")?),
                 after: r.u64("cursor")?,
                 wait_ms: r.u32("wait")?,
             },
             4 => {
-                let mailbox = MailboxId(r.array("mailbox")?);
+                let key = ReadKey(r.array("read key")?);
                 let n = r.count16(MAX_DELETE_IDS, 32, "delete ids")?;
                 let mut ids = Vec::with_capacity(n);
                 for _ in 0..n {
                     ids.push(EnvelopeId(r.array("envelope id")?));
                 }
-                Self::Delete { mailbox, ids }
+                Self::Delete { key, ids }
             }
             5 => Self::Info,
+            6 => {
+                let key = ReadKey(r.array("read key")?);
+                let kind = r.u8("queue kind")?;
+                let kind = QueueKind::from_u8(kind).ok_or(DecodeError::UnknownTag {
+                    field: "queue kind",
+                    tag: kind.into(),
+                })?;
+                let token = r.bytes8(MAX_TOKEN_LEN, "access token")?.to_vec();
+                let write_ids = read_write_ids(&mut r)?;
+                Self::Grant {
+                    key,
+                    kind,
+                    token,
+                    write_ids,
+                }
+            }
+            7 => Self::Revoke {
+                key: ReadKey(r.array("read key")?),
+                write_ids: read_write_ids(&mut r)?,
+            },
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "request",
@@ -416,9 +534,16 @@ impl RelayToClient {
                 }
                 w.u32(info.max_payload)
                     .u64(info.max_ttl_secs)
-                    .u32(info.mailbox_max_envelopes)
-                    .u64(info.mailbox_max_bytes)
-                    .u32(info.puts_per_sec);
+                    .u32(info.capability_max_envelopes)
+                    .u64(info.capability_max_bytes)
+                    .u32(info.puts_per_sec)
+                    .u8(info.open_policy)
+                    .u32(info.grants_per_queue)
+                    .u32(info.request_max_envelopes)
+                    .u64(info.request_max_ttl_secs);
+            }
+            Self::Granted { grants } => {
+                w.u8(6).u32(*grants);
             }
             Self::Error { code, message } => {
                 w.u8(5).u16(code.to_u16());
@@ -479,10 +604,17 @@ impl RelayToClient {
                 failure_domain: read_text(&mut r, "failure domain")?,
                 max_payload: r.u32("max payload")?,
                 max_ttl_secs: r.u64("max ttl")?,
-                mailbox_max_envelopes: r.u32("mailbox max envelopes")?,
-                mailbox_max_bytes: r.u64("mailbox max bytes")?,
+                capability_max_envelopes: r.u32("capability max envelopes")?,
+                capability_max_bytes: r.u64("capability max bytes")?,
                 puts_per_sec: r.u32("puts per second")?,
+                open_policy: r.u8("open policy")?,
+                grants_per_queue: r.u32("grants per queue")?,
+                request_max_envelopes: r.u32("request queue max envelopes")?,
+                request_max_ttl_secs: r.u64("request queue max ttl")?,
             }),
+            6 => Self::Granted {
+                grants: r.u32("grants")?,
+            },
             5 => Self::Error {
                 code: ErrorCode::from_u16(r.u16("error code")?),
                 message: read_text(&mut r, "error message")?,
@@ -566,16 +698,23 @@ mod tests {
     }
 
     fn arb_envelope() -> impl Strategy<Value = Envelope> {
-        (
-            any::<[u8; 32]>(),
-            any::<u64>(),
-            proptest::collection::vec(any::<u8>(), 0..64),
-        )
-            .prop_map(|(m, expires_at, payload)| Envelope {
-                mailbox: MailboxId(m),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(expires_at, payload)| Envelope {
                 expires_at,
                 payload,
             })
+    }
+
+    fn arb_addressed() -> impl Strategy<Value = Addressed> {
+        (any::<[u8; 32]>(), arb_envelope()).prop_map(|(w, envelope)| Addressed {
+            write: WriteKey(w),
+            envelope,
+        })
+    }
+
+    fn arb_ids() -> impl Strategy<Value = Vec<WriteId>> {
+        proptest::collection::vec(any::<[u8; 32]>(), 0..20)
+            .prop_map(|ids| ids.into_iter().map(WriteId).collect())
     }
 
     fn arb_code() -> impl Strategy<Value = ErrorCode> {
@@ -584,18 +723,18 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = ClientToRelay> {
         prop_oneof![
-            proptest::collection::vec(arb_envelope(), 1..MAX_PUT_BATCH)
-                .prop_map(|envelopes| ClientToRelay::Put { envelopes }),
+            proptest::collection::vec(arb_addressed(), 1..MAX_PUT_BATCH)
+                .prop_map(|items| ClientToRelay::Put { items }),
             (any::<[u8; 32]>(), any::<u64>(), any::<u16>()).prop_map(|(m, after, limit)| {
                 ClientToRelay::Fetch {
-                    mailbox: MailboxId(m),
+                    key: ReadKey(m),
                     after,
                     limit,
                 }
             }),
             (any::<[u8; 32]>(), any::<u64>(), any::<u32>()).prop_map(|(m, after, wait_ms)| {
                 ClientToRelay::Subscribe {
-                    mailbox: MailboxId(m),
+                    key: ReadKey(m),
                     after,
                     wait_ms,
                 }
@@ -605,10 +744,30 @@ mod tests {
                 proptest::collection::vec(any::<[u8; 32]>(), 0..40)
             )
                 .prop_map(|(m, ids)| ClientToRelay::Delete {
-                    mailbox: MailboxId(m),
+                    key: ReadKey(m),
                     ids: ids.into_iter().map(EnvelopeId).collect(),
                 }),
             Just(ClientToRelay::Info),
+            (
+                any::<[u8; 32]>(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..MAX_TOKEN_LEN),
+                arb_ids()
+            )
+                .prop_map(|(m, requests, token, write_ids)| ClientToRelay::Grant {
+                    key: ReadKey(m),
+                    kind: if requests {
+                        QueueKind::Requests
+                    } else {
+                        QueueKind::Inbox
+                    },
+                    token,
+                    write_ids,
+                }),
+            (any::<[u8; 32]>(), arb_ids()).prop_map(|(m, write_ids)| ClientToRelay::Revoke {
+                key: ReadKey(m),
+                write_ids
+            }),
         ]
     }
 
@@ -645,11 +804,16 @@ mod tests {
                     failure_domain: fd,
                     max_payload: n,
                     max_ttl_secs: m,
-                    mailbox_max_envelopes: n,
-                    mailbox_max_bytes: m,
+                    capability_max_envelopes: n,
+                    capability_max_bytes: m,
                     puts_per_sec: n,
+                    open_policy: 1,
+                    grants_per_queue: n,
+                    request_max_envelopes: n,
+                    request_max_ttl_secs: m,
                 })
             }),
+            any::<u32>().prop_map(|grants| RelayToClient::Granted { grants }),
             (arb_code(), ".{0,60}")
                 .prop_map(|(code, message)| RelayToClient::Error { code, message }),
         ]
@@ -692,7 +856,7 @@ mod tests {
 
     #[test]
     fn empty_and_oversized_puts_are_refused() {
-        let empty = ClientToRelay::Put { envelopes: vec![] }.encode();
+        let empty = ClientToRelay::Put { items: vec![] }.encode();
         assert!(matches!(
             ClientToRelay::decode(&empty),
             Err(DecodeError::Invalid { .. })
@@ -700,7 +864,7 @@ mod tests {
         // A count of 33 envelopes, over the batch limit.
         let mut big = vec![1u8];
         big.extend_from_slice(&33u16.to_be_bytes());
-        big.extend(std::iter::repeat_n(0u8, 33 * ENVELOPE_HEADER_LEN));
+        big.extend(std::iter::repeat_n(0u8, 33 * (32 + ENVELOPE_HEADER_LEN)));
         assert!(matches!(
             ClientToRelay::decode(&big),
             Err(DecodeError::TooLong { .. })
@@ -721,7 +885,7 @@ mod tests {
     #[test]
     fn known_answer_fetch() {
         let msg = ClientToRelay::Fetch {
-            mailbox: MailboxId([0x11; 32]),
+            key: ReadKey([0x11; 32]),
             after: 5,
             limit: 10,
         };
@@ -729,6 +893,42 @@ mod tests {
             hex::encode(msg.encode()),
             "021111111111111111111111111111111111111111111111111111111111111111000000000000000500 0a"
                 .replace(' ', "")
+        );
+    }
+
+    #[test]
+    fn known_answer_put_and_grant() {
+        let put = ClientToRelay::Put {
+            items: vec![Addressed {
+                write: WriteKey([0x22; 32]),
+                envelope: Envelope {
+                    expires_at: 7,
+                    payload: vec![0xAB],
+                },
+            }],
+        };
+        assert_eq!(
+            hex::encode(put.encode()),
+            concat!(
+                "01", "0001",
+                "2222222222222222222222222222222222222222222222222222222222222222",
+                "02", "0000000000000007", "00000001", "ab"
+            )
+        );
+        let grant = ClientToRelay::Grant {
+            key: ReadKey([0x11; 32]),
+            kind: QueueKind::Requests,
+            token: b"t".to_vec(),
+            write_ids: vec![WriteId([0x33; 32])],
+        };
+        assert_eq!(
+            hex::encode(grant.encode()),
+            concat!(
+                "06",
+                "1111111111111111111111111111111111111111111111111111111111111111",
+                "02", "0174", "0001",
+                "3333333333333333333333333333333333333333333333333333333333333333"
+            )
         );
     }
 }

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kkachi_protocol::{ClientToRelay, Envelope, MailboxId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::wire::Addressed;
+use kkachi_protocol::{
+    ClientToRelay, Multiaddr, PeerId, QueueKind, ReadKey, RelayToClient, WriteId,
+};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use thiserror::Error;
@@ -42,7 +45,6 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct MailboxClient {
     relay: PeerId,
-    me: PeerId,
     place: Arc<SessionPlace>,
 }
 
@@ -82,7 +84,6 @@ impl MailboxClient {
     /// opens a session.
     pub async fn connect(keypair: Keypair, addr: Multiaddr) -> Result<Self, ClientError> {
         let relay = relay_peer(&addr).ok_or_else(|| ClientError::NoPeerId(addr.clone()))?;
-        let me = keypair.public().to_peer_id();
         let mut swarm = transport::swarm(
             keypair,
             |_| Behaviour {
@@ -117,7 +118,6 @@ impl MailboxClient {
             .map_err(|e| dial_error(e.to_string()))?;
         Ok(Self {
             relay,
-            me,
             place: Arc::new(SessionPlace {
                 control,
                 current: SessionSlot::holding(session),
@@ -135,11 +135,6 @@ impl MailboxClient {
     /// The relay's PeerId.
     pub fn relay(&self) -> PeerId {
         self.relay
-    }
-
-    /// This client's mailbox on any relay.
-    pub fn mailbox(&self) -> MailboxId {
-        MailboxId::for_peer(&self.me)
     }
 
     /// The open session, or a new one if the relay closed the last (idle) or the
@@ -180,26 +175,50 @@ impl MailboxClient {
     }
 
     /// Puts envelopes; the answer comes once they are durable.
-    pub async fn put(&self, envelopes: Vec<Envelope>) -> Result<RelayToClient, ClientError> {
-        self.request(ClientToRelay::Put { envelopes }).await
+    pub async fn put(&self, items: Vec<Addressed>) -> Result<RelayToClient, ClientError> {
+        self.request(ClientToRelay::Put { items }).await
     }
 
-    /// Fetches this client's own mailbox after `after`.
-    pub async fn fetch(&self, after: u64, limit: u16) -> Result<RelayToClient, ClientError> {
-        let mailbox = self.mailbox();
+    /// Opens the queue of `key` as `kind` if new, and grants it `write_ids`.
+    pub async fn grant(
+        &self,
+        key: &ReadKey,
+        kind: QueueKind,
+        write_ids: Vec<WriteId>,
+    ) -> Result<RelayToClient, ClientError> {
+        self.request(ClientToRelay::Grant {
+            key: key.clone(),
+            kind,
+            token: Vec::new(),
+            write_ids,
+        })
+        .await
+    }
+
+    /// Fetches the queue of `key` after `after`.
+    pub async fn fetch(
+        &self,
+        key: &ReadKey,
+        after: u64,
+        limit: u16,
+    ) -> Result<RelayToClient, ClientError> {
         self.request(ClientToRelay::Fetch {
-            mailbox,
+            key: key.clone(),
             after,
             limit,
         })
         .await
     }
 
-    /// Long-polls this client's own mailbox after `after`.
-    pub async fn subscribe(&self, after: u64, wait_ms: u32) -> Result<RelayToClient, ClientError> {
-        let mailbox = self.mailbox();
+    /// Long-polls the queue of `key` after `after`.
+    pub async fn subscribe(
+        &self,
+        key: &ReadKey,
+        after: u64,
+        wait_ms: u32,
+    ) -> Result<RelayToClient, ClientError> {
         self.request(ClientToRelay::Subscribe {
-            mailbox,
+            key: key.clone(),
             after,
             wait_ms,
         })

@@ -81,6 +81,32 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Circuit relay v2 service, so two clients behind NAT can reach each other.
     pub circuit: CircuitConfig,
+    /// Who may open queues here.
+    pub access: AccessConfig,
+}
+
+/// Who may open queues on the relay. Anyone holding a queue's write key can always put
+/// into it, whatever the policy: members of a community relay stay reachable from
+/// outside.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// "anyone" (the default) or "token": only holders of one of `tokens` open queues.
+    pub open: OpenPolicy,
+    /// Access tokens handed out by the operator (each at most 64 bytes), for
+    /// `open = "token"`. An allowlist is a token per member.
+    pub tokens: Vec<String>,
+}
+
+/// Who may open queues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpenPolicy {
+    /// Anyone.
+    #[default]
+    Anyone,
+    /// Holders of an access token.
+    Token,
 }
 
 /// Self-description sent to clients (`Info`).
@@ -104,10 +130,29 @@ pub struct LimitsConfig {
     pub max_payload: usize,
     /// Longest envelope lifetime accepted, seconds (at most 30 days). Default: 30 days.
     pub max_ttl_secs: u64,
-    /// Most envelopes held per mailbox. Default: 10000.
-    pub mailbox_max_envelopes: u64,
-    /// Most bytes held per mailbox. Default: 256 MiB.
-    pub mailbox_max_bytes: u64,
+    /// Most envelopes held in one inbox queue, from all its contacts. Default: 10000.
+    pub queue_max_envelopes: u64,
+    /// Most bytes held in one inbox queue. Default: 256 MiB.
+    pub queue_max_bytes: u64,
+    /// Most envelopes held for one write capability (one contact's puts into one
+    /// queue), so one contact cannot fill a queue for the others. Default: 2000.
+    pub capability_max_envelopes: u64,
+    /// Most bytes held for one write capability. Default: 64 MiB.
+    pub capability_max_bytes: u64,
+    /// Most write capabilities one queue may grant (its owner's contacts). Default: 4096.
+    pub grants_per_queue: u32,
+    /// Most envelopes held in one contact-request queue (shared by everyone holding
+    /// the owner's invite code). Default: 200.
+    pub request_max_envelopes: u64,
+    /// Most bytes held in one contact-request queue. Default: 8 MiB.
+    pub request_max_bytes: u64,
+    /// Longest lifetime of an envelope in a contact-request queue, seconds. Default: 7 days.
+    pub request_max_ttl_secs: u64,
+    /// Contact requests one address may put per hour, sustained, into all request
+    /// queues together. Default: 20.
+    pub request_puts_per_hour_per_address: u32,
+    /// Contact requests one address may put in a burst. Default: 10.
+    pub request_put_burst_per_address: u32,
     /// Envelopes one peer may put per second, sustained. Default: 500.
     pub puts_per_sec: u32,
     /// Envelopes one peer may put in a burst. Default: 2000.
@@ -162,6 +207,7 @@ impl Default for Config {
             info: InfoConfig::default(),
             limits: LimitsConfig::default(),
             circuit: CircuitConfig::default(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -171,8 +217,16 @@ impl Default for LimitsConfig {
         Self {
             max_payload: MAX_PAYLOAD_LEN,
             max_ttl_secs: MAX_TTL_SECS,
-            mailbox_max_envelopes: 10_000,
-            mailbox_max_bytes: 256 << 20,
+            queue_max_envelopes: 10_000,
+            queue_max_bytes: 256 << 20,
+            capability_max_envelopes: 2_000,
+            capability_max_bytes: 64 << 20,
+            grants_per_queue: 4_096,
+            request_max_envelopes: 200,
+            request_max_bytes: 8 << 20,
+            request_max_ttl_secs: 7 * 24 * 3600,
+            request_puts_per_hour_per_address: 20,
+            request_put_burst_per_address: 10,
             puts_per_sec: 500,
             put_burst: 2000,
             puts_per_sec_per_address: 2000,
@@ -248,6 +302,23 @@ impl Config {
                 "limits.puts_per_sec and limits.put_burst must be at least 1".into(),
             ));
         }
+        if l.request_puts_per_hour_per_address == 0 || l.request_put_burst_per_address == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.request_puts_per_hour_per_address and limits.request_put_burst_per_address must be at least 1"
+                    .into(),
+            ));
+        }
+        if self.access.open == OpenPolicy::Token && self.access.tokens.is_empty() {
+            return Err(ConfigError::Invalid(
+                "access.open = \"token\" needs at least one entry in access.tokens".into(),
+            ));
+        }
+        if let Some(t) = self.access.tokens.iter().find(|t| t.len() > 64 || t.is_empty()) {
+            return Err(ConfigError::Invalid(format!(
+                "access token {:?}… must be 1 to 64 bytes",
+                t.chars().take(8).collect::<String>()
+            )));
+        }
         if self.listen.is_empty() {
             return Err(ConfigError::Invalid(
                 "at least one listen address is needed".into(),
@@ -270,12 +341,14 @@ mod tests {
         let text = include_str!("../contrib/kkachi-relay.toml");
         let cfg = Config::from_toml(text).expect("example parses");
         cfg.validate().unwrap();
-        for section in ["[info]", "[limits]", "[circuit]"] {
+        for section in ["[info]", "[limits]", "[circuit]", "[access]"] {
             assert!(text.contains(section), "example lacks {section}");
         }
         // Every limits field appears in the example with its default value.
         let d = LimitsConfig::default();
-        assert_eq!(cfg.limits.mailbox_max_envelopes, d.mailbox_max_envelopes);
+        assert_eq!(cfg.limits.queue_max_envelopes, d.queue_max_envelopes);
+        assert_eq!(cfg.limits.capability_max_bytes, d.capability_max_bytes);
+        assert_eq!(cfg.limits.request_max_envelopes, d.request_max_envelopes);
         assert_eq!(cfg.limits.puts_per_sec, d.puts_per_sec);
         assert_eq!(
             cfg.circuit.max_circuits,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use kkachi_protocol::{MailboxId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{QueueId, Multiaddr, PeerId, RelayToClient};
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
@@ -113,7 +113,7 @@ pub(crate) struct Node<S> {
     service: Arc<Service<S>>,
     metrics: Metrics,
     max_waiting_per_peer: usize,
-    waiting: HashMap<MailboxId, Vec<Waiter>>,
+    waiting: HashMap<QueueId, Vec<Waiter>>,
     waiting_per_peer: HashMap<PeerId, usize>,
     /// The address of each peer's latest direct connection: what its requests count
     /// under for rate limits (a session stream does not name its connection).
@@ -254,6 +254,10 @@ impl<S: MailboxStore + Clone> Node<S> {
     ) {
         match self.service.handle(&peer, source, request, unix_now()) {
             Action::Respond(response) => self.respond(reply, response),
+            Action::Later(done) => {
+                self.puts.push(Box::pin(async move { (reply, done.await) }));
+                self.fresh_puts = true;
+            }
             Action::Put { done, mailboxes } => {
                 self.puts.push(Box::pin(async move { (reply, done.await) }));
                 self.fresh_puts = true;
@@ -269,7 +273,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         }
     }
 
-    fn park(&mut self, peer: PeerId, mailbox: MailboxId, after: u64, wait_ms: u32, reply: Reply) {
+    fn park(&mut self, peer: PeerId, mailbox: QueueId, after: u64, wait_ms: u32, reply: Reply) {
         let count = self.waiting_per_peer.entry(peer).or_default();
         if *count >= self.max_waiting_per_peer {
             // Answer at once (empty) rather than hold more streams for this peer.
@@ -308,7 +312,7 @@ impl<S: MailboxStore + Clone> Node<S> {
     }
 
     /// Answers every long poll on `mailbox` that now has something newer.
-    fn wake(&mut self, mailbox: &MailboxId) {
+    fn wake(&mut self, mailbox: &QueueId) {
         let Some(mut waiters) = self.waiting.remove(mailbox) else {
             return;
         };

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::config;
 pub use crate::config::Config;
 pub use crate::metrics::Metrics;
-use crate::store::{self, MailboxStore, Quota, SledStore};
+use crate::store::{self, Limits, MailboxStore, Quota, SledStore};
 use crate::{node, service, session};
 
 /// File name of the node key inside the data directory.
@@ -204,7 +204,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         Arc::new(move |d: std::time::Duration| flush_metric.observe(d.as_secs_f64()));
     let store = SledStore::open(
         &config.data_dir.join(DB_DIR),
-        quota(&config),
+        limits(&config),
         config.limits.cache_bytes,
         Some(observer),
     )
@@ -212,11 +212,22 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
     start_with(config, key, store, metrics).await
 }
 
-/// The per-mailbox quota a config asks for.
-pub fn quota(config: &Config) -> Quota {
-    Quota {
-        max_envelopes: config.limits.mailbox_max_envelopes,
-        max_bytes: config.limits.mailbox_max_bytes,
+/// The quotas a config asks for.
+pub fn limits(config: &Config) -> Limits {
+    let l = &config.limits;
+    Limits {
+        queue: Quota {
+            max_envelopes: l.queue_max_envelopes,
+            max_bytes: l.queue_max_bytes,
+        },
+        capability: Quota {
+            max_envelopes: l.capability_max_envelopes,
+            max_bytes: l.capability_max_bytes,
+        },
+        requests: Quota {
+            max_envelopes: l.request_max_envelopes,
+            max_bytes: l.request_max_bytes,
+        },
     }
 }
 

@@ -10,22 +10,25 @@ use futures::future::BoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota as RateQuota, RateLimiter};
 use kkachi_protocol::envelope::EnvelopeError;
 use kkachi_protocol::wire::{
-    MAX_BATCH_BYTES, MAX_BATCH_ITEMS, MAX_WAIT_MS, PROTOCOL_VERSION, PutOutcome,
+    Addressed, MAX_BATCH_BYTES, MAX_BATCH_ITEMS, MAX_WAIT_MS, PROTOCOL_VERSION, PutOutcome,
 };
 use kkachi_protocol::{
-    ClientToRelay, Envelope, ErrorCode, MailboxId, Multiaddr, PeerId, RelayInfo, RelayToClient,
+    ClientToRelay, ErrorCode, Multiaddr, PeerId, QueueId, QueueKind, ReadKey, RelayInfo,
+    RelayToClient, WriteId,
 };
 use libp2p::multiaddr::Protocol;
 
-use crate::config::Config;
+use crate::config::{Config, OpenPolicy};
 use crate::framing::Request;
 use crate::metrics::Metrics;
-use crate::store::{MailboxStore, PutResult, StoreError};
+use crate::store::{Granted, MailboxStore, Placed, PutResult, StoreError};
 
 /// What the node should do with a request.
 pub(crate) enum Action {
     /// Answer now.
     Respond(RelayToClient),
+    /// Answer once this resolves (a change that must be durable first).
+    Later(BoxFuture<'static, RelayToClient>),
     /// The put is stored (visible, not yet durable): answer when it is durable.
     Put {
         /// Resolves to the answer once the envelopes are flushed.
@@ -33,11 +36,11 @@ pub(crate) enum Action {
         /// Mailboxes that have new envelopes now: their long polls can be answered
         /// before the flush, since the sender's copy stays in its outbox until the
         /// acknowledgement and the recipient drops duplicates.
-        mailboxes: Vec<MailboxId>,
+        mailboxes: Vec<QueueId>,
     },
     /// Nothing yet: park the long poll until something arrives or `wait_ms` passes.
     Wait {
-        mailbox: MailboxId,
+        mailbox: QueueId,
         after: u64,
         wait_ms: u32,
     },
@@ -47,6 +50,7 @@ impl std::fmt::Debug for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Action::Respond(r) => f.debug_tuple("Respond").field(r).finish(),
+            Action::Later(_) => f.write_str("Later"),
             Action::Put { mailboxes, .. } => {
                 f.debug_struct("Put").field("mailboxes", mailboxes).finish()
             }
@@ -71,9 +75,23 @@ pub(crate) struct Service<S> {
     info: RelayInfo,
     max_payload: usize,
     max_ttl: u64,
+    request_max_ttl: u64,
+    grants_per_queue: u32,
+    open_policy: OpenPolicy,
+    tokens: Vec<Vec<u8>>,
     puts: DefaultKeyedRateLimiter<PeerId>,
     /// The same, shared by every peer connecting from one address.
     puts_by_address: DefaultKeyedRateLimiter<IpAddr>,
+    /// Puts into contact-request queues, per source address (per peer for relayed
+    /// connections): strangers holding an invite get a small allowance each.
+    requests_by_source: DefaultKeyedRateLimiter<Source>,
+}
+
+/// Who a request-queue allowance is counted for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Source {
+    Address(IpAddr),
+    Peer(PeerId),
 }
 
 /// The address a connection's puts are counted under: its IPv4 address, or the /64 of
@@ -129,6 +147,11 @@ impl<S: MailboxStore + Clone> Service<S> {
         let burst = NonZeroU32::new(l.put_burst).unwrap_or(NonZeroU32::MIN);
         let address_rate = NonZeroU32::new(l.puts_per_sec_per_address).unwrap_or(NonZeroU32::MIN);
         let address_burst = NonZeroU32::new(l.put_burst_per_address).unwrap_or(NonZeroU32::MIN);
+        let request_rate =
+            NonZeroU32::new(l.request_puts_per_hour_per_address).unwrap_or(NonZeroU32::MIN);
+        let request_burst =
+            NonZeroU32::new(l.request_put_burst_per_address).unwrap_or(NonZeroU32::MIN);
+        let request_quota = RateQuota::per_hour(request_rate).allow_burst(request_burst);
         Self {
             store,
             metrics,
@@ -140,12 +163,30 @@ impl<S: MailboxStore + Clone> Service<S> {
                 failure_domain: config.info.failure_domain.clone(),
                 max_payload: l.max_payload as u32,
                 max_ttl_secs: l.max_ttl_secs,
-                mailbox_max_envelopes: l.mailbox_max_envelopes.min(u64::from(u32::MAX)) as u32,
-                mailbox_max_bytes: l.mailbox_max_bytes,
+                capability_max_envelopes: l.capability_max_envelopes.min(u64::from(u32::MAX))
+                    as u32,
+                capability_max_bytes: l.capability_max_bytes,
                 puts_per_sec: l.puts_per_sec,
+                open_policy: match config.access.open {
+                    OpenPolicy::Anyone => 0,
+                    OpenPolicy::Token => 1,
+                },
+                grants_per_queue: l.grants_per_queue,
+                request_max_envelopes: l.request_max_envelopes.min(u64::from(u32::MAX)) as u32,
+                request_max_ttl_secs: l.request_max_ttl_secs,
             },
             max_payload: l.max_payload,
             max_ttl: l.max_ttl_secs,
+            request_max_ttl: l.request_max_ttl_secs.min(l.max_ttl_secs),
+            grants_per_queue: l.grants_per_queue,
+            open_policy: config.access.open,
+            tokens: config
+                .access
+                .tokens
+                .iter()
+                .map(|t| t.as_bytes().to_vec())
+                .collect(),
+            requests_by_source: RateLimiter::keyed(request_quota),
             puts: RateLimiter::keyed(RateQuota::per_second(rate).allow_burst(burst)),
             puts_by_address: RateLimiter::keyed(
                 RateQuota::per_second(address_rate).allow_burst(address_burst),
@@ -163,6 +204,8 @@ impl<S: MailboxStore + Clone> Service<S> {
         self.puts.shrink_to_fit();
         self.puts_by_address.retain_recent();
         self.puts_by_address.shrink_to_fit();
+        self.requests_by_source.retain_recent();
+        self.requests_by_source.shrink_to_fit();
     }
 
     /// Decides what to do with one request from `peer`, connected from `source` (see
@@ -191,37 +234,32 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::Subscribe { .. } => "subscribe",
             ClientToRelay::Delete { .. } => "delete",
             ClientToRelay::Info => "info",
+            ClientToRelay::Grant { .. } => "grant",
+            ClientToRelay::Revoke { .. } => "revoke",
         };
         self.metrics
             .requests
             .get_or_create(&Metrics::kind(kind))
             .inc();
+        // Holding a queue's read key is what owning it means: the relay checks nothing
+        // else, and learns nothing about who the owner is.
         match msg {
-            ClientToRelay::Put { envelopes } => self.put(peer, source, envelopes, now),
+            ClientToRelay::Put { items } => self.put(peer, source, items, now),
             ClientToRelay::Info => Action::Respond(RelayToClient::Info(self.info.clone())),
-            ClientToRelay::Fetch {
-                mailbox,
-                after,
-                limit,
-            } => {
-                if let Some(refusal) = self.refuse_unless_owner(peer, &mailbox) {
-                    return Action::Respond(refusal);
-                }
-                Action::Respond(self.fetch(&mailbox, after, usize::from(limit)))
+            ClientToRelay::Fetch { key, after, limit } => {
+                Action::Respond(self.fetch(&key.queue(), after, usize::from(limit)))
             }
             ClientToRelay::Subscribe {
-                mailbox,
+                key,
                 after,
                 wait_ms,
             } => {
-                if let Some(refusal) = self.refuse_unless_owner(peer, &mailbox) {
-                    return Action::Respond(refusal);
-                }
-                let batch = self.fetch(&mailbox, after, MAX_BATCH_ITEMS);
+                let queue = key.queue();
+                let batch = self.fetch(&queue, after, MAX_BATCH_ITEMS);
                 match batch {
                     RelayToClient::Batch { ref items, .. } if items.is_empty() && wait_ms > 0 => {
                         Action::Wait {
-                            mailbox,
+                            mailbox: queue,
                             after,
                             wait_ms: wait_ms.min(MAX_WAIT_MS),
                         }
@@ -229,11 +267,8 @@ impl<S: MailboxStore + Clone> Service<S> {
                     other => Action::Respond(other),
                 }
             }
-            ClientToRelay::Delete { mailbox, ids } => {
-                if let Some(refusal) = self.refuse_unless_owner(peer, &mailbox) {
-                    return Action::Respond(refusal);
-                }
-                Action::Respond(match self.store.delete(&mailbox, &ids) {
+            ClientToRelay::Delete { key, ids } => {
+                Action::Respond(match self.store.delete(&key.queue(), &ids) {
                     Ok(count) => RelayToClient::Deleted { count },
                     Err(e) => {
                         let (code, message) = store_refusal(&e);
@@ -241,24 +276,70 @@ impl<S: MailboxStore + Clone> Service<S> {
                     }
                 })
             }
+            ClientToRelay::Grant {
+                key,
+                kind,
+                token,
+                write_ids,
+            } => self.grant(&key, kind, &token, &write_ids),
+            ClientToRelay::Revoke { key, write_ids } => {
+                match self.store.revoke(&key.queue(), &write_ids) {
+                    Ok(grants) => self.once_durable(RelayToClient::Granted { grants }),
+                    Err(e) => {
+                        let (code, message) = store_refusal(&e);
+                        Action::Respond(refuse(&self.metrics, code, message))
+                    }
+                }
+            }
         }
     }
 
-    /// The refusal to send if `peer` does not own `mailbox`.
-    fn refuse_unless_owner(&self, peer: &PeerId, mailbox: &MailboxId) -> Option<RelayToClient> {
-        if MailboxId::for_peer(peer) == *mailbox {
-            return None;
+    /// Opens a queue (subject to the relay's policy) and grants it write capabilities.
+    fn grant(&self, key: &ReadKey, kind: QueueKind, token: &[u8], ids: &[WriteId]) -> Action {
+        let queue = key.queue();
+        // Only opening and granting needs the token: puts through a granted key never
+        // do, so members stay reachable from outside.
+        if self.open_policy == OpenPolicy::Token && !self.tokens.iter().any(|t| t == token) {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "this relay opens queues only for holders of an access token from its operator",
+            ));
         }
-        tracing::debug!(%peer, %mailbox, "refused access to another peer's mailbox");
-        Some(refuse(
-            &self.metrics,
-            ErrorCode::NotOwner,
-            "only the mailbox owner may read or delete; connect with the identity the mailbox belongs to",
-        ))
+        let max = self.grants_per_queue;
+        match self.store.grant(&queue, kind, ids, max) {
+            Ok(Granted::Held(grants)) => self.once_durable(RelayToClient::Granted { grants }),
+            Ok(Granted::Full(grants)) => Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this queue already grants {grants} write keys; the relay allows {max}; revoke some first"
+                ),
+            )),
+            Err(e) => {
+                let (code, message) = store_refusal(&e);
+                Action::Respond(refuse(&self.metrics, code, message))
+            }
+        }
+    }
+
+    /// Answers `response` once everything written so far is durable.
+    fn once_durable(&self, response: RelayToClient) -> Action {
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        Action::Later(Box::pin(async move {
+            match store.flush().await {
+                Ok(()) => response,
+                Err(e) => {
+                    let (code, message) = store_refusal(&e);
+                    refuse(&metrics, code, message)
+                }
+            }
+        }))
     }
 
     /// A batch after `after`, or an error response.
-    pub(crate) fn fetch(&self, mailbox: &MailboxId, after: u64, limit: usize) -> RelayToClient {
+    pub(crate) fn fetch(&self, mailbox: &QueueId, after: u64, limit: usize) -> RelayToClient {
         let limit = limit.clamp(1, MAX_BATCH_ITEMS);
         match self.store.fetch(mailbox, after, limit, MAX_BATCH_BYTES) {
             Ok(f) => RelayToClient::Batch {
@@ -278,10 +359,10 @@ impl<S: MailboxStore + Clone> Service<S> {
         &self,
         peer: &PeerId,
         source: Option<IpAddr>,
-        envelopes: Vec<Envelope>,
+        items: Vec<Addressed>,
         now: u64,
     ) -> Action {
-        let n = NonZeroU32::new(envelopes.len() as u32).unwrap_or(NonZeroU32::MIN);
+        let n = NonZeroU32::new(items.len() as u32).unwrap_or(NonZeroU32::MIN);
         if !matches!(self.puts.check_key_n(peer, n), Ok(Ok(()))) {
             tracing::debug!(%peer, "put rate limited");
             return Action::Respond(refuse(
@@ -301,24 +382,21 @@ impl<S: MailboxStore + Clone> Service<S> {
             ));
         }
         let started = Instant::now();
-        let mut outcomes: Vec<Option<PutOutcome>> = Vec::with_capacity(envelopes.len());
-        let mut valid = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            match envelope.validate(now, self.max_payload, self.max_ttl) {
-                Ok(()) => {
+        let mut outcomes: Vec<Option<PutOutcome>> = Vec::with_capacity(items.len());
+        let mut valid = Vec::with_capacity(items.len());
+        let requester = source.map_or(Source::Peer(*peer), Source::Address);
+        for item in items {
+            match self.admit(requester, item, now) {
+                Ok(placed) => {
                     outcomes.push(None);
-                    valid.push(envelope);
+                    valid.push(placed);
                 }
-                Err(e) => {
-                    let code = envelope_refusal(&e);
+                Err((code, message)) => {
                     self.metrics
                         .rejections
                         .get_or_create(&Metrics::kind(code.as_str()))
                         .inc();
-                    outcomes.push(Some(PutOutcome::Rejected {
-                        code,
-                        message: e.to_string(),
-                    }));
+                    outcomes.push(Some(PutOutcome::Rejected { code, message }));
                 }
             }
         }
@@ -328,12 +406,12 @@ impl<S: MailboxStore + Clone> Service<S> {
         } else {
             self.store.insert(&valid)
         };
-        let mut mailboxes: Vec<MailboxId> = match &stored {
+        let mut mailboxes: Vec<QueueId> = match &stored {
             Ok(results) => valid
                 .iter()
                 .zip(results)
                 .filter(|(_, r)| matches!(r, PutResult::Stored { .. }))
-                .map(|(e, _)| e.mailbox)
+                .map(|(e, _)| e.queue)
                 .collect(),
             Err(_) => Vec::new(),
         };
@@ -372,10 +450,57 @@ impl<S: MailboxStore + Clone> Service<S> {
     }
 }
 
+impl<S: MailboxStore + Clone> Service<S> {
+    /// Routes one envelope to its queue and checks it against that queue's rules.
+    fn admit(
+        &self,
+        requester: Source,
+        item: Addressed,
+        now: u64,
+    ) -> Result<Placed, (ErrorCode, String)> {
+        let Addressed { write, envelope } = item;
+        let (queue, kind) = match self.store.route(&write.id()) {
+            Ok(Some(route)) => route,
+            Ok(None) => {
+                return Err((
+                    ErrorCode::NoQueue,
+                    "no queue on this relay takes this write key; the recipient has not granted it here, or withdrew it"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(store_refusal(&e)),
+        };
+        let max_ttl = match kind {
+            QueueKind::Inbox => self.max_ttl,
+            QueueKind::Requests => self.request_max_ttl,
+        };
+        envelope
+            .validate(now, self.max_payload, max_ttl)
+            .map_err(|e| (envelope_refusal(&e), e.to_string()))?;
+        if kind == QueueKind::Requests
+            && !matches!(self.requests_by_source.check_key(&requester), Ok(()))
+        {
+            return Err((
+                ErrorCode::RateLimited,
+                "too many contact requests from your network address; wait an hour or ask for another way in"
+                    .into(),
+            ));
+        }
+        Ok(Placed {
+            queue,
+            grant: write.id(),
+            kind,
+            envelope,
+        })
+    }
+}
+
 fn outcome(metrics: &Metrics, result: Option<PutResult>) -> PutOutcome {
     let (kind, outcome) = match result {
         Some(PutResult::Stored { .. }) => ("stored", PutOutcome::Stored),
-        Some(PutResult::Duplicate) => ("duplicate", PutOutcome::Duplicate),
+        // Answered like a new envelope: whether a copy is still held would tell the
+        // putter whether its recipient has been online.
+        Some(PutResult::Duplicate) => ("duplicate", PutOutcome::Stored),
         Some(PutResult::QuotaExceeded) => {
             metrics
                 .rejections
@@ -385,7 +510,7 @@ fn outcome(metrics: &Metrics, result: Option<PutResult>) -> PutOutcome {
                 "rejected",
                 PutOutcome::Rejected {
                     code: ErrorCode::QuotaExceeded,
-                    message: "the recipient's mailbox on this relay is full; it drains as they come online"
+                    message: "the recipient's queue on this relay is full for you; it drains as they come online"
                         .into(),
                 },
             )

@@ -7,8 +7,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kkachi_protocol::wire::PutOutcome;
-use kkachi_protocol::{Envelope, EnvelopeId, MailboxId, Multiaddr, RelayToClient};
+use kkachi_protocol::wire::{Addressed, PutOutcome};
+use kkachi_protocol::{Envelope, EnvelopeId, Multiaddr, QueueKind, ReadKey, RelayToClient, WriteKey};
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
@@ -25,7 +25,8 @@ async fn spawn_relay(dir: &std::path::Path) -> RelayProcess {
     let config = dir.join("relay.toml");
     std::fs::write(
         &config,
-        "[limits]\nmailbox_max_envelopes = 10000000\nmailbox_max_bytes = 10000000000\n\
+        "[limits]\nqueue_max_envelopes = 10000000\nqueue_max_bytes = 10000000000\n\
+         capability_max_envelopes = 10000000\ncapability_max_bytes = 10000000000\n\
          puts_per_sec = 1000000\nput_burst = 1000000\n\
          puts_per_sec_per_address = 1000000\nput_burst_per_address = 1000000\n",
     )
@@ -73,8 +74,7 @@ fn iterations() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_envelopes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let owner_key = Keypair::generate_ed25519();
-    let owner = owner_key.public().to_peer_id();
+    let (key, write) = (ReadKey(rand::random()), WriteKey(rand::random()));
     let expires_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -88,6 +88,11 @@ async fn acknowledged_envelopes_survive_kill_9() {
         let writer = MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.clone())
             .await
             .unwrap();
+        let granted = writer
+            .grant(&key, QueueKind::Inbox, vec![write.id()])
+            .await
+            .unwrap();
+        assert!(matches!(granted, RelayToClient::Granted { grants: 1 }));
         // Four writers put batches of up to 4 envelopes as fast as they are acknowledged.
         let mut writers = Vec::new();
         for w in 0..4u64 {
@@ -96,11 +101,13 @@ async fn acknowledged_envelopes_survive_kill_9() {
             let base = seq + w * 1_000_000;
             writers.push(tokio::spawn(async move {
                 for i in 0.. {
-                    let batch: Vec<Envelope> = (0..1 + (i % 4))
-                        .map(|k| Envelope {
-                            mailbox: MailboxId::for_peer(&owner),
-                            expires_at,
-                            payload: format!("{base}-{i}-{k}").into_bytes(),
+                    let batch: Vec<Addressed> = (0..1 + (i % 4))
+                        .map(|k| Addressed {
+                            write,
+                            envelope: Envelope {
+                                expires_at,
+                                payload: format!("{base}-{i}-{k}").into_bytes(),
+                            },
                         })
                         .collect();
                     let outcomes = match writer.put(batch.clone()).await {
@@ -111,7 +118,7 @@ async fn acknowledged_envelopes_survive_kill_9() {
                     let mut acked = acknowledged.lock();
                     for (e, o) in batch.iter().zip(outcomes) {
                         if matches!(o, PutOutcome::Stored | PutOutcome::Duplicate) {
-                            acked.insert(e.id());
+                            acked.insert(e.envelope.id());
                         }
                     }
                 }
@@ -132,14 +139,14 @@ async fn acknowledged_envelopes_survive_kill_9() {
 
         // Restart on the same directory and read everything back as the owner.
         let mut restarted = spawn_relay(dir.path()).await;
-        let reader = MailboxClient::connect(owner_key.clone(), restarted.addr.clone())
+        let reader = MailboxClient::connect(Keypair::generate_ed25519(), restarted.addr.clone())
             .await
             .unwrap();
         let mut present = HashSet::new();
         let mut after = 0;
         loop {
             let RelayToClient::Batch { items, next, more } =
-                reader.fetch(after, 256).await.unwrap()
+                reader.fetch(&key, after, 256).await.unwrap()
             else {
                 panic!("batch expected");
             };

@@ -5,8 +5,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::prelude::*;
-use kkachi_protocol::wire::{self, ClientToRelay, ErrorCode, RelayToClient};
-use kkachi_protocol::{Envelope, MailboxId, Multiaddr, PeerId};
+use kkachi_protocol::wire::{self, Addressed, ClientToRelay, ErrorCode, RelayToClient};
+use kkachi_protocol::{Envelope, Multiaddr, PeerId, QueueKind, ReadKey, WriteKey};
 use kkachi_relay::config::Config;
 use kkachi_relay::session::{SESSION_PROTOCOL, Session};
 use kkachi_relay::{RelayHandle, start};
@@ -75,31 +75,55 @@ async fn write(stream: &mut Stream, bytes: &[u8]) {
     stream.flush().await.unwrap();
 }
 
-fn envelope_for(peer: &PeerId) -> Envelope {
+fn envelope() -> Envelope {
     let expires_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
     Envelope {
-        mailbox: MailboxId::for_peer(peer),
         expires_at,
         payload: b"session".repeat(4),
+    }
+}
+
+/// A queue opened on the relay through `session`, with one write key granted.
+async fn queue(session: &Session) -> (ReadKey, WriteKey) {
+    let (key, write) = (ReadKey(rand::random()), WriteKey(rand::random()));
+    let answer = session
+        .request(&ClientToRelay::Grant {
+            key: key.clone(),
+            kind: QueueKind::Inbox,
+            token: vec![],
+            write_ids: vec![write.id()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer, RelayToClient::Granted { grants: 1 });
+    (key, write)
+}
+
+fn put(write: WriteKey) -> ClientToRelay {
+    ClientToRelay::Put {
+        items: vec![Addressed {
+            write,
+            envelope: envelope(),
+        }],
     }
 }
 
 #[tokio::test]
 async fn a_long_poll_waits_while_puts_on_the_same_session_are_answered() {
     let (_relay, addr, _dir) = relay(30).await;
-    let (me, stream) = open(&addr).await;
+    let (_, stream) = open(&addr).await;
     let session = Session::start(stream);
-    let mailbox = MailboxId::for_peer(&me);
+    let (key, write) = queue(&session).await;
     let poll = {
         let session = session.clone();
         tokio::spawn(async move {
             session
                 .request(&ClientToRelay::Subscribe {
-                    mailbox,
+                    key,
                     after: 0,
                     wait_ms: 20_000,
                 })
@@ -108,12 +132,7 @@ async fn a_long_poll_waits_while_puts_on_the_same_session_are_answered() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!poll.is_finished(), "the long poll waits for something new");
-    let stored = session
-        .request(&ClientToRelay::Put {
-            envelopes: vec![envelope_for(&me)],
-        })
-        .await
-        .unwrap();
+    let stored = session.request(&put(write)).await.unwrap();
     assert!(
         matches!(stored, RelayToClient::Stored { ref outcomes } if outcomes.len() == 1),
         "{stored:?}"
@@ -126,7 +145,7 @@ async fn a_long_poll_waits_while_puts_on_the_same_session_are_answered() {
     match answer {
         RelayToClient::Batch { items, .. } => {
             assert_eq!(items.len(), 1);
-            assert_eq!(items[0].envelope, envelope_for(&me));
+            assert_eq!(items[0].envelope, envelope());
         }
         other => panic!("batch expected, got {other:?}"),
     }
@@ -156,12 +175,9 @@ async fn a_malformed_request_is_answered_under_its_id_and_the_session_goes_on() 
 #[tokio::test]
 async fn an_envelope_of_an_unknown_version_is_malformed() {
     let (_relay, addr, _dir) = relay(30).await;
-    let (me, mut stream) = open(&addr).await;
-    let mut put = ClientToRelay::Put {
-        envelopes: vec![envelope_for(&me)],
-    }
-    .encode();
-    put[3] = 9; // the envelope's version byte, after the tag and the count
+    let (_, mut stream) = open(&addr).await;
+    let mut put = put(WriteKey([1; 32])).encode();
+    put[35] = 9; // the envelope's version byte, after the tag, the count and the key
     write(&mut stream, &wire::session_frame(3, &put)).await;
     match read_answer(&mut stream).await.unwrap() {
         (3, RelayToClient::Error { code, .. }) => assert_eq!(code, ErrorCode::Malformed),
@@ -185,11 +201,13 @@ async fn half_sent_frames_on_many_sessions_hold_up_no_one_else() {
     )
     .await
     .unwrap();
-    let started = std::time::Instant::now();
-    let answer = normal
-        .put(vec![envelope_for(&PeerId::random())])
+    let (key, write) = (ReadKey(rand::random()), WriteKey(rand::random()));
+    normal
+        .grant(&key, QueueKind::Inbox, vec![write.id()])
         .await
         .unwrap();
+    let started = std::time::Instant::now();
+    let answer = normal.request(put(write)).await.unwrap();
     assert!(
         matches!(answer, RelayToClient::Stored { ref outcomes } if outcomes.len() == 1),
         "{answer:?}"

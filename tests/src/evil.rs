@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::session::{self, Incoming};
 use kkachi_protocol::{
-    Card, ClientToRelay, Content, Envelope, Identity, MailboxId, Multiaddr, RelayToClient, Session,
+    Card, ClientToRelay, Content, Envelope, Identity, QueueId, Multiaddr, RelayToClient, Session,
 };
 use kkachi_relay::client::MailboxClient;
 
@@ -90,7 +90,7 @@ impl EvilPeer {
             )
             .expect("seal");
         let envelope = Envelope {
-            mailbox: MailboxId::for_peer(&self.victim.identity().peer_id()),
+            mailbox: QueueId::for_peer(&self.victim.identity().peer_id()),
             expires_at: now() + DEFAULT_TTL_SECS,
             payload: packet,
         };

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kkachi_protocol::wire::StoredEnvelope;
-use kkachi_protocol::{Envelope, EnvelopeId, MailboxId};
+use kkachi_protocol::{Envelope, EnvelopeId, QueueId};
 use kkachi_relay::store::{Fetched, MailboxStore, MemoryStore, PutResult, StoreError, StoreStats};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -215,7 +215,7 @@ impl MailboxStore for EvilStore {
 
     fn fetch(
         &self,
-        mailbox: &MailboxId,
+        mailbox: &QueueId,
         after: u64,
         limit: usize,
         max_bytes: usize,
@@ -261,7 +261,7 @@ impl MailboxStore for EvilStore {
         Ok(f)
     }
 
-    fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
+    fn delete(&self, mailbox: &QueueId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
         self.inner.delete(mailbox, ids)
     }
 

@@ -287,7 +287,7 @@ fn relay_disk_full_refuses_and_recovers() {
     let mut refused = 0;
     for i in 0..400u32 {
         let envelope = kkachi_protocol::Envelope {
-            mailbox: kkachi_protocol::MailboxId::for_peer(&owner_peer),
+            mailbox: kkachi_protocol::QueueId::for_peer(&owner_peer),
             expires_at,
             payload: vec![(i % 251) as u8; 60_000],
         };
@@ -331,7 +331,7 @@ fn relay_disk_full_refuses_and_recovers() {
         ))
         .unwrap();
     let envelope = kkachi_protocol::Envelope {
-        mailbox: kkachi_protocol::MailboxId::for_peer(&owner_peer),
+        mailbox: kkachi_protocol::QueueId::for_peer(&owner_peer),
         expires_at,
         payload: vec![7; 1000],
     };

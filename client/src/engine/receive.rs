@@ -22,7 +22,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use kkachi_protocol::session::{self, Incoming, InitPacket};
 use kkachi_protocol::{
-    Body, Content, Envelope, MailboxId, MessageId, Opened, PeerId, ReceiptStatus, Session,
+    Body, Content, Envelope, QueueId, MessageId, Opened, PeerId, ReceiptStatus, Session,
     SessionError,
 };
 
@@ -249,7 +249,7 @@ impl<T> State<T> {
                 "expires further ahead than any envelope may",
             ));
         }
-        if envelope.mailbox != MailboxId::for_peer(&self.me.peer_id()) {
+        if envelope.mailbox != QueueId::for_peer(&self.me.peer_id()) {
             return Ok(Outcome::Skipped("addressed to another mailbox"));
         }
         let packet = match session::open(&self.me, &envelope.payload) {

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::{
-    Body, Card, Content, Envelope, Identity, MailboxId, MessageId, PeerId, ReceiptStatus, Session,
+    Body, Card, Content, Envelope, Identity, QueueId, MessageId, PeerId, ReceiptStatus, Session,
 };
 use tokio::sync::broadcast;
 
@@ -161,7 +161,7 @@ impl<T> State<T> {
             &mut rand_core::OsRng,
         )?;
         Ok(Envelope {
-            mailbox: MailboxId::for_peer(&contact.peer),
+            mailbox: QueueId::for_peer(&contact.peer),
             expires_at: now / 1000 + DEFAULT_TTL_SECS,
             payload: packet,
         })

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kkachi_protocol::{ClientToRelay, ErrorCode, MailboxId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{ClientToRelay, ErrorCode, QueueId, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::framing::Request;
 use kkachi_relay::session::{SESSION_PROTOCOL, SessionRequest};
 use kkachi_relay::transport;
@@ -503,7 +503,7 @@ impl NetworkTask {
     /// A peer asks something of us over a session: we take puts into our own mailbox
     /// (the engine decides whose), nothing else.
     async fn on_direct_request(&mut self, r: SessionRequest) {
-        let mine = MailboxId::for_peer(&self.local);
+        let mine = QueueId::for_peer(&self.local);
         let refusal = match r.request {
             Request::Message(ClientToRelay::Put { envelopes })
                 if envelopes.iter().all(|e| e.mailbox == mine) =>

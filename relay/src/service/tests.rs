@@ -1,40 +1,73 @@
 use super::*;
-use crate::store::{MemoryStore, Quota};
-use kkachi_protocol::EnvelopeId;
+use crate::store::{Fetched, Limits, MemoryStore, Quota, StoreStats};
+use kkachi_protocol::{Envelope, EnvelopeId, WriteKey};
 use std::sync::Arc;
 use std::time::Duration;
 
 const NOW: u64 = 1_750_000_000;
 
 fn service(config: &Config) -> Service<MemoryStore> {
-    let quota = Quota {
-        max_envelopes: config.limits.mailbox_max_envelopes,
-        max_bytes: config.limits.mailbox_max_bytes,
-    };
-    Service::new(config, MemoryStore::new(quota), Metrics::new())
+    Service::new(
+        config,
+        MemoryStore::new(crate::server::limits(config)),
+        Metrics::new(),
+    )
 }
 
-fn envelope(to: &PeerId, n: u8) -> Envelope {
+/// A queue in a test: its read key and one write key.
+struct Queue {
+    key: ReadKey,
+    write: WriteKey,
+}
+
+fn queue(n: u8) -> Queue {
+    Queue {
+        key: ReadKey([n; 32]),
+        write: WriteKey([n.wrapping_add(100); 32]),
+    }
+}
+
+fn envelope(n: u8) -> Envelope {
     Envelope {
-        mailbox: MailboxId::for_peer(to),
         expires_at: NOW + 3600,
         payload: vec![n; 10],
     }
+}
+
+fn to(q: &Queue, n: u8) -> Addressed {
+    Addressed {
+        write: q.write,
+        envelope: envelope(n),
+    }
+}
+
+/// Opens `q` as `kind` with its one write key granted.
+async fn open(s: &Service<MemoryStore>, q: &Queue, kind: QueueKind) {
+    let grant = ClientToRelay::Grant {
+        key: q.key.clone(),
+        kind,
+        token: Vec::new(),
+        write_ids: vec![q.write.id()],
+    };
+    assert!(matches!(
+        run(s, &PeerId::random(), grant).await,
+        RelayToClient::Granted { grants: 1 }
+    ));
 }
 
 async fn run(s: &Service<MemoryStore>, peer: &PeerId, msg: ClientToRelay) -> RelayToClient {
     run_from(s, peer, None, msg).await
 }
 
-async fn run_from(
-    s: &Service<MemoryStore>,
+async fn run_from<S: MailboxStore + Clone>(
+    s: &Service<S>,
     peer: &PeerId,
     source: Option<IpAddr>,
     msg: ClientToRelay,
 ) -> RelayToClient {
     match s.handle(peer, source, Request::Message(msg), NOW) {
         Action::Respond(r) => r,
-        Action::Put { done, .. } => done.await,
+        Action::Later(done) | Action::Put { done, .. } => done.await,
         Action::Wait { .. } => RelayToClient::Batch {
             items: vec![],
             next: 0,
@@ -43,55 +76,80 @@ async fn run_from(
     }
 }
 
+fn codes(answer: RelayToClient) -> Vec<Option<ErrorCode>> {
+    let RelayToClient::Stored { outcomes } = answer else {
+        panic!("stored expected, got {answer:?}")
+    };
+    outcomes
+        .iter()
+        .map(|o| match o {
+            PutOutcome::Rejected { code, .. } => Some(*code),
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn put_fetch_delete_conversation() {
     let s = service(&Config::default());
-    let sender = PeerId::random();
-    let owner = PeerId::random();
-    let mailbox = MailboxId::for_peer(&owner);
+    let q = queue(1);
+    open(&s, &q, QueueKind::Inbox).await;
+    let (sender, owner) = (PeerId::random(), PeerId::random());
     let put = ClientToRelay::Put {
-        envelopes: vec![
-            envelope(&owner, 1),
-            envelope(&owner, 2),
-            envelope(&owner, 1),
-        ],
+        items: vec![to(&q, 1), to(&q, 2), to(&q, 1)],
     };
     assert_eq!(
         run(&s, &sender, put).await,
         RelayToClient::Stored {
-            outcomes: vec![
-                PutOutcome::Stored,
-                PutOutcome::Stored,
-                PutOutcome::Duplicate
-            ]
-        }
-    );
-    let RelayToClient::Batch { items, next, more } = run(
-        &s,
-        &owner,
-        ClientToRelay::Fetch {
-            mailbox,
-            after: 0,
-            limit: 10,
+            outcomes: vec![PutOutcome::Stored; 3]
         },
-    )
-    .await
-    else {
+        "a copy already held is answered like a new one"
+    );
+    let fetch = |after| ClientToRelay::Fetch {
+        key: q.key.clone(),
+        after,
+        limit: 10,
+    };
+    let RelayToClient::Batch { items, next, more } = run(&s, &owner, fetch(0)).await else {
         panic!("batch expected")
     };
     assert_eq!(items.len(), 2);
     assert!(!more);
     let ids: Vec<EnvelopeId> = items.iter().map(|i| i.envelope.id()).collect();
+    let delete = ClientToRelay::Delete {
+        key: q.key.clone(),
+        ids,
+    };
     assert_eq!(
-        run(&s, &owner, ClientToRelay::Delete { mailbox, ids }).await,
+        run(&s, &owner, delete).await,
         RelayToClient::Deleted { count: 2 }
     );
+    let RelayToClient::Batch { items, .. } = run(&s, &owner, fetch(next)).await else {
+        panic!("batch expected")
+    };
+    assert!(items.is_empty());
+}
+
+#[tokio::test]
+async fn only_granted_write_keys_put_and_only_the_read_key_reads() {
+    let s = service(&Config::default());
+    let q = queue(1);
+    open(&s, &q, QueueKind::Inbox).await;
+    let stranger = queue(2);
+    let put = ClientToRelay::Put {
+        items: vec![to(&stranger, 1), to(&q, 2)],
+    };
+    assert_eq!(
+        codes(run(&s, &PeerId::random(), put).await),
+        vec![Some(ErrorCode::NoQueue), None]
+    );
+    // Another key reads another (empty) queue; the relay never asks who is reading.
     let RelayToClient::Batch { items, .. } = run(
         &s,
-        &owner,
+        &PeerId::random(),
         ClientToRelay::Fetch {
-            mailbox,
-            after: next,
+            key: stranger.key.clone(),
+            after: 0,
             limit: 10,
         },
     )
@@ -100,65 +158,40 @@ async fn put_fetch_delete_conversation() {
         panic!("batch expected")
     };
     assert!(items.is_empty());
-}
-
-#[tokio::test]
-async fn only_the_owner_reads_or_deletes() {
-    let s = service(&Config::default());
-    let owner = PeerId::random();
-    let stranger = PeerId::random();
-    let mailbox = MailboxId::for_peer(&owner);
-    for msg in [
-        ClientToRelay::Fetch {
-            mailbox,
-            after: 0,
-            limit: 10,
-        },
-        ClientToRelay::Subscribe {
-            mailbox,
-            after: 0,
-            wait_ms: 1000,
-        },
-        ClientToRelay::Delete {
-            mailbox,
-            ids: vec![],
-        },
-    ] {
-        assert!(matches!(
-            run(&s, &stranger, msg).await,
-            RelayToClient::Error {
-                code: ErrorCode::NotOwner,
-                ..
-            }
-        ));
-    }
+    // A revoked key puts no more.
+    let revoke = ClientToRelay::Revoke {
+        key: q.key.clone(),
+        write_ids: vec![q.write.id()],
+    };
+    assert_eq!(
+        run(&s, &PeerId::random(), revoke).await,
+        RelayToClient::Granted { grants: 0 }
+    );
+    let put = ClientToRelay::Put {
+        items: vec![to(&q, 3)],
+    };
+    assert_eq!(
+        codes(run(&s, &PeerId::random(), put).await),
+        vec![Some(ErrorCode::NoQueue)]
+    );
 }
 
 #[tokio::test]
 async fn bad_envelopes_are_refused_individually() {
     let s = service(&Config::default());
-    let to = PeerId::random();
-    let mut expired = envelope(&to, 1);
-    expired.expires_at = NOW - 1;
-    let mut far = envelope(&to, 2);
-    far.expires_at = NOW + 365 * 24 * 3600;
-    let mut big = envelope(&to, 3);
-    big.payload = vec![0; 70_000];
+    let q = queue(1);
+    open(&s, &q, QueueKind::Inbox).await;
+    let mut expired = to(&q, 1);
+    expired.envelope.expires_at = NOW - 1;
+    let mut far = to(&q, 2);
+    far.envelope.expires_at = NOW + 365 * 24 * 3600;
+    let mut big = to(&q, 3);
+    big.envelope.payload = vec![0; 70_000];
     let put = ClientToRelay::Put {
-        envelopes: vec![expired, far, big, envelope(&to, 4)],
+        items: vec![expired, far, big, to(&q, 4)],
     };
-    let RelayToClient::Stored { outcomes } = run(&s, &PeerId::random(), put).await else {
-        panic!("stored expected")
-    };
-    let codes: Vec<_> = outcomes
-        .iter()
-        .map(|o| match o {
-            PutOutcome::Rejected { code, .. } => Some(*code),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        codes,
+        codes(run(&s, &PeerId::random(), put).await),
         vec![
             Some(ErrorCode::Expired),
             Some(ErrorCode::ExpiryTooFar),
@@ -171,28 +204,23 @@ async fn bad_envelopes_are_refused_individually() {
 #[tokio::test]
 async fn quota_and_rate_limit_answer_with_errors() {
     let mut config = Config::default();
-    config.limits.mailbox_max_envelopes = 2;
+    config.limits.capability_max_envelopes = 2;
     config.limits.puts_per_sec = 1;
     config.limits.put_burst = 4;
     let s = service(&config);
-    let to = PeerId::random();
+    let q = queue(1);
+    open(&s, &q, QueueKind::Inbox).await;
     let sender = PeerId::random();
     let put = ClientToRelay::Put {
-        envelopes: (0..3).map(|n| envelope(&to, n)).collect(),
+        items: (0..3).map(|n| to(&q, n)).collect(),
     };
-    let RelayToClient::Stored { outcomes } = run(&s, &sender, put).await else {
-        panic!("stored expected")
-    };
-    assert!(matches!(
-        outcomes[2],
-        PutOutcome::Rejected {
-            code: ErrorCode::QuotaExceeded,
-            ..
-        }
-    ));
+    assert_eq!(
+        codes(run(&s, &sender, put).await),
+        vec![None, None, Some(ErrorCode::QuotaExceeded)]
+    );
     // 3 of the burst of 4 are used; 2 more exceed it.
     let put = ClientToRelay::Put {
-        envelopes: (5..7).map(|n| envelope(&to, n)).collect(),
+        items: (5..7).map(|n| to(&q, n)).collect(),
     };
     assert!(matches!(
         run(&s, &sender, put).await,
@@ -201,14 +229,120 @@ async fn quota_and_rate_limit_answer_with_errors() {
             ..
         }
     ));
-    // Another peer is not affected by this one's rate.
-    let put = ClientToRelay::Put {
-        envelopes: vec![envelope(&PeerId::random(), 9)],
+    // Another contact of the same queue is not affected by this one's quota.
+    let other = Queue {
+        key: q.key.clone(),
+        write: WriteKey([77; 32]),
+    };
+    let grant = ClientToRelay::Grant {
+        key: q.key.clone(),
+        kind: QueueKind::Inbox,
+        token: vec![],
+        write_ids: vec![other.write.id()],
     };
     assert!(matches!(
-        run(&s, &PeerId::random(), put).await,
-        RelayToClient::Stored { .. }
+        run(&s, &PeerId::random(), grant).await,
+        RelayToClient::Granted { grants: 2 }
     ));
+    let put = ClientToRelay::Put {
+        items: vec![to(&other, 9)],
+    };
+    assert_eq!(codes(run(&s, &PeerId::random(), put).await), vec![None]);
+}
+
+#[tokio::test]
+async fn strangers_holding_an_invite_get_a_small_allowance_and_never_touch_a_contacts_room() {
+    let mut config = Config::default();
+    config.limits.request_put_burst_per_address = 3;
+    config.limits.request_max_envelopes = 5;
+    config.limits.grants_per_queue = 2;
+    config.limits.request_max_ttl_secs = 3600;
+    let s = service(&config);
+    // One queue: the request capability from the owner's card, and a contact's.
+    let requests = queue(1);
+    let inbox = Queue {
+        key: requests.key.clone(),
+        write: WriteKey([2; 32]),
+    };
+    open(&s, &requests, QueueKind::Requests).await;
+    let grant = ClientToRelay::Grant {
+        key: inbox.key.clone(),
+        kind: QueueKind::Inbox,
+        token: vec![],
+        write_ids: vec![inbox.write.id()],
+    };
+    assert!(matches!(
+        run(&s, &PeerId::random(), grant).await,
+        RelayToClient::Granted { grants: 2 }
+    ));
+    let address = |n: u8| Some(IpAddr::from([192, 0, 2, n]));
+    let put = |items| ClientToRelay::Put { items };
+    // One address: three requests, then refused, with a reason.
+    let answer = run_from(
+        &s,
+        &PeerId::random(),
+        address(1),
+        put((0..4).map(|n| to(&requests, n)).collect()),
+    )
+    .await;
+    assert_eq!(
+        codes(answer),
+        vec![None, None, None, Some(ErrorCode::RateLimited)]
+    );
+    // Others fill the request capability's room; it holds five.
+    let answer = run_from(
+        &s,
+        &PeerId::random(),
+        address(2),
+        put((10..13).map(|n| to(&requests, n)).collect()),
+    )
+    .await;
+    assert_eq!(codes(answer), vec![None, None, Some(ErrorCode::QuotaExceeded)]);
+    // A request may not live longer than the request queue keeps anything.
+    let mut long = to(&requests, 20);
+    long.envelope.expires_at = NOW + 2 * 3600 + CLOCK_SKEW;
+    let answer = run_from(&s, &PeerId::random(), address(3), put(vec![long])).await;
+    assert_eq!(codes(answer), vec![Some(ErrorCode::ExpiryTooFar)]);
+    // The contact's capability is untouched by all of it, from the same address too.
+    let answer = run_from(
+        &s,
+        &PeerId::random(),
+        address(1),
+        put((30..40).map(|n| to(&inbox, n)).collect()),
+    )
+    .await;
+    assert_eq!(codes(answer), vec![None; 10]);
+}
+
+const CLOCK_SKEW: u64 = kkachi_protocol::envelope::CLOCK_SKEW_SECS;
+
+#[tokio::test]
+async fn a_relay_for_token_holders_opens_queues_only_for_them_but_takes_puts_from_anyone() {
+    let mut config = Config::default();
+    config.access.open = OpenPolicy::Token;
+    config.access.tokens = vec!["member-7".into()];
+    let s = service(&config);
+    let q = queue(1);
+    let grant = |token: &[u8]| ClientToRelay::Grant {
+        key: q.key.clone(),
+        kind: QueueKind::Inbox,
+        token: token.to_vec(),
+        write_ids: vec![q.write.id()],
+    };
+    let RelayToClient::Error { code, message } = run(&s, &PeerId::random(), grant(b"guess")).await
+    else {
+        panic!("refusal expected")
+    };
+    assert_eq!(code, ErrorCode::NotAllowed);
+    assert!(message.contains("token"), "{message}");
+    assert!(matches!(
+        run(&s, &PeerId::random(), grant(b"member-7")).await,
+        RelayToClient::Granted { grants: 1 }
+    ));
+    let put = ClientToRelay::Put {
+        items: vec![to(&q, 1)],
+    };
+    assert_eq!(codes(run(&s, &PeerId::random(), put).await), vec![None]);
 }
 
 #[tokio::test]
@@ -219,18 +353,20 @@ async fn made_up_identities_share_their_address_limit() {
     config.limits.puts_per_sec_per_address = 1;
     config.limits.put_burst_per_address = 10;
     let s = service(&config);
+    let q = queue(1);
+    open(&s, &q, QueueKind::Inbox).await;
     let flooder: Option<IpAddr> = Some("192.0.2.7".parse().unwrap());
-    let put = || ClientToRelay::Put {
-        envelopes: vec![envelope(&PeerId::random(), 1)],
+    let put = |n| ClientToRelay::Put {
+        items: vec![to(&q, n)],
     };
     // Ten fresh identities from one address each stay within their own limit,
     // and together use up the address's burst.
-    for _ in 0..10 {
-        let answer = run_from(&s, &PeerId::random(), flooder, put()).await;
+    for n in 0..10 {
+        let answer = run_from(&s, &PeerId::random(), flooder, put(n)).await;
         assert!(matches!(answer, RelayToClient::Stored { .. }), "{answer:?}");
     }
     let RelayToClient::Error { code, message } =
-        run_from(&s, &PeerId::random(), flooder, put()).await
+        run_from(&s, &PeerId::random(), flooder, put(10)).await
     else {
         panic!("the eleventh fresh identity must be refused");
     };
@@ -239,7 +375,7 @@ async fn made_up_identities_share_their_address_limit() {
     // Someone else, elsewhere, is served.
     let other: Option<IpAddr> = Some("198.51.100.1".parse().unwrap());
     assert!(matches!(
-        run_from(&s, &PeerId::random(), other, put()).await,
+        run_from(&s, &PeerId::random(), other, put(11)).await,
         RelayToClient::Stored { .. }
     ));
 }
@@ -271,10 +407,10 @@ async fn malformed_requests_get_an_error_and_a_metric() {
     let metrics = Metrics::new();
     let s = Service::new(
         &Config::default(),
-        MemoryStore::new(Quota {
+        MemoryStore::new(Limits::uniform(Quota {
             max_envelopes: 10,
             max_bytes: 1000,
-        }),
+        })),
         metrics.clone(),
     );
     let decode_error = kkachi_protocol::DecodeError::TrailingBytes(3);
@@ -299,9 +435,10 @@ async fn malformed_requests_get_an_error_and_a_metric() {
 async fn empty_subscribe_waits_and_nonempty_answers() {
     let s = service(&Config::default());
     let owner = PeerId::random();
-    let mailbox = MailboxId::for_peer(&owner);
+    let q = queue(1);
+    open(&s, &q, QueueKind::Inbox).await;
     let sub = ClientToRelay::Subscribe {
-        mailbox,
+        key: q.key.clone(),
         after: 0,
         wait_ms: 120_000,
     };
@@ -316,7 +453,7 @@ async fn empty_subscribe_waits_and_nonempty_answers() {
         &s,
         &PeerId::random(),
         ClientToRelay::Put {
-            envelopes: vec![envelope(&owner, 1)],
+            items: vec![to(&q, 1)],
         },
     )
     .await;
@@ -334,25 +471,40 @@ struct GatedStore {
 }
 
 impl MailboxStore for GatedStore {
-    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+    fn insert(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
         self.inner.insert(envelopes)
+    }
+    fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {
+        self.inner.route(write)
+    }
+    fn grant(
+        &self,
+        queue: &QueueId,
+        kind: QueueKind,
+        ids: &[WriteId],
+        max: u32,
+    ) -> Result<Granted, StoreError> {
+        self.inner.grant(queue, kind, ids, max)
+    }
+    fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError> {
+        self.inner.revoke(queue, ids)
     }
     fn fetch(
         &self,
-        mailbox: &MailboxId,
+        mailbox: &QueueId,
         after: u64,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<crate::store::Fetched, StoreError> {
+    ) -> Result<Fetched, StoreError> {
         self.inner.fetch(mailbox, after, limit, max_bytes)
     }
-    fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
+    fn delete(&self, mailbox: &QueueId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
         self.inner.delete(mailbox, ids)
     }
     fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
         self.inner.expire(now, max)
     }
-    fn stats(&self) -> crate::store::StoreStats {
+    fn stats(&self) -> StoreStats {
         self.inner.stats()
     }
     async fn flush(&self) -> Result<(), StoreError> {
@@ -370,29 +522,39 @@ async fn long_polls_see_a_put_before_it_is_durable_and_the_ack_waits_for_the_flu
     };
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let store = GatedStore {
-        inner: MemoryStore::new(quota),
+        inner: MemoryStore::new(Limits::uniform(quota)),
         gate: gate.clone(),
     };
     let s = Service::new(&Config::default(), store, Metrics::new());
-    let (alice, bob) = (PeerId::random(), PeerId::random());
-    let put = |envelopes| Request::Message(ClientToRelay::Put { envelopes });
+    let (alice, bob) = (queue(1), queue(2));
+    for q in [&alice, &bob] {
+        let grant = ClientToRelay::Grant {
+            key: q.key.clone(),
+            kind: QueueKind::Inbox,
+            token: vec![],
+            write_ids: vec![q.write.id()],
+        };
+        let peer = PeerId::random();
+        gate.add_permits(1);
+        assert!(matches!(
+            run_from(&s, &peer, None, grant).await,
+            RelayToClient::Granted { grants: 1 }
+        ));
+    }
+    let put = |items| Request::Message(ClientToRelay::Put { items });
     let Action::Put { done, mailboxes } = s.handle(
         &PeerId::random(),
         None,
-        put(vec![
-            envelope(&alice, 1),
-            envelope(&bob, 2),
-            envelope(&alice, 3),
-        ]),
+        put(vec![to(&alice, 1), to(&bob, 2), to(&alice, 3)]),
         NOW,
     ) else {
         panic!("a put expected")
     };
-    let mut expected = vec![MailboxId::for_peer(&alice), MailboxId::for_peer(&bob)];
+    let mut expected = vec![alice.key.queue(), bob.key.queue()];
     expected.sort();
-    assert_eq!(mailboxes, expected, "each mailbox with something new, once");
+    assert_eq!(mailboxes, expected, "each queue with something new, once");
     // Readable before the flush...
-    let RelayToClient::Batch { items, .. } = s.fetch(&MailboxId::for_peer(&alice), 0, 10) else {
+    let RelayToClient::Batch { items, .. } = s.fetch(&alice.key.queue(), 0, 10) else {
         panic!("a batch expected")
     };
     assert_eq!(items.len(), 2);
@@ -404,7 +566,7 @@ async fn long_polls_see_a_put_before_it_is_durable_and_the_ack_waits_for_the_flu
 
     // A duplicate wakes nobody (nothing new) but still waits for a flush.
     let Action::Put { done, mailboxes } =
-        s.handle(&PeerId::random(), None, put(vec![envelope(&bob, 2)]), NOW)
+        s.handle(&PeerId::random(), None, put(vec![to(&bob, 2)]), NOW)
     else {
         panic!("a put expected")
     };

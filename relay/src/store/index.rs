@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use kkachi_protocol::{EnvelopeId, MailboxId};
+use kkachi_protocol::{EnvelopeId, QueueId, WriteId};
 
 use super::{Quota, StoreStats, Usage};
 
@@ -27,14 +27,14 @@ pub(crate) struct Slot {
 pub(crate) struct Index {
     ids: HashMap<EnvelopeId, Slot>,
     /// (expires_at, cursor) → mailbox: the order expiry works through.
-    expiry: BTreeMap<(u64, u64), MailboxId>,
+    expiry: BTreeMap<(u64, u64), QueueId>,
     usage: Usage,
 }
 
 /// A held envelope whose time is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Due {
-    pub(crate) mailbox: MailboxId,
+    pub(crate) mailbox: QueueId,
     pub(crate) cursor: u64,
     pub(crate) expires_at: u64,
 }
@@ -43,10 +43,12 @@ pub(crate) struct Due {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Entry {
     pub(crate) id: EnvelopeId,
-    pub(crate) mailbox: MailboxId,
+    pub(crate) mailbox: QueueId,
+    /// The write capability it came through.
+    pub(crate) grant: WriteId,
     pub(crate) cursor: u64,
     pub(crate) expires_at: u64,
-    /// Its encoded size, counted against the mailbox's quota.
+    /// Its encoded size, counted against the queue's and the capability's quotas.
     pub(crate) bytes: u64,
 }
 
@@ -58,8 +60,11 @@ impl Index {
 
     /// Adds a new envelope if its mailbox has room; false (and nothing changed) if not.
     /// The caller has checked that `entry.id` is not held.
-    pub(crate) fn try_add(&mut self, entry: Entry, quota: Quota) -> bool {
-        if !self.usage.try_add(entry.mailbox, entry.bytes, quota) {
+    pub(crate) fn try_add(&mut self, entry: Entry, quotas: (Quota, Quota)) -> bool {
+        if !self
+            .usage
+            .try_add(entry.mailbox, entry.grant, entry.bytes, quotas)
+        {
             return false;
         }
         self.insert(entry);
@@ -73,7 +78,8 @@ impl Index {
         if self.ids.contains_key(&entry.id) {
             return Err(entry.cursor);
         }
-        self.usage.add_existing(entry.mailbox, entry.bytes);
+        self.usage
+            .add_existing(entry.mailbox, entry.grant, entry.bytes);
         self.insert(entry);
         Ok(())
     }
@@ -88,14 +94,20 @@ impl Index {
             .insert((entry.expires_at, entry.cursor), entry.mailbox);
     }
 
-    /// Forgets a held envelope of `bytes` in `mailbox`. Returns false if `id` was not
-    /// held.
-    pub(crate) fn remove(&mut self, id: &EnvelopeId, mailbox: &MailboxId, bytes: u64) -> bool {
+    /// Forgets a held envelope of `bytes` in `mailbox`, put through `grant`. Returns
+    /// false if `id` was not held.
+    pub(crate) fn remove(
+        &mut self,
+        id: &EnvelopeId,
+        mailbox: &QueueId,
+        grant: &WriteId,
+        bytes: u64,
+    ) -> bool {
         let Some(slot) = self.ids.remove(id) else {
             return false;
         };
         self.expiry.remove(&(slot.expires_at, slot.cursor));
-        self.usage.remove(mailbox, bytes);
+        self.usage.remove(mailbox, grant, bytes);
         true
     }
 
@@ -128,15 +140,17 @@ impl Index {
 mod tests {
     use super::*;
 
-    const QUOTA: Quota = Quota {
+    const Q: Quota = Quota {
         max_envelopes: 2,
         max_bytes: 1_000,
     };
+    const QUOTA: (Quota, Quota) = (Q, Q);
 
     fn entry(id: u8, mailbox: u8, cursor: u64, expires_at: u64) -> Entry {
         Entry {
             id: EnvelopeId([id; 32]),
-            mailbox: MailboxId([mailbox; 32]),
+            mailbox: QueueId([mailbox; 32]),
+            grant: WriteId([mailbox; 32]),
             cursor,
             expires_at,
             bytes: 100,
@@ -168,14 +182,35 @@ mod tests {
         assert_eq!(due(&index.due(20, 1)), [(1, 2)]);
         assert_eq!(due(&index.due(19, 10)), []);
 
-        assert!(index.remove(&EnvelopeId([2; 32]), &MailboxId([1; 32]), 100));
-        assert!(!index.remove(&EnvelopeId([2; 32]), &MailboxId([1; 32]), 100));
+        let (q1, g1) = (QueueId([1; 32]), WriteId([1; 32]));
+        assert!(index.remove(&EnvelopeId([2; 32]), &q1, &g1, 100));
+        assert!(!index.remove(&EnvelopeId([2; 32]), &q1, &g1, 100));
         assert_eq!(due(&index.due(20, 10)), [(2, 3)]);
         let stale = index.due(20, 10)[0];
         index.forget_expiry(&stale);
         assert_eq!(due(&index.due(u64::MAX, 10)), [(1, 1)]);
         assert_eq!(index.totals().envelopes, 2);
         assert!(index.try_add(entry(4, 1, 4, 90), QUOTA), "room again");
+    }
+
+    #[test]
+    fn a_capability_at_its_quota_leaves_the_queue_open_to_others() {
+        let mut index = Index::default();
+        let queue = Quota {
+            max_envelopes: 10,
+            max_bytes: 10_000,
+        };
+        let quotas = (queue, Q);
+        let through = |id: u8, grant: u8| Entry {
+            grant: WriteId([grant; 32]),
+            ..entry(id, 1, u64::from(id), 50)
+        };
+        assert!(index.try_add(through(1, 7), quotas));
+        assert!(index.try_add(through(2, 7), quotas));
+        assert!(!index.try_add(through(3, 7), quotas), "capability 7 is full");
+        assert!(index.try_add(through(4, 8), quotas), "capability 8 is not");
+        assert!(index.remove(&EnvelopeId([1; 32]), &QueueId([1; 32]), &WriteId([7; 32]), 100));
+        assert!(index.try_add(through(5, 7), quotas), "room again for 7");
     }
 
     #[test]

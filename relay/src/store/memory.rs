@@ -1,59 +1,64 @@
 //! An in-memory store with the same semantics as the sled one, minus durability: for
 //! tests and for relays whose data may vanish on restart (`--data-dir` unset in demos).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use kkachi_protocol::wire::StoredEnvelope;
-use kkachi_protocol::{Envelope, EnvelopeId, MailboxId};
+use kkachi_protocol::{Envelope, EnvelopeId, QueueId, QueueKind, WriteId};
 use parking_lot::Mutex;
 
 use super::index::{Entry, Index};
-use super::{Fetched, MailboxStore, PutResult, Quota, StoreError, StoreStats};
+use super::{Fetched, Granted, Limits, MailboxStore, Placed, PutResult, StoreError, StoreStats};
 
 #[derive(Debug, Default)]
 struct Inner {
-    mail: BTreeMap<(MailboxId, u64), Envelope>,
+    mail: BTreeMap<(QueueId, u64), (WriteId, Envelope)>,
     index: Index,
     next_cursor: u64,
+    /// Write capability → its queue and kind.
+    grants: HashMap<WriteId, (QueueId, QueueKind)>,
+    /// Queue → how many capabilities it grants.
+    queues: HashMap<QueueId, u32>,
 }
 
 impl Inner {
     /// Removes the envelope `id` if it is held in `mailbox`.
-    fn remove(&mut self, mailbox: &MailboxId, id: &EnvelopeId) -> bool {
+    fn remove(&mut self, mailbox: &QueueId, id: &EnvelopeId) -> bool {
         let Some(slot) = self.index.locate(id) else {
             return false;
         };
-        let Some(envelope) = self.mail.remove(&(*mailbox, slot.cursor)) else {
+        let Some((grant, envelope)) = self.mail.remove(&(*mailbox, slot.cursor)) else {
             return false;
         };
         self.index
-            .remove(id, mailbox, envelope.encoded_len() as u64)
+            .remove(id, mailbox, &grant, envelope.encoded_len() as u64)
     }
 }
 
-/// Mailboxes held in memory only.
+/// Queues held in memory only.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    quota: Quota,
+    limits: Limits,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl MemoryStore {
-    /// An empty store with the given per-mailbox quota.
-    pub fn new(quota: Quota) -> Self {
+    /// An empty store with the given quotas.
+    pub fn new(limits: Limits) -> Self {
         Self {
-            quota,
+            limits,
             inner: Arc::default(),
         }
     }
 }
 
 impl MailboxStore for MemoryStore {
-    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+    fn insert(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
         let mut inner = self.inner.lock();
         let mut results = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
+        for placed in envelopes {
+            let envelope = &placed.envelope;
             let id = envelope.id();
             if inner.index.locate(&id).is_some() {
                 results.push(PutResult::Duplicate);
@@ -61,12 +66,13 @@ impl MailboxStore for MemoryStore {
             }
             let entry = Entry {
                 id,
-                mailbox: envelope.mailbox,
+                mailbox: placed.queue,
+                grant: placed.grant,
                 cursor: inner.next_cursor + 1,
                 expires_at: envelope.expires_at,
                 bytes: envelope.encoded_len() as u64,
             };
-            if !inner.index.try_add(entry, self.quota) {
+            if !inner.index.try_add(entry, self.limits.of(placed.kind)) {
                 results.push(PutResult::QuotaExceeded);
                 continue;
             }
@@ -74,7 +80,7 @@ impl MailboxStore for MemoryStore {
             let cursor = entry.cursor;
             inner
                 .mail
-                .insert((envelope.mailbox, cursor), envelope.clone());
+                .insert((placed.queue, cursor), (placed.grant, envelope.clone()));
             results.push(PutResult::Stored { cursor });
         }
         Ok(results)
@@ -82,7 +88,7 @@ impl MailboxStore for MemoryStore {
 
     fn fetch(
         &self,
-        mailbox: &MailboxId,
+        mailbox: &QueueId,
         after: u64,
         limit: usize,
         max_bytes: usize,
@@ -92,7 +98,7 @@ impl MailboxStore for MemoryStore {
         let mut bytes = 0;
         let mut more = false;
         let range = (*mailbox, after.saturating_add(1))..=(*mailbox, u64::MAX);
-        for ((_, cursor), envelope) in inner.mail.range(range) {
+        for ((_, cursor), (_, envelope)) in inner.mail.range(range) {
             let len = envelope.encoded_len();
             if items.len() >= limit || (!items.is_empty() && bytes + len > max_bytes) {
                 more = true;
@@ -108,7 +114,7 @@ impl MailboxStore for MemoryStore {
         Ok(Fetched { items, next, more })
     }
 
-    fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
+    fn delete(&self, mailbox: &QueueId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
         let mut inner = self.inner.lock();
         let mut count = 0;
         for id in ids {
@@ -123,7 +129,11 @@ impl MailboxStore for MemoryStore {
         let mut inner = self.inner.lock();
         let mut count = 0;
         for due in inner.index.due(now, max) {
-            match inner.mail.get(&(due.mailbox, due.cursor)).map(Envelope::id) {
+            match inner
+                .mail
+                .get(&(due.mailbox, due.cursor))
+                .map(|(_, e)| e.id())
+            {
                 Some(id) if inner.remove(&due.mailbox, &id) => count += 1,
                 _ => inner.index.forget_expiry(&due),
             }
@@ -133,6 +143,53 @@ impl MailboxStore for MemoryStore {
 
     fn stats(&self) -> StoreStats {
         self.inner.lock().index.totals()
+    }
+
+    fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {
+        Ok(self.inner.lock().grants.get(write).copied())
+    }
+
+    fn grant(
+        &self,
+        queue: &QueueId,
+        kind: QueueKind,
+        ids: &[WriteId],
+        max: u32,
+    ) -> Result<Granted, StoreError> {
+        let mut inner = self.inner.lock();
+        let count = inner.queues.get(queue).copied().unwrap_or(0);
+        let mut new: Vec<WriteId> = ids
+            .iter()
+            .filter(|id| !inner.grants.contains_key(id))
+            .copied()
+            .collect();
+        new.sort();
+        new.dedup();
+        let total = count.saturating_add(new.len() as u32);
+        if total > max {
+            return Ok(Granted::Full(count));
+        }
+        for id in new {
+            inner.grants.insert(id, (*queue, kind));
+        }
+        inner.queues.insert(*queue, total);
+        Ok(Granted::Held(total))
+    }
+
+    fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError> {
+        let mut inner = self.inner.lock();
+        let mut removed = 0u32;
+        for id in ids {
+            if inner.grants.get(id).map(|(q, _)| q) == Some(queue) {
+                inner.grants.remove(id);
+                removed += 1;
+            }
+        }
+        let Some(count) = inner.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        *count = count.saturating_sub(removed);
+        Ok(*count)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -1,5 +1,7 @@
-//! Mailbox storage: envelopes by (mailbox, arrival cursor), deduplicated by envelope id,
-//! with expiry and per-mailbox quotas.
+//! Queue storage: envelopes by (queue, arrival cursor), deduplicated by envelope id,
+//! with expiry and quotas per queue and per write capability; and the registry of which
+//! write capability puts into which queue. (The code calls a queue's envelopes its
+//! mailbox.)
 //!
 //! [`MailboxStore`] is the seam between the relay service and storage. [`SledStore`] is
 //! the durable implementation (a put resolves only after its data is flushed, with one
@@ -14,19 +16,71 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use kkachi_protocol::wire::StoredEnvelope;
-use kkachi_protocol::{Envelope, EnvelopeId, MailboxId};
+use kkachi_protocol::{Envelope, EnvelopeId, QueueId, QueueKind, WriteId};
 use thiserror::Error;
 
 pub use memory::MemoryStore;
 pub use sled_store::{FlushObserver, SledStore};
 
-/// Per-mailbox limits.
+/// A limit on what is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    /// Most envelopes held for one mailbox.
+    /// Most envelopes held.
     pub max_envelopes: u64,
-    /// Most encoded envelope bytes held for one mailbox.
+    /// Most encoded envelope bytes held.
     pub max_bytes: u64,
+}
+
+/// The quotas a store enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// One inbox queue, all its write capabilities together.
+    pub queue: Quota,
+    /// One write capability of an inbox (one contact's puts).
+    pub capability: Quota,
+    /// One contact-request capability (whose write key is in an invite code).
+    pub requests: Quota,
+}
+
+impl Limits {
+    /// The same quota everywhere (tests).
+    pub fn uniform(quota: Quota) -> Self {
+        Self {
+            queue: quota,
+            capability: quota,
+            requests: quota,
+        }
+    }
+
+    /// (queue quota, capability quota) for a put through a capability of `kind`.
+    pub(crate) fn of(&self, kind: QueueKind) -> (Quota, Quota) {
+        match kind {
+            QueueKind::Inbox => (self.queue, self.capability),
+            QueueKind::Requests => (self.queue, self.requests),
+        }
+    }
+}
+
+/// An envelope headed for a queue through one of its write capabilities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The queue.
+    pub queue: QueueId,
+    /// The capability it was put with (charged for it).
+    pub grant: WriteId,
+    /// What the capability is for (which quotas apply).
+    pub kind: QueueKind,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// The outcome of a `Grant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    /// The queue now grants this many write capabilities.
+    Held(u32),
+    /// The queue would grant more than allowed; nothing changed. Holds the current count.
+    Full(u32),
 }
 
 /// What happened to one envelope of a put.
@@ -91,13 +145,13 @@ pub enum StoreError {
 pub trait MailboxStore: Send + Sync + 'static {
     /// Stores envelopes (already validated), visible to [`fetch`](Self::fetch) when this
     /// returns but not yet durable: [`flush`](Self::flush) before acknowledging them.
-    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError>;
+    fn insert(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError>;
 
     /// Stores envelopes (already validated). Resolves only once every `Stored` and
     /// `Duplicate` envelope is durable.
     fn put(
         &self,
-        envelopes: Vec<Envelope>,
+        envelopes: Vec<Placed>,
     ) -> impl Future<Output = Result<Vec<PutResult>, StoreError>> + Send {
         async move {
             let results = self.insert(&envelopes)?;
@@ -112,20 +166,37 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// stored in `mailbox` after cursor `after`.
     fn fetch(
         &self,
-        mailbox: &MailboxId,
+        mailbox: &QueueId,
         after: u64,
         limit: usize,
         max_bytes: usize,
     ) -> Result<Fetched, StoreError>;
 
     /// Deletes those of `ids` that are in `mailbox`; returns how many were.
-    fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError>;
+    fn delete(&self, mailbox: &QueueId, ids: &[EnvelopeId]) -> Result<u32, StoreError>;
 
     /// Removes up to `max` envelopes that expired at or before `now`.
     fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError>;
 
     /// Current totals.
     fn stats(&self) -> StoreStats;
+
+    /// The queue a write capability puts into, and the capability's kind.
+    fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError>;
+
+    /// Opens `queue` if new, and grants it `ids` as capabilities of `kind` (ids already
+    /// granted are skipped), as long as it grants at most `max` in all. Durable after
+    /// the next [`flush`](Self::flush).
+    fn grant(
+        &self,
+        queue: &QueueId,
+        kind: QueueKind,
+        ids: &[WriteId],
+        max: u32,
+    ) -> Result<Granted, StoreError>;
+
+    /// Withdraws those of `ids` granted to `queue`; returns how many it still grants.
+    fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -137,47 +208,85 @@ pub trait MailboxStore: Send + Sync + 'static {
     }
 }
 
-/// Per-mailbox usage, kept in memory and checked against the quota on every put.
+/// Usage per queue and per write capability, kept in memory and checked against the
+/// quotas on every put.
 #[derive(Debug, Default)]
 pub(crate) struct Usage {
-    by_mailbox: HashMap<MailboxId, (u64, u64)>,
+    by_mailbox: HashMap<QueueId, (u64, u64)>,
+    by_grant: HashMap<WriteId, (u64, u64)>,
     totals: StoreStats,
 }
 
+fn fits(used: Option<&(u64, u64)>, bytes: u64, quota: Quota) -> bool {
+    let (count, held) = used.copied().unwrap_or_default();
+    count < quota.max_envelopes && held.saturating_add(bytes) <= quota.max_bytes
+}
+
+/// Takes one envelope of `bytes` off `key`'s usage; true if that emptied it.
+fn take<K: std::hash::Hash + Eq + Copy>(
+    map: &mut HashMap<K, (u64, u64)>,
+    key: K,
+    bytes: u64,
+) -> bool {
+    match map.get_mut(&key) {
+        Some(entry) => {
+            entry.0 = entry.0.saturating_sub(1);
+            entry.1 = entry.1.saturating_sub(bytes);
+            if entry.0 == 0 {
+                map.remove(&key);
+                return true;
+            }
+            false
+        }
+        None => false,
+    }
+}
+
 impl Usage {
-    /// Reserves room for an envelope of `bytes`, or says the quota is reached.
-    pub(crate) fn try_add(&mut self, mailbox: MailboxId, bytes: u64, quota: Quota) -> bool {
-        let (count, used) = self.by_mailbox.get(&mailbox).copied().unwrap_or_default();
-        if count >= quota.max_envelopes || used.saturating_add(bytes) > quota.max_bytes {
+    /// Reserves room for an envelope of `bytes` put into `mailbox` through `grant`, or
+    /// says a quota is reached: the queue's (`quotas.0`) or the capability's
+    /// (`quotas.1`).
+    pub(crate) fn try_add(
+        &mut self,
+        mailbox: QueueId,
+        grant: WriteId,
+        bytes: u64,
+        quotas: (Quota, Quota),
+    ) -> bool {
+        if !fits(self.by_mailbox.get(&mailbox), bytes, quotas.0)
+            || !fits(self.by_grant.get(&grant), bytes, quotas.1)
+        {
             return false;
         }
-        self.add_existing(mailbox, bytes);
+        self.add_existing(mailbox, grant, bytes);
         true
     }
 
     /// Counts an envelope found on disk at start-up (no quota check).
-    pub(crate) fn add_existing(&mut self, mailbox: MailboxId, bytes: u64) {
+    pub(crate) fn add_existing(&mut self, mailbox: QueueId, grant: WriteId, bytes: u64) {
         let entry = self.by_mailbox.entry(mailbox).or_default();
         if entry.0 == 0 {
             self.totals.mailboxes += 1;
         }
         entry.0 += 1;
         entry.1 += bytes;
+        let entry = self.by_grant.entry(grant).or_default();
+        entry.0 += 1;
+        entry.1 += bytes;
         self.totals.envelopes += 1;
         self.totals.bytes += bytes;
     }
 
-    pub(crate) fn remove(&mut self, mailbox: &MailboxId, bytes: u64) {
-        if let Some(entry) = self.by_mailbox.get_mut(mailbox) {
-            entry.0 = entry.0.saturating_sub(1);
-            entry.1 = entry.1.saturating_sub(bytes);
-            self.totals.envelopes = self.totals.envelopes.saturating_sub(1);
-            self.totals.bytes = self.totals.bytes.saturating_sub(bytes);
-            if entry.0 == 0 {
-                self.by_mailbox.remove(mailbox);
-                self.totals.mailboxes = self.totals.mailboxes.saturating_sub(1);
-            }
+    pub(crate) fn remove(&mut self, mailbox: &QueueId, grant: &WriteId, bytes: u64) {
+        if !self.by_mailbox.contains_key(mailbox) {
+            return;
         }
+        if take(&mut self.by_mailbox, *mailbox, bytes) {
+            self.totals.mailboxes = self.totals.mailboxes.saturating_sub(1);
+        }
+        take(&mut self.by_grant, *grant, bytes);
+        self.totals.envelopes = self.totals.envelopes.saturating_sub(1);
+        self.totals.bytes = self.totals.bytes.saturating_sub(bytes);
     }
 
     pub(crate) fn totals(&self) -> StoreStats {

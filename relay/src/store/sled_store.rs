@@ -1,15 +1,18 @@
 //! The durable store on sled 0.34, with group commit.
 //!
-//! One tree, one key per envelope, in the order fetches read a mailbox:
+//! Two trees. `queues` holds one key per envelope, in the order fetches read a queue;
+//! `registry` holds the queues and the write capabilities granted to them:
 //!
 //! ```text
-//! 'm' ‖ mailbox(32) ‖ cursor(8)      → encoded envelope
+//! queues:   'm' ‖ queue(32) ‖ cursor(8)   → write_id(32) ‖ encoded envelope
+//! registry: 'q' ‖ queue(32)               → grants(4)
+//!           'g' ‖ write_id(32)            → queue(32) ‖ kind(1)
 //! ```
 //!
 //! Finding an envelope by id (duplicates, deletes) and by expiry time goes through the
 //! in-memory [`Index`], rebuilt from the envelopes when the store opens, so a put writes
-//! nothing else. (Stores written before kept those two indexes on disk as 'i' and 'e'
-//! keys; opening one removes them.)
+//! nothing else. (The `mailboxes` tree of protocol version 1, keyed by mailboxes that
+//! named their owner, is dropped on open: nothing in it can be read under version 2.)
 //!
 //! Every write is one key, inserted or removed alone: never a sled batch or transaction.
 //! In sled 0.34 those take a process-wide lock that waits for any flush in progress (a
@@ -30,16 +33,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kkachi_protocol::wire::StoredEnvelope;
-use kkachi_protocol::{Envelope, EnvelopeId, MailboxId};
+use kkachi_protocol::{Envelope, EnvelopeId, QueueId, QueueKind, WriteId};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::index::{Entry, Index};
-use super::{Fetched, MailboxStore, PutResult, Quota, StoreError, StoreStats};
+use super::{Fetched, Granted, Limits, MailboxStore, Placed, PutResult, StoreError, StoreStats};
 
 const MAIL: u8 = b'm';
-/// Key families of the earlier layout, removed on open.
-const OLD_FAMILIES: [u8; 2] = [b'i', b'e'];
+const QUEUE: u8 = b'q';
+const GRANT: u8 = b'g';
+/// The tree of protocol version 1, dropped on open.
+const OLD_TREE: &str = "mailboxes";
 
 /// Called with the duration of every flush (for metrics).
 pub type FlushObserver = Arc<dyn Fn(Duration) + Send + Sync>;
@@ -57,7 +62,8 @@ pub struct SledStore {
     failed: Arc<Mutex<Option<String>>>,
     db: sled::Db,
     tree: sled::Tree,
-    quota: Quota,
+    registry: sled::Tree,
+    limits: Limits,
     /// Held envelopes by id and expiry, and per-mailbox usage. Every change to the tree
     /// happens under this lock, so concurrent puts of one envelope store it once and
     /// the index always matches the tree.
@@ -68,7 +74,7 @@ pub struct SledStore {
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SledStore")
-            .field("quota", &self.quota)
+            .field("limits", &self.limits)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -84,7 +90,7 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn mail_key(mailbox: &MailboxId, cursor: u64) -> [u8; 41] {
+fn mail_key(mailbox: &QueueId, cursor: u64) -> [u8; 41] {
     let mut k = [0u8; 41];
     k[0] = MAIL;
     k[1..33].copy_from_slice(&mailbox.0);
@@ -93,12 +99,12 @@ fn mail_key(mailbox: &MailboxId, cursor: u64) -> [u8; 41] {
 }
 
 /// The mailbox and cursor in a mail key.
-fn parse_mail_key(key: &[u8]) -> Result<(MailboxId, u64), StoreError> {
+fn parse_mail_key(key: &[u8]) -> Result<(QueueId, u64), StoreError> {
     let key: &[u8; 41] = key
         .try_into()
         .map_err(|_| StoreError::Corrupt("mail key has the wrong length".into()))?;
     Ok((
-        MailboxId(key[1..33].try_into().expect("32 bytes")),
+        QueueId(key[1..33].try_into().expect("32 bytes")),
         u64::from_be_bytes(key[33..].try_into().expect("8 bytes")),
     ))
 }
@@ -108,7 +114,7 @@ impl SledStore {
     /// it starts the group-commit task.
     pub fn open(
         dir: &Path,
-        quota: Quota,
+        limits: Limits,
         cache_bytes: u64,
         on_flush: Option<FlushObserver>,
     ) -> Result<Self, StoreError> {
@@ -118,17 +124,15 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(io)?;
-        let tree = db.open_tree("mailboxes").map_err(io)?;
+        if db.tree_names().iter().any(|n| n == OLD_TREE.as_bytes()) {
+            db.drop_tree(OLD_TREE).map_err(io)?;
+            db.flush().map_err(io)?;
+            tracing::info!("dropped the mailboxes of protocol version 1");
+        }
+        let tree = db.open_tree("queues").map_err(io)?;
+        let registry = db.open_tree("registry").map_err(io)?;
         let started = Instant::now();
         let index = build_index(&tree)?;
-        let removed = remove_old_families(&tree)?;
-        if removed > 0 {
-            db.flush().map_err(io)?;
-            tracing::info!(
-                records = removed,
-                "removed the on-disk indexes of the earlier store layout"
-            );
-        }
         let totals = index.totals();
         if totals.envelopes > 0 {
             tracing::info!(
@@ -143,18 +147,23 @@ impl SledStore {
             failed: Arc::default(),
             db,
             tree,
-            quota,
+            registry,
+            limits,
             index: Arc::new(Mutex::new(index)),
             commit,
         })
     }
 
-    fn insert_envelopes(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+    fn insert_envelopes(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
         let mut index = self.index.lock();
         let mut results = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            let bytes = envelope.encode();
-            let id = EnvelopeId::of_encoding(&bytes);
+        for placed in envelopes {
+            let envelope = &placed.envelope;
+            let mut value = Vec::with_capacity(32 + envelope.encoded_len());
+            value.extend_from_slice(&placed.grant.0);
+            value.extend_from_slice(&envelope.encode());
+            let bytes = &value[32..];
+            let id = EnvelopeId::of_encoding(bytes);
             if index.locate(&id).is_some() {
                 results.push(PutResult::Duplicate);
                 continue;
@@ -163,19 +172,20 @@ impl SledStore {
             let cursor = self.db.generate_id().map_err(io)? + 1;
             let entry = Entry {
                 id,
-                mailbox: envelope.mailbox,
+                mailbox: placed.queue,
+                grant: placed.grant,
                 cursor,
                 expires_at: envelope.expires_at,
                 bytes: bytes.len() as u64,
             };
-            if !index.try_add(entry, self.quota) {
+            if !index.try_add(entry, self.limits.of(placed.kind)) {
                 results.push(PutResult::QuotaExceeded);
                 continue;
             }
             // One key at a time, never a batch (see the module docs). Those written
             // before a failure stay, and the index keeps them.
-            if let Err(e) = self.tree.insert(mail_key(&envelope.mailbox, cursor), bytes) {
-                index.remove(&entry.id, &entry.mailbox, entry.bytes);
+            if let Err(e) = self.tree.insert(mail_key(&placed.queue, cursor), value) {
+                index.remove(&entry.id, &entry.mailbox, &entry.grant, entry.bytes);
                 return Err(io(e));
             }
             results.push(PutResult::Stored { cursor });
@@ -192,15 +202,17 @@ fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
     for item in tree.scan_prefix([MAIL]) {
         let (key, value) = item.map_err(io)?;
         let (mailbox, cursor) = parse_mail_key(&key)?;
-        let envelope = Envelope::decode(&value).map_err(|e| {
+        let (grant, bytes) = split_value(&value)?;
+        let envelope = Envelope::decode(bytes).map_err(|e| {
             StoreError::Corrupt(format!("envelope at cursor {cursor} does not decode: {e}"))
         })?;
         let entry = Entry {
-            id: EnvelopeId::of_encoding(&value),
+            id: EnvelopeId::of_encoding(bytes),
             mailbox,
+            grant,
             cursor,
             expires_at: envelope.expires_at,
-            bytes: value.len() as u64,
+            bytes: bytes.len() as u64,
         };
         if index.add_existing(entry).is_err() {
             extra.push(key);
@@ -218,16 +230,43 @@ fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
     Ok(index)
 }
 
-/// Removes the 'i' and 'e' records of the earlier layout; returns how many there were.
-fn remove_old_families(tree: &sled::Tree) -> Result<u64, StoreError> {
-    let mut removed = 0;
-    for family in OLD_FAMILIES {
-        for key in tree.scan_prefix([family]).keys() {
-            tree.remove(key.map_err(io)?).map_err(io)?;
-            removed += 1;
-        }
+/// The write capability and the envelope encoding in a stored value.
+fn split_value(value: &[u8]) -> Result<(WriteId, &[u8]), StoreError> {
+    if value.len() < 32 {
+        return Err(StoreError::Corrupt("stored envelope is too short".into()));
     }
-    Ok(removed)
+    let (grant, bytes) = value.split_at(32);
+    Ok((WriteId(grant.try_into().expect("32 bytes")), bytes))
+}
+
+fn registry_key(family: u8, id: &[u8; 32]) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = family;
+    k[1..].copy_from_slice(id);
+    k
+}
+
+/// A queue record: how many capabilities it grants.
+fn parse_queue_record(v: &[u8]) -> Result<u32, StoreError> {
+    let v: [u8; 4] = v
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("queue record".into()))?;
+    Ok(u32::from_be_bytes(v))
+}
+
+/// A grant record: the queue and the capability's kind.
+fn grant_record(queue: &QueueId, kind: QueueKind) -> [u8; 33] {
+    let mut v = [0u8; 33];
+    v[..32].copy_from_slice(&queue.0);
+    v[32] = kind.to_u8();
+    v
+}
+
+fn parse_grant_record(v: &[u8]) -> Result<(QueueId, QueueKind), StoreError> {
+    let corrupt = || StoreError::Corrupt("grant record".into());
+    let v: &[u8; 33] = v.try_into().map_err(|_| corrupt())?;
+    let kind = QueueKind::from_u8(v[32]).ok_or_else(corrupt)?;
+    Ok((QueueId(v[..32].try_into().expect("32 bytes")), kind))
 }
 
 impl SledStore {
@@ -243,7 +282,7 @@ impl SledStore {
 }
 
 impl MailboxStore for SledStore {
-    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
+    fn insert(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
         if let Some(why) = self.failed.lock().clone() {
             return Err(if why.contains("full") {
                 StoreError::Full
@@ -260,7 +299,7 @@ impl MailboxStore for SledStore {
 
     fn fetch(
         &self,
-        mailbox: &MailboxId,
+        mailbox: &QueueId,
         after: u64,
         limit: usize,
         max_bytes: usize,
@@ -281,16 +320,17 @@ impl MailboxStore for SledStore {
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("mail key".into()))?,
             );
+            let (_, encoded) = split_value(&value)?;
             let envelope =
-                Envelope::decode(&value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            bytes += value.len();
+                Envelope::decode(encoded).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            bytes += encoded.len();
             items.push(StoredEnvelope { cursor, envelope });
         }
         let next = items.last().map_or(after, |i| i.cursor);
         Ok(Fetched { items, next, more })
     }
 
-    fn delete(&self, mailbox: &MailboxId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
+    fn delete(&self, mailbox: &QueueId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
         let mut index = self.index.lock();
         let mut removed = 0;
         for id in ids {
@@ -303,7 +343,8 @@ impl MailboxStore for SledStore {
             let Some(value) = self.tree.remove(key).map_err(io)? else {
                 continue;
             };
-            index.remove(id, mailbox, value.len() as u64);
+            let (grant, bytes) = split_value(&value)?;
+            index.remove(id, mailbox, &grant, bytes.len() as u64);
             removed += 1;
         }
         Ok(removed)
@@ -316,8 +357,9 @@ impl MailboxStore for SledStore {
             let key = mail_key(&due.mailbox, due.cursor);
             match self.tree.remove(key).map_err(io)? {
                 Some(value) => {
-                    let id = EnvelopeId::of_encoding(&value);
-                    if !index.remove(&id, &due.mailbox, value.len() as u64) {
+                    let (grant, bytes) = split_value(&value)?;
+                    let id = EnvelopeId::of_encoding(bytes);
+                    if !index.remove(&id, &due.mailbox, &grant, bytes.len() as u64) {
                         index.forget_expiry(&due);
                     }
                     removed += 1;
@@ -330,6 +372,80 @@ impl MailboxStore for SledStore {
 
     fn stats(&self) -> StoreStats {
         self.index.lock().totals()
+    }
+
+    fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {
+        self.registry
+            .get(registry_key(GRANT, &write.0))
+            .map_err(io)?
+            .map(|v| parse_grant_record(&v))
+            .transpose()
+    }
+
+    fn grant(
+        &self,
+        queue: &QueueId,
+        kind: QueueKind,
+        ids: &[WriteId],
+        max: u32,
+    ) -> Result<Granted, StoreError> {
+        // The index lock serialises every change to the registry as well.
+        let _guard = self.index.lock();
+        let qkey = registry_key(QUEUE, &queue.0);
+        let count = match self.registry.get(qkey).map_err(io)? {
+            Some(v) => parse_queue_record(&v)?,
+            None => 0,
+        };
+        let mut new = Vec::new();
+        for id in ids {
+            if !new.contains(id)
+                && !self
+                    .registry
+                    .contains_key(registry_key(GRANT, &id.0))
+                    .map_err(io)?
+            {
+                new.push(*id);
+            }
+        }
+        let total = count.saturating_add(new.len() as u32);
+        if total > max {
+            return Ok(Granted::Full(count));
+        }
+        // The queue record first: a grant is never written for a queue that is not.
+        self.registry
+            .insert(qkey, &total.to_be_bytes())
+            .map_err(|e| self.note(io(e)))?;
+        for id in new {
+            self.registry
+                .insert(registry_key(GRANT, &id.0), &grant_record(queue, kind)[..])
+                .map_err(|e| self.note(io(e)))?;
+        }
+        Ok(Granted::Held(total))
+    }
+
+    fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError> {
+        let _guard = self.index.lock();
+        let qkey = registry_key(QUEUE, &queue.0);
+        let Some(record) = self.registry.get(qkey).map_err(io)? else {
+            return Ok(0);
+        };
+        let count = parse_queue_record(&record)?;
+        let mut removed = 0u32;
+        for id in ids {
+            let key = registry_key(GRANT, &id.0);
+            let Some(v) = self.registry.get(key).map_err(io)? else {
+                continue;
+            };
+            if parse_grant_record(&v)?.0 == *queue {
+                self.registry.remove(key).map_err(|e| self.note(io(e)))?;
+                removed += 1;
+            }
+        }
+        let count = count.saturating_sub(removed);
+        self.registry
+            .insert(qkey, &count.to_be_bytes())
+            .map_err(|e| self.note(io(e)))?;
+        Ok(count)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -4,28 +4,47 @@ use std::sync::Arc;
 
 use super::*;
 
-const QUOTA: Quota = Quota {
-    max_envelopes: 5,
-    max_bytes: 10_000,
+const QUOTA: Limits = Limits {
+    queue: Quota {
+        max_envelopes: 5,
+        max_bytes: 10_000,
+    },
+    capability: Quota {
+        max_envelopes: 5,
+        max_bytes: 10_000,
+    },
+    requests: Quota {
+        max_envelopes: 2,
+        max_bytes: 10_000,
+    },
 };
 
-fn env(mailbox: u8, n: u32, expires_at: u64) -> Envelope {
+/// Envelope `n` for queue `mailbox`, put through the capability of the same number.
+fn env(mailbox: u8, n: u32, expires_at: u64) -> Placed {
+    Placed {
+        queue: QueueId([mailbox; 32]),
+        grant: WriteId([mailbox; 32]),
+        kind: QueueKind::Inbox,
+        envelope: envelope(n, expires_at),
+    }
+}
+
+fn envelope(n: u32, expires_at: u64) -> Envelope {
     Envelope {
-        mailbox: MailboxId([mailbox; 32]),
         expires_at,
         payload: n.to_be_bytes().repeat(4),
     }
 }
 
 /// Every envelope held in `mailbox`, in cursor order.
-fn held<S: MailboxStore>(store: &S, mailbox: &MailboxId) -> Vec<Envelope> {
+fn held<S: MailboxStore>(store: &S, mailbox: &QueueId) -> Vec<Envelope> {
     let page = store.fetch(mailbox, 0, usize::MAX, usize::MAX).unwrap();
     assert!(!page.more);
     page.items.into_iter().map(|i| i.envelope).collect()
 }
 
 async fn suite<S: MailboxStore>(store: S) {
-    let m1 = MailboxId([1; 32]);
+    let m1 = QueueId([1; 32]);
     // put, dedup within and across batches
     let r = store
         .put(vec![env(1, 1, 100), env(1, 2, 200), env(1, 1, 100)])
@@ -45,23 +64,23 @@ async fn suite<S: MailboxStore>(store: S) {
     let page = store.fetch(&m1, 0, 1, usize::MAX).unwrap();
     assert_eq!(page.items.len(), 1);
     assert!(page.more);
-    assert_eq!(page.items[0].envelope, env(1, 1, 100));
+    assert_eq!(page.items[0].envelope, envelope(1, 100));
     let page2 = store.fetch(&m1, page.next, 10, usize::MAX).unwrap();
     assert_eq!(page2.items.len(), 1);
     assert!(!page2.more);
-    assert_eq!(page2.items[0].envelope, env(1, 2, 200));
+    assert_eq!(page2.items[0].envelope, envelope(2, 200));
     assert!(page2.next > page.next);
     let empty = store.fetch(&m1, page2.next, 10, usize::MAX).unwrap();
     assert!(empty.items.is_empty());
     assert_eq!(empty.next, page2.next);
     // other mailboxes are separate
-    assert!(held(&store, &MailboxId([2; 32])).is_empty());
+    assert!(held(&store, &QueueId([2; 32])).is_empty());
     // the byte budget still returns at least one envelope
     assert_eq!(store.fetch(&m1, 0, 10, 1).unwrap().items.len(), 1);
 
     // delete only from the named mailbox
-    let id1 = env(1, 1, 100).id();
-    assert_eq!(store.delete(&MailboxId([2; 32]), &[id1]).unwrap(), 0);
+    let id1 = envelope(1, 100).id();
+    assert_eq!(store.delete(&QueueId([2; 32]), &[id1]).unwrap(), 0);
     assert_eq!(store.delete(&m1, &[id1, EnvelopeId([7; 32])]).unwrap(), 1);
     assert_eq!(store.delete(&m1, &[id1]).unwrap(), 0);
     assert_eq!(store.stats().envelopes, 1);
@@ -113,7 +132,7 @@ async fn sled_store_behaves() {
 #[tokio::test]
 async fn sled_store_survives_reopen_with_cursors_increasing() {
     let dir = tempfile::tempdir().unwrap();
-    let m = MailboxId([1; 32]);
+    let m = QueueId([1; 32]);
     let last = {
         let store = reopen(dir.path());
         store
@@ -152,7 +171,7 @@ fn reopen(dir: &std::path::Path) -> SledStore {
 #[tokio::test]
 async fn sled_store_finds_by_id_and_expiry_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let (m1, m2) = (MailboxId([1; 32]), MailboxId([2; 32]));
+    let (m1, m2) = (QueueId([1; 32]), QueueId([2; 32]));
     {
         let store = reopen(dir.path());
         let all = vec![
@@ -167,12 +186,12 @@ async fn sled_store_finds_by_id_and_expiry_after_reopen() {
     assert_eq!(store.stats().envelopes, 4);
     assert_eq!(store.stats().mailboxes, 2);
     // by id, only in its own mailbox
-    assert_eq!(store.delete(&m2, &[env(1, 2, 300).id()]).unwrap(), 0);
-    assert_eq!(store.delete(&m1, &[env(1, 2, 300).id()]).unwrap(), 1);
+    assert_eq!(store.delete(&m2, &[envelope(2, 300).id()]).unwrap(), 0);
+    assert_eq!(store.delete(&m1, &[envelope(2, 300).id()]).unwrap(), 1);
     // by expiry
     assert_eq!(store.expire(200, 100).unwrap(), 2);
     assert_eq!(store.stats().envelopes, 1);
-    assert_eq!(held(&store, &m2), vec![env(2, 4, 300)]);
+    assert_eq!(held(&store, &m2), vec![envelope(4, 300)]);
     assert!(held(&store, &m1).is_empty());
     // what was removed can be stored again; what is held is still a duplicate
     let again = store
@@ -188,46 +207,24 @@ async fn sled_store_finds_by_id_and_expiry_after_reopen() {
 }
 
 #[tokio::test]
-async fn sled_store_of_the_earlier_layout_opens_without_its_on_disk_indexes() {
+async fn sled_store_drops_the_mailboxes_of_protocol_version_1() {
     let dir = tempfile::tempdir().unwrap();
-    let m = MailboxId([1; 32]);
     {
-        let store = reopen(dir.path());
-        store
-            .put(vec![env(1, 1, 100), env(1, 2, 300)])
-            .await
-            .unwrap();
-    }
-    // Add the index and expiry records the earlier layout wrote next to each envelope.
-    let written = {
         let db = sled::open(dir.path()).unwrap();
         let tree = db.open_tree("mailboxes").unwrap();
-        let mail: Vec<_> = tree.scan_prefix(b"m").map(Result::unwrap).collect();
-        assert_eq!(mail.len(), 2);
-        for (key, value) in &mail {
-            let envelope = Envelope::decode(value).unwrap();
-            let mut located = key[1..].to_vec();
-            located.extend_from_slice(&envelope.expires_at.to_be_bytes());
-            let mut index_key = vec![b'i'];
-            index_key.extend_from_slice(&envelope.id().0);
-            tree.insert(index_key, located).unwrap();
-            let mut expiry_key = vec![b'e'];
-            expiry_key.extend_from_slice(&envelope.expires_at.to_be_bytes());
-            expiry_key.extend_from_slice(&key[1..]);
-            tree.insert(expiry_key, envelope.id().0.to_vec()).unwrap();
-        }
+        tree.insert(b"m-old", b"an envelope of version 1".to_vec())
+            .unwrap();
         db.flush().unwrap();
-        tree.len()
-    };
-    assert_eq!(written, 6);
+    }
     let store = reopen(dir.path());
-    assert_eq!(store.stats().envelopes, 2);
-    assert_eq!(
-        store.put(vec![env(1, 1, 100)]).await.unwrap(),
-        vec![PutResult::Duplicate]
-    );
-    assert_eq!(store.expire(100, 10).unwrap(), 1);
-    assert_eq!(held(&store, &m), vec![env(1, 2, 300)]);
+    assert_eq!(store.stats().envelopes, 0);
+    assert!(matches!(
+        store.put(vec![env(1, 1, 100)]).await.unwrap()[0],
+        PutResult::Stored { .. }
+    ));
+    drop(store);
+    let store = reopen(dir.path());
+    assert_eq!(store.stats().envelopes, 1);
     drop(store);
     let db = loop {
         match sled::open(dir.path()) {
@@ -238,9 +235,89 @@ async fn sled_store_of_the_earlier_layout_opens_without_its_on_disk_indexes() {
             }
         }
     };
-    let tree = db.open_tree("mailboxes").unwrap();
-    let keys: Vec<u8> = tree.iter().keys().map(|k| k.unwrap()[0]).collect();
-    assert_eq!(keys, vec![b'm'], "only the one envelope left, nothing else");
+    assert!(!db.tree_names().iter().any(|n| n == b"mailboxes".as_slice()));
+}
+
+async fn registry_suite<S: MailboxStore>(store: S) {
+    let (q1, q2) = (QueueId([1; 32]), QueueId([2; 32]));
+    let (w1, w2, w3) = (WriteId([11; 32]), WriteId([12; 32]), WriteId([13; 32]));
+    assert_eq!(store.route(&w1).unwrap(), None);
+    assert_eq!(
+        store.grant(&q1, QueueKind::Inbox, &[w1, w2, w1], 4).unwrap(),
+        Granted::Held(2)
+    );
+    assert_eq!(store.route(&w1).unwrap(), Some((q1, QueueKind::Inbox)));
+    // granting again changes nothing; an id granted elsewhere is not taken over
+    assert_eq!(
+        store.grant(&q1, QueueKind::Inbox, &[w1], 4).unwrap(),
+        Granted::Held(2)
+    );
+    assert_eq!(
+        store.grant(&q2, QueueKind::Inbox, &[w1, w3], 4).unwrap(),
+        Granted::Held(1)
+    );
+    assert_eq!(store.route(&w1).unwrap(), Some((q1, QueueKind::Inbox)));
+    // capabilities of another kind into the same queue; the count is bounded
+    let wr = WriteId([14; 32]);
+    assert_eq!(
+        store.grant(&q1, QueueKind::Requests, &[wr], 4).unwrap(),
+        Granted::Held(3)
+    );
+    assert_eq!(store.route(&wr).unwrap(), Some((q1, QueueKind::Requests)));
+    assert_eq!(
+        store
+            .grant(&q2, QueueKind::Inbox, &[WriteId([20; 32]), WriteId([21; 32]), WriteId([22; 32]), WriteId([23; 32])], 4)
+            .unwrap(),
+        Granted::Full(1)
+    );
+    // revoking: only this queue's, and the route is gone
+    assert_eq!(store.revoke(&q2, &[w1, w3]).unwrap(), 0);
+    assert_eq!(store.route(&w1).unwrap(), Some((q1, QueueKind::Inbox)));
+    assert_eq!(store.route(&w3).unwrap(), None);
+    assert_eq!(store.revoke(&q1, &[w2]).unwrap(), 2);
+    assert_eq!(store.route(&w2).unwrap(), None);
+    // a request capability has its own, smaller quota
+    let rq = QueueId([5; 32]);
+    let through_request = |n: u32| Placed {
+        queue: rq,
+        grant: WriteId([5; 32]),
+        kind: QueueKind::Requests,
+        envelope: envelope(n, 500),
+    };
+    let r = store
+        .put((0..3).map(through_request).collect())
+        .await
+        .unwrap();
+    assert!(matches!(r[1], PutResult::Stored { .. }));
+    assert_eq!(r[2], PutResult::QuotaExceeded);
+    // a capability at its quota leaves the queue open to another capability
+    let through = |grant: u8, n: u32| Placed {
+        grant: WriteId([grant; 32]),
+        ..env(6, n, 500)
+    };
+    let quota = QUOTA.capability.max_envelopes as u32;
+    let r = store
+        .put((0..=quota).map(|n| through(7, 100 + n)).collect())
+        .await
+        .unwrap();
+    assert_eq!(r[quota as usize], PutResult::QuotaExceeded);
+}
+
+#[tokio::test]
+async fn memory_registry_behaves() {
+    registry_suite(MemoryStore::new(QUOTA)).await;
+}
+
+#[tokio::test]
+async fn sled_registry_behaves_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    registry_suite(reopen(dir.path())).await;
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.route(&WriteId([11; 32])).unwrap(),
+        Some((QueueId([1; 32]), QueueKind::Inbox))
+    );
+    assert_eq!(store.route(&WriteId([12; 32])).unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +333,8 @@ async fn concurrent_puts_share_flushes() {
         max_envelopes: 100_000,
         max_bytes: u64::MAX,
     };
-    let store = SledStore::open(dir.path(), quota, 16 << 20, Some(observer)).unwrap();
+    let store =
+        SledStore::open(dir.path(), Limits::uniform(quota), 16 << 20, Some(observer)).unwrap();
     let puts = 400u32;
     let tasks: Vec<_> = (0..puts)
         .map(|n| {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kkachi_protocol::wire::PutOutcome;
 use kkachi_protocol::{
-    ClientToRelay, Envelope, EnvelopeId, MailboxId, Multiaddr, PeerId, RelayToClient,
+    ClientToRelay, Envelope, EnvelopeId, QueueId, Multiaddr, PeerId, RelayToClient,
 };
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -110,7 +110,7 @@ impl<T: Transport> Owner<T> {
         }
     }
 
-    pub(super) fn delete(&mut self, relay: &str, mailbox: MailboxId, ids: Vec<EnvelopeId>) {
+    pub(super) fn delete(&mut self, relay: &str, mailbox: QueueId, ids: Vec<EnvelopeId>) {
         let net = self.state.net.clone();
         let relay = relay.to_owned();
         self.work.push(Box::pin(async move {
@@ -138,7 +138,7 @@ impl<T: Transport> Owner<T> {
                 Vec::new()
             }
         };
-        let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
+        let mailbox = QueueId::for_peer(&self.state.me.peer_id());
         for relay in &relays {
             let after = self.cursor(relay);
             let fetch = ClientToRelay::Fetch {
@@ -218,7 +218,7 @@ impl<T: Transport> Owner<T> {
         for run in &mut self.syncs {
             run.report.shown.extend(batch.shown.iter().cloned());
         }
-        let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
+        let mailbox = QueueId::for_peer(&self.state.me.peer_id());
         if !batch.ids.is_empty() {
             self.delete(&relay, mailbox, batch.ids);
         }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use kkachi_protocol::{ClientToRelay, EnvelopeId, MailboxId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{ClientToRelay, EnvelopeId, QueueId, Multiaddr, PeerId, RelayToClient};
 use tokio::sync::{mpsc, oneshot};
 
 use super::machine::{Attempt, Deliveries, EarlySends, Inboxes, Outcome};
@@ -307,7 +307,7 @@ impl<T: Transport> Owner<T> {
             self.after_change(result.map(drop), |_| {});
         }
         if self.mode.inbox {
-            let mailbox = MailboxId::for_peer(&self.state.me.peer_id());
+            let mailbox = QueueId::for_peer(&self.state.me.peer_id());
             for relay in self.inboxes.poll(now) {
                 let after = self.cursor(&relay);
                 let request = ClientToRelay::Subscribe {

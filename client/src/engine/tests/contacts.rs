@@ -38,7 +38,7 @@ async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
     ));
     // The relays no longer hold it; Carol's device does.
     for r in &carol.relays {
-        let mailbox = MailboxId::for_peer(&carol.peer());
+        let mailbox = QueueId::for_peer(&carol.peer());
         assert!(
             net.relay_store(r)
                 .fetch(&mailbox, 0, 10, usize::MAX)

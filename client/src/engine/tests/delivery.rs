@@ -34,7 +34,7 @@ async fn send_relay_receive_receipt_delivered() {
     assert_eq!(bob.messages(&alice).len(), 1);
     // Deleted from bob's relays after it was stored.
     for r in &bob.relays {
-        let mailbox = MailboxId::for_peer(&bob.peer());
+        let mailbox = QueueId::for_peer(&bob.peer());
         assert!(
             net.relay_store(r)
                 .fetch(&mailbox, 0, 10, usize::MAX)
@@ -281,7 +281,7 @@ async fn receipts_go_out_without_being_asked() {
 
 /// What waits for `user` at its first relay (left there).
 fn relay_copy(net: &FakeNet, user: &User) -> Vec<Envelope> {
-    let mailbox = MailboxId::for_peer(&user.peer());
+    let mailbox = QueueId::for_peer(&user.peer());
     net.relay_store(&user.relays[0])
         .fetch(&mailbox, 0, 256, usize::MAX)
         .unwrap()

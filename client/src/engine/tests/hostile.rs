@@ -85,7 +85,7 @@ async fn a_huge_sequence_number_is_one_bounded_gap_and_silences_no_one() {
     );
     // Nothing is left at the relays to come back and hurt again.
     for r in &c.carol.relays {
-        let mailbox = MailboxId::for_peer(&c.carol.peer());
+        let mailbox = QueueId::for_peer(&c.carol.peer());
         assert!(
             c.net
                 .relay_store(r)
@@ -173,7 +173,7 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
     // key, which Mallory does not hold.
     carol.engine.settle().await.unwrap();
     for r in &mallory.relays {
-        let mailbox = MailboxId::for_peer(&mallory.peer());
+        let mailbox = QueueId::for_peer(&mallory.peer());
         for item in net
             .relay_store(r)
             .fetch(&mailbox, 0, 100, usize::MAX)
@@ -394,7 +394,7 @@ async fn play(acts: Vec<Act>) {
             }
             Act::Junk { len } => {
                 let junk = Envelope {
-                    mailbox: MailboxId::for_peer(&c.carol.peer()),
+                    mailbox: QueueId::for_peer(&c.carol.peer()),
                     expires_at: now_ms() / 1000 + 3600,
                     payload: (0..len)
                         .map(|b| (b * 31 + i) as u8)

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use kkachi_protocol::wire::PutOutcome;
 use kkachi_protocol::{
-    Body, Card, ClientToRelay, Content, Envelope, MailboxId, MessageId, Multiaddr, PeerId,
+    Body, Card, ClientToRelay, Content, Envelope, QueueId, MessageId, Multiaddr, PeerId,
     RelayToClient,
 };
 use kkachi_relay::store::{MailboxStore, MemoryStore, PutResult, Quota};

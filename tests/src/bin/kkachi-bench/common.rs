@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use kkachi_protocol::{Envelope, MailboxId};
+use kkachi_protocol::{Envelope, QueueId};
 
 pub(crate) fn now_s() -> u64 {
     SystemTime::now()
@@ -139,7 +139,7 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-pub(crate) fn envelope(to: &MailboxId, n: u64, size: usize) -> Envelope {
+pub(crate) fn envelope(to: &QueueId, n: u64, size: usize) -> Envelope {
     let mut payload = vec![0u8; size];
     payload[..8].copy_from_slice(&n.to_be_bytes());
     Envelope {

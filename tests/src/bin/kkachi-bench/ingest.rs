@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use kkachi_protocol::{Envelope, MailboxId, PutOutcome, RelayToClient};
+use kkachi_protocol::{Envelope, QueueId, PutOutcome, RelayToClient};
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
@@ -28,7 +28,7 @@ pub(crate) async fn ingest(
         clients
             .push(MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?);
     }
-    let to = MailboxId::for_peer(&libp2p::PeerId::random());
+    let to = QueueId::for_peer(&libp2p::PeerId::random());
     let acks: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = Instant::now() + duration;

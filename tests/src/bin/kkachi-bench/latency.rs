@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use kkachi_client::engine::{AppEvent, Engine, Mode, SendEvent};
 use kkachi_client::net::{NetConfig, Network};
 use kkachi_client::store::LocalStore;
-use kkachi_protocol::{Card, Envelope, MailboxId};
+use kkachi_protocol::{Card, Envelope, QueueId};
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
@@ -187,7 +187,7 @@ pub(crate) async fn latency_and_failover(
         if load_per_s == 0 {
             return;
         }
-        let to = MailboxId::for_peer(&libp2p::PeerId::random());
+        let to = QueueId::for_peer(&libp2p::PeerId::random());
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let per_tick = (load_per_s / 100).max(1);
         let mut n = 0u64;

@@ -1,0 +1,226 @@
+//! Queues: where relays keep envelopes, and the keys that open them.
+//!
+//! A relay holds envelopes in **queues**. A queue is named by a [`QueueId`], the hash of
+//! its secret [`ReadKey`]: presenting the read key is how its owner reads and deletes,
+//! and nothing else about the owner (no libp2p identity, no card) is involved. Puts need
+//! a [`WriteKey`], a capability the owner grants on the relay by registering its hash
+//! (a [`WriteId`]); each contact gets its own, different on every relay.
+//!
+//! Every key is derived, so nothing needs storing and a relay that lost its data can be
+//! given the same queues again (SPEC.md §3):
+//!
+//! - the owner's inbox on a relay (one queue per relay, whatever the number of
+//!   contacts): a read key from the owner's X25519 secret and the relay's peer id;
+//! - its contact-request capability there: a write key from the same secret, the relay
+//!   and an epoch (a new epoch retires every invite code given out before); the write
+//!   key travels in the owner's card;
+//! - the capability of contact W to put into owner O's inbox on relay R: a key from the
+//!   X25519 agreement of O's and W's static keys, both public keys and R. Both O and W
+//!   compute it; nobody else can.
+
+use libp2p_identity::PeerId;
+use zeroize::Zeroizing;
+
+use crate::codec::hash;
+use crate::envelope::short_hex;
+use crate::identity::{Identity, PublicIdentity};
+
+/// A queue's address on one relay: `H("kkachi/queue/v2", read_key)`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub [u8; 32]);
+
+/// The secret that reads and deletes from a queue.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReadKey(pub [u8; 32]);
+
+/// The secret that puts into a queue (a capability).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WriteKey(pub [u8; 32]);
+
+/// What a relay keeps of a write key: `H("kkachi/queue-write/v2", write_key)`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WriteId(pub [u8; 32]);
+
+/// What a write capability is for; the relay applies different limits to each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QueueKind {
+    /// One contact's capability.
+    Inbox,
+    /// The contact-request capability, whose key is in the owner's card: shared by
+    /// everyone holding the invite code, with a small quota, short lifetimes and a
+    /// small allowance per source.
+    Requests,
+}
+
+impl QueueKind {
+    /// The wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Self::Inbox => 1,
+            Self::Requests => 2,
+        }
+    }
+
+    /// From the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Inbox),
+            2 => Some(Self::Requests),
+            _ => None,
+        }
+    }
+}
+
+impl ReadKey {
+    /// The queue this key reads.
+    pub fn queue(&self) -> QueueId {
+        QueueId(hash("kkachi/queue/v2", &[&self.0]))
+    }
+}
+
+impl WriteKey {
+    /// What the relay registers for this key.
+    pub fn id(&self) -> WriteId {
+        WriteId(hash("kkachi/queue-write/v2", &[&self.0]))
+    }
+}
+
+impl std::fmt::Debug for ReadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadKey(queue {})", self.queue())
+    }
+}
+
+impl std::fmt::Debug for WriteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteKey(id {})", self.id())
+    }
+}
+
+macro_rules! hex_display {
+    ($t:ty, $name:literal) => {
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, concat!($name, "({})"), short_hex(&self.0))
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&short_hex(&self.0))
+            }
+        }
+    };
+}
+hex_display!(QueueId, "QueueId");
+hex_display!(WriteId, "WriteId");
+
+impl Identity {
+    /// The read key of this user's inbox on `relay`.
+    pub fn inbox_key(&self, relay: &PeerId) -> ReadKey {
+        let secret = self.x25519_secret();
+        ReadKey(hash(
+            "kkachi/inbox-read/v2",
+            &[secret.as_slice(), &relay.to_bytes()],
+        ))
+    }
+
+    /// The contact-request capability into this user's inbox on `relay` for `epoch`:
+    /// what this user's card carries for `relay`.
+    pub fn request_write_key(&self, relay: &PeerId, epoch: u32) -> WriteKey {
+        let secret = self.x25519_secret();
+        WriteKey(hash(
+            "kkachi/request-write/v2",
+            &[secret.as_slice(), &relay.to_bytes(), &epoch.to_be_bytes()],
+        ))
+    }
+
+    /// The capability for `writer` to put into this user's inbox on `relay`: what this
+    /// user grants there for that contact.
+    pub fn grant_for(&self, writer: &PublicIdentity, relay: &PeerId) -> WriteKey {
+        self.pair_write_key(writer, &self.x25519_public(), writer.x25519(), relay)
+    }
+
+    /// The capability this user puts with into `owner`'s inbox on `relay`.
+    pub fn write_key_for(&self, owner: &PublicIdentity, relay: &PeerId) -> WriteKey {
+        self.pair_write_key(owner, owner.x25519(), &self.x25519_public(), relay)
+    }
+
+    fn pair_write_key(
+        &self,
+        peer: &PublicIdentity,
+        owner: &[u8; 32],
+        writer: &[u8; 32],
+        relay: &PeerId,
+    ) -> WriteKey {
+        let secret = x25519_dalek::StaticSecret::from(*self.x25519_secret());
+        let shared = Zeroizing::new(
+            secret
+                .diffie_hellman(&x25519_dalek::PublicKey::from(*peer.x25519()))
+                .to_bytes(),
+        );
+        WriteKey(hash(
+            "kkachi/pair-write/v2",
+            &[shared.as_slice(), owner, writer, &relay.to_bytes()],
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_rng;
+
+    fn ids() -> (Identity, Identity, PeerId, PeerId) {
+        let a = Identity::generate_with(&mut test_rng(1));
+        let b = Identity::generate_with(&mut test_rng(2));
+        let r1 = Identity::generate_with(&mut test_rng(3)).peer_id();
+        let r2 = Identity::generate_with(&mut test_rng(4)).peer_id();
+        (a, b, r1, r2)
+    }
+
+    #[test]
+    fn both_sides_derive_the_same_capability_and_nobody_else_does() {
+        let (a, b, r1, r2) = ids();
+        let c = Identity::generate_with(&mut test_rng(5));
+        // a grants b; b writes with it
+        assert_eq!(a.grant_for(&b.public(), &r1), b.write_key_for(&a.public(), &r1));
+        // different per relay, per direction and per contact
+        assert_ne!(a.grant_for(&b.public(), &r1), a.grant_for(&b.public(), &r2));
+        assert_ne!(a.grant_for(&b.public(), &r1), b.grant_for(&a.public(), &r1));
+        assert_ne!(a.grant_for(&b.public(), &r1), a.grant_for(&c.public(), &r1));
+        // a third party holding both public keys derives something else
+        assert_ne!(c.write_key_for(&a.public(), &r1), a.grant_for(&b.public(), &r1));
+    }
+
+    #[test]
+    fn queues_differ_per_relay_and_epoch_and_do_not_name_the_owner() {
+        let (a, b, r1, r2) = ids();
+        assert_ne!(a.inbox_key(&r1).queue(), a.inbox_key(&r2).queue());
+        assert_ne!(a.inbox_key(&r1).queue(), b.inbox_key(&r1).queue());
+        assert_ne!(a.request_write_key(&r1, 0), a.request_write_key(&r1, 1));
+        assert_ne!(a.request_write_key(&r1, 0), a.request_write_key(&r2, 0));
+        assert_ne!(
+            a.inbox_key(&r1).0,
+            a.request_write_key(&r1, 0).0,
+            "the card's write key does not read the queue"
+        );
+        let peer = a.peer_id().to_bytes();
+        let q = a.inbox_key(&r1).queue().0;
+        assert!(!q.windows(8).any(|w| peer.windows(8).any(|p| p == w)));
+    }
+
+    #[test]
+    fn known_answer_derivations() {
+        let (a, b, r1, _) = ids();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(&a.inbox_key(&r1).queue().0),
+            "b344c17b475a4f745825a1aa51c5de55e5da9965b7ccfd6b5b2108a535872f6e"
+        );
+        assert_eq!(
+            hex(&a.request_write_key(&r1, 0).id().0),
+            "38d30e55a4bf0e9059c6d777e81b5785e541c1240158c39ad6cddab4fdf07cdd"
+        );
+        assert_eq!(hex(&a.grant_for(&b.public(), &r1).id().0), "9d619195053a4493ae6cd697cc41d51c9d945a6ff8abf46295ed92cf13b30753");
+    }
+}
