@@ -233,15 +233,7 @@ mod tests {
     fn known_answer_encoding() {
         let e = env(vec![0xAA, 0xBB], 0x0102030405060708);
         let hex = hex::encode(e.encode());
-        assert_eq!(
-            hex,
-            concat!(
-                "02",
-                "0102030405060708",
-                "00000002",
-                "aabb"
-            )
-        );
+        assert_eq!(hex, concat!("02", "0102030405060708", "00000002", "aabb"));
         assert_eq!(
             hex::encode(e.id().0),
             "6cdf43bdca1caa476fd4ec6567e3f1ac84417e850cebd5d63098385fca02273a",

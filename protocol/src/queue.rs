@@ -183,13 +183,19 @@ mod tests {
         let (a, b, r1, r2) = ids();
         let c = Identity::generate_with(&mut test_rng(5));
         // a grants b; b writes with it
-        assert_eq!(a.grant_for(&b.public(), &r1), b.write_key_for(&a.public(), &r1));
+        assert_eq!(
+            a.grant_for(&b.public(), &r1),
+            b.write_key_for(&a.public(), &r1)
+        );
         // different per relay, per direction and per contact
         assert_ne!(a.grant_for(&b.public(), &r1), a.grant_for(&b.public(), &r2));
         assert_ne!(a.grant_for(&b.public(), &r1), b.grant_for(&a.public(), &r1));
         assert_ne!(a.grant_for(&b.public(), &r1), a.grant_for(&c.public(), &r1));
         // a third party holding both public keys derives something else
-        assert_ne!(c.write_key_for(&a.public(), &r1), a.grant_for(&b.public(), &r1));
+        assert_ne!(
+            c.write_key_for(&a.public(), &r1),
+            a.grant_for(&b.public(), &r1)
+        );
     }
 
     #[test]
@@ -221,6 +227,9 @@ mod tests {
             hex(&a.request_write_key(&r1, 0).id().0),
             "38d30e55a4bf0e9059c6d777e81b5785e541c1240158c39ad6cddab4fdf07cdd"
         );
-        assert_eq!(hex(&a.grant_for(&b.public(), &r1).id().0), "9d619195053a4493ae6cd697cc41d51c9d945a6ff8abf46295ed92cf13b30753");
+        assert_eq!(
+            hex(&a.grant_for(&b.public(), &r1).id().0),
+            "9d619195053a4493ae6cd697cc41d51c9d945a6ff8abf46295ed92cf13b30753"
+        );
     }
 }

@@ -698,11 +698,12 @@ mod tests {
     }
 
     fn arb_envelope() -> impl Strategy<Value = Envelope> {
-        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
-            .prop_map(|(expires_at, payload)| Envelope {
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(
+            |(expires_at, payload)| Envelope {
                 expires_at,
                 payload,
-            })
+            },
+        )
     }
 
     fn arb_addressed() -> impl Strategy<Value = Addressed> {
@@ -910,9 +911,13 @@ mod tests {
         assert_eq!(
             hex::encode(put.encode()),
             concat!(
-                "01", "0001",
+                "01",
+                "0001",
                 "2222222222222222222222222222222222222222222222222222222222222222",
-                "02", "0000000000000007", "00000001", "ab"
+                "02",
+                "0000000000000007",
+                "00000001",
+                "ab"
             )
         );
         let grant = ClientToRelay::Grant {
@@ -926,7 +931,9 @@ mod tests {
             concat!(
                 "06",
                 "1111111111111111111111111111111111111111111111111111111111111111",
-                "02", "0174", "0001",
+                "02",
+                "0174",
+                "0001",
                 "3333333333333333333333333333333333333333333333333333333333333333"
             )
         );

@@ -313,7 +313,12 @@ impl Config {
                 "access.open = \"token\" needs at least one entry in access.tokens".into(),
             ));
         }
-        if let Some(t) = self.access.tokens.iter().find(|t| t.len() > 64 || t.is_empty()) {
+        if let Some(t) = self
+            .access
+            .tokens
+            .iter()
+            .find(|t| t.len() > 64 || t.is_empty())
+        {
             return Err(ConfigError::Invalid(format!(
                 "access token {:?}… must be 1 to 64 bytes",
                 t.chars().take(8).collect::<String>()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use kkachi_protocol::{QueueId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{Multiaddr, PeerId, QueueId, RelayToClient};
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kkachi_protocol::wire::{Addressed, PutOutcome};
-use kkachi_protocol::{Envelope, EnvelopeId, Multiaddr, QueueKind, ReadKey, RelayToClient, WriteKey};
+use kkachi_protocol::{
+    Envelope, EnvelopeId, Multiaddr, QueueKind, ReadKey, RelayToClient, WriteKey,
+};
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;

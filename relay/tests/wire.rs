@@ -127,7 +127,10 @@ async fn put_fetch_delete_and_live_subscribe() {
         let key = q.key.clone();
         tokio::spawn(async move {
             let t = Instant::now();
-            (owner.subscribe(&key, next, 20_000).await.unwrap(), t.elapsed())
+            (
+                owner.subscribe(&key, next, 20_000).await.unwrap(),
+                t.elapsed(),
+            )
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -151,7 +154,11 @@ async fn put_fetch_delete_and_live_subscribe() {
         .await
         .unwrap();
     assert_eq!(deleted, RelayToClient::Deleted { count: 3 });
-    assert!(batch(owner.fetch(&q.key, 0, 100).await.unwrap()).0.is_empty());
+    assert!(
+        batch(owner.fetch(&q.key, 0, 100).await.unwrap())
+            .0
+            .is_empty()
+    );
 
     // An empty long poll ends with an empty batch after its wait.
     let (items, _) = batch(owner.subscribe(&q.key, next3, 300).await.unwrap());
@@ -228,7 +235,11 @@ async fn restart_keeps_envelopes_and_peer_id() {
     let RelayToClient::Stored { outcomes } = owner.put(vec![q.put(8)]).await.unwrap() else {
         panic!("stored expected")
     };
-    assert_eq!(outcomes, vec![PutOutcome::Stored], "grants survive restarts");
+    assert_eq!(
+        outcomes,
+        vec![PutOutcome::Stored],
+        "grants survive restarts"
+    );
     relay2.shutdown().await.unwrap();
 }
 

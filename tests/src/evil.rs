@@ -7,9 +7,12 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+use kkachi_protocol::multiaddr::Protocol;
 use kkachi_protocol::session::{self, Incoming};
+use kkachi_protocol::wire::{Addressed, PutOutcome};
 use kkachi_protocol::{
-    Card, ClientToRelay, Content, Envelope, Identity, QueueId, Multiaddr, RelayToClient, Session,
+    Card, ClientToRelay, Content, Envelope, ErrorCode, Identity, Multiaddr, PeerId, QueueKind,
+    ReadKey, RelayToClient, Session, WriteKey,
 };
 use kkachi_relay::client::MailboxClient;
 
@@ -20,15 +23,25 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The relay an address ends with.
+fn relay_peer(addr: &Multiaddr) -> PeerId {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => peer,
+        _ => panic!("relay address {addr} without /p2p/"),
+    }
+}
+
 /// The hostile contact.
 #[derive(Debug)]
 pub struct EvilPeer {
     me: Identity,
     card: Card,
-    victim: Card,
     session: Session,
-    to_victim: Vec<MailboxClient>,
+    /// A client of each of the victim's relays, with our capability there and the
+    /// contact-request capability of the victim's card.
+    to_victim: Vec<(MailboxClient, WriteKey, Option<WriteKey>)>,
     own: MailboxClient,
+    own_key: ReadKey,
     cursor: u64,
     /// Everything put so far, in order.
     pub sent: Vec<Envelope>,
@@ -46,22 +59,42 @@ impl EvilPeer {
         for relay in victim.relays() {
             // A throwaway transport identity for puts, as senders may use.
             let throwaway = libp2p::identity::Keypair::generate_ed25519();
-            to_victim.push(
+            let peer = relay_peer(relay);
+            to_victim.push((
                 MailboxClient::connect(throwaway, relay.clone())
                     .await
                     .expect("victim's relay reachable"),
-            );
+                me.write_key_for(victim.identity(), &peer),
+                victim.request_key_at(&peer).copied(),
+            ));
         }
-        let own = MailboxClient::connect(me.keypair(), own_relay)
+        let own_peer = relay_peer(&own_relay);
+        let own = MailboxClient::connect(libp2p::identity::Keypair::generate_ed25519(), own_relay)
             .await
             .expect("own relay reachable");
+        // Our inbox takes the victim's answers, as any client's would.
+        let own_key = me.inbox_key(&own_peer);
+        let grants = [
+            (QueueKind::Requests, me.request_write_key(&own_peer, 0).id()),
+            (
+                QueueKind::Inbox,
+                me.grant_for(victim.identity(), &own_peer).id(),
+            ),
+        ];
+        for (kind, id) in grants {
+            let answer = own.grant(&own_key, kind, vec![id]).await;
+            assert!(
+                matches!(answer, Ok(RelayToClient::Granted { .. })),
+                "{answer:?}"
+            );
+        }
         Self {
             session: Session::new(*victim.identity().x25519()),
             me,
             card,
-            victim,
             to_victim,
             own,
+            own_key,
             cursor: 0,
             sent: Vec::new(),
         }
@@ -90,7 +123,6 @@ impl EvilPeer {
             )
             .expect("seal");
         let envelope = Envelope {
-            mailbox: QueueId::for_peer(&self.victim.identity().peer_id()),
             expires_at: now() + DEFAULT_TTL_SECS,
             payload: packet,
         };
@@ -98,10 +130,22 @@ impl EvilPeer {
         envelope
     }
 
-    /// Puts `envelope` as it is on every relay of the victim.
+    /// Puts `envelope` as it is on every relay of the victim: with our capability,
+    /// or through the victim's contact-request capability where it grants us none.
     pub async fn put(&mut self, envelope: Envelope) {
-        for client in &self.to_victim {
-            let _ = client.put(vec![envelope.clone()]).await;
+        for (client, ours, request) in &self.to_victim {
+            for write in std::iter::once(*ours).chain(*request) {
+                let items = vec![Addressed {
+                    write,
+                    envelope: envelope.clone(),
+                }];
+                let answer = client.put(items).await;
+                let no_queue = matches!(&answer, Ok(RelayToClient::Stored { outcomes })
+                    if matches!(outcomes.first(), Some(PutOutcome::Rejected { code: ErrorCode::NoQueue, .. })));
+                if !no_queue {
+                    break;
+                }
+            }
         }
         self.sent.push(envelope);
     }
@@ -112,7 +156,7 @@ impl EvilPeer {
         let mut opened = 0;
         loop {
             let Ok(RelayToClient::Batch { items, next, more }) =
-                self.own.fetch(self.cursor, 256).await
+                self.own.fetch(&self.own_key, self.cursor, 256).await
             else {
                 return opened;
             };
@@ -133,11 +177,8 @@ impl EvilPeer {
                     Err(_) => {}
                 }
             }
-            let mailbox = self.own.mailbox();
-            let _ = self
-                .own
-                .request(ClientToRelay::Delete { mailbox, ids })
-                .await;
+            let key = self.own_key.clone();
+            let _ = self.own.request(ClientToRelay::Delete { key, ids }).await;
             if !more {
                 return opened;
             }

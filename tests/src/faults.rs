@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kkachi_protocol::wire::StoredEnvelope;
-use kkachi_protocol::{Envelope, EnvelopeId, QueueId};
-use kkachi_relay::store::{Fetched, MailboxStore, MemoryStore, PutResult, StoreError, StoreStats};
+use kkachi_protocol::{EnvelopeId, QueueId, QueueKind, WriteId};
+use kkachi_relay::store::{
+    Fetched, Granted, MailboxStore, MemoryStore, Placed, PutResult, StoreError, StoreStats,
+};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -169,7 +171,7 @@ impl Evil {
 pub struct EvilStore {
     inner: MemoryStore,
     evil: Evil,
-    seen: Arc<Mutex<Vec<StoredEnvelope>>>,
+    seen: Arc<Mutex<Vec<(QueueId, StoredEnvelope)>>>,
     dropped: Arc<Mutex<Vec<EnvelopeId>>>,
     counter: Arc<AtomicU64>,
 }
@@ -197,15 +199,15 @@ impl EvilStore {
 }
 
 impl MailboxStore for EvilStore {
-    fn insert(&self, envelopes: &[Envelope]) -> Result<Vec<PutResult>, StoreError> {
-        let ids: Vec<EnvelopeId> = envelopes.iter().map(Envelope::id).collect();
+    fn insert(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
+        let ids: Vec<EnvelopeId> = envelopes.iter().map(|p| p.envelope.id()).collect();
         let results = self.inner.insert(envelopes)?;
         if self.evil.drop_every > 0 {
             for (i, (id, r)) in ids.iter().zip(&results).enumerate() {
                 if matches!(r, PutResult::Stored { .. })
                     && self.tick() % self.evil.drop_every == self.evil.drop_every - 1
                 {
-                    let _ = self.inner.delete(&envelopes[i].mailbox, &[*id]);
+                    let _ = self.inner.delete(&envelopes[i].queue, &[*id]);
                     self.dropped.lock().push(*id);
                 }
             }
@@ -224,8 +226,8 @@ impl MailboxStore for EvilStore {
         {
             let mut seen = self.seen.lock();
             for item in &f.items {
-                if !seen.iter().any(|s| s.cursor == item.cursor) {
-                    seen.push(item.clone());
+                if !seen.iter().any(|(_, s)| s.cursor == item.cursor) {
+                    seen.push((*mailbox, item.clone()));
                 }
             }
         }
@@ -246,9 +248,9 @@ impl MailboxStore for EvilStore {
             let seen = self.seen.lock();
             out.extend(
                 seen.iter()
-                    .filter(|s| s.envelope.mailbox == *mailbox)
+                    .filter(|(queue, _)| queue == mailbox)
                     .take(3)
-                    .cloned(),
+                    .map(|(_, s)| s.clone()),
             );
         }
         if self.evil.reorder && out.len() > 1 {
@@ -271,6 +273,24 @@ impl MailboxStore for EvilStore {
 
     fn stats(&self) -> StoreStats {
         self.inner.stats()
+    }
+
+    fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {
+        self.inner.route(write)
+    }
+
+    fn grant(
+        &self,
+        queue: &QueueId,
+        kind: QueueKind,
+        ids: &[WriteId],
+        max: u32,
+    ) -> Result<Granted, StoreError> {
+        self.inner.grant(queue, kind, ids, max)
+    }
+
+    fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError> {
+        self.inner.revoke(queue, ids)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use kkachi_relay::store::{MemoryStore, Quota};
+use kkachi_relay::store::{Limits, MemoryStore, Quota};
 use kkachi_tests::checker::Checker;
 use kkachi_tests::faults::{Evil, EvilStore, Proxy, ProxyMode};
 use kkachi_tests::inproc::InProcessRelay;
@@ -155,7 +155,7 @@ fn partitioned_relay_without_dying_then_healed() {
 
 #[test]
 fn lying_relay_next_to_an_honest_one() {
-    let evil = EvilStore::new(MemoryStore::new(quota()), Evil::all(4));
+    let evil = EvilStore::new(MemoryStore::new(Limits::uniform(quota())), Evil::all(4));
     let liar = InProcessRelay::start(evil.clone());
     let dir = tempfile::tempdir().unwrap();
     let honest = RelayProc::start(&dir.path().join("honest"), &[]);
@@ -190,7 +190,7 @@ fn lying_relay_next_to_an_honest_one() {
 
 #[test]
 fn lying_relay_alone_drops_show_as_gaps() {
-    let evil = EvilStore::new(MemoryStore::new(quota()), Evil::all(5));
+    let evil = EvilStore::new(MemoryStore::new(Limits::uniform(quota())), Evil::all(5));
     let liar = InProcessRelay::start(evil.clone());
     let dir = tempfile::tempdir().unwrap();
     let honest = RelayProc::start(&dir.path().join("alice-relay"), &[]);
@@ -276,8 +276,15 @@ fn relay_disk_full_refuses_and_recovers() {
             relay.addr.parse().unwrap(),
         ))
         .unwrap();
-    let owner = libp2p::identity::Keypair::generate_ed25519();
-    let owner_peer = owner.public().to_peer_id();
+    let key = kkachi_protocol::ReadKey(rand::random());
+    let write = kkachi_protocol::WriteKey(rand::random());
+    let granted = rt
+        .block_on(writer.grant(&key, kkachi_protocol::QueueKind::Inbox, vec![write.id()]))
+        .unwrap();
+    assert!(matches!(
+        granted,
+        kkachi_protocol::RelayToClient::Granted { grants: 1 }
+    ));
     let expires_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -287,11 +294,14 @@ fn relay_disk_full_refuses_and_recovers() {
     let mut refused = 0;
     for i in 0..400u32 {
         let envelope = kkachi_protocol::Envelope {
-            mailbox: kkachi_protocol::QueueId::for_peer(&owner_peer),
             expires_at,
             payload: vec![(i % 251) as u8; 60_000],
         };
-        match rt.block_on(writer.put(vec![envelope.clone()])) {
+        let item = kkachi_protocol::wire::Addressed {
+            write,
+            envelope: envelope.clone(),
+        };
+        match rt.block_on(writer.put(vec![item])) {
             Ok(kkachi_protocol::RelayToClient::Stored { outcomes })
                 if matches!(outcomes[0], kkachi_protocol::PutOutcome::Stored) =>
             {
@@ -331,11 +341,14 @@ fn relay_disk_full_refuses_and_recovers() {
         ))
         .unwrap();
     let envelope = kkachi_protocol::Envelope {
-        mailbox: kkachi_protocol::QueueId::for_peer(&owner_peer),
         expires_at,
         payload: vec![7; 1000],
     };
-    let answer = rt.block_on(writer.put(vec![envelope.clone()])).unwrap();
+    let item = kkachi_protocol::wire::Addressed {
+        write,
+        envelope: envelope.clone(),
+    };
+    let answer = rt.block_on(writer.put(vec![item])).unwrap();
     assert_eq!(
         answer,
         kkachi_protocol::RelayToClient::Stored {
@@ -346,7 +359,7 @@ fn relay_disk_full_refuses_and_recovers() {
     acked.push(envelope.id());
     let reader = rt
         .block_on(kkachi_relay::client::MailboxClient::connect(
-            owner,
+            libp2p::identity::Keypair::generate_ed25519(),
             relay.addr.parse().unwrap(),
         ))
         .unwrap();
@@ -354,7 +367,7 @@ fn relay_disk_full_refuses_and_recovers() {
     let mut after = 0;
     loop {
         let kkachi_protocol::RelayToClient::Batch { items, next, more } =
-            rt.block_on(reader.fetch(after, 256)).unwrap()
+            rt.block_on(reader.fetch(&key, after, 256)).unwrap()
         else {
             panic!("batch expected")
         };
@@ -373,7 +386,7 @@ fn relay_disk_full_refuses_and_recovers() {
 
 fn write_limits(dir: &std::path::Path) -> String {
     let path = dir.join("limits.toml");
-    std::fs::write(&path, "[limits]\nmailbox_max_envelopes = 100000\nmailbox_max_bytes = 10000000000\nputs_per_sec = 100000\nput_burst = 100000\nputs_per_sec_per_address = 100000\nput_burst_per_address = 100000\ncache_bytes = 1048576\n").unwrap();
+    std::fs::write(&path, "[limits]\nqueue_max_envelopes = 100000\nqueue_max_bytes = 10000000000\ncapability_max_envelopes = 100000\ncapability_max_bytes = 10000000000\nputs_per_sec = 100000\nput_burst = 100000\nputs_per_sec_per_address = 100000\nput_burst_per_address = 100000\ncache_bytes = 1048576\n").unwrap();
     path.display().to_string()
 }
 

@@ -209,6 +209,10 @@ impl<T> State<T> {
         self.store.forget_outbox(&mut w, peer)?;
         self.store.remove_request(&mut w, peer)?;
         self.store.apply(w)?;
+        if let Some(contact) = self.store.contact(peer)? {
+            // Our relays stop taking their puts.
+            self.revoked.push(contact.card.identity().clone());
+        }
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(self.store.contact(peer)?))
     }
@@ -250,6 +254,7 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)?;
             Ok(removed)
         })?;
+        self.revoked.push(contact.card.identity().clone());
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {
             removed_messages: removed,

@@ -22,8 +22,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use kkachi_protocol::session::{self, Incoming, InitPacket};
 use kkachi_protocol::{
-    Body, Content, Envelope, QueueId, MessageId, Opened, PeerId, ReceiptStatus, Session,
-    SessionError,
+    Body, Content, Envelope, MessageId, Opened, PeerId, ReceiptStatus, Session, SessionError,
 };
 
 use super::state::{Sessions, State};
@@ -248,9 +247,6 @@ impl<T> State<T> {
             return Ok(Outcome::Skipped(
                 "expires further ahead than any envelope may",
             ));
-        }
-        if envelope.mailbox != QueueId::for_peer(&self.me.peer_id()) {
-            return Ok(Outcome::Skipped("addressed to another mailbox"));
         }
         let packet = match session::open(&self.me, &envelope.payload) {
             Ok(p) => p,

@@ -10,7 +10,8 @@ use std::sync::atomic::AtomicU64;
 
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::{
-    Body, Card, Content, Envelope, Identity, QueueId, MessageId, PeerId, ReceiptStatus, Session,
+    Body, Card, Content, Envelope, Identity, MessageId, Multiaddr, PeerId, PublicIdentity,
+    ReceiptStatus, Session,
 };
 use tokio::sync::broadcast;
 
@@ -73,6 +74,17 @@ pub(crate) struct State<T> {
     pub(crate) announced: Vec<super::Received>,
     /// Senders of new message requests, likewise.
     pub(crate) requests: Vec<PeerId>,
+    /// People removed or blocked since the owner last withdrew their write
+    /// capabilities from our relays.
+    pub(crate) revoked: Vec<PublicIdentity>,
+}
+
+/// The relay an address names (its final `/p2p/…`).
+pub(crate) fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(kkachi_protocol::multiaddr::Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
 }
 
 impl<T> State<T> {
@@ -93,6 +105,7 @@ impl<T> State<T> {
             faults,
             announced: Vec::new(),
             requests: Vec::new(),
+            revoked: Vec::new(),
         }
     }
 
@@ -160,8 +173,8 @@ impl<T> State<T> {
             now / 1000,
             &mut rand_core::OsRng,
         )?;
+        let _ = contact;
         Ok(Envelope {
-            mailbox: QueueId::for_peer(&contact.peer),
             expires_at: now / 1000 + DEFAULT_TTL_SECS,
             payload: packet,
         })
@@ -182,15 +195,20 @@ impl<T> State<T> {
         let sealed = self.seal_envelope(contact, session, content, now);
         LocalStore::write_session(w, &contact.peer, session);
         let envelope = sealed?;
-        let targets = contact
-            .card
+        let card = &contact.card;
+        let targets = card
             .relays()
             .iter()
-            .map(|addr| Target {
-                addr: addr.to_string(),
-                acked: false,
-                attempts: 0,
-                next_try_ms: 0,
+            .filter_map(|addr| {
+                let relay = relay_peer(addr)?;
+                Some(Target {
+                    addr: addr.to_string(),
+                    acked: false,
+                    attempts: 0,
+                    next_try_ms: 0,
+                    write: self.me.write_key_for(card.identity(), &relay).0,
+                    request: card.request_key_at(&relay).map(|k| k.0),
+                })
             })
             .collect();
         let key = self.store.next_outbox_seq()?;

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kkachi_protocol::wire::Addressed;
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::session::{Session, SessionError, SessionReply, SessionSlot};
 use libp2p::identity::Keypair;
@@ -305,7 +306,8 @@ impl Transport for Network {
         peer: PeerId,
         envelopes: Vec<Envelope>,
     ) -> Result<RelayToClient, NetError> {
-        self.exchange(peer, None, &ClientToRelay::Put { envelopes })
+        let items = envelopes.into_iter().map(Addressed::direct).collect();
+        self.exchange(peer, None, &ClientToRelay::Put { items })
             .await
     }
 

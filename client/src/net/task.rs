@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kkachi_protocol::{ClientToRelay, ErrorCode, QueueId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{ClientToRelay, ErrorCode, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::framing::Request;
 use kkachi_relay::session::{SESSION_PROTOCOL, SessionRequest};
 use kkachi_relay::transport;
@@ -500,26 +500,19 @@ impl NetworkTask {
         }
     }
 
-    /// A peer asks something of us over a session: we take puts into our own mailbox
-    /// (the engine decides whose), nothing else.
+    /// A peer asks something of us over a session: we take puts meant for us (the
+    /// engine decides whose; the write keys name no queue here), nothing else.
     async fn on_direct_request(&mut self, r: SessionRequest) {
-        let mine = QueueId::for_peer(&self.local);
         let refusal = match r.request {
-            Request::Message(ClientToRelay::Put { envelopes })
-                if envelopes.iter().all(|e| e.mailbox == mine) =>
-            {
+            Request::Message(ClientToRelay::Put { items }) => {
                 let event = NetEvent::DirectPut {
                     from: r.peer,
-                    envelopes,
+                    envelopes: items.into_iter().map(|i| i.envelope).collect(),
                     reply: DirectReply(r.reply),
                 };
                 Self::emit(&self.events, event).await;
                 return;
             }
-            Request::Message(ClientToRelay::Put { .. }) => RelayToClient::error(
-                ErrorCode::NotOwner,
-                "a client accepts envelopes for its own mailbox only",
-            ),
             Request::Message(_) => RelayToClient::error(
                 ErrorCode::NotOwner,
                 "this is a kkachi client, not a relay; it takes direct puts for its own mailbox only",

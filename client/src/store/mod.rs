@@ -272,6 +272,7 @@ impl LocalStore {
             cursor: 0,
             last_ok_ms: None,
             last_error: None,
+            token: None,
         };
         let mut w = WriteSet::default();
         w.put_record(TreeId::Relays, key, &(order, record));

@@ -29,6 +29,9 @@ pub struct RelayRecord {
     pub last_ok_ms: Option<u64>,
     /// The last error, if the last exchange failed.
     pub last_error: Option<String>,
+    /// The access token its operator gave us, for relays that open queues only for
+    /// token holders.
+    pub token: Option<String>,
 }
 
 /// A contact.
@@ -176,6 +179,11 @@ pub struct Target {
     pub attempts: u32,
     /// Not before this Unix ms.
     pub next_try_ms: u64,
+    /// Our write capability into the recipient's queue there.
+    pub write: [u8; 32],
+    /// The contact-request capability of the recipient's card there, used while they
+    /// grant us none (not yet accepted, or the relay lost their grants).
+    pub request: Option<[u8; 32]>,
 }
 
 /// An envelope waiting to be delivered.

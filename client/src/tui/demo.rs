@@ -10,7 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use kkachi_protocol::Multiaddr;
 use kkachi_relay::config::Config;
-use kkachi_relay::store::{MemoryStore, Quota};
+use kkachi_relay::store::{Limits, MemoryStore, Quota};
 use kkachi_relay::{Metrics, RelayHandle};
 use libp2p::identity::Keypair;
 use tokio::sync::Mutex;
@@ -81,10 +81,10 @@ impl DemoRelays {
         for i in 0..3 {
             let mut slot = Slot {
                 key: Keypair::generate_ed25519(),
-                store: MemoryStore::new(Quota {
+                store: MemoryStore::new(Limits::uniform(Quota {
                     max_envelopes: 100_000,
                     max_bytes: 1 << 30,
-                }),
+                })),
                 port: free_port()?,
                 running: None,
             };

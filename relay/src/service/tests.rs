@@ -297,7 +297,10 @@ async fn strangers_holding_an_invite_get_a_small_allowance_and_never_touch_a_con
         put((10..13).map(|n| to(&requests, n)).collect()),
     )
     .await;
-    assert_eq!(codes(answer), vec![None, None, Some(ErrorCode::QuotaExceeded)]);
+    assert_eq!(
+        codes(answer),
+        vec![None, None, Some(ErrorCode::QuotaExceeded)]
+    );
     // A request may not live longer than the request queue keeps anything.
     let mut long = to(&requests, 20);
     long.envelope.expires_at = NOW + 2 * 3600 + CLOCK_SKEW;

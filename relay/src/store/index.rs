@@ -207,9 +207,17 @@ mod tests {
         };
         assert!(index.try_add(through(1, 7), quotas));
         assert!(index.try_add(through(2, 7), quotas));
-        assert!(!index.try_add(through(3, 7), quotas), "capability 7 is full");
+        assert!(
+            !index.try_add(through(3, 7), quotas),
+            "capability 7 is full"
+        );
         assert!(index.try_add(through(4, 8), quotas), "capability 8 is not");
-        assert!(index.remove(&EnvelopeId([1; 32]), &QueueId([1; 32]), &WriteId([7; 32]), 100));
+        assert!(index.remove(
+            &EnvelopeId([1; 32]),
+            &QueueId([1; 32]),
+            &WriteId([7; 32]),
+            100
+        ));
         assert!(index.try_add(through(5, 7), quotas), "room again for 7");
     }
 

@@ -243,7 +243,9 @@ async fn registry_suite<S: MailboxStore>(store: S) {
     let (w1, w2, w3) = (WriteId([11; 32]), WriteId([12; 32]), WriteId([13; 32]));
     assert_eq!(store.route(&w1).unwrap(), None);
     assert_eq!(
-        store.grant(&q1, QueueKind::Inbox, &[w1, w2, w1], 4).unwrap(),
+        store
+            .grant(&q1, QueueKind::Inbox, &[w1, w2, w1], 4)
+            .unwrap(),
         Granted::Held(2)
     );
     assert_eq!(store.route(&w1).unwrap(), Some((q1, QueueKind::Inbox)));
@@ -266,7 +268,17 @@ async fn registry_suite<S: MailboxStore>(store: S) {
     assert_eq!(store.route(&wr).unwrap(), Some((q1, QueueKind::Requests)));
     assert_eq!(
         store
-            .grant(&q2, QueueKind::Inbox, &[WriteId([20; 32]), WriteId([21; 32]), WriteId([22; 32]), WriteId([23; 32])], 4)
+            .grant(
+                &q2,
+                QueueKind::Inbox,
+                &[
+                    WriteId([20; 32]),
+                    WriteId([21; 32]),
+                    WriteId([22; 32]),
+                    WriteId([23; 32])
+                ],
+                4
+            )
             .unwrap(),
         Granted::Full(1)
     );

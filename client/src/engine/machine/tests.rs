@@ -20,6 +20,8 @@ fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
                 acked: false,
                 attempts: 0,
                 next_try_ms: 0,
+                write: [1; 32],
+                request: None,
             })
             .collect(),
         direct_acked: false,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kkachi_protocol::wire::PutOutcome;
 use kkachi_protocol::{
-    ClientToRelay, Envelope, EnvelopeId, QueueId, Multiaddr, PeerId, RelayToClient,
+    ClientToRelay, Envelope, EnvelopeId, Multiaddr, PeerId, ReadKey, RelayToClient,
 };
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -92,6 +92,8 @@ impl<T: Transport> Owner<T> {
 
     pub(super) fn mailbox_failed(&mut self, relay: &str, why: RelayError, sync: bool, now: u64) {
         self.state.note_relay(relay, Err(why.clone()));
+        // It may come back without its data: it is told our grants again.
+        self.grants.invalidate_relay(relay);
         if sync {
             self.sync_relay_done(relay, Err(why));
         } else {
@@ -110,12 +112,12 @@ impl<T: Transport> Owner<T> {
         }
     }
 
-    pub(super) fn delete(&mut self, relay: &str, mailbox: QueueId, ids: Vec<EnvelopeId>) {
+    pub(super) fn delete(&mut self, relay: &str, key: ReadKey, ids: Vec<EnvelopeId>) {
         let net = self.state.net.clone();
         let relay = relay.to_owned();
         self.work.push(Box::pin(async move {
             if let Ok(addr) = relay.parse::<Multiaddr>()
-                && let Err(e) = net.request(&addr, ClientToRelay::Delete { mailbox, ids }).await
+                && let Err(e) = net.request(&addr, ClientToRelay::Delete { key, ids }).await
             {
                 tracing::debug!(%relay, error = %e, "delete failed; what stays is recognised as a copy");
             }
@@ -138,11 +140,13 @@ impl<T: Transport> Owner<T> {
                 Vec::new()
             }
         };
-        let mailbox = QueueId::for_peer(&self.state.me.peer_id());
         for relay in &relays {
             let after = self.cursor(relay);
+            let Some(key) = self.inbox_key(relay) else {
+                continue;
+            };
             let fetch = ClientToRelay::Fetch {
-                mailbox,
+                key,
                 after,
                 limit: 256,
             };
@@ -218,9 +222,11 @@ impl<T: Transport> Owner<T> {
         for run in &mut self.syncs {
             run.report.shown.extend(batch.shown.iter().cloned());
         }
-        let mailbox = QueueId::for_peer(&self.state.me.peer_id());
+        let Some(key) = self.inbox_key(&relay) else {
+            return;
+        };
         if !batch.ids.is_empty() {
-            self.delete(&relay, mailbox, batch.ids);
+            self.delete(&relay, key.clone(), batch.ids);
         }
         let _ = self
             .state
@@ -229,7 +235,7 @@ impl<T: Transport> Owner<T> {
         self.state.note_relay(&relay, Ok(()));
         if batch.more {
             let fetch = ClientToRelay::Fetch {
-                mailbox,
+                key,
                 after: next,
                 limit: 256,
             };

@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use kkachi_protocol::{ClientToRelay, EnvelopeId, QueueId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{ClientToRelay, EnvelopeId, Multiaddr, PeerId, RelayToClient};
 use tokio::sync::{mpsc, oneshot};
 
 use super::machine::{Attempt, Deliveries, EarlySends, Inboxes, Outcome};
@@ -34,6 +34,7 @@ use crate::net::{NetError, NetEvent, Transport, peer_of};
 use crate::store::StoreError;
 use watch::Watcher;
 
+mod grants;
 mod inbox;
 mod outbox;
 mod watch;
@@ -93,6 +94,12 @@ enum Done {
     },
     Flushed(Flushed),
     Deleted,
+    /// A relay took our grants (all of them if `full`), or not.
+    Granted {
+        relay: String,
+        result: Result<(), String>,
+        full: bool,
+    },
 }
 
 /// Whether a flush made the writes before it durable.
@@ -140,6 +147,7 @@ pub(super) struct Owner<T> {
     mode: Mode,
     deliveries: Deliveries,
     inboxes: Inboxes,
+    grants: grants::Grants,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -172,6 +180,7 @@ impl<T: Transport> Owner<T> {
             mode,
             deliveries: Deliveries::default(),
             inboxes: Inboxes::default(),
+            grants: grants::Grants::default(),
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -306,12 +315,17 @@ impl<T: Transport> Owner<T> {
             }
             self.after_change(result.map(drop), |_| {});
         }
+        if self.mode.inbox || self.mode.deliver {
+            self.start_grants();
+        }
         if self.mode.inbox {
-            let mailbox = QueueId::for_peer(&self.state.me.peer_id());
             for relay in self.inboxes.poll(now) {
                 let after = self.cursor(&relay);
+                let Some(key) = self.inbox_key(&relay) else {
+                    continue;
+                };
                 let request = ClientToRelay::Subscribe {
-                    mailbox,
+                    key,
                     after,
                     wait_ms: SUBSCRIBE_WAIT_MS,
                 };
@@ -349,6 +363,11 @@ impl<T: Transport> Owner<T> {
             } => self.on_mailbox(relay, result, sync),
             Done::Flushed(result) => self.flushed(result),
             Done::Deleted => {}
+            Done::Granted {
+                relay,
+                result,
+                full,
+            } => self.on_granted(relay, result, full),
         }
     }
 
@@ -426,11 +445,14 @@ impl<T: Transport> Owner<T> {
             }
             Command::Change { run, reply } => {
                 let result = run(&mut self.state, now);
+                // Contacts may have changed: our relays grant theirs again.
+                self.grants.invalidate();
                 self.after_change(result, move |r| {
                     let _ = reply.send(r);
                 });
             }
             Command::RelaysChanged { announce, reply } => {
+                self.grants.invalidate();
                 let result = self.take_relays().and_then(|()| match announce {
                     true => self.state.queue_card_updates(now),
                     false => Ok(0),
@@ -538,6 +560,7 @@ impl<T: Transport> Owner<T> {
             let _ = run.reply.send(run.report);
         }
         let quiet = self.deliveries.in_flight() == 0
+            && !self.grants.busy()
             && self.after.is_empty()
             && !self.flushing
             && (!self.mode.deliver || self.deliveries.next_deadline().is_none_or(|d| d > now));

@@ -1,7 +1,9 @@
 //! The outbox: attempts to deliver on each path, what their answers change, new sends.
 
-use kkachi_protocol::wire::PutOutcome;
-use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::wire::{Addressed, PutOutcome};
+use kkachi_protocol::{
+    ClientToRelay, Envelope, ErrorCode, Multiaddr, PeerId, RelayToClient, WriteKey,
+};
 use rand::Rng;
 use tokio::sync::mpsc;
 
@@ -18,20 +20,30 @@ impl<T: Transport> Owner<T> {
             watcher.on_attempt();
         }
         let net = self.state.net.clone();
+        let keys = match &attempt.path {
+            Path::Relay(addr) => self
+                .deliveries
+                .get(attempt.key)
+                .and_then(|e| e.targets.iter().find(|t| t.addr == *addr))
+                .map(|t| (WriteKey(t.write), t.request.map(WriteKey))),
+            Path::Direct => None,
+        };
         self.work.push(Box::pin(async move {
             let outcome = match Envelope::decode(&attempt.envelope) {
                 Err(e) => Outcome::Refused(format!("the outbox envelope is unreadable: {e}")),
-                Ok(envelope) => match &attempt.path {
-                    Path::Direct => put(net.direct_put(attempt.contact, vec![envelope])).await,
-                    Path::Relay(addr) => match addr.parse::<Multiaddr>() {
-                        Ok(relay) => {
-                            let request = ClientToRelay::Put {
-                                envelopes: vec![envelope],
-                            };
-                            put(net.request(&relay, request)).await
+                Ok(envelope) => match (&attempt.path, keys) {
+                    (Path::Direct, _) => put(net.direct_put(attempt.contact, vec![envelope])).await,
+                    (Path::Relay(addr), Some((pairwise, request))) => {
+                        match addr.parse::<Multiaddr>() {
+                            Ok(relay) => {
+                                put_to_relay(&net, &relay, envelope, pairwise, request).await
+                            }
+                            Err(e) => Outcome::Unreachable(format!("bad relay address: {e}")),
                         }
-                        Err(e) => Outcome::Unreachable(format!("bad relay address: {e}")),
-                    },
+                    }
+                    (Path::Relay(addr), None) => {
+                        Outcome::Refused(format!("{addr} is not a relay of this entry"))
+                    }
                 },
             };
             Done::Attempt(attempt, outcome)
@@ -197,6 +209,28 @@ impl<T: Transport> Owner<T> {
         // Timing only: the envelopes did not change, so they need not wait.
         let own: Vec<u64> = entries.iter().map(|(k, _)| *k).collect();
         self.sync_outbox_except(&own);
+    }
+}
+
+/// Puts `envelope` into the contact's queue at `relay` with our capability there; if
+/// the contact has granted none there (it has not accepted us yet, or the relay lost
+/// its grants), through the contact-request capability of its card.
+async fn put_to_relay<T: Transport>(
+    net: &T,
+    relay: &Multiaddr,
+    envelope: Envelope,
+    pairwise: WriteKey,
+    request: Option<WriteKey>,
+) -> Outcome {
+    let through = |write: WriteKey, envelope: Envelope| ClientToRelay::Put {
+        items: vec![Addressed { write, envelope }],
+    };
+    let outcome = put(net.request(relay, through(pairwise, envelope.clone()))).await;
+    match (outcome, request) {
+        (Outcome::Refused(why), Some(request)) if why.starts_with(ErrorCode::NoQueue.as_str()) => {
+            put(net.request(relay, through(request, envelope))).await
+        }
+        (outcome, _) => outcome,
     }
 }
 

@@ -13,8 +13,8 @@ async fn spam(spammer: &User, to: &Contact, i: usize) {
 #[tokio::test]
 async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
     let net = FakeNet::default();
-    let frank = User::new(&net, "Frank", 2);
-    let carol = User::new(&net, "Carol", 2);
+    let frank = User::started(&net, "Frank", 2).await;
+    let carol = User::started(&net, "Carol", 2).await;
     // Frank has Carol's code; Carol does not know Frank yet.
     let carol_at_frank = frank.add_contact(&carol);
     let (first, _) = frank
@@ -38,7 +38,7 @@ async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
     ));
     // The relays no longer hold it; Carol's device does.
     for r in &carol.relays {
-        let mailbox = QueueId::for_peer(&carol.peer());
+        let mailbox = carol.inbox(r);
         assert!(
             net.relay_store(r)
                 .fetch(&mailbox, 0, 10, usize::MAX)
@@ -85,8 +85,8 @@ async fn a_first_message_from_a_stranger_is_held_then_accepted_once() {
 #[tokio::test]
 async fn adding_a_strangers_code_accepts_what_they_sent() {
     let net = FakeNet::default();
-    let frank = User::new(&net, "Frank", 1);
-    let carol = User::new(&net, "Carol", 1);
+    let frank = User::started(&net, "Frank", 1).await;
+    let carol = User::started(&net, "Carol", 1).await;
     let carol_at_frank = frank.add_contact(&carol);
     let _ = frank.send(&carol_at_frank, "hello from the shelter").await;
     carol.sync().await;
@@ -102,8 +102,8 @@ async fn adding_a_strangers_code_accepts_what_they_sent() {
 #[tokio::test]
 async fn held_messages_are_bounded_per_sender_and_can_be_rejected_or_blocked() {
     let net = FakeNet::default();
-    let spammer = User::new(&net, "Spammer", 1);
-    let carol = User::new(&net, "Carol", 1);
+    let spammer = User::started(&net, "Spammer", 1).await;
+    let carol = User::started(&net, "Carol", 1).await;
     let carol_at_spammer = spammer.add_contact(&carol);
     for i in 0..MAX_HELD_PER_SENDER + 5 {
         spam(&spammer, &carol_at_spammer, i).await;

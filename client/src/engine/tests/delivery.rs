@@ -34,7 +34,7 @@ async fn send_relay_receive_receipt_delivered() {
     assert_eq!(bob.messages(&alice).len(), 1);
     // Deleted from bob's relays after it was stored.
     for r in &bob.relays {
-        let mailbox = QueueId::for_peer(&bob.peer());
+        let mailbox = bob.inbox(r);
         assert!(
             net.relay_store(r)
                 .fetch(&mailbox, 0, 10, usize::MAX)
@@ -168,8 +168,8 @@ async fn a_dropped_message_shows_as_a_gap_until_it_arrives() {
 #[tokio::test]
 async fn direct_path_on_the_lan_without_relays() {
     let net = FakeNet::default();
-    let alice = User::new(&net, "alice", 0);
-    let bob = User::new(&net, "bob", 0);
+    let alice = User::started(&net, "alice", 0).await;
+    let bob = User::started(&net, "bob", 0).await;
     let bob_c = alice.add_contact(&bob);
     bob.add_contact(&alice);
     net.inner.lock().direct.insert(bob.peer());
@@ -281,7 +281,7 @@ async fn receipts_go_out_without_being_asked() {
 
 /// What waits for `user` at its first relay (left there).
 fn relay_copy(net: &FakeNet, user: &User) -> Vec<Envelope> {
-    let mailbox = QueueId::for_peer(&user.peer());
+    let mailbox = user.inbox(&user.relays[0]);
     net.relay_store(&user.relays[0])
         .fetch(&mailbox, 0, 256, usize::MAX)
         .unwrap()

@@ -22,13 +22,16 @@ pub(super) struct Cast {
 
 pub(super) async fn cast() -> Cast {
     let net = FakeNet::default();
-    let alice = User::new(&net, "Alice", 2);
-    let mallory = User::new(&net, "Mallory", 2);
-    let carol = User::new(&net, "Carol", 2);
+    let alice = User::started(&net, "Alice", 2).await;
+    let mallory = User::started(&net, "Mallory", 2).await;
+    let carol = User::started(&net, "Carol", 2).await;
     let carol_at_alice = alice.add_contact(&carol);
     let carol_at_mallory = mallory.add_contact(&carol);
     carol.add_contact(&alice);
     carol.add_contact(&mallory);
+    for user in [&alice, &mallory, &carol] {
+        user.regrant().await;
+    }
     Cast {
         net,
         alice,
@@ -85,7 +88,7 @@ async fn a_huge_sequence_number_is_one_bounded_gap_and_silences_no_one() {
     );
     // Nothing is left at the relays to come back and hurt again.
     for r in &c.carol.relays {
-        let mailbox = QueueId::for_peer(&c.carol.peer());
+        let mailbox = c.carol.inbox(r);
         assert!(
             c.net
                 .relay_store(r)
@@ -126,9 +129,9 @@ async fn a_panic_reading_one_envelope_refuses_that_one_only() {
 #[tokio::test]
 async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
     let net = FakeNet::default();
-    let alice = User::new(&net, "Alice", 1);
-    let carol = User::new(&net, "Carol", 1);
-    let mallory = User::new(&net, "Mallory", 1);
+    let alice = User::started(&net, "Alice", 1).await;
+    let carol = User::started(&net, "Carol", 1).await;
+    let mallory = User::started(&net, "Mallory", 1).await;
     // Mallory pairs her identity with Alice's session key and her own relays.
     let forged = forged_card(
         mallory.engine.identity(),
@@ -173,7 +176,7 @@ async fn a_forged_card_takes_no_credit_for_someone_elses_messages() {
     // key, which Mallory does not hold.
     carol.engine.settle().await.unwrap();
     for r in &mallory.relays {
-        let mailbox = QueueId::for_peer(&mallory.peer());
+        let mailbox = mallory.inbox(r);
         for item in net
             .relay_store(r)
             .fetch(&mailbox, 0, 100, usize::MAX)
@@ -324,8 +327,8 @@ async fn a_direct_handover_from_a_stranger_is_not_delivered() {
     // The network refuses it (runtime); here: without a direct path, a stranger's
     // message is held, and the stranger's copy stays unconfirmed.
     let net = FakeNet::default();
-    let frank = User::new(&net, "Frank", 1);
-    let carol = User::new(&net, "Carol", 1);
+    let frank = User::started(&net, "Frank", 1).await;
+    let carol = User::started(&net, "Carol", 1).await;
     let carol_at_frank = frank.add_contact(&carol);
     let (q, p) = frank.send(&carol_at_frank, "hi").await;
     assert!(!p.direct);
@@ -394,7 +397,6 @@ async fn play(acts: Vec<Act>) {
             }
             Act::Junk { len } => {
                 let junk = Envelope {
-                    mailbox: QueueId::for_peer(&c.carol.peer()),
                     expires_at: now_ms() / 1000 + 3600,
                     payload: (0..len)
                         .map(|b| (b * 31 + i) as u8)

@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use kkachi_protocol::wire::PutOutcome;
+use kkachi_protocol::wire::{Addressed, PutOutcome};
 use kkachi_protocol::{
-    Body, Card, ClientToRelay, Content, Envelope, QueueId, MessageId, Multiaddr, PeerId,
-    RelayToClient,
+    Body, Card, ClientToRelay, Content, Envelope, MessageId, Multiaddr, PeerId, RelayToClient,
 };
-use kkachi_relay::store::{MailboxStore, MemoryStore, PutResult, Quota};
+use kkachi_relay::store::{Granted, Limits, MailboxStore, MemoryStore, Placed, PutResult, Quota};
 use parking_lot::Mutex;
 
 use super::*;
@@ -63,10 +62,10 @@ impl FakeNet {
             max_envelopes: 10_000,
             max_bytes: u64::MAX,
         };
-        self.inner
-            .lock()
-            .relays
-            .insert(addr.to_string(), (MemoryStore::new(quota), true));
+        self.inner.lock().relays.insert(
+            addr.to_string(),
+            (MemoryStore::new(Limits::uniform(quota)), true),
+        );
         addr
     }
 
@@ -98,34 +97,55 @@ impl Transport for FakeNet {
             }
         };
         Ok(match request {
-            ClientToRelay::Put { envelopes } => {
+            ClientToRelay::Put { items } => {
                 let gate = self.inner.lock().gate.clone();
                 if let Some(gate) = gate {
                     drop(gate.acquire().await.unwrap());
                 }
                 self.inner.lock().puts += 1;
-                let results = store.put(envelopes).await.unwrap();
-                RelayToClient::Stored {
-                    outcomes: results
-                        .into_iter()
-                        .map(|r| match r {
-                            PutResult::Stored { .. } => PutOutcome::Stored,
-                            PutResult::Duplicate => PutOutcome::Duplicate,
-                            PutResult::QuotaExceeded => PutOutcome::Rejected {
-                                code: kkachi_protocol::ErrorCode::QuotaExceeded,
-                                message: "full".into(),
-                            },
-                        })
-                        .collect(),
+                let mut outcomes = Vec::new();
+                for item in items {
+                    let Some((queue, kind)) = store.route(&item.write.id()).unwrap() else {
+                        outcomes.push(PutOutcome::Rejected {
+                            code: kkachi_protocol::ErrorCode::NoQueue,
+                            message: "no queue".into(),
+                        });
+                        continue;
+                    };
+                    let placed = Placed {
+                        queue,
+                        grant: item.write.id(),
+                        kind,
+                        envelope: item.envelope,
+                    };
+                    outcomes.push(match store.put(vec![placed]).await.unwrap()[0] {
+                        PutResult::Stored { .. } => PutOutcome::Stored,
+                        PutResult::Duplicate => PutOutcome::Duplicate,
+                        PutResult::QuotaExceeded => PutOutcome::Rejected {
+                            code: kkachi_protocol::ErrorCode::QuotaExceeded,
+                            message: "full".into(),
+                        },
+                    });
                 }
+                RelayToClient::Stored { outcomes }
             }
-            ClientToRelay::Fetch {
-                mailbox,
-                after,
-                limit,
-            } => {
+            ClientToRelay::Grant {
+                key,
+                kind,
+                write_ids,
+                ..
+            } => match store
+                .grant(&key.queue(), kind, &write_ids, u32::MAX)
+                .unwrap()
+            {
+                Granted::Held(grants) | Granted::Full(grants) => RelayToClient::Granted { grants },
+            },
+            ClientToRelay::Revoke { key, write_ids } => RelayToClient::Granted {
+                grants: store.revoke(&key.queue(), &write_ids).unwrap(),
+            },
+            ClientToRelay::Fetch { key, after, limit } => {
                 let f = store
-                    .fetch(&mailbox, after, usize::from(limit), usize::MAX)
+                    .fetch(&key.queue(), after, usize::from(limit), usize::MAX)
                     .unwrap();
                 RelayToClient::Batch {
                     items: f.items,
@@ -133,16 +153,16 @@ impl Transport for FakeNet {
                     more: f.more,
                 }
             }
-            ClientToRelay::Subscribe { mailbox, after, .. } => {
-                let f = store.fetch(&mailbox, after, 256, usize::MAX).unwrap();
+            ClientToRelay::Subscribe { key, after, .. } => {
+                let f = store.fetch(&key.queue(), after, 256, usize::MAX).unwrap();
                 RelayToClient::Batch {
                     items: f.items,
                     next: f.next,
                     more: f.more,
                 }
             }
-            ClientToRelay::Delete { mailbox, ids } => RelayToClient::Deleted {
-                count: store.delete(&mailbox, &ids).unwrap(),
+            ClientToRelay::Delete { key, ids } => RelayToClient::Deleted {
+                count: store.delete(&key.queue(), &ids).unwrap(),
             },
             ClientToRelay::Info => {
                 RelayToClient::error(kkachi_protocol::ErrorCode::Internal, "fake")
@@ -216,6 +236,20 @@ impl User {
             relays,
             _dir: dir,
         }
+    }
+
+    /// A user whose engine has told its relays what to grant.
+    async fn started(net: &FakeNet, name: &str, relays: usize) -> Self {
+        let user = Self::new(net, name, relays);
+        user.engine.settle().await.unwrap();
+        user
+    }
+
+    /// Tells our relays again what to grant (contacts were written straight to the
+    /// store), and waits until they have it.
+    async fn regrant(&self) {
+        self.engine.housekeeping().await.unwrap();
+        self.engine.settle().await.unwrap();
     }
 
     fn peer(&self) -> PeerId {
@@ -304,14 +338,37 @@ impl User {
         envelope
     }
 
-    /// Puts `envelope` on `to`'s relays as it is.
+    /// Puts `envelope` on `to`'s relays as it is: with our capability there, or with
+    /// the contact-request capability of their card where they granted us none.
     async fn put_raw(&self, to: &Contact, envelope: Envelope) {
         for relay in to.card.relays() {
-            let put = ClientToRelay::Put {
-                envelopes: vec![envelope.clone()],
-            };
-            let _ = self.engine.net().request(relay, put).await;
+            let peer = crate::engine::state::relay_peer(relay).unwrap();
+            let ours = self
+                .engine
+                .identity()
+                .write_key_for(to.card.identity(), &peer);
+            let request = *to.card.request_key_at(&peer).unwrap();
+            for write in [ours, request] {
+                let put = ClientToRelay::Put {
+                    items: vec![Addressed {
+                        write,
+                        envelope: envelope.clone(),
+                    }],
+                };
+                let answer = self.engine.net().request(relay, put).await;
+                if !matches!(&answer, Ok(RelayToClient::Stored { outcomes })
+                    if matches!(outcomes[0], PutOutcome::Rejected { code: kkachi_protocol::ErrorCode::NoQueue, .. }))
+                {
+                    break;
+                }
+            }
         }
+    }
+
+    /// This user's inbox queue at `relay`.
+    fn inbox(&self, relay: &Multiaddr) -> kkachi_protocol::QueueId {
+        let peer = crate::engine::state::relay_peer(relay).unwrap();
+        self.engine.identity().inbox_key(&peer).queue()
     }
 
     fn contact_of(&self, peer: &PeerId) -> Option<Contact> {
@@ -354,9 +411,11 @@ async fn converse(alice: &User, bob: &User, bob_c: &Contact, alice_c: &Contact) 
 }
 
 async fn pair(net: &FakeNet) -> (User, User, Contact, Contact) {
-    let alice = User::new(net, "alice", 3);
-    let bob = User::new(net, "bob", 3);
+    let alice = User::started(net, "alice", 3).await;
+    let bob = User::started(net, "bob", 3).await;
     let bob_at_alice = alice.add_contact(&bob);
     let alice_at_bob = bob.add_contact(&alice);
+    alice.regrant().await;
+    bob.regrant().await;
     (alice, bob, bob_at_alice, alice_at_bob)
 }

@@ -6,7 +6,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use kkachi_protocol::{Envelope, QueueId};
+use kkachi_protocol::wire::Addressed;
+use kkachi_protocol::{Envelope, QueueKind, ReadKey, RelayToClient, WriteKey};
+use kkachi_relay::client::MailboxClient;
 
 pub(crate) fn now_s() -> u64 {
     SystemTime::now()
@@ -52,7 +54,8 @@ impl Relay {
         std::fs::create_dir_all(dir)?;
         std::fs::write(
             &config,
-            "[limits]\nmailbox_max_envelopes = 100000000\nmailbox_max_bytes = 100000000000\n\
+            "[limits]\nqueue_max_envelopes = 100000000\nqueue_max_bytes = 100000000000\n\
+             capability_max_envelopes = 100000000\ncapability_max_bytes = 100000000000\n\
              puts_per_sec = 10000000\nput_burst = 10000000\nputs_per_sec_per_address = 10000000\n\
              put_burst_per_address = 10000000\nmax_connections = 100000\n\
              max_pending_connections = 100000\nmax_waiting_per_peer = 64\n",
@@ -139,13 +142,29 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-pub(crate) fn envelope(to: &QueueId, n: u64, size: usize) -> Envelope {
+/// Envelope `n` of `size` bytes, put through the write key `to`.
+pub(crate) fn envelope(to: &WriteKey, n: u64, size: usize) -> Addressed {
     let mut payload = vec![0u8; size];
     payload[..8].copy_from_slice(&n.to_be_bytes());
-    Envelope {
-        mailbox: *to,
-        expires_at: now_s() + 3600,
-        payload,
+    Addressed {
+        write: *to,
+        envelope: Envelope {
+            expires_at: now_s() + 3600,
+            payload,
+        },
+    }
+}
+
+/// Opens a fresh queue through `client` and returns the one write key it grants.
+pub(crate) async fn open_queue(client: &MailboxClient) -> Result<WriteKey> {
+    let key = ReadKey(rand::random());
+    let write = WriteKey(rand::random());
+    match client
+        .grant(&key, QueueKind::Inbox, vec![write.id()])
+        .await?
+    {
+        RelayToClient::Granted { .. } => Ok(write),
+        other => anyhow::bail!("the relay did not open a queue: {other:?}"),
     }
 }
 

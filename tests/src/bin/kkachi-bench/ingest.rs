@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use kkachi_protocol::{Envelope, QueueId, PutOutcome, RelayToClient};
+use kkachi_protocol::wire::Addressed;
+use kkachi_protocol::{PutOutcome, RelayToClient};
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::common::{Relay, envelope, free_port, pct, us};
+use crate::common::{Relay, envelope, free_port, open_queue, pct, us};
 
 /// Durable 512-byte puts from many senders to one relay.
 pub(crate) async fn ingest(
@@ -28,7 +29,7 @@ pub(crate) async fn ingest(
         clients
             .push(MailboxClient::connect(Keypair::generate_ed25519(), relay.addr.parse()?).await?);
     }
-    let to = QueueId::for_peer(&libp2p::PeerId::random());
+    let to = open_queue(&clients[0]).await?;
     let acks: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = Instant::now() + duration;
@@ -41,7 +42,7 @@ pub(crate) async fn ingest(
             tasks.push(tokio::spawn(async move {
                 let mut n = ((c * 1000 + f) as u64) << 32;
                 while Instant::now() < deadline {
-                    let envs: Vec<Envelope> = (0..batch)
+                    let envs: Vec<Addressed> = (0..batch)
                         .map(|i| envelope(&to, n + i as u64, 512))
                         .collect();
                     n += batch as u64;

@@ -11,13 +11,14 @@ use anyhow::{Context, Result, bail};
 use kkachi_client::engine::{AppEvent, Engine, Mode, SendEvent};
 use kkachi_client::net::{NetConfig, Network};
 use kkachi_client::store::LocalStore;
-use kkachi_protocol::{Card, Envelope, QueueId};
+use kkachi_protocol::Card;
+use kkachi_protocol::wire::Addressed;
 use kkachi_relay::client::MailboxClient;
 use libp2p::identity::Keypair;
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::common::{Relay, envelope, free_port, mono_us, pct};
+use crate::common::{Relay, envelope, free_port, mono_us, open_queue, pct};
 
 struct User {
     engine: Engine<Network>,
@@ -183,11 +184,11 @@ pub(crate) async fn latency_and_failover(
         MailboxClient::connect(Keypair::generate_ed25519(), addrs[addrs.len() - 1].parse()?)
             .await?;
     let mut load_stopped = stop_rx.clone();
+    let to = open_queue(&loader).await?;
     let load = tokio::spawn(async move {
         if load_per_s == 0 {
             return;
         }
-        let to = QueueId::for_peer(&libp2p::PeerId::random());
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let per_tick = (load_per_s / 100).max(1);
         let mut n = 0u64;
@@ -195,7 +196,7 @@ pub(crate) async fn latency_and_failover(
             tokio::select! {
                 _ = load_stopped.changed() => break,
                 _ = tick.tick() => {
-                    let envs: Vec<Envelope> = (0..per_tick).map(|i| envelope(&to, n + i, 512)).collect();
+                    let envs: Vec<Addressed> = (0..per_tick).map(|i| envelope(&to, n + i, 512)).collect();
                     n += per_tick;
                     let _ = loader.put(envs).await;
                 }

@@ -88,9 +88,10 @@ async fn idle_rss_per_connection(dir: &Path, connections: usize) -> Result<(f64,
         .iter()
         .map(|c| {
             let c = c.clone();
+            let key = kkachi_protocol::ReadKey(rand::random());
             tokio::spawn(async move {
                 loop {
-                    if c.subscribe(0, kkachi_protocol::wire::MAX_WAIT_MS)
+                    if c.subscribe(&key, 0, kkachi_protocol::wire::MAX_WAIT_MS)
                         .await
                         .is_err()
                     {

@@ -1,0 +1,213 @@
+//! Our queues on our relays: which write capabilities they grant (SPEC.md §3). Each of
+//! our relays is told, once per run and again whenever our contacts change or the relay
+//! failed a long poll (it may have lost its data), to grant the contact-request
+//! capability of our card and one capability per contact; the people we removed or
+//! blocked have theirs withdrawn. Every grant is idempotent, so telling a relay again
+//! costs one request per 1,024 contacts.
+
+use std::collections::HashMap;
+
+use kkachi_protocol::wire::MAX_GRANT_IDS;
+use kkachi_protocol::{ClientToRelay, Multiaddr, QueueKind, ReadKey, RelayToClient, WriteId};
+
+use super::super::state::relay_peer;
+use super::super::{ATTEMPT_TIMEOUT, now_ms};
+use super::{Done, Owner};
+use crate::net::{NetError, Transport};
+
+/// How long a relay whose grant failed waits before it is tried again.
+const GRANT_RETRY_MS: u64 = 5_000;
+
+/// Which of our relays grant what they should, as far as this run knows.
+#[derive(Debug, Default)]
+pub(super) struct Grants {
+    /// By relay address: `None` while a grant is under way, `Some(0)` once done, or
+    /// `Some(t)`: try again at `t`.
+    relays: HashMap<String, Option<u64>>,
+    /// Revocations (not full grants) under way.
+    revoking: usize,
+}
+
+impl Grants {
+    /// Every relay is told again (contacts changed).
+    pub(super) fn invalidate(&mut self) {
+        for state in self.relays.values_mut() {
+            if *state == Some(0) {
+                *state = Some(1);
+            }
+        }
+    }
+
+    /// Whether a relay is being told something right now.
+    pub(super) fn busy(&self) -> bool {
+        self.relays.values().any(Option::is_none) || self.revoking > 0
+    }
+
+    /// `relay` is told again (it failed; it may have lost its data).
+    pub(super) fn invalidate_relay(&mut self, relay: &str) {
+        if let Some(state @ Some(0)) = self.relays.get_mut(relay) {
+            *state = Some(1);
+        }
+    }
+}
+
+impl<T: Transport> Owner<T> {
+    /// The read key of our inbox at `relay` (an address ending in `/p2p/…`).
+    pub(super) fn inbox_key(&self, relay: &str) -> Option<ReadKey> {
+        let addr: Multiaddr = relay.parse().ok()?;
+        Some(self.state.me.inbox_key(&relay_peer(&addr)?))
+    }
+
+    /// Starts telling each of our relays that needs it what to grant.
+    pub(super) fn start_grants(&mut self) {
+        let now = now_ms();
+        let relays: Vec<String> = match self.state.store.relays() {
+            Ok(rs) => rs.into_iter().map(|r| r.addr).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read our relays");
+                return;
+            }
+        };
+        self.grants.relays.retain(|r, _| relays.contains(r));
+        let revoked = std::mem::take(&mut self.state.revoked);
+        for relay in relays {
+            let state = *self.grants.relays.entry(relay.clone()).or_insert(Some(1));
+            let due = matches!(state, Some(t) if t != 0 && t <= now);
+            if !due && revoked.is_empty() {
+                continue;
+            }
+            let Some(requests) = self.grant_requests(&relay, &revoked, due) else {
+                continue;
+            };
+            if due {
+                self.grants.relays.insert(relay.clone(), None);
+            } else {
+                self.grants.revoking += 1;
+            }
+            let net = self.state.net.clone();
+            self.work.push(Box::pin(async move {
+                let mut result = Ok(());
+                match relay.parse::<Multiaddr>() {
+                    Ok(addr) => {
+                        for request in requests {
+                            let answer =
+                                tokio::time::timeout(ATTEMPT_TIMEOUT, net.request(&addr, request))
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Err(NetError::Unreachable(format!(
+                                            "no answer within {ATTEMPT_TIMEOUT:?}"
+                                        )))
+                                    });
+                            match answer {
+                                Ok(RelayToClient::Granted { .. }) => {}
+                                Ok(RelayToClient::Error { code, message }) => {
+                                    result = Err(format!("{}: {message}", code.as_str()));
+                                    break;
+                                }
+                                Ok(other) => {
+                                    result = Err(format!("unexpected answer {other:?}"));
+                                    break;
+                                }
+                                Err(e) => {
+                                    result = Err(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => result = Err(format!("bad relay address: {e}")),
+                }
+                Done::Granted {
+                    relay,
+                    result,
+                    full: due,
+                }
+            }));
+        }
+    }
+
+    /// The requests that bring `relay` up to date: withdraw `revoked`'s capabilities,
+    /// and, if `full`, grant our card's and every contact's.
+    fn grant_requests(
+        &self,
+        relay: &str,
+        revoked: &[kkachi_protocol::PublicIdentity],
+        full: bool,
+    ) -> Option<Vec<ClientToRelay>> {
+        let addr: Multiaddr = relay.parse().ok()?;
+        let peer = relay_peer(&addr)?;
+        let key = self.state.me.inbox_key(&peer);
+        let mut requests = Vec::new();
+        let gone: Vec<WriteId> = revoked
+            .iter()
+            .map(|id| self.state.me.grant_for(id, &peer).id())
+            .collect();
+        for ids in gone.chunks(MAX_GRANT_IDS) {
+            requests.push(ClientToRelay::Revoke {
+                key: key.clone(),
+                write_ids: ids.to_vec(),
+            });
+        }
+        if full {
+            let token = self.relay_token(relay);
+            requests.push(ClientToRelay::Grant {
+                key: key.clone(),
+                kind: QueueKind::Requests,
+                token: token.clone(),
+                write_ids: vec![self.state.me.request_write_key(&peer, 0).id()],
+            });
+            let contacts = match self.state.store.contacts() {
+                Ok(cs) => cs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read our contacts");
+                    return None;
+                }
+            };
+            let ids: Vec<WriteId> = contacts
+                .iter()
+                .filter(|c| matches!(self.state.store.blocked(&c.peer), Ok(None)))
+                .map(|c| self.state.me.grant_for(c.card.identity(), &peer).id())
+                .collect();
+            for ids in ids.chunks(MAX_GRANT_IDS) {
+                requests.push(ClientToRelay::Grant {
+                    key: key.clone(),
+                    kind: QueueKind::Inbox,
+                    token: token.clone(),
+                    write_ids: ids.to_vec(),
+                });
+            }
+        }
+        Some(requests)
+    }
+
+    /// The access token we hold for `relay`, if its operator gave us one.
+    fn relay_token(&self, relay: &str) -> Vec<u8> {
+        self.state
+            .store
+            .relays()
+            .ok()
+            .and_then(|rs| rs.into_iter().find(|r| r.addr == relay))
+            .and_then(|r| r.token)
+            .map(String::into_bytes)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn on_granted(&mut self, relay: String, result: Result<(), String>, full: bool) {
+        if !full {
+            self.grants.revoking = self.grants.revoking.saturating_sub(1);
+        }
+        let Some(state) = self.grants.relays.get_mut(&relay) else {
+            return;
+        };
+        match result {
+            Ok(()) if full => *state = Some(0),
+            Ok(()) => {}
+            Err(why) => {
+                tracing::warn!(%relay, error = %why, "the relay did not take our grants; trying again");
+                if full || *state == Some(0) {
+                    *state = Some(now_ms() + GRANT_RETRY_MS);
+                }
+            }
+        }
+    }
+}
