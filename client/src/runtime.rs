@@ -8,8 +8,9 @@ use crate::net::{NetConfig, NetError, Network};
 use crate::store::LocalStore;
 
 /// Network options from the environment: `KKACHI_LISTEN` (comma-separated
-/// multiaddrs), `KKACHI_MDNS=0` to turn LAN discovery off and `KKACHI_DIRECT=0` for
-/// relays only (no direct connections to contacts at all).
+/// multiaddrs), `KKACHI_MDNS=0` to turn LAN discovery off, `KKACHI_DIRECT=0` for
+/// relays only (no direct connections to contacts at all), and `KKACHI_CIRCUITS=1` to
+/// reach contacts through relays and hole punching (which names us to those relays).
 pub fn net_config() -> NetConfig {
     let mut config = NetConfig::default();
     if let Ok(listen) = std::env::var("KKACHI_LISTEN") {
@@ -33,6 +34,9 @@ pub fn net_config() -> NetConfig {
     }
     if off("KKACHI_DIRECT") {
         config.direct = false;
+    }
+    if std::env::var("KKACHI_CIRCUITS").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("on")) {
+        config.circuits = true;
     }
     config
 }

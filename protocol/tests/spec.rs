@@ -31,6 +31,7 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_PUT_BATCH", wire::MAX_PUT_BATCH as u64),
         ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),
         ("MAX_DELETE_IDS", wire::MAX_DELETE_IDS as u64),
+        ("MAX_GRANT_IDS", wire::MAX_GRANT_IDS as u64),
         ("MAX_WAIT_MS", u64::from(wire::MAX_WAIT_MS)),
         ("CLOCK_SKEW_SECS", envelope::CLOCK_SKEW_SECS),
         ("MAX_NAME_CHARS", card::MAX_NAME_CHARS as u64),

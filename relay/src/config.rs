@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kkachi_protocol::Multiaddr;
-use kkachi_protocol::envelope::{MAX_PAYLOAD_LEN, MAX_TTL_SECS};
+use kkachi_protocol::envelope::{DEFAULT_TTL_SECS, MAX_PAYLOAD_LEN, MAX_TTL_SECS};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -146,7 +146,9 @@ pub struct LimitsConfig {
     pub request_max_envelopes: u64,
     /// Most bytes held in one contact-request queue. Default: 8 MiB.
     pub request_max_bytes: u64,
-    /// Longest lifetime of an envelope in a contact-request queue, seconds. Default: 7 days.
+    /// Longest lifetime of an envelope put through a contact-request capability, seconds
+    /// (clients give envelopes 14 days; less refuses theirs). Default: 14 days, against
+    /// 30 for contacts.
     pub request_max_ttl_secs: u64,
     /// Contact requests one address may put per hour, sustained, into all request
     /// queues together. Default: 20.
@@ -224,7 +226,7 @@ impl Default for LimitsConfig {
             grants_per_queue: 4_096,
             request_max_envelopes: 200,
             request_max_bytes: 8 << 20,
-            request_max_ttl_secs: 7 * 24 * 3600,
+            request_max_ttl_secs: DEFAULT_TTL_SECS,
             request_puts_per_hour_per_address: 20,
             request_put_burst_per_address: 10,
             puts_per_sec: 500,

@@ -386,6 +386,7 @@ fn hole_punched_contacts_drop_the_relayed_connection() {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             mdns: false,
             direct: true,
+            circuits: true,
         };
         let (alice, _alice_events) = Network::start(Keypair::generate_ed25519(), config()).unwrap();
         let bob_key = Keypair::generate_ed25519();

@@ -17,7 +17,10 @@ impl App {
         Ok(self.store.own_card(&self.identity()?)?)
     }
 
-    /// After a relay change: a new card version, sent to every contact in-band.
+    /// After a relay change: a new card version, sent to every contact in-band, and our
+    /// queue opened on every relay with what it should grant (our card's
+    /// contact-request capability, a capability per contact), so the new invite code
+    /// works at once.
     pub(super) async fn announce_card(&mut self, out: &mut Output) -> Result<(), CommandError> {
         let mut profile = self.profile()?;
         profile.card_version += 1;
@@ -25,21 +28,17 @@ impl App {
         w.put_record(crate::store::TreeId::Meta, b"profile".to_vec(), &profile);
         self.store.apply(w)?;
         let contacts = self.store.contacts()?;
-        if contacts.is_empty() {
-            // No one to tell; a running daemon still takes the new set of relays.
-            if let Some(engine) = &self.engine {
-                engine.relays_changed(false).await?;
-            }
-            return Ok(());
-        }
         let engine = self.engine()?;
-        engine.relays_changed(true).await?;
-        // What was queued goes out before this command ends (a daemon keeps at it).
+        engine.relays_changed(!contacts.is_empty()).await?;
+        // What was queued, and the grants, go out before this command ends (a daemon
+        // keeps at it).
         engine.settle().await?;
-        out.warn(format!(
-            "your new relays were sent to {} contact(s)",
-            contacts.len()
-        ));
+        if !contacts.is_empty() {
+            out.warn(format!(
+                "your new relays were sent to {} contact(s)",
+                contacts.len()
+            ));
+        }
         Ok(())
     }
 

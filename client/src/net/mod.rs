@@ -136,6 +136,11 @@ pub struct NetConfig {
     /// Off: relays only. Contacts never learn our addresses, and nobody on the LAN sees
     /// us (no listening, no mDNS, no circuit reservations).
     pub direct: bool,
+    /// Also reach contacts through relays (a reservation at each of ours, circuits to
+    /// theirs, then hole punching). Off by default: a reservation and a circuit name
+    /// our network identity (the one in our card) to those relays, which otherwise
+    /// only ever see a throwaway identity.
+    pub circuits: bool,
 }
 
 impl Default for NetConfig {
@@ -147,21 +152,45 @@ impl Default for NetConfig {
             ],
             mdns: true,
             direct: true,
+            circuits: false,
         }
     }
 }
 
-/// Handle to the network task.
+/// One network task, as the handle reaches it.
+#[derive(Clone)]
+struct Side {
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    /// The session with each peer spoken to, opened on first use.
+    sessions: Arc<parking_lot::Mutex<HashMap<PeerId, Arc<SessionSlot>>>>,
+}
+
+impl Side {
+    fn offline() -> Self {
+        Self {
+            commands: mpsc::channel(1).0,
+            control: libp2p_stream::Behaviour::new().new_control(),
+            sessions: Arc::default(),
+        }
+    }
+}
+
+/// Handle to the network tasks: one speaks to relays as a throwaway identity made at
+/// every start, so relays never see the identity in our card; the other, as that
+/// identity, to contacts (on the LAN, or directly).
 #[derive(Clone)]
 pub struct Network {
-    commands: mpsc::Sender<Command>,
+    /// To contacts, as `local`.
+    contacts: Side,
+    /// To relays, as a throwaway identity.
+    relays: Side,
     state: Arc<RwLock<PeerState>>,
     local: PeerId,
     /// [`NetConfig::direct`].
     direct: bool,
-    control: libp2p_stream::Control,
-    /// The session with each peer spoken to, opened on first use.
-    sessions: Arc<parking_lot::Mutex<HashMap<PeerId, Arc<SessionSlot>>>>,
+    /// [`NetConfig::circuits`] (and direct).
+    circuits: bool,
 }
 
 impl std::fmt::Debug for Network {
@@ -182,26 +211,42 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 }
 
 impl Network {
-    /// Starts the network task as `keypair`; returns the handle and the event stream.
+    /// Starts the network tasks, towards contacts as `keypair`; returns the handle and
+    /// the event stream.
     pub fn start(
         keypair: Keypair,
         config: NetConfig,
     ) -> Result<(Self, mpsc::Receiver<NetEvent>), NetError> {
         let local = keypair.public().to_peer_id();
-        let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let (events_tx, events) = mpsc::channel(EVENTS);
         let state = Arc::new(RwLock::new(PeerState::default()));
-        let (task, control) =
-            NetworkTask::new(keypair, &config, commands_rx, events_tx, state.clone())?;
-        tokio::spawn(task.run());
+        let side = |keypair, config: &NetConfig, events_tx| -> Result<Side, NetError> {
+            let (commands, commands_rx) = mpsc::channel(COMMANDS);
+            let (task, control) =
+                NetworkTask::new(keypair, config, commands_rx, events_tx, state.clone())?;
+            tokio::spawn(task.run());
+            Ok(Side {
+                commands,
+                control,
+                sessions: Arc::default(),
+            })
+        };
+        let contacts = side(keypair, &config, events_tx.clone())?;
+        let relays_only = NetConfig {
+            listen: Vec::new(),
+            mdns: false,
+            direct: false,
+            circuits: false,
+        };
+        let relays = side(Keypair::generate_ed25519(), &relays_only, events_tx)?;
         Ok((
             Self {
-                commands,
+                contacts,
+                relays,
                 state,
                 local,
                 direct: config.direct,
-                control,
-                sessions: Arc::default(),
+                circuits: config.direct && config.circuits,
             },
             events,
         ))
@@ -210,14 +255,13 @@ impl Network {
     /// A handle with no network behind it: every request fails at once. For an engine
     /// that only changes local state (contacts) in a process that needs no network.
     pub fn offline(local: PeerId) -> Self {
-        let (commands, _) = mpsc::channel(1);
         Self {
-            commands,
+            contacts: Side::offline(),
+            relays: Side::offline(),
             state: Arc::default(),
             local,
             direct: false,
-            control: libp2p_stream::Behaviour::new().new_control(),
-            sessions: Arc::default(),
+            circuits: false,
         }
     }
 
@@ -244,6 +288,9 @@ impl Network {
         self.state.read().listen.clone()
     }
 
+}
+
+impl Side {
     /// Connects to `peer` (at `addr`, or wherever it is known to be); returns once the
     /// connection is up, or why it could not be made.
     async fn dial(&self, peer: PeerId, addr: Option<Multiaddr>) -> Result<(), NetError> {
@@ -298,7 +345,7 @@ impl Transport for Network {
         request: ClientToRelay,
     ) -> Result<RelayToClient, NetError> {
         let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
-        self.exchange(peer, Some(relay), &request).await
+        self.relays.exchange(peer, Some(relay), &request).await
     }
 
     async fn direct_put(
@@ -307,7 +354,8 @@ impl Transport for Network {
         envelopes: Vec<Envelope>,
     ) -> Result<RelayToClient, NetError> {
         let items = envelopes.into_iter().map(Addressed::direct).collect();
-        self.exchange(peer, None, &ClientToRelay::Put { items })
+        self.contacts
+            .exchange(peer, None, &ClientToRelay::Put { items })
             .await
     }
 
@@ -324,18 +372,22 @@ impl Transport for Network {
     }
 
     fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
-        if !self.direct || relays.is_empty() || self.state.read().links.contains_key(&peer) {
+        if !self.circuits || relays.is_empty() || self.state.read().links.contains_key(&peer) {
             return;
         }
         let relays = relays.to_vec();
         // Best effort: a full command queue means the task is busy; the next call retries.
-        let _ = self.commands.try_send(Command::SeekDirect { peer, relays });
+        let _ = self
+            .contacts
+            .commands
+            .try_send(Command::SeekDirect { peer, relays });
     }
 
     /// Idempotent, and a relay that refused is asked again only after a backoff.
     fn reserve_at(&self, relays: Vec<Multiaddr>) {
-        // Relays only: a reservation is how contacts would reach us directly.
-        let relays = if self.direct { relays } else { Vec::new() };
-        let _ = self.commands.try_send(Command::ReserveAt(relays));
+        // A reservation is how contacts would reach us through a relay; it names us
+        // to the relay, so only with circuits on.
+        let relays = if self.circuits { relays } else { Vec::new() };
+        let _ = self.contacts.commands.try_send(Command::ReserveAt(relays));
     }
 }

@@ -41,6 +41,7 @@ fn loopback_net() -> NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
         mdns: false,
         direct: true,
+        circuits: false,
     }
 }
 

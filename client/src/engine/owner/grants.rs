@@ -43,6 +43,14 @@ impl Grants {
         self.relays.values().any(Option::is_none) || self.revoking > 0
     }
 
+    /// When a relay is next due to be told (its grant failed, or contacts changed).
+    pub(super) fn next_deadline(&self) -> Option<u64> {
+        self.relays
+            .values()
+            .filter_map(|s| s.filter(|t| *t != 0))
+            .min()
+    }
+
     /// `relay` is told again (it failed; it may have lost its data).
     pub(super) fn invalidate_relay(&mut self, relay: &str) {
         if let Some(state @ Some(0)) = self.relays.get_mut(relay) {
@@ -84,6 +92,7 @@ impl<T: Transport> Owner<T> {
             } else {
                 self.grants.revoking += 1;
             }
+            tracing::debug!(%relay, requests = requests.len(), full = due, "telling a relay what to grant");
             let net = self.state.net.clone();
             self.work.push(Box::pin(async move {
                 let mut result = Ok(());

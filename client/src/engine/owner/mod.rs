@@ -301,6 +301,9 @@ impl<T: Transport> Owner<T> {
             deadlines.extend(self.inboxes.next_deadline());
             deadlines.push(self.next_housekeeping);
         }
+        if self.mode.inbox || self.mode.deliver {
+            deadlines.extend(self.grants.next_deadline());
+        }
         deadlines.extend(self.syncs.iter().map(|r| r.deadline));
         deadlines.into_iter().min().map(|d| d.max(now))
     }

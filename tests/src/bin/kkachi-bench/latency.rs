@@ -31,6 +31,7 @@ fn net_config(direct: bool) -> Result<NetConfig> {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         mdns: false,
         direct,
+        circuits: false,
     })
 }
 
