@@ -337,7 +337,8 @@ fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
     // through the relay and starts that; the next ones should find the path open.
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProc::start(&dir.path().join("relay"), &[]);
-    let (alice, bob) = pair_at(&relay, dir.path(), &[]);
+    // Circuits name each user to the relay, so they are opt-in.
+    let (alice, bob) = pair_at(&relay, dir.path(), &[("KKACHI_CIRCUITS", "1")]);
     let bob_daemon = bob.daemon();
     let alice_daemon = alice.daemon();
     let first = send_until_direct(&alice, &bob_daemon, "fresh", 50);
@@ -393,8 +394,8 @@ fn hole_punched_contacts_drop_the_relayed_connection() {
         let bob_id = bob_key.public().to_peer_id();
         let (bob, _bob_events) = Network::start(bob_key, config()).unwrap();
         let relay_addr: libp2p::Multiaddr = relay.addr.parse().unwrap();
-        // Bob is connected to his relay (as his inbox subscription keeps him), which is
-        // where he asks for a reservation.
+        // Bob asks his relay for a reservation (connecting to it as himself, which
+        // is why circuits are opt-in).
         let info = bob
             .request(&relay_addr, kkachi_protocol::ClientToRelay::Info)
             .await;

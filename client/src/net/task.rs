@@ -279,14 +279,22 @@ impl NetworkTask {
         }
     }
 
-    /// Asks `relay` for a reservation if we want one, hold none, are connected to it
-    /// and it has not refused us recently.
+    /// Asks `relay` for a reservation if we want one, hold none, and it has not refused
+    /// us recently; connects to it first (relay requests go over another identity, so
+    /// this one is not connected to our relays otherwise).
     fn reserve(&mut self, relay: PeerId) {
         let connected = self.swarm.is_connected(&relay);
         let Some(r) = self.reservations.get_mut(&relay) else {
             return;
         };
-        if r.listener.is_some() || !connected || Instant::now() < r.not_before {
+        if r.listener.is_some() || Instant::now() < r.not_before {
+            return;
+        }
+        if !connected {
+            // Asked again once the connection is up.
+            if let Err(e) = self.swarm.dial(r.addr.clone()) {
+                tracing::debug!(%relay, error = %e, "cannot connect for a reservation");
+            }
             return;
         }
         match self

@@ -92,8 +92,10 @@ impl<T: Transport> Owner<T> {
 
     pub(super) fn mailbox_failed(&mut self, relay: &str, why: RelayError, sync: bool, now: u64) {
         self.state.note_relay(relay, Err(why.clone()));
-        // It may come back without its data: it is told our grants again.
+        // It may come back without its data: it is told our grants again; and a
+        // reservation there (circuits on) is asked for again once it answers.
         self.grants.invalidate_relay(relay);
+        self.reserve_again = true;
         if sync {
             self.sync_relay_done(relay, Err(why));
         } else {
@@ -233,6 +235,11 @@ impl<T: Transport> Owner<T> {
             .store
             .update_relay(&relay, |r| r.cursor = r.cursor.max(next));
         self.state.note_relay(&relay, Ok(()));
+        if std::mem::take(&mut self.reserve_again)
+            && let Err(e) = self.take_relays()
+        {
+            tracing::warn!(error = %e, "cannot read our relays");
+        }
         if batch.more {
             let fetch = ClientToRelay::Fetch {
                 key,

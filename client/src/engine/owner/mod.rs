@@ -148,6 +148,8 @@ pub(super) struct Owner<T> {
     deliveries: Deliveries,
     inboxes: Inboxes,
     grants: grants::Grants,
+    /// A relay failed: ask for reservations again once one answers.
+    reserve_again: bool,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -181,6 +183,7 @@ impl<T: Transport> Owner<T> {
             deliveries: Deliveries::default(),
             inboxes: Inboxes::default(),
             grants: grants::Grants::default(),
+            reserve_again: false,
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -244,7 +247,7 @@ impl<T: Transport> Owner<T> {
     }
 
     /// Our relays as stored: polled (in the inbox mode) and kept reservations at.
-    fn take_relays(&mut self) -> Result<(), EngineError> {
+    pub(super) fn take_relays(&mut self) -> Result<(), EngineError> {
         let relays: Vec<String> = self
             .state
             .store
