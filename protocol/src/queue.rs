@@ -11,9 +11,9 @@
 //!
 //! - the owner's inbox on a relay (one queue per relay, whatever the number of
 //!   contacts): a read key from the owner's X25519 secret and the relay's peer id;
-//! - its contact-request capability there: a write key from the same secret, the relay
-//!   and an epoch (a new epoch retires every invite code given out before); the write
-//!   key travels in the owner's card;
+//! - its contact-request queue there: a read key and one write key from the same secret,
+//!   the relay and an epoch (a new epoch retires every invite code given out before);
+//!   the write key travels in the owner's card;
 //! - the capability of contact W to put into owner O's inbox on relay R: a key from the
 //!   X25519 agreement of O's and W's static keys, both public keys and R. Both O and W
 //!   compute it; nobody else can.
@@ -124,8 +124,19 @@ impl Identity {
         ))
     }
 
-    /// The contact-request capability into this user's inbox on `relay` for `epoch`:
-    /// what this user's card carries for `relay`.
+    /// The read key of this user's contact-request queue on `relay` for `epoch`: what
+    /// strangers holding the invite code put into is read apart from the inbox, so a
+    /// flood of them never stands in front of a contact's message.
+    pub fn request_read_key(&self, relay: &PeerId, epoch: u32) -> ReadKey {
+        let secret = self.x25519_secret();
+        ReadKey(hash(
+            "kkachi/request-read/v2",
+            &[secret.as_slice(), &relay.to_bytes(), &epoch.to_be_bytes()],
+        ))
+    }
+
+    /// The contact-request capability into that queue: what this user's card carries
+    /// for `relay`.
     pub fn request_write_key(&self, relay: &PeerId, epoch: u32) -> WriteKey {
         let secret = self.x25519_secret();
         WriteKey(hash(
@@ -204,6 +215,15 @@ mod tests {
         assert_ne!(a.inbox_key(&r1).queue(), a.inbox_key(&r2).queue());
         assert_ne!(a.inbox_key(&r1).queue(), b.inbox_key(&r1).queue());
         assert_ne!(a.request_write_key(&r1, 0), a.request_write_key(&r1, 1));
+        assert_ne!(
+            a.request_read_key(&r1, 0).queue(),
+            a.inbox_key(&r1).queue(),
+            "requests are read apart from the inbox"
+        );
+        assert_ne!(
+            a.request_read_key(&r1, 0).queue(),
+            a.request_read_key(&r1, 1).queue()
+        );
         assert_ne!(a.request_write_key(&r1, 0), a.request_write_key(&r2, 0));
         assert_ne!(
             a.inbox_key(&r1).0,

@@ -88,6 +88,8 @@ pub struct RelayProc {
     /// The IP to listen on.
     pub ip: String,
     netns: Option<String>,
+    /// Where its log goes, at debug level (else warnings to the test's stderr).
+    log: Option<PathBuf>,
 }
 
 impl RelayProc {
@@ -106,6 +108,23 @@ impl RelayProc {
             child: None,
             ip: ip.to_string(),
             netns: netns.map(str::to_string),
+            log: None,
+        };
+        relay.restart();
+        relay
+    }
+
+    /// Starts a relay on loopback that logs everything (debug level) to `log`.
+    pub fn start_logged(dir: &Path, args: &[&str], log: &Path) -> Self {
+        let mut relay = Self {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            addr: String::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            ip: "127.0.0.1".into(),
+            netns: None,
+            log: Some(log.to_path_buf()),
         };
         relay.restart();
         relay
@@ -116,15 +135,24 @@ impl RelayProc {
         assert!(self.child.is_none(), "relay already running");
         let mut cmd = command_in(self.netns.as_deref(), bin("kkachi-relay"));
         let listen = format!("/ip4/{}/tcp/{}", self.ip, self.port);
-        let mut child = cmd
-            .args(["--listen", &listen, "--metrics", "off", "--data-dir"])
+        cmd.args(["--listen", &listen, "--metrics", "off", "--data-dir"])
             .arg(&self.dir)
             .args(&self.args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("relay starts");
+            .stdout(Stdio::piped());
+        match &self.log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("relay log file");
+                cmd.env("RUST_LOG", "debug").stderr(file);
+            }
+            None => {
+                cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+            }
+        }
+        let mut child = cmd.spawn().expect("relay starts");
         let rx = lines_of(child.stdout.take().expect("stdout"));
         let line = rx
             .recv_timeout(Duration::from_secs(30))

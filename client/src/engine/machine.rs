@@ -575,6 +575,10 @@ pub enum Answer {
     /// Nothing: a long poll that waited out its time, so poll again at once; but not
     /// more often than [`MIN_POLL_SPACING_MS`], for a relay that answers at once.
     Empty,
+    /// It brought envelopes, from a queue read at a steady pace (the contact-request
+    /// queue: strangers' first messages are not urgent, and a flood of them must not
+    /// cost the recipient more than one batch per [`MIN_POLL_SPACING_MS`]).
+    Paced,
     /// No answer, or a refusal: back off.
     Failed,
 }
@@ -617,7 +621,7 @@ impl Inboxes {
                 inbox.failures = 0;
                 inbox.next_ms = now;
             }
-            Answer::Empty => {
+            Answer::Empty | Answer::Paced => {
                 inbox.failures = 0;
                 inbox.next_ms = now.max(inbox.asked_ms + MIN_POLL_SPACING_MS);
             }

@@ -287,7 +287,6 @@ impl Network {
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.state.read().listen.clone()
     }
-
 }
 
 impl Side {

@@ -270,6 +270,7 @@ impl LocalStore {
             name: String::new(),
             failure_domain: String::new(),
             cursor: 0,
+            request_cursor: 0,
             last_ok_ms: None,
             last_error: None,
             token: None,

@@ -273,6 +273,20 @@ fn a_relay_that_answers_empty_at_once_is_not_polled_in_a_loop() {
 }
 
 #[test]
+fn a_paced_queue_is_read_a_batch_a_second_however_much_waits() {
+    let mut i = Inboxes::default();
+    i.set(["inbox".to_string(), "requests".to_string()]);
+    assert_eq!(i.poll(T0), ["inbox", "requests"]);
+    // Both brought a batch: the inbox is read again at once, the requests a second
+    // after they were asked.
+    i.handle_answer("inbox", Answer::Items, T0 + 5, 0);
+    i.handle_answer("requests", Answer::Paced, T0 + 5, 0);
+    assert_eq!(i.poll(T0 + 5), ["inbox"]);
+    assert!(i.poll(T0 + 999).is_empty());
+    assert_eq!(i.poll(T0 + MIN_POLL_SPACING_MS), ["requests"]);
+}
+
+#[test]
 fn a_contact_refusing_direct_hand_overs_is_retried_with_backoff_not_in_a_loop() {
     let bob = PeerId::random();
     let mut d = Deliveries::default();

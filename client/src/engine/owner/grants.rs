@@ -1,8 +1,9 @@
 //! Our queues on our relays: which write capabilities they grant (SPEC.md §3). Each of
-//! our relays is told, once per run and again whenever our contacts change or the relay
-//! failed a long poll (it may have lost its data), to grant the contact-request
-//! capability of our card and one capability per contact; the people we removed or
-//! blocked have theirs withdrawn. Every grant is idempotent, so telling a relay again
+//! our relays holds two queues of ours: the inbox, granting one capability per contact,
+//! and the contact-request queue, granting the capability in our card. Each relay is
+//! told, once per run and again whenever our contacts change or the relay failed a long
+//! poll (it may have lost its data), what they grant; the people we removed or blocked
+//! have theirs withdrawn. Every grant is idempotent, so telling a relay again
 //! costs one request per 1,024 contacts.
 
 use std::collections::HashMap;
@@ -59,11 +60,46 @@ impl Grants {
     }
 }
 
+/// Which of our two queues at a relay a long poll or fetch reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Which {
+    /// Contacts' envelopes.
+    Inbox,
+    /// Strangers' first messages, through the card's contact-request capability.
+    Requests,
+}
+
+/// The long polls and fetches name a queue as `ADDR` (the inbox) or `ADDR#requests`
+/// (the contact-request queue): the schedule and the syncs keep them apart by name.
+const REQUESTS_SUFFIX: &str = "#requests";
+
+/// The name of `which` queue at relay `addr`.
+pub(super) fn poll_name(addr: &str, which: Which) -> String {
+    match which {
+        Which::Inbox => addr.to_owned(),
+        Which::Requests => format!("{addr}{REQUESTS_SUFFIX}"),
+    }
+}
+
+/// The relay address and the queue a poll name stands for.
+pub(super) fn split_poll(name: &str) -> (&str, Which) {
+    match name.strip_suffix(REQUESTS_SUFFIX) {
+        Some(addr) => (addr, Which::Requests),
+        None => (name, Which::Inbox),
+    }
+}
+
 impl<T: Transport> Owner<T> {
-    /// The read key of our inbox at `relay` (an address ending in `/p2p/…`).
-    pub(super) fn inbox_key(&self, relay: &str) -> Option<ReadKey> {
+    /// The read key of the queue a poll name stands for (its relay address ends in
+    /// `/p2p/…`).
+    pub(super) fn queue_key(&self, name: &str) -> Option<ReadKey> {
+        let (relay, which) = split_poll(name);
         let addr: Multiaddr = relay.parse().ok()?;
-        Some(self.state.me.inbox_key(&relay_peer(&addr)?))
+        let peer = relay_peer(&addr)?;
+        Some(match which {
+            Which::Inbox => self.state.me.inbox_key(&peer),
+            Which::Requests => self.state.me.request_read_key(&peer, 0),
+        })
     }
 
     /// Starts telling each of our relays that needs it what to grant.
@@ -146,6 +182,7 @@ impl<T: Transport> Owner<T> {
         let addr: Multiaddr = relay.parse().ok()?;
         let peer = relay_peer(&addr)?;
         let key = self.state.me.inbox_key(&peer);
+        let request_queue = self.state.me.request_read_key(&peer, 0);
         let mut requests = Vec::new();
         let gone: Vec<WriteId> = revoked
             .iter()
@@ -160,7 +197,7 @@ impl<T: Transport> Owner<T> {
         if full {
             let token = self.relay_token(relay);
             requests.push(ClientToRelay::Grant {
-                key: key.clone(),
+                key: request_queue,
                 kind: QueueKind::Requests,
                 token: token.clone(),
                 write_ids: vec![self.state.me.request_write_key(&peer, 0).id()],

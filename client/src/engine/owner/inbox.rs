@@ -13,24 +13,30 @@ use tokio::sync::oneshot;
 use super::super::machine::Answer;
 use super::super::receive::Source;
 use super::super::{RelayError, SyncReport, Verdict, now_ms};
+use super::grants::{Which, poll_name, split_poll};
 use super::{After, Batch, Done, Flushed, Owner, SyncRun};
 use crate::net::{DirectReply, NetError, Transport};
 
 impl<T: Transport> Owner<T> {
-    /// Where our mailbox at `relay` was read up to.
-    pub(super) fn cursor(&self, relay: &str) -> u64 {
+    /// Where the queue a poll name stands for was read up to.
+    pub(super) fn cursor(&self, name: &str) -> u64 {
+        let (relay, which) = split_poll(name);
         self.state
             .store
             .relays()
             .ok()
             .and_then(|rs| rs.into_iter().find(|r| r.addr == relay))
-            .map_or(0, |r| r.cursor)
+            .map_or(0, |r| match which {
+                Which::Inbox => r.cursor,
+                Which::Requests => r.request_cursor,
+            })
     }
 
+    /// Sends `request` about the queue named `relay` (a poll name) to its relay.
     pub(super) fn ask_mailbox(&mut self, relay: String, request: ClientToRelay, sync: bool) {
         let net = self.state.net.clone();
         self.work.push(Box::pin(async move {
-            let result = match relay.parse::<Multiaddr>() {
+            let result = match split_poll(&relay).0.parse::<Multiaddr>() {
                 Ok(addr) => net.request(&addr, request).await,
                 Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
             };
@@ -90,12 +96,15 @@ impl<T: Transport> Owner<T> {
         self.sync_outbox();
     }
 
-    pub(super) fn mailbox_failed(&mut self, relay: &str, why: RelayError, sync: bool, now: u64) {
+    /// A poll or fetch of the queue named `name` failed.
+    pub(super) fn mailbox_failed(&mut self, name: &str, why: RelayError, sync: bool, now: u64) {
+        let relay = split_poll(name).0;
         self.state.note_relay(relay, Err(why.clone()));
         // It may come back without its data: it is told our grants again; and a
         // reservation there (circuits on) is asked for again once it answers.
         self.grants.invalidate_relay(relay);
         self.reserve_again = true;
+        let relay = name;
         if sync {
             self.sync_relay_done(relay, Err(why));
         } else {
@@ -105,18 +114,23 @@ impl<T: Transport> Owner<T> {
         }
     }
 
-    pub(super) fn sync_relay_done(&mut self, relay: &str, result: Result<(), RelayError>) {
+    /// A sync is done with the queue named `name`; the report lists each relay once
+    /// (by its inbox).
+    pub(super) fn sync_relay_done(&mut self, name: &str, result: Result<(), RelayError>) {
+        let (relay, which) = split_poll(name);
         for run in &mut self.syncs {
-            if let Some(i) = run.left.iter().position(|r| r == relay) {
+            if let Some(i) = run.left.iter().position(|r| r == name) {
                 run.left.remove(i);
-                run.report.relays.push((relay.to_owned(), result.clone()));
+                if which == Which::Inbox {
+                    run.report.relays.push((relay.to_owned(), result.clone()));
+                }
             }
         }
     }
 
     pub(super) fn delete(&mut self, relay: &str, key: ReadKey, ids: Vec<EnvelopeId>) {
         let net = self.state.net.clone();
-        let relay = relay.to_owned();
+        let relay = split_poll(relay).0.to_owned();
         self.work.push(Box::pin(async move {
             if let Ok(addr) = relay.parse::<Multiaddr>()
                 && let Err(e) = net.request(&addr, ClientToRelay::Delete { key, ids }).await
@@ -142,9 +156,13 @@ impl<T: Transport> Owner<T> {
                 Vec::new()
             }
         };
-        for relay in &relays {
-            let after = self.cursor(relay);
-            let Some(key) = self.inbox_key(relay) else {
+        let names: Vec<String> = relays
+            .iter()
+            .flat_map(|r| [poll_name(r, Which::Inbox), poll_name(r, Which::Requests)])
+            .collect();
+        for name in &names {
+            let after = self.cursor(name);
+            let Some(key) = self.queue_key(name) else {
                 continue;
             };
             let fetch = ClientToRelay::Fetch {
@@ -152,10 +170,10 @@ impl<T: Transport> Owner<T> {
                 after,
                 limit: 256,
             };
-            self.ask_mailbox(relay.clone(), fetch, true);
+            self.ask_mailbox(name.clone(), fetch, true);
         }
         self.syncs.push(SyncRun {
-            left: relays,
+            left: names,
             report: SyncReport::default(),
             deadline: now + timeout.as_millis() as u64,
             reply,
@@ -224,23 +242,27 @@ impl<T: Transport> Owner<T> {
         for run in &mut self.syncs {
             run.report.shown.extend(batch.shown.iter().cloned());
         }
-        let Some(key) = self.inbox_key(&relay) else {
+        let Some(key) = self.queue_key(&relay) else {
             return;
         };
         if !batch.ids.is_empty() {
             self.delete(&relay, key.clone(), batch.ids);
         }
-        let _ = self
-            .state
-            .store
-            .update_relay(&relay, |r| r.cursor = r.cursor.max(next));
-        self.state.note_relay(&relay, Ok(()));
+        let (addr, which) = split_poll(&relay);
+        let _ = self.state.store.update_relay(addr, |r| match which {
+            Which::Inbox => r.cursor = r.cursor.max(next),
+            Which::Requests => r.request_cursor = r.request_cursor.max(next),
+        });
+        self.state.note_relay(addr, Ok(()));
         if std::mem::take(&mut self.reserve_again)
             && let Err(e) = self.take_relays()
         {
             tracing::warn!(error = %e, "cannot read our relays");
         }
-        if batch.more {
+        // Strangers' requests are read a batch at a time, at a steady pace, however
+        // many wait; a sync reads everything.
+        let paced = which == Which::Requests && !sync;
+        if batch.more && !paced {
             let fetch = ClientToRelay::Fetch {
                 key,
                 after: next,
@@ -250,10 +272,10 @@ impl<T: Transport> Owner<T> {
         } else if sync {
             self.sync_relay_done(&relay, Ok(()));
         } else {
-            let answer = if batch.empty {
-                Answer::Empty
-            } else {
-                Answer::Items
+            let answer = match (batch.empty, paced) {
+                (true, _) => Answer::Empty,
+                (false, true) => Answer::Paced,
+                (false, false) => Answer::Items,
             };
             self.inboxes.handle_answer(&relay, answer, now_ms(), 0);
         }

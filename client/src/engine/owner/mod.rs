@@ -256,7 +256,12 @@ impl<T: Transport> Owner<T> {
             .map(|r| r.addr)
             .collect();
         if self.mode.inbox {
-            self.inboxes.set(relays.iter().cloned());
+            self.inboxes.set(relays.iter().flat_map(|a| {
+                [
+                    grants::poll_name(a, grants::Which::Inbox),
+                    grants::poll_name(a, grants::Which::Requests),
+                ]
+            }));
             self.state
                 .net
                 .reserve_at(relays.iter().filter_map(|a| a.parse().ok()).collect());
@@ -327,7 +332,7 @@ impl<T: Transport> Owner<T> {
         if self.mode.inbox {
             for relay in self.inboxes.poll(now) {
                 let after = self.cursor(&relay);
-                let Some(key) = self.inbox_key(&relay) else {
+                let Some(key) = self.queue_key(&relay) else {
                     continue;
                 };
                 let request = ClientToRelay::Subscribe {
@@ -609,7 +614,10 @@ impl<T: Transport> Owner<T> {
                     self.write_entries(due);
                     if let Ok(relays) = self.state.store.relays() {
                         for r in relays.iter().filter(|r| of_peer(&r.addr)) {
-                            self.inboxes.handle_relay_up(&r.addr, now);
+                            for which in [grants::Which::Inbox, grants::Which::Requests] {
+                                self.inboxes
+                                    .handle_relay_up(&grants::poll_name(&r.addr, which), now);
+                            }
                         }
                     }
                 }
