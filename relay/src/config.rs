@@ -130,9 +130,9 @@ pub struct LimitsConfig {
     pub max_payload: usize,
     /// Longest envelope lifetime accepted, seconds (at most 30 days). Default: 30 days.
     pub max_ttl_secs: u64,
-    /// Most envelopes held in one inbox queue, from all its contacts. Default: 10000.
+    /// Most envelopes held in one inbox queue, from all its contacts. Default: 50,000.
     pub queue_max_envelopes: u64,
-    /// Most bytes held in one inbox queue. Default: 256 MiB.
+    /// Most bytes held in one inbox queue. Default: 1 GiB.
     pub queue_max_bytes: u64,
     /// Most envelopes held for one write capability (one contact's puts into one
     /// queue), so one contact cannot fill a queue for the others. Default: 2000.
@@ -169,6 +169,33 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// Most simultaneous connections from one peer. Default: 8.
     pub max_connections_per_peer: u32,
+    /// Most simultaneous connections from one address (an IPv4 address or an IPv6
+    /// /64), whatever identities they use. Default: 128.
+    pub max_connections_per_address: u32,
+    /// Envelope bytes all peers from one address may put per hour, sustained: its share
+    /// of the relay's storage over time, whatever identities and queues it uses.
+    /// Default: 2 GiB.
+    pub put_bytes_per_hour_per_address: u64,
+    /// The same, in a burst. Default: 256 MiB.
+    pub put_bytes_burst_per_address: u64,
+    /// Requests of any kind one connection may make per second, sustained. Default: 500.
+    pub requests_per_sec: u32,
+    /// Requests of any kind one connection may make in a burst. Default: 4000.
+    pub request_burst: u32,
+    /// Most envelopes the relay holds in all, whoever they are for. Default: 10,000,000.
+    pub max_envelopes: u64,
+    /// Most envelope bytes the relay holds in all. Default: 16 GiB.
+    pub max_bytes: u64,
+    /// Most queues the relay keeps. Default: 1,000,000.
+    pub max_queues: u64,
+    /// New queues one address may open per hour, sustained. Default: 60.
+    pub queues_per_hour_per_address: u32,
+    /// Write keys one address may grant per hour, sustained (at least 4,096 at once).
+    /// Default: 20,000.
+    pub grants_per_hour_per_address: u32,
+    /// Puts are refused (reads go on) while the data directory's file system has less
+    /// free space than this, bytes. Default: 256 MiB.
+    pub min_free_disk_bytes: u64,
     /// Most connections still handshaking. Default: 512.
     pub max_pending_connections: u32,
     /// Long polls (subscriptions) one peer may hold open. Default: 8.
@@ -219,8 +246,8 @@ impl Default for LimitsConfig {
         Self {
             max_payload: MAX_PAYLOAD_LEN,
             max_ttl_secs: MAX_TTL_SECS,
-            queue_max_envelopes: 10_000,
-            queue_max_bytes: 256 << 20,
+            queue_max_envelopes: 50_000,
+            queue_max_bytes: 1 << 30,
             capability_max_envelopes: 2_000,
             capability_max_bytes: 64 << 20,
             grants_per_queue: 4_096,
@@ -235,6 +262,17 @@ impl Default for LimitsConfig {
             put_burst_per_address: 10_000,
             max_connections: 20_000,
             max_connections_per_peer: 8,
+            max_connections_per_address: 128,
+            put_bytes_per_hour_per_address: 2 << 30,
+            put_bytes_burst_per_address: 256 << 20,
+            requests_per_sec: 500,
+            request_burst: 4000,
+            max_envelopes: 10_000_000,
+            max_bytes: 16 << 30,
+            max_queues: 1_000_000,
+            queues_per_hour_per_address: 60,
+            grants_per_hour_per_address: 20_000,
+            min_free_disk_bytes: 256 << 20,
             max_pending_connections: 512,
             max_waiting_per_peer: 8,
             idle_timeout_secs: 120,

@@ -35,8 +35,15 @@ pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
         Ok(len) => len,
         Err(e) => return Ok(Err(e)),
     };
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    // Grown as the bytes arrive, not reserved from the announced length.
+    let mut body = Vec::new();
+    let read = (&mut *io).take(len as u64).read_to_end(&mut body).await?;
+    if read < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the frame ended early",
+        ));
+    }
     Ok(Ok(body))
 }
 

@@ -32,6 +32,8 @@ pub mod session;
 pub mod transport;
 
 #[cfg(feature = "server")]
+mod address_limits;
+#[cfg(feature = "server")]
 mod boxed;
 #[cfg(feature = "server")]
 pub mod config;

@@ -43,6 +43,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     limits: connection_limits::Behaviour,
+    addresses: crate::address_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     pub(crate) session: libp2p_stream::Behaviour,
@@ -72,6 +73,9 @@ pub(crate) fn build_swarm(
         |key| {
             Boxed(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                addresses: crate::address_limits::Behaviour::new(
+                    l.max_connections_per_address as usize,
+                ),
                 identify: identify::Behaviour::new(crate::transport::identify_config(
                     key.public(),
                     "kkachi-relay",

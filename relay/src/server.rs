@@ -212,6 +212,43 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
     start_with(config, key, store, metrics).await
 }
 
+/// Measures the free space of the file system holding `dir` into `free` every 100 ms,
+/// until `free` has no other holder (the relay stopped). Puts are refused while it is
+/// under `min_free`, so the disk never fills up under the store, which could not go on
+/// after a failed write; reads and deletes (which free space) go on.
+async fn watch_disk(
+    dir: std::path::PathBuf,
+    min_free: u64,
+    free_bytes: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut was_low = false;
+    while Arc::strong_count(&free_bytes) > 1 {
+        let free = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || rustix::fs::statvfs(&dir).map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        })
+        .await;
+        if let Ok(Ok(free)) = free {
+            let now_low = free < min_free;
+            if now_low != was_low {
+                if now_low {
+                    tracing::warn!(
+                        free,
+                        min_free,
+                        "disk nearly full: puts are refused until space returns"
+                    );
+                } else {
+                    tracing::info!(free, "disk space is back: puts are taken again");
+                }
+                was_low = now_low;
+            }
+            free_bytes.store(free, Ordering::Relaxed);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The quotas a config asks for.
 pub fn limits(config: &Config) -> Limits {
     let l = &config.limits;
@@ -227,6 +264,10 @@ pub fn limits(config: &Config) -> Limits {
         requests: Quota {
             max_envelopes: l.request_max_envelopes,
             max_bytes: l.request_max_bytes,
+        },
+        total: Quota {
+            max_envelopes: l.max_envelopes,
+            max_bytes: l.max_bytes,
         },
     }
 }
@@ -264,6 +305,11 @@ pub async fn start_with<S: MailboxStore + Clone>(
     let probe_store = store.clone();
     let fatal: FatalProbe = Arc::new(move || probe_store.fatal());
     let service = Arc::new(service::Service::new(&config, store, metrics.clone()));
+    tokio::spawn(watch_disk(
+        config.data_dir.clone(),
+        config.limits.min_free_disk_bytes,
+        service.disk_free(),
+    ));
     let (addrs_tx, addrs) = watch::channel(Vec::new());
     let (shutdown, shutdown_rx) = oneshot::channel();
     let (sessions_tx, sessions) = tokio::sync::mpsc::channel(1024);

@@ -4,13 +4,16 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota as RateQuota, RateLimiter};
 use kkachi_protocol::envelope::EnvelopeError;
 use kkachi_protocol::wire::{
-    Addressed, MAX_BATCH_BYTES, MAX_BATCH_ITEMS, MAX_WAIT_MS, PROTOCOL_VERSION, PutOutcome,
+    Addressed, MAX_BATCH_BYTES, MAX_BATCH_ITEMS, MAX_FRAME_LEN, MAX_GRANT_IDS, MAX_WAIT_MS,
+    PROTOCOL_VERSION, PutOutcome,
 };
 use kkachi_protocol::{
     ClientToRelay, ErrorCode, Multiaddr, PeerId, QueueId, QueueKind, ReadKey, RelayInfo,
@@ -82,6 +85,20 @@ pub(crate) struct Service<S> {
     puts: DefaultKeyedRateLimiter<PeerId>,
     /// The same, shared by every peer connecting from one address.
     puts_by_address: DefaultKeyedRateLimiter<IpAddr>,
+    /// Requests of every kind, per connection's peer.
+    requests: DefaultKeyedRateLimiter<PeerId>,
+    /// New queues, per source.
+    new_queues: DefaultKeyedRateLimiter<Source>,
+    /// Write ids granted, per source: what one address adds to the registry.
+    grant_ids: DefaultKeyedRateLimiter<Source>,
+    /// Envelope KiB put, per source: its share of the storage over time.
+    put_kib: DefaultKeyedRateLimiter<Source>,
+    max_queues: u64,
+    /// Free bytes on the data directory's disk as last measured, less twice what was
+    /// stored since (the store writes each envelope more than once); puts and grants
+    /// are refused below `min_free`, reads and deletes go on.
+    disk_free: Arc<AtomicU64>,
+    min_free: u64,
     /// Puts into contact-request queues, per source address (per peer for relayed
     /// connections): strangers holding an invite get a small allowance each.
     requests_by_source: DefaultKeyedRateLimiter<Source>,
@@ -108,6 +125,11 @@ pub(crate) fn source_address(remote: &Multiaddr) -> Option<IpAddr> {
         }
         _ => None,
     })
+}
+
+/// `bytes` in KiB, rounded up (the unit of the byte allowances).
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).min(u64::from(u32::MAX)) as u32
 }
 
 fn refuse(metrics: &Metrics, code: ErrorCode, message: impl Into<String>) -> RelayToClient {
@@ -152,7 +174,36 @@ impl<S: MailboxStore + Clone> Service<S> {
         let request_burst =
             NonZeroU32::new(l.request_put_burst_per_address).unwrap_or(NonZeroU32::MIN);
         let request_quota = RateQuota::per_hour(request_rate).allow_burst(request_burst);
+        let any_rate = NonZeroU32::new(l.requests_per_sec).unwrap_or(NonZeroU32::MIN);
+        let any_burst = NonZeroU32::new(l.request_burst).unwrap_or(NonZeroU32::MIN);
+        let queue_rate = NonZeroU32::new(l.queues_per_hour_per_address).unwrap_or(NonZeroU32::MIN);
         Self {
+            requests: RateLimiter::keyed(RateQuota::per_second(any_rate).allow_burst(any_burst)),
+            new_queues: RateLimiter::keyed(RateQuota::per_hour(queue_rate)),
+            put_kib: RateLimiter::keyed(
+                RateQuota::per_hour(
+                    NonZeroU32::new(kib(l.put_bytes_per_hour_per_address))
+                        .unwrap_or(NonZeroU32::MIN),
+                )
+                .allow_burst(
+                    NonZeroU32::new(
+                        kib(l.put_bytes_burst_per_address).max(kib(MAX_FRAME_LEN as u64)),
+                    )
+                    .unwrap_or(NonZeroU32::MIN),
+                ),
+            ),
+            grant_ids: RateLimiter::keyed(
+                RateQuota::per_hour(
+                    NonZeroU32::new(l.grants_per_hour_per_address).unwrap_or(NonZeroU32::MIN),
+                )
+                .allow_burst(
+                    NonZeroU32::new(l.grants_per_hour_per_address.max(4 * MAX_GRANT_IDS as u32))
+                        .unwrap_or(NonZeroU32::MIN),
+                ),
+            ),
+            max_queues: l.max_queues,
+            disk_free: Arc::new(AtomicU64::new(u64::MAX)),
+            min_free: l.min_free_disk_bytes,
             store,
             metrics,
             info: RelayInfo {
@@ -198,6 +249,15 @@ impl<S: MailboxStore + Clone> Service<S> {
         &self.store
     }
 
+    /// What a disk watcher keeps up to date with the free space it measures.
+    pub(crate) fn disk_free(&self) -> Arc<AtomicU64> {
+        self.disk_free.clone()
+    }
+
+    fn disk_low(&self) -> bool {
+        self.disk_free.load(Ordering::Relaxed) < self.min_free
+    }
+
     /// Forgets rate-limiter state of peers that have been quiet (bounds its memory).
     pub(crate) fn prune(&self) {
         self.puts.retain_recent();
@@ -206,6 +266,14 @@ impl<S: MailboxStore + Clone> Service<S> {
         self.puts_by_address.shrink_to_fit();
         self.requests_by_source.retain_recent();
         self.requests_by_source.shrink_to_fit();
+        self.requests.retain_recent();
+        self.requests.shrink_to_fit();
+        self.new_queues.retain_recent();
+        self.new_queues.shrink_to_fit();
+        self.grant_ids.retain_recent();
+        self.grant_ids.shrink_to_fit();
+        self.put_kib.retain_recent();
+        self.put_kib.shrink_to_fit();
     }
 
     /// Decides what to do with one request from `peer`, connected from `source` (see
@@ -241,6 +309,13 @@ impl<S: MailboxStore + Clone> Service<S> {
             .requests
             .get_or_create(&Metrics::kind(kind))
             .inc();
+        if !matches!(self.requests.check_key(peer), Ok(())) {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "too many requests on this connection; slow down and retry in a few seconds",
+            ));
+        }
         // Holding a queue's read key is what owning it means: the relay checks nothing
         // else, and learns nothing about who the owner is.
         match msg {
@@ -281,7 +356,10 @@ impl<S: MailboxStore + Clone> Service<S> {
                 kind,
                 token,
                 write_ids,
-            } => self.grant(&key, kind, &token, &write_ids),
+            } => {
+                let requester = source.map_or(Source::Peer(*peer), Source::Address);
+                self.grant(requester, &key, kind, &token, &write_ids)
+            }
             ClientToRelay::Revoke { key, write_ids } => {
                 match self.store.revoke(&key.queue(), &write_ids) {
                     Ok(grants) => self.once_durable(RelayToClient::Granted { grants }),
@@ -295,8 +373,22 @@ impl<S: MailboxStore + Clone> Service<S> {
     }
 
     /// Opens a queue (subject to the relay's policy) and grants it write capabilities.
-    fn grant(&self, key: &ReadKey, kind: QueueKind, token: &[u8], ids: &[WriteId]) -> Action {
+    fn grant(
+        &self,
+        requester: Source,
+        key: &ReadKey,
+        kind: QueueKind,
+        token: &[u8],
+        ids: &[WriteId],
+    ) -> Action {
         let queue = key.queue();
+        if self.disk_low() {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::StorageFull,
+                "this relay's disk is nearly full; it takes nothing new for now, try another relay",
+            ));
+        }
         // Only opening and granting needs the token: puts through a granted key never
         // do, so members stay reachable from outside.
         if self.open_policy == OpenPolicy::Token && !self.tokens.iter().any(|t| t == token) {
@@ -306,9 +398,46 @@ impl<S: MailboxStore + Clone> Service<S> {
                 "this relay opens queues only for holders of an access token from its operator",
             ));
         }
+        match self.store.has_queue(&queue) {
+            Ok(true) => {}
+            Ok(false) => {
+                if self.store.queue_count() >= self.max_queues {
+                    return Action::Respond(refuse(
+                        &self.metrics,
+                        ErrorCode::StorageFull,
+                        "this relay keeps as many queues as its operator allows; use another relay",
+                    ));
+                }
+                if !matches!(self.new_queues.check_key(&requester), Ok(())) {
+                    return Action::Respond(refuse(
+                        &self.metrics,
+                        ErrorCode::RateLimited,
+                        "too many new queues from your network address; retry within the hour",
+                    ));
+                }
+            }
+            Err(e) => {
+                let (code, message) = store_refusal(&e);
+                return Action::Respond(refuse(&self.metrics, code, message));
+            }
+        }
+        if let Some(n) = NonZeroU32::new(ids.len() as u32)
+            && !matches!(self.grant_ids.check_key_n(&requester, n), Ok(Ok(())))
+        {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "too many write keys granted from your network address; retry within the hour",
+            ));
+        }
         let max = self.grants_per_queue;
         match self.store.grant(&queue, kind, ids, max) {
             Ok(Granted::Held(grants)) => self.once_durable(RelayToClient::Granted { grants }),
+            Ok(Granted::Conflict) => Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "one of these write keys is granted to another queue here; choose new keys",
+            )),
             Ok(Granted::Full(grants)) => Action::Respond(refuse(
                 &self.metrics,
                 ErrorCode::QuotaExceeded,
@@ -362,6 +491,32 @@ impl<S: MailboxStore + Clone> Service<S> {
         items: Vec<Addressed>,
         now: u64,
     ) -> Action {
+        if self.disk_low() {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::StorageFull,
+                "this relay's disk is nearly full; nothing was stored, try another relay",
+            ));
+        }
+        let incoming: u64 = items
+            .iter()
+            .map(|i| i.envelope.encoded_len() as u64 + 64)
+            .sum();
+        let requester = source.map_or(Source::Peer(*peer), Source::Address);
+        if let Some(n) = NonZeroU32::new(kib(incoming))
+            && !matches!(self.put_kib.check_key_n(&requester, n), Ok(Ok(())))
+        {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "your network address has put its share of this relay's storage for now; retry later",
+            ));
+        }
+        let _ = self
+            .disk_free
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(f.saturating_sub(2 * incoming))
+            });
         let n = NonZeroU32::new(items.len() as u32).unwrap_or(NonZeroU32::MIN);
         if !matches!(self.puts.check_key_n(peer, n), Ok(Ok(()))) {
             tracing::debug!(%peer, "put rate limited");
@@ -384,7 +539,6 @@ impl<S: MailboxStore + Clone> Service<S> {
         let started = Instant::now();
         let mut outcomes: Vec<Option<PutOutcome>> = Vec::with_capacity(items.len());
         let mut valid = Vec::with_capacity(items.len());
-        let requester = source.map_or(Source::Peer(*peer), Source::Address);
         for item in items {
             match self.admit(requester, item, now) {
                 Ok(placed) => {
@@ -512,6 +666,19 @@ fn outcome(metrics: &Metrics, result: Option<PutResult>) -> PutOutcome {
                     code: ErrorCode::QuotaExceeded,
                     message: "the recipient's queue on this relay is full for you; it drains as they come online"
                         .into(),
+                },
+            )
+        }
+        Some(PutResult::RelayFull) => {
+            metrics
+                .rejections
+                .get_or_create(&Metrics::kind(ErrorCode::StorageFull.as_str()))
+                .inc();
+            (
+                "rejected",
+                PutOutcome::Rejected {
+                    code: ErrorCode::StorageFull,
+                    message: "this relay holds all its operator allows; try another relay".into(),
                 },
             )
         }

@@ -228,6 +228,9 @@ async fn write_answers(
     io.flush().await
 }
 
+/// Most a session's read buffer grows by ahead of the bytes that arrived.
+const GROW_BY: usize = 64 * 1024;
+
 /// An answer on its way to the client: the request id and the message.
 type Answer = (u32, Box<RelayToClient>);
 
@@ -249,7 +252,10 @@ impl Decoder for SessionCodec {
             Err(e) => return Ok(Some(Err(e))),
         };
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            // Room grows as the bytes arrive, never by more than a read's worth ahead:
+            // a length prefix alone reserves nothing, so a peer that announces large
+            // frames and sends little costs what it sent.
+            src.reserve((4 + len - src.len()).min(GROW_BY));
             return Ok(None);
         }
         let _prefix = src.split_to(4);

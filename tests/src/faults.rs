@@ -293,6 +293,14 @@ impl MailboxStore for EvilStore {
         self.inner.revoke(queue, ids)
     }
 
+    fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        self.inner.has_queue(queue)
+    }
+
+    fn queue_count(&self) -> u64 {
+        self.inner.queue_count()
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }

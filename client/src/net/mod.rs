@@ -176,15 +176,19 @@ impl Side {
     }
 }
 
-/// Handle to the network tasks: one speaks to relays as a throwaway identity made at
-/// every start, so relays never see the identity in our card; the other, as that
-/// identity, to contacts (on the LAN, or directly).
+/// Handle to the network tasks: two speak to relays, each as a throwaway identity made
+/// at every start, one reading our queues and one putting into contacts' (so a relay
+/// both use cannot tie the reader of a queue to the queues it writes into by identity);
+/// relays never see the identity in our card. The third, as that identity, speaks to
+/// contacts (on the LAN, or directly).
 #[derive(Clone)]
 pub struct Network {
     /// To contacts, as `local`.
     contacts: Side,
-    /// To relays, as a throwaway identity.
-    relays: Side,
+    /// To relays, reading and granting, as a throwaway identity.
+    readers: Side,
+    /// To relays, putting, as another.
+    writers: Side,
     state: Arc<RwLock<PeerState>>,
     local: PeerId,
     /// [`NetConfig::direct`].
@@ -238,11 +242,13 @@ impl Network {
             direct: false,
             circuits: false,
         };
-        let relays = side(Keypair::generate_ed25519(), &relays_only, events_tx)?;
+        let readers = side(Keypair::generate_ed25519(), &relays_only, events_tx.clone())?;
+        let writers = side(Keypair::generate_ed25519(), &relays_only, events_tx)?;
         Ok((
             Self {
                 contacts,
-                relays,
+                readers,
+                writers,
                 state,
                 local,
                 direct: config.direct,
@@ -257,7 +263,8 @@ impl Network {
     pub fn offline(local: PeerId) -> Self {
         Self {
             contacts: Side::offline(),
-            relays: Side::offline(),
+            readers: Side::offline(),
+            writers: Side::offline(),
             state: Arc::default(),
             local,
             direct: false,
@@ -344,7 +351,11 @@ impl Transport for Network {
         request: ClientToRelay,
     ) -> Result<RelayToClient, NetError> {
         let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
-        self.relays.exchange(peer, Some(relay), &request).await
+        let side = match request {
+            ClientToRelay::Put { .. } => &self.writers,
+            _ => &self.readers,
+        };
+        side.exchange(peer, Some(relay), &request).await
     }
 
     async fn direct_put(

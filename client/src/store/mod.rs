@@ -269,8 +269,6 @@ impl LocalStore {
             addr: key.clone(),
             name: String::new(),
             failure_domain: String::new(),
-            cursor: 0,
-            request_cursor: 0,
             last_ok_ms: None,
             last_error: None,
             token: None,

@@ -23,10 +23,6 @@ pub struct RelayRecord {
     pub name: String,
     /// Failure-domain label from the relay's info, once fetched.
     pub failure_domain: String,
-    /// Inbox cursor: everything up to here has been received.
-    pub cursor: u64,
-    /// Contact-request queue cursor, likewise.
-    pub request_cursor: u64,
     /// Unix ms of the last successful exchange.
     pub last_ok_ms: Option<u64>,
     /// The last error, if the last exchange failed.

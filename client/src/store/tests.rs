@@ -165,7 +165,7 @@ fn identity_profile_relays_round_trip() {
     assert!(store.add_relay(&a).unwrap());
     assert!(!store.add_relay(&a).unwrap(), "duplicate add");
     store
-        .update_relay(&a.to_string(), |r| r.cursor = 42)
+        .update_relay(&a.to_string(), |r| r.last_ok_ms = Some(42))
         .unwrap();
     drop(store);
     let store = reopen(dir.path());
@@ -176,7 +176,7 @@ fn identity_profile_relays_round_trip() {
         relays.iter().map(|r| r.addr.clone()).collect::<Vec<_>>(),
         vec![b.to_string(), a.to_string()]
     );
-    assert_eq!(relays[1].cursor, 42);
+    assert_eq!(relays[1].last_ok_ms, Some(42));
     assert!(store.remove_relay(&b.to_string()).unwrap());
     assert_eq!(store.relays().unwrap().len(), 1);
 }

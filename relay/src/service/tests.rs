@@ -492,6 +492,12 @@ impl MailboxStore for GatedStore {
     fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError> {
         self.inner.revoke(queue, ids)
     }
+    fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        self.inner.has_queue(queue)
+    }
+    fn queue_count(&self) -> u64 {
+        self.inner.queue_count()
+    }
     fn fetch(
         &self,
         mailbox: &QueueId,

@@ -60,6 +60,11 @@ impl Index {
 
     /// Adds a new envelope if its mailbox has room; false (and nothing changed) if not.
     /// The caller has checked that `entry.id` is not held.
+    /// Whether an envelope of `bytes` fits under the relay's `total`.
+    pub(crate) fn fits_total(&self, bytes: u64, total: Quota) -> bool {
+        self.usage.fits_total(bytes, total)
+    }
+
     pub(crate) fn try_add(&mut self, entry: Entry, quotas: (Quota, Quota)) -> bool {
         if !self
             .usage

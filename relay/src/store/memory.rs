@@ -72,6 +72,10 @@ impl MailboxStore for MemoryStore {
                 expires_at: envelope.expires_at,
                 bytes: envelope.encoded_len() as u64,
             };
+            if !inner.index.fits_total(entry.bytes, self.limits.total) {
+                results.push(PutResult::RelayFull);
+                continue;
+            }
             if !inner.index.try_add(entry, self.limits.of(placed.kind)) {
                 results.push(PutResult::QuotaExceeded);
                 continue;
@@ -158,6 +162,12 @@ impl MailboxStore for MemoryStore {
     ) -> Result<Granted, StoreError> {
         let mut inner = self.inner.lock();
         let count = inner.queues.get(queue).copied().unwrap_or(0);
+        if ids
+            .iter()
+            .any(|id| inner.grants.get(id).is_some_and(|(q, _)| q != queue))
+        {
+            return Ok(Granted::Conflict);
+        }
         let mut new: Vec<WriteId> = ids
             .iter()
             .filter(|id| !inner.grants.contains_key(id))
@@ -190,6 +200,14 @@ impl MailboxStore for MemoryStore {
         };
         *count = count.saturating_sub(removed);
         Ok(*count)
+    }
+
+    fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        Ok(self.inner.lock().queues.contains_key(queue))
+    }
+
+    fn queue_count(&self) -> u64 {
+        self.inner.lock().queues.len() as u64
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

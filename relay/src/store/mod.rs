@@ -40,6 +40,8 @@ pub struct Limits {
     pub capability: Quota,
     /// One contact-request capability (whose write key is in an invite code).
     pub requests: Quota,
+    /// Everything the relay holds, whoever it is for.
+    pub total: Quota,
 }
 
 impl Limits {
@@ -49,6 +51,10 @@ impl Limits {
             queue: quota,
             capability: quota,
             requests: quota,
+            total: Quota {
+                max_envelopes: u64::MAX,
+                max_bytes: u64::MAX,
+            },
         }
     }
 
@@ -81,6 +87,10 @@ pub enum Granted {
     Held(u32),
     /// The queue would grant more than allowed; nothing changed. Holds the current count.
     Full(u32),
+    /// One of the ids is granted to another queue; nothing changed. Whoever holds a
+    /// write key can bind its id first (an invite holder, the request capability), so
+    /// the owner must hear of it rather than believe its queue takes those puts.
+    Conflict,
 }
 
 /// What happened to one envelope of a put.
@@ -95,13 +105,15 @@ pub enum PutResult {
     Duplicate,
     /// The mailbox is at its quota; nothing stored.
     QuotaExceeded,
+    /// The relay holds all it may in all (its operator's cap); nothing stored.
+    RelayFull,
 }
 
 impl PutResult {
     /// True if the answer must wait for a flush: a stored envelope, or a duplicate
     /// (its earlier copy may not be flushed yet).
     pub fn needs_flush(&self) -> bool {
-        !matches!(self, PutResult::QuotaExceeded)
+        !matches!(self, PutResult::QuotaExceeded | PutResult::RelayFull)
     }
 }
 
@@ -184,9 +196,10 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// The queue a write capability puts into, and the capability's kind.
     fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError>;
 
-    /// Opens `queue` if new, and grants it `ids` as capabilities of `kind` (ids already
-    /// granted are skipped), as long as it grants at most `max` in all. Durable after
-    /// the next [`flush`](Self::flush).
+    /// Opens `queue` if new, and grants it `ids` as capabilities of `kind` (ids it
+    /// grants already are skipped; one granted to another queue refuses the whole
+    /// request), as long as it grants at most `max` in all. Durable after the next
+    /// [`flush`](Self::flush).
     fn grant(
         &self,
         queue: &QueueId,
@@ -197,6 +210,12 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Withdraws those of `ids` granted to `queue`; returns how many it still grants.
     fn revoke(&self, queue: &QueueId, ids: &[WriteId]) -> Result<u32, StoreError>;
+
+    /// Whether `queue` was opened (by a grant).
+    fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError>;
+
+    /// How many queues are open.
+    fn queue_count(&self) -> u64;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -260,6 +279,12 @@ impl Usage {
         }
         self.add_existing(mailbox, grant, bytes);
         true
+    }
+
+    /// Whether an envelope of `bytes` fits under the relay's total.
+    pub(crate) fn fits_total(&self, bytes: u64, total: Quota) -> bool {
+        self.totals.envelopes < total.max_envelopes
+            && self.totals.bytes.saturating_add(bytes) <= total.max_bytes
     }
 
     /// Counts an envelope found on disk at start-up (no quota check).

@@ -64,6 +64,8 @@ pub struct SledStore {
     tree: sled::Tree,
     registry: sled::Tree,
     limits: Limits,
+    /// Queues open (records in `registry`).
+    queues: Arc<AtomicU64>,
     /// Held envelopes by id and expiry, and per-mailbox usage. Every change to the tree
     /// happens under this lock, so concurrent puts of one envelope store it once and
     /// the index always matches the tree.
@@ -131,6 +133,7 @@ impl SledStore {
         }
         let tree = db.open_tree("queues").map_err(io)?;
         let registry = db.open_tree("registry").map_err(io)?;
+        let queues = registry.scan_prefix([QUEUE]).count() as u64;
         let started = Instant::now();
         let index = build_index(&tree)?;
         let totals = index.totals();
@@ -149,6 +152,7 @@ impl SledStore {
             tree,
             registry,
             limits,
+            queues: Arc::new(AtomicU64::new(queues)),
             index: Arc::new(Mutex::new(index)),
             commit,
         })
@@ -178,6 +182,10 @@ impl SledStore {
                 expires_at: envelope.expires_at,
                 bytes: bytes.len() as u64,
             };
+            if !index.fits_total(entry.bytes, self.limits.total) {
+                results.push(PutResult::RelayFull);
+                continue;
+            }
             if !index.try_add(entry, self.limits.of(placed.kind)) {
                 results.push(PutResult::QuotaExceeded);
                 continue;
@@ -392,33 +400,36 @@ impl MailboxStore for SledStore {
         // The index lock serialises every change to the registry as well.
         let _guard = self.index.lock();
         let qkey = registry_key(QUEUE, &queue.0);
-        let count = match self.registry.get(qkey).map_err(io)? {
-            Some(v) => parse_queue_record(&v)?,
-            None => 0,
+        let (count, new_queue) = match self.registry.get(qkey).map_err(io)? {
+            Some(v) => (parse_queue_record(&v)?, false),
+            None => (0, true),
         };
         let mut new = Vec::new();
         for id in ids {
-            if !new.contains(id)
-                && !self
-                    .registry
-                    .contains_key(registry_key(GRANT, &id.0))
-                    .map_err(io)?
-            {
-                new.push(*id);
+            match self.registry.get(registry_key(GRANT, &id.0)).map_err(io)? {
+                Some(v) if parse_grant_record(&v)?.0 != *queue => return Ok(Granted::Conflict),
+                Some(_) => {}
+                None if !new.contains(id) => new.push(*id),
+                None => {}
             }
         }
         let total = count.saturating_add(new.len() as u32);
         if total > max {
             return Ok(Granted::Full(count));
         }
-        // The queue record first: a grant is never written for a queue that is not.
-        self.registry
-            .insert(qkey, &total.to_be_bytes())
-            .map_err(|e| self.note(io(e)))?;
+        // The grants first and the count last: a write that fails between them leaves
+        // the count low (a few more grants allowed), never high (a queue refusing
+        // grants it has room for).
         for id in new {
             self.registry
                 .insert(registry_key(GRANT, &id.0), &grant_record(queue, kind)[..])
                 .map_err(|e| self.note(io(e)))?;
+        }
+        self.registry
+            .insert(qkey, &total.to_be_bytes())
+            .map_err(|e| self.note(io(e)))?;
+        if new_queue {
+            self.queues.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Granted::Held(total))
     }
@@ -446,6 +457,16 @@ impl MailboxStore for SledStore {
             .insert(qkey, &count.to_be_bytes())
             .map_err(|e| self.note(io(e)))?;
         Ok(count)
+    }
+
+    fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        self.registry
+            .contains_key(registry_key(QUEUE, &queue.0))
+            .map_err(io)
+    }
+
+    fn queue_count(&self) -> u64 {
+        self.queues.load(Ordering::Relaxed)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

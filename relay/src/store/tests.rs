@@ -17,6 +17,10 @@ const QUOTA: Limits = Limits {
         max_envelopes: 2,
         max_bytes: 10_000,
     },
+    total: Quota {
+        max_envelopes: 1_000,
+        max_bytes: 1 << 30,
+    },
 };
 
 /// Envelope `n` for queue `mailbox`, put through the capability of the same number.
@@ -256,6 +260,11 @@ async fn registry_suite<S: MailboxStore>(store: S) {
     );
     assert_eq!(
         store.grant(&q2, QueueKind::Inbox, &[w1, w3], 4).unwrap(),
+        Granted::Conflict,
+        "an id granted to another queue refuses the request"
+    );
+    assert_eq!(
+        store.grant(&q2, QueueKind::Inbox, &[w3], 4).unwrap(),
         Granted::Held(1)
     );
     assert_eq!(store.route(&w1).unwrap(), Some((q1, QueueKind::Inbox)));

@@ -2,14 +2,17 @@
 //! our relays holds two queues of ours: the inbox, granting one capability per contact,
 //! and the contact-request queue, granting the capability in our card. Each relay is
 //! told, once per run and again whenever our contacts change or the relay failed a long
-//! poll (it may have lost its data), what they grant; the people we removed or blocked
-//! have theirs withdrawn. Every grant is idempotent, so telling a relay again
-//! costs one request per 1,024 contacts.
+//! poll (it may have lost its data), what they grant, in one sequence of requests that
+//! first withdraws the capabilities of everyone blocked or removed (in this run), so a
+//! grant sent earlier never lands after the withdrawal. Every request is idempotent, so
+//! telling a relay again costs one request per 1,024 contacts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kkachi_protocol::wire::MAX_GRANT_IDS;
-use kkachi_protocol::{ClientToRelay, Multiaddr, QueueKind, ReadKey, RelayToClient, WriteId};
+use kkachi_protocol::{
+    ClientToRelay, Multiaddr, PublicIdentity, QueueKind, ReadKey, RelayToClient, WriteId,
+};
 
 use super::super::state::relay_peer;
 use super::super::{ATTEMPT_TIMEOUT, now_ms};
@@ -25,23 +28,30 @@ pub(super) struct Grants {
     /// By relay address: `None` while a grant is under way, `Some(0)` once done, or
     /// `Some(t)`: try again at `t`.
     relays: HashMap<String, Option<u64>>,
-    /// Revocations (not full grants) under way.
-    revoking: usize,
+    /// Relays told while contacts changed: told again once that ends.
+    dirty: HashSet<String>,
+    /// People removed in this run: withdrawn at every telling (blocked contacts are
+    /// found in the store each time).
+    removed: Vec<PublicIdentity>,
 }
 
 impl Grants {
-    /// Every relay is told again (contacts changed).
+    /// Every relay is told again (contacts changed); one being told now, once it is done.
     pub(super) fn invalidate(&mut self) {
-        for state in self.relays.values_mut() {
-            if *state == Some(0) {
-                *state = Some(1);
+        for (relay, state) in &mut self.relays {
+            match state {
+                Some(0) => *state = Some(1),
+                None => {
+                    self.dirty.insert(relay.clone());
+                }
+                Some(_) => {}
             }
         }
     }
 
     /// Whether a relay is being told something right now.
     pub(super) fn busy(&self) -> bool {
-        self.relays.values().any(Option::is_none) || self.revoking > 0
+        self.relays.values().any(Option::is_none)
     }
 
     /// When a relay is next due to be told (its grant failed, or contacts changed).
@@ -54,8 +64,12 @@ impl Grants {
 
     /// `relay` is told again (it failed; it may have lost its data).
     pub(super) fn invalidate_relay(&mut self, relay: &str) {
-        if let Some(state @ Some(0)) = self.relays.get_mut(relay) {
-            *state = Some(1);
+        match self.relays.get_mut(relay) {
+            Some(state @ Some(0)) => *state = Some(1),
+            Some(None) => {
+                self.dirty.insert(relay.to_owned());
+            }
+            _ => {}
         }
     }
 }
@@ -113,22 +127,25 @@ impl<T: Transport> Owner<T> {
             }
         };
         self.grants.relays.retain(|r, _| relays.contains(r));
-        let revoked = std::mem::take(&mut self.state.revoked);
+        let removed = std::mem::take(&mut self.state.revoked);
+        if !removed.is_empty() {
+            for identity in removed {
+                if !self.grants.removed.contains(&identity) {
+                    self.grants.removed.push(identity);
+                }
+            }
+            self.grants.invalidate();
+        }
         for relay in relays {
             let state = *self.grants.relays.entry(relay.clone()).or_insert(Some(1));
-            let due = matches!(state, Some(t) if t != 0 && t <= now);
-            if !due && revoked.is_empty() {
+            if !matches!(state, Some(t) if t != 0 && t <= now) {
                 continue;
             }
-            let Some(requests) = self.grant_requests(&relay, &revoked, due) else {
+            let Some(requests) = self.grant_requests(&relay) else {
                 continue;
             };
-            if due {
-                self.grants.relays.insert(relay.clone(), None);
-            } else {
-                self.grants.revoking += 1;
-            }
-            tracing::debug!(%relay, requests = requests.len(), full = due, "telling a relay what to grant");
+            self.grants.relays.insert(relay.clone(), None);
+            tracing::debug!(%relay, requests = requests.len(), "telling a relay what to grant");
             let net = self.state.net.clone();
             self.work.push(Box::pin(async move {
                 let mut result = Ok(());
@@ -162,66 +179,59 @@ impl<T: Transport> Owner<T> {
                     }
                     Err(e) => result = Err(format!("bad relay address: {e}")),
                 }
-                Done::Granted {
-                    relay,
-                    result,
-                    full: due,
-                }
+                Done::Granted { relay, result }
             }));
         }
     }
 
-    /// The requests that bring `relay` up to date: withdraw `revoked`'s capabilities,
-    /// and, if `full`, grant our card's and every contact's.
-    fn grant_requests(
-        &self,
-        relay: &str,
-        revoked: &[kkachi_protocol::PublicIdentity],
-        full: bool,
-    ) -> Option<Vec<ClientToRelay>> {
+    /// The requests that bring `relay` up to date: withdraw the capabilities of everyone
+    /// blocked, or removed in this run; grant our card's and every other contact's.
+    fn grant_requests(&self, relay: &str) -> Option<Vec<ClientToRelay>> {
         let addr: Multiaddr = relay.parse().ok()?;
         let peer = relay_peer(&addr)?;
         let key = self.state.me.inbox_key(&peer);
-        let request_queue = self.state.me.request_read_key(&peer, 0);
-        let mut requests = Vec::new();
-        let gone: Vec<WriteId> = revoked
+        let contacts = match self.state.store.contacts() {
+            Ok(cs) => cs,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read our contacts");
+                return None;
+            }
+        };
+        let (blocked, granted): (Vec<_>, Vec<_>) = contacts
             .iter()
+            .partition(|c| !matches!(self.state.store.blocked(&c.peer), Ok(None)));
+        let withdrawn: Vec<WriteId> = self
+            .grants
+            .removed
+            .iter()
+            .chain(blocked.iter().map(|c| c.card.identity()))
             .map(|id| self.state.me.grant_for(id, &peer).id())
             .collect();
-        for ids in gone.chunks(MAX_GRANT_IDS) {
+        let mut requests = Vec::new();
+        for ids in withdrawn.chunks(MAX_GRANT_IDS) {
             requests.push(ClientToRelay::Revoke {
                 key: key.clone(),
                 write_ids: ids.to_vec(),
             });
         }
-        if full {
-            let token = self.relay_token(relay);
+        let token = self.relay_token(relay);
+        requests.push(ClientToRelay::Grant {
+            key: self.state.me.request_read_key(&peer, 0),
+            kind: QueueKind::Requests,
+            token: token.clone(),
+            write_ids: vec![self.state.me.request_write_key(&peer, 0).id()],
+        });
+        let ids: Vec<WriteId> = granted
+            .iter()
+            .map(|c| self.state.me.grant_for(c.card.identity(), &peer).id())
+            .collect();
+        for ids in ids.chunks(MAX_GRANT_IDS) {
             requests.push(ClientToRelay::Grant {
-                key: request_queue,
-                kind: QueueKind::Requests,
+                key: key.clone(),
+                kind: QueueKind::Inbox,
                 token: token.clone(),
-                write_ids: vec![self.state.me.request_write_key(&peer, 0).id()],
+                write_ids: ids.to_vec(),
             });
-            let contacts = match self.state.store.contacts() {
-                Ok(cs) => cs,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read our contacts");
-                    return None;
-                }
-            };
-            let ids: Vec<WriteId> = contacts
-                .iter()
-                .filter(|c| matches!(self.state.store.blocked(&c.peer), Ok(None)))
-                .map(|c| self.state.me.grant_for(c.card.identity(), &peer).id())
-                .collect();
-            for ids in ids.chunks(MAX_GRANT_IDS) {
-                requests.push(ClientToRelay::Grant {
-                    key: key.clone(),
-                    kind: QueueKind::Inbox,
-                    token: token.clone(),
-                    write_ids: ids.to_vec(),
-                });
-            }
         }
         Some(requests)
     }
@@ -238,21 +248,23 @@ impl<T: Transport> Owner<T> {
             .unwrap_or_default()
     }
 
-    pub(super) fn on_granted(&mut self, relay: String, result: Result<(), String>, full: bool) {
-        if !full {
-            self.grants.revoking = self.grants.revoking.saturating_sub(1);
-        }
+    pub(super) fn on_granted(&mut self, relay: String, result: Result<(), String>) {
+        let dirty = self.grants.dirty.remove(&relay);
         let Some(state) = self.grants.relays.get_mut(&relay) else {
             return;
         };
         match result {
-            Ok(()) if full => *state = Some(0),
-            Ok(()) => {}
+            Ok(()) if dirty => *state = Some(1),
+            Ok(()) => *state = Some(0),
             Err(why) => {
-                tracing::warn!(%relay, error = %why, "the relay did not take our grants; trying again");
-                if full || *state == Some(0) {
-                    *state = Some(now_ms() + GRANT_RETRY_MS);
+                // A write key granted to someone else's queue there is an attack on
+                // our invite (its request key is public): said loudly.
+                if why.starts_with(kkachi_protocol::ErrorCode::NotAllowed.as_str()) {
+                    tracing::error!(%relay, error = %why, "the relay refused our grants; until it takes them, people may not reach us through it");
+                } else {
+                    tracing::warn!(%relay, error = %why, "the relay did not take our grants; trying again");
                 }
+                *state = Some(now_ms() + GRANT_RETRY_MS);
             }
         }
     }

@@ -18,18 +18,13 @@ use super::{After, Batch, Done, Flushed, Owner, SyncRun};
 use crate::net::{DirectReply, NetError, Transport};
 
 impl<T: Transport> Owner<T> {
-    /// Where the queue a poll name stands for was read up to.
+    /// Where the queue a poll name stands for was read up to in this run. Every run
+    /// starts from the beginning, and so does a relay's queue after the relay failed: we
+    /// delete what we took in, so the beginning holds only what waits for us (and what a
+    /// lost delete left, taken as a copy), and a relay that came back with a new
+    /// database, whose cursors start over, is read whole.
     pub(super) fn cursor(&self, name: &str) -> u64 {
-        let (relay, which) = split_poll(name);
-        self.state
-            .store
-            .relays()
-            .ok()
-            .and_then(|rs| rs.into_iter().find(|r| r.addr == relay))
-            .map_or(0, |r| match which {
-                Which::Inbox => r.cursor,
-                Which::Requests => r.request_cursor,
-            })
+        self.cursors.get(name).copied().unwrap_or(0)
     }
 
     /// Sends `request` about the queue named `relay` (a poll name) to its relay.
@@ -99,6 +94,9 @@ impl<T: Transport> Owner<T> {
     /// A poll or fetch of the queue named `name` failed.
     pub(super) fn mailbox_failed(&mut self, name: &str, why: RelayError, sync: bool, now: u64) {
         let relay = split_poll(name).0;
+        for which in [Which::Inbox, Which::Requests] {
+            self.cursors.remove(&poll_name(relay, which));
+        }
         self.state.note_relay(relay, Err(why.clone()));
         // It may come back without its data: it is told our grants again; and a
         // reservation there (circuits on) is asked for again once it answers.
@@ -249,10 +247,8 @@ impl<T: Transport> Owner<T> {
             self.delete(&relay, key.clone(), batch.ids);
         }
         let (addr, which) = split_poll(&relay);
-        let _ = self.state.store.update_relay(addr, |r| match which {
-            Which::Inbox => r.cursor = r.cursor.max(next),
-            Which::Requests => r.request_cursor = r.request_cursor.max(next),
-        });
+        let cursor = self.cursors.entry(relay.clone()).or_default();
+        *cursor = (*cursor).max(next);
         self.state.note_relay(addr, Ok(()));
         if std::mem::take(&mut self.reserve_again)
             && let Err(e) = self.take_relays()

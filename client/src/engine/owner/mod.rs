@@ -94,11 +94,10 @@ enum Done {
     },
     Flushed(Flushed),
     Deleted,
-    /// A relay took our grants (all of them if `full`), or not.
+    /// A relay took our grants, or not.
     Granted {
         relay: String,
         result: Result<(), String>,
-        full: bool,
     },
 }
 
@@ -150,6 +149,8 @@ pub(super) struct Owner<T> {
     grants: grants::Grants,
     /// A relay failed: ask for reservations again once one answers.
     reserve_again: bool,
+    /// Where each of our queues was read up to in this run, by poll name.
+    cursors: HashMap<String, u64>,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -184,6 +185,7 @@ impl<T: Transport> Owner<T> {
             inboxes: Inboxes::default(),
             grants: grants::Grants::default(),
             reserve_again: false,
+            cursors: HashMap::new(),
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -374,11 +376,7 @@ impl<T: Transport> Owner<T> {
             } => self.on_mailbox(relay, result, sync),
             Done::Flushed(result) => self.flushed(result),
             Done::Deleted => {}
-            Done::Granted {
-                relay,
-                result,
-                full,
-            } => self.on_granted(relay, result, full),
+            Done::Granted { relay, result } => self.on_granted(relay, result),
         }
     }
 
@@ -565,8 +563,13 @@ impl<T: Transport> Owner<T> {
             .partition(|r| now >= r.deadline);
         self.syncs = running;
         for mut run in late {
-            for relay in run.left.drain(..) {
-                run.report.relays.push((relay, Err(RelayError::Late)));
+            for name in run.left.drain(..) {
+                // Each relay once, by its inbox.
+                if let (relay, grants::Which::Inbox) = grants::split_poll(&name) {
+                    run.report
+                        .relays
+                        .push((relay.to_owned(), Err(RelayError::Late)));
+                }
             }
             let _ = run.reply.send(run.report);
         }

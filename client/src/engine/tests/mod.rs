@@ -125,6 +125,10 @@ impl Transport for FakeNet {
                             code: kkachi_protocol::ErrorCode::QuotaExceeded,
                             message: "full".into(),
                         },
+                        PutResult::RelayFull => PutOutcome::Rejected {
+                            code: kkachi_protocol::ErrorCode::StorageFull,
+                            message: "relay full".into(),
+                        },
                     });
                 }
                 RelayToClient::Stored { outcomes }
@@ -139,6 +143,10 @@ impl Transport for FakeNet {
                 .unwrap()
             {
                 Granted::Held(grants) | Granted::Full(grants) => RelayToClient::Granted { grants },
+                Granted::Conflict => RelayToClient::error(
+                    kkachi_protocol::ErrorCode::NotAllowed,
+                    "granted to another queue",
+                ),
             },
             ClientToRelay::Revoke { key, write_ids } => RelayToClient::Granted {
                 grants: store.revoke(&key.queue(), &write_ids).unwrap(),

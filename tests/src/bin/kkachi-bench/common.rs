@@ -58,7 +58,11 @@ impl Relay {
              capability_max_envelopes = 100000000\ncapability_max_bytes = 100000000000\n\
              puts_per_sec = 10000000\nput_burst = 10000000\nputs_per_sec_per_address = 10000000\n\
              put_burst_per_address = 10000000\nmax_connections = 100000\n\
-             max_pending_connections = 100000\nmax_waiting_per_peer = 64\n",
+             max_pending_connections = 100000\nmax_waiting_per_peer = 64\n\
+             max_connections_per_address = 100000\nrequests_per_sec = 10000000\n\
+             request_burst = 10000000\nput_bytes_per_hour_per_address = 1000000000000000\n\
+             put_bytes_burst_per_address = 1000000000000\nqueues_per_hour_per_address = 1000000\n\
+             grants_per_hour_per_address = 100000000\n",
         )?;
         let mut child = Command::new(relay_bin()?)
             .args([
