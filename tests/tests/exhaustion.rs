@@ -148,7 +148,11 @@ impl Codes {
 async fn raw_stream(addr: &Multiaddr) -> Option<libp2p::Stream> {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .ok()?
         .with_behaviour(|_| libp2p_stream::Behaviour::new())
         .ok()?
@@ -197,7 +201,10 @@ fn one_host_cannot_exhaust_a_relay_and_an_honest_client_is_served_throughout() {
 
     // The honest client, over ::1: a queue of its own, a put and a read every 50 ms.
     let honest = rt
-        .block_on(MailboxClient::connect(Keypair::generate_ed25519(), relay.v6.clone()))
+        .block_on(MailboxClient::connect(
+            Keypair::generate_ed25519(),
+            relay.v6.clone(),
+        ))
         .expect("honest client connects");
     let key = ReadKey(rand::random());
     let write = WriteKey(rand::random());
@@ -210,8 +217,12 @@ fn one_host_cannot_exhaust_a_relay_and_an_honest_client_is_served_throughout() {
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();
     let slowest = Arc::new(Mutex::new(Duration::ZERO));
     let honest_task = {
-        let (stop, served, failures, slowest) =
-            (stop.clone(), served.clone(), failures.clone(), slowest.clone());
+        let (stop, served, failures, slowest) = (
+            stop.clone(),
+            served.clone(),
+            failures.clone(),
+            slowest.clone(),
+        );
         rt.spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -278,7 +289,10 @@ fn one_host_cannot_exhaust_a_relay_and_an_honest_client_is_served_throughout() {
         'fill: for q in 0..40u64 {
             let key = ReadKey(rand::random());
             let write = WriteKey(rand::random());
-            match attacker.grant(&key, QueueKind::Inbox, vec![write.id()]).await {
+            match attacker
+                .grant(&key, QueueKind::Inbox, vec![write.id()])
+                .await
+            {
                 Ok(RelayToClient::Granted { .. }) => {}
                 Ok(RelayToClient::Error { code, .. }) => {
                     codes.note(code);
@@ -377,12 +391,21 @@ fn one_host_cannot_exhaust_a_relay_and_an_honest_client_is_served_throughout() {
         "the storage fill was never refused: {:?}",
         codes.0.lock()
     );
-    assert_eq!(frames_held, 20, "the half-sent frames did not all get through");
+    assert_eq!(
+        frames_held, 20,
+        "the half-sent frames did not all get through"
+    );
     assert!(
         frames_kib < 20 * 1024,
         "half-sent frames reserved their announced size: {frames_kib} KiB"
     );
     assert!(oversized_closed, "an oversized frame got no answer");
-    assert!(failures.is_empty(), "the honest client was refused: {failures:?}");
-    assert!(served > 10, "the honest client was barely served ({served})");
+    assert!(
+        failures.is_empty(),
+        "the honest client was refused: {failures:?}"
+    );
+    assert!(
+        served > 10,
+        "the honest client was barely served ({served})"
+    );
 }

@@ -11,6 +11,7 @@
 //! mailbox over a session to us, which we serve like a relay would, for puts into our
 //! own mailbox only.
 
+mod gate;
 mod task;
 
 use std::collections::{HashMap, HashSet};
@@ -123,6 +124,9 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// Keep a circuit reservation at each of our `relays` (and at no other), so contacts
     /// can reach us through them and then go direct. Returns at once.
     fn reserve_at(&self, _relays: Vec<Multiaddr>) {}
+
+    /// Our contacts are `peers`: only they may connect to us (and count as on the LAN).
+    fn allow_only(&self, _peers: HashSet<PeerId>) {}
 }
 
 /// Options for starting the network.
@@ -195,6 +199,8 @@ pub struct Network {
     direct: bool,
     /// [`NetConfig::circuits`] (and direct).
     circuits: bool,
+    /// Who may connect to us (see `gate`).
+    allowed: gate::Allowed,
 }
 
 impl std::fmt::Debug for Network {
@@ -224,10 +230,17 @@ impl Network {
         let local = keypair.public().to_peer_id();
         let (events_tx, events) = mpsc::channel(EVENTS);
         let state = Arc::new(RwLock::new(PeerState::default()));
+        let allowed = gate::Allowed::default();
         let side = |keypair, config: &NetConfig, events_tx| -> Result<Side, NetError> {
             let (commands, commands_rx) = mpsc::channel(COMMANDS);
-            let (task, control) =
-                NetworkTask::new(keypair, config, commands_rx, events_tx, state.clone())?;
+            let (task, control) = NetworkTask::new(
+                keypair,
+                config,
+                commands_rx,
+                events_tx,
+                state.clone(),
+                allowed.clone(),
+            )?;
             tokio::spawn(task.run());
             Ok(Side {
                 commands,
@@ -253,6 +266,7 @@ impl Network {
                 local,
                 direct: config.direct,
                 circuits: config.direct && config.circuits,
+                allowed,
             },
             events,
         ))
@@ -269,6 +283,7 @@ impl Network {
             local,
             direct: false,
             circuits: false,
+            allowed: gate::Allowed::default(),
         }
     }
 
@@ -285,9 +300,14 @@ impl Network {
         })
     }
 
-    /// Peers found on the local network (mDNS) and not yet expired.
+    /// Contacts found on the local network (mDNS) and not yet expired (anyone found,
+    /// until the engine has said who our contacts are).
     pub fn lan_peers(&self) -> HashSet<PeerId> {
-        self.state.read().lan.clone()
+        let lan = self.state.read().lan.clone();
+        match &*self.allowed.read() {
+            Some(contacts) => lan.intersection(contacts).copied().collect(),
+            None => lan,
+        }
     }
 
     /// Addresses we listen on.
@@ -373,8 +393,8 @@ impl Transport for Network {
         if !self.direct {
             return HashSet::new();
         }
-        let s = self.state.read();
-        s.lan.iter().chain(s.links.keys()).copied().collect()
+        let links: Vec<PeerId> = self.state.read().links.keys().copied().collect();
+        self.lan_peers().into_iter().chain(links).collect()
     }
 
     fn connected(&self) -> HashSet<PeerId> {
@@ -391,6 +411,10 @@ impl Transport for Network {
             .contacts
             .commands
             .try_send(Command::SeekDirect { peer, relays });
+    }
+
+    fn allow_only(&self, peers: HashSet<PeerId>) {
+        *self.allowed.write() = Some(peers);
     }
 
     /// Idempotent, and a relay that refused is asked again only after a backoff.

@@ -80,6 +80,7 @@ pub(super) struct PeerState {
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    gate: super::gate::Behaviour,
     relay_client: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
     session: libp2p_stream::Behaviour,
@@ -129,6 +130,7 @@ impl NetworkTask {
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<NetEvent>,
         state: Arc<RwLock<PeerState>>,
+        allowed: super::gate::Allowed,
     ) -> Result<(Self, libp2p_stream::Control), NetError> {
         let local = keypair.public().to_peer_id();
         let setup =
@@ -145,6 +147,7 @@ impl NetworkTask {
         let mut swarm = transport::swarm_with_relay_client(
             keypair,
             |key, relay_client| Behaviour {
+                gate: super::gate::Behaviour::new(allowed),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
                 session: libp2p_stream::Behaviour::new(),

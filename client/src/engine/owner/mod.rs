@@ -243,9 +243,22 @@ impl<T: Transport> Owner<T> {
             }
         }
         self.state.store.take_outbox_changes();
+        self.allow_contacts();
         self.deliveries.set_direct(self.state.net.direct_peers());
         self.take_relays()?;
         Ok(())
+    }
+
+    /// Tells the network who our contacts are (not blocked): only they may connect.
+    fn allow_contacts(&self) {
+        if let Ok(contacts) = self.state.store.contacts() {
+            let allowed = contacts
+                .iter()
+                .filter(|c| matches!(self.state.store.blocked(&c.peer), Ok(None)))
+                .map(|c| c.peer)
+                .collect();
+            self.state.net.allow_only(allowed);
+        }
     }
 
     /// Our relays as stored: polled (in the inbox mode) and kept reservations at.
@@ -454,8 +467,10 @@ impl<T: Transport> Owner<T> {
             }
             Command::Change { run, reply } => {
                 let result = run(&mut self.state, now);
-                // Contacts may have changed: our relays grant theirs again.
+                // Contacts may have changed: our relays grant theirs again, and the
+                // network lets in whom it should.
                 self.grants.invalidate();
+                self.allow_contacts();
                 self.after_change(result, move |r| {
                     let _ = reply.send(r);
                 });
