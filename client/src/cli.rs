@@ -78,6 +78,10 @@ pub enum RelayCommand {
         /// Relay addresses.
         #[arg(required = true)]
         addrs: Vec<String>,
+        /// The access token the relays' operator gave you, for relays that open queues
+        /// only for its holders.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// List your relays, their failure domains and whether they answer.
     List,

@@ -214,8 +214,8 @@ impl App {
         let mut out = Output::default();
         match command {
             Command::Init { name } => self.init(&name, json, &mut out)?,
-            Command::Relay(RelayCommand::Add { addrs }) => {
-                self.relay_add(&addrs, json, &mut out).await?
+            Command::Relay(RelayCommand::Add { addrs, token }) => {
+                self.relay_add(&addrs, token, json, &mut out).await?
             }
             Command::Relay(RelayCommand::List) => self.relay_list(json, &mut out).await?,
             Command::Relay(RelayCommand::Remove { addr }) => {

@@ -45,9 +45,18 @@ impl App {
     pub(super) async fn relay_add(
         &mut self,
         addrs: &[String],
+        token: Option<String>,
         json: bool,
         out: &mut Output,
     ) -> Result<(), CommandError> {
+        if let Some(t) = &token
+            && (t.is_empty() || t.len() > kkachi_protocol::wire::MAX_TOKEN_LEN)
+        {
+            return fail(format!(
+                "an access token is 1 to {} bytes",
+                kkachi_protocol::wire::MAX_TOKEN_LEN
+            ));
+        }
         self.identity()?;
         let mut parsed = Vec::new();
         for a in addrs {
@@ -65,9 +74,17 @@ impl App {
         for addr in &parsed {
             if self.store.add_relay(addr)? {
                 added.push(addr.to_string());
-            } else {
+            } else if token.is_none() {
                 out.warn(format!("{addr} is already one of your relays"));
             }
+            if let Some(t) = &token {
+                self.store
+                    .update_relay(&addr.to_string(), |r| r.token = Some(t.clone()))?;
+            }
+        }
+        if token.is_some() && added.is_empty() {
+            // A token for relays already ours: opened there now.
+            self.announce_card(out).await?;
         }
         if !added.is_empty() {
             self.announce_card(out).await?;
