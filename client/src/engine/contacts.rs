@@ -211,7 +211,7 @@ impl<T> State<T> {
         self.store.apply(w)?;
         if let Some(contact) = self.store.contact(peer)? {
             // Our relays stop taking their puts.
-            self.revoked.push(contact.card.identity().clone());
+            self.revoked.push(*contact.card.identity());
         }
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(self.store.contact(peer)?))
@@ -254,7 +254,7 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)?;
             Ok(removed)
         })?;
-        self.revoked.push(contact.card.identity().clone());
+        self.revoked.push(*contact.card.identity());
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {
             removed_messages: removed,
