@@ -53,9 +53,10 @@ use crate::card::{Card, CardError};
 use crate::codec::DecodeError;
 use crate::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use crate::identity::Identity;
-pub use packet::MAX_SEALED_BODY;
+pub use packet::{MAX_SEALED_BODY, SESSION_TAG_LEN};
 use packet::{
-    Answer, InitFrame, KIND_INIT, KIND_TRANSPORT, NONCE_LEN, Outer, PACKET_VERSION, TransportFrame,
+    Answer, InitFrame, KIND_INIT, KIND_TRANSPORT, NONCE_LEN, Outer, PACKET_VERSION,
+    TransportFrame,
 };
 use rekey::Proposal;
 pub use replay::MAX_COUNTERS;
@@ -103,6 +104,9 @@ pub enum SessionError {
     /// Already received: a duplicate or a replay. Safe to ignore.
     #[error("duplicate or replayed packet")]
     Replay,
+    /// A transport packet whose session tag does not name its counter.
+    #[error("the packet's session tag does not match its counter")]
+    BadTag,
     /// A first message older than anything that can still be in flight.
     #[error("first message is too old to accept")]
     TooOld,
@@ -188,20 +192,46 @@ impl Established {
             || now >= self.created_at.saturating_add(REKEY_AFTER_SECS)
     }
 
-    fn try_decrypt(&self, nonce: &[u8; NONCE_LEN], ciphertext: &[u8]) -> Option<Vec<u8>> {
+    fn try_decrypt(&self, packet: &TransportPacket) -> Option<Vec<u8>> {
         XChaCha20Poly1305::new(Key::from_slice(self.recv_key.as_ref()))
             .decrypt(
-                XNonce::from_slice(nonce),
+                XNonce::from_slice(&packet.nonce),
                 Payload {
-                    msg: ciphertext,
-                    aad: &TRANSPORT_AAD,
+                    msg: &packet.ciphertext,
+                    aad: &transport_aad(&packet.tag),
                 },
             )
             .ok()
     }
+
+    /// The tags of the packets this session can still receive, from the lowest counter
+    /// not yet received on, at most `window` of them.
+    fn expected_tags(&self, window: u64, out: &mut Vec<SessionTag>) {
+        let from = self.window.lowest_unseen();
+        let to = from.saturating_add(window).min(MAX_COUNTERS);
+        out.extend((from..to).map(|c| session_tag(&self.recv_key, c)));
+    }
 }
 
-const TRANSPORT_AAD: [u8; 2] = [PACKET_VERSION, KIND_TRANSPORT];
+/// The first bytes of a transport packet, authenticated with it.
+fn transport_aad(tag: &SessionTag) -> [u8; 2 + SESSION_TAG_LEN] {
+    let mut aad = [0u8; 2 + SESSION_TAG_LEN];
+    aad[0] = PACKET_VERSION;
+    aad[1] = KIND_TRANSPORT;
+    aad[2..].copy_from_slice(tag);
+    aad
+}
+
+/// Names the session and counter of a transport packet to whoever holds its key, and
+/// to nobody else: no two packets carry the same one.
+pub type SessionTag = [u8; SESSION_TAG_LEN];
+
+/// The tag of counter `counter` under `key` (the sender's send key, the receiver's
+/// receive key).
+fn session_tag(key: &[u8; 32], counter: u64) -> SessionTag {
+    let h = crate::codec::hash("kkachi/session-tag/v3", &[key, &counter.to_be_bytes()]);
+    h[..SESSION_TAG_LEN].try_into().expect("8 bytes")
+}
 
 /// A session we answered and can decrypt, waiting for the initiator to use it.
 #[derive(Debug, Clone)]
@@ -266,8 +296,16 @@ impl InitPacket {
 /// A transport packet, to be offered to each session until one opens it.
 #[derive(Debug, Clone)]
 pub struct TransportPacket {
+    tag: SessionTag,
     nonce: [u8; NONCE_LEN],
     ciphertext: Vec<u8>,
+}
+
+impl TransportPacket {
+    /// Its session tag: look the session up by it ([`Session::expected_tags`]).
+    pub fn tag(&self) -> &SessionTag {
+        &self.tag
+    }
 }
 
 /// The two kinds of incoming packet.
@@ -319,7 +357,12 @@ pub fn open(me: &Identity, sealed: &[u8]) -> Result<Incoming, SessionError> {
                 card,
             })))
         }
-        Outer::Transport { nonce, ciphertext } => Ok(Incoming::Transport(TransportPacket {
+        Outer::Transport {
+            tag,
+            nonce,
+            ciphertext,
+        } => Ok(Incoming::Transport(TransportPacket {
+            tag: *tag,
             nonce: *nonce,
             ciphertext: ciphertext.to_vec(),
         })),
@@ -481,17 +524,18 @@ impl Session {
         current.next_send += 1;
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
+        let aad = transport_aad(&session_tag(&current.send_key, frame.counter));
         let ciphertext = XChaCha20Poly1305::new(Key::from_slice(current.send_key.as_ref()))
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
                     msg: &frame.encode(),
-                    aad: &TRANSPORT_AAD,
+                    aad: &aad,
                 },
             )
             .map_err(|_| SessionError::Crypto)?;
-        let mut packet = Vec::with_capacity(2 + NONCE_LEN + ciphertext.len());
-        packet.extend_from_slice(&TRANSPORT_AAD);
+        let mut packet = Vec::with_capacity(aad.len() + NONCE_LEN + ciphertext.len());
+        packet.extend_from_slice(&aad);
         packet.extend_from_slice(&nonce);
         packet.extend_from_slice(&ciphertext);
         Ok(packet)
@@ -632,11 +676,27 @@ impl Session {
         now: u64,
     ) -> Option<Result<Opened, SessionError>> {
         let (slot, plaintext) = self.find_key(packet)?;
-        Some(self.accept_transport(me, slot, &plaintext, now))
+        Some(self.accept_transport(me, slot, &plaintext, packet.tag, now))
+    }
+
+    /// The tags of every transport packet this state can still open, up to `window` per
+    /// session from the lowest counter it has not received: a recipient indexes them to
+    /// find the session of an incoming packet at once, with no trial decryption.
+    pub fn expected_tags(&self, window: u64) -> Vec<SessionTag> {
+        let mut out = Vec::new();
+        for s in self
+            .current
+            .iter()
+            .chain(self.offered.iter().map(|o| &o.session))
+            .chain(self.retired.iter())
+        {
+            s.expected_tags(window, &mut out);
+        }
+        out
     }
 
     fn find_key(&self, packet: &TransportPacket) -> Option<(Slot, Vec<u8>)> {
-        let try_one = |s: &Established| s.try_decrypt(&packet.nonce, &packet.ciphertext);
+        let try_one = |s: &Established| s.try_decrypt(packet);
         if let Some(p) = self.current.as_ref().and_then(try_one) {
             return Some((Slot::Current, p));
         }
@@ -666,10 +726,16 @@ impl Session {
         me: &Identity,
         slot: Slot,
         plaintext: &[u8],
+        packet_tag: SessionTag,
         now: u64,
     ) -> Result<Opened, SessionError> {
         let frame = TransportFrame::decode(plaintext)?;
+        let tag = packet_tag;
         let session = self.slot_mut(slot);
+        if session_tag(&session.recv_key, frame.counter) != tag {
+            // Authenticated, so the peer chose a tag that does not name its counter.
+            return Err(SessionError::BadTag);
+        }
         if !session.window.is_fresh(frame.counter) {
             return Err(SessionError::Replay);
         }

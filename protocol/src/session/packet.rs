@@ -1,10 +1,12 @@
 //! Byte layouts of sealed packets and of the plaintext frames inside them.
 //!
 //! ```text
-//! packet    = version(1)=1 ‖ kind(1) ‖ rest
+//! packet    = version(1)=3 ‖ kind(1) ‖ rest
 //!   kind 1 (first message): rest = Noise IK message 1, whose payload is an InitFrame
-//!   kind 2 (transport):     rest = nonce(24) ‖ XChaCha20-Poly1305(key, nonce,
-//!                                    aad = version ‖ kind, TransportFrame)
+//!   kind 2 (transport):     rest = session_tag(8) ‖ nonce(24) ‖ XChaCha20-Poly1305(key,
+//!                                    nonce, aad = version ‖ kind ‖ session_tag,
+//!                                    TransportFrame)
+//! session_tag = H("kkachi/session-tag/v3", send_key, counter(8))[0..8]
 //! InitFrame      = proposed_generation(4) ‖ offer_seq(8) ‖ instance(8) ‖ sent_at(8)
 //!                  ‖ answer? ‖ sender_card(u16 len) ‖ body(u32 len)
 //! TransportFrame = counter(8) ‖ sent_at(8) ‖ answer? ‖ offer? ‖ body(u32 len)
@@ -17,7 +19,9 @@ use crate::card::MAX_CARD_LEN;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::content::{CONTENT_HEADER_LEN, MAX_BODY_LEN};
 
-pub(crate) const PACKET_VERSION: u8 = 2;
+pub(crate) const PACKET_VERSION: u8 = 3;
+/// Length of a transport packet's session tag.
+pub const SESSION_TAG_LEN: usize = 8;
 pub(crate) const KIND_INIT: u8 = 1;
 pub(crate) const KIND_TRANSPORT: u8 = 2;
 pub(crate) const NONCE_LEN: usize = 24;
@@ -176,6 +180,7 @@ impl TransportFrame {
 pub(crate) enum Outer<'a> {
     Init(&'a [u8]),
     Transport {
+        tag: &'a [u8; SESSION_TAG_LEN],
         nonce: &'a [u8; NONCE_LEN],
         ciphertext: &'a [u8],
     },
@@ -201,6 +206,10 @@ impl<'a> Outer<'a> {
         match r.u8("packet kind")? {
             KIND_INIT => Ok(Outer::Init(r.rest())),
             KIND_TRANSPORT => {
+                let tag: &[u8; SESSION_TAG_LEN] = r
+                    .take(SESSION_TAG_LEN, "session tag")?
+                    .try_into()
+                    .expect("took exactly SESSION_TAG_LEN bytes");
                 let nonce: &[u8; NONCE_LEN] = r
                     .take(NONCE_LEN, "nonce")?
                     .try_into()
@@ -211,6 +220,7 @@ impl<'a> Outer<'a> {
                     });
                 }
                 Ok(Outer::Transport {
+                    tag,
                     nonce,
                     ciphertext: r.rest(),
                 })
@@ -284,7 +294,14 @@ mod tests {
             Err(DecodeError::Truncated { .. })
         ));
         let mut ok = vec![PACKET_VERSION, 2];
+        ok.extend_from_slice(&[7; SESSION_TAG_LEN]);
         ok.extend_from_slice(&[0; NONCE_LEN + TAG_LEN]);
-        assert!(matches!(Outer::parse(&ok), Ok(Outer::Transport { .. })));
+        assert!(matches!(Outer::parse(&ok), Ok(Outer::Transport { tag: [7, 7, 7, 7, 7, 7, 7, 7], .. })));
+        // Version 2 had no session tag: refused, not misread.
+        ok[0] = 2;
+        assert!(matches!(
+            Outer::parse(&ok),
+            Err(DecodeError::UnsupportedVersion { version: 2, .. })
+        ));
     }
 }

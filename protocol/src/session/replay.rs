@@ -36,6 +36,16 @@ impl ReplayWindow {
         counter < MAX_COUNTERS && self.bits[(counter / 64) as usize] & (1 << (counter % 64)) == 0
     }
 
+    /// The lowest counter not yet received ([`MAX_COUNTERS`] once all were).
+    pub(crate) fn lowest_unseen(&self) -> u64 {
+        for (i, word) in self.bits.iter().enumerate() {
+            if *word != u64::MAX {
+                return i as u64 * 64 + u64::from(word.trailing_ones());
+            }
+        }
+        MAX_COUNTERS
+    }
+
     /// Records `counter` (which must have passed [`ReplayWindow::is_fresh`]).
     pub(crate) fn mark(&mut self, counter: u64) {
         self.bits[(counter / 64) as usize] |= 1 << (counter % 64);

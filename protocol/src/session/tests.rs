@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use rand_core::RngCore;
 
 use super::*;
+use crate::session::SESSION_TAG_LEN;
 use crate::{TestRng, test_rng};
 
 const T0: u64 = 1_750_000_000;
@@ -104,6 +105,33 @@ fn first_message_then_reply_then_transport_both_ways() {
     let p5 = a.seal(b"settled", T0 + 4, &mut rng);
     assert_eq!(b.open(&p5, T0 + 4).unwrap().body, b"settled");
     assert_eq!(a.session.current_id(), b.session.current_id());
+}
+
+#[test]
+fn a_transport_packet_names_its_session_to_its_recipient_alone() {
+    let (mut a, mut b) = Peer::pair(12);
+    let mut rng = test_rng(12);
+    settle(&mut a, &mut b, T0, &mut rng);
+    let tag = |p: &[u8]| -> [u8; SESSION_TAG_LEN] { p[2..2 + SESSION_TAG_LEN].try_into().unwrap() };
+    let (p1, p2) = (a.seal(b"one", T0, &mut rng), a.seal(b"two", T0, &mut rng));
+    assert_eq!(kind(&p1), KIND_TRANSPORT);
+    assert_ne!(tag(&p1), tag(&p2), "every packet carries its own tag");
+    let expected = b.session.expected_tags(64);
+    assert!(expected.contains(&tag(&p1)) && expected.contains(&tag(&p2)));
+    // A third party holding neither key expects none of them.
+    let (_, c) = Peer::pair(13);
+    assert!(!c.session.expected_tags(64).contains(&tag(&p1)));
+    // Received, a tag is no longer expected; the window moves on.
+    b.open(&p1, T0).unwrap();
+    b.open(&p2, T0).unwrap();
+    let after = b.session.expected_tags(64);
+    assert!(!after.contains(&tag(&p1)) && !after.contains(&tag(&p2)));
+    let p3 = a.seal(b"three", T0, &mut rng);
+    assert!(after.contains(&tag(&p3)));
+    // A tag changed in transit fails authentication.
+    let mut bad = a.seal(b"four", T0, &mut rng);
+    bad[2] ^= 1;
+    assert!(b.open(&bad, T0).is_err());
 }
 
 /// Exchanges messages until both sides seal on the same session.
