@@ -261,8 +261,18 @@ impl<T> State<T> {
             }
             Incoming::Transport(packet) => {
                 let contacts = self.store.contacts()?;
+                sessions.index_all(&self.store, &contacts)?;
+                // The session tag names the contact; a packet no session expects is
+                // tried on everyone only within a small allowance.
+                let owner = sessions.owner_of(packet.tag());
+                if owner.is_none() && !sessions.take_fallback(now) {
+                    return dropped("no session of ours expects it");
+                }
                 let mut found = None;
-                for contact in contacts.iter() {
+                for contact in contacts
+                    .iter()
+                    .filter(|c| owner.is_none_or(|peer| c.peer == peer))
+                {
                     let session = sessions.get(&self.store, contact)?;
                     let Some(result) = session.open_transport(&self.me, &packet, now / 1000) else {
                         continue;
@@ -287,6 +297,9 @@ impl<T> State<T> {
                 }
             }
         };
+        // What opening it changed (a counter received, a session confirmed, offered or
+        // retired) changes what the contact's sessions expect next.
+        sessions.reindex(&contact.peer);
         if opened.peer_reset {
             let session = sessions.get(&self.store, &contact)?;
             // Their lost state is theirs to recover from; a failure to seal for them

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+use kkachi_protocol::session::SessionTag;
 use kkachi_protocol::{
     Body, Card, Content, Envelope, Identity, MessageId, Multiaddr, PeerId, PublicIdentity,
     ReceiptStatus, Session,
@@ -21,11 +22,28 @@ use crate::store::{
     StoreError, Target, TreeId, WriteSet, message_key,
 };
 
+/// How many packets ahead of the lowest one not yet received each session's tags
+/// cover: a contact's packets arrive from each relay in the order sent, so the ones
+/// that run further ahead are rare, and they are found by the bounded fallback below.
+pub(crate) const TAG_WINDOW: u64 = 256;
+/// Transport packets per minute whose tag no session expects that are still tried on
+/// every contact's sessions (a packet far ahead of the rest; anything more is junk,
+/// and dropped at the cost of one lookup).
+const FALLBACKS_PER_MINUTE: u32 = 64;
+
 /// Live end-to-end sessions by contact, written through to the store. Their
-/// unanswered handshakes exist only here.
+/// unanswered handshakes exist only here. An index of the tags each contact's sessions
+/// expect finds the session of a transport packet at once, whatever the number of
+/// contacts: no trial decryption across them.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
     live: HashMap<PeerId, Session>,
+    /// Tag → contact, for every contact once `indexed`.
+    by_tag: HashMap<SessionTag, PeerId>,
+    by_peer: HashMap<PeerId, Vec<SessionTag>>,
+    indexed: bool,
+    /// Fallbacks left in the current minute, and when it started (ms).
+    fallbacks: (u32, u64),
 }
 
 impl Sessions {
@@ -50,11 +68,72 @@ impl Sessions {
     /// Forgets in-memory state after a failed write, so memory never runs ahead of disk.
     pub(crate) fn reset(&mut self) {
         self.live.clear();
+        self.by_tag.clear();
+        self.by_peer.clear();
+        self.indexed = false;
     }
 
     /// Forgets the live session with `peer` (removed: its state is gone from the store).
     pub(crate) fn forget(&mut self, peer: &PeerId) {
         self.live.remove(peer);
+        self.unindex(peer);
+    }
+
+    fn unindex(&mut self, peer: &PeerId) {
+        for tag in self.by_peer.remove(peer).unwrap_or_default() {
+            if self.by_tag.get(&tag) == Some(peer) {
+                self.by_tag.remove(&tag);
+            }
+        }
+    }
+
+    /// Indexes every contact's sessions, the first time.
+    pub(crate) fn index_all(
+        &mut self,
+        store: &LocalStore,
+        contacts: &[Contact],
+    ) -> Result<(), StoreError> {
+        if self.indexed {
+            return Ok(());
+        }
+        for contact in contacts {
+            self.get(store, contact)?;
+            self.reindex(&contact.peer);
+        }
+        self.indexed = true;
+        Ok(())
+    }
+
+    /// Indexes anew what `peer`'s live session expects (after it changed).
+    pub(crate) fn reindex(&mut self, peer: &PeerId) {
+        self.unindex(peer);
+        let Some(session) = self.live.get(peer) else {
+            return;
+        };
+        let tags = session.expected_tags(TAG_WINDOW);
+        for tag in &tags {
+            self.by_tag.insert(*tag, *peer);
+        }
+        self.by_peer.insert(*peer, tags);
+    }
+
+    /// The contact whose session expects a packet tagged `tag`.
+    pub(crate) fn owner_of(&self, tag: &SessionTag) -> Option<PeerId> {
+        self.by_tag.get(tag).copied()
+    }
+
+    /// Whether a packet no session expects may still be tried on every contact now.
+    pub(crate) fn take_fallback(&mut self, now_ms: u64) -> bool {
+        let (left, since) = &mut self.fallbacks;
+        if now_ms.saturating_sub(*since) >= 60_000 {
+            *left = FALLBACKS_PER_MINUTE;
+            *since = now_ms;
+        }
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
     }
 }
 
