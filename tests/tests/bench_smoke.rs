@@ -26,6 +26,8 @@ fn bench_quick_reports_every_figure() {
         "latency_p99_us",
         "failover_gap_ms",
         "history_ms",
+        "receive_message_us_few",
+        "receive_message_us_many",
         "handshakes_per_s",
         "idle_conn_kib",
         "baseline_libp2p_rtt_us",

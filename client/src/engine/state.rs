@@ -29,7 +29,7 @@ pub(crate) const TAG_WINDOW: u64 = 256;
 /// Transport packets per minute whose tag no session expects that are still tried on
 /// every contact's sessions (a packet far ahead of the rest; anything more is junk,
 /// and dropped at the cost of one lookup).
-const FALLBACKS_PER_MINUTE: u32 = 64;
+const FALLBACKS_PER_MINUTE: u32 = 16;
 
 /// Live end-to-end sessions by contact, written through to the store. Their
 /// unanswered handshakes exist only here. An index of the tags each contact's sessions

@@ -241,7 +241,10 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 notice(state, "usage: /relay add ADDR");
                 return vec![];
             }
-            vec![run(Command::Relay(RelayCommand::Add { addrs, token: None }), None)]
+            vec![run(
+                Command::Relay(RelayCommand::Add { addrs, token: None }),
+                None,
+            )]
         }
         (Some("relay"), Some("remove")) => match words.next() {
             Some(addr) => vec![run(

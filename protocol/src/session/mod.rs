@@ -53,11 +53,10 @@ use crate::card::{Card, CardError};
 use crate::codec::DecodeError;
 use crate::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use crate::identity::Identity;
-pub use packet::{MAX_SEALED_BODY, SESSION_TAG_LEN};
 use packet::{
-    Answer, InitFrame, KIND_INIT, KIND_TRANSPORT, NONCE_LEN, Outer, PACKET_VERSION,
-    TransportFrame,
+    Answer, InitFrame, KIND_INIT, KIND_TRANSPORT, NONCE_LEN, Outer, PACKET_VERSION, TransportFrame,
 };
+pub use packet::{MAX_SEALED_BODY, SESSION_TAG_LEN};
 use rekey::Proposal;
 pub use replay::MAX_COUNTERS;
 

@@ -296,7 +296,13 @@ mod tests {
         let mut ok = vec![PACKET_VERSION, 2];
         ok.extend_from_slice(&[7; SESSION_TAG_LEN]);
         ok.extend_from_slice(&[0; NONCE_LEN + TAG_LEN]);
-        assert!(matches!(Outer::parse(&ok), Ok(Outer::Transport { tag: [7, 7, 7, 7, 7, 7, 7, 7], .. })));
+        assert!(matches!(
+            Outer::parse(&ok),
+            Ok(Outer::Transport {
+                tag: [7, 7, 7, 7, 7, 7, 7, 7],
+                ..
+            })
+        ));
         // Version 2 had no session tag: refused, not misread.
         ok[0] = 2;
         assert!(matches!(

@@ -24,6 +24,7 @@ mod common;
 mod history;
 mod ingest;
 mod latency;
+mod receive;
 mod relay_load;
 mod table;
 
@@ -48,7 +49,7 @@ struct Args {
     clients: Option<usize>,
     /// Run only these parts (comma-separated); the baselines always run. Figures of
     /// the parts left out are null in the JSON and missing from the table.
-    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "reconnect", "idle"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "receive", "reconnect", "idle"])]
     only: Vec<String>,
     /// Internal: run as the recipient of the latency runs, on this client home.
     #[arg(long, hide = true)]
@@ -147,6 +148,15 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     } else {
         null.clone()
     };
+    let receive = if args.part("receive") {
+        let (n, many) = if q { (200, 200) } else { (1000, 1000) };
+        let few = receive::receive_cost(root, 10, n).await?;
+        let many = receive::receive_cost(root, many, n).await?;
+        eprintln!("receive done");
+        json!({ "few": few, "many": many })
+    } else {
+        null.clone()
+    };
     let reconnect = if args.part("reconnect") {
         let clients = args.clients.unwrap_or(if q { 50 } else { 1000 });
         let r = relay_load::reconnect_and_handshakes(root, clients).await?;
@@ -190,6 +200,9 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "latency_direct": latency_direct,
         "history": history,
         "history_ms": history["history_all_ms"],
+        "receive": receive,
+        "receive_message_us_few": receive["few"]["message_us"],
+        "receive_message_us_many": receive["many"]["message_us"],
         "failover_gap_ms": failover["failover_gap_ms"],
         "lost": failover["lost"],
         "duplicated": failover["duplicated"],

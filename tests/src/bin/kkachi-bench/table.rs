@@ -152,6 +152,27 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             ),
         ));
     }
+    if args.part("receive") {
+        let (few, many) = (&r["receive"]["few"], &r["receive"]["many"]);
+        let mut message = row(
+            "receive cost per message, many contacts (µs)",
+            &many["message_us"],
+            0,
+            format!(
+                "{} contacts; {:.0} µs at 10; junk {:.0} µs at 10, {:.0} µs at {}",
+                many["contacts"],
+                num(&few["message_us"]),
+                num(&few["junk_us"]),
+                num(&many["junk_us"]),
+                many["contacts"]
+            ),
+        );
+        message.ratio = Some((
+            message.value / num(&few["message_us"]),
+            "the same at 10 contacts",
+        ));
+        out.push(message);
+    }
     if args.part("reconnect") {
         out.push(row(
             "reconnect after relay restart (s)",
