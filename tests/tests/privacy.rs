@@ -349,3 +349,40 @@ fn strangers_flooding_every_relay_through_an_invite_do_not_hold_up_a_contact() {
         "the flood never filled the request capability: {refused:?}"
     );
 }
+
+#[test]
+fn a_stranger_past_the_request_allowance_is_told_which_relay_refused_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("relay{i}")), &[]))
+        .collect();
+    let carol = User::new(dir.path(), "carol");
+    let frank = User::new(dir.path(), "frank");
+    add_relays(&carol, &relays);
+    add_relays(&frank, &relays);
+    frank.ok(&["contact", "add", &carol.invite()]);
+    // The relays let one address put 10 requests at once; Frank keeps asking.
+    let mut refused = None;
+    for i in 0..14 {
+        let v = frank
+            .send("carol", &format!("please add me ({i})"), 5.0)
+            .expect("send exits 0 once the message is in the outbox");
+        if v["state"] == "queued" {
+            refused = Some((i, v));
+            break;
+        }
+    }
+    let (i, v) = refused.expect("the request allowance never ran out");
+    let reasons: Vec<&str> = v["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 2, "both relays said why: {v}");
+    assert!(reasons.iter().all(|r| r.starts_with("rate_limited")), "{v}");
+    let o = frank.run(&["send", "carol", "one more"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("refused: rate_limited"), "{text}");
+    println!("request allowance: message {i} was refused by both relays, and said so: {reasons:?}");
+}

@@ -51,6 +51,7 @@ impl App {
         };
         let mut delivered = None;
         let mut withdrawn = false;
+        let mut refused: Vec<(String, String)> = Vec::new();
         let mut first_ack: Option<Instant> = None;
         loop {
             let until = first_ack.map_or(deadline, |t| (t + STRAGGLER_GRACE).min(deadline));
@@ -71,6 +72,17 @@ impl App {
                     withdrawn = true;
                     break;
                 }
+                Ok(Some(SendEvent::Refused { relay, reason })) => {
+                    if let Some(r) = refused.iter_mut().find(|(r, _)| *r == relay) {
+                        r.1 = reason;
+                    } else {
+                        refused.push((relay, reason));
+                    }
+                    // Every relay refused: nothing more comes within the timeout.
+                    if refused.len() >= usize::from(total) && progress.acked == 0 {
+                        break;
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
@@ -84,9 +96,14 @@ impl App {
         };
         let direct = delivered == Some(true) || progress.direct;
         if json {
+            let refusals: Vec<_> = refused
+                .iter()
+                .map(|(relay, reason)| json!({ "relay": relay, "reason": reason }))
+                .collect();
             out.json(
                 json!({ "id": queued.id.to_hex(), "to": contact.name, "state": state,
-                        "relayed": acked, "relays": total, "direct": direct }),
+                        "relayed": acked, "relays": total, "direct": direct,
+                        "refused": refusals }),
             );
         } else if withdrawn {
             out.out(format!(
@@ -100,6 +117,17 @@ impl App {
                 name(&contact.name),
                 if direct { " directly" } else { "" },
                 queued.id
+            ));
+        } else if acked == 0 && !refused.is_empty() {
+            let why: Vec<String> = refused
+                .iter()
+                .map(|(relay, reason)| format!("relay {relay} refused: {}", for_terminal(reason)))
+                .collect();
+            out.out(format!(
+                "queued for {} (message {}): {}; it stays in your outbox and is tried again",
+                name(&contact.name),
+                queued.id,
+                why.join("; ")
             ));
         } else if acked == 0 {
             out.out(format!(

@@ -169,6 +169,15 @@ pub enum SendEvent {
     },
     /// It left the outbox undelivered: the contact was removed or blocked.
     Withdrawn,
+    /// A relay of the contact's answered and refused it (it is tried again later): the
+    /// relay's address and its reason, which starts with the error code (`quota_exceeded:
+    /// …`, `rate_limited: …`).
+    Refused {
+        /// The relay.
+        relay: String,
+        /// Its reason.
+        reason: String,
+    },
 }
 
 /// A send under way: the message, and its progress as it happens.

@@ -62,6 +62,11 @@ impl<T: Transport> Owner<T> {
 
     pub(super) fn on_attempt(&mut self, attempt: Attempt, outcome: Outcome) {
         let now = now_ms();
+        if let (Path::Relay(relay), Outcome::Refused(why)) = (&attempt.path, &outcome)
+            && let Some(watcher) = self.watchers.get_mut(&attempt.key)
+        {
+            watcher.on_refused(relay, why);
+        }
         let jitter = rand::thread_rng().r#gen::<u64>();
         let r = self
             .deliveries

@@ -82,6 +82,14 @@ impl Watcher {
         }
     }
 
+    /// A relay refused it (an answer of its own, recorded by `on_answer` too).
+    pub(super) fn on_refused(&mut self, relay: &str, reason: &str) {
+        self.tell(SendEvent::Refused {
+            relay: relay.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+
     /// Gone from the outbox, not by an answer here: the contact's receipt
     /// (`delivered`), or the contact was removed or blocked. An attempt under way may
     /// yet tell that it went directly.
