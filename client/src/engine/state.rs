@@ -40,7 +40,8 @@ pub(crate) struct Sessions {
     live: HashMap<PeerId, Session>,
     /// Tag → contact, for every contact once `indexed`.
     by_tag: HashMap<SessionTag, PeerId>,
-    by_peer: HashMap<PeerId, Vec<SessionTag>>,
+    /// Each contact's indexed tags, and the windows they were made from.
+    by_peer: HashMap<PeerId, (Vec<SessionTag>, Vec<(SessionTag, u64)>)>,
     indexed: bool,
     /// Fallbacks left in the current minute, and when it started (ms).
     fallbacks: (u32, u64),
@@ -80,7 +81,7 @@ impl Sessions {
     }
 
     fn unindex(&mut self, peer: &PeerId) {
-        for tag in self.by_peer.remove(peer).unwrap_or_default() {
+        for tag in self.by_peer.remove(peer).unwrap_or_default().0 {
             if self.by_tag.get(&tag) == Some(peer) {
                 self.by_tag.remove(&tag);
             }
@@ -104,17 +105,30 @@ impl Sessions {
         Ok(())
     }
 
-    /// Indexes anew what `peer`'s live session expects (after it changed).
+    /// Indexes anew what `peer`'s live session expects, if that changed enough: a new
+    /// set of sessions, or one whose lowest counter not yet received moved a quarter of
+    /// the window (until then the index holds a few tags already received, which only
+    /// lead to the session that refuses them as replays).
     pub(crate) fn reindex(&mut self, peer: &PeerId) {
-        self.unindex(peer);
         let Some(session) = self.live.get(peer) else {
+            self.unindex(peer);
             return;
         };
+        let windows = session.tag_windows();
+        if let Some((_, old)) = self.by_peer.get(peer)
+            && old.len() == windows.len()
+            && old.iter().zip(&windows).all(|((id, from), (now_id, now_from))| {
+                id == now_id && now_from.saturating_sub(*from) < TAG_WINDOW / 4
+            })
+        {
+            return;
+        }
         let tags = session.expected_tags(TAG_WINDOW);
+        self.unindex(peer);
         for tag in &tags {
             self.by_tag.insert(*tag, *peer);
         }
-        self.by_peer.insert(*peer, tags);
+        self.by_peer.insert(*peer, (tags, windows));
     }
 
     /// The contact whose session expects a packet tagged `tag`.

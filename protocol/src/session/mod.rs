@@ -694,6 +694,19 @@ impl Session {
         out
     }
 
+    /// What [`Session::expected_tags`] depends on, cheaply: for each session, a tag that
+    /// names it and the lowest counter it has not received. While this stays the same
+    /// (or the counters move only a little), an index of the expected tags need not be
+    /// rebuilt.
+    pub fn tag_windows(&self) -> Vec<(SessionTag, u64)> {
+        self.current
+            .iter()
+            .chain(self.offered.iter().map(|o| &o.session))
+            .chain(self.retired.iter())
+            .map(|s| (session_tag(&s.recv_key, u64::MAX), s.window.lowest_unseen()))
+            .collect()
+    }
+
     fn find_key(&self, packet: &TransportPacket) -> Option<(Slot, Vec<u8>)> {
         let try_one = |s: &Established| s.try_decrypt(packet);
         if let Some(p) = self.current.as_ref().and_then(try_one) {
