@@ -116,17 +116,24 @@ impl<T: Transport> Owner<T> {
         })
     }
 
-    /// Starts telling each of our relays that needs it what to grant.
+    /// Our relays are now `relays`: new ones are told at once, removed ones forgotten.
+    pub(super) fn grant_relays(&mut self, relays: &[String]) {
+        self.grants.relays.retain(|r, _| relays.contains(r));
+        for relay in relays {
+            self.grants.relays.entry(relay.clone()).or_insert(Some(1));
+        }
+    }
+
+    /// Starts telling each of our relays that needs it what to grant (nothing to do on
+    /// most turns of the loop: it returns at once).
     pub(super) fn start_grants(&mut self) {
         let now = now_ms();
-        let relays: Vec<String> = match self.state.store.relays() {
-            Ok(rs) => rs.into_iter().map(|r| r.addr).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read our relays");
-                return;
-            }
-        };
-        self.grants.relays.retain(|r, _| relays.contains(r));
+        if self.state.revoked.is_empty()
+            && self.grants.next_deadline().is_none_or(|t| t > now)
+        {
+            return;
+        }
+        let relays: Vec<String> = self.grants.relays.keys().cloned().collect();
         let removed = std::mem::take(&mut self.state.revoked);
         if !removed.is_empty() {
             for identity in removed {
@@ -137,7 +144,7 @@ impl<T: Transport> Owner<T> {
             self.grants.invalidate();
         }
         for relay in relays {
-            let state = *self.grants.relays.entry(relay.clone()).or_insert(Some(1));
+            let state = self.grants.relays.get(&relay).copied().flatten();
             if !matches!(state, Some(t) if t != 0 && t <= now) {
                 continue;
             }

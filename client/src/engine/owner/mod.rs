@@ -270,6 +270,7 @@ impl<T: Transport> Owner<T> {
             .into_iter()
             .map(|r| r.addr)
             .collect();
+        self.grant_relays(&relays);
         if self.mode.inbox {
             self.inboxes.set(relays.iter().flat_map(|a| {
                 [
