@@ -12,7 +12,7 @@ use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::session::SessionTag;
 use kkachi_protocol::{
     Body, Card, Content, Envelope, Identity, MessageId, Multiaddr, PeerId, PublicIdentity,
-    ReceiptStatus, Session,
+    ReceiptStatus, Session, WriteKey,
 };
 use tokio::sync::broadcast;
 
@@ -161,6 +161,10 @@ pub(crate) struct State<T> {
     pub(crate) events: broadcast::Sender<AppEvent>,
     /// Our own card as of its version: every first message carries it.
     card: parking_lot::Mutex<Option<Card>>,
+    /// Our write capability into each contact's queue at each relay (a Diffie–Hellman
+    /// each, so kept rather than worked out for every message), by (contact's X25519
+    /// key, relay).
+    write_keys: parking_lot::Mutex<HashMap<([u8; 32], PeerId), WriteKey>>,
     /// Envelopes refused because reading them panicked (a bug), shared with handles.
     pub(crate) faults: Arc<AtomicU64>,
     /// New messages taken in, to announce durable once flushed (by the owner).
@@ -195,11 +199,23 @@ impl<T> State<T> {
             sessions: Sessions::default(),
             events,
             card: parking_lot::Mutex::default(),
+            write_keys: parking_lot::Mutex::default(),
             faults,
             announced: Vec::new(),
             requests: Vec::new(),
             revoked: Vec::new(),
         }
+    }
+
+    /// Our capability into `owner`'s queue at `relay`.
+    fn write_key(&self, owner: &PublicIdentity, relay: PeerId) -> WriteKey {
+        let mut keys = self.write_keys.lock();
+        if keys.len() > 65_536 {
+            keys.clear();
+        }
+        *keys
+            .entry((*owner.x25519(), relay))
+            .or_insert_with(|| self.me.write_key_for(owner, &relay))
     }
 
     pub(crate) fn emit(&self, event: AppEvent) {
@@ -299,7 +315,7 @@ impl<T> State<T> {
                     acked: false,
                     attempts: 0,
                     next_try_ms: 0,
-                    write: self.me.write_key_for(card.identity(), &relay).0,
+                    write: self.write_key(card.identity(), relay).0,
                     request: card.request_key_at(&relay).map(|k| k.0),
                 })
             })
