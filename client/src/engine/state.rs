@@ -31,6 +31,10 @@ pub(crate) const TAG_WINDOW: u64 = 256;
 /// and dropped at the cost of one lookup).
 const FALLBACKS_PER_MINUTE: u32 = 16;
 
+/// A contact's indexed tags, and the session windows ([`Session::tag_windows`]) they
+/// were made from.
+type Indexed = (Vec<SessionTag>, Vec<(SessionTag, u64)>);
+
 /// Live end-to-end sessions by contact, written through to the store. Their
 /// unanswered handshakes exist only here. An index of the tags each contact's sessions
 /// expect finds the session of a transport packet at once, whatever the number of
@@ -41,7 +45,7 @@ pub(crate) struct Sessions {
     /// Tag → contact, for every contact once `indexed`.
     by_tag: HashMap<SessionTag, PeerId>,
     /// Each contact's indexed tags, and the windows they were made from.
-    by_peer: HashMap<PeerId, (Vec<SessionTag>, Vec<(SessionTag, u64)>)>,
+    by_peer: HashMap<PeerId, Indexed>,
     indexed: bool,
     /// Fallbacks left in the current minute, and when it started (ms).
     fallbacks: (u32, u64),
@@ -117,9 +121,12 @@ impl Sessions {
         let windows = session.tag_windows();
         if let Some((_, old)) = self.by_peer.get(peer)
             && old.len() == windows.len()
-            && old.iter().zip(&windows).all(|((id, from), (now_id, now_from))| {
-                id == now_id && now_from.saturating_sub(*from) < TAG_WINDOW / 4
-            })
+            && old
+                .iter()
+                .zip(&windows)
+                .all(|((id, from), (now_id, now_from))| {
+                    id == now_id && now_from.saturating_sub(*from) < TAG_WINDOW / 4
+                })
         {
             return;
         }

@@ -128,9 +128,7 @@ impl<T: Transport> Owner<T> {
     /// most turns of the loop: it returns at once).
     pub(super) fn start_grants(&mut self) {
         let now = now_ms();
-        if self.state.revoked.is_empty()
-            && self.grants.next_deadline().is_none_or(|t| t > now)
-        {
+        if self.state.revoked.is_empty() && self.grants.next_deadline().is_none_or(|t| t > now) {
             return;
         }
         let relays: Vec<String> = self.grants.relays.keys().cloned().collect();
