@@ -38,6 +38,10 @@ pub enum Command {
         /// Also draw it as a QR code.
         #[arg(long)]
         qr: bool,
+        /// Make a new code: every code given out before stops reaching you (your
+        /// contacts are not affected).
+        #[arg(long)]
+        renew: bool,
     },
     /// Manage contacts.
     #[command(subcommand)]

@@ -386,3 +386,53 @@ fn a_stranger_past_the_request_allowance_is_told_which_relay_refused_and_why() {
     assert!(text.contains("refused: rate_limited"), "{text}");
     println!("request allowance: message {i} was refused by both relays, and said so: {reasons:?}");
 }
+
+#[test]
+fn a_renewed_invite_retires_every_earlier_code_and_leaves_contacts_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("relay{i}")), &[]))
+        .collect();
+    let carol = User::new(dir.path(), "carol");
+    let alice = User::new(dir.path(), "alice");
+    let frank = User::new(dir.path(), "frank");
+    let gina = User::new(dir.path(), "gina");
+    for u in [&carol, &alice, &frank, &gina] {
+        add_relays(u, &relays);
+    }
+    User::introduce(&alice, &carol);
+    let old_code = carol.invite();
+    frank.ok(&["contact", "add", &old_code]);
+    let renewed = carol.ok(&["invite", "--renew"]);
+    let new_code = renewed.trim().lines().last().unwrap().to_string();
+    assert_ne!(new_code, old_code);
+    // The old code reaches nothing: both relays say so.
+    let v = frank.send("carol", "with the old code", 5.0).expect("send");
+    assert_eq!(v["state"], "queued", "{v}");
+    let reasons: Vec<&str> = v["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.len() == 2 && reasons.iter().all(|r| r.starts_with("no_queue")),
+        "{v}"
+    );
+    // The new one does; a contact is not affected.
+    gina.ok(&["contact", "add", &new_code]);
+    let v = gina.send("carol", "with the new code", 5.0).expect("send");
+    assert_eq!(v["state"], "relayed", "{v}");
+    let v = alice
+        .send("carol", "still your contact", 5.0)
+        .expect("send");
+    assert_ne!(v["state"], "queued", "{v}");
+    carol.ok(&["sync"]);
+    assert_eq!(history_texts(&carol, "alice"), ["still your contact"]);
+    let requests = carol.ok(&["request", "list"]);
+    assert!(requests.contains("with the new code"), "{requests}");
+    assert!(!requests.contains("with the old code"), "{requests}");
+    println!(
+        "renewed invite: the old code was refused by both relays ({reasons:?}); the new one and contacts work"
+    );
+}

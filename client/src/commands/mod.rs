@@ -221,7 +221,12 @@ impl App {
             Command::Relay(RelayCommand::Remove { addr }) => {
                 self.relay_remove(&addr, json, &mut out).await?
             }
-            Command::Invite { qr } => self.invite(qr, json, &mut out)?,
+            Command::Invite { qr, renew } => {
+                if renew {
+                    self.renew_invite(&mut out).await?;
+                }
+                self.invite(qr, json, &mut out)?
+            }
             Command::Contact(command) => self.contact(command, json, &mut out).await?,
             Command::Request(command) => self.request(command, json, &mut out).await?,
             Command::Send(args) => self.send(args, json, &mut out).await?,
@@ -253,6 +258,7 @@ impl App {
             &Profile {
                 name: name.to_owned(),
                 card_version: 1,
+                request_epoch: 0,
             },
         )?;
         if json {

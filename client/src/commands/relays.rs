@@ -42,6 +42,21 @@ impl App {
         Ok(())
     }
 
+    /// A new request epoch: earlier invite codes stop reaching us once our relays have
+    /// been told (now, as for a change of relays), and contacts get the new card.
+    pub(super) async fn renew_invite(&mut self, out: &mut Output) -> Result<(), CommandError> {
+        let mut profile = self.profile()?;
+        profile.request_epoch = profile.request_epoch.checked_add(1).ok_or_else(|| {
+            CommandError::Refused("this identity has renewed its code as often as it can".into())
+        })?;
+        let mut w = WriteSet::default();
+        w.put_record(crate::store::TreeId::Meta, b"profile".to_vec(), &profile);
+        self.store.apply(w)?;
+        self.announce_card(out).await?;
+        out.warn("your earlier invite codes no longer reach you; your contacts are not affected");
+        Ok(())
+    }
+
     pub(super) async fn relay_add(
         &mut self,
         addrs: &[String],

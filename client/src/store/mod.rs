@@ -188,6 +188,7 @@ impl LocalStore {
             &Profile {
                 name: name.to_owned(),
                 card_version: 1,
+                request_epoch: 0,
             },
         )?;
         for r in relays {
@@ -204,8 +205,14 @@ impl LocalStore {
             .iter()
             .filter_map(|r| r.addr.parse().ok())
             .collect();
-        Card::new(me, &profile.name, relays, profile.card_version)
-            .map_err(|e| StoreError::InvalidCard(e.to_string()))
+        Card::new_at_epoch(
+            me,
+            &profile.name,
+            relays,
+            profile.card_version,
+            profile.request_epoch,
+        )
+        .map_err(|e| StoreError::InvalidCard(e.to_string()))
     }
 
     /// Adds `card`'s owner as a contact under the card's name.

@@ -12,6 +12,9 @@ pub struct Profile {
     pub name: String,
     /// Version counter of the user's own card; bumped when relays change.
     pub card_version: u64,
+    /// Epoch of the contact-request queues in the card: a new one retires every invite
+    /// code given out before (`kkachi invite --renew`).
+    pub request_epoch: u32,
 }
 
 /// What the client knows about one of its own inbox relays.

@@ -153,6 +153,7 @@ fn identity_profile_relays_round_trip() {
     let profile = Profile {
         name: "Jiwoo".into(),
         card_version: 1,
+        request_epoch: 0,
     };
     store.init_identity(&id, &profile).unwrap();
     let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{}", PeerId::random())

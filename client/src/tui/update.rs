@@ -231,7 +231,13 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             state.overlay = Some(Overlay::Help);
             vec![]
         }
-        (Some("invite"), _) => vec![run(Command::Invite { qr: true }, Some("Your invite code"))],
+        (Some("invite"), _) => vec![run(
+            Command::Invite {
+                qr: true,
+                renew: false,
+            },
+            Some("Your invite code"),
+        )],
         (Some("relays"), _) | (Some("relay"), Some("list")) => {
             vec![run(Command::Relay(RelayCommand::List), Some("Relays"))]
         }

@@ -112,7 +112,7 @@ impl<T: Transport> Owner<T> {
         let peer = relay_peer(&addr)?;
         Some(match which {
             Which::Inbox => self.state.me.inbox_key(&peer),
-            Which::Requests => self.state.me.request_read_key(&peer, 0),
+            Which::Requests => self.state.me.request_read_key(&peer, self.request_epoch),
         })
     }
 
@@ -220,11 +220,19 @@ impl<T: Transport> Owner<T> {
             });
         }
         let token = self.relay_token(relay);
+        let epoch = self.request_epoch;
+        if let Some(before) = epoch.checked_sub(1) {
+            // The codes given out before the last renewal reach nothing any more.
+            requests.push(ClientToRelay::Revoke {
+                key: self.state.me.request_read_key(&peer, before),
+                write_ids: vec![self.state.me.request_write_key(&peer, before).id()],
+            });
+        }
         requests.push(ClientToRelay::Grant {
-            key: self.state.me.request_read_key(&peer, 0),
+            key: self.state.me.request_read_key(&peer, epoch),
             kind: QueueKind::Requests,
             token: token.clone(),
-            write_ids: vec![self.state.me.request_write_key(&peer, 0).id()],
+            write_ids: vec![self.state.me.request_write_key(&peer, epoch).id()],
         });
         let ids: Vec<WriteId> = granted
             .iter()

@@ -151,6 +151,8 @@ pub(super) struct Owner<T> {
     reserve_again: bool,
     /// Where each of our queues was read up to in this run, by poll name.
     cursors: HashMap<String, u64>,
+    /// The epoch of our contact-request queues (our card's).
+    request_epoch: u32,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -186,6 +188,7 @@ impl<T: Transport> Owner<T> {
             grants: grants::Grants::default(),
             reserve_again: false,
             cursors: HashMap::new(),
+            request_epoch: 0,
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -270,6 +273,9 @@ impl<T: Transport> Owner<T> {
             .into_iter()
             .map(|r| r.addr)
             .collect();
+        if let Some(profile) = self.state.store.profile()? {
+            self.request_epoch = profile.request_epoch;
+        }
         self.grant_relays(&relays);
         if self.mode.inbox {
             self.inboxes.set(relays.iter().flat_map(|a| {

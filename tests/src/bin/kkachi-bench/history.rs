@@ -21,6 +21,7 @@ pub(crate) fn history_bench(root: &Path, n: usize) -> Result<serde_json::Value> 
         &Profile {
             name: "me".into(),
             card_version: 1,
+            request_epoch: 0,
         },
     )?;
     let other = Identity::generate();
