@@ -22,16 +22,14 @@ use crate::store::{
     StoreError, Target, TreeId, WriteSet, message_key,
 };
 
-/// How many packets ahead of the lowest one not yet received each session's tags
+/// How many packets below and above the highest one received each session's tags
 /// cover: a contact's packets arrive from each relay in the order sent, so the ones
-/// that run further ahead are rare, and they are found by the bounded fallback below.
+/// further off are rare, and they are found by the bounded fallback below.
 pub(crate) const TAG_WINDOW: u64 = 256;
 /// Transport packets per minute whose tag no session expects that are still tried on
-/// every contact's sessions (a packet far ahead of the rest, and some after a sender's
-/// crash whose cause is not yet understood; anything more is junk, and dropped at the
-/// cost of one lookup). At 1,000 contacts this bounds what junk costs to a few percent
-/// of one core.
-const FALLBACKS_PER_MINUTE: u32 = 600;
+/// every contact's sessions (a packet far ahead of the rest, or a late one far behind;
+/// anything more is junk, and dropped at the cost of one lookup).
+const FALLBACKS_PER_MINUTE: u32 = 16;
 
 /// A contact's indexed tags, and the session windows ([`Session::tag_windows`]) they
 /// were made from.
@@ -112,9 +110,9 @@ impl Sessions {
     }
 
     /// Indexes anew what `peer`'s live session expects, if that changed enough: a new
-    /// set of sessions, or one whose lowest counter not yet received moved a quarter of
-    /// the window (until then the index holds a few tags already received, which only
-    /// lead to the session that refuses them as replays).
+    /// set of sessions, or one whose highest counter received moved a quarter of the
+    /// window (until then the index holds a few tags already received, which only lead
+    /// to the session that refuses them as replays).
     pub(crate) fn reindex(&mut self, peer: &PeerId) {
         let Some(session) = self.live.get(peer) else {
             self.unindex(peer);

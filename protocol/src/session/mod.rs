@@ -203,12 +203,19 @@ impl Established {
             .ok()
     }
 
-    /// The tags of the packets this session can still receive, from the lowest counter
-    /// not yet received on, at most `window` of them.
+    /// The tags of the packets this session can still receive around the highest it
+    /// received: the counters not yet received among the `window` below it (late ones)
+    /// and the `window` above it. A counter further below was lost for good more often
+    /// than not (a sender's crash skips some), and must not hold the window back.
     fn expected_tags(&self, window: u64, out: &mut Vec<SessionTag>) {
-        let from = self.window.lowest_unseen();
-        let to = from.saturating_add(window).min(MAX_COUNTERS);
-        out.extend((from..to).map(|c| session_tag(&self.recv_key, c)));
+        let next = self.window.next_after_highest();
+        let from = next.saturating_sub(window).max(self.window.lowest_unseen());
+        let to = next.saturating_add(window).min(MAX_COUNTERS);
+        out.extend(
+            (from..to)
+                .filter(|c| self.window.is_fresh(*c))
+                .map(|c| session_tag(&self.recv_key, c)),
+        );
     }
 }
 
@@ -678,9 +685,10 @@ impl Session {
         Some(self.accept_transport(me, slot, &plaintext, packet.tag, now))
     }
 
-    /// The tags of every transport packet this state can still open, up to `window` per
-    /// session from the lowest counter it has not received: a recipient indexes them to
-    /// find the session of an incoming packet at once, with no trial decryption.
+    /// The tags of the transport packets this state can still open within `window`
+    /// below and above the highest counter each session received: a recipient indexes
+    /// them to find the session of an incoming packet at once, with no trial
+    /// decryption.
     pub fn expected_tags(&self, window: u64) -> Vec<SessionTag> {
         let mut out = Vec::new();
         for s in self
@@ -695,7 +703,7 @@ impl Session {
     }
 
     /// What [`Session::expected_tags`] depends on, cheaply: for each session, a tag that
-    /// names it and the lowest counter it has not received. While this stays the same
+    /// names it and one past the highest counter it received. While this stays the same
     /// (or the counters move only a little), an index of the expected tags need not be
     /// rebuilt.
     pub fn tag_windows(&self) -> Vec<(SessionTag, u64)> {
@@ -703,7 +711,12 @@ impl Session {
             .iter()
             .chain(self.offered.iter().map(|o| &o.session))
             .chain(self.retired.iter())
-            .map(|s| (session_tag(&s.recv_key, u64::MAX), s.window.lowest_unseen()))
+            .map(|s| {
+                (
+                    session_tag(&s.recv_key, u64::MAX),
+                    s.window.next_after_highest(),
+                )
+            })
             .collect()
     }
 

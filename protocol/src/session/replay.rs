@@ -46,6 +46,16 @@ impl ReplayWindow {
         MAX_COUNTERS
     }
 
+    /// One past the highest counter received (0 if none was).
+    pub(crate) fn next_after_highest(&self) -> u64 {
+        for (i, word) in self.bits.iter().enumerate().rev() {
+            if *word != 0 {
+                return i as u64 * 64 + 64 - u64::from(word.leading_zeros());
+            }
+        }
+        0
+    }
+
     /// Records `counter` (which must have passed [`ReplayWindow::is_fresh`]).
     pub(crate) fn mark(&mut self, counter: u64) {
         self.bits[(counter / 64) as usize] |= 1 << (counter % 64);
@@ -162,6 +172,18 @@ impl SeenInits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_knows_its_lowest_gap_and_its_highest() {
+        let mut w = ReplayWindow::new();
+        assert_eq!((w.lowest_unseen(), w.next_after_highest()), (0, 0));
+        for c in [0, 1, 2, 5, 70] {
+            w.mark(c);
+        }
+        assert_eq!((w.lowest_unseen(), w.next_after_highest()), (3, 71));
+        w.mark(MAX_COUNTERS - 1);
+        assert_eq!(w.next_after_highest(), MAX_COUNTERS);
+    }
 
     #[test]
     fn window_accepts_each_counter_once_in_any_order() {
