@@ -802,6 +802,9 @@ impl Session {
 
     fn retire(&mut self, mut session: Established, now: u64) {
         session.retired_at = Some(now);
+        // Receive-only from now on: its send key goes at once (whoever takes this state
+        // later cannot seal as us under it).
+        session.send_key = Zeroizing::new([0; 32]);
         self.retired.push(session);
         if self.retired.len() > MAX_RETIRED {
             self.retired.remove(0);

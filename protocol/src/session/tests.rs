@@ -289,6 +289,11 @@ fn rekey_changes_keys_and_old_messages_still_open() {
         b.open(&late_old, later).unwrap().body,
         b"late under old keys"
     );
+    // The replaced sessions keep their receive keys only: no send key survives them.
+    assert!(!a.session.retired.is_empty() && !b.session.retired.is_empty());
+    for s in a.session.retired.iter().chain(&b.session.retired) {
+        assert_eq!(*s.send_key, [0; 32], "a retired session kept its send key");
+    }
     // Once nothing can still be in flight, the old keys are erased.
     let much_later = later + RETAIN_SECS + 10;
     b.open(&a.seal(b"7", much_later, &mut rng), much_later)
