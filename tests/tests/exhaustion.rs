@@ -25,6 +25,8 @@ use libp2p::{noise, tcp, yamux};
 use parking_lot::Mutex;
 
 const CONNECTIONS_PER_ADDRESS: usize = 24;
+/// What a thread's stack reserves (tokio's default, and its guard page), in KiB.
+const THREAD_STACK_KIB: u64 = 2 * 1024 + 4;
 
 struct Relay {
     child: Child,
@@ -55,9 +57,12 @@ impl Relay {
         self.status_kib("VmRSS:")
     }
 
-    /// Memory reserved, touched or not: what an announced length alone would cost.
+    /// Memory reserved, touched or not: what an announced length alone would cost;
+    /// less the stacks of the process's threads (new ones come and go with its work).
     fn virtual_kib(&self) -> u64 {
+        let threads = self.status_kib("Threads:");
         self.status_kib("VmSize:")
+            .saturating_sub(threads * THREAD_STACK_KIB)
     }
 }
 
@@ -90,6 +95,9 @@ fn start_relay(dir: &std::path::Path) -> Relay {
         .arg("--data-dir")
         .arg(dir.join("data"))
         .env("RUST_LOG", "warn")
+        // One malloc arena: a thread's first allocation would otherwise reserve 64 MiB
+        // of address space, drowning what the frames below reserve.
+        .env("MALLOC_ARENA_MAX", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
