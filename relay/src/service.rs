@@ -111,6 +111,13 @@ pub(crate) enum Source {
     Peer(PeerId),
 }
 
+impl Source {
+    /// The connection's address (see [`source_address`]), or its peer when relayed.
+    fn of(peer: &PeerId, address: Option<IpAddr>) -> Self {
+        address.map_or(Self::Peer(*peer), Self::Address)
+    }
+}
+
 /// The address a connection's puts are counted under: its IPv4 address, or the /64 of
 /// its IPv6 address (one host usually has a whole /64). None for relayed connections.
 pub(crate) fn source_address(remote: &Multiaddr) -> Option<IpAddr> {
@@ -357,7 +364,7 @@ impl<S: MailboxStore + Clone> Service<S> {
                 token,
                 write_ids,
             } => {
-                let requester = source.map_or(Source::Peer(*peer), Source::Address);
+                let requester = Source::of(peer, source);
                 self.grant(requester, &key, kind, &token, &write_ids)
             }
             ClientToRelay::Revoke { key, write_ids } => {
@@ -502,7 +509,7 @@ impl<S: MailboxStore + Clone> Service<S> {
             .iter()
             .map(|i| i.envelope.encoded_len() as u64 + 64)
             .sum();
-        let requester = source.map_or(Source::Peer(*peer), Source::Address);
+        let requester = Source::of(peer, source);
         if let Some(n) = NonZeroU32::new(kib(incoming))
             && !matches!(self.put_kib.check_key_n(&requester, n), Ok(Ok(())))
         {

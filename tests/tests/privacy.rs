@@ -38,6 +38,14 @@ fn history_texts(user: &User, with: &str) -> Vec<String> {
         .collect()
 }
 
+/// The reasons the relays gave for refusing a send (`send --json`'s `refused`).
+fn refusals(v: &serde_json::Value) -> Vec<&str> {
+    v["refused"]
+        .as_array()
+        .map(|rs| rs.iter().filter_map(|r| r["reason"].as_str()).collect())
+        .unwrap_or_default()
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -373,12 +381,7 @@ fn a_stranger_past_the_request_allowance_is_told_which_relay_refused_and_why() {
         }
     }
     let (i, v) = refused.expect("the request allowance never ran out");
-    let reasons: Vec<&str> = v["refused"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|r| r["reason"].as_str())
-        .collect();
+    let reasons = refusals(&v);
     assert_eq!(reasons.len(), 2, "both relays said why: {v}");
     assert!(reasons.iter().all(|r| r.starts_with("rate_limited")), "{v}");
     let o = frank.run(&["send", "carol", "one more"]);
@@ -409,12 +412,7 @@ fn a_renewed_invite_retires_every_earlier_code_and_leaves_contacts_alone() {
     // The old code reaches nothing: both relays say so.
     let v = frank.send("carol", "with the old code", 5.0).expect("send");
     assert_eq!(v["state"], "queued", "{v}");
-    let reasons: Vec<&str> = v["refused"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|r| r["reason"].as_str())
-        .collect();
+    let reasons = refusals(&v);
     assert!(
         reasons.len() == 2 && reasons.iter().all(|r| r.starts_with("no_queue")),
         "{v}"
