@@ -18,7 +18,12 @@ use crate::queue::WriteKey;
 /// Prefix of every invite code; the `1` is the format version.
 pub const INVITE_PREFIX: &str = "kk1";
 /// Version byte of the card encoding.
-pub const CARD_VERSION: u8 = 3;
+pub const CARD_VERSION: u8 = 4;
+/// How long a card (and the invite code made from it) is valid. When it runs out, its
+/// owner's client makes a new one with a new request epoch, so the codes given out
+/// before stop reaching it; nobody adds a contact from an expired card, and nobody takes
+/// a message request sealed after the card in it expired.
+pub const CARD_LIFETIME_SECS: u64 = 180 * 24 * 3600;
 /// Longest display name, in characters (Unicode scalar values): 64 characters of any
 /// script, so a name of 21 Hangul syllables fits even when typed decomposed.
 pub const MAX_NAME_CHARS: usize = 64;
@@ -28,10 +33,11 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_RELAYS: usize = 8;
 /// Longest encoded relay multiaddr, in bytes.
 pub const MAX_ADDR_LEN: usize = 256;
-/// Longest encoded card: version, identity, counter, name, relays with their
+/// Longest encoded card: version, identity, counter, expiry, name, relays with their
 /// contact-request write keys, signature.
 pub const MAX_CARD_LEN: usize = 1
     + crate::identity::PUBLIC_LEN
+    + 8
     + 8
     + 1
     + MAX_NAME_LEN
@@ -42,7 +48,7 @@ pub const MAX_CARD_LEN: usize = 1
 pub const MAX_INVITE_LEN: usize = INVITE_PREFIX.len() + (MAX_CARD_LEN + CHECKSUM_LEN) * 14 / 10 + 8;
 const CHECKSUM_LEN: usize = 4;
 /// Label of a card's signature ([`Identity::sign`]).
-const SIGNATURE_LABEL: &str = "kkachi/card/v3";
+const SIGNATURE_LABEL: &str = "kkachi/card/v4";
 
 /// Why a card or invite code was refused. Each message says what a person can do.
 #[derive(Debug, Error)]
@@ -74,6 +80,9 @@ pub enum CardError {
     /// The display name breaks the rules of [`check_name`].
     #[error(transparent)]
     Name(#[from] NameError),
+    /// The card ran out: its owner has made a new one since.
+    #[error("this invite code expired {0}; ask for a new one")]
+    Expired(String),
 }
 
 /// Why a display name was refused. Names are shown to other people, so they may not
@@ -153,6 +162,8 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
 pub struct Card {
     identity: PublicIdentity,
     version: u64,
+    /// Unix seconds after which nobody should add its owner from it.
+    expires_at: u64,
     name: String,
     relays: Vec<Multiaddr>,
     /// The write key of the owner's contact-request queue on each relay, in order.
@@ -161,27 +172,37 @@ pub struct Card {
 }
 
 impl Card {
-    /// Creates and signs a card for `identity`, with request queues of epoch 0.
+    /// Creates and signs a card for `identity`, with request queues of epoch 0, that
+    /// never expires (tests; clients use [`Card::new_at_epoch`]).
     pub fn new(
         identity: &Identity,
         name: &str,
         relays: Vec<Multiaddr>,
         version: u64,
     ) -> Result<Self, CardError> {
-        Self::new_at_epoch(identity, name, relays, version, 0)
+        Self::new_at_epoch(identity, name, relays, version, 0, u64::MAX)
     }
 
     /// Creates and signs a card whose request queues are those of `epoch`: cards of an
     /// earlier epoch (and the invite codes made from them) reach nobody once the owner
     /// stops reading those queues.
+    /// It expires at `expires_at` (Unix seconds).
     pub fn new_at_epoch(
         identity: &Identity,
         name: &str,
         relays: Vec<Multiaddr>,
         version: u64,
         epoch: u32,
+        expires_at: u64,
     ) -> Result<Self, CardError> {
-        Self::signed_at(identity.public(), identity, name, relays, version, epoch)
+        Self::signed_at(
+            identity.public(),
+            identity,
+            (name, relays),
+            version,
+            epoch,
+            expires_at,
+        )
     }
 
     /// A card for `public`, signed by `signer`. Only tests build one where the two
@@ -193,16 +214,16 @@ impl Card {
         relays: Vec<Multiaddr>,
         version: u64,
     ) -> Result<Self, CardError> {
-        Self::signed_at(public, signer, name, relays, version, 0)
+        Self::signed_at(public, signer, (name, relays), version, 0, u64::MAX)
     }
 
     fn signed_at(
         public: PublicIdentity,
         signer: &Identity,
-        name: &str,
-        relays: Vec<Multiaddr>,
+        (name, relays): (&str, Vec<Multiaddr>),
         version: u64,
         epoch: u32,
+        expires_at: u64,
     ) -> Result<Self, CardError> {
         check_name(name)?;
         check_relays(&relays)?;
@@ -213,6 +234,7 @@ impl Card {
         let mut card = Self {
             identity: public,
             version,
+            expires_at,
             name: name.to_owned(),
             relays,
             requests,
@@ -230,6 +252,30 @@ impl Card {
     /// The version counter: higher replaces lower.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// When the card runs out (Unix seconds; `u64::MAX`: never).
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    /// Whether the card has run out at `now` (Unix seconds): a client adds nobody from
+    /// an expired card ([`Card::check_fresh`]).
+    pub fn is_expired(&self, now: u64) -> bool {
+        now >= self.expires_at
+    }
+
+    /// [`CardError::Expired`] if the card has run out at `now`, naming how long ago.
+    pub fn check_fresh(&self, now: u64) -> Result<(), CardError> {
+        if !self.is_expired(now) {
+            return Ok(());
+        }
+        let days = (now - self.expires_at) / 86_400;
+        Err(CardError::Expired(match days {
+            0 => "today".to_owned(),
+            1 => "yesterday".to_owned(),
+            d => format!("{d} days ago"),
+        }))
     }
 
     /// The display name the owner chose.
@@ -264,6 +310,7 @@ impl Card {
         w.u8(CARD_VERSION);
         self.identity.write(w);
         w.u64(self.version)
+            .u64(self.expires_at)
             .bytes8(self.name.as_bytes())
             .u8(self.relays.len() as u8);
         for (addr, key) in self.relays.iter().zip(&self.requests) {
@@ -306,6 +353,7 @@ impl Card {
         }
         let identity = PublicIdentity::read(&mut r)?;
         let card_version = r.u64("card counter")?;
+        let expires_at = r.u64("card expiry")?;
         let name = r.str8(MAX_NAME_LEN, "display name")?.to_owned();
         let count = usize::from(r.u8("relay count")?);
         if count > MAX_RELAYS {
@@ -334,6 +382,7 @@ impl Card {
         let card = Self {
             identity,
             version: card_version,
+            expires_at,
             name,
             relays,
             requests,
@@ -496,6 +545,37 @@ mod tests {
         // Bump the version counter (bytes 129..137) without re-signing.
         bytes[136] ^= 1;
         assert!(matches!(Card::decode(&bytes), Err(CardError::BadSignature)));
+    }
+
+    #[test]
+    fn a_card_runs_out_at_its_signed_expiry() {
+        let id = Identity::generate_with(&mut test_rng(43));
+        let t = 1_800_000_000;
+        let card = Card::new_at_epoch(&id, "Jiwoo", vec![relay_addr(4001, 1)], 2, 1, t).unwrap();
+        let back = Card::from_invite(&card.to_invite()).unwrap();
+        assert_eq!(back.expires_at(), t);
+        assert!(back.check_fresh(t - 1).is_ok());
+        for (now, words) in [
+            (t, "today"),
+            (t + 86_400, "yesterday"),
+            (t + 3 * 86_400 + 5, "3 days ago"),
+        ] {
+            assert!(back.is_expired(now));
+            let err = back.check_fresh(now).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("this invite code expired {words}; ask for a new one")
+            );
+        }
+        // The expiry is signed: moving it (bytes 137..145) breaks the signature.
+        let mut bytes = card.encode();
+        bytes[137] ^= 0x80;
+        assert!(matches!(Card::decode(&bytes), Err(CardError::BadSignature)));
+        assert_eq!(
+            Card::new(&id, "Jiwoo", vec![], 1).unwrap().expires_at(),
+            u64::MAX,
+            "test cards never run out"
+        );
     }
 
     #[test]

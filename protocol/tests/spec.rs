@@ -20,11 +20,13 @@ fn spec_states_the_limits_the_code_enforces() {
     let spec = include_str!("../SPEC.md");
     let limits: &[(&str, u64)] = &[
         ("MAX_CARD_LEN", card::MAX_CARD_LEN as u64),
+        ("CARD_LIFETIME_SECS", card::CARD_LIFETIME_SECS),
         ("MAX_INVITE_LEN", card::MAX_INVITE_LEN as u64),
         ("MAX_PAYLOAD_LEN", envelope::MAX_PAYLOAD_LEN as u64),
         ("MAX_SEALED_BODY", session::MAX_SEALED_BODY as u64),
         ("MAX_COUNTERS", session::MAX_COUNTERS),
         ("REKEY_AFTER_MESSAGES", session::REKEY_AFTER_MESSAGES),
+        ("RETIRED_GRACE_SECS", session::RETIRED_GRACE_SECS),
         ("MAX_FRAME_LEN", wire::MAX_FRAME_LEN as u64),
         ("MAX_TEXT_LEN", content::MAX_TEXT_LEN as u64),
         ("MAX_BODY_LEN", content::MAX_BODY_LEN as u64),
@@ -54,6 +56,11 @@ fn spec_states_the_limits_the_code_enforces() {
     assert!(
         missing.is_empty(),
         "SPEC.md lacks or misstates: {missing:#?}"
+    );
+    let classes = session::SIZE_CLASSES.map(|c| c.to_string()).join(", ");
+    assert!(
+        spec.contains(&format!("SIZE_CLASSES = {classes} bytes")),
+        "SPEC.md lacks or misstates SIZE_CLASSES = {classes} bytes"
     );
     assert!(spec.contains(session::NOISE_PARAMS));
     assert!(spec.contains(wire::SESSION_PROTOCOL_NAME));

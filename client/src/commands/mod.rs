@@ -253,14 +253,7 @@ impl App {
         let identity = Identity::generate();
         // Validates the name with the same rules a card uses.
         Card::new(&identity, name, vec![], 1)?;
-        self.store.init_identity(
-            &identity,
-            &Profile {
-                name: name.to_owned(),
-                card_version: 1,
-                request_epoch: 0,
-            },
-        )?;
+        self.store.init_identity(&identity, &Profile::new(name))?;
         if json {
             out.json(json!({ "peer_id": identity.peer_id().to_string(), "name": name }));
         } else {
@@ -279,12 +272,19 @@ impl App {
             out.warn("note: you have no relays, so this code reaches you only on your local network; add relays with `kkachi relay add ADDR`");
         }
         if json {
-            out.json(json!({ "invite": code, "peer_id": card.identity().peer_id().to_string(), "version": card.version() }));
+            out.json(
+                json!({ "invite": code, "peer_id": card.identity().peer_id().to_string(),
+                             "version": card.version(), "expires_at": card.expires_at() }),
+            );
         } else {
             out.out(&code);
             if qr {
                 out.out(crate::qr::render(&code)?);
             }
+            out.warn(format!(
+                "this code works until {}; then kkachi makes a new one and this one stops reaching you",
+                crate::time::format_ms(card.expires_at().saturating_mul(1000))
+            ));
         }
         Ok(())
     }

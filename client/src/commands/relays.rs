@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{App, CommandError, Output, fail, name};
 use crate::engine::now_ms;
 use crate::net::{Transport, peer_of};
-use crate::store::WriteSet;
+use crate::store::{LocalStore, WriteSet};
 
 impl App {
     pub(super) fn own_card(&self) -> Result<Card, CommandError> {
@@ -25,7 +25,7 @@ impl App {
         let mut profile = self.profile()?;
         profile.card_version += 1;
         let mut w = WriteSet::default();
-        w.put_record(crate::store::TreeId::Meta, b"profile".to_vec(), &profile);
+        LocalStore::write_profile(&mut w, &profile);
         self.store.apply(w)?;
         let contacts = self.store.contacts()?;
         let engine = self.engine()?;
@@ -46,11 +46,12 @@ impl App {
     /// been told (now, as for a change of relays), and contacts get the new card.
     pub(super) async fn renew_invite(&mut self, out: &mut Output) -> Result<(), CommandError> {
         let mut profile = self.profile()?;
-        profile.request_epoch = profile.request_epoch.checked_add(1).ok_or_else(|| {
-            CommandError::Refused("this identity has renewed its code as often as it can".into())
-        })?;
+        if profile.request_epoch == u32::MAX {
+            return fail("this identity has renewed its code as often as it can");
+        }
+        profile.renew_card(now_ms() / 1000);
         let mut w = WriteSet::default();
-        w.put_record(crate::store::TreeId::Meta, b"profile".to_vec(), &profile);
+        LocalStore::write_profile(&mut w, &profile);
         self.store.apply(w)?;
         self.announce_card(out).await?;
         out.warn("your earlier invite codes no longer reach you; your contacts are not affected");

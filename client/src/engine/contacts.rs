@@ -6,7 +6,7 @@
 //! contact removed cannot have its session written again by a message arriving at that
 //! moment. Each writes (applied, not flushed); the owner flushes before it answers.
 
-use kkachi_protocol::card::{NameError, check_name};
+use kkachi_protocol::card::{CardError, NameError, check_name};
 use kkachi_protocol::{Body, Card, Envelope, PeerId, Session};
 use thiserror::Error;
 
@@ -53,6 +53,14 @@ pub enum ContactError {
     /// Nothing is held from that sender.
     #[error("no message request from {0}; `kkachi request list` shows them")]
     NoRequest(String),
+    /// The card of someone not yet a contact has run out.
+    #[error("{name}'s invite code expired {when}; ask them for a new one (`kkachi invite`)")]
+    Expired {
+        /// The name on the card.
+        name: String,
+        /// How long ago, in words.
+        when: String,
+    },
 }
 
 /// What a change did.
@@ -130,6 +138,16 @@ impl<T> State<T> {
             .into());
         }
         let existing = contacts.iter().find(|c| c.peer == peer);
+        if existing.is_none()
+            && let Err(CardError::Expired(when)) = card.check_fresh(now / 1000)
+        {
+            // An old code from a poster or a chat log: its owner has moved on to another.
+            return Err(ContactError::Expired {
+                name: card.name().to_owned(),
+                when,
+            }
+            .into());
+        }
         let name = match (name, existing) {
             (Some(n), _) => n.trim().to_owned(),
             (None, Some(c)) => c.name.clone(),

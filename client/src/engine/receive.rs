@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
-use kkachi_protocol::session::{self, Incoming, InitPacket};
+use kkachi_protocol::session::{self, InitPacket};
 use kkachi_protocol::{
     Body, Content, Envelope, MessageId, Opened, PeerId, ReceiptStatus, Session, SessionError,
 };
@@ -91,6 +91,9 @@ pub enum Verdict {
 
 /// Why an envelope is skipped when it was handled before.
 const SEEN: &str = "already handled";
+
+/// A transport packet opened by a contact's session, or why it is refused.
+type TransportResult = Result<(Contact, Opened), &'static str>;
 
 /// How a batch went, for the caller.
 #[derive(Debug, Default)]
@@ -248,64 +251,105 @@ impl<T> State<T> {
                 "expires further ahead than any envelope may",
             ));
         }
-        let packet = match session::open(&self.me, &envelope.payload) {
+        let packet = match session::parse(&envelope.payload) {
             Ok(p) => p,
             Err(e) => return dropped(format!("unreadable: {e}")),
         };
-        let (contact, opened) = match packet {
-            Incoming::Init(init) => {
-                match self.open_first(w, sessions, envelope, init, source, now)? {
-                    Ok(x) => x,
-                    Err(outcome) => return Ok(outcome),
-                }
-            }
-            Incoming::Transport(packet) => {
-                let contacts = self.store.contacts()?;
-                sessions.index_all(&self.store, &contacts)?;
-                // The session tag names the contact; a packet no session expects is
-                // tried on everyone only within a small allowance.
-                let owner = sessions.owner_of(packet.tag());
-                if owner.is_none() && !sessions.take_fallback(now) {
+        // Nothing outside tells a first message from a transport packet: the session
+        // tag is looked up first (no cryptography), then the packet is tried as a first
+        // message to us (one handshake), and only then, within a small allowance, on
+        // every session.
+        let contacts = self.store.contacts()?;
+        sessions.index_all(&self.store, &contacts)?;
+        let owner = sessions.owner_of(packet.tag());
+        if owner.is_some()
+            && let Some(found) = self.open_transport(w, sessions, &contacts, &packet, owner, now)?
+        {
+            return match found {
+                Ok((contact, opened)) => self.after_opening(w, sessions, contact, opened, now),
+                Err(reason) => refused(reason),
+            };
+        }
+        let (contact, opened) = match session::open_first(&self.me, &packet) {
+            Ok(init) => match self.open_first(w, sessions, envelope, init, source, now)? {
+                Ok(x) => x,
+                Err(outcome) => return Ok(outcome),
+            },
+            Err(SessionError::Crypto) => {
+                if owner.is_some() || !sessions.take_fallback(now) {
                     return dropped("no session of ours expects it");
                 }
-                let mut found = None;
-                for contact in contacts
-                    .iter()
-                    .filter(|c| owner.is_none_or(|peer| c.peer == peer))
-                {
-                    let session = sessions.get(&self.store, contact)?;
-                    let Some(result) = session.open_transport(&self.me, &packet, now / 1000) else {
-                        continue;
-                    };
-                    // Whatever it did to the session is kept with the outcome.
-                    LocalStore::write_session(w, &contact.peer, session);
-                    found = Some(match result {
-                        // Opened only to know whose it is: dropped unread.
-                        Ok(_) if self.store.blocked(&contact.peer)?.is_some() => {
-                            Err("from a blocked contact")
-                        }
-                        Ok(opened) => Ok((contact.clone(), opened)),
-                        Err(SessionError::Replay) => Err("a copy of a message already read"),
-                        Err(_) => Err("it opened but its frame is malformed"),
-                    });
-                    break;
-                }
-                match found {
+                match self.open_transport(w, sessions, &contacts, &packet, None, now)? {
                     Some(Ok(x)) => x,
                     Some(Err(reason)) => return refused(reason),
                     None => return dropped("no session of ours opens it"),
                 }
             }
+            Err(e) => return dropped(format!("unreadable first message: {e}")),
         };
+        self.after_opening(w, sessions, contact, opened, now)
+    }
+
+    /// Tries a transport packet on the sessions of `owner` (everyone's when `None`).
+    /// The result says whose it was, or why an opened one is refused.
+    /// `None` if none opens it; the inner `Err` says why an opened one is refused.
+    fn open_transport(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contacts: &[Contact],
+        packet: &session::Packet,
+        owner: Option<PeerId>,
+        now: u64,
+    ) -> Result<Option<TransportResult>, EngineError> {
+        for contact in contacts
+            .iter()
+            .filter(|c| owner.is_none_or(|peer| c.peer == peer))
+        {
+            let session = sessions.get(&self.store, contact)?;
+            let Some(result) = session.open_transport(&self.me, packet, now / 1000) else {
+                continue;
+            };
+            // Whatever it did to the session is kept with the outcome.
+            LocalStore::write_session(w, &contact.peer, session);
+            return Ok(Some(match result {
+                // Opened only to know whose it is: dropped unread.
+                Ok(_) if self.store.blocked(&contact.peer)?.is_some() => {
+                    Err("from a blocked contact")
+                }
+                Ok(opened) => Ok((contact.clone(), opened)),
+                Err(SessionError::Replay) => Err("a copy of a message already read"),
+                Err(_) => Err("it opened but its frame is malformed"),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// What follows an opened packet: the session's changes, then its content.
+    fn after_opening(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: Contact,
+        opened: Opened,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
         // What opening it changed (a counter received, a session confirmed, offered or
         // retired) changes what the contact's sessions expect next.
         sessions.reindex(&contact.peer);
-        if opened.peer_reset {
+        if opened.peer_reset || opened.switched {
+            // The peer lost its state (it cannot open what we sealed before), or we
+            // seal on a new session now (the old one will soon open nothing): what the
+            // peer has not confirmed is sealed again on the session we use now.
+            let why = if opened.peer_reset {
+                "the contact lost its session"
+            } else {
+                "a new session replaced the old one"
+            };
             let session = sessions.get(&self.store, &contact)?;
-            // Their lost state is theirs to recover from; a failure to seal for them
-            // again must not refuse the message that told us.
+            // A failure to seal again must not refuse the message that led to it.
             let mut again = WriteSet::default();
-            match self.reseal_for(&mut again, &contact, session, now) {
+            match self.reseal_for(&mut again, &contact, session, why, now) {
                 Ok(()) => w.extend(again),
                 Err(e) => {
                     tracing::warn!(contact = %contact.peer, error = %e, "could not seal again")
@@ -380,6 +424,12 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = init.sender_card().identity().peer_id();
+        if init.sender_card().is_expired(init.sent_at()) {
+            // Clients renew their card when it runs out: a request sealed after that
+            // comes from a code its owner has retired. (One sealed before it still
+            // arrives; backdating is bounded by the age a first message may have.)
+            return refused("a request sealed under an expired card");
+        }
         let content = match Content::decode(init.body()) {
             Ok(c) => c,
             Err(e) => return refused(format!("unreadable content from a stranger: {e}")),
@@ -624,8 +674,10 @@ impl<T> State<T> {
         w: &mut WriteSet,
         contact: &Contact,
         session: &mut Session,
+        why: &'static str,
         now: u64,
     ) -> Result<(), EngineError> {
+        let mut count = 0usize;
         for key in self.store.outbox_keys_of(&contact.peer) {
             let Some(mut entry) = self.store.outbox_entry(key)? else {
                 continue;
@@ -653,8 +705,11 @@ impl<T> State<T> {
             }
             entry.direct_acked = false;
             LocalStore::write_outbox(w, key, &entry);
+            count += 1;
         }
-        tracing::info!(contact = %contact.peer, "contact lost its session; unconfirmed messages sealed again");
+        if count > 0 {
+            tracing::info!(contact = %contact.peer, count, why, "unconfirmed messages sealed again");
+        }
         Ok(())
     }
 }

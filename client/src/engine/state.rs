@@ -181,6 +181,8 @@ pub(crate) struct State<T> {
     /// People removed or blocked since the owner last withdrew their write
     /// capabilities from our relays.
     pub(crate) revoked: Vec<PublicIdentity>,
+    /// Our card was renewed since the owner last granted and told contacts.
+    pub(crate) card_renewed: std::sync::atomic::AtomicBool,
 }
 
 /// The relay an address names (its final `/p2p/…`).
@@ -211,6 +213,7 @@ impl<T> State<T> {
             announced: Vec::new(),
             requests: Vec::new(),
             revoked: Vec::new(),
+            card_renewed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -257,8 +260,34 @@ impl<T> State<T> {
         })
     }
 
+    /// Renews our card if it has run out: a new version and request epoch (the codes
+    /// given out before stop reaching us once the relays have been told). The caller
+    /// grants again and sends contacts the new card. Returns whether it did.
+    pub(crate) fn renew_card_if_due(&self, now: u64) -> Result<bool, EngineError> {
+        let Some(mut profile) = self.store.profile()? else {
+            return Ok(false);
+        };
+        if !profile.renew_card_if_due(now / 1000) {
+            return Ok(false);
+        }
+        let mut w = WriteSet::default();
+        LocalStore::write_profile(&mut w, &profile);
+        self.store.apply(w)?;
+        tracing::info!(
+            version = profile.card_version,
+            epoch = profile.request_epoch,
+            "our card expired: renewed, and earlier invite codes retired"
+        );
+        self.card_renewed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Our card as it stands, signed once per version of it (relays change its version).
     pub(crate) fn own_card(&self) -> Result<Card, EngineError> {
+        // Nothing goes out under an expired card: renewed at once (the owner task
+        // grants again and tells contacts, seeing `card_renewed`).
+        self.renew_card_if_due(super::now_ms())?;
         let version = self
             .store
             .profile()?

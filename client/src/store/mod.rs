@@ -181,19 +181,12 @@ impl LocalStore {
     ) -> Result<(Self, Identity, Card), StoreError> {
         let store = Self::open(home)?;
         let me = Identity::generate();
-        let card = Card::new(&me, name, relays.to_vec(), 1)
-            .map_err(|e| StoreError::InvalidCard(e.to_string()))?;
-        store.init_identity(
-            &me,
-            &Profile {
-                name: name.to_owned(),
-                card_version: 1,
-                request_epoch: 0,
-            },
-        )?;
+        let profile = Profile::new(name);
+        store.init_identity(&me, &profile)?;
         for r in relays {
             store.add_relay(r)?;
         }
+        let card = store.own_card(&me)?;
         Ok((store, me, card))
     }
 
@@ -211,6 +204,7 @@ impl LocalStore {
             relays,
             profile.card_version,
             profile.request_epoch,
+            profile.card_expires_at,
         )
         .map_err(|e| StoreError::InvalidCard(e.to_string()))
     }
@@ -243,6 +237,11 @@ impl LocalStore {
     /// The user's profile.
     pub fn profile(&self) -> Result<Option<Profile>, StoreError> {
         self.get_record(TreeId::Meta, PROFILE_KEY, "profile")
+    }
+
+    /// Replaces the profile.
+    pub fn write_profile(w: &mut WriteSet, profile: &Profile) {
+        w.put_record(TreeId::Meta, PROFILE_KEY, profile);
     }
 
     /// Next outbox order number (read-modify-write inside the caller's WriteSet).

@@ -1,5 +1,6 @@
 //! The records the store holds, as the rest of the client sees them.
 
+use kkachi_protocol::card::CARD_LIFETIME_SECS;
 use kkachi_protocol::{Card, PeerId};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,40 @@ pub struct Profile {
     /// Epoch of the contact-request queues in the card: a new one retires every invite
     /// code given out before (`kkachi invite --renew`).
     pub request_epoch: u32,
+    /// When the card runs out (Unix seconds); it is renewed, with a new request epoch,
+    /// before that.
+    pub card_expires_at: u64,
+}
+
+impl Profile {
+    /// A new user's profile: card version 1, request epoch 0, a card valid for
+    /// [`CARD_LIFETIME_SECS`] from now.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            card_version: 1,
+            request_epoch: 0,
+            card_expires_at: crate::engine::now_ms() / 1000 + CARD_LIFETIME_SECS,
+        }
+    }
+
+    /// Renews the card if it has run out at `now_s` (Unix seconds): a new version,
+    /// valid for [`CARD_LIFETIME_SECS`], and a new request epoch, so the codes given out
+    /// before stop reaching us. Returns whether it did.
+    pub fn renew_card_if_due(&mut self, now_s: u64) -> bool {
+        if now_s < self.card_expires_at {
+            return false;
+        }
+        self.renew_card(now_s);
+        true
+    }
+
+    /// A new card version and request epoch, valid for [`CARD_LIFETIME_SECS`].
+    pub fn renew_card(&mut self, now_s: u64) {
+        self.card_version += 1;
+        self.request_epoch = self.request_epoch.saturating_add(1);
+        self.card_expires_at = now_s + CARD_LIFETIME_SECS;
+    }
 }
 
 /// What the client knows about one of its own inbox relays.

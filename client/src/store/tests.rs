@@ -150,11 +150,7 @@ fn identity_profile_relays_round_trip() {
     let store = LocalStore::open(dir.path()).unwrap();
     assert!(store.identity().unwrap().is_none());
     let id = Identity::generate();
-    let profile = Profile {
-        name: "Jiwoo".into(),
-        card_version: 1,
-        request_epoch: 0,
-    };
+    let profile = Profile::new("Jiwoo");
     store.init_identity(&id, &profile).unwrap();
     let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{}", PeerId::random())
         .parse()

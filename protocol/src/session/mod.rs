@@ -54,9 +54,10 @@ use crate::codec::DecodeError;
 use crate::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use crate::identity::Identity;
 use packet::{
-    Answer, InitFrame, KIND_INIT, KIND_TRANSPORT, NONCE_LEN, Outer, PACKET_VERSION, TransportFrame,
+    Answer, EPHEMERAL_LEN, HEADER_LEN, InitFrame, NONCE_LEN, Outer, PACKET_VERSION, TAG_LEN,
+    TransportFrame, pad,
 };
-pub use packet::{MAX_SEALED_BODY, SESSION_TAG_LEN};
+pub use packet::{MAX_SEALED_BODY, SESSION_TAG_LEN, SIZE_CLASSES};
 use rekey::Proposal;
 pub use replay::MAX_COUNTERS;
 
@@ -68,7 +69,10 @@ use replay::{InitReplay, ReplayWindow, SeenInits};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
-const PROLOGUE: &[u8] = b"kkachi/session/v2";
+const PROLOGUE: &[u8] = b"kkachi/session/v4";
+/// What IK message 1 adds around its payload: ephemeral key, encrypted static key and
+/// its tag, and the payload's tag.
+const IK_MSG1_OVERHEAD: usize = EPHEMERAL_LEN + 32 + TAG_LEN + TAG_LEN;
 /// A sender offers a new session once its current one is this old...
 pub const REKEY_AFTER_SECS: u64 = 24 * 3600;
 /// ...or has sealed this many messages.
@@ -76,6 +80,12 @@ pub const REKEY_AFTER_MESSAGES: u64 = 1024;
 /// How long a replaced session still opens late messages, and how long an unconfirmed
 /// offer or a seen first message is remembered: the longest an envelope can live.
 pub const RETAIN_SECS: u64 = MAX_TTL_SECS + CLOCK_SKEW_SECS;
+/// How long a replaced session still opens packets once the peer has sent on the
+/// session that replaced it. The peer seals nothing new on the old one after that; what
+/// it sealed before and the recipient has not confirmed, a sender seals again under the
+/// new session when it switches (the reference client does), so only copies already on
+/// the way can still need the old keys.
+pub const RETIRED_GRACE_SECS: u64 = 3600;
 /// Unanswered handshakes kept in memory per contact (newest win).
 pub const MAX_PENDING: usize = 8;
 /// Answered-but-unconfirmed sessions kept per contact (newest win).
@@ -152,6 +162,9 @@ struct Established {
     window: ReplayWindow,
     created_at: u64,
     retired_at: Option<u64>,
+    /// When the peer first sent on this session: from then on it seals nothing on the
+    /// sessions this one replaced.
+    first_received_at: Option<u64>,
 }
 
 impl Established {
@@ -179,6 +192,7 @@ impl Established {
             window: ReplayWindow::new(),
             created_at: now,
             retired_at: None,
+            first_received_at: None,
         }
     }
 
@@ -191,13 +205,14 @@ impl Established {
             || now >= self.created_at.saturating_add(REKEY_AFTER_SECS)
     }
 
-    fn try_decrypt(&self, packet: &TransportPacket) -> Option<Vec<u8>> {
+    fn try_decrypt(&self, packet: &Packet) -> Option<Vec<u8>> {
+        let (nonce, ciphertext) = packet.rest.split_at(NONCE_LEN);
         XChaCha20Poly1305::new(Key::from_slice(self.recv_key.as_ref()))
             .decrypt(
-                XNonce::from_slice(&packet.nonce),
+                XNonce::from_slice(nonce),
                 Payload {
-                    msg: &packet.ciphertext,
-                    aad: &transport_aad(&packet.tag),
+                    msg: ciphertext,
+                    aad: &transport_aad(&packet.lead),
                 },
             )
             .ok()
@@ -220,12 +235,21 @@ impl Established {
 }
 
 /// The first bytes of a transport packet, authenticated with it.
-fn transport_aad(tag: &SessionTag) -> [u8; 2 + SESSION_TAG_LEN] {
-    let mut aad = [0u8; 2 + SESSION_TAG_LEN];
+fn transport_aad(tag: &SessionTag) -> [u8; HEADER_LEN] {
+    let mut aad = [0u8; HEADER_LEN];
     aad[0] = PACKET_VERSION;
-    aad[1] = KIND_TRANSPORT;
-    aad[2..].copy_from_slice(tag);
+    aad[1..].copy_from_slice(tag);
     aad
+}
+
+/// XORs a first message's ephemeral key with a mask only holders of the recipient's
+/// card can compute, so that the key (a curve point, which random bytes mostly are
+/// not) does not set first messages apart from transport packets. Its own inverse.
+fn mask_ephemeral(msg1: &mut [u8], recipient: &[u8; 32], lead: &[u8; SESSION_TAG_LEN]) {
+    let mask = crate::codec::hash("kkachi/first-mask/v4", &[recipient, lead]);
+    for (b, m) in msg1.iter_mut().zip(mask.iter()) {
+        *b ^= m;
+    }
 }
 
 /// Names the session and counter of a transport packet to whoever holds its key, and
@@ -235,7 +259,7 @@ pub type SessionTag = [u8; SESSION_TAG_LEN];
 /// The tag of counter `counter` under `key` (the sender's send key, the receiver's
 /// receive key).
 fn session_tag(key: &[u8; 32], counter: u64) -> SessionTag {
-    let h = crate::codec::hash("kkachi/session-tag/v3", &[key, &counter.to_be_bytes()]);
+    let h = crate::codec::hash("kkachi/session-tag/v4", &[key, &counter.to_be_bytes()]);
     h[..SESSION_TAG_LEN].try_into().expect("8 bytes")
 }
 
@@ -299,19 +323,55 @@ impl InitPacket {
     }
 }
 
-/// A transport packet, to be offered to each session until one opens it.
+/// A sealed packet split at its header: look its lead up among the session tags
+/// expected ([`Session::expected_tags`]) and open it with that session
+/// ([`Session::open_transport`]); if no session expects it, it may be a first message
+/// ([`open_first`]).
 #[derive(Debug, Clone)]
-pub struct TransportPacket {
-    tag: SessionTag,
-    nonce: [u8; NONCE_LEN],
-    ciphertext: Vec<u8>,
+pub struct Packet {
+    lead: SessionTag,
+    rest: Vec<u8>,
 }
 
-impl TransportPacket {
-    /// Its session tag: look the session up by it ([`Session::expected_tags`]).
+impl Packet {
+    /// Its lead: the session tag of a transport packet (random bytes in a first message).
     pub fn tag(&self) -> &SessionTag {
-        &self.tag
+        &self.lead
     }
+}
+
+/// Checks a sealed packet's version and length and splits it (no cryptography yet).
+pub fn parse(sealed: &[u8]) -> Result<Packet, SessionError> {
+    let outer = Outer::parse(sealed)?;
+    Ok(Packet {
+        lead: *outer.lead,
+        rest: outer.rest.to_vec(),
+    })
+}
+
+/// Opens `packet` as a first message to us: the responder side of the handshake with
+/// our static key. [`SessionError::Crypto`] if it is not one (a transport packet, or
+/// junk).
+pub fn open_first(me: &Identity, packet: &Packet) -> Result<Box<InitPacket>, SessionError> {
+    let mut msg1 = packet.rest.clone();
+    mask_ephemeral(&mut msg1, &me.x25519_public(), &packet.lead);
+    let secret = me.x25519_secret();
+    let mut state = builder(&secret)?.build_responder()?;
+    let mut payload = vec![0u8; msg1.len()];
+    let n = state.read_message(&msg1, &mut payload)?;
+    let frame = InitFrame::decode(&payload[..n])?;
+    let remote = remote_static(&state)?;
+    let card = Card::decode(&frame.card)?;
+    if *card.identity().x25519() != remote {
+        return Err(SessionError::CardMismatch);
+    }
+    Ok(Box::new(InitPacket {
+        remote,
+        reference: reference(&state),
+        state,
+        frame,
+        card,
+    }))
 }
 
 /// The two kinds of incoming packet.
@@ -319,8 +379,8 @@ impl TransportPacket {
 pub enum Incoming {
     /// A first message: the sender is known from the packet.
     Init(Box<InitPacket>),
-    /// A transport message: try [`Session::open_transport`] on each session.
-    Transport(TransportPacket),
+    /// Not a first message to us: try [`Session::open_transport`] on each session.
+    Transport(Packet),
 }
 
 /// A decrypted body.
@@ -333,6 +393,11 @@ pub struct Opened {
     /// The peer has lost its session state (for example a reinstall): anything sealed
     /// for it on the old session and not yet acknowledged should be sealed again.
     pub peer_reset: bool,
+    /// Opening it changed the session we seal on (a rekey completed or was confirmed):
+    /// the peer seals nothing more on the one replaced, which opens packets for
+    /// [`RETIRED_GRACE_SECS`] more only. Anything sealed on it that the peer has not
+    /// confirmed should be sealed again.
+    pub switched: bool,
     /// A first message older than the floor of the seen-message cache (more than
     /// `SeenInits::CAPACITY` first messages came after it): it may be a late copy or a
     /// replay, so it changed no session state, but its body is returned so that a late
@@ -340,38 +405,16 @@ pub struct Opened {
     pub late: bool,
 }
 
-/// Splits a sealed packet and, for a first message, performs the responder side of
-/// the handshake with our static key.
+/// Parses a sealed packet and tries it as a first message to us, else hands it back
+/// for the sessions to try: the simple way in, for a recipient with few sessions. A
+/// recipient with many first looks the packet's tag up ([`parse`], [`Packet::tag`]), so
+/// that a transport packet costs no handshake.
 pub fn open(me: &Identity, sealed: &[u8]) -> Result<Incoming, SessionError> {
-    match Outer::parse(sealed)? {
-        Outer::Init(msg1) => {
-            let secret = me.x25519_secret();
-            let mut state = builder(&secret)?.build_responder()?;
-            let mut payload = vec![0u8; msg1.len()];
-            let n = state.read_message(msg1, &mut payload)?;
-            let frame = InitFrame::decode(&payload[..n])?;
-            let remote = remote_static(&state)?;
-            let card = Card::decode(&frame.card)?;
-            if *card.identity().x25519() != remote {
-                return Err(SessionError::CardMismatch);
-            }
-            Ok(Incoming::Init(Box::new(InitPacket {
-                remote,
-                reference: reference(&state),
-                state,
-                frame,
-                card,
-            })))
-        }
-        Outer::Transport {
-            tag,
-            nonce,
-            ciphertext,
-        } => Ok(Incoming::Transport(TransportPacket {
-            tag: *tag,
-            nonce: *nonce,
-            ciphertext: ciphertext.to_vec(),
-        })),
+    let packet = parse(sealed)?;
+    match open_first(me, &packet) {
+        Ok(init) => Ok(Incoming::Init(init)),
+        Err(SessionError::Crypto) => Ok(Incoming::Transport(packet)),
+        Err(e) => Err(e),
     }
 }
 
@@ -512,7 +555,7 @@ impl Session {
             .as_ref()
             .is_some_and(Established::usable_for_sending);
         if !sendable {
-            return self.seal_init(me, card, body, answer, now);
+            return self.seal_init(me, card, body, answer, now, rng);
         }
         let offer = if self.current.as_ref().is_some_and(|c| c.due_for_rekey(now)) {
             Some(self.rekey_offer(me, now)?)
@@ -531,11 +574,13 @@ impl Session {
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         let aad = transport_aad(&session_tag(&current.send_key, frame.counter));
+        let plaintext = pad(frame.encode(), HEADER_LEN + NONCE_LEN + TAG_LEN)
+            .ok_or(SessionError::BodyTooLarge(body.len()))?;
         let ciphertext = XChaCha20Poly1305::new(Key::from_slice(current.send_key.as_ref()))
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: &frame.encode(),
+                    msg: &plaintext,
                     aad: &aad,
                 },
             )
@@ -583,13 +628,14 @@ impl Session {
         Ok((msg1, reference))
     }
 
-    fn seal_init(
+    fn seal_init<R: RngCore + CryptoRng>(
         &mut self,
         me: &Identity,
         card: &Card,
         body: &[u8],
         answer: Option<Answer>,
         now: u64,
+        rng: &mut R,
     ) -> Result<Vec<u8>, SessionError> {
         if *card.identity().x25519() != me.x25519_public()
             || card.identity().peer_id() != me.peer_id()
@@ -607,10 +653,29 @@ impl Session {
             card: card.encode(),
             body: body.to_vec(),
         };
-        let (msg1, _) = self.start_handshake(me, &frame.encode(), generation, now)?;
-        let mut packet = Vec::with_capacity(2 + msg1.len());
-        packet.extend_from_slice(&[PACKET_VERSION, KIND_INIT]);
+        self.seal_init_frame(me, &frame, now, rng)
+    }
+
+    /// Writes `frame` as a first message: padded, in IK message 1, its ephemeral key
+    /// masked.
+    fn seal_init_frame<R: RngCore + CryptoRng>(
+        &mut self,
+        me: &Identity,
+        frame: &InitFrame,
+        now: u64,
+        rng: &mut R,
+    ) -> Result<Vec<u8>, SessionError> {
+        let payload = pad(frame.encode(), HEADER_LEN + IK_MSG1_OVERHEAD)
+            .ok_or(SessionError::BodyTooLarge(frame.body.len()))?;
+        let (mut msg1, _) = self.start_handshake(me, &payload, frame.generation, now)?;
+        let mut lead = [0u8; SESSION_TAG_LEN];
+        rng.fill_bytes(&mut lead);
+        mask_ephemeral(&mut msg1, &self.remote, &lead);
+        let mut packet = Vec::with_capacity(HEADER_LEN + msg1.len());
+        packet.push(PACKET_VERSION);
+        packet.extend_from_slice(&lead);
         packet.extend_from_slice(&msg1);
+        debug_assert!(SIZE_CLASSES.contains(&packet.len()));
         Ok(packet)
     }
 
@@ -641,10 +706,12 @@ impl Session {
                     body: init.frame.body,
                     sent_at: init.frame.sent_at,
                     peer_reset: false,
+                    switched: false,
                     late: true,
                 });
             }
         }
+        let before = self.current_id();
         let peer_reset = self
             .current
             .as_ref()
@@ -668,6 +735,7 @@ impl Session {
             body: init.frame.body,
             sent_at: init.frame.sent_at,
             peer_reset,
+            switched: self.switched_from(before),
             late: false,
         })
     }
@@ -678,11 +746,22 @@ impl Session {
     pub fn open_transport(
         &mut self,
         me: &Identity,
-        packet: &TransportPacket,
+        packet: &Packet,
         now: u64,
     ) -> Option<Result<Opened, SessionError>> {
+        self.expire(now);
         let (slot, plaintext) = self.find_key(packet)?;
-        Some(self.accept_transport(me, slot, &plaintext, packet.tag, now))
+        Some(self.accept_transport(me, slot, &plaintext, packet.lead, now))
+    }
+
+    /// Whether this state still holds the keys of the session named `id` (test use).
+    #[cfg(test)]
+    fn holds(&self, id: &[u8; 32]) -> bool {
+        self.current
+            .iter()
+            .chain(self.offered.iter().map(|o| &o.session))
+            .chain(self.retired.iter())
+            .any(|s| s.id == *id)
     }
 
     /// The tags of the transport packets this state can still open within `window`
@@ -720,7 +799,7 @@ impl Session {
             .collect()
     }
 
-    fn find_key(&self, packet: &TransportPacket) -> Option<(Slot, Vec<u8>)> {
+    fn find_key(&self, packet: &Packet) -> Option<(Slot, Vec<u8>)> {
         let try_one = |s: &Established| s.try_decrypt(packet);
         if let Some(p) = self.current.as_ref().and_then(try_one) {
             return Some((Slot::Current, p));
@@ -755,6 +834,7 @@ impl Session {
         now: u64,
     ) -> Result<Opened, SessionError> {
         let frame = TransportFrame::decode(plaintext)?;
+        let before = self.current_id();
         let tag = packet_tag;
         let session = self.slot_mut(slot);
         if session_tag(&session.recv_key, frame.counter) != tag {
@@ -765,6 +845,7 @@ impl Session {
             return Err(SessionError::Replay);
         }
         session.window.mark(frame.counter);
+        session.first_received_at.get_or_insert(now);
         if let Slot::Offered(i) = slot {
             // The initiator used the session: it holds the keys. Confirm it.
             let offered = self.offered.remove(i);
@@ -783,8 +864,14 @@ impl Session {
             body: frame.body,
             sent_at: frame.sent_at,
             peer_reset: false,
+            switched: self.switched_from(before),
             late: false,
         })
+    }
+
+    /// Whether the session we seal on is no longer the one named `before`.
+    fn switched_from(&self, before: Option<[u8; 32]>) -> bool {
+        before.is_some() && self.current_id() != before
     }
 
     /// Makes `session` current if it outranks the current one; otherwise keeps it
@@ -811,10 +898,28 @@ impl Session {
         }
     }
 
-    /// Erases keys nothing can still need.
+    /// Erases keys nothing can still need: a replaced session [`RETIRED_GRACE_SECS`]
+    /// after the peer first sent on a session that outranks it, and anything
+    /// [`RETAIN_SECS`] old.
     fn expire(&mut self, now: u64) {
         let live = |t: u64| t.saturating_add(RETAIN_SECS) >= now;
-        self.retired.retain(|s| live(s.retired_at.unwrap_or(now)));
+        let received: Vec<(Rank, u64)> = self
+            .current
+            .iter()
+            .chain(self.retired.iter())
+            .filter_map(|s| Some((s.rank, s.first_received_at?)))
+            .collect();
+        self.retired.retain(|s| {
+            let retired = s.retired_at.unwrap_or(now);
+            let peer_switched = received
+                .iter()
+                .filter(|(rank, _)| *rank > s.rank)
+                .map(|(_, t)| *t)
+                .min();
+            live(retired)
+                && peer_switched
+                    .is_none_or(|t| t.max(retired).saturating_add(RETIRED_GRACE_SECS) >= now)
+        });
         self.offered.retain(|o| live(o.created_at));
         self.pending.retain(|p| live(p.created_at));
     }

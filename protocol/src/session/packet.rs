@@ -1,12 +1,13 @@
 //! Byte layouts of sealed packets and of the plaintext frames inside them.
 //!
 //! ```text
-//! packet    = version(1)=3 ‖ kind(1) ‖ rest
-//!   kind 1 (first message): rest = Noise IK message 1, whose payload is an InitFrame
-//!   kind 2 (transport):     rest = session_tag(8) ‖ nonce(24) ‖ XChaCha20-Poly1305(key,
-//!                                    nonce, aad = version ‖ kind ‖ session_tag,
-//!                                    TransportFrame)
-//! session_tag = H("kkachi/session-tag/v3", send_key, counter(8))[0..8]
+//! packet = version(1)=4 ‖ lead(8) ‖ rest,   len(packet) ∈ SIZE_CLASSES
+//!   transport:     lead = session_tag; rest = nonce(24) ‖ XChaCha20-Poly1305(key, nonce,
+//!                  aad = version ‖ session_tag, TransportFrame ‖ zero padding)
+//!   first message: lead = 8 random bytes; rest = Noise IK message 1 whose payload is
+//!                  InitFrame ‖ zero padding, with its ephemeral key (the first 32 bytes)
+//!                  XORed with H("kkachi/first-mask/v4", recipient_x25519, lead)
+//! session_tag = H("kkachi/session-tag/v4", send_key, counter(8))[0..8]
 //! InitFrame      = proposed_generation(4) ‖ offer_seq(8) ‖ instance(8) ‖ sent_at(8)
 //!                  ‖ answer? ‖ sender_card(u16 len) ‖ body(u32 len)
 //! TransportFrame = counter(8) ‖ sent_at(8) ‖ answer? ‖ offer? ‖ body(u32 len)
@@ -14,16 +15,25 @@
 //! offer?         = 0 | 1 ‖ proposed_generation(4) ‖ offer_seq(8) ‖ instance(8)
 //!                  ‖ msg1(u16 len, ≤ 128)
 //! ```
+//!
+//! Nothing outside the encryption tells the two kinds apart: both are a version byte
+//! and random-looking bytes, in one of a few lengths.
 
 use crate::card::MAX_CARD_LEN;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::content::{CONTENT_HEADER_LEN, MAX_BODY_LEN};
 
-pub(crate) const PACKET_VERSION: u8 = 3;
-/// Length of a transport packet's session tag.
+pub(crate) const PACKET_VERSION: u8 = 4;
+/// Length of a transport packet's session tag (and of the random lead of a first
+/// message, in the same place).
 pub const SESSION_TAG_LEN: usize = 8;
-pub(crate) const KIND_INIT: u8 = 1;
-pub(crate) const KIND_TRANSPORT: u8 = 2;
+/// The lengths a sealed packet may have: every packet is padded to the smallest that
+/// holds it, so its size tells an observer only which of these it is.
+pub const SIZE_CLASSES: [usize; 4] = [2048, 8192, 32768, crate::envelope::MAX_PAYLOAD_LEN];
+/// Bytes of a packet before what the session encrypts: version and lead.
+pub(crate) const HEADER_LEN: usize = 1 + SESSION_TAG_LEN;
+/// Length of a Noise ephemeral key: the part of a first message masked.
+pub(crate) const EPHEMERAL_LEN: usize = 32;
 pub(crate) const NONCE_LEN: usize = 24;
 pub(crate) const TAG_LEN: usize = 16;
 /// Largest body a session seals: one content record.
@@ -97,6 +107,28 @@ fn read_body(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
     Ok(r.bytes32(MAX_SEALED_BODY, "sealed body")?.to_vec())
 }
 
+/// The smallest size class of at least `len` bytes, if any.
+pub(crate) fn size_class(len: usize) -> Option<usize> {
+    SIZE_CLASSES.into_iter().find(|c| *c >= len)
+}
+
+/// Appends zeros to `frame` so that, with `overhead` bytes around it, the packet is
+/// exactly a size class; `None` if no class holds it.
+pub(crate) fn pad(mut frame: Vec<u8>, overhead: usize) -> Option<Vec<u8>> {
+    let class = size_class(frame.len() + overhead)?;
+    frame.resize(class - overhead, 0);
+    Some(frame)
+}
+
+/// What follows a frame must be padding: zeros only.
+fn finish_padded(r: Reader<'_>) -> Result<(), DecodeError> {
+    let rest = r.rest();
+    match rest.iter().position(|b| *b != 0) {
+        None => Ok(()),
+        Some(_) => Err(DecodeError::TrailingBytes(rest.len())),
+    }
+}
+
 impl InitFrame {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(
@@ -122,7 +154,7 @@ impl InitFrame {
             card: r.bytes16(MAX_CARD_LEN, "sender card")?.to_vec(),
             body: read_body(&mut r)?,
         };
-        r.finish()?;
+        finish_padded(r)?;
         Ok(frame)
     }
 }
@@ -164,7 +196,7 @@ impl TransportFrame {
             None
         };
         let body = read_body(&mut r)?;
-        r.finish()?;
+        finish_padded(r)?;
         Ok(Self {
             counter,
             sent_at,
@@ -175,24 +207,20 @@ impl TransportFrame {
     }
 }
 
-/// The outer layer of a sealed packet, split but not yet decrypted.
+/// The outer layer of a sealed packet: its lead (a transport packet's session tag, or a
+/// first message's random bytes) and the rest, not yet decrypted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outer<'a> {
-    Init(&'a [u8]),
-    Transport {
-        tag: &'a [u8; SESSION_TAG_LEN],
-        nonce: &'a [u8; NONCE_LEN],
-        ciphertext: &'a [u8],
-    },
+pub(crate) struct Outer<'a> {
+    pub(crate) lead: &'a [u8; SESSION_TAG_LEN],
+    pub(crate) rest: &'a [u8],
 }
 
 impl<'a> Outer<'a> {
     pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > crate::envelope::MAX_PAYLOAD_LEN {
-            return Err(DecodeError::TooLong {
+        if !SIZE_CLASSES.contains(&bytes.len()) {
+            return Err(DecodeError::Invalid {
                 field: "sealed packet",
-                len: bytes.len() as u64,
-                max: crate::envelope::MAX_PAYLOAD_LEN as u64,
+                reason: "its length is not one of the size classes",
             });
         }
         let mut r = Reader::new(bytes);
@@ -203,33 +231,14 @@ impl<'a> Outer<'a> {
                 version,
             });
         }
-        match r.u8("packet kind")? {
-            KIND_INIT => Ok(Outer::Init(r.rest())),
-            KIND_TRANSPORT => {
-                let tag: &[u8; SESSION_TAG_LEN] = r
-                    .take(SESSION_TAG_LEN, "session tag")?
-                    .try_into()
-                    .expect("took exactly SESSION_TAG_LEN bytes");
-                let nonce: &[u8; NONCE_LEN] = r
-                    .take(NONCE_LEN, "nonce")?
-                    .try_into()
-                    .expect("took exactly NONCE_LEN bytes");
-                if r.remaining() < TAG_LEN {
-                    return Err(DecodeError::Truncated {
-                        field: "ciphertext",
-                    });
-                }
-                Ok(Outer::Transport {
-                    tag,
-                    nonce,
-                    ciphertext: r.rest(),
-                })
-            }
-            tag => Err(DecodeError::UnknownTag {
-                field: "packet kind",
-                tag: tag.into(),
-            }),
-        }
+        let lead: &[u8; SESSION_TAG_LEN] = r
+            .take(SESSION_TAG_LEN, "lead")?
+            .try_into()
+            .expect("took exactly SESSION_TAG_LEN bytes");
+        Ok(Outer {
+            lead,
+            rest: r.rest(),
+        })
     }
 }
 
@@ -280,34 +289,58 @@ mod tests {
     }
 
     #[test]
-    fn outer_rejects_unknown_versions_kinds_and_short_transport() {
+    fn outer_takes_only_size_classes_of_this_version() {
+        for class in SIZE_CLASSES {
+            let mut ok = vec![0u8; class];
+            ok[0] = PACKET_VERSION;
+            ok[1..1 + SESSION_TAG_LEN].copy_from_slice(&[7; SESSION_TAG_LEN]);
+            let outer = Outer::parse(&ok).unwrap();
+            assert_eq!(outer.lead, &[7; SESSION_TAG_LEN]);
+            assert_eq!(outer.rest.len(), class - HEADER_LEN);
+            for len in [class - 1, class + 1] {
+                let mut off = ok.clone();
+                off.resize(len, 0);
+                assert!(
+                    matches!(Outer::parse(&off), Err(DecodeError::Invalid { .. })),
+                    "{len} bytes"
+                );
+            }
+            // Version 3 packets (exact sizes, a kind byte) are refused, not misread.
+            ok[0] = 3;
+            assert!(matches!(
+                Outer::parse(&ok),
+                Err(DecodeError::UnsupportedVersion { version: 3, .. })
+            ));
+        }
+        assert!(Outer::parse(&[]).is_err());
+    }
+
+    #[test]
+    fn frames_are_padded_to_a_class_and_only_zeros_may_follow_them() {
+        let frame = TransportFrame {
+            counter: 1,
+            sent_at: 2,
+            answer: None,
+            offer: None,
+            body: vec![9; 100],
+        };
+        let overhead = HEADER_LEN + NONCE_LEN + TAG_LEN;
+        let padded = pad(frame.encode(), overhead).unwrap();
+        assert_eq!(padded.len() + overhead, SIZE_CLASSES[0]);
+        assert_eq!(TransportFrame::decode(&padded).unwrap(), frame);
+        let mut bad = padded.clone();
+        *bad.last_mut().unwrap() = 1;
         assert!(matches!(
-            Outer::parse(&[1, 1]),
-            Err(DecodeError::UnsupportedVersion { .. })
+            TransportFrame::decode(&bad),
+            Err(DecodeError::TrailingBytes(_))
         ));
-        assert!(matches!(
-            Outer::parse(&[PACKET_VERSION, 9]),
-            Err(DecodeError::UnknownTag { .. })
-        ));
-        assert!(matches!(
-            Outer::parse(&[PACKET_VERSION, 2, 0, 0]),
-            Err(DecodeError::Truncated { .. })
-        ));
-        let mut ok = vec![PACKET_VERSION, 2];
-        ok.extend_from_slice(&[7; SESSION_TAG_LEN]);
-        ok.extend_from_slice(&[0; NONCE_LEN + TAG_LEN]);
-        assert!(matches!(
-            Outer::parse(&ok),
-            Ok(Outer::Transport {
-                tag: [7, 7, 7, 7, 7, 7, 7, 7],
-                ..
-            })
-        ));
-        // Version 2 had no session tag: refused, not misread.
-        ok[0] = 2;
-        assert!(matches!(
-            Outer::parse(&ok),
-            Err(DecodeError::UnsupportedVersion { version: 2, .. })
-        ));
+        // One byte more than the smallest class holds takes the next one.
+        let fits = SIZE_CLASSES[0] - overhead;
+        assert_eq!(pad(vec![0; fits], overhead).unwrap().len(), fits);
+        assert_eq!(
+            pad(vec![0; fits + 1], overhead).unwrap().len() + overhead,
+            SIZE_CLASSES[1]
+        );
+        assert_eq!(pad(vec![0; SIZE_CLASSES[3]], 1), None);
     }
 }

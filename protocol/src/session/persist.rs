@@ -1,14 +1,15 @@
 //! The stored form of a [`Session`], for the client's local database.
 //!
 //! ```text
-//! session     = version(1)=1 ‖ remote(32) ‖ instance(8) ‖ next_offer_seq(8) ‖ current?
+//! session     = version(1)=2 ‖ remote(32) ‖ instance(8) ‖ next_offer_seq(8) ‖ current?
 //!               ‖ n(1) ‖ retired×n ‖ m(1) ‖ offered×m ‖ seen_inits
 //! established = id(32) ‖ generation(4) ‖ initiator_lower(1) ‖ peer_instance(8)
 //!               ‖ send_key(32)
 //!               ‖ recv_key(32) ‖ next_send(8) ‖ created_at(8) ‖ retired_at(8, 0 = none)
-//!               ‖ window(512)
+//!               ‖ first_received_at(8, 0 = none) ‖ window(512)
 //! offered     = reference(16) ‖ seq(8) ‖ answer(u16 len) ‖ created_at(8) ‖ established
 //! ```
+//! Version 1 (without `first_received_at`) is still read.
 //! Unanswered handshakes are not stored: their snow state cannot be serialised, and
 //! losing them only means the next message starts a new handshake.
 
@@ -19,7 +20,7 @@ use super::replay::{ReplayWindow, SeenInits};
 use super::{Established, MAX_OFFERED, MAX_RETIRED, Offered, Rank, Session, SessionError};
 use crate::codec::{DecodeError, Reader, Writer};
 
-const STATE_VERSION: u8 = 1;
+const STATE_VERSION: u8 = 2;
 
 fn write_established(w: &mut Writer, s: &Established) {
     w.raw(&s.id)
@@ -30,11 +31,16 @@ fn write_established(w: &mut Writer, s: &Established) {
         .raw(s.recv_key.as_ref())
         .u64(s.next_send)
         .u64(s.created_at)
-        .u64(s.retired_at.unwrap_or(0));
+        .u64(s.retired_at.unwrap_or(0))
+        .u64(s.first_received_at.unwrap_or(0));
     s.window.write(w);
 }
 
-fn read_established(r: &mut Reader<'_>) -> Result<Established, DecodeError> {
+fn optional_time(t: u64) -> Option<u64> {
+    (t != 0).then_some(t)
+}
+
+fn read_established(r: &mut Reader<'_>, version: u8) -> Result<Established, DecodeError> {
     Ok(Established {
         id: r.array("session id")?,
         rank: Rank {
@@ -46,9 +52,11 @@ fn read_established(r: &mut Reader<'_>) -> Result<Established, DecodeError> {
         recv_key: Zeroizing::new(r.array("receive key")?),
         next_send: r.u64("next counter")?,
         created_at: r.u64("created at")?,
-        retired_at: match r.u64("retired at")? {
-            0 => None,
-            t => Some(t),
+        retired_at: optional_time(r.u64("retired at")?),
+        first_received_at: if version >= 2 {
+            optional_time(r.u64("first received at")?)
+        } else {
+            None
         },
         window: ReplayWindow::read(r)?,
     })
@@ -104,7 +112,7 @@ impl Session {
     pub fn decode(bytes: &[u8]) -> Result<Self, SessionError> {
         let mut r = Reader::new(bytes);
         let version = r.u8("session version")?;
-        if version != STATE_VERSION {
+        if !(1..=STATE_VERSION).contains(&version) {
             return Err(DecodeError::UnsupportedVersion {
                 what: "session state",
                 version,
@@ -115,13 +123,13 @@ impl Session {
         let instance = r.array("instance")?;
         let next_offer_seq = r.u64("offer sequence")?;
         let current = if r.bool("current present")? {
-            Some(read_established(&mut r)?)
+            Some(read_established(&mut r, version)?)
         } else {
             None
         };
         let n = read_count(&mut r, MAX_RETIRED, "retired sessions")?;
         let retired = (0..n)
-            .map(|_| read_established(&mut r))
+            .map(|_| read_established(&mut r, version))
             .collect::<Result<_, _>>()?;
         let m = read_count(&mut r, MAX_OFFERED, "offered sessions")?;
         let mut offered = Vec::with_capacity(m);
@@ -131,7 +139,7 @@ impl Session {
                 seq: r.u64("offer sequence")?,
                 answer: r.bytes16(MAX_ANSWER_LEN, "answer")?.to_vec(),
                 created_at: r.u64("offer time")?,
-                session: read_established(&mut r)?,
+                session: read_established(&mut r, version)?,
             });
         }
         let seen_inits = SeenInits::read(&mut r)?;

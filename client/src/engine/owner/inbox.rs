@@ -176,7 +176,9 @@ impl<T: Transport> Owner<T> {
             deadline: now + timeout.as_millis() as u64,
             reply,
         });
-        // Housekeeping first: what expired goes, receipts a crash left are sealed.
+        // Housekeeping first: a card about to run out is renewed, what expired goes,
+        // receipts a crash left are sealed.
+        self.renew_card_if_due(now);
         let result = self.state.housekeeping(now).map(drop);
         self.after_change(result, |_| {});
     }

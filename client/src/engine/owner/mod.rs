@@ -210,6 +210,9 @@ impl<T: Transport> Owner<T> {
         if let Err(e) = self.load() {
             tracing::error!(error = %e, "cannot read the outbox");
         }
+        // Before anything is sealed: first messages carry our card, and nobody takes a
+        // request under an expired one.
+        self.renew_card_if_due(now_ms());
         loop {
             let now = now_ms();
             self.start_work(now);
@@ -261,6 +264,29 @@ impl<T: Transport> Owner<T> {
                 .map(|c| c.peer)
                 .collect();
             self.state.net.allow_only(allowed);
+        }
+    }
+
+    /// A card about to run out is renewed: granted anew at our relays (the previous
+    /// request epoch revoked) and sent to every contact, as after a change of relays.
+    pub(super) fn renew_card_if_due(&mut self, now: u64) {
+        let renewed = self.state.renew_card_if_due(now).map(|now_renewed| {
+            // Also when sealing renewed it since.
+            self.state
+                .card_renewed
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+                || now_renewed
+        });
+        match renewed {
+            Ok(false) => {}
+            Ok(true) => {
+                self.grants.invalidate();
+                let result = self
+                    .take_relays()
+                    .and_then(|()| self.state.queue_card_updates(now));
+                self.after_change(result.map(drop), |_| {});
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew our card"),
         }
     }
 
@@ -340,8 +366,17 @@ impl<T: Transport> Owner<T> {
 
     /// Starts what is due: upkeep, long polls, deliveries.
     fn start_work(&mut self, now: u64) {
+        if self
+            .state
+            .card_renewed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Renewed while sealing: grants and contacts follow.
+            self.renew_card_if_due(now);
+        }
         if self.mode.inbox && now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_MS;
+            self.renew_card_if_due(now);
             let result = self.state.housekeeping(now);
             if let Err(e) = &result {
                 tracing::warn!(error = %e, "housekeeping failed");

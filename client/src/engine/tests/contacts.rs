@@ -5,6 +5,8 @@ use super::hostile::{cast, texts};
 use super::*;
 use crate::engine::ContactError;
 use crate::store::MAX_HELD_PER_SENDER;
+use kkachi_protocol::Session;
+use kkachi_protocol::card::CARD_LIFETIME_SECS;
 
 async fn spam(spammer: &User, to: &Contact, i: usize) {
     spammer.send(to, &format!("buy now {i}")).await;
@@ -275,4 +277,129 @@ async fn what_a_removed_contact_sends_afterwards_arrives_as_a_request() {
         .filter_map(|m| m.text)
         .collect();
     assert_eq!(texts, ["sorry, can we talk?"]);
+}
+
+/// A first message to `to` from `from` under `card` (any expiry), put on their relays.
+async fn first_message_under(from: &User, to: &Contact, card: &Card, text: &str) {
+    let now_s = now_ms() / 1000;
+    let mut session = Session::new(*to.card.identity().x25519());
+    let content = raw_text(1, [0; 32], text);
+    let payload = session
+        .seal(
+            from.engine.identity(),
+            card,
+            &content.encode(),
+            now_s,
+            &mut rand_core::OsRng,
+        )
+        .unwrap();
+    let envelope = Envelope {
+        expires_at: now_s + 3600,
+        payload,
+    };
+    from.put_raw(to, envelope).await;
+}
+
+#[tokio::test]
+async fn an_expired_card_adds_nobody_and_asks_nobody() {
+    let net = FakeNet::default();
+    let carol = User::started(&net, "Carol", 2).await;
+    let now_s = now_ms() / 1000;
+    let card_until = |u: &User, expires_at: u64| {
+        Card::new_at_epoch(
+            u.engine.identity(),
+            "Someone",
+            u.relays.clone(),
+            1,
+            0,
+            expires_at,
+        )
+        .unwrap()
+    };
+    // A code off an old poster: refused, saying what to do.
+    let frank = User::started(&net, "Frank", 2).await;
+    let err = carol
+        .engine
+        .add_contact(card_until(&frank, now_s - 3 * 86_400), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Someone's invite code expired 3 days ago; ask them for a new one (`kkachi invite`)"
+    );
+    assert!(carol.contact_of(&frank.peer()).is_none());
+    // A request sealed under a card still valid is held; under an expired one, not.
+    let carol_at_frank = frank.add_contact(&carol);
+    first_message_under(
+        &frank,
+        &carol_at_frank,
+        &card_until(&frank, now_s + 60),
+        "valid",
+    )
+    .await;
+    let grace = User::started(&net, "Grace", 2).await;
+    let carol_at_grace = grace.add_contact(&carol);
+    first_message_under(
+        &grace,
+        &carol_at_grace,
+        &card_until(&grace, now_s - 1),
+        "expired",
+    )
+    .await;
+    carol.sync().await;
+    let requests = carol.engine.store().requests().unwrap();
+    assert_eq!(
+        requests.iter().map(|r| r.peer).collect::<Vec<_>>(),
+        [frank.peer()]
+    );
+}
+
+#[tokio::test]
+async fn an_expired_own_card_is_renewed_and_its_contacts_get_the_new_one() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _alice_c) = pair(&net).await;
+    let before = alice.engine.store().profile().unwrap().unwrap();
+    // Alice's card runs out.
+    let mut profile = before.clone();
+    profile.card_expires_at = now_ms() / 1000 - 1;
+    let mut w = WriteSet::default();
+    LocalStore::write_profile(&mut w, &profile);
+    alice.engine.store().apply(w).unwrap();
+    // Her next message goes under a new card: a new version and request epoch, valid
+    // for the full lifetime again.
+    let _ = alice.send(&bob_c, "still here").await;
+    alice.sync().await;
+    let after = alice.engine.store().profile().unwrap().unwrap();
+    assert_eq!(after.request_epoch, before.request_epoch + 1);
+    assert!(after.card_version > before.card_version);
+    assert!(after.card_expires_at > now_ms() / 1000 + CARD_LIFETIME_SECS - 60);
+    // Bob reads the message and holds the new card.
+    alice.engine.deliver_now().await.unwrap();
+    let got = bob.sync().await;
+    assert!(
+        got.iter().any(|r| r.message.text == "still here"),
+        "{got:?}"
+    );
+    let card = bob.contact_of(&alice.peer()).unwrap().card;
+    assert_eq!(card.version(), after.card_version);
+    assert!(!card.is_expired(now_ms() / 1000));
+    // The new request capability is granted and the old one withdrawn at her relays.
+    for relay in &alice.relays {
+        let peer = crate::engine::state::relay_peer(relay).unwrap();
+        let old = alice
+            .engine
+            .identity()
+            .request_write_key(&peer, before.request_epoch);
+        let new = alice
+            .engine
+            .identity()
+            .request_write_key(&peer, after.request_epoch);
+        assert_eq!(card.request_key_at(&peer), Some(&new));
+        let store = net.relay_store(relay);
+        assert_eq!(store.route(&old.id()).unwrap(), None, "old epoch revoked");
+        assert!(
+            store.route(&new.id()).unwrap().is_some(),
+            "new epoch granted"
+        );
+    }
 }

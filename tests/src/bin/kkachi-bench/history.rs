@@ -16,14 +16,7 @@ pub(crate) fn history_bench(root: &Path, n: usize) -> Result<serde_json::Value> 
     let home = root.join("history");
     let store = LocalStore::open(&home)?;
     let me = Identity::generate();
-    store.init_identity(
-        &me,
-        &Profile {
-            name: "me".into(),
-            card_version: 1,
-            request_epoch: 0,
-        },
-    )?;
+    store.init_identity(&me, &Profile::new("me"))?;
     let other = Identity::generate();
     let card = Card::new(&other, "Minji", vec![], 1)?;
     let peer = card.identity().peer_id();
