@@ -14,7 +14,7 @@
 //! - [`sanitize`]: text a peer chose, made safe to print on a terminal.
 //! - [`backoff`]: the one retry schedule.
 //! - [`net`]: the task owning the libp2p Swarm (relays, contacts directly, LAN peers
-//!   via mDNS).
+//!   by beacons only contacts recognise).
 //! - [`engine`]: the delivery engine: its sans-io core (what is due, backoff, what an
 //!   answer changes), the owner task, receiving with deduplication, receipts and gap
 //!   detection, message requests.

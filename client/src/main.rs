@@ -25,7 +25,7 @@ fn default_home() -> PathBuf {
 
 fn init_logging(to_file: Option<&Path>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_mdns=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match to_file.and_then(|p| {
         std::fs::OpenOptions::new()

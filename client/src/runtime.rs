@@ -8,7 +8,8 @@ use crate::net::{NetConfig, NetError, Network};
 use crate::store::LocalStore;
 
 /// Network options from the environment: `KKACHI_LISTEN` (comma-separated
-/// multiaddrs), `KKACHI_MDNS=0` to turn LAN discovery off, `KKACHI_DIRECT=0` for
+/// multiaddrs), `KKACHI_LAN=0` to stop looking for contacts on the local network (and
+/// being found there; `KKACHI_MDNS=0`, its older name, too), `KKACHI_DIRECT=0` for
 /// relays only (no direct connections to contacts at all), and `KKACHI_CIRCUITS=1` to
 /// reach contacts through relays and hole punching (which names us to those relays).
 pub fn net_config() -> NetConfig {
@@ -29,8 +30,8 @@ pub fn net_config() -> NetConfig {
     }
     let off =
         |name: &str| std::env::var(name).is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off"));
-    if off("KKACHI_MDNS") {
-        config.mdns = false;
+    if off("KKACHI_LAN") || off("KKACHI_MDNS") {
+        config.lan = false;
     }
     if off("KKACHI_DIRECT") {
         config.direct = false;

@@ -198,5 +198,9 @@ fn main() {
     write("session_packet", "transport", &transport);
     write("session_state", "established", &a.encode());
     write("session_state", "answered", &b.encode());
+
+    let keys = [alice.lan_key_for(&bob.public())];
+    let beacons = kkachi_protocol::lan::beacons(&alice.peer_id(), &keys, 1, (4001, 4002), &mut rng);
+    write("lan_beacon", "valid", &beacons[0].encode());
     println!("seed corpus written to protocol/fuzz/corpus/");
 }

@@ -24,7 +24,15 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("content", content),
     ("session_packet", session_packet),
     ("session_state", session_state),
+    ("lan_beacon", lan_beacon),
 ];
+
+/// LAN beacons: anyone on the network sends them.
+pub fn lan_beacon(data: &[u8]) {
+    if let Ok(b) = crate::lan::Beacon::decode(data) {
+        assert_eq!(b.encode(), data, "beacons are canonical");
+    }
+}
 
 /// Invite codes (text).
 pub fn invite(data: &[u8]) {

@@ -30,6 +30,7 @@ pub mod envelope;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod lan;
 pub mod queue;
 pub mod session;
 pub mod wire;

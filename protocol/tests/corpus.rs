@@ -45,4 +45,5 @@ fn seeds_exercise_the_success_paths() {
         Ok(session::Incoming::Init(_))
     ));
     assert!(kkachi_protocol::Session::decode(&read("session_state", "established")).is_ok());
+    assert!(kkachi_protocol::lan::Beacon::decode(&read("lan_beacon", "valid")).is_ok());
 }

@@ -1,7 +1,7 @@
 //! SPEC.md must state the limits the code enforces: each named constant appears in the
 //! spec as "`NAME` = value" (value with thousands separators).
 
-use kkachi_protocol::{card, content, envelope, session, wire};
+use kkachi_protocol::{card, content, envelope, lan, session, wire};
 
 fn with_commas(n: u64) -> String {
     let s = n.to_string();
@@ -20,6 +20,8 @@ fn spec_states_the_limits_the_code_enforces() {
     let spec = include_str!("../SPEC.md");
     let limits: &[(&str, u64)] = &[
         ("MAX_CARD_LEN", card::MAX_CARD_LEN as u64),
+        ("MAX_BEACON_TAGS", lan::MAX_BEACON_TAGS as u64),
+        ("BEACON_SLOT_SECS", lan::BEACON_SLOT_SECS),
         ("CARD_LIFETIME_SECS", card::CARD_LIFETIME_SECS),
         ("MAX_INVITE_LEN", card::MAX_INVITE_LEN as u64),
         ("MAX_PAYLOAD_LEN", envelope::MAX_PAYLOAD_LEN as u64),

@@ -14,6 +14,9 @@ pub struct Checker {
     shown: HashMap<String, Vec<Instant>>,
     /// (seq, missing-at-that-time) in arrival order, per sender.
     arrivals: HashMap<String, Vec<Arrival>>,
+    /// Never printed by the recipient's daemon but in its history: it was killed
+    /// between storing a message and printing it, and shows it from its store.
+    unprinted: std::collections::HashSet<String>,
 }
 
 /// The verdict.
@@ -83,11 +86,30 @@ impl Checker {
     pub fn outstanding(&self) -> usize {
         self.sent
             .keys()
-            .filter(|id| !self.shown.contains_key(*id))
+            .filter(|id| !self.shown.contains_key(*id) && !self.unprinted.contains(*id))
             .count()
     }
 
-    /// The verdict so far.
+    /// Takes the recipient's history (`kkachi history --json`): a message sent and
+    /// never printed, but stored, was stored just before the recipient was killed (the
+    /// daemon prints once a message is durable, and a restarted one does not print it
+    /// again): it is shown from the store, so it is delivered, not lost. Returns how
+    /// many such messages there were.
+    pub fn stored(&mut self, history: &serde_json::Value) -> usize {
+        let ids = history
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str());
+        let mut n = 0;
+        for id in ids {
+            if self.sent.contains_key(id) && !self.shown.contains_key(id) {
+                n += usize::from(self.unprinted.insert(id.to_string()));
+            }
+        }
+        n
+    }
+
     pub fn report(&self) -> Report {
         let lost = self.outstanding();
         let duplicated = self.shown.values().map(|v| v.len().saturating_sub(1)).sum();
@@ -140,7 +162,7 @@ impl Checker {
             delivered: self
                 .sent
                 .keys()
-                .filter(|id| self.shown.contains_key(*id))
+                .filter(|id| self.shown.contains_key(*id) || self.unprinted.contains(*id))
                 .count(),
             lost,
             duplicated,

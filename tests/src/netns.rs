@@ -91,7 +91,7 @@ impl Lan {
                 "multicast",
                 "on",
             ])?;
-            // Multicast (mDNS) needs a route.
+            // Multicast (LAN beacons) needs a route.
             run(&[
                 "ip",
                 "-n",

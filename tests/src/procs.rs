@@ -220,14 +220,14 @@ pub struct Daemon {
     lines: mpsc::Receiver<(Instant, serde_json::Value)>,
 }
 
-/// The environment of a user on loopback: mDNS off, listening on 127.0.0.1 only.
+/// The environment of a user on loopback: LAN discovery off, listening on 127.0.0.1 only.
 pub const LOOPBACK_ENV: [(&str, &str); 2] = [
-    ("KKACHI_MDNS", "0"),
+    ("KKACHI_LAN", "0"),
     ("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0"),
 ];
 
 impl User {
-    /// A user with an identity, on loopback, mDNS off.
+    /// A user with an identity, on loopback, LAN discovery off.
     pub fn new(root: &Path, name: &str) -> Self {
         Self::with_env(root, name, None, &LOOPBACK_ENV)
     }

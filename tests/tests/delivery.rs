@@ -74,7 +74,7 @@ fn send_in_background(
                 .arg(&home)
                 .args(["send", "bob", &format!("{label} m{i}"), "--json"])
                 .args(["--timeout", "2"])
-                .env("KKACHI_MDNS", "0")
+                .env("KKACHI_LAN", "0")
                 .output()
                 .unwrap();
             if o.status.success() {
@@ -270,7 +270,7 @@ fn lan_only_two_namespaces_no_relay() {
     drain(&mut checker, &bob_daemon, Duration::from_secs(30));
     let report = checker.report();
     println!(
-        "LAN only (mDNS, direct), first send after {:?}: {report}",
+        "LAN only (beacons, direct), first send after {:?}: {report}",
         started.elapsed()
     );
     assert_eq!((report.lost, report.duplicated), (0, 0), "{report}");
@@ -332,7 +332,7 @@ fn pair_at(relay: &RelayProc, root: &Path, env: &[(&str, &str)]) -> (User, User)
 
 #[test]
 fn contacts_off_the_lan_go_direct_through_a_relay_circuit() {
-    // No mDNS: the only way to meet directly is through the relay (circuit relay v2),
+    // No LAN discovery: the only way to meet directly is through the relay (circuit relay v2),
     // then hole punching (DCUtR) upgrades to a direct connection. The first send goes
     // through the relay and starts that; the next ones should find the path open.
     let dir = tempfile::tempdir().unwrap();
@@ -385,7 +385,7 @@ fn hole_punched_contacts_drop_the_relayed_connection() {
     rt.block_on(async {
         let config = || NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            mdns: false,
+            lan: false,
             direct: true,
             circuits: true,
         };

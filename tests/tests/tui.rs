@@ -94,7 +94,7 @@ fn tui_shows_sends_and_notices_a_dead_relay() {
     bob.ok(&["send", "alice", "hello from the shell"]);
 
     let command = format!(
-        "KKACHI_MDNS=0 KKACHI_LISTEN=/ip4/127.0.0.1/tcp/0 {} --home {} tui",
+        "KKACHI_LAN=0 KKACHI_LISTEN=/ip4/127.0.0.1/tcp/0 {} --home {} tui",
         bin("kkachi").display(),
         alice.home.display()
     );

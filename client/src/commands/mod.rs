@@ -137,6 +137,10 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// `kkachi invite` never prints a code with less than this left to live (30 days): it
+/// makes a new one first.
+const INVITE_MIN_LIFE_SECS: u64 = 30 * 24 * 3600;
+
 impl App {
     /// Commands over an opened store; the network starts when a command needs it.
     pub fn new(store: LocalStore) -> Self {
@@ -222,8 +226,14 @@ impl App {
                 self.relay_remove(&addr, json, &mut out).await?
             }
             Command::Invite { qr, renew } => {
-                if renew {
-                    self.renew_invite(&mut out).await?;
+                // A code handed out should work for a while: one with less than a month
+                // left is replaced first.
+                let left = self
+                    .profile()?
+                    .card_expires_at
+                    .saturating_sub(crate::engine::now_ms() / 1000);
+                if renew || left < INVITE_MIN_LIFE_SECS {
+                    self.renew_invite(!renew, &mut out).await?;
                 }
                 self.invite(qr, json, &mut out)?
             }

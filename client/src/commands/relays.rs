@@ -44,7 +44,12 @@ impl App {
 
     /// A new request epoch: earlier invite codes stop reaching us once our relays have
     /// been told (now, as for a change of relays), and contacts get the new card.
-    pub(super) async fn renew_invite(&mut self, out: &mut Output) -> Result<(), CommandError> {
+    /// `automatic`: the old code was about to run out (else the user asked).
+    pub(super) async fn renew_invite(
+        &mut self,
+        automatic: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
         let mut profile = self.profile()?;
         if profile.request_epoch == u32::MAX {
             return fail("this identity has renewed its code as often as it can");
@@ -54,7 +59,13 @@ impl App {
         LocalStore::write_profile(&mut w, &profile);
         self.store.apply(w)?;
         self.announce_card(out).await?;
-        out.warn("your earlier invite codes no longer reach you; your contacts are not affected");
+        if automatic {
+            out.warn("your invite code was about to expire, so here is a new one; earlier codes no longer reach you (your contacts are not affected)");
+        } else {
+            out.warn(
+                "your earlier invite codes no longer reach you; your contacts are not affected",
+            );
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! moment. Each writes (applied, not flushed); the owner flushes before it answers.
 
 use kkachi_protocol::card::{CardError, NameError, check_name};
+use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::{Body, Card, Envelope, PeerId, Session};
 use thiserror::Error;
 
@@ -106,6 +107,32 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<ContactOutcome, EngineError> {
         let peer = card.identity().peer_id();
+        // An invite code off an old poster or out of a chat log: its owner has moved on
+        // to another (a few minutes' clock skew allowed). Cards of contacts are replaced
+        // in-band, and a requester's card came with its request, so only new codes are
+        // checked.
+        if self.store.contact(&peer)?.is_none()
+            && let Err(CardError::Expired(when)) =
+                card.check_fresh((now / 1000).saturating_sub(CLOCK_SKEW_SECS))
+        {
+            return Err(ContactError::Expired {
+                name: card.name().to_owned(),
+                when,
+            }
+            .into());
+        }
+        self.add_card(card, name, now)
+    }
+
+    /// Adds (or updates) the contact of `card`, and takes in what it had sent while not
+    /// a contact.
+    fn add_card(
+        &mut self,
+        card: &Card,
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<ContactOutcome, EngineError> {
+        let peer = card.identity().peer_id();
         let mut outcome =
             self.with_sessions(|this, sessions| this.write_contact(sessions, card, name, now))?;
         outcome.accepted = self.adopt_held_from(&peer, now)?;
@@ -138,16 +165,6 @@ impl<T> State<T> {
             .into());
         }
         let existing = contacts.iter().find(|c| c.peer == peer);
-        if existing.is_none()
-            && let Err(CardError::Expired(when)) = card.check_fresh(now / 1000)
-        {
-            // An old code from a poster or a chat log: its owner has moved on to another.
-            return Err(ContactError::Expired {
-                name: card.name().to_owned(),
-                when,
-            }
-            .into());
-        }
         let name = match (name, existing) {
             (Some(n), _) => n.trim().to_owned(),
             (None, Some(c)) => c.name.clone(),
@@ -195,7 +212,7 @@ impl<T> State<T> {
             .store
             .request(peer)?
             .ok_or_else(|| ContactError::NoRequest(peer.to_string()))?;
-        self.add_contact(&request.card, name, now)
+        self.add_card(&request.card, name, now)
     }
 
     /// Drops what `peer` sent as a request; they may ask again.

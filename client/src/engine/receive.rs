@@ -92,6 +92,9 @@ pub enum Verdict {
 /// Why an envelope is skipped when it was handled before.
 const SEEN: &str = "already handled";
 
+/// An outbox entry is sealed again on a new session at most this often (10 minutes).
+pub(crate) const RESEAL_EVERY_MS: u64 = 10 * 60 * 1000;
+
 /// A transport packet opened by a contact's session, or why it is refused.
 type TransportResult = Result<(Contact, Opened), &'static str>;
 
@@ -337,7 +340,8 @@ impl<T> State<T> {
         // What opening it changed (a counter received, a session confirmed, offered or
         // retired) changes what the contact's sessions expect next.
         sessions.reindex(&contact.peer);
-        if opened.peer_reset || opened.switched {
+        let switched = opened.peer_reset || opened.switched;
+        if switched || self.stale.lock().contains(&contact.peer) {
             // The peer lost its state (it cannot open what we sealed before), or we
             // seal on a new session now (the old one will soon open nothing): what the
             // peer has not confirmed is sealed again on the session we use now.
@@ -349,7 +353,20 @@ impl<T> State<T> {
             let session = sessions.get(&self.store, &contact)?;
             // A failure to seal again must not refuse the message that led to it.
             let mut again = WriteSet::default();
-            match self.reseal_for(&mut again, &contact, session, why, now) {
+            let resealed = self
+                .reseal_stale(&mut again, &contact, session, why, now)
+                .and_then(|_| {
+                    // A card update sent on the old session may sit unread on a relay
+                    // until the old keys are gone, and is not kept for sealing again:
+                    // the card goes once more (only if it ever changed).
+                    let card = self.own_card()?;
+                    if switched && card.version() > 1 {
+                        let body = Body::CardUpdate(Box::new(card));
+                        self.queue_control(&mut again, &contact, session, body, now)?;
+                    }
+                    Ok(())
+                });
+            match resealed {
                 Ok(()) => w.extend(again),
                 Err(e) => {
                     tracing::warn!(contact = %contact.peer, error = %e, "could not seal again")
@@ -424,12 +441,6 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = init.sender_card().identity().peer_id();
-        if init.sender_card().is_expired(init.sent_at()) {
-            // Clients renew their card when it runs out: a request sealed after that
-            // comes from a code its owner has retired. (One sealed before it still
-            // arrives; backdating is bounded by the age a first message may have.)
-            return refused("a request sealed under an expired card");
-        }
         let content = match Content::decode(init.body()) {
             Ok(c) => c,
             Err(e) => return refused(format!("unreadable content from a stranger: {e}")),
@@ -667,26 +678,39 @@ impl<T> State<T> {
         Ok(sealed)
     }
 
-    /// The contact lost its session state: what we sealed for it and it has not
-    /// confirmed is sealed again (same message ids, so nothing shows twice).
-    fn reseal_for(
+    /// Seals again, on the session we seal on now, what `contact` has not confirmed
+    /// and is sealed on another session (one replaced, or one the contact lost with its
+    /// state): the old keys soon open nothing. Same message ids, so nothing shows
+    /// twice. An entry is sealed again at most once per [`RESEAL_EVERY_MS`] (a hostile
+    /// contact switching sessions over and over gets no more); one held back is looked
+    /// at again with the contact's next packet, and at the next start.
+    pub(crate) fn reseal_stale(
         &self,
         w: &mut WriteSet,
         contact: &Contact,
         session: &mut Session,
         why: &'static str,
         now: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<usize, EngineError> {
         let mut count = 0usize;
+        let mut held_back = false;
+        let current = session.sealing_session();
         for key in self.store.outbox_keys_of(&contact.peer) {
             let Some(mut entry) = self.store.outbox_entry(key)? else {
                 continue;
             };
+            if entry.sealed_on.is_none() || entry.sealed_on == current {
+                continue; // a first message opens whatever happens, or still current
+            }
+            if now.saturating_sub(entry.resealed_ms) < RESEAL_EVERY_MS {
+                held_back = true;
+                continue;
+            }
             let Some((_, record)) = self
                 .store
                 .message(&contact.peer, &MessageId(entry.message_id))?
             else {
-                continue;
+                continue; // a receipt or card: a newer one goes out on its own
             };
             let content = Content {
                 id: MessageId(record.id),
@@ -696,9 +720,11 @@ impl<T> State<T> {
                 body: Body::Text(record.text),
             };
             // Same message id, sealed anew, with a fresh lifetime.
+            entry.sealed_on = session.sealing_session();
             entry.envelope = self
                 .seal_envelope(contact, session, &content, now)?
                 .encode();
+            entry.resealed_ms = now;
             for t in &mut entry.targets {
                 t.acked = false;
                 t.next_try_ms = 0;
@@ -707,10 +733,42 @@ impl<T> State<T> {
             LocalStore::write_outbox(w, key, &entry);
             count += 1;
         }
+        let mut stale = self.stale.lock();
+        if held_back {
+            stale.insert(contact.peer);
+        } else {
+            stale.remove(&contact.peer);
+        }
         if count > 0 {
             tracing::info!(contact = %contact.peer, count, why, "unconfirmed messages sealed again");
         }
-        Ok(())
+        Ok(count)
+    }
+
+    /// At start: what a crash left sealed on a replaced session is sealed again.
+    pub(crate) fn reseal_stale_everywhere(&mut self, now: u64) -> Result<usize, EngineError> {
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let mut n = 0;
+            for contact in this.store.contacts()?.iter() {
+                if this.store.outbox_keys_of(&contact.peer).is_empty()
+                    || this.store.blocked(&contact.peer)?.is_some()
+                {
+                    continue;
+                }
+                let session = sessions.get(&this.store, contact)?;
+                n += this.reseal_stale(
+                    &mut w,
+                    contact,
+                    session,
+                    "sealed on a replaced session",
+                    now,
+                )?;
+                LocalStore::write_session(&mut w, &contact.peer, session);
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(n)
+        })
     }
 }
 

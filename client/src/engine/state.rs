@@ -181,8 +181,9 @@ pub(crate) struct State<T> {
     /// People removed or blocked since the owner last withdrew their write
     /// capabilities from our relays.
     pub(crate) revoked: Vec<PublicIdentity>,
-    /// Our card was renewed since the owner last granted and told contacts.
-    pub(crate) card_renewed: std::sync::atomic::AtomicBool,
+    /// Contacts with outbox entries held back from being sealed again
+    /// ([`State::reseal_stale`]).
+    pub(crate) stale: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
 }
 
 /// The relay an address names (its final `/p2p/…`).
@@ -213,7 +214,7 @@ impl<T> State<T> {
             announced: Vec::new(),
             requests: Vec::new(),
             revoked: Vec::new(),
-            card_renewed: std::sync::atomic::AtomicBool::new(false),
+            stale: parking_lot::Mutex::default(),
         }
     }
 
@@ -262,7 +263,8 @@ impl<T> State<T> {
 
     /// Renews our card if it has run out: a new version and request epoch (the codes
     /// given out before stop reaching us once the relays have been told). The caller
-    /// grants again and sends contacts the new card. Returns whether it did.
+    /// grants again and sends contacts the new card ([`State::announce_card_if_due`]).
+    /// Returns whether it did.
     pub(crate) fn renew_card_if_due(&self, now: u64) -> Result<bool, EngineError> {
         let Some(mut profile) = self.store.profile()? else {
             return Ok(false);
@@ -278,16 +280,11 @@ impl<T> State<T> {
             epoch = profile.request_epoch,
             "our card expired: renewed, and earlier invite codes retired"
         );
-        self.card_renewed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
     /// Our card as it stands, signed once per version of it (relays change its version).
     pub(crate) fn own_card(&self) -> Result<Card, EngineError> {
-        // Nothing goes out under an expired card: renewed at once (the owner task
-        // grants again and tells contacts, seeing `card_renewed`).
-        self.renew_card_if_due(super::now_ms())?;
         let version = self
             .store
             .profile()?
@@ -337,6 +334,7 @@ impl<T> State<T> {
         kind: OutboxKind,
         now: u64,
     ) -> Result<u64, EngineError> {
+        let sealed_on = session.sealing_session();
         let sealed = self.seal_envelope(contact, session, content, now);
         LocalStore::write_session(w, &contact.peer, session);
         let envelope = sealed?;
@@ -365,6 +363,8 @@ impl<T> State<T> {
             direct_acked: false,
             kind,
             created_ms: now,
+            sealed_on,
+            resealed_ms: 0,
         };
         LocalStore::write_outbox(w, key, &entry);
         Ok(key)
@@ -501,11 +501,28 @@ impl<T> State<T> {
         })
     }
 
-    /// Queues our current card for every contact not blocked (after a relay change).
+    /// Queues our card for every contact if it is newer than the one they were last
+    /// sent (a renewal, or a change of relays, that a crash interrupted). Returns how
+    /// many contacts it was queued for.
+    pub(crate) fn announce_card_if_due(&mut self, now: u64) -> Result<usize, EngineError> {
+        match self.store.profile()? {
+            Some(p) if p.card_version > p.card_announced => self.queue_card_updates(now),
+            _ => Ok(0),
+        }
+    }
+
+    /// Queues our current card for every contact not blocked (after a relay change),
+    /// and records it as announced in the same write.
     pub(crate) fn queue_card_updates(&mut self, now: u64) -> Result<usize, EngineError> {
         let card = self.own_card()?;
+        let mut profile = self
+            .store
+            .profile()?
+            .ok_or(StoreError::Corrupt("profile"))?;
+        profile.card_announced = profile.card_version;
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
+            LocalStore::write_profile(&mut w, &profile);
             let mut n = 0;
             for contact in this.store.contacts()?.iter() {
                 // Someone blocked does not learn where we moved.

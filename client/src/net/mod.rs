@@ -7,10 +7,11 @@
 //! per peer (`/kkachi/relay/2`, SPEC §6), opened on first use: the handle asks the task
 //! to dial (pending dials are answered when the connection is up or has failed), then
 //! opens the stream and writes each request straight to it from the caller's task. A
-//! contact on the same network (mDNS) or connected directly hands envelopes for *our*
+//! contact on the same network (found by its beacons) or connected directly hands envelopes for *our*
 //! mailbox over a session to us, which we serve like a relay would, for puts into our
 //! own mailbox only.
 
+mod beacon;
 mod gate;
 mod task;
 
@@ -19,6 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kkachi_protocol::lan::LanKey;
 use kkachi_protocol::wire::Addressed;
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, RelayToClient};
 use kkachi_relay::session::{Session, SessionError, SessionReply, SessionSlot};
@@ -125,8 +127,9 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// can reach us through them and then go direct. Returns at once.
     fn reserve_at(&self, _relays: Vec<Multiaddr>) {}
 
-    /// Our contacts are `peers`: only they may connect to us (and count as on the LAN).
-    fn allow_only(&self, _peers: HashSet<PeerId>) {}
+    /// Our contacts are these (with the key each shares with us on the LAN): only they
+    /// may connect to us, only they find us on the LAN, and only they count as on it.
+    fn allow_only(&self, _contacts: Vec<(PeerId, LanKey)>) {}
 }
 
 /// Options for starting the network.
@@ -134,11 +137,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
 pub struct NetConfig {
     /// Addresses to listen on (for direct delivery from contacts).
     pub listen: Vec<Multiaddr>,
-    /// Look for contacts on the local network with mDNS.
-    pub mdns: bool,
+    /// Look for contacts on the local network (beacons only contacts recognise).
+    pub lan: bool,
     /// Connect to contacts directly (LAN, hole punching) and take deliveries from them.
     /// Off: relays only. Contacts never learn our addresses, and nobody on the LAN sees
-    /// us (no listening, no mDNS, no circuit reservations).
+    /// us (no listening, no beacons, no circuit reservations).
     pub direct: bool,
     /// Also reach contacts through relays (a reservation at each of ours, circuits to
     /// theirs, then hole punching). Off by default: a reservation and a circuit name
@@ -154,7 +157,7 @@ impl Default for NetConfig {
                 "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
                 "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
             ],
-            mdns: true,
+            lan: true,
             direct: true,
             circuits: false,
         }
@@ -201,6 +204,8 @@ pub struct Network {
     circuits: bool,
     /// Who may connect to us (see `gate`).
     allowed: gate::Allowed,
+    /// What our LAN beacons carry.
+    beacon: Arc<RwLock<beacon::Shared>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -231,6 +236,7 @@ impl Network {
         let (events_tx, events) = mpsc::channel(EVENTS);
         let state = Arc::new(RwLock::new(PeerState::default()));
         let allowed = gate::Allowed::default();
+        let beacon = Arc::<RwLock<beacon::Shared>>::default();
         let side = |keypair, config: &NetConfig, events_tx| -> Result<Side, NetError> {
             let (commands, commands_rx) = mpsc::channel(COMMANDS);
             let (task, control) = NetworkTask::new(
@@ -240,6 +246,7 @@ impl Network {
                 events_tx,
                 state.clone(),
                 allowed.clone(),
+                beacon.clone(),
             )?;
             tokio::spawn(task.run());
             Ok(Side {
@@ -251,7 +258,7 @@ impl Network {
         let contacts = side(keypair, &config, events_tx.clone())?;
         let relays_only = NetConfig {
             listen: Vec::new(),
-            mdns: false,
+            lan: false,
             direct: false,
             circuits: false,
         };
@@ -267,6 +274,7 @@ impl Network {
                 direct: config.direct,
                 circuits: config.direct && config.circuits,
                 allowed,
+                beacon,
             },
             events,
         ))
@@ -284,6 +292,7 @@ impl Network {
             direct: false,
             circuits: false,
             allowed: gate::Allowed::default(),
+            beacon: Arc::default(),
         }
     }
 
@@ -300,7 +309,7 @@ impl Network {
         })
     }
 
-    /// Contacts found on the local network (mDNS) and not yet expired (anyone found,
+    /// Contacts found on the local network (by their beacons) and not yet gone (anyone found,
     /// until the engine has said who our contacts are).
     pub fn lan_peers(&self) -> HashSet<PeerId> {
         let lan = self.state.read().lan.clone();
@@ -413,8 +422,9 @@ impl Transport for Network {
             .try_send(Command::SeekDirect { peer, relays });
     }
 
-    fn allow_only(&self, peers: HashSet<PeerId>) {
-        *self.allowed.write() = Some(peers);
+    fn allow_only(&self, contacts: Vec<(PeerId, LanKey)>) {
+        *self.allowed.write() = Some(contacts.iter().map(|(p, _)| *p).collect());
+        self.beacon.write().contacts = contacts;
     }
 
     /// Idempotent, and a relay that refused is asked again only after a backoff.

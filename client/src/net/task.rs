@@ -15,10 +15,9 @@ use kkachi_relay::transport;
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{Swarm, dcutr, identify, mdns, ping, relay};
+use libp2p::{Swarm, dcutr, identify, ping, relay};
 use parking_lot::RwLock;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -86,7 +85,6 @@ pub(super) struct Behaviour {
     session: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 /// A circuit relay reservation we keep at one of our relays. It is asked for only over
@@ -108,7 +106,6 @@ pub(super) struct NetworkTask {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     state: Arc<RwLock<PeerState>>,
-    local: PeerId,
     /// Dials waiting for their connection, by peer.
     dialing: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
     /// Requests read off the session streams contacts opened to us (none without
@@ -119,6 +116,13 @@ pub(super) struct NetworkTask {
     /// Contacts we are trying to reach through their relays: attempts so far and when
     /// the next may start. Forgotten once connected.
     seeking: HashMap<PeerId, (u32, Instant)>,
+    /// Contacts found (and lost) on the local network by their beacons (none without
+    /// [`NetConfig::lan`]).
+    lan: Option<mpsc::Receiver<super::beacon::Seen>>,
+    /// Where contacts found on the LAN listen, for dials that name no address.
+    lan_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// What the beacons carry: our ports are kept up to date here.
+    beacon: Arc<RwLock<super::beacon::Shared>>,
 }
 
 impl NetworkTask {
@@ -131,19 +135,21 @@ impl NetworkTask {
         events: mpsc::Sender<NetEvent>,
         state: Arc<RwLock<PeerState>>,
         allowed: super::gate::Allowed,
+        beacon: Arc<RwLock<super::beacon::Shared>>,
     ) -> Result<(Self, libp2p_stream::Control), NetError> {
         let local = keypair.public().to_peer_id();
         let setup =
             |e: &dyn std::fmt::Display| NetError::Unreachable(format!("network setup failed: {e}"));
-        let mdns = if config.mdns && config.direct {
-            let mdns_config = mdns::Config {
-                query_interval: Duration::from_secs(5),
-                ..Default::default()
-            };
-            Some(mdns::tokio::Behaviour::new(mdns_config, local).map_err(|e| setup(&e))?)
-        } else {
-            None
-        };
+        let lan = (config.lan && config.direct).then(|| {
+            let (tx, rx) = mpsc::channel(64);
+            let shared = beacon.clone();
+            tokio::spawn(async move {
+                if let Err(e) = super::beacon::run(local, shared, tx).await {
+                    tracing::warn!(error = %e, "cannot look for contacts on the local network");
+                }
+            });
+            rx
+        });
         let mut swarm = transport::swarm_with_relay_client(
             keypair,
             |key, relay_client| Behaviour {
@@ -156,7 +162,6 @@ impl NetworkTask {
                     "kkachi",
                 )),
                 ping: ping::Behaviour::default(),
-                mdns: mdns.into(),
             },
             // A dialer proposing one protocol sends its first message with the proposal
             // instead of waiting for the confirmation: one round trip fewer per stream.
@@ -189,11 +194,13 @@ impl NetworkTask {
             commands,
             events,
             state,
-            local,
             dialing: HashMap::new(),
             direct,
             reservations: HashMap::new(),
             seeking: HashMap::new(),
+            lan,
+            lan_addrs: HashMap::new(),
+            beacon,
         };
         Ok((task, control))
     }
@@ -206,6 +213,7 @@ impl NetworkTask {
                     None => break, // every handle dropped
                 },
                 Some(request) = recv(&mut self.direct) => self.on_direct_request(request).await,
+                Some(seen) = recv(&mut self.lan) => self.on_lan(seen).await,
                 event = self.swarm.select_next_some() => self.on_event(event).await,
             }
         }
@@ -263,7 +271,10 @@ impl NetworkTask {
                 self.swarm.add_peer_address(peer, bare.clone());
                 DialOpts::peer_id(peer).addresses(vec![bare]).build()
             }
-            None => DialOpts::peer_id(peer).build(),
+            None => match self.lan_addrs.get(&peer) {
+                Some(addrs) => DialOpts::peer_id(peer).addresses(addrs.clone()).build(),
+                None => DialOpts::peer_id(peer).build(),
+            },
         };
         match self.swarm.dial(opts) {
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
@@ -365,6 +376,44 @@ impl NetworkTask {
         }
     }
 
+    /// Our beacons carry the ports we listen on now.
+    fn beacon_ports(&self) {
+        let ports = super::beacon::ports_of(&self.state.read().listen);
+        self.beacon.write().ports = ports;
+    }
+
+    /// A contact's beacon was seen (or its beacons stopped): it is reachable at the
+    /// addresses it came from, and counts as on the LAN.
+    async fn on_lan(&mut self, seen: super::beacon::Seen) {
+        match seen {
+            super::beacon::Seen::Found(peer, addrs) => {
+                let bare: Vec<Multiaddr> = addrs
+                    .iter()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|p| !matches!(p, Protocol::P2p(_)))
+                            .collect()
+                    })
+                    .collect();
+                for addr in &bare {
+                    self.swarm.add_peer_address(peer, addr.clone());
+                }
+                self.lan_addrs.insert(peer, bare);
+                if self.state.write().lan.insert(peer) {
+                    tracing::info!(%peer, "found a contact on the local network");
+                    Self::emit(&self.events, NetEvent::LanPeer { peer, up: true }).await;
+                }
+            }
+            super::beacon::Seen::Gone(peer) => {
+                self.lan_addrs.remove(&peer);
+                if self.state.write().lan.remove(&peer) {
+                    tracing::info!(%peer, "a contact left the local network");
+                    Self::emit(&self.events, NetEvent::LanPeer { peer, up: false }).await;
+                }
+            }
+        }
+    }
+
     async fn emit(events: &mpsc::Sender<NetEvent>, event: NetEvent) {
         // Bounded: if the application falls behind, the network waits for it.
         let _ = events.send(event).await;
@@ -385,9 +434,11 @@ impl NetworkTask {
                 }
                 tracing::debug!(%address, "listening");
                 self.state.write().listen.push(address);
+                self.beacon_ports();
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.state.write().listen.retain(|a| a != &address);
+                self.beacon_ports();
             }
             SwarmEvent::ListenerClosed {
                 listener_id,
@@ -438,30 +489,6 @@ impl NetworkTask {
                         up: false,
                     };
                     Self::emit(&self.events, event).await;
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-                let mut new = Vec::new();
-                for (peer, addr) in found {
-                    if peer == self.local {
-                        continue;
-                    }
-                    self.swarm.add_peer_address(peer, addr);
-                    if self.state.write().lan.insert(peer) {
-                        new.push(peer);
-                    }
-                }
-                for peer in new {
-                    tracing::info!(%peer, "found a peer on the local network");
-                    Self::emit(&self.events, NetEvent::LanPeer { peer, up: true }).await;
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
-                let peers: HashSet<PeerId> = gone.into_iter().map(|(p, _)| p).collect();
-                for peer in peers {
-                    if self.state.write().lan.remove(&peer) {
-                        Self::emit(&self.events, NetEvent::LanPeer { peer, up: false }).await;
-                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => match event.result {
@@ -538,8 +565,8 @@ impl NetworkTask {
 }
 
 /// The next request from contacts' sessions; never, without them.
-async fn recv(direct: &mut Option<mpsc::Receiver<SessionRequest>>) -> Option<SessionRequest> {
-    match direct {
+async fn recv<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match channel {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }

@@ -19,6 +19,10 @@ pub struct Profile {
     /// When the card runs out (Unix seconds); it is renewed, with a new request epoch,
     /// before that.
     pub card_expires_at: u64,
+    /// The card version last queued for every contact: one above it is still to be
+    /// sent (a crash between a renewal and telling contacts is caught up at the next
+    /// start).
+    pub card_announced: u64,
 }
 
 impl Profile {
@@ -30,6 +34,8 @@ impl Profile {
             card_version: 1,
             request_epoch: 0,
             card_expires_at: crate::engine::now_ms() / 1000 + CARD_LIFETIME_SECS,
+            // Whoever holds our code holds version 1.
+            card_announced: 1,
         }
     }
 
@@ -240,6 +246,12 @@ pub struct OutboxEntry {
     pub direct_acked: bool,
     /// Unix ms when queued.
     pub created_ms: u64,
+    /// The session its envelope is sealed on (`None`: a first message, which the
+    /// contact can always open). Once that session is replaced, the envelope is sealed
+    /// again on the new one: the old one soon opens nothing.
+    pub sealed_on: Option<[u8; 32]>,
+    /// Unix ms when it was last sealed again for that reason (0: never).
+    pub resealed_ms: u64,
 }
 
 impl OutboxEntry {

@@ -327,6 +327,8 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
         targets: Vec::new(),
         direct_acked: false,
         created_ms: 0,
+        sealed_on: None,
+        resealed_ms: 0,
     };
     {
         let store = LocalStore::open(dir.path()).unwrap();

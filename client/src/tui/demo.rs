@@ -39,7 +39,7 @@ pub struct DemoRelays {
 fn loopback_net() -> NetConfig {
     NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
-        mdns: false,
+        lan: false,
         direct: true,
         circuits: false,
     }

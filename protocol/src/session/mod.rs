@@ -24,8 +24,10 @@
 //!    session id travels in clear, so a relay cannot link two messages of a session.
 //! 4. **Rekey.** After a day or 1024 messages the sender attaches an offer (IK message 1
 //!    with an empty payload) to its transport messages; the answered handshake becomes
-//!    the new session, and the old one turns receive-only until nothing sealed under it
-//!    can still be in flight ([`RETAIN_SECS`]), then is erased.
+//!    the new session, and the old one turns receive-only: erased an hour after the
+//!    peer first sent on its successor ([`RETIRED_GRACE_SECS`]; the sender seals again
+//!    what the peer has not confirmed when it switches), at the latest once nothing
+//!    sealed under it can still be in flight ([`RETAIN_SECS`]).
 //! 5. **Choosing a session.** Sessions are ranked by (generation, "initiator has the
 //!    lower static key"). Both sides switch to the highest-ranked session they both
 //!    hold, so simultaneous offers converge on one session without coordination.
@@ -730,7 +732,9 @@ impl Session {
             seq: init.frame.seq,
             instance: init.frame.instance,
         };
-        self.answer_offer(me, init.state, proposal, now)?;
+        // The first message is already recorded as seen: a failure to answer it must
+        // not lose its body (the sender offers again with its next message).
+        let _ = self.answer_offer(me, init.state, proposal, now);
         Ok(Opened {
             body: init.frame.body,
             sent_at: init.frame.sent_at,
@@ -752,6 +756,16 @@ impl Session {
         self.expire(now);
         let (slot, plaintext) = self.find_key(packet)?;
         Some(self.accept_transport(me, slot, &plaintext, packet.lead, now))
+    }
+
+    /// The session the next [`Session::seal`] seals on, if it seals a transport packet
+    /// (`None`: it writes a first message, which the peer opens with its static key
+    /// whatever sessions come and go).
+    pub fn sealing_session(&self) -> Option<[u8; 32]> {
+        self.current
+            .as_ref()
+            .filter(|c| c.usable_for_sending())
+            .map(|c| c.id)
     }
 
     /// Whether this state still holds the keys of the session named `id` (test use).
@@ -857,7 +871,9 @@ impl Session {
             self.take_answer(me, answer, now);
         }
         if let Some(offer) = &frame.offer {
-            self.answer_rekey(me, offer, now)?;
+            // An offer we cannot answer is ignored like an unusable answer: never a
+            // reason to lose the message it rode with (its counter is spent already).
+            let _ = self.answer_rekey(me, offer, now);
         }
         self.expire(now);
         Ok(Opened {
@@ -903,18 +919,21 @@ impl Session {
     /// [`RETAIN_SECS`] old.
     fn expire(&mut self, now: u64) {
         let live = |t: u64| t.saturating_add(RETAIN_SECS) >= now;
-        let received: Vec<(Rank, u64)> = self
+        // Only a successor shared with the same peer instance counts: after the peer
+        // lost its state, its new sessions start again from generation 1, below the
+        // old ones.
+        let received: Vec<(Rank, [u8; 8], u64)> = self
             .current
             .iter()
             .chain(self.retired.iter())
-            .filter_map(|s| Some((s.rank, s.first_received_at?)))
+            .filter_map(|s| Some((s.rank, s.peer_instance, s.first_received_at?)))
             .collect();
         self.retired.retain(|s| {
             let retired = s.retired_at.unwrap_or(now);
             let peer_switched = received
                 .iter()
-                .filter(|(rank, _)| *rank > s.rank)
-                .map(|(_, t)| *t)
+                .filter(|(rank, instance, _)| *rank > s.rank && *instance == s.peer_instance)
+                .map(|(_, _, t)| *t)
                 .min();
             live(retired)
                 && peer_switched

@@ -809,3 +809,35 @@ fn known_answer_session_tag_and_first_message_mask() {
         "e4a35dfc62df9611a925a207f885eeeb765ee8de8ba29e0c799a21e79bcd692a0000000000000000"
     );
 }
+
+#[test]
+fn after_a_peer_reset_old_sessions_do_not_cut_the_grace_of_new_ones() {
+    let (mut a, mut b) = Peer::pair(720);
+    let mut rng = test_rng(72);
+    settle(&mut a, &mut b, T0, &mut rng);
+    // Push the generation up, so the sessions before the reset outrank the new ones.
+    for i in 0..3 {
+        let t = T0 + (i + 1) * (REKEY_AFTER_SECS + 1);
+        settle(&mut a, &mut b, t, &mut rng);
+    }
+    let old_generation = a.session.generation();
+    assert!(old_generation >= 3, "{old_generation}");
+    // Bob loses his state and writes again: alice retires the old sessions.
+    let t0 = T0 + 10 * REKEY_AFTER_SECS;
+    b.session = Session::new(a.me.x25519_public());
+    let reset = b.seal(b"I lost everything", t0, &mut rng);
+    assert!(a.open(&reset, t0).unwrap().peer_reset);
+    settle(&mut a, &mut b, t0, &mut rng);
+    assert!(a.session.generation() < old_generation);
+    // Alice rekeys; bob has not sent on the new session and keeps sealing on the
+    // one before, which alice must keep opening past the grace.
+    let t1 = t0 + REKEY_AFTER_SECS + 1;
+    b.open(&a.seal(b"offer", t1, &mut rng), t1).unwrap();
+    a.open(&b.seal(b"answer", t1, &mut rng), t1).unwrap();
+    let late = b.seal(b"still on the session before", t1, &mut rng);
+    let t2 = t1 + RETIRED_GRACE_SECS + 100;
+    assert_eq!(
+        a.open(&late, t2).unwrap().body,
+        b"still on the session before"
+    );
+}

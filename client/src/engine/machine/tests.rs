@@ -27,6 +27,8 @@ fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
         direct_acked: false,
         kind,
         created_ms: T0,
+        sealed_on: None,
+        resealed_ms: 0,
     }
 }
 

@@ -74,31 +74,51 @@ impl Grants {
     }
 }
 
-/// Which of our two queues at a relay a long poll or fetch reads.
+/// Which of our queues at a relay a long poll or fetch reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Which {
     /// Contacts' envelopes.
     Inbox,
     /// Strangers' first messages, through the card's contact-request capability.
     Requests,
+    /// The request queue of the epoch before: nothing new reaches it (its capability
+    /// is revoked), but what strangers sealed while the earlier code was valid is read
+    /// for as long as it can still arrive.
+    EarlierRequests,
 }
 
-/// The long polls and fetches name a queue as `ADDR` (the inbox) or `ADDR#requests`
-/// (the contact-request queue): the schedule and the syncs keep them apart by name.
+impl Which {
+    /// Every queue there is.
+    pub(super) const ALL: [Which; 3] = [Which::Inbox, Which::Requests, Which::EarlierRequests];
+
+    /// Strangers' first messages: read a batch at a time, at a steady pace.
+    pub(super) fn is_requests(self) -> bool {
+        matches!(self, Which::Requests | Which::EarlierRequests)
+    }
+}
+
+/// The long polls and fetches name a queue as `ADDR` (the inbox), `ADDR#requests` (the
+/// contact-request queue) or `ADDR#earlier-requests`: the schedule and the syncs keep
+/// them apart by name.
 const REQUESTS_SUFFIX: &str = "#requests";
+const EARLIER_SUFFIX: &str = "#earlier-requests";
 
 /// The name of `which` queue at relay `addr`.
 pub(super) fn poll_name(addr: &str, which: Which) -> String {
     match which {
         Which::Inbox => addr.to_owned(),
         Which::Requests => format!("{addr}{REQUESTS_SUFFIX}"),
+        Which::EarlierRequests => format!("{addr}{EARLIER_SUFFIX}"),
     }
 }
 
 /// The relay address and the queue a poll name stands for.
 pub(super) fn split_poll(name: &str) -> (&str, Which) {
-    match name.strip_suffix(REQUESTS_SUFFIX) {
-        Some(addr) => (addr, Which::Requests),
+    if let Some(addr) = name.strip_suffix(REQUESTS_SUFFIX) {
+        return (addr, Which::Requests);
+    }
+    match name.strip_suffix(EARLIER_SUFFIX) {
+        Some(addr) => (addr, Which::EarlierRequests),
         None => (name, Which::Inbox),
     }
 }
@@ -113,7 +133,21 @@ impl<T: Transport> Owner<T> {
         Some(match which {
             Which::Inbox => self.state.me.inbox_key(&peer),
             Which::Requests => self.state.me.request_read_key(&peer, self.request_epoch),
+            Which::EarlierRequests => self
+                .state
+                .me
+                .request_read_key(&peer, self.request_epoch.checked_sub(1)?),
         })
+    }
+
+    /// The queues we read at each relay: the inbox, the request queue, and the one of
+    /// the epoch before while what was sealed under it can still arrive.
+    pub(super) fn read_queues(&self) -> Vec<Which> {
+        let mut queues = vec![Which::Inbox, Which::Requests];
+        if self.request_epoch > 0 && now_ms() / 1000 < self.earlier_requests_until {
+            queues.push(Which::EarlierRequests);
+        }
+        queues
     }
 
     /// Our relays are now `relays`: new ones are told at once, removed ones forgotten.

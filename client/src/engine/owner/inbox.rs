@@ -94,7 +94,7 @@ impl<T: Transport> Owner<T> {
     /// A poll or fetch of the queue named `name` failed.
     pub(super) fn mailbox_failed(&mut self, name: &str, why: RelayError, sync: bool, now: u64) {
         let relay = split_poll(name).0;
-        for which in [Which::Inbox, Which::Requests] {
+        for which in Which::ALL {
             self.cursors.remove(&poll_name(relay, which));
         }
         self.state.note_relay(relay, Err(why.clone()));
@@ -154,9 +154,10 @@ impl<T: Transport> Owner<T> {
                 Vec::new()
             }
         };
+        let queues = self.read_queues();
         let names: Vec<String> = relays
             .iter()
-            .flat_map(|r| [poll_name(r, Which::Inbox), poll_name(r, Which::Requests)])
+            .flat_map(|r| queues.iter().map(|w| poll_name(r, *w)))
             .collect();
         for name in &names {
             let after = self.cursor(name);
@@ -259,7 +260,7 @@ impl<T: Transport> Owner<T> {
         }
         // Strangers' requests are read a batch at a time, at a steady pace, however
         // many wait; a sync reads everything.
-        let paced = which == Which::Requests && !sync;
+        let paced = which.is_requests() && !sync;
         if batch.more && !paced {
             let fetch = ClientToRelay::Fetch {
                 key,

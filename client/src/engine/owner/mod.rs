@@ -153,6 +153,8 @@ pub(super) struct Owner<T> {
     cursors: HashMap<String, u64>,
     /// The epoch of our contact-request queues (our card's).
     request_epoch: u32,
+    /// Until when (Unix seconds) the request queue of the epoch before is read.
+    earlier_requests_until: u64,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -189,6 +191,7 @@ impl<T: Transport> Owner<T> {
             reserve_again: false,
             cursors: HashMap::new(),
             request_epoch: 0,
+            earlier_requests_until: 0,
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -210,9 +213,14 @@ impl<T: Transport> Owner<T> {
         if let Err(e) = self.load() {
             tracing::error!(error = %e, "cannot read the outbox");
         }
-        // Before anything is sealed: first messages carry our card, and nobody takes a
-        // request under an expired one.
+        // A card that ran out is renewed before anything is sealed, and what a crash
+        // left sealed on a replaced session is sealed again.
         self.renew_card_if_due(now_ms());
+        let resealed = self.state.reseal_stale_everywhere(now_ms());
+        if let Err(e) = &resealed {
+            tracing::warn!(error = %e, "could not seal again what waits on replaced sessions");
+        }
+        self.after_change(resealed.map(drop), |_| {});
         loop {
             let now = now_ms();
             self.start_work(now);
@@ -261,7 +269,7 @@ impl<T: Transport> Owner<T> {
             let allowed = contacts
                 .iter()
                 .filter(|c| matches!(self.state.store.blocked(&c.peer), Ok(None)))
-                .map(|c| c.peer)
+                .map(|c| (c.peer, self.state.me.lan_key_for(c.card.identity())))
                 .collect();
             self.state.net.allow_only(allowed);
         }
@@ -270,24 +278,22 @@ impl<T: Transport> Owner<T> {
     /// A card about to run out is renewed: granted anew at our relays (the previous
     /// request epoch revoked) and sent to every contact, as after a change of relays.
     pub(super) fn renew_card_if_due(&mut self, now: u64) {
-        let renewed = self.state.renew_card_if_due(now).map(|now_renewed| {
-            // Also when sealing renewed it since.
-            self.state
-                .card_renewed
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-                || now_renewed
-        });
-        match renewed {
+        match self.state.renew_card_if_due(now) {
             Ok(false) => {}
             Ok(true) => {
                 self.grants.invalidate();
-                let result = self
-                    .take_relays()
-                    .and_then(|()| self.state.queue_card_updates(now));
-                self.after_change(result.map(drop), |_| {});
+                if let Err(e) = self.take_relays() {
+                    tracing::warn!(error = %e, "cannot read our relays");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "could not renew our card"),
         }
+        // After a renewal, or a start after a crash that came before contacts were told.
+        let result = self.state.announce_card_if_due(now);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "could not send contacts our new card");
+        }
+        self.after_change(result.map(drop), |_| {});
     }
 
     /// Our relays as stored: polled (in the inbox mode) and kept reservations at.
@@ -301,15 +307,22 @@ impl<T: Transport> Owner<T> {
             .collect();
         if let Some(profile) = self.state.store.profile()? {
             self.request_epoch = profile.request_epoch;
+            // The current card was made when the one before was retired; what strangers
+            // sealed under the earlier code can arrive for as long as an envelope lives.
+            let renewed_at = profile
+                .card_expires_at
+                .saturating_sub(kkachi_protocol::card::CARD_LIFETIME_SECS);
+            self.earlier_requests_until =
+                renewed_at.saturating_add(kkachi_protocol::session::RETAIN_SECS);
         }
         self.grant_relays(&relays);
         if self.mode.inbox {
-            self.inboxes.set(relays.iter().flat_map(|a| {
-                [
-                    grants::poll_name(a, grants::Which::Inbox),
-                    grants::poll_name(a, grants::Which::Requests),
-                ]
-            }));
+            let queues = self.read_queues();
+            self.inboxes.set(
+                relays
+                    .iter()
+                    .flat_map(|a| queues.iter().map(|w| grants::poll_name(a, *w))),
+            );
             self.state
                 .net
                 .reserve_at(relays.iter().filter_map(|a| a.parse().ok()).collect());
@@ -366,14 +379,6 @@ impl<T: Transport> Owner<T> {
 
     /// Starts what is due: upkeep, long polls, deliveries.
     fn start_work(&mut self, now: u64) {
-        if self
-            .state
-            .card_renewed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // Renewed while sealing: grants and contacts follow.
-            self.renew_card_if_due(now);
-        }
         if self.mode.inbox && now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_MS;
             self.renew_card_if_due(now);
@@ -674,7 +679,7 @@ impl<T: Transport> Owner<T> {
                     self.write_entries(due);
                     if let Ok(relays) = self.state.store.relays() {
                         for r in relays.iter().filter(|r| of_peer(&r.addr)) {
-                            for which in [grants::Which::Inbox, grants::Which::Requests] {
+                            for which in self.read_queues() {
                                 self.inboxes
                                     .handle_relay_up(&grants::poll_name(&r.addr, which), now);
                             }

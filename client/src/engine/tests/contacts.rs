@@ -301,7 +301,7 @@ async fn first_message_under(from: &User, to: &Contact, card: &Card, text: &str)
 }
 
 #[tokio::test]
-async fn an_expired_card_adds_nobody_and_asks_nobody() {
+async fn an_expired_code_adds_nobody_but_an_expired_requester_can_be_accepted() {
     let net = FakeNet::default();
     let carol = User::started(&net, "Carol", 2).await;
     let now_s = now_ms() / 1000;
@@ -320,7 +320,7 @@ async fn an_expired_card_adds_nobody_and_asks_nobody() {
     let frank = User::started(&net, "Frank", 2).await;
     let err = carol
         .engine
-        .add_contact(card_until(&frank, now_s - 3 * 86_400), None)
+        .add_contact(card_until(&frank, now_s - 3 * 86_400 - 3600), None)
         .await
         .unwrap_err();
     assert_eq!(
@@ -328,29 +328,61 @@ async fn an_expired_card_adds_nobody_and_asks_nobody() {
         "Someone's invite code expired 3 days ago; ask them for a new one (`kkachi invite`)"
     );
     assert!(carol.contact_of(&frank.peer()).is_none());
-    // A request sealed under a card still valid is held; under an expired one, not.
-    let carol_at_frank = frank.add_contact(&carol);
-    first_message_under(
-        &frank,
-        &carol_at_frank,
-        &card_until(&frank, now_s + 60),
-        "valid",
-    )
-    .await;
+    // Within the clock skew it still counts.
+    carol
+        .engine
+        .add_contact(card_until(&frank, now_s - 60), None)
+        .await
+        .unwrap();
+    // Grace writes to Carol with a card that has since run out (her own, not the code
+    // she used): the request is held, and Carol can still accept it.
     let grace = User::started(&net, "Grace", 2).await;
     let carol_at_grace = grace.add_contact(&carol);
     first_message_under(
         &grace,
         &carol_at_grace,
         &card_until(&grace, now_s - 1),
-        "expired",
+        "hello",
     )
     .await;
     carol.sync().await;
+    assert_eq!(carol.engine.store().requests().unwrap().len(), 1);
+    let done = carol
+        .engine
+        .accept_request(grace.peer(), Some("Grace".into()))
+        .await
+        .unwrap();
+    assert!(done.added);
+    assert_eq!(texts(&carol, &grace), ["hello"]);
+}
+
+#[tokio::test]
+async fn a_request_sent_before_its_code_was_renewed_still_arrives() {
+    let net = FakeNet::default();
+    let mut carol = User::started(&net, "Carol", 2).await;
+    let frank = User::started(&net, "Frank", 2).await;
+    // Frank writes with Carol's code; Carol's client renews her card (at its next
+    // start) before reading it.
+    let carol_at_frank = frank.add_contact(&carol);
+    let _ = frank.send(&carol_at_frank, "sent under the old code").await;
+    let mut profile = carol.engine.store().profile().unwrap().unwrap();
+    profile.card_expires_at = now_ms() / 1000 - 1;
+    let mut w = WriteSet::default();
+    LocalStore::write_profile(&mut w, &profile);
+    carol.engine.store().apply(w).unwrap();
+    carol.restart(&net).await;
+    carol.engine.settle().await.unwrap();
+    let after = carol.engine.store().profile().unwrap().unwrap();
+    assert_eq!(after.request_epoch, profile.request_epoch + 1, "renewed");
+    carol.sync().await;
     let requests = carol.engine.store().requests().unwrap();
+    assert_eq!(requests.len(), 1, "read from the earlier request queue");
+    // The old code reaches nothing new.
+    let _ = frank.send(&carol_at_frank, "after the renewal").await;
+    carol.sync().await;
     assert_eq!(
-        requests.iter().map(|r| r.peer).collect::<Vec<_>>(),
-        [frank.peer()]
+        carol.engine.store().requests().unwrap()[0].messages.len(),
+        1
     );
 }
 

@@ -513,3 +513,65 @@ async fn a_send_to_a_contact_blocked_meanwhile_ends_withdrawn() {
         None
     );
 }
+
+#[tokio::test]
+async fn what_waits_on_a_replaced_session_is_sealed_again_at_most_every_ten_minutes() {
+    use crate::engine::receive::RESEAL_EVERY_MS;
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    converse(&alice, &bob, &bob_c, &alice_c).await;
+    for r in &bob.relays {
+        net.set_up(r, false);
+    }
+    let (q, _) = alice.queue(&bob_c, "waiting for bob's relays").await;
+    alice.engine.settle().await.unwrap();
+    let store = alice.engine.store().clone();
+    let entry = store.outbox_entry(q.outbox_key).unwrap().unwrap();
+    let current = entry.sealed_on.expect("sealed on the established session");
+    // Pretend the session it is sealed on was replaced, and the entry was sealed again
+    // a minute ago: it is held back.
+    let reseal = |resealed_ms_ago: u64| {
+        let (store, bob_c) = (store.clone(), bob_c.clone());
+        let key = q.outbox_key;
+        alice.engine.change(move |state, now| {
+            let mut entry = store.outbox_entry(key)?.unwrap();
+            entry.sealed_on = Some([9; 32]);
+            entry.resealed_ms = now - resealed_ms_ago;
+            let mut w = WriteSet::default();
+            LocalStore::write_outbox(&mut w, key, &entry);
+            store.apply(w)?;
+            state.with_sessions(|this, sessions| {
+                let session = sessions.get(&this.store, &bob_c)?;
+                let mut w = WriteSet::default();
+                let n = this.reseal_stale(&mut w, &bob_c, session, "test", now)?;
+                LocalStore::write_session(&mut w, &bob_c.peer, session);
+                this.apply_or_reset(sessions, w)?;
+                Ok((n, this.stale.lock().contains(&bob_c.peer)))
+            })
+        })
+    };
+    assert_eq!(
+        reseal(60_000).await.unwrap(),
+        (0, true),
+        "held back, remembered"
+    );
+    assert_eq!(
+        reseal(RESEAL_EVERY_MS + 1).await.unwrap(),
+        (1, false),
+        "sealed again once the period is over"
+    );
+    let after = store.outbox_entry(q.outbox_key).unwrap().unwrap();
+    assert_eq!(after.sealed_on, Some(current), "on the session used now");
+    assert_ne!(after.envelope, entry.envelope);
+    // Bob's relays come back: the message arrives once.
+    for r in &bob.relays {
+        net.set_up(r, true);
+    }
+    alice.engine.deliver_now().await.unwrap();
+    let got = bob.sync().await;
+    let n = got
+        .iter()
+        .filter(|r| r.message.text == "waiting for bob's relays")
+        .count();
+    assert_eq!(n, 1, "{got:?}");
+}

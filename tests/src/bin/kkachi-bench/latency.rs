@@ -29,7 +29,7 @@ struct User {
 fn net_config(direct: bool) -> Result<NetConfig> {
     Ok(NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        mdns: false,
+        lan: false,
         direct,
         circuits: false,
     })
