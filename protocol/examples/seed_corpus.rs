@@ -199,8 +199,10 @@ fn main() {
     write("session_state", "established", &a.encode());
     write("session_state", "answered", &b.encode());
 
-    let keys = [alice.lan_key_for(&bob.public())];
-    let beacons = kkachi_protocol::lan::beacons(&alice.peer_id(), &keys, 1, (4001, 4002), &mut rng);
+    let keys = [alice.lan_key_for(&bob.public()).expect("contributory")];
+    let from = std::net::IpAddr::from([10, 0, 0, 1]);
+    let beacons =
+        kkachi_protocol::lan::beacons(&alice.peer_id(), &keys, 1, (from, (4001, 4002)), &mut rng);
     write("lan_beacon", "valid", &beacons[0].encode());
     println!("seed corpus written to protocol/fuzz/corpus/");
 }

@@ -20,7 +20,7 @@ fn spec_states_the_limits_the_code_enforces() {
     let spec = include_str!("../SPEC.md");
     let limits: &[(&str, u64)] = &[
         ("MAX_CARD_LEN", card::MAX_CARD_LEN as u64),
-        ("MAX_BEACON_TAGS", lan::MAX_BEACON_TAGS as u64),
+        ("MAX_BEACON_ENTRIES", lan::MAX_BEACON_ENTRIES as u64),
         ("BEACON_SLOT_SECS", lan::BEACON_SLOT_SECS),
         ("CARD_LIFETIME_SECS", card::CARD_LIFETIME_SECS),
         ("MAX_INVITE_LEN", card::MAX_INVITE_LEN as u64),

@@ -360,7 +360,12 @@ impl<T> State<T> {
                     // until the old keys are gone, and is not kept for sealing again:
                     // the card goes once more (only if it ever changed).
                     let card = self.own_card()?;
-                    if switched && card.version() > 1 {
+                    let mut resent = self.card_resent.lock();
+                    let recently = resent
+                        .get(&contact.peer)
+                        .is_some_and(|t| now.saturating_sub(*t) < RESEAL_EVERY_MS);
+                    if switched && card.version() > 1 && !recently {
+                        resent.insert(contact.peer, now);
                         let body = Body::CardUpdate(Box::new(card));
                         self.queue_control(&mut again, &contact, session, body, now)?;
                     }
@@ -694,6 +699,7 @@ impl<T> State<T> {
     ) -> Result<usize, EngineError> {
         let mut count = 0usize;
         let mut held_back = false;
+        let mut due: Option<u64> = None;
         let current = session.sealing_session();
         for key in self.store.outbox_keys_of(&contact.peer) {
             let Some(mut entry) = self.store.outbox_entry(key)? else {
@@ -704,6 +710,8 @@ impl<T> State<T> {
             }
             if now.saturating_sub(entry.resealed_ms) < RESEAL_EVERY_MS {
                 held_back = true;
+                let at = entry.resealed_ms + RESEAL_EVERY_MS;
+                due = Some(due.map_or(at, |d| d.min(at)));
                 continue;
             }
             let Some((_, record)) = self
@@ -736,6 +744,9 @@ impl<T> State<T> {
         let mut stale = self.stale.lock();
         if held_back {
             stale.insert(contact.peer);
+            // Looked at again then, even if the contact stays silent.
+            let mut at = self.stale_due.lock();
+            *at = Some(at.map_or(due.unwrap_or(now), |a| a.min(due.unwrap_or(now))));
         } else {
             stale.remove(&contact.peer);
         }

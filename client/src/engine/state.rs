@@ -184,6 +184,10 @@ pub(crate) struct State<T> {
     /// Contacts with outbox entries held back from being sealed again
     /// ([`State::reseal_stale`]).
     pub(crate) stale: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
+    /// When the first of those entries may be sealed again (Unix ms).
+    pub(crate) stale_due: parking_lot::Mutex<Option<u64>>,
+    /// When our card last went again to each contact after a switch of sessions.
+    pub(crate) card_resent: parking_lot::Mutex<HashMap<PeerId, u64>>,
 }
 
 /// The relay an address names (its final `/p2p/…`).
@@ -215,6 +219,8 @@ impl<T> State<T> {
             requests: Vec::new(),
             revoked: Vec::new(),
             stale: parking_lot::Mutex::default(),
+            stale_due: parking_lot::Mutex::default(),
+            card_resent: parking_lot::Mutex::default(),
         }
     }
 

@@ -16,10 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kkachi_protocol::lan::{Beacon, BeaconTag, LanKey, MAX_BEACON_LEN, beacon_slot, beacons};
+use kkachi_protocol::lan::{
+    BEACON_TAG_LEN, Beacon, BeaconTag, LanKey, MAX_BEACON_LEN, beacon_slot, beacons,
+};
 use kkachi_protocol::{Multiaddr, PeerId};
 use libp2p::multiaddr::Protocol;
 use parking_lot::RwLock;
+use rand::Rng;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -27,15 +30,13 @@ use tokio::sync::mpsc;
 pub(super) const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 75, 75);
 /// The UDP port beacons go to.
 pub(super) const PORT: u16 = 47_575;
-/// How often we send a beacon.
+/// How often we send a beacon, give or take [`JITTER`] (so the rhythm does not link
+/// one slot's beacons to the next).
 const EVERY: Duration = Duration::from_secs(4);
+const JITTER: Duration = Duration::from_millis(1500);
 /// A contact whose beacons stopped this long ago has left the network.
 const FORGET_AFTER: Duration = Duration::from_secs(15);
-/// Beacons read from the network per tick at most: a flood costs a bounded amount.
-const MAX_READ_PER_TICK: usize = 4096;
-/// Source addresses kept per contact: anyone on the LAN can replay a contact's beacon
-/// from elsewhere (a dial there fails the handshake), so one replay must not hide the
-/// contact's real address.
+/// Source addresses kept per contact.
 const MAX_ADDRS_PER_CONTACT: usize = 4;
 
 /// What the beacon task shares with its handles.
@@ -43,6 +44,8 @@ const MAX_ADDRS_PER_CONTACT: usize = 4;
 pub(super) struct Shared {
     /// The LAN key we share with each contact (not blocked).
     pub(super) contacts: Vec<(PeerId, LanKey)>,
+    /// Bumped whenever `contacts` changes.
+    pub(super) generation: u64,
     /// The ports we listen on for contacts: TCP, QUIC (0: none).
     pub(super) ports: (u16, u16),
 }
@@ -51,36 +54,45 @@ pub(super) struct Shared {
 #[derive(Debug)]
 pub(super) enum Seen {
     /// A contact's beacons came from these addresses (each ends in its peer id): all
-    /// of them, newest last.
+    /// of them, newest first.
     Found(PeerId, Vec<Multiaddr>),
     /// A contact's beacons stopped.
     Gone(PeerId),
 }
 
-/// The tags each contact's beacons carry for us around `slot`, with whom they name.
-fn expected(contacts: &[(PeerId, LanKey)], slot: u64) -> HashMap<BeaconTag, PeerId> {
+/// What an expected tag stands for: whose it is, under which key and slot.
+type Expected = HashMap<BeaconTag, (PeerId, LanKey, u64)>;
+
+/// The tags each contact's beacons carry for us around `slot` (one slot either side,
+/// for clock skew), with whom they name.
+fn expected(contacts: &[(PeerId, LanKey)], slot: u64) -> Expected {
     let mut map = HashMap::with_capacity(contacts.len() * 3);
     for (peer, key) in contacts {
         for s in [slot.saturating_sub(1), slot, slot + 1] {
-            map.insert(key.tag(peer, s), *peer);
+            map.insert(key.tag(peer, s), (*peer, key.clone(), s));
         }
     }
     map
 }
 
-/// The contacts a beacon names.
-fn recognise(beacon: &Beacon, expected: &HashMap<BeaconTag, PeerId>) -> Vec<PeerId> {
-    let mut found: Vec<PeerId> = beacon
-        .tags
+/// The contacts a beacon from `from` names, with the ports each listens on: only
+/// entries whose MAC binds them to that address (a replay from elsewhere names nobody).
+fn recognise(beacon: &Beacon, from: IpAddr, expected: &Expected) -> Vec<(PeerId, (u16, u16))> {
+    let mut found: Vec<(PeerId, (u16, u16))> = beacon
+        .entries
         .iter()
-        .filter_map(|t| expected.get(t).copied())
+        .filter_map(|e| {
+            let tag: BeaconTag = e[..BEACON_TAG_LEN].try_into().expect("tag length");
+            let (peer, key, slot) = expected.get(&tag)?;
+            Some((*peer, key.open(e, peer, *slot, from)?))
+        })
         .collect();
     found.sort();
-    found.dedup();
+    found.dedup_by_key(|(p, _)| *p);
     found
 }
 
-/// Where `peer` listens, by a beacon from `from` carrying `ports`.
+/// Where `peer` listens, by a beacon from `from` naming `ports`.
 fn addresses(peer: PeerId, from: IpAddr, (tcp, quic): (u16, u16)) -> Vec<Multiaddr> {
     let mut addrs = Vec::new();
     if tcp != 0 {
@@ -151,7 +163,8 @@ pub(super) fn ports_of(listen: &[Multiaddr]) -> (u16, u16) {
 fn receiver() -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(SockProtocol::UDP))?;
-    // Every kkachi on this host listens on the same port and gets every beacon.
+    // Every kkachi of this user on this host listens on the same port and gets every
+    // beacon.
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
@@ -168,112 +181,129 @@ fn sender() -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// Sends and reads beacons until `seen` is closed. Fails only if the sockets cannot be
-/// made (then the LAN is not searched, and the caller says so).
+/// Reads from `socket` if there is one; never ready otherwise.
+async fn recv_from(socket: &Option<UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn next_send() -> tokio::time::Instant {
+    let jitter = rand::thread_rng().gen_range(0..JITTER.as_millis() as u64 * 2);
+    tokio::time::Instant::now() + EVERY - JITTER + Duration::from_millis(jitter)
+}
+
+/// Sends and reads beacons until `seen` is closed. Fails only if nothing can be sent
+/// (then the LAN is not searched, and the caller says so); if beacons cannot be read
+/// (the port taken by someone else), ours still go out, so contacts find us.
 pub(super) async fn run(
     me: PeerId,
     shared: Arc<RwLock<Shared>>,
     seen: mpsc::Sender<Seen>,
 ) -> io::Result<()> {
-    let recv = receiver()?;
     let send = sender()?;
-    let mut interfaces = if_watch::tokio::IfWatcher::new()?;
-    let mut joined: HashSet<Ipv4Addr> = HashSet::new();
-    let mut last_seen: HashMap<PeerId, Sighting> = HashMap::new();
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = vec![0u8; MAX_BEACON_LEN + 1];
-    let mut slot_cache: Option<(u64, usize, HashMap<BeaconTag, PeerId>)> = None;
-    let mut read_this_tick = 0usize;
-    // A beacon also goes out at once when an interface comes up or a contact shows up
-    // somewhere new (so it finds us without waiting a whole period), at most this often.
-    let mut last_sent: Option<Instant> = None;
-    let send_soon = |tick: &mut tokio::time::Interval, last_sent: &Option<Instant>| {
-        if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            tick.reset_immediately();
+    let recv = match receiver() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, port = PORT, "cannot listen for contacts' beacons on the local network; ours still go out");
+            None
         }
     };
+    let mut interfaces = if_watch::tokio::IfWatcher::new()?;
+    // The addresses we send from (one per interface address; loopback left out: it is
+    // no network, and the host's other interfaces loop our beacons back to it).
+    let mut joined: HashSet<Ipv4Addr> = HashSet::new();
+    let mut sightings: HashMap<PeerId, Sighting> = HashMap::new();
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
+    let mut buf = vec![0u8; MAX_BEACON_LEN + 1];
+    let mut cache: Option<(u64, u64, Expected)> = None;
     loop {
         tokio::select! {
             event = interfaces.select_next_some() => match event {
                 Ok(if_watch::IfEvent::Up(net)) => {
                     if let IpAddr::V4(addr) = net.addr()
+                        && !addr.is_loopback()
                         && joined.insert(addr)
                     {
-                        if let Err(e) = recv.join_multicast_v4(GROUP, addr) {
+                        if let Some(recv) = &recv
+                            && let Err(e) = recv.join_multicast_v4(GROUP, addr)
+                        {
                             tracing::debug!(%addr, error = %e, "cannot listen for beacons on this interface");
                         }
-                        send_soon(&mut tick, &last_sent);
+                        // A new network: we tell it at once.
+                        timer.as_mut().reset(tokio::time::Instant::now());
                     }
                 }
                 Ok(if_watch::IfEvent::Down(net)) => {
                     if let IpAddr::V4(addr) = net.addr()
                         && joined.remove(&addr)
+                        && let Some(recv) = &recv
                     {
                         let _ = recv.leave_multicast_v4(GROUP, addr);
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "interface watch failed"),
             },
-            _ = tick.tick() => {
-                read_this_tick = 0;
-                let now = crate::engine::now_ms() / 1000;
-                let slot = beacon_slot(now);
+            () = &mut timer => {
+                timer.as_mut().reset(next_send());
+                let slot = beacon_slot(crate::engine::now_ms() / 1000);
                 let (keys, ports) = {
                     let s = shared.read();
                     (s.contacts.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>(), s.ports)
                 };
                 if ports != (0, 0) {
-                    last_sent = Some(Instant::now());
-                    let datagrams = beacons(&me, &keys, slot, ports, &mut rand::thread_rng());
                     for addr in &joined {
                         if let Err(e) = socket2::SockRef::from(&send).set_multicast_if_v4(addr) {
                             tracing::debug!(%addr, error = %e, "cannot send beacons on this interface");
                             continue;
                         }
+                        let datagrams = beacons(&me, &keys, slot, (IpAddr::V4(*addr), ports), &mut rand::thread_rng());
                         for d in &datagrams {
                             let _ = send.send_to(&d.encode(), (GROUP, PORT)).await;
                         }
                     }
                 }
-                let gone: Vec<PeerId> = last_seen
+                let gone: Vec<PeerId> = sightings
                     .iter()
                     .filter(|(_, s)| s.last.elapsed() > FORGET_AFTER)
                     .map(|(p, _)| *p)
                     .collect();
                 for peer in gone {
-                    last_seen.remove(&peer);
+                    sightings.remove(&peer);
                     if seen.send(Seen::Gone(peer)).await.is_err() {
                         return Ok(());
                     }
                 }
             },
-            read = recv.recv_from(&mut buf), if read_this_tick < MAX_READ_PER_TICK => {
-                read_this_tick += 1;
+            read = recv_from(&recv, &mut buf) => {
                 let Ok((n, from)) = read else { continue };
                 let Ok(beacon) = Beacon::decode(&buf[..n]) else { continue };
                 let slot = beacon_slot(crate::engine::now_ms() / 1000);
                 let expected = {
                     let s = shared.read();
-                    let stale = slot_cache
-                        .as_ref()
-                        .is_none_or(|(at, n, _)| *at != slot || *n != s.contacts.len());
-                    if stale {
-                        slot_cache = Some((slot, s.contacts.len(), expected(&s.contacts, slot)));
+                    if cache.as_ref().is_none_or(|(at, generation, _)| *at != slot || *generation != s.generation) {
+                        cache = Some((slot, s.generation, expected(&s.contacts, slot)));
                     }
-                    &slot_cache.as_ref().expect("just filled").2
+                    &cache.as_ref().expect("just filled").2
                 };
-                let ports = (beacon.tcp_port, beacon.quic_port);
-                for peer in recognise(&beacon, expected) {
-                    let sighting = last_seen.entry(peer).or_insert_with(|| Sighting {
+                for (peer, ports) in recognise(&beacon, from.ip(), expected) {
+                    let sighting = sightings.entry(peer).or_insert_with(|| Sighting {
                         last: Instant::now(),
                         from: Vec::new(),
                     });
-                    if sighting.saw(from.ip(), ports) {
-                        send_soon(&mut tick, &last_sent);
-                        if seen.send(Seen::Found(peer, sighting.addresses(peer))).await.is_err() {
-                            return Ok(());
+                    if !sighting.saw(from.ip(), ports) {
+                        continue;
+                    }
+                    // Never waits on the network task (a busy one must not stop our
+                    // beacons): what does not fit is told with the next beacon.
+                    match seen.try_send(Seen::Found(peer, sighting.addresses(peer))) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            sighting.from.pop();
                         }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                     }
                 }
             },
@@ -287,66 +317,90 @@ mod tests {
     use kkachi_protocol::Identity;
 
     #[test]
-    fn a_contacts_beacon_names_it_and_a_strangers_names_nobody() {
+    fn a_contacts_beacon_names_it_and_a_strangers_or_a_replay_names_nobody() {
         let (me, friend, stranger) = (
             Identity::generate(),
             Identity::generate(),
             Identity::generate(),
         );
-        let ours = vec![(friend.peer_id(), me.lan_key_for(&friend.public()))];
+        let ours = vec![(friend.peer_id(), me.lan_key_for(&friend.public()).unwrap())];
         let slot = 1000;
         let expected = expected(&ours, slot);
         let mut rng = rand::thread_rng();
-        // The friend's beacon, one slot off (clock skew), names the friend.
-        let theirs = [friend.lan_key_for(&me.public())];
-        let b = &beacons(&friend.peer_id(), &theirs, slot + 1, (4001, 4002), &mut rng)[0];
-        assert_eq!(recognise(b, &expected), [friend.peer_id()]);
+        let home: IpAddr = "192.0.2.7".parse().unwrap();
+        // The friend's beacon, one slot off (clock skew), names the friend and its ports.
+        let theirs = [friend.lan_key_for(&me.public()).unwrap()];
+        let b = &beacons(
+            &friend.peer_id(),
+            &theirs,
+            slot + 1,
+            (home, (4001, 4002)),
+            &mut rng,
+        )[0];
+        assert_eq!(
+            recognise(b, home, &expected),
+            [(friend.peer_id(), (4001, 4002))]
+        );
+        // The same bytes replayed from another address name nobody.
+        assert!(recognise(b, "192.0.2.66".parse().unwrap(), &expected).is_empty());
         // Two slots off: stale, nobody.
-        let old = &beacons(&friend.peer_id(), &theirs, slot - 2, (4001, 4002), &mut rng)[0];
-        assert!(recognise(old, &expected).is_empty());
+        let old = &beacons(
+            &friend.peer_id(),
+            &theirs,
+            slot - 2,
+            (home, (4001, 4002)),
+            &mut rng,
+        )[0];
+        assert!(recognise(old, home, &expected).is_empty());
         // A stranger who holds our card announces itself to us: nobody we know.
-        let s = [stranger.lan_key_for(&me.public())];
-        let b = &beacons(&stranger.peer_id(), &s, slot, (1, 2), &mut rng)[0];
-        assert!(recognise(b, &expected).is_empty());
+        let s = [stranger.lan_key_for(&me.public()).unwrap()];
+        let b = &beacons(&stranger.peer_id(), &s, slot, (home, (1, 2)), &mut rng)[0];
+        assert!(recognise(b, home, &expected).is_empty());
         // Our own beacon, looped back, names nobody either.
-        let mine = &beacons(&me.peer_id(), &[ours[0].1.clone()], slot, (1, 2), &mut rng)[0];
-        assert!(recognise(mine, &expected).is_empty());
+        let mine = &beacons(
+            &me.peer_id(),
+            &[ours[0].1.clone()],
+            slot,
+            (home, (1, 2)),
+            &mut rng,
+        )[0];
+        assert!(recognise(mine, home, &expected).is_empty());
     }
 
     #[test]
-    fn a_replayed_beacon_does_not_hide_where_the_contact_really_is() {
+    fn sightings_keep_a_few_addresses_newest_first() {
         let peer = Identity::generate().peer_id();
-        let real: IpAddr = "192.0.2.7".parse().unwrap();
-        let replay: IpAddr = "192.0.2.66".parse().unwrap();
+        let first: IpAddr = "192.0.2.7".parse().unwrap();
+        let second: IpAddr = "198.51.100.7".parse().unwrap();
         let mut s = Sighting {
             last: Instant::now(),
             from: Vec::new(),
         };
-        assert!(s.saw(real, (4001, 4002)));
-        assert!(!s.saw(real, (4001, 4002)), "nothing new");
-        assert!(s.saw(replay, (4001, 4002)));
+        assert!(s.saw(first, (4001, 4002)));
+        assert!(!s.saw(first, (4001, 4002)), "nothing new");
+        assert!(s.saw(second, (4001, 0)));
         let addrs = s.addresses(peer);
-        assert_eq!(addrs.len(), 4, "both sources, TCP and QUIC each");
         assert_eq!(
-            addrs[2],
-            format!("/ip4/192.0.2.7/tcp/4001/p2p/{peer}")
+            addrs.len(),
+            3,
+            "the newest first: TCP only, then TCP and QUIC"
+        );
+        assert_eq!(
+            addrs[0],
+            format!("/ip4/198.51.100.7/tcp/4001/p2p/{peer}")
                 .parse::<Multiaddr>()
                 .unwrap()
         );
         assert_eq!(
-            addrs[3],
+            addrs[2],
             format!("/ip4/192.0.2.7/udp/4002/quic-v1/p2p/{peer}")
                 .parse::<Multiaddr>()
                 .unwrap()
         );
-        // A flood of replays from many addresses keeps a bounded list.
         for i in 0..50u8 {
             s.saw(IpAddr::from([10, 0, 0, i]), (1, 0));
         }
-        assert_eq!(s.from.len(), MAX_ADDRS_PER_CONTACT);
-        // The contact's next beacon puts its address back.
-        assert!(s.saw(real, (4001, 4002)));
-        assert_eq!(s.from.last(), Some(&(real, (4001, 4002))));
+        assert_eq!(s.from.len(), MAX_ADDRS_PER_CONTACT, "bounded");
     }
 
     #[test]

@@ -424,7 +424,9 @@ impl Transport for Network {
 
     fn allow_only(&self, contacts: Vec<(PeerId, LanKey)>) {
         *self.allowed.write() = Some(contacts.iter().map(|(p, _)| *p).collect());
-        self.beacon.write().contacts = contacts;
+        let mut beacon = self.beacon.write();
+        beacon.contacts = contacts;
+        beacon.generation += 1;
     }
 
     /// Idempotent, and a relay that refused is asked again only after a backoff.

@@ -56,10 +56,9 @@ use crate::codec::DecodeError;
 use crate::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use crate::identity::Identity;
 use packet::{
-    Answer, EPHEMERAL_LEN, HEADER_LEN, InitFrame, NONCE_LEN, Outer, PACKET_VERSION, TAG_LEN,
-    TransportFrame, pad,
+    Answer, EPHEMERAL_LEN, HEADER_LEN, InitFrame, NONCE_LEN, Outer, TAG_LEN, TransportFrame, pad,
 };
-pub use packet::{MAX_SEALED_BODY, SESSION_TAG_LEN, SIZE_CLASSES};
+pub use packet::{MAX_SEALED_BODY, PACKET_VERSION, SESSION_TAG_LEN, SIZE_CLASSES};
 use rekey::Proposal;
 pub use replay::MAX_COUNTERS;
 

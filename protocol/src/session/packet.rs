@@ -23,7 +23,8 @@ use crate::card::MAX_CARD_LEN;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::content::{CONTENT_HEADER_LEN, MAX_BODY_LEN};
 
-pub(crate) const PACKET_VERSION: u8 = 4;
+/// The version byte every sealed packet starts with.
+pub const PACKET_VERSION: u8 = 4;
 /// Length of a transport packet's session tag (and of the random lead of a first
 /// message, in the same place).
 pub const SESSION_TAG_LEN: usize = 8;

@@ -155,6 +155,9 @@ pub(super) struct Owner<T> {
     request_epoch: u32,
     /// Until when (Unix seconds) the request queue of the epoch before is read.
     earlier_requests_until: u64,
+    /// The LAN key shared with each contact, by their X25519 key (`None`: a key that
+    /// gives none).
+    lan_keys: HashMap<[u8; 32], Option<kkachi_protocol::lan::LanKey>>,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -192,6 +195,7 @@ impl<T: Transport> Owner<T> {
             cursors: HashMap::new(),
             request_epoch: 0,
             earlier_requests_until: 0,
+            lan_keys: HashMap::new(),
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -263,16 +267,32 @@ impl<T: Transport> Owner<T> {
         Ok(())
     }
 
-    /// Tells the network who our contacts are (not blocked): only they may connect.
-    fn allow_contacts(&self) {
-        if let Ok(contacts) = self.state.store.contacts() {
-            let allowed = contacts
-                .iter()
-                .filter(|c| matches!(self.state.store.blocked(&c.peer), Ok(None)))
-                .map(|c| (c.peer, self.state.me.lan_key_for(c.card.identity())))
-                .collect();
-            self.state.net.allow_only(allowed);
+    /// Tells the network who our contacts are (not blocked): only they may connect,
+    /// and only they find us on the LAN (each by the key we share, a Diffie–Hellman
+    /// each, so kept from one call to the next).
+    fn allow_contacts(&mut self) {
+        let Ok(contacts) = self.state.store.contacts() else {
+            return;
+        };
+        let mut keys = std::mem::take(&mut self.lan_keys);
+        let mut kept = HashMap::with_capacity(contacts.len());
+        let mut allowed = Vec::with_capacity(contacts.len());
+        for c in contacts.iter() {
+            if !matches!(self.state.store.blocked(&c.peer), Ok(None)) {
+                continue;
+            }
+            let x = *c.card.identity().x25519();
+            let key = match keys.remove(&x) {
+                Some(k) => k,
+                None => self.state.me.lan_key_for(c.card.identity()),
+            };
+            if let Some(k) = &key {
+                allowed.push((c.peer, k.clone()));
+            }
+            kept.insert(x, key);
         }
+        self.lan_keys = kept;
+        self.state.net.allow_only(allowed);
     }
 
     /// A card about to run out is renewed: granted anew at our relays (the previous
@@ -373,12 +393,23 @@ impl<T: Transport> Owner<T> {
         if self.mode.inbox || self.mode.deliver {
             deadlines.extend(self.grants.next_deadline());
         }
+        deadlines.extend(*self.state.stale_due.lock());
         deadlines.extend(self.syncs.iter().map(|r| r.deadline));
         deadlines.into_iter().min().map(|d| d.max(now))
     }
 
     /// Starts what is due: upkeep, long polls, deliveries.
     fn start_work(&mut self, now: u64) {
+        let stale_due = *self.state.stale_due.lock();
+        if stale_due.is_some_and(|at| at <= now) {
+            // Entries held back from being sealed again on a new session: their time.
+            *self.state.stale_due.lock() = None;
+            let result = self.state.reseal_stale_everywhere(now);
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "could not seal again what waits on replaced sessions");
+            }
+            self.after_change(result.map(drop), |_| {});
+        }
         if self.mode.inbox && now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_MS;
             self.renew_card_if_due(now);

@@ -143,13 +143,14 @@ pub(crate) async fn receive_cost(
         taken += batch;
     }
     let message_us = spent.as_secs_f64() * 1e6 / taken as f64;
-    // Junk: the header of a transport packet, a random tag, random bytes.
+    // Junk: a packet of the smallest size class, random after its version byte. No
+    // session expects its tag, so it is tried as a first message (one handshake), and
+    // then on every session within the small allowance, dropped beyond it.
     let junk: Vec<Envelope> = (0..messages)
         .map(|_| {
-            let mut p = vec![0u8; 600];
+            let mut p = vec![0u8; session::SIZE_CLASSES[0]];
             rand::thread_rng().fill_bytes(&mut p);
-            p[0] = 3;
-            p[1] = 2;
+            p[0] = session::PACKET_VERSION;
             envelope(p)
         })
         .collect();
