@@ -65,6 +65,10 @@ pub enum Command {
         #[arg(long)]
         last: Option<usize>,
     },
+    /// Check what keeps your messages flowing (relays, their failure domains and clocks,
+    /// your contacts' relays, the outbox) and say what to fix. Exit status 1 when there
+    /// is something to fix.
+    Drill,
     /// Stay online: receive, deliver, and print each incoming message as a line.
     Daemon,
     /// The terminal UI.

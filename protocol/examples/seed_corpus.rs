@@ -128,6 +128,7 @@ fn main() {
             grants_per_queue: 4_096,
             request_max_envelopes: 256,
             request_max_ttl_secs: 7 * 24 * 3600,
+            now_secs: NOW,
         }),
         RelayToClient::Granted { grants: 12 },
         RelayToClient::error(ErrorCode::RateLimited, "slow down"),

@@ -145,6 +145,18 @@ impl Identity {
         ))
     }
 
+    /// The read and write keys of this user's drill queue on `relay`: `kkachi drill`
+    /// opens it, loops a test envelope through it and closes it again. Its own queue,
+    /// so a drill never mixes with what contacts or strangers put.
+    pub fn drill_keys(&self, relay: &PeerId) -> (ReadKey, WriteKey) {
+        let secret = self.x25519_secret();
+        let relay = relay.to_bytes();
+        (
+            ReadKey(hash("kkachi/drill-read/v2", &[secret.as_slice(), &relay])),
+            WriteKey(hash("kkachi/drill-write/v2", &[secret.as_slice(), &relay])),
+        )
+    }
+
     /// The capability for `writer` to put into this user's inbox on `relay`: what this
     /// user grants there for that contact.
     pub fn grant_for(&self, writer: &PublicIdentity, relay: &PeerId) -> WriteKey {
@@ -251,5 +263,15 @@ mod tests {
             hex(&a.grant_for(&b.public(), &r1).id().0),
             "9d619195053a4493ae6cd697cc41d51c9d945a6ff8abf46295ed92cf13b30753"
         );
+        let (read, write) = a.drill_keys(&r1);
+        assert_eq!(
+            hex(&read.queue().0),
+            "e6aa2f3ce8d9aca96a7ab05d81737c0c36f75a3ffb371992c310154de56d9b37"
+        );
+        assert_eq!(
+            hex(&write.id().0),
+            "e209168ff7e81151fd884966498de2f680d3f294b7dd17738091b3fdbb4f2cc6"
+        );
+        assert_ne!(read.queue(), a.inbox_key(&r1).queue(), "a queue of its own");
     }
 }

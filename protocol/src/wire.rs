@@ -177,6 +177,9 @@ pub struct RelayInfo {
     pub request_max_envelopes: u32,
     /// Longest time a contact-request queue keeps an envelope, seconds.
     pub request_max_ttl_secs: u64,
+    /// The relay's clock when it answered, Unix seconds: clients compare it with theirs
+    /// (an envelope is refused beyond `CLOCK_SKEW_SECS` of skew).
+    pub now_secs: u64,
 }
 
 /// Reasons a relay refuses a request or an envelope.
@@ -540,7 +543,8 @@ impl RelayToClient {
                     .u8(info.open_policy)
                     .u32(info.grants_per_queue)
                     .u32(info.request_max_envelopes)
-                    .u64(info.request_max_ttl_secs);
+                    .u64(info.request_max_ttl_secs)
+                    .u64(info.now_secs);
             }
             Self::Granted { grants } => {
                 w.u8(6).u32(*grants);
@@ -611,6 +615,7 @@ impl RelayToClient {
                 grants_per_queue: r.u32("grants per queue")?,
                 request_max_envelopes: r.u32("request queue max envelopes")?,
                 request_max_ttl_secs: r.u64("request queue max ttl")?,
+                now_secs: r.u64("relay clock")?,
             }),
             6 => Self::Granted {
                 grants: r.u32("grants")?,
@@ -812,6 +817,7 @@ mod tests {
                     grants_per_queue: n,
                     request_max_envelopes: n,
                     request_max_ttl_secs: m,
+                    now_secs: m,
                 })
             }),
             any::<u32>().prop_map(|grants| RelayToClient::Granted { grants }),

@@ -232,6 +232,7 @@ impl<S: MailboxStore + Clone> Service<S> {
                 grants_per_queue: l.grants_per_queue,
                 request_max_envelopes: l.request_max_envelopes.min(u64::from(u32::MAX)) as u32,
                 request_max_ttl_secs: l.request_max_ttl_secs,
+                now_secs: 0,
             },
             max_payload: l.max_payload,
             max_ttl: l.max_ttl_secs,
@@ -327,7 +328,10 @@ impl<S: MailboxStore + Clone> Service<S> {
         // else, and learns nothing about who the owner is.
         match msg {
             ClientToRelay::Put { items } => self.put(peer, source, items, now),
-            ClientToRelay::Info => Action::Respond(RelayToClient::Info(self.info.clone())),
+            ClientToRelay::Info => Action::Respond(RelayToClient::Info(RelayInfo {
+                now_secs: crate::node::unix_now(),
+                ..self.info.clone()
+            })),
             ClientToRelay::Fetch { key, after, limit } => {
                 Action::Respond(self.fetch(&key.queue(), after, usize::from(limit)))
             }

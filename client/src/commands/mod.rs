@@ -11,6 +11,7 @@
 //! [`crate::sanitize`], never raw.
 
 mod contacts;
+mod drill;
 mod messages;
 mod relays;
 
@@ -242,6 +243,7 @@ impl App {
             Command::Send(args) => self.send(args, json, &mut out).await?,
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
             Command::History { contact, last } => self.history(&contact, last, json, &mut out)?,
+            Command::Drill => self.drill(json, &mut out).await?,
             Command::Daemon | Command::Tui => {
                 return fail("a kkachi daemon or UI is already running for this home");
             }

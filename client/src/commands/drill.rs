@@ -1,0 +1,550 @@
+//! `kkachi drill`: inspects what keeps messages flowing when something fails, and says
+//! what to fix. Each of our relays is asked for its info and has a test envelope looped
+//! through a queue of ours there alone; their failure domains, their clocks against
+//! ours, our contacts' relays and the age of what waits in the outbox are checked. Exit
+//! status 1 when there is a finding.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
+use kkachi_protocol::wire::{Addressed, PutOutcome, RelayInfo};
+use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, QueueKind, RelayToClient};
+use serde_json::json;
+
+use super::{App, CommandError, Output};
+use crate::engine::now_ms;
+use crate::net::{Transport, peer_of};
+
+/// How long one relay has to answer each request of the drill.
+const ANSWER_WITHIN: Duration = Duration::from_secs(4);
+/// A clock this far from a relay's is a finding: half of what relays tolerate.
+pub(crate) const SKEW_FINDING_SECS: u64 = CLOCK_SKEW_SECS / 2;
+/// Something waiting in the outbox longer than this is a finding.
+pub(crate) const OUTBOX_FINDING_MS: u64 = 3600 * 1000;
+
+/// What the drill saw of one of our relays.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RelayCheck {
+    pub(crate) addr: String,
+    /// Its info, if it answered.
+    pub(crate) info: Option<RelayInfo>,
+    /// Why it did not, or why the loop failed.
+    pub(crate) error: Option<String>,
+    /// The round trip of the test envelope (grant, put, fetch), if it came back.
+    pub(crate) loop_ms: Option<u64>,
+    /// Our clock minus the relay's, seconds.
+    pub(crate) skew_secs: Option<i64>,
+}
+
+/// What the drill saw of a contact's relays.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ContactCheck {
+    pub(crate) name: String,
+    pub(crate) relays: usize,
+    pub(crate) reachable: usize,
+}
+
+/// One problem and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Finding {
+    pub(crate) what: String,
+    pub(crate) fix: String,
+}
+
+/// Everything the drill checks, as data: the findings follow from it alone.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Report {
+    pub(crate) relays: Vec<RelayCheck>,
+    pub(crate) contacts: Vec<ContactCheck>,
+    /// Outbox entries, and how long the oldest has waited (ms).
+    pub(crate) outbox: (usize, u64),
+}
+
+impl Report {
+    /// The problems in this report, each with its fix.
+    pub(crate) fn findings(&self) -> Vec<Finding> {
+        let mut f = Vec::new();
+        if self.relays.is_empty() {
+            f.push(Finding {
+                what: "you have no relays: only people on your local network can reach you".into(),
+                fix: "add relays run by different people in different places: `kkachi relay add ADDR`".into(),
+            });
+        }
+        for r in &self.relays {
+            match (&r.info, &r.error, r.loop_ms) {
+                (None, e, _) => f.push(Finding {
+                    what: format!(
+                        "relay {} is down ({})",
+                        r.addr,
+                        e.as_deref().unwrap_or("no answer")
+                    ),
+                    fix: "your other relays carry your messages meanwhile; if it stays down, replace it: `kkachi relay remove ADDR`, then `kkachi relay add` another".into(),
+                }),
+                (Some(_), e, None) => f.push(Finding {
+                    what: format!(
+                        "relay {} answers but did not loop a test envelope back ({})",
+                        r.addr,
+                        e.as_deref().unwrap_or("no reason given")
+                    ),
+                    fix: "it may be full or refuse you (an access token?): check `kkachi relay list`, ask its operator, or replace it".into(),
+                }),
+                _ => {}
+            }
+            if let Some(skew) = r.skew_secs
+                && skew.unsigned_abs() > SKEW_FINDING_SECS
+            {
+                let way = if skew > 0 { "ahead of" } else { "behind" };
+                f.push(Finding {
+                    what: format!(
+                        "your clock is {} s {way} relay {} (relays refuse envelopes beyond {} s)",
+                        skew.unsigned_abs(),
+                        r.addr,
+                        CLOCK_SKEW_SECS
+                    ),
+                    fix: "set your clock from the network (NTP), e.g. `timedatectl set-ntp true`"
+                        .into(),
+                });
+            }
+        }
+        let up: Vec<&RelayCheck> = self.relays.iter().filter(|r| r.info.is_some()).collect();
+        let mut domains: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &up {
+            let d = r.info.as_ref().map_or("", |i| i.failure_domain.as_str());
+            *domains.entry(d).or_default() += 1;
+        }
+        if up.len() >= 2 && domains.len() < 2 {
+            f.push(Finding {
+                what: format!(
+                    "all your relays share one failure domain ({}): one outage there takes them all",
+                    domains.keys().next().map_or("unnamed", |d| if d.is_empty() { "unnamed" } else { d })
+                ),
+                fix: "add a relay run elsewhere (another provider or region): `kkachi relay add ADDR`".into(),
+            });
+        } else if self.relays.len() == 1 {
+            f.push(Finding {
+                what: "you have one relay: while it is down, only your local network reaches you"
+                    .into(),
+                fix:
+                    "add at least two more, run by others in other places: `kkachi relay add ADDR`"
+                        .into(),
+            });
+        }
+        for c in &self.contacts {
+            if c.relays > 0 && c.reachable == 0 {
+                f.push(Finding {
+                    what: format!("none of {}'s {} relays answers you", c.name, c.relays),
+                    fix: format!("what you send them waits in your outbox and goes out when one is back; if this lasts, ask {} for their current invite code", c.name),
+                });
+            }
+        }
+        let (waiting, oldest_ms) = self.outbox;
+        if waiting > 0 && oldest_ms > OUTBOX_FINDING_MS {
+            f.push(Finding {
+                what: format!(
+                    "{waiting} outgoing item(s) wait; the oldest for {} min",
+                    oldest_ms / 60_000
+                ),
+                fix: "they go out once a recipient's relay answers; keep kkachi running (`kkachi daemon` or the UI), or carry them on a drive".into(),
+            });
+        }
+        f
+    }
+}
+
+impl App {
+    pub(super) async fn drill(&mut self, json: bool, out: &mut Output) -> Result<(), CommandError> {
+        self.identity()?;
+        let started = Instant::now();
+        let report = self.drill_report().await?;
+        let findings = report.findings();
+        if json {
+            out.json(json!({
+                "clear": findings.is_empty(),
+                "seconds": started.elapsed().as_secs_f64(),
+                "relays": report.relays.iter().map(|r| json!({
+                    "addr": r.addr,
+                    "up": r.info.is_some(),
+                    "name": r.info.as_ref().map(|i| i.name.clone()),
+                    "failure_domain": r.info.as_ref().map(|i| i.failure_domain.clone()),
+                    "loop_ms": r.loop_ms,
+                    "skew_secs": r.skew_secs,
+                    "error": r.error,
+                })).collect::<Vec<_>>(),
+                "contacts": report.contacts.iter().map(|c| json!({
+                    "name": c.name, "relays": c.relays, "reachable": c.reachable,
+                })).collect::<Vec<_>>(),
+                "outbox": { "waiting": report.outbox.0, "oldest_ms": report.outbox.1 },
+                "findings": findings.iter().map(|f| json!({ "what": f.what, "fix": f.fix })).collect::<Vec<_>>(),
+            }));
+        } else {
+            for r in &report.relays {
+                let line = match (&r.info, r.loop_ms) {
+                    (Some(info), Some(ms)) => format!(
+                        "relay {}: up, test envelope back in {ms} ms, failure domain {}, clock {:+} s",
+                        r.addr,
+                        if info.failure_domain.is_empty() {
+                            "unnamed"
+                        } else {
+                            &info.failure_domain
+                        },
+                        r.skew_secs.unwrap_or(0)
+                    ),
+                    (Some(_), None) => format!("relay {}: answers, test envelope not back", r.addr),
+                    (None, _) => format!("relay {}: down", r.addr),
+                };
+                out.out(crate::sanitize::for_terminal(&line));
+            }
+            for c in &report.contacts {
+                out.out(crate::sanitize::for_terminal(&format!(
+                    "contact {}: {} of {} relays answer",
+                    c.name, c.reachable, c.relays
+                )));
+            }
+            out.out(format!(
+                "outbox: {} waiting{}",
+                report.outbox.0,
+                if report.outbox.0 > 0 {
+                    format!(", the oldest for {} s", report.outbox.1 / 1000)
+                } else {
+                    String::new()
+                }
+            ));
+            if findings.is_empty() {
+                out.out(format!(
+                    "all clear ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            for f in &findings {
+                out.out(crate::sanitize::for_terminal(&format!(
+                    "FINDING: {}\n  fix: {}",
+                    f.what, f.fix
+                )));
+            }
+        }
+        if !findings.is_empty() {
+            out.code = 1;
+        }
+        Ok(())
+    }
+
+    async fn drill_report(&mut self) -> Result<Report, CommandError> {
+        let engine = self.engine()?;
+        let me = self.identity()?;
+        let relays = self.store.relays()?;
+        let checks = relays.iter().map(|r| {
+            let net = engine.net().clone();
+            let (addr, token, me) = (r.addr.clone(), r.token.clone(), me.clone());
+            async move { check_relay(&net, &me, addr, token).await }
+        });
+        let relays = futures::future::join_all(checks).await;
+        // Each contact's relays that are not ours, asked once each.
+        let contacts = self.store.contacts()?;
+        let mut theirs: BTreeMap<String, bool> = BTreeMap::new();
+        for c in contacts.iter() {
+            for a in c.card.relays() {
+                if !relays.iter().any(|r| r.addr == a.to_string()) {
+                    theirs.insert(a.to_string(), false);
+                }
+            }
+        }
+        let probes = theirs.keys().cloned().map(|addr| {
+            let net = engine.net().clone();
+            async move {
+                let up = match addr.parse::<Multiaddr>() {
+                    Ok(a) => matches!(
+                        tokio::time::timeout(ANSWER_WITHIN, net.request(&a, ClientToRelay::Info))
+                            .await,
+                        Ok(Ok(RelayToClient::Info(_)))
+                    ),
+                    Err(_) => false,
+                };
+                (addr, up)
+            }
+        });
+        for (addr, up) in futures::future::join_all(probes).await {
+            theirs.insert(addr, up);
+        }
+        let ours: Vec<(String, bool)> = relays
+            .iter()
+            .map(|r| (r.addr.clone(), r.info.is_some()))
+            .collect();
+        let up = |addr: &str| {
+            theirs
+                .get(addr)
+                .copied()
+                .or_else(|| ours.iter().find(|(a, _)| a == addr).map(|(_, u)| *u))
+                .unwrap_or(false)
+        };
+        let contacts = contacts
+            .iter()
+            .filter(|c| matches!(self.store.blocked(&c.peer), Ok(None)))
+            .map(|c| ContactCheck {
+                name: c.name.clone(),
+                relays: c.card.relays().len(),
+                reachable: c
+                    .card
+                    .relays()
+                    .iter()
+                    .filter(|a| up(&a.to_string()))
+                    .count(),
+            })
+            .collect();
+        let outbox = self.store.outbox()?;
+        let now = now_ms();
+        let oldest = outbox
+            .iter()
+            .map(|(_, e)| now.saturating_sub(e.created_ms))
+            .max()
+            .unwrap_or(0);
+        Ok(Report {
+            relays,
+            contacts,
+            outbox: (outbox.len(), oldest),
+        })
+    }
+}
+
+/// Asks one of our relays for its info, then loops a test envelope through our drill
+/// queue there: grant, put, fetch, delete, revoke.
+async fn check_relay<T: Transport>(
+    net: &T,
+    me: &kkachi_protocol::Identity,
+    addr: String,
+    token: Option<String>,
+) -> RelayCheck {
+    let mut check = RelayCheck {
+        addr: addr.clone(),
+        info: None,
+        error: None,
+        loop_ms: None,
+        skew_secs: None,
+    };
+    let Ok(relay) = addr.parse::<Multiaddr>() else {
+        check.error = Some("not a multiaddr".into());
+        return check;
+    };
+    let Some(peer) = peer_of(&relay) else {
+        check.error = Some("no /p2p/ peer id".into());
+        return check;
+    };
+    let ask = |request| async {
+        match tokio::time::timeout(ANSWER_WITHIN, net.request(&relay, request)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", ANSWER_WITHIN.as_secs())),
+        }
+    };
+    match ask(ClientToRelay::Info).await {
+        Ok(RelayToClient::Info(info)) => {
+            let ours = (now_ms() / 1000) as i64;
+            check.skew_secs = Some(ours - info.now_secs as i64);
+            check.info = Some(info);
+        }
+        Ok(other) => {
+            check.error = Some(format!("unexpected answer {other:?}"));
+            return check;
+        }
+        Err(e) => {
+            check.error = Some(e);
+            return check;
+        }
+    }
+    let (read, write) = me.drill_keys(&peer);
+    let started = Instant::now();
+    let mut payload = vec![0u8; kkachi_protocol::session::SIZE_CLASSES[0]];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut payload);
+    let envelope = Envelope {
+        expires_at: now_ms() / 1000 + 600,
+        payload,
+    };
+    let id = envelope.id();
+    let result: Result<(), String> = async {
+        let token = token.map(String::into_bytes).unwrap_or_default();
+        match ask(ClientToRelay::Grant {
+            key: read.clone(),
+            kind: QueueKind::Inbox,
+            token,
+            write_ids: vec![write.id()],
+        })
+        .await?
+        {
+            RelayToClient::Granted { .. } => {}
+            RelayToClient::Error { code, message } => {
+                return Err(format!("{}: {message}", code.as_str()));
+            }
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+        let put = ClientToRelay::Put {
+            items: vec![Addressed { write, envelope }],
+        };
+        match ask(put).await? {
+            RelayToClient::Stored { outcomes } => match outcomes.first() {
+                Some(PutOutcome::Rejected { code, .. }) => {
+                    return Err(format!("put refused: {}", code.as_str()));
+                }
+                Some(_) => {}
+                None => return Err("no outcome for the put".into()),
+            },
+            RelayToClient::Error { code, message } => {
+                return Err(format!("{}: {message}", code.as_str()));
+            }
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+        let fetched = match ask(ClientToRelay::Fetch {
+            key: read.clone(),
+            after: 0,
+            limit: 16,
+        })
+        .await?
+        {
+            RelayToClient::Batch { items, .. } => items,
+            RelayToClient::Error { code, message } => {
+                return Err(format!("{}: {message}", code.as_str()));
+            }
+            other => return Err(format!("unexpected answer {other:?}")),
+        };
+        if !fetched.iter().any(|s| s.envelope.id() == id) {
+            return Err("the test envelope was acknowledged but not given back".into());
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => check.loop_ms = Some(started.elapsed().as_millis() as u64),
+        Err(e) => check.error = Some(e),
+    }
+    // Tidy up whatever happened: the envelope and the grant go.
+    let _ = ask(ClientToRelay::Delete {
+        key: read.clone(),
+        ids: vec![id],
+    })
+    .await;
+    let _ = ask(ClientToRelay::Revoke {
+        key: read,
+        write_ids: vec![write.id()],
+    })
+    .await;
+    check
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(domain: &str, now_secs: u64) -> RelayInfo {
+        RelayInfo {
+            protocol_version: 2,
+            software: String::new(),
+            name: String::new(),
+            operator: String::new(),
+            failure_domain: domain.into(),
+            max_payload: 0,
+            max_ttl_secs: 0,
+            capability_max_envelopes: 0,
+            capability_max_bytes: 0,
+            puts_per_sec: 0,
+            open_policy: 0,
+            grants_per_queue: 0,
+            request_max_envelopes: 0,
+            request_max_ttl_secs: 0,
+            now_secs,
+        }
+    }
+
+    fn up(addr: &str, domain: &str, skew: i64) -> RelayCheck {
+        RelayCheck {
+            addr: addr.into(),
+            info: Some(info(domain, 0)),
+            error: None,
+            loop_ms: Some(3),
+            skew_secs: Some(skew),
+        }
+    }
+
+    fn healthy() -> Report {
+        Report {
+            relays: vec![up("a", "dc-a", 0), up("b", "dc-b", 2), up("c", "dc-c", -1)],
+            contacts: vec![ContactCheck {
+                name: "Minji".into(),
+                relays: 3,
+                reachable: 2,
+            }],
+            outbox: (1, 5_000),
+        }
+    }
+
+    #[test]
+    fn a_healthy_setup_is_all_clear() {
+        assert_eq!(healthy().findings(), []);
+    }
+
+    #[test]
+    fn each_problem_is_named_with_its_fix() {
+        let mut r = healthy();
+        r.relays[0].info = None;
+        r.relays[0].loop_ms = None;
+        r.relays[0].error = Some("connection refused".into());
+        let f = r.findings();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].what.contains("relay a is down (connection refused)"));
+        assert!(f[0].fix.contains("kkachi relay remove"));
+
+        let mut r = healthy();
+        for relay in &mut r.relays {
+            relay.info = Some(info("hetzner/fsn1", 0));
+        }
+        let f = r.findings();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].what
+                .contains("share one failure domain (hetzner/fsn1)")
+        );
+
+        let mut r = healthy();
+        r.relays[1].skew_secs = Some(-400);
+        let f = r.findings();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].what.contains("400 s behind relay b"), "{}", f[0].what);
+        assert!(f[0].fix.contains("NTP"));
+
+        let mut r = healthy();
+        r.relays[2].loop_ms = None;
+        r.relays[2].error = Some("put refused: quota exceeded".into());
+        assert!(
+            r.findings()[0]
+                .what
+                .contains("did not loop a test envelope back (put refused")
+        );
+
+        let mut r = healthy();
+        r.contacts[0].reachable = 0;
+        assert!(
+            r.findings()[0]
+                .what
+                .contains("none of Minji's 3 relays answers you")
+        );
+
+        let mut r = healthy();
+        r.outbox = (4, 2 * OUTBOX_FINDING_MS);
+        assert!(
+            r.findings()[0]
+                .what
+                .contains("4 outgoing item(s) wait; the oldest for 120 min")
+        );
+
+        let mut r = healthy();
+        r.relays.truncate(1);
+        assert!(r.findings()[0].what.contains("you have one relay"));
+        r.relays.clear();
+        assert!(r.findings()[0].what.contains("you have no relays"));
+    }
+
+    #[test]
+    fn a_small_skew_is_no_finding() {
+        let mut r = healthy();
+        r.relays[0].skew_secs = Some(SKEW_FINDING_SECS as i64);
+        assert_eq!(r.findings(), []);
+    }
+}

@@ -1,0 +1,129 @@
+//! `kkachi drill` against the real binaries: all clear on a healthy setup, and on a
+//! broken one (a relay down, every relay in one failure domain, a contact none of whose
+//! relays answers) each problem named with its fix and exit status 1. (The clock-skew
+//! finding is decided by the same code from the relay's clock in its info; its rule is
+//! tested in the client's unit tests, as no test may move a machine's clock.)
+
+use std::time::Instant;
+
+use kkachi_tests::procs::{RelayProc, User};
+
+fn add_relays(user: &User, relays: &[&RelayProc]) {
+    let mut args = vec!["relay", "add"];
+    args.extend(relays.iter().map(|r| r.addr.as_str()));
+    user.ok(&args);
+}
+
+fn drill(user: &User) -> (i32, serde_json::Value, f64) {
+    let started = Instant::now();
+    let out = user.run(&["drill", "--json"]);
+    let took = started.elapsed().as_secs_f64();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "drill --json printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v, took)
+}
+
+fn findings(v: &serde_json::Value) -> Vec<String> {
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| format!("{} | fix: {}", f["what"], f["fix"]))
+        .collect()
+}
+
+#[test]
+fn drill_is_all_clear_on_a_healthy_setup_and_names_each_problem_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let domain = |d: &str| vec!["--failure-domain".to_string(), d.to_string()];
+    let start = |name: &str, d: &str| {
+        let args = domain(d);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        RelayProc::start(&dir.path().join(name), &args)
+    };
+    let mut relays = [
+        start("r0", "test/dc0"),
+        start("r1", "test/dc1"),
+        start("r2", "test/dc2"),
+    ];
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    add_relays(&alice, &relays.iter().collect::<Vec<_>>());
+    add_relays(&bob, &relays.iter().collect::<Vec<_>>());
+    User::introduce(&alice, &bob);
+
+    // Healthy: every relay loops a test envelope back, in three failure domains, with
+    // the same clock; bob's relays answer; nothing waits.
+    let (code, v, took) = drill(&alice);
+    assert_eq!(findings(&v), Vec::<String>::new(), "{v}");
+    assert_eq!((code, v["clear"].as_bool()), (0, Some(true)), "{v}");
+    for r in v["relays"].as_array().unwrap() {
+        assert_eq!(r["up"], true, "{r}");
+        assert!(r["loop_ms"].as_u64().is_some(), "{r}");
+        assert!(r["skew_secs"].as_i64().unwrap().abs() <= 2, "{r}");
+    }
+    assert_eq!(v["contacts"][0]["reachable"], 3, "{v}");
+    assert!(took < 30.0, "the drill took {took:.1} s");
+    println!("healthy: all clear in {took:.1} s");
+    // The test envelopes were taken away again: nothing of them reaches bob or alice.
+    let text = String::from_utf8_lossy(&alice.run(&["drill"]).stdout).into_owned();
+    assert!(text.contains("all clear"), "{text}");
+
+    // One relay down: named, with what to do, and exit status 1.
+    relays[0].stop();
+    let (code, v, took) = drill(&alice);
+    let f = findings(&v);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert!(
+        f[0].contains(&format!("relay {} is down", relays[0].addr)),
+        "{f:#?}"
+    );
+    assert!(f[0].contains("kkachi relay remove"), "{f:#?}");
+    println!(
+        "one relay down: {} finding in {took:.1} s: {}",
+        f.len(),
+        f[0]
+    );
+    relays[0].restart();
+
+    // Carol's two relays share a failure domain; and none of bob's relays answers her.
+    let same = [start("s0", "test/same"), start("s1", "test/same")];
+    let carol = User::new(dir.path(), "carol");
+    add_relays(&carol, &same.iter().collect::<Vec<_>>());
+    User::introduce(&carol, &bob);
+    for r in &mut relays {
+        r.stop();
+    }
+    let (code, v, _) = drill(&carol);
+    let f = findings(&v);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        f.iter()
+            .any(|f| f.contains("share one failure domain (test/same)")
+                && f.contains("another provider or region")),
+        "{f:#?}"
+    );
+    assert!(
+        f.iter()
+            .any(|f| f.contains("none of bob's 3 relays answers you")),
+        "{f:#?}"
+    );
+    assert_eq!(f.len(), 2, "{f:#?}");
+    println!("one failure domain, a contact unreachable: {f:#?}");
+
+    // The human form says the same, with each fix on its own line.
+    let out = carol.run(&["drill"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FINDING: all your relays share one failure domain"),
+        "{text}"
+    );
+    assert!(text.contains("  fix: add a relay run elsewhere"), "{text}");
+}
