@@ -251,9 +251,12 @@ fn run_effect(
             Effect::Run { command, title } => {
                 let mut app = App::online(engine);
                 let result = match app.run(command, false).await {
-                    Ok(out) if out.code == 0 => Ok(format!("{}{}", out.stdout, out.stderr)
-                        .trim_end()
-                        .to_string()),
+                    // A report that found something (the drill) is still shown whole.
+                    Ok(out) if out.code == 0 || (title.is_some() && !out.stdout.is_empty()) => {
+                        Ok(format!("{}{}", out.stdout, out.stderr)
+                            .trim_end()
+                            .to_string())
+                    }
                     Ok(out) => Err(out.stderr.trim().to_string()),
                     Err(e) => Err(e.to_string()),
                 };

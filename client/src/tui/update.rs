@@ -78,6 +78,7 @@ Ctrl+C       quit
 /unblock WHO            unblock someone        /remove WHO  remove a contact
 /rename NAME            rename this conversation's contact
 /relays                 your relays: up/down, latency, failure domain
+/drill                  check relays, clocks, contacts' relays, outbox
 /relay add ADDR         add an inbox relay      /relay remove ADDR
 /bell                   bell on/off for messages in other conversations
 /quit                   quit";
@@ -241,6 +242,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         (Some("relays"), _) | (Some("relay"), Some("list")) => {
             vec![run(Command::Relay(RelayCommand::List), Some("Relays"))]
         }
+        (Some("drill"), _) => vec![run(Command::Drill, Some("Drill"))],
         (Some("relay"), Some("add")) => {
             let addrs: Vec<String> = words.map(str::to_string).collect();
             if addrs.is_empty() {
@@ -474,6 +476,14 @@ mod tests {
                 ..
             }
         ));
+        typed(&mut s, "/drill");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Run {
+                command: Command::Drill,
+                title: Some("Drill".into())
+            }]
+        );
         typed(&mut s, "/frobnicate");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         assert!(s.notice.as_ref().unwrap().0.contains("unknown command"));
