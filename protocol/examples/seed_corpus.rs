@@ -103,6 +103,7 @@ fn main() {
                     message: "mailbox full".into(),
                 },
             ],
+            epoch: 0x1234_5678,
         },
         RelayToClient::Batch {
             items: vec![StoredEnvelope {
@@ -129,6 +130,7 @@ fn main() {
             request_max_envelopes: 256,
             request_max_ttl_secs: 7 * 24 * 3600,
             now_secs: NOW,
+            store_epoch: 0x1234_5678,
         }),
         RelayToClient::Granted { grants: 12 },
         RelayToClient::error(ErrorCode::RateLimited, "slow down"),

@@ -180,6 +180,9 @@ pub struct RelayInfo {
     /// The relay's clock when it answered, Unix seconds: clients compare it with theirs
     /// (an envelope is refused beyond `CLOCK_SKEW_SECS` of skew).
     pub now_secs: u64,
+    /// Chosen at random when the relay's database was created: a new one means what it
+    /// held before is gone.
+    pub store_epoch: u64,
 }
 
 /// Reasons a relay refuses a request or an envelope.
@@ -290,6 +293,9 @@ pub enum RelayToClient {
     Stored {
         /// Outcomes, same order as the request.
         outcomes: Vec<PutOutcome>,
+        /// The relay's store epoch ([`RelayInfo::store_epoch`]; 0 from a contact's
+        /// direct hand-over, which has none).
+        epoch: u64,
     },
     /// Answer to `Fetch`/`Subscribe`.
     Batch {
@@ -497,7 +503,7 @@ impl RelayToClient {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         match self {
-            Self::Stored { outcomes } => {
+            Self::Stored { outcomes, epoch } => {
                 w.u8(1).u16(outcomes.len() as u16);
                 for o in outcomes {
                     match o {
@@ -513,6 +519,7 @@ impl RelayToClient {
                         }
                     }
                 }
+                w.u64(*epoch);
             }
             Self::Batch { items, next, more } => {
                 w.u8(2).u16(items.len() as u16);
@@ -544,7 +551,8 @@ impl RelayToClient {
                     .u32(info.grants_per_queue)
                     .u32(info.request_max_envelopes)
                     .u64(info.request_max_ttl_secs)
-                    .u64(info.now_secs);
+                    .u64(info.now_secs)
+                    .u64(info.store_epoch);
             }
             Self::Granted { grants } => {
                 w.u8(6).u32(*grants);
@@ -581,7 +589,10 @@ impl RelayToClient {
                         }
                     });
                 }
-                Self::Stored { outcomes }
+                Self::Stored {
+                    outcomes,
+                    epoch: r.u64("store epoch")?,
+                }
             }
             2 => {
                 let n = r.count16(MAX_BATCH_ITEMS, 8 + ENVELOPE_HEADER_LEN, "batch items")?;
@@ -616,6 +627,7 @@ impl RelayToClient {
                 request_max_envelopes: r.u32("request queue max envelopes")?,
                 request_max_ttl_secs: r.u64("request queue max ttl")?,
                 now_secs: r.u64("relay clock")?,
+                store_epoch: r.u64("store epoch")?,
             }),
             6 => Self::Granted {
                 grants: r.u32("grants")?,
@@ -786,7 +798,7 @@ mod tests {
         ];
         prop_oneof![
             proptest::collection::vec(outcome, 0..MAX_PUT_BATCH)
-                .prop_map(|outcomes| RelayToClient::Stored { outcomes }),
+                .prop_map(|outcomes| RelayToClient::Stored { outcomes, epoch: 7 }),
             (
                 proptest::collection::vec((any::<u64>(), arb_envelope()), 0..10),
                 any::<u64>(),
@@ -818,6 +830,7 @@ mod tests {
                     request_max_envelopes: n,
                     request_max_ttl_secs: m,
                     now_secs: m,
+                    store_epoch: m,
                 })
             }),
             any::<u32>().prop_map(|grants| RelayToClient::Granted { grants }),

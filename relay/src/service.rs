@@ -233,6 +233,7 @@ impl<S: MailboxStore + Clone> Service<S> {
                 request_max_envelopes: l.request_max_envelopes.min(u64::from(u32::MAX)) as u32,
                 request_max_ttl_secs: l.request_max_ttl_secs,
                 now_secs: 0,
+                store_epoch: 0,
             },
             max_payload: l.max_payload,
             max_ttl: l.max_ttl_secs,
@@ -330,6 +331,7 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::Put { items } => self.put(peer, source, items, now),
             ClientToRelay::Info => Action::Respond(RelayToClient::Info(RelayInfo {
                 now_secs: crate::node::unix_now(),
+                store_epoch: self.store.epoch(),
                 ..self.info.clone()
             })),
             ClientToRelay::Fetch { key, after, limit } => {
@@ -598,7 +600,10 @@ impl<S: MailboxStore + Clone> Service<S> {
                         .into_iter()
                         .map(|o| o.unwrap_or_else(|| outcome(&metrics, results.next())))
                         .collect();
-                    RelayToClient::Stored { outcomes }
+                    RelayToClient::Stored {
+                        outcomes,
+                        epoch: store.epoch(),
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "put failed");

@@ -113,7 +113,7 @@ async fn acknowledged_envelopes_survive_kill_9() {
                         })
                         .collect();
                     let outcomes = match writer.put(batch.clone()).await {
-                        Ok(RelayToClient::Stored { outcomes }) => outcomes,
+                        Ok(RelayToClient::Stored { outcomes, .. }) => outcomes,
                         Ok(other) => panic!("unexpected answer {other:?}"),
                         Err(_) => break, // the relay died
                     };

@@ -134,7 +134,7 @@ async fn a_long_poll_waits_while_puts_on_the_same_session_are_answered() {
     assert!(!poll.is_finished(), "the long poll waits for something new");
     let stored = session.request(&put(write)).await.unwrap();
     assert!(
-        matches!(stored, RelayToClient::Stored { ref outcomes } if outcomes.len() == 1),
+        matches!(stored, RelayToClient::Stored { ref outcomes, .. } if outcomes.len() == 1),
         "{stored:?}"
     );
     let answer = tokio::time::timeout(Duration::from_secs(5), poll)
@@ -209,7 +209,7 @@ async fn half_sent_frames_on_many_sessions_hold_up_no_one_else() {
     let started = std::time::Instant::now();
     let answer = normal.request(put(write)).await.unwrap();
     assert!(
-        matches!(answer, RelayToClient::Stored { ref outcomes } if outcomes.len() == 1),
+        matches!(answer, RelayToClient::Stored { ref outcomes, .. } if outcomes.len() == 1),
         "{answer:?}"
     );
     let took = started.elapsed();

@@ -140,7 +140,7 @@ impl EvilPeer {
                     envelope: envelope.clone(),
                 }];
                 let answer = client.put(items).await;
-                let no_queue = matches!(&answer, Ok(RelayToClient::Stored { outcomes })
+                let no_queue = matches!(&answer, Ok(RelayToClient::Stored { outcomes, .. })
                     if matches!(outcomes.first(), Some(PutOutcome::Rejected { code: ErrorCode::NoQueue, .. })));
                 if !no_queue {
                     break;

@@ -275,6 +275,10 @@ impl MailboxStore for EvilStore {
         self.inner.stats()
     }
 
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+
     fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {
         self.inner.route(write)
     }

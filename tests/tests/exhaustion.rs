@@ -241,7 +241,7 @@ fn one_host_cannot_exhaust_a_relay_and_an_honest_client_is_served_throughout() {
                 };
                 let put = honest.put(vec![item]).await;
                 let read = honest.fetch(&key, 0, 1).await;
-                let ok = matches!(&put, Ok(RelayToClient::Stored { outcomes }) if outcomes == &[PutOutcome::Stored])
+                let ok = matches!(&put, Ok(RelayToClient::Stored { outcomes, .. }) if outcomes == &[PutOutcome::Stored])
                     && matches!(&read, Ok(RelayToClient::Batch { .. }));
                 if ok {
                     served.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +314,7 @@ fn one_host_cannot_exhaust_a_relay_and_an_honest_client_is_served_throughout() {
                     envelope: envelope(q * 1000 + i, 60_000),
                 };
                 match attacker.put(vec![item]).await {
-                    Ok(RelayToClient::Stored { outcomes }) => match &outcomes[0] {
+                    Ok(RelayToClient::Stored { outcomes, .. }) => match &outcomes[0] {
                         PutOutcome::Stored => stored_bytes += 60_000,
                         PutOutcome::Rejected { code, .. } => codes.note(*code),
                         PutOutcome::Duplicate => {}

@@ -215,7 +215,7 @@ async fn flood(
                     .collect();
                 n += 1;
                 let codes: Vec<Option<ErrorCode>> = match client.put(items).await {
-                    Ok(RelayToClient::Stored { outcomes }) => outcomes
+                    Ok(RelayToClient::Stored { outcomes, .. }) => outcomes
                         .into_iter()
                         .map(|o| match o {
                             PutOutcome::Rejected { code, .. } => Some(code),

@@ -302,7 +302,7 @@ fn relay_disk_full_refuses_and_recovers() {
             envelope: envelope.clone(),
         };
         match rt.block_on(writer.put(vec![item])) {
-            Ok(kkachi_protocol::RelayToClient::Stored { outcomes })
+            Ok(kkachi_protocol::RelayToClient::Stored { outcomes, .. })
                 if matches!(outcomes[0], kkachi_protocol::PutOutcome::Stored) =>
             {
                 acked.push(envelope.id())
@@ -371,10 +371,8 @@ fn relay_disk_full_refuses_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let answer = rt.block_on(writer.put(vec![item.clone()])).unwrap();
-        if answer
-            == (kkachi_protocol::RelayToClient::Stored {
-                outcomes: vec![kkachi_protocol::PutOutcome::Stored],
-            })
+        if matches!(&answer, kkachi_protocol::RelayToClient::Stored { outcomes, .. }
+            if outcomes == &[kkachi_protocol::PutOutcome::Stored])
         {
             break;
         }

@@ -380,7 +380,7 @@ async fn check_relay<T: Transport>(
             items: vec![Addressed { write, envelope }],
         };
         match ask(put).await? {
-            RelayToClient::Stored { outcomes } => match outcomes.first() {
+            RelayToClient::Stored { outcomes, .. } => match outcomes.first() {
                 Some(PutOutcome::Rejected { code, .. }) => {
                     return Err(format!("put refused: {}", code.as_str()));
                 }
@@ -450,6 +450,7 @@ mod tests {
             request_max_envelopes: 0,
             request_max_ttl_secs: 0,
             now_secs,
+            store_epoch: 1,
         }
     }
 

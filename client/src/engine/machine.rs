@@ -431,6 +431,58 @@ impl Deliveries {
         self.make_due(|addr| matches(addr), now)
     }
 
+    /// Relay `addr` answered a put of entry `key` with store epoch `epoch`: that entry's
+    /// target there records it, and every other entry that relay acknowledged under
+    /// another epoch is due there again (the relay lost its data: what it had
+    /// acknowledged and the contact has not confirmed is gone from it). Returns the
+    /// other entries changed, to be written.
+    pub fn handle_epoch(
+        &mut self,
+        key: u64,
+        addr: &str,
+        epoch: u64,
+        now: u64,
+    ) -> Vec<(u64, OutboxEntry)> {
+        if epoch == 0 {
+            return Vec::new();
+        }
+        if let Some(t) = self
+            .entries
+            .get_mut(&key)
+            .and_then(|s| s.entry.targets.iter_mut().find(|t| t.addr == addr))
+        {
+            t.epoch = epoch;
+        }
+        let mut changed = Vec::new();
+        for (k, s) in &mut self.entries {
+            let mut touched = false;
+            for t in s
+                .entry
+                .targets
+                .iter_mut()
+                .filter(|t| t.addr == addr && t.acked && t.epoch != 0 && t.epoch != epoch)
+            {
+                t.acked = false;
+                t.epoch = 0;
+                t.attempts = 0;
+                t.next_try_ms = now;
+                touched = true;
+            }
+            if touched {
+                changed.push((*k, s.entry.clone()));
+            }
+        }
+        if !changed.is_empty() {
+            self.changed();
+            tracing::info!(
+                relay = addr,
+                entries = changed.len(),
+                "a relay lost its data: what it had acknowledged goes there again"
+            );
+        }
+        changed
+    }
+
     /// Every path not yet acknowledged is due now (the user asked to send everything).
     pub fn handle_force(&mut self, now: u64) -> Vec<(u64, OutboxEntry)> {
         for s in self.entries.values_mut() {

@@ -357,6 +357,7 @@ impl<T> State<T> {
                     next_try_ms: 0,
                     write: self.write_key(card.identity(), relay).0,
                     request: card.request_key_at(&relay).map(|k| k.0),
+                    epoch: 0,
                 })
             })
             .collect();

@@ -226,6 +226,9 @@ pub struct Target {
     /// The contact-request capability of the recipient's card there, used while they
     /// grant us none (not yet accepted, or the relay lost their grants).
     pub request: Option<[u8; 32]>,
+    /// The relay's store epoch when it acknowledged (0: unknown). Another one later
+    /// means the relay lost what it held: the envelope is put there again.
+    pub epoch: u64,
 }
 
 /// An envelope waiting to be delivered.

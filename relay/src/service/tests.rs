@@ -77,7 +77,7 @@ async fn run_from<S: MailboxStore + Clone>(
 }
 
 fn codes(answer: RelayToClient) -> Vec<Option<ErrorCode>> {
-    let RelayToClient::Stored { outcomes } = answer else {
+    let RelayToClient::Stored { outcomes, .. } = answer else {
         panic!("stored expected, got {answer:?}")
     };
     outcomes
@@ -101,7 +101,8 @@ async fn put_fetch_delete_conversation() {
     assert_eq!(
         run(&s, &sender, put).await,
         RelayToClient::Stored {
-            outcomes: vec![PutOutcome::Stored; 3]
+            outcomes: vec![PutOutcome::Stored; 3],
+            epoch: s.store().epoch(),
         },
         "a copy already held is answered like a new one"
     );
@@ -516,6 +517,10 @@ impl MailboxStore for GatedStore {
     fn stats(&self) -> StoreStats {
         self.inner.stats()
     }
+
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
     async fn flush(&self) -> Result<(), StoreError> {
         // One permit per flush: used up, not handed back.
         self.gate.acquire().await.expect("gate open").forget();
@@ -568,7 +573,7 @@ async fn long_polls_see_a_put_before_it_is_durable_and_the_ack_waits_for_the_flu
     };
     assert_eq!(items.len(), 2);
     // ...but not acknowledged before it.
-    let RelayToClient::Stored { outcomes } = answer_after_one_flush(done, &gate).await else {
+    let RelayToClient::Stored { outcomes, .. } = answer_after_one_flush(done, &gate).await else {
         panic!("stored expected")
     };
     assert_eq!(outcomes, vec![PutOutcome::Stored; 3]);

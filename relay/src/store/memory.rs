@@ -41,6 +41,7 @@ impl Inner {
 pub struct MemoryStore {
     limits: Limits,
     inner: Arc<Mutex<Inner>>,
+    epoch: u64,
 }
 
 impl MemoryStore {
@@ -49,6 +50,7 @@ impl MemoryStore {
         Self {
             limits,
             inner: Arc::default(),
+            epoch: rand::random::<u64>() | 1,
         }
     }
 }
@@ -147,6 +149,10 @@ impl MailboxStore for MemoryStore {
 
     fn stats(&self) -> StoreStats {
         self.inner.lock().index.totals()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {

@@ -193,6 +193,11 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// Current totals.
     fn stats(&self) -> StoreStats;
 
+    /// A random number chosen when this store's data was created: a new one means
+    /// everything held before is gone (clients then put again what this relay had
+    /// acknowledged and nobody has confirmed).
+    fn epoch(&self) -> u64;
+
     /// The queue a write capability puts into, and the capability's kind.
     fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError>;
 

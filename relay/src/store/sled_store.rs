@@ -43,6 +43,8 @@ use super::{Fetched, Granted, Limits, MailboxStore, Placed, PutResult, StoreErro
 const MAIL: u8 = b'm';
 const QUEUE: u8 = b'q';
 const GRANT: u8 = b'g';
+/// The store epoch's key in the registry (no queue or grant key is one byte long).
+const EPOCH_KEY: &[u8] = b"e";
 /// The tree of protocol version 1, dropped on open.
 const OLD_TREE: &str = "mailboxes";
 
@@ -71,6 +73,8 @@ pub struct SledStore {
     /// the index always matches the tree.
     index: Arc<Mutex<Index>>,
     commit: Arc<GroupCommit>,
+    /// Chosen when the database was created ([`MailboxStore::epoch`]).
+    epoch: u64,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -133,6 +137,23 @@ impl SledStore {
         }
         let tree = db.open_tree("queues").map_err(io)?;
         let registry = db.open_tree("registry").map_err(io)?;
+        let epoch = match registry.get(EPOCH_KEY).map_err(io)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("store epoch has the wrong length".into()))?,
+            ),
+            None => {
+                // A new database (or one from before epochs): a new epoch, durable
+                // before anything is acknowledged.
+                let epoch = rand::random::<u64>() | 1;
+                registry
+                    .insert(EPOCH_KEY, &epoch.to_be_bytes())
+                    .map_err(io)?;
+                db.flush().map_err(io)?;
+                epoch
+            }
+        };
         let queues = registry.scan_prefix([QUEUE]).count() as u64;
         let started = Instant::now();
         let index = build_index(&tree)?;
@@ -155,6 +176,7 @@ impl SledStore {
             queues: Arc::new(AtomicU64::new(queues)),
             index: Arc::new(Mutex::new(index)),
             commit,
+            epoch,
         })
     }
 
@@ -380,6 +402,10 @@ impl MailboxStore for SledStore {
 
     fn stats(&self) -> StoreStats {
         self.index.lock().totals()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn route(&self, write: &WriteId) -> Result<Option<(QueueId, QueueKind)>, StoreError> {

@@ -22,6 +22,7 @@ fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
                 next_try_ms: 0,
                 write: [1; 32],
                 request: None,
+                epoch: 0,
             })
             .collect(),
         direct_acked: false,
@@ -358,4 +359,36 @@ fn entries_naming_no_valid_contact_are_not_scheduled() {
     assert!(!d.upsert(1, bad));
     assert!(d.is_empty());
     assert_eq!(d.next_deadline(), None);
+}
+
+#[test]
+fn a_new_store_epoch_makes_what_that_relay_acknowledged_due_again() {
+    let peer = PeerId::random();
+    let mut m = Deliveries::default();
+    for key in 1..=3 {
+        assert!(m.upsert(key, entry(OutboxKind::Message, peer, &["r1", "r2"])));
+    }
+    for a in m.poll_attempts(T0, 100) {
+        if a.key == 3 {
+            continue;
+        }
+        if let Path::Relay(relay) = &a.path {
+            m.handle_epoch(a.key, relay, 5, T0);
+        }
+        m.handle_result(&a, Outcome::Acked, T0, 0);
+    }
+    // The same epoch again changes nothing.
+    assert!(m.handle_epoch(3, "r1", 5, T0).is_empty());
+    // Another one: entries 1 and 2 are due at r1 again (not at r2).
+    let again = m.handle_epoch(3, "r1", 6, T0 + 1);
+    let keys: Vec<u64> = again.iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for (_, e) in &again {
+        let r1 = e.targets.iter().find(|t| t.addr == "r1").unwrap();
+        let r2 = e.targets.iter().find(|t| t.addr == "r2").unwrap();
+        assert!(!r1.acked && r1.next_try_ms == T0 + 1);
+        assert!(r2.acked, "another relay's acknowledgement stands");
+    }
+    // No epoch named (a contact's hand-over): nothing.
+    assert!(m.handle_epoch(3, "r1", 0, T0).is_empty());
 }

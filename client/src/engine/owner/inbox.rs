@@ -212,7 +212,7 @@ impl<T: Transport> Owner<T> {
                     tally.verdicts.into_iter().map(direct_outcome).collect();
                 self.wait_durable(After::Reply(Box::new(move |flushed| {
                     reply.send(match flushed {
-                        Ok(()) => RelayToClient::Stored { outcomes },
+                        Ok(()) => RelayToClient::Stored { outcomes, epoch: 0 },
                         Err(_) => RelayToClient::error(
                             kkachi_protocol::ErrorCode::Internal,
                             "the recipient could not store it",

@@ -86,7 +86,8 @@ pub(super) enum Command<T> {
 
 /// A piece of work that finished.
 enum Done {
-    Attempt(Attempt, Outcome),
+    /// A delivery attempt ended, with the relay's store epoch (0: none named).
+    Attempt(Attempt, Outcome, u64),
     Mailbox {
         relay: String,
         result: Result<RelayToClient, NetError>,
@@ -459,7 +460,7 @@ impl<T: Transport> Owner<T> {
 
     fn on_done(&mut self, done: Done) {
         match done {
-            Done::Attempt(attempt, outcome) => self.on_attempt(attempt, outcome),
+            Done::Attempt(attempt, outcome, epoch) => self.on_attempt(attempt, outcome, epoch),
             Done::Mailbox {
                 relay,
                 result,

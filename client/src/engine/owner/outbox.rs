@@ -29,24 +29,31 @@ impl<T: Transport> Owner<T> {
             Path::Direct => None,
         };
         self.work.push(Box::pin(async move {
-            let outcome = match Envelope::decode(&attempt.envelope) {
-                Err(e) => Outcome::Refused(format!("the outbox envelope is unreadable: {e}")),
+            let (outcome, epoch) = match Envelope::decode(&attempt.envelope) {
+                Err(e) => (
+                    Outcome::Refused(format!("the outbox envelope is unreadable: {e}")),
+                    0,
+                ),
                 Ok(envelope) => match (&attempt.path, keys) {
-                    (Path::Direct, _) => put(net.direct_put(attempt.contact, vec![envelope])).await,
+                    (Path::Direct, _) => (
+                        put(net.direct_put(attempt.contact, vec![envelope])).await.0,
+                        0,
+                    ),
                     (Path::Relay(addr), Some((pairwise, request))) => {
                         match addr.parse::<Multiaddr>() {
                             Ok(relay) => {
                                 put_to_relay(&net, &relay, envelope, pairwise, request).await
                             }
-                            Err(e) => Outcome::Unreachable(format!("bad relay address: {e}")),
+                            Err(e) => (Outcome::Unreachable(format!("bad relay address: {e}")), 0),
                         }
                     }
-                    (Path::Relay(addr), None) => {
-                        Outcome::Refused(format!("{addr} is not a relay of this entry"))
-                    }
+                    (Path::Relay(addr), None) => (
+                        Outcome::Refused(format!("{addr} is not a relay of this entry")),
+                        0,
+                    ),
                 },
             };
-            Done::Attempt(attempt, outcome)
+            Done::Attempt(attempt, outcome, epoch)
         }));
     }
 
@@ -60,8 +67,14 @@ impl<T: Transport> Owner<T> {
         }
     }
 
-    pub(super) fn on_attempt(&mut self, attempt: Attempt, outcome: Outcome) {
+    pub(super) fn on_attempt(&mut self, attempt: Attempt, outcome: Outcome, epoch: u64) {
         let now = now_ms();
+        if let Path::Relay(relay) = &attempt.path {
+            // Before the result is recorded: its target takes this epoch, and anything
+            // the relay acknowledged under another one goes there again.
+            let again = self.deliveries.handle_epoch(attempt.key, relay, epoch, now);
+            self.write_entries(again);
+        }
         if let (Path::Relay(relay), Outcome::Refused(why)) = (&attempt.path, &outcome)
             && let Some(watcher) = self.watchers.get_mut(&attempt.key)
         {
@@ -226,36 +239,45 @@ async fn put_to_relay<T: Transport>(
     envelope: Envelope,
     pairwise: WriteKey,
     request: Option<WriteKey>,
-) -> Outcome {
+) -> (Outcome, u64) {
     let through = |write: WriteKey, envelope: Envelope| ClientToRelay::Put {
         items: vec![Addressed { write, envelope }],
     };
-    let outcome = put(net.request(relay, through(pairwise, envelope.clone()))).await;
-    match (outcome, request) {
-        (Outcome::Refused(why), Some(request)) if why.starts_with(ErrorCode::NoQueue.as_str()) => {
+    let answer = put(net.request(relay, through(pairwise, envelope.clone()))).await;
+    match (answer, request) {
+        ((Outcome::Refused(why), _), Some(request))
+            if why.starts_with(ErrorCode::NoQueue.as_str()) =>
+        {
             put(net.request(relay, through(request, envelope))).await
         }
-        (outcome, _) => outcome,
+        (answer, _) => answer,
     }
 }
 
-/// One put, and what its answer means for the path.
+/// One put, and what its answer means for the path, with the relay's store epoch (0
+/// when it named none).
 async fn put(
     request: impl std::future::Future<Output = Result<RelayToClient, NetError>>,
-) -> Outcome {
+) -> (Outcome, u64) {
     match tokio::time::timeout(ATTEMPT_TIMEOUT, request).await {
-        Err(_) => Outcome::Unreachable(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
-        Ok(Err(e)) => Outcome::Unreachable(e.to_string()),
-        Ok(Ok(RelayToClient::Stored { outcomes })) => match outcomes.first() {
-            Some(PutOutcome::Stored | PutOutcome::Duplicate) => Outcome::Acked,
-            Some(PutOutcome::Rejected { code, message }) => {
-                Outcome::Refused(format!("{}: {message}", code.as_str()))
-            }
-            None => Outcome::Refused("an empty answer".into()),
-        },
+        Err(_) => (
+            Outcome::Unreachable(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+            0,
+        ),
+        Ok(Err(e)) => (Outcome::Unreachable(e.to_string()), 0),
+        Ok(Ok(RelayToClient::Stored { outcomes, epoch })) => (
+            match outcomes.first() {
+                Some(PutOutcome::Stored | PutOutcome::Duplicate) => Outcome::Acked,
+                Some(PutOutcome::Rejected { code, message }) => {
+                    Outcome::Refused(format!("{}: {message}", code.as_str()))
+                }
+                None => Outcome::Refused("an empty answer".into()),
+            },
+            epoch,
+        ),
         Ok(Ok(RelayToClient::Error { code, message })) => {
-            Outcome::Refused(format!("{}: {message}", code.as_str()))
+            (Outcome::Refused(format!("{}: {message}", code.as_str())), 0)
         }
-        Ok(Ok(other)) => Outcome::Refused(format!("unexpected answer {other:?}")),
+        Ok(Ok(other)) => (Outcome::Refused(format!("unexpected answer {other:?}")), 0),
     }
 }

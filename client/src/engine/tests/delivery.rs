@@ -575,3 +575,41 @@ async fn what_waits_on_a_replaced_session_is_sealed_again_at_most_every_ten_minu
         .count();
     assert_eq!(n, 1, "{got:?}");
 }
+
+#[tokio::test]
+async fn a_relay_that_lost_its_data_gets_again_what_it_had_acknowledged() {
+    let net = FakeNet::default();
+    let alice = User::started(&net, "alice", 1).await;
+    let bob = User::started(&net, "bob", 1).await;
+    let bob_c = alice.add_contact(&bob);
+    let _alice_c = bob.add_contact(&alice);
+    alice.regrant().await;
+    bob.regrant().await;
+    // Bob's one relay acknowledges a message, then loses its data before bob reads it.
+    let (first, progress) = alice
+        .send(&bob_c, "held only by the relay that fails")
+        .await;
+    assert_eq!(progress.acked, 1);
+    net.wipe_relay(&bob.relays[0]);
+    bob.regrant().await; // bob's grants come back (he would grant again after a failed poll)
+    // Alice's next put there learns the relay's new store epoch: the first message goes
+    // there again, and bob gets both.
+    let _ = alice.send(&bob_c, "after the loss").await;
+    alice.engine.settle().await.unwrap();
+    let got = bob.sync().await;
+    let texts: Vec<&str> = got.iter().map(|r| r.message.text.as_str()).collect();
+    assert!(
+        texts.contains(&"held only by the relay that fails") && texts.contains(&"after the loss"),
+        "{texts:?}"
+    );
+    alice.sync().await;
+    assert!(
+        alice
+            .engine
+            .progress(first.outbox_key)
+            .await
+            .unwrap()
+            .is_none(),
+        "delivered"
+    );
+}

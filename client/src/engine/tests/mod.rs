@@ -69,6 +69,20 @@ impl FakeNet {
         addr
     }
 
+    /// The relay loses everything it held (a new database: a new store epoch).
+    fn wipe_relay(&self, relay: &Multiaddr) {
+        let quota = Quota {
+            max_envelopes: 10_000,
+            max_bytes: u64::MAX,
+        };
+        self.inner
+            .lock()
+            .relays
+            .get_mut(&relay.to_string())
+            .unwrap()
+            .0 = MemoryStore::new(Limits::uniform(quota));
+    }
+
     fn set_up(&self, relay: &Multiaddr, up: bool) {
         self.inner
             .lock()
@@ -131,7 +145,10 @@ impl Transport for FakeNet {
                         },
                     });
                 }
-                RelayToClient::Stored { outcomes }
+                RelayToClient::Stored {
+                    outcomes,
+                    epoch: store.epoch(),
+                }
             }
             ClientToRelay::Grant {
                 key,
@@ -202,6 +219,7 @@ impl Transport for FakeNet {
             .extend(envelopes);
         Ok(RelayToClient::Stored {
             outcomes: vec![PutOutcome::Stored; n],
+            epoch: 0,
         })
     }
 
@@ -364,7 +382,7 @@ impl User {
                     }],
                 };
                 let answer = self.engine.net().request(relay, put).await;
-                if !matches!(&answer, Ok(RelayToClient::Stored { outcomes })
+                if !matches!(&answer, Ok(RelayToClient::Stored { outcomes, .. })
                     if matches!(outcomes[0], PutOutcome::Rejected { code: kkachi_protocol::ErrorCode::NoQueue, .. }))
                 {
                     break;

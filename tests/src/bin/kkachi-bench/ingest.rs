@@ -47,7 +47,7 @@ pub(crate) async fn ingest(
                         .collect();
                     n += batch as u64;
                     let t = Instant::now();
-                    if let Ok(RelayToClient::Stored { outcomes }) = client.put(envs).await {
+                    if let Ok(RelayToClient::Stored { outcomes, .. }) = client.put(envs).await {
                         let ok = outcomes
                             .iter()
                             .filter(|o| matches!(o, PutOutcome::Stored))
