@@ -482,3 +482,40 @@ fn lan_partition_with_nftables_then_heal() {
     println!("LAN partition (nftables drop) and heal: {r}");
     assert_eq!((r.lost, r.duplicated), (0, 0), "{r}");
 }
+
+#[test]
+fn a_relay_that_lost_its_database_gets_again_what_it_had_acknowledged() {
+    // Bob has one relay. It acknowledges alice's message, then loses its disk (same
+    // key and address, a new database) before bob reads: alice's next put there names
+    // the relay's new store epoch, and the first message goes there again.
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = RelayProc::start(&dir.path().join("r0"), &[]);
+    let (alice, bob) = users(dir.path(), &[relay.addr.as_str()], &[relay.addr.as_str()]);
+    let mut checker = Checker::default();
+    bob.ok(&["sync"]); // bob's queue there grants alice's capability
+    let at = Instant::now();
+    let v = alice
+        .send("bob", "held by the relay that loses its disk", 5.0)
+        .expect("send");
+    assert_eq!(v["relayed"], 1, "the relay acknowledged it: {v}");
+    checker.sent(v["id"].as_str().unwrap(), at);
+    relay.stop();
+    std::fs::remove_dir_all(dir.path().join("r0").join(kkachi_relay::DB_DIR)).unwrap();
+    relay.restart();
+    // Bob grants again at his next start (his queues are gone with the database);
+    // until he has, alice's puts there are refused and wait in her outbox, and each
+    // `sync` of hers tries again.
+    let bob_daemon = bob.daemon();
+    send(&mut checker, &alice, "bob", "after the loss");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while checker.outstanding() > 0 && Instant::now() < deadline {
+        for (at, line) in bob_daemon.collect(Duration::from_millis(500), |_| false) {
+            checker.shown(at, &line);
+        }
+        alice.ok(&["sync"]);
+    }
+    drain(&mut checker, &bob_daemon, Duration::from_secs(1));
+    let r = checker.report();
+    println!("relay database lost under an unread message: {r}");
+    assert_eq!((r.lost, r.duplicated), (0, 0), "{r}");
+}
