@@ -12,7 +12,7 @@
 //! - [`Inboxes`]: the long polls on our own relays, with backoff for those that fail.
 //! - [`EarlySends`]: how many sends may leave before their write is durable.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use kkachi_protocol::session::MAX_UNSAVED_SEALS;
@@ -173,7 +173,14 @@ pub struct Deliveries {
     versions: u64,
     /// The next deadline, while nothing changed since it was worked out.
     deadline: std::cell::Cell<Option<Option<u64>>>,
+    /// When each relay last had its acknowledgements undone for a new store epoch: a
+    /// relay that names a new one in every answer gets that at most every
+    /// [`EPOCH_RESET_EVERY_MS`].
+    epoch_resets: HashMap<String, u64>,
 }
+
+/// A relay's acknowledgements are undone for a new store epoch at most this often.
+pub const EPOCH_RESET_EVERY_MS: u64 = 10 * 60 * 1000;
 
 impl Deliveries {
     fn changed(&mut self) {
@@ -453,6 +460,16 @@ impl Deliveries {
         {
             t.epoch = epoch;
         }
+        // A relay lying about its epoch in every answer would have everything put
+        // there again and again: at most once a period (what was acknowledged under the
+        // old epoch keeps it, so the next answer after the period catches it).
+        if self
+            .epoch_resets
+            .get(addr)
+            .is_some_and(|t| now.saturating_sub(*t) < EPOCH_RESET_EVERY_MS)
+        {
+            return Vec::new();
+        }
         let mut changed = Vec::new();
         for (k, s) in &mut self.entries {
             let mut touched = false;
@@ -474,6 +491,7 @@ impl Deliveries {
         }
         if !changed.is_empty() {
             self.changed();
+            self.epoch_resets.insert(addr.to_owned(), now);
             tracing::info!(
                 relay = addr,
                 entries = changed.len(),

@@ -392,3 +392,36 @@ fn a_new_store_epoch_makes_what_that_relay_acknowledged_due_again() {
     // No epoch named (a contact's hand-over): nothing.
     assert!(m.handle_epoch(3, "r1", 0, T0).is_empty());
 }
+
+#[test]
+fn a_relay_naming_a_new_epoch_in_every_answer_gets_everything_again_only_once_a_period() {
+    let peer = PeerId::random();
+    let mut m = Deliveries::default();
+    for key in 1..=2 {
+        assert!(m.upsert(key, entry(OutboxKind::Message, peer, &["r1"])));
+    }
+    for a in m.poll_attempts(T0, 100) {
+        m.handle_epoch(a.key, "r1", 5, T0);
+        m.handle_result(&a, Outcome::Acked, T0, 0);
+    }
+    // The answer to entry 1's put names epoch 6: entry 1 was acknowledged under it,
+    // entry 2 goes there again.
+    let first = m.handle_epoch(1, "r1", 6, T0 + 1);
+    assert_eq!(first.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [2]);
+    // Acknowledged again under epoch 6, then the relay names 7, 8, ...: nothing more
+    // within the period, however often.
+    for a in m.poll_attempts(T0 + 2, 100) {
+        m.handle_epoch(a.key, "r1", 6, T0 + 2);
+        m.handle_result(&a, Outcome::Acked, T0 + 2, 0);
+    }
+    for e in 7..100 {
+        assert!(m.handle_epoch(1, "r1", e, T0 + 3 + e).is_empty());
+    }
+    // After it, once more.
+    assert_eq!(
+        m.handle_epoch(1, "r1", 100, T0 + 2 + EPOCH_RESET_EVERY_MS)
+            .len(),
+        1,
+        "entry 2 (entry 1 took the latest epoch with each answer)"
+    );
+}
