@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::wire::{Addressed, PutOutcome, RelayInfo};
 use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, QueueKind, RelayToClient};
@@ -15,6 +16,11 @@ use serde_json::json;
 use super::{App, CommandError, Output};
 use crate::engine::now_ms;
 use crate::net::{Transport, peer_of};
+
+/// Contacts' relays asked at once.
+const PROBES_AT_ONCE: usize = 32;
+/// Longest text of a relay's shown (its error messages are the relay's to choose).
+const MAX_RELAY_TEXT: usize = 200;
 
 /// How long one relay has to answer each request of the drill.
 const ANSWER_WITHIN: Duration = Duration::from_secs(4);
@@ -107,17 +113,22 @@ impl Report {
                 });
             }
         }
+        // Relays that name no failure domain cannot be compared: only named ones count.
         let up: Vec<&RelayCheck> = self.relays.iter().filter(|r| r.info.is_some()).collect();
+        let named: Vec<&str> = up
+            .iter()
+            .filter_map(|r| r.info.as_ref().map(|i| i.failure_domain.as_str()))
+            .filter(|d| !d.is_empty())
+            .collect();
         let mut domains: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in &up {
-            let d = r.info.as_ref().map_or("", |i| i.failure_domain.as_str());
+        for d in &named {
             *domains.entry(d).or_default() += 1;
         }
-        if up.len() >= 2 && domains.len() < 2 {
+        if up.len() >= 2 && named.len() == up.len() && domains.len() < 2 {
             f.push(Finding {
                 what: format!(
                     "all your relays share one failure domain ({}): one outage there takes them all",
-                    domains.keys().next().map_or("unnamed", |d| if d.is_empty() { "unnamed" } else { d })
+                    domains.keys().next().copied().unwrap_or_default()
                 ),
                 fix: "add a relay run elsewhere (another provider or region): `kkachi relay add ADDR`".into(),
             });
@@ -217,10 +228,11 @@ impl App {
                 ));
             }
             for f in &findings {
-                out.out(crate::sanitize::for_terminal(&format!(
-                    "FINDING: {}\n  fix: {}",
-                    f.what, f.fix
-                )));
+                out.out(format!(
+                    "FINDING: {}",
+                    crate::sanitize::for_terminal(&f.what)
+                ));
+                out.out(format!("  fix: {}", crate::sanitize::for_terminal(&f.fix)));
             }
         }
         if !findings.is_empty() {
@@ -238,9 +250,14 @@ impl App {
             let (addr, token, me) = (r.addr.clone(), r.token.clone(), me.clone());
             async move { check_relay(&net, &me, addr, token).await }
         });
-        let relays = futures::future::join_all(checks).await;
-        // Each contact's relays that are not ours, asked once each.
-        let contacts = self.store.contacts()?;
+        // Each contact's relays that are not ours, asked once each, while ours are.
+        let contacts: Vec<_> = self
+            .store
+            .contacts()?
+            .iter()
+            .filter(|c| matches!(self.store.blocked(&c.peer), Ok(None)))
+            .cloned()
+            .collect();
         let mut theirs: BTreeMap<String, bool> = BTreeMap::new();
         for c in contacts.iter() {
             for a in c.card.relays() {
@@ -263,7 +280,14 @@ impl App {
                 (addr, up)
             }
         });
-        for (addr, up) in futures::future::join_all(probes).await {
+        // A few dozen at a time: a thousand dials at once would time out on their own.
+        let (relays, answers): (Vec<RelayCheck>, Vec<(String, bool)>) = futures::join!(
+            futures::future::join_all(checks),
+            futures::stream::iter(probes)
+                .buffer_unordered(PROBES_AT_ONCE)
+                .collect::<Vec<_>>()
+        );
+        for (addr, up) in answers {
             theirs.insert(addr, up);
         }
         let ours: Vec<(String, bool)> = relays
@@ -279,7 +303,6 @@ impl App {
         };
         let contacts = contacts
             .iter()
-            .filter(|c| matches!(self.store.blocked(&c.peer), Ok(None)))
             .map(|c| ContactCheck {
                 name: c.name.clone(),
                 relays: c.card.relays().len(),
@@ -303,6 +326,26 @@ impl App {
             contacts,
             outbox: (outbox.len(), oldest),
         })
+    }
+}
+
+/// At most [`MAX_RELAY_TEXT`] characters of a relay's text.
+fn short(text: &str) -> String {
+    match text.char_indices().nth(MAX_RELAY_TEXT) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+/// What kind of answer a relay gave (never its contents).
+fn kind(answer: &RelayToClient) -> &'static str {
+    match answer {
+        RelayToClient::Stored { .. } => "stored",
+        RelayToClient::Batch { .. } => "batch",
+        RelayToClient::Deleted { .. } => "deleted",
+        RelayToClient::Info(_) => "info",
+        RelayToClient::Error { .. } => "error",
+        RelayToClient::Granted { .. } => "granted",
     }
 }
 
@@ -330,20 +373,20 @@ async fn check_relay<T: Transport>(
         return check;
     };
     let ask = |request| async {
-        match tokio::time::timeout(ANSWER_WITHIN, net.request(&relay, request)).await {
+        match tokio::time::timeout(ANSWER_WITHIN, net.request_as_reader(&relay, request)).await {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(short(&e.to_string())),
             Err(_) => Err(format!("no answer within {} s", ANSWER_WITHIN.as_secs())),
         }
     };
     match ask(ClientToRelay::Info).await {
         Ok(RelayToClient::Info(info)) => {
-            let ours = (now_ms() / 1000) as i64;
-            check.skew_secs = Some(ours - info.now_secs as i64);
+            let skew = i128::from(now_ms() / 1000) - i128::from(info.now_secs);
+            check.skew_secs = Some(skew.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64);
             check.info = Some(info);
         }
         Ok(other) => {
-            check.error = Some(format!("unexpected answer {other:?}"));
+            check.error = Some(format!("unexpected answer ({})", kind(&other)));
             return check;
         }
         Err(e) => {
@@ -372,9 +415,9 @@ async fn check_relay<T: Transport>(
         {
             RelayToClient::Granted { .. } => {}
             RelayToClient::Error { code, message } => {
-                return Err(format!("{}: {message}", code.as_str()));
+                return Err(format!("{}: {}", code.as_str(), short(&message)));
             }
-            other => return Err(format!("unexpected answer {other:?}")),
+            other => return Err(format!("unexpected answer ({})", kind(&other))),
         }
         let put = ClientToRelay::Put {
             items: vec![Addressed { write, envelope }],
@@ -388,9 +431,9 @@ async fn check_relay<T: Transport>(
                 None => return Err("no outcome for the put".into()),
             },
             RelayToClient::Error { code, message } => {
-                return Err(format!("{}: {message}", code.as_str()));
+                return Err(format!("{}: {}", code.as_str(), short(&message)));
             }
-            other => return Err(format!("unexpected answer {other:?}")),
+            other => return Err(format!("unexpected answer ({})", kind(&other))),
         }
         let fetched = match ask(ClientToRelay::Fetch {
             key: read.clone(),
@@ -401,9 +444,9 @@ async fn check_relay<T: Transport>(
         {
             RelayToClient::Batch { items, .. } => items,
             RelayToClient::Error { code, message } => {
-                return Err(format!("{}: {message}", code.as_str()));
+                return Err(format!("{}: {}", code.as_str(), short(&message)));
             }
-            other => return Err(format!("unexpected answer {other:?}")),
+            other => return Err(format!("unexpected answer ({})", kind(&other))),
         };
         if !fetched.iter().any(|s| s.envelope.id() == id) {
             return Err("the test envelope was acknowledged but not given back".into());
@@ -540,6 +583,24 @@ mod tests {
         assert!(r.findings()[0].what.contains("you have one relay"));
         r.relays.clear();
         assert!(r.findings()[0].what.contains("you have no relays"));
+    }
+
+    #[test]
+    fn relays_that_name_no_failure_domain_are_not_called_one_and_a_wild_clock_is_named() {
+        let mut r = healthy();
+        for relay in &mut r.relays {
+            relay.info = Some(info("", 0));
+        }
+        assert_eq!(r.findings(), [], "unnamed domains cannot be compared");
+        r.relays[0].skew_secs = Some(i64::MIN);
+        assert!(r.findings()[0].what.contains("behind relay a"));
+    }
+
+    #[test]
+    fn a_relays_text_is_cut_short() {
+        let long = "x".repeat(10_000);
+        assert_eq!(short(&long).chars().count(), MAX_RELAY_TEXT + 1);
+        assert_eq!(short("fine"), "fine");
     }
 
     #[test]

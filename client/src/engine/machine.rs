@@ -177,6 +177,9 @@ pub struct Deliveries {
     /// relay that names a new one in every answer gets that at most every
     /// [`EPOCH_RESET_EVERY_MS`].
     epoch_resets: HashMap<String, u64>,
+    /// The store epoch each relay named last in this run: an answer naming the same
+    /// one needs no look at the outbox.
+    epochs: HashMap<String, u64>,
 }
 
 /// A relay's acknowledgements are undone for a new store epoch at most this often.
@@ -453,6 +456,7 @@ impl Deliveries {
         if epoch == 0 {
             return Vec::new();
         }
+        let same = self.epochs.insert(addr.to_owned(), epoch) == Some(epoch);
         if let Some(t) = self
             .entries
             .get_mut(&key)
@@ -463,10 +467,11 @@ impl Deliveries {
         // A relay lying about its epoch in every answer would have everything put
         // there again and again: at most once a period (what was acknowledged under the
         // old epoch keeps it, so the next answer after the period catches it).
-        if self
-            .epoch_resets
-            .get(addr)
-            .is_some_and(|t| now.saturating_sub(*t) < EPOCH_RESET_EVERY_MS)
+        if same
+            || self
+                .epoch_resets
+                .get(addr)
+                .is_some_and(|t| now.saturating_sub(*t) < EPOCH_RESET_EVERY_MS)
         {
             return Vec::new();
         }
@@ -481,7 +486,6 @@ impl Deliveries {
             {
                 t.acked = false;
                 t.epoch = 0;
-                t.attempts = 0;
                 t.next_try_ms = now;
                 touched = true;
             }

@@ -106,6 +106,17 @@ pub trait Transport: Clone + Send + Sync + 'static {
         request: ClientToRelay,
     ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send;
 
+    /// Sends one request to the relay at `relay` as the identity that reads our queues
+    /// (a put included): for what concerns our own queues alone, so the relay learns
+    /// nothing that ties that identity to the one putting into contacts' queues.
+    fn request_as_reader(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send {
+        self.request(relay, request)
+    }
+
     /// Hands envelopes to a contact directly.
     fn direct_put(
         &self,
@@ -385,6 +396,15 @@ impl Transport for Network {
             _ => &self.readers,
         };
         side.exchange(peer, Some(relay), &request).await
+    }
+
+    async fn request_as_reader(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> Result<RelayToClient, NetError> {
+        let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
+        self.readers.exchange(peer, Some(relay), &request).await
     }
 
     async fn direct_put(
