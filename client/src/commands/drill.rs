@@ -318,7 +318,7 @@ impl App {
         let now = now_ms();
         let oldest = outbox
             .iter()
-            .map(|(_, e)| now.saturating_sub(e.created_ms))
+            .map(|(_, e)| waited_ms(e, now))
             .max()
             .unwrap_or(0);
         Ok(Report {
@@ -327,6 +327,16 @@ impl App {
             outbox: (outbox.len(), oldest),
         })
     }
+}
+
+/// How long an outbox entry has waited since it was first queued (its `created_ms`
+/// moves on each time it is put everywhere again).
+fn waited_ms(e: &crate::store::OutboxEntry, now: u64) -> u64 {
+    let queued = match e.queued_ms {
+        0 => e.created_ms,
+        t => t.min(e.created_ms),
+    };
+    now.saturating_sub(queued)
 }
 
 /// At most [`MAX_RELAY_TEXT`] characters of a relay's text.
@@ -594,6 +604,33 @@ mod tests {
         assert_eq!(r.findings(), [], "unnamed domains cannot be compared");
         r.relays[0].skew_secs = Some(i64::MIN);
         assert!(r.findings()[0].what.contains("behind relay a"));
+    }
+
+    #[test]
+    fn an_entry_has_waited_since_it_was_first_queued() {
+        let mut e = crate::store::OutboxEntry {
+            message_id: [0; 16],
+            contact: vec![],
+            kind: crate::store::OutboxKind::Message,
+            envelope: vec![],
+            targets: vec![],
+            direct_acked: false,
+            created_ms: 5_000,
+            sealed_on: None,
+            resealed_ms: 0,
+            queued_ms: 1_000,
+        };
+        assert_eq!(
+            waited_ms(&e, 10_000),
+            9_000,
+            "put again at 5 s, queued at 1 s"
+        );
+        e.queued_ms = 0;
+        assert_eq!(
+            waited_ms(&e, 10_000),
+            5_000,
+            "from before the field: created_ms"
+        );
     }
 
     #[test]

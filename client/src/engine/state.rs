@@ -372,6 +372,7 @@ impl<T> State<T> {
             created_ms: now,
             sealed_on,
             resealed_ms: 0,
+            queued_ms: now,
         };
         LocalStore::write_outbox(w, key, &entry);
         Ok(key)

@@ -255,6 +255,9 @@ pub struct OutboxEntry {
     pub sealed_on: Option<[u8; 32]>,
     /// Unix ms when it was last sealed again for that reason (0: never).
     pub resealed_ms: u64,
+    /// Unix ms when it was first queued (`created_ms` moves on with each hourly put
+    /// again): how long it has really waited.
+    pub queued_ms: u64,
 }
 
 impl OutboxEntry {

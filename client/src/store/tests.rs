@@ -329,6 +329,7 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
         created_ms: 0,
         sealed_on: None,
         resealed_ms: 0,
+        queued_ms: 0,
     };
     {
         let store = LocalStore::open(dir.path()).unwrap();

@@ -30,6 +30,7 @@ fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
         created_ms: T0,
         sealed_on: None,
         resealed_ms: 0,
+        queued_ms: 0,
     }
 }
 
