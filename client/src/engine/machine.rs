@@ -20,7 +20,7 @@ use kkachi_protocol::{MessageId, PeerId};
 
 use super::RelayError;
 use crate::backoff::Backoff;
-use crate::store::{MessageState, OutboxEntry, OutboxKind};
+use crate::store::{MessageState, OutboxEntry, OutboxKind, Target};
 
 /// Waits between attempts on one path after failures: from half a second, doubling,
 /// up to 15 s (a relay that comes back is retried at once, when we connect to it for
@@ -475,26 +475,16 @@ impl Deliveries {
         {
             return Vec::new();
         }
-        let mut changed = Vec::new();
-        for (k, s) in &mut self.entries {
-            let mut touched = false;
-            for t in s
-                .entry
-                .targets
-                .iter_mut()
-                .filter(|t| t.addr == addr && t.acked && t.epoch != 0 && t.epoch != epoch)
-            {
+        let changed = self.update_targets(|t| {
+            let lost = t.addr == addr && t.acked && t.epoch != 0 && t.epoch != epoch;
+            if lost {
                 t.acked = false;
                 t.epoch = 0;
                 t.next_try_ms = now;
-                touched = true;
             }
-            if touched {
-                changed.push((*k, s.entry.clone()));
-            }
-        }
+            lost
+        });
         if !changed.is_empty() {
-            self.changed();
             self.epoch_resets.insert(addr.to_owned(), now);
             tracing::info!(
                 relay = addr,
@@ -515,21 +505,33 @@ impl Deliveries {
 
     fn make_due(&mut self, matches: impl Fn(&str) -> bool, now: u64) -> Vec<(u64, OutboxEntry)> {
         self.changed();
+        self.update_targets(|t| {
+            let due = !t.acked && t.next_try_ms > now && matches(&t.addr);
+            if due {
+                t.next_try_ms = now;
+            }
+            due
+        })
+    }
+
+    /// Applies `change` to every relay target of every entry (it says whether it
+    /// changed the target); returns the entries changed, to be written.
+    fn update_targets(
+        &mut self,
+        mut change: impl FnMut(&mut Target) -> bool,
+    ) -> Vec<(u64, OutboxEntry)> {
         let mut changed = Vec::new();
         for (key, s) in &mut self.entries {
             let mut touched = false;
-            for t in s
-                .entry
-                .targets
-                .iter_mut()
-                .filter(|t| !t.acked && t.next_try_ms > now && matches(&t.addr))
-            {
-                t.next_try_ms = now;
-                touched = true;
+            for t in &mut s.entry.targets {
+                touched |= change(t);
             }
             if touched {
                 changed.push((*key, s.entry.clone()));
             }
+        }
+        if !changed.is_empty() {
+            self.changed();
         }
         changed
     }

@@ -359,12 +359,15 @@ impl<T> State<T> {
                     // A card update sent on the old session may sit unread on a relay
                     // until the old keys are gone, and is not kept for sealing again:
                     // the card goes once more (only if it ever changed).
+                    if !switched {
+                        return Ok(());
+                    }
                     let card = self.own_card()?;
                     let mut resent = self.card_resent.lock();
                     let recently = resent
                         .get(&contact.peer)
                         .is_some_and(|t| now.saturating_sub(*t) < RESEAL_EVERY_MS);
-                    if switched && card.version() > 1 && !recently {
+                    if card.version() > 1 && !recently {
                         resent.insert(contact.peer, now);
                         let body = Body::CardUpdate(Box::new(card));
                         self.queue_control(&mut again, &contact, session, body, now)?;

@@ -271,9 +271,14 @@ pub(super) async fn run(
                     .map(|(p, _)| *p)
                     .collect();
                 for peer in gone {
-                    sightings.remove(&peer);
-                    if seen.send(Seen::Gone(peer)).await.is_err() {
-                        return Ok(());
+                    // Never waits on the network task either: what does not fit now is
+                    // told at the next period (the sighting stays until then).
+                    match seen.try_send(Seen::Gone(peer)) {
+                        Ok(()) => {
+                            sightings.remove(&peer);
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                     }
                 }
             },
