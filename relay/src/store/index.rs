@@ -1,14 +1,19 @@
-//! What a store keeps in memory about the envelopes it holds: where each id is, what
-//! expires when, and per-mailbox usage.
+//! What a store keeps in memory about the envelopes it holds: where each is in its
+//! queue, what expires when, and usage per queue, per write capability and in all.
 //!
 //! Both stores use it. For the sled store it is what lets each put write one key per
-//! envelope (the envelope itself, under its mailbox and cursor): finding duplicates,
+//! envelope (the envelope itself, under its queue and cursor): finding duplicates,
 //! deleting by id and expiring by time need no records on disk, because the index is
-//! rebuilt from the envelopes when the store opens. It costs memory per held envelope
-//! (one hash-map entry and one B-tree entry: about 200 bytes, measured with a million), which the README's
+//! rebuilt from the envelopes. It costs memory per held envelope (one hash-map entry
+//! and one B-tree entry: about 200 bytes, measured with a million), which the README's
 //! sizing notes count.
+//!
+//! The sled store rebuilds it queue by queue after it opens: a queue is loaded the
+//! first time a put or delete names it, and a background walk loads the rest (see
+//! [`Index::loading`]). Envelope ids are unique per queue, so a queue can be loaded
+//! alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kkachi_protocol::{EnvelopeId, QueueId, WriteId};
 
@@ -17,7 +22,7 @@ use super::{Quota, StoreStats, Usage};
 /// Where a held envelope is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Slot {
-    /// Its arrival cursor; with the mailbox named in a request, its key in the store.
+    /// Its arrival cursor; with the queue named in a request, its key in the store.
     pub(crate) cursor: u64,
     pub(crate) expires_at: u64,
 }
@@ -25,8 +30,12 @@ pub(crate) struct Slot {
 /// The in-memory index of held envelopes.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    ids: HashMap<EnvelopeId, Slot>,
-    /// (expires_at, cursor) → mailbox: the order expiry works through.
+    /// The envelopes of each queue holding any, by id.
+    queues: HashMap<QueueId, HashMap<EnvelopeId, Slot>>,
+    /// While the index is being rebuilt: the queues loaded so far (with envelopes or
+    /// without). `None` once every queue is.
+    loading: Option<HashSet<QueueId>>,
+    /// (expires_at, cursor) → queue: the order expiry works through.
     expiry: BTreeMap<(u64, u64), QueueId>,
     usage: Usage,
 }
@@ -53,19 +62,65 @@ pub(crate) struct Entry {
 }
 
 impl Index {
-    /// Where the envelope `id` is, if held (in whichever mailbox).
-    pub(crate) fn locate(&self, id: &EnvelopeId) -> Option<Slot> {
-        self.ids.get(id).copied()
+    /// An index to be rebuilt queue by queue: no queue counts as loaded until
+    /// [`load`](Self::load) is called for it, or [`loaded_all`](Self::loaded_all).
+    pub(crate) fn rebuilding() -> Self {
+        Self {
+            loading: Some(HashSet::new()),
+            ..Self::default()
+        }
     }
 
-    /// Adds a new envelope if its mailbox has room; false (and nothing changed) if not.
-    /// The caller has checked that `entry.id` is not held.
-    /// Whether an envelope of `bytes` fits under the relay's `total`.
+    /// Whether `queue`'s envelopes are in the index. Until they are, nothing may change
+    /// them: a put or delete loads the queue first.
+    pub(crate) fn is_loaded(&self, queue: &QueueId) -> bool {
+        self.loading
+            .as_ref()
+            .is_none_or(|loaded| loaded.contains(queue))
+    }
+
+    /// Adds the envelopes found in `queue` (no quota check: they were admitted before)
+    /// and marks it loaded. A second copy of an id (which puts never write) is indexed
+    /// and counted once; the cursors of such copies are returned for the caller to drop.
+    /// The caller has checked that `queue` is not loaded yet.
+    pub(crate) fn load(&mut self, queue: QueueId, found: &[Entry]) -> Vec<u64> {
+        let mut extra = Vec::new();
+        for entry in found {
+            debug_assert_eq!(entry.mailbox, queue);
+            if self.locate(&queue, &entry.id).is_some() {
+                extra.push(entry.cursor);
+                continue;
+            }
+            self.usage
+                .add_existing(entry.mailbox, entry.grant, entry.bytes);
+            self.insert(*entry);
+        }
+        if let Some(loaded) = &mut self.loading {
+            loaded.insert(queue);
+        }
+        extra
+    }
+
+    /// Marks every queue loaded (the walk over the store is done).
+    pub(crate) fn loaded_all(&mut self) {
+        self.loading = None;
+    }
+
+    /// Where the envelope `id` is in `queue`, if held there.
+    pub(crate) fn locate(&self, queue: &QueueId, id: &EnvelopeId) -> Option<Slot> {
+        self.queues.get(queue)?.get(id).copied()
+    }
+
+    /// Whether an envelope of `bytes` fits under the relay's `total`. While the index
+    /// is being rebuilt this counts only the queues loaded so far.
     pub(crate) fn fits_total(&self, bytes: u64, total: Quota) -> bool {
         self.usage.fits_total(bytes, total)
     }
 
+    /// Adds a new envelope if its queue has room; false (and nothing changed) if not.
+    /// The caller has loaded the queue and checked that `entry.id` is not held in it.
     pub(crate) fn try_add(&mut self, entry: Entry, quotas: (Quota, Quota)) -> bool {
+        debug_assert!(self.is_loaded(&entry.mailbox));
         if !self
             .usage
             .try_add(entry.mailbox, entry.grant, entry.bytes, quotas)
@@ -76,31 +131,21 @@ impl Index {
         true
     }
 
-    /// Adds an envelope found in the store when it opens (no quota check: it was
-    /// admitted before). A second copy of an id (which puts never write) is indexed
-    /// and counted once, and its cursor is returned so the caller can drop it.
-    pub(crate) fn add_existing(&mut self, entry: Entry) -> Result<(), u64> {
-        if self.ids.contains_key(&entry.id) {
-            return Err(entry.cursor);
-        }
-        self.usage
-            .add_existing(entry.mailbox, entry.grant, entry.bytes);
-        self.insert(entry);
-        Ok(())
-    }
-
     fn insert(&mut self, entry: Entry) {
         let slot = Slot {
             cursor: entry.cursor,
             expires_at: entry.expires_at,
         };
-        self.ids.insert(entry.id, slot);
+        self.queues
+            .entry(entry.mailbox)
+            .or_default()
+            .insert(entry.id, slot);
         self.expiry
             .insert((entry.expires_at, entry.cursor), entry.mailbox);
     }
 
     /// Forgets a held envelope of `bytes` in `mailbox`, put through `grant`. Returns
-    /// false if `id` was not held.
+    /// false if `id` was not held there.
     pub(crate) fn remove(
         &mut self,
         id: &EnvelopeId,
@@ -108,15 +153,22 @@ impl Index {
         grant: &WriteId,
         bytes: u64,
     ) -> bool {
-        let Some(slot) = self.ids.remove(id) else {
+        let Some(held) = self.queues.get_mut(mailbox) else {
             return false;
         };
+        let Some(slot) = held.remove(id) else {
+            return false;
+        };
+        if held.is_empty() {
+            self.queues.remove(mailbox);
+        }
         self.expiry.remove(&(slot.expires_at, slot.cursor));
         self.usage.remove(mailbox, grant, bytes);
         true
     }
 
-    /// Up to `max` held envelopes that expired at or before `now`, soonest first.
+    /// Up to `max` held envelopes that expired at or before `now`, soonest first (of
+    /// the queues loaded so far, while the index is being rebuilt).
     pub(crate) fn due(&self, now: u64, max: usize) -> Vec<Due> {
         self.expiry
             .range(..=(now, u64::MAX))
@@ -170,13 +222,14 @@ mod tests {
         assert!(!index.try_add(entry(3, 1, 3, 10), QUOTA), "quota of 2");
         assert!(index.try_add(entry(3, 2, 3, 20), QUOTA), "other mailbox");
         assert_eq!(
-            index.locate(&EnvelopeId([2; 32])),
+            index.locate(&QueueId([1; 32]), &EnvelopeId([2; 32])),
             Some(Slot {
                 cursor: 2,
                 expires_at: 20
             })
         );
-        assert_eq!(index.locate(&EnvelopeId([9; 32])), None);
+        assert_eq!(index.locate(&QueueId([2; 32]), &EnvelopeId([2; 32])), None);
+        assert_eq!(index.locate(&QueueId([1; 32]), &EnvelopeId([9; 32])), None);
         // soonest first, ties by cursor, bounded by `max`
         let due = |at: &[Due]| {
             at.iter()
@@ -227,13 +280,37 @@ mod tests {
     }
 
     #[test]
-    fn a_second_copy_found_on_open_is_counted_once() {
-        let mut index = Index::default();
-        assert_eq!(index.add_existing(entry(1, 1, 1, 50)), Ok(()));
-        assert_eq!(index.add_existing(entry(1, 1, 7, 50)), Err(7));
-        assert_eq!(index.totals().envelopes, 1);
+    fn a_second_copy_found_on_load_is_counted_once() {
+        let mut index = Index::rebuilding();
+        let queue = QueueId([1; 32]);
+        assert!(!index.is_loaded(&queue));
+        let found = [entry(1, 1, 1, 50), entry(1, 1, 7, 50), entry(2, 1, 8, 60)];
+        assert_eq!(index.load(queue, &found), [7]);
+        assert!(index.is_loaded(&queue));
+        assert!(!index.is_loaded(&QueueId([2; 32])), "other queues wait");
+        assert_eq!(index.totals().envelopes, 2);
         let due = index.due(50, 10);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].cursor, 1);
+        index.loaded_all();
+        assert!(index.is_loaded(&QueueId([2; 32])));
+    }
+
+    #[test]
+    fn the_same_envelope_may_be_held_in_two_queues() {
+        let mut index = Index::default();
+        assert!(index.try_add(entry(1, 1, 1, 50), QUOTA));
+        let other = Entry {
+            mailbox: QueueId([2; 32]),
+            ..entry(1, 1, 2, 50)
+        };
+        assert_eq!(index.locate(&other.mailbox, &other.id), None);
+        assert!(index.try_add(other, QUOTA));
+        assert_eq!(index.totals().envelopes, 2);
+        assert!(index.remove(&other.id, &other.mailbox, &other.grant, 100));
+        assert_eq!(
+            index.locate(&QueueId([1; 32]), &other.id).map(|s| s.cursor),
+            Some(1)
+        );
     }
 }

@@ -25,7 +25,7 @@ struct Inner {
 impl Inner {
     /// Removes the envelope `id` if it is held in `mailbox`.
     fn remove(&mut self, mailbox: &QueueId, id: &EnvelopeId) -> bool {
-        let Some(slot) = self.index.locate(id) else {
+        let Some(slot) = self.index.locate(mailbox, id) else {
             return false;
         };
         let Some((grant, envelope)) = self.mail.remove(&(*mailbox, slot.cursor)) else {
@@ -62,7 +62,7 @@ impl MailboxStore for MemoryStore {
         for placed in envelopes {
             let envelope = &placed.envelope;
             let id = envelope.id();
-            if inner.index.locate(&id).is_some() {
+            if inner.index.locate(&placed.queue, &id).is_some() {
                 results.push(PutResult::Duplicate);
                 continue;
             }

@@ -10,8 +10,11 @@
 //! ```
 //!
 //! Finding an envelope by id (duplicates, deletes) and by expiry time goes through the
-//! in-memory [`Index`], rebuilt from the envelopes when the store opens, so a put writes
-//! nothing else. (The `mailboxes` tree of protocol version 1, keyed by mailboxes that
+//! in-memory [`Index`], rebuilt from the envelopes, so a put writes nothing else. The
+//! store serves as soon as sled has opened: a queue is indexed the first time a put or
+//! delete names it, and a background walk indexes the others. Until the walk is done,
+//! expiry covers the queues indexed so far and the relay-wide cap counts only them (the
+//! free-space floor, which does not depend on the index, holds throughout). (The `mailboxes` tree of protocol version 1, keyed by mailboxes that
 //! named their owner, is dropped on open: nothing in it can be read under version 2.)
 //!
 //! Every write is one key, inserted or removed alone: never a sled batch or transaction.
@@ -26,10 +29,11 @@
 //! from [`GroupCommit`], which runs one `flush` for every put waiting when it starts.
 //! No task outlives the store, so dropping it releases the database (and its lock).
 
+use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kkachi_protocol::wire::StoredEnvelope;
@@ -75,6 +79,10 @@ pub struct SledStore {
     commit: Arc<GroupCommit>,
     /// Chosen when the database was created ([`MailboxStore::epoch`]).
     epoch: u64,
+    /// True once every queue is indexed.
+    indexed: Arc<watch::Sender<bool>>,
+    /// The background walk indexing the queues (stopped and joined with the last clone).
+    _walk: Arc<Walk>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -124,6 +132,18 @@ impl SledStore {
         cache_bytes: u64,
         on_flush: Option<FlushObserver>,
     ) -> Result<Self, StoreError> {
+        Self::open_with(dir, limits, cache_bytes, on_flush, true)
+    }
+
+    /// [`open`](Self::open), with the background walk on or off (off, queues are
+    /// indexed only when a put or delete names them: for tests).
+    pub(crate) fn open_with(
+        dir: &Path,
+        limits: Limits,
+        cache_bytes: u64,
+        on_flush: Option<FlushObserver>,
+        walk: bool,
+    ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -155,29 +175,65 @@ impl SledStore {
             }
         };
         let queues = registry.scan_prefix([QUEUE]).count() as u64;
-        let started = Instant::now();
-        let index = build_index(&tree)?;
-        let totals = index.totals();
-        if totals.envelopes > 0 {
-            tracing::info!(
-                envelopes = totals.envelopes,
-                mailboxes = totals.mailboxes,
-                ms = started.elapsed().as_millis() as u64,
-                "indexed the stored envelopes"
-            );
-        }
+        let index = Arc::new(Mutex::new(Index::rebuilding()));
+        let failed = Arc::default();
+        let indexed = Arc::new(watch::channel(false).0);
+        let walk = Walk::start(
+            tree.clone(),
+            Arc::clone(&index),
+            Arc::clone(&failed),
+            Arc::clone(&indexed),
+            walk,
+        );
         let commit = GroupCommit::new(db.clone(), on_flush);
         Ok(Self {
-            failed: Arc::default(),
+            failed,
             db,
             tree,
             registry,
             limits,
             queues: Arc::new(AtomicU64::new(queues)),
-            index: Arc::new(Mutex::new(index)),
+            index,
             commit,
             epoch,
+            indexed,
+            _walk: Arc::new(walk),
         })
+    }
+
+    /// Whether every queue held is indexed (expiry and the relay-wide cap cover
+    /// everything).
+    pub fn indexed(&self) -> bool {
+        *self.indexed.borrow()
+    }
+
+    /// Waits until every queue held is indexed, or the walk stopped on a storage failure
+    /// (then returns that failure).
+    pub async fn wait_indexed(&self) -> Result<(), StoreError> {
+        let mut rx = self.indexed.subscribe();
+        loop {
+            if *rx.borrow_and_update() {
+                return Ok(());
+            }
+            if let Some(why) = self.fatal() {
+                return Err(StoreError::Io(why));
+            }
+            // The walk also wakes us when it stops on a failure.
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Io("the store was closed".into()));
+            }
+        }
+    }
+
+    /// Indexes `queue` if it is not yet: reads its envelopes without holding the index
+    /// lock (a queue's keys change only once it is indexed, so what is read stays
+    /// true), then adds them unless someone else did meanwhile.
+    fn ensure_indexed(&self, queue: &QueueId) -> Result<(), StoreError> {
+        if self.index.lock().is_loaded(queue) {
+            return Ok(());
+        }
+        let found = read_queue(&self.tree, queue, &AtomicBool::new(false))?;
+        add_queue(&self.tree, &self.index, queue, found)
     }
 
     fn insert_envelopes(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
@@ -190,7 +246,7 @@ impl SledStore {
             value.extend_from_slice(&envelope.encode());
             let bytes = &value[32..];
             let id = EnvelopeId::of_encoding(bytes);
-            if index.locate(&id).is_some() {
+            if index.locate(&placed.queue, &id).is_some() {
                 results.push(PutResult::Duplicate);
                 continue;
             }
@@ -224,40 +280,150 @@ impl SledStore {
     }
 }
 
-/// Indexes every envelope in the tree. A second copy of an id (which puts never
-/// write) is removed.
-fn build_index(tree: &sled::Tree) -> Result<Index, StoreError> {
-    let mut index = Index::default();
-    let mut extra = Vec::new();
-    for item in tree.scan_prefix([MAIL]) {
+/// Every envelope of `queue` in the tree, as index entries. Gives up (with what it has)
+/// when `stop` is set.
+fn read_queue(
+    tree: &sled::Tree,
+    queue: &QueueId,
+    stop: &AtomicBool,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut found = Vec::new();
+    let mut prefix = [0u8; 33];
+    prefix[0] = MAIL;
+    prefix[1..].copy_from_slice(&queue.0);
+    for item in tree.scan_prefix(prefix) {
+        if found.len() % 1024 == 1023 && stop.load(Ordering::Relaxed) {
+            break;
+        }
         let (key, value) = item.map_err(io)?;
         let (mailbox, cursor) = parse_mail_key(&key)?;
         let (grant, bytes) = split_value(&value)?;
         let envelope = Envelope::decode(bytes).map_err(|e| {
             StoreError::Corrupt(format!("envelope at cursor {cursor} does not decode: {e}"))
         })?;
-        let entry = Entry {
+        found.push(Entry {
             id: EnvelopeId::of_encoding(bytes),
             mailbox,
             grant,
             cursor,
             expires_at: envelope.expires_at,
             bytes: bytes.len() as u64,
-        };
-        if index.add_existing(entry).is_err() {
-            extra.push(key);
-        }
+        });
     }
+    Ok(found)
+}
+
+/// Adds what [`read_queue`] found in `queue` to the index, unless the queue was indexed
+/// meanwhile. A second copy of an id (which puts never write) is removed.
+fn add_queue(
+    tree: &sled::Tree,
+    index: &Mutex<Index>,
+    queue: &QueueId,
+    found: Vec<Entry>,
+) -> Result<(), StoreError> {
+    let mut index = index.lock();
+    if index.is_loaded(queue) {
+        return Ok(());
+    }
+    let extra = index.load(*queue, &found);
     if !extra.is_empty() {
         tracing::warn!(
             envelopes = extra.len(),
             "removing second copies of stored envelopes"
         );
-        for key in extra {
-            tree.remove(key).map_err(io)?;
+        for cursor in extra {
+            tree.remove(mail_key(queue, cursor)).map_err(io)?;
         }
     }
-    Ok(index)
+    Ok(())
+}
+
+/// The background walk that indexes every queue after the store opens.
+struct Walk {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Walk {
+    fn start(
+        tree: sled::Tree,
+        index: Arc<Mutex<Index>>,
+        failed: Arc<Mutex<Option<String>>>,
+        indexed: Arc<watch::Sender<bool>>,
+        run: bool,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = run.then(|| {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("kkachi-index".into())
+                .spawn(move || {
+                    let started = Instant::now();
+                    match walk(&tree, &index, &stop) {
+                        Ok(true) => {
+                            let totals = {
+                                let mut index = index.lock();
+                                index.loaded_all();
+                                index.totals()
+                            };
+                            tracing::info!(
+                                envelopes = totals.envelopes,
+                                queues = totals.mailboxes,
+                                ms = started.elapsed().as_millis() as u64,
+                                "indexed the stored envelopes"
+                            );
+                            indexed.send_replace(true);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            record_failure(&failed, e);
+                            // Wakes anyone waiting for the index, to see the failure.
+                            indexed.send_replace(false);
+                        }
+                    }
+                })
+                .expect("spawn the index thread")
+        });
+        Self {
+            stop,
+            thread: Mutex::new(thread),
+        }
+    }
+}
+
+impl Drop for Walk {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Indexes every queue in key order; false if stopped first.
+fn walk(tree: &sled::Tree, index: &Mutex<Index>, stop: &AtomicBool) -> Result<bool, StoreError> {
+    let mut from = Bound::Included(vec![MAIL]);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let Some(item) = tree.range::<Vec<u8>, _>((from, Bound::Unbounded)).next() else {
+            return Ok(true);
+        };
+        let (key, _) = item.map_err(io)?;
+        if key.first() != Some(&MAIL) {
+            return Ok(true);
+        }
+        let (queue, _) = parse_mail_key(&key)?;
+        if !index.lock().is_loaded(&queue) {
+            let found = read_queue(tree, &queue, stop)?;
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            add_queue(tree, index, &queue, found)?;
+        }
+        from = Bound::Excluded(mail_key(&queue, u64::MAX).to_vec());
+    }
 }
 
 /// The write capability and the envelope encoding in a stored value.
@@ -299,15 +465,20 @@ fn parse_grant_record(v: &[u8]) -> Result<(QueueId, QueueKind), StoreError> {
     Ok((QueueId(v[..32].try_into().expect("32 bytes")), kind))
 }
 
+/// Records a storage failure (the first one wins) and passes the error on.
+fn record_failure(failed: &Mutex<Option<String>>, e: StoreError) -> StoreError {
+    let mut failed = failed.lock();
+    if failed.is_none() {
+        tracing::error!(error = %e, "storage failed; the relay stops so it can be restarted cleanly");
+        *failed = Some(e.to_string());
+    }
+    e
+}
+
 impl SledStore {
     /// Records a storage failure (the first one wins) and passes the error on.
     fn note(&self, e: StoreError) -> StoreError {
-        let mut failed = self.failed.lock();
-        if failed.is_none() {
-            tracing::error!(error = %e, "storage failed; the relay stops so it can be restarted cleanly");
-            *failed = Some(e.to_string());
-        }
-        e
+        record_failure(&self.failed, e)
     }
 }
 
@@ -319,6 +490,12 @@ impl MailboxStore for SledStore {
             } else {
                 StoreError::Io(why)
             });
+        }
+        for (i, placed) in envelopes.iter().enumerate() {
+            if !envelopes[..i].iter().any(|p| p.queue == placed.queue) {
+                self.ensure_indexed(&placed.queue)
+                    .map_err(|e| self.note(e))?;
+            }
         }
         self.insert_envelopes(envelopes).map_err(|e| self.note(e))
     }
@@ -361,14 +538,13 @@ impl MailboxStore for SledStore {
     }
 
     fn delete(&self, mailbox: &QueueId, ids: &[EnvelopeId]) -> Result<u32, StoreError> {
+        self.ensure_indexed(mailbox).map_err(|e| self.note(e))?;
         let mut index = self.index.lock();
         let mut removed = 0;
         for id in ids {
-            let Some(slot) = index.locate(id) else {
+            let Some(slot) = index.locate(mailbox, id) else {
                 continue;
             };
-            // Cursors are unique across mailboxes: the key exists only if the envelope
-            // is in `mailbox`.
             let key = mail_key(mailbox, slot.cursor);
             let Some(value) = self.tree.remove(key).map_err(io)? else {
                 continue;

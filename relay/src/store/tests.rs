@@ -157,12 +157,24 @@ async fn sled_store_survives_reopen_with_cursors_increasing() {
     assert!(cursor > last, "cursors keep increasing across restarts");
 }
 
-/// Opens the store in `dir`, waiting for sled to let go of a database just dropped
-/// (its file lock outlives the drop while its shared I/O threads are busy).
+/// Opens the store in `dir` and waits until it has indexed what it holds.
 fn reopen(dir: &std::path::Path) -> SledStore {
+    let store = reopen_with(dir, true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !store.indexed() {
+        assert!(std::time::Instant::now() < deadline, "indexing took 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    store
+}
+
+/// Opens the store in `dir` (with its background index walk on or off), waiting for
+/// sled to let go of a database just dropped (its file lock outlives the drop while its
+/// shared I/O threads are busy).
+fn reopen_with(dir: &std::path::Path, walk: bool) -> SledStore {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match SledStore::open(dir, QUOTA, 16 << 20, None) {
+        match SledStore::open_with(dir, QUOTA, 16 << 20, None, walk) {
             Err(StoreError::Io(e)) if std::time::Instant::now() < deadline => {
                 assert!(e.contains("lock"), "{e}");
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -170,6 +182,87 @@ fn reopen(dir: &std::path::Path) -> SledStore {
             other => return other.unwrap(),
         }
     }
+}
+
+/// Fills queues 1..=`queues` with envelopes 0..`each` (expiring at 100 + n) and closes
+/// the store.
+async fn filled(dir: &std::path::Path, queues: u8, each: u32) {
+    let store = reopen(dir);
+    for q in 1..=queues {
+        let all = (0..each).map(|n| env(q, n, 100 + u64::from(n))).collect();
+        let stored = store.put(all).await.unwrap();
+        assert!(stored.iter().all(|r| matches!(r, PutResult::Stored { .. })));
+    }
+}
+
+#[tokio::test]
+async fn a_reopened_store_serves_before_it_has_indexed_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 3, 5).await;
+    // No walk: queues are indexed only when named.
+    let store = reopen_with(dir.path(), false);
+    assert!(!store.indexed());
+    assert_eq!(store.stats().envelopes, 0, "nothing indexed yet");
+    // Fetches need no index.
+    assert_eq!(held(&store, &QueueId([1; 32])).len(), 5);
+    // A put indexes its queue first: the duplicate is found, the quota (5) holds.
+    let r = store
+        .put(vec![env(1, 0, 100), env(1, 9, 100)])
+        .await
+        .unwrap();
+    assert_eq!(r, [PutResult::Duplicate, PutResult::QuotaExceeded]);
+    assert_eq!(store.stats().envelopes, 5, "queue 1 indexed");
+    // A delete does too.
+    assert_eq!(
+        store
+            .delete(&QueueId([2; 32]), &[envelope(3, 103).id()])
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.stats().envelopes, 9);
+    // Expiry covers what is indexed: queue 3 waits for the walk.
+    assert_eq!(store.expire(1_000, 100).unwrap(), 9);
+    assert_eq!(held(&store, &QueueId([3; 32])).len(), 5);
+    drop(store);
+    // With the walk, everything is indexed and expires.
+    let store = reopen(dir.path());
+    assert!(store.indexed());
+    assert_eq!(store.stats().envelopes, 5);
+    assert_eq!(store.stats().mailboxes, 1);
+    assert_eq!(store.expire(1_000, 100).unwrap(), 5);
+    assert_eq!(store.stats(), StoreStats::default());
+}
+
+#[tokio::test]
+async fn puts_and_deletes_racing_the_index_walk_are_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 200, 4).await;
+    let store = reopen_with(dir.path(), true);
+    let mut tasks = Vec::new();
+    for q in 1..=200u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // one duplicate, one new envelope, one deletion per queue
+            let r = store
+                .put(vec![env(q, 1, 101), env(q, 7, 500)])
+                .await
+                .unwrap();
+            assert_eq!(r[0], PutResult::Duplicate);
+            assert!(matches!(r[1], PutResult::Stored { .. }));
+            let id = envelope(0, 100).id();
+            assert_eq!(store.delete(&QueueId([q; 32]), &[id]).unwrap(), 1);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    store.wait_indexed().await.unwrap();
+    let stats = store.stats();
+    assert_eq!(stats.envelopes, 200 * 4);
+    assert_eq!(stats.mailboxes, 200);
+    assert_eq!(stats.bytes, 200 * 4 * envelope(0, 0).encoded_len() as u64);
+    assert_eq!(store.expire(1_000, 10_000).unwrap(), 200 * 4);
+    assert_eq!(store.stats(), StoreStats::default());
 }
 
 #[tokio::test]

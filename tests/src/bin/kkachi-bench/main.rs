@@ -26,6 +26,7 @@ mod ingest;
 mod latency;
 mod receive;
 mod relay_load;
+mod restart;
 mod table;
 
 use common::us;
@@ -47,9 +48,13 @@ struct Args {
     /// Clients for the reconnect measurement (default 1,000; 50 with --quick).
     #[arg(long)]
     clients: Option<usize>,
+    /// Envelopes the relay holds when it restarts (default 1,000,000; 20,000 with
+    /// --quick). Each is 2 KiB: a million take about 6 GiB of disk.
+    #[arg(long)]
+    envelopes: Option<u64>,
     /// Run only these parts (comma-separated); the baselines always run. Figures of
     /// the parts left out are null in the JSON and missing from the table.
-    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "receive", "reconnect", "idle"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "receive", "reconnect", "idle", "restart"])]
     only: Vec<String>,
     /// Internal: run as the recipient of the latency runs, on this client home.
     #[arg(long, hide = true)]
@@ -168,6 +173,14 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     let idle = if args.part("idle") {
         relay_load::idle_memory(root, if q { 100 } else { 1000 }).await?
     } else {
+        null.clone()
+    };
+    let restart = if args.part("restart") {
+        let envelopes = args.envelopes.unwrap_or(if q { 20_000 } else { 1_000_000 });
+        let r = restart::restart(root, envelopes).await?;
+        eprintln!("restart done");
+        r
+    } else {
         null
     };
     let ingest_rate = match (
@@ -210,6 +223,8 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "handshakes_per_s": reconnect["handshakes_per_s"],
         "idle_conn_kib": idle["idle_conn_kib"],
         "idle": idle,
+        "restart": restart,
+        "restart_ready_s": restart["ready_s"],
         "baseline_libp2p_rtt_us": us(rtt),
         "baseline_sled_insert_flush_per_s": sled_flush,
         "baseline_sled_insert_per_s": sled_noflush,

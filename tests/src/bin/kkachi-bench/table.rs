@@ -201,6 +201,25 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             ),
         ));
     }
+    if args.part("restart") {
+        let restart = &r["restart"];
+        let mut ready = row(
+            "relay ready after a crash (s)",
+            &r["restart_ready_s"],
+            2,
+            format!(
+                "holding {} envelopes of {} B; {:.2} s on the start after",
+                restart["envelopes"],
+                restart["envelope_bytes"],
+                num(&restart["ready_again_s"])
+            ),
+        );
+        ready.ratio = Some((
+            ready.value / num(&restart["ready_empty_s"]),
+            "the same holding nothing",
+        ));
+        out.push(ready);
+    }
     out.push(row(
         "baseline: libp2p request/response RTT (µs)",
         &r["baseline_libp2p_rtt_us"],
