@@ -68,7 +68,12 @@ pub enum Command {
     /// Check what keeps your messages flowing (relays, their failure domains and clocks,
     /// your contacts' relays, the outbox) and say what to fix. Exit status 1 when there
     /// is something to fix.
-    Drill,
+    Drill {
+        /// Then take each of your relays out of use in turn (inside this client) and
+        /// check that messages still flow through the others.
+        #[arg(long)]
+        game_day: bool,
+    },
     /// Stay online: receive, deliver, and print each incoming message as a line.
     Daemon,
     /// The terminal UI.

@@ -25,7 +25,16 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("session_packet", session_packet),
     ("session_state", session_state),
     ("lan_beacon", lan_beacon),
+    ("bundle", bundle),
 ];
+
+/// Bundles: files carried from anyone, read whole.
+pub fn bundle(data: &[u8]) {
+    if let Ok(items) = crate::bundle::decode(data) {
+        let again = crate::bundle::encode(&items).expect("what decoded encodes");
+        assert_eq!(crate::bundle::decode(&again).expect("re-encoded"), items);
+    }
+}
 
 /// LAN beacons: anyone on the network sends them.
 pub fn lan_beacon(data: &[u8]) {

@@ -16,6 +16,7 @@
 //! - [`content`]: what a session carries: message id, sequence and hash chain, body.
 //! - [`wire`]: the client↔relay protocol, `/kkachi/relay/2`: requests and answers over
 //!   one long-lived stream.
+//! - [`bundle`]: sealed envelopes and where they go, in a file carried on a drive.
 //!
 //! Sending a text, end to end: build a [`Content`], encode it, [`Session::seal`] it for
 //! the contact, wrap the packet in an [`Envelope`] for the contact's [`MailboxId`], and
@@ -23,6 +24,7 @@
 //! [`session::open`], then [`Session::accept_init`] or [`Session::open_transport`], then
 //! [`Content::decode`].
 
+pub mod bundle;
 pub mod card;
 mod codec;
 pub mod content;

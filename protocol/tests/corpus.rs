@@ -46,4 +46,10 @@ fn seeds_exercise_the_success_paths() {
     ));
     assert!(kkachi_protocol::Session::decode(&read("session_state", "established")).is_ok());
     assert!(kkachi_protocol::lan::Beacon::decode(&read("lan_beacon", "valid")).is_ok());
+    assert_eq!(
+        kkachi_protocol::bundle::decode(&read("bundle", "valid"))
+            .expect("the bundle seed decodes")
+            .len(),
+        2
+    );
 }

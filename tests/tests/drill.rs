@@ -2,7 +2,9 @@
 //! broken one (a relay down, every relay in one failure domain, a contact none of whose
 //! relays answers) each problem named with its fix and exit status 1. (The clock-skew
 //! finding is decided by the same code from the relay's clock in its info; its rule is
-//! tested in the client's unit tests, as no test may move a machine's clock.)
+//! tested in the client's unit tests, as no test may move a machine's clock.) And the
+//! game day: each relay taken out of use in turn, messages still flowing through the
+//! others, and what would stop them named.
 
 use std::time::Instant;
 
@@ -15,8 +17,14 @@ fn add_relays(user: &User, relays: &[&RelayProc]) {
 }
 
 fn drill(user: &User) -> (i32, serde_json::Value, f64) {
+    drill_with(user, &[])
+}
+
+fn drill_with(user: &User, more: &[&str]) -> (i32, serde_json::Value, f64) {
     let started = Instant::now();
-    let out = user.run(&["drill", "--json"]);
+    let mut args = vec!["drill", "--json"];
+    args.extend(more);
+    let out = user.run(&args);
     let took = started.elapsed().as_secs_f64();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -126,4 +134,80 @@ fn drill_is_all_clear_on_a_healthy_setup_and_names_each_problem_with_its_fix() {
         "{text}"
     );
     assert!(text.contains("  fix: add a relay run elsewhere"), "{text}");
+}
+
+#[test]
+fn the_game_day_takes_each_relay_out_in_turn_and_names_what_would_stop_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let start =
+        |name: &str, d: &str| RelayProc::start(&dir.path().join(name), &["--failure-domain", d]);
+    let mut relays = [
+        start("r0", "test/dc0"),
+        start("r1", "test/dc1"),
+        start("r2", "test/dc2"),
+    ];
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    add_relays(&alice, &relays.iter().collect::<Vec<_>>());
+    add_relays(&bob, &relays.iter().collect::<Vec<_>>());
+    User::introduce(&alice, &bob);
+
+    // Three relays: with any one out, the other two carry the test message.
+    let (code, v, took) = drill_with(&alice, &["--game-day"]);
+    assert_eq!(findings(&v), Vec::<String>::new(), "{v}");
+    assert_eq!(code, 0, "{v}");
+    let rounds = v["game_day"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "{v}");
+    for (round, relay) in rounds.iter().zip(&relays) {
+        assert_eq!(round["out"], relay.addr.as_str(), "{round}");
+        assert_eq!(round["flowed"], true, "{round}");
+        let carried: Vec<&str> = round["carried_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(carried.len(), 2, "{round}");
+        assert!(!carried.contains(&relay.addr.as_str()), "{round}");
+        assert!(round["first_ms"].as_u64().is_some(), "{round}");
+        assert_eq!(round["stranded"], serde_json::json!([]), "{round}");
+    }
+    assert!(took < 30.0, "the game day took {took:.1} s");
+    println!("game day, 3 relays: all clear in {took:.1} s");
+
+    // Dan uses r0 and r1; Erin only r1. Taking r1 out cuts Erin off.
+    let dan = User::new(dir.path(), "dan");
+    let erin = User::new(dir.path(), "erin");
+    add_relays(&dan, &[&relays[0], &relays[1]]);
+    add_relays(&erin, &[&relays[1]]);
+    User::introduce(&dan, &erin);
+    let (code, v, _) = drill_with(&dan, &["--game-day"]);
+    let f = findings(&v);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert!(
+        f[0].contains(&format!(
+            "with relay {} out of use, none of erin's relays answers you",
+            relays[1].addr
+        )),
+        "{f:#?}"
+    );
+
+    // With r1 down, r0 is all Dan has left: taking it out stops everything.
+    relays[1].stop();
+    let out = dan.run(&["drill", "--game-day"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "FINDING: game day: with relay {} out of use, none of your other relays carried a test message",
+            relays[0].addr
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 relay(s) already down were not taken out again"),
+        "{text}"
+    );
+    println!("game day, one relay left: {text}");
 }

@@ -3,19 +3,28 @@
 //! through a queue of ours there alone; their failure domains, their clocks against
 //! ours, our contacts' relays and the age of what waits in the outbox are checked. Exit
 //! status 1 when there is a finding.
+//!
+//! With `--game-day`, each of our relays that is up is then taken out of use in turn,
+//! inside the client (its transport refuses that relay, as when it is down), and the
+//! test envelope is looped through all the others at once, as deliveries fan out: the
+//! round passes when one of them carries it. Contacts reachable only through the relay
+//! taken out are named.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use std::collections::HashSet;
+use std::future::Future;
+
 use futures::StreamExt;
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::wire::{Addressed, PutOutcome, RelayInfo};
-use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, QueueKind, RelayToClient};
+use kkachi_protocol::{ClientToRelay, Envelope, Multiaddr, PeerId, QueueKind, RelayToClient};
 use serde_json::json;
 
 use super::{App, CommandError, Output};
 use crate::engine::now_ms;
-use crate::net::{Transport, peer_of};
+use crate::net::{NetError, Transport, peer_of};
 
 /// Contacts' relays asked at once.
 const PROBES_AT_ONCE: usize = 32;
@@ -58,6 +67,19 @@ pub(crate) struct Finding {
     pub(crate) fix: String,
 }
 
+/// One round of the game day: one of our relays out of use.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Round {
+    /// The relay taken out.
+    pub(crate) out: String,
+    /// Our other relays that took the test envelope and gave it back meanwhile.
+    pub(crate) carried_by: Vec<String>,
+    /// How long until the first of them had (ms).
+    pub(crate) first_ms: Option<u64>,
+    /// Contacts none of whose relays answers us without it.
+    pub(crate) stranded: Vec<String>,
+}
+
 /// Everything the drill checks, as data: the findings follow from it alone.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Report {
@@ -65,6 +87,8 @@ pub(crate) struct Report {
     pub(crate) contacts: Vec<ContactCheck>,
     /// Outbox entries, and how long the oldest has waited (ms).
     pub(crate) outbox: (usize, u64),
+    /// The game day's rounds, when one was asked for.
+    pub(crate) game_day: Option<Vec<Round>>,
 }
 
 impl Report {
@@ -149,6 +173,26 @@ impl Report {
                 });
             }
         }
+        for round in self.game_day.iter().flatten() {
+            if round.carried_by.is_empty() {
+                f.push(Finding {
+                    what: format!(
+                        "game day: with relay {} out of use, none of your other relays carried a test message: while it is down, only your local network reaches you",
+                        round.out
+                    ),
+                    fix: "add relays run by others in other places (`kkachi relay add ADDR`), or fix the ones named above".into(),
+                });
+            }
+            for name in &round.stranded {
+                f.push(Finding {
+                    what: format!(
+                        "game day: with relay {} out of use, none of {name}'s relays answers you",
+                        round.out
+                    ),
+                    fix: format!("what you send {name} would wait in your outbox meanwhile; ask {name} to add a relay run elsewhere, and for their new invite code"),
+                });
+            }
+        }
         let (waiting, oldest_ms) = self.outbox;
         if waiting > 0 && oldest_ms > OUTBOX_FINDING_MS {
             f.push(Finding {
@@ -164,10 +208,15 @@ impl Report {
 }
 
 impl App {
-    pub(super) async fn drill(&mut self, json: bool, out: &mut Output) -> Result<(), CommandError> {
+    pub(super) async fn drill(
+        &mut self,
+        game_day: bool,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
         self.identity()?;
         let started = Instant::now();
-        let report = self.drill_report().await?;
+        let report = self.drill_report(game_day).await?;
         let findings = report.findings();
         if json {
             out.json(json!({
@@ -186,6 +235,13 @@ impl App {
                     "name": c.name, "relays": c.relays, "reachable": c.reachable,
                 })).collect::<Vec<_>>(),
                 "outbox": { "waiting": report.outbox.0, "oldest_ms": report.outbox.1 },
+                "game_day": report.game_day.as_ref().map(|rounds| rounds.iter().map(|r| json!({
+                    "out": r.out,
+                    "flowed": !r.carried_by.is_empty(),
+                    "carried_by": r.carried_by,
+                    "first_ms": r.first_ms,
+                    "stranded": r.stranded,
+                })).collect::<Vec<_>>()),
                 "findings": findings.iter().map(|f| json!({ "what": f.what, "fix": f.fix })).collect::<Vec<_>>(),
             }));
         } else {
@@ -221,6 +277,33 @@ impl App {
                     String::new()
                 }
             ));
+            for r in report.game_day.iter().flatten() {
+                let line = match r.first_ms {
+                    Some(ms) => format!(
+                        "game day: relay {} out of use: messages flowed through {} other relay(s), the first back in {ms} ms{}",
+                        r.out,
+                        r.carried_by.len(),
+                        if r.stranded.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {} contact(s) cut off", r.stranded.len())
+                        }
+                    ),
+                    None => format!(
+                        "game day: relay {} out of use: NO other relay carried a message",
+                        r.out
+                    ),
+                };
+                out.out(crate::sanitize::for_terminal(&line));
+            }
+            if let Some(rounds) = &report.game_day {
+                let down = report.relays.len() - rounds.len();
+                if down > 0 {
+                    out.out(format!(
+                        "game day: {down} relay(s) already down were not taken out again"
+                    ));
+                }
+            }
             if findings.is_empty() {
                 out.out(format!(
                     "all clear ({:.1} s)",
@@ -241,7 +324,7 @@ impl App {
         Ok(())
     }
 
-    async fn drill_report(&mut self) -> Result<Report, CommandError> {
+    async fn drill_report(&mut self, game_day: bool) -> Result<Report, CommandError> {
         let engine = self.engine()?;
         let me = self.identity()?;
         let relays = self.store.relays()?;
@@ -301,19 +384,41 @@ impl App {
                 .or_else(|| ours.iter().find(|(a, _)| a == addr).map(|(_, u)| *u))
                 .unwrap_or(false)
         };
-        let contacts = contacts
+        let reachable_without = |c: &crate::store::Contact, out: Option<&str>| {
+            c.card
+                .relays()
+                .iter()
+                .map(|a| a.to_string())
+                .filter(|a| Some(a.as_str()) != out && up(a))
+                .count()
+        };
+        let checks = contacts
             .iter()
             .map(|c| ContactCheck {
                 name: c.name.clone(),
                 relays: c.card.relays().len(),
-                reachable: c
-                    .card
-                    .relays()
-                    .iter()
-                    .filter(|a| up(&a.to_string()))
-                    .count(),
+                reachable: reachable_without(c, None),
             })
             .collect();
+        let game_day = if game_day {
+            let mut rounds = Vec::new();
+            // Relays already down are out of use as it is: the checks above cover them.
+            for out in relays.iter().filter(|r| r.info.is_some()) {
+                let mut round =
+                    game_day_round(engine.net(), &me, &self.store.relays()?, &out.addr).await;
+                round.stranded = contacts
+                    .iter()
+                    .filter(|c| reachable_without(c, None) > 0)
+                    .filter(|c| reachable_without(c, Some(&out.addr)) == 0)
+                    .map(|c| c.name.clone())
+                    .collect();
+                rounds.push(round);
+            }
+            Some(rounds)
+        } else {
+            None
+        };
+        let contacts = checks;
         let outbox = self.store.outbox()?;
         let now = now_ms();
         let oldest = outbox
@@ -325,8 +430,111 @@ impl App {
             relays,
             contacts,
             outbox: (outbox.len(), oldest),
+            game_day,
         })
     }
+}
+
+/// The transport of the client with one relay taken out of use: every request to it
+/// fails at once, as when it is down.
+#[derive(Clone)]
+struct Without<T> {
+    net: T,
+    out: Multiaddr,
+}
+
+impl<T: Transport> Without<T> {
+    fn refuses(&self, relay: &Multiaddr) -> bool {
+        *relay == self.out || peer_of(relay).is_some_and(|p| peer_of(&self.out) == Some(p))
+    }
+
+    fn refusal() -> NetError {
+        NetError::Unreachable("taken out of use for the game day".into())
+    }
+}
+
+impl<T: Transport> Transport for Without<T> {
+    fn request(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send {
+        let refused = self.refuses(relay);
+        let (net, relay) = (self.net.clone(), relay.clone());
+        async move {
+            if refused {
+                return Err(Self::refusal());
+            }
+            net.request(&relay, request).await
+        }
+    }
+
+    fn request_as_reader(
+        &self,
+        relay: &Multiaddr,
+        request: ClientToRelay,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send {
+        let refused = self.refuses(relay);
+        let (net, relay) = (self.net.clone(), relay.clone());
+        async move {
+            if refused {
+                return Err(Self::refusal());
+            }
+            net.request_as_reader(&relay, request).await
+        }
+    }
+
+    fn direct_put(
+        &self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+    ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send {
+        self.net.direct_put(peer, envelopes)
+    }
+
+    fn direct_peers(&self) -> HashSet<PeerId> {
+        self.net.direct_peers()
+    }
+
+    fn connected(&self) -> HashSet<PeerId> {
+        self.net.connected()
+    }
+}
+
+/// Takes relay `out` out of use and loops a test envelope through every one of `ours`
+/// at once (the one taken out refuses it): who carried it, and how soon the first did.
+async fn game_day_round<T: Transport>(
+    net: &T,
+    me: &kkachi_protocol::Identity,
+    ours: &[crate::store::RelayRecord],
+    out: &str,
+) -> Round {
+    let mut round = Round {
+        out: out.to_string(),
+        carried_by: Vec::new(),
+        first_ms: None,
+        stranded: Vec::new(),
+    };
+    let Ok(out_addr) = out.parse::<Multiaddr>() else {
+        return round;
+    };
+    let without = Without {
+        net: net.clone(),
+        out: out_addr,
+    };
+    let checks = ours.iter().map(|r| {
+        let (without, addr, token) = (without.clone(), r.addr.clone(), r.token.clone());
+        async move { check_relay(&without, me, addr, token).await }
+    });
+    for check in futures::future::join_all(checks).await {
+        if let Some(ms) = check.loop_ms {
+            // The one taken out cannot have carried it: the transport refused it.
+            debug_assert_ne!(check.addr, out);
+            round.first_ms = Some(round.first_ms.map_or(ms, |f: u64| f.min(ms)));
+            round.carried_by.push(check.addr);
+        }
+    }
+    round
 }
 
 /// How long an outbox entry has waited since it was first queued (its `created_ms`
@@ -526,6 +734,7 @@ mod tests {
                 reachable: 2,
             }],
             outbox: (1, 5_000),
+            game_day: None,
         }
     }
 
@@ -638,6 +847,106 @@ mod tests {
         let long = "x".repeat(10_000);
         assert_eq!(short(&long).chars().count(), MAX_RELAY_TEXT + 1);
         assert_eq!(short("fine"), "fine");
+    }
+
+    #[test]
+    fn a_game_day_round_that_nothing_carried_or_that_strands_a_contact_is_a_finding() {
+        let round = |out: &str, carried_by: &[&str], stranded: &[&str]| Round {
+            out: out.into(),
+            carried_by: carried_by.iter().map(|s| s.to_string()).collect(),
+            first_ms: (!carried_by.is_empty()).then_some(4),
+            stranded: stranded.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut r = healthy();
+        r.game_day = Some(vec![
+            round("a", &["b", "c"], &[]),
+            round("b", &["a", "c"], &[]),
+            round("c", &["a", "b"], &[]),
+        ]);
+        assert_eq!(r.findings(), []);
+        r.game_day = Some(vec![round("a", &[], &[]), round("b", &["a"], &["Minji"])]);
+        let f = r.findings();
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(
+            f[0].what
+                .contains("with relay a out of use, none of your other relays carried"),
+            "{f:?}"
+        );
+        assert!(f[0].fix.contains("kkachi relay add"));
+        assert!(
+            f[1].what
+                .contains("with relay b out of use, none of Minji's relays answers you"),
+            "{f:?}"
+        );
+    }
+
+    /// A transport that answers every request with the relay's own info.
+    #[derive(Clone)]
+    struct Echo;
+
+    impl Transport for Echo {
+        async fn request(
+            &self,
+            _relay: &Multiaddr,
+            _request: ClientToRelay,
+        ) -> Result<RelayToClient, NetError> {
+            Ok(RelayToClient::Info(info("", 0)))
+        }
+
+        async fn direct_put(
+            &self,
+            _peer: PeerId,
+            _envelopes: Vec<Envelope>,
+        ) -> Result<RelayToClient, NetError> {
+            Err(NetError::Stopped)
+        }
+
+        fn direct_peers(&self) -> HashSet<PeerId> {
+            HashSet::new()
+        }
+
+        fn connected(&self) -> HashSet<PeerId> {
+            HashSet::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_taken_out_of_use_is_refused_by_address_or_by_peer() {
+        let peer = PeerId::random();
+        let out: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{peer}").parse().unwrap();
+        let other_addr: Multiaddr = format!("/ip6/::1/tcp/2/p2p/{peer}").parse().unwrap();
+        let elsewhere: Multiaddr = format!("/ip4/127.0.0.1/tcp/3/p2p/{}", PeerId::random())
+            .parse()
+            .unwrap();
+        let without = Without {
+            net: Echo,
+            out: out.clone(),
+        };
+        for refused in [&out, &other_addr] {
+            let e = without
+                .request(refused, ClientToRelay::Info)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("taken out of use"), "{e}");
+            assert!(
+                without
+                    .request_as_reader(refused, ClientToRelay::Info)
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(
+            without
+                .request(&elsewhere, ClientToRelay::Info)
+                .await
+                .is_ok()
+        );
+        assert!(
+            without
+                .request_as_reader(&elsewhere, ClientToRelay::Info)
+                .await
+                .is_ok()
+        );
     }
 
     #[test]

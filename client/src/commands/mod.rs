@@ -243,7 +243,7 @@ impl App {
             Command::Send(args) => self.send(args, json, &mut out).await?,
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
             Command::History { contact, last } => self.history(&contact, last, json, &mut out)?,
-            Command::Drill => self.drill(json, &mut out).await?,
+            Command::Drill { game_day } => self.drill(game_day, json, &mut out).await?,
             Command::Daemon | Command::Tui => {
                 return fail("a kkachi daemon or UI is already running for this home");
             }

@@ -79,6 +79,7 @@ Ctrl+C       quit
 /rename NAME            rename this conversation's contact
 /relays                 your relays: up/down, latency, failure domain
 /drill                  check relays, clocks, contacts' relays, outbox
+/drill game-day         also take each relay out in turn: do messages still flow?
 /relay add ADDR         add an inbox relay      /relay remove ADDR
 /bell                   bell on/off for messages in other conversations
 /quit                   quit";
@@ -242,7 +243,15 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         (Some("relays"), _) | (Some("relay"), Some("list")) => {
             vec![run(Command::Relay(RelayCommand::List), Some("Relays"))]
         }
-        (Some("drill"), _) => vec![run(Command::Drill, Some("Drill"))],
+        (Some("drill"), Some("game-day")) => vec![run(
+            Command::Drill { game_day: true },
+            Some("Drill: game day"),
+        )],
+        (Some("drill"), None) => vec![run(Command::Drill { game_day: false }, Some("Drill"))],
+        (Some("drill"), Some(_)) => {
+            notice(state, "usage: /drill [game-day]");
+            vec![]
+        }
         (Some("relay"), Some("add")) => {
             let addrs: Vec<String> = words.map(str::to_string).collect();
             if addrs.is_empty() {
@@ -480,8 +489,16 @@ mod tests {
         assert_eq!(
             update(&mut s, key(KeyCode::Enter)),
             vec![Effect::Run {
-                command: Command::Drill,
+                command: Command::Drill { game_day: false },
                 title: Some("Drill".into())
+            }]
+        );
+        typed(&mut s, "/drill game-day");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Run {
+                command: Command::Drill { game_day: true },
+                title: Some("Drill: game day".into())
             }]
         );
         typed(&mut s, "/frobnicate");

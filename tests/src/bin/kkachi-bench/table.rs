@@ -204,11 +204,11 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
     if args.part("restart") {
         let restart = &r["restart"];
         let mut ready = row(
-            "relay ready after a crash (s)",
+            "relay ready, holding many envelopes (s)",
             &r["restart_ready_s"],
             2,
             format!(
-                "holding {} envelopes of {} B; {:.2} s on the start after",
+                "{} envelopes of {} B, killed and started (sled replays what was written since its last start); {:.2} s on the start after",
                 restart["envelopes"],
                 restart["envelope_bytes"],
                 num(&restart["ready_again_s"])
