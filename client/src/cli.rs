@@ -74,6 +74,10 @@ pub enum Command {
         #[arg(long)]
         game_day: bool,
     },
+    /// Carry messages on a drive: write what waits in your outbox to a file, or take
+    /// one in (what is for you is read; the rest goes on to its relays from here).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
     /// Stay online: receive, deliver, and print each incoming message as a line.
     Daemon,
     /// The terminal UI.
@@ -102,6 +106,28 @@ pub enum RelayCommand {
     Remove {
         /// The relay address (as listed).
         addr: String,
+    },
+}
+
+/// `kkachi bundle ...`
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum BundleCommand {
+    /// Write the sealed envelopes waiting in your outbox to a file. It holds nothing a
+    /// relay does not see: no names, no contents; but whoever has it can put those
+    /// envelopes into the relays it names.
+    Export {
+        /// The file to write (replaced if it exists).
+        #[arg(long)]
+        to: std::path::PathBuf,
+        /// Only what waits for this contact (name or peer id).
+        #[arg(long = "for")]
+        contact: Option<String>,
+    },
+    /// Take in a bundle: what is for you is read at once (nothing shows twice), what is
+    /// for others goes to their relays once one answers.
+    Import {
+        /// The bundle file.
+        file: std::path::PathBuf,
     },
 }
 

@@ -250,13 +250,35 @@ fn text_from_stdin(command: Command) -> Result<Command, String> {
     Ok(Command::Send(args))
 }
 
+/// A bundle's file is named relative to where the person runs kkachi, not where a
+/// daemon that may take the command runs.
+fn absolute_paths(command: Command) -> Result<Command, String> {
+    use kkachi_client::cli::BundleCommand;
+    let absolute = |p: std::path::PathBuf| {
+        std::path::absolute(&p).map_err(|e| format!("cannot resolve {}: {e}", p.display()))
+    };
+    Ok(match command {
+        Command::Bundle(BundleCommand::Export { to, contact }) => {
+            Command::Bundle(BundleCommand::Export {
+                to: absolute(to)?,
+                contact,
+            })
+        }
+        Command::Bundle(BundleCommand::Import { file }) => Command::Bundle(BundleCommand::Import {
+            file: absolute(file)?,
+        }),
+        other => other,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = cli.home.clone().unwrap_or_else(default_home);
-    let command = match text_from_stdin(cli.command.unwrap_or(Command::Tui)) {
-        Ok(command) => command,
-        Err(e) => return error(e),
-    };
+    let command =
+        match text_from_stdin(cli.command.unwrap_or(Command::Tui)).and_then(absolute_paths) {
+            Ok(command) => command,
+            Err(e) => return error(e),
+        };
     let is_tui = matches!(command, Command::Tui | Command::Demo);
     if is_tui {
         let _ = std::fs::create_dir_all(&home);

@@ -10,6 +10,7 @@
 //! Everything a peer chose (names, texts, a relay's strings) is printed through
 //! [`crate::sanitize`], never raw.
 
+mod bundle;
 mod contacts;
 mod drill;
 mod messages;
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 use kkachi_protocol::{Card, Identity, PeerId};
 use serde_json::json;
 
-use crate::cli::{Command, RelayCommand};
+use crate::cli::{BundleCommand, Command, RelayCommand};
 use crate::engine::{Engine, EngineError, Mode};
 use crate::net::{NetError, Network};
 use crate::sanitize::for_terminal;
@@ -244,6 +245,12 @@ impl App {
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
             Command::History { contact, last } => self.history(&contact, last, json, &mut out)?,
             Command::Drill { game_day } => self.drill(game_day, json, &mut out).await?,
+            Command::Bundle(BundleCommand::Export { to, contact }) => {
+                self.bundle_export(&to, contact.as_deref(), json, &mut out)?
+            }
+            Command::Bundle(BundleCommand::Import { file }) => {
+                self.bundle_import(&file, json, &mut out).await?
+            }
             Command::Daemon | Command::Tui => {
                 return fail("a kkachi daemon or UI is already running for this home");
             }

@@ -330,15 +330,16 @@ impl<T> State<T> {
         Ok(self.receive(&envelopes, Source::Held(*peer), now)?.shown)
     }
 
-    /// Upkeep, at start and now and then: forgets seen envelopes and held messages that
-    /// expired, and takes in what is held from senders who are contacts by now (a crash
+    /// Upkeep, at start and now and then: forgets seen envelopes, held messages and
+    /// envelopes carried for others that expired, and takes in what is held from senders who are contacts by now (a crash
     /// between adding one and taking it in). Returns what that took in.
     pub(crate) fn housekeeping(&mut self, now: u64) -> Result<Vec<Received>, EngineError> {
         let before = (now / 1000).saturating_sub(kkachi_protocol::envelope::CLOCK_SKEW_SECS);
         let pruned = self.store.prune_seen(before)?;
         let expired = self.store.prune_requests(before)?;
-        if pruned + expired > 0 {
-            tracing::info!(pruned, expired, "forgot expired envelopes");
+        let carried = self.drop_expired_forwards(now)?;
+        if pruned + expired + carried > 0 {
+            tracing::info!(pruned, expired, carried, "forgot expired envelopes");
         }
         let contacts = self.store.contacts()?;
         let mut shown = Vec::new();

@@ -53,7 +53,8 @@ pub struct Attempt {
     /// Where to.
     pub path: Path,
     /// Whose it is.
-    pub contact: PeerId,
+    /// The contact it is for (`None`: an envelope carried for someone else).
+    pub contact: Option<PeerId>,
     /// The message it carries, if it is a conversation message (not a receipt or card).
     pub message: Option<MessageId>,
     /// The encoded envelope.
@@ -124,7 +125,8 @@ pub struct Recorded {
 #[derive(Debug)]
 struct Scheduled {
     entry: OutboxEntry,
-    contact: PeerId,
+    /// `None` for an envelope carried for someone else ([`OutboxKind::Forward`]).
+    contact: Option<PeerId>,
     version: u64,
     /// Failed direct hand-overs in a row, and when the next may go.
     direct_failures: u32,
@@ -147,7 +149,7 @@ impl Scheduled {
     /// The direct path, if it is wanted at all: the contact is reachable directly
     /// and has not taken it yet.
     fn wants_direct(&self, direct: &HashSet<PeerId>) -> bool {
-        !self.entry.direct_acked && direct.contains(&self.contact)
+        !self.entry.direct_acked && self.contact.is_some_and(|c| direct.contains(&c))
     }
 
     /// Every relay holds it and the contact never confirmed: when to put it again.
@@ -193,8 +195,10 @@ impl Deliveries {
     /// An entry as the store holds it (new, or changed by someone else). False (and
     /// not scheduled) if its contact is unreadable.
     pub fn upsert(&mut self, key: u64, entry: OutboxEntry) -> bool {
-        let Ok(contact) = PeerId::from_bytes(&entry.contact) else {
-            return false;
+        let contact = match (entry.kind, PeerId::from_bytes(&entry.contact)) {
+            (OutboxKind::Forward, _) => None,
+            (_, Ok(contact)) => Some(contact),
+            (_, Err(_)) => return false,
         };
         self.changed();
         self.versions += 1;
@@ -595,7 +599,7 @@ impl Deliveries {
         self.entries
             .values()
             .filter(|s| s.entry.kind == OutboxKind::Message)
-            .map(|s| s.contact)
+            .filter_map(|s| s.contact)
             .filter(|p| !self.direct.contains(p))
             .collect()
     }
@@ -603,7 +607,7 @@ impl Deliveries {
     /// Drops everything for `contact` (removed or blocked).
     pub fn forget_contact(&mut self, contact: &PeerId) {
         self.changed();
-        self.entries.retain(|_, s| s.contact != *contact);
+        self.entries.retain(|_, s| s.contact != Some(*contact));
     }
 }
 

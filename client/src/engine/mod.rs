@@ -27,6 +27,7 @@
 //! Contacts (`contacts.rs`): adding, accepting a request, blocking, removing, renaming:
 //! changes made on the owner task like everything else.
 
+mod bundle;
 mod contacts;
 pub mod machine;
 mod owner;
@@ -46,6 +47,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::net::{NetEvent, Transport};
 use crate::store::{LocalStore, MessageState, StoreError};
 
+pub(crate) use bundle::export_items;
+pub use bundle::{Imported, MAX_FORWARDING};
 pub use contacts::{ContactError, ContactOutcome};
 pub use machine::Progress;
 pub use receive::{Received, Verdict};
@@ -407,6 +410,16 @@ impl<T: Transport> Engine<T> {
                 .map(|t| t.shown)
         })
         .await
+    }
+
+    /// Takes in the envelopes of a bundle: reads those for us, and queues the others
+    /// to be put into the relays it names. Returns once that is durable.
+    pub async fn import_bundle(
+        &self,
+        items: Vec<kkachi_protocol::bundle::Item>,
+    ) -> Result<Imported, EngineError> {
+        self.change(move |state, now| state.import_bundle(&items, now))
+            .await
     }
 
     /// Adds or updates a contact from `card` (see [`ContactOutcome`]).

@@ -208,6 +208,9 @@ pub enum OutboxKind {
     Message,
     /// A receipt or card update: kept until every relay (or the contact) has it.
     Control,
+    /// Someone else's envelope from a bundle, carried on to its relays: kept until
+    /// every one has it, or it expires. It names no contact (`contact` is empty).
+    Forward,
 }
 
 /// One relay an outbox entry must reach.

@@ -78,8 +78,7 @@ Ctrl+C       quit
 /unblock WHO            unblock someone        /remove WHO  remove a contact
 /rename NAME            rename this conversation's contact
 /relays                 your relays: up/down, latency, failure domain
-/drill                  check relays, clocks, contacts' relays, outbox
-/drill game-day         also take each relay out in turn: do messages still flow?
+/drill [game-day]       check relays, clocks, outbox; game-day: each relay out
 /relay add ADDR         add an inbox relay      /relay remove ADDR
 /bell                   bell on/off for messages in other conversations
 /quit                   quit";

@@ -426,3 +426,36 @@ fn a_relay_naming_a_new_epoch_in_every_answer_gets_everything_again_only_once_a_
         "entry 2 (entry 1 took the latest epoch with each answer)"
     );
 }
+
+#[test]
+fn an_envelope_carried_for_someone_else_goes_to_its_relays_only_and_is_done_when_all_have_it() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    let mut carried = entry(OutboxKind::Forward, bob, &["r1", "r2"]);
+    carried.contact = Vec::new();
+    assert!(d.upsert(1, carried), "it names no contact, and needs none");
+    // No direct path, whoever is reachable directly; no message state to move.
+    d.set_direct([bob].into());
+    let a = d.poll_attempts(T0, 10);
+    assert_eq!(
+        paths(&a),
+        [(1, Path::Relay("r1".into())), (1, Path::Relay("r2".into()))]
+    );
+    assert!(a.iter().all(|a| a.contact.is_none() && a.message.is_none()));
+    assert!(d.waiting_contacts().is_empty());
+    // Removing a contact leaves it alone.
+    d.forget_contact(&bob);
+    assert_eq!(d.len(), 1);
+    let r = d.handle_result(&a[0], Outcome::Acked, T0 + 5, 0);
+    assert!(matches!(r.change, Change::Write(_)));
+    assert_eq!(r.state, None);
+    let r = d.handle_result(&a[1], Outcome::Unreachable("down".into()), T0 + 5, 0);
+    assert!(!r.gone);
+    let again = d.poll_attempts(T0 + 3_600_000, 10);
+    assert_eq!(paths(&again), [(1, Path::Relay("r2".into()))]);
+    let r = d.handle_result(&again[0], Outcome::Acked, T0 + 3_600_005, 0);
+    assert_eq!(r.change, Change::Remove, "every relay has it: done");
+    assert!(d.is_empty());
+    // Never put again hourly: nobody's receipt is awaited.
+    assert_eq!(d.next_deadline(), None);
+}

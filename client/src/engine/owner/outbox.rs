@@ -35,10 +35,10 @@ impl<T: Transport> Owner<T> {
                     0,
                 ),
                 Ok(envelope) => match (&attempt.path, keys) {
-                    (Path::Direct, _) => (
-                        put(net.direct_put(attempt.contact, vec![envelope])).await.0,
-                        0,
-                    ),
+                    (Path::Direct, _) => match attempt.contact {
+                        Some(contact) => (put(net.direct_put(contact, vec![envelope])).await.0, 0),
+                        None => (Outcome::Refused("no contact to hand it to".into()), 0),
+                    },
                     (Path::Relay(addr), Some((pairwise, request))) => {
                         match addr.parse::<Multiaddr>() {
                             Ok(relay) => {
@@ -93,20 +93,16 @@ impl<T: Transport> Owner<T> {
             ),
             Change::Nothing => {}
         }
-        if let (Some(state), Some(id)) = (r.state, attempt.message)
-            && let Err(e) = self
-                .state
-                .advance_state(&mut w, &attempt.contact, &id, state)
+        if let (Some(state), Some(id), Some(contact)) = (r.state, attempt.message, attempt.contact)
+            && let Err(e) = self.state.advance_state(&mut w, &contact, &id, state)
         {
             tracing::warn!(error = %e, "cannot record a message's state");
         }
         if r.handed_over
-            && let Some(id) = attempt.message
+            && let (Some(id), Some(contact)) = (attempt.message, attempt.contact)
         {
-            self.state.emit(super::super::AppEvent::HandedOver {
-                contact: attempt.contact,
-                id,
-            });
+            self.state
+                .emit(super::super::AppEvent::HandedOver { contact, id });
         }
         if let Err(e) = self.state.store.apply(w) {
             tracing::warn!(error = %e, "cannot record a delivery");

@@ -1,0 +1,186 @@
+//! Bundles (SPEC.md §10): the outbox's sealed envelopes written to a file, and a file
+//! taken in. What a bundle holds for us is read like envelopes fetched from a relay
+//! (the same deduplication: nothing shows twice, whichever way it came first); the rest
+//! is carried on: each envelope becomes an outbox entry of its own kind, put into the
+//! relays the bundle names until every one holds it, or it expires.
+
+use std::collections::HashSet;
+
+use kkachi_protocol::bundle::{Item, Target as BundleTarget};
+use kkachi_protocol::{Envelope, EnvelopeId, PeerId, WriteKey};
+
+use super::state::State;
+use super::{EngineError, Verdict};
+use crate::net::peer_of;
+use crate::store::{LocalStore, OutboxEntry, OutboxKind, Target, TreeId, WriteSet};
+
+/// The most envelopes carried for others at once: a bundle cannot make this client
+/// put into more relays than this, whatever it holds.
+pub const MAX_FORWARDING: usize = 10_000;
+
+/// What taking in a bundle did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Imported {
+    /// Envelopes in it.
+    pub envelopes: usize,
+    /// For us, taken in now (messages, receipts, cards, requests).
+    pub for_us: usize,
+    /// New messages among them, shown now.
+    pub shown: usize,
+    /// For us, and handled before (through a relay, or an earlier bundle).
+    pub already_had: usize,
+    /// For others: queued to be put into their relays.
+    pub forwarding: usize,
+    /// Already in our outbox (our own, or this bundle taken in before).
+    pub already_queued: usize,
+    /// Past their expiry: dropped.
+    pub expired: usize,
+    /// For others, but naming no relay we could put them into.
+    pub no_relay: usize,
+    /// For others, but we carry [`MAX_FORWARDING`] already.
+    pub over_limit: usize,
+}
+
+/// The outbox entries (of any kind) a bundle carries, oldest first, that are meant for
+/// `only` (everyone when `None`) and not expired at `now_secs`.
+pub(crate) fn export_items(
+    store: &LocalStore,
+    only: Option<&PeerId>,
+    now_secs: u64,
+) -> Result<Vec<Item>, EngineError> {
+    let only = only.map(|p| p.to_bytes());
+    let mut items = Vec::new();
+    for (_, entry) in store.outbox()? {
+        if only.as_ref().is_some_and(|o| *o != entry.contact) {
+            continue;
+        }
+        let Ok(envelope) = Envelope::decode(&entry.envelope) else {
+            continue;
+        };
+        if envelope.expires_at <= now_secs {
+            continue;
+        }
+        let targets = entry
+            .targets
+            .iter()
+            .filter_map(|t| {
+                Some(BundleTarget {
+                    relay: t.addr.parse().ok()?,
+                    write: WriteKey(t.write),
+                    request: t.request.map(WriteKey),
+                })
+            })
+            .take(kkachi_protocol::bundle::MAX_TARGETS)
+            .collect();
+        items.push(Item { envelope, targets });
+    }
+    Ok(items)
+}
+
+impl<T> State<T> {
+    /// Takes in the envelopes of a bundle at `now` (Unix ms).
+    pub(crate) fn import_bundle(
+        &mut self,
+        items: &[Item],
+        now: u64,
+    ) -> Result<Imported, EngineError> {
+        let now_secs = now / 1000;
+        let mut report = Imported {
+            envelopes: items.len(),
+            ..Imported::default()
+        };
+        let outbox = self.store.outbox()?;
+        let mut known: HashSet<EnvelopeId> = outbox
+            .iter()
+            .map(|(_, e)| EnvelopeId::of_encoding(&e.envelope))
+            .collect();
+        let mut carrying = outbox
+            .iter()
+            .filter(|(_, e)| e.kind == OutboxKind::Forward)
+            .count();
+        let mut fresh = Vec::new();
+        for item in items {
+            if item.envelope.expires_at <= now_secs {
+                report.expired += 1;
+            } else if !known.insert(item.envelope.id()) {
+                report.already_queued += 1;
+            } else {
+                fresh.push(item);
+            }
+        }
+        // Read first: what opens is ours, whichever queue it was put into.
+        let envelopes: Vec<Envelope> = fresh.iter().map(|i| i.envelope.clone()).collect();
+        let tally = self.receive(&envelopes, super::receive::Source::Network, now)?;
+        report.shown = tally.shown.len();
+        let mut w = WriteSet::default();
+        for (item, verdict) in fresh.into_iter().zip(tally.verdicts) {
+            match verdict {
+                Verdict::Taken | Verdict::Held => report.for_us += 1,
+                Verdict::Duplicate => report.already_had += 1,
+                Verdict::Refused => {
+                    let targets: Vec<Target> = item
+                        .targets
+                        .iter()
+                        .filter(|t| peer_of(&t.relay).is_some())
+                        .map(|t| Target {
+                            addr: t.relay.to_string(),
+                            acked: false,
+                            attempts: 0,
+                            next_try_ms: 0,
+                            write: t.write.0,
+                            request: t.request.map(|k| k.0),
+                            epoch: 0,
+                        })
+                        .collect();
+                    if targets.is_empty() {
+                        report.no_relay += 1;
+                        continue;
+                    }
+                    if carrying >= MAX_FORWARDING {
+                        report.over_limit += 1;
+                        continue;
+                    }
+                    carrying += 1;
+                    let id = item.envelope.id();
+                    let mut message_id = [0; 16];
+                    message_id.copy_from_slice(&id.0[..16]);
+                    let entry = OutboxEntry {
+                        message_id,
+                        contact: Vec::new(),
+                        kind: OutboxKind::Forward,
+                        envelope: item.envelope.encode(),
+                        targets,
+                        direct_acked: false,
+                        created_ms: now,
+                        sealed_on: None,
+                        resealed_ms: 0,
+                        queued_ms: now,
+                    };
+                    LocalStore::write_outbox(&mut w, self.store.next_outbox_seq()?, &entry);
+                    report.forwarding += 1;
+                }
+            }
+        }
+        self.store.apply(w)?;
+        Ok(report)
+    }
+
+    /// Forgets envelopes carried for others that expired before `now` (Unix ms): no
+    /// relay would take them. Returns how many.
+    pub(crate) fn drop_expired_forwards(&self, now: u64) -> Result<usize, EngineError> {
+        let mut w = WriteSet::default();
+        let mut dropped = 0;
+        for (key, entry) in self.store.outbox()? {
+            let expired =
+                Envelope::decode(&entry.envelope).map_or(true, |e| e.expires_at <= now / 1000);
+            if entry.kind == OutboxKind::Forward && expired {
+                w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            self.store.apply(w)?;
+        }
+        Ok(dropped)
+    }
+}
