@@ -82,6 +82,11 @@ impl Checker {
             .push((seq, gap_ranges(line)));
     }
 
+    /// Every id reported sent, in order.
+    pub fn sent_ids(&self) -> Vec<String> {
+        self.order.clone()
+    }
+
     /// Ids reported sent but not shown yet.
     pub fn outstanding(&self) -> usize {
         self.sent

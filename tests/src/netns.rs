@@ -127,22 +127,105 @@ impl Lan {
     /// Drops all traffic between the two namespaces (nftables in the first), or
     /// restores it. Loopback inside the namespace keeps working.
     pub fn cut(&self, cut: bool) -> anyhow::Result<()> {
-        const TABLE: &str = "kkachi_cut";
-        let nft = |args: &[&str]| {
-            let mut all = vec!["ip", "netns", "exec", self.ns[0].as_str(), "nft"];
-            all.extend_from_slice(args);
-            run(&all)
+        cut_off(&self.ns[0], cut)
+    }
+}
+
+/// Drops all traffic of namespace `ns` but its loopback (nftables inside it), or
+/// restores it. Established connections are not told: their packets vanish, as when a
+/// datacenter's uplinks fail.
+pub fn cut_off(ns: &str, cut: bool) -> anyhow::Result<()> {
+    const TABLE: &str = "kkachi_cut";
+    let nft = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", ns, "nft"];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    if !cut {
+        return nft(&["delete", "table", "inet", TABLE]);
+    }
+    nft(&["add", "table", "inet", TABLE])?;
+    for (chain, hook, lo) in [("out", "output", "oif"), ("in", "input", "iif")] {
+        let policy = format!("{{ type filter hook {hook} priority 0 ; policy drop ; }}");
+        nft(&["add", "chain", "inet", TABLE, chain, &policy])?;
+        nft(&["add", "rule", "inet", TABLE, chain, lo, "lo", "accept"])?;
+    }
+    Ok(())
+}
+
+/// Namespaces joined through a bridge that lives in a namespace of its own (nothing is
+/// added to the host's network): one per datacenter, one per user.
+#[derive(Debug)]
+pub struct Bridged {
+    core: String,
+    /// The member namespaces, in the order asked for.
+    pub ns: Vec<String>,
+    /// Their addresses on the bridge.
+    pub ips: Vec<String>,
+    cut: Vec<bool>,
+}
+
+impl Bridged {
+    /// Creates `{prefix}core` with a bridge, and `{prefix}{name}` for each of `names`,
+    /// joined to it by a veth pair, on `10.214.{subnet}.0/24`.
+    pub fn create(prefix: &str, subnet: u8, names: &[&str]) -> anyhow::Result<Self> {
+        let net = Self {
+            core: format!("{prefix}core"),
+            ns: names.iter().map(|n| format!("{prefix}{n}")).collect(),
+            ips: (0..names.len())
+                .map(|i| format!("10.214.{subnet}.{}", i + 1))
+                .collect(),
+            cut: vec![false; names.len()],
         };
-        if !cut {
-            return nft(&["delete", "table", "inet", TABLE]);
+        net.remove();
+        run(&["ip", "netns", "add", &net.core])?;
+        run(&[
+            "ip", "-n", &net.core, "link", "add", "br0", "type", "bridge",
+        ])?;
+        run(&["ip", "-n", &net.core, "link", "set", "br0", "up"])?;
+        for (i, ns) in net.ns.iter().enumerate() {
+            let (inner, outer) = (format!("{prefix}{i}m"), format!("{prefix}{i}c"));
+            run(&["ip", "netns", "add", ns])?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            run(&[
+                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ])?;
+            run(&["ip", "link", "set", &inner, "netns", ns])?;
+            run(&["ip", "link", "set", &outer, "netns", &net.core])?;
+            run(&[
+                "ip", "-n", &net.core, "link", "set", &outer, "master", "br0", "up",
+            ])?;
+            let cidr = format!("{}/24", net.ips[i]);
+            run(&["ip", "-n", ns, "addr", "add", &cidr, "dev", &inner])?;
+            run(&["ip", "-n", ns, "link", "set", &inner, "up"])?;
         }
-        nft(&["add", "table", "inet", TABLE])?;
-        for (chain, hook, lo) in [("out", "output", "oif"), ("in", "input", "iif")] {
-            let policy = format!("{{ type filter hook {hook} priority 0 ; policy drop ; }}");
-            nft(&["add", "chain", "inet", TABLE, chain, &policy])?;
-            nft(&["add", "rule", "inet", TABLE, chain, lo, "lo", "accept"])?;
+        Ok(net)
+    }
+
+    /// Cuts member `i` off from everyone (or restores it); nothing if it already is.
+    pub fn cut(&mut self, i: usize, cut: bool) -> anyhow::Result<()> {
+        if self.cut[i] != cut {
+            cut_off(&self.ns[i], cut)?;
+            self.cut[i] = cut;
         }
         Ok(())
+    }
+
+    /// Whether member `i` is cut off.
+    pub fn is_cut(&self, i: usize) -> bool {
+        self.cut[i]
+    }
+
+    fn remove(&self) {
+        for ns in self.ns.iter().chain([&self.core]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Drop for Bridged {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 

@@ -363,6 +363,11 @@ impl Daemon {
         }
     }
 
+    /// Messages printed so far, without waiting.
+    pub fn ready(&self) -> Vec<(Instant, serde_json::Value)> {
+        self.lines.try_iter().collect()
+    }
+
     /// kill -9.
     pub fn kill9(&mut self) {
         kill9(&mut self.child);

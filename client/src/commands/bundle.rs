@@ -78,9 +78,15 @@ impl App {
         out: &mut Output,
     ) -> Result<(), CommandError> {
         self.identity()?;
-        let bytes = read_bounded(file)?;
-        let items = bundle::decode(&bytes)
-            .map_err(|e| CommandError::Refused(format!("{}: {e}", file.display())))?;
+        // Reading and checking up to 256 MiB is no work for the async threads.
+        let path = file.to_path_buf();
+        let items = tokio::task::spawn_blocking(move || {
+            let bytes = read_bounded(&path)?;
+            bundle::decode(&bytes)
+                .map_err(|e| CommandError::Refused(format!("{}: {e}", path.display())))
+        })
+        .await
+        .map_err(|e| CommandError::Refused(format!("reading the bundle failed: {e}")))??;
         let engine = self.engine()?;
         let imported = engine.import_bundle(items).await?;
         // What it carries for others, and the receipts for what it brought us, go now
@@ -148,7 +154,11 @@ fn read_bounded(file: &Path) -> Result<Vec<u8>, CommandError> {
     let cannot =
         |e: std::io::Error| CommandError::Refused(format!("cannot read {}: {e}", file.display()));
     let f = std::fs::File::open(file).map_err(cannot)?;
-    let len = f.metadata().map_err(cannot)?.len();
+    let meta = f.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return fail(format!("{} is not a file", file.display()));
+    }
+    let len = meta.len();
     if len > MAX_BUNDLE_LEN as u64 {
         return fail(format!(
             "{}: {}",
@@ -166,21 +176,30 @@ fn read_bounded(file: &Path) -> Result<Vec<u8>, CommandError> {
     Ok(bytes)
 }
 
-/// Writes `bytes` to `to` readable by its owner only, whole or not at all: into a file
-/// beside it, synced, then renamed over it.
+/// Writes `bytes` to `to` readable by its owner only, whole or not at all: into a new
+/// file of a random name beside it (never one that exists, nor through a link), synced,
+/// then renamed over it.
 fn write_private(to: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut partial = to.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    let partial = dir.join(format!(".{name}.{:016x}.partial", rand::random::<u64>()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&partial)?;
     let result = (|| {
-        let mut f = options.open(&partial)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&partial, to)
+        std::fs::rename(&partial, to)?;
+        // The rename itself, durable.
+        std::fs::File::open(&dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);

@@ -384,12 +384,14 @@ impl App {
                 .or_else(|| ours.iter().find(|(a, _)| a == addr).map(|(_, u)| *u))
                 .unwrap_or(false)
         };
+        // A relay taken out is out under any of its addresses: compared by peer id.
         let reachable_without = |c: &crate::store::Contact, out: Option<&str>| {
+            let out = out.and_then(|o| o.parse::<Multiaddr>().ok().as_ref().and_then(peer_of));
             c.card
                 .relays()
                 .iter()
-                .map(|a| a.to_string())
-                .filter(|a| Some(a.as_str()) != out && up(a))
+                .filter(|a| out.is_none() || peer_of(a) != out)
+                .filter(|a| up(&a.to_string()))
                 .count()
         };
         let checks = contacts
@@ -419,7 +421,13 @@ impl App {
             None
         };
         let contacts = checks;
-        let outbox = self.store.outbox()?;
+        // What we carry for others (from bundles) is theirs to wait for.
+        let outbox: Vec<_> = self
+            .store
+            .outbox()?
+            .into_iter()
+            .filter(|(_, e)| e.kind != crate::store::OutboxKind::Forward)
+            .collect();
         let now = now_ms();
         let oldest = outbox
             .iter()

@@ -6,7 +6,8 @@
 
 use std::collections::HashSet;
 
-use kkachi_protocol::bundle::{Item, Target as BundleTarget};
+use kkachi_protocol::bundle::{Item, MAX_ADDR_LEN, MAX_ITEMS, Target as BundleTarget};
+use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use kkachi_protocol::{Envelope, EnvelopeId, PeerId, WriteKey};
 
 use super::state::State;
@@ -14,9 +15,16 @@ use super::{EngineError, Verdict};
 use crate::net::peer_of;
 use crate::store::{LocalStore, OutboxEntry, OutboxKind, Target, TreeId, WriteSet};
 
-/// The most envelopes carried for others at once: a bundle cannot make this client
-/// put into more relays than this, whatever it holds.
-pub const MAX_FORWARDING: usize = 10_000;
+/// The most envelopes carried for others at once.
+pub const MAX_FORWARDING: usize = 2_000;
+/// The most bytes of envelopes carried for others at once.
+pub(crate) const MAX_FORWARDING_BYTES: usize = 64 << 20;
+/// The most distinct relays (by peer id) that envelopes carried for others go to: a
+/// bundle cannot make this client dial more than this many, whatever it names.
+pub const MAX_CARRIED_RELAYS: usize = 64;
+/// Envelopes of a bundle taken in per turn of the engine, which goes on with other
+/// work in between.
+pub(crate) const IMPORT_CHUNK: usize = 256;
 
 /// What taking in a bundle did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,12 +41,28 @@ pub struct Imported {
     pub forwarding: usize,
     /// Already in our outbox (our own, or this bundle taken in before).
     pub already_queued: usize,
-    /// Past their expiry: dropped.
+    /// Past their expiry, or expiring further ahead than relays keep anything: dropped.
     pub expired: usize,
     /// For others, but naming no relay we could put them into.
     pub no_relay: usize,
-    /// For others, but we carry [`MAX_FORWARDING`] already.
+    /// For others, but we carry as much as we may already ([`MAX_FORWARDING`],
+    /// [`MAX_FORWARDING_BYTES`], [`MAX_CARRIED_RELAYS`]).
     pub over_limit: usize,
+}
+
+impl Imported {
+    /// Adds the counts of another part of the same bundle.
+    pub fn add(&mut self, other: &Imported) {
+        self.envelopes += other.envelopes;
+        self.for_us += other.for_us;
+        self.shown += other.shown;
+        self.already_had += other.already_had;
+        self.forwarding += other.forwarding;
+        self.already_queued += other.already_queued;
+        self.expired += other.expired;
+        self.no_relay += other.no_relay;
+        self.over_limit += other.over_limit;
+    }
 }
 
 /// The outbox entries (of any kind) a bundle carries, oldest first, that are meant for
@@ -51,6 +75,9 @@ pub(crate) fn export_items(
     let only = only.map(|p| p.to_bytes());
     let mut items = Vec::new();
     for (_, entry) in store.outbox()? {
+        if items.len() >= MAX_ITEMS {
+            break;
+        }
         if only.as_ref().is_some_and(|o| *o != entry.contact) {
             continue;
         }
@@ -63,6 +90,7 @@ pub(crate) fn export_items(
         let targets = entry
             .targets
             .iter()
+            .filter(|t| t.addr.len() <= MAX_ADDR_LEN)
             .filter_map(|t| {
                 Some(BundleTarget {
                     relay: t.addr.parse().ok()?,
@@ -94,13 +122,22 @@ impl<T> State<T> {
             .iter()
             .map(|(_, e)| EnvelopeId::of_encoding(&e.envelope))
             .collect();
-        let mut carrying = outbox
+        let carried: Vec<&OutboxEntry> = outbox
             .iter()
-            .filter(|(_, e)| e.kind == OutboxKind::Forward)
-            .count();
+            .map(|(_, e)| e)
+            .filter(|e| e.kind == OutboxKind::Forward)
+            .collect();
+        let mut carrying = carried.len();
+        let mut carrying_bytes: usize = carried.iter().map(|e| e.envelope.len()).sum();
+        let mut relays: HashSet<PeerId> = carried
+            .iter()
+            .flat_map(|e| &e.targets)
+            .filter_map(|t| t.addr.parse().ok().as_ref().and_then(peer_of))
+            .collect();
         let mut fresh = Vec::new();
         for item in items {
-            if item.envelope.expires_at <= now_secs {
+            let too_far = item.envelope.expires_at > now_secs + MAX_TTL_SECS + CLOCK_SKEW_SECS;
+            if item.envelope.expires_at <= now_secs || too_far {
                 report.expired += 1;
             } else if !known.insert(item.envelope.id()) {
                 report.already_queued += 1;
@@ -110,7 +147,7 @@ impl<T> State<T> {
         }
         // Read first: what opens is ours, whichever queue it was put into.
         let envelopes: Vec<Envelope> = fresh.iter().map(|i| i.envelope.clone()).collect();
-        let tally = self.receive(&envelopes, super::receive::Source::Network, now)?;
+        let tally = self.receive(&envelopes, super::receive::Source::Bundle, now)?;
         report.shown = tally.shown.len();
         let mut w = WriteSet::default();
         for (item, verdict) in fresh.into_iter().zip(tally.verdicts) {
@@ -118,10 +155,18 @@ impl<T> State<T> {
                 Verdict::Taken | Verdict::Held => report.for_us += 1,
                 Verdict::Duplicate => report.already_had += 1,
                 Verdict::Refused => {
+                    // Each relay once, and only relays named by their peer id.
+                    let mut peers = Vec::new();
                     let targets: Vec<Target> = item
                         .targets
                         .iter()
-                        .filter(|t| peer_of(&t.relay).is_some())
+                        .filter(|t| match peer_of(&t.relay) {
+                            Some(p) if !peers.contains(&p) => {
+                                peers.push(p);
+                                true
+                            }
+                            _ => false,
+                        })
                         .map(|t| Target {
                             addr: t.relay.to_string(),
                             acked: false,
@@ -136,11 +181,18 @@ impl<T> State<T> {
                         report.no_relay += 1;
                         continue;
                     }
-                    if carrying >= MAX_FORWARDING {
+                    let bytes = item.envelope.encoded_len();
+                    let new_relays = peers.iter().filter(|p| !relays.contains(p)).count();
+                    if carrying >= MAX_FORWARDING
+                        || carrying_bytes + bytes > MAX_FORWARDING_BYTES
+                        || relays.len() + new_relays > MAX_CARRIED_RELAYS
+                    {
                         report.over_limit += 1;
                         continue;
                     }
                     carrying += 1;
+                    carrying_bytes += bytes;
+                    relays.extend(peers);
                     let id = item.envelope.id();
                     let mut message_id = [0; 16];
                     message_id.copy_from_slice(&id.0[..16]);

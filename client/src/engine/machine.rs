@@ -29,6 +29,19 @@ pub const RETRY: Backoff = Backoff {
     first: Duration::from_millis(500),
     max: Duration::from_secs(15),
 };
+/// Waits between attempts to put an envelope carried for someone else (from a
+/// bundle): nobody waits for it on screen, and its relays are whoever the bundle named.
+pub const RETRY_CARRIED: Backoff = Backoff {
+    first: Duration::from_secs(5),
+    max: Duration::from_secs(600),
+};
+/// Attempts under way to one relay at once: a relay that stopped answering (its
+/// datacenter cut off, its packets vanishing) holds at most this many until they time
+/// out, and the other relays' deliveries go on.
+pub const MAX_PER_RELAY: usize = 4;
+/// Attempts under way at once for envelopes carried for others: the user's own
+/// messages always have room.
+pub const MAX_CARRIED: usize = 2;
 /// How long after every relay acknowledged a message, with no receipt from the contact,
 /// it is put again (a relay may have lost it).
 pub const REPUT_AFTER_MS: u64 = 3_600_000;
@@ -182,6 +195,10 @@ pub struct Deliveries {
     /// The store epoch each relay named last in this run: an answer naming the same
     /// one needs no look at the outbox.
     epochs: HashMap<String, u64>,
+    /// Attempts under way per relay (at most [`MAX_PER_RELAY`]).
+    per_relay: HashMap<String, usize>,
+    /// Attempts under way for carried envelopes (at most [`MAX_CARRIED`]).
+    carried: usize,
 }
 
 /// A relay's acknowledgements are undone for a new store epoch at most this often.
@@ -287,37 +304,55 @@ impl Deliveries {
         if limit == 0 || self.next_deadline().is_none_or(|d| d > now) {
             return out;
         }
-        for (key, s) in &mut self.entries {
-            if out.len() >= limit {
-                break;
-            }
-            if self.held.contains(key) {
-                continue;
-            }
-            let direct =
-                (s.wants_direct(&self.direct) && s.direct_next_ms <= now && !s.busy(&Path::Direct))
-                    .then_some(Path::Direct);
-            let relays: Vec<Path> = s
-                .entry
-                .targets
-                .iter()
-                .filter(|t| !t.acked && t.next_try_ms <= now && !s.relay_busy(&t.addr))
-                .map(|t| Path::Relay(t.addr.clone()))
-                .collect();
-            for path in direct.into_iter().chain(relays) {
+        // The user's own entries first; carried ones with what room is left.
+        for carried in [false, true] {
+            for (key, s) in &mut self.entries {
                 if out.len() >= limit {
                     break;
                 }
-                s.in_flight.push(path.clone());
-                out.push(Attempt {
-                    key: *key,
-                    version: s.version,
-                    path,
-                    contact: s.contact,
-                    message: (s.entry.kind == OutboxKind::Message)
-                        .then_some(MessageId(s.entry.message_id)),
-                    envelope: s.entry.envelope.clone(),
-                });
+                if self.held.contains(key) || (s.entry.kind == OutboxKind::Forward) != carried {
+                    continue;
+                }
+                let direct = (s.wants_direct(&self.direct)
+                    && s.direct_next_ms <= now
+                    && !s.busy(&Path::Direct))
+                .then_some(Path::Direct);
+                let relays: Vec<Path> = s
+                    .entry
+                    .targets
+                    .iter()
+                    .filter(|t| !t.acked && t.next_try_ms <= now && !s.relay_busy(&t.addr))
+                    .map(|t| Path::Relay(t.addr.clone()))
+                    .collect();
+                for path in direct.into_iter().chain(relays) {
+                    if out.len() >= limit || (carried && self.carried >= MAX_CARRIED) {
+                        break;
+                    }
+                    if s.in_flight.contains(&path) {
+                        // The same relay named twice.
+                        continue;
+                    }
+                    if let Path::Relay(addr) = &path {
+                        let busy = self.per_relay.entry(addr.clone()).or_default();
+                        if *busy >= MAX_PER_RELAY {
+                            continue;
+                        }
+                        *busy += 1;
+                    }
+                    if carried {
+                        self.carried += 1;
+                    }
+                    s.in_flight.push(path.clone());
+                    out.push(Attempt {
+                        key: *key,
+                        version: s.version,
+                        path,
+                        contact: s.contact,
+                        message: (s.entry.kind == OutboxKind::Message)
+                            .then_some(MessageId(s.entry.message_id)),
+                        envelope: s.entry.envelope.clone(),
+                    });
+                }
             }
         }
         if !out.is_empty() {
@@ -338,6 +373,17 @@ impl Deliveries {
     ) -> Recorded {
         self.changed();
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Path::Relay(addr) = &attempt.path
+            && let Some(busy) = self.per_relay.get_mut(addr)
+        {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                self.per_relay.remove(addr);
+            }
+        }
+        if attempt.contact.is_none() {
+            self.carried = self.carried.saturating_sub(1);
+        }
         let relay = match (&attempt.path, &outcome) {
             (Path::Relay(addr), Outcome::Unreachable(why)) => {
                 Some((addr.clone(), Err(RelayError::Unreachable(why.clone()))))
@@ -382,12 +428,19 @@ impl Deliveries {
                 s.direct_next_ms = now + RETRY.wait_ms(s.direct_failures, jitter);
             }
             Path::Relay(addr) => {
-                if let Some(t) = entry.targets.iter_mut().find(|t| t.addr == *addr) {
+                let backoff = if entry.kind == OutboxKind::Forward {
+                    RETRY_CARRIED
+                } else {
+                    RETRY
+                };
+                // Every target at that address (a card or bundle naming a relay twice
+                // must not leave a copy due for ever).
+                for t in entry.targets.iter_mut().filter(|t| t.addr == *addr) {
                     if acked {
                         t.acked = true;
                     } else {
                         t.attempts = t.attempts.saturating_add(1);
-                        t.next_try_ms = now + RETRY.wait_ms(t.attempts, jitter);
+                        t.next_try_ms = now + backoff.wait_ms(t.attempts, jitter);
                     }
                 }
             }
@@ -578,11 +631,23 @@ impl Deliveries {
             .iter()
             .filter(|(key, _)| !self.held.contains(key))
             .flat_map(|(_, s)| {
+                // A relay with every slot taken, and carried entries with theirs
+                // taken, are due again when an answer frees one (an answer is a change).
+                let carried_full =
+                    s.entry.kind == OutboxKind::Forward && self.carried >= MAX_CARRIED;
                 let relays = s
                     .entry
                     .targets
                     .iter()
-                    .filter(|t| !t.acked && !s.relay_busy(&t.addr))
+                    .filter(move |t| {
+                        !t.acked
+                            && !s.relay_busy(&t.addr)
+                            && !carried_full
+                            && self
+                                .per_relay
+                                .get(&t.addr)
+                                .is_none_or(|n| *n < MAX_PER_RELAY)
+                    })
                     .map(|t| t.next_try_ms);
                 let direct = (s.wants_direct(&self.direct) && !s.busy(&Path::Direct))
                     .then_some(s.direct_next_ms);

@@ -48,7 +48,7 @@ use crate::net::{NetEvent, Transport};
 use crate::store::{LocalStore, MessageState, StoreError};
 
 pub(crate) use bundle::export_items;
-pub use bundle::{Imported, MAX_FORWARDING};
+pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING};
 pub use contacts::{ContactError, ContactOutcome};
 pub use machine::Progress;
 pub use receive::{Received, Verdict};
@@ -416,10 +416,20 @@ impl<T: Transport> Engine<T> {
     /// to be put into the relays it names. Returns once that is durable.
     pub async fn import_bundle(
         &self,
-        items: Vec<kkachi_protocol::bundle::Item>,
+        mut items: Vec<kkachi_protocol::bundle::Item>,
     ) -> Result<Imported, EngineError> {
-        self.change(move |state, now| state.import_bundle(&items, now))
-            .await
+        // A part at a time: the engine goes on with other work in between.
+        let mut report = Imported::default();
+        while !items.is_empty() {
+            let part: Vec<_> = items
+                .drain(..items.len().min(bundle::IMPORT_CHUNK))
+                .collect();
+            let done = self
+                .change(move |state, now| state.import_bundle(&part, now))
+                .await?;
+            report.add(&done);
+        }
+        Ok(report)
     }
 
     /// Adds or updates a contact from `card` (see [`ContactOutcome`]).

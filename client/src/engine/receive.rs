@@ -51,6 +51,10 @@ pub struct Received {
 pub(crate) enum Source {
     /// A relay or a direct path: envelopes already handled are skipped.
     Network,
+    /// A bundle carried by hand: like the network, except that a first message from
+    /// someone who is not a contact is not held from it (it goes through the relay's
+    /// contact-request queue, and its quota, instead).
+    Bundle,
     /// Messages held from `PeerId` while they were not a contact, now accepted: they
     /// were marked seen when held, and each leaves the held ones as it is applied.
     Held(PeerId),
@@ -240,7 +244,7 @@ impl<T> State<T> {
         source: Source,
         now: u64,
     ) -> Result<Outcome, EngineError> {
-        if source == Source::Network && self.store.seen(&envelope.id())? {
+        if matches!(source, Source::Network | Source::Bundle) && self.store.seen(&envelope.id())? {
             return Ok(Outcome::Skipped(SEEN));
         }
         let now_s = now / 1000;
@@ -412,6 +416,12 @@ impl<T> State<T> {
         }
         let contacts = self.store.contacts()?;
         let Some(contact) = contacts.iter().find(|c| c.peer == peer) else {
+            if source == Source::Bundle {
+                return Ok(Err(Outcome::Dropped(
+                    "a message request from a bundle (it is put into our request queue instead)"
+                        .into(),
+                )));
+            }
             if source != Source::Network {
                 // Being accepted, yet not a contact (removed meanwhile): it stays held.
                 return Ok(Err(Outcome::Skipped("the sender is not a contact")));

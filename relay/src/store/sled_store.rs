@@ -280,28 +280,43 @@ impl SledStore {
     }
 }
 
+/// What a queue holds, read from the tree.
+#[derive(Default)]
+struct Found {
+    entries: Vec<Entry>,
+    /// Keys of records that do not decode (damaged on disk): they are removed, since
+    /// no fetch could return them.
+    corrupt: Vec<sled::IVec>,
+}
+
 /// Every envelope of `queue` in the tree, as index entries. Gives up (with what it has)
 /// when `stop` is set.
-fn read_queue(
-    tree: &sled::Tree,
-    queue: &QueueId,
-    stop: &AtomicBool,
-) -> Result<Vec<Entry>, StoreError> {
-    let mut found = Vec::new();
+fn read_queue(tree: &sled::Tree, queue: &QueueId, stop: &AtomicBool) -> Result<Found, StoreError> {
+    let mut found = Found::default();
     let mut prefix = [0u8; 33];
     prefix[0] = MAIL;
     prefix[1..].copy_from_slice(&queue.0);
-    for item in tree.scan_prefix(prefix) {
-        if found.len() % 1024 == 1023 && stop.load(Ordering::Relaxed) {
+    for (n, item) in tree.scan_prefix(prefix).enumerate() {
+        if n % 1024 == 1023 && stop.load(Ordering::Relaxed) {
             break;
         }
         let (key, value) = item.map_err(io)?;
-        let (mailbox, cursor) = parse_mail_key(&key)?;
-        let (grant, bytes) = split_value(&value)?;
-        let envelope = Envelope::decode(bytes).map_err(|e| {
-            StoreError::Corrupt(format!("envelope at cursor {cursor} does not decode: {e}"))
-        })?;
-        found.push(Entry {
+        let decoded = parse_mail_key(&key).and_then(|(mailbox, cursor)| {
+            let (grant, bytes) = split_value(&value)?;
+            let envelope = Envelope::decode(bytes).map_err(|e| {
+                StoreError::Corrupt(format!("envelope at cursor {cursor} does not decode: {e}"))
+            })?;
+            Ok((mailbox, cursor, grant, bytes, envelope))
+        });
+        let (mailbox, cursor, grant, bytes, envelope) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "a stored envelope is damaged; it is removed");
+                found.corrupt.push(key);
+                continue;
+            }
+        };
+        found.entries.push(Entry {
             id: EnvelopeId::of_encoding(bytes),
             mailbox,
             grant,
@@ -314,18 +329,22 @@ fn read_queue(
 }
 
 /// Adds what [`read_queue`] found in `queue` to the index, unless the queue was indexed
-/// meanwhile. A second copy of an id (which puts never write) is removed.
+/// meanwhile. A second copy of an id (which puts never write) and damaged records are
+/// removed.
 fn add_queue(
     tree: &sled::Tree,
     index: &Mutex<Index>,
     queue: &QueueId,
-    found: Vec<Entry>,
+    found: Found,
 ) -> Result<(), StoreError> {
     let mut index = index.lock();
     if index.is_loaded(queue) {
         return Ok(());
     }
-    let extra = index.load(*queue, &found);
+    for key in &found.corrupt {
+        tree.remove(key).map_err(io)?;
+    }
+    let extra = index.load(*queue, &found.entries);
     if !extra.is_empty() {
         tracing::warn!(
             envelopes = extra.len(),
@@ -359,7 +378,14 @@ impl Walk {
                 .name("kkachi-index".into())
                 .spawn(move || {
                     let started = Instant::now();
-                    match walk(&tree, &index, &stop) {
+                    let walked =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| walk(&tree, &index, &stop)))
+                            .unwrap_or_else(|_| {
+                                Err(StoreError::Io(
+                                    "indexing the stored envelopes panicked".into(),
+                                ))
+                            });
+                    match walked {
                         Ok(true) => {
                             let totals = {
                                 let mut index = index.lock();

@@ -489,3 +489,37 @@ async fn the_store_epoch_lasts_with_the_data_and_changes_with_a_new_database() {
         MemoryStore::new(QUOTA).epoch()
     );
 }
+
+#[tokio::test]
+async fn a_damaged_record_is_removed_and_the_rest_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path(), 2, 3).await;
+    {
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
+        let tree = db.open_tree("queues").unwrap();
+        let (key, _) = tree.iter().next().unwrap().unwrap();
+        tree.insert(key, vec![0xff; 40]).unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.fatal(),
+        None,
+        "one damaged record does not stop the relay"
+    );
+    assert_eq!(store.stats().envelopes, 5);
+    assert_eq!(
+        held(&store, &QueueId([1; 32])).len(),
+        2,
+        "fetches work again"
+    );
+    assert_eq!(held(&store, &QueueId([2; 32])).len(), 3);
+}

@@ -459,3 +459,81 @@ fn an_envelope_carried_for_someone_else_goes_to_its_relays_only_and_is_done_when
     // Never put again hourly: nobody's receipt is awaited.
     assert_eq!(d.next_deadline(), None);
 }
+
+#[test]
+fn a_relay_that_stopped_answering_holds_a_few_attempts_and_the_others_go_on() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    for key in 0..10 {
+        d.upsert(key, entry(OutboxKind::Message, bob, &["cut", "up"]));
+    }
+    let a = d.poll_attempts(T0, 64);
+    let to = |relay: &str| {
+        a.iter()
+            .filter(|a| a.path == Path::Relay(relay.into()))
+            .count()
+    };
+    assert_eq!(to("cut"), MAX_PER_RELAY, "the rest wait for an answer");
+    assert_eq!(to("up"), MAX_PER_RELAY);
+    // The live relay's answers free its slots at once; the cut one's never come.
+    for attempt in a.iter().filter(|a| a.path == Path::Relay("up".into())) {
+        d.handle_result(attempt, Outcome::Acked, T0 + 1, 0);
+    }
+    assert_eq!(d.next_deadline(), Some(0), "more is due for the live relay");
+    let b = d.poll_attempts(T0 + 2, 64);
+    assert!(!b.is_empty());
+    assert!(
+        b.iter().all(|a| a.path == Path::Relay("up".into())),
+        "the cut relay's slots are still taken: {:?}",
+        paths(&b)
+    );
+    // Nothing due that cannot start: the loop does not spin.
+    let _ = d.poll_attempts(T0 + 3, 64);
+    for attempt in b.iter() {
+        d.handle_result(attempt, Outcome::Acked, T0 + 4, 0);
+    }
+    let c = d.poll_attempts(T0 + 5, 64);
+    assert!(c.iter().all(|a| a.path == Path::Relay("up".into())));
+    for attempt in c.iter() {
+        d.handle_result(attempt, Outcome::Acked, T0 + 6, 0);
+    }
+    assert_eq!(
+        d.next_deadline(),
+        None,
+        "only the cut relay's paths wait, on its slots"
+    );
+}
+
+#[test]
+fn carried_envelopes_wait_behind_our_own_and_a_relay_named_twice_is_tried_once() {
+    let bob = PeerId::random();
+    let mut d = Deliveries::default();
+    for key in 0..4 {
+        let mut carried = entry(OutboxKind::Forward, bob, &["r1", "r1"]);
+        carried.contact = Vec::new();
+        d.upsert(key, carried);
+    }
+    d.upsert(9, entry(OutboxKind::Message, bob, &["r2"]));
+    let a = d.poll_attempts(T0, 64);
+    assert_eq!(a[0].key, 9, "our own message first, though newer");
+    assert_eq!(
+        a.iter().filter(|a| a.contact.is_none()).count(),
+        MAX_CARRIED,
+        "carried ones get a few slots"
+    );
+    let first = a.iter().find(|a| a.key == 0).unwrap();
+    assert_eq!(
+        a.iter().filter(|a| a.key == 0).count(),
+        1,
+        "r1 is named twice, tried once"
+    );
+    let r = d.handle_result(first, Outcome::Unreachable("down".into()), T0 + 1, 0);
+    let Change::Write(e) = r.change else {
+        panic!("the failure is recorded")
+    };
+    assert!(
+        e.targets.iter().all(|t| t.next_try_ms >= T0 + 1 + 2_500),
+        "both copies wait, and a carried envelope waits longer than our own: {:?}",
+        e.targets
+    );
+}

@@ -3,8 +3,10 @@
 //!
 //! - `delivery`: sending, receiving, receipts, relays down, restarts, direct paths;
 //! - `hostile`: contacts and strangers sending what no honest client would;
-//! - `contacts`: message requests, blocking, removing and adding contacts again.
+//! - `contacts`: message requests, blocking, removing and adding contacts again;
+//! - `bundles`: bundles taken in, ours and others'.
 
+mod bundles;
 mod contacts;
 mod delivery;
 mod hostile;
