@@ -109,8 +109,9 @@ struct Waiter {
     reply: Reply,
 }
 
-/// A put in progress: its answer and where to send it.
-type PendingPut = BoxFuture<'static, (Reply, RelayToClient)>;
+/// A put in progress: its answer, where to send it, and the queues with new envelopes
+/// once it is done (whose long polls to answer then).
+type PendingPut = BoxFuture<'static, (Reply, RelayToClient, Vec<QueueId>)>;
 
 pub(crate) struct Node<S> {
     swarm: Swarm<Boxed<Behaviour>>,
@@ -181,8 +182,11 @@ impl<S: MailboxStore + Clone> Node<S> {
                 // network events, then housekeeping.
                 biased;
                 _ = &mut shutdown => break,
-                Some((reply, response)) = self.puts.next(), if !self.puts.is_empty() => {
+                Some((reply, response, mailboxes)) = self.puts.next(), if !self.puts.is_empty() => {
                     self.respond(reply, response);
+                    for mailbox in mailboxes {
+                        self.wake(&mailbox);
+                    }
                 }
                 Some(r) = self.sessions.recv() => {
                     let source = self.peer_sources.get(&r.peer).copied();
@@ -259,11 +263,20 @@ impl<S: MailboxStore + Clone> Node<S> {
         match self.service.handle(&peer, source, request, unix_now()) {
             Action::Respond(response) => self.respond(reply, response),
             Action::Later(done) => {
-                self.puts.push(Box::pin(async move { (reply, done.await) }));
+                self.puts
+                    .push(Box::pin(async move { (reply, done.await, Vec::new()) }));
+                self.fresh_puts = true;
+            }
+            Action::Deferred(done) => {
+                self.puts.push(Box::pin(async move {
+                    let (response, mailboxes) = done.await;
+                    (reply, response, mailboxes)
+                }));
                 self.fresh_puts = true;
             }
             Action::Put { done, mailboxes } => {
-                self.puts.push(Box::pin(async move { (reply, done.await) }));
+                self.puts
+                    .push(Box::pin(async move { (reply, done.await, Vec::new()) }));
                 self.fresh_puts = true;
                 for mailbox in mailboxes {
                     self.wake(&mailbox);
@@ -391,7 +404,7 @@ impl<S: MailboxStore + Clone> Node<S> {
         tokio::pin!(deadline);
         while !self.puts.is_empty() {
             tokio::select! {
-                Some((reply, response)) = self.puts.next() => self.respond(reply, response),
+                Some((reply, response, _)) = self.puts.next() => self.respond(reply, response),
                 Some(r) = self.sessions.recv() => self.refuse(r.reply),
                 _ = self.swarm.select_next_some() => {}
                 _ = &mut deadline => {

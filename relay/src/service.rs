@@ -41,6 +41,10 @@ pub(crate) enum Action {
         /// acknowledgement and the recipient drops duplicates.
         mailboxes: Vec<QueueId>,
     },
+    /// A put or delete naming a queue the store has not indexed since it started: the
+    /// queue is read off the node's loop, then the request is carried out. Resolves to
+    /// the answer and the queues with new envelopes (whose long polls to answer).
+    Deferred(BoxFuture<'static, (RelayToClient, Vec<QueueId>)>),
     /// Nothing yet: park the long poll until something arrives or `wait_ms` passes.
     Wait {
         mailbox: QueueId,
@@ -54,6 +58,7 @@ impl std::fmt::Debug for Action {
         match self {
             Action::Respond(r) => f.debug_tuple("Respond").field(r).finish(),
             Action::Later(_) => f.write_str("Later"),
+            Action::Deferred(_) => f.write_str("Deferred"),
             Action::Put { mailboxes, .. } => {
                 f.debug_struct("Put").field("mailboxes", mailboxes).finish()
             }
@@ -356,13 +361,38 @@ impl<S: MailboxStore + Clone> Service<S> {
                 }
             }
             ClientToRelay::Delete { key, ids } => {
-                Action::Respond(match self.store.delete(&key.queue(), &ids) {
+                let queue = key.queue();
+                let (store, metrics) = (self.store.clone(), self.metrics.clone());
+                let delete = move || match store.delete(&queue, &ids) {
                     Ok(count) => RelayToClient::Deleted { count },
                     Err(e) => {
                         let (code, message) = store_refusal(&e);
-                        refuse(&self.metrics, code, message)
+                        refuse(&metrics, code, message)
                     }
-                })
+                };
+                if self.store.is_indexed(&queue) {
+                    return Action::Respond(delete());
+                }
+                let store = self.store.clone();
+                Action::Deferred(Box::pin(async move {
+                    let answer = tokio::task::spawn_blocking(move || {
+                        store.index_queue(&queue)?;
+                        Ok::<_, StoreError>(delete())
+                    })
+                    .await;
+                    let answer = match answer {
+                        Ok(Ok(answer)) => answer,
+                        Ok(Err(e)) => {
+                            let (code, message) = store_refusal(&e);
+                            RelayToClient::Error { code, message }
+                        }
+                        Err(_) => RelayToClient::Error {
+                            code: ErrorCode::Internal,
+                            message: "the relay failed reading the queue; retry".into(),
+                        },
+                    };
+                    (answer, Vec::new())
+                }))
             }
             ClientToRelay::Grant {
                 key,
@@ -567,57 +597,102 @@ impl<S: MailboxStore + Clone> Service<S> {
                 }
             }
         }
+        let mut unindexed: Vec<QueueId> = valid
+            .iter()
+            .map(|p| p.queue)
+            .filter(|q| !self.store.is_indexed(q))
+            .collect();
+        unindexed.sort();
+        unindexed.dedup();
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        if !unindexed.is_empty() {
+            // Reading a queue may take a while: not on the node's loop.
+            return Action::Deferred(Box::pin(async move {
+                let indexed = tokio::task::spawn_blocking({
+                    let store = store.clone();
+                    move || unindexed.iter().try_for_each(|q| store.index_queue(q))
+                })
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Io("reading a queue failed".into())));
+                let stored = indexed.and_then(|()| {
+                    if valid.is_empty() {
+                        Ok(Vec::new())
+                    } else {
+                        store.insert(&valid)
+                    }
+                });
+                let mailboxes = with_new_envelopes(&valid, &stored);
+                let answer = finish_put(store, metrics, outcomes, stored, started).await;
+                (answer, mailboxes)
+            }));
+        }
         // Inserted now, so long polls can be answered at once; acknowledged once durable.
         let stored = if valid.is_empty() {
             Ok(Vec::new())
         } else {
             self.store.insert(&valid)
         };
-        let mut mailboxes: Vec<QueueId> = match &stored {
-            Ok(results) => valid
-                .iter()
-                .zip(results)
-                .filter(|(_, r)| matches!(r, PutResult::Stored { .. }))
-                .map(|(e, _)| e.queue)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        mailboxes.sort();
-        mailboxes.dedup();
-        let store = self.store.clone();
-        let metrics = self.metrics.clone();
-        let done = Box::pin(async move {
-            let stored = match stored {
-                Ok(results) if results.iter().any(PutResult::needs_flush) => {
-                    store.flush().await.map(|()| results)
-                }
-                other => other,
-            };
-            let response = match stored {
-                Ok(results) => {
-                    let mut results = results.into_iter();
-                    let outcomes = outcomes
-                        .into_iter()
-                        .map(|o| o.unwrap_or_else(|| outcome(&metrics, results.next())))
-                        .collect();
-                    RelayToClient::Stored {
-                        outcomes,
-                        epoch: store.epoch(),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "put failed");
-                    let (code, message) = store_refusal(&e);
-                    refuse(&metrics, code, message)
-                }
-            };
-            metrics
-                .put_ack_seconds
-                .observe(started.elapsed().as_secs_f64());
-            response
-        });
+        let mailboxes = with_new_envelopes(&valid, &stored);
+        let done = Box::pin(finish_put(store, metrics, outcomes, stored, started));
         Action::Put { done, mailboxes }
     }
+}
+
+/// The queues that have new envelopes after a put.
+fn with_new_envelopes(
+    valid: &[Placed],
+    stored: &Result<Vec<PutResult>, StoreError>,
+) -> Vec<QueueId> {
+    let mut mailboxes: Vec<QueueId> = match stored {
+        Ok(results) => valid
+            .iter()
+            .zip(results)
+            .filter(|(_, r)| matches!(r, PutResult::Stored { .. }))
+            .map(|(e, _)| e.queue)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    mailboxes.sort();
+    mailboxes.dedup();
+    mailboxes
+}
+
+/// A put's answer, once what it stored is durable.
+async fn finish_put<S: MailboxStore>(
+    store: S,
+    metrics: Metrics,
+    outcomes: Vec<Option<PutOutcome>>,
+    stored: Result<Vec<PutResult>, StoreError>,
+    started: Instant,
+) -> RelayToClient {
+    let stored = match stored {
+        Ok(results) if results.iter().any(PutResult::needs_flush) => {
+            store.flush().await.map(|()| results)
+        }
+        other => other,
+    };
+    let response = match stored {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            let outcomes = outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| outcome(&metrics, results.next())))
+                .collect();
+            RelayToClient::Stored {
+                outcomes,
+                epoch: store.epoch(),
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "put failed");
+            let (code, message) = store_refusal(&e);
+            refuse(&metrics, code, message)
+        }
+    };
+    metrics
+        .put_ack_seconds
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 impl<S: MailboxStore + Clone> Service<S> {

@@ -68,6 +68,7 @@ async fn run_from<S: MailboxStore + Clone>(
     match s.handle(peer, source, Request::Message(msg), NOW) {
         Action::Respond(r) => r,
         Action::Later(done) | Action::Put { done, .. } => done.await,
+        Action::Deferred(done) => done.await.0,
         Action::Wait { .. } => RelayToClient::Batch {
             items: vec![],
             next: 0,
@@ -606,4 +607,84 @@ async fn answer_after_one_flush(
     );
     gate.add_permits(1);
     done.await
+}
+
+#[tokio::test]
+async fn puts_and_deletes_naming_a_queue_not_yet_indexed_are_read_off_the_loop() {
+    use crate::store::SledStore;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::default();
+    let limits = crate::server::limits(&config);
+    let (q, env) = (queue(1), envelope(1));
+    {
+        let store = SledStore::open(dir.path(), limits, 16 << 20, None).unwrap();
+        let s = Service::new(&config, store, Metrics::new());
+        let grant = ClientToRelay::Grant {
+            key: q.key.clone(),
+            kind: QueueKind::Inbox,
+            token: Vec::new(),
+            write_ids: vec![q.write.id()],
+        };
+        run_from(&s, &PeerId::random(), None, grant).await;
+        let put = ClientToRelay::Put {
+            items: vec![to(&q, 1)],
+        };
+        run_from(&s, &PeerId::random(), None, put).await;
+    }
+    // Reopened with no background walk: the queue is indexed when first named.
+    let store = loop {
+        match SledStore::open_with(dir.path(), limits, 16 << 20, None, false) {
+            Ok(store) => break store,
+            Err(e) => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let s = Service::new(&config, store.clone(), Metrics::new());
+    let peer = PeerId::random();
+    let put = ClientToRelay::Put {
+        items: vec![to(&q, 1), to(&q, 2)],
+    };
+    let Action::Deferred(done) = s.handle(&peer, None, Request::Message(put), NOW) else {
+        panic!("a put into a queue not indexed yet is carried out off the loop");
+    };
+    let (answer, woken) = done.await;
+    assert!(matches!(answer, RelayToClient::Stored { .. }), "{answer:?}");
+    assert_eq!(
+        woken,
+        vec![q.key.queue()],
+        "the new envelope's long polls are answered"
+    );
+    assert_eq!(
+        store.stats().envelopes,
+        2,
+        "the one held before, found; one new"
+    );
+    // Indexed now: the next put is answered on the loop.
+    let put = ClientToRelay::Put {
+        items: vec![to(&q, 3)],
+    };
+    assert!(matches!(
+        s.handle(&peer, None, Request::Message(put), NOW),
+        Action::Put { .. }
+    ));
+    // A delete naming another queue not indexed yet is deferred too.
+    let other = queue(2);
+    let delete = ClientToRelay::Delete {
+        key: other.key.clone(),
+        ids: vec![env.id()],
+    };
+    let Action::Deferred(done) = s.handle(&peer, None, Request::Message(delete), NOW) else {
+        panic!("a delete naming a queue not indexed yet is carried out off the loop");
+    };
+    assert!(matches!(done.await.0, RelayToClient::Deleted { count: 0 }));
+    let delete = ClientToRelay::Delete {
+        key: q.key.clone(),
+        ids: vec![env.id()],
+    };
+    assert!(matches!(
+        run_from(&s, &peer, None, delete).await,
+        RelayToClient::Deleted { count: 1 }
+    ));
 }

@@ -225,6 +225,18 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// Makes everything written so far durable.
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Whether puts and deletes naming `queue` can be carried out without first
+    /// reading the queue from disk (see [`index_queue`](Self::index_queue)).
+    fn is_indexed(&self, _queue: &QueueId) -> bool {
+        true
+    }
+
+    /// Reads `queue` from disk into the store's index, if it is not there yet. Blocks
+    /// (a large queue takes a while): call it off the node's loop.
+    fn index_queue(&self, _queue: &QueueId) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// A failure the store cannot continue after (the relay then stops, to be
     /// restarted by its supervisor). `None` while healthy.
     fn fatal(&self) -> Option<String> {

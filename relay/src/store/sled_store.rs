@@ -700,6 +700,14 @@ impl MailboxStore for SledStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.commit.wait_durable().await.map_err(|e| self.note(e))
     }
+
+    fn is_indexed(&self, queue: &QueueId) -> bool {
+        self.index.lock().is_loaded(queue)
+    }
+
+    fn index_queue(&self, queue: &QueueId) -> Result<(), StoreError> {
+        self.ensure_indexed(queue).map_err(|e| self.note(e))
+    }
 }
 
 /// Progress of flushes: every ticket at or below `durable` is on disk; tickets above
