@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// kkachi: a messenger that keeps working when a datacenter burns.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(name = "kkachi", version, about, long_about = None)]
 pub struct Cli {
     /// Where kkachi keeps your identity, contacts and messages.
     #[arg(long, global = true, env = "KKACHI_HOME", value_name = "DIR")]
@@ -198,8 +198,10 @@ pub enum RequestCommand {
 pub struct SendArgs {
     /// Contact name or peer id.
     pub contact: String,
-    /// The message; `-` reads it from standard input.
-    pub text: String,
+    /// The message (its words are joined by spaces, so quoting is optional); `-`
+    /// reads it from standard input.
+    #[arg(required = true, num_args = 1..)]
+    pub text: Vec<String>,
     /// How long to wait for relays to acknowledge, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,

@@ -56,10 +56,28 @@ fn emit(output: &Output) -> ExitCode {
     ExitCode::from(write_output(output))
 }
 
+/// Errors are printed as JSON (`{"error": "…"}`) once `--json` was given.
+static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Reports an error; the exit code for it.
 fn report(e: impl std::fmt::Display) -> u8 {
-    eprintln!("error: {e}");
+    if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{}", serde_json::json!({ "error": e.to_string() }));
+    } else {
+        eprintln!("error: {e}");
+    }
     1
+}
+
+/// Why `home` cannot serve a command other than `init`: it holds no identity. Checked
+/// before opening it, so a mistyped `--home` creates nothing.
+fn missing_home(home: &Path) -> Option<String> {
+    (!home.join("db").exists()).then(|| {
+        format!(
+            "no kkachi identity in {}: create one with `kkachi init --name NAME`, or point --home (or KKACHI_HOME) at the directory that holds yours",
+            home.display()
+        )
+    })
 }
 
 fn error(e: impl std::fmt::Display) -> ExitCode {
@@ -89,6 +107,9 @@ async fn wait_for_signal() {
 }
 
 async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
+    if let Some(why) = missing_home(home) {
+        return Err(CommandError::Refused(why));
+    }
     let store = match LocalStore::open(home) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
@@ -97,7 +118,9 @@ async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
                 home.display()
             )));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            return Err(CommandError::Refused(format!("{}: {e}", home.display())));
+        }
     };
     let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
     let engine = runtime::start_engine(store, me, runtime::net_config(), Mode::ONLINE)?;
@@ -173,6 +196,11 @@ async fn print_events(
 }
 
 async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
+    if !matches!(command, Command::Init { .. })
+        && let Some(why) = missing_home(home)
+    {
+        return error(why);
+    }
     match LocalStore::open(home) {
         Ok(store) => {
             let mut app = App::new(store.clone());
@@ -208,7 +236,7 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
             Ok(output) => emit(&output),
             Err(e) => error(e),
         },
-        Err(e) => error(e),
+        Err(e) => error(format!("{}: {e}", home.display())),
     }
 }
 
@@ -220,7 +248,7 @@ fn text_from_stdin(command: Command) -> Result<Command, String> {
     let Command::Send(mut args) = command else {
         return Ok(command);
     };
-    if args.text != "-" {
+    if args.text != ["-"] {
         return Ok(Command::Send(args));
     }
     let limit = kkachi_protocol::content::MAX_TEXT_LEN;
@@ -246,7 +274,7 @@ fn text_from_stdin(command: Command) -> Result<Command, String> {
     if text.trim().is_empty() {
         return Err("no message on standard input".into());
     }
-    args.text = text;
+    args.text = vec![text];
     Ok(Command::Send(args))
 }
 
@@ -279,7 +307,13 @@ fn main() -> ExitCode {
             Ok(command) => command,
             Err(e) => return error(e),
         };
+    JSON_ERRORS.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     let is_tui = matches!(command, Command::Tui | Command::Demo);
+    if is_tui && !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        return error(
+            "the terminal UI needs a terminal: start it from one, or run a command instead (`kkachi --help` lists them)",
+        );
+    }
     if is_tui {
         let _ = std::fs::create_dir_all(&home);
         init_logging(Some(&home.join("kkachi.log")));

@@ -245,3 +245,56 @@ fn send_dash_reads_the_message_from_standard_input() {
         .collect();
     assert_eq!(texts, ["two lines,\nsecond 까치"]);
 }
+
+#[test]
+fn words_need_no_quotes_and_a_name_may_be_started() {
+    let (a, _b) = minji_with_hyun_behind_a_dead_relay();
+    let sent = ok(kkachi(
+        a.path(),
+        &[
+            "send",
+            "hy",
+            "are",
+            "you",
+            "there?",
+            "--timeout",
+            "0.3",
+            "--json",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(v["state"], "queued", "{v}");
+    let history = ok(kkachi(a.path(), &["history", "HY", "--json"]));
+    let h: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(h[0]["text"], "are you there?");
+    // A start that fits nobody is still an error that says what to do.
+    fails_with(kkachi(a.path(), &["history", "x"]), "no contact named");
+}
+
+#[test]
+fn the_version_the_missing_home_the_missing_terminal_and_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let version = ok(kkachi(dir.path(), &["--version"]));
+    assert!(version.starts_with("kkachi "), "{version}");
+    // A mistyped home: named, and nothing is created there.
+    let typo = dir.path().join("kkachi-typo");
+    fails_with(
+        kkachi(&typo, &["send", "bob", "hi"]),
+        &typo.display().to_string(),
+    );
+    assert!(!typo.exists(), "a mistyped --home was created");
+    // The UI without a terminal: a sentence, not a panic.
+    let o = kkachi_command(dir.path(), &[])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("needs a terminal"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Under --json, errors are JSON too.
+    let o = kkachi(&typo, &["invite", "--json"]);
+    assert!(!o.status.success());
+    let v: serde_json::Value = serde_json::from_str(stderr(&o).trim()).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("kkachi init"), "{v}");
+}

@@ -249,6 +249,42 @@ async fn watch_disk(
     }
 }
 
+/// Refuses a listen address whose port another process holds. libp2p binds with
+/// `SO_REUSEPORT`, so a second relay on a port already in use would start without
+/// complaint and take some of the first one's connections.
+fn check_port_free(addr: &Multiaddr) -> Result<(), RelayError> {
+    use libp2p::multiaddr::Protocol;
+    use std::net::IpAddr;
+    let (mut ip, mut tcp, mut udp) = (None, None, None);
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+            Protocol::Tcp(port) if port != 0 => tcp = Some(port),
+            Protocol::Udp(port) if port != 0 => udp = Some(port),
+            _ => {}
+        }
+    }
+    let Some(ip) = ip else {
+        return Ok(());
+    };
+    let refused = |e: std::io::Error| RelayError::Listen {
+        addr: addr.clone(),
+        message: if e.kind() == std::io::ErrorKind::AddrInUse {
+            "the port is in use by another process (another relay?): stop it, or choose another port".into()
+        } else {
+            e.to_string()
+        },
+    };
+    if let Some(port) = tcp {
+        std::net::TcpListener::bind((ip, port)).map_err(refused)?;
+    }
+    if let Some(port) = udp {
+        std::net::UdpSocket::bind((ip, port)).map_err(refused)?;
+    }
+    Ok(())
+}
+
 /// The quotas a config asks for.
 pub fn limits(config: &Config) -> Limits {
     let l = &config.limits;
@@ -291,6 +327,9 @@ pub async fn start_with<S: MailboxStore + Clone>(
                 .map_err(|source| RelayError::Metrics { addr, source })?,
         ),
     };
+    for addr in &config.listen {
+        check_port_free(addr)?;
+    }
     let mut swarm = node::build_swarm(&config, key)?;
     let mut listeners = Vec::new();
     for addr in &config.listen {

@@ -31,7 +31,7 @@ impl App {
             ));
         }
         let engine = self.engine()?;
-        let mut sending = engine.send(contact.peer, args.text.clone()).await?;
+        let mut sending = engine.send(contact.peer, args.text.join(" ")).await?;
         let queued = sending.queued;
         // The contract: exit 0 once it is durable in the outbox.
         match sending.events.recv().await {

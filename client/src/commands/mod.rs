@@ -308,13 +308,15 @@ impl App {
         Ok(())
     }
 
-    /// Finds a contact by name (case-insensitive), full peer id, or unique peer id prefix.
+    /// Finds a contact by name (case-insensitive), full peer id, or the unique start of a
+    /// name or peer id.
     pub fn resolve(&self, who: &str) -> Result<Contact, CommandError> {
         resolve_contact(&self.store, who)
     }
 }
 
-/// Finds a contact by name (case-insensitive), full peer id, or unique peer id prefix.
+/// Finds a contact by name (case-insensitive), full peer id, or the unique start of a
+/// name (any case) or of a peer id.
 pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, CommandError> {
     if store.identity()?.is_none() {
         return Err(CommandError::NoIdentity);
@@ -332,9 +334,14 @@ pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, Command
     {
         return Ok(c.clone());
     }
+    // The start of a name (any case), or of a peer id (six characters at least).
+    let lower = who.to_lowercase();
     let by_prefix: Vec<&Contact> = contacts
         .iter()
-        .filter(|c| who.len() >= 6 && c.peer.to_string().starts_with(who))
+        .filter(|c| {
+            (!who.trim().is_empty() && c.name.to_lowercase().starts_with(&lower))
+                || (who.len() >= 6 && c.peer.to_string().starts_with(who))
+        })
         .collect();
     match by_prefix.as_slice() {
         [one] => Ok((*one).clone()),
@@ -343,7 +350,7 @@ pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, Command
             for_terminal(who).as_ref()
         )),
         many => fail(format!(
-            "{:?} matches {} contacts ({}); use more of the peer id",
+            "{:?} matches {} contacts ({}); type more of the name or of the peer id",
             for_terminal(who).as_ref(),
             many.len(),
             many.iter()
