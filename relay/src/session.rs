@@ -411,6 +411,12 @@ impl Session {
         }
     }
 
+    /// Gives the session up (its peer stopped answering): unanswered requests fail as
+    /// closed, new ones are refused, and the stream is let go.
+    pub fn abandon(&self, why: &str) {
+        self.fail(why);
+    }
+
     /// Closes the session: new requests are refused, unanswered ones fail, and the
     /// stream is let go.
     fn fail(&self, why: &str) {

@@ -38,6 +38,14 @@ const COMMANDS: usize = 256;
 const EVENTS: usize = 1024;
 /// Longest wait for a session stream to a connected peer to open.
 const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request unanswered this long (beyond a long poll's own wait) makes us ask the
+/// peer something small on the same session: a connection whose packets vanish (its
+/// datacenter cut off) stays open for minutes, and TCP's retransmissions back off for
+/// as long after the link is back.
+const STALL: Duration = Duration::from_secs(3);
+/// How long that small question may take before the connection is given up: closed,
+/// so the next request dials afresh.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a network operation failed.
 #[derive(Debug, Clone, Error)]
@@ -375,12 +383,47 @@ impl Side {
         let mut again = true;
         loop {
             let session = self.session(peer, addr).await?;
-            match session.request(request).await {
+            match self.watched(peer, &session, request).await {
                 Ok(answer) => return Ok(answer),
                 Err(SessionError::Closed(_)) if again => again = false,
                 Err(e) => return Err(NetError::Unreachable(format!("{peer}: {e}"))),
             }
         }
+    }
+
+    /// `request` over `session`; if it stalls, a small question on the same session
+    /// tells a slow answer from a dead connection, which is then closed (the request
+    /// fails as closed, and goes again on a new connection).
+    async fn watched(
+        &self,
+        peer: PeerId,
+        session: &Session,
+        request: &ClientToRelay,
+    ) -> Result<RelayToClient, SessionError> {
+        let patience = match request {
+            ClientToRelay::Subscribe { wait_ms, .. } => {
+                STALL + Duration::from_millis(u64::from(*wait_ms))
+            }
+            _ => STALL,
+        };
+        let answer = session.request(request);
+        tokio::pin!(answer);
+        tokio::select! {
+            result = &mut answer => return result,
+            () = tokio::time::sleep(patience) => {}
+        }
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, session.request(&ClientToRelay::Info));
+        tokio::select! {
+            result = &mut answer => return result,
+            alive = probe => {
+                if !matches!(alive, Ok(Ok(_))) {
+                    tracing::info!(%peer, "no answer over the connection; it is closed and dialled again");
+                    session.abandon("the peer stopped answering");
+                    let _ = self.commands.try_send(Command::Disconnect(peer));
+                }
+            }
+        }
+        answer.await
     }
 }
 

@@ -55,6 +55,8 @@ pub(super) enum Command {
         addr: Option<Multiaddr>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
+    /// Close every connection to `peer` (it stopped answering over them).
+    Disconnect(PeerId),
 }
 
 impl std::fmt::Debug for Command {
@@ -63,6 +65,7 @@ impl std::fmt::Debug for Command {
             Command::ReserveAt(relays) => write!(f, "ReserveAt({} relays)", relays.len()),
             Command::SeekDirect { peer, .. } => write!(f, "SeekDirect({peer})"),
             Command::Dial { peer, .. } => write!(f, "Dial({peer})"),
+            Command::Disconnect(peer) => write!(f, "Disconnect({peer})"),
         }
     }
 }
@@ -246,6 +249,9 @@ impl NetworkTask {
             }
             Command::SeekDirect { peer, relays } => self.seek_direct(peer, &relays),
             Command::Dial { peer, addr, reply } => self.dial(peer, addr, reply),
+            Command::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
         }
     }
 
