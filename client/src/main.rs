@@ -301,13 +301,13 @@ fn absolute_paths(command: Command) -> Result<Command, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    JSON_ERRORS.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     let home = cli.home.clone().unwrap_or_else(default_home);
     let command =
         match text_from_stdin(cli.command.unwrap_or(Command::Tui)).and_then(absolute_paths) {
             Ok(command) => command,
             Err(e) => return error(e),
         };
-    JSON_ERRORS.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     let is_tui = matches!(command, Command::Tui | Command::Demo);
     if is_tui && !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
         return error(

@@ -298,3 +298,49 @@ fn the_version_the_missing_home_the_missing_terminal_and_json_errors() {
     let v: serde_json::Value = serde_json::from_str(stderr(&o).trim()).unwrap();
     assert!(v["error"].as_str().unwrap().contains("kkachi init"), "{v}");
 }
+
+#[test]
+fn words_after_a_name_that_continue_another_name_are_refused_not_guessed() {
+    let (a, _b) = minji_with_hyun_behind_a_dead_relay();
+    let c = tempfile::tempdir().unwrap();
+    ok(kkachi(c.path(), &["init", "--name", "Hyun Woo"]));
+    let code = ok(kkachi(c.path(), &["invite"])).trim().to_string();
+    ok(kkachi(a.path(), &["contact", "add", &code]));
+    fails_with(
+        kkachi(a.path(), &["send", "Hyun", "Woo", "hi", "--timeout", "0.2"]),
+        "did you mean",
+    );
+    // Quoted, it is clear.
+    ok(kkachi(
+        a.path(),
+        &["send", "Hyun Woo", "one", "--timeout", "0.2"],
+    ));
+    // A full name unquoted whose first word names nobody else is the name, not the
+    // message.
+    let d = tempfile::tempdir().unwrap();
+    ok(kkachi(d.path(), &["init", "--name", "Soo Ah"]));
+    let code = ok(kkachi(d.path(), &["invite"])).trim().to_string();
+    ok(kkachi(a.path(), &["contact", "add", &code]));
+    ok(kkachi(
+        a.path(),
+        &["send", "soo", "ah", "two", "--timeout", "0.2"],
+    ));
+    let texts = |who: &str| -> Vec<String> {
+        let history = ok(kkachi(a.path(), &["history", who, "--json"]));
+        let h: serde_json::Value = serde_json::from_str(&history).unwrap();
+        h.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(texts("Hyun Woo"), ["one"]);
+    assert_eq!(texts("Soo Ah"), ["two"]);
+    // Hyun (exactly) still gets what follows his name.
+    ok(kkachi(
+        a.path(),
+        &["send", "Hyun", "hi", "there", "--timeout", "0.2"],
+    ));
+    let history = ok(kkachi(a.path(), &["history", "Hyun", "--json"]));
+    assert!(history.contains("\"hi there\""), "{history}");
+}

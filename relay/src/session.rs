@@ -14,9 +14,11 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use asynchronous_codec::{BytesMut, Decoder, Encoder, Framed};
 use futures::future::BoxFuture;
@@ -341,6 +343,34 @@ pub struct Session {
     next_id: AtomicU32,
     /// Stops the reading task, which lets go of the stream.
     stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// When the stream last showed the peer is there: bytes read from it, or a write
+    /// to it finished (milliseconds since `origin`).
+    heard: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+/// Notes the time whenever bytes are read.
+struct Heard<R> {
+    inner: R,
+    heard: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+impl<R: futures::AsyncRead + Unpin> futures::AsyncRead for Heard<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled
+            && *n > 0
+        {
+            let now = self.origin.elapsed().as_millis() as u64;
+            self.heard.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 impl Session {
@@ -349,13 +379,33 @@ impl Session {
         let (reader, writer) = stream.split();
         let pending = Arc::new(Mutex::new(Some(Pending::new())));
         let (stop, stopped) = oneshot::channel();
+        let (heard, origin) = (Arc::new(AtomicU64::new(0)), Instant::now());
+        let reader = Heard {
+            inner: reader,
+            heard: heard.clone(),
+            origin,
+        };
         tokio::spawn(read_answers(reader, pending.clone(), stopped));
         Arc::new(Self {
             writer: futures::lock::Mutex::new(writer),
             pending,
             next_id: AtomicU32::new(1),
             stop: Mutex::new(Some(stop)),
+            heard,
+            origin,
         })
+    }
+
+    /// How long since the stream last showed the peer is there (bytes came in, or a
+    /// write went out whole).
+    pub fn quiet_for(&self) -> Duration {
+        let heard = Duration::from_millis(self.heard.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(heard)
+    }
+
+    fn note_heard(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.heard.fetch_max(now, Ordering::Relaxed);
     }
 
     /// Opens a session stream with `relay` over `control` (which dials if need be) and
@@ -390,11 +440,13 @@ impl Session {
         let mut in_flight = InFlight {
             session: self,
             id,
+            started: false,
             written: false,
         };
         let frame = wire::session_frame(id, &request.encode());
         let written = {
             let mut writer = self.writer.lock().await;
+            in_flight.started = true;
             match writer.write_all(&frame).await {
                 Ok(()) => writer.flush().await,
                 Err(e) => Err(e),
@@ -404,6 +456,7 @@ impl Session {
             return Err(SessionError::Closed(format!("write failed: {e}")));
         }
         in_flight.written = true;
+        self.note_heard();
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(SessionError::Closed("stream closed".into())),
@@ -433,6 +486,8 @@ impl Session {
 struct InFlight<'a> {
     session: &'a Session,
     id: u32,
+    /// Its frame has begun to be written (it holds the writer).
+    started: bool,
     written: bool,
 }
 
@@ -441,7 +496,8 @@ impl Drop for InFlight<'_> {
         if let Some(p) = self.session.pending.lock().as_mut() {
             p.remove(&self.id);
         }
-        if !self.written {
+        // One given up while still waiting for its turn to write left nothing behind.
+        if self.started && !self.written {
             self.session
                 .fail("a request was abandoned while being written");
         }
@@ -457,7 +513,7 @@ fn fail_all(pending: &Mutex<Option<Pending>>, why: &str) {
 }
 
 async fn read_answers(
-    mut reader: ReadHalf<Stream>,
+    mut reader: Heard<ReadHalf<Stream>>,
     pending: Arc<Mutex<Option<Pending>>>,
     stopped: oneshot::Receiver<()>,
 ) {

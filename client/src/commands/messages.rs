@@ -23,6 +23,32 @@ impl App {
         out: &mut Output,
     ) -> Result<(), CommandError> {
         let contact = self.resolve(&args.contact)?;
+        // `send Al Capone hi` with contacts "Al" and "Al Capone": the words after the
+        // name may be the rest of a longer name. The longest that names a contact
+        // decides: the same contact, and those words are the name, not the message;
+        // another one, and it is refused, not guessed.
+        let mut words: &[String] = &args.text;
+        let contacts = self.store.contacts()?;
+        for taken in (1..args.text.len()).rev() {
+            let longer = format!("{} {}", args.contact, args.text[..taken].join(" "));
+            let Some(other) = contacts
+                .iter()
+                .find(|c| c.name.to_lowercase() == longer.to_lowercase())
+            else {
+                continue;
+            };
+            if other.peer != contact.peer {
+                return fail(format!(
+                    "did you mean {} or {}? Quote the name: kkachi send \"{}\" …",
+                    name(&contact.name),
+                    name(&other.name),
+                    name(&other.name)
+                ));
+            }
+            words = &args.text[taken..];
+            break;
+        }
+        let text = words.join(" ");
         if self.store.blocked(&contact.peer)?.is_some() {
             return fail(format!(
                 "{} is blocked; `kkachi contact unblock {}` first",
@@ -31,7 +57,7 @@ impl App {
             ));
         }
         let engine = self.engine()?;
-        let mut sending = engine.send(contact.peer, args.text.join(" ")).await?;
+        let mut sending = engine.send(contact.peer, text.clone()).await?;
         let queued = sending.queued;
         // The contract: exit 0 once it is durable in the outbox.
         match sending.events.recv().await {

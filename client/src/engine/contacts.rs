@@ -373,7 +373,10 @@ fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result
 /// True if `name` could be taken for a peer id (or the start of one), which commands
 /// accept wherever they accept a name.
 fn looks_like_peer_id(name: &str) -> bool {
+    // Any case: a contact is found by name in any case, so a name in other letters
+    // would still be taken for the start of a peer id.
+    let lower = name.to_lowercase();
     name.parse::<PeerId>().is_ok()
-        || ((name.starts_with("12D3Koo") || name.starts_with("Qm"))
+        || ((lower.starts_with("12d3koo") || lower.starts_with("qm"))
             && name.chars().all(|c| c.is_ascii_alphanumeric()))
 }

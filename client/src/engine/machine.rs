@@ -42,6 +42,9 @@ pub const MAX_PER_RELAY: usize = 4;
 /// Attempts under way at once for envelopes carried for others: the user's own
 /// messages always have room.
 pub const MAX_CARRIED: usize = 2;
+/// Attempts under way at once for one contact: a contact whose relays all swallow
+/// traffic holds at most this many, and messages to everyone else go on.
+pub const MAX_PER_CONTACT: usize = 12;
 /// How long after every relay acknowledged a message, with no receipt from the contact,
 /// it is put again (a relay may have lost it).
 pub const REPUT_AFTER_MS: u64 = 3_600_000;
@@ -199,6 +202,8 @@ pub struct Deliveries {
     per_relay: HashMap<String, usize>,
     /// Attempts under way for carried envelopes (at most [`MAX_CARRIED`]).
     carried: usize,
+    /// Attempts under way per contact (at most [`MAX_PER_CONTACT`]).
+    per_contact: HashMap<PeerId, usize>,
 }
 
 /// A relay's acknowledgements are undone for a new store epoch at most this often.
@@ -328,6 +333,11 @@ impl Deliveries {
                     if out.len() >= limit || (carried && self.carried >= MAX_CARRIED) {
                         break;
                     }
+                    if let Some(contact) = s.contact
+                        && self.per_contact.get(&contact).copied().unwrap_or(0) >= MAX_PER_CONTACT
+                    {
+                        break;
+                    }
                     if s.in_flight.contains(&path) {
                         // The same relay named twice.
                         continue;
@@ -341,6 +351,9 @@ impl Deliveries {
                     }
                     if carried {
                         self.carried += 1;
+                    }
+                    if let Some(contact) = s.contact {
+                        *self.per_contact.entry(contact).or_default() += 1;
                     }
                     s.in_flight.push(path.clone());
                     out.push(Attempt {
@@ -381,8 +394,16 @@ impl Deliveries {
                 self.per_relay.remove(addr);
             }
         }
-        if attempt.contact.is_none() {
-            self.carried = self.carried.saturating_sub(1);
+        match attempt.contact {
+            None => self.carried = self.carried.saturating_sub(1),
+            Some(contact) => {
+                if let Some(busy) = self.per_contact.get_mut(&contact) {
+                    *busy = busy.saturating_sub(1);
+                    if *busy == 0 {
+                        self.per_contact.remove(&contact);
+                    }
+                }
+            }
         }
         let relay = match (&attempt.path, &outcome) {
             (Path::Relay(addr), Outcome::Unreachable(why)) => {
@@ -631,10 +652,13 @@ impl Deliveries {
             .iter()
             .filter(|(key, _)| !self.held.contains(key))
             .flat_map(|(_, s)| {
-                // A relay with every slot taken, and carried entries with theirs
-                // taken, are due again when an answer frees one (an answer is a change).
-                let carried_full =
-                    s.entry.kind == OutboxKind::Forward && self.carried >= MAX_CARRIED;
+                // A relay, a contact or the carried entries with every slot of theirs
+                // taken are due again when an answer frees one (an answer is a change).
+                let share_full = (s.entry.kind == OutboxKind::Forward
+                    && self.carried >= MAX_CARRIED)
+                    || s.contact.is_some_and(|c| {
+                        self.per_contact.get(&c).copied().unwrap_or(0) >= MAX_PER_CONTACT
+                    });
                 let relays = s
                     .entry
                     .targets
@@ -642,16 +666,19 @@ impl Deliveries {
                     .filter(move |t| {
                         !t.acked
                             && !s.relay_busy(&t.addr)
-                            && !carried_full
+                            && !share_full
                             && self
                                 .per_relay
                                 .get(&t.addr)
                                 .is_none_or(|n| *n < MAX_PER_RELAY)
                     })
                     .map(|t| t.next_try_ms);
-                let direct = (s.wants_direct(&self.direct) && !s.busy(&Path::Direct))
-                    .then_some(s.direct_next_ms);
-                relays.chain(direct).chain(s.reput_at())
+                let direct =
+                    (s.wants_direct(&self.direct) && !s.busy(&Path::Direct) && !share_full)
+                        .then_some(s.direct_next_ms);
+                // Put again only once nothing of it is under way (as `poll_reputs` does).
+                let reput = s.reput_at().filter(|_| s.in_flight.is_empty());
+                relays.chain(direct).chain(reput)
             })
             .min();
         self.deadline.set(Some(next));

@@ -391,9 +391,11 @@ impl Side {
         }
     }
 
-    /// `request` over `session`; if it stalls, a small question on the same session
-    /// tells a slow answer from a dead connection, which is then closed (the request
-    /// fails as closed, and goes again on a new connection).
+    /// `request` over `session`. While it waits, the session must show its peer is
+    /// there: once nothing has come in (and no write has gone out) for [`STALL`] past
+    /// the request's own patience, a small question on the same session tells a quiet
+    /// peer from a dead connection; with no answer to it, and still nothing heard, the
+    /// connection is closed (the request fails as closed, and goes again on a new one).
     async fn watched(
         &self,
         peer: PeerId,
@@ -408,22 +410,33 @@ impl Side {
         };
         let answer = session.request(request);
         tokio::pin!(answer);
-        tokio::select! {
-            result = &mut answer => return result,
-            () = tokio::time::sleep(patience) => {}
-        }
-        let probe = tokio::time::timeout(PROBE_TIMEOUT, session.request(&ClientToRelay::Info));
-        tokio::select! {
-            result = &mut answer => return result,
-            alive = probe => {
-                if !matches!(alive, Ok(Ok(_))) {
-                    tracing::info!(%peer, "no answer over the connection; it is closed and dialled again");
-                    session.abandon("the peer stopped answering");
-                    let _ = self.commands.try_send(Command::Disconnect(peer));
-                }
+        let mut check = tokio::time::Instant::now() + patience;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut answer => return result,
+                () = tokio::time::sleep_until(check) => {}
             }
+            let quiet = session.quiet_for();
+            if quiet < STALL {
+                check = tokio::time::Instant::now() + (STALL - quiet);
+                continue;
+            }
+            let probe = tokio::time::timeout(PROBE_TIMEOUT, session.request(&ClientToRelay::Info));
+            tokio::pin!(probe);
+            let silent = tokio::select! {
+                biased;
+                result = &mut answer => return result,
+                probed = &mut probe => probed.is_err() && session.quiet_for() >= PROBE_TIMEOUT,
+            };
+            if silent {
+                tracing::info!(%peer, "no answer over the connection; it is closed and dialled again");
+                session.abandon("the peer stopped answering");
+                let _ = self.commands.try_send(Command::Disconnect(peer));
+                return answer.await;
+            }
+            check = tokio::time::Instant::now() + STALL;
         }
-        answer.await
     }
 }
 

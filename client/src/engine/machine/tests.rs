@@ -537,3 +537,32 @@ fn carried_envelopes_wait_behind_our_own_and_a_relay_named_twice_is_tried_once()
         e.targets
     );
 }
+
+#[test]
+fn a_contact_whose_relays_swallow_everything_holds_a_share_of_the_slots() {
+    let (mallory, bob) = (PeerId::random(), PeerId::random());
+    let mut d = Deliveries::default();
+    let relays: Vec<String> = (0..8).map(|i| format!("dead{i}")).collect();
+    let relays: Vec<&str> = relays.iter().map(String::as_str).collect();
+    for key in 0..4 {
+        d.upsert(key, entry(OutboxKind::Message, mallory, &relays));
+    }
+    d.upsert(10, entry(OutboxKind::Message, bob, &["up"]));
+    let a = d.poll_attempts(T0, 64);
+    let to = |who: PeerId| a.iter().filter(|a| a.contact == Some(who)).count();
+    assert_eq!(to(mallory), MAX_PER_CONTACT);
+    assert_eq!(to(bob), 1, "bob's message goes though mallory's came first");
+    // With mallory's share taken, nothing of his is due: no busy loop.
+    let r = d.handle_result(
+        a.iter().find(|a| a.contact == Some(bob)).unwrap(),
+        Outcome::Acked,
+        T0 + 1,
+        0,
+    );
+    assert!(matches!(r.change, Change::Write(_)));
+    assert!(d.poll_attempts(T0 + 2, 64).is_empty());
+    assert!(
+        d.next_deadline().is_none_or(|t| t > T0 + 2),
+        "nothing due while mallory's share is taken"
+    );
+}

@@ -39,8 +39,9 @@ mod inbox;
 mod outbox;
 mod watch;
 
-/// Attempts to deliver under way at once.
-const PARALLEL_DELIVERIES: usize = 16;
+/// Attempts to deliver under way at once (each relay, each contact and what is
+/// carried for others have smaller shares: see the machine).
+const PARALLEL_DELIVERIES: usize = 64;
 /// How often expired envelopes and requests are forgotten.
 const HOUSEKEEPING_MS: u64 = 6 * 3600 * 1000;
 /// How often contacts with messages waiting are sought for a direct path.
