@@ -25,6 +25,7 @@ struct Cli {
     /// Listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4040.
     #[arg(
         long,
+        global = true,
         env = "KKACHI_RELAY_LISTEN",
         value_delimiter = ',',
         value_name = "MULTIADDR"
@@ -32,7 +33,7 @@ struct Cli {
     listen: Vec<Multiaddr>,
 
     /// TOML configuration file (see contrib/kkachi-relay.toml).
-    #[arg(long, env = "KKACHI_RELAY_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "KKACHI_RELAY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
     /// Serve /metrics and /healthz on ADDR (host:port), or "off".
@@ -57,7 +58,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the relay's PeerId (creating its key if needed) and exit.
+    /// Print the relay's PeerId (creating its key if needed) and exit; the addresses
+    /// users add follow on standard error.
     Id,
 }
 
@@ -122,15 +124,51 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    // Errors as a sentence (with their causes), never a backtrace.
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The addresses users add, as far as this host can tell: the listen addresses with
+/// the PeerId, a wildcard standing for this host's public address.
+fn addresses_to_add(config: &Config, peer: libp2p::PeerId) -> Vec<String> {
+    config
+        .listen
+        .iter()
+        .map(|a| {
+            let text = a.clone().with(Protocol::P2p(peer)).to_string();
+            text.replace("/ip4/0.0.0.0/", "/ip4/<this host's address>/")
+                .replace("/ip6/::/", "/ip6/<this host's address>/")
+        })
+        .collect()
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
     let config = cli.config()?;
     if let Some(Command::Id) = cli.command {
         let key = kkachi_relay::load_or_create_key(&config.data_dir)?;
-        println!("{}", key.public().to_peer_id());
+        let peer = key.public().to_peer_id();
+        println!("{peer}");
+        for addr in addresses_to_add(&config, peer) {
+            eprintln!("users add: kkachi relay add {addr}");
+        }
         return Ok(());
     }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %config.data_dir.display(),
+        listen = ?config.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        failure_domain = %config.info.failure_domain,
+        max_bytes = config.limits.max_bytes,
+        max_envelopes = config.limits.max_envelopes,
+        queue_max_bytes = config.limits.queue_max_bytes,
+        "starting kkachi-relay"
+    );
     let data_dir = config.data_dir.clone();
     let relay = kkachi_relay::start(config)
         .await
@@ -182,5 +220,6 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+    tracing::info!("stopped");
     Ok(())
 }

@@ -203,6 +203,9 @@ impl Metrics {
         let line = String::from_utf8_lossy(line);
         let mut parts = line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        // HEAD answers as GET would, without the body (load balancers probe with it).
+        let head_only = method == "HEAD";
+        let method = if head_only { "GET" } else { method };
         let (status, content_type, body) = match (method, path) {
             ("GET", "/metrics") => (
                 "200 OK",
@@ -225,12 +228,13 @@ impl Metrics {
             _ => (
                 "405 Method Not Allowed",
                 "text/plain",
-                "GET only\n".to_string(),
+                "GET or HEAD only\n".to_string(),
             ),
         };
         format!(
-            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            body.len(),
+            if head_only { "" } else { body.as_str() }
         )
     }
 }
@@ -257,19 +261,24 @@ mod tests {
     async fn serves_metrics_and_health_over_http() {
         let m = Metrics::new();
         let addr = m.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let get = |path: &'static str| async move {
+        let ask = |method: &'static str, path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            s.write_all(format!("{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
         };
+        let get = |path: &'static str| ask("GET", path);
         assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
         m.set_ready(true);
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/metrics").await.contains("kkachi_stored_envelopes"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        let head = ask("HEAD", "/healthz").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+        assert!(ask("POST", "/healthz").await.starts_with("HTTP/1.1 405"));
     }
 }

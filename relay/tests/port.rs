@@ -58,3 +58,46 @@ fn a_relay_refuses_a_port_already_in_use() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another process"), "{err}");
 }
+
+#[test]
+fn id_takes_the_config_and_says_what_users_add_and_errors_are_sentences() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "listen = [\"/ip4/0.0.0.0/tcp/4040\"]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kkachi-relay"))
+        .args(["id", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("the relay binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(peer.starts_with("12D3Koo"), "{peer}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "kkachi relay add /ip4/<this host's address>/tcp/4040/p2p/{peer}"
+        )),
+        "{err}"
+    );
+    // A broken configuration: one sentence, no backtrace even when asked for one.
+    std::fs::write(&config, "listen = 7\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kkachi-relay"))
+        .args(["--config"])
+        .arg(&config)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the relay binary runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        !err.contains("Stack backtrace") && !err.contains("   0: "),
+        "{err}"
+    );
+}
