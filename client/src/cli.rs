@@ -136,8 +136,10 @@ pub enum BundleCommand {
 pub enum ContactCommand {
     /// Add (or update) a contact from their invite code.
     Add {
-        /// The invite code (starts with kk1).
-        code: String,
+        /// The invite code (starts with kk1). A code wrapped over several lines or
+        /// words is taken whole: what separates its parts is dropped.
+        #[arg(required = true, num_args = 1..)]
+        code: Vec<String>,
         /// A name of your choosing for them.
         #[arg(long)]
         name: Option<String>,

@@ -344,3 +344,28 @@ fn words_after_a_name_that_continue_another_name_are_refused_not_guessed() {
     let history = ok(kkachi(a.path(), &["history", "Hyun", "--json"]));
     assert!(history.contains("\"hi there\""), "{history}");
 }
+
+#[test]
+fn a_code_copied_from_wrapped_lines_is_taken_whole() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    ok(kkachi(a.path(), &["init", "--name", "Minji"]));
+    ok(kkachi(b.path(), &["init", "--name", "Hyun"]));
+    let code = ok(kkachi(b.path(), &["invite"])).trim().to_string();
+    // As a terminal at 40 columns wraps it: line breaks inside one argument...
+    let wrapped: String = code
+        .as_bytes()
+        .chunks(40)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    ok(kkachi(a.path(), &["contact", "add", &wrapped]));
+    // ...or pasted unquoted, so the shell splits it into words.
+    let c = tempfile::tempdir().unwrap();
+    ok(kkachi(c.path(), &["init", "--name", "Soo"]));
+    let mut args = vec!["contact", "add"];
+    args.extend(wrapped.split('\n'));
+    ok(kkachi(c.path(), &args));
+    let list = ok(kkachi(c.path(), &["contact", "list"]));
+    assert!(list.contains("Hyun"), "{list}");
+}

@@ -24,7 +24,9 @@ impl App {
     ) -> Result<(), CommandError> {
         self.identity()?;
         match command {
-            ContactCommand::Add { code, name } => self.contact_add(&code, name, json, out).await,
+            ContactCommand::Add { code, name } => {
+                self.contact_add(&code.concat(), name, json, out).await
+            }
             ContactCommand::List => self.contact_list(json, out),
             ContactCommand::Remove { contact } => {
                 let c = self.resolve(&contact)?;
@@ -74,7 +76,10 @@ impl App {
         json: bool,
         out: &mut Output,
     ) -> Result<(), CommandError> {
-        let card = Card::from_invite(code)?;
+        // A code copied from a wrapped terminal line comes with line breaks or spaces
+        // in it; a code has neither.
+        let code: String = code.split_whitespace().collect();
+        let card = Card::from_invite(&code)?;
         let before = self.store.contact(&card.identity().peer_id())?;
         let done = self.local_engine()?.add_contact(card, new_name).await?;
         report_added(&done, before.is_some(), json, out);

@@ -63,12 +63,12 @@ pub enum Effect {
 
 /// The help text (also `/help`).
 pub const HELP: &str = "\
-Enter        send the message (or run a /command)
+Enter        send the message (or run a /command; //text sends /text)
 Alt+Enter    new line
 Tab, S-Tab   next / previous conversation (also Alt+Down / Alt+Up)
 PgUp, PgDn   scroll the conversation
 F1           this help          Esc   close a panel
-Ctrl+C       quit
+Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 
 /invite                 your invite code and QR code
 /add CODE [name]        add a contact from their invite code
@@ -122,6 +122,8 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         }
         Msg::Redraw => vec![],
         Msg::Paste(text) => {
+            // Terminals send a pasted line break as CR: it stays a line break.
+            let text = text.replace("\r\n", "\n").replace('\r', "\n");
             state.input.insert_str(text);
             vec![]
         }
@@ -168,6 +170,15 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             vec![]
         }
         KeyCode::Enter => submit(state),
+        // Kill to the start of the line, as shells and iamb do; undo is Ctrl+Z.
+        KeyCode::Char('u') if ctrl => {
+            state.input.delete_line_by_head();
+            vec![]
+        }
+        KeyCode::Char('z') if ctrl => {
+            state.input.undo();
+            vec![]
+        }
         _ => {
             state.input.input(key);
             vec![]
@@ -191,27 +202,57 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
     vec![Effect::Reload, Effect::MarkRead(peer)]
 }
 
+/// The commands `/…` names (an unknown one is not run, and what was typed stays).
+const COMMANDS: &[&str] = &[
+    "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
+    "reject", "block", "unblock", "remove", "rename", "bell",
+];
+
 fn submit(state: &mut State) -> Vec<Effect> {
     let text = state.input.lines().join("\n");
     let text = text.trim().to_string();
     if text.is_empty() {
         return vec![];
     }
-    state.input = new_input();
     if state.data.me.is_none() {
         // The welcome panel asks for a name.
+        state.input = new_input();
         return vec![Effect::Init(text)];
     }
-    if let Some(command) = text.strip_prefix('/') {
-        return run_command(state, command);
-    }
+    // `//` at the start sends a message that begins with `/`.
+    let message = match text.strip_prefix("//") {
+        Some(rest) => format!("/{rest}"),
+        None => match text.strip_prefix('/') {
+            Some(command) => {
+                let name = command.split_whitespace().next().unwrap_or_default();
+                if !COMMANDS.contains(&name) {
+                    // Kept, to correct or to send with `//`.
+                    notice(
+                        state,
+                        &format!(
+                            "unknown command /{name}; /help lists them, and // at the start sends a message that begins with /"
+                        ),
+                    );
+                    return vec![];
+                }
+                state.input = new_input();
+                return run_command(state, command);
+            }
+            None => text,
+        },
+    };
     match state.selected {
         Some(to) => {
+            state.input = new_input();
             state.scroll = 0;
-            vec![Effect::Send { to, text }]
+            vec![Effect::Send { to, text: message }]
         }
         None => {
-            notice(state, "no conversation yet: add a contact with /add CODE");
+            // Kept until there is someone to send it to.
+            notice(
+                state,
+                "no conversation yet: add a contact with /add CODE (what you typed is kept)",
+            );
             vec![]
         }
     }
@@ -274,12 +315,22 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 vec![]
             }
         },
-        (Some("add"), Some(code)) => {
-            let name: Vec<&str> = words.collect();
-            let name = (!name.is_empty()).then(|| name.join(" "));
+        (Some("add"), Some(first)) => {
+            let rest: Vec<&str> = words.collect();
+            // A code pasted from a wrapped line comes in pieces: as many as make a
+            // valid code are the code, the words after them the name.
+            let joined = |n: usize| -> String {
+                std::iter::once(first)
+                    .chain(rest[..n].iter().copied())
+                    .collect()
+            };
+            let pieces = (0..=rest.len())
+                .find(|&n| kkachi_protocol::Card::from_invite(&joined(n)).is_ok())
+                .unwrap_or(0);
+            let name = (pieces < rest.len()).then(|| rest[pieces..].join(" "));
             vec![run(
                 Command::Contact(ContactCommand::Add {
-                    code: code.to_string(),
+                    code: vec![joined(pieces)],
                     name,
                 }),
                 None,
@@ -470,7 +521,7 @@ mod tests {
             e,
             vec![Effect::Run {
                 command: Command::Contact(ContactCommand::Add {
-                    code: "kk1abc".into(),
+                    code: vec!["kk1abc".into()],
                     name: Some("Minji Park".into())
                 }),
                 title: None
@@ -503,6 +554,11 @@ mod tests {
         typed(&mut s, "/frobnicate");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         assert!(s.notice.as_ref().unwrap().0.contains("unknown command"));
+        assert_eq!(s.input.lines(), ["/frobnicate"], "kept to be corrected");
+        update(
+            &mut s,
+            Msg::Key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL)),
+        );
         typed(&mut s, "/quit");
         update(&mut s, key(KeyCode::Enter));
         assert!(s.quit);
@@ -557,5 +613,87 @@ mod tests {
             Msg::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)),
         );
         assert!(s.quit);
+    }
+
+    #[test]
+    fn slash_slash_sends_a_slash_and_what_cannot_go_is_kept() {
+        let (mut s, peers) = loaded(1);
+        typed(&mut s, "//shrug");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Send {
+                to: peers[0],
+                text: "/shrug".into()
+            }]
+        );
+        // An unknown command is not thrown away: it stays to be corrected.
+        typed(&mut s, "/shrug hello");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert_eq!(s.input.lines(), ["/shrug hello"]);
+        assert!(
+            s.notice.as_ref().unwrap().0.contains("//"),
+            "{:?}",
+            s.notice
+        );
+        // Nobody to send to yet: what was typed stays too.
+        let mut empty = State::default();
+        update(
+            &mut empty,
+            Msg::Loaded(Snapshot {
+                me: Some(("me".into(), PeerId::random())),
+                ..Snapshot::default()
+            }),
+        );
+        typed(&mut empty, "hello?");
+        assert!(update(&mut empty, key(KeyCode::Enter)).is_empty());
+        assert_eq!(empty.input.lines(), ["hello?"]);
+    }
+
+    #[test]
+    fn pasted_line_breaks_stay_and_ctrl_u_kills_the_line() {
+        let (mut s, peers) = loaded(1);
+        update(&mut s, Msg::Paste("one\rtwo\r\nthree".into()));
+        assert_eq!(s.input.lines(), ["one", "two", "three"]);
+        let ctrl = |c| Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL));
+        update(&mut s, ctrl('u'));
+        assert_eq!(
+            s.input.lines(),
+            ["one", "two", ""],
+            "killed to the line's start"
+        );
+        update(&mut s, ctrl('z'));
+        assert_eq!(s.input.lines(), ["one", "two", "three"], "and undone");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Send {
+                to: peers[0],
+                text: "one\ntwo\nthree".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_code_pasted_over_several_lines_is_added_whole() {
+        let (mut s, _) = loaded(1);
+        let id = kkachi_protocol::Identity::generate();
+        let relay: kkachi_protocol::Multiaddr =
+            format!("/ip4/127.0.0.1/tcp/4040/p2p/{}", PeerId::random())
+                .parse()
+                .unwrap();
+        let code = kkachi_protocol::Card::new(&id, "Minji", vec![relay], 1)
+            .unwrap()
+            .to_invite();
+        let (a, b) = code.split_at(code.len() / 2);
+        update(&mut s, Msg::Paste(format!("/add {a}\r{b} Minji Park")));
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Run {
+                command: Command::Contact(ContactCommand::Add {
+                    code: vec![code.clone()],
+                    name: Some("Minji Park".into())
+                }),
+                title: None
+            }]
+        );
     }
 }
