@@ -121,5 +121,18 @@ fn tui_shows_sends_and_notices_a_dead_relay() {
     drop(bob_daemon);
     bob.ok(&["send", "alice", "still here after the relay died"]);
     tmux.wait_for("still here after the relay died", Duration::from_secs(20));
+
+    // The invite panel shows the code whole at this size; its lines, joined, are the
+    // code (what copying them from the terminal gives).
+    let code = alice.invite();
+    tmux.keys(&["/invite", "Enter"]);
+    let screen = tmux.wait_for("Your invite code", Duration::from_secs(10));
+    let shown: String = screen
+        .lines()
+        .map(|l| l.trim().trim_matches('│').trim())
+        .filter(|l| !l.is_empty() && code.contains(*l))
+        .collect();
+    assert_eq!(shown, code, "{screen}");
+    tmux.keys(&["Escape"]);
     tmux.keys(&["C-c"]);
 }

@@ -164,6 +164,15 @@ pub async fn run_with(
                     let _ = std::io::stdout().write_all(b"\x07");
                     let _ = std::io::stdout().flush();
                 }
+                Effect::Copy(text) => {
+                    // OSC 52: terminals that allow it put this on the clipboard.
+                    let _ = write!(
+                        std::io::stdout(),
+                        "\x1b]52;c;{}\x07",
+                        base64(text.as_bytes())
+                    );
+                    let _ = std::io::stdout().flush();
+                }
                 other => {
                     if let Some(o) = &online {
                         run_effect(other, o.engine.clone(), demo.clone(), tx.clone());
@@ -276,10 +285,58 @@ fn run_effect(
                 },
                 None => return,
             },
-            Effect::Init(_) | Effect::Reload | Effect::Bell => return,
+            Effect::Invite => {
+                let mut app = App::online(engine);
+                let invite = app
+                    .run(
+                        Command::Invite {
+                            qr: false,
+                            renew: false,
+                        },
+                        true,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|out| {
+                        let v: serde_json::Value =
+                            serde_json::from_str(out.stdout.trim()).map_err(|e| e.to_string())?;
+                        match (v["invite"].as_str(), v["expires_at"].as_u64()) {
+                            (Some(code), Some(expires_at)) => Ok((code.to_string(), expires_at)),
+                            _ => Err(out.stderr.trim().to_string()),
+                        }
+                    });
+                match invite {
+                    Ok((code, expires_at)) => Msg::Invite { code, expires_at },
+                    Err(e) => Msg::Done {
+                        title: None,
+                        result: Err(e),
+                    },
+                }
+            }
+            Effect::Init(_) | Effect::Reload | Effect::Bell | Effect::Copy(_) => return,
         };
         let _ = tx.send(done).await;
     });
+}
+
+/// Standard base64 (for OSC 52).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Reads what the UI shows from the store and the network.
@@ -356,5 +413,17 @@ pub fn snapshot(
         messages,
         notices,
         status,
+    }
+}
+
+#[cfg(test)]
+mod base64_tests {
+    #[test]
+    fn encodes_like_the_standard() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"kk1 code"), "a2sxIGNvZGU=");
     }
 }

@@ -65,7 +65,16 @@ pub enum Overlay {
     Help,
     /// First start: asks for a name.
     Welcome,
-    /// Text from a command (invite with QR, relay list, errors).
+    /// Our invite code, whole at any width, and its QR code where it fits.
+    Invite {
+        /// The code.
+        code: String,
+        /// Its QR code, drawn with half blocks (empty if it could not be made).
+        qr: String,
+        /// Until when it works (a date for people).
+        until: String,
+    },
+    /// Text from a command (relay list, drill, errors).
     Text {
         /// Panel title.
         title: String,

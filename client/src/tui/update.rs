@@ -23,6 +23,13 @@ pub enum Msg {
     Request(PeerId),
     /// The terminal changed size: just draw again.
     Redraw,
+    /// Our invite code, to show.
+    Invite {
+        /// The code.
+        code: String,
+        /// Until when it works (Unix seconds).
+        expires_at: u64,
+    },
     /// A background effect finished: text to show, or an error.
     Done {
         /// Panel title (None: a one-line notice).
@@ -59,6 +66,10 @@ pub enum Effect {
     Bell,
     /// Demo: take relay `n` (0-based) down or bring it back.
     ToggleRelay(usize),
+    /// Fetch our invite code (answered with [`Msg::Invite`]).
+    Invite,
+    /// Put this text on the terminal's clipboard (OSC 52, where the terminal allows).
+    Copy(String),
 }
 
 /// The help text (also `/help`).
@@ -121,6 +132,14 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             vec![Effect::Reload]
         }
         Msg::Redraw => vec![],
+        Msg::Invite { code, expires_at } => {
+            state.overlay = Some(Overlay::Invite {
+                qr: crate::qr::render(&code).unwrap_or_default(),
+                until: crate::time::format_ms(expires_at.saturating_mul(1000)),
+                code: code.clone(),
+            });
+            vec![Effect::Copy(code)]
+        }
         Msg::Paste(text) => {
             // Terminals send a pasted line break as CR: it stays a line break.
             let text = text.replace("\r\n", "\n").replace('\r', "\n");
@@ -273,13 +292,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             state.overlay = Some(Overlay::Help);
             vec![]
         }
-        (Some("invite"), _) => vec![run(
-            Command::Invite {
-                qr: true,
-                renew: false,
-            },
-            Some("Your invite code"),
-        )],
+        (Some("invite"), _) => vec![Effect::Invite],
         (Some("relays"), _) | (Some("relay"), Some("list")) => {
             vec![run(Command::Relay(RelayCommand::List), Some("Relays"))]
         }

@@ -246,8 +246,55 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
     )
 }
 
+/// The invite panel: the code whole, in as many lines as the width needs (copying the
+/// lines gives the code: `/add` and `contact add` take its pieces), its QR code where
+/// the window is large enough, and otherwise how large it must be.
+fn draw_invite(code: &str, qr: &str, until: &str, frame: &mut Frame, area: Rect) {
+    let qr_width = qr.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+    let qr_height = qr.lines().count();
+    let inner = usize::from(area.width.saturating_sub(4)).max(10);
+    let width = inner.min(code.len().max(qr_width).max(60));
+    let mut lines: Vec<String> = code
+        .as_bytes()
+        .chunks(width)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    lines.push(String::new());
+    lines.push(format!("works until {until}"));
+    lines.push("copied to the clipboard where the terminal allows".into());
+    let room = usize::from(area.height.saturating_sub(2));
+    if qr_height > 0 {
+        if qr_width <= width && lines.len() + 1 + qr_height <= room {
+            lines.push(String::new());
+            lines.extend(qr.lines().map(str::to_string));
+        } else {
+            lines.push(format!(
+                "the QR code needs a window of {}×{}: enlarge it to scan",
+                qr_width + 4,
+                qr_height + lines.len() + 3
+            ));
+        }
+    }
+    let body = lines.join("\n");
+    let title = " Your invite code (Esc closes) ";
+    let widest = lines.iter().map(|l| l.chars().count()).max().unwrap_or(20);
+    let rect = centered(
+        area,
+        (widest.max(title.len()) + 4) as u16,
+        lines.len() as u16 + 2,
+    );
+    frame.render_widget(Clear, rect);
+    frame.render_widget(
+        Paragraph::new(body).block(Block::bordered().title(title)),
+        rect,
+    );
+}
+
 fn draw_overlay(overlay: &Overlay, frame: &mut Frame, area: Rect) {
     let (title, body) = match overlay {
+        Overlay::Invite { code, qr, until } => {
+            return draw_invite(code, qr, until, frame, area);
+        }
         Overlay::Help => (" Help (Esc closes) ".to_string(), HELP.to_string()),
         Overlay::Welcome => (
             " Welcome to kkachi ".to_string(),
@@ -422,5 +469,52 @@ mod tests {
         let pieces = wrap("가나다라마", 4);
         assert_eq!(pieces, vec!["가나", "다라", "마"]);
         assert_eq!(wrap("", 4), vec![""]);
+    }
+
+    #[test]
+    fn the_invite_code_is_whole_at_80x24_and_the_qr_shows_where_it_fits() {
+        let id = kkachi_protocol::Identity::generate();
+        let relays = (0..3)
+            .map(|i| {
+                format!("/ip4/203.0.113.{i}/tcp/4040/p2p/{}", PeerId::random())
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let code = kkachi_protocol::Card::new(&id, "지우 Jiwoo", relays, 1)
+            .unwrap()
+            .to_invite();
+        let mut state = State::default();
+        crate::tui::update::update(
+            &mut state,
+            crate::tui::update::Msg::Invite {
+                code: code.clone(),
+                expires_at: 1_800_000_000,
+            },
+        );
+        for (w, h, qr) in [(80, 24, false), (120, 35, false), (120, 70, true)] {
+            let screen = render(&state, w, h);
+            // The code, read back from the panel's lines, is the code.
+            let read: String = screen
+                .lines()
+                .filter_map(|l| {
+                    let inner = l.trim().trim_matches('│').trim();
+                    (inner.starts_with("kk1") || (!inner.is_empty() && code.contains(inner)))
+                        .then(|| inner.to_string())
+                })
+                .collect();
+            assert_eq!(read, code, "at {w}×{h}:\n{screen}");
+            assert_eq!(
+                screen.contains('▀') || screen.contains('▄'),
+                qr,
+                "at {w}×{h}:\n{screen}"
+            );
+            if !qr {
+                assert!(screen.contains("the QR code needs a window of"), "{screen}");
+            }
+            if std::env::var_os("SHOW_INVITE").is_some() {
+                println!("{screen}");
+            }
+        }
     }
 }
