@@ -373,17 +373,25 @@ impl Side {
     }
 
     /// One request to `peer` over its session. Every request is idempotent, so one
-    /// whose session closed under it goes again, once, on a new session.
+    /// whose session closed under it goes again, once, on a new session. A relay's
+    /// session is watched for stalls ([`Side::watched`]); a contact's is not (a direct
+    /// hand-over only adds a path, and a slow contact is no dead datacenter).
     async fn exchange(
         &self,
         peer: PeerId,
         addr: Option<&Multiaddr>,
         request: &ClientToRelay,
+        relay: bool,
     ) -> Result<RelayToClient, NetError> {
         let mut again = true;
         loop {
             let session = self.session(peer, addr).await?;
-            match self.watched(peer, &session, request).await {
+            let answer = if relay {
+                self.watched(peer, &session, request).await
+            } else {
+                session.request(request).await
+            };
+            match answer {
                 Ok(answer) => return Ok(answer),
                 Err(SessionError::Closed(_)) if again => again = false,
                 Err(e) => return Err(NetError::Unreachable(format!("{peer}: {e}"))),
@@ -451,7 +459,7 @@ impl Transport for Network {
             ClientToRelay::Put { .. } => &self.writers,
             _ => &self.readers,
         };
-        side.exchange(peer, Some(relay), &request).await
+        side.exchange(peer, Some(relay), &request, true).await
     }
 
     async fn request_as_reader(
@@ -460,7 +468,9 @@ impl Transport for Network {
         request: ClientToRelay,
     ) -> Result<RelayToClient, NetError> {
         let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
-        self.readers.exchange(peer, Some(relay), &request).await
+        self.readers
+            .exchange(peer, Some(relay), &request, true)
+            .await
     }
 
     async fn direct_put(
@@ -470,7 +480,7 @@ impl Transport for Network {
     ) -> Result<RelayToClient, NetError> {
         let items = envelopes.into_iter().map(Addressed::direct).collect();
         self.contacts
-            .exchange(peer, None, &ClientToRelay::Put { items })
+            .exchange(peer, None, &ClientToRelay::Put { items }, false)
             .await
     }
 

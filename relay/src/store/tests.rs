@@ -157,6 +157,19 @@ async fn sled_store_survives_reopen_with_cursors_increasing() {
     assert!(cursor > last, "cursors keep increasing across restarts");
 }
 
+/// The sled database in `dir`, opened directly, once the store has let go of it.
+fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    loop {
+        match sled::open(dir) {
+            Ok(db) => break db,
+            Err(e) => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// Opens the store in `dir` and waits until it has indexed what it holds.
 fn reopen(dir: &std::path::Path) -> SledStore {
     let store = reopen_with(dir, true);
@@ -323,15 +336,7 @@ async fn sled_store_drops_the_mailboxes_of_protocol_version_1() {
     let store = reopen(dir.path());
     assert_eq!(store.stats().envelopes, 1);
     drop(store);
-    let db = loop {
-        match sled::open(dir.path()) {
-            Ok(db) => break db,
-            Err(e) => {
-                assert!(e.to_string().contains("lock"), "{e}");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
-    };
+    let db = raw_sled(dir.path());
     assert!(!db.tree_names().iter().any(|n| n == b"mailboxes".as_slice()));
 }
 
@@ -495,15 +500,7 @@ async fn a_damaged_record_is_removed_and_the_rest_indexed() {
     let dir = tempfile::tempdir().unwrap();
     filled(dir.path(), 2, 3).await;
     {
-        let db = loop {
-            match sled::open(dir.path()) {
-                Ok(db) => break db,
-                Err(e) => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-            }
-        };
+        let db = raw_sled(dir.path());
         let tree = db.open_tree("queues").unwrap();
         let (key, _) = tree.iter().next().unwrap().unwrap();
         tree.insert(key, vec![0xff; 40]).unwrap();
