@@ -23,9 +23,16 @@ fn default_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".kkachi"))
 }
 
-fn init_logging(to_file: Option<&Path>) {
+/// Logs to `to_file` (the UI) or standard error; `online` (the UI and the daemon) also
+/// logs kkachi's own events at info level (a relay coming back, a message held).
+fn init_logging(to_file: Option<&Path>, online: bool) {
+    let default = if online {
+        "warn,kkachi_client=info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match to_file.and_then(|p| {
         std::fs::OpenOptions::new()
@@ -316,9 +323,9 @@ fn main() -> ExitCode {
     }
     if is_tui {
         let _ = std::fs::create_dir_all(&home);
-        init_logging(Some(&home.join("kkachi.log")));
+        init_logging(Some(&home.join("kkachi.log")), true);
     } else {
-        init_logging(None);
+        init_logging(None, matches!(command, Command::Daemon));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -51,7 +51,7 @@ fn command_in(netns: Option<&str>, program: PathBuf) -> Command {
 }
 
 /// The lines a child prints, read on a thread as they come.
-fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+fn lines_of(stdout: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -300,6 +300,21 @@ impl User {
             return None;
         }
         serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Starts `kkachi daemon` with its default logging, and hands back its standard
+    /// error line by line (kill the child when done).
+    pub fn daemon_logging(&self) -> (Child, mpsc::Receiver<String>) {
+        let mut child = self
+            .command()
+            .env_remove("RUST_LOG")
+            .arg("daemon")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("daemon starts");
+        let lines = lines_of(child.stderr.take().expect("stderr"));
+        (child, lines)
     }
 
     /// Starts `kkachi daemon --json`; waits until it accepts commands.

@@ -426,3 +426,37 @@ fn hole_punched_contacts_drop_the_relayed_connection() {
         assert!(later.0 >= 1 && later.1 == 0, "{later:?}");
     });
 }
+
+#[test]
+fn the_daemon_says_when_a_relay_stops_answering_and_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
+    let alice = User::new(dir.path(), "alice");
+    alice.ok(&["relay", "add", &relays[0].addr, &relays[1].addr]);
+    let (mut daemon, lines) = alice.daemon_logging();
+    let first = relays[0].addr.clone();
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+                if line.contains(needle) && line.contains(&first) {
+                    return line;
+                }
+                seen.push(line);
+            }
+        }
+        panic!("no {needle:?} for {first} in: {seen:#?}");
+    };
+    // Give its long polls time to start, then take one relay away.
+    std::thread::sleep(Duration::from_secs(1));
+    relays[0].kill9();
+    let down = wait_for("does not answer");
+    assert!(down.contains("WARN"), "{down}");
+    relays[0].restart();
+    wait_for("answers again");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

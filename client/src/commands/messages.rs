@@ -316,6 +316,8 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
     if json {
         let mut v = json!({
             "id": hex(&r.message.id),
+            // `contact` as in `history --json`; `from` is kept for scripts that read it.
+            "contact": r.name,
             "from": r.name,
             "peer_id": r.contact.to_string(),
             "direction": "in",

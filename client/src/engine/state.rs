@@ -575,12 +575,25 @@ impl<T> State<T> {
     /// Records a relay's health and tells the UI.
     pub(crate) fn note_relay(&self, addr: &str, result: Result<(), super::RelayError>) {
         let up = result.is_ok();
-        let _ = self.store.update_relay(addr, |r| match result {
-            Ok(()) => {
-                r.last_ok_ms = Some(super::now_ms());
-                r.last_error = None;
+        // Our own relays (the only ones with a record): a change is logged, so the log
+        // tells an outage's story (the UI's log file, a daemon's standard error).
+        let _ = self.store.update_relay(addr, |r| {
+            let was_down = r.last_error.is_some();
+            match result {
+                Ok(()) => {
+                    if was_down {
+                        tracing::info!(relay = %addr, "our relay answers again");
+                    }
+                    r.last_ok_ms = Some(super::now_ms());
+                    r.last_error = None;
+                }
+                Err(e) => {
+                    if !was_down {
+                        tracing::warn!(relay = %addr, error = %e, "our relay does not answer; the others carry our messages meanwhile");
+                    }
+                    r.last_error = Some(e.to_string());
+                }
             }
-            Err(e) => r.last_error = Some(e.to_string()),
         });
         self.emit(AppEvent::Relay {
             addr: addr.to_owned(),
