@@ -460,3 +460,21 @@ fn the_daemon_says_when_a_relay_stops_answering_and_when_it_is_back() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+#[test]
+fn a_send_taken_by_a_running_daemon_says_that_one_delivers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    // Bob's one relay: an address nobody listens on.
+    let dead = format!(
+        "/ip4/127.0.0.1/tcp/{}/p2p/12D3KooWCLXbNhRE2Ev1vJ79en18cz4auE64p6NGYJHPxPCNkMe2",
+        kkachi_tests::procs::free_port()
+    );
+    bob.ok(&["relay", "add", &dead]);
+    alice.ok(&["contact", "add", &bob.invite()]);
+    let _daemon = alice.daemon();
+    let out = alice.ok(&["send", "bob", "are you there?", "--timeout", "0.5"]);
+    assert!(out.contains("the running kkachi delivers it"), "{out}");
+    assert!(!out.contains("kkachi daemon"), "{out}");
+}

@@ -156,8 +156,15 @@ impl App {
                 why.join("; ")
             ));
         } else if acked == 0 {
+            // Inside a running daemon or UI, that one delivers it; a one-shot command
+            // leaves it for the next that goes online.
+            let then = if self.owned {
+                "`kkachi sync` or `kkachi daemon` delivers it"
+            } else {
+                "the running kkachi delivers it once a relay of theirs answers"
+            };
             out.out(format!(
-                "queued for {} (message {}): no relay of theirs answered within {}s; it stays in your outbox and `kkachi sync` or `kkachi daemon` delivers it",
+                "queued for {} (message {}): no relay of theirs answered within {}s; it stays in your outbox and {then}",
                 name(&contact.name),
                 queued.id,
                 args.timeout

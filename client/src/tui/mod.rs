@@ -83,7 +83,7 @@ pub async fn run_with(
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
             return Err(CommandError::Refused(format!(
-                "a kkachi daemon is running for {}; stop it to open the UI (the UI stays online just like it)",
+                "kkachi is already running for {} (a daemon or another UI); stop it to open the UI here (the UI stays online just like a daemon)",
                 home.display()
             )));
         }
