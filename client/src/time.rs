@@ -64,6 +64,18 @@ impl<Z: TimeZone<Offset = FixedOffset>> LocalTimes<Z> {
         }
     }
 
+    /// Appends "2026-11-22" (or "@<ms>" for a time out of range).
+    pub fn push_day(&mut self, out: &mut String, ms: u64) {
+        match self.local(ms) {
+            Some(t) => {
+                let _ = write!(out, "{:04}-{:02}-{:02}", t.year(), t.month(), t.day());
+            }
+            None => {
+                let _ = write!(out, "@{ms}");
+            }
+        }
+    }
+
     /// Appends "14:03" (or "--:--" for a time out of range).
     pub fn push_short(&mut self, out: &mut String, ms: u64) {
         match self.local(ms) {
@@ -79,6 +91,13 @@ impl<Z: TimeZone<Offset = FixedOffset>> LocalTimes<Z> {
 pub fn format_ms(ms: u64) -> String {
     let mut s = String::with_capacity(16);
     LocalTimes::default().push_long(&mut s, ms);
+    s
+}
+
+/// "2026-11-22" for a Unix time in milliseconds: the local day.
+pub fn format_day(ms: u64) -> String {
+    let mut s = String::with_capacity(10);
+    LocalTimes::default().push_day(&mut s, ms);
     s
 }
 

@@ -11,7 +11,7 @@ use super::state::{Overlay, State};
 use super::update::HELP;
 use crate::sanitize::{for_terminal, for_terminal_block};
 use crate::store::{Direction, MessageRecord, MessageState};
-use crate::time::format_ms_short;
+use crate::time::{format_day, format_ms_short};
 
 /// Draws the whole screen.
 pub fn view(state: &State, frame: &mut Frame) {
@@ -117,22 +117,53 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize) -> Vec<Line<'stati
     lines
 }
 
-/// Splits `text` into pieces at most `width` columns wide (wide characters count two).
+/// Splits `text` into lines at most `width` columns wide (wide characters count two),
+/// between words where it can; a word wider than a line is split where it must be.
 fn wrap(text: &str, width: usize) -> Vec<String> {
+    let width = width.max(1);
     let mut out = Vec::new();
     let mut line = String::new();
     let mut used = 0;
-    for c in text.chars() {
-        let w = c.width().unwrap_or(0);
-        if used + w > width && !line.is_empty() {
-            out.push(std::mem::take(&mut line));
+    for word in text.split_inclusive(' ') {
+        let w: usize = word.chars().map(|c| c.width().unwrap_or(0)).sum();
+        // The trailing space may hang past the edge.
+        let fits = word
+            .trim_end_matches(' ')
+            .chars()
+            .map(|c| c.width().unwrap_or(0))
+            .sum::<usize>();
+        if used + fits > width && !line.is_empty() {
+            out.push(std::mem::take(&mut line).trim_end().to_string());
             used = 0;
         }
-        line.push(c);
-        used += w;
+        if w > width {
+            // Too long for any line: cut it.
+            for c in word.chars() {
+                let cw = c.width().unwrap_or(0);
+                if used + cw > width && !line.is_empty() {
+                    out.push(std::mem::take(&mut line));
+                    used = 0;
+                }
+                line.push(c);
+                used += cw;
+            }
+        } else {
+            line.push_str(word);
+            used += w;
+        }
     }
-    out.push(line);
+    out.push(line.trim_end_matches(' ').to_string());
     out
+}
+
+/// A line naming the day the messages under it are from.
+fn day_line(day: &str, width: usize) -> Line<'static> {
+    let label = format!(" {day} ");
+    let side = width.saturating_sub(label.chars().count()) / 2;
+    Line::from(Span::styled(
+        format!("{}{label}{}", "─".repeat(side), "─".repeat(side)),
+        Style::new().fg(Color::DarkGray),
+    ))
 }
 
 fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
@@ -151,7 +182,13 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
     let width = usize::from(area.width.saturating_sub(2));
     let mut lines: Vec<Line> = Vec::new();
     let them = for_terminal(&current.name);
+    let mut last_day = String::new();
     for m in &state.data.messages {
+        let day = format_day(m.sent_at_ms);
+        if day != last_day {
+            lines.push(day_line(&day, width));
+            last_day = day;
+        }
         lines.extend(message_lines(m, &them, width));
     }
     for notice in &state.data.notices {
@@ -376,6 +413,15 @@ mod tests {
             {
                 out.push_str("HH:MM");
                 i += 5;
+            } else if i + 10 <= chars.len()
+                && chars[i..i + 4].iter().all(char::is_ascii_digit)
+                && chars[i + 4] == '-'
+                && chars[i + 5..i + 7].iter().all(char::is_ascii_digit)
+                && chars[i + 7] == '-'
+                && chars[i + 8..i + 10].iter().all(char::is_ascii_digit)
+            {
+                out.push_str("YYYY-MM-DD");
+                i += 10;
             } else {
                 out.push(chars[i]);
                 i += 1;
@@ -515,6 +561,21 @@ mod tests {
             if std::env::var_os("SHOW_INVITE").is_some() {
                 println!("{screen}");
             }
+        }
+    }
+
+    #[test]
+    fn wrapping_keeps_words_whole_and_cuts_only_what_no_line_holds() {
+        assert_eq!(wrap("the bridge is out", 10), ["the bridge", "is out"]);
+        assert_eq!(
+            wrap("supercalifragilistic ok", 8),
+            ["supercal", "ifragili", "stic ok"]
+        );
+        // Hangul counts two columns a character.
+        assert_eq!(wrap("점심 먹었어? 아직", 8), ["점심", "먹었어?", "아직"]);
+        assert_eq!(wrap("", 10), [""]);
+        for line in wrap("a b c d e f g h i j k l m n o p", 5) {
+            assert!(line.chars().count() <= 5, "{line:?}");
         }
     }
 }
