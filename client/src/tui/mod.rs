@@ -106,10 +106,19 @@ pub async fn run_with(
         ratatui::crossterm::event::EnableBracketedPaste
     );
     let mut tick = tokio::time::interval(TICK);
-    update(
+    // A conversation the UI opens is read: its badge goes, and its sender hears so.
+    let mark = |effects: Vec<Effect>, online: &Option<Online>| {
+        for effect in effects {
+            if let (Effect::MarkRead(_), Some(o)) = (&effect, online) {
+                run_effect(effect, o.engine.clone(), None, mpsc::channel(1).0);
+            }
+        }
+    };
+    let first = update(
         &mut state,
         Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), None)),
     );
+    mark(first, &online);
     let result = loop {
         if let Err(e) = terminal.draw(|f| view::view(&state, f)) {
             break Err(CommandError::Terminal(e));
@@ -122,7 +131,7 @@ pub async fn run_with(
                 Some(AppEvent::Message(_)) => Msg::Redraw,
                 Some(AppEvent::Request(peer)) => {
                     let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
-                    update(&mut state, Msg::Loaded(data));
+                    mark(update(&mut state, Msg::Loaded(data)), &online);
                     Msg::Request(peer)
                 }
                 _ => Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected)),
@@ -154,11 +163,11 @@ pub async fn run_with(
                         }
                     }
                     let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
-                    update(&mut state, Msg::Loaded(data));
+                    mark(update(&mut state, Msg::Loaded(data)), &online);
                 }
                 Effect::Reload => {
                     let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
-                    update(&mut state, Msg::Loaded(data));
+                    mark(update(&mut state, Msg::Loaded(data)), &online);
                 }
                 Effect::Bell => {
                     let _ = std::io::stdout().write_all(b"\x07");

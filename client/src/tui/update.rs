@@ -98,8 +98,14 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
     match msg {
         Msg::Loaded(data) => {
+            let before = state.selected;
             state.load(data);
-            vec![]
+            // A conversation opened by the load (the first at start, or another once
+            // the open one is gone) is read, as one opened by a key is.
+            match state.selected {
+                Some(peer) if before != Some(peer) => vec![Effect::MarkRead(peer)],
+                _ => vec![],
+            }
         }
         Msg::Request(_) => {
             notice(state, "a message request arrived: /requests shows it");
@@ -707,6 +713,30 @@ mod tests {
                 }),
                 title: None
             }]
+        );
+    }
+
+    #[test]
+    fn the_conversation_open_at_start_is_read() {
+        let peer = PeerId::random();
+        let mut s = State::default();
+        let data = Snapshot {
+            me: Some(("me".into(), PeerId::random())),
+            conversations: vec![crate::tui::state::ConversationSummary {
+                peer,
+                name: "Minji".into(),
+                unread: 2,
+                last_ms: None,
+            }],
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            update(&mut s, Msg::Loaded(data.clone())),
+            vec![Effect::MarkRead(peer)]
+        );
+        assert!(
+            update(&mut s, Msg::Loaded(data)).is_empty(),
+            "once, not at every reload"
         );
     }
 }
