@@ -105,6 +105,24 @@ pub(crate) fn export_items(
     Ok(items)
 }
 
+/// Whether `addr` is on this machine or a local network: loopback, private, link-local,
+/// unspecified (names are not resolved here: they count as elsewhere).
+fn local(addr: &kkachi_protocol::Multiaddr) -> bool {
+    use kkachi_protocol::multiaddr::Protocol;
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => {
+            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+        }
+        Protocol::Ip6(ip) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        _ => false,
+    })
+}
+
 impl<T> State<T> {
     /// Takes in the envelopes of a bundle at `now` (Unix ms).
     pub(crate) fn import_bundle(
@@ -134,6 +152,20 @@ impl<T> State<T> {
             .flat_map(|e| &e.targets)
             .filter_map(|t| t.addr.parse().ok().as_ref().and_then(peer_of))
             .collect();
+        // Relays we know: ours, and our contacts'.
+        let familiar: HashSet<PeerId> = self
+            .store
+            .relays()?
+            .iter()
+            .filter_map(|r| r.addr.parse().ok().as_ref().and_then(peer_of))
+            .chain(self.store.contacts()?.iter().flat_map(|c| {
+                c.card
+                    .relays()
+                    .iter()
+                    .filter_map(peer_of)
+                    .collect::<Vec<_>>()
+            }))
+            .collect();
         let mut fresh = Vec::new();
         for item in items {
             let too_far = item.envelope.expires_at > now_secs + MAX_TTL_SECS + CLOCK_SKEW_SECS;
@@ -155,13 +187,18 @@ impl<T> State<T> {
                 Verdict::Taken | Verdict::Held => report.for_us += 1,
                 Verdict::Duplicate => report.already_had += 1,
                 Verdict::Refused => {
-                    // Each relay once, and only relays named by their peer id.
+                    // Each relay once, only relays named by their peer id, and none on
+                    // this machine or its local network unless we know it already (a
+                    // bundle from anyone must not make us knock on local services).
                     let mut peers = Vec::new();
                     let targets: Vec<Target> = item
                         .targets
                         .iter()
                         .filter(|t| match peer_of(&t.relay) {
-                            Some(p) if !peers.contains(&p) => {
+                            Some(p)
+                                if !peers.contains(&p)
+                                    && (familiar.contains(&p) || !local(&t.relay)) =>
+                            {
                                 peers.push(p);
                                 true
                             }

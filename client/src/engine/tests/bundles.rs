@@ -19,8 +19,9 @@ fn carried(user: &User) -> Vec<crate::store::OutboxEntry> {
         .collect()
 }
 
+/// A relay somewhere on the internet (a documentation address).
 fn relay(port: u16) -> Multiaddr {
-    format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", PeerId::random())
+    format!("/ip4/203.0.113.7/tcp/{port}/p2p/{}", PeerId::random())
         .parse()
         .unwrap()
 }
@@ -96,21 +97,36 @@ async fn a_hostile_bundle_is_carried_within_bounds() {
         junk(
             now + 3600,
             vec![BundleTarget {
-                relay: "/ip4/127.0.0.1/tcp/4".parse().unwrap(),
+                relay: "/ip4/203.0.113.7/tcp/4".parse().unwrap(),
                 write: WriteKey([1; 32]),
                 request: None,
             }],
+        ),
+        // On this machine or its network, and no relay of ours or our contacts'.
+        junk(
+            now + 3600,
+            vec![
+                to(&format!("/ip4/127.0.0.1/tcp/22/p2p/{}", PeerId::random())
+                    .parse()
+                    .unwrap()),
+                to(&format!("/ip4/192.168.1.1/tcp/80/p2p/{}", PeerId::random())
+                    .parse()
+                    .unwrap()),
+            ],
         ),
     ];
     // One new relay each: more than may be carried to.
     items.extend((0..70).map(|i| junk(now + 3600, vec![to(&relay(100 + i))])));
     let report = carol.engine.import_bundle(items).await.unwrap();
-    assert_eq!(report.envelopes, 74);
+    assert_eq!(report.envelopes, 75);
     assert_eq!(
         report.expired, 2,
         "expired, or expiring beyond any relay's: {report:?}"
     );
-    assert_eq!(report.no_relay, 1, "an address with no peer id: {report:?}");
+    assert_eq!(
+        report.no_relay, 2,
+        "an address with no peer id, and local ones nobody we know uses: {report:?}"
+    );
     assert_eq!(report.forwarding, MAX_CARRIED_RELAYS, "{report:?}");
     assert_eq!(report.over_limit, 71 - MAX_CARRIED_RELAYS, "{report:?}");
     let held = carried(&carol);
