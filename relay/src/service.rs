@@ -363,7 +363,12 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::Delete { key, ids } => {
                 let queue = key.queue();
                 let (store, metrics) = (self.store.clone(), self.metrics.clone());
-                let delete = move || match store.delete(&queue, &ids) {
+                let failed = metrics.clone();
+                // Indexing the queue first is nothing once it is indexed.
+                let delete = move || match store
+                    .index_queue(&queue)
+                    .and_then(|()| store.delete(&queue, &ids))
+                {
                     Ok(count) => RelayToClient::Deleted { count },
                     Err(e) => {
                         let (code, message) = store_refusal(&e);
@@ -373,24 +378,17 @@ impl<S: MailboxStore + Clone> Service<S> {
                 if self.store.is_indexed(&queue) {
                     return Action::Respond(delete());
                 }
-                let store = self.store.clone();
+                // Reading the queue may take a while: not on the node's loop.
                 Action::Deferred(Box::pin(async move {
-                    let answer = tokio::task::spawn_blocking(move || {
-                        store.index_queue(&queue)?;
-                        Ok::<_, StoreError>(delete())
-                    })
-                    .await;
-                    let answer = match answer {
-                        Ok(Ok(answer)) => answer,
-                        Ok(Err(e)) => {
-                            let (code, message) = store_refusal(&e);
-                            RelayToClient::Error { code, message }
-                        }
-                        Err(_) => RelayToClient::Error {
-                            code: ErrorCode::Internal,
-                            message: "the relay failed reading the queue; retry".into(),
-                        },
-                    };
+                    let answer = tokio::task::spawn_blocking(delete)
+                        .await
+                        .unwrap_or_else(|_| {
+                            refuse(
+                                &failed,
+                                ErrorCode::Internal,
+                                "the relay failed reading the queue; retry",
+                            )
+                        });
                     (answer, Vec::new())
                 }))
             }

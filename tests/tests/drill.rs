@@ -45,25 +45,31 @@ fn findings(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn drill_is_all_clear_on_a_healthy_setup_and_names_each_problem_with_its_fix() {
-    let dir = tempfile::tempdir().unwrap();
-    let domain = |d: &str| vec!["--failure-domain".to_string(), d.to_string()];
-    let start = |name: &str, d: &str| {
-        let args = domain(d);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        RelayProc::start(&dir.path().join(name), &args)
-    };
-    let mut relays = [
-        start("r0", "test/dc0"),
-        start("r1", "test/dc1"),
-        start("r2", "test/dc2"),
+/// A relay in failure domain `domain`, its data in `dir/name`.
+fn start(dir: &std::path::Path, name: &str, domain: &str) -> RelayProc {
+    RelayProc::start(&dir.join(name), &["--failure-domain", domain])
+}
+
+/// Three relays in three failure domains, and alice and bob using all three,
+/// introduced.
+fn three_domains(dir: &std::path::Path) -> ([RelayProc; 3], User, User) {
+    let relays = [
+        start(dir, "r0", "test/dc0"),
+        start(dir, "r1", "test/dc1"),
+        start(dir, "r2", "test/dc2"),
     ];
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
+    let alice = User::new(dir, "alice");
+    let bob = User::new(dir, "bob");
     add_relays(&alice, &relays.iter().collect::<Vec<_>>());
     add_relays(&bob, &relays.iter().collect::<Vec<_>>());
     User::introduce(&alice, &bob);
+    (relays, alice, bob)
+}
+
+#[test]
+fn drill_is_all_clear_on_a_healthy_setup_and_names_each_problem_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relays, alice, bob) = three_domains(dir.path());
 
     // Healthy: every relay loops a test envelope back, in three failure domains, with
     // the same clock; bob's relays answer; nothing waits.
@@ -101,7 +107,10 @@ fn drill_is_all_clear_on_a_healthy_setup_and_names_each_problem_with_its_fix() {
     relays[0].restart();
 
     // Carol's two relays share a failure domain; and none of bob's relays answers her.
-    let same = [start("s0", "test/same"), start("s1", "test/same")];
+    let same = [
+        start(dir.path(), "s0", "test/same"),
+        start(dir.path(), "s1", "test/same"),
+    ];
     let carol = User::new(dir.path(), "carol");
     add_relays(&carol, &same.iter().collect::<Vec<_>>());
     User::introduce(&carol, &bob);
@@ -139,18 +148,7 @@ fn drill_is_all_clear_on_a_healthy_setup_and_names_each_problem_with_its_fix() {
 #[test]
 fn the_game_day_takes_each_relay_out_in_turn_and_names_what_would_stop_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let start =
-        |name: &str, d: &str| RelayProc::start(&dir.path().join(name), &["--failure-domain", d]);
-    let mut relays = [
-        start("r0", "test/dc0"),
-        start("r1", "test/dc1"),
-        start("r2", "test/dc2"),
-    ];
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    add_relays(&alice, &relays.iter().collect::<Vec<_>>());
-    add_relays(&bob, &relays.iter().collect::<Vec<_>>());
-    User::introduce(&alice, &bob);
+    let (mut relays, alice, _bob) = three_domains(dir.path());
 
     // Three relays: with any one out, the other two carry the test message.
     let (code, v, took) = drill_with(&alice, &["--game-day"]);

@@ -140,9 +140,11 @@ impl App {
         }
         if imported.over_limit > 0 {
             out.warn(format!(
-                "{} were not taken: this kkachi carries at most {} envelopes for others at once",
+                "{} were not taken: this kkachi carries at most {} envelopes ({} MiB) for others at once, to at most {} relays",
                 imported.over_limit,
-                crate::engine::MAX_FORWARDING
+                crate::engine::MAX_FORWARDING,
+                crate::engine::MAX_FORWARDING_BYTES >> 20,
+                crate::engine::MAX_CARRIED_RELAYS
             ));
         }
         Ok(())

@@ -327,8 +327,8 @@ impl App {
     async fn drill_report(&mut self, game_day: bool) -> Result<Report, CommandError> {
         let engine = self.engine()?;
         let me = self.identity()?;
-        let relays = self.store.relays()?;
-        let checks = relays.iter().map(|r| {
+        let records = self.store.relays()?;
+        let checks = records.iter().map(|r| {
             let net = engine.net().clone();
             let (addr, token, me) = (r.addr.clone(), r.token.clone(), me.clone());
             async move { check_relay(&net, &me, addr, token).await }
@@ -344,7 +344,7 @@ impl App {
         let mut theirs: BTreeMap<String, bool> = BTreeMap::new();
         for c in contacts.iter() {
             for a in c.card.relays() {
-                if !relays.iter().any(|r| r.addr == a.to_string()) {
+                if !records.iter().any(|r| r.addr == a.to_string()) {
                     theirs.insert(a.to_string(), false);
                 }
             }
@@ -406,8 +406,7 @@ impl App {
             let mut rounds = Vec::new();
             // Relays already down are out of use as it is: the checks above cover them.
             for out in relays.iter().filter(|r| r.info.is_some()) {
-                let mut round =
-                    game_day_round(engine.net(), &me, &self.store.relays()?, &out.addr).await;
+                let mut round = game_day_round(engine.net(), &me, &records, &out.addr).await;
                 round.stranded = contacts
                     .iter()
                     .filter(|c| reachable_without(c, None) > 0)
@@ -452,12 +451,16 @@ struct Without<T> {
 }
 
 impl<T: Transport> Without<T> {
-    fn refuses(&self, relay: &Multiaddr) -> bool {
-        *relay == self.out || peer_of(relay).is_some_and(|p| peer_of(&self.out) == Some(p))
-    }
-
-    fn refusal() -> NetError {
-        NetError::Unreachable("taken out of use for the game day".into())
+    /// The transport and address to go on with, or the refusal of the relay taken out.
+    fn through(&self, relay: &Multiaddr) -> Result<(T, Multiaddr), NetError> {
+        let out =
+            *relay == self.out || peer_of(relay).is_some_and(|p| peer_of(&self.out) == Some(p));
+        if out {
+            return Err(NetError::Unreachable(
+                "taken out of use for the game day".into(),
+            ));
+        }
+        Ok((self.net.clone(), relay.clone()))
     }
 }
 
@@ -467,12 +470,9 @@ impl<T: Transport> Transport for Without<T> {
         relay: &Multiaddr,
         request: ClientToRelay,
     ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send {
-        let refused = self.refuses(relay);
-        let (net, relay) = (self.net.clone(), relay.clone());
+        let through = self.through(relay);
         async move {
-            if refused {
-                return Err(Self::refusal());
-            }
+            let (net, relay) = through?;
             net.request(&relay, request).await
         }
     }
@@ -482,12 +482,9 @@ impl<T: Transport> Transport for Without<T> {
         relay: &Multiaddr,
         request: ClientToRelay,
     ) -> impl Future<Output = Result<RelayToClient, NetError>> + Send {
-        let refused = self.refuses(relay);
-        let (net, relay) = (self.net.clone(), relay.clone());
+        let through = self.through(relay);
         async move {
-            if refused {
-                return Err(Self::refusal());
-            }
+            let (net, relay) = through?;
             net.request_as_reader(&relay, request).await
         }
     }

@@ -18,7 +18,7 @@ use crate::store::{LocalStore, OutboxEntry, OutboxKind, Target, TreeId, WriteSet
 /// The most envelopes carried for others at once.
 pub const MAX_FORWARDING: usize = 2_000;
 /// The most bytes of envelopes carried for others at once.
-pub(crate) const MAX_FORWARDING_BYTES: usize = 64 << 20;
+pub const MAX_FORWARDING_BYTES: usize = 64 << 20;
 /// The most distinct relays (by peer id) that envelopes carried for others go to: a
 /// bundle cannot make this client dial more than this many, whatever it names.
 pub const MAX_CARRIED_RELAYS: usize = 64;
@@ -123,11 +123,63 @@ fn local(addr: &kkachi_protocol::Multiaddr) -> bool {
     })
 }
 
+/// What the outbox holds and carries for others, while a bundle is taken in: read from
+/// the store once per bundle (the outbox holds whole envelopes), then kept up to date
+/// part by part. What leaves the outbox meanwhile is still counted, which errs towards
+/// carrying less.
+#[derive(Debug, Default)]
+pub(crate) struct Carrying {
+    /// Envelopes in the outbox, or taken from this bundle.
+    known: HashSet<EnvelopeId>,
+    /// Envelopes carried for others, and their bytes.
+    count: usize,
+    bytes: usize,
+    /// The relays they go to.
+    relays: HashSet<PeerId>,
+    /// Relays we use already: ours, and our contacts'.
+    familiar: HashSet<PeerId>,
+}
+
 impl<T> State<T> {
-    /// Takes in the envelopes of a bundle at `now` (Unix ms).
+    fn carrying(&self) -> Result<Carrying, EngineError> {
+        let outbox = self.store.outbox()?;
+        let carried: Vec<&OutboxEntry> = outbox
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.kind == OutboxKind::Forward)
+            .collect();
+        let ours = self.store.relays()?;
+        let contacts = self.store.contacts()?;
+        Ok(Carrying {
+            known: outbox
+                .iter()
+                .map(|(_, e)| EnvelopeId::of_encoding(&e.envelope))
+                .collect(),
+            count: carried.len(),
+            bytes: carried.iter().map(|e| e.envelope.len()).sum(),
+            relays: carried
+                .iter()
+                .flat_map(|e| &e.targets)
+                .filter_map(|t| t.addr.parse().ok().as_ref().and_then(peer_of))
+                .collect(),
+            familiar: ours
+                .iter()
+                .filter_map(|r| r.addr.parse().ok().as_ref().and_then(peer_of))
+                .chain(
+                    contacts
+                        .iter()
+                        .flat_map(|c| c.card.relays().iter().filter_map(peer_of)),
+                )
+                .collect(),
+        })
+    }
+
+    /// Takes in one part of a bundle at `now` (Unix ms). `carrying` is read from the
+    /// store at the first part (`None`) and handed on to the next.
     pub(crate) fn import_bundle(
         &mut self,
         items: &[Item],
+        carrying: &mut Option<Carrying>,
         now: u64,
     ) -> Result<Imported, EngineError> {
         let now_secs = now / 1000;
@@ -135,54 +187,28 @@ impl<T> State<T> {
             envelopes: items.len(),
             ..Imported::default()
         };
-        let outbox = self.store.outbox()?;
-        let mut known: HashSet<EnvelopeId> = outbox
-            .iter()
-            .map(|(_, e)| EnvelopeId::of_encoding(&e.envelope))
-            .collect();
-        let carried: Vec<&OutboxEntry> = outbox
-            .iter()
-            .map(|(_, e)| e)
-            .filter(|e| e.kind == OutboxKind::Forward)
-            .collect();
-        let mut carrying = carried.len();
-        let mut carrying_bytes: usize = carried.iter().map(|e| e.envelope.len()).sum();
-        let mut relays: HashSet<PeerId> = carried
-            .iter()
-            .flat_map(|e| &e.targets)
-            .filter_map(|t| t.addr.parse().ok().as_ref().and_then(peer_of))
-            .collect();
-        // Relays we know: ours, and our contacts'.
-        let familiar: HashSet<PeerId> = self
-            .store
-            .relays()?
-            .iter()
-            .filter_map(|r| r.addr.parse().ok().as_ref().and_then(peer_of))
-            .chain(self.store.contacts()?.iter().flat_map(|c| {
-                c.card
-                    .relays()
-                    .iter()
-                    .filter_map(peer_of)
-                    .collect::<Vec<_>>()
-            }))
-            .collect();
+        let c = match carrying {
+            Some(c) => c,
+            None => carrying.insert(self.carrying()?),
+        };
         let mut fresh = Vec::new();
         for item in items {
             let too_far = item.envelope.expires_at > now_secs + MAX_TTL_SECS + CLOCK_SKEW_SECS;
+            let id = item.envelope.id();
             if item.envelope.expires_at <= now_secs || too_far {
                 report.expired += 1;
-            } else if !known.insert(item.envelope.id()) {
+            } else if !c.known.insert(id) {
                 report.already_queued += 1;
             } else {
-                fresh.push(item);
+                fresh.push((item, id));
             }
         }
         // Read first: what opens is ours, whichever queue it was put into.
-        let envelopes: Vec<Envelope> = fresh.iter().map(|i| i.envelope.clone()).collect();
+        let envelopes: Vec<Envelope> = fresh.iter().map(|(i, _)| i.envelope.clone()).collect();
         let tally = self.receive(&envelopes, super::receive::Source::Bundle, now)?;
         report.shown = tally.shown.len();
         let mut w = WriteSet::default();
-        for (item, verdict) in fresh.into_iter().zip(tally.verdicts) {
+        for ((item, id), verdict) in fresh.into_iter().zip(tally.verdicts) {
             match verdict {
                 Verdict::Taken | Verdict::Held => report.for_us += 1,
                 Verdict::Duplicate => report.already_had += 1,
@@ -197,7 +223,7 @@ impl<T> State<T> {
                         .filter(|t| match peer_of(&t.relay) {
                             Some(p)
                                 if !peers.contains(&p)
-                                    && (familiar.contains(&p) || !local(&t.relay)) =>
+                                    && (c.familiar.contains(&p) || !local(&t.relay)) =>
                             {
                                 peers.push(p);
                                 true
@@ -219,18 +245,17 @@ impl<T> State<T> {
                         continue;
                     }
                     let bytes = item.envelope.encoded_len();
-                    let new_relays = peers.iter().filter(|p| !relays.contains(p)).count();
-                    if carrying >= MAX_FORWARDING
-                        || carrying_bytes + bytes > MAX_FORWARDING_BYTES
-                        || relays.len() + new_relays > MAX_CARRIED_RELAYS
+                    let new_relays = peers.iter().filter(|p| !c.relays.contains(p)).count();
+                    if c.count >= MAX_FORWARDING
+                        || c.bytes + bytes > MAX_FORWARDING_BYTES
+                        || c.relays.len() + new_relays > MAX_CARRIED_RELAYS
                     {
                         report.over_limit += 1;
                         continue;
                     }
-                    carrying += 1;
-                    carrying_bytes += bytes;
-                    relays.extend(peers);
-                    let id = item.envelope.id();
+                    c.count += 1;
+                    c.bytes += bytes;
+                    c.relays.extend(peers);
                     let mut message_id = [0; 16];
                     message_id.copy_from_slice(&id.0[..16]);
                     let entry = OutboxEntry {

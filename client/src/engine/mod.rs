@@ -48,7 +48,7 @@ use crate::net::{NetEvent, Transport};
 use crate::store::{LocalStore, MessageState, StoreError};
 
 pub(crate) use bundle::export_items;
-pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING};
+pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
 pub use machine::Progress;
 pub use receive::{Received, Verdict};
@@ -420,13 +420,19 @@ impl<T: Transport> Engine<T> {
     ) -> Result<Imported, EngineError> {
         // A part at a time: the engine goes on with other work in between.
         let mut report = Imported::default();
+        let mut carrying = None;
         while !items.is_empty() {
             let part: Vec<_> = items
                 .drain(..items.len().min(bundle::IMPORT_CHUNK))
                 .collect();
-            let done = self
-                .change(move |state, now| state.import_bundle(&part, now))
+            let (done, then) = self
+                .change(move |state, now| {
+                    let mut carrying = carrying;
+                    let done = state.import_bundle(&part, &mut carrying, now)?;
+                    Ok((done, carrying))
+                })
                 .await?;
+            carrying = then;
             report.add(&done);
         }
         Ok(report)

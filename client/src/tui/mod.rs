@@ -110,7 +110,7 @@ pub async fn run_with(
     let mark = |effects: Vec<Effect>, online: &Option<Online>| {
         for effect in effects {
             if let (Effect::MarkRead(_), Some(o)) = (&effect, online) {
-                run_effect(effect, o.engine.clone(), None, mpsc::channel(1).0);
+                run_effect(effect, o.engine.clone(), demo.clone(), tx.clone());
             }
         }
     };
