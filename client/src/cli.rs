@@ -78,6 +78,10 @@ pub enum Command {
     /// one in (what is for you is read; the rest goes on to its relays from here).
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Protect what kkachi keeps on this device with a passphrase, change it, or remove
+    /// it. Everything is sealed either way; the passphrase guards the key.
+    #[command(subcommand)]
+    Passphrase(PassphraseCommand),
     /// Stay online: receive, deliver, and print each incoming message as a line.
     Daemon,
     /// The terminal UI.
@@ -107,6 +111,23 @@ pub enum RelayCommand {
         /// The relay address (as listed).
         addr: String,
     },
+}
+
+/// `kkachi passphrase ...`
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum PassphraseCommand {
+    /// Set or change the passphrase (asked twice at the terminal, or taken from
+    /// KKACHI_NEW_PASSPHRASE). kkachi then asks for it at every start, or reads
+    /// KKACHI_PASSPHRASE. A forgotten passphrase cannot be recovered.
+    Set {
+        /// The new passphrase, read before the command runs (never on the command line).
+        #[arg(skip)]
+        new: Option<String>,
+    },
+    /// Remove the passphrase: the key stays in the home's key file, readable only by you.
+    Remove,
+    /// Say how the key of this home is kept.
+    Status,
 }
 
 /// `kkachi bundle ...`

@@ -8,7 +8,8 @@
 //! handle and talk to the owner through it; nothing else writes.
 //!
 //! - [`store`]: the local sled database (identity, contacts, sessions, messages,
-//!   outbox, cursors, message requests, blocked senders).
+//!   outbox, cursors, message requests, blocked senders), sealed under a key kept in
+//!   the home, optionally behind a passphrase ([`passphrase`] asks for it).
 //! - [`sequence`]: what a contact's sequence numbers and hash chain say is missing or
 //!   altered, in bounded space.
 //! - [`sanitize`]: text a peer chose, made safe to print on a terminal.
@@ -28,6 +29,7 @@ pub mod commands;
 pub mod engine;
 pub mod ipc;
 pub mod net;
+pub mod passphrase;
 pub mod qr;
 pub mod runtime;
 pub mod sanitize;

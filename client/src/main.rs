@@ -285,6 +285,21 @@ fn text_from_stdin(command: Command) -> Result<Command, String> {
     Ok(Command::Send(args))
 }
 
+/// `passphrase set`: the new passphrase is read here, where the person is (a running
+/// daemon, which may take the command, has no terminal of theirs).
+fn new_passphrase(command: Command) -> Result<Command, String> {
+    use kkachi_client::cli::PassphraseCommand;
+    match command {
+        Command::Passphrase(PassphraseCommand::Set { new: None }) => {
+            let new = kkachi_client::passphrase::read_new()?;
+            Ok(Command::Passphrase(PassphraseCommand::Set {
+                new: Some(new.to_string()),
+            }))
+        }
+        other => Ok(other),
+    }
+}
+
 /// A bundle's file is named relative to where the person runs kkachi, not where a
 /// daemon that may take the command runs.
 fn absolute_paths(command: Command) -> Result<Command, String> {
@@ -307,14 +322,20 @@ fn absolute_paths(command: Command) -> Result<Command, String> {
 }
 
 fn main() -> ExitCode {
+    // Whatever kkachi creates (the database's files, logs, the control socket, bundles)
+    // is for the person who runs it only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    kkachi_client::store::set_passphrase_prompt(kkachi_client::passphrase::prompt);
     let cli = Cli::parse();
     JSON_ERRORS.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     let home = cli.home.clone().unwrap_or_else(default_home);
-    let command =
-        match text_from_stdin(cli.command.unwrap_or(Command::Tui)).and_then(absolute_paths) {
-            Ok(command) => command,
-            Err(e) => return error(e),
-        };
+    let command = match text_from_stdin(cli.command.unwrap_or(Command::Tui))
+        .and_then(absolute_paths)
+        .and_then(new_passphrase)
+    {
+        Ok(command) => command,
+        Err(e) => return error(e),
+    };
     let is_tui = matches!(command, Command::Tui | Command::Demo);
     if is_tui && !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
         return error(

@@ -14,6 +14,7 @@ mod bundle;
 mod contacts;
 mod drill;
 mod messages;
+mod passphrase;
 mod relays;
 
 use std::path::PathBuf;
@@ -251,6 +252,7 @@ impl App {
             Command::Bundle(BundleCommand::Import { file }) => {
                 self.bundle_import(&file, json, &mut out).await?
             }
+            Command::Passphrase(command) => self.passphrase(command, json, &mut out)?,
             Command::Daemon | Command::Tui => {
                 return fail("a kkachi daemon or UI is already running for this home");
             }

@@ -7,7 +7,7 @@ use kkachi_protocol::{Card, MessageId, PeerId, Session};
 
 use super::records::ContactRecord;
 use super::{
-    Contact, Conversation, LocalStore, MessageRecord, StoreError, TreeId, WriteSet, db, decode,
+    Contact, Conversation, LocalStore, MessageRecord, StoreError, TreeId, WriteSet, decode,
 };
 use crate::sequence::ChainLink;
 
@@ -34,7 +34,7 @@ impl LocalStore {
         }
         let mut out = Vec::new();
         for item in self.tree(TreeId::Contacts).iter() {
-            let (k, v) = item.map_err(db)?;
+            let (k, v) = item?;
             out.push(contact_from(&k, &v)?);
         }
         out.sort_by_key(|c| c.name.to_lowercase());
@@ -61,11 +61,7 @@ impl LocalStore {
 
     /// The session with `contact` (a fresh one if none is stored).
     pub fn session(&self, contact: &Contact) -> Result<Session, StoreError> {
-        match self
-            .tree(TreeId::Sessions)
-            .get(contact.peer.to_bytes())
-            .map_err(db)?
-        {
+        match self.tree(TreeId::Sessions).get(contact.peer.to_bytes())? {
             Some(bytes) => Session::decode(&bytes).map_err(|_| StoreError::Corrupt("session")),
             None => Ok(Session::new(*contact.card.identity().x25519())),
         }
@@ -109,14 +105,16 @@ impl LocalStore {
         let tree = self.tree(TreeId::Messages);
         let prefix = peer.to_bytes();
         std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<sled::IVec>, StoreError>>(8);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Vec<u8>>, StoreError>>(8);
             scope.spawn(move || {
                 let mut batch = Vec::with_capacity(BATCH);
                 for item in tree.scan_prefix(prefix) {
                     match item {
                         Ok((_, v)) => batch.push(v),
                         Err(e) => {
-                            let _ = tx.send(Err(db(e)));
+                            // What came before it is read first.
+                            let _ = tx.send(Ok(std::mem::take(&mut batch)));
+                            let _ = tx.send(Err(e));
                             return;
                         }
                     }
@@ -152,7 +150,7 @@ impl LocalStore {
             .rev()
             .take(n)
             .map(|item| {
-                let (_, v) = item.map_err(db)?;
+                let (_, v) = item?;
                 decode(&v, "message")
             })
             .collect::<Result<_, _>>()?;
@@ -166,16 +164,12 @@ impl LocalStore {
         peer: &PeerId,
         id: &MessageId,
     ) -> Result<Option<(Vec<u8>, MessageRecord)>, StoreError> {
-        let Some(key) = self
-            .tree(TreeId::MessageIndex)
-            .get(index_key(peer, id))
-            .map_err(db)?
-        else {
+        let Some(key) = self.tree(TreeId::MessageIndex).get(index_key(peer, id))? else {
             return Ok(None);
         };
         Ok(self
             .get_record(TreeId::Messages, &key, "message")?
-            .map(|m| (key.to_vec(), m)))
+            .map(|m| (key, m)))
     }
 
     /// Writes a new message and its index entry (in a WriteSet).
@@ -204,7 +198,7 @@ impl LocalStore {
     pub fn receipts_due(&self) -> Result<Vec<(PeerId, Vec<MessageId>)>, StoreError> {
         let mut out: Vec<(PeerId, Vec<MessageId>)> = Vec::new();
         for item in self.tree(TreeId::ReceiptsDue).iter() {
-            let (k, _) = item.map_err(db)?;
+            let (k, _) = item?;
             let split = k
                 .len()
                 .checked_sub(16)
@@ -242,7 +236,7 @@ impl LocalStore {
         let mut messages = 0;
         for tree in [TreeId::Messages, TreeId::MessageIndex, TreeId::Chain] {
             for item in self.tree(tree).scan_prefix(&prefix) {
-                let (k, _) = item.map_err(db)?;
+                let (k, _) = item?;
                 w.remove(tree, k.to_vec());
                 messages += usize::from(tree == TreeId::Messages);
             }

@@ -23,14 +23,20 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 mod conversations;
+mod keyfile;
 mod outbox;
 mod records;
 mod requests;
+mod vault;
 mod writes;
 
 use conversations::ContactCache;
+pub use keyfile::{
+    KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, key_path, set_passphrase_prompt,
+};
 pub use records::*;
 pub use requests::{Blocked, HeldMessage, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL, Request};
+use vault::{Tree, Vault};
 use writes::{Durability, JOURNAL_TREE, TREES, Writer, complete_journaled};
 pub use writes::{TreeId, WriteSet};
 
@@ -52,6 +58,20 @@ pub enum StoreError {
     /// The name or relays do not make a valid card.
     #[error("invalid card: {0}")]
     InvalidCard(String),
+    /// The key file is missing, damaged or unreadable.
+    #[error("{0}")]
+    KeyFile(String),
+    /// The key file does not open this database.
+    #[error(
+        "the key file {0} does not belong to the database beside it: put back the key file that was made with this home"
+    )]
+    WrongKey(PathBuf),
+    /// The passphrase given does not unlock the key.
+    #[error("{0}")]
+    WrongPassphrase(String),
+    /// The key is under a passphrase and none could be asked for.
+    #[error("{0}")]
+    PassphraseNeeded(String),
 }
 
 fn db(e: impl std::fmt::Display) -> StoreError {
@@ -63,6 +83,10 @@ fn db(e: impl std::fmt::Display) -> StoreError {
 pub struct LocalStore {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    /// Seals and opens every record (see [`vault`]).
+    vault: Arc<Vault>,
+    /// The database key and how it is kept, for changing the passphrase.
+    key: Arc<parking_lot::Mutex<keyfile::Unlocked>>,
     /// The write set being applied (see [`LocalStore::apply`]).
     journal: sled::Tree,
     writer: Arc<Writer>,
@@ -81,16 +105,31 @@ pub struct LocalStore {
 
 const IDENTITY_KEY: &[u8] = b"identity";
 const PROFILE_KEY: &[u8] = b"profile";
+/// A known value sealed under the database key: a key file that opens it belongs to
+/// this database.
+const VAULT_KEY: &[u8] = b"vault";
+const VAULT_CHECK: &[u8] = b"kkachi local store, sealed";
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt(what))
 }
 
 impl LocalStore {
-    /// Opens (or creates) the database under `home`.
+    /// Opens (or creates) the database under `home`, unlocking its key (asking for
+    /// the passphrase if it has one).
     pub fn open(home: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(home).map_err(db)?;
+        Self::open_as(home, false, None)
+    }
+
+    /// Opens the database under `home` with this passphrase (for a home that has one).
+    pub fn open_with_passphrase(home: &Path, passphrase: &str) -> Result<Self, StoreError> {
+        Self::open_as(home, false, Some(passphrase))
+    }
+
+    fn open_as(home: &Path, clear: bool, passphrase: Option<&str>) -> Result<Self, StoreError> {
         let path = home.join("db");
+        private_dir(home, path.exists())?;
+        private_dir(&path, true)?;
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(64 << 20)
@@ -103,15 +142,41 @@ impl LocalStore {
                     db(e)
                 }
             })?;
+        private_files(&path)?;
         let trees: Vec<sled::Tree> = TREES
             .iter()
             .map(|name| db.open_tree(name).map_err(self::db))
             .collect::<Result<_, _>>()?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(self::db)?;
+        let empty = journal.is_empty() && trees.iter().all(sled::Tree::is_empty);
+        let unlocked = match keyfile::unlock(home, passphrase)? {
+            Some(u) => u,
+            None if !empty => {
+                return Err(StoreError::KeyFile(format!(
+                    "the database in {} is sealed and its key file {} is missing: put the key file back, or restore from a backup",
+                    path.display(),
+                    key_path(home).display()
+                )));
+            }
+            None if clear => {
+                keyfile::create_clear(home)?;
+                keyfile::Unlocked {
+                    key: None,
+                    protection: Protection::Clear,
+                }
+            }
+            None => keyfile::create(home)?,
+        };
+        let vault = match &unlocked.key {
+            Some(key) => Vault::sealed(key),
+            None => Vault::clear(),
+        };
         complete_journaled(&db, &trees, &journal)?;
         let store = Self {
             db,
             trees,
+            vault: Arc::new(vault),
+            key: Arc::new(parking_lot::Mutex::new(unlocked)),
             journal,
             writer: Arc::default(),
             path: home.to_path_buf(),
@@ -121,8 +186,63 @@ impl LocalStore {
             outbox_index: Arc::default(),
             relays_turn: Arc::default(),
         };
+        store.check_key()?;
         store.load_outbox_index()?;
         Ok(store)
+    }
+
+    /// A new home kept in the clear, not sealed: only to measure what sealing costs.
+    #[doc(hidden)]
+    pub fn provision_clear(
+        home: &Path,
+        name: &str,
+        relays: &[Multiaddr],
+    ) -> Result<(Self, Identity, Card), StoreError> {
+        let store = Self::open_as(home, true, None)?;
+        store.provision_with(name, relays)
+    }
+
+    /// Checks that the key opens this database (writes the check into a new one).
+    fn check_key(&self) -> Result<(), StoreError> {
+        let meta = self.tree(TreeId::Meta);
+        match meta.get(VAULT_KEY) {
+            Ok(Some(v)) if v == VAULT_CHECK => Ok(()),
+            Ok(None) if meta.len() == 0 => {
+                // Written around the write sets: it is not one of the store's changes.
+                let disk = self.vault.disk_key(TreeId::Meta, VAULT_KEY);
+                let sealed = self.vault.seal(TreeId::Meta, VAULT_KEY, &disk, VAULT_CHECK);
+                self.trees[TreeId::Meta as usize]
+                    .insert(disk, sealed)
+                    .map_err(db)?;
+                self.db.flush().map_err(db)?;
+                Ok(())
+            }
+            Ok(_) | Err(StoreError::Corrupt(_)) => Err(StoreError::WrongKey(key_path(&self.path))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How the database key is kept.
+    pub fn protection(&self) -> Protection {
+        self.key.lock().protection
+    }
+
+    /// Puts the database key under `passphrase`, or (`None`) keeps it in the key file
+    /// without one. Only the key file is rewritten.
+    pub fn set_passphrase(&self, passphrase: Option<&str>) -> Result<(), StoreError> {
+        let mut unlocked = self.key.lock();
+        let Some(key) = &unlocked.key else {
+            return Err(StoreError::KeyFile(
+                "this home is kept in the clear; it has no key to protect".into(),
+            ));
+        };
+        keyfile::rewrap(&self.path, key, passphrase)?;
+        unlocked.protection = if passphrase.is_some() {
+            Protection::Passphrase
+        } else {
+            Protection::KeyFile
+        };
+        Ok(())
     }
 
     /// The home directory.
@@ -130,8 +250,12 @@ impl LocalStore {
         &self.path
     }
 
-    fn tree(&self, id: TreeId) -> &sled::Tree {
-        &self.trees[id as usize]
+    fn tree(&self, id: TreeId) -> Tree<'_> {
+        Tree {
+            raw: &self.trees[id as usize],
+            id,
+            vault: &self.vault,
+        }
     }
 
     fn get_record<T: DeserializeOwned>(
@@ -140,7 +264,7 @@ impl LocalStore {
         key: &[u8],
         what: &'static str,
     ) -> Result<Option<T>, StoreError> {
-        match self.tree(tree).get(key).map_err(db)? {
+        match self.tree(tree).get(key)? {
             Some(v) => decode(&v, what).map(Some),
             None => Ok(None),
         }
@@ -150,11 +274,11 @@ impl LocalStore {
         &self,
         tree: TreeId,
         what: &'static str,
-    ) -> Result<Vec<(sled::IVec, T)>, StoreError> {
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         self.tree(tree)
             .iter()
             .map(|item| {
-                let (k, v) = item.map_err(db)?;
+                let (k, v) = item?;
                 Ok((k, decode(&v, what)?))
             })
             .collect()
@@ -164,7 +288,7 @@ impl LocalStore {
 
     /// The user's identity, if `init` has run.
     pub fn identity(&self) -> Result<Option<Identity>, StoreError> {
-        match self.tree(TreeId::Meta).get(IDENTITY_KEY).map_err(db)? {
+        match self.tree(TreeId::Meta).get(IDENTITY_KEY)? {
             Some(bytes) => Identity::from_secret_bytes(&bytes)
                 .map(Some)
                 .map_err(|_| StoreError::Corrupt("identity")),
@@ -179,15 +303,22 @@ impl LocalStore {
         name: &str,
         relays: &[Multiaddr],
     ) -> Result<(Self, Identity, Card), StoreError> {
-        let store = Self::open(home)?;
+        Self::open(home)?.provision_with(name, relays)
+    }
+
+    fn provision_with(
+        self,
+        name: &str,
+        relays: &[Multiaddr],
+    ) -> Result<(Self, Identity, Card), StoreError> {
         let me = Identity::generate();
         let profile = Profile::new(name);
-        store.init_identity(&me, &profile)?;
+        self.init_identity(&me, &profile)?;
         for r in relays {
-            store.add_relay(r)?;
+            self.add_relay(r)?;
         }
-        let card = store.own_card(&me)?;
-        Ok((store, me, card))
+        let card = self.own_card(&me)?;
+        Ok((self, me, card))
     }
 
     /// The user's own card as it stands (profile name, relays, card version).
@@ -267,7 +398,7 @@ impl LocalStore {
     pub fn add_relay(&self, addr: &Multiaddr) -> Result<bool, StoreError> {
         let _turn = self.relays_turn.lock();
         let key = addr.to_string();
-        if self.tree(TreeId::Relays).contains_key(&key).map_err(db)? {
+        if self.tree(TreeId::Relays).contains_key(&key)? {
             return Ok(false);
         }
         let order = self.db.generate_id().map_err(db)?;
@@ -288,7 +419,7 @@ impl LocalStore {
     /// Removes a relay; false if it was not there.
     pub fn remove_relay(&self, addr: &str) -> Result<bool, StoreError> {
         let _turn = self.relays_turn.lock();
-        if self.tree(TreeId::Relays).get(addr).map_err(db)?.is_none() {
+        if self.tree(TreeId::Relays).get(addr)?.is_none() {
             return Ok(false);
         }
         let mut w = WriteSet::default();
@@ -320,6 +451,43 @@ impl LocalStore {
     }
 }
 
+/// Creates `dir` owner-only if it does not exist; with `always`, makes an existing one
+/// owner-only too (one kkachi made: a home passed with `--home` that holds something
+/// else is left as its owner set it).
+fn private_dir(dir: &Path, always: bool) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let exists = dir.exists();
+    if !exists {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    if !exists || always {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| StoreError::Db(format!("cannot protect {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Makes the database's files owner-only (sled creates them as the umask says).
+fn private_files(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::Db(format!("cannot read {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let mode = if path.is_dir() { 0o700 } else { 0o600 };
+        if path.is_dir() {
+            private_files(&path)?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| StoreError::Db(format!("cannot protect {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) fn reopen(home: &Path) -> LocalStore {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -333,5 +501,7 @@ pub(crate) fn reopen(home: &Path) -> LocalStore {
     }
 }
 
+#[cfg(test)]
+mod at_rest_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use kkachi_protocol::{EnvelopeId, MessageId, PeerId};
 use serde::Deserialize;
 
-use super::{LocalStore, OutboxEntry, OutboxKind, StoreError, TreeId, WriteSet, db};
+use super::{LocalStore, OutboxEntry, OutboxKind, StoreError, TreeId, WriteSet};
 
 /// The first fields of an [`OutboxEntry`], as stored: what the index needs.
 #[derive(Deserialize)]
@@ -63,7 +63,7 @@ impl LocalStore {
                 v.into_iter()
                     .map(|(k, e)| {
                         (
-                            u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+                            u64::from_be_bytes(k.as_slice().try_into().unwrap_or([0; 8])),
                             e,
                         )
                     })
@@ -100,7 +100,7 @@ impl LocalStore {
     pub(super) fn load_outbox_index(&self) -> Result<(), StoreError> {
         let mut index = OutboxIndex::default();
         for item in self.tree(TreeId::Outbox).iter() {
-            let (k, v) = item.map_err(db)?;
+            let (k, v) = item?;
             if let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) {
                 index.note(u64::from_be_bytes(key), Some(&v));
             }
@@ -123,7 +123,7 @@ impl LocalStore {
 
     /// True if this envelope was already processed.
     pub fn seen(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
-        self.tree(TreeId::Seen).contains_key(id.0).map_err(db)
+        self.tree(TreeId::Seen).contains_key(id.0)
     }
 
     /// Records an envelope as handled for good (in a WriteSet), until it expires
@@ -144,7 +144,7 @@ impl LocalStore {
         let mut w = WriteSet::default();
         let mut n = 0;
         for item in self.tree(TreeId::Seen).iter() {
-            let (k, v) = item.map_err(db)?;
+            let (k, v) = item?;
             let expires = <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_be_bytes);
             if expires < before {
                 w.remove(TreeId::Seen, k.to_vec());

@@ -10,7 +10,7 @@
 use kkachi_protocol::{Card, PeerId};
 use serde::{Deserialize, Serialize};
 
-use super::{LocalStore, StoreError, TreeId, WriteSet, db, decode};
+use super::{LocalStore, StoreError, TreeId, WriteSet, decode};
 
 /// Most messages held from one sender who is not a contact.
 pub const MAX_HELD_PER_SENDER: usize = 20;
@@ -73,7 +73,7 @@ impl LocalStore {
     pub fn requests(&self) -> Result<Vec<Request>, StoreError> {
         let mut out: Vec<Request> = Vec::new();
         for item in self.tree(TreeId::Requests).iter() {
-            let (k, v) = item.map_err(db)?;
+            let (k, v) = item?;
             let held: HeldMessage = decode(&v, "held message")?;
             let peer = k
                 .len()
@@ -122,7 +122,7 @@ impl LocalStore {
         let mut current: Option<(Vec<u8>, usize, Vec<u8>)> = None;
         // Keys are sender ‖ message id, so each sender's messages are adjacent.
         for item in self.tree(TreeId::Requests).iter() {
-            let (k, _) = item.map_err(db)?;
+            let (k, _) = item?;
             let prefix = k[..k.len().saturating_sub(16)].to_vec();
             match &mut current {
                 Some((p, n, last)) if *p == prefix => {
@@ -157,8 +157,7 @@ impl LocalStore {
     pub fn requests_dropped(&self) -> Result<u64, StoreError> {
         Ok(self
             .tree(TreeId::Meta)
-            .get(DROPPED_KEY)
-            .map_err(db)?
+            .get(DROPPED_KEY)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes))
     }
@@ -173,9 +172,7 @@ impl LocalStore {
 
     /// True if message `id` of `peer` is held already.
     pub fn is_held(&self, peer: &PeerId, id: &[u8; 16]) -> Result<bool, StoreError> {
-        self.tree(TreeId::Requests)
-            .contains_key(held_key(peer, id))
-            .map_err(db)
+        self.tree(TreeId::Requests).contains_key(held_key(peer, id))
     }
 
     /// Holds a message (in a WriteSet).
@@ -187,7 +184,7 @@ impl LocalStore {
     pub fn remove_request(&self, w: &mut WriteSet, peer: &PeerId) -> Result<usize, StoreError> {
         let mut n = 0;
         for item in self.tree(TreeId::Requests).scan_prefix(peer.to_bytes()) {
-            let (k, _) = item.map_err(db)?;
+            let (k, _) = item?;
             w.remove(TreeId::Requests, k.to_vec());
             n += 1;
         }
@@ -204,7 +201,7 @@ impl LocalStore {
     ) -> Result<(), StoreError> {
         let bytes = envelope.encode();
         for item in self.tree(TreeId::Requests).scan_prefix(peer.to_bytes()) {
-            let (k, v) = item.map_err(db)?;
+            let (k, v) = item?;
             let held: HeldMessage = decode(&v, "held message")?;
             if held.envelope == bytes {
                 w.remove(TreeId::Requests, k.to_vec());
@@ -217,7 +214,7 @@ impl LocalStore {
     pub fn prune_requests(&self, before: u64) -> Result<usize, StoreError> {
         let mut w = WriteSet::default();
         for item in self.tree(TreeId::Requests).iter() {
-            let (k, v) = item.map_err(db)?;
+            let (k, v) = item?;
             let held: HeldMessage = decode(&v, "held message")?;
             if held.expires_at < before {
                 w.remove(TreeId::Requests, k.to_vec());

@@ -85,6 +85,11 @@ impl WriteSet {
         &self.ops
     }
 
+    #[cfg(test)]
+    pub(super) fn into_ops(self) -> Vec<Op> {
+        self.ops
+    }
+
     /// Changes in the set.
     pub fn len(&self) -> usize {
         self.ops.len()
@@ -213,7 +218,8 @@ impl LocalStore {
                 "an earlier write failed part-way; restart kkachi to complete it".into(),
             ));
         }
-        let ops = writes.ops;
+        // As they go to disk: keys tagged, values sealed (the journal holds them so).
+        let ops = self.disk_ops(writes.ops);
         // One key is atomic by itself.
         let journaled = ops.len() > 1;
         if journaled {
@@ -223,7 +229,7 @@ impl LocalStore {
         }
         let result = ops
             .iter()
-            .try_for_each(|(t, k, v)| write_one(self.tree(*t), k, v.as_deref()))
+            .try_for_each(|(t, k, v)| write_one(&self.trees[*t as usize], k, v.as_deref()))
             .and_then(|()| {
                 if journaled {
                     self.journal.remove(JOURNAL_KEY).map_err(db)?;
@@ -239,6 +245,17 @@ impl LocalStore {
         // a reader may have seen already.
         self.wrote();
         result
+    }
+
+    /// `ops` as they go to disk: keys tagged, values sealed.
+    pub(super) fn disk_ops(&self, ops: Vec<Op>) -> Vec<Op> {
+        ops.into_iter()
+            .map(|(t, k, v)| {
+                let disk = self.vault.disk_key(t, &k);
+                let v = v.map(|v| self.vault.seal(t, &k, &disk, &v));
+                (t, disk, v)
+            })
+            .collect()
     }
 
     /// Counts a write to the database, so the next flush goes to the disk. Called after

@@ -1,0 +1,265 @@
+//! Encryption at rest: what the files of a home show, and how its key is kept.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kkachi_protocol::{Card, Identity, MessageId, Multiaddr};
+
+use super::*;
+
+const PHRASE: &str = "the spare key is under the blue flowerpot";
+
+/// Every file under `dir`, recursively, with every directory.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, dirs: &mut Vec<PathBuf>) {
+    dirs.push(dir.to_path_buf());
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, files, dirs);
+        } else {
+            files.push(path);
+        }
+    }
+}
+
+fn found_in(home: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    walk(home, &mut files, &mut dirs);
+    files
+        .into_iter()
+        .filter(|f| {
+            std::fs::read(f)
+                .unwrap_or_default()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        })
+        .collect()
+}
+
+/// A home with a contact, a conversation holding [`PHRASE`] and a relay; returns
+/// what must not be readable in its files: first what a home in the clear shows, then
+/// forms it would not show either (a peer id as text).
+fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let relay: Multiaddr =
+        "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+            .parse()
+            .unwrap();
+    store.add_relay(&relay).unwrap();
+    let minji = Identity::generate();
+    let card = Card::new(&minji, "Minji Kwon", vec![relay.clone()], 1).unwrap();
+    let contact = store.add_card(&card).unwrap();
+    let peer = contact.peer;
+    let mut w = WriteSet::default();
+    for i in 0..50u64 {
+        let record = MessageRecord {
+            id: u128::from(i + 1).to_be_bytes(),
+            direction: if i % 2 == 0 {
+                Direction::In
+            } else {
+                Direction::Out
+            },
+            text: format!("{PHRASE} ({i})"),
+            state: MessageState::Received,
+            sent_at_ms: i,
+            stored_at_ms: i,
+            seq: i + 1,
+            prev: [0; 32],
+        };
+        LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record);
+        LocalStore::write_receipt_due(&mut w, &peer, &MessageId(record.id));
+    }
+    LocalStore::write_conversation(&mut w, &peer, &Conversation::default());
+    store.apply(w).unwrap();
+    store.db.flush().unwrap();
+    (
+        vec![
+            PHRASE.as_bytes().to_vec(),
+            b"Minji Kwon".to_vec(),
+            peer.to_bytes(),
+            relay.to_string().into_bytes(),
+        ],
+        vec![peer.to_string().into_bytes()],
+    )
+}
+
+#[test]
+fn a_sealed_home_shows_no_message_name_peer_or_relay_and_is_owner_only() {
+    let root = tempfile::tempdir().unwrap();
+    // The same conversation kept in the clear: the search finds what is there.
+    let clear = root.path().join("clear");
+    let (store, _, _) = LocalStore::provision_clear(&clear, "Me", &[]).unwrap();
+    let (secrets, _) = converse(&store);
+    drop(store);
+    for s in &secrets {
+        assert!(
+            !found_in(&clear, s).is_empty(),
+            "the search finds {:?} in a home kept in the clear",
+            String::from_utf8_lossy(s)
+        );
+    }
+
+    let home = root.path().join("sealed");
+    let (store, _, _) = LocalStore::provision(&home, "Me", &[]).unwrap();
+    let (mut secrets, other_forms) = converse(&store);
+    secrets.extend(other_forms);
+    let me = store.identity().unwrap().unwrap();
+    // Still read back whole.
+    let peer = store.contacts().unwrap()[0].peer;
+    let texts: Vec<String> = store
+        .messages(&peer)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts.len(), 50);
+    assert!(texts.iter().all(|t| t.starts_with(PHRASE)));
+    assert_eq!(store.receipts_due().unwrap()[0].1.len(), 50);
+    assert_eq!(store.relays().unwrap().len(), 1);
+    drop(store);
+    let mut bytes = 0;
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    walk(&home, &mut files, &mut dirs);
+    for f in &files {
+        bytes += std::fs::metadata(f).unwrap().len();
+    }
+    for s in secrets.iter().chain([me.to_secret_bytes().to_vec()].iter()) {
+        assert_eq!(
+            found_in(&home, s),
+            Vec::<PathBuf>::new(),
+            "{:?} is readable in a sealed home",
+            String::from_utf8_lossy(s)
+        );
+    }
+    for d in &dirs {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+    }
+    for f in &files {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", f.display());
+    }
+    println!(
+        "at rest: {} files, {} KiB searched for {} secrets: none found; directories 0700, files 0600",
+        files.len(),
+        bytes / 1024,
+        secrets.len() + 1
+    );
+}
+
+#[test]
+fn a_wrong_missing_or_damaged_key_file_is_named_and_nothing_is_changed() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    drop(LocalStore::provision(&a, "A", &[]).unwrap());
+    drop(LocalStore::provision(&b, "B", &[]).unwrap());
+    let key_a = std::fs::read(key_path(&a)).unwrap();
+    let key_b = std::fs::read(key_path(&b)).unwrap();
+
+    // B's key file beside A's database.
+    std::fs::write(key_path(&a), &key_b).unwrap();
+    let err = reopen_err(&a);
+    assert!(matches!(err, StoreError::WrongKey(_)), "{err:?}");
+    assert!(err.to_string().contains("does not belong"), "{err}");
+
+    // A flipped byte.
+    let mut damaged = key_a.clone();
+    damaged[20] ^= 1;
+    std::fs::write(key_path(&a), &damaged).unwrap();
+    let err = reopen_err(&a);
+    assert!(err.to_string().contains("is damaged"), "{err}");
+
+    // None at all, beside a database that holds something.
+    std::fs::remove_file(key_path(&a)).unwrap();
+    let err = reopen_err(&a);
+    assert!(err.to_string().contains("is missing"), "{err}");
+    assert!(
+        !key_path(&a).exists(),
+        "no new key was made for an old database"
+    );
+
+    // The right one again: everything is there.
+    std::fs::write(key_path(&a), &key_a).unwrap();
+    let store = reopen(&a);
+    assert_eq!(store.profile().unwrap().unwrap().name, "A");
+}
+
+fn reopen_err(home: &Path) -> StoreError {
+    for _ in 0..500 {
+        match LocalStore::open(home) {
+            Err(StoreError::Locked(_)) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return e,
+            Ok(_) => panic!("{} opened", home.display()),
+        }
+    }
+    panic!("{} stayed locked", home.display())
+}
+
+#[test]
+fn a_passphrase_rewraps_the_key_only_and_a_wrong_one_is_told_apart_from_damage() {
+    let root = tempfile::tempdir().unwrap();
+    let home = root.path().join("home");
+    let (store, _, _) = LocalStore::provision(&home, "Me", &[]).unwrap();
+    let key = std::fs::read(key_path(&home)).unwrap();
+    let raw: Vec<u8> = key[12..44].to_vec();
+    let on_disk = |store: &LocalStore| {
+        let key = store.vault.disk_key(TreeId::Meta, IDENTITY_KEY);
+        store.trees[TreeId::Meta as usize]
+            .get(key)
+            .unwrap()
+            .unwrap()
+    };
+    let identity_before = on_disk(&store);
+    store.set_passphrase(Some("correct horse battery")).unwrap();
+    assert_eq!(store.protection(), Protection::Passphrase);
+    drop(store);
+    let wrapped = std::fs::read(key_path(&home)).unwrap();
+    assert!(
+        !wrapped.windows(32).any(|w| w == raw.as_slice()),
+        "the key is not in the file as it is"
+    );
+    let mode = std::fs::metadata(key_path(&home))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Without one: nobody to ask in a test.
+    let err = reopen_err(&home);
+    assert!(matches!(err, StoreError::PassphraseNeeded(_)), "{err:?}");
+    // A wrong one, told within a second, as wrong (not as damage).
+    let started = Instant::now();
+    let err = loop {
+        match LocalStore::open_with_passphrase(&home, "correct horse battery staple") {
+            Err(StoreError::Locked(_)) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => break e,
+            Ok(_) => panic!("a wrong passphrase opened the store"),
+        }
+    };
+    let took = started.elapsed();
+    assert!(matches!(err, StoreError::WrongPassphrase(_)), "{err:?}");
+    // A damaged file is told as damage, whatever the passphrase.
+    let mut damaged = wrapped.clone();
+    damaged[30] ^= 1;
+    std::fs::write(key_path(&home), &damaged).unwrap();
+    let err = LocalStore::open_with_passphrase(&home, "correct horse battery").unwrap_err();
+    assert!(err.to_string().contains("is damaged"), "{err}");
+    std::fs::write(key_path(&home), &wrapped).unwrap();
+
+    let store = LocalStore::open_with_passphrase(&home, "correct horse battery").unwrap();
+    assert_eq!(store.profile().unwrap().unwrap().name, "Me");
+    assert!(
+        on_disk(&store) == identity_before,
+        "the database is not sealed again (a new seal has a new nonce)"
+    );
+    // Removed: the key file holds the same key again, and no passphrase is needed.
+    store.set_passphrase(None).unwrap();
+    drop(store);
+    assert!(
+        std::fs::read(key_path(&home)).unwrap()[12..44] == raw[..],
+        "the same key, as it is"
+    );
+    assert_eq!(reopen(&home).protection(), Protection::KeyFile);
+    println!("passphrase: a wrong one refused in {} ms", took.as_millis());
+}
