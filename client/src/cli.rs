@@ -123,9 +123,16 @@ pub enum PassphraseCommand {
         /// The new passphrase, read before the command runs (never on the command line).
         #[arg(skip)]
         new: Option<String>,
+        /// The current one, if there is one, read likewise.
+        #[arg(skip)]
+        current: Option<String>,
     },
     /// Remove the passphrase: the key stays in the home's key file, readable only by you.
-    Remove,
+    Remove {
+        /// The current passphrase, read before the command runs.
+        #[arg(skip)]
+        current: Option<String>,
+    },
     /// Say how the key of this home is kept.
     Status,
 }

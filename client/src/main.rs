@@ -23,9 +23,27 @@ fn default_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".kkachi"))
 }
 
+/// Fields that name a person (a contact, someone writing to us, a peer met directly) or
+/// an envelope a relay also knows. Logged as a short alias: the same within one run,
+/// unrelated in the next, so a log tells events apart without saying who took part.
+const ALIASED_FIELDS: [&str; 6] = [
+    "peer",
+    "from",
+    "contact",
+    "envelope",
+    "remote_peer_id",
+    "to",
+];
+
+/// `kkachi.log` past this is moved to `kkachi.log.1` (replacing the one before) at start.
+const LOG_ROTATE_BYTES: u64 = 8 << 20;
+
 /// Logs to `to_file` (the UI) or standard error; `online` (the UI and the daemon) also
 /// logs kkachi's own events at info level (a relay coming back, a message held).
+/// Identities are aliased ([`ALIASED_FIELDS`]); relays' addresses are not.
 fn init_logging(to_file: Option<&Path>, online: bool) {
+    use blake2::digest::Mac;
+    use tracing_subscriber::field::MakeExt;
     let default = if online {
         "warn,kkachi_client=info"
     } else {
@@ -33,14 +51,40 @@ fn init_logging(to_file: Option<&Path>, online: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match to_file.and_then(|p| {
+    let run_key: [u8; 32] = rand::random();
+    let fields = tracing_subscriber::fmt::format::debug_fn(move |w, field, value| {
+        let name = field.name();
+        if ALIASED_FIELDS.contains(&name) {
+            let mut mac =
+                <blake2::Blake2sMac256 as Mac>::new_from_slice(&run_key).expect("32-byte keys");
+            mac.update(format!("{value:?}").as_bytes());
+            let tag = mac.finalize().into_bytes();
+            write!(
+                w,
+                "{name}=#{:02x}{:02x}{:02x}{:02x}",
+                tag[0], tag[1], tag[2], tag[3]
+            )
+        } else if name == "message" {
+            write!(w, "{value:?}")
+        } else {
+            write!(w, "{name}={value:?}")
+        }
+    })
+    .delimited(" ");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .fmt_fields(fields);
+    let file = to_file.and_then(|p| {
+        if std::fs::metadata(p).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
+            let _ = std::fs::rename(p, p.with_extension("log.1"));
+        }
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
             .ok()
-    }) {
+    });
+    match file {
         Some(file) => builder
             .with_ansi(false)
             .with_writer(std::sync::Mutex::new(file))
@@ -285,19 +329,35 @@ fn text_from_stdin(command: Command) -> Result<Command, String> {
     Ok(Command::Send(args))
 }
 
-/// `passphrase set`: the new passphrase is read here, where the person is (a running
-/// daemon, which may take the command, has no terminal of theirs).
-fn new_passphrase(command: Command) -> Result<Command, String> {
+/// `passphrase set|remove`: the passphrases are read here, where the person is (a
+/// running daemon, which may take the command, has no terminal of theirs): the current
+/// one first, if the home has one, then the new one.
+fn passphrases(home: &Path, command: Command) -> Result<Command, String> {
     use kkachi_client::cli::PassphraseCommand;
-    match command {
-        Command::Passphrase(PassphraseCommand::Set { new: None }) => {
-            let new = kkachi_client::passphrase::read_new()?;
-            Ok(Command::Passphrase(PassphraseCommand::Set {
+    use kkachi_client::passphrase::{read_current, read_new};
+    let current = || -> Result<Option<String>, String> {
+        Ok(if kkachi_client::store::has_passphrase(home) {
+            Some(read_current(home)?.to_string())
+        } else {
+            None
+        })
+    };
+    Ok(match command {
+        Command::Passphrase(PassphraseCommand::Set { new: None, .. }) => {
+            let current = current()?;
+            let new = read_new()?;
+            Command::Passphrase(PassphraseCommand::Set {
                 new: Some(new.to_string()),
-            }))
+                current,
+            })
         }
-        other => Ok(other),
-    }
+        Command::Passphrase(PassphraseCommand::Remove { current: None }) => {
+            Command::Passphrase(PassphraseCommand::Remove {
+                current: current()?,
+            })
+        }
+        other => other,
+    })
 }
 
 /// A bundle's file is named relative to where the person runs kkachi, not where a
@@ -331,7 +391,7 @@ fn main() -> ExitCode {
     let home = cli.home.clone().unwrap_or_else(default_home);
     let command = match text_from_stdin(cli.command.unwrap_or(Command::Tui))
         .and_then(absolute_paths)
-        .and_then(new_passphrase)
+        .and_then(|c| passphrases(&home, c))
     {
         Ok(command) => command,
         Err(e) => return error(e),

@@ -37,8 +37,27 @@ fn read_hidden(prompt: &str) -> Option<Zeroizing<String>> {
 }
 
 /// Asks for the passphrase of `home` at the terminal (the store's prompt).
-pub fn prompt(home: &Path) -> Option<Zeroizing<String>> {
-    read_hidden(&format!("Passphrase for {}: ", home.display()))
+pub fn prompt(home: &Path, again: bool) -> Option<Zeroizing<String>> {
+    let lead = if again {
+        "That passphrase does not unlock it. "
+    } else {
+        ""
+    };
+    read_hidden(&format!("{lead}Passphrase for {}: ", home.display()))
+}
+
+/// The current passphrase of `home`, for changing or removing it: from
+/// [`PASSPHRASE_ENV`](crate::store::PASSPHRASE_ENV), or typed at the terminal.
+pub fn read_current(home: &Path) -> Result<Zeroizing<String>, String> {
+    if let Ok(p) = std::env::var(crate::store::PASSPHRASE_ENV) {
+        return Ok(Zeroizing::new(p));
+    }
+    read_hidden(&format!("Current passphrase for {}: ", home.display())).ok_or_else(|| {
+        format!(
+            "no terminal to ask for the current passphrase: run this in one, or set {}",
+            crate::store::PASSPHRASE_ENV
+        )
+    })
 }
 
 /// A new passphrase: from [`NEW_PASSPHRASE_ENV`], or typed twice at the terminal.

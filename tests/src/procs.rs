@@ -261,6 +261,15 @@ impl User {
         self.command().args(args).output().expect("kkachi runs")
     }
 
+    /// Runs a command with these environment variables changed.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command();
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.args(args).output().expect("kkachi runs")
+    }
+
     /// Runs a command that must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);

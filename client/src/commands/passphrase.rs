@@ -24,12 +24,18 @@ impl App {
         let home = self.store.home().to_path_buf();
         let key = key_path(&home);
         let said = match command {
-            PassphraseCommand::Set { new } => {
+            PassphraseCommand::Set { new, current } => {
                 let Some(new) = new else {
                     return fail("no new passphrase was given");
                 };
+                if new.chars().count() < crate::passphrase::MIN_LEN {
+                    return fail(format!(
+                        "a passphrase needs at least {} characters; nothing was changed",
+                        crate::passphrase::MIN_LEN
+                    ));
+                }
                 let had = self.store.protection();
-                self.store.set_passphrase(Some(&new))?;
+                self.store.set_passphrase(current.as_deref(), Some(&new))?;
                 if had == Protection::Passphrase {
                     "The passphrase is changed.".to_string()
                 } else {
@@ -38,11 +44,11 @@ impl App {
                     )
                 }
             }
-            PassphraseCommand::Remove => {
+            PassphraseCommand::Remove { current } => {
                 if self.store.protection() != Protection::Passphrase {
                     return fail(format!("{} has no passphrase", home.display()));
                 }
-                self.store.set_passphrase(None)?;
+                self.store.set_passphrase(current.as_deref(), None)?;
                 format!(
                     "The passphrase is removed: the key is in {}, readable only by you.",
                     key.display()

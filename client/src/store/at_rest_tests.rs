@@ -51,9 +51,10 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let contact = store.add_card(&card).unwrap();
     let peer = contact.peer;
     let mut w = WriteSet::default();
+    let ids: Vec<[u8; 16]> = (0..50).map(|_| rand::random()).collect();
     for i in 0..50u64 {
         let record = MessageRecord {
-            id: u128::from(i + 1).to_be_bytes(),
+            id: ids[i as usize],
             direction: if i % 2 == 0 {
                 Direction::In
             } else {
@@ -78,6 +79,9 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             b"Minji Kwon".to_vec(),
             peer.to_bytes(),
             relay.to_string().into_bytes(),
+            // Message ids: their sender knows them.
+            ids[0].to_vec(),
+            ids[49].to_vec(),
         ],
         vec![peer.to_string().into_bytes()],
     )
@@ -196,6 +200,26 @@ fn reopen_err(home: &Path) -> StoreError {
 }
 
 #[test]
+fn a_home_kept_in_the_clear_by_an_earlier_version_is_named_as_such() {
+    let root = tempfile::tempdir().unwrap();
+    let home = root.path().join("old");
+    drop(LocalStore::provision_clear(&home, "Old", &[]).unwrap());
+    // What an earlier version left: the same records, no check record, no key file.
+    {
+        let db = sled::open(home.join("db")).unwrap();
+        db.open_tree("meta").unwrap().remove(VAULT_KEY).unwrap();
+        db.flush().unwrap();
+    }
+    std::fs::remove_file(key_path(&home)).unwrap();
+    let err = reopen_err(&home);
+    assert!(
+        err.to_string().contains("earlier development version"),
+        "{err}"
+    );
+    assert!(!key_path(&home).exists());
+}
+
+#[test]
 fn a_passphrase_rewraps_the_key_only_and_a_wrong_one_is_told_apart_from_damage() {
     let root = tempfile::tempdir().unwrap();
     let home = root.path().join("home");
@@ -210,7 +234,9 @@ fn a_passphrase_rewraps_the_key_only_and_a_wrong_one_is_told_apart_from_damage()
             .unwrap()
     };
     let identity_before = on_disk(&store);
-    store.set_passphrase(Some("correct horse battery")).unwrap();
+    store
+        .set_passphrase(None, Some("correct horse battery"))
+        .unwrap();
     assert_eq!(store.protection(), Protection::Passphrase);
     drop(store);
     let wrapped = std::fs::read(key_path(&home)).unwrap();
@@ -254,7 +280,19 @@ fn a_passphrase_rewraps_the_key_only_and_a_wrong_one_is_told_apart_from_damage()
         "the database is not sealed again (a new seal has a new nonce)"
     );
     // Removed: the key file holds the same key again, and no passphrase is needed.
-    store.set_passphrase(None).unwrap();
+    // Only with the current passphrase, whoever asks.
+    assert!(matches!(
+        store.set_passphrase(None, None),
+        Err(StoreError::PassphraseNeeded(_))
+    ));
+    assert!(matches!(
+        store.set_passphrase(Some("correct horse"), None),
+        Err(StoreError::WrongPassphrase(_))
+    ));
+    assert_eq!(store.protection(), Protection::Passphrase);
+    store
+        .set_passphrase(Some("correct horse battery"), None)
+        .unwrap();
     drop(store);
     assert!(
         std::fs::read(key_path(&home)).unwrap()[12..44] == raw[..],

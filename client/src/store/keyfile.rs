@@ -42,11 +42,13 @@ const KIND_CLEAR: u8 = 2;
 const MEMORY_KIB: u32 = 64 << 10;
 const PASSES: u32 = 3;
 const LANES: u32 = 1;
-/// The most a key file may ask for, so a planted one cannot make kkachi allocate
-/// without bound.
-const MAX_MEMORY_KIB: u32 = 1 << 20;
-const MAX_PASSES: u32 = 64;
-const MAX_LANES: u32 = 16;
+/// The most a key file may ask for, so a planted one cannot make kkachi allocate or
+/// work without bound (four times the cost of a new wrapping).
+const MAX_MEMORY_KIB: u32 = 256 << 10;
+const MAX_PASSES: u32 = 12;
+const MAX_LANES: u32 = 4;
+/// The longest key file read.
+const MAX_KEY_FILE: u64 = 4096;
 
 /// How the key is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +69,9 @@ pub(super) struct Unlocked {
     pub(super) protection: Protection,
 }
 
-/// Asks the person for the passphrase of `home` (no echo); `None` if nobody can be asked.
-pub type PassphrasePrompt = fn(&Path) -> Option<Zeroizing<String>>;
+/// Asks the person for the passphrase of `home` (no echo; `again` after a wrong one);
+/// `None` if nobody can be asked.
+pub type PassphrasePrompt = fn(home: &Path, again: bool) -> Option<Zeroizing<String>>;
 
 static PROMPT: OnceLock<PassphrasePrompt> = OnceLock::new();
 
@@ -195,21 +198,31 @@ pub(super) fn rewrap(
     write_key_file(home, &key_file(key, passphrase)?)
 }
 
+/// True if `home`'s key is under a passphrase.
+pub fn has_passphrase(home: &Path) -> bool {
+    std::fs::read(key_path(home))
+        .is_ok_and(|b| b.starts_with(MAGIC) && b.get(MAGIC.len() + 1) == Some(&KIND_PASSPHRASE))
+}
+
 /// Reads `home`'s key file; `None` if there is none. A passphrase is `given`, or taken
 /// from [`PASSPHRASE_ENV`], or asked for.
 pub(super) fn unlock(home: &Path, given: Option<&str>) -> Result<Option<Unlocked>, StoreError> {
     let path = key_path(home);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let cannot =
+        |e: std::io::Error| StoreError::KeyFile(format!("cannot read {}: {e}", path.display()));
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(StoreError::KeyFile(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )));
-        }
+        Err(e) => return Err(cannot(e)),
     };
-    if bytes.len() > 4096 {
+    // Bounded, and a file: not a device or a pipe planted in its place.
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(damaged(&path, "not a file"));
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_KEY_FILE + 1), &mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
         return Err(damaged(&path, "too long"));
     }
     if !bytes.starts_with(MAGIC) {
@@ -307,14 +320,13 @@ fn unwrap_with_passphrase(
     let Some(prompt) = PROMPT.get() else {
         return Err(needed(home));
     };
-    for _ in 0..3 {
-        let Some(passphrase) = prompt(home) else {
+    for attempt in 0..3 {
+        let Some(passphrase) = prompt(home, attempt > 0) else {
             return Err(needed(home));
         };
         if let Some(key) = try_one(&passphrase)? {
             return Ok(unlocked(key));
         }
-        eprintln!("That passphrase does not unlock {}.", home.display());
     }
     Err(StoreError::WrongPassphrase(format!(
         "three passphrases did not unlock {}",

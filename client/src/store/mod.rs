@@ -32,7 +32,8 @@ mod writes;
 
 use conversations::ContactCache;
 pub use keyfile::{
-    KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, key_path, set_passphrase_prompt,
+    KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, has_passphrase, key_path,
+    set_passphrase_prompt,
 };
 pub use records::*;
 pub use requests::{Blocked, HeldMessage, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL, Request};
@@ -151,6 +152,16 @@ impl LocalStore {
         let empty = journal.is_empty() && trees.iter().all(sled::Tree::is_empty);
         let unlocked = match keyfile::unlock(home, passphrase)? {
             Some(u) => u,
+            None if !empty
+                && !trees[TreeId::Meta as usize]
+                    .contains_key(VAULT_KEY)
+                    .map_err(self::db)? =>
+            {
+                return Err(StoreError::KeyFile(format!(
+                    "{} was made by an earlier development version of kkachi, which did not seal its database; this version cannot open it: move it aside and run `kkachi init` again",
+                    home.display()
+                )));
+            }
             None if !empty => {
                 return Err(StoreError::KeyFile(format!(
                     "the database in {} is sealed and its key file {} is missing: put the key file back, or restore from a backup",
@@ -171,7 +182,6 @@ impl LocalStore {
             Some(key) => Vault::sealed(key),
             None => Vault::clear(),
         };
-        complete_journaled(&db, &trees, &journal)?;
         let store = Self {
             db,
             trees,
@@ -186,7 +196,8 @@ impl LocalStore {
             outbox_index: Arc::default(),
             relays_turn: Arc::default(),
         };
-        store.check_key()?;
+        store.check_key(empty)?;
+        complete_journaled(&store.db, &store.trees, &store.journal)?;
         store.load_outbox_index()?;
         Ok(store)
     }
@@ -202,12 +213,13 @@ impl LocalStore {
         store.provision_with(name, relays)
     }
 
-    /// Checks that the key opens this database (writes the check into a new one).
-    fn check_key(&self) -> Result<(), StoreError> {
+    /// Checks that the key opens this database (writes the check into a new one:
+    /// `empty`, nothing in any tree).
+    fn check_key(&self, empty: bool) -> Result<(), StoreError> {
         let meta = self.tree(TreeId::Meta);
         match meta.get(VAULT_KEY) {
             Ok(Some(v)) if v == VAULT_CHECK => Ok(()),
-            Ok(None) if meta.len() == 0 => {
+            Ok(None) if empty => {
                 // Written around the write sets: it is not one of the store's changes.
                 let disk = self.vault.disk_key(TreeId::Meta, VAULT_KEY);
                 let sealed = self.vault.seal(TreeId::Meta, VAULT_KEY, &disk, VAULT_CHECK);
@@ -227,17 +239,36 @@ impl LocalStore {
         self.key.lock().protection
     }
 
-    /// Puts the database key under `passphrase`, or (`None`) keeps it in the key file
-    /// without one. Only the key file is rewritten.
-    pub fn set_passphrase(&self, passphrase: Option<&str>) -> Result<(), StoreError> {
+    /// Puts the database key under `new`, or (`None`) keeps it in the key file without
+    /// one. A key under a passphrase already is changed only with that one (`current`),
+    /// whoever asks. Only the key file is rewritten: copies of the key file made before
+    /// still open the database.
+    pub fn set_passphrase(
+        &self,
+        current: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut unlocked = self.key.lock();
         let Some(key) = &unlocked.key else {
             return Err(StoreError::KeyFile(
                 "this home is kept in the clear; it has no key to protect".into(),
             ));
         };
-        keyfile::rewrap(&self.path, key, passphrase)?;
-        unlocked.protection = if passphrase.is_some() {
+        if unlocked.protection == Protection::Passphrase {
+            let Some(current) = current else {
+                return Err(StoreError::PassphraseNeeded(
+                    "the current passphrase is needed to change or remove it".into(),
+                ));
+            };
+            let opened = keyfile::unlock(&self.path, Some(current))?;
+            if opened.as_ref().and_then(|u| u.key.as_ref()).map(|k| **k) != Some(**key) {
+                return Err(StoreError::WrongPassphrase(
+                    "that is not the current passphrase; nothing was changed".into(),
+                ));
+            }
+        }
+        keyfile::rewrap(&self.path, key, new)?;
+        unlocked.protection = if new.is_some() {
             Protection::Passphrase
         } else {
             Protection::KeyFile
@@ -464,7 +495,9 @@ fn private_dir(dir: &Path, always: bool) -> Result<(), StoreError> {
             .create(dir)
             .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
     }
-    if !exists || always {
+    // A link the person made (a home on another disk) is theirs to set.
+    let linked = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if (!exists || always) && !linked {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| StoreError::Db(format!("cannot protect {}: {e}", dir.display())))?;
     }
@@ -478,10 +511,18 @@ fn private_files(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Db(format!("cannot read {}: {e}", dir.display())))?;
     for entry in entries.flatten() {
         let path = entry.path();
-        let mode = if path.is_dir() { 0o700 } else { 0o600 };
-        if path.is_dir() {
+        // What sled made: files and its blobs directory. A link is not followed.
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let mode = if kind.is_dir() {
             private_files(&path)?;
-        }
+            0o700
+        } else if kind.is_file() {
+            0o600
+        } else {
+            continue;
+        };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| StoreError::Db(format!("cannot protect {}: {e}", path.display())))?;
     }

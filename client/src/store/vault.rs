@@ -11,8 +11,12 @@
 //! number) is kept, because only the leading peer id is replaced.
 //!
 //! A sealed value: `nonce (24) ‖ AEAD(n (u16, big-endian) ‖ key[..n] ‖ value)`, where
-//! `key[..n]` is the hidden part of its logical key; the key on disk is
-//! `tag(tree, key[..n]) ‖ key[n..]` (no tag when `n` is 0).
+//! `key[..n]` is the part of its logical key the key on disk does not show. Keys on
+//! disk, by tree: as they are (identity and profile, the outbox's order numbers);
+//! `tag(peer) ‖ rest` (messages by local order, hash chains by sequence number,
+//! contacts, sessions, conversations, blocked senders); `tag(peer) ‖ tag'(key)` (message
+//! ids: the message index, receipts due, held requests); `tag(key)` (relays, envelope
+//! ids). Tags are keyed BLAKE2s, 16 bytes, keyed per tree.
 
 use blake2::digest::Mac;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -33,8 +37,12 @@ const NONCE_LEN: usize = 24;
 enum Shape {
     /// Nothing (fixed names, local order numbers).
     Plain,
-    /// The leading peer id.
+    /// The leading peer id; the rest (a local order, a sequence number) stays, so a
+    /// contact's records keep their order.
     Peer,
+    /// The leading peer id, and the rest (a message id, which its sender knows) as a
+    /// second tag: a contact's records stay together, in no order.
+    PeerThenHidden,
     /// The whole key (a relay's address; an envelope id).
     Whole,
 }
@@ -43,15 +51,13 @@ fn shape(tree: TreeId) -> Shape {
     match tree {
         TreeId::Meta | TreeId::Outbox => Shape::Plain,
         TreeId::Relays | TreeId::Seen => Shape::Whole,
+        TreeId::MessageIndex | TreeId::ReceiptsDue | TreeId::Requests => Shape::PeerThenHidden,
         TreeId::Contacts
         | TreeId::Sessions
         | TreeId::Conversations
         | TreeId::Messages
-        | TreeId::MessageIndex
-        | TreeId::Requests
         | TreeId::Blocked
-        | TreeId::Chain
-        | TreeId::ReceiptsDue => Shape::Peer,
+        | TreeId::Chain => Shape::Peer,
     }
 }
 
@@ -74,12 +80,26 @@ fn peer_len(key: &[u8]) -> Option<usize> {
     (total <= key.len()).then_some(total)
 }
 
-/// How many leading bytes of `key` in `tree` are hidden.
+/// The peer id a key of `tree` starts with, as far as it is hidden.
+fn peer_part(key: &[u8]) -> usize {
+    peer_len(key).unwrap_or(key.len().min(PEER_LEN))
+}
+
+/// How many leading bytes of `key` in `tree` travel inside its sealed value.
 fn hidden(tree: TreeId, key: &[u8]) -> usize {
     match shape(tree) {
         Shape::Plain => 0,
-        Shape::Peer => peer_len(key).unwrap_or(key.len().min(PEER_LEN)),
-        Shape::Whole => key.len().min(usize::from(u16::MAX)),
+        Shape::Peer => peer_part(key),
+        Shape::PeerThenHidden | Shape::Whole => key.len().min(usize::from(u16::MAX)),
+    }
+}
+
+/// The part of a key on disk that is the logical key's tail (not a tag).
+fn visible(tree: TreeId, disk_key: &[u8]) -> Option<&[u8]> {
+    match shape(tree) {
+        Shape::Plain => Some(disk_key),
+        Shape::Peer => disk_key.get(TAG_LEN..),
+        Shape::PeerThenHidden | Shape::Whole => Some(&[]),
     }
 }
 
@@ -129,10 +149,12 @@ impl Vault {
         Self { keys: None }
     }
 
-    fn tag(keys: &Keys, tree: TreeId, bytes: &[u8]) -> [u8; TAG_LEN] {
+    /// A keyed hash of `bytes`, for one tree (`label`: its number, with the top bit set
+    /// for a key's second tag).
+    fn tag(keys: &Keys, label: u8, bytes: &[u8]) -> [u8; TAG_LEN] {
         let mut mac = <blake2::Blake2sMac256 as Mac>::new_from_slice(keys.tags.as_ref())
             .expect("32-byte keys");
-        mac.update(&[tree as u8]);
+        mac.update(&[label]);
         mac.update(bytes);
         let full = mac.finalize().into_bytes();
         full[..TAG_LEN].try_into().expect("16 of 32 bytes")
@@ -143,26 +165,38 @@ impl Vault {
         let Some(keys) = &self.keys else {
             return key.to_vec();
         };
-        let n = hidden(tree, key);
-        if n == 0 {
-            return key.to_vec();
+        let mut out = Vec::with_capacity(2 * TAG_LEN + key.len());
+        match shape(tree) {
+            Shape::Plain => out.extend_from_slice(key),
+            Shape::Whole => out.extend_from_slice(&Self::tag(keys, tree as u8, key)),
+            Shape::Peer => {
+                let n = peer_part(key);
+                out.extend_from_slice(&Self::tag(keys, tree as u8, &key[..n]));
+                out.extend_from_slice(&key[n..]);
+            }
+            Shape::PeerThenHidden => {
+                let n = peer_part(key);
+                out.extend_from_slice(&Self::tag(keys, tree as u8, &key[..n]));
+                if n < key.len() {
+                    out.extend_from_slice(&Self::tag(keys, tree as u8 | 0x80, key));
+                }
+            }
         }
-        let mut out = Vec::with_capacity(TAG_LEN + key.len() - n);
-        out.extend_from_slice(&Self::tag(keys, tree, &key[..n]));
-        out.extend_from_slice(&key[n..]);
         out
     }
 
     /// The prefix on disk of the logical keys of `tree` that start with `prefix`, if
     /// a prefix scan on disk finds exactly them (else every key must be read).
     pub(super) fn disk_prefix(&self, tree: TreeId, prefix: &[u8]) -> Option<Vec<u8>> {
-        if self.keys.is_none() {
+        if self.keys.is_none() || prefix.is_empty() {
             return Some(prefix.to_vec());
         }
         match shape(tree) {
             Shape::Plain => Some(prefix.to_vec()),
             Shape::Peer if peer_len(prefix).is_some() => Some(self.disk_key(tree, prefix)),
-            _ if prefix.is_empty() => Some(Vec::new()),
+            Shape::PeerThenHidden if peer_len(prefix) == Some(prefix.len()) => {
+                Some(self.disk_key(tree, prefix))
+            }
             _ => None,
         }
     }
@@ -225,11 +259,7 @@ impl Vault {
             .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
             .ok_or_else(corrupt)?;
         let hidden = plain.get(2..2 + n).ok_or_else(corrupt)?;
-        let rest = if n == 0 {
-            disk_key
-        } else {
-            disk_key.get(TAG_LEN..).ok_or_else(corrupt)?
-        };
+        let rest = visible(tree, disk_key).ok_or_else(corrupt)?;
         let mut key = Vec::with_capacity(n + rest.len());
         key.extend_from_slice(hidden);
         key.extend_from_slice(rest);

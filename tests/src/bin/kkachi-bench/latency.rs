@@ -35,12 +35,26 @@ fn net_config(direct: bool) -> Result<NetConfig> {
     })
 }
 
+/// A new home at `home`: sealed, or (to measure what sealing costs) in the clear.
+fn provision(
+    home: &Path,
+    name: &str,
+    relays: &[kkachi_protocol::Multiaddr],
+    sealed: bool,
+) -> Result<(LocalStore, kkachi_protocol::Identity, Card)> {
+    Ok(if sealed {
+        LocalStore::provision(home, name, relays)?
+    } else {
+        LocalStore::provision_clear(home, name, relays)?
+    })
+}
+
 /// A client online at `relays`; with `direct`, it also connects to contacts directly.
-fn user(name: &str, relays: &[String], direct: bool) -> Result<User> {
+fn user(name: &str, relays: &[String], direct: bool, sealed: bool) -> Result<User> {
     let dir = tempfile::tempdir()?;
     let addrs: Vec<kkachi_protocol::Multiaddr> =
         relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
-    let (store, me, card) = LocalStore::provision(dir.path(), name, &addrs)?;
+    let (store, me, card) = provision(dir.path(), name, &addrs, sealed)?;
     let engine = kkachi_client::runtime::start_engine(store, me, net_config(direct)?, Mode::ONLINE)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(User {
@@ -150,7 +164,7 @@ async fn spawn_recipient(
 /// pause when one relay is killed with -9 under that load. The sender runs here, the
 /// recipient in its own process. With `direct`, the two clients also connect to each
 /// other directly (which then carries most messages first); without, everything goes
-/// through the relays.
+/// through the relays. Without `sealed`, both clients keep their stores in the clear.
 pub(crate) async fn latency_and_failover(
     root: &Path,
     relay_count: usize,
@@ -158,21 +172,25 @@ pub(crate) async fn latency_and_failover(
     load_per_s: u64,
     kill: bool,
     direct: bool,
+    sealed: bool,
 ) -> Result<(serde_json::Value, serde_json::Value)> {
     let mut relays: Vec<Relay> = (0..relay_count)
         .map(|i| {
-            let dir = root.join(format!("lat{relay_count}-{direct}-{i}"));
+            let dir = root.join(format!(
+                "lat{relay_count}-{direct}-{sealed}-{i}-{}",
+                mono_us()
+            ));
             Relay::start(&dir, free_port())
         })
         .collect::<Result<_>>()?;
     let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
-    let alice = user("alice", &addrs, direct)?;
+    let alice = user("alice", &addrs, direct, sealed)?;
     // Bob's home is made here, then handed to his own process.
     let bob_home = tempfile::tempdir()?;
     let bob_at_alice = {
         let relays: Vec<kkachi_protocol::Multiaddr> =
             addrs.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
-        let (store, _, card) = LocalStore::provision(bob_home.path(), "bob", &relays)?;
+        let (store, _, card) = provision(bob_home.path(), "bob", &relays, sealed)?;
         store.add_card(&alice.card)?;
         store.flush().await?;
         alice.engine.add_contact(card.clone(), None).await?;
@@ -310,4 +328,25 @@ pub(crate) async fn latency_and_failover(
         json!({ "failover_gap_ms": gap_us as f64 / 1e3, "lost": lost, "duplicated": duplicated,
                 "messages": messages }),
     ))
+}
+
+/// Send → shown through one relay with both stores sealed, and with both in the clear:
+/// what encryption at rest costs. The two alternate (clear, sealed, sealed, clear), so a
+/// drift of the machine's load falls on both; each figure is the mean of its two p50s.
+pub(crate) async fn at_rest_cost(root: &Path, messages: usize) -> Result<serde_json::Value> {
+    let p50 = |v: &serde_json::Value| v["latency_p50_us"].as_f64().unwrap_or(f64::NAN);
+    let (mut clear, mut sealed) = (Vec::new(), Vec::new());
+    for sealing in [false, true, true, false] {
+        let (latency, _) =
+            latency_and_failover(root, 1, messages, 0, false, false, sealing).await?;
+        if sealing {
+            sealed.push(p50(&latency));
+        } else {
+            clear.push(p50(&latency));
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (sealed, clear) = (mean(&sealed), mean(&clear));
+    Ok(json!({ "sealed_p50_us": sealed, "clear_p50_us": clear,
+               "ratio": sealed / clear, "messages": messages }))
 }

@@ -54,7 +54,7 @@ struct Args {
     envelopes: Option<u64>,
     /// Run only these parts (comma-separated); the baselines always run. Figures of
     /// the parts left out are null in the JSON and missing from the table.
-    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "history", "receive", "reconnect", "idle", "restart"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "receive", "reconnect", "idle", "restart"])]
     only: Vec<String>,
     /// Internal: run as the recipient of the latency runs, on this client home.
     #[arg(long, hide = true)]
@@ -134,19 +134,40 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     };
     let (latency, failover, latency_one, latency_direct) = if args.part("latency") {
         let load = if q { 500 } else { 2000 };
-        let (latency, failover) =
-            latency::latency_and_failover(root, 3, if q { 60 } else { 400 }, load, true, false)
-                .await?;
+        let (latency, failover) = latency::latency_and_failover(
+            root,
+            3,
+            if q { 60 } else { 400 },
+            load,
+            true,
+            false,
+            true,
+        )
+        .await?;
         let (latency_one, _) =
-            latency::latency_and_failover(root, 1, if q { 30 } else { 200 }, 0, false, false)
+            latency::latency_and_failover(root, 1, if q { 30 } else { 200 }, 0, false, false, true)
                 .await?;
-        let (latency_direct, _) =
-            latency::latency_and_failover(root, 3, if q { 30 } else { 200 }, load, false, true)
-                .await?;
+        let (latency_direct, _) = latency::latency_and_failover(
+            root,
+            3,
+            if q { 30 } else { 200 },
+            load,
+            false,
+            true,
+            true,
+        )
+        .await?;
         eprintln!("latency and failover done");
         (latency, failover, latency_one, latency_direct)
     } else {
         (null.clone(), null.clone(), null.clone(), null.clone())
+    };
+    let at_rest = if args.part("at-rest") {
+        let r = latency::at_rest_cost(root, if q { 30 } else { 200 }).await?;
+        eprintln!("at rest done");
+        r
+    } else {
+        null.clone()
     };
     let history = if args.part("history") {
         history::history_bench(root, if q { 20_000 } else { 100_000 })?
@@ -211,6 +232,8 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "latency_direct_p50_us": latency_direct["latency_p50_us"],
         "latency_direct_p99_us": latency_direct["latency_p99_us"],
         "latency_direct": latency_direct,
+        "at_rest": at_rest,
+        "at_rest_ratio": at_rest["ratio"],
         "history": history,
         "history_ms": history["history_all_ms"],
         "receive": receive,

@@ -201,6 +201,20 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             ),
         ));
     }
+    if args.part("at-rest") {
+        let at_rest = &r["at_rest"];
+        let mut sealed = row(
+            "send → shown p50, stores sealed at rest (µs)",
+            &at_rest["sealed_p50_us"],
+            0,
+            format!(
+                "1 relay, {} messages per run, alternating with the same in the clear",
+                at_rest["messages"]
+            ),
+        );
+        sealed.ratio = Some((num(&at_rest["ratio"]), "the same, stores in the clear"));
+        out.push(sealed);
+    }
     if args.part("restart") {
         let restart = &r["restart"];
         let mut ready = row(
