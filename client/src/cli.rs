@@ -78,6 +78,10 @@ pub enum Command {
     /// one in (what is for you is read; the rest goes on to its relays from here).
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Back up everything this home holds into one file encrypted to a recovery key;
+    /// check a backup; restore one into a new home.
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Protect what kkachi keeps on this device with a passphrase, change it, or remove
     /// it. Everything is sealed either way; the passphrase guards the key.
     #[command(subcommand)]
@@ -110,6 +114,35 @@ pub enum RelayCommand {
     Remove {
         /// The relay address (as listed).
         addr: String,
+    },
+}
+
+/// `kkachi backup ...`
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum BackupCommand {
+    /// Write a backup: identity, contacts, messages and relays, encrypted to your
+    /// recovery key. The first one makes the recovery key and shows it once: without
+    /// it no backup can be read. Later ones need no secret (they can run unattended).
+    Create {
+        /// The file to write (replaced if it exists).
+        #[arg(long)]
+        to: PathBuf,
+        /// Make a new recovery key (shown once) for this and later backups; earlier
+        /// backups still need the old one.
+        #[arg(long)]
+        new_key: bool,
+    },
+    /// Read a backup through with your recovery key (from KKACHI_RECOVERY_KEY, or
+    /// asked) and say what it holds, or where it is damaged.
+    Verify {
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Restore a backup into a home that holds no identity yet (--home): everything
+    /// up to a damaged part, if there is one. Conversations go on with new sessions.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
     },
 }
 

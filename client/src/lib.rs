@@ -24,6 +24,7 @@
 //!   daemon or UI, which holds the database.
 //! - [`tui`]: the terminal UI.
 pub mod backoff;
+pub mod backup;
 pub mod cli;
 pub mod commands;
 pub mod engine;

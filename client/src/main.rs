@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use kkachi_client::cli::{Cli, Command};
+use kkachi_client::cli::{BackupCommand, BundleCommand, Cli, Command};
 use kkachi_client::commands::{App, CommandError, Output, print_received, request_line};
 use kkachi_client::engine::{AppEvent, Mode};
 use kkachi_client::store::{LocalStore, StoreError};
@@ -363,7 +363,6 @@ fn passphrases(home: &Path, command: Command) -> Result<Command, String> {
 /// A bundle's file is named relative to where the person runs kkachi, not where a
 /// daemon that may take the command runs.
 fn absolute_paths(command: Command) -> Result<Command, String> {
-    use kkachi_client::cli::BundleCommand;
     let absolute = |p: std::path::PathBuf| {
         std::path::absolute(&p).map_err(|e| format!("cannot resolve {}: {e}", p.display()))
     };
@@ -377,6 +376,12 @@ fn absolute_paths(command: Command) -> Result<Command, String> {
         Command::Bundle(BundleCommand::Import { file }) => Command::Bundle(BundleCommand::Import {
             file: absolute(file)?,
         }),
+        Command::Backup(BackupCommand::Create { to, new_key }) => {
+            Command::Backup(BackupCommand::Create {
+                to: absolute(to)?,
+                new_key,
+            })
+        }
         other => other,
     })
 }
@@ -432,6 +437,20 @@ fn main() -> ExitCode {
             },
             #[cfg(not(feature = "demo"))]
             Command::Demo => error("this kkachi was built without the demo (feature `demo`)"),
+            // Neither needs (nor may use) a running kkachi: one reads a file, the other
+            // makes a home.
+            Command::Backup(BackupCommand::Verify { file }) => {
+                match kkachi_client::commands::backup_verify(&file, cli.json) {
+                    Ok(output) => emit(&output),
+                    Err(e) => error(e),
+                }
+            }
+            Command::Backup(BackupCommand::Restore { file }) => {
+                match kkachi_client::commands::backup_restore(&home, &file, cli.json) {
+                    Ok(output) => emit(&output),
+                    Err(e) => error(e),
+                }
+            }
             other => one_shot(&home, other, cli.json).await,
         }
     });

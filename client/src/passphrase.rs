@@ -11,6 +11,10 @@ pub const NEW_PASSPHRASE_ENV: &str = "KKACHI_NEW_PASSPHRASE";
 pub const MIN_LEN: usize = 8;
 
 /// Reads one line from the controlling terminal with echo off; `None` without one.
+pub fn read_line_hidden(prompt: &str) -> Option<Zeroizing<String>> {
+    read_hidden(prompt)
+}
+
 fn read_hidden(prompt: &str) -> Option<Zeroizing<String>> {
     use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
     let tty = std::fs::OpenOptions::new()

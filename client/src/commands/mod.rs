@@ -10,6 +10,7 @@
 //! Everything a peer chose (names, texts, a relay's strings) is printed through
 //! [`crate::sanitize`], never raw.
 
+mod backup;
 mod bundle;
 mod contacts;
 mod drill;
@@ -22,12 +23,13 @@ use std::path::PathBuf;
 use kkachi_protocol::{Card, Identity, PeerId};
 use serde_json::json;
 
-use crate::cli::{BundleCommand, Command, RelayCommand};
+use crate::cli::{BackupCommand, BundleCommand, Command, RelayCommand};
 use crate::engine::{Engine, EngineError, Mode};
 use crate::net::{NetError, Network};
 use crate::sanitize::for_terminal;
 use crate::store::{Contact, LocalStore, Profile, StoreError};
 
+pub use backup::{restore as backup_restore, verify as backup_verify};
 pub use messages::{message_json, notices, print_received, push_history_line, request_line};
 pub use relays::failure_domain_warnings;
 
@@ -253,6 +255,14 @@ impl App {
                 self.bundle_import(&file, json, &mut out).await?
             }
             Command::Passphrase(command) => self.passphrase(command, json, &mut out)?,
+            Command::Backup(BackupCommand::Create { to, new_key }) => {
+                self.backup_create(&to, new_key, json, &mut out)?
+            }
+            Command::Backup(BackupCommand::Verify { .. } | BackupCommand::Restore { .. }) => {
+                return fail(
+                    "`backup verify` and `backup restore` run on their own, not through a running kkachi",
+                );
+            }
             Command::Daemon | Command::Tui => {
                 return fail("a kkachi daemon or UI is already running for this home");
             }

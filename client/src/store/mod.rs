@@ -22,6 +22,7 @@ use kkachi_protocol::{Card, Identity, Multiaddr};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+mod backup;
 mod conversations;
 mod keyfile;
 mod outbox;
@@ -30,6 +31,7 @@ mod requests;
 mod vault;
 mod writes;
 
+pub use backup::{BackupRecord, MAX_BACKUP_KEY, MAX_BACKUP_VALUE};
 use conversations::ContactCache;
 pub use keyfile::{
     KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, has_passphrase, key_path,

@@ -296,6 +296,13 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Makes everything applied so far durable, on this thread (for work outside the
+    /// runtime: a restore).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(db)?;
+        Ok(())
+    }
+
     /// A ticket for every write applied so far: [`LocalStore::is_durable`] says when
     /// they are all on disk.
     pub fn write_ticket(&self) -> u64 {

@@ -12,9 +12,16 @@ use serde_json::json;
 /// `kkachi history` on a conversation of `n` messages: the whole history, and the last
 /// 50, each the median of three runs of the real binary.
 pub(crate) fn history_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
-    use kkachi_client::store::{Direction, MessageRecord, MessageState, message_key};
     let home = root.join("history");
-    let store = LocalStore::open(&home)?;
+    long_conversation(&home, n)?;
+    let bin = kkachi_bin()?;
+    history_times(&bin, &home, n)
+}
+
+/// A home at `home` holding one conversation of `n` messages with "Minji".
+pub(crate) fn long_conversation(home: &Path, n: usize) -> Result<()> {
+    use kkachi_client::store::{Direction, MessageRecord, MessageState, message_key};
+    let store = LocalStore::open(home)?;
     let me = Identity::generate();
     store.init_identity(&me, &Profile::new("me"))?;
     let other = Identity::generate();
@@ -60,7 +67,11 @@ pub(crate) fn history_bench(root: &Path, n: usize) -> Result<serde_json::Value> 
     let mut w = WriteSet::default();
     LocalStore::write_conversation(&mut w, &peer, &conv);
     store.apply(w)?;
-    drop(store);
+    Ok(())
+}
+
+/// The `kkachi` binary beside this one.
+pub(crate) fn kkachi_bin() -> Result<std::path::PathBuf> {
     let bin = std::env::current_exe()?
         .parent()
         .context("exe dir")?
@@ -71,14 +82,18 @@ pub(crate) fn history_bench(root: &Path, n: usize) -> Result<serde_json::Value> 
             bin.display()
         );
     }
+    Ok(bin)
+}
+
+fn history_times(bin: &Path, home: &Path, n: usize) -> Result<serde_json::Value> {
     let time = |args: &[&str]| -> Result<(Duration, usize)> {
         let mut runs = Vec::new();
         let mut lines = 0;
         for _ in 0..3 {
             let t = Instant::now();
-            let out = Command::new(&bin)
+            let out = Command::new(bin)
                 .arg("--home")
-                .arg(&home)
+                .arg(home)
                 .args(args)
                 .output()?;
             runs.push(t.elapsed());

@@ -19,6 +19,7 @@ use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
 
+mod backup;
 mod baselines;
 mod common;
 mod history;
@@ -54,7 +55,7 @@ struct Args {
     envelopes: Option<u64>,
     /// Run only these parts (comma-separated); the baselines always run. Figures of
     /// the parts left out are null in the JSON and missing from the table.
-    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "receive", "reconnect", "idle", "restart"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "backup", "receive", "reconnect", "idle", "restart"])]
     only: Vec<String>,
     /// Internal: run as the recipient of the latency runs, on this client home.
     #[arg(long, hide = true)]
@@ -174,6 +175,13 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     } else {
         null.clone()
     };
+    let backup = if args.part("backup") {
+        let r = backup::backup_bench(root, 10_000)?;
+        eprintln!("backup done");
+        r
+    } else {
+        null.clone()
+    };
     let receive = if args.part("receive") {
         let (n, many) = if q { (200, 200) } else { (1000, 1000) };
         let few = receive::receive_cost(root, 10, n).await?;
@@ -236,6 +244,8 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "at_rest_ratio": at_rest["ratio"],
         "history": history,
         "history_ms": history["history_all_ms"],
+        "backup": backup,
+        "restore_10k_ms": backup["restore_ms"],
         "receive": receive,
         "receive_message_us_few": receive["few"]["message_us"],
         "receive_message_us_many": receive["many"]["message_us"],

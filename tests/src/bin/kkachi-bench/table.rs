@@ -215,6 +215,24 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
         sealed.ratio = Some((num(&at_rest["ratio"]), "the same, stores in the clear"));
         out.push(sealed);
     }
+    if args.part("backup") {
+        let backup = &r["backup"];
+        let mut restore = row(
+            "restore a backup of 10,000 messages (ms)",
+            &backup["restore_ms"],
+            0,
+            format!(
+                "{} KiB backup, made in {:.0} ms; a new home, its database sealed",
+                num(&backup["bytes"]) as u64 / 1024,
+                num(&backup["create_ms"])
+            ),
+        );
+        restore.ratio = Some((
+            restore.value / num(&backup["verify_ms"]),
+            "reading it through (backup verify)",
+        ));
+        out.push(restore);
+    }
     if args.part("restart") {
         let restart = &r["restart"];
         let mut ready = row(

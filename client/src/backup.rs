@@ -1,0 +1,327 @@
+//! Backups (SPEC.md §11): the home's records in one stream, encrypted to a recovery key.
+//!
+//! The file is an age file (age-encryption.org/v1) to one X25519 recipient: the public
+//! half of the recovery key, which the home keeps, so a backup needs no secret and can
+//! run unattended; the secret half is shown once, when it is made. age authenticates
+//! every 64 KiB chunk of the contents, so a damaged chunk is found where it is, and
+//! everything before it can still be restored. Inside: `"kkachi-backup" ‖ version (1)`,
+//! then records `tree (1) ‖ key length (u16) ‖ value length (u32) ‖ key ‖ value`
+//! (big-endian lengths), then `0xff ‖ records (u64)`, which says the stream is whole.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use age::secrecy::ExposeSecret;
+use thiserror::Error;
+
+use crate::store::{
+    BackupRecord, LocalStore, MAX_BACKUP_KEY, MAX_BACKUP_VALUE, StoreError, TreeId,
+};
+
+const MAGIC: &[u8] = b"kkachi-backup";
+const VERSION: u8 = 1;
+const END: u8 = 0xff;
+/// The contents are authenticated in chunks of this many bytes.
+pub const CHUNK: u64 = 64 << 10;
+/// Where a recovery key may come from without a terminal.
+pub const RECOVERY_KEY_ENV: &str = "KKACHI_RECOVERY_KEY";
+
+/// What went wrong with a backup.
+#[derive(Debug, Error)]
+pub enum BackupError {
+    /// Not an age file, or not a kkachi backup inside.
+    #[error("{0} is not a kkachi backup")]
+    NotABackup(String),
+    /// The recovery key does not open it.
+    #[error("this recovery key does not open {0}: it was made for another one")]
+    WrongKey(String),
+    /// Its header is damaged (it names its recipients and authenticates them).
+    #[error("the beginning of {0} is damaged: nothing in it can be read")]
+    Header(String),
+    /// Made by a newer kkachi.
+    #[error("{0} was made by a newer kkachi (backup version {1}): update kkachi to restore it")]
+    Newer(String, u8),
+    /// A recovery key that is not one.
+    #[error("that is not a recovery key (they start with AGE-SECRET-KEY-1)")]
+    BadKey,
+    /// Reading or writing a file.
+    #[error("{0}")]
+    Io(String),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a backup holds, as counted while it was written or read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// Records of every kind.
+    pub records: u64,
+    /// Contacts.
+    pub contacts: u64,
+    /// Messages.
+    pub messages: u64,
+}
+
+impl Counts {
+    fn count(&mut self, tree: TreeId) {
+        self.records += 1;
+        match tree {
+            TreeId::Contacts => self.contacts += 1,
+            TreeId::Messages => self.messages += 1,
+            _ => {}
+        }
+    }
+}
+
+/// A new recovery key: the secret half (shown once) and the public half (kept).
+pub fn new_recovery_key() -> (String, String) {
+    let key = age::x25519::Identity::generate();
+    let public = key.to_public().to_string();
+    (key.to_string().expose_secret().to_string(), public)
+}
+
+/// Reads a recovery key as the person wrote it down (spaces and line breaks dropped).
+pub fn parse_recovery_key(text: &str) -> Result<age::x25519::Identity, BackupError> {
+    let joined: String = text.split_whitespace().collect();
+    joined
+        .to_uppercase()
+        .parse()
+        .map_err(|_| BackupError::BadKey)
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |e| BackupError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Writes a backup of `store` to `to`, encrypted to `recipient` (an age X25519
+/// recipient). The file appears whole or not at all.
+pub fn create(
+    store: &LocalStore,
+    recipient: &str,
+    to: &Path,
+) -> Result<(Counts, u64), BackupError> {
+    let recipient: age::x25519::Recipient = recipient
+        .parse()
+        .map_err(|e| BackupError::Io(format!("the stored recovery key is unusable: {e}")))?;
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".kkachi-backup-")
+        .tempfile_in(dir)
+        .map_err(io(to))?;
+    let encryptor =
+        age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+            .map_err(|e| BackupError::Io(format!("cannot encrypt: {e}")))?;
+    let mut out = encryptor
+        .wrap_output(BufWriter::with_capacity(256 << 10, tmp.as_file()))
+        .map_err(io(to))?;
+    out.write_all(MAGIC)
+        .and_then(|()| out.write_all(&[VERSION]))
+        .map_err(io(to))?;
+    let mut counts = Counts::default();
+    store.backup_records(|tree, key, value| {
+        counts.count(tree);
+        out.write_all(&[tree as u8])?;
+        out.write_all(&(key.len() as u16).to_be_bytes())?;
+        out.write_all(&(value.len() as u32).to_be_bytes())?;
+        out.write_all(key)?;
+        out.write_all(value)
+    })?;
+    out.write_all(&[END])
+        .and_then(|()| out.write_all(&counts.records.to_be_bytes()))
+        .map_err(io(to))?;
+    let mut buffered = out.finish().map_err(io(to))?;
+    buffered.flush().map_err(io(to))?;
+    drop(buffered);
+    tmp.as_file().sync_all().map_err(io(to))?;
+    let bytes = tmp.as_file().metadata().map_err(io(to))?.len();
+    tmp.persist(to).map_err(|e| io(to)(e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok((counts, bytes))
+}
+
+/// How a read ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Ending {
+    /// Every record was read, and the stream says it is whole.
+    Whole,
+    /// Chunk `n` (from 0) does not authenticate: what came before it was read.
+    Damaged {
+        /// The chunk.
+        chunk: u64,
+    },
+    /// The file ends early: what it holds was read.
+    CutShort,
+}
+
+/// Counts the contents read, to tell which chunk failed.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads the backup `file` with `key`, giving each record to `sink` in order; how it
+/// ended and what was read. A record cut by a damaged chunk is not given.
+pub fn read(
+    file: &Path,
+    key: &age::x25519::Identity,
+    mut sink: impl FnMut(BackupRecord) -> Result<(), BackupError>,
+) -> Result<(Counts, Ending), BackupError> {
+    let name = file.display().to_string();
+    let input = std::fs::File::open(file).map_err(io(file))?;
+    if !input.metadata().map_err(io(file))?.is_file() {
+        return Err(BackupError::NotABackup(name));
+    }
+    let decryptor = match age::Decryptor::new(BufReader::with_capacity(256 << 10, input)) {
+        Ok(d) => d,
+        Err(age::DecryptError::Io(e)) => return Err(io(file)(e)),
+        Err(_) => return Err(BackupError::NotABackup(name)),
+    };
+    let reader = match decryptor.decrypt(std::iter::once(key as &dyn age::Identity)) {
+        Ok(r) => r,
+        Err(age::DecryptError::NoMatchingKeys) => return Err(BackupError::WrongKey(name)),
+        Err(age::DecryptError::Io(e)) => return Err(io(file)(e)),
+        Err(_) => return Err(BackupError::Header(name)),
+    };
+    let mut r = Counting {
+        inner: BufReader::with_capacity(256 << 10, reader),
+        read: 0,
+    };
+    let mut head = [0u8; MAGIC.len() + 1];
+    if r.read_exact(&mut head).is_err() || &head[..MAGIC.len()] != MAGIC {
+        return Err(BackupError::NotABackup(name));
+    }
+    if head[MAGIC.len()] != VERSION {
+        return Err(BackupError::Newer(name, head[MAGIC.len()]));
+    }
+    let mut counts = Counts::default();
+    let ended = |e: std::io::Error, at: u64| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Ok(Ending::CutShort),
+        std::io::ErrorKind::InvalidData => Ok(Ending::Damaged { chunk: at / CHUNK }),
+        _ => Err(BackupError::Io(format!("{name}: {e}"))),
+    };
+    loop {
+        let start = r.read;
+        let mut frame = [0u8; 7];
+        if let Err(e) = r.read_exact(&mut frame[..1]) {
+            return ended(e, r.read).map(|end| (counts, end));
+        }
+        if frame[0] == END {
+            let mut n = [0u8; 8];
+            if let Err(e) = r.read_exact(&mut n) {
+                return ended(e, r.read).map(|end| (counts, end));
+            }
+            if u64::from_be_bytes(n) != counts.records {
+                return Ok((
+                    counts,
+                    Ending::Damaged {
+                        chunk: start / CHUNK,
+                    },
+                ));
+            }
+            return Ok((counts, Ending::Whole));
+        }
+        if let Err(e) = r.read_exact(&mut frame[1..]) {
+            return ended(e, r.read).map(|end| (counts, end));
+        }
+        let tree = TreeId::from_backup(frame[0]);
+        let key_len = usize::from(u16::from_be_bytes([frame[1], frame[2]]));
+        let value_len = u32::from_be_bytes([frame[3], frame[4], frame[5], frame[6]]) as usize;
+        let (Some(tree), true, true) = (
+            tree,
+            key_len <= MAX_BACKUP_KEY,
+            value_len <= MAX_BACKUP_VALUE,
+        ) else {
+            // Authenticated, yet not a record this version writes: not ours to guess.
+            return Err(BackupError::NotABackup(format!(
+                "{name} (an unknown record)"
+            )));
+        };
+        let mut key = vec![0; key_len];
+        let mut value = vec![0; value_len];
+        if let Err(e) = r
+            .read_exact(&mut key)
+            .and_then(|()| r.read_exact(&mut value))
+        {
+            return ended(e, r.read).map(|end| (counts, end));
+        }
+        counts.count(tree);
+        sink((tree, key, value))?;
+    }
+}
+
+/// What a restore brought back, and how the backup ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// What was restored.
+    pub counts: Counts,
+    /// Whole, or where it stopped.
+    pub ending: Ending,
+}
+
+/// Records written per set while restoring.
+const RESTORE_BATCH: usize = 2048;
+
+/// Restores the backup `file` into `home`, which must hold no identity: as much as
+/// reads, up to a damaged chunk. The home gets its own new database key; no session is
+/// restored (contacts are sent the card again on new ones at the next start).
+pub fn restore(
+    home: &Path,
+    file: &Path,
+    key: &age::x25519::Identity,
+) -> Result<Restored, BackupError> {
+    let created = !home.join("db").exists();
+    let store = LocalStore::open(home)?;
+    if let Some(me) = store.identity()? {
+        return Err(BackupError::Io(format!(
+            "{} already holds an identity ({}): restore into a new --home",
+            home.display(),
+            me.peer_id()
+        )));
+    }
+    let mut batch: Vec<BackupRecord> = Vec::with_capacity(RESTORE_BATCH);
+    let mut head = 0usize;
+    let result = read(file, key, |record| {
+        // Who we are comes first; a stream that does not start so is not a backup.
+        if head < 2 {
+            let expected: &[u8] = if head == 0 { b"identity" } else { b"profile" };
+            if record.0 != TreeId::Meta || record.1 != expected {
+                return Err(BackupError::NotABackup(file.display().to_string()));
+            }
+            head += 1;
+        }
+        batch.push(record);
+        if batch.len() >= RESTORE_BATCH && head == 2 {
+            store.restore_records(std::mem::take(&mut batch))?;
+        }
+        Ok(())
+    });
+    let outcome = result.and_then(|(counts, ending)| {
+        if head < 2 {
+            return Err(BackupError::NotABackup(file.display().to_string()));
+        }
+        store.restore_records(std::mem::take(&mut batch))?;
+        store.sync()?;
+        Ok(Restored { counts, ending })
+    });
+    if outcome.is_err() && created && store.identity().ok().flatten().is_none() {
+        // Nothing was restored: the new home goes, so a retry starts clean.
+        drop(store);
+        let _ = std::fs::remove_dir_all(home.join("db"));
+        let _ = std::fs::remove_file(crate::store::key_path(home));
+    }
+    outcome
+}

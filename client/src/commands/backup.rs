@@ -1,0 +1,164 @@
+//! `kkachi backup create|verify|restore` (SPEC.md §11).
+
+use std::path::Path;
+
+use serde_json::json;
+
+use super::{App, CommandError, Output};
+use crate::backup::{self, BackupError, Ending, RECOVERY_KEY_ENV};
+
+impl From<BackupError> for CommandError {
+    fn from(e: BackupError) -> Self {
+        CommandError::Refused(e.to_string())
+    }
+}
+
+impl App {
+    pub(super) fn backup_create(
+        &mut self,
+        to: &Path,
+        new_key: bool,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        self.identity()?;
+        let (secret, recipient) = match self.store.backup_recipient()? {
+            Some(r) if !new_key => (None, r),
+            _ => {
+                let (secret, public) = backup::new_recovery_key();
+                (Some(secret), public)
+            }
+        };
+        let (counts, bytes) = backup::create(&self.store, &recipient, to)?;
+        // Only once the file is whole: a failed first backup leaves no key behind.
+        self.store
+            .note_backup(&recipient, crate::engine::now_ms())?;
+        if json {
+            out.json(json!({ "file": to.display().to_string(), "bytes": bytes,
+                             "contacts": counts.contacts, "messages": counts.messages,
+                             "records": counts.records, "recovery_key": secret }));
+            return Ok(());
+        }
+        out.out(format!(
+            "Backed up {} contacts and {} messages to {} ({} KiB).",
+            counts.contacts,
+            counts.messages,
+            to.display(),
+            bytes.div_ceil(1024)
+        ));
+        if let Some(secret) = secret {
+            out.out(String::new());
+            out.out("Your recovery key. It is shown this once: write it down or keep it in a password manager.");
+            out.out("Without it no backup can be read; with it anyone can read them.");
+            out.out(String::new());
+            out.out(format!("    {secret}"));
+            out.out(String::new());
+            out.out("Later backups go to the same key and need no secret.");
+        }
+        Ok(())
+    }
+}
+
+/// The recovery key, from the environment or typed at the terminal.
+fn recovery_key() -> Result<age::x25519::Identity, CommandError> {
+    let text = match std::env::var(RECOVERY_KEY_ENV) {
+        Ok(k) => zeroize::Zeroizing::new(k),
+        Err(_) => crate::passphrase::read_line_hidden("Recovery key: ").ok_or_else(|| {
+            CommandError::Refused(format!(
+                "no terminal to ask for the recovery key: run this in one, or set {RECOVERY_KEY_ENV}"
+            ))
+        })?,
+    };
+    Ok(backup::parse_recovery_key(&text)?)
+}
+
+fn ending_line(file: &Path, ending: &Ending, what: &str) -> Option<String> {
+    match ending {
+        Ending::Whole => None,
+        Ending::Damaged { chunk } => Some(format!(
+            "{} is damaged at chunk {} (bytes {}–{} of its contents): {what} everything before it; what came after is lost",
+            file.display(),
+            chunk,
+            chunk * backup::CHUNK,
+            (chunk + 1) * backup::CHUNK
+        )),
+        Ending::CutShort => Some(format!(
+            "{} ends early (copied only in part?): {what} everything it holds",
+            file.display()
+        )),
+    }
+}
+
+fn ending_json(ending: &Ending) -> serde_json::Value {
+    match ending {
+        Ending::Whole => json!("whole"),
+        Ending::Damaged { chunk } => json!({ "damaged_chunk": chunk }),
+        Ending::CutShort => json!("cut short"),
+    }
+}
+
+/// `backup verify FILE`: reads it through. Exit status 1 unless it is whole.
+pub fn verify(file: &Path, json: bool) -> Result<Output, CommandError> {
+    let key = recovery_key()?;
+    let started = std::time::Instant::now();
+    let (counts, ending) = backup::read(file, &key, |_| Ok(()))?;
+    let mut out = Output::default();
+    if json {
+        out.json(
+            json!({ "file": file.display().to_string(), "contacts": counts.contacts,
+                         "messages": counts.messages, "records": counts.records,
+                         "ending": ending_json(&ending),
+                         "ms": started.elapsed().as_millis() as u64 }),
+        );
+    } else {
+        out.out(format!(
+            "{} holds {} contacts and {} messages ({} records).",
+            file.display(),
+            counts.contacts,
+            counts.messages,
+            counts.records
+        ));
+    }
+    match ending_line(file, &ending, "read") {
+        None => {
+            if !json {
+                out.out("It reads whole with this recovery key.");
+            }
+        }
+        Some(line) => {
+            out.stderr.push_str(&format!("error: {line}\n"));
+            out.code = 1;
+        }
+    }
+    Ok(out)
+}
+
+/// `backup restore FILE` into `home`. Exit status 1 if only part was restored.
+pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandError> {
+    let key = recovery_key()?;
+    let started = std::time::Instant::now();
+    let restored = backup::restore(home, file, &key)?;
+    let mut out = Output::default();
+    let ms = started.elapsed().as_millis() as u64;
+    if json {
+        out.json(
+            json!({ "home": home.display().to_string(), "contacts": restored.counts.contacts,
+                         "messages": restored.counts.messages, "records": restored.counts.records,
+                         "ending": ending_json(&restored.ending), "ms": ms }),
+        );
+    } else {
+        out.out(format!(
+            "Restored {} contacts and {} messages into {} in {:.1} s.",
+            restored.counts.contacts,
+            restored.counts.messages,
+            home.display(),
+            ms as f64 / 1000.0
+        ));
+        out.out("Conversations go on with new sessions: your contacts get your card again at the next start, and send again what you had not received.");
+    }
+    if let Some(line) = ending_line(file, &restored.ending, "restored") {
+        out.stderr.push_str(&format!("error: {line}\n"));
+        out.code = 1;
+    }
+    Ok(out)
+}

@@ -1,0 +1,256 @@
+//! Backup and restore against the real binaries: a conversation, a backup, more
+//! messages after it (the backup is old), the device lost; the backup restored into a
+//! new home with its recovery key, the conversation going on both ways with every
+//! message shown once; a wrong key and a damaged chunk named as such. Prints its figures.
+
+use std::path::Path;
+use std::time::Instant;
+
+use kkachi_tests::procs::{RelayProc, User};
+
+fn history(user: &User, with: &str) -> Vec<String> {
+    let out = user.ok(&["history", with, "--json"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Runs `kkachi ARGS` with `--home HOME` and the recovery key in the environment.
+fn with_key(home: &Path, key: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(kkachi_tests::procs::bin("kkachi"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("KKACHI_RECOVERY_KEY", key)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), &[]);
+    let hana = User::new(dir.path(), "hana");
+    let dae = User::new(dir.path(), "dae");
+    for u in [&hana, &dae] {
+        u.ok(&["relay", "add", &relay.addr]);
+    }
+    User::introduce(&hana, &dae);
+    let mut said = Vec::new();
+    for i in 0..3 {
+        let (a, b) = (format!("hana before {i}"), format!("dae before {i}"));
+        hana.send("dae", &a, 5.0).expect("sent");
+        dae.ok(&["sync"]);
+        dae.send("hana", &b, 5.0).expect("sent");
+        hana.ok(&["sync"]);
+        said.extend([a, b]);
+    }
+    let backup = dir.path().join("hana.backup");
+    let made = json(&hana.ok(&[
+        "backup",
+        "create",
+        "--to",
+        backup.to_str().unwrap(),
+        "--json",
+    ]));
+    let key = made["recovery_key"]
+        .as_str()
+        .expect("the first backup shows its key")
+        .to_string();
+    assert_eq!(made["messages"], 6, "{made}");
+    // A later backup goes to the same key and shows none.
+    let again = json(&hana.ok(&[
+        "backup",
+        "create",
+        "--to",
+        backup.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(again["recovery_key"].is_null(), "{again}");
+    // After the backup: messages it does not hold.
+    hana.send("dae", "hana after the backup", 5.0)
+        .expect("sent");
+    dae.ok(&["sync"]);
+    said.push("hana after the backup".into());
+
+    // Verified with the right key; the wrong key is named as such, at once.
+    let verified = with_key(
+        &hana.home,
+        &key,
+        &["backup", "verify", backup.to_str().unwrap()],
+    );
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let other_key = age_key();
+    let started = Instant::now();
+    let wrong = with_key(
+        &hana.home,
+        &other_key,
+        &["backup", "verify", backup.to_str().unwrap()],
+    );
+    let wrong_ms = started.elapsed().as_millis();
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("does not open"), "{err}");
+
+    // The device is lost: its home is gone. Restored into a new one.
+    std::fs::remove_dir_all(&hana.home).unwrap();
+    let started = Instant::now();
+    let restored = with_key(
+        &hana.home,
+        &key,
+        &["backup", "restore", backup.to_str().unwrap()],
+    );
+    let restore_ms = started.elapsed().as_millis();
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    assert_eq!(
+        history(&hana, "dae"),
+        said[..6],
+        "what the backup held is back"
+    );
+    // Restoring over an identity is refused.
+    let twice = with_key(
+        &hana.home,
+        &key,
+        &["backup", "restore", backup.to_str().unwrap()],
+    );
+    assert!(!twice.status.success());
+
+    // The conversation goes on, both ways, on new sessions.
+    hana.ok(&["sync"]);
+    dae.ok(&["sync"]);
+    dae.send("hana", "dae after the restore", 5.0)
+        .expect("sent");
+    hana.send("dae", "hana after the restore", 5.0)
+        .expect("sent");
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        hana.ok(&["sync"]);
+        dae.ok(&["sync"]);
+        let (h, d) = (history(&hana, "dae"), history(&dae, "hana"));
+        if h.iter().any(|t| t == "dae after the restore")
+            && d.iter().any(|t| t == "hana after the restore")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the conversation did not go on: hana {h:?}, dae {d:?}"
+        );
+    }
+    let d = history(&dae, "hana");
+    for text in said.iter().chain(
+        [
+            "dae after the restore".to_string(),
+            "hana after the restore".to_string(),
+        ]
+        .iter(),
+    ) {
+        assert_eq!(
+            d.iter().filter(|t| *t == text).count(),
+            1,
+            "{text:?} in dae's history {d:?}"
+        );
+    }
+    let h = history(&hana, "dae");
+    assert_eq!(
+        h.iter().filter(|t| *t == "dae after the restore").count(),
+        1,
+        "{h:?}"
+    );
+    println!(
+        "backup: {} messages backed up, restored in {restore_ms} ms; a wrong recovery key refused in {wrong_ms} ms; \
+         after the restore both sides got each other's next message once",
+        made["messages"]
+    );
+}
+
+/// A recovery key of some other backup.
+fn age_key() -> String {
+    kkachi_client::backup::new_recovery_key().0
+}
+
+#[test]
+fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (store, _, _) = kkachi_client::store::LocalStore::provision(&home, "Min", &[]).unwrap();
+    // A contact with enough messages for several 64 KiB chunks.
+    let other = kkachi_protocol::Identity::generate();
+    let card = kkachi_protocol::Card::new(&other, "Other", vec![], 1).unwrap();
+    let contact = store.add_card(&card).unwrap();
+    let mut w = kkachi_client::store::WriteSet::default();
+    for i in 0..2000u64 {
+        let record = kkachi_client::store::MessageRecord {
+            id: rand::random(),
+            direction: kkachi_client::store::Direction::In,
+            text: format!("message {i:05} {}", "x".repeat(200)),
+            state: kkachi_client::store::MessageState::Received,
+            sent_at_ms: i,
+            stored_at_ms: i,
+            seq: i + 1,
+            prev: [0; 32],
+        };
+        kkachi_client::store::LocalStore::write_message(
+            &mut w,
+            &contact.peer,
+            kkachi_client::store::message_key(&contact.peer, i),
+            &record,
+        );
+    }
+    store.apply(w).unwrap();
+    let (secret, public) = kkachi_client::backup::new_recovery_key();
+    let file = dir.path().join("backup");
+    let (counts, bytes) = kkachi_client::backup::create(&store, &public, &file).unwrap();
+    drop(store);
+    assert_eq!(counts.messages, 2000);
+    // Flip a byte in the middle of the file.
+    let mut data = std::fs::read(&file).unwrap();
+    let at = data.len() / 2;
+    data[at] ^= 0x40;
+    std::fs::write(&file, &data).unwrap();
+    let key = kkachi_client::backup::parse_recovery_key(&secret).unwrap();
+    let restored =
+        kkachi_client::backup::restore(&dir.path().join("restored"), &file, &key).unwrap();
+    let kkachi_client::backup::Ending::Damaged { chunk } = restored.ending else {
+        panic!("{:?}", restored.ending);
+    };
+    let chunks = bytes.div_ceil(kkachi_client::backup::CHUNK);
+    assert!(chunk > 0 && chunk < chunks, "chunk {chunk} of {chunks}");
+    let store = kkachi_client::store::LocalStore::open(&dir.path().join("restored")).unwrap();
+    let messages = store.messages(&contact.peer).unwrap();
+    assert_eq!(messages.len() as u64, restored.counts.messages);
+    assert!(
+        messages.len() > 100 && messages.len() < 2000,
+        "{}",
+        messages.len()
+    );
+    // Everything before the damage, in order, none of it invented.
+    for (i, m) in messages.iter().enumerate() {
+        assert!(
+            m.text.starts_with(&format!("message {i:05} ")),
+            "{}",
+            m.text
+        );
+    }
+    println!(
+        "backup: a byte flipped at {at} of {bytes}: chunk {chunk} of {chunks} named, the {} messages before it restored",
+        messages.len()
+    );
+}
