@@ -4,8 +4,8 @@
 //! half of the recovery key, which the home keeps, so a backup needs no secret and can
 //! run unattended; the secret half is shown once, when it is made. age authenticates
 //! every 64 KiB chunk of the contents, so a damaged chunk is found where it is, and
-//! everything before it can still be restored. Inside: `"kkachi-backup" ‖ version (1)`,
-//! then records `tree (1) ‖ key length (u16) ‖ value length (u32) ‖ key ‖ value`
+//! everything before it can still be restored. Inside: `"kkachi-backup" ‖ version (1) ‖
+//! made at (u64, Unix ms)`, then records `tree (1) ‖ key length (u16) ‖ value length (u32) ‖ key ‖ value`
 //! (big-endian lengths), then `0xff ‖ records (u64)`, which says the stream is whole.
 
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -33,7 +33,9 @@ pub enum BackupError {
     #[error("{0} is not a kkachi backup")]
     NotABackup(String),
     /// The recovery key does not open it.
-    #[error("this recovery key does not open {0}: it was made for another one")]
+    #[error(
+        "this recovery key does not open {0}: it was made for another key (or its beginning is damaged)"
+    )]
     WrongKey(String),
     /// Its header is damaged (it names its recipients and authenticates them).
     #[error("the beginning of {0} is damaged: nothing in it can be read")]
@@ -55,6 +57,8 @@ pub enum BackupError {
 /// What a backup holds, as counted while it was written or read.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
+    /// When it was made (Unix ms), once read.
+    pub made_ms: u64,
     /// Records of every kind.
     pub records: u64,
     /// Contacts.
@@ -120,6 +124,7 @@ pub fn create(
         .map_err(io(to))?;
     out.write_all(MAGIC)
         .and_then(|()| out.write_all(&[VERSION]))
+        .and_then(|()| out.write_all(&crate::engine::now_ms().to_be_bytes()))
         .map_err(io(to))?;
     let mut counts = Counts::default();
     store.backup_records(|tree, key, value| {
@@ -200,14 +205,25 @@ pub fn read(
         inner: BufReader::with_capacity(256 << 10, reader),
         read: 0,
     };
-    let mut head = [0u8; MAGIC.len() + 1];
-    if r.read_exact(&mut head).is_err() || &head[..MAGIC.len()] != MAGIC {
+    let mut head = [0u8; MAGIC.len() + 1 + 8];
+    if let Err(e) = r.read_exact(&mut head) {
+        // The first chunk itself fails: nothing in the file can be read.
+        return Err(match e.kind() {
+            std::io::ErrorKind::InvalidData => BackupError::Header(name),
+            _ => BackupError::NotABackup(name),
+        });
+    }
+    if &head[..MAGIC.len()] != MAGIC {
         return Err(BackupError::NotABackup(name));
     }
     if head[MAGIC.len()] != VERSION {
         return Err(BackupError::Newer(name, head[MAGIC.len()]));
     }
-    let mut counts = Counts::default();
+    let made_ms = u64::from_be_bytes(head[MAGIC.len() + 1..].try_into().expect("8 bytes"));
+    let mut counts = Counts {
+        made_ms,
+        ..Counts::default()
+    };
     let ended = |e: std::io::Error, at: u64| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => Ok(Ending::CutShort),
         std::io::ErrorKind::InvalidData => Ok(Ending::Damaged { chunk: at / CHUNK }),
@@ -270,31 +286,76 @@ pub struct Restored {
     pub counts: Counts,
     /// Whole, or where it stopped.
     pub ending: Ending,
+    /// Our messages not confirmed as delivered, sealed again at the next start.
+    pub resend: usize,
 }
 
-/// Records written per set while restoring.
+/// A set written while restoring holds at most this many records, or bytes.
 const RESTORE_BATCH: usize = 2048;
+const RESTORE_BATCH_BYTES: usize = 8 << 20;
 
-/// Restores the backup `file` into `home`, which must hold no identity: as much as
-/// reads, up to a damaged chunk. The home gets its own new database key; no session is
-/// restored (contacts are sent the card again on new ones at the next start).
+/// Restores the backup `file` into `home`, which must not exist yet (or be an empty
+/// directory): as much as reads, up to a damaged chunk. The home is made beside it and
+/// moved into place once whole, so an interrupted restore leaves no half home behind.
+/// It gets its own new database key; no session is restored (contacts are sent the
+/// card again on new ones at the next start, and what they had not confirmed goes
+/// again).
 pub fn restore(
     home: &Path,
     file: &Path,
     key: &age::x25519::Identity,
 ) -> Result<Restored, BackupError> {
-    let created = !home.join("db").exists();
-    let store = LocalStore::open(home)?;
-    if let Some(me) = store.identity()? {
-        return Err(BackupError::Io(format!(
-            "{} already holds an identity ({}): restore into a new --home",
-            home.display(),
-            me.peer_id()
-        )));
+    let empty_dir = std::fs::read_dir(home).map(|mut d| d.next().is_none());
+    match empty_dir {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(true) => {}
+        Ok(false) if home.join("db").exists() || crate::store::key_path(home).exists() => {
+            return Err(BackupError::Io(format!(
+                "{} holds a kkachi home already: restore into a new --home (or move it aside)",
+                home.display()
+            )));
+        }
+        Ok(false) => {
+            return Err(BackupError::Io(format!(
+                "{} holds other files: restore into a new, empty directory",
+                home.display()
+            )));
+        }
+        Err(e) => return Err(io(home)(e)),
     }
+    let parent = home
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".kkachi-restoring-")
+        .tempdir_in(parent)
+        .map_err(io(parent))?;
+    let restored = restore_into(staging.path(), file, key)?;
+    // Whole: into place at once.
+    let _ = std::fs::remove_dir(home);
+    let staged = staging.keep();
+    std::fs::rename(&staged, home).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        io(home)(e)
+    })?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(restored)
+}
+
+fn restore_into(
+    home: &Path,
+    file: &Path,
+    key: &age::x25519::Identity,
+) -> Result<Restored, BackupError> {
+    let store = LocalStore::open(home)?;
     let mut batch: Vec<BackupRecord> = Vec::with_capacity(RESTORE_BATCH);
+    let mut batch_bytes = 0usize;
     let mut head = 0usize;
-    let result = read(file, key, |record| {
+    let (counts, ending) = read(file, key, |record| {
         // Who we are comes first; a stream that does not start so is not a backup.
         if head < 2 {
             let expected: &[u8] = if head == 0 { b"identity" } else { b"profile" };
@@ -303,25 +364,23 @@ pub fn restore(
             }
             head += 1;
         }
+        batch_bytes += record.1.len() + record.2.len();
         batch.push(record);
-        if batch.len() >= RESTORE_BATCH && head == 2 {
+        if head == 2 && (batch.len() >= RESTORE_BATCH || batch_bytes >= RESTORE_BATCH_BYTES) {
             store.restore_records(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
         }
         Ok(())
-    });
-    let outcome = result.and_then(|(counts, ending)| {
-        if head < 2 {
-            return Err(BackupError::NotABackup(file.display().to_string()));
-        }
-        store.restore_records(std::mem::take(&mut batch))?;
-        store.sync()?;
-        Ok(Restored { counts, ending })
-    });
-    if outcome.is_err() && created && store.identity().ok().flatten().is_none() {
-        // Nothing was restored: the new home goes, so a retry starts clean.
-        drop(store);
-        let _ = std::fs::remove_dir_all(home.join("db"));
-        let _ = std::fs::remove_file(crate::store::key_path(home));
+    })?;
+    if head < 2 {
+        return Err(BackupError::NotABackup(file.display().to_string()));
     }
-    outcome
+    store.restore_records(batch)?;
+    let repaired = store.repair_after_restore()?;
+    store.sync()?;
+    Ok(Restored {
+        counts,
+        ending,
+        resend: repaired.resend,
+    })
 }

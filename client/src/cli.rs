@@ -128,9 +128,13 @@ pub enum BackupCommand {
         #[arg(long)]
         to: PathBuf,
         /// Make a new recovery key (shown once) for this and later backups; earlier
-        /// backups still need the old one.
+        /// backups still need the old one. Without a terminal, the first backup needs it
+        /// too (the key is then printed where the output goes).
         #[arg(long)]
         new_key: bool,
+        /// Whether the output goes to a terminal (set by the binary).
+        #[arg(skip)]
+        interactive: bool,
     },
     /// Read a backup through with your recovery key (from KKACHI_RECOVERY_KEY, or
     /// asked) and say what it holds, or where it is damaged.

@@ -376,10 +376,11 @@ fn absolute_paths(command: Command) -> Result<Command, String> {
         Command::Bundle(BundleCommand::Import { file }) => Command::Bundle(BundleCommand::Import {
             file: absolute(file)?,
         }),
-        Command::Backup(BackupCommand::Create { to, new_key }) => {
+        Command::Backup(BackupCommand::Create { to, new_key, .. }) => {
             Command::Backup(BackupCommand::Create {
                 to: absolute(to)?,
                 new_key,
+                interactive: std::io::stdout().is_terminal(),
             })
         }
         other => other,

@@ -18,18 +18,26 @@ impl App {
         &mut self,
         to: &Path,
         new_key: bool,
+        interactive: bool,
         json: bool,
         out: &mut Output,
     ) -> Result<(), CommandError> {
         self.identity()?;
         let (secret, recipient) = match self.store.backup_recipient()? {
             Some(r) if !new_key => (None, r),
+            None if !new_key && !interactive => {
+                return Err(CommandError::Refused(
+                    "the first backup makes your recovery key and shows it once: run it in a terminal, or add --new-key to have the key printed where the output goes".into(),
+                ));
+            }
             _ => {
                 let (secret, public) = backup::new_recovery_key();
                 (Some(secret), public)
             }
         };
-        let (counts, bytes) = backup::create(&self.store, &recipient, to)?;
+        // The daemon's other work goes on meanwhile (it may take the command).
+        let (counts, bytes) =
+            tokio::task::block_in_place(|| backup::create(&self.store, &recipient, to))?;
         // Only once the file is whole: a failed first backup leaves no key behind.
         self.store
             .note_backup(&recipient, crate::engine::now_ms())?;
@@ -104,19 +112,23 @@ pub fn verify(file: &Path, json: bool) -> Result<Output, CommandError> {
     let (counts, ending) = backup::read(file, &key, |_| Ok(()))?;
     let mut out = Output::default();
     if json {
-        out.json(
-            json!({ "file": file.display().to_string(), "contacts": counts.contacts,
-                         "messages": counts.messages, "records": counts.records,
-                         "ending": ending_json(&ending),
-                         "ms": started.elapsed().as_millis() as u64 }),
-        );
+        out.json(json!({
+            "file": file.display().to_string(),
+            "contacts": counts.contacts,
+            "messages": counts.messages,
+            "records": counts.records,
+            "made_at": counts.made_ms,
+            "ending": ending_json(&ending),
+            "ms": started.elapsed().as_millis() as u64,
+        }));
     } else {
         out.out(format!(
-            "{} holds {} contacts and {} messages ({} records).",
+            "{} holds {} contacts and {} messages ({} records), made {}.",
             file.display(),
             counts.contacts,
             counts.messages,
-            counts.records
+            counts.records,
+            crate::time::format_ms(counts.made_ms)
         ));
     }
     match ending_line(file, &ending, "read") {
@@ -141,20 +153,34 @@ pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandEr
     let mut out = Output::default();
     let ms = started.elapsed().as_millis() as u64;
     if json {
-        out.json(
-            json!({ "home": home.display().to_string(), "contacts": restored.counts.contacts,
-                         "messages": restored.counts.messages, "records": restored.counts.records,
-                         "ending": ending_json(&restored.ending), "ms": ms }),
-        );
+        out.json(json!({
+            "home": home.display().to_string(),
+            "contacts": restored.counts.contacts,
+            "messages": restored.counts.messages,
+            "records": restored.counts.records,
+            "made_at": restored.counts.made_ms,
+            "resend": restored.resend,
+            "ending": ending_json(&restored.ending),
+            "ms": ms,
+        }));
     } else {
         out.out(format!(
-            "Restored {} contacts and {} messages into {} in {:.1} s.",
+            "Restored {} contacts and {} messages (a backup made {}) into {} in {:.1} s.",
             restored.counts.contacts,
             restored.counts.messages,
+            crate::time::format_ms(restored.counts.made_ms),
             home.display(),
             ms as f64 / 1000.0
         ));
-        out.out("Conversations go on with new sessions: your contacts get your card again at the next start, and send again what you had not received.");
+        out.out("Conversations go on with new sessions: at the next start your contacts get your card again and send again what you had not received.");
+        if restored.resend > 0 {
+            out.out(format!(
+                "{} message(s) you sent had not been delivered when the backup was made: they go again then.",
+                restored.resend
+            ));
+        }
+        out.out("Restore only if the old device is gone: two devices of one identity take each other's messages.");
+        out.out("This home has no passphrase yet: `kkachi passphrase set` adds one.");
     }
     if let Some(line) = ending_line(file, &restored.ending, "restored") {
         out.stderr.push_str(&format!("error: {line}\n"));

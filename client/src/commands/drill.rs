@@ -37,6 +37,8 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(4);
 pub(crate) const SKEW_FINDING_SECS: u64 = CLOCK_SKEW_SECS / 2;
 /// Something waiting in the outbox longer than this is a finding.
 pub(crate) const OUTBOX_FINDING_MS: u64 = 3600 * 1000;
+/// A last backup older than this is a finding: a lost device would lose what came since.
+pub(crate) const BACKUP_FINDING_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// What the drill saw of one of our relays.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +91,8 @@ pub(crate) struct Report {
     pub(crate) outbox: (usize, u64),
     /// The game day's rounds, when one was asked for.
     pub(crate) game_day: Option<Vec<Round>>,
+    /// How long ago the last backup was made (ms); `None`: never.
+    pub(crate) backup_age_ms: Option<u64>,
 }
 
 impl Report {
@@ -203,6 +207,17 @@ impl Report {
                 fix: "they go out once a recipient's relay answers; keep kkachi running (`kkachi daemon` or the UI), or carry them on a drive".into(),
             });
         }
+        if let Some(age) = self.backup_age_ms
+            && age > BACKUP_FINDING_MS
+        {
+            f.push(Finding {
+                what: format!(
+                    "your last backup is {} days old: a lost device would lose what came since",
+                    age / (24 * 3600 * 1000)
+                ),
+                fix: "make one now: `kkachi backup create --to FILE` (it needs no secret, so a timer can run it)".into(),
+            });
+        }
         f
     }
 }
@@ -235,6 +250,7 @@ impl App {
                     "name": c.name, "relays": c.relays, "reachable": c.reachable,
                 })).collect::<Vec<_>>(),
                 "outbox": { "waiting": report.outbox.0, "oldest_ms": report.outbox.1 },
+                "backup_age_ms": report.backup_age_ms,
                 "game_day": report.game_day.as_ref().map(|rounds| rounds.iter().map(|r| json!({
                     "out": r.out,
                     "flowed": !r.carried_by.is_empty(),
@@ -277,6 +293,10 @@ impl App {
                     String::new()
                 }
             ));
+            out.out(match report.backup_age_ms {
+                Some(age) => format!("backup: the last one {} h ago", age / 3_600_000),
+                None => "backup: none yet (`kkachi backup create --to FILE`)".to_string(),
+            });
             for r in report.game_day.iter().flatten() {
                 let line = match r.first_ms {
                     Some(ms) => format!(
@@ -433,11 +453,16 @@ impl App {
             .map(|(_, e)| waited_ms(e, now))
             .max()
             .unwrap_or(0);
+        let backup_age_ms = self
+            .store
+            .last_backup_ms()?
+            .map(|at| now.saturating_sub(at));
         Ok(Report {
             relays,
             contacts,
             outbox: (outbox.len(), oldest),
             game_day,
+            backup_age_ms,
         })
     }
 }
@@ -740,12 +765,25 @@ mod tests {
             }],
             outbox: (1, 5_000),
             game_day: None,
+            backup_age_ms: Some(3_600_000),
         }
     }
 
     #[test]
     fn a_healthy_setup_is_all_clear() {
         assert_eq!(healthy().findings(), []);
+    }
+
+    #[test]
+    fn an_old_backup_is_a_finding_and_none_yet_is_not() {
+        let mut r = healthy();
+        r.backup_age_ms = Some(BACKUP_FINDING_MS + 86_400_000);
+        let f = r.findings();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].what.contains("last backup is 31 days old"), "{f:?}");
+        assert!(f[0].fix.contains("kkachi backup create"));
+        r.backup_age_ms = None;
+        assert_eq!(r.findings(), []);
     }
 
     #[test]

@@ -255,9 +255,11 @@ impl App {
                 self.bundle_import(&file, json, &mut out).await?
             }
             Command::Passphrase(command) => self.passphrase(command, json, &mut out)?,
-            Command::Backup(BackupCommand::Create { to, new_key }) => {
-                self.backup_create(&to, new_key, json, &mut out)?
-            }
+            Command::Backup(BackupCommand::Create {
+                to,
+                new_key,
+                interactive,
+            }) => self.backup_create(&to, new_key, interactive, json, &mut out)?,
             Command::Backup(BackupCommand::Verify { .. } | BackupCommand::Restore { .. }) => {
                 return fail(
                     "`backup verify` and `backup restore` run on their own, not through a running kkachi",

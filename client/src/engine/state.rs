@@ -519,6 +519,44 @@ impl<T> State<T> {
         }
     }
 
+    /// Seals again, on the sessions we have now, our messages a restore found not
+    /// confirmed as delivered (the backup held no outbox): the same content, so a contact
+    /// who has one already recognises it. Returns how many.
+    pub(crate) fn resend_restored(&mut self, now: u64) -> Result<usize, EngineError> {
+        let pending = self.store.pending_resends()?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let mut n = 0;
+            for (peer, key, mut record) in pending {
+                let Some(contact) = this.store.contact(&peer)? else {
+                    continue;
+                };
+                if this.store.blocked(&peer)?.is_some() {
+                    continue;
+                }
+                let content = crate::store::outgoing_content(&record);
+                let session = sessions.get(&this.store, &contact)?;
+                this.seal_into(
+                    &mut w,
+                    &contact,
+                    session,
+                    &content,
+                    OutboxKind::Message,
+                    now,
+                )?;
+                record.state = MessageState::Queued;
+                w.put_record(TreeId::Messages, key, &record);
+                n += 1;
+            }
+            LocalStore::clear_resends(&mut w);
+            this.apply_or_reset(sessions, w)?;
+            Ok(n)
+        })
+    }
+
     /// Queues our current card for every contact not blocked (after a relay change),
     /// and records it as announced in the same write.
     pub(crate) fn queue_card_updates(&mut self, now: u64) -> Result<usize, EngineError> {

@@ -301,3 +301,52 @@ fn a_passphrase_rewraps_the_key_only_and_a_wrong_one_is_told_apart_from_damage()
     assert_eq!(reopen(&home).protection(), Protection::KeyFile);
     println!("passphrase: a wrong one refused in {} ms", took.as_millis());
 }
+
+/// Known answers: the tags of keys on disk, and a key file, for a fixed key (SPEC §12).
+#[test]
+fn keys_on_disk_and_key_files_match_their_known_answers() {
+    let vault = vault::Vault::sealed(&[7; 32]);
+    // An Ed25519 peer id: identity multihash of a protobuf public key (38 bytes).
+    let mut peer = vec![0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
+    peer.extend_from_slice(&[9; 32]);
+    let mut message = peer.clone();
+    message.extend_from_slice(&5u64.to_be_bytes());
+    let mut index = peer.clone();
+    index.extend_from_slice(&[3; 16]);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let answers = [
+        (TreeId::Messages, message.clone(), KAT_MESSAGE),
+        (TreeId::MessageIndex, index, KAT_INDEX),
+        (TreeId::Seen, vec![1; 32], KAT_SEEN),
+        (TreeId::Meta, b"profile".to_vec(), "70726f66696c65"),
+    ];
+    for (tree, key, answer) in answers {
+        assert_eq!(hex(&vault.disk_key(tree, &key)), answer, "{tree:?}");
+    }
+    // A contact's records keep their order on disk: the tail after the tag is as it was.
+    assert!(hex(&vault.disk_key(TreeId::Messages, &message)).ends_with("0000000000000005"));
+    // And a sealed value opens to the same logical key and value.
+    let disk = vault.disk_key(TreeId::Messages, &message);
+    let sealed = vault.seal(TreeId::Messages, &message, &disk, b"hello");
+    assert_eq!(
+        vault.open(TreeId::Messages, &disk, &sealed).unwrap(),
+        (message.clone(), b"hello".to_vec())
+    );
+    // Under another tree, or another key, it does not.
+    assert!(vault.open(TreeId::Chain, &disk, &sealed).is_err());
+    let mut other = disk.clone();
+    *other.last_mut().unwrap() ^= 1;
+    assert!(vault.open(TreeId::Messages, &other, &sealed).is_err());
+
+    let root = tempfile::tempdir().unwrap();
+    keyfile::rewrap(root.path(), &[7; 32], None).unwrap();
+    assert_eq!(
+        hex(&std::fs::read(key_path(root.path())).unwrap()),
+        KAT_KEY_FILE
+    );
+}
+
+const KAT_MESSAGE: &str = "85794225771c6b32f5299baea38216a50000000000000005";
+const KAT_INDEX: &str = "a9b1b556ce74865bb0199490359a23651babe6e914c449c9ab2a329d2def35e6";
+const KAT_SEEN: &str = "e99162f1c5ab78e8cde54cb011ef7510";
+const KAT_KEY_FILE: &str = "6b6b616368692d6b65790100070707070707070707070707070707070707070707070707070707070707070793ffc3eb3fe9141f1b859039007e612c10583fa270aca7f371f1b47cdcf62f32";

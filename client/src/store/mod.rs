@@ -31,7 +31,9 @@ mod requests;
 mod vault;
 mod writes;
 
-pub use backup::{BackupRecord, MAX_BACKUP_KEY, MAX_BACKUP_VALUE};
+pub use backup::{
+    BackupRecord, MAX_BACKUP_KEY, MAX_BACKUP_VALUE, RESTORE_CARD_STEP, Repaired, outgoing_content,
+};
 use conversations::ContactCache;
 pub use keyfile::{
     KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, has_passphrase, key_path,

@@ -109,7 +109,7 @@ impl WriteSet {
 #[derive(Debug, Default)]
 pub(super) struct Writer {
     /// Held while a write is applied.
-    turn: parking_lot::Mutex<()>,
+    pub(super) turn: parking_lot::Mutex<()>,
     /// A write failed part-way: none is taken until the journal has completed it.
     broken: std::sync::atomic::AtomicBool,
 }

@@ -317,6 +317,18 @@ impl<T: Transport> Owner<T> {
             Ok(_) => self.after_change(Ok(()), |_| {}),
             Err(e) => tracing::warn!(error = %e, "could not send contacts our new card"),
         }
+        // After a restore: what we had sent and nobody confirmed goes again.
+        match self.state.resend_restored(now) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    messages = n,
+                    "sent again what was not delivered before the restore"
+                );
+                self.after_change(Ok(()), |_| {});
+            }
+            Err(e) => tracing::warn!(error = %e, "could not send again what the restore found"),
+        }
     }
 
     /// Our relays as stored: polled (in the inbox mode) and kept reservations at.
