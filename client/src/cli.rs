@@ -57,6 +57,15 @@ pub enum Command {
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
     },
+    /// Make messages with a contact disappear: those stored from now on are deleted this
+    /// long after, on both sides (30s, 10m, 1h, 1d, 1w; `off`). Without a duration,
+    /// shows the timer.
+    Timer {
+        /// Contact name or peer id.
+        contact: String,
+        /// How long messages stay: a number with s, m, h, d or w; `off` for always.
+        duration: Option<String>,
+    },
     /// Show the conversation with a contact.
     History {
         /// Contact name or peer id.

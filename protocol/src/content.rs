@@ -26,6 +26,10 @@ pub const CONTENT_HEADER_LEN: usize = 1 + 16 + 8 + 32 + 8 + 2 + 4;
 const KIND_TEXT: u16 = 1;
 const KIND_RECEIPT: u16 = 2;
 const KIND_CARD: u16 = 3;
+const KIND_TIMER: u16 = 4;
+
+/// The longest a disappearing-message timer may be: a year (0 turns it off).
+pub const MAX_TIMER_SECS: u32 = 365 * 24 * 3600;
 
 /// A sender-chosen 16-byte message id, random per message.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -85,6 +89,13 @@ pub enum Body {
     },
     /// A newer signed contact card of the sender (for example after a relay change).
     CardUpdate(Box<Card>),
+    /// The conversation's disappearing-message timer, as the sender set it: messages
+    /// stored after it arrives are deleted this many seconds later, on both sides; 0
+    /// turns it off. The setting sent last (by `sent_at_ms`) wins.
+    Timer {
+        /// Seconds, at most [`MAX_TIMER_SECS`]; 0 is off.
+        secs: u32,
+    },
     /// A kind this version does not understand, kept verbatim.
     Unknown {
         /// The kind tag.
@@ -107,6 +118,7 @@ impl Body {
             Body::Text(_) => KIND_TEXT,
             Body::Receipt { .. } => KIND_RECEIPT,
             Body::CardUpdate(_) => KIND_CARD,
+            Body::Timer { .. } => KIND_TIMER,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -127,6 +139,7 @@ impl Body {
                 w.finish()
             }
             Body::CardUpdate(card) => card.encode(),
+            Body::Timer { secs } => secs.to_be_bytes().to_vec(),
             Body::Unknown { data, .. } => data.clone(),
         }
     }
@@ -163,6 +176,15 @@ impl Body {
                 Body::Receipt { status, ids }
             }
             KIND_CARD => Body::CardUpdate(Box::new(Card::decode(data)?)),
+            KIND_TIMER => {
+                let mut r = Reader::new(data);
+                let secs = r.u32("timer")?;
+                r.finish()?;
+                if secs > MAX_TIMER_SECS {
+                    return Err(ContentError::TimerTooLong(secs));
+                }
+                Body::Timer { secs }
+            }
             kind => Body::Unknown {
                 kind,
                 data: data.to_vec(),
@@ -186,6 +208,9 @@ pub enum ContentError {
     /// A receipt lists more than [`MAX_RECEIPT_IDS`] ids.
     #[error("receipt lists {0} ids; the limit is 512")]
     TooManyReceiptIds(usize),
+    /// A timer longer than [`MAX_TIMER_SECS`].
+    #[error("a disappearing-message timer of {0} s; the limit is a year")]
+    TimerTooLong(u32),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
@@ -412,5 +437,33 @@ mod tests {
                 "ec9588eb8595"
             )
         );
+    }
+
+    #[test]
+    fn timers_round_trip_and_are_bounded() {
+        let mut c = text(0, "");
+        c.body = Body::Timer { secs: 86_400 };
+        let bytes = c.encode();
+        // Kind 4, four bytes of seconds.
+        assert!(
+            hex::encode(&bytes).ends_with("00040000000400015180"),
+            "{}",
+            hex::encode(&bytes)
+        );
+        assert_eq!(Content::decode(&bytes).unwrap(), c);
+        assert!(!c.body.is_sequenced());
+        c.body = Body::Timer {
+            secs: MAX_TIMER_SECS + 1,
+        };
+        assert!(matches!(
+            Content::decode(&c.encode()),
+            Err(ContentError::TimerTooLong(_))
+        ));
+        // A body of another length is refused.
+        let mut long = bytes.clone();
+        let at = long.len() - 8;
+        long[at..at + 4].copy_from_slice(&5u32.to_be_bytes());
+        long.push(0);
+        assert!(Content::decode(&long).is_err());
     }
 }

@@ -69,6 +69,37 @@ impl App {
         }
     }
 
+    /// `timer CONTACT [DURATION|off]`.
+    pub(super) async fn timer(
+        &mut self,
+        contact: &str,
+        duration: Option<&str>,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let c = self.resolve(contact)?;
+        let Some(duration) = duration else {
+            let secs = self.store.conversation(&c.peer)?.timer_secs;
+            if json {
+                out.json(json!({ "contact": c.name, "timer_secs": secs }));
+            } else {
+                out.out(timer_line(&c.name, secs));
+            }
+            return Ok(());
+        };
+        let secs = parse_duration(duration).map_err(CommandError::Refused)?;
+        let engine = self.engine()?;
+        engine.set_timer(c.peer, secs).await?;
+        // Tried once at every relay of theirs now; what is left goes with the next sync.
+        engine.deliver_now().await?;
+        if json {
+            out.json(json!({ "contact": c.name, "timer_secs": secs }));
+        } else {
+            out.out(timer_line(&c.name, secs));
+        }
+        Ok(())
+    }
+
     async fn contact_add(
         &mut self,
         code: &str,
@@ -357,5 +388,98 @@ fn resolve_request(store: &LocalStore, who: &str) -> Result<Request, CommandErro
             "{:?} matches several requests; use more of the id `kkachi request list` shows",
             for_terminal(who).as_ref()
         )),
+    }
+}
+
+/// What the timer of the conversation with `who` is.
+pub fn timer_line(who: &str, secs: u32) -> String {
+    if secs == 0 {
+        format!(
+            "messages with {} stay (no disappearing-message timer)",
+            name(who)
+        )
+    } else {
+        format!(
+            "messages with {} disappear {} after they arrive, on both sides",
+            name(who),
+            describe_duration(secs)
+        )
+    }
+}
+
+/// "1 day", "30 minutes": a timer as people say it.
+pub fn describe_duration(secs: u32) -> String {
+    let units = [
+        (604_800, "week"),
+        (86_400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ];
+    for (size, unit) in units {
+        if secs >= size && secs.is_multiple_of(size) {
+            let n = secs / size;
+            return format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+        }
+    }
+    format!("{secs} seconds")
+}
+
+/// `30s`, `10m`, `1h`, `1d`, `1w`, or `off` (0): seconds.
+pub fn parse_duration(text: &str) -> Result<u32, String> {
+    let t = text.trim().to_lowercase();
+    if t == "off" || t == "0" {
+        return Ok(0);
+    }
+    let bad = || {
+        format!(
+            "{text:?} is not a duration: write a number with s, m, h, d or w (30s, 10m, 1h, 1d, 1w), or off"
+        )
+    };
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let size: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(size).ok_or_else(bad)?;
+    if secs == 0 {
+        return Ok(0);
+    }
+    if secs < 5 {
+        return Err("the shortest timer is 5 seconds".into());
+    }
+    u32::try_from(secs)
+        .ok()
+        .filter(|s| *s <= kkachi_protocol::content::MAX_TIMER_SECS)
+        .ok_or_else(|| "the longest timer is a year".to_string())
+}
+
+#[cfg(test)]
+mod timer_tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("30s"), Ok(30));
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration(" 1D "), Ok(86_400));
+        assert_eq!(parse_duration("2w"), Ok(1_209_600));
+        assert_eq!(parse_duration("off"), Ok(0));
+        assert!(parse_duration("1s").unwrap_err().contains("shortest"));
+        assert!(parse_duration("400d").unwrap_err().contains("longest"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(parse_duration("10").unwrap_err().contains("not a duration"));
+        assert_eq!(describe_duration(86_400), "1 day");
+        assert_eq!(describe_duration(90), "90 seconds");
+        assert_eq!(describe_duration(7200), "2 hours");
     }
 }

@@ -359,8 +359,11 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
 /// What the user should know about a conversation beyond its messages: gaps, breaks in
 /// the contact's hash chain, conflicting messages, messages refused.
 pub fn notices(conv: &Conversation, who: &str) -> Vec<String> {
-    let who = name(who);
     let mut out = Vec::new();
+    if conv.timer_secs > 0 {
+        out.push(super::timer_line(who, conv.timer_secs));
+    }
+    let who = name(who);
     let gaps = &conv.gaps;
     if gaps.missing() > 0 {
         out.push(format!(

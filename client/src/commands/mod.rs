@@ -30,6 +30,7 @@ use crate::sanitize::for_terminal;
 use crate::store::{Contact, LocalStore, Profile, StoreError};
 
 pub use backup::{restore as backup_restore, verify as backup_verify};
+pub use contacts::{describe_duration, parse_duration, timer_line};
 pub use messages::{message_json, notices, print_received, push_history_line, request_line};
 pub use relays::failure_domain_warnings;
 
@@ -246,6 +247,10 @@ impl App {
             Command::Request(command) => self.request(command, json, &mut out).await?,
             Command::Send(args) => self.send(args, json, &mut out).await?,
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
+            Command::Timer { contact, duration } => {
+                self.timer(&contact, duration.as_deref(), json, &mut out)
+                    .await?
+            }
             Command::History { contact, last } => self.history(&contact, last, json, &mut out)?,
             Command::Drill { game_day } => self.drill(game_day, json, &mut out).await?,
             Command::Bundle(BundleCommand::Export { to, contact }) => {

@@ -490,6 +490,18 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Sets the disappearing-message timer of the conversation with `peer` (seconds; 0
+    /// turns it off), on both sides.
+    pub async fn set_timer(&self, peer: PeerId, secs: u32) -> Result<(), EngineError> {
+        self.change(move |state, now| state.set_timer(&peer, secs, now))
+            .await
+    }
+
+    /// Deletes the messages whose disappearing-message timer ran out.
+    pub async fn expire_messages(&self) -> Result<usize, EngineError> {
+        self.change(|state, now| state.expire_messages(now)).await
+    }
+
     /// Forgets what expired and takes in what waits (see the owner's upkeep).
     pub async fn housekeeping(&self) -> Result<(), EngineError> {
         self.change(|state, now| state.housekeeping(now).map(drop))

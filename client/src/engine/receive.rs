@@ -466,8 +466,8 @@ impl<T> State<T> {
         let text = match content.body {
             Body::Text(text) => Some(text),
             Body::Unknown { .. } => None,
-            Body::Receipt { .. } | Body::CardUpdate(_) => {
-                return refused("a receipt or card from someone who is not a contact");
+            Body::Receipt { .. } | Body::CardUpdate(_) | Body::Timer { .. } => {
+                return refused("a receipt, card or timer from someone who is not a contact");
             }
         };
         if self.store.is_held(&peer, &content.id.0)? {
@@ -538,6 +538,9 @@ impl<T> State<T> {
                 conv.gaps.arrived(content.seq);
                 let local = conv.next_local;
                 conv.next_local += 1;
+                let expires_ms = conv.expiry_for(now);
+                conv.note_expiry(expires_ms);
+                self.note_expiry_due(expires_ms);
                 let Body::Text(text) = content.body else {
                     unreachable!("matched above")
                 };
@@ -550,6 +553,7 @@ impl<T> State<T> {
                     stored_at_ms: now,
                     seq: content.seq,
                     prev: content.prev,
+                    expires_ms,
                 };
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
                 LocalStore::write_conversation(w, &peer, &conv);
@@ -586,6 +590,19 @@ impl<T> State<T> {
                     self.emit(AppEvent::ContactUpdated(peer));
                 }
                 Ok(Outcome::Applied("a card update"))
+            }
+            Body::Timer { secs } => {
+                // The setting sent last wins; at the same moment, the shorter one.
+                let mut conv = self.store.conversation(&peer)?;
+                let newer = (content.sent_at_ms, std::cmp::Reverse(secs))
+                    > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs));
+                if newer {
+                    conv.timer_secs = secs;
+                    conv.timer_set_ms = content.sent_at_ms;
+                    LocalStore::write_conversation(w, &peer, &conv);
+                    self.emit(AppEvent::ContactUpdated(peer));
+                }
+                Ok(Outcome::Applied("a disappearing-message timer"))
             }
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their

@@ -186,6 +186,9 @@ pub(crate) struct State<T> {
     pub(crate) stale: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
     /// When the first of those entries may be sealed again (Unix ms).
     pub(crate) stale_due: parking_lot::Mutex<Option<u64>>,
+    /// When the next stored message disappears (its conversation's timer), if any is
+    /// known: the owner deletes what ran out then.
+    pub(crate) expiry_due: parking_lot::Mutex<Option<u64>>,
     /// When our card last went again to each contact after a switch of sessions.
     pub(crate) card_resent: parking_lot::Mutex<HashMap<PeerId, u64>>,
 }
@@ -220,6 +223,7 @@ impl<T> State<T> {
             revoked: Vec::new(),
             stale: parking_lot::Mutex::default(),
             stale_due: parking_lot::Mutex::default(),
+            expiry_due: parking_lot::Mutex::default(),
             card_resent: parking_lot::Mutex::default(),
         }
     }
@@ -447,6 +451,9 @@ impl<T> State<T> {
         conv.last_hash = content.hash();
         let local = conv.next_local;
         conv.next_local += 1;
+        let expires_ms = conv.expiry_for(now);
+        conv.note_expiry(expires_ms);
+        self.note_expiry_due(expires_ms);
         LocalStore::write_conversation(&mut w, &contact.peer, &conv);
         let record = MessageRecord {
             id: content.id.0,
@@ -457,6 +464,7 @@ impl<T> State<T> {
             stored_at_ms: now,
             seq,
             prev: content.prev,
+            expires_ms,
         };
         LocalStore::write_message(
             &mut w,
@@ -517,6 +525,76 @@ impl<T> State<T> {
             Some(p) if p.card_version > p.card_announced => self.queue_card_updates(now),
             _ => Ok(0),
         }
+    }
+
+    /// A message stored now disappears at `expires_ms` (0: never): the owner's next
+    /// deletion comes no later.
+    pub(crate) fn note_expiry_due(&self, expires_ms: u64) {
+        if expires_ms == 0 {
+            return;
+        }
+        let mut due = self.expiry_due.lock();
+        if due.is_none_or(|d| expires_ms < d) {
+            *due = Some(expires_ms);
+        }
+    }
+
+    /// Sets the conversation's disappearing-message timer (`secs`, 0: off) and tells
+    /// the contact. Messages stored from now on disappear that long after, on both sides.
+    pub(crate) fn set_timer(
+        &mut self,
+        peer: &PeerId,
+        secs: u32,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        if secs > kkachi_protocol::content::MAX_TIMER_SECS {
+            return Err(EngineError::Invalid("a timer may be at most a year".into()));
+        }
+        let Some(contact) = self.store.contact(peer)? else {
+            return Err(EngineError::Invalid("no such contact".into()));
+        };
+        let mut conv = self.store.conversation(peer)?;
+        conv.timer_secs = secs;
+        conv.timer_set_ms = now;
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            LocalStore::write_conversation(&mut w, peer, &conv);
+            let session = sessions.get(&this.store, &contact)?;
+            this.queue_control(&mut w, &contact, session, Body::Timer { secs }, now)?;
+            this.apply_or_reset(sessions, w)
+        })?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(())
+    }
+
+    /// Deletes the messages whose timer ran out by `now`, in every conversation where
+    /// one is due, and notes when the next one is. Returns how many went.
+    pub(crate) fn expire_messages(&mut self, now: u64) -> Result<usize, EngineError> {
+        let mut gone = 0;
+        let mut next: Option<u64> = None;
+        for contact in self.store.contacts()?.iter() {
+            let conv = self.store.conversation(&contact.peer)?;
+            if conv.next_expiry_ms == 0 {
+                continue;
+            }
+            let mut at = conv.next_expiry_ms;
+            if at <= now {
+                let (n, later) = self.store.delete_expired(&contact.peer, now)?;
+                gone += n;
+                at = later;
+                if n > 0 {
+                    self.emit(AppEvent::ContactUpdated(contact.peer));
+                }
+            }
+            if at != 0 && next.is_none_or(|x| at < x) {
+                next = Some(at);
+            }
+        }
+        *self.expiry_due.lock() = next;
+        if gone > 0 {
+            tracing::info!(messages = gone, "disappearing messages deleted");
+        }
+        Ok(gone)
     }
 
     /// Seals again, on the sessions we have now, our messages a restore found not

@@ -81,9 +81,15 @@ impl LocalStore {
                 .ok_or(StoreError::Corrupt("identity"))?;
             f(TreeId::Meta, key, &value).map_err(io)?;
         }
+        let now = crate::engine::now_ms();
         for tree in WHOLE {
             for item in self.tree(tree).iter() {
                 let (k, v) = item?;
+                // A message whose timer ran out is gone, deleted or not yet.
+                if tree == TreeId::Messages && decode::<MessageRecord>(&v, "message")?.expired(now)
+                {
+                    continue;
+                }
                 f(tree, &k, &v).map_err(io)?;
             }
         }

@@ -129,9 +129,14 @@ impl LocalStore {
                 let _ = tx.send(Ok(batch));
             });
             // Dropping `rx` on an error stops the helper at its next batch.
+            let now = crate::engine::now_ms();
             for batch in rx {
                 for v in batch? {
-                    f(decode(&v, "message")?);
+                    let m: MessageRecord = decode(&v, "message")?;
+                    // Gone, though not deleted yet.
+                    if !m.expired(now) {
+                        f(m);
+                    }
                 }
             }
             Ok(())
@@ -144,15 +149,17 @@ impl LocalStore {
         peer: &PeerId,
         n: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
+        let now = crate::engine::now_ms();
         let mut out: Vec<MessageRecord> = self
             .tree(TreeId::Messages)
             .scan_prefix(peer.to_bytes())
             .rev()
-            .take(n)
             .map(|item| {
                 let (_, v) = item?;
-                decode(&v, "message")
+                decode::<MessageRecord>(&v, "message")
             })
+            .filter(|m| m.as_ref().map_or(true, |m| !m.expired(now)))
+            .take(n)
             .collect::<Result<_, _>>()?;
         out.reverse();
         Ok(out)
@@ -170,6 +177,39 @@ impl LocalStore {
         Ok(self
             .get_record(TreeId::Messages, &key, "message")?
             .map(|m| (key, m)))
+    }
+
+    /// Messages of `peer` on disk, expired or not.
+    #[cfg(test)]
+    pub(crate) fn stored_message_count(&self, peer: &PeerId) -> usize {
+        self.tree(TreeId::Messages)
+            .scan_prefix(peer.to_bytes())
+            .count()
+    }
+
+    /// Deletes the messages of `peer` whose timer ran out by `now`: how many, and when
+    /// the next one of theirs is due (0: none). Their hash-chain links stay (they hold
+    /// no text).
+    pub fn delete_expired(&self, peer: &PeerId, now: u64) -> Result<(usize, u64), StoreError> {
+        let mut w = WriteSet::default();
+        let mut next = 0u64;
+        let mut gone = 0;
+        for item in self.tree(TreeId::Messages).scan_prefix(peer.to_bytes()) {
+            let (key, value) = item?;
+            let record: MessageRecord = decode(&value, "message")?;
+            if record.expired(now) {
+                w.remove(TreeId::Messages, key);
+                w.remove(TreeId::MessageIndex, index_key(peer, &MessageId(record.id)));
+                gone += 1;
+            } else if record.expires_ms != 0 && (next == 0 || record.expires_ms < next) {
+                next = record.expires_ms;
+            }
+        }
+        let mut conv = self.conversation(peer)?;
+        conv.next_expiry_ms = next;
+        Self::write_conversation(&mut w, peer, &conv);
+        self.apply(w)?;
+        Ok((gone, next))
     }
 
     /// Writes a new message and its index entry (in a WriteSet).

@@ -113,6 +113,30 @@ pub struct Conversation {
     pub refused: u64,
     /// Local order counter for message keys.
     pub next_local: u64,
+    /// The disappearing-message timer (seconds; 0: off): messages stored while it is set
+    /// are deleted this long after, on both sides.
+    pub timer_secs: u32,
+    /// When the timer was set (the sender's clock, Unix ms): the later setting wins.
+    pub timer_set_ms: u64,
+    /// The earliest time a stored message of this conversation disappears (0: none).
+    pub next_expiry_ms: u64,
+}
+
+impl Conversation {
+    /// When a message stored at `now_ms` disappears (0: never).
+    pub fn expiry_for(&self, now_ms: u64) -> u64 {
+        if self.timer_secs == 0 {
+            return 0;
+        }
+        now_ms + u64::from(self.timer_secs) * 1000
+    }
+
+    /// Notes a message stored to disappear at `expires_ms`.
+    pub fn note_expiry(&mut self, expires_ms: u64) {
+        if expires_ms != 0 && (self.next_expiry_ms == 0 || expires_ms < self.next_expiry_ms) {
+            self.next_expiry_ms = expires_ms;
+        }
+    }
 }
 
 /// Most bytes of one contact's messages kept: past this, what they send is refused (and
@@ -199,6 +223,16 @@ pub struct MessageRecord {
     pub seq: u64,
     /// Hash of the sender's previous sequenced record (kept to seal again if needed).
     pub prev: [u8; 32],
+    /// When it disappears (Unix ms; 0: never): set from the conversation's timer when
+    /// stored.
+    pub expires_ms: u64,
+}
+
+impl MessageRecord {
+    /// True once its disappearing-message timer has run out at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
 }
 
 /// What an outbox entry carries.

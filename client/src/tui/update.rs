@@ -88,11 +88,11 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /reject WHO             drop their messages    /block WHO   block them
 /unblock WHO            unblock someone        /remove WHO  remove a contact
 /rename NAME            rename this conversation's contact
+/timer 1d|off           messages here disappear after 30s..1w, both sides
 /relays                 your relays: up/down, latency, failure domain
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
 /relay add ADDR         add an inbox relay      /relay remove ADDR
-/bell                   bell on/off for messages in other conversations
-/quit                   quit";
+/bell                   bell on/off for other conversations    /quit  quit";
 
 /// Applies `msg` to `state`; returns what the runtime must do.
 pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
@@ -230,7 +230,7 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
 /// The commands `/…` names (an unknown one is not run, and what was typed stays).
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
-    "reject", "block", "unblock", "remove", "rename", "bell",
+    "reject", "block", "unblock", "remove", "rename", "bell", "timer",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -396,6 +396,27 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             }),
             None,
         )],
+        (Some("timer"), arg) => match state.selected {
+            Some(peer) => {
+                if let Some(d) = arg
+                    && let Err(e) = crate::commands::parse_duration(d)
+                {
+                    notice(state, &e);
+                    return vec![];
+                }
+                vec![run(
+                    Command::Timer {
+                        contact: peer.to_string(),
+                        duration: arg.map(str::to_owned),
+                    },
+                    None,
+                )]
+            }
+            None => {
+                notice(state, "open the conversation to set its timer first");
+                vec![]
+            }
+        },
         (Some("rename"), Some(first)) => match state.selected {
             Some(peer) => {
                 let name = std::iter::once(first)

@@ -409,6 +409,7 @@ impl<T: Transport> Owner<T> {
             deadlines.extend(self.grants.next_deadline());
         }
         deadlines.extend(*self.state.stale_due.lock());
+        deadlines.extend(*self.state.expiry_due.lock());
         deadlines.extend(self.syncs.iter().map(|r| r.deadline));
         deadlines.into_iter().min().map(|d| d.max(now))
     }
@@ -422,6 +423,16 @@ impl<T: Transport> Owner<T> {
             let result = self.state.reseal_stale_everywhere(now);
             if let Err(e) = &result {
                 tracing::warn!(error = %e, "could not seal again what waits on replaced sessions");
+            }
+            self.after_change(result.map(drop), |_| {});
+        }
+        let expiry_due = *self.state.expiry_due.lock();
+        if expiry_due.is_some_and(|at| at <= now) {
+            let result = self.state.expire_messages(now);
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "could not delete disappearing messages");
+                // Not again at once: at the next upkeep.
+                *self.state.expiry_due.lock() = None;
             }
             self.after_change(result.map(drop), |_| {});
         }

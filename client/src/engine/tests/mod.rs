@@ -4,12 +4,14 @@
 //! - `delivery`: sending, receiving, receipts, relays down, restarts, direct paths;
 //! - `hostile`: contacts and strangers sending what no honest client would;
 //! - `contacts`: message requests, blocking, removing and adding contacts again;
-//! - `bundles`: bundles taken in, ours and others'.
+//! - `bundles`: bundles taken in, ours and others';
+//! - `timers`: disappearing messages.
 
 mod bundles;
 mod contacts;
 mod delivery;
 mod hostile;
+mod timers;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

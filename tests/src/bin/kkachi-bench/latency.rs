@@ -331,12 +331,18 @@ pub(crate) async fn latency_and_failover(
 }
 
 /// Send → shown through one relay with both stores sealed, and with both in the clear:
-/// what encryption at rest costs. The two alternate (clear, sealed, sealed, clear), so a
-/// drift of the machine's load falls on both; each figure is the mean of its two p50s.
-pub(crate) async fn at_rest_cost(root: &Path, messages: usize) -> Result<serde_json::Value> {
+/// what encryption at rest costs. The two alternate (clear, sealed, sealed, clear, and
+/// again with `rounds` 2), so a drift of the machine's load falls on both; each figure
+/// is the mean of its p50s.
+pub(crate) async fn at_rest_cost(
+    root: &Path,
+    messages: usize,
+    rounds: usize,
+) -> Result<serde_json::Value> {
     let p50 = |v: &serde_json::Value| v["latency_p50_us"].as_f64().unwrap_or(f64::NAN);
     let (mut clear, mut sealed) = (Vec::new(), Vec::new());
-    for sealing in [false, true, true, false] {
+    let order = [false, true, true, false];
+    for sealing in order.iter().copied().cycle().take(order.len() * rounds) {
         let (latency, _) =
             latency_and_failover(root, 1, messages, 0, false, false, sealing).await?;
         if sealing {

@@ -164,7 +164,8 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         (null.clone(), null.clone(), null.clone(), null.clone())
     };
     let at_rest = if args.part("at-rest") {
-        let r = latency::at_rest_cost(root, if q { 30 } else { 200 }).await?;
+        let r =
+            latency::at_rest_cost(root, if q { 30 } else { 200 }, if q { 1 } else { 2 }).await?;
         eprintln!("at rest done");
         r
     } else {

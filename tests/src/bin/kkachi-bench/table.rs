@@ -316,7 +316,13 @@ pub(crate) fn print(args: &Args, reports: &[Value]) {
                 .iter()
                 .filter_map(|r| r[i].ratio.map(|x| x.0))
                 .collect();
-            format!("{:.1}x {basis}", median(&ratios))
+            // Near 1 a tenth hides what a goal like "within 1.1×" asks.
+            let r = median(&ratios);
+            if r < 2.0 {
+                format!("{r:.2}x {basis}")
+            } else {
+                format!("{r:.1}x {basis}")
+            }
         });
         // The note of the run nearest the median, except for what must be counted
         // over every run.
