@@ -169,6 +169,19 @@ fn main() {
             },
             ..text.clone()
         },
+        Content {
+            seq: 0,
+            body: Body::Timer { secs: 86_400 },
+            ..text.clone()
+        },
+        Content {
+            seq: 3,
+            body: Body::TimedText {
+                secs: 3600,
+                text: "곧 사라져요".into(),
+            },
+            ..text.clone()
+        },
     ];
     for (i, c) in contents.iter().enumerate() {
         write("content", &format!("content-{i}"), &c.encode());

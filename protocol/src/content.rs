@@ -27,6 +27,7 @@ const KIND_TEXT: u16 = 1;
 const KIND_RECEIPT: u16 = 2;
 const KIND_CARD: u16 = 3;
 const KIND_TIMER: u16 = 4;
+const KIND_TIMED_TEXT: u16 = 5;
 
 /// The longest a disappearing-message timer may be: a year (0 turns it off).
 pub const MAX_TIMER_SECS: u32 = 365 * 24 * 3600;
@@ -89,9 +90,17 @@ pub enum Body {
     },
     /// A newer signed contact card of the sender (for example after a relay change).
     CardUpdate(Box<Card>),
-    /// The conversation's disappearing-message timer, as the sender set it: messages
-    /// stored after it arrives are deleted this many seconds later, on both sides; 0
-    /// turns it off. The setting sent last (by `sent_at_ms`) wins.
+    /// A chat message that disappears: deleted this many seconds after it is stored,
+    /// by the sender and the recipient alike.
+    TimedText {
+        /// Seconds, 1 to [`MAX_TIMER_SECS`].
+        secs: u32,
+        /// The message.
+        text: String,
+    },
+    /// The conversation's disappearing-message timer, as the sender set it (what the
+    /// texts both sides send from then on carry); 0 turns it off. The setting sent last
+    /// (by `sent_at_ms`) wins.
     Timer {
         /// Seconds, at most [`MAX_TIMER_SECS`]; 0 is off.
         secs: u32,
@@ -110,7 +119,17 @@ impl Body {
     /// control records: losing one only delays a state change, so they carry `seq = 0`
     /// and never cause a gap notice.
     pub fn is_sequenced(&self) -> bool {
-        matches!(self, Body::Text(_))
+        matches!(self, Body::Text(_) | Body::TimedText { .. })
+    }
+
+    /// The text of a chat message, and its timer (0: it stays); `None` for control
+    /// records.
+    pub fn text(&self) -> Option<(&str, u32)> {
+        match self {
+            Body::Text(text) => Some((text, 0)),
+            Body::TimedText { secs, text } => Some((text, *secs)),
+            _ => None,
+        }
     }
 
     fn kind(&self) -> u16 {
@@ -118,6 +137,7 @@ impl Body {
             Body::Text(_) => KIND_TEXT,
             Body::Receipt { .. } => KIND_RECEIPT,
             Body::CardUpdate(_) => KIND_CARD,
+            Body::TimedText { .. } => KIND_TIMED_TEXT,
             Body::Timer { .. } => KIND_TIMER,
             Body::Unknown { kind, .. } => *kind,
         }
@@ -139,6 +159,11 @@ impl Body {
                 w.finish()
             }
             Body::CardUpdate(card) => card.encode(),
+            Body::TimedText { secs, text } => {
+                let mut out = secs.to_be_bytes().to_vec();
+                out.extend_from_slice(text.as_bytes());
+                out
+            }
             Body::Timer { secs } => secs.to_be_bytes().to_vec(),
             Body::Unknown { data, .. } => data.clone(),
         }
@@ -176,6 +201,26 @@ impl Body {
                 Body::Receipt { status, ids }
             }
             KIND_CARD => Body::CardUpdate(Box::new(Card::decode(data)?)),
+            KIND_TIMED_TEXT => {
+                let (secs, text) = data
+                    .split_first_chunk::<4>()
+                    .ok_or(DecodeError::Truncated {
+                        field: "timed text",
+                    })?;
+                let secs = u32::from_be_bytes(*secs);
+                if secs == 0 || secs > MAX_TIMER_SECS {
+                    return Err(ContentError::TimerTooLong(secs));
+                }
+                if text.len() > MAX_TEXT_LEN {
+                    return Err(ContentError::TextTooLong(text.len()));
+                }
+                let text = std::str::from_utf8(text)
+                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+                Body::TimedText {
+                    secs,
+                    text: text.to_owned(),
+                }
+            }
             KIND_TIMER => {
                 let mut r = Reader::new(data);
                 let secs = r.u32("timer")?;
@@ -208,8 +253,8 @@ pub enum ContentError {
     /// A receipt lists more than [`MAX_RECEIPT_IDS`] ids.
     #[error("receipt lists {0} ids; the limit is 512")]
     TooManyReceiptIds(usize),
-    /// A timer longer than [`MAX_TIMER_SECS`].
-    #[error("a disappearing-message timer of {0} s; the limit is a year")]
+    /// A timer longer than [`MAX_TIMER_SECS`] (or a timed text's of 0).
+    #[error("a disappearing-message timer of {0} s; it must be at most a year")]
     TimerTooLong(u32),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
@@ -238,7 +283,9 @@ impl Content {
     /// before anything is sealed.
     pub fn check(&self) -> Result<(), ContentError> {
         match &self.body {
-            Body::Text(t) if t.len() > MAX_TEXT_LEN => Err(ContentError::TextTooLong(t.len())),
+            Body::Text(t) | Body::TimedText { text: t, .. } if t.len() > MAX_TEXT_LEN => {
+                Err(ContentError::TextTooLong(t.len()))
+            }
             Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
                 Err(ContentError::TooManyReceiptIds(ids.len()))
             }
@@ -465,5 +512,31 @@ mod tests {
         long[at..at + 4].copy_from_slice(&5u32.to_be_bytes());
         long.push(0);
         assert!(Content::decode(&long).is_err());
+    }
+
+    #[test]
+    fn timed_texts_carry_their_timer() {
+        let mut c = text(3, "");
+        c.body = Body::TimedText {
+            secs: 30,
+            text: "보고 지워".into(),
+        };
+        let bytes = c.encode();
+        assert!(
+            hex::encode(&bytes).contains("0005000000110000001e"),
+            "{}",
+            hex::encode(&bytes)
+        );
+        assert_eq!(Content::decode(&bytes).unwrap(), c);
+        assert!(c.body.is_sequenced());
+        assert_eq!(c.body.text(), Some(("보고 지워", 30)));
+        c.body = Body::TimedText {
+            secs: 0,
+            text: "x".into(),
+        };
+        assert!(
+            Content::decode(&c.encode()).is_err(),
+            "a timed text has a timer"
+        );
     }
 }

@@ -296,7 +296,7 @@ fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
             stored_at_ms: i,
             seq: i + 1,
             prev: [0; 32],
-            expires_ms: 0,
+            timer_secs: 0,
         };
         kkachi_client::store::LocalStore::write_message(
             &mut w,

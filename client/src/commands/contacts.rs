@@ -400,7 +400,7 @@ pub fn timer_line(who: &str, secs: u32) -> String {
         )
     } else {
         format!(
-            "messages with {} disappear {} after they arrive, on both sides",
+            "messages with {} disappear {} after they are sent or arrive, on both sides",
             name(who),
             describe_duration(secs)
         )
@@ -450,8 +450,11 @@ pub fn parse_duration(text: &str) -> Result<u32, String> {
     if secs == 0 {
         return Ok(0);
     }
-    if secs < 5 {
-        return Err("the shortest timer is 5 seconds".into());
+    if secs < u64::from(crate::store::MIN_TIMER_SECS) {
+        return Err(format!(
+            "the shortest timer is {} seconds",
+            crate::store::MIN_TIMER_SECS
+        ));
     }
     u32::try_from(secs)
         .ok()

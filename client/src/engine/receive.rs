@@ -30,7 +30,8 @@ use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
     Contact, Direction, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
-    MAX_STORED_PER_CONTACT, MessageRecord, MessageState, TreeId, WriteSet, message_key,
+    MAX_STORED_PER_CONTACT, MIN_TIMER_SECS, MessageRecord, MessageState, TreeId, WriteSet,
+    message_key,
 };
 
 /// A message shown to the user.
@@ -125,7 +126,7 @@ fn dropped(reason: impl Into<Cow<'static, str>>) -> Result<Outcome, EngineError>
 
 /// What a stored record costs beyond its text, for [`MAX_STORED_PER_CONTACT`]: the
 /// record, its index entries and its hash-chain link.
-const RECORD_OVERHEAD: u64 = 256;
+const RECORD_OVERHEAD: u64 = crate::store::RECORD_CHARGE;
 
 impl<T> State<T> {
     /// Reads `envelopes`, each in its own write set, applied (not yet flushed), then
@@ -464,7 +465,7 @@ impl<T> State<T> {
             Err(e) => return refused(format!("unreadable content from a stranger: {e}")),
         };
         let text = match content.body {
-            Body::Text(text) => Some(text),
+            Body::Text(text) | Body::TimedText { text, .. } => Some(text),
             Body::Unknown { .. } => None,
             Body::Receipt { .. } | Body::CardUpdate(_) | Body::Timer { .. } => {
                 return refused("a receipt, card or timer from someone who is not a contact");
@@ -518,13 +519,13 @@ impl<T> State<T> {
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
         match content.body {
-            Body::Text(_) if self.store.message(&peer, &content.id)?.is_some() => {
+            Body::Text(_) | Body::TimedText { .. } if self.already_have(&peer, &content)? => {
                 // A copy (another path, or sealed again): confirm it again, in case the
                 // first receipt was lost.
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("a copy of a message already stored"))
             }
-            Body::Text(ref text) => {
+            Body::Text(ref text) | Body::TimedText { ref text, .. } => {
                 #[cfg(test)]
                 if text == super::tests::PANIC_TEXT {
                     panic!("a bug while reading an envelope");
@@ -538,11 +539,11 @@ impl<T> State<T> {
                 conv.gaps.arrived(content.seq);
                 let local = conv.next_local;
                 conv.next_local += 1;
-                let expires_ms = conv.expiry_for(now);
-                conv.note_expiry(expires_ms);
-                self.note_expiry_due(expires_ms);
-                let Body::Text(text) = content.body else {
-                    unreachable!("matched above")
+                let (text, timer_secs) = match content.body {
+                    Body::Text(text) => (text, 0),
+                    // Ours lasts at least the shortest timer we keep.
+                    Body::TimedText { secs, text } => (text, secs.max(MIN_TIMER_SECS)),
+                    _ => unreachable!("matched above"),
                 };
                 let record = MessageRecord {
                     id: content.id.0,
@@ -553,8 +554,10 @@ impl<T> State<T> {
                     stored_at_ms: now,
                     seq: content.seq,
                     prev: content.prev,
-                    expires_ms,
+                    timer_secs,
                 };
+                conv.note_expiry(record.expires_at());
+                self.note_expiry_due(record.expires_at());
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
                 LocalStore::write_conversation(w, &peer, &conv);
                 LocalStore::write_receipt_due(w, &peer, &content.id);
@@ -592,13 +595,22 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a card update"))
             }
             Body::Timer { secs } => {
-                // The setting sent last wins; at the same moment, the shorter one.
+                // The setting sent last wins; at the same moment, the shorter one. A
+                // clock ahead of ours counts as now, so it cannot hold the setting.
+                let at = content
+                    .sent_at_ms
+                    .min(now.saturating_add(kkachi_protocol::envelope::CLOCK_SKEW_SECS * 1000));
+                let secs = if secs == 0 {
+                    0
+                } else {
+                    secs.max(MIN_TIMER_SECS)
+                };
                 let mut conv = self.store.conversation(&peer)?;
-                let newer = (content.sent_at_ms, std::cmp::Reverse(secs))
+                let newer = (at, std::cmp::Reverse(secs))
                     > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs));
                 if newer {
                     conv.timer_secs = secs;
-                    conv.timer_set_ms = content.sent_at_ms;
+                    conv.timer_set_ms = at;
                     LocalStore::write_conversation(w, &peer, &conv);
                     self.emit(AppEvent::ContactUpdated(peer));
                 }
@@ -621,6 +633,19 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a kind this version does not know"))
             }
         }
+    }
+
+    /// True if this text of `peer`'s is one we hold or held: by its id, or (once its
+    /// timer deleted it) by the hash-chain link that stays at its number.
+    fn already_have(&self, peer: &PeerId, content: &Content) -> Result<bool, EngineError> {
+        if self.store.message(peer, &content.id)?.is_some() {
+            return Ok(true);
+        }
+        Ok(content.seq > 0
+            && self
+                .store
+                .chain_link(peer, content.seq)?
+                .is_some_and(|link| link.id == content.id.0))
     }
 
     /// Checks a sequenced record against their records next to it (SPEC §5) and
@@ -750,13 +775,7 @@ impl<T> State<T> {
             else {
                 continue; // a receipt or card: a newer one goes out on its own
             };
-            let content = Content {
-                id: MessageId(record.id),
-                seq: record.seq,
-                prev: record.prev,
-                sent_at_ms: record.sent_at_ms,
-                body: Body::Text(record.text),
-            };
+            let content = crate::store::outgoing_content(&record);
             // Same message id, sealed anew, with a fresh lifetime.
             entry.sealed_on = session.sealing_session();
             entry.envelope = self

@@ -418,12 +418,18 @@ impl<T> State<T> {
         }
         let conv = self.store.conversation(&contact.peer)?;
         let seq = conv.next_seq.max(1);
+        let text = text.to_owned();
         let content = Content {
             id: MessageId(rand::random()),
             seq,
             prev: conv.last_hash,
             sent_at_ms: now,
-            body: Body::Text(text.to_owned()),
+            // Under a timer, the text carries it: the contact deletes it as we do,
+            // whatever order the setting and the text arrive in.
+            body: match conv.timer_secs {
+                0 => Body::Text(text),
+                secs => Body::TimedText { secs, text },
+            },
         };
         content
             .check()
@@ -439,7 +445,7 @@ impl<T> State<T> {
         content: Content,
         now: u64,
     ) -> Result<Queued, EngineError> {
-        let Body::Text(text) = &content.body else {
+        let Some((text, timer_secs)) = content.body.text() else {
             unreachable!("a text");
         };
         let seq = content.seq;
@@ -451,21 +457,20 @@ impl<T> State<T> {
         conv.last_hash = content.hash();
         let local = conv.next_local;
         conv.next_local += 1;
-        let expires_ms = conv.expiry_for(now);
-        conv.note_expiry(expires_ms);
-        self.note_expiry_due(expires_ms);
-        LocalStore::write_conversation(&mut w, &contact.peer, &conv);
         let record = MessageRecord {
             id: content.id.0,
             direction: Direction::Out,
-            text: text.clone(),
+            text: text.to_owned(),
             state: MessageState::Queued,
             sent_at_ms: now,
             stored_at_ms: now,
             seq,
             prev: content.prev,
-            expires_ms,
+            timer_secs,
         };
+        conv.note_expiry(record.expires_at());
+        self.note_expiry_due(record.expires_at());
+        LocalStore::write_conversation(&mut w, &contact.peer, &conv);
         LocalStore::write_message(
             &mut w,
             &contact.peer,
@@ -550,12 +555,19 @@ impl<T> State<T> {
         if secs > kkachi_protocol::content::MAX_TIMER_SECS {
             return Err(EngineError::Invalid("a timer may be at most a year".into()));
         }
+        if secs != 0 && secs < crate::store::MIN_TIMER_SECS {
+            return Err(EngineError::Invalid(format!(
+                "the shortest timer is {} seconds",
+                crate::store::MIN_TIMER_SECS
+            )));
+        }
         let Some(contact) = self.store.contact(peer)? else {
             return Err(EngineError::Invalid("no such contact".into()));
         };
         let mut conv = self.store.conversation(peer)?;
         conv.timer_secs = secs;
-        conv.timer_set_ms = now;
+        // Later than any setting taken before, even one from a clock ahead of ours.
+        conv.timer_set_ms = now.max(conv.timer_set_ms.saturating_add(1));
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             LocalStore::write_conversation(&mut w, peer, &conv);

@@ -66,7 +66,7 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             stored_at_ms: i,
             seq: i + 1,
             prev: [0; 32],
-            expires_ms: 0,
+            timer_secs: 0,
         };
         LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record);
         LocalStore::write_receipt_due(&mut w, &peer, &MessageId(record.id));

@@ -81,12 +81,13 @@ impl LocalStore {
                 .ok_or(StoreError::Corrupt("identity"))?;
             f(TreeId::Meta, key, &value).map_err(io)?;
         }
-        let now = crate::engine::now_ms();
         for tree in WHOLE {
             for item in self.tree(tree).iter() {
                 let (k, v) = item?;
-                // A message whose timer ran out is gone, deleted or not yet.
-                if tree == TreeId::Messages && decode::<MessageRecord>(&v, "message")?.expired(now)
+                // A message with a timer is meant to go: a backup, which outlives it,
+                // does not keep it.
+                if tree == TreeId::Messages
+                    && decode::<MessageRecord>(&v, "message")?.timer_secs != 0
                 {
                     continue;
                 }
@@ -233,11 +234,15 @@ impl LocalStore {
 /// The content an outgoing message was sent as: the same id, number, chain and text, so
 /// a contact who has it already recognises it.
 pub fn outgoing_content(record: &MessageRecord) -> Content {
+    let text = record.text.clone();
     Content {
         id: MessageId(record.id),
         seq: record.seq,
         prev: record.prev,
         sent_at_ms: record.sent_at_ms,
-        body: Body::Text(record.text.clone()),
+        body: match record.timer_secs {
+            0 => Body::Text(text),
+            secs => Body::TimedText { secs, text },
+        },
     }
 }

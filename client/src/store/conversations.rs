@@ -194,6 +194,7 @@ impl LocalStore {
         let mut w = WriteSet::default();
         let mut next = 0u64;
         let mut gone = 0;
+        let mut freed = 0u64;
         for item in self.tree(TreeId::Messages).scan_prefix(peer.to_bytes()) {
             let (key, value) = item?;
             let record: MessageRecord = decode(&value, "message")?;
@@ -201,12 +202,17 @@ impl LocalStore {
                 w.remove(TreeId::Messages, key);
                 w.remove(TreeId::MessageIndex, index_key(peer, &MessageId(record.id)));
                 gone += 1;
-            } else if record.expires_ms != 0 && (next == 0 || record.expires_ms < next) {
-                next = record.expires_ms;
+                if record.direction == super::Direction::In {
+                    freed += record.text.len() as u64 + super::RECORD_CHARGE;
+                }
+            } else if record.timer_secs != 0 && (next == 0 || record.expires_at() < next) {
+                next = record.expires_at();
             }
         }
         let mut conv = self.conversation(peer)?;
         conv.next_expiry_ms = next;
+        // What went no longer counts against what one contact may make us keep.
+        conv.received_bytes = conv.received_bytes.saturating_sub(freed);
         Self::write_conversation(&mut w, peer, &conv);
         self.apply(w)?;
         Ok((gone, next))

@@ -123,14 +123,6 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    /// When a message stored at `now_ms` disappears (0: never).
-    pub fn expiry_for(&self, now_ms: u64) -> u64 {
-        if self.timer_secs == 0 {
-            return 0;
-        }
-        now_ms + u64::from(self.timer_secs) * 1000
-    }
-
     /// Notes a message stored to disappear at `expires_ms`.
     pub fn note_expiry(&mut self, expires_ms: u64) {
         if expires_ms != 0 && (self.next_expiry_ms == 0 || expires_ms < self.next_expiry_ms) {
@@ -223,17 +215,34 @@ pub struct MessageRecord {
     pub seq: u64,
     /// Hash of the sender's previous sequenced record (kept to seal again if needed).
     pub prev: [u8; 32],
-    /// When it disappears (Unix ms; 0: never): set from the conversation's timer when
-    /// stored.
-    pub expires_ms: u64,
+    /// Its disappearing-message timer (seconds; 0: it stays): it is deleted this long
+    /// after `stored_at_ms`. Sent with it (a timed text), so both sides agree.
+    pub timer_secs: u32,
 }
 
 impl MessageRecord {
+    /// When it disappears (Unix ms; 0: never).
+    pub fn expires_at(&self) -> u64 {
+        if self.timer_secs == 0 {
+            return 0;
+        }
+        self.stored_at_ms
+            .saturating_add(u64::from(self.timer_secs) * 1000)
+    }
+
     /// True once its disappearing-message timer has run out at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> bool {
-        self.expires_ms != 0 && self.expires_ms <= now_ms
+        self.timer_secs != 0 && self.expires_at() <= now_ms
     }
 }
+
+/// What one stored record of a contact's is charged beyond its text, against
+/// [`MAX_STORED_PER_CONTACT`].
+pub const RECORD_CHARGE: u64 = 256;
+
+/// The shortest disappearing-message timer kept: a contact's shorter one is taken as
+/// this, so nothing vanishes before it can be read.
+pub const MIN_TIMER_SECS: u32 = 5;
 
 /// What an outbox entry carries.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

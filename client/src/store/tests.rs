@@ -210,7 +210,7 @@ fn write_sets_apply_across_trees() {
         stored_at_ms: 1,
         seq: 1,
         prev: [0; 32],
-        expires_ms: 0,
+        timer_secs: 0,
     };
     LocalStore::write_message(&mut w, &peer, message_key(&peer, 0), &msg);
     LocalStore::write_conversation(
@@ -248,7 +248,7 @@ fn long_conversations_read_in_order_across_batches_and_stop_on_corruption() {
         stored_at_ms: i,
         seq: i + 1,
         prev: [0; 32],
-        expires_ms: 0,
+        timer_secs: 0,
     };
     let mut w = WriteSet::default();
     for i in 0..1300 {

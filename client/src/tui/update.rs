@@ -88,7 +88,7 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /reject WHO             drop their messages    /block WHO   block them
 /unblock WHO            unblock someone        /remove WHO  remove a contact
 /rename NAME            rename this conversation's contact
-/timer 1d|off           messages here disappear after 30s..1w, both sides
+/timer [1d|off]         show or set: messages here disappear (5s to 1y)
 /relays                 your relays: up/down, latency, failure domain
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
 /relay add ADDR         add an inbox relay      /relay remove ADDR

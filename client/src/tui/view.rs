@@ -377,7 +377,7 @@ mod tests {
             stored_at_ms: 0,
             seq: minute,
             prev: [0; 32],
-            expires_ms: 0,
+            timer_secs: 0,
         }
     }
 

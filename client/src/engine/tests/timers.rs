@@ -1,7 +1,27 @@
-//! Disappearing messages: a timer set on one side holds on both, messages stored under
-//! it go on both sides once it runs out, and turning it off keeps what comes after.
+//! Disappearing messages: a timer set on one side holds on both; texts sent under it
+//! carry it and go on both sides once it runs out, whatever order things arrive in; a
+//! copy of a deleted text does not bring it back; turning the timer off keeps what comes
+//! after.
 
 use super::*;
+
+fn texts(u: &User, with: &User) -> Vec<String> {
+    u.messages(with).into_iter().map(|m| m.text).collect()
+}
+
+/// Waits until `u` stores `n` messages with `with` (deleted by its engine when due).
+async fn stored(u: &User, with: &User, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while u.engine.store().stored_message_count(&with.peer()) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} still stores {} messages",
+            u.peer(),
+            u.engine.store().stored_message_count(&with.peer())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 #[tokio::test]
 async fn a_timer_set_by_one_side_deletes_messages_on_both_and_off_keeps_them() {
@@ -10,20 +30,20 @@ async fn a_timer_set_by_one_side_deletes_messages_on_both_and_off_keeps_them() {
     let _ = alice.send(&bob_c, "before the timer").await;
     bob.sync().await;
 
-    // Alice sets one second; Bob takes it with the next sync.
-    alice.engine.set_timer(bob_c.peer, 1).await.unwrap();
+    // Too short a timer is refused.
+    assert!(alice.engine.set_timer(bob_c.peer, 1).await.is_err());
+    // Alice sets the shortest; Bob takes it with the next sync.
+    let secs = crate::store::MIN_TIMER_SECS;
+    alice.engine.set_timer(bob_c.peer, secs).await.unwrap();
     alice.engine.settle().await.unwrap();
     bob.sync().await;
     let at_bob = bob.engine.store().conversation(&alice_c.peer).unwrap();
-    assert_eq!(at_bob.timer_secs, 1, "Bob's side holds Alice's timer");
+    assert_eq!(at_bob.timer_secs, secs, "Bob's side holds Alice's timer");
 
-    let _ = alice.send(&bob_c, "gone soon").await;
+    let (sent, _) = alice.send(&bob_c, "gone soon").await;
     bob.sync().await;
     let _ = bob.send(&alice_c, "gone soon too").await;
     alice.sync().await;
-    let texts = |u: &User, with: &User| -> Vec<String> {
-        u.messages(with).into_iter().map(|m| m.text).collect()
-    };
     assert_eq!(
         texts(&bob, &alice),
         ["before the timer", "gone soon", "gone soon too"]
@@ -32,26 +52,37 @@ async fn a_timer_set_by_one_side_deletes_messages_on_both_and_off_keeps_them() {
         texts(&alice, &bob),
         ["before the timer", "gone soon", "gone soon too"]
     );
+    assert!(
+        alice.messages(&bob)[1..]
+            .iter()
+            .all(|m| m.timer_secs == secs)
+    );
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // Not shown once run out, even before they are deleted...
+    // Once run out: not shown, and deleted by each side's engine on its own.
+    stored(&alice, &bob, 1).await;
+    stored(&bob, &alice, 1).await;
     assert_eq!(texts(&alice, &bob), ["before the timer"]);
-    // ...and deleted from the store by each side's engine on its own, when due.
-    for (u, other) in [(&alice, &bob), (&bob, &alice)] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while u.engine.store().stored_message_count(&other.peer()) != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "only the message from before the timer is stored"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            u.engine.expire_messages().await.unwrap(),
-            0,
-            "nothing left to delete"
-        );
-    }
+    assert_eq!(
+        bob.engine.expire_messages().await.unwrap(),
+        0,
+        "nothing left to delete"
+    );
+
+    // A copy of the deleted text (sealed again, another path) does not bring it back.
+    let gone = alice.engine.store().conversation(&bob_c.peer).unwrap();
+    let copy = Content {
+        id: sent.id,
+        seq: gone.next_seq - 1,
+        prev: [0; 32],
+        sent_at_ms: 0,
+        body: Body::TimedText {
+            secs,
+            text: "gone soon".into(),
+        },
+    };
+    alice.send_raw(&bob_c, &copy).await;
+    bob.sync().await;
+    assert_eq!(texts(&bob, &alice), ["before the timer"]);
 
     // Bob turns it off: what comes after stays, on both sides.
     bob.engine.set_timer(alice_c.peer, 0).await.unwrap();
@@ -68,14 +99,44 @@ async fn a_timer_set_by_one_side_deletes_messages_on_both_and_off_keeps_them() {
     );
     let _ = alice.send(&bob_c, "kept").await;
     bob.sync().await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(alice.engine.expire_messages().await.unwrap(), 0);
-    assert_eq!(bob.engine.expire_messages().await.unwrap(), 0);
     assert_eq!(texts(&bob, &alice), ["before the timer", "kept"]);
+    assert!(bob.messages(&alice).iter().all(|m| m.timer_secs == 0));
 }
 
 #[tokio::test]
-async fn an_older_timer_setting_does_not_undo_a_newer_one() {
+async fn a_timed_text_arriving_before_its_setting_still_goes() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    // A timed text, with no timer setting at Bob's at all (it was lost, or comes later).
+    let timed = Content {
+        id: MessageId(rand::random()),
+        seq: 1,
+        prev: [0; 32],
+        sent_at_ms: crate::engine::now_ms(),
+        body: Body::TimedText {
+            secs: 1,
+            text: "read me fast".into(),
+        },
+    };
+    alice.send_raw(&bob_c, &timed).await;
+    bob.sync().await;
+    let got = bob.messages(&alice);
+    assert_eq!(got.len(), 1);
+    // A contact's shorter timer counts as the shortest we keep.
+    assert_eq!(got[0].timer_secs, crate::store::MIN_TIMER_SECS);
+    assert_eq!(
+        bob.engine
+            .store()
+            .conversation(&alice_c.peer)
+            .unwrap()
+            .timer_secs,
+        0
+    );
+    stored(&bob, &alice, 0).await;
+}
+
+#[tokio::test]
+async fn an_older_or_future_timer_setting_does_not_hold_the_conversation() {
     let net = FakeNet::default();
     let (alice, bob, bob_c, alice_c) = pair(&net).await;
     bob.engine.set_timer(alice_c.peer, 3600).await.unwrap();
@@ -92,5 +153,30 @@ async fn an_older_timer_setting_does_not_undo_a_newer_one() {
             .unwrap()
             .timer_secs,
         3600
+    );
+    // One from far ahead is taken, as of now...
+    let mut future = raw_text(0, [0; 32], "");
+    future.id = MessageId(rand::random());
+    future.body = Body::Timer { secs: 60 };
+    future.sent_at_ms = u64::MAX;
+    alice.send_raw(&bob_c, &future).await;
+    bob.sync().await;
+    assert_eq!(
+        bob.engine
+            .store()
+            .conversation(&alice_c.peer)
+            .unwrap()
+            .timer_secs,
+        60
+    );
+    // ...and Bob can still change it after.
+    bob.engine.set_timer(alice_c.peer, 0).await.unwrap();
+    assert_eq!(
+        bob.engine
+            .store()
+            .conversation(&alice_c.peer)
+            .unwrap()
+            .timer_secs,
+        0
     );
 }

@@ -33,7 +33,7 @@ pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
     };
     let file_arg = file.to_str().context("path")?;
     let (_, made) = run(
-        &["backup", "create", "--to", file_arg, "--json"],
+        &["backup", "create", "--to", file_arg, "--new-key", "--json"],
         &home,
         None,
     )?;

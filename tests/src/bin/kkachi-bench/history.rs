@@ -57,7 +57,7 @@ pub(crate) fn long_conversation(home: &Path, n: usize) -> Result<()> {
                 stored_at_ms: 0,
                 seq: i as u64 / 2 + 1,
                 prev: [0; 32],
-                expires_ms: 0,
+                timer_secs: 0,
             };
             LocalStore::write_message(&mut w, &peer, message_key(&peer, i as u64), &record);
         }
