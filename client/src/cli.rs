@@ -66,6 +66,27 @@ pub enum Command {
         /// How long messages stay: a number with s, m, h, d or w; `off` for always.
         duration: Option<String>,
     },
+    /// Find messages: those holding every word given, in any case, newest first.
+    Search {
+        /// The words to find.
+        #[arg(required = true)]
+        words: Vec<String>,
+        /// Only in the conversation with this contact.
+        #[arg(long)]
+        contact: Option<String>,
+        /// At most this many (default 50).
+        #[arg(long, default_value_t = 50)]
+        last: usize,
+    },
+    /// Mute a conversation (its messages neither ring nor notify in the UI), or unmute
+    /// it with --off.
+    Mute {
+        /// Contact name or peer id.
+        contact: String,
+        /// Unmute.
+        #[arg(long)]
+        off: bool,
+    },
     /// Show the conversation with a contact.
     History {
         /// Contact name or peer id.

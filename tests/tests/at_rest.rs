@@ -62,6 +62,23 @@ fn a_conversation_leaves_nothing_readable_in_either_home() {
     assert_eq!(history_texts(&jaewon, "Seoyeon"), [to_jaewon, to_seoyeon]);
     assert_eq!(history_texts(&seoyeon, "Jaewon"), [to_jaewon, to_seoyeon]);
 
+    // Found again by words in any case, from the sealed store, behind the passphrase too.
+    for (user, with) in [(&seoyeon, "Jaewon Oh"), (&jaewon, "Seoyeon Han")] {
+        let found: serde_json::Value =
+            serde_json::from_str(&user.ok(&["search", "NORTH", "gate", "--json"])).unwrap();
+        let found = found.as_array().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0]["text"], to_jaewon);
+        assert_eq!(found[0]["contact"], with);
+    }
+    let none = seoyeon.run(&["search", "typhoon"]);
+    assert!(
+        none.status.success() && String::from_utf8_lossy(&none.stderr).contains("no message holds")
+    );
+    let muted: serde_json::Value =
+        serde_json::from_str(&seoyeon.ok(&["mute", "Jaewon", "--json"])).unwrap();
+    assert_eq!(muted["muted"], true);
+
     // A wrong passphrase is told as such, quickly, and changes nothing.
     let started = Instant::now();
     let wrong = jaewon.run_env(

@@ -220,6 +220,41 @@ impl App {
         Ok(())
     }
 
+    pub(super) fn search(
+        &self,
+        query: &str,
+        only: Option<&str>,
+        limit: usize,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let only = only.map(|c| self.resolve(c)).transpose()?;
+        let found = self
+            .store
+            .search(query, only.as_ref().map(|c| &c.peer), limit)?;
+        let contacts = self.store.contacts()?;
+        let mut times = LocalTimes::default();
+        let mut list = Vec::new();
+        for (peer, m) in &found {
+            let Some(contact) = contacts.iter().find(|c| c.peer == *peer) else {
+                continue;
+            };
+            if json {
+                let mut v = message_json(contact, m);
+                v["contact"] = serde_json::json!(contact.name);
+                list.push(v);
+            } else {
+                push_history_line(&mut out.stdout, &mut times, contact, m);
+            }
+        }
+        if json {
+            out.json(serde_json::Value::Array(list));
+        } else if found.is_empty() {
+            out.warn(format!("no message holds {}", name(query)));
+        }
+        Ok(())
+    }
+
     pub(super) fn history(
         &self,
         who: &str,

@@ -247,6 +247,28 @@ impl App {
             Command::Request(command) => self.request(command, json, &mut out).await?,
             Command::Send(args) => self.send(args, json, &mut out).await?,
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
+            Command::Search {
+                words,
+                contact,
+                last,
+            } => self.search(&words.join(" "), contact.as_deref(), last, json, &mut out)?,
+            Command::Mute { contact, off } => {
+                let c = self.resolve(&contact)?;
+                self.local_engine()?.set_muted(c.peer, !off).await?;
+                if json {
+                    out.json(json!({ "contact": c.name, "muted": !off }));
+                } else {
+                    out.out(format!(
+                        "{} {}",
+                        crate::sanitize::for_terminal(&c.name),
+                        if off {
+                            "is no longer muted"
+                        } else {
+                            "is muted: its messages neither ring nor notify"
+                        }
+                    ));
+                }
+            }
             Command::Timer { contact, duration } => {
                 self.timer(&contact, duration.as_deref(), json, &mut out)
                     .await?

@@ -497,6 +497,12 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Mutes or unmutes the conversation with `peer`.
+    pub async fn set_muted(&self, peer: PeerId, muted: bool) -> Result<(), EngineError> {
+        self.change(move |state, _| state.set_muted(&peer, muted))
+            .await
+    }
+
     /// Deletes the messages whose disappearing-message timer ran out.
     pub async fn expire_messages(&self) -> Result<usize, EngineError> {
         self.change(|state, now| state.expire_messages(now)).await

@@ -579,6 +579,21 @@ impl<T> State<T> {
         Ok(())
     }
 
+    /// Mutes (or unmutes) the conversation with `peer`: its messages do not ring or
+    /// notify.
+    pub(crate) fn set_muted(&mut self, peer: &PeerId, muted: bool) -> Result<(), EngineError> {
+        if self.store.contact(peer)?.is_none() {
+            return Err(EngineError::Invalid("no such contact".into()));
+        }
+        let mut conv = self.store.conversation(peer)?;
+        conv.muted = muted;
+        let mut w = WriteSet::default();
+        LocalStore::write_conversation(&mut w, peer, &conv);
+        self.store.apply(w)?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(())
+    }
+
     /// Deletes the messages whose timer ran out by `now`, in every conversation where
     /// one is due, and notes when the next one is. Returns how many went.
     pub(crate) fn expire_messages(&mut self, now: u64) -> Result<usize, EngineError> {

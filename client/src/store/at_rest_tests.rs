@@ -351,3 +351,31 @@ const KAT_MESSAGE: &str = "85794225771c6b32f5299baea38216a50000000000000005";
 const KAT_INDEX: &str = "a9b1b556ce74865bb0199490359a23651babe6e914c449c9ab2a329d2def35e6";
 const KAT_SEEN: &str = "e99162f1c5ab78e8cde54cb011ef7510";
 const KAT_KEY_FILE: &str = "6b6b616368692d6b65790100070707070707070707070707070707070707070707070707070707070707070793ffc3eb3fe9141f1b859039007e612c10583fa270aca7f371f1b47cdcf62f32";
+
+#[test]
+fn search_finds_every_word_in_any_case_newest_first_in_sealed_messages() {
+    let root = tempfile::tempdir().unwrap();
+    let (store, _, _) = LocalStore::provision(&root.path().join("h"), "Me", &[]).unwrap();
+    let _ = converse(&store);
+    let peer = store.contacts().unwrap()[0].peer;
+    let found = store.search("BLUE spare", None, 10).unwrap();
+    assert_eq!(found.len(), 10, "50 hold both words; at most 10 come back");
+    assert!(
+        found
+            .windows(2)
+            .all(|w| w[0].1.sent_at_ms >= w[1].1.sent_at_ms)
+    );
+    assert_eq!(found[0].1.text, format!("{PHRASE} (49)"));
+    assert!(found.iter().all(|(p, _)| *p == peer));
+    assert_eq!(
+        store
+            .search("flowerpot (7)", Some(&peer), 10)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store.search("red flowerpot", None, 10).unwrap().is_empty());
+    assert!(store.search("   ", None, 10).unwrap().is_empty());
+    let other = kkachi_protocol::Identity::generate().peer_id();
+    assert!(store.search("blue", Some(&other), 10).unwrap().is_empty());
+}

@@ -179,6 +179,36 @@ impl LocalStore {
             .map(|m| (key, m)))
     }
 
+    /// The messages (of `only`, or of every contact) whose text holds every word of
+    /// `query`, in any case: newest first, at most `limit`. Each contact's messages are
+    /// read in turn, opened one by one.
+    pub fn search(
+        &self,
+        query: &str,
+        only: Option<&PeerId>,
+        limit: usize,
+    ) -> Result<Vec<(PeerId, MessageRecord)>, StoreError> {
+        let words: Vec<String> = query.split_whitespace().map(str::to_lowercase).collect();
+        let mut found = Vec::new();
+        if words.is_empty() {
+            return Ok(found);
+        }
+        for contact in self.contacts()?.iter() {
+            if only.is_some_and(|p| *p != contact.peer) {
+                continue;
+            }
+            self.for_each_message(&contact.peer, |m| {
+                let text = m.text.to_lowercase();
+                if words.iter().all(|w| text.contains(w.as_str())) {
+                    found.push((contact.peer, m));
+                }
+            })?;
+        }
+        found.sort_by_key(|(_, m)| std::cmp::Reverse(m.sent_at_ms));
+        found.truncate(limit);
+        Ok(found)
+    }
+
     /// Messages of `peer` on disk, expired or not.
     #[cfg(test)]
     pub(crate) fn stored_message_count(&self, peer: &PeerId) -> usize {

@@ -120,6 +120,8 @@ pub struct Conversation {
     pub timer_set_ms: u64,
     /// The earliest time a stored message of this conversation disappears (0: none).
     pub next_expiry_ms: u64,
+    /// Muted: its messages do not ring or notify (the UI still counts them).
+    pub muted: bool,
 }
 
 impl Conversation {

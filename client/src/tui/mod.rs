@@ -173,6 +173,7 @@ pub async fn run_with(
                     let _ = std::io::stdout().write_all(b"\x07");
                     let _ = std::io::stdout().flush();
                 }
+                Effect::Notify { from } => notify(&from),
                 Effect::Copy(text) => {
                     // OSC 52: terminals that allow it put this on the clipboard.
                     let _ = write!(
@@ -322,7 +323,11 @@ fn run_effect(
                     },
                 }
             }
-            Effect::Init(_) | Effect::Reload | Effect::Bell | Effect::Copy(_) => return,
+            Effect::Init(_)
+            | Effect::Reload
+            | Effect::Bell
+            | Effect::Notify { .. }
+            | Effect::Copy(_) => return,
         };
         let _ = tx.send(done).await;
     });
@@ -349,6 +354,39 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// Reads what the UI shows from the store and the network.
+/// Tells the person a message from `from` arrived: a terminal notification (OSC 777,
+/// and OSC 9 for terminals that know that one), and a desktop one where `notify-send`
+/// is installed. The name only, never the text: a notification may show on a locked
+/// screen.
+fn notify(from: &str) {
+    // Nothing a contact chose reaches the terminal raw: control characters go, and the
+    // separators of these sequences too.
+    let name: String = crate::sanitize::for_terminal(from)
+        .chars()
+        .filter(|c| !c.is_control() && *c != ';')
+        .take(64)
+        .collect();
+    let _ = write!(
+        std::io::stdout(),
+        "\x1b]777;notify;kkachi;Message from {name}\x07\x1b]9;kkachi: message from {name}\x07"
+    );
+    let _ = std::io::stdout().flush();
+    if let Ok(mut child) = std::process::Command::new("notify-send")
+        .args([
+            "--app-name=kkachi",
+            "kkachi",
+            &format!("Message from {name}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        // Reaped off the UI's thread.
+        std::thread::spawn(move || child.wait());
+    }
+}
+
 pub fn snapshot(
     store: &LocalStore,
     engine: Option<&Engine<Network>>,
@@ -372,6 +410,10 @@ pub fn snapshot(
                     .filter(|m| m.direction == Direction::In && m.state == MessageState::Received)
                     .count(),
                 last_ms: recent.last().map(|m| m.sent_at_ms),
+                muted: store
+                    .conversation(&c.peer)
+                    .map(|conv| conv.muted)
+                    .unwrap_or(false),
             }
         })
         .collect();

@@ -18,6 +18,8 @@ pub struct ConversationSummary {
     pub unread: usize,
     /// When the last message was sent, Unix ms.
     pub last_ms: Option<u64>,
+    /// Its messages neither ring nor notify.
+    pub muted: bool,
 }
 
 /// Connectivity shown in the status bar.
@@ -99,6 +101,9 @@ pub struct State {
     pub scroll: usize,
     /// Ring the terminal bell for messages in other conversations.
     pub bell: bool,
+    /// Notify (terminal notification, desktop notification where there is one) for
+    /// messages in other conversations.
+    pub notify: bool,
     /// Demo controls are available (F2–F4 toggle relays).
     pub demo: bool,
     /// Set when the user asked to quit.
@@ -125,6 +130,7 @@ impl Default for State {
             notice: None,
             scroll: 0,
             bell: true,
+            notify: true,
             demo: false,
             quit: false,
         }

@@ -64,6 +64,11 @@ pub enum Effect {
     Reload,
     /// Ring the terminal bell.
     Bell,
+    /// Notify that a message from this contact arrived (their name only).
+    Notify {
+        /// Who wrote.
+        from: String,
+    },
     /// Demo: take relay `n` (0-based) down or bring it back.
     ToggleRelay(usize),
     /// Fetch our invite code (answered with [`Msg::Invite`]).
@@ -75,12 +80,10 @@ pub enum Effect {
 /// The help text (also `/help`).
 pub const HELP: &str = "\
 Enter        send the message (or run a /command; //text sends /text)
-Alt+Enter    new line
+Alt+Enter    new line          F1  this help          Esc  close a panel
 Tab, S-Tab   next / previous conversation (also Alt+Down / Alt+Up)
 PgUp, PgDn   scroll the conversation
-F1           this help          Esc   close a panel
 Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
-
 /invite                 your invite code and QR code
 /add CODE [name]        add a contact from their invite code
 /requests               messages from people who are not contacts yet
@@ -89,10 +92,12 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /unblock WHO            unblock someone        /remove WHO  remove a contact
 /rename NAME            rename this conversation's contact
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
+/search WORDS           find messages         /mute  this conversation on/off
 /relays                 your relays: up/down, latency, failure domain
+/relay add|remove ADDR  add or remove an inbox relay
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
-/relay add ADDR         add an inbox relay      /relay remove ADDR
-/bell                   bell on/off for other conversations    /quit  quit";
+/bell  /notify          bell / notifications on/off for other conversations
+/quit                   quit";
 
 /// Applies `msg` to `state`; returns what the runtime must do.
 pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
@@ -118,12 +123,24 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         Msg::Arrived(peer) => {
             if state.selected == Some(peer) {
                 state.scroll = 0;
-                vec![Effect::Reload, Effect::MarkRead(peer)]
-            } else if state.bell {
-                vec![Effect::Reload, Effect::Bell]
-            } else {
-                vec![Effect::Reload]
+                return vec![Effect::Reload, Effect::MarkRead(peer)];
             }
+            let mut effects = vec![Effect::Reload];
+            let Some(c) = state.data.conversations.iter().find(|c| c.peer == peer) else {
+                return effects;
+            };
+            if c.muted {
+                return effects;
+            }
+            if state.bell {
+                effects.push(Effect::Bell);
+            }
+            if state.notify {
+                effects.push(Effect::Notify {
+                    from: c.name.clone(),
+                });
+            }
+            effects
         }
         Msg::Done { title, result } => {
             match (title, result) {
@@ -230,7 +247,7 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
 /// The commands `/…` names (an unknown one is not run, and what was typed stays).
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
-    "reject", "block", "unblock", "remove", "rename", "bell", "timer",
+    "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -396,6 +413,50 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             }),
             None,
         )],
+        (Some("search"), Some(first)) => {
+            let words: Vec<String> = std::iter::once(first)
+                .chain(words)
+                .map(str::to_owned)
+                .collect();
+            let title = format!("Search: {}", words.join(" "));
+            vec![run(
+                Command::Search {
+                    words,
+                    contact: None,
+                    last: 50,
+                },
+                Some(title.as_str()),
+            )]
+        }
+        (Some("search"), None) => {
+            notice(state, "usage: /search WORDS");
+            vec![]
+        }
+        (Some("mute"), _) => match state.current() {
+            Some(c) => vec![run(
+                Command::Mute {
+                    contact: c.peer.to_string(),
+                    off: c.muted,
+                },
+                None,
+            )],
+            None => {
+                notice(state, "open the conversation to mute first");
+                vec![]
+            }
+        },
+        (Some("notify"), _) => {
+            state.notify = !state.notify;
+            notice(
+                state,
+                if state.notify {
+                    "notifications on"
+                } else {
+                    "notifications off"
+                },
+            );
+            vec![]
+        }
         (Some("timer"), arg) => match state.selected {
             Some(peer) => {
                 if let Some(d) = arg
@@ -483,6 +544,7 @@ mod tests {
                         name: format!("c{i}"),
                         unread: 0,
                         last_ms: None,
+                        muted: false,
                     })
                     .collect(),
                 status: Status {
@@ -642,6 +704,49 @@ mod tests {
     }
 
     #[test]
+    fn messages_elsewhere_notify_by_name_unless_muted_or_turned_off() {
+        let (mut s, peers) = loaded(3);
+        let name = s.data.conversations[1].name.clone();
+        let effects = update(&mut s, Msg::Arrived(peers[1]));
+        assert!(
+            effects.contains(&Effect::Notify { from: name }),
+            "{effects:?}"
+        );
+        // Muted: counted, but neither a bell nor a notification.
+        s.data.conversations[2].muted = true;
+        let effects = update(&mut s, Msg::Arrived(peers[2]));
+        assert_eq!(effects, [Effect::Reload]);
+        // /mute asks to mute the open conversation, or unmute it when it is muted.
+        typed(&mut s, "/mute");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(
+                &effects[..],
+                [Effect::Run {
+                    command: Command::Mute { off: false, .. },
+                    ..
+                }]
+            ),
+            "{effects:?}"
+        );
+        typed(&mut s, "/notify");
+        update(&mut s, key(KeyCode::Enter));
+        let effects = update(&mut s, Msg::Arrived(peers[1]));
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::Notify { .. })),
+            "{effects:?}"
+        );
+        // /search runs the search and shows it in a panel.
+        typed(&mut s, "/search north gate");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(&effects[..], [Effect::Run { command: Command::Search { words, .. }, title: Some(t) }]
+                if words == &["north", "gate"] && t == "Search: north gate"),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
     fn ctrl_c_quits_and_paging_scrolls() {
         let (mut s, _) = loaded(1);
         update(&mut s, key(KeyCode::PageUp));
@@ -748,6 +853,7 @@ mod tests {
                 name: "Minji".into(),
                 unread: 2,
                 last_ms: None,
+                muted: false,
             }],
             ..Snapshot::default()
         };

@@ -47,6 +47,9 @@ fn draw_list(state: &State, frame: &mut Frame, area: Rect) {
                     Style::new().fg(Color::Yellow).bold(),
                 ));
             }
+            if c.muted {
+                spans.push(Span::styled(" muted", Style::new().fg(Color::DarkGray)));
+            }
             let used: usize = spans.iter().map(|s| s.width()).sum();
             let inner = usize::from(area.width.saturating_sub(4));
             let pad = inner.saturating_sub(used + when.len());
@@ -442,12 +445,14 @@ mod tests {
                     name: "Minji".into(),
                     unread: 0,
                     last_ms: Some(1_700_000_300_000),
+                    muted: false,
                 },
                 ConversationSummary {
                     peer: PeerId::random(),
                     name: "Hyun".into(),
                     unread: 2,
                     last_ms: Some(1_700_000_000_000),
+                    muted: false,
                 },
             ],
             messages: vec![
