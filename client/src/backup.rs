@@ -274,6 +274,17 @@ pub fn read(
         {
             return ended(e, r.read).map(|end| (counts, end));
         }
+        // Who we are comes first (for every reader: verify says so as restore would).
+        if counts.records < 2 {
+            let expected: &[u8] = if counts.records == 0 {
+                b"identity"
+            } else {
+                b"profile"
+            };
+            if tree != TreeId::Meta || key != expected {
+                return Err(BackupError::NotABackup(name));
+            }
+        }
         counts.count(tree);
         sink((tree, key, value))?;
     }
@@ -305,23 +316,23 @@ pub fn restore(
     file: &Path,
     key: &age::x25519::Identity,
 ) -> Result<Restored, BackupError> {
-    let empty_dir = std::fs::read_dir(home).map(|mut d| d.next().is_none());
-    match empty_dir {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Ok(true) => {}
-        Ok(false) if home.join("db").exists() || crate::store::key_path(home).exists() => {
-            return Err(BackupError::Io(format!(
-                "{} holds a kkachi home already: restore into a new --home (or move it aside)",
+    // A home that exists may be taken only if it holds no identity: one kkachi opened
+    // before the restore (the UI on a new device) made an empty database and a key.
+    let fresh_db = home.join("db").exists() || crate::store::key_path(home).exists();
+    if fresh_db {
+        let store = LocalStore::open(home).map_err(|e| {
+            BackupError::Io(format!(
+                "{} holds a kkachi home that does not open ({e}): restore into a new --home, or move it aside",
                 home.display()
+            ))
+        })?;
+        if let Some(me) = store.identity()? {
+            return Err(BackupError::Io(format!(
+                "{} already holds an identity ({}): restore into a new --home, or move it aside",
+                home.display(),
+                me.peer_id()
             )));
         }
-        Ok(false) => {
-            return Err(BackupError::Io(format!(
-                "{} holds other files: restore into a new, empty directory",
-                home.display()
-            )));
-        }
-        Err(e) => return Err(io(home)(e)),
     }
     let parent = home
         .parent()
@@ -333,10 +344,32 @@ pub fn restore(
         .tempdir_in(parent)
         .map_err(io(parent))?;
     let restored = restore_into(staging.path(), file, key)?;
-    // Whole: into place at once.
-    let _ = std::fs::remove_dir(home);
     let staged = staging.keep();
-    std::fs::rename(&staged, home).map_err(|e| {
+    let placed = if std::fs::read_dir(home).map_or(true, |mut d| d.next().is_none()) {
+        // Whole, into place at once.
+        let _ = std::fs::remove_dir(home);
+        std::fs::rename(&staged, home)
+    } else {
+        // Beside what the home holds already (a log, an empty database): the key first,
+        // so a crash in between leaves a key with no database, which opens empty and
+        // can take the restore again; never a database without its key.
+        let replace = |name: &str| -> std::io::Result<()> {
+            let target = home.join(name);
+            if target.is_dir() {
+                std::fs::remove_dir_all(&target)?;
+            } else if target.exists() {
+                std::fs::remove_file(&target)?;
+            }
+            std::fs::rename(staged.join(name), target)
+        };
+        if fresh_db {
+            let _ = std::fs::remove_dir_all(home.join("db"));
+        }
+        replace(crate::store::KEY_FILE)
+            .and_then(|()| replace("db"))
+            .and_then(|()| std::fs::remove_dir_all(&staged))
+    };
+    placed.map_err(|e| {
         let _ = std::fs::remove_dir_all(&staged);
         io(home)(e)
     })?;
@@ -356,14 +389,8 @@ fn restore_into(
     let mut batch_bytes = 0usize;
     let mut head = 0usize;
     let (counts, ending) = read(file, key, |record| {
-        // Who we are comes first; a stream that does not start so is not a backup.
-        if head < 2 {
-            let expected: &[u8] = if head == 0 { b"identity" } else { b"profile" };
-            if record.0 != TreeId::Meta || record.1 != expected {
-                return Err(BackupError::NotABackup(file.display().to_string()));
-            }
-            head += 1;
-        }
+        // `read` checked that who we are comes first.
+        head = (head + 1).min(2);
         batch_bytes += record.1.len() + record.2.len();
         batch.push(record);
         if head == 2 && (batch.len() >= RESTORE_BATCH || batch_bytes >= RESTORE_BATCH_BYTES) {

@@ -172,8 +172,9 @@ pub enum BackupCommand {
         /// The backup file.
         file: PathBuf,
     },
-    /// Restore a backup into a home that holds no identity yet (--home): everything
-    /// up to a damaged part, if there is one. Conversations go on with new sessions.
+    /// Restore a backup into a home that holds no identity yet (the default home, or
+    /// --home): everything up to a damaged part, if there is one. Conversations go on
+    /// with new sessions.
     Restore {
         /// The backup file.
         file: PathBuf,

@@ -214,6 +214,10 @@ fn a_message_only_the_lost_device_held_goes_out_after_the_restore_once() {
     ]));
     let key = made["recovery_key"].as_str().unwrap().to_string();
     std::fs::remove_dir_all(&hana.home).unwrap();
+    // On the new device kkachi was opened first: an empty home (a database with no
+    // identity, its key, a log). The restore takes it.
+    drop(kkachi_client::store::LocalStore::open(&hana.home).unwrap());
+    std::fs::write(hana.home.join("kkachi.log"), "started\n").unwrap();
     relay.restart();
     let restored = with_key(
         &hana.home,

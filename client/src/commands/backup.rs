@@ -97,6 +97,16 @@ fn ending_line(file: &Path, ending: &Ending, what: &str) -> Option<String> {
     }
 }
 
+/// An error line on stderr, as JSON under `--json` (as every command's errors are).
+fn push_error(out: &mut Output, line: &str, json: bool) {
+    if json {
+        out.stderr
+            .push_str(&format!("{}\n", json!({ "error": line })));
+    } else {
+        out.stderr.push_str(&format!("error: {line}\n"));
+    }
+}
+
 fn ending_json(ending: &Ending) -> serde_json::Value {
     match ending {
         Ending::Whole => json!("whole"),
@@ -138,7 +148,7 @@ pub fn verify(file: &Path, json: bool) -> Result<Output, CommandError> {
             }
         }
         Some(line) => {
-            out.stderr.push_str(&format!("error: {line}\n"));
+            push_error(&mut out, &line, json);
             out.code = 1;
         }
     }
@@ -183,7 +193,7 @@ pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandEr
         out.out("This home has no passphrase yet: `kkachi passphrase set` adds one.");
     }
     if let Some(line) = ending_line(file, &restored.ending, "restored") {
-        out.stderr.push_str(&format!("error: {line}\n"));
+        push_error(&mut out, &line, json);
         out.code = 1;
     }
     Ok(out)

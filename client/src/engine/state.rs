@@ -572,7 +572,9 @@ impl<T> State<T> {
             let mut w = WriteSet::default();
             LocalStore::write_conversation(&mut w, peer, &conv);
             let session = sessions.get(&this.store, &contact)?;
-            this.queue_control(&mut w, &contact, session, Body::Timer { secs }, now)?;
+            // Dated as the setting is, so the contact orders it as we do.
+            let at = conv.timer_set_ms;
+            this.queue_control(&mut w, &contact, session, Body::Timer { secs }, at)?;
             this.apply_or_reset(sessions, w)
         })?;
         self.emit(AppEvent::ContactUpdated(*peer));
