@@ -78,6 +78,13 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         last: usize,
     },
+    /// Tell contacts when you read their messages (`on`, the default) or not (`off`:
+    /// they see them delivered only). Without a word, says which.
+    Receipts {
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        setting: Option<String>,
+    },
     /// Mute a conversation (its messages neither ring nor notify in the UI), or unmute
     /// it with --off.
     Mute {

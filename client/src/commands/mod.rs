@@ -252,6 +252,26 @@ impl App {
                 contact,
                 last,
             } => self.search(&words.join(" "), contact.as_deref(), last, json, &mut out)?,
+            Command::Receipts { setting } => {
+                if let Some(setting) = &setting {
+                    self.identity()?;
+                    self.local_engine()?
+                        .set_read_receipts(setting == "on")
+                        .await?;
+                }
+                let on = !self.profile()?.read_receipts_off;
+                if json {
+                    out.json(json!({ "read_receipts": on }));
+                } else if on {
+                    out.out(
+                        "Read receipts are on: contacts see when you have read their messages.",
+                    );
+                } else {
+                    out.out(
+                        "Read receipts are off: contacts see their messages delivered, not read.",
+                    );
+                }
+            }
             Command::Mute { contact, off } => {
                 let c = self.resolve(&contact)?;
                 self.local_engine()?.set_muted(c.peer, !off).await?;

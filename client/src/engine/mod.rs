@@ -497,6 +497,12 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Sends read receipts, or (`false`) only delivery receipts.
+    pub async fn set_read_receipts(&self, on: bool) -> Result<(), EngineError> {
+        self.change(move |state, _| state.set_read_receipts(on))
+            .await
+    }
+
     /// Mutes or unmutes the conversation with `peer`.
     pub async fn set_muted(&self, peer: PeerId, muted: bool) -> Result<(), EngineError> {
         self.change(move |state, _| state.set_muted(&peer, muted))

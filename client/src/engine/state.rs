@@ -508,6 +508,12 @@ impl<T> State<T> {
         if ids.is_empty() {
             return Ok(false);
         }
+        let receipts_off = self.store.profile()?.is_some_and(|p| p.read_receipts_off);
+        if receipts_off {
+            // Read here; they are not told.
+            self.store.apply(w)?;
+            return Ok(true);
+        }
         self.with_sessions(|this, sessions| {
             let session = sessions.get(&this.store, &contact)?;
             for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
@@ -578,6 +584,20 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)
         })?;
         self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(())
+    }
+
+    /// Sends read receipts (`on`) or not: contacts see their messages read, or only
+    /// delivered.
+    pub(crate) fn set_read_receipts(&mut self, on: bool) -> Result<(), EngineError> {
+        let mut profile = self
+            .store
+            .profile()?
+            .ok_or(StoreError::Corrupt("profile"))?;
+        profile.read_receipts_off = !on;
+        let mut w = WriteSet::default();
+        LocalStore::write_profile(&mut w, &profile);
+        self.store.apply(w)?;
         Ok(())
     }
 

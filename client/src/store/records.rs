@@ -23,6 +23,8 @@ pub struct Profile {
     /// sent (a crash between a renewal and telling contacts is caught up at the next
     /// start).
     pub card_announced: u64,
+    /// Contacts are not told when we read their messages (delivery is still confirmed).
+    pub read_receipts_off: bool,
 }
 
 impl Profile {
@@ -36,6 +38,7 @@ impl Profile {
             card_expires_at: crate::engine::now_ms() / 1000 + CARD_LIFETIME_SECS,
             // Whoever holds our code holds version 1.
             card_announced: 1,
+            read_receipts_off: false,
         }
     }
 

@@ -81,7 +81,7 @@ pub enum Effect {
 pub const HELP: &str = "\
 Enter        send the message (or run a /command; //text sends /text)
 Alt+Enter    new line          F1  this help          Esc  close a panel
-Tab, S-Tab   next / previous conversation (also Alt+Down / Alt+Up)
+Tab, S-Tab   next / previous conversation (Alt+Down / Alt+Up); Alt+U  unread
 PgUp, PgDn   scroll the conversation
 Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /invite                 your invite code and QR code
@@ -96,7 +96,7 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /relays                 your relays: up/down, latency, failure domain
 /relay add|remove ADDR  add or remove an inbox relay
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
-/bell  /notify          bell / notifications on/off for other conversations
+/bell  /notify          bell / notifications on/off     /receipts on|off
 /quit                   quit";
 
 /// Applies `msg` to `state`; returns what the runtime must do.
@@ -197,6 +197,7 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
         }
         KeyCode::Tab => switch(state, 1),
         KeyCode::BackTab => switch(state, -1),
+        KeyCode::Char('u') if alt => next_unread(state),
         KeyCode::Down if alt => switch(state, 1),
         KeyCode::Up if alt => switch(state, -1),
         KeyCode::PageUp => {
@@ -244,10 +245,36 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
     vec![Effect::Reload, Effect::MarkRead(peer)]
 }
 
+/// Opens the next conversation (in the list's order, after the open one) with unread
+/// messages.
+fn next_unread(state: &mut State) -> Vec<Effect> {
+    let list = &state.data.conversations;
+    let at = state
+        .selected
+        .and_then(|p| list.iter().position(|c| c.peer == p))
+        .unwrap_or(0);
+    let found = (1..=list.len())
+        .map(|step| &list[(at + step) % list.len()])
+        .find(|c| c.unread > 0 && Some(c.peer) != state.selected)
+        .map(|c| c.peer);
+    match found {
+        Some(peer) => {
+            state.selected = Some(peer);
+            state.scroll = 0;
+            vec![Effect::Reload, Effect::MarkRead(peer)]
+        }
+        None => {
+            notice(state, "nothing unread");
+            vec![]
+        }
+    }
+}
+
 /// The commands `/…` names (an unknown one is not run, and what was typed stays).
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
+    "receipts",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -445,6 +472,21 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 vec![]
             }
         },
+        (Some("receipts"), setting) => {
+            if let Some(s) = setting
+                && s != "on"
+                && s != "off"
+            {
+                notice(state, "usage: /receipts [on|off]");
+                return vec![];
+            }
+            vec![run(
+                Command::Receipts {
+                    setting: setting.map(str::to_owned),
+                },
+                None,
+            )]
+        }
         (Some("notify"), _) => {
             state.notify = !state.notify;
             notice(
@@ -743,6 +785,26 @@ mod tests {
             matches!(&effects[..], [Effect::Run { command: Command::Search { words, .. }, title: Some(t) }]
                 if words == &["north", "gate"] && t == "Search: north gate"),
             "{effects:?}"
+        );
+    }
+
+    #[test]
+    fn alt_u_opens_the_next_conversation_with_unread_messages() {
+        let (mut s, peers) = loaded(3);
+        s.data.conversations[2].unread = 4;
+        let alt_u = || Msg::Key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::ALT));
+        assert_eq!(
+            update(&mut s, alt_u()),
+            [Effect::Reload, Effect::MarkRead(peers[2])]
+        );
+        assert_eq!(s.selected, Some(peers[2]));
+        // Nothing else unread: said so, and the conversation stays.
+        assert!(update(&mut s, alt_u()).is_empty());
+        assert_eq!(s.selected, Some(peers[2]));
+        assert!(
+            s.notice
+                .as_ref()
+                .is_some_and(|(n, _)| n == "nothing unread")
         );
     }
 

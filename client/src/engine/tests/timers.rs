@@ -180,3 +180,43 @@ async fn an_older_or_future_timer_setting_does_not_hold_the_conversation() {
         0
     );
 }
+
+#[tokio::test]
+async fn read_receipts_go_unless_turned_off() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    let state_at_alice = |alice: &User, bob: &User, text: &str| {
+        alice
+            .messages(bob)
+            .into_iter()
+            .find(|m| m.text == text)
+            .map(|m| m.state)
+    };
+    // Off: Bob reads, Alice sees it delivered only.
+    bob.engine.set_read_receipts(false).await.unwrap();
+    let _ = alice.send(&bob_c, "quietly read").await;
+    bob.sync().await;
+    bob.engine.mark_read(alice_c.peer).await.unwrap();
+    bob.engine.settle().await.unwrap();
+    alice.sync().await;
+    assert_eq!(
+        bob.messages(&alice)[0].state,
+        MessageState::Read,
+        "read on Bob's side"
+    );
+    assert_eq!(
+        state_at_alice(&alice, &bob, "quietly read"),
+        Some(MessageState::Delivered)
+    );
+    // On again: the next one read shows read.
+    bob.engine.set_read_receipts(true).await.unwrap();
+    let _ = alice.send(&bob_c, "openly read").await;
+    bob.sync().await;
+    bob.engine.mark_read(alice_c.peer).await.unwrap();
+    bob.engine.settle().await.unwrap();
+    alice.sync().await;
+    assert_eq!(
+        state_at_alice(&alice, &bob, "openly read"),
+        Some(MessageState::Read)
+    );
+}
