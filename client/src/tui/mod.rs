@@ -449,6 +449,10 @@ pub fn snapshot(
                     .map(|o| o.iter().filter(|(_, e)| e.acked_count() == 0).count())
                     .unwrap_or(0),
                 lan_peers: engine.net().lan_peers().len(),
+                direct: store
+                    .contacts()
+                    .map(|cs| cs.iter().filter(|c| connected.contains(&c.peer)).count())
+                    .unwrap_or(0),
                 requests,
             }
         }

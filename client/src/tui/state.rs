@@ -33,14 +33,22 @@ pub struct Status {
     pub outbox: usize,
     /// Contacts reachable directly on the local network.
     pub lan_peers: usize,
+    /// Contacts with an open connection to us (on the LAN or beyond): messages to them
+    /// are handed over directly, relays or not.
+    pub direct: usize,
     /// People who are not contacts with messages held (`/requests`).
     pub requests: usize,
 }
 
 impl Status {
-    /// Nothing is reachable: no relay and no LAN peer.
+    /// Nothing is reachable: no relay, no LAN peer, no contact connected.
     pub fn offline(&self) -> bool {
-        self.relays_up == 0 && self.lan_peers == 0
+        self.relays_up == 0 && self.lan_peers == 0 && self.direct == 0
+    }
+
+    /// No relay answers, yet some contacts are connected directly.
+    pub fn direct_only(&self) -> bool {
+        self.relays_up == 0 && !self.offline()
     }
 }
 

@@ -594,6 +594,7 @@ mod tests {
                     relays: 2,
                     outbox: 0,
                     lan_peers: 0,
+                    direct: 0,
                     requests: 0,
                 },
                 ..Snapshot::default()

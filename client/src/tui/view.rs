@@ -247,6 +247,13 @@ fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
         Span::raw("│"),
         Span::raw(format!(" LAN {} ", s.lan_peers)),
     ];
+    if s.direct > 0 {
+        spans.push(Span::raw("│"));
+        spans.push(Span::styled(
+            format!(" direct {} ", s.direct),
+            Style::new().fg(Color::Green),
+        ));
+    }
     if s.requests > 0 {
         spans.push(Span::raw("│"));
         spans.push(Span::styled(
@@ -259,6 +266,12 @@ fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
         spans.push(Span::styled(
             " OFFLINE: messages wait in the outbox ",
             Style::new().fg(Color::White).bg(Color::Red).bold(),
+        ));
+    } else if s.direct_only() {
+        spans.push(Span::raw("│"));
+        spans.push(Span::styled(
+            " NO RELAY: connected contacts get messages directly; the rest wait ",
+            Style::new().fg(Color::Black).bg(Color::Yellow).bold(),
         ));
     }
     if state.demo {
@@ -477,6 +490,7 @@ mod tests {
                 relays: 2,
                 outbox: 1,
                 lan_peers: 0,
+                direct: 0,
                 requests: 0,
             },
         });
@@ -489,6 +503,28 @@ mod tests {
     }
 
     #[test]
+    fn with_every_relay_down_a_directly_connected_contact_is_no_offline() {
+        let mut s = chat_state();
+        s.data.status = Status {
+            relays_up: 0,
+            relays: 3,
+            outbox: 0,
+            lan_peers: 0,
+            direct: 1,
+            requests: 0,
+        };
+        let screen = render(&s, 120, 16);
+        assert!(!screen.contains("OFFLINE"), "{screen}");
+        assert!(screen.contains("direct 1"), "{screen}");
+        assert!(
+            screen.contains("NO RELAY: connected contacts get messages directly"),
+            "{screen}"
+        );
+        s.data.status.direct = 0;
+        assert!(render(&s, 120, 16).contains("OFFLINE"));
+    }
+
+    #[test]
     fn offline_status_and_help_overlay_snapshot() {
         let mut s = chat_state();
         s.data.status = Status {
@@ -496,6 +532,7 @@ mod tests {
             relays: 2,
             outbox: 3,
             lan_peers: 0,
+            direct: 0,
             requests: 0,
         };
         s.overlay = Some(Overlay::Help);
