@@ -78,6 +78,28 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         last: usize,
     },
+    /// Change the text of a message you sent, for everyone.
+    Edit {
+        /// Contact name or peer id.
+        contact: String,
+        /// The message: `last` (your last one), or its id from `history --json` (or
+        /// the start of it, 6 characters or more).
+        message: String,
+        /// The new text.
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
+    /// Delete a message you sent, for everyone (it shows as deleted); with --for-me,
+    /// delete any message on this device only.
+    Delete {
+        /// Contact name or peer id.
+        contact: String,
+        /// The message: `last` (your last one), or its id (or its start).
+        message: String,
+        /// Only here; the contact keeps theirs.
+        #[arg(long)]
+        for_me: bool,
+    },
     /// Tell contacts when you read their messages (`on`, the default) or not (`off`:
     /// they see them delivered only). Without a word, says which.
     Receipts {

@@ -28,6 +28,8 @@ const KIND_RECEIPT: u16 = 2;
 const KIND_CARD: u16 = 3;
 const KIND_TIMER: u16 = 4;
 const KIND_TIMED_TEXT: u16 = 5;
+const KIND_EDIT: u16 = 6;
+const KIND_DELETE: u16 = 7;
 
 /// The longest a disappearing-message timer may be: a year (0 turns it off).
 pub const MAX_TIMER_SECS: u32 = 365 * 24 * 3600;
@@ -98,6 +100,18 @@ pub enum Body {
         /// The message.
         text: String,
     },
+    /// A new text for one of the sender's own earlier messages.
+    Edit {
+        /// The message edited.
+        target: MessageId,
+        /// Its new text.
+        text: String,
+    },
+    /// One of the sender's own earlier messages, deleted for everyone.
+    Delete {
+        /// The message deleted.
+        target: MessageId,
+    },
     /// The conversation's disappearing-message timer, as the sender set it (what the
     /// texts both sides send from then on carry); 0 turns it off. The setting sent last
     /// (by `sent_at_ms`) wins.
@@ -119,7 +133,10 @@ impl Body {
     /// control records: losing one only delays a state change, so they carry `seq = 0`
     /// and never cause a gap notice.
     pub fn is_sequenced(&self) -> bool {
-        matches!(self, Body::Text(_) | Body::TimedText { .. })
+        matches!(
+            self,
+            Body::Text(_) | Body::TimedText { .. } | Body::Edit { .. } | Body::Delete { .. }
+        )
     }
 
     /// The text of a chat message, and its timer (0: it stays); `None` for control
@@ -138,6 +155,8 @@ impl Body {
             Body::Receipt { .. } => KIND_RECEIPT,
             Body::CardUpdate(_) => KIND_CARD,
             Body::TimedText { .. } => KIND_TIMED_TEXT,
+            Body::Edit { .. } => KIND_EDIT,
+            Body::Delete { .. } => KIND_DELETE,
             Body::Timer { .. } => KIND_TIMER,
             Body::Unknown { kind, .. } => *kind,
         }
@@ -164,6 +183,12 @@ impl Body {
                 out.extend_from_slice(text.as_bytes());
                 out
             }
+            Body::Edit { target, text } => {
+                let mut out = target.0.to_vec();
+                out.extend_from_slice(text.as_bytes());
+                out
+            }
+            Body::Delete { target } => target.0.to_vec(),
             Body::Timer { secs } => secs.to_be_bytes().to_vec(),
             Body::Unknown { data, .. } => data.clone(),
         }
@@ -219,6 +244,28 @@ impl Body {
                 Body::TimedText {
                     secs,
                     text: text.to_owned(),
+                }
+            }
+            KIND_EDIT => {
+                let (target, text) = data
+                    .split_first_chunk::<16>()
+                    .ok_or(DecodeError::Truncated { field: "edit" })?;
+                if text.len() > MAX_TEXT_LEN {
+                    return Err(ContentError::TextTooLong(text.len()));
+                }
+                let text = std::str::from_utf8(text)
+                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+                Body::Edit {
+                    target: MessageId(*target),
+                    text: text.to_owned(),
+                }
+            }
+            KIND_DELETE => {
+                let target: [u8; 16] = data
+                    .try_into()
+                    .map_err(|_| DecodeError::Truncated { field: "delete" })?;
+                Body::Delete {
+                    target: MessageId(target),
                 }
             }
             KIND_TIMER => {
@@ -283,7 +330,9 @@ impl Content {
     /// before anything is sealed.
     pub fn check(&self) -> Result<(), ContentError> {
         match &self.body {
-            Body::Text(t) | Body::TimedText { text: t, .. } if t.len() > MAX_TEXT_LEN => {
+            Body::Text(t) | Body::TimedText { text: t, .. } | Body::Edit { text: t, .. }
+                if t.len() > MAX_TEXT_LEN =>
+            {
                 Err(ContentError::TextTooLong(t.len()))
             }
             Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
@@ -538,5 +587,36 @@ mod tests {
             Content::decode(&c.encode()).is_err(),
             "a timed text has a timer"
         );
+    }
+
+    #[test]
+    fn edits_and_deletes_name_their_target() {
+        let mut c = text(4, "");
+        c.body = Body::Edit {
+            target: MessageId([7; 16]),
+            text: "fixed".into(),
+        };
+        let bytes = c.encode();
+        assert!(
+            hex::encode(&bytes).ends_with(
+                "0006000000150707070707070707070707070707070766697865 64"
+                    .replace(' ', "")
+                    .as_str()
+            ),
+            "{}",
+            hex::encode(&bytes)
+        );
+        assert_eq!(Content::decode(&bytes).unwrap(), c);
+        assert!(c.body.is_sequenced());
+        c.body = Body::Delete {
+            target: MessageId([7; 16]),
+        };
+        assert_eq!(Content::decode(&c.encode()).unwrap(), c);
+        // A delete of another length is refused.
+        let mut long = c.encode();
+        let at = long.len() - 20;
+        long[at..at + 4].copy_from_slice(&17u32.to_be_bytes());
+        long.push(0);
+        assert!(Content::decode(&long).is_err());
     }
 }

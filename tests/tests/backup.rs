@@ -301,6 +301,8 @@ fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
             seq: i + 1,
             prev: [0; 32],
             timer_secs: 0,
+            edited: false,
+            deleted: false,
         };
         kkachi_client::store::LocalStore::write_message(
             &mut w,

@@ -220,6 +220,50 @@ impl App {
         Ok(())
     }
 
+    /// A message of the conversation with `contact`: `last` (our last one not deleted),
+    /// or its id in hex, or a start of it (6 characters or more) that only one has.
+    pub(super) fn find_message(
+        &self,
+        contact: &Contact,
+        spec: &str,
+    ) -> Result<kkachi_protocol::MessageId, CommandError> {
+        let messages = self.store.messages(&contact.peer)?;
+        if spec == "last" {
+            return messages
+                .iter()
+                .rev()
+                .find(|m| m.direction == Direction::Out && !m.deleted)
+                .map(|m| kkachi_protocol::MessageId(m.id))
+                .ok_or_else(|| {
+                    CommandError::Refused(format!(
+                        "you have sent {} nothing to change",
+                        name(&contact.name)
+                    ))
+                });
+        }
+        let spec = spec.to_lowercase();
+        if spec.len() < 6 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(CommandError::Refused(
+                "name the message by `last` or by its id (from `history --json`), at least its first 6 characters".into(),
+            ));
+        }
+        let found: Vec<&MessageRecord> = messages
+            .iter()
+            .filter(|m| hex(&m.id).starts_with(&spec))
+            .collect();
+        match found[..] {
+            [m] => Ok(kkachi_protocol::MessageId(m.id)),
+            [] => Err(CommandError::Refused(format!(
+                "no message {spec} with {}",
+                name(&contact.name)
+            ))),
+            _ => Err(CommandError::Refused(format!(
+                "{} messages start with {spec}: give more of the id",
+                found.len()
+            ))),
+        }
+    }
+
     pub(super) fn search(
         &self,
         query: &str,
@@ -317,19 +361,32 @@ pub fn push_history_line(
     m: &MessageRecord,
 ) {
     times.push_long(out, m.sent_at_ms);
+    let text = shown_text(m);
     match m.direction {
         Direction::Out => {
             let _ = writeln!(
                 out,
                 "  me → {}: {}  [{}]",
                 name(&contact.name),
-                for_terminal(&m.text),
+                text,
                 StateText(&m.state)
             );
         }
         Direction::In => {
-            let _ = writeln!(out, "  {}: {}", name(&contact.name), for_terminal(&m.text));
+            let _ = writeln!(out, "  {}: {}", name(&contact.name), text);
         }
+    }
+}
+
+/// A message's text as shown: "(deleted)" for one deleted for everyone, "(edited)"
+/// after one changed, safe for a terminal.
+fn shown_text(m: &MessageRecord) -> String {
+    if m.deleted {
+        "(deleted)".to_string()
+    } else if m.edited {
+        format!("{} (edited)", for_terminal(&m.text))
+    } else {
+        for_terminal(&m.text).into_owned()
     }
 }
 
@@ -350,6 +407,8 @@ pub fn message_json(contact: &Contact, m: &MessageRecord) -> serde_json::Value {
         "relays": relays,
         "sent_at": m.sent_at_ms,
         "seq": m.seq,
+        "edited": m.edited,
+        "deleted": m.deleted,
     })
 }
 

@@ -252,6 +252,46 @@ impl App {
                 contact,
                 last,
             } => self.search(&words.join(" "), contact.as_deref(), last, json, &mut out)?,
+            Command::Edit {
+                contact,
+                message,
+                text,
+            } => {
+                let c = self.resolve(&contact)?;
+                let id = self.find_message(&c, &message)?;
+                self.engine()?
+                    .revise(c.peer, id, Some(text.join(" ")))
+                    .await?;
+                self.engine()?.deliver_now().await?;
+                if json {
+                    out.json(json!({ "edited": id.to_hex(), "contact": c.name }));
+                } else {
+                    out.out(format!("edited: {}", text.join(" ")));
+                }
+            }
+            Command::Delete {
+                contact,
+                message,
+                for_me,
+            } => {
+                let c = self.resolve(&contact)?;
+                let id = self.find_message(&c, &message)?;
+                if for_me {
+                    self.local_engine()?.delete_for_me(c.peer, id).await?;
+                } else {
+                    self.engine()?.revise(c.peer, id, None).await?;
+                    self.engine()?.deliver_now().await?;
+                }
+                if json {
+                    out.json(
+                        json!({ "deleted": id.to_hex(), "contact": c.name, "for_me": for_me }),
+                    );
+                } else if for_me {
+                    out.out("deleted on this device");
+                } else {
+                    out.out("deleted for everyone");
+                }
+            }
             Command::Receipts { setting } => {
                 if let Some(setting) = &setting {
                     self.identity()?;

@@ -497,6 +497,23 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Changes (`Some(text)`) or deletes for everyone (`None`) our message `target`.
+    pub async fn revise(
+        &self,
+        peer: PeerId,
+        target: MessageId,
+        text: Option<String>,
+    ) -> Result<(), EngineError> {
+        self.change(move |state, now| state.revise(&peer, target, text, now))
+            .await
+    }
+
+    /// Deletes our copy of a message only.
+    pub async fn delete_for_me(&self, peer: PeerId, target: MessageId) -> Result<(), EngineError> {
+        self.change(move |state, _| state.delete_for_me(&peer, target))
+            .await
+    }
+
     /// Sends read receipts, or (`false`) only delivery receipts.
     pub async fn set_read_receipts(&self, on: bool) -> Result<(), EngineError> {
         self.change(move |state, _| state.set_read_receipts(on))

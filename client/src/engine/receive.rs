@@ -467,8 +467,14 @@ impl<T> State<T> {
         let text = match content.body {
             Body::Text(text) | Body::TimedText { text, .. } => Some(text),
             Body::Unknown { .. } => None,
-            Body::Receipt { .. } | Body::CardUpdate(_) | Body::Timer { .. } => {
-                return refused("a receipt, card or timer from someone who is not a contact");
+            Body::Receipt { .. }
+            | Body::CardUpdate(_)
+            | Body::Timer { .. }
+            | Body::Edit { .. }
+            | Body::Delete { .. } => {
+                return refused(
+                    "a receipt, card, timer, edit or delete from someone who is not a contact",
+                );
             }
         };
         if self.store.is_held(&peer, &content.id.0)? {
@@ -555,6 +561,8 @@ impl<T> State<T> {
                     seq: content.seq,
                     prev: content.prev,
                     timer_secs,
+                    edited: false,
+                    deleted: false,
                 };
                 conv.note_expiry(record.expires_at());
                 self.note_expiry_due(record.expires_at());
@@ -615,6 +623,56 @@ impl<T> State<T> {
                     self.emit(AppEvent::ContactUpdated(peer));
                 }
                 Ok(Outcome::Applied("a disappearing-message timer"))
+            }
+            Body::Edit { .. } | Body::Delete { .. } => {
+                if content.seq > 0
+                    && self
+                        .store
+                        .chain_link(&peer, content.seq)?
+                        .is_some_and(|link| link.id == content.id.0)
+                {
+                    LocalStore::write_receipt_due(w, &peer, &content.id);
+                    return Ok(Outcome::Applied("a copy of an edit"));
+                }
+                let mut conv = self.store.conversation(&peer)?;
+                let len = match &content.body {
+                    Body::Edit { text, .. } => text.len() as u64,
+                    _ => 0,
+                };
+                if !charge(&mut conv, len) {
+                    LocalStore::write_conversation(w, &peer, &conv);
+                    return refused("over the storage limit for one contact");
+                }
+                if content.seq > 0 {
+                    self.check_chain(w, &peer, &mut conv, &content)?;
+                    conv.gaps.arrived(content.seq);
+                }
+                LocalStore::write_conversation(w, &peer, &conv);
+                let target = match &content.body {
+                    Body::Edit { target, .. } | Body::Delete { target } => *target,
+                    _ => unreachable!("matched above"),
+                };
+                // Only a message of theirs, and not one deleted already; one not here
+                // (gone with its timer, or not arrived yet) stays as it is.
+                if let Some((key, mut record)) = self.store.message(&peer, &target)?
+                    && record.direction == Direction::In
+                    && !record.deleted
+                {
+                    match content.body {
+                        Body::Edit { text, .. } => {
+                            record.text = text;
+                            record.edited = true;
+                        }
+                        _ => {
+                            record.text.clear();
+                            record.deleted = true;
+                        }
+                    }
+                    w.put_record(TreeId::Messages, key, &record);
+                    self.emit(AppEvent::ContactUpdated(peer));
+                }
+                LocalStore::write_receipt_due(w, &peer, &content.id);
+                Ok(Outcome::Applied("an edit or delete"))
             }
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their

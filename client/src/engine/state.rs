@@ -467,6 +467,8 @@ impl<T> State<T> {
             seq,
             prev: content.prev,
             timer_secs,
+            edited: false,
+            deleted: false,
         };
         conv.note_expiry(record.expires_at());
         self.note_expiry_due(record.expires_at());
@@ -583,6 +585,105 @@ impl<T> State<T> {
             this.queue_control(&mut w, &contact, session, Body::Timer { secs }, at)?;
             this.apply_or_reset(sessions, w)
         })?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(())
+    }
+
+    /// Changes (`Some(text)`) or deletes for everyone (`None`) our message `target` to
+    /// `peer`: here at once, and at theirs once the record arrives (SPEC 5).
+    pub(crate) fn revise(
+        &mut self,
+        peer: &PeerId,
+        target: MessageId,
+        text: Option<String>,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let Some(contact) = self.store.contact(peer)? else {
+            return Err(EngineError::Invalid("no such contact".into()));
+        };
+        let Some((key, mut record)) = self.store.message(peer, &target)? else {
+            return Err(EngineError::Invalid(
+                "no such message in this conversation".into(),
+            ));
+        };
+        if record.direction != Direction::Out {
+            return Err(EngineError::Invalid(
+                "only your own messages can be edited or deleted".into(),
+            ));
+        }
+        if record.deleted {
+            return Err(EngineError::Invalid(
+                "that message is deleted already".into(),
+            ));
+        }
+        let mut conv = self.store.conversation(peer)?;
+        let seq = conv.next_seq.max(1);
+        let body = match &text {
+            Some(text) if text.trim().is_empty() => {
+                return Err(EngineError::Invalid("the new text is empty".into()));
+            }
+            Some(text) => Body::Edit {
+                target,
+                text: text.clone(),
+            },
+            None => Body::Delete { target },
+        };
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq,
+            prev: conv.last_hash,
+            sent_at_ms: now,
+            body,
+        };
+        content
+            .check()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        match text {
+            Some(text) => {
+                record.text = text;
+                record.edited = true;
+            }
+            None => {
+                record.text.clear();
+                record.deleted = true;
+            }
+        }
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let session = sessions.get(&this.store, &contact)?;
+            // Kept until every relay of theirs has it, as a card update is.
+            this.seal_into(
+                &mut w,
+                &contact,
+                session,
+                &content,
+                OutboxKind::Control,
+                now,
+            )?;
+            conv.next_seq = seq + 1;
+            conv.last_hash = content.hash();
+            LocalStore::write_conversation(&mut w, peer, &conv);
+            w.put_record(TreeId::Messages, key, &record);
+            this.apply_or_reset(sessions, w)
+        })?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(())
+    }
+
+    /// Deletes our copy of message `target` with `peer` only: they keep theirs.
+    pub(crate) fn delete_for_me(
+        &mut self,
+        peer: &PeerId,
+        target: MessageId,
+    ) -> Result<(), EngineError> {
+        let Some((key, _)) = self.store.message(peer, &target)? else {
+            return Err(EngineError::Invalid(
+                "no such message in this conversation".into(),
+            ));
+        };
+        let mut w = WriteSet::default();
+        w.remove(TreeId::Messages, key);
+        self.store.apply(w)?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(())
     }

@@ -67,6 +67,8 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             seq: i + 1,
             prev: [0; 32],
             timer_secs: 0,
+            edited: false,
+            deleted: false,
         };
         LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record);
         LocalStore::write_receipt_due(&mut w, &peer, &MessageId(record.id));

@@ -223,6 +223,11 @@ pub struct MessageRecord {
     /// Its disappearing-message timer (seconds; 0: it stays): it is deleted this long
     /// after `stored_at_ms`. Sent with it (a timed text), so both sides agree.
     pub timer_secs: u32,
+    /// Its sender changed its text (the text is the latest).
+    pub edited: bool,
+    /// Its sender deleted it for everyone: the text is gone, the record stays in its
+    /// place ("deleted").
+    pub deleted: bool,
 }
 
 impl MessageRecord {

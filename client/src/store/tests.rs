@@ -211,6 +211,8 @@ fn write_sets_apply_across_trees() {
         seq: 1,
         prev: [0; 32],
         timer_secs: 0,
+        edited: false,
+        deleted: false,
     };
     LocalStore::write_message(&mut w, &peer, message_key(&peer, 0), &msg);
     LocalStore::write_conversation(
@@ -249,6 +251,8 @@ fn long_conversations_read_in_order_across_batches_and_stop_on_corruption() {
         seq: i + 1,
         prev: [0; 32],
         timer_secs: 0,
+        edited: false,
+        deleted: false,
     };
     let mut w = WriteSet::default();
     for i in 0..1300 {

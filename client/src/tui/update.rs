@@ -90,14 +90,14 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /accept WHO [name]      add them; their messages join the conversation
 /reject WHO             drop their messages    /block WHO   block them
 /unblock WHO            unblock someone        /remove WHO  remove a contact
-/rename NAME            rename this conversation's contact
+/rename NAME            rename this conversation's contact    /quit  quit
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
 /search WORDS           find messages         /mute  this conversation on/off
+/edit TEXT  /delete     change / delete (for everyone) your last message here
 /relays                 your relays: up/down, latency, failure domain
 /relay add|remove ADDR  add or remove an inbox relay
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
-/bell  /notify          bell / notifications on/off     /receipts on|off
-/quit                   quit";
+/bell  /notify          bell / notifications on/off     /receipts on|off";
 
 /// Applies `msg` to `state`; returns what the runtime must do.
 pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
@@ -274,7 +274,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
-    "receipts",
+    "receipts", "edit", "delete",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -469,6 +469,47 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             )],
             None => {
                 notice(state, "open the conversation to mute first");
+                vec![]
+            }
+        },
+        (Some("edit"), Some(first)) => match state.selected {
+            Some(peer) => {
+                let text = std::iter::once(first)
+                    .chain(words)
+                    .map(str::to_owned)
+                    .collect();
+                vec![run(
+                    Command::Edit {
+                        contact: peer.to_string(),
+                        message: "last".into(),
+                        text,
+                    },
+                    None,
+                )]
+            }
+            None => {
+                notice(state, "open the conversation first");
+                vec![]
+            }
+        },
+        (Some("edit"), None) => {
+            notice(
+                state,
+                "usage: /edit NEW TEXT (changes your last message here)",
+            );
+            vec![]
+        }
+        (Some("delete"), _) => match state.selected {
+            Some(peer) => vec![run(
+                Command::Delete {
+                    contact: peer.to_string(),
+                    message: "last".into(),
+                    for_me: false,
+                },
+                None,
+            )],
+            None => {
+                notice(state, "open the conversation first");
                 vec![]
             }
         },

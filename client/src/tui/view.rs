@@ -93,7 +93,14 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize) -> Vec<Line<'stati
     let mut lines = Vec::new();
     let mut first = true;
     // What a peer wrote never reaches the terminal raw: escapes become visible.
-    for paragraph in for_terminal_block(&m.text).split('\n') {
+    let text = if m.deleted {
+        "(deleted)".to_string()
+    } else if m.edited {
+        format!("{} (edited)", for_terminal_block(&m.text))
+    } else {
+        for_terminal_block(&m.text).into_owned()
+    };
+    for paragraph in text.split('\n') {
         for chunk in wrap(paragraph, width.saturating_sub(indent).max(8)) {
             let mut spans = Vec::new();
             if first {
@@ -394,6 +401,8 @@ mod tests {
             seq: minute,
             prev: [0; 32],
             timer_secs: 0,
+            edited: false,
+            deleted: false,
         }
     }
 

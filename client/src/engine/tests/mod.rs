@@ -5,7 +5,7 @@
 //! - `hostile`: contacts and strangers sending what no honest client would;
 //! - `contacts`: message requests, blocking, removing and adding contacts again;
 //! - `bundles`: bundles taken in, ours and others';
-//! - `timers`: disappearing messages, and read receipts turned off.
+//! - `timers`: disappearing messages, read receipts turned off, edits and deletes.
 
 mod bundles;
 mod contacts;

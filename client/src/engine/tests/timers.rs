@@ -220,3 +220,78 @@ async fn read_receipts_go_unless_turned_off() {
         Some(MessageState::Read)
     );
 }
+
+#[tokio::test]
+async fn edits_and_deletes_reach_the_contact_and_only_for_ones_own_messages() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    let (first, _) = alice.send(&bob_c, "meet at 6").await;
+    let (second, _) = alice.send(&bob_c, "bring water").await;
+    bob.sync().await;
+    let (bobs, _) = bob.send(&alice_c, "ok").await;
+    alice.sync().await;
+
+    alice
+        .engine
+        .revise(bob_c.peer, first.id, Some("meet at 7".into()))
+        .await
+        .unwrap();
+    alice
+        .engine
+        .revise(bob_c.peer, second.id, None)
+        .await
+        .unwrap();
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    let at_bob = bob.messages(&alice);
+    assert_eq!(at_bob[0].text, "meet at 7");
+    assert!(at_bob[0].edited && !at_bob[0].deleted);
+    assert!(at_bob[1].deleted && at_bob[1].text.is_empty());
+    // The same on Alice's side, and nothing counts as missing at Bob's.
+    let at_alice = alice.messages(&bob);
+    assert_eq!(
+        (at_alice[0].text.as_str(), at_alice[1].deleted),
+        ("meet at 7", true)
+    );
+    assert_eq!(
+        bob.engine
+            .store()
+            .conversation(&alice_c.peer)
+            .unwrap()
+            .gaps
+            .missing(),
+        0
+    );
+
+    // Nobody changes another's message: not Alice through the engine...
+    assert!(
+        alice
+            .engine
+            .revise(bob_c.peer, bobs.id, None)
+            .await
+            .is_err()
+    );
+    // ...nor Bob's client sending an edit of Alice's message to her.
+    let forged = Content {
+        id: MessageId(rand::random()),
+        seq: 2,
+        prev: [0; 32],
+        sent_at_ms: 0,
+        body: Body::Edit {
+            target: first.id,
+            text: "meet at midnight".into(),
+        },
+    };
+    bob.send_raw(&alice_c, &forged).await;
+    alice.sync().await;
+    assert_eq!(alice.messages(&bob)[0].text, "meet at 7");
+
+    // Deleted for me only: gone here, still at Bob's.
+    alice
+        .engine
+        .delete_for_me(bob_c.peer, first.id)
+        .await
+        .unwrap();
+    assert!(alice.messages(&bob).iter().all(|m| m.id != first.id.0));
+    assert_eq!(bob.messages(&alice)[0].text, "meet at 7");
+}

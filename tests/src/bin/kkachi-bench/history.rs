@@ -58,6 +58,8 @@ pub(crate) fn long_conversation(home: &Path, n: usize) -> Result<()> {
                 seq: i as u64 / 2 + 1,
                 prev: [0; 32],
                 timer_secs: 0,
+                edited: false,
+                deleted: false,
             };
             LocalStore::write_message(&mut w, &peer, message_key(&peer, i as u64), &record);
         }
