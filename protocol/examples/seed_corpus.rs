@@ -182,6 +182,21 @@ fn main() {
             },
             ..text.clone()
         },
+        Content {
+            seq: 4,
+            body: Body::Edit {
+                target: MessageId([1; 16]),
+                text: "안녕, hello".into(),
+            },
+            ..text.clone()
+        },
+        Content {
+            seq: 5,
+            body: Body::Delete {
+                target: MessageId([1; 16]),
+            },
+            ..text.clone()
+        },
     ];
     for (i, c) in contents.iter().enumerate() {
         write("content", &format!("content-{i}"), &c.encode());
