@@ -871,6 +871,7 @@ mod tests {
             sealed_on: None,
             resealed_ms: 0,
             queued_ms: 1_000,
+            content: Vec::new(),
         };
         assert_eq!(
             waited_ms(&e, 10_000),

@@ -220,14 +220,20 @@ impl App {
         Ok(())
     }
 
-    /// A message of the conversation with `contact`: `last` (our last one not deleted),
-    /// or its id in hex, or a start of it (6 characters or more) that only one has.
+    /// A message of the conversation with `contact` (with `own`, one of ours only):
+    /// `last` (our last one not deleted), or its whole id in hex, or a start of it (6
+    /// characters or more) that only one has.
     pub(super) fn find_message(
         &self,
         contact: &Contact,
         spec: &str,
+        own: bool,
     ) -> Result<kkachi_protocol::MessageId, CommandError> {
-        let messages = self.store.messages(&contact.peer)?;
+        let mut messages = self.store.messages(&contact.peer)?;
+        if own {
+            // Their ids are theirs to choose: they could not crowd ours out of a prefix.
+            messages.retain(|m| m.direction == Direction::Out);
+        }
         if spec == "last" {
             return messages
                 .iter()
@@ -246,6 +252,9 @@ impl App {
             return Err(CommandError::Refused(
                 "name the message by `last` or by its id (from `history --json`), at least its first 6 characters".into(),
             ));
+        }
+        if let Some(m) = messages.iter().find(|m| hex(&m.id) == spec) {
+            return Ok(kkachi_protocol::MessageId(m.id));
         }
         let found: Vec<&MessageRecord> = messages
             .iter()

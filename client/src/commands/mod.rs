@@ -258,7 +258,7 @@ impl App {
                 text,
             } => {
                 let c = self.resolve(&contact)?;
-                let id = self.find_message(&c, &message)?;
+                let id = self.find_message(&c, &message, true)?;
                 self.engine()?
                     .revise(c.peer, id, Some(text.join(" ")))
                     .await?;
@@ -275,7 +275,7 @@ impl App {
                 for_me,
             } => {
                 let c = self.resolve(&contact)?;
-                let id = self.find_message(&c, &message)?;
+                let id = self.find_message(&c, &message, !for_me)?;
                 if for_me {
                     self.local_engine()?.delete_for_me(c.peer, id).await?;
                 } else {

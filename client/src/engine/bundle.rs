@@ -269,6 +269,7 @@ impl<T> State<T> {
                         sealed_on: None,
                         resealed_ms: 0,
                         queued_ms: now,
+                        content: Vec::new(),
                     };
                     LocalStore::write_outbox(&mut w, self.store.next_outbox_seq()?, &entry);
                     report.forwarding += 1;

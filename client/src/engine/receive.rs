@@ -551,7 +551,7 @@ impl<T> State<T> {
                     Body::TimedText { secs, text } => (text, secs.max(MIN_TIMER_SECS)),
                     _ => unreachable!("matched above"),
                 };
-                let record = MessageRecord {
+                let mut record = MessageRecord {
                     id: content.id.0,
                     direction: Direction::In,
                     text,
@@ -564,6 +564,7 @@ impl<T> State<T> {
                     edited: false,
                     deleted: false,
                 };
+                conv.apply_held_revision(&mut record);
                 conv.note_expiry(record.expires_at());
                 self.note_expiry_due(record.expires_at());
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
@@ -654,22 +655,34 @@ impl<T> State<T> {
                 };
                 // Only a message of theirs, and not one deleted already; one not here
                 // (gone with its timer, or not arrived yet) stays as it is.
-                if let Some((key, mut record)) = self.store.message(&peer, &target)?
-                    && record.direction == Direction::In
-                    && !record.deleted
-                {
-                    match content.body {
-                        Body::Edit { text, .. } => {
-                            record.text = text;
-                            record.edited = true;
+                let change = match content.body {
+                    Body::Edit { text, .. } => Some(text),
+                    _ => None,
+                };
+                match self.store.message(&peer, &target)? {
+                    Some((key, mut record))
+                        if record.direction == Direction::In && !record.deleted =>
+                    {
+                        match change {
+                            Some(text) => {
+                                record.text = text;
+                                record.edited = true;
+                            }
+                            None => {
+                                record.text.clear();
+                                record.deleted = true;
+                            }
                         }
-                        _ => {
-                            record.text.clear();
-                            record.deleted = true;
-                        }
+                        w.put_record(TreeId::Messages, key, &record);
+                        self.emit(AppEvent::ContactUpdated(peer));
                     }
-                    w.put_record(TreeId::Messages, key, &record);
-                    self.emit(AppEvent::ContactUpdated(peer));
+                    Some(_) => {} // ours, or deleted already
+                    None => {
+                        // Not here yet (another relay, or sealed again later): applied
+                        // when it arrives, so the change is never lost to the order.
+                        conv.hold_revision(target.0, change);
+                        LocalStore::write_conversation(w, &peer, &conv);
+                    }
                 }
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("an edit or delete"))
@@ -827,13 +840,18 @@ impl<T> State<T> {
                 due = Some(due.map_or(at, |d| d.min(at)));
                 continue;
             }
-            let Some((_, record)) = self
-                .store
-                .message(&contact.peer, &MessageId(entry.message_id))?
-            else {
-                continue; // a receipt or card: a newer one goes out on its own
+            // The content as it was sealed (a text since edited or deleted goes as it
+            // was: its change follows it); from the message itself for older entries.
+            let content = match Content::decode(&entry.content) {
+                Ok(content) if !entry.content.is_empty() => content,
+                _ => match self
+                    .store
+                    .message(&contact.peer, &MessageId(entry.message_id))?
+                {
+                    Some((_, record)) => crate::store::outgoing_content(&record),
+                    None => continue, // a receipt or card: a newer one goes out on its own
+                },
             };
-            let content = crate::store::outgoing_content(&record);
             // Same message id, sealed anew, with a fresh lifetime.
             entry.sealed_on = session.sealing_session();
             entry.envelope = self

@@ -377,6 +377,11 @@ impl<T> State<T> {
             sealed_on,
             resealed_ms: 0,
             queued_ms: now,
+            content: if kind == OutboxKind::Message {
+                content.encode()
+            } else {
+                Vec::new()
+            },
         };
         LocalStore::write_outbox(w, key, &entry);
         Ok(key)
@@ -651,13 +656,13 @@ impl<T> State<T> {
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             let session = sessions.get(&this.store, &contact)?;
-            // Kept until every relay of theirs has it, as a card update is.
+            // Kept until they confirm it, and sealed again on a new session, as a text.
             this.seal_into(
                 &mut w,
                 &contact,
                 session,
                 &content,
-                OutboxKind::Control,
+                OutboxKind::Message,
                 now,
             )?;
             conv.next_seq = seq + 1;

@@ -189,23 +189,34 @@ impl LocalStore {
         limit: usize,
     ) -> Result<Vec<(PeerId, MessageRecord)>, StoreError> {
         let words: Vec<String> = query.split_whitespace().map(str::to_lowercase).collect();
-        let mut found = Vec::new();
-        if words.is_empty() {
+        let mut found: Vec<(PeerId, MessageRecord)> = Vec::new();
+        if words.is_empty() || limit == 0 {
             return Ok(found);
         }
+        // Newest first, at most `limit`; trimmed as it goes, so memory stays bounded
+        // however many match.
+        let trim = |found: &mut Vec<(PeerId, MessageRecord)>| {
+            found.sort_by_key(|(_, m)| std::cmp::Reverse(m.sent_at_ms));
+            found.truncate(limit);
+        };
         for contact in self.contacts()?.iter() {
             if only.is_some_and(|p| *p != contact.peer) {
                 continue;
             }
             self.for_each_message(&contact.peer, |m| {
+                if m.deleted {
+                    return;
+                }
                 let text = m.text.to_lowercase();
                 if words.iter().all(|w| text.contains(w.as_str())) {
                     found.push((contact.peer, m));
+                    if found.len() >= 2 * limit + 64 {
+                        trim(&mut found);
+                    }
                 }
             })?;
         }
-        found.sort_by_key(|(_, m)| std::cmp::Reverse(m.sent_at_ms));
-        found.truncate(limit);
+        trim(&mut found);
         Ok(found)
     }
 

@@ -125,6 +125,45 @@ pub struct Conversation {
     pub next_expiry_ms: u64,
     /// Muted: its messages do not ring or notify (the UI still counts them).
     pub muted: bool,
+    /// Their edits (a new text) and deletes (`None`) of messages not here yet, applied
+    /// when those arrive; at most [`MAX_PENDING_REVISIONS`], the oldest dropped.
+    pub pending_revisions: Vec<([u8; 16], Option<String>)>,
+}
+
+/// Most edits and deletes kept for messages not arrived yet, per contact.
+pub const MAX_PENDING_REVISIONS: usize = 64;
+
+impl Conversation {
+    /// Keeps their change to message `id`, which is not here yet (the latest change to
+    /// one message replaces the one before).
+    pub fn hold_revision(&mut self, id: [u8; 16], text: Option<String>) {
+        self.pending_revisions.retain(|(i, _)| *i != id);
+        self.pending_revisions.push((id, text));
+        if self.pending_revisions.len() > MAX_PENDING_REVISIONS {
+            self.pending_revisions.remove(0);
+        }
+    }
+
+    /// Applies to `record` (just arrived) a change of theirs that came before it.
+    pub fn apply_held_revision(&mut self, record: &mut MessageRecord) {
+        let Some(at) = self
+            .pending_revisions
+            .iter()
+            .position(|(i, _)| *i == record.id)
+        else {
+            return;
+        };
+        match self.pending_revisions.remove(at).1 {
+            Some(text) => {
+                record.text = text;
+                record.edited = true;
+            }
+            None => {
+                record.text.clear();
+                record.deleted = true;
+            }
+        }
+    }
 }
 
 impl Conversation {
@@ -314,6 +353,9 @@ pub struct OutboxEntry {
     /// Unix ms when it was first queued (`created_ms` moves on with each hourly put
     /// again): how long it has really waited.
     pub queued_ms: u64,
+    /// The content sealed in it, for a message or a change to one (edit, delete): what
+    /// is sealed again, the same, on a new session. Empty for other entries.
+    pub content: Vec<u8>,
 }
 
 impl OutboxEntry {

@@ -344,6 +344,7 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
         sealed_on: None,
         resealed_ms: 0,
         queued_ms: 0,
+        content: Vec::new(),
     };
     {
         let store = LocalStore::open(dir.path()).unwrap();

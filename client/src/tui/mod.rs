@@ -371,12 +371,13 @@ fn notify(from: &str) {
         "\x1b]777;notify;kkachi;Message from {name}\x07\x1b]9;kkachi: message from {name}\x07"
     );
     let _ = std::io::stdout().flush();
+    // Notification servers read the body as markup.
+    let body = format!("Message from {name}")
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
     if let Ok(mut child) = std::process::Command::new("notify-send")
-        .args([
-            "--app-name=kkachi",
-            "kkachi",
-            &format!("Message from {name}"),
-        ])
+        .args(["--app-name=kkachi", "kkachi", &body])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -407,7 +408,11 @@ pub fn snapshot(
                 name: c.name.clone(),
                 unread: recent
                     .iter()
-                    .filter(|m| m.direction == Direction::In && m.state == MessageState::Received)
+                    .filter(|m| {
+                        m.direction == Direction::In
+                            && m.state == MessageState::Received
+                            && !m.deleted
+                    })
                     .count(),
                 last_ms: recent.last().map(|m| m.sent_at_ms),
                 muted: store

@@ -22,6 +22,9 @@ pub struct ConversationSummary {
     pub muted: bool,
 }
 
+/// The least time between two notifications of one conversation.
+pub const NOTIFY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Connectivity shown in the status bar.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
@@ -112,6 +115,9 @@ pub struct State {
     /// Notify (terminal notification, desktop notification where there is one) for
     /// messages in other conversations.
     pub notify: bool,
+    /// When each conversation last notified: at most one notification per
+    /// [`NOTIFY_EVERY`], however fast its messages come.
+    pub notified: std::collections::HashMap<kkachi_protocol::PeerId, Instant>,
     /// Demo controls are available (F2–F4 toggle relays).
     pub demo: bool,
     /// Set when the user asked to quit.
@@ -139,6 +145,7 @@ impl Default for State {
             scroll: 0,
             bell: true,
             notify: true,
+            notified: std::collections::HashMap::new(),
             demo: false,
             quit: false,
         }

@@ -135,10 +135,15 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             if state.bell {
                 effects.push(Effect::Bell);
             }
-            if state.notify {
-                effects.push(Effect::Notify {
-                    from: c.name.clone(),
-                });
+            let now = std::time::Instant::now();
+            let recently = state
+                .notified
+                .get(&peer)
+                .is_some_and(|at| now.duration_since(*at) < super::state::NOTIFY_EVERY);
+            if state.notify && !recently {
+                let from = c.name.clone();
+                state.notified.insert(peer, now);
+                effects.push(Effect::Notify { from });
             }
             effects
         }
@@ -499,7 +504,14 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             );
             vec![]
         }
-        (Some("delete"), _) => match state.selected {
+        (Some("delete"), Some(_)) => {
+            notice(
+                state,
+                "usage: /delete (deletes your last message here, for everyone)",
+            );
+            vec![]
+        }
+        (Some("delete"), None) => match state.selected {
             Some(peer) => vec![run(
                 Command::Delete {
                     contact: peer.to_string(),
@@ -796,6 +808,12 @@ mod tests {
             effects.contains(&Effect::Notify { from: name }),
             "{effects:?}"
         );
+        // A flood notifies once: the next within ten seconds rings only.
+        let effects = update(&mut s, Msg::Arrived(peers[1]));
+        assert_eq!(effects, [Effect::Reload, Effect::Bell]);
+        // /delete takes no argument: a typo cannot delete the wrong message for everyone.
+        typed(&mut s, "/delete 3f2a");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         // Muted: counted, but neither a bell nor a notification.
         s.data.conversations[2].muted = true;
         let effects = update(&mut s, Msg::Arrived(peers[2]));

@@ -31,6 +31,7 @@ fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
         sealed_on: None,
         resealed_ms: 0,
         queued_ms: 0,
+        content: Vec::new(),
     }
 }
 

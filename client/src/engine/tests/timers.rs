@@ -295,3 +295,27 @@ async fn edits_and_deletes_reach_the_contact_and_only_for_ones_own_messages() {
     assert!(alice.messages(&bob).iter().all(|m| m.id != first.id.0));
     assert_eq!(bob.messages(&alice)[0].text, "meet at 7");
 }
+
+#[tokio::test]
+async fn a_delete_arriving_before_its_message_still_deletes_it() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _alice_c) = pair(&net).await;
+    let id = MessageId(rand::random());
+    let text = raw_text(1, [0; 32], "sent by mistake");
+    let text = Content { id, ..text };
+    let delete = Content {
+        id: MessageId(rand::random()),
+        seq: 2,
+        prev: text.hash(),
+        sent_at_ms: text.sent_at_ms,
+        body: Body::Delete { target: id },
+    };
+    // The delete first (another relay was faster), then the text.
+    alice.send_raw(&bob_c, &delete).await;
+    bob.sync().await;
+    alice.send_raw(&bob_c, &text).await;
+    bob.sync().await;
+    let got = bob.messages(&alice);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].deleted && got[0].text.is_empty(), "{got:?}");
+}
