@@ -284,6 +284,18 @@ impl User {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// The texts of the conversation with `with`, oldest first (`history --json`).
+    pub fn history_texts(&self, with: &str) -> Vec<String> {
+        let out = self.ok(&["history", with, "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .expect("history --json is JSON")
+            .as_array()
+            .expect("an array")
+            .iter()
+            .filter_map(|m| m["text"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// This user's invite code.
     pub fn invite(&self) -> String {
         self.ok(&["invite"]).trim().to_string()

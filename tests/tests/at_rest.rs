@@ -24,17 +24,6 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>, dirs: &mut Vec<PathBuf>) {
     }
 }
 
-fn history_texts(user: &User, with: &str) -> Vec<String> {
-    let out = user.ok(&["history", with, "--json"]);
-    serde_json::from_str::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["text"].as_str().map(str::to_owned))
-        .collect()
-}
-
 #[test]
 fn a_conversation_leaves_nothing_readable_in_either_home() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,8 +48,8 @@ fn a_conversation_leaves_nothing_readable_in_either_home() {
     jaewon.ok(&["sync"]);
     jaewon.send("Seoyeon", to_seoyeon, 5.0).expect("sent");
     seoyeon.ok(&["sync"]);
-    assert_eq!(history_texts(&jaewon, "Seoyeon"), [to_jaewon, to_seoyeon]);
-    assert_eq!(history_texts(&seoyeon, "Jaewon"), [to_jaewon, to_seoyeon]);
+    assert_eq!(jaewon.history_texts("Seoyeon"), [to_jaewon, to_seoyeon]);
+    assert_eq!(seoyeon.history_texts("Jaewon"), [to_jaewon, to_seoyeon]);
 
     // Found again by words in any case, from the sealed store, behind the passphrase too.
     for (user, with) in [(&seoyeon, "Jaewon Oh"), (&jaewon, "Seoyeon Han")] {

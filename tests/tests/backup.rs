@@ -8,19 +8,26 @@ use std::time::Instant;
 
 use kkachi_tests::procs::{RelayProc, User};
 
-fn history(user: &User, with: &str) -> Vec<String> {
-    let out = user.ok(&["history", with, "--json"]);
-    serde_json::from_str::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["text"].as_str().map(str::to_owned))
-        .collect()
-}
-
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `user`'s first backup, to `file`, with the recovery key it makes: what it says
+/// (`--json`), and the key.
+fn first_backup(user: &User, file: &Path) -> (serde_json::Value, String) {
+    let made = json(&user.ok(&[
+        "backup",
+        "create",
+        "--to",
+        file.to_str().unwrap(),
+        "--new-key",
+        "--json",
+    ]));
+    let key = made["recovery_key"]
+        .as_str()
+        .expect("the first backup shows its key")
+        .to_string();
+    (made, key)
 }
 
 /// Runs `kkachi ARGS` with `--home HOME` and the recovery key in the environment.
@@ -58,18 +65,7 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
     // Without a terminal, the first backup makes its key only when asked to.
     let refused = hana.run(&["backup", "create", "--to", backup.to_str().unwrap()]);
     assert!(!refused.status.success() && !backup.exists());
-    let made = json(&hana.ok(&[
-        "backup",
-        "create",
-        "--to",
-        backup.to_str().unwrap(),
-        "--new-key",
-        "--json",
-    ]));
-    let key = made["recovery_key"]
-        .as_str()
-        .expect("the first backup shows its key")
-        .to_string();
+    let (made, key) = first_backup(&hana, &backup);
     assert_eq!(made["messages"], 6, "{made}");
     // A later backup goes to the same key and shows none.
     let again = json(&hana.ok(&[
@@ -124,7 +120,7 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         String::from_utf8_lossy(&restored.stderr)
     );
     assert_eq!(
-        history(&hana, "dae"),
+        hana.history_texts("dae"),
         said[..6],
         "what the backup held is back"
     );
@@ -147,7 +143,7 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
     loop {
         hana.ok(&["sync"]);
         dae.ok(&["sync"]);
-        let (h, d) = (history(&hana, "dae"), history(&dae, "hana"));
+        let (h, d) = (hana.history_texts("dae"), dae.history_texts("hana"));
         if h.iter().any(|t| t == "dae after the restore")
             && d.iter().any(|t| t == "hana after the restore")
         {
@@ -158,7 +154,7 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
             "the conversation did not go on: hana {h:?}, dae {d:?}"
         );
     }
-    let d = history(&dae, "hana");
+    let d = dae.history_texts("hana");
     for text in said.iter().chain(
         [
             "dae after the restore".to_string(),
@@ -172,7 +168,7 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
             "{text:?} in dae's history {d:?}"
         );
     }
-    let h = history(&hana, "dae");
+    let h = hana.history_texts("dae");
     assert_eq!(
         h.iter().filter(|t| *t == "dae after the restore").count(),
         1,
@@ -204,15 +200,7 @@ fn a_message_only_the_lost_device_held_goes_out_after_the_restore_once() {
         .expect("queued");
     assert_eq!(queued["relayed"], 0, "{queued}");
     let backup = dir.path().join("hana.backup");
-    let made = json(&hana.ok(&[
-        "backup",
-        "create",
-        "--to",
-        backup.to_str().unwrap(),
-        "--new-key",
-        "--json",
-    ]));
-    let key = made["recovery_key"].as_str().unwrap().to_string();
+    let (_, key) = first_backup(&hana, &backup);
     std::fs::remove_dir_all(&hana.home).unwrap();
     // On the new device kkachi was opened first: an empty home (a database with no
     // identity, its key, a log). The restore takes it.
@@ -237,7 +225,7 @@ fn a_message_only_the_lost_device_held_goes_out_after_the_restore_once() {
     loop {
         hana.ok(&["sync"]);
         dae.ok(&["sync"]);
-        let d = history(&dae, "hana");
+        let d = dae.history_texts("hana");
         if d.iter().any(|t| t == "hana while the relay was down") {
             assert_eq!(
                 d,

@@ -27,17 +27,6 @@ fn peer_of(user: &User) -> PeerId {
         .peer_id()
 }
 
-fn history_texts(user: &User, with: &str) -> Vec<String> {
-    let out = user.ok(&["history", with, "--json"]);
-    serde_json::from_str::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["text"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// The reasons the relays gave for refusing a send (`send --json`'s `refused`).
 fn refusals(v: &serde_json::Value) -> Vec<&str> {
     v["refused"]
@@ -114,7 +103,7 @@ fn relays_learn_neither_user_and_share_no_queue_name() {
     }
     bob.ok(&["sync"]);
     assert_eq!(
-        history_texts(&bob, "alice").len(),
+        bob.history_texts("alice").len(),
         said,
         "the conversation went through"
     );
@@ -426,7 +415,7 @@ fn a_renewed_invite_retires_every_earlier_code_and_leaves_contacts_alone() {
         .expect("send");
     assert_ne!(v["state"], "queued", "{v}");
     carol.ok(&["sync"]);
-    assert_eq!(history_texts(&carol, "alice"), ["still your contact"]);
+    assert_eq!(carol.history_texts("alice"), ["still your contact"]);
     let requests = carol.ok(&["request", "list"]);
     assert!(requests.contains("with the new code"), "{requests}");
     assert!(!requests.contains("with the old code"), "{requests}");

@@ -663,16 +663,7 @@ impl<T> State<T> {
                     Some((key, mut record))
                         if record.direction == Direction::In && !record.deleted =>
                     {
-                        match change {
-                            Some(text) => {
-                                record.text = text;
-                                record.edited = true;
-                            }
-                            None => {
-                                record.text.clear();
-                                record.deleted = true;
-                            }
-                        }
+                        record.revise(change);
                         w.put_record(TreeId::Messages, key, &record);
                         self.emit(AppEvent::ContactUpdated(peer));
                     }

@@ -643,16 +643,7 @@ impl<T> State<T> {
         content
             .check()
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        match text {
-            Some(text) => {
-                record.text = text;
-                record.edited = true;
-            }
-            None => {
-                record.text.clear();
-                record.deleted = true;
-            }
-        }
+        record.revise(text);
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             let session = sessions.get(&this.store, &contact)?;

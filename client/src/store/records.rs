@@ -126,12 +126,16 @@ pub struct Conversation {
     /// Muted: its messages do not ring or notify (the UI still counts them).
     pub muted: bool,
     /// Their edits (a new text) and deletes (`None`) of messages not here yet, applied
-    /// when those arrive; at most [`MAX_PENDING_REVISIONS`], the oldest dropped.
+    /// when those arrive; at most [`MAX_PENDING_REVISIONS`] and [`MAX_PENDING_REVISION_BYTES`] of
+    /// text, the oldest dropped.
     pub pending_revisions: Vec<([u8; 16], Option<String>)>,
 }
 
 /// Most edits and deletes kept for messages not arrived yet, per contact.
 pub const MAX_PENDING_REVISIONS: usize = 64;
+/// Most bytes of edited text kept so, per contact: the conversation record holding them
+/// is written with each of their messages, so a contact must not make it large.
+pub const MAX_PENDING_REVISION_BYTES: usize = 64 << 10;
 
 impl Conversation {
     /// Keeps their change to message `id`, which is not here yet (the latest change to
@@ -139,7 +143,14 @@ impl Conversation {
     pub fn hold_revision(&mut self, id: [u8; 16], text: Option<String>) {
         self.pending_revisions.retain(|(i, _)| *i != id);
         self.pending_revisions.push((id, text));
-        if self.pending_revisions.len() > MAX_PENDING_REVISIONS {
+        let bytes = |p: &[([u8; 16], Option<String>)]| {
+            p.iter()
+                .map(|(_, t)| t.as_ref().map_or(0, String::len))
+                .sum::<usize>()
+        };
+        while self.pending_revisions.len() > MAX_PENDING_REVISIONS
+            || bytes(&self.pending_revisions) > MAX_PENDING_REVISION_BYTES
+        {
             self.pending_revisions.remove(0);
         }
     }
@@ -153,20 +164,9 @@ impl Conversation {
         else {
             return;
         };
-        match self.pending_revisions.remove(at).1 {
-            Some(text) => {
-                record.text = text;
-                record.edited = true;
-            }
-            None => {
-                record.text.clear();
-                record.deleted = true;
-            }
-        }
+        record.revise(self.pending_revisions.remove(at).1);
     }
-}
 
-impl Conversation {
     /// Notes a message stored to disappear at `expires_ms`.
     pub fn note_expiry(&mut self, expires_ms: u64) {
         if expires_ms != 0 && (self.next_expiry_ms == 0 || expires_ms < self.next_expiry_ms) {
@@ -270,6 +270,21 @@ pub struct MessageRecord {
 }
 
 impl MessageRecord {
+    /// Its sender's change: a new text (`Some`), or deleted for everyone (`None`: the
+    /// text goes, the record stays in its place).
+    pub fn revise(&mut self, change: Option<String>) {
+        match change {
+            Some(text) => {
+                self.text = text;
+                self.edited = true;
+            }
+            None => {
+                self.text.clear();
+                self.deleted = true;
+            }
+        }
+    }
+
     /// When it disappears (Unix ms; 0: never).
     pub fn expires_at(&self) -> u64 {
         if self.timer_secs == 0 {

@@ -372,3 +372,26 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
     assert_eq!(store.outbox_keys_of(&carol), [3]);
     assert_eq!(store.outbox_keys_for(&carol, &[MessageId([1; 16])]), [3]);
 }
+
+#[test]
+fn changes_held_for_messages_not_here_yet_stay_small() {
+    let mut conv = Conversation::default();
+    for i in 0..10u8 {
+        conv.hold_revision([i; 16], Some("x".repeat(32 << 10)));
+    }
+    let bytes: usize = conv
+        .pending_revisions
+        .iter()
+        .map(|(_, t)| t.as_ref().map_or(0, String::len))
+        .sum();
+    assert!(bytes <= MAX_PENDING_REVISION_BYTES, "{bytes}");
+    assert_eq!(
+        conv.pending_revisions.last().unwrap().0,
+        [9; 16],
+        "the newest is kept"
+    );
+    for i in 0..100u8 {
+        conv.hold_revision([i; 16], None);
+    }
+    assert_eq!(conv.pending_revisions.len(), MAX_PENDING_REVISIONS);
+}
