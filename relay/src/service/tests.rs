@@ -633,7 +633,11 @@ async fn puts_and_deletes_naming_a_queue_not_yet_indexed_are_read_off_the_loop()
     }
     // Reopened with no background walk: the queue is indexed when first named.
     let store = loop {
-        match SledStore::open_with(dir.path(), limits, 16 << 20, None, false) {
+        let options = crate::store::Options {
+            walk: false,
+            ..Default::default()
+        };
+        match SledStore::open_with(dir.path(), limits, 16 << 20, None, options) {
             Ok(store) => break store,
             Err(e) => {
                 assert!(e.to_string().contains("lock"), "{e}");

@@ -8,6 +8,7 @@
 //! flush shared by every put waiting at that moment); [`MemoryStore`] keeps everything
 //! in memory for tests and throwaway relays.
 
+mod bodies;
 mod index;
 mod memory;
 mod sled_store;
@@ -20,6 +21,8 @@ use kkachi_protocol::{Envelope, EnvelopeId, QueueId, QueueKind, WriteId};
 use thiserror::Error;
 
 pub use memory::MemoryStore;
+#[cfg(test)]
+pub(crate) use sled_store::Options;
 pub use sled_store::{FlushObserver, SledStore};
 
 /// A limit on what is held.

@@ -4,10 +4,17 @@
 //! `registry` holds the queues and the write capabilities granted to them:
 //!
 //! ```text
-//! queues:   'm' ‖ queue(32) ‖ cursor(8)   → write_id(32) ‖ encoded envelope
+//! queues:   'm' ‖ queue(32) ‖ cursor(8)   → write_id(32) ‖ envelope_id(32) ‖ expires_at(8)
+//!                                           ‖ body: segment(4) ‖ offset(4) ‖ length(4)
 //! registry: 'q' ‖ queue(32)               → grants(4)
 //!           'g' ‖ write_id(32)            → queue(32) ‖ kind(1)
 //! ```
+//!
+//! The encoded envelopes themselves are in the segment files of [`Bodies`], beside the
+//! database: sled replays everything written since its last start when it opens, so it
+//! holds only these small records (a relay holding a million envelopes opens in well
+//! under a second). The envelope id is the hash of the body, so a damaged body is found
+//! when read, and its record removed.
 //!
 //! Finding an envelope by id (duplicates, deletes) and by expiry time goes through the
 //! in-memory [`Index`], rebuilt from the envelopes, so a put writes nothing else. The
@@ -41,6 +48,7 @@ use kkachi_protocol::{Envelope, EnvelopeId, QueueId, QueueKind, WriteId};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use super::bodies::{Bodies, BodyRef, ReadError};
 use super::index::{Entry, Index};
 use super::{Fetched, Granted, Limits, MailboxStore, Placed, PutResult, StoreError, StoreStats};
 
@@ -51,6 +59,39 @@ const GRANT: u8 = b'g';
 const EPOCH_KEY: &[u8] = b"e";
 /// The tree of protocol version 1, dropped on open.
 const OLD_TREE: &str = "mailboxes";
+/// Where the body segments are, inside the store's directory.
+const BODIES_DIR: &str = "bodies";
+/// A body segment is finished at this size.
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// A finished segment is rewritten once this share of it (percent) is dead...
+const SPARSE_PCT: u64 = 50;
+/// ... and at least this part of a segment's size (divisor).
+const SPARSE_MIN_DEAD_DIV: u64 = 4;
+/// How often reclaiming looks for empty segments, and how often at most it reads every
+/// record to move live bodies out of sparse ones.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+const MOVE_EVERY: Duration = Duration::from_secs(10);
+
+/// How a store runs its background work (tests turn parts off).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Options {
+    /// Index every queue in the background after opening.
+    pub(crate) walk: bool,
+    /// Reclaim body segments in the background.
+    pub(crate) reclaim: bool,
+    /// The size at which a body segment is finished.
+    pub(crate) segment_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            walk: true,
+            reclaim: true,
+            segment_bytes: SEGMENT_BYTES,
+        }
+    }
+}
 
 /// Called with the duration of every flush (for metrics).
 pub type FlushObserver = Arc<dyn Fn(Duration) + Send + Sync>;
@@ -76,13 +117,17 @@ pub struct SledStore {
     /// happens under this lock, so concurrent puts of one envelope store it once and
     /// the index always matches the tree.
     index: Arc<Mutex<Index>>,
+    /// The envelopes' bodies.
+    bodies: Arc<Bodies>,
     commit: Arc<GroupCommit>,
     /// Chosen when the database was created ([`MailboxStore::epoch`]).
     epoch: u64,
     /// True once every queue is indexed.
     indexed: Arc<watch::Sender<bool>>,
     /// The background walk indexing the queues (stopped and joined with the last clone).
-    _walk: Arc<Walk>,
+    _walk: Arc<Background>,
+    /// The background thread reclaiming body segments (likewise).
+    _reclaim: Arc<Background>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -123,6 +168,51 @@ fn parse_mail_key(key: &[u8]) -> Result<(QueueId, u64), StoreError> {
     ))
 }
 
+/// An envelope's record in the `queues` tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    grant: WriteId,
+    id: EnvelopeId,
+    expires_at: u64,
+    body: BodyRef,
+}
+
+impl Record {
+    const LEN: usize = 32 + 32 + 8 + BodyRef::LEN;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..32].copy_from_slice(&self.grant.0);
+        out[32..64].copy_from_slice(&self.id.0);
+        out[64..72].copy_from_slice(&self.expires_at.to_be_bytes());
+        out[72..].copy_from_slice(&self.body.encode());
+        out
+    }
+
+    fn decode(v: &[u8]) -> Result<Self, StoreError> {
+        let v: &[u8; Self::LEN] = v
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("an envelope record has the wrong length".into()))?;
+        Ok(Self {
+            grant: WriteId(v[..32].try_into().expect("32 bytes")),
+            id: EnvelopeId(v[32..64].try_into().expect("32 bytes")),
+            expires_at: u64::from_be_bytes(v[64..72].try_into().expect("8 bytes")),
+            body: BodyRef::decode(v[72..].try_into().expect("12 bytes")),
+        })
+    }
+
+    fn entry(&self, mailbox: QueueId, cursor: u64) -> Entry {
+        Entry {
+            id: self.id,
+            mailbox,
+            grant: self.grant,
+            cursor,
+            expires_at: self.expires_at,
+            bytes: u64::from(self.body.len),
+        }
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime:
     /// it starts the group-commit task.
@@ -132,18 +222,25 @@ impl SledStore {
         cache_bytes: u64,
         on_flush: Option<FlushObserver>,
     ) -> Result<Self, StoreError> {
-        Self::open_with(dir, limits, cache_bytes, on_flush, true)
+        Self::open_with(dir, limits, cache_bytes, on_flush, Options::default())
     }
 
-    /// [`open`](Self::open), with the background walk on or off (off, queues are
-    /// indexed only when a put or delete names them: for tests).
+    /// [`open`](Self::open), with the background walk and reclaiming on or off (off,
+    /// queues are indexed only when a put or delete names them, and segments are
+    /// reclaimed only by [`reclaim`](Self::reclaim): for tests), and segments of
+    /// `segment_bytes`.
     pub(crate) fn open_with(
         dir: &Path,
         limits: Limits,
         cache_bytes: u64,
         on_flush: Option<FlushObserver>,
-        walk: bool,
+        options: Options,
     ) -> Result<Self, StoreError> {
+        let Options {
+            walk,
+            reclaim,
+            segment_bytes,
+        } = options;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -156,6 +253,7 @@ impl SledStore {
             tracing::info!("dropped the mailboxes of protocol version 1");
         }
         let tree = db.open_tree("queues").map_err(io)?;
+        let bodies = Arc::new(Bodies::open(&dir.join(BODIES_DIR), segment_bytes)?);
         let registry = db.open_tree("registry").map_err(io)?;
         let epoch = match registry.get(EPOCH_KEY).map_err(io)? {
             Some(v) => u64::from_be_bytes(
@@ -178,15 +276,8 @@ impl SledStore {
         let index = Arc::new(Mutex::new(Index::rebuilding()));
         let failed = Arc::default();
         let indexed = Arc::new(watch::channel(false).0);
-        let walk = Walk::start(
-            tree.clone(),
-            Arc::clone(&index),
-            Arc::clone(&failed),
-            Arc::clone(&indexed),
-            walk,
-        );
-        let commit = GroupCommit::new(db.clone(), on_flush);
-        Ok(Self {
+        let commit = GroupCommit::new(db.clone(), Arc::clone(&bodies), on_flush);
+        let store = Self {
             failed,
             db,
             tree,
@@ -194,10 +285,27 @@ impl SledStore {
             limits,
             queues: Arc::new(AtomicU64::new(queues)),
             index,
+            bodies,
             commit,
             epoch,
             indexed,
-            _walk: Arc::new(walk),
+            _walk: Arc::new(Background::default()),
+            _reclaim: Arc::new(Background::default()),
+        };
+        let walker = store.clone();
+        let reclaimer = store.clone();
+        Ok(Self {
+            _walk: Arc::new(if walk {
+                Background::start("kkachi-index", move |stop| walker.walk_all(stop))
+            } else {
+                Background::default()
+            }),
+            _reclaim: Arc::new(if reclaim {
+                Background::start("kkachi-reclaim", move |stop| reclaimer.reclaim_loop(stop))
+            } else {
+                Background::default()
+            }),
+            ..store
         })
     }
 
@@ -233,7 +341,111 @@ impl SledStore {
             return Ok(());
         }
         let found = read_queue(&self.tree, queue, &AtomicBool::new(false))?;
-        add_queue(&self.tree, &self.index, queue, found)
+        self.add_queue(queue, found)
+    }
+
+    /// Adds what [`read_queue`] found in `queue` to the index and counts its bodies
+    /// alive, unless the queue was indexed meanwhile. A second copy of an id (which puts
+    /// never write) and damaged records are removed.
+    fn add_queue(&self, queue: &QueueId, found: Found) -> Result<(), StoreError> {
+        let mut index = self.index.lock();
+        if index.is_loaded(queue) {
+            return Ok(());
+        }
+        for key in &found.corrupt {
+            self.tree.remove(key).map_err(io)?;
+        }
+        let entries: Vec<Entry> = found
+            .records
+            .iter()
+            .map(|(c, r)| r.entry(*queue, *c))
+            .collect();
+        let extra = index.load(*queue, &entries);
+        for (_, record) in &found.records {
+            self.bodies.count(record.body);
+        }
+        if !extra.is_empty() {
+            tracing::warn!(
+                envelopes = extra.len(),
+                "removing second copies of stored envelopes"
+            );
+            for cursor in extra {
+                if let Some(v) = self.tree.remove(mail_key(queue, cursor)).map_err(io)? {
+                    self.bodies.release(Record::decode(&v)?.body);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the record at `cursor` in `queue` if it still names `body`: its body is
+    /// damaged or missing. Returns whether it was removed.
+    fn drop_damaged(
+        &self,
+        queue: &QueueId,
+        cursor: u64,
+        body: BodyRef,
+    ) -> Result<bool, StoreError> {
+        let mut index = self.index.lock();
+        let key = mail_key(queue, cursor);
+        let Some(value) = self.tree.get(key).map_err(io)? else {
+            return Ok(false);
+        };
+        let record = Record::decode(&value)?;
+        if record.body != body {
+            return Ok(false);
+        }
+        self.tree.remove(key).map_err(io)?;
+        self.bodies.release(body);
+        index.remove(&record.id, queue, &record.grant, u64::from(body.len));
+        Ok(true)
+    }
+
+    /// The envelope a record names, read from its segment and checked against its id:
+    /// `None` when its body is damaged or gone (the record is then removed), or when
+    /// the record moved meanwhile and is gone too.
+    fn read_body(
+        &self,
+        queue: &QueueId,
+        cursor: u64,
+        mut record: Record,
+    ) -> Result<Option<Envelope>, StoreError> {
+        // A body moved by reclaiming: its old segment may be gone by the time it is
+        // read; the record then names the new place. Twice is enough: a segment is
+        // only reclaimed after everything moved out of it is durable.
+        for _ in 0..3 {
+            let problem = match self.bodies.read(record.body) {
+                Ok(bytes) if EnvelopeId::of_encoding(&bytes) == record.id => {
+                    match Envelope::decode(&bytes) {
+                        Ok(envelope) => return Ok(Some(envelope)),
+                        Err(e) => format!("does not decode: {e}"),
+                    }
+                }
+                Ok(_) => "does not match its id".to_string(),
+                Err(ReadError::Gone) => {
+                    match self.tree.get(mail_key(queue, cursor)).map_err(io)? {
+                        None => return Ok(None),
+                        Some(v) => {
+                            let now = Record::decode(&v)?;
+                            if now.body != record.body {
+                                record = now;
+                                continue;
+                            }
+                        }
+                    }
+                    "is missing".to_string()
+                }
+                Err(ReadError::Io(e)) => return Err(io(e)),
+            };
+            tracing::error!(
+                cursor,
+                problem,
+                "a stored envelope's body is damaged; it is removed"
+            );
+            self.drop_damaged(queue, cursor, record.body)?;
+            return Ok(None);
+        }
+        Ok(None)
     }
 
     fn insert_envelopes(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
@@ -241,11 +453,8 @@ impl SledStore {
         let mut results = Vec::with_capacity(envelopes.len());
         for placed in envelopes {
             let envelope = &placed.envelope;
-            let mut value = Vec::with_capacity(32 + envelope.encoded_len());
-            value.extend_from_slice(&placed.grant.0);
-            value.extend_from_slice(&envelope.encode());
-            let bytes = &value[32..];
-            let id = EnvelopeId::of_encoding(bytes);
+            let bytes = envelope.encode();
+            let id = EnvelopeId::of_encoding(&bytes);
             if index.locate(&placed.queue, &id).is_some() {
                 results.push(PutResult::Duplicate);
                 continue;
@@ -268,10 +477,27 @@ impl SledStore {
                 results.push(PutResult::QuotaExceeded);
                 continue;
             }
+            let body = match self.bodies.append(&bytes) {
+                Ok(body) => body,
+                Err(e) => {
+                    index.remove(&entry.id, &entry.mailbox, &entry.grant, entry.bytes);
+                    return Err(e);
+                }
+            };
+            let record = Record {
+                grant: placed.grant,
+                id,
+                expires_at: envelope.expires_at,
+                body,
+            };
             // One key at a time, never a batch (see the module docs). Those written
             // before a failure stay, and the index keeps them.
-            if let Err(e) = self.tree.insert(mail_key(&placed.queue, cursor), value) {
+            if let Err(e) = self
+                .tree
+                .insert(mail_key(&placed.queue, cursor), &record.encode()[..])
+            {
                 index.remove(&entry.id, &entry.mailbox, &entry.grant, entry.bytes);
+                self.bodies.release(body);
                 return Err(io(e));
             }
             results.push(PutResult::Stored { cursor });
@@ -283,7 +509,8 @@ impl SledStore {
 /// What a queue holds, read from the tree.
 #[derive(Default)]
 struct Found {
-    entries: Vec<Entry>,
+    /// Cursor and record of each envelope.
+    records: Vec<(u64, Record)>,
     /// Keys of records that do not decode (damaged on disk): they are removed, since
     /// no fetch could return them.
     corrupt: Vec<sled::IVec>,
@@ -301,164 +528,256 @@ fn read_queue(tree: &sled::Tree, queue: &QueueId, stop: &AtomicBool) -> Result<F
             break;
         }
         let (key, value) = item.map_err(io)?;
-        let decoded = parse_mail_key(&key).and_then(|(mailbox, cursor)| {
-            let (grant, bytes) = split_value(&value)?;
-            let envelope = Envelope::decode(bytes).map_err(|e| {
-                StoreError::Corrupt(format!("envelope at cursor {cursor} does not decode: {e}"))
-            })?;
-            Ok((mailbox, cursor, grant, bytes, envelope))
-        });
-        let (mailbox, cursor, grant, bytes, envelope) = match decoded {
-            Ok(d) => d,
+        let decoded =
+            parse_mail_key(&key).and_then(|(_, cursor)| Ok((cursor, Record::decode(&value)?)));
+        match decoded {
+            Ok(d) => found.records.push(d),
             Err(e) => {
-                tracing::error!(error = %e, "a stored envelope is damaged; it is removed");
+                tracing::error!(error = %e, "a stored envelope record is damaged; it is removed");
                 found.corrupt.push(key);
-                continue;
             }
-        };
-        found.entries.push(Entry {
-            id: EnvelopeId::of_encoding(bytes),
-            mailbox,
-            grant,
-            cursor,
-            expires_at: envelope.expires_at,
-            bytes: bytes.len() as u64,
-        });
+        }
     }
     Ok(found)
 }
 
-/// Adds what [`read_queue`] found in `queue` to the index, unless the queue was indexed
-/// meanwhile. A second copy of an id (which puts never write) and damaged records are
-/// removed.
-fn add_queue(
-    tree: &sled::Tree,
-    index: &Mutex<Index>,
-    queue: &QueueId,
-    found: Found,
-) -> Result<(), StoreError> {
-    let mut index = index.lock();
-    if index.is_loaded(queue) {
-        return Ok(());
-    }
-    for key in &found.corrupt {
-        tree.remove(key).map_err(io)?;
-    }
-    let extra = index.load(*queue, &found.entries);
-    if !extra.is_empty() {
-        tracing::warn!(
-            envelopes = extra.len(),
-            "removing second copies of stored envelopes"
-        );
-        for cursor in extra {
-            tree.remove(mail_key(queue, cursor)).map_err(io)?;
-        }
-    }
-    Ok(())
-}
-
-/// The background walk that indexes every queue after the store opens.
-struct Walk {
+/// A background thread of the store, stopped and joined when dropped.
+#[derive(Default)]
+struct Background {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-impl Walk {
-    fn start(
-        tree: sled::Tree,
-        index: Arc<Mutex<Index>>,
-        failed: Arc<Mutex<Option<String>>>,
-        indexed: Arc<watch::Sender<bool>>,
-        run: bool,
-    ) -> Self {
+impl Background {
+    fn start(name: &str, run: impl FnOnce(&AtomicBool) + Send + 'static) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = run.then(|| {
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name("kkachi-index".into())
-                .spawn(move || {
-                    let started = Instant::now();
-                    let walked =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| walk(&tree, &index, &stop)))
-                            .unwrap_or_else(|_| {
-                                Err(StoreError::Io(
-                                    "indexing the stored envelopes panicked".into(),
-                                ))
-                            });
-                    match walked {
-                        Ok(true) => {
-                            let totals = {
-                                let mut index = index.lock();
-                                index.loaded_all();
-                                index.totals()
-                            };
-                            tracing::info!(
-                                envelopes = totals.envelopes,
-                                queues = totals.mailboxes,
-                                ms = started.elapsed().as_millis() as u64,
-                                "indexed the stored envelopes"
-                            );
-                            indexed.send_replace(true);
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            record_failure(&failed, e);
-                            // Wakes anyone waiting for the index, to see the failure.
-                            indexed.send_replace(false);
-                        }
-                    }
-                })
-                .expect("spawn the index thread")
-        });
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || run(&stop)
+            })
+            .expect("spawn a store thread");
         Self {
             stop,
-            thread: Mutex::new(thread),
+            thread: Mutex::new(Some(thread)),
         }
     }
 }
 
-impl Drop for Walk {
+impl Drop for Background {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.lock().take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
 }
 
-/// Indexes every queue in key order; false if stopped first.
-fn walk(tree: &sled::Tree, index: &Mutex<Index>, stop: &AtomicBool) -> Result<bool, StoreError> {
-    let mut from = Bound::Included(vec![MAIL]);
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(false);
+/// What one round of reclaiming did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reclaimed {
+    /// Whether every record was read to move bodies out of sparse segments.
+    pub(crate) scanned: bool,
+    /// Live bodies moved out of sparse segments.
+    pub(crate) moved: u64,
+    /// Segments removed.
+    pub(crate) segments: u64,
+    /// Bytes of segment files removed.
+    pub(crate) bytes: u64,
+}
+
+impl SledStore {
+    /// The background walk: indexes every queue after the store opens.
+    fn walk_all(&self, stop: &AtomicBool) {
+        let started = Instant::now();
+        let walked =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.walk(stop))).unwrap_or_else(|_| {
+                Err(StoreError::Io(
+                    "indexing the stored envelopes panicked".into(),
+                ))
+            });
+        match walked {
+            Ok(true) => {
+                let totals = {
+                    let mut index = self.index.lock();
+                    index.loaded_all();
+                    index.totals()
+                };
+                tracing::info!(
+                    envelopes = totals.envelopes,
+                    queues = totals.mailboxes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "indexed the stored envelopes"
+                );
+                self.indexed.send_replace(true);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.note(e);
+                // Wakes anyone waiting for the index, to see the failure.
+                self.indexed.send_replace(false);
+            }
         }
-        let Some(item) = tree.range::<Vec<u8>, _>((from, Bound::Unbounded)).next() else {
-            return Ok(true);
-        };
-        let (key, _) = item.map_err(io)?;
-        if key.first() != Some(&MAIL) {
-            return Ok(true);
-        }
-        let (queue, _) = parse_mail_key(&key)?;
-        if !index.lock().is_loaded(&queue) {
-            let found = read_queue(tree, &queue, stop)?;
+    }
+
+    /// Indexes every queue in key order; false if stopped first.
+    fn walk(&self, stop: &AtomicBool) -> Result<bool, StoreError> {
+        let mut from = Bound::Included(vec![MAIL]);
+        loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(false);
             }
-            add_queue(tree, index, &queue, found)?;
+            let Some(item) = self
+                .tree
+                .range::<Vec<u8>, _>((from, Bound::Unbounded))
+                .next()
+            else {
+                return Ok(true);
+            };
+            let (key, _) = item.map_err(io)?;
+            if key.first() != Some(&MAIL) {
+                return Ok(true);
+            }
+            let (queue, _) = parse_mail_key(&key)?;
+            if !self.index.lock().is_loaded(&queue) {
+                let found = read_queue(&self.tree, &queue, stop)?;
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                self.add_queue(&queue, found)?;
+            }
+            from = Bound::Excluded(mail_key(&queue, u64::MAX).to_vec());
         }
-        from = Bound::Excluded(mail_key(&queue, u64::MAX).to_vec());
+    }
+
+    /// The background reclaiming: every [`RECLAIM_EVERY`] once the store is indexed,
+    /// moving bodies at most every [`MOVE_EVERY`]. Stops on a storage failure (which
+    /// stops the relay).
+    fn reclaim_loop(&self, stop: &AtomicBool) {
+        let mut last_move: Option<Instant> = None;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::park_timeout(RECLAIM_EVERY);
+            if stop.load(Ordering::Relaxed) || !self.indexed() || self.fatal().is_some() {
+                continue;
+            }
+            let may_move = last_move.is_none_or(|t| t.elapsed() >= MOVE_EVERY);
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.reclaim_round(may_move))) {
+                Ok(Ok(done)) => {
+                    if done.scanned {
+                        last_move = Some(Instant::now());
+                    }
+                    if done.segments > 0 {
+                        let (on_disk, live) = self.bodies.usage();
+                        tracing::info!(
+                            segments = done.segments,
+                            freed = done.bytes,
+                            moved = done.moved,
+                            on_disk,
+                            live,
+                            "reclaimed body segments"
+                        );
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.note(e);
+                    return;
+                }
+                Err(_) => {
+                    self.note(StoreError::Io("reclaiming body segments panicked".into()));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Bytes in body segment files, and of those alive.
+    #[cfg(test)]
+    pub(crate) fn body_usage(&self) -> (u64, u64) {
+        self.bodies.usage()
+    }
+
+    /// Reclaims what can be now: removes finished segments holding nothing alive and,
+    /// when `move_bodies`, moves the live bodies out of mostly dead ones and removes
+    /// those too. Does nothing until every queue is indexed (what is alive is counted
+    /// from the records).
+    pub(crate) fn reclaim_round(&self, move_bodies: bool) -> Result<Reclaimed, StoreError> {
+        let mut done = Reclaimed::default();
+        if !self.indexed() {
+            return Ok(done);
+        }
+        let plan = self.bodies.plan(
+            SPARSE_PCT,
+            self.bodies.segment_bytes() / SPARSE_MIN_DEAD_DIV,
+        );
+        let mut segments = plan.empty;
+        if move_bodies && !plan.sparse.is_empty() {
+            done.scanned = true;
+            done.moved = self.move_bodies_out(&plan.sparse)?;
+            segments.extend(plan.sparse);
+        }
+        if segments.is_empty() {
+            return Ok(done);
+        }
+        // What was moved, and the removal of every record that named these segments,
+        // must be durable before they go: after a crash, no record names them.
+        self.bodies.sync()?;
+        self.db.flush().map_err(io)?;
+        let before = self.bodies.segment_count();
+        done.bytes = self.bodies.remove_empty(&segments)?;
+        done.segments = (before - self.bodies.segment_count()) as u64;
+        Ok(done)
+    }
+
+    /// Copies every live body in `segments` to the end of the log and points its record
+    /// there; returns how many moved.
+    fn move_bodies_out(&self, segments: &[u32]) -> Result<u64, StoreError> {
+        let mut candidates = Vec::new();
+        for item in self.tree.scan_prefix([MAIL]) {
+            let (key, value) = item.map_err(io)?;
+            let Ok(record) = Record::decode(&value) else {
+                continue;
+            };
+            if segments.contains(&record.body.segment) {
+                candidates.push((parse_mail_key(&key)?, record));
+            }
+        }
+        let mut moved = 0;
+        for ((queue, cursor), record) in candidates {
+            let bytes = match self.bodies.read(record.body) {
+                Ok(bytes) if EnvelopeId::of_encoding(&bytes) == record.id => bytes,
+                Ok(_) | Err(ReadError::Gone) => {
+                    tracing::error!(cursor, "a stored envelope's body is damaged; it is removed");
+                    self.drop_damaged(&queue, cursor, record.body)?;
+                    continue;
+                }
+                Err(ReadError::Io(e)) => return Err(io(e)),
+            };
+            // Under the index lock, as every change to the tree: the record is moved
+            // only if it is still there, unchanged.
+            let _index = self.index.lock();
+            let key = mail_key(&queue, cursor);
+            match self.tree.get(key).map_err(io)? {
+                Some(v) if Record::decode(&v)? == record => {}
+                _ => continue,
+            }
+            let body = self.bodies.append(&bytes)?;
+            let now = Record { body, ..record };
+            if let Err(e) = self.tree.insert(key, &now.encode()[..]) {
+                self.bodies.release(body);
+                return Err(io(e));
+            }
+            self.bodies.release(record.body);
+            moved += 1;
+        }
+        Ok(moved)
     }
 }
 
-/// The write capability and the envelope encoding in a stored value.
-fn split_value(value: &[u8]) -> Result<(WriteId, &[u8]), StoreError> {
-    if value.len() < 32 {
-        return Err(StoreError::Corrupt("stored envelope is too short".into()));
-    }
-    let (grant, bytes) = value.split_at(32);
-    Ok((WriteId(grant.try_into().expect("32 bytes")), bytes))
+/// The body length a stored record names (0 for a damaged one), for fetch's byte limit.
+fn record_len(value: &[u8]) -> usize {
+    Record::decode(value).map_or(0, |r| r.body.len as usize)
 }
 
 fn registry_key(family: u8, id: &[u8; 32]) -> [u8; 33] {
@@ -544,19 +863,23 @@ impl MailboxStore for SledStore {
         let mut more = false;
         for item in self.tree.range(start..=end) {
             let (key, value) = item.map_err(io)?;
-            if items.len() >= limit || (!items.is_empty() && bytes + value.len() > max_bytes) {
+            if items.len() >= limit || (!items.is_empty() && bytes + record_len(&value) > max_bytes)
+            {
                 more = true;
                 break;
             }
-            let cursor = u64::from_be_bytes(
-                key[33..41]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("mail key".into()))?,
-            );
-            let (_, encoded) = split_value(&value)?;
-            let envelope =
-                Envelope::decode(encoded).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            bytes += encoded.len();
+            let (_, cursor) = parse_mail_key(&key)?;
+            let record = match Record::decode(&value) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(error = %e, cursor, "a stored envelope record is damaged; it is skipped");
+                    continue;
+                }
+            };
+            let Some(envelope) = self.read_body(mailbox, cursor, record)? else {
+                continue;
+            };
+            bytes += record.body.len as usize;
             items.push(StoredEnvelope { cursor, envelope });
         }
         let next = items.last().map_or(after, |i| i.cursor);
@@ -575,8 +898,9 @@ impl MailboxStore for SledStore {
             let Some(value) = self.tree.remove(key).map_err(io)? else {
                 continue;
             };
-            let (grant, bytes) = split_value(&value)?;
-            index.remove(id, mailbox, &grant, bytes.len() as u64);
+            let record = Record::decode(&value)?;
+            self.bodies.release(record.body);
+            index.remove(id, mailbox, &record.grant, u64::from(record.body.len));
             removed += 1;
         }
         Ok(removed)
@@ -589,9 +913,10 @@ impl MailboxStore for SledStore {
             let key = mail_key(&due.mailbox, due.cursor);
             match self.tree.remove(key).map_err(io)? {
                 Some(value) => {
-                    let (grant, bytes) = split_value(&value)?;
-                    let id = EnvelopeId::of_encoding(bytes);
-                    if !index.remove(&id, &due.mailbox, &grant, bytes.len() as u64) {
+                    let record = Record::decode(&value)?;
+                    self.bodies.release(record.body);
+                    let bytes = u64::from(record.body.len);
+                    if !index.remove(&record.id, &due.mailbox, &record.grant, bytes) {
                         index.forget_expiry(&due);
                     }
                     removed += 1;
@@ -739,15 +1064,18 @@ fn finish_flush(state: &watch::Sender<FlushState>, target: u64, outcome: Result<
 /// waits for the running one and, if that started before its ticket, for the next.
 struct GroupCommit {
     db: sled::Db,
+    /// Synced before every flush: no durable record names a body that is not.
+    bodies: Arc<Bodies>,
     issued: AtomicU64,
     state: Arc<watch::Sender<FlushState>>,
     on_flush: Option<FlushObserver>,
 }
 
 impl GroupCommit {
-    fn new(db: sled::Db, on_flush: Option<FlushObserver>) -> Arc<Self> {
+    fn new(db: sled::Db, bodies: Arc<Bodies>, on_flush: Option<FlushObserver>) -> Arc<Self> {
         Arc::new(Self {
             db,
+            bodies,
             issued: AtomicU64::new(0),
             state: Arc::new(watch::channel(FlushState::default()).0),
             on_flush,
@@ -771,6 +1099,7 @@ impl GroupCommit {
         }
         let target = self.issued.load(Ordering::SeqCst);
         let db = self.db.clone();
+        let bodies = Arc::clone(&self.bodies);
         let state = Arc::clone(&self.state);
         let on_flush = self.on_flush.clone();
         // The blocking thread flushes and wakes the waiters itself: one thread hop
@@ -779,8 +1108,11 @@ impl GroupCommit {
         // can be opened again at once. A panicking flush still wakes them, as failed.
         tokio::task::spawn_blocking(move || {
             let began = Instant::now();
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| db.flush()));
-            drop(db);
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                bodies.sync()?;
+                db.flush().map_err(io)
+            }));
+            drop((db, bodies));
             if let Some(observe) = &on_flush {
                 observe(began.elapsed());
             }
@@ -788,7 +1120,7 @@ impl GroupCommit {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "flush failed; puts are refused until one succeeds");
-                    Err(matches!(io(&e), StoreError::Full))
+                    Err(matches!(e, StoreError::Full))
                 }
                 Err(_) => {
                     tracing::error!("flush panicked; puts are refused until one succeeds");

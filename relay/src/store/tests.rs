@@ -187,7 +187,11 @@ fn reopen(dir: &std::path::Path) -> SledStore {
 fn reopen_with(dir: &std::path::Path, walk: bool) -> SledStore {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match SledStore::open_with(dir, QUOTA, 16 << 20, None, walk) {
+        let options = Options {
+            walk,
+            ..Options::default()
+        };
+        match SledStore::open_with(dir, QUOTA, 16 << 20, None, options) {
             Err(StoreError::Io(e)) if std::time::Instant::now() < deadline => {
                 assert!(e.contains("lock"), "{e}");
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -514,4 +518,146 @@ async fn a_damaged_record_is_removed_and_the_rest_indexed() {
         "fetches work again"
     );
     assert_eq!(held(&store, &QueueId([2; 32])).len(), 3);
+}
+
+/// Opens a store in `dir` with body segments of `segment_bytes` and no background
+/// reclaiming, and waits until it is indexed.
+fn small_segments(dir: &std::path::Path, segment_bytes: u64) -> SledStore {
+    let quota = Quota {
+        max_envelopes: 10_000,
+        max_bytes: u64::MAX,
+    };
+    let options = Options {
+        reclaim: false,
+        segment_bytes,
+        ..Options::default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let store = loop {
+        match SledStore::open_with(dir, Limits::uniform(quota), 16 << 20, None, options) {
+            Err(StoreError::Io(e)) if std::time::Instant::now() < deadline => {
+                assert!(e.contains("lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.unwrap(),
+        }
+    };
+    while !store.indexed() {
+        assert!(std::time::Instant::now() < deadline, "indexing took 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    store
+}
+
+/// The body segment files in the store in `dir`.
+fn segment_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("bodies"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".seg")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn body_segments_are_reclaimed_once_dead_and_live_bodies_moved_out_of_sparse_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let each = envelope(0, 0).encoded_len() as u64;
+    // Four bodies per segment.
+    let store = small_segments(dir.path(), 4 * each);
+    let (m1, m2) = (QueueId([1; 32]), QueueId([2; 32]));
+    // Interleaved: segments hold both queues' bodies, and queue 1 alone fills the first.
+    let mut puts: Vec<Placed> = (0..4).map(|n| env(1, n, 1000)).collect();
+    for n in 4..20 {
+        puts.push(env(if n % 2 == 0 { 1 } else { 2 }, n, 1000));
+    }
+    let stored = store.put(puts).await.unwrap();
+    assert!(stored.iter().all(|r| matches!(r, PutResult::Stored { .. })));
+    assert_eq!(segment_files(dir.path()), 5);
+    assert_eq!(store.body_usage(), (20 * each, 20 * each));
+    // Queue 1 read and deleted: the first segment is dead, the others half dead.
+    let ids: Vec<EnvelopeId> = held(&store, &m1).iter().map(Envelope::id).collect();
+    assert_eq!(ids.len(), 12);
+    assert_eq!(store.delete(&m1, &ids).unwrap(), 12);
+    store.flush().await.unwrap();
+    let done = store.reclaim_round(false).unwrap();
+    assert_eq!((done.segments, done.moved), (1, 0), "{done:?}");
+    assert_eq!(segment_files(dir.path()), 4);
+    // Moving: the three finished half-dead segments go, their live bodies moved.
+    let done = store.reclaim_round(true).unwrap();
+    assert_eq!((done.segments, done.moved), (3, 6), "{done:?}");
+    let (on_disk, live) = store.body_usage();
+    assert_eq!(live, 8 * each);
+    assert!(
+        on_disk <= 10 * each,
+        "{on_disk} bytes on disk for {live} alive"
+    );
+    let expected: Vec<Envelope> = (4..20)
+        .filter(|n| n % 2 == 1)
+        .map(|n| envelope(n, 1000))
+        .collect();
+    assert_eq!(held(&store, &m2), expected);
+    assert!(held(&store, &m1).is_empty());
+    drop(store);
+    // After a restart the moved bodies are found where their records say, and what
+    // was alive is counted again from the records.
+    let store = small_segments(dir.path(), 4 * each);
+    assert_eq!(held(&store, &m2), expected);
+    assert_eq!(store.stats().envelopes, 8);
+    assert_eq!(store.body_usage().1, 8 * each);
+    assert_eq!(
+        store.put(vec![env(2, 5, 1000)]).await.unwrap(),
+        vec![PutResult::Duplicate]
+    );
+    // Nothing is lost by reclaiming again (the previous active segment is finished now).
+    store.reclaim_round(true).unwrap();
+    assert_eq!(held(&store, &m2), expected);
+}
+
+#[tokio::test]
+async fn a_damaged_or_missing_body_is_removed_when_read_and_the_rest_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let each = envelope(0, 0).encoded_len() as u64;
+    {
+        let store = small_segments(dir.path(), 2 * each);
+        let stored = store
+            .put((0..6).map(|n| env(1, n, 1000)).collect())
+            .await
+            .unwrap();
+        assert!(stored.iter().all(|r| matches!(r, PutResult::Stored { .. })));
+    }
+    // Segments 1, 2, 3 hold two bodies each: one byte of the first body changed, and
+    // the third segment lost.
+    let bodies = dir.path().join("bodies");
+    let first = bodies.join("00000001.seg");
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[3] ^= 0x55;
+    std::fs::write(&first, bytes).unwrap();
+    std::fs::remove_file(bodies.join("00000003.seg")).unwrap();
+    let store = small_segments(dir.path(), 2 * each);
+    assert_eq!(
+        store.stats().envelopes,
+        6,
+        "records are indexed without their bodies"
+    );
+    let served = held(&store, &QueueId([1; 32]));
+    assert_eq!(
+        served,
+        vec![envelope(1, 1000), envelope(2, 1000), envelope(3, 1000)]
+    );
+    assert_eq!(store.fatal(), None, "damaged bodies do not stop the relay");
+    assert_eq!(store.stats().envelopes, 3, "their records are removed");
+    // Appends go on in a new segment (numbered after the highest found: a lost last
+    // segment's number comes again, and the envelope ids tell its old records apart).
+    assert!(matches!(
+        store.put(vec![env(1, 9, 1000)]).await.unwrap()[0],
+        PutResult::Stored { .. }
+    ));
+    let served = held(&store, &QueueId([1; 32]));
+    assert_eq!(served.last(), Some(&envelope(9, 1000)));
+    assert_eq!(served.len(), 4);
 }
