@@ -15,17 +15,23 @@
 //!
 //! - **Durability.** [`Bodies::sync`] makes every body appended so far durable (the
 //!   segments written since the last sync, and the directory when a segment was
-//!   created); the group commit calls it before sled's flush, so a durable record never
-//!   names a body that is not. A body written whose record was not (a crash between
-//!   the two, a failed insert) is dead space, reclaimed like a deleted one.
+//!   created); syncs run one at a time, and once one fails every later one fails too
+//!   (after a failed fsync the kernel may have dropped the pages: the store stops and
+//!   is opened again). The group commit syncs the bodies before sled's flush, so what
+//!   was acknowledged has its body on disk. sled writes its log before flushing, so
+//!   after a power loss a record that was never acknowledged may be there without its
+//!   body: such a body fails its id check when read, and a put of the same envelope
+//!   again replaces it (see the store). A body written whose record was not (a crash
+//!   between the two, a failed insert) is dead space, reclaimed like a deleted one.
 //! - **A new segment on every open.** Appends never continue a file a crash may have
 //!   cut short.
 //! - **Reclaiming.** What each segment holds alive is counted from the records (the
 //!   index walk adds every record it finds, puts add theirs, deletes and expiry
 //!   subtract). A finished segment with nothing alive is removed; one mostly dead has
 //!   its live bodies copied to the end of the log and their records pointed there, and
-//!   is removed once those records are durable. Counts are only trusted once the walk
-//!   has seen every record.
+//!   is removed once those records are durable. Nothing is reclaimed until the walk
+//!   has counted every record; a record is counted once its queue is indexed, and
+//!   released only from an indexed queue.
 //! - **Readers.** A segment's open file stays readable by whoever took it before the
 //!   segment was removed; a reader that finds its segment gone reads the record again
 //!   (it was moved).
@@ -35,6 +41,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -104,6 +111,11 @@ pub(crate) struct Bodies {
     /// A segment is finished once appending a body would take it past this.
     segment_bytes: u64,
     state: Mutex<State>,
+    /// Held through a whole sync: a second one waits for the first, so none returns
+    /// before what was appended before it started is durable.
+    syncing: Mutex<()>,
+    /// A sync failed: every later one fails.
+    sync_failed: AtomicBool,
 }
 
 /// What [`Bodies::plan`] found to reclaim.
@@ -141,7 +153,12 @@ impl Bodies {
     /// appends. Every existing segment counts as holding nothing alive until records
     /// naming it are [`counted`](Self::count).
     pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            if let Some(parent) = dir.parent() {
+                File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+            }
+        }
         let mut segments = BTreeMap::new();
         for item in std::fs::read_dir(dir).map_err(io)? {
             let item = item.map_err(io)?;
@@ -194,6 +211,8 @@ impl Bodies {
                 dirty: Vec::new(),
                 dir_dirty: true,
             }),
+            syncing: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
         })
     }
 
@@ -280,6 +299,12 @@ impl Bodies {
 
     /// Makes every body appended so far durable.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.syncing.lock();
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(
+                "an earlier sync of the envelope bodies failed".into(),
+            ));
+        }
         let (files, dir) = {
             let mut state = self.state.lock();
             let dir = std::mem::take(&mut state.dir_dirty);
@@ -295,10 +320,7 @@ impl Bodies {
             Ok(())
         })();
         if let Err(e) = synced {
-            // Tried again at the next sync.
-            let mut state = self.state.lock();
-            state.dirty.extend(files);
-            state.dir_dirty |= dir;
+            self.sync_failed.store(true, Ordering::SeqCst);
             return Err(io(e));
         }
         Ok(())
@@ -324,10 +346,11 @@ impl Bodies {
     }
 
     /// Removes finished segments that hold nothing alive (any of `segments` still
-    /// holding something is kept); returns the bytes freed. The caller has made durable
-    /// every record moved out of them.
-    pub(crate) fn remove_empty(&self, segments: &[u32]) -> Result<u64, StoreError> {
-        let mut freed = 0;
+    /// holding something is kept); returns how many went and the bytes freed. The
+    /// caller has made durable every record moved out of them. A file that cannot be
+    /// removed is logged and left (it is not opened again until the next start).
+    pub(crate) fn remove_empty(&self, segments: &[u32]) -> (u64, u64) {
+        let (mut count, mut freed) = (0, 0);
         for n in segments {
             let removed = {
                 let mut state = self.state.lock();
@@ -341,23 +364,23 @@ impl Bodies {
             };
             if let Some(seg) = removed {
                 match std::fs::remove_file(segment_path(&self.dir, *n)) {
-                    Ok(()) => freed += seg.written,
+                    Ok(()) => {
+                        count += 1;
+                        freed += seg.written;
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io(e)),
+                    Err(e) => {
+                        tracing::error!(segment = n, error = %e, "a body segment could not be removed");
+                    }
                 }
             }
         }
-        Ok(freed)
+        (count, freed)
     }
 
     /// The size at which a segment is finished.
     pub(crate) fn segment_bytes(&self) -> u64 {
         self.segment_bytes
-    }
-
-    /// Segment files open, the active one included.
-    pub(crate) fn segment_count(&self) -> usize {
-        self.state.lock().segments.len()
     }
 
     /// Bytes in segment files, and of those alive.
@@ -418,7 +441,7 @@ mod tests {
                 sparse: vec![]
             }
         );
-        assert_eq!(bodies.remove_empty(&[a.segment, b.segment]).unwrap(), 60);
+        assert_eq!(bodies.remove_empty(&[a.segment, b.segment]), (1, 60));
         assert!(matches!(bodies.read(a), Err(ReadError::Gone)));
         assert_eq!(bodies.read(b).unwrap(), vec![2; 60]);
         assert!(!segment_path(dir.path(), a.segment).exists());

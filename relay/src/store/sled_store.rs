@@ -17,7 +17,8 @@
 //! when read, and its record removed.
 //!
 //! Finding an envelope by id (duplicates, deletes) and by expiry time goes through the
-//! in-memory [`Index`], rebuilt from the envelopes, so a put writes nothing else. The
+//! in-memory [`Index`], rebuilt from the records, so a put writes only its body and
+//! its record. The
 //! store serves as soon as sled has opened: a queue is indexed the first time a put or
 //! delete names it, and a background walk indexes the others. Until the walk is done,
 //! expiry covers the queues indexed so far and the relay-wide cap counts only them (the
@@ -166,6 +167,15 @@ fn parse_mail_key(key: &[u8]) -> Result<(QueueId, u64), StoreError> {
         QueueId(key[1..33].try_into().expect("32 bytes")),
         u64::from_be_bytes(key[33..].try_into().expect("8 bytes")),
     ))
+}
+
+/// What is wrong with a body.
+#[derive(Debug)]
+enum Damage {
+    /// Its segment is not there (the body may have moved).
+    Gone,
+    /// It does not match its id, or cannot be read.
+    Wrong(String),
 }
 
 /// An envelope's record in the `queues` tree.
@@ -379,14 +389,28 @@ impl SledStore {
     }
 
     /// Removes the record at `cursor` in `queue` if it still names `body`: its body is
-    /// damaged or missing. Returns whether it was removed.
+    /// damaged or missing. Indexes the queue first, so what it holds stays counted
+    /// right. Returns whether it was removed.
     fn drop_damaged(
         &self,
         queue: &QueueId,
         cursor: u64,
         body: BodyRef,
     ) -> Result<bool, StoreError> {
+        self.ensure_indexed(queue)?;
         let mut index = self.index.lock();
+        self.drop_locked(&mut index, queue, cursor, body)
+    }
+
+    /// [`drop_damaged`](Self::drop_damaged) with the index lock held and the queue
+    /// indexed.
+    fn drop_locked(
+        &self,
+        index: &mut Index,
+        queue: &QueueId,
+        cursor: u64,
+        body: BodyRef,
+    ) -> Result<bool, StoreError> {
         let key = mail_key(queue, cursor);
         let Some(value) = self.tree.get(key).map_err(io)? else {
             return Ok(false);
@@ -399,6 +423,18 @@ impl SledStore {
         self.bodies.release(body);
         index.remove(&record.id, queue, &record.grant, u64::from(body.len));
         Ok(true)
+    }
+
+    /// The body a record names, checked against its id; what is wrong with it
+    /// otherwise. A read error counts as damage: one bad body must not fail every
+    /// fetch of its queue.
+    fn checked_body(&self, record: &Record) -> Result<Vec<u8>, Damage> {
+        match self.bodies.read(record.body) {
+            Ok(bytes) if EnvelopeId::of_encoding(&bytes) == record.id => Ok(bytes),
+            Ok(_) => Err(Damage::Wrong("does not match its id".into())),
+            Err(ReadError::Gone) => Err(Damage::Gone),
+            Err(ReadError::Io(e)) => Err(Damage::Wrong(format!("cannot be read: {e}"))),
+        }
     }
 
     /// The envelope a record names, read from its segment and checked against its id:
@@ -414,15 +450,13 @@ impl SledStore {
         // read; the record then names the new place. Twice is enough: a segment is
         // only reclaimed after everything moved out of it is durable.
         for _ in 0..3 {
-            let problem = match self.bodies.read(record.body) {
-                Ok(bytes) if EnvelopeId::of_encoding(&bytes) == record.id => {
-                    match Envelope::decode(&bytes) {
-                        Ok(envelope) => return Ok(Some(envelope)),
-                        Err(e) => format!("does not decode: {e}"),
-                    }
-                }
-                Ok(_) => "does not match its id".to_string(),
-                Err(ReadError::Gone) => {
+            let problem = match self.checked_body(&record) {
+                Ok(bytes) => match Envelope::decode(&bytes) {
+                    Ok(envelope) => return Ok(Some(envelope)),
+                    Err(e) => format!("does not decode: {e}"),
+                },
+                Err(Damage::Wrong(problem)) => problem,
+                Err(Damage::Gone) => {
                     match self.tree.get(mail_key(queue, cursor)).map_err(io)? {
                         None => return Ok(None),
                         Some(v) => {
@@ -435,7 +469,6 @@ impl SledStore {
                     }
                     "is missing".to_string()
                 }
-                Err(ReadError::Io(e)) => return Err(io(e)),
             };
             tracing::error!(
                 cursor,
@@ -448,6 +481,33 @@ impl SledStore {
         Ok(None)
     }
 
+    /// Whether the envelope `id` held in `queue` at `cursor` is whole. One that is not
+    /// (a record that reached the disk without its body in a power loss, before it was
+    /// acknowledged) is removed, so a put of it again stores it.
+    fn held_whole(
+        &self,
+        index: &mut Index,
+        queue: &QueueId,
+        cursor: u64,
+    ) -> Result<bool, StoreError> {
+        let Some(value) = self.tree.get(mail_key(queue, cursor)).map_err(io)? else {
+            return Ok(true);
+        };
+        let record = Record::decode(&value)?;
+        match self.checked_body(&record) {
+            Ok(_) => Ok(true),
+            Err(damage) => {
+                tracing::error!(
+                    cursor,
+                    ?damage,
+                    "a stored envelope put again has a damaged body; it is stored again"
+                );
+                self.drop_locked(index, queue, cursor, record.body)?;
+                Ok(false)
+            }
+        }
+    }
+
     fn insert_envelopes(&self, envelopes: &[Placed]) -> Result<Vec<PutResult>, StoreError> {
         let mut index = self.index.lock();
         let mut results = Vec::with_capacity(envelopes.len());
@@ -455,7 +515,9 @@ impl SledStore {
             let envelope = &placed.envelope;
             let bytes = envelope.encode();
             let id = EnvelopeId::of_encoding(&bytes);
-            if index.locate(&placed.queue, &id).is_some() {
+            if let Some(slot) = index.locate(&placed.queue, &id)
+                && self.held_whole(&mut index, &placed.queue, slot.cursor)?
+            {
                 results.push(PutResult::Duplicate);
                 continue;
             }
@@ -712,60 +774,85 @@ impl SledStore {
             self.bodies.segment_bytes() / SPARSE_MIN_DEAD_DIV,
         );
         let mut segments = plan.empty;
-        if move_bodies && !plan.sparse.is_empty() {
+        // One sparse segment a round: the space a move takes first stays small.
+        if move_bodies && let Some(&sparse) = plan.sparse.first() {
             done.scanned = true;
-            done.moved = self.move_bodies_out(&plan.sparse)?;
-            segments.extend(plan.sparse);
+            done.moved = self.move_bodies_out(sparse)?;
+            segments.push(sparse);
         }
         if segments.is_empty() {
             return Ok(done);
         }
         // What was moved, and the removal of every record that named these segments,
-        // must be durable before they go: after a crash, no record names them.
+        // must be durable before they go: after a crash, no record names them. A
+        // segment still holding something (a move cut short) stays.
         self.bodies.sync()?;
         self.db.flush().map_err(io)?;
-        let before = self.bodies.segment_count();
-        done.bytes = self.bodies.remove_empty(&segments)?;
-        done.segments = (before - self.bodies.segment_count()) as u64;
+        (done.segments, done.bytes) = self.bodies.remove_empty(&segments);
         Ok(done)
     }
 
-    /// Copies every live body in `segments` to the end of the log and points its record
-    /// there; returns how many moved.
-    fn move_bodies_out(&self, segments: &[u32]) -> Result<u64, StoreError> {
+    /// Copies every live body in `segment` to the end of the log, makes the copies
+    /// durable, then points their records there; returns how many moved. A damaged
+    /// body's record is removed. If the disk fills meanwhile, nothing is moved (the
+    /// copies are dead space) and the store goes on.
+    fn move_bodies_out(&self, segment: u32) -> Result<u64, StoreError> {
         let mut candidates = Vec::new();
         for item in self.tree.scan_prefix([MAIL]) {
             let (key, value) = item.map_err(io)?;
             let Ok(record) = Record::decode(&value) else {
                 continue;
             };
-            if segments.contains(&record.body.segment) {
+            if record.body.segment == segment {
                 candidates.push((parse_mail_key(&key)?, record));
             }
         }
-        let mut moved = 0;
+        let mut copies = Vec::with_capacity(candidates.len());
         for ((queue, cursor), record) in candidates {
-            let bytes = match self.bodies.read(record.body) {
-                Ok(bytes) if EnvelopeId::of_encoding(&bytes) == record.id => bytes,
-                Ok(_) | Err(ReadError::Gone) => {
-                    tracing::error!(cursor, "a stored envelope's body is damaged; it is removed");
+            let bytes = match self.checked_body(&record) {
+                Ok(bytes) => bytes,
+                Err(damage) => {
+                    tracing::error!(
+                        cursor,
+                        ?damage,
+                        "a stored envelope's body is damaged; it is removed"
+                    );
                     self.drop_damaged(&queue, cursor, record.body)?;
                     continue;
                 }
-                Err(ReadError::Io(e)) => return Err(io(e)),
             };
+            match self.bodies.append(&bytes) {
+                Ok(copy) => copies.push((queue, cursor, record, copy)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "moving envelope bodies stopped; the segment stays");
+                    for (_, _, _, copy) in copies {
+                        self.bodies.release(copy);
+                    }
+                    return Ok(0);
+                }
+            }
+        }
+        // The copies are on disk before any record names them.
+        self.bodies.sync()?;
+        let mut moved = 0;
+        for (queue, cursor, record, copy) in copies {
             // Under the index lock, as every change to the tree: the record is moved
             // only if it is still there, unchanged.
             let _index = self.index.lock();
             let key = mail_key(&queue, cursor);
             match self.tree.get(key).map_err(io)? {
                 Some(v) if Record::decode(&v)? == record => {}
-                _ => continue,
+                _ => {
+                    self.bodies.release(copy);
+                    continue;
+                }
             }
-            let body = self.bodies.append(&bytes)?;
-            let now = Record { body, ..record };
+            let now = Record {
+                body: copy,
+                ..record
+            };
             if let Err(e) = self.tree.insert(key, &now.encode()[..]) {
-                self.bodies.release(body);
+                self.bodies.release(copy);
                 return Err(io(e));
             }
             self.bodies.release(record.body);

@@ -587,15 +587,21 @@ async fn body_segments_are_reclaimed_once_dead_and_live_bodies_moved_out_of_spar
     let done = store.reclaim_round(false).unwrap();
     assert_eq!((done.segments, done.moved), (1, 0), "{done:?}");
     assert_eq!(segment_files(dir.path()), 4);
-    // Moving: the three finished half-dead segments go, their live bodies moved.
-    let done = store.reclaim_round(true).unwrap();
-    assert_eq!((done.segments, done.moved), (3, 6), "{done:?}");
-    let (on_disk, live) = store.body_usage();
-    assert_eq!(live, 8 * each);
-    assert!(
-        on_disk <= 10 * each,
-        "{on_disk} bytes on disk for {live} alive"
-    );
+    // Moving, a segment a round: the half-dead segments go, their live bodies moved
+    // (the fifth, active until the first copies, is finished by them).
+    let (mut moved, mut removed) = (0, 0);
+    loop {
+        let done = store.reclaim_round(true).unwrap();
+        if done.segments == 0 && done.moved == 0 {
+            break;
+        }
+        assert_eq!((done.segments, done.moved), (1, 2), "{done:?}");
+        moved += done.moved;
+        removed += done.segments;
+    }
+    assert_eq!((moved, removed), (8, 4));
+    assert_eq!(store.body_usage(), (8 * each, 8 * each));
+    assert_eq!(segment_files(dir.path()), 2);
     let expected: Vec<Envelope> = (4..20)
         .filter(|n| n % 2 == 1)
         .map(|n| envelope(n, 1000))
@@ -644,13 +650,24 @@ async fn a_damaged_or_missing_body_is_removed_when_read_and_the_rest_served() {
         6,
         "records are indexed without their bodies"
     );
+    // Put again, the envelope whose body is damaged is stored again, not a duplicate
+    // (a record that reached the disk without its body before a power loss).
+    let again = store.put(vec![env(1, 0, 1000)]).await.unwrap();
+    assert!(matches!(again[0], PutResult::Stored { .. }), "{again:?}");
+    let fine = store.put(vec![env(1, 1, 1000)]).await.unwrap();
+    assert_eq!(fine, vec![PutResult::Duplicate]);
     let served = held(&store, &QueueId([1; 32]));
     assert_eq!(
         served,
-        vec![envelope(1, 1000), envelope(2, 1000), envelope(3, 1000)]
+        vec![
+            envelope(1, 1000),
+            envelope(2, 1000),
+            envelope(3, 1000),
+            envelope(0, 1000)
+        ]
     );
     assert_eq!(store.fatal(), None, "damaged bodies do not stop the relay");
-    assert_eq!(store.stats().envelopes, 3, "their records are removed");
+    assert_eq!(store.stats().envelopes, 4, "their records are removed");
     // Appends go on in a new segment (numbered after the highest found: a lost last
     // segment's number comes again, and the envelope ids tell its old records apart).
     assert!(matches!(
@@ -659,5 +676,5 @@ async fn a_damaged_or_missing_body_is_removed_when_read_and_the_rest_served() {
     ));
     let served = held(&store, &QueueId([1; 32]));
     assert_eq!(served.last(), Some(&envelope(9, 1000)));
-    assert_eq!(served.len(), 4);
+    assert_eq!(served.len(), 5);
 }
