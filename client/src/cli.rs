@@ -57,6 +57,12 @@ pub enum Command {
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
     },
+    /// Change the name your contacts see (it reaches them with your card); without a
+    /// name, prints it.
+    Name {
+        /// The new name (its words are joined by spaces).
+        name: Vec<String>,
+    },
     /// Make messages with a contact disappear: those stored from now on are deleted this
     /// long after, on both sides (30s, 10m, 1h, 1d, 1w; `off`). Without a duration,
     /// shows the timer.
@@ -88,6 +94,20 @@ pub enum Command {
         /// The new text.
         #[arg(required = true)]
         text: Vec<String>,
+    },
+    /// React to a message with an emoji (one reaction of yours per message; a new one
+    /// replaces it); with --remove, take yours back.
+    React {
+        /// Contact name or peer id.
+        contact: String,
+        /// The message: `last` (their last one), or its id (or its start).
+        message: String,
+        /// The reaction, such as 👍 (at most 64 bytes).
+        #[arg(required_unless_present = "remove")]
+        emoji: Option<String>,
+        /// Take your reaction back.
+        #[arg(long, conflicts_with = "emoji")]
+        remove: bool,
     },
     /// Delete a message you sent, for everyone (it shows as deleted); with --for-me,
     /// delete any message on this device only.
@@ -332,4 +352,8 @@ pub struct SendArgs {
     /// How long to wait for relays to acknowledge, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
+    /// Send it as a reply to a message of the conversation: `last` (their last one),
+    /// or its id from `history --json` (or the start of it, 6 characters or more).
+    #[arg(long, value_name = "MESSAGE")]
+    pub reply: Option<String>,
 }

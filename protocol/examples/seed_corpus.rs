@@ -197,6 +197,25 @@ fn main() {
             },
             ..text.clone()
         },
+        Content {
+            seq: 6,
+            body: Body::Reply {
+                target: MessageId([1; 16]),
+                own: false,
+                secs: 0,
+                text: "네, 좋아요".into(),
+            },
+            ..text.clone()
+        },
+        Content {
+            seq: 7,
+            body: Body::Reaction {
+                target: MessageId([1; 16]),
+                own: true,
+                emoji: "👍".into(),
+            },
+            ..text.clone()
+        },
     ];
     for (i, c) in contents.iter().enumerate() {
         write("content", &format!("content-{i}"), &c.encode());

@@ -30,6 +30,12 @@ const KIND_TIMER: u16 = 4;
 const KIND_TIMED_TEXT: u16 = 5;
 const KIND_EDIT: u16 = 6;
 const KIND_DELETE: u16 = 7;
+const KIND_REPLY: u16 = 8;
+const KIND_REACTION: u16 = 9;
+
+/// Longest reaction, in UTF-8 bytes (an emoji of several code points fits; empty takes
+/// a reaction back).
+pub const MAX_REACTION_LEN: usize = 64;
 
 /// The longest a disappearing-message timer may be: a year (0 turns it off).
 pub const MAX_TIMER_SECS: u32 = 365 * 24 * 3600;
@@ -112,6 +118,30 @@ pub enum Body {
         /// The message deleted.
         target: MessageId,
     },
+    /// A chat message answering an earlier message of the conversation. It carries no
+    /// copy of what it answers: each side shows its own copy, so a reply cannot put
+    /// words in anyone's mouth.
+    Reply {
+        /// The message answered.
+        target: MessageId,
+        /// Whether the sender of the reply also sent the message answered (otherwise
+        /// the recipient did): ids are chosen by senders, so this says whose to look up.
+        own: bool,
+        /// Its disappearing-message timer (seconds; 0: it stays), as a timed text's.
+        secs: u32,
+        /// The message.
+        text: String,
+    },
+    /// The sender's reaction to a message of the conversation, replacing any earlier
+    /// one of theirs on it; an empty `emoji` takes it back.
+    Reaction {
+        /// The message reacted to.
+        target: MessageId,
+        /// Whether the sender of the reaction sent that message (as in `Reply`).
+        own: bool,
+        /// An emoji (any text up to [`MAX_REACTION_LEN`] bytes), or empty.
+        emoji: String,
+    },
     /// The conversation's disappearing-message timer, as the sender set it (what the
     /// texts both sides send from then on carry); 0 turns it off. The setting sent last
     /// (by `sent_at_ms`) wins.
@@ -135,7 +165,12 @@ impl Body {
     pub fn is_sequenced(&self) -> bool {
         matches!(
             self,
-            Body::Text(_) | Body::TimedText { .. } | Body::Edit { .. } | Body::Delete { .. }
+            Body::Text(_)
+                | Body::TimedText { .. }
+                | Body::Edit { .. }
+                | Body::Delete { .. }
+                | Body::Reply { .. }
+                | Body::Reaction { .. }
         )
     }
 
@@ -144,7 +179,7 @@ impl Body {
     pub fn text(&self) -> Option<(&str, u32)> {
         match self {
             Body::Text(text) => Some((text, 0)),
-            Body::TimedText { secs, text } => Some((text, *secs)),
+            Body::TimedText { secs, text } | Body::Reply { secs, text, .. } => Some((text, *secs)),
             _ => None,
         }
     }
@@ -158,6 +193,8 @@ impl Body {
             Body::Edit { .. } => KIND_EDIT,
             Body::Delete { .. } => KIND_DELETE,
             Body::Timer { .. } => KIND_TIMER,
+            Body::Reply { .. } => KIND_REPLY,
+            Body::Reaction { .. } => KIND_REACTION,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -190,6 +227,24 @@ impl Body {
             }
             Body::Delete { target } => target.0.to_vec(),
             Body::Timer { secs } => secs.to_be_bytes().to_vec(),
+            Body::Reply {
+                target,
+                own,
+                secs,
+                text,
+            } => {
+                let mut out = target.0.to_vec();
+                out.push(u8::from(*own));
+                out.extend_from_slice(&secs.to_be_bytes());
+                out.extend_from_slice(text.as_bytes());
+                out
+            }
+            Body::Reaction { target, own, emoji } => {
+                let mut out = target.0.to_vec();
+                out.push(u8::from(*own));
+                out.extend_from_slice(emoji.as_bytes());
+                out
+            }
             Body::Unknown { data, .. } => data.clone(),
         }
     }
@@ -277,12 +332,70 @@ impl Body {
                 }
                 Body::Timer { secs }
             }
+            KIND_REPLY => {
+                let (target, own, rest) = target_and_own(data, "reply")?;
+                let (secs, text) = rest
+                    .split_first_chunk::<4>()
+                    .ok_or(DecodeError::Truncated { field: "reply" })?;
+                let secs = u32::from_be_bytes(*secs);
+                if secs > MAX_TIMER_SECS {
+                    return Err(ContentError::TimerTooLong(secs));
+                }
+                if text.len() > MAX_TEXT_LEN {
+                    return Err(ContentError::TextTooLong(text.len()));
+                }
+                let text = std::str::from_utf8(text)
+                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+                Body::Reply {
+                    target,
+                    own,
+                    secs,
+                    text: text.to_owned(),
+                }
+            }
+            KIND_REACTION => {
+                let (target, own, emoji) = target_and_own(data, "reaction")?;
+                if emoji.len() > MAX_REACTION_LEN {
+                    return Err(ContentError::ReactionTooLong(emoji.len()));
+                }
+                let emoji = std::str::from_utf8(emoji)
+                    .map_err(|_| DecodeError::InvalidUtf8 { field: "reaction" })?;
+                Body::Reaction {
+                    target,
+                    own,
+                    emoji: emoji.to_owned(),
+                }
+            }
             kind => Body::Unknown {
                 kind,
                 data: data.to_vec(),
             },
         })
     }
+}
+
+/// The target message id and the `own` flag at the start of a reply or reaction, and
+/// what follows them.
+fn target_and_own<'a>(
+    data: &'a [u8],
+    field: &'static str,
+) -> Result<(MessageId, bool, &'a [u8]), ContentError> {
+    let (target, rest) = data
+        .split_first_chunk::<16>()
+        .ok_or(DecodeError::Truncated { field })?;
+    let (own, rest) = rest.split_first().ok_or(DecodeError::Truncated { field })?;
+    let own = match own {
+        0 => false,
+        1 => true,
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                field,
+                tag: (*tag).into(),
+            }
+            .into());
+        }
+    };
+    Ok((MessageId(*target), own, rest))
 }
 
 /// Why content could not be encoded or decoded.
@@ -303,6 +416,9 @@ pub enum ContentError {
     /// A timer longer than [`MAX_TIMER_SECS`] (or a timed text's of 0).
     #[error("a disappearing-message timer of {0} s; it must be at most a year")]
     TimerTooLong(u32),
+    /// A reaction longer than [`MAX_REACTION_LEN`].
+    #[error("a reaction of {0} bytes; the limit is 64")]
+    ReactionTooLong(usize),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
@@ -330,10 +446,21 @@ impl Content {
     /// before anything is sealed.
     pub fn check(&self) -> Result<(), ContentError> {
         match &self.body {
-            Body::Text(t) | Body::TimedText { text: t, .. } | Body::Edit { text: t, .. }
+            Body::Text(t)
+            | Body::TimedText { text: t, .. }
+            | Body::Edit { text: t, .. }
+            | Body::Reply { text: t, .. }
                 if t.len() > MAX_TEXT_LEN =>
             {
                 Err(ContentError::TextTooLong(t.len()))
+            }
+            Body::TimedText { secs, .. } | Body::Reply { secs, .. } | Body::Timer { secs }
+                if *secs > MAX_TIMER_SECS =>
+            {
+                Err(ContentError::TimerTooLong(*secs))
+            }
+            Body::Reaction { emoji, .. } if emoji.len() > MAX_REACTION_LEN => {
+                Err(ContentError::ReactionTooLong(emoji.len()))
             }
             Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
                 Err(ContentError::TooManyReceiptIds(ids.len()))
@@ -414,7 +541,26 @@ mod tests {
                     },
                     ids: ids.into_iter().map(MessageId).collect(),
                 }),
-            (4u16.., proptest::collection::vec(any::<u8>(), 0..100))
+            (
+                any::<[u8; 16]>(),
+                any::<bool>(),
+                0..=MAX_TIMER_SECS,
+                ".{0,100}"
+            )
+                .prop_map(|(target, own, secs, text)| Body::Reply {
+                    target: MessageId(target),
+                    own,
+                    secs,
+                    text
+                }),
+            (any::<[u8; 16]>(), any::<bool>(), ".{0,16}").prop_map(|(target, own, emoji)| {
+                Body::Reaction {
+                    target: MessageId(target),
+                    own,
+                    emoji,
+                }
+            }),
+            (10u16.., proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(kind, data)| Body::Unknown { kind, data }),
         ]
     }
@@ -618,5 +764,73 @@ mod tests {
         long[at..at + 4].copy_from_slice(&17u32.to_be_bytes());
         long.push(0);
         assert!(Content::decode(&long).is_err());
+    }
+
+    #[test]
+    fn replies_and_reactions_name_their_target_and_whose_it_is() {
+        let mut c = text(5, "");
+        c.body = Body::Reply {
+            target: MessageId([7; 16]),
+            own: false,
+            secs: 0,
+            text: "네".into(),
+        };
+        let bytes = c.encode();
+        // Kind 8: the target, 0 (the recipient's message), no timer, the text.
+        assert!(
+            hex::encode(&bytes)
+                .ends_with("000800000018070707070707070707070707070707070000000000eb84a4"),
+            "{}",
+            hex::encode(&bytes)
+        );
+        assert_eq!(Content::decode(&bytes).unwrap(), c);
+        assert!(c.body.is_sequenced());
+        assert_eq!(c.body.text(), Some(("네", 0)));
+        c.body = Body::Reaction {
+            target: MessageId([7; 16]),
+            own: true,
+            emoji: "👍".into(),
+        };
+        let bytes = c.encode();
+        // Kind 9: the target, 1 (the sender's own message), the emoji.
+        assert!(
+            hex::encode(&bytes).ends_with(
+                "00090000001507070707070707070707070707070707 01f09f918d"
+                    .replace(' ', "")
+                    .as_str()
+            ),
+            "{}",
+            hex::encode(&bytes)
+        );
+        assert_eq!(Content::decode(&bytes).unwrap(), c);
+        assert!(c.body.is_sequenced());
+        assert_eq!(c.body.text(), None);
+        // Whose it is must be 0 or 1.
+        let mut bad = bytes.clone();
+        let at = bad.len() - 5;
+        bad[at] = 2;
+        assert!(Content::decode(&bad).is_err());
+        // Bounds, both ways.
+        c.body = Body::Reaction {
+            target: MessageId([7; 16]),
+            own: true,
+            emoji: "x".repeat(MAX_REACTION_LEN + 1),
+        };
+        assert!(matches!(c.check(), Err(ContentError::ReactionTooLong(65))));
+        assert!(Content::decode(&c.encode()).is_err());
+        c.body = Body::Reply {
+            target: MessageId([7; 16]),
+            own: true,
+            secs: MAX_TIMER_SECS + 1,
+            text: String::new(),
+        };
+        assert!(c.check().is_err());
+        assert!(Content::decode(&c.encode()).is_err());
+        // Too short to name a target.
+        c.body = Body::Unknown {
+            kind: 9,
+            data: vec![7; 16],
+        };
+        assert!(Content::decode(&c.encode()).is_err());
     }
 }

@@ -291,6 +291,9 @@ fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
             timer_secs: 0,
             edited: false,
             deleted: false,
+            revised_seq: 0,
+            reply_to: None,
+            reactions: Default::default(),
         };
         kkachi_client::store::LocalStore::write_message(
             &mut w,

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{App, CommandError, Output, fail, hex, name, short_id};
+
 use crate::cli::SendArgs;
 use crate::engine::{Progress, Received, SendEvent};
 use crate::sanitize::for_terminal;
@@ -56,8 +57,14 @@ impl App {
                 name(&contact.name)
             ));
         }
+        let reply_to = match &args.reply {
+            Some(spec) => Some(self.find_message(&contact, spec, Pick::TheirsFirst)?),
+            None => None,
+        };
         let engine = self.engine()?;
-        let mut sending = engine.send(contact.peer, text.clone()).await?;
+        let mut sending = engine
+            .send_reply(contact.peer, text.clone(), reply_to)
+            .await?;
         let queued = sending.queued;
         // The contract: exit 0 once it is durable in the outbox.
         match sending.events.recv().await {
@@ -227,25 +234,33 @@ impl App {
         &self,
         contact: &Contact,
         spec: &str,
-        own: bool,
+        pick: Pick,
     ) -> Result<kkachi_protocol::MessageId, CommandError> {
         let mut messages = self.store.messages(&contact.peer)?;
-        if own {
+        if pick == Pick::Ours {
             // Their ids are theirs to choose: they could not crowd ours out of a prefix.
             messages.retain(|m| m.direction == Direction::Out);
         }
         if spec == "last" {
-            return messages
-                .iter()
-                .rev()
-                .find(|m| m.direction == Direction::Out && !m.deleted)
-                .map(|m| kkachi_protocol::MessageId(m.id))
-                .ok_or_else(|| {
-                    CommandError::Refused(format!(
-                        "you have sent {} nothing to change",
-                        name(&contact.name)
-                    ))
-                });
+            let last = |direction| {
+                messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.direction == direction && !m.deleted)
+                    .map(|m| kkachi_protocol::MessageId(m.id))
+            };
+            let found = match pick {
+                Pick::TheirsFirst => last(Direction::In).or_else(|| last(Direction::Out)),
+                Pick::Ours | Pick::Any => last(Direction::Out),
+            };
+            return found.ok_or_else(|| {
+                CommandError::Refused(match pick {
+                    Pick::TheirsFirst => {
+                        format!("no message with {} yet", name(&contact.name))
+                    }
+                    _ => format!("you have sent {} nothing to change", name(&contact.name)),
+                })
+            });
         }
         let spec = spec.to_lowercase();
         if spec.len() < 6 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -293,7 +308,7 @@ impl App {
                 continue;
             };
             if json {
-                let mut v = message_json(contact, m);
+                let mut v = message_json(&contact.name, &contact.peer, m);
                 v["contact"] = serde_json::json!(contact.name);
                 list.push(v);
             } else {
@@ -322,7 +337,7 @@ impl App {
         let mut each = |m: MessageRecord| {
             count += 1;
             if json {
-                list.push(message_json(&contact, &m));
+                list.push(message_json(&contact.name, &contact.peer, &m));
             } else {
                 push_history_line(&mut out.stdout, &mut times, &contact, &m);
             }
@@ -350,6 +365,17 @@ impl App {
     }
 }
 
+/// Which messages a command may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pick {
+    /// Only ours (editing, deleting for everyone); `last` is our last one.
+    Ours,
+    /// Any; `last` is our last one (deleting here only).
+    Any,
+    /// Any; `last` is their last one (replying, reacting).
+    TheirsFirst,
+}
+
 /// A message's state as the user reads it: "delivered", "relayed 2/3".
 struct StateText<'a>(&'a MessageState);
 
@@ -370,7 +396,13 @@ pub fn push_history_line(
     m: &MessageRecord,
 ) {
     times.push_long(out, m.sent_at_ms);
-    let text = shown_text(m);
+    let mut text = shown_text(m);
+    if let Some(quote) = &m.reply_to {
+        text = format!("↪ {} {text}", &hex(&quote.id)[..8]);
+    }
+    if let Some(reactions) = reactions_text(m, &contact.name) {
+        text = format!("{text}  [{reactions}]");
+    }
     match m.direction {
         Direction::Out => {
             let _ = writeln!(
@@ -399,16 +431,42 @@ fn shown_text(m: &MessageRecord) -> String {
     }
 }
 
+/// The reactions to a message for people ("👍 me, ❤ Minji"), safe for a terminal.
+pub fn reactions_text(m: &MessageRecord, who: &str) -> Option<String> {
+    let r = &m.reactions;
+    let mut parts = Vec::new();
+    if !r.ours.is_empty() {
+        parts.push(format!("{} me", for_terminal(&r.ours)));
+    }
+    if !r.theirs.is_empty() {
+        parts.push(format!("{} {}", for_terminal(&r.theirs), name(who)));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// The reply and reactions fields of a message in JSON.
+fn extras_json(m: &MessageRecord) -> (serde_json::Value, serde_json::Value) {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    (
+        json!(m.reply_to.map(|q| hex(&q.id))),
+        json!({ "mine": some(&m.reactions.ours), "theirs": some(&m.reactions.theirs) }),
+    )
+}
+
 /// A message as JSON (history and daemon output).
-pub fn message_json(contact: &Contact, m: &MessageRecord) -> serde_json::Value {
+pub fn message_json(
+    contact: &str,
+    peer: &kkachi_protocol::PeerId,
+    m: &MessageRecord,
+) -> serde_json::Value {
     let (relayed, relays) = match m.state {
         MessageState::Relayed { relayed, total } => (Some(relayed), Some(total)),
         _ => (None, None),
     };
     json!({
         "id": hex(&m.id),
-        "contact": contact.name,
-        "peer_id": contact.peer.to_string(),
+        "contact": contact,
+        "peer_id": peer.to_string(),
         "direction": match m.direction { Direction::In => "in", Direction::Out => "out" },
         "text": m.text,
         "state": m.state.label(),
@@ -418,11 +476,17 @@ pub fn message_json(contact: &Contact, m: &MessageRecord) -> serde_json::Value {
         "seq": m.seq,
         "edited": m.edited,
         "deleted": m.deleted,
+        "reply_to": extras_json(m).0,
+        "reactions": extras_json(m).1,
     })
 }
 
-/// Prints an incoming message (sync and daemon).
+/// Prints an incoming message, or a contact's change to one (sync and daemon).
 pub fn print_received(out: &mut Output, r: &Received, json: bool) {
+    if let Some(change) = r.change {
+        print_change(out, r, change, json);
+        return;
+    }
     if json {
         let mut v = json!({
             "id": hex(&r.message.id),
@@ -435,6 +499,8 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             "state": r.message.state.label(),
             "sent_at": r.message.sent_at_ms,
             "seq": r.message.seq,
+            "event": "message",
+            "reply_to": extras_json(&r.message).0,
         });
         if r.gaps.missing() > 0 {
             v["missing"] = json!(r.gaps.missing());
@@ -442,8 +508,12 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
         }
         out.json(v);
     } else {
+        let reply = match &r.message.reply_to {
+            Some(quote) => format!("↪ {} ", &hex(&quote.id)[..8]),
+            None => String::new(),
+        };
         out.out(format!(
-            "{}  {}: {}",
+            "{}  {}: {reply}{}",
             format_ms(r.message.sent_at_ms),
             name(&r.name),
             for_terminal(&r.message.text)
@@ -459,22 +529,85 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
     }
 }
 
+/// Prints a contact's edit, delete or reaction: in JSON, `event` names it and `id` the
+/// message it changed (as `history --json` shows it now).
+fn print_change(out: &mut Output, r: &Received, change: crate::engine::Change, json: bool) {
+    let m = &r.message;
+    if json {
+        let mut v = message_json(&r.name, &r.contact, m);
+        v["event"] = json!(change.label());
+        v["from"] = json!(r.name);
+        out.json(v);
+        return;
+    }
+    let who = name(&r.name);
+    let line = match change {
+        crate::engine::Change::Edited => {
+            format!(
+                "{who} edited message {}: {}",
+                &hex(&m.id)[..8],
+                for_terminal(&m.text)
+            )
+        }
+        crate::engine::Change::Deleted => {
+            format!("{who} deleted message {} for everyone", &hex(&m.id)[..8])
+        }
+        crate::engine::Change::Reacted if m.reactions.theirs.is_empty() => {
+            format!(
+                "{who} took back their reaction to message {}",
+                &hex(&m.id)[..8]
+            )
+        }
+        crate::engine::Change::Reacted => format!(
+            "{who} reacted {} to message {}",
+            for_terminal(&m.reactions.theirs),
+            &hex(&m.id)[..8]
+        ),
+    };
+    out.out(format!("{}  {line}", format_ms(crate::engine::now_ms())));
+}
+
 /// What the user should know about a conversation beyond its messages: gaps, breaks in
 /// the contact's hash chain, conflicting messages, messages refused.
 pub fn notices(conv: &Conversation, who: &str) -> Vec<String> {
+    let mut out = notices_but_gaps(conv, who);
+    let gaps = &conv.gaps;
+    if gaps.missing() > 0 {
+        out.insert(
+            usize::from(conv.timer_secs > 0),
+            format!(
+                "{} message(s) from {} missing so far (numbers {}); they may still arrive",
+                gaps.missing(),
+                name(who),
+                gaps.describe()
+            ),
+        );
+    }
+    out
+}
+
+/// A gap in a contact's messages, for a view that draws it where it is.
+pub fn gap_line(who: &str, (from, to): (u64, u64)) -> String {
+    let count = to - from + 1;
+    let numbers = if from == to {
+        format!("number {from}")
+    } else {
+        format!("numbers {from}–{to}")
+    };
+    format!(
+        "{count} message(s) from {} missing here ({numbers}); they may still arrive",
+        name(who)
+    )
+}
+
+/// [`notices`] without the missing messages (a view drawing each gap in its place).
+pub fn notices_but_gaps(conv: &Conversation, who: &str) -> Vec<String> {
     let mut out = Vec::new();
     if conv.timer_secs > 0 {
         out.push(super::timer_line(who, conv.timer_secs));
     }
     let who = name(who);
     let gaps = &conv.gaps;
-    if gaps.missing() > 0 {
-        out.push(format!(
-            "{} message(s) from {who} missing so far (numbers {}); they may still arrive",
-            gaps.missing(),
-            gaps.describe()
-        ));
-    }
     if gaps.forgotten() > 0 {
         out.push(format!(
             "{} older missing message(s) from {who} are no longer tracked",

@@ -31,7 +31,11 @@ use crate::store::{Contact, LocalStore, Profile, StoreError};
 
 pub use backup::{restore as backup_restore, verify as backup_verify};
 pub use contacts::{describe_duration, parse_duration, timer_line};
-pub use messages::{message_json, notices, print_received, push_history_line, request_line};
+use messages::Pick;
+pub use messages::{
+    gap_line, message_json, notices, notices_but_gaps, print_received, push_history_line,
+    reactions_text, request_line,
+};
 pub use relays::failure_domain_warnings;
 
 /// What a command printed and how it ended.
@@ -224,6 +228,7 @@ impl App {
         let mut out = Output::default();
         match command {
             Command::Init { name } => self.init(&name, json, &mut out)?,
+            Command::Name { name } => self.set_name(&name.join(" "), json, &mut out).await?,
             Command::Relay(RelayCommand::Add { addrs, token }) => {
                 self.relay_add(&addrs, token, json, &mut out).await?
             }
@@ -258,7 +263,7 @@ impl App {
                 text,
             } => {
                 let c = self.resolve(&contact)?;
-                let id = self.find_message(&c, &message, true)?;
+                let id = self.find_message(&c, &message, Pick::Ours)?;
                 self.engine()?
                     .revise(c.peer, id, Some(text.join(" ")))
                     .await?;
@@ -275,7 +280,8 @@ impl App {
                 for_me,
             } => {
                 let c = self.resolve(&contact)?;
-                let id = self.find_message(&c, &message, !for_me)?;
+                let id =
+                    self.find_message(&c, &message, if for_me { Pick::Any } else { Pick::Ours })?;
                 if for_me {
                     self.local_engine()?.delete_for_me(c.peer, id).await?;
                 } else {
@@ -290,6 +296,34 @@ impl App {
                     out.out("deleted on this device");
                 } else {
                     out.out("deleted for everyone");
+                }
+            }
+            Command::React {
+                contact,
+                message,
+                emoji,
+                remove,
+            } => {
+                let c = self.resolve(&contact)?;
+                let id = self.find_message(&c, &message, Pick::TheirsFirst)?;
+                let emoji = if remove {
+                    String::new()
+                } else {
+                    emoji.unwrap_or_default()
+                };
+                if !remove && emoji.trim().is_empty() {
+                    return fail("name a reaction, such as 👍, or --remove yours");
+                }
+                self.engine()?.react(c.peer, id, emoji.clone()).await?;
+                self.engine()?.deliver_now().await?;
+                if json {
+                    out.json(
+                        json!({ "reacted": id.to_hex(), "contact": c.name, "reaction": emoji }),
+                    );
+                } else if remove {
+                    out.out("reaction taken back");
+                } else {
+                    out.out(format!("reacted {}", crate::sanitize::for_terminal(&emoji)));
                 }
             }
             Command::Receipts { setting } => {
@@ -362,6 +396,45 @@ impl App {
         Ok(out)
     }
 
+    /// Prints our name, or (given one) makes it our card's and sends the card to every
+    /// contact.
+    async fn set_name(
+        &mut self,
+        new: &str,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let mut profile = self.profile()?;
+        let new = new.trim();
+        if new.is_empty() {
+            if json {
+                out.json(json!({ "name": profile.name }));
+            } else {
+                out.out(for_terminal(&profile.name));
+            }
+            return Ok(());
+        }
+        // The same rules a card uses.
+        Card::new(&self.identity()?, new, vec![], 1)?;
+        if new == profile.name {
+            out.warn(format!("your name is {} already", for_terminal(new)));
+            return Ok(());
+        }
+        profile.name = new.to_string();
+        self.store.apply({
+            let mut w = crate::store::WriteSet::default();
+            LocalStore::write_profile(&mut w, &profile);
+            w
+        })?;
+        self.announce_card(out).await?;
+        if json {
+            out.json(json!({ "name": new }));
+        } else {
+            out.out(format!("your name is now {}", for_terminal(new)));
+        }
+        Ok(())
+    }
+
     fn init(&self, name: &str, json: bool, out: &mut Output) -> Result<(), CommandError> {
         if let Some(existing) = self.store.identity()? {
             return fail(format!(
@@ -429,11 +502,20 @@ pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, Command
     {
         return Ok(c.clone());
     }
-    if let Some(c) = contacts
+    let named: Vec<&Contact> = contacts
         .iter()
-        .find(|c| c.name.to_lowercase() == who.to_lowercase())
-    {
-        return Ok(c.clone());
+        .filter(|c| c.name.to_lowercase() == who.to_lowercase())
+        .collect();
+    match named.as_slice() {
+        [one] => return Ok((*one).clone()),
+        [] => {}
+        many => {
+            return fail(format!(
+                "{} contacts are named {:?}; use the peer id (`kkachi contact list` shows it) or rename one",
+                many.len(),
+                for_terminal(who).as_ref()
+            ));
+        }
     }
     // The start of a name (any case), or of a peer id (six characters at least).
     let lower = who.to_lowercase();

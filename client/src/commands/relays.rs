@@ -17,7 +17,7 @@ impl App {
         Ok(self.store.own_card(&self.identity()?)?)
     }
 
-    /// After a relay change: a new card version, sent to every contact in-band, and our
+    /// After a change of relays or name: a new card version, sent to every contact in-band, and our
     /// queue opened on every relay with what it should grant (our card's
     /// contact-request capability, a capability per contact), so the new invite code
     /// works at once.
@@ -35,7 +35,7 @@ impl App {
         engine.settle().await?;
         if !contacts.is_empty() {
             out.warn(format!(
-                "your new relays were sent to {} contact(s)",
+                "your new card was sent to {} contact(s)",
                 contacts.len()
             ));
         }

@@ -51,7 +51,7 @@ pub(crate) use bundle::export_items;
 pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
 pub use machine::Progress;
-pub use receive::{Received, Verdict};
+pub use receive::{Change, Received, Verdict};
 
 use owner::{Command, Owner};
 use state::State;
@@ -353,12 +353,35 @@ impl<T: Transport> Engine<T> {
     /// Sends `text` to `contact`: returns once it is sealed into the outbox, with its
     /// progress to come (durable first).
     pub async fn send(&self, contact: PeerId, text: String) -> Result<Sending, EngineError> {
+        self.send_reply(contact, text, None).await
+    }
+
+    /// [`send`](Self::send), as a reply to message `reply_to` of the conversation (ours
+    /// or theirs) when given.
+    pub async fn send_reply(
+        &self,
+        contact: PeerId,
+        text: String,
+        reply_to: Option<MessageId>,
+    ) -> Result<Sending, EngineError> {
         self.ask(|reply| Command::Send {
             contact,
             text,
+            reply_to,
             reply,
         })
         .await?
+    }
+
+    /// Reacts to message `target` with `emoji` ("" takes our reaction back).
+    pub async fn react(
+        &self,
+        peer: PeerId,
+        target: MessageId,
+        emoji: String,
+    ) -> Result<(), EngineError> {
+        self.change(move |state, now| state.react(&peer, target, emoji, now))
+            .await
     }
 
     /// Marks `peer`'s messages read and tells them (read receipts).

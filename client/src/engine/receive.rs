@@ -30,7 +30,7 @@ use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
     Contact, Direction, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
-    MAX_STORED_PER_CONTACT, MIN_TIMER_SECS, MessageRecord, MessageState, TreeId, WriteSet,
+    MAX_STORED_PER_CONTACT, MIN_TIMER_SECS, MessageRecord, MessageState, Quote, TreeId, WriteSet,
     message_key,
 };
 
@@ -45,6 +45,31 @@ pub struct Received {
     pub message: MessageRecord,
     /// Their sequence numbers still missing after this one arrived.
     pub gaps: Gaps,
+    /// `None` for a new message; otherwise `message` is an earlier one (theirs or
+    /// ours), as this change of theirs left it.
+    pub change: Option<Change>,
+}
+
+/// A contact's change to a message already shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// They changed the text of their message.
+    Edited,
+    /// They deleted their message for everyone.
+    Deleted,
+    /// They reacted to it, or took their reaction back (an empty reaction).
+    Reacted,
+}
+
+impl Change {
+    /// Its name in JSON output.
+    pub fn label(self) -> &'static str {
+        match self {
+            Change::Edited => "edited",
+            Change::Deleted => "deleted",
+            Change::Reacted => "reaction",
+        }
+    }
 }
 
 /// Where a batch of envelopes comes from.
@@ -65,7 +90,7 @@ pub(crate) enum Source {
 #[derive(Debug)]
 enum Outcome {
     /// A new message to show.
-    Shown(Received),
+    Shown(Box<Received>),
     /// Taken in: a receipt, a card, a copy of something stored, an unknown kind.
     Applied(&'static str),
     /// Held: a first message from someone who is not a contact.
@@ -204,8 +229,8 @@ impl<T> State<T> {
         let verdict = match outcome {
             Outcome::Shown(r) => {
                 // In the store now: a view of it may show it while it goes to the disk.
-                self.emit(AppEvent::Incoming(r.clone()));
-                tally.shown.push(r);
+                self.emit(AppEvent::Incoming((*r).clone()));
+                tally.shown.push(*r);
                 Verdict::Taken
             }
             Outcome::Applied(what) => {
@@ -471,9 +496,11 @@ impl<T> State<T> {
             | Body::CardUpdate(_)
             | Body::Timer { .. }
             | Body::Edit { .. }
-            | Body::Delete { .. } => {
+            | Body::Delete { .. }
+            | Body::Reply { .. }
+            | Body::Reaction { .. } => {
                 return refused(
-                    "a receipt, card, timer, edit or delete from someone who is not a contact",
+                    "a receipt, card, timer, edit, delete, reply or reaction from someone who is not a contact",
                 );
             }
         };
@@ -525,13 +552,17 @@ impl<T> State<T> {
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
         match content.body {
-            Body::Text(_) | Body::TimedText { .. } if self.already_have(&peer, &content)? => {
+            Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. }
+                if self.already_have(&peer, &content)? =>
+            {
                 // A copy (another path, or sealed again): confirm it again, in case the
                 // first receipt was lost.
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("a copy of a message already stored"))
             }
-            Body::Text(ref text) | Body::TimedText { ref text, .. } => {
+            Body::Text(ref text)
+            | Body::TimedText { ref text, .. }
+            | Body::Reply { ref text, .. } => {
                 #[cfg(test)]
                 if text == super::tests::PANIC_TEXT {
                     panic!("a bug while reading an envelope");
@@ -545,11 +576,30 @@ impl<T> State<T> {
                 conv.gaps.arrived(content.seq);
                 let local = conv.next_local;
                 conv.next_local += 1;
-                let (text, timer_secs) = match content.body {
-                    Body::Text(text) => (text, 0),
-                    // Ours lasts at least the shortest timer we keep.
-                    Body::TimedText { secs, text } => (text, secs.max(MIN_TIMER_SECS)),
+                let (text, secs, reply_to) = match content.body {
+                    Body::Text(text) => (text, 0, None),
+                    Body::TimedText { secs, text } => (text, secs, None),
+                    // Their own message, or ours: whose copy to show.
+                    Body::Reply {
+                        target,
+                        own,
+                        secs,
+                        text,
+                    } => (
+                        text,
+                        secs,
+                        Some(Quote {
+                            id: target.0,
+                            ours: !own,
+                        }),
+                    ),
                     _ => unreachable!("matched above"),
+                };
+                // Ours lasts at least the shortest timer we keep.
+                let timer_secs = if secs == 0 {
+                    0
+                } else {
+                    secs.max(MIN_TIMER_SECS)
                 };
                 let mut record = MessageRecord {
                     id: content.id.0,
@@ -563,6 +613,9 @@ impl<T> State<T> {
                     timer_secs,
                     edited: false,
                     deleted: false,
+                    revised_seq: 0,
+                    reply_to,
+                    reactions: Default::default(),
                 };
                 conv.apply_held_revision(&mut record);
                 conv.note_expiry(record.expires_at());
@@ -570,12 +623,13 @@ impl<T> State<T> {
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
                 LocalStore::write_conversation(w, &peer, &conv);
                 LocalStore::write_receipt_due(w, &peer, &content.id);
-                Ok(Outcome::Shown(Received {
+                Ok(Outcome::Shown(Box::new(Received {
                     contact: peer,
                     name: contact.name.clone(),
                     message: record,
                     gaps: conv.gaps,
-                }))
+                    change: None,
+                })))
             }
             Body::Receipt { status, ids } => {
                 let state = match status {
@@ -593,9 +647,23 @@ impl<T> State<T> {
             }
             Body::CardUpdate(card) => {
                 if card.supersedes(&contact.card) {
+                    // Their new name, unless we named them ourselves, or another
+                    // contact has it (no one takes over a name we write to).
+                    let taken = |n: &str| {
+                        self.store.contacts().is_ok_and(|all| {
+                            all.iter().any(|c| {
+                                c.peer != peer && c.name.to_lowercase() == n.to_lowercase()
+                            })
+                        })
+                    };
+                    let name = if contact.name == contact.card.name() && !taken(card.name()) {
+                        card.name().to_string()
+                    } else {
+                        contact.name.clone()
+                    };
                     let updated = Contact {
                         peer,
-                        name: contact.name.clone(),
+                        name,
                         card: *card,
                     };
                     LocalStore::write_contact(w, &updated);
@@ -626,12 +694,7 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a disappearing-message timer"))
             }
             Body::Edit { .. } | Body::Delete { .. } => {
-                if content.seq > 0
-                    && self
-                        .store
-                        .chain_link(&peer, content.seq)?
-                        .is_some_and(|link| link.id == content.id.0)
-                {
+                if self.is_copy(&peer, &content)? {
                     LocalStore::write_receipt_due(w, &peer, &content.id);
                     return Ok(Outcome::Applied("a copy of an edit"));
                 }
@@ -655,28 +718,81 @@ impl<T> State<T> {
                 };
                 // Only a message of theirs, and not one deleted already; one not here
                 // (gone with its timer, or not arrived yet) stays as it is.
-                let change = match content.body {
-                    Body::Edit { text, .. } => Some(text),
-                    _ => None,
+                let (change, kind) = match content.body {
+                    Body::Edit { text, .. } => (Some(text), Change::Edited),
+                    _ => (None, Change::Deleted),
                 };
+                // The later of two changes by their sequence wins, whatever order
+                // they arrive in; a delete is final.
                 match self.store.message(&peer, &target)? {
-                    Some((key, mut record))
-                        if record.direction == Direction::In && !record.deleted =>
-                    {
-                        record.revise(change);
-                        w.put_record(TreeId::Messages, key, &record);
-                        self.emit(AppEvent::ContactUpdated(peer));
+                    Some((key, mut record)) if record.direction == Direction::In => {
+                        if record.revise_at(content.seq, change) {
+                            w.put_record(TreeId::Messages, key, &record);
+                            LocalStore::write_receipt_due(w, &peer, &content.id);
+                            return Ok(Outcome::Shown(Box::new(Received {
+                                contact: peer,
+                                name: contact.name.clone(),
+                                message: record,
+                                gaps: conv.gaps,
+                                change: Some(kind),
+                            })));
+                        }
                     }
-                    Some(_) => {} // ours, or deleted already
+                    Some(_) => {} // ours
                     None => {
                         // Not here yet (another relay, or sealed again later): applied
                         // when it arrives, so the change is never lost to the order.
-                        conv.hold_revision(target.0, change);
+                        conv.hold_revision(target.0, content.seq, change);
                         LocalStore::write_conversation(w, &peer, &conv);
                     }
                 }
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("an edit or delete"))
+            }
+            Body::Reaction { target, own, .. } if !self.is_copy(&peer, &content)? => {
+                let mut conv = self.store.conversation(&peer)?;
+                if !charge(&mut conv, 0) {
+                    LocalStore::write_conversation(w, &peer, &conv);
+                    return refused("over the storage limit for one contact");
+                }
+                if content.seq > 0 {
+                    self.check_chain(w, &peer, &mut conv, &content)?;
+                    conv.gaps.arrived(content.seq);
+                }
+                LocalStore::write_conversation(w, &peer, &conv);
+                let Body::Reaction { emoji, .. } = content.body else {
+                    unreachable!("matched above");
+                };
+                // On their own message or on ours, as they say; the later of two by
+                // their sequence wins. A message not here (gone with its timer, deleted
+                // here) takes none.
+                let direction = if own { Direction::In } else { Direction::Out };
+                match self.store.message(&peer, &target)? {
+                    Some((key, mut record))
+                        if record.direction == direction
+                            && !record.deleted
+                            && (content.seq == 0 || content.seq > record.reactions.theirs_seq) =>
+                    {
+                        record.reactions.theirs = emoji;
+                        record.reactions.theirs_seq = content.seq;
+                        w.put_record(TreeId::Messages, key, &record);
+                        LocalStore::write_receipt_due(w, &peer, &content.id);
+                        return Ok(Outcome::Shown(Box::new(Received {
+                            contact: peer,
+                            name: contact.name.clone(),
+                            message: record,
+                            gaps: conv.gaps,
+                            change: Some(Change::Reacted),
+                        })));
+                    }
+                    _ => tracing::debug!(from = %peer, "a reaction to a message not here"),
+                }
+                LocalStore::write_receipt_due(w, &peer, &content.id);
+                Ok(Outcome::Applied("a reaction"))
+            }
+            Body::Reaction { .. } => {
+                LocalStore::write_receipt_due(w, &peer, &content.id);
+                Ok(Outcome::Applied("a copy of a reaction"))
             }
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their
@@ -695,6 +811,16 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a kind this version does not know"))
             }
         }
+    }
+
+    /// True if this sequenced control record (an edit, a delete, a reaction) of
+    /// `peer`'s was taken in already: the hash-chain link at its number is its own.
+    fn is_copy(&self, peer: &PeerId, content: &Content) -> Result<bool, EngineError> {
+        Ok(content.seq > 0
+            && self
+                .store
+                .chain_link(peer, content.seq)?
+                .is_some_and(|link| link.id == content.id.0))
     }
 
     /// True if this text of `peer`'s is one we hold or held: by its id, or (once its

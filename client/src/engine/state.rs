@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 
 use super::{AppEvent, ContactError, EngineError, Queued};
 use crate::store::{
-    Contact, Direction, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind,
+    Contact, Direction, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind, Quote,
     StoreError, Target, TreeId, WriteSet, message_key,
 };
 
@@ -407,12 +407,13 @@ impl<T> State<T> {
         self.seal_into(w, contact, session, &content, OutboxKind::Control, now)
     }
 
-    /// Seals `text` for `contact` into the outbox and the conversation, applied but not
-    /// yet durable.
+    /// Seals `text` for `contact` (a reply to `reply_to`, if given) into the outbox and
+    /// the conversation, applied but not yet durable.
     pub(crate) fn queue_text(
         &mut self,
         contact: &Contact,
         text: &str,
+        reply_to: Option<MessageId>,
         now: u64,
     ) -> Result<Queued, EngineError> {
         if text.trim().is_empty() {
@@ -421,6 +422,10 @@ impl<T> State<T> {
         if self.store.blocked(&contact.peer)?.is_some() {
             return Err(ContactError::Blocked(contact.name.clone()).into());
         }
+        let quote = match reply_to {
+            None => None,
+            Some(target) => Some(self.quotable(&contact.peer, target)?),
+        };
         let conv = self.store.conversation(&contact.peer)?;
         let seq = conv.next_seq.max(1);
         let text = text.to_owned();
@@ -431,15 +436,38 @@ impl<T> State<T> {
             sent_at_ms: now,
             // Under a timer, the text carries it: the contact deletes it as we do,
             // whatever order the setting and the text arrive in.
-            body: match conv.timer_secs {
-                0 => Body::Text(text),
-                secs => Body::TimedText { secs, text },
+            body: match (quote, conv.timer_secs) {
+                (Some(quote), secs) => Body::Reply {
+                    target: MessageId(quote.id),
+                    own: quote.ours,
+                    secs,
+                    text,
+                },
+                (None, 0) => Body::Text(text),
+                (None, secs) => Body::TimedText { secs, text },
             },
         };
         content
             .check()
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         self.with_sessions(|this, sessions| this.write_text(sessions, contact, conv, content, now))
+    }
+
+    /// The message `target` with `peer`, to reply or react to: it must be here and not
+    /// deleted.
+    fn quotable(&self, peer: &PeerId, target: MessageId) -> Result<Quote, EngineError> {
+        match self.store.message(peer, &target)? {
+            Some((_, record)) if record.deleted => {
+                Err(EngineError::Invalid("that message was deleted".into()))
+            }
+            Some((_, record)) => Ok(Quote {
+                id: target.0,
+                ours: record.direction == Direction::Out,
+            }),
+            None => Err(EngineError::Invalid(
+                "no such message in this conversation".into(),
+            )),
+        }
     }
 
     fn write_text(
@@ -474,6 +502,15 @@ impl<T> State<T> {
             timer_secs,
             edited: false,
             deleted: false,
+            revised_seq: 0,
+            reply_to: match content.body {
+                Body::Reply { target, own, .. } => Some(Quote {
+                    id: target.0,
+                    ours: own,
+                }),
+                _ => None,
+            },
+            reactions: Default::default(),
         };
         conv.note_expiry(record.expires_at());
         self.note_expiry_due(record.expires_at());
@@ -648,6 +685,70 @@ impl<T> State<T> {
             let mut w = WriteSet::default();
             let session = sessions.get(&this.store, &contact)?;
             // Kept until they confirm it, and sealed again on a new session, as a text.
+            this.seal_into(
+                &mut w,
+                &contact,
+                session,
+                &content,
+                OutboxKind::Message,
+                now,
+            )?;
+            conv.next_seq = seq + 1;
+            conv.last_hash = content.hash();
+            LocalStore::write_conversation(&mut w, peer, &conv);
+            w.put_record(TreeId::Messages, key, &record);
+            this.apply_or_reset(sessions, w)
+        })?;
+        self.emit(AppEvent::ContactUpdated(*peer));
+        Ok(())
+    }
+
+    /// Reacts to message `target` with `peer` (ours or theirs) with `emoji`, replacing
+    /// our earlier reaction to it; an empty `emoji` takes ours back. Kept until they
+    /// confirm it, like a text.
+    pub(crate) fn react(
+        &mut self,
+        peer: &PeerId,
+        target: MessageId,
+        emoji: String,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let emoji = emoji.trim().to_string();
+        if emoji.chars().any(char::is_control) {
+            return Err(EngineError::Invalid(
+                "a reaction cannot hold control characters".into(),
+            ));
+        }
+        let Some(contact) = self.store.contact(peer)? else {
+            return Err(EngineError::Invalid("no such contact".into()));
+        };
+        if self.store.blocked(peer)?.is_some() {
+            return Err(ContactError::Blocked(contact.name.clone()).into());
+        }
+        let quote = self.quotable(peer, target)?;
+        let Some((key, mut record)) = self.store.message(peer, &target)? else {
+            unreachable!("quotable found it");
+        };
+        let mut conv = self.store.conversation(peer)?;
+        let seq = conv.next_seq.max(1);
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq,
+            prev: conv.last_hash,
+            sent_at_ms: now,
+            body: Body::Reaction {
+                target,
+                own: quote.ours,
+                emoji: emoji.clone(),
+            },
+        };
+        content
+            .check()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        record.reactions.ours = emoji;
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let session = sessions.get(&this.store, &contact)?;
             this.seal_into(
                 &mut w,
                 &contact,

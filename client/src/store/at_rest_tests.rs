@@ -69,6 +69,9 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             timer_secs: 0,
             edited: false,
             deleted: false,
+            revised_seq: 0,
+            reply_to: None,
+            reactions: Default::default(),
         };
         LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record);
         LocalStore::write_receipt_due(&mut w, &peer, &MessageId(record.id));

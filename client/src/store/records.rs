@@ -128,7 +128,18 @@ pub struct Conversation {
     /// Their edits (a new text) and deletes (`None`) of messages not here yet, applied
     /// when those arrive; at most [`MAX_PENDING_REVISIONS`] and [`MAX_PENDING_REVISION_BYTES`] of
     /// text, the oldest dropped.
-    pub pending_revisions: Vec<([u8; 16], Option<String>)>,
+    pub pending_revisions: Vec<PendingRevision>,
+}
+
+/// A change of theirs to a message not here yet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingRevision {
+    /// The message.
+    pub id: [u8; 16],
+    /// Their sequence number of the change.
+    pub seq: u64,
+    /// A new text, or `None` for deleted.
+    pub change: Option<String>,
 }
 
 /// Most edits and deletes kept for messages not arrived yet, per contact.
@@ -138,14 +149,21 @@ pub const MAX_PENDING_REVISIONS: usize = 64;
 pub const MAX_PENDING_REVISION_BYTES: usize = 64 << 10;
 
 impl Conversation {
-    /// Keeps their change to message `id`, which is not here yet (the latest change to
-    /// one message replaces the one before).
-    pub fn hold_revision(&mut self, id: [u8; 16], text: Option<String>) {
-        self.pending_revisions.retain(|(i, _)| *i != id);
-        self.pending_revisions.push((id, text));
-        let bytes = |p: &[([u8; 16], Option<String>)]| {
+    /// Keeps their change (made at their `seq`) to message `id`, which is not here yet:
+    /// of two changes to one message, the later one by `seq` stays, and a delete
+    /// stays whatever comes after it.
+    pub fn hold_revision(&mut self, id: [u8; 16], seq: u64, change: Option<String>) {
+        if let Some(held) = self.pending_revisions.iter().find(|p| p.id == id)
+            && (held.change.is_none() || (change.is_some() && held.seq >= seq))
+        {
+            return;
+        }
+        self.pending_revisions.retain(|p| p.id != id);
+        self.pending_revisions
+            .push(PendingRevision { id, seq, change });
+        let bytes = |p: &[PendingRevision]| {
             p.iter()
-                .map(|(_, t)| t.as_ref().map_or(0, String::len))
+                .map(|p| p.change.as_ref().map_or(0, String::len))
                 .sum::<usize>()
         };
         while self.pending_revisions.len() > MAX_PENDING_REVISIONS
@@ -160,11 +178,12 @@ impl Conversation {
         let Some(at) = self
             .pending_revisions
             .iter()
-            .position(|(i, _)| *i == record.id)
+            .position(|p| p.id == record.id)
         else {
             return;
         };
-        record.revise(self.pending_revisions.remove(at).1);
+        let held = self.pending_revisions.remove(at);
+        record.revise_at(held.seq, held.change);
     }
 
     /// Notes a message stored to disappear at `expires_ms`.
@@ -267,9 +286,57 @@ pub struct MessageRecord {
     /// Its sender deleted it for everyone: the text is gone, the record stays in its
     /// place ("deleted").
     pub deleted: bool,
+    /// The sequence number of its sender's latest edit applied (0: none): an older
+    /// edit arriving later changes nothing.
+    pub revised_seq: u64,
+    /// The message it answers, if it is a reply.
+    pub reply_to: Option<Quote>,
+    /// Reactions to it.
+    pub reactions: Reactions,
+}
+
+/// The message a reply answers: shown from our own copy, never from the reply.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Quote {
+    /// Its id.
+    pub id: [u8; 16],
+    /// Whether we sent it (otherwise the contact did).
+    pub ours: bool,
+}
+
+/// The reactions to one message: each side's latest ("" for none).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reactions {
+    /// Ours.
+    pub ours: String,
+    /// Theirs.
+    pub theirs: String,
+    /// The sequence number of their reaction shown: an older one arriving later
+    /// changes nothing.
+    pub theirs_seq: u64,
+}
+
+impl Reactions {
+    /// Whether there is any.
+    pub fn is_empty(&self) -> bool {
+        self.ours.is_empty() && self.theirs.is_empty()
+    }
 }
 
 impl MessageRecord {
+    /// Its sender's change made at their sequence number `seq`: a new text (`Some`), or
+    /// deleted for everyone (`None`: the text goes, the record stays in its place). An
+    /// edit older than one applied already, or any change once deleted, is ignored;
+    /// false then. A delete is final, whatever order it arrives in.
+    pub fn revise_at(&mut self, seq: u64, change: Option<String>) -> bool {
+        if self.deleted || (change.is_some() && seq != 0 && seq <= self.revised_seq) {
+            return false;
+        }
+        self.revised_seq = seq;
+        self.revise(change);
+        true
+    }
+
     /// Its sender's change: a new text (`Some`), or deleted for everyone (`None`: the
     /// text goes, the record stays in its place).
     pub fn revise(&mut self, change: Option<String>) {
@@ -281,6 +348,7 @@ impl MessageRecord {
             None => {
                 self.text.clear();
                 self.deleted = true;
+                self.reactions = Reactions::default();
             }
         }
     }

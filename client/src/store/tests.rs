@@ -213,6 +213,9 @@ fn write_sets_apply_across_trees() {
         timer_secs: 0,
         edited: false,
         deleted: false,
+        revised_seq: 0,
+        reply_to: None,
+        reactions: Default::default(),
     };
     LocalStore::write_message(&mut w, &peer, message_key(&peer, 0), &msg);
     LocalStore::write_conversation(
@@ -253,6 +256,9 @@ fn long_conversations_read_in_order_across_batches_and_stop_on_corruption() {
         timer_secs: 0,
         edited: false,
         deleted: false,
+        revised_seq: 0,
+        reply_to: None,
+        reactions: Default::default(),
     };
     let mut w = WriteSet::default();
     for i in 0..1300 {
@@ -377,21 +383,63 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
 fn changes_held_for_messages_not_here_yet_stay_small() {
     let mut conv = Conversation::default();
     for i in 0..10u8 {
-        conv.hold_revision([i; 16], Some("x".repeat(32 << 10)));
+        conv.hold_revision([i; 16], u64::from(i) + 1, Some("x".repeat(32 << 10)));
     }
     let bytes: usize = conv
         .pending_revisions
         .iter()
-        .map(|(_, t)| t.as_ref().map_or(0, String::len))
+        .map(|p| p.change.as_ref().map_or(0, String::len))
         .sum();
     assert!(bytes <= MAX_PENDING_REVISION_BYTES, "{bytes}");
     assert_eq!(
-        conv.pending_revisions.last().unwrap().0,
+        conv.pending_revisions.last().unwrap().id,
         [9; 16],
         "the newest is kept"
     );
     for i in 0..100u8 {
-        conv.hold_revision([i; 16], None);
+        conv.hold_revision([i; 16], 200 + u64::from(i), None);
     }
     assert_eq!(conv.pending_revisions.len(), MAX_PENDING_REVISIONS);
+}
+
+#[test]
+fn of_two_changes_held_for_one_message_the_later_by_number_stays_and_a_delete_is_final() {
+    let mut conv = Conversation::default();
+    let id = [7; 16];
+    conv.hold_revision(id, 5, Some("newer".into()));
+    conv.hold_revision(id, 4, Some("older, arrived later".into()));
+    assert_eq!(conv.pending_revisions.len(), 1);
+    assert_eq!(conv.pending_revisions[0].change.as_deref(), Some("newer"));
+    conv.hold_revision(id, 3, None);
+    conv.hold_revision(id, 6, Some("later by number, yet after a delete".into()));
+    assert_eq!(conv.pending_revisions[0].change, None, "a delete is final");
+    // Applied to the message when it comes, and an older edit after that changes nothing.
+    let mut m = MessageRecord {
+        id,
+        direction: Direction::In,
+        text: "first".into(),
+        state: MessageState::Received,
+        sent_at_ms: 1,
+        stored_at_ms: 1,
+        seq: 2,
+        prev: [0; 32],
+        timer_secs: 0,
+        edited: false,
+        deleted: false,
+        revised_seq: 0,
+        reply_to: None,
+        reactions: Default::default(),
+    };
+    let mut other = Conversation::default();
+    other.hold_revision(id, 9, Some("nine".into()));
+    other.apply_held_revision(&mut m);
+    assert_eq!(
+        (m.text.as_str(), m.edited, m.revised_seq),
+        ("nine", true, 9)
+    );
+    assert!(!m.revise_at(8, Some("eight".into())));
+    assert_eq!(m.text, "nine");
+    assert!(m.revise_at(3, None), "a delete applies whatever its number");
+    assert!(!m.revise_at(11, Some("too late".into())));
+    assert!(m.deleted && m.text.is_empty());
 }

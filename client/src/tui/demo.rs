@@ -158,6 +158,9 @@ pub async fn run() -> Result<(), CommandError> {
                 let AppEvent::Message(r) = event else {
                     continue;
                 };
+                if r.change.is_some() {
+                    continue; // an edit, delete or reaction: nothing to answer
+                }
                 count += 1;
                 tokio::time::sleep(Duration::from_millis(400)).await;
                 let _ = bot.send(r.contact, reply_to(&r.message.text, count)).await;

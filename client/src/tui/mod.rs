@@ -103,8 +103,20 @@ pub async fn run_with(
     let mut terminal = ratatui::init();
     let _ = ratatui::crossterm::execute!(
         std::io::stdout(),
-        ratatui::crossterm::event::EnableBracketedPaste
+        ratatui::crossterm::event::EnableBracketedPaste,
+        ratatui::crossterm::event::EnableMouseCapture
     );
+    // A panic leaves the terminal as it was found: mouse reports and bracketed paste
+    // off, then ratatui's own hook restores the rest.
+    let ratatui_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let _ = ratatui::crossterm::execute!(
+            std::io::stdout(),
+            ratatui::crossterm::event::DisableMouseCapture,
+            ratatui::crossterm::event::DisableBracketedPaste
+        );
+        ratatui_hook(info);
+    }));
     let mut tick = tokio::time::interval(TICK);
     // A conversation the UI opens is read: its badge goes, and its sender hears so.
     let mark = |effects: Vec<Effect>, online: &Option<Online>| {
@@ -127,7 +139,7 @@ pub async fn run_with(
             Some(msg) = rx.recv() => msg,
             event = recv_event(&mut events) => match event {
                 // Shown as soon as it is in the store; the durable copy changes nothing.
-                Some(AppEvent::Incoming(r)) => Msg::Arrived(r.contact),
+                Some(AppEvent::Incoming(r)) if r.change.is_none() => Msg::Arrived(r.contact),
                 Some(AppEvent::Message(_)) => Msg::Redraw,
                 Some(AppEvent::Request(peer)) => {
                     let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
@@ -196,6 +208,7 @@ pub async fn run_with(
     };
     let _ = ratatui::crossterm::execute!(
         std::io::stdout(),
+        ratatui::crossterm::event::DisableMouseCapture,
         ratatui::crossterm::event::DisableBracketedPaste
     );
     ratatui::restore();
@@ -217,6 +230,9 @@ async fn recv_event(
     }
 }
 
+/// Lines one turn of the mouse wheel scrolls.
+const WHEEL_LINES: i32 = 3;
+
 /// Reads terminal events on a thread (crossterm's reader blocks).
 fn spawn_key_reader(tx: mpsc::Sender<Msg>) {
     std::thread::spawn(move || {
@@ -225,6 +241,11 @@ fn spawn_key_reader(tx: mpsc::Sender<Msg>) {
                 Ok(Event::Key(key)) => Msg::Key(key),
                 Ok(Event::Paste(text)) => Msg::Paste(text),
                 Ok(Event::Resize(..)) => Msg::Redraw,
+                Ok(Event::Mouse(mouse)) => match mouse.kind {
+                    event::MouseEventKind::ScrollUp => Msg::Scroll(WHEEL_LINES),
+                    event::MouseEventKind::ScrollDown => Msg::Scroll(-WHEEL_LINES),
+                    _ => continue,
+                },
                 Ok(_) => continue,
                 Err(_) => break,
             };
@@ -244,9 +265,9 @@ fn run_effect(
 ) {
     tokio::spawn(async move {
         let done = match effect {
-            Effect::Send { to, text } => {
+            Effect::Send { to, text, reply_to } => {
                 let result = async {
-                    let mut sending = engine.send(to, text).await?;
+                    let mut sending = engine.send_reply(to, text, reply_to).await?;
                     let _ = tx.send(Msg::Redraw).await;
                     // Its marks follow from the engine's events; only a failure to save it
                     // is said here.
@@ -424,17 +445,21 @@ pub fn snapshot(
         .collect();
     conversations.sort_by_key(|c| std::cmp::Reverse(c.last_ms));
     let selected = selected.or_else(|| conversations.first().map(|c| c.peer));
-    let (messages, notices) = match selected {
-        Some(peer) => (
-            store
+    let (messages, notices, gaps) = match selected {
+        Some(peer) => {
+            let (notices, gaps) = match (store.conversation(&peer), store.contact(&peer)) {
+                (Ok(conv), Ok(Some(c))) => (
+                    crate::commands::notices_but_gaps(&conv, &c.name),
+                    conv.gaps.ranges().to_vec(),
+                ),
+                _ => (vec![], vec![]),
+            };
+            let messages = store
                 .recent_messages(&peer, MESSAGES_SHOWN)
-                .unwrap_or_default(),
-            match (store.conversation(&peer), store.contact(&peer)) {
-                (Ok(conv), Ok(Some(c))) => crate::commands::notices(&conv, &c.name),
-                _ => vec![],
-            },
-        ),
-        None => (vec![], vec![]),
+                .unwrap_or_default();
+            (messages, notices, gaps)
+        }
+        None => (vec![], vec![], vec![]),
     };
     let requests = store.requests().map(|r| r.len()).unwrap_or(0);
     let relays = store.relays().unwrap_or_default();
@@ -454,9 +479,15 @@ pub fn snapshot(
                     .map(|o| o.iter().filter(|(_, e)| e.acked_count() == 0).count())
                     .unwrap_or(0),
                 lan_peers: engine.net().lan_peers().len(),
+                // Blocked contacts get nothing from us, directly or not.
                 direct: store
                     .contacts()
-                    .map(|cs| cs.iter().filter(|c| connected.contains(&c.peer)).count())
+                    .map(|cs| {
+                        cs.iter()
+                            .filter(|c| connected.contains(&c.peer))
+                            .filter(|c| !matches!(store.blocked(&c.peer), Ok(Some(_))))
+                            .count()
+                    })
                     .unwrap_or(0),
                 requests,
             }
@@ -472,6 +503,7 @@ pub fn snapshot(
         conversations,
         messages,
         notices,
+        gaps,
         status,
     }
 }

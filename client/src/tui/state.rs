@@ -64,9 +64,12 @@ pub struct Snapshot {
     pub conversations: Vec<ConversationSummary>,
     /// Messages of the selected conversation, oldest first.
     pub messages: Vec<MessageRecord>,
-    /// What the user should know about the selected conversation: gaps, breaks in the
+    /// What the user should know about the selected conversation: breaks in the
     /// contact's hash chain, refused messages (already safe to draw).
     pub notices: Vec<String>,
+    /// The contact's missing messages (ranges of their numbers), drawn where they
+    /// belong among the messages.
+    pub gaps: Vec<(u64, u64)>,
     /// Connectivity.
     pub status: Status,
 }
@@ -110,6 +113,9 @@ pub struct State {
     pub notice: Option<(String, Instant)>,
     /// Lines scrolled up from the bottom of the chat.
     pub scroll: usize,
+    /// The message picked with Ctrl+Up / Ctrl+Down, that /reply, /react, /edit and
+    /// /delete act on (without one: the last message, theirs or ours as fits).
+    pub picked: Option<[u8; 16]>,
     /// Ring the terminal bell for messages in other conversations.
     pub bell: bool,
     /// Notify (terminal notification, desktop notification where there is one) for
@@ -143,6 +149,7 @@ impl Default for State {
             overlay: None,
             notice: None,
             scroll: 0,
+            picked: None,
             bell: true,
             notify: true,
             notified: std::collections::HashMap::new(),
@@ -177,6 +184,13 @@ impl State {
         if !valid {
             self.selected = self.data.conversations.first().map(|c| c.peer);
             self.scroll = 0;
+            self.picked = None;
+        }
+        // A picked message gone (deleted here, expired) is picked no more.
+        if let Some(id) = self.picked
+            && !self.data.messages.iter().any(|m| m.id == id)
+        {
+            self.picked = None;
         }
         if self.data.me.is_none() && self.overlay.is_none() {
             self.overlay = Some(Overlay::Welcome);

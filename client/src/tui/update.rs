@@ -7,6 +7,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use super::state::{Overlay, Snapshot, State, new_input};
 use crate::cli::{Command, ContactCommand, RelayCommand, RequestCommand};
+use crate::store::{Direction, MessageRecord};
 
 /// Something that happened.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub enum Msg {
     Request(PeerId),
     /// The terminal changed size: just draw again.
     Redraw,
+    /// The mouse wheel: lines up (positive) or down.
+    Scroll(i32),
     /// Our invite code, to show.
     Invite {
         /// The code.
@@ -48,6 +51,8 @@ pub enum Effect {
         to: PeerId,
         /// What.
         text: String,
+        /// The message it answers, for a reply.
+        reply_to: Option<kkachi_protocol::MessageId>,
     },
     /// Run a CLI command; show its output in a panel titled `title`.
     Run {
@@ -82,18 +87,18 @@ pub const HELP: &str = "\
 Enter        send the message (or run a /command; //text sends /text)
 Alt+Enter    new line          F1  this help          Esc  close a panel
 Tab, S-Tab   next / previous conversation (Alt+Down / Alt+Up); Alt+U  unread
-PgUp, PgDn   scroll the conversation
+PgUp, PgDn   scroll (or the mouse wheel)   Ctrl+Up/Down  pick a message
 Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
-/invite                 your invite code and QR code
-/add CODE [name]        add a contact from their invite code
+/invite  your code and QR            /add CODE [name]  add a contact from it
 /requests               messages from people who are not contacts yet
 /accept WHO [name]      add them; their messages join the conversation
 /reject WHO             drop their messages    /block WHO   block them
 /unblock WHO            unblock someone        /remove WHO  remove a contact
-/rename NAME            rename this conversation's contact    /quit  quit
+/rename NAME  rename this contact     /name NAME  your own name     /quit
+/reply TEXT  /react 👍  answer / react to their last message (or the picked)
+/edit TEXT  /delete     change / delete for everyone your last (or picked)
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
 /search WORDS           find messages         /mute  this conversation on/off
-/edit TEXT  /delete     change / delete (for everyone) your last message here
 /relays                 your relays: up/down, latency, failure domain
 /relay add|remove ADDR  add or remove an inbox relay
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
@@ -160,6 +165,14 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             vec![Effect::Reload]
         }
         Msg::Redraw => vec![],
+        Msg::Scroll(lines) => {
+            state.scroll = if lines > 0 {
+                state.scroll.saturating_add(lines.unsigned_abs() as usize)
+            } else {
+                state.scroll.saturating_sub(lines.unsigned_abs() as usize)
+            };
+            vec![]
+        }
         Msg::Invite { code, expires_at } => {
             state.overlay = Some(Overlay::Invite {
                 qr: crate::qr::render(&code).unwrap_or_default(),
@@ -200,6 +213,12 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             state.overlay = None;
             vec![]
         }
+        KeyCode::Esc if state.picked.is_some() => {
+            state.picked = None;
+            vec![]
+        }
+        KeyCode::Up if ctrl => pick(state, -1),
+        KeyCode::Down if ctrl => pick(state, 1),
         KeyCode::Tab => switch(state, 1),
         KeyCode::BackTab => switch(state, -1),
         KeyCode::Char('u') if alt => next_unread(state),
@@ -234,6 +253,56 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
     }
 }
 
+/// Picks the message before (-1) or after (1) the one picked; from none, the last one
+/// going up; past the last one going down, none.
+fn pick(state: &mut State, step: isize) -> Vec<Effect> {
+    let messages = &state.data.messages;
+    if messages.is_empty() {
+        return vec![];
+    }
+    let at = state
+        .picked
+        .and_then(|id| messages.iter().position(|m| m.id == id));
+    state.picked = match (at, step < 0) {
+        (None, true) => messages.last().map(|m| m.id),
+        (None, false) => None,
+        (Some(i), true) => Some(messages[i.saturating_sub(1)].id),
+        (Some(i), false) => messages.get(i + 1).map(|m| m.id),
+    };
+    // The picked message in view: scrolled back to the bottom, which shows it unless it
+    // is far up (then PgUp finds it).
+    state.scroll = 0;
+    vec![]
+}
+
+/// The message /reply and /react act on: the one picked, or their last (our last when
+/// they wrote nothing yet); never a deleted one.
+fn reply_target(state: &State) -> Option<&MessageRecord> {
+    let messages = &state.data.messages;
+    match state.picked {
+        Some(id) => messages.iter().find(|m| m.id == id && !m.deleted),
+        None => messages
+            .iter()
+            .rev()
+            .find(|m| m.direction == Direction::In && !m.deleted)
+            .or_else(|| messages.iter().rev().find(|m| !m.deleted)),
+    }
+}
+
+/// The message /edit and /delete act on, as the command line names it: the one picked,
+/// or our last; `Err` says why not.
+fn own_target(state: &State) -> Result<String, &'static str> {
+    match state.picked {
+        None => Ok("last".into()),
+        Some(id) => match state.data.messages.iter().find(|m| m.id == id) {
+            Some(m) if m.direction == Direction::Out => {
+                Ok(kkachi_protocol::MessageId(m.id).to_hex())
+            }
+            _ => Err("only your own messages can be edited or deleted for everyone"),
+        },
+    }
+}
+
 fn switch(state: &mut State, step: isize) -> Vec<Effect> {
     let list = &state.data.conversations;
     if list.is_empty() {
@@ -247,6 +316,7 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
     let peer = list[next].peer;
     state.selected = Some(peer);
     state.scroll = 0;
+    state.picked = None;
     vec![Effect::Reload, Effect::MarkRead(peer)]
 }
 
@@ -266,6 +336,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
         Some(peer) => {
             state.selected = Some(peer);
             state.scroll = 0;
+            state.picked = None;
             vec![Effect::Reload, Effect::MarkRead(peer)]
         }
         None => {
@@ -279,7 +350,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
-    "receipts", "edit", "delete",
+    "receipts", "edit", "delete", "reply", "react", "name",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -319,7 +390,11 @@ fn submit(state: &mut State) -> Vec<Effect> {
         Some(to) => {
             state.input = new_input();
             state.scroll = 0;
-            vec![Effect::Send { to, text: message }]
+            vec![Effect::Send {
+                to,
+                text: message,
+                reply_to: None,
+            }]
         }
         None => {
             // Kept until there is someone to send it to.
@@ -477,22 +552,27 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 vec![]
             }
         },
-        (Some("edit"), Some(first)) => match state.selected {
-            Some(peer) => {
+        (Some("edit"), Some(first)) => match (state.selected, own_target(state)) {
+            (Some(_), Err(why)) => {
+                notice(state, why);
+                vec![]
+            }
+            (Some(peer), Ok(message)) => {
                 let text = std::iter::once(first)
                     .chain(words)
                     .map(str::to_owned)
                     .collect();
+                state.picked = None;
                 vec![run(
                     Command::Edit {
                         contact: peer.to_string(),
-                        message: "last".into(),
+                        message,
                         text,
                     },
                     None,
                 )]
             }
-            None => {
+            (None, _) => {
                 notice(state, "open the conversation first");
                 vec![]
             }
@@ -500,7 +580,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         (Some("edit"), None) => {
             notice(
                 state,
-                "usage: /edit NEW TEXT (changes your last message here)",
+                "usage: /edit NEW TEXT (changes your last message here, or the one picked with Ctrl+Up)",
             );
             vec![]
         }
@@ -511,20 +591,103 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             );
             vec![]
         }
-        (Some("delete"), None) => match state.selected {
-            Some(peer) => vec![run(
-                Command::Delete {
-                    contact: peer.to_string(),
-                    message: "last".into(),
-                    for_me: false,
-                },
-                None,
-            )],
-            None => {
+        (Some("delete"), None) => match (state.selected, own_target(state)) {
+            (Some(_), Err(why)) => {
+                notice(state, why);
+                vec![]
+            }
+            (Some(peer), Ok(message)) => {
+                state.picked = None;
+                vec![run(
+                    Command::Delete {
+                        contact: peer.to_string(),
+                        message,
+                        for_me: false,
+                    },
+                    None,
+                )]
+            }
+            (None, _) => {
                 notice(state, "open the conversation first");
                 vec![]
             }
         },
+        (Some("name"), Some(first)) => {
+            let name = std::iter::once(first)
+                .chain(words)
+                .map(str::to_owned)
+                .collect();
+            vec![run(Command::Name { name }, None)]
+        }
+        (Some("name"), None) => match &state.data.me {
+            Some((me, _)) => {
+                let line = format!(
+                    "you are {}; /name NEW NAME changes it",
+                    crate::sanitize::for_terminal(me)
+                );
+                notice(state, &line);
+                vec![]
+            }
+            None => vec![],
+        },
+        (Some("reply"), first) => {
+            let Some(to) = state.selected else {
+                notice(state, "open the conversation first");
+                return vec![];
+            };
+            // The text as typed after the command, line breaks and all.
+            let text = line
+                .trim_start()
+                .strip_prefix("reply")
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            if first.is_none() || text.is_empty() {
+                notice(
+                    state,
+                    "usage: /reply TEXT (answers their last message, or the one picked with Ctrl+Up)",
+                );
+                return vec![];
+            }
+            let Some(target) = reply_target(state) else {
+                notice(state, "there is no message here to reply to");
+                return vec![];
+            };
+            let reply_to = Some(kkachi_protocol::MessageId(target.id));
+            state.picked = None;
+            state.scroll = 0;
+            vec![Effect::Send { to, text, reply_to }]
+        }
+        (Some("react"), emoji) => {
+            let Some(peer) = state.selected else {
+                notice(state, "open the conversation first");
+                return vec![];
+            };
+            let Some(emoji) = emoji else {
+                notice(
+                    state,
+                    "usage: /react EMOJI (on their last message, or the one picked with Ctrl+Up; the same again takes it back)",
+                );
+                return vec![];
+            };
+            let Some(target) = reply_target(state) else {
+                notice(state, "there is no message here to react to");
+                return vec![];
+            };
+            // The same reaction again takes it back, as a second tap does elsewhere.
+            let remove = target.reactions.ours == emoji;
+            let message = kkachi_protocol::MessageId(target.id).to_hex();
+            state.picked = None;
+            vec![run(
+                Command::React {
+                    contact: peer.to_string(),
+                    message,
+                    emoji: (!remove).then(|| emoji.to_string()),
+                    remove,
+                },
+                None,
+            )]
+        }
         (Some("receipts"), setting) => {
             if let Some(s) = setting
                 && s != "on"
@@ -666,7 +829,8 @@ mod tests {
             effects,
             vec![Effect::Send {
                 to: peers[0],
-                text: "hello".into()
+                text: "hello".into(),
+                reply_to: None
             }]
         );
         assert_eq!(s.input.lines(), [""], "input cleared after sending");
@@ -690,7 +854,8 @@ mod tests {
             effects,
             vec![Effect::Send {
                 to: peers[0],
-                text: "a\nb".into()
+                text: "a\nb".into(),
+                reply_to: None
             }]
         );
     }
@@ -890,7 +1055,8 @@ mod tests {
             update(&mut s, key(KeyCode::Enter)),
             vec![Effect::Send {
                 to: peers[0],
-                text: "/shrug".into()
+                text: "/shrug".into(),
+                reply_to: None
             }]
         );
         // An unknown command is not thrown away: it stays to be corrected.
@@ -934,7 +1100,8 @@ mod tests {
             update(&mut s, key(KeyCode::Enter)),
             vec![Effect::Send {
                 to: peers[0],
-                text: "one\ntwo\nthree".into()
+                text: "one\ntwo\nthree".into(),
+                reply_to: None
             }]
         );
     }
@@ -987,5 +1154,128 @@ mod tests {
             update(&mut s, Msg::Loaded(data)).is_empty(),
             "once, not at every reload"
         );
+    }
+
+    fn record(id: u8, direction: Direction, text: &str) -> MessageRecord {
+        MessageRecord {
+            id: [id; 16],
+            direction,
+            text: text.into(),
+            state: crate::store::MessageState::Received,
+            sent_at_ms: u64::from(id),
+            stored_at_ms: 0,
+            seq: u64::from(id),
+            prev: [0; 32],
+            timer_secs: 0,
+            edited: false,
+            deleted: false,
+            revised_seq: 0,
+            reply_to: None,
+            reactions: Default::default(),
+        }
+    }
+
+    #[test]
+    fn reply_and_react_act_on_their_last_message_or_the_one_picked() {
+        let (mut s, peers) = loaded(1);
+        s.data.messages = vec![
+            record(1, Direction::In, "lunch?"),
+            record(2, Direction::Out, "yes"),
+            record(3, Direction::In, "where"),
+            record(4, Direction::Out, "here"),
+        ];
+        // No pick: their last message.
+        typed(&mut s, "/reply 김밥");
+        update(
+            &mut s,
+            Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::ALT)),
+        );
+        typed(&mut s, "then coffee");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            e,
+            vec![Effect::Send {
+                to: peers[0],
+                text: "김밥\nthen coffee".into(),
+                reply_to: Some(kkachi_protocol::MessageId([3; 16])),
+            }]
+        );
+        // Ctrl+Up from the bottom picks the last message, again the one before.
+        let ctrl = |code| Msg::Key(KeyEvent::new(code, KeyModifiers::CONTROL));
+        update(&mut s, ctrl(KeyCode::Up));
+        update(&mut s, ctrl(KeyCode::Up));
+        update(&mut s, ctrl(KeyCode::Up));
+        assert_eq!(s.picked, Some([2; 16]));
+        update(&mut s, ctrl(KeyCode::Down));
+        assert_eq!(s.picked, Some([3; 16]));
+        typed(&mut s, "/react 👍");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            e,
+            vec![Effect::Run {
+                command: Command::React {
+                    contact: peers[0].to_string(),
+                    message: hex_of(3),
+                    emoji: Some("👍".into()),
+                    remove: false,
+                },
+                title: None,
+            }]
+        );
+        assert_eq!(s.picked, None, "used, the pick goes");
+        // The same reaction again takes it back.
+        s.data.messages[2].reactions.ours = "👍".into();
+        typed(&mut s, "/react 👍");
+        assert!(matches!(
+            &update(&mut s, key(KeyCode::Enter))[0],
+            Effect::Run {
+                command: Command::React {
+                    remove: true,
+                    emoji: None,
+                    ..
+                },
+                ..
+            }
+        ));
+        // Editing a picked message of theirs is refused; of ours, it names it.
+        update(&mut s, ctrl(KeyCode::Up));
+        update(&mut s, ctrl(KeyCode::Up));
+        assert_eq!(s.picked, Some([3; 16]));
+        typed(&mut s, "/edit no");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("only your own"));
+        update(&mut s, ctrl(KeyCode::Up));
+        typed(&mut s, "/delete");
+        assert!(matches!(
+            &update(&mut s, key(KeyCode::Enter))[0],
+            Effect::Run { command: Command::Delete { message, for_me: false, .. }, .. } if *message == hex_of(2)
+        ));
+        // Esc unpicks; past the last going down unpicks too.
+        update(&mut s, ctrl(KeyCode::Up));
+        update(&mut s, key(KeyCode::Esc));
+        assert_eq!(s.picked, None);
+        update(&mut s, ctrl(KeyCode::Up));
+        update(&mut s, ctrl(KeyCode::Down));
+        assert_eq!(s.picked, None);
+        // The mouse wheel scrolls.
+        update(&mut s, Msg::Scroll(3));
+        update(&mut s, Msg::Scroll(3));
+        update(&mut s, Msg::Scroll(-2));
+        assert_eq!(s.scroll, 4);
+        // Our own name.
+        typed(&mut s, "/name Jiwoo Kim");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Run {
+                command: Command::Name {
+                    name: vec!["Jiwoo".into(), "Kim".into()]
+                },
+                title: None
+            }]
+        );
+    }
+
+    fn hex_of(id: u8) -> String {
+        kkachi_protocol::MessageId([id; 16]).to_hex()
     }
 }

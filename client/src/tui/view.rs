@@ -83,14 +83,72 @@ pub fn glyph(state: &MessageState) -> Span<'static> {
     }
 }
 
-fn message_lines(m: &MessageRecord, them: &str, width: usize) -> Vec<Line<'static>> {
-    let (who, who_style) = match m.direction {
+/// How a message is drawn beside its text.
+#[derive(Debug, Default)]
+struct Decor {
+    /// The line quoting what it answers, for a reply (already safe to draw).
+    quote: Option<String>,
+    /// Picked (Ctrl+Up): drawn marked.
+    picked: bool,
+}
+
+/// The quote line of a reply: who wrote what it answers, and the start of it, from our
+/// own copy (a reply carries no text of what it answers).
+fn quote_line(
+    m: &MessageRecord,
+    all: &[MessageRecord],
+    them: &str,
+    width: usize,
+) -> Option<String> {
+    let quote = m.reply_to?;
+    let direction = if quote.ours {
+        Direction::Out
+    } else {
+        Direction::In
+    };
+    let who = if quote.ours { "me" } else { them };
+    let text = match all
+        .iter()
+        .find(|q| q.id == quote.id && q.direction == direction)
+    {
+        Some(q) if q.deleted => "(deleted)".to_string(),
+        Some(q) => for_terminal(q.text.lines().next().unwrap_or_default()).into_owned(),
+        None => "(a message not shown here)".to_string(),
+    };
+    let line = format!("↪ {who}: {text}");
+    // One line: cut with an ellipsis where it would wrap.
+    let room = width.saturating_sub(6).max(8);
+    let mut out = String::new();
+    let mut used = 0;
+    for c in line.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w > room {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    Some(out)
+}
+
+fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> Vec<Line<'static>> {
+    let (who, mut who_style) = match m.direction {
         Direction::Out => ("me".to_string(), Style::new().fg(Color::Blue).bold()),
         Direction::In => (them.to_string(), Style::new().fg(Color::Magenta).bold()),
     };
+    if decor.picked {
+        who_style = who_style.add_modifier(Modifier::REVERSED);
+    }
     let prefix = format!("{} {}: ", format_ms_short(m.sent_at_ms), who);
     let indent = prefix.chars().count().min(width / 2);
     let mut lines = Vec::new();
+    if let Some(quote) = &decor.quote {
+        lines.push(Line::from(vec![
+            Span::raw(" ".repeat(indent)),
+            Span::styled(quote.clone(), Style::new().fg(Color::DarkGray).italic()),
+        ]));
+    }
     let mut first = true;
     // What a peer wrote never reaches the terminal raw: escapes become visible.
     let text = if m.deleted {
@@ -123,6 +181,14 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize) -> Vec<Line<'stati
         && let Some(last) = lines.last_mut()
     {
         last.spans.push(glyph(&m.state));
+    }
+    if let Some(reactions) = crate::commands::reactions_text(m, them)
+        && let Some(last) = lines.last_mut()
+    {
+        last.spans.push(Span::styled(
+            format!("  {reactions}"),
+            Style::new().fg(Color::Yellow),
+        ));
     }
     lines
 }
@@ -193,13 +259,43 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
     let mut lines: Vec<Line> = Vec::new();
     let them = for_terminal(&current.name);
     let mut last_day = String::new();
+    let gap_style = Style::new().fg(Color::Yellow);
+    let mut gaps = state.data.gaps.iter().peekable();
     for m in &state.data.messages {
+        // A gap is drawn where its messages belong: before the first of theirs after it.
+        if m.direction == Direction::In && m.seq > 0 {
+            while let Some(&&gap) = gaps.peek() {
+                if gap.1 >= m.seq {
+                    break;
+                }
+                for chunk in wrap(
+                    &format!("⚠ {}", crate::commands::gap_line(&current.name, gap)),
+                    width.max(8),
+                ) {
+                    lines.push(Line::from(Span::styled(chunk, gap_style)));
+                }
+                gaps.next();
+            }
+        }
         let day = format_day(m.sent_at_ms);
         if day != last_day {
             lines.push(day_line(&day, width));
             last_day = day;
         }
-        lines.extend(message_lines(m, &them, width));
+        let decor = Decor {
+            quote: quote_line(m, &state.data.messages, &them, width),
+            picked: state.picked == Some(m.id),
+        };
+        lines.extend(message_lines(m, &them, width, &decor));
+    }
+    // Gaps after every message shown (their later messages are not loaded).
+    for &gap in gaps {
+        for chunk in wrap(
+            &format!("⚠ {}", crate::commands::gap_line(&current.name, gap)),
+            width.max(8),
+        ) {
+            lines.push(Line::from(Span::styled(chunk, gap_style)));
+        }
     }
     for notice in &state.data.notices {
         for chunk in wrap(&format!("⚠ {notice}"), width.max(8)) {
@@ -403,6 +499,9 @@ mod tests {
             timer_secs: 0,
             edited: false,
             deleted: false,
+            revised_seq: 0,
+            reply_to: None,
+            reactions: Default::default(),
         }
     }
 
@@ -479,7 +578,13 @@ mod tests {
             ],
             messages: vec![
                 message(Direction::In, "점심 먹었어?", MessageState::Received, 1),
-                message(Direction::Out, "아직! you?", MessageState::Read, 2),
+                MessageRecord {
+                    reactions: crate::store::Reactions {
+                        theirs: "👍".into(),
+                        ..Default::default()
+                    },
+                    ..message(Direction::Out, "아직! you?", MessageState::Read, 2)
+                },
                 message(
                     Direction::Out,
                     "relay test",
@@ -489,11 +594,18 @@ mod tests {
                     },
                     3,
                 ),
-                message(Direction::Out, "nothing reachable", MessageState::Queued, 4),
+                // Their number 5 after their 1: 2 to 4 are missing, and shown there.
+                MessageRecord {
+                    reply_to: Some(crate::store::Quote {
+                        id: [2; 16],
+                        ours: true,
+                    }),
+                    ..message(Direction::In, "김밥 먹자 🍙", MessageState::Received, 5)
+                },
+                message(Direction::Out, "nothing reachable", MessageState::Queued, 6),
             ],
-            notices: vec![
-                "1 message(s) from Minji missing so far (numbers 5); they may still arrive".into(),
-            ],
+            notices: vec!["a notice about the conversation".into()],
+            gaps: vec![(2, 4)],
             status: Status {
                 relays_up: 1,
                 relays: 2,

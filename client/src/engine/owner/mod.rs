@@ -58,6 +58,7 @@ pub(super) enum Command<T> {
     Send {
         contact: PeerId,
         text: String,
+        reply_to: Option<kkachi_protocol::MessageId>,
         reply: oneshot::Sender<Result<Sending, EngineError>>,
     },
     Change {
@@ -565,9 +566,10 @@ impl<T: Transport> Owner<T> {
             Command::Send {
                 contact,
                 text,
+                reply_to,
                 reply,
             } => {
-                let _ = reply.send(self.send(contact, &text, now));
+                let _ = reply.send(self.send(contact, &text, reply_to, now));
             }
             Command::Change { run, reply } => {
                 let result = run(&mut self.state, now);

@@ -127,12 +127,13 @@ impl<T: Transport> Owner<T> {
         &mut self,
         contact: PeerId,
         text: &str,
+        reply_to: Option<kkachi_protocol::MessageId>,
         now: u64,
     ) -> Result<Sending, EngineError> {
         let Some(card) = self.state.store.contact(&contact)? else {
             return Err(super::super::ContactError::NotContact(contact.to_string()).into());
         };
-        let queued = self.state.queue_text(&card, text, now)?;
+        let queued = self.state.queue_text(&card, text, reply_to, now)?;
         let (events, rx) = mpsc::channel(SEND_EVENTS);
         self.watchers
             .insert(queued.outbox_key, Watcher::new(events, contact, queued.id));

@@ -5,12 +5,14 @@
 //! - `hostile`: contacts and strangers sending what no honest client would;
 //! - `contacts`: message requests, blocking, removing and adding contacts again;
 //! - `bundles`: bundles taken in, ours and others';
-//! - `timers`: disappearing messages, read receipts turned off, edits and deletes.
+//! - `timers`: disappearing messages, read receipts turned off, edits and deletes;
+//! - `replies`: replies, reactions, and changes arriving out of order.
 
 mod bundles;
 mod contacts;
 mod delivery;
 mod hostile;
+mod replies;
 mod timers;
 
 use std::collections::{HashMap, HashSet};

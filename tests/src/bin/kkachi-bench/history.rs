@@ -60,6 +60,9 @@ pub(crate) fn long_conversation(home: &Path, n: usize) -> Result<()> {
                 timer_secs: 0,
                 edited: false,
                 deleted: false,
+                revised_seq: 0,
+                reply_to: None,
+                reactions: Default::default(),
             };
             LocalStore::write_message(&mut w, &peer, message_key(&peer, i as u64), &record);
         }
