@@ -37,6 +37,33 @@ const KIND_REACTION: u16 = 9;
 /// a reaction back).
 pub const MAX_REACTION_LEN: usize = 64;
 
+/// Checks a reaction: empty, or emoji and symbols only, at most [`MAX_REACTION_LEN`]
+/// bytes. Only the blocks emoji and symbols live in, and what emoji are built from
+/// (joiners, variation selectors, keycaps, tags): no letters of any script, digits,
+/// spaces, punctuation or controls (a reaction cannot spell a word, such as "me"), and
+/// nothing that hides or reorders text.
+pub fn check_reaction(emoji: &str) -> Result<(), ContentError> {
+    if emoji.len() > MAX_REACTION_LEN {
+        return Err(ContentError::ReactionTooLong(emoji.len()));
+    }
+    let allowed = |c: char| {
+        matches!(c,
+            '\u{00A9}' | '\u{00AE}'               // © ®
+            | '\u{203C}' | '\u{2049}'             // ‼ ⁉
+            | '\u{20E3}'                          // combining keycap
+            | '\u{2100}'..='\u{2BFF}'             // letterlike symbols to misc. symbols and arrows
+            | '\u{200D}'                          // zero-width joiner (emoji sequences)
+            | '\u{3030}' | '\u{303D}' | '\u{3297}' | '\u{3299}'
+            | '\u{FE00}'..='\u{FE0F}'             // variation selectors
+            | '\u{1F000}'..='\u{1FAFF}'           // emoji and pictographs
+            | '\u{E0020}'..='\u{E007F}') // tags (subdivision flags)
+    };
+    match emoji.chars().find(|&c| !allowed(c)) {
+        Some(c) => Err(ContentError::NotAReaction(u32::from(c))),
+        None => Ok(()),
+    }
+}
+
 /// The longest a disappearing-message timer may be: a year (0 turns it off).
 pub const MAX_TIMER_SECS: u32 = 365 * 24 * 3600;
 
@@ -360,6 +387,7 @@ impl Body {
                 }
                 let emoji = std::str::from_utf8(emoji)
                     .map_err(|_| DecodeError::InvalidUtf8 { field: "reaction" })?;
+                check_reaction(emoji)?;
                 Body::Reaction {
                     target,
                     own,
@@ -419,6 +447,9 @@ pub enum ContentError {
     /// A reaction longer than [`MAX_REACTION_LEN`].
     #[error("a reaction of {0} bytes; the limit is 64")]
     ReactionTooLong(usize),
+    /// A reaction holding a character no reaction may (see [`check_reaction`]).
+    #[error("a reaction is emoji only: U+{0:04X} cannot be in one")]
+    NotAReaction(u32),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
@@ -459,9 +490,7 @@ impl Content {
             {
                 Err(ContentError::TimerTooLong(*secs))
             }
-            Body::Reaction { emoji, .. } if emoji.len() > MAX_REACTION_LEN => {
-                Err(ContentError::ReactionTooLong(emoji.len()))
-            }
+            Body::Reaction { emoji, .. } => check_reaction(emoji),
             Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
                 Err(ContentError::TooManyReceiptIds(ids.len()))
             }
@@ -553,13 +582,15 @@ mod tests {
                     secs,
                     text
                 }),
-            (any::<[u8; 16]>(), any::<bool>(), ".{0,16}").prop_map(|(target, own, emoji)| {
-                Body::Reaction {
-                    target: MessageId(target),
-                    own,
-                    emoji,
+            (any::<[u8; 16]>(), any::<bool>(), "[👍❤🎉😂😮😢🙏🔥]{0,4}").prop_map(
+                |(target, own, emoji)| {
+                    Body::Reaction {
+                        target: MessageId(target),
+                        own,
+                        emoji,
+                    }
                 }
-            }),
+            ),
             (10u16.., proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(kind, data)| Body::Unknown { kind, data }),
         ]
@@ -814,10 +845,40 @@ mod tests {
         c.body = Body::Reaction {
             target: MessageId([7; 16]),
             own: true,
-            emoji: "x".repeat(MAX_REACTION_LEN + 1),
+            emoji: "😂".repeat(MAX_REACTION_LEN / 4 + 1),
         };
-        assert!(matches!(c.check(), Err(ContentError::ReactionTooLong(65))));
+        assert!(matches!(c.check(), Err(ContentError::ReactionTooLong(68))));
         assert!(Content::decode(&c.encode()).is_err());
+        // Emoji only: words, spaces and what hides or reorders text are refused (a
+        // reaction must not read as someone else's), what emoji are made of is not.
+        for bad in [
+            "👍 me",
+            "me",
+            "👍\u{202E}",
+            "\u{200B}",
+            "👍\n",
+            "나",
+            "👍ᄀ",
+        ] {
+            assert!(check_reaction(bad).is_err(), "{bad:?}");
+            c.body = Body::Reaction {
+                target: MessageId([7; 16]),
+                own: true,
+                emoji: bad.into(),
+            };
+            assert!(Content::decode(&c.encode()).is_err(), "{bad:?}");
+        }
+        for good in [
+            "",
+            "👍",
+            "❤\u{FE0F}",
+            "👨\u{200D}👩\u{200D}👧",
+            "🏴\u{E0067}\u{E0062}\u{E007F}",
+            "✅",
+            "🇰🇷",
+        ] {
+            assert!(check_reaction(good).is_ok(), "{good:?}");
+        }
         c.body = Body::Reply {
             target: MessageId([7; 16]),
             own: true,

@@ -1,6 +1,8 @@
 //! The terminal UI end to end: the real `kkachi tui` inside tmux, against real relays.
 //! It must show an incoming message, send one with Enter, and show `relays 1/2` after
-//! one of its two relays is killed.
+//! one of its two relays is killed; compose several lines and take a pasted text whole;
+//! reply, react and search; and in the demo, keep talking directly with every relay
+//! down until the direct path is cut, when messages wait for a relay to return.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ impl Tmux {
             .output();
         let ok = Command::new("tmux")
             .args([
+                "-u",
                 "new-session",
                 "-d",
                 "-s",
@@ -42,6 +45,33 @@ impl Tmux {
             .output()
             .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Pastes `text` as a terminal does (bracketed, when the program asked for it).
+    fn paste(&self, text: &str) {
+        let buffer = format!("{}-paste", self.session);
+        assert!(
+            Command::new("tmux")
+                .args(["set-buffer", "-b", &buffer, text])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            Command::new("tmux")
+                .args([
+                    "paste-buffer",
+                    "-p",
+                    "-d",
+                    "-b",
+                    &buffer,
+                    "-t",
+                    &self.session
+                ])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     fn keys(&self, keys: &[&str]) {
@@ -134,5 +164,128 @@ fn tui_shows_sends_and_notices_a_dead_relay() {
         .collect();
     assert_eq!(shown, code, "{screen}");
     tmux.keys(&["Escape"]);
+    tmux.keys(&["C-c"]);
+}
+
+/// Whether tmux is here to drive the UI; says why a test is skipped if not.
+fn have_tmux(test: &str) -> bool {
+    let here = Command::new("tmux").arg("-V").output().is_ok();
+    if !here {
+        println!("SKIPPED {test}: tmux is not installed");
+    }
+    here
+}
+
+#[test]
+fn tui_composes_lines_takes_pastes_whole_replies_reacts_and_searches() {
+    if !have_tmux("tui_composes_lines_takes_pastes_whole_replies_reacts_and_searches") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &relays[0].addr, &relays[1].addr]);
+    }
+    User::introduce(&alice, &bob);
+    let question = bob.send("alice", "where do we meet?", 5.0).unwrap();
+    let question_id = question["id"].as_str().unwrap().to_string();
+
+    let command = format!(
+        "KKACHI_LAN=0 KKACHI_LISTEN=/ip4/127.0.0.1/tcp/0 {} --home {} tui",
+        bin("kkachi").display(),
+        alice.home.display()
+    );
+    let tmux = Tmux::start(&format!("kkachi-tui2-{}", std::process::id()), &command);
+    tmux.wait_for("where do we meet?", Duration::from_secs(20));
+    tmux.wait_for("relays 2/2", Duration::from_secs(20));
+    let bob_daemon = bob.daemon();
+    // What Bob's daemon prints next.
+    let next = || {
+        let got = bob_daemon.collect(Duration::from_secs(20), |g| !g.is_empty());
+        assert!(!got.is_empty(), "bob's daemon printed nothing");
+        got.into_iter().next().unwrap().1
+    };
+
+    // Alt+Enter starts a new line; Enter sends them together.
+    tmux.keys(&["line one", "M-Enter", "line two", "Enter"]);
+    assert_eq!(next()["text"], "line one\nline two");
+    // A pasted text keeps its line breaks and is not sent by them.
+    tmux.paste("pasted first\npasted second");
+    tmux.wait_for("pasted second", Duration::from_secs(5));
+    tmux.keys(&["Enter"]);
+    assert_eq!(next()["text"], "pasted first\npasted second");
+
+    // A reply to Bob's question names it, at Bob's too.
+    tmux.keys(&["-l", "/reply at the north gate"]);
+    tmux.keys(&["Enter"]);
+    let reply = next();
+    assert_eq!(reply["text"], "at the north gate");
+    assert_eq!(reply["reply_to"]["id"], question_id.as_str());
+    assert_eq!(
+        reply["reply_to"]["ours"], true,
+        "at Bob's, it answers his own"
+    );
+    tmux.wait_for("↪ bob: where do we meet?", Duration::from_secs(5));
+
+    // A reaction to it reaches Bob as a change of that message.
+    tmux.keys(&["-l", "/react 👍"]);
+    tmux.keys(&["Enter"]);
+    let reaction = next();
+    assert_eq!(reaction["event"], "reaction");
+    assert_eq!(reaction["id"], question_id.as_str());
+    assert_eq!(reaction["reactions"]["theirs"], "👍");
+    tmux.wait_for("👍 me", Duration::from_secs(5));
+    // Bob's reaction to Alice's last message shows at hers.
+    bob.ok(&["react", "alice", "last", "❤"]);
+    tmux.wait_for("❤ bob", Duration::from_secs(20));
+
+    // Search finds the reply.
+    tmux.keys(&["/search north gate", "Enter"]);
+    let screen = tmux.wait_for("Search: north gate", Duration::from_secs(10));
+    assert!(screen.contains("at the north gate"), "{screen}");
+    tmux.keys(&["Escape"]);
+    tmux.keys(&["C-c"]);
+}
+
+#[test]
+fn demo_talks_directly_with_every_relay_down_until_the_direct_path_is_cut() {
+    if !have_tmux("demo_talks_directly_with_every_relay_down_until_the_direct_path_is_cut") {
+        return;
+    }
+    let command = format!("{} demo", bin("kkachi").display());
+    let tmux = Tmux::start(&format!("kkachi-demo-{}", std::process::id()), &command);
+    tmux.wait_for("Write me something", Duration::from_secs(20));
+    tmux.wait_for("relays 3/3", Duration::from_secs(20));
+    tmux.wait_for("direct 1", Duration::from_secs(20));
+    tmux.keys(&["F2"]);
+    tmux.wait_for("relays 2/3", Duration::from_secs(10));
+    tmux.keys(&["F3"]);
+    tmux.wait_for("relays 1/3", Duration::from_secs(10));
+    tmux.keys(&["F4"]);
+    let screen = tmux.wait_for("relays 0/3", Duration::from_secs(10));
+    assert!(screen.contains("NO RELAY"), "{screen}");
+    assert!(!screen.contains("OFFLINE"), "{screen}");
+    // Straight to the other user: delivered, and answered.
+    tmux.keys(&["direct only", "Enter"]);
+    tmux.wait_for("me: direct only ✓✓", Duration::from_secs(10));
+    tmux.wait_for("I got \"direct only\"", Duration::from_secs(10));
+    // F5 cuts the direct path: nothing is reachable, and what is written waits.
+    tmux.keys(&["F5"]);
+    tmux.wait_for("OFFLINE", Duration::from_secs(10));
+    tmux.keys(&["cut off", "Enter"]);
+    tmux.wait_for("me: cut off ◷ queued", Duration::from_secs(10));
+    // A relay back: it goes, and the answer comes, at once.
+    tmux.keys(&["F3"]);
+    tmux.wait_for("relays 1/3", Duration::from_secs(10));
+    tmux.wait_for("me: cut off ✓✓", Duration::from_secs(10));
+    // (the second user's second answer)
+    tmux.wait_for(
+        "Each message goes to all three relays",
+        Duration::from_secs(10),
+    );
     tmux.keys(&["C-c"]);
 }

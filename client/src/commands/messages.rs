@@ -218,9 +218,13 @@ impl App {
             out.warn(request_line(&request));
         }
         if !json {
+            let new = received.iter().filter(|r| r.change.is_none()).count();
+            let changes = match received.len() - new {
+                0 => String::new(),
+                n => format!(" and {n} edit(s), deletion(s) or reaction(s)"),
+            };
             out.warn(format!(
-                "{} new message(s); {reached}/{} relays reached; {pending} item(s) waiting in the outbox",
-                received.len(),
+                "{new} new message(s){changes}; {reached}/{} relays reached; {pending} item(s) waiting in the outbox",
                 report.relays.len()
             ));
         }
@@ -398,7 +402,7 @@ pub fn push_history_line(
     times.push_long(out, m.sent_at_ms);
     let mut text = shown_text(m);
     if let Some(quote) = &m.reply_to {
-        text = format!("↪ {} {text}", &hex(&quote.id)[..8]);
+        text = format!("{} {text}", quote_mark(quote, &contact.name));
     }
     if let Some(reactions) = reactions_text(m, &contact.name) {
         text = format!("{text}  [{reactions}]");
@@ -431,6 +435,17 @@ fn shown_text(m: &MessageRecord) -> String {
     }
 }
 
+/// What a reply answers, for people: whose message, and the start of its id ("↪ me
+/// 3f2a1b2c").
+fn quote_mark(quote: &crate::store::Quote, who: &str) -> String {
+    let whose = if quote.ours {
+        "me".into()
+    } else {
+        name(who).into_owned()
+    };
+    format!("↪ {whose} {}", &hex(&quote.id)[..8])
+}
+
 /// The reactions to a message for people ("👍 me, ❤ Minji"), safe for a terminal.
 pub fn reactions_text(m: &MessageRecord, who: &str) -> Option<String> {
     let r = &m.reactions;
@@ -448,7 +463,10 @@ pub fn reactions_text(m: &MessageRecord, who: &str) -> Option<String> {
 fn extras_json(m: &MessageRecord) -> (serde_json::Value, serde_json::Value) {
     let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
     (
-        json!(m.reply_to.map(|q| hex(&q.id))),
+        json!(
+            m.reply_to
+                .map(|q| json!({ "id": hex(&q.id), "ours": q.ours }))
+        ),
         json!({ "mine": some(&m.reactions.ours), "theirs": some(&m.reactions.theirs) }),
     )
 }
@@ -509,7 +527,7 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
         out.json(v);
     } else {
         let reply = match &r.message.reply_to {
-            Some(quote) => format!("↪ {} ", &hex(&quote.id)[..8]),
+            Some(quote) => format!("{} ", quote_mark(quote, &r.name)),
             None => String::new(),
         };
         out.out(format!(

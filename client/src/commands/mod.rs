@@ -420,13 +420,15 @@ impl App {
             out.warn(format!("your name is {} already", for_terminal(new)));
             return Ok(());
         }
+        // The name and the card version that carries it, in one write.
         profile.name = new.to_string();
+        profile.card_version += 1;
         self.store.apply({
             let mut w = crate::store::WriteSet::default();
             LocalStore::write_profile(&mut w, &profile);
             w
         })?;
-        self.announce_card(out).await?;
+        self.send_card(out).await?;
         if json {
             out.json(json!({ "name": new }));
         } else {

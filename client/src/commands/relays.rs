@@ -27,6 +27,13 @@ impl App {
         let mut w = WriteSet::default();
         LocalStore::write_profile(&mut w, &profile);
         self.store.apply(w)?;
+        self.send_card(out).await
+    }
+
+    /// Sends our card (its version raised already, in the same write as what changed,
+    /// so a crash before this leaves it for the engine's next start to send) to every
+    /// contact, and opens our queues on every relay.
+    pub(super) async fn send_card(&mut self, out: &mut Output) -> Result<(), CommandError> {
         let contacts = self.store.contacts()?;
         let engine = self.engine()?;
         engine.relays_changed(!contacts.is_empty()).await?;

@@ -167,6 +167,7 @@ impl<T> State<T> {
         let existing = contacts.iter().find(|c| c.peer == peer);
         let name = match (name, existing) {
             (Some(n), _) => n.trim().to_owned(),
+            (None, Some(c)) if card.supersedes(&c.card) => name_with_card(&contacts, c, card),
             (None, Some(c)) => c.name.clone(),
             (None, None) => card.name().to_owned(),
         };
@@ -366,6 +367,10 @@ fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result
     if looks_like_peer_id(name) {
         return Err(ContactError::NameIsPeerId);
     }
+    // Our own messages are shown as "me".
+    if name.to_lowercase() == "me" {
+        return Err(ContactError::NameTaken(name.to_owned()));
+    }
     if contacts
         .iter()
         .any(|c| c.peer != *peer && c.name.to_lowercase() == name.to_lowercase())
@@ -373,6 +378,27 @@ fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result
         return Err(ContactError::NameTaken(name.to_owned()));
     }
     Ok(())
+}
+
+/// The name to show for `contact` once their newer `card` is taken: the card's new
+/// name if we did not name them ourselves (the name shown is their old card's), and if
+/// that name could not be mistaken for someone else: it passes the checks a name we
+/// give passes, and neither it nor another contact's name starts with the other (so a
+/// name or its start that we type for one contact never comes to mean another).
+/// Otherwise the name shown stays.
+pub(crate) fn name_with_card(contacts: &[Contact], contact: &Contact, card: &Card) -> String {
+    let new = card.name();
+    let ours = contact.name != contact.card.name();
+    let lower = new.to_lowercase();
+    let clashes = contacts.iter().any(|c| {
+        let other = c.name.to_lowercase();
+        c.peer != contact.peer && (other.starts_with(&lower) || lower.starts_with(&other))
+    });
+    if ours || clashes || check_contact_name(new, &contact.peer, contacts).is_err() {
+        contact.name.clone()
+    } else {
+        new.to_owned()
+    }
 }
 
 /// True if `name` could be taken for a peer id (or the start of one), which commands

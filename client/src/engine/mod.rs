@@ -420,6 +420,12 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Relays may be back (one was restarted, the network returned): what waits out a
+    /// backoff is tried now, and long polls start again. Returns at once.
+    pub fn retry_now(&self) {
+        let _ = self.commands.try_send(Command::RetryNow);
+    }
+
     /// How far outbox entry `key` got (None once it is gone: delivered, or done).
     pub async fn progress(&self, key: u64) -> Result<Option<Progress>, EngineError> {
         self.ask(|reply| Command::Progress { key, reply }).await

@@ -469,6 +469,8 @@ impl<T> State<T> {
         let mut contact = contact.clone();
         if card.supersedes(&contact.card) {
             // Their newest card rides every first message: take it like a card update.
+            contact.name =
+                super::contacts::name_with_card(&self.store.contacts()?, &contact, &card);
             contact.card = card;
             LocalStore::write_contact(w, &contact);
             self.emit(AppEvent::ContactUpdated(contact.peer));
@@ -647,20 +649,10 @@ impl<T> State<T> {
             }
             Body::CardUpdate(card) => {
                 if card.supersedes(&contact.card) {
-                    // Their new name, unless we named them ourselves, or another
-                    // contact has it (no one takes over a name we write to).
-                    let taken = |n: &str| {
-                        self.store.contacts().is_ok_and(|all| {
-                            all.iter().any(|c| {
-                                c.peer != peer && c.name.to_lowercase() == n.to_lowercase()
-                            })
-                        })
-                    };
-                    let name = if contact.name == contact.card.name() && !taken(card.name()) {
-                        card.name().to_string()
-                    } else {
-                        contact.name.clone()
-                    };
+                    // Their new name, unless we named them ourselves or it could be
+                    // taken for another contact.
+                    let name =
+                        super::contacts::name_with_card(&self.store.contacts()?, contact, &card);
                     let updated = Contact {
                         peer,
                         name,
@@ -692,6 +684,9 @@ impl<T> State<T> {
                     self.emit(AppEvent::ContactUpdated(peer));
                 }
                 Ok(Outcome::Applied("a disappearing-message timer"))
+            }
+            Body::Edit { .. } | Body::Delete { .. } | Body::Reaction { .. } if content.seq == 0 => {
+                refused("an edit, delete or reaction outside the sender's numbers")
             }
             Body::Edit { .. } | Body::Delete { .. } => {
                 if self.is_copy(&peer, &content)? {
@@ -771,7 +766,7 @@ impl<T> State<T> {
                     Some((key, mut record))
                         if record.direction == direction
                             && !record.deleted
-                            && (content.seq == 0 || content.seq > record.reactions.theirs_seq) =>
+                            && content.seq > record.reactions.theirs_seq =>
                     {
                         record.reactions.theirs = emoji;
                         record.reactions.theirs_seq = content.seq;

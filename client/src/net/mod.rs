@@ -223,6 +223,9 @@ pub struct Network {
     circuits: bool,
     /// Who may connect to us (see `gate`).
     allowed: gate::Allowed,
+    /// The direct path to contacts is cut (the demo's switch): nothing goes to them
+    /// directly, and connections to them do not count.
+    cut: Arc<std::sync::atomic::AtomicBool>,
     /// What our LAN beacons carry.
     beacon: Arc<RwLock<beacon::Shared>>,
 }
@@ -293,6 +296,7 @@ impl Network {
                 direct: config.direct,
                 circuits: config.direct && config.circuits,
                 allowed,
+                cut: Arc::default(),
                 beacon,
             },
             events,
@@ -311,8 +315,26 @@ impl Network {
             direct: false,
             circuits: false,
             allowed: gate::Allowed::default(),
+            cut: Arc::default(),
             beacon: Arc::default(),
         }
+    }
+
+    /// Cuts the direct path to contacts (`true`) or restores it: while cut, envelopes
+    /// go to contacts through relays only, and connections to contacts do not count as
+    /// reaching them (the demo's switch, as a network between two people failing).
+    pub fn set_direct_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connects to contact `peer` directly at `addr` (where it is known to listen, as
+    /// two users of one machine are); returns once connected, or why not.
+    pub async fn connect_contact(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NetError> {
+        self.contacts.dial(peer, Some(addr)).await
+    }
+
+    fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Our own peer id.
@@ -478,6 +500,10 @@ impl Transport for Network {
         peer: PeerId,
         envelopes: Vec<Envelope>,
     ) -> Result<RelayToClient, NetError> {
+        if self.is_cut() {
+            let _ = self.contacts.commands.try_send(Command::Disconnect(peer));
+            return Err(NetError::Unreachable("the direct path is cut".into()));
+        }
         let items = envelopes.into_iter().map(Addressed::direct).collect();
         self.contacts
             .exchange(peer, None, &ClientToRelay::Put { items }, false)
@@ -485,7 +511,7 @@ impl Transport for Network {
     }
 
     fn direct_peers(&self) -> HashSet<PeerId> {
-        if !self.direct {
+        if !self.direct || self.is_cut() {
             return HashSet::new();
         }
         let links: Vec<PeerId> = self.state.read().links.keys().copied().collect();
@@ -493,7 +519,20 @@ impl Transport for Network {
     }
 
     fn connected(&self) -> HashSet<PeerId> {
-        self.state.read().links.keys().copied().collect()
+        let state = self.state.read();
+        let links = state.links.keys().copied();
+        if !self.is_cut() {
+            return links.collect();
+        }
+        // Relays still count; contacts do not.
+        let allowed = self.allowed.read();
+        links
+            .filter(|p| {
+                allowed
+                    .as_ref()
+                    .is_none_or(|contacts| !contacts.contains(p))
+            })
+            .collect()
     }
 
     fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {

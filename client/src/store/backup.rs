@@ -240,9 +240,15 @@ pub fn outgoing_content(record: &MessageRecord) -> Content {
         seq: record.seq,
         prev: record.prev,
         sent_at_ms: record.sent_at_ms,
-        body: match record.timer_secs {
-            0 => Body::Text(text),
-            secs => Body::TimedText { secs, text },
+        body: match (record.reply_to, record.timer_secs) {
+            (Some(quote), secs) => Body::Reply {
+                target: MessageId(quote.id),
+                own: quote.ours,
+                secs,
+                text,
+            },
+            (None, 0) => Body::Text(text),
+            (None, secs) => Body::TimedText { secs, text },
         },
     }
 }

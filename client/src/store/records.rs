@@ -329,7 +329,7 @@ impl MessageRecord {
     /// edit older than one applied already, or any change once deleted, is ignored;
     /// false then. A delete is final, whatever order it arrives in.
     pub fn revise_at(&mut self, seq: u64, change: Option<String>) -> bool {
-        if self.deleted || (change.is_some() && seq != 0 && seq <= self.revised_seq) {
+        if self.deleted || (change.is_some() && seq <= self.revised_seq) {
             return false;
         }
         self.revised_seq = seq;

@@ -34,6 +34,11 @@ struct Slot {
 #[derive(Debug)]
 pub struct DemoRelays {
     slots: Mutex<Vec<Slot>>,
+    /// The direct path between the two users is cut (F5).
+    direct_cut: std::sync::atomic::AtomicBool,
+    /// The second user's engine, whose side of the direct path F5 cuts too, and which
+    /// tries a relay brought back at once.
+    bot: std::sync::OnceLock<crate::engine::Engine<crate::net::Network>>,
 }
 
 fn loopback_net() -> NetConfig {
@@ -95,6 +100,8 @@ impl DemoRelays {
         Ok((
             Arc::new(Self {
                 slots: Mutex::new(slots),
+                direct_cut: Default::default(),
+                bot: Default::default(),
             }),
             addrs,
         ))
@@ -102,6 +109,36 @@ impl DemoRelays {
 }
 
 impl RelaySwitch for DemoRelays {
+    fn connect(&self, you: crate::net::Network) -> BoxFuture<'static, ()> {
+        let bot = self.bot.get().cloned();
+        async move {
+            let Some(bot) = bot else { return };
+            let peer = bot.identity().peer_id();
+            // The other user listens on loopback only: as two people on one network.
+            for _ in 0..50 {
+                for addr in &bot.net().listen_addrs() {
+                    let addr = addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer));
+                    if you.connect_contact(peer, addr).await.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tracing::warn!("the demo's users could not connect directly");
+        }
+        .boxed()
+    }
+
+    fn toggle_direct(&self) -> bool {
+        let cut = !self.direct_cut.load(std::sync::atomic::Ordering::Relaxed);
+        self.direct_cut
+            .store(cut, std::sync::atomic::Ordering::Relaxed);
+        if let Some(bot) = self.bot.get() {
+            bot.net().set_direct_cut(cut);
+        }
+        cut
+    }
+
     fn toggle(&self, n: usize) -> BoxFuture<'_, String> {
         async move {
             let mut slots = self.slots.lock().await;
@@ -117,7 +154,12 @@ impl RelaySwitch for DemoRelays {
                     )
                 }
                 None => match start_slot(slot, n).await {
-                    Ok(_) => format!("relay demo-{} is back up", n + 1),
+                    Ok(_) => {
+                        if let Some(bot) = self.bot.get() {
+                            bot.retry_now();
+                        }
+                        format!("relay demo-{} is back up", n + 1)
+                    }
                     Err(e) => format!("could not restart relay {}: {e}", n + 1),
                 },
             }
@@ -129,10 +171,10 @@ impl RelaySwitch for DemoRelays {
 fn reply_to(text: &str, count: usize) -> String {
     match count {
         1 => format!(
-            "안녕! I got \"{text}\" through the relays. Press F2, F3 or F4 to take a relay down, and keep writing."
+            "안녕! I got \"{text}\". Press F2, F3 or F4 to take a relay down, and keep writing."
         ),
-        2 => "Each message goes to all three relays at once; I read from whichever answers.".into(),
-        3 => "Take two relays down: still fine. Take all three down: your messages wait in the outbox (see the status bar) and go out when one returns.".into(),
+        2 => "Each message goes to all three relays at once, and to me directly while we are connected (\"direct 1\" below); I read from whichever comes first.".into(),
+        3 => "Take all three relays down: we still talk directly (NO RELAY). Then F5 cuts the direct path: your messages wait in the outbox (OFFLINE) and go out when a relay returns.".into(),
         _ => format!("Got it: \"{text}\" ({count} so far)."),
     }
 }
@@ -149,6 +191,7 @@ pub async fn run() -> Result<(), CommandError> {
     drop(you_store);
 
     let bot = crate::runtime::start_engine(bot_store, bot_me, loopback_net(), Mode::ONLINE)?;
+    let _ = relays.bot.set(bot.clone());
     let responder = {
         let bot = bot.clone();
         let mut events = bot.subscribe();

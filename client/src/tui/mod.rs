@@ -34,10 +34,16 @@ const TICK: Duration = Duration::from_millis(500);
 /// How long a notice stays in the status bar.
 const NOTICE_FOR: Duration = Duration::from_secs(8);
 
-/// Demo hooks: take relays down and bring them back.
+/// Demo hooks: take relays down and bring them back, cut the direct path.
 pub trait RelaySwitch: Send + Sync {
     /// Toggles relay `n`; returns a line to show.
     fn toggle(&self, n: usize) -> futures::future::BoxFuture<'_, String>;
+    /// Cuts the direct path between the demo's two users, or restores it, on the
+    /// other user's side; returns whether it is cut now.
+    fn toggle_direct(&self) -> bool;
+    /// Connects `you` (the user of the UI) directly to the other user, as two people on
+    /// one network would be; once at start, and again when the path is restored.
+    fn connect(&self, you: crate::net::Network) -> futures::future::BoxFuture<'static, ()>;
 }
 
 /// Runs the UI for `home` with the default network settings.
@@ -100,6 +106,9 @@ pub async fn run_with(
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     spawn_key_reader(tx.clone());
     let mut events = online.as_ref().map(|o| o.engine.subscribe());
+    if let (Some(d), Some(o)) = (&demo, &online) {
+        tokio::spawn(d.connect(o.engine.net().clone()));
+    }
     let mut terminal = ratatui::init();
     let _ = ratatui::crossterm::execute!(
         std::io::stdout(),
@@ -194,6 +203,19 @@ pub async fn run_with(
                         base64(text.as_bytes())
                     );
                     let _ = std::io::stdout().flush();
+                }
+                Effect::Mouse(on) => {
+                    let _ = if on {
+                        ratatui::crossterm::execute!(
+                            std::io::stdout(),
+                            ratatui::crossterm::event::EnableMouseCapture
+                        )
+                    } else {
+                        ratatui::crossterm::execute!(
+                            std::io::stdout(),
+                            ratatui::crossterm::event::DisableMouseCapture
+                        )
+                    };
                 }
                 other => {
                     if let Some(o) = &online {
@@ -310,10 +332,33 @@ fn run_effect(
                 return;
             }
             Effect::ToggleRelay(n) => match demo {
-                Some(d) => Msg::Done {
-                    title: None,
-                    result: Ok(d.toggle(n).await),
-                },
+                Some(d) => {
+                    let line = d.toggle(n).await;
+                    // Back up: no waiting out a backoff to use it.
+                    engine.retry_now();
+                    Msg::Done {
+                        title: None,
+                        result: Ok(line),
+                    }
+                }
+                None => return,
+            },
+            Effect::ToggleDirect => match demo {
+                Some(d) => {
+                    let cut = d.toggle_direct();
+                    engine.net().set_direct_cut(cut);
+                    if !cut {
+                        d.connect(engine.net().clone()).await;
+                    }
+                    Msg::Done {
+                        title: None,
+                        result: Ok(if cut {
+                            "direct path CUT: messages now go through the relays only".into()
+                        } else {
+                            "direct path restored".into()
+                        }),
+                    }
+                }
                 None => return,
             },
             Effect::Invite => {
@@ -348,7 +393,8 @@ fn run_effect(
             | Effect::Reload
             | Effect::Bell
             | Effect::Notify { .. }
-            | Effect::Copy(_) => return,
+            | Effect::Copy(_)
+            | Effect::Mouse(_) => return,
         };
         let _ = tx.send(done).await;
     });

@@ -126,6 +126,8 @@ pub struct State {
     pub notified: std::collections::HashMap<kkachi_protocol::PeerId, Instant>,
     /// Demo controls are available (F2–F4 toggle relays).
     pub demo: bool,
+    /// Mouse events are taken (the wheel scrolls); off, the terminal selects text.
+    pub mouse: bool,
     /// Set when the user asked to quit.
     pub quit: bool,
 }
@@ -154,6 +156,7 @@ impl Default for State {
             notify: true,
             notified: std::collections::HashMap::new(),
             demo: false,
+            mouse: true,
             quit: false,
         }
     }

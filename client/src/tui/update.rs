@@ -76,10 +76,14 @@ pub enum Effect {
     },
     /// Demo: take relay `n` (0-based) down or bring it back.
     ToggleRelay(usize),
+    /// Demo: cut the direct path between the two users, or restore it.
+    ToggleDirect,
     /// Fetch our invite code (answered with [`Msg::Invite`]).
     Invite,
     /// Put this text on the terminal's clipboard (OSC 52, where the terminal allows).
     Copy(String),
+    /// Take mouse events (the wheel scrolls), or leave the mouse to the terminal.
+    Mouse(bool),
 }
 
 /// The help text (also `/help`).
@@ -87,7 +91,7 @@ pub const HELP: &str = "\
 Enter        send the message (or run a /command; //text sends /text)
 Alt+Enter    new line          F1  this help          Esc  close a panel
 Tab, S-Tab   next / previous conversation (Alt+Down / Alt+Up); Alt+U  unread
-PgUp, PgDn   scroll (or the mouse wheel)   Ctrl+Up/Down  pick a message
+PgUp, PgDn   scroll (or the wheel)    Ctrl+Up/Down  pick a message, Esc unpick
 Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /invite  your code and QR            /add CODE [name]  add a contact from it
 /requests               messages from people who are not contacts yet
@@ -102,7 +106,11 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /relays                 your relays: up/down, latency, failure domain
 /relay add|remove ADDR  add or remove an inbox relay
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
-/bell  /notify          bell / notifications on/off     /receipts on|off";
+/bell /notify /mouse    bell, notifications, mouse on/off     /receipts on|off";
+
+/// The demo's keys, after [`HELP`] in the demo.
+pub const DEMO_HELP: &str = "\
+F2, F3, F4   demo relay 1, 2, 3 down / up    F5  cut / restore the direct path";
 
 /// Applies `msg` to `state`; returns what the runtime must do.
 pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
@@ -165,6 +173,7 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             vec![Effect::Reload]
         }
         Msg::Redraw => vec![],
+        Msg::Scroll(_) if state.overlay.is_some() => vec![],
         Msg::Scroll(lines) => {
             state.scroll = if lines > 0 {
                 state.scroll.saturating_add(lines.unsigned_abs() as usize)
@@ -209,6 +218,7 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             vec![]
         }
         KeyCode::F(n @ 2..=4) if state.demo => vec![Effect::ToggleRelay(usize::from(n - 2))],
+        KeyCode::F(5) if state.demo => vec![Effect::ToggleDirect],
         KeyCode::Esc if state.overlay.is_some() && state.overlay != Some(Overlay::Welcome) => {
             state.overlay = None;
             vec![]
@@ -217,8 +227,8 @@ fn on_key(state: &mut State, key: KeyEvent) -> Vec<Effect> {
             state.picked = None;
             vec![]
         }
-        KeyCode::Up if ctrl => pick(state, -1),
-        KeyCode::Down if ctrl => pick(state, 1),
+        KeyCode::Up if ctrl && state.overlay.is_none() => pick(state, -1),
+        KeyCode::Down if ctrl && state.overlay.is_none() => pick(state, 1),
         KeyCode::Tab => switch(state, 1),
         KeyCode::BackTab => switch(state, -1),
         KeyCode::Char('u') if alt => next_unread(state),
@@ -269,10 +279,15 @@ fn pick(state: &mut State, step: isize) -> Vec<Effect> {
         (Some(i), true) => Some(messages[i.saturating_sub(1)].id),
         (Some(i), false) => messages.get(i + 1).map(|m| m.id),
     };
-    // The picked message in view: scrolled back to the bottom, which shows it unless it
-    // is far up (then PgUp finds it).
-    state.scroll = 0;
+    // The view scrolls to keep the picked message on screen.
     vec![]
+}
+
+/// Puts `line` (a command that could not run) back in the input box, to correct.
+fn keep(state: &mut State, line: &str) {
+    let mut input = new_input();
+    input.insert_str(format!("/{line}"));
+    state.input = input;
 }
 
 /// The message /reply and /react act on: the one picked, or their last (our last when
@@ -350,7 +365,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
-    "receipts", "edit", "delete", "reply", "react", "name",
+    "receipts", "edit", "delete", "reply", "react", "name", "mouse",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -651,6 +666,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             }
             let Some(target) = reply_target(state) else {
                 notice(state, "there is no message here to reply to");
+                keep(state, line);
                 return vec![];
             };
             let reply_to = Some(kkachi_protocol::MessageId(target.id));
@@ -672,8 +688,14 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             };
             let Some(target) = reply_target(state) else {
                 notice(state, "there is no message here to react to");
+                keep(state, line);
                 return vec![];
             };
+            if let Err(e) = kkachi_protocol::content::check_reaction(emoji) {
+                notice(state, &format!("{e}"));
+                keep(state, line);
+                return vec![];
+            }
             // The same reaction again takes it back, as a second tap does elsewhere.
             let remove = target.reactions.ours == emoji;
             let message = kkachi_protocol::MessageId(target.id).to_hex();
@@ -759,6 +781,18 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             let what = if cmd == "rename" { "NAME" } else { "WHO" };
             notice(state, &format!("usage: /{cmd} {what} (see /help)"));
             vec![]
+        }
+        (Some("mouse"), _) => {
+            state.mouse = !state.mouse;
+            notice(
+                state,
+                if state.mouse {
+                    "mouse on: the wheel scrolls (hold Shift to select text)"
+                } else {
+                    "mouse off: the terminal selects text; PgUp and PgDn scroll"
+                },
+            );
+            vec![Effect::Mouse(state.mouse)]
         }
         (Some("bell"), _) => {
             state.bell = !state.bell;

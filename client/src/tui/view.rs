@@ -28,7 +28,7 @@ pub fn view(state: &State, frame: &mut Frame) {
     draw_input(state, frame, input);
     draw_status(state, frame, status);
     if let Some(overlay) = &state.overlay {
-        draw_overlay(overlay, frame, main);
+        draw_overlay(overlay, state.demo, frame, main);
     }
 }
 
@@ -260,6 +260,7 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
     let them = for_terminal(&current.name);
     let mut last_day = String::new();
     let gap_style = Style::new().fg(Color::Yellow);
+    let mut picked_at = None;
     let mut gaps = state.data.gaps.iter().peekable();
     for m in &state.data.messages {
         // A gap is drawn where its messages belong: before the first of theirs after it.
@@ -286,6 +287,9 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
             quote: quote_line(m, &state.data.messages, &them, width),
             picked: state.picked == Some(m.id),
         };
+        if decor.picked {
+            picked_at = Some(lines.len());
+        }
         lines.extend(message_lines(m, &them, width, &decor));
     }
     // Gaps after every message shown (their later messages are not loaded).
@@ -311,7 +315,18 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
             .scroll
             .min(lines.len().saturating_sub(height.min(lines.len()))),
     );
-    let top = bottom.saturating_sub(height);
+    let mut top = bottom.saturating_sub(height);
+    let mut bottom = bottom;
+    // A picked message is always on screen: what /delete or /edit acts on is seen.
+    if let Some(at) = picked_at {
+        if at < top {
+            top = at;
+            bottom = (top + height).min(lines.len());
+        } else if at >= bottom {
+            bottom = (at + 1).min(lines.len());
+            top = bottom.saturating_sub(height);
+        }
+    }
     let visible: Vec<Line> = lines[top..bottom].to_vec();
     let mut title = format!(" {them} ");
     if state.scroll > 0 {
@@ -380,7 +395,7 @@ fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
     if state.demo {
         spans.push(Span::raw("│"));
         spans.push(Span::styled(
-            " F2/F3/F4 relay down/up ",
+            " F2/F3/F4 relay down/up · F5 direct path ",
             Style::new().fg(Color::Cyan),
         ));
     }
@@ -446,11 +461,15 @@ fn draw_invite(code: &str, qr: &str, until: &str, frame: &mut Frame, area: Rect)
     );
 }
 
-fn draw_overlay(overlay: &Overlay, frame: &mut Frame, area: Rect) {
+fn draw_overlay(overlay: &Overlay, demo: bool, frame: &mut Frame, area: Rect) {
     let (title, body) = match overlay {
         Overlay::Invite { code, qr, until } => {
             return draw_invite(code, qr, until, frame, area);
         }
+        Overlay::Help if demo => (
+            " Help (Esc closes) ".to_string(),
+            format!("{HELP}\n{}", super::update::DEMO_HELP),
+        ),
         Overlay::Help => (" Help (Esc closes) ".to_string(), HELP.to_string()),
         Overlay::Welcome => (
             " Welcome to kkachi ".to_string(),
@@ -621,6 +640,50 @@ mod tests {
     #[test]
     fn chat_screen_snapshot() {
         insta::assert_snapshot!(render(&chat_state(), 80, 16));
+    }
+
+    #[test]
+    fn chat_snapshots_at_80x24_and_120x35() {
+        let mut s = chat_state();
+        s.picked = Some([5; 16]);
+        insta::assert_snapshot!("chat_80x24", render(&s, 80, 24));
+        insta::assert_snapshot!("chat_120x35", render(&s, 120, 35));
+    }
+
+    #[test]
+    fn a_picked_message_far_up_is_scrolled_into_view() {
+        let mut s = chat_state();
+        s.data.messages = (1..=40)
+            .map(|n| {
+                message(
+                    Direction::In,
+                    &format!("message number {n}"),
+                    MessageState::Received,
+                    n,
+                )
+            })
+            .collect();
+        s.data.gaps.clear();
+        assert!(!render(&s, 80, 16).contains("message number 3 "));
+        s.picked = Some([3; 16]);
+        let screen = render(&s, 80, 16);
+        assert!(screen.contains("message number 3 "), "{screen}");
+        assert!(!screen.contains("message number 40"), "{screen}");
+    }
+
+    #[test]
+    fn the_demo_help_lists_its_keys_whole_at_80x24() {
+        let mut s = chat_state();
+        s.demo = true;
+        s.overlay = Some(Overlay::Help);
+        let screen = render(&s, 80, 24);
+        for line in HELP.lines().chain(super::super::update::DEMO_HELP.lines()) {
+            assert!(
+                screen.contains(line.trim_end()),
+                "{line:?} not whole in\n{screen}"
+            );
+        }
+        assert!(screen.contains("F5 direct path"), "{screen}");
     }
 
     #[test]

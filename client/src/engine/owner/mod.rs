@@ -77,6 +77,9 @@ pub(super) enum Command<T> {
         force: bool,
         reply: oneshot::Sender<()>,
     },
+    /// Relays may be back: every path waiting out a backoff, and every long poll, is
+    /// due now.
+    RetryNow,
     Progress {
         key: u64,
         reply: oneshot::Sender<Option<Progress>>,
@@ -602,6 +605,19 @@ impl<T: Transport> Owner<T> {
                     self.write_entries(due);
                 }
                 self.settles.push(reply);
+            }
+            Command::RetryNow => {
+                self.deliveries.set_direct(self.state.net.direct_peers());
+                let due = self.deliveries.handle_force(now);
+                self.write_entries(due);
+                if let Ok(relays) = self.state.store.relays() {
+                    for r in &relays {
+                        for which in self.read_queues() {
+                            self.inboxes
+                                .handle_relay_up(&grants::poll_name(&r.addr, which), now);
+                        }
+                    }
+                }
             }
             Command::Progress { key, reply } => {
                 let _ = reply.send(self.deliveries.progress(key));

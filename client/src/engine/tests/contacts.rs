@@ -435,3 +435,39 @@ async fn an_expired_own_card_is_renewed_and_its_contacts_get_the_new_one() {
         );
     }
 }
+
+#[test]
+fn a_contact_who_renames_themselves_is_followed_unless_we_named_them_or_it_could_mean_another() {
+    use crate::engine::contacts::name_with_card;
+    let card = |id: &kkachi_protocol::Identity, name: &str, version: u64| {
+        kkachi_protocol::Card::new(id, name, vec![], version).unwrap()
+    };
+    let (minji, other) = (
+        kkachi_protocol::Identity::generate(),
+        kkachi_protocol::Identity::generate(),
+    );
+    let contact = |id: &kkachi_protocol::Identity, name: &str, card_name: &str| Contact {
+        peer: id.peer_id(),
+        name: name.into(),
+        card: card(id, card_name, 1),
+    };
+    let jiwoo = contact(&other, "Jiwoo", "Jiwoo");
+    let as_card = contact(&minji, "Minji", "Minji");
+    let all = vec![jiwoo.clone(), as_card.clone()];
+    let renamed = |to: &str| name_with_card(&all, &as_card, &card(&minji, to, 2));
+    assert_eq!(renamed("Minji Park"), "Minji Park", "followed");
+    // Nothing that could be taken for someone else, or for us.
+    for taken in ["Jiwoo", "jiwoo", "Ji", "Jiwoo Kim", "me", "12D3KooWabc"] {
+        assert_eq!(renamed(taken), "Minji", "{taken:?}");
+    }
+    // A name we gave stays ours.
+    let ours = contact(&minji, "Mom", "Minji");
+    assert_eq!(
+        name_with_card(
+            &[jiwoo, ours.clone()],
+            &ours,
+            &card(&minji, "Minji Park", 2)
+        ),
+        "Mom"
+    );
+}
