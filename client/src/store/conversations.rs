@@ -245,6 +245,17 @@ impl LocalStore {
                 gone += 1;
                 if record.direction == super::Direction::In {
                     freed += record.text.len() as u64 + super::RECORD_CHARGE;
+                } else {
+                    // Not delivered yet: it still goes, sealed as it is, but the copy
+                    // of its text kept to seal it again goes now, with the message.
+                    for key in self.outbox_keys_for(peer, &[MessageId(record.id)]) {
+                        if let Some(mut entry) = self.outbox_entry(key)?
+                            && !entry.content.is_empty()
+                        {
+                            entry.content.clear();
+                            Self::write_outbox(&mut w, key, &entry);
+                        }
+                    }
                 }
             } else if record.timer_secs != 0 && (next == 0 || record.expires_at() < next) {
                 next = record.expires_at();

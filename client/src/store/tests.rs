@@ -443,3 +443,49 @@ fn of_two_changes_held_for_one_message_the_later_by_number_stays_and_a_delete_is
     assert!(!m.revise_at(11, Some("too late".into())));
     assert!(m.deleted && m.text.is_empty());
 }
+
+#[test]
+fn an_expired_message_not_delivered_yet_leaves_no_text_in_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let bob = PeerId::random();
+    let record = MessageRecord {
+        id: [4; 16],
+        direction: Direction::Out,
+        text: "the door code is 4521".into(),
+        state: MessageState::Queued,
+        sent_at_ms: 1_000,
+        stored_at_ms: 1_000,
+        seq: 1,
+        prev: [0; 32],
+        timer_secs: 10,
+        edited: false,
+        deleted: false,
+        revised_seq: 0,
+        reply_to: None,
+        reactions: Default::default(),
+    };
+    let entry = OutboxEntry {
+        message_id: [4; 16],
+        contact: bob.to_bytes(),
+        kind: OutboxKind::Message,
+        envelope: vec![7; 64],
+        targets: Vec::new(),
+        direct_acked: false,
+        created_ms: 1_000,
+        sealed_on: None,
+        resealed_ms: 0,
+        queued_ms: 1_000,
+        content: b"the door code is 4521".to_vec(),
+    };
+    let mut w = WriteSet::default();
+    LocalStore::write_message(&mut w, &bob, message_key(&bob, 0), &record);
+    LocalStore::write_outbox(&mut w, 9, &entry);
+    store.apply(w).unwrap();
+    assert_eq!(store.delete_expired(&bob, 5_000).unwrap().0, 0, "not yet");
+    assert!(!store.outbox_entry(9).unwrap().unwrap().content.is_empty());
+    assert_eq!(store.delete_expired(&bob, 11_000).unwrap().0, 1);
+    let left = store.outbox_entry(9).unwrap().unwrap();
+    assert!(left.content.is_empty(), "its text is gone with it");
+    assert_eq!(left.envelope, vec![7; 64], "what is sealed still goes");
+}

@@ -166,6 +166,9 @@ impl Default for State {
 pub fn new_input() -> TextArea<'static> {
     let mut input = TextArea::default();
     input.set_cursor_line_style(ratatui::style::Style::default());
+    // Long lines wrap (between words where they can), so a long message can be read
+    // back before it goes.
+    input.set_wrap_mode(ratatui_textarea::WrapMode::WordOrGlyph);
     input.set_placeholder_text("Type a message, or /help");
     input
 }

@@ -20,7 +20,15 @@ pub fn view(state: &State, frame: &mut Frame) {
     let list_width = if main.width > 60 { 26 } else { main.width / 3 };
     let [list, right] =
         Layout::horizontal([Constraint::Length(list_width), Constraint::Min(10)]).areas(main);
-    let input_height = (state.input.lines().len() as u16 + 2).clamp(3, 8);
+    // The compose box grows with what is typed, lines wrapped as it draws them.
+    let inner = usize::from(right.width.saturating_sub(2)).max(1);
+    let rows: usize = state
+        .input
+        .lines()
+        .iter()
+        .map(|l| wrap(l, inner).len())
+        .sum();
+    let input_height = (rows.min(8) as u16 + 2).clamp(3, 8);
     let [chat, input] =
         Layout::vertical([Constraint::Min(3), Constraint::Length(input_height)]).areas(right);
     draw_list(state, frame, list);
@@ -648,6 +656,21 @@ mod tests {
         s.picked = Some([5; 16]);
         insta::assert_snapshot!("chat_80x24", render(&s, 80, 24));
         insta::assert_snapshot!("chat_120x35", render(&s, 120, 35));
+    }
+
+    #[test]
+    fn a_long_message_being_written_wraps_and_the_box_grows() {
+        let mut s = chat_state();
+        let words: Vec<String> = (1..=30).map(|n| format!("word{n}")).collect();
+        s.input.insert_str(words.join(" "));
+        let screen = render(&s, 80, 24);
+        // Every word is on screen, none cut at the edge.
+        for w in &words {
+            assert!(
+                screen.split(|c: char| !c.is_alphanumeric()).any(|t| t == w),
+                "{w} not whole in\n{screen}"
+            );
+        }
     }
 
     #[test]
