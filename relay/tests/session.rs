@@ -75,12 +75,17 @@ async fn write(stream: &mut Stream, bytes: &[u8]) {
     stream.flush().await.unwrap();
 }
 
+/// The test envelope: an hour to live from the start of this process (the same
+/// envelope each time it is made, whenever that is).
 fn envelope() -> Envelope {
-    let expires_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
+    static EXPIRES_AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let expires_at = *EXPIRES_AT.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600
+    });
     Envelope {
         expires_at,
         payload: b"session".repeat(4),

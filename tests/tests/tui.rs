@@ -163,6 +163,9 @@ fn tui_shows_sends_and_notices_a_dead_relay() {
         .filter(|l| !l.is_empty() && code.contains(*l))
         .collect();
     assert_eq!(shown, code, "{screen}");
+    // And in a file, to hand over some other way.
+    let saved = std::fs::read_to_string(alice.home.join("invite.txt")).unwrap();
+    assert_eq!(saved.trim(), code);
     tmux.keys(&["Escape"]);
     tmux.keys(&["C-c"]);
 }

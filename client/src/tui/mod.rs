@@ -362,6 +362,7 @@ fn run_effect(
                 None => return,
             },
             Effect::Invite => {
+                let home = engine.store().home().to_path_buf();
                 let mut app = App::online(engine);
                 let invite = app
                     .run(
@@ -382,7 +383,19 @@ fn run_effect(
                         }
                     });
                 match invite {
-                    Ok((code, expires_at)) => Msg::Invite { code, expires_at },
+                    Ok((code, expires_at)) => {
+                        // Also in a file, to hand over by other means than the screen.
+                        let file = home.join("invite.txt");
+                        let saved = std::fs::write(&file, format!("{code}\n"))
+                            .map(|()| crate::sanitize::for_terminal(&file.display().to_string()).into_owned())
+                            .map_err(|e| tracing::warn!(error = %e, "could not write the invite code to a file"))
+                            .ok();
+                        Msg::Invite {
+                            code,
+                            expires_at,
+                            saved,
+                        }
+                    }
                     Err(e) => Msg::Done {
                         title: None,
                         result: Err(e),

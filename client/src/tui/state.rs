@@ -89,6 +89,8 @@ pub enum Overlay {
         qr: String,
         /// Until when it works (a date for people).
         until: String,
+        /// The file it was also written to (safe to draw), if it could be.
+        saved: Option<String>,
     },
     /// Text from a command (relay list, drill, errors).
     Text {

@@ -32,6 +32,8 @@ pub enum Msg {
         code: String,
         /// Until when it works (Unix seconds).
         expires_at: u64,
+        /// The file it was also written to, if it could be.
+        saved: Option<String>,
     },
     /// A background effect finished: text to show, or an error.
     Done {
@@ -182,11 +184,16 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             };
             vec![]
         }
-        Msg::Invite { code, expires_at } => {
+        Msg::Invite {
+            code,
+            expires_at,
+            saved,
+        } => {
             state.overlay = Some(Overlay::Invite {
                 qr: crate::qr::render(&code).unwrap_or_default(),
                 until: crate::time::format_ms(expires_at.saturating_mul(1000)),
                 code: code.clone(),
+                saved,
             });
             vec![Effect::Copy(code)]
         }

@@ -428,7 +428,14 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
 /// The invite panel: the code whole, in as many lines as the width needs (copying the
 /// lines gives the code: `/add` and `contact add` take its pieces), its QR code where
 /// the window is large enough, and otherwise how large it must be.
-fn draw_invite(code: &str, qr: &str, until: &str, frame: &mut Frame, area: Rect) {
+fn draw_invite(
+    code: &str,
+    qr: &str,
+    until: &str,
+    saved: Option<&str>,
+    frame: &mut Frame,
+    area: Rect,
+) {
     let qr_width = qr.lines().map(|l| l.chars().count()).max().unwrap_or(0);
     let qr_height = qr.lines().count();
     let inner = usize::from(area.width.saturating_sub(4)).max(10);
@@ -441,6 +448,9 @@ fn draw_invite(code: &str, qr: &str, until: &str, frame: &mut Frame, area: Rect)
     lines.push(String::new());
     lines.push(format!("works until {until}"));
     lines.push("copied to the clipboard where the terminal allows".into());
+    if let Some(saved) = saved {
+        lines.push(format!("and written to {saved}"));
+    }
     let room = usize::from(area.height.saturating_sub(2));
     if qr_height > 0 {
         if qr_width <= width && lines.len() + 1 + qr_height <= room {
@@ -471,8 +481,13 @@ fn draw_invite(code: &str, qr: &str, until: &str, frame: &mut Frame, area: Rect)
 
 fn draw_overlay(overlay: &Overlay, demo: bool, frame: &mut Frame, area: Rect) {
     let (title, body) = match overlay {
-        Overlay::Invite { code, qr, until } => {
-            return draw_invite(code, qr, until, frame, area);
+        Overlay::Invite {
+            code,
+            qr,
+            until,
+            saved,
+        } => {
+            return draw_invite(code, qr, until, saved.as_deref(), frame, area);
         }
         Overlay::Help if demo => (
             " Help (Esc closes) ".to_string(),
@@ -786,6 +801,7 @@ mod tests {
             crate::tui::update::Msg::Invite {
                 code: code.clone(),
                 expires_at: 1_800_000_000,
+                saved: Some("/home/jiwoo/.kkachi/invite.txt".into()),
             },
         );
         for (w, h, qr) in [(80, 24, false), (120, 35, false), (120, 70, true)] {
@@ -808,6 +824,10 @@ mod tests {
             if !qr {
                 assert!(screen.contains("the QR code needs a window of"), "{screen}");
             }
+            assert!(
+                screen.contains("written to /home/jiwoo/.kkachi/invite.txt"),
+                "{screen}"
+            );
         }
     }
 
