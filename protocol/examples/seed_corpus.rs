@@ -28,6 +28,28 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 }
 
 fn main() {
+    // Files: a file reference (0 ‖ encoding) and a manifest sealed under the
+    // corpus key (1 ‖ sealed).
+    {
+        use kkachi_protocol::file::{ChunkId, FileRef, Manifest};
+        let key = kkachi_protocol::fuzzing::FUZZ_FILE_KEY;
+        let (id, sealed) = Manifest {
+            size: 300_000,
+            chunks: vec![ChunkId([1; 32]), ChunkId([2; 32])],
+        }
+        .seal(&key)
+        .expect("a manifest seals");
+        let file = FileRef {
+            key,
+            manifest: id,
+            size: 300_000,
+            name: "지도.png".into(),
+            mime: "image/png".into(),
+            thumbnail: vec![0x89, b'P', b'N', b'G'],
+        };
+        write("file", "file-ref", &[&[0u8][..], &file.encode()].concat());
+        write("file", "manifest", &[&[1u8][..], &sealed].concat());
+    }
     let alice = fuzz_sender();
     let bob = fuzz_recipient();
     let relay: Multiaddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{}", bob.peer_id())

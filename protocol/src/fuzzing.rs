@@ -26,7 +26,31 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("session_state", session_state),
     ("lan_beacon", lan_beacon),
     ("bundle", bundle),
+    ("file", file),
 ];
+
+/// The key of the manifests in the `file` corpus (public, so seeds can be real).
+pub const FUZZ_FILE_KEY: crate::file::FileKey = crate::file::FileKey([7; 32]);
+
+/// What a chat message says about a file (first byte 0), and sealed manifests (first
+/// byte 1, under [`FUZZ_FILE_KEY`]): both come from contacts.
+pub fn file(data: &[u8]) {
+    use crate::file::{ChunkId, FileRef, Manifest};
+    match data.split_first() {
+        Some((0, rest)) => {
+            if let Ok(f) = FileRef::decode(rest) {
+                assert_eq!(f.encode(), rest, "file references are canonical");
+            }
+        }
+        Some((1, rest)) => {
+            if let Ok(m) = Manifest::open(&FUZZ_FILE_KEY, &ChunkId::of(rest), rest) {
+                let (_, sealed) = m.seal(&FUZZ_FILE_KEY).expect("what opened seals");
+                assert_eq!(sealed, rest, "manifests are canonical");
+            }
+        }
+        _ => {}
+    }
+}
 
 /// Bundles: files carried from anyone, read whole.
 pub fn bundle(data: &[u8]) {

@@ -29,6 +29,7 @@ pub mod card;
 mod codec;
 pub mod content;
 pub mod envelope;
+pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

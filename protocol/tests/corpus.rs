@@ -36,8 +36,25 @@ fn seeds_exercise_the_success_paths() {
         assert!(ClientToRelay::decode(&read("wire_request", &format!("req-{i}"))).is_ok());
         assert!(RelayToClient::decode(&read("wire_response", &format!("resp-{i}"))).is_ok());
     }
-    for i in 0..4 {
-        assert!(Content::decode(&read("content", &format!("content-{i}"))).is_ok());
+    for i in 0..10 {
+        assert!(
+            Content::decode(&read("content", &format!("content-{i}"))).is_ok(),
+            "content-{i}"
+        );
+    }
+    {
+        use kkachi_protocol::file::{ChunkId, FileRef, Manifest};
+        let file = read("file", "file-ref");
+        assert!(FileRef::decode(&file[1..]).is_ok());
+        let sealed = &read("file", "manifest")[1..];
+        let key = kkachi_protocol::fuzzing::FUZZ_FILE_KEY;
+        assert_eq!(
+            Manifest::open(&key, &ChunkId::of(sealed), sealed)
+                .unwrap()
+                .chunks
+                .len(),
+            2
+        );
     }
     let me = kkachi_protocol::fuzzing::fuzz_recipient();
     assert!(matches!(

@@ -1,7 +1,7 @@
 //! SPEC.md must state the limits the code enforces: each named constant appears in the
 //! spec as "`NAME` = value" (value with thousands separators).
 
-use kkachi_protocol::{card, content, envelope, lan, session, wire};
+use kkachi_protocol::{card, content, envelope, file, lan, session, wire};
 
 fn with_commas(n: u64) -> String {
     let s = n.to_string();
@@ -31,6 +31,12 @@ fn spec_states_the_limits_the_code_enforces() {
         ("RETIRED_GRACE_SECS", session::RETIRED_GRACE_SECS),
         ("MAX_FRAME_LEN", wire::MAX_FRAME_LEN as u64),
         ("MAX_TEXT_LEN", content::MAX_TEXT_LEN as u64),
+        ("MAX_REACTION_LEN", content::MAX_REACTION_LEN as u64),
+        ("CHUNK_BYTES", file::CHUNK_BYTES as u64),
+        ("MAX_CHUNKS", file::MAX_CHUNKS as u64),
+        ("MAX_NAME_BYTES", file::MAX_NAME_BYTES as u64),
+        ("MAX_MIME_BYTES", file::MAX_MIME_BYTES as u64),
+        ("MAX_THUMBNAIL_BYTES", file::MAX_THUMBNAIL_BYTES as u64),
         ("MAX_BODY_LEN", content::MAX_BODY_LEN as u64),
         ("MAX_PUT_BATCH", wire::MAX_PUT_BATCH as u64),
         ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),
