@@ -9,6 +9,7 @@
 //! in memory for tests and throwaway relays.
 
 mod bodies;
+pub mod chunks;
 mod index;
 mod memory;
 mod sled_store;
