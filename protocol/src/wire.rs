@@ -14,6 +14,7 @@
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN};
+use crate::file::ChunkId;
 use crate::queue::{QueueKind, ReadKey, WriteId, WriteKey};
 
 /// The session protocol, the only one relays speak: one long-lived stream carries many
@@ -38,6 +39,8 @@ pub const MAX_TEXT_LEN: usize = 512;
 pub const MAX_GRANT_IDS: usize = 1024;
 /// Longest access token in a `Grant`.
 pub const MAX_TOKEN_LEN: usize = 64;
+/// Most chunk ids in one `HasChunks` or `DeleteChunks`.
+pub const MAX_CHUNK_IDS: usize = 1024;
 /// Largest frame body: a full `Put` batch plus headroom.
 pub const MAX_FRAME_LEN: usize = MAX_PUT_BATCH * (32 + MAX_ENVELOPE_LEN + 4) + 1024;
 /// Budget for envelope bytes in one `Batch`, so it always fits a frame.
@@ -98,6 +101,40 @@ pub enum ClientToRelay {
         key: ReadKey,
         /// Up to [`MAX_GRANT_IDS`] write ids.
         write_ids: Vec<WriteId>,
+    },
+    /// Store a chunk of a file (SPEC §13) in the queue `write` was granted for; the
+    /// relay checks that `data` hashes to `id`. Answered with `Stored` (one outcome).
+    PutChunk {
+        /// The capability naming the queue.
+        write: WriteKey,
+        /// Unix seconds after which the relay may drop it.
+        expires_at: u64,
+        /// BLAKE3 of `data`.
+        id: ChunkId,
+        /// The chunk, at most [`file::MAX_CHUNK`](crate::file::MAX_CHUNK) bytes.
+        data: Vec<u8>,
+    },
+    /// Read a chunk of the queue of `key`: answered with `Chunk`, or `NotFound`.
+    GetChunk {
+        /// The queue's read key.
+        key: ReadKey,
+        /// The chunk.
+        id: ChunkId,
+    },
+    /// Which of these chunks the queue `write` was granted for holds (so an upload goes
+    /// on where it stopped, and a file passed on is not uploaded again): `ChunksHeld`.
+    HasChunks {
+        /// The capability naming the queue.
+        write: WriteKey,
+        /// Up to [`MAX_CHUNK_IDS`] ids.
+        ids: Vec<ChunkId>,
+    },
+    /// Delete chunks of the queue of `key` (fetched and kept): `Deleted`.
+    DeleteChunks {
+        /// The queue's read key.
+        key: ReadKey,
+        /// Up to [`MAX_CHUNK_IDS`] ids.
+        ids: Vec<ChunkId>,
     },
 }
 
@@ -212,6 +249,8 @@ pub enum ErrorCode {
     NoQueue,
     /// This relay opens queues only for holders of an access token from its operator.
     NotAllowed,
+    /// Nothing with that id is held here (a chunk never put, deleted, or expired).
+    NotFound,
     /// A code this version does not know.
     Other(u16),
 }
@@ -231,6 +270,7 @@ impl ErrorCode {
             Self::ShuttingDown => 10,
             Self::NoQueue => 11,
             Self::NotAllowed => 12,
+            Self::NotFound => 13,
             Self::Other(n) => n,
         }
     }
@@ -249,6 +289,7 @@ impl ErrorCode {
             10 => Self::ShuttingDown,
             11 => Self::NoQueue,
             12 => Self::NotAllowed,
+            13 => Self::NotFound,
             n => Self::Other(n),
         }
     }
@@ -280,6 +321,7 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting_down",
             Self::NoQueue => "no_queue",
             Self::NotAllowed => "not_allowed",
+            Self::NotFound => "not_found",
             Self::Other(_) => "other",
         }
     }
@@ -317,6 +359,16 @@ pub enum RelayToClient {
     Granted {
         /// Write capabilities the queue holds after the request.
         grants: u32,
+    },
+    /// Answer to `GetChunk`.
+    Chunk {
+        /// The chunk's bytes, as put.
+        data: Vec<u8>,
+    },
+    /// Answer to `HasChunks`: whether each id asked about is held, in order.
+    ChunksHeld {
+        /// One flag per id.
+        held: Vec<bool>,
     },
     /// The request as a whole was refused.
     Error {
@@ -356,6 +408,22 @@ fn write_ids_to(w: &mut Writer, ids: &[WriteId]) {
     for id in ids {
         w.raw(&id.0);
     }
+}
+
+fn chunk_ids_to(w: &mut Writer, ids: &[ChunkId]) {
+    w.u16(ids.len() as u16);
+    for id in ids {
+        w.raw(&id.0);
+    }
+}
+
+fn read_chunk_ids(r: &mut Reader<'_>) -> Result<Vec<ChunkId>, DecodeError> {
+    let n = r.count16(MAX_CHUNK_IDS, 32, "chunk ids")?;
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(ChunkId(r.array("chunk id")?));
+    }
+    Ok(ids)
 }
 
 fn read_write_ids(r: &mut Reader<'_>) -> Result<Vec<WriteId>, DecodeError> {
@@ -410,6 +478,29 @@ impl ClientToRelay {
             Self::Revoke { key, write_ids } => {
                 w.u8(7).raw(&key.0);
                 write_ids_to(&mut w, write_ids);
+            }
+            Self::PutChunk {
+                write,
+                expires_at,
+                id,
+                data,
+            } => {
+                w.u8(8)
+                    .raw(&write.0)
+                    .u64(*expires_at)
+                    .raw(&id.0)
+                    .bytes32(data);
+            }
+            Self::GetChunk { key, id } => {
+                w.u8(9).raw(&key.0).raw(&id.0);
+            }
+            Self::HasChunks { write, ids } => {
+                w.u8(10).raw(&write.0);
+                chunk_ids_to(&mut w, ids);
+            }
+            Self::DeleteChunks { key, ids } => {
+                w.u8(11).raw(&key.0);
+                chunk_ids_to(&mut w, ids);
             }
         }
         w.finish()
@@ -477,6 +568,24 @@ impl ClientToRelay {
             7 => Self::Revoke {
                 key: ReadKey(r.array("read key")?),
                 write_ids: read_write_ids(&mut r)?,
+            },
+            8 => Self::PutChunk {
+                write: WriteKey(r.array("write key")?),
+                expires_at: r.u64("expiry")?,
+                id: ChunkId(r.array("chunk id")?),
+                data: r.bytes32(crate::file::MAX_CHUNK, "chunk")?.to_vec(),
+            },
+            9 => Self::GetChunk {
+                key: ReadKey(r.array("read key")?),
+                id: ChunkId(r.array("chunk id")?),
+            },
+            10 => Self::HasChunks {
+                write: WriteKey(r.array("write key")?),
+                ids: read_chunk_ids(&mut r)?,
+            },
+            11 => Self::DeleteChunks {
+                key: ReadKey(r.array("read key")?),
+                ids: read_chunk_ids(&mut r)?,
             },
             tag => {
                 return Err(DecodeError::UnknownTag {
@@ -561,6 +670,20 @@ impl RelayToClient {
                 w.u8(5).u16(code.to_u16());
                 write_text(&mut w, message);
             }
+            Self::Chunk { data } => {
+                w.u8(7).bytes32(data);
+            }
+            Self::ChunksHeld { held } => {
+                // A bitmap, lowest bit first; bits past the count are zero.
+                w.u8(8).u16(held.len() as u16);
+                let mut bits = vec![0u8; held.len().div_ceil(8)];
+                for (i, h) in held.iter().enumerate() {
+                    if *h {
+                        bits[i / 8] |= 1 << (i % 8);
+                    }
+                }
+                w.raw(&bits);
+            }
         }
         w.finish()
     }
@@ -636,6 +759,28 @@ impl RelayToClient {
                 code: ErrorCode::from_u16(r.u16("error code")?),
                 message: read_text(&mut r, "error message")?,
             },
+            7 => Self::Chunk {
+                data: r.bytes32(crate::file::MAX_CHUNK, "chunk")?.to_vec(),
+            },
+            8 => {
+                let n = usize::from(r.u16("held count")?);
+                if n > MAX_CHUNK_IDS {
+                    return Err(DecodeError::TooLong {
+                        field: "held count",
+                        len: n as u64,
+                        max: MAX_CHUNK_IDS as u64,
+                    });
+                }
+                let bits = r.take(n.div_ceil(8), "held bitmap")?;
+                let held: Vec<bool> = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+                if n % 8 != 0 && bits[n / 8] >> (n % 8) != 0 {
+                    return Err(DecodeError::Invalid {
+                        field: "held bitmap",
+                        reason: "bits past the count are zero",
+                    });
+                }
+                Self::ChunksHeld { held }
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "response",
@@ -786,6 +931,38 @@ mod tests {
                 key: ReadKey(m),
                 write_ids
             }),
+            (
+                any::<[u8; 32]>(),
+                any::<u64>(),
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(w, expires_at, id, data)| ClientToRelay::PutChunk {
+                    write: WriteKey(w),
+                    expires_at,
+                    id: ChunkId(id),
+                    data
+                }),
+            (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(k, id)| ClientToRelay::GetChunk {
+                key: ReadKey(k),
+                id: ChunkId(id)
+            }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..20)
+            )
+                .prop_map(|(w, ids)| ClientToRelay::HasChunks {
+                    write: WriteKey(w),
+                    ids: ids.into_iter().map(ChunkId).collect()
+                }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..20)
+            )
+                .prop_map(|(k, ids)| ClientToRelay::DeleteChunks {
+                    key: ReadKey(k),
+                    ids: ids.into_iter().map(ChunkId).collect()
+                }),
         ]
     }
 
@@ -834,6 +1011,10 @@ mod tests {
                 })
             }),
             any::<u32>().prop_map(|grants| RelayToClient::Granted { grants }),
+            proptest::collection::vec(any::<u8>(), 0..300)
+                .prop_map(|data| RelayToClient::Chunk { data }),
+            proptest::collection::vec(any::<bool>(), 0..40)
+                .prop_map(|held| RelayToClient::ChunksHeld { held }),
             (arb_code(), ".{0,60}")
                 .prop_map(|(code, message)| RelayToClient::Error { code, message }),
         ]
@@ -956,5 +1137,35 @@ mod tests {
                 "3333333333333333333333333333333333333333333333333333333333333333"
             )
         );
+    }
+
+    #[test]
+    fn known_answer_chunks() {
+        let put = ClientToRelay::PutChunk {
+            write: WriteKey([0x22; 32]),
+            expires_at: 7,
+            id: ChunkId([0x44; 32]),
+            data: vec![0xAB, 0xCD],
+        };
+        assert_eq!(
+            hex::encode(put.encode()),
+            concat!(
+                "08",
+                "2222222222222222222222222222222222222222222222222222222222222222",
+                "0000000000000007",
+                "4444444444444444444444444444444444444444444444444444444444444444",
+                "00000002",
+                "abcd"
+            )
+        );
+        // Held: a bitmap, lowest bit first.
+        let held = RelayToClient::ChunksHeld {
+            held: vec![true, false, true, true, false, false, false, false, true],
+        };
+        assert_eq!(hex::encode(held.encode()), "0800090d01");
+        // Bits past the count must be zero, and the count is bounded.
+        assert!(RelayToClient::decode(&hex::decode("0800090d03").unwrap()).is_err());
+        assert!(RelayToClient::decode(&hex::decode("0804010000").unwrap()).is_err());
+        assert_eq!(ErrorCode::from_u16(13), ErrorCode::NotFound);
     }
 }

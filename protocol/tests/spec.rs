@@ -42,6 +42,7 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),
         ("MAX_DELETE_IDS", wire::MAX_DELETE_IDS as u64),
         ("MAX_GRANT_IDS", wire::MAX_GRANT_IDS as u64),
+        ("MAX_CHUNK_IDS", wire::MAX_CHUNK_IDS as u64),
         ("MAX_WAIT_MS", u64::from(wire::MAX_WAIT_MS)),
         ("CLOCK_SKEW_SECS", envelope::CLOCK_SKEW_SECS),
         ("MAX_NAME_CHARS", card::MAX_NAME_CHARS as u64),

@@ -205,6 +205,13 @@ pub struct LimitsConfig {
     pub idle_timeout_secs: u64,
     /// sled page cache size, bytes. Default: 256 MiB.
     pub cache_bytes: u64,
+    /// Bytes of files (chunks) held for one write capability: the largest file one
+    /// contact can send through this relay at once. Default: 256 MiB.
+    pub chunk_bytes_per_capability: u64,
+    /// Bytes of files held for one queue. Default: 2 GiB.
+    pub chunk_bytes_per_queue: u64,
+    /// Bytes of files held in all; 0 stores no files. Default: 32 GiB.
+    pub chunk_bytes_total: u64,
 }
 
 /// Circuit relay v2 limits.
@@ -277,6 +284,9 @@ impl Default for LimitsConfig {
             max_waiting_per_peer: 8,
             idle_timeout_secs: 120,
             cache_bytes: 256 << 20,
+            chunk_bytes_per_capability: 256 << 20,
+            chunk_bytes_per_queue: 2 << 30,
+            chunk_bytes_total: 32 << 30,
         }
     }
 }

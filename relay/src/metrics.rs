@@ -52,6 +52,12 @@ pub struct Metrics {
     pub flush_seconds: Histogram,
     /// Time from receiving a put to acknowledging it.
     pub put_ack_seconds: Histogram,
+    /// Chunks of files held.
+    pub stored_chunks: Gauge,
+    /// Bytes of chunks held.
+    pub stored_chunk_bytes: Gauge,
+    /// Bytes of chunks served.
+    pub chunk_bytes_served: Counter,
     ready: Arc<AtomicBool>,
 }
 
@@ -78,6 +84,9 @@ impl Metrics {
             waiting: Gauge::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             put_ack_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            stored_chunks: Gauge::default(),
+            stored_chunk_bytes: Gauge::default(),
+            chunk_bytes_served: Counter::default(),
             ready: Arc::new(AtomicBool::new(false)),
         };
         registry.register(
@@ -131,10 +140,31 @@ impl Metrics {
             "Time from receiving a put to acknowledging it",
             m.put_ack_seconds.clone(),
         );
+        registry.register(
+            "kkachi_stored_chunks",
+            "Chunks of files stored",
+            m.stored_chunks.clone(),
+        );
+        registry.register(
+            "kkachi_stored_chunk_bytes",
+            "Bytes of chunks of files stored",
+            m.stored_chunk_bytes.clone(),
+        );
+        registry.register(
+            "kkachi_chunk_bytes_served",
+            "Bytes of chunks of files served",
+            m.chunk_bytes_served.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
         }
+    }
+
+    /// Mirrors the chunk store's totals into the gauges.
+    pub fn set_chunks(&self, s: crate::store::chunks::ChunkStats) {
+        self.stored_chunks.set(s.chunks as i64);
+        self.stored_chunk_bytes.set(s.bytes as i64);
     }
 
     pub(crate) fn kind(kind: &'static str) -> Kind {

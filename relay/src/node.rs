@@ -376,6 +376,18 @@ impl<S: MailboxStore + Clone> Node<S> {
     }
 
     fn sweep_expired(&mut self) {
+        if let Some(chunks) = self.service.chunks().cloned() {
+            let metrics = self.metrics.clone();
+            // Files are removed off the loop.
+            tokio::task::spawn_blocking(move || {
+                match chunks.expire(unix_now(), EXPIRY_BATCH) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "expired chunks removed"),
+                    Err(e) => tracing::error!(error = %e, "chunk expiry failed"),
+                }
+                metrics.set_chunks(chunks.stats());
+            });
+        }
         match self.service.store().expire(unix_now(), EXPIRY_BATCH) {
             Ok(0) => {}
             Ok(n) => {

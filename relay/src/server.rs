@@ -20,6 +20,8 @@ use crate::{node, service, session};
 pub const KEY_FILE: &str = "relay.key";
 /// Directory name of the mailbox database inside the data directory.
 pub const DB_DIR: &str = "db";
+/// Where chunks of files are kept, inside the data directory.
+pub const CHUNKS_DIR: &str = "chunks";
 
 /// Why a relay could not start or stopped with an error.
 #[derive(Debug, Error)]
@@ -209,7 +211,37 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         Some(observer),
     )
     .map_err(|e| RelayError::Store(e.to_string()))?;
-    start_with(config, key, store, metrics).await
+    let chunks = open_chunks(&config)?;
+    start_with_chunks(config, key, store, metrics, chunks).await
+}
+
+/// The chunk store for files in `config.data_dir/chunks`, unless files are off
+/// (`chunk_bytes_total = 0`); its queues are indexed in the background.
+fn open_chunks(config: &Config) -> Result<Option<Arc<store::chunks::ChunkStore>>, RelayError> {
+    let l = &config.limits;
+    if l.chunk_bytes_total == 0 {
+        return Ok(None);
+    }
+    let chunks = Arc::new(
+        store::chunks::ChunkStore::open(
+            &config.data_dir.join(CHUNKS_DIR),
+            store::chunks::ChunkLimits {
+                per_capability: l.chunk_bytes_per_capability,
+                per_queue: l.chunk_bytes_per_queue,
+                total: l.chunk_bytes_total,
+            },
+        )
+        .map_err(|e| RelayError::Store(e.to_string()))?,
+    );
+    let walk = Arc::clone(&chunks);
+    std::thread::Builder::new()
+        .name("kkachi-chunks".into())
+        .spawn(move || match walk.index_all() {
+            Ok(()) => tracing::info!(chunks = walk.stats().chunks, bytes = walk.stats().bytes, "indexed the stored chunks"),
+            Err(e) => tracing::error!(error = %e, "indexing the stored chunks failed; expiry covers the queues named since"),
+        })
+        .map_err(|e| RelayError::Store(e.to_string()))?;
+    Ok(Some(chunks))
 }
 
 /// Measures the free space of the file system holding `dir` into `free` every 100 ms,
@@ -315,6 +347,17 @@ pub async fn start_with<S: MailboxStore + Clone>(
     store: S,
     metrics: Metrics,
 ) -> Result<RelayHandle, RelayError> {
+    start_with_chunks(config, key, store, metrics, None).await
+}
+
+/// [`start_with`], storing chunks of files in `chunks` (`None`: no files here).
+pub async fn start_with_chunks<S: MailboxStore + Clone>(
+    config: Config,
+    key: Keypair,
+    store: S,
+    metrics: Metrics,
+    chunks: Option<Arc<store::chunks::ChunkStore>>,
+) -> Result<RelayHandle, RelayError> {
     config.validate()?;
     let peer_id = key.public().to_peer_id();
     metrics.set_store(store.stats());
@@ -343,7 +386,11 @@ pub async fn start_with<S: MailboxStore + Clone>(
     }
     let probe_store = store.clone();
     let fatal: FatalProbe = Arc::new(move || probe_store.fatal());
-    let service = Arc::new(service::Service::new(&config, store, metrics.clone()));
+    let mut service = service::Service::new(&config, store, metrics.clone());
+    if let Some(chunks) = chunks {
+        service = service.with_chunks(chunks);
+    }
+    let service = Arc::new(service);
     tokio::spawn(watch_disk(
         config.data_dir.clone(),
         config.limits.min_free_disk_bytes,

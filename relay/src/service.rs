@@ -24,6 +24,7 @@ use libp2p::multiaddr::Protocol;
 use crate::config::{Config, OpenPolicy};
 use crate::framing::Request;
 use crate::metrics::Metrics;
+use crate::store::chunks::{ChunkPut, ChunkStore};
 use crate::store::{Granted, MailboxStore, Placed, PutResult, StoreError};
 
 /// What the node should do with a request.
@@ -107,6 +108,8 @@ pub(crate) struct Service<S> {
     /// Puts into contact-request queues, per source address (per peer for relayed
     /// connections): strangers holding an invite get a small allowance each.
     requests_by_source: DefaultKeyedRateLimiter<Source>,
+    /// Where chunks of files go (`None`: this relay stores no files).
+    chunks: Option<Arc<ChunkStore>>,
 }
 
 /// Who a request-queue allowance is counted for.
@@ -256,7 +259,19 @@ impl<S: MailboxStore + Clone> Service<S> {
             puts_by_address: RateLimiter::keyed(
                 RateQuota::per_second(address_rate).allow_burst(address_burst),
             ),
+            chunks: None,
         }
+    }
+
+    /// The same, storing chunks of files in `chunks`.
+    pub(crate) fn with_chunks(mut self, chunks: Arc<ChunkStore>) -> Self {
+        self.chunks = Some(chunks);
+        self
+    }
+
+    /// Where chunks of files go, if this relay stores them.
+    pub(crate) fn chunks(&self) -> Option<&Arc<ChunkStore>> {
+        self.chunks.as_ref()
     }
 
     pub(crate) fn store(&self) -> &S {
@@ -318,6 +333,10 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::Info => "info",
             ClientToRelay::Grant { .. } => "grant",
             ClientToRelay::Revoke { .. } => "revoke",
+            ClientToRelay::PutChunk { .. } => "put_chunk",
+            ClientToRelay::GetChunk { .. } => "get_chunk",
+            ClientToRelay::HasChunks { .. } => "has_chunks",
+            ClientToRelay::DeleteChunks { .. } => "delete_chunks",
         };
         self.metrics
             .requests
@@ -410,7 +429,236 @@ impl<S: MailboxStore + Clone> Service<S> {
                     }
                 }
             }
+            ClientToRelay::PutChunk {
+                write,
+                expires_at,
+                id,
+                data,
+            } => self.put_chunk(peer, source, &write, expires_at, id, data, now),
+            ClientToRelay::GetChunk { key, id } => {
+                let queue = key.queue();
+                self.with_chunk_store(move |chunks, metrics| match chunks.get(&queue, &id) {
+                    Ok(Some(data)) => {
+                        metrics.chunk_bytes_served.inc_by(data.len() as u64);
+                        RelayToClient::Chunk { data }
+                    }
+                    Ok(None) => refuse(
+                        metrics,
+                        ErrorCode::NotFound,
+                        "no such chunk here: never put, deleted, or expired; try another relay",
+                    ),
+                    Err(e) => {
+                        let (code, message) = store_refusal(&e);
+                        refuse(metrics, code, message)
+                    }
+                })
+            }
+            ClientToRelay::HasChunks { write, ids } => {
+                let route = match self.route_chunks(&write) {
+                    Ok(queue) => queue,
+                    Err(refusal) => return Action::Respond(refusal),
+                };
+                let grant = write.id();
+                self.with_chunk_store(move |chunks, metrics| {
+                    match chunks.has_from(&route, &grant, &ids) {
+                        Ok(held) => RelayToClient::ChunksHeld { held },
+                        Err(e) => {
+                            let (code, message) = store_refusal(&e);
+                            refuse(metrics, code, message)
+                        }
+                    }
+                })
+            }
+            ClientToRelay::DeleteChunks { key, ids } => {
+                let queue = key.queue();
+                self.with_chunk_store(move |chunks, metrics| match chunks.delete(&queue, &ids) {
+                    Ok(count) => RelayToClient::Deleted { count },
+                    Err(e) => {
+                        let (code, message) = store_refusal(&e);
+                        refuse(metrics, code, message)
+                    }
+                })
+            }
         }
+    }
+
+    /// Runs `work` on the chunk store off the node's loop (it reads and writes files);
+    /// refused at once when this relay stores no files.
+    fn with_chunk_store(
+        &self,
+        work: impl FnOnce(&ChunkStore, &Metrics) -> RelayToClient + Send + 'static,
+    ) -> Action {
+        let Some(chunks) = self.chunks.clone() else {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "this relay stores no files; send them through another of the recipient's relays",
+            ));
+        };
+        let metrics = self.metrics.clone();
+        Action::Deferred(Box::pin(async move {
+            let failed = metrics.clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                let answer = work(&chunks, &metrics);
+                metrics.set_chunks(chunks.stats());
+                answer
+            })
+            .await
+            .unwrap_or_else(|_| {
+                refuse(
+                    &failed,
+                    ErrorCode::Internal,
+                    "the relay failed handling the file; retry",
+                )
+            });
+            (answer, Vec::new())
+        }))
+    }
+
+    /// The queue a write capability puts chunks into: contacts' capabilities only
+    /// (strangers holding an invite send no files).
+    #[allow(clippy::result_large_err)] // the refusal, as answered
+    fn route_chunks(&self, write: &kkachi_protocol::WriteKey) -> Result<QueueId, RelayToClient> {
+        match self.store.route(&write.id()) {
+            Ok(Some((queue, QueueKind::Inbox))) => Ok(queue),
+            Ok(Some((_, QueueKind::Requests))) => Err(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "files go only to contacts: become one first",
+            )),
+            Ok(None) => Err(refuse(
+                &self.metrics,
+                ErrorCode::NoQueue,
+                "no queue on this relay takes this write key; the recipient has not granted it here, or withdrew it",
+            )),
+            Err(e) => {
+                let (code, message) = store_refusal(&e);
+                Err(refuse(&self.metrics, code, message))
+            }
+        }
+    }
+
+    /// Stores a chunk of a file, within the same allowances as envelopes (the put
+    /// rates, and the bytes one address may put) and the chunk store's shares.
+    #[allow(clippy::too_many_arguments)]
+    fn put_chunk(
+        &self,
+        peer: &PeerId,
+        source: Option<IpAddr>,
+        write: &kkachi_protocol::WriteKey,
+        expires_at: u64,
+        id: kkachi_protocol::file::ChunkId,
+        data: Vec<u8>,
+        now: u64,
+    ) -> Action {
+        let rejected = |metrics: &Metrics, code: ErrorCode, message: &str| {
+            metrics
+                .rejections
+                .get_or_create(&Metrics::kind(code.as_str()))
+                .inc();
+            Action::Respond(RelayToClient::Stored {
+                outcomes: vec![PutOutcome::Rejected {
+                    code,
+                    message: message.into(),
+                }],
+                epoch: self.store.epoch(),
+            })
+        };
+        if self.chunks.is_none() {
+            return self.with_chunk_store(|_, _| unreachable!("refused without a store"));
+        }
+        if self.disk_low() {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::StorageFull,
+                "this relay's disk is nearly full; nothing was stored, try another relay",
+            ));
+        }
+        let requester = Source::of(peer, source);
+        let incoming = data.len() as u64 + 64;
+        if let Some(n) = NonZeroU32::new(kib(incoming))
+            && !matches!(self.put_kib.check_key_n(&requester, n), Ok(Ok(())))
+        {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "your network address has put its share of this relay's storage for now; retry later",
+            ));
+        }
+        if !matches!(self.puts.check_key(peer), Ok(()))
+            || source.is_some_and(|a| !matches!(self.puts_by_address.check_key(&a), Ok(())))
+        {
+            return Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "too many puts; slow down and retry in a few seconds",
+            ));
+        }
+        let queue = match self.route_chunks(write) {
+            Ok(queue) => queue,
+            Err(RelayToClient::Error { code, message }) => {
+                return rejected(&self.metrics, code, &message);
+            }
+            Err(other) => return Action::Respond(other),
+        };
+        if expires_at <= now {
+            return rejected(
+                &self.metrics,
+                ErrorCode::Expired,
+                "the chunk has expired already",
+            );
+        }
+        if expires_at > now + self.max_ttl + kkachi_protocol::envelope::CLOCK_SKEW_SECS {
+            return rejected(
+                &self.metrics,
+                ErrorCode::ExpiryTooFar,
+                "the chunk's expiry is further ahead than this relay keeps anything",
+            );
+        }
+        let _ = self
+            .disk_free
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(f.saturating_sub(incoming))
+            });
+        let grant = write.id();
+        let epoch = self.store.epoch();
+        self.with_chunk_store(move |chunks, metrics| {
+            let outcome = match chunks.put(&queue, &grant, &id, expires_at, &data) {
+                // A chunk held already is answered like a new one: whether a copy is
+                // still there would tell whether its recipient has fetched it.
+                Ok(ChunkPut::Stored | ChunkPut::Duplicate) => PutOutcome::Stored,
+                Ok(ChunkPut::WrongId) => PutOutcome::Rejected {
+                    code: ErrorCode::Malformed,
+                    message: "the chunk does not hash to its id".into(),
+                },
+                Ok(ChunkPut::TooLarge) => PutOutcome::Rejected {
+                    code: ErrorCode::TooLarge,
+                    message: "a chunk is at most 256 KiB and its tag".into(),
+                },
+                Ok(ChunkPut::QuotaExceeded) => PutOutcome::Rejected {
+                    code: ErrorCode::QuotaExceeded,
+                    message: "the recipient's share of this relay's file storage is full for you; it drains as they fetch".into(),
+                },
+                Ok(ChunkPut::Full) => PutOutcome::Rejected {
+                    code: ErrorCode::StorageFull,
+                    message: "this relay's file storage is full; try another relay".into(),
+                },
+                Err(e) => {
+                    let (code, message) = store_refusal(&e);
+                    PutOutcome::Rejected { code, message }
+                }
+            };
+            if let PutOutcome::Rejected { code, .. } = &outcome {
+                metrics
+                    .rejections
+                    .get_or_create(&Metrics::kind(code.as_str()))
+                    .inc();
+            }
+            RelayToClient::Stored {
+                outcomes: vec![outcome],
+                epoch,
+            }
+        })
     }
 
     /// Opens a queue (subject to the relay's policy) and grants it write capabilities.

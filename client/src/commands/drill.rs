@@ -594,6 +594,8 @@ fn kind(answer: &RelayToClient) -> &'static str {
         RelayToClient::Info(_) => "info",
         RelayToClient::Error { .. } => "error",
         RelayToClient::Granted { .. } => "granted",
+        RelayToClient::Chunk { .. } => "chunk",
+        RelayToClient::ChunksHeld { .. } => "chunks held",
     }
 }
 

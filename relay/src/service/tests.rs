@@ -692,3 +692,163 @@ async fn puts_and_deletes_naming_a_queue_not_yet_indexed_are_read_off_the_loop()
         RelayToClient::Deleted { count: 1 }
     ));
 }
+
+mod files {
+    use super::*;
+    use crate::store::chunks::{ChunkLimits, ChunkStore};
+    use kkachi_protocol::file::ChunkId;
+
+    fn with_chunks(dir: &std::path::Path, per_capability: u64) -> Service<MemoryStore> {
+        let chunks = ChunkStore::open(
+            dir,
+            ChunkLimits {
+                per_capability,
+                per_queue: 1 << 30,
+                total: 1 << 30,
+            },
+        )
+        .unwrap();
+        service(&Config::default()).with_chunks(Arc::new(chunks))
+    }
+
+    fn put_chunk(q: &Queue, data: &[u8], expires_at: u64) -> ClientToRelay {
+        ClientToRelay::PutChunk {
+            write: q.write,
+            expires_at,
+            id: ChunkId::of(data),
+            data: data.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_contact_puts_a_chunk_the_owner_reads_and_deletes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = with_chunks(dir.path(), 1 << 20);
+        let (q, peer) = (queue(1), PeerId::random());
+        open(&s, &q, QueueKind::Inbox).await;
+        let data = vec![7u8; 4096 + 16];
+        let id = ChunkId::of(&data);
+        assert_eq!(
+            codes(run(&s, &peer, put_chunk(&q, &data, NOW + 60)).await),
+            [None]
+        );
+        // Again: answered the same, whether held or not.
+        assert_eq!(
+            codes(run(&s, &peer, put_chunk(&q, &data, NOW + 60)).await),
+            [None]
+        );
+        let has = ClientToRelay::HasChunks {
+            write: q.write,
+            ids: vec![id, ChunkId([0; 32])],
+        };
+        assert_eq!(
+            run(&s, &peer, has.clone()).await,
+            RelayToClient::ChunksHeld {
+                held: vec![true, false]
+            }
+        );
+        let get = ClientToRelay::GetChunk {
+            key: q.key.clone(),
+            id,
+        };
+        assert_eq!(
+            run(&s, &peer, get.clone()).await,
+            RelayToClient::Chunk { data: data.clone() }
+        );
+        let delete = ClientToRelay::DeleteChunks {
+            key: q.key.clone(),
+            ids: vec![id],
+        };
+        assert_eq!(
+            run(&s, &peer, delete).await,
+            RelayToClient::Deleted { count: 1 }
+        );
+        assert!(matches!(
+            run(&s, &peer, get).await,
+            RelayToClient::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        ));
+        assert_eq!(
+            s.metrics.chunk_bytes_served.get(),
+            data.len() as u64,
+            "served bytes are counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunks_are_refused_from_strangers_with_wrong_ids_over_quota_or_out_of_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = with_chunks(dir.path(), 8192);
+        let peer = PeerId::random();
+        let (contact, stranger) = (queue(1), queue(2));
+        open(&s, &contact, QueueKind::Inbox).await;
+        open(&s, &stranger, QueueKind::Requests).await;
+        let data = vec![1u8; 4096 + 16];
+        let rejected = |answer: RelayToClient| codes(answer)[0];
+        assert_eq!(
+            rejected(run(&s, &peer, put_chunk(&stranger, &data, NOW + 60)).await),
+            Some(ErrorCode::NotAllowed),
+            "strangers holding an invite send no files"
+        );
+        let mut wrong = put_chunk(&contact, &data, NOW + 60);
+        if let ClientToRelay::PutChunk { id, .. } = &mut wrong {
+            *id = ChunkId([9; 32]);
+        }
+        assert_eq!(
+            rejected(run(&s, &peer, wrong).await),
+            Some(ErrorCode::Malformed)
+        );
+        assert_eq!(
+            rejected(run(&s, &peer, put_chunk(&contact, &data, NOW)).await),
+            Some(ErrorCode::Expired)
+        );
+        assert_eq!(
+            rejected(run(&s, &peer, put_chunk(&contact, &data, NOW + 365 * 86_400)).await),
+            Some(ErrorCode::ExpiryTooFar)
+        );
+        for n in 2..4u8 {
+            let d = vec![n; 4096 + 16];
+            let answer = run(&s, &peer, put_chunk(&contact, &d, NOW + 60)).await;
+            let expected = if n == 2 {
+                None
+            } else {
+                Some(ErrorCode::QuotaExceeded)
+            };
+            assert_eq!(rejected(answer), expected, "chunk {n}");
+        }
+        // Another capability's chunks are not its to know of.
+        let other = Queue {
+            key: contact.key.clone(),
+            write: WriteKey([77; 32]),
+        };
+        let grant = ClientToRelay::Grant {
+            key: contact.key.clone(),
+            kind: QueueKind::Inbox,
+            token: Vec::new(),
+            write_ids: vec![other.write.id()],
+        };
+        run(&s, &peer, grant).await;
+        let has = ClientToRelay::HasChunks {
+            write: other.write,
+            ids: vec![ChunkId::of(&vec![2u8; 4096 + 16])],
+        };
+        assert_eq!(
+            run(&s, &peer, has).await,
+            RelayToClient::ChunksHeld { held: vec![false] }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_stores_no_files_says_so() {
+        let s = service(&Config::default());
+        let q = queue(1);
+        open(&s, &q, QueueKind::Inbox).await;
+        let answer = run(&s, &PeerId::random(), put_chunk(&q, b"x", NOW + 60)).await;
+        assert!(
+            matches!(answer, RelayToClient::Error { code: ErrorCode::NotAllowed, ref message } if message.contains("stores no files")),
+            "{answer:?}"
+        );
+    }
+}

@@ -341,12 +341,35 @@ impl ChunkStore {
 
     /// Which of `ids` `queue` holds.
     pub fn has(&self, queue: &QueueId, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        self.held(queue, ids, None)
+    }
+
+    /// Which of `ids` `queue` holds as put through `grant`: a capability learns nothing
+    /// of what others put.
+    pub fn has_from(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<bool>, StoreError> {
+        self.held(queue, ids, Some(grant))
+    }
+
+    fn held(
+        &self,
+        queue: &QueueId,
+        ids: &[ChunkId],
+        grant: Option<&WriteId>,
+    ) -> Result<Vec<bool>, StoreError> {
         let mut index = self.index.lock();
         self.ensure_indexed(&mut index, queue)?;
         let held = index.queues.get(queue);
         Ok(ids
             .iter()
-            .map(|id| held.is_some_and(|q| q.contains_key(id)))
+            .map(|id| {
+                held.and_then(|q| q.get(id))
+                    .is_some_and(|h| grant.is_none_or(|g| h.grant == *g))
+            })
             .collect())
     }
 

@@ -174,6 +174,14 @@ impl Transport for FakeNet {
             ClientToRelay::Revoke { key, write_ids } => RelayToClient::Granted {
                 grants: store.revoke(&key.queue(), &write_ids).unwrap(),
             },
+            // The engine sends no files yet; these relays store none.
+            ClientToRelay::PutChunk { .. }
+            | ClientToRelay::GetChunk { .. }
+            | ClientToRelay::HasChunks { .. }
+            | ClientToRelay::DeleteChunks { .. } => RelayToClient::error(
+                kkachi_protocol::ErrorCode::NotAllowed,
+                "this test relay stores no files",
+            ),
             ClientToRelay::Fetch { key, after, limit } => {
                 let f = store
                     .fetch(&key.queue(), after, usize::from(limit), usize::MAX)
