@@ -111,6 +111,24 @@ fn main() {
             key: inbox.clone(),
             write_ids: vec![bob.grant_for(&alice.public(), &bob.peer_id()).id()],
         },
+        ClientToRelay::PutChunk {
+            write: bob.grant_for(&alice.public(), &bob.peer_id()),
+            expires_at: 1_800_000_000,
+            id: kkachi_protocol::file::ChunkId::of(b"chunk"),
+            data: b"chunk".to_vec(),
+        },
+        ClientToRelay::GetChunk {
+            key: inbox.clone(),
+            id: kkachi_protocol::file::ChunkId::of(b"chunk"),
+        },
+        ClientToRelay::HasChunks {
+            write: bob.grant_for(&alice.public(), &bob.peer_id()),
+            ids: vec![kkachi_protocol::file::ChunkId([3; 32])],
+        },
+        ClientToRelay::DeleteChunks {
+            key: inbox.clone(),
+            ids: vec![kkachi_protocol::file::ChunkId([3; 32])],
+        },
     ];
     for (i, r) in requests.iter().enumerate() {
         write("wire_request", &format!("req-{i}"), &r.encode());
@@ -136,6 +154,12 @@ fn main() {
             more: false,
         },
         RelayToClient::Deleted { count: 2 },
+        RelayToClient::Chunk {
+            data: b"chunk".to_vec(),
+        },
+        RelayToClient::ChunksHeld {
+            held: vec![true, false, true],
+        },
         RelayToClient::Info(RelayInfo {
             protocol_version: PROTOCOL_VERSION,
             software: "kkachi-relay/0.1.0".into(),
