@@ -100,8 +100,7 @@ pub enum Command {
     React {
         /// Contact name or peer id.
         contact: String,
-        /// The message: `last` (their last one, or yours if they wrote none), or its id
-        /// (or its start).
+        /// The message: `last` (their last one), or its id (or its start).
         message: String,
         /// The reaction: emoji only, such as 👍 (at most 64 bytes).
         #[arg(required_unless_present = "remove")]
@@ -353,9 +352,8 @@ pub struct SendArgs {
     /// How long to wait for relays to acknowledge, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
-    /// Send it as a reply to a message of the conversation: `last` (their last one, or
-    /// yours if they wrote none), or its id from `history --json` (or the start of it,
-    /// 6 characters or more).
+    /// Send it as a reply to a message of the conversation: `last` (their last one), or
+    /// its id from `history --json` (or the start of it, 6 characters or more).
     #[arg(long, value_name = "MESSAGE")]
     pub reply: Option<String>,
 }

@@ -210,7 +210,26 @@ async fn print_events(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-    let print = |event: AppEvent| match event {
+    // Names as last seen: a contact who renames themselves is told on stderr.
+    let mut names: std::collections::HashMap<kkachi_protocol::PeerId, String> = store
+        .contacts()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| (c.peer, c.name.clone()))
+        .collect();
+    let mut print = |event: AppEvent| match event {
+        AppEvent::ContactUpdated(peer) => {
+            if let Ok(Some(c)) = store.contact(&peer)
+                && let Some(old) = names.insert(peer, c.name.clone())
+                && old != c.name
+            {
+                eprintln!(
+                    "{} is now {}",
+                    kkachi_client::sanitize::for_terminal(&old),
+                    kkachi_client::sanitize::for_terminal(&c.name)
+                );
+            }
+        }
         AppEvent::Request(peer) => {
             // Not a message of a contact: told on stderr, never mixed into the stream
             // of messages.
@@ -408,7 +427,9 @@ fn main() -> ExitCode {
             "the terminal UI needs a terminal: start it from one, or run a command instead (`kkachi --help` lists them)",
         );
     }
-    if is_tui {
+    if matches!(command, Command::Demo) {
+        // The demo leaves nothing behind, and the screen is the UI's: it logs nothing.
+    } else if is_tui {
         let _ = std::fs::create_dir_all(&home);
         init_logging(Some(&home.join("kkachi.log")), true);
     } else {

@@ -402,6 +402,16 @@ impl Body {
     }
 }
 
+/// A character as quoted in an error: itself if it can be seen, else nothing.
+fn shown(c: u32) -> String {
+    match char::from_u32(c) {
+        Some(c) if !c.is_control() && !c.is_whitespace() && !crate::card::is_invisible(c) => {
+            format!("'{c}'")
+        }
+        _ => "a character that cannot be seen".into(),
+    }
+}
+
 /// The target message id and the `own` flag at the start of a reply or reaction, and
 /// what follows them.
 fn target_and_own<'a>(
@@ -448,7 +458,7 @@ pub enum ContentError {
     #[error("a reaction of {0} bytes; the limit is 64")]
     ReactionTooLong(usize),
     /// A reaction holding a character no reaction may (see [`check_reaction`]).
-    #[error("a reaction is emoji only: U+{0:04X} cannot be in one")]
+    #[error("a reaction is emoji and symbols only: {shown} (U+{code:04X}) cannot be in one", shown = shown(*.0), code = .0)]
     NotAReaction(u32),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]

@@ -406,6 +406,11 @@ mod tests {
         assert_eq!(cfg.limits.request_max_envelopes, d.request_max_envelopes);
         assert_eq!(cfg.limits.puts_per_sec, d.puts_per_sec);
         assert_eq!(
+            cfg.limits.chunk_bytes_per_capability,
+            d.chunk_bytes_per_capability
+        );
+        assert_eq!(cfg.limits.chunk_bytes_total, d.chunk_bytes_total);
+        assert_eq!(
             cfg.circuit.max_circuits,
             CircuitConfig::default().max_circuits
         );

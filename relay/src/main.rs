@@ -32,7 +32,7 @@ struct Cli {
     )]
     listen: Vec<Multiaddr>,
 
-    /// TOML configuration file (see contrib/kkachi-relay.toml).
+    /// TOML configuration file (see relay/contrib/kkachi-relay.toml in the sources).
     #[arg(long, global = true, env = "KKACHI_RELAY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 

@@ -26,6 +26,10 @@ fn replies_reactions_and_a_new_name_reach_the_contact() {
     let question_id = question["id"].as_str().unwrap().to_string();
     alice.ok(&["sync"]);
 
+    // Nothing of theirs to answer yet: `last` never means one's own.
+    let none = bob.run(&["send", "alice", "--reply", "last", "hm"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("has written nothing here yet"));
     // A reply to their last message.
     let sent = objects(&alice.ok(&["send", "bob", "--reply", "last", "김밥", "--json"]));
     assert_eq!(sent[0]["to"], "bob");
@@ -63,7 +67,7 @@ fn replies_reactions_and_a_new_name_reach_the_contact() {
     let refused = alice.run(&["react", "bob", "last", "me"]);
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("emoji only"), "{why}");
+    assert!(why.contains("emoji and symbols only: 'm'"), "{why}");
     let refused = alice.run(&["send", "bob", "--reply", "abcdef0123", "hi"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no message"));
@@ -71,7 +75,12 @@ fn replies_reactions_and_a_new_name_reach_the_contact() {
     // A new name: shown, and taken by the contact who had the old one.
     alice.ok(&["name", "Alice", "Kim"]);
     assert_eq!(alice.ok(&["name"]).trim(), "Alice Kim");
-    bob.ok(&["sync"]);
+    let synced = bob.run(&["sync"]);
+    let said = String::from_utf8_lossy(&synced.stderr);
+    assert!(
+        said.contains("alice now calls themselves Alice Kim"),
+        "{said}"
+    );
     let contacts = bob.ok(&["contact", "list"]);
     assert!(contacts.contains("Alice Kim"), "{contacts}");
     bob.ok(&["send", "Alice Kim", "nice name"]);

@@ -99,6 +99,16 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
+        // A program told to quit (Ctrl+C) gets the time to clean up after itself.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && Command::new("tmux")
+                .args(["has-session", "-t", &self.session])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = Command::new("tmux")
             .args(["kill-session", "-t", &self.session])
             .output();

@@ -196,6 +196,12 @@ impl App {
     ) -> Result<(), CommandError> {
         self.identity()?;
         let engine = self.engine()?;
+        let names_before: Vec<(kkachi_protocol::PeerId, String)> = self
+            .store
+            .contacts()?
+            .iter()
+            .map(|c| (c.peer, c.name.clone()))
+            .collect();
         let limit = Duration::from_secs_f64(timeout.max(0.1));
         // Everything pending goes now; every relay of ours is read; receipts for what
         // came go out before it returns.
@@ -217,6 +223,20 @@ impl App {
         for request in self.store.requests()? {
             out.warn(request_line(&request));
         }
+        // A contact who renamed themselves is said so: their old name no longer finds them.
+        for c in self.store.contacts()?.iter() {
+            if let Some((_, old)) = names_before
+                .iter()
+                .find(|(p, n)| *p == c.peer && *n != c.name)
+            {
+                out.warn(format!(
+                    "{} now calls themselves {}; `kkachi contact rename \"{}\" NAME` names them otherwise",
+                    name(old),
+                    name(&c.name),
+                    name(&c.name)
+                ));
+            }
+        }
         if !json {
             let new = received.iter().filter(|r| r.change.is_none()).count();
             let changes = match received.len() - new {
@@ -224,7 +244,7 @@ impl App {
                 n => format!(" and {n} edit(s), deletion(s) or reaction(s)"),
             };
             out.warn(format!(
-                "{new} new message(s){changes}; {reached}/{} relays reached; {pending} item(s) waiting in the outbox",
+                "{new} new message(s){changes}; {reached}/{} relays reached; {pending} item(s) in the outbox, not yet confirmed by their recipients",
                 report.relays.len()
             ));
         }
@@ -254,14 +274,15 @@ impl App {
                     .map(|m| kkachi_protocol::MessageId(m.id))
             };
             let found = match pick {
-                Pick::TheirsFirst => last(Direction::In).or_else(|| last(Direction::Out)),
+                Pick::TheirsFirst => last(Direction::In),
                 Pick::Ours | Pick::Any => last(Direction::Out),
             };
             return found.ok_or_else(|| {
                 CommandError::Refused(match pick {
-                    Pick::TheirsFirst => {
-                        format!("no message with {} yet", name(&contact.name))
-                    }
+                    Pick::TheirsFirst => format!(
+                        "{} has written nothing here yet; name a message of yours by its id (`history --json`)",
+                        name(&contact.name)
+                    ),
                     _ => format!("you have sent {} nothing to change", name(&contact.name)),
                 })
             });
@@ -376,7 +397,7 @@ pub(super) enum Pick {
     Ours,
     /// Any; `last` is our last one (deleting here only).
     Any,
-    /// Any; `last` is their last one (replying, reacting).
+    /// Any; `last` is their last one, never ours (replying, reacting).
     TheirsFirst,
 }
 

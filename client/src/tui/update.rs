@@ -119,7 +119,25 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
     match msg {
         Msg::Loaded(data) => {
             let before = state.selected;
+            // A contact whose name changed (they renamed themselves, or we did) is said
+            // so, once.
+            let renamed = data.conversations.iter().find_map(|c| {
+                state
+                    .data
+                    .conversations
+                    .iter()
+                    .find(|old| old.peer == c.peer && old.name != c.name)
+                    .map(|old| (old.name.clone(), c.name.clone()))
+            });
             state.load(data);
+            if let Some((old, new)) = renamed {
+                let line = format!(
+                    "{} is now {}",
+                    crate::sanitize::for_terminal(&old),
+                    crate::sanitize::for_terminal(&new)
+                );
+                notice(state, &line);
+            }
             // A conversation opened by the load (the first at start, or another once
             // the open one is gone) is read, as one opened by a key is.
             match state.selected {
@@ -297,8 +315,8 @@ fn keep(state: &mut State, line: &str) {
     state.input = input;
 }
 
-/// The message /reply and /react act on: the one picked, or their last (our last when
-/// they wrote nothing yet); never a deleted one.
+/// The message /reply and /react act on: the one picked, or their last; never a
+/// deleted one.
 fn reply_target(state: &State) -> Option<&MessageRecord> {
     let messages = &state.data.messages;
     match state.picked {
@@ -306,8 +324,7 @@ fn reply_target(state: &State) -> Option<&MessageRecord> {
         None => messages
             .iter()
             .rev()
-            .find(|m| m.direction == Direction::In && !m.deleted)
-            .or_else(|| messages.iter().rev().find(|m| !m.deleted)),
+            .find(|m| m.direction == Direction::In && !m.deleted),
     }
 }
 
@@ -577,6 +594,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         (Some("edit"), Some(first)) => match (state.selected, own_target(state)) {
             (Some(_), Err(why)) => {
                 notice(state, why);
+                keep(state, line);
                 vec![]
             }
             (Some(peer), Ok(message)) => {
@@ -616,6 +634,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         (Some("delete"), None) => match (state.selected, own_target(state)) {
             (Some(_), Err(why)) => {
                 notice(state, why);
+                keep(state, line);
                 vec![]
             }
             (Some(peer), Ok(message)) => {
@@ -672,7 +691,10 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 return vec![];
             }
             let Some(target) = reply_target(state) else {
-                notice(state, "there is no message here to reply to");
+                notice(
+                    state,
+                    "they have written nothing here yet: pick a message with Ctrl+Up",
+                );
                 keep(state, line);
                 return vec![];
             };
@@ -694,7 +716,10 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 return vec![];
             };
             let Some(target) = reply_target(state) else {
-                notice(state, "there is no message here to react to");
+                notice(
+                    state,
+                    "they have written nothing here yet: pick a message with Ctrl+Up",
+                );
                 keep(state, line);
                 return vec![];
             };
@@ -1285,6 +1310,8 @@ mod tests {
         typed(&mut s, "/edit no");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         assert!(s.notice.as_ref().unwrap().0.contains("only your own"));
+        assert_eq!(s.input.lines(), ["/edit no"], "kept, to correct");
+        update(&mut s, ctrl(KeyCode::Char('u')));
         update(&mut s, ctrl(KeyCode::Up));
         typed(&mut s, "/delete");
         assert!(matches!(
@@ -1318,5 +1345,18 @@ mod tests {
 
     fn hex_of(id: u8) -> String {
         kkachi_protocol::MessageId([id; 16]).to_hex()
+    }
+
+    #[test]
+    fn a_contact_renamed_is_said_once() {
+        let (mut s, peers) = loaded(2);
+        let mut data = s.data.clone();
+        data.conversations[1].name = "Minji Park".into();
+        update(&mut s, Msg::Loaded(data.clone()));
+        assert_eq!(s.notice.as_ref().unwrap().0, "c1 is now Minji Park");
+        s.notice = None;
+        update(&mut s, Msg::Loaded(data));
+        assert!(s.notice.is_none(), "said once");
+        assert_eq!(s.data.conversations[1].peer, peers[1]);
     }
 }

@@ -124,8 +124,8 @@ fn quote_line(
         None => "(a message not shown here)".to_string(),
     };
     let line = format!("↪ {who}: {text}");
-    // One line: cut with an ellipsis where it would wrap.
-    let room = width.saturating_sub(6).max(8);
+    // One line after the header: cut with an ellipsis where it would wrap.
+    let room = width.saturating_sub(20).max(8);
     let mut out = String::new();
     let mut used = 0;
     for c in line.chars() {
@@ -151,13 +151,28 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> 
     let prefix = format!("{} {}: ", format_ms_short(m.sent_at_ms), who);
     let indent = prefix.chars().count().min(width / 2);
     let mut lines = Vec::new();
-    if let Some(quote) = &decor.quote {
-        lines.push(Line::from(vec![
-            Span::raw(" ".repeat(indent)),
-            Span::styled(quote.clone(), Style::new().fg(Color::DarkGray).italic()),
-        ]));
-    }
+    let header = |who_style| {
+        vec![
+            Span::styled(
+                format_ms_short(m.sent_at_ms),
+                Style::new().fg(Color::DarkGray),
+            ),
+            Span::raw(" "),
+            Span::styled(who.clone(), who_style),
+            Span::raw(": "),
+        ]
+    };
     let mut first = true;
+    // A reply says what it answers on its own first line, the text under it.
+    if let Some(quote) = &decor.quote {
+        let mut spans = header(who_style);
+        spans.push(Span::styled(
+            quote.clone(),
+            Style::new().fg(Color::DarkGray).italic(),
+        ));
+        lines.push(Line::from(spans));
+        first = false;
+    }
     // What a peer wrote never reaches the terminal raw: escapes become visible.
     let text = if m.deleted {
         "(deleted)".to_string()
@@ -170,13 +185,7 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> 
         for chunk in wrap(paragraph, width.saturating_sub(indent).max(8)) {
             let mut spans = Vec::new();
             if first {
-                spans.push(Span::styled(
-                    format_ms_short(m.sent_at_ms),
-                    Style::new().fg(Color::DarkGray),
-                ));
-                spans.push(Span::raw(" "));
-                spans.push(Span::styled(who.clone(), who_style));
-                spans.push(Span::raw(": "));
+                spans = header(who_style);
                 first = false;
             } else {
                 spans.push(Span::raw(" ".repeat(indent)));
@@ -348,9 +357,34 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
 
 fn draw_input(state: &State, frame: &mut Frame, area: Rect) {
     let mut input = state.input.clone();
-    input.set_block(
-        Block::bordered().title(" Message · Enter send · Alt+Enter new line · F1 help "),
-    );
+    // What /reply, /react, /edit and /delete will act on, while one is picked.
+    let picked = state
+        .picked
+        .and_then(|id| state.data.messages.iter().find(|m| m.id == id));
+    let title = match picked {
+        Some(m) => {
+            let who = match m.direction {
+                Direction::Out => "me".to_string(),
+                Direction::In => state
+                    .current()
+                    .map(|c| for_terminal(&c.name).into_owned())
+                    .unwrap_or_default(),
+            };
+            let text = if m.deleted {
+                "(deleted)".to_string()
+            } else {
+                for_terminal(m.text.lines().next().unwrap_or_default()).into_owned()
+            };
+            let room = usize::from(area.width).saturating_sub(30).max(8);
+            let mut start: String = text.chars().take(room).collect();
+            if start.len() < text.len() {
+                start.push('…');
+            }
+            format!(" Picked {who}: {start} · Esc unpicks ")
+        }
+        None => " Message · Enter send · Alt+Enter new line · F1 help ".to_string(),
+    };
+    input.set_block(Block::bordered().title(title));
     frame.render_widget(&input, area);
 }
 
@@ -396,20 +430,22 @@ fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
     } else if s.direct_only() {
         spans.push(Span::raw("│"));
         spans.push(Span::styled(
-            " NO RELAY: connected contacts get messages directly; the rest wait ",
+            " NO RELAY: only connected contacts get messages now ",
             Style::new().fg(Color::Black).bg(Color::Yellow).bold(),
         ));
+    }
+    // What just happened comes before the demo's reminder, which may be cut off.
+    if let Some((notice, _)) = &state.notice {
+        spans.push(Span::raw("│ "));
+        spans.push(Span::styled(notice.clone(), Style::new().italic()));
+        spans.push(Span::raw(" "));
     }
     if state.demo {
         spans.push(Span::raw("│"));
         spans.push(Span::styled(
-            " F2/F3/F4 relay down/up · F5 direct path ",
+            " F2–F4 relays · F5 direct ",
             Style::new().fg(Color::Cyan),
         ));
-    }
-    if let Some((notice, _)) = &state.notice {
-        spans.push(Span::raw("│ "));
-        spans.push(Span::styled(notice.clone(), Style::new().italic()));
     }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
@@ -721,7 +757,10 @@ mod tests {
                 "{line:?} not whole in\n{screen}"
             );
         }
-        assert!(screen.contains("F5 direct path"), "{screen}");
+        assert!(
+            screen.contains("F5  cut / restore the direct path"),
+            "{screen}"
+        );
     }
 
     #[test]
@@ -739,7 +778,7 @@ mod tests {
         assert!(!screen.contains("OFFLINE"), "{screen}");
         assert!(screen.contains("direct 1"), "{screen}");
         assert!(
-            screen.contains("NO RELAY: connected contacts get messages directly"),
+            screen.contains("NO RELAY: only connected contacts get messages now"),
             "{screen}"
         );
         s.data.status.direct = 0;
