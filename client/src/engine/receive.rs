@@ -693,20 +693,13 @@ impl<T> State<T> {
                     LocalStore::write_receipt_due(w, &peer, &content.id);
                     return Ok(Outcome::Applied("a copy of an edit"));
                 }
-                let mut conv = self.store.conversation(&peer)?;
                 let len = match &content.body {
                     Body::Edit { text, .. } => text.len() as u64,
                     _ => 0,
                 };
-                if !charge(&mut conv, len) {
-                    LocalStore::write_conversation(w, &peer, &conv);
+                let Some(mut conv) = self.take_numbered(w, &peer, &content, len)? else {
                     return refused("over the storage limit for one contact");
-                }
-                if content.seq > 0 {
-                    self.check_chain(w, &peer, &mut conv, &content)?;
-                    conv.gaps.arrived(content.seq);
-                }
-                LocalStore::write_conversation(w, &peer, &conv);
+                };
                 let target = match &content.body {
                     Body::Edit { target, .. } | Body::Delete { target } => *target,
                     _ => unreachable!("matched above"),
@@ -745,16 +738,9 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("an edit or delete"))
             }
             Body::Reaction { target, own, .. } if !self.is_copy(&peer, &content)? => {
-                let mut conv = self.store.conversation(&peer)?;
-                if !charge(&mut conv, 0) {
-                    LocalStore::write_conversation(w, &peer, &conv);
+                let Some(conv) = self.take_numbered(w, &peer, &content, 0)? else {
                     return refused("over the storage limit for one contact");
-                }
-                if content.seq > 0 {
-                    self.check_chain(w, &peer, &mut conv, &content)?;
-                    conv.gaps.arrived(content.seq);
-                }
-                LocalStore::write_conversation(w, &peer, &conv);
+                };
                 let Body::Reaction { emoji, .. } = content.body else {
                     unreachable!("matched above");
                 };
@@ -792,20 +778,35 @@ impl<T> State<T> {
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their
                 // sequence, so it causes no false gap.
-                if content.seq > 0 {
-                    let mut conv = self.store.conversation(&peer)?;
-                    if !charge(&mut conv, 0) {
-                        LocalStore::write_conversation(w, &peer, &conv);
-                        return refused("over the storage limit for one contact");
-                    }
-                    self.check_chain(w, &peer, &mut conv, &content)?;
-                    conv.gaps.arrived(content.seq);
-                    LocalStore::write_conversation(w, &peer, &conv);
+                if content.seq > 0 && self.take_numbered(w, &peer, &content, 0)?.is_none() {
+                    return refused("over the storage limit for one contact");
                 }
                 tracing::debug!(kind, from = %peer, "ignoring content of an unknown kind");
                 Ok(Outcome::Applied("a kind this version does not know"))
             }
         }
+    }
+
+    /// Takes `peer`'s sequenced record `content`, which keeps `len` bytes, into their
+    /// numbers: charged against what one contact may make us keep, checked against
+    /// their chain, its number no longer missing; the conversation as it is now, or
+    /// `None` when over the limit (then only the refusal is counted).
+    fn take_numbered(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        content: &Content,
+        len: u64,
+    ) -> Result<Option<crate::store::Conversation>, EngineError> {
+        let mut conv = self.store.conversation(peer)?;
+        if !charge(&mut conv, len) {
+            LocalStore::write_conversation(w, peer, &conv);
+            return Ok(None);
+        }
+        self.check_chain(w, peer, &mut conv, content)?;
+        conv.gaps.arrived(content.seq);
+        LocalStore::write_conversation(w, peer, &conv);
+        Ok(Some(conv))
     }
 
     /// True if this sequenced control record (an edit, a delete, a reaction) of

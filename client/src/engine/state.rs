@@ -658,8 +658,6 @@ impl<T> State<T> {
                 "that message is deleted already".into(),
             ));
         }
-        let mut conv = self.store.conversation(peer)?;
-        let seq = conv.next_seq.max(1);
         let body = match &text {
             Some(text) if text.trim().is_empty() => {
                 return Err(EngineError::Invalid("the new text is empty".into()));
@@ -670,6 +668,24 @@ impl<T> State<T> {
             },
             None => Body::Delete { target },
         };
+        record.revise(text);
+        self.send_change(&contact, body, key, &record, now)
+    }
+
+    /// Sends `body` (an edit, a delete, a reaction) as our next sequenced record to
+    /// `contact`, kept until they confirm it and sealed again on a new session, as a
+    /// text is; and writes `record` (the message it changes, as changed here) with it.
+    fn send_change(
+        &mut self,
+        contact: &Contact,
+        body: Body,
+        key: Vec<u8>,
+        record: &MessageRecord,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let peer = &contact.peer;
+        let mut conv = self.store.conversation(peer)?;
+        let seq = conv.next_seq.max(1);
         let content = Content {
             id: MessageId(rand::random()),
             seq,
@@ -680,23 +696,14 @@ impl<T> State<T> {
         content
             .check()
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        record.revise(text);
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
-            let session = sessions.get(&this.store, &contact)?;
-            // Kept until they confirm it, and sealed again on a new session, as a text.
-            this.seal_into(
-                &mut w,
-                &contact,
-                session,
-                &content,
-                OutboxKind::Message,
-                now,
-            )?;
+            let session = sessions.get(&this.store, contact)?;
+            this.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
             conv.next_seq = seq + 1;
             conv.last_hash = content.hash();
             LocalStore::write_conversation(&mut w, peer, &conv);
-            w.put_record(TreeId::Messages, key, &record);
+            w.put_record(TreeId::Messages, key, record);
             this.apply_or_reset(sessions, w)
         })?;
         self.emit(AppEvent::ContactUpdated(*peer));
@@ -729,42 +736,16 @@ impl<T> State<T> {
         let Some((key, mut record)) = self.store.message(peer, &target)? else {
             unreachable!("quotable found it");
         };
-        let mut conv = self.store.conversation(peer)?;
-        let seq = conv.next_seq.max(1);
-        let content = Content {
-            id: MessageId(rand::random()),
-            seq,
-            prev: conv.last_hash,
-            sent_at_ms: now,
-            body: Body::Reaction {
-                target,
-                own: quote.ours,
-                emoji: emoji.clone(),
-            },
+        let body = Body::Reaction {
+            target,
+            own: quote.ours,
+            emoji: emoji.clone(),
         };
-        content
-            .check()
+        // Checked before anything changes here.
+        kkachi_protocol::content::check_reaction(&emoji)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         record.reactions.ours = emoji;
-        self.with_sessions(|this, sessions| {
-            let mut w = WriteSet::default();
-            let session = sessions.get(&this.store, &contact)?;
-            this.seal_into(
-                &mut w,
-                &contact,
-                session,
-                &content,
-                OutboxKind::Message,
-                now,
-            )?;
-            conv.next_seq = seq + 1;
-            conv.last_hash = content.hash();
-            LocalStore::write_conversation(&mut w, peer, &conv);
-            w.put_record(TreeId::Messages, key, &record);
-            this.apply_or_reset(sessions, w)
-        })?;
-        self.emit(AppEvent::ContactUpdated(*peer));
-        Ok(())
+        self.send_change(&contact, body, key, &record, now)
     }
 
     /// Deletes our copy of message `target` with `peer` only: they keep theirs.
