@@ -118,6 +118,9 @@ pub struct State {
     /// The message picked with Ctrl+Up / Ctrl+Down, that /reply, /react, /edit and
     /// /delete act on (without one: the last message, theirs or ours as fits).
     pub picked: Option<[u8; 16]>,
+    /// A delete for everyone asked for once (its contact and message), to be confirmed
+    /// by asking again at once.
+    pub confirm_delete: Option<(PeerId, String)>,
     /// Ring the terminal bell for messages in other conversations.
     pub bell: bool,
     /// Notify (terminal notification, desktop notification where there is one) for
@@ -154,6 +157,7 @@ impl Default for State {
             notice: None,
             scroll: 0,
             picked: None,
+            confirm_delete: None,
             bell: true,
             notify: true,
             notified: std::collections::HashMap::new(),

@@ -328,6 +328,21 @@ fn reply_target(state: &State) -> Option<&MessageRecord> {
     }
 }
 
+/// The message of ours that `spec` (as [`own_target`] gives it) names, if shown.
+fn own_message<'a>(state: &'a State, spec: &str) -> Option<&'a MessageRecord> {
+    let mut ours = state
+        .data
+        .messages
+        .iter()
+        .rev()
+        .filter(|m| m.direction == Direction::Out && !m.deleted);
+    if spec == "last" {
+        ours.next()
+    } else {
+        ours.find(|m| kkachi_protocol::MessageId(m.id).to_hex() == spec)
+    }
+}
+
 /// The message /edit and /delete act on, as the command line names it: the one picked,
 /// or our last; `Err` says why not.
 fn own_target(state: &State) -> Result<String, &'static str> {
@@ -393,6 +408,8 @@ const COMMANDS: &[&str] = &[
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
+    // A delete waiting for its confirmation is confirmed only by the next command.
+    let confirming = state.confirm_delete.take();
     let text = state.input.lines().join("\n");
     let text = text.trim().to_string();
     if text.is_empty() {
@@ -420,7 +437,12 @@ fn submit(state: &mut State) -> Vec<Effect> {
                     return vec![];
                 }
                 state.input = new_input();
-                return run_command(state, command);
+                state.confirm_delete = confirming;
+                let effects = run_command(state, command);
+                if name != "delete" {
+                    state.confirm_delete = None;
+                }
+                return effects;
             }
             None => text,
         },
@@ -638,6 +660,22 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 vec![]
             }
             (Some(peer), Ok(message)) => {
+                // For everyone, and it cannot be taken back: asked twice.
+                if state.confirm_delete.take() != Some((peer, message.clone())) {
+                    let shown = own_message(state, &message)
+                        .map(|m| {
+                            let text: String = m.text.chars().take(30).collect();
+                            format!("\u{201c}{}\u{201d}", crate::sanitize::for_terminal(&text))
+                        })
+                        .unwrap_or_else(|| "your last message".into());
+                    notice(
+                        state,
+                        &format!("delete {shown} for everyone? Enter again to confirm"),
+                    );
+                    state.confirm_delete = Some((peer, message));
+                    keep(state, line);
+                    return vec![];
+                }
                 state.picked = None;
                 vec![run(
                     Command::Delete {
@@ -1314,10 +1352,34 @@ mod tests {
         update(&mut s, ctrl(KeyCode::Char('u')));
         update(&mut s, ctrl(KeyCode::Up));
         typed(&mut s, "/delete");
+        // For everyone: asked first, and what was typed stays to confirm with Enter.
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(
+            s.notice
+                .as_ref()
+                .unwrap()
+                .0
+                .contains("for everyone? Enter again")
+        );
+        assert_eq!(s.input.lines(), ["/delete"]);
         assert!(matches!(
             &update(&mut s, key(KeyCode::Enter))[0],
             Effect::Run { command: Command::Delete { message, for_me: false, .. }, .. } if *message == hex_of(2)
         ));
+        // Anything else in between drops the question.
+        update(&mut s, ctrl(KeyCode::Up));
+        typed(&mut s, "/delete");
+        update(&mut s, key(KeyCode::Enter));
+        update(&mut s, ctrl(KeyCode::Char('u')));
+        typed(&mut s, "/bell");
+        update(&mut s, key(KeyCode::Enter));
+        typed(&mut s, "/delete");
+        assert!(
+            update(&mut s, key(KeyCode::Enter)).is_empty(),
+            "asked again"
+        );
+        update(&mut s, ctrl(KeyCode::Char('u')));
+        update(&mut s, key(KeyCode::Esc));
         // Esc unpicks; past the last going down unpicks too.
         update(&mut s, ctrl(KeyCode::Up));
         update(&mut s, key(KeyCode::Esc));
