@@ -285,7 +285,10 @@ fn demo_talks_directly_with_every_relay_down_until_the_direct_path_is_cut() {
     // Straight to the other user: delivered, and answered.
     tmux.keys(&["direct only", "Enter"]);
     tmux.wait_for("me: direct only ✓✓", Duration::from_secs(10));
-    tmux.wait_for("I got \"direct only\"", Duration::from_secs(10));
+    tmux.wait_for(
+        "I got \"direct only\" directly: no relay is up",
+        Duration::from_secs(10),
+    );
     // F5 cuts the direct path: nothing is reachable, and what is written waits.
     tmux.keys(&["F5"]);
     tmux.wait_for("OFFLINE", Duration::from_secs(10));
@@ -295,9 +298,8 @@ fn demo_talks_directly_with_every_relay_down_until_the_direct_path_is_cut() {
     tmux.keys(&["F3"]);
     tmux.wait_for("relays 1/3", Duration::from_secs(10));
     tmux.wait_for("me: cut off ✓✓", Duration::from_secs(10));
-    // (the second user's second answer)
     tmux.wait_for(
-        "Each message goes to all three relays",
+        "I got \"cut off\" through the relays",
         Duration::from_secs(10),
     );
     tmux.keys(&["C-c"]);

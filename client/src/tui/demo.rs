@@ -19,6 +19,7 @@ use super::RelaySwitch;
 use crate::commands::CommandError;
 use crate::engine::{AppEvent, Mode};
 use crate::net::NetConfig;
+use crate::net::Transport;
 use crate::store::LocalStore;
 
 /// One demo relay: its key and in-memory store outlive restarts.
@@ -168,15 +169,40 @@ impl RelaySwitch for DemoRelays {
     }
 }
 
-fn reply_to(text: &str, count: usize) -> String {
-    match count {
-        1 => format!(
-            "안녕! I got \"{text}\". Press F2, F3 or F4 to take a relay down, and keep writing."
-        ),
-        2 => "Each message goes to all three relays at once, and to me directly while we are connected (\"direct 1\" below); I read from whichever comes first.".into(),
-        3 => "Take all three relays down: we still talk directly (NO RELAY). Then F5 cuts the direct path: your messages wait in the outbox (OFFLINE) and go out when a relay returns.".into(),
-        _ => format!("Got it: \"{text}\" ({count} so far)."),
-    }
+/// What the second user can see of the network when it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    /// Its relays that are up.
+    relays_up: usize,
+    /// Connected to you directly (and the path not cut).
+    direct: bool,
+}
+
+/// The second user's answer to message number `count`, `text`: how it came, and what
+/// to try next from where things stand.
+fn reply_to(text: &str, count: usize, seen: Seen) -> String {
+    let how = match (seen.relays_up, seen.direct) {
+        (0, true) => " directly: no relay is up, and we still talk",
+        (0, false) => "",
+        (_, false) => " through the relays",
+        (_, true) => "",
+    };
+    let next = match (seen.relays_up, seen.direct) {
+        (3, true) if count == 1 => {
+            "Each message goes to all three relays at once, and to me directly (\"direct 1\" below). Press F2, F3 or F4 to take a relay down, and keep writing."
+        }
+        (3, true) => "Press F2, F3 or F4 to take a relay down, and keep writing.",
+        (1 | 2, true) => "Take the others down too: we still talk directly (NO RELAY).",
+        (0, true) => {
+            "Now F5 cuts the direct path too: your messages then wait in the outbox (OFFLINE) and go out when a relay returns."
+        }
+        (_, false) => "F5 again brings the direct path back.",
+        _ => "",
+    };
+    let greeting = if count == 1 { "안녕! " } else { "" };
+    format!("{greeting}I got \"{text}\"{how}. {next}")
+        .trim_end()
+        .to_string()
 }
 
 /// Runs the demo until the UI quits.
@@ -194,6 +220,9 @@ pub async fn run() -> Result<(), CommandError> {
     let _ = relays.bot.set(bot.clone());
     let responder = {
         let bot = bot.clone();
+        let cut = relays.clone();
+        let relay_peers: Vec<kkachi_protocol::PeerId> =
+            addrs.iter().filter_map(crate::net::peer_of).collect();
         let mut events = bot.subscribe();
         tokio::spawn(async move {
             let mut count = 0;
@@ -206,7 +235,15 @@ pub async fn run() -> Result<(), CommandError> {
                 }
                 count += 1;
                 tokio::time::sleep(Duration::from_millis(400)).await;
-                let _ = bot.send(r.contact, reply_to(&r.message.text, count)).await;
+                let connected = bot.net().connected();
+                let seen = Seen {
+                    relays_up: relay_peers.iter().filter(|p| connected.contains(p)).count(),
+                    direct: !cut.direct_cut.load(std::sync::atomic::Ordering::Relaxed)
+                        && connected.contains(&r.contact),
+                };
+                let _ = bot
+                    .send(r.contact, reply_to(&r.message.text, count, seen))
+                    .await;
             }
         })
     };
@@ -226,4 +263,27 @@ pub async fn run() -> Result<(), CommandError> {
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_second_user_says_how_a_message_came_and_what_to_try_from_there() {
+        let seen = |relays_up, direct| Seen { relays_up, direct };
+        let all = reply_to("hi", 1, seen(3, true));
+        assert!(all.starts_with("안녕! I got \"hi\". Each message"), "{all}");
+        assert!(reply_to("x", 2, seen(2, true)).contains("Take the others down too"));
+        let direct = reply_to("x", 3, seen(0, true));
+        assert!(
+            direct.contains("directly: no relay is up") && direct.contains("F5"),
+            "{direct}"
+        );
+        let relays = reply_to("x", 4, seen(1, false));
+        assert!(
+            relays.contains("through the relays") && relays.contains("F5 again"),
+            "{relays}"
+        );
+    }
 }
