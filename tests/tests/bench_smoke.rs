@@ -32,6 +32,8 @@ fn bench_quick_reports_every_figure() {
         "idle_conn_kib",
         "baseline_libp2p_rtt_us",
         "baseline_sled_insert_flush_per_s",
+        "file_put_mb_s",
+        "file_get_mb_s",
     ] {
         assert!(
             v[key].as_f64().is_some_and(|x| x > 0.0),

@@ -12,6 +12,8 @@
 //! range; `--only latency,history` (say) runs just those parts; `--quick` is a short
 //! smoke run; `--json` ends with one JSON object.
 
+#![recursion_limit = "256"]
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use serde_json::json;
 
 mod backup;
 mod baselines;
+mod chunks;
 mod common;
 mod history;
 mod ingest;
@@ -55,7 +58,7 @@ struct Args {
     envelopes: Option<u64>,
     /// Run only these parts (comma-separated); the baselines always run. Figures of
     /// the parts left out are null in the JSON and missing from the table.
-    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "backup", "receive", "reconnect", "idle", "restart"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "backup", "receive", "reconnect", "idle", "restart", "files"])]
     only: Vec<String>,
     /// Internal: run as the recipient of the latency runs, on this client home.
     #[arg(long, hide = true)]
@@ -213,6 +216,13 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     } else {
         null
     };
+    let files = if args.part("files") {
+        let f = chunks::chunks(root, if q { 8 } else { 64 }).await?;
+        eprintln!("files done");
+        f
+    } else {
+        serde_json::Value::Null
+    };
     let ingest_rate = match (
         batched["msgs_per_s"].as_f64(),
         single["msgs_per_s"].as_f64(),
@@ -259,6 +269,9 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "idle": idle,
         "restart": restart,
         "restart_ready_s": restart["ready_s"],
+        "files": files,
+        "file_put_mb_s": files["put_mb_s"],
+        "file_get_mb_s": files["get_mb_s"],
         "baseline_libp2p_rtt_us": us(rtt),
         "baseline_sled_insert_flush_per_s": sled_flush,
         "baseline_sled_insert_per_s": sled_noflush,

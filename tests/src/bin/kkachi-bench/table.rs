@@ -252,6 +252,26 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
         ));
         out.push(ready);
     }
+    if args.part("files") {
+        let files = &r["files"];
+        let mut put = row(
+            "file put into a relay (MB/s)",
+            &r["file_put_mb_s"],
+            0,
+            format!(
+                "a {} MiB file as {} sealed chunks, {} in flight; read back at {:.0} MB/s",
+                files["file_mib"],
+                files["chunks"],
+                files["in_flight"],
+                num(&r["file_get_mb_s"])
+            ),
+        );
+        put.ratio = Some((
+            put.value / num(&files["baseline_disk_mb_s"]),
+            "the same chunks written and synced to the disk",
+        ));
+        out.push(put);
+    }
     out.push(row(
         "baseline: libp2p request/response RTT (µs)",
         &r["baseline_libp2p_rtt_us"],
