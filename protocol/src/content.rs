@@ -279,12 +279,8 @@ impl Body {
     fn decode(kind: u16, data: &[u8]) -> Result<Self, ContentError> {
         Ok(match kind {
             KIND_TEXT => {
-                if data.len() > MAX_TEXT_LEN {
-                    return Err(ContentError::TextTooLong(data.len()));
-                }
-                let text = std::str::from_utf8(data)
-                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
-                Body::Text(text.to_owned())
+                let text = text_of(data)?;
+                Body::Text(text)
             }
             KIND_RECEIPT => {
                 let mut r = Reader::new(data);
@@ -318,28 +314,17 @@ impl Body {
                 if secs == 0 || secs > MAX_TIMER_SECS {
                     return Err(ContentError::TimerTooLong(secs));
                 }
-                if text.len() > MAX_TEXT_LEN {
-                    return Err(ContentError::TextTooLong(text.len()));
-                }
-                let text = std::str::from_utf8(text)
-                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
-                Body::TimedText {
-                    secs,
-                    text: text.to_owned(),
-                }
+                let text = text_of(text)?;
+                Body::TimedText { secs, text }
             }
             KIND_EDIT => {
                 let (target, text) = data
                     .split_first_chunk::<16>()
                     .ok_or(DecodeError::Truncated { field: "edit" })?;
-                if text.len() > MAX_TEXT_LEN {
-                    return Err(ContentError::TextTooLong(text.len()));
-                }
-                let text = std::str::from_utf8(text)
-                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+                let text = text_of(text)?;
                 Body::Edit {
                     target: MessageId(*target),
-                    text: text.to_owned(),
+                    text,
                 }
             }
             KIND_DELETE => {
@@ -368,16 +353,12 @@ impl Body {
                 if secs > MAX_TIMER_SECS {
                     return Err(ContentError::TimerTooLong(secs));
                 }
-                if text.len() > MAX_TEXT_LEN {
-                    return Err(ContentError::TextTooLong(text.len()));
-                }
-                let text = std::str::from_utf8(text)
-                    .map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+                let text = text_of(text)?;
                 Body::Reply {
                     target,
                     own,
                     secs,
-                    text: text.to_owned(),
+                    text,
                 }
             }
             KIND_REACTION => {
@@ -400,6 +381,16 @@ impl Body {
             },
         })
     }
+}
+
+/// A chat text from its bytes: at most [`MAX_TEXT_LEN`] bytes of UTF-8.
+fn text_of(bytes: &[u8]) -> Result<String, ContentError> {
+    if bytes.len() > MAX_TEXT_LEN {
+        return Err(ContentError::TextTooLong(bytes.len()));
+    }
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8 { field: "text" })?;
+    Ok(text.to_owned())
 }
 
 /// A character as quoted in an error: itself if it can be seen, else nothing.

@@ -109,6 +109,12 @@ pub enum FileError {
     Invalid(&'static str),
 }
 
+/// Whether `len` is the length of a sealed chunk or manifest: a size class and its tag.
+/// Relays take nothing else, so every chunk they hold is at least 4 KiB.
+pub fn is_sealed_len(len: usize) -> bool {
+    SIZE_CLASSES.iter().any(|c| c + TAG_BYTES == len)
+}
+
 /// How many chunks a file of `size` bytes has (one for an empty file).
 pub fn chunk_count(size: u64) -> usize {
     (size.div_ceil(CHUNK_BYTES as u64) as usize).max(1)
@@ -230,7 +236,7 @@ impl Manifest {
         if ChunkId::of(sealed) != *id {
             return Err(FileError::WrongId);
         }
-        if !SIZE_CLASSES.iter().any(|c| c + TAG_BYTES == sealed.len()) {
+        if !is_sealed_len(sealed.len()) {
             return Err(FileError::Sealed);
         }
         let plain = XChaCha20Poly1305::new(Key::from_slice(&key.0))

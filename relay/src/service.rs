@@ -489,11 +489,7 @@ impl<S: MailboxStore + Clone> Service<S> {
         work: impl FnOnce(&ChunkStore, &Metrics) -> RelayToClient + Send + 'static,
     ) -> Action {
         let Some(chunks) = self.chunks.clone() else {
-            return Action::Respond(refuse(
-                &self.metrics,
-                ErrorCode::NotAllowed,
-                "this relay stores no files; send them through another of the recipient's relays",
-            ));
+            return self.no_files();
         };
         let metrics = self.metrics.clone();
         Action::Deferred(Box::pin(async move {
@@ -513,6 +509,15 @@ impl<S: MailboxStore + Clone> Service<S> {
             });
             (answer, Vec::new())
         }))
+    }
+
+    /// The answer of a relay that stores no files.
+    fn no_files(&self) -> Action {
+        Action::Respond(refuse(
+            &self.metrics,
+            ErrorCode::NotAllowed,
+            "this relay stores no files; send them through another of the recipient's relays",
+        ))
     }
 
     /// The queue a write capability puts chunks into: contacts' capabilities only
@@ -565,7 +570,7 @@ impl<S: MailboxStore + Clone> Service<S> {
             })
         };
         if self.chunks.is_none() {
-            return self.with_chunk_store(|_, _| unreachable!("refused without a store"));
+            return self.no_files();
         }
         if self.disk_low() {
             return Action::Respond(refuse(
@@ -631,9 +636,9 @@ impl<S: MailboxStore + Clone> Service<S> {
                     code: ErrorCode::Malformed,
                     message: "the chunk does not hash to its id".into(),
                 },
-                Ok(ChunkPut::TooLarge) => PutOutcome::Rejected {
-                    code: ErrorCode::TooLarge,
-                    message: "a chunk is at most 256 KiB and its tag".into(),
+                Ok(ChunkPut::WrongSize) => PutOutcome::Rejected {
+                    code: ErrorCode::Malformed,
+                    message: "a chunk is 4, 16, 64 or 256 KiB and its 16-byte tag".into(),
                 },
                 Ok(ChunkPut::QuotaExceeded) => PutOutcome::Rejected {
                     code: ErrorCode::QuotaExceeded,

@@ -498,6 +498,7 @@ pub fn message_json(
     peer: &kkachi_protocol::PeerId,
     m: &MessageRecord,
 ) -> serde_json::Value {
+    let (reply_to, reactions) = extras_json(m);
     let (relayed, relays) = match m.state {
         MessageState::Relayed { relayed, total } => (Some(relayed), Some(total)),
         _ => (None, None),
@@ -515,8 +516,8 @@ pub fn message_json(
         "seq": m.seq,
         "edited": m.edited,
         "deleted": m.deleted,
-        "reply_to": extras_json(m).0,
-        "reactions": extras_json(m).1,
+        "reply_to": reply_to,
+        "reactions": reactions,
     })
 }
 

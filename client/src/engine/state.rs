@@ -721,11 +721,6 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<(), EngineError> {
         let emoji = emoji.trim().to_string();
-        if emoji.chars().any(char::is_control) {
-            return Err(EngineError::Invalid(
-                "a reaction cannot hold control characters".into(),
-            ));
-        }
         let Some(contact) = self.store.contact(peer)? else {
             return Err(EngineError::Invalid("no such contact".into()));
         };

@@ -121,13 +121,16 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             let before = state.selected;
             // A contact whose name changed (they renamed themselves, or we did) is said
             // so, once.
+            let old: std::collections::HashMap<PeerId, &str> = state
+                .data
+                .conversations
+                .iter()
+                .map(|c| (c.peer, c.name.as_str()))
+                .collect();
             let renamed = data.conversations.iter().find_map(|c| {
-                state
-                    .data
-                    .conversations
-                    .iter()
-                    .find(|old| old.peer == c.peer && old.name != c.name)
-                    .map(|old| (old.name.clone(), c.name.clone()))
+                old.get(&c.peer)
+                    .filter(|name| **name != c.name)
+                    .map(|name| (name.to_string(), c.name.clone()))
             });
             state.load(data);
             if let Some((old, new)) = renamed {

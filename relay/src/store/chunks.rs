@@ -18,7 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use kkachi_protocol::file::{ChunkId, MAX_CHUNK};
+use kkachi_protocol::file::{self, ChunkId, MAX_CHUNK};
 use kkachi_protocol::{QueueId, WriteId};
 use parking_lot::Mutex;
 
@@ -47,8 +47,9 @@ pub enum ChunkPut {
     Duplicate,
     /// Its bytes do not hash to its id.
     WrongId,
-    /// Larger than any chunk.
-    TooLarge,
+    /// Not the length of a sealed chunk (a size class and its tag, SPEC §13): a store
+    /// of tiny chunks would hold millions of files for a few megabytes.
+    WrongSize,
     /// Over the capability's or the queue's share.
     QuotaExceeded,
     /// Over what the store holds in all.
@@ -243,8 +244,8 @@ impl ChunkStore {
         expires_at: u64,
         data: &[u8],
     ) -> Result<ChunkPut, StoreError> {
-        if data.len() > MAX_CHUNK {
-            return Ok(ChunkPut::TooLarge);
+        if !file::is_sealed_len(data.len()) {
+            return Ok(ChunkPut::WrongSize);
         }
         if ChunkId::of(data) != *id {
             return Ok(ChunkPut::WrongId);
@@ -422,7 +423,11 @@ fn read_header(path: &Path) -> Option<Held> {
     let len = f.metadata().ok()?.len();
     let mut h = [0u8; HEADER];
     f.read_exact(&mut h).ok()?;
-    if &h[..4] != MAGIC || len < HEADER as u64 || len - HEADER as u64 > MAX_CHUNK as u64 {
+    if &h[..4] != MAGIC
+        || len < HEADER as u64
+        || len - HEADER as u64 > MAX_CHUNK as u64
+        || !file::is_sealed_len((len - HEADER as u64) as usize)
+    {
         return None;
     }
     Some(Held {
@@ -436,14 +441,17 @@ fn read_header(path: &Path) -> Option<Held> {
 mod tests {
     use super::*;
 
+    /// The smallest sealed chunk.
+    const UNIT: usize = 4096 + 16;
+
     const LIMITS: ChunkLimits = ChunkLimits {
-        per_capability: 3 * 4096,
-        per_queue: 5 * 4096,
-        total: 8 * 4096,
+        per_capability: 3 * UNIT as u64,
+        per_queue: 5 * UNIT as u64,
+        total: 8 * UNIT as u64,
     };
 
     fn chunk(n: u8) -> (ChunkId, Vec<u8>) {
-        let data = vec![n; 4096];
+        let data = vec![n; UNIT];
         (ChunkId::of(&data), data)
     }
 
@@ -478,7 +486,12 @@ mod tests {
                         &vec![0; MAX_CHUNK + 1]
                     )
                     .unwrap(),
-                ChunkPut::TooLarge
+                ChunkPut::WrongSize
+            );
+            assert_eq!(
+                store.put(&q, &g, &ChunkId::of(b"x"), 100, b"x").unwrap(),
+                ChunkPut::WrongSize,
+                "tiny chunks are refused"
             );
             assert_eq!(store.get(&q, &id).unwrap(), Some(data.clone()));
             // Only in the queue it was put into.
@@ -492,7 +505,7 @@ mod tests {
             store.stats(),
             ChunkStats {
                 chunks: 1,
-                bytes: 4096
+                bytes: UNIT as u64
             }
         );
         assert_eq!(store.get(&q, &id).unwrap(), Some(data));
