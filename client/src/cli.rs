@@ -49,8 +49,20 @@ pub enum Command {
     /// Messages from people who are not your contacts yet: list, accept, reject, block.
     #[command(subcommand)]
     Request(RequestCommand),
-    /// Send a message. Exits 0 once it is safely in your outbox.
+    /// Send a message or a file. Exits 0 once it is safely in your outbox.
     Send(SendArgs),
+    /// Files sent and received: how far each is, and its id for `get`.
+    Files,
+    /// Fetch a file a contact sent (if it is not here yet) and save it.
+    Get {
+        /// The file: its id from `files` or `history --json` (or the start of it, 6
+        /// characters or more), or the id of the message that carried it.
+        id: String,
+        /// The folder to save it in (made if missing); the current one by default. A
+        /// file of the same name there is kept: the new one gets ` (1)` added.
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+    },
     /// Deliver the outbox, fetch new mail, print new messages, exit.
     Sync {
         /// Give up on unreachable relays after this many seconds.
@@ -346,9 +358,13 @@ pub struct SendArgs {
     /// Contact name or peer id.
     pub contact: String,
     /// The message (its words are joined by spaces, so quoting is optional); `-`
-    /// reads it from standard input.
-    #[arg(required = true, num_args = 1..)]
+    /// reads it from standard input. With --file, an optional text sent after it.
+    #[arg(required_unless_present = "file", num_args = 0..)]
     pub text: Vec<String>,
+    /// Send this file (up to 2 GiB): sealed, put on the contact's relays, then its
+    /// message sent. If this stops part-way, `sync` or the daemon goes on with it.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
     /// How long to wait for relays to acknowledge, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,

@@ -28,6 +28,7 @@ pub mod backup;
 pub mod cli;
 pub mod commands;
 pub mod engine;
+pub mod files;
 pub mod ipc;
 pub mod net;
 pub mod passphrase;

@@ -157,6 +157,9 @@ async fn wait_for_signal() {
     }
 }
 
+/// How often a running daemon goes on with file transfers that stopped part-way.
+const TRANSFERS_RETRY: std::time::Duration = std::time::Duration::from_secs(20);
+
 async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
     if let Some(why) = missing_home(home) {
         return Err(CommandError::Refused(why));
@@ -176,6 +179,7 @@ async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
     let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
     let engine = runtime::start_engine(store, me, runtime::net_config(), Mode::ONLINE)?;
     let control = ipc::Control::start(home, engine.clone()).await?;
+    let transfers = kkachi_client::files::keep_going(engine.clone(), TRANSFERS_RETRY);
     let events = engine.subscribe();
     let (stop_printer, printer_stop) = tokio::sync::oneshot::channel();
     let printer = tokio::spawn(print_events(
@@ -194,6 +198,7 @@ async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
     // next start), flushes what it wrote and answers who waits; then the commands
     // under way on the control socket give their answers, and what the engine
     // announced is printed.
+    transfers.abort();
     let stopped = engine.shutdown().await;
     control.stop().await;
     let _ = stop_printer.send(());
@@ -402,6 +407,15 @@ fn absolute_paths(command: Command) -> Result<Command, String> {
                 interactive: std::io::stdout().is_terminal(),
             })
         }
+        Command::Send(mut args) => {
+            args.file = args.file.map(absolute).transpose()?;
+            Command::Send(args)
+        }
+        // Saved here, in the folder the person is in, even when a daemon does it.
+        Command::Get { id, to } => Command::Get {
+            id,
+            to: Some(absolute(to.unwrap_or_else(|| ".".into()))?),
+        },
         other => other,
     })
 }

@@ -32,6 +32,7 @@ const KIND_EDIT: u16 = 6;
 const KIND_DELETE: u16 = 7;
 const KIND_REPLY: u16 = 8;
 const KIND_REACTION: u16 = 9;
+const KIND_FILE: u16 = 10;
 
 /// Longest reaction, in UTF-8 bytes (an emoji of several code points fits; empty takes
 /// a reaction back).
@@ -169,6 +170,13 @@ pub enum Body {
         /// An emoji (any text up to [`MAX_REACTION_LEN`] bytes), or empty.
         emoji: String,
     },
+    /// A file or photo (SPEC §13): how to fetch and open it, and what to show before.
+    File {
+        /// Its disappearing-message timer (seconds; 0: it stays), as a timed text's.
+        secs: u32,
+        /// The reference: key, manifest id, size, name, type, thumbnail.
+        file: Box<crate::file::FileRef>,
+    },
     /// The conversation's disappearing-message timer, as the sender set it (what the
     /// texts both sides send from then on carry); 0 turns it off. The setting sent last
     /// (by `sent_at_ms`) wins.
@@ -198,6 +206,7 @@ impl Body {
                 | Body::Delete { .. }
                 | Body::Reply { .. }
                 | Body::Reaction { .. }
+                | Body::File { .. }
         )
     }
 
@@ -222,6 +231,7 @@ impl Body {
             Body::Timer { .. } => KIND_TIMER,
             Body::Reply { .. } => KIND_REPLY,
             Body::Reaction { .. } => KIND_REACTION,
+            Body::File { .. } => KIND_FILE,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -270,6 +280,11 @@ impl Body {
                 let mut out = target.0.to_vec();
                 out.push(u8::from(*own));
                 out.extend_from_slice(emoji.as_bytes());
+                out
+            }
+            Body::File { secs, file } => {
+                let mut out = secs.to_be_bytes().to_vec();
+                out.extend_from_slice(&file.encode());
                 out
             }
             Body::Unknown { data, .. } => data.clone(),
@@ -375,6 +390,20 @@ impl Body {
                     emoji: emoji.to_owned(),
                 }
             }
+            KIND_FILE => {
+                let (secs, rest) = data
+                    .split_first_chunk::<4>()
+                    .ok_or(DecodeError::Truncated { field: "file" })?;
+                let secs = u32::from_be_bytes(*secs);
+                if secs > MAX_TIMER_SECS {
+                    return Err(ContentError::TimerTooLong(secs));
+                }
+                let file = crate::file::FileRef::decode(rest)?;
+                Body::File {
+                    secs,
+                    file: Box::new(file),
+                }
+            }
             kind => Body::Unknown {
                 kind,
                 data: data.to_vec(),
@@ -451,6 +480,9 @@ pub enum ContentError {
     /// A reaction holding a character no reaction may (see [`check_reaction`]).
     #[error("a reaction is emoji and symbols only: {shown} (U+{code:04X}) cannot be in one", shown = shown(*.0), code = .0)]
     NotAReaction(u32),
+    /// A file reference over a bound or malformed.
+    #[error("file reference rejected: {0}")]
+    File(#[from] crate::file::FileError),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
@@ -492,6 +524,10 @@ impl Content {
                 Err(ContentError::TimerTooLong(*secs))
             }
             Body::Reaction { emoji, .. } => check_reaction(emoji),
+            Body::File { secs, .. } if *secs > MAX_TIMER_SECS => {
+                Err(ContentError::TimerTooLong(*secs))
+            }
+            Body::File { file, .. } => file.check().map_err(ContentError::from),
             Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
                 Err(ContentError::TooManyReceiptIds(ids.len()))
             }
@@ -592,7 +628,29 @@ mod tests {
                     }
                 }
             ),
-            (10u16.., proptest::collection::vec(any::<u8>(), 0..100))
+            (
+                0..=MAX_TIMER_SECS,
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+                0..=crate::file::MAX_FILE_BYTES,
+                "[a-z0-9 ._-]{0,40}[a-z]",
+                "(image/(png|jpeg))?",
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(secs, key, manifest, size, name, mime, thumbnail)| {
+                    Body::File {
+                        secs,
+                        file: Box::new(crate::file::FileRef {
+                            key: crate::file::FileKey(key),
+                            manifest: crate::file::ChunkId(manifest),
+                            size,
+                            name,
+                            mime,
+                            thumbnail,
+                        }),
+                    }
+                }),
+            (11u16.., proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(kind, data)| Body::Unknown { kind, data }),
         ]
     }

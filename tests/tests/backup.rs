@@ -294,6 +294,7 @@ fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
             revised_seq: 0,
             reply_to: None,
             reactions: Default::default(),
+            file: None,
         };
         kkachi_client::store::LocalStore::write_message(
             &mut w,

@@ -57,6 +57,14 @@ impl App {
                 name(&contact.name)
             ));
         }
+        if let Some(path) = &args.file {
+            if args.reply.is_some() {
+                return fail("--reply goes with a text; send the file, then reply to it");
+            }
+            return self
+                .send_file(&contact, path, &text, args.timeout, json, out)
+                .await;
+        }
         let reply_to = match &args.reply {
             Some(spec) => Some(self.find_message(&contact, spec, Pick::TheirsFirst)?),
             None => None,
@@ -206,6 +214,10 @@ impl App {
         // Everything pending goes now; every relay of ours is read; receipts for what
         // came go out before it returns.
         let report = engine.sync(limit).await?;
+        // Files sent or asked for that stopped part-way go on, and end, here.
+        for transfer in crate::files::resume(&engine)? {
+            let _ = transfer.await;
+        }
         let mut reached = 0;
         for (addr, result) in &report.relays {
             match result {
@@ -449,6 +461,12 @@ pub fn push_history_line(
 fn shown_text(m: &MessageRecord) -> String {
     if m.deleted {
         "(deleted)".to_string()
+    } else if let Some(file) = m.file.as_ref().and_then(|f| f.file()) {
+        format!(
+            "{}  [file {}]",
+            crate::files::describe(&file),
+            &crate::files::hex(&file.manifest.0)[..12]
+        )
     } else if m.edited {
         format!("{} (edited)", for_terminal(&m.text))
     } else {
@@ -518,7 +536,21 @@ pub fn message_json(
         "deleted": m.deleted,
         "reply_to": reply_to,
         "reactions": reactions,
+        "file": file_json(m),
     })
+}
+
+/// The file a message carries, in JSON (`null` for a text).
+fn file_json(m: &MessageRecord) -> serde_json::Value {
+    match m.file.as_ref().and_then(|f| f.file()) {
+        Some(file) if !m.deleted => json!({
+            "id": crate::files::hex(&file.manifest.0),
+            "name": crate::files::safe_name(&file.name),
+            "size": file.size,
+            "mime": file.mime,
+        }),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// Prints an incoming message, or a contact's change to one (sync and daemon).
@@ -541,6 +573,7 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             "seq": r.message.seq,
             "event": "message",
             "reply_to": extras_json(&r.message).0,
+            "file": file_json(&r.message),
         });
         if r.gaps.missing() > 0 {
             v["missing"] = json!(r.gaps.missing());
@@ -556,7 +589,7 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             "{}  {}: {reply}{}",
             format_ms(r.message.sent_at_ms),
             name(&r.name),
-            for_terminal(&r.message.text)
+            shown_text(&r.message)
         ));
         if r.gaps.missing() > 0 {
             out.out(format!(

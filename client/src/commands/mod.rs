@@ -14,6 +14,7 @@ mod backup;
 mod bundle;
 mod contacts;
 mod drill;
+mod files;
 mod messages;
 mod passphrase;
 mod relays;
@@ -110,6 +111,9 @@ pub enum CommandError {
     /// The network.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// A file transfer.
+    #[error(transparent)]
+    Files(#[from] crate::files::FilesError),
     /// A card or invite code.
     #[error(transparent)]
     Card(#[from] kkachi_protocol::CardError),
@@ -251,6 +255,8 @@ impl App {
             Command::Contact(command) => self.contact(command, json, &mut out).await?,
             Command::Request(command) => self.request(command, json, &mut out).await?,
             Command::Send(args) => self.send(args, json, &mut out).await?,
+            Command::Files => self.files(json, &mut out)?,
+            Command::Get { id, to } => self.get(&id, to, json, &mut out).await?,
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
             Command::Search {
                 words,

@@ -193,6 +193,21 @@ pub struct Sending {
     pub events: mpsc::Receiver<SendEvent>,
 }
 
+/// What a send carries.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A text, perhaps a reply.
+    Text {
+        text: String,
+        reply_to: Option<MessageId>,
+    },
+    /// A file whose chunks are uploaded, and writes to make with its message.
+    File {
+        file: Box<kkachi_protocol::file::FileRef>,
+        with: crate::store::WriteSet,
+    },
+}
+
 /// What the engine does on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode {
@@ -247,6 +262,7 @@ pub struct Engine<T> {
     net: T,
     faults: Arc<AtomicU64>,
     task: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    transfers: Arc<crate::files::Live>,
 }
 
 impl<T: Clone> Clone for Engine<T> {
@@ -259,6 +275,7 @@ impl<T: Clone> Clone for Engine<T> {
             net: self.net.clone(),
             faults: self.faults.clone(),
             task: self.task.clone(),
+            transfers: self.transfers.clone(),
         }
     }
 }
@@ -293,6 +310,7 @@ impl<T: Transport> Engine<T> {
             net,
             faults,
             task: Arc::new(parking_lot::Mutex::new(Some(task))),
+            transfers: Arc::default(),
         }
     }
 
@@ -309,6 +327,11 @@ impl<T: Transport> Engine<T> {
     /// The network.
     pub fn net(&self) -> &T {
         &self.net
+    }
+
+    /// The file transfers this process runs.
+    pub fn transfers(&self) -> &Arc<crate::files::Live> {
+        &self.transfers
     }
 
     /// Subscribes to application events.
@@ -366,8 +389,27 @@ impl<T: Transport> Engine<T> {
     ) -> Result<Sending, EngineError> {
         self.ask(|reply| Command::Send {
             contact,
-            text,
-            reply_to,
+            what: Outgoing::Text { text, reply_to },
+            reply,
+        })
+        .await?
+    }
+
+    /// Sends a message carrying `file` to `contact` (its chunks are on the contact's
+    /// relays already), with the writes `with` in the same write set: the caller's record
+    /// that the message went, so it never goes twice.
+    pub async fn send_file(
+        &self,
+        contact: PeerId,
+        file: kkachi_protocol::file::FileRef,
+        with: crate::store::WriteSet,
+    ) -> Result<Sending, EngineError> {
+        self.ask(|reply| Command::Send {
+            contact,
+            what: Outgoing::File {
+                file: Box::new(file),
+                with,
+            },
             reply,
         })
         .await?

@@ -29,7 +29,7 @@ use super::state::{Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
-    Contact, Direction, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
+    Contact, Direction, FileNote, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
     MAX_STORED_PER_CONTACT, MIN_TIMER_SECS, MessageRecord, MessageState, Quote, TreeId, WriteSet,
     message_key,
 };
@@ -500,9 +500,10 @@ impl<T> State<T> {
             | Body::Edit { .. }
             | Body::Delete { .. }
             | Body::Reply { .. }
-            | Body::Reaction { .. } => {
+            | Body::Reaction { .. }
+            | Body::File { .. } => {
                 return refused(
-                    "a receipt, card, timer, edit, delete, reply or reaction from someone who is not a contact",
+                    "a receipt, card, timer, edit, delete, reply, reaction or file from someone who is not a contact",
                 );
             }
         };
@@ -554,7 +555,7 @@ impl<T> State<T> {
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
         match content.body {
-            Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. }
+            Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. } | Body::File { .. }
                 if self.already_have(&peer, &content)? =>
             {
                 // A copy (another path, or sealed again): confirm it again, in case the
@@ -562,15 +563,21 @@ impl<T> State<T> {
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("a copy of a message already stored"))
             }
-            Body::Text(ref text)
-            | Body::TimedText { ref text, .. }
-            | Body::Reply { ref text, .. } => {
+            Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. } | Body::File { .. } => {
+                let size = match &content.body {
+                    Body::File { file, .. } => file.encode().len(),
+                    body => body.text().map_or(0, |(text, _)| text.len()),
+                };
                 #[cfg(test)]
-                if text == super::tests::PANIC_TEXT {
+                if content
+                    .body
+                    .text()
+                    .is_some_and(|(t, _)| t == super::tests::PANIC_TEXT)
+                {
                     panic!("a bug while reading an envelope");
                 }
                 let mut conv = self.store.conversation(&peer)?;
-                if !charge(&mut conv, text.len() as u64) {
+                if !charge(&mut conv, size as u64) {
                     LocalStore::write_conversation(w, &peer, &conv);
                     return refused("over the storage limit for one contact");
                 }
@@ -578,9 +585,12 @@ impl<T> State<T> {
                 conv.gaps.arrived(content.seq);
                 let local = conv.next_local;
                 conv.next_local += 1;
-                let (text, secs, reply_to) = match content.body {
-                    Body::Text(text) => (text, 0, None),
-                    Body::TimedText { secs, text } => (text, secs, None),
+                let (text, secs, reply_to, file) = match content.body {
+                    Body::Text(text) => (text, 0, None, None),
+                    Body::TimedText { secs, text } => (text, secs, None, None),
+                    Body::File { secs, file } => {
+                        (String::new(), secs, None, Some(FileNote::of(&file)))
+                    }
                     // Their own message, or ours: whose copy to show.
                     Body::Reply {
                         target,
@@ -594,6 +604,7 @@ impl<T> State<T> {
                             id: target.0,
                             ours: !own,
                         }),
+                        None,
                     ),
                     _ => unreachable!("matched above"),
                 };
@@ -618,11 +629,28 @@ impl<T> State<T> {
                     revised_seq: 0,
                     reply_to,
                     reactions: Default::default(),
+                    file,
                 };
                 conv.apply_held_revision(&mut record);
                 conv.note_expiry(record.expires_at());
                 self.note_expiry_due(record.expires_at());
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
+                if let Some(file) = record.file.as_ref().and_then(|f| f.file()) {
+                    // What to fetch, when asked (or at once, by the auto-download rule).
+                    let id = file.manifest.0;
+                    if self.store.incoming_file(&id)?.is_none() {
+                        let incoming = crate::store::Incoming {
+                            contact: peer.to_bytes(),
+                            message: record.id,
+                            reference: file.encode(),
+                            state: crate::store::IncomingState::Offered,
+                            bad_chunks: 0,
+                            saved: Vec::new(),
+                            created_ms: now,
+                        };
+                        LocalStore::write_incoming_file(w, &id, &incoming);
+                    }
+                }
                 LocalStore::write_conversation(w, &peer, &conv);
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Shown(Box::new(Received {

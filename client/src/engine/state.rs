@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+use kkachi_protocol::file::FileRef;
 use kkachi_protocol::session::SessionTag;
 use kkachi_protocol::{
     Body, Card, Content, Envelope, Identity, MessageId, Multiaddr, PeerId, PublicIdentity,
@@ -18,8 +19,8 @@ use tokio::sync::broadcast;
 
 use super::{AppEvent, ContactError, EngineError, Queued};
 use crate::store::{
-    Contact, Direction, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind, Quote,
-    StoreError, Target, TreeId, WriteSet, message_key,
+    Contact, Direction, FileNote, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind,
+    Quote, StoreError, Target, TreeId, WriteSet, message_key,
 };
 
 /// How many packets below and above the highest one received each session's tags
@@ -427,30 +428,53 @@ impl<T> State<T> {
             Some(target) => Some(self.quotable(&contact.peer, target)?),
         };
         let conv = self.store.conversation(&contact.peer)?;
-        let seq = conv.next_seq.max(1);
-        let text = text.to_owned();
+        // Under a timer, the text carries it: the contact deletes it as we do, whatever
+        // order the setting and the text arrive in.
+        let body = crate::store::text_body(quote, conv.timer_secs, text.to_owned());
+        self.queue_message(contact, conv, body, WriteSet::default(), now)
+    }
+
+    /// Seals a message carrying `file` for `contact` into the outbox and the
+    /// conversation, applied but not yet durable.
+    pub(crate) fn queue_file(
+        &mut self,
+        contact: &Contact,
+        file: FileRef,
+        with: WriteSet,
+        now: u64,
+    ) -> Result<Queued, EngineError> {
+        if self.store.blocked(&contact.peer)?.is_some() {
+            return Err(ContactError::Blocked(contact.name.clone()).into());
+        }
+        let conv = self.store.conversation(&contact.peer)?;
+        let body = Body::File {
+            secs: conv.timer_secs,
+            file: Box::new(file),
+        };
+        self.queue_message(contact, conv, body, with, now)
+    }
+
+    fn queue_message(
+        &mut self,
+        contact: &Contact,
+        conv: crate::store::Conversation,
+        body: Body,
+        with: WriteSet,
+        now: u64,
+    ) -> Result<Queued, EngineError> {
         let content = Content {
             id: MessageId(rand::random()),
-            seq,
+            seq: conv.next_seq.max(1),
             prev: conv.last_hash,
             sent_at_ms: now,
-            // Under a timer, the text carries it: the contact deletes it as we do,
-            // whatever order the setting and the text arrive in.
-            body: match (quote, conv.timer_secs) {
-                (Some(quote), secs) => Body::Reply {
-                    target: MessageId(quote.id),
-                    own: quote.ours,
-                    secs,
-                    text,
-                },
-                (None, 0) => Body::Text(text),
-                (None, secs) => Body::TimedText { secs, text },
-            },
+            body,
         };
         content
             .check()
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        self.with_sessions(|this, sessions| this.write_text(sessions, contact, conv, content, now))
+        self.with_sessions(|this, sessions| {
+            this.write_text(sessions, contact, conv, content, with, now)
+        })
     }
 
     /// The message `target` with `peer`, to reply or react to: it must be here and not
@@ -476,13 +500,18 @@ impl<T> State<T> {
         contact: &Contact,
         mut conv: crate::store::Conversation,
         content: Content,
+        with: WriteSet,
         now: u64,
     ) -> Result<Queued, EngineError> {
-        let Some((text, timer_secs)) = content.body.text() else {
-            unreachable!("a text");
+        let (text, timer_secs, file) = match &content.body {
+            Body::File { secs, file } => ("", *secs, Some(FileNote::of(file))),
+            body => {
+                let (text, secs) = body.text().expect("a text or a file");
+                (text, secs, None)
+            }
         };
         let seq = content.seq;
-        let mut w = WriteSet::default();
+        let mut w = with;
         let session = sessions.get(&self.store, contact)?;
         let outbox_key =
             self.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
@@ -511,6 +540,7 @@ impl<T> State<T> {
                 _ => None,
             },
             reactions: Default::default(),
+            file,
         };
         conv.note_expiry(record.expires_at());
         self.note_expiry_due(record.expires_at());

@@ -478,7 +478,10 @@ impl Transport for Network {
     ) -> Result<RelayToClient, NetError> {
         let peer = peer_of(relay).ok_or_else(|| NetError::NoPeerId(relay.to_string()))?;
         let side = match request {
-            ClientToRelay::Put { .. } => &self.writers,
+            // What is put into contacts' queues goes as the identity that writes.
+            ClientToRelay::Put { .. }
+            | ClientToRelay::PutChunk { .. }
+            | ClientToRelay::HasChunks { .. } => &self.writers,
             _ => &self.readers,
         };
         side.exchange(peer, Some(relay), &request, true).await

@@ -72,6 +72,7 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             revised_seq: 0,
             reply_to: None,
             reactions: Default::default(),
+            file: None,
         };
         LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record);
         LocalStore::write_receipt_due(&mut w, &peer, &MessageId(record.id));

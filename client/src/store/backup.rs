@@ -240,15 +240,26 @@ pub fn outgoing_content(record: &MessageRecord) -> Content {
         seq: record.seq,
         prev: record.prev,
         sent_at_ms: record.sent_at_ms,
-        body: match (record.reply_to, record.timer_secs) {
-            (Some(quote), secs) => Body::Reply {
-                target: MessageId(quote.id),
-                own: quote.ours,
+        body: match (&record.file, record.reply_to, record.timer_secs) {
+            (Some(note), _, secs) if let Some(file) = note.file() => Body::File {
                 secs,
-                text,
+                file: Box::new(file),
             },
-            (None, 0) => Body::Text(text),
-            (None, secs) => Body::TimedText { secs, text },
+            (_, reply_to, secs) => text_body(reply_to, secs, text),
         },
+    }
+}
+
+/// A text's body: a reply, a timed text or a plain one.
+pub fn text_body(reply_to: Option<crate::store::Quote>, secs: u32, text: String) -> Body {
+    match (reply_to, secs) {
+        (Some(quote), secs) => Body::Reply {
+            target: MessageId(quote.id),
+            own: quote.ours,
+            secs,
+            text,
+        },
+        (None, 0) => Body::Text(text),
+        (None, secs) => Body::TimedText { secs, text },
     }
 }

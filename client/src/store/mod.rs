@@ -28,11 +28,13 @@ mod keyfile;
 mod outbox;
 mod records;
 mod requests;
+mod transfers;
 mod vault;
 mod writes;
 
 pub use backup::{
     BackupRecord, MAX_BACKUP_KEY, MAX_BACKUP_VALUE, RESTORE_CARD_STEP, Repaired, outgoing_content,
+    text_body,
 };
 use conversations::ContactCache;
 pub use keyfile::{
@@ -41,6 +43,7 @@ pub use keyfile::{
 };
 pub use records::*;
 pub use requests::{Blocked, HeldMessage, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL, Request};
+pub use transfers::{Incoming, IncomingState, Outgoing, TransferId};
 use vault::{Tree, Vault};
 use writes::{Durability, JOURNAL_TREE, TREES, Writer, complete_journaled};
 pub use writes::{TreeId, WriteSet};

@@ -1,6 +1,7 @@
 //! The records the store holds, as the rest of the client sees them.
 
 use kkachi_protocol::card::CARD_LIFETIME_SECS;
+use kkachi_protocol::file::FileRef;
 use kkachi_protocol::{Card, PeerId};
 use serde::{Deserialize, Serialize};
 
@@ -293,6 +294,30 @@ pub struct MessageRecord {
     pub reply_to: Option<Quote>,
     /// Reactions to it.
     pub reactions: Reactions,
+    /// The file it carries, if it is a file message (its `text` is then empty).
+    pub file: Option<FileNote>,
+}
+
+/// The file a message carries: the reference as sent (SPEC §13), key included, so the
+/// file can be fetched and opened whenever the user asks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileNote {
+    /// The reference's encoding.
+    pub reference: Vec<u8>,
+}
+
+impl FileNote {
+    /// The note for `file`.
+    pub fn of(file: &FileRef) -> Self {
+        Self {
+            reference: file.encode(),
+        }
+    }
+
+    /// The reference (checked when it arrived; `None` only if the record was damaged).
+    pub fn file(&self) -> Option<FileRef> {
+        FileRef::decode(&self.reference).ok()
+    }
 }
 
 /// The message a reply answers: shown from our own copy, never from the reply.

@@ -216,6 +216,7 @@ fn write_sets_apply_across_trees() {
         revised_seq: 0,
         reply_to: None,
         reactions: Default::default(),
+        file: None,
     };
     LocalStore::write_message(&mut w, &peer, message_key(&peer, 0), &msg);
     LocalStore::write_conversation(
@@ -259,6 +260,7 @@ fn long_conversations_read_in_order_across_batches_and_stop_on_corruption() {
         revised_seq: 0,
         reply_to: None,
         reactions: Default::default(),
+        file: None,
     };
     let mut w = WriteSet::default();
     for i in 0..1300 {
@@ -429,6 +431,7 @@ fn of_two_changes_held_for_one_message_the_later_by_number_stays_and_a_delete_is
         revised_seq: 0,
         reply_to: None,
         reactions: Default::default(),
+        file: None,
     };
     let mut other = Conversation::default();
     other.hold_revision(id, 9, Some("nine".into()));
@@ -464,6 +467,7 @@ fn an_expired_message_not_delivered_yet_leaves_no_text_in_the_outbox() {
         revised_seq: 0,
         reply_to: None,
         reactions: Default::default(),
+        file: None,
     };
     let entry = OutboxEntry {
         message_id: [4; 16],

@@ -50,7 +50,7 @@ enum Shape {
 fn shape(tree: TreeId) -> Shape {
     match tree {
         TreeId::Meta | TreeId::Outbox => Shape::Plain,
-        TreeId::Relays | TreeId::Seen => Shape::Whole,
+        TreeId::Relays | TreeId::Seen | TreeId::Transfers => Shape::Whole,
         TreeId::MessageIndex | TreeId::ReceiptsDue | TreeId::Requests => Shape::PeerThenHidden,
         TreeId::Contacts
         | TreeId::Sessions

@@ -36,9 +36,11 @@ pub enum TreeId {
     Chain,
     /// Received messages whose delivery receipt is not sealed yet.
     ReceiptsDue,
+    /// File transfers, each way, by direction and manifest id.
+    Transfers,
 }
 
-pub(super) const TREES: [&str; 13] = [
+pub(super) const TREES: [&str; 14] = [
     "meta",
     "relays",
     "contacts",
@@ -52,6 +54,7 @@ pub(super) const TREES: [&str; 13] = [
     "blocked",
     "chain",
     "receipts_due",
+    "transfers",
 ];
 
 /// Changes to apply atomically.

@@ -56,6 +56,7 @@ pub async fn run(home: &Path) -> Result<(), CommandError> {
 struct Online {
     engine: Engine<Network>,
     control: crate::ipc::Control,
+    transfers: tokio::task::JoinHandle<()>,
 }
 
 impl Online {
@@ -67,12 +68,19 @@ impl Online {
         let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
         let engine = crate::runtime::start_engine(store, me, config, Mode::ONLINE)?;
         let control = crate::ipc::Control::start(home, engine.clone()).await?;
-        Ok(Self { engine, control })
+        let transfers =
+            crate::files::keep_going(engine.clone(), std::time::Duration::from_secs(20));
+        Ok(Self {
+            engine,
+            control,
+            transfers,
+        })
     }
 
     /// Stops the engine (which flushes what it wrote), then the control socket (whose
     /// commands under way answer).
     async fn shutdown(self) -> Result<(), CommandError> {
+        self.transfers.abort();
         let stopped = self.engine.shutdown().await;
         self.control.stop().await;
         Ok(stopped?)

@@ -580,6 +580,7 @@ mod tests {
             revised_seq: 0,
             reply_to: None,
             reactions: Default::default(),
+            file: None,
         }
     }
 

@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::machine::{Attempt, Deliveries, EarlySends, Inboxes, Outcome};
 use super::state::State;
 use super::{
-    EngineError, Mode, Progress, RelayError, SUBSCRIBE_WAIT_MS, Sending, SyncReport, now_ms,
+    EngineError, Mode, Outgoing, Progress, RelayError, SUBSCRIBE_WAIT_MS, Sending, SyncReport,
+    now_ms,
 };
 use crate::net::{NetError, NetEvent, Transport, peer_of};
 use crate::store::StoreError;
@@ -57,8 +58,7 @@ pub(super) type Change<T> =
 pub(super) enum Command<T> {
     Send {
         contact: PeerId,
-        text: String,
-        reply_to: Option<kkachi_protocol::MessageId>,
+        what: Outgoing,
         reply: oneshot::Sender<Result<Sending, EngineError>>,
     },
     Change {
@@ -568,11 +568,10 @@ impl<T: Transport> Owner<T> {
         match command {
             Command::Send {
                 contact,
-                text,
-                reply_to,
+                what,
                 reply,
             } => {
-                let _ = reply.send(self.send(contact, &text, reply_to, now));
+                let _ = reply.send(self.send(contact, what, now));
             }
             Command::Change { run, reply } => {
                 let result = run(&mut self.state, now);

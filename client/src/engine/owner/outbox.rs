@@ -8,7 +8,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 
 use super::super::machine::{Attempt, Change, Outcome, Path};
-use super::super::{ATTEMPT_TIMEOUT, EngineError, Sending, now_ms};
+use super::super::{ATTEMPT_TIMEOUT, EngineError, Outgoing, Sending, now_ms};
 use super::watch::Watcher;
 use super::{After, Done, Owner, SEND_EVENTS};
 use crate::net::{NetError, Transport};
@@ -126,14 +126,18 @@ impl<T: Transport> Owner<T> {
     pub(super) fn send(
         &mut self,
         contact: PeerId,
-        text: &str,
-        reply_to: Option<kkachi_protocol::MessageId>,
+        what: Outgoing,
         now: u64,
     ) -> Result<Sending, EngineError> {
         let Some(card) = self.state.store.contact(&contact)? else {
             return Err(super::super::ContactError::NotContact(contact.to_string()).into());
         };
-        let queued = self.state.queue_text(&card, text, reply_to, now)?;
+        let queued = match what {
+            Outgoing::Text { text, reply_to } => {
+                self.state.queue_text(&card, &text, reply_to, now)?
+            }
+            Outgoing::File { file, with } => self.state.queue_file(&card, *file, with, now)?,
+        };
         let (events, rx) = mpsc::channel(SEND_EVENTS);
         self.watchers
             .insert(queued.outbox_key, Watcher::new(events, contact, queued.id));

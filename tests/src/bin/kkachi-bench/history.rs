@@ -63,6 +63,7 @@ pub(crate) fn long_conversation(home: &Path, n: usize) -> Result<()> {
                 revised_seq: 0,
                 reply_to: None,
                 reactions: Default::default(),
+                file: None,
             };
             LocalStore::write_message(&mut w, &peer, message_key(&peer, i as u64), &record);
         }

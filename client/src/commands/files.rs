@@ -1,0 +1,368 @@
+//! `send --file`, `files`, `get`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{App, CommandError, Output, fail, name};
+use crate::engine::SendEvent;
+use crate::files::{self, FilesError, Live, describe, hex, human_size};
+use crate::store::{Contact, IncomingState, TransferId};
+
+/// How often a transfer run by this command reports how far it is (on stderr).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Prints how far transfer `id` is on stderr while it runs: one line each time it
+/// moves, as `label: done/total chunks (p%), rate`.
+fn report_progress(
+    live: Arc<Live>,
+    incoming: bool,
+    id: TransferId,
+    label: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            let Some(p) = live.progress(incoming, &id) else {
+                continue;
+            };
+            if p.total == 0 || last == Some(p.done) {
+                continue;
+            }
+            last = Some(p.done);
+            eprintln!(
+                "{label}: {}/{} chunks ({:.0}%), {}/s",
+                p.done,
+                p.total,
+                100.0 * p.done as f64 / p.total as f64,
+                human_size(p.rate() as u64)
+            );
+        }
+    })
+}
+
+impl App {
+    /// `send CONTACT --file PATH [TEXT]`.
+    pub(super) async fn send_file(
+        &mut self,
+        contact: &Contact,
+        path: &Path,
+        text: &str,
+        timeout: f64,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let engine = self.engine()?;
+        let claim = files::prepare(&engine, contact.peer, path).await?;
+        let id = claim.id;
+        let (_, file) = files::transfer_file(&self.store, false, &id)?;
+        let ticker = self.owned.then(|| {
+            report_progress(
+                engine.transfers().clone(),
+                false,
+                id,
+                format!("sending {}", files::safe_name(&file.name)),
+            )
+        });
+        let result = files::upload(&engine, claim).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        let report = match result {
+            Ok(report) => report,
+            Err(FilesError::Unavailable(why)) => {
+                // Sealed and recorded: it goes once their relays take it.
+                let then = if self.owned {
+                    "`kkachi sync` or `kkachi daemon` goes on with it"
+                } else {
+                    "the running kkachi goes on with it"
+                };
+                if json {
+                    out.json(
+                        json!({ "file": hex(&id), "to": contact.name, "state": "queued",
+                                     "name": files::safe_name(&file.name), "size": file.size,
+                                     "why": why }),
+                    );
+                } else {
+                    out.out(format!(
+                        "queued {} for {} (file {}): {}; {then}",
+                        describe(&file),
+                        name(&contact.name),
+                        &hex(&id)[..12],
+                        crate::sanitize::for_terminal(&why)
+                    ));
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The message: durable, then relayed (briefly waited for, as a text's).
+        let mut state = "sent";
+        let mut message = None;
+        if let Some(mut sending) = report.sending {
+            message = Some(sending.queued.id.to_hex());
+            match sending.events.recv().await {
+                Some(SendEvent::Durable) => {}
+                Some(SendEvent::NotDurable(why)) => return Err(CommandError::NotSaved(why)),
+                other => return fail(format!("the message could not be saved ({other:?})")),
+            }
+            state = "queued";
+            let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+            while let Ok(Some(event)) =
+                tokio::time::timeout_at(deadline.into(), sending.events.recv()).await
+            {
+                match event {
+                    SendEvent::Progress(p) if p.acked > 0 || p.direct => {
+                        state = "relayed";
+                        break;
+                    }
+                    SendEvent::Delivered { .. } => {
+                        state = "delivered";
+                        break;
+                    }
+                    SendEvent::Withdrawn => {
+                        state = "withdrawn";
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let rate = report.bytes as f64 / report.elapsed.as_secs_f64().max(0.001);
+        if json {
+            out.json(json!({
+                "id": message,
+                "file": hex(&id),
+                "to": contact.name,
+                "state": state,
+                "name": files::safe_name(&file.name),
+                "size": file.size,
+                "copies": report.copies,
+                "relays": report.relays,
+                "bytes_put": report.bytes,
+                "seconds": report.elapsed.as_secs_f64(),
+                "left_out": report.left_out.iter()
+                    .map(|(relay, why)| json!({ "relay": relay, "reason": why }))
+                    .collect::<Vec<_>>(),
+            }));
+        } else {
+            out.out(format!(
+                "sent {} to {}: every chunk on {} of {} relays, {} put at {}/s (file {}); message {state}",
+                describe(&file),
+                name(&contact.name),
+                report.copies,
+                report.relays,
+                human_size(report.bytes),
+                human_size(rate as u64),
+                &hex(&id)[..12],
+            ));
+            for (relay, why) in &report.left_out {
+                out.warn(format!(
+                    "relay {relay} was left out: {}",
+                    crate::sanitize::for_terminal(why)
+                ));
+            }
+        }
+        if !text.trim().is_empty() {
+            let mut sending = engine.send(contact.peer, text.to_owned()).await?;
+            match sending.events.recv().await {
+                Some(SendEvent::Durable) => {}
+                Some(SendEvent::NotDurable(why)) => return Err(CommandError::NotSaved(why)),
+                other => return fail(format!("the text could not be saved ({other:?})")),
+            }
+            if !json {
+                out.out(format!("and the text (message {})", sending.queued.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// `files`: every transfer, newest first.
+    pub(super) fn files(&mut self, json: bool, out: &mut Output) -> Result<(), CommandError> {
+        let (outgoing, incoming) = self.store.file_transfers()?;
+        let live = self.engine.as_ref().map(|e| e.transfers().clone());
+        let contacts = self.store.contacts()?;
+        let who = |peer: Option<kkachi_protocol::PeerId>| {
+            peer.and_then(|p| contacts.iter().find(|c| c.peer == p))
+                .map_or_else(|| "(no longer a contact)".to_string(), |c| c.name.clone())
+        };
+        let home = self.store.home().to_path_buf();
+        let mut rows: Vec<(u64, serde_json::Value, String)> = Vec::new();
+        for (id, r) in &outgoing {
+            let Ok(file) = r.file() else { continue };
+            let running = live.as_ref().and_then(|l| l.progress(false, id));
+            let (state, detail) = if r.finished {
+                ("sent", "sent".to_string())
+            } else if let Some(p) = &running {
+                (
+                    "uploading",
+                    format!("uploading {}/{} chunks", p.done, p.total),
+                )
+            } else {
+                (
+                    "waiting",
+                    format!(
+                        "waiting for their relays{}",
+                        r.last_error
+                            .as_ref()
+                            .map(|e| format!(": {}", crate::sanitize::for_terminal(e)))
+                            .unwrap_or_default()
+                    ),
+                )
+            };
+            let to = who(r.contact());
+            rows.push((
+                r.created_ms,
+                json!({
+                    "id": hex(id), "direction": "out", "contact": to,
+                    "name": files::safe_name(&file.name), "size": file.size, "mime": file.mime,
+                    "state": state, "message": r.message.map(|m| hex16(&m)),
+                    "error": r.last_error,
+                    "done": running.as_ref().map(|p| p.done), "total": running.as_ref().map(|p| p.total),
+                }),
+                format!(
+                    "{}  → {}  {}  {detail}",
+                    &hex(id)[..12],
+                    name(&to),
+                    describe(&file)
+                ),
+            ));
+        }
+        for (id, r) in &incoming {
+            let Ok(file) = r.file() else { continue };
+            let running = live.as_ref().and_then(|l| l.progress(true, id));
+            let on_disk = files::fetched_chunks(&home, id, &file);
+            let (done, total) = match (&running, on_disk) {
+                (Some(p), _) if p.total > 0 => (Some(p.done), Some(p.total)),
+                (_, Some((d, t))) => (Some(d), Some(t)),
+                _ => (None, None),
+            };
+            let (state, detail) = match &r.state {
+                IncomingState::Done if !r.saved.is_empty() => (
+                    "saved",
+                    format!(
+                        "saved to {}",
+                        crate::sanitize::for_terminal(r.saved.last().expect("not empty"))
+                    ),
+                ),
+                IncomingState::Done => (
+                    "fetched",
+                    format!("fetched; `kkachi get {}` saves it", &hex(id)[..12]),
+                ),
+                IncomingState::Fetching => (
+                    "fetching",
+                    match (done, total) {
+                        (Some(d), Some(t)) => format!("fetching {d}/{t} chunks"),
+                        _ => "fetching".to_string(),
+                    },
+                ),
+                IncomingState::Offered => (
+                    "offered",
+                    format!("not fetched; `kkachi get {}` fetches it", &hex(id)[..12]),
+                ),
+                IncomingState::Failed(why) => (
+                    "failed",
+                    format!("failed: {}", crate::sanitize::for_terminal(why)),
+                ),
+            };
+            let from = who(r.contact());
+            rows.push((
+                r.created_ms,
+                json!({
+                    "id": hex(id), "direction": "in", "contact": from,
+                    "name": files::safe_name(&file.name), "size": file.size, "mime": file.mime,
+                    "state": state, "message": hex16(&r.message), "done": done, "total": total,
+                    "bad_chunks": r.bad_chunks, "saved": r.saved,
+                    "error": match &r.state { IncomingState::Failed(w) => Some(w.clone()), _ => None },
+                }),
+                format!(
+                    "{}  ← {}  {}  {detail}",
+                    &hex(id)[..12],
+                    name(&from),
+                    describe(&file)
+                ),
+            ));
+        }
+        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        if json {
+            out.json(json!(rows.into_iter().map(|r| r.1).collect::<Vec<_>>()));
+        } else if rows.is_empty() {
+            out.out("no files sent or received yet; `kkachi send CONTACT --file PATH` sends one");
+        } else {
+            for (_, _, line) in rows {
+                out.out(line);
+            }
+        }
+        Ok(())
+    }
+
+    /// `get ID [--to DIR]`.
+    pub(super) async fn get(
+        &mut self,
+        spec: &str,
+        to: Option<PathBuf>,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let (incoming, id) = files::find_transfer(&self.store, spec)?;
+        if !incoming {
+            return fail("that is a file you sent; `kkachi files` shows how far it is");
+        }
+        let (peer, file) = files::transfer_file(&self.store, true, &id)?;
+        let dir = match to {
+            Some(dir) => dir,
+            None => std::env::current_dir()?,
+        };
+        let engine = self.engine()?;
+        let ticker = self.owned.then(|| {
+            report_progress(
+                engine.transfers().clone(),
+                true,
+                id,
+                format!("fetching {}", files::safe_name(&file.name)),
+            )
+        });
+        let result = files::fetch(&engine, id).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        let report = result?;
+        let store = self.store.clone();
+        let target = dir.clone();
+        let path = tokio::task::spawn_blocking(move || files::export(&store, &id, &target))
+            .await
+            .map_err(|e| CommandError::Refused(format!("saving the file failed: {e}")))??;
+        let from = self
+            .store
+            .contact(&peer)?
+            .map_or_else(|| peer.to_string(), |c| c.name);
+        if json {
+            out.json(json!({
+                "id": hex(&id), "path": path.display().to_string(), "name": files::safe_name(&file.name),
+                "size": file.size, "from": from, "fetched": report.fetched, "chunks": report.chunks,
+                "bad_chunks": report.bad, "seconds": report.elapsed.as_secs_f64(),
+            }));
+        } else {
+            out.out(format!(
+                "saved {} from {} to {}",
+                describe(&file),
+                name(&from),
+                crate::sanitize::for_terminal(&path.display().to_string())
+            ));
+            if report.bad > 0 {
+                out.warn(format!(
+                    "{} chunk(s) came damaged from a relay and were fetched again from another",
+                    report.bad
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hex16(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}

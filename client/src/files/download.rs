@@ -1,0 +1,533 @@
+//! Fetching a file a contact sent: its manifest, then its chunks from whichever of our
+//! relays answer, each checked before it is written; then saving it where asked.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kkachi_protocol::file::{ChunkId, FileRef, Manifest, open_chunk};
+use kkachi_protocol::wire::MAX_CHUNK_IDS;
+use kkachi_protocol::{ClientToRelay, Multiaddr, ReadKey, RelayToClient};
+use parking_lot::Mutex;
+
+use super::{
+    Answer, FilesError, MAX_FAILURES, PER_RELAY, backoff, bits_path, chunk_len, chunk_offset,
+    classify, disk, in_dir, manifest_path, part_path, private_dir, safe_name,
+};
+use crate::engine::Engine;
+use crate::net::Transport;
+use crate::store::{Incoming, IncomingState, LocalStore, TransferId, WriteSet};
+
+/// Rounds of asking every relay for chunks none had, a few seconds apart, before a
+/// fetch stops (it goes on later).
+const ROUNDS: u32 = 3;
+
+/// What a fetch did.
+#[derive(Debug, Clone)]
+pub struct FetchReport {
+    /// Every chunk is here.
+    pub complete: bool,
+    /// Chunks of the file.
+    pub chunks: usize,
+    /// Chunks fetched by this run (a chunk fetched twice counts twice).
+    pub fetched: usize,
+    /// Chunks that came not matching their id (fetched again from another relay).
+    pub bad: u64,
+    /// Bytes fetched by this run.
+    pub bytes: u64,
+    /// How long this run took.
+    pub elapsed: Duration,
+}
+
+/// One of our relays and our inbox's read key there.
+#[derive(Clone)]
+struct Source {
+    addr: Multiaddr,
+    key: ReadKey,
+}
+
+/// Fetches the file `id` (waiting for a fetch of it already running here to end):
+/// goes on from the chunks on disk, and marks it done once every one is.
+pub async fn fetch<T: Transport>(
+    engine: &Engine<T>,
+    id: TransferId,
+) -> Result<FetchReport, FilesError> {
+    let claim = Arc::new(engine.transfers().claim_when_free(true, id).await);
+    let store = engine.store().clone();
+    let home = store.home().to_path_buf();
+    let started = Instant::now();
+    let Some(mut record) = store.incoming_file(&id)? else {
+        return Err(FilesError::Refused("no such file here".into()));
+    };
+    let file = record.file()?;
+    let n = kkachi_protocol::file::chunk_count(file.size);
+    let mut report = FetchReport {
+        complete: false,
+        chunks: n,
+        fetched: 0,
+        bad: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+    };
+    if record.state == IncomingState::Done && part_path(&home, &id).exists() {
+        report.complete = true;
+        return Ok(report);
+    }
+    if record.state != IncomingState::Fetching {
+        record.state = IncomingState::Fetching;
+        save(&store, &id, &record)?;
+        store.flush().await?;
+    }
+    let sources: Vec<Source> = store
+        .relays()?
+        .iter()
+        .filter_map(|r| {
+            let addr: Multiaddr = r.addr.parse().ok()?;
+            let relay = crate::net::peer_of(&addr)?;
+            Some(Source {
+                key: engine.identity().inbox_key(&relay),
+                addr,
+            })
+        })
+        .collect();
+    if sources.is_empty() {
+        return Err(FilesError::Unavailable(
+            "you have no relays to fetch it from; add one with `kkachi relay add`".into(),
+        ));
+    }
+    private_dir(&in_dir(&home))?;
+    claim.update(|p| p.doing = "fetching its list of chunks");
+    let manifest = match manifest(engine.net(), &home, &id, &file, &sources, &mut report).await {
+        Ok(m) => m,
+        Err(e) => {
+            if report.bad > 0 {
+                record.bad_chunks += report.bad;
+                save(&store, &id, &record)?;
+            }
+            return Err(e);
+        }
+    };
+    if manifest.size != file.size {
+        record.state = IncomingState::Failed(format!(
+            "the file is {} bytes, not the {} its message said",
+            manifest.size, file.size
+        ));
+        save(&store, &id, &record)?;
+        store.flush().await?;
+        return Err(FilesError::Refused(
+            "the file is not what its message said; it was not saved".into(),
+        ));
+    }
+    let part_file = part_path(&home, &id);
+    let bits_file = bits_path(&home, &id);
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .map_err(disk(p))
+    };
+    let part = Arc::new(open(&part_file)?);
+    let bits = Arc::new(open(&bits_file)?);
+    // What is here already, checked again: a mark may have reached the disk before its
+    // chunk did.
+    let mut marks = vec![0u8; n.div_ceil(8)];
+    let got = bits.read_at(&mut marks, 0).unwrap_or(0);
+    marks[got..].fill(0);
+    let mut have = vec![false; n];
+    let mut buf = Vec::new();
+    for (i, has) in have.iter_mut().enumerate() {
+        if marks[i / 8] & (1 << (i % 8)) == 0 {
+            continue;
+        }
+        buf.resize(chunk_len(file.size, i), 0);
+        *has = part.read_exact_at(&mut buf, chunk_offset(i)).is_ok()
+            && ChunkId::of(&buf) == manifest.chunks[i];
+        if !*has {
+            marks[i / 8] &= !(1 << (i % 8));
+        }
+    }
+    let plan = Arc::new(Mutex::new(Plan {
+        done: have.iter().filter(|h| **h).count(),
+        have,
+        marks,
+        inflight: vec![false; n],
+        tried: vec![vec![false; n]; sources.len()],
+        failures: vec![0; sources.len()],
+        out: vec![None; sources.len()],
+        bad: 0,
+        fetched: 0,
+        bytes: 0,
+    }));
+    let ids = Arc::new(manifest.chunks.clone());
+    claim.update(|p| {
+        p.total = n;
+        p.done = plan.lock().done;
+        p.doing = "fetching";
+    });
+    let mut round = 0;
+    loop {
+        let mut workers = tokio::task::JoinSet::new();
+        for (r, source) in sources.iter().enumerate() {
+            for _ in 0..PER_RELAY {
+                workers.spawn(get_worker(
+                    engine.net().clone(),
+                    source.clone(),
+                    r,
+                    Worker {
+                        plan: plan.clone(),
+                        part: part.clone(),
+                        bits: bits.clone(),
+                        ids: ids.clone(),
+                        size: file.size,
+                        claim: claim.clone(),
+                    },
+                ));
+            }
+        }
+        while workers.join_next().await.is_some() {}
+        {
+            let mut p = plan.lock();
+            if p.done == n || round + 1 >= ROUNDS || p.out.iter().all(Option::is_some) {
+                break;
+            }
+            // Chunks none of them had: the sender may still be putting them. Ask again.
+            round += 1;
+            for t in &mut p.tried {
+                t.fill(false);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let (done, bad, fetched, bytes, out) = {
+        let p = plan.lock();
+        (p.done, p.bad, p.fetched, p.bytes, p.out.clone())
+    };
+    report.bad += bad;
+    report.fetched += fetched;
+    report.bytes += bytes;
+    report.elapsed = started.elapsed();
+    record.bad_chunks += report.bad;
+    if done < n {
+        save(&store, &id, &record)?;
+        store.flush().await?;
+        let why: Vec<String> = sources
+            .iter()
+            .zip(&out)
+            .filter_map(|(s, w)| {
+                w.as_ref()
+                    .map(|w| format!("{}: {}", s.addr, crate::sanitize::for_terminal(w)))
+            })
+            .collect();
+        return Err(FilesError::Unavailable(format!(
+            "{} of {n} chunks are here; the others are on none of your relays that answered{}; it goes on later",
+            done,
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.join("; "))
+            }
+        )));
+    }
+    part.sync_data().map_err(disk(&part_file))?;
+    bits.sync_data().map_err(disk(&bits_file))?;
+    record.state = IncomingState::Done;
+    save(&store, &id, &record)?;
+    store.flush().await?;
+    report.complete = true;
+    // Here and on disk: the relays may let it go.
+    let mut all = manifest.chunks.clone();
+    all.push(file.manifest);
+    for source in &sources {
+        for batch in all.chunks(MAX_CHUNK_IDS) {
+            let request = ClientToRelay::DeleteChunks {
+                key: source.key.clone(),
+                ids: batch.to_vec(),
+            };
+            let _ = tokio::time::timeout(
+                crate::engine::ATTEMPT_TIMEOUT,
+                engine.net().request_as_reader(&source.addr, request),
+            )
+            .await;
+        }
+    }
+    Ok(report)
+}
+
+/// The file's manifest: from disk, or from the first relay that has one that opens.
+async fn manifest<T: Transport>(
+    net: &T,
+    home: &Path,
+    id: &TransferId,
+    file: &FileRef,
+    sources: &[Source],
+    report: &mut FetchReport,
+) -> Result<Manifest, FilesError> {
+    let path = manifest_path(home, id);
+    if let Ok(sealed) = std::fs::read(&path)
+        && let Ok(m) = Manifest::open(&file.key, &file.manifest, &sealed)
+    {
+        return Ok(m);
+    }
+    let mut why = Vec::new();
+    for source in sources {
+        let request = ClientToRelay::GetChunk {
+            key: source.key.clone(),
+            id: file.manifest,
+        };
+        let answer = tokio::time::timeout(
+            crate::engine::ATTEMPT_TIMEOUT,
+            net.request_as_reader(&source.addr, request),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::net::NetError::Unreachable(
+                "no answer in time".into(),
+            ))
+        });
+        match classify(answer) {
+            Answer::Ok(RelayToClient::Chunk { data }) => {
+                match Manifest::open(&file.key, &file.manifest, &data) {
+                    Ok(m) => {
+                        let mut f = File::create(&path).map_err(disk(&path))?;
+                        f.write_all(&data).map_err(disk(&path))?;
+                        f.sync_all().map_err(disk(&path))?;
+                        return Ok(m);
+                    }
+                    Err(e) => {
+                        report.bad += 1;
+                        why.push(format!("{}: {e}", source.addr));
+                    }
+                }
+            }
+            Answer::Ok(_) => why.push(format!("{}: an answer that is not a chunk", source.addr)),
+            Answer::NotFound => why.push(format!("{}: not there", source.addr)),
+            Answer::Transient(w) | Answer::Refused(w) => why.push(format!(
+                "{}: {}",
+                source.addr,
+                crate::sanitize::for_terminal(&w)
+            )),
+        }
+    }
+    Err(FilesError::Unavailable(format!(
+        "the file's list of chunks could not be fetched ({}); it goes on later",
+        why.join("; ")
+    )))
+}
+
+fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
+    let mut w = WriteSet::default();
+    LocalStore::write_incoming_file(&mut w, id, record);
+    store.apply(w)?;
+    Ok(())
+}
+
+struct Plan {
+    have: Vec<bool>,
+    marks: Vec<u8>,
+    inflight: Vec<bool>,
+    tried: Vec<Vec<bool>>,
+    failures: Vec<u32>,
+    out: Vec<Option<String>>,
+    done: usize,
+    bad: u64,
+    fetched: usize,
+    bytes: u64,
+}
+
+enum Pick {
+    Item(usize),
+    Wait,
+    Done,
+}
+
+impl Plan {
+    fn pick(&mut self, r: usize) -> Pick {
+        if self.out[r].is_some() {
+            return Pick::Done;
+        }
+        let mut waiting = false;
+        for i in 0..self.have.len() {
+            if self.have[i] || self.tried[r][i] {
+                continue;
+            }
+            if self.inflight[i] {
+                waiting = true;
+                continue;
+            }
+            self.inflight[i] = true;
+            return Pick::Item(i);
+        }
+        if waiting { Pick::Wait } else { Pick::Done }
+    }
+}
+
+struct Worker {
+    plan: Arc<Mutex<Plan>>,
+    part: Arc<File>,
+    bits: Arc<File>,
+    ids: Arc<Vec<ChunkId>>,
+    size: u64,
+    claim: Arc<super::Claim>,
+}
+
+/// Fetches chunks from relay `r` until none is left that it may have.
+async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
+    loop {
+        let pick = w.plan.lock().pick(r);
+        let i = match pick {
+            Pick::Done => return,
+            Pick::Wait => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Pick::Item(i) => i,
+        };
+        let request = ClientToRelay::GetChunk {
+            key: source.key.clone(),
+            id: w.ids[i],
+        };
+        let answer = classify(
+            tokio::time::timeout(
+                crate::engine::ATTEMPT_TIMEOUT,
+                net.request_as_reader(&source.addr, request),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::net::NetError::Unreachable(
+                    "no answer in time".into(),
+                ))
+            }),
+        );
+        let mut wait = None;
+        match answer {
+            Answer::Ok(RelayToClient::Chunk { data })
+                if data.len() == chunk_len(w.size, i) && ChunkId::of(&data) == w.ids[i] =>
+            {
+                // The bytes first, then the mark.
+                let written = w.part.write_all_at(&data, chunk_offset(i));
+                let mut p = w.plan.lock();
+                p.inflight[i] = false;
+                p.fetched += 1;
+                p.bytes += data.len() as u64;
+                p.failures[r] = 0;
+                if let Err(e) = written {
+                    p.out[r] = Some(format!("cannot write the file here: {e}"));
+                    return;
+                }
+                p.have[i] = true;
+                p.marks[i / 8] |= 1 << (i % 8);
+                let _ = w.bits.write_all_at(&p.marks[i / 8..=i / 8], (i / 8) as u64);
+                p.done += 1;
+                let (done, bytes) = (p.done, p.bytes);
+                w.claim.update(|l| {
+                    l.done = done;
+                    l.bytes = bytes;
+                });
+            }
+            Answer::Ok(_) => {
+                // Wrong bytes: counted, and fetched from another relay.
+                let mut p = w.plan.lock();
+                p.inflight[i] = false;
+                p.bad += 1;
+                p.tried[r][i] = true;
+                tracing::warn!(relay = %source.addr, chunk = i, "a relay served a chunk that does not match its id; it is fetched elsewhere");
+            }
+            Answer::NotFound => {
+                let mut p = w.plan.lock();
+                p.inflight[i] = false;
+                p.tried[r][i] = true;
+            }
+            Answer::Transient(why) => {
+                let mut p = w.plan.lock();
+                p.inflight[i] = false;
+                p.failures[r] += 1;
+                if p.failures[r] >= MAX_FAILURES {
+                    p.out[r] = Some(why);
+                } else {
+                    wait = Some(backoff(p.failures[r]));
+                }
+            }
+            Answer::Refused(why) => {
+                let mut p = w.plan.lock();
+                p.inflight[i] = false;
+                p.out[r] = Some(why);
+            }
+        }
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Writes the fetched file `id` into `dir` under its own name (made safe, and made
+/// unique with ` (1)`, ` (2)`… if taken), opening every chunk; returns the path. The
+/// file appears whole or not at all.
+pub fn export(store: &LocalStore, id: &TransferId, dir: &Path) -> Result<PathBuf, FilesError> {
+    let home = store.home().to_path_buf();
+    let Some(mut record) = store.incoming_file(id)? else {
+        return Err(FilesError::Refused("no such file here".into()));
+    };
+    if record.state != IncomingState::Done {
+        return Err(FilesError::Refused("that file is not fetched yet".into()));
+    }
+    let file = record.file()?;
+    let path = manifest_path(&home, id);
+    let sealed = std::fs::read(&path).map_err(disk(&path))?;
+    let manifest = Manifest::open(&file.key, &file.manifest, &sealed).map_err(|e| {
+        FilesError::Refused(format!("the file's list of chunks here is damaged: {e}"))
+    })?;
+    std::fs::create_dir_all(dir).map_err(disk(dir))?;
+    let name = safe_name(&file.name);
+    let tmp = tempfile::Builder::new()
+        .prefix(".kkachi-saving-")
+        .tempfile_in(dir)
+        .map_err(disk(dir))?;
+    let part_file = part_path(&home, id);
+    let part = File::open(&part_file).map_err(disk(&part_file))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+    let mut buf = Vec::new();
+    for (i, chunk) in manifest.chunks.iter().enumerate() {
+        buf.resize(chunk_len(file.size, i), 0);
+        part.read_exact_at(&mut buf, chunk_offset(i))
+            .map_err(disk(&part_file))?;
+        let plain = open_chunk(&file.key, chunk, i, file.size, &buf).map_err(|e| {
+            FilesError::Refused(format!(
+                "chunk {i} of the file here is damaged ({e}); fetch it again with `kkachi get`"
+            ))
+        })?;
+        out.write_all(&plain).map_err(disk(tmp.path()))?;
+    }
+    out.flush().map_err(disk(tmp.path()))?;
+    drop(out);
+    tmp.as_file().sync_all().map_err(disk(tmp.path()))?;
+    let target = unique(dir, &name);
+    tmp.persist_noclobber(&target)
+        .map_err(|e| disk(&target)(e.error))?;
+    record.saved.push(target.display().to_string());
+    let mut w = WriteSet::default();
+    LocalStore::write_incoming_file(&mut w, id, &record);
+    store.apply(w)?;
+    Ok(target)
+}
+
+/// `dir/name`, or with ` (1)`, ` (2)`… before its extension if that is taken.
+fn unique(dir: &Path, name: &str) -> PathBuf {
+    let first = dir.join(name);
+    if !first.exists() {
+        return first;
+    }
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s, format!(".{e}")),
+        _ => (name, String::new()),
+    };
+    (1..)
+        .map(|k| dir.join(format!("{stem} ({k}){ext}")))
+        .find(|p| !p.exists())
+        .expect("some name is free")
+}

@@ -1,0 +1,429 @@
+//! Files and photos (SPEC §13): sealed once under a key of their own, cut into chunks,
+//! put on the recipient's relays, and fetched from whichever of ours answer.
+//!
+//! Sending (`upload.rs`): the file is read once and sealed into a spool file beside the
+//! database (`HOME/files/out/<id>`), and its record written, before anything is said to
+//! be sent: from then on the send survives any crash, as a message in the outbox does.
+//! The chunks go to the contact's relays, several at a time on each; a chunk that one
+//! relay does not take goes to another. Small files go to every relay, larger ones to
+//! two (any one relay can be lost). Once every chunk is on two relays (or on every relay
+//! the contact has, when fewer), the message carrying the file's reference is queued, in
+//! the same write that records it went, so it never goes twice. What each relay holds
+//! is recorded as the upload goes and asked of the relay again when it goes on.
+//!
+//! Receiving (`download.rs`): the message's reference is stored with it. Fetching takes
+//! the manifest, then the chunks, several at a time from each of our relays; each is
+//! checked against its id before it is written, and one that does not match is fetched
+//! from another relay. Chunks are written, still sealed, into `HOME/files/in/<id>.part`
+//! at their places, and a bitfield beside it marks each once its bytes are written; on
+//! going on, every marked chunk is checked again, so a torn write costs one chunk.
+//! Saving (`get`) opens the chunks into the folder asked for. What is on disk under the
+//! home stays sealed: the key is only in the (encrypted) database.
+
+mod download;
+mod live;
+mod upload;
+
+use std::path::{Path, PathBuf};
+
+use kkachi_protocol::file::{FileRef, MAX_CHUNK};
+use kkachi_protocol::wire::ErrorCode;
+use kkachi_protocol::{PeerId, RelayToClient};
+use thiserror::Error;
+
+use crate::engine::{Engine, EngineError};
+use crate::net::{NetError, Transport};
+use crate::store::{StoreError, TransferId};
+
+pub use download::{FetchReport, export, fetch};
+pub use live::{Claim, Live, LiveProgress};
+pub use upload::{UploadReport, prepare, upload};
+
+/// Files up to this size go to every relay of the recipient; larger ones to two.
+pub const SMALL_FILE: u64 = 1 << 20;
+/// Images up to this size are fetched as soon as their message arrives (by a running
+/// daemon or UI); anything else when asked (`kkachi get`).
+pub const AUTO_FETCH_MAX: u64 = 8 << 20;
+/// Requests in flight to one relay at a time, per transfer.
+pub const PER_RELAY: usize = 4;
+/// Consecutive failures after which a relay is left out of a transfer until it is
+/// tried again.
+const MAX_FAILURES: u32 = 6;
+/// How long chunks are kept on relays (as envelopes are): the recipient has this long
+/// to fetch a file.
+pub const CHUNK_TTL_SECS: u64 = kkachi_protocol::envelope::DEFAULT_TTL_SECS;
+
+/// Why a file could not be sent or fetched.
+#[derive(Debug, Error)]
+pub enum FilesError {
+    /// The request cannot be done as asked (the reason says what to do).
+    #[error("{0}")]
+    Refused(String),
+    /// Reading the file to send failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Writing or reading the files kept beside the database failed.
+    #[error("{path}: {source}")]
+    Disk {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not now: no relay took (or held) what was needed. It is tried again.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine refused or stopped.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+fn disk(path: &Path) -> impl FnOnce(std::io::Error) -> FilesError + '_ {
+    move |source| FilesError::Disk {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Lowercase hex of a transfer id.
+pub fn hex(id: &TransferId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where files being sent are spooled.
+pub fn out_dir(home: &Path) -> PathBuf {
+    home.join("files").join("out")
+}
+
+/// Where files received are kept (sealed) as they arrive.
+pub fn in_dir(home: &Path) -> PathBuf {
+    home.join("files").join("in")
+}
+
+fn spool_path(home: &Path, id: &TransferId) -> PathBuf {
+    out_dir(home).join(hex(id))
+}
+
+fn part_path(home: &Path, id: &TransferId) -> PathBuf {
+    in_dir(home).join(format!("{}.part", hex(id)))
+}
+
+fn bits_path(home: &Path, id: &TransferId) -> PathBuf {
+    in_dir(home).join(format!("{}.bits", hex(id)))
+}
+
+fn manifest_path(home: &Path, id: &TransferId) -> PathBuf {
+    in_dir(home).join(format!("{}.manifest", hex(id)))
+}
+
+/// Creates `dir` (and its parents) readable by the user alone.
+fn private_dir(dir: &Path) -> Result<(), FilesError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(disk(dir))
+}
+
+/// Makes a rename or a new file in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), FilesError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(disk(dir))
+}
+
+/// Where chunk `index` starts in a spool or partial file: every chunk but the last is
+/// [`MAX_CHUNK`] bytes, so each has a fixed place.
+fn chunk_offset(index: usize) -> u64 {
+    (index * MAX_CHUNK) as u64
+}
+
+/// The sealed length of chunk `index` of a file of `size` bytes.
+fn chunk_len(size: u64, index: usize) -> usize {
+    kkachi_protocol::file::padded_len(size, index) + kkachi_protocol::file::TAG_BYTES
+}
+
+/// A file name as it may be written to disk: no path, no control or invisible
+/// characters, not hidden, not empty, at most 255 bytes.
+pub fn safe_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let mut clean: String = last
+        .chars()
+        .filter(|c| !c.is_control() && !kkachi_protocol::card::is_invisible(*c))
+        .collect();
+    clean = clean.trim().trim_start_matches('.').trim().to_owned();
+    if clean.is_empty() {
+        clean = "file".into();
+    }
+    while clean.len() > kkachi_protocol::file::MAX_NAME_BYTES {
+        clean.pop();
+    }
+    clean
+}
+
+/// The media type of a file, by its name's extension (empty if unknown).
+pub fn media_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "bmp" => "image/bmp",
+        "heic" => "image/heic",
+        "svg" => "image/svg+xml",
+        "pdf" => "application/pdf",
+        "txt" | "md" | "log" => "text/plain",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "zip" => "application/zip",
+        "gz" | "tgz" => "application/gzip",
+        "mp3" => "audio/mpeg",
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "wav" => "audio/wav",
+        "mp4" => "video/mp4",
+        "mov" => "video/quicktime",
+        "webm" => "video/webm",
+        "doc" | "docx" => "application/msword",
+        "odt" => "application/vnd.oasis.opendocument.text",
+        _ => "",
+    }
+}
+
+/// A size for people: `812 B`, `3.4 MB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else if value < 10.0 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
+    }
+}
+
+/// Whether a file of this type and size is fetched as soon as its message arrives.
+pub fn fetched_at_once(file: &FileRef) -> bool {
+    file.mime.starts_with("image/") && file.size <= AUTO_FETCH_MAX
+}
+
+/// How a relay's answer or failure counts for a transfer.
+#[derive(Debug)]
+enum Answer {
+    /// Done as asked.
+    Ok(RelayToClient),
+    /// Not held there (a get).
+    NotFound,
+    /// Not now: unreachable, rate limited, full, shutting down. Tried again later.
+    Transient(String),
+    /// This relay will not do it for this transfer (no files here, too large...).
+    Refused(String),
+}
+
+fn classify(result: Result<RelayToClient, NetError>) -> Answer {
+    let refusal = |code: ErrorCode, message: String| {
+        let reason = format!("{}: {}", code.as_str(), message);
+        match code {
+            ErrorCode::NotFound => Answer::NotFound,
+            ErrorCode::RateLimited
+            | ErrorCode::StorageFull
+            | ErrorCode::Internal
+            | ErrorCode::ShuttingDown
+            | ErrorCode::QuotaExceeded
+            | ErrorCode::NoQueue => Answer::Transient(reason),
+            _ => Answer::Refused(reason),
+        }
+    };
+    match result {
+        Err(e) => Answer::Transient(e.to_string()),
+        Ok(RelayToClient::Error { code, message }) => refusal(code, message),
+        Ok(RelayToClient::Stored { mut outcomes, .. }) if outcomes.len() == 1 => {
+            match outcomes.remove(0) {
+                kkachi_protocol::wire::PutOutcome::Rejected { code, message } => {
+                    refusal(code, message)
+                }
+                outcome => Answer::Ok(RelayToClient::Stored {
+                    outcomes: vec![outcome],
+                    epoch: 0,
+                }),
+            }
+        }
+        Ok(answer) => Answer::Ok(answer),
+    }
+}
+
+/// The wait before trying a relay again after `failures` failures in a row.
+fn backoff(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_millis((250u64 << failures.min(5)).min(5_000))
+}
+
+/// Goes on with every transfer left part-way: files being sent, and files asked for
+/// (or fetched at once by [`fetched_at_once`]) not complete yet. Each runs on its own
+/// task; those already running are left alone. Returns how many were started.
+pub fn resume<T: Transport>(
+    engine: &Engine<T>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, FilesError> {
+    let (outgoing, incoming) = engine.store().file_transfers()?;
+    let mut started = Vec::new();
+    for (id, record) in outgoing {
+        if record.finished || engine.transfers().busy(false, &id) {
+            continue;
+        }
+        let engine = engine.clone();
+        started.push(tokio::spawn(async move {
+            let Some(claim) = engine.transfers().claim(false, id) else {
+                return;
+            };
+            if let Err(e) = upload(&engine, claim).await {
+                tracing::info!(file = %hex(&id), error = %e, "a file upload stopped short; it goes on later");
+            }
+        }));
+    }
+    for (id, record) in incoming {
+        let wanted = match &record.state {
+            crate::store::IncomingState::Fetching => true,
+            crate::store::IncomingState::Offered => {
+                record.file().is_ok_and(|f| fetched_at_once(&f))
+            }
+            _ => false,
+        };
+        if !wanted || engine.transfers().busy(true, &id) {
+            continue;
+        }
+        let engine = engine.clone();
+        started.push(tokio::spawn(async move {
+            if let Err(e) = fetch(&engine, id).await {
+                tracing::info!(file = %hex(&id), error = %e, "a file download stopped short; it goes on later");
+            }
+        }));
+    }
+    Ok(started)
+}
+
+/// Keeps transfers going in a running daemon or UI: what arrives that is fetched at
+/// once, and what stopped part-way, tried again every `every`.
+pub fn keep_going<T: Transport>(
+    engine: Engine<T>,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut events = engine.subscribe();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                event = events.recv() => match event {
+                    Ok(crate::engine::AppEvent::Message(r)) if r.message.file.is_some() => {}
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+            if let Err(e) = resume(&engine) {
+                tracing::warn!(error = %e, "cannot go on with file transfers");
+            }
+        }
+    })
+}
+
+/// A transfer named by the start of its id (the file's id, as `history --json` and
+/// `files` show it) or of the id of the message that carried it: (incoming, id).
+pub fn find_transfer(
+    store: &crate::store::LocalStore,
+    spec: &str,
+) -> Result<(bool, TransferId), FilesError> {
+    let spec = spec.trim().to_ascii_lowercase();
+    if spec.len() < 6 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(FilesError::Refused(format!(
+            "{spec:?} is not a file id: give the id `kkachi files` shows (6 characters or more)"
+        )));
+    }
+    let (outgoing, incoming) = store.file_transfers()?;
+    let message_hex = |m: &[u8; 16]| m.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut found: Vec<(bool, TransferId)> = Vec::new();
+    for (id, r) in &incoming {
+        if hex(id).starts_with(&spec) || message_hex(&r.message).starts_with(&spec) {
+            found.push((true, *id));
+        }
+    }
+    for (id, r) in &outgoing {
+        let by_message = r
+            .message
+            .is_some_and(|m| message_hex(&m).starts_with(&spec));
+        if hex(id).starts_with(&spec) || by_message {
+            found.push((false, *id));
+        }
+    }
+    match found.len() {
+        0 => Err(FilesError::Refused(format!(
+            "no file has an id starting with {spec}; `kkachi files` lists them"
+        ))),
+        1 => Ok(found[0]),
+        _ => Err(FilesError::Refused(format!(
+            "several files have ids starting with {spec}; give more of it"
+        ))),
+    }
+}
+
+/// How far a file a contact sent is here: chunks on disk, of how many (the manifest
+/// not fetched yet: `None`).
+pub fn fetched_chunks(home: &Path, id: &TransferId, file: &FileRef) -> Option<(usize, usize)> {
+    let n = kkachi_protocol::file::chunk_count(file.size);
+    let bits = std::fs::read(bits_path(home, id)).ok()?;
+    let have = (0..n)
+        .filter(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+        .count();
+    Some((have, n))
+}
+
+/// The file of a message, for showing: its name, size and where it stands.
+pub fn describe(file: &FileRef) -> String {
+    let mut s = format!(
+        "📎 {} ({})",
+        crate::sanitize::for_terminal(&safe_name(&file.name)),
+        human_size(file.size)
+    );
+    if !file.mime.is_empty() {
+        s.push_str(&format!(" {}", file.mime));
+    }
+    s
+}
+
+/// The contact a transfer is with, and the reference, read from either record.
+pub fn transfer_file(
+    store: &crate::store::LocalStore,
+    incoming: bool,
+    id: &TransferId,
+) -> Result<(PeerId, FileRef), FilesError> {
+    let (peer, file) = if incoming {
+        let r = store
+            .incoming_file(id)?
+            .ok_or_else(|| FilesError::Refused("that file is no longer here".into()))?;
+        (r.contact(), r.file()?)
+    } else {
+        let r = store
+            .outgoing_file(id)?
+            .ok_or_else(|| FilesError::Refused("that file is no longer here".into()))?;
+        (r.contact(), r.file()?)
+    };
+    let peer = peer.ok_or(StoreError::Corrupt("file transfer"))?;
+    Ok((peer, file))
+}

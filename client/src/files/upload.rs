@@ -1,0 +1,604 @@
+//! Sending a file: sealing it into the spool, putting its chunks on the contact's
+//! relays, then queueing the message that carries it.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kkachi_protocol::file::{
+    CHUNK_BYTES, ChunkId, FileKey, FileRef, MAX_FILE_BYTES, Manifest, chunk_count, seal_chunk,
+};
+use kkachi_protocol::wire::MAX_CHUNK_IDS;
+use kkachi_protocol::{ClientToRelay, Multiaddr, PeerId, RelayToClient, WriteKey};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::live::Claim;
+use super::{
+    Answer, CHUNK_TTL_SECS, FilesError, MAX_FAILURES, PER_RELAY, SMALL_FILE, backoff, chunk_len,
+    chunk_offset, classify, disk, human_size, media_type, out_dir, private_dir, safe_name,
+    spool_path, sync_dir,
+};
+use crate::engine::{Engine, Sending, now_ms};
+use crate::net::Transport;
+use crate::store::{LocalStore, Outgoing, StoreError, TransferId, WriteSet};
+
+/// What an upload did.
+#[derive(Debug)]
+pub struct UploadReport {
+    /// The message carrying the file, if this run queued it.
+    pub sending: Option<Sending>,
+    /// The message went (by this run or an earlier one).
+    pub message_sent: bool,
+    /// The fewest relays any chunk is on.
+    pub copies: usize,
+    /// Relays the contact has.
+    pub relays: usize,
+    /// Bytes put by this run.
+    pub bytes: u64,
+    /// How long this run took.
+    pub elapsed: Duration,
+    /// Relays that took nothing more in this run, and why.
+    pub left_out: Vec<(String, String)>,
+}
+
+/// Seals the file at `path` for `contact` into the spool and records it, durably: from
+/// then on it is sent whatever happens to this process. Returns the claim to upload it
+/// (see [`upload`]).
+pub async fn prepare<T: Transport>(
+    engine: &Engine<T>,
+    contact: PeerId,
+    path: &Path,
+) -> Result<Claim, FilesError> {
+    let store = engine.store().clone();
+    let Some(c) = store.contact(&contact)? else {
+        return Err(FilesError::Refused(format!("{contact} is not a contact")));
+    };
+    if store.blocked(&contact)?.is_some() {
+        return Err(FilesError::Refused(format!(
+            "{} is blocked; unblock them first",
+            crate::sanitize::for_terminal(&c.name)
+        )));
+    }
+    let read = |source| FilesError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
+    if !meta.is_file() {
+        return Err(FilesError::Refused(format!(
+            "{} is not a file (send a folder as an archive)",
+            path.display()
+        )));
+    }
+    let size = meta.len();
+    if size > MAX_FILE_BYTES {
+        return Err(FilesError::Refused(format!(
+            "{} is {}; files are at most {}",
+            path.display(),
+            human_size(size),
+            human_size(MAX_FILE_BYTES)
+        )));
+    }
+    let name = safe_name(
+        &path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let key = FileKey(rand::random());
+    let home = store.home().to_path_buf();
+    let src = path.to_path_buf();
+    let sealing_key = key.clone();
+    let (id, chunks, manifest_len) =
+        tokio::task::spawn_blocking(move || seal_into_spool(&home, &src, &sealing_key, size))
+            .await
+            .map_err(|e| FilesError::Refused(format!("sealing the file failed: {e}")))??;
+    let claim = engine
+        .transfers()
+        .claim(false, id)
+        .expect("a new file's id is new");
+    let file = FileRef {
+        key,
+        manifest: ChunkId(id),
+        size,
+        mime: media_type(&name).to_owned(),
+        name,
+        thumbnail: Vec::new(),
+    };
+    file.check()
+        .map_err(|e| FilesError::Refused(e.to_string()))?;
+    let record = Outgoing {
+        contact: contact.to_bytes(),
+        reference: file.encode(),
+        chunks,
+        manifest_len,
+        relays: Vec::new(),
+        message_sent: false,
+        message: None,
+        finished: false,
+        created_ms: now_ms(),
+        last_error: None,
+    };
+    let mut w = WriteSet::default();
+    LocalStore::write_outgoing_file(&mut w, &id, &record);
+    store.apply(w)?;
+    store.flush().await?;
+    Ok(claim)
+}
+
+/// Reads `src` once, sealing each chunk into a new spool file, then the manifest; the
+/// file is synced and named by the manifest's id before this returns. Returns that id,
+/// every chunk id (the manifest's last) and the sealed manifest's length.
+fn seal_into_spool(
+    home: &Path,
+    src: &Path,
+    key: &FileKey,
+    size: u64,
+) -> Result<(TransferId, Vec<[u8; 32]>, u32), FilesError> {
+    let dir = out_dir(home);
+    private_dir(&dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".sealing-")
+        .tempfile_in(&dir)
+        .map_err(disk(&dir))?;
+    let read = |source| FilesError::Read {
+        path: src.to_path_buf(),
+        source,
+    };
+    let changed = || {
+        FilesError::Refused(format!(
+            "{} changed while it was read; send it again once it is complete",
+            src.display()
+        ))
+    };
+    let mut input = File::open(src).map_err(read)?;
+    let n = chunk_count(size);
+    let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file());
+    let mut plain = vec![0u8; CHUNK_BYTES];
+    let mut ids = Vec::with_capacity(n + 1);
+    for i in 0..n {
+        let want = (size - (i * CHUNK_BYTES) as u64).min(CHUNK_BYTES as u64) as usize;
+        input.read_exact(&mut plain[..want]).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                changed()
+            } else {
+                read(e)
+            }
+        })?;
+        let sealed = seal_chunk(key, i, n, &plain[..want], size);
+        ids.push(ChunkId::of(&sealed).0);
+        out.write_all(&sealed).map_err(disk(tmp.path()))?;
+    }
+    if input.read(&mut [0u8; 1]).map_err(read)? != 0 {
+        return Err(changed());
+    }
+    let manifest = Manifest {
+        size,
+        chunks: ids.iter().copied().map(ChunkId).collect(),
+    };
+    let (id, sealed) = manifest
+        .seal(key)
+        .map_err(|e| FilesError::Refused(e.to_string()))?;
+    out.write_all(&sealed).map_err(disk(tmp.path()))?;
+    out.flush().map_err(disk(tmp.path()))?;
+    drop(out);
+    tmp.as_file().sync_all().map_err(disk(tmp.path()))?;
+    let path = spool_path(home, &id.0);
+    tmp.persist(&path).map_err(|e| disk(&path)(e.error))?;
+    sync_dir(&dir)?;
+    ids.push(id.0);
+    Ok((id.0, ids, sealed.len() as u32))
+}
+
+/// One relay of the contact's, and our capability into their queue there.
+#[derive(Clone)]
+struct Target {
+    addr: Multiaddr,
+    key: WriteKey,
+}
+
+/// What each relay holds and is being sent, shared by the workers.
+struct Plan {
+    held: Vec<Vec<bool>>,
+    inflight: Vec<Vec<bool>>,
+    failures: Vec<u32>,
+    out: Vec<Option<String>>,
+    need: usize,
+    bytes: u64,
+}
+
+enum Pick {
+    Item(usize),
+    Wait,
+    Done,
+}
+
+impl Plan {
+    fn copies(&self, item: usize) -> usize {
+        self.held.iter().filter(|h| h[item]).count()
+    }
+
+    fn in_flight(&self, item: usize) -> usize {
+        self.inflight.iter().filter(|f| f[item]).count()
+    }
+
+    /// Items on at least `n` relays.
+    fn on_at_least(&self, n: usize) -> usize {
+        (0..self.held[0].len())
+            .filter(|&i| self.copies(i) >= n)
+            .count()
+    }
+
+    fn everywhere(&self, n: usize) -> bool {
+        self.on_at_least(n) == self.held[0].len()
+    }
+
+    /// What a worker for relay `r` does next.
+    fn pick(&mut self, r: usize) -> Pick {
+        if self.out[r].is_some() {
+            return Pick::Done;
+        }
+        let mut waiting = false;
+        for item in 0..self.held[r].len() {
+            if self.held[r][item] || self.copies(item) >= self.need {
+                continue;
+            }
+            if self.inflight[r][item] || self.copies(item) + self.in_flight(item) >= self.need {
+                waiting = true;
+                continue;
+            }
+            self.inflight[r][item] = true;
+            return Pick::Item(item);
+        }
+        if waiting { Pick::Wait } else { Pick::Done }
+    }
+}
+
+fn bitmap(held: &[bool]) -> Vec<u8> {
+    let mut bits = vec![0u8; held.len().div_ceil(8)];
+    for (i, _) in held.iter().enumerate().filter(|(_, h)| **h) {
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    bits
+}
+
+fn unbitmap(bits: &[u8], n: usize) -> Vec<bool> {
+    (0..n)
+        .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+        .collect()
+}
+
+/// Uploads the file `claim` names to its contact's relays, and queues its message once
+/// every chunk is on enough of them. Goes on from where an earlier run stopped.
+pub async fn upload<T: Transport>(
+    engine: &Engine<T>,
+    claim: Claim,
+) -> Result<UploadReport, FilesError> {
+    let id = claim.id;
+    let store = engine.store().clone();
+    let home = store.home().to_path_buf();
+    let started = Instant::now();
+    let Some(mut record) = store.outgoing_file(&id)? else {
+        return Err(FilesError::Refused("no such file is being sent".into()));
+    };
+    let peer = record
+        .contact()
+        .ok_or(StoreError::Corrupt("outgoing file"))?;
+    let file = record.file()?;
+    let Some(contact) = store.contact(&peer)? else {
+        // Removed meanwhile: nothing goes to them any more.
+        forget(&store, &home, &id).await?;
+        return Err(FilesError::Refused(
+            "they are no longer a contact; the file was not sent".into(),
+        ));
+    };
+    let targets: Vec<Target> = contact
+        .card
+        .relays()
+        .iter()
+        .filter_map(|addr| {
+            let relay = crate::net::peer_of(addr)?;
+            Some(Target {
+                addr: addr.clone(),
+                key: engine
+                    .identity()
+                    .write_key_for(contact.card.identity(), &relay),
+            })
+        })
+        .collect();
+    let enough = targets.len().min(2);
+    let mut report = UploadReport {
+        sending: None,
+        message_sent: record.message_sent,
+        copies: 0,
+        relays: targets.len(),
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        left_out: Vec::new(),
+    };
+    if record.finished {
+        report.copies = enough;
+        return Ok(report);
+    }
+    if targets.is_empty() {
+        return Err(FilesError::Unavailable(format!(
+            "{} has no relays to take the file",
+            crate::sanitize::for_terminal(&contact.name)
+        )));
+    }
+    let spool_file = spool_path(&home, &id);
+    let spool = Arc::new(File::open(&spool_file).map_err(disk(&spool_file))?);
+    let ids = record.ids();
+    let items = ids.len();
+    let n = items - 1;
+    // Where each item is in the spool: the chunks at their places, the manifest after.
+    let mut places: Vec<(u64, usize)> = (0..n)
+        .map(|i| (chunk_offset(i), chunk_len(file.size, i)))
+        .collect();
+    let (last_at, last_len) = places[n - 1];
+    places.push((last_at + last_len as u64, record.manifest_len as usize));
+    let need = if file.size <= SMALL_FILE {
+        targets.len()
+    } else {
+        enough
+    };
+    let mut plan = Plan {
+        held: vec![vec![false; items]; targets.len()],
+        inflight: vec![vec![false; items]; targets.len()],
+        failures: vec![0; targets.len()],
+        out: vec![None; targets.len()],
+        need,
+        bytes: 0,
+    };
+    for (r, t) in targets.iter().enumerate() {
+        if let Some((_, bits)) = record.relays.iter().find(|(a, _)| *a == t.addr.to_string()) {
+            plan.held[r] = unbitmap(bits, items);
+        }
+    }
+    // What each relay holds now: the record may be behind (a crash) or ahead (expired).
+    let asked =
+        futures::future::join_all(targets.iter().map(|t| holds(engine.net(), t, &ids))).await;
+    for (r, held) in asked.into_iter().enumerate() {
+        if let Some(held) = held {
+            plan.held[r] = held;
+        }
+    }
+    let plan = Arc::new(Mutex::new(plan));
+    let claim = Arc::new(claim);
+    claim.update(|p| {
+        p.total = items;
+        p.done = plan.lock().on_at_least(enough);
+        p.doing = "uploading";
+    });
+    let notify = Arc::new(Notify::new());
+    let ids = Arc::new(ids);
+    let places = Arc::new(places);
+    let mut workers = tokio::task::JoinSet::new();
+    for (r, target) in targets.iter().enumerate() {
+        for _ in 0..PER_RELAY {
+            workers.spawn(put_worker(
+                engine.net().clone(),
+                target.clone(),
+                r,
+                Worker {
+                    plan: plan.clone(),
+                    spool: spool.clone(),
+                    ids: ids.clone(),
+                    places: places.clone(),
+                    notify: notify.clone(),
+                    claim: claim.clone(),
+                    enough,
+                },
+            ));
+        }
+    }
+    let mut saved = Instant::now();
+    loop {
+        let all_done = tokio::select! {
+            joined = workers.join_next() => joined.is_none(),
+            _ = notify.notified() => false,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        let (ready, held) = {
+            let p = plan.lock();
+            (p.everywhere(enough), p.held.clone())
+        };
+        record.relays = targets
+            .iter()
+            .zip(&held)
+            .map(|(t, h)| (t.addr.to_string(), bitmap(h)))
+            .collect();
+        if ready && !record.message_sent {
+            // The message, and the record that it went, in one write.
+            record.message_sent = true;
+            let mut with = WriteSet::default();
+            LocalStore::write_outgoing_file(&mut with, &id, &record);
+            let sending = match engine.send_file(peer, file.clone(), with).await {
+                Ok(s) => s,
+                Err(e) => {
+                    workers.abort_all();
+                    return Err(e.into());
+                }
+            };
+            record.message = Some(sending.queued.id.0);
+            report.sending = Some(sending);
+            report.message_sent = true;
+            save(&store, &id, &record)?;
+            saved = Instant::now();
+        } else if all_done || saved.elapsed() >= Duration::from_secs(1) {
+            save(&store, &id, &record)?;
+            saved = Instant::now();
+        }
+        if all_done {
+            break;
+        }
+    }
+    {
+        let p = plan.lock();
+        report.copies = (0..items).map(|i| p.copies(i)).min().unwrap_or(0);
+        report.bytes = p.bytes;
+        report.left_out = targets
+            .iter()
+            .zip(&p.out)
+            .filter_map(|(t, why)| why.clone().map(|w| (t.addr.to_string(), w)))
+            .collect();
+    }
+    report.elapsed = started.elapsed();
+    if record.message_sent {
+        record.finished = true;
+        record.last_error = None;
+        save(&store, &id, &record)?;
+        store.flush().await?;
+        let _ = std::fs::remove_file(&spool_file);
+        return Ok(report);
+    }
+    let why: Vec<String> = report
+        .left_out
+        .iter()
+        .map(|(relay, why)| format!("{relay}: {}", crate::sanitize::for_terminal(why)))
+        .collect();
+    let why = if why.is_empty() {
+        "no relay of theirs took it".to_owned()
+    } else {
+        why.join("; ")
+    };
+    record.last_error = Some(why.clone());
+    save(&store, &id, &record)?;
+    store.flush().await?;
+    Err(FilesError::Unavailable(format!(
+        "the file is on {} of {} relays so far ({why}); it is sent once enough of them take it",
+        report.copies, report.relays
+    )))
+}
+
+fn save(store: &LocalStore, id: &TransferId, record: &Outgoing) -> Result<(), FilesError> {
+    let mut w = WriteSet::default();
+    LocalStore::write_outgoing_file(&mut w, id, record);
+    store.apply(w)?;
+    Ok(())
+}
+
+/// Drops a file being sent, and its spool.
+async fn forget(store: &LocalStore, home: &Path, id: &TransferId) -> Result<(), FilesError> {
+    let mut w = WriteSet::default();
+    LocalStore::remove_file_record(&mut w, id, false);
+    store.apply(w)?;
+    store.flush().await?;
+    let _ = std::fs::remove_file(spool_path(home, id));
+    Ok(())
+}
+
+/// Which of `ids` the relay holds as put by us (`None` if it did not say).
+async fn holds<T: Transport>(net: &T, target: &Target, ids: &[ChunkId]) -> Option<Vec<bool>> {
+    let mut held = Vec::with_capacity(ids.len());
+    for batch in ids.chunks(MAX_CHUNK_IDS) {
+        let request = ClientToRelay::HasChunks {
+            write: target.key.clone(),
+            ids: batch.to_vec(),
+        };
+        let answer = tokio::time::timeout(
+            crate::engine::ATTEMPT_TIMEOUT,
+            net.request(&target.addr, request),
+        )
+        .await
+        .ok()?;
+        match answer {
+            Ok(RelayToClient::ChunksHeld { held: h }) if h.len() == batch.len() => held.extend(h),
+            _ => return None,
+        }
+    }
+    Some(held)
+}
+
+/// What the workers of one upload share.
+struct Worker {
+    plan: Arc<Mutex<Plan>>,
+    spool: Arc<File>,
+    ids: Arc<Vec<ChunkId>>,
+    places: Arc<Vec<(u64, usize)>>,
+    notify: Arc<Notify>,
+    claim: Arc<Claim>,
+    enough: usize,
+}
+
+/// Puts chunks on relay `r` until it has all it should, or is left out.
+async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
+    loop {
+        let pick = w.plan.lock().pick(r);
+        let item = match pick {
+            Pick::Done => return,
+            Pick::Wait => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Pick::Item(item) => item,
+        };
+        let (at, len) = w.places[item];
+        let mut data = vec![0u8; len];
+        if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&*w.spool, &mut data, at) {
+            let mut p = w.plan.lock();
+            p.inflight[r][item] = false;
+            p.out[r] = Some(format!("the sealed copy of the file cannot be read: {e}"));
+            return;
+        }
+        let request = ClientToRelay::PutChunk {
+            write: target.key.clone(),
+            expires_at: now_ms() / 1000 + CHUNK_TTL_SECS,
+            id: w.ids[item],
+            data,
+        };
+        let answer = classify(
+            tokio::time::timeout(
+                crate::engine::ATTEMPT_TIMEOUT,
+                net.request(&target.addr, request),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::net::NetError::Unreachable(
+                    "no answer in time".into(),
+                ))
+            }),
+        );
+        let wait = {
+            let mut p = w.plan.lock();
+            p.inflight[r][item] = false;
+            match answer {
+                Answer::Ok(_) => {
+                    p.held[r][item] = true;
+                    p.failures[r] = 0;
+                    p.bytes += len as u64;
+                    let (done, bytes) = (p.on_at_least(w.enough), p.bytes);
+                    w.claim.update(|l| {
+                        l.done = done;
+                        l.bytes = bytes;
+                    });
+                    w.notify.notify_one();
+                    None
+                }
+                Answer::Transient(why) => {
+                    p.failures[r] += 1;
+                    if p.failures[r] >= MAX_FAILURES {
+                        p.out[r] = Some(why);
+                        None
+                    } else {
+                        Some(backoff(p.failures[r]))
+                    }
+                }
+                Answer::Refused(why) => {
+                    p.out[r] = Some(why);
+                    None
+                }
+                Answer::NotFound => {
+                    p.out[r] = Some("it answered a put as if it were a read".into());
+                    None
+                }
+            }
+        };
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

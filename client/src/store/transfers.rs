@@ -1,0 +1,162 @@
+//! File transfers, each way: what is uploaded for a contact and how far, what a contact
+//! sent and how far it is fetched. The bytes live beside the database (see
+//! [`crate::files`]); these records say what they are.
+
+use kkachi_protocol::PeerId;
+use kkachi_protocol::file::{ChunkId, FileRef};
+use serde::{Deserialize, Serialize};
+
+use super::{LocalStore, StoreError, TreeId, WriteSet, decode};
+
+/// A transfer's id: its manifest's id (the file as sealed for one message).
+pub type TransferId = [u8; 32];
+
+const OUT: u8 = 0;
+const IN: u8 = 1;
+
+fn key(direction: u8, id: &TransferId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(direction);
+    k.extend_from_slice(id);
+    k
+}
+
+/// A file being sent: sealed into a spool file, its chunks uploaded to the contact's
+/// relays, then its message sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The contact.
+    pub contact: Vec<u8>,
+    /// The reference the message carries (SPEC §13).
+    pub reference: Vec<u8>,
+    /// The ids of its chunks, in order, then its manifest's.
+    pub chunks: Vec<[u8; 32]>,
+    /// The sealed manifest's length (it follows the chunks in the spool file).
+    pub manifest_len: u32,
+    /// For each relay chunks went to (by address), a bitmap of the chunks it holds
+    /// (bit `i` of byte `i / 8`, the manifest last): written as the upload goes, and
+    /// checked with the relay again when it goes on after a stop.
+    pub relays: Vec<(String, Vec<u8>)>,
+    /// The message was queued (in the same write as this).
+    pub message_sent: bool,
+    /// The message's id, once known.
+    pub message: Option<[u8; 16]>,
+    /// Every chunk is on as many relays as it goes to: the spool file is gone.
+    pub finished: bool,
+    /// Our clock when it was sealed, Unix ms.
+    pub created_ms: u64,
+    /// Why the last attempt stopped short, if it did.
+    pub last_error: Option<String>,
+}
+
+impl Outgoing {
+    /// The contact's id.
+    pub fn contact(&self) -> Option<PeerId> {
+        PeerId::from_bytes(&self.contact).ok()
+    }
+
+    /// The file reference.
+    pub fn file(&self) -> Result<FileRef, StoreError> {
+        FileRef::decode(&self.reference).map_err(|_| StoreError::Corrupt("file reference"))
+    }
+
+    /// The chunk ids, the manifest's last.
+    pub fn ids(&self) -> Vec<ChunkId> {
+        self.chunks.iter().copied().map(ChunkId).collect()
+    }
+}
+
+/// Where a file a contact sent stands here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum IncomingState {
+    /// Not fetched (not asked for, or not yet).
+    Offered,
+    /// Being fetched, or asked for and stopped part-way (it goes on).
+    Fetching,
+    /// Every chunk is here, checked, and on disk.
+    Done,
+    /// It cannot be fetched: the reason.
+    Failed(String),
+}
+
+/// A file a contact sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Incoming {
+    /// The contact.
+    pub contact: Vec<u8>,
+    /// The message that carried it.
+    pub message: [u8; 16],
+    /// The reference it carried.
+    pub reference: Vec<u8>,
+    /// Where it stands.
+    pub state: IncomingState,
+    /// Chunks that came from a relay not matching their id (caught, fetched again
+    /// elsewhere).
+    pub bad_chunks: u64,
+    /// Where it was saved (`get`).
+    pub saved: Vec<String>,
+    /// Our clock when it arrived, Unix ms.
+    pub created_ms: u64,
+}
+
+impl Incoming {
+    /// The contact's id.
+    pub fn contact(&self) -> Option<PeerId> {
+        PeerId::from_bytes(&self.contact).ok()
+    }
+
+    /// The file reference.
+    pub fn file(&self) -> Result<FileRef, StoreError> {
+        FileRef::decode(&self.reference).map_err(|_| StoreError::Corrupt("file reference"))
+    }
+}
+
+impl LocalStore {
+    /// The file being sent with manifest `id`.
+    pub fn outgoing_file(&self, id: &TransferId) -> Result<Option<Outgoing>, StoreError> {
+        self.get_record(TreeId::Transfers, &key(OUT, id), "outgoing file")
+    }
+
+    /// The file received with manifest `id`.
+    pub fn incoming_file(&self, id: &TransferId) -> Result<Option<Incoming>, StoreError> {
+        self.get_record(TreeId::Transfers, &key(IN, id), "incoming file")
+    }
+
+    /// Writes an outgoing file's record (in a WriteSet).
+    pub fn write_outgoing_file(w: &mut WriteSet, id: &TransferId, record: &Outgoing) {
+        w.put_record(TreeId::Transfers, key(OUT, id), record);
+    }
+
+    /// Writes an incoming file's record (in a WriteSet).
+    pub fn write_incoming_file(w: &mut WriteSet, id: &TransferId, record: &Incoming) {
+        w.put_record(TreeId::Transfers, key(IN, id), record);
+    }
+
+    /// Removes a transfer's record (in a WriteSet).
+    pub fn remove_file_record(w: &mut WriteSet, id: &TransferId, incoming: bool) {
+        w.remove(TreeId::Transfers, key(if incoming { IN } else { OUT }, id));
+    }
+
+    /// Every transfer: files being sent, then files received, each by id.
+    #[allow(clippy::type_complexity)]
+    pub fn file_transfers(
+        &self,
+    ) -> Result<(Vec<(TransferId, Outgoing)>, Vec<(TransferId, Incoming)>), StoreError> {
+        let (mut out, mut inc) = (Vec::new(), Vec::new());
+        for item in self.tree(TreeId::Transfers).iter() {
+            let (k, v) = item?;
+            let Some((&dir, id)) = k.split_first() else {
+                continue;
+            };
+            let Ok(id) = TransferId::try_from(id) else {
+                continue;
+            };
+            match dir {
+                OUT => out.push((id, decode(&v, "outgoing file")?)),
+                IN => inc.push((id, decode(&v, "incoming file")?)),
+                _ => {}
+            }
+        }
+        Ok((out, inc))
+    }
+}
