@@ -217,7 +217,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
 
 /// The chunk store for files in `config.data_dir/chunks`, unless files are off
 /// (`chunk_bytes_total = 0`); its queues are indexed in the background.
-fn open_chunks(config: &Config) -> Result<Option<Arc<store::chunks::ChunkStore>>, RelayError> {
+fn open_chunks(config: &Config) -> Result<Option<Arc<dyn store::chunks::Chunks>>, RelayError> {
     let l = &config.limits;
     if l.chunk_bytes_total == 0 {
         return Ok(None);
@@ -356,7 +356,7 @@ pub async fn start_with_chunks<S: MailboxStore + Clone>(
     key: Keypair,
     store: S,
     metrics: Metrics,
-    chunks: Option<Arc<store::chunks::ChunkStore>>,
+    chunks: Option<Arc<dyn store::chunks::Chunks>>,
 ) -> Result<RelayHandle, RelayError> {
     config.validate()?;
     let peer_id = key.public().to_peer_id();

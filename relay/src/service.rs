@@ -24,7 +24,7 @@ use libp2p::multiaddr::Protocol;
 use crate::config::{Config, OpenPolicy};
 use crate::framing::Request;
 use crate::metrics::Metrics;
-use crate::store::chunks::{ChunkPut, ChunkStore};
+use crate::store::chunks::{ChunkPut, Chunks};
 use crate::store::{Granted, MailboxStore, Placed, PutResult, StoreError};
 
 /// What the node should do with a request.
@@ -109,7 +109,7 @@ pub(crate) struct Service<S> {
     /// connections): strangers holding an invite get a small allowance each.
     requests_by_source: DefaultKeyedRateLimiter<Source>,
     /// Where chunks of files go (`None`: this relay stores no files).
-    chunks: Option<Arc<ChunkStore>>,
+    chunks: Option<Arc<dyn Chunks>>,
 }
 
 /// Who a request-queue allowance is counted for.
@@ -264,13 +264,13 @@ impl<S: MailboxStore + Clone> Service<S> {
     }
 
     /// The same, storing chunks of files in `chunks`.
-    pub(crate) fn with_chunks(mut self, chunks: Arc<ChunkStore>) -> Self {
+    pub(crate) fn with_chunks(mut self, chunks: Arc<dyn Chunks>) -> Self {
         self.chunks = Some(chunks);
         self
     }
 
     /// Where chunks of files go, if this relay stores them.
-    pub(crate) fn chunks(&self) -> Option<&Arc<ChunkStore>> {
+    pub(crate) fn chunks(&self) -> Option<&Arc<dyn Chunks>> {
         self.chunks.as_ref()
     }
 
@@ -486,7 +486,7 @@ impl<S: MailboxStore + Clone> Service<S> {
     /// refused at once when this relay stores no files.
     fn with_chunk_store(
         &self,
-        work: impl FnOnce(&ChunkStore, &Metrics) -> RelayToClient + Send + 'static,
+        work: impl FnOnce(&dyn Chunks, &Metrics) -> RelayToClient + Send + 'static,
     ) -> Action {
         let Some(chunks) = self.chunks.clone() else {
             return self.no_files();
@@ -495,7 +495,7 @@ impl<S: MailboxStore + Clone> Service<S> {
         Action::Deferred(Box::pin(async move {
             let failed = metrics.clone();
             let answer = tokio::task::spawn_blocking(move || {
-                let answer = work(&chunks, &metrics);
+                let answer = work(&*chunks, &metrics);
                 metrics.set_chunks(chunks.stats());
                 answer
             })

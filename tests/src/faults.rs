@@ -27,7 +27,12 @@ pub enum ProxyMode {
     Reset = 2,
     /// Forward with 200 ms added each way.
     Delay = 3,
+    /// Forward at about [`SLOW_BYTES_PER_SEC`] each way, per connection.
+    Slow = 4,
 }
+
+/// The pace of [`ProxyMode::Slow`].
+pub const SLOW_BYTES_PER_SEC: u64 = 2 << 20;
 
 /// A TCP proxy in front of one relay, on loopback.
 #[derive(Debug, Clone)]
@@ -64,6 +69,7 @@ impl Proxy {
             1 => ProxyMode::Blackhole,
             2 => ProxyMode::Reset,
             3 => ProxyMode::Delay,
+            4 => ProxyMode::Slow,
             _ => ProxyMode::Pass,
         }
     }
@@ -91,7 +97,7 @@ impl Proxy {
                 }
                 return;
             }
-            ProxyMode::Pass | ProxyMode::Delay => {}
+            ProxyMode::Pass | ProxyMode::Delay | ProxyMode::Slow => {}
         }
         let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
             return;
@@ -126,8 +132,15 @@ impl Proxy {
             if cut() {
                 return;
             }
-            if self.mode() == ProxyMode::Delay {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            match self.mode() {
+                ProxyMode::Delay => tokio::time::sleep(Duration::from_millis(200)).await,
+                ProxyMode::Slow => {
+                    tokio::time::sleep(Duration::from_micros(
+                        n as u64 * 1_000_000 / SLOW_BYTES_PER_SEC,
+                    ))
+                    .await
+                }
+                _ => {}
             }
             if to.write_all(&buf[..n]).await.is_err() {
                 return;
@@ -307,5 +320,86 @@ impl MailboxStore for EvilStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+/// A relay's chunk store that serves every chunk with one byte flipped (while `lying`
+/// is set): what a malicious or broken relay does to a file. Everything else is the
+/// real store's.
+#[derive(Debug)]
+pub struct FlippingChunks {
+    inner: kkachi_relay::store::chunks::ChunkStore,
+    /// Flip a byte of every chunk served.
+    pub lying: std::sync::atomic::AtomicBool,
+    /// Chunks served flipped.
+    pub flipped: AtomicU64,
+}
+
+impl FlippingChunks {
+    /// Over a real store in `dir`, lying from the start.
+    pub fn open(dir: &std::path::Path) -> Self {
+        let inner = kkachi_relay::store::chunks::ChunkStore::open(
+            dir,
+            kkachi_relay::store::chunks::ChunkLimits {
+                per_capability: 1 << 30,
+                per_queue: 1 << 30,
+                total: 1 << 32,
+            },
+        )
+        .expect("chunk store opens");
+        Self {
+            inner,
+            lying: std::sync::atomic::AtomicBool::new(true),
+            flipped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl kkachi_relay::store::chunks::Chunks for FlippingChunks {
+    fn put(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        id: &kkachi_protocol::file::ChunkId,
+        expires_at: u64,
+        data: &[u8],
+    ) -> Result<kkachi_relay::store::chunks::ChunkPut, StoreError> {
+        self.inner.put(queue, grant, id, expires_at, data)
+    }
+    fn get(
+        &self,
+        queue: &QueueId,
+        id: &kkachi_protocol::file::ChunkId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut data = self.inner.get(queue, id)?;
+        if self.lying.load(Ordering::Relaxed)
+            && let Some(d) = data.as_mut()
+        {
+            let at = d.len() / 2;
+            d[at] ^= 0x40;
+            self.flipped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(data)
+    }
+    fn has_from(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        ids: &[kkachi_protocol::file::ChunkId],
+    ) -> Result<Vec<bool>, StoreError> {
+        self.inner.has_from(queue, grant, ids)
+    }
+    fn delete(
+        &self,
+        queue: &QueueId,
+        ids: &[kkachi_protocol::file::ChunkId],
+    ) -> Result<u32, StoreError> {
+        self.inner.delete(queue, ids)
+    }
+    fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
+        self.inner.expire(now, max)
+    }
+    fn stats(&self) -> kkachi_relay::store::chunks::ChunkStats {
+        self.inner.stats()
     }
 }

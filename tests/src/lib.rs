@@ -46,8 +46,17 @@ pub mod inproc {
     }
 
     impl InProcessRelay {
-        /// Starts a relay over `store` on loopback (circuit relaying off).
+        /// Starts a relay over `store` on loopback (circuit relaying off), storing no
+        /// files.
         pub fn start<S: MailboxStore + Clone>(store: S) -> Self {
+            Self::start_with_chunks(store, None)
+        }
+
+        /// Starts a relay over `store`, keeping chunks of files in `chunks`.
+        pub fn start_with_chunks<S: MailboxStore + Clone>(
+            store: S,
+            chunks: Option<std::sync::Arc<dyn kkachi_relay::store::chunks::Chunks>>,
+        ) -> Self {
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
             let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
             let thread = std::thread::spawn(move || {
@@ -64,11 +73,12 @@ pub mod inproc {
                     // Only a store under test here: no circuits, so no direct path between
                     // its users can hide what the store does.
                     config.circuit.enabled = false;
-                    let mut relay = kkachi_relay::start_with(
+                    let mut relay = kkachi_relay::start_with_chunks(
                         config,
                         Keypair::generate_ed25519(),
                         store,
                         kkachi_relay::Metrics::new(),
+                        chunks,
                     )
                     .await
                     .expect("relay starts");

@@ -12,7 +12,7 @@ use crate::files::{self, FilesError, Live, describe, hex, human_size};
 use crate::store::{Contact, IncomingState, TransferId};
 
 /// How often a transfer run by this command reports how far it is (on stderr).
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Prints how far transfer `id` is on stderr while it runs: one line each time it
 /// moves, as `label: done/total chunks (p%), rate`.
@@ -145,6 +145,9 @@ impl App {
                 "bytes_put": report.bytes,
                 "seconds": report.elapsed.as_secs_f64(),
                 "left_out": report.left_out.iter()
+                    .map(|(relay, why)| json!({ "relay": relay, "reason": why }))
+                    .collect::<Vec<_>>(),
+                "refused": report.refused.iter()
                     .map(|(relay, why)| json!({ "relay": relay, "reason": why }))
                     .collect::<Vec<_>>(),
             }));
@@ -286,7 +289,7 @@ impl App {
                 ),
             ));
         }
-        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
         if json {
             out.json(json!(rows.into_iter().map(|r| r.1).collect::<Vec<_>>()));
         } else if rows.is_empty() {

@@ -42,6 +42,9 @@ pub struct UploadReport {
     pub elapsed: Duration,
     /// Relays that took nothing more in this run, and why.
     pub left_out: Vec<(String, String)>,
+    /// Relays that failed or refused a put in this run (it went elsewhere, or again),
+    /// and their last reason.
+    pub refused: Vec<(String, String)>,
 }
 
 /// Seals the file at `path` for `contact` into the spool and records it, durably: from
@@ -206,6 +209,7 @@ struct Plan {
     inflight: Vec<Vec<bool>>,
     failures: Vec<u32>,
     out: Vec<Option<String>>,
+    trouble: Vec<Option<String>>,
     need: usize,
     bytes: u64,
 }
@@ -318,6 +322,7 @@ pub async fn upload<T: Transport>(
         bytes: 0,
         elapsed: Duration::ZERO,
         left_out: Vec::new(),
+        refused: Vec::new(),
     };
     if record.finished {
         report.copies = enough;
@@ -350,6 +355,7 @@ pub async fn upload<T: Transport>(
         inflight: vec![vec![false; items]; targets.len()],
         failures: vec![0; targets.len()],
         out: vec![None; targets.len()],
+        trouble: vec![None; targets.len()],
         need,
         bytes: 0,
     };
@@ -445,6 +451,11 @@ pub async fn upload<T: Transport>(
             .zip(&p.out)
             .filter_map(|(t, why)| why.clone().map(|w| (t.addr.to_string(), w)))
             .collect();
+        report.refused = targets
+            .iter()
+            .zip(&p.trouble)
+            .filter_map(|(t, why)| why.clone().map(|w| (t.addr.to_string(), w)))
+            .collect();
     }
     report.elapsed = started.elapsed();
     if record.message_sent {
@@ -496,7 +507,7 @@ async fn holds<T: Transport>(net: &T, target: &Target, ids: &[ChunkId]) -> Optio
     let mut held = Vec::with_capacity(ids.len());
     for batch in ids.chunks(MAX_CHUNK_IDS) {
         let request = ClientToRelay::HasChunks {
-            write: target.key.clone(),
+            write: target.key,
             ids: batch.to_vec(),
         };
         let answer = tokio::time::timeout(
@@ -545,7 +556,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
             return;
         }
         let request = ClientToRelay::PutChunk {
-            write: target.key.clone(),
+            write: target.key,
             expires_at: now_ms() / 1000 + CHUNK_TTL_SECS,
             id: w.ids[item],
             data,
@@ -580,6 +591,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
                 }
                 Answer::Transient(why) => {
                     p.failures[r] += 1;
+                    p.trouble[r] = Some(why.clone());
                     if p.failures[r] >= MAX_FAILURES {
                         p.out[r] = Some(why);
                         None
@@ -588,6 +600,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
                     }
                 }
                 Answer::Refused(why) => {
+                    p.trouble[r] = Some(why.clone());
                     p.out[r] = Some(why);
                     None
                 }

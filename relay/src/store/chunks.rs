@@ -159,6 +159,68 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
+/// Where a relay keeps chunks of files: [`ChunkStore`] (one file each on disk), or
+/// another keeping (a test's, one that misbehaves on purpose).
+pub trait Chunks: Send + Sync + 'static {
+    /// Stores a chunk put through capability `grant` into `queue`, durably, if it fits.
+    fn put(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        id: &ChunkId,
+        expires_at: u64,
+        data: &[u8],
+    ) -> Result<ChunkPut, StoreError>;
+    /// A chunk of `queue`, if held and undamaged.
+    fn get(&self, queue: &QueueId, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Which of `ids` `queue` holds as put through `grant`.
+    fn has_from(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<bool>, StoreError>;
+    /// Deletes chunks of `queue`; returns how many were there.
+    fn delete(&self, queue: &QueueId, ids: &[ChunkId]) -> Result<u32, StoreError>;
+    /// Removes up to `max` chunks whose time is up at `now`; returns how many.
+    fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError>;
+    /// What is held.
+    fn stats(&self) -> ChunkStats;
+}
+
+impl Chunks for ChunkStore {
+    fn put(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        id: &ChunkId,
+        expires_at: u64,
+        data: &[u8],
+    ) -> Result<ChunkPut, StoreError> {
+        ChunkStore::put(self, queue, grant, id, expires_at, data)
+    }
+    fn get(&self, queue: &QueueId, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        ChunkStore::get(self, queue, id)
+    }
+    fn has_from(
+        &self,
+        queue: &QueueId,
+        grant: &WriteId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<bool>, StoreError> {
+        ChunkStore::has_from(self, queue, grant, ids)
+    }
+    fn delete(&self, queue: &QueueId, ids: &[ChunkId]) -> Result<u32, StoreError> {
+        ChunkStore::delete(self, queue, ids)
+    }
+    fn expire(&self, now: u64, max: usize) -> Result<usize, StoreError> {
+        ChunkStore::expire(self, now, max)
+    }
+    fn stats(&self) -> ChunkStats {
+        ChunkStore::stats(self)
+    }
+}
+
 impl ChunkStore {
     /// Opens (or creates) the store in `dir`. Queues are indexed when first named, and
     /// all of them by [`index_all`](Self::index_all).
