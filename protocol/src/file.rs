@@ -331,6 +331,16 @@ impl FileRef {
         w.finish()
     }
 
+    /// What names this file in a conversation: a hash of the whole reference, key
+    /// included, so no one who lacks the key can make another reference with the same
+    /// id (a manifest id alone is seen by relays, and chosen by senders).
+    pub fn id(&self) -> [u8; 32] {
+        *blake3::Hasher::new_derive_key("kkachi/file-ref/v1")
+            .update(&self.encode())
+            .finalize()
+            .as_bytes()
+    }
+
     /// Decodes one, checking every bound before allocating.
     pub fn decode(bytes: &[u8]) -> Result<Self, FileError> {
         let mut r = Reader::new(bytes);

@@ -34,6 +34,9 @@ fn bench_quick_reports_every_figure() {
         "baseline_sled_insert_flush_per_s",
         "file_put_mb_s",
         "file_get_mb_s",
+        "file_send_get_mb_s",
+        "file_fault_ratio",
+        "file_peak_rss_mib",
     ] {
         assert!(
             v[key].as_f64().is_some_and(|x| x > 0.0),

@@ -185,6 +185,7 @@ impl App {
 
     /// `files`: every transfer, newest first.
     pub(super) fn files(&mut self, json: bool, out: &mut Output) -> Result<(), CommandError> {
+        files::sweep(&self.store)?;
         let (outgoing, incoming) = self.store.file_transfers()?;
         let live = self.engine.as_ref().map(|e| e.transfers().clone());
         let contacts = self.store.contacts()?;

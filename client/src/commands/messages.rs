@@ -215,7 +215,7 @@ impl App {
         // came go out before it returns.
         let report = engine.sync(limit).await?;
         // Files sent or asked for that stopped part-way go on, and end, here.
-        for transfer in crate::files::resume(&engine)? {
+        for transfer in crate::files::resume(&engine, false)? {
             let _ = transfer.await;
         }
         let mut reached = 0;
@@ -465,7 +465,7 @@ fn shown_text(m: &MessageRecord) -> String {
         format!(
             "{}  [file {}]",
             crate::files::describe(&file),
-            &crate::files::hex(&file.manifest.0)[..12]
+            &crate::files::hex(&file.id())[..12]
         )
     } else if m.edited {
         format!("{} (edited)", for_terminal(&m.text))
@@ -544,7 +544,7 @@ pub fn message_json(
 fn file_json(m: &MessageRecord) -> serde_json::Value {
     match m.file.as_ref().and_then(|f| f.file()) {
         Some(file) if !m.deleted => json!({
-            "id": crate::files::hex(&file.manifest.0),
+            "id": crate::files::hex(&file.id()),
             "name": crate::files::safe_name(&file.name),
             "size": file.size,
             "mime": file.mime,

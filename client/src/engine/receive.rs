@@ -637,7 +637,7 @@ impl<T> State<T> {
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
                 if let Some(file) = record.file.as_ref().and_then(|f| f.file()) {
                     // What to fetch, when asked (or at once, by the auto-download rule).
-                    let id = file.manifest.0;
+                    let id = file.id();
                     if self.store.incoming_file(&id)?.is_none() {
                         let incoming = crate::store::Incoming {
                             contact: peer.to_bytes(),
@@ -647,6 +647,9 @@ impl<T> State<T> {
                             bad_chunks: 0,
                             saved: Vec::new(),
                             created_ms: now,
+                            auto: false,
+                            attempts: 0,
+                            retry_at_ms: 0,
                         };
                         LocalStore::write_incoming_file(w, &id, &incoming);
                     }

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::{
     Answer, FilesError, MAX_FAILURES, PER_RELAY, backoff, bits_path, chunk_len, chunk_offset,
-    classify, disk, in_dir, manifest_path, part_path, private_dir, safe_name,
+    classify, disk, in_dir, manifest_path, part_path, private_dir, safe_name, sync_dir,
 };
 use crate::engine::Engine;
 use crate::net::Transport;
@@ -55,7 +55,17 @@ pub async fn fetch<T: Transport>(
     engine: &Engine<T>,
     id: TransferId,
 ) -> Result<FetchReport, FilesError> {
-    let claim = Arc::new(engine.transfers().claim_when_free(true, id).await);
+    let claim = engine.transfers().claim_when_free(true, id).await;
+    fetch_claimed(engine, claim).await
+}
+
+/// [`fetch`], with the transfer claimed already.
+pub(super) async fn fetch_claimed<T: Transport>(
+    engine: &Engine<T>,
+    claim: super::Claim,
+) -> Result<FetchReport, FilesError> {
+    let id = claim.id;
+    let claim = Arc::new(claim);
     let store = engine.store().clone();
     let home = store.home().to_path_buf();
     let started = Instant::now();
@@ -75,6 +85,29 @@ pub async fn fetch<T: Transport>(
     if record.state == IncomingState::Done && part_path(&home, &id).exists() {
         report.complete = true;
         return Ok(report);
+    }
+    // Only for a message still here, from a contact not blocked.
+    super::sweep(&store)?;
+    if store.incoming_file(&id)?.is_none() {
+        return Err(FilesError::Refused(
+            "that file's message is gone, or its sender was removed or blocked".into(),
+        ));
+    }
+    if let IncomingState::Failed(why) = &record.state {
+        return Err(FilesError::Refused(format!(
+            "that file cannot be fetched: {}",
+            crate::sanitize::for_terminal(why)
+        )));
+    }
+    let late = record.created_ms / 1000 + super::CHUNK_TTL_SECS;
+    if crate::engine::now_ms() / 1000 > late {
+        return fail(
+            &store,
+            &id,
+            &mut record,
+            "too late: relays keep files two weeks, and it was not fetched in time".into(),
+        )
+        .await;
     }
     if record.state != IncomingState::Fetching {
         record.state = IncomingState::Fetching;
@@ -102,24 +135,18 @@ pub async fn fetch<T: Transport>(
     claim.update(|p| p.doing = "fetching its list of chunks");
     let manifest = match manifest(engine.net(), &home, &id, &file, &sources, &mut report).await {
         Ok(m) => m,
-        Err(e) => {
-            if report.bad > 0 {
-                record.bad_chunks += report.bad;
-                save(&store, &id, &record)?;
-            }
-            return Err(e);
+        Err(ManifestError::Broken(why)) => return fail(&store, &id, &mut record, why).await,
+        Err(ManifestError::NotNow(e)) => {
+            record.bad_chunks += report.bad;
+            return again(&store, &id, &mut record, e).await;
         }
     };
     if manifest.size != file.size {
-        record.state = IncomingState::Failed(format!(
+        let why = format!(
             "the file is {} bytes, not the {} its message said",
             manifest.size, file.size
-        ));
-        save(&store, &id, &record)?;
-        store.flush().await?;
-        return Err(FilesError::Refused(
-            "the file is not what its message said; it was not saved".into(),
-        ));
+        );
+        return fail(&store, &id, &mut record, why).await;
     }
     let part_file = part_path(&home, &id);
     let bits_file = bits_path(&home, &id);
@@ -134,6 +161,7 @@ pub async fn fetch<T: Transport>(
     };
     let part = Arc::new(open(&part_file)?);
     let bits = Arc::new(open(&bits_file)?);
+    sync_dir(&in_dir(&home))?;
     // What is here already, checked again: a mark may have reached the disk before its
     // chunk did.
     let mut marks = vec![0u8; n.div_ceil(8)];
@@ -156,13 +184,14 @@ pub async fn fetch<T: Transport>(
         done: have.iter().filter(|h| **h).count(),
         have,
         marks,
-        inflight: vec![false; n],
+        inflight: vec![None; n],
         tried: vec![vec![false; n]; sources.len()],
         failures: vec![0; sources.len()],
         out: vec![None; sources.len()],
         bad: 0,
         fetched: 0,
         bytes: 0,
+        broken: None,
     }));
     let ids = Arc::new(manifest.chunks.clone());
     claim.update(|p| {
@@ -185,15 +214,30 @@ pub async fn fetch<T: Transport>(
                         bits: bits.clone(),
                         ids: ids.clone(),
                         size: file.size,
+                        key: file.key.clone(),
                         claim: claim.clone(),
                     },
                 ));
             }
         }
-        while workers.join_next().await.is_some() {}
+        loop {
+            tokio::select! {
+                joined = workers.join_next() => if joined.is_none() { break },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            // Every chunk here: the workers left wait out a failed relay's backoff.
+            if plan.lock().done == n {
+                workers.abort_all();
+                break;
+            }
+        }
         {
             let mut p = plan.lock();
-            if p.done == n || round + 1 >= ROUNDS || p.out.iter().all(Option::is_some) {
+            if p.done == n
+                || round + 1 >= ROUNDS
+                || p.out.iter().all(Option::is_some)
+                || p.broken.is_some()
+            {
                 break;
             }
             // Chunks none of them had: the sender may still be putting them. Ask again.
@@ -204,18 +248,26 @@ pub async fn fetch<T: Transport>(
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let (done, bad, fetched, bytes, out) = {
+    let (done, bad, fetched, bytes, out, broken) = {
         let p = plan.lock();
-        (p.done, p.bad, p.fetched, p.bytes, p.out.clone())
+        (
+            p.done,
+            p.bad,
+            p.fetched,
+            p.bytes,
+            p.out.clone(),
+            p.broken.clone(),
+        )
     };
     report.bad += bad;
     report.fetched += fetched;
     report.bytes += bytes;
     report.elapsed = started.elapsed();
     record.bad_chunks += report.bad;
+    if let Some(why) = broken {
+        return fail(&store, &id, &mut record, why).await;
+    }
     if done < n {
-        save(&store, &id, &record)?;
-        store.flush().await?;
         let why: Vec<String> = sources
             .iter()
             .zip(&out)
@@ -224,7 +276,7 @@ pub async fn fetch<T: Transport>(
                     .map(|w| format!("{}: {}", s.addr, crate::sanitize::for_terminal(w)))
             })
             .collect();
-        return Err(FilesError::Unavailable(format!(
+        let e = FilesError::Unavailable(format!(
             "{} of {n} chunks are here; the others are on none of your relays that answered{}; it goes on later",
             done,
             if why.is_empty() {
@@ -232,11 +284,14 @@ pub async fn fetch<T: Transport>(
             } else {
                 format!(" ({})", why.join("; "))
             }
-        )));
+        ));
+        return again(&store, &id, &mut record, e).await;
     }
     part.sync_data().map_err(disk(&part_file))?;
     bits.sync_data().map_err(disk(&bits_file))?;
+    sync_dir(&in_dir(&home))?;
     record.state = IncomingState::Done;
+    record.attempts = 0;
     save(&store, &id, &record)?;
     store.flush().await?;
     report.complete = true;
@@ -259,6 +314,46 @@ pub async fn fetch<T: Transport>(
     Ok(report)
 }
 
+/// Marks the file as one that cannot be fetched (its sender's fault, or too late).
+async fn fail(
+    store: &LocalStore,
+    id: &TransferId,
+    record: &mut Incoming,
+    why: String,
+) -> Result<FetchReport, FilesError> {
+    record.state = IncomingState::Failed(why.clone());
+    save(store, id, record)?;
+    store.flush().await?;
+    Err(FilesError::Refused(format!(
+        "that file cannot be fetched: {}",
+        crate::sanitize::for_terminal(&why)
+    )))
+}
+
+/// Notes a fetch that stopped short: it is tried again on its own later, less often
+/// each time.
+async fn again(
+    store: &LocalStore,
+    id: &TransferId,
+    record: &mut Incoming,
+    e: FilesError,
+) -> Result<FetchReport, FilesError> {
+    record.attempts = record.attempts.saturating_add(1);
+    record.retry_at_ms =
+        crate::engine::now_ms() + super::retry_after(record.attempts).as_millis() as u64;
+    save(store, id, record)?;
+    store.flush().await?;
+    Err(e)
+}
+
+/// Why there is no manifest.
+enum ManifestError {
+    /// Not now: no relay had it, or none answered.
+    NotNow(FilesError),
+    /// The sender's: it is the one the message names, and it does not open.
+    Broken(String),
+}
+
 /// The file's manifest: from disk, or from the first relay that has one that opens.
 async fn manifest<T: Transport>(
     net: &T,
@@ -267,7 +362,7 @@ async fn manifest<T: Transport>(
     file: &FileRef,
     sources: &[Source],
     report: &mut FetchReport,
-) -> Result<Manifest, FilesError> {
+) -> Result<Manifest, ManifestError> {
     let path = manifest_path(home, id);
     if let Ok(sealed) = std::fs::read(&path)
         && let Ok(m) = Manifest::open(&file.key, &file.manifest, &sealed)
@@ -294,10 +389,20 @@ async fn manifest<T: Transport>(
             Answer::Ok(RelayToClient::Chunk { data }) => {
                 match Manifest::open(&file.key, &file.manifest, &data) {
                     Ok(m) => {
-                        let mut f = File::create(&path).map_err(disk(&path))?;
-                        f.write_all(&data).map_err(disk(&path))?;
-                        f.sync_all().map_err(disk(&path))?;
+                        let written = (|| {
+                            let mut f = File::create(&path)?;
+                            f.write_all(&data)?;
+                            f.sync_all()
+                        })();
+                        written.map_err(|e| ManifestError::NotNow(disk(&path)(e)))?;
                         return Ok(m);
+                    }
+                    // The right bytes, and they do not open: the sender's doing, the
+                    // same on every relay.
+                    Err(e) if ChunkId::of(&data) == file.manifest => {
+                        return Err(ManifestError::Broken(format!(
+                            "its list of chunks does not open ({e}): the sender sent a broken file"
+                        )));
                     }
                     Err(e) => {
                         report.bad += 1;
@@ -314,10 +419,10 @@ async fn manifest<T: Transport>(
             )),
         }
     }
-    Err(FilesError::Unavailable(format!(
+    Err(ManifestError::NotNow(FilesError::Unavailable(format!(
         "the file's list of chunks could not be fetched ({}); it goes on later",
         why.join("; ")
-    )))
+    ))))
 }
 
 fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
@@ -330,7 +435,8 @@ fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), Fi
 struct Plan {
     have: Vec<bool>,
     marks: Vec<u8>,
-    inflight: Vec<bool>,
+    /// The relay each chunk is being fetched from.
+    inflight: Vec<Option<usize>>,
     tried: Vec<Vec<bool>>,
     failures: Vec<u32>,
     out: Vec<Option<String>>,
@@ -338,6 +444,8 @@ struct Plan {
     bad: u64,
     fetched: usize,
     bytes: u64,
+    /// A chunk that is the one named and does not open: the sender's doing.
+    broken: Option<String>,
 }
 
 enum Pick {
@@ -348,19 +456,23 @@ enum Pick {
 
 impl Plan {
     fn pick(&mut self, r: usize) -> Pick {
-        if self.out[r].is_some() {
+        if self.out[r].is_some() || self.broken.is_some() {
             return Pick::Done;
         }
         let mut waiting = false;
         for i in 0..self.have.len() {
-            if self.have[i] || self.tried[r][i] {
+            if self.have[i] || self.tried[r][i] || self.inflight[i] == Some(r) {
                 continue;
             }
-            if self.inflight[i] {
+            // Under way from a relay that has not failed lately: wait for it. From one
+            // that has, it may never end: fetch it here too.
+            if let Some(q) = self.inflight[i]
+                && self.failures[q] == 0
+            {
                 waiting = true;
                 continue;
             }
-            self.inflight[i] = true;
+            self.inflight[i] = Some(r);
             return Pick::Item(i);
         }
         if waiting { Pick::Wait } else { Pick::Done }
@@ -373,6 +485,7 @@ struct Worker {
     bits: Arc<File>,
     ids: Arc<Vec<ChunkId>>,
     size: u64,
+    key: kkachi_protocol::file::FileKey,
     claim: Arc<super::Claim>,
 }
 
@@ -407,12 +520,28 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
         let mut wait = None;
         match answer {
             Answer::Ok(RelayToClient::Chunk { data })
+                if data.len() == chunk_len(w.size, i)
+                    && ChunkId::of(&data) == w.ids[i]
+                    && open_chunk(&w.key, &w.ids[i], i, w.size, &data).is_err() =>
+            {
+                let mut p = w.plan.lock();
+                if p.inflight[i] == Some(r) {
+                    p.inflight[i] = None;
+                }
+                p.broken = Some(format!(
+                    "chunk {i} does not open: the sender sent a broken file"
+                ));
+                return;
+            }
+            Answer::Ok(RelayToClient::Chunk { data })
                 if data.len() == chunk_len(w.size, i) && ChunkId::of(&data) == w.ids[i] =>
             {
                 // The bytes first, then the mark.
                 let written = w.part.write_all_at(&data, chunk_offset(i));
                 let mut p = w.plan.lock();
-                p.inflight[i] = false;
+                if p.inflight[i] == Some(r) {
+                    p.inflight[i] = None;
+                }
                 p.fetched += 1;
                 p.bytes += data.len() as u64;
                 p.failures[r] = 0;
@@ -420,10 +549,13 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
                     p.out[r] = Some(format!("cannot write the file here: {e}"));
                     return;
                 }
-                p.have[i] = true;
-                p.marks[i / 8] |= 1 << (i % 8);
-                let _ = w.bits.write_all_at(&p.marks[i / 8..=i / 8], (i / 8) as u64);
-                p.done += 1;
+                // (Fetched from two relays: the same bytes, counted once.)
+                if !p.have[i] {
+                    p.have[i] = true;
+                    p.marks[i / 8] |= 1 << (i % 8);
+                    let _ = w.bits.write_all_at(&p.marks[i / 8..=i / 8], (i / 8) as u64);
+                    p.done += 1;
+                }
                 let (done, bytes) = (p.done, p.bytes);
                 w.claim.update(|l| {
                     l.done = done;
@@ -433,19 +565,25 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
             Answer::Ok(_) => {
                 // Wrong bytes: counted, and fetched from another relay.
                 let mut p = w.plan.lock();
-                p.inflight[i] = false;
+                if p.inflight[i] == Some(r) {
+                    p.inflight[i] = None;
+                }
                 p.bad += 1;
                 p.tried[r][i] = true;
                 tracing::warn!(relay = %source.addr, chunk = i, "a relay served a chunk that does not match its id; it is fetched elsewhere");
             }
             Answer::NotFound => {
                 let mut p = w.plan.lock();
-                p.inflight[i] = false;
+                if p.inflight[i] == Some(r) {
+                    p.inflight[i] = None;
+                }
                 p.tried[r][i] = true;
             }
             Answer::Transient(why) => {
                 let mut p = w.plan.lock();
-                p.inflight[i] = false;
+                if p.inflight[i] == Some(r) {
+                    p.inflight[i] = None;
+                }
                 p.failures[r] += 1;
                 if p.failures[r] >= MAX_FAILURES {
                     p.out[r] = Some(why);
@@ -455,7 +593,9 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
             }
             Answer::Refused(why) => {
                 let mut p = w.plan.lock();
-                p.inflight[i] = false;
+                if p.inflight[i] == Some(r) {
+                    p.inflight[i] = None;
+                }
                 p.out[r] = Some(why);
             }
         }
@@ -496,19 +636,46 @@ pub fn export(store: &LocalStore, id: &TransferId, dir: &Path) -> Result<PathBuf
         buf.resize(chunk_len(file.size, i), 0);
         part.read_exact_at(&mut buf, chunk_offset(i))
             .map_err(disk(&part_file))?;
-        let plain = open_chunk(&file.key, chunk, i, file.size, &buf).map_err(|e| {
-            FilesError::Refused(format!(
-                "chunk {i} of the file here is damaged ({e}); fetch it again with `kkachi get`"
-            ))
-        })?;
+        let plain = match open_chunk(&file.key, chunk, i, file.size, &buf) {
+            Ok(plain) => plain,
+            Err(e) => {
+                // Damaged here, on this disk: that chunk is fetched again.
+                let bits = bits_path(&home, id);
+                if let Ok(f) = OpenOptions::new().read(true).write(true).open(&bits) {
+                    let mut byte = [0u8; 1];
+                    if f.read_exact_at(&mut byte, (i / 8) as u64).is_ok() {
+                        byte[0] &= !(1 << (i % 8));
+                        let _ = f.write_all_at(&byte, (i / 8) as u64);
+                        let _ = f.sync_data();
+                    }
+                }
+                record.state = IncomingState::Fetching;
+                save(store, id, &record)?;
+                return Err(FilesError::Refused(format!(
+                    "chunk {i} of the file is damaged on this disk ({e}); `kkachi get` again fetches it anew"
+                )));
+            }
+        };
         out.write_all(&plain).map_err(disk(tmp.path()))?;
     }
     out.flush().map_err(disk(tmp.path()))?;
     drop(out);
     tmp.as_file().sync_all().map_err(disk(tmp.path()))?;
-    let target = unique(dir, &name);
-    tmp.persist_noclobber(&target)
-        .map_err(|e| disk(&target)(e.error))?;
+    // A free name; if another appears meanwhile, the next one.
+    let mut tmp = tmp;
+    let mut taken = 0;
+    let target = loop {
+        let target = unique(dir, &name, taken);
+        match tmp.persist_noclobber(&target) {
+            Ok(_) => break target,
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists && taken < 1000 => {
+                tmp = e.file;
+                taken += 1;
+            }
+            Err(e) => return Err(disk(&target)(e.error)),
+        }
+    };
+    sync_dir(dir)?;
     record.saved.push(target.display().to_string());
     let mut w = WriteSet::default();
     LocalStore::write_incoming_file(&mut w, id, &record);
@@ -516,18 +683,22 @@ pub fn export(store: &LocalStore, id: &TransferId, dir: &Path) -> Result<PathBuf
     Ok(target)
 }
 
-/// `dir/name`, or with ` (1)`, ` (2)`… before its extension if that is taken.
-fn unique(dir: &Path, name: &str) -> PathBuf {
-    let first = dir.join(name);
-    if !first.exists() {
-        return first;
-    }
+/// `dir/name`, or with ` (1)`, ` (2)`… before its extension if that is taken (by
+/// anything, a dangling link included), starting past the first `skip` names free.
+fn unique(dir: &Path, name: &str, skip: usize) -> PathBuf {
+    let free = |p: &PathBuf| std::fs::symlink_metadata(p).is_err();
     let (stem, ext) = match name.rsplit_once('.') {
-        Some((s, e)) if !s.is_empty() => (s, format!(".{e}")),
+        Some((s, e)) if !s.is_empty() && e.len() <= 16 => (s, format!(".{e}")),
         _ => (name, String::new()),
     };
-    (1..)
-        .map(|k| dir.join(format!("{stem} ({k}){ext}")))
-        .find(|p| !p.exists())
+    // Room for " (1000)" within the 255 bytes a name may have.
+    let mut stem = stem.to_owned();
+    while stem.len() + ext.len() + 7 > kkachi_protocol::file::MAX_NAME_BYTES {
+        stem.pop();
+    }
+    std::iter::once(dir.join(name))
+        .chain((1..).map(|k| dir.join(format!("{stem} ({k}){ext}"))))
+        .filter(free)
+        .nth(skip)
         .expect("some name is free")
 }

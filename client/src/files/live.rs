@@ -71,6 +71,11 @@ impl Live {
         })
     }
 
+    /// How many transfers run.
+    pub fn count(&self) -> usize {
+        self.running.lock().len()
+    }
+
     /// Whether a task runs transfer `id`.
     pub fn busy(&self, incoming: bool, id: &TransferId) -> bool {
         self.running.lock().contains_key(&(incoming, *id))

@@ -33,7 +33,7 @@ use thiserror::Error;
 
 use crate::engine::{Engine, EngineError};
 use crate::net::{NetError, Transport};
-use crate::store::{StoreError, TransferId};
+use crate::store::{IncomingState, StoreError, TransferId};
 
 pub use download::{FetchReport, export, fetch};
 pub use live::{Claim, Live, LiveProgress};
@@ -275,42 +275,134 @@ fn backoff(failures: u32) -> std::time::Duration {
     std::time::Duration::from_millis((250u64 << failures.min(5)).min(5_000))
 }
 
-/// Goes on with every transfer left part-way: files being sent, and files asked for
-/// (or fetched at once by [`fetched_at_once`]) not complete yet. Each runs on its own
-/// task; those already running are left alone. Returns how many were started.
+/// The wait before a transfer that stopped short is tried again on its own, after
+/// `attempts` such stops in a row: 20 s, doubling, at most half an hour.
+pub fn retry_after(attempts: u32) -> std::time::Duration {
+    std::time::Duration::from_secs((20u64 << attempts.min(7).saturating_sub(1)).min(1800))
+}
+
+/// Transfers run on their own at once, at most (others wait for the next round).
+pub const MAX_RUNNING: usize = 4;
+/// Bytes of files fetched on their own (without being asked) kept per contact, and in
+/// all: past these, images wait to be asked for like any file, so a contact sending
+/// picture after picture cannot fill the disk.
+pub const AUTO_FETCH_PER_CONTACT: u64 = 64 << 20;
+/// See [`AUTO_FETCH_PER_CONTACT`].
+pub const AUTO_FETCH_TOTAL: u64 = 512 << 20;
+
+/// Removes what no longer belongs here: files of messages gone (deleted, run out) and
+/// of people removed or blocked, with what was fetched of them; files being sent to
+/// people removed or blocked, with their sealed copies. Returns how many.
+pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
+    let home = store.home().to_path_buf();
+    let (outgoing, incoming) = store.file_transfers()?;
+    let mut w = crate::store::WriteSet::default();
+    let mut gone = Vec::new();
+    let wanted = |peer: Option<PeerId>| -> Result<Option<PeerId>, FilesError> {
+        let Some(peer) = peer else { return Ok(None) };
+        Ok((store.contact(&peer)?.is_some() && store.blocked(&peer)?.is_none()).then_some(peer))
+    };
+    for (id, r) in &incoming {
+        let keep = match wanted(r.contact())? {
+            Some(peer) => store
+                .message(&peer, &kkachi_protocol::MessageId(r.message))?
+                .is_some_and(|(_, m)| !m.deleted && m.file.is_some()),
+            None => false,
+        };
+        if !keep {
+            crate::store::LocalStore::remove_file_record(&mut w, id, true);
+            gone.push(vec![
+                part_path(&home, id),
+                bits_path(&home, id),
+                manifest_path(&home, id),
+            ]);
+        }
+    }
+    for (id, r) in &outgoing {
+        if wanted(r.contact())?.is_none() {
+            crate::store::LocalStore::remove_file_record(&mut w, id, false);
+            gone.push(vec![spool_path(&home, id)]);
+        }
+    }
+    let n = gone.len();
+    store.apply(w)?;
+    for paths in gone {
+        for p in paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(n)
+}
+
+/// Goes on with transfers left part-way: files being sent, files asked for, and (with
+/// `auto`) images fetched on their own within [`AUTO_FETCH_PER_CONTACT`] and
+/// [`AUTO_FETCH_TOTAL`]. Each runs on its own task, at most [`MAX_RUNNING`] at once;
+/// those already running, and those waiting to be tried again, are left alone.
 pub fn resume<T: Transport>(
     engine: &Engine<T>,
+    auto: bool,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, FilesError> {
+    sweep(engine.store())?;
     let (outgoing, incoming) = engine.store().file_transfers()?;
+    let now = crate::engine::now_ms();
+    let live = engine.transfers();
     let mut started = Vec::new();
+    let room = |started: &Vec<_>| live.count() < MAX_RUNNING && started.len() < MAX_RUNNING;
     for (id, record) in outgoing {
-        if record.finished || engine.transfers().busy(false, &id) {
+        if record.finished || record.retry_at_ms > now || !room(&started) {
             continue;
         }
+        let Some(claim) = live.claim(false, id) else {
+            continue;
+        };
         let engine = engine.clone();
         started.push(tokio::spawn(async move {
-            let Some(claim) = engine.transfers().claim(false, id) else {
-                return;
-            };
             if let Err(e) = upload(&engine, claim).await {
                 tracing::info!(file = %hex(&id), error = %e, "a file upload stopped short; it goes on later");
             }
         }));
     }
-    for (id, record) in incoming {
-        let wanted = match &record.state {
-            crate::store::IncomingState::Fetching => true,
-            crate::store::IncomingState::Offered => {
-                record.file().is_ok_and(|f| fetched_at_once(&f))
-            }
-            _ => false,
-        };
-        if !wanted || engine.transfers().busy(true, &id) {
+    // What each contact's pictures fetched on their own hold already.
+    let mut auto_bytes: std::collections::HashMap<Vec<u8>, u64> = Default::default();
+    let mut auto_total = 0;
+    for (_, r) in &incoming {
+        if r.auto && matches!(r.state, IncomingState::Fetching | IncomingState::Done) {
+            let size = r.file().map_or(0, |f| f.size);
+            *auto_bytes.entry(r.contact.clone()).or_default() += size;
+            auto_total += size;
+        }
+    }
+    for (id, mut record) in incoming {
+        if record.retry_at_ms > now || !room(&started) {
             continue;
         }
+        match &record.state {
+            IncomingState::Fetching => {}
+            IncomingState::Offered if auto => {
+                let Ok(file) = record.file() else { continue };
+                let theirs = auto_bytes.get(&record.contact).copied().unwrap_or(0);
+                if !fetched_at_once(&file)
+                    || theirs + file.size > AUTO_FETCH_PER_CONTACT
+                    || auto_total + file.size > AUTO_FETCH_TOTAL
+                {
+                    continue;
+                }
+                *auto_bytes.entry(record.contact.clone()).or_default() += file.size;
+                auto_total += file.size;
+                record.auto = true;
+                record.state = IncomingState::Fetching;
+                let mut w = crate::store::WriteSet::default();
+                crate::store::LocalStore::write_incoming_file(&mut w, &id, &record);
+                engine.store().apply(w)?;
+            }
+            _ => continue,
+        }
+        let Some(claim) = live.claim(true, id) else {
+            continue;
+        };
         let engine = engine.clone();
         started.push(tokio::spawn(async move {
-            if let Err(e) = fetch(&engine, id).await {
+            if let Err(e) = download::fetch_claimed(&engine, claim).await {
                 tracing::info!(file = %hex(&id), error = %e, "a file download stopped short; it goes on later");
             }
         }));
@@ -337,7 +429,7 @@ pub fn keep_going<T: Transport>(
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
             }
-            if let Err(e) = resume(&engine) {
+            if let Err(e) = resume(&engine, true) {
                 tracing::warn!(error = %e, "cannot go on with file transfers");
             }
         }

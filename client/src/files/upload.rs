@@ -95,17 +95,13 @@ pub async fn prepare<T: Transport>(
     let home = store.home().to_path_buf();
     let src = path.to_path_buf();
     let sealing_key = key.clone();
-    let (id, chunks, manifest_len) =
+    let (spool, chunks, manifest_len) =
         tokio::task::spawn_blocking(move || seal_into_spool(&home, &src, &sealing_key, size))
             .await
             .map_err(|e| FilesError::Refused(format!("sealing the file failed: {e}")))??;
-    let claim = engine
-        .transfers()
-        .claim(false, id)
-        .expect("a new file's id is new");
     let file = FileRef {
         key,
-        manifest: ChunkId(id),
+        manifest: ChunkId(*chunks.last().expect("the manifest's id is last")),
         size,
         mime: media_type(&name).to_owned(),
         name,
@@ -113,6 +109,19 @@ pub async fn prepare<T: Transport>(
     };
     file.check()
         .map_err(|e| FilesError::Refused(e.to_string()))?;
+    let id = file.id();
+    let home = store.home().to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<(), FilesError> {
+        let path = spool_path(&home, &id);
+        spool.persist(&path).map_err(|e| disk(&path)(e.error))?;
+        sync_dir(&out_dir(&home))
+    })
+    .await
+    .map_err(|e| FilesError::Refused(format!("keeping the sealed file failed: {e}")))??;
+    let claim = engine
+        .transfers()
+        .claim(false, id)
+        .expect("a new file's id is new");
     let record = Outgoing {
         contact: contact.to_bytes(),
         reference: file.encode(),
@@ -124,6 +133,8 @@ pub async fn prepare<T: Transport>(
         finished: false,
         created_ms: now_ms(),
         last_error: None,
+        attempts: 0,
+        retry_at_ms: 0,
     };
     let mut w = WriteSet::default();
     LocalStore::write_outgoing_file(&mut w, &id, &record);
@@ -133,14 +144,14 @@ pub async fn prepare<T: Transport>(
 }
 
 /// Reads `src` once, sealing each chunk into a new spool file, then the manifest; the
-/// file is synced and named by the manifest's id before this returns. Returns that id,
-/// every chunk id (the manifest's last) and the sealed manifest's length.
+/// file is synced before this returns. Returns it (to be named by the file's id), every
+/// chunk id (the manifest's last) and the sealed manifest's length.
 fn seal_into_spool(
     home: &Path,
     src: &Path,
     key: &FileKey,
     size: u64,
-) -> Result<(TransferId, Vec<[u8; 32]>, u32), FilesError> {
+) -> Result<(tempfile::NamedTempFile, Vec<[u8; 32]>, u32), FilesError> {
     let dir = out_dir(home);
     private_dir(&dir)?;
     let tmp = tempfile::Builder::new()
@@ -189,11 +200,8 @@ fn seal_into_spool(
     out.flush().map_err(disk(tmp.path()))?;
     drop(out);
     tmp.as_file().sync_all().map_err(disk(tmp.path()))?;
-    let path = spool_path(home, &id.0);
-    tmp.persist(&path).map_err(|e| disk(&path)(e.error))?;
-    sync_dir(&dir)?;
     ids.push(id.0);
-    Ok((id.0, ids, sealed.len() as u32))
+    Ok((tmp, ids, sealed.len() as u32))
 }
 
 /// One relay of the contact's, and our capability into their queue there.
@@ -225,8 +233,14 @@ impl Plan {
         self.held.iter().filter(|h| h[item]).count()
     }
 
+    /// Puts of `item` under way to relays that have not failed lately: one under way
+    /// to a relay that has may never end, and must not hold the others back.
     fn in_flight(&self, item: usize) -> usize {
-        self.inflight.iter().filter(|f| f[item]).count()
+        self.inflight
+            .iter()
+            .zip(&self.failures)
+            .filter(|(f, failures)| f[item] && **failures == 0)
+            .count()
     }
 
     /// Items on at least `n` relays.
@@ -292,12 +306,15 @@ pub async fn upload<T: Transport>(
         .contact()
         .ok_or(StoreError::Corrupt("outgoing file"))?;
     let file = record.file()?;
-    let Some(contact) = store.contact(&peer)? else {
-        // Removed meanwhile: nothing goes to them any more.
-        forget(&store, &home, &id).await?;
-        return Err(FilesError::Refused(
-            "they are no longer a contact; the file was not sent".into(),
-        ));
+    let contact = match store.contact(&peer)? {
+        Some(c) if store.blocked(&peer)?.is_none() => c,
+        // Removed or blocked meanwhile: nothing goes to them any more.
+        _ => {
+            forget(&store, &home, &id).await?;
+            return Err(FilesError::Refused(
+                "they are no longer a contact, or are blocked: the file goes no further".into(),
+            ));
+        }
     };
     let targets: Vec<Target> = contact
         .card
@@ -408,10 +425,13 @@ pub async fn upload<T: Transport>(
             _ = notify.notified() => false,
             _ = tokio::time::sleep(Duration::from_secs(1)) => false,
         };
-        let (ready, held) = {
+        let (ready, complete, held) = {
             let p = plan.lock();
-            (p.everywhere(enough), p.held.clone())
+            (p.everywhere(enough), p.everywhere(need), p.held.clone())
         };
+        // Everything is where it goes: workers left are waiting out a failed relay's
+        // backoff, or on a put that is no longer needed.
+        let all_done = all_done || complete;
         record.relays = targets
             .iter()
             .zip(&held)
@@ -439,6 +459,7 @@ pub async fn upload<T: Transport>(
             saved = Instant::now();
         }
         if all_done {
+            workers.abort_all();
             break;
         }
     }
@@ -461,6 +482,7 @@ pub async fn upload<T: Transport>(
     if record.message_sent {
         record.finished = true;
         record.last_error = None;
+        record.attempts = 0;
         save(&store, &id, &record)?;
         store.flush().await?;
         let _ = std::fs::remove_file(&spool_file);
@@ -477,6 +499,8 @@ pub async fn upload<T: Transport>(
         why.join("; ")
     };
     record.last_error = Some(why.clone());
+    record.attempts = record.attempts.saturating_add(1);
+    record.retry_at_ms = now_ms() + super::retry_after(record.attempts).as_millis() as u64;
     save(&store, &id, &record)?;
     store.flush().await?;
     Err(FilesError::Unavailable(format!(
@@ -576,6 +600,14 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
         let wait = {
             let mut p = w.plan.lock();
             p.inflight[r][item] = false;
+            // Only a put's own answer counts as held.
+            let answer = match answer {
+                Answer::Ok(RelayToClient::Stored { .. }) => answer,
+                Answer::Ok(other) => {
+                    Answer::Transient(format!("an answer that is not a put's: {other:?}"))
+                }
+                other => other,
+            };
             match answer {
                 Answer::Ok(_) => {
                     p.held[r][item] = true;

@@ -374,6 +374,8 @@ impl MessageRecord {
                 self.text.clear();
                 self.deleted = true;
                 self.reactions = Reactions::default();
+                // The file's key goes too: what was fetched of it is removed.
+                self.file = None;
             }
         }
     }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{LocalStore, StoreError, TreeId, WriteSet, decode};
 
-/// A transfer's id: its manifest's id (the file as sealed for one message).
+/// A transfer's id: its file reference's ([`FileRef::id`]).
 pub type TransferId = [u8; 32];
 
 const OUT: u8 = 0;
@@ -47,6 +47,10 @@ pub struct Outgoing {
     pub created_ms: u64,
     /// Why the last attempt stopped short, if it did.
     pub last_error: Option<String>,
+    /// Attempts that stopped short in a row.
+    pub attempts: u32,
+    /// Not tried again on its own before this (Unix ms).
+    pub retry_at_ms: u64,
 }
 
 impl Outgoing {
@@ -97,6 +101,12 @@ pub struct Incoming {
     pub saved: Vec<String>,
     /// Our clock when it arrived, Unix ms.
     pub created_ms: u64,
+    /// Fetched without being asked (an image, by the auto-fetch rule).
+    pub auto: bool,
+    /// Attempts that stopped short in a row.
+    pub attempts: u32,
+    /// Not tried again on its own before this (Unix ms).
+    pub retry_at_ms: u64,
 }
 
 impl Incoming {

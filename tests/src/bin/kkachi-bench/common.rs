@@ -62,7 +62,8 @@ impl Relay {
              max_connections_per_address = 100000\nrequests_per_sec = 10000000\n\
              request_burst = 10000000\nput_bytes_per_hour_per_address = 1000000000000000\n\
              put_bytes_burst_per_address = 1000000000000\nqueues_per_hour_per_address = 1000000\n\
-             grants_per_hour_per_address = 100000000\n",
+             grants_per_hour_per_address = 100000000\nchunk_bytes_per_capability = 4294967296\n\
+             chunk_bytes_per_queue = 8589934592\n",
         )?;
         let mut child = Command::new(relay_bin()?)
             .args([

@@ -32,6 +32,7 @@ mod receive;
 mod relay_load;
 mod restart;
 mod table;
+mod transfer;
 
 use common::us;
 
@@ -217,7 +218,12 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         null
     };
     let files = if args.part("files") {
-        let f = chunks::chunks(root, if q { 8 } else { 64 }).await?;
+        let mut f = chunks::chunks(root, if q { 8 } else { 64 }).await?;
+        f["transfer"] = if q {
+            transfer::transfer(root, 16, None)?
+        } else {
+            transfer::transfer(root, 100, Some(1024))?
+        };
         eprintln!("files done");
         f
     } else {
@@ -272,6 +278,9 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "files": files,
         "file_put_mb_s": files["put_mb_s"],
         "file_get_mb_s": files["get_mb_s"],
+        "file_send_get_mb_s": files["transfer"]["mb_s"],
+        "file_fault_ratio": files["transfer"]["fault_ratio"],
+        "file_peak_rss_mib": files["transfer"]["peak_rss_mib"],
         "baseline_libp2p_rtt_us": us(rtt),
         "baseline_sled_insert_flush_per_s": sled_flush,
         "baseline_sled_insert_per_s": sled_noflush,

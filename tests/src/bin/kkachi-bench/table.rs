@@ -271,6 +271,40 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             "the same chunks written and synced to the disk",
         ));
         out.push(put);
+        let t = &files["transfer"];
+        let mut e2e = row(
+            "file sent and saved through 3 relays (MB/s)",
+            &r["file_send_get_mb_s"],
+            0,
+            format!(
+                "`send --file` then `get` of a {} MiB file: upload {:.1} s, download {:.1} s",
+                t["file_mib"],
+                num(&t["upload_s"]),
+                num(&t["download_s"])
+            ),
+        );
+        e2e.ratio = Some((
+            num(&t["vs_copy"]),
+            "a plain copy of the same file on the same disk",
+        ));
+        out.push(e2e);
+        let mut fault = row(
+            "file with one relay killed -9 mid-upload (s)",
+            &t["one_relay_killed_s"],
+            1,
+            "the same size, relay killed at 30% of the upload".to_string(),
+        );
+        fault.ratio = Some((num(&r["file_fault_ratio"]), "the same without the kill"));
+        out.push(fault);
+        out.push(row(
+            "client peak memory moving a file (MiB)",
+            &r["file_peak_rss_mib"],
+            0,
+            format!(
+                "the larger of the sending and fetching processes, a {} MiB file",
+                t["peak_rss_file_mib"]
+            ),
+        ));
     }
     out.push(row(
         "baseline: libp2p request/response RTT (µs)",
