@@ -262,6 +262,21 @@ fn main() {
             },
             ..text.clone()
         },
+        Content {
+            seq: 8,
+            body: Body::File {
+                secs: 0,
+                file: Box::new(kkachi_protocol::file::FileRef {
+                    key: kkachi_protocol::file::FileKey([7; 32]),
+                    manifest: kkachi_protocol::file::ChunkId([9; 32]),
+                    size: 300_000,
+                    name: "지도.png".into(),
+                    mime: "image/png".into(),
+                    thumbnail: vec![0x89, b'P', b'N', b'G'],
+                }),
+            },
+            ..text.clone()
+        },
     ];
     for (i, c) in contents.iter().enumerate() {
         write("content", &format!("content-{i}"), &c.encode());

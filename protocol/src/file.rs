@@ -522,6 +522,17 @@ mod tests {
             hex::encode(&bytes[64..]),
             "00000000000000060aeca780eb8f842e706e6709696d6167652f706e670003010203"
         );
+        // The BLAKE3 reference implementation, derive_key mode, over those bytes.
+        assert_eq!(
+            hex::encode(file.id()),
+            "da958865d756d194e6fad3901dfd49c9eaaf5910015b4e81286dc97261715547"
+        );
+        // Another key, the same manifest id: another file.
+        let other = FileRef {
+            key: FileKey([8; 32]),
+            ..file.clone()
+        };
+        assert_ne!(other.id(), file.id());
     }
 
     #[test]

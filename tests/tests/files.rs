@@ -559,3 +559,64 @@ fn a_photo_is_fetched_as_soon_as_it_arrives_at_a_running_daemon() {
     );
     daemon.stop();
 }
+
+/// The files kept (sealed) for received files under a home.
+fn kept(home: &Path) -> Vec<String> {
+    std::fs::read_dir(home.join("files").join("in"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_file_goes_with_its_message_and_with_a_blocked_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
+    let (alice, bob) = pair(dir.path(), &relays.iter().collect::<Vec<_>>());
+    let bob_home = home_of(dir.path(), "bob");
+    let saved = dir.path().join("saved");
+    let src = dir.path().join("receipt.pdf");
+    random_file(&src, 600 << 10, 31);
+    alice.ok(&["send", "bob", "--file", src.to_str().unwrap()]);
+    let id = file_id_at(&bob);
+    bob.ok(&["get", &id, "--to", saved.to_str().unwrap()]);
+    assert!(
+        kept(&bob_home).iter().any(|f| f.starts_with(&id)),
+        "nothing kept for the file fetched"
+    );
+
+    // Deleted here: the file's key and its sealed bytes go with the message.
+    let history = json(&bob.ok(&["history", "alice", "--json"]));
+    let message = history.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.ok(&["delete", "alice", &message, "--for-me"]);
+    assert!(
+        files_json(&bob).iter().all(|f| f["id"] != id.as_str()),
+        "the file of a deleted message is still listed"
+    );
+    assert!(kept(&bob_home).is_empty(), "left: {:?}", kept(&bob_home));
+    assert!(
+        !bob.run(&["get", &id[..12]]).status.success(),
+        "a deleted message's file could still be fetched"
+    );
+    // What was saved elsewhere is the person's own copy: it stays.
+    assert!(same_bytes(&src, &saved.join("receipt.pdf")));
+
+    // Blocked: what they sent, fetched or not, goes.
+    alice.ok(&["send", "bob", "--file", src.to_str().unwrap()]);
+    let second = file_id_at(&bob);
+    bob.ok(&["get", &second, "--to", saved.to_str().unwrap()]);
+    bob.ok(&["contact", "block", "alice"]);
+    assert!(files_json(&bob).is_empty(), "{:?}", files_json(&bob));
+    assert!(kept(&bob_home).is_empty(), "left: {:?}", kept(&bob_home));
+    println!(
+        "a file deleted for me, then one from a sender blocked: both gone from the home, the saved copies kept"
+    );
+}

@@ -245,6 +245,7 @@ impl<T> State<T> {
         self.store.forget_outbox(&mut w, peer)?;
         self.store.remove_request(&mut w, peer)?;
         self.store.apply(w)?;
+        self.sweep_files();
         if let Some(contact) = self.store.contact(peer)? {
             // Our relays stop taking their puts.
             self.revoked.push(*contact.card.identity());
@@ -291,6 +292,7 @@ impl<T> State<T> {
             Ok(removed)
         })?;
         self.revoked.push(*contact.card.identity());
+        self.sweep_files();
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {
             removed_messages: removed,

@@ -787,8 +787,17 @@ impl<T> State<T> {
         let mut w = WriteSet::default();
         w.remove(TreeId::Messages, key);
         self.store.apply(w)?;
+        self.sweep_files();
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(())
+    }
+
+    /// Removes the files of messages gone and of people removed or blocked (see
+    /// [`crate::files::sweep`]).
+    pub(crate) fn sweep_files(&self) {
+        if let Err(e) = crate::files::sweep(&self.store) {
+            tracing::warn!(error = %e, "cannot remove the files of messages gone");
+        }
     }
 
     /// Sends read receipts (`on`) or not: contacts see their messages read, or only
@@ -846,6 +855,7 @@ impl<T> State<T> {
         *self.expiry_due.lock() = next;
         if gone > 0 {
             tracing::info!(messages = gone, "disappearing messages deleted");
+            self.sweep_files();
         }
         Ok(gone)
     }

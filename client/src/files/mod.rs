@@ -423,7 +423,9 @@ pub fn keep_going<T: Transport>(
             tokio::select! {
                 _ = tick.tick() => {}
                 event = events.recv() => match event {
-                    Ok(crate::engine::AppEvent::Message(r)) if r.message.file.is_some() => {}
+                    Ok(crate::engine::AppEvent::Message(r))
+                        if r.message.file.is_some()
+                            || r.change == Some(crate::engine::Change::Deleted) => {}
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
