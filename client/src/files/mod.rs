@@ -22,6 +22,7 @@
 
 mod download;
 mod live;
+pub mod picture;
 mod upload;
 
 use std::path::{Path, PathBuf};

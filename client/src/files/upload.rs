@@ -99,13 +99,21 @@ pub async fn prepare<T: Transport>(
         tokio::task::spawn_blocking(move || seal_into_spool(&home, &src, &sealing_key, size))
             .await
             .map_err(|e| FilesError::Refused(format!("sealing the file failed: {e}")))??;
+    // A photo carries a small preview, so it shows before it is fetched.
+    let mime = media_type(&name).to_owned();
+    let (from, kind) = (path.to_path_buf(), mime.clone());
+    let thumbnail = tokio::task::spawn_blocking(move || super::picture::preview(&from, &kind))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let file = FileRef {
         key,
         manifest: ChunkId(*chunks.last().expect("the manifest's id is last")),
         size,
-        mime: media_type(&name).to_owned(),
+        mime,
         name,
-        thumbnail: Vec::new(),
+        thumbnail,
     };
     file.check()
         .map_err(|e| FilesError::Refused(e.to_string()))?;

@@ -565,6 +565,14 @@ pub fn snapshot(
             ..Status::default()
         },
     };
+    let files = messages
+        .iter()
+        .filter(|m| !m.deleted)
+        .filter_map(|m| {
+            let file = m.file.as_ref()?.file()?;
+            Some((m.id, file_view(store, engine, m, &file)))
+        })
+        .collect();
     Snapshot {
         me,
         conversations,
@@ -572,7 +580,85 @@ pub fn snapshot(
         notices,
         gaps,
         status,
+        files,
     }
+}
+
+/// How a file message is shown: what it is, where it stands, its preview.
+fn file_view(
+    store: &LocalStore,
+    engine: Option<&Engine<Network>>,
+    m: &crate::store::MessageRecord,
+    file: &kkachi_protocol::file::FileRef,
+) -> state::FileView {
+    use crate::sanitize::for_terminal;
+    use crate::store::IncomingState;
+    let id = file.id();
+    let incoming = m.direction == Direction::In;
+    let live = engine
+        .and_then(|e| e.transfers().progress(incoming, &id))
+        .filter(|p| p.total > 0)
+        .map(|p| (p.done, p.total));
+    let (status, progress) = if incoming {
+        match store.incoming_file(&id) {
+            Ok(Some(r)) => match r.state {
+                IncomingState::Done => match r.saved.last() {
+                    Some(path) => (format!("saved to {}", for_terminal(path)), None),
+                    None => ("fetched: /save keeps a copy".to_string(), None),
+                },
+                IncomingState::Fetching => (
+                    "fetching".to_string(),
+                    live.or_else(|| crate::files::fetched_chunks(store.home(), &id, file)),
+                ),
+                IncomingState::Offered => ("not fetched: /save fetches it".to_string(), None),
+                IncomingState::Failed(why) => {
+                    (format!("cannot be fetched: {}", for_terminal(&why)), None)
+                }
+            },
+            _ => ("not on this device".to_string(), None),
+        }
+    } else {
+        match store.outgoing_file(&id) {
+            Ok(Some(r)) if r.finished => ("on their relays".to_string(), None),
+            Ok(Some(r)) => match live {
+                Some(p) => ("uploading".to_string(), Some(p)),
+                None => (
+                    match &r.last_error {
+                        Some(why) => format!("waiting for their relays: {}", for_terminal(why)),
+                        None => "waiting for their relays".to_string(),
+                    },
+                    None,
+                ),
+            },
+            _ => (String::new(), None),
+        }
+    };
+    state::FileView {
+        label: crate::files::describe(file),
+        status,
+        progress,
+        picture: picture(&id, &file.thumbnail),
+    }
+}
+
+/// A file's preview, decoded once (a few, kept while the UI runs).
+fn picture(id: &[u8; 32], preview: &[u8]) -> Option<Arc<image::RgbImage>> {
+    type Cache =
+        parking_lot::Mutex<std::collections::HashMap<[u8; 32], Option<Arc<image::RgbImage>>>>;
+    static PICTURES: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    if preview.is_empty() {
+        return None;
+    }
+    let mut cache = PICTURES.get_or_init(Default::default).lock();
+    if let Some(p) = cache.get(id) {
+        return p.clone();
+    }
+    if cache.len() >= 256 {
+        cache.clear();
+    }
+    let p = crate::files::picture::pixels(preview).map(Arc::new);
+    cache.insert(*id, p.clone());
+    p
 }
 
 #[cfg(test)]

@@ -72,6 +72,21 @@ pub struct Snapshot {
     pub gaps: Vec<(u64, u64)>,
     /// Connectivity.
     pub status: Status,
+    /// The files of the messages shown, by message id.
+    pub files: std::collections::HashMap<[u8; 16], FileView>,
+}
+
+/// A file message as the UI shows it.
+#[derive(Debug, Clone, Default)]
+pub struct FileView {
+    /// What it is: `📎 name (size) type`, safe to draw.
+    pub label: String,
+    /// Where it stands (`not fetched: /save fetches it`, `sent`...), safe to draw.
+    pub status: String,
+    /// Chunks done of all, while it moves.
+    pub progress: Option<(usize, usize)>,
+    /// Its preview, for a picture.
+    pub picture: Option<std::sync::Arc<image::RgbImage>>,
 }
 
 /// A panel drawn over the chat.

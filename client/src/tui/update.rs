@@ -105,8 +105,8 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /edit TEXT  /delete     change / delete for everyone your last (or picked)
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
 /search WORDS           find messages         /mute  this conversation on/off
-/relays                 your relays: up/down, latency, failure domain
-/relay add|remove ADDR  add or remove an inbox relay
+/relays  /relay add|remove ADDR   your relays (up/down, latency), add, remove
+/file PATH  /save [DIR]  send a file or photo; save their last (or picked)
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
 /bell /notify /mouse    bell, notifications, mouse on/off     /receipts on|off";
 
@@ -320,6 +320,15 @@ fn keep(state: &mut State, line: &str) {
 
 /// The message /reply and /react act on: the one picked, or their last; never a
 /// deleted one.
+/// Where `/save` puts files by default: the user's downloads folder, else the home.
+fn downloads() -> std::path::PathBuf {
+    directories::UserDirs::new()
+        .and_then(|d| d.download_dir().map(std::path::Path::to_path_buf))
+        .filter(|d| d.is_dir())
+        .or_else(|| std::env::var_os("HOME").map(std::path::PathBuf::from))
+        .unwrap_or_else(|| ".".into())
+}
+
 fn reply_target(state: &State) -> Option<&MessageRecord> {
     let messages = &state.data.messages;
     match state.picked {
@@ -602,6 +611,82 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         (Some("search"), None) => {
             notice(state, "usage: /search WORDS");
             vec![]
+        }
+        (Some("file"), first) => {
+            let Some(peer) = state.selected else {
+                notice(state, "open the conversation first");
+                return vec![];
+            };
+            // The rest of the line is the path (it may hold spaces); ~ is the home.
+            let path = line
+                .trim_start()
+                .strip_prefix("file")
+                .unwrap_or_default()
+                .trim();
+            if first.is_none() || path.is_empty() {
+                notice(state, "usage: /file PATH (a file or photo, up to 2 GiB)");
+                return vec![];
+            }
+            let path = match path.strip_prefix("~/") {
+                Some(rest) => std::env::var_os("HOME")
+                    .map(|h| std::path::PathBuf::from(h).join(rest))
+                    .unwrap_or_else(|| path.into()),
+                None => std::path::PathBuf::from(path),
+            };
+            let path = std::path::absolute(&path).unwrap_or(path);
+            if !path.is_file() {
+                notice(state, &format!("{} is not a file", path.display()));
+                keep(state, line);
+                return vec![];
+            }
+            vec![run(
+                Command::Send(crate::cli::SendArgs {
+                    contact: peer.to_string(),
+                    text: Vec::new(),
+                    timeout: 5.0,
+                    reply: None,
+                    file: Some(path),
+                }),
+                None,
+            )]
+        }
+        (Some("save"), dir) => {
+            if state.selected.is_none() {
+                notice(state, "open the conversation first");
+                return vec![];
+            }
+            // The picked message's file, else their last one.
+            let target = match state.picked {
+                Some(id) => state.data.messages.iter().find(|m| m.id == id),
+                None => state
+                    .data
+                    .messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.direction == Direction::In && m.file.is_some() && !m.deleted),
+            };
+            let Some(file) = target
+                .filter(|m| m.direction == Direction::In && !m.deleted)
+                .and_then(|m| m.file.as_ref()?.file())
+            else {
+                notice(
+                    state,
+                    "no file of theirs here to save: pick one with Ctrl+Up, then /save [DIR]",
+                );
+                return vec![];
+            };
+            let to = match dir {
+                Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.into()),
+                None => downloads(),
+            };
+            state.picked = None;
+            vec![run(
+                Command::Get {
+                    id: crate::files::hex(&file.id()),
+                    to: Some(to),
+                },
+                None,
+            )]
         }
         (Some("mute"), _) => match state.current() {
             Some(c) => vec![run(

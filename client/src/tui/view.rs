@@ -98,6 +98,25 @@ struct Decor {
     quote: Option<String>,
     /// Picked (Ctrl+Up): drawn marked.
     picked: bool,
+    /// The file it carries, as shown.
+    file: Option<crate::tui::state::FileView>,
+}
+
+/// The widest and tallest a picture's preview is drawn, in cells.
+const PICTURE_COLS: u16 = 32;
+/// See [`PICTURE_COLS`].
+const PICTURE_ROWS: u16 = 8;
+
+/// A progress bar `width` cells wide: `█████░░░░░ 48%`.
+fn progress_bar(done: usize, total: usize, width: usize) -> String {
+    let width = width.clamp(4, 30);
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
+    let pct = (done * 100).checked_div(total).unwrap_or(0);
+    format!(
+        "{}{} {pct}%",
+        "█".repeat(filled),
+        "░".repeat(width - filled)
+    )
 }
 
 /// The quote line of a reply: who wrote what it answers, and the start of it, from our
@@ -176,6 +195,8 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> 
     // What a peer wrote never reaches the terminal raw: escapes become visible.
     let text = if m.deleted {
         "(deleted)".to_string()
+    } else if let Some(file) = &decor.file {
+        file.label.clone()
     } else if m.edited {
         format!("{} (edited)", for_terminal_block(&m.text))
     } else {
@@ -206,6 +227,30 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> 
             format!("  {reactions}"),
             Style::new().fg(Color::Yellow),
         ));
+    }
+    // A file: where it stands, how far it is, and a picture's preview.
+    if let (Some(file), false) = (&decor.file, m.deleted) {
+        let pad = Span::raw(" ".repeat(indent));
+        let mut status = vec![pad.clone()];
+        if let Some((done, total)) = file.progress {
+            status.push(Span::styled(
+                progress_bar(done, total, width.saturating_sub(indent) / 3),
+                Style::new().fg(Color::Cyan),
+            ));
+            status.push(Span::raw(" "));
+        }
+        status.push(Span::styled(
+            file.status.clone(),
+            Style::new().fg(Color::DarkGray),
+        ));
+        lines.push(Line::from(status));
+        if let Some(picture) = &file.picture {
+            let cols = PICTURE_COLS.min(width.saturating_sub(indent) as u16);
+            for mut row in crate::files::picture::half_blocks(picture, cols, PICTURE_ROWS) {
+                row.spans.insert(0, pad.clone());
+                lines.push(row);
+            }
+        }
     }
     lines
 }
@@ -303,6 +348,7 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
         let decor = Decor {
             quote: quote_line(m, &state.data.messages, &them, width),
             picked: state.picked == Some(m.id),
+            file: state.data.files.get(&m.id).cloned(),
         };
         if decor.picked {
             picked_at = Some(lines.len());
@@ -693,8 +739,67 @@ mod tests {
                 direct: 0,
                 requests: 0,
             },
+            files: Default::default(),
         });
         s
+    }
+
+    #[test]
+    fn a_photo_is_drawn_with_half_blocks_and_a_transfer_with_its_bar() {
+        use crate::tui::state::FileView;
+        let mut s = chat_state();
+        // Their photo (a preview: red above, blue below) and our file going up.
+        let mut data = s.data.clone();
+        data.messages = vec![
+            message(Direction::In, "", MessageState::Received, 1),
+            message(Direction::Out, "", MessageState::Queued, 2),
+        ];
+        data.gaps.clear();
+        data.notices.clear();
+        let preview = image::RgbImage::from_fn(48, 24, |_, y| {
+            if y < 12 {
+                image::Rgb([220, 30, 30])
+            } else {
+                image::Rgb([30, 30, 220])
+            }
+        });
+        data.files.insert(
+            [1; 16],
+            FileView {
+                label: "📎 bridge.jpg (2.1 MB) image/jpeg".into(),
+                status: "not fetched: /save fetches it".into(),
+                progress: None,
+                picture: Some(std::sync::Arc::new(preview)),
+            },
+        );
+        data.files.insert(
+            [2; 16],
+            FileView {
+                label: "📎 map.pdf (40 MB) application/pdf".into(),
+                status: "uploading".into(),
+                progress: Some((60, 160)),
+                picture: None,
+            },
+        );
+        s.load(data);
+        let rendered = render(&s, 80, 24);
+        insta::assert_snapshot!("file_messages_80x24", rendered);
+        // The preview's cells: red over red at the top, blue over blue at the bottom.
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        terminal.draw(|f| view(&s, f)).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        let cells: Vec<_> = buffer
+            .content()
+            .iter()
+            .filter(|c| c.symbol() == "▀")
+            .map(|c| (c.fg, c.bg))
+            .collect();
+        assert!(!cells.is_empty(), "no half blocks drawn:\n{rendered}");
+        let red = Color::Rgb(220, 30, 30);
+        let blue = Color::Rgb(30, 30, 220);
+        assert_eq!(cells.first(), Some(&(red, red)));
+        assert_eq!(cells.last(), Some(&(blue, blue)));
+        assert!(rendered.contains("███"), "no progress bar:\n{rendered}");
     }
 
     #[test]
