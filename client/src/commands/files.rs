@@ -152,14 +152,17 @@ impl App {
                     .collect::<Vec<_>>(),
             }));
         } else {
+            let speed = if report.bytes >= 4 << 20 {
+                format!(", {}/s", human_size(rate as u64))
+            } else {
+                String::new()
+            };
             out.out(format!(
-                "sent {} to {}: every chunk on {} of {} relays, {} put at {}/s (file {}); message {state}",
+                "sent {} to {}: each chunk on {} of their {} relays{speed} (file {}); message {state}",
                 describe(&file),
                 name(&contact.name),
                 report.copies,
                 report.relays,
-                human_size(report.bytes),
-                human_size(rate as u64),
                 &hex(&id)[..12],
             ));
             for (relay, why) in &report.left_out {
@@ -194,7 +197,8 @@ impl App {
                 .map_or_else(|| "(no longer a contact)".to_string(), |c| c.name.clone())
         };
         let home = self.store.home().to_path_buf();
-        let mut rows: Vec<(u64, serde_json::Value, String)> = Vec::new();
+        // Newest first: by when it was sent or arrived, then by its sender's clock.
+        let mut rows: Vec<((u64, u64), serde_json::Value, String)> = Vec::new();
         for (id, r) in &outgoing {
             let Ok(file) = r.file() else { continue };
             let running = live.as_ref().and_then(|l| l.progress(false, id));
@@ -219,7 +223,7 @@ impl App {
             };
             let to = who(r.contact());
             rows.push((
-                r.created_ms,
+                (r.created_ms, r.created_ms),
                 json!({
                     "id": hex(id), "direction": "out", "contact": to,
                     "name": files::safe_name(&file.name), "size": file.size, "mime": file.mime,
@@ -273,8 +277,17 @@ impl App {
                 ),
             };
             let from = who(r.contact());
+            let sent_at = r
+                .contact()
+                .and_then(|p| {
+                    self.store
+                        .message(&p, &kkachi_protocol::MessageId(r.message))
+                        .ok()
+                        .flatten()
+                })
+                .map_or(0, |(_, m)| m.sent_at_ms);
             rows.push((
-                r.created_ms,
+                (r.created_ms, sent_at),
                 json!({
                     "id": hex(id), "direction": "in", "contact": from,
                     "name": files::safe_name(&file.name), "size": file.size, "mime": file.mime,
@@ -320,6 +333,12 @@ impl App {
             Some(dir) => dir,
             None => std::env::current_dir()?,
         };
+        if dir.exists() && !dir.is_dir() {
+            return fail(format!(
+                "--to names a folder to save into; {} is a file",
+                crate::sanitize::for_terminal(&dir.display().to_string())
+            ));
+        }
         let engine = self.engine()?;
         let ticker = self.owned.then(|| {
             report_progress(

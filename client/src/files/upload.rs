@@ -79,10 +79,10 @@ pub async fn prepare<T: Transport>(
     let size = meta.len();
     if size > MAX_FILE_BYTES {
         return Err(FilesError::Refused(format!(
-            "{} is {}; files are at most {}",
+            "{} is {}; files are at most 2 GiB ({} bytes)",
             path.display(),
             human_size(size),
-            human_size(MAX_FILE_BYTES)
+            MAX_FILE_BYTES
         )));
     }
     let name = safe_name(
@@ -399,9 +399,11 @@ pub async fn upload<T: Transport>(
     }
     let plan = Arc::new(Mutex::new(plan));
     let claim = Arc::new(claim);
+    // Progress counts the file's chunks (the manifest, a chunk of its own, is not
+    // the file's).
     claim.update(|p| {
-        p.total = items;
-        p.done = plan.lock().on_at_least(enough);
+        p.total = n;
+        p.done = plan.lock().on_at_least(enough).min(n);
         p.doing = "uploading";
     });
     let notify = Arc::new(Notify::new());
@@ -621,7 +623,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
                     p.held[r][item] = true;
                     p.failures[r] = 0;
                     p.bytes += len as u64;
-                    let (done, bytes) = (p.on_at_least(w.enough), p.bytes);
+                    let (done, bytes) = (p.on_at_least(w.enough).min(w.ids.len() - 1), p.bytes);
                     w.claim.update(|l| {
                         l.done = done;
                         l.bytes = bytes;

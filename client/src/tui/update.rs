@@ -419,7 +419,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
-    "receipts", "edit", "delete", "reply", "react", "name", "mouse",
+    "receipts", "edit", "delete", "reply", "react", "name", "mouse", "file", "save",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -1369,6 +1369,77 @@ mod tests {
             reactions: Default::default(),
             file: None,
         }
+    }
+
+    #[test]
+    fn file_sends_a_path_and_save_keeps_their_last_file_or_the_picked() {
+        let (mut s, peers) = loaded(1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("사진 1.png");
+        std::fs::write(&path, b"not really a picture").unwrap();
+        typed(&mut s, &format!("/file {}", path.display()));
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(&e[..], [Effect::Run { command: Command::Send(args), title: None }]
+                if args.file.as_deref() == Some(path.as_path())
+                    && args.contact == peers[0].to_string()
+                    && args.text.is_empty()),
+            "{e:?}"
+        );
+        // Not a file: said, and what was typed stays to correct.
+        typed(&mut s, "/file /no/such/file");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("is not a file"));
+        assert_eq!(s.input.lines().join(""), "/file /no/such/file");
+        s.input = crate::tui::state::new_input();
+        // Nothing of theirs to save yet.
+        typed(&mut s, "/save");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("no file of theirs"));
+        s.input = crate::tui::state::new_input();
+        let file = |name: &str| kkachi_protocol::file::FileRef {
+            key: kkachi_protocol::file::FileKey([1; 32]),
+            manifest: kkachi_protocol::file::ChunkId([2; 32]),
+            size: 10,
+            name: name.into(),
+            mime: String::new(),
+            thumbnail: Vec::new(),
+        };
+        let with = |id, name: &str| MessageRecord {
+            file: Some(crate::store::FileNote::of(&file(name))),
+            ..record(id, Direction::In, "")
+        };
+        s.data.messages = vec![
+            with(1, "a.pdf"),
+            with(2, "b.pdf"),
+            record(3, Direction::In, "hi"),
+        ];
+        // Their last file, into the folder named.
+        typed(&mut s, "/save /tmp/kept");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            e,
+            vec![Effect::Run {
+                command: Command::Get {
+                    id: crate::files::hex(&file("b.pdf").id()),
+                    to: Some("/tmp/kept".into()),
+                },
+                title: None,
+            }]
+        );
+        // The picked one.
+        let ctrl = |code| Msg::Key(KeyEvent::new(code, KeyModifiers::CONTROL));
+        for _ in 0..3 {
+            update(&mut s, ctrl(KeyCode::Up));
+        }
+        assert_eq!(s.picked, Some([1; 16]));
+        typed(&mut s, "/save /tmp/kept");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(&e[..], [Effect::Run { command: Command::Get { id, .. }, .. }]
+                if *id == crate::files::hex(&file("a.pdf").id())),
+            "{e:?}"
+        );
     }
 
     #[test]
