@@ -191,7 +191,6 @@ pub(super) async fn fetch_claimed<T: Transport>(
         bad: 0,
         fetched: 0,
         bytes: 0,
-        broken: None,
     }));
     let ids = Arc::new(manifest.chunks.clone());
     claim.update(|p| {
@@ -214,7 +213,6 @@ pub(super) async fn fetch_claimed<T: Transport>(
                         bits: bits.clone(),
                         ids: ids.clone(),
                         size: file.size,
-                        key: file.key.clone(),
                         claim: claim.clone(),
                     },
                 ));
@@ -233,11 +231,7 @@ pub(super) async fn fetch_claimed<T: Transport>(
         }
         {
             let mut p = plan.lock();
-            if p.done == n
-                || round + 1 >= ROUNDS
-                || p.out.iter().all(Option::is_some)
-                || p.broken.is_some()
-            {
+            if p.done == n || round + 1 >= ROUNDS || p.out.iter().all(Option::is_some) {
                 break;
             }
             // Chunks none of them had: the sender may still be putting them. Ask again.
@@ -248,25 +242,15 @@ pub(super) async fn fetch_claimed<T: Transport>(
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let (done, bad, fetched, bytes, out, broken) = {
+    let (done, bad, fetched, bytes, out) = {
         let p = plan.lock();
-        (
-            p.done,
-            p.bad,
-            p.fetched,
-            p.bytes,
-            p.out.clone(),
-            p.broken.clone(),
-        )
+        (p.done, p.bad, p.fetched, p.bytes, p.out.clone())
     };
     report.bad += bad;
     report.fetched += fetched;
     report.bytes += bytes;
     report.elapsed = started.elapsed();
     record.bad_chunks += report.bad;
-    if let Some(why) = broken {
-        return fail(&store, &id, &mut record, why).await;
-    }
     if done < n {
         let why: Vec<String> = sources
             .iter()
@@ -444,8 +428,6 @@ struct Plan {
     bad: u64,
     fetched: usize,
     bytes: u64,
-    /// A chunk that is the one named and does not open: the sender's doing.
-    broken: Option<String>,
 }
 
 enum Pick {
@@ -456,7 +438,7 @@ enum Pick {
 
 impl Plan {
     fn pick(&mut self, r: usize) -> Pick {
-        if self.out[r].is_some() || self.broken.is_some() {
+        if self.out[r].is_some() {
             return Pick::Done;
         }
         let mut waiting = false;
@@ -485,7 +467,6 @@ struct Worker {
     bits: Arc<File>,
     ids: Arc<Vec<ChunkId>>,
     size: u64,
-    key: kkachi_protocol::file::FileKey,
     claim: Arc<super::Claim>,
 }
 
@@ -519,20 +500,6 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
         );
         let mut wait = None;
         match answer {
-            Answer::Ok(RelayToClient::Chunk { data })
-                if data.len() == chunk_len(w.size, i)
-                    && ChunkId::of(&data) == w.ids[i]
-                    && open_chunk(&w.key, &w.ids[i], i, w.size, &data).is_err() =>
-            {
-                let mut p = w.plan.lock();
-                if p.inflight[i] == Some(r) {
-                    p.inflight[i] = None;
-                }
-                p.broken = Some(format!(
-                    "chunk {i} does not open: the sender sent a broken file"
-                ));
-                return;
-            }
             Answer::Ok(RelayToClient::Chunk { data })
                 if data.len() == chunk_len(w.size, i) && ChunkId::of(&data) == w.ids[i] =>
             {
@@ -638,6 +605,16 @@ pub fn export(store: &LocalStore, id: &TransferId, dir: &Path) -> Result<PathBuf
             .map_err(disk(&part_file))?;
         let plain = match open_chunk(&file.key, chunk, i, file.size, &buf) {
             Ok(plain) => plain,
+            // The bytes its sender named, and they do not open: the sender's doing, the
+            // same on every relay. It cannot be fetched.
+            Err(e) if ChunkId::of(&buf) == *chunk => {
+                let why = format!("chunk {i} does not open ({e}): the sender sent a broken file");
+                record.state = IncomingState::Failed(why.clone());
+                save(store, id, &record)?;
+                return Err(FilesError::Refused(format!(
+                    "that file cannot be saved: {why}"
+                )));
+            }
             Err(e) => {
                 // Damaged here, on this disk: that chunk is fetched again.
                 let bits = bits_path(&home, id);

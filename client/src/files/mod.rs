@@ -46,7 +46,7 @@ pub const SMALL_FILE: u64 = 1 << 20;
 /// daemon or UI); anything else when asked (`kkachi get`).
 pub const AUTO_FETCH_MAX: u64 = 8 << 20;
 /// Requests in flight to one relay at a time, per transfer.
-pub const PER_RELAY: usize = 4;
+pub const PER_RELAY: usize = 6;
 /// Consecutive failures after which a relay is left out of a transfer until it is
 /// tried again.
 const MAX_FAILURES: u32 = 6;

@@ -277,10 +277,10 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             &r["file_send_get_mb_s"],
             0,
             format!(
-                "`send --file` then `get` of a {} MiB file: upload {:.1} s, download {:.1} s",
+                "`send --file` then `get` of a {} MiB file: sealed and put twice at {:.0} MB/s, fetched and saved at {:.0} MB/s",
                 t["file_mib"],
-                num(&t["upload_s"]),
-                num(&t["download_s"])
+                num(&t["upload_mb_s"]),
+                num(&t["download_mb_s"])
             ),
         );
         e2e.ratio = Some((

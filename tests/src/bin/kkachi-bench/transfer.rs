@@ -282,6 +282,8 @@ pub(crate) fn transfer(root: &Path, mib: u64, big_mib: Option<u64>) -> Result<se
         "relays": 3,
         "upload_s": up.secs,
         "download_s": down.secs,
+        "upload_mb_s": mb / up.secs,
+        "download_mb_s": mb / down.secs,
         "mb_s": mb / clean_s,
         "copy_mb_s": mb / copy_s,
         "vs_copy": (mb / clean_s) / (mb / copy_s),
