@@ -108,3 +108,51 @@ pub mod inproc {
         }
     }
 }
+
+pub mod data {
+    //! Test files: bytes that never repeat, and comparing two files.
+
+    use std::io::{Read, Write};
+    use std::path::Path;
+
+    /// Writes `size` bytes that do not repeat (so no chunk of a file equals another) to
+    /// `path`; `seed` picks which.
+    pub fn random_file(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut x = seed | 1;
+        let mut left = size;
+        let mut block = vec![0u8; 1 << 16];
+        while left > 0 {
+            for b in block.chunks_mut(8) {
+                // xorshift64
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+            }
+            let n = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+        f.flush()
+    }
+
+    /// Whether two files hold the same bytes (read a block at a time).
+    pub fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+        let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+        if fa.metadata()?.len() != fb.metadata()?.len() {
+            return Ok(false);
+        }
+        let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        loop {
+            let n = fa.read(&mut ba)?;
+            if n == 0 {
+                return Ok(true);
+            }
+            fb.read_exact(&mut bb[..n])?;
+            if ba[..n] != bb[..n] {
+                return Ok(false);
+            }
+        }
+    }
+}

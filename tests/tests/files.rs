@@ -2,7 +2,7 @@
 //! from whichever answer, resumed after a kill on either side. Every scenario prints
 //! its figures.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,47 +14,12 @@ use kkachi_tests::procs::{RelayProc, User, bin};
 
 const MB: u64 = 1 << 20;
 
-/// Writes `size` bytes that do not repeat (so no chunk equals another) to `path`.
 fn random_file(path: &Path, size: u64, seed: u64) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x = seed | 1;
-    let mut left = size;
-    let mut block = vec![0u8; 1 << 16];
-    while left > 0 {
-        for b in block.chunks_mut(8) {
-            // xorshift64
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-        }
-        let n = left.min(block.len() as u64) as usize;
-        f.write_all(&block[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
+    kkachi_tests::data::random_file(path, size, seed).expect("test file written");
 }
 
-/// Whether two files hold the same bytes (read a block at a time).
 fn same_bytes(a: &Path, b: &Path) -> bool {
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
-        return false;
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = fa.read(&mut ba).unwrap();
-        if n == 0 {
-            return true;
-        }
-        fb.read_exact(&mut bb[..n]).unwrap();
-        if ba[..n] != bb[..n] {
-            return false;
-        }
-    }
+    kkachi_tests::data::same_bytes(a, b).expect("files read")
 }
 
 /// Alice and Bob, contacts, each with every relay given as an inbox relay.
@@ -71,6 +36,11 @@ fn pair(root: &Path, relays: &[&RelayProc]) -> (User, User) {
     bob.ok(&["sync", "--timeout", "10"]);
     alice.ok(&["sync", "--timeout", "10"]);
     (alice, bob)
+}
+
+/// `get ID --to DIR --json` at `user`: what it says (the path saved, the counts).
+fn saved_by(user: &User, id: &str, dir: &Path) -> serde_json::Value {
+    json(&user.ok(&["get", id, "--to", dir.to_str().unwrap(), "--json"]))
 }
 
 fn json(out: &str) -> serde_json::Value {
@@ -205,7 +175,7 @@ fn a_file_through_three_relays_with_one_killed_mid_transfer_arrives_intact() {
     let id = file_id_at(&bob);
     let saved = dir.path().join("saved");
     let started = Instant::now();
-    let got = json(&bob.ok(&["get", &id[..12], "--to", saved.to_str().unwrap(), "--json"]));
+    let got = saved_by(&bob, &id[..12], &saved);
     let down = started.elapsed();
     let path = PathBuf::from(got["path"].as_str().unwrap());
     assert_eq!(path.file_name().unwrap(), "site-map.bin");
@@ -319,7 +289,7 @@ fn a_recipient_killed_half_way_fetches_at_most_one_chunk_again() {
     assert!(here >= total / 2 && here < total, "{row}");
 
     // Started again, it fetches what was missing, and at most one chunk more.
-    let got = json(&bob.ok(&["get", &id, "--to", saved.to_str().unwrap(), "--json"]));
+    let got = saved_by(&bob, &id, &saved);
     let fetched = got["fetched"].as_u64().unwrap();
     println!(
         "12 MB: fetch killed -9 with {here}/{total} chunks here; the second fetch took {fetched} chunks ({} again)",
@@ -368,13 +338,7 @@ fn a_sender_killed_mid_upload_goes_on_and_the_file_arrives_once() {
         .filter(|m| !m["file"].is_null())
         .count();
     assert_eq!(files, 1, "the file message was shown {files} times");
-    let got = json(&bob.ok(&[
-        "get",
-        &id,
-        "--to",
-        dir.path().join("saved").to_str().unwrap(),
-        "--json",
-    ]));
+    let got = saved_by(&bob, &id, &dir.path().join("saved"));
     assert!(same_bytes(&src, Path::new(got["path"].as_str().unwrap())));
     println!(
         "12 MB: sender killed -9 at 30% of the upload; `sync` finished it in {:.1}s; one message, bytes equal",
@@ -410,13 +374,7 @@ fn a_relay_serving_flipped_bytes_is_caught_and_the_chunk_fetched_elsewhere() {
     random_file(&src, 900 << 10, 17);
     alice.ok(&["send", "bob", "--file", src.to_str().unwrap()]);
     let id = file_id_at(&bob);
-    let got = json(&bob.ok(&[
-        "get",
-        &id,
-        "--to",
-        dir.path().join("saved").to_str().unwrap(),
-        "--json",
-    ]));
+    let got = saved_by(&bob, &id, &dir.path().join("saved"));
     let flipped = flipping.flipped.load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "a relay flipping a byte of every chunk it served: {flipped} served so, {} caught, bytes equal",
@@ -484,13 +442,7 @@ fn a_relay_with_a_full_disk_refuses_and_the_others_take_the_file() {
         "the full relay did not refuse: {sent}"
     );
     let id = file_id_at(&bob);
-    let got = json(&bob.ok(&[
-        "get",
-        &id,
-        "--to",
-        dir.path().join("saved").to_str().unwrap(),
-        "--json",
-    ]));
+    let got = saved_by(&bob, &id, &dir.path().join("saved"));
     assert!(same_bytes(&src, Path::new(got["path"].as_str().unwrap())));
 }
 
@@ -545,13 +497,7 @@ fn a_photo_is_fetched_as_soon_as_it_arrives_at_a_running_daemon() {
         .as_str()
         .unwrap()
         .to_string();
-    let got = json(&bob.ok(&[
-        "get",
-        &id,
-        "--to",
-        dir.path().join("saved").to_str().unwrap(),
-        "--json",
-    ]));
+    let got = saved_by(&bob, &id, &dir.path().join("saved"));
     assert!(same_bytes(&src, Path::new(got["path"].as_str().unwrap())));
     assert_eq!(
         got["fetched"], 0,

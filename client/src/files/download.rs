@@ -14,8 +14,8 @@ use kkachi_protocol::{ClientToRelay, Multiaddr, ReadKey, RelayToClient};
 use parking_lot::Mutex;
 
 use super::{
-    Answer, FilesError, MAX_FAILURES, PER_RELAY, backoff, bits_path, chunk_len, chunk_offset,
-    classify, disk, in_dir, manifest_path, part_path, private_dir, safe_name, sync_dir,
+    Answer, FilesError, MAX_FAILURES, PER_RELAY, Pick, backoff, bits_path, chunk_len, chunk_offset,
+    disk, in_dir, manifest_path, part_path, private_dir, safe_name, sync_dir,
 };
 use crate::engine::Engine;
 use crate::net::Transport;
@@ -288,11 +288,7 @@ pub(super) async fn fetch_claimed<T: Transport>(
                 key: source.key.clone(),
                 ids: batch.to_vec(),
             };
-            let _ = tokio::time::timeout(
-                crate::engine::ATTEMPT_TIMEOUT,
-                engine.net().request_as_reader(&source.addr, request),
-            )
-            .await;
+            let _ = super::ask(engine.net(), &source.addr, request, true).await;
         }
     }
     Ok(report)
@@ -359,17 +355,7 @@ async fn manifest<T: Transport>(
             key: source.key.clone(),
             id: file.manifest,
         };
-        let answer = tokio::time::timeout(
-            crate::engine::ATTEMPT_TIMEOUT,
-            net.request_as_reader(&source.addr, request),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(crate::net::NetError::Unreachable(
-                "no answer in time".into(),
-            ))
-        });
-        match classify(answer) {
+        match super::ask(net, &source.addr, request, true).await {
             Answer::Ok(RelayToClient::Chunk { data }) => {
                 match Manifest::open(&file.key, &file.manifest, &data) {
                     Ok(m) => {
@@ -430,12 +416,6 @@ struct Plan {
     bytes: u64,
 }
 
-enum Pick {
-    Item(usize),
-    Wait,
-    Done,
-}
-
 impl Plan {
     fn pick(&mut self, r: usize) -> Pick {
         if self.out[r].is_some() {
@@ -486,18 +466,7 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
             key: source.key.clone(),
             id: w.ids[i],
         };
-        let answer = classify(
-            tokio::time::timeout(
-                crate::engine::ATTEMPT_TIMEOUT,
-                net.request_as_reader(&source.addr, request),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(crate::net::NetError::Unreachable(
-                    "no answer in time".into(),
-                ))
-            }),
-        );
+        let answer = super::ask(&net, &source.addr, request, true).await;
         let mut wait = None;
         match answer {
             Answer::Ok(RelayToClient::Chunk { data })

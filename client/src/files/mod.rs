@@ -271,6 +271,39 @@ fn classify(result: Result<RelayToClient, NetError>) -> Answer {
     }
 }
 
+/// What a worker of a transfer does next.
+enum Pick {
+    /// Move this chunk.
+    Item(usize),
+    /// Nothing now: others are under way that may fail.
+    Wait,
+    /// Nothing left for this relay.
+    Done,
+}
+
+/// Sends `request` to the relay at `addr` (as the identity that reads our own queues if
+/// `reader`, else as the one that writes into contacts'), within the time one attempt
+/// may take, and says how the answer counts.
+async fn ask<T: Transport>(
+    net: &T,
+    addr: &kkachi_protocol::Multiaddr,
+    request: kkachi_protocol::ClientToRelay,
+    reader: bool,
+) -> Answer {
+    let exchange = async {
+        if reader {
+            net.request_as_reader(addr, request).await
+        } else {
+            net.request(addr, request).await
+        }
+    };
+    classify(
+        tokio::time::timeout(crate::engine::ATTEMPT_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(NetError::Unreachable("no answer in time".into()))),
+    )
+}
+
 /// The wait before trying a relay again after `failures` failures in a row.
 fn backoff(failures: u32) -> std::time::Duration {
     std::time::Duration::from_millis((250u64 << failures.min(5)).min(5_000))

@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 
 use super::live::Claim;
 use super::{
-    Answer, CHUNK_TTL_SECS, FilesError, MAX_FAILURES, PER_RELAY, SMALL_FILE, backoff, chunk_len,
-    chunk_offset, classify, disk, human_size, media_type, out_dir, private_dir, safe_name,
+    Answer, CHUNK_TTL_SECS, FilesError, MAX_FAILURES, PER_RELAY, Pick, SMALL_FILE, backoff,
+    chunk_len, chunk_offset, disk, human_size, media_type, out_dir, private_dir, safe_name,
     spool_path, sync_dir,
 };
 use crate::engine::{Engine, Sending, now_ms};
@@ -228,12 +228,6 @@ struct Plan {
     trouble: Vec<Option<String>>,
     need: usize,
     bytes: u64,
-}
-
-enum Pick {
-    Item(usize),
-    Wait,
-    Done,
 }
 
 impl Plan {
@@ -544,14 +538,10 @@ async fn holds<T: Transport>(net: &T, target: &Target, ids: &[ChunkId]) -> Optio
             write: target.key,
             ids: batch.to_vec(),
         };
-        let answer = tokio::time::timeout(
-            crate::engine::ATTEMPT_TIMEOUT,
-            net.request(&target.addr, request),
-        )
-        .await
-        .ok()?;
-        match answer {
-            Ok(RelayToClient::ChunksHeld { held: h }) if h.len() == batch.len() => held.extend(h),
+        match super::ask(net, &target.addr, request, false).await {
+            Answer::Ok(RelayToClient::ChunksHeld { held: h }) if h.len() == batch.len() => {
+                held.extend(h)
+            }
             _ => return None,
         }
     }
@@ -595,18 +585,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
             id: w.ids[item],
             data,
         };
-        let answer = classify(
-            tokio::time::timeout(
-                crate::engine::ATTEMPT_TIMEOUT,
-                net.request(&target.addr, request),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(crate::net::NetError::Unreachable(
-                    "no answer in time".into(),
-                ))
-            }),
-        );
+        let answer = super::ask(&net, &target.addr, request, false).await;
         let wait = {
             let mut p = w.plan.lock();
             p.inflight[r][item] = false;
