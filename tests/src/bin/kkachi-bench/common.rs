@@ -120,6 +120,18 @@ impl Relay {
         Ok(())
     }
 
+    /// Chunks of files it holds on disk (one file each under `chunks/<queue>/`).
+    pub(crate) fn chunk_files(&self) -> usize {
+        let Ok(queues) = std::fs::read_dir(self.dir.join("chunks")) else {
+            return 0;
+        };
+        queues
+            .filter_map(Result::ok)
+            .filter_map(|q| std::fs::read_dir(q.path()).ok())
+            .map(|files| files.count())
+            .sum()
+    }
+
     pub(crate) fn rss_kib(&self) -> u64 {
         let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
         std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -292,7 +292,7 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             "file with one relay killed -9 mid-upload (s)",
             &t["one_relay_killed_s"],
             1,
-            "the same size, relay killed at 30% of the upload".to_string(),
+            "the same size, a relay killed once it holds 30% of its share".to_string(),
         );
         fault.ratio = Some((num(&r["file_fault_ratio"]), "the same without the kill"));
         out.push(fault);

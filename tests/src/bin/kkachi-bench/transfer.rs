@@ -60,15 +60,16 @@ fn peak_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// A run of `kkachi`: how long it took, its stdout, and its peak memory (KiB); if
-/// `kill_at` is given, `kill` runs once a progress line says that fraction is done.
+/// A run of `kkachi`: how long it took, its stdout, and its peak memory (KiB).
 struct Run {
     secs: f64,
     stdout: String,
     peak_kib: u64,
 }
 
-fn run(home: &Path, args: &[&str], kill_at: Option<(f64, &mut dyn FnMut())>) -> Result<Run> {
+/// Runs `kkachi` at `home`; `fault`, if given, is asked every few milliseconds while it
+/// runs, until it says it struck (a run it never struck in is an error).
+fn run(home: &Path, args: &[&str], fault: Option<&mut dyn FnMut() -> bool>) -> Result<Run> {
     let started = Instant::now();
     let mut child = command(home)?
         .args(args)
@@ -90,7 +91,7 @@ fn run(home: &Path, args: &[&str], kill_at: Option<(f64, &mut dyn FnMut())>) -> 
         s
     });
     let mut peak = 0;
-    let mut kill_at = kill_at;
+    let mut fault = fault;
     let mut said = Vec::new();
     loop {
         if let Some(p) = peak_kib(pid) {
@@ -102,18 +103,13 @@ fn run(home: &Path, args: &[&str], kill_at: Option<(f64, &mut dyn FnMut())>) -> 
             }
             break;
         }
-        while let Ok(line) = lines.try_recv() {
-            if let Some((threshold, kill)) = kill_at.as_mut()
-                && progress(&line).is_some_and(|(d, t)| d as f64 >= *threshold * t as f64)
-            {
-                kill();
-                kill_at = None;
-            }
-            said.push(line);
+        said.extend(lines.try_iter());
+        if fault.as_mut().is_some_and(|strike| strike()) {
+            fault = None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    if kill_at.is_some() {
+    if fault.is_some() {
         bail!("kkachi {args:?} ended before the fault could be injected");
     }
     Ok(Run {
@@ -121,14 +117,6 @@ fn run(home: &Path, args: &[&str], kill_at: Option<(f64, &mut dyn FnMut())>) -> 
         stdout: out.join().unwrap_or_default(),
         peak_kib: peak,
     })
-}
-
-/// `sending x: 12/400 chunks (3%), …` → (12, 400).
-fn progress(line: &str) -> Option<(usize, usize)> {
-    let (_, rest) = line.split_once(": ")?;
-    let (counts, _) = rest.split_once(" chunks")?;
-    let (done, total) = counts.split_once('/')?;
-    Some((done.parse().ok()?, total.parse().ok()?))
 }
 
 /// The newest file Bob received (after a sync), by id.
@@ -148,17 +136,13 @@ fn through(
     name: &str,
     bytes: u64,
     seed: u64,
-    kill_at: Option<(f64, &mut dyn FnMut())>,
+    fault: Option<&mut dyn FnMut() -> bool>,
 ) -> Result<(Run, Run)> {
     let (alice, bob) = (root.join("alice"), root.join("bob"));
     let src = root.join(name);
     write_file(&src, bytes, seed)?;
     let src_arg = src.to_str().context("path")?;
-    let up = run(
-        &alice,
-        &["send", "bob", "--file", src_arg, "--json"],
-        kill_at,
-    )?;
+    let up = run(&alice, &["send", "bob", "--file", src_arg, "--json"], fault)?;
     let id = newest_file(&bob)?;
     let saved = root.join("saved");
     let down = run(
@@ -218,8 +202,17 @@ pub(crate) fn transfer(root: &Path, mib: u64, big_mib: Option<u64>) -> Result<se
 
     let (up, down) = through(&root, "clean.bin", bytes, 5, None)?;
     let clean_s = up.secs + down.secs;
-    let mut kill = || relays[0].kill9();
-    let (up_f, down_f) = through(&root, "faulty.bin", bytes, 7, Some((0.3, &mut kill)))?;
+    // Relay 0 is killed once it holds 30% of its share (two copies of every chunk over
+    // three relays): watched on its disk, so the kill lands mid-upload however fast.
+    let share = (bytes.div_ceil(256 << 10) * 2 / 3) as usize;
+    let mut kill = || {
+        let struck = relays[0].chunk_files() * 10 >= share * 3;
+        if struck {
+            relays[0].kill9();
+        }
+        struck
+    };
+    let (up_f, down_f) = through(&root, "faulty.bin", bytes, 7, Some(&mut kill))?;
     let faulty_s = up_f.secs + down_f.secs;
     relays[0].restart()?;
 
