@@ -6,11 +6,13 @@
 //! - `contacts`: message requests, blocking, removing and adding contacts again;
 //! - `bundles`: bundles taken in, ours and others';
 //! - `timers`: disappearing messages, read receipts turned off, edits and deletes;
-//! - `replies`: replies, reactions, and changes arriving out of order.
+//! - `replies`: replies, reactions, and changes arriving out of order;
+//! - `files`: files sent, fetched, broken by their sender, fetched on their own.
 
 mod bundles;
 mod contacts;
 mod delivery;
+mod files;
 mod hostile;
 mod replies;
 mod timers;
@@ -21,6 +23,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use kkachi_protocol::WriteId;
+use kkachi_protocol::file::ChunkId;
 use kkachi_protocol::wire::{Addressed, PutOutcome};
 use kkachi_protocol::{
     Body, Card, ClientToRelay, Content, Envelope, MessageId, Multiaddr, PeerId, RelayToClient,
@@ -47,6 +51,11 @@ struct FakeInner {
     /// many hand-overs were tried.
     refusing: HashSet<PeerId>,
     direct_puts: usize,
+    /// Chunks of files each relay holds: by queue and id, with the capability that put
+    /// them.
+    chunks: HashMap<String, HashMap<(kkachi_protocol::QueueId, ChunkId), (WriteId, Vec<u8>)>>,
+    /// Chunks served by all relays.
+    chunks_served: usize,
 }
 
 #[derive(Clone, Default)]
@@ -174,14 +183,74 @@ impl Transport for FakeNet {
             ClientToRelay::Revoke { key, write_ids } => RelayToClient::Granted {
                 grants: store.revoke(&key.queue(), &write_ids).unwrap(),
             },
-            // The engine sends no files yet; these relays store none.
-            ClientToRelay::PutChunk { .. }
-            | ClientToRelay::GetChunk { .. }
-            | ClientToRelay::HasChunks { .. }
-            | ClientToRelay::DeleteChunks { .. } => RelayToClient::error(
-                kkachi_protocol::ErrorCode::NotAllowed,
-                "this test relay stores no files",
-            ),
+            ClientToRelay::PutChunk {
+                write, id, data, ..
+            } => {
+                let outcome = match store.route(&write.id()).unwrap() {
+                    None => PutOutcome::Rejected {
+                        code: kkachi_protocol::ErrorCode::NoQueue,
+                        message: "no queue".into(),
+                    },
+                    Some(_) if ChunkId::of(&data) != id => PutOutcome::Rejected {
+                        code: kkachi_protocol::ErrorCode::Malformed,
+                        message: "not its id".into(),
+                    },
+                    Some((queue, _)) => {
+                        self.inner
+                            .lock()
+                            .chunks
+                            .entry(relay.to_string())
+                            .or_default()
+                            .insert((queue, id), (write.id(), data));
+                        PutOutcome::Stored
+                    }
+                };
+                RelayToClient::Stored {
+                    outcomes: vec![outcome],
+                    epoch: store.epoch(),
+                }
+            }
+            ClientToRelay::GetChunk { key, id } => {
+                let mut inner = self.inner.lock();
+                let held = inner
+                    .chunks
+                    .get(&relay.to_string())
+                    .and_then(|c| c.get(&(key.queue(), id)))
+                    .map(|(_, data)| data.clone());
+                match held {
+                    Some(data) => {
+                        inner.chunks_served += 1;
+                        RelayToClient::Chunk { data }
+                    }
+                    None => RelayToClient::error(kkachi_protocol::ErrorCode::NotFound, "no"),
+                }
+            }
+            ClientToRelay::HasChunks { write, ids } => {
+                let queue = store.route(&write.id()).unwrap().map(|(q, _)| q);
+                let inner = self.inner.lock();
+                let held = inner.chunks.get(&relay.to_string());
+                RelayToClient::ChunksHeld {
+                    held: ids
+                        .iter()
+                        .map(|id| {
+                            queue
+                                .and_then(|q| held?.get(&(q, *id)))
+                                .is_some_and(|(by, _)| *by == write.id())
+                        })
+                        .collect(),
+                }
+            }
+            ClientToRelay::DeleteChunks { key, ids } => {
+                let mut inner = self.inner.lock();
+                let held = inner.chunks.entry(relay.to_string()).or_default();
+                let count = ids
+                    .iter()
+                    .filter(|id| held.remove(&(key.queue(), **id)).is_some())
+                    .count();
+                RelayToClient::Deleted {
+                    count: count as u32,
+                }
+            }
             ClientToRelay::Fetch { key, after, limit } => {
                 let f = store
                     .fetch(&key.queue(), after, usize::from(limit), usize::MAX)

@@ -1,0 +1,203 @@
+//! Files between two engines, over in-memory relays that keep chunks: where chunks go,
+//! a file its sender broke, and what is fetched without being asked.
+
+use std::path::Path;
+
+use kkachi_protocol::file::{FileKey, FileRef};
+
+use super::*;
+use crate::files::{self, FilesError};
+use crate::store::IncomingState;
+
+fn random_file(path: &Path, size: usize, seed: u8) {
+    let mut x = u64::from(seed) | 1;
+    let bytes: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The file message `bob` received last, after taking in what waits.
+async fn received_file(bob: &User) -> FileRef {
+    bob.sync().await;
+    bob.engine
+        .store()
+        .recent_messages(&bob.contacts()[0], 50)
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|m| m.file.as_ref()?.file())
+        .expect("a file message")
+}
+
+impl User {
+    fn contacts(&self) -> Vec<PeerId> {
+        self.engine
+            .store()
+            .contacts()
+            .unwrap()
+            .iter()
+            .map(|c| c.peer)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_file_goes_on_two_relays_then_its_message_and_arrives_whole() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.bin");
+    random_file(&path, 3 << 20, 5);
+    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+        .await
+        .unwrap();
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    assert!(report.message_sent);
+    assert_eq!((report.copies, report.relays), (2, 3));
+    // Larger than 1 MiB: each chunk on two relays, not three (12 chunks and the
+    // manifest, 26 copies in all).
+    let copies: usize = net.inner.lock().chunks.values().map(HashMap::len).sum();
+    assert_eq!(copies, 2 * (12 + 1));
+    let file = received_file(&bob).await;
+    let fetched = files::fetch(&bob.engine, file.id()).await.unwrap();
+    assert!(fetched.complete);
+    assert_eq!((fetched.fetched, fetched.bad), (12, 0));
+    let saved = files::export(bob.engine.store(), &file.id(), &dir.path().join("out")).unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
+    // Here and on disk: the relays were told to let the chunks go.
+    assert_eq!(
+        net.inner
+            .lock()
+            .chunks
+            .values()
+            .map(HashMap::len)
+            .sum::<usize>(),
+        0
+    );
+    // A second fetch fetches nothing.
+    let again = files::fetch(&bob.engine, file.id()).await.unwrap();
+    assert_eq!(again.fetched, 0);
+}
+
+#[tokio::test]
+async fn a_file_its_sender_broke_is_marked_failed_and_not_fetched_again() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("photo.jpg");
+    random_file(&path, 100_000, 7);
+    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+        .await
+        .unwrap();
+    let id = claim.id;
+    files::upload(&alice.engine, claim).await.unwrap();
+    let good = alice
+        .engine
+        .store()
+        .outgoing_file(&id)
+        .unwrap()
+        .unwrap()
+        .file()
+        .unwrap();
+    // The same chunks, named with another key: every relay serves the bytes named,
+    // and they do not open.
+    let broken = FileRef {
+        key: FileKey([9; 32]),
+        ..good.clone()
+    };
+    let mut sending = alice
+        .engine
+        .send_file(bob_c.peer, broken.clone(), WriteSet::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        sending.events.recv().await,
+        Some(SendEvent::Durable)
+    ));
+    alice.engine.deliver_now().await.unwrap();
+    assert_eq!(received_file(&bob).await, broken);
+    let e = files::fetch(&bob.engine, broken.id()).await.unwrap_err();
+    assert!(
+        matches!(&e, FilesError::Refused(why) if why.contains("sender")),
+        "{e}"
+    );
+    let record = bob
+        .engine
+        .store()
+        .incoming_file(&broken.id())
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(record.state, IncomingState::Failed(_)),
+        "{record:?}"
+    );
+    // Asked again, it is refused at once: nothing more is fetched.
+    let served = net.inner.lock().chunks_served;
+    assert!(files::fetch(&bob.engine, broken.id()).await.is_err());
+    assert_eq!(net.inner.lock().chunks_served, served);
+    // The honest reference to the same chunks is another file, and it opens.
+    assert!(files::fetch(&bob.engine, good.id()).await.unwrap().complete);
+    let saved = files::export(bob.engine.store(), &good.id(), dir.path()).unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
+}
+
+#[tokio::test]
+async fn pictures_are_fetched_on_their_own_only_within_their_budget() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    // Twelve pictures of 8 MiB and a document, as a contact may announce them (no
+    // chunks behind them: what is decided here is only whether to fetch).
+    for i in 0..13u8 {
+        let file = FileRef {
+            key: FileKey([i; 32]),
+            manifest: kkachi_protocol::file::ChunkId([i; 32]),
+            size: 8 << 20,
+            name: format!("IMG_{i}.jpg"),
+            mime: if i < 12 {
+                "image/jpeg"
+            } else {
+                "application/pdf"
+            }
+            .into(),
+            thumbnail: Vec::new(),
+        };
+        let mut sending = alice
+            .engine
+            .send_file(bob_c.peer, file, WriteSet::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            sending.events.recv().await,
+            Some(SendEvent::Durable)
+        ));
+    }
+    alice.engine.deliver_now().await.unwrap();
+    bob.sync().await;
+    // Round after round, as a running daemon does it (each fetch stops short: no relay
+    // has the chunks, and it waits to be tried again).
+    for _ in 0..6 {
+        for task in files::resume(&bob.engine, true).unwrap() {
+            task.await.unwrap();
+        }
+    }
+    let (_, incoming) = bob.engine.store().file_transfers().unwrap();
+    assert_eq!(incoming.len(), 13);
+    let auto = incoming.iter().filter(|(_, r)| r.auto).count();
+    assert_eq!(
+        auto,
+        (files::AUTO_FETCH_PER_CONTACT / (8 << 20)) as usize,
+        "64 MiB of pictures per contact"
+    );
+    let document = incoming
+        .iter()
+        .find(|(_, r)| r.file().unwrap().mime == "application/pdf")
+        .unwrap();
+    assert_eq!(document.1.state, IncomingState::Offered);
+    assert!(!document.1.auto);
+}
