@@ -36,6 +36,9 @@ use super::*;
 use crate::net::{NetError, Transport};
 use crate::store::{Contact, Direction, LocalStore, MessageRecord, MessageState, WriteSet};
 
+/// The chunks one relay holds: by queue and id, with the capability that put each.
+type RelayChunks = HashMap<(kkachi_protocol::QueueId, ChunkId), (WriteId, Vec<u8>)>;
+
 #[derive(Default)]
 struct FakeInner {
     relays: HashMap<String, (MemoryStore, bool)>,
@@ -53,7 +56,7 @@ struct FakeInner {
     direct_puts: usize,
     /// Chunks of files each relay holds: by queue and id, with the capability that put
     /// them.
-    chunks: HashMap<String, HashMap<(kkachi_protocol::QueueId, ChunkId), (WriteId, Vec<u8>)>>,
+    chunks: HashMap<String, RelayChunks>,
     /// Chunks served by all relays.
     chunks_served: usize,
 }
