@@ -358,6 +358,8 @@ impl App {
         let path = tokio::task::spawn_blocking(move || files::export(&store, &id, &target))
             .await
             .map_err(|e| CommandError::Refused(format!("saving the file failed: {e}")))??;
+        // Saved: our relays may let its chunks go (the sealed copy here stays).
+        files::release(&engine, id).await?;
         let from = self
             .store
             .contact(&peer)?

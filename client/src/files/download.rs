@@ -114,18 +114,7 @@ pub(super) async fn fetch_claimed<T: Transport>(
         save(&store, &id, &record)?;
         store.flush().await?;
     }
-    let sources: Vec<Source> = store
-        .relays()?
-        .iter()
-        .filter_map(|r| {
-            let addr: Multiaddr = r.addr.parse().ok()?;
-            let relay = crate::net::peer_of(&addr)?;
-            Some(Source {
-                key: engine.identity().inbox_key(&relay),
-                addr,
-            })
-        })
-        .collect();
+    let sources = our_relays(engine)?;
     if sources.is_empty() {
         return Err(FilesError::Unavailable(
             "you have no relays to fetch it from; add one with `kkachi relay add`".into(),
@@ -279,19 +268,59 @@ pub(super) async fn fetch_claimed<T: Transport>(
     save(&store, &id, &record)?;
     store.flush().await?;
     report.complete = true;
-    // Here and on disk: the relays may let it go.
-    let mut all = manifest.chunks.clone();
-    all.push(file.manifest);
-    for source in &sources {
-        for batch in all.chunks(MAX_CHUNK_IDS) {
-            let request = ClientToRelay::DeleteChunks {
-                key: source.key.clone(),
-                ids: batch.to_vec(),
-            };
-            let _ = super::ask(engine.net(), &source.addr, request, true).await;
-        }
-    }
     Ok(report)
+}
+
+/// Tells our relays to let go of the chunks of file `id`, fetched and on disk here (all
+/// relays at once; one that does not answer drops them when they expire).
+pub async fn release<T: Transport>(engine: &Engine<T>, id: TransferId) -> Result<(), FilesError> {
+    let store = engine.store();
+    let Some(record) = store.incoming_file(&id)? else {
+        return Ok(());
+    };
+    if record.state != IncomingState::Done {
+        return Ok(());
+    }
+    let file = record.file()?;
+    let path = manifest_path(store.home(), &id);
+    let sealed = std::fs::read(&path).map_err(disk(&path))?;
+    let Ok(manifest) = Manifest::open(&file.key, &file.manifest, &sealed) else {
+        return Ok(());
+    };
+    let mut all = manifest.chunks;
+    all.push(file.manifest);
+    let sources = our_relays(engine)?;
+    futures::future::join_all(sources.iter().map(|source| {
+        let all = &all;
+        async move {
+            for batch in all.chunks(MAX_CHUNK_IDS) {
+                let request = ClientToRelay::DeleteChunks {
+                    key: source.key.clone(),
+                    ids: batch.to_vec(),
+                };
+                let _ = super::ask(engine.net(), &source.addr, request, true).await;
+            }
+        }
+    }))
+    .await;
+    Ok(())
+}
+
+/// Our relays, and our inbox's read key at each.
+fn our_relays<T: Transport>(engine: &Engine<T>) -> Result<Vec<Source>, FilesError> {
+    Ok(engine
+        .store()
+        .relays()?
+        .iter()
+        .filter_map(|r| {
+            let addr: Multiaddr = r.addr.parse().ok()?;
+            let relay = crate::net::peer_of(&addr)?;
+            Some(Source {
+                key: engine.identity().inbox_key(&relay),
+                addr,
+            })
+        })
+        .collect())
 }
 
 /// Marks the file as one that cannot be fetched (its sender's fault, or too late).

@@ -36,7 +36,7 @@ use crate::engine::{Engine, EngineError};
 use crate::net::{NetError, Transport};
 use crate::store::{IncomingState, StoreError, TransferId};
 
-pub use download::{FetchReport, export, fetch};
+pub use download::{FetchReport, export, fetch, release};
 pub use live::{Claim, Live, LiveProgress};
 pub use upload::{UploadReport, prepare, upload};
 
@@ -436,8 +436,15 @@ pub fn resume<T: Transport>(
         };
         let engine = engine.clone();
         started.push(tokio::spawn(async move {
-            if let Err(e) = download::fetch_claimed(&engine, claim).await {
-                tracing::info!(file = %hex(&id), error = %e, "a file download stopped short; it goes on later");
+            match download::fetch_claimed(&engine, claim).await {
+                Ok(_) => {
+                    if let Err(e) = release(&engine, id).await {
+                        tracing::info!(file = %hex(&id), error = %e, "relays not told to let a file go");
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(file = %hex(&id), error = %e, "a file download stopped short; it goes on later")
+                }
             }
         }));
     }

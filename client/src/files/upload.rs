@@ -2,7 +2,6 @@
 //! relays, then queueing the message that carries it.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,25 +175,55 @@ fn seal_into_spool(
             src.display()
         ))
     };
-    let mut input = File::open(src).map_err(read)?;
+    let input = File::open(src).map_err(read)?;
     let n = chunk_count(size);
-    let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file());
-    let mut plain = vec![0u8; CHUNK_BYTES];
-    let mut ids = Vec::with_capacity(n + 1);
-    for i in 0..n {
-        let want = (size - (i * CHUNK_BYTES) as u64).min(CHUNK_BYTES as u64) as usize;
-        input.read_exact(&mut plain[..want]).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                changed()
-            } else {
-                read(e)
-            }
-        })?;
-        let sealed = seal_chunk(key, i, n, &plain[..want], size);
-        ids.push(ChunkId::of(&sealed).0);
-        out.write_all(&sealed).map_err(disk(tmp.path()))?;
+    // Chunks are sealed on every core at once: each has its fixed place in the spool
+    // (see `chunk_offset`), read from its own place in the file.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .clamp(1, 4)
+        .min(n);
+    let mut ids = vec![[0u8; 32]; n];
+    let (spool, spool_path) = (tmp.as_file(), tmp.path());
+    let results: Vec<Result<Vec<(usize, [u8; 32])>, FilesError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (input, read, changed) = (&input, &read, &changed);
+                scope.spawn(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut plain = vec![0u8; CHUNK_BYTES];
+                    let mut done = Vec::new();
+                    for i in (w..n).step_by(workers) {
+                        let at = (i * CHUNK_BYTES) as u64;
+                        let want = (size - at).min(CHUNK_BYTES as u64) as usize;
+                        input.read_exact_at(&mut plain[..want], at).map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                                changed()
+                            } else {
+                                read(e)
+                            }
+                        })?;
+                        let sealed = seal_chunk(key, i, n, &plain[..want], size);
+                        spool
+                            .write_all_at(&sealed, chunk_offset(i))
+                            .map_err(disk(spool_path))?;
+                        done.push((i, ChunkId::of(&sealed).0));
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sealing does not panic"))
+            .collect()
+    });
+    for result in results {
+        for (i, id) in result? {
+            ids[i] = id;
+        }
     }
-    if input.read(&mut [0u8; 1]).map_err(read)? != 0 {
+    if input.metadata().map_err(read)?.len() != size {
         return Err(changed());
     }
     let manifest = Manifest {
@@ -204,10 +233,9 @@ fn seal_into_spool(
     let (id, sealed) = manifest
         .seal(key)
         .map_err(|e| FilesError::Refused(e.to_string()))?;
-    out.write_all(&sealed).map_err(disk(tmp.path()))?;
-    out.flush().map_err(disk(tmp.path()))?;
-    drop(out);
-    tmp.as_file().sync_all().map_err(disk(tmp.path()))?;
+    let after = chunk_offset(n - 1) + chunk_len(size, n - 1) as u64;
+    std::os::unix::fs::FileExt::write_all_at(spool, &sealed, after).map_err(disk(tmp.path()))?;
+    spool.sync_all().map_err(disk(tmp.path()))?;
     ids.push(id.0);
     Ok((tmp, ids, sealed.len() as u32))
 }

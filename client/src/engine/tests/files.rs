@@ -70,7 +70,8 @@ async fn a_file_goes_on_two_relays_then_its_message_and_arrives_whole() {
     assert_eq!((fetched.fetched, fetched.bad), (12, 0));
     let saved = files::export(bob.engine.store(), &file.id(), &dir.path().join("out")).unwrap();
     assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
-    // Here and on disk: the relays were told to let the chunks go.
+    // Here and on disk: the relays are told to let the chunks go.
+    files::release(&bob.engine, file.id()).await.unwrap();
     assert_eq!(
         net.inner
             .lock()
