@@ -185,7 +185,9 @@ fn seal_into_spool(
         .min(n);
     let mut ids = vec![[0u8; 32]; n];
     let (spool, spool_path) = (tmp.as_file(), tmp.path());
-    let results: Vec<Result<Vec<(usize, [u8; 32])>, FilesError>> = std::thread::scope(|scope| {
+    // Each worker's chunks: their indexes and ids.
+    type Sealed = Vec<(usize, [u8; 32])>;
+    let results: Vec<Result<Sealed, FilesError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let (input, read, changed) = (&input, &read, &changed);
