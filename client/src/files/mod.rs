@@ -221,6 +221,17 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+/// Whether a file named `name` (as it is saved) is one the desktop opens as a document,
+/// a picture or a recording, never as a program: by the saved name's own extension, not
+/// the type its sender claimed.
+pub fn opens_safely(name: &str) -> bool {
+    let kind = media_type(&safe_name(name));
+    kind.starts_with("image/") && kind != "image/svg+xml"
+        || kind.starts_with("audio/")
+        || kind.starts_with("video/")
+        || matches!(kind, "application/pdf" | "text/plain" | "text/csv")
+}
+
 /// Whether a file of this type and size is fetched as soon as its message arrives.
 pub fn fetched_at_once(file: &FileRef) -> bool {
     file.mime.starts_with("image/") && file.size <= AUTO_FETCH_MAX
@@ -561,4 +572,46 @@ pub fn transfer_file(
     };
     let peer = peer.ok_or(StoreError::Corrupt("file transfer"))?;
     Ok((peer, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_documents_pictures_and_recordings_open() {
+        for name in [
+            "IMG_1.JPG",
+            "map.png",
+            "plan.pdf",
+            "notes.txt",
+            "call.m4a",
+            "clip.mp4",
+            "../../x.jpg",
+        ] {
+            assert!(opens_safely(name), "{name}");
+        }
+        for name in [
+            "run.sh",
+            "a.jpg.exe",
+            "x.desktop",
+            "page.html",
+            "logo.svg",
+            "noext",
+            "app.AppImage",
+        ] {
+            assert!(!opens_safely(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_are_made_safe_to_save() {
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name("C:\\Users\\x\\..\\evil.txt"), "evil.txt");
+        assert_eq!(safe_name(".bashrc"), "bashrc");
+        assert_eq!(safe_name("a\u{202e}gnp.exe"), "agnp.exe");
+        assert_eq!(safe_name("\u{1b}[31mred"), "[31mred");
+        assert_eq!(safe_name(".."), "file");
+        assert!(safe_name(&"가".repeat(200)).len() <= kkachi_protocol::file::MAX_NAME_BYTES);
+    }
 }

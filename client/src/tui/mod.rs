@@ -369,6 +369,25 @@ fn run_effect(
                 }
                 None => return,
             },
+            Effect::Open { id, to } => {
+                let mut app = App::online(engine);
+                let result = match app.run(Command::Get { id, to: Some(to) }, true).await {
+                    Ok(out) if out.code == 0 => {
+                        let saved: serde_json::Value =
+                            serde_json::from_str(out.stdout.trim()).unwrap_or_default();
+                        match saved["path"].as_str() {
+                            Some(path) => open_with_desktop(path),
+                            None => Err("the file was not saved".to_string()),
+                        }
+                    }
+                    Ok(out) => Err(out.stderr.trim().to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                Msg::Done {
+                    title: None,
+                    result,
+                }
+            }
             Effect::Invite => {
                 let home = engine.store().home().to_path_buf();
                 let mut app = App::online(engine);
@@ -446,6 +465,28 @@ fn base64(bytes: &[u8]) -> String {
 /// and OSC 9 for terminals that know that one), and a desktop one where `notify-send`
 /// is installed. The name only, never the text: a notification may show on a locked
 /// screen.
+/// Opens the saved file at `path` with the desktop's program for its type (`xdg-open`,
+/// or `open` on macOS); says where it is when there is none.
+fn open_with_desktop(path: &str) -> Result<String, String> {
+    let shown = crate::sanitize::for_terminal(path).into_owned();
+    for opener in ["xdg-open", "open"] {
+        if let Ok(mut child) = std::process::Command::new(opener)
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            // Reaped off the UI's thread.
+            std::thread::spawn(move || child.wait());
+            return Ok(format!("saved to {shown}, and opened"));
+        }
+    }
+    Err(format!(
+        "saved to {shown}; nothing here opens files (xdg-open is not installed)"
+    ))
+}
+
 fn notify(from: &str) {
     // Nothing a contact chose reaches the terminal raw: control characters go, and the
     // separators of these sequences too.

@@ -89,6 +89,14 @@ pub enum Effect {
     Copy(String),
     /// Take mouse events (the wheel scrolls), or leave the mouse to the terminal.
     Mouse(bool),
+    /// Save a file a contact sent into `to` (fetching it if needed), then open it with
+    /// the desktop's program for its type.
+    Open {
+        /// The file's id.
+        id: String,
+        /// The folder to save it in.
+        to: std::path::PathBuf,
+    },
 }
 
 /// The help text (also `/help`).
@@ -109,7 +117,7 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
 /search WORDS           find messages         /mute  this conversation on/off
 /relays  /relay add|remove ADDR   your relays (up/down, latency), add, remove
-/file PATH  /save [DIR]  send a file or photo; save their last (or picked)
+/file PATH /save [DIR] /open  send a file; save/open their last or picked
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
 /bell /notify /mouse    bell, notifications, mouse on/off     /receipts on|off";
 
@@ -419,7 +427,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
 const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
-    "receipts", "edit", "delete", "reply", "react", "name", "mouse", "file", "save",
+    "receipts", "edit", "delete", "reply", "react", "name", "mouse", "file", "save", "open",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -653,7 +661,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 None,
             )]
         }
-        (Some("save"), dir) => {
+        (Some(verb @ ("save" | "open")), dir) => {
             if state.selected.is_none() {
                 notice(state, "open the conversation first");
                 return vec![];
@@ -674,7 +682,9 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             else {
                 notice(
                     state,
-                    "no file of theirs here to save: pick one with Ctrl+Up, then /save [DIR]",
+                    &format!(
+                        "no file of theirs here to {verb}: pick one with Ctrl+Up, then /{verb}"
+                    ),
                 );
                 return vec![];
             };
@@ -683,6 +693,21 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 None => downloads(),
             };
             state.picked = None;
+            if verb == "open" {
+                // Only what opens as a document, picture or recording: a contact's file
+                // never runs as a program, whatever they call its type.
+                if !crate::files::opens_safely(&file.name) {
+                    notice(
+                        state,
+                        "that kind of file is not opened from here: /save it and look at it first",
+                    );
+                    return vec![];
+                }
+                return vec![Effect::Open {
+                    id: crate::files::hex(&file.id()),
+                    to,
+                }];
+            }
             vec![run(
                 Command::Get {
                     id: crate::files::hex(&file.id()),
@@ -1439,6 +1464,26 @@ mod tests {
             matches!(&e[..], [Effect::Run { command: Command::Get { id, .. }, .. }]
                 if *id == crate::files::hex(&file("a.pdf").id())),
             "{e:?}"
+        );
+        // Opened: a document is saved, then opened.
+        typed(&mut s, "/open /tmp/kept");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Open {
+                id: crate::files::hex(&file("b.pdf").id()),
+                to: "/tmp/kept".into(),
+            }]
+        );
+        // What could run as a program is never opened, whatever type its sender says.
+        s.data.messages.push(with(4, "invoice.pdf.desktop"));
+        typed(&mut s, "/open");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(
+            s.notice
+                .as_ref()
+                .unwrap()
+                .0
+                .contains("not opened from here")
         );
     }
 
