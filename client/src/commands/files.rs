@@ -359,7 +359,9 @@ impl App {
             .await
             .map_err(|e| CommandError::Refused(format!("saving the file failed: {e}")))??;
         // Saved: our relays may let its chunks go (the sealed copy here stays).
-        files::release(&engine, id).await?;
+        if let Err(e) = files::release(&engine, id).await {
+            tracing::warn!(error = %e, "relays not told to let a saved file go; they drop it when it expires");
+        }
         let from = self
             .store
             .contact(&peer)?

@@ -424,7 +424,14 @@ async fn manifest<T: Transport>(
     ))))
 }
 
+/// Writes the record back, unless it was removed meanwhile (its message deleted, its
+/// sender removed or blocked): then the fetch stops.
 fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
+    if store.incoming_file(id)?.is_none() {
+        return Err(FilesError::Refused(
+            "its message is gone, or its sender was removed or blocked".into(),
+        ));
+    }
     let mut w = WriteSet::default();
     LocalStore::write_incoming_file(&mut w, id, record);
     store.apply(w)?;
@@ -652,9 +659,7 @@ pub fn export(store: &LocalStore, id: &TransferId, dir: &Path) -> Result<PathBuf
     };
     sync_dir(dir)?;
     record.saved.push(target.display().to_string());
-    let mut w = WriteSet::default();
-    LocalStore::write_incoming_file(&mut w, id, &record);
-    store.apply(w)?;
+    save(store, id, &record)?;
     Ok(target)
 }
 

@@ -221,15 +221,85 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-/// Whether a file named `name` (as it is saved) is one the desktop opens as a document,
-/// a picture or a recording, never as a program: by the saved name's own extension, not
-/// the type its sender claimed.
+/// The extensions `/open` hands to the desktop, and how each such file starts: pictures,
+/// recordings, PDFs and plain text, never what a desktop might run or render as a page
+/// (no SVG, HTML, Markdown, spreadsheets).
+const OPENABLE: &[(&str, &[&[u8]])] = &[
+    ("png", &[b"\x89PNG\r\n\x1a\n"]),
+    ("jpg", &[b"\xff\xd8\xff"]),
+    ("jpeg", &[b"\xff\xd8\xff"]),
+    ("gif", &[b"GIF87a", b"GIF89a"]),
+    ("webp", &[b"RIFF"]),
+    ("pdf", &[b"%PDF-"]),
+    ("mp3", &[b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"]),
+    ("ogg", &[b"OggS"]),
+    ("opus", &[b"OggS"]),
+    ("wav", &[b"RIFF"]),
+    ("m4a", &[]),
+    ("mp4", &[]),
+    ("mov", &[]),
+    ("txt", &[]),
+];
+
+/// Whether a file named `name` (as it is saved) is one `/open` may hand to the desktop:
+/// by the saved name's own extension, never the type its sender claimed.
 pub fn opens_safely(name: &str) -> bool {
-    let kind = media_type(&safe_name(name));
-    kind.starts_with("image/") && kind != "image/svg+xml"
-        || kind.starts_with("audio/")
-        || kind.starts_with("video/")
-        || matches!(kind, "application/pdf" | "text/plain" | "text/csv")
+    let name = safe_name(name);
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    OPENABLE.iter().any(|(e, _)| *e == ext)
+}
+
+/// Whether the saved file at `path` is what its extension says (its first bytes), so
+/// the desktop, which may judge by content, opens it as that: a "photo" that is really
+/// a web page is not opened. Text must be UTF-8 with nothing that makes it a script, a
+/// page or a launcher.
+pub fn content_matches(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let Some((_, magics)) = OPENABLE.iter().find(|(e, _)| *e == ext) else {
+        return false;
+    };
+    let mut head = vec![0u8; 4096];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    let head = &head[..n];
+    match ext.as_str() {
+        // ISO media: a box size, then "ftyp".
+        "m4a" | "mp4" | "mov" => head.get(4..8) == Some(b"ftyp".as_slice()),
+        "txt" => {
+            let text = String::from_utf8_lossy(head);
+            !head.contains(&0)
+                && std::str::from_utf8(head).is_ok_or_truncated()
+                && !["#!", "<", "[Desktop"]
+                    .iter()
+                    .any(|p| text.trim_start().starts_with(p))
+        }
+        _ => magics.iter().any(|m| head.starts_with(m)),
+    }
+}
+
+/// UTF-8 whose only fault may be a character cut at the end of what was read.
+trait Utf8Prefix {
+    fn is_ok_or_truncated(&self) -> bool;
+}
+
+impl Utf8Prefix for Result<&str, std::str::Utf8Error> {
+    fn is_ok_or_truncated(&self) -> bool {
+        match self {
+            Ok(_) => true,
+            Err(e) => e.error_len().is_none(),
+        }
+    }
 }
 
 /// Whether a file of this type and size is fetched as soon as its message arrives.
@@ -326,6 +396,10 @@ pub fn retry_after(attempts: u32) -> std::time::Duration {
     std::time::Duration::from_secs((20u64 << attempts.min(7).saturating_sub(1)).min(1800))
 }
 
+/// How far back a contact's messages are searched for another message carrying a file
+/// whose message went.
+const SWEEP_LOOKBACK: usize = 10_000;
+
 /// Transfers run on their own at once, at most (others wait for the next round).
 pub const MAX_RUNNING: usize = 4;
 /// Bytes of files fetched on their own (without being asked) kept per contact, and in
@@ -347,11 +421,37 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
         let Some(peer) = peer else { return Ok(None) };
         Ok((store.contact(&peer)?.is_some() && store.blocked(&peer)?.is_none()).then_some(peer))
     };
+    let carries = |m: &crate::store::MessageRecord, id: &TransferId| {
+        !m.deleted
+            && m.file
+                .as_ref()
+                .and_then(|f| f.file())
+                .is_some_and(|f| f.id() == *id)
+    };
     for (id, r) in &incoming {
         let keep = match wanted(r.contact())? {
-            Some(peer) => store
-                .message(&peer, &kkachi_protocol::MessageId(r.message))?
-                .is_some_and(|(_, m)| !m.deleted && m.file.is_some()),
+            Some(peer) => {
+                let here = store
+                    .message(&peer, &kkachi_protocol::MessageId(r.message))?
+                    .is_some_and(|(_, m)| carries(&m, id));
+                // The same file in another message of theirs (sent again): it stays,
+                // named by that one.
+                let other = if here {
+                    None
+                } else {
+                    store
+                        .recent_messages(&peer, SWEEP_LOOKBACK)?
+                        .into_iter()
+                        .rev()
+                        .find(|m| carries(m, id))
+                };
+                if let Some(m) = &other {
+                    let mut moved = r.clone();
+                    moved.message = m.id;
+                    crate::store::LocalStore::write_incoming_file(&mut w, id, &moved);
+                }
+                here || other.is_some()
+            }
             None => false,
         };
         if !keep {
@@ -601,6 +701,28 @@ mod tests {
             "app.AppImage",
         ] {
             assert!(!opens_safely(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_files_that_are_what_their_names_say_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[u8], bool); 10] = [
+            ("a.png", b"\x89PNG\r\n\x1a\n....", true),
+            ("b.png", b"<html><script>", false),
+            ("c.jpg", b"\xff\xd8\xff\xe0 jfif", true),
+            ("d.pdf", b"%PDF-1.7", true),
+            ("e.txt", "지도: 학교 체육관".as_bytes(), true),
+            ("f.txt", b"#!/bin/sh\nrm -rf ~", false),
+            ("g.txt", b"[Desktop Entry]\nExec=x", false),
+            ("h.txt", b"plain\0binary", false),
+            ("i.mp4", b"\0\0\0\x18ftypmp42", true),
+            ("j.md", b"# notes", false),
+        ];
+        for (name, bytes, opens) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            assert_eq!(content_matches(&path), opens, "{name}");
         }
     }
 

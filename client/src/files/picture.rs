@@ -12,6 +12,11 @@ use ratatui::text::{Line, Span};
 
 /// The longer side of a preview, in pixels.
 pub const PREVIEW_SIDE: u32 = 96;
+/// Pictures larger than this get no preview.
+pub const MAX_PREVIEWED_BYTES: u64 = 64 << 20;
+/// The largest preview from a contact that is drawn, in pixels on each side (ours are
+/// at most [`PREVIEW_SIDE`]).
+pub const MAX_DRAWN_SIDE: u32 = 128;
 
 /// A preview of the picture at `path` (PNG or JPEG, by `mime`): at most
 /// [`PREVIEW_SIDE`] pixels on its longer side, as a JPEG within the bound a file
@@ -20,15 +25,25 @@ pub fn preview(path: &Path, mime: &str) -> Option<Vec<u8>> {
     if !matches!(mime, "image/png" | "image/jpeg") {
         return None;
     }
+    // The user's own file, but still bounded: a decoder may read all of it first, and
+    // a picture that claims to be vast is not worth a preview.
+    if std::fs::metadata(path).ok()?.len() > MAX_PREVIEWED_BYTES {
+        return None;
+    }
     let mut reader = ImageReader::open(path).ok()?.with_guessed_format().ok()?;
-    // The user's own file, but still bounded: a picture that claims to be vast is
-    // not worth a preview.
     let mut limits = Limits::default();
-    limits.max_image_width = Some(20_000);
-    limits.max_image_height = Some(20_000);
-    limits.max_alloc = Some(512 << 20);
+    limits.max_image_width = Some(12_000);
+    limits.max_image_height = Some(12_000);
+    limits.max_alloc = Some(128 << 20);
     reader.limits(limits);
-    let small = reader.decode().ok()?.thumbnail(PREVIEW_SIDE, PREVIEW_SIDE);
+    let mut decoder = reader.into_decoder().ok()?;
+    // As a phone's camera meant it: upright.
+    let orientation = image::ImageDecoder::orientation(&mut decoder).ok();
+    let mut full = image::DynamicImage::from_decoder(decoder).ok()?;
+    if let Some(o) = orientation {
+        full.apply_orientation(o);
+    }
+    let small = full.thumbnail(PREVIEW_SIDE, PREVIEW_SIDE);
     let rgb = small.to_rgb8();
     for quality in [80u8, 65, 50, 35, 20] {
         let mut out = Vec::new();
@@ -50,24 +65,41 @@ pub fn pixels(preview: &[u8]) -> Option<RgbImage> {
         .with_guessed_format()
         .ok()?;
     let mut limits = Limits::default();
-    limits.max_image_width = Some(4 * PREVIEW_SIDE);
-    limits.max_image_height = Some(4 * PREVIEW_SIDE);
-    limits.max_alloc = Some(4 << 20);
+    limits.max_image_width = Some(MAX_DRAWN_SIDE);
+    limits.max_image_height = Some(MAX_DRAWN_SIDE);
+    limits.max_alloc = Some(1 << 20);
     reader.limits(limits);
     Some(reader.decode().ok()?.to_rgb8())
 }
 
-/// Lines drawing `picture` within `cols` columns and `rows` rows, keeping its shape
-/// (a cell is about twice as tall as wide, and holds two pixels one above the other).
-pub fn half_blocks(picture: &RgbImage, cols: u16, rows: u16) -> Vec<Line<'static>> {
+/// `picture` scaled to fit `cols` columns and `rows` rows of half blocks, keeping its
+/// shape (a cell is about twice as tall as wide, and holds two pixels one above the
+/// other).
+pub fn fit(picture: &RgbImage, cols: u16, rows: u16) -> Option<RgbImage> {
     let (w, h) = picture.dimensions();
     if w == 0 || h == 0 || cols == 0 || rows == 0 {
-        return Vec::new();
+        return None;
     }
     let scale = (f64::from(cols) / f64::from(w)).min(f64::from(rows) * 2.0 / f64::from(h));
     let tw = ((f64::from(w) * scale).round() as u32).clamp(1, u32::from(cols));
     let th = ((f64::from(h) * scale).round() as u32).clamp(1, u32::from(rows) * 2);
-    let small = image::imageops::resize(picture, tw, th, image::imageops::FilterType::Triangle);
+    if (tw, th) == (w, h) {
+        return Some(picture.clone());
+    }
+    Some(image::imageops::resize(
+        picture,
+        tw,
+        th,
+        image::imageops::FilterType::Triangle,
+    ))
+}
+
+/// Lines drawing `picture` within `cols` columns and `rows` rows (see [`fit`]).
+pub fn half_blocks(picture: &RgbImage, cols: u16, rows: u16) -> Vec<Line<'static>> {
+    let Some(small) = fit(picture, cols, rows) else {
+        return Vec::new();
+    };
+    let (tw, th) = small.dimensions();
     let color = |x: u32, y: u32| {
         let p = small.get_pixel(x, y).0;
         Color::Rgb(p[0], p[1], p[2])
@@ -126,12 +158,14 @@ mod tests {
                 .unwrap();
             out
         };
-        // A few kilobytes that would take 2 MB decoded: refused.
+        // A few kilobytes that would take 2 MB decoded: refused, and so is anything
+        // larger than a preview is drawn.
         let vast = png(800);
         assert!(vast.len() <= MAX_THUMBNAIL_BYTES, "{}", vast.len());
         assert!(pixels(&vast).is_none());
+        assert!(pixels(&png(MAX_DRAWN_SIDE + 1)).is_none());
         // Within the bounds: drawn.
-        assert!(pixels(&png(300)).is_some());
+        assert!(pixels(&png(MAX_DRAWN_SIDE)).is_some());
         assert!(pixels(b"\xff\xd8\xff junk").is_none());
         assert!(pixels(&[]).is_none());
     }

@@ -185,30 +185,43 @@ fn seal_into_spool(
         .min(n);
     let mut ids = vec![[0u8; 32]; n];
     let (spool, spool_path) = (tmp.as_file(), tmp.path());
+    // One worker failing stops the others.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let modified = input.metadata().and_then(|m| m.modified()).ok();
     // Each worker's chunks: their indexes and ids.
     type Sealed = Vec<(usize, [u8; 32])>;
     let results: Vec<Result<Sealed, FilesError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                let (input, read, changed) = (&input, &read, &changed);
+                let (input, read, changed, stop) = (&input, &read, &changed, &stop);
                 scope.spawn(move || {
                     use std::os::unix::fs::FileExt;
+                    use std::sync::atomic::Ordering;
                     let mut plain = vec![0u8; CHUNK_BYTES];
                     let mut done = Vec::new();
                     for i in (w..n).step_by(workers) {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                         let at = (i * CHUNK_BYTES) as u64;
                         let want = (size - at).min(CHUNK_BYTES as u64) as usize;
-                        input.read_exact_at(&mut plain[..want], at).map_err(|e| {
-                            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                                changed()
-                            } else {
-                                read(e)
-                            }
-                        })?;
-                        let sealed = seal_chunk(key, i, n, &plain[..want], size);
-                        spool
-                            .write_all_at(&sealed, chunk_offset(i))
-                            .map_err(disk(spool_path))?;
+                        let sealed = input
+                            .read_exact_at(&mut plain[..want], at)
+                            .map_err(|e| {
+                                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                                    changed()
+                                } else {
+                                    read(e)
+                                }
+                            })
+                            .and_then(|()| {
+                                let sealed = seal_chunk(key, i, n, &plain[..want], size);
+                                spool
+                                    .write_all_at(&sealed, chunk_offset(i))
+                                    .map_err(disk(spool_path))?;
+                                Ok(sealed)
+                            })
+                            .inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
                         done.push((i, ChunkId::of(&sealed).0));
                     }
                     Ok(done)
@@ -225,7 +238,9 @@ fn seal_into_spool(
             ids[i] = id;
         }
     }
-    if input.metadata().map_err(read)?.len() != size {
+    // Written to meanwhile (longer, shorter, or the same length changed in place).
+    let after = input.metadata().map_err(read)?;
+    if after.len() != size || after.modified().ok() != modified {
         return Err(changed());
     }
     let manifest = Manifest {
@@ -543,7 +558,14 @@ pub async fn upload<T: Transport>(
     )))
 }
 
+/// Writes the record back, unless it was removed meanwhile (its contact removed or
+/// blocked): then the upload stops.
 fn save(store: &LocalStore, id: &TransferId, record: &Outgoing) -> Result<(), FilesError> {
+    if store.outgoing_file(id)?.is_none() {
+        return Err(FilesError::Refused(
+            "they were removed or blocked meanwhile: the file goes no further".into(),
+        ));
+    }
     let mut w = WriteSet::default();
     LocalStore::write_outgoing_file(&mut w, id, record);
     store.apply(w)?;

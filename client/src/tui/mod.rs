@@ -376,7 +376,12 @@ fn run_effect(
                         let saved: serde_json::Value =
                             serde_json::from_str(out.stdout.trim()).unwrap_or_default();
                         match saved["path"].as_str() {
-                            Some(path) => open_with_desktop(path),
+                            Some(path) => {
+                                let path = path.to_string();
+                                tokio::task::spawn_blocking(move || open_with_desktop(&path))
+                                    .await
+                                    .unwrap_or_else(|e| Err(e.to_string()))
+                            }
                             None => Err("the file was not saved".to_string()),
                         }
                     }
@@ -465,26 +470,36 @@ fn base64(bytes: &[u8]) -> String {
 /// and OSC 9 for terminals that know that one), and a desktop one where `notify-send`
 /// is installed. The name only, never the text: a notification may show on a locked
 /// screen.
-/// Opens the saved file at `path` with the desktop's program for its type (`xdg-open`,
-/// or `open` on macOS); says where it is when there is none.
+/// Opens the saved file at `path` with the desktop's program for its type (`xdg-open`;
+/// `open` on macOS), once its first bytes are what its name says; says where it is
+/// when it is not opened. Blocks until the opener has handed it over.
 fn open_with_desktop(path: &str) -> Result<String, String> {
     let shown = crate::sanitize::for_terminal(path).into_owned();
-    for opener in ["xdg-open", "open"] {
-        if let Ok(mut child) = std::process::Command::new(opener)
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-        {
-            // Reaped off the UI's thread.
-            std::thread::spawn(move || child.wait());
-            return Ok(format!("saved to {shown}, and opened"));
-        }
+    if !crate::files::content_matches(std::path::Path::new(path)) {
+        return Err(format!(
+            "saved to {shown}, not opened: it is not what its name says"
+        ));
     }
-    Err(format!(
-        "saved to {shown}; nothing here opens files (xdg-open is not installed)"
-    ))
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    let status = std::process::Command::new(opener)
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => Ok(format!("saved to {shown}, and opened")),
+        Ok(s) => Err(format!(
+            "saved to {shown}; {opener} could not open it ({s})"
+        )),
+        Err(_) => Err(format!(
+            "saved to {shown}; nothing here opens files ({opener} is not installed)"
+        )),
+    }
 }
 
 fn notify(from: &str) {
@@ -682,7 +697,9 @@ fn file_view(
     }
 }
 
-/// A file's preview, decoded once (a few, kept while the UI runs).
+/// A file's preview, decoded once and kept at the size it is drawn (a few KiB each),
+/// for more files than a conversation shows: a contact sending many cannot make the UI
+/// decode them again on every frame.
 fn picture(id: &[u8; 32], preview: &[u8]) -> Option<Arc<image::RgbImage>> {
     type Cache =
         parking_lot::Mutex<std::collections::HashMap<[u8; 32], Option<Arc<image::RgbImage>>>>;
@@ -694,10 +711,12 @@ fn picture(id: &[u8; 32], preview: &[u8]) -> Option<Arc<image::RgbImage>> {
     if let Some(p) = cache.get(id) {
         return p.clone();
     }
-    if cache.len() >= 256 {
+    if cache.len() >= 2 * MESSAGES_SHOWN {
         cache.clear();
     }
-    let p = crate::files::picture::pixels(preview).map(Arc::new);
+    let p = crate::files::picture::pixels(preview)
+        .and_then(|p| crate::files::picture::fit(&p, view::PICTURE_COLS, view::PICTURE_ROWS))
+        .map(Arc::new);
     cache.insert(*id, p.clone());
     p
 }

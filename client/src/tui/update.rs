@@ -331,6 +331,23 @@ fn keep(state: &mut State, line: &str) {
 
 /// The message /reply and /react act on: the one picked, or their last; never a
 /// deleted one.
+/// The path after `/word` on a command line: the rest of the line (it may hold spaces),
+/// `~/` the home, made absolute; `None` if there is none.
+fn path_after(line: &str, word: &str) -> Option<std::path::PathBuf> {
+    let rest = line.trim_start().strip_prefix(word)?.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let path = match rest.strip_prefix("~/") {
+        Some(tail) => std::env::var_os("HOME")
+            .map(|h| std::path::PathBuf::from(h).join(tail))
+            .unwrap_or_else(|| rest.into()),
+        None if rest == "~" => std::env::var_os("HOME").map_or_else(|| rest.into(), Into::into),
+        None => std::path::PathBuf::from(rest),
+    };
+    Some(std::path::absolute(&path).unwrap_or(path))
+}
+
 /// Where `/save` puts files by default: the user's downloads folder, else the home.
 fn downloads() -> std::path::PathBuf {
     directories::UserDirs::new()
@@ -628,23 +645,10 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 notice(state, "open the conversation first");
                 return vec![];
             };
-            // The rest of the line is the path (it may hold spaces); ~ is the home.
-            let path = line
-                .trim_start()
-                .strip_prefix("file")
-                .unwrap_or_default()
-                .trim();
-            if first.is_none() || path.is_empty() {
+            let Some(path) = path_after(line, "file").filter(|_| first.is_some()) else {
                 notice(state, "usage: /file PATH (a file or photo, up to 2 GiB)");
                 return vec![];
-            }
-            let path = match path.strip_prefix("~/") {
-                Some(rest) => std::env::var_os("HOME")
-                    .map(|h| std::path::PathBuf::from(h).join(rest))
-                    .unwrap_or_else(|| path.into()),
-                None => std::path::PathBuf::from(path),
             };
-            let path = std::path::absolute(&path).unwrap_or(path);
             if !path.is_file() {
                 notice(state, &format!("{} is not a file", path.display()));
                 keep(state, line);
@@ -688,9 +692,14 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 );
                 return vec![];
             };
-            let to = match dir {
-                Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.into()),
-                None => downloads(),
+            let to = match (dir, path_after(line, verb)) {
+                (Some(_), Some(d)) if d.is_dir() => d,
+                (Some(_), Some(d)) => {
+                    notice(state, &format!("{} is not a folder", d.display()));
+                    keep(state, line);
+                    return vec![];
+                }
+                _ => downloads(),
             };
             state.picked = None;
             if verb == "open" {
@@ -1439,15 +1448,21 @@ mod tests {
             with(2, "b.pdf"),
             record(3, Direction::In, "hi"),
         ];
-        // Their last file, into the folder named.
-        typed(&mut s, "/save /tmp/kept");
+        // Their last file, into the folder named (one that is not, refused).
+        let kept = tempfile::tempdir().unwrap();
+        let kept = kept.path().to_str().unwrap();
+        typed(&mut s, "/save /no/such/folder");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("is not a folder"));
+        s.input = crate::tui::state::new_input();
+        typed(&mut s, &format!("/save {kept}"));
         let e = update(&mut s, key(KeyCode::Enter));
         assert_eq!(
             e,
             vec![Effect::Run {
                 command: Command::Get {
                     id: crate::files::hex(&file("b.pdf").id()),
-                    to: Some("/tmp/kept".into()),
+                    to: Some(kept.into()),
                 },
                 title: None,
             }]
@@ -1458,7 +1473,7 @@ mod tests {
             update(&mut s, ctrl(KeyCode::Up));
         }
         assert_eq!(s.picked, Some([1; 16]));
-        typed(&mut s, "/save /tmp/kept");
+        typed(&mut s, &format!("/save {kept}"));
         let e = update(&mut s, key(KeyCode::Enter));
         assert!(
             matches!(&e[..], [Effect::Run { command: Command::Get { id, .. }, .. }]
@@ -1466,12 +1481,12 @@ mod tests {
             "{e:?}"
         );
         // Opened: a document is saved, then opened.
-        typed(&mut s, "/open /tmp/kept");
+        typed(&mut s, &format!("/open {kept}"));
         assert_eq!(
             update(&mut s, key(KeyCode::Enter)),
             vec![Effect::Open {
                 id: crate::files::hex(&file("b.pdf").id()),
-                to: "/tmp/kept".into(),
+                to: kept.into(),
             }]
         );
         // What could run as a program is never opened, whatever type its sender says.

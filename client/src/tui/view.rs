@@ -103,9 +103,9 @@ struct Decor {
 }
 
 /// The widest and tallest a picture's preview is drawn, in cells.
-const PICTURE_COLS: u16 = 32;
+pub(crate) const PICTURE_COLS: u16 = 32;
 /// See [`PICTURE_COLS`].
-const PICTURE_ROWS: u16 = 8;
+pub(crate) const PICTURE_ROWS: u16 = 8;
 
 /// A progress bar `width` cells wide: `█████░░░░░ 48%`.
 fn progress_bar(done: usize, total: usize, width: usize) -> String {

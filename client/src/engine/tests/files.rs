@@ -202,3 +202,70 @@ async fn pictures_are_fetched_on_their_own_only_within_their_budget() {
     assert_eq!(document.1.state, IncomingState::Offered);
     assert!(!document.1.auto);
 }
+
+#[tokio::test]
+async fn a_file_sent_in_two_messages_stays_while_either_is_here() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("map.png");
+    random_file(&path, 50_000, 9);
+    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+        .await
+        .unwrap();
+    let id = claim.id;
+    files::upload(&alice.engine, claim).await.unwrap();
+    let file = alice
+        .engine
+        .store()
+        .outgoing_file(&id)
+        .unwrap()
+        .unwrap()
+        .file()
+        .unwrap();
+    // The same reference again, in a second message.
+    let mut again = alice
+        .engine
+        .send_file(bob_c.peer, file.clone(), WriteSet::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        again.events.recv().await,
+        Some(SendEvent::Durable)
+    ));
+    alice.engine.deliver_now().await.unwrap();
+    bob.sync().await;
+    assert!(files::fetch(&bob.engine, file.id()).await.unwrap().complete);
+    let carrying: Vec<[u8; 16]> = bob
+        .engine
+        .store()
+        .recent_messages(&alice_c.peer, 50)
+        .unwrap()
+        .iter()
+        .filter(|m| m.file.is_some())
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(carrying.len(), 2);
+    // The first deleted here: the file stays, named by the second.
+    bob.engine
+        .delete_for_me(alice_c.peer, MessageId(carrying[0]))
+        .await
+        .unwrap();
+    let record = bob.engine.store().incoming_file(&file.id()).unwrap();
+    assert_eq!(record.map(|r| r.message), Some(carrying[1]));
+    let saved = files::export(bob.engine.store(), &file.id(), dir.path()).unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
+    // The second too: it goes.
+    bob.engine
+        .delete_for_me(alice_c.peer, MessageId(carrying[1]))
+        .await
+        .unwrap();
+    assert!(
+        bob.engine
+            .store()
+            .incoming_file(&file.id())
+            .unwrap()
+            .is_none()
+    );
+    assert!(files::export(bob.engine.store(), &file.id(), dir.path()).is_err());
+}
