@@ -634,7 +634,7 @@ pub fn export(store: &LocalStore, id: &TransferId, dir: &Path) -> Result<PathBuf
                 record.state = IncomingState::Fetching;
                 save(store, id, &record)?;
                 return Err(FilesError::Refused(format!(
-                    "chunk {i} of the file is damaged on this disk ({e}); `kkachi get` again fetches it anew"
+                    "chunk {i} of the file is damaged on this disk ({e}); `kkachi get` again fetches it anew while your relays still hold it (two weeks from when it was sent)"
                 )));
             }
         };

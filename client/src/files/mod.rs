@@ -476,6 +476,20 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
             let _ = std::fs::remove_file(p);
         }
     }
+    // Sealing left part-way by a process that died: an hour old is no one's any more.
+    if let Ok(entries) = std::fs::read_dir(out_dir(&home)) {
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+            if stale && entry.file_name().to_string_lossy().starts_with(".sealing-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     Ok(n)
 }
 
