@@ -399,7 +399,18 @@ pub async fn upload<T: Transport>(
         )));
     }
     let spool_file = spool_path(&home, &id);
-    let spool = Arc::new(File::open(&spool_file).map_err(disk(&spool_file))?);
+    let spool = match File::open(&spool_file) {
+        Ok(f) => Arc::new(f),
+        // Removed by hand: nothing can be put any more. Said once, not tried forever.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            forget(&store, &home, &id).await?;
+            return Err(FilesError::Refused(format!(
+                "the sealed copy of {} is gone from this device; send the file again",
+                super::safe_name(&file.name)
+            )));
+        }
+        Err(e) => return Err(disk(&spool_file)(e)),
+    };
     let ids = record.ids();
     let items = ids.len();
     let n = items - 1;
