@@ -673,6 +673,13 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
                     w.notify.notify_one();
                     None
                 }
+                // Our share of its space for files to them is full: nothing more goes
+                // there in this run (waiting seconds would not change it).
+                Answer::Transient(why) if why.starts_with("quota_exceeded") => {
+                    p.trouble[r] = Some(why.clone());
+                    p.out[r] = Some(why);
+                    None
+                }
                 Answer::Transient(why) => {
                     p.failures[r] += 1;
                     p.trouble[r] = Some(why.clone());

@@ -475,9 +475,10 @@ fn base64(bytes: &[u8]) -> String {
 /// when it is not opened. Blocks until the opener has handed it over.
 fn open_with_desktop(path: &str) -> Result<String, String> {
     let shown = crate::sanitize::for_terminal(path).into_owned();
+    // Saved in any case: what follows only says whether it also opened.
     if !crate::files::content_matches(std::path::Path::new(path)) {
-        return Err(format!(
-            "saved to {shown}, not opened: it is not what its name says"
+        return Ok(format!(
+            "saved to {shown}; not opened: it is not what its name says"
         ));
     }
     let opener = if cfg!(target_os = "macos") {
@@ -491,15 +492,11 @@ fn open_with_desktop(path: &str) -> Result<String, String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
-    match status {
-        Ok(s) if s.success() => Ok(format!("saved to {shown}, and opened")),
-        Ok(s) => Err(format!(
-            "saved to {shown}; {opener} could not open it ({s})"
-        )),
-        Err(_) => Err(format!(
-            "saved to {shown}; nothing here opens files ({opener} is not installed)"
-        )),
-    }
+    Ok(match status {
+        Ok(s) if s.success() => format!("saved to {shown}, and opened"),
+        Ok(s) => format!("saved to {shown}; not opened: {opener} failed ({s})"),
+        Err(_) => format!("saved to {shown}; not opened: {opener} is not installed here"),
+    })
 }
 
 fn notify(from: &str) {

@@ -335,6 +335,14 @@ fn keep(state: &mut State, line: &str) {
 /// `~/` the home, made absolute; `None` if there is none.
 fn path_after(line: &str, word: &str) -> Option<std::path::PathBuf> {
     let rest = line.trim_start().strip_prefix(word)?.trim();
+    // As a terminal pastes a dropped file: in quotes, or with its spaces escaped.
+    let unquoted = match rest.as_bytes() {
+        [b'\'', .., b'\''] | [b'"', .., b'"'] if rest.len() >= 2 => {
+            rest[1..rest.len() - 1].to_string()
+        }
+        _ => rest.replace("\\ ", " "),
+    };
+    let rest = unquoted.as_str();
     if rest.is_empty() {
         return None;
     }
@@ -353,7 +361,7 @@ fn downloads() -> std::path::PathBuf {
     directories::UserDirs::new()
         .and_then(|d| d.download_dir().map(std::path::Path::to_path_buf))
         .filter(|d| d.is_dir())
-        .or_else(|| std::env::var_os("HOME").map(std::path::PathBuf::from))
+        .or_else(|| std::env::current_dir().ok())
         .unwrap_or_else(|| ".".into())
 }
 
@@ -650,7 +658,12 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 return vec![];
             };
             if !path.is_file() {
-                notice(state, &format!("{} is not a file", path.display()));
+                let why = if path.exists() {
+                    "is not a file"
+                } else {
+                    "does not exist"
+                };
+                notice(state, &format!("{} {why}", path.display()));
                 keep(state, line);
                 return vec![];
             }
@@ -695,7 +708,12 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             let to = match (dir, path_after(line, verb)) {
                 (Some(_), Some(d)) if d.is_dir() => d,
                 (Some(_), Some(d)) => {
-                    notice(state, &format!("{} is not a folder", d.display()));
+                    let why = if d.exists() {
+                        "is not a folder"
+                    } else {
+                        "does not exist"
+                    };
+                    notice(state, &format!("{} {why}", d.display()));
                     keep(state, line);
                     return vec![];
                 }
@@ -1420,12 +1438,29 @@ mod tests {
                     && args.text.is_empty()),
             "{e:?}"
         );
-        // Not a file: said, and what was typed stays to correct.
+        // Missing, or not a file: said, and what was typed stays to correct.
         typed(&mut s, "/file /no/such/file");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
-        assert!(s.notice.as_ref().unwrap().0.contains("is not a file"));
+        assert!(s.notice.as_ref().unwrap().0.contains("does not exist"));
         assert_eq!(s.input.lines().join(""), "/file /no/such/file");
         s.input = crate::tui::state::new_input();
+        typed(&mut s, &format!("/file {}", dir.path().display()));
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("is not a file"));
+        s.input = crate::tui::state::new_input();
+        // A dropped file as terminals paste it: quoted, or its spaces escaped.
+        for pasted in [
+            format!("'{}'", path.display()),
+            path.display().to_string().replace(' ', "\\ "),
+        ] {
+            typed(&mut s, &format!("/file {pasted}"));
+            let e = update(&mut s, key(KeyCode::Enter));
+            assert!(
+                matches!(&e[..], [Effect::Run { command: Command::Send(args), .. }]
+                    if args.file.as_deref() == Some(path.as_path())),
+                "{pasted}: {e:?}"
+            );
+        }
         // Nothing of theirs to save yet.
         typed(&mut s, "/save");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
@@ -1453,7 +1488,7 @@ mod tests {
         let kept = kept.path().to_str().unwrap();
         typed(&mut s, "/save /no/such/folder");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
-        assert!(s.notice.as_ref().unwrap().0.contains("is not a folder"));
+        assert!(s.notice.as_ref().unwrap().0.contains("does not exist"));
         s.input = crate::tui::state::new_input();
         typed(&mut s, &format!("/save {kept}"));
         let e = update(&mut s, key(KeyCode::Enter));

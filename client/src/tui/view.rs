@@ -418,6 +418,8 @@ fn draw_input(state: &State, frame: &mut Frame, area: Rect) {
             };
             let text = if m.deleted {
                 "(deleted)".to_string()
+            } else if let Some(file) = state.data.files.get(&m.id) {
+                file.label.clone()
             } else {
                 for_terminal(m.text.lines().next().unwrap_or_default()).into_owned()
             };
