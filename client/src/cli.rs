@@ -52,7 +52,13 @@ pub enum Command {
     /// Send a message or a file. Exits 0 once it is safely in your outbox.
     Send(SendArgs),
     /// Files sent and received: how far each is, and its id for `get`.
-    Files,
+    Files {
+        /// Stop a file: one being sent (before its message went: it is not sent, and
+        /// its sealed copy is removed), or one being fetched (what is here is removed;
+        /// `get` fetches it again).
+        #[arg(long, value_name = "FILE")]
+        cancel: Option<String>,
+    },
     /// Fetch a file a contact sent (if it is not here yet) and save it.
     Get {
         /// The file: its id from `files` or `history --json` (or the start of it, 6

@@ -186,6 +186,33 @@ impl App {
         Ok(())
     }
 
+    /// `files --cancel FILE`.
+    pub(super) fn cancel_file(
+        &mut self,
+        spec: &str,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let (incoming, id) = files::find_transfer(&self.store, spec)?;
+        let (_, file) = files::transfer_file(&self.store, incoming, &id)?;
+        let what = files::cancel(&self.store, incoming, &id)?;
+        if json {
+            out.json(
+                json!({ "cancelled": hex(&id), "direction": if incoming { "in" } else { "out" } }),
+            );
+        } else {
+            out.out(match what {
+                files::Cancelled::Upload => format!("{} will not be sent", describe(&file)),
+                files::Cancelled::Fetch => format!(
+                    "stopped fetching {}; `kkachi get {}` fetches it again",
+                    describe(&file),
+                    &hex(&id)[..12]
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// `files`: every transfer, newest first.
     pub(super) fn files(&mut self, json: bool, out: &mut Output) -> Result<(), CommandError> {
         files::sweep(&self.store)?;

@@ -255,7 +255,8 @@ impl App {
             Command::Contact(command) => self.contact(command, json, &mut out).await?,
             Command::Request(command) => self.request(command, json, &mut out).await?,
             Command::Send(args) => self.send(args, json, &mut out).await?,
-            Command::Files => self.files(json, &mut out)?,
+            Command::Files { cancel: None } => self.files(json, &mut out)?,
+            Command::Files { cancel: Some(id) } => self.cancel_file(&id, json, &mut out)?,
             Command::Get { id, to } => self.get(&id, to, json, &mut out).await?,
             Command::Sync { timeout } => self.sync(timeout, json, &mut out).await?,
             Command::Search {

@@ -643,6 +643,56 @@ pub fn find_transfer(
     }
 }
 
+/// What [`cancel`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// A file being sent: it will not be sent; its sealed copy is gone.
+    Upload,
+    /// A file being fetched: what was here is gone; it can be fetched again.
+    Fetch,
+}
+
+/// Stops transfer `id` (as [`find_transfer`] names it). A task running it stops at its
+/// next step (its record is gone). A file whose message went already cannot be unsent.
+pub fn cancel(
+    store: &crate::store::LocalStore,
+    incoming: bool,
+    id: &TransferId,
+) -> Result<Cancelled, FilesError> {
+    let home = store.home().to_path_buf();
+    let mut w = crate::store::WriteSet::default();
+    if incoming {
+        let Some(mut record) = store.incoming_file(id)? else {
+            return Err(FilesError::Refused("no such file here".into()));
+        };
+        record.state = IncomingState::Offered;
+        record.attempts = 0;
+        record.retry_at_ms = 0;
+        crate::store::LocalStore::write_incoming_file(&mut w, id, &record);
+        store.apply(w)?;
+        for p in [
+            part_path(&home, id),
+            bits_path(&home, id),
+            manifest_path(&home, id),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+        return Ok(Cancelled::Fetch);
+    }
+    let Some(record) = store.outgoing_file(id)? else {
+        return Err(FilesError::Refused("no such file being sent".into()));
+    };
+    if record.message_sent {
+        return Err(FilesError::Refused(
+            "its message went already: it cannot be unsent (delete it for everyone instead)".into(),
+        ));
+    }
+    crate::store::LocalStore::remove_file_record(&mut w, id, false);
+    store.apply(w)?;
+    let _ = std::fs::remove_file(spool_path(&home, id));
+    Ok(Cancelled::Upload)
+}
+
 /// How far a file a contact sent is here: chunks on disk, of how many (the manifest
 /// not fetched yet: `None`).
 pub fn fetched_chunks(home: &Path, id: &TransferId, file: &FileRef) -> Option<(usize, usize)> {

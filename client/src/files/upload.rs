@@ -498,6 +498,11 @@ pub async fn upload<T: Transport>(
             .map(|(t, h)| (t.addr.to_string(), bitmap(h)))
             .collect();
         if ready && !record.message_sent {
+            // Cancelled meanwhile: it does not go.
+            if store.outgoing_file(&id)?.is_none() {
+                workers.abort_all();
+                return Err(FilesError::Refused("the file was cancelled".into()));
+            }
             // The message, and the record that it went, in one write.
             record.message_sent = true;
             let mut with = WriteSet::default();

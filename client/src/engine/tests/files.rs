@@ -269,3 +269,55 @@ async fn a_file_sent_in_two_messages_stays_while_either_is_here() {
     );
     assert!(files::export(bob.engine.store(), &file.id(), dir.path()).is_err());
 }
+
+#[tokio::test]
+async fn a_file_cancelled_is_not_sent_and_a_fetch_cancelled_starts_again() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _) = pair(&net).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("draft.pdf");
+    random_file(&path, 40_000, 11);
+    // Sealed, then cancelled before it went: never sent, its sealed copy gone.
+    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+        .await
+        .unwrap();
+    let id = claim.id;
+    assert_eq!(
+        files::cancel(alice.engine.store(), false, &id).unwrap(),
+        files::Cancelled::Upload
+    );
+    assert!(files::upload(&alice.engine, claim).await.is_err());
+    assert!(
+        std::fs::read_dir(files::out_dir(alice.engine.store().home()))
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name().to_string_lossy().starts_with('.'))
+    );
+    bob.sync().await;
+    assert!(
+        bob.engine.store().file_transfers().unwrap().1.is_empty(),
+        "a cancelled file reached them"
+    );
+    // Sent, fetched, then the fetch undone: fetched again, whole.
+    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+        .await
+        .unwrap();
+    files::upload(&alice.engine, claim).await.unwrap();
+    let file = received_file(&bob).await;
+    files::fetch(&bob.engine, file.id()).await.unwrap();
+    assert_eq!(
+        files::cancel(bob.engine.store(), true, &file.id()).unwrap(),
+        files::Cancelled::Fetch
+    );
+    let record = bob
+        .engine
+        .store()
+        .incoming_file(&file.id())
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, IncomingState::Offered);
+    let again = files::fetch(&bob.engine, file.id()).await.unwrap();
+    assert_eq!(again.fetched, 1);
+    let saved = files::export(bob.engine.store(), &file.id(), dir.path()).unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
+}
