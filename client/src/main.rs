@@ -408,6 +408,11 @@ fn absolute_paths(command: Command) -> Result<Command, String> {
             })
         }
         Command::Send(mut args) => {
+            if args.file.as_deref() == Some(std::path::Path::new("-")) {
+                return Err(
+                    "--file takes the path of a file; standard input (-) is for a text".into(),
+                );
+            }
             args.file = args.file.map(absolute).transpose()?;
             Command::Send(args)
         }
