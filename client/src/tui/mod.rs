@@ -582,6 +582,10 @@ pub fn snapshot(
         None => (vec![], vec![], vec![]),
     };
     let requests = store.requests().map(|r| r.len()).unwrap_or(0);
+    let files_waiting = store
+        .file_transfers()
+        .map(|(out, _)| out.iter().filter(|(_, r)| !r.message_sent).count())
+        .unwrap_or(0);
     let relays = store.relays().unwrap_or_default();
     let status = match engine {
         Some(engine) => {
@@ -610,11 +614,13 @@ pub fn snapshot(
                     })
                     .unwrap_or(0),
                 requests,
+                files_waiting,
             }
         }
         None => Status {
             relays: relays.len(),
             requests,
+            files_waiting,
             ..Status::default()
         },
     };

@@ -41,6 +41,8 @@ pub struct Status {
     pub direct: usize,
     /// People who are not contacts with messages held (`/requests`).
     pub requests: usize,
+    /// Files being sent whose message has not gone yet (waiting for their relays).
+    pub files_waiting: usize,
 }
 
 impl Status {

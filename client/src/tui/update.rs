@@ -1059,6 +1059,7 @@ mod tests {
                     lan_peers: 0,
                     direct: 0,
                     requests: 0,
+                    files_waiting: 0,
                 },
                 ..Snapshot::default()
             }),

@@ -469,6 +469,14 @@ fn draw_status(state: &State, frame: &mut Frame, area: Rect) {
             Style::new().fg(Color::Yellow).bold(),
         ));
     }
+    // A file not sent yet has no message to show it: said here until it goes.
+    if s.files_waiting > 0 {
+        spans.push(Span::raw("│"));
+        spans.push(Span::styled(
+            format!(" sending {} file(s) ", s.files_waiting),
+            Style::new().fg(Color::Cyan),
+        ));
+    }
     if s.offline() {
         spans.push(Span::raw("│"));
         spans.push(Span::styled(
@@ -740,10 +748,19 @@ mod tests {
                 lan_peers: 0,
                 direct: 0,
                 requests: 0,
+                files_waiting: 0,
             },
             files: Default::default(),
         });
         s
+    }
+
+    #[test]
+    fn files_not_sent_yet_are_said_in_the_status_bar() {
+        let mut s = chat_state();
+        assert!(!render(&s, 100, 16).contains("sending"));
+        s.data.status.files_waiting = 2;
+        assert!(render(&s, 100, 16).contains("sending 2 file(s)"));
     }
 
     #[test]
@@ -881,6 +898,7 @@ mod tests {
             lan_peers: 0,
             direct: 1,
             requests: 0,
+            files_waiting: 0,
         };
         let screen = render(&s, 120, 16);
         assert!(!screen.contains("OFFLINE"), "{screen}");
@@ -903,6 +921,7 @@ mod tests {
             lan_peers: 0,
             direct: 0,
             requests: 0,
+            files_waiting: 0,
         };
         s.overlay = Some(Overlay::Help);
         let screen = render(&s, 80, 22);
