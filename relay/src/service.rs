@@ -572,23 +572,9 @@ impl<S: MailboxStore + Clone> Service<S> {
         if self.chunks.is_none() {
             return self.no_files();
         }
-        if self.disk_low() {
-            return Action::Respond(refuse(
-                &self.metrics,
-                ErrorCode::StorageFull,
-                "this relay's disk is nearly full; nothing was stored, try another relay",
-            ));
-        }
-        let requester = Source::of(peer, source);
         let incoming = data.len() as u64 + 64;
-        if let Some(n) = NonZeroU32::new(kib(incoming))
-            && !matches!(self.put_kib.check_key_n(&requester, n), Ok(Ok(())))
-        {
-            return Action::Respond(refuse(
-                &self.metrics,
-                ErrorCode::RateLimited,
-                "your network address has put its share of this relay's storage for now; retry later",
-            ));
+        if let Some(refusal) = self.refuse_bytes(peer, source, incoming) {
+            return refusal;
         }
         if !matches!(self.puts.check_key(peer), Ok(()))
             || source.is_some_and(|a| !matches!(self.puts_by_address.check_key(&a), Ok(())))
@@ -778,6 +764,30 @@ impl<S: MailboxStore + Clone> Service<S> {
         }
     }
 
+    /// The refusal of `incoming` bytes put by `peer` (from `source`), if they may not be
+    /// stored at all: the disk is nearly full, or the address has put its share for now.
+    /// Envelopes and chunks alike.
+    fn refuse_bytes(&self, peer: &PeerId, source: Option<IpAddr>, incoming: u64) -> Option<Action> {
+        if self.disk_low() {
+            return Some(Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::StorageFull,
+                "this relay's disk is nearly full; nothing was stored, try another relay",
+            )));
+        }
+        let requester = Source::of(peer, source);
+        if let Some(n) = NonZeroU32::new(kib(incoming))
+            && !matches!(self.put_kib.check_key_n(&requester, n), Ok(Ok(())))
+        {
+            return Some(Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::RateLimited,
+                "your network address has put its share of this relay's storage for now; retry later",
+            )));
+        }
+        None
+    }
+
     fn put(
         &self,
         peer: &PeerId,
@@ -785,27 +795,14 @@ impl<S: MailboxStore + Clone> Service<S> {
         items: Vec<Addressed>,
         now: u64,
     ) -> Action {
-        if self.disk_low() {
-            return Action::Respond(refuse(
-                &self.metrics,
-                ErrorCode::StorageFull,
-                "this relay's disk is nearly full; nothing was stored, try another relay",
-            ));
-        }
         let incoming: u64 = items
             .iter()
             .map(|i| i.envelope.encoded_len() as u64 + 64)
             .sum();
-        let requester = Source::of(peer, source);
-        if let Some(n) = NonZeroU32::new(kib(incoming))
-            && !matches!(self.put_kib.check_key_n(&requester, n), Ok(Ok(())))
-        {
-            return Action::Respond(refuse(
-                &self.metrics,
-                ErrorCode::RateLimited,
-                "your network address has put its share of this relay's storage for now; retry later",
-            ));
+        if let Some(refusal) = self.refuse_bytes(peer, source, incoming) {
+            return refusal;
         }
+        let requester = Source::of(peer, source);
         let _ = self
             .disk_free
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {

@@ -14,15 +14,19 @@ use crate::store::{Contact, IncomingState, TransferId};
 /// How often a transfer run by this command reports how far it is (on stderr).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
+/// Progress printed while a transfer runs; it stops when this is dropped.
+struct Ticker(tokio::task::JoinHandle<()>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Prints how far transfer `id` is on stderr while it runs: one line each time it
 /// moves, as `label: done/total chunks (p%), rate`.
-fn report_progress(
-    live: Arc<Live>,
-    incoming: bool,
-    id: TransferId,
-    label: String,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+fn report_progress(live: Arc<Live>, incoming: bool, id: TransferId, label: String) -> Ticker {
+    Ticker(tokio::spawn(async move {
         let mut last = None;
         loop {
             tokio::time::sleep(PROGRESS_EVERY).await;
@@ -41,7 +45,7 @@ fn report_progress(
                 human_size(p.rate() as u64)
             );
         }
-    })
+    }))
 }
 
 impl App {
@@ -68,9 +72,7 @@ impl App {
             )
         });
         let result = files::upload(&engine, claim).await;
-        if let Some(t) = ticker {
-            t.abort();
-        }
+        drop(ticker);
         let report = match result {
             Ok(report) => report,
             Err(FilesError::Unavailable(why)) => {
@@ -376,9 +378,7 @@ impl App {
             )
         });
         let result = files::fetch(&engine, id).await;
-        if let Some(t) = ticker {
-            t.abort();
-        }
+        drop(ticker);
         let report = result?;
         let store = self.store.clone();
         let target = dir.clone();

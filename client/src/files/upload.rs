@@ -548,6 +548,10 @@ pub async fn upload<T: Transport>(
         record.finished = true;
         record.last_error = None;
         record.attempts = 0;
+        // Nothing more is put: the chunk list (up to 256 KiB) and what each relay holds
+        // are not kept, so listing transfers stays cheap.
+        record.chunks = Vec::new();
+        record.relays = Vec::new();
         save(&store, &id, &record)?;
         store.flush().await?;
         let _ = std::fs::remove_file(&spool_file);

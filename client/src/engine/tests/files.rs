@@ -22,6 +22,22 @@ fn random_file(path: &Path, size: usize, seed: u8) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Sends the file at `path` from `alice` to `to` (sealed, uploaded, its message queued);
+/// its reference.
+async fn sent_file(alice: &User, to: &Contact, path: &Path) -> FileRef {
+    let claim = files::prepare(&alice.engine, to.peer, path).await.unwrap();
+    let id = claim.id;
+    files::upload(&alice.engine, claim).await.unwrap();
+    alice
+        .engine
+        .store()
+        .outgoing_file(&id)
+        .unwrap()
+        .unwrap()
+        .file()
+        .unwrap()
+}
+
 /// The file message `bob` received last, after taking in what waits.
 async fn received_file(bob: &User) -> FileRef {
     bob.sync().await;
@@ -93,19 +109,7 @@ async fn a_file_its_sender_broke_is_marked_failed_and_not_fetched_again() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("photo.jpg");
     random_file(&path, 100_000, 7);
-    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
-        .await
-        .unwrap();
-    let id = claim.id;
-    files::upload(&alice.engine, claim).await.unwrap();
-    let good = alice
-        .engine
-        .store()
-        .outgoing_file(&id)
-        .unwrap()
-        .unwrap()
-        .file()
-        .unwrap();
+    let good = sent_file(&alice, &bob_c, &path).await;
     // The same chunks, named with another key: every relay serves the bytes named,
     // and they do not open.
     let broken = FileRef {
@@ -210,19 +214,7 @@ async fn a_file_sent_in_two_messages_stays_while_either_is_here() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("map.png");
     random_file(&path, 50_000, 9);
-    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
-        .await
-        .unwrap();
-    let id = claim.id;
-    files::upload(&alice.engine, claim).await.unwrap();
-    let file = alice
-        .engine
-        .store()
-        .outgoing_file(&id)
-        .unwrap()
-        .unwrap()
-        .file()
-        .unwrap();
+    let file = sent_file(&alice, &bob_c, &path).await;
     // The same reference again, in a second message.
     let mut again = alice
         .engine
