@@ -322,7 +322,7 @@ fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
     };
     let chunks = bytes.div_ceil(kkachi_client::backup::CHUNK);
     assert!(chunk > 0 && chunk < chunks, "chunk {chunk} of {chunks}");
-    let store = kkachi_client::store::LocalStore::open(&dir.path().join("restored")).unwrap();
+    let store = open_when_free(&dir.path().join("restored"));
     let messages = store.messages(&contact.peer).unwrap();
     assert_eq!(messages.len() as u64, restored.counts.messages);
     assert!(
@@ -342,4 +342,20 @@ fn a_damaged_chunk_is_named_and_everything_before_it_is_restored() {
         "backup: a byte flipped at {at} of {bytes}: chunk {chunk} of {chunks} named, the {} messages before it restored",
         messages.len()
     );
+}
+
+/// The store at `home`, once the process that wrote it last here (the restore) has let
+/// go of it: sled releases its lock from a thread of its own, a moment after the drop.
+fn open_when_free(home: &std::path::Path) -> kkachi_client::store::LocalStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match kkachi_client::store::LocalStore::open(home) {
+            Err(kkachi_client::store::StoreError::Locked(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.expect("the restored store opens"),
+        }
+    }
 }
