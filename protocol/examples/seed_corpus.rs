@@ -28,6 +28,52 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 }
 
 fn main() {
+    // Groups: a creation, an add, a demotion and a removal, as one member shares them.
+    {
+        use kkachi_protocol::group::{Hlc, Mode, Op, Role, SignedOp, encode_ops};
+        let (founder, member) = (fuzz_sender(), fuzz_recipient());
+        let at = |ms| Hlc { ms, count: 0 };
+        let create = SignedOp::create(&founder, "Alice", [1; 16], "Family", Mode::Chat, at(1));
+        let id = create.group();
+        let member_key = *member.public().ed25519();
+        let ops = [
+            create,
+            SignedOp::sign(
+                &founder,
+                id,
+                2,
+                at(2),
+                Op::Add {
+                    member: member.public(),
+                    name: "Bob".into(),
+                    role: Role::Admin,
+                },
+            ),
+            SignedOp::sign(
+                &founder,
+                id,
+                3,
+                at(3),
+                Op::SetRole {
+                    member: member_key,
+                    role: Role::Member,
+                    cut: 0,
+                },
+            ),
+            SignedOp::sign(
+                &founder,
+                id,
+                4,
+                at(4),
+                Op::Remove {
+                    member: member_key,
+                    cut: 0,
+                },
+            ),
+        ];
+        write("group", "log", &encode_ops(&ops));
+        write("group", "create", &encode_ops(&ops[..1]));
+    }
     // Files: a file reference (0 ‖ encoding) and a manifest sealed under the
     // corpus key (1 ‖ sealed).
     {

@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("lan_beacon", lan_beacon),
     ("bundle", bundle),
     ("file", file),
+    ("group", group),
 ];
 
 /// The key of the manifests in the `file` corpus (public, so seeds can be real).
@@ -49,6 +50,19 @@ pub fn file(data: &[u8]) {
             }
         }
         _ => {}
+    }
+}
+
+/// Group operations as a member shares them (any member may be hostile): each decodes
+/// to what it was signed as, and merging whatever verified never panics.
+pub fn group(data: &[u8]) {
+    use crate::group::{MAX_LOG_OPS, Roster, decode_ops, encode_ops};
+    if let Ok(ops) = decode_ops(data, MAX_LOG_OPS) {
+        assert_eq!(encode_ops(&ops), data, "group operations are canonical");
+        if let Some(first) = ops.first() {
+            let id = first.group();
+            let _ = Roster::merge(id, ops.iter().filter(|op| op.group() == id));
+        }
     }
 }
 

@@ -164,6 +164,12 @@ impl Identity {
 }
 
 /// The bytes a signature for `label` covers.
+/// Checks a labelled signature (see [`Identity::sign`]) against a raw Ed25519 public key
+/// that need not belong to a [`PublicIdentity`] (a group member named by its key alone).
+pub(crate) fn verify_raw(key: &[u8; 32], label: &str, msg: &[u8], sig: &[u8; 64]) -> bool {
+    ed25519::PublicKey::try_from_bytes(key).is_ok_and(|k| k.verify(&labelled(label, msg), sig))
+}
+
 fn labelled(label: &str, msg: &[u8]) -> Vec<u8> {
     let label = label.as_bytes();
     assert!(label.len() <= 255, "signature labels are short constants");

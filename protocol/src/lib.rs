@@ -32,6 +32,7 @@ pub mod envelope;
 pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group;
 pub mod identity;
 pub mod lan;
 pub mod queue;

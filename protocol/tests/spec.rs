@@ -46,6 +46,13 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_WAIT_MS", u64::from(wire::MAX_WAIT_MS)),
         ("CLOCK_SKEW_SECS", envelope::CLOCK_SKEW_SECS),
         ("MAX_NAME_CHARS", card::MAX_NAME_CHARS as u64),
+        ("MAX_OP_LEN", kkachi_protocol::group::MAX_OP_LEN as u64),
+        ("MAX_LOG_OPS", kkachi_protocol::group::MAX_LOG_OPS as u64),
+        ("MAX_MEMBERS", kkachi_protocol::group::MAX_MEMBERS as u64),
+        (
+            "SMALL_GROUP_MAX",
+            kkachi_protocol::group::SMALL_GROUP_MAX as u64,
+        ),
         (
             "MAX_FIRST_GENERATION",
             u64::from(session::MAX_FIRST_GENERATION),

@@ -1,0 +1,448 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::identity::SECRET_LEN;
+
+fn person(n: u8) -> Identity {
+    let mut secret = vec![1u8];
+    secret.extend_from_slice(&[n; 32]);
+    secret.extend_from_slice(&[n.wrapping_add(100); 32]);
+    assert_eq!(secret.len(), SECRET_LEN);
+    Identity::from_secret_bytes(&secret).unwrap()
+}
+
+fn at(ms: u64) -> Hlc {
+    Hlc { ms, count: 0 }
+}
+
+fn key(id: &Identity) -> [u8; 32] {
+    *id.public().ed25519()
+}
+
+/// A group founded by `founder` at time 1, with a log the test extends.
+struct Log {
+    id: GroupId,
+    ops: Vec<SignedOp>,
+    seqs: BTreeMap<[u8; 32], u64>,
+}
+
+impl Log {
+    fn new(founder: &Identity) -> Self {
+        let create = SignedOp::create(founder, "Founder", [5; 16], "Family", Mode::Chat, at(1));
+        let mut seqs = BTreeMap::new();
+        seqs.insert(key(founder), 1);
+        Self {
+            id: create.group(),
+            ops: vec![create],
+            seqs,
+        }
+    }
+
+    fn push(&mut self, author: &Identity, ms: u64, op: Op) -> SignedOp {
+        let seq = self.seqs.entry(key(author)).or_insert(0);
+        *seq += 1;
+        let op = SignedOp::sign(author, self.id, *seq, at(ms), op);
+        self.ops.push(op.clone());
+        op
+    }
+
+    fn add(&mut self, author: &Identity, ms: u64, who: &Identity, role: Role) -> SignedOp {
+        let op = Op::Add {
+            member: who.public(),
+            name: format!("m{}", key(who)[0]),
+            role,
+        };
+        self.push(author, ms, op)
+    }
+
+    /// What `author` has seen of `target` is everything in this log so far.
+    fn cut(&self, target: &Identity) -> u64 {
+        self.seqs.get(&key(target)).copied().unwrap_or(0)
+    }
+
+    fn remove(&mut self, author: &Identity, ms: u64, who: &Identity) -> SignedOp {
+        let cut = self.cut(who);
+        self.push(
+            author,
+            ms,
+            Op::Remove {
+                member: key(who),
+                cut,
+            },
+        )
+    }
+
+    fn roster(&self) -> Roster {
+        Roster::merge(self.id, &self.ops).unwrap()
+    }
+}
+
+#[test]
+fn founding_makes_the_founder_an_admin() {
+    let a = person(1);
+    let log = Log::new(&a);
+    let r = log.roster();
+    assert_eq!(r.name, "Family");
+    assert_eq!(r.role(&key(&a)), Some(Role::Admin));
+    assert_eq!(r.members[&key(&a)].name, "Founder");
+    assert_eq!(r.members.len(), 1);
+}
+
+#[test]
+fn operations_round_trip_and_signatures_bind_every_byte() {
+    let a = person(1);
+    let mut log = Log::new(&a);
+    let add = log.add(&a, 2, &person(2), Role::Member);
+    let decoded = SignedOp::decode(add.encode()).unwrap();
+    assert_eq!(decoded, add);
+    for i in 0..add.encode().len() {
+        let mut bad = add.encode().to_vec();
+        bad[i] ^= 0x01;
+        assert!(
+            SignedOp::decode(&bad).is_err(),
+            "a flipped byte {i} still decodes"
+        );
+    }
+    let create = &log.ops[0];
+    assert_eq!(SignedOp::decode(create.encode()).unwrap().group(), log.id);
+    let ops = decode_ops(&encode_ops(&log.ops), 10).unwrap();
+    assert_eq!(ops, log.ops);
+    assert!(decode_ops(&encode_ops(&log.ops), 1).is_err());
+}
+
+#[test]
+fn a_creation_names_its_author_as_founder() {
+    // Someone else's identity as founder: refused even though the author signed it.
+    let (a, b) = (person(1), person(2));
+    let op = Op::Create {
+        nonce: [0; 16],
+        name: "Fake".into(),
+        mode: Mode::Chat,
+        founder: b.public(),
+        founder_name: "B".into(),
+    };
+    let signed = signed_part(&GroupId([0; 32]), &key(&a), 1, at(1), &op);
+    let sig = a.sign(GROUP_OP_LABEL, &signed);
+    let mut bytes = signed;
+    bytes.extend_from_slice(&sig);
+    assert!(matches!(
+        SignedOp::decode(&bytes),
+        Err(GroupError::Decode(DecodeError::Invalid {
+            field: "group founder",
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn hostile_lengths_and_names_are_refused_before_use() {
+    assert!(SignedOp::decode(&vec![1; MAX_OP_LEN + 1]).is_err());
+    assert!(SignedOp::decode(&[]).is_err());
+    assert!(decode_ops(&[0xff, 0xff], MAX_LOG_OPS).is_err());
+    let a = person(1);
+    let mut log = Log::new(&a);
+    let rename = log.push(&a, 2, Op::Rename { name: "ok".into() });
+    // A name with a control character, signed properly, is still refused.
+    let mut body = Writer::default();
+    Op::Rename {
+        name: "bad\u{1b}[2J".into(),
+    }
+    .write_body(&mut body);
+    let mut w = Writer::default();
+    w.u8(GROUP_OP_VERSION)
+        .raw(&log.id.0)
+        .raw(&key(&a))
+        .u64(3)
+        .u64(3)
+        .u32(0)
+        .u8(KIND_RENAME)
+        .bytes16(&body.finish());
+    let signed = w.finish();
+    let sig = a.sign(GROUP_OP_LABEL, &signed);
+    let mut bytes = signed;
+    bytes.extend_from_slice(&sig);
+    assert!(matches!(SignedOp::decode(&bytes), Err(GroupError::Name(_))));
+    assert!(SignedOp::decode(rename.encode()).is_ok());
+}
+
+#[test]
+fn only_admins_change_the_group_and_members_may_leave() {
+    let (a, b, c) = (person(1), person(2), person(3));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Member);
+    // b is a member, not an admin: their add and rename are ignored.
+    log.add(&b, 3, &c, Role::Member);
+    log.push(
+        &b,
+        4,
+        Op::Rename {
+            name: "Taken".into(),
+        },
+    );
+    let r = log.roster();
+    assert!(!r.members.contains_key(&key(&c)));
+    assert_eq!(r.name, "Family");
+    assert_eq!(r.ignored, 2);
+    // b leaves on their own.
+    log.remove(&b, 5, &b);
+    let r = log.roster();
+    assert!(!r.members.contains_key(&key(&b)));
+    assert!(r.former.contains(&key(&b)));
+    // Someone who never was a member cannot act at all.
+    log.remove(&c, 6, &a);
+    assert_eq!(log.roster().role(&key(&a)), Some(Role::Admin));
+}
+
+#[test]
+fn at_equal_clocks_removal_beats_add_and_the_lower_role_wins() {
+    let (a, b, c, d) = (person(1), person(2), person(3), person(4));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Admin);
+    log.add(&a, 3, &d, Role::Member);
+    // Concurrent at the same clock: a re-adds c... and b removes c.
+    log.add(&a, 10, &c, Role::Member);
+    let mut other = Log {
+        id: log.id,
+        ops: vec![],
+        seqs: log.seqs.clone(),
+    };
+    other.remove(&b, 10, &c);
+    // ... and a promotes d while b demotes d.
+    log.push(
+        &a,
+        11,
+        Op::SetRole {
+            member: key(&d),
+            role: Role::Admin,
+            cut: 0,
+        },
+    );
+    other.push(
+        &b,
+        11,
+        Op::SetRole {
+            member: key(&d),
+            role: Role::Member,
+            cut: 0,
+        },
+    );
+    log.ops.extend(other.ops);
+    let r = log.roster();
+    assert!(!r.members.contains_key(&key(&c)), "{r:?}");
+    assert_eq!(r.role(&key(&d)), Some(Role::Member));
+    // Whichever author's key sorts first, the outcome is the same.
+    let mut reversed = log.ops.clone();
+    reversed.reverse();
+    assert_eq!(Roster::merge(log.id, &reversed).unwrap(), r);
+}
+
+#[test]
+fn a_removed_admin_cannot_act_concurrently_or_backdate() {
+    let (a, b, c, d) = (person(1), person(2), person(3), person(4));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Admin);
+    log.push(
+        &b,
+        3,
+        Op::Rename {
+            name: "Seen".into(),
+        },
+    );
+    // a removes b at 100, having seen b's first operation.
+    log.remove(&a, 100, &b);
+    // b, concurrently (clock 90, before the removal) adds c and removes a: void, since a
+    // had not seen them when removing b.
+    log.add(&b, 90, &c, Role::Admin);
+    log.remove(&b, 95, &a);
+    // Later b backdates an add to clock 4, before the removal: void as well.
+    log.add(&b, 4, &d, Role::Member);
+    let r = log.roster();
+    assert_eq!(r.name, "Seen", "what a had seen of b stands");
+    assert!(!r.members.contains_key(&key(&b)));
+    assert!(!r.members.contains_key(&key(&c)));
+    assert!(!r.members.contains_key(&key(&d)));
+    assert_eq!(r.role(&key(&a)), Some(Role::Admin));
+    assert_eq!(r.voided, 3);
+}
+
+#[test]
+fn a_member_removed_and_added_again_is_back() {
+    let (a, b) = (person(1), person(2));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Member);
+    log.remove(&a, 3, &b);
+    assert!(!log.roster().members.contains_key(&key(&b)));
+    log.add(&a, 4, &b, Role::Member);
+    let r = log.roster();
+    assert!(r.members.contains_key(&key(&b)));
+    assert!(!r.former.contains(&key(&b)));
+}
+
+#[test]
+fn merging_refuses_other_groups_and_a_log_without_its_creation() {
+    let (a, b) = (person(1), person(2));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Member);
+    let other = Log::new(&b);
+    assert!(matches!(
+        Roster::merge(log.id, log.ops.iter().chain(&other.ops)),
+        Err(GroupError::WrongGroup)
+    ));
+    assert!(matches!(
+        Roster::merge(log.id, &log.ops[1..]),
+        Err(GroupError::NoCreate)
+    ));
+}
+
+#[test]
+fn clocks_move_forward_and_a_far_future_clock_is_capped() {
+    let c = Hlc { ms: 10, count: 3 };
+    assert_eq!(c.tick(5), Hlc { ms: 10, count: 4 });
+    assert_eq!(c.tick(20), Hlc { ms: 20, count: 0 });
+    let seen = Hlc {
+        ms: 1_000_000,
+        count: 0,
+    };
+    assert_eq!(c.observe(seen, 100, 50), Hlc { ms: 150, count: 0 });
+    assert_eq!(
+        c.observe(Hlc { ms: 12, count: 1 }, 100, 50),
+        Hlc { ms: 12, count: 1 }
+    );
+}
+
+#[test]
+fn known_answer_group_id() {
+    // Ed25519 over fixed secrets is deterministic: the creation's bytes and the group id
+    // were computed independently (Python: cryptography's Ed25519 and X25519, hashlib's
+    // BLAKE2s) from the layout in SPEC §14.1.
+    let a = person(1);
+    let create = SignedOp::create(&a, "Founder", [5; 16], "Family", Mode::Chat, at(1));
+    assert_eq!(
+        hex::encode(create.hash()),
+        "1cb5c889b36cf13a923a72212e531a55e0d6c912efb3bc49bb492a2e7a227c59"
+    );
+    assert_eq!(
+        create.group().to_hex(),
+        "d1cfa4c44a6dcbaab4dc434ceebe9d465a9d06bd9c2da9cd3c8f4cc06a36706c"
+    );
+    assert_eq!(
+        GroupId::from_hex(&create.group().to_hex()),
+        Some(create.group())
+    );
+}
+
+/// Random histories of five admins founding, adding, removing, demoting, renaming and
+/// leaving, with clocks that may collide or run backwards.
+fn history() -> impl Strategy<Value = Vec<(u8, u8, u8, u64)>> {
+    proptest::collection::vec((0u8..5, 0u8..6, 0u8..8, 1u64..40), 1..40)
+}
+
+fn build(steps: &[(u8, u8, u8, u64)]) -> Log {
+    let people: Vec<Identity> = (1..=8).map(person).collect();
+    let mut log = Log::new(&people[0]);
+    for i in 1..5 {
+        log.add(&people[0], 1, &people[i], Role::Admin);
+    }
+    for &(who, what, target, ms) in steps {
+        let (author, target) = (&people[usize::from(who)], &people[usize::from(target)]);
+        match what {
+            0 => {
+                log.add(author, ms, target, Role::Member);
+            }
+            1 => {
+                log.remove(author, ms, target);
+            }
+            2 => {
+                let cut = log.cut(target);
+                log.push(
+                    author,
+                    ms,
+                    Op::SetRole {
+                        member: key(target),
+                        role: Role::Member,
+                        cut,
+                    },
+                );
+            }
+            3 => {
+                log.push(
+                    author,
+                    ms,
+                    Op::SetRole {
+                        member: key(target),
+                        role: Role::Admin,
+                        cut: 0,
+                    },
+                );
+            }
+            4 => {
+                log.push(
+                    author,
+                    ms,
+                    Op::Rename {
+                        name: format!("name {ms}"),
+                    },
+                );
+            }
+            _ => {
+                log.push(
+                    author,
+                    ms,
+                    Op::SetMode {
+                        mode: if ms % 2 == 0 {
+                            Mode::Chat
+                        } else {
+                            Mode::Announcement
+                        },
+                    },
+                );
+            }
+        }
+    }
+    log
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Every member holding the same operations computes the same roster, whatever
+    /// order they arrived in and however many copies came.
+    #[test]
+    fn merging_converges_whatever_the_order(
+        steps in history(),
+        order in proptest::collection::vec(any::<u32>(), 80),
+        copies in proptest::collection::vec(0usize..80, 0..20),
+    ) {
+        let log = build(&steps);
+        let expected = log.roster();
+        let mut shuffled: Vec<(u32, SignedOp)> = log
+            .ops
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, op)| (order[i % order.len()].rotate_left(i as u32), op))
+            .collect();
+        for c in copies {
+            let op = log.ops[c % log.ops.len()].clone();
+            shuffled.push((order[c % order.len()], op));
+        }
+        shuffled.sort_by_key(|(k, _)| *k);
+        let ops: Vec<SignedOp> = shuffled.into_iter().map(|(_, op)| op).collect();
+        let merged = Roster::merge(log.id, &ops).unwrap();
+        prop_assert_eq!(&merged, &expected);
+        // Every operation was applied, ignored or voided; the founder's add stands or
+        // the founder was removed by someone with the right to.
+        prop_assert!(merged.ignored + merged.voided < log.ops.len());
+    }
+
+    /// Merging is incremental in effect: merging the merge of a prefix with the rest
+    /// is merging everything (no state outside the operations).
+    #[test]
+    fn a_roster_is_a_function_of_the_operation_set(steps in history(), split in 0usize..40) {
+        let log = build(&steps);
+        let split = split.min(log.ops.len());
+        let (head, tail) = log.ops.split_at(split);
+        let all: Vec<&SignedOp> = tail.iter().chain(head).chain(head).collect();
+        prop_assert_eq!(Roster::merge(log.id, all).unwrap(), log.roster());
+    }
+}
