@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::card::{Card, CardError};
 use crate::codec::{DecodeError, Reader, Writer, hash};
+use crate::group::{GroupError, GroupId, Hlc, SignedOp, decode_ops, encode_ops};
 
 /// Version byte of the content encoding.
 pub const CONTENT_VERSION: u8 = 1;
@@ -33,6 +34,7 @@ const KIND_DELETE: u16 = 7;
 const KIND_REPLY: u16 = 8;
 const KIND_REACTION: u16 = 9;
 const KIND_FILE: u16 = 10;
+const KIND_GROUP: u16 = 11;
 
 /// Longest reaction, in UTF-8 bytes (an emoji of several code points fits; empty takes
 /// a reaction back).
@@ -101,6 +103,25 @@ impl std::fmt::Display for MessageId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())
     }
+}
+
+const GROUP_OPS: u8 = 1;
+const GROUP_MESSAGE: u8 = 2;
+
+/// What a group record carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBody {
+    /// Operations of the group's membership log (unsequenced).
+    Ops(Vec<SignedOp>),
+    /// A message to the group (sequenced in the pairwise conversation).
+    Message {
+        /// The author's group clock: members show messages in this order.
+        hlc: Hlc,
+        /// Its disappearing-message timer (seconds; 0: it stays).
+        secs: u32,
+        /// The message.
+        text: String,
+    },
 }
 
 /// What a receipt reports.
@@ -184,6 +205,13 @@ pub enum Body {
         /// Seconds, at most [`MAX_TIMER_SECS`]; 0 is off.
         secs: u32,
     },
+    /// A record of a group (SPEC §14.4): its operations, or a message to it.
+    Group {
+        /// The group.
+        group: GroupId,
+        /// What it carries.
+        what: GroupBody,
+    },
     /// A kind this version does not understand, kept verbatim.
     Unknown {
         /// The kind tag.
@@ -207,6 +235,10 @@ impl Body {
                 | Body::Reply { .. }
                 | Body::Reaction { .. }
                 | Body::File { .. }
+                | Body::Group {
+                    what: GroupBody::Message { .. },
+                    ..
+                }
         )
     }
 
@@ -232,6 +264,7 @@ impl Body {
             Body::Reply { .. } => KIND_REPLY,
             Body::Reaction { .. } => KIND_REACTION,
             Body::File { .. } => KIND_FILE,
+            Body::Group { .. } => KIND_GROUP,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -285,6 +318,23 @@ impl Body {
             Body::File { secs, file } => {
                 let mut out = secs.to_be_bytes().to_vec();
                 out.extend_from_slice(&file.encode());
+                out
+            }
+            Body::Group { group, what } => {
+                let mut out = group.0.to_vec();
+                match what {
+                    GroupBody::Ops(ops) => {
+                        out.push(GROUP_OPS);
+                        out.extend_from_slice(&encode_ops(ops));
+                    }
+                    GroupBody::Message { hlc, secs, text } => {
+                        out.push(GROUP_MESSAGE);
+                        out.extend_from_slice(&hlc.ms.to_be_bytes());
+                        out.extend_from_slice(&hlc.count.to_be_bytes());
+                        out.extend_from_slice(&secs.to_be_bytes());
+                        out.extend_from_slice(text.as_bytes());
+                    }
+                }
                 out
             }
             Body::Unknown { data, .. } => data.clone(),
@@ -404,6 +454,46 @@ impl Body {
                     file: Box::new(file),
                 }
             }
+            KIND_GROUP => {
+                let mut r = Reader::new(data);
+                let group = GroupId(r.array("group id")?);
+                let what = match r.u8("group record")? {
+                    GROUP_OPS => {
+                        let ops = decode_ops(r.rest(), MAX_BODY_LEN / 2)?;
+                        if ops.is_empty() {
+                            return Err(DecodeError::Invalid {
+                                field: "group operations",
+                                reason: "a record carries at least one",
+                            }
+                            .into());
+                        }
+                        if ops.iter().any(|op| op.group() != group) {
+                            return Err(ContentError::Group(GroupError::WrongGroup));
+                        }
+                        GroupBody::Ops(ops)
+                    }
+                    GROUP_MESSAGE => {
+                        let hlc = Hlc {
+                            ms: r.u64("group clock")?,
+                            count: r.u32("group clock")?,
+                        };
+                        let secs = r.u32("group timer")?;
+                        if secs > MAX_TIMER_SECS {
+                            return Err(ContentError::TimerTooLong(secs));
+                        }
+                        let text = text_of(r.rest())?;
+                        GroupBody::Message { hlc, secs, text }
+                    }
+                    tag => {
+                        return Err(DecodeError::UnknownTag {
+                            field: "group record",
+                            tag: tag.into(),
+                        }
+                        .into());
+                    }
+                };
+                Body::Group { group, what }
+            }
             kind => Body::Unknown {
                 kind,
                 data: data.to_vec(),
@@ -483,6 +573,9 @@ pub enum ContentError {
     /// A file reference over a bound or malformed.
     #[error("file reference rejected: {0}")]
     File(#[from] crate::file::FileError),
+    /// A group record whose operations are malformed, forged or of another group.
+    #[error("group record rejected: {0}")]
+    Group(#[from] GroupError),
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
@@ -530,6 +623,24 @@ impl Content {
             Body::File { file, .. } => file.check().map_err(ContentError::from),
             Body::Receipt { ids, .. } if ids.len() > MAX_RECEIPT_IDS => {
                 Err(ContentError::TooManyReceiptIds(ids.len()))
+            }
+            Body::Group {
+                what: GroupBody::Message { text, .. },
+                ..
+            } if text.len() > MAX_TEXT_LEN => Err(ContentError::TextTooLong(text.len())),
+            Body::Group {
+                what: GroupBody::Message { secs, .. },
+                ..
+            } if *secs > MAX_TIMER_SECS => Err(ContentError::TimerTooLong(*secs)),
+            Body::Group {
+                what: GroupBody::Ops(ops),
+                ..
+            } if ops.is_empty()
+                || ops.iter().map(|o| 2 + o.encode().len()).sum::<usize>() > MAX_BODY_LEN - 64 =>
+            {
+                Err(ContentError::BodyTooLarge(
+                    ops.iter().map(|o| 2 + o.encode().len()).sum(),
+                ))
             }
             Body::Unknown { data, .. } if data.len() > MAX_BODY_LEN => {
                 Err(ContentError::BodyTooLarge(data.len()))
@@ -650,9 +761,79 @@ mod tests {
                         }),
                     }
                 }),
-            (11u16.., proptest::collection::vec(any::<u8>(), 0..100))
+            (
+                any::<[u8; 32]>(),
+                any::<u64>(),
+                any::<u32>(),
+                0..=MAX_TIMER_SECS,
+                ".{0,100}"
+            )
+                .prop_map(|(group, ms, count, secs, text)| Body::Group {
+                    group: GroupId(group),
+                    what: GroupBody::Message {
+                        hlc: Hlc { ms, count },
+                        secs,
+                        text,
+                    },
+                }),
+            (12u16.., proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(kind, data)| Body::Unknown { kind, data }),
         ]
+    }
+
+    #[test]
+    fn group_records_carry_verified_operations_of_their_group_only() {
+        use crate::group::{Mode, SignedOp};
+        let alice = Identity::generate();
+        let at = |ms| Hlc { ms, count: 0 };
+        let create = SignedOp::create(&alice, "Alice", [1; 16], "Family", Mode::Chat, at(1));
+        let other = SignedOp::create(&alice, "Alice", [2; 16], "Work", Mode::Chat, at(1));
+        let record = |group: GroupId, ops: Vec<SignedOp>| Content {
+            id: MessageId([1; 16]),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: 5,
+            body: Body::Group {
+                group,
+                what: GroupBody::Ops(ops),
+            },
+        };
+        let good = record(create.group(), vec![create.clone()]);
+        assert!(good.check().is_ok());
+        assert_eq!(Content::decode(&good.encode()).unwrap(), good);
+        assert!(!good.body.is_sequenced());
+        // An operation of another group inside: the record is refused whole.
+        let mixed = record(create.group(), vec![create.clone(), other]);
+        assert!(matches!(
+            Content::decode(&mixed.encode()),
+            Err(ContentError::Group(GroupError::WrongGroup))
+        ));
+        // No operations at all: refused before and after sealing.
+        let empty = record(create.group(), vec![]);
+        assert!(empty.check().is_err());
+        assert!(Content::decode(&empty.encode()).is_err());
+        // A forged operation (one flipped byte of the signature) is refused.
+        let mut bytes = good.encode();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            Content::decode(&bytes),
+            Err(ContentError::Group(GroupError::BadSignature))
+        ));
+        let message = Content {
+            seq: 1,
+            body: Body::Group {
+                group: create.group(),
+                what: GroupBody::Message {
+                    hlc: at(9),
+                    secs: 0,
+                    text: "hi all".into(),
+                },
+            },
+            ..good
+        };
+        assert!(message.body.is_sequenced());
+        assert_eq!(Content::decode(&message.encode()).unwrap(), message);
     }
 
     proptest! {

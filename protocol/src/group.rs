@@ -34,6 +34,10 @@ pub const MAX_MEMBERS: usize = 1000;
 pub const SMALL_GROUP_MAX: usize = 32;
 /// Most operations a client keeps for one group; further ones are refused.
 pub const MAX_LOG_OPS: usize = 4096;
+/// Most operations of one author a client keeps for one group.
+pub const MAX_OPS_PER_AUTHOR: usize = 512;
+/// Most rounds of finding which removals stand (SPEC §14.2).
+pub const MAX_VOID_ROUNDS: usize = 64;
 /// Longest encoded operation.
 pub const MAX_OP_LEN: usize = 1 + 32 + 32 + 8 + 8 + 4 + 1 + 2 + MAX_OP_BODY_LEN + 64;
 const MAX_OP_BODY_LEN: usize = 800;
@@ -598,8 +602,11 @@ pub struct Roster {
     pub latest: Hlc,
     /// Operations whose authors did not have the right to them where they fall.
     pub ignored: usize,
-    /// Operations voided by a removal or demotion of their author.
+    /// Operations voided by a removal or demotion of their author, or off their
+    /// author's unbroken chain.
     pub voided: usize,
+    /// For each author, how many of their operations count (see [`Roster::seen`]).
+    pub heads: BTreeMap<[u8; 32], u64>,
 }
 
 impl Roster {
@@ -619,34 +626,80 @@ impl Roster {
                 return Err(GroupError::TooManyOps(unique.len()));
             }
         }
-        let mut sorted: Vec<&SignedOp> = unique.into_values().collect();
-        sorted.sort_by_key(|op| op.order());
-        let create = sorted
-            .iter()
-            .position(|op| matches!(op.op, Op::Create { .. }))
+        // Each author's operations count as an unbroken chain: numbers 1, 2, 3… with
+        // clocks that never go back. From the first gap, repeated number (two operations
+        // signed with one number) or clock going back, nothing more of theirs counts: a
+        // number is a claim the author cannot take back, so a cut (which names numbers)
+        // cannot be sidestepped by reusing one, withholding one, or jumping ahead.
+        // The creation is its founder's number 1 whatever else they signed: the group's
+        // id names it.
+        let create = unique
+            .values()
+            .find(|op| matches!(op.op, Op::Create { .. }))
+            .copied()
             .ok_or(GroupError::NoCreate)?;
+        let mut by_author: BTreeMap<[u8; 32], Vec<&SignedOp>> = BTreeMap::new();
+        for op in unique.values() {
+            if op.hash != create.hash {
+                by_author.entry(op.author).or_default().push(op);
+            }
+        }
+        by_author.entry(create.author).or_default();
+        let mut heads = BTreeMap::new();
+        let mut sorted: Vec<&SignedOp> = Vec::with_capacity(unique.len());
+        sorted.push(create);
+        let mut broken = 0;
+        for (author, mut theirs) in by_author {
+            theirs.sort_by_key(|op| (op.seq, op.hash));
+            let (mut head, mut last) = if author == create.author {
+                (1, create.hlc)
+            } else {
+                (0, Hlc::default())
+            };
+            for (i, op) in theirs.iter().enumerate() {
+                let repeated = theirs.get(i + 1).is_some_and(|next| next.seq == op.seq);
+                if op.seq != head + 1 || repeated || op.hlc < last {
+                    broken += theirs.len() - i;
+                    break;
+                }
+                head = op.seq;
+                last = op.hlc;
+                sorted.push(op);
+            }
+            heads.insert(author, head);
+        }
         // The creation opens the replay whatever its clock says: nothing before it counts.
-        let create = sorted.remove(create);
-        sorted.insert(0, create);
+        sorted[1..].sort_by_key(|op| op.order());
 
         // Which operations removals and demotions void depends on which of those stand,
         // which depends on what is void. Start from every removal or demotion whose author
         // was an admin at some point before it (what a replay that lowers nobody finds),
-        // then drop voids whose removal did not stand, until nothing changes: the largest
-        // consistent answer. Starting from nothing would let a removed admin, by dating a
-        // removal of their remover before their own removal, win the race they lost.
+        // then drop voids whose removal did not stand, until nothing changes (at most
+        // MAX_VOID_ROUNDS times). Starting from nothing would let a removed admin, by
+        // dating a removal of their remover before their own removal, win the race
+        // they lost.
         let everything = vec![false; sorted.len()];
         let (_, possible) = replay(id, &sorted, &everything, true);
         let mut void = voided_by(&sorted, &possible);
+        let mut rounds = 0;
         loop {
-            let (roster, lowerings) = replay(id, &sorted, &void, false);
+            let (mut roster, lowerings) = replay(id, &sorted, &void, false);
             let still = voided_by(&sorted, &lowerings);
             let next: Vec<bool> = void.iter().zip(&still).map(|(a, b)| *a && *b).collect();
-            if next == void {
+            rounds += 1;
+            if next == void || rounds == MAX_VOID_ROUNDS {
+                roster.heads = heads;
+                roster.voided += broken;
                 return Ok(roster);
             }
             void = next;
         }
+    }
+
+    /// How many of `key`'s operations count (the unbroken chain from 1): what a removal
+    /// or demotion of them names as its cut.
+    pub fn seen(&self, key: &[u8; 32]) -> u64 {
+        self.heads.get(key).copied().unwrap_or(0)
     }
 
     /// The member's role, if they are one.
@@ -671,19 +724,24 @@ impl Roster {
     }
 }
 
-type Lowering = ([u8; 32], u64, (Hlc, u8, [u8; 32], [u8; 32]));
+type Order = (Hlc, u8, [u8; 32], [u8; 32]);
+type Lowering = ([u8; 32], u64, Order);
 
 /// Marks the operations a set of removals and demotions voids: their target's, numbered
 /// after the cut and ordered before the removal. The creation is never void.
 fn voided_by(sorted: &[&SignedOp], lowerings: &[Lowering]) -> Vec<bool> {
+    let mut by_target: BTreeMap<[u8; 32], Vec<(u64, Order)>> = BTreeMap::new();
+    for (target, cut, at) in lowerings {
+        by_target.entry(*target).or_default().push((*cut, *at));
+    }
     sorted
         .iter()
         .enumerate()
         .map(|(i, op)| {
             i > 0
-                && lowerings.iter().any(|(target, cut, at)| {
-                    *target == op.author && op.seq > *cut && op.order() < *at
-                })
+                && by_target
+                    .get(&op.author)
+                    .is_some_and(|ls| ls.iter().any(|(cut, at)| op.seq > *cut && op.order() < *at))
         })
         .collect()
 }
@@ -706,15 +764,17 @@ fn replay(
         latest: Hlc::default(),
         ignored: 0,
         voided: 0,
+        heads: BTreeMap::new(),
     };
     let mut lowerings = Vec::new();
     for (op, &void) in sorted.iter().zip(void) {
-        roster.latest = roster.latest.max(op.hlc);
         if void {
             roster.voided += 1;
             continue;
         }
         let admin = roster.role(&op.author) == Some(Role::Admin);
+        let member = roster.members.contains_key(&op.author);
+        let applied_before = roster.ignored;
         match &op.op {
             Op::Create {
                 name,
@@ -738,43 +798,67 @@ fn replay(
                     },
                 );
             }
-            Op::Add { member, name, role } if admin => {
-                let key = *member.ed25519();
-                roster.former.remove(&key);
-                roster.members.insert(
-                    key,
-                    Member {
-                        identity: *member,
-                        name: name.clone(),
-                        role: *role,
-                    },
-                );
+            // An add of someone already a member changes their name only: roles change
+            // by role changes alone, which carry a cut.
+            Op::Add {
+                member: identity,
+                name,
+                role,
+            } if admin => {
+                let key = *identity.ed25519();
+                if let Some(m) = roster.members.get_mut(&key) {
+                    m.name.clone_from(name);
+                } else if roster.members.len() < MAX_MEMBERS {
+                    roster.former.remove(&key);
+                    roster.members.insert(
+                        key,
+                        Member {
+                            identity: *identity,
+                            name: name.clone(),
+                            role: *role,
+                        },
+                    );
+                } else {
+                    roster.ignored += 1;
+                }
             }
-            Op::Remove { member, cut } if admin || *member == op.author => {
-                if lower_nobody {
-                    lowerings.push((*member, *cut, op.order()));
-                    continue;
+            // Leaving: only a member leaves, and a leave voids nothing.
+            Op::Remove { member: target, .. } if *target == op.author && member => {
+                if !lower_nobody {
+                    roster.members.remove(target);
+                    roster.former.insert(*target);
                 }
-                if roster.members.remove(member).is_some() {
-                    roster.former.insert(*member);
-                }
-                lowerings.push((*member, *cut, op.order()));
             }
-            Op::SetRole { member, role, cut } if admin => {
-                if lower_nobody && *role == Role::Member {
-                    lowerings.push((*member, *cut, op.order()));
-                    continue;
+            Op::Remove {
+                member: target,
+                cut,
+            } if admin && *target != op.author => {
+                lowerings.push((*target, *cut, op.order()));
+                if !lower_nobody && roster.members.remove(target).is_some() {
+                    roster.former.insert(*target);
                 }
-                if let Some(m) = roster.members.get_mut(member) {
+            }
+            Op::SetRole {
+                member: target,
+                role,
+                cut,
+            } if admin => {
+                let lowers = *role == Role::Member && *target != op.author;
+                if lowers {
+                    lowerings.push((*target, *cut, op.order()));
+                }
+                if !(lower_nobody && *role == Role::Member)
+                    && let Some(m) = roster.members.get_mut(target)
+                {
                     m.role = *role;
-                }
-                if *role == Role::Member {
-                    lowerings.push((*member, *cut, op.order()));
                 }
             }
             Op::Rename { name } if admin => roster.name.clone_from(name),
             Op::SetMode { mode } if admin => roster.mode = *mode,
             _ => roster.ignored += 1,
+        }
+        if roster.ignored == applied_before {
+            roster.latest = roster.latest.max(op.hlc);
         }
     }
     (roster, lowerings)

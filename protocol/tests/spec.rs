@@ -48,6 +48,14 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_NAME_CHARS", card::MAX_NAME_CHARS as u64),
         ("MAX_OP_LEN", kkachi_protocol::group::MAX_OP_LEN as u64),
         ("MAX_LOG_OPS", kkachi_protocol::group::MAX_LOG_OPS as u64),
+        (
+            "MAX_OPS_PER_AUTHOR",
+            kkachi_protocol::group::MAX_OPS_PER_AUTHOR as u64,
+        ),
+        (
+            "MAX_VOID_ROUNDS",
+            kkachi_protocol::group::MAX_VOID_ROUNDS as u64,
+        ),
         ("MAX_MEMBERS", kkachi_protocol::group::MAX_MEMBERS as u64),
         (
             "SMALL_GROUP_MAX",

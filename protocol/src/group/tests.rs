@@ -446,3 +446,204 @@ proptest! {
         prop_assert_eq!(Roster::merge(log.id, all).unwrap(), log.roster());
     }
 }
+
+#[test]
+fn an_add_never_changes_a_members_role() {
+    // A removed admin "adding" the founder as a plain member, dated before their own
+    // removal, would demote the founder and void the removal: an add of a member
+    // changes their name only.
+    let (f, b) = (person(1), person(2));
+    let mut log = Log::new(&f);
+    log.add(&f, 2, &b, Role::Admin);
+    log.remove(&f, 100, &b);
+    log.push(
+        &b,
+        99,
+        Op::Add {
+            member: f.public(),
+            name: "demoted".into(),
+            role: Role::Member,
+        },
+    );
+    let r = log.roster();
+    assert_eq!(r.role(&key(&f)), Some(Role::Admin));
+    assert!(!r.members.contains_key(&key(&b)));
+    // Nor does an add promote.
+    let c = person(3);
+    log.add(&f, 101, &c, Role::Member);
+    log.add(&f, 102, &c, Role::Admin);
+    assert_eq!(log.roster().role(&key(&c)), Some(Role::Member));
+}
+
+#[test]
+fn numbers_cannot_be_reused_withheld_or_skipped() {
+    let (f, b) = (person(1), person(2));
+    // Reused: b's second operation numbered 1 breaks b's chain there.
+    let mut log = Log::new(&f);
+    log.add(&f, 2, &b, Role::Admin);
+    log.push(
+        &b,
+        3,
+        Op::Rename {
+            name: "Seen".into(),
+        },
+    );
+    log.remove(&f, 100, &b);
+    let again = SignedOp::sign(
+        &b,
+        log.id,
+        1,
+        at(99),
+        Op::Remove {
+            member: key(&f),
+            cut: u64::MAX,
+        },
+    );
+    log.ops.push(again);
+    let r = log.roster();
+    assert_eq!(r.role(&key(&f)), Some(Role::Admin));
+    assert!(!r.members.contains_key(&key(&b)));
+    assert_eq!(r.seen(&key(&b)), 0, "b's chain is broken at 1");
+
+    // Withheld: b signs 1 (removing f) and sends only 2. f holds none of b's chain, so
+    // removes b with cut 0; when 1 comes out, both are void.
+    let mut log = Log::new(&f);
+    log.add(&f, 2, &b, Role::Admin);
+    let hidden = SignedOp::sign(
+        &b,
+        log.id,
+        1,
+        at(50),
+        Op::Remove {
+            member: key(&f),
+            cut: u64::MAX,
+        },
+    );
+    let shown = SignedOp::sign(&b, log.id, 2, at(60), Op::Rename { name: "x".into() });
+    log.ops.push(shown);
+    let cut = log.roster().seen(&key(&b));
+    assert_eq!(cut, 0);
+    log.push(
+        &f,
+        100,
+        Op::Remove {
+            member: key(&b),
+            cut,
+        },
+    );
+    log.ops.push(hidden);
+    let r = log.roster();
+    assert_eq!(r.role(&key(&f)), Some(Role::Admin));
+    assert!(!r.members.contains_key(&key(&b)));
+    assert_eq!(r.name, "Family");
+
+    // Skipped ahead: an operation numbered far past the chain does not count.
+    let mut log = Log::new(&f);
+    log.add(&f, 2, &b, Role::Admin);
+    log.ops.push(SignedOp::sign(
+        &b,
+        log.id,
+        u64::MAX,
+        at(3),
+        Op::Rename {
+            name: "jump".into(),
+        },
+    ));
+    assert_eq!(log.roster().name, "Family");
+    // A clock going back along the chain stops it too.
+    let mut log = Log::new(&f);
+    log.add(&f, 2, &b, Role::Admin);
+    log.push(&b, 10, Op::Rename { name: "ten".into() });
+    log.push(
+        &b,
+        5,
+        Op::Rename {
+            name: "five".into(),
+        },
+    );
+    let r = log.roster();
+    assert_eq!(r.name, "ten");
+    assert_eq!(r.seen(&key(&b)), 1);
+}
+
+#[test]
+fn a_former_member_cannot_leave_again_to_undo_what_they_did() {
+    let (f, b, m) = (person(1), person(2), person(3));
+    let mut log = Log::new(&f);
+    log.add(&f, 2, &b, Role::Admin);
+    log.add(&f, 3, &m, Role::Member);
+    log.remove(&b, 20, &m);
+    log.remove(&f, 100, &b);
+    // b, removed, "leaves" with a cut of 0: no effect at all.
+    log.push(
+        &b,
+        200,
+        Op::Remove {
+            member: key(&b),
+            cut: 0,
+        },
+    );
+    let r = log.roster();
+    assert!(!r.members.contains_key(&key(&m)), "m stays removed");
+    assert!(!r.members.contains_key(&key(&b)));
+}
+
+#[test]
+fn a_group_holds_at_most_max_members() {
+    let f = person(1);
+    let mut log = Log::new(&f);
+    // Members' identities need not sign anything: made from distinct seeds.
+    for n in 1..MAX_MEMBERS as u64 + 3 {
+        let mut secret = vec![1u8];
+        secret.extend_from_slice(&n.to_be_bytes().repeat(4));
+        secret.extend_from_slice(&[9; 32]);
+        let who = Identity::from_secret_bytes(&secret).unwrap();
+        log.add(&f, 2 + n, &who, Role::Member);
+    }
+    let r = log.roster();
+    assert_eq!(r.members.len(), MAX_MEMBERS);
+    assert_eq!(
+        r.ignored, 3,
+        "the founder and 999 fit; 3 of 1,002 adds do not"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Authors who reuse, skip and withhold numbers, lie in their cuts and date
+    /// operations anywhere: members holding the same operations still agree.
+    #[test]
+    fn hostile_histories_still_converge(
+        steps in proptest::collection::vec(
+            (0u8..5, 1u64..6, 1u64..40, 0u8..4, 0u8..6, 0u64..6), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let people: Vec<Identity> = (1..=6).map(person).collect();
+        let mut log = Log::new(&people[0]);
+        for i in 1..5 {
+            log.add(&people[0], 1, &people[i], Role::Admin);
+        }
+        for &(who, seq, ms, what, target, cut) in &steps {
+            let target = &people[usize::from(target)];
+            let op = match what {
+                0 => Op::Remove { member: key(target), cut },
+                1 => Op::SetRole { member: key(target), role: Role::Member, cut },
+                2 => Op::Add { member: target.public(), name: "x".into(), role: Role::Admin },
+                _ => Op::Rename { name: format!("n{ms}") },
+            };
+            log.ops.push(SignedOp::sign(&people[usize::from(who)], log.id, seq, at(ms), op));
+        }
+        let expected = log.roster();
+        let mut shuffled = log.ops.clone();
+        // A deterministic shuffle from the seed.
+        let mut state = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        prop_assert_eq!(Roster::merge(log.id, &shuffled).unwrap(), expected);
+    }
+}
