@@ -29,6 +29,7 @@
 
 mod bundle;
 mod contacts;
+mod groups;
 pub mod machine;
 mod owner;
 mod receive;
@@ -50,6 +51,7 @@ use crate::store::{LocalStore, MessageState, StoreError};
 pub(crate) use bundle::export_items;
 pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
+pub use groups::{GroupChange, GroupChanged, GroupSent, GroupTag};
 pub use machine::Progress;
 pub use receive::{Change, Received, Verdict};
 
@@ -423,6 +425,35 @@ impl<T: Transport> Engine<T> {
         emoji: String,
     ) -> Result<(), EngineError> {
         self.change(move |state, now| state.react(&peer, target, emoji, now))
+            .await
+    }
+
+    /// Founds a group named `name`, with us as its only member and admin.
+    pub async fn create_group(
+        &self,
+        name: String,
+    ) -> Result<kkachi_protocol::group::GroupId, EngineError> {
+        self.change(move |state, now| state.create_group(&name, now))
+            .await
+    }
+
+    /// Changes group `id` (members, roles, name, mode) and tells its members.
+    pub async fn change_group(
+        &self,
+        id: kkachi_protocol::group::GroupId,
+        change: GroupChange,
+    ) -> Result<GroupChanged, EngineError> {
+        self.change(move |state, now| state.change_group(id, change, now))
+            .await
+    }
+
+    /// Seals `text` to every member of group `id`; returns once it is durable.
+    pub async fn send_group(
+        &self,
+        id: kkachi_protocol::group::GroupId,
+        text: String,
+    ) -> Result<GroupSent, EngineError> {
+        self.change(move |state, now| state.send_group(id, &text, now))
             .await
     }
 

@@ -48,6 +48,8 @@ pub struct Received {
     /// `None` for a new message; otherwise `message` is an earlier one (theirs or
     /// ours), as this change of theirs left it.
     pub change: Option<Change>,
+    /// The group it was sent to; `None` for a 1:1 message.
+    pub group: Option<super::groups::GroupTag>,
 }
 
 /// A contact's change to a message already shown.
@@ -88,9 +90,11 @@ pub(crate) enum Source {
 
 /// What became of one envelope.
 #[derive(Debug)]
-enum Outcome {
+pub(super) enum Outcome {
     /// A new message to show.
     Shown(Box<Received>),
+    /// New messages to show: a group's, which waited for its operations.
+    ShownSeveral(Vec<Received>),
     /// Taken in: a receipt, a card, a copy of something stored, an unknown kind.
     Applied(&'static str),
     /// Held: a first message from someone who is not a contact.
@@ -231,6 +235,13 @@ impl<T> State<T> {
                 // In the store now: a view of it may show it while it goes to the disk.
                 self.emit(AppEvent::Incoming((*r).clone()));
                 tally.shown.push(*r);
+                Verdict::Taken
+            }
+            Outcome::ShownSeveral(shown) => {
+                for r in shown {
+                    self.emit(AppEvent::Incoming(r.clone()));
+                    tally.shown.push(r);
+                }
                 Verdict::Taken
             }
             Outcome::Applied(what) => {
@@ -416,7 +427,7 @@ impl<T> State<T> {
             Ok(c) => c,
             Err(e) => return refused(format!("unreadable content from {}: {e}", contact.peer)),
         };
-        self.apply_content(w, &contact, content, now)
+        self.apply_content(w, sessions, &contact, content, now)
     }
 
     /// A first message: from a contact (by both keys) it is accepted into their
@@ -501,9 +512,10 @@ impl<T> State<T> {
             | Body::Delete { .. }
             | Body::Reply { .. }
             | Body::Reaction { .. }
-            | Body::File { .. } => {
+            | Body::File { .. }
+            | Body::Group { .. } => {
                 return refused(
-                    "a receipt, card, timer, edit, delete, reply, reaction or file from someone who is not a contact",
+                    "a receipt, card, timer, edit, delete, reply, reaction, file or group record from someone who is not a contact",
                 );
             }
         };
@@ -549,6 +561,7 @@ impl<T> State<T> {
     fn apply_content(
         &self,
         w: &mut WriteSet,
+        sessions: &mut Sessions,
         contact: &Contact,
         content: Content,
         now: u64,
@@ -662,6 +675,7 @@ impl<T> State<T> {
                     message: record,
                     gaps: conv.gaps,
                     change: None,
+                    group: None,
                 })))
             }
             Body::Receipt { status, ids } => {
@@ -754,6 +768,7 @@ impl<T> State<T> {
                                 message: record,
                                 gaps: conv.gaps,
                                 change: Some(kind),
+                                group: None,
                             })));
                         }
                     }
@@ -795,6 +810,7 @@ impl<T> State<T> {
                             message: record,
                             gaps: conv.gaps,
                             change: Some(Change::Reacted),
+                            group: None,
                         })));
                     }
                     _ => tracing::debug!(from = %peer, "a reaction to a message not here"),
@@ -806,6 +822,7 @@ impl<T> State<T> {
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("a copy of a reaction"))
             }
+            Body::Group { .. } => self.apply_group(w, sessions, contact, &content, now),
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their
                 // sequence, so it causes no false gap.
@@ -822,7 +839,7 @@ impl<T> State<T> {
     /// numbers: charged against what one contact may make us keep, checked against
     /// their chain, its number no longer missing; the conversation as it is now, or
     /// `None` when over the limit (then only the refusal is counted).
-    fn take_numbered(
+    pub(super) fn take_numbered(
         &self,
         w: &mut WriteSet,
         peer: &PeerId,
@@ -842,7 +859,7 @@ impl<T> State<T> {
 
     /// True if this sequenced control record (an edit, a delete, a reaction) of
     /// `peer`'s was taken in already: the hash-chain link at its number is its own.
-    fn is_copy(&self, peer: &PeerId, content: &Content) -> Result<bool, EngineError> {
+    pub(super) fn is_copy(&self, peer: &PeerId, content: &Content) -> Result<bool, EngineError> {
         Ok(content.seq > 0
             && self
                 .store

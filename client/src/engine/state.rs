@@ -378,7 +378,9 @@ impl<T> State<T> {
             sealed_on,
             resealed_ms: 0,
             queued_ms: now,
-            content: if kind == OutboxKind::Message {
+            // Messages, and group records (a member who misses an operation would see
+            // another group), are sealed again on a new session, as they were.
+            content: if kind == OutboxKind::Message || matches!(content.body, Body::Group { .. }) {
                 content.encode()
             } else {
                 Vec::new()
@@ -935,7 +937,7 @@ impl<T> State<T> {
         state: MessageState,
     ) -> Result<bool, EngineError> {
         let Some((key, mut record)) = self.store.message(contact, id)? else {
-            return Ok(false);
+            return self.advance_group_copy(w, contact, id, state);
         };
         // Receipts are about what we sent: one naming their own messages changes nothing.
         if record.direction != Direction::Out || !record.state.advances_to(&state) {

@@ -17,7 +17,7 @@ use super::{
 };
 
 /// Trees a backup copies whole.
-const WHOLE: [TreeId; 8] = [
+const WHOLE: [TreeId; 11] = [
     TreeId::Relays,
     TreeId::Contacts,
     TreeId::Conversations,
@@ -26,6 +26,9 @@ const WHOLE: [TreeId; 8] = [
     TreeId::Chain,
     TreeId::Blocked,
     TreeId::Seen,
+    TreeId::Groups,
+    TreeId::GroupMessages,
+    TreeId::GroupIndex,
 ];
 
 /// The longest key and value a restore takes.

@@ -24,6 +24,7 @@ use thiserror::Error;
 
 mod backup;
 mod conversations;
+mod groups;
 mod keyfile;
 mod outbox;
 mod records;
@@ -37,6 +38,9 @@ pub use backup::{
     text_body,
 };
 use conversations::ContactCache;
+pub use groups::{
+    GroupMessage, GroupRecord, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting, group_key,
+};
 pub use keyfile::{
     KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, has_passphrase, key_path,
     set_passphrase_prompt,

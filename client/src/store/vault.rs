@@ -51,13 +51,17 @@ fn shape(tree: TreeId) -> Shape {
     match tree {
         TreeId::Meta | TreeId::Outbox => Shape::Plain,
         TreeId::Relays | TreeId::Seen | TreeId::Transfers => Shape::Whole,
-        TreeId::MessageIndex | TreeId::ReceiptsDue | TreeId::Requests => Shape::PeerThenHidden,
+        TreeId::MessageIndex | TreeId::ReceiptsDue | TreeId::Requests | TreeId::GroupIndex => {
+            Shape::PeerThenHidden
+        }
         TreeId::Contacts
         | TreeId::Sessions
         | TreeId::Conversations
         | TreeId::Messages
         | TreeId::Blocked
-        | TreeId::Chain => Shape::Peer,
+        | TreeId::Chain
+        | TreeId::Groups
+        | TreeId::GroupMessages => Shape::Peer,
     }
 }
 

@@ -38,9 +38,15 @@ pub enum TreeId {
     ReceiptsDue,
     /// File transfers, each way, by direction and manifest id.
     Transfers,
+    /// Groups: membership logs and our place in them.
+    Groups,
+    /// Group messages by (group, local order).
+    GroupMessages,
+    /// Our group messages by (member, message id): where each member's copy is counted.
+    GroupIndex,
 }
 
-pub(super) const TREES: [&str; 14] = [
+pub(super) const TREES: [&str; 17] = [
     "meta",
     "relays",
     "contacts",
@@ -55,6 +61,9 @@ pub(super) const TREES: [&str; 14] = [
     "chain",
     "receipts_due",
     "transfers",
+    "groups",
+    "group_messages",
+    "group_index",
 ];
 
 /// Changes to apply atomically.

@@ -8,11 +8,13 @@
 //! - `timers`: disappearing messages, read receipts turned off, edits and deletes;
 //! - `replies`: replies, reactions, and changes arriving out of order;
 //! - `files`: files sent, fetched, broken by their sender, fetched on their own.
+//! - `groups`: membership shared, messages to every member once, waiting for operations.
 
 mod bundles;
 mod contacts;
 mod delivery;
 mod files;
+mod groups;
 mod hostile;
 mod replies;
 mod timers;

@@ -1,0 +1,751 @@
+//! Groups (SPEC §14): membership changes signed into the group's log and shared with its
+//! members over the pairwise sessions, and messages sealed to each member as a 1:1
+//! record (the small tier), so a group survives relay loss as 1:1 chats do.
+
+use std::collections::BTreeMap;
+
+use kkachi_protocol::card::check_name;
+use kkachi_protocol::content::{Body, Content, GroupBody, MAX_BODY_LEN};
+use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
+use kkachi_protocol::group::{
+    GroupId, Hlc, MAX_LOG_OPS, MAX_OPS_PER_AUTHOR, Mode, Op, Role, Roster, SMALL_GROUP_MAX,
+    SignedOp,
+};
+use kkachi_protocol::{MessageId, PeerId, PublicIdentity};
+
+use super::EngineError;
+use super::receive::{Outcome, Received};
+use super::state::{Sessions, State};
+use crate::store::{
+    Contact, Direction, GroupMessage, GroupRecord, LocalStore, MAX_WAITING_GROUPS,
+    MAX_WAITING_PER_GROUP, MessageRecord, MessageState, OutboxKind, Waiting, WriteSet,
+};
+
+/// How far ahead of our clock a peer's group clock may pull ours.
+const MAX_AHEAD_MS: u64 = CLOCK_SKEW_SECS * 1000;
+/// Bytes of operations per record: a record's body stays under [`MAX_BODY_LEN`].
+const OPS_RECORD_BYTES: usize = MAX_BODY_LEN - 4 * 1024;
+
+/// A change to a group, as its user asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Adds contacts as members.
+    Add(Vec<PeerId>),
+    /// Removes a member.
+    Remove(PeerId),
+    /// We leave.
+    Leave,
+    /// Renames the group.
+    Rename(String),
+    /// Makes a member an admin (true) or a member again (false).
+    Admin(PeerId, bool),
+    /// Changes who may post.
+    Mode(Mode),
+}
+
+/// What a change did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupChanged {
+    /// Members it changed, by name (for an add: those added; a member already in is
+    /// not added again).
+    pub changed: Vec<String>,
+    /// Members told of it.
+    pub told: usize,
+    /// Members who could not be told: not our contacts (their names in the group).
+    pub unreachable: Vec<String>,
+}
+
+/// A message sealed to a group's members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSent {
+    /// Its id (the same in every member's copy).
+    pub id: MessageId,
+    /// Members it was sealed to.
+    pub copies: usize,
+    /// Members it could not be sealed to: not our contacts, or blocked.
+    pub unreachable: Vec<String>,
+}
+
+/// A group in a shown message: which one, and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTag {
+    /// The group.
+    pub id: GroupId,
+    /// Its name.
+    pub name: String,
+}
+
+fn no_group() -> EngineError {
+    EngineError::Invalid("no such group".into())
+}
+
+fn key_of(peer: &PeerId, roster: &Roster) -> Option<[u8; 32]> {
+    roster
+        .members
+        .iter()
+        .find(|(_, m)| m.identity.peer_id() == *peer)
+        .map(|(k, _)| *k)
+}
+
+impl<T> State<T> {
+    fn own_key(&self) -> [u8; 32] {
+        *self.me.public().ed25519()
+    }
+
+    /// Founds a group with us as its only member and admin.
+    pub(crate) fn create_group(&mut self, name: &str, now: u64) -> Result<GroupId, EngineError> {
+        check_name(name).map_err(|e| EngineError::Invalid(format!("group name: {e}")))?;
+        let own_name = self.own_card()?.name().to_owned();
+        let hlc = Hlc::default().tick(now);
+        let create = SignedOp::create(&self.me, &own_name, rand::random(), name, Mode::Chat, hlc);
+        let id = create.group();
+        let mut record = GroupRecord {
+            ops: vec![create.encode().to_vec()],
+            next_seq: 2,
+            joined_ms: now,
+            ..GroupRecord::default()
+        };
+        record.set_hlc(hlc);
+        let mut w = WriteSet::default();
+        LocalStore::write_group(&mut w, &id, &record);
+        self.store.apply(w)?;
+        Ok(id)
+    }
+
+    /// Signs `change` into group `id`'s log and shares it with the members: the new
+    /// operations to every member (a removed one included), the whole log to a member
+    /// just added.
+    pub(crate) fn change_group(
+        &mut self,
+        id: GroupId,
+        change: GroupChange,
+        now: u64,
+    ) -> Result<GroupChanged, EngineError> {
+        let mut record = self.store.group(&id)?.ok_or_else(no_group)?;
+        let before = record.roster(id)?.ok_or_else(no_group)?;
+        let me = self.own_key();
+        match before.role(&me) {
+            None => {
+                return Err(EngineError::Invalid(
+                    "you are not a member of this group".into(),
+                ));
+            }
+            Some(Role::Member) if change != GroupChange::Leave => {
+                return Err(EngineError::Invalid(
+                    "only the group's admins can change it".into(),
+                ));
+            }
+            _ => {}
+        }
+        let member = |peer: &PeerId| {
+            key_of(peer, &before)
+                .ok_or_else(|| EngineError::Invalid("they are not a member of this group".into()))
+        };
+        let mut planned: Vec<(Op, String)> = Vec::new();
+        let mut added = Vec::new();
+        match &change {
+            GroupChange::Add(peers) => {
+                for peer in peers {
+                    let contact = self.store.contact(peer)?.ok_or_else(|| {
+                        EngineError::Invalid(format!("{peer} is not one of your contacts"))
+                    })?;
+                    if self.store.blocked(peer)?.is_some() {
+                        return Err(EngineError::Invalid(format!("{} is blocked", contact.name)));
+                    }
+                    let identity = *contact.card.identity();
+                    if before.members.contains_key(identity.ed25519())
+                        || added.contains(identity.ed25519())
+                    {
+                        continue;
+                    }
+                    added.push(*identity.ed25519());
+                    planned.push((
+                        Op::Add {
+                            member: identity,
+                            name: contact.card.name().to_owned(),
+                            role: Role::Member,
+                        },
+                        contact.name.clone(),
+                    ));
+                }
+                if before.members.len() + added.len() > SMALL_GROUP_MAX {
+                    return Err(EngineError::Invalid(format!(
+                        "a group holds at most {SMALL_GROUP_MAX} members in this version"
+                    )));
+                }
+            }
+            GroupChange::Remove(peer) => {
+                let key = member(peer)?;
+                planned.push((
+                    Op::Remove {
+                        member: key,
+                        cut: before.seen(&key),
+                    },
+                    before.members[&key].name.clone(),
+                ));
+            }
+            GroupChange::Leave => planned.push((
+                Op::Remove {
+                    member: me,
+                    cut: before.seen(&me),
+                },
+                before.members[&me].name.clone(),
+            )),
+            GroupChange::Rename(name) => {
+                check_name(name).map_err(|e| EngineError::Invalid(format!("group name: {e}")))?;
+                planned.push((Op::Rename { name: name.clone() }, name.clone()));
+            }
+            GroupChange::Admin(peer, promote) => {
+                let key = member(peer)?;
+                planned.push((
+                    Op::SetRole {
+                        member: key,
+                        role: if *promote { Role::Admin } else { Role::Member },
+                        cut: if *promote { 0 } else { before.seen(&key) },
+                    },
+                    before.members[&key].name.clone(),
+                ));
+            }
+            GroupChange::Mode(mode) => planned.push((
+                Op::SetMode { mode: *mode },
+                match mode {
+                    Mode::Chat => "chat".into(),
+                    Mode::Announcement => "announcement".into(),
+                },
+            )),
+        }
+        if record.ops.len() + planned.len() > MAX_LOG_OPS {
+            return Err(EngineError::Invalid(
+                "this group's log is full; start a new group".into(),
+            ));
+        }
+        let mut hlc = record.hlc().max(before.latest);
+        let mut new_ops = Vec::new();
+        let mut changed = Vec::new();
+        for (op, label) in planned {
+            hlc = hlc.tick(now);
+            let signed = SignedOp::sign(&self.me, id, record.next_seq, hlc, op);
+            record.next_seq += 1;
+            record.ops.push(signed.encode().to_vec());
+            new_ops.push(signed);
+            changed.push(label);
+        }
+        record.set_hlc(hlc);
+        let all = record.signed_ops()?;
+        let after = Roster::merge(id, &all)
+            .map_err(|e| EngineError::Invalid(format!("this change does not merge: {e}")))?;
+        // Everyone who is a member now or was one before this change hears of it.
+        let mut audience: BTreeMap<[u8; 32], (PublicIdentity, String)> = BTreeMap::new();
+        for (key, m) in before.members.iter().chain(after.members.iter()) {
+            if *key != me {
+                audience.insert(*key, (m.identity, m.name.clone()));
+            }
+        }
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            LocalStore::write_group(&mut w, &id, &record);
+            let mut told = 0;
+            let mut unreachable = Vec::new();
+            for (key, (identity, name)) in &audience {
+                let what = if added.contains(key) { &all } else { &new_ops };
+                match this.reachable(&identity.peer_id())? {
+                    Some(contact) => {
+                        this.share_ops(&mut w, sessions, &contact, id, what, now)?;
+                        told += 1;
+                    }
+                    None => unreachable.push(name.clone()),
+                }
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(GroupChanged {
+                changed,
+                told,
+                unreachable,
+            })
+        })
+    }
+
+    /// A member we can seal to: a contact, not blocked.
+    fn reachable(&self, peer: &PeerId) -> Result<Option<Contact>, EngineError> {
+        match self.store.contact(peer)? {
+            Some(c) if self.store.blocked(peer)?.is_none() => Ok(Some(c)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Queues `ops` of group `id` for `contact`, in as many records as they need. The
+    /// records are kept for sealing again on a new session, as messages are: a member
+    /// who misses an operation would see another group.
+    fn share_ops(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        id: GroupId,
+        ops: &[SignedOp],
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let session = sessions.get(&self.store, contact)?;
+        let mut start = 0;
+        while start < ops.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < ops.len()
+                && (end == start || bytes + 2 + ops[end].encode().len() <= OPS_RECORD_BYTES)
+            {
+                bytes += 2 + ops[end].encode().len();
+                end += 1;
+            }
+            let content = Content {
+                id: MessageId(rand::random()),
+                seq: 0,
+                prev: [0; 32],
+                sent_at_ms: now,
+                body: Body::Group {
+                    group: id,
+                    what: GroupBody::Ops(ops[start..end].to_vec()),
+                },
+            };
+            self.seal_into(w, contact, session, &content, OutboxKind::Control, now)?;
+            start = end;
+        }
+        LocalStore::write_session(w, &contact.peer, session);
+        Ok(())
+    }
+
+    /// Seals `text` to every member of group `id` we can reach, in one write: the same
+    /// message id in each copy, each copy numbered in its pairwise conversation.
+    pub(crate) fn send_group(
+        &mut self,
+        id: GroupId,
+        text: &str,
+        now: u64,
+    ) -> Result<GroupSent, EngineError> {
+        if text.trim().is_empty() {
+            return Err(EngineError::Invalid("the message is empty".into()));
+        }
+        let mut record = self.store.group(&id)?.ok_or_else(no_group)?;
+        let roster = record.roster(id)?.ok_or_else(no_group)?;
+        let me = self.own_key();
+        if !roster.may_post(&me) {
+            return Err(EngineError::Invalid(match roster.role(&me) {
+                None => "you are not a member of this group".into(),
+                Some(_) => "only admins post in this announcement channel".into(),
+            }));
+        }
+        let hlc = record.hlc().max(roster.latest).tick(now);
+        record.set_hlc(hlc);
+        let message_id = MessageId(rand::random());
+        let local = record.next_local;
+        record.next_local += 1;
+        let body = Body::Group {
+            group: id,
+            what: GroupBody::Message {
+                hlc,
+                secs: 0,
+                text: text.to_owned(),
+            },
+        };
+        Content {
+            id: message_id,
+            seq: 1,
+            prev: [0; 32],
+            sent_at_ms: now,
+            body: body.clone(),
+        }
+        .check()
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let own_name = roster.members[&me].name.clone();
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let mut copies = Vec::new();
+            let mut unreachable = Vec::new();
+            for (key, m) in &roster.members {
+                if *key == me {
+                    continue;
+                }
+                let peer = m.identity.peer_id();
+                let Some(contact) = this.reachable(&peer)? else {
+                    unreachable.push(m.name.clone());
+                    continue;
+                };
+                let mut conv = this.store.conversation(&peer)?;
+                let content = Content {
+                    id: message_id,
+                    seq: conv.next_seq.max(1),
+                    prev: conv.last_hash,
+                    sent_at_ms: now,
+                    body: body.clone(),
+                };
+                let session = sessions.get(&this.store, &contact)?;
+                this.seal_into(
+                    &mut w,
+                    &contact,
+                    session,
+                    &content,
+                    OutboxKind::Message,
+                    now,
+                )?;
+                conv.next_seq = content.seq + 1;
+                conv.last_hash = content.hash();
+                LocalStore::write_conversation(&mut w, &peer, &conv);
+                LocalStore::write_group_copy(&mut w, &peer, &message_id.0, &id, local);
+                copies.push((peer.to_bytes(), MessageState::Queued));
+            }
+            let message = GroupMessage {
+                from: Vec::new(),
+                name: own_name,
+                hlc: (hlc.ms, hlc.count),
+                message: new_record(message_id, Direction::Out, text, now, now, 0),
+                copies,
+            };
+            LocalStore::write_group_message(&mut w, &id, local, &message);
+            LocalStore::write_group(&mut w, &id, &record);
+            this.apply_or_reset(sessions, w)?;
+            Ok(GroupSent {
+                id: message_id,
+                copies: message.copies.len(),
+                unreachable,
+            })
+        })
+    }
+
+    /// A member's copy of our group message advanced (a relay has it, a receipt came):
+    /// false if `id` is no group message of ours that went to `peer`.
+    pub(crate) fn advance_group_copy(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        id: &MessageId,
+        state: MessageState,
+    ) -> Result<bool, EngineError> {
+        let Some((key, mut m)) = self.store.group_copy(peer, &id.0)? else {
+            return Ok(false);
+        };
+        let who = peer.to_bytes();
+        let Some(copy) = m.copies.iter_mut().find(|(p, _)| *p == who) else {
+            return Ok(false);
+        };
+        if !copy.1.advances_to(&state) {
+            return Ok(false);
+        }
+        copy.1 = state;
+        // The message as a whole: delivered once every copy is, read once every one is.
+        let all = |f: fn(&MessageState) -> bool| m.copies.iter().all(|(_, s)| f(s));
+        if all(|s| *s == MessageState::Read) {
+            m.message.state = MessageState::Read;
+        } else if all(|s| matches!(s, MessageState::Delivered | MessageState::Read)) {
+            m.message.state = MessageState::Delivered;
+        }
+        LocalStore::rewrite_group_message(w, key, &m);
+        Ok(true)
+    }
+
+    /// Takes in a group record (content kind 11) from `contact`.
+    pub(super) fn apply_group(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        content: &Content,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let Body::Group { group, what } = &content.body else {
+            return refused_ops("not a group record");
+        };
+        match what {
+            GroupBody::Ops(ops) => self.take_ops(w, sessions, contact, *group, ops.clone(), now),
+            GroupBody::Message { hlc, secs, text } => {
+                self.take_group_message(w, contact, content, *group, *hlc, *secs, text.clone(), now)
+            }
+        }
+    }
+
+    /// Operations from a member: merged into the log when they come from someone the
+    /// group knows (a member, a former member, or the admin adding us); new ones are
+    /// passed on to the members we added (who may have missed what others did at the
+    /// same time); messages waiting for them are shown.
+    fn take_ops(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        id: GroupId,
+        ops: Vec<SignedOp>,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let sender = *contact.card.identity().ed25519();
+        let mut record = self.store.group(&id)?.unwrap_or_default();
+        let held = record.signed_ops()?;
+        let known: std::collections::BTreeSet<[u8; 32]> = held.iter().map(|o| o.hash()).collect();
+        let new: Vec<SignedOp> = ops
+            .into_iter()
+            .filter(|o| !known.contains(&o.hash()))
+            .collect();
+        if new.is_empty() {
+            return Ok(Outcome::Applied("group operations already held"));
+        }
+        if held.len() + new.len() > MAX_LOG_OPS {
+            return refused_ops("the group's log would pass its limit");
+        }
+        let mut per_author: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+        for op in held.iter().chain(&new) {
+            *per_author.entry(*op.author()).or_default() += 1;
+        }
+        if per_author.values().any(|n| *n > MAX_OPS_PER_AUTHOR) {
+            return refused_ops("one member's operations would pass their limit");
+        }
+        let all: Vec<SignedOp> = held.iter().chain(new.iter()).cloned().collect();
+        let Ok(after) = Roster::merge(id, &all) else {
+            // No creation yet (it comes in another record): kept only for a group we
+            // hold, so a stranger cannot make us store logs of groups we are not in.
+            if held.is_empty() {
+                return refused_ops("operations of a group we are not in");
+            }
+            return refused_ops("operations without their group's creation");
+        };
+        let me = self.own_key();
+        let before = if held.is_empty() {
+            None
+        } else {
+            record.roster(id)?
+        };
+        let sender_known =
+            |r: &Roster| r.members.contains_key(&sender) || r.former.contains(&sender);
+        let allowed = match &before {
+            Some(r) => sender_known(r) || sender_known(&after),
+            // A group new to us: only if these operations make us a member (someone
+            // added us), sent by a member.
+            None => after.members.contains_key(&me) && sender_known(&after),
+        };
+        if !allowed {
+            return refused_ops("group operations from someone outside the group");
+        }
+        if before.is_none() && record.joined_ms == 0 {
+            record.joined_ms = now;
+        }
+        record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
+        let latest = new.iter().map(SignedOp::hlc).max().unwrap_or_default();
+        record.set_hlc(record.hlc().observe(latest, now, MAX_AHEAD_MS));
+        // Messages that waited for these operations.
+        let mut shown = Vec::new();
+        let waiting = std::mem::take(&mut record.waiting);
+        for waited in waiting {
+            let from = PeerId::from_bytes(&waited.from).ok();
+            match from {
+                Some(peer) if after.may_post(&waited.key) => {
+                    let mut m = waited.message;
+                    m.name = after.members[&waited.key].name.clone();
+                    let local = record.next_local;
+                    record.next_local += 1;
+                    LocalStore::write_group_message(w, &id, local, &m);
+                    shown.push(self.shown(peer, &after, m));
+                }
+                // Removed, or may not post: their message does not count.
+                _ if after.former.contains(&waited.key)
+                    || after.members.contains_key(&waited.key) =>
+                {
+                    record.dropped += 1;
+                }
+                _ => record.waiting.push(waited),
+            }
+        }
+        LocalStore::write_group(w, &id, &record);
+        // Pass new operations on to the members we added, except their authors and the
+        // sender: they may have missed what others did at the same time.
+        let ours: Vec<[u8; 32]> = all
+            .iter()
+            .filter(|o| o.author() == &me)
+            .filter_map(|o| match o.op() {
+                Op::Add { member, .. } => Some(*member.ed25519()),
+                _ => None,
+            })
+            .collect();
+        for key in ours {
+            if key == sender || new.iter().all(|o| o.author() == &key) {
+                continue;
+            }
+            let Some(m) = after.members.get(&key) else {
+                continue;
+            };
+            let passed: Vec<SignedOp> =
+                new.iter().filter(|o| o.author() != &key).cloned().collect();
+            if let Some(c) = self.reachable(&m.identity.peer_id())? {
+                self.share_ops(w, sessions, &c, id, &passed, now)?;
+            }
+        }
+        tracing::info!(group = %id.to_hex(), ops = new.len(), "group operations merged");
+        Ok(match shown.len() {
+            0 => Outcome::Applied("group operations"),
+            _ => Outcome::ShownSeveral(shown),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn take_group_message(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        content: &Content,
+        id: GroupId,
+        hlc: Hlc,
+        secs: u32,
+        text: String,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let peer = contact.peer;
+        if self.is_copy(&peer, content)? {
+            LocalStore::write_receipt_due(w, &peer, &content.id);
+            return Ok(Outcome::Applied("a copy of a group message"));
+        }
+        // Its number in the pairwise conversation is taken whatever becomes of it, so it
+        // never looks like a missing message.
+        if self
+            .take_numbered(w, &peer, content, text.len() as u64)?
+            .is_none()
+        {
+            return refused_ops("over the storage limit for one contact");
+        }
+        LocalStore::write_receipt_due(w, &peer, &content.id);
+        let timer_secs = if secs == 0 {
+            0
+        } else {
+            secs.max(crate::store::MIN_TIMER_SECS)
+        };
+        let mut message = GroupMessage {
+            from: peer.to_bytes(),
+            name: contact.card.name().to_owned(),
+            hlc: (hlc.ms, hlc.count),
+            message: new_record(
+                content.id,
+                Direction::In,
+                &text,
+                content.sent_at_ms,
+                now,
+                timer_secs,
+            ),
+            copies: Vec::new(),
+        };
+        message.message.seq = content.seq;
+        message.message.prev = content.prev;
+        let record = self.store.group(&id)?;
+        let roster = match &record {
+            Some(r) => r.roster(id)?,
+            None => None,
+        };
+        let sender = *contact.card.identity().ed25519();
+        match (record, roster) {
+            (Some(mut record), Some(roster)) if roster.may_post(&sender) => {
+                message.name = roster.members[&sender].name.clone();
+                record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
+                let local = record.next_local;
+                record.next_local += 1;
+                LocalStore::write_group_message(w, &id, local, &message);
+                LocalStore::write_group(w, &id, &record);
+                Ok(Outcome::Shown(Box::new(self.shown(peer, &roster, message))))
+            }
+            (Some(_), Some(roster))
+                if roster.former.contains(&sender)
+                    || roster.members.contains_key(&sender)
+                    || !roster.members.contains_key(&self.own_key()) =>
+            {
+                // Removed, a member who may not post here, or a group we left.
+                refused_ops("a group message from someone who may not post in it")
+            }
+            (record, _) => {
+                // Its operations have not come yet (they travel on their own, perhaps
+                // over another relay): it waits, within bounds.
+                let mut record = match record {
+                    Some(r) => r,
+                    None => {
+                        let waiting_groups = self
+                            .store
+                            .groups()?
+                            .iter()
+                            .filter(|(_, g)| g.ops.is_empty())
+                            .count();
+                        if waiting_groups >= MAX_WAITING_GROUPS {
+                            return refused_ops("too many unknown groups");
+                        }
+                        GroupRecord {
+                            joined_ms: now,
+                            ..GroupRecord::default()
+                        }
+                    }
+                };
+                let theirs = record
+                    .waiting
+                    .iter()
+                    .filter(|m| m.from == message.from)
+                    .count();
+                if record.waiting.len() >= MAX_WAITING_PER_GROUP
+                    || theirs >= MAX_WAITING_PER_GROUP / 4
+                {
+                    record.dropped += 1;
+                    LocalStore::write_group(w, &id, &record);
+                    return refused_ops("too many group messages waiting for their group");
+                }
+                record.waiting.push(Waiting {
+                    from: peer.to_bytes(),
+                    key: sender,
+                    message,
+                });
+                LocalStore::write_group(w, &id, &record);
+                Ok(Outcome::Applied("a group message waiting for its group"))
+            }
+        }
+    }
+
+    fn shown(&self, peer: PeerId, roster: &Roster, message: GroupMessage) -> Received {
+        Received {
+            contact: peer,
+            name: message.name.clone(),
+            message: message.message,
+            gaps: self
+                .store
+                .conversation(&peer)
+                .map(|c| c.gaps)
+                .unwrap_or_default(),
+            change: None,
+            group: Some(GroupTag {
+                id: roster.id,
+                name: roster.name.clone(),
+            }),
+        }
+    }
+}
+
+fn refused_ops(reason: &'static str) -> Result<Outcome, EngineError> {
+    Ok(Outcome::Refused(reason.into()))
+}
+
+/// A message record as a group message holds it.
+fn new_record(
+    id: MessageId,
+    direction: Direction,
+    text: &str,
+    sent_at_ms: u64,
+    stored_at_ms: u64,
+    timer_secs: u32,
+) -> MessageRecord {
+    MessageRecord {
+        id: id.0,
+        direction,
+        text: text.to_owned(),
+        state: match direction {
+            Direction::Out => MessageState::Queued,
+            Direction::In => MessageState::Received,
+        },
+        sent_at_ms,
+        stored_at_ms,
+        seq: 0,
+        prev: [0; 32],
+        timer_secs,
+        edited: false,
+        deleted: false,
+        revised_seq: 0,
+        reply_to: None,
+        reactions: Default::default(),
+        file: None,
+    }
+}

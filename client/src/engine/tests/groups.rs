@@ -1,0 +1,325 @@
+//! Groups over the pairwise sessions: the membership log shared with every member,
+//! messages to each member once, receipts counted per member, and messages that come
+//! before their group's operations.
+
+use kkachi_protocol::group::{GroupId, Roster};
+
+use super::*;
+use crate::engine::GroupChange;
+
+/// Three users, each the other two's contact.
+async fn three(net: &FakeNet) -> (User, User, User) {
+    let alice = User::started(net, "alice", 3).await;
+    let bob = User::started(net, "bob", 3).await;
+    let carol = User::started(net, "carol", 3).await;
+    for (a, b) in [(&alice, &bob), (&alice, &carol), (&bob, &carol)] {
+        a.add_contact(b);
+        b.add_contact(a);
+    }
+    for u in [&alice, &bob, &carol] {
+        u.regrant().await;
+    }
+    (alice, bob, carol)
+}
+
+fn roster(u: &User, id: GroupId) -> Option<Roster> {
+    u.engine.store().group(&id).unwrap()?.roster(id).unwrap()
+}
+
+/// (author's name in the group, text) of each message, in the order shown.
+fn texts(u: &User, id: GroupId) -> Vec<(String, String)> {
+    u.engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.name, m.message.text))
+        .collect()
+}
+
+async fn family(alice: &User, bob: &User, carol: &User) -> GroupId {
+    let id = alice.engine.create_group("Family".into()).await.unwrap();
+    let changed = alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![bob.peer(), carol.peer()]))
+        .await
+        .unwrap();
+    assert_eq!(changed.changed.len(), 2);
+    assert_eq!(changed.told, 2);
+    bob.sync().await;
+    carol.sync().await;
+    id
+}
+
+#[tokio::test]
+async fn every_member_gets_each_message_once_and_receipts_count_per_member() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    let theirs = roster(&alice, id).unwrap();
+    assert_eq!(theirs.members.len(), 3);
+    assert_eq!(roster(&bob, id).unwrap(), theirs);
+    assert_eq!(roster(&carol, id).unwrap(), theirs);
+
+    let sent = alice
+        .engine
+        .send_group(id, "dinner at 7".into())
+        .await
+        .unwrap();
+    assert_eq!(sent.copies, 2);
+    assert!(sent.unreachable.is_empty());
+    for member in [&bob, &carol] {
+        let got = member.sync().await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].message.text, "dinner at 7");
+        assert_eq!(got[0].name, "alice");
+        let tag = got[0]
+            .group
+            .as_ref()
+            .expect("a group message says its group");
+        assert_eq!((tag.id, tag.name.as_str()), (id, "Family"));
+        // Nothing comes twice, and no 1:1 message appeared.
+        assert!(member.sync().await.is_empty());
+        assert!(member.messages(&alice).is_empty());
+    }
+    alice.sync().await;
+    let ours = &alice.engine.store().group_messages(&id).unwrap()[0];
+    assert_eq!(ours.tally(), (2, 0), "both copies delivered");
+    assert_eq!(ours.message.state, MessageState::Delivered);
+
+    bob.engine
+        .send_group(id, "we'll bring cake".into())
+        .await
+        .unwrap();
+    carol.sync().await;
+    alice.sync().await;
+    let want = vec![
+        ("alice".to_string(), "dinner at 7".to_string()),
+        ("bob".to_string(), "we'll bring cake".to_string()),
+    ];
+    assert_eq!(texts(&carol, id), want);
+    assert_eq!(texts(&alice, id), want);
+}
+
+#[tokio::test]
+async fn a_removed_member_gets_nothing_more_and_only_admins_change_the_group() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+
+    // Bob is a member, not an admin.
+    let refused = bob
+        .engine
+        .change_group(id, GroupChange::Remove(carol.peer()))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("admins"), "{refused}");
+
+    alice
+        .engine
+        .change_group(id, GroupChange::Remove(carol.peer()))
+        .await
+        .unwrap();
+    bob.sync().await;
+    carol.sync().await;
+    for u in [&alice, &bob, &carol] {
+        let r = roster(u, id).unwrap();
+        assert_eq!(r.members.len(), 2);
+        assert!(
+            r.former
+                .contains(carol.engine.identity().public().ed25519())
+        );
+    }
+    let refused = carol
+        .engine
+        .send_group(id, "still here?".into())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not a member"), "{refused}");
+    let sent = alice.engine.send_group(id, "just us".into()).await.unwrap();
+    assert_eq!(sent.copies, 1);
+    assert!(carol.sync().await.is_empty());
+    assert_eq!(bob.sync().await.len(), 1);
+
+    // A message Carol's modified client seals anyway is refused by every member.
+    let content = Content {
+        id: MessageId(rand::random()),
+        seq: carol
+            .engine
+            .store()
+            .conversation(&bob.peer())
+            .unwrap()
+            .next_seq
+            .max(1),
+        prev: carol
+            .engine
+            .store()
+            .conversation(&bob.peer())
+            .unwrap()
+            .last_hash,
+        sent_at_ms: now_ms(),
+        body: Body::Group {
+            group: id,
+            what: kkachi_protocol::content::GroupBody::Message {
+                hlc: kkachi_protocol::group::Hlc {
+                    ms: now_ms(),
+                    count: 0,
+                },
+                secs: 0,
+                text: "let me back in".into(),
+            },
+        },
+    };
+    let bob_at_carol = carol.contact_of(&bob.peer()).unwrap();
+    carol.send_raw(&bob_at_carol, &content).await;
+    assert!(bob.sync().await.is_empty());
+    assert!(
+        !texts(&bob, id).iter().any(|(_, t)| t == "let me back in"),
+        "a removed member's message is not shown"
+    );
+}
+
+#[tokio::test]
+async fn a_message_that_comes_before_its_group_waits_and_is_shown_once() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = alice.engine.create_group("Family".into()).await.unwrap();
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![bob.peer()]))
+        .await
+        .unwrap();
+    bob.sync().await;
+    // Carol's relays are down while Alice adds her: Bob hears of it, Carol does not.
+    for r in &carol.relays {
+        net.set_up(r, false);
+    }
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![carol.peer()]))
+        .await
+        .unwrap();
+    for r in &carol.relays {
+        net.set_up(r, true);
+    }
+    bob.sync().await;
+    assert_eq!(roster(&bob, id).unwrap().members.len(), 3);
+    let sent = bob.engine.send_group(id, "early".into()).await.unwrap();
+    assert_eq!(sent.copies, 2);
+    // Bob's message reaches Carol first: it waits for the group.
+    assert!(carol.sync().await.is_empty());
+    let waiting = carol.engine.store().group(&id).unwrap().unwrap();
+    assert_eq!(waiting.waiting.len(), 1);
+    assert!(roster(&carol, id).is_none());
+    // Alice's operations arrive: the message is shown, once.
+    alice.engine.deliver_now().await.unwrap();
+    let got = carol.sync().await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].message.text, "early");
+    assert_eq!(got[0].group.as_ref().unwrap().name, "Family");
+    assert!(carol.sync().await.is_empty());
+    assert_eq!(texts(&carol, id), vec![("bob".into(), "early".into())]);
+    assert!(
+        carol
+            .engine
+            .store()
+            .group(&id)
+            .unwrap()
+            .unwrap()
+            .waiting
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn outsiders_cannot_change_a_group_and_their_messages_wait_within_bounds() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Mallory is Carol's contact, not in the group.
+    let mallory = User::started(&net, "mallory", 3).await;
+    let carol_at_mallory = mallory.add_contact(&carol);
+    carol.add_contact(&mallory);
+    mallory.regrant().await;
+    carol.regrant().await;
+    let mut seq = 1;
+    let mut prev = [0; 32];
+    let mut record = |body: Body| {
+        let c = Content {
+            id: MessageId(rand::random()),
+            seq: if body.is_sequenced() { seq } else { 0 },
+            prev: if body.is_sequenced() { prev } else { [0; 32] },
+            sent_at_ms: now_ms(),
+            body,
+        };
+        if c.body.is_sequenced() {
+            seq += 1;
+            prev = c.hash();
+        }
+        c
+    };
+    // A rename Mallory signs for Alice's group: refused, the name stays.
+    let rename = kkachi_protocol::group::SignedOp::sign(
+        mallory.engine.identity(),
+        id,
+        1,
+        kkachi_protocol::group::Hlc {
+            ms: now_ms(),
+            count: 0,
+        },
+        kkachi_protocol::group::Op::Rename {
+            name: "Pwned".into(),
+        },
+    );
+    let ops = record(Body::Group {
+        group: id,
+        what: kkachi_protocol::content::GroupBody::Ops(vec![rename]),
+    });
+    mallory.send_raw(&carol_at_mallory, &ops).await;
+    carol.sync().await;
+    assert_eq!(roster(&carol, id).unwrap().name, "Family");
+    assert_eq!(
+        carol.engine.store().group(&id).unwrap().unwrap().ops.len(),
+        3
+    );
+    // Messages "to" the group: they wait (Mallory might be added by an operation not
+    // here yet), at most a quarter of the waiting room each; none is shown.
+    for i in 0..20 {
+        let m = record(Body::Group {
+            group: id,
+            what: kkachi_protocol::content::GroupBody::Message {
+                hlc: kkachi_protocol::group::Hlc {
+                    ms: now_ms(),
+                    count: 0,
+                },
+                secs: 0,
+                text: format!("spam {i}"),
+            },
+        });
+        mallory.send_raw(&carol_at_mallory, &m).await;
+    }
+    assert!(carol.sync().await.is_empty());
+    let held = carol.engine.store().group(&id).unwrap().unwrap();
+    assert_eq!(held.waiting.len(), crate::store::MAX_WAITING_PER_GROUP / 4);
+    assert_eq!(held.dropped, 4);
+    // The members' own messages are untouched.
+    alice
+        .engine
+        .send_group(id, "still fine".into())
+        .await
+        .unwrap();
+    let got = carol.sync().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.text, "still fine");
+    // Mallory's pairwise numbers were all taken: no false gap in their 1:1 chat.
+    assert_eq!(
+        carol
+            .engine
+            .store()
+            .conversation(&mallory.peer())
+            .unwrap()
+            .gaps
+            .missing(),
+        0
+    );
+}

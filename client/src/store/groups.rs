@@ -1,0 +1,229 @@
+//! Groups: each group's membership log (its signed operations, SPEC §14) and our place
+//! in it, and its messages from every member.
+//!
+//! Keys start with a group's local name, [`group_key`]: 38 bytes shaped like a peer id
+//! (an identity multihash of 36 bytes), so the store hides it and keeps the order of what
+//! follows exactly as it does for a contact's records.
+
+use kkachi_protocol::PeerId;
+use kkachi_protocol::group::{GroupError, GroupId, Hlc, Roster, SignedOp};
+use serde::{Deserialize, Serialize};
+
+use super::{LocalStore, MessageRecord, MessageState, StoreError, TreeId, WriteSet, decode};
+
+/// Most messages kept per group that wait for the operations that let their authors
+/// post (they arrived first, over another relay).
+pub const MAX_WAITING_PER_GROUP: usize = 64;
+/// Most groups whose messages arrived before we were told of the group at all.
+pub const MAX_WAITING_GROUPS: usize = 16;
+
+/// The local name of a group in keys: `0x00 ‖ 36 ‖ "grp\0" ‖ group id`.
+pub fn group_key(id: &GroupId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(38 + 8);
+    k.extend_from_slice(&[0x00, 36, b'g', b'r', b'p', 0]);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+fn message_key(id: &GroupId, local: u64) -> Vec<u8> {
+    let mut k = group_key(id);
+    k.extend_from_slice(&local.to_be_bytes());
+    k
+}
+
+fn index_key(peer: &PeerId, id: &[u8; 16]) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(id);
+    k
+}
+
+/// A group as we hold it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// Its operations (verified when they arrived), in no order.
+    pub ops: Vec<Vec<u8>>,
+    /// The number of our next operation.
+    pub next_seq: u64,
+    /// Our clock for it: later than every operation and message of it we hold.
+    pub clock: (u64, u32),
+    /// Local order of its next message.
+    pub next_local: u64,
+    /// Messages that arrived before the operations that let their authors post: kept
+    /// (at most [`MAX_WAITING_PER_GROUP`]) and shown once those arrive.
+    pub waiting: Vec<Waiting>,
+    /// Messages that could not wait (over the bound).
+    pub dropped: u64,
+    /// When we first heard of it (Unix ms).
+    pub joined_ms: u64,
+}
+
+/// A message waiting for its author's right to post.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Waiting {
+    /// Who sent it (a contact).
+    pub from: Vec<u8>,
+    /// Their identity key, as the group names members.
+    pub key: [u8; 32],
+    /// The message as it will be shown.
+    pub message: GroupMessage,
+}
+
+impl GroupRecord {
+    /// Its operations, decoded. They were verified when they arrived and the store is
+    /// ours, so they are checked again only for their form.
+    pub fn signed_ops(&self) -> Result<Vec<SignedOp>, StoreError> {
+        self.ops
+            .iter()
+            .map(|b| SignedOp::decode(b).map_err(|_| StoreError::Corrupt("group operation")))
+            .collect()
+    }
+
+    /// The group's state from its operations; `None` while none are held (messages
+    /// arrived before we were told of it).
+    pub fn roster(&self, id: GroupId) -> Result<Option<Roster>, StoreError> {
+        if self.ops.is_empty() {
+            return Ok(None);
+        }
+        match Roster::merge(id, &self.signed_ops()?) {
+            Ok(r) => Ok(Some(r)),
+            Err(GroupError::NoCreate) => Ok(None),
+            Err(_) => Err(StoreError::Corrupt("group operations")),
+        }
+    }
+
+    /// Our clock.
+    pub fn hlc(&self) -> Hlc {
+        Hlc {
+            ms: self.clock.0,
+            count: self.clock.1,
+        }
+    }
+
+    /// Sets our clock.
+    pub fn set_hlc(&mut self, hlc: Hlc) {
+        self.clock = (hlc.ms, hlc.count);
+    }
+}
+
+/// A message of a group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupMessage {
+    /// Its author (a peer id); empty for ours.
+    pub from: Vec<u8>,
+    /// Its author's name in the group when it arrived.
+    pub name: String,
+    /// Its author's group clock: messages are shown in this order.
+    pub hlc: (u64, u32),
+    /// The message; for ours, `state` sums up the members' copies.
+    pub message: MessageRecord,
+    /// Ours: each member's copy (peer id) and how far it got.
+    pub copies: Vec<(Vec<u8>, MessageState)>,
+}
+
+impl GroupMessage {
+    /// Its author, `None` for ours.
+    pub fn author(&self) -> Option<PeerId> {
+        PeerId::from_bytes(&self.from).ok()
+    }
+
+    /// How many members' copies reached their device, and were read.
+    pub fn tally(&self) -> (usize, usize) {
+        let delivered = self
+            .copies
+            .iter()
+            .filter(|(_, s)| matches!(s, MessageState::Delivered | MessageState::Read))
+            .count();
+        let read = self
+            .copies
+            .iter()
+            .filter(|(_, s)| *s == MessageState::Read)
+            .count();
+        (delivered, read)
+    }
+}
+
+impl LocalStore {
+    /// The group `id`, if we hold it.
+    pub fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.get_record(TreeId::Groups, &group_key(id), "group")
+    }
+
+    /// Writes a group's record (in a WriteSet).
+    pub fn write_group(w: &mut WriteSet, id: &GroupId, record: &GroupRecord) {
+        w.put_record(TreeId::Groups, group_key(id), record);
+    }
+
+    /// Every group we hold, including those only messages told us of.
+    pub fn groups(&self) -> Result<Vec<(GroupId, GroupRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(TreeId::Groups).iter() {
+            let (k, v) = item?;
+            let id: [u8; 32] = k
+                .get(6..)
+                .and_then(|id| id.try_into().ok())
+                .ok_or(StoreError::Corrupt("group key"))?;
+            out.push((GroupId(id), decode(&v, "group")?));
+        }
+        Ok(out)
+    }
+
+    /// Writes a message of group `id` at local order `local` (in a WriteSet).
+    pub fn write_group_message(w: &mut WriteSet, id: &GroupId, local: u64, m: &GroupMessage) {
+        w.put_record(TreeId::GroupMessages, message_key(id, local), m);
+    }
+
+    /// Notes that our message `message` went to `member` as one of the copies of the
+    /// group message at `local` (in a WriteSet): their receipt finds it.
+    pub fn write_group_copy(
+        w: &mut WriteSet,
+        member: &PeerId,
+        message: &[u8; 16],
+        id: &GroupId,
+        local: u64,
+    ) {
+        w.put(
+            TreeId::GroupIndex,
+            index_key(member, message),
+            message_key(id, local),
+        );
+    }
+
+    /// Our group message whose copy `member` received as `message`: its key and record.
+    pub fn group_copy(
+        &self,
+        member: &PeerId,
+        message: &[u8; 16],
+    ) -> Result<Option<(Vec<u8>, GroupMessage)>, StoreError> {
+        let Some(key) = self
+            .tree(TreeId::GroupIndex)
+            .get(index_key(member, message))?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_record(TreeId::GroupMessages, &key, "group message")?
+            .map(|m| (key.to_vec(), m)))
+    }
+
+    /// Rewrites a group message at its key (in a WriteSet).
+    pub fn rewrite_group_message(w: &mut WriteSet, key: Vec<u8>, m: &GroupMessage) {
+        w.put_record(TreeId::GroupMessages, key, m);
+    }
+
+    /// The messages of group `id` in the order members show them: by their authors'
+    /// clocks, then by author, then as they arrived.
+    pub fn group_messages(&self, id: &GroupId) -> Result<Vec<GroupMessage>, StoreError> {
+        let now = crate::engine::now_ms();
+        let mut out = Vec::new();
+        for item in self.tree(TreeId::GroupMessages).scan_prefix(group_key(id)) {
+            let (_, v) = item?;
+            let m: GroupMessage = decode(&v, "group message")?;
+            if !m.message.expired(now) {
+                out.push(m);
+            }
+        }
+        // A stable sort keeps arrival order among equals.
+        out.sort_by(|a, b| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
+        Ok(out)
+    }
+}
