@@ -49,6 +49,10 @@ pub enum Command {
     /// Messages from people who are not your contacts yet: list, accept, reject, block.
     #[command(subcommand)]
     Request(RequestCommand),
+    /// Groups: create one, add and remove members, list them. `send GROUP TEXT` and
+    /// `history GROUP` talk in one.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Send a message or a file. Exits 0 once it is safely in your outbox.
     Send(SendArgs),
     /// Files sent and received: how far each is, and its id for `get`.
@@ -156,7 +160,7 @@ pub enum Command {
     },
     /// Show the conversation with a contact.
     History {
-        /// Contact name or peer id.
+        /// Contact name or peer id, or a group's name or id.
         contact: String,
         /// Show only the last N messages.
         #[arg(long)]
@@ -333,6 +337,73 @@ pub enum ContactCommand {
     },
 }
 
+/// `kkachi group ...`
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum GroupCommand {
+    /// Create a group with you as its only member and admin.
+    Create {
+        /// Its name (its words are joined by spaces).
+        #[arg(required = true)]
+        name: Vec<String>,
+        /// An announcement channel: only admins post, members read.
+        #[arg(long)]
+        announcement: bool,
+    },
+    /// Add contacts to a group (admins only). Each is told, and gets the group's history
+    /// of members; messages sent before they joined stay with those who got them.
+    Add {
+        /// The group's name or id.
+        group: String,
+        /// Contacts (names or peer ids).
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// Remove a member (admins only). They are told and get nothing sent after.
+    Remove {
+        /// The group's name or id.
+        group: String,
+        /// The member: a contact's name or peer id, or their name in the group.
+        member: String,
+    },
+    /// Leave a group: the members are told; you keep its messages so far.
+    Leave {
+        /// The group's name or id.
+        group: String,
+    },
+    /// List your groups.
+    List,
+    /// List a group's members and their roles.
+    Members {
+        /// The group's name or id.
+        group: String,
+    },
+    /// Rename a group (admins only).
+    Rename {
+        /// The group's name or id.
+        group: String,
+        /// The new name (its words are joined by spaces).
+        #[arg(required = true)]
+        name: Vec<String>,
+    },
+    /// Make a member an admin, or (with --revoke) a member again (admins only).
+    Admin {
+        /// The group's name or id.
+        group: String,
+        /// The member: a contact's name or peer id, or their name in the group.
+        member: String,
+        /// Take the admin role away.
+        #[arg(long)]
+        revoke: bool,
+    },
+    /// Let every member post (`chat`), or only admins (`announcement`).
+    Mode {
+        /// The group's name or id.
+        group: String,
+        /// `chat` or `announcement`.
+        mode: String,
+    },
+}
+
 /// `kkachi request ...`
 #[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum RequestCommand {
@@ -361,7 +432,7 @@ pub enum RequestCommand {
 /// `kkachi send ...`
 #[derive(Debug, Clone, PartialEq, Args, serde::Serialize, serde::Deserialize)]
 pub struct SendArgs {
-    /// Contact name or peer id.
+    /// Contact name or peer id, or a group's name or id (`kkachi group list`).
     pub contact: String,
     /// The message (its words are joined by spaces, so quoting is optional); `-`
     /// reads it from standard input. With --file, an optional text sent after it.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{App, CommandError, Output, fail, hex, name, short_id};
+use super::{App, CommandError, Output, Target, fail, hex, name, short_id};
 
 use crate::cli::SendArgs;
 use crate::engine::{Progress, Received, SendEvent};
@@ -23,7 +23,10 @@ impl App {
         json: bool,
         out: &mut Output,
     ) -> Result<(), CommandError> {
-        let contact = self.resolve(&args.contact)?;
+        let contact = match self.target(&args.contact)? {
+            Target::Group(g) => return self.send_to_group(*g, args, json, out).await,
+            Target::Contact(c) => *c,
+        };
         // `send Al Capone hi` with contacts "Al" and "Al Capone": the words after the
         // name may be the rest of a longer name. The longest that names a contact
         // decides: the same contact, and those words are the name, not the message;
@@ -579,7 +582,21 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             v["missing"] = json!(r.gaps.missing());
             v["gaps"] = json!(r.gaps.ranges());
         }
+        if let Some(group) = &r.group {
+            // As `history GROUP --json`: the conversation is the group's.
+            v["contact"] = json!(group.name);
+            v["group"] = json!(group.name);
+            v["group_id"] = json!(group.id.to_hex());
+        }
         out.json(v);
+    } else if let Some(group) = &r.group {
+        out.out(format!(
+            "{}  {} › {}: {}",
+            format_ms(r.message.sent_at_ms),
+            name(&group.name),
+            name(&r.name),
+            shown_text(&r.message)
+        ));
     } else {
         let reply = match &r.message.reply_to {
             Some(quote) => format!("{} ", quote_mark(quote, &r.name)),

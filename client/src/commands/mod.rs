@@ -15,6 +15,7 @@ mod bundle;
 mod contacts;
 mod drill;
 mod files;
+mod groups;
 mod messages;
 mod passphrase;
 mod relays;
@@ -32,6 +33,7 @@ use crate::store::{Contact, LocalStore, Profile, StoreError};
 
 pub use backup::{restore as backup_restore, verify as backup_verify};
 pub use contacts::{describe_duration, parse_duration, timer_line};
+use groups::Target;
 use messages::Pick;
 pub use messages::{
     gap_line, message_json, notices, notices_but_gaps, print_received, push_history_line,
@@ -254,6 +256,7 @@ impl App {
             }
             Command::Contact(command) => self.contact(command, json, &mut out).await?,
             Command::Request(command) => self.request(command, json, &mut out).await?,
+            Command::Group(command) => self.group(command, json, &mut out).await?,
             Command::Send(args) => self.send(args, json, &mut out).await?,
             Command::Files { cancel: None } => self.files(json, &mut out)?,
             Command::Files { cancel: Some(id) } => self.cancel_file(&id, json, &mut out)?,
@@ -374,7 +377,10 @@ impl App {
                 self.timer(&contact, duration.as_deref(), json, &mut out)
                     .await?
             }
-            Command::History { contact, last } => self.history(&contact, last, json, &mut out)?,
+            Command::History { contact, last } => match self.target(&contact)? {
+                Target::Contact(_) => self.history(&contact, last, json, &mut out)?,
+                Target::Group(group) => self.group_history(&group, last, json, &mut out)?,
+            },
             Command::Drill { game_day } => self.drill(game_day, json, &mut out).await?,
             Command::Bundle(BundleCommand::Export { to, contact }) => {
                 self.bundle_export(&to, contact.as_deref(), json, &mut out)?

@@ -696,10 +696,15 @@ impl<T> State<T> {
         }
     }
 
+    /// A group message to show, from `peer` (a contact: shown by the name we gave them).
     fn shown(&self, peer: PeerId, roster: &Roster, message: GroupMessage) -> Received {
+        let name = match self.store.contact(&peer) {
+            Ok(Some(c)) => c.name,
+            _ => message.name.clone(),
+        };
         Received {
             contact: peer,
-            name: message.name.clone(),
+            name,
             message: message.message,
             gaps: self
                 .store

@@ -156,7 +156,13 @@ pub async fn run_with(
             Some(msg) = rx.recv() => msg,
             event = recv_event(&mut events) => match event {
                 // Shown as soon as it is in the store; the durable copy changes nothing.
-                Some(AppEvent::Incoming(r)) if r.change.is_none() => Msg::Arrived(r.contact),
+                Some(AppEvent::Incoming(r)) if r.change.is_none() => match &r.group {
+                    Some(group) => Msg::GroupArrived {
+                        group: group.name.clone(),
+                        from: r.name.clone(),
+                    },
+                    None => Msg::Arrived(r.contact),
+                },
                 Some(AppEvent::Message(_)) => Msg::Redraw,
                 Some(AppEvent::Request(peer)) => {
                     let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);

@@ -23,6 +23,13 @@ pub enum Msg {
     Loaded(Snapshot),
     /// A message arrived in a conversation.
     Arrived(PeerId),
+    /// A message arrived in a group.
+    GroupArrived {
+        /// The group's name.
+        group: String,
+        /// Its sender.
+        from: String,
+    },
     /// Someone who is not a contact wrote; their message is held.
     Request(PeerId),
     /// The terminal changed size: just draw again.
@@ -166,6 +173,17 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             } else {
                 vec![]
             }
+        }
+        Msg::GroupArrived { group, from } => {
+            notice(
+                state,
+                &format!(
+                    "{from} wrote in {group} (kkachi history \"{group}\" shows it)",
+                    from = crate::sanitize::for_terminal(&from),
+                    group = crate::sanitize::for_terminal(&group),
+                ),
+            );
+            vec![Effect::Reload]
         }
         Msg::Arrived(peer) => {
             if state.selected == Some(peer) {

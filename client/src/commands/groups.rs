@@ -1,0 +1,597 @@
+//! `kkachi group …`, and `send` and `history` when they name a group.
+
+use std::time::{Duration, Instant};
+
+use kkachi_protocol::PeerId;
+use kkachi_protocol::group::{GroupId, Mode, Role, Roster};
+use serde_json::json;
+
+use super::messages::message_json;
+use super::{App, CommandError, Output, fail, name, resolve_contact};
+use crate::cli::{GroupCommand, SendArgs};
+use crate::engine::{GroupChange, GroupChanged};
+use crate::sanitize::for_terminal;
+use crate::store::{Contact, GroupMessage, GroupRecord, LocalStore, MessageState};
+use crate::time::LocalTimes;
+
+/// A group we hold, with its merged state.
+pub(super) struct Group {
+    pub(super) id: GroupId,
+    pub(super) record: GroupRecord,
+    pub(super) roster: Roster,
+}
+
+/// What `send` and `history` name: a contact or a group.
+pub(super) enum Target {
+    Contact(Box<Contact>),
+    Group(Box<Group>),
+}
+
+/// Every group we hold (not those only waiting messages told us of), by name.
+fn groups(store: &LocalStore) -> Result<Vec<Group>, CommandError> {
+    let mut out = Vec::new();
+    for (id, record) in store.groups()? {
+        if let Some(roster) = record.roster(id)? {
+            out.push(Group { id, record, roster });
+        }
+    }
+    out.sort_by(|a, b| {
+        a.roster
+            .name
+            .to_lowercase()
+            .cmp(&b.roster.name.to_lowercase())
+    });
+    Ok(out)
+}
+
+/// The group `who` names: its id (or its start, 6 characters or more), its name (any
+/// case), or the unique start of its name; `None` if none does; with whether it was
+/// named exactly (by id or whole name).
+fn find_group(store: &LocalStore, who: &str) -> Result<Option<(Group, bool)>, CommandError> {
+    let all = groups(store)?;
+    let lower = who.to_lowercase();
+    let exact: Vec<usize> = (0..all.len())
+        .filter(|&i| {
+            let g = &all[i];
+            g.roster.name.to_lowercase() == lower
+                || (who.len() >= 6 && g.id.to_hex().starts_with(&lower))
+        })
+        .collect();
+    let (matches, exactly) = if exact.is_empty() {
+        let prefix: Vec<usize> = (0..all.len())
+            .filter(|&i| {
+                !who.trim().is_empty() && all[i].roster.name.to_lowercase().starts_with(&lower)
+            })
+            .collect();
+        (prefix, false)
+    } else {
+        (exact, true)
+    };
+    match matches.as_slice() {
+        [] => Ok(None),
+        [one] => {
+            let mut all = all;
+            Ok(Some((all.swap_remove(*one), exactly)))
+        }
+        many => fail(format!(
+            "{:?} matches {} groups ({}); use the group's id (`kkachi group list` shows it)",
+            for_terminal(who).as_ref(),
+            many.len(),
+            many.iter()
+                .map(|&i| name(&all[i].roster.name).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+fn resolve_group(store: &LocalStore, who: &str) -> Result<Group, CommandError> {
+    match find_group(store, who)? {
+        Some((g, _)) => Ok(g),
+        None => fail(format!(
+            "no group named {:?}; `kkachi group list` shows your groups",
+            for_terminal(who).as_ref()
+        )),
+    }
+}
+
+fn role_label(role: Option<Role>) -> &'static str {
+    match role {
+        Some(Role::Admin) => "admin",
+        Some(Role::Member) => "member",
+        None => "not a member",
+    }
+}
+
+fn mode_label(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Chat => "chat",
+        Mode::Announcement => "announcement",
+    }
+}
+
+impl App {
+    /// What `who` names for `send` and `history`: a contact, or else a group. A name
+    /// that is both a contact's and a group's exactly is refused, not guessed.
+    pub(super) fn target(&self, who: &str) -> Result<Target, CommandError> {
+        let contact = resolve_contact(&self.store, who);
+        let group = find_group(&self.store, who)?;
+        match (contact, group) {
+            (Ok(c), Some((g, true)))
+                if c.name.to_lowercase() == who.to_lowercase() || c.peer.to_string() == who =>
+            {
+                let _ = g;
+                fail(format!(
+                    "both a contact and a group are called {}; name the group by its id (`kkachi group list`)",
+                    name(&c.name)
+                ))
+            }
+            (_, Some((g, true))) | (Err(_), Some((g, false))) => Ok(Target::Group(Box::new(g))),
+            (Ok(c), _) => Ok(Target::Contact(Box::new(c))),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// A member of `group` named by a contact's name or peer id, or by their name in
+    /// the group.
+    fn member(&self, group: &Group, who: &str) -> Result<PeerId, CommandError> {
+        let members: Vec<PeerId> = group
+            .roster
+            .members
+            .values()
+            .map(|m| m.identity.peer_id())
+            .collect();
+        if let Ok(c) = resolve_contact(&self.store, who)
+            && members.contains(&c.peer)
+        {
+            return Ok(c.peer);
+        }
+        let lower = who.to_lowercase();
+        let named: Vec<PeerId> = group
+            .roster
+            .members
+            .values()
+            .filter(|m| {
+                m.name.to_lowercase() == lower
+                    || (who.len() >= 6 && m.identity.peer_id().to_string().starts_with(who))
+            })
+            .map(|m| m.identity.peer_id())
+            .collect();
+        match named.as_slice() {
+            [one] => Ok(*one),
+            [] => fail(format!(
+                "{} has no member {:?}; `kkachi group members {}` lists them",
+                name(&group.roster.name),
+                for_terminal(who).as_ref(),
+                name(&group.roster.name)
+            )),
+            _ => fail(format!(
+                "several members of {} are called {:?}; use the peer id (`kkachi group members`)",
+                name(&group.roster.name),
+                for_terminal(who).as_ref()
+            )),
+        }
+    }
+
+    /// How a member is shown: the contact's name we gave them, else their name in the
+    /// group, marked.
+    fn member_name(&self, peer: &PeerId, in_group: &str) -> Result<String, CommandError> {
+        Ok(match self.store.contact(peer)? {
+            Some(c) => c.name,
+            None => format!("{in_group} (not a contact)"),
+        })
+    }
+
+    pub(super) async fn group(
+        &mut self,
+        command: GroupCommand,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        match command {
+            GroupCommand::Create {
+                name: words,
+                announcement,
+            } => {
+                let group_name = words.join(" ");
+                let engine = self.local_engine()?;
+                let id = engine.create_group(group_name.clone()).await?;
+                if announcement {
+                    engine
+                        .change_group(id, GroupChange::Mode(Mode::Announcement))
+                        .await?;
+                }
+                if json {
+                    out.json(json!({
+                        "id": id.to_hex(),
+                        "name": group_name,
+                        "mode": mode_label(if announcement { Mode::Announcement } else { Mode::Chat }),
+                    }));
+                } else {
+                    out.out(format!(
+                        "created {}{} (id {}); add members with `kkachi group add {} CONTACT…`",
+                        if announcement {
+                            "the announcement channel "
+                        } else {
+                            ""
+                        },
+                        name(&group_name),
+                        &id.to_hex()[..12],
+                        name(&group_name)
+                    ));
+                }
+            }
+            GroupCommand::Add { group, contacts } => {
+                let g = resolve_group(&self.store, &group)?;
+                let mut peers = Vec::new();
+                for who in &contacts {
+                    let c = self.resolve(who)?;
+                    if self.store.blocked(&c.peer)?.is_some() {
+                        return fail(format!("{} is blocked", name(&c.name)));
+                    }
+                    peers.push(c.peer);
+                }
+                let done = self.change(&g, GroupChange::Add(peers)).await?;
+                report_change(out, json, &g, "added", &done);
+            }
+            GroupCommand::Remove { group, member } => {
+                let g = resolve_group(&self.store, &group)?;
+                let peer = self.member(&g, &member)?;
+                if peer == self.identity()?.peer_id() {
+                    return fail("to leave a group: `kkachi group leave GROUP`");
+                }
+                let done = self.change(&g, GroupChange::Remove(peer)).await?;
+                report_change(out, json, &g, "removed", &done);
+            }
+            GroupCommand::Leave { group } => {
+                let g = resolve_group(&self.store, &group)?;
+                let done = self.change(&g, GroupChange::Leave).await?;
+                if json {
+                    out.json(
+                        json!({ "left": g.roster.name, "id": g.id.to_hex(), "told": done.told }),
+                    );
+                } else {
+                    out.out(format!(
+                        "you left {}; {} member(s) told",
+                        name(&g.roster.name),
+                        done.told
+                    ));
+                }
+            }
+            GroupCommand::Rename { group, name: words } => {
+                let g = resolve_group(&self.store, &group)?;
+                let done = self
+                    .change(&g, GroupChange::Rename(words.join(" ")))
+                    .await?;
+                report_change(out, json, &g, "renamed to", &done);
+            }
+            GroupCommand::Admin {
+                group,
+                member,
+                revoke,
+            } => {
+                let g = resolve_group(&self.store, &group)?;
+                let peer = self.member(&g, &member)?;
+                let done = self.change(&g, GroupChange::Admin(peer, !revoke)).await?;
+                let what = if revoke {
+                    "no longer admin"
+                } else {
+                    "made admin"
+                };
+                report_change(out, json, &g, what, &done);
+            }
+            GroupCommand::Mode { group, mode } => {
+                let g = resolve_group(&self.store, &group)?;
+                let mode = match mode.to_lowercase().as_str() {
+                    "chat" => Mode::Chat,
+                    "announcement" | "announce" => Mode::Announcement,
+                    _ => {
+                        return fail(
+                            "the mode is `chat` (everyone posts) or `announcement` (only admins post)",
+                        );
+                    }
+                };
+                let done = self.change(&g, GroupChange::Mode(mode)).await?;
+                report_change(out, json, &g, "now", &done);
+            }
+            GroupCommand::List => {
+                let me = *self.identity()?.public().ed25519();
+                let all = groups(&self.store)?;
+                if json {
+                    let list: Vec<_> = all
+                        .iter()
+                        .map(|g| {
+                            json!({
+                                "id": g.id.to_hex(),
+                                "name": g.roster.name,
+                                "members": g.roster.members.len(),
+                                "role": g.roster.role(&me).map(|r| role_label(Some(r))),
+                                "mode": mode_label(g.roster.mode),
+                            })
+                        })
+                        .collect();
+                    out.json(serde_json::Value::Array(list));
+                } else if all.is_empty() {
+                    out.warn("no groups yet; `kkachi group create NAME` makes one");
+                } else {
+                    for g in &all {
+                        out.out(format!(
+                            "{}  {} member(s), {}{}  id {}",
+                            name(&g.roster.name),
+                            g.roster.members.len(),
+                            role_label(g.roster.role(&me)),
+                            match g.roster.mode {
+                                Mode::Announcement => ", announcement channel",
+                                Mode::Chat => "",
+                            },
+                            &g.id.to_hex()[..12]
+                        ));
+                    }
+                }
+            }
+            GroupCommand::Members { group } => {
+                let g = resolve_group(&self.store, &group)?;
+                let me = self.identity()?.peer_id();
+                let mut list = Vec::new();
+                for m in g.roster.members.values() {
+                    let peer = m.identity.peer_id();
+                    let contact = self.store.contact(&peer)?;
+                    list.push((peer, m, contact));
+                }
+                if json {
+                    let items: Vec<_> = list
+                        .iter()
+                        .map(|(peer, m, contact)| {
+                            json!({
+                                "name": contact.as_ref().map_or(m.name.as_str(), |c| c.name.as_str()),
+                                "name_in_group": m.name,
+                                "peer_id": peer.to_string(),
+                                "role": role_label(Some(m.role)),
+                                "you": *peer == me,
+                                "contact": contact.is_some(),
+                            })
+                        })
+                        .collect();
+                    out.json(serde_json::Value::Array(items));
+                } else {
+                    out.out(format!(
+                        "{} ({} member(s){})",
+                        name(&g.roster.name),
+                        list.len(),
+                        match g.roster.mode {
+                            Mode::Announcement => ", announcement channel",
+                            Mode::Chat => "",
+                        }
+                    ));
+                    for (peer, m, _) in &list {
+                        let shown = if *peer == me {
+                            "you".to_string()
+                        } else {
+                            self.member_name(peer, &m.name)?
+                        };
+                        out.out(format!("  {}  {}", name(&shown), role_label(Some(m.role))));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a change and delivers it (what does not go now waits in the outbox).
+    async fn change(
+        &mut self,
+        g: &Group,
+        change: GroupChange,
+    ) -> Result<GroupChanged, CommandError> {
+        let engine = self.engine()?;
+        let done = engine.change_group(g.id, change).await?;
+        engine.deliver_now().await?;
+        Ok(done)
+    }
+
+    /// `send GROUP TEXT`: sealed to every member; exits once it is durable, after
+    /// reporting how many members' relays took their copy within the timeout.
+    pub(super) async fn send_to_group(
+        &mut self,
+        g: Group,
+        args: SendArgs,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        if args.file.is_some() {
+            return fail("files go to contacts for now, not to groups");
+        }
+        if args.reply.is_some() {
+            return fail("--reply goes to a contact's message, not to a group's");
+        }
+        let text = args.text.join(" ");
+        let engine = self.engine()?;
+        let sent = engine.send_group(g.id, text).await?;
+        // Durable now: the exit status says so. Then how far the copies got.
+        let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
+        let mut relayed = 0;
+        loop {
+            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
+            let m = self
+                .store
+                .group_messages(&g.id)?
+                .into_iter()
+                .find(|m| m.message.id == sent.id.0);
+            relayed = m.as_ref().map_or(relayed, |m| {
+                m.copies
+                    .iter()
+                    .filter(|(_, s)| *s != MessageState::Queued)
+                    .count()
+            });
+            if relayed >= sent.copies || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if json {
+            out.json(json!({
+                "id": sent.id.to_hex(),
+                "group": g.roster.name,
+                "group_id": g.id.to_hex(),
+                "members": sent.copies,
+                "relayed": relayed,
+                "unreachable": sent.unreachable,
+                "state": if relayed == 0 && sent.copies > 0 { "queued" } else { "relayed" },
+            }));
+        } else {
+            out.out(format!(
+                "sent to {}: relayed for {relayed} of {} member(s) ({})",
+                name(&g.roster.name),
+                sent.copies,
+                sent.id.to_hex()
+            ));
+            if relayed < sent.copies {
+                out.out("  the rest stays in the outbox: `kkachi sync` or the daemon delivers it");
+            }
+        }
+        if !sent.unreachable.is_empty() {
+            out.warn(format!(
+                "not sent to {} (not your contact{}): add them to reach them",
+                sent.unreachable
+                    .iter()
+                    .map(|n| name(n).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if sent.unreachable.len() > 1 { "s" } else { "" }
+            ));
+        }
+        Ok(())
+    }
+
+    /// `history GROUP`: every message in the order members show them.
+    pub(super) fn group_history(
+        &self,
+        g: &Group,
+        last: Option<usize>,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let me = self.identity()?.peer_id();
+        let mut messages = self.store.group_messages(&g.id)?;
+        if let Some(n) = last {
+            let skip = messages.len().saturating_sub(n);
+            messages.drain(..skip);
+        }
+        if json {
+            let list: Vec<_> = messages
+                .iter()
+                .map(|m| group_message_json(self, g, &me, m))
+                .collect::<Result<_, _>>()?;
+            out.json(serde_json::Value::Array(list));
+            return Ok(());
+        }
+        let mut times = LocalTimes::default();
+        for m in &messages {
+            let mut line = String::new();
+            times.push_long(&mut line, m.message.sent_at_ms);
+            let who = match m.author() {
+                Some(peer) => self.member_name(&peer, &m.name)?,
+                None => "me".into(),
+            };
+            line.push_str(&format!(
+                "  {}: {}",
+                name(&who),
+                for_terminal(&m.message.text)
+            ));
+            if m.author().is_none() {
+                let (delivered, read) = m.tally();
+                line.push_str(&format!(
+                    "  [delivered {delivered}/{n}{}]",
+                    if read > 0 {
+                        format!(", read {read}/{}", m.copies.len())
+                    } else {
+                        String::new()
+                    },
+                    n = m.copies.len()
+                ));
+            }
+            out.out(line);
+        }
+        if messages.is_empty() {
+            out.warn(format!("no messages in {} yet", name(&g.roster.name)));
+        }
+        if g.record.dropped > 0 {
+            out.out(format!(
+                "  ⚠ {} message(s) from people who may not post here were dropped",
+                g.record.dropped
+            ));
+        }
+        if !g.record.waiting.is_empty() {
+            out.out(format!(
+                "  ⚠ {} message(s) wait for the group's members to be confirmed",
+                g.record.waiting.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A group message as `history GROUP --json` shows it: the fields of a contact's
+/// message, the sender in `from`, the group, and for ours how many members have it.
+fn group_message_json(
+    app: &App,
+    g: &Group,
+    me: &PeerId,
+    m: &GroupMessage,
+) -> Result<serde_json::Value, CommandError> {
+    let author = m.author();
+    let peer = author.unwrap_or(*me);
+    let from = match author {
+        Some(p) => app.member_name(&p, &m.name)?,
+        None => m.name.clone(),
+    };
+    let mut v = message_json(&g.roster.name, &peer, &m.message);
+    v["from"] = json!(from);
+    v["group"] = json!(g.roster.name);
+    v["group_id"] = json!(g.id.to_hex());
+    if author.is_none() {
+        let (delivered, read) = m.tally();
+        v["members"] = json!(m.copies.len());
+        v["delivered_to"] = json!(delivered);
+        v["read_by"] = json!(read);
+    }
+    Ok(v)
+}
+
+fn report_change(out: &mut Output, json: bool, g: &Group, what: &str, done: &GroupChanged) {
+    if json {
+        out.json(json!({
+            "group": g.roster.name,
+            "id": g.id.to_hex(),
+            "change": what,
+            "who": done.changed,
+            "told": done.told,
+            "unreachable": done.unreachable,
+        }));
+    } else {
+        if done.changed.is_empty() {
+            out.out(format!("{}: nothing to change", name(&g.roster.name)));
+        } else {
+            out.out(format!(
+                "{}: {what} {}; {} member(s) told",
+                name(&g.roster.name),
+                done.changed
+                    .iter()
+                    .map(|n| name(n).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                done.told
+            ));
+        }
+        if !done.unreachable.is_empty() {
+            out.warn(format!(
+                "not told (not your contacts): {}",
+                done.unreachable
+                    .iter()
+                    .map(|n| name(n).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Groups from the command line, against real relays: created, joined, talked in, with a
+//! relay killed on the way; members removed; announcement channels. Every member holds
+//! the same members and sees each message once.
+
+use kkachi_tests::procs::{RelayProc, User};
+
+/// The JSON objects a command printed, one per line.
+fn objects(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter(|l| l.starts_with('{') || l.starts_with('['))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// (from, text) of a group's history, as `history GROUP --json` lists it.
+fn said(user: &User, group: &str) -> Vec<(String, String)> {
+    let history = &objects(&user.ok(&["history", group, "--json"]))[0];
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["from"].as_str().unwrap().to_string(),
+                m["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn members(user: &User, group: &str) -> Vec<(String, String)> {
+    let list = &objects(&user.ok(&["group", "members", group, "--json"]))[0];
+    let mut out: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["peer_id"].as_str().unwrap().to_string(),
+                m["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_group_talks_through_a_relay_loss_and_agrees_on_its_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r1 = RelayProc::start(&dir.path().join("r1"), &[]);
+    let r2 = RelayProc::start(&dir.path().join("r2"), &[]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    let carol = User::new(dir.path(), "carol");
+    for u in [&alice, &bob, &carol] {
+        u.ok(&["relay", "add", &r1.addr, &r2.addr]);
+    }
+    User::introduce(&alice, &bob);
+    User::introduce(&alice, &carol);
+    User::introduce(&bob, &carol);
+
+    let created = &objects(&alice.ok(&["group", "create", "Family", "--json"]))[0];
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 64);
+    let added = &objects(&alice.ok(&["group", "add", "Family", "bob", "carol", "--json"]))[0];
+    assert_eq!(added["told"], 2, "{added}");
+    bob.ok(&["sync"]);
+    carol.ok(&["sync"]);
+    let everyone = members(&alice, "Family");
+    assert_eq!(everyone.len(), 3);
+    assert_eq!(members(&bob, "Family"), everyone);
+    assert_eq!(
+        members(&carol, &id[..8]),
+        everyone,
+        "a group is named by its id too"
+    );
+    let listed = &objects(&bob.ok(&["group", "list", "--json"]))[0];
+    assert_eq!(listed[0]["name"], "Family");
+    assert_eq!(listed[0]["role"], "member");
+
+    let sent = &objects(&alice.ok(&["send", "Family", "dinner at 7", "--json"]))[0];
+    assert_eq!(sent["members"], 2, "{sent}");
+    assert_eq!(sent["relayed"], 2, "{sent}");
+    // One relay gone for good: the group goes on through the other.
+    r1.kill9();
+    let got = objects(&bob.ok(&["sync", "--json"]));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["group"], "Family");
+    assert_eq!(got[0]["from"], "alice");
+    assert_eq!(got[0]["text"], "dinner at 7");
+    let sent = &objects(&bob.ok(&["send", "Family", "we", "bring", "cake", "--json"]))[0];
+    assert_eq!(sent["relayed"], 2, "{sent}");
+    for u in [&alice, &carol] {
+        u.ok(&["sync"]);
+        // Again: nothing comes twice.
+        u.ok(&["sync"]);
+    }
+    let want = vec![
+        ("alice".to_string(), "dinner at 7".to_string()),
+        ("bob".to_string(), "we bring cake".to_string()),
+    ];
+    assert_eq!(said(&carol, "Family"), want);
+    assert_eq!(said(&alice, "Family"), want);
+    assert_eq!(said(&bob, "Family"), want);
+    let text = carol.ok(&["history", "Family"]);
+    assert!(text.contains("alice: dinner at 7"), "{text}");
+    // Receipts: Alice's message reached both.
+    bob.ok(&["sync"]);
+    alice.ok(&["sync"]);
+    let history = &objects(&alice.ok(&["history", "Family", "--json"]))[0];
+    assert_eq!(history[0]["delivered_to"], 2, "{history}");
+    assert_eq!(history[0]["state"], "delivered");
+
+    // Carol is removed: she is told, may not post, and gets nothing more.
+    alice.ok(&["group", "remove", "Family", "carol"]);
+    bob.ok(&["sync"]);
+    carol.ok(&["sync"]);
+    assert_eq!(members(&bob, "Family").len(), 2);
+    assert_eq!(members(&carol, "Family"), members(&alice, "Family"));
+    let refused = carol.run(&["send", "Family", "hello?"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not a member"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    alice.ok(&["send", "Family", "just us now"]);
+    assert!(objects(&carol.ok(&["sync", "--json"])).is_empty());
+    assert_eq!(objects(&bob.ok(&["sync", "--json"])).len(), 1);
+
+    // An announcement channel: only admins post.
+    alice.ok(&["group", "mode", "Family", "announcement"]);
+    bob.ok(&["sync"]);
+    let refused = bob.run(&["send", "Family", "me too"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("only admins post"));
+    // Bob is not an admin: he cannot change the group either.
+    let refused = bob.run(&["group", "rename", "Family", "Bob's"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("admins"));
+}
+
+#[test]
+fn names_that_are_not_groups_or_are_both_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("r"), &[]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &relay.addr]);
+    }
+    User::introduce(&alice, &bob);
+    let none = alice.run(&["group", "members", "Nope"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no group named"));
+    // A group called like a contact: `send bob` is refused, not guessed.
+    alice.ok(&["group", "create", "bob"]);
+    let both = alice.run(&["send", "bob", "hi"]);
+    assert!(!both.status.success());
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("both a contact and a group"),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+    // A bad group name is refused with the reason.
+    let bad = alice.run(&["group", "create", " padded"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("group name"));
+}
