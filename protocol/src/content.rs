@@ -112,11 +112,21 @@ const GROUP_MESSAGE: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBody {
     /// Operations of the group's membership log (unsequenced).
-    Ops(Vec<SignedOp>),
+    Ops {
+        /// Every operation the sender holds (else only new ones).
+        all: bool,
+        /// The sender's [`crate::group::have_digest`] after these.
+        have: [u8; 16],
+        /// The operations.
+        ops: Vec<SignedOp>,
+    },
     /// A message to the group (sequenced in the pairwise conversation).
     Message {
         /// The author's group clock: members show messages in this order.
         hlc: Hlc,
+        /// The author's [`crate::group::have_digest`]: a member holding other
+        /// operations sends theirs.
+        have: [u8; 16],
         /// Its disappearing-message timer (seconds; 0: it stays).
         secs: u32,
         /// The message.
@@ -323,14 +333,22 @@ impl Body {
             Body::Group { group, what } => {
                 let mut out = group.0.to_vec();
                 match what {
-                    GroupBody::Ops(ops) => {
+                    GroupBody::Ops { all, have, ops } => {
                         out.push(GROUP_OPS);
+                        out.push(u8::from(*all));
+                        out.extend_from_slice(have);
                         out.extend_from_slice(&encode_ops(ops));
                     }
-                    GroupBody::Message { hlc, secs, text } => {
+                    GroupBody::Message {
+                        hlc,
+                        have,
+                        secs,
+                        text,
+                    } => {
                         out.push(GROUP_MESSAGE);
                         out.extend_from_slice(&hlc.ms.to_be_bytes());
                         out.extend_from_slice(&hlc.count.to_be_bytes());
+                        out.extend_from_slice(have);
                         out.extend_from_slice(&secs.to_be_bytes());
                         out.extend_from_slice(text.as_bytes());
                     }
@@ -459,6 +477,8 @@ impl Body {
                 let group = GroupId(r.array("group id")?);
                 let what = match r.u8("group record")? {
                     GROUP_OPS => {
+                        let all = r.bool("group operations")?;
+                        let have = r.array("group have")?;
                         let ops = decode_ops(r.rest(), MAX_BODY_LEN / 2)?;
                         if ops.is_empty() {
                             return Err(DecodeError::Invalid {
@@ -470,19 +490,25 @@ impl Body {
                         if ops.iter().any(|op| op.group() != group) {
                             return Err(ContentError::Group(GroupError::WrongGroup));
                         }
-                        GroupBody::Ops(ops)
+                        GroupBody::Ops { all, have, ops }
                     }
                     GROUP_MESSAGE => {
                         let hlc = Hlc {
                             ms: r.u64("group clock")?,
                             count: r.u32("group clock")?,
                         };
+                        let have = r.array("group have")?;
                         let secs = r.u32("group timer")?;
                         if secs > MAX_TIMER_SECS {
                             return Err(ContentError::TimerTooLong(secs));
                         }
                         let text = text_of(r.rest())?;
-                        GroupBody::Message { hlc, secs, text }
+                        GroupBody::Message {
+                            hlc,
+                            have,
+                            secs,
+                            text,
+                        }
                     }
                     tag => {
                         return Err(DecodeError::UnknownTag {
@@ -633,7 +659,7 @@ impl Content {
                 ..
             } if *secs > MAX_TIMER_SECS => Err(ContentError::TimerTooLong(*secs)),
             Body::Group {
-                what: GroupBody::Ops(ops),
+                what: GroupBody::Ops { ops, .. },
                 ..
             } if ops.is_empty()
                 || ops.iter().map(|o| 2 + o.encode().len()).sum::<usize>() > MAX_BODY_LEN - 64 =>
@@ -772,6 +798,7 @@ mod tests {
                     group: GroupId(group),
                     what: GroupBody::Message {
                         hlc: Hlc { ms, count },
+                        have: [count as u8; 16],
                         secs,
                         text,
                     },
@@ -795,7 +822,11 @@ mod tests {
             sent_at_ms: 5,
             body: Body::Group {
                 group,
-                what: GroupBody::Ops(ops),
+                what: GroupBody::Ops {
+                    all: true,
+                    have: [3; 16],
+                    ops,
+                },
             },
         };
         let good = record(create.group(), vec![create.clone()]);
@@ -826,6 +857,7 @@ mod tests {
                 group: create.group(),
                 what: GroupBody::Message {
                     hlc: at(9),
+                    have: [4; 16],
                     secs: 0,
                     text: "hi all".into(),
                 },

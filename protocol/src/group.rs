@@ -864,6 +864,18 @@ fn replay(
     (roster, lowerings)
 }
 
+/// A digest of a set of operations: `H("kkachi/group-have/v1", their hashes in order)`,
+/// 16 bytes. Members carry theirs in every group record, so two holding different
+/// operations notice and send each other theirs.
+pub fn have_digest<'a>(ops: impl IntoIterator<Item = &'a SignedOp>) -> [u8; 16] {
+    let hashes: std::collections::BTreeSet<[u8; 32]> = ops.into_iter().map(|o| o.hash).collect();
+    let joined: Vec<u8> = hashes.iter().flatten().copied().collect();
+    let full = hash("kkachi/group-have/v1", &[&joined]);
+    let mut out = [0; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
+
 /// What a member shares of a group with another member: the operations, in the
 /// encoding of a group-state record (SPEC §14.2): `u16 count ‖ count × (u16 len ‖ op)`.
 pub fn encode_ops<'a>(ops: impl IntoIterator<Item = &'a SignedOp>) -> Vec<u8> {

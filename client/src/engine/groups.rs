@@ -9,7 +9,7 @@ use kkachi_protocol::content::{Body, Content, GroupBody, MAX_BODY_LEN};
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::group::{
     GroupId, Hlc, MAX_LOG_OPS, MAX_OPS_PER_AUTHOR, Mode, Op, Role, Roster, SMALL_GROUP_MAX,
-    SignedOp,
+    SignedOp, have_digest,
 };
 use kkachi_protocol::{MessageId, PeerId, PublicIdentity};
 
@@ -220,6 +220,16 @@ impl<T> State<T> {
             ));
         }
         let mut hlc = record.hlc().max(before.latest);
+        // Our next number follows every operation of ours held (one who joined someone
+        // else's group has none yet: 1).
+        let ours = record
+            .signed_ops()?
+            .iter()
+            .filter(|o| o.author() == &me)
+            .map(SignedOp::seq)
+            .max()
+            .unwrap_or(0);
+        record.next_seq = record.next_seq.max(ours + 1);
         let mut new_ops = Vec::new();
         let mut changed = Vec::new();
         for (op, label) in planned {
@@ -241,16 +251,21 @@ impl<T> State<T> {
                 audience.insert(*key, (m.identity, m.name.clone()));
             }
         }
+        let have = have_digest(&all);
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             LocalStore::write_group(&mut w, &id, &record);
             let mut told = 0;
             let mut unreachable = Vec::new();
             for (key, (identity, name)) in &audience {
-                let what = if added.contains(key) { &all } else { &new_ops };
+                let (what, every) = if added.contains(key) {
+                    (&all, true)
+                } else {
+                    (&new_ops, false)
+                };
                 match this.reachable(&identity.peer_id())? {
                     Some(contact) => {
-                        this.share_ops(&mut w, sessions, &contact, id, what, now)?;
+                        this.share_ops(&mut w, sessions, &contact, id, what, every, have, now)?;
                         told += 1;
                     }
                     None => unreachable.push(name.clone()),
@@ -273,9 +288,11 @@ impl<T> State<T> {
         }
     }
 
-    /// Queues `ops` of group `id` for `contact`, in as many records as they need. The
+    /// Queues `ops` of group `id` for `contact`, in as many records as they need (`all`:
+    /// every operation we hold, said on the last record), with our digest `have`. The
     /// records are kept for sealing again on a new session, as messages are: a member
     /// who misses an operation would see another group.
+    #[allow(clippy::too_many_arguments)]
     fn share_ops(
         &self,
         w: &mut WriteSet,
@@ -283,6 +300,8 @@ impl<T> State<T> {
         contact: &Contact,
         id: GroupId,
         ops: &[SignedOp],
+        all: bool,
+        have: [u8; 16],
         now: u64,
     ) -> Result<(), EngineError> {
         let session = sessions.get(&self.store, contact)?;
@@ -303,7 +322,11 @@ impl<T> State<T> {
                 sent_at_ms: now,
                 body: Body::Group {
                     group: id,
-                    what: GroupBody::Ops(ops[start..end].to_vec()),
+                    what: GroupBody::Ops {
+                        all: all && end == ops.len(),
+                        have,
+                        ops: ops[start..end].to_vec(),
+                    },
                 },
             };
             self.seal_into(w, contact, session, &content, OutboxKind::Control, now)?;
@@ -342,6 +365,7 @@ impl<T> State<T> {
             group: id,
             what: GroupBody::Message {
                 hlc,
+                have: have_digest(&record.signed_ops()?),
                 secs: 0,
                 text: text.to_owned(),
             },
@@ -453,12 +477,78 @@ impl<T> State<T> {
         let Body::Group { group, what } = &content.body else {
             return refused_ops("not a group record");
         };
-        match what {
-            GroupBody::Ops(ops) => self.take_ops(w, sessions, contact, *group, ops.clone(), now),
-            GroupBody::Message { hlc, secs, text } => {
-                self.take_group_message(w, contact, content, *group, *hlc, *secs, text.clone(), now)
+        let outcome = match what {
+            GroupBody::Ops { ops, .. } => {
+                self.take_ops(w, sessions, contact, *group, ops.clone(), now)?
             }
+            GroupBody::Message {
+                hlc, secs, text, ..
+            } => self.take_group_message(
+                w,
+                contact,
+                content,
+                *group,
+                *hlc,
+                *secs,
+                text.clone(),
+                now,
+            )?,
+        };
+        // A member who holds other operations than we do (their digest says so) gets
+        // all of ours: they merge, and send theirs if we lack some. Once per pair of
+        // digests, so two members never answer each other for ever.
+        let (theirs, compare) = match what {
+            GroupBody::Ops { all, have, .. } => (*have, *all),
+            GroupBody::Message { have, .. } => (*have, true),
+        };
+        if compare {
+            self.answer_digest(w, sessions, contact, *group, theirs, now)?;
         }
+        Ok(outcome)
+    }
+
+    /// Sends `contact` every operation of group `id` we hold if their digest `theirs`
+    /// differs from ours and we have not answered that pair of digests yet.
+    fn answer_digest(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        id: GroupId,
+        theirs: [u8; 16],
+        now: u64,
+    ) -> Result<(), EngineError> {
+        // What this envelope's handling wrote so far is in `w`, not yet in the store:
+        // the record as it will be.
+        let Some(mut record) = LocalStore::pending_group(w, &id).or(self.store.group(&id)?) else {
+            return Ok(());
+        };
+        let Some(roster) = record.roster(id)? else {
+            return Ok(());
+        };
+        let sender = *contact.card.identity().ed25519();
+        let me = self.own_key();
+        if !roster.members.contains_key(&sender) || !roster.members.contains_key(&me) {
+            return Ok(());
+        }
+        let ops = record.signed_ops()?;
+        let ours = have_digest(&ops);
+        if ours == theirs {
+            return Ok(());
+        }
+        let who = contact.peer.to_bytes();
+        if record
+            .answered
+            .iter()
+            .any(|(p, t, o)| *p == who && *t == theirs && *o == ours)
+        {
+            return Ok(());
+        }
+        record.answered.retain(|(p, _, _)| *p != who);
+        record.answered.push((who, theirs, ours));
+        LocalStore::write_group(w, &id, &record);
+        tracing::info!(group = %id.to_hex(), member = %contact.peer, "a member holds other group operations; sending ours");
+        self.share_ops(w, sessions, contact, id, &ops, true, ours, now)
     }
 
     /// Operations from a member: merged into the log when they come from someone the
@@ -571,7 +661,7 @@ impl<T> State<T> {
             let passed: Vec<SignedOp> =
                 new.iter().filter(|o| o.author() != &key).cloned().collect();
             if let Some(c) = self.reachable(&m.identity.peer_id())? {
-                self.share_ops(w, sessions, &c, id, &passed, now)?;
+                self.share_ops(w, sessions, &c, id, &passed, false, have_digest(&all), now)?;
             }
         }
         tracing::info!(group = %id.to_hex(), ops = new.len(), "group operations merged");

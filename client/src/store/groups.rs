@@ -55,6 +55,9 @@ pub struct GroupRecord {
     pub dropped: u64,
     /// When we first heard of it (Unix ms).
     pub joined_ms: u64,
+    /// For each member (peer id) whose digest differed from ours, the last pair of
+    /// digests (theirs, ours) we answered by sending all our operations.
+    pub answered: Vec<(Vec<u8>, [u8; 16], [u8; 16])>,
 }
 
 /// A message waiting for its author's right to post.
@@ -146,6 +149,14 @@ impl LocalStore {
     /// The group `id`, if we hold it.
     pub fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
         self.get_record(TreeId::Groups, &group_key(id), "group")
+    }
+
+    /// The group `id` as `w` leaves it, if `w` writes it.
+    pub fn pending_group(w: &WriteSet, id: &GroupId) -> Option<GroupRecord> {
+        match w.pending(TreeId::Groups, &group_key(id))? {
+            Some(bytes) => decode(bytes, "group").ok(),
+            None => None,
+        }
     }
 
     /// Writes a group's record (in a WriteSet).

@@ -87,6 +87,16 @@ impl WriteSet {
         self.put(tree, key, bytes);
     }
 
+    /// What this set writes to `key` of `tree` last, if it writes it: `Some(None)` for
+    /// a removal.
+    pub fn pending(&self, tree: TreeId, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.ops
+            .iter()
+            .rev()
+            .find(|(t, k, _)| *t == tree && k == key)
+            .map(|(_, _, v)| v.as_deref())
+    }
+
     /// Removes `key` from `tree`.
     pub fn remove(&mut self, tree: TreeId, key: impl Into<Vec<u8>>) {
         self.ops.push((tree, key.into(), None));

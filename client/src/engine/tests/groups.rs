@@ -141,6 +141,18 @@ async fn a_removed_member_gets_nothing_more_and_only_admins_change_the_group() {
     assert!(carol.sync().await.is_empty());
     assert_eq!(bob.sync().await.len(), 1);
 
+    // Bob leaves (his first operation in a group he did not found): Alice is alone.
+    bob.engine
+        .change_group(id, GroupChange::Leave)
+        .await
+        .unwrap();
+    alice.sync().await;
+    let r = roster(&alice, id).unwrap();
+    assert_eq!(r.members.len(), 1);
+    assert_eq!(roster(&bob, id).unwrap(), r);
+    let refused = bob.engine.send_group(id, "bye".into()).await.unwrap_err();
+    assert!(refused.to_string().contains("not a member"), "{refused}");
+
     // A message Carol's modified client seals anyway is refused by every member.
     let content = Content {
         id: MessageId(rand::random()),
@@ -165,6 +177,7 @@ async fn a_removed_member_gets_nothing_more_and_only_admins_change_the_group() {
                     ms: now_ms(),
                     count: 0,
                 },
+                have: [0; 16],
                 secs: 0,
                 text: "let me back in".into(),
             },
@@ -273,7 +286,11 @@ async fn outsiders_cannot_change_a_group_and_their_messages_wait_within_bounds()
     );
     let ops = record(Body::Group {
         group: id,
-        what: kkachi_protocol::content::GroupBody::Ops(vec![rename]),
+        what: kkachi_protocol::content::GroupBody::Ops {
+            all: false,
+            have: [0; 16],
+            ops: vec![rename],
+        },
     });
     mallory.send_raw(&carol_at_mallory, &ops).await;
     carol.sync().await;
@@ -292,6 +309,7 @@ async fn outsiders_cannot_change_a_group_and_their_messages_wait_within_bounds()
                     ms: now_ms(),
                     count: 0,
                 },
+                have: [0; 16],
                 secs: 0,
                 text: format!("spam {i}"),
             },
@@ -322,4 +340,74 @@ async fn outsiders_cannot_change_a_group_and_their_messages_wait_within_bounds()
             .missing(),
         0
     );
+}
+
+#[tokio::test]
+async fn members_who_hold_different_operations_notice_and_converge() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = alice.engine.create_group("Family".into()).await.unwrap();
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![bob.peer()]))
+        .await
+        .unwrap();
+    alice
+        .engine
+        .change_group(id, GroupChange::Admin(bob.peer(), true))
+        .await
+        .unwrap();
+    bob.sync().await;
+    // Bob adds Carol: he is the only one who passes on what others do to her.
+    bob.engine
+        .change_group(id, GroupChange::Add(vec![carol.peer()]))
+        .await
+        .unwrap();
+    alice.sync().await;
+    carol.sync().await;
+    assert_eq!(roster(&carol, id), roster(&alice, id));
+    // Bob renames the group while Carol's relays are down, then is gone for good.
+    for r in &carol.relays {
+        net.set_up(r, false);
+    }
+    bob.engine
+        .change_group(id, GroupChange::Rename("Family 2026".into()))
+        .await
+        .unwrap();
+    bob.engine.shutdown().await.unwrap();
+    for r in &carol.relays {
+        net.set_up(r, true);
+    }
+    alice.sync().await;
+    assert_eq!(roster(&alice, id).unwrap().name, "Family 2026");
+    assert_eq!(roster(&carol, id).unwrap().name, "Family");
+    // Alice writes: her digest differs from Carol's. Carol sends her operations, Alice
+    // sees Carol lacks some and sends hers: Carol catches up.
+    alice
+        .engine
+        .send_group(id, "new name, same family".into())
+        .await
+        .unwrap();
+    assert_eq!(carol.sync().await.len(), 1);
+    alice.sync().await;
+    carol.sync().await;
+    assert_eq!(roster(&carol, id).unwrap().name, "Family 2026");
+    assert_eq!(roster(&carol, id), roster(&alice, id));
+    // And they stop there: nothing more goes back and forth.
+    alice.sync().await;
+    carol.sync().await;
+    let outbox = |u: &User| {
+        u.engine
+            .store()
+            .outbox_keys_of(
+                &(if u.peer() == alice.peer() {
+                    carol.peer()
+                } else {
+                    alice.peer()
+                }),
+            )
+            .len()
+    };
+    assert_eq!(outbox(&alice), 0);
+    assert_eq!(outbox(&carol), 0);
 }
