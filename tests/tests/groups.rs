@@ -12,13 +12,14 @@ fn objects(out: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// (from, text) of a group's history, as `history GROUP --json` lists it.
+/// (from, text) of what members wrote in a group, as `history GROUP --json` lists it.
 fn said(user: &User, group: &str) -> Vec<(String, String)> {
     let history = &objects(&user.ok(&["history", group, "--json"]))[0];
     history
         .as_array()
         .unwrap()
         .iter()
+        .filter(|m| m["event"] == false)
         .map(|m| {
             (
                 m["from"].as_str().unwrap().to_string(),
@@ -105,17 +106,28 @@ fn a_group_talks_through_a_relay_loss_and_agrees_on_its_members() {
     assert_eq!(said(&bob, "Family"), want);
     let text = carol.ok(&["history", "Family"]);
     assert!(text.contains("alice: dinner at 7"), "{text}");
+    assert!(
+        text.contains("— alice added you to Family; members: you, alice, bob"),
+        "{text}"
+    );
     // Receipts: Alice's message reached both.
     bob.ok(&["sync"]);
     alice.ok(&["sync"]);
     let history = &objects(&alice.ok(&["history", "Family", "--json"]))[0];
-    assert_eq!(history[0]["delivered_to"], 2, "{history}");
-    assert_eq!(history[0]["state"], "delivered");
+    let dinner = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["text"] == "dinner at 7")
+        .unwrap();
+    assert_eq!(dinner["delivered_to"], 2, "{history}");
+    assert_eq!(dinner["state"], "delivered");
 
     // Carol is removed: she is told, may not post, and gets nothing more.
     alice.ok(&["group", "remove", "Family", "carol"]);
     bob.ok(&["sync"]);
-    carol.ok(&["sync"]);
+    let told = carol.ok(&["sync"]);
+    assert!(told.contains("Family: alice removed you"), "{told}");
     assert_eq!(members(&bob, "Family").len(), 2);
     assert_eq!(members(&carol, "Family"), members(&alice, "Family"));
     let refused = carol.run(&["send", "Family", "hello?"]);

@@ -489,6 +489,11 @@ impl App {
         for m in &messages {
             let mut line = String::new();
             times.push_long(&mut line, m.message.sent_at_ms);
+            if m.event {
+                line.push_str(&format!("  — {}", for_terminal(&m.message.text)));
+                out.out(line);
+                continue;
+            }
             let who = match m.author() {
                 Some(peer) => self.member_name(&peer, &m.name)?,
                 None => "me".into(),
@@ -542,11 +547,20 @@ fn group_message_json(
     let author = m.author();
     let peer = author.unwrap_or(*me);
     let from = match author {
-        Some(p) => app.member_name(&p, &m.name)?,
-        None => m.name.clone(),
+        Some(p) if m.event => match app.store.contact(&p)? {
+            Some(c) => Some(c.name),
+            None => None,
+        },
+        Some(p) => Some(app.member_name(&p, &m.name)?),
+        None if m.event => None,
+        None => Some(m.name.clone()),
     };
     let mut v = message_json(&g.roster.name, &peer, &m.message);
     v["from"] = json!(from);
+    v["event"] = json!(m.event);
+    if m.event {
+        v["direction"] = json!("event");
+    }
     v["group"] = json!(g.roster.name);
     v["group_id"] = json!(g.id.to_hex());
     if author.is_none() {

@@ -587,8 +587,19 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             v["contact"] = json!(group.name);
             v["group"] = json!(group.name);
             v["group_id"] = json!(group.id.to_hex());
+            if group.event {
+                v["event"] = json!("group");
+                v["direction"] = json!("event");
+            }
         }
         out.json(v);
+    } else if let Some(group) = r.group.as_ref().filter(|g| g.event) {
+        out.out(format!(
+            "{}  {}: {}",
+            format_ms(r.message.sent_at_ms),
+            name(&group.name),
+            shown_text(&r.message)
+        ));
     } else if let Some(group) = &r.group {
         out.out(format!(
             "{}  {} › {}: {}",

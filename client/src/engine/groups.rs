@@ -73,6 +73,9 @@ pub struct GroupTag {
     pub id: GroupId,
     /// Its name.
     pub name: String,
+    /// The message is a line about the group (who joined, left, renamed it), not a
+    /// member's text.
+    pub event: bool,
 }
 
 fn no_group() -> EngineError {
@@ -252,8 +255,20 @@ impl<T> State<T> {
             }
         }
         let have = have_digest(&all);
+        let mut event_lines = Vec::new();
+        for (hlc, author, text) in self.events(Some(&before), &after, &new_ops)? {
+            let local = record.next_local;
+            record.next_local += 1;
+            event_lines.push((
+                local,
+                event_message(author.map(|p| p.to_bytes()), hlc, text, now),
+            ));
+        }
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
+            for (local, m) in &event_lines {
+                LocalStore::write_group_message(&mut w, &id, *local, m);
+            }
             LocalStore::write_group(&mut w, &id, &record);
             let mut told = 0;
             let mut unreachable = Vec::new();
@@ -422,6 +437,7 @@ impl<T> State<T> {
                 hlc: (hlc.ms, hlc.count),
                 message: new_record(message_id, Direction::Out, text, now, now, 0),
                 copies,
+                event: false,
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
             LocalStore::write_group(&mut w, &id, &record);
@@ -640,6 +656,14 @@ impl<T> State<T> {
                 _ => record.waiting.push(waited),
             }
         }
+        // What changed, as lines in the group's history.
+        for (hlc, author, text) in self.events(before.as_ref(), &after, &new)? {
+            let local = record.next_local;
+            record.next_local += 1;
+            let m = event_message(author.map(|p| p.to_bytes()), hlc, text, now);
+            LocalStore::write_group_message(w, &id, local, &m);
+            shown.push(self.shown(author.unwrap_or(contact.peer), &after, m));
+        }
         LocalStore::write_group(w, &id, &record);
         // Pass new operations on to the members we added, except their authors and the
         // sender: they may have missed what others did at the same time.
@@ -715,6 +739,7 @@ impl<T> State<T> {
                 timer_secs,
             ),
             copies: Vec::new(),
+            event: false,
         };
         message.message.seq = content.seq;
         message.message.prev = content.prev;
@@ -786,6 +811,138 @@ impl<T> State<T> {
         }
     }
 
+    /// How a member is named in event lines: "you", the name we gave a contact, else
+    /// their name in the group.
+    fn call(&self, key: &[u8; 32], rosters: &[&Roster]) -> Result<String, EngineError> {
+        if *key == self.own_key() {
+            return Ok("you".into());
+        }
+        let member = rosters.iter().find_map(|r| r.members.get(key));
+        let Some(member) = member else {
+            return Ok("someone".into());
+        };
+        Ok(match self.store.contact(&member.identity.peer_id())? {
+            Some(c) => c.name,
+            None => member.name.clone(),
+        })
+    }
+
+    /// What `new` operations changed from `before` to `after`, as lines for the group's
+    /// history: (clock, author, text), each naming who did it.
+    fn events(
+        &self,
+        before: Option<&Roster>,
+        after: &Roster,
+        new: &[SignedOp],
+    ) -> Result<Vec<(Hlc, Option<PeerId>, String)>, EngineError> {
+        let me = self.own_key();
+        let empty;
+        let before = match before {
+            Some(b) => b,
+            None => {
+                empty = Roster {
+                    members: Default::default(),
+                    former: Default::default(),
+                    ..after.clone()
+                };
+                &empty
+            }
+        };
+        let rosters = [after, before];
+        let mut out = Vec::new();
+        let author_of = |pred: &dyn Fn(&Op) -> bool| -> Option<&SignedOp> {
+            new.iter().rev().find(|o| pred(o.op()))
+        };
+        let peer_of = |key: &[u8; 32]| {
+            rosters
+                .iter()
+                .find_map(|r| r.members.get(key))
+                .map(|m| m.identity.peer_id())
+        };
+        let mut push = |op: Option<&SignedOp>, text: String| {
+            let (hlc, author) = match op {
+                Some(o) => (o.hlc(), peer_of(o.author())),
+                None => (after.latest, None),
+            };
+            out.push((hlc, author, text));
+        };
+        if before.members.is_empty() && after.members.contains_key(&me) {
+            let by =
+                author_of(&|op| matches!(op, Op::Add { member, .. } if *member.ed25519() == me));
+            let who = match by {
+                Some(o) => self.call(o.author(), &rosters)?,
+                None => "someone".into(),
+            };
+            let others: Vec<String> = after
+                .members
+                .keys()
+                .filter(|k| **k != me)
+                .map(|k| self.call(k, &rosters))
+                .collect::<Result<_, _>>()?;
+            push(
+                by,
+                format!(
+                    "{who} added you to {}; members: you, {}",
+                    after.name,
+                    others.join(", ")
+                ),
+            );
+            return Ok(out);
+        }
+        for (key, m) in &after.members {
+            if !before.members.contains_key(key) {
+                let op = author_of(
+                    &|op| matches!(op, Op::Add { member, .. } if member.ed25519() == key),
+                );
+                let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
+                push(op, format!("{by} added {}", self.call(key, &rosters)?));
+            } else if before.members[key].role != m.role {
+                let op = author_of(&|op| matches!(op, Op::SetRole { member, .. } if member == key));
+                let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
+                let who = self.call(key, &rosters)?;
+                push(
+                    op,
+                    match m.role {
+                        Role::Admin => format!("{by} made {who} an admin"),
+                        Role::Member => format!("{by} made {who} a member (no longer an admin)"),
+                    },
+                );
+            }
+        }
+        for key in before.members.keys() {
+            if after.members.contains_key(key) {
+                continue;
+            }
+            let op = author_of(&|op| matches!(op, Op::Remove { member, .. } if member == key));
+            let who = self.call(key, &rosters)?;
+            let text = match op {
+                Some(o) if o.author() == key => format!("{who} left"),
+                Some(o) => format!("{} removed {who}", self.call(o.author(), &rosters)?),
+                None => format!("{who} is no longer a member"),
+            };
+            push(op, text);
+        }
+        if before.name != after.name && !before.name.is_empty() {
+            let op = author_of(&|op| matches!(op, Op::Rename { .. }));
+            let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
+            push(op, format!("{by} renamed the group to {}", after.name));
+        }
+        if before.mode != after.mode {
+            let op = author_of(&|op| matches!(op, Op::SetMode { .. }));
+            let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
+            push(
+                op,
+                match after.mode {
+                    Mode::Announcement => {
+                        format!("{by} made this an announcement channel: only admins post")
+                    }
+                    Mode::Chat => format!("{by} let every member post"),
+                },
+            );
+        }
+        Ok(out)
+    }
+
     /// A group message to show, from `peer` (a contact: shown by the name we gave them).
     fn shown(&self, peer: PeerId, roster: &Roster, message: GroupMessage) -> Received {
         let name = match self.store.contact(&peer) {
@@ -805,6 +962,7 @@ impl<T> State<T> {
             group: Some(GroupTag {
                 id: roster.id,
                 name: roster.name.clone(),
+                event: message.event,
             }),
         }
     }
@@ -812,6 +970,18 @@ impl<T> State<T> {
 
 fn refused_ops(reason: &'static str) -> Result<Outcome, EngineError> {
     Ok(Outcome::Refused(reason.into()))
+}
+
+/// A line about a change to the group, as its history holds it.
+fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> GroupMessage {
+    GroupMessage {
+        from: from.unwrap_or_default(),
+        name: String::new(),
+        hlc: (hlc.ms, hlc.count),
+        message: new_record(MessageId(rand::random()), Direction::In, &text, now, now, 0),
+        copies: Vec::new(),
+        event: true,
+    }
 }
 
 /// A message record as a group message holds it.

@@ -121,6 +121,9 @@ pub struct GroupMessage {
     pub message: MessageRecord,
     /// Ours: each member's copy (peer id) and how far it got.
     pub copies: Vec<(Vec<u8>, MessageState)>,
+    /// A line about the group (who joined, left, renamed it), not a member's text:
+    /// `from` is who did it (empty: we did, or it is not known).
+    pub event: bool,
 }
 
 impl GroupMessage {

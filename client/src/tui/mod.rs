@@ -160,6 +160,7 @@ pub async fn run_with(
                     Some(group) => Msg::GroupArrived {
                         group: group.name.clone(),
                         from: r.name.clone(),
+                        event: group.event.then(|| r.message.text.clone()),
                     },
                     None => Msg::Arrived(r.contact),
                 },

@@ -29,6 +29,8 @@ pub enum Msg {
         group: String,
         /// Its sender.
         from: String,
+        /// For a change to the group, what changed.
+        event: Option<String>,
     },
     /// Someone who is not a contact wrote; their message is held.
     Request(PeerId),
@@ -174,15 +176,16 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
                 vec![]
             }
         }
-        Msg::GroupArrived { group, from } => {
-            notice(
-                state,
-                &format!(
-                    "{from} wrote in {group} (kkachi history \"{group}\" shows it)",
-                    from = crate::sanitize::for_terminal(&from),
-                    group = crate::sanitize::for_terminal(&group),
+        Msg::GroupArrived { group, from, event } => {
+            let group = crate::sanitize::for_terminal(&group);
+            let text = match event {
+                Some(what) => format!("{group}: {}", crate::sanitize::for_terminal(&what)),
+                None => format!(
+                    "{} wrote in {group} (kkachi history \"{group}\" shows it)",
+                    crate::sanitize::for_terminal(&from)
                 ),
-            );
+            };
+            notice(state, &text);
             vec![Effect::Reload]
         }
         Msg::Arrived(peer) => {

@@ -26,14 +26,37 @@ fn roster(u: &User, id: GroupId) -> Option<Roster> {
     u.engine.store().group(&id).unwrap()?.roster(id).unwrap()
 }
 
-/// (author's name in the group, text) of each message, in the order shown.
+/// (author's name in the group, text) of each message, in the order shown (not the
+/// lines about changes to the group).
 fn texts(u: &User, id: GroupId) -> Vec<(String, String)> {
     u.engine
         .store()
         .group_messages(&id)
         .unwrap()
         .into_iter()
+        .filter(|m| !m.event)
         .map(|m| (m.name, m.message.text))
+        .collect()
+}
+
+/// The lines about changes to the group, in order.
+fn events(u: &User, id: GroupId) -> Vec<String> {
+    u.engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.event)
+        .map(|m| m.message.text)
+        .collect()
+}
+
+/// What a sync showed that members wrote (not lines about changes to the group).
+async fn said(u: &User) -> Vec<Received> {
+    u.sync()
+        .await
+        .into_iter()
+        .filter(|r| !r.group.as_ref().is_some_and(|g| g.event))
         .collect()
 }
 
@@ -69,7 +92,7 @@ async fn every_member_gets_each_message_once_and_receipts_count_per_member() {
     assert_eq!(sent.copies, 2);
     assert!(sent.unreachable.is_empty());
     for member in [&bob, &carol] {
-        let got = member.sync().await;
+        let got = said(member).await;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].message.text, "dinner at 7");
         assert_eq!(got[0].name, "alice");
@@ -83,7 +106,14 @@ async fn every_member_gets_each_message_once_and_receipts_count_per_member() {
         assert!(member.messages(&alice).is_empty());
     }
     alice.sync().await;
-    let ours = &alice.engine.store().group_messages(&id).unwrap()[0];
+    let ours = &alice
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .find(|m| !m.event)
+        .unwrap();
     assert_eq!(ours.tally(), (2, 0), "both copies delivered");
     assert_eq!(ours.message.state, MessageState::Delivered);
 
@@ -138,8 +168,8 @@ async fn a_removed_member_gets_nothing_more_and_only_admins_change_the_group() {
     assert!(refused.to_string().contains("not a member"), "{refused}");
     let sent = alice.engine.send_group(id, "just us".into()).await.unwrap();
     assert_eq!(sent.copies, 1);
-    assert!(carol.sync().await.is_empty());
-    assert_eq!(bob.sync().await.len(), 1);
+    assert!(said(&carol).await.is_empty());
+    assert_eq!(said(&bob).await.len(), 1);
 
     // Bob leaves (his first operation in a group he did not found): Alice is alone.
     bob.engine
@@ -224,14 +254,19 @@ async fn a_message_that_comes_before_its_group_waits_and_is_shown_once() {
     let waiting = carol.engine.store().group(&id).unwrap().unwrap();
     assert_eq!(waiting.waiting.len(), 1);
     assert!(roster(&carol, id).is_none());
-    // Alice's operations arrive: the message is shown, once.
+    // Alice's operations arrive: the message is shown, once, with a line saying who
+    // added Carol.
     alice.engine.deliver_now().await.unwrap();
-    let got = carol.sync().await;
+    let got = said(&carol).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].message.text, "early");
     assert_eq!(got[0].group.as_ref().unwrap().name, "Family");
     assert!(carol.sync().await.is_empty());
     assert_eq!(texts(&carol, id), vec![("bob".into(), "early".into())]);
+    assert_eq!(
+        events(&carol, id),
+        vec!["alice added you to Family; members: you, alice, bob".to_string()]
+    );
     assert!(
         carol
             .engine
@@ -326,7 +361,7 @@ async fn outsiders_cannot_change_a_group_and_their_messages_wait_within_bounds()
         .send_group(id, "still fine".into())
         .await
         .unwrap();
-    let got = carol.sync().await;
+    let got = said(&carol).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message.text, "still fine");
     // Mallory's pairwise numbers were all taken: no false gap in their 1:1 chat.
@@ -388,10 +423,14 @@ async fn members_who_hold_different_operations_notice_and_converge() {
         .send_group(id, "new name, same family".into())
         .await
         .unwrap();
-    assert_eq!(carol.sync().await.len(), 1);
+    assert_eq!(said(&carol).await.len(), 1);
     alice.sync().await;
     carol.sync().await;
     assert_eq!(roster(&carol, id).unwrap().name, "Family 2026");
+    assert_eq!(
+        events(&carol, id).last().map(String::as_str),
+        Some("bob renamed the group to Family 2026")
+    );
     assert_eq!(roster(&carol, id), roster(&alice, id));
     // And they stop there: nothing more goes back and forth.
     alice.sync().await;
