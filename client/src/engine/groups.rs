@@ -25,6 +25,12 @@ use crate::store::{
 const MAX_AHEAD_MS: u64 = CLOCK_SKEW_SECS * 1000;
 /// Bytes of operations per record: a record's body stays under [`MAX_BODY_LEN`].
 const OPS_RECORD_BYTES: usize = MAX_BODY_LEN - 4 * 1024;
+/// Most groups one contact can add us to.
+pub(crate) const MAX_GROUPS_FROM_ONE: usize = 64;
+/// How long a message waits for the operations that let its author post.
+const MAX_WAIT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// How often, at most, one member is sent our whole log while our digest stays the same.
+const ANSWER_EVERY_MS: u64 = 10 * 60 * 1000;
 
 /// A change to a group, as its user asks for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +112,7 @@ impl<T> State<T> {
             ops: vec![create.encode().to_vec()],
             next_seq: 2,
             joined_ms: now,
+            joined: true,
             ..GroupRecord::default()
         };
         record.set_hlc(hlc);
@@ -295,6 +302,30 @@ impl<T> State<T> {
         })
     }
 
+    /// Whether `peer` may make us keep one more group: at most [`MAX_WAITING_GROUPS`]
+    /// we are not (yet) in from one contact (four times that in all), and at most
+    /// [`MAX_GROUPS_FROM_ONE`] they added us to.
+    fn may_hold_another(&self, peer: &PeerId) -> Result<bool, EngineError> {
+        let who = peer.to_bytes();
+        let pending: Vec<GroupRecord> = self
+            .store
+            .groups()?
+            .into_iter()
+            .map(|(_, g)| g)
+            .filter(|g| !g.joined)
+            .collect();
+        let theirs = pending.iter().filter(|g| g.invited_by == who).count();
+        let joined = self
+            .store
+            .groups()?
+            .iter()
+            .filter(|(_, g)| g.joined && g.invited_by == who)
+            .count();
+        Ok(theirs < MAX_WAITING_GROUPS
+            && pending.len() < 4 * MAX_WAITING_GROUPS
+            && joined < MAX_GROUPS_FROM_ONE)
+    }
+
     /// A member we can seal to: a contact, not blocked.
     fn reachable(&self, peer: &PeerId) -> Result<Option<Contact>, EngineError> {
         match self.store.contact(peer)? {
@@ -344,7 +375,9 @@ impl<T> State<T> {
                     },
                 },
             };
-            self.seal_into(w, contact, session, &content, OutboxKind::Control, now)?;
+            // Kept until the member confirms it, and sealed again on a new session, as a
+            // message is: a member who misses an operation would see another group.
+            self.seal_into(w, contact, session, &content, OutboxKind::Message, now)?;
             start = end;
         }
         LocalStore::write_session(w, &contact.peer, session);
@@ -495,6 +528,8 @@ impl<T> State<T> {
         };
         let outcome = match what {
             GroupBody::Ops { ops, .. } => {
+                // Confirmed whatever becomes of them: handled, so not sent again.
+                LocalStore::write_receipt_due(w, &contact.peer, &content.id);
                 self.take_ops(w, sessions, contact, *group, ops.clone(), now)?
             }
             GroupBody::Message {
@@ -553,15 +588,19 @@ impl<T> State<T> {
             return Ok(());
         }
         let who = contact.peer.to_bytes();
+        // Once per digest of ours for each member, or again after a while (they may have
+        // lost what we sent): a member whose digest changes with every record does not
+        // get our whole log each time.
         if record
             .answered
             .iter()
-            .any(|(p, t, o)| *p == who && *t == theirs && *o == ours)
+            .any(|(p, o, at)| *p == who && *o == ours && now.saturating_sub(*at) < ANSWER_EVERY_MS)
         {
             return Ok(());
         }
+        let _ = theirs;
         record.answered.retain(|(p, _, _)| *p != who);
-        record.answered.push((who, theirs, ours));
+        record.answered.push((who, ours, now));
         LocalStore::write_group(w, &id, &record);
         tracing::info!(group = %id.to_hex(), member = %contact.peer, "a member holds other group operations; sending ours");
         self.share_ops(w, sessions, contact, id, &ops, true, ours, now)
@@ -581,61 +620,97 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let sender = *contact.card.identity().ed25519();
-        let mut record = self.store.group(&id)?.unwrap_or_default();
+        let me = self.own_key();
+        let existing = self.store.group(&id)?;
+        if existing.is_none() && !self.may_hold_another(&contact.peer)? {
+            return refused_ops("too many groups from this contact wait to be complete");
+        }
+        let mut record = existing.unwrap_or_else(|| GroupRecord {
+            joined_ms: now,
+            invited_by: contact.peer.to_bytes(),
+            ..GroupRecord::default()
+        });
         let held = record.signed_ops()?;
         let known: std::collections::BTreeSet<[u8; 32]> = held.iter().map(|o| o.hash()).collect();
-        let new: Vec<SignedOp> = ops
+        let limit = now.saturating_add(MAX_AHEAD_MS);
+        let mut new: Vec<SignedOp> = ops
             .into_iter()
             .filter(|o| !known.contains(&o.hash()))
+            // Dated further ahead than clocks may be: not taken now (a member's whole
+            // log brings it again once its time has come).
+            .filter(|o| o.hlc().ms <= limit)
             .collect();
-        if new.is_empty() {
-            return Ok(Outcome::Applied("group operations already held"));
+        // Only operations of people the group knows: members, former members, the
+        // founder, and anyone an add names. Keys nobody added cannot fill the log.
+        let with_new: Vec<SignedOp> = held.iter().chain(new.iter()).cloned().collect();
+        if let Ok(merged) = Roster::merge(id, &with_new) {
+            let mut named: std::collections::BTreeSet<[u8; 32]> = merged
+                .members
+                .keys()
+                .chain(merged.former.iter())
+                .copied()
+                .collect();
+            for op in &with_new {
+                match op.op() {
+                    Op::Create { .. } => {
+                        named.insert(*op.author());
+                    }
+                    Op::Add { member, .. } => {
+                        named.insert(*member.ed25519());
+                    }
+                    _ => {}
+                }
+            }
+            new.retain(|o| named.contains(o.author()));
         }
-        if held.len() + new.len() > MAX_LOG_OPS {
-            return refused_ops("the group's log would pass its limit");
-        }
+        // Each author's share of the log, and the log, stay within bounds: what is over
+        // is left out (their lowest numbers first kept), not the whole record.
         let mut per_author: BTreeMap<[u8; 32], usize> = BTreeMap::new();
-        for op in held.iter().chain(&new) {
+        for op in &held {
             *per_author.entry(*op.author()).or_default() += 1;
         }
-        if per_author.values().any(|n| *n > MAX_OPS_PER_AUTHOR) {
-            return refused_ops("one member's operations would pass their limit");
+        new.sort_by_key(|o| (*o.author(), o.seq()));
+        new.retain(|o| {
+            let n = per_author.entry(*o.author()).or_default();
+            *n += 1;
+            *n <= MAX_OPS_PER_AUTHOR
+        });
+        new.truncate(MAX_LOG_OPS.saturating_sub(held.len()));
+        if new.is_empty() {
+            return Ok(Outcome::Applied("no group operations new to us"));
         }
         let all: Vec<SignedOp> = held.iter().chain(new.iter()).cloned().collect();
-        let Ok(after) = Roster::merge(id, &all) else {
-            // No creation yet (it comes in another record): kept only for a group we
-            // hold, so a stranger cannot make us store logs of groups we are not in.
-            if held.is_empty() {
-                return refused_ops("operations of a group we are not in");
+        let after = match Roster::merge(id, &all) {
+            Ok(after) if record.joined || after.members.contains_key(&me) => after,
+            _ if !record.joined => {
+                // Not complete yet (a whole log comes in several records, in any order):
+                // kept, within bounds, until the creation and our add are here.
+                record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
+                LocalStore::write_group(w, &id, &record);
+                return Ok(Outcome::Applied("part of a group's log"));
             }
-            return refused_ops("operations without their group's creation");
+            _ => return refused_ops("operations without their group's creation"),
         };
-        let me = self.own_key();
-        let before = if held.is_empty() {
-            None
-        } else {
+        let before = if record.joined {
             record.roster(id)?
+        } else {
+            None
         };
         let sender_known =
             |r: &Roster| r.members.contains_key(&sender) || r.former.contains(&sender);
-        let allowed = match &before {
-            Some(r) => sender_known(r) || sender_known(&after),
-            // A group new to us: only if these operations make us a member (someone
-            // added us), sent by a member.
-            None => after.members.contains_key(&me) && sender_known(&after),
-        };
-        if !allowed {
+        if !sender_known(&after) && !before.as_ref().is_some_and(sender_known) {
             return refused_ops("group operations from someone outside the group");
         }
-        if before.is_none() && record.joined_ms == 0 {
-            record.joined_ms = now;
-        }
+        record.joined = true;
         record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
         let latest = new.iter().map(SignedOp::hlc).max().unwrap_or_default();
         record.set_hlc(record.hlc().observe(latest, now, MAX_AHEAD_MS));
         // Messages that waited for these operations.
         let mut shown = Vec::new();
-        let waiting = std::mem::take(&mut record.waiting);
+        let mut waiting = std::mem::take(&mut record.waiting);
+        let before_expiry = waiting.len();
+        waiting.retain(|m| now.saturating_sub(m.message.message.stored_at_ms) < MAX_WAIT_MS);
+        record.dropped += (before_expiry - waiting.len()) as u64;
         for waited in waiting {
             let from = PeerId::from_bytes(&waited.from).ok();
             match from {
@@ -726,6 +801,12 @@ impl<T> State<T> {
         } else {
             secs.max(crate::store::MIN_TIMER_SECS)
         };
+        // A clock far ahead would pin the message below every later one: it counts as
+        // at most now plus the allowed skew.
+        let hlc = hlc.min(Hlc {
+            ms: now.saturating_add(MAX_AHEAD_MS),
+            count: 0,
+        });
         let mut message = GroupMessage {
             from: peer.to_bytes(),
             name: contact.card.name().to_owned(),
@@ -745,8 +826,8 @@ impl<T> State<T> {
         message.message.prev = content.prev;
         let record = self.store.group(&id)?;
         let roster = match &record {
-            Some(r) => r.roster(id)?,
-            None => None,
+            Some(r) if r.joined => r.roster(id)?,
+            _ => None,
         };
         let sender = *contact.card.identity().ed25519();
         match (record, roster) {
@@ -759,35 +840,35 @@ impl<T> State<T> {
                 LocalStore::write_group(w, &id, &record);
                 Ok(Outcome::Shown(Box::new(self.shown(peer, &roster, message))))
             }
-            (Some(_), Some(roster))
-                if roster.former.contains(&sender)
-                    || roster.members.contains_key(&sender)
-                    || !roster.members.contains_key(&self.own_key()) =>
-            {
-                // Removed, a member who may not post here, or a group we left.
-                refused_ops("a group message from someone who may not post in it")
+            (Some(_), Some(roster)) if !roster.members.contains_key(&self.own_key()) => {
+                // A group we left, or were removed from.
+                refused_ops("a group message for a group we are not in")
             }
             (record, _) => {
                 // Its operations have not come yet (they travel on their own, perhaps
                 // over another relay): it waits, within bounds.
+                // Its author may also be a member whose re-add or promotion is not here
+                // yet: it waits as well, and is dropped (counted) if the operations that
+                // come do not let them post.
                 let mut record = match record {
                     Some(r) => r,
                     None => {
-                        let waiting_groups = self
-                            .store
-                            .groups()?
-                            .iter()
-                            .filter(|(_, g)| g.ops.is_empty())
-                            .count();
-                        if waiting_groups >= MAX_WAITING_GROUPS {
-                            return refused_ops("too many unknown groups");
+                        if !self.may_hold_another(&peer)? {
+                            return refused_ops("too many unknown groups from this contact");
                         }
                         GroupRecord {
                             joined_ms: now,
+                            invited_by: peer.to_bytes(),
                             ..GroupRecord::default()
                         }
                     }
                 };
+                // What waited too long goes (counted).
+                let before = record.waiting.len();
+                record
+                    .waiting
+                    .retain(|m| now.saturating_sub(m.message.message.stored_at_ms) < MAX_WAIT_MS);
+                record.dropped += (before - record.waiting.len()) as u64;
                 let theirs = record
                     .waiting
                     .iter()

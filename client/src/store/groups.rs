@@ -14,7 +14,8 @@ use super::{LocalStore, MessageRecord, MessageState, StoreError, TreeId, WriteSe
 /// Most messages kept per group that wait for the operations that let their authors
 /// post (they arrived first, over another relay).
 pub const MAX_WAITING_PER_GROUP: usize = 64;
-/// Most groups whose messages arrived before we were told of the group at all.
+/// Most groups we are not (yet) in that one contact can make us keep (their log came
+/// in part, or messages came first); four times that in all.
 pub const MAX_WAITING_GROUPS: usize = 16;
 
 /// The local name of a group in keys: `0x00 ‖ 36 ‖ "grp\0" ‖ group id`.
@@ -55,9 +56,14 @@ pub struct GroupRecord {
     pub dropped: u64,
     /// When we first heard of it (Unix ms).
     pub joined_ms: u64,
-    /// For each member (peer id) whose digest differed from ours, the last pair of
-    /// digests (theirs, ours) we answered by sending all our operations.
-    pub answered: Vec<(Vec<u8>, [u8; 16], [u8; 16])>,
+    /// For each member (peer id) whose digest differed from ours, our digest when we
+    /// last sent them all our operations, and when (Unix ms).
+    pub answered: Vec<(Vec<u8>, [u8; 16], u64)>,
+    /// We are (or were) a member: the group is ours to list. Until then its record only
+    /// holds what came before the rest of its log (operations, messages).
+    pub joined: bool,
+    /// The contact whose record made us keep it before we were a member.
+    pub invited_by: Vec<u8>,
 }
 
 /// A message waiting for its author's right to post.
@@ -81,10 +87,10 @@ impl GroupRecord {
             .collect()
     }
 
-    /// The group's state from its operations; `None` while none are held (messages
-    /// arrived before we were told of it).
+    /// The group's state from its operations; `None` until we are a member (what is
+    /// held arrived before the rest of the group's log).
     pub fn roster(&self, id: GroupId) -> Result<Option<Roster>, StoreError> {
-        if self.ops.is_empty() {
+        if self.ops.is_empty() || !self.joined {
             return Ok(None);
         }
         match Roster::merge(id, &self.signed_ops()?) {

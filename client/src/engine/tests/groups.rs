@@ -450,3 +450,90 @@ async fn members_who_hold_different_operations_notice_and_converge() {
     assert_eq!(outbox(&alice), 0);
     assert_eq!(outbox(&carol), 0);
 }
+
+#[tokio::test]
+async fn a_log_too_long_for_one_record_still_brings_a_new_member_in() {
+    let net = FakeNet::default();
+    let (alice, bob, _carol) = three(&net).await;
+    let id = alice.engine.create_group("Club".into()).await.unwrap();
+    for i in 0..300 {
+        alice
+            .engine
+            .change_group(
+                id,
+                GroupChange::Rename(format!("Club {i:03} {}", "x".repeat(54))),
+            )
+            .await
+            .unwrap();
+    }
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![bob.peer()]))
+        .await
+        .unwrap();
+    let log = alice.engine.store().group(&id).unwrap().unwrap();
+    let bytes: usize = log.ops.iter().map(|o| o.len() + 2).sum();
+    assert!(
+        bytes > 60 * 1024,
+        "the log ({bytes} bytes) needs several records"
+    );
+    bob.sync().await;
+    let r = roster(&bob, id).expect("Bob joined from a log in several records");
+    assert_eq!(r, roster(&alice, id).unwrap());
+    assert_eq!(r.name, format!("Club 299 {}", "x".repeat(54)));
+}
+
+#[tokio::test]
+async fn operations_of_unknown_keys_or_dated_ahead_are_not_kept() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    let held = carol.engine.store().group(&id).unwrap().unwrap().ops.len();
+    // Bob, a member, sends operations signed by keys nobody added, and one of his own
+    // dated a day ahead.
+    let stranger = kkachi_protocol::Identity::generate();
+    let at = |ms| kkachi_protocol::group::Hlc { ms, count: 0 };
+    let mut junk: Vec<kkachi_protocol::group::SignedOp> = (1..=50)
+        .map(|seq| {
+            kkachi_protocol::group::SignedOp::sign(
+                &stranger,
+                id,
+                seq,
+                at(now_ms()),
+                kkachi_protocol::group::Op::Rename {
+                    name: format!("junk {seq}"),
+                },
+            )
+        })
+        .collect();
+    junk.push(kkachi_protocol::group::SignedOp::sign(
+        bob.engine.identity(),
+        id,
+        1,
+        at(now_ms() + 24 * 3600 * 1000),
+        kkachi_protocol::group::Op::Remove {
+            member: *bob.engine.identity().public().ed25519(),
+            cut: 0,
+        },
+    ));
+    let carol_at_bob = bob.contact_of(&carol.peer()).unwrap();
+    let content = Content {
+        id: MessageId(rand::random()),
+        seq: 0,
+        prev: [0; 32],
+        sent_at_ms: now_ms(),
+        body: Body::Group {
+            group: id,
+            what: kkachi_protocol::content::GroupBody::Ops {
+                all: false,
+                have: [0; 16],
+                ops: junk,
+            },
+        },
+    };
+    bob.send_raw(&carol_at_bob, &content).await;
+    carol.sync().await;
+    let after = carol.engine.store().group(&id).unwrap().unwrap();
+    assert_eq!(after.ops.len(), held, "nothing of it was kept");
+    assert_eq!(roster(&carol, id).unwrap().members.len(), 3);
+}
