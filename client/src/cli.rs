@@ -94,7 +94,8 @@ pub enum Command {
         /// How long messages stay: a number with s, m, h, d or w; `off` for always.
         duration: Option<String>,
     },
-    /// Find messages: those holding every word given, in any case, newest first.
+    /// Find messages in your 1:1 chats: those holding every word given, in any case,
+    /// newest first.
     Search {
         /// The words to find.
         #[arg(required = true)]
@@ -158,7 +159,7 @@ pub enum Command {
         #[arg(long)]
         off: bool,
     },
-    /// Show the conversation with a contact.
+    /// Show the conversation with a contact, or a group's.
     History {
         /// Contact name or peer id, or a group's name or id.
         contact: String,
@@ -365,8 +366,18 @@ pub enum GroupCommand {
         /// The member: a contact's name or peer id, or their name in the group.
         member: String,
     },
-    /// Leave a group: the members are told; you keep its messages so far.
+    /// Leave a group: the members are told; you keep its messages so far (`group forget`
+    /// removes them).
     Leave {
+        /// The group's name or id.
+        group: String,
+        /// Leave even as its only admin (then nobody can add or remove members).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a group you left (or were removed from) from this device, with its
+    /// messages.
+    Forget {
         /// The group's name or id.
         group: String,
     },
@@ -395,7 +406,7 @@ pub enum GroupCommand {
         #[arg(long)]
         revoke: bool,
     },
-    /// Let every member post (`chat`), or only admins (`announcement`).
+    /// Let every member post (`chat`), or only admins (`announcement`) (admins only).
     Mode {
         /// The group's name or id.
         group: String,

@@ -165,15 +165,42 @@ fn names_that_are_not_groups_or_are_both_are_explained() {
     let none = alice.run(&["group", "members", "Nope"]);
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("no group named"));
-    // A group called like a contact: `send bob` is refused, not guessed.
-    alice.ok(&["group", "create", "bob"]);
+    // A group called like a contact: `send bob` is refused, not guessed, and says how
+    // to name each; the contact's peer id still reaches the contact.
+    let created = alice.run(&["group", "create", "bob"]);
+    assert!(String::from_utf8_lossy(&created.stderr).contains("is called bob too"));
     let both = alice.run(&["send", "bob", "hi"]);
     assert!(!both.status.success());
+    let said = String::from_utf8_lossy(&both.stderr);
     assert!(
-        String::from_utf8_lossy(&both.stderr).contains("both a contact and a group"),
-        "{}",
-        String::from_utf8_lossy(&both.stderr)
+        said.contains("could be your contact bob or the group bob"),
+        "{said}"
     );
+    let peer = &objects(&alice.ok(&["contact", "list", "--json"]))[0][0]["peer_id"];
+    let sent = alice.ok(&["send", peer.as_str().unwrap(), "hi by id", "--json"]);
+    assert_eq!(objects(&sent)[0]["to"], "bob");
+    // The only admin of a group with others in it is stopped before leaving.
+    alice.ok(&["group", "create", "Trip"]);
+    alice.ok(&["group", "add", "Trip", "bob"]);
+    // Commands that take contacts say when they were given a group.
+    let timer = alice.run(&["timer", "Trip"]);
+    assert!(!timer.status.success());
+    assert!(String::from_utf8_lossy(&timer.stderr).contains("Trip is a group"));
+    let leave = alice.run(&["group", "leave", "Trip"]);
+    assert!(String::from_utf8_lossy(&leave.stderr).contains("only admin"));
+    // Asking for what is so already changes nothing and says so.
+    let again = alice.ok(&["group", "add", "Trip", "bob"]);
+    assert!(
+        again.contains("nothing to do, bob is a member already"),
+        "{again}"
+    );
+    // A group left can be forgotten; one still joined cannot.
+    let forget = alice.run(&["group", "forget", "Trip"]);
+    assert!(String::from_utf8_lossy(&forget.stderr).contains("leave the group first"));
+    alice.ok(&["group", "leave", "Trip", "--force"]);
+    alice.ok(&["group", "forget", "Trip"]);
+    let none = alice.run(&["history", "Trip"]);
+    assert!(!none.status.success());
     // A bad group name is refused with the reason.
     let bad = alice.run(&["group", "create", " padded"]);
     assert!(!bad.status.success());

@@ -50,23 +50,19 @@ fn groups(store: &LocalStore) -> Result<Vec<Group>, CommandError> {
 fn find_group(store: &LocalStore, who: &str) -> Result<Option<(Group, bool)>, CommandError> {
     let all = groups(store)?;
     let lower = who.to_lowercase();
-    let exact: Vec<usize> = (0..all.len())
-        .filter(|&i| {
-            let g = &all[i];
-            g.roster.name.to_lowercase() == lower
-                || (who.len() >= 6 && g.id.to_hex().starts_with(&lower))
-        })
-        .collect();
-    let (matches, exactly) = if exact.is_empty() {
-        let prefix: Vec<usize> = (0..all.len())
-            .filter(|&i| {
-                !who.trim().is_empty() && all[i].roster.name.to_lowercase().starts_with(&lower)
-            })
-            .collect();
-        (prefix, false)
-    } else {
-        (exact, true)
+    let pick = |f: &dyn Fn(&Group) -> bool| -> Vec<usize> {
+        (0..all.len()).filter(|&i| f(&all[i])).collect()
     };
+    // A whole name first, then the start of an id, then the start of a name.
+    let mut matches = pick(&|g| g.roster.name.to_lowercase() == lower);
+    let mut exactly = true;
+    if matches.is_empty() && who.len() >= 6 {
+        matches = pick(&|g| g.id.to_hex().starts_with(&lower));
+    }
+    if matches.is_empty() && !who.trim().is_empty() {
+        matches = pick(&|g| g.roster.name.to_lowercase().starts_with(&lower));
+        exactly = false;
+    }
     match matches.as_slice() {
         [] => Ok(None),
         [one] => {
@@ -74,11 +70,11 @@ fn find_group(store: &LocalStore, who: &str) -> Result<Option<(Group, bool)>, Co
             Ok(Some((all.swap_remove(*one), exactly)))
         }
         many => fail(format!(
-            "{:?} matches {} groups ({}); use the group's id (`kkachi group list` shows it)",
+            "{:?} matches {} groups ({}); name one by its id",
             for_terminal(who).as_ref(),
             many.len(),
             many.iter()
-                .map(|&i| name(&all[i].roster.name).into_owned())
+                .map(|&i| format!("{} id {}", name(&all[i].roster.name), short(&all[i].id)))
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
@@ -115,21 +111,33 @@ impl App {
     /// that is both a contact's and a group's exactly is refused, not guessed.
     pub(super) fn target(&self, who: &str) -> Result<Target, CommandError> {
         let contact = resolve_contact(&self.store, who);
-        let group = find_group(&self.store, who)?;
-        match (contact, group) {
-            (Ok(c), Some((g, true)))
-                if c.name.to_lowercase() == who.to_lowercase() || c.peer.to_string() == who =>
-            {
-                let _ = g;
-                fail(format!(
-                    "both a contact and a group are called {}; name the group by its id (`kkachi group list`)",
-                    name(&c.name)
-                ))
-            }
-            (_, Some((g, true))) | (Err(_), Some((g, false))) => Ok(Target::Group(Box::new(g))),
-            (Ok(c), _) => Ok(Target::Contact(Box::new(c))),
+        // A peer id names a contact, whatever any group is called.
+        if let Ok(c) = &contact
+            && c.peer.to_string() == who
+        {
+            return Ok(Target::Contact(Box::new(c.clone())));
+        }
+        match (contact, find_group(&self.store, who)?) {
+            // Both a contact and a group answer to it (a group's name is chosen by
+            // whoever made it): refused, never guessed, so a message cannot go to the
+            // wrong people.
+            (Ok(c), Some((g, _))) => fail(format!(
+                "{:?} could be your contact {} or the group {}: name the contact by peer id ({}) or the group by id ({})",
+                for_terminal(who).as_ref(),
+                name(&c.name),
+                name(&g.roster.name),
+                c.peer,
+                short(&g.id)
+            )),
+            (Err(_), Some((g, _))) => Ok(Target::Group(Box::new(g))),
+            (Ok(c), None) => Ok(Target::Contact(Box::new(c))),
             (Err(e), None) => Err(e),
         }
+    }
+
+    /// Whether `who` names a group (for commands that take contacts only, to say so).
+    pub(super) fn names_group(&self, who: &str) -> bool {
+        find_group(&self.store, who).is_ok_and(|g| g.is_some())
     }
 
     /// A member of `group` named by a contact's name or peer id, or by their name in
@@ -141,10 +149,20 @@ impl App {
             .values()
             .map(|m| m.identity.peer_id())
             .collect();
-        if let Ok(c) = resolve_contact(&self.store, who)
-            && members.contains(&c.peer)
-        {
-            return Ok(c.peer);
+        if matches!(who.to_lowercase().as_str(), "me" | "you" | "myself") {
+            return Ok(self.identity()?.peer_id());
+        }
+        if let Ok(c) = resolve_contact(&self.store, who) {
+            if members.contains(&c.peer) {
+                return Ok(c.peer);
+            }
+            let was = group.roster.former.contains(c.card.identity().ed25519());
+            return fail(format!(
+                "{} is not a member of {}{}",
+                name(&c.name),
+                name(&group.roster.name),
+                if was { " any more" } else { "" }
+            ));
         }
         let lower = who.to_lowercase();
         let named: Vec<PeerId> = group
@@ -194,6 +212,12 @@ impl App {
                 announcement,
             } => {
                 let group_name = words.join(" ");
+                let lower = group_name.to_lowercase();
+                let clash = resolve_contact(&self.store, &group_name)
+                    .is_ok_and(|c| c.name.to_lowercase() == lower)
+                    || groups(&self.store)?
+                        .iter()
+                        .any(|g| g.roster.name.to_lowercase() == lower);
                 let engine = self.local_engine()?;
                 let id = engine.create_group(group_name.clone()).await?;
                 if announcement {
@@ -216,15 +240,28 @@ impl App {
                             ""
                         },
                         name(&group_name),
-                        &id.to_hex()[..12],
-                        name(&group_name)
+                        short(&id),
+                        short(&id)
+                    ));
+                }
+                if clash {
+                    out.warn(format!(
+                        "a contact or another group is called {} too: name this group by its id ({})",
+                        name(&group_name),
+                        short(&id)
                     ));
                 }
             }
             GroupCommand::Add { group, contacts } => {
                 let g = resolve_group(&self.store, &group)?;
                 let mut peers = Vec::new();
+                let own = self.store.own_card(&self.identity()?)?;
                 for who in &contacts {
+                    if who.to_lowercase() == own.name().to_lowercase()
+                        && resolve_contact(&self.store, who).is_err()
+                    {
+                        return fail(format!("you are in {} already", name(&g.roster.name)));
+                    }
                     let c = self.resolve(who)?;
                     if self.store.blocked(&c.peer)?.is_some() {
                         return fail(format!("{} is blocked", name(&c.name)));
@@ -243,8 +280,20 @@ impl App {
                 let done = self.change(&g, GroupChange::Remove(peer)).await?;
                 report_change(out, json, &g, "removed", &done);
             }
-            GroupCommand::Leave { group } => {
+            GroupCommand::Leave { group, force } => {
                 let g = resolve_group(&self.store, &group)?;
+                let me = *self.identity()?.public().ed25519();
+                if !force
+                    && g.roster.role(&me) == Some(Role::Admin)
+                    && g.roster.admins().count() == 1
+                    && g.roster.members.len() > 1
+                {
+                    return fail(format!(
+                        "you are the only admin of {}: make someone admin first (`kkachi group admin {} MEMBER`), or leave anyway with --force (then nobody can add or remove members)",
+                        name(&g.roster.name),
+                        short(&g.id)
+                    ));
+                }
                 let done = self.change(&g, GroupChange::Leave).await?;
                 if json {
                     out.json(
@@ -258,12 +307,26 @@ impl App {
                     ));
                 }
             }
+            GroupCommand::Forget { group } => {
+                let g = resolve_group(&self.store, &group)?;
+                let n = self.local_engine()?.forget_group(g.id).await?;
+                if json {
+                    out.json(
+                        json!({ "forgot": g.roster.name, "id": g.id.to_hex(), "messages": n }),
+                    );
+                } else {
+                    out.out(format!(
+                        "forgot {} and its {n} message(s)",
+                        name(&g.roster.name)
+                    ));
+                }
+            }
             GroupCommand::Rename { group, name: words } => {
                 let g = resolve_group(&self.store, &group)?;
                 let done = self
                     .change(&g, GroupChange::Rename(words.join(" ")))
                     .await?;
-                report_change(out, json, &g, "renamed to", &done);
+                report_change(out, json, &g, "renamed", &done);
             }
             GroupCommand::Admin {
                 group,
@@ -273,11 +336,7 @@ impl App {
                 let g = resolve_group(&self.store, &group)?;
                 let peer = self.member(&g, &member)?;
                 let done = self.change(&g, GroupChange::Admin(peer, !revoke)).await?;
-                let what = if revoke {
-                    "no longer admin"
-                } else {
-                    "made admin"
-                };
+                let what = if revoke { "not_admin" } else { "admin" };
                 report_change(out, json, &g, what, &done);
             }
             GroupCommand::Mode { group, mode } => {
@@ -292,7 +351,7 @@ impl App {
                     }
                 };
                 let done = self.change(&g, GroupChange::Mode(mode)).await?;
-                report_change(out, json, &g, "now", &done);
+                report_change(out, json, &g, "mode", &done);
             }
             GroupCommand::List => {
                 let me = *self.identity()?.public().ed25519();
@@ -338,6 +397,16 @@ impl App {
                     let contact = self.store.contact(&peer)?;
                     list.push((peer, m, contact));
                 }
+                // You first, then admins, then by name.
+                list.sort_by_key(|(peer, m, contact)| {
+                    (
+                        *peer != me,
+                        m.role != Role::Admin,
+                        contact
+                            .as_ref()
+                            .map_or(m.name.to_lowercase(), |c| c.name.to_lowercase()),
+                    )
+                });
                 if json {
                     let items: Vec<_> = list
                         .iter()
@@ -363,13 +432,23 @@ impl App {
                             Mode::Chat => "",
                         }
                     ));
+                    let mut rows = Vec::new();
                     for (peer, m, _) in &list {
                         let shown = if *peer == me {
                             "you".to_string()
                         } else {
                             self.member_name(peer, &m.name)?
                         };
-                        out.out(format!("  {}  {}", name(&shown), role_label(Some(m.role))));
+                        rows.push((name(&shown).into_owned(), role_label(Some(m.role))));
+                    }
+                    let width = rows
+                        .iter()
+                        .map(|(n, _)| n.chars().count())
+                        .max()
+                        .unwrap_or(0);
+                    for (who, role) in rows {
+                        let pad = width - who.chars().count();
+                        out.out(format!("  {who}{}  {role}", " ".repeat(pad)));
                     }
                 }
             }
@@ -436,15 +515,22 @@ impl App {
                 "members": sent.copies,
                 "relayed": relayed,
                 "unreachable": sent.unreachable,
-                "state": if relayed == 0 && sent.copies > 0 { "queued" } else { "relayed" },
+                "state": if sent.copies == 0 { "sent" } else if relayed == 0 { "queued" } else { "relayed" },
             }));
         } else {
             out.out(format!(
-                "sent to {}: relayed for {relayed} of {} member(s) ({})",
+                "sent to {}: relayed for {relayed} of {} member(s) (message {})",
                 name(&g.roster.name),
                 sent.copies,
                 sent.id.to_hex()
             ));
+            if sent.copies == 0 && sent.unreachable.is_empty() {
+                out.warn(format!(
+                    "nobody else is in {} yet: add members with `kkachi group add {} CONTACT…`",
+                    name(&g.roster.name),
+                    short(&g.id)
+                ));
+            }
             if relayed < sent.copies {
                 out.out("  the rest stays in the outbox: `kkachi sync` or the daemon delivers it");
             }
@@ -503,7 +589,11 @@ impl App {
                 name(&who),
                 for_terminal(&m.message.text)
             ));
-            if m.author().is_none() {
+            if m.unseen {
+                line.push_str(
+                    "  [sent after you were removed: members may not have been shown it]",
+                );
+            } else if m.author().is_none() {
                 let (delivered, read) = m.tally();
                 line.push_str(&format!(
                     "  [delivered {delivered}/{n}{}]",
@@ -563,8 +653,9 @@ fn group_message_json(
     }
     v["group"] = json!(g.roster.name);
     v["group_id"] = json!(g.id.to_hex());
-    if author.is_none() {
+    if author.is_none() && !m.event {
         let (delivered, read) = m.tally();
+        v["unseen"] = json!(m.unseen);
         v["members"] = json!(m.copies.len());
         v["delivered_to"] = json!(delivered);
         v["read_by"] = json!(read);
@@ -577,35 +668,56 @@ fn report_change(out: &mut Output, json: bool, g: &Group, what: &str, done: &Gro
         out.json(json!({
             "group": g.roster.name,
             "id": g.id.to_hex(),
-            "change": what,
+            "change": if done.changed.is_empty() { "none" } else { what },
             "who": done.changed,
             "told": done.told,
             "unreachable": done.unreachable,
+            "unchanged": done.skipped,
         }));
-    } else {
-        if done.changed.is_empty() {
-            out.out(format!("{}: nothing to change", name(&g.roster.name)));
-        } else {
-            out.out(format!(
-                "{}: {what} {}; {} member(s) told",
-                name(&g.roster.name),
-                done.changed
-                    .iter()
-                    .map(|n| name(n).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                done.told
-            ));
-        }
-        if !done.unreachable.is_empty() {
-            out.warn(format!(
-                "not told (not your contacts): {}",
-                done.unreachable
-                    .iter()
-                    .map(|n| name(n).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
+        return;
     }
+    let list = |names: &[String]| {
+        names
+            .iter()
+            .map(|n| name(n).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !done.changed.is_empty() {
+        let did = match what {
+            "added" => format!("added {}", list(&done.changed)),
+            "removed" => format!("removed {}", list(&done.changed)),
+            "renamed" => format!("renamed to {}", list(&done.changed)),
+            "admin" => format!("{} made admin", list(&done.changed)),
+            "not_admin" => format!("{} no longer admin", list(&done.changed)),
+            "mode" => match done.changed.first().map(String::as_str) {
+                Some("announcement") => "now an announcement channel: only admins post".into(),
+                _ => "every member posts now".into(),
+            },
+            other => format!("{other} {}", list(&done.changed)),
+        };
+        out.out(format!(
+            "{}: {did}; {} member(s) told",
+            name(&g.roster.name),
+            done.told
+        ));
+    }
+    for skipped in &done.skipped {
+        out.out(format!(
+            "{}: nothing to do, {}",
+            name(&g.roster.name),
+            name(skipped)
+        ));
+    }
+    if !done.unreachable.is_empty() {
+        out.warn(format!(
+            "not told (not your contacts): {}",
+            list(&done.unreachable)
+        ));
+    }
+}
+
+/// A group's id as shown for naming it in commands: its first 12 hex digits.
+fn short(id: &GroupId) -> String {
+    id.to_hex()[..12].to_string()
 }

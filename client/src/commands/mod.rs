@@ -500,7 +500,16 @@ impl App {
     /// Finds a contact by name (case-insensitive), full peer id, or the unique start of a
     /// name or peer id.
     pub fn resolve(&self, who: &str) -> Result<Contact, CommandError> {
-        resolve_contact(&self.store, who)
+        resolve_contact(&self.store, who).or_else(|e| {
+            if self.names_group(who) {
+                fail(format!(
+                    "{} is a group: this works with contacts; in groups, `send` and `history` do",
+                    for_terminal(who).as_ref()
+                ))
+            } else {
+                Err(e)
+            }
+        })
     }
 }
 

@@ -59,6 +59,8 @@ pub struct GroupChanged {
     pub told: usize,
     /// Members who could not be told: not our contacts (their names in the group).
     pub unreachable: Vec<String>,
+    /// What was asked that is so already, said for the user.
+    pub skipped: Vec<String>,
 }
 
 /// A message sealed to a group's members.
@@ -141,12 +143,22 @@ impl<T> State<T> {
                 ));
             }
             Some(Role::Member) if change != GroupChange::Leave => {
-                return Err(EngineError::Invalid(
-                    "only the group's admins can change it".into(),
-                ));
+                let admins: Vec<String> = before
+                    .admins()
+                    .map(|k| self.call(k, &[&before]))
+                    .collect::<Result<_, _>>()?;
+                return Err(EngineError::Invalid(format!(
+                    "only the group's admins can change it ({})",
+                    if admins.is_empty() {
+                        "it has none left".to_string()
+                    } else {
+                        admins.join(", ")
+                    }
+                )));
             }
             _ => {}
         }
+        let mut skipped = Vec::new();
         let member = |peer: &PeerId| {
             key_of(peer, &before)
                 .ok_or_else(|| EngineError::Invalid("they are not a member of this group".into()))
@@ -166,6 +178,7 @@ impl<T> State<T> {
                     if before.members.contains_key(identity.ed25519())
                         || added.contains(identity.ed25519())
                     {
+                        skipped.push(format!("{} is a member already", contact.name));
                         continue;
                     }
                     added.push(*identity.ed25519());
@@ -201,9 +214,23 @@ impl<T> State<T> {
                 },
                 before.members[&me].name.clone(),
             )),
+            GroupChange::Rename(name) if *name == before.name => {
+                skipped.push(format!("it is called {name} already"));
+            }
             GroupChange::Rename(name) => {
                 check_name(name).map_err(|e| EngineError::Invalid(format!("group name: {e}")))?;
                 planned.push((Op::Rename { name: name.clone() }, name.clone()));
+            }
+            GroupChange::Admin(peer, promote)
+                if member(peer)
+                    .is_ok_and(|k| (before.members[&k].role == Role::Admin) == *promote) =>
+            {
+                let k = member(peer)?;
+                skipped.push(format!(
+                    "{} is {} already",
+                    self.call(&k, &[&before])?,
+                    if *promote { "an admin" } else { "not an admin" }
+                ));
             }
             GroupChange::Admin(peer, promote) => {
                 let key = member(peer)?;
@@ -216,6 +243,10 @@ impl<T> State<T> {
                     before.members[&key].name.clone(),
                 ));
             }
+            GroupChange::Mode(mode) if *mode == before.mode => skipped.push(match mode {
+                Mode::Chat => "every member posts already".into(),
+                Mode::Announcement => "it is an announcement channel already".into(),
+            }),
             GroupChange::Mode(mode) => planned.push((
                 Op::SetMode { mode: *mode },
                 match mode {
@@ -223,6 +254,12 @@ impl<T> State<T> {
                     Mode::Announcement => "announcement".into(),
                 },
             )),
+        }
+        if planned.is_empty() {
+            return Ok(GroupChanged {
+                skipped,
+                ..GroupChanged::default()
+            });
         }
         if record.ops.len() + planned.len() > MAX_LOG_OPS {
             return Err(EngineError::Invalid(
@@ -296,6 +333,7 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)?;
             Ok(GroupChanged {
                 changed,
+                skipped,
                 told,
                 unreachable,
             })
@@ -382,6 +420,23 @@ impl<T> State<T> {
         }
         LocalStore::write_session(w, &contact.peer, session);
         Ok(())
+    }
+
+    /// Forgets group `id` here: its log and messages. Only a group we are not in (left
+    /// or removed from): a member who forgot would not know what to send.
+    pub(crate) fn forget_group(&mut self, id: GroupId) -> Result<usize, EngineError> {
+        let record = self.store.group(&id)?.ok_or_else(no_group)?;
+        if let Some(r) = record.roster(id)?
+            && r.members.contains_key(&self.own_key())
+        {
+            return Err(EngineError::Invalid(
+                "leave the group first (`kkachi group leave`)".into(),
+            ));
+        }
+        let mut w = WriteSet::default();
+        let n = self.store.forget_group(&mut w, &id)?;
+        self.store.apply(w)?;
+        Ok(n)
     }
 
     /// Seals `text` to every member of group `id` we can reach, in one write: the same
@@ -471,6 +526,7 @@ impl<T> State<T> {
                 message: new_record(message_id, Direction::Out, text, now, now, 0),
                 copies,
                 event: false,
+                unseen: false,
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
             LocalStore::write_group(&mut w, &id, &record);
@@ -731,6 +787,23 @@ impl<T> State<T> {
                 _ => record.waiting.push(waited),
             }
         }
+        // Removed: what we sent after the removal (not knowing) may not have been shown.
+        if before.as_ref().is_some_and(|b| b.members.contains_key(&me))
+            && !after.members.contains_key(&me)
+        {
+            let removed_at = all
+                .iter()
+                .filter(|o| matches!(o.op(), Op::Remove { member, .. } if *member == me))
+                .map(SignedOp::hlc)
+                .max()
+                .unwrap_or_default();
+            for (key, mut m) in self.store.group_messages_keyed(&id)? {
+                if m.from.is_empty() && !m.event && m.hlc > (removed_at.ms, removed_at.count) {
+                    m.unseen = true;
+                    LocalStore::rewrite_group_message(w, key, &m);
+                }
+            }
+        }
         // What changed, as lines in the group's history.
         for (hlc, author, text) in self.events(before.as_ref(), &after, &new)? {
             let local = record.next_local;
@@ -821,6 +894,7 @@ impl<T> State<T> {
             ),
             copies: Vec::new(),
             event: false,
+            unseen: false,
         };
         message.message.seq = content.seq;
         message.message.prev = content.prev;
@@ -954,12 +1028,13 @@ impl<T> State<T> {
                 Some(o) => self.call(o.author(), &rosters)?,
                 None => "someone".into(),
             };
-            let others: Vec<String> = after
+            let mut others: Vec<String> = after
                 .members
                 .keys()
                 .filter(|k| **k != me)
                 .map(|k| self.call(k, &rosters))
                 .collect::<Result<_, _>>()?;
+            others.sort_by_key(|n| n.to_lowercase());
             push(
                 by,
                 format!(
@@ -1062,6 +1137,7 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         message: new_record(MessageId(rand::random()), Direction::In, &text, now, now, 0),
         copies: Vec::new(),
         event: true,
+        unseen: false,
     }
 }
 

@@ -447,6 +447,15 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Forgets group `id` (one we left or were removed from) here; returns how many of
+    /// its messages went.
+    pub async fn forget_group(
+        &self,
+        id: kkachi_protocol::group::GroupId,
+    ) -> Result<usize, EngineError> {
+        self.change(move |state, _| state.forget_group(id)).await
+    }
+
     /// Seals `text` to every member of group `id`; returns once it is durable.
     pub async fn send_group(
         &self,

@@ -130,6 +130,9 @@ pub struct GroupMessage {
     /// A line about the group (who joined, left, renamed it), not a member's text:
     /// `from` is who did it (empty: we did, or it is not known).
     pub event: bool,
+    /// Ours, sent after we had been removed (we learnt it later): members may not have
+    /// been shown it.
+    pub unseen: bool,
 }
 
 impl GroupMessage {
@@ -233,17 +236,49 @@ impl LocalStore {
     /// The messages of group `id` in the order members show them: by their authors'
     /// clocks, then by author, then as they arrived.
     pub fn group_messages(&self, id: &GroupId) -> Result<Vec<GroupMessage>, StoreError> {
+        Ok(self
+            .group_messages_keyed(id)?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect())
+    }
+
+    /// [`LocalStore::group_messages`] with each message's key.
+    pub fn group_messages_keyed(
+        &self,
+        id: &GroupId,
+    ) -> Result<Vec<(Vec<u8>, GroupMessage)>, StoreError> {
         let now = crate::engine::now_ms();
         let mut out = Vec::new();
         for item in self.tree(TreeId::GroupMessages).scan_prefix(group_key(id)) {
-            let (_, v) = item?;
+            let (k, v) = item?;
             let m: GroupMessage = decode(&v, "group message")?;
             if !m.message.expired(now) {
-                out.push(m);
+                out.push((k.to_vec(), m));
             }
         }
         // A stable sort keeps arrival order among equals.
-        out.sort_by(|a, b| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
+        out.sort_by(|(_, a), (_, b)| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
         Ok(out)
+    }
+
+    /// Everything kept of group `id` goes (in a WriteSet): its log, its messages and
+    /// where our copies were counted. Returns how many messages.
+    pub fn forget_group(&self, w: &mut WriteSet, id: &GroupId) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let prefix = group_key(id);
+        for item in self.tree(TreeId::GroupMessages).scan_prefix(prefix.clone()) {
+            let (k, _) = item?;
+            w.remove(TreeId::GroupMessages, k.to_vec());
+            n += 1;
+        }
+        for item in self.tree(TreeId::GroupIndex).iter() {
+            let (k, v) = item?;
+            if v.starts_with(&prefix) {
+                w.remove(TreeId::GroupIndex, k.to_vec());
+            }
+        }
+        w.remove(TreeId::Groups, prefix);
+        Ok(n)
     }
 }

@@ -181,7 +181,7 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             let text = match event {
                 Some(what) => format!("{group}: {}", crate::sanitize::for_terminal(&what)),
                 None => format!(
-                    "{} wrote in {group} (kkachi history \"{group}\" shows it)",
+                    "{} wrote in {group} (kkachi history GROUP shows it)",
                     crate::sanitize::for_terminal(&from)
                 ),
             };
