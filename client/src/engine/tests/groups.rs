@@ -537,3 +537,151 @@ async fn operations_of_unknown_keys_or_dated_ahead_are_not_kept() {
     assert_eq!(after.ops.len(), held, "nothing of it was kept");
     assert_eq!(roster(&carol, id).unwrap().members.len(), 3);
 }
+
+/// Sixteen users, four admins changing the group at the same time while relays are
+/// down, members writing meanwhile; then the relays come back. Within two rounds of
+/// every member writing, every member holds the same group, and every message is held
+/// once by every member it was sent to.
+#[tokio::test]
+async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
+    const USERS: usize = 16;
+    let net = FakeNet::default();
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(User::started(&net, &format!("u{i:02}"), 2).await);
+    }
+    for a in 0..USERS {
+        for b in 0..USERS {
+            if a != b {
+                users[a].add_contact(&users[b]);
+            }
+        }
+    }
+    for u in &users {
+        u.regrant().await;
+    }
+    let peer = |i: usize| users[i].peer();
+    let id = users[0]
+        .engine
+        .create_group("Village".into())
+        .await
+        .unwrap();
+    users[0]
+        .engine
+        .change_group(id, GroupChange::Add((1..12).map(peer).collect()))
+        .await
+        .unwrap();
+    for admin in 1..4 {
+        users[0]
+            .engine
+            .change_group(id, GroupChange::Admin(peer(admin), true))
+            .await
+            .unwrap();
+    }
+    for u in &users {
+        u.sync().await;
+    }
+
+    // Relays of six members go down; four admins act without hearing of each other.
+    for u in &users[4..10] {
+        net.set_up(&u.relays[0], false);
+        net.set_up(&u.relays[1], false);
+    }
+    let act = |i: usize, change: GroupChange| {
+        let engine = users[i].engine.clone();
+        async move { engine.change_group(id, change).await.unwrap() }
+    };
+    tokio::join!(
+        act(0, GroupChange::Remove(peer(11))),
+        act(1, GroupChange::Add(vec![peer(12), peer(13)])),
+        act(2, GroupChange::Remove(peer(5))),
+        act(3, GroupChange::Rename("Village, evacuation".into())),
+    );
+    act(2, GroupChange::Add(vec![peer(14)])).await;
+    for i in [0, 4, 6, 8] {
+        users[i]
+            .engine
+            .send_group(id, format!("during the outage from u{i:02}"))
+            .await
+            .unwrap();
+    }
+    // They come back.
+    for u in &users[4..10] {
+        net.set_up(&u.relays[0], true);
+        net.set_up(&u.relays[1], true);
+    }
+    let everyone_syncs = || async {
+        for u in &users {
+            u.engine.deliver_now().await.unwrap();
+        }
+        for u in &users {
+            u.sync().await;
+        }
+    };
+    everyone_syncs().await;
+    let mut sent = Vec::new();
+    for round in 0..2 {
+        for (i, u) in users.iter().enumerate() {
+            if roster(u, id).is_some_and(|r| r.may_post(u.engine.identity().public().ed25519())) {
+                let s = u
+                    .engine
+                    .send_group(id, format!("round {round} from u{i:02}"))
+                    .await
+                    .unwrap();
+                sent.push((i, s.id));
+            }
+        }
+        everyone_syncs().await;
+        everyone_syncs().await;
+    }
+    // Every member holds the same group.
+    let founder = roster(&users[0], id).unwrap();
+    let members: Vec<usize> = (0..USERS)
+        .filter(|&i| {
+            founder
+                .members
+                .contains_key(users[i].engine.identity().public().ed25519())
+        })
+        .collect();
+    println!(
+        "{} members after four concurrent changes under relay loss; name {:?}",
+        members.len(),
+        founder.name
+    );
+    for &i in &members {
+        assert_eq!(
+            roster(&users[i], id).as_ref(),
+            Some(&founder),
+            "u{i:02} differs"
+        );
+    }
+    assert_eq!(founder.name, "Village, evacuation");
+    for gone in [5, 11] {
+        assert!(!members.contains(&gone));
+    }
+    for new in [12, 13, 14] {
+        assert!(members.contains(&new), "u{new} was added");
+    }
+    // Each message of the last round is held exactly once by every other member.
+    for &i in &members {
+        let held: Vec<[u8; 16]> = users[i]
+            .engine
+            .store()
+            .group_messages(&id)
+            .unwrap()
+            .into_iter()
+            .filter(|m| !m.event)
+            .map(|m| m.message.id)
+            .collect();
+        let unique: HashSet<[u8; 16]> = held.iter().copied().collect();
+        assert_eq!(unique.len(), held.len(), "u{i:02} holds a message twice");
+        for (from, id) in sent.iter().skip(sent.len() / 2) {
+            if members.contains(from) {
+                assert!(
+                    unique.contains(&id.0),
+                    "u{i:02} lacks round 1's message from u{from:02}"
+                );
+            }
+        }
+    }
+}
