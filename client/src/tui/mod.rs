@@ -145,7 +145,12 @@ pub async fn run_with(
     };
     let first = update(
         &mut state,
-        Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), None)),
+        Msg::Loaded(snapshot(
+            &store,
+            online.as_ref().map(|o| &o.engine),
+            None,
+            None,
+        )),
     );
     mark(first, &online);
     let result = loop {
@@ -158,6 +163,7 @@ pub async fn run_with(
                 // Shown as soon as it is in the store; the durable copy changes nothing.
                 Some(AppEvent::Incoming(r)) if r.change.is_none() => match &r.group {
                     Some(group) => Msg::GroupArrived {
+                        id: group.id,
                         group: group.name.clone(),
                         from: r.name.clone(),
                         event: group.event.then(|| r.message.text.clone()),
@@ -166,17 +172,17 @@ pub async fn run_with(
                 },
                 Some(AppEvent::Message(_)) => Msg::Redraw,
                 Some(AppEvent::Request(peer)) => {
-                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
+                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected, state.group);
                     mark(update(&mut state, Msg::Loaded(data)), &online);
                     Msg::Request(peer)
                 }
-                _ => Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected)),
+                _ => Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected, state.group)),
             },
             _ = tick.tick() => {
                 if state.notice.as_ref().is_some_and(|(_, at)| at.elapsed() > NOTICE_FOR) {
                     state.notice = None;
                 }
-                Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected))
+                Msg::Loaded(snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected, state.group))
             }
         };
         for effect in update(&mut state, msg) {
@@ -198,11 +204,21 @@ pub async fn run_with(
                             state.notice = Some((format!("error: {e}"), std::time::Instant::now()))
                         }
                     }
-                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
+                    let data = snapshot(
+                        &store,
+                        online.as_ref().map(|o| &o.engine),
+                        state.selected,
+                        state.group,
+                    );
                     mark(update(&mut state, Msg::Loaded(data)), &online);
                 }
                 Effect::Reload => {
-                    let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected);
+                    let data = snapshot(
+                        &store,
+                        online.as_ref().map(|o| &o.engine),
+                        state.selected,
+                        state.group,
+                    );
                     mark(update(&mut state, Msg::Loaded(data)), &online);
                 }
                 Effect::Bell => {
@@ -340,6 +356,23 @@ fn run_effect(
                 let result = result.map(|s| if s.is_empty() { "done".into() } else { s });
                 Msg::Done { title, result }
             }
+            Effect::SendGroup { group, text } => match engine.send_group(group, text).await {
+                Ok(sent) if !sent.unreachable.is_empty() => Msg::Done {
+                    title: None,
+                    result: Ok(format!(
+                        "not sent to {} (not your contacts)",
+                        crate::sanitize::for_terminal(&sent.unreachable.join(", "))
+                    )),
+                },
+                Ok(_) => Msg::Done {
+                    title: None,
+                    result: Ok(String::new()),
+                },
+                Err(e) => Msg::Done {
+                    title: None,
+                    result: Err(e.to_string()),
+                },
+            },
             Effect::MarkRead(peer) => {
                 if let Err(e) = engine.mark_read(peer).await {
                     tracing::warn!(error = %e, "could not send read receipts");
@@ -540,6 +573,7 @@ pub fn snapshot(
     store: &LocalStore,
     engine: Option<&Engine<Network>>,
     selected: Option<PeerId>,
+    group: Option<kkachi_protocol::group::GroupId>,
 ) -> Snapshot {
     let me = match (store.identity(), store.profile()) {
         (Ok(Some(id)), Ok(Some(p))) => Some((p.name, id.peer_id())),
@@ -639,6 +673,7 @@ pub fn snapshot(
             Some((m.id, file_view(store, engine, m, &file)))
         })
         .collect();
+    let (groups, group_lines) = group_snapshot(store, me.as_ref().map(|(_, p)| *p), group);
     Snapshot {
         me,
         conversations,
@@ -647,7 +682,74 @@ pub fn snapshot(
         gaps,
         status,
         files,
+        groups,
+        group_lines,
     }
+}
+
+/// The groups we are in (or were), most recent first, and the open group's last
+/// lines, made safe to draw.
+fn group_snapshot(
+    store: &LocalStore,
+    me: Option<PeerId>,
+    open: Option<kkachi_protocol::group::GroupId>,
+) -> (Vec<state::GroupSummary>, Vec<state::GroupLine>) {
+    use crate::sanitize::for_terminal;
+    use kkachi_protocol::group::{Mode, Role};
+    let own_key = store
+        .identity()
+        .ok()
+        .flatten()
+        .map(|i| *i.public().ed25519());
+    let mut groups = Vec::new();
+    let mut lines = Vec::new();
+    for (id, record) in store.groups().unwrap_or_default() {
+        let Ok(Some(roster)) = record.roster(id) else {
+            continue;
+        };
+        let messages = store.group_messages(&id).unwrap_or_default();
+        let role = match own_key.and_then(|k| roster.role(&k)) {
+            Some(Role::Admin) => "admin",
+            Some(Role::Member) => "member",
+            None => "not a member",
+        };
+        groups.push(state::GroupSummary {
+            id,
+            name: roster.name.clone(),
+            members: roster.members.len(),
+            role,
+            announcement: roster.mode == Mode::Announcement,
+            last_ms: messages.last().map(|m| m.message.sent_at_ms),
+        });
+        if open != Some(id) {
+            continue;
+        }
+        let skip = messages.len().saturating_sub(MESSAGES_SHOWN);
+        for m in messages.into_iter().skip(skip) {
+            let who = match m.author() {
+                _ if m.event => String::new(),
+                None => "me".into(),
+                Some(p) if Some(p) == me => "me".into(),
+                Some(p) => match store.contact(&p) {
+                    Ok(Some(c)) => for_terminal(&c.name).into_owned(),
+                    _ => for_terminal(&m.name).into_owned(),
+                },
+            };
+            let (delivered, read) = m.tally();
+            lines.push(state::GroupLine {
+                who,
+                text: for_terminal(&m.message.text).into_owned(),
+                sent_at_ms: m.message.sent_at_ms,
+                event: m.event,
+                delivered,
+                read,
+                copies: m.copies.len(),
+                unseen: m.unseen,
+            });
+        }
+    }
+    groups.sort_by_key(|g| std::cmp::Reverse(g.last_ms));
+    (groups, lines)
 }
 
 /// How a file message is shown: what it is, where it stands, its preview.

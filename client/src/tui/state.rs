@@ -22,6 +22,44 @@ pub struct ConversationSummary {
     pub muted: bool,
 }
 
+/// One group in the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// The group.
+    pub id: kkachi_protocol::group::GroupId,
+    /// Its name.
+    pub name: String,
+    /// How many members it has.
+    pub members: usize,
+    /// Our role: "admin", "member", or "not a member" (left, removed).
+    pub role: &'static str,
+    /// Only admins post.
+    pub announcement: bool,
+    /// When its last message was sent, Unix ms.
+    pub last_ms: Option<u64>,
+}
+
+/// A line of the open group, ready to draw (peer text already made safe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLine {
+    /// Who wrote it ("me" for ours); empty for a line about the group.
+    pub who: String,
+    /// What they wrote, or what changed.
+    pub text: String,
+    /// When, Unix ms.
+    pub sent_at_ms: u64,
+    /// A line about a change to the group.
+    pub event: bool,
+    /// Ours: members whose device has it, who read it, of how many.
+    pub delivered: usize,
+    /// Ours: members who read it.
+    pub read: usize,
+    /// Ours: members it went to.
+    pub copies: usize,
+    /// Ours, sent after we were removed (before we knew).
+    pub unseen: bool,
+}
+
 /// The least time between two notifications of one conversation.
 pub const NOTIFY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -76,6 +114,10 @@ pub struct Snapshot {
     pub status: Status,
     /// The files of the messages shown, by message id.
     pub files: std::collections::HashMap<[u8; 16], FileView>,
+    /// Groups, most recent first.
+    pub groups: Vec<GroupSummary>,
+    /// The open group's lines, oldest first.
+    pub group_lines: Vec<GroupLine>,
 }
 
 /// A file message as the UI shows it.
@@ -124,6 +166,8 @@ pub struct State {
     pub data: Snapshot,
     /// The selected conversation.
     pub selected: Option<PeerId>,
+    /// The open group, if one is open (it is shown instead of `selected`).
+    pub group: Option<kkachi_protocol::group::GroupId>,
     /// The input box.
     pub input: TextArea<'static>,
     /// An open panel, if any.
@@ -169,6 +213,7 @@ impl Default for State {
         Self {
             data: Snapshot::default(),
             selected: None,
+            group: None,
             input: new_input(),
             overlay: None,
             notice: None,
@@ -197,8 +242,17 @@ pub fn new_input() -> TextArea<'static> {
 }
 
 impl State {
-    /// The selected conversation's summary.
+    /// The open group's summary.
+    pub fn current_group(&self) -> Option<&GroupSummary> {
+        let id = self.group?;
+        self.data.groups.iter().find(|g| g.id == id)
+    }
+
+    /// The selected conversation's summary (none while a group is open).
     pub fn current(&self) -> Option<&ConversationSummary> {
+        if self.group.is_some() {
+            return None;
+        }
         let peer = self.selected?;
         self.data.conversations.iter().find(|c| c.peer == peer)
     }
@@ -207,6 +261,9 @@ impl State {
     /// there was none).
     pub fn load(&mut self, data: Snapshot) {
         self.data = data;
+        if self.group.is_some() && self.current_group().is_none() {
+            self.group = None; // forgotten meanwhile
+        }
         let valid = self
             .selected
             .is_some_and(|p| self.data.conversations.iter().any(|c| c.peer == p));

@@ -6,7 +6,9 @@ use kkachi_protocol::PeerId;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use super::state::{Overlay, Snapshot, State, new_input};
-use crate::cli::{Command, ContactCommand, RelayCommand, RequestCommand};
+use clap::Parser as _;
+
+use crate::cli::{Command, ContactCommand, GroupCommand, RelayCommand, RequestCommand};
 use crate::store::{Direction, MessageRecord};
 
 /// Something that happened.
@@ -25,6 +27,8 @@ pub enum Msg {
     Arrived(PeerId),
     /// A message arrived in a group.
     GroupArrived {
+        /// The group.
+        id: kkachi_protocol::group::GroupId,
         /// The group's name.
         group: String,
         /// Its sender.
@@ -59,6 +63,13 @@ pub enum Msg {
 /// Something for the runtime to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// Send a text to a group.
+    SendGroup {
+        /// The group.
+        group: kkachi_protocol::group::GroupId,
+        /// What.
+        text: String,
+    },
     /// Send a text.
     Send {
         /// To whom.
@@ -118,8 +129,8 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /invite  your code and QR            /add CODE [name]  add a contact from it
 /requests               messages from people who are not contacts yet
 /accept WHO [name]      add them; their messages join the conversation
-/reject WHO             drop their messages    /block WHO   block them
-/unblock WHO            unblock someone        /remove WHO  remove a contact
+/reject /block /unblock WHO  drop, block, unblock   /remove WHO  a contact
+/group create NAME|add G WHO…|list|…   groups; in one: /members /leave
 /rename NAME  rename this contact     /name NAME  your own name     /quit
 /reply TEXT  /react 👍  answer / react to their last message (or the picked)
 /edit TEXT  /delete     change / delete for everyone your last (or picked)
@@ -176,20 +187,33 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
                 vec![]
             }
         }
-        Msg::GroupArrived { group, from, event } => {
+        Msg::GroupArrived {
+            id,
+            group,
+            from,
+            event,
+        } => {
+            if state.group == Some(id) {
+                state.scroll = 0;
+                return vec![Effect::Reload];
+            }
             let group = crate::sanitize::for_terminal(&group);
             let text = match event {
-                Some(what) => format!("{group}: {}", crate::sanitize::for_terminal(&what)),
+                Some(ref what) => format!("{group}: {}", crate::sanitize::for_terminal(what)),
                 None => format!(
-                    "{} wrote in {group} (kkachi history GROUP shows it)",
+                    "{} wrote in {group} (Tab to it reads it)",
                     crate::sanitize::for_terminal(&from)
                 ),
             };
             notice(state, &text);
-            vec![Effect::Reload]
+            let mut effects = vec![Effect::Reload];
+            if state.bell && event.is_none() {
+                effects.push(Effect::Bell);
+            }
+            effects
         }
         Msg::Arrived(peer) => {
-            if state.selected == Some(peer) {
+            if state.selected == Some(peer) && state.group.is_none() {
                 state.scroll = 0;
                 return vec![Effect::Reload, Effect::MarkRead(peer)];
             }
@@ -426,20 +450,35 @@ fn own_target(state: &State) -> Result<String, &'static str> {
     }
 }
 
+/// Moves along the list: conversations, then groups.
 fn switch(state: &mut State, step: isize) -> Vec<Effect> {
-    let list = &state.data.conversations;
-    if list.is_empty() {
+    let contacts = state.data.conversations.len();
+    let total = contacts + state.data.groups.len();
+    if total == 0 {
         return vec![];
     }
-    let at = state
-        .selected
-        .and_then(|p| list.iter().position(|c| c.peer == p))
-        .unwrap_or(0) as isize;
-    let next = (at + step).rem_euclid(list.len() as isize) as usize;
-    let peer = list[next].peer;
-    state.selected = Some(peer);
+    let at = match state.group {
+        Some(id) => state
+            .data
+            .groups
+            .iter()
+            .position(|g| g.id == id)
+            .map(|i| contacts + i),
+        None => state
+            .selected
+            .and_then(|p| state.data.conversations.iter().position(|c| c.peer == p)),
+    }
+    .unwrap_or(0) as isize;
+    let next = (at + step).rem_euclid(total as isize) as usize;
     state.scroll = 0;
     state.picked = None;
+    if next >= contacts {
+        state.group = Some(state.data.groups[next - contacts].id);
+        return vec![Effect::Reload];
+    }
+    let peer = state.data.conversations[next].peer;
+    state.group = None;
+    state.selected = Some(peer);
     vec![Effect::Reload, Effect::MarkRead(peer)]
 }
 
@@ -458,6 +497,7 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
     match found {
         Some(peer) => {
             state.selected = Some(peer);
+            state.group = None;
             state.scroll = 0;
             state.picked = None;
             vec![Effect::Reload, Effect::MarkRead(peer)]
@@ -474,6 +514,7 @@ const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
     "receipts", "edit", "delete", "reply", "react", "name", "mouse", "file", "save", "open",
+    "group", "members", "leave",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -516,6 +557,14 @@ fn submit(state: &mut State) -> Vec<Effect> {
             None => text,
         },
     };
+    if let Some(group) = state.group {
+        state.input = new_input();
+        state.scroll = 0;
+        return vec![Effect::SendGroup {
+            group,
+            text: message,
+        }];
+    }
     match state.selected {
         Some(to) => {
             state.input = new_input();
@@ -543,6 +592,79 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         command,
         title: title.map(str::to_string),
     };
+    let (first, second) = {
+        let mut peek = line.split_whitespace();
+        (peek.next(), peek.next())
+    };
+    // In an open group: its own commands, and the contact's are refused plainly.
+    if let Some(group) = state.group {
+        let id = group.to_hex();
+        match first {
+            Some("members") => {
+                return vec![run(
+                    Command::Group(GroupCommand::Members { group: id }),
+                    Some("Members"),
+                )];
+            }
+            Some("leave") => {
+                state.group = None;
+                return vec![run(
+                    Command::Group(GroupCommand::Leave {
+                        group: id,
+                        force: second == Some("--force"),
+                    }),
+                    None,
+                )];
+            }
+            Some(
+                "file" | "save" | "open" | "edit" | "delete" | "reply" | "react" | "timer"
+                | "rename" | "mute",
+            ) => {
+                notice(
+                    state,
+                    "in a group: /members, /leave and /group …; that command works in 1:1 chats",
+                );
+                return vec![];
+            }
+            _ => {}
+        }
+    }
+    if matches!(first, Some("members" | "leave")) && state.group.is_none() {
+        notice(
+            state,
+            "open a group first (Tab); /group members GROUP and /group leave GROUP work anywhere",
+        );
+        return vec![];
+    }
+    if first == Some("group") {
+        let args = line.split_whitespace().skip(1);
+        let parsed = crate::cli::Cli::try_parse_from(
+            ["kkachi", "group"]
+                .into_iter()
+                .map(str::to_string)
+                .chain(args.map(str::to_string)),
+        );
+        return match parsed {
+            Ok(crate::cli::Cli {
+                command: Some(command @ Command::Group(_)),
+                ..
+            }) => {
+                let title = matches!(
+                    command,
+                    Command::Group(GroupCommand::List | GroupCommand::Members { .. })
+                )
+                .then_some("Groups");
+                vec![run(command, title)]
+            }
+            _ => {
+                notice(
+                    state,
+                    "usage: /group create NAME | add G WHO… | remove G WHO | list | members G | admin G WHO | mode G chat|announcement | rename G NAME | leave G",
+                );
+                vec![]
+            }
+        };
+    }
     match (words.next(), words.next()) {
         (Some("quit" | "q"), _) => {
             state.quit = true;
@@ -1700,5 +1822,135 @@ mod tests {
         update(&mut s, Msg::Loaded(data));
         assert!(s.notice.is_none(), "said once");
         assert_eq!(s.data.conversations[1].peer, peers[1]);
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+    use crate::tui::state::GroupSummary;
+    use kkachi_protocol::group::GroupId;
+
+    fn key(code: KeyCode) -> Msg {
+        Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+    }
+
+    fn typed(state: &mut State, text: &str) {
+        for c in text.chars() {
+            update(state, key(KeyCode::Char(c)));
+        }
+    }
+
+    /// One contact and one group.
+    fn loaded() -> (State, PeerId, GroupId) {
+        let peer = PeerId::random();
+        let id = GroupId([9; 32]);
+        let mut s = State::default();
+        update(
+            &mut s,
+            Msg::Loaded(Snapshot {
+                me: Some(("me".into(), PeerId::random())),
+                conversations: vec![crate::tui::state::ConversationSummary {
+                    peer,
+                    name: "Minji".into(),
+                    unread: 0,
+                    last_ms: None,
+                    muted: false,
+                }],
+                groups: vec![GroupSummary {
+                    id,
+                    name: "Family".into(),
+                    members: 3,
+                    role: "member",
+                    announcement: false,
+                    last_ms: None,
+                }],
+                ..Snapshot::default()
+            }),
+        );
+        (s, peer, id)
+    }
+
+    #[test]
+    fn tab_reaches_groups_and_what_is_typed_goes_to_the_open_group() {
+        let (mut s, peer, id) = loaded();
+        assert_eq!(s.selected, Some(peer));
+        assert_eq!(s.group, None);
+        update(&mut s, key(KeyCode::Tab));
+        assert_eq!(s.group, Some(id), "after the contacts come the groups");
+        typed(&mut s, "hello all");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            effects,
+            vec![Effect::SendGroup {
+                group: id,
+                text: "hello all".into()
+            }]
+        );
+        // Back round to the contact: texts go to them again.
+        update(&mut s, key(KeyCode::Tab));
+        assert_eq!(s.group, None);
+        typed(&mut s, "hi");
+        assert!(matches!(
+            update(&mut s, key(KeyCode::Enter)).as_slice(),
+            [Effect::Send { to, .. }] if *to == peer
+        ));
+    }
+
+    #[test]
+    fn group_commands_run_and_contact_commands_are_refused_in_a_group() {
+        let (mut s, _, id) = loaded();
+        update(&mut s, key(KeyCode::Tab));
+        typed(&mut s, "/members");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::Run { command: Command::Group(GroupCommand::Members { group }), .. }]
+                if *group == id.to_hex()
+        ));
+        typed(&mut s, "/file /etc/hostname");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("1:1 chats"));
+        typed(&mut s, "/group add Family Minji Hyun");
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::Run { command: Command::Group(GroupCommand::Add { group, contacts }), .. }]
+                if group == "Family" && contacts.len() == 2
+        ));
+        typed(&mut s, "/group frobnicate");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.starts_with("usage: /group"));
+    }
+
+    #[test]
+    fn a_message_in_the_open_group_scrolls_to_it_and_another_group_is_noted() {
+        let (mut s, _, id) = loaded();
+        update(&mut s, key(KeyCode::Tab));
+        s.scroll = 5;
+        let effects = update(
+            &mut s,
+            Msg::GroupArrived {
+                id,
+                group: "Family".into(),
+                from: "Minji".into(),
+                event: None,
+            },
+        );
+        assert_eq!(effects, vec![Effect::Reload]);
+        assert_eq!(s.scroll, 0);
+        let other = GroupId([1; 32]);
+        update(
+            &mut s,
+            Msg::GroupArrived {
+                id: other,
+                group: "Work\u{1b}[2J".into(),
+                from: "Hyun".into(),
+                event: None,
+            },
+        );
+        let (notice, _) = s.notice.clone().unwrap();
+        assert!(notice.contains("Hyun wrote in Work"), "{notice}");
+        assert!(!notice.contains('\u{1b}'), "peer text is made safe");
     }
 }

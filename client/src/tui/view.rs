@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span, Text};
 use ratatui::widgets::{Block, Clear, List, ListItem, ListState, Paragraph, Wrap};
 use unicode_width::UnicodeWidthChar;
 
-use super::state::{Overlay, State};
+use super::state::{GroupSummary, Overlay, State};
 use super::update::HELP;
 use crate::sanitize::{for_terminal, for_terminal_block};
 use crate::store::{Direction, MessageRecord, MessageState};
@@ -66,9 +66,38 @@ fn draw_list(state: &State, frame: &mut Frame, area: Rect) {
             ListItem::new(Line::from(spans))
         })
         .collect();
-    let selected = state
-        .selected
-        .and_then(|p| state.data.conversations.iter().position(|c| c.peer == p));
+    let mut items = items;
+    if !state.data.groups.is_empty() {
+        items.push(ListItem::new(Line::from(Span::styled(
+            "─ Groups ─",
+            Style::new().fg(Color::DarkGray),
+        ))));
+        for g in &state.data.groups {
+            let when = g.last_ms.map(format_ms_short).unwrap_or_default();
+            let mut spans = vec![Span::raw(format!("# {}", for_terminal(&g.name)))];
+            if g.role == "not a member" {
+                spans.push(Span::styled(" (left)", Style::new().fg(Color::DarkGray)));
+            }
+            let used: usize = spans.iter().map(|s| s.width()).sum();
+            let inner = usize::from(area.width.saturating_sub(4));
+            let pad = inner.saturating_sub(used + when.len());
+            spans.push(Span::raw(" ".repeat(pad)));
+            spans.push(Span::styled(when, Style::new().fg(Color::DarkGray)));
+            items.push(ListItem::new(Line::from(spans)));
+        }
+    }
+    let contacts = state.data.conversations.len();
+    let selected = match state.group {
+        Some(id) => state
+            .data
+            .groups
+            .iter()
+            .position(|g| g.id == id)
+            .map(|i| contacts + 1 + i),
+        None => state
+            .selected
+            .and_then(|p| state.data.conversations.iter().position(|c| c.peer == p)),
+    };
     let list = List::new(items)
         .block(Block::bordered().title(" Conversations "))
         .highlight_style(Style::new().add_modifier(Modifier::REVERSED))
@@ -304,7 +333,99 @@ fn day_line(day: &str, width: usize) -> Line<'static> {
     ))
 }
 
+/// The open group: who wrote what, lines about changes, and for ours how many members
+/// have it.
+fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect) {
+    let width = usize::from(area.width.saturating_sub(2));
+    let mut lines: Vec<Line> = Vec::new();
+    let mut last_day = String::new();
+    for l in &state.data.group_lines {
+        let day = format_day(l.sent_at_ms);
+        if day != last_day {
+            lines.push(day_line(&day, width));
+            last_day = day;
+        }
+        let time = format_ms_short(l.sent_at_ms);
+        if l.event {
+            for chunk in wrap(&format!("{time} — {}", l.text), width.max(8)) {
+                lines.push(Line::from(Span::styled(
+                    chunk,
+                    Style::new().fg(Color::DarkGray),
+                )));
+            }
+            continue;
+        }
+        let mark = if l.who != "me" {
+            String::new()
+        } else if l.unseen {
+            " ⚠ sent after you were removed".into()
+        } else if l.copies == 0 {
+            String::new()
+        } else if l.read == l.copies {
+            format!(" ✓✓ read by all {}", l.copies)
+        } else {
+            format!(" ✓ {}/{}", l.delivered, l.copies)
+        };
+        let who_style = if l.who == "me" {
+            Style::new().fg(Color::Cyan).bold()
+        } else {
+            Style::new().fg(Color::Green).bold()
+        };
+        let text = format!("{time} {}: {}{mark}", l.who, l.text);
+        for (i, chunk) in wrap(&text, width.max(8)).into_iter().enumerate() {
+            if i == 0 && chunk.starts_with(&format!("{time} {}:", l.who)) {
+                let head = format!("{time} ");
+                let rest = chunk[head.len() + l.who.len()..].to_string();
+                lines.push(Line::from(vec![
+                    Span::styled(head, Style::new().fg(Color::DarkGray)),
+                    Span::styled(l.who.clone(), who_style),
+                    Span::raw(rest),
+                ]));
+            } else {
+                lines.push(Line::from(chunk));
+            }
+        }
+    }
+    if lines.is_empty() {
+        lines.push(Line::from(Span::styled(
+            "No messages yet. /members shows who is in it; /group add … adds more.",
+            Style::new().fg(Color::DarkGray),
+        )));
+    }
+    let height = usize::from(area.height.saturating_sub(2));
+    let bottom = lines.len().saturating_sub(
+        state
+            .scroll
+            .min(lines.len().saturating_sub(height.min(lines.len()))),
+    );
+    let top = bottom.saturating_sub(height);
+    let visible: Vec<Line> = lines[top..bottom].to_vec();
+    let mut title = format!(
+        " # {} · {} member{} · {}{} ",
+        for_terminal(&group.name),
+        group.members,
+        if group.members == 1 { "" } else { "s" },
+        group.role,
+        if group.announcement {
+            " · announcements"
+        } else {
+            ""
+        }
+    );
+    if state.scroll > 0 {
+        title.push_str("(scrolled, PgDn) ");
+    }
+    frame.render_widget(
+        Paragraph::new(visible).block(Block::bordered().title(title)),
+        area,
+    );
+}
+
 fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
+    if let Some(group) = state.current_group() {
+        draw_group(state, group, frame, area);
+        return;
+    }
     let Some(current) = state.current() else {
         let hint = Paragraph::new(Text::from(vec![
             Line::from("No conversations yet."),
@@ -751,8 +872,53 @@ mod tests {
                 files_waiting: 0,
             },
             files: Default::default(),
+            groups: Vec::new(),
+            group_lines: Vec::new(),
         });
         s
+    }
+
+    /// The chat with a group open: lines about changes, members' messages, ours with
+    /// how many members have it.
+    fn group_state() -> State {
+        use crate::tui::state::{GroupLine, GroupSummary};
+        let mut s = chat_state();
+        let id = kkachi_protocol::group::GroupId([7; 32]);
+        let mut data = s.data.clone();
+        data.groups = vec![GroupSummary {
+            id,
+            name: "Family".into(),
+            members: 3,
+            role: "admin",
+            announcement: false,
+            last_ms: Some(1_700_000_400_000),
+        }];
+        let line = |who: &str, text: &str, event: bool, at: u64| GroupLine {
+            who: who.into(),
+            text: text.into(),
+            sent_at_ms: 1_700_000_000_000 + at,
+            event,
+            delivered: 1,
+            read: 0,
+            copies: 2,
+            unseen: false,
+        };
+        data.group_lines = vec![
+            line("", "you added Minji, Hyun", true, 0),
+            line("Minji", "저녁 7시 어때?", false, 60_000),
+            line("me", "good, see you at grandma's", false, 120_000),
+        ];
+        s.group = Some(id);
+        s.load(data);
+        s
+    }
+
+    #[test]
+    fn group_screen_snapshot() {
+        let s = group_state();
+        let screen = render(&s, 80, 16);
+        assert!(screen.contains("# Family"), "{screen}");
+        insta::assert_snapshot!(screen);
     }
 
     #[test]
