@@ -383,6 +383,20 @@ pub enum GroupCommand {
     },
     /// List your groups.
     List,
+    /// Who has your message, and who read it: your last one in the group, or MESSAGE
+    /// (its id from `history GROUP --json`, or the start of it).
+    Receipts {
+        /// The group's name or id.
+        group: String,
+        /// The message (default: your last).
+        message: Option<String>,
+    },
+    /// Mark the group's messages read, and tell their authors (unless read receipts
+    /// are off). The terminal UI does this when the group is open.
+    Read {
+        /// The group's name or id.
+        group: String,
+    },
     /// List a group's members and their roles.
     Members {
         /// The group's name or id.

@@ -150,6 +150,22 @@ fn a_group_talks_through_a_relay_loss_and_agrees_on_its_members() {
     // Bob is not an admin: he cannot change the group either.
     let refused = bob.run(&["group", "rename", "Family", "Bob's"]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("admins"));
+
+    // The announcement: who has it, who read it.
+    alice.ok(&["send", "Family", "evacuate to the school gym"]);
+    let before = &objects(&alice.ok(&["group", "receipts", "Family", "--json"]))[0];
+    assert_eq!(before["text"], "evacuate to the school gym");
+    assert_eq!(before["read_by"], 0);
+    bob.ok(&["sync"]);
+    let read = &objects(&bob.ok(&["group", "read", "Family", "--json"]))[0];
+    assert!(read["read"].as_u64().unwrap() >= 1, "{read}");
+    alice.ok(&["sync"]);
+    let after = &objects(&alice.ok(&["group", "receipts", "Family", "--json"]))[0];
+    assert_eq!(after["read_by"], 1, "{after}");
+    assert_eq!(after["members"][0]["name"], "bob");
+    assert_eq!(after["members"][0]["state"], "read");
+    let text = alice.ok(&["group", "receipts", "Family"]);
+    assert!(text.contains("delivered to 1 of 1, read by 1"), "{text}");
 }
 
 #[test]

@@ -307,6 +307,24 @@ impl App {
                     ));
                 }
             }
+            GroupCommand::Read { group } => {
+                let g = resolve_group(&self.store, &group)?;
+                let engine = self.engine()?;
+                let n = engine.mark_group_read(g.id).await?;
+                engine.deliver_now().await?;
+                if json {
+                    out.json(json!({ "group": g.roster.name, "read": n }));
+                } else {
+                    out.out(format!(
+                        "{}: {n} message(s) marked read",
+                        name(&g.roster.name)
+                    ));
+                }
+            }
+            GroupCommand::Receipts { group, message } => {
+                let g = resolve_group(&self.store, &group)?;
+                self.group_receipts(&g, message.as_deref(), json, out)?;
+            }
             GroupCommand::Forget { group } => {
                 let g = resolve_group(&self.store, &group)?;
                 let n = self.local_engine()?.forget_group(g.id).await?;
@@ -452,6 +470,111 @@ impl App {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `group receipts`: for one of our messages, each member's copy and how far it got.
+    fn group_receipts(
+        &self,
+        g: &Group,
+        message: Option<&str>,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let ours: Vec<GroupMessage> = self
+            .store
+            .group_messages(&g.id)?
+            .into_iter()
+            .filter(|m| m.from.is_empty() && !m.event)
+            .collect();
+        let picked = match message {
+            None | Some("last") => ours.last(),
+            Some(prefix) if prefix.len() >= 6 => {
+                let found: Vec<&GroupMessage> = ours
+                    .iter()
+                    .filter(|m| hex(&m.message.id).starts_with(&prefix.to_lowercase()))
+                    .collect();
+                match found.as_slice() {
+                    [one] => Some(*one),
+                    [] => None,
+                    _ => return fail("several of your messages start so; give more of the id"),
+                }
+            }
+            Some(_) => return fail("name the message by its id (6 characters or more) or `last`"),
+        };
+        let Some(m) = picked else {
+            return fail(format!(
+                "no message of yours in {} {}",
+                name(&g.roster.name),
+                if message.is_some() {
+                    "has that id"
+                } else {
+                    "yet"
+                }
+            ));
+        };
+        let mut rows = Vec::new();
+        for (peer, state) in &m.copies {
+            let Ok(peer) = PeerId::from_bytes(peer) else {
+                continue;
+            };
+            let in_group = g
+                .roster
+                .members
+                .values()
+                .chain(std::iter::empty())
+                .find(|x| x.identity.peer_id() == peer)
+                .map_or(String::new(), |x| x.name.clone());
+            let who = self.member_name(&peer, &in_group)?;
+            let label = match state {
+                MessageState::Read => "read",
+                MessageState::Delivered => "delivered",
+                MessageState::Relayed { .. } => "on their relays, not on their device yet",
+                _ => "not sent yet (in your outbox)",
+            };
+            rows.push((who, peer, *state, label));
+        }
+        // Who has not got it first: that is who to reach another way.
+        rows.sort_by_key(|(who, _, state, _)| {
+            (
+                matches!(state, MessageState::Delivered | MessageState::Read),
+                *state == MessageState::Read,
+                who.to_lowercase(),
+            )
+        });
+        let (delivered, read) = m.tally();
+        if json {
+            let members: Vec<_> = rows
+                .iter()
+                .map(|(who, peer, state, _)| {
+                    json!({ "name": who, "peer_id": peer.to_string(), "state": state.label() })
+                })
+                .collect();
+            out.json(json!({
+                "id": hex(&m.message.id),
+                "text": m.message.text,
+                "delivered_to": delivered,
+                "read_by": read,
+                "members": members,
+            }));
+            return Ok(());
+        }
+        out.out(format!(
+            "{} (message {}): delivered to {delivered} of {}, read by {read}",
+            for_terminal(m.message.text.lines().next().unwrap_or_default()),
+            &hex(&m.message.id)[..12],
+            m.copies.len()
+        ));
+        let width = rows
+            .iter()
+            .map(|(w, ..)| w.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (who, _, _, label) in &rows {
+            let shown = name(who);
+            let pad = width.saturating_sub(shown.chars().count());
+            out.out(format!("  {shown}{}  {label}", " ".repeat(pad)));
         }
         Ok(())
     }
@@ -715,6 +838,11 @@ fn report_change(out: &mut Output, json: bool, g: &Group, what: &str, done: &Gro
             list(&done.unreachable)
         ));
     }
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A group's id as shown for naming it in commands: its first 12 hex digits.

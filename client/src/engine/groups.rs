@@ -86,6 +86,27 @@ pub struct GroupTag {
     pub event: bool,
 }
 
+/// A group's merged state, for the log it was computed from.
+#[derive(Debug, Clone)]
+pub(crate) struct Merged {
+    /// How many operations the log held, and a hash of the last one (the log only
+    /// grows, so these name it).
+    stamp: (usize, [u8; 32]),
+    /// `None` until we are a member.
+    roster: Option<Roster>,
+    /// Our digest of the log.
+    have: [u8; 16],
+}
+
+fn stamp(record: &GroupRecord) -> (usize, [u8; 32]) {
+    use blake2::Digest as _;
+    let last = record
+        .ops
+        .last()
+        .map_or([0; 32], |op| blake2::Blake2s256::digest(op).into());
+    (record.ops.len(), last)
+}
+
 fn no_group() -> EngineError {
     EngineError::Invalid("no such group".into())
 }
@@ -99,6 +120,28 @@ fn key_of(peer: &PeerId, roster: &Roster) -> Option<[u8; 32]> {
 }
 
 impl<T> State<T> {
+    /// Group `id`'s state and our digest of its log, merged once per log.
+    fn merged(&self, id: GroupId, record: &GroupRecord) -> Result<Merged, EngineError> {
+        let now = stamp(record);
+        if let Some(m) = self.rosters.lock().get(&id.0)
+            && m.stamp == now
+        {
+            return Ok(m.clone());
+        }
+        let ops = record.signed_ops()?;
+        let merged = Merged {
+            stamp: now,
+            roster: record.roster(id)?,
+            have: have_digest(&ops),
+        };
+        let mut cache = self.rosters.lock();
+        if cache.len() > 256 {
+            cache.clear();
+        }
+        cache.insert(id.0, merged.clone());
+        Ok(merged)
+    }
+
     fn own_key(&self) -> [u8; 32] {
         *self.me.public().ed25519()
     }
@@ -422,6 +465,52 @@ impl<T> State<T> {
         Ok(())
     }
 
+    /// Marks group `id`'s messages read and tells their authors (read receipts, unless
+    /// they are off): the author of an announcement sees who read it.
+    pub(crate) fn mark_group_read(&mut self, id: GroupId, now: u64) -> Result<usize, EngineError> {
+        let mut w = WriteSet::default();
+        let mut by_author: BTreeMap<Vec<u8>, Vec<MessageId>> = BTreeMap::new();
+        for (key, mut m) in self.store.group_messages_keyed(&id)? {
+            if m.event || m.from.is_empty() || m.message.state != MessageState::Received {
+                continue;
+            }
+            m.message.state = MessageState::Read;
+            by_author
+                .entry(m.from.clone())
+                .or_default()
+                .push(MessageId(m.message.id));
+            LocalStore::rewrite_group_message(&mut w, key, &m);
+        }
+        let read: usize = by_author.values().map(Vec::len).sum();
+        if read == 0 {
+            return Ok(0);
+        }
+        if self.store.profile()?.is_some_and(|p| p.read_receipts_off) {
+            self.store.apply(w)?;
+            return Ok(read);
+        }
+        self.with_sessions(|this, sessions| {
+            for (author, ids) in &by_author {
+                let Ok(peer) = PeerId::from_bytes(author) else {
+                    continue;
+                };
+                let Some(contact) = this.reachable(&peer)? else {
+                    continue;
+                };
+                let session = sessions.get(&this.store, &contact)?;
+                for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
+                    let receipt = Body::Receipt {
+                        status: kkachi_protocol::ReceiptStatus::Read,
+                        ids: chunk.to_vec(),
+                    };
+                    this.queue_control(&mut w, &contact, session, receipt, now)?;
+                }
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(read)
+        })
+    }
+
     /// Forgets group `id` here: its log and messages. Only a group we are not in (left
     /// or removed from): a member who forgot would not know what to send.
     pub(crate) fn forget_group(&mut self, id: GroupId) -> Result<usize, EngineError> {
@@ -451,7 +540,8 @@ impl<T> State<T> {
             return Err(EngineError::Invalid("the message is empty".into()));
         }
         let mut record = self.store.group(&id)?.ok_or_else(no_group)?;
-        let roster = record.roster(id)?.ok_or_else(no_group)?;
+        let merged = self.merged(id, &record)?;
+        let roster = merged.roster.ok_or_else(no_group)?;
         let me = self.own_key();
         if !roster.may_post(&me) {
             return Err(EngineError::Invalid(match roster.role(&me) {
@@ -468,7 +558,7 @@ impl<T> State<T> {
             group: id,
             what: GroupBody::Message {
                 hlc,
-                have: have_digest(&record.signed_ops()?),
+                have: merged.have,
                 secs: 0,
                 text: text.to_owned(),
             },
@@ -630,19 +720,20 @@ impl<T> State<T> {
         let Some(mut record) = LocalStore::pending_group(w, &id).or(self.store.group(&id)?) else {
             return Ok(());
         };
-        let Some(roster) = record.roster(id)? else {
+        let merged = self.merged(id, &record)?;
+        let Some(roster) = merged.roster else {
             return Ok(());
         };
         let sender = *contact.card.identity().ed25519();
         let me = self.own_key();
-        if !roster.members.contains_key(&sender) || !roster.members.contains_key(&me) {
+        let ours = merged.have;
+        if ours == theirs
+            || !roster.members.contains_key(&sender)
+            || !roster.members.contains_key(&me)
+        {
             return Ok(());
         }
         let ops = record.signed_ops()?;
-        let ours = have_digest(&ops);
-        if ours == theirs {
-            return Ok(());
-        }
         let who = contact.peer.to_bytes();
         // Once per digest of ours for each member, or again after a while (they may have
         // lost what we sent): a member whose digest changes with every record does not
@@ -900,7 +991,7 @@ impl<T> State<T> {
         message.message.prev = content.prev;
         let record = self.store.group(&id)?;
         let roster = match &record {
-            Some(r) if r.joined => r.roster(id)?,
+            Some(r) if r.joined => self.merged(id, r)?.roster,
             _ => None,
         };
         let sender = *contact.card.identity().ed25519();

@@ -447,6 +447,15 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Marks group `id`'s messages read and tells their authors; returns how many.
+    pub async fn mark_group_read(
+        &self,
+        id: kkachi_protocol::group::GroupId,
+    ) -> Result<usize, EngineError> {
+        self.change(move |state, now| state.mark_group_read(id, now))
+            .await
+    }
+
     /// Forgets group `id` (one we left or were removed from) here; returns how many of
     /// its messages went.
     pub async fn forget_group(

@@ -192,6 +192,9 @@ pub(crate) struct State<T> {
     pub(crate) expiry_due: parking_lot::Mutex<Option<u64>>,
     /// When our card last went again to each contact after a switch of sessions.
     pub(crate) card_resent: parking_lot::Mutex<HashMap<PeerId, u64>>,
+    /// Each group's merged state and digest, for the log it was computed from: a group
+    /// message is checked against its group without merging the whole log again.
+    pub(crate) rosters: parking_lot::Mutex<HashMap<[u8; 32], super::groups::Merged>>,
 }
 
 /// The relay an address names (its final `/p2p/…`).
@@ -226,6 +229,7 @@ impl<T> State<T> {
             stale_due: parking_lot::Mutex::default(),
             expiry_due: parking_lot::Mutex::default(),
             card_resent: parking_lot::Mutex::default(),
+            rosters: parking_lot::Mutex::default(),
         }
     }
 

@@ -78,12 +78,59 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         LocalStore::write_receipt_due(&mut w, &peer, &MessageId(record.id));
     }
     LocalStore::write_conversation(&mut w, &peer, &Conversation::default());
+    // A group, with a message from Minji in it.
+    let me = store.identity().unwrap().unwrap();
+    let create = kkachi_protocol::group::SignedOp::create(
+        &me,
+        "Me",
+        [3; 16],
+        "Kwon family gathering",
+        kkachi_protocol::group::Mode::Chat,
+        kkachi_protocol::group::Hlc { ms: 1, count: 0 },
+    );
+    let group = create.group();
+    let record = super::GroupRecord {
+        ops: vec![create.encode().to_vec()],
+        next_seq: 2,
+        joined: true,
+        ..Default::default()
+    };
+    LocalStore::write_group(&mut w, &group, &record);
+    let said = super::GroupMessage {
+        from: peer.to_bytes(),
+        name: "Minji Kwon".into(),
+        hlc: (2, 0),
+        message: MessageRecord {
+            id: ids[0],
+            direction: Direction::In,
+            text: format!("{PHRASE} (to the group)"),
+            state: MessageState::Received,
+            sent_at_ms: 2,
+            stored_at_ms: 2,
+            seq: 51,
+            prev: [0; 32],
+            timer_secs: 0,
+            edited: false,
+            deleted: false,
+            revised_seq: 0,
+            reply_to: None,
+            reactions: Default::default(),
+            file: None,
+        },
+        copies: Vec::new(),
+        event: false,
+        unseen: false,
+    };
+    LocalStore::write_group_message(&mut w, &group, 0, &said);
+    LocalStore::write_group_copy(&mut w, &peer, &ids[1], &group, 0);
     store.apply(w).unwrap();
     store.db.flush().unwrap();
     (
         vec![
             PHRASE.as_bytes().to_vec(),
             b"Minji Kwon".to_vec(),
+            b"Kwon family gathering".to_vec(),
+            group.0.to_vec(),
             peer.to_bytes(),
             relay.to_string().into_bytes(),
             // Message ids: their sender knows them.
@@ -125,6 +172,13 @@ fn a_sealed_home_shows_no_message_name_peer_or_relay_and_is_owner_only() {
         .collect();
     assert_eq!(texts.len(), 50);
     assert!(texts.iter().all(|t| t.starts_with(PHRASE)));
+    let (group, _) = store.groups().unwrap().remove(0);
+    assert!(
+        store.group_messages(&group).unwrap()[0]
+            .message
+            .text
+            .starts_with(PHRASE)
+    );
     assert_eq!(store.receipts_due().unwrap()[0].1.len(), 50);
     assert_eq!(store.relays().unwrap().len(), 1);
     drop(store);

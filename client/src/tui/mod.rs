@@ -373,6 +373,12 @@ fn run_effect(
                     result: Err(e.to_string()),
                 },
             },
+            Effect::MarkGroupRead(id) => {
+                if let Err(e) = engine.mark_group_read(id).await {
+                    tracing::warn!(error = %e, "could not send read receipts to the group");
+                }
+                return;
+            }
             Effect::MarkRead(peer) => {
                 if let Err(e) = engine.mark_read(peer).await {
                     tracing::warn!(error = %e, "could not send read receipts");

@@ -63,6 +63,8 @@ pub enum Msg {
 /// Something for the runtime to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// Mark the open group's messages read (and tell their authors).
+    MarkGroupRead(kkachi_protocol::group::GroupId),
     /// Send a text to a group.
     SendGroup {
         /// The group.
@@ -195,7 +197,7 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
         } => {
             if state.group == Some(id) {
                 state.scroll = 0;
-                return vec![Effect::Reload];
+                return vec![Effect::Reload, Effect::MarkGroupRead(id)];
             }
             let group = crate::sanitize::for_terminal(&group);
             let text = match event {
@@ -473,8 +475,9 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
     state.scroll = 0;
     state.picked = None;
     if next >= contacts {
-        state.group = Some(state.data.groups[next - contacts].id);
-        return vec![Effect::Reload];
+        let id = state.data.groups[next - contacts].id;
+        state.group = Some(id);
+        return vec![Effect::Reload, Effect::MarkGroupRead(id)];
     }
     let peer = state.data.conversations[next].peer;
     state.group = None;
@@ -1937,7 +1940,7 @@ mod group_tests {
                 event: None,
             },
         );
-        assert_eq!(effects, vec![Effect::Reload]);
+        assert_eq!(effects, vec![Effect::Reload, Effect::MarkGroupRead(id)]);
         assert_eq!(s.scroll, 0);
         let other = GroupId([1; 32]);
         update(
