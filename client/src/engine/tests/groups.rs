@@ -538,13 +538,14 @@ async fn operations_of_unknown_keys_or_dated_ahead_are_not_kept() {
     assert_eq!(roster(&carol, id).unwrap().members.len(), 3);
 }
 
-/// Sixteen users, four admins changing the group at the same time while relays are
-/// down, members writing meanwhile; then the relays come back. Within two rounds of
-/// every member writing, every member holds the same group, and every message is held
-/// once by every member it was sent to.
+/// Thirty-two users (the small tier's most), five admins changing the group at the same
+/// time while eight members' relays are down and the network loses one put in ten and
+/// delivers batches reversed and duplicated, members writing meanwhile; then the relays
+/// come back. Within two rounds of every member writing, every member holds the same
+/// group, and every message is held once by every member it was sent to.
 #[tokio::test]
 async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
-    const USERS: usize = 16;
+    const USERS: usize = 32;
     let net = FakeNet::default();
     let mut users = Vec::new();
     for i in 0..USERS {
@@ -568,10 +569,10 @@ async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
         .unwrap();
     users[0]
         .engine
-        .change_group(id, GroupChange::Add((1..12).map(peer).collect()))
+        .change_group(id, GroupChange::Add((1..24).map(peer).collect()))
         .await
         .unwrap();
-    for admin in 1..4 {
+    for admin in 1..5 {
         users[0]
             .engine
             .change_group(id, GroupChange::Admin(peer(admin), true))
@@ -582,31 +583,34 @@ async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
         u.sync().await;
     }
 
-    // Relays of six members go down; four admins act without hearing of each other.
-    for u in &users[4..10] {
+    // Relays of eight members go down, the network starts losing, reordering and
+    // duplicating; five admins act without hearing of each other.
+    for u in &users[5..13] {
         net.set_up(&u.relays[0], false);
         net.set_up(&u.relays[1], false);
     }
+    net.chaos(true);
     let act = |i: usize, change: GroupChange| {
         let engine = users[i].engine.clone();
         async move { engine.change_group(id, change).await.unwrap() }
     };
     tokio::join!(
         act(0, GroupChange::Remove(peer(11))),
-        act(1, GroupChange::Add(vec![peer(12), peer(13)])),
+        act(1, GroupChange::Add(vec![peer(24), peer(25)])),
         act(2, GroupChange::Remove(peer(5))),
         act(3, GroupChange::Rename("Village, evacuation".into())),
+        act(4, GroupChange::Admin(peer(6), true)),
     );
-    act(2, GroupChange::Add(vec![peer(14)])).await;
-    for i in [0, 4, 6, 8] {
+    act(2, GroupChange::Add(vec![peer(26)])).await;
+    for i in [0, 4, 6, 8, 20] {
         users[i]
             .engine
             .send_group(id, format!("during the outage from u{i:02}"))
             .await
             .unwrap();
     }
-    // They come back.
-    for u in &users[4..10] {
+    // They come back (the network still misbehaving).
+    for u in &users[5..13] {
         net.set_up(&u.relays[0], true);
         net.set_up(&u.relays[1], true);
     }
@@ -643,11 +647,13 @@ async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
                 .contains_key(users[i].engine.identity().public().ed25519())
         })
         .collect();
+    let lost = net.chaos(false);
     println!(
-        "{} members after four concurrent changes under relay loss; name {:?}",
+        "{} members after five concurrent changes under relay loss, {lost} puts lost; name {:?}",
         members.len(),
         founder.name
     );
+    assert!(lost > 0, "the network lost puts");
     for &i in &members {
         assert_eq!(
             roster(&users[i], id).as_ref(),
@@ -659,7 +665,11 @@ async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
     for gone in [5, 11] {
         assert!(!members.contains(&gone));
     }
-    for new in [12, 13, 14] {
+    assert_eq!(
+        founder.role(users[6].engine.identity().public().ed25519()),
+        Some(kkachi_protocol::group::Role::Admin)
+    );
+    for new in [24, 25, 26] {
         assert!(members.contains(&new), "u{new} was added");
     }
     // Each message of the last round is held exactly once by every other member.

@@ -50,6 +50,12 @@ struct FakeInner {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     /// Puts that reached a relay.
     puts: usize,
+    /// While set, the network misbehaves: one put in ten is lost on the way (its sender
+    /// is told it failed, and tries again), and each batch fetched comes in reverse
+    /// order with its first envelope twice.
+    chaos: bool,
+    /// Puts lost to `chaos`.
+    lost: usize,
     /// Contacts the engine asked a direct path to.
     sought: Vec<PeerId>,
     /// Direct peers that refuse what is handed to them (they removed us), and how
@@ -112,6 +118,14 @@ impl FakeNet {
             .1 = up;
     }
 
+    /// Turns the misbehaving network on or off (see `FakeInner::chaos`); returns how many
+    /// puts it lost so far.
+    fn chaos(&self, on: bool) -> usize {
+        let mut inner = self.inner.lock();
+        inner.chaos = on;
+        inner.lost
+    }
+
     fn relay_store(&self, relay: &Multiaddr) -> MemoryStore {
         self.inner.lock().relays[&relay.to_string()].0.clone()
     }
@@ -136,7 +150,14 @@ impl Transport for FakeNet {
                 if let Some(gate) = gate {
                     drop(gate.acquire().await.unwrap());
                 }
-                self.inner.lock().puts += 1;
+                {
+                    let mut inner = self.inner.lock();
+                    inner.puts += 1;
+                    if inner.chaos && inner.puts % 10 == 0 {
+                        inner.lost += 1;
+                        return Err(NetError::Unreachable("lost on the way".into()));
+                    }
+                }
                 let mut outcomes = Vec::new();
                 for item in items {
                     let Some((queue, kind)) = store.route(&item.write.id()).unwrap() else {
@@ -260,8 +281,13 @@ impl Transport for FakeNet {
                 let f = store
                     .fetch(&key.queue(), after, usize::from(limit), usize::MAX)
                     .unwrap();
+                let mut items = f.items;
+                if self.inner.lock().chaos && !items.is_empty() {
+                    items.reverse();
+                    items.push(items[0].clone());
+                }
                 RelayToClient::Batch {
-                    items: f.items,
+                    items,
                     next: f.next,
                     more: f.more,
                 }
