@@ -153,7 +153,7 @@ impl Transport for FakeNet {
                 {
                     let mut inner = self.inner.lock();
                     inner.puts += 1;
-                    if inner.chaos && inner.puts % 10 == 0 {
+                    if inner.chaos && inner.puts.is_multiple_of(10) {
                         inner.lost += 1;
                         return Err(NetError::Unreachable("lost on the way".into()));
                     }
