@@ -20,9 +20,9 @@ use serde_json::json;
 
 use crate::common::{Relay, envelope, free_port, mono_us, open_queue, pct};
 
-struct User {
-    engine: Engine<Network>,
-    card: Card,
+pub(crate) struct User {
+    pub(crate) engine: Engine<Network>,
+    pub(crate) card: Card,
     _dir: tempfile::TempDir,
 }
 
@@ -36,7 +36,7 @@ fn net_config(direct: bool) -> Result<NetConfig> {
 }
 
 /// A new home at `home`: sealed, or (to measure what sealing costs) in the clear.
-fn provision(
+pub(crate) fn provision(
     home: &Path,
     name: &str,
     relays: &[kkachi_protocol::Multiaddr],
@@ -50,7 +50,7 @@ fn provision(
 }
 
 /// A client online at `relays`; with `direct`, it also connects to contacts directly.
-fn user(name: &str, relays: &[String], direct: bool, sealed: bool) -> Result<User> {
+pub(crate) fn user(name: &str, relays: &[String], direct: bool, sealed: bool) -> Result<User> {
     let dir = tempfile::tempdir()?;
     let addrs: Vec<kkachi_protocol::Multiaddr> =
         relays.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
@@ -108,13 +108,13 @@ pub(crate) async fn recipient(home: PathBuf, direct: bool) -> Result<()> {
 
 /// What the recipient process reported: µs timestamps by message id.
 #[derive(Default)]
-struct Seen {
-    shown: HashMap<[u8; 16], Vec<u64>>,
-    durable: HashMap<[u8; 16], Vec<u64>>,
+pub(crate) struct Seen {
+    pub(crate) shown: HashMap<[u8; 16], Vec<u64>>,
+    pub(crate) durable: HashMap<[u8; 16], Vec<u64>>,
 }
 
 /// Starts the recipient process on `home` and collects what it reports.
-async fn spawn_recipient(
+pub(crate) async fn spawn_recipient(
     home: &Path,
     direct: bool,
 ) -> Result<(tokio::process::Child, Arc<Mutex<Seen>>)> {

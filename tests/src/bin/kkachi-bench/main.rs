@@ -25,6 +25,7 @@ mod backup;
 mod baselines;
 mod chunks;
 mod common;
+mod groups;
 mod history;
 mod ingest;
 mod latency;
@@ -59,7 +60,7 @@ struct Args {
     envelopes: Option<u64>,
     /// Run only these parts (comma-separated); the baselines always run. Figures of
     /// the parts left out are null in the JSON and missing from the table.
-    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "backup", "receive", "reconnect", "idle", "restart", "files"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["ingest", "latency", "at-rest", "history", "backup", "receive", "reconnect", "idle", "restart", "files", "groups"])]
     only: Vec<String>,
     /// Internal: run as the recipient of the latency runs, on this client home.
     #[arg(long, hide = true)]
@@ -229,6 +230,14 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     } else {
         serde_json::Value::Null
     };
+    let group = if args.part("groups") {
+        let r =
+            groups::group_latency(root, if q { 3 } else { 7 }, if q { 20 } else { 100 }).await?;
+        eprintln!("groups done");
+        r
+    } else {
+        serde_json::Value::Null
+    };
     let ingest_rate = match (
         batched["msgs_per_s"].as_f64(),
         single["msgs_per_s"].as_f64(),
@@ -281,6 +290,8 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "file_send_get_mb_s": files["transfer"]["mb_s"],
         "file_fault_ratio": files["transfer"]["fault_ratio"],
         "file_peak_rss_mib": files["transfer"]["peak_rss_mib"],
+        "group": group,
+        "group_to_all_p50_us": group["to_all_p50_us"],
         "baseline_libp2p_rtt_us": us(rtt),
         "baseline_sled_insert_flush_per_s": sled_flush,
         "baseline_sled_insert_per_s": sled_noflush,

@@ -14,6 +14,14 @@ struct Row {
     note: String,
 }
 
+/// A figure in µs as ms.
+fn json_ms(v: &Value) -> Value {
+    match v.as_f64() {
+        Some(us) => serde_json::json!(us / 1e3),
+        None => Value::Null,
+    }
+}
+
 fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
@@ -305,6 +313,27 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
                 t["peak_rss_file_mib"]
             ),
         ));
+    }
+    if args.part("groups") {
+        let g = &r["group"];
+        let mut to_all = row(
+            "group message until every member shows it, p50 (ms)",
+            &json_ms(&r["group_to_all_p50_us"]),
+            2,
+            format!(
+                "{} members, each in its own process, 3 relays; p99 {:.2} ms; the group made and joined by all in {:.0} ms; {} lost, {} duplicated",
+                g["members"],
+                num(&g["to_all_p99_us"]) / 1e3,
+                num(&g["joined_ms"]),
+                g["lost"],
+                g["duplicated"]
+            ),
+        );
+        to_all.ratio = Some((
+            num(&g["vs_one"]),
+            "a 1:1 message to one of them, alternated",
+        ));
+        out.push(to_all);
     }
     out.push(row(
         "baseline: libp2p request/response RTT (µs)",

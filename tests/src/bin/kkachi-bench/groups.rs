@@ -1,0 +1,149 @@
+//! Send → shown in a group: a message to a group until every member shows it (each
+//! member a client in its own process), against a 1:1 message to one of them in the
+//! same run; and a membership change until every member holds it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use kkachi_client::engine::{GroupChange, SendEvent};
+use serde_json::json;
+
+use crate::common::{Relay, free_port, mono_us, pct};
+use crate::latency::{provision, spawn_recipient, user};
+
+/// `members` clients besides the sender, `messages` messages each way of sending.
+pub(crate) async fn group_latency(
+    root: &Path,
+    members: usize,
+    messages: usize,
+) -> Result<serde_json::Value> {
+    let relays: Vec<Relay> = (0..3)
+        .map(|i| Relay::start(&root.join(format!("groups-{i}-{}", mono_us())), free_port()))
+        .collect::<Result<_>>()?;
+    let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
+    let alice = user("alice", &addrs, false, true)?;
+    let parsed: Vec<kkachi_protocol::Multiaddr> =
+        addrs.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
+    let mut homes = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..members {
+        let home = tempfile::tempdir()?;
+        let (store, _, card) = provision(home.path(), &format!("m{i}"), &parsed, true)?;
+        store.add_card(&alice.card)?;
+        store.flush().await?;
+        alice.engine.add_contact(card.clone(), None).await?;
+        peers.push(card.identity().peer_id());
+        homes.push(home);
+    }
+    let mut children = Vec::new();
+    let mut seen = Vec::new();
+    for home in &homes {
+        let (child, s) = spawn_recipient(home.path(), false).await?;
+        children.push(child);
+        seen.push(s);
+    }
+    // Sessions established with everyone, as in a group that has talked before.
+    for peer in &peers {
+        for _ in 0..3 {
+            let mut sending = alice.engine.send(*peer, "warm-up".into()).await?;
+            let delivered = async {
+                while let Some(event) = sending.events.recv().await {
+                    if matches!(event, SendEvent::Delivered { .. }) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), delivered).await;
+        }
+    }
+    let shown_by_all = |id: &[u8; 16]| seen.iter().all(|s| s.lock().shown.contains_key(id));
+    let wait_all = |ids: Vec<[u8; 16]>, within: Duration| {
+        let seen = &seen;
+        async move {
+            let deadline = Instant::now() + within;
+            while Instant::now() < deadline
+                && ids
+                    .iter()
+                    .any(|id| !seen.iter().all(|s| s.lock().shown.contains_key(id)))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The group: made and joined; how long until every member holds it.
+    let id = alice.engine.create_group("Bench".into()).await?;
+    let t = Instant::now();
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(peers.clone()))
+        .await?;
+    let warm = alice.engine.send_group(id, "warm-up".into()).await?;
+    wait_all(vec![warm.id.0], Duration::from_secs(30)).await;
+    let joined_ms = t.elapsed().as_secs_f64() * 1e3;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Group messages, then 1:1 messages to the first member, alternating in blocks.
+    let mut group_sent = Vec::new();
+    let mut one_sent = Vec::new();
+    for i in 0..messages {
+        let t = mono_us();
+        let sent = alice.engine.send_group(id, format!("group {i}")).await?;
+        group_sent.push((sent.id.0, t));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let t = mono_us();
+        let sending = alice.engine.send(peers[0], format!("one {i}")).await?;
+        one_sent.push((sending.queued.id.0, t));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let all_ids: Vec<[u8; 16]> = group_sent.iter().map(|(id, _)| *id).collect();
+    wait_all(all_ids, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut to_all = Vec::new();
+    let mut lost = 0;
+    let mut duplicated = 0;
+    for (id, t) in &group_sent {
+        let mut last = 0u64;
+        for s in &seen {
+            match s.lock().shown.get(id) {
+                Some(times) => {
+                    duplicated += times.len().saturating_sub(1);
+                    last = last.max(times[0]);
+                }
+                None => lost += 1,
+            }
+        }
+        if shown_by_all(id) {
+            to_all.push(last.saturating_sub(*t));
+        }
+    }
+    let mut one = Vec::new();
+    for (id, t) in &one_sent {
+        if let Some(at) = seen[0].lock().shown.get(id).and_then(|v| v.first()) {
+            one.push(at.saturating_sub(*t));
+        }
+    }
+    to_all.sort();
+    one.sort();
+    for mut child in children {
+        drop(child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+    let p50 = pct(&to_all, 0.5);
+    let one_p50 = pct(&one, 0.5);
+    Ok(json!({
+        "members": members + 1,
+        "messages": messages,
+        "to_all_p50_us": p50,
+        "to_all_p99_us": pct(&to_all, 0.99),
+        "one_p50_us": one_p50,
+        "vs_one": p50 as f64 / (one_p50 as f64).max(1.0),
+        "joined_ms": joined_ms,
+        "lost": lost,
+        "duplicated": duplicated,
+    }))
+}
