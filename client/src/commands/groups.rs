@@ -442,9 +442,10 @@ impl App {
                     out.json(serde_json::Value::Array(items));
                 } else {
                     out.out(format!(
-                        "{} ({} member(s){})",
+                        "{} ({} member{}{})",
                         name(&g.roster.name),
                         list.len(),
+                        if list.len() == 1 { "" } else { "s" },
                         match g.roster.mode {
                             Mode::Announcement => ", announcement channel",
                             Mode::Chat => "",
@@ -527,7 +528,13 @@ impl App {
                 .find(|x| x.identity.peer_id() == peer)
                 .map_or(String::new(), |x| x.name.clone());
             let who = self.member_name(&peer, &in_group)?;
+            let member = g
+                .roster
+                .members
+                .values()
+                .any(|x| x.identity.peer_id() == peer);
             let label = match state {
+                _ if !member => "not a member any more",
                 MessageState::Read => "read",
                 MessageState::Delivered => "delivered",
                 MessageState::Relayed { .. } => "on their relays, not on their device yet",

@@ -1225,7 +1225,15 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         from: from.unwrap_or_default(),
         name: String::new(),
         hlc: (hlc.ms, hlc.count),
-        message: new_record(MessageId(rand::random()), Direction::In, &text, now, now, 0),
+        // Dated by the change's clock (at most now): the same on every member's device.
+        message: new_record(
+            MessageId(rand::random()),
+            Direction::In,
+            &text,
+            hlc.ms.min(now),
+            now,
+            0,
+        ),
         copies: Vec::new(),
         event: true,
         unseen: false,

@@ -719,12 +719,17 @@ fn group_snapshot(
             Some(Role::Member) => "member",
             None => "not a member",
         };
+        let unread = messages
+            .iter()
+            .filter(|m| !m.event && !m.from.is_empty() && m.message.state == MessageState::Received)
+            .count();
         groups.push(state::GroupSummary {
             id,
             name: roster.name.clone(),
             members: roster.members.len(),
             role,
             announcement: roster.mode == Mode::Announcement,
+            unread,
             last_ms: messages.last().map(|m| m.message.sent_at_ms),
         });
         if open != Some(id) {

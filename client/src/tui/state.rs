@@ -35,6 +35,8 @@ pub struct GroupSummary {
     pub role: &'static str,
     /// Only admins post.
     pub announcement: bool,
+    /// Members' messages not read here yet.
+    pub unread: usize,
     /// When its last message was sent, Unix ms.
     pub last_ms: Option<u64>,
 }
@@ -182,6 +184,8 @@ pub struct State {
     /// A delete for everyone asked for once (its contact and message), to be confirmed
     /// by asking again at once.
     pub confirm_delete: Option<(PeerId, String)>,
+    /// A group whose /leave was asked once, to be confirmed by asking again.
+    pub confirm_leave: Option<kkachi_protocol::group::GroupId>,
     /// Ring the terminal bell for messages in other conversations.
     pub bell: bool,
     /// Notify (terminal notification, desktop notification where there is one) for
@@ -220,6 +224,7 @@ impl Default for State {
             scroll: 0,
             picked: None,
             confirm_delete: None,
+            confirm_leave: None,
             bell: true,
             notify: true,
             notified: std::collections::HashMap::new(),

@@ -132,7 +132,7 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /requests               messages from people who are not contacts yet
 /accept WHO [name]      add them; their messages join the conversation
 /reject /block /unblock WHO  drop, block, unblock   /remove WHO  a contact
-/group create NAME|add G WHO…|list|…   groups; in one: /members /leave
+/group create NAME, /group list; in a group: /members /leave /group add WHO
 /rename NAME  rename this contact     /name NAME  your own name     /quit
 /reply TEXT  /react 👍  answer / react to their last message (or the picked)
 /edit TEXT  /delete     change / delete for everyone your last (or picked)
@@ -203,7 +203,7 @@ pub fn update(state: &mut State, msg: Msg) -> Vec<Effect> {
             let text = match event {
                 Some(ref what) => format!("{group}: {}", crate::sanitize::for_terminal(what)),
                 None => format!(
-                    "{} wrote in {group} (Tab to it reads it)",
+                    "{} wrote in {group} (Alt+U opens it)",
                     crate::sanitize::for_terminal(&from)
                 ),
             };
@@ -487,6 +487,36 @@ fn switch(state: &mut State, step: isize) -> Vec<Effect> {
 
 /// Opens the next conversation (in the list's order, after the open one) with unread
 /// messages.
+/// Words of a command line; "double quotes" keep spaces inside one.
+fn split_quoted(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(word);
+    }
+    out
+}
+
 fn next_unread(state: &mut State) -> Vec<Effect> {
     let list = &state.data.conversations;
     let at = state
@@ -505,10 +535,24 @@ fn next_unread(state: &mut State) -> Vec<Effect> {
             state.picked = None;
             vec![Effect::Reload, Effect::MarkRead(peer)]
         }
-        None => {
-            notice(state, "nothing unread");
-            vec![]
-        }
+        None => match state
+            .data
+            .groups
+            .iter()
+            .find(|g| g.unread > 0 && Some(g.id) != state.group)
+            .map(|g| g.id)
+        {
+            Some(id) => {
+                state.group = Some(id);
+                state.scroll = 0;
+                state.picked = None;
+                vec![Effect::Reload, Effect::MarkGroupRead(id)]
+            }
+            None => {
+                notice(state, "nothing unread");
+                vec![]
+            }
+        },
     }
 }
 
@@ -561,6 +605,16 @@ fn submit(state: &mut State) -> Vec<Effect> {
         },
     };
     if let Some(group) = state.group {
+        if state
+            .current_group()
+            .is_some_and(|g| g.role == "not a member")
+        {
+            notice(
+                state,
+                "you are not in this group any more: nothing can be sent to it",
+            );
+            return vec![];
+        }
         state.input = new_input();
         state.scroll = 0;
         return vec![Effect::SendGroup {
@@ -609,8 +663,14 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                     Some("Members"),
                 )];
             }
+            Some("leave") if state.confirm_leave != Some(group) => {
+                // Asked once more: leaving cannot be taken back by a member.
+                state.confirm_leave = Some(group);
+                notice(state, "leave this group? /leave again to leave");
+                return vec![];
+            }
             Some("leave") => {
-                state.group = None;
+                state.confirm_leave = None;
                 return vec![run(
                     Command::Group(GroupCommand::Leave {
                         group: id,
@@ -621,17 +681,15 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             }
             Some(
                 "file" | "save" | "open" | "edit" | "delete" | "reply" | "react" | "timer"
-                | "rename" | "mute",
+                | "rename" | "mute" | "search",
             ) => {
-                notice(
-                    state,
-                    "in a group: /members, /leave and /group …; that command works in 1:1 chats",
-                );
+                notice(state, "not in groups yet: that works in 1:1 chats");
                 return vec![];
             }
             _ => {}
         }
     }
+    state.confirm_leave = None;
     if matches!(first, Some("members" | "leave")) && state.group.is_none() {
         notice(
             state,
@@ -640,12 +698,22 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         return vec![];
     }
     if first == Some("group") {
-        let args = line.split_whitespace().skip(1);
+        let mut args = split_quoted(line);
+        args.remove(0);
+        // In an open group, its commands act on it: `/group add Minji`.
+        if let (Some(open), Some(sub)) = (state.group, args.first())
+            && matches!(
+                sub.as_str(),
+                "add" | "remove" | "admin" | "rename" | "mode" | "members" | "receipts" | "read"
+            )
+        {
+            args.insert(1, open.to_hex());
+        }
         let parsed = crate::cli::Cli::try_parse_from(
             ["kkachi", "group"]
                 .into_iter()
                 .map(str::to_string)
-                .chain(args.map(str::to_string)),
+                .chain(args),
         );
         return match parsed {
             Ok(crate::cli::Cli {
@@ -662,7 +730,11 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             _ => {
                 notice(
                     state,
-                    "usage: /group create NAME | add G WHO… | remove G WHO | list | members G | admin G WHO | mode G chat|announcement | rename G NAME | leave G",
+                    if state.group.is_some() {
+                        "in a group: /group add|remove|admin WHO, rename NAME, mode chat|announcement, members, receipts"
+                    } else {
+                        "usage: /group create NAME, /group list; a group's own commands work in it (Tab)"
+                    },
                 );
                 vec![]
             }
@@ -1866,6 +1938,7 @@ mod group_tests {
                     members: 3,
                     role: "member",
                     announcement: false,
+                    unread: 1,
                     last_ms: None,
                 }],
                 ..Snapshot::default()
@@ -1914,16 +1987,67 @@ mod group_tests {
         typed(&mut s, "/file /etc/hostname");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         assert!(s.notice.as_ref().unwrap().0.contains("1:1 chats"));
-        typed(&mut s, "/group add Family Minji Hyun");
+        // In the open group, its commands act on it.
+        typed(&mut s, "/group add Minji \"Hyun Park\"");
         let effects = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Run { command: Command::Group(GroupCommand::Add { group, contacts }), .. }]
+                    if *group == id.to_hex() && contacts == &["Minji".to_string(), "Hyun Park".to_string()]
+            ),
+            "{effects:?}"
+        );
+        // Leaving is asked twice.
+        typed(&mut s, "/leave");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("/leave again"));
+        typed(&mut s, "/leave");
         assert!(matches!(
-            effects.as_slice(),
-            [Effect::Run { command: Command::Group(GroupCommand::Add { group, contacts }), .. }]
-                if group == "Family" && contacts.len() == 2
+            update(&mut s, key(KeyCode::Enter)).as_slice(),
+            [Effect::Run {
+                command: Command::Group(GroupCommand::Leave { .. }),
+                ..
+            }]
         ));
+        assert_eq!(s.group, Some(id), "the group stays open, to read");
         typed(&mut s, "/group frobnicate");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
-        assert!(s.notice.as_ref().unwrap().0.starts_with("usage: /group"));
+        assert!(
+            s.notice
+                .as_ref()
+                .unwrap()
+                .0
+                .starts_with("in a group: /group add")
+        );
+    }
+
+    #[test]
+    fn alt_u_reaches_an_unread_group_and_a_group_left_takes_no_text() {
+        let (mut s, _, id) = loaded();
+        let effects = update(
+            &mut s,
+            Msg::Key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::ALT)),
+        );
+        assert_eq!(s.group, Some(id));
+        assert_eq!(effects, vec![Effect::Reload, Effect::MarkGroupRead(id)]);
+        s.data.groups[0].role = "not a member";
+        typed(&mut s, "still here?");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert_eq!(
+            s.input.lines().join(""),
+            "still here?",
+            "what was typed stays"
+        );
+    }
+
+    #[test]
+    fn quoted_words_stay_together() {
+        assert_eq!(
+            split_quoted(r#"group members "weekend trip"  x"#),
+            vec!["group", "members", "weekend trip", "x"]
+        );
+        assert_eq!(split_quoted(r#"a "" b"#), vec!["a", "", "b"]);
     }
 
     #[test]

@@ -74,12 +74,30 @@ fn draw_list(state: &State, frame: &mut Frame, area: Rect) {
         ))));
         for g in &state.data.groups {
             let when = g.last_ms.map(format_ms_short).unwrap_or_default();
-            let mut spans = vec![Span::raw(format!("# {}", for_terminal(&g.name)))];
-            if g.role == "not a member" {
-                spans.push(Span::styled(" (left)", Style::new().fg(Color::DarkGray)));
-            }
-            let used: usize = spans.iter().map(|s| s.width()).sum();
             let inner = usize::from(area.width.saturating_sub(4));
+            let mut tail = Vec::new();
+            if g.unread > 0 {
+                tail.push(Span::styled(
+                    format!(" ({})", g.unread),
+                    Style::new().fg(Color::Yellow).bold(),
+                ));
+            }
+            if g.role == "not a member" {
+                tail.push(Span::styled(" (left)", Style::new().fg(Color::DarkGray)));
+            }
+            // The name gives way to what follows it, so the time always shows.
+            let tail_width: usize = tail.iter().map(|s| s.width()).sum();
+            let room = inner.saturating_sub(tail_width + when.len() + 1).max(3);
+            let name = format!("# {}", for_terminal(&g.name));
+            let name = if name.chars().count() > room {
+                let cut: String = name.chars().take(room.saturating_sub(1)).collect();
+                format!("{cut}…")
+            } else {
+                name
+            };
+            let mut spans = vec![Span::raw(name)];
+            spans.extend(tail);
+            let used: usize = spans.iter().map(|s| s.width()).sum();
             let pad = inner.saturating_sub(used + when.len());
             spans.push(Span::raw(" ".repeat(pad)));
             spans.push(Span::styled(when, Style::new().fg(Color::DarkGray)));
@@ -355,6 +373,7 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
             }
             continue;
         }
+        // Ours: how many members have it on their device, and read it (not relays).
         let mark = if l.who != "me" {
             String::new()
         } else if l.unseen {
@@ -363,8 +382,10 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
             String::new()
         } else if l.read == l.copies {
             format!(" ✓✓ read by all {}", l.copies)
+        } else if l.read > 0 {
+            format!(" ✓ {}/{} have it, {} read", l.delivered, l.copies, l.read)
         } else {
-            format!(" ✓ {}/{}", l.delivered, l.copies)
+            format!(" ✓ {}/{} have it", l.delivered, l.copies)
         };
         let who_style = if l.who == "me" {
             Style::new().fg(Color::Cyan).bold()
@@ -551,7 +572,14 @@ fn draw_input(state: &State, frame: &mut Frame, area: Rect) {
             }
             format!(" Picked {who}: {start} · Esc unpicks ")
         }
-        None => " Message · Enter send · Alt+Enter new line · F1 help ".to_string(),
+        None => match state.current_group() {
+            Some(g) if g.role == "not a member" => " You are not in this group any more ".into(),
+            Some(g) => format!(
+                " Message to # {} · Enter send · F1 help ",
+                for_terminal(&g.name)
+            ),
+            None => " Message · Enter send · Alt+Enter new line · F1 help ".to_string(),
+        },
     };
     input.set_block(Block::bordered().title(title));
     frame.render_widget(&input, area);
@@ -891,6 +919,7 @@ mod tests {
             members: 3,
             role: "admin",
             announcement: false,
+            unread: 0,
             last_ms: Some(1_700_000_400_000),
         }];
         let line = |who: &str, text: &str, event: bool, at: u64| GroupLine {
