@@ -356,23 +356,20 @@ fn run_effect(
                 let result = result.map(|s| if s.is_empty() { "done".into() } else { s });
                 Msg::Done { title, result }
             }
-            Effect::SendGroup { group, text } => match engine.send_group(group, text).await {
-                Ok(sent) if !sent.unreachable.is_empty() => Msg::Done {
+            Effect::SendGroup { group, text } => {
+                let result = engine.send_group(group, text).await;
+                Msg::Done {
                     title: None,
-                    result: Ok(format!(
-                        "not sent to {} (not your contacts)",
-                        crate::sanitize::for_terminal(&sent.unreachable.join(", "))
-                    )),
-                },
-                Ok(_) => Msg::Done {
-                    title: None,
-                    result: Ok(String::new()),
-                },
-                Err(e) => Msg::Done {
-                    title: None,
-                    result: Err(e.to_string()),
-                },
-            },
+                    result: match result {
+                        Ok(sent) if sent.unreachable.is_empty() => Ok(String::new()),
+                        Ok(sent) => Ok(format!(
+                            "not sent to {} (not your contacts)",
+                            crate::sanitize::for_terminal(&sent.unreachable.join(", "))
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    },
+                }
+            }
             Effect::MarkGroupRead(id) => {
                 if let Err(e) = engine.mark_group_read(id).await {
                     tracing::warn!(error = %e, "could not send read receipts to the group");
