@@ -238,6 +238,15 @@ fn main() {
         sent_at_ms: NOW * 1000,
         body: Body::Text("안녕하세요, hello".into()),
     };
+    // A group founded by the sender, for the group records below.
+    let group_create = kkachi_protocol::group::SignedOp::create(
+        &fuzz_sender(),
+        "Alice",
+        [2; 16],
+        "Family",
+        kkachi_protocol::group::Mode::Chat,
+        kkachi_protocol::group::Hlc { ms: 1, count: 0 },
+    );
     let contents = [
         text.clone(),
         Content {
@@ -320,6 +329,31 @@ fn main() {
                     mime: "image/png".into(),
                     thumbnail: vec![0x89, b'P', b'N', b'G'],
                 }),
+            },
+            ..text.clone()
+        },
+        Content {
+            seq: 9,
+            body: Body::Group {
+                group: group_create.group(),
+                what: kkachi_protocol::content::GroupBody::Message {
+                    hlc: kkachi_protocol::group::Hlc { ms: 5, count: 1 },
+                    have: [4; 16],
+                    secs: 0,
+                    text: "저녁 7시".into(),
+                },
+            },
+            ..text.clone()
+        },
+        Content {
+            seq: 0,
+            body: Body::Group {
+                group: group_create.group(),
+                what: kkachi_protocol::content::GroupBody::Ops {
+                    all: true,
+                    have: [5; 16],
+                    ops: vec![group_create.clone()],
+                },
             },
             ..text.clone()
         },
