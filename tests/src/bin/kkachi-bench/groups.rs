@@ -1,6 +1,7 @@
 //! Send → shown in a group: a message to a group until every member shows it (each
 //! member a client in its own process), against a 1:1 message to one of them in the
-//! same run; and a membership change until every member holds it.
+//! same run; a membership change until every member holds it; and the same messages
+//! once one of the three relays is killed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ pub(crate) async fn group_latency(
     members: usize,
     messages: usize,
 ) -> Result<serde_json::Value> {
-    let relays: Vec<Relay> = (0..3)
+    let mut relays: Vec<Relay> = (0..3)
         .map(|i| Relay::start(&root.join(format!("groups-{i}-{}", mono_us())), free_port()))
         .collect::<Result<_>>()?;
     let addrs: Vec<String> = relays.iter().map(|r| r.addr.clone()).collect();
@@ -98,31 +99,48 @@ pub(crate) async fn group_latency(
     let all_ids: Vec<[u8; 16]> = group_sent.iter().map(|(id, _)| *id).collect();
     wait_all(all_ids, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut to_all = Vec::new();
+    // One relay killed mid-conversation: the same messages again through the two left.
+    relays[0].kill9();
+    let mut after_kill = Vec::new();
+    for i in 0..messages {
+        let t = mono_us();
+        let sent = alice.engine.send_group(id, format!("after {i}")).await?;
+        after_kill.push((sent.id.0, t));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let kill_ids: Vec<[u8; 16]> = after_kill.iter().map(|(id, _)| *id).collect();
+    wait_all(kill_ids, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut lost = 0;
     let mut duplicated = 0;
-    for (id, t) in &group_sent {
-        let mut last = 0u64;
-        for s in &seen {
-            match s.lock().shown.get(id) {
-                Some(times) => {
-                    duplicated += times.len().saturating_sub(1);
-                    last = last.max(times[0]);
+    let mut until_all = |sent: &[([u8; 16], u64)]| {
+        let mut out = Vec::new();
+        for (id, t) in sent {
+            let mut last = 0u64;
+            for s in &seen {
+                match s.lock().shown.get(id) {
+                    Some(times) => {
+                        duplicated += times.len().saturating_sub(1);
+                        last = last.max(times[0]);
+                    }
+                    None => lost += 1,
                 }
-                None => lost += 1,
+            }
+            if shown_by_all(id) {
+                out.push(last.saturating_sub(*t));
             }
         }
-        if shown_by_all(id) {
-            to_all.push(last.saturating_sub(*t));
-        }
-    }
+        out.sort();
+        out
+    };
+    let to_all = until_all(&group_sent);
+    let killed = until_all(&after_kill);
     let mut one = Vec::new();
     for (id, t) in &one_sent {
         if let Some(at) = seen[0].lock().shown.get(id).and_then(|v| v.first()) {
             one.push(at.saturating_sub(*t));
         }
     }
-    to_all.sort();
     one.sort();
     for mut child in children {
         drop(child.stdin.take());
@@ -142,6 +160,8 @@ pub(crate) async fn group_latency(
         "to_all_p99_us": pct(&to_all, 0.99),
         "one_p50_us": one_p50,
         "vs_one": p50 as f64 / (one_p50 as f64).max(1.0),
+        "relay_killed_p50_us": pct(&killed, 0.5),
+        "relay_killed_vs_fault_free": pct(&killed, 0.5) as f64 / (p50 as f64).max(1.0),
         "joined_ms": joined_ms,
         "lost": lost,
         "duplicated": duplicated,

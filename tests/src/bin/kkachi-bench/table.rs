@@ -334,6 +334,17 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             "a 1:1 message to one of them, alternated",
         ));
         out.push(to_all);
+        let mut killed = row(
+            "the same with one of the 3 relays killed -9, p50 (ms)",
+            &json_ms(&g["relay_killed_p50_us"]),
+            2,
+            "the relay killed after the fault-free messages; as many sent after".into(),
+        );
+        killed.ratio = Some((
+            num(&g["relay_killed_vs_fault_free"]),
+            "fault-free, same run",
+        ));
+        out.push(killed);
     }
     out.push(row(
         "baseline: libp2p request/response RTT (µs)",
