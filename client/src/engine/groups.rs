@@ -27,6 +27,8 @@ const MAX_AHEAD_MS: u64 = CLOCK_SKEW_SECS * 1000;
 const OPS_RECORD_BYTES: usize = MAX_BODY_LEN - 4 * 1024;
 /// Most groups one contact can add us to.
 pub(crate) const MAX_GROUPS_FROM_ONE: usize = 64;
+/// How far ahead of our clock an operation may be dated and still be taken.
+const FAR_AHEAD_MS: u64 = 24 * 3600 * 1000;
 /// How long a message waits for the operations that let its author post.
 const MAX_WAIT_MS: u64 = 7 * 24 * 3600 * 1000;
 /// How often, at most, one member is sent our whole log while our digest stays the same.
@@ -98,13 +100,17 @@ pub(crate) struct Merged {
     have: [u8; 16],
 }
 
+/// What names a group's log: whether we are in it, and a hash of every operation in
+/// order (cheap beside decoding them: a few hundred bytes each).
 fn stamp(record: &GroupRecord) -> (usize, [u8; 32]) {
     use blake2::Digest as _;
-    let last = record
-        .ops
-        .last()
-        .map_or([0; 32], |op| blake2::Blake2s256::digest(op).into());
-    (record.ops.len(), last)
+    let mut h = blake2::Blake2s256::new();
+    h.update([u8::from(record.joined)]);
+    for op in &record.ops {
+        h.update((op.len() as u32).to_be_bytes());
+        h.update(op);
+    }
+    (record.ops.len(), h.finalize().into())
 }
 
 fn no_group() -> EngineError {
@@ -309,7 +315,13 @@ impl<T> State<T> {
                 "this group's log is full; start a new group".into(),
             ));
         }
-        let mut hlc = record.hlc().max(before.latest);
+        // Dated after everything in the log, but a change dated far ahead by someone else
+        // does not pull ours along.
+        let cap = Hlc {
+            ms: now.saturating_add(MAX_AHEAD_MS),
+            count: 0,
+        };
+        let mut hlc = record.hlc().max(before.latest.min(cap));
         // Our next number follows every operation of ours held (one who joined someone
         // else's group has none yet: 1).
         let ours = record
@@ -320,6 +332,11 @@ impl<T> State<T> {
             .max()
             .unwrap_or(0);
         record.next_seq = record.next_seq.max(ours + 1);
+        if record.next_seq + planned.len() as u64 > MAX_OPS_PER_AUTHOR as u64 + 1 {
+            return Err(EngineError::Invalid(format!(
+                "you made {MAX_OPS_PER_AUTHOR} changes to this group already, as many as members keep from one person; start a new group"
+            )));
+        }
         let mut new_ops = Vec::new();
         let mut changed = Vec::new();
         for (op, label) in planned {
@@ -386,24 +403,36 @@ impl<T> State<T> {
     /// Whether `peer` may make us keep one more group: at most [`MAX_WAITING_GROUPS`]
     /// we are not (yet) in from one contact (four times that in all), and at most
     /// [`MAX_GROUPS_FROM_ONE`] they added us to.
-    fn may_hold_another(&self, peer: &PeerId) -> Result<bool, EngineError> {
+    /// Groups we are not in that waited longer than [`MAX_WAIT_MS`] for the rest of
+    /// their log go (in `w`), making room.
+    fn may_hold_another(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        now: u64,
+    ) -> Result<bool, EngineError> {
         let who = peer.to_bytes();
-        let pending: Vec<GroupRecord> = self
-            .store
-            .groups()?
-            .into_iter()
-            .map(|(_, g)| g)
-            .filter(|g| !g.joined)
-            .collect();
-        let theirs = pending.iter().filter(|g| g.invited_by == who).count();
-        let joined = self
-            .store
-            .groups()?
-            .iter()
-            .filter(|(_, g)| g.joined && g.invited_by == who)
-            .count();
+        let all = self.store.groups()?;
+        let mut pending = 0;
+        let mut theirs = 0;
+        let mut joined = 0;
+        for (id, g) in &all {
+            if g.joined {
+                joined += usize::from(g.invited_by == who);
+                continue;
+            }
+            if g.forgotten {
+                continue;
+            }
+            if now.saturating_sub(g.joined_ms) > MAX_WAIT_MS {
+                LocalStore::remove_group_record(w, id);
+                continue;
+            }
+            pending += 1;
+            theirs += usize::from(g.invited_by == who);
+        }
         Ok(theirs < MAX_WAITING_GROUPS
-            && pending.len() < 4 * MAX_WAITING_GROUPS
+            && pending < 4 * MAX_WAITING_GROUPS
             && joined < MAX_GROUPS_FROM_ONE)
     }
 
@@ -525,6 +554,7 @@ impl<T> State<T> {
         let mut w = WriteSet::default();
         let n = self.store.forget_group(&mut w, &id)?;
         self.store.apply(w)?;
+        self.rosters.lock().remove(&id.0);
         Ok(n)
     }
 
@@ -549,7 +579,11 @@ impl<T> State<T> {
                 Some(_) => "only admins post in this announcement channel".into(),
             }));
         }
-        let hlc = record.hlc().max(roster.latest).tick(now);
+        let cap = Hlc {
+            ms: now.saturating_add(MAX_AHEAD_MS),
+            count: 0,
+        };
+        let hlc = record.hlc().max(roster.latest.min(cap)).tick(now);
         record.set_hlc(hlc);
         let message_id = MessageId(rand::random());
         let local = record.next_local;
@@ -735,13 +769,14 @@ impl<T> State<T> {
         }
         let ops = record.signed_ops()?;
         let who = contact.peer.to_bytes();
-        // Once per digest of ours for each member, or again after a while (they may have
-        // lost what we sent): a member whose digest changes with every record does not
-        // get our whole log each time.
+        // At most once a while for each member, whatever digests they and we send (a
+        // member whose digest changes with every record does not get our whole log each
+        // time), and never while the last one is still unconfirmed.
         if record
             .answered
             .iter()
-            .any(|(p, o, at)| *p == who && *o == ours && now.saturating_sub(*at) < ANSWER_EVERY_MS)
+            .any(|(p, _, at)| *p == who && now.saturating_sub(*at) < ANSWER_EVERY_MS)
+            || self.whole_log_waiting(&contact.peer, id)?
         {
             return Ok(());
         }
@@ -751,6 +786,25 @@ impl<T> State<T> {
         LocalStore::write_group(w, &id, &record);
         tracing::info!(group = %id.to_hex(), member = %contact.peer, "a member holds other group operations; sending ours");
         self.share_ops(w, sessions, contact, id, &ops, true, ours, now)
+    }
+
+    /// Whether our whole log of group `id` waits in the outbox for `peer` (not confirmed).
+    fn whole_log_waiting(&self, peer: &PeerId, id: GroupId) -> Result<bool, EngineError> {
+        for key in self.store.outbox_keys_of(peer) {
+            let Some(entry) = self.store.outbox_entry(key)? else {
+                continue;
+            };
+            if let Ok(content) = Content::decode(&entry.content)
+                && let Body::Group {
+                    group,
+                    what: GroupBody::Ops { all: true, .. },
+                } = content.body
+                && group == id
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Operations from a member: merged into the log when they come from someone the
@@ -769,7 +823,7 @@ impl<T> State<T> {
         let sender = *contact.card.identity().ed25519();
         let me = self.own_key();
         let existing = self.store.group(&id)?;
-        if existing.is_none() && !self.may_hold_another(&contact.peer)? {
+        if existing.is_none() && !self.may_hold_another(w, &contact.peer, now)? {
             return refused_ops("too many groups from this contact wait to be complete");
         }
         let mut record = existing.unwrap_or_else(|| GroupRecord {
@@ -779,54 +833,48 @@ impl<T> State<T> {
         });
         let held = record.signed_ops()?;
         let known: std::collections::BTreeSet<[u8; 32]> = held.iter().map(|o| o.hash()).collect();
-        let limit = now.saturating_add(MAX_AHEAD_MS);
-        let mut new: Vec<SignedOp> = ops
-            .into_iter()
-            .filter(|o| !known.contains(&o.hash()))
-            // Dated further ahead than clocks may be: not taken now (a member's whole
-            // log brings it again once its time has come).
-            .filter(|o| o.hlc().ms <= limit)
-            .collect();
-        // Only operations of people the group knows: members, former members, the
-        // founder, and anyone an add names. Keys nobody added cannot fill the log.
-        let with_new: Vec<SignedOp> = held.iter().chain(new.iter()).cloned().collect();
-        if let Ok(merged) = Roster::merge(id, &with_new) {
-            let mut named: std::collections::BTreeSet<[u8; 32]> = merged
-                .members
-                .keys()
-                .chain(merged.former.iter())
-                .copied()
-                .collect();
-            for op in &with_new {
-                match op.op() {
-                    Op::Create { .. } => {
-                        named.insert(*op.author());
-                    }
-                    Op::Add { member, .. } => {
-                        named.insert(*member.ed25519());
-                    }
-                    _ => {}
-                }
-            }
-            new.retain(|o| named.contains(o.author()));
-        }
-        // Each author's share of the log, and the log, stay within bounds: what is over
-        // is left out (their lowest numbers first kept), not the whole record.
-        let mut per_author: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+        // Bounds that depend on each operation alone (not on what came first), so every
+        // member keeps the same ones: numbers up to MAX_OPS_PER_AUTHOR, dates at most a
+        // day ahead (what is dated further is not taken now; a member's whole log brings
+        // it again later), and two operations at most for one author and number (two
+        // already break that author's chain).
+        let limit = now.saturating_add(FAR_AHEAD_MS);
+        let mut taken: BTreeMap<([u8; 32], u64), usize> = BTreeMap::new();
         for op in &held {
-            *per_author.entry(*op.author()).or_default() += 1;
+            *taken.entry((*op.author(), op.seq())).or_default() += 1;
         }
-        new.sort_by_key(|o| (*o.author(), o.seq()));
-        new.retain(|o| {
-            let n = per_author.entry(*o.author()).or_default();
+        let mut new: Vec<SignedOp> = Vec::new();
+        for op in ops {
+            if known.contains(&op.hash())
+                || op.seq() > MAX_OPS_PER_AUTHOR as u64
+                || op.hlc().ms > limit
+                || new.iter().any(|o: &SignedOp| o.hash() == op.hash())
+            {
+                continue;
+            }
+            let n = taken.entry((*op.author(), op.seq())).or_default();
+            if *n >= 2 {
+                continue;
+            }
             *n += 1;
-            *n <= MAX_OPS_PER_AUTHOR
-        });
+            new.push(op);
+        }
+        // Only operations of people the group has (had) as members, once we are in it:
+        // keys nobody added cannot fill the log. While the log is still coming in (we
+        // are not in it yet), nothing can be told apart: kept within the log's bound,
+        // and sorted out when we join.
+        if record.joined
+            && let Ok(merged) = Roster::merge(id, held.iter().chain(new.iter()))
+        {
+            new.retain(|o| {
+                merged.members.contains_key(o.author()) || merged.former.contains(o.author())
+            });
+        }
         new.truncate(MAX_LOG_OPS.saturating_sub(held.len()));
         if new.is_empty() {
             return Ok(Outcome::Applied("no group operations new to us"));
         }
-        let all: Vec<SignedOp> = held.iter().chain(new.iter()).cloned().collect();
+        let mut all: Vec<SignedOp> = held.iter().chain(new.iter()).cloned().collect();
         let after = match Roster::merge(id, &all) {
             Ok(after) if record.joined || after.members.contains_key(&me) => after,
             _ if !record.joined => {
@@ -848,8 +896,19 @@ impl<T> State<T> {
         if !sender_known(&after) && !before.as_ref().is_some_and(sender_known) {
             return refused_ops("group operations from someone outside the group");
         }
-        record.joined = true;
-        record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
+        if !record.joined {
+            // Joining: what came while the log was incomplete is sorted out now.
+            all.retain(|o| {
+                after.members.contains_key(o.author()) || after.former.contains(o.author())
+            });
+            record.ops = all.iter().map(|o| o.encode().to_vec()).collect();
+            record.joined = true;
+            record.forgotten = false;
+        } else {
+            record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
+        }
+        let after = Roster::merge(id, &all)
+            .map_err(|_| crate::store::StoreError::Corrupt("group operations"))?;
         let latest = new.iter().map(SignedOp::hlc).max().unwrap_or_default();
         record.set_hlc(record.hlc().observe(latest, now, MAX_AHEAD_MS));
         // Messages that waited for these operations.
@@ -869,12 +928,8 @@ impl<T> State<T> {
                     LocalStore::write_group_message(w, &id, local, &m);
                     shown.push(self.shown(peer, &after, m));
                 }
-                // Removed, or may not post: their message does not count.
-                _ if after.former.contains(&waited.key)
-                    || after.members.contains_key(&waited.key) =>
-                {
-                    record.dropped += 1;
-                }
+                // Not (yet) allowed: a re-add or promotion may still be on its way. It
+                // waits on, until it expires.
                 _ => record.waiting.push(waited),
             }
         }
@@ -947,6 +1002,11 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
+        if content.seq == 0 {
+            // A group message takes a number in the pairwise conversation: without one it
+            // could not be told from its copies.
+            return refused_ops("a group message without its number");
+        }
         if self.is_copy(&peer, content)? {
             LocalStore::write_receipt_due(w, &peer, &content.id);
             return Ok(Outcome::Applied("a copy of a group message"));
@@ -1018,7 +1078,7 @@ impl<T> State<T> {
                 let mut record = match record {
                     Some(r) => r,
                     None => {
-                        if !self.may_hold_another(&peer)? {
+                        if !self.may_hold_another(w, &peer, now)? {
                             return refused_ops("too many unknown groups from this contact");
                         }
                         GroupRecord {
@@ -1069,7 +1129,8 @@ impl<T> State<T> {
         };
         Ok(match self.store.contact(&member.identity.peer_id())? {
             Some(c) => c.name,
-            None => member.name.clone(),
+            // An admin names people we do not know: said so, so no one passes for a contact.
+            None => format!("{} (not a contact)", member.name),
         })
     }
 

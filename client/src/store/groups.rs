@@ -64,6 +64,9 @@ pub struct GroupRecord {
     pub joined: bool,
     /// The contact whose record made us keep it before we were a member.
     pub invited_by: Vec<u8>,
+    /// Forgotten here: only `next_seq` is kept, so a later operation of ours in it
+    /// never reuses a number.
+    pub forgotten: bool,
 }
 
 /// A message waiting for its author's right to post.
@@ -79,11 +82,14 @@ pub struct Waiting {
 
 impl GroupRecord {
     /// Its operations, decoded. They were verified when they arrived and the store is
-    /// ours, so they are checked again only for their form.
+    /// ours (sealed, each value authenticated), so their signatures are not checked
+    /// again.
     pub fn signed_ops(&self) -> Result<Vec<SignedOp>, StoreError> {
         self.ops
             .iter()
-            .map(|b| SignedOp::decode(b).map_err(|_| StoreError::Corrupt("group operation")))
+            .map(|b| {
+                SignedOp::decode_verified(b).map_err(|_| StoreError::Corrupt("group operation"))
+            })
             .collect()
     }
 
@@ -169,6 +175,12 @@ impl LocalStore {
             Some(bytes) => decode(bytes, "group").ok(),
             None => None,
         }
+    }
+
+    /// Removes a group's record, and nothing else (in a WriteSet): for a group we never
+    /// joined, which has no messages of its own.
+    pub fn remove_group_record(w: &mut WriteSet, id: &GroupId) {
+        w.remove(TreeId::Groups, group_key(id));
     }
 
     /// Writes a group's record (in a WriteSet).
@@ -278,7 +290,17 @@ impl LocalStore {
                 w.remove(TreeId::GroupIndex, k.to_vec());
             }
         }
-        w.remove(TreeId::Groups, prefix);
+        let record = self.group(id)?.unwrap_or_default();
+        let ours = record.next_seq;
+        LocalStore::write_group(
+            w,
+            id,
+            &GroupRecord {
+                next_seq: ours,
+                forgotten: true,
+                ..GroupRecord::default()
+            },
+        );
         Ok(n)
     }
 }

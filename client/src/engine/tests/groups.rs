@@ -490,7 +490,7 @@ async fn operations_of_unknown_keys_or_dated_ahead_are_not_kept() {
     let id = family(&alice, &bob, &carol).await;
     let held = carol.engine.store().group(&id).unwrap().unwrap().ops.len();
     // Bob, a member, sends operations signed by keys nobody added, and one of his own
-    // dated a day ahead.
+    // dated two days ahead.
     let stranger = kkachi_protocol::Identity::generate();
     let at = |ms| kkachi_protocol::group::Hlc { ms, count: 0 };
     let mut junk: Vec<kkachi_protocol::group::SignedOp> = (1..=50)
@@ -510,7 +510,7 @@ async fn operations_of_unknown_keys_or_dated_ahead_are_not_kept() {
         bob.engine.identity(),
         id,
         1,
-        at(now_ms() + 24 * 3600 * 1000),
+        at(now_ms() + 2 * 24 * 3600 * 1000),
         kkachi_protocol::group::Op::Remove {
             member: *bob.engine.identity().public().ed25519(),
             cut: 0,
@@ -694,4 +694,60 @@ async fn concurrent_changes_under_relay_loss_converge_within_two_rounds() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn a_group_message_without_its_number_is_refused_and_a_forgotten_group_keeps_our_numbers() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Numbered 0, it could not be told from its copies: refused, not shown.
+    let carol_at_bob = bob.contact_of(&carol.peer()).unwrap();
+    let unnumbered = Content {
+        id: MessageId(rand::random()),
+        seq: 0,
+        prev: [0; 32],
+        sent_at_ms: now_ms(),
+        body: Body::Group {
+            group: id,
+            what: kkachi_protocol::content::GroupBody::Message {
+                hlc: kkachi_protocol::group::Hlc {
+                    ms: now_ms(),
+                    count: 0,
+                },
+                have: [0; 16],
+                secs: 0,
+                text: "twice?".into(),
+            },
+        },
+    };
+    bob.send_raw(&carol_at_bob, &unnumbered).await;
+    bob.send_raw(&carol_at_bob, &unnumbered).await;
+    assert!(said(&carol).await.is_empty());
+    // Carol leaves and forgets the group; added again, her next operation is numbered
+    // after the ones she made before, so her chain holds and her second leave counts.
+    carol
+        .engine
+        .change_group(id, GroupChange::Leave)
+        .await
+        .unwrap();
+    carol.engine.forget_group(id).await.unwrap();
+    assert!(roster(&carol, id).is_none());
+    alice.sync().await;
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![carol.peer()]))
+        .await
+        .unwrap();
+    carol.sync().await;
+    assert!(roster(&carol, id).unwrap().members.len() == 3);
+    carol
+        .engine
+        .change_group(id, GroupChange::Leave)
+        .await
+        .unwrap();
+    alice.sync().await;
+    let r = roster(&alice, id).unwrap();
+    assert_eq!(r.members.len(), 2, "her second leave counts");
+    assert_eq!(r.seen(carol.engine.identity().public().ed25519()), 2);
 }
