@@ -61,6 +61,11 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         hana.ok(&["sync"]);
         said.extend([a, b]);
     }
+    // A group of theirs, with a message in it, before the backup.
+    hana.ok(&["group", "create", "Kin"]);
+    hana.ok(&["group", "add", "Kin", "dae"]);
+    hana.ok(&["send", "Kin", "group before the backup"]);
+    dae.ok(&["sync"]);
     let backup = dir.path().join("hana.backup");
     // Without a terminal, the first backup makes its key only when asked to.
     let refused = hana.run(&["backup", "create", "--to", backup.to_str().unwrap()]);
@@ -174,6 +179,32 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         1,
         "{h:?}"
     );
+    // The group came back too, and goes on: its next message reaches dae once.
+    assert!(hana.ok(&["group", "list"]).contains("Kin"));
+    hana.ok(&["send", "Kin", "group after the restore"]);
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        dae.ok(&["sync"]);
+        let g = dae.history_texts("Kin");
+        if g.iter().any(|t| t == "group after the restore") {
+            assert_eq!(
+                g.iter().filter(|t| *t == "group before the backup").count(),
+                1,
+                "{g:?}"
+            );
+            assert_eq!(
+                g.iter().filter(|t| *t == "group after the restore").count(),
+                1,
+                "{g:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group did not go on after the restore: {g:?}"
+        );
+        hana.ok(&["sync"]);
+    }
     println!(
         "backup: {} messages backed up, restored in {restore_ms} ms; a wrong recovery key refused in {wrong_ms} ms; \
          after the restore both sides got each other's next message once",
