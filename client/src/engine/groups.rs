@@ -911,8 +911,17 @@ impl<T> State<T> {
             .map_err(|_| crate::store::StoreError::Corrupt("group operations"))?;
         let latest = new.iter().map(SignedOp::hlc).max().unwrap_or_default();
         record.set_hlc(record.hlc().observe(latest, now, MAX_AHEAD_MS));
-        // Messages that waited for these operations.
+        // What changed, as lines in the group's history, said before the messages that
+        // waited for it.
         let mut shown = Vec::new();
+        for (hlc, author, text) in self.events(before.as_ref(), &after, &new)? {
+            let local = record.next_local;
+            record.next_local += 1;
+            let m = event_message(author.map(|p| p.to_bytes()), hlc, text, now);
+            LocalStore::write_group_message(w, &id, local, &m);
+            shown.push(self.shown(author.unwrap_or(contact.peer), &after, m));
+        }
+        // Messages that waited for these operations.
         let mut waiting = std::mem::take(&mut record.waiting);
         let before_expiry = waiting.len();
         waiting.retain(|m| now.saturating_sub(m.message.message.stored_at_ms) < MAX_WAIT_MS);
@@ -949,14 +958,6 @@ impl<T> State<T> {
                     LocalStore::rewrite_group_message(w, key, &m);
                 }
             }
-        }
-        // What changed, as lines in the group's history.
-        for (hlc, author, text) in self.events(before.as_ref(), &after, &new)? {
-            let local = record.next_local;
-            record.next_local += 1;
-            let m = event_message(author.map(|p| p.to_bytes()), hlc, text, now);
-            LocalStore::write_group_message(w, &id, local, &m);
-            shown.push(self.shown(author.unwrap_or(contact.peer), &after, m));
         }
         LocalStore::write_group(w, &id, &record);
         // Pass new operations on to the members we added, except their authors and the
