@@ -359,15 +359,16 @@ pub enum GroupCommand {
         #[arg(required = true)]
         contacts: Vec<String>,
     },
-    /// Remove a member (admins only). They are told and get nothing sent after.
+    /// Remove a member (admins only). Members who are your contacts are told, the
+    /// removed one too; you send them nothing more, and others stop once they know.
     Remove {
         /// The group's name or id.
         group: String,
         /// The member: a contact's name or peer id, or their name in the group.
         member: String,
     },
-    /// Leave a group: the members are told; you keep its messages so far (`group forget`
-    /// removes them).
+    /// Leave a group: members who are your contacts are told; you keep its messages so
+    /// far (`group forget` removes them).
     Leave {
         /// The group's name or id.
         group: String,
@@ -384,7 +385,7 @@ pub enum GroupCommand {
     /// List your groups.
     List,
     /// Who has your message, and who read it: your last one in the group, or MESSAGE
-    /// (its id from `history GROUP --json`, or the start of it).
+    /// (`last`, or its id from `history GROUP --json`, or 6 characters or more of it).
     Receipts {
         /// The group's name or id.
         group: String,
@@ -457,7 +458,8 @@ pub enum RequestCommand {
 /// `kkachi send ...`
 #[derive(Debug, Clone, PartialEq, Args, serde::Serialize, serde::Deserialize)]
 pub struct SendArgs {
-    /// Contact name or peer id, or a group's name or id (`kkachi group list`).
+    /// Contact name or peer id, or a group's name (quoted if it has spaces), the start of
+    /// it, or its id (`kkachi group list`).
     pub contact: String,
     /// The message (its words are joined by spaces, so quoting is optional); `-`
     /// reads it from standard input. With --file, an optional text sent after it.

@@ -179,8 +179,15 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         1,
         "{h:?}"
     );
-    // The group came back too, and goes on: its next message reaches dae once.
+    // The group came back too, with what was said in it, and goes on: its next message
+    // reaches dae once.
     assert!(hana.ok(&["group", "list"]).contains("Kin"));
+    assert!(
+        hana.history_texts("Kin")
+            .iter()
+            .any(|t| t == "group before the backup"),
+        "the group's messages are back"
+    );
     hana.ok(&["send", "Kin", "group after the restore"]);
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     loop {

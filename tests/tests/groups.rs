@@ -137,7 +137,8 @@ fn a_group_talks_through_a_relay_loss_and_agrees_on_its_members() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    alice.ok(&["send", "Family", "just us now"]);
+    let sent = &objects(&alice.ok(&["send", "Family", "just us now", "--json"]))[0];
+    assert_eq!(sent["members"], 1, "sealed for Bob alone: {sent}");
     assert!(objects(&carol.ok(&["sync", "--json"])).is_empty());
     assert_eq!(objects(&bob.ok(&["sync", "--json"])).len(), 1);
 

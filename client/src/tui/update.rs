@@ -125,19 +125,19 @@ pub enum Effect {
 pub const HELP: &str = "\
 Enter        send the message (or run a /command; //text sends /text)
 Alt+Enter    new line          F1  this help          Esc  close a panel
-Tab, S-Tab   next / previous conversation (Alt+Down / Alt+Up); Alt+U  unread
+Tab, S-Tab   next / previous chat or group (Alt+Down / Alt+Up); Alt+U  unread
 PgUp, PgDn   scroll (or the wheel)    Ctrl+Up/Down  pick a message, Esc unpick
 Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /invite  your code and QR            /add CODE [name]  add a contact from it
 /requests               messages from people who are not contacts yet
 /accept WHO [name]      add them; their messages join the conversation
-/reject /block /unblock WHO  drop, block, unblock   /remove WHO  a contact
+/reject /block /unblock WHO  drop, block, unblock  /remove WHO delete contact
 /group create NAME, /group list; in a group: /members /leave /group add WHO
 /rename NAME  rename this contact     /name NAME  your own name     /quit
 /reply TEXT  /react 👍  answer / react to their last message (or the picked)
 /edit TEXT  /delete     change / delete for everyone your last (or picked)
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
-/search WORDS           find messages         /mute  this conversation on/off
+/search WORDS           find in 1:1 chats     /mute  this conversation on/off
 /relays  /relay add|remove ADDR   your relays (up/down, latency), add, remove
 /file PATH /save [DIR] /open  send a file; save/open their last or picked
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
@@ -678,6 +678,15 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                     }),
                     None,
                 )];
+            }
+            Some("remove") => {
+                // Not to be taken for removing someone from the group: that deletes a
+                // contact and your chat with them.
+                notice(
+                    state,
+                    "/remove deletes a contact; to take someone out of this group: /group remove WHO",
+                );
+                return vec![];
             }
             Some(
                 "file" | "save" | "open" | "edit" | "delete" | "reply" | "react" | "timer"
@@ -1987,6 +1996,10 @@ mod group_tests {
         typed(&mut s, "/file /etc/hostname");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         assert!(s.notice.as_ref().unwrap().0.contains("1:1 chats"));
+        // `/remove WHO` deletes a contact: in a group it is stopped and explained.
+        typed(&mut s, "/remove Minji");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("/group remove WHO"));
         // In the open group, its commands act on it.
         typed(&mut s, "/group add Minji \"Hyun Park\"");
         let effects = update(&mut s, key(KeyCode::Enter));

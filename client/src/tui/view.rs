@@ -933,7 +933,8 @@ mod tests {
             unseen: false,
         };
         data.group_lines = vec![
-            line("", "you added Minji, Hyun", true, 0),
+            line("", "you added Minji", true, 0),
+            line("", "you added Hyun", true, 0),
             line("Minji", "저녁 7시 어때?", false, 60_000),
             line("me", "good, see you at grandma's", false, 120_000),
         ];
