@@ -255,6 +255,33 @@ impl LocalStore {
             .collect())
     }
 
+    /// The last `n` messages of group `id` to arrive, in the order members show them:
+    /// what a view of the group needs, without reading its whole history.
+    pub fn recent_group_messages(
+        &self,
+        id: &GroupId,
+        n: usize,
+    ) -> Result<Vec<GroupMessage>, StoreError> {
+        let now = crate::engine::now_ms();
+        let mut out = Vec::new();
+        for item in self
+            .tree(TreeId::GroupMessages)
+            .scan_prefix(group_key(id))
+            .rev()
+        {
+            let (_, v) = item?;
+            let m: GroupMessage = decode(&v, "group message")?;
+            if !m.message.expired(now) {
+                out.push(m);
+                if out.len() == n {
+                    break;
+                }
+            }
+        }
+        out.sort_by(|a, b| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
+        Ok(out)
+    }
+
     /// [`LocalStore::group_messages`] with each message's key.
     pub fn group_messages_keyed(
         &self,

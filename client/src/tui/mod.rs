@@ -710,7 +710,10 @@ fn group_snapshot(
         let Ok(Some(roster)) = record.roster(id) else {
             continue;
         };
-        let messages = store.group_messages(&id).unwrap_or_default();
+        // The last ones to arrive: enough for the list (unread, latest) and for the view.
+        let messages = store
+            .recent_group_messages(&id, MESSAGES_SHOWN.max(200))
+            .unwrap_or_default();
         let role = match own_key.and_then(|k| roster.role(&k)) {
             Some(Role::Admin) => "admin",
             Some(Role::Member) => "member",
@@ -727,7 +730,7 @@ fn group_snapshot(
             role,
             announcement: roster.mode == Mode::Announcement,
             unread,
-            last_ms: messages.last().map(|m| m.message.sent_at_ms),
+            last_ms: messages.iter().map(|m| m.message.sent_at_ms).max(),
         });
         if open != Some(id) {
             continue;
