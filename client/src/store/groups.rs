@@ -331,3 +331,74 @@ impl LocalStore {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Direction, MessageRecord};
+
+    fn said(from: u8, hlc: u64, text: &str) -> GroupMessage {
+        GroupMessage {
+            from: vec![from],
+            name: String::new(),
+            hlc: (hlc, 0),
+            message: MessageRecord {
+                id: [hlc as u8; 16],
+                direction: Direction::In,
+                text: text.into(),
+                state: MessageState::Received,
+                sent_at_ms: hlc,
+                stored_at_ms: hlc,
+                seq: 1,
+                prev: [0; 32],
+                timer_secs: 0,
+                edited: false,
+                deleted: false,
+                revised_seq: 0,
+                reply_to: None,
+                reactions: Default::default(),
+                file: None,
+            },
+            copies: Vec::new(),
+            event: false,
+            unseen: false,
+        }
+    }
+
+    #[test]
+    fn messages_show_by_clock_and_the_recent_ones_are_the_last_to_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, _) = LocalStore::provision(dir.path(), "Me", &[]).unwrap();
+        let id = GroupId([4; 32]);
+        let other = GroupId([5; 32]);
+        let mut w = WriteSet::default();
+        // Arrival order 0..5; clocks out of order (one came late, over another relay).
+        for (local, (hlc, text)) in [(10, "a"), (30, "c"), (20, "b"), (50, "e"), (40, "d")]
+            .into_iter()
+            .enumerate()
+        {
+            LocalStore::write_group_message(&mut w, &id, local as u64, &said(1, hlc, text));
+        }
+        LocalStore::write_group_message(&mut w, &other, 0, &said(1, 1, "elsewhere"));
+        store.apply(w).unwrap();
+        let texts = |ms: Vec<GroupMessage>| -> Vec<String> {
+            ms.into_iter().map(|m| m.message.text).collect()
+        };
+        assert_eq!(
+            texts(store.group_messages(&id).unwrap()),
+            ["a", "b", "c", "d", "e"]
+        );
+        // The last three to arrive (b, e, d), shown by their clocks.
+        assert_eq!(
+            texts(store.recent_group_messages(&id, 3).unwrap()),
+            ["b", "d", "e"]
+        );
+        // Forgetting leaves the other group alone and keeps our next number.
+        let mut w = WriteSet::default();
+        assert_eq!(store.forget_group(&mut w, &id).unwrap(), 5);
+        store.apply(w).unwrap();
+        assert!(store.group_messages(&id).unwrap().is_empty());
+        assert_eq!(store.group_messages(&other).unwrap().len(), 1);
+        assert!(store.group(&id).unwrap().unwrap().forgotten);
+    }
+}
