@@ -421,6 +421,15 @@ pub enum GroupCommand {
         #[arg(long)]
         revoke: bool,
     },
+    /// Make messages in a group disappear: those sent from now on are deleted this long
+    /// after each member stores them (30s, 10m, 1h, 1d, 1w; `off`; admins only).
+    /// Without a duration, shows the timer.
+    Timer {
+        /// The group's name or id.
+        group: String,
+        /// How long messages stay: a number with s, m, h, d or w; `off` for always.
+        duration: Option<String>,
+    },
     /// Let every member post (`chat`), or only admins (`announcement`) (admins only).
     Mode {
         /// The group's name or id.

@@ -48,6 +48,7 @@ const KIND_REMOVE: u8 = 3;
 const KIND_ROLE: u8 = 4;
 const KIND_RENAME: u8 = 5;
 const KIND_MODE: u8 = 6;
+const KIND_TIMER: u8 = 7;
 
 /// A group's id: `H("kkachi/group-id/v1", its create operation)`, so it commits to the
 /// creator and nobody can write another creation for it.
@@ -228,6 +229,12 @@ pub enum Op {
         /// The new mode.
         mode: Mode,
     },
+    /// Sets the group's disappearing-message timer: members' messages from then on are
+    /// deleted this long after each member stored them.
+    SetTimer {
+        /// Seconds, at most [`crate::content::MAX_TIMER_SECS`]; 0 is off.
+        secs: u32,
+    },
 }
 
 impl Op {
@@ -239,6 +246,7 @@ impl Op {
             Op::SetRole { .. } => KIND_ROLE,
             Op::Rename { .. } => KIND_RENAME,
             Op::SetMode { .. } => KIND_MODE,
+            Op::SetTimer { .. } => KIND_TIMER,
         }
     }
 
@@ -259,7 +267,7 @@ impl Op {
             Op::SetRole {
                 role: Role::Member, ..
             } => 4,
-            Op::Rename { .. } => 5,
+            Op::Rename { .. } | Op::SetTimer { .. } => 5,
             Op::SetMode { mode: Mode::Chat } => 6,
             Op::SetMode {
                 mode: Mode::Announcement,
@@ -297,6 +305,9 @@ impl Op {
             Op::SetMode { mode } => {
                 w.u8(mode.code());
             }
+            Op::SetTimer { secs } => {
+                w.u32(*secs);
+            }
         }
     }
 
@@ -332,6 +343,17 @@ impl Op {
             KIND_MODE => Op::SetMode {
                 mode: Mode::from_code(r.u8("group mode")?)?,
             },
+            KIND_TIMER => {
+                let secs = r.u32("group timer")?;
+                if secs > crate::content::MAX_TIMER_SECS {
+                    return Err(DecodeError::Invalid {
+                        field: "group timer",
+                        reason: "longer than a year",
+                    }
+                    .into());
+                }
+                Op::SetTimer { secs }
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "group operation",
@@ -605,6 +627,8 @@ pub struct Roster {
     pub name: String,
     /// Who may post.
     pub mode: Mode,
+    /// Its disappearing-message timer, seconds (0: off).
+    pub timer_secs: u32,
     /// Its members, by Ed25519 identity key.
     pub members: BTreeMap<[u8; 32], Member>,
     /// Everyone who was a member once and is not now.
@@ -770,6 +794,7 @@ fn replay(
         id,
         name: String::new(),
         mode: Mode::Chat,
+        timer_secs: 0,
         members: BTreeMap::new(),
         former: BTreeSet::new(),
         latest: Hlc::default(),
@@ -866,6 +891,7 @@ fn replay(
             }
             Op::Rename { name } if admin => roster.name.clone_from(name),
             Op::SetMode { mode } if admin => roster.mode = *mode,
+            Op::SetTimer { secs } if admin => roster.timer_secs = *secs,
             _ => roster.ignored += 1,
         }
         if roster.ignored == applied_before {

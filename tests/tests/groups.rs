@@ -152,6 +152,21 @@ fn a_group_talks_through_a_relay_loss_and_agrees_on_its_members() {
     let refused = bob.run(&["group", "rename", "Family", "Bob's"]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("admins"));
 
+    // A timer for the group: set by an admin, told to members.
+    let set = alice.ok(&["group", "timer", "Family", "1d"]);
+    assert!(
+        set.contains("messages now disappear 1 day after they arrive"),
+        "{set}"
+    );
+    bob.ok(&["sync"]);
+    let shown = bob.ok(&["group", "timer", "Family"]);
+    assert!(
+        shown.contains("disappear 1 day after they arrive"),
+        "{shown}"
+    );
+    alice.ok(&["group", "timer", "Family", "off"]);
+    bob.ok(&["sync"]);
+
     // The announcement: who has it, who read it.
     alice.ok(&["send", "Family", "evacuate to the school gym"]);
     let before = &objects(&alice.ok(&["group", "receipts", "Family", "--json"]))[0];

@@ -357,6 +357,30 @@ impl App {
                 let what = if revoke { "not_admin" } else { "admin" };
                 report_change(out, json, &g, what, &done);
             }
+            GroupCommand::Timer { group, duration } => {
+                let g = resolve_group(&self.store, &group)?;
+                let Some(duration) = duration else {
+                    let secs = g.roster.timer_secs;
+                    if json {
+                        out.json(json!({ "group": g.roster.name, "timer_secs": secs }));
+                    } else if secs == 0 {
+                        out.out(format!(
+                            "messages in {} stay (no timer)",
+                            name(&g.roster.name)
+                        ));
+                    } else {
+                        out.out(format!(
+                            "messages in {} disappear {} after they arrive",
+                            name(&g.roster.name),
+                            super::describe_duration(secs)
+                        ));
+                    }
+                    return Ok(());
+                };
+                let secs = super::parse_duration(&duration).or_else(fail)?;
+                let done = self.change(&g, GroupChange::Timer(secs)).await?;
+                report_change(out, json, &g, "timer", &done);
+            }
             GroupCommand::Mode { group, mode } => {
                 let g = resolve_group(&self.store, &group)?;
                 let mode = match mode.to_lowercase().as_str() {
@@ -820,6 +844,13 @@ fn report_change(out: &mut Output, json: bool, g: &Group, what: &str, done: &Gro
             "renamed" => format!("renamed to {}", list(&done.changed)),
             "admin" => format!("{} made admin", list(&done.changed)),
             "not_admin" => format!("{} no longer admin", list(&done.changed)),
+            "timer" => match done.changed.first().and_then(|s| s.parse::<u32>().ok()) {
+                Some(0) | None => "disappearing messages off".into(),
+                Some(secs) => format!(
+                    "messages now disappear {} after they arrive",
+                    super::describe_duration(secs)
+                ),
+            },
             "mode" => match done.changed.first().map(String::as_str) {
                 Some("announcement") => "now an announcement channel: only admins post".into(),
                 _ => "every member posts now".into(),

@@ -49,6 +49,8 @@ pub enum GroupChange {
     Admin(PeerId, bool),
     /// Changes who may post.
     Mode(Mode),
+    /// Sets the disappearing-message timer (seconds; 0: off).
+    Timer(u32),
 }
 
 /// What a change did.
@@ -303,6 +305,15 @@ impl<T> State<T> {
                     Mode::Announcement => "announcement".into(),
                 },
             )),
+            GroupChange::Timer(secs) if *secs == before.timer_secs => {
+                skipped.push("the timer is so already".into());
+            }
+            GroupChange::Timer(secs) => {
+                if *secs > kkachi_protocol::content::MAX_TIMER_SECS {
+                    return Err(EngineError::Invalid("a timer is at most a year".into()));
+                }
+                planned.push((Op::SetTimer { secs: *secs }, secs.to_string()));
+            }
         }
         if planned.is_empty() {
             return Ok(GroupChanged {
@@ -593,7 +604,7 @@ impl<T> State<T> {
             what: GroupBody::Message {
                 hlc,
                 have: merged.have,
-                secs: 0,
+                secs: roster.timer_secs,
                 text: text.to_owned(),
             },
         };
@@ -607,6 +618,19 @@ impl<T> State<T> {
         .check()
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let own_name = roster.members[&me].name.clone();
+        let timer_secs = if roster.timer_secs == 0 {
+            0
+        } else {
+            roster.timer_secs.max(crate::store::MIN_TIMER_SECS)
+        };
+        if timer_secs != 0 {
+            let ends = now.saturating_add(u64::from(timer_secs) * 1000);
+            record.next_expiry_ms = match record.next_expiry_ms {
+                0 => ends,
+                at => at.min(ends),
+            };
+            self.note_expiry_due(ends);
+        }
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             let mut copies = Vec::new();
@@ -647,7 +671,7 @@ impl<T> State<T> {
                 from: Vec::new(),
                 name: own_name,
                 hlc: (hlc.ms, hlc.count),
-                message: new_record(message_id, Direction::Out, text, now, now, 0),
+                message: new_record(message_id, Direction::Out, text, now, now, timer_secs),
                 copies,
                 event: false,
                 unseen: false,
@@ -932,6 +956,7 @@ impl<T> State<T> {
                 Some(peer) if after.may_post(&waited.key) => {
                     let mut m = waited.message;
                     m.name = after.members[&waited.key].name.clone();
+                    self.note_group_expiry(&mut record, &m);
                     let local = record.next_local;
                     record.next_local += 1;
                     LocalStore::write_group_message(w, &id, local, &m);
@@ -1059,6 +1084,7 @@ impl<T> State<T> {
         match (record, roster) {
             (Some(mut record), Some(roster)) if roster.may_post(&sender) => {
                 message.name = roster.members[&sender].name.clone();
+                self.note_group_expiry(&mut record, &message);
                 record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
                 let local = record.next_local;
                 record.next_local += 1;
@@ -1236,6 +1262,20 @@ impl<T> State<T> {
             let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
             push(op, format!("{by} renamed the group to {}", after.name));
         }
+        if before.timer_secs != after.timer_secs && !before.members.is_empty() {
+            let op = author_of(&|op| matches!(op, Op::SetTimer { .. }));
+            let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
+            push(
+                op,
+                match after.timer_secs {
+                    0 => format!("{by} turned disappearing messages off"),
+                    secs => format!(
+                        "{by} set messages to disappear {} after they arrive",
+                        crate::commands::describe_duration(secs)
+                    ),
+                },
+            );
+        }
         if before.mode != after.mode {
             let op = author_of(&|op| matches!(op, Op::SetMode { .. }));
             let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
@@ -1250,6 +1290,44 @@ impl<T> State<T> {
             );
         }
         Ok(out)
+    }
+
+    /// Notes when `m` (under a timer) is due to go, in its group's record and for the
+    /// engine's next expiry pass.
+    fn note_group_expiry(&self, record: &mut GroupRecord, m: &GroupMessage) {
+        let ends = m.message.expires_at();
+        if ends == 0 {
+            return;
+        }
+        record.next_expiry_ms = match record.next_expiry_ms {
+            0 => ends,
+            at => at.min(ends),
+        };
+        self.note_expiry_due(ends);
+    }
+
+    /// Deletes the group messages whose timer ran out by `now`; returns how many, and
+    /// when the next is due (0: none).
+    pub(crate) fn expire_group_messages(&self, now: u64) -> Result<(usize, u64), EngineError> {
+        let (mut gone, mut next) = (0, 0u64);
+        for (id, mut record) in self.store.groups()? {
+            if record.next_expiry_ms == 0 {
+                continue;
+            }
+            if record.next_expiry_ms <= now {
+                let mut w = WriteSet::default();
+                let (n, later) = self.store.delete_expired_group(&mut w, &id, now)?;
+                record.next_expiry_ms = later;
+                LocalStore::write_group(&mut w, &id, &record);
+                self.store.apply(w)?;
+                gone += n;
+            }
+            let at = record.next_expiry_ms;
+            if at != 0 {
+                next = if next == 0 { at } else { next.min(at) };
+            }
+        }
+        Ok((gone, next))
     }
 
     /// A group message to show, from `peer` (a contact: shown by the name we gave them).

@@ -858,6 +858,11 @@ impl<T> State<T> {
                 next = Some(at);
             }
         }
+        let (in_groups, group_next) = self.expire_group_messages(now)?;
+        gone += in_groups;
+        if group_next != 0 && next.is_none_or(|x| group_next < x) {
+            next = Some(group_next);
+        }
         *self.expiry_due.lock() = next;
         if gone > 0 {
             tracing::info!(messages = gone, "disappearing messages deleted");

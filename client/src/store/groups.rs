@@ -67,6 +67,8 @@ pub struct GroupRecord {
     /// Forgotten here: only `next_seq` is kept, so a later operation of ours in it
     /// never reuses a number.
     pub forgotten: bool,
+    /// When its next message under a timer is due to go (Unix ms; 0: none).
+    pub next_expiry_ms: u64,
 }
 
 /// A message waiting for its author's right to post.
@@ -299,6 +301,29 @@ impl LocalStore {
         // A stable sort keeps arrival order among equals.
         out.sort_by(|(_, a), (_, b)| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
         Ok(out)
+    }
+
+    /// Deletes group `id`'s messages whose timer ran out by `now` (in a WriteSet);
+    /// returns how many, and when the next one is due (0: none).
+    pub fn delete_expired_group(
+        &self,
+        w: &mut WriteSet,
+        id: &GroupId,
+        now: u64,
+    ) -> Result<(usize, u64), StoreError> {
+        let (mut gone, mut next) = (0, 0u64);
+        for item in self.tree(TreeId::GroupMessages).scan_prefix(group_key(id)) {
+            let (k, v) = item?;
+            let m: GroupMessage = decode(&v, "group message")?;
+            if m.message.expired(now) {
+                w.remove(TreeId::GroupMessages, k.to_vec());
+                gone += 1;
+            } else if m.message.timer_secs != 0 {
+                let at = m.message.expires_at();
+                next = if next == 0 { at } else { next.min(at) };
+            }
+        }
+        Ok((gone, next))
     }
 
     /// Everything kept of group `id` goes (in a WriteSet): its log, its messages and

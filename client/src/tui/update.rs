@@ -679,6 +679,10 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                     None,
                 )];
             }
+            Some("timer") => {
+                notice(state, "in a group: /group timer [1d|off] (admins set it)");
+                return vec![];
+            }
             Some("remove") => {
                 // Not to be taken for removing someone from the group: that deletes a
                 // contact and your chat with them.
@@ -689,8 +693,8 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 return vec![];
             }
             Some(
-                "file" | "save" | "open" | "edit" | "delete" | "reply" | "react" | "timer"
-                | "rename" | "mute" | "search",
+                "file" | "save" | "open" | "edit" | "delete" | "reply" | "react" | "rename"
+                | "mute" | "search",
             ) => {
                 notice(state, "not in groups yet: that works in 1:1 chats");
                 return vec![];
@@ -713,7 +717,15 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         if let (Some(open), Some(sub)) = (state.group, args.first())
             && matches!(
                 sub.as_str(),
-                "add" | "remove" | "admin" | "rename" | "mode" | "members" | "receipts" | "read"
+                "add"
+                    | "remove"
+                    | "admin"
+                    | "rename"
+                    | "mode"
+                    | "members"
+                    | "receipts"
+                    | "read"
+                    | "timer"
             )
         {
             args.insert(1, open.to_hex());

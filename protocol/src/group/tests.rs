@@ -266,6 +266,36 @@ fn a_removed_admin_cannot_act_concurrently_or_backdate() {
 }
 
 #[test]
+fn admins_set_the_timer_and_a_timer_over_a_year_is_refused() {
+    let (a, b) = (person(1), person(2));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Member);
+    log.push(&a, 3, Op::SetTimer { secs: 86_400 });
+    // A member cannot.
+    log.push(&b, 4, Op::SetTimer { secs: 0 });
+    assert_eq!(log.roster().timer_secs, 86_400);
+    let mut body = Writer::default();
+    Op::SetTimer {
+        secs: crate::content::MAX_TIMER_SECS + 1,
+    }
+    .write_body(&mut body);
+    let mut w = Writer::default();
+    w.u8(GROUP_OP_VERSION)
+        .raw(&log.id.0)
+        .raw(&key(&a))
+        .u64(4)
+        .u64(5)
+        .u32(0)
+        .u8(KIND_TIMER)
+        .bytes16(&body.finish());
+    let signed = w.finish();
+    let sig = a.sign(GROUP_OP_LABEL, &signed);
+    let mut bytes = signed;
+    bytes.extend_from_slice(&sig);
+    assert!(SignedOp::decode(&bytes).is_err());
+}
+
+#[test]
 fn a_member_removed_and_added_again_is_back() {
     let (a, b) = (person(1), person(2));
     let mut log = Log::new(&a);

@@ -768,3 +768,49 @@ async fn a_group_message_without_its_number_is_refused_and_a_forgotten_group_kee
     assert_eq!(r.members.len(), 2, "her second leave counts");
     assert_eq!(r.seen(carol.engine.identity().public().ed25519()), 2);
 }
+
+#[tokio::test]
+async fn a_groups_timer_makes_its_messages_disappear_on_every_device() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    alice
+        .engine
+        .change_group(id, GroupChange::Timer(10))
+        .await
+        .unwrap();
+    // Bob is a member, not an admin: he cannot turn it off.
+    assert!(
+        bob.engine
+            .change_group(id, GroupChange::Timer(0))
+            .await
+            .is_err()
+    );
+    bob.sync().await;
+    assert_eq!(roster(&bob, id).unwrap().timer_secs, 10);
+    assert_eq!(
+        events(&bob, id).last().map(String::as_str),
+        Some("alice set messages to disappear 10 seconds after they arrive")
+    );
+    alice
+        .engine
+        .send_group(id, "meet at the gym".into())
+        .await
+        .unwrap();
+    let got = said(&bob).await;
+    assert_eq!(got[0].message.timer_secs, 10);
+    assert_eq!(texts(&bob, id).len(), 1);
+    // Eleven seconds on, on both sides: gone from the store, lines about the group kept.
+    for u in [&alice, &bob] {
+        let gone = u
+            .engine
+            .change(|state, now| state.expire_messages(now + 11_000))
+            .await
+            .unwrap();
+        assert!(gone >= 1, "{gone}");
+        assert!(texts(u, id).is_empty());
+        assert!(!events(u, id).is_empty());
+        let record = u.engine.store().group(&id).unwrap().unwrap();
+        assert_eq!(record.next_expiry_ms, 0, "nothing else is due");
+    }
+}
