@@ -70,6 +70,7 @@ fn main() {
                     cut: 0,
                 },
             ),
+            SignedOp::sign(&founder, id, 5, at(5), Op::SetTimer { secs: 86_400 }),
         ];
         write("group", "log", &encode_ops(&ops));
         write("group", "create", &encode_ops(&ops[..1]));
