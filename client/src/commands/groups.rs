@@ -408,6 +408,7 @@ impl App {
                                 "members": g.roster.members.len(),
                                 "role": g.roster.role(&me).map(|r| role_label(Some(r))),
                                 "mode": mode_label(g.roster.mode),
+                                "timer_secs": g.roster.timer_secs,
                             })
                         })
                         .collect();

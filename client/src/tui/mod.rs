@@ -730,6 +730,7 @@ fn group_snapshot(
             role,
             announcement: roster.mode == Mode::Announcement,
             unread,
+            timer_secs: roster.timer_secs,
             last_ms: messages.iter().map(|m| m.message.sent_at_ms).max(),
         });
         if open != Some(id) {

@@ -37,6 +37,8 @@ pub struct GroupSummary {
     pub announcement: bool,
     /// Members' messages not read here yet.
     pub unread: usize,
+    /// Its disappearing-message timer, seconds (0: off).
+    pub timer_secs: u32,
     /// When its last message was sent, Unix ms.
     pub last_ms: Option<u64>,
 }

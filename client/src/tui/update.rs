@@ -1960,6 +1960,7 @@ mod group_tests {
                     role: "member",
                     announcement: false,
                     unread: 1,
+                    timer_secs: 0,
                     last_ms: None,
                 }],
                 ..Snapshot::default()

@@ -422,7 +422,7 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
     let top = bottom.saturating_sub(height);
     let visible: Vec<Line> = lines[top..bottom].to_vec();
     let mut title = format!(
-        " # {} · {} member{} · {}{} ",
+        " # {} · {} member{} · {}{}{} ",
         for_terminal(&group.name),
         group.members,
         if group.members == 1 { "" } else { "s" },
@@ -431,6 +431,14 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
             " · announcements"
         } else {
             ""
+        },
+        if group.timer_secs > 0 {
+            format!(
+                " · ⏱ {}",
+                crate::commands::describe_duration(group.timer_secs)
+            )
+        } else {
+            String::new()
         }
     );
     if state.scroll > 0 {
@@ -920,6 +928,7 @@ mod tests {
             role: "admin",
             announcement: false,
             unread: 0,
+            timer_secs: 0,
             last_ms: Some(1_700_000_400_000),
         }];
         let line = |who: &str, text: &str, event: bool, at: u64| GroupLine {
@@ -949,6 +958,10 @@ mod tests {
         let screen = render(&s, 80, 16);
         assert!(screen.contains("# Family"), "{screen}");
         insta::assert_snapshot!(screen);
+        // A timer is said in the title.
+        let mut s = s;
+        s.data.groups[0].timer_secs = 86_400;
+        assert!(render(&s, 100, 16).contains("⏱ 1 day"));
     }
 
     #[test]
