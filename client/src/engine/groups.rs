@@ -911,7 +911,7 @@ impl<T> State<T> {
             _ => return refused_ops("operations without their group's creation"),
         };
         let before = if record.joined {
-            record.roster(id)?
+            self.merged(id, &record)?.roster
         } else {
             None
         };
@@ -920,7 +920,10 @@ impl<T> State<T> {
         if !sender_known(&after) && !before.as_ref().is_some_and(sender_known) {
             return refused_ops("group operations from someone outside the group");
         }
-        if !record.joined {
+        let after = if record.joined {
+            record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
+            after
+        } else {
             // Joining: what came while the log was incomplete is sorted out now.
             all.retain(|o| {
                 after.members.contains_key(o.author()) || after.former.contains(o.author())
@@ -928,11 +931,13 @@ impl<T> State<T> {
             record.ops = all.iter().map(|o| o.encode().to_vec()).collect();
             record.joined = true;
             record.forgotten = false;
-        } else {
-            record.ops.extend(new.iter().map(|o| o.encode().to_vec()));
-        }
-        let after = Roster::merge(id, &all)
-            .map_err(|_| crate::store::StoreError::Corrupt("group operations"))?;
+            // Whatever a peer sent, it is refused here, never an error that would stop
+            // the other envelopes of the batch.
+            match Roster::merge(id, &all) {
+                Ok(after) => after,
+                Err(_) => return refused_ops("a group's log that does not merge"),
+            }
+        };
         let latest = new.iter().map(SignedOp::hlc).max().unwrap_or_default();
         record.set_hlc(record.hlc().observe(latest, now, MAX_AHEAD_MS));
         // What changed, as lines in the group's history, said before the messages that

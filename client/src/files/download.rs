@@ -111,7 +111,7 @@ pub(super) async fn fetch_claimed<T: Transport>(
     }
     if record.state != IncomingState::Fetching {
         record.state = IncomingState::Fetching;
-        save(&store, &id, &record)?;
+        write_back(&store, &id, &record)?;
         store.flush().await?;
     }
     let sources = our_relays(engine)?;
@@ -425,8 +425,24 @@ async fn manifest<T: Transport>(
 }
 
 /// Writes the record back, unless it was removed meanwhile (its message deleted, its
-/// sender removed or blocked): then the fetch stops.
+/// sender removed or blocked) or the fetch was cancelled (`files --cancel` set it back
+/// to offered and removed what was here): then the fetch stops, and never marks as
+/// fetched a file whose bytes are gone.
 fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
+    if store
+        .incoming_file(id)?
+        .is_some_and(|now| now.state == IncomingState::Offered)
+        && record.state != IncomingState::Offered
+    {
+        return Err(FilesError::Refused(
+            "the fetch was cancelled; `kkachi get` starts it again".into(),
+        ));
+    }
+    write_back(store, id, record)
+}
+
+/// Writes the record back, unless it was removed meanwhile: then the fetch stops.
+fn write_back(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
     if store.incoming_file(id)?.is_none() {
         return Err(FilesError::Refused(
             "its message is gone, or its sender was removed or blocked".into(),
@@ -681,4 +697,58 @@ fn unique(dir: &Path, name: &str, skip: usize) -> PathBuf {
         .filter(free)
         .nth(skip)
         .expect("some name is free")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Incoming;
+
+    /// A fetch cancelled while it runs (set back to offered, its bytes removed) stops
+    /// at its next write, rather than marking fetched a file whose bytes are gone.
+    #[test]
+    fn a_fetch_cancelled_under_way_does_not_mark_the_file_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, _) = LocalStore::provision(dir.path(), "Me", &[]).unwrap();
+        let id = [3; 32];
+        let offered = Incoming {
+            contact: Vec::new(),
+            message: [1; 16],
+            reference: Vec::new(),
+            state: IncomingState::Offered,
+            bad_chunks: 0,
+            saved: Vec::new(),
+            created_ms: 0,
+            auto: false,
+            attempts: 0,
+            retry_at_ms: 0,
+        };
+        let mut w = WriteSet::default();
+        LocalStore::write_incoming_file(&mut w, &id, &offered);
+        store.apply(w).unwrap();
+        // Starting from offered is allowed...
+        let fetching = Incoming {
+            state: IncomingState::Fetching,
+            ..offered.clone()
+        };
+        write_back(&store, &id, &fetching).unwrap();
+        save(&store, &id, &fetching).unwrap();
+        // ...and once cancelled (back to offered), the fetch's next write is refused.
+        let mut w = WriteSet::default();
+        LocalStore::write_incoming_file(&mut w, &id, &offered);
+        store.apply(w).unwrap();
+        let done = Incoming {
+            state: IncomingState::Done,
+            ..offered
+        };
+        let e = save(&store, &id, &done).unwrap_err();
+        assert!(
+            matches!(&e, FilesError::Refused(why) if why.contains("cancelled")),
+            "{e}"
+        );
+        assert_eq!(
+            store.incoming_file(&id).unwrap().unwrap().state,
+            IncomingState::Offered
+        );
+    }
 }

@@ -508,11 +508,6 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// Reads what the UI shows from the store and the network.
-/// Tells the person a message from `from` arrived: a terminal notification (OSC 777,
-/// and OSC 9 for terminals that know that one), and a desktop one where `notify-send`
-/// is installed. The name only, never the text: a notification may show on a locked
-/// screen.
 /// Opens the saved file at `path` with the desktop's program for its type (`xdg-open`;
 /// `open` on macOS), once its first bytes are what its name says; says where it is
 /// when it is not opened. Blocks until the opener has handed it over.
@@ -542,6 +537,10 @@ fn open_with_desktop(path: &str) -> Result<String, String> {
     })
 }
 
+/// Tells the person a message from `from` arrived: a terminal notification (OSC 777,
+/// and OSC 9 for terminals that know that one), and a desktop one where `notify-send`
+/// is installed. The name only, never the text: a notification may show on a locked
+/// screen.
 fn notify(from: &str) {
     // Nothing a contact chose reaches the terminal raw: control characters go, and the
     // separators of these sequences too.
@@ -572,6 +571,7 @@ fn notify(from: &str) {
     }
 }
 
+/// Reads what the UI shows from the store and the network.
 pub fn snapshot(
     store: &LocalStore,
     engine: Option<&Engine<Network>>,

@@ -376,8 +376,6 @@ fn keep(state: &mut State, line: &str) {
     state.input = input;
 }
 
-/// The message /reply and /react act on: the one picked, or their last; never a
-/// deleted one.
 /// The path after `/word` on a command line: the rest of the line (it may hold spaces),
 /// `~/` the home, made absolute; `None` if there is none.
 fn path_after(line: &str, word: &str) -> Option<std::path::PathBuf> {
@@ -403,7 +401,8 @@ fn path_after(line: &str, word: &str) -> Option<std::path::PathBuf> {
     Some(std::path::absolute(&path).unwrap_or(path))
 }
 
-/// Where `/save` puts files by default: the user's downloads folder, else the home.
+/// Where `/save` puts files by default: the user's downloads folder, else the folder
+/// the UI started in.
 fn downloads() -> std::path::PathBuf {
     directories::UserDirs::new()
         .and_then(|d| d.download_dir().map(std::path::Path::to_path_buf))
@@ -412,6 +411,8 @@ fn downloads() -> std::path::PathBuf {
         .unwrap_or_else(|| ".".into())
 }
 
+/// The message /reply and /react act on: the one picked, or their last; never a
+/// deleted one.
 fn reply_target(state: &State) -> Option<&MessageRecord> {
     let messages = &state.data.messages;
     match state.picked {

@@ -116,15 +116,7 @@ async fn a_file_its_sender_broke_is_marked_failed_and_not_fetched_again() {
         key: FileKey([9; 32]),
         ..good.clone()
     };
-    let mut sending = alice
-        .engine
-        .send_file(bob_c.peer, broken.clone(), WriteSet::default())
-        .await
-        .unwrap();
-    assert!(matches!(
-        sending.events.recv().await,
-        Some(SendEvent::Durable)
-    ));
+    alice.queue_file(&bob_c, broken.clone()).await;
     alice.engine.deliver_now().await.unwrap();
     assert_eq!(received_file(&bob).await, broken);
     let e = files::fetch(&bob.engine, broken.id()).await.unwrap_err();
@@ -172,15 +164,7 @@ async fn pictures_are_fetched_on_their_own_only_within_their_budget() {
             .into(),
             thumbnail: Vec::new(),
         };
-        let mut sending = alice
-            .engine
-            .send_file(bob_c.peer, file, WriteSet::default())
-            .await
-            .unwrap();
-        assert!(matches!(
-            sending.events.recv().await,
-            Some(SendEvent::Durable)
-        ));
+        alice.queue_file(&bob_c, file).await;
     }
     alice.engine.deliver_now().await.unwrap();
     bob.sync().await;
@@ -216,15 +200,7 @@ async fn a_file_sent_in_two_messages_stays_while_either_is_here() {
     random_file(&path, 50_000, 9);
     let file = sent_file(&alice, &bob_c, &path).await;
     // The same reference again, in a second message.
-    let mut again = alice
-        .engine
-        .send_file(bob_c.peer, file.clone(), WriteSet::default())
-        .await
-        .unwrap();
-    assert!(matches!(
-        again.events.recv().await,
-        Some(SendEvent::Durable)
-    ));
+    alice.queue_file(&bob_c, file.clone()).await;
     alice.engine.deliver_now().await.unwrap();
     bob.sync().await;
     assert!(files::fetch(&bob.engine, file.id()).await.unwrap().complete);

@@ -60,6 +60,23 @@ async fn said(u: &User) -> Vec<Received> {
         .collect()
 }
 
+/// A group message's body as a modified client may make it: `text` to group `id`, dated
+/// now, with no digest.
+fn group_text(id: GroupId, text: &str) -> Body {
+    Body::Group {
+        group: id,
+        what: kkachi_protocol::content::GroupBody::Message {
+            hlc: kkachi_protocol::group::Hlc {
+                ms: now_ms(),
+                count: 0,
+            },
+            have: [0; 16],
+            secs: 0,
+            text: text.into(),
+        },
+    }
+}
+
 async fn family(alice: &User, bob: &User, carol: &User) -> GroupId {
     let id = alice.engine.create_group("Family".into()).await.unwrap();
     let changed = alice
@@ -200,18 +217,7 @@ async fn a_removed_member_gets_nothing_more_and_only_admins_change_the_group() {
         seq: conv.next_seq.max(1),
         prev: conv.last_hash,
         sent_at_ms: now_ms(),
-        body: Body::Group {
-            group: id,
-            what: kkachi_protocol::content::GroupBody::Message {
-                hlc: kkachi_protocol::group::Hlc {
-                    ms: now_ms(),
-                    count: 0,
-                },
-                have: [0; 16],
-                secs: 0,
-                text: "let me back in".into(),
-            },
-        },
+        body: group_text(id, "let me back in"),
     };
     carol.send_raw(&alice_at_carol, &content).await;
     assert!(said(&alice).await.is_empty());
@@ -338,18 +344,7 @@ async fn outsiders_cannot_change_a_group_and_their_messages_wait_within_bounds()
     // Messages "to" the group: they wait (Mallory might be added by an operation not
     // here yet), at most a quarter of the waiting room each; none is shown.
     for i in 0..20 {
-        let m = record(Body::Group {
-            group: id,
-            what: kkachi_protocol::content::GroupBody::Message {
-                hlc: kkachi_protocol::group::Hlc {
-                    ms: now_ms(),
-                    count: 0,
-                },
-                have: [0; 16],
-                secs: 0,
-                text: format!("spam {i}"),
-            },
-        });
+        let m = record(group_text(id, &format!("spam {i}")));
         mallory.send_raw(&carol_at_mallory, &m).await;
     }
     assert!(carol.sync().await.is_empty());
@@ -722,18 +717,7 @@ async fn a_group_message_without_its_number_is_refused_and_a_forgotten_group_kee
         seq: 0,
         prev: [0; 32],
         sent_at_ms: now_ms(),
-        body: Body::Group {
-            group: id,
-            what: kkachi_protocol::content::GroupBody::Message {
-                hlc: kkachi_protocol::group::Hlc {
-                    ms: now_ms(),
-                    count: 0,
-                },
-                have: [0; 16],
-                secs: 0,
-                text: "twice?".into(),
-            },
-        },
+        body: group_text(id, "twice?"),
     };
     bob.send_raw(&carol_at_bob, &unnumbered).await;
     bob.send_raw(&carol_at_bob, &unnumbered).await;

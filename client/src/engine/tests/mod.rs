@@ -427,6 +427,19 @@ impl User {
         (sending.queued, sending.events)
     }
 
+    /// Queues a message carrying `file` for `to`; returns once it is durable.
+    async fn queue_file(&self, to: &Contact, file: kkachi_protocol::file::FileRef) {
+        let mut sending = self
+            .engine
+            .send_file(to.peer, file, WriteSet::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            sending.events.recv().await,
+            Some(SendEvent::Durable)
+        ));
+    }
+
     /// Sends `text` to `to`, lets every path be tried once, and says how far it got.
     async fn send(&self, to: &Contact, text: &str) -> (Queued, Progress) {
         let (q, mut events) = self.queue(to, text).await;
