@@ -304,3 +304,143 @@ fn demo_talks_directly_with_every_relay_down_until_the_direct_path_is_cut() {
     );
     tmux.keys(&["C-c"]);
 }
+
+/// Plays a terminal for `kkachi tui` in a pseudo-terminal: answers its questions as a
+/// terminal with kitty's graphics does (`kitty`) or as one without graphics (`plain`),
+/// reads what it draws until `until` shows or 20 s pass, quits it with Ctrl+C, and
+/// prints what it saw as JSON. `png PATH` writes a 120×80 picture instead: red above,
+/// blue below.
+const TERMINAL: &str = r#"
+import json, os, pty, select, struct, sys, time, zlib, fcntl, termios
+if sys.argv[1] == "png":
+    w, h = 120, 80
+    rows = b"".join(b"\0" + (b"\xdc\x1e\x1e" if y < h // 2 else b"\x1e\x1e\xdc") * w for y in range(h))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    open(sys.argv[2], "wb").write(png)
+    sys.exit(0)
+kind, until, argv = sys.argv[1], sys.argv[2].encode(), sys.argv[3:]
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 600, 1000))
+    os.execv(argv[0], argv)
+seen, answered, deadline, asked = b"", 0, time.time() + 20, False
+answers = [(b"\x1b_Gi=31,", b"\x1b_Gi=31;OK\x1b\\" if kind == "kitty" else b""),
+           (b"\x1b[c", b"\x1b[?62;22c"), (b"\x1b[16t", b"\x1b[6;20;10t"), (b"\x1b[5n", b"\x1b[0n")]
+while time.time() < deadline:
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        seen += data
+    for i, (question, answer) in enumerate(answers):
+        if not answered & (1 << i) and question in seen:
+            answered |= 1 << i
+            asked = True
+            if answer:
+                os.write(fd, answer)
+    if until in seen:
+        break
+shown = until in seen
+# Then what it draws in the next two seconds (a frame with a picture comes in parts).
+settled = time.time() + 2
+while shown and time.time() < settled:
+    try:
+        if select.select([fd], [], [], 0.1)[0]:
+            seen += os.read(fd, 1 << 20)
+    except OSError:
+        break
+os.write(fd, b"\x03")
+code = None
+for _ in range(100):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+        break
+    try:
+        if select.select([fd], [], [], 0.1)[0]:
+            os.read(fd, 65536)
+    except OSError:
+        pass
+if code is None:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+text = seen.decode("utf-8", "replace")
+print(json.dumps({
+    "asked": asked,
+    "shown": shown,
+    "transmits": text.count("\x1b_G") - text.count("\x1b_Gi=31,"),
+    "placeholders": text.count("\U0010EEEE"),
+    "half_blocks": text.count("\u2580"),
+    "exit": code,
+    "screen": "".join(c for c in text[-6000:] if c.isprintable() and c not in "\x1b\U0010EEEE"),
+}))
+"#;
+
+#[test]
+fn a_photo_is_drawn_with_the_terminals_graphics_or_half_blocks_without_them() {
+    let test = "a_photo_is_drawn_with_the_terminals_graphics_or_half_blocks_without_them";
+    if Command::new("python3").arg("-V").output().is_err() {
+        println!("SKIPPED {test}: python3 is not installed to play the terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("r0"), &[]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &relay.addr]);
+    }
+    User::introduce(&alice, &bob);
+    // Alice grants bob at her relay (done when online), so his puts are taken.
+    alice.ok(&["sync", "--timeout", "10"]);
+    let photo = dir.path().join("flooded-street.png");
+    let made = Command::new("python3")
+        .args(["-c", TERMINAL, "png", photo.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    bob.ok(&["send", "alice", "--file", photo.to_str().unwrap()]);
+    alice.ok(&["sync", "--timeout", "10"]);
+    let history = alice.ok(&["history", "bob", "--json"]);
+    assert!(history.contains("flooded-street.png"), "{history}");
+    let kkachi = bin("kkachi");
+    let play = |kind: &str| -> serde_json::Value {
+        let out = Command::new("python3")
+            .args(["-c", TERMINAL, kind, "flooded-street.png"])
+            .arg(&kkachi)
+            .args(["--home", alice.home.to_str().unwrap(), "tui"])
+            .env("KKACHI_LAN", "0")
+            .env("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0")
+            .env_remove("TMUX")
+            .env_remove("KKACHI_GRAPHICS")
+            .env("TERM", "xterm-256color")
+            .output()
+            .unwrap();
+        let seen = String::from_utf8_lossy(&out.stdout);
+        println!("{kind} terminal: {}", seen.trim());
+        serde_json::from_str(seen.trim())
+            .unwrap_or_else(|e| panic!("{e}: {seen}\n{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // A terminal with kitty's graphics is asked, and the photo goes to it as an image
+    // placed by kitty's placeholders, with no half blocks.
+    let kitty = play("kitty");
+    assert_eq!(kitty["asked"], true, "{kitty}");
+    assert_eq!(kitty["shown"], true, "{kitty}");
+    assert!(kitty["transmits"].as_u64().unwrap() >= 1, "{kitty}");
+    assert!(kitty["placeholders"].as_u64().unwrap() >= 8, "{kitty}");
+    assert_eq!(kitty["half_blocks"], 0, "{kitty}");
+    assert_eq!(kitty["exit"], 0, "{kitty}");
+    // One without graphics gets the half blocks, and no image.
+    let plain = play("plain");
+    assert_eq!(plain["shown"], true, "{plain}");
+    assert_eq!(plain["transmits"], 0, "{plain}");
+    assert!(plain["half_blocks"].as_u64().unwrap() >= 8 * 10, "{plain}");
+    assert_eq!(plain["exit"], 0, "{plain}");
+}

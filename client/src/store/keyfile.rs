@@ -137,7 +137,7 @@ fn key_file(key: &[u8; 32], passphrase: Option<&str>) -> Result<Vec<u8>, StoreEr
     }
     header.extend_from_slice(&salt);
     let wrapping = kek(passphrase, &salt, MEMORY_KIB, PASSES, LANES)?;
-    let sealed = XChaCha20Poly1305::new(wrapping.as_ref().into())
+    let sealed = XChaCha20Poly1305::new((&*wrapping).into())
         .encrypt(
             XNonce::from_slice(&nonce),
             Payload {
@@ -284,7 +284,7 @@ fn unwrap_with_passphrase(
     let header = &signed[..MAGIC.len() + 2 + 28];
     let try_one = |passphrase: &str| -> Result<Option<Zeroizing<[u8; 32]>>, StoreError> {
         let wrapping = kek(passphrase, salt, m, t, p)?;
-        Ok(XChaCha20Poly1305::new(wrapping.as_ref().into())
+        Ok(XChaCha20Poly1305::new((&*wrapping).into())
             .decrypt(
                 XNonce::from_slice(nonce),
                 Payload {

@@ -142,7 +142,7 @@ impl Vault {
         let values = derive(key, b"kkachi store values v1");
         Self {
             keys: Some(Keys {
-                values: XChaCha20Poly1305::new(values.as_ref().into()),
+                values: XChaCha20Poly1305::new((&*values).into()),
                 tags: derive(key, b"kkachi store key tags v1"),
             }),
         }

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod graphics;
 pub mod state;
 pub mod update;
 pub mod view;
@@ -112,12 +113,14 @@ pub async fn run_with(
         ..State::default()
     };
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
-    spawn_key_reader(tx.clone());
     let mut events = online.as_ref().map(|o| o.engine.subscribe());
     if let (Some(d), Some(o)) = (&demo, &online) {
         tokio::spawn(d.connect(o.engine.net().clone()));
     }
     let mut terminal = ratatui::init();
+    // Asked of the terminal before anything reads keys: its answer comes as input.
+    graphics::detect();
+    spawn_key_reader(tx.clone());
     let _ = ratatui::crossterm::execute!(
         std::io::stdout(),
         ratatui::crossterm::event::EnableBracketedPaste,
@@ -813,23 +816,28 @@ fn file_view(
             _ => (String::new(), None),
         }
     };
+    let (picture, graphic) = picture(&id, &file.thumbnail);
     state::FileView {
         label: crate::files::describe(file),
         status,
         progress,
-        picture: picture(&id, &file.thumbnail),
+        picture: picture.clone(),
+        graphic,
     }
 }
 
-/// A file's preview, decoded once and kept at the size it is drawn (a few KiB each),
-/// for more files than a conversation shows: a contact sending many cannot make the UI
-/// decode them again on every frame.
-fn picture(id: &[u8; 32], preview: &[u8]) -> Option<Arc<image::RgbImage>> {
-    type Cache =
-        parking_lot::Mutex<std::collections::HashMap<[u8; 32], Option<Arc<image::RgbImage>>>>;
+/// A decoded preview at the size its half blocks are drawn, and the same for the
+/// terminal's graphics where it has them.
+type Picture = (Option<Arc<image::RgbImage>>, Option<graphics::Graphic>);
+
+/// A file's preview, decoded and encoded once and kept at the size it is drawn (a few
+/// KiB each), for more files than a conversation shows: a contact sending many cannot
+/// make the UI decode them again on every frame.
+fn picture(id: &[u8; 32], preview: &[u8]) -> Picture {
+    type Cache = parking_lot::Mutex<std::collections::HashMap<[u8; 32], Picture>>;
     static PICTURES: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     if preview.is_empty() {
-        return None;
+        return (None, None);
     }
     let mut cache = PICTURES.get_or_init(Default::default).lock();
     if let Some(p) = cache.get(id) {
@@ -838,9 +846,20 @@ fn picture(id: &[u8; 32], preview: &[u8]) -> Option<Arc<image::RgbImage>> {
     if cache.len() >= 2 * MESSAGES_SHOWN {
         cache.clear();
     }
-    let p = crate::files::picture::pixels(preview)
-        .and_then(|p| crate::files::picture::fit(&p, view::PICTURE_COLS, view::PICTURE_ROWS))
-        .map(Arc::new);
+    let p = match crate::files::picture::pixels(preview) {
+        Some(full) => {
+            let cells = crate::files::picture::fit(&full, view::PICTURE_COLS, view::PICTURE_ROWS);
+            // In the terminal's graphics, from every pixel of the preview, in the
+            // place its half blocks take.
+            let graphic = cells.as_ref().and_then(|c| {
+                let (w, h) = c.dimensions();
+                let place = ratatui::layout::Size::new(w as u16, h.div_ceil(2) as u16);
+                graphics::Graphic::new(&full, place)
+            });
+            (cells.map(Arc::new), graphic)
+        }
+        None => (None, None),
+    };
     cache.insert(*id, p.clone());
     p
 }

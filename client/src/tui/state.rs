@@ -135,6 +135,9 @@ pub struct FileView {
     pub progress: Option<(usize, usize)>,
     /// Its preview, for a picture.
     pub picture: Option<std::sync::Arc<image::RgbImage>>,
+    /// The preview for the terminal's graphics, drawn over its half blocks where the
+    /// terminal has them.
+    pub graphic: Option<super::graphics::Graphic>,
 }
 
 /// A panel drawn over the chat.

@@ -207,15 +207,15 @@ fn quote_line(
 }
 
 fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> Vec<Line<'static>> {
-    let (who, mut who_style) = match m.direction {
-        Direction::Out => ("me".to_string(), Style::new().fg(Color::Blue).bold()),
-        Direction::In => (them.to_string(), Style::new().fg(Color::Magenta).bold()),
+    let who = author(m, them);
+    let mut who_style = match m.direction {
+        Direction::Out => Style::new().fg(Color::Blue).bold(),
+        Direction::In => Style::new().fg(Color::Magenta).bold(),
     };
     if decor.picked {
         who_style = who_style.add_modifier(Modifier::REVERSED);
     }
-    let prefix = format!("{} {}: ", format_ms_short(m.sent_at_ms), who);
-    let indent = prefix.chars().count().min(width / 2);
+    let indent = header_indent(m, them, width);
     let mut lines = Vec::new();
     let header = |who_style| {
         vec![
@@ -473,6 +473,9 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
     let mut last_day = String::new();
     let gap_style = Style::new().fg(Color::Yellow);
     let mut picked_at = None;
+    // Pictures for the terminal's graphics: the line where each one's half blocks
+    // start, and how far in.
+    let mut graphics = Vec::new();
     let mut gaps = state.data.gaps.iter().peekable();
     for m in &state.data.messages {
         // A gap is drawn where its messages belong: before the first of theirs after it.
@@ -503,7 +506,15 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
         if decor.picked {
             picked_at = Some(lines.len());
         }
-        lines.extend(message_lines(m, &them, width, &decor));
+        let drawn = message_lines(m, &them, width, &decor);
+        if let Some((graphic, indent)) = graphic_place(m, &them, &decor, &drawn, width) {
+            graphics.push((
+                lines.len() + drawn.len() - usize::from(graphic.size().height),
+                indent,
+                graphic,
+            ));
+        }
+        lines.extend(drawn);
     }
     // Gaps after every message shown (their later messages are not loaded).
     for &gap in gaps {
@@ -549,6 +560,53 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
         Paragraph::new(visible).block(Block::bordered().title(title)),
         area,
     );
+    // Over their half blocks, the pictures this terminal can draw with its graphics;
+    // one scrolled partly out shows the rows still in.
+    let mut inner = Block::bordered().inner(area);
+    inner.height = inner.height.min((bottom - top) as u16);
+    for (at, indent, graphic) in graphics {
+        if at + usize::from(graphic.size().height) > top && at < bottom {
+            graphic.draw(frame.buffer_mut(), inner, indent, at as i32 - top as i32);
+        }
+    }
+}
+
+/// Where a message's picture goes in the terminal's graphics: the graphic and its
+/// indent, if it has one and it takes the very place of the half blocks `drawn` ends
+/// with (not so in a window too narrow for the whole picture, where the half blocks
+/// stay).
+fn graphic_place(
+    m: &MessageRecord,
+    them: &str,
+    decor: &Decor,
+    drawn: &[Line],
+    width: usize,
+) -> Option<(super::graphics::Graphic, u16)> {
+    let file = decor.file.as_ref().filter(|_| !m.deleted)?;
+    let (picture, graphic) = (file.picture.as_ref()?, file.graphic.as_ref()?);
+    let indent = header_indent(m, them, width);
+    let cols = PICTURE_COLS.min(width.saturating_sub(indent) as u16);
+    let blocks = crate::files::picture::fit(picture, cols, PICTURE_ROWS)?;
+    let (w, h) = blocks.dimensions();
+    let size = graphic.size();
+    (u32::from(size.width) == w
+        && u32::from(size.height) == h.div_ceil(2)
+        && drawn.len() >= usize::from(size.height))
+    .then(|| (graphic.clone(), indent as u16))
+}
+
+/// Who wrote a message, as its header names them.
+fn author(m: &MessageRecord, them: &str) -> String {
+    match m.direction {
+        Direction::Out => "me".to_string(),
+        Direction::In => them.to_string(),
+    }
+}
+
+/// How far a message's lines after its first are indented: the width of its header.
+fn header_indent(m: &MessageRecord, them: &str, width: usize) -> usize {
+    let prefix = format!("{} {}: ", format_ms_short(m.sent_at_ms), author(m, them));
+    prefix.chars().count().min(width / 2)
 }
 
 fn draw_input(state: &State, frame: &mut Frame, area: Rect) {
@@ -998,6 +1056,7 @@ mod tests {
                 status: "not fetched: /save fetches it".into(),
                 progress: None,
                 picture: Some(std::sync::Arc::new(preview)),
+                graphic: None,
             },
         );
         data.files.insert(
@@ -1007,6 +1066,7 @@ mod tests {
                 status: "uploading".into(),
                 progress: Some((60, 160)),
                 picture: None,
+                graphic: None,
             },
         );
         s.load(data);
@@ -1028,6 +1088,116 @@ mod tests {
         assert_eq!(cells.first(), Some(&(red, red)));
         assert_eq!(cells.last(), Some(&(blue, blue)));
         assert!(rendered.contains("███"), "no progress bar:\n{rendered}");
+    }
+
+    /// A conversation whose one message is a photo (`w`×`h` pixels, red above and blue
+    /// below), drawn as a terminal with `kind` of graphics would, in a window `rows`
+    /// high: what every cell holds, row by row.
+    fn photo_drawn_with(
+        kind: ratatui_image::picker::ProtocolType,
+        rows: u16,
+        scroll: usize,
+    ) -> Vec<String> {
+        use crate::tui::graphics::Graphic;
+        use crate::tui::state::FileView;
+        let mut s = chat_state();
+        let mut data = s.data.clone();
+        data.messages = vec![
+            message(Direction::In, "", MessageState::Received, 1),
+            message(Direction::In, "after the photo", MessageState::Received, 2),
+        ];
+        data.gaps.clear();
+        data.notices.clear();
+        let preview = image::RgbImage::from_fn(96, 64, |_, y| {
+            image::Rgb(if y < 32 { [220, 30, 30] } else { [30, 30, 220] })
+        });
+        let blocks = crate::files::picture::fit(&preview, PICTURE_COLS, PICTURE_ROWS).unwrap();
+        let place =
+            ratatui::layout::Size::new(blocks.width() as u16, blocks.height().div_ceil(2) as u16);
+        let mut picker = ratatui_image::picker::Picker::halfblocks();
+        picker.set_protocol_type(kind);
+        data.files.insert(
+            [1; 16],
+            FileView {
+                label: "📎 bridge.jpg (2.1 MB) image/jpeg".into(),
+                status: "not fetched: /save fetches it".into(),
+                progress: None,
+                picture: Some(std::sync::Arc::new(blocks)),
+                graphic: Graphic::with(&picker, &preview, place),
+            },
+        );
+        s.load(data);
+        s.scroll = scroll;
+        let mut terminal = Terminal::new(TestBackend::new(80, rows)).unwrap();
+        terminal.draw(|f| view(&s, f)).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        (0..rows)
+            .map(|y| (0..80).map(|x| buffer[(x, y)].symbol()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_photo_is_drawn_in_the_terminals_graphics_in_the_place_of_its_half_blocks() {
+        use ratatui_image::picker::ProtocolType;
+        let blocks = photo_drawn_with(ProtocolType::Halfblocks, 24, 0);
+        let block_rows: Vec<usize> = (0..blocks.len())
+            .filter(|&y| blocks[y].contains('▀'))
+            .collect();
+        assert_eq!(block_rows.len(), 8, "{blocks:#?}");
+        let below = blocks.iter().position(|r| r.contains("after the photo"));
+        for (kind, mark) in [
+            (ProtocolType::Kitty, "\x1b_G"),
+            (ProtocolType::Sixel, "\x1bP"),
+            (ProtocolType::Iterm2, "\x1b]1337;File="),
+        ] {
+            let drawn = photo_drawn_with(kind, 24, 0);
+            let all = drawn.concat();
+            assert!(all.contains(mark), "{kind:?}: no {mark:?} drawn");
+            assert!(!all.contains('▀'), "{kind:?}: half blocks left");
+            // Where the half blocks were, and nothing else moved.
+            let first = drawn.iter().position(|r| r.contains('\x1b')).unwrap();
+            assert_eq!(first, block_rows[0], "{kind:?}");
+            assert_eq!(
+                drawn.iter().position(|r| r.contains("after the photo")),
+                below
+            );
+            assert!(drawn[first].starts_with(&blocks[first][..blocks[first].find('▀').unwrap()]));
+        }
+        // Kitty's placeholders: one row of them per row of the picture.
+        let kitty = photo_drawn_with(ProtocolType::Kitty, 24, 0);
+        let placed = kitty.iter().filter(|r| r.contains('\u{10EEEE}')).count();
+        assert_eq!(placed, 8);
+    }
+
+    #[test]
+    fn a_photo_scrolled_partly_out_shows_the_rows_still_in() {
+        use ratatui_image::picker::ProtocolType;
+        // A window too short for the photo and the line after it: scrolled to the
+        // bottom, the photo's upper rows are out.
+        let rows = 9;
+        let blocks = photo_drawn_with(ProtocolType::Halfblocks, rows, 0);
+        let shown = blocks.iter().filter(|r| r.contains('▀')).count();
+        assert!((1..8).contains(&shown), "{blocks:#?}");
+        let kitty = photo_drawn_with(ProtocolType::Kitty, rows, 0);
+        let placed: Vec<usize> = (0..kitty.len())
+            .filter(|&y| kitty[y].contains('\u{10EEEE}'))
+            .collect();
+        let block_rows: Vec<usize> = (0..blocks.len())
+            .filter(|&y| blocks[y].contains('▀'))
+            .collect();
+        assert_eq!(placed, block_rows);
+        // Scrolled up past it, the photo's lower rows are out instead.
+        let up = photo_drawn_with(ProtocolType::Kitty, rows, 6);
+        let placed_up = up.iter().filter(|r| r.contains('\u{10EEEE}')).count();
+        let blocks_up = photo_drawn_with(ProtocolType::Halfblocks, rows, 6);
+        assert_eq!(
+            placed_up,
+            blocks_up.iter().filter(|r| r.contains('▀')).count()
+        );
+        assert!(
+            placed_up >= 1 && !up.concat().contains("after the photo"),
+            "{up:#?}"
+        );
     }
 
     #[test]
