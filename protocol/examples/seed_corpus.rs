@@ -347,6 +347,26 @@ fn main() {
             ..text.clone()
         },
         Content {
+            seq: 10,
+            body: Body::Group {
+                group: group_create.group(),
+                what: kkachi_protocol::content::GroupBody::File {
+                    hlc: kkachi_protocol::group::Hlc { ms: 6, count: 0 },
+                    have: [4; 16],
+                    secs: 3600,
+                    file: Box::new(kkachi_protocol::file::FileRef {
+                        key: kkachi_protocol::file::FileKey([8; 32]),
+                        manifest: kkachi_protocol::file::ChunkId([10; 32]),
+                        size: 1_200_000,
+                        name: "대피소.jpg".into(),
+                        mime: "image/jpeg".into(),
+                        thumbnail: vec![0xff, 0xd8, 0xff],
+                    }),
+                },
+            },
+            ..text.clone()
+        },
+        Content {
             seq: 0,
             body: Body::Group {
                 group: group_create.group(),

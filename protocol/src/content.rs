@@ -107,6 +107,7 @@ impl std::fmt::Display for MessageId {
 
 const GROUP_OPS: u8 = 1;
 const GROUP_MESSAGE: u8 = 2;
+const GROUP_FILE: u8 = 3;
 
 /// What a group record carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +132,18 @@ pub enum GroupBody {
         secs: u32,
         /// The message.
         text: String,
+    },
+    /// A file sent to the group (sequenced in the pairwise conversation, as a
+    /// message is): its chunks were put into each member's queues.
+    File {
+        /// The author's group clock, as for a message.
+        hlc: Hlc,
+        /// The author's digest, as for a message.
+        have: [u8; 16],
+        /// Its disappearing-message timer (seconds; 0: it stays).
+        secs: u32,
+        /// What it takes to fetch and open it (SPEC §13).
+        file: Box<crate::file::FileRef>,
     },
 }
 
@@ -246,7 +259,7 @@ impl Body {
                 | Body::Reaction { .. }
                 | Body::File { .. }
                 | Body::Group {
-                    what: GroupBody::Message { .. },
+                    what: GroupBody::Message { .. } | GroupBody::File { .. },
                     ..
                 }
         )
@@ -351,6 +364,19 @@ impl Body {
                         out.extend_from_slice(have);
                         out.extend_from_slice(&secs.to_be_bytes());
                         out.extend_from_slice(text.as_bytes());
+                    }
+                    GroupBody::File {
+                        hlc,
+                        have,
+                        secs,
+                        file,
+                    } => {
+                        out.push(GROUP_FILE);
+                        out.extend_from_slice(&hlc.ms.to_be_bytes());
+                        out.extend_from_slice(&hlc.count.to_be_bytes());
+                        out.extend_from_slice(have);
+                        out.extend_from_slice(&secs.to_be_bytes());
+                        out.extend_from_slice(&file.encode());
                     }
                 }
                 out
@@ -510,6 +536,24 @@ impl Body {
                             text,
                         }
                     }
+                    GROUP_FILE => {
+                        let hlc = Hlc {
+                            ms: r.u64("group clock")?,
+                            count: r.u32("group clock")?,
+                        };
+                        let have = r.array("group have")?;
+                        let secs = r.u32("group timer")?;
+                        if secs > MAX_TIMER_SECS {
+                            return Err(ContentError::TimerTooLong(secs));
+                        }
+                        let file = crate::file::FileRef::decode(r.rest())?;
+                        GroupBody::File {
+                            hlc,
+                            have,
+                            secs,
+                            file: Box::new(file),
+                        }
+                    }
                     tag => {
                         return Err(DecodeError::UnknownTag {
                             field: "group record",
@@ -655,9 +699,13 @@ impl Content {
                 ..
             } if text.len() > MAX_TEXT_LEN => Err(ContentError::TextTooLong(text.len())),
             Body::Group {
-                what: GroupBody::Message { secs, .. },
+                what: GroupBody::Message { secs, .. } | GroupBody::File { secs, .. },
                 ..
             } if *secs > MAX_TIMER_SECS => Err(ContentError::TimerTooLong(*secs)),
+            Body::Group {
+                what: GroupBody::File { file, .. },
+                ..
+            } => file.check().map_err(ContentError::from),
             Body::Group {
                 what: GroupBody::Ops { ops, .. },
                 ..
@@ -803,6 +851,30 @@ mod tests {
                         text,
                     },
                 }),
+            (
+                any::<[u8; 32]>(),
+                any::<u64>(),
+                0..=MAX_TIMER_SECS,
+                1u64..=crate::file::MAX_FILE_BYTES,
+                "[a-z]{1,40}",
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(group, ms, secs, size, name, thumbnail)| Body::Group {
+                    group: GroupId(group),
+                    what: GroupBody::File {
+                        hlc: Hlc { ms, count: 0 },
+                        have: [1; 16],
+                        secs,
+                        file: Box::new(crate::file::FileRef {
+                            key: crate::file::FileKey(group),
+                            manifest: crate::file::ChunkId([2; 32]),
+                            size,
+                            name,
+                            mime: "image/png".into(),
+                            thumbnail,
+                        }),
+                    },
+                }),
             (12u16.., proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(kind, data)| Body::Unknown { kind, data }),
         ]
@@ -866,6 +938,40 @@ mod tests {
         };
         assert!(message.body.is_sequenced());
         assert_eq!(Content::decode(&message.encode()).unwrap(), message);
+        // A file to the group: sequenced like a message, its reference checked whole.
+        let file = crate::file::FileRef {
+            key: crate::file::FileKey([7; 32]),
+            manifest: crate::file::ChunkId([8; 32]),
+            size: 300_000,
+            name: "flooded-street.jpg".into(),
+            mime: "image/jpeg".into(),
+            thumbnail: vec![0xff; 40],
+        };
+        let with_file = |file: crate::file::FileRef| Content {
+            seq: 2,
+            body: Body::Group {
+                group: create.group(),
+                what: GroupBody::File {
+                    hlc: at(10),
+                    have: [4; 16],
+                    secs: 3600,
+                    file: Box::new(file),
+                },
+            },
+            ..message.clone()
+        };
+        let sent = with_file(file.clone());
+        assert!(sent.check().is_ok() && sent.body.is_sequenced());
+        assert_eq!(Content::decode(&sent.encode()).unwrap(), sent);
+        let nameless = with_file(crate::file::FileRef {
+            name: String::new(),
+            ..file
+        });
+        assert!(nameless.check().is_err());
+        assert!(Content::decode(&nameless.encode()).is_err());
+        // Cut short, the reference does not decode.
+        let bytes = sent.encode();
+        assert!(Content::decode(&bytes[..bytes.len() - 3]).is_err());
     }
 
     proptest! {

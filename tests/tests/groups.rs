@@ -238,3 +238,76 @@ fn names_that_are_not_groups_or_are_both_are_explained() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("group name"));
 }
+
+#[test]
+fn a_photo_sent_to_a_group_reaches_every_member_through_a_relay_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relays: Vec<RelayProc> = (0..3)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    let carol = User::new(dir.path(), "carol");
+    for u in [&alice, &bob, &carol] {
+        u.ok(&[
+            "relay",
+            "add",
+            &relays[0].addr,
+            &relays[1].addr,
+            &relays[2].addr,
+        ]);
+    }
+    User::introduce(&alice, &bob);
+    User::introduce(&alice, &carol);
+    User::introduce(&bob, &carol);
+    alice.ok(&["group", "create", "Family"]);
+    alice.ok(&["group", "add", "Family", "bob", "carol"]);
+    // Each grants the others at its relays (done when online), so puts are taken.
+    for u in [&bob, &carol, &alice] {
+        u.ok(&["sync"]);
+    }
+    // 3 MB of photo: two of each member's three relays get every chunk.
+    let photo = dir.path().join("flooded-bridge.jpg");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    std::fs::write(&photo, &bytes).unwrap();
+    let sent = &objects(&alice.ok(&[
+        "send",
+        "Family",
+        "--file",
+        photo.to_str().unwrap(),
+        "the bridge at 9am",
+        "--json",
+    ]))[0];
+    println!("group photo sent: {sent}");
+    assert_eq!(sent["members"], 2, "{sent}");
+    assert_eq!(sent["copies"], 2, "{sent}");
+    assert_eq!(sent["to"], "Family");
+    // Any one relay can go: every chunk is on two of each member's relays.
+    relays[1].kill9();
+    for u in [&bob, &carol] {
+        u.ok(&["sync"]);
+        let history = &objects(&u.ok(&["history", "Family", "--json"]))[0];
+        let list = history.as_array().unwrap();
+        let with_file = list
+            .iter()
+            .find(|m| !m["file"].is_null())
+            .unwrap_or_else(|| panic!("no file in the group's history: {history}"));
+        assert_eq!(with_file["from"], "alice");
+        assert_eq!(with_file["file"]["name"], "flooded-bridge.jpg");
+        assert_eq!(with_file["file"]["size"], 3_000_000);
+        assert!(
+            list.iter().any(|m| m["text"] == "the bridge at 9am"),
+            "{history}"
+        );
+        let id = with_file["file"]["id"].as_str().unwrap().to_string();
+        let listed = u.ok(&["files"]);
+        assert!(listed.contains("← Family"), "{listed}");
+        let to = dir.path().join(format!("saved-{}", u.name));
+        let got = &objects(&u.ok(&["get", &id, "--to", to.to_str().unwrap(), "--json"]))[0];
+        assert_eq!(got["from"], "Family", "{got}");
+        let saved = std::fs::read(got["path"].as_str().unwrap()).unwrap();
+        assert!(saved == bytes, "the saved photo differs from the one sent");
+        let text = u.ok(&["history", "Family"]);
+        assert!(text.contains("alice: 📎 flooded-bridge.jpg"), "{text}");
+    }
+}

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{App, CommandError, Output, fail, name};
 use crate::engine::SendEvent;
 use crate::files::{self, FilesError, Live, describe, hex, human_size};
-use crate::store::{Contact, IncomingState, TransferId};
+use crate::store::{IncomingState, TransferId};
 
 /// How often a transfer run by this command reports how far it is (on stderr).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -49,10 +49,29 @@ fn report_progress(live: Arc<Live>, incoming: bool, id: TransferId, label: Strin
 }
 
 impl App {
-    /// `send CONTACT --file PATH [TEXT]`.
+    /// How a contact or a group a file is with is named.
+    fn party_name(&self, party: files::To) -> Result<String, CommandError> {
+        Ok(match party {
+            files::To::Contact(peer) => self
+                .store
+                .contact(&peer)?
+                .map_or_else(|| peer.to_string(), |c| c.name),
+            files::To::Group(group) => match self.store.group(&group)? {
+                Some(record) => record
+                    .roster(group)?
+                    .map_or_else(|| group.to_hex(), |r| r.name),
+                None => group.to_hex(),
+            },
+        })
+    }
+
+    /// `send CONTACT --file PATH [TEXT]`, and `send GROUP --file PATH [TEXT]` (`to_name`
+    /// names the contact or the group).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn send_file(
         &mut self,
-        contact: &Contact,
+        to: files::To,
+        to_name: &str,
         path: &Path,
         text: &str,
         timeout: f64,
@@ -60,7 +79,7 @@ impl App {
         out: &mut Output,
     ) -> Result<(), CommandError> {
         let engine = self.engine()?;
-        let claim = files::prepare(&engine, contact.peer, path).await?;
+        let claim = files::prepare(&engine, to, path).await?;
         let id = claim.id;
         let (_, file) = files::transfer_file(&self.store, false, &id)?;
         let ticker = self.owned.then(|| {
@@ -83,16 +102,14 @@ impl App {
                     "the running kkachi goes on with it"
                 };
                 if json {
-                    out.json(
-                        json!({ "file": hex(&id), "to": contact.name, "state": "queued",
+                    out.json(json!({ "file": hex(&id), "to": to_name, "state": "queued",
                                      "name": files::safe_name(&file.name), "size": file.size,
-                                     "why": why }),
-                    );
+                                     "why": why }));
                 } else {
                     out.out(format!(
                         "queued {} for {} (file {}): {}; {then}",
                         describe(&file),
-                        name(&contact.name),
+                        name(to_name),
                         &hex(&id)[..12],
                         crate::sanitize::for_terminal(&why)
                     ));
@@ -104,6 +121,19 @@ impl App {
         // The message: durable, then relayed (briefly waited for, as a text's).
         let mut state = "sent";
         let mut message = None;
+        if let Some(sent) = &report.group_sent {
+            // Durable (the engine said so before answering); how far each member's copy
+            // goes is `history GROUP`'s to say.
+            message = Some(sent.id.to_hex());
+            if sent.copies > 0 {
+                state = "queued";
+                let _ = tokio::time::timeout(
+                    Duration::from_secs_f64(timeout.max(0.0)),
+                    engine.deliver_now(),
+                )
+                .await;
+            }
+        }
         if let Some(mut sending) = report.sending {
             message = Some(sending.queued.id.to_hex());
             match sending.events.recv().await {
@@ -138,11 +168,12 @@ impl App {
             out.json(json!({
                 "id": message,
                 "file": hex(&id),
-                "to": contact.name,
+                "to": to_name,
                 "state": state,
                 "name": files::safe_name(&file.name),
                 "size": file.size,
                 "copies": report.copies,
+                "members": report.members,
                 "relays": report.relays,
                 "bytes_put": report.bytes,
                 "seconds": report.elapsed.as_secs_f64(),
@@ -159,12 +190,22 @@ impl App {
             } else {
                 String::new()
             };
+            let placed = match to {
+                files::To::Contact(_) => {
+                    format!(
+                        "each chunk on {} of their {} relays",
+                        report.copies, report.relays
+                    )
+                }
+                files::To::Group(_) => format!(
+                    "each chunk on at least {} relays of each of {} member(s)",
+                    report.copies, report.members
+                ),
+            };
             out.out(format!(
-                "sent {} to {}: each chunk on {} of their {} relays{speed} (file {}); message {state}",
+                "sent {} to {}: {placed}{speed} (file {}); message {state}",
                 describe(&file),
-                name(&contact.name),
-                report.copies,
-                report.relays,
+                name(to_name),
                 &hex(&id)[..12],
             ));
             for (relay, why) in &report.left_out {
@@ -175,14 +216,32 @@ impl App {
             }
         }
         if !text.trim().is_empty() {
-            let mut sending = engine.send(contact.peer, text.to_owned()).await?;
-            match sending.events.recv().await {
-                Some(SendEvent::Durable) => {}
-                Some(SendEvent::NotDurable(why)) => return Err(CommandError::NotSaved(why)),
-                other => return fail(format!("the text could not be saved ({other:?})")),
-            }
+            let id = match to {
+                files::To::Contact(peer) => {
+                    let mut sending = engine.send(peer, text.to_owned()).await?;
+                    match sending.events.recv().await {
+                        Some(SendEvent::Durable) => {}
+                        Some(SendEvent::NotDurable(why)) => {
+                            return Err(CommandError::NotSaved(why));
+                        }
+                        other => return fail(format!("the text could not be saved ({other:?})")),
+                    }
+                    sending.queued.id
+                }
+                // Durable once answered; then put on the members' relays, briefly
+                // waited for as the file's message was.
+                files::To::Group(group) => {
+                    let id = engine.send_group(group, text.to_owned()).await?.id;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs_f64(timeout.max(0.0)),
+                        engine.deliver_now(),
+                    )
+                    .await;
+                    id
+                }
+            };
             if !json {
-                out.out(format!("and the text (message {})", sending.queued.id));
+                out.out(format!("and the text (message {id})"));
             }
         }
         Ok(())
@@ -221,9 +280,16 @@ impl App {
         let (outgoing, incoming) = self.store.file_transfers()?;
         let live = self.engine.as_ref().map(|e| e.transfers().clone());
         let contacts = self.store.contacts()?;
-        let who = |peer: Option<kkachi_protocol::PeerId>| {
-            peer.and_then(|p| contacts.iter().find(|c| c.peer == p))
-                .map_or_else(|| "(no longer a contact)".to_string(), |c| c.name.clone())
+        let who = |group: Option<kkachi_protocol::group::GroupId>,
+                   peer: Option<kkachi_protocol::PeerId>| {
+            match group {
+                Some(group) => self
+                    .party_name(files::To::Group(group))
+                    .unwrap_or_else(|_| group.to_hex()),
+                None => peer
+                    .and_then(|p| contacts.iter().find(|c| c.peer == p))
+                    .map_or_else(|| "(no longer a contact)".to_string(), |c| c.name.clone()),
+            }
         };
         let home = self.store.home().to_path_buf();
         // Newest first: by when it was sent or arrived, then by its sender's clock.
@@ -250,7 +316,7 @@ impl App {
                     ),
                 )
             };
-            let to = who(r.contact());
+            let to = who(r.group(), r.contact());
             rows.push((
                 (r.created_ms, r.created_ms),
                 json!({
@@ -305,7 +371,7 @@ impl App {
                     format!("failed: {}", crate::sanitize::for_terminal(why)),
                 ),
             };
-            let from = who(r.contact());
+            let from = who(r.group(), r.contact());
             let sent_at = r
                 .contact()
                 .and_then(|p| {
@@ -389,10 +455,7 @@ impl App {
         if let Err(e) = files::release(&engine, id).await {
             tracing::warn!(error = %e, "relays not told to let a saved file go; they drop it when it expires");
         }
-        let from = self
-            .store
-            .contact(&peer)?
-            .map_or_else(|| peer.to_string(), |c| c.name);
+        let from = self.party_name(peer)?;
         if json {
             out.json(json!({
                 "id": hex(&id), "path": path.display().to_string(), "name": files::safe_name(&file.name),

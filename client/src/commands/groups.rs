@@ -632,13 +632,23 @@ impl App {
         json: bool,
         out: &mut Output,
     ) -> Result<(), CommandError> {
-        if args.file.is_some() {
-            return fail("files go to contacts for now, not to groups");
-        }
         if args.reply.is_some() {
             return fail("--reply goes to a contact's message, not to a group's");
         }
         let text = args.text.join(" ");
+        if let Some(path) = &args.file {
+            return self
+                .send_file(
+                    crate::files::To::Group(g.id),
+                    &g.roster.name,
+                    path,
+                    &text,
+                    args.timeout,
+                    json,
+                    out,
+                )
+                .await;
+        }
         let engine = self.engine()?;
         let sent = engine.send_group(g.id, text).await?;
         // Durable now: the exit status says so. Then how far the copies got.
@@ -742,7 +752,7 @@ impl App {
             line.push_str(&format!(
                 "  {}: {}",
                 name(&who),
-                for_terminal(&m.message.text)
+                super::messages::shown_text(&m.message)
             ));
             if m.unseen {
                 line.push_str(

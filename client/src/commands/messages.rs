@@ -65,7 +65,15 @@ impl App {
                 return fail("--reply goes with a text; send the file, then reply to it");
             }
             return self
-                .send_file(&contact, path, &text, args.timeout, json, out)
+                .send_file(
+                    crate::files::To::Contact(contact.peer),
+                    &contact.name,
+                    path,
+                    &text,
+                    args.timeout,
+                    json,
+                    out,
+                )
                 .await;
         }
         let reply_to = match &args.reply {
@@ -461,7 +469,7 @@ pub fn push_history_line(
 
 /// A message's text as shown: "(deleted)" for one deleted for everyone, "(edited)"
 /// after one changed, safe for a terminal.
-fn shown_text(m: &MessageRecord) -> String {
+pub(super) fn shown_text(m: &MessageRecord) -> String {
     if m.deleted {
         "(deleted)".to_string()
     } else if let Some(file) = m.file.as_ref().and_then(|f| f.file()) {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use kkachi_protocol::card::check_name;
 use kkachi_protocol::content::{Body, Content, GroupBody, MAX_BODY_LEN};
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
+use kkachi_protocol::file::FileRef;
 use kkachi_protocol::group::{
     GroupId, Hlc, MAX_LOG_OPS, MAX_OPS_PER_AUTHOR, Mode, Op, Role, Roster, SMALL_GROUP_MAX,
     SignedOp, have_digest,
@@ -17,7 +18,7 @@ use super::EngineError;
 use super::receive::{Outcome, Received};
 use super::state::{Sessions, State};
 use crate::store::{
-    Contact, Direction, GroupMessage, GroupRecord, LocalStore, MAX_WAITING_GROUPS,
+    Contact, Direction, FileNote, GroupMessage, GroupRecord, LocalStore, MAX_WAITING_GROUPS,
     MAX_WAITING_PER_GROUP, MessageRecord, MessageState, OutboxKind, Waiting, WriteSet,
 };
 
@@ -580,6 +581,55 @@ impl<T> State<T> {
         if text.trim().is_empty() {
             return Err(EngineError::Invalid("the message is empty".into()));
         }
+        self.post(id, Posting::Text(text.to_owned()), WriteSet::default(), now)
+    }
+
+    /// Seals a message carrying `file` to every member of group `id` we can reach, as
+    /// [`Self::send_group`] does a text, in one write with `with` (the record saying
+    /// it went). Its chunks are on the members' relays already.
+    pub(crate) fn send_group_file(
+        &mut self,
+        id: GroupId,
+        file: FileRef,
+        with: WriteSet,
+        now: u64,
+    ) -> Result<GroupSent, EngineError> {
+        self.post(id, Posting::File(Box::new(file)), with, now)
+    }
+
+    /// The members of group `id` a message of ours reaches now (our contacts, not
+    /// blocked), and whether we may post there.
+    pub(crate) fn group_recipients(&mut self, id: GroupId) -> Result<Vec<Contact>, EngineError> {
+        let record = self.store.group(&id)?.ok_or_else(no_group)?;
+        let roster = self.merged(id, &record)?.roster.ok_or_else(no_group)?;
+        let me = self.own_key();
+        if !roster.may_post(&me) {
+            return Err(EngineError::Invalid(match roster.role(&me) {
+                None => "you are not a member of this group".into(),
+                Some(_) => "only admins post in this announcement channel".into(),
+            }));
+        }
+        let mut out = Vec::new();
+        for (key, m) in &roster.members {
+            if *key != me
+                && let Some(c) = self.reachable(&m.identity.peer_id())?
+            {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Seals `posting` to every member of group `id` we can reach, in one write (with
+    /// `with`): the same message id in each copy, each copy numbered in its pairwise
+    /// conversation.
+    fn post(
+        &mut self,
+        id: GroupId,
+        posting: Posting,
+        with: WriteSet,
+        now: u64,
+    ) -> Result<GroupSent, EngineError> {
         let mut record = self.store.group(&id)?.ok_or_else(no_group)?;
         let merged = self.merged(id, &record)?;
         let roster = merged.roster.ok_or_else(no_group)?;
@@ -599,13 +649,25 @@ impl<T> State<T> {
         let message_id = MessageId(rand::random());
         let local = record.next_local;
         record.next_local += 1;
+        let (text, file) = match &posting {
+            Posting::Text(text) => (text.as_str(), None),
+            Posting::File(file) => ("", Some(FileNote::of(file))),
+        };
         let body = Body::Group {
             group: id,
-            what: GroupBody::Message {
-                hlc,
-                have: merged.have,
-                secs: roster.timer_secs,
-                text: text.to_owned(),
+            what: match posting.clone() {
+                Posting::Text(text) => GroupBody::Message {
+                    hlc,
+                    have: merged.have,
+                    secs: roster.timer_secs,
+                    text,
+                },
+                Posting::File(file) => GroupBody::File {
+                    hlc,
+                    have: merged.have,
+                    secs: roster.timer_secs,
+                    file,
+                },
             },
         };
         Content {
@@ -632,7 +694,7 @@ impl<T> State<T> {
             self.note_expiry_due(ends);
         }
         self.with_sessions(|this, sessions| {
-            let mut w = WriteSet::default();
+            let mut w = with;
             let mut copies = Vec::new();
             let mut unreachable = Vec::new();
             for (key, m) in &roster.members {
@@ -667,11 +729,13 @@ impl<T> State<T> {
                 LocalStore::write_group_copy(&mut w, &peer, &message_id.0, &id, local);
                 copies.push((peer.to_bytes(), MessageState::Queued));
             }
+            let mut ours = new_record(message_id, Direction::Out, text, now, now, timer_secs);
+            ours.file = file;
             let message = GroupMessage {
                 from: Vec::new(),
                 name: own_name,
                 hlc: (hlc.ms, hlc.count),
-                message: new_record(message_id, Direction::Out, text, now, now, timer_secs),
+                message: ours,
                 copies,
                 event: false,
                 unseen: false,
@@ -745,7 +809,19 @@ impl<T> State<T> {
                 *group,
                 *hlc,
                 *secs,
-                text.clone(),
+                Posting::Text(text.clone()),
+                now,
+            )?,
+            GroupBody::File {
+                hlc, secs, file, ..
+            } => self.take_group_message(
+                w,
+                contact,
+                content,
+                *group,
+                *hlc,
+                *secs,
+                Posting::File(file.clone()),
                 now,
             )?,
         };
@@ -754,7 +830,7 @@ impl<T> State<T> {
         // digests, so two members never answer each other for ever.
         let (theirs, compare) = match what {
             GroupBody::Ops { all, have, .. } => (*have, *all),
-            GroupBody::Message { have, .. } => (*have, true),
+            GroupBody::Message { have, .. } | GroupBody::File { have, .. } => (*have, true),
         };
         if compare {
             self.answer_digest(w, sessions, contact, *group, theirs, now)?;
@@ -965,6 +1041,7 @@ impl<T> State<T> {
                     let local = record.next_local;
                     record.next_local += 1;
                     LocalStore::write_group_message(w, &id, local, &m);
+                    self.offer_group_file(w, id, &m, now)?;
                     shown.push(self.shown(peer, &after, m));
                 }
                 // Not (yet) allowed: a re-add or promotion may still be on its way. It
@@ -1029,10 +1106,21 @@ impl<T> State<T> {
         id: GroupId,
         hlc: Hlc,
         secs: u32,
-        text: String,
+        posting: Posting,
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
+        let (text, file, size) = match posting {
+            Posting::Text(text) => {
+                let size = text.len();
+                (text, None, size)
+            }
+            Posting::File(file) => (
+                String::new(),
+                Some(FileNote::of(&file)),
+                file.encode().len(),
+            ),
+        };
         if content.seq == 0 {
             // A group message takes a number in the pairwise conversation: without one it
             // could not be told from its copies.
@@ -1045,7 +1133,7 @@ impl<T> State<T> {
         // Its number in the pairwise conversation is taken whatever becomes of it, so it
         // never looks like a missing message.
         if self
-            .take_numbered(w, &peer, content, text.len() as u64)?
+            .take_numbered(w, &peer, content, size as u64)?
             .is_none()
         {
             return refused_ops("over the storage limit for one contact");
@@ -1080,6 +1168,7 @@ impl<T> State<T> {
         };
         message.message.seq = content.seq;
         message.message.prev = content.prev;
+        message.message.file = file;
         let record = self.store.group(&id)?;
         let roster = match &record {
             Some(r) if r.joined => self.merged(id, r)?.roster,
@@ -1094,6 +1183,7 @@ impl<T> State<T> {
                 let local = record.next_local;
                 record.next_local += 1;
                 LocalStore::write_group_message(w, &id, local, &message);
+                self.offer_group_file(w, id, &message, now)?;
                 LocalStore::write_group(w, &id, &record);
                 Ok(Outcome::Shown(Box::new(self.shown(peer, &roster, message))))
             }
@@ -1147,6 +1237,37 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a group message waiting for its group"))
             }
         }
+    }
+
+    /// The file a group message shown from a member carries is offered for fetching
+    /// (at once, for a photo within the auto-download rule), counted against the group.
+    fn offer_group_file(
+        &self,
+        w: &mut WriteSet,
+        id: GroupId,
+        message: &GroupMessage,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let Some(file) = message.message.file.as_ref().and_then(|f| f.file()) else {
+            return Ok(());
+        };
+        let file_id = file.id();
+        if self.store.incoming_file(&file_id)?.is_none() {
+            let incoming = crate::store::Incoming {
+                contact: crate::store::group_key(&id),
+                message: message.message.id,
+                reference: file.encode(),
+                state: crate::store::IncomingState::Offered,
+                bad_chunks: 0,
+                saved: Vec::new(),
+                created_ms: now,
+                auto: false,
+                attempts: 0,
+                retry_at_ms: 0,
+            };
+            LocalStore::write_incoming_file(w, &file_id, &incoming);
+        }
+        Ok(())
     }
 
     /// How a member is named in event lines: "you", the name we gave a contact, else
@@ -1383,6 +1504,13 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         event: true,
         unseen: false,
     }
+}
+
+/// What a group message of ours or a member's carries.
+#[derive(Debug, Clone)]
+pub(crate) enum Posting {
+    Text(String),
+    File(Box<FileRef>),
 }
 
 /// A message record as a group message holds it.

@@ -475,6 +475,28 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
+    /// Seals a message carrying `file` to every member of group `id` we reach, in one
+    /// write with `with`; returns once it is durable.
+    pub async fn send_group_file(
+        &self,
+        id: kkachi_protocol::group::GroupId,
+        file: kkachi_protocol::file::FileRef,
+        with: crate::store::WriteSet,
+    ) -> Result<GroupSent, EngineError> {
+        self.change(move |state, now| state.send_group_file(id, file, with, now))
+            .await
+    }
+
+    /// The contacts a message to group `id` reaches now; an error if we may not post
+    /// there.
+    pub async fn group_recipients(
+        &self,
+        id: kkachi_protocol::group::GroupId,
+    ) -> Result<Vec<crate::store::Contact>, EngineError> {
+        self.change(move |state, _| state.group_recipients(id))
+            .await
+    }
+
     /// Marks `peer`'s messages read and tells them (read receipts).
     pub async fn mark_read(&self, peer: PeerId) -> Result<(), EngineError> {
         self.change(move |state, now| state.mark_read(&peer, now).map(drop))

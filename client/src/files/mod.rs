@@ -38,7 +38,7 @@ use crate::store::{IncomingState, StoreError, TransferId};
 
 pub use download::{FetchReport, export, fetch, release};
 pub use live::{Claim, Live, LiveProgress};
-pub use upload::{UploadReport, prepare, upload};
+pub use upload::{To, UploadReport, prepare, upload};
 
 /// Files up to this size go to every relay of the recipient; larger ones to two.
 pub const SMALL_FILE: u64 = 1 << 20;
@@ -428,7 +428,27 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
                 .and_then(|f| f.file())
                 .is_some_and(|f| f.id() == *id)
     };
+    // A group's file stays while the group is here and so is its message.
+    let group_here = |group: &kkachi_protocol::group::GroupId| -> Result<bool, FilesError> {
+        Ok(store.group(group)?.is_some_and(|g| !g.forgotten))
+    };
     for (id, r) in &incoming {
+        if let Some(group) = r.group() {
+            let keep = group_here(&group)?
+                && store
+                    .recent_group_messages(&group, SWEEP_LOOKBACK)?
+                    .iter()
+                    .any(|m| m.message.id == r.message && carries(&m.message, id));
+            if !keep {
+                crate::store::LocalStore::remove_file_record(&mut w, id, true);
+                gone.push(vec![
+                    part_path(&home, id),
+                    bits_path(&home, id),
+                    manifest_path(&home, id),
+                ]);
+            }
+            continue;
+        }
         let keep = match wanted(r.contact())? {
             Some(peer) => {
                 let here = store
@@ -464,7 +484,13 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
         }
     }
     for (id, r) in &outgoing {
-        if wanted(r.contact())?.is_none() {
+        let gone_away = match r.group() {
+            // Still going out while we are in the group (the upload checks that we may
+            // post); once sent, the record stays as the group's does.
+            Some(group) => !group_here(&group)?,
+            None => wanted(r.contact())?.is_none(),
+        };
+        if gone_away {
             crate::store::LocalStore::remove_file_record(&mut w, id, false);
             gone.push(vec![spool_path(&home, id)]);
         }
@@ -717,22 +743,29 @@ pub fn describe(file: &FileRef) -> String {
     s
 }
 
-/// The contact a transfer is with, and the reference, read from either record.
+/// Whom a transfer is with (a contact, or a group), and the reference, read from
+/// either record.
 pub fn transfer_file(
     store: &crate::store::LocalStore,
     incoming: bool,
     id: &TransferId,
-) -> Result<(PeerId, FileRef), FilesError> {
+) -> Result<(To, FileRef), FilesError> {
     let (peer, file) = if incoming {
         let r = store
             .incoming_file(id)?
             .ok_or_else(|| FilesError::Refused("that file is no longer here".into()))?;
-        (r.contact(), r.file()?)
+        (
+            r.group().map(To::Group).or(r.contact().map(To::Contact)),
+            r.file()?,
+        )
     } else {
         let r = store
             .outgoing_file(id)?
             .ok_or_else(|| FilesError::Refused("that file is no longer here".into()))?;
-        (r.contact(), r.file()?)
+        (
+            r.group().map(To::Group).or(r.contact().map(To::Contact)),
+            r.file()?,
+        )
     };
     let peer = peer.ok_or(StoreError::Corrupt("file transfer"))?;
     Ok((peer, file))

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kkachi_protocol::file::{
     CHUNK_BYTES, ChunkId, FileKey, FileRef, MAX_FILE_BYTES, Manifest, chunk_count, seal_chunk,
 };
+use kkachi_protocol::group::GroupId;
 use kkachi_protocol::wire::MAX_CHUNK_IDS;
 use kkachi_protocol::{ClientToRelay, Multiaddr, PeerId, RelayToClient, WriteKey};
 use parking_lot::Mutex;
@@ -27,13 +28,17 @@ use crate::store::{LocalStore, Outgoing, StoreError, TransferId, WriteSet};
 /// What an upload did.
 #[derive(Debug)]
 pub struct UploadReport {
-    /// The message carrying the file, if this run queued it.
+    /// The message carrying the file, if this run queued it (to a contact).
     pub sending: Option<Sending>,
+    /// The message carrying the file, if this run sent it to a group.
+    pub group_sent: Option<crate::engine::GroupSent>,
     /// The message went (by this run or an earlier one).
     pub message_sent: bool,
     /// The fewest relays any chunk is on.
     pub copies: usize,
-    /// Relays the contact has.
+    /// Recipients: the contact, or the members of a group it reached.
+    pub members: usize,
+    /// Relays the recipients have (a relay two members share counts twice).
     pub relays: usize,
     /// Bytes put by this run.
     pub bytes: u64,
@@ -46,24 +51,49 @@ pub struct UploadReport {
     pub refused: Vec<(String, String)>,
 }
 
-/// Seals the file at `path` for `contact` into the spool and records it, durably: from
-/// then on it is sent whatever happens to this process. Returns the claim to upload it
-/// (see [`upload`]).
+/// Whom a file goes to.
+#[derive(Debug, Clone, Copy)]
+pub enum To {
+    /// A contact.
+    Contact(PeerId),
+    /// Every member of a group we reach (SPEC §14.4).
+    Group(GroupId),
+}
+
+/// Seals the file at `path` for `to` into the spool and records it, durably: from then
+/// on it is sent whatever happens to this process. Returns the claim to upload it (see
+/// [`upload`]).
 pub async fn prepare<T: Transport>(
     engine: &Engine<T>,
-    contact: PeerId,
+    to: To,
     path: &Path,
 ) -> Result<Claim, FilesError> {
     let store = engine.store().clone();
-    let Some(c) = store.contact(&contact)? else {
-        return Err(FilesError::Refused(format!("{contact} is not a contact")));
+    let recipient = match to {
+        To::Contact(contact) => {
+            let Some(c) = store.contact(&contact)? else {
+                return Err(FilesError::Refused(format!("{contact} is not a contact")));
+            };
+            if store.blocked(&contact)?.is_some() {
+                return Err(FilesError::Refused(format!(
+                    "{} is blocked; unblock them first",
+                    crate::sanitize::for_terminal(&c.name)
+                )));
+            }
+            contact.to_bytes()
+        }
+        To::Group(group) => {
+            // Only where we may post, and someone is there to get it.
+            if engine.group_recipients(group).await?.is_empty() {
+                return Err(FilesError::Refused(
+                    "no other member of the group can be reached (members get files from \
+                     their contacts only)"
+                        .into(),
+                ));
+            }
+            crate::store::group_key(&group)
+        }
     };
-    if store.blocked(&contact)?.is_some() {
-        return Err(FilesError::Refused(format!(
-            "{} is blocked; unblock them first",
-            crate::sanitize::for_terminal(&c.name)
-        )));
-    }
     let read = |source| FilesError::Read {
         path: path.to_path_buf(),
         source,
@@ -130,7 +160,7 @@ pub async fn prepare<T: Transport>(
         .claim(false, id)
         .expect("a new file's id is new");
     let record = Outgoing {
-        contact: contact.to_bytes(),
+        contact: recipient,
         reference: file.encode(),
         chunks,
         manifest_len,
@@ -257,11 +287,17 @@ fn seal_into_spool(
     Ok((tmp, ids, sealed.len() as u32))
 }
 
-/// One relay of the contact's, and our capability into their queue there.
+/// One relay of a recipient's, and our capability into their queue there.
 #[derive(Clone)]
 struct Target {
     addr: Multiaddr,
     key: WriteKey,
+    /// Whose relay it is: an index into the recipients (one for a contact, each member
+    /// reached for a group).
+    member: usize,
+    /// How the record names it: the address, and for a group the member too (two
+    /// members may share a relay, each with a queue of their own there).
+    name: String,
 }
 
 /// What each relay holds and is being sent, shared by the workers.
@@ -271,34 +307,50 @@ struct Plan {
     failures: Vec<u32>,
     out: Vec<Option<String>>,
     trouble: Vec<Option<String>>,
-    need: usize,
+    /// Whose relay each is (see [`Target::member`]).
+    member: Vec<usize>,
+    /// Copies of every item each recipient gets.
+    need: Vec<usize>,
     bytes: u64,
 }
 
 impl Plan {
-    fn copies(&self, item: usize) -> usize {
-        self.held.iter().filter(|h| h[item]).count()
-    }
-
-    /// Puts of `item` under way to relays that have not failed lately: one under way
-    /// to a relay that has may never end, and must not hold the others back.
-    fn in_flight(&self, item: usize) -> usize {
-        self.inflight
+    /// Copies of `item` on recipient `m`'s relays.
+    fn copies(&self, item: usize, m: usize) -> usize {
+        self.held
             .iter()
-            .zip(&self.failures)
-            .filter(|(f, failures)| f[item] && **failures == 0)
+            .zip(&self.member)
+            .filter(|(h, of)| **of == m && h[item])
             .count()
     }
 
-    /// Items on at least `n` relays.
-    fn on_at_least(&self, n: usize) -> usize {
+    /// Puts of `item` under way to recipient `m`'s relays that have not failed lately:
+    /// one under way to a relay that has may never end, and must not hold the others
+    /// back.
+    fn in_flight(&self, item: usize, m: usize) -> usize {
+        (0..self.inflight.len())
+            .filter(|&r| self.member[r] == m && self.inflight[r][item] && self.failures[r] == 0)
+            .count()
+    }
+
+    /// Items every recipient `m` holds at least `copies[m]` copies of.
+    fn on_at_least(&self, copies: &[usize]) -> usize {
         (0..self.held[0].len())
-            .filter(|&i| self.copies(i) >= n)
+            .filter(|&i| (0..copies.len()).all(|m| self.copies(i, m) >= copies[m]))
             .count()
     }
 
-    fn everywhere(&self, n: usize) -> bool {
-        self.on_at_least(n) == self.held[0].len()
+    fn everywhere(&self, copies: &[usize]) -> bool {
+        self.on_at_least(copies) == self.held[0].len()
+    }
+
+    /// The fewest copies of any item on any recipient's relays.
+    fn fewest(&self) -> usize {
+        (0..self.held[0].len())
+            .flat_map(|i| (0..self.need.len()).map(move |m| (i, m)))
+            .map(|(i, m)| self.copies(i, m))
+            .min()
+            .unwrap_or(0)
     }
 
     /// What a worker for relay `r` does next.
@@ -306,12 +358,13 @@ impl Plan {
         if self.out[r].is_some() {
             return Pick::Done;
         }
+        let (m, need) = (self.member[r], self.need[self.member[r]]);
         let mut waiting = false;
         for item in 0..self.held[r].len() {
-            if self.held[r][item] || self.copies(item) >= self.need {
+            if self.held[r][item] || self.copies(item, m) >= need {
                 continue;
             }
-            if self.inflight[r][item] || self.copies(item) + self.in_flight(item) >= self.need {
+            if self.inflight[r][item] || self.copies(item, m) + self.in_flight(item, m) >= need {
                 waiting = true;
                 continue;
             }
@@ -349,39 +402,81 @@ pub async fn upload<T: Transport>(
     let Some(mut record) = store.outgoing_file(&id)? else {
         return Err(FilesError::Refused("no such file is being sent".into()));
     };
-    let peer = record
-        .contact()
-        .ok_or(StoreError::Corrupt("outgoing file"))?;
     let file = record.file()?;
-    let contact = match store.contact(&peer)? {
-        Some(c) if store.blocked(&peer)?.is_none() => c,
-        // Removed or blocked meanwhile: nothing goes to them any more.
-        _ => {
-            forget(&store, &home, &id).await?;
-            return Err(FilesError::Refused(
-                "they are no longer a contact, or are blocked: the file goes no further".into(),
-            ));
+    let group = record.group();
+    // Who gets it: the contact, or the members of the group we reach now.
+    let recipients = match group {
+        Some(group) => match engine.group_recipients(group).await {
+            Ok(members) if !members.is_empty() => members,
+            Ok(_) => {
+                forget(&store, &home, &id).await?;
+                return Err(FilesError::Refused(
+                    "no other member of the group can be reached: the file goes no further".into(),
+                ));
+            }
+            Err(e) => {
+                forget(&store, &home, &id).await?;
+                return Err(FilesError::Refused(format!(
+                    "the file goes no further: {e}"
+                )));
+            }
+        },
+        None => {
+            let peer = record
+                .contact()
+                .ok_or(StoreError::Corrupt("outgoing file"))?;
+            match store.contact(&peer)? {
+                Some(c) if store.blocked(&peer)?.is_none() => vec![c],
+                // Removed or blocked meanwhile: nothing goes to them any more.
+                _ => {
+                    forget(&store, &home, &id).await?;
+                    return Err(FilesError::Refused(
+                        "they are no longer a contact, or are blocked: the file goes no further"
+                            .into(),
+                    ));
+                }
+            }
         }
     };
-    let targets: Vec<Target> = contact
-        .card
-        .relays()
+    let targets: Vec<Target> = recipients
         .iter()
-        .filter_map(|addr| {
-            let relay = crate::net::peer_of(addr)?;
-            Some(Target {
-                addr: addr.clone(),
-                key: engine
-                    .identity()
-                    .write_key_for(contact.card.identity(), &relay),
+        .enumerate()
+        .flat_map(|(member, contact)| {
+            contact.card.relays().iter().filter_map(move |addr| {
+                let relay = crate::net::peer_of(addr)?;
+                Some(Target {
+                    addr: addr.clone(),
+                    key: engine
+                        .identity()
+                        .write_key_for(contact.card.identity(), &relay),
+                    member,
+                    name: match group {
+                        Some(_) => format!("{addr} {}", contact.peer),
+                        None => addr.to_string(),
+                    },
+                })
             })
         })
         .collect();
-    let enough = targets.len().min(2);
+    // Each recipient's relays: two copies of every chunk are enough to send the
+    // message; a small file goes to every relay.
+    let relays_of = |m: usize| targets.iter().filter(|t| t.member == m).count();
+    let enough: Vec<usize> = (0..recipients.len()).map(|m| relays_of(m).min(2)).collect();
+    let need: Vec<usize> = (0..recipients.len())
+        .map(|m| {
+            if file.size <= SMALL_FILE {
+                relays_of(m)
+            } else {
+                enough[m]
+            }
+        })
+        .collect();
     let mut report = UploadReport {
         sending: None,
+        group_sent: None,
         message_sent: record.message_sent,
         copies: 0,
+        members: recipients.len(),
         relays: targets.len(),
         bytes: 0,
         elapsed: Duration::ZERO,
@@ -389,13 +484,13 @@ pub async fn upload<T: Transport>(
         refused: Vec::new(),
     };
     if record.finished {
-        report.copies = enough;
+        report.copies = enough.iter().copied().min().unwrap_or(0);
         return Ok(report);
     }
-    if targets.is_empty() {
+    if let Some(m) = (0..recipients.len()).find(|&m| relays_of(m) == 0) {
         return Err(FilesError::Unavailable(format!(
             "{} has no relays to take the file",
-            crate::sanitize::for_terminal(&contact.name)
+            crate::sanitize::for_terminal(&recipients[m].name)
         )));
     }
     let spool_file = spool_path(&home, &id);
@@ -420,22 +515,18 @@ pub async fn upload<T: Transport>(
         .collect();
     let (last_at, last_len) = places[n - 1];
     places.push((last_at + last_len as u64, record.manifest_len as usize));
-    let need = if file.size <= SMALL_FILE {
-        targets.len()
-    } else {
-        enough
-    };
     let mut plan = Plan {
         held: vec![vec![false; items]; targets.len()],
         inflight: vec![vec![false; items]; targets.len()],
         failures: vec![0; targets.len()],
         out: vec![None; targets.len()],
         trouble: vec![None; targets.len()],
-        need,
+        member: targets.iter().map(|t| t.member).collect(),
+        need: need.clone(),
         bytes: 0,
     };
     for (r, t) in targets.iter().enumerate() {
-        if let Some((_, bits)) = record.relays.iter().find(|(a, _)| *a == t.addr.to_string()) {
+        if let Some((_, bits)) = record.relays.iter().find(|(a, _)| *a == t.name) {
             plan.held[r] = unbitmap(bits, items);
         }
     }
@@ -453,15 +544,19 @@ pub async fn upload<T: Transport>(
     // the file's).
     claim.update(|p| {
         p.total = n;
-        p.done = plan.lock().on_at_least(enough).min(n);
+        p.done = plan.lock().on_at_least(&enough).min(n);
         p.doing = "uploading";
     });
     let notify = Arc::new(Notify::new());
     let ids = Arc::new(ids);
     let places = Arc::new(places);
+    let shared_enough = Arc::new(enough.clone());
+    // As many puts under way as for a contact's relays in all, however many members
+    // share them (each holds a chunk in memory), and at least one per relay.
+    let per_target = (PER_RELAY * 4 / targets.len()).clamp(1, PER_RELAY);
     let mut workers = tokio::task::JoinSet::new();
     for (r, target) in targets.iter().enumerate() {
-        for _ in 0..PER_RELAY {
+        for _ in 0..per_target {
             workers.spawn(put_worker(
                 engine.net().clone(),
                 target.clone(),
@@ -473,7 +568,7 @@ pub async fn upload<T: Transport>(
                     places: places.clone(),
                     notify: notify.clone(),
                     claim: claim.clone(),
-                    enough,
+                    enough: shared_enough.clone(),
                 },
             ));
         }
@@ -487,7 +582,7 @@ pub async fn upload<T: Transport>(
         };
         let (ready, complete, held) = {
             let p = plan.lock();
-            (p.everywhere(enough), p.everywhere(need), p.held.clone())
+            (p.everywhere(&enough), p.everywhere(&need), p.held.clone())
         };
         // Everything is where it goes: workers left are waiting out a failed relay's
         // backoff, or on a put that is no longer needed.
@@ -495,7 +590,7 @@ pub async fn upload<T: Transport>(
         record.relays = targets
             .iter()
             .zip(&held)
-            .map(|(t, h)| (t.addr.to_string(), bitmap(h)))
+            .map(|(t, h)| (t.name.clone(), bitmap(h)))
             .collect();
         if ready && !record.message_sent {
             // Cancelled meanwhile: it does not go.
@@ -507,15 +602,28 @@ pub async fn upload<T: Transport>(
             record.message_sent = true;
             let mut with = WriteSet::default();
             LocalStore::write_outgoing_file(&mut with, &id, &record);
-            let sending = match engine.send_file(peer, file.clone(), with).await {
-                Ok(s) => s,
-                Err(e) => {
-                    workers.abort_all();
-                    return Err(e.into());
-                }
-            };
-            record.message = Some(sending.queued.id.0);
-            report.sending = Some(sending);
+            let sent =
+                match (group, recipients.first()) {
+                    (Some(group), _) => engine
+                        .send_group_file(group, file.clone(), with)
+                        .await
+                        .map(|s| {
+                            record.message = Some(s.id.0);
+                            report.group_sent = Some(s);
+                        }),
+                    (None, Some(contact)) => engine
+                        .send_file(contact.peer, file.clone(), with)
+                        .await
+                        .map(|s| {
+                            record.message = Some(s.queued.id.0);
+                            report.sending = Some(s);
+                        }),
+                    (None, None) => unreachable!("a contact's file has its contact"),
+                };
+            if let Err(e) = sent {
+                workers.abort_all();
+                return Err(e.into());
+            }
             report.message_sent = true;
             save(&store, &id, &record)?;
             saved = Instant::now();
@@ -530,17 +638,17 @@ pub async fn upload<T: Transport>(
     }
     {
         let p = plan.lock();
-        report.copies = (0..items).map(|i| p.copies(i)).min().unwrap_or(0);
+        report.copies = p.fewest();
         report.bytes = p.bytes;
         report.left_out = targets
             .iter()
             .zip(&p.out)
-            .filter_map(|(t, why)| why.clone().map(|w| (t.addr.to_string(), w)))
+            .filter_map(|(t, why)| why.clone().map(|w| (t.name.clone(), w)))
             .collect();
         report.refused = targets
             .iter()
             .zip(&p.trouble)
-            .filter_map(|(t, why)| why.clone().map(|w| (t.addr.to_string(), w)))
+            .filter_map(|(t, why)| why.clone().map(|w| (t.name.clone(), w)))
             .collect();
     }
     report.elapsed = started.elapsed();
@@ -628,7 +736,7 @@ struct Worker {
     places: Arc<Vec<(u64, usize)>>,
     notify: Arc<Notify>,
     claim: Arc<Claim>,
-    enough: usize,
+    enough: Arc<Vec<usize>>,
 }
 
 /// Puts chunks on relay `r` until it has all it should, or is left out.
@@ -674,7 +782,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
                     p.held[r][item] = true;
                     p.failures[r] = 0;
                     p.bytes += len as u64;
-                    let (done, bytes) = (p.on_at_least(w.enough).min(w.ids.len() - 1), p.bytes);
+                    let (done, bytes) = (p.on_at_least(&w.enough).min(w.ids.len() - 1), p.bytes);
                     w.claim.update(|l| {
                         l.done = done;
                         l.bytes = bytes;

@@ -26,6 +26,13 @@ pub fn group_key(id: &GroupId) -> Vec<u8> {
     k
 }
 
+/// The group a key made by [`group_key`] names (`None` for anything else, such as a
+/// contact's peer id).
+pub fn group_of(key: &[u8]) -> Option<GroupId> {
+    let rest = key.strip_prefix(&[0x00, 36, b'g', b'r', b'p', 0][..])?;
+    Some(GroupId(rest.try_into().ok()?))
+}
+
 fn message_key(id: &GroupId, local: u64) -> Vec<u8> {
     let mut k = group_key(id);
     k.extend_from_slice(&local.to_be_bytes());

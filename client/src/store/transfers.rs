@@ -4,6 +4,7 @@
 
 use kkachi_protocol::PeerId;
 use kkachi_protocol::file::{ChunkId, FileRef};
+use kkachi_protocol::group::GroupId;
 use serde::{Deserialize, Serialize};
 
 use super::{LocalStore, StoreError, TreeId, WriteSet, decode};
@@ -54,9 +55,17 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// The contact's id.
+    /// The contact's id (`None` for a file sent to a group).
     pub fn contact(&self) -> Option<PeerId> {
-        PeerId::from_bytes(&self.contact).ok()
+        super::groups::group_of(&self.contact)
+            .is_none()
+            .then(|| PeerId::from_bytes(&self.contact).ok())
+            .flatten()
+    }
+
+    /// The group it goes to, for a file sent to one (its key is in `contact`).
+    pub fn group(&self) -> Option<GroupId> {
+        super::groups::group_of(&self.contact)
     }
 
     /// The file reference.
@@ -110,9 +119,17 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// The contact's id.
+    /// The contact's id (`None` for a file a member sent to a group).
     pub fn contact(&self) -> Option<PeerId> {
-        PeerId::from_bytes(&self.contact).ok()
+        super::groups::group_of(&self.contact)
+            .is_none()
+            .then(|| PeerId::from_bytes(&self.contact).ok())
+            .flatten()
+    }
+
+    /// The group it came in, for a file a member sent to one (its key is in `contact`).
+    pub fn group(&self) -> Option<GroupId> {
+        super::groups::group_of(&self.contact)
     }
 
     /// The file reference.

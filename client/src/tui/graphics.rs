@@ -100,6 +100,15 @@ impl fmt::Debug for Graphic {
     }
 }
 
+/// The same graphic, not another one that looks alike.
+impl PartialEq for Graphic {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Graphic {}
+
 impl Graphic {
     /// `picture` for this terminal's graphics, in the place its half blocks take
     /// (`cells`: columns and rows); `None` where the terminal has no graphics (found

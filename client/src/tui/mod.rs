@@ -679,7 +679,7 @@ pub fn snapshot(
             Some((m.id, file_view(store, engine, m, &file)))
         })
         .collect();
-    let (groups, group_lines) = group_snapshot(store, me.as_ref().map(|(_, p)| *p), group);
+    let (groups, group_lines) = group_snapshot(store, engine, me.as_ref().map(|(_, p)| *p), group);
     Snapshot {
         me,
         conversations,
@@ -697,6 +697,7 @@ pub fn snapshot(
 /// lines, made safe to draw.
 fn group_snapshot(
     store: &LocalStore,
+    engine: Option<&Engine<Network>>,
     me: Option<PeerId>,
     open: Option<kkachi_protocol::group::GroupId>,
 ) -> (Vec<state::GroupSummary>, Vec<state::GroupLine>) {
@@ -751,9 +752,20 @@ fn group_snapshot(
                 },
             };
             let (delivered, read) = m.tally();
+            let file =
+                m.message
+                    .file
+                    .as_ref()
+                    .and_then(|f| f.file())
+                    .map(|file| state::GroupFile {
+                        id: crate::files::hex(&file.id()),
+                        name: file.name.clone(),
+                        view: file_view(store, engine, &m.message, &file),
+                    });
             lines.push(state::GroupLine {
                 who,
                 text: for_terminal(&m.message.text).into_owned(),
+                file,
                 sent_at_ms: m.message.sent_at_ms,
                 event: m.event,
                 delivered,

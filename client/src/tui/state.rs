@@ -62,6 +62,19 @@ pub struct GroupLine {
     pub copies: usize,
     /// Ours, sent after we were removed (before we knew).
     pub unseen: bool,
+    /// The file it carries.
+    pub file: Option<GroupFile>,
+}
+
+/// A file sent to a group, as the UI shows it and acts on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupFile {
+    /// Its id, in hex (what `get` takes).
+    pub id: String,
+    /// Its name as sent (for deciding whether it may be opened; never drawn raw).
+    pub name: String,
+    /// How it is shown.
+    pub view: FileView,
 }
 
 /// The least time between two notifications of one conversation.
@@ -125,7 +138,7 @@ pub struct Snapshot {
 }
 
 /// A file message as the UI shows it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileView {
     /// What it is: `📎 name (size) type`, safe to draw.
     pub label: String,

@@ -693,10 +693,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                 );
                 return vec![];
             }
-            Some(
-                "file" | "save" | "open" | "edit" | "delete" | "reply" | "react" | "rename"
-                | "mute" | "search",
-            ) => {
+            Some("edit" | "delete" | "reply" | "react" | "rename" | "mute" | "search") => {
                 notice(state, "not in groups yet: that works in 1:1 chats");
                 return vec![];
             }
@@ -889,9 +886,14 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             vec![]
         }
         (Some("file"), first) => {
-            let Some(peer) = state.selected else {
-                notice(state, "open the conversation first");
-                return vec![];
+            // To the open group, else to the open conversation.
+            let to = match (state.group, state.selected) {
+                (Some(group), _) => group.to_hex(),
+                (None, Some(peer)) => peer.to_string(),
+                (None, None) => {
+                    notice(state, "open the conversation first");
+                    return vec![];
+                }
             };
             let Some(path) = path_after(line, "file").filter(|_| first.is_some()) else {
                 notice(state, "usage: /file PATH (a file or photo, up to 2 GiB)");
@@ -909,7 +911,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             }
             vec![run(
                 Command::Send(crate::cli::SendArgs {
-                    contact: peer.to_string(),
+                    contact: to,
                     text: Vec::new(),
                     timeout: 5.0,
                     reply: None,
@@ -919,32 +921,45 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             )]
         }
         (Some(verb @ ("save" | "open")), dir) => {
-            if state.selected.is_none() {
-                notice(state, "open the conversation first");
-                return vec![];
-            }
-            // The picked message's file, else their last one.
-            let target = match state.picked {
-                Some(id) => state.data.messages.iter().find(|m| m.id == id),
-                None => state
-                    .data
-                    .messages
-                    .iter()
-                    .rev()
-                    .find(|m| m.direction == Direction::In && m.file.is_some() && !m.deleted),
+            // In a group, the last file a member sent; in a conversation, the picked
+            // message's file, else their last one.
+            let found = if state.group.is_some() {
+                let last = state.data.group_lines.iter().rev();
+                let Some(file) = last
+                    .filter(|l| l.who != "me" && !l.event)
+                    .find_map(|l| l.file.as_ref())
+                else {
+                    notice(state, &format!("no file from a member here to {verb}"));
+                    return vec![];
+                };
+                (file.id.clone(), file.name.clone())
+            } else {
+                if state.selected.is_none() {
+                    notice(state, "open the conversation first");
+                    return vec![];
+                }
+                let target =
+                    match state.picked {
+                        Some(id) => state.data.messages.iter().find(|m| m.id == id),
+                        None => state.data.messages.iter().rev().find(|m| {
+                            m.direction == Direction::In && m.file.is_some() && !m.deleted
+                        }),
+                    };
+                let Some(file) = target
+                    .filter(|m| m.direction == Direction::In && !m.deleted)
+                    .and_then(|m| m.file.as_ref()?.file())
+                else {
+                    notice(
+                        state,
+                        &format!(
+                            "no file of theirs here to {verb}: pick one with Ctrl+Up, then /{verb}"
+                        ),
+                    );
+                    return vec![];
+                };
+                (crate::files::hex(&file.id()), file.name)
             };
-            let Some(file) = target
-                .filter(|m| m.direction == Direction::In && !m.deleted)
-                .and_then(|m| m.file.as_ref()?.file())
-            else {
-                notice(
-                    state,
-                    &format!(
-                        "no file of theirs here to {verb}: pick one with Ctrl+Up, then /{verb}"
-                    ),
-                );
-                return vec![];
-            };
+            let (id, file_name) = found;
             let to = match (dir, path_after(line, verb)) {
                 (Some(_), Some(d)) if d.is_dir() => d,
                 (Some(_), Some(d)) => {
@@ -963,25 +978,16 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             if verb == "open" {
                 // Only what opens as a document, picture or recording: a contact's file
                 // never runs as a program, whatever they call its type.
-                if !crate::files::opens_safely(&file.name) {
+                if !crate::files::opens_safely(&file_name) {
                     notice(
                         state,
                         "that kind of file is not opened from here: /save it and look at it first",
                     );
                     return vec![];
                 }
-                return vec![Effect::Open {
-                    id: crate::files::hex(&file.id()),
-                    to,
-                }];
+                return vec![Effect::Open { id, to }];
             }
-            vec![run(
-                Command::Get {
-                    id: crate::files::hex(&file.id()),
-                    to: Some(to),
-                },
-                None,
-            )]
+            vec![run(Command::Get { id, to: Some(to) }, None)]
         }
         (Some("mute"), _) => match state.current() {
             Some(c) => vec![run(
@@ -2007,9 +2013,28 @@ mod group_tests {
             [Effect::Run { command: Command::Group(GroupCommand::Members { group }), .. }]
                 if *group == id.to_hex()
         ));
-        typed(&mut s, "/file /etc/hostname");
+        typed(&mut s, "/react 👍");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
         assert!(s.notice.as_ref().unwrap().0.contains("1:1 chats"));
+        // A file goes to the open group; /save finds no member's file yet.
+        let dir = tempfile::tempdir().unwrap();
+        let photo = dir.path().join("shelter.jpg");
+        std::fs::write(&photo, b"jpeg").unwrap();
+        typed(&mut s, &format!("/file {}", photo.display()));
+        assert!(matches!(
+            update(&mut s, key(KeyCode::Enter)).as_slice(),
+            [Effect::Run { command: Command::Send(args), .. }]
+                if args.contact == id.to_hex() && args.file.as_deref() == Some(photo.as_path())
+        ));
+        typed(&mut s, "/save");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(
+            s.notice
+                .as_ref()
+                .unwrap()
+                .0
+                .contains("no file from a member")
+        );
         // `/remove WHO` deletes a contact: in a group it is stopped and explained.
         typed(&mut s, "/remove Minji");
         assert!(update(&mut s, key(KeyCode::Enter)).is_empty());

@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span, Text};
 use ratatui::widgets::{Block, Clear, List, ListItem, ListState, Paragraph, Wrap};
 use unicode_width::UnicodeWidthChar;
 
-use super::state::{GroupSummary, Overlay, State};
+use super::state::{FileView, GroupSummary, Overlay, State};
 use super::update::HELP;
 use crate::sanitize::{for_terminal, for_terminal_block};
 use crate::store::{Direction, MessageRecord, MessageState};
@@ -275,28 +275,35 @@ fn message_lines(m: &MessageRecord, them: &str, width: usize, decor: &Decor) -> 
             Style::new().fg(Color::Yellow),
         ));
     }
-    // A file: where it stands, how far it is, and a picture's preview.
     if let (Some(file), false) = (&decor.file, m.deleted) {
-        let pad = Span::raw(" ".repeat(indent));
-        let mut status = vec![pad.clone()];
-        if let Some((done, total)) = file.progress {
-            status.push(Span::styled(
-                progress_bar(done, total, width.saturating_sub(indent) / 3),
-                Style::new().fg(Color::Cyan),
-            ));
-            status.push(Span::raw(" "));
-        }
+        lines.extend(file_lines(file, indent, width));
+    }
+    lines
+}
+
+/// Under a file message, `indent` columns in: where the file stands, how far it is,
+/// and a picture's preview in half blocks (the place its graphic takes, see
+/// [`graphic_at`]).
+fn file_lines(file: &FileView, indent: usize, width: usize) -> Vec<Line<'static>> {
+    let pad = Span::raw(" ".repeat(indent));
+    let mut status = vec![pad.clone()];
+    if let Some((done, total)) = file.progress {
         status.push(Span::styled(
-            file.status.clone(),
-            Style::new().fg(Color::DarkGray),
+            progress_bar(done, total, width.saturating_sub(indent) / 3),
+            Style::new().fg(Color::Cyan),
         ));
-        lines.push(Line::from(status));
-        if let Some(picture) = &file.picture {
-            let cols = PICTURE_COLS.min(width.saturating_sub(indent) as u16);
-            for mut row in crate::files::picture::half_blocks(picture, cols, PICTURE_ROWS) {
-                row.spans.insert(0, pad.clone());
-                lines.push(row);
-            }
+        status.push(Span::raw(" "));
+    }
+    status.push(Span::styled(
+        file.status.clone(),
+        Style::new().fg(Color::DarkGray),
+    ));
+    let mut lines = vec![Line::from(status)];
+    if let Some(picture) = &file.picture {
+        let cols = PICTURE_COLS.min(width.saturating_sub(indent) as u16);
+        for mut row in crate::files::picture::half_blocks(picture, cols, PICTURE_ROWS) {
+            row.spans.insert(0, pad.clone());
+            lines.push(row);
         }
     }
     lines
@@ -356,6 +363,7 @@ fn day_line(day: &str, width: usize) -> Line<'static> {
 fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect) {
     let width = usize::from(area.width.saturating_sub(2));
     let mut lines: Vec<Line> = Vec::new();
+    let mut graphics = Vec::new();
     let mut last_day = String::new();
     for l in &state.data.group_lines {
         let day = format_day(l.sent_at_ms);
@@ -392,7 +400,11 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
         } else {
             Style::new().fg(Color::Green).bold()
         };
-        let text = format!("{time} {}: {}{mark}", l.who, l.text);
+        let said = match &l.file {
+            Some(file) => &file.view.label,
+            None => &l.text,
+        };
+        let text = format!("{time} {}: {said}{mark}", l.who);
         for (i, chunk) in wrap(&text, width.max(8)).into_iter().enumerate() {
             if i == 0 && chunk.starts_with(&format!("{time} {}:", l.who)) {
                 let head = format!("{time} ");
@@ -405,6 +417,17 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
             } else {
                 lines.push(Line::from(chunk));
             }
+        }
+        // A file: where it stands, and a picture's preview (in the terminal's graphics
+        // where it has them).
+        if let Some(file) = &l.file {
+            let indent = format!("{time} {}: ", l.who).chars().count().min(width / 2);
+            let drawn = file_lines(&file.view, indent, width);
+            if let Some((graphic, indent)) = graphic_at(&file.view, indent, width, &drawn) {
+                let at = lines.len() + drawn.len() - usize::from(graphic.size().height);
+                graphics.push((at, indent, graphic));
+            }
+            lines.extend(drawn);
         }
     }
     if lines.is_empty() {
@@ -448,6 +471,7 @@ fn draw_group(state: &State, group: &GroupSummary, frame: &mut Frame, area: Rect
         Paragraph::new(visible).block(Block::bordered().title(title)),
         area,
     );
+    draw_graphics(frame, area, top..bottom, graphics);
 }
 
 fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
@@ -507,7 +531,9 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
             picked_at = Some(lines.len());
         }
         let drawn = message_lines(m, &them, width, &decor);
-        if let Some((graphic, indent)) = graphic_place(m, &them, &decor, &drawn, width) {
+        let file = decor.file.as_ref().filter(|_| !m.deleted);
+        let indent = header_indent(m, &them, width);
+        if let Some((graphic, indent)) = file.and_then(|f| graphic_at(f, indent, width, &drawn)) {
             graphics.push((
                 lines.len() + drawn.len() - usize::from(graphic.size().height),
                 indent,
@@ -560,31 +586,47 @@ fn draw_chat(state: &State, frame: &mut Frame, area: Rect) {
         Paragraph::new(visible).block(Block::bordered().title(title)),
         area,
     );
-    // Over their half blocks, the pictures this terminal can draw with its graphics;
-    // one scrolled partly out shows the rows still in.
+    draw_graphics(frame, area, top..bottom, graphics);
+}
+
+/// A picture to draw in the terminal's graphics: the line where its half blocks start,
+/// how far in, and the graphic.
+type Placed = (usize, u16, super::graphics::Graphic);
+
+/// Draws over their half blocks the pictures this terminal can draw with its graphics,
+/// in a bordered `area` showing lines `shown`; one scrolled partly out shows the rows
+/// still in.
+fn draw_graphics(
+    frame: &mut Frame,
+    area: Rect,
+    shown: std::ops::Range<usize>,
+    graphics: Vec<Placed>,
+) {
     let mut inner = Block::bordered().inner(area);
-    inner.height = inner.height.min((bottom - top) as u16);
+    inner.height = inner.height.min(shown.len() as u16);
     for (at, indent, graphic) in graphics {
-        if at + usize::from(graphic.size().height) > top && at < bottom {
-            graphic.draw(frame.buffer_mut(), inner, indent, at as i32 - top as i32);
+        if at + usize::from(graphic.size().height) > shown.start && at < shown.end {
+            graphic.draw(
+                frame.buffer_mut(),
+                inner,
+                indent,
+                at as i32 - shown.start as i32,
+            );
         }
     }
 }
 
-/// Where a message's picture goes in the terminal's graphics: the graphic and its
-/// indent, if it has one and it takes the very place of the half blocks `drawn` ends
-/// with (not so in a window too narrow for the whole picture, where the half blocks
-/// stay).
-fn graphic_place(
-    m: &MessageRecord,
-    them: &str,
-    decor: &Decor,
-    drawn: &[Line],
+/// Where a file's picture goes in the terminal's graphics: the graphic and its indent,
+/// if it has one and it takes the very place of the half blocks the message's lines
+/// `drawn` end with (not so in a window too narrow for the whole picture, where the
+/// half blocks stay).
+fn graphic_at(
+    file: &FileView,
+    indent: usize,
     width: usize,
+    drawn: &[Line],
 ) -> Option<(super::graphics::Graphic, u16)> {
-    let file = decor.file.as_ref().filter(|_| !m.deleted)?;
     let (picture, graphic) = (file.picture.as_ref()?, file.graphic.as_ref()?);
-    let indent = header_indent(m, them, width);
     let cols = PICTURE_COLS.min(width.saturating_sub(indent) as u16);
     let blocks = crate::files::picture::fit(picture, cols, PICTURE_ROWS)?;
     let (w, h) = blocks.dimensions();
@@ -998,6 +1040,7 @@ mod tests {
             read: 0,
             copies: 2,
             unseen: false,
+            file: None,
         };
         data.group_lines = vec![
             line("", "you added Minji", true, 0),
@@ -1020,6 +1063,81 @@ mod tests {
         let mut s = s;
         s.data.groups[0].timer_secs = 86_400;
         assert!(render(&s, 100, 16).contains("⏱ 1 day"));
+    }
+
+    #[test]
+    fn a_photo_in_a_group_shows_what_it_is_where_it_stands_and_its_preview() {
+        use crate::tui::graphics::Graphic;
+        use crate::tui::state::{FileView, GroupFile};
+        use ratatui_image::picker::{Picker, ProtocolType};
+        let preview = image::RgbImage::from_fn(64, 32, |_, y| {
+            image::Rgb(if y < 16 { [220, 30, 30] } else { [30, 30, 220] })
+        });
+        let blocks = crate::files::picture::fit(&preview, PICTURE_COLS, PICTURE_ROWS).unwrap();
+        let place =
+            ratatui::layout::Size::new(blocks.width() as u16, blocks.height().div_ceil(2) as u16);
+        let with = |graphic: Option<Graphic>| {
+            let mut s = group_state();
+            let mut photo = s.data.group_lines[2].clone();
+            photo.text = String::new();
+            photo.file = Some(GroupFile {
+                id: "ab".repeat(32),
+                name: "shelter.jpg".into(),
+                view: FileView {
+                    label: "📎 shelter.jpg (1.2 MB) image/jpeg".into(),
+                    status: "fetched: /save keeps a copy".into(),
+                    progress: None,
+                    picture: Some(std::sync::Arc::new(blocks.clone())),
+                    graphic,
+                },
+            });
+            s.data.group_lines.push(photo);
+            s
+        };
+        let s = with(None);
+        let screen = render(&s, 80, 24);
+        assert!(
+            screen.contains("Minji: 📎 shelter.jpg (1.2 MB)"),
+            "{screen}"
+        );
+        assert!(screen.contains("fetched: /save keeps a copy"), "{screen}");
+        let rows = screen.lines().filter(|l| l.contains('▀')).count();
+        assert_eq!(rows, usize::from(place.height), "{screen}");
+        // With kitty's graphics, the picture takes the half blocks' place.
+        let mut picker = Picker::halfblocks();
+        picker.set_protocol_type(ProtocolType::Kitty);
+        let s = with(Graphic::with(&picker, &preview, place));
+        let screen = render(&s, 80, 24);
+        assert!(!screen.contains('▀'), "{screen}");
+        let placed = screen.lines().filter(|l| l.contains('\u{10EEEE}')).count();
+        assert_eq!(placed, usize::from(place.height), "{screen}");
+        // And /save takes the member's file.
+        let mut s = with(None);
+        s.input = crate::tui::state::new_input();
+        for c in "/save".chars() {
+            crate::tui::update::update(
+                &mut s,
+                crate::tui::update::Msg::Key(ratatui::crossterm::event::KeyEvent::from(
+                    ratatui::crossterm::event::KeyCode::Char(c),
+                )),
+            );
+        }
+        let effects = crate::tui::update::update(
+            &mut s,
+            crate::tui::update::Msg::Key(ratatui::crossterm::event::KeyEvent::from(
+                ratatui::crossterm::event::KeyCode::Enter,
+            )),
+        );
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [crate::tui::update::Effect::Run {
+                    command: crate::cli::Command::Get { id, .. },
+                    ..
+                }] if *id == "ab".repeat(32)
+            ),
+            "{effects:?}"
+        );
     }
 
     #[test]

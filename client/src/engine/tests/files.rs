@@ -25,7 +25,9 @@ fn random_file(path: &Path, size: usize, seed: u8) {
 /// Sends the file at `path` from `alice` to `to` (sealed, uploaded, its message queued);
 /// its reference.
 async fn sent_file(alice: &User, to: &Contact, path: &Path) -> FileRef {
-    let claim = files::prepare(&alice.engine, to.peer, path).await.unwrap();
+    let claim = files::prepare(&alice.engine, files::To::Contact(to.peer), path)
+        .await
+        .unwrap();
     let id = claim.id;
     files::upload(&alice.engine, claim).await.unwrap();
     alice
@@ -70,7 +72,7 @@ async fn a_file_goes_on_two_relays_then_its_message_and_arrives_whole() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plan.bin");
     random_file(&path, 3 << 20, 5);
-    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+    let claim = files::prepare(&alice.engine, files::To::Contact(bob_c.peer), &path)
         .await
         .unwrap();
     let report = files::upload(&alice.engine, claim).await.unwrap();
@@ -246,7 +248,7 @@ async fn a_file_cancelled_is_not_sent_and_a_fetch_cancelled_starts_again() {
     let path = dir.path().join("draft.pdf");
     random_file(&path, 40_000, 11);
     // Sealed, then cancelled before it went: never sent, its sealed copy gone.
-    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+    let claim = files::prepare(&alice.engine, files::To::Contact(bob_c.peer), &path)
         .await
         .unwrap();
     let id = claim.id;
@@ -267,7 +269,7 @@ async fn a_file_cancelled_is_not_sent_and_a_fetch_cancelled_starts_again() {
         "a cancelled file reached them"
     );
     // Sent, fetched, then the fetch undone: fetched again, whole.
-    let claim = files::prepare(&alice.engine, bob_c.peer, &path)
+    let claim = files::prepare(&alice.engine, files::To::Contact(bob_c.peer), &path)
         .await
         .unwrap();
     files::upload(&alice.engine, claim).await.unwrap();

@@ -798,3 +798,97 @@ async fn a_groups_timer_makes_its_messages_disappear_on_every_device() {
         assert_eq!(record.next_expiry_ms, 0, "nothing else is due");
     }
 }
+
+#[tokio::test]
+async fn a_file_to_the_group_reaches_each_member_on_their_own_relays_and_not_the_removed() {
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evacuation-map.bin");
+    let bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let claim = files::prepare(&alice.engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    assert!(report.message_sent && report.group_sent.is_some());
+    // Over 1 MiB: every chunk (6) and the manifest on two of each member's three relays,
+    // in that member's queues.
+    assert_eq!((report.members, report.copies, report.relays), (2, 2, 6));
+    let copies: usize = net.inner.lock().chunks.values().map(HashMap::len).sum();
+    assert_eq!(copies, 2 * 2 * (6 + 1));
+    for u in [&bob, &carol] {
+        let shown = said(u).await;
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        let m = u
+            .engine
+            .store()
+            .group_messages(&id)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.message.file.is_some())
+            .expect("the file's message");
+        assert_eq!(m.name, "alice");
+        let file = m.message.file.as_ref().unwrap().file().unwrap();
+        // Offered, and counted against the group.
+        let incoming = u.engine.store().incoming_file(&file.id()).unwrap().unwrap();
+        assert_eq!((incoming.group(), incoming.contact()), (Some(id), None));
+        // Fetched from their own relays, whole.
+        let fetched = files::fetch(&u.engine, file.id()).await.unwrap();
+        assert!(fetched.complete);
+        let out = dir.path().join(format!("out-{}", u.peer()));
+        let saved = files::export(u.engine.store(), &file.id(), &out).unwrap();
+        assert_eq!(std::fs::read(saved).unwrap(), bytes);
+        // The sweep keeps a group's file while its message is there.
+        files::sweep(u.engine.store()).unwrap();
+        assert!(
+            u.engine
+                .store()
+                .incoming_file(&file.id())
+                .unwrap()
+                .is_some()
+        );
+    }
+    // Both members' receipts count on our copy.
+    alice.sync().await;
+    let ours = alice
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.message.file.is_some())
+        .unwrap();
+    assert_eq!(ours.tally().0, 2);
+
+    // Carol is removed; the next file goes to Bob only (nothing in Carol's queues).
+    alice
+        .engine
+        .change_group(id, GroupChange::Remove(carol.peer()))
+        .await
+        .unwrap();
+    bob.sync().await;
+    carol.sync().await;
+    let before = net.inner.lock().chunks.clone();
+    let small = dir.path().join("note.txt");
+    std::fs::write(&small, b"meet at the school gym").unwrap();
+    let claim = files::prepare(&alice.engine, To::Group(id), &small)
+        .await
+        .unwrap();
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    // A small file goes to every relay of the one member left.
+    assert_eq!((report.members, report.copies, report.relays), (1, 3, 3));
+    let after = net.inner.lock().chunks.clone();
+    let new: usize = after.values().map(HashMap::len).sum::<usize>()
+        - before.values().map(HashMap::len).sum::<usize>();
+    assert_eq!(new, 3 * 2);
+    assert_eq!(said(&bob).await.len(), 1);
+    assert!(said(&carol).await.is_empty());
+    // A group we are not in takes no file.
+    let err = files::prepare(&carol.engine, To::Group(id), &small)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not a member"), "{err}");
+}
