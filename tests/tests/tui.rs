@@ -342,7 +342,7 @@ while time.time() < deadline:
     for i, (question, answer) in enumerate(answers):
         if not answered & (1 << i) and question in seen:
             answered |= 1 << i
-            asked = True
+            asked = asked or i == 0
             if answer:
                 os.write(fd, answer)
     if until in seen:
@@ -357,8 +357,15 @@ while shown and time.time() < settled:
     except OSError:
         break
 os.write(fd, b"\x03")
-code = None
-for _ in range(100):
+code, quit_at, interrupts = None, time.time(), 1
+for i in range(200):
+    if i == 50:
+        # Not gone after 5 s: once more (said in the output).
+        try:
+            os.write(fd, b"\x03")
+            interrupts += 1
+        except OSError:
+            pass
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:
         code = os.waitstatus_to_exitcode(status)
@@ -379,6 +386,8 @@ print(json.dumps({
     "placeholders": text.count("\U0010EEEE"),
     "half_blocks": text.count("\u2580"),
     "exit": code,
+    "exit_s": round(time.time() - quit_at, 2),
+    "interrupts": interrupts,
     "screen": "".join(c for c in text[-6000:] if c.isprintable() and c not in "\x1b\U0010EEEE"),
 }))
 "#;
@@ -420,7 +429,17 @@ fn a_photo_is_drawn_with_the_terminals_graphics_or_half_blocks_without_them() {
             .env("KKACHI_LISTEN", "/ip4/127.0.0.1/tcp/0")
             .env_remove("TMUX")
             .env_remove("KKACHI_GRAPHICS")
-            .env("TERM", "xterm-256color")
+            .env_remove("KITTY_WINDOW_ID")
+            .env_remove("TERM_PROGRAM")
+            .env_remove("LC_TERMINAL")
+            .env(
+                "TERM",
+                if kind == "kitty" {
+                    "xterm-kitty"
+                } else {
+                    "xterm-256color"
+                },
+            )
             .output()
             .unwrap();
         let seen = String::from_utf8_lossy(&out.stdout);
@@ -437,8 +456,9 @@ fn a_photo_is_drawn_with_the_terminals_graphics_or_half_blocks_without_them() {
     assert!(kitty["placeholders"].as_u64().unwrap() >= 8, "{kitty}");
     assert_eq!(kitty["half_blocks"], 0, "{kitty}");
     assert_eq!(kitty["exit"], 0, "{kitty}");
-    // One without graphics gets the half blocks, and no image.
+    // One that does not say it draws pictures is not asked, and gets the half blocks.
     let plain = play("plain");
+    assert_eq!(plain["asked"], false, "{plain}");
     assert_eq!(plain["shown"], true, "{plain}");
     assert_eq!(plain["transmits"], 0, "{plain}");
     assert!(plain["half_blocks"].as_u64().unwrap() >= 8 * 10, "{plain}");

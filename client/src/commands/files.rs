@@ -174,6 +174,7 @@ impl App {
                 "size": file.size,
                 "copies": report.copies,
                 "members": report.members,
+                "left_members": report.left_members,
                 "relays": report.relays,
                 "bytes_put": report.bytes,
                 "seconds": report.elapsed.as_secs_f64(),
@@ -210,8 +211,20 @@ impl App {
             ));
             for (relay, why) in &report.left_out {
                 out.warn(format!(
-                    "relay {relay} was left out: {}",
+                    "relay {} was left out: {}",
+                    crate::sanitize::for_terminal(relay),
                     crate::sanitize::for_terminal(why)
+                ));
+            }
+            if !report.left_members.is_empty() {
+                let names: Vec<String> = report
+                    .left_members
+                    .iter()
+                    .map(|n| name(n).into_owned())
+                    .collect();
+                out.warn(format!(
+                    "not sent to {}: their relays took none of it; send it to them again later",
+                    names.join(", ")
                 ));
             }
         }

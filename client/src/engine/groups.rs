@@ -584,17 +584,19 @@ impl<T> State<T> {
         self.post(id, Posting::Text(text.to_owned()), WriteSet::default(), now)
     }
 
-    /// Seals a message carrying `file` to every member of group `id` we can reach, as
+    /// Seals a message carrying `file` to the members `to` of group `id` (those whose
+    /// relays took its chunks, and who are still members we reach), as
     /// [`Self::send_group`] does a text, in one write with `with` (the record saying
-    /// it went). Its chunks are on the members' relays already.
+    /// it went).
     pub(crate) fn send_group_file(
         &mut self,
         id: GroupId,
         file: FileRef,
+        to: Vec<PeerId>,
         with: WriteSet,
         now: u64,
     ) -> Result<GroupSent, EngineError> {
-        self.post(id, Posting::File(Box::new(file)), with, now)
+        self.post_to(id, Posting::File(Box::new(file)), Some(&to), with, now)
     }
 
     /// The members of group `id` a message of ours reaches now (our contacts, not
@@ -627,6 +629,19 @@ impl<T> State<T> {
         &mut self,
         id: GroupId,
         posting: Posting,
+        with: WriteSet,
+        now: u64,
+    ) -> Result<GroupSent, EngineError> {
+        self.post_to(id, posting, None, with, now)
+    }
+
+    /// [`Self::post`], to the members among `only` if given (a member left out is
+    /// counted unreachable).
+    fn post_to(
+        &mut self,
+        id: GroupId,
+        posting: Posting,
+        only: Option<&[PeerId]>,
         with: WriteSet,
         now: u64,
     ) -> Result<GroupSent, EngineError> {
@@ -702,7 +717,8 @@ impl<T> State<T> {
                     continue;
                 }
                 let peer = m.identity.peer_id();
-                let Some(contact) = this.reachable(&peer)? else {
+                let chosen = only.is_none_or(|only| only.contains(&peer));
+                let Some(contact) = this.reachable(&peer)?.filter(|_| chosen) else {
                     unreachable.push(m.name.clone());
                     continue;
                 };
@@ -1041,7 +1057,7 @@ impl<T> State<T> {
                     let local = record.next_local;
                     record.next_local += 1;
                     LocalStore::write_group_message(w, &id, local, &m);
-                    self.offer_group_file(w, id, &m, now)?;
+                    self.offer_group_file(w, id, local, &m, now)?;
                     shown.push(self.shown(peer, &after, m));
                 }
                 // Not (yet) allowed: a re-add or promotion may still be on its way. It
@@ -1183,7 +1199,7 @@ impl<T> State<T> {
                 let local = record.next_local;
                 record.next_local += 1;
                 LocalStore::write_group_message(w, &id, local, &message);
-                self.offer_group_file(w, id, &message, now)?;
+                self.offer_group_file(w, id, local, &message, now)?;
                 LocalStore::write_group(w, &id, &record);
                 Ok(Outcome::Shown(Box::new(self.shown(peer, &roster, message))))
             }
@@ -1240,17 +1256,20 @@ impl<T> State<T> {
     }
 
     /// The file a group message shown from a member carries is offered for fetching
-    /// (at once, for a photo within the auto-download rule), counted against the group.
+    /// (at once, for a photo within the auto-download rule, counted against the group
+    /// and its sender), its message noted where it is (`local`).
     fn offer_group_file(
         &self,
         w: &mut WriteSet,
         id: GroupId,
+        local: u64,
         message: &GroupMessage,
         now: u64,
     ) -> Result<(), EngineError> {
         let Some(file) = message.message.file.as_ref().and_then(|f| f.file()) else {
             return Ok(());
         };
+        LocalStore::write_group_message_index(w, &id, &message.message.id, local);
         let file_id = file.id();
         if self.store.incoming_file(&file_id)?.is_none() {
             let incoming = crate::store::Incoming {

@@ -475,15 +475,16 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
-    /// Seals a message carrying `file` to every member of group `id` we reach, in one
-    /// write with `with`; returns once it is durable.
+    /// Seals a message carrying `file` to the members `to` of group `id` (those whose
+    /// relays took its chunks), in one write with `with`; returns once it is durable.
     pub async fn send_group_file(
         &self,
         id: kkachi_protocol::group::GroupId,
         file: kkachi_protocol::file::FileRef,
+        to: Vec<PeerId>,
         with: crate::store::WriteSet,
     ) -> Result<GroupSent, EngineError> {
-        self.change(move |state, now| state.send_group_file(id, file, with, now))
+        self.change(move |state, now| state.send_group_file(id, file, to, with, now))
             .await
     }
 

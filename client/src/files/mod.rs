@@ -38,7 +38,7 @@ use crate::store::{IncomingState, StoreError, TransferId};
 
 pub use download::{FetchReport, export, fetch, release};
 pub use live::{Claim, Live, LiveProgress};
-pub use upload::{To, UploadReport, prepare, upload};
+pub use upload::{LEAVE_OUT_AFTER_MS, To, UploadReport, prepare, upload};
 
 /// Files up to this size go to every relay of the recipient; larger ones to two.
 pub const SMALL_FILE: u64 = 1 << 20;
@@ -428,17 +428,21 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
                 .and_then(|f| f.file())
                 .is_some_and(|f| f.id() == *id)
     };
-    // A group's file stays while the group is here and so is its message.
+    // A group's file stays while the group is here, and so is its message, from a
+    // sender not blocked.
     let group_here = |group: &kkachi_protocol::group::GroupId| -> Result<bool, FilesError> {
         Ok(store.group(group)?.is_some_and(|g| !g.forgotten))
     };
     for (id, r) in &incoming {
         if let Some(group) = r.group() {
             let keep = group_here(&group)?
-                && store
-                    .recent_group_messages(&group, SWEEP_LOOKBACK)?
-                    .iter()
-                    .any(|m| m.message.id == r.message && carries(&m.message, id));
+                && match store.group_message_by_id(&group, &r.message)? {
+                    Some(m) if carries(&m.message, id) => match m.author() {
+                        Some(from) => store.blocked(&from)?.is_none(),
+                        None => false,
+                    },
+                    _ => false,
+                };
             if !keep {
                 crate::store::LocalStore::remove_file_record(&mut w, id, true);
                 gone.push(vec![
@@ -547,13 +551,26 @@ pub fn resume<T: Transport>(
             }
         }));
     }
-    // What each contact's pictures fetched on their own hold already.
+    // Whom a picture fetched on its own counts against: its contact; for a group's,
+    // the group and the member who sent it.
+    let owners = |r: &crate::store::Incoming| -> Vec<Vec<u8>> {
+        let mut owners = vec![r.contact.clone()];
+        if let Some(group) = r.group()
+            && let Ok(Some(m)) = engine.store().group_message_by_id(&group, &r.message)
+        {
+            owners.push(m.from);
+        }
+        owners
+    };
+    // What each contact's (and group's) pictures fetched on their own hold already.
     let mut auto_bytes: std::collections::HashMap<Vec<u8>, u64> = Default::default();
     let mut auto_total = 0;
     for (_, r) in &incoming {
         if r.auto && matches!(r.state, IncomingState::Fetching | IncomingState::Done) {
             let size = r.file().map_or(0, |f| f.size);
-            *auto_bytes.entry(r.contact.clone()).or_default() += size;
+            for owner in owners(r) {
+                *auto_bytes.entry(owner).or_default() += size;
+            }
             auto_total += size;
         }
     }
@@ -565,14 +582,16 @@ pub fn resume<T: Transport>(
             IncomingState::Fetching => {}
             IncomingState::Offered if auto => {
                 let Ok(file) = record.file() else { continue };
-                let theirs = auto_bytes.get(&record.contact).copied().unwrap_or(0);
-                if !fetched_at_once(&file)
-                    || theirs + file.size > AUTO_FETCH_PER_CONTACT
-                    || auto_total + file.size > AUTO_FETCH_TOTAL
-                {
+                let owners = owners(&record);
+                let over = owners.iter().any(|o| {
+                    auto_bytes.get(o).copied().unwrap_or(0) + file.size > AUTO_FETCH_PER_CONTACT
+                });
+                if !fetched_at_once(&file) || over || auto_total + file.size > AUTO_FETCH_TOTAL {
                     continue;
                 }
-                *auto_bytes.entry(record.contact.clone()).or_default() += file.size;
+                for owner in owners {
+                    *auto_bytes.entry(owner).or_default() += file.size;
+                }
                 auto_total += file.size;
                 record.auto = true;
                 record.state = IncomingState::Fetching;

@@ -21,9 +21,9 @@ use super::{
     chunk_len, chunk_offset, disk, human_size, media_type, out_dir, private_dir, safe_name,
     spool_path, sync_dir,
 };
-use crate::engine::{Engine, Sending, now_ms};
+use crate::engine::{Engine, EngineError, Sending, now_ms};
 use crate::net::Transport;
-use crate::store::{LocalStore, Outgoing, StoreError, TransferId, WriteSet};
+use crate::store::{Contact, LocalStore, Outgoing, StoreError, TransferId, WriteSet};
 
 /// What an upload did.
 #[derive(Debug)]
@@ -38,6 +38,9 @@ pub struct UploadReport {
     pub copies: usize,
     /// Recipients: the contact, or the members of a group it reached.
     pub members: usize,
+    /// Members of a group the message did not go to: their relays took no file (or
+    /// they have none).
+    pub left_members: Vec<String>,
     /// Relays the recipients have (a relay two members share counts twice).
     pub relays: usize,
     /// Bytes put by this run.
@@ -311,17 +314,45 @@ struct Plan {
     member: Vec<usize>,
     /// Copies of every item each recipient gets.
     need: Vec<usize>,
+    /// Copies of each item on each recipient's relays (what `held` says, counted).
+    count: Vec<Vec<u16>>,
     bytes: u64,
 }
 
 impl Plan {
+    /// Counts anew what `held` says.
+    fn recount(&mut self) {
+        self.count = vec![vec![0; self.need.len()]; self.held[0].len()];
+        for (r, held) in self.held.iter().enumerate() {
+            for (item, _) in held.iter().enumerate().filter(|(_, h)| **h) {
+                self.count[item][self.member[r]] += 1;
+            }
+        }
+    }
+
+    /// Relay `r` holds `item`.
+    fn hold(&mut self, r: usize, item: usize) {
+        if !self.held[r][item] {
+            self.held[r][item] = true;
+            self.count[item][self.member[r]] += 1;
+        }
+    }
+
     /// Copies of `item` on recipient `m`'s relays.
     fn copies(&self, item: usize, m: usize) -> usize {
-        self.held
-            .iter()
-            .zip(&self.member)
-            .filter(|(h, of)| **of == m && h[item])
-            .count()
+        usize::from(self.count[item][m])
+    }
+
+    /// Whether recipient `m` holds at least `n` copies of every item.
+    fn covered(&self, m: usize, n: usize) -> bool {
+        self.count.iter().all(|c| usize::from(c[m]) >= n)
+    }
+
+    /// Whether every relay of recipient `m` is out of this run (or it has none).
+    fn unavailable(&self, m: usize) -> bool {
+        (0..self.out.len())
+            .filter(|&r| self.member[r] == m)
+            .all(|r| self.out[r].is_some())
     }
 
     /// Puts of `item` under way to recipient `m`'s relays that have not failed lately:
@@ -335,8 +366,13 @@ impl Plan {
 
     /// Items every recipient `m` holds at least `copies[m]` copies of.
     fn on_at_least(&self, copies: &[usize]) -> usize {
-        (0..self.held[0].len())
-            .filter(|&i| (0..copies.len()).all(|m| self.copies(i, m) >= copies[m]))
+        self.count
+            .iter()
+            .filter(|c| {
+                c.iter()
+                    .zip(copies)
+                    .all(|(have, n)| usize::from(*have) >= *n)
+            })
             .count()
     }
 
@@ -344,11 +380,11 @@ impl Plan {
         self.on_at_least(copies) == self.held[0].len()
     }
 
-    /// The fewest copies of any item on any recipient's relays.
-    fn fewest(&self) -> usize {
-        (0..self.held[0].len())
-            .flat_map(|i| (0..self.need.len()).map(move |m| (i, m)))
-            .map(|(i, m)| self.copies(i, m))
+    /// The fewest copies of any item on the relays of any recipient in `among`.
+    fn fewest(&self, among: &[usize]) -> usize {
+        self.count
+            .iter()
+            .flat_map(|c| among.iter().map(|&m| usize::from(c[m])))
             .min()
             .unwrap_or(0)
     }
@@ -414,12 +450,15 @@ pub async fn upload<T: Transport>(
                     "no other member of the group can be reached: the file goes no further".into(),
                 ));
             }
-            Err(e) => {
+            // Not a member any more, or the group is gone: it goes nowhere.
+            Err(EngineError::Invalid(why)) => {
                 forget(&store, &home, &id).await?;
                 return Err(FilesError::Refused(format!(
-                    "the file goes no further: {e}"
+                    "the file goes no further: {why}"
                 )));
             }
+            // Stopping, or the store failed: it goes on later.
+            Err(e) => return Err(e.into()),
         },
         None => {
             let peer = record
@@ -474,6 +513,7 @@ pub async fn upload<T: Transport>(
     let mut report = UploadReport {
         sending: None,
         group_sent: None,
+        left_members: Vec::new(),
         message_sent: record.message_sent,
         copies: 0,
         members: recipients.len(),
@@ -487,7 +527,15 @@ pub async fn upload<T: Transport>(
         report.copies = enough.iter().copied().min().unwrap_or(0);
         return Ok(report);
     }
-    if let Some(m) = (0..recipients.len()).find(|&m| relays_of(m) == 0) {
+    // A member whose card names no relay cannot take a file: left out at once (the
+    // others do not wait for them). A contact without relays is told.
+    let with_relays: Vec<usize> = (0..recipients.len())
+        .filter(|&m| relays_of(m) > 0)
+        .collect();
+    if with_relays.len() < recipients.len() && (group.is_none() || with_relays.is_empty()) {
+        let m = (0..recipients.len())
+            .find(|&m| relays_of(m) == 0)
+            .unwrap_or(0);
         return Err(FilesError::Unavailable(format!(
             "{} has no relays to take the file",
             crate::sanitize::for_terminal(&recipients[m].name)
@@ -523,6 +571,7 @@ pub async fn upload<T: Transport>(
         trouble: vec![None; targets.len()],
         member: targets.iter().map(|t| t.member).collect(),
         need: need.clone(),
+        count: Vec::new(),
         bytes: 0,
     };
     for (r, t) in targets.iter().enumerate() {
@@ -538,6 +587,7 @@ pub async fn upload<T: Transport>(
             plan.held[r] = held;
         }
     }
+    plan.recount();
     let plan = Arc::new(Mutex::new(plan));
     let claim = Arc::new(claim);
     // Progress counts the file's chunks (the manifest, a chunk of its own, is not
@@ -573,6 +623,8 @@ pub async fn upload<T: Transport>(
             ));
         }
     }
+    // Whom the message went to (all who have relays, unless some are left out).
+    let mut sent_to = with_relays.clone();
     let mut saved = Instant::now();
     loop {
         let all_done = tokio::select! {
@@ -582,7 +634,8 @@ pub async fn upload<T: Transport>(
         };
         let (ready, complete, held) = {
             let p = plan.lock();
-            (p.everywhere(&enough), p.everywhere(&need), p.held.clone())
+            let ready = with_relays.iter().all(|&m| p.covered(m, enough[m]));
+            (ready, p.everywhere(&need), p.held.clone())
         };
         // Everything is where it goes: workers left are waiting out a failed relay's
         // backoff, or on a put that is no longer needed.
@@ -593,39 +646,17 @@ pub async fn upload<T: Transport>(
             .map(|(t, h)| (t.name.clone(), bitmap(h)))
             .collect();
         if ready && !record.message_sent {
-            // Cancelled meanwhile: it does not go.
-            if store.outgoing_file(&id)?.is_none() {
+            let to: Vec<&Contact> = with_relays.iter().map(|&m| &recipients[m]).collect();
+            if let Err(e) =
+                send_message(engine, &id, &mut record, &mut report, group, &file, &to).await
+            {
                 workers.abort_all();
-                return Err(FilesError::Refused("the file was cancelled".into()));
+                return Err(e);
             }
-            // The message, and the record that it went, in one write.
-            record.message_sent = true;
-            let mut with = WriteSet::default();
-            LocalStore::write_outgoing_file(&mut with, &id, &record);
-            let sent =
-                match (group, recipients.first()) {
-                    (Some(group), _) => engine
-                        .send_group_file(group, file.clone(), with)
-                        .await
-                        .map(|s| {
-                            record.message = Some(s.id.0);
-                            report.group_sent = Some(s);
-                        }),
-                    (None, Some(contact)) => engine
-                        .send_file(contact.peer, file.clone(), with)
-                        .await
-                        .map(|s| {
-                            record.message = Some(s.queued.id.0);
-                            report.sending = Some(s);
-                        }),
-                    (None, None) => unreachable!("a contact's file has its contact"),
-                };
-            if let Err(e) = sent {
-                workers.abort_all();
-                return Err(e.into());
-            }
-            report.message_sent = true;
-            save(&store, &id, &record)?;
+            report.left_members = (0..recipients.len())
+                .filter(|m| !with_relays.contains(m))
+                .map(|m| recipients[m].name.clone())
+                .collect();
             saved = Instant::now();
         } else if all_done || saved.elapsed() >= Duration::from_secs(1) {
             save(&store, &id, &record)?;
@@ -636,9 +667,42 @@ pub async fn upload<T: Transport>(
             break;
         }
     }
+    // A group's file that waited long enough for members whose every relay failed or
+    // refused it goes to the others: one member's relays never hold it back for all.
+    if !record.message_sent
+        && group.is_some()
+        && now_ms().saturating_sub(record.created_ms) >= LEAVE_OUT_AFTER_MS
+    {
+        let (to, left): (Vec<usize>, Vec<usize>) = {
+            let p = plan.lock();
+            with_relays.iter().partition(|&&m| p.covered(m, enough[m]))
+        };
+        let stuck = {
+            let p = plan.lock();
+            left.iter().all(|&m| p.unavailable(m))
+        };
+        if !to.is_empty() && stuck {
+            let contacts: Vec<&Contact> = to.iter().map(|&m| &recipients[m]).collect();
+            send_message(
+                engine,
+                &id,
+                &mut record,
+                &mut report,
+                group,
+                &file,
+                &contacts,
+            )
+            .await?;
+            sent_to = to.clone();
+            report.left_members = (0..recipients.len())
+                .filter(|m| !to.contains(m))
+                .map(|m| recipients[m].name.clone())
+                .collect();
+        }
+    }
     {
         let p = plan.lock();
-        report.copies = p.fewest();
+        report.copies = p.fewest(&sent_to);
         report.bytes = p.bytes;
         report.left_out = targets
             .iter()
@@ -668,7 +732,13 @@ pub async fn upload<T: Transport>(
     let why: Vec<String> = report
         .left_out
         .iter()
-        .map(|(relay, why)| format!("{relay}: {}", crate::sanitize::for_terminal(why)))
+        .map(|(relay, why)| {
+            format!(
+                "{}: {}",
+                crate::sanitize::for_terminal(relay),
+                crate::sanitize::for_terminal(why)
+            )
+        })
         .collect();
     let why = if why.is_empty() {
         "no relay of theirs took it".to_owned()
@@ -684,6 +754,49 @@ pub async fn upload<T: Transport>(
         "the file is on {} of {} relays so far ({why}); it is sent once enough of them take it",
         report.copies, report.relays
     )))
+}
+
+/// How long a group's file waits for members whose every relay fails or refuses it
+/// before it goes to the others without them.
+pub const LEAVE_OUT_AFTER_MS: u64 = 10 * 60 * 1000;
+
+/// Queues the file's message for `to` (the recipients whose relays hold it), in one
+/// write with the record saying it went; a file cancelled meanwhile does not go.
+async fn send_message<T: Transport>(
+    engine: &Engine<T>,
+    id: &TransferId,
+    record: &mut Outgoing,
+    report: &mut UploadReport,
+    group: Option<GroupId>,
+    file: &FileRef,
+    to: &[&Contact],
+) -> Result<(), FilesError> {
+    let store = engine.store();
+    if store.outgoing_file(id)?.is_none() {
+        return Err(FilesError::Refused("the file was cancelled".into()));
+    }
+    record.message_sent = true;
+    let mut with = WriteSet::default();
+    LocalStore::write_outgoing_file(&mut with, id, record);
+    match (group, to.first()) {
+        (Some(group), _) => {
+            let peers = to.iter().map(|c| c.peer).collect();
+            let sent = engine
+                .send_group_file(group, file.clone(), peers, with)
+                .await?;
+            record.message = Some(sent.id.0);
+            report.group_sent = Some(sent);
+        }
+        (None, Some(contact)) => {
+            let sent = engine.send_file(contact.peer, file.clone(), with).await?;
+            record.message = Some(sent.queued.id.0);
+            report.sending = Some(sent);
+        }
+        (None, None) => return Err(FilesError::Refused("the file has no recipient".into())),
+    }
+    report.message_sent = true;
+    save(store, id, record)?;
+    Ok(())
 }
 
 /// Writes the record back, unless it was removed meanwhile (its contact removed or
@@ -779,7 +892,7 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
             };
             match answer {
                 Answer::Ok(_) => {
-                    p.held[r][item] = true;
+                    p.hold(r, item);
                     p.failures[r] = 0;
                     p.bytes += len as u64;
                     let (done, bytes) = (p.on_at_least(&w.enough).min(w.ids.len() - 1), p.bytes);

@@ -232,6 +232,38 @@ impl LocalStore {
         );
     }
 
+    /// Notes where group `id`'s message `message` (a member's, carrying a file) is, so
+    /// [`LocalStore::group_message_by_id`] finds it without reading the group.
+    pub fn write_group_message_index(
+        w: &mut WriteSet,
+        id: &GroupId,
+        message: &[u8; 16],
+        local: u64,
+    ) {
+        let mut key = group_key(id);
+        key.extend_from_slice(message);
+        w.put(TreeId::GroupIndex, key, message_key(id, local));
+    }
+
+    /// Group `id`'s message `message`, noted by
+    /// [`LocalStore::write_group_message_index`]; `None` if it is gone (expired,
+    /// forgotten) or was never noted.
+    pub fn group_message_by_id(
+        &self,
+        id: &GroupId,
+        message: &[u8; 16],
+    ) -> Result<Option<GroupMessage>, StoreError> {
+        let mut key = group_key(id);
+        key.extend_from_slice(message);
+        let Some(at) = self.tree(TreeId::GroupIndex).get(key)? else {
+            return Ok(None);
+        };
+        let now = crate::engine::now_ms();
+        Ok(self
+            .get_record::<GroupMessage>(TreeId::GroupMessages, &at, "group message")?
+            .filter(|m| m.message.id == *message && !m.message.expired(now)))
+    }
+
     /// Our group message whose copy `member` received as `message`: its key and record.
     pub fn group_copy(
         &self,

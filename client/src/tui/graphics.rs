@@ -38,10 +38,11 @@ pub fn parse(value: &str) -> Result<ProtocolType, String> {
 }
 
 /// Finds how this terminal draws pictures, once: as `KKACHI_GRAPHICS` says if set
-/// (`halfblocks` asks the terminal nothing), else by asking the terminal (its answer
-/// also gives the size of a cell in pixels). Must run after the UI has taken the
-/// screen and before anything reads keys: the answer comes in as input. A terminal
-/// that does not answer gets half blocks. Returns what was chosen.
+/// (`halfblocks` asks the terminal nothing), else by asking a terminal that says it
+/// may draw pictures (its answer also gives the size of a cell in pixels); any other
+/// gets half blocks without being asked. Must run after the UI has taken the screen
+/// and before anything reads keys: the answer comes in as input. A terminal that does
+/// not answer gets half blocks. Returns what was chosen.
 pub fn detect() -> ProtocolType {
     let forced = std::env::var(GRAPHICS_ENV).ok().map(|v| parse(&v));
     let picker = match forced {
@@ -55,10 +56,10 @@ pub fn detect() -> ProtocolType {
             tracing::warn!("{why}; drawing pictures with half blocks");
             Picker::halfblocks()
         }
-        // tmux passes a question on to the terminal around it only when allowed to;
-        // otherwise nothing answers, and the question's reader would be left waiting
-        // for input, taking the first keys.
-        None if inside_tmux_without_passthrough() => Picker::halfblocks(),
+        // Only a terminal that says it may draw pictures is asked: one that does not
+        // answer would leave the question's reader waiting for input, taking the
+        // first keys. tmux passes the question on only when allowed to.
+        None if !may_draw_pictures() || inside_tmux_without_passthrough() => Picker::halfblocks(),
         None => Picker::from_query_stdio().unwrap_or_else(|e| {
             tracing::info!(error = %e, "the terminal did not say how it draws pictures");
             Picker::halfblocks()
@@ -68,6 +69,25 @@ pub fn detect() -> ProtocolType {
     tracing::info!(graphics = ?kind, font = ?picker.font_size(), "pictures");
     let _ = PICKER.set(picker);
     kind
+}
+
+/// Whether the environment names a terminal that draws pictures (kitty, WezTerm,
+/// iTerm2, foot, Ghostty, Konsole, mlterm, contour, mintty, VS Code's): only those are
+/// asked which graphics they have.
+fn may_draw_pictures() -> bool {
+    let var = |name: &str| std::env::var(name).unwrap_or_default().to_ascii_lowercase();
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let term = var("TERM");
+    let program = var("TERM_PROGRAM");
+    set("KITTY_WINDOW_ID")
+        || set("WEZTERM_EXECUTABLE")
+        || set("KONSOLE_VERSION")
+        || set("GHOSTTY_RESOURCES_DIR")
+        || var("LC_TERMINAL") == "iterm2"
+        || ["kitty", "foot", "wezterm", "ghostty", "mlterm", "contour"]
+            .iter()
+            .any(|t| term.contains(t))
+        || ["iterm.app", "wezterm", "ghostty", "mintty", "vscode"].contains(&program.as_str())
 }
 
 /// Whether we run inside tmux with its `allow-passthrough` off (as by default), when

@@ -762,7 +762,9 @@ fn group_snapshot(
                         name: file.name.clone(),
                         view: file_view(store, engine, &m.message, &file),
                     });
+            let ours = !m.event && m.author().is_none_or(|p| Some(p) == me);
             lines.push(state::GroupLine {
+                ours,
                 who,
                 text: for_terminal(&m.message.text).into_owned(),
                 file,

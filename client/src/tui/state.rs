@@ -64,6 +64,8 @@ pub struct GroupLine {
     pub unseen: bool,
     /// The file it carries.
     pub file: Option<GroupFile>,
+    /// Ours (whatever names we or a member go by).
+    pub ours: bool,
 }
 
 /// A file sent to a group, as the UI shows it and acts on it.

@@ -926,7 +926,7 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             let found = if state.group.is_some() {
                 let last = state.data.group_lines.iter().rev();
                 let Some(file) = last
-                    .filter(|l| l.who != "me" && !l.event)
+                    .filter(|l| !l.ours && !l.event)
                     .find_map(|l| l.file.as_ref())
                 else {
                     notice(state, &format!("no file from a member here to {verb}"));

@@ -1041,6 +1041,7 @@ mod tests {
             copies: 2,
             unseen: false,
             file: None,
+            ours: who == "me",
         };
         data.group_lines = vec![
             line("", "you added Minji", true, 0),

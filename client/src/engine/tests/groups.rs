@@ -851,6 +851,32 @@ async fn a_file_to_the_group_reaches_each_member_on_their_own_relays_and_not_the
                 .is_some()
         );
     }
+    // A sender blocked: their files go from the device, group or not.
+    let first = carol
+        .engine
+        .store()
+        .file_transfers()
+        .unwrap()
+        .1
+        .into_iter()
+        .map(|(id, _)| id)
+        .next()
+        .unwrap();
+    carol
+        .engine
+        .block(alice.peer(), "alice".into())
+        .await
+        .unwrap();
+    files::sweep(carol.engine.store()).unwrap();
+    assert!(
+        carol
+            .engine
+            .store()
+            .incoming_file(&first)
+            .unwrap()
+            .is_none()
+    );
+    carol.engine.unblock(alice.peer()).await.unwrap();
     // Both members' receipts count on our copy.
     alice.sync().await;
     let ours = alice
@@ -891,4 +917,47 @@ async fn a_file_to_the_group_reaches_each_member_on_their_own_relays_and_not_the
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not a member"), "{err}");
+}
+
+#[tokio::test]
+async fn a_member_whose_relays_refuse_a_file_holds_it_back_only_for_a_while() {
+    use crate::files::{self, FilesError, To};
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Carol's relays lost everything (her grants too): they refuse Alice's puts.
+    for relay in &carol.relays {
+        net.wipe_relay(relay);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shelter.txt");
+    std::fs::write(&path, b"the school gym has water and blankets").unwrap();
+    let claim = files::prepare(&alice.engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    let file_id = claim.id;
+    // At first the file waits for her: nothing is sent to anyone.
+    let err = files::upload(&alice.engine, claim).await.unwrap_err();
+    assert!(matches!(err, FilesError::Unavailable(_)), "{err}");
+    assert!(said(&bob).await.is_empty());
+    // Ten minutes on, it goes to Bob without her, and says so.
+    let store = alice.engine.store();
+    let mut record = store.outgoing_file(&file_id).unwrap().unwrap();
+    record.created_ms -= crate::files::LEAVE_OUT_AFTER_MS;
+    let mut w = WriteSet::default();
+    LocalStore::write_outgoing_file(&mut w, &file_id, &record);
+    store.apply(w).unwrap();
+    let claim = alice.engine.transfers().claim(false, file_id).unwrap();
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    assert!(report.message_sent);
+    assert_eq!(report.left_members, vec!["carol".to_string()]);
+    assert_eq!(report.group_sent.as_ref().map(|s| s.copies), Some(1));
+    let got = said(&bob).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].message.file.is_some());
+    // Carol never gets a message whose chunks are not on her relays.
+    for relay in &carol.relays {
+        net.set_up(relay, true);
+    }
+    assert!(said(&carol).await.is_empty());
 }
