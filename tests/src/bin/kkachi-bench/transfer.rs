@@ -143,6 +143,10 @@ fn through(
     write_file(&src, bytes, seed)?;
     let src_arg = src.to_str().context("path")?;
     let up = run(&alice, &["send", "bob", "--file", src_arg, "--json"], fault)?;
+    let sent: serde_json::Value = serde_json::from_str(up.stdout.trim())?;
+    if sent["state"] == "queued" {
+        bail!("the upload stopped short: {}", sent["why"]);
+    }
     let id = newest_file(&bob)?;
     let saved = root.join("saved");
     let down = run(
@@ -159,7 +163,11 @@ fn through(
     let got: serde_json::Value = serde_json::from_str(down.stdout.trim())?;
     let path = PathBuf::from(got["path"].as_str().context("saved path")?);
     if !same_bytes(&src, &path)? {
-        bail!("the file fetched differs from the one sent");
+        bail!(
+            "the file fetched ({id}) differs from the one sent: sent {}, fetched {}",
+            up.stdout.trim(),
+            down.stdout.trim()
+        );
     }
     std::fs::remove_file(&path)?;
     std::fs::remove_file(&src)?;
