@@ -566,3 +566,76 @@ fn a_file_goes_with_its_message_and_with_a_blocked_sender() {
         "a file deleted for me, then one from a sender blocked: both gone from the home, the saved copies kept"
     );
 }
+
+#[test]
+fn with_a_relay_down_a_file_goes_on_the_one_left_and_its_text_is_never_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
+    let (alice, bob) = pair(dir.path(), &relays.iter().collect::<Vec<_>>());
+    // One of Bob's two relays is down: each chunk goes on the other, said so.
+    relays[1].kill9();
+    let src = dir.path().join("levee.bin");
+    random_file(&src, 3 * MB, 21);
+    let started = Instant::now();
+    let out = alice.run(&["send", "bob", "--file", src.to_str().unwrap(), "the levee"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "2 relays, one down: sent in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        said.trim()
+    );
+    assert!(said.contains("each chunk on 1 of their 2 relays"), "{said}");
+    assert!(warned.contains("only one copy of each chunk"), "{warned}");
+    let id = file_id_at(&bob);
+    let got = saved_by(&bob, &id, &dir.path().join("saved"));
+    assert!(same_bytes(&src, Path::new(got["path"].as_str().unwrap())));
+    assert!(
+        bob.history_texts("alice")
+            .contains(&"the levee".to_string())
+    );
+
+    // Both down: the file waits, and its text goes ahead of it (into the outbox).
+    relays[0].kill9();
+    let later = dir.path().join("shelter-list.bin");
+    random_file(&later, 2 * MB, 22);
+    let sent = json(&alice.ok(&[
+        "send",
+        "bob",
+        "--file",
+        later.to_str().unwrap(),
+        "who is at the shelter",
+        "--json",
+    ]));
+    assert_eq!(sent["state"], "queued", "{sent}");
+    assert!(sent["text_id"].is_string(), "{sent}");
+    // The relays come back: both arrive, the text first.
+    for r in &mut relays {
+        r.restart();
+    }
+    alice.ok(&["sync", "--timeout", "20"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while files_json(&alice).iter().any(|r| r["state"] == "waiting") && Instant::now() < deadline {
+        alice.ok(&["sync", "--timeout", "5"]);
+    }
+    bob.ok(&["sync", "--timeout", "10"]);
+    assert!(
+        bob.history_texts("alice")
+            .contains(&"who is at the shelter".to_string())
+    );
+    let history = json(&bob.ok(&["history", "alice", "--json"]));
+    let names: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["file"]["name"].as_str())
+        .collect();
+    assert_eq!(names, ["levee.bin", "shelter-list.bin"], "{history}");
+}

@@ -79,6 +79,7 @@ impl App {
         out: &mut Output,
     ) -> Result<(), CommandError> {
         let engine = self.engine()?;
+        let started = Instant::now();
         let claim = files::prepare(&engine, to, path).await?;
         let id = claim.id;
         let (_, file) = files::transfer_file(&self.store, false, &id)?;
@@ -95,7 +96,9 @@ impl App {
         let report = match result {
             Ok(report) => report,
             Err(FilesError::Unavailable(why)) => {
-                // Sealed and recorded: it goes once their relays take it.
+                // Sealed and recorded: it goes once their relays take it. The text is
+                // not held back with it: it goes now.
+                let caption = self.send_caption(to, text, timeout).await?;
                 let then = if self.owned {
                     "`kkachi sync` or `kkachi daemon` goes on with it"
                 } else {
@@ -104,7 +107,7 @@ impl App {
                 if json {
                     out.json(json!({ "file": hex(&id), "to": to_name, "state": "queued",
                                      "name": files::safe_name(&file.name), "size": file.size,
-                                     "why": why }));
+                                     "why": why, "text_id": caption.map(|c| c.to_hex()) }));
                 } else {
                     out.out(format!(
                         "queued {} for {} (file {}): {}; {then}",
@@ -114,6 +117,9 @@ impl App {
                         crate::sanitize::for_terminal(&why)
                     ));
                 }
+                if let (Some(caption), false) = (caption, json) {
+                    out.out(format!("the text went ahead of it (message {caption})"));
+                }
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -121,18 +127,22 @@ impl App {
         // The message: durable, then relayed (briefly waited for, as a text's).
         let mut state = "sent";
         let mut message = None;
-        if let Some(sent) = &report.group_sent {
-            // Durable (the engine said so before answering); how far each member's copy
-            // goes is `history GROUP`'s to say.
+        let mut relayed = None;
+        if let (Some(sent), files::To::Group(group)) = (&report.group_sent, to) {
+            // Durable (the engine said so before answering); then how many members'
+            // relays took their copy within the timeout, as for a text.
             message = Some(sent.id.to_hex());
-            if sent.copies > 0 {
-                state = "queued";
-                let _ = tokio::time::timeout(
-                    Duration::from_secs_f64(timeout.max(0.0)),
-                    engine.deliver_now(),
-                )
-                .await;
-            }
+            let n = self
+                .relayed_copies(group, sent.id, sent.copies, timeout)
+                .await?;
+            relayed = Some(n);
+            state = if sent.copies == 0 {
+                "sent"
+            } else if n == 0 {
+                "queued"
+            } else {
+                "relayed"
+            };
         }
         if let Some(mut sending) = report.sending {
             message = Some(sending.queued.id.to_hex());
@@ -163,7 +173,10 @@ impl App {
                 }
             }
         }
-        let rate = report.bytes as f64 / report.elapsed.as_secs_f64().max(0.001);
+        // Sealing and putting overlap: the rate is the file's size over the whole send.
+        let seconds = started.elapsed().as_secs_f64();
+        let rate = file.size as f64 / seconds.max(0.001);
+        let caption = self.send_caption(to, text, timeout).await?;
         if json {
             out.json(json!({
                 "id": message,
@@ -174,10 +187,12 @@ impl App {
                 "size": file.size,
                 "copies": report.copies,
                 "members": report.members,
+                "relayed": relayed,
+                "text_id": caption.map(|c| c.to_hex()),
                 "left_members": report.left_members,
                 "relays": report.relays,
                 "bytes_put": report.bytes,
-                "seconds": report.elapsed.as_secs_f64(),
+                "seconds": seconds,
                 "left_out": report.left_out.iter()
                     .map(|(relay, why)| json!({ "relay": relay, "reason": why }))
                     .collect::<Vec<_>>(),
@@ -186,7 +201,7 @@ impl App {
                     .collect::<Vec<_>>(),
             }));
         } else {
-            let speed = if report.bytes >= 4 << 20 {
+            let speed = if file.size >= 4 << 20 {
                 format!(", {}/s", human_size(rate as u64))
             } else {
                 String::new()
@@ -203,8 +218,14 @@ impl App {
                     report.copies, report.members
                 ),
             };
+            let went = match (relayed, &report.group_sent) {
+                (Some(n), Some(sent)) => {
+                    format!("message relayed for {n} of {} member(s)", sent.copies)
+                }
+                _ => format!("message {state}"),
+            };
             out.out(format!(
-                "sent {} to {}: {placed}{speed} (file {}); message {state}",
+                "sent {} to {}: {placed}{speed} (file {}); {went}",
                 describe(&file),
                 name(to_name),
                 &hex(&id)[..12],
@@ -215,6 +236,12 @@ impl App {
                     crate::sanitize::for_terminal(relay),
                     crate::sanitize::for_terminal(why)
                 ));
+            }
+            if report.copies == 1 && report.relays > 1 {
+                out.warn(
+                    "only one copy of each chunk is on a relay (the others refused or failed): \
+                     if that relay is lost before it is fetched, the file is lost",
+                );
             }
             if !report.left_members.is_empty() {
                 let names: Vec<String> = report
@@ -228,36 +255,49 @@ impl App {
                 ));
             }
         }
-        if !text.trim().is_empty() {
-            let id = match to {
-                files::To::Contact(peer) => {
-                    let mut sending = engine.send(peer, text.to_owned()).await?;
-                    match sending.events.recv().await {
-                        Some(SendEvent::Durable) => {}
-                        Some(SendEvent::NotDurable(why)) => {
-                            return Err(CommandError::NotSaved(why));
-                        }
-                        other => return fail(format!("the text could not be saved ({other:?})")),
-                    }
-                    sending.queued.id
-                }
-                // Durable once answered; then put on the members' relays, briefly
-                // waited for as the file's message was.
-                files::To::Group(group) => {
-                    let id = engine.send_group(group, text.to_owned()).await?.id;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs_f64(timeout.max(0.0)),
-                        engine.deliver_now(),
-                    )
-                    .await;
-                    id
-                }
-            };
-            if !json {
-                out.out(format!("and the text (message {id})"));
-            }
+        if let (Some(caption), false) = (caption, json) {
+            out.out(format!("and the text (message {caption})"));
         }
         Ok(())
+    }
+
+    /// Sends the text given with a file, if any (after the file's message, or ahead of
+    /// a file that waits for relays to take it); its message id.
+    async fn send_caption(
+        &mut self,
+        to: files::To,
+        text: &str,
+        timeout: f64,
+    ) -> Result<Option<kkachi_protocol::MessageId>, CommandError> {
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let engine = self.engine()?;
+        let id = match to {
+            files::To::Contact(peer) => {
+                let mut sending = engine.send(peer, text.to_owned()).await?;
+                match sending.events.recv().await {
+                    Some(SendEvent::Durable) => {}
+                    Some(SendEvent::NotDurable(why)) => {
+                        return Err(CommandError::NotSaved(why));
+                    }
+                    other => return fail(format!("the text could not be saved ({other:?})")),
+                }
+                sending.queued.id
+            }
+            // Durable once answered; then put on the members' relays, briefly waited
+            // for as the file's message was.
+            files::To::Group(group) => {
+                let id = engine.send_group(group, text.to_owned()).await?.id;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs_f64(timeout.max(0.0)),
+                    engine.deliver_now(),
+                )
+                .await;
+                id
+            }
+        };
+        Ok(Some(id))
     }
 
     /// `files --cancel FILE`.

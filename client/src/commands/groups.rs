@@ -131,6 +131,13 @@ impl App {
             )),
             (Err(_), Some((g, _))) => Ok(Target::Group(Box::new(g))),
             (Ok(c), None) => Ok(Target::Contact(Box::new(c))),
+            // Neither: both lists are where to look.
+            (Err(CommandError::Refused(why)), None) if why.starts_with("no contact named") => {
+                fail(format!(
+                    "no contact or group named {:?}; `kkachi contact list` and `kkachi group list` show them",
+                    for_terminal(who).as_ref()
+                ))
+            }
             (Err(e), None) => Err(e),
         }
     }
@@ -623,6 +630,38 @@ impl App {
         Ok(done)
     }
 
+    /// How many members' copies of our group message `id` (of `copies`) a relay or the
+    /// member took, delivering meanwhile, within `timeout` seconds.
+    pub(super) async fn relayed_copies(
+        &mut self,
+        group: GroupId,
+        id: kkachi_protocol::MessageId,
+        copies: usize,
+        timeout: f64,
+    ) -> Result<usize, CommandError> {
+        let engine = self.engine()?;
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let mut relayed = 0;
+        loop {
+            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
+            let m = self
+                .store
+                .recent_group_messages(&group, 64)?
+                .into_iter()
+                .find(|m| m.message.id == id.0);
+            relayed = m.as_ref().map_or(relayed, |m| {
+                m.copies
+                    .iter()
+                    .filter(|(_, s)| *s != MessageState::Queued)
+                    .count()
+            });
+            if relayed >= copies || Instant::now() >= deadline {
+                return Ok(relayed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `send GROUP TEXT`: sealed to every member; exits once it is durable, after
     /// reporting how many members' relays took their copy within the timeout.
     pub(super) async fn send_to_group(
@@ -652,26 +691,9 @@ impl App {
         let engine = self.engine()?;
         let sent = engine.send_group(g.id, text).await?;
         // Durable now: the exit status says so. Then how far the copies got.
-        let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
-        let mut relayed = 0;
-        loop {
-            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
-            let m = self
-                .store
-                .group_messages(&g.id)?
-                .into_iter()
-                .find(|m| m.message.id == sent.id.0);
-            relayed = m.as_ref().map_or(relayed, |m| {
-                m.copies
-                    .iter()
-                    .filter(|(_, s)| *s != MessageState::Queued)
-                    .count()
-            });
-            if relayed >= sent.copies || Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let relayed = self
+            .relayed_copies(g.id, sent.id, sent.copies, args.timeout)
+            .await?;
         if json {
             out.json(json!({
                 "id": sent.id.to_hex(),

@@ -710,6 +710,21 @@ pub fn cancel(
         let Some(mut record) = store.incoming_file(id)? else {
             return Err(FilesError::Refused("no such file here".into()));
         };
+        // Only a fetch under way (or one that failed) stops: a file fetched is here
+        // (and its relays may have let it go), one never asked for has nothing to stop.
+        match record.state {
+            IncomingState::Done => {
+                return Err(FilesError::Refused(
+                    "it is fetched already: nothing to stop (`kkachi get` saves it)".into(),
+                ));
+            }
+            IncomingState::Offered => {
+                return Err(FilesError::Refused(
+                    "it is not being fetched: nothing to stop".into(),
+                ));
+            }
+            IncomingState::Fetching | IncomingState::Failed(_) => {}
+        }
         record.state = IncomingState::Offered;
         record.attempts = 0;
         record.retry_at_ms = 0;
@@ -728,9 +743,13 @@ pub fn cancel(
         return Err(FilesError::Refused("no such file being sent".into()));
     };
     if record.message_sent {
-        return Err(FilesError::Refused(
-            "its message went already: it cannot be unsent (delete it for everyone instead)".into(),
-        ));
+        return Err(FilesError::Refused(match record.group() {
+            Some(_) => "its message went already: it cannot be unsent".into(),
+            None => {
+                "its message went already: it cannot be unsent (delete it for everyone instead)"
+                    .into()
+            }
+        }));
     }
     crate::store::LocalStore::remove_file_record(&mut w, id, false);
     store.apply(w)?;

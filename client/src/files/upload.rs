@@ -303,6 +303,35 @@ struct Target {
     name: String,
 }
 
+/// Every relay of every recipient, with our capability into their queue there.
+fn targets_of<T: Transport>(
+    engine: &Engine<T>,
+    recipients: &[Contact],
+    group: bool,
+) -> Vec<Target> {
+    recipients
+        .iter()
+        .enumerate()
+        .flat_map(|(member, contact)| {
+            contact.card.relays().iter().filter_map(move |addr| {
+                let relay = crate::net::peer_of(addr)?;
+                Some(Target {
+                    addr: addr.clone(),
+                    key: engine
+                        .identity()
+                        .write_key_for(contact.card.identity(), &relay),
+                    member,
+                    name: if group {
+                        format!("{addr} {}", contact.peer)
+                    } else {
+                        addr.to_string()
+                    },
+                })
+            })
+        })
+        .collect()
+}
+
 /// What each relay holds and is being sent, shared by the workers.
 struct Plan {
     held: Vec<Vec<bool>>,
@@ -346,6 +375,16 @@ impl Plan {
     /// Whether recipient `m` holds at least `n` copies of every item.
     fn covered(&self, m: usize, n: usize) -> bool {
         self.count.iter().all(|c| usize::from(c[m]) >= n)
+    }
+
+    /// The copies recipient `m` can get in this run: `n`, or fewer when so many of its
+    /// relays are out that fewer are left (at least one): a recipient with two relays,
+    /// one of them down, still gets the file (on the other) rather than nothing.
+    fn within_reach(&self, m: usize, n: usize) -> usize {
+        let left = (0..self.out.len())
+            .filter(|&r| self.member[r] == m && self.out[r].is_none())
+            .count();
+        n.min(left).max(1)
     }
 
     /// Whether every relay of recipient `m` is out of this run (or it has none).
@@ -477,26 +516,7 @@ pub async fn upload<T: Transport>(
             }
         }
     };
-    let targets: Vec<Target> = recipients
-        .iter()
-        .enumerate()
-        .flat_map(|(member, contact)| {
-            contact.card.relays().iter().filter_map(move |addr| {
-                let relay = crate::net::peer_of(addr)?;
-                Some(Target {
-                    addr: addr.clone(),
-                    key: engine
-                        .identity()
-                        .write_key_for(contact.card.identity(), &relay),
-                    member,
-                    name: match group {
-                        Some(_) => format!("{addr} {}", contact.peer),
-                        None => addr.to_string(),
-                    },
-                })
-            })
-        })
-        .collect();
+    let targets = targets_of(engine, &recipients, group.is_some());
     // Each recipient's relays: two copies of every chunk are enough to send the
     // message; a small file goes to every relay.
     let relays_of = |m: usize| targets.iter().filter(|t| t.member == m).count();
@@ -634,7 +654,9 @@ pub async fn upload<T: Transport>(
         };
         let (ready, complete, held) = {
             let p = plan.lock();
-            let ready = with_relays.iter().all(|&m| p.covered(m, enough[m]));
+            let ready = with_relays
+                .iter()
+                .all(|&m| p.covered(m, p.within_reach(m, enough[m])));
             (ready, p.everywhere(&need), p.held.clone())
         };
         // Everything is where it goes: workers left are waiting out a failed relay's
@@ -675,7 +697,9 @@ pub async fn upload<T: Transport>(
     {
         let (to, left): (Vec<usize>, Vec<usize>) = {
             let p = plan.lock();
-            with_relays.iter().partition(|&&m| p.covered(m, enough[m]))
+            with_relays
+                .iter()
+                .partition(|&&m| p.covered(m, p.within_reach(m, enough[m])))
         };
         let stuck = {
             let p = plan.lock();

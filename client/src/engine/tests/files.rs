@@ -268,26 +268,34 @@ async fn a_file_cancelled_is_not_sent_and_a_fetch_cancelled_starts_again() {
         bob.engine.store().file_transfers().unwrap().1.is_empty(),
         "a cancelled file reached them"
     );
-    // Sent, fetched, then the fetch undone: fetched again, whole.
+    // Sent, not asked for: nothing to stop.
     let claim = files::prepare(&alice.engine, files::To::Contact(bob_c.peer), &path)
         .await
         .unwrap();
     files::upload(&alice.engine, claim).await.unwrap();
     let file = received_file(&bob).await;
-    files::fetch(&bob.engine, file.id()).await.unwrap();
-    assert_eq!(
-        files::cancel(bob.engine.store(), true, &file.id()).unwrap(),
-        files::Cancelled::Fetch
-    );
-    let record = bob
+    let err = files::cancel(bob.engine.store(), true, &file.id()).unwrap_err();
+    assert!(err.to_string().contains("not being fetched"), "{err}");
+    // A fetch that failed is set back, and fetched again, whole.
+    let mut record = bob
         .engine
         .store()
         .incoming_file(&file.id())
         .unwrap()
         .unwrap();
-    assert_eq!(record.state, IncomingState::Offered);
+    record.state = IncomingState::Failed("a relay was down".into());
+    let mut w = WriteSet::default();
+    LocalStore::write_incoming_file(&mut w, &file.id(), &record);
+    bob.engine.store().apply(w).unwrap();
+    assert_eq!(
+        files::cancel(bob.engine.store(), true, &file.id()).unwrap(),
+        files::Cancelled::Fetch
+    );
     let again = files::fetch(&bob.engine, file.id()).await.unwrap();
     assert_eq!(again.fetched, 1);
+    // Fetched (its relays may let it go once saved): not undone, it stays here.
+    let err = files::cancel(bob.engine.store(), true, &file.id()).unwrap_err();
+    assert!(err.to_string().contains("fetched already"), "{err}");
     let saved = files::export(bob.engine.store(), &file.id(), dir.path()).unwrap();
     assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
 }
