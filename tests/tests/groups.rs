@@ -304,7 +304,7 @@ fn a_photo_sent_to_a_group_reaches_every_member_through_a_relay_loss() {
         assert!(listed.contains("← Family"), "{listed}");
         let to = dir.path().join(format!("saved-{}", u.name));
         let got = &objects(&u.ok(&["get", &id, "--to", to.to_str().unwrap(), "--json"]))[0];
-        assert_eq!(got["from"], "Family", "{got}");
+        assert_eq!(got["from"], "Family › alice", "{got}");
         let saved = std::fs::read(got["path"].as_str().unwrap()).unwrap();
         assert!(saved == bytes, "the saved photo differs from the one sent");
         let text = u.ok(&["history", "Family"]);

@@ -65,6 +65,30 @@ impl App {
         })
     }
 
+    /// `GROUP › MEMBER` for a file a member sent to a group in message `message` (the
+    /// member as named in the group), or just the group's name `group_name` if the
+    /// message is gone.
+    fn group_sender(
+        &self,
+        group: kkachi_protocol::group::GroupId,
+        message: &[u8; 16],
+        group_name: String,
+    ) -> String {
+        match self.store.group_message_by_id(&group, message) {
+            Ok(Some(m)) => {
+                let member = match m
+                    .author()
+                    .and_then(|p| self.store.contact(&p).ok().flatten())
+                {
+                    Some(c) => c.name,
+                    None => m.name,
+                };
+                format!("{group_name} › {member}")
+            }
+            _ => group_name,
+        }
+    }
+
     /// `send CONTACT --file PATH [TEXT]`, and `send GROUP --file PATH [TEXT]` (`to_name`
     /// names the contact or the group).
     #[allow(clippy::too_many_arguments)]
@@ -424,7 +448,10 @@ impl App {
                     format!("failed: {}", crate::sanitize::for_terminal(why)),
                 ),
             };
-            let from = who(r.group(), r.contact());
+            let from = match r.group() {
+                Some(group) => self.group_sender(group, &r.message, who(Some(group), None)),
+                None => who(None, r.contact()),
+            };
             let sent_at = r
                 .contact()
                 .and_then(|p| {
@@ -508,7 +535,17 @@ impl App {
         if let Err(e) = files::release(&engine, id).await {
             tracing::warn!(error = %e, "relays not told to let a saved file go; they drop it when it expires");
         }
-        let from = self.party_name(peer)?;
+        let from = match peer {
+            files::To::Group(group) => {
+                let message = self
+                    .store
+                    .incoming_file(&id)?
+                    .map(|r| r.message)
+                    .unwrap_or_default();
+                self.group_sender(group, &message, self.party_name(peer)?)
+            }
+            files::To::Contact(_) => self.party_name(peer)?,
+        };
         if json {
             out.json(json!({
                 "id": hex(&id), "path": path.display().to_string(), "name": files::safe_name(&file.name),

@@ -601,7 +601,10 @@ impl App {
         }
         out.out(format!(
             "{} (message {}): delivered to {delivered} of {}, read by {read}",
-            for_terminal(m.message.text.lines().next().unwrap_or_default()),
+            super::messages::shown_text(&m.message)
+                .lines()
+                .next()
+                .unwrap_or_default(),
             &hex(&m.message.id)[..12],
             m.copies.len()
         ));
