@@ -78,9 +78,12 @@ fn init_logging(to_file: Option<&Path>, online: bool) {
         if std::fs::metadata(p).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
             let _ = std::fs::rename(p, p.with_extension("log.1"));
         }
+        use std::os::unix::fs::OpenOptionsExt;
+        // Readable by the home's owner only, like everything in it.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(p)
             .ok()
     });
@@ -451,8 +454,13 @@ fn main() -> ExitCode {
     } else if is_tui {
         let _ = std::fs::create_dir_all(&home);
         init_logging(Some(&home.join("kkachi.log")), true);
-    } else {
+    } else if matches!(command, Command::Daemon) || !home.is_dir() {
+        // A daemon's log is its standard error (a service manager keeps it).
         init_logging(None, matches!(command, Command::Daemon));
+    } else {
+        // A command's standard error is for what it says itself: the network's
+        // warnings (a relay that does not answer, with its error) go to the home's log.
+        init_logging(Some(&home.join("kkachi.log")), false);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
