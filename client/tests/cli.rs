@@ -119,7 +119,7 @@ fn unknown_contact_and_bad_relay_addresses() {
     ok(kkachi(a.path(), &["init", "--name", "Minji"]));
     fails_with(
         kkachi(a.path(), &["send", "nobody", "hi"]),
-        "no contact named",
+        "no contact or group named",
     );
     fails_with(
         kkachi(a.path(), &["relay", "add", "not-an-address"]),
@@ -268,7 +268,10 @@ fn words_need_no_quotes_and_a_name_may_be_started() {
     let h: serde_json::Value = serde_json::from_str(&history).unwrap();
     assert_eq!(h[0]["text"], "are you there?");
     // A start that fits nobody is still an error that says what to do.
-    fails_with(kkachi(a.path(), &["history", "x"]), "no contact named");
+    fails_with(
+        kkachi(a.path(), &["history", "x"]),
+        "no contact or group named",
+    );
 }
 
 #[test]

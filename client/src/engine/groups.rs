@@ -1270,23 +1270,10 @@ impl<T> State<T> {
             return Ok(());
         };
         LocalStore::write_group_message_index(w, &id, &message.message.id, local);
-        let file_id = file.id();
-        if self.store.incoming_file(&file_id)?.is_none() {
-            let incoming = crate::store::Incoming {
-                contact: crate::store::group_key(&id),
-                message: message.message.id,
-                reference: file.encode(),
-                state: crate::store::IncomingState::Offered,
-                bad_chunks: 0,
-                saved: Vec::new(),
-                created_ms: now,
-                auto: false,
-                attempts: 0,
-                retry_at_ms: 0,
-            };
-            LocalStore::write_incoming_file(w, &file_id, &incoming);
-        }
-        Ok(())
+        let group = crate::store::group_key(&id);
+        Ok(self
+            .store
+            .offer_incoming_file(w, &file, group, message.message.id, now)?)
     }
 
     /// How a member is named in event lines: "you", the name we gave a contact, else

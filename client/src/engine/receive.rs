@@ -650,22 +650,8 @@ impl<T> State<T> {
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
                 if let Some(file) = record.file.as_ref().and_then(|f| f.file()) {
                     // What to fetch, when asked (or at once, by the auto-download rule).
-                    let id = file.id();
-                    if self.store.incoming_file(&id)?.is_none() {
-                        let incoming = crate::store::Incoming {
-                            contact: peer.to_bytes(),
-                            message: record.id,
-                            reference: file.encode(),
-                            state: crate::store::IncomingState::Offered,
-                            bad_chunks: 0,
-                            saved: Vec::new(),
-                            created_ms: now,
-                            auto: false,
-                            attempts: 0,
-                            retry_at_ms: 0,
-                        };
-                        LocalStore::write_incoming_file(w, &id, &incoming);
-                    }
+                    self.store
+                        .offer_incoming_file(w, &file, peer.to_bytes(), record.id, now)?;
                 }
                 LocalStore::write_conversation(w, &peer, &conv);
                 LocalStore::write_receipt_due(w, &peer, &content.id);

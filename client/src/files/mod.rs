@@ -434,27 +434,18 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
         Ok(store.group(group)?.is_some_and(|g| !g.forgotten))
     };
     for (id, r) in &incoming {
-        if let Some(group) = r.group() {
-            let keep = group_here(&group)?
-                && match store.group_message_by_id(&group, &r.message)? {
-                    Some(m) if carries(&m.message, id) => match m.author() {
-                        Some(from) => store.blocked(&from)?.is_none(),
-                        None => false,
-                    },
-                    _ => false,
-                };
-            if !keep {
-                crate::store::LocalStore::remove_file_record(&mut w, id, true);
-                gone.push(vec![
-                    part_path(&home, id),
-                    bits_path(&home, id),
-                    manifest_path(&home, id),
-                ]);
+        let keep = match (r.group(), wanted(r.contact())?) {
+            (Some(group), _) => {
+                group_here(&group)?
+                    && match store.group_message_by_id(&group, &r.message)? {
+                        Some(m) if carries(&m.message, id) => match m.author() {
+                            Some(from) => store.blocked(&from)?.is_none(),
+                            None => false,
+                        },
+                        _ => false,
+                    }
             }
-            continue;
-        }
-        let keep = match wanted(r.contact())? {
-            Some(peer) => {
+            (None, Some(peer)) => {
                 let here = store
                     .message(&peer, &kkachi_protocol::MessageId(r.message))?
                     .is_some_and(|(_, m)| carries(&m, id));
@@ -476,7 +467,7 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
                 }
                 here || other.is_some()
             }
-            None => false,
+            (None, None) => false,
         };
         if !keep {
             crate::store::LocalStore::remove_file_record(&mut w, id, true);

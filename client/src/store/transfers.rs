@@ -54,13 +54,24 @@ pub struct Outgoing {
     pub retry_at_ms: u64,
 }
 
+/// The contact a transfer record's `contact` names: `None` for a group's key (see
+/// [`super::group_key`]), which is itself shaped like a peer id.
+fn contact_in(key: &[u8]) -> Option<PeerId> {
+    super::groups::group_of(key)
+        .is_none()
+        .then(|| PeerId::from_bytes(key).ok())
+        .flatten()
+}
+
+/// A transfer record's file reference.
+fn reference_in(bytes: &[u8]) -> Result<FileRef, StoreError> {
+    FileRef::decode(bytes).map_err(|_| StoreError::Corrupt("file reference"))
+}
+
 impl Outgoing {
     /// The contact's id (`None` for a file sent to a group).
     pub fn contact(&self) -> Option<PeerId> {
-        super::groups::group_of(&self.contact)
-            .is_none()
-            .then(|| PeerId::from_bytes(&self.contact).ok())
-            .flatten()
+        contact_in(&self.contact)
     }
 
     /// The group it goes to, for a file sent to one (its key is in `contact`).
@@ -70,7 +81,7 @@ impl Outgoing {
 
     /// The file reference.
     pub fn file(&self) -> Result<FileRef, StoreError> {
-        FileRef::decode(&self.reference).map_err(|_| StoreError::Corrupt("file reference"))
+        reference_in(&self.reference)
     }
 
     /// The chunk ids, the manifest's last.
@@ -119,12 +130,26 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// A file offered in message `message` from `from` (a contact's peer id, or a
+    /// group's key), not asked for yet.
+    pub fn offered(from: Vec<u8>, message: [u8; 16], file: &FileRef, now_ms: u64) -> Self {
+        Incoming {
+            contact: from,
+            message,
+            reference: file.encode(),
+            state: IncomingState::Offered,
+            bad_chunks: 0,
+            saved: Vec::new(),
+            created_ms: now_ms,
+            auto: false,
+            attempts: 0,
+            retry_at_ms: 0,
+        }
+    }
+
     /// The contact's id (`None` for a file a member sent to a group).
     pub fn contact(&self) -> Option<PeerId> {
-        super::groups::group_of(&self.contact)
-            .is_none()
-            .then(|| PeerId::from_bytes(&self.contact).ok())
-            .flatten()
+        contact_in(&self.contact)
     }
 
     /// The group it came in, for a file a member sent to one (its key is in `contact`).
@@ -134,7 +159,7 @@ impl Incoming {
 
     /// The file reference.
     pub fn file(&self) -> Result<FileRef, StoreError> {
-        FileRef::decode(&self.reference).map_err(|_| StoreError::Corrupt("file reference"))
+        reference_in(&self.reference)
     }
 }
 
@@ -157,6 +182,28 @@ impl LocalStore {
     /// Writes an incoming file's record (in a WriteSet).
     pub fn write_incoming_file(w: &mut WriteSet, id: &TransferId, record: &Incoming) {
         w.put_record(TreeId::Transfers, key(IN, id), record);
+    }
+
+    /// Offers `file` (from message `message` of `from`, a peer id or a group's key)
+    /// for fetching, in a WriteSet, unless it is here already (the same file sent
+    /// again keeps its record).
+    pub fn offer_incoming_file(
+        &self,
+        w: &mut WriteSet,
+        file: &FileRef,
+        from: Vec<u8>,
+        message: [u8; 16],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let id = file.id();
+        if self.incoming_file(&id)?.is_none() {
+            LocalStore::write_incoming_file(
+                w,
+                &id,
+                &Incoming::offered(from, message, file, now_ms),
+            );
+        }
+        Ok(())
     }
 
     /// Removes a transfer's record (in a WriteSet).
