@@ -807,9 +807,26 @@ impl App {
             ));
         }
         if !g.record.waiting.is_empty() {
+            // Whose: a member's add (or promotion) may be on its way; someone removed
+            // stays here until the week is up.
+            let mut from: Vec<String> = g
+                .record
+                .waiting
+                .iter()
+                .map(|w| match w.message.author() {
+                    Some(p) => self
+                        .member_name(&p, &w.message.name)
+                        .unwrap_or_else(|_| w.message.name.clone()),
+                    None => w.message.name.clone(),
+                })
+                .map(|n| name(&n).into_owned())
+                .collect();
+            from.sort();
+            from.dedup();
             out.out(format!(
-                "  ⚠ {} message(s) wait for the group's members to be confirmed",
-                g.record.waiting.len()
+                "  ⚠ {} message(s) from {} wait until the group's changes let them post here (shown then, or dropped after a week)",
+                g.record.waiting.len(),
+                from.join(", ")
             ));
         }
         Ok(())
