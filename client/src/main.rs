@@ -87,6 +87,11 @@ fn init_logging(to_file: Option<&Path>, online: bool) {
             .open(p)
             .ok()
     });
+    // The UI's screen is the terminal: a log file it cannot open means no log, never
+    // lines written over the screen.
+    if to_file.is_some() && file.is_none() && online {
+        return;
+    }
     match file {
         Some(file) => builder
             .with_ansi(false)
@@ -454,8 +459,9 @@ fn main() -> ExitCode {
     } else if is_tui {
         let _ = std::fs::create_dir_all(&home);
         init_logging(Some(&home.join("kkachi.log")), true);
-    } else if matches!(command, Command::Daemon) || !home.is_dir() {
-        // A daemon's log is its standard error (a service manager keeps it).
+    } else if matches!(command, Command::Daemon) || !home.join("db").is_dir() {
+        // A daemon's log is its standard error (a service manager keeps it); so is a
+        // command's where no home is set up yet (a mistyped --home gets no file).
         init_logging(None, matches!(command, Command::Daemon));
     } else {
         // A command's standard error is for what it says itself: the network's

@@ -65,21 +65,22 @@ impl App {
         })
     }
 
-    /// `GROUP › MEMBER` for a file a member sent to a group in message `message` (the
-    /// member as named in the group), or just the group's name `group_name` if the
-    /// message is gone.
+    /// `GROUP › MEMBER` for a file `member` sent to a group in message `message` (the
+    /// member as we call them, or as named in the group), or just the group's name
+    /// `group_name` if the message is gone.
     fn group_sender(
         &self,
         group: kkachi_protocol::group::GroupId,
+        member: Option<kkachi_protocol::PeerId>,
         message: &[u8; 16],
         group_name: String,
     ) -> String {
-        match self.store.group_message_by_id(&group, message) {
+        let Some(from) = member else {
+            return group_name;
+        };
+        match self.store.group_message_by_id(&group, &from, message) {
             Ok(Some(m)) => {
-                let member = match m
-                    .author()
-                    .and_then(|p| self.store.contact(&p).ok().flatten())
-                {
+                let member = match self.store.contact(&from).ok().flatten() {
                     Some(c) => c.name,
                     None => m.name,
                 };
@@ -122,7 +123,7 @@ impl App {
             Err(FilesError::Unavailable(why)) => {
                 // Sealed and recorded: it goes once their relays take it. The text is
                 // not held back with it: it goes now.
-                let caption = self.send_caption(to, text, timeout).await?;
+                let (caption, caption_error) = self.try_caption(to, text, timeout).await;
                 let then = if self.owned {
                     "`kkachi sync` or `kkachi daemon` goes on with it"
                 } else {
@@ -131,7 +132,8 @@ impl App {
                 if json {
                     out.json(json!({ "file": hex(&id), "to": to_name, "state": "queued",
                                      "name": files::safe_name(&file.name), "size": file.size,
-                                     "why": why, "text_id": caption.map(|c| c.to_hex()) }));
+                                     "why": why, "text_id": caption.map(|c| c.to_hex()),
+                                     "text_error": caption_error }));
                 } else {
                     out.out(format!(
                         "queued {} for {} (file {}): {}; {then}",
@@ -143,6 +145,11 @@ impl App {
                 }
                 if let (Some(caption), false) = (caption, json) {
                     out.out(format!("the text went ahead of it (message {caption})"));
+                }
+                if let Some(why) = caption_error {
+                    out.warn(format!(
+                        "the text was not sent: {why}; send it again with `kkachi send`"
+                    ));
                 }
                 return Ok(());
             }
@@ -200,7 +207,7 @@ impl App {
         // Sealing and putting overlap: the rate is the file's size over the whole send.
         let seconds = started.elapsed().as_secs_f64();
         let rate = file.size as f64 / seconds.max(0.001);
-        let caption = self.send_caption(to, text, timeout).await?;
+        let (caption, caption_error) = self.try_caption(to, text, timeout).await;
         if json {
             out.json(json!({
                 "id": message,
@@ -213,6 +220,7 @@ impl App {
                 "members": report.members,
                 "relayed": relayed,
                 "text_id": caption.map(|c| c.to_hex()),
+                "text_error": caption_error,
                 "left_members": report.left_members,
                 "relays": report.relays,
                 "bytes_put": report.bytes,
@@ -261,7 +269,7 @@ impl App {
                     crate::sanitize::for_terminal(why)
                 ));
             }
-            if report.copies == 1 && report.relays > 1 {
+            if report.degraded {
                 out.warn(
                     "only one copy of each chunk is on a relay (the others refused or failed): \
                      if that relay is lost before it is fetched, the file is lost",
@@ -282,7 +290,27 @@ impl App {
         if let (Some(caption), false) = (caption, json) {
             out.out(format!("and the text (message {caption})"));
         }
+        // The file went: its text failing is said, not made the command's failure
+        // (sending it all again would send the file twice).
+        if let Some(why) = caption_error {
+            out.warn(format!(
+                "the text was not sent: {why}; send it again with `kkachi send`"
+            ));
+        }
         Ok(())
+    }
+
+    /// [`Self::send_caption`], its failure given back as words.
+    async fn try_caption(
+        &mut self,
+        to: files::To,
+        text: &str,
+        timeout: f64,
+    ) -> (Option<kkachi_protocol::MessageId>, Option<String>) {
+        match self.send_caption(to, text, timeout).await {
+            Ok(id) => (id, None),
+            Err(e) => (None, Some(e.to_string())),
+        }
     }
 
     /// Sends the text given with a file, if any (after the file's message, or ahead of
@@ -449,7 +477,9 @@ impl App {
                 ),
             };
             let from = match r.group() {
-                Some(group) => self.group_sender(group, &r.message, who(Some(group), None)),
+                Some(group) => {
+                    self.group_sender(group, r.member(), &r.message, who(Some(group), None))
+                }
                 None => who(None, r.contact()),
             };
             let sent_at = r
@@ -537,12 +567,9 @@ impl App {
         }
         let from = match peer {
             files::To::Group(group) => {
-                let message = self
-                    .store
-                    .incoming_file(&id)?
-                    .map(|r| r.message)
-                    .unwrap_or_default();
-                self.group_sender(group, &message, self.party_name(peer)?)
+                let record = self.store.incoming_file(&id)?;
+                let (member, message) = record.map(|r| (r.member(), r.message)).unwrap_or_default();
+                self.group_sender(group, member, &message, self.party_name(peer)?)
             }
             files::To::Contact(_) => self.party_name(peer)?,
         };

@@ -1269,11 +1269,15 @@ impl<T> State<T> {
         let Some(file) = message.message.file.as_ref().and_then(|f| f.file()) else {
             return Ok(());
         };
-        LocalStore::write_group_message_index(w, &id, &message.message.id, local);
-        let group = crate::store::group_key(&id);
+        // A member's message: its author is known (ours are not offered).
+        let Some(from) = message.author() else {
+            return Ok(());
+        };
+        LocalStore::write_group_message_index(w, &id, &from, &message.message.id, local);
+        let key = crate::store::group_member_key(&id, &from);
         Ok(self
             .store
-            .offer_incoming_file(w, &file, group, message.message.id, now)?)
+            .offer_incoming_file(w, &file, key, message.message.id, now)?)
     }
 
     /// How a member is named in event lines: "you", the name we gave a contact, else

@@ -435,16 +435,16 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
     };
     for (id, r) in &incoming {
         let keep = match (r.group(), wanted(r.contact())?) {
-            (Some(group), _) => {
-                group_here(&group)?
-                    && match store.group_message_by_id(&group, &r.message)? {
-                        Some(m) if carries(&m.message, id) => match m.author() {
-                            Some(from) => store.blocked(&from)?.is_none(),
-                            None => false,
-                        },
-                        _ => false,
-                    }
-            }
+            (Some(group), _) => match r.member() {
+                Some(from) => {
+                    group_here(&group)?
+                        && store.blocked(&from)?.is_none()
+                        && store
+                            .group_message_by_id(&group, &from, &r.message)?
+                            .is_some_and(|m| carries(&m.message, id))
+                }
+                None => false,
+            },
             (None, Some(peer)) => {
                 let here = store
                     .message(&peer, &kkachi_protocol::MessageId(r.message))?
@@ -545,13 +545,10 @@ pub fn resume<T: Transport>(
     // Whom a picture fetched on its own counts against: its contact; for a group's,
     // the group and the member who sent it.
     let owners = |r: &crate::store::Incoming| -> Vec<Vec<u8>> {
-        let mut owners = vec![r.contact.clone()];
-        if let Some(group) = r.group()
-            && let Ok(Some(m)) = engine.store().group_message_by_id(&group, &r.message)
-        {
-            owners.push(m.from);
+        match (r.group(), r.member()) {
+            (Some(group), Some(from)) => vec![crate::store::group_key(&group), from.to_bytes()],
+            _ => vec![r.contact.clone()],
         }
-        owners
     };
     // What each contact's (and group's) pictures fetched on their own hold already.
     let mut auto_bytes: std::collections::HashMap<Vec<u8>, u64> = Default::default();

@@ -41,6 +41,9 @@ pub struct UploadReport {
     /// Members of a group the message did not go to: their relays took no file (or
     /// they have none).
     pub left_members: Vec<String>,
+    /// A recipient with two relays or more holds only one copy of some chunk (the
+    /// others refused or failed).
+    pub degraded: bool,
     /// Relays the recipients have (a relay two members share counts twice).
     pub relays: usize,
     /// Bytes put by this run.
@@ -381,17 +384,29 @@ impl Plan {
     /// relays are out that fewer are left (at least one): a recipient with two relays,
     /// one of them down, still gets the file (on the other) rather than nothing.
     fn within_reach(&self, m: usize, n: usize) -> usize {
+        // Our share there being full is no outage: it frees as they fetch, so it is
+        // waited for.
         let left = (0..self.out.len())
-            .filter(|&r| self.member[r] == m && self.out[r].is_none())
+            .filter(|&r| {
+                self.member[r] == m
+                    && self.out[r]
+                        .as_ref()
+                        .is_none_or(|why| why.starts_with("quota_exceeded"))
+            })
             .count();
         n.min(left).max(1)
     }
 
     /// Whether every relay of recipient `m` is out of this run (or it has none).
     fn unavailable(&self, m: usize) -> bool {
+        // Out for our share there being full is not given up on (see `within_reach`).
         (0..self.out.len())
             .filter(|&r| self.member[r] == m)
-            .all(|r| self.out[r].is_some())
+            .all(|r| {
+                self.out[r]
+                    .as_ref()
+                    .is_some_and(|why| !why.starts_with("quota_exceeded"))
+            })
     }
 
     /// Puts of `item` under way to recipient `m`'s relays that have not failed lately:
@@ -534,6 +549,7 @@ pub async fn upload<T: Transport>(
         sending: None,
         group_sent: None,
         left_members: Vec::new(),
+        degraded: false,
         message_sent: record.message_sent,
         copies: 0,
         members: recipients.len(),
@@ -727,6 +743,10 @@ pub async fn upload<T: Transport>(
     {
         let p = plan.lock();
         report.copies = p.fewest(&sent_to);
+        report.degraded = record.message_sent
+            && sent_to
+                .iter()
+                .any(|&m| relays_of(m) >= 2 && p.fewest(&[m]) < 2);
         report.bytes = p.bytes;
         report.left_out = targets
             .iter()

@@ -26,11 +26,25 @@ pub fn group_key(id: &GroupId) -> Vec<u8> {
     k
 }
 
-/// The group a key made by [`group_key`] names (`None` for anything else, such as a
-/// contact's peer id).
+/// The group a key made by [`group_key`] (or [`group_member_key`]) names (`None` for
+/// anything else, such as a contact's peer id).
 pub fn group_of(key: &[u8]) -> Option<GroupId> {
     let rest = key.strip_prefix(&[0x00, 36, b'g', b'r', b'p', 0][..])?;
-    Some(GroupId(rest.try_into().ok()?))
+    Some(GroupId(rest.get(..32)?.try_into().ok()?))
+}
+
+/// A group's key followed by one member's peer id: names what that member sent in the
+/// group (a file offered), so no other member can claim it.
+pub fn group_member_key(id: &GroupId, member: &PeerId) -> Vec<u8> {
+    let mut k = group_key(id);
+    k.extend_from_slice(&member.to_bytes());
+    k
+}
+
+/// The member a key made by [`group_member_key`] names.
+pub fn member_of(key: &[u8]) -> Option<PeerId> {
+    group_of(key)?;
+    PeerId::from_bytes(key.get(38..).filter(|m| !m.is_empty())?).ok()
 }
 
 fn message_key(id: &GroupId, local: u64) -> Vec<u8> {
@@ -232,28 +246,32 @@ impl LocalStore {
         );
     }
 
-    /// Notes where group `id`'s message `message` (a member's, carrying a file) is, so
-    /// [`LocalStore::group_message_by_id`] finds it without reading the group.
+    /// Notes where member `from`'s message `message` in group `id` (carrying a file)
+    /// is, so [`LocalStore::group_message_by_id`] finds it without reading the group.
+    /// Keyed by its author too: a message id is the sender's choice, and another
+    /// member reusing it names only their own message.
     pub fn write_group_message_index(
         w: &mut WriteSet,
         id: &GroupId,
+        from: &PeerId,
         message: &[u8; 16],
         local: u64,
     ) {
-        let mut key = group_key(id);
+        let mut key = group_member_key(id, from);
         key.extend_from_slice(message);
         w.put(TreeId::GroupIndex, key, message_key(id, local));
     }
 
-    /// Group `id`'s message `message`, noted by
+    /// Member `from`'s message `message` in group `id`, noted by
     /// [`LocalStore::write_group_message_index`]; `None` if it is gone (expired,
-    /// forgotten) or was never noted.
+    /// forgotten), was never noted, or is not theirs.
     pub fn group_message_by_id(
         &self,
         id: &GroupId,
+        from: &PeerId,
         message: &[u8; 16],
     ) -> Result<Option<GroupMessage>, StoreError> {
-        let mut key = group_key(id);
+        let mut key = group_member_key(id, from);
         key.extend_from_slice(message);
         let Some(at) = self.tree(TreeId::GroupIndex).get(key)? else {
             return Ok(None);
@@ -261,7 +279,9 @@ impl LocalStore {
         let now = crate::engine::now_ms();
         Ok(self
             .get_record::<GroupMessage>(TreeId::GroupMessages, &at, "group message")?
-            .filter(|m| m.message.id == *message && !m.message.expired(now)))
+            .filter(|m| {
+                m.message.id == *message && m.from == from.to_bytes() && !m.message.expired(now)
+            }))
     }
 
     /// Our group message whose copy `member` received as `message`: its key and record.

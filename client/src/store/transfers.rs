@@ -152,9 +152,15 @@ impl Incoming {
         contact_in(&self.contact)
     }
 
-    /// The group it came in, for a file a member sent to one (its key is in `contact`).
+    /// The group it came in, for a file a member sent to one (its key and the
+    /// member's are in `contact`).
     pub fn group(&self) -> Option<GroupId> {
         super::groups::group_of(&self.contact)
+    }
+
+    /// The member who sent it, for a file sent to a group.
+    pub fn member(&self) -> Option<PeerId> {
+        super::groups::member_of(&self.contact)
     }
 
     /// The file reference.

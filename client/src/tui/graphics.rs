@@ -48,7 +48,12 @@ pub fn detect() -> ProtocolType {
     let picker = match forced {
         Some(Ok(ProtocolType::Halfblocks)) => Picker::halfblocks(),
         Some(Ok(kind)) => {
-            let mut picker = Picker::from_query_stdio().unwrap_or_else(|_| Picker::halfblocks());
+            // Asked for the cell size only where an answer can come back.
+            let mut picker = if inside_tmux_without_passthrough() {
+                Picker::halfblocks()
+            } else {
+                Picker::from_query_stdio().unwrap_or_else(|_| Picker::halfblocks())
+            };
             picker.set_protocol_type(kind);
             picker
         }

@@ -2,6 +2,7 @@
 //! messages to each member once, receipts counted per member, and messages that come
 //! before their group's operations.
 
+use kkachi_protocol::file::{FileKey, FileRef};
 use kkachi_protocol::group::{GroupId, Roster};
 
 use super::*;
@@ -851,6 +852,53 @@ async fn a_file_to_the_group_reaches_each_member_on_their_own_relays_and_not_the
                 .is_some()
         );
     }
+    // Carol reuses the id of Alice's message for a file of her own: Bob keeps Alice's
+    // file, named as hers, and takes Carol's as Carol's.
+    let alice_file = bob
+        .engine
+        .store()
+        .file_transfers()
+        .unwrap()
+        .1
+        .into_iter()
+        .find(|(_, r)| r.group() == Some(id))
+        .unwrap();
+    assert_eq!(alice_file.1.member(), Some(alice.peer()));
+    let bob_at_carol = carol.contact_of(&bob.peer()).unwrap();
+    let conv = carol.engine.store().conversation(&bob.peer()).unwrap();
+    let forged = FileRef {
+        key: FileKey([9; 32]),
+        manifest: kkachi_protocol::file::ChunkId([9; 32]),
+        size: 10,
+        name: "not-the-map.bin".into(),
+        mime: String::new(),
+        thumbnail: Vec::new(),
+    };
+    let content = Content {
+        id: MessageId(alice_file.1.message),
+        seq: conv.next_seq.max(1),
+        prev: conv.last_hash,
+        sent_at_ms: now_ms(),
+        body: Body::Group {
+            group: id,
+            what: kkachi_protocol::content::GroupBody::File {
+                hlc: kkachi_protocol::group::Hlc {
+                    ms: now_ms(),
+                    count: 0,
+                },
+                have: [0; 16],
+                secs: 0,
+                file: Box::new(forged.clone()),
+            },
+        },
+    };
+    carol.send_raw(&bob_at_carol, &content).await;
+    assert_eq!(said(&bob).await.len(), 1);
+    files::sweep(bob.engine.store()).unwrap();
+    let kept = bob.engine.store().incoming_file(&alice_file.0).unwrap();
+    assert_eq!(kept.map(|r| r.member()), Some(Some(alice.peer())));
+    let theirs = bob.engine.store().incoming_file(&forged.id()).unwrap();
+    assert_eq!(theirs.map(|r| r.member()), Some(Some(carol.peer())));
     // A sender blocked: their files go from the device, group or not.
     let first = carol
         .engine
