@@ -404,6 +404,18 @@ impl App {
             let running = live.as_ref().and_then(|l| l.progress(false, id));
             let (state, detail) = if r.finished {
                 ("sent", "sent".to_string())
+            } else if r.message_sent {
+                // Sent with fewer copies than it goes to: the rest follow.
+                (
+                    "sent",
+                    format!(
+                        "sent{}",
+                        r.last_error
+                            .as_ref()
+                            .map(|e| format!("; {}", crate::sanitize::for_terminal(e)))
+                            .unwrap_or_default()
+                    ),
+                )
             } else if let Some(p) = &running {
                 (
                     "uploading",

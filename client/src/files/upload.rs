@@ -760,6 +760,24 @@ pub async fn upload<T: Transport>(
             .collect();
     }
     report.elapsed = started.elapsed();
+    // A contact's file that went with fewer copies than it goes to (a relay of theirs
+    // was out) keeps its sealed copy: later runs put what is missing, until relays
+    // would have dropped the chunks anyway.
+    let short = record.message_sent
+        && group.is_none()
+        && !plan.lock().everywhere(&need)
+        && now_ms().saturating_sub(record.created_ms) < CHUNK_TTL_SECS * 1000;
+    if short {
+        record.last_error = Some(format!(
+            "each chunk on {} of their {} relays so far; the other copies go once their relays take them",
+            report.copies, report.relays
+        ));
+        record.attempts = record.attempts.saturating_add(1);
+        record.retry_at_ms = now_ms() + super::retry_after(record.attempts).as_millis() as u64;
+        save(&store, &id, &record)?;
+        store.flush().await?;
+        return Ok(report);
+    }
     if record.message_sent {
         record.finished = true;
         record.last_error = None;

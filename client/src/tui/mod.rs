@@ -817,6 +817,10 @@ fn file_view(
     } else {
         match store.outgoing_file(&id) {
             Ok(Some(r)) if r.finished => ("on their relays".to_string(), None),
+            // Sent with fewer copies than it goes to: the rest follow.
+            Ok(Some(r)) if r.message_sent => {
+                ("on their relays (more copies to come)".to_string(), None)
+            }
             Ok(Some(r)) => match live {
                 Some(p) => ("uploading".to_string(), Some(p)),
                 None => (

@@ -299,3 +299,57 @@ async fn a_file_cancelled_is_not_sent_and_a_fetch_cancelled_starts_again() {
     let saved = files::export(bob.engine.store(), &file.id(), dir.path()).unwrap();
     assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(&path).unwrap());
 }
+
+#[tokio::test]
+async fn a_file_sent_while_a_relay_was_out_gets_its_second_copy_when_it_returns() {
+    let net = FakeNet::default();
+    let alice = User::started(&net, "alice", 2).await;
+    let bob = User::started(&net, "bob", 2).await;
+    let bob_c = alice.add_contact(&bob);
+    bob.add_contact(&alice);
+    alice.regrant().await;
+    bob.regrant().await;
+    // Bob's second relay lost everything (our grant too): it refuses Alice's puts.
+    net.wipe_relay(&bob.relays[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("route.bin");
+    random_file(&path, 3 << 20, 11);
+    let claim = files::prepare(&alice.engine, files::To::Contact(bob_c.peer), &path)
+        .await
+        .unwrap();
+    let id = claim.id;
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    // It went, with one copy of each chunk, and is not done with.
+    assert!(report.message_sent && report.degraded);
+    assert_eq!(report.copies, 1);
+    let record = alice.engine.store().outgoing_file(&id).unwrap().unwrap();
+    assert!(record.message_sent && !record.finished, "{record:?}");
+    assert!(received_file(&bob).await.id() == id);
+    // The relay takes puts again: the next run puts the second copies, and is done.
+    bob.regrant().await;
+    let claim = alice.engine.transfers().claim(false, id).unwrap();
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    assert_eq!(report.copies, 2);
+    assert!(
+        alice
+            .engine
+            .store()
+            .outgoing_file(&id)
+            .unwrap()
+            .unwrap()
+            .finished
+    );
+    let copies: usize = net.inner.lock().chunks.values().map(HashMap::len).sum();
+    assert_eq!(copies, 2 * (12 + 1));
+    // Nothing was sent twice.
+    bob.sync().await;
+    let files_shown = bob
+        .engine
+        .store()
+        .recent_messages(&bob.contacts()[0], 50)
+        .unwrap()
+        .iter()
+        .filter(|m| m.file.is_some())
+        .count();
+    assert_eq!(files_shown, 1);
+}
