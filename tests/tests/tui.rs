@@ -358,14 +358,14 @@ while shown and time.time() < settled:
         break
 os.write(fd, b"\x03")
 code, quit_at, interrupts = None, time.time(), 1
-for i in range(200):
-    if i == 50:
+while time.time() - quit_at < 20:
+    if interrupts == 1 and time.time() - quit_at > 5:
         # Not gone after 5 s: once more (said in the output).
         try:
             os.write(fd, b"\x03")
-            interrupts += 1
         except OSError:
             pass
+        interrupts += 1
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:
         code = os.waitstatus_to_exitcode(status)
@@ -374,7 +374,8 @@ for i in range(200):
         if select.select([fd], [], [], 0.1)[0]:
             os.read(fd, 65536)
     except OSError:
-        pass
+        # Its side of the terminal is closed: it is exiting.
+        time.sleep(0.05)
 if code is None:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
