@@ -359,10 +359,7 @@ impl Body {
                         text,
                     } => {
                         out.push(GROUP_MESSAGE);
-                        out.extend_from_slice(&hlc.ms.to_be_bytes());
-                        out.extend_from_slice(&hlc.count.to_be_bytes());
-                        out.extend_from_slice(have);
-                        out.extend_from_slice(&secs.to_be_bytes());
+                        posting_head_into(&mut out, hlc, have, *secs);
                         out.extend_from_slice(text.as_bytes());
                     }
                     GroupBody::File {
@@ -372,10 +369,7 @@ impl Body {
                         file,
                     } => {
                         out.push(GROUP_FILE);
-                        out.extend_from_slice(&hlc.ms.to_be_bytes());
-                        out.extend_from_slice(&hlc.count.to_be_bytes());
-                        out.extend_from_slice(have);
-                        out.extend_from_slice(&secs.to_be_bytes());
+                        posting_head_into(&mut out, hlc, have, *secs);
                         out.extend_from_slice(&file.encode());
                     }
                 }
@@ -519,15 +513,7 @@ impl Body {
                         GroupBody::Ops { all, have, ops }
                     }
                     GROUP_MESSAGE => {
-                        let hlc = Hlc {
-                            ms: r.u64("group clock")?,
-                            count: r.u32("group clock")?,
-                        };
-                        let have = r.array("group have")?;
-                        let secs = r.u32("group timer")?;
-                        if secs > MAX_TIMER_SECS {
-                            return Err(ContentError::TimerTooLong(secs));
-                        }
+                        let (hlc, have, secs) = posting_head(&mut r)?;
                         let text = text_of(r.rest())?;
                         GroupBody::Message {
                             hlc,
@@ -537,15 +523,7 @@ impl Body {
                         }
                     }
                     GROUP_FILE => {
-                        let hlc = Hlc {
-                            ms: r.u64("group clock")?,
-                            count: r.u32("group clock")?,
-                        };
-                        let have = r.array("group have")?;
-                        let secs = r.u32("group timer")?;
-                        if secs > MAX_TIMER_SECS {
-                            return Err(ContentError::TimerTooLong(secs));
-                        }
+                        let (hlc, have, secs) = posting_head(&mut r)?;
                         let file = crate::file::FileRef::decode(r.rest())?;
                         GroupBody::File {
                             hlc,
@@ -570,6 +548,29 @@ impl Body {
             },
         })
     }
+}
+
+/// What a group message and a group file begin with: the author's clock, digest and
+/// timer (at most [`MAX_TIMER_SECS`]).
+fn posting_head(r: &mut Reader<'_>) -> Result<(Hlc, [u8; 16], u32), ContentError> {
+    let hlc = Hlc {
+        ms: r.u64("group clock")?,
+        count: r.u32("group clock")?,
+    };
+    let have = r.array("group have")?;
+    let secs = r.u32("group timer")?;
+    if secs > MAX_TIMER_SECS {
+        return Err(ContentError::TimerTooLong(secs));
+    }
+    Ok((hlc, have, secs))
+}
+
+/// Encodes what [`posting_head`] reads.
+fn posting_head_into(out: &mut Vec<u8>, hlc: &Hlc, have: &[u8; 16], secs: u32) {
+    out.extend_from_slice(&hlc.ms.to_be_bytes());
+    out.extend_from_slice(&hlc.count.to_be_bytes());
+    out.extend_from_slice(have);
+    out.extend_from_slice(&secs.to_be_bytes());
 }
 
 /// A chat text from its bytes: at most [`MAX_TEXT_LEN`] bytes of UTF-8.

@@ -11,6 +11,26 @@ use crate::engine::SendEvent;
 use crate::files::{self, FilesError, Live, describe, hex, human_size};
 use crate::store::{IncomingState, TransferId};
 
+/// Says what became of the text given with a file (`went` introduces its message id
+/// in plain output; JSON carries it in the file's object). A failure is a warning, not
+/// the command's failure: the file went, and sending it all again would send it twice.
+fn say_caption(
+    out: &mut Output,
+    json: bool,
+    caption: Option<kkachi_protocol::MessageId>,
+    error: Option<String>,
+    went: &str,
+) {
+    if let (Some(caption), false) = (caption, json) {
+        out.out(format!("{went} (message {caption})"));
+    }
+    if let Some(why) = error {
+        out.warn(format!(
+            "the text was not sent: {why}; send it again with `kkachi send`"
+        ));
+    }
+}
+
 /// How often a transfer run by this command reports how far it is (on stderr).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -143,14 +163,13 @@ impl App {
                         crate::sanitize::for_terminal(&why)
                     ));
                 }
-                if let (Some(caption), false) = (caption, json) {
-                    out.out(format!("the text went ahead of it (message {caption})"));
-                }
-                if let Some(why) = caption_error {
-                    out.warn(format!(
-                        "the text was not sent: {why}; send it again with `kkachi send`"
-                    ));
-                }
+                say_caption(
+                    out,
+                    json,
+                    caption,
+                    caption_error,
+                    "the text went ahead of it",
+                );
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -287,16 +306,7 @@ impl App {
                 ));
             }
         }
-        if let (Some(caption), false) = (caption, json) {
-            out.out(format!("and the text (message {caption})"));
-        }
-        // The file went: its text failing is said, not made the command's failure
-        // (sending it all again would send the file twice).
-        if let Some(why) = caption_error {
-            out.warn(format!(
-                "the text was not sent: {why}; send it again with `kkachi send`"
-            ));
-        }
+        say_caption(out, json, caption, caption_error, "and the text");
         Ok(())
     }
 
@@ -385,12 +395,18 @@ impl App {
         let (outgoing, incoming) = self.store.file_transfers()?;
         let live = self.engine.as_ref().map(|e| e.transfers().clone());
         let contacts = self.store.contacts()?;
+        // Each group's name, its log merged once (not once per file).
+        let group_names: std::collections::HashMap<_, _> = super::groups::groups(&self.store)?
+            .into_iter()
+            .map(|g| (g.id, g.roster.name))
+            .collect();
         let who = |group: Option<kkachi_protocol::group::GroupId>,
                    peer: Option<kkachi_protocol::PeerId>| {
             match group {
-                Some(group) => self
-                    .party_name(files::To::Group(group))
-                    .unwrap_or_else(|_| group.to_hex()),
+                Some(group) => group_names
+                    .get(&group)
+                    .cloned()
+                    .unwrap_or_else(|| group.to_hex()),
                 None => peer
                     .and_then(|p| contacts.iter().find(|c| c.peer == p))
                     .map_or_else(|| "(no longer a contact)".to_string(), |c| c.name.clone()),

@@ -28,7 +28,7 @@ pub(super) enum Target {
 }
 
 /// Every group we hold (not those only waiting messages told us of), by name.
-fn groups(store: &LocalStore) -> Result<Vec<Group>, CommandError> {
+pub(super) fn groups(store: &LocalStore) -> Result<Vec<Group>, CommandError> {
     let mut out = Vec::new();
     for (id, record) in store.groups()? {
         if let Some(roster) = record.roster(id)? {

@@ -602,15 +602,8 @@ impl<T> State<T> {
     /// The members of group `id` a message of ours reaches now (our contacts, not
     /// blocked), and whether we may post there.
     pub(crate) fn group_recipients(&mut self, id: GroupId) -> Result<Vec<Contact>, EngineError> {
-        let record = self.store.group(&id)?.ok_or_else(no_group)?;
-        let roster = self.merged(id, &record)?.roster.ok_or_else(no_group)?;
+        let (_, _, roster) = self.where_we_post(id)?;
         let me = self.own_key();
-        if !roster.may_post(&me) {
-            return Err(EngineError::Invalid(match roster.role(&me) {
-                None => "you are not a member of this group".into(),
-                Some(_) => "only admins post in this announcement channel".into(),
-            }));
-        }
         let mut out = Vec::new();
         for (key, m) in &roster.members {
             if *key != me
@@ -635,6 +628,22 @@ impl<T> State<T> {
         self.post_to(id, posting, None, with, now)
     }
 
+    /// Group `id` where we may post: its record, our digest of its log, and its
+    /// members; why not, if we may not.
+    fn where_we_post(&self, id: GroupId) -> Result<(GroupRecord, [u8; 16], Roster), EngineError> {
+        let record = self.store.group(&id)?.ok_or_else(no_group)?;
+        let merged = self.merged(id, &record)?;
+        let roster = merged.roster.ok_or_else(no_group)?;
+        let me = self.own_key();
+        if !roster.may_post(&me) {
+            return Err(EngineError::Invalid(match roster.role(&me) {
+                None => "you are not a member of this group".into(),
+                Some(_) => "only admins post in this announcement channel".into(),
+            }));
+        }
+        Ok((record, merged.have, roster))
+    }
+
     /// [`Self::post`], to the members among `only` if given (a member left out is
     /// counted unreachable).
     fn post_to(
@@ -645,16 +654,8 @@ impl<T> State<T> {
         with: WriteSet,
         now: u64,
     ) -> Result<GroupSent, EngineError> {
-        let mut record = self.store.group(&id)?.ok_or_else(no_group)?;
-        let merged = self.merged(id, &record)?;
-        let roster = merged.roster.ok_or_else(no_group)?;
+        let (mut record, have, roster) = self.where_we_post(id)?;
         let me = self.own_key();
-        if !roster.may_post(&me) {
-            return Err(EngineError::Invalid(match roster.role(&me) {
-                None => "you are not a member of this group".into(),
-                Some(_) => "only admins post in this announcement channel".into(),
-            }));
-        }
         let cap = Hlc {
             ms: now.saturating_add(MAX_AHEAD_MS),
             count: 0,
@@ -673,13 +674,13 @@ impl<T> State<T> {
             what: match posting.clone() {
                 Posting::Text(text) => GroupBody::Message {
                     hlc,
-                    have: merged.have,
+                    have,
                     secs: roster.timer_secs,
                     text,
                 },
                 Posting::File(file) => GroupBody::File {
                     hlc,
-                    have: merged.have,
+                    have,
                     secs: roster.timer_secs,
                     file,
                 },

@@ -253,6 +253,15 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `run`, boxed to be run on the owner task, its result boxed in turn.
+fn boxed<T, R: Send + 'static>(
+    run: impl FnOnce(&mut State<T>, u64) -> Result<R, EngineError> + Send + 'static,
+) -> owner::Change<T> {
+    Box::new(move |state, now| {
+        run(state, now).map(|r| Box::new(r) as Box<dyn std::any::Any + Send>)
+    })
+}
+
 /// A handle to the engine's owner task. Cheap to clone; the task stops (after flushing)
 /// when the last handle is dropped or on [`Engine::shutdown`].
 #[derive(Debug)]
@@ -366,13 +375,24 @@ impl<T: Transport> Engine<T> {
         &self,
         change: impl FnOnce(&mut State<T>, u64) -> Result<R, EngineError> + Send + 'static,
     ) -> Result<R, EngineError> {
-        let run: owner::Change<T> = Box::new(move |state, now| {
-            change(state, now).map(|r| Box::new(r) as Box<dyn std::any::Any + Send>)
-        });
+        let run = boxed(change);
         let result = self.ask(|reply| Command::Change { run, reply }).await??;
         Ok(*result
             .downcast::<R>()
             .expect("a change answers with its own type"))
+    }
+
+    /// Runs `read` on the owner task and returns its result; it writes nothing, so
+    /// nothing is flushed or granted again for it.
+    async fn read<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&mut State<T>, u64) -> Result<R, EngineError> + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let run = boxed(read);
+        let result = self.ask(|reply| Command::Read { run, reply }).await??;
+        Ok(*result
+            .downcast::<R>()
+            .expect("a read answers with its own type"))
     }
 
     /// Sends `text` to `contact`: returns once it is sealed into the outbox, with its
@@ -494,8 +514,7 @@ impl<T: Transport> Engine<T> {
         &self,
         id: kkachi_protocol::group::GroupId,
     ) -> Result<Vec<crate::store::Contact>, EngineError> {
-        self.change(move |state, _| state.group_recipients(id))
-            .await
+        self.read(move |state, _| state.group_recipients(id)).await
     }
 
     /// Marks `peer`'s messages read and tells them (read receipts).

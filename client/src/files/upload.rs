@@ -384,29 +384,25 @@ impl Plan {
     /// relays are out that fewer are left (at least one): a recipient with two relays,
     /// one of them down, still gets the file (on the other) rather than nothing.
     fn within_reach(&self, m: usize, n: usize) -> usize {
-        // Our share there being full is no outage: it frees as they fetch, so it is
-        // waited for.
         let left = (0..self.out.len())
-            .filter(|&r| {
-                self.member[r] == m
-                    && self.out[r]
-                        .as_ref()
-                        .is_none_or(|why| why.starts_with("quota_exceeded"))
-            })
+            .filter(|&r| self.member[r] == m && !self.gone(r))
             .count();
         n.min(left).max(1)
     }
 
-    /// Whether every relay of recipient `m` is out of this run (or it has none).
+    /// Whether every relay of recipient `m` is gone from this run (or it has none).
     fn unavailable(&self, m: usize) -> bool {
-        // Out for our share there being full is not given up on (see `within_reach`).
         (0..self.out.len())
             .filter(|&r| self.member[r] == m)
-            .all(|r| {
-                self.out[r]
-                    .as_ref()
-                    .is_some_and(|why| !why.starts_with("quota_exceeded"))
-            })
+            .all(|r| self.gone(r))
+    }
+
+    /// Whether relay `r` is out of this run for good: refused or failing. Out because
+    /// our share there is full is no outage (it frees as they fetch): waited for.
+    fn gone(&self, r: usize) -> bool {
+        self.out[r]
+            .as_ref()
+            .is_some_and(|why| !why.starts_with("quota_exceeded"))
     }
 
     /// Puts of `item` under way to recipient `m`'s relays that have not failed lately:
@@ -691,10 +687,6 @@ pub async fn upload<T: Transport>(
                 workers.abort_all();
                 return Err(e);
             }
-            report.left_members = (0..recipients.len())
-                .filter(|m| !with_relays.contains(m))
-                .map(|m| recipients[m].name.clone())
-                .collect();
             saved = Instant::now();
         } else if all_done || saved.elapsed() >= Duration::from_secs(1) {
             save(&store, &id, &record)?;
@@ -711,15 +703,12 @@ pub async fn upload<T: Transport>(
         && group.is_some()
         && now_ms().saturating_sub(record.created_ms) >= LEAVE_OUT_AFTER_MS
     {
-        let (to, left): (Vec<usize>, Vec<usize>) = {
+        let (to, stuck) = {
             let p = plan.lock();
-            with_relays
+            let (to, left): (Vec<usize>, Vec<usize>) = with_relays
                 .iter()
-                .partition(|&&m| p.covered(m, p.within_reach(m, enough[m])))
-        };
-        let stuck = {
-            let p = plan.lock();
-            left.iter().all(|&m| p.unavailable(m))
+                .partition(|&&m| p.covered(m, p.within_reach(m, enough[m])));
+            (to, left.iter().all(|&m| p.unavailable(m)))
         };
         if !to.is_empty() && stuck {
             let contacts: Vec<&Contact> = to.iter().map(|&m| &recipients[m]).collect();
@@ -733,12 +722,15 @@ pub async fn upload<T: Transport>(
                 &contacts,
             )
             .await?;
-            sent_to = to.clone();
-            report.left_members = (0..recipients.len())
-                .filter(|m| !to.contains(m))
-                .map(|m| recipients[m].name.clone())
-                .collect();
+            sent_to = to;
         }
+    }
+    // Members the message of this run did not go to.
+    if report.group_sent.is_some() {
+        report.left_members = (0..recipients.len())
+            .filter(|m| !sent_to.contains(m))
+            .map(|m| recipients[m].name.clone())
+            .collect();
     }
     {
         let p = plan.lock();

@@ -65,6 +65,12 @@ pub(super) enum Command<T> {
         run: Change<T>,
         reply: oneshot::Sender<Result<Box<dyn Any + Send>, EngineError>>,
     },
+    /// Reads the state: nothing is written, so no grants are renewed and no flush is
+    /// waited for.
+    Read {
+        run: Change<T>,
+        reply: oneshot::Sender<Result<Box<dyn Any + Send>, EngineError>>,
+    },
     RelaysChanged {
         announce: bool,
         reply: oneshot::Sender<Result<usize, EngineError>>,
@@ -617,6 +623,9 @@ impl<T: Transport> Owner<T> {
                         }
                     }
                 }
+            }
+            Command::Read { run, reply } => {
+                let _ = reply.send(run(&mut self.state, now));
             }
             Command::Progress { key, reply } => {
                 let _ = reply.send(self.deliveries.progress(key));
