@@ -188,6 +188,11 @@ pub enum Command {
     /// it. Everything is sealed either way; the passphrase guards the key.
     #[command(subcommand)]
     Passphrase(PassphraseCommand),
+    /// Give yourself a new session key (the key messages to you are sealed to, and
+    /// your queues derive from); you stay the same person to your contacts. Every
+    /// contact is sent your new card and starts new sessions with you; invite codes
+    /// given out before stop working. Run it with kkachi stopped (no daemon, no UI).
+    RotateKey,
     /// Stay online: receive, deliver, and print each incoming message as a line.
     Daemon,
     /// The terminal UI.

@@ -306,6 +306,15 @@ impl Card {
         self.identity == other.identity && self.version > other.version
     }
 
+    /// True if `self` is a newer card of the same identity key as `other` that binds
+    /// another session key: its owner rotated it (SPEC.md §2). Only a first message
+    /// sealed with the new key, which proves its sender holds it, may carry it in.
+    pub fn rotates(&self, other: &Card) -> bool {
+        self.identity.ed25519() == other.identity.ed25519()
+            && self.identity.x25519() != other.identity.x25519()
+            && self.version > other.version
+    }
+
     fn write_unsigned(&self, w: &mut Writer) {
         w.u8(CARD_VERSION);
         self.identity.write(w);
@@ -486,6 +495,26 @@ mod tests {
         assert_eq!(back.identity().peer_id(), id.peer_id());
         assert_eq!(back.name(), "Jiwoo 지우");
         assert_eq!(back.relays().len(), 2);
+    }
+
+    #[test]
+    fn a_newer_card_with_another_session_key_rotates_and_nothing_else_does() {
+        let (id, old) = sample(1);
+        let rotated = id.with_new_session_key(&mut test_rng(7));
+        let new = Card::new(&rotated, "Jiwoo", vec![relay_addr(5000, 3)], 2).unwrap();
+        assert!(new.rotates(&old));
+        assert!(!new.supersedes(&old), "a key change is never a plain update");
+        assert!(!old.rotates(&new), "an older card never rotates back");
+        let same_key = Card::new(&id, "Jiwoo", vec![], 3).unwrap();
+        assert!(!same_key.rotates(&old));
+        let stranger = Card::new(
+            &Identity::generate_with(&mut test_rng(11)),
+            "Jiwoo",
+            vec![],
+            5,
+        )
+        .unwrap();
+        assert!(!stranger.rotates(&old), "another identity key rotates nothing");
     }
 
     #[test]

@@ -119,6 +119,22 @@ impl Identity {
         x25519_dalek::PublicKey::from(&self.x25519).to_bytes()
     }
 
+    /// The same identity key with a fresh X25519 session key (a key rotation, SPEC.md
+    /// §1): every queue and capability derived from the session key changes with it.
+    pub fn with_new_session_key<R: RngCore + CryptoRng>(&self, rng: &mut R) -> Self {
+        let mut x = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(x.as_mut());
+        Self {
+            keypair: self.keypair.clone(),
+            x25519: StaticSecret::from(*x),
+        }
+    }
+
+    /// Whether `other` is the same identity key (whatever its session key).
+    pub fn same_identity_key(&self, other: &Identity) -> bool {
+        self.keypair.public() == other.keypair.public()
+    }
+
     /// The X25519 secret key used in end-to-end sessions.
     pub(crate) fn x25519_secret(&self) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(self.x25519.to_bytes())

@@ -389,6 +389,7 @@ impl App {
                 self.bundle_import(&file, json, &mut out).await?
             }
             Command::Passphrase(command) => self.passphrase(command, json, &mut out)?,
+            Command::RotateKey => self.rotate_key(json, &mut out).await?,
             Command::Backup(BackupCommand::Create {
                 to,
                 new_key,

@@ -76,6 +76,49 @@ impl App {
         Ok(())
     }
 
+    /// A new session key (SPEC.md §1, §2): the old one is read for as long as what was
+    /// sealed to it can arrive, every session starts again under the new one, and every
+    /// contact is sent the new card (from this command's engine, or the next start's).
+    pub(super) async fn rotate_key(
+        &mut self,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        if self.engine.is_some() && !self.owned {
+            return fail(
+                "rotate-key replaces the keys a running kkachi holds: stop the daemon and quit the UI, then run it again",
+            );
+        }
+        let now_s = now_ms() / 1000;
+        let earlier = self.store.previous_key(now_s)?;
+        let rotated = self
+            .store
+            .rotate_session_key(now_s, &mut rand_core::OsRng)?;
+        if earlier.is_some() {
+            out.warn("the key before your last rotation is no longer read: contacts who have not heard from you since then send again, once your new card reaches them, what you had not confirmed");
+        }
+        self.send_card(out).await?;
+        let days = kkachi_protocol::session::RETAIN_SECS.div_ceil(86_400);
+        if json {
+            out.json(json!({
+                "card_version": rotated.card_version,
+                "old_key_read_until": rotated.old_key_until,
+                "resealed": rotated.resealed,
+            }));
+        } else {
+            out.out(format!(
+                "your session key is new (card version {}); you are the same person to your contacts",
+                rotated.card_version
+            ));
+            out.out(format!(
+                "what contacts sealed to the old one is still read for {days} days; {} message(s) of yours not yet confirmed go again under the new one",
+                rotated.resealed
+            ));
+            out.out("your earlier invite codes no longer reach you: share `kkachi invite` again");
+        }
+        Ok(())
+    }
+
     pub(super) async fn relay_add(
         &mut self,
         addrs: &[String],

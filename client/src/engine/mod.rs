@@ -270,6 +270,8 @@ pub struct Engine<T> {
     events: broadcast::Sender<AppEvent>,
     store: LocalStore,
     me: Identity,
+    /// Our session key before its last rotation, while its queues are read.
+    previous: Option<Identity>,
     net: T,
     faults: Arc<AtomicU64>,
     task: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
@@ -283,6 +285,7 @@ impl<T: Clone> Clone for Engine<T> {
             events: self.events.clone(),
             store: self.store.clone(),
             me: self.me.clone(),
+            previous: self.previous.clone(),
             net: self.net.clone(),
             faults: self.faults.clone(),
             task: self.task.clone(),
@@ -304,6 +307,7 @@ impl<T: Transport> Engine<T> {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let faults = Arc::new(AtomicU64::new(0));
+        let previous = state::previous_key(&store, &me).map(|p| p.identity);
         let state = State::new(
             store.clone(),
             me.clone(),
@@ -318,6 +322,7 @@ impl<T: Transport> Engine<T> {
             events,
             store,
             me,
+            previous,
             net,
             faults,
             task: Arc::new(parking_lot::Mutex::new(Some(task))),
@@ -333,6 +338,12 @@ impl<T: Transport> Engine<T> {
     /// The user's identity.
     pub fn identity(&self) -> &Identity {
         &self.me
+    }
+
+    /// Our identity with its session key before the last rotation, while what was put
+    /// into that key's inbox (messages, chunks of files) can still be there.
+    pub fn previous_identity(&self) -> Option<&Identity> {
+        self.previous.as_ref()
     }
 
     /// The network.

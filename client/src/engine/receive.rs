@@ -314,11 +314,22 @@ impl<T> State<T> {
                 Err(reason) => refused(reason),
             };
         }
-        let (contact, opened) = match session::open_first(&self.me, &packet) {
-            Ok(init) => match self.open_first(w, sessions, envelope, init, source, now)? {
-                Ok(x) => x,
-                Err(outcome) => return Ok(outcome),
-            },
+        let first = match session::open_first(&self.me, &packet) {
+            // Sealed to our session key before its last rotation, while that can
+            // still arrive: two more Diffie–Hellman operations for a packet no session
+            // expects.
+            Err(SessionError::Crypto) if let Some(previous) = &self.previous => {
+                session::open_first(&previous.identity, &packet).map(|init| (init, true))
+            }
+            other => other.map(|init| (init, false)),
+        };
+        let (contact, opened) = match first {
+            Ok((init, under_old_key)) => {
+                match self.open_first(w, sessions, envelope, init, source, under_old_key, now)? {
+                    Ok(x) => x,
+                    Err(outcome) => return Ok(outcome),
+                }
+            }
             Err(SessionError::Crypto) => {
                 if owner.is_some() || !sessions.take_fallback(now) {
                     return dropped("no session of ours expects it");
@@ -432,7 +443,11 @@ impl<T> State<T> {
 
     /// A first message: from a contact (by both keys) it is accepted into their
     /// session; from anyone else not blocked it is held as a request. The inner `Err`
-    /// is an outcome that ends the envelope here.
+    /// is an outcome that ends the envelope here. One sealed to our session key before
+    /// its rotation (`under_old_key`) is only opened: our sessions are all under the
+    /// new key, so it changes none of them (the contact learns the new key from what
+    /// we send).
+    #[allow(clippy::too_many_arguments)]
     fn open_first(
         &self,
         w: &mut WriteSet,
@@ -440,6 +455,7 @@ impl<T> State<T> {
         envelope: &Envelope,
         init: Box<InitPacket>,
         source: Source,
+        under_old_key: bool,
         now: u64,
     ) -> Result<Result<(Contact, Opened), Outcome>, EngineError> {
         let card = init.sender_card().clone();
@@ -465,27 +481,61 @@ impl<T> State<T> {
             }
             return self.hold(w, envelope, &init, now).map(Err);
         };
-        if contact.card.identity().x25519() != init.remote_static() {
+        // A newer card binding another session key, in a message sealed with that key
+        // (which proves its sender holds it): the contact rotated its key.
+        let rotated = card.rotates(&contact.card);
+        if contact.card.identity().x25519() != init.remote_static() && !rotated {
             return end("a first message under a session key their card does not carry");
         }
+        if rotated
+            && (*card.identity().x25519() == self.me.x25519_public()
+                || contacts
+                    .iter()
+                    .any(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519()))
+        {
+            // One key, one person (SPEC.md §2), whatever the card's signature says.
+            return end("a new session key that is ours or another contact's");
+        }
         let session = sessions.get(&self.store, contact)?;
-        let result = session.accept_init(&self.me, init, now / 1000);
+        if rotated {
+            // Their handshakes under the old key can no longer complete; the first
+            // message itself retires the session they dropped (a new instance).
+            session.peer_rotated(*card.identity().x25519());
+            // What waits for them sealed to the old key goes again, to the new one.
+            self.rotated.lock().insert(contact.peer);
+            self.stale.lock().insert(contact.peer);
+            self.keys_changed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(contact = %contact.peer, "a contact rotated its session key");
+        }
+        let result = if under_old_key {
+            Ok(Opened {
+                body: init.body().to_vec(),
+                sent_at: init.sent_at(),
+                peer_reset: false,
+                switched: false,
+                late: true,
+            })
+        } else {
+            session.accept_init(&self.me, init, now / 1000)
+        };
         LocalStore::write_session(w, &contact.peer, session);
+        let mut contact = contact.clone();
+        if card.supersedes(&contact.card) || rotated {
+            // Their newest card rides every first message: take it like a card update
+            // (signed, and newer, whatever became of the message; a new key goes with
+            // the session that now expects it).
+            contact.name = super::contacts::name_with_card(&contacts, &contact, &card);
+            contact.card = card;
+            LocalStore::write_contact(w, &contact);
+            self.emit(AppEvent::ContactUpdated(contact.peer));
+        }
         let opened = match result {
             Ok(opened) => opened,
             Err(SessionError::Replay) => return end("a copy of a message already read"),
             Err(SessionError::TooOld) => return end("a first message older than any envelope"),
             Err(_) => return end("a first message that does not fit their session"),
         };
-        let mut contact = contact.clone();
-        if card.supersedes(&contact.card) {
-            // Their newest card rides every first message: take it like a card update.
-            contact.name =
-                super::contacts::name_with_card(&self.store.contacts()?, &contact, &card);
-            contact.card = card;
-            LocalStore::write_contact(w, &contact);
-            self.emit(AppEvent::ContactUpdated(contact.peer));
-        }
         Ok(Ok((contact, opened)))
     }
 
@@ -974,12 +1024,20 @@ impl<T> State<T> {
         let mut held_back = false;
         let mut due: Option<u64> = None;
         let current = session.sealing_session();
+        // The contact rotated its session key: first messages sealed to the old one
+        // open only while it keeps it, so they go again too.
+        let rotated = self.rotated.lock().contains(&contact.peer);
         for key in self.store.outbox_keys_of(&contact.peer) {
             let Some(mut entry) = self.store.outbox_entry(key)? else {
                 continue;
             };
-            if entry.sealed_on.is_none() || entry.sealed_on == current {
-                continue; // a first message opens whatever happens, or still current
+            let stale = match entry.sealed_on {
+                // A first message opens whatever happens (under the key it was sealed to).
+                None => rotated,
+                on => on != current,
+            };
+            if !stale {
+                continue;
             }
             if now.saturating_sub(entry.resealed_ms) < RESEAL_EVERY_MS {
                 held_back = true;
@@ -1021,6 +1079,7 @@ impl<T> State<T> {
             *at = Some(at.map_or(due.unwrap_or(now), |a| a.min(due.unwrap_or(now))));
         } else {
             stale.remove(&contact.peer);
+            self.rotated.lock().remove(&contact.peer);
         }
         if count > 0 {
             tracing::info!(contact = %contact.peer, count, why, "unconfirmed messages sealed again");

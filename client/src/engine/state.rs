@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use super::{AppEvent, ContactError, EngineError, Queued};
 use crate::store::{
     Contact, Direction, FileNote, LocalStore, MessageRecord, MessageState, OutboxEntry, OutboxKind,
-    Quote, StoreError, Target, TreeId, WriteSet, message_key,
+    PreviousKey, Quote, StoreError, Target, TreeId, WriteSet, message_key,
 };
 
 /// How many packets below and above the highest one received each session's tags
@@ -164,6 +164,9 @@ impl Sessions {
 pub(crate) struct State<T> {
     pub(crate) store: LocalStore,
     pub(crate) me: Identity,
+    /// Our session key before the last rotation, while what was sealed to it or put
+    /// into its queues can still arrive.
+    pub(crate) previous: Option<PreviousKey>,
     pub(crate) net: T,
     pub(crate) sessions: Sessions,
     pub(crate) events: broadcast::Sender<AppEvent>,
@@ -182,6 +185,12 @@ pub(crate) struct State<T> {
     /// People removed or blocked since the owner last withdrew their write
     /// capabilities from our relays.
     pub(crate) revoked: Vec<PublicIdentity>,
+    /// A contact's session key changed while a packet was read: our relays grant
+    /// their new capability, and the LAN knows their new key.
+    pub(crate) keys_changed: std::sync::atomic::AtomicBool,
+    /// Contacts whose session key changed: their first messages waiting in our outbox,
+    /// sealed to the old key, are sealed again too.
+    pub(crate) rotated: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
     /// Contacts with outbox entries held back from being sealed again
     /// ([`State::reseal_stale`]).
     pub(crate) stale: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
@@ -195,6 +204,20 @@ pub(crate) struct State<T> {
     /// Each group's merged state and digest, for the log it was computed from: a group
     /// message is checked against its group without merging the whole log again.
     pub(crate) rosters: parking_lot::Mutex<HashMap<[u8; 32], super::groups::Merged>>,
+}
+
+/// Our session key before its last rotation, while it is still read: only another key
+/// of this identity (a restore brings its own).
+pub(crate) fn previous_key(store: &LocalStore, me: &Identity) -> Option<PreviousKey> {
+    match store.previous_key(super::now_ms() / 1000) {
+        Ok(p) => p.filter(|p| {
+            p.identity.same_identity_key(me) && p.identity.x25519_public() != me.x25519_public()
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read our previous session key");
+            None
+        }
+    }
 }
 
 /// The relay an address names (its final `/p2p/…`).
@@ -213,9 +236,11 @@ impl<T> State<T> {
         events: broadcast::Sender<AppEvent>,
         faults: Arc<AtomicU64>,
     ) -> Self {
+        let previous = previous_key(&store, &me);
         Self {
             store,
             me,
+            previous,
             net,
             sessions: Sessions::default(),
             events,
@@ -225,6 +250,8 @@ impl<T> State<T> {
             announced: Vec::new(),
             requests: Vec::new(),
             revoked: Vec::new(),
+            keys_changed: std::sync::atomic::AtomicBool::new(false),
+            rotated: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),
             stale_due: parking_lot::Mutex::default(),
             expiry_due: parking_lot::Mutex::default(),

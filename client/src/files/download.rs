@@ -306,18 +306,25 @@ pub async fn release<T: Transport>(engine: &Engine<T>, id: TransferId) -> Result
     Ok(())
 }
 
-/// Our relays, and our inbox's read key at each.
+/// Our relays, and our inbox's read key at each; after a rotation of our session key,
+/// the old key's inbox at each too, last (chunks put before contacts had our new card).
 fn our_relays<T: Transport>(engine: &Engine<T>) -> Result<Vec<Source>, FilesError> {
-    Ok(engine
+    let relays: Vec<(Multiaddr, kkachi_protocol::PeerId)> = engine
         .store()
         .relays()?
         .iter()
         .filter_map(|r| {
             let addr: Multiaddr = r.addr.parse().ok()?;
             let relay = crate::net::peer_of(&addr)?;
-            Some(Source {
-                key: engine.identity().inbox_key(&relay),
-                addr,
+            Some((addr, relay))
+        })
+        .collect();
+    Ok(std::iter::once(engine.identity())
+        .chain(engine.previous_identity())
+        .flat_map(|me| {
+            relays.iter().map(|(addr, relay)| Source {
+                key: me.inbox_key(relay),
+                addr: addr.clone(),
             })
         })
         .collect())

@@ -29,6 +29,7 @@ mod keyfile;
 mod outbox;
 mod records;
 mod requests;
+mod rotation;
 mod transfers;
 mod vault;
 mod writes;
@@ -47,6 +48,7 @@ pub use keyfile::{
     set_passphrase_prompt,
 };
 pub use records::*;
+pub use rotation::{PreviousKey, Rotated, SEALED_UNDER_AN_OLD_KEY};
 pub use requests::{Blocked, HeldMessage, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL, Request};
 pub use transfers::{Incoming, IncomingState, Outgoing, TransferId};
 use vault::{Tree, Vault};

@@ -414,6 +414,52 @@ fn peer_that_lost_its_state_gets_a_fresh_session() {
 }
 
 #[test]
+fn a_peer_that_rotated_its_static_key_gets_a_fresh_session_under_the_new_key() {
+    let (mut a, mut b) = Peer::pair(95);
+    let mut rng = test_rng(9);
+    settle(&mut a, &mut b, T0, &mut rng);
+    let old = b.session.current_id();
+    let old_key = a.me.x25519_public();
+    // Bob seals on the old session; alice rotates: a new static key, a new card, and
+    // every session state of hers dropped.
+    let in_flight = b.seal(b"sealed before the rotation", T0, &mut rng);
+    a.me = a.me.with_new_session_key(&mut rng);
+    let new_card = Card::new(&a.me, "Peer", vec![], 2).unwrap();
+    assert!(new_card.rotates(&a.card) && !new_card.supersedes(&a.card));
+    a.card = new_card;
+    a.session = Session::new(b.me.x25519_public());
+    assert!(a.open(&in_flight, T0).is_err(), "her old session is gone");
+    // Her first message is sealed with the new key: bob learns it from the card it
+    // carries, takes it, and the message opens as from a peer that lost its state.
+    let first = a.seal(b"my new key", T0, &mut rng);
+    let Incoming::Init(init) = open(&b.me, &first).unwrap() else {
+        panic!("a first message");
+    };
+    assert_ne!(init.remote_static(), &old_key);
+    assert_eq!(init.remote_static(), a.card.identity().x25519());
+    // Before bob takes the new key, the message is not his contact's.
+    assert!(matches!(
+        b.session.accept_init(&b.me, init, T0),
+        Err(SessionError::WrongPeer)
+    ));
+    let Incoming::Init(init) = open(&b.me, &first).unwrap() else {
+        panic!("a first message");
+    };
+    b.session.peer_rotated(*init.remote_static());
+    let opened = b.session.accept_init(&b.me, init, T0).unwrap();
+    assert_eq!(opened.body, b"my new key");
+    assert!(opened.peer_reset, "bob stops sealing on the old session");
+    // What bob seals now opens at alice's, and a new session forms under her new key.
+    let again = b.seal(b"sealed again", T0, &mut rng);
+    assert_eq!(a.open(&again, T0).unwrap().body, b"sealed again");
+    settle(&mut a, &mut b, T0, &mut rng);
+    assert!(a.session.is_established() && b.session.is_established());
+    assert_ne!(b.session.current_id(), old);
+    let later = b.seal(b"after", T0 + 1, &mut rng);
+    assert_eq!(a.open(&later, T0 + 1).unwrap().body, b"after");
+}
+
+#[test]
 fn oversized_body_is_refused() {
     let (mut a, _) = Peer::pair(110);
     let err = a

@@ -85,42 +85,58 @@ pub(super) enum Which {
     /// is revoked), but what strangers sealed while the earlier code was valid is read
     /// for as long as it can still arrive.
     EarlierRequests,
+    /// The inbox of our session key before its rotation: contacts who do not hold our
+    /// new card yet still put there, with the capabilities it still grants.
+    PreviousInbox,
+    /// The request queue of that key: revoked, read while what was put can arrive.
+    PreviousRequests,
 }
 
 impl Which {
     /// Every queue there is.
-    pub(super) const ALL: [Which; 3] = [Which::Inbox, Which::Requests, Which::EarlierRequests];
+    pub(super) const ALL: [Which; 5] = [
+        Which::Inbox,
+        Which::Requests,
+        Which::EarlierRequests,
+        Which::PreviousInbox,
+        Which::PreviousRequests,
+    ];
 
     /// Strangers' first messages: read a batch at a time, at a steady pace.
     pub(super) fn is_requests(self) -> bool {
-        matches!(self, Which::Requests | Which::EarlierRequests)
+        matches!(
+            self,
+            Which::Requests | Which::EarlierRequests | Which::PreviousRequests
+        )
+    }
+
+    /// How a poll name marks this queue after the relay's address.
+    fn suffix(self) -> &'static str {
+        match self {
+            Which::Inbox => "",
+            Which::Requests => "#requests",
+            Which::EarlierRequests => "#earlier-requests",
+            Which::PreviousInbox => "#previous-key",
+            Which::PreviousRequests => "#previous-key-requests",
+        }
     }
 }
 
 /// The long polls and fetches name a queue as `ADDR` (the inbox), `ADDR#requests` (the
-/// contact-request queue) or `ADDR#earlier-requests`: the schedule and the syncs keep
-/// them apart by name.
-const REQUESTS_SUFFIX: &str = "#requests";
-const EARLIER_SUFFIX: &str = "#earlier-requests";
-
-/// The name of `which` queue at relay `addr`.
+/// contact-request queue), `ADDR#earlier-requests`, `ADDR#previous-key` or
+/// `ADDR#previous-key-requests`: the schedule and the syncs keep them apart by name (a
+/// multiaddr has no `#`).
 pub(super) fn poll_name(addr: &str, which: Which) -> String {
-    match which {
-        Which::Inbox => addr.to_owned(),
-        Which::Requests => format!("{addr}{REQUESTS_SUFFIX}"),
-        Which::EarlierRequests => format!("{addr}{EARLIER_SUFFIX}"),
-    }
+    format!("{addr}{}", which.suffix())
 }
 
 /// The relay address and the queue a poll name stands for.
 pub(super) fn split_poll(name: &str) -> (&str, Which) {
-    if let Some(addr) = name.strip_suffix(REQUESTS_SUFFIX) {
-        return (addr, Which::Requests);
-    }
-    match name.strip_suffix(EARLIER_SUFFIX) {
-        Some(addr) => (addr, Which::EarlierRequests),
-        None => (name, Which::Inbox),
-    }
+    Which::ALL
+        .iter()
+        .filter(|w| **w != Which::Inbox)
+        .find_map(|w| name.strip_suffix(w.suffix()).map(|addr| (addr, *w)))
+        .unwrap_or((name, Which::Inbox))
 }
 
 impl<T: Transport> Owner<T> {
@@ -137,6 +153,11 @@ impl<T: Transport> Owner<T> {
                 .state
                 .me
                 .request_read_key(&peer, self.request_epoch.checked_sub(1)?),
+            Which::PreviousInbox => self.state.previous.as_ref()?.identity.inbox_key(&peer),
+            Which::PreviousRequests => {
+                let previous = self.state.previous.as_ref()?;
+                previous.identity.request_read_key(&peer, previous.epoch)
+            }
         })
     }
 
@@ -146,6 +167,9 @@ impl<T: Transport> Owner<T> {
         let mut queues = vec![Which::Inbox, Which::Requests];
         if self.request_epoch > 0 && now_ms() / 1000 < self.earlier_requests_until {
             queues.push(Which::EarlierRequests);
+        }
+        if self.state.previous.is_some() {
+            queues.extend([Which::PreviousInbox, Which::PreviousRequests]);
         }
         queues
     }
@@ -162,6 +186,15 @@ impl<T: Transport> Owner<T> {
     /// most turns of the loop: it returns at once).
     pub(super) fn start_grants(&mut self) {
         let now = now_ms();
+        if self
+            .state
+            .keys_changed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // A contact's new session key: its capability is granted, the LAN knows it.
+            self.grants.invalidate();
+            self.allow_contacts();
+        }
         if self.state.revoked.is_empty() && self.grants.next_deadline().is_none_or(|t| t > now) {
             return;
         }
@@ -279,6 +312,41 @@ impl<T: Transport> Owner<T> {
                 token: token.clone(),
                 write_ids: ids.to_vec(),
             });
+        }
+        if let Some(previous) = &self.state.previous {
+            // Our session key before its rotation: its codes reach nothing any more;
+            // contacts who do not hold our new card yet still reach its inbox.
+            let old = &previous.identity;
+            requests.push(ClientToRelay::Revoke {
+                key: old.request_read_key(&peer, previous.epoch),
+                write_ids: vec![old.request_write_key(&peer, previous.epoch).id()],
+            });
+            let old_inbox = old.inbox_key(&peer);
+            let withdrawn: Vec<WriteId> = self
+                .grants
+                .removed
+                .iter()
+                .chain(blocked.iter().map(|c| c.card.identity()))
+                .map(|id| old.grant_for(id, &peer).id())
+                .collect();
+            for ids in withdrawn.chunks(MAX_GRANT_IDS) {
+                requests.push(ClientToRelay::Revoke {
+                    key: old_inbox.clone(),
+                    write_ids: ids.to_vec(),
+                });
+            }
+            let ids: Vec<WriteId> = granted
+                .iter()
+                .map(|c| old.grant_for(c.card.identity(), &peer).id())
+                .collect();
+            for ids in ids.chunks(MAX_GRANT_IDS) {
+                requests.push(ClientToRelay::Grant {
+                    key: old_inbox.clone(),
+                    kind: QueueKind::Inbox,
+                    token: token.clone(),
+                    write_ids: ids.to_vec(),
+                });
+            }
         }
         Some(requests)
     }

@@ -17,6 +17,7 @@ mod files;
 mod groups;
 mod hostile;
 mod replies;
+mod rotation;
 mod timers;
 
 use std::collections::{HashMap, HashSet};

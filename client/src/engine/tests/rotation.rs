@@ -1,0 +1,214 @@
+//! A new session key for the same person (SPEC.md §1, §2): contacts take it from the
+//! first message sealed with it, nothing sealed before or during the change is lost or
+//! shown twice, the old key's queues are read while anything can still arrive there,
+//! codes given out before reach nothing, and nobody can swap a contact's key any other
+//! way.
+
+use super::*;
+use crate::store::Rotated;
+
+impl User {
+    /// What `kkachi rotate-key` does: the engine stops, the store gets a new session
+    /// key, and a new engine tells our relays and sends every contact the new card.
+    async fn rotate(&mut self, net: &FakeNet) -> Rotated {
+        self.engine.shutdown().await.unwrap();
+        let store = self.engine.store().clone();
+        let rotated = store
+            .rotate_session_key(now_ms() / 1000, &mut rand_core::OsRng)
+            .unwrap();
+        self.card = store.own_card(&rotated.identity).unwrap();
+        self.engine = engine(store, rotated.identity.clone(), net);
+        self.engine.relays_changed(true).await.unwrap();
+        self.engine.settle().await.unwrap();
+        rotated
+    }
+
+    /// Texts from `other`, in order, as shown here.
+    fn texts_from(&self, other: &User) -> Vec<String> {
+        self.messages(other)
+            .into_iter()
+            .filter(|m| m.direction == Direction::In)
+            .map(|m| m.text)
+            .collect()
+    }
+}
+
+/// Messages both ways until both sides seal on an established session, each text
+/// marked with `tag` so that every round's texts differ.
+async fn talk(alice: &User, bob: &User, bob_c: &Contact, alice_c: &Contact, tag: &str) {
+    for round in 0..6 {
+        let _ = alice.send(bob_c, &format!("{tag} a{round}")).await;
+        bob.sync().await;
+        let _ = bob.send(alice_c, &format!("{tag} b{round}")).await;
+        alice.sync().await;
+        bob.sync().await;
+    }
+}
+
+/// Each of `wanted` exactly once among `texts`.
+fn once_each(texts: &[String], wanted: &[&str]) {
+    for w in wanted {
+        let n = texts.iter().filter(|t| t == w).count();
+        assert_eq!(n, 1, "{w:?} shown {n} times in {texts:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_new_session_key_reaches_contacts_and_nothing_is_lost_or_shown_twice() {
+    let net = FakeNet::default();
+    let (mut alice, bob, bob_c, alice_c) = pair(&net).await;
+    talk(&alice, &bob, &bob_c, &alice_c, "before").await;
+    let old_key = alice.engine.identity().x25519_public();
+    // On its way when Alice changes her key: Bob's message waits in her inbox, sealed on
+    // the session she is about to drop; hers waits in her outbox (Bob's relays are down).
+    let _ = bob.send(&alice_c, "sealed on the old session").await;
+    for relay in &bob.relays {
+        net.set_up(relay, false);
+    }
+    let _ = alice.send(&bob_c, "queued before the change").await;
+    for relay in &bob.relays {
+        net.set_up(relay, true);
+    }
+    let rotated = alice.rotate(&net).await;
+    let new_key = alice.engine.identity().x25519_public();
+    assert_ne!(new_key, old_key);
+    assert_eq!(rotated.resealed, 1, "her waiting message goes again");
+    // Bob takes the new key from the first message sealed with it (it reaches him
+    // through his request queue: he has not granted her new capability yet).
+    bob.sync().await;
+    let card = bob.contact_of(&alice.peer()).unwrap().card;
+    assert_eq!(card.identity().x25519(), &new_key);
+    assert_eq!(card.version(), rotated.card_version);
+    assert!(
+        bob.engine.store().requests().unwrap().is_empty(),
+        "a contact's new key is no stranger's request"
+    );
+    // Both sides go on; everything sealed before or during the change arrives once.
+    for _ in 0..2 {
+        alice.sync().await;
+        bob.sync().await;
+        alice.engine.deliver_now().await.unwrap();
+        bob.engine.deliver_now().await.unwrap();
+    }
+    talk(&alice, &bob, &bob_c, &alice_c, "after").await;
+    once_each(
+        &bob.texts_from(&alice),
+        &["queued before the change", "before a5", "after a0", "after a5"],
+    );
+    once_each(
+        &alice.texts_from(&bob),
+        &["sealed on the old session", "before b5", "after b0", "after b5"],
+    );
+    assert_eq!(bob.texts_from(&alice).len(), 13, "6 + 1 + 6 texts");
+    assert_eq!(alice.texts_from(&bob).len(), 13, "6 + 1 + 6 texts");
+    // Nothing waits: every message was confirmed under the new key.
+    alice.engine.deliver_now().await.unwrap();
+    bob.sync().await;
+    alice.sync().await;
+    assert_eq!(alice.engine.store().outbox_len(), 0);
+    assert_eq!(bob.engine.store().outbox_len(), 0);
+    let session = bob
+        .engine
+        .store()
+        .session(&bob.contact_of(&alice.peer()).unwrap())
+        .unwrap();
+    assert_eq!(session.remote(), &new_key);
+    assert!(session.is_established());
+    // Bob's relays now grant his capability into Alice's new inbox: his messages no
+    // longer need her request queue.
+    for relay in &alice.relays {
+        let peer = crate::engine::state::relay_peer(relay).unwrap();
+        let write = bob
+            .engine
+            .identity()
+            .write_key_for(alice.card.identity(), &peer);
+        assert!(net.relay_store(relay).route(&write.id()).unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn what_contacts_seal_to_the_old_key_is_still_read_and_old_codes_reach_nothing() {
+    let net = FakeNet::default();
+    let mut alice = User::started(&net, "alice", 2).await;
+    let carol = User::started(&net, "carol", 2).await;
+    let alice_at_carol = carol.add_contact(&alice);
+    let carol_at_alice = alice.add_contact(&carol);
+    alice.regrant().await;
+    carol.regrant().await;
+    let old_card = alice.card.clone();
+    let rotated = alice.rotate(&net).await;
+    // Carol has not heard of the new key: her first message is sealed to the old
+    // one, into the old inbox, which Alice still reads and opens.
+    let _ = carol.send(&alice_at_carol, "to your old key").await;
+    let got = alice.sync().await;
+    assert!(
+        got.iter().any(|r| r.message.text == "to your old key"),
+        "{got:?}"
+    );
+    once_each(&alice.texts_from(&carol), &["to your old key"]);
+    // Then she reads Alice's new card and changes key too; the two carry on.
+    carol.sync().await;
+    assert_eq!(
+        carol.contact_of(&alice.peer()).unwrap().card.version(),
+        rotated.card_version
+    );
+    talk(&alice, &carol, &carol_at_alice, &alice_at_carol, "after").await;
+    once_each(
+        &alice.texts_from(&carol),
+        &["to your old key", "after b0", "after b5"],
+    );
+    // A stranger holding the code given out before the change reaches nothing; the
+    // new code works.
+    let dave = User::started(&net, "dave", 1).await;
+    let old_alice = Contact {
+        peer: alice.peer(),
+        name: "alice".into(),
+        card: old_card,
+    };
+    let mut w = WriteSet::default();
+    LocalStore::write_contact(&mut w, &old_alice);
+    dave.engine.store().apply(w).unwrap();
+    let (_, progress) = dave.send(&old_alice, "with the old code").await;
+    assert_eq!(progress.acked, 0, "the old code's capability is withdrawn");
+    let erin = User::started(&net, "erin", 1).await;
+    let new_alice = erin.add_contact(&alice);
+    let (_, progress) = erin.send(&new_alice, "with the new code").await;
+    assert_eq!(progress.acked, 2);
+    alice.sync().await;
+    let requests = alice.engine.store().requests().unwrap();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].messages[0].text.as_deref(), Some("with the new code"));
+}
+
+#[tokio::test]
+async fn a_session_key_is_taken_only_from_a_message_sealed_with_it() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, alice_c) = pair(&net).await;
+    talk(&alice, &bob, &bob_c, &alice_c, "before").await;
+    // Alice's identity key signs a card binding a key she does not hold (Bob's, or
+    // anyone's) and sends it on her session: the signature verifies, but nothing
+    // proves she holds the key, so Bob keeps the one he has.
+    let foreign = kkachi_protocol::Identity::generate().x25519_public();
+    for key in [foreign, bob.engine.identity().x25519_public()] {
+        let relays = alice.card.relays().to_vec();
+        let claimed =
+            kkachi_protocol::fuzzing::forged_card(alice.engine.identity(), key, "alice", relays, 50);
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: now_ms(),
+            body: Body::CardUpdate(Box::new(claimed)),
+        };
+        alice.send_raw(&bob_c, &content).await;
+        bob.sync().await;
+        let card = bob.contact_of(&alice.peer()).unwrap().card;
+        assert_eq!(
+            card.identity().x25519(),
+            &alice.engine.identity().x25519_public()
+        );
+    }
+    // And the two still talk on the session they had.
+    talk(&alice, &bob, &bob_c, &alice_c, "after").await;
+    once_each(&bob.texts_from(&alice), &["before a0", "after a5"]);
+}

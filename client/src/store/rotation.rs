@@ -1,0 +1,137 @@
+//! A new session key for the same identity (SPEC.md §1, §2): the X25519 key every
+//! queue, capability and session derives from is replaced; the identity key, and so
+//! who we are to contacts, stays. The key before is kept for as long as what was
+//! sealed to it, or put into the queues derived from it, can still arrive.
+
+use kkachi_protocol::Identity;
+use kkachi_protocol::session::RETAIN_SECS;
+use rand_core::{CryptoRng, RngCore};
+use serde::{Deserialize, Serialize};
+
+use super::{IDENTITY_KEY, LocalStore, StoreError, TreeId, WriteSet};
+
+const PREVIOUS_IDENTITY_KEY: &[u8] = b"previous-identity";
+
+/// Stands in an outbox entry's `sealed_on` for "sealed before our session key
+/// changed": no session has this id, so the entry is sealed again on the new one,
+/// even one that went as a first message (which contacts no longer take from the old
+/// key once they hold the new one).
+pub const SEALED_UNDER_AN_OLD_KEY: [u8; 32] = [0xff; 32];
+
+#[derive(Serialize, Deserialize)]
+struct PreviousRecord {
+    /// The identity with the session key before the last rotation
+    /// ([`Identity::to_secret_bytes`]).
+    secret: Vec<u8>,
+    /// Unix seconds until which what was sealed to it can arrive.
+    until: u64,
+    /// The request epoch of the card that carried it: its request queue is read, and
+    /// its capability withdrawn.
+    epoch: u32,
+}
+
+impl Drop for PreviousRecord {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
+}
+
+/// The session key before the last rotation, while it is still read.
+#[derive(Clone, Debug)]
+pub struct PreviousKey {
+    /// Our identity as it was, with that session key.
+    pub identity: Identity,
+    /// Unix seconds until which what was sealed to it, or put into its queues, can
+    /// still arrive (then it is forgotten).
+    pub until: u64,
+    /// The request epoch of the last card that carried it.
+    pub epoch: u32,
+}
+
+/// What a rotation did.
+#[derive(Debug)]
+pub struct Rotated {
+    /// Our identity with its new session key.
+    pub identity: Identity,
+    /// The new card version, which every contact is sent.
+    pub card_version: u64,
+    /// Until when (Unix seconds) the old key's queues are read.
+    pub old_key_until: u64,
+    /// Our messages not yet confirmed, sealed again on the new key at the next start.
+    pub resealed: usize,
+}
+
+impl LocalStore {
+    /// The session key before the last rotation, if it is still read at `now_s`.
+    pub fn previous_key(&self, now_s: u64) -> Result<Option<PreviousKey>, StoreError> {
+        let Some(record) = self.get_record::<PreviousRecord>(
+            TreeId::Meta,
+            PREVIOUS_IDENTITY_KEY,
+            "previous session key",
+        )?
+        else {
+            return Ok(None);
+        };
+        if record.until <= now_s {
+            return Ok(None);
+        }
+        let identity = Identity::from_secret_bytes(&record.secret)
+            .map_err(|_| StoreError::Corrupt("previous session key"))?;
+        Ok(Some(PreviousKey {
+            identity,
+            until: record.until,
+            epoch: record.epoch,
+        }))
+    }
+
+    /// Gives our identity a new session key, in one write: the key before is kept
+    /// until `now_s +` [`RETAIN_SECS`], the card gets a new version (the engine sends
+    /// it to every contact at its next start), every session is dropped (contacts see
+    /// new ones, under the new key, and seal again what we did not confirm), and every
+    /// message of ours still waiting is marked to be sealed again on them. The engine
+    /// must not be running: it holds the identity.
+    pub fn rotate_session_key<R: RngCore + CryptoRng>(
+        &self,
+        now_s: u64,
+        rng: &mut R,
+    ) -> Result<Rotated, StoreError> {
+        let me = self.identity()?.ok_or(StoreError::Corrupt("identity"))?;
+        let mut profile = self.profile()?.ok_or(StoreError::Corrupt("profile"))?;
+        let identity = me.with_new_session_key(rng);
+        let until = now_s.saturating_add(RETAIN_SECS);
+        let mut w = WriteSet::default();
+        w.put(
+            TreeId::Meta,
+            IDENTITY_KEY,
+            identity.to_secret_bytes().to_vec(),
+        );
+        let previous = PreviousRecord {
+            secret: me.to_secret_bytes().to_vec(),
+            until,
+            epoch: profile.request_epoch,
+        };
+        w.put_record(TreeId::Meta, PREVIOUS_IDENTITY_KEY, &previous);
+        profile.card_version += 1;
+        Self::write_profile(&mut w, &profile);
+        let mut resealed = 0;
+        for contact in self.contacts()?.iter() {
+            w.remove(TreeId::Sessions, contact.peer.to_bytes());
+            for key in self.outbox_keys_of(&contact.peer) {
+                let Some(mut entry) = self.outbox_entry(key)? else {
+                    continue;
+                };
+                entry.sealed_on = Some(SEALED_UNDER_AN_OLD_KEY);
+                entry.resealed_ms = 0;
+                Self::write_outbox(&mut w, key, &entry);
+                resealed += 1;
+            }
+        }
+        self.apply(w)?;
+        Ok(Rotated {
+            identity,
+            card_version: profile.card_version,
+            old_key_until: until,
+            resealed,
+        })
+    }
+}
