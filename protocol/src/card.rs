@@ -503,7 +503,10 @@ mod tests {
         let rotated = id.with_new_session_key(&mut test_rng(7));
         let new = Card::new(&rotated, "Jiwoo", vec![relay_addr(5000, 3)], 2).unwrap();
         assert!(new.rotates(&old));
-        assert!(!new.supersedes(&old), "a key change is never a plain update");
+        assert!(
+            !new.supersedes(&old),
+            "a key change is never a plain update"
+        );
         assert!(!old.rotates(&new), "an older card never rotates back");
         let same_key = Card::new(&id, "Jiwoo", vec![], 3).unwrap();
         assert!(!same_key.rotates(&old));
@@ -514,7 +517,10 @@ mod tests {
             5,
         )
         .unwrap();
-        assert!(!stranger.rotates(&old), "another identity key rotates nothing");
+        assert!(
+            !stranger.rotates(&old),
+            "another identity key rotates nothing"
+        );
     }
 
     #[test]

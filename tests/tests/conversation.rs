@@ -85,3 +85,106 @@ fn replies_reactions_and_a_new_name_reach_the_contact() {
     assert!(contacts.contains("Alice Kim"), "{contacts}");
     bob.ok(&["send", "Alice Kim", "nice name"]);
 }
+
+#[test]
+fn a_new_session_key_keeps_the_conversation_going_and_retires_old_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let relays: Vec<RelayProc> = (0..2)
+        .map(|i| RelayProc::start(&dir.path().join(format!("r{i}")), &[]))
+        .collect();
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    for u in [&alice, &bob] {
+        for r in &relays {
+            u.ok(&["relay", "add", &r.addr]);
+        }
+    }
+    User::introduce(&alice, &bob);
+    for i in 0..3 {
+        alice
+            .send("bob", &format!("alice before {i}"), 5.0)
+            .unwrap();
+        bob.ok(&["sync"]);
+        bob.send("alice", &format!("bob before {i}"), 5.0).unwrap();
+        alice.ok(&["sync"]);
+    }
+    let old_code = alice.invite();
+    // On its way when the key changes: sealed on the session Alice is about to drop.
+    bob.send("alice", "bob while alice rotates", 5.0).unwrap();
+
+    // Not while a daemon holds the keys.
+    let mut daemon = alice.daemon();
+    let refused = alice.run(&["rotate-key"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("stop the daemon"), "{why}");
+    daemon.stop();
+
+    let rotated: serde_json::Value =
+        serde_json::from_str(alice.ok(&["rotate-key", "--json"]).lines().last().unwrap()).unwrap();
+    assert!(rotated["card_version"].as_u64().unwrap() > 1, "{rotated}");
+    assert_ne!(alice.invite(), old_code, "a new code");
+    bob.ok(&["sync"]);
+    alice.ok(&["sync"]);
+    for i in 0..3 {
+        alice.send("bob", &format!("alice after {i}"), 5.0).unwrap();
+        bob.ok(&["sync"]);
+        bob.send("alice", &format!("bob after {i}"), 5.0).unwrap();
+        alice.ok(&["sync"]);
+    }
+    bob.ok(&["sync"]);
+    let at_alice = alice.history_texts("bob");
+    let at_bob = bob.history_texts("alice");
+    for i in 0..3 {
+        for (texts, text) in [
+            (&at_bob, format!("alice before {i}")),
+            (&at_bob, format!("alice after {i}")),
+            (&at_alice, format!("bob before {i}")),
+            (&at_alice, format!("bob after {i}")),
+        ] {
+            assert_eq!(
+                texts.iter().filter(|t| **t == text).count(),
+                1,
+                "{text:?} in {texts:?}"
+            );
+        }
+    }
+    assert_eq!(
+        at_alice
+            .iter()
+            .filter(|t| *t == "bob while alice rotates")
+            .count(),
+        1,
+        "{at_alice:?}"
+    );
+    // Everything Alice sent was confirmed under the new key.
+    // (Its exit status says whether it found something to fix: two relays on one
+    // machine share a failure domain.)
+    let drill = alice.run(&["drill", "--json"]);
+    let drill = String::from_utf8_lossy(&drill.stdout);
+    let outbox: serde_json::Value = serde_json::from_str(drill.lines().last().unwrap()).unwrap();
+    assert_eq!(outbox["outbox"]["waiting"], 0, "{outbox}");
+
+    // A stranger holding the code given out before reaches nothing; the new one works.
+    let carol = User::new(dir.path(), "carol");
+    carol.ok(&["relay", "add", &relays[0].addr]);
+    carol.ok(&["contact", "add", &old_code]);
+    let old = carol.send("alice", "with the old code", 3.0).unwrap();
+    assert_eq!(old["relayed"], 0, "{old}");
+    let refused = old["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 2, "{old}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["reason"].as_str().unwrap().starts_with("no_queue")),
+        "{old}"
+    );
+    let dae = User::new(dir.path(), "dae");
+    dae.ok(&["relay", "add", &relays[0].addr]);
+    dae.ok(&["contact", "add", &alice.invite()]);
+    dae.send("alice", "with the new code", 5.0).unwrap();
+    alice.ok(&["sync"]);
+    let requests = alice.ok(&["request", "list"]);
+    assert!(requests.contains("with the new code"), "{requests}");
+    assert!(!requests.contains("with the old code"), "{requests}");
+}

@@ -489,9 +489,9 @@ impl<T> State<T> {
         }
         if rotated
             && (*card.identity().x25519() == self.me.x25519_public()
-                || contacts
-                    .iter()
-                    .any(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519()))
+                || contacts.iter().any(|c| {
+                    c.peer != peer && c.card.identity().x25519() == card.identity().x25519()
+                }))
         {
             // One key, one person (SPEC.md §2), whatever the card's signature says.
             return end("a new session key that is ours or another contact's");

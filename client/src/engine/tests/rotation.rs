@@ -93,11 +93,21 @@ async fn a_new_session_key_reaches_contacts_and_nothing_is_lost_or_shown_twice()
     talk(&alice, &bob, &bob_c, &alice_c, "after").await;
     once_each(
         &bob.texts_from(&alice),
-        &["queued before the change", "before a5", "after a0", "after a5"],
+        &[
+            "queued before the change",
+            "before a5",
+            "after a0",
+            "after a5",
+        ],
     );
     once_each(
         &alice.texts_from(&bob),
-        &["sealed on the old session", "before b5", "after b0", "after b5"],
+        &[
+            "sealed on the old session",
+            "before b5",
+            "after b0",
+            "after b5",
+        ],
     );
     assert_eq!(bob.texts_from(&alice).len(), 13, "6 + 1 + 6 texts");
     assert_eq!(alice.texts_from(&bob).len(), 13, "6 + 1 + 6 texts");
@@ -177,7 +187,10 @@ async fn what_contacts_seal_to_the_old_key_is_still_read_and_old_codes_reach_not
     alice.sync().await;
     let requests = alice.engine.store().requests().unwrap();
     assert_eq!(requests.len(), 1, "{requests:?}");
-    assert_eq!(requests[0].messages[0].text.as_deref(), Some("with the new code"));
+    assert_eq!(
+        requests[0].messages[0].text.as_deref(),
+        Some("with the new code")
+    );
 }
 
 #[tokio::test]
@@ -191,8 +204,13 @@ async fn a_session_key_is_taken_only_from_a_message_sealed_with_it() {
     let foreign = kkachi_protocol::Identity::generate().x25519_public();
     for key in [foreign, bob.engine.identity().x25519_public()] {
         let relays = alice.card.relays().to_vec();
-        let claimed =
-            kkachi_protocol::fuzzing::forged_card(alice.engine.identity(), key, "alice", relays, 50);
+        let claimed = kkachi_protocol::fuzzing::forged_card(
+            alice.engine.identity(),
+            key,
+            "alice",
+            relays,
+            50,
+        );
         let content = Content {
             id: MessageId(rand::random()),
             seq: 0,
