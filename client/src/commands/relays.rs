@@ -115,6 +115,9 @@ impl App {
                 rotated.resealed
             ));
             out.out("your earlier invite codes no longer reach you: share `kkachi invite` again");
+            out.out(
+                "make a new backup: restoring one made before now would bring the old key back",
+            );
         }
         Ok(())
     }

@@ -248,7 +248,7 @@ impl<T> State<T> {
         self.sweep_files();
         if let Some(contact) = self.store.contact(peer)? {
             // Our relays stop taking their puts.
-            self.revoked.push(*contact.card.identity());
+            self.revoked.lock().push(*contact.card.identity());
         }
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(self.store.contact(peer)?))
@@ -291,7 +291,7 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)?;
             Ok(removed)
         })?;
-        self.revoked.push(*contact.card.identity());
+        self.revoked.lock().push(*contact.card.identity());
         self.sweep_files();
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {

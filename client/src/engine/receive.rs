@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
-use kkachi_protocol::session::{self, InitPacket};
+use kkachi_protocol::session::{self, InitPacket, RETAIN_SECS};
 use kkachi_protocol::{
     Body, Content, Envelope, MessageId, Opened, PeerId, ReceiptStatus, Session, SessionError,
 };
@@ -128,6 +128,9 @@ const SEEN: &str = "already handled";
 
 /// An outbox entry is sealed again on a new session at most this often (10 minutes).
 pub(crate) const RESEAL_EVERY_MS: u64 = 10 * 60 * 1000;
+/// A contact's session key is taken to change at most once in this long: each change
+/// costs our relays a withdrawal and a grant.
+pub(crate) const ROTATION_EVERY_MS: u64 = 60 * 60 * 1000;
 
 /// A transport packet opened by a contact's session, or why it is refused.
 type TransportResult = Result<(Contact, Opened), &'static str>;
@@ -483,42 +486,55 @@ impl<T> State<T> {
         };
         // A newer card binding another session key, in a message sealed with that key
         // (which proves its sender holds it): the contact rotated its key.
-        let rotated = card.rotates(&contact.card);
+        let mut rotated = card.rotates(&contact.card);
         if contact.card.identity().x25519() != init.remote_static() && !rotated {
             return end("a first message under a session key their card does not carry");
         }
-        if rotated
-            && (*card.identity().x25519() == self.me.x25519_public()
-                || contacts.iter().any(|c| {
-                    c.peer != peer && c.card.identity().x25519() == card.identity().x25519()
-                }))
-        {
-            // One key, one person (SPEC.md §2), whatever the card's signature says.
-            return end("a new session key that is ours or another contact's");
+        let now_s = now / 1000;
+        if rotated {
+            if let Err(why) = self.may_rotate(contact, &card, &init, under_old_key, now) {
+                return end(why);
+            }
+            if let Some(other) = contacts
+                .iter()
+                .find(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519())
+            {
+                // The first message proves who holds the key; a card that merely
+                // names it (an invite code needs no proof) loses.
+                tracing::warn!(contact = %other.peer, holder = %peer, "a contact's card names a session key another contact proved holding: that card is forged");
+            }
         }
         let session = sessions.get(&self.store, contact)?;
+        let old_remote = *session.remote();
         if rotated {
             // Their handshakes under the old key can no longer complete; the first
             // message itself retires the session they dropped (a new instance).
             session.peer_rotated(*card.identity().x25519());
-            // What waits for them sealed to the old key goes again, to the new one.
-            self.rotated.lock().insert(contact.peer);
-            self.stale.lock().insert(contact.peer);
-            self.keys_changed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(contact = %contact.peer, "a contact rotated its session key");
         }
         let result = if under_old_key {
-            Ok(Opened {
-                body: init.body().to_vec(),
-                sent_at: init.sent_at(),
-                peer_reset: false,
-                switched: false,
-                late: true,
-            })
+            // Sealed to our key before its rotation: not under any session of ours.
+            if init.sent_at().saturating_add(RETAIN_SECS) < now_s {
+                Err(SessionError::TooOld)
+            } else {
+                Ok(Opened {
+                    body: init.body().to_vec(),
+                    sent_at: init.sent_at(),
+                    peer_reset: false,
+                    switched: false,
+                    late: true,
+                })
+            }
         } else {
-            session.accept_init(&self.me, init, now / 1000)
+            session.accept_init(&self.me, init, now_s)
         };
+        if rotated && !matches!(&result, Ok(o) if !o.late) {
+            // Only a message taken as new may change their key.
+            session.peer_rotated(old_remote);
+            rotated = false;
+        }
+        if rotated {
+            self.take_rotation(w, contact, now)?;
+        }
         LocalStore::write_session(w, &contact.peer, session);
         let mut contact = contact.clone();
         if card.supersedes(&contact.card) || rotated {
@@ -537,6 +553,64 @@ impl<T> State<T> {
             Err(_) => return end("a first message that does not fit their session"),
         };
         Ok(Ok((contact, opened)))
+    }
+
+    /// Whether `contact` may rotate its session key to the one `card` binds, in the
+    /// first message `init`: never to ours, from a card that has run out, in a message
+    /// sealed to our previous key or older than any envelope, or twice within
+    /// [`ROTATION_EVERY_MS`] (each change makes our relays withdraw a capability and
+    /// grant another).
+    fn may_rotate(
+        &self,
+        contact: &Contact,
+        card: &kkachi_protocol::Card,
+        init: &InitPacket,
+        under_old_key: bool,
+        now: u64,
+    ) -> Result<(), &'static str> {
+        let now_s = now / 1000;
+        if *card.identity().x25519() == self.me.x25519_public() {
+            return Err("a new session key that is ours");
+        }
+        if card.check_fresh(now_s).is_err() || init.sent_at().saturating_add(RETAIN_SECS) < now_s {
+            return Err("a change of session key in an out-of-date card or message");
+        }
+        if under_old_key {
+            return Err("a change of session key sealed to our previous key");
+        }
+        let last = self.rotations.lock().get(&contact.peer).copied();
+        if last.is_some_and(|t| now.saturating_sub(t) < ROTATION_EVERY_MS) {
+            return Err("a second change of session key within the hour");
+        }
+        Ok(())
+    }
+
+    /// `contact` rotated its session key (taken from a first message sealed with the
+    /// new one): our relays withdraw the capability of the old key and grant the new
+    /// one's, and what waits for them sealed to the old key goes again, to the new one
+    /// (marked in `w`, so a restart before that still does it).
+    fn take_rotation(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        self.rotations.lock().insert(contact.peer, now);
+        self.revoked.lock().push(*contact.card.identity());
+        self.keys_changed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for key in self.store.outbox_keys_of(&contact.peer) {
+            if let Some(mut entry) = self.store.outbox_entry(key)?
+                && entry.sealed_on.is_none()
+            {
+                entry.sealed_on = Some(crate::store::SEALED_UNDER_AN_OLD_KEY);
+                LocalStore::write_outbox(w, key, &entry);
+            }
+        }
+        self.rotated.lock().insert(contact.peer);
+        self.stale.lock().insert(contact.peer);
+        tracing::info!(contact = %contact.peer, "a contact rotated its session key");
+        Ok(())
     }
 
     /// Holds a first message from someone who is not a contact, within the bounds.
@@ -1063,10 +1137,9 @@ impl<T> State<T> {
                 .seal_envelope(contact, session, &content, now)?
                 .encode();
             entry.resealed_ms = now;
-            for t in &mut entry.targets {
-                t.acked = false;
-                t.next_try_ms = 0;
-            }
+            // Where it goes as the contact's card and our key say now: after a change
+            // of either key, the old queues are no longer read.
+            entry.targets = self.targets(&contact.card);
             entry.direct_acked = false;
             LocalStore::write_outbox(w, key, &entry);
             count += 1;

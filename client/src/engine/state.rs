@@ -27,6 +27,9 @@ use crate::store::{
 /// cover: a contact's packets arrive from each relay in the order sent, so the ones
 /// further off are rare, and they are found by the bounded fallback below.
 pub(crate) const TAG_WINDOW: u64 = 256;
+/// How often, while our previous session key is read, contacts with no session under
+/// the new one are sent our card again.
+const ROTATED_CARD_EVERY_MS: u64 = 24 * 3600 * 1000;
 /// Transport packets per minute whose tag no session expects that are still tried on
 /// every contact's sessions (a packet far ahead of the rest, or a late one far behind;
 /// anything more is junk, and dropped at the cost of one lookup).
@@ -182,9 +185,12 @@ pub(crate) struct State<T> {
     pub(crate) announced: Vec<super::Received>,
     /// Senders of new message requests, likewise.
     pub(crate) requests: Vec<PeerId>,
-    /// People removed or blocked since the owner last withdrew their write
-    /// capabilities from our relays.
-    pub(crate) revoked: Vec<PublicIdentity>,
+    /// People removed or blocked, and contacts' keys replaced by a rotation, since the
+    /// owner last withdrew their write capabilities from our relays.
+    pub(crate) revoked: parking_lot::Mutex<Vec<PublicIdentity>>,
+    /// When each contact last rotated its session key (in this run): one more within
+    /// [`super::receive::ROTATION_EVERY_MS`] is not taken.
+    pub(crate) rotations: parking_lot::Mutex<HashMap<PeerId, u64>>,
     /// A contact's session key changed while a packet was read: our relays grant
     /// their new capability, and the LAN knows their new key.
     pub(crate) keys_changed: std::sync::atomic::AtomicBool,
@@ -249,7 +255,8 @@ impl<T> State<T> {
             faults,
             announced: Vec::new(),
             requests: Vec::new(),
-            revoked: Vec::new(),
+            revoked: parking_lot::Mutex::default(),
+            rotations: parking_lot::Mutex::default(),
             keys_changed: std::sync::atomic::AtomicBool::new(false),
             rotated: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),
@@ -325,6 +332,40 @@ impl<T> State<T> {
         Ok(true)
     }
 
+    /// While our previous session key is still read, every contact (not blocked) with
+    /// whom no session under the new key has formed yet is sent our card once more,
+    /// once a day: one who was away longer than an envelope lives still learns the new
+    /// key, and seals again to it what we never confirmed. Returns how many were sent.
+    pub(crate) fn resend_rotated_card(&mut self, now: u64) -> Result<usize, EngineError> {
+        if self.previous.is_none() {
+            return Ok(0);
+        }
+        let last = self.store.rotated_card_sent_ms()?;
+        if last.is_some_and(|t| now.saturating_sub(t) < ROTATED_CARD_EVERY_MS) {
+            return Ok(0);
+        }
+        let card = self.own_card()?;
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            LocalStore::write_rotated_card_sent(&mut w, now);
+            let mut n = 0;
+            for contact in this.store.contacts()?.iter() {
+                if this.store.blocked(&contact.peer)?.is_some() {
+                    continue;
+                }
+                let session = sessions.get(&this.store, contact)?;
+                if session.is_established() {
+                    continue;
+                }
+                let body = Body::CardUpdate(Box::new(card.clone()));
+                this.queue_control(&mut w, contact, session, body, now)?;
+                n += 1;
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(n)
+        })
+    }
+
     /// Our card as it stands, signed once per version of it (relays change its version).
     pub(crate) fn own_card(&self) -> Result<Card, EngineError> {
         let version = self
@@ -364,6 +405,26 @@ impl<T> State<T> {
         })
     }
 
+    /// Where an envelope for the owner of `card` goes: each of its relays, with our
+    /// capability there and, should that reach no queue, the card's request capability.
+    pub(crate) fn targets(&self, card: &Card) -> Vec<Target> {
+        card.relays()
+            .iter()
+            .filter_map(|addr| {
+                let relay = relay_peer(addr)?;
+                Some(Target {
+                    addr: addr.to_string(),
+                    acked: false,
+                    attempts: 0,
+                    next_try_ms: 0,
+                    write: self.write_key(card.identity(), relay).0,
+                    request: card.request_key_at(&relay).map(|k| k.0),
+                    epoch: 0,
+                })
+            })
+            .collect()
+    }
+
     /// Seals `content` for `contact` with `session` and adds the envelope to `w` as an
     /// outbox entry, with the session state that sealed it: both become durable
     /// together.
@@ -380,23 +441,7 @@ impl<T> State<T> {
         let sealed = self.seal_envelope(contact, session, content, now);
         LocalStore::write_session(w, &contact.peer, session);
         let envelope = sealed?;
-        let card = &contact.card;
-        let targets = card
-            .relays()
-            .iter()
-            .filter_map(|addr| {
-                let relay = relay_peer(addr)?;
-                Some(Target {
-                    addr: addr.to_string(),
-                    acked: false,
-                    attempts: 0,
-                    next_try_ms: 0,
-                    write: self.write_key(card.identity(), relay).0,
-                    request: card.request_key_at(&relay).map(|k| k.0),
-                    epoch: 0,
-                })
-            })
-            .collect();
+        let targets = self.targets(&contact.card);
         let key = self.store.next_outbox_seq()?;
         let entry = OutboxEntry {
             message_id: content.id.0,

@@ -8,9 +8,11 @@ use kkachi_protocol::session::RETAIN_SECS;
 use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use super::{IDENTITY_KEY, LocalStore, StoreError, TreeId, WriteSet};
+use super::{IDENTITY_KEY, LocalStore, OutboxKind, StoreError, TreeId, WriteSet};
 
 const PREVIOUS_IDENTITY_KEY: &[u8] = b"previous-identity";
+/// When (Unix ms) contacts with no session under the new key were last sent our card.
+const ROTATED_CARD_SENT_KEY: &[u8] = b"rotated-card-sent";
 
 /// Stands in an outbox entry's `sealed_on` for "sealed before our session key
 /// changed": no session has this id, so the entry is sealed again on the new one,
@@ -84,6 +86,39 @@ impl LocalStore {
         }))
     }
 
+    /// Erases the session key before the last rotation once nothing sealed to it can
+    /// arrive (at `now_s`); true if it did.
+    pub fn forget_expired_previous_key(&self, now_s: u64) -> Result<bool, StoreError> {
+        let expired = self
+            .get_record::<PreviousRecord>(
+                TreeId::Meta,
+                PREVIOUS_IDENTITY_KEY,
+                "previous session key",
+            )?
+            .is_some_and(|r| r.until <= now_s);
+        if expired {
+            let mut w = WriteSet::default();
+            w.remove(TreeId::Meta, PREVIOUS_IDENTITY_KEY);
+            w.remove(TreeId::Meta, ROTATED_CARD_SENT_KEY);
+            self.apply(w)?;
+        }
+        Ok(expired)
+    }
+
+    /// When contacts with no session under our new key were last sent our card again.
+    pub fn rotated_card_sent_ms(&self) -> Result<Option<u64>, StoreError> {
+        self.get_record(
+            TreeId::Meta,
+            ROTATED_CARD_SENT_KEY,
+            "card sent after rotation",
+        )
+    }
+
+    /// Notes that they were sent it at `at_ms` (in a write set).
+    pub fn write_rotated_card_sent(w: &mut WriteSet, at_ms: u64) {
+        w.put_record(TreeId::Meta, ROTATED_CARD_SENT_KEY, &at_ms);
+    }
+
     /// Gives our identity a new session key, in one write: the key before is kept
     /// until `now_s +` [`RETAIN_SECS`], the card gets a new version (the engine sends
     /// it to every contact at its next start), every session is dropped (contacts see
@@ -111,6 +146,9 @@ impl LocalStore {
             epoch: profile.request_epoch,
         };
         w.put_record(TreeId::Meta, PREVIOUS_IDENTITY_KEY, &previous);
+        // The card goes to every contact now; again to those still behind, from a day
+        // on.
+        Self::write_rotated_card_sent(&mut w, now_s.saturating_mul(1000));
         profile.card_version += 1;
         Self::write_profile(&mut w, &profile);
         let mut resealed = 0;
@@ -123,7 +161,9 @@ impl LocalStore {
                 entry.sealed_on = Some(SEALED_UNDER_AN_OLD_KEY);
                 entry.resealed_ms = 0;
                 Self::write_outbox(&mut w, key, &entry);
-                resealed += 1;
+                if entry.kind == OutboxKind::Message {
+                    resealed += 1;
+                }
             }
         }
         self.apply(w)?;
@@ -133,5 +173,42 @@ impl LocalStore {
             old_key_until: until,
             resealed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_previous_key_is_read_until_nothing_sealed_to_it_can_arrive_then_erased() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, me, _) = LocalStore::provision(dir.path(), "alice", &[]).unwrap();
+        let now = crate::engine::now_ms() / 1000;
+        let rotated = store
+            .rotate_session_key(now, &mut rand_core::OsRng)
+            .unwrap();
+        assert!(rotated.identity.same_identity_key(&me));
+        assert_ne!(rotated.identity.x25519_public(), me.x25519_public());
+        assert_eq!(
+            store.identity().unwrap().unwrap().x25519_public(),
+            rotated.identity.x25519_public()
+        );
+        let previous = store.previous_key(now).unwrap().unwrap();
+        assert_eq!(previous.identity.x25519_public(), me.x25519_public());
+        assert_eq!(previous.until, now + RETAIN_SECS);
+        assert!(
+            !store.forget_expired_previous_key(now).unwrap(),
+            "still read"
+        );
+        // Once its time is up it is no longer given out, and then erased from the disk.
+        let later = now + RETAIN_SECS;
+        assert!(store.previous_key(later).unwrap().is_none());
+        assert!(store.forget_expired_previous_key(later).unwrap());
+        assert!(
+            store.previous_key(now).unwrap().is_none(),
+            "gone, not only hidden"
+        );
+        assert!(store.rotated_card_sent_ms().unwrap().is_none());
     }
 }

@@ -195,11 +195,13 @@ impl<T: Transport> Owner<T> {
             self.grants.invalidate();
             self.allow_contacts();
         }
-        if self.state.revoked.is_empty() && self.grants.next_deadline().is_none_or(|t| t > now) {
+        if self.state.revoked.lock().is_empty()
+            && self.grants.next_deadline().is_none_or(|t| t > now)
+        {
             return;
         }
         let relays: Vec<String> = self.grants.relays.keys().cloned().collect();
-        let removed = std::mem::take(&mut self.state.revoked);
+        let removed = std::mem::take(&mut *self.state.revoked.lock());
         if !removed.is_empty() {
             for identity in removed {
                 if !self.grants.removed.contains(&identity) {

@@ -327,6 +327,30 @@ impl<T: Transport> Owner<T> {
             Ok(_) => self.after_change(Ok(()), |_| {}),
             Err(e) => tracing::warn!(error = %e, "could not send contacts our new card"),
         }
+        // After a rotation of our key: contacts we have no session with under the new
+        // one get the card again (daily), until the old key is forgotten.
+        match self.state.resend_rotated_card(now) {
+            Ok(0) => {}
+            Ok(_) => self.after_change(Ok(()), |_| {}),
+            Err(e) => tracing::warn!(error = %e, "could not send contacts our new card again"),
+        }
+        // Once nothing sealed to our previous key can arrive any more, it is erased and
+        // its queues are no longer read.
+        if let Err(e) = self.state.store.forget_expired_previous_key(now / 1000) {
+            tracing::warn!(error = %e, "could not forget our previous session key");
+        }
+        if self
+            .state
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.until <= now / 1000)
+        {
+            self.state.previous = None;
+            self.grants.invalidate();
+            if let Err(e) = self.take_relays() {
+                tracing::warn!(error = %e, "cannot read our relays");
+            }
+        }
         // After a restore: what we had sent and nobody confirmed goes again.
         match self.state.resend_restored(now) {
             Ok(0) => {}

@@ -45,6 +45,15 @@ async fn talk(alice: &User, bob: &User, bob_c: &Contact, alice_c: &Contact, tag:
     }
 }
 
+/// The session key `bob` holds for `alice`.
+fn bob_c_key(bob: &User, alice: &User) -> [u8; 32] {
+    *bob.contact_of(&alice.peer())
+        .unwrap()
+        .card
+        .identity()
+        .x25519()
+}
+
 /// Each of `wanted` exactly once among `texts`.
 fn once_each(texts: &[String], wanted: &[&str]) {
     for w in wanted {
@@ -229,4 +238,104 @@ async fn a_session_key_is_taken_only_from_a_message_sealed_with_it() {
     // And the two still talk on the session they had.
     talk(&alice, &bob, &bob_c, &alice_c, "after").await;
     once_each(&bob.texts_from(&alice), &["before a0", "after a5"]);
+}
+
+#[tokio::test]
+async fn a_contact_changing_key_again_within_the_hour_is_not_followed_and_old_capabilities_go() {
+    let net = FakeNet::default();
+    let (mut alice, bob, bob_c, alice_c) = pair(&net).await;
+    talk(&alice, &bob, &bob_c, &alice_c, "before").await;
+    let first_identity = alice.engine.identity().clone();
+    let first = alice.rotate(&net).await;
+    bob.sync().await;
+    bob.regrant().await;
+    assert_eq!(
+        bob.contact_of(&alice.peer()).unwrap().card.version(),
+        first.card_version
+    );
+    // Bob's relays withdrew the capability of Alice's key before and granted the new
+    // one's: a hostile contact changing keys over and over fills no queue with grants.
+    for relay in &bob.relays {
+        let peer = crate::engine::state::relay_peer(relay).unwrap();
+        let store = net.relay_store(relay);
+        let old = first_identity.write_key_for(bob.card.identity(), &peer);
+        let new = alice
+            .engine
+            .identity()
+            .write_key_for(bob.card.identity(), &peer);
+        assert_eq!(
+            store.route(&old.id()).unwrap(),
+            None,
+            "old capability withdrawn"
+        );
+        assert!(store.route(&new.id()).unwrap().is_some(), "new one granted");
+    }
+    // A second change within the hour is not taken.
+    let second = alice.rotate(&net).await;
+    bob.sync().await;
+    let card = bob.contact_of(&alice.peer()).unwrap().card;
+    assert_eq!(card.version(), first.card_version);
+    assert_ne!(
+        card.identity().x25519(),
+        &second.identity.x25519_public(),
+        "still the first new key"
+    );
+}
+
+#[tokio::test]
+async fn contacts_still_on_the_old_key_get_the_card_again_each_day_and_resealed_messages_go_to_the_new_queues()
+ {
+    let net = FakeNet::default();
+    let (mut alice, bob, bob_c, alice_c) = pair(&net).await;
+    talk(&alice, &bob, &bob_c, &alice_c, "before").await;
+    // Bob seals to Alice on their session; it is still unread when she changes key.
+    let _ = bob.send(&alice_c, "unread when the key changes").await;
+    alice.rotate(&net).await;
+    // The card Alice sent is lost (Bob's relays lose what they held): a day later,
+    // Bob, still with no session under her new key, gets it again.
+    for relay in &bob.relays {
+        net.wipe_relay(relay);
+    }
+    bob.regrant().await;
+    let old_key = bob_c_key(&bob, &alice);
+    // (A sync runs the upkeep that sends it.)
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert_eq!(bob_c_key(&bob, &alice), old_key, "not again within the day");
+    let mut w = WriteSet::default();
+    LocalStore::write_rotated_card_sent(&mut w, now_ms() - 25 * 3600 * 1000);
+    alice.engine.store().apply(w).unwrap();
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    let card = bob.contact_of(&alice.peer()).unwrap().card;
+    assert_eq!(
+        card.identity().x25519(),
+        &alice.engine.identity().x25519_public()
+    );
+    // What Bob seals again for Alice goes to her new queues, not to the old ones (a
+    // receipt sealed on the old session is not sealed again: its message comes again).
+    let resealed: Vec<_> = bob
+        .engine
+        .store()
+        .outbox()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, e)| e.kind == crate::store::OutboxKind::Message)
+        .collect();
+    assert!(!resealed.is_empty());
+    for (_, entry) in resealed {
+        for target in &entry.targets {
+            let addr: Multiaddr = target.addr.parse().unwrap();
+            let relay = crate::engine::state::relay_peer(&addr).unwrap();
+            let new = bob.engine.identity().write_key_for(card.identity(), &relay);
+            assert_eq!(target.write, new.0, "to the new key's inbox");
+        }
+    }
+    for _ in 0..2 {
+        alice.sync().await;
+        bob.sync().await;
+    }
+    once_each(&alice.texts_from(&bob), &["unread when the key changes"]);
 }
