@@ -284,6 +284,12 @@ impl LocalStore {
             }))
     }
 
+    /// Entries of the group index (tests: nothing is left behind).
+    #[cfg(test)]
+    pub(crate) fn group_index_len(&self) -> usize {
+        self.tree(TreeId::GroupIndex).len()
+    }
+
     /// Our group message whose copy `member` received as `message`: its key and record.
     pub fn group_copy(
         &self,
@@ -376,6 +382,18 @@ impl LocalStore {
             let m: GroupMessage = decode(&v, "group message")?;
             if m.message.expired(now) {
                 w.remove(TreeId::GroupMessages, k.to_vec());
+                // What pointed at it goes too: where each member's copy of ours is
+                // counted, and where a member's file is found.
+                for (member, _) in &m.copies {
+                    if let Ok(member) = PeerId::from_bytes(member) {
+                        w.remove(TreeId::GroupIndex, index_key(&member, &m.message.id));
+                    }
+                }
+                if let Some(author) = m.author() {
+                    let mut key = group_member_key(id, &author);
+                    key.extend_from_slice(&m.message.id);
+                    w.remove(TreeId::GroupIndex, key);
+                }
                 gone += 1;
             } else if m.message.timer_secs != 0 {
                 let at = m.message.expires_at();

@@ -777,13 +777,21 @@ async fn a_groups_timer_makes_its_messages_disappear_on_every_device() {
         events(&bob, id).last().map(String::as_str),
         Some("alice set messages to disappear 10 seconds after they arrive")
     );
-    alice
+    let sent = alice
         .engine
         .send_group(id, "meet at the gym".into())
         .await
         .unwrap();
     let got = said(&bob).await;
     assert_eq!(got[0].message.timer_secs, 10);
+    let copy = |u: &User| {
+        u.engine
+            .store()
+            .group_copy(&bob.peer(), &sent.id.0)
+            .unwrap()
+    };
+    assert!(copy(&alice).is_some(), "where Bob's copy is counted");
+    let indexed = alice.engine.store().group_index_len();
     assert_eq!(texts(&bob, id).len(), 1);
     // Eleven seconds on, on both sides: gone from the store, lines about the group kept.
     for u in [&alice, &bob] {
@@ -798,6 +806,10 @@ async fn a_groups_timer_makes_its_messages_disappear_on_every_device() {
         let record = u.engine.store().group(&id).unwrap().unwrap();
         assert_eq!(record.next_expiry_ms, 0, "nothing else is due");
     }
+    // Nothing points at it any more: where Bob's and Carol's copies were counted went
+    // with it.
+    assert_eq!(alice.engine.store().group_index_len(), indexed - 2);
+    assert!(copy(&alice).is_none());
 }
 
 #[tokio::test]
