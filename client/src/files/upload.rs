@@ -178,6 +178,7 @@ pub async fn prepare<T: Transport>(
         last_error: None,
         attempts: 0,
         retry_at_ms: 0,
+        members: Vec::new(),
     };
     let mut w = WriteSet::default();
     LocalStore::write_outgoing_file(&mut w, &id, &record);
@@ -509,7 +510,11 @@ pub async fn upload<T: Transport>(
             }
             // Stopping, or the store failed: it goes on later.
             Err(e) => return Err(e.into()),
-        },
+        }
+        .into_iter()
+        // Once its message went, only the members it went to still get copies.
+        .filter(|m| !record.message_sent || record.members.contains(&m.peer.to_bytes()))
+        .collect(),
         None => {
             let peer = record
                 .contact()
@@ -752,11 +757,10 @@ pub async fn upload<T: Transport>(
             .collect();
     }
     report.elapsed = started.elapsed();
-    // A contact's file that went with fewer copies than it goes to (a relay of theirs
-    // was out) keeps its sealed copy: later runs put what is missing, until relays
-    // would have dropped the chunks anyway.
+    // A file that went with fewer copies than it goes to (a relay of the contact, or
+    // of a member it went to, was out) keeps its sealed copy: later runs put what is
+    // missing, until relays would have dropped the chunks anyway.
     let short = record.message_sent
-        && group.is_none()
         && !plan.lock().everywhere(&need)
         && now_ms().saturating_sub(record.created_ms) < CHUNK_TTL_SECS * 1000;
     if short {
@@ -830,6 +834,9 @@ async fn send_message<T: Transport>(
         return Err(FilesError::Refused("the file was cancelled".into()));
     }
     record.message_sent = true;
+    if group.is_some() {
+        record.members = to.iter().map(|c| c.peer.to_bytes()).collect();
+    }
     let mut with = WriteSet::default();
     LocalStore::write_outgoing_file(&mut with, id, record);
     match (group, to.first()) {

@@ -52,6 +52,9 @@ pub struct Outgoing {
     pub attempts: u32,
     /// Not tried again on its own before this (Unix ms).
     pub retry_at_ms: u64,
+    /// For a group's file, the members (peer ids) its message went to, written with
+    /// the message: only their copies are topped up later.
+    pub members: Vec<Vec<u8>>,
 }
 
 /// The contact a transfer record's `contact` names: `None` for a group's key (see

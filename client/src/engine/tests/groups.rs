@@ -813,6 +813,52 @@ async fn a_groups_timer_makes_its_messages_disappear_on_every_device() {
 }
 
 #[tokio::test]
+async fn a_group_file_that_went_with_one_copy_to_a_member_gets_the_second_when_their_relays_return()
+{
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (alice, bob, carol) = three(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Two of Bob's three relays lost everything (Alice's grant too): they refuse her puts.
+    net.wipe_relay(&bob.relays[0]);
+    net.wipe_relay(&bob.relays[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shelter-list.bin");
+    let bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let claim = files::prepare(&alice.engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    let fid = claim.id;
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    // It went to both, Bob's chunks on the one relay he has left, and is not done with.
+    assert!(report.message_sent && report.degraded, "{report:?}");
+    assert_eq!(report.copies, 1);
+    let record = alice.engine.store().outgoing_file(&fid).unwrap().unwrap();
+    assert!(!record.finished);
+    assert_eq!(record.members.len(), 2, "whom its message went to is kept");
+    let copies = || -> usize { net.inner.lock().chunks.values().map(HashMap::len).sum() };
+    assert_eq!(copies(), (2 + 1) * (6 + 1));
+    // Bob's relays take puts again: the next run puts his second copies, and is done;
+    // the message does not go again.
+    bob.regrant().await;
+    let claim = alice.engine.transfers().claim(false, fid).unwrap();
+    let report = files::upload(&alice.engine, claim).await.unwrap();
+    assert_eq!(report.copies, 2);
+    let record = alice.engine.store().outgoing_file(&fid).unwrap().unwrap();
+    assert!(record.finished);
+    assert_eq!(copies(), 2 * 2 * (6 + 1));
+    for u in [&bob, &carol] {
+        let files_shown = said(u)
+            .await
+            .iter()
+            .filter(|r| r.message.file.is_some())
+            .count();
+        assert_eq!(files_shown, 1);
+    }
+}
+
+#[tokio::test]
 async fn a_file_to_the_group_reaches_each_member_on_their_own_relays_and_not_the_removed() {
     use crate::files::{self, To};
     let net = FakeNet::default();
