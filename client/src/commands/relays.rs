@@ -97,18 +97,24 @@ impl App {
         if earlier.is_some() {
             out.warn("the key before your last rotation is no longer read: contacts who have not heard from you since then send again, once your new card reaches them, what you had not confirmed");
         }
+        let contacts = self
+            .store
+            .contacts()?
+            .iter()
+            .filter(|c| matches!(self.store.blocked(&c.peer), Ok(None)))
+            .count();
         self.send_card(out).await?;
-        let days = kkachi_protocol::session::RETAIN_SECS.div_ceil(86_400);
+        let days = kkachi_protocol::session::RETAIN_SECS / 86_400;
         if json {
             out.json(json!({
                 "card_version": rotated.card_version,
-                "old_key_read_until": rotated.old_key_until,
+                "contacts": contacts,
+                "old_key_read_until_ms": rotated.old_key_until.saturating_mul(1000),
                 "resealed": rotated.resealed,
             }));
         } else {
             out.out(format!(
-                "your session key is new (card version {}); you are the same person to your contacts",
-                rotated.card_version
+                "your session key is new; you are the same person to your {contacts} contact(s), who are sent your new card and need do nothing"
             ));
             out.out(format!(
                 "what contacts sealed to the old one is still read for {days} days; {} message(s) of yours not yet confirmed go again under the new one",

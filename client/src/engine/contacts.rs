@@ -167,18 +167,28 @@ impl<T> State<T> {
         let existing = contacts.iter().find(|c| c.peer == peer);
         let name = match (name, existing) {
             (Some(n), _) => n.trim().to_owned(),
-            (None, Some(c)) if card.supersedes(&c.card) => name_with_card(&contacts, c, card),
+            (None, Some(c)) if card.supersedes(&c.card) || card.rotates(&c.card) => {
+                name_with_card(&contacts, c, card)
+            }
             (None, Some(c)) => c.name.clone(),
             (None, None) => card.name().to_owned(),
         };
         check_contact_name(&name, &peer, &contacts)?;
+        let mut w = WriteSet::default();
         let (card, updated) = match existing {
+            // Their newer code with a new session key, given to us by hand: taken (it
+            // is signed by their identity key; whose key it is was checked above), and
+            // the session and what waits for them follow it.
+            Some(old) if card.rotates(&old.card) => {
+                self.take_rotation(&mut w, old, now)?;
+                sessions.forget(&peer);
+                (card.clone(), true)
+            }
             Some(old) if !card.supersedes(&old.card) => (old.card.clone(), false),
             Some(_) => (card.clone(), true),
             None => (card.clone(), false),
         };
         let contact = Contact { peer, name, card };
-        let mut w = WriteSet::default();
         LocalStore::write_contact(&mut w, &contact);
         if existing.is_none() {
             // Our card goes to a new contact: it says where we are, and if they still
@@ -287,6 +297,9 @@ impl<T> State<T> {
                 let mut fresh = Session::new(*contact.card.identity().x25519());
                 let card = Box::new(this.own_card()?);
                 this.queue_control(&mut w, &contact, &mut fresh, Body::CardUpdate(card), now)?;
+                // Sealing wrote it; it must not stay (one added again later starts
+                // afresh, under the key their card then has).
+                w.remove(crate::store::TreeId::Sessions, peer.to_bytes());
             }
             this.apply_or_reset(sessions, w)?;
             Ok(removed)

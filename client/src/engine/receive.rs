@@ -110,6 +110,12 @@ pub(super) enum Outcome {
     Skipped(&'static str),
 }
 
+/// Why a key change is not taken: for good, or not yet.
+enum Wait {
+    Never(&'static str),
+    Later(&'static str),
+}
+
 /// What became of one envelope, as a direct sender is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -129,8 +135,9 @@ const SEEN: &str = "already handled";
 /// An outbox entry is sealed again on a new session at most this often (10 minutes).
 pub(crate) const RESEAL_EVERY_MS: u64 = 10 * 60 * 1000;
 /// A contact's session key is taken to change at most once in this long: each change
-/// costs our relays a withdrawal and a grant.
-pub(crate) const ROTATION_EVERY_MS: u64 = 60 * 60 * 1000;
+/// costs our relays a withdrawal and a grant. One sooner is left unmarked, so the copy
+/// its sender puts again later is taken.
+pub(crate) const ROTATION_EVERY_MS: u64 = 10 * 60 * 1000;
 
 /// A transport packet opened by a contact's session, or why it is refused.
 type TransportResult = Result<(Contact, Opened), &'static str>;
@@ -492,8 +499,10 @@ impl<T> State<T> {
         }
         let now_s = now / 1000;
         if rotated {
-            if let Err(why) = self.may_rotate(contact, &card, &init, under_old_key, now) {
-                return end(why);
+            match self.may_rotate(contact, &card, &init, under_old_key, now) {
+                Ok(()) => {}
+                Err(Wait::Later(why)) => return Ok(Err(Outcome::Skipped(why))),
+                Err(Wait::Never(why)) => return end(why),
             }
             if let Some(other) = contacts
                 .iter()
@@ -509,7 +518,7 @@ impl<T> State<T> {
         if rotated {
             // Their handshakes under the old key can no longer complete; the first
             // message itself retires the session they dropped (a new instance).
-            session.peer_rotated(*card.identity().x25519());
+            session.peer_rotated(*card.identity().x25519(), now_s);
         }
         let result = if under_old_key {
             // Sealed to our key before its rotation: not under any session of ours.
@@ -529,7 +538,10 @@ impl<T> State<T> {
         };
         if rotated && !matches!(&result, Ok(o) if !o.late) {
             // Only a message taken as new may change their key.
-            session.peer_rotated(old_remote);
+            // (The session it retired stays retired: what waits goes again on a new
+            // one, as after lost state.)
+            session.peer_rotated(old_remote, now_s);
+            self.stale.lock().insert(contact.peer);
             rotated = false;
         }
         if rotated {
@@ -567,20 +579,26 @@ impl<T> State<T> {
         init: &InitPacket,
         under_old_key: bool,
         now: u64,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), Wait> {
         let now_s = now / 1000;
         if *card.identity().x25519() == self.me.x25519_public() {
-            return Err("a new session key that is ours");
+            return Err(Wait::Never("a new session key that is ours"));
         }
         if card.check_fresh(now_s).is_err() || init.sent_at().saturating_add(RETAIN_SECS) < now_s {
-            return Err("a change of session key in an out-of-date card or message");
+            return Err(Wait::Never(
+                "a change of session key in an out-of-date card or message",
+            ));
         }
         if under_old_key {
-            return Err("a change of session key sealed to our previous key");
+            return Err(Wait::Never(
+                "a change of session key sealed to our previous key",
+            ));
         }
         let last = self.rotations.lock().get(&contact.peer).copied();
         if last.is_some_and(|t| now.saturating_sub(t) < ROTATION_EVERY_MS) {
-            return Err("a second change of session key within the hour");
+            return Err(Wait::Later(
+                "a second change of session key within ten minutes (taken when put again)",
+            ));
         }
         Ok(())
     }
@@ -589,13 +607,17 @@ impl<T> State<T> {
     /// new one): our relays withdraw the capability of the old key and grant the new
     /// one's, and what waits for them sealed to the old key goes again, to the new one
     /// (marked in `w`, so a restart before that still does it).
-    fn take_rotation(
+    pub(crate) fn take_rotation(
         &self,
         w: &mut WriteSet,
         contact: &Contact,
         now: u64,
     ) -> Result<(), EngineError> {
         self.rotations.lock().insert(contact.peer, now);
+        // Sealed again soon, whether or not they send anything first.
+        let mut due = self.stale_due.lock();
+        *due = Some(due.map_or(now, |d| d.min(now)));
+        drop(due);
         self.revoked.lock().push(*contact.card.identity());
         self.keys_changed
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1139,7 +1161,7 @@ impl<T> State<T> {
             entry.resealed_ms = now;
             // Where it goes as the contact's card and our key say now: after a change
             // of either key, the old queues are no longer read.
-            entry.targets = self.targets(&contact.card);
+            entry.targets = self.targets(&contact.card, session.is_established());
             entry.direct_acked = false;
             LocalStore::write_outbox(w, key, &entry);
             count += 1;

@@ -69,6 +69,12 @@ impl Sessions {
                 // before its write is durable): skip past them.
                 let mut session = store.session(contact)?;
                 session.resume_after_restart();
+                let key = *contact.card.identity().x25519();
+                if *session.remote() != key {
+                    // Their card (a code added by hand) names a newer session key
+                    // than the one the state was made for: handshakes go to it.
+                    session.peer_rotated(key, super::now_ms() / 1000);
+                }
                 v.insert(session)
             }
         })
@@ -407,17 +413,25 @@ impl<T> State<T> {
 
     /// Where an envelope for the owner of `card` goes: each of its relays, with our
     /// capability there and, should that reach no queue, the card's request capability.
-    pub(crate) fn targets(&self, card: &Card) -> Vec<Target> {
+    /// While we keep a previous session key and have no session under the new one with
+    /// them (`established`), the capability is the old key's: they grant it until they
+    /// take our new card, and their request allowance is not spent on our change.
+    pub(crate) fn targets(&self, card: &Card, established: bool) -> Vec<Target> {
+        let previous = self.previous.as_ref().filter(|_| !established);
         card.relays()
             .iter()
             .filter_map(|addr| {
                 let relay = relay_peer(addr)?;
+                let write = match previous {
+                    Some(p) => p.identity.write_key_for(card.identity(), &relay),
+                    None => self.write_key(card.identity(), relay),
+                };
                 Some(Target {
                     addr: addr.to_string(),
                     acked: false,
                     attempts: 0,
                     next_try_ms: 0,
-                    write: self.write_key(card.identity(), relay).0,
+                    write: write.0,
                     request: card.request_key_at(&relay).map(|k| k.0),
                     epoch: 0,
                 })
@@ -441,7 +455,7 @@ impl<T> State<T> {
         let sealed = self.seal_envelope(contact, session, content, now);
         LocalStore::write_session(w, &contact.peer, session);
         let envelope = sealed?;
-        let targets = self.targets(&contact.card);
+        let targets = self.targets(&contact.card, session.is_established());
         let key = self.store.next_outbox_seq()?;
         let entry = OutboxEntry {
             message_id: content.id.0,

@@ -505,16 +505,19 @@ impl Session {
         &self.remote
     }
 
-    /// The contact rotated its static key to `remote` (SPEC.md §2), which the caller
-    /// learnt from a first message sealed with it. Handshakes we started or answered
-    /// under the old key are dropped: the contact discarded its session state with the
-    /// old key, so none of them can complete. Established sessions stay receive paths
-    /// for what the contact sealed before; the first message that told us retires the
-    /// current one as lost state (its instance is new, §4.4 step 2).
-    pub fn peer_rotated(&mut self, remote: [u8; 32]) {
+    /// The contact rotated its static key to `remote` (SPEC.md §2). It discarded its
+    /// session state with the old key, so the current session is retired (nothing more
+    /// is sealed on it: the contact cannot open it) and handshakes we started or
+    /// answered under the old key are dropped (none can complete). Established
+    /// sessions stay receive paths for what the contact sealed before. The caller seals
+    /// again what the contact has not confirmed, as after lost state (§4.4 step 2).
+    pub fn peer_rotated(&mut self, remote: [u8; 32], now: u64) {
         self.remote = remote;
         self.pending.clear();
         self.offered.clear();
+        if let Some(current) = self.current.take() {
+            self.retire(current, now);
+        }
     }
 
     /// True once a handshake has completed and confirmed: messages now have forward

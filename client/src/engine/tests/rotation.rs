@@ -286,7 +286,7 @@ async fn a_contact_changing_key_again_within_the_hour_is_not_followed_and_old_ca
 async fn contacts_still_on_the_old_key_get_the_card_again_each_day_and_resealed_messages_go_to_the_new_queues()
  {
     let net = FakeNet::default();
-    let (mut alice, bob, bob_c, alice_c) = pair(&net).await;
+    let (mut alice, mut bob, bob_c, alice_c) = pair(&net).await;
     talk(&alice, &bob, &bob_c, &alice_c, "before").await;
     // Bob seals to Alice on their session; it is still unread when she changes key.
     let _ = bob.send(&alice_c, "unread when the key changes").await;
@@ -296,6 +296,8 @@ async fn contacts_still_on_the_old_key_get_the_card_again_each_day_and_resealed_
     for relay in &bob.relays {
         net.wipe_relay(relay);
     }
+    // (Started again, as after losing those relays: it reads them from the start.)
+    bob.restart(&net).await;
     bob.regrant().await;
     let old_key = bob_c_key(&bob, &alice);
     // (A sync runs the upkeep that sends it.)
@@ -338,4 +340,52 @@ async fn contacts_still_on_the_old_key_get_the_card_again_each_day_and_resealed_
         bob.sync().await;
     }
     once_each(&alice.texts_from(&bob), &["unread when the key changes"]);
+}
+
+#[tokio::test]
+async fn a_new_code_added_by_hand_takes_the_new_key_whether_or_not_the_contact_was_removed_first() {
+    let net = FakeNet::default();
+    let (mut alice, bob, bob_c, alice_c) = pair(&net).await;
+    let carol = User::started(&net, "carol", 1).await;
+    let carol_c = alice.add_contact(&carol);
+    let alice_at_carol = carol.add_contact(&alice);
+    alice.regrant().await;
+    carol.regrant().await;
+    talk(&alice, &bob, &bob_c, &alice_c, "before").await;
+    talk(&alice, &carol, &carol_c, &alice_at_carol, "before").await;
+    // Alice rotates; her card update is lost to both (their relays lose everything).
+    alice.rotate(&net).await;
+    for relay in bob.relays.iter().chain(&carol.relays) {
+        net.wipe_relay(relay);
+    }
+    bob.regrant().await;
+    carol.regrant().await;
+    // Bob adds her new code over the old one; Carol removes her and adds it again.
+    let updated = bob
+        .engine
+        .add_contact(alice.card.clone(), None)
+        .await
+        .unwrap();
+    assert!(updated.updated && !updated.added, "{updated:?}");
+    carol.engine.remove_contact(alice.peer()).await.unwrap();
+    let added = carol
+        .engine
+        .add_contact(alice.card.clone(), None)
+        .await
+        .unwrap();
+    assert!(added.added);
+    let new_key = alice.engine.identity().x25519_public();
+    for u in [&bob, &carol] {
+        assert_eq!(bob_c_key(u, &alice), new_key);
+    }
+    // What they send now is sealed to her new key, and reaches her.
+    let alice_at_bob = bob.contact_of(&alice.peer()).unwrap();
+    let _ = bob.send(&alice_at_bob, "bob after the new code").await;
+    let alice_at_carol = carol.contact_of(&alice.peer()).unwrap();
+    let _ = carol
+        .send(&alice_at_carol, "carol after the new code")
+        .await;
+    alice.sync().await;
+    once_each(&alice.texts_from(&bob), &["bob after the new code"]);
+    once_each(&alice.texts_from(&carol), &["carol after the new code"]);
 }
