@@ -11,7 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use kkachi_protocol::wire::MAX_GRANT_IDS;
 use kkachi_protocol::{
-    ClientToRelay, Multiaddr, PublicIdentity, QueueKind, ReadKey, RelayToClient, WriteId,
+    ClientToRelay, Identity, Multiaddr, PeerId, PublicIdentity, QueueKind, ReadKey, RelayToClient,
+    WriteId,
 };
 
 use super::super::state::relay_peer;
@@ -139,6 +140,38 @@ pub(super) fn split_poll(name: &str) -> (&str, Which) {
         .unwrap_or((name, Which::Inbox))
 }
 
+/// What the inbox of `me` at relay `peer` is told: the capabilities of `withdrawn`
+/// revoked, and those of `granted` granted (in that order: the revocations first).
+fn inbox_requests(
+    me: &Identity,
+    peer: &PeerId,
+    withdrawn: &[&PublicIdentity],
+    granted: &[&PublicIdentity],
+    token: &[u8],
+) -> (Vec<ClientToRelay>, Vec<ClientToRelay>) {
+    let key = me.inbox_key(peer);
+    let ids = |who: &[&PublicIdentity]| -> Vec<WriteId> {
+        who.iter().map(|id| me.grant_for(id, peer).id()).collect()
+    };
+    let revokes = ids(withdrawn)
+        .chunks(MAX_GRANT_IDS)
+        .map(|ids| ClientToRelay::Revoke {
+            key: key.clone(),
+            write_ids: ids.to_vec(),
+        })
+        .collect();
+    let grants = ids(granted)
+        .chunks(MAX_GRANT_IDS)
+        .map(|ids| ClientToRelay::Grant {
+            key: key.clone(),
+            kind: QueueKind::Inbox,
+            token: token.to_vec(),
+            write_ids: ids.to_vec(),
+        })
+        .collect();
+    (revokes, grants)
+}
+
 impl<T: Transport> Owner<T> {
     /// The read key of the queue a poll name stands for (its relay address ends in
     /// `/p2p/…`).
@@ -263,7 +296,6 @@ impl<T: Transport> Owner<T> {
     fn grant_requests(&self, relay: &str) -> Option<Vec<ClientToRelay>> {
         let addr: Multiaddr = relay.parse().ok()?;
         let peer = relay_peer(&addr)?;
-        let key = self.state.me.inbox_key(&peer);
         let contacts = match self.state.store.contacts() {
             Ok(cs) => cs,
             Err(e) => {
@@ -274,21 +306,16 @@ impl<T: Transport> Owner<T> {
         let (blocked, granted): (Vec<_>, Vec<_>) = contacts
             .iter()
             .partition(|c| !matches!(self.state.store.blocked(&c.peer), Ok(None)));
-        let withdrawn: Vec<WriteId> = self
+        let withdrawn: Vec<&PublicIdentity> = self
             .grants
             .removed
             .iter()
             .chain(blocked.iter().map(|c| c.card.identity()))
-            .map(|id| self.state.me.grant_for(id, &peer).id())
             .collect();
-        let mut requests = Vec::new();
-        for ids in withdrawn.chunks(MAX_GRANT_IDS) {
-            requests.push(ClientToRelay::Revoke {
-                key: key.clone(),
-                write_ids: ids.to_vec(),
-            });
-        }
+        let granted: Vec<&PublicIdentity> = granted.iter().map(|c| c.card.identity()).collect();
         let token = self.relay_token(relay);
+        let (mut requests, inbox_grants) =
+            inbox_requests(&self.state.me, &peer, &withdrawn, &granted, &token);
         let epoch = self.request_epoch;
         if let Some(before) = epoch.checked_sub(1) {
             // The codes given out before the last renewal reach nothing any more.
@@ -303,18 +330,7 @@ impl<T: Transport> Owner<T> {
             token: token.clone(),
             write_ids: vec![self.state.me.request_write_key(&peer, epoch).id()],
         });
-        let ids: Vec<WriteId> = granted
-            .iter()
-            .map(|c| self.state.me.grant_for(c.card.identity(), &peer).id())
-            .collect();
-        for ids in ids.chunks(MAX_GRANT_IDS) {
-            requests.push(ClientToRelay::Grant {
-                key: key.clone(),
-                kind: QueueKind::Inbox,
-                token: token.clone(),
-                write_ids: ids.to_vec(),
-            });
-        }
+        requests.extend(inbox_grants);
         if let Some(previous) = &self.state.previous {
             // Our session key before its rotation: its codes reach nothing any more;
             // contacts who do not hold our new card yet still reach its inbox.
@@ -323,32 +339,9 @@ impl<T: Transport> Owner<T> {
                 key: old.request_read_key(&peer, previous.epoch),
                 write_ids: vec![old.request_write_key(&peer, previous.epoch).id()],
             });
-            let old_inbox = old.inbox_key(&peer);
-            let withdrawn: Vec<WriteId> = self
-                .grants
-                .removed
-                .iter()
-                .chain(blocked.iter().map(|c| c.card.identity()))
-                .map(|id| old.grant_for(id, &peer).id())
-                .collect();
-            for ids in withdrawn.chunks(MAX_GRANT_IDS) {
-                requests.push(ClientToRelay::Revoke {
-                    key: old_inbox.clone(),
-                    write_ids: ids.to_vec(),
-                });
-            }
-            let ids: Vec<WriteId> = granted
-                .iter()
-                .map(|c| old.grant_for(c.card.identity(), &peer).id())
-                .collect();
-            for ids in ids.chunks(MAX_GRANT_IDS) {
-                requests.push(ClientToRelay::Grant {
-                    key: old_inbox.clone(),
-                    kind: QueueKind::Inbox,
-                    token: token.clone(),
-                    write_ids: ids.to_vec(),
-                });
-            }
+            let (revokes, grants) = inbox_requests(old, &peer, &withdrawn, &granted, &token);
+            requests.extend(revokes);
+            requests.extend(grants);
         }
         Some(requests)
     }
