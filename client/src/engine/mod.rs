@@ -307,10 +307,11 @@ impl<T: Transport> Engine<T> {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let faults = Arc::new(AtomicU64::new(0));
-        let previous = state::previous_key(&store, &me).map(|p| p.identity);
+        let previous = state::previous_key(&store, &me);
         let state = State::new(
             store.clone(),
             me.clone(),
+            previous.clone(),
             net.clone(),
             events.clone(),
             faults.clone(),
@@ -322,7 +323,7 @@ impl<T: Transport> Engine<T> {
             events,
             store,
             me,
-            previous,
+            previous: previous.map(|p| p.identity),
             net,
             faults,
             task: Arc::new(parking_lot::Mutex::new(Some(task))),

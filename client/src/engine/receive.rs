@@ -618,9 +618,10 @@ impl<T> State<T> {
         let mut due = self.stale_due.lock();
         *due = Some(due.map_or(now, |d| d.min(now)));
         drop(due);
+        // Withdrawn, and every grant told again (the new key's among them).
         self.revoked.lock().push(*contact.card.identity());
-        self.keys_changed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // What waits for them sealed to the old key, first messages too, is marked to
+        // go again on the new one (soon: `stale_due` above).
         for key in self.store.outbox_keys_of(&contact.peer) {
             if let Some(mut entry) = self.store.outbox_entry(key)?
                 && entry.sealed_on.is_none()
@@ -629,7 +630,6 @@ impl<T> State<T> {
                 LocalStore::write_outbox(w, key, &entry);
             }
         }
-        self.rotated.lock().insert(contact.peer);
         self.stale.lock().insert(contact.peer);
         tracing::info!(contact = %contact.peer, "a contact rotated its session key");
         Ok(())
@@ -1120,19 +1120,13 @@ impl<T> State<T> {
         let mut held_back = false;
         let mut due: Option<u64> = None;
         let current = session.sealing_session();
-        // The contact rotated its session key: first messages sealed to the old one
-        // open only while it keeps it, so they go again too.
-        let rotated = self.rotated.lock().contains(&contact.peer);
         for key in self.store.outbox_keys_of(&contact.peer) {
             let Some(mut entry) = self.store.outbox_entry(key)? else {
                 continue;
             };
-            let stale = match entry.sealed_on {
-                // A first message opens whatever happens (under the key it was sealed to).
-                None => rotated,
-                on => on != current,
-            };
-            if !stale {
+            if entry.sealed_on.is_none() || entry.sealed_on == current {
+                // A first message opens whatever happens (one sealed to a contact's
+                // key before they rotated it is marked otherwise), or still current.
                 continue;
             }
             if now.saturating_sub(entry.resealed_ms) < RESEAL_EVERY_MS {
@@ -1174,7 +1168,6 @@ impl<T> State<T> {
             *at = Some(at.map_or(due.unwrap_or(now), |a| a.min(due.unwrap_or(now))));
         } else {
             stale.remove(&contact.peer);
-            self.rotated.lock().remove(&contact.peer);
         }
         if count > 0 {
             tracing::info!(contact = %contact.peer, count, why, "unconfirmed messages sealed again");

@@ -197,12 +197,6 @@ pub(crate) struct State<T> {
     /// When each contact last rotated its session key (in this run): one more within
     /// [`super::receive::ROTATION_EVERY_MS`] is not taken.
     pub(crate) rotations: parking_lot::Mutex<HashMap<PeerId, u64>>,
-    /// A contact's session key changed while a packet was read: our relays grant
-    /// their new capability, and the LAN knows their new key.
-    pub(crate) keys_changed: std::sync::atomic::AtomicBool,
-    /// Contacts whose session key changed: their first messages waiting in our outbox,
-    /// sealed to the old key, are sealed again too.
-    pub(crate) rotated: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
     /// Contacts with outbox entries held back from being sealed again
     /// ([`State::reseal_stale`]).
     pub(crate) stale: parking_lot::Mutex<std::collections::HashSet<PeerId>>,
@@ -244,11 +238,11 @@ impl<T> State<T> {
     pub(crate) fn new(
         store: LocalStore,
         me: Identity,
+        previous: Option<PreviousKey>,
         net: T,
         events: broadcast::Sender<AppEvent>,
         faults: Arc<AtomicU64>,
     ) -> Self {
-        let previous = previous_key(&store, &me);
         Self {
             store,
             me,
@@ -263,8 +257,6 @@ impl<T> State<T> {
             requests: Vec::new(),
             revoked: parking_lot::Mutex::default(),
             rotations: parking_lot::Mutex::default(),
-            keys_changed: std::sync::atomic::AtomicBool::new(false),
-            rotated: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),
             stale_due: parking_lot::Mutex::default(),
             expiry_due: parking_lot::Mutex::default(),

@@ -219,15 +219,6 @@ impl<T: Transport> Owner<T> {
     /// most turns of the loop: it returns at once).
     pub(super) fn start_grants(&mut self) {
         let now = now_ms();
-        if self
-            .state
-            .keys_changed
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            // A contact's new session key: its capability is granted, the LAN knows it.
-            self.grants.invalidate();
-            self.allow_contacts();
-        }
         if self.state.revoked.lock().is_empty()
             && self.grants.next_deadline().is_none_or(|t| t > now)
         {
@@ -242,6 +233,8 @@ impl<T: Transport> Owner<T> {
                 }
             }
             self.grants.invalidate();
+            // A contact's key replaced by a rotation: the LAN knows their new one too.
+            self.allow_contacts();
         }
         for relay in relays {
             let state = self.grants.relays.get(&relay).copied().flatten();
