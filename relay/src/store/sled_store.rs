@@ -1156,6 +1156,46 @@ struct GroupCommit {
     issued: AtomicU64,
     state: Arc<watch::Sender<FlushState>>,
     on_flush: Option<FlushObserver>,
+    /// Where flushes run (see [`flusher`]); `None` if its thread could not start, and
+    /// then on the runtime's blocking threads.
+    flusher: Option<std::sync::mpsc::Sender<FlushJob>>,
+}
+
+/// One flush, as the flushing thread runs it.
+type FlushJob = Box<dyn FnOnce() + Send>;
+
+/// How much less CPU priority the flushing thread has than the threads that serve
+/// (a nice value).
+pub(super) const FLUSH_NICENESS: i32 = 10;
+
+/// Starts the thread that runs the store's flushes, one after the other, at a lower CPU
+/// priority than the threads serving peers (as RocksDB lowers its background threads):
+/// a sync's own work (writing the pages out, the file system's bookkeeping) then yields
+/// the processor to answering long polls and taking puts, instead of competing with
+/// them on a small machine; what waits on a flush waits for the disk either way. It
+/// ends when the store is dropped.
+fn flusher() -> Option<std::sync::mpsc::Sender<FlushJob>> {
+    let (jobs, queue) = std::sync::mpsc::channel::<FlushJob>();
+    let started = std::thread::Builder::new()
+        .name("relay-flush".into())
+        .spawn(move || {
+            // On Linux a thread id names the thread alone; where lowering fails
+            // (a sandbox forbids it), flushes run at the usual priority.
+            let me = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(me), FLUSH_NICENESS) {
+                tracing::debug!(error = %e, "cannot lower the flushing thread's priority");
+            }
+            while let Ok(job) = queue.recv() {
+                job();
+            }
+        });
+    match started {
+        Ok(_) => Some(jobs),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the flushing thread; flushing on the blocking pool");
+            None
+        }
+    }
 }
 
 impl GroupCommit {
@@ -1166,6 +1206,7 @@ impl GroupCommit {
             issued: AtomicU64::new(0),
             state: Arc::new(watch::channel(FlushState::default()).0),
             on_flush,
+            flusher: flusher(),
         })
     }
 
@@ -1189,11 +1230,11 @@ impl GroupCommit {
         let bodies = Arc::clone(&self.bodies);
         let state = Arc::clone(&self.state);
         let on_flush = self.on_flush.clone();
-        // The blocking thread flushes and wakes the waiters itself: one thread hop
+        // The flushing thread flushes and wakes the waiters itself: one thread hop
         // fewer on every acknowledgement than flushing from a task. It lets go of the
         // database before waking anyone, so a store closed right after its last put
         // can be opened again at once. A panicking flush still wakes them, as failed.
-        tokio::task::spawn_blocking(move || {
+        let job: FlushJob = Box::new(move || {
             let began = Instant::now();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 bodies.sync()?;
@@ -1216,6 +1257,14 @@ impl GroupCommit {
             };
             finish_flush(&state, target, outcome);
         });
+        let job = match &self.flusher {
+            Some(flusher) => match flusher.send(job) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        tokio::task::spawn_blocking(job);
     }
 
     async fn wait_durable(self: &Arc<Self>) -> Result<(), StoreError> {

@@ -133,6 +133,39 @@ async fn sled_store_behaves() {
     suite(SledStore::open(dir.path(), QUOTA, 16 << 20, None).unwrap()).await;
 }
 
+/// Flushes run on a thread of their own at a lower CPU priority than the threads that
+/// serve peers (its nice value, read back from the kernel).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn flushes_run_on_a_thread_of_lower_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), QUOTA, 16 << 20, None).unwrap();
+    // Acknowledged once a flush has run.
+    store.put(vec![env(1, 1, 100)]).await.unwrap();
+    let mut niceness = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if name.trim() != "relay-flush" {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue; // a thread of another test's store, just gone
+        };
+        // Fields after the name in parentheses, from the third on; the nice value is
+        // the nineteenth.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        niceness.push(fields[16].parse::<i32>().unwrap());
+    }
+    assert!(!niceness.is_empty(), "no flushing thread runs");
+    assert!(
+        niceness
+            .iter()
+            .any(|n| *n >= super::sled_store::FLUSH_NICENESS),
+        "flushing threads' nice values: {niceness:?}"
+    );
+}
+
 #[tokio::test]
 async fn sled_store_survives_reopen_with_cursors_increasing() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,12 +26,15 @@ pub(crate) struct User {
     _dir: tempfile::TempDir,
 }
 
+/// With `direct`, contacts reach each other through relay circuits and hole punching
+/// (opt-in, `KKACHI_CIRCUITS=1`: a reservation names the user to the relay): off a LAN,
+/// the only way a direct connection forms.
 fn net_config(direct: bool) -> Result<NetConfig> {
     Ok(NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         lan: false,
         direct,
-        circuits: false,
+        circuits: direct,
     })
 }
 
@@ -238,6 +241,7 @@ pub(crate) async fn latency_and_failover(
     tokio::time::sleep(Duration::from_millis(500)).await;
     *seen.lock() = Seen::default();
     let mut sent: Vec<([u8; 16], u64)> = Vec::new();
+    let mut sendings = Vec::with_capacity(messages);
     let kill_at = if kill { messages / 2 } else { messages };
     let mut killed_at = None;
     for i in 0..messages {
@@ -252,6 +256,7 @@ pub(crate) async fn latency_and_failover(
             .send(bob_at_alice, format!("bench {i}"))
             .await?;
         sent.push((sending.queued.id.0, t));
+        sendings.push(sending);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -273,6 +278,15 @@ pub(crate) async fn latency_and_failover(
     {
         let _ = bob.kill().await;
     }
+    // Which messages went over a direct connection (the rest through the relays only).
+    let handed_over = sendings
+        .iter_mut()
+        .filter_map(|s| {
+            std::iter::from_fn(|| s.events.try_recv().ok())
+                .any(|e| matches!(e, SendEvent::Delivered { direct: true }))
+                .then_some(())
+        })
+        .count();
     let Seen { shown, durable } = std::mem::take(&mut *seen.lock());
     let lost = sent
         .iter()
@@ -324,7 +338,8 @@ pub(crate) async fn latency_and_failover(
         json!({ "latency_p50_us": pct(&before, 0.5), "latency_p99_us": pct(&before, 0.99),
                 "durable_p50_us": pct(&before_durable, 0.5),
                 "durable_p99_us": pct(&before_durable, 0.99),
-                "messages": kill_at, "background_puts_per_s": load_per_s }),
+                "messages": kill_at, "background_puts_per_s": load_per_s,
+                "handed_over_directly": handed_over }),
         json!({ "failover_gap_ms": gap_us as f64 / 1e3, "lost": lost, "duplicated": duplicated,
                 "messages": messages }),
     ))

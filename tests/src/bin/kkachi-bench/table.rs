@@ -109,7 +109,10 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             "send→shown p50 via 3 relays only (µs)",
             &r["latency_p50_us"],
             0,
-            String::new(),
+            match args.clear_stores {
+                true => "stores in the clear (--clear-stores)".into(),
+                false => String::new(),
+            },
         )));
         out.push(row(
             "send→shown p99 (µs)",
@@ -137,8 +140,10 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             &r["latency_direct_p50_us"],
             0,
             format!(
-                "p99 {:.0} µs; 3 relays as well, same load",
-                num(&r["latency_direct_p99_us"])
+                "p99 {:.0} µs; 3 relays as well, same load; {} of {} handed over directly",
+                num(&r["latency_direct_p99_us"]),
+                r["latency_direct"]["handed_over_directly"],
+                r["latency_direct"]["messages"]
             ),
         )));
         out.push(row(
