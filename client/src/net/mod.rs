@@ -539,7 +539,15 @@ impl Transport for Network {
     }
 
     fn seek_direct(&self, peer: PeerId, relays: &[Multiaddr]) {
-        if !self.circuits || relays.is_empty() || self.state.read().links.contains_key(&peer) {
+        // Connected directly: nothing to seek. Through a relay only, the task closes a
+        // circuit on which hole punching is over, then tries again.
+        let direct = self
+            .state
+            .read()
+            .links
+            .get(&peer)
+            .is_some_and(|links| links.iter().any(|(_, relayed)| !relayed));
+        if !self.circuits || relays.is_empty() || direct {
             return;
         }
         let relays = relays.to_vec();

@@ -35,6 +35,10 @@ const SEEK_AGAIN: Backoff = Backoff {
     first: Duration::from_secs(1),
     max: Duration::from_secs(30),
 };
+/// How long a circuit to a contact may stay up without hole punching having made a
+/// direct connection: DCUtR tries a few times on a circuit, then never again on it, so
+/// the circuit is closed and the next attempt opens another.
+const HOLE_PUNCH_PATIENCE: Duration = Duration::from_secs(10);
 /// A contact's session with us that has been quiet this long is closed.
 const DIRECT_SESSION_IDLE: Duration = Duration::from_secs(120);
 /// Requests from contacts' sessions waiting for this task.
@@ -119,6 +123,8 @@ pub(super) struct NetworkTask {
     /// Contacts we are trying to reach through their relays: attempts so far and when
     /// the next may start. Forgotten once connected.
     seeking: HashMap<PeerId, (u32, Instant)>,
+    /// When each connection through a relay opened.
+    relayed_at: HashMap<ConnectionId, Instant>,
     /// Contacts found (and lost) on the local network by their beacons (none without
     /// [`NetConfig::lan`]).
     lan: Option<mpsc::Receiver<super::beacon::Seen>>,
@@ -201,6 +207,7 @@ impl NetworkTask {
             direct,
             reservations: HashMap::new(),
             seeking: HashMap::new(),
+            relayed_at: HashMap::new(),
             lan,
             lan_addrs: HashMap::new(),
             beacon,
@@ -331,7 +338,11 @@ impl NetworkTask {
     /// The contact's reservation may not be in place yet, so attempts back off
     /// ([`SEEK_AGAIN`]).
     fn seek_direct(&mut self, peer: PeerId, relays: &[Multiaddr]) {
-        if relays.is_empty() || self.swarm.is_connected(&peer) {
+        if relays.is_empty() {
+            return;
+        }
+        if self.swarm.is_connected(&peer) {
+            self.close_circuits(peer, HOLE_PUNCH_PATIENCE);
             return;
         }
         let (attempts, not_before) = self
@@ -462,11 +473,16 @@ impl NetworkTask {
                 num_established,
                 ..
             } => {
-                self.link_up(peer_id, connection_id, endpoint.is_relayed());
+                let relayed = endpoint.is_relayed();
+                self.link_up(peer_id, connection_id, relayed);
                 self.dialled(peer_id, Ok(()));
+                if !relayed {
+                    // Reached directly: attempts start over if it is lost. Through a
+                    // relay only, they keep backing off while hole punching fails.
+                    self.seeking.remove(&peer_id);
+                }
                 if num_established.get() == 1 {
                     self.reserve(peer_id);
-                    self.seeking.remove(&peer_id);
                     let event = NetEvent::Connection {
                         peer: peer_id,
                         up: true,
@@ -502,7 +518,10 @@ impl NetworkTask {
                     tracing::info!(peer = %event.remote_peer_id, "direct connection through hole punching")
                 }
                 Err(e) => {
-                    tracing::debug!(peer = %event.remote_peer_id, error = %e, "hole punching failed")
+                    tracing::debug!(peer = %event.remote_peer_id, error = %e, "hole punching failed");
+                    // Not tried again on that circuit: it goes, and the next attempt
+                    // (backing off) opens another.
+                    self.close_circuits(event.remote_peer_id, Duration::ZERO);
                 }
             },
             _ => {}
@@ -518,6 +537,9 @@ impl NetworkTask {
             let mut state = self.state.write();
             let links = state.links.entry(peer).or_default();
             links.push((id, relayed));
+            if relayed {
+                self.relayed_at.insert(id, Instant::now());
+            }
             if links.iter().any(|(_, relayed)| !relayed) {
                 links
                     .iter()
@@ -534,7 +556,35 @@ impl NetworkTask {
         }
     }
 
+    /// Closes the connections to `peer` through relays that have been up at least
+    /// `patience`, if it has no direct one: hole punching is over on them.
+    fn close_circuits(&mut self, peer: PeerId, patience: Duration) {
+        let stale: Vec<ConnectionId> = {
+            let state = self.state.read();
+            let Some(links) = state.links.get(&peer) else {
+                return;
+            };
+            if links.iter().any(|(_, relayed)| !relayed) {
+                return;
+            }
+            links
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| {
+                    self.relayed_at
+                        .get(id)
+                        .is_some_and(|at| at.elapsed() >= patience)
+                })
+                .collect()
+        };
+        for id in stale {
+            tracing::debug!(%peer, "no direct connection through this circuit: closing it");
+            self.swarm.close_connection(id);
+        }
+    }
+
     fn link_down(&mut self, peer: PeerId, id: ConnectionId) {
+        self.relayed_at.remove(&id);
         let mut state = self.state.write();
         if let Some(links) = state.links.get_mut(&peer) {
             links.retain(|(c, _)| *c != id);
