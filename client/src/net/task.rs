@@ -35,10 +35,11 @@ const SEEK_AGAIN: Backoff = Backoff {
     first: Duration::from_secs(1),
     max: Duration::from_secs(30),
 };
-/// How long a circuit to a contact may stay up without hole punching having made a
-/// direct connection: DCUtR tries a few times on a circuit, then never again on it, so
-/// the circuit is closed and the next attempt opens another.
-const HOLE_PUNCH_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a circuit we opened to a contact may stay up without hole punching having
+/// made a direct connection: DCUtR makes its few attempts on a circuit within this
+/// (each exchange may take up to 10 s), then none again on it, so the circuit is closed
+/// and the next attempt opens another.
+const HOLE_PUNCH_PATIENCE: Duration = Duration::from_secs(60);
 /// A contact's session with us that has been quiet this long is closed.
 const DIRECT_SESSION_IDLE: Duration = Duration::from_secs(120);
 /// Requests from contacts' sessions waiting for this task.
@@ -123,7 +124,8 @@ pub(super) struct NetworkTask {
     /// Contacts we are trying to reach through their relays: attempts so far and when
     /// the next may start. Forgotten once connected.
     seeking: HashMap<PeerId, (u32, Instant)>,
-    /// When each connection through a relay opened.
+    /// When each connection we opened through a relay (a circuit we dialled) opened.
+    /// Circuits contacts opened to us are theirs to give up.
     relayed_at: HashMap<ConnectionId, Instant>,
     /// Contacts found (and lost) on the local network by their beacons (none without
     /// [`NetConfig::lan`]).
@@ -475,6 +477,9 @@ impl NetworkTask {
             } => {
                 let relayed = endpoint.is_relayed();
                 self.link_up(peer_id, connection_id, relayed);
+                if relayed && endpoint.is_dialer() {
+                    self.relayed_at.insert(connection_id, Instant::now());
+                }
                 self.dialled(peer_id, Ok(()));
                 if !relayed {
                     // Reached directly: attempts start over if it is lost. Through a
@@ -519,8 +524,8 @@ impl NetworkTask {
                 }
                 Err(e) => {
                     tracing::debug!(peer = %event.remote_peer_id, error = %e, "hole punching failed");
-                    // Not tried again on that circuit: it goes, and the next attempt
-                    // (backing off) opens another.
+                    // Not tried again on that circuit: the one we opened goes, and the
+                    // next attempt (backing off) opens another.
                     self.close_circuits(event.remote_peer_id, Duration::ZERO);
                 }
             },
@@ -537,9 +542,6 @@ impl NetworkTask {
             let mut state = self.state.write();
             let links = state.links.entry(peer).or_default();
             links.push((id, relayed));
-            if relayed {
-                self.relayed_at.insert(id, Instant::now());
-            }
             if links.iter().any(|(_, relayed)| !relayed) {
                 links
                     .iter()
@@ -556,8 +558,8 @@ impl NetworkTask {
         }
     }
 
-    /// Closes the connections to `peer` through relays that have been up at least
-    /// `patience`, if it has no direct one: hole punching is over on them.
+    /// Closes the circuits we opened to `peer` that have been up at least `patience`,
+    /// if it has no direct connection: hole punching is over on them.
     fn close_circuits(&mut self, peer: PeerId, patience: Duration) {
         let stale: Vec<ConnectionId> = {
             let state = self.state.read();

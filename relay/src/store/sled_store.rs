@@ -1182,9 +1182,12 @@ fn flusher() -> Option<std::sync::mpsc::Sender<FlushJob>> {
         .spawn(move || {
             // On Linux a thread id names the thread alone; where lowering fails
             // (a sandbox forbids it), flushes run at the usual priority.
-            let me = rustix::thread::gettid();
-            if let Err(e) = rustix::process::setpriority_process(Some(me), FLUSH_NICENESS) {
-                tracing::debug!(error = %e, "cannot lower the flushing thread's priority");
+            #[cfg(target_os = "linux")]
+            {
+                let me = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(me), FLUSH_NICENESS) {
+                    tracing::debug!(error = %e, "cannot lower the flushing thread's priority");
+                }
             }
             while let Ok(job) = queue.recv() {
                 job();
@@ -1243,7 +1246,10 @@ impl GroupCommit {
             }));
             drop((db, bodies));
             if let Some(observe) = &on_flush {
-                observe(began.elapsed());
+                let elapsed = began.elapsed();
+                // A panicking observer must not leave the flush unfinished: its waiters
+                // would wait for ever.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| observe(elapsed)));
             }
             let outcome = match result {
                 Ok(Ok(_)) => Ok(()),
