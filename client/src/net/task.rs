@@ -122,7 +122,7 @@ pub(super) struct NetworkTask {
     /// Reservations wanted at our own relays, by relay peer id.
     reservations: HashMap<PeerId, Reservation>,
     /// Contacts we are trying to reach through their relays: attempts so far and when
-    /// the next may start. Forgotten once connected.
+    /// the next may start. Forgotten once connected directly.
     seeking: HashMap<PeerId, (u32, Instant)>,
     /// When each connection we opened through a relay (a circuit we dialled) opened.
     /// Circuits contacts opened to us are theirs to give up.

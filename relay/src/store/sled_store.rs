@@ -1158,7 +1158,7 @@ struct GroupCommit {
     on_flush: Option<FlushObserver>,
     /// Where flushes run (see [`flusher`]); `None` if its thread could not start, and
     /// then on the runtime's blocking threads.
-    flusher: Option<std::sync::mpsc::Sender<FlushJob>>,
+    flusher: Option<std::sync::mpsc::SyncSender<FlushJob>>,
 }
 
 /// One flush, as the flushing thread runs it.
@@ -1175,8 +1175,9 @@ pub(super) const FLUSH_NICENESS: i32 = 5;
 /// the processor to answering long polls and taking puts, instead of competing with
 /// them on a small machine; what waits on a flush waits for the disk either way. It
 /// ends when the store is dropped.
-fn flusher() -> Option<std::sync::mpsc::Sender<FlushJob>> {
-    let (jobs, queue) = std::sync::mpsc::channel::<FlushJob>();
+fn flusher() -> Option<std::sync::mpsc::SyncSender<FlushJob>> {
+    // One flush runs at a time (`FlushState::flushing`): room for one is enough.
+    let (jobs, queue) = std::sync::mpsc::sync_channel::<FlushJob>(1);
     let started = std::thread::Builder::new()
         .name("relay-flush".into())
         .spawn(move || {
@@ -1265,9 +1266,12 @@ impl GroupCommit {
             finish_flush(&state, target, outcome);
         });
         let job = match &self.flusher {
-            Some(flusher) => match flusher.send(job) {
+            Some(flusher) => match flusher.try_send(job) {
                 Ok(()) => return,
-                Err(std::sync::mpsc::SendError(job)) => job,
+                Err(
+                    std::sync::mpsc::TrySendError::Full(job)
+                    | std::sync::mpsc::TrySendError::Disconnected(job),
+                ) => job,
             },
             None => job,
         };
