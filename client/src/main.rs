@@ -225,14 +225,14 @@ async fn print_events(
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     // Names as last seen: a contact who renames themselves is told on stderr.
     let mut names: std::collections::HashMap<kkachi_protocol::PeerId, String> = store
-        .contacts()
+        .added_contacts()
         .unwrap_or_default()
         .iter()
         .map(|c| (c.peer, c.name.clone()))
         .collect();
     let mut print = |event: AppEvent| match event {
         AppEvent::ContactUpdated(peer) => {
-            if let Ok(Some(c)) = store.contact(&peer)
+            if let Ok(Some(c)) = store.added_contact(&peer)
                 && let Some(old) = names.insert(peer, c.name.clone())
                 && old != c.name
             {

@@ -378,6 +378,16 @@ fn main() {
             },
             ..text.clone()
         },
+        Content {
+            seq: 0,
+            body: Body::Group {
+                group: group_create.group(),
+                what: kkachi_protocol::content::GroupBody::Cards {
+                    cards: vec![card.clone()],
+                },
+            },
+            ..text.clone()
+        },
     ];
     for (i, c) in contents.iter().enumerate() {
         write("content", &format!("content-{i}"), &c.encode());

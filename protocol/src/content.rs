@@ -21,6 +21,8 @@ pub const MAX_TEXT_LEN: usize = 32 * 1024;
 pub const MAX_BODY_LEN: usize = 60 * 1024;
 /// Most message ids one receipt may acknowledge.
 pub const MAX_RECEIPT_IDS: usize = 512;
+/// Most cards one group record introduces (so the largest cards still fit one body).
+pub const MAX_GROUP_CARDS: usize = 16;
 /// Fixed header: version, id, seq, prev, sent_at, kind, body length.
 pub const CONTENT_HEADER_LEN: usize = 1 + 16 + 8 + 32 + 8 + 2 + 4;
 
@@ -108,6 +110,7 @@ impl std::fmt::Display for MessageId {
 const GROUP_OPS: u8 = 1;
 const GROUP_MESSAGE: u8 = 2;
 const GROUP_FILE: u8 = 3;
+const GROUP_CARDS: u8 = 4;
 
 /// What a group record carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +147,12 @@ pub enum GroupBody {
         secs: u32,
         /// What it takes to fetch and open it (SPEC §13).
         file: Box<crate::file::FileRef>,
+    },
+    /// Members' own signed cards, passed on so members who are not each other's
+    /// contacts can reach each other (unsequenced, as operations are).
+    Cards {
+        /// At most [`MAX_GROUP_CARDS`], at least one.
+        cards: Vec<Card>,
     },
 }
 
@@ -372,6 +381,16 @@ impl Body {
                         posting_head_into(&mut out, hlc, have, *secs);
                         out.extend_from_slice(&file.encode());
                     }
+                    GroupBody::Cards { cards } => {
+                        out.push(GROUP_CARDS);
+                        let mut w = Writer::with_capacity(1 + cards.len() * 600);
+                        // More than fit a count are refused by `check`; the count never wraps.
+                        w.u8(u8::try_from(cards.len()).unwrap_or(u8::MAX));
+                        for card in cards.iter().take(usize::from(u8::MAX)) {
+                            w.bytes16(&card.encode());
+                        }
+                        out.extend_from_slice(&w.finish());
+                    }
                 }
                 out
             }
@@ -532,6 +551,23 @@ impl Body {
                             file: Box::new(file),
                         }
                     }
+                    GROUP_CARDS => {
+                        let count = usize::from(r.u8("group cards")?);
+                        if count == 0 || count > MAX_GROUP_CARDS {
+                            return Err(DecodeError::Invalid {
+                                field: "group cards",
+                                reason: "a record carries 1 to MAX_GROUP_CARDS",
+                            }
+                            .into());
+                        }
+                        let mut cards = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            let bytes = r.bytes16(crate::card::MAX_CARD_LEN, "group card")?;
+                            cards.push(Card::decode(bytes)?);
+                        }
+                        r.finish()?;
+                        GroupBody::Cards { cards }
+                    }
                     tag => {
                         return Err(DecodeError::UnknownTag {
                             field: "group record",
@@ -632,6 +668,9 @@ pub enum ContentError {
     /// A receipt lists more than [`MAX_RECEIPT_IDS`] ids.
     #[error("receipt lists {0} ids; the limit is 512")]
     TooManyReceiptIds(usize),
+    /// A group record of cards carries none or more than [`MAX_GROUP_CARDS`].
+    #[error("a group record of {0} cards; it carries 1 to 16")]
+    TooManyCards(usize),
     /// A timer longer than [`MAX_TIMER_SECS`] (or a timed text's of 0).
     #[error("a disappearing-message timer of {0} s; it must be at most a year")]
     TimerTooLong(u32),
@@ -707,6 +746,12 @@ impl Content {
                 what: GroupBody::File { file, .. },
                 ..
             } => file.check().map_err(ContentError::from),
+            Body::Group {
+                what: GroupBody::Cards { cards },
+                ..
+            } if cards.is_empty() || cards.len() > MAX_GROUP_CARDS => {
+                Err(ContentError::TooManyCards(cards.len()))
+            }
             Body::Group {
                 what: GroupBody::Ops { ops, .. },
                 ..
@@ -973,6 +1018,65 @@ mod tests {
         // Cut short, the reference does not decode.
         let bytes = sent.encode();
         assert!(Content::decode(&bytes[..bytes.len() - 3]).is_err());
+        // Members' cards, passed on: unsequenced, each card verified, 1 to 16.
+        let bob = Identity::generate();
+        let card = Card::new(&bob, "Bob", vec![], 2).unwrap();
+        let cards = |cards: Vec<Card>| Content {
+            seq: 0,
+            body: Body::Group {
+                group: create.group(),
+                what: GroupBody::Cards { cards },
+            },
+            ..message.clone()
+        };
+        let two = cards(vec![card.clone(), card.clone()]);
+        assert!(two.check().is_ok() && !two.body.is_sequenced());
+        assert_eq!(Content::decode(&two.encode()).unwrap(), two);
+        for wrong in [vec![], vec![card.clone(); MAX_GROUP_CARDS + 1]] {
+            let c = cards(wrong);
+            assert!(matches!(c.check(), Err(ContentError::TooManyCards(_))));
+            assert!(Content::decode(&c.encode()).is_err());
+        }
+        assert!(cards(vec![card.clone(); MAX_GROUP_CARDS]).check().is_ok());
+        // An altered card (its last signature byte) is refused with the record.
+        let mut bytes = two.encode();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            Content::decode(&bytes),
+            Err(ContentError::Card(_))
+        ));
+        // Trailing bytes after the last card are refused.
+        let mut long = two.encode();
+        long.push(0);
+        let body_len = long.len() - CONTENT_HEADER_LEN;
+        long[CONTENT_HEADER_LEN - 4..CONTENT_HEADER_LEN]
+            .copy_from_slice(&(body_len as u32).to_be_bytes());
+        assert!(Content::decode(&long).is_err());
+    }
+
+    #[test]
+    fn known_answer_group_cards() {
+        // The head of a cards record: group id, what 4, count, then each card's length.
+        let alice = Identity::generate();
+        let card = Card::new(&alice, "Alice", vec![], 3).unwrap();
+        let c = Content {
+            body: Body::Group {
+                group: GroupId([9; 32]),
+                what: GroupBody::Cards {
+                    cards: vec![card.clone()],
+                },
+            },
+            ..text(0, "")
+        };
+        let body = &c.encode()[CONTENT_HEADER_LEN..];
+        let len = card.encode().len() as u16;
+        let mut head = vec![9u8; 32];
+        head.extend_from_slice(&[4, 1]);
+        head.extend_from_slice(&len.to_be_bytes());
+        assert_eq!(hex::encode(&body[..36]), hex::encode(&head));
+        assert_eq!(&body[36..], card.encode().as_slice());
+        assert_eq!(c.body.kind(), 11);
     }
 
     proptest! {

@@ -32,6 +32,7 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_FRAME_LEN", wire::MAX_FRAME_LEN as u64),
         ("MAX_TEXT_LEN", content::MAX_TEXT_LEN as u64),
         ("MAX_REACTION_LEN", content::MAX_REACTION_LEN as u64),
+        ("MAX_GROUP_CARDS", content::MAX_GROUP_CARDS as u64),
         ("CHUNK_BYTES", file::CHUNK_BYTES as u64),
         ("MAX_CHUNKS", file::MAX_CHUNKS as u64),
         ("MAX_NAME_BYTES", file::MAX_NAME_BYTES as u64),

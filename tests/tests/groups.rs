@@ -311,3 +311,85 @@ fn a_photo_sent_to_a_group_reaches_every_member_through_a_relay_loss() {
         assert!(text.contains("alice: 📎 flooded-bridge.jpg"), "{text}");
     }
 }
+
+#[test]
+fn members_who_are_not_contacts_talk_in_the_group_and_stay_out_of_the_contact_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r1 = RelayProc::start(&dir.path().join("r1"), &[]);
+    let r2 = RelayProc::start(&dir.path().join("r2"), &[]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    let carol = User::new(dir.path(), "carol");
+    for u in [&alice, &bob, &carol] {
+        u.ok(&["relay", "add", &r1.addr, &r2.addr]);
+    }
+    // Alice knows both; Bob and Carol have never met.
+    User::introduce(&alice, &bob);
+    User::introduce(&alice, &carol);
+    alice.ok(&["group", "create", "Street"]);
+    let added = &objects(&alice.ok(&["group", "add", "Street", "bob", "carol", "--json"]))[0];
+    assert_eq!(added["told"], 2, "{added}");
+    bob.ok(&["sync"]);
+    carol.ok(&["sync"]);
+    // Each can reach the other, who is still not a contact.
+    for (u, other) in [(&bob, "carol"), (&carol, "bob")] {
+        let list = &objects(&u.ok(&["group", "members", "Street", "--json"]))[0];
+        let them = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name_in_group"] == other)
+            .unwrap_or_else(|| panic!("{list}"));
+        assert_eq!(them["contact"], false, "{them}");
+        assert_eq!(them["reachable"], true, "{them}");
+        let text = u.ok(&["group", "members", "Street"]);
+        assert!(text.contains(&format!("{other} (not a contact)")), "{text}");
+        let contacts = u.ok(&["contact", "list"]);
+        assert!(!contacts.contains(other), "{contacts}");
+        let refused = u.run(&["send", other, "psst"]);
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("no contact or group named"), "{err}");
+    }
+
+    let sent = &objects(&bob.ok(&["send", "Street", "water", "is", "back", "--json"]))[0];
+    assert_eq!(sent["members"], 2, "{sent}");
+    assert_eq!(
+        sent["unreachable"].as_array().map(Vec::len),
+        Some(0),
+        "{sent}"
+    );
+    let got = objects(&carol.ok(&["sync", "--json"]));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["text"], "water is back");
+    assert_eq!(got[0]["from"], "~bob");
+    // One relay gone for good: they go on through the other.
+    r1.kill9();
+    let sent = &objects(&carol.ok(&["send", "Street", "thanks", "--json"]))[0];
+    assert_eq!(sent["members"], 2, "{sent}");
+    assert!(sent["relayed"].as_u64().unwrap() >= 1, "{sent}");
+    for u in [&alice, &bob] {
+        u.ok(&["sync"]);
+        u.ok(&["sync"]);
+    }
+    let pairs = |a: &str, b: &str| {
+        vec![
+            (a.to_string(), "water is back".to_string()),
+            (b.to_string(), "thanks".to_string()),
+        ]
+    };
+    assert_eq!(said(&alice, "Street"), pairs("bob", "carol"));
+    assert_eq!(said(&bob, "Street"), pairs("bob", "carol (not a contact)"));
+    assert_eq!(
+        said(&carol, "Street"),
+        pairs("bob (not a contact)", "carol")
+    );
+    // Nobody was asked to accept anybody.
+    for u in [&alice, &bob, &carol] {
+        let requests = u.ok(&["request", "list"]);
+        assert!(
+            !requests.contains("bob") && !requests.contains("carol"),
+            "{requests}"
+        );
+    }
+}

@@ -111,14 +111,14 @@ impl App {
         // in it; a code has neither.
         let code: String = code.split_whitespace().collect();
         let card = Card::from_invite(&code)?;
-        let before = self.store.contact(&card.identity().peer_id())?;
+        let before = self.store.added_contact(&card.identity().peer_id())?;
         let done = self.local_engine()?.add_contact(card, new_name).await?;
         report_added(&done, before.is_some(), json, out);
         Ok(())
     }
 
     fn contact_list(&self, json: bool, out: &mut Output) -> Result<(), CommandError> {
-        let contacts = self.store.contacts()?;
+        let contacts = self.store.added_contacts()?;
         let blocked = self.store.blocked_all()?;
         let is_blocked = |p: &PeerId| blocked.iter().any(|(b, _)| b == p);
         if json {

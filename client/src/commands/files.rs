@@ -100,7 +100,7 @@ impl App {
         };
         match self.store.group_message_by_id(&group, &from, message) {
             Ok(Some(m)) => {
-                let member = match self.store.contact(&from).ok().flatten() {
+                let member = match self.store.added_contact(&from).ok().flatten() {
                     Some(c) => c.name,
                     None => m.name,
                 };

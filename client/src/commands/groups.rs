@@ -201,7 +201,7 @@ impl App {
     /// How a member is shown: the contact's name we gave them, else their name in the
     /// group, marked.
     fn member_name(&self, peer: &PeerId, in_group: &str) -> Result<String, CommandError> {
-        Ok(match self.store.contact(peer)? {
+        Ok(match self.store.added_contact(peer)? {
             Some(c) => c.name,
             None => format!("{in_group} (not a contact)"),
         })
@@ -444,7 +444,7 @@ impl App {
                 let mut list = Vec::new();
                 for m in g.roster.members.values() {
                     let peer = m.identity.peer_id();
-                    let contact = self.store.contact(&peer)?;
+                    let contact = self.store.added_contact(&peer)?;
                     list.push((peer, m, contact));
                 }
                 // You first, then admins, then by name.
@@ -468,6 +468,11 @@ impl App {
                                 "role": role_label(Some(m.role)),
                                 "you": *peer == me,
                                 "contact": contact.is_some(),
+                                // A card of theirs is held (a contact's, or one a member
+                                // passed on) and they are not blocked: they are sent to.
+                                "reachable": *peer != me
+                                    && matches!(self.store.contact(peer), Ok(Some(_)))
+                                    && matches!(self.store.blocked(peer), Ok(None)),
                             })
                         })
                         .collect();
@@ -727,13 +732,12 @@ impl App {
         }
         if !sent.unreachable.is_empty() {
             out.warn(format!(
-                "not sent to {} (not your contact{}): add them to reach them",
+                "not sent to {}: blocked, or their card has not reached you yet (the member who added them passes it on)",
                 sent.unreachable
                     .iter()
                     .map(|n| name(n).into_owned())
                     .collect::<Vec<_>>()
                     .join(", "),
-                if sent.unreachable.len() > 1 { "s" } else { "" }
             ));
         }
         Ok(())
@@ -844,7 +848,7 @@ fn group_message_json(
     let author = m.author();
     let peer = author.unwrap_or(*me);
     let from = match author {
-        Some(p) if m.event => match app.store.contact(&p)? {
+        Some(p) if m.event => match app.store.added_contact(&p)? {
             Some(c) => Some(c.name),
             None => None,
         },
@@ -925,7 +929,7 @@ fn report_change(out: &mut Output, json: bool, g: &Group, what: &str, done: &Gro
     }
     if !done.unreachable.is_empty() {
         out.warn(format!(
-            "not told (not your contacts): {}",
+            "not told (blocked, or their card has not reached you yet): {}",
             list(&done.unreachable)
         ));
     }

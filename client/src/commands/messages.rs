@@ -32,7 +32,7 @@ impl App {
         // decides: the same contact, and those words are the name, not the message;
         // another one, and it is refused, not guessed.
         let mut words: &[String] = &args.text;
-        let contacts = self.store.contacts()?;
+        let contacts = self.store.added_contacts()?;
         for taken in (1..args.text.len()).rev() {
             let longer = format!("{} {}", args.contact, args.text[..taken].join(" "));
             let Some(other) = contacts
@@ -217,7 +217,7 @@ impl App {
         let engine = self.engine()?;
         let names_before: Vec<(kkachi_protocol::PeerId, String)> = self
             .store
-            .contacts()?
+            .added_contacts()?
             .iter()
             .map(|c| (c.peer, c.name.clone()))
             .collect();
@@ -247,7 +247,7 @@ impl App {
             out.warn(request_line(&request));
         }
         // A contact who renamed themselves is said so: their old name no longer finds them.
-        for c in self.store.contacts()?.iter() {
+        for c in self.store.added_contacts()?.iter() {
             if let Some((_, old)) = names_before
                 .iter()
                 .find(|(p, n)| *p == c.peer && *n != c.name)

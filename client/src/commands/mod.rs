@@ -520,7 +520,8 @@ pub fn resolve_contact(store: &LocalStore, who: &str) -> Result<Contact, Command
     if store.identity()?.is_none() {
         return Err(CommandError::NoIdentity);
     }
-    let contacts = store.contacts()?;
+    // Members only met in a group are not contacts: their names are theirs to choose.
+    let contacts = store.added_contacts()?;
     // An id first: a name can never stand for someone else's id.
     if let Ok(peer) = who.parse::<PeerId>()
         && let Some(c) = contacts.iter().find(|c| c.peer == peer)

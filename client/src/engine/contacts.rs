@@ -173,7 +173,10 @@ impl<T> State<T> {
             (None, Some(c)) => c.name.clone(),
             (None, None) => card.name().to_owned(),
         };
-        check_contact_name(&name, &peer, &contacts)?;
+        // Members met in a group chose their names themselves: no contact's name is
+        // refused for theirs.
+        let added: Vec<Contact> = contacts.iter().filter(|c| c.is_added()).cloned().collect();
+        check_contact_name(&name, &peer, &added)?;
         let mut w = WriteSet::default();
         let (card, updated) = match existing {
             // Their newer code with a new session key, given to us by hand: taken (it
@@ -188,7 +191,8 @@ impl<T> State<T> {
             Some(_) => (card.clone(), true),
             None => (card.clone(), false),
         };
-        let contact = Contact { peer, name, card };
+        // Adding a member met in a group makes them a contact.
+        let contact = Contact::new(peer, name, card);
         LocalStore::write_contact(&mut w, &contact);
         if existing.is_none() {
             // Our card goes to a new contact: it says where we are, and if they still
@@ -319,7 +323,7 @@ impl<T> State<T> {
         peer: &PeerId,
         name: &str,
     ) -> Result<ContactOutcome, EngineError> {
-        let contacts = self.store.contacts()?;
+        let contacts = self.store.added_contacts()?;
         let Some(mut contact) = contacts.iter().find(|c| c.peer == *peer).cloned() else {
             return Err(ContactError::NotContact(peer.to_string()).into());
         };
@@ -341,9 +345,20 @@ impl<T> State<T> {
         let envelopes: Vec<Envelope> = request
             .messages
             .iter()
+            .filter(|m| m.opened.is_empty())
             .filter_map(|m| Envelope::decode(&m.envelope).ok())
             .collect();
-        Ok(self.receive(&envelopes, Source::Held(*peer), now)?.shown)
+        let mut shown = self.receive(&envelopes, Source::Held(*peer), now)?.shown;
+        // What a member met in a group sent (opened on their session when it came).
+        let opened: Vec<_> = request
+            .messages
+            .into_iter()
+            .filter(|m| !m.opened.is_empty())
+            .collect();
+        if !opened.is_empty() {
+            shown.extend(self.receive_opened(peer, opened, now)?);
+        }
+        Ok(shown)
     }
 
     /// Upkeep, at start and now and then: forgets seen envelopes, held messages and
@@ -362,10 +377,16 @@ impl<T> State<T> {
         if pruned + expired + carried > 0 {
             tracing::info!(pruned, expired, carried, "forgot expired envelopes");
         }
+        if let Err(e) = self.forget_former_members() {
+            tracing::warn!(error = %e, "could not forget members of groups we left");
+        }
         let contacts = self.store.contacts()?;
         let mut shown = Vec::new();
         for request in self.store.requests()? {
-            if contacts.iter().any(|c| c.peer == request.peer) {
+            if contacts
+                .iter()
+                .any(|c| c.peer == request.peer && c.is_added())
+            {
                 shown.extend(self.adopt_held_from(&request.peer, now)?);
             }
         }

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use kkachi_protocol::Card;
 use kkachi_protocol::card::check_name;
-use kkachi_protocol::content::{Body, Content, GroupBody, MAX_BODY_LEN};
+use kkachi_protocol::content::{Body, Content, GroupBody, MAX_BODY_LEN, MAX_GROUP_CARDS};
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::file::FileRef;
 use kkachi_protocol::group::{
@@ -18,8 +19,9 @@ use super::EngineError;
 use super::receive::{Outcome, Received};
 use super::state::{Sessions, State};
 use crate::store::{
-    Contact, Direction, FileNote, GroupMessage, GroupRecord, LocalStore, MAX_WAITING_GROUPS,
-    MAX_WAITING_PER_GROUP, MessageRecord, MessageState, OutboxKind, Waiting, WriteSet,
+    Contact, Direction, FileNote, GroupMessage, GroupRecord, LocalStore, MAX_INTRODUCTIONS,
+    MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, MessageRecord, MessageState, OutboxKind, Waiting,
+    WriteSet,
 };
 
 /// How far ahead of our clock a peer's group clock may pull ours.
@@ -62,7 +64,8 @@ pub struct GroupChanged {
     pub changed: Vec<String>,
     /// Members told of it.
     pub told: usize,
-    /// Members who could not be told: not our contacts (their names in the group).
+    /// Members who could not be told: no card of theirs has reached us (they are not
+    /// contacts, and no member passed it on yet), or blocked (their names in the group).
     pub unreachable: Vec<String>,
     /// What was asked that is so already, said for the user.
     pub skipped: Vec<String>,
@@ -75,7 +78,8 @@ pub struct GroupSent {
     pub id: MessageId,
     /// Members it was sealed to.
     pub copies: usize,
-    /// Members it could not be sealed to: not our contacts, or blocked.
+    /// Members it could not be sealed to: no card of theirs has reached us (they are
+    /// not contacts, and no member passed it on yet), or blocked.
     pub unreachable: Vec<String>,
 }
 
@@ -220,7 +224,7 @@ impl<T> State<T> {
         match &change {
             GroupChange::Add(peers) => {
                 for peer in peers {
-                    let contact = self.store.contact(peer)?.ok_or_else(|| {
+                    let contact = self.store.added_contact(peer)?.ok_or_else(|| {
                         EngineError::Invalid(format!("{peer} is not one of your contacts"))
                     })?;
                     if self.store.blocked(peer)?.is_some() {
@@ -503,7 +507,280 @@ impl<T> State<T> {
             start = end;
         }
         LocalStore::write_session(w, &contact.peer, session);
+        self.pass_cards(w, sessions, contact, id, ops, all, now)
+    }
+
+    /// Passes `contact` the cards we hold of the members `ops` concern (every member,
+    /// with a whole log; else those the operations add), so members who are not each
+    /// other's contacts reach each other (SPEC §14.4). Kept until confirmed, as the
+    /// operations are.
+    #[allow(clippy::too_many_arguments)]
+    fn pass_cards(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        id: GroupId,
+        ops: &[SignedOp],
+        all: bool,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let keys: Vec<[u8; 32]> = if all {
+            match Roster::merge(id, ops) {
+                Ok(roster) => roster.members.keys().copied().collect(),
+                Err(_) => return Ok(()),
+            }
+        } else {
+            ops.iter()
+                .filter_map(|o| match o.op() {
+                    Op::Add { member, .. } => Some(*member.ed25519()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let to = *contact.card.identity().ed25519();
+        let me = self.own_key();
+        let contacts = self.store.contacts()?;
+        let mut cards: Vec<Card> = Vec::new();
+        for key in keys {
+            if key == me || key == to || cards.iter().any(|c| *c.identity().ed25519() == key) {
+                continue;
+            }
+            if let Some(c) = contacts
+                .iter()
+                .find(|c| *c.card.identity().ed25519() == key)
+                && self.store.blocked(&c.peer)?.is_none()
+            {
+                cards.push(c.card.clone());
+            }
+        }
+        if cards.is_empty() {
+            return Ok(());
+        }
+        let session = sessions.get(&self.store, contact)?;
+        for chunk in cards.chunks(MAX_GROUP_CARDS) {
+            let content = Content {
+                id: MessageId(rand::random()),
+                seq: 0,
+                prev: [0; 32],
+                sent_at_ms: now,
+                body: Body::Group {
+                    group: id,
+                    what: GroupBody::Cards {
+                        cards: chunk.to_vec(),
+                    },
+                },
+            };
+            self.seal_into(w, contact, session, &content, OutboxKind::Message, now)?;
+        }
+        LocalStore::write_session(w, &contact.peer, session);
         Ok(())
+    }
+
+    /// Cards a member passed on (a group record): kept for the people they name until
+    /// those are members here, then met (see [`Self::meet`]).
+    fn take_cards(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        id: GroupId,
+        cards: &[Card],
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let Some(mut record) = LocalStore::pending_group(w, &id).or(self.store.group(&id)?) else {
+            return refused_ops("cards for a group we do not hold");
+        };
+        let sender = *contact.card.identity().ed25519();
+        let roster = match record.joined && !record.forgotten {
+            true => self.merged(id, &record)?.roster,
+            false => None,
+        };
+        // From someone the group knows: a member or former member, or (before we are
+        // in) the one whose records brought it.
+        let known = match &roster {
+            Some(r) => r.members.contains_key(&sender) || r.former.contains(&sender),
+            None => !record.forgotten && record.invited_by == contact.peer.to_bytes(),
+        };
+        if !known {
+            return refused_ops("cards from someone outside the group");
+        }
+        for card in cards {
+            let held: Vec<Card> = record
+                .introductions
+                .iter()
+                .filter_map(|b| Card::decode(b).ok())
+                .collect();
+            if held
+                .iter()
+                .any(|c| c.identity() == card.identity() && !card.supersedes(c))
+            {
+                continue;
+            }
+            record.introductions = held
+                .into_iter()
+                .filter(|c| c.identity() != card.identity())
+                .map(|c| c.encode())
+                .collect();
+            if record.introductions.len() >= MAX_INTRODUCTIONS {
+                record.introductions.remove(0);
+            }
+            record.introductions.push(card.encode());
+        }
+        if let Some(roster) = &roster {
+            self.introduce(w, &mut record, roster, now)?;
+        }
+        LocalStore::write_group(w, &id, &record);
+        Ok(Outcome::Applied("members' cards"))
+    }
+
+    /// Meets the members of `roster` whose cards `record` holds; drops the cards of
+    /// people who left or were removed, keeps the others for when they are added.
+    fn introduce(
+        &self,
+        w: &mut WriteSet,
+        record: &mut GroupRecord,
+        roster: &Roster,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let me = self.own_key();
+        let mut kept = Vec::new();
+        for bytes in std::mem::take(&mut record.introductions) {
+            let Ok(card) = Card::decode(&bytes) else {
+                continue;
+            };
+            let key = *card.identity().ed25519();
+            if key == me || roster.former.contains(&key) && !roster.members.contains_key(&key) {
+                continue;
+            }
+            if !roster.members.contains_key(&key) {
+                kept.push(bytes);
+                continue;
+            }
+            self.meet(w, &card, false, now)?;
+        }
+        record.introductions = kept;
+        Ok(())
+    }
+
+    /// Makes the member `card` names reachable for the group's records: written as a
+    /// member met in a group ([`Contact::through_group`]), granted at our relays like a
+    /// contact. A contact the user added keeps their own card (they send it). Only a
+    /// newer card with the same session key replaces a met member's (a rotation is
+    /// taken from a first message only, as for contacts). A card naming a session key
+    /// another contact holds is refused, unless `proven` (it came with a first message
+    /// sealed with that key) and the other is only a member met in a group: that card
+    /// is then forged (SPEC §1), and its holder forgotten. Returns the member written,
+    /// if any.
+    pub(super) fn meet(
+        &self,
+        w: &mut WriteSet,
+        card: &Card,
+        proven: bool,
+        now: u64,
+    ) -> Result<Option<Contact>, EngineError> {
+        let peer = card.identity().peer_id();
+        let x = card.identity().x25519();
+        if peer == self.me.peer_id()
+            || *x == self.me.x25519_public()
+            || self.store.blocked(&peer)?.is_some()
+            || card.check_fresh(now / 1000).is_err()
+        {
+            return Ok(None);
+        }
+        let contacts = self.store.contacts()?;
+        let existing = contacts.iter().find(|c| c.peer == peer);
+        match existing {
+            Some(c) if c.is_added() || !card.supersedes(&c.card) || card.rotates(&c.card) => {
+                return Ok(None);
+            }
+            _ => {}
+        }
+        if let Some(other) = contacts
+            .iter()
+            .find(|c| c.peer != peer && c.card.identity().x25519() == x)
+        {
+            if !proven || other.is_added() {
+                tracing::warn!(member = %peer, holder = %other.peer, "a member's card names a session key a contact holds; not taken");
+                return Ok(None);
+            }
+            tracing::warn!(member = %other.peer, holder = %peer, "a member met in a group named a session key another proved holding: that card is forged");
+            self.store.forget_contact(w, &other.peer)?;
+            self.revoked.lock().push(*other.card.identity());
+        }
+        let met = Contact {
+            peer,
+            name: card.name().to_owned(),
+            card: card.clone(),
+            through_group: true,
+        };
+        LocalStore::write_contact(w, &met);
+        self.met.store(true, std::sync::atomic::Ordering::SeqCst);
+        if existing.is_none() {
+            tracing::info!(member = %peer, "met a group member who is not a contact");
+        }
+        Ok(Some(met))
+    }
+
+    /// Members met in a group who share no group with us any more, and for whom
+    /// nothing waits in the outbox (the record telling them of their removal, say), are
+    /// forgotten: our relays withdraw their capabilities. Returns how many.
+    pub(crate) fn forget_former_members(&mut self) -> Result<usize, EngineError> {
+        let contacts = self.store.contacts()?;
+        if contacts.iter().all(Contact::is_added) {
+            return Ok(0);
+        }
+        let me = self.own_key();
+        let mut shared = std::collections::BTreeSet::new();
+        for (id, record) in self.store.groups()? {
+            if !record.joined || record.forgotten {
+                continue;
+            }
+            if let Some(roster) = self.merged(id, &record)?.roster
+                && roster.members.contains_key(&me)
+            {
+                shared.extend(roster.members.keys().copied());
+            }
+        }
+        let gone: Vec<Contact> = contacts
+            .iter()
+            .filter(|c| c.through_group && !shared.contains(c.card.identity().ed25519()))
+            .filter(|c| self.store.outbox_keys_of(&c.peer).is_empty())
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            for c in &gone {
+                this.store.forget_contact(&mut w, &c.peer)?;
+                sessions.forget(&c.peer);
+            }
+            this.apply_or_reset(sessions, w)
+        })?;
+        for c in &gone {
+            self.revoked.lock().push(*c.card.identity());
+            tracing::info!(member = %c.peer, "forgot a member met in a group we no longer share");
+        }
+        Ok(gone.len())
+    }
+
+    /// Whether `identity` is a member of a group we are in (for a first message from
+    /// someone who is not a contact: a member we have no card of yet).
+    pub(super) fn in_a_group_with(&self, identity: &PublicIdentity) -> Result<bool, EngineError> {
+        let key = identity.ed25519();
+        for (id, record) in self.store.groups()? {
+            if !record.joined || record.forgotten {
+                continue;
+            }
+            if let Some(roster) = self.merged(id, &record)?.roster
+                && roster.members.contains_key(&self.own_key())
+                && roster.members.contains_key(key)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Marks group `id`'s messages read and tells their authors (read receipts, unless
@@ -811,6 +1088,16 @@ impl<T> State<T> {
         let Body::Group { group, what } = &content.body else {
             return refused_ops("not a group record");
         };
+        if contact.through_group
+            && !self
+                .store
+                .group(group)?
+                .is_some_and(|g| g.joined && !g.forgotten)
+        {
+            // Someone we only know from a group cannot bring us into another one.
+            LocalStore::write_receipt_due(w, &contact.peer, &content.id);
+            return refused_ops("a record of another group from a member who is not a contact");
+        }
         let outcome = match what {
             GroupBody::Ops { ops, .. } => {
                 // Confirmed whatever becomes of them: handled, so not sent again.
@@ -841,6 +1128,11 @@ impl<T> State<T> {
                 Posting::File(file.clone()),
                 now,
             )?,
+            GroupBody::Cards { cards } => {
+                // Confirmed whatever becomes of them, as operations are.
+                LocalStore::write_receipt_due(w, &contact.peer, &content.id);
+                self.take_cards(w, contact, *group, cards, now)?
+            }
         };
         // A member who holds other operations than we do (their digest says so) gets
         // all of ours: they merge, and send theirs if we lack some. Once per pair of
@@ -848,6 +1140,7 @@ impl<T> State<T> {
         let (theirs, compare) = match what {
             GroupBody::Ops { all, have, .. } => (*have, *all),
             GroupBody::Message { have, .. } | GroupBody::File { have, .. } => (*have, true),
+            GroupBody::Cards { .. } => ([0; 16], false),
         };
         if compare {
             self.answer_digest(w, sessions, contact, *group, theirs, now)?;
@@ -1083,6 +1376,8 @@ impl<T> State<T> {
                 }
             }
         }
+        // Members whose cards came before the operations adding them are met now.
+        self.introduce(w, &mut record, &after, now)?;
         LocalStore::write_group(w, &id, &record);
         // Pass new operations on to the members we added, except their authors and the
         // sender: they may have missed what others did at the same time.
@@ -1291,11 +1586,13 @@ impl<T> State<T> {
         let Some(member) = member else {
             return Ok("someone".into());
         };
-        Ok(match self.store.contact(&member.identity.peer_id())? {
-            Some(c) => c.name,
-            // An admin names people we do not know: said so, so no one passes for a contact.
-            None => format!("{} (not a contact)", member.name),
-        })
+        Ok(
+            match self.store.added_contact(&member.identity.peer_id())? {
+                Some(c) => c.name,
+                // An admin names people we do not know: said so, so no one passes for a contact.
+                None => format!("{} (not a contact)", member.name),
+            },
+        )
     }
 
     /// What `new` operations changed from `before` to `after`, as lines for the group's
@@ -1467,11 +1764,14 @@ impl<T> State<T> {
         Ok((gone, next))
     }
 
-    /// A group message to show, from `peer` (a contact: shown by the name we gave them).
+    /// A group message to show, from `peer`: a contact by the name we gave them, a
+    /// member we only know from the group by their own name marked with `~` (as
+    /// messengers mark names nobody vouched for), so no one passes for a contact.
     fn shown(&self, peer: PeerId, roster: &Roster, message: GroupMessage) -> Received {
-        let name = match self.store.contact(&peer) {
+        let name = match self.store.added_contact(&peer) {
             Ok(Some(c)) => c.name,
-            _ => message.name.clone(),
+            _ if message.event => message.name.clone(),
+            _ => format!("~{}", message.name),
         };
         Received {
             contact: peer,

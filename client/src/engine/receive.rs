@@ -110,6 +110,14 @@ pub(super) enum Outcome {
     Skipped(&'static str),
 }
 
+/// How a held message is kept: the envelope as it came (a first message, opened
+/// again on accepting), or the content (opened on the session of a member met in a
+/// group, which cannot open it twice).
+enum Held {
+    Sealed(Vec<u8>),
+    Opened(Vec<u8>),
+}
+
 /// Why a key change is not taken: for good, or not yet.
 enum Wait {
     Never(&'static str),
@@ -193,6 +201,44 @@ impl<T> State<T> {
         self.requests.extend(tally.held.iter().copied());
         result?;
         Ok(tally)
+    }
+
+    /// Takes in what was held from `peer` opened already (1:1 messages of a member met
+    /// in a group, a contact now), in the sender's order.
+    pub(crate) fn receive_opened(
+        &mut self,
+        peer: &PeerId,
+        held: Vec<HeldMessage>,
+        now: u64,
+    ) -> Result<Vec<Received>, EngineError> {
+        let Some(contact) = self.store.added_contact(peer)? else {
+            return Ok(Vec::new());
+        };
+        let mut shown = Vec::new();
+        let result = self.with_sessions(|this, sessions| {
+            for m in held {
+                let mut w = WriteSet::default();
+                LocalStore::release_held_id(&mut w, peer, &m.message_id);
+                let outcome = match Content::decode(&m.opened) {
+                    Ok(content) => this.apply_content(&mut w, sessions, &contact, content, now)?,
+                    Err(e) => Outcome::Refused(format!("unreadable held message: {e}").into()),
+                };
+                this.apply_or_reset(sessions, w)?;
+                match outcome {
+                    Outcome::Shown(r) => shown.push(*r),
+                    Outcome::ShownSeveral(rs) => shown.extend(rs),
+                    other => tracing::debug!(?other, "a held message taken in"),
+                }
+            }
+            this.seal_due_receipts(sessions, now)?;
+            Ok(())
+        });
+        for r in &shown {
+            self.emit(AppEvent::Incoming(r.clone()));
+        }
+        self.announced.extend(shown.iter().cloned());
+        result?;
+        Ok(shown)
     }
 
     /// One envelope, in isolation: a panic while reading it refuses it alone.
@@ -478,18 +524,29 @@ impl<T> State<T> {
             return end("from a blocked sender");
         }
         let contacts = self.store.contacts()?;
-        let Some(contact) = contacts.iter().find(|c| c.peer == peer) else {
-            if source == Source::Bundle {
+        let met;
+        let contact = match contacts.iter().find(|c| c.peer == peer) {
+            Some(c) => c,
+            // A member of a group we are in, whose card has not reached us yet (the
+            // first message carries it, and its sealing proves the key is theirs).
+            None if source == Source::Network
+                && self.in_a_group_with(card.identity())?
+                && let Some(c) = self.meet(w, &card, true, now)? =>
+            {
+                met = c;
+                &met
+            }
+            None if source == Source::Bundle => {
                 return Ok(Err(Outcome::Dropped(
                     "a message request from a bundle (it is put into our request queue instead)"
                         .into(),
                 )));
             }
-            if source != Source::Network {
-                // Being accepted, yet not a contact (removed meanwhile): it stays held.
+            // Being accepted, yet not a contact (removed meanwhile): it stays held.
+            None if source != Source::Network => {
                 return Ok(Err(Outcome::Skipped("the sender is not a contact")));
             }
-            return self.hold(w, envelope, &init, now).map(Err);
+            None => return self.hold(w, envelope, &init, now).map(Err),
         };
         // A newer card binding another session key, in a message sealed with that key
         // (which proves its sender holds it): the contact rotated its key.
@@ -553,7 +610,8 @@ impl<T> State<T> {
             // Their newest card rides every first message: take it like a card update
             // (signed, and newer, whatever became of the message; a new key goes with
             // the session that now expects it).
-            contact.name = super::contacts::name_with_card(&contacts, &contact, &card);
+            contact.name =
+                super::contacts::name_with_card(&self.store.added_contacts()?, &contact, &card);
             contact.card = card;
             LocalStore::write_contact(w, &contact);
             self.emit(AppEvent::ContactUpdated(contact.peer));
@@ -643,13 +701,55 @@ impl<T> State<T> {
         init: &InitPacket,
         now: u64,
     ) -> Result<Outcome, EngineError> {
-        let peer = init.sender_card().identity().peer_id();
         let content = match Content::decode(init.body()) {
             Ok(c) => c,
             Err(e) => return refused(format!("unreadable content from a stranger: {e}")),
         };
-        let text = match content.body {
-            Body::Text(text) | Body::TimedText { text, .. } => Some(text),
+        let held = Held::Sealed(envelope.encode());
+        self.hold_message(
+            w,
+            init.sender_card(),
+            &content,
+            held,
+            envelope.expires_at,
+            now,
+        )
+    }
+
+    /// A message of a 1:1 chat from a member met in a group, who is not a contact:
+    /// held as a message request (opened already, so it is kept opened), as a
+    /// stranger's would be. Anything else of a 1:1 chat from them is refused. Either
+    /// way its number counts as arrived: it is no gap in what they send the group.
+    fn hold_opened(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        content: &Content,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        if content.seq > 0 {
+            let mut conv = self.store.conversation(&contact.peer)?;
+            conv.gaps.arrived(content.seq);
+            LocalStore::write_conversation(w, &contact.peer, &conv);
+        }
+        let expires_at = (now / 1000).saturating_add(kkachi_protocol::envelope::DEFAULT_TTL_SECS);
+        let held = Held::Opened(content.encode());
+        self.hold_message(w, &contact.card, content, held, expires_at, now)
+    }
+
+    /// Holds `content` from the sender `card` names, within the bounds.
+    fn hold_message(
+        &self,
+        w: &mut WriteSet,
+        card: &kkachi_protocol::Card,
+        content: &Content,
+        held: Held,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let peer = card.identity().peer_id();
+        let text = match &content.body {
+            Body::Text(text) | Body::TimedText { text, .. } => Some(text.clone()),
             Body::Unknown { .. } => None,
             Body::Receipt { .. }
             | Body::CardUpdate(_)
@@ -689,15 +789,20 @@ impl<T> State<T> {
             }
             self.store.count_request_dropped(w)?;
         }
+        let (envelope, opened) = match held {
+            Held::Sealed(envelope) => (envelope, Vec::new()),
+            Held::Opened(content) => (Vec::new(), content),
+        };
         let held = HeldMessage {
-            envelope: envelope.encode(),
-            card: init.sender_card().encode(),
+            envelope,
+            opened,
+            card: card.encode(),
             message_id: content.id.0,
             seq: content.seq,
             sent_at_ms: content.sent_at_ms,
             text,
             received_ms: now,
-            expires_at: envelope.expires_at,
+            expires_at,
         };
         LocalStore::write_held(w, &peer, &held);
         Ok(Outcome::Held(peer))
@@ -713,6 +818,17 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
+        if contact.through_group
+            && !matches!(
+                content.body,
+                Body::Group { .. }
+                    | Body::Receipt { .. }
+                    | Body::CardUpdate(_)
+                    | Body::Unknown { .. }
+            )
+        {
+            return self.hold_opened(w, contact, &content, now);
+        }
         match content.body {
             Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. } | Body::File { .. }
                 if self.already_have(&peer, &content)? =>
@@ -828,12 +944,16 @@ impl<T> State<T> {
                 if card.supersedes(&contact.card) {
                     // Their new name, unless we named them ourselves or it could be
                     // taken for another contact.
-                    let name =
-                        super::contacts::name_with_card(&self.store.contacts()?, contact, &card);
+                    let name = super::contacts::name_with_card(
+                        &self.store.added_contacts()?,
+                        contact,
+                        &card,
+                    );
                     let updated = Contact {
                         peer,
                         name,
                         card: *card,
+                        through_group: contact.through_group,
                     };
                     LocalStore::write_contact(w, &updated);
                     self.emit(AppEvent::ContactUpdated(peer));

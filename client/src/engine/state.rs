@@ -194,6 +194,9 @@ pub(crate) struct State<T> {
     /// People removed or blocked, and contacts' keys replaced by a rotation, since the
     /// owner last withdrew their write capabilities from our relays.
     pub(crate) revoked: parking_lot::Mutex<Vec<PublicIdentity>>,
+    /// Members met in a group were written since the owner last told our relays what
+    /// to grant: their capabilities are granted too.
+    pub(crate) met: std::sync::atomic::AtomicBool,
     /// When each contact last rotated its session key (in this run): one more within
     /// [`super::receive::ROTATION_EVERY_MS`] is not taken.
     pub(crate) rotations: parking_lot::Mutex<HashMap<PeerId, u64>>,
@@ -256,6 +259,7 @@ impl<T> State<T> {
             announced: Vec::new(),
             requests: Vec::new(),
             revoked: parking_lot::Mutex::default(),
+            met: std::sync::atomic::AtomicBool::new(false),
             rotations: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),
             stale_due: parking_lot::Mutex::default(),

@@ -43,9 +43,24 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// One contact.
+    /// One contact (or member met in a group: [`Contact::through_group`]).
     pub fn contact(&self, peer: &PeerId) -> Result<Option<Contact>, StoreError> {
         Ok(self.contacts()?.iter().find(|c| c.peer == *peer).cloned())
+    }
+
+    /// The contacts the user added, by name: not the members only met in a group.
+    pub fn added_contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        Ok(self
+            .contacts()?
+            .iter()
+            .filter(|c| c.is_added())
+            .cloned()
+            .collect())
+    }
+
+    /// One contact the user added.
+    pub fn added_contact(&self, peer: &PeerId) -> Result<Option<Contact>, StoreError> {
+        Ok(self.contact(peer)?.filter(Contact::is_added))
     }
 
     /// Adds or replaces a contact (in a WriteSet).
@@ -53,6 +68,7 @@ impl LocalStore {
         let record = ContactRecord {
             name: contact.name.clone(),
             card: contact.card.encode(),
+            through_group: contact.through_group,
         };
         w.put_record(TreeId::Contacts, contact.peer.to_bytes(), &record);
     }
@@ -375,5 +391,6 @@ fn contact_from(key: &[u8], value: &[u8]) -> Result<Contact, StoreError> {
         peer,
         name: record.name,
         card,
+        through_group: record.through_group,
     })
 }

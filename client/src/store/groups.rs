@@ -90,7 +90,13 @@ pub struct GroupRecord {
     pub forgotten: bool,
     /// When its next message under a timer is due to go (Unix ms; 0: none).
     pub next_expiry_ms: u64,
+    /// Cards members passed on of people who are not (yet) members here: kept (at most
+    /// [`MAX_INTRODUCTIONS`]) until the operations adding them arrive.
+    pub introductions: Vec<Vec<u8>>,
 }
+
+/// Most cards of people not (yet) members one group keeps.
+pub const MAX_INTRODUCTIONS: usize = 64;
 
 /// A message waiting for its author's right to post.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -40,8 +40,8 @@ pub use backup::{
 };
 use conversations::ContactCache;
 pub use groups::{
-    GroupMessage, GroupRecord, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting, group_key,
-    group_member_key, group_of, member_of,
+    GroupMessage, GroupRecord, MAX_INTRODUCTIONS, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP,
+    Waiting, group_key, group_member_key, group_of, member_of,
 };
 pub use keyfile::{
     KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, has_passphrase, key_path,
@@ -387,11 +387,11 @@ impl LocalStore {
 
     /// Adds `card`'s owner as a contact under the card's name.
     pub fn add_card(&self, card: &Card) -> Result<Contact, StoreError> {
-        let contact = Contact {
-            peer: card.identity().peer_id(),
-            name: card.name().to_owned(),
-            card: card.clone(),
-        };
+        let contact = Contact::new(
+            card.identity().peer_id(),
+            card.name().to_owned(),
+            card.clone(),
+        );
         let mut w = WriteSet::default();
         Self::write_contact(&mut w, &contact);
         self.apply(w)?;

@@ -89,12 +89,35 @@ pub struct Contact {
     pub name: String,
     /// Their latest signed card.
     pub card: Card,
+    /// Not added by the user: a member of a group we are in, known by the card a
+    /// member passed on or sent in a first message (SPEC §14.4). Sealed to and read for
+    /// group records, receipts and cards only; never listed, named or written to as a
+    /// contact. Adding them by their code makes them a contact.
+    pub through_group: bool,
+}
+
+impl Contact {
+    /// Someone the user added (by code or by accepting their request).
+    pub fn new(peer: PeerId, name: String, card: Card) -> Self {
+        Self {
+            peer,
+            name,
+            card,
+            through_group: false,
+        }
+    }
+
+    /// Whether the user added them (not only met in a group).
+    pub fn is_added(&self) -> bool {
+        !self.through_group
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 pub(super) struct ContactRecord {
     pub(super) name: String,
     pub(super) card: Vec<u8>,
+    pub(super) through_group: bool,
 }
 
 /// Per-contact conversation bookkeeping.

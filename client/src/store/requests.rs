@@ -24,8 +24,12 @@ const DROPPED_KEY: &[u8] = b"requests_dropped";
 /// One message held from someone who is not a contact yet.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HeldMessage {
-    /// The envelope as it arrived (still sealed: accepting opens it again).
+    /// The envelope as it arrived (still sealed: accepting opens it again); empty when
+    /// `opened` holds the message instead.
     pub envelope: Vec<u8>,
+    /// The content, when it was opened on a session already (from a member met in a
+    /// group); empty otherwise.
+    pub opened: Vec<u8>,
     /// The card it carried: who the sender says they are.
     pub card: Vec<u8>,
     /// The sender's id for the message.
@@ -210,6 +214,11 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Drops the held message `id` of `peer` (in a WriteSet): it has been taken in.
+    pub fn release_held_id(w: &mut WriteSet, peer: &PeerId, id: &[u8; 16]) {
+        w.remove(TreeId::Requests, held_key(peer, id));
+    }
+
     /// Drops held messages that expired before `before` (Unix seconds).
     pub fn prune_requests(&self, before: u64) -> Result<usize, StoreError> {
         let mut w = WriteSet::default();
@@ -264,6 +273,7 @@ mod tests {
     fn held(card: &Card, id: u8, seq: u64, received_ms: u64) -> HeldMessage {
         HeldMessage {
             envelope: vec![id; 10],
+            opened: Vec::new(),
             card: card.encode(),
             message_id: [id; 16],
             seq,

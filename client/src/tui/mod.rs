@@ -366,7 +366,7 @@ fn run_effect(
                     result: match result {
                         Ok(sent) if sent.unreachable.is_empty() => Ok(String::new()),
                         Ok(sent) => Ok(format!(
-                            "not sent to {} (not your contacts)",
+                            "not sent to {} (blocked, or no card of theirs yet)",
                             crate::sanitize::for_terminal(&sent.unreachable.join(", "))
                         )),
                         Err(e) => Err(e.to_string()),
@@ -586,7 +586,7 @@ pub fn snapshot(
         _ => None,
     };
     let mut conversations: Vec<ConversationSummary> = store
-        .contacts()
+        .added_contacts()
         .unwrap_or_default()
         .iter()
         .map(|c| {
@@ -746,9 +746,10 @@ fn group_snapshot(
                 _ if m.event => String::new(),
                 None => "me".into(),
                 Some(p) if Some(p) == me => "me".into(),
-                Some(p) => match store.contact(&p) {
+                Some(p) => match store.added_contact(&p) {
                     Ok(Some(c)) => for_terminal(&c.name).into_owned(),
-                    _ => for_terminal(&m.name).into_owned(),
+                    // Their own name, nobody vouched for it: marked, as messengers do.
+                    _ => format!("~{}", for_terminal(&m.name)),
                 },
             };
             let (delivered, read) = m.tally();

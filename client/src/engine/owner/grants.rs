@@ -219,6 +219,15 @@ impl<T: Transport> Owner<T> {
     /// most turns of the loop: it returns at once).
     pub(super) fn start_grants(&mut self) {
         let now = now_ms();
+        if self
+            .state
+            .met
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            // Members met in a group are granted as contacts are, and let in on the LAN.
+            self.grants.invalidate();
+            self.allow_contacts();
+        }
         if self.state.revoked.lock().is_empty()
             && self.grants.next_deadline().is_none_or(|t| t > now)
         {

@@ -446,10 +446,8 @@ fn a_contact_who_renames_themselves_is_followed_unless_we_named_them_or_it_could
         kkachi_protocol::Identity::generate(),
         kkachi_protocol::Identity::generate(),
     );
-    let contact = |id: &kkachi_protocol::Identity, name: &str, card_name: &str| Contact {
-        peer: id.peer_id(),
-        name: name.into(),
-        card: card(id, card_name, 1),
+    let contact = |id: &kkachi_protocol::Identity, name: &str, card_name: &str| {
+        Contact::new(id.peer_id(), name.into(), card(id, card_name, 1))
     };
     let jiwoo = contact(&other, "Jiwoo", "Jiwoo");
     let as_card = contact(&minji, "Minji", "Minji");

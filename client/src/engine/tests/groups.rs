@@ -1067,3 +1067,192 @@ async fn a_member_whose_relays_refuse_a_file_holds_it_back_only_for_a_while() {
     }
     assert!(said(&carol).await.is_empty());
 }
+
+/// Alice knows Bob and Carol; Bob and Carol do not know each other.
+async fn strangers(net: &FakeNet) -> (User, User, User) {
+    let alice = User::started(net, "alice", 3).await;
+    let bob = User::started(net, "bob", 3).await;
+    let carol = User::started(net, "carol", 3).await;
+    for other in [&bob, &carol] {
+        alice.add_contact(other);
+        other.add_contact(&alice);
+    }
+    for u in [&alice, &bob, &carol] {
+        u.regrant().await;
+    }
+    (alice, bob, carol)
+}
+
+/// Whether `u` holds `other` as a member met in a group (not as a contact).
+fn met(u: &User, other: &User) -> bool {
+    u.contact_of(&other.peer()).is_some_and(|c| c.through_group)
+}
+
+#[tokio::test]
+async fn members_who_are_not_each_others_contacts_reach_each_other_through_the_group() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = strangers(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Alice passed each the other's card: each holds the other as a member met in the
+    // group, never listed or named as a contact.
+    for (u, other) in [(&bob, &carol), (&carol, &bob)] {
+        assert!(met(u, other), "{} met {}", u.card.name(), other.card.name());
+        let store = u.engine.store();
+        assert!(store.added_contact(&other.peer()).unwrap().is_none());
+        assert_eq!(
+            store.added_contacts().unwrap().len(),
+            1,
+            "only Alice is a contact"
+        );
+        u.regrant().await;
+    }
+
+    let sent = bob.engine.send_group(id, "hi all".into()).await.unwrap();
+    assert_eq!((sent.copies, sent.unreachable.len()), (2, 0));
+    let got = said(&carol).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].message.text, "hi all");
+    // A name nobody vouched for is marked, so Bob cannot pass for one of Carol's contacts.
+    assert_eq!(got[0].name, "~bob");
+    let sent = carol.engine.send_group(id, "hi bob".into()).await.unwrap();
+    assert_eq!((sent.copies, sent.unreachable.len()), (2, 0));
+    let got = said(&bob).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].message.text, "hi bob");
+    alice.sync().await;
+    bob.sync().await;
+    let want = vec![
+        ("bob".to_string(), "hi all".to_string()),
+        ("carol".to_string(), "hi bob".to_string()),
+    ];
+    for u in [&alice, &bob, &carol] {
+        assert_eq!(texts(u, id), want, "{}", u.card.name());
+    }
+    // Both copies of Bob's message confirmed: Carol's receipt came over the group's way.
+    let ours = bob
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .find(|m| !m.event && m.from.is_empty())
+        .unwrap();
+    assert_eq!(ours.tally().0, 2, "delivered to both");
+
+    // A 1:1 message from a member who is not a contact is a message request, as a
+    // stranger's is; accepted, it is shown once.
+    let carol_at_bob = bob.contact_of(&carol.peer()).unwrap();
+    let content = Content {
+        id: MessageId(rand::random()),
+        seq: 0,
+        prev: [0; 32],
+        sent_at_ms: now_ms(),
+        body: Body::Reaction {
+            target: MessageId([1; 16]),
+            own: false,
+            emoji: "👍".into(),
+        },
+    };
+    bob.send_raw(&carol_at_bob, &content).await;
+    bob.engine
+        .add_contact(carol.card.clone(), None)
+        .await
+        .unwrap();
+    assert!(!met(&bob, &carol), "added by code: a contact now");
+    let (_, progress) = bob.send(&carol_at_bob, "just you and me").await;
+    assert!(progress.acked > 0);
+    assert!(said(&carol).await.is_empty(), "held, not shown");
+    let requests = carol.engine.store().requests().unwrap();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].peer, bob.peer());
+    let held: Vec<_> = requests[0]
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(
+        held,
+        vec![Some("just you and me".to_string())],
+        "the reaction is refused"
+    );
+    let accepted = carol.engine.accept_request(bob.peer(), None).await.unwrap();
+    assert_eq!(accepted.accepted.len(), 1);
+    assert_eq!(accepted.accepted[0].message.text, "just you and me");
+    assert!(!met(&carol, &bob));
+    assert!(carol.engine.store().requests().unwrap().is_empty());
+    assert_eq!(carol.messages(&bob).len(), 1);
+    assert!(said(&carol).await.is_empty(), "nothing twice");
+    bob.sync().await;
+    assert_eq!(
+        bob.messages(&carol)[0].state,
+        MessageState::Delivered,
+        "confirmed once taken in"
+    );
+}
+
+#[tokio::test]
+async fn a_member_whose_card_was_lost_is_met_by_their_first_message_and_forgotten_after_leaving() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = strangers(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Carol lost Bob's card (as if the record passing it on never came).
+    let bob_id = bob.peer();
+    carol
+        .engine
+        .change(move |state, _| {
+            state.with_sessions(|this, sessions| {
+                let mut w = WriteSet::default();
+                this.store.forget_contact(&mut w, &bob_id)?;
+                sessions.forget(&bob_id);
+                this.apply_or_reset(sessions, w)
+            })
+        })
+        .await
+        .unwrap();
+    assert!(carol.contact_of(&bob.peer()).is_none());
+    carol.regrant().await;
+    // Bob's first message to her carries his card and proves his key: she meets him.
+    bob.engine
+        .send_group(id, "am I here?".into())
+        .await
+        .unwrap();
+    bob.engine.settle().await.unwrap();
+    let got = said(&carol).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].message.text, "am I here?");
+    assert!(met(&carol, &bob));
+    assert!(carol.engine.store().requests().unwrap().is_empty());
+
+    // A stranger to every group of hers is still only a request.
+    let dave = User::started(&net, "dave", 1).await;
+    let carol_at_dave = dave.add_contact(&carol);
+    dave.send(&carol_at_dave, "hello?").await;
+    assert!(said(&carol).await.is_empty());
+    assert_eq!(carol.engine.store().requests().unwrap().len(), 1);
+    assert!(carol.contact_of(&dave.peer()).is_none());
+
+    // Alice removes Carol: once each has nothing left for the other, Bob and Carol
+    // forget each other, and their relays take nothing more from the other.
+    alice
+        .engine
+        .change_group(id, GroupChange::Remove(carol.peer()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        for u in [&alice, &bob, &carol] {
+            u.sync().await;
+        }
+    }
+    for (u, other) in [(&bob, &carol), (&carol, &bob)] {
+        u.engine.housekeeping().await.unwrap();
+        u.engine.settle().await.unwrap();
+        assert!(
+            u.contact_of(&other.peer()).is_none(),
+            "{} forgot",
+            u.card.name()
+        );
+    }
+    let sent = bob.engine.send_group(id, "just us".into()).await.unwrap();
+    assert_eq!(sent.copies, 1);
+    assert!(said(&carol).await.is_empty());
+}

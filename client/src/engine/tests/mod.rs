@@ -398,11 +398,7 @@ impl User {
     }
 
     fn add_contact(&self, other: &User) -> Contact {
-        let contact = Contact {
-            peer: other.peer(),
-            name: other.card.name().into(),
-            card: other.card.clone(),
-        };
+        let contact = Contact::new(other.peer(), other.card.name().into(), other.card.clone());
         let mut w = WriteSet::default();
         LocalStore::write_contact(&mut w, &contact);
         self.engine.store().apply(w).unwrap();

@@ -179,11 +179,7 @@ async fn what_contacts_seal_to_the_old_key_is_still_read_and_old_codes_reach_not
     // A stranger holding the code given out before the change reaches nothing; the
     // new code works.
     let dave = User::started(&net, "dave", 1).await;
-    let old_alice = Contact {
-        peer: alice.peer(),
-        name: "alice".into(),
-        card: old_card,
-    };
+    let old_alice = Contact::new(alice.peer(), "alice".into(), old_card);
     let mut w = WriteSet::default();
     LocalStore::write_contact(&mut w, &old_alice);
     dave.engine.store().apply(w).unwrap();

@@ -28,14 +28,7 @@ pub(crate) fn long_conversation(home: &Path, n: usize) -> Result<()> {
     let card = Card::new(&other, "Minji", vec![], 1)?;
     let peer = card.identity().peer_id();
     let mut w = WriteSet::default();
-    LocalStore::write_contact(
-        &mut w,
-        &Contact {
-            peer,
-            name: "Minji".into(),
-            card,
-        },
-    );
+    LocalStore::write_contact(&mut w, &Contact::new(peer, "Minji".into(), card));
     store.apply(w)?;
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let mut w = WriteSet::default();
