@@ -102,7 +102,7 @@ impl App {
             Ok(Some(m)) => {
                 let member = match self.store.added_contact(&from).ok().flatten() {
                     Some(c) => c.name,
-                    None => m.name,
+                    None => format!("~{}", m.name),
                 };
                 format!("{group_name} › {member}")
             }

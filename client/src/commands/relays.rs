@@ -99,7 +99,7 @@ impl App {
         }
         let contacts = self
             .store
-            .contacts()?
+            .added_contacts()?
             .iter()
             .filter(|c| matches!(self.store.blocked(&c.peer), Ok(None)))
             .count();

@@ -155,14 +155,23 @@ impl<T> State<T> {
             return Err(ContactError::OwnKey.into());
         }
         let contacts = self.store.contacts()?;
+        let mut w = WriteSet::default();
         if let Some(holder) = contacts
             .iter()
             .find(|c| c.peer != peer && c.card.identity().x25519() == card.identity().x25519())
         {
-            return Err(ContactError::KeyTaken {
-                holder: holder.name.clone(),
+            if holder.is_added() {
+                return Err(ContactError::KeyTaken {
+                    holder: holder.name.clone(),
+                }
+                .into());
             }
-            .into());
+            // A member met in a group whose card names this key: one of the two cards is
+            // forged, and the user vouches for this one (as for a code: SPEC §2).
+            tracing::warn!(member = %holder.peer, contact = %peer, "a card a member passed on names the session key of a contact being added: forgotten");
+            self.store.forget_contact(&mut w, &holder.peer)?;
+            sessions.forget(&holder.peer);
+            self.revoked.lock().push(*holder.card.identity());
         }
         let existing = contacts.iter().find(|c| c.peer == peer);
         let name = match (name, existing) {
@@ -177,7 +186,6 @@ impl<T> State<T> {
         // refused for theirs.
         let added: Vec<Contact> = contacts.iter().filter(|c| c.is_added()).cloned().collect();
         check_contact_name(&name, &peer, &added)?;
-        let mut w = WriteSet::default();
         let (card, updated) = match existing {
             // Their newer code with a new session key, given to us by hand: taken (it
             // is signed by their identity key; whose key it is was checked above), and
@@ -338,7 +346,11 @@ impl<T> State<T> {
     }
 
     /// Takes in what `peer` sent while not a contact (they are one now).
-    fn adopt_held_from(&mut self, peer: &PeerId, now: u64) -> Result<Vec<Received>, EngineError> {
+    pub(super) fn adopt_held_from(
+        &mut self,
+        peer: &PeerId,
+        now: u64,
+    ) -> Result<Vec<Received>, EngineError> {
         let Some(request) = self.store.request(peer)? else {
             return Ok(Vec::new());
         };
@@ -377,16 +389,13 @@ impl<T> State<T> {
         if pruned + expired + carried > 0 {
             tracing::info!(pruned, expired, carried, "forgot expired envelopes");
         }
-        if let Err(e) = self.forget_former_members() {
+        if let Err(e) = self.forget_former_members(now) {
             tracing::warn!(error = %e, "could not forget members of groups we left");
         }
         let contacts = self.store.contacts()?;
         let mut shown = Vec::new();
-        for request in self.store.requests()? {
-            if contacts
-                .iter()
-                .any(|c| c.peer == request.peer && c.is_added())
-            {
+        for request in self.store.all_requests()? {
+            if contacts.iter().any(|c| c.peer == request.peer) {
                 shown.extend(self.adopt_held_from(&request.peer, now)?);
             }
         }

@@ -24,6 +24,12 @@ use crate::store::{
     WriteSet,
 };
 
+/// Most members met in groups (not contacts) one client keeps.
+pub(crate) const MAX_MET: usize = 1024;
+/// How long what waits for a member met in a group we no longer share with them keeps
+/// them known (Unix ms): then it goes, and so do they.
+const FORMER_MEMBER_GRACE_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// How far ahead of our clock a peer's group clock may pull ours.
 const MAX_AHEAD_MS: u64 = CLOCK_SKEW_SECS * 1000;
 /// Bytes of operations per record: a record's body stays under [`MAX_BODY_LEN`].
@@ -384,7 +390,7 @@ impl<T> State<T> {
                 event_message(author.map(|p| p.to_bytes()), hlc, text, now),
             ));
         }
-        self.with_sessions(|this, sessions| {
+        let changed = self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             for (local, m) in &event_lines {
                 LocalStore::write_group_message(&mut w, &id, *local, m);
@@ -413,7 +419,13 @@ impl<T> State<T> {
                 told,
                 unreachable,
             })
-        })
+        })?;
+        if matches!(change, GroupChange::Remove(_) | GroupChange::Leave)
+            && let Err(e) = self.forget_former_members(now)
+        {
+            tracing::warn!(error = %e, "could not forget members of groups we left");
+        }
+        Ok(changed)
     }
 
     /// Whether `peer` may make us keep one more group: at most [`MAX_WAITING_GROUPS`]
@@ -591,41 +603,46 @@ impl<T> State<T> {
             return refused_ops("cards for a group we do not hold");
         };
         let sender = *contact.card.identity().ed25519();
+        let me = self.own_key();
         let roster = match record.joined && !record.forgotten {
             true => self.merged(id, &record)?.roster,
             false => None,
         };
         // From someone the group knows: a member or former member, or (before we are
-        // in) the one whose records brought it.
+        // in) the one whose records brought it; and only while we are in it.
         let known = match &roster {
-            Some(r) => r.members.contains_key(&sender) || r.former.contains(&sender),
-            None => !record.forgotten && record.invited_by == contact.peer.to_bytes(),
+            Some(r) => {
+                r.members.contains_key(&me)
+                    && (r.members.contains_key(&sender) || r.former.contains(&sender))
+            }
+            None => {
+                !record.joined && !record.forgotten && record.invited_by == contact.peer.to_bytes()
+            }
         };
         if !known {
-            return refused_ops("cards from someone outside the group");
+            return refused_ops("cards from someone outside the group, or of a group we left");
         }
+        // One card per person (by identity key), the newest.
+        let mut held: Vec<Card> = record
+            .introductions
+            .iter()
+            .filter_map(|b| Card::decode(b).ok())
+            .collect();
         for card in cards {
-            let held: Vec<Card> = record
-                .introductions
-                .iter()
-                .filter_map(|b| Card::decode(b).ok())
-                .collect();
-            if held
-                .iter()
-                .any(|c| c.identity() == card.identity() && !card.supersedes(c))
-            {
-                continue;
+            let key = card.identity().ed25519();
+            match held.iter().position(|c| c.identity().ed25519() == key) {
+                Some(i) if held[i].version() >= card.version() => continue,
+                Some(i) => {
+                    held.remove(i);
+                }
+                None => {}
             }
-            record.introductions = held
-                .into_iter()
-                .filter(|c| c.identity() != card.identity())
-                .map(|c| c.encode())
-                .collect();
-            if record.introductions.len() >= MAX_INTRODUCTIONS {
-                record.introductions.remove(0);
+            if held.len() >= MAX_INTRODUCTIONS {
+                held.remove(0);
             }
-            record.introductions.push(card.encode());
+            held.push(card.clone());
         }
+        record.introductions = held.iter().map(Card::encode).collect();
         if let Some(roster) = &roster {
             self.introduce(w, &mut record, roster, now)?;
         }
@@ -643,7 +660,13 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<(), EngineError> {
         let me = self.own_key();
+        // Members are met in groups of the small tier only, and only while we are in
+        // them: an admin cannot make us meet a thousand made-up people.
+        if !roster.members.contains_key(&me) || roster.members.len() > SMALL_GROUP_MAX {
+            return Ok(());
+        }
         let mut kept = Vec::new();
+        let mut due = Vec::new();
         for bytes in std::mem::take(&mut record.introductions) {
             let Ok(card) = Card::decode(&bytes) else {
                 continue;
@@ -656,7 +679,17 @@ impl<T> State<T> {
                 kept.push(bytes);
                 continue;
             }
-            self.meet(w, &card, false, now)?;
+            due.push(card);
+        }
+        // Two people naming one session key: at least one card is forged, and nothing
+        // here tells which (a first message from its holder will: see `meet`).
+        for card in &due {
+            let x = card.identity().x25519();
+            if due.iter().filter(|c| c.identity().x25519() == x).count() > 1 {
+                tracing::warn!(member = %card.identity().peer_id(), "two members' cards name one session key; neither is taken");
+                continue;
+            }
+            self.meet(w, card, false, now)?;
         }
         record.introductions = kept;
         Ok(())
@@ -693,6 +726,10 @@ impl<T> State<T> {
             Some(c) if c.is_added() || !card.supersedes(&c.card) || card.rotates(&c.card) => {
                 return Ok(None);
             }
+            None if contacts.iter().filter(|c| c.through_group).count() >= MAX_MET => {
+                tracing::warn!(member = %peer, "too many members met in groups; not taken");
+                return Ok(None);
+            }
             _ => {}
         }
         if let Some(other) = contacts
@@ -714,17 +751,21 @@ impl<T> State<T> {
             through_group: true,
         };
         LocalStore::write_contact(w, &met);
-        self.met.store(true, std::sync::atomic::Ordering::SeqCst);
         if existing.is_none() {
+            // New: granted at our relays, and what they sent before we knew them is
+            // taken in.
+            self.met.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.newly_met.lock().push(peer);
             tracing::info!(member = %peer, "met a group member who is not a contact");
         }
         Ok(Some(met))
     }
 
-    /// Members met in a group who share no group with us any more, and for whom
-    /// nothing waits in the outbox (the record telling them of their removal, say), are
-    /// forgotten: our relays withdraw their capabilities. Returns how many.
-    pub(crate) fn forget_former_members(&mut self) -> Result<usize, EngineError> {
+    /// Members met in a group who share no group with us any more are forgotten, with
+    /// what waits for them, once nothing queued for them in the last
+    /// [`FORMER_MEMBER_GRACE_MS`] waits (the record telling them of their removal, say):
+    /// our relays withdraw their capabilities. Returns how many.
+    pub(crate) fn forget_former_members(&mut self, now: u64) -> Result<usize, EngineError> {
         let contacts = self.store.contacts()?;
         if contacts.iter().all(Contact::is_added) {
             return Ok(0);
@@ -744,7 +785,14 @@ impl<T> State<T> {
         let gone: Vec<Contact> = contacts
             .iter()
             .filter(|c| c.through_group && !shared.contains(c.card.identity().ed25519()))
-            .filter(|c| self.store.outbox_keys_of(&c.peer).is_empty())
+            .filter(|c| {
+                // Nothing recent waits for them (a member who never confirms does not
+                // keep their place for ever).
+                self.store.outbox_keys_of(&c.peer).into_iter().all(|key| {
+                    matches!(self.store.outbox_entry(key), Ok(Some(e))
+                        if now.saturating_sub(e.queued_ms.max(e.created_ms)) > FORMER_MEMBER_GRACE_MS)
+                })
+            })
             .cloned()
             .collect();
         if gone.is_empty() {
@@ -753,6 +801,7 @@ impl<T> State<T> {
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             for c in &gone {
+                this.store.forget_outbox(&mut w, &c.peer)?;
                 this.store.forget_contact(&mut w, &c.peer)?;
                 sessions.forget(&c.peer);
             }
@@ -774,6 +823,7 @@ impl<T> State<T> {
                 continue;
             }
             if let Some(roster) = self.merged(id, &record)?.roster
+                && roster.members.len() <= SMALL_GROUP_MAX
                 && roster.members.contains_key(&self.own_key())
                 && roster.members.contains_key(key)
             {
@@ -1088,12 +1138,14 @@ impl<T> State<T> {
         let Body::Group { group, what } = &content.body else {
             return refused_ops("not a group record");
         };
-        if contact.through_group
-            && !self
-                .store
-                .group(group)?
-                .is_some_and(|g| g.joined && !g.forgotten)
-        {
+        let ours = match self.store.group(group)? {
+            Some(g) if g.joined && !g.forgotten => self
+                .merged(*group, &g)?
+                .roster
+                .is_some_and(|r| r.members.contains_key(&self.own_key())),
+            _ => false,
+        };
+        if contact.through_group && !ours {
             // Someone we only know from a group cannot bring us into another one.
             LocalStore::write_receipt_due(w, &contact.peer, &content.id);
             return refused_ops("a record of another group from a member who is not a contact");
@@ -1324,6 +1376,13 @@ impl<T> State<T> {
                 Err(_) => return refused_ops("a group's log that does not merge"),
             }
         };
+        if before
+            .as_ref()
+            .is_some_and(|b| b.members.keys().any(|k| !after.members.contains_key(k)))
+        {
+            self.members_left
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let latest = new.iter().map(SignedOp::hlc).max().unwrap_or_default();
         record.set_hlc(record.hlc().observe(latest, now, MAX_AHEAD_MS));
         // What changed, as lines in the group's history, said before the messages that

@@ -99,6 +99,9 @@ pub(super) enum Outcome {
     Applied(&'static str),
     /// Held: a first message from someone who is not a contact.
     Held(PeerId),
+    /// Held without being a message request: a group record from someone not yet
+    /// known as a member of that group.
+    HeldQuietly,
     /// Refused for good, and remembered as handled (it opened, so copies of it are
     /// recognised without opening them again).
     Refused(Cow<'static, str>),
@@ -200,7 +203,28 @@ impl<T> State<T> {
         self.announced.extend(tally.shown.iter().cloned());
         self.requests.extend(tally.held.iter().copied());
         result?;
+        self.after_groups_changed(now, &mut tally)?;
         Ok(tally)
+    }
+
+    /// After a batch: what members met in it sent before we knew them is taken in, and
+    /// members met in groups we no longer share are forgotten.
+    fn after_groups_changed(&mut self, now: u64, tally: &mut Tally) -> Result<(), EngineError> {
+        let met = std::mem::take(&mut *self.newly_met.lock());
+        for peer in met {
+            if self.store.request(&peer)?.is_some() {
+                let shown = self.adopt_held_from(&peer, now)?;
+                tally.shown.extend(shown);
+            }
+        }
+        if self
+            .members_left
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+            && let Err(e) = self.forget_former_members(now)
+        {
+            tracing::warn!(error = %e, "could not forget members of groups we left");
+        }
+        Ok(())
     }
 
     /// Takes in what was held from `peer` opened already (1:1 messages of a member met
@@ -303,6 +327,10 @@ impl<T> State<T> {
             Outcome::Applied(what) => {
                 tracing::debug!(envelope = %id, what, "applied");
                 Verdict::Taken
+            }
+            Outcome::HeldQuietly => {
+                tracing::info!(envelope = %id, "held a group record from someone not yet known as a member");
+                Verdict::Held
             }
             Outcome::Held(peer) => {
                 tracing::info!(envelope = %id, from = %peer, "held a message from someone who is not a contact");
@@ -727,14 +755,18 @@ impl<T> State<T> {
         content: &Content,
         now: u64,
     ) -> Result<Outcome, EngineError> {
-        if content.seq > 0 {
+        let expires_at = (now / 1000).saturating_add(kkachi_protocol::envelope::DEFAULT_TTL_SECS);
+        let held = Held::Opened(content.encode());
+        let text = matches!(content.body, Body::Text(_) | Body::TimedText { .. });
+        let outcome = self.hold_message(w, &contact.card, content, held, expires_at, now)?;
+        // Its number counts as arrived once it is held, or refused for its kind: a
+        // text refused only for lack of room is a gap (it may come again).
+        if content.seq > 0 && (!text || !matches!(outcome, Outcome::Refused(_))) {
             let mut conv = self.store.conversation(&contact.peer)?;
             conv.gaps.arrived(content.seq);
             LocalStore::write_conversation(w, &contact.peer, &conv);
         }
-        let expires_at = (now / 1000).saturating_add(kkachi_protocol::envelope::DEFAULT_TTL_SECS);
-        let held = Held::Opened(content.encode());
-        self.hold_message(w, &contact.card, content, held, expires_at, now)
+        Ok(outcome)
     }
 
     /// Holds `content` from the sender `card` names, within the bounds.
@@ -748,9 +780,15 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = card.identity().peer_id();
+        // A first message carrying a record of a group we are in: its sender may be a
+        // member whose add has not reached us yet. Held (unseen) until they are met.
+        let group = matches!(&held, Held::Sealed(_))
+            && matches!(&content.body, Body::Group { group, .. }
+                if self.store.group(group)?.is_some_and(|g| g.joined && !g.forgotten));
         let text = match &content.body {
             Body::Text(text) | Body::TimedText { text, .. } => Some(text.clone()),
             Body::Unknown { .. } => None,
+            Body::Group { .. } if group => None,
             Body::Receipt { .. }
             | Body::CardUpdate(_)
             | Body::Timer { .. }
@@ -796,6 +834,7 @@ impl<T> State<T> {
         let held = HeldMessage {
             envelope,
             opened,
+            group,
             card: card.encode(),
             message_id: content.id.0,
             seq: content.seq,
@@ -805,7 +844,11 @@ impl<T> State<T> {
             expires_at,
         };
         LocalStore::write_held(w, &peer, &held);
-        Ok(Outcome::Held(peer))
+        Ok(match group {
+            // Not a message request: nothing to tell the user of.
+            true => Outcome::HeldQuietly,
+            false => Outcome::Held(peer),
+        })
     }
 
     /// Takes in one content record from `contact`.

@@ -197,6 +197,12 @@ pub(crate) struct State<T> {
     /// Members met in a group were written since the owner last told our relays what
     /// to grant: their capabilities are granted too.
     pub(crate) met: std::sync::atomic::AtomicBool,
+    /// Members met in a group since the last batch of envelopes ended: what they sent
+    /// before we knew them (held) is taken in then.
+    pub(crate) newly_met: parking_lot::Mutex<Vec<PeerId>>,
+    /// A group lost members (or us) in this batch: members met in groups we no longer
+    /// share are forgotten when it ends.
+    pub(crate) members_left: std::sync::atomic::AtomicBool,
     /// When each contact last rotated its session key (in this run): one more within
     /// [`super::receive::ROTATION_EVERY_MS`] is not taken.
     pub(crate) rotations: parking_lot::Mutex<HashMap<PeerId, u64>>,
@@ -260,6 +266,8 @@ impl<T> State<T> {
             requests: Vec::new(),
             revoked: parking_lot::Mutex::default(),
             met: std::sync::atomic::AtomicBool::new(false),
+            newly_met: parking_lot::Mutex::default(),
+            members_left: std::sync::atomic::AtomicBool::new(false),
             rotations: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),
             stale_due: parking_lot::Mutex::default(),
@@ -729,7 +737,8 @@ impl<T> State<T> {
                 crate::store::MIN_TIMER_SECS
             )));
         }
-        let Some(contact) = self.store.contact(peer)? else {
+        // Members only met in a group are not written to outside it.
+        let Some(contact) = self.store.added_contact(peer)? else {
             return Err(EngineError::Invalid("no such contact".into()));
         };
         let mut conv = self.store.conversation(peer)?;
@@ -758,7 +767,8 @@ impl<T> State<T> {
         text: Option<String>,
         now: u64,
     ) -> Result<(), EngineError> {
-        let Some(contact) = self.store.contact(peer)? else {
+        // Members only met in a group are not written to outside it.
+        let Some(contact) = self.store.added_contact(peer)? else {
             return Err(EngineError::Invalid("no such contact".into()));
         };
         let Some((key, mut record)) = self.store.message(peer, &target)? else {
@@ -839,7 +849,8 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<(), EngineError> {
         let emoji = emoji.trim().to_string();
-        let Some(contact) = self.store.contact(peer)? else {
+        // Members only met in a group are not written to outside it.
+        let Some(contact) = self.store.added_contact(peer)? else {
             return Err(EngineError::Invalid("no such contact".into()));
         };
         if self.store.blocked(peer)?.is_some() {

@@ -77,7 +77,7 @@ pub async fn prepare<T: Transport>(
     let store = engine.store().clone();
     let recipient = match to {
         To::Contact(contact) => {
-            let Some(c) = store.contact(&contact)? else {
+            let Some(c) = store.added_contact(&contact)? else {
                 return Err(FilesError::Refused(format!("{contact} is not a contact")));
             };
             if store.blocked(&contact)?.is_some() {

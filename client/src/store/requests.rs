@@ -30,6 +30,10 @@ pub struct HeldMessage {
     /// The content, when it was opened on a session already (from a member met in a
     /// group); empty otherwise.
     pub opened: Vec<u8>,
+    /// A record of a group we are in, from someone not (yet) known as its member (the
+    /// operations adding them may still be on their way): taken in once they are met,
+    /// never shown as a message request.
+    pub group: bool,
     /// The card it carried: who the sender says they are.
     pub card: Vec<u8>,
     /// The sender's id for the message.
@@ -73,8 +77,19 @@ fn held_key(peer: &PeerId, message_id: &[u8; 16]) -> Vec<u8> {
 }
 
 impl LocalStore {
-    /// Every sender with messages held, oldest request first.
+    /// Every sender with messages to show held, oldest request first (not the group
+    /// records held from people not yet known as members: [`HeldMessage::group`]).
     pub fn requests(&self) -> Result<Vec<Request>, StoreError> {
+        let mut out = self.all_requests()?;
+        for r in &mut out {
+            r.messages.retain(|m| !m.group);
+        }
+        out.retain(|r| !r.messages.is_empty());
+        Ok(out)
+    }
+
+    /// Every sender with anything held, oldest first.
+    pub fn all_requests(&self) -> Result<Vec<Request>, StoreError> {
         let mut out: Vec<Request> = Vec::new();
         for item in self.tree(TreeId::Requests).iter() {
             let (k, v) = item?;
@@ -109,7 +124,7 @@ impl LocalStore {
 
     /// What is held from `peer`, if anything.
     pub fn request(&self, peer: &PeerId) -> Result<Option<Request>, StoreError> {
-        Ok(self.requests()?.into_iter().find(|r| r.peer == *peer))
+        Ok(self.all_requests()?.into_iter().find(|r| r.peer == *peer))
     }
 
     /// How many messages are held: (from `peer`, in total).
@@ -274,6 +289,7 @@ mod tests {
         HeldMessage {
             envelope: vec![id; 10],
             opened: Vec::new(),
+            group: false,
             card: card.encode(),
             message_id: [id; 16],
             seq,

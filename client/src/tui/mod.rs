@@ -655,7 +655,7 @@ pub fn snapshot(
                     .contacts()
                     .map(|cs| {
                         cs.iter()
-                            .filter(|c| connected.contains(&c.peer))
+                            .filter(|c| c.is_added() && connected.contains(&c.peer))
                             .filter(|c| !matches!(store.blocked(&c.peer), Ok(Some(_))))
                             .count()
                     })

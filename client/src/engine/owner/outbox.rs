@@ -129,7 +129,8 @@ impl<T: Transport> Owner<T> {
         what: Outgoing,
         now: u64,
     ) -> Result<Sending, EngineError> {
-        let Some(card) = self.state.store.contact(&contact)? else {
+        // Members only met in a group are not written to outside it.
+        let Some(card) = self.state.store.added_contact(&contact)? else {
             return Err(super::super::ContactError::NotContact(contact.to_string()).into());
         };
         let queued = match what {

@@ -1256,3 +1256,137 @@ async fn a_member_whose_card_was_lost_is_met_by_their_first_message_and_forgotte
     assert_eq!(sent.copies, 1);
     assert!(said(&carol).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_members_message_that_comes_before_their_add_is_kept_unseen_until_they_are_met() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = strangers(&net).await;
+    let id = alice.engine.create_group("Street".into()).await.unwrap();
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![carol.peer()]))
+        .await
+        .unwrap();
+    carol.sync().await;
+    alice
+        .engine
+        .change_group(id, GroupChange::Add(vec![bob.peer()]))
+        .await
+        .unwrap();
+    bob.sync().await;
+    assert!(met(&bob, &carol));
+    // Bob writes at once; his message reaches Carol before Alice's word that he is in.
+    let carol_at_bob = bob.contact_of(&carol.peer()).unwrap();
+    let content = Content {
+        id: MessageId(rand::random()),
+        seq: 1,
+        prev: [0; 32],
+        sent_at_ms: now_ms(),
+        body: group_text(id, "made it"),
+    };
+    let envelope = bob.send_raw(&carol_at_bob, &content).await;
+    let shown = carol.engine.receive(vec![envelope]).await.unwrap();
+    assert!(shown.is_empty());
+    let store = carol.engine.store();
+    assert!(
+        store.requests().unwrap().is_empty(),
+        "no message request for it"
+    );
+    assert_eq!(store.all_requests().unwrap().len(), 1, "kept");
+    // Alice's records come: Bob is met, and what he sent is shown, once.
+    let got = said(&carol).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].message.text, "made it");
+    assert!(met(&carol, &bob));
+    assert!(store.all_requests().unwrap().is_empty());
+    assert_eq!(
+        texts(&carol, id),
+        vec![("bob".to_string(), "made it".to_string())]
+    );
+    assert!(said(&carol).await.is_empty(), "nothing twice");
+}
+
+#[tokio::test]
+async fn an_admin_cannot_make_members_meet_more_people_than_a_small_group_holds() {
+    use kkachi_protocol::Card;
+    use kkachi_protocol::content::GroupBody;
+    use kkachi_protocol::group::{Mode, Op, Role, SMALL_GROUP_MAX, SignedOp};
+    let net = FakeNet::default();
+    let (alice, bob, _carol) = strangers(&net).await;
+    // Alice's modified client writes a group of Alice, Bob and `extra` made-up people,
+    // and passes Bob every one's card.
+    let make = |extra: usize| {
+        let me = alice.engine.identity().clone();
+        let at = |ms: u64| kkachi_protocol::group::Hlc { ms, count: 0 };
+        let t = now_ms();
+        let create = SignedOp::create(&me, "alice", rand::random(), "Block", Mode::Chat, at(t));
+        let id = create.group();
+        let mut ops = vec![create];
+        let mut cards = Vec::new();
+        let people: Vec<kkachi_protocol::Identity> = (0..extra)
+            .map(|_| kkachi_protocol::Identity::generate())
+            .collect();
+        for (i, who) in people.iter().chain([bob.engine.identity()]).enumerate() {
+            let card = Card::new(who, &format!("p{i}"), vec![], 1).unwrap();
+            let op = Op::Add {
+                member: who.public(),
+                name: format!("p{i}"),
+                role: Role::Member,
+            };
+            ops.push(SignedOp::sign(
+                &me,
+                id,
+                i as u64 + 2,
+                at(t + i as u64 + 1),
+                op,
+            ));
+            if i < extra {
+                cards.push(card);
+            }
+        }
+        (id, ops, cards)
+    };
+    let bob_at_alice = alice.contact_of(&bob.peer()).unwrap();
+    // A group of the small tier's size: everyone met. One more: nobody more.
+    for (extra, want) in [
+        (SMALL_GROUP_MAX - 2, SMALL_GROUP_MAX - 2),
+        (SMALL_GROUP_MAX - 1, SMALL_GROUP_MAX - 2),
+    ] {
+        let (id, ops, cards) = make(extra);
+        let record = |what| Content {
+            id: MessageId(rand::random()),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: now_ms(),
+            body: Body::Group { group: id, what },
+        };
+        alice
+            .send_raw(
+                &bob_at_alice,
+                &record(GroupBody::Ops {
+                    all: true,
+                    have: [0; 16],
+                    ops,
+                }),
+            )
+            .await;
+        for chunk in cards.chunks(kkachi_protocol::content::MAX_GROUP_CARDS) {
+            let what = GroupBody::Cards {
+                cards: chunk.to_vec(),
+            };
+            alice.send_raw(&bob_at_alice, &record(what)).await;
+        }
+        bob.sync().await;
+        let members = roster(&bob, id).expect("Bob is in it").members.len();
+        assert_eq!(members, extra + 2);
+        let met_here = bob
+            .engine
+            .store()
+            .contacts()
+            .unwrap()
+            .iter()
+            .filter(|c| c.through_group)
+            .count();
+        assert_eq!(met_here, want, "{members} members");
+    }
+}
