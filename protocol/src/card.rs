@@ -105,7 +105,18 @@ pub enum NameError {
     /// which would let one name pass for another.
     #[error("the name contains an invisible or text-direction character (U+{0:04X})")]
     Invisible(u32),
+    /// Begins with a tilde (or a character that looks like one): clients mark names
+    /// nobody vouched for that way, so such a name could pass for one marked.
+    #[error(
+        "the name begins with a tilde (U+{0:04X}), which marks names of people who are not contacts"
+    )]
+    Tilde(u32),
 }
+
+/// Characters that look like a tilde, which may not begin a name.
+const TILDES: [char; 6] = [
+    '~', '\u{02DC}', '\u{2053}', '\u{223C}', '\u{301C}', '\u{FF5E}',
+];
 
 /// True for characters a name may not contain although they are not control
 /// characters: they are invisible or reorder the text around them, so a name holding
@@ -149,6 +160,9 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
     }
     if name.trim() != name {
         return Err(NameError::Padded);
+    }
+    if let Some(c) = name.chars().next().filter(|c| TILDES.contains(c)) {
+        return Err(NameError::Tilde(c.into()));
     }
     let chars = name.chars().count();
     if chars > MAX_NAME_CHARS || name.len() > MAX_NAME_LEN {
@@ -674,6 +688,11 @@ mod tests {
         assert_eq!(check_name(&"가".repeat(65)), Err(NameError::TooLong(65)));
         assert_eq!(check_name("   "), Err(NameError::Empty));
         assert_eq!(check_name(" Alice"), Err(NameError::Padded));
+        // A leading tilde (or a look-alike) would pass for the mark of a name nobody
+        // vouched for; one inside a name is fine.
+        assert_eq!(check_name("~Bob"), Err(NameError::Tilde(0x7E)));
+        assert_eq!(check_name("\u{FF5E}Bob"), Err(NameError::Tilde(0xFF5E)));
+        assert_eq!(check_name("Bob~"), Ok(()));
         assert_eq!(check_name("Al\x1b[2Jice"), Err(NameError::Control(0x1b)));
         assert_eq!(check_name("Alice\nBob"), Err(NameError::Control(0x0a)));
         assert_eq!(check_name("A\u{85}"), Err(NameError::Control(0x85)));

@@ -349,7 +349,12 @@ fn members_who_are_not_contacts_talk_in_the_group_and_stay_out_of_the_contact_li
         let refused = u.run(&["send", other, "psst"]);
         assert!(!refused.status.success());
         let err = String::from_utf8_lossy(&refused.stderr);
-        assert!(err.contains("no contact or group named"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{other} is in a group with you but is not your contact"
+            )),
+            "{err}"
+        );
     }
 
     let sent = &objects(&bob.ok(&["send", "Street", "water", "is", "back", "--json"]))[0];
@@ -392,4 +397,19 @@ fn members_who_are_not_contacts_talk_in_the_group_and_stay_out_of_the_contact_li
             "{requests}"
         );
     }
+    // Bob adds Carol's code: she is his contact now (said so), and what he writes her
+    // alone is a message request on her side until she accepts.
+    let added = &objects(&bob.ok(&["contact", "add", &carol.invite(), "--json"]))[0];
+    assert_eq!(added["status"], "added", "{added}");
+    assert!(bob.ok(&["contact", "list"]).contains("carol"));
+    bob.send("carol", "coffee tomorrow?", 5.0).unwrap();
+    let synced = carol.run(&["sync"]);
+    let said = String::from_utf8_lossy(&synced.stderr);
+    assert!(said.contains("message request from bob"), "{said}");
+    let accepted = carol.ok(&["request", "accept", "bob"]);
+    assert!(accepted.contains("added contact bob"), "{accepted}");
+    assert_eq!(
+        carol.history_texts("bob"),
+        vec!["coffee tomorrow?".to_string()]
+    );
 }

@@ -305,7 +305,7 @@ impl App {
         }
         out.warn(
             "accept with `kkachi request accept WHO [--name NAME]`, or `request reject WHO`, or `request block WHO` \
-             (WHO: the name they give, or their id); they see your messages as delivered only once you accept",
+             (WHO: the name they give, or their id); they see their messages as delivered only once you accept",
         );
         Ok(())
     }

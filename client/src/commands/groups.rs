@@ -133,6 +133,17 @@ impl App {
             (Ok(c), None) => Ok(Target::Contact(Box::new(c))),
             // Neither: both lists are where to look.
             (Err(CommandError::Refused(why)), None) if why.starts_with("no contact named") => {
+                // A member of a group of ours, who is not a contact: said so.
+                let lower = who.to_lowercase();
+                if let Some(m) = self.store.contacts()?.iter().find(|c| {
+                    c.through_group
+                        && (c.card.name().to_lowercase() == lower || c.peer.to_string() == who)
+                }) {
+                    return fail(format!(
+                        "{} is in a group with you but is not your contact: to write to them alone, add their code (`kkachi contact add CODE`); they can also ask you",
+                        name(m.card.name())
+                    ));
+                }
                 fail(format!(
                     "no contact or group named {:?}; `kkachi contact list` and `kkachi group list` show them",
                     for_terminal(who).as_ref()
@@ -470,9 +481,10 @@ impl App {
                                 "contact": contact.is_some(),
                                 // A card of theirs is held (a contact's, or one a member
                                 // passed on) and they are not blocked: they are sent to.
-                                "reachable": *peer != me
-                                    && matches!(self.store.contact(peer), Ok(Some(_)))
-                                    && matches!(self.store.blocked(peer), Ok(None)),
+                                "reachable": (*peer != me).then(|| {
+                                    matches!(self.store.contact(peer), Ok(Some(_)))
+                                        && matches!(self.store.blocked(peer), Ok(None))
+                                }),
                             })
                         })
                         .collect();
@@ -682,7 +694,30 @@ impl App {
         if args.reply.is_some() {
             return fail("--reply goes to a contact's message, not to a group's");
         }
-        let text = args.text.join(" ");
+        // `send Hiking Club hi`: the words after the first may be the rest of the
+        // group's name (the longest that names a group decides; another group's is
+        // refused, not guessed).
+        let mut words: &[String] = &args.text;
+        for taken in (1..args.text.len()).rev() {
+            let longer = format!("{} {}", args.contact, args.text[..taken].join(" "));
+            let Ok(Some((other, _))) = find_group(&self.store, &longer) else {
+                continue;
+            };
+            if other.roster.name.to_lowercase() != longer.to_lowercase() {
+                continue;
+            }
+            if other.id != g.id {
+                return fail(format!(
+                    "did you mean {} or {}? Quote the name: kkachi send \"{}\" …",
+                    name(&g.roster.name),
+                    name(&other.roster.name),
+                    name(&other.roster.name)
+                ));
+            }
+            words = &args.text[taken..];
+            break;
+        }
+        let text = words.join(" ");
         if let Some(path) = &args.file {
             return self
                 .send_file(

@@ -51,6 +51,9 @@ pub enum ContactError {
     /// A name that reads as a peer id would take over addressing by id.
     #[error("a name may not look like a peer id")]
     NameIsPeerId,
+    /// A name ending as kkachi marks people who are not contacts.
+    #[error("a name may not end with \"{NOT_A_CONTACT}\": that marks people who are not contacts")]
+    NameLooksMarked,
     /// Nothing is held from that sender.
     #[error("no message request from {0}; `kkachi request list` shows them")]
     NoRequest(String),
@@ -216,7 +219,8 @@ impl<T> State<T> {
         }
         self.apply_or_reset(sessions, w)?;
         Ok(ContactOutcome {
-            added: existing.is_none(),
+            // A member met in a group becomes a contact: added, as far as the user knows.
+            added: existing.is_none_or(|c| c.through_group),
             updated,
             unblocked,
             ..ContactOutcome::of(Some(contact))
@@ -407,10 +411,16 @@ impl<T> State<T> {
 
 /// Names follow the rules of card names (nothing hidden or reordered, not an id), and
 /// no two contacts share one (any case).
+/// How names of group members who are not contacts are marked where a `~` would not do.
+pub(crate) const NOT_A_CONTACT: &str = "(not a contact)";
+
 fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result<(), ContactError> {
     check_name(name)?;
     if looks_like_peer_id(name) {
         return Err(ContactError::NameIsPeerId);
+    }
+    if name.to_lowercase().trim_end().ends_with(NOT_A_CONTACT) {
+        return Err(ContactError::NameLooksMarked);
     }
     // Our own messages are shown as "me".
     if name.to_lowercase() == "me" {

@@ -24,6 +24,9 @@ use crate::store::{
     WriteSet,
 };
 
+/// Most of our messages of one group sealed again for a member we could not reach
+/// when they went (the newest).
+const CATCH_UP_MAX: usize = 50;
 /// Most members met in groups (not contacts) one client keeps.
 pub(crate) const MAX_MET: usize = 1024;
 /// How long what waits for a member met in a group we no longer share with them keeps
@@ -759,6 +762,109 @@ impl<T> State<T> {
             tracing::info!(member = %peer, "met a group member who is not a contact");
         }
         Ok(Some(met))
+    }
+
+    /// Our recent texts of the groups we share with `peer`, sent while they were a
+    /// member we could not reach (no card of theirs had reached us): sealed to them now,
+    /// each once, as they went to the others (the same id, numbered in our conversation
+    /// with them). Only texts dated since they were last added, from the last week, the
+    /// newest [`CATCH_UP_MAX`] per group (a file's chunks are not in their queues).
+    /// Returns how many.
+    pub(crate) fn catch_up(&mut self, peer: &PeerId, now: u64) -> Result<usize, EngineError> {
+        let Some(contact) = self.reachable(peer)? else {
+            return Ok(0);
+        };
+        let key = *contact.card.identity().ed25519();
+        let me = self.own_key();
+        let who = peer.to_bytes();
+        let mut due: Vec<(GroupId, [u8; 16], Vec<u8>, GroupMessage)> = Vec::new();
+        for (id, record) in self.store.groups()? {
+            if !record.joined || record.forgotten {
+                continue;
+            }
+            let merged = self.merged(id, &record)?;
+            let Some(roster) = merged.roster else {
+                continue;
+            };
+            if !roster.members.contains_key(&key) || !roster.may_post(&me) {
+                continue;
+            }
+            let since = record
+                .signed_ops()?
+                .iter()
+                .filter(|o| matches!(o.op(), Op::Add { member, .. } if *member.ed25519() == key))
+                .map(SignedOp::hlc)
+                .max()
+                .unwrap_or_default();
+            let missed: Vec<(Vec<u8>, GroupMessage)> = self
+                .store
+                .group_messages_keyed(&id)?
+                .into_iter()
+                .filter(|(_, m)| {
+                    m.from.is_empty()
+                        && !m.event
+                        && !m.unseen
+                        && m.message.file.is_none()
+                        && !m.message.deleted
+                        && m.hlc >= (since.ms, since.count)
+                        && now.saturating_sub(m.message.stored_at_ms) < MAX_WAIT_MS
+                        && !m.copies.iter().any(|(p, _)| *p == who)
+                })
+                .collect();
+            let skip = missed.len().saturating_sub(CATCH_UP_MAX);
+            due.extend(
+                missed
+                    .into_iter()
+                    .skip(skip)
+                    .map(|(k, m)| (id, merged.have, k, m)),
+            );
+        }
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let n = due.len();
+        self.with_sessions(|this, sessions| {
+            let mut w = WriteSet::default();
+            let mut conv = this.store.conversation(peer)?;
+            for (id, have, store_key, mut m) in due {
+                let content = Content {
+                    id: MessageId(m.message.id),
+                    seq: conv.next_seq.max(1),
+                    prev: conv.last_hash,
+                    sent_at_ms: now,
+                    body: Body::Group {
+                        group: id,
+                        what: GroupBody::Message {
+                            hlc: Hlc {
+                                ms: m.hlc.0,
+                                count: m.hlc.1,
+                            },
+                            have,
+                            secs: m.message.timer_secs,
+                            text: m.message.text.clone(),
+                        },
+                    },
+                };
+                let session = sessions.get(&this.store, &contact)?;
+                this.seal_into(
+                    &mut w,
+                    &contact,
+                    session,
+                    &content,
+                    OutboxKind::Message,
+                    now,
+                )?;
+                conv.next_seq = content.seq + 1;
+                conv.last_hash = content.hash();
+                LocalStore::write_group_copy_at(&mut w, peer, &m.message.id, store_key.clone());
+                m.copies.push((who.clone(), MessageState::Queued));
+                LocalStore::rewrite_group_message(&mut w, store_key, &m);
+            }
+            LocalStore::write_conversation(&mut w, peer, &conv);
+            this.apply_or_reset(sessions, w)
+        })?;
+        tracing::info!(member = %peer, messages = n, "sealed what a member we could not reach missed");
+        Ok(n)
     }
 
     /// Members met in a group who share no group with us any more are forgotten, with

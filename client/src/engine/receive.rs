@@ -216,6 +216,10 @@ impl<T> State<T> {
                 let shown = self.adopt_held_from(&peer, now)?;
                 tally.shown.extend(shown);
             }
+            // What we wrote to the group while we could not reach them goes now.
+            if let Err(e) = self.catch_up(&peer, now) {
+                tracing::warn!(member = %peer, error = %e, "could not seal what a member missed");
+            }
         }
         if self
             .members_left

@@ -245,11 +245,17 @@ impl LocalStore {
         id: &GroupId,
         local: u64,
     ) {
-        w.put(
-            TreeId::GroupIndex,
-            index_key(member, message),
-            message_key(id, local),
-        );
+        Self::write_group_copy_at(w, member, message, message_key(id, local));
+    }
+
+    /// [`LocalStore::write_group_copy`], for the message stored under `key`.
+    pub fn write_group_copy_at(
+        w: &mut WriteSet,
+        member: &PeerId,
+        message: &[u8; 16],
+        key: Vec<u8>,
+    ) {
+        w.put(TreeId::GroupIndex, index_key(member, message), key);
     }
 
     /// Notes where member `from`'s message `message` in group `id` (carrying a file)

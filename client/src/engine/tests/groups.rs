@@ -1390,3 +1390,80 @@ async fn an_admin_cannot_make_members_meet_more_people_than_a_small_group_holds(
         assert_eq!(met_here, want, "{members} members");
     }
 }
+
+#[tokio::test]
+async fn what_went_to_the_group_before_a_member_could_be_reached_reaches_them_once_met() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = strangers(&net).await;
+    let id = family(&alice, &bob, &carol).await;
+    // Bob lost Carol's card (as if the record passing it on never came): what he
+    // writes does not reach her.
+    let carol_id = carol.peer();
+    bob.engine
+        .change(move |state, _| {
+            state.with_sessions(|this, sessions| {
+                let mut w = WriteSet::default();
+                this.store.forget_contact(&mut w, &carol_id)?;
+                sessions.forget(&carol_id);
+                this.apply_or_reset(sessions, w)
+            })
+        })
+        .await
+        .unwrap();
+    let sent = bob
+        .engine
+        .send_group(id, "is anyone there?".into())
+        .await
+        .unwrap();
+    assert_eq!(sent.copies, 1);
+    assert_eq!(sent.unreachable, vec!["carol".to_string()]);
+    let before = bob.engine.send_group(id, "hello?".into()).await.unwrap();
+    assert_eq!(before.copies, 1);
+    bob.engine.settle().await.unwrap();
+    assert!(said(&carol).await.is_empty());
+    // Carol writes: her first message carries her card, and Bob meets her. What he
+    // wrote to the group meanwhile goes to her then, once.
+    carol.engine.send_group(id, "I am".into()).await.unwrap();
+    carol.engine.settle().await.unwrap();
+    let got = said(&bob).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    bob.engine.settle().await.unwrap();
+    let got: Vec<String> = said(&carol)
+        .await
+        .into_iter()
+        .map(|r| r.message.text)
+        .collect();
+    assert_eq!(
+        got,
+        vec!["is anyone there?".to_string(), "hello?".to_string()]
+    );
+    assert!(said(&carol).await.is_empty(), "nothing twice");
+    alice.sync().await;
+    let want = vec![
+        ("bob".to_string(), "is anyone there?".to_string()),
+        ("bob".to_string(), "hello?".to_string()),
+        ("carol".to_string(), "I am".to_string()),
+    ];
+    assert_eq!(texts(&carol, id), want);
+    assert_eq!(texts(&alice, id), want);
+    // Both of Bob's messages are now delivered to both members; nothing more goes on
+    // another meeting.
+    bob.sync().await;
+    for m in bob
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| !m.event && m.from.is_empty())
+    {
+        assert_eq!(m.tally().0, 2, "{}", m.message.text);
+    }
+    let carol_now = carol.peer();
+    let again = bob
+        .engine
+        .change(move |state, now| state.catch_up(&carol_now, now))
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+}
