@@ -357,6 +357,11 @@ fn members_who_are_not_contacts_talk_in_the_group_and_stay_out_of_the_contact_li
         );
     }
 
+    // A member who is not a contact can be blocked by the name they go by.
+    let blocked = &objects(&carol.ok(&["contact", "block", "bob", "--json"]))[0];
+    assert_eq!(blocked["blocked"], "bob", "{blocked}");
+    carol.ok(&["contact", "unblock", "bob"]);
+
     let sent = &objects(&bob.ok(&["send", "Street", "water", "is", "back", "--json"]))[0];
     assert_eq!(sent["members"], 2, "{sent}");
     assert_eq!(

@@ -9,7 +9,7 @@ use super::{App, CommandError, Output, fail, hex, name, resolve_contact, short_i
 use crate::cli::{ContactCommand, RequestCommand};
 use crate::engine::ContactOutcome;
 use crate::sanitize::for_terminal;
-use crate::store::{LocalStore, Request};
+use crate::store::{Contact, LocalStore, Request};
 use crate::time::format_ms;
 
 /// Lines of each held message shown by `request list`.
@@ -48,7 +48,18 @@ impl App {
                     Ok(c) => (c.peer, c.name),
                     Err(not_contact) => match contact.parse::<PeerId>() {
                         Ok(p) => (p, contact.clone()),
-                        Err(_) => return Err(not_contact),
+                        // A member of a group of ours who is not a contact, by the
+                        // name they go by (only if one member alone does).
+                        Err(_) => match met_named(&self.store, &contact)?.as_slice() {
+                            [one] => (one.peer, one.card.name().to_owned()),
+                            [] => return Err(not_contact),
+                            _ => {
+                                return fail(format!(
+                                    "several group members go by {:?}: block one by the peer id `kkachi group members GROUP --json` shows",
+                                    for_terminal(&contact).as_ref()
+                                ));
+                            }
+                        },
                     },
                 };
                 self.block(peer, label, json, out).await
@@ -365,6 +376,17 @@ fn matches_id(peer: &PeerId, who: &str) -> bool {
 
 /// Finds a message request by the name its sender gives (any case) or their id (whole,
 /// or a unique start or end of at least 6 characters).
+/// The members of our groups who are not contacts and go by `who` (any case).
+fn met_named(store: &LocalStore, who: &str) -> Result<Vec<Contact>, CommandError> {
+    let lower = who.to_lowercase();
+    Ok(store
+        .contacts()?
+        .iter()
+        .filter(|c| c.through_group && c.card.name().to_lowercase() == lower)
+        .cloned()
+        .collect())
+}
+
 fn resolve_request(store: &LocalStore, who: &str) -> Result<Request, CommandError> {
     let requests = store.requests()?;
     let by_id: Vec<&Request> = requests

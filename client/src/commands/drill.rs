@@ -577,6 +577,30 @@ fn waited_ms(e: &crate::store::OutboxEntry, now: u64) -> u64 {
     now.saturating_sub(queued)
 }
 
+/// Why a relay could not be reached, in a few words a user can act on: the network
+/// layer's own errors name every address and layer tried (hundreds of characters);
+/// anything not recognised is cut short.
+pub(crate) fn why_down(error: &str) -> String {
+    let lower = error.to_lowercase();
+    let plain = [
+        (
+            "connection refused",
+            "connection refused: nothing listens there",
+        ),
+        ("timed out", "no answer in time"),
+        ("timeout", "no answer in time"),
+        ("no route to host", "no route to it"),
+        ("network is unreachable", "the network is unreachable"),
+        ("connection reset", "the connection was reset"),
+        ("failed to negotiate", "it does not speak kkachi's protocol"),
+        ("wrong peer", "another peer answers at that address"),
+    ];
+    match plain.iter().find(|(needle, _)| lower.contains(needle)) {
+        Some((_, words)) => (*words).to_owned(),
+        None => short(error),
+    }
+}
+
 /// At most [`MAX_RELAY_TEXT`] characters of a relay's text.
 fn short(text: &str) -> String {
     match text.char_indices().nth(MAX_RELAY_TEXT) {
@@ -625,7 +649,7 @@ async fn check_relay<T: Transport>(
     let ask = |request| async {
         match tokio::time::timeout(ANSWER_WITHIN, net.request_as_reader(&relay, request)).await {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(short(&e.to_string())),
+            Ok(Err(e)) => Err(why_down(&e.to_string())),
             Err(_) => Err(format!("no answer within {} s", ANSWER_WITHIN.as_secs())),
         }
     };
@@ -886,6 +910,18 @@ mod tests {
             5_000,
             "from before the field: created_ms"
         );
+    }
+
+    #[test]
+    fn network_errors_are_said_in_a_few_words() {
+        let dial = "Transport([(/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWabc, Other(Custom { kind: Other, error: Other(Left(Left(Os { code: 111, kind: ConnectionRefused, message: \"Connection refused\" }))) }))])";
+        assert_eq!(why_down(dial), "connection refused: nothing listens there");
+        assert_eq!(
+            why_down("no answer within 5s: request timed out"),
+            "no answer in time"
+        );
+        let odd = "x".repeat(500);
+        assert_eq!(why_down(&odd).chars().count(), MAX_RELAY_TEXT + 1);
     }
 
     #[test]

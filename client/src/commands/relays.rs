@@ -267,7 +267,7 @@ impl App {
             let name = record.as_ref().map(|r| r.name.clone()).unwrap_or_default();
             let status = match (&info, &result) {
                 (Some(_), _) => format!("up ({} ms)", took.as_millis()),
-                (None, Err(e)) => format!("down: {e}"),
+                (None, Err(e)) => format!("down: {}", super::drill::why_down(&e.to_string())),
                 (None, Ok(other)) => format!("down: unexpected answer {other:?}"),
             };
             rows.push((addr, name, domain, info.is_some(), status, took));
