@@ -827,35 +827,20 @@ impl<T> State<T> {
             let mut w = WriteSet::default();
             let mut conv = this.store.conversation(peer)?;
             for (id, have, store_key, mut m) in due {
-                let content = Content {
-                    id: MessageId(m.message.id),
-                    seq: conv.next_seq.max(1),
-                    prev: conv.last_hash,
-                    sent_at_ms: now,
-                    body: Body::Group {
-                        group: id,
-                        what: GroupBody::Message {
-                            hlc: Hlc {
-                                ms: m.hlc.0,
-                                count: m.hlc.1,
-                            },
-                            have,
-                            secs: m.message.timer_secs,
-                            text: m.message.text.clone(),
+                let body = Body::Group {
+                    group: id,
+                    what: GroupBody::Message {
+                        hlc: Hlc {
+                            ms: m.hlc.0,
+                            count: m.hlc.1,
                         },
+                        have,
+                        secs: m.message.timer_secs,
+                        text: m.message.text.clone(),
                     },
                 };
-                let session = sessions.get(&this.store, &contact)?;
-                this.seal_into(
-                    &mut w,
-                    &contact,
-                    session,
-                    &content,
-                    OutboxKind::Message,
-                    now,
-                )?;
-                conv.next_seq = content.seq + 1;
-                conv.last_hash = content.hash();
+                let id = MessageId(m.message.id);
+                this.seal_numbered(&mut w, sessions, &contact, &mut conv, id, body, now)?;
                 LocalStore::write_group_copy_at(&mut w, peer, &m.message.id, store_key.clone());
                 m.copies.push((who.clone(), MessageState::Queued));
                 LocalStore::rewrite_group_message(&mut w, store_key, &m);
@@ -1157,24 +1142,8 @@ impl<T> State<T> {
                     continue;
                 };
                 let mut conv = this.store.conversation(&peer)?;
-                let content = Content {
-                    id: message_id,
-                    seq: conv.next_seq.max(1),
-                    prev: conv.last_hash,
-                    sent_at_ms: now,
-                    body: body.clone(),
-                };
-                let session = sessions.get(&this.store, &contact)?;
-                this.seal_into(
-                    &mut w,
-                    &contact,
-                    session,
-                    &content,
-                    OutboxKind::Message,
-                    now,
-                )?;
-                conv.next_seq = content.seq + 1;
-                conv.last_hash = content.hash();
+                let body = body.clone();
+                this.seal_numbered(&mut w, sessions, &contact, &mut conv, message_id, body, now)?;
                 LocalStore::write_conversation(&mut w, &peer, &conv);
                 LocalStore::write_group_copy(&mut w, &peer, &message_id.0, &id, local);
                 copies.push((peer.to_bytes(), MessageState::Queued));
@@ -1199,6 +1168,34 @@ impl<T> State<T> {
                 unreachable,
             })
         })
+    }
+
+    /// Seals `body` as message `id` for `contact`, numbered next in our conversation
+    /// `conv` with them (which it advances; the caller writes it), kept in the outbox
+    /// until confirmed.
+    #[allow(clippy::too_many_arguments)]
+    fn seal_numbered(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        conv: &mut crate::store::Conversation,
+        id: MessageId,
+        body: Body,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let content = Content {
+            id,
+            seq: conv.next_seq.max(1),
+            prev: conv.last_hash,
+            sent_at_ms: now,
+            body,
+        };
+        let session = sessions.get(&self.store, contact)?;
+        self.seal_into(w, contact, session, &content, OutboxKind::Message, now)?;
+        conv.next_seq = content.seq + 1;
+        conv.last_hash = content.hash();
+        Ok(())
     }
 
     /// A member's copy of our group message advanced (a relay has it, a receipt came):
