@@ -145,6 +145,17 @@ pub fn is_invisible(c: char) -> bool {
     )
 }
 
+/// [`check_name`], for a name a client makes (its user's, or one it gives a contact):
+/// it may not begin with a tilde or a look-alike either. Cards and operations that
+/// carry one are still valid (SPEC §2): only making one is refused.
+pub fn check_new_name(name: &str) -> Result<(), NameError> {
+    check_name(name)?;
+    match name.chars().next().filter(|c| TILDES.contains(c)) {
+        Some(c) => Err(NameError::Tilde(c.into())),
+        None => Ok(()),
+    }
+}
+
 /// Checks a display name: not blank, no leading or trailing space, at most
 /// [`MAX_NAME_CHARS`] characters, no control, invisible or text-direction characters.
 /// Cards are checked with it, and clients check the names users give contacts.
@@ -160,9 +171,6 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
     }
     if name.trim() != name {
         return Err(NameError::Padded);
-    }
-    if let Some(c) = name.chars().next().filter(|c| TILDES.contains(c)) {
-        return Err(NameError::Tilde(c.into()));
     }
     let chars = name.chars().count();
     if chars > MAX_NAME_CHARS || name.len() > MAX_NAME_LEN {
@@ -239,7 +247,7 @@ impl Card {
         epoch: u32,
         expires_at: u64,
     ) -> Result<Self, CardError> {
-        check_name(name)?;
+        check_new_name(name)?;
         check_relays(&relays)?;
         let requests = relays
             .iter()
@@ -690,9 +698,11 @@ mod tests {
         assert_eq!(check_name(" Alice"), Err(NameError::Padded));
         // A leading tilde (or a look-alike) would pass for the mark of a name nobody
         // vouched for; one inside a name is fine.
-        assert_eq!(check_name("~Bob"), Err(NameError::Tilde(0x7E)));
-        assert_eq!(check_name("\u{FF5E}Bob"), Err(NameError::Tilde(0xFF5E)));
-        assert_eq!(check_name("Bob~"), Ok(()));
+        assert_eq!(check_new_name("~Bob"), Err(NameError::Tilde(0x7E)));
+        assert_eq!(check_new_name("\u{FF5E}Bob"), Err(NameError::Tilde(0xFF5E)));
+        assert_eq!(check_new_name("Bob~"), Ok(()));
+        // Made elsewhere, such a name still decodes: refusing it would lose the card.
+        assert_eq!(check_name("~Bob"), Ok(()));
         assert_eq!(check_name("Al\x1b[2Jice"), Err(NameError::Control(0x1b)));
         assert_eq!(check_name("Alice\nBob"), Err(NameError::Control(0x0a)));
         assert_eq!(check_name("A\u{85}"), Err(NameError::Control(0x85)));

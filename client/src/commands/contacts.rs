@@ -45,6 +45,17 @@ impl App {
             }
             ContactCommand::Block { contact } => {
                 let (peer, label) = match resolve_contact(&self.store, &contact) {
+                    // A group member going by a contact's name: which one is not guessed.
+                    Ok(c)
+                        if c.peer.to_string() != contact
+                            && !met_named(&self.store, &contact)?.is_empty() =>
+                    {
+                        return fail(format!(
+                            "{:?} is your contact {} and a group member too: block by the peer id (`kkachi contact list --json`, `kkachi group members GROUP --json`)",
+                            for_terminal(&contact).as_ref(),
+                            name(&c.name)
+                        ));
+                    }
                     Ok(c) => (c.peer, c.name),
                     Err(not_contact) => match contact.parse::<PeerId>() {
                         Ok(p) => (p, contact.clone()),
@@ -374,11 +385,10 @@ fn matches_id(peer: &PeerId, who: &str) -> bool {
     id == who || (who.len() >= 6 && (id.starts_with(who) || id.ends_with(who)))
 }
 
-/// Finds a message request by the name its sender gives (any case) or their id (whole,
-/// or a unique start or end of at least 6 characters).
-/// The members of our groups who are not contacts and go by `who` (any case).
+/// The members of our groups who are not contacts and go by `who` (any case; a
+/// leading `~`, as they are shown, is taken off).
 fn met_named(store: &LocalStore, who: &str) -> Result<Vec<Contact>, CommandError> {
-    let lower = who.to_lowercase();
+    let lower = who.strip_prefix('~').unwrap_or(who).to_lowercase();
     Ok(store
         .contacts()?
         .iter()
@@ -387,6 +397,8 @@ fn met_named(store: &LocalStore, who: &str) -> Result<Vec<Contact>, CommandError
         .collect())
 }
 
+/// Finds a message request by the name its sender gives (any case) or their id (whole,
+/// or a unique start or end of at least 6 characters).
 fn resolve_request(store: &LocalStore, who: &str) -> Result<Request, CommandError> {
     let requests = store.requests()?;
     let by_id: Vec<&Request> = requests

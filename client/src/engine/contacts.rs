@@ -6,7 +6,7 @@
 //! contact removed cannot have its session written again by a message arriving at that
 //! moment. Each writes (applied, not flushed); the owner flushes before it answers.
 
-use kkachi_protocol::card::{CardError, NameError, check_name};
+use kkachi_protocol::card::{CardError, NameError, check_new_name};
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::{Body, Card, Envelope, PeerId, Session};
 use thiserror::Error;
@@ -355,9 +355,14 @@ impl<T> State<T> {
         peer: &PeerId,
         now: u64,
     ) -> Result<Vec<Received>, EngineError> {
-        let Some(request) = self.store.request(peer)? else {
+        let Some(mut request) = self.store.request(peer)? else {
             return Ok(Vec::new());
         };
+        // A member met in a group is not a contact: only the group records they sent
+        // before we knew them are taken in; their message requests stay requests.
+        if self.store.contact(peer)?.is_some_and(|c| c.through_group) {
+            request.messages.retain(|m| m.group);
+        }
         let envelopes: Vec<Envelope> = request
             .messages
             .iter()
@@ -393,6 +398,9 @@ impl<T> State<T> {
         if pruned + expired + carried > 0 {
             tracing::info!(pruned, expired, carried, "forgot expired envelopes");
         }
+        if let Err(e) = self.catch_up_everyone(now) {
+            tracing::warn!(error = %e, "could not seal what members missed");
+        }
         if let Err(e) = self.forget_former_members(now) {
             tracing::warn!(error = %e, "could not forget members of groups we left");
         }
@@ -409,13 +417,14 @@ impl<T> State<T> {
     }
 }
 
-/// Names follow the rules of card names (nothing hidden or reordered, not an id), and
-/// no two contacts share one (any case).
 /// How names of group members who are not contacts are marked where a `~` would not do.
 pub(crate) const NOT_A_CONTACT: &str = "(not a contact)";
 
+/// Names follow the rules of names a client makes (nothing hidden or reordered, no
+/// leading tilde, not an id, not marked as someone's who is not a contact), and no two
+/// contacts share one (any case).
 fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result<(), ContactError> {
-    check_name(name)?;
+    check_new_name(name)?;
     if looks_like_peer_id(name) {
         return Err(ContactError::NameIsPeerId);
     }

@@ -764,12 +764,11 @@ impl<T> State<T> {
         Ok(Some(met))
     }
 
-    /// Our recent texts of the groups we share with `peer`, sent while they were a
-    /// member we could not reach (no card of theirs had reached us): sealed to them now,
-    /// each once, as they went to the others (the same id, numbered in our conversation
-    /// with them). Only texts dated since they were last added, from the last week, the
-    /// newest [`CATCH_UP_MAX`] per group (a file's chunks are not in their queues).
-    /// Returns how many.
+    /// Our recent texts of the groups we share with `peer` that could not be sealed to
+    /// them when they went (no card of theirs had reached us: [`GroupMessage::missed`]):
+    /// sealed to them now, each once, as they went to the others (the same id, numbered
+    /// in our conversation with them). Only from the last week, the newest
+    /// [`CATCH_UP_MAX`] per group, and while they are still a member. Returns how many.
     pub(crate) fn catch_up(&mut self, peer: &PeerId, now: u64) -> Result<usize, EngineError> {
         let Some(contact) = self.reachable(peer)? else {
             return Ok(0);
@@ -789,24 +788,13 @@ impl<T> State<T> {
             if !roster.members.contains_key(&key) || !roster.may_post(&me) {
                 continue;
             }
-            let since = record
-                .signed_ops()?
-                .iter()
-                .filter(|o| matches!(o.op(), Op::Add { member, .. } if *member.ed25519() == key))
-                .map(SignedOp::hlc)
-                .max()
-                .unwrap_or_default();
             let missed: Vec<(Vec<u8>, GroupMessage)> = self
                 .store
                 .group_messages_keyed(&id)?
                 .into_iter()
                 .filter(|(_, m)| {
-                    m.from.is_empty()
-                        && !m.event
-                        && !m.unseen
-                        && m.message.file.is_none()
+                    m.missed.contains(&who)
                         && !m.message.deleted
-                        && m.hlc >= (since.ms, since.count)
                         && now.saturating_sub(m.message.stored_at_ms) < MAX_WAIT_MS
                         && !m.copies.iter().any(|(p, _)| *p == who)
                 })
@@ -842,6 +830,7 @@ impl<T> State<T> {
                 let id = MessageId(m.message.id);
                 this.seal_numbered(&mut w, sessions, &contact, &mut conv, id, body, now)?;
                 LocalStore::write_group_copy_at(&mut w, peer, &m.message.id, store_key.clone());
+                m.missed.retain(|p| *p != who);
                 m.copies.push((who.clone(), MessageState::Queued));
                 LocalStore::rewrite_group_message(&mut w, store_key, &m);
             }
@@ -849,6 +838,30 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)
         })?;
         tracing::info!(member = %peer, messages = n, "sealed what a member we could not reach missed");
+        Ok(n)
+    }
+
+    /// [`Self::catch_up`] for every member some recent message of ours missed who can be
+    /// reached now (after a run that stopped before it was done). Returns how many
+    /// messages went.
+    pub(crate) fn catch_up_everyone(&mut self, now: u64) -> Result<usize, EngineError> {
+        let mut peers = std::collections::BTreeSet::new();
+        for (id, record) in self.store.groups()? {
+            if !record.joined || record.forgotten {
+                continue;
+            }
+            for m in self.store.recent_group_messages(&id, 4 * CATCH_UP_MAX)? {
+                if now.saturating_sub(m.message.stored_at_ms) < MAX_WAIT_MS {
+                    peers.extend(m.missed.iter().filter_map(|p| PeerId::from_bytes(p).ok()));
+                }
+            }
+        }
+        let mut n = 0;
+        for peer in peers {
+            if self.reachable(&peer)?.is_some() {
+                n += self.catch_up(&peer, now)?;
+            }
+        }
         Ok(n)
     }
 
@@ -879,9 +892,11 @@ impl<T> State<T> {
             .filter(|c| {
                 // Nothing recent waits for them (a member who never confirms does not
                 // keep their place for ever).
+                // (From when it was first queued: `created_ms` moves on with each put
+                // again.)
                 self.store.outbox_keys_of(&c.peer).into_iter().all(|key| {
                     matches!(self.store.outbox_entry(key), Ok(Some(e))
-                        if now.saturating_sub(e.queued_ms.max(e.created_ms)) > FORMER_MEMBER_GRACE_MS)
+                        if now.saturating_sub(first_queued(&e)) > FORMER_MEMBER_GRACE_MS)
                 })
             })
             .cloned()
@@ -1131,6 +1146,7 @@ impl<T> State<T> {
             let mut w = with;
             let mut copies = Vec::new();
             let mut unreachable = Vec::new();
+            let mut missed = Vec::new();
             for (key, m) in &roster.members {
                 if *key == me {
                     continue;
@@ -1139,6 +1155,11 @@ impl<T> State<T> {
                 let chosen = only.is_none_or(|only| only.contains(&peer));
                 let Some(contact) = this.reachable(&peer)?.filter(|_| chosen) else {
                     unreachable.push(m.name.clone());
+                    // No card of theirs yet (not blocked, not left out of a file): it
+                    // goes to them once they are met.
+                    if chosen && file.is_none() && this.store.contact(&peer)?.is_none() {
+                        missed.push(peer.to_bytes());
+                    }
                     continue;
                 };
                 let mut conv = this.store.conversation(&peer)?;
@@ -1158,6 +1179,7 @@ impl<T> State<T> {
                 copies,
                 event: false,
                 unseen: false,
+                missed,
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
             LocalStore::write_group(&mut w, &id, &record);
@@ -1639,6 +1661,7 @@ impl<T> State<T> {
             copies: Vec::new(),
             event: false,
             unseen: false,
+            missed: Vec::new(),
         };
         message.message.seq = content.seq;
         message.message.prev = content.prev;
@@ -1954,6 +1977,14 @@ impl<T> State<T> {
     }
 }
 
+/// When an outbox entry was first queued (Unix ms).
+fn first_queued(e: &crate::store::OutboxEntry) -> u64 {
+    match e.queued_ms {
+        0 => e.created_ms,
+        t => t.min(e.created_ms),
+    }
+}
+
 fn refused_ops(reason: &'static str) -> Result<Outcome, EngineError> {
     Ok(Outcome::Refused(reason.into()))
 }
@@ -1976,6 +2007,7 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         copies: Vec::new(),
         event: true,
         unseen: false,
+        missed: Vec::new(),
     }
 }
 

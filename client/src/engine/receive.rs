@@ -207,20 +207,35 @@ impl<T> State<T> {
         Ok(tally)
     }
 
-    /// After a batch: what members met in it sent before we knew them is taken in, and
-    /// members met in groups we no longer share are forgotten.
+    /// After a batch (whose outcome is in the store already: nothing here fails it):
+    /// what members met in it sent before we knew them is taken in, what we wrote to
+    /// their groups meanwhile goes to them, and members met in groups we no longer
+    /// share are forgotten. Taking in what they sent receives again, and may meet more
+    /// people: they are handled in the same loop, not by a nested one.
     fn after_groups_changed(&mut self, now: u64, tally: &mut Tally) -> Result<(), EngineError> {
-        let met = std::mem::take(&mut *self.newly_met.lock());
-        for peer in met {
-            if self.store.request(&peer)?.is_some() {
-                let shown = self.adopt_held_from(&peer, now)?;
-                tally.shown.extend(shown);
+        use std::sync::atomic::Ordering;
+        if self.meeting.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        loop {
+            let met = std::mem::take(&mut *self.newly_met.lock());
+            if met.is_empty() {
+                break;
             }
-            // What we wrote to the group while we could not reach them goes now.
-            if let Err(e) = self.catch_up(&peer, now) {
-                tracing::warn!(member = %peer, error = %e, "could not seal what a member missed");
+            for peer in met {
+                match self.adopt_held_from(&peer, now) {
+                    Ok(shown) => tally.shown.extend(shown),
+                    Err(e) => {
+                        tracing::warn!(member = %peer, error = %e, "could not take in what a member sent before we met")
+                    }
+                }
+                // (Also at upkeep, for a run that stopped before this.)
+                if let Err(e) = self.catch_up(&peer, now) {
+                    tracing::warn!(member = %peer, error = %e, "could not seal what a member missed");
+                }
             }
         }
+        self.meeting.store(false, Ordering::SeqCst);
         if self
             .members_left
             .swap(false, std::sync::atomic::Ordering::SeqCst)

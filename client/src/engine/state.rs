@@ -200,6 +200,8 @@ pub(crate) struct State<T> {
     /// Members met in a group since the last batch of envelopes ended: what they sent
     /// before we knew them (held) is taken in then.
     pub(crate) newly_met: parking_lot::Mutex<Vec<PeerId>>,
+    /// Set while what newly met members sent is taken in (which receives again).
+    pub(crate) meeting: std::sync::atomic::AtomicBool,
     /// A group lost members (or us) in this batch: members met in groups we no longer
     /// share are forgotten when it ends.
     pub(crate) members_left: std::sync::atomic::AtomicBool,
@@ -267,6 +269,7 @@ impl<T> State<T> {
             revoked: parking_lot::Mutex::default(),
             met: std::sync::atomic::AtomicBool::new(false),
             newly_met: parking_lot::Mutex::default(),
+            meeting: std::sync::atomic::AtomicBool::new(false),
             members_left: std::sync::atomic::AtomicBool::new(false),
             rotations: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),

@@ -120,6 +120,7 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         copies: Vec::new(),
         event: false,
         unseen: false,
+        missed: Vec::new(),
     };
     LocalStore::write_group_message(&mut w, &group, 0, &said);
     LocalStore::write_group_copy(&mut w, &peer, &ids[1], &group, 0);

@@ -168,6 +168,9 @@ pub struct GroupMessage {
     /// Ours, sent after we had been removed (we learnt it later): members may not have
     /// been shown it.
     pub unseen: bool,
+    /// Ours: members (peer ids) it could not be sealed to when it went because no card
+    /// of theirs had reached us; it goes to each once they are met.
+    pub missed: Vec<Vec<u8>>,
 }
 
 impl GroupMessage {
@@ -476,6 +479,7 @@ mod tests {
             copies: Vec::new(),
             event: false,
             unseen: false,
+            missed: Vec::new(),
         }
     }
 

@@ -1467,3 +1467,34 @@ async fn what_went_to_the_group_before_a_member_could_be_reached_reaches_them_on
         .unwrap();
     assert_eq!(again, 0);
 }
+
+#[tokio::test]
+async fn a_message_request_stays_a_request_when_its_sender_is_met_in_a_group() {
+    let net = FakeNet::default();
+    let (alice, bob, carol) = strangers(&net).await;
+    // Bob has Carol's code and writes her: a message request.
+    let carol_at_bob = bob.add_contact(&carol);
+    bob.send(&carol_at_bob, "hello, it's Bob from the meeting")
+        .await;
+    assert!(said(&carol).await.is_empty());
+    assert_eq!(carol.engine.store().requests().unwrap().len(), 1);
+    // Then Alice puts them in one group: Carol meets Bob there, and his request stays
+    // a request, shown, until she accepts it.
+    family(&alice, &bob, &carol).await;
+    assert!(met(&carol, &bob));
+    let requests = carol.engine.store().requests().unwrap();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(
+        requests[0].messages[0].text.as_deref(),
+        Some("hello, it's Bob from the meeting")
+    );
+    carol.engine.housekeeping().await.unwrap();
+    assert_eq!(
+        carol.engine.store().requests().unwrap().len(),
+        1,
+        "not at upkeep either"
+    );
+    let accepted = carol.engine.accept_request(bob.peer(), None).await.unwrap();
+    assert_eq!(accepted.accepted.len(), 1);
+    assert_eq!(carol.messages(&bob).len(), 1);
+}
