@@ -894,3 +894,92 @@ mod base64_tests {
         assert_eq!(super::base64(b"kk1 code"), "a2sxIGNvZGU=");
     }
 }
+
+#[cfg(test)]
+mod group_view_tests {
+    use kkachi_protocol::group::{Hlc, Mode, Op, Role, SignedOp};
+    use kkachi_protocol::{Card, Identity};
+
+    use crate::store::{
+        Contact, Direction, GroupMessage, GroupRecord, LocalStore, MessageRecord, MessageState,
+        WriteSet,
+    };
+
+    fn said(who: &Identity, name: &str, at: u64, text: &str) -> GroupMessage {
+        GroupMessage {
+            from: who.peer_id().to_bytes(),
+            name: name.into(),
+            hlc: (at, 0),
+            message: MessageRecord {
+                id: [at as u8; 16],
+                direction: Direction::In,
+                text: text.into(),
+                state: MessageState::Received,
+                sent_at_ms: at,
+                stored_at_ms: at,
+                seq: 1,
+                prev: [0; 32],
+                timer_secs: 0,
+                edited: false,
+                deleted: false,
+                revised_seq: 0,
+                reply_to: None,
+                reactions: Default::default(),
+                file: None,
+            },
+            copies: Vec::new(),
+            event: false,
+            unseen: false,
+            missed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn members_who_are_not_contacts_are_marked_in_a_groups_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, me, _) = LocalStore::provision(dir.path(), "Me", &[]).unwrap();
+        let (bob, carol) = (Identity::generate(), Identity::generate());
+        let at = |ms| Hlc { ms, count: 0 };
+        let create = SignedOp::create(&me, "Me", [1; 16], "Street", Mode::Chat, at(1));
+        let id = create.group();
+        let add = |who: &Identity, name: &str, seq: u64| {
+            let op = Op::Add {
+                member: who.public(),
+                name: name.into(),
+                role: Role::Member,
+            };
+            SignedOp::sign(&me, id, seq, at(seq), op)
+        };
+        let ops = [create.clone(), add(&bob, "bob", 2), add(&carol, "carol", 3)];
+        let record = GroupRecord {
+            ops: ops.iter().map(|o| o.encode().to_vec()).collect(),
+            joined: true,
+            ..GroupRecord::default()
+        };
+        let mut w = WriteSet::default();
+        LocalStore::write_group(&mut w, &id, &record);
+        // Carol is a contact, under the name we gave her; Bob was only met in the group.
+        let card = |who: &Identity, name: &str| Card::new(who, name, vec![], 1).unwrap();
+        let carol_contact =
+            Contact::new(carol.peer_id(), "Carol Park".into(), card(&carol, "carol"));
+        LocalStore::write_contact(&mut w, &carol_contact);
+        let bob_met = Contact {
+            through_group: true,
+            ..Contact::new(bob.peer_id(), "bob".into(), card(&bob, "bob"))
+        };
+        LocalStore::write_contact(&mut w, &bob_met);
+        LocalStore::write_group_message(&mut w, &id, 0, &said(&bob, "bob", 10, "hi"));
+        LocalStore::write_group_message(&mut w, &id, 1, &said(&carol, "carol", 11, "hello"));
+        store.apply(w).unwrap();
+        let snap = super::snapshot(&store, None, None, Some(id));
+        let who: Vec<&str> = snap
+            .group_lines
+            .iter()
+            .filter(|l| !l.event)
+            .map(|l| l.who.as_str())
+            .collect();
+        assert_eq!(who, vec!["~bob", "Carol Park"]);
+        // Nor is Bob among the conversations.
+        assert!(snap.conversations.iter().all(|c| c.peer != bob.peer_id()));
+    }
+}
