@@ -27,6 +27,8 @@ use crate::store::{
 /// Most of our messages of one group sealed again for a member we could not reach
 /// when they went (the newest).
 const CATCH_UP_MAX: usize = 50;
+/// How many of a group's newest messages are looked at for what a member missed.
+const CATCH_UP_SCAN: usize = 4 * CATCH_UP_MAX;
 /// Most members met in groups (not contacts) one client keeps.
 pub(crate) const MAX_MET: usize = 1024;
 /// How long what waits for a member met in a group we no longer share with them keeps
@@ -402,14 +404,14 @@ impl<T> State<T> {
             let mut told = 0;
             let mut unreachable = Vec::new();
             for (key, (identity, name)) in &audience {
-                let (what, every) = if added.contains(key) {
-                    (&all, true)
+                let (what, whole) = if added.contains(key) {
+                    (&all, Some(&after))
                 } else {
-                    (&new_ops, false)
+                    (&new_ops, None)
                 };
                 match this.reachable(&identity.peer_id())? {
                     Some(contact) => {
-                        this.share_ops(&mut w, sessions, &contact, id, what, every, have, now)?;
+                        this.share_ops(&mut w, sessions, &contact, id, what, whole, have, now)?;
                         told += 1;
                     }
                     None => unreachable.push(name.clone()),
@@ -475,8 +477,9 @@ impl<T> State<T> {
         }
     }
 
-    /// Queues `ops` of group `id` for `contact`, in as many records as they need (`all`:
-    /// every operation we hold, said on the last record), with our digest `have`. The
+    /// Queues `ops` of group `id` for `contact`, in as many records as they need
+    /// (`whole`: they are every operation we hold, whose state is that roster, said on
+    /// the last record), with our digest `have`. The
     /// records are kept for sealing again on a new session, as messages are: a member
     /// who misses an operation would see another group.
     #[allow(clippy::too_many_arguments)]
@@ -487,7 +490,7 @@ impl<T> State<T> {
         contact: &Contact,
         id: GroupId,
         ops: &[SignedOp],
-        all: bool,
+        whole: Option<&Roster>,
         have: [u8; 16],
         now: u64,
     ) -> Result<(), EngineError> {
@@ -502,31 +505,43 @@ impl<T> State<T> {
                 bytes += 2 + ops[end].encode().len();
                 end += 1;
             }
-            let content = Content {
-                id: MessageId(rand::random()),
-                seq: 0,
-                prev: [0; 32],
-                sent_at_ms: now,
-                body: Body::Group {
-                    group: id,
-                    what: GroupBody::Ops {
-                        all: all && end == ops.len(),
-                        have,
-                        ops: ops[start..end].to_vec(),
-                    },
-                },
+            let what = GroupBody::Ops {
+                all: whole.is_some() && end == ops.len(),
+                have,
+                ops: ops[start..end].to_vec(),
             };
-            // Kept until the member confirms it, and sealed again on a new session, as a
-            // message is: a member who misses an operation would see another group.
-            self.seal_into(w, contact, session, &content, OutboxKind::Message, now)?;
+            self.queue_group_record(w, contact, session, id, what, now)?;
             start = end;
         }
         LocalStore::write_session(w, &contact.peer, session);
-        self.pass_cards(w, sessions, contact, id, ops, all, now)
+        self.pass_cards(w, sessions, contact, id, ops, whole, now)
     }
 
-    /// Passes `contact` the cards we hold of the members `ops` concern (every member,
-    /// with a whole log; else those the operations add), so members who are not each
+    /// Queues an unsequenced record of group `id` for `contact` on `session`: kept
+    /// until the member confirms it, and sealed again on a new session, as a message
+    /// is (a member who misses an operation or a card would see another group).
+    fn queue_group_record(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut kkachi_protocol::Session,
+        id: GroupId,
+        what: GroupBody,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let content = Content {
+            id: MessageId(rand::random()),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: now,
+            body: Body::Group { group: id, what },
+        };
+        self.seal_into(w, contact, session, &content, OutboxKind::Message, now)
+            .map(drop)
+    }
+
+    /// Passes `contact` the cards we hold of the members `ops` concern (every member of
+    /// `whole`, with a whole log; else those the operations add), so members who are not each
     /// other's contacts reach each other (SPEC §14.4). Kept until confirmed, as the
     /// operations are.
     #[allow(clippy::too_many_arguments)]
@@ -537,14 +552,11 @@ impl<T> State<T> {
         contact: &Contact,
         id: GroupId,
         ops: &[SignedOp],
-        all: bool,
+        whole: Option<&Roster>,
         now: u64,
     ) -> Result<(), EngineError> {
-        let keys: Vec<[u8; 32]> = if all {
-            match Roster::merge(id, ops) {
-                Ok(roster) => roster.members.keys().copied().collect(),
-                Err(_) => return Ok(()),
-            }
+        let keys: Vec<[u8; 32]> = if let Some(roster) = whole {
+            roster.members.keys().copied().collect()
         } else {
             ops.iter()
                 .filter_map(|o| match o.op() {
@@ -574,19 +586,10 @@ impl<T> State<T> {
         }
         let session = sessions.get(&self.store, contact)?;
         for chunk in cards.chunks(MAX_GROUP_CARDS) {
-            let content = Content {
-                id: MessageId(rand::random()),
-                seq: 0,
-                prev: [0; 32],
-                sent_at_ms: now,
-                body: Body::Group {
-                    group: id,
-                    what: GroupBody::Cards {
-                        cards: chunk.to_vec(),
-                    },
-                },
+            let what = GroupBody::Cards {
+                cards: chunk.to_vec(),
             };
-            self.seal_into(w, contact, session, &content, OutboxKind::Message, now)?;
+            self.queue_group_record(w, contact, session, id, what, now)?;
         }
         LocalStore::write_session(w, &contact.peer, session);
         Ok(())
@@ -788,9 +791,10 @@ impl<T> State<T> {
             if !roster.members.contains_key(&key) || !roster.may_post(&me) {
                 continue;
             }
+            // Among the recent ones only (those `catch_up_everyone` looks at too).
             let missed: Vec<(Vec<u8>, GroupMessage)> = self
                 .store
-                .group_messages_keyed(&id)?
+                .recent_group_messages_keyed(&id, CATCH_UP_SCAN)?
                 .into_iter()
                 .filter(|(_, m)| {
                     m.missed.contains(&who)
@@ -850,7 +854,7 @@ impl<T> State<T> {
             if !record.joined || record.forgotten {
                 continue;
             }
-            for m in self.store.recent_group_messages(&id, 4 * CATCH_UP_MAX)? {
+            for m in self.store.recent_group_messages(&id, CATCH_UP_SCAN)? {
                 if now.saturating_sub(m.message.stored_at_ms) < MAX_WAIT_MS {
                     peers.extend(m.missed.iter().filter_map(|p| PeerId::from_bytes(p).ok()));
                 }
@@ -1372,7 +1376,7 @@ impl<T> State<T> {
         record.answered.push((who, ours, now));
         LocalStore::write_group(w, &id, &record);
         tracing::info!(group = %id.to_hex(), member = %contact.peer, "a member holds other group operations; sending ours");
-        self.share_ops(w, sessions, contact, id, &ops, true, ours, now)
+        self.share_ops(w, sessions, contact, id, &ops, Some(&roster), ours, now)
     }
 
     /// Whether our whole log of group `id` waits in the outbox for `peer` (not confirmed).
@@ -1583,7 +1587,7 @@ impl<T> State<T> {
             let passed: Vec<SignedOp> =
                 new.iter().filter(|o| o.author() != &key).cloned().collect();
             if let Some(c) = self.reachable(&m.identity.peer_id())? {
-                self.share_ops(w, sessions, &c, id, &passed, false, have_digest(&all), now)?;
+                self.share_ops(w, sessions, &c, id, &passed, None, have_digest(&all), now)?;
             }
         }
         tracing::info!(group = %id.to_hex(), ops = new.len(), "group operations merged");

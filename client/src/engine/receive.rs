@@ -236,9 +236,7 @@ impl<T> State<T> {
             }
         }
         self.meeting.store(false, Ordering::SeqCst);
-        if self
-            .members_left
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        if self.members_left.swap(false, Ordering::SeqCst)
             && let Err(e) = self.forget_former_members(now)
         {
             tracing::warn!(error = %e, "could not forget members of groups we left");

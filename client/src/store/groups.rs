@@ -344,6 +344,19 @@ impl LocalStore {
         id: &GroupId,
         n: usize,
     ) -> Result<Vec<GroupMessage>, StoreError> {
+        Ok(self
+            .recent_group_messages_keyed(id, n)?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect())
+    }
+
+    /// [`LocalStore::recent_group_messages`] with each message's key.
+    pub fn recent_group_messages_keyed(
+        &self,
+        id: &GroupId,
+        n: usize,
+    ) -> Result<Vec<(Vec<u8>, GroupMessage)>, StoreError> {
         let now = crate::engine::now_ms();
         let mut out = Vec::new();
         for item in self
@@ -351,16 +364,16 @@ impl LocalStore {
             .scan_prefix(group_key(id))
             .rev()
         {
-            let (_, v) = item?;
+            let (k, v) = item?;
             let m: GroupMessage = decode(&v, "group message")?;
             if !m.message.expired(now) {
-                out.push(m);
+                out.push((k.to_vec(), m));
                 if out.len() == n {
                     break;
                 }
             }
         }
-        out.sort_by(|a, b| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
+        out.sort_by(|(_, a), (_, b)| a.hlc.cmp(&b.hlc).then_with(|| a.from.cmp(&b.from)));
         Ok(out)
     }
 
