@@ -75,6 +75,37 @@ fn main() {
         write("group", "log", &encode_ops(&ops));
         write("group", "create", &encode_ops(&ops[..1]));
     }
+    // The large tier: a key record (0 ‖ record), a post (1 ‖ post) and an item under
+    // the corpus's epoch key (2 ‖ item).
+    {
+        use kkachi_protocol::content::MessageId;
+        use kkachi_protocol::fuzzing::{FUZZ_EPOCH_KEY, FUZZ_GROUP};
+        use kkachi_protocol::group::Hlc;
+        use kkachi_protocol::group::large::{EpochKey, KeyRecord, Post, PostBody};
+        let (admin, member) = (fuzz_sender(), fuzz_recipient());
+        let key = EpochKey::from_bytes(FUZZ_EPOCH_KEY);
+        let at = Hlc { ms: 7, count: 0 };
+        let members = [admin.x25519_public(), member.x25519_public()];
+        let record = KeyRecord::make(&admin, FUZZ_GROUP, 1, at, &key, &members)
+            .expect("two wraps")
+            .remove(0);
+        write("group_large", "key", &[&[0][..], record.encode()].concat());
+        let post = Post::sign(
+            &admin,
+            FUZZ_GROUP,
+            1,
+            MessageId([0; 16]),
+            at,
+            PostBody::Message {
+                seconds: 0,
+                text: "evacuate to the school gym".into(),
+            },
+        )
+        .expect("a valid post");
+        write("group_large", "post", &[&[1][..], post.encode()].concat());
+        let item = post.seal(&key, &mut rand_core::OsRng);
+        write("group_large", "item", &[&[2][..], &item[..]].concat());
+    }
     // Files: a file reference (0 ‖ encoding) and a manifest sealed under the
     // corpus key (1 ‖ sealed).
     {

@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("bundle", bundle),
     ("file", file),
     ("group", group),
+    ("group_large", group_large),
 ];
 
 /// The key of the manifests in the `file` corpus (public, so seeds can be real).
@@ -63,6 +64,37 @@ pub fn group(data: &[u8]) {
             let id = first.group();
             let _ = Roster::merge(id, ops.iter().filter(|op| op.group() == id));
         }
+    }
+}
+
+/// The epoch key of the items in the `group_large` corpus (public, so seeds can be real).
+pub const FUZZ_EPOCH_KEY: [u8; 32] = [5; 32];
+/// The group of the items in the `group_large` corpus.
+pub const FUZZ_GROUP: crate::group::GroupId = crate::group::GroupId([6; 32]);
+
+/// The large tier's records, which any member may write (SPEC §14.5): key records
+/// (first byte 0), posts (1) and items of a group queue under [`FUZZ_EPOCH_KEY`] (2).
+pub fn group_large(data: &[u8]) {
+    use crate::group::large::{EpochKey, KeyRecord, Post, open_item};
+    match data.split_first() {
+        Some((0, rest)) => {
+            if let Ok(record) = KeyRecord::decode(rest) {
+                assert_eq!(record.encode(), rest, "key records are canonical");
+                let _ = record.unwrap(&fuzz_recipient());
+            }
+        }
+        Some((1, rest)) => {
+            if let Ok(post) = Post::decode(rest) {
+                assert_eq!(post.encode(), rest, "posts are canonical");
+            }
+        }
+        Some((2, rest)) => {
+            let key = EpochKey::from_bytes(FUZZ_EPOCH_KEY);
+            if let Ok(post) = open_item(&FUZZ_GROUP, &key, rest) {
+                assert_eq!(Post::decode(post.encode()).expect("opened"), post);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -19,7 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use crate::card::{NameError, check_name};
+use multiaddr::{Multiaddr, Protocol};
+
+use crate::card::{MAX_ADDR_LEN, NameError, check_name};
 use crate::codec::{DecodeError, Reader, Writer, hash};
 use crate::identity::{Identity, IdentityError, PublicIdentity, verify_raw};
 
@@ -49,6 +51,11 @@ const KIND_ROLE: u8 = 4;
 const KIND_RENAME: u8 = 5;
 const KIND_MODE: u8 = 6;
 const KIND_TIMER: u8 = 7;
+const KIND_RELAYS: u8 = 8;
+/// Most group relays a group names (SPEC §14.5).
+pub const MAX_GROUP_RELAYS: usize = 8;
+
+pub mod large;
 
 /// A group's id: `H("kkachi/group-id/v1", its create operation)`, so it commits to the
 /// creator and nobody can write another creation for it.
@@ -235,6 +242,12 @@ pub enum Op {
         /// Seconds, at most [`crate::content::MAX_TIMER_SECS`]; 0 is off.
         secs: u32,
     },
+    /// Sets the group's relays: where the large tier keeps its group queues (none: the
+    /// small tier).
+    SetRelays {
+        /// Each ending in `/p2p/<relay peer id>`.
+        relays: Vec<Multiaddr>,
+    },
 }
 
 impl Op {
@@ -247,6 +260,7 @@ impl Op {
             Op::Rename { .. } => KIND_RENAME,
             Op::SetMode { .. } => KIND_MODE,
             Op::SetTimer { .. } => KIND_TIMER,
+            Op::SetRelays { .. } => KIND_RELAYS,
         }
     }
 
@@ -267,7 +281,7 @@ impl Op {
             Op::SetRole {
                 role: Role::Member, ..
             } => 4,
-            Op::Rename { .. } | Op::SetTimer { .. } => 5,
+            Op::Rename { .. } | Op::SetTimer { .. } | Op::SetRelays { .. } => 5,
             Op::SetMode { mode: Mode::Chat } => 6,
             Op::SetMode {
                 mode: Mode::Announcement,
@@ -307,6 +321,12 @@ impl Op {
             }
             Op::SetTimer { secs } => {
                 w.u32(*secs);
+            }
+            Op::SetRelays { relays } => {
+                w.u8(relays.len() as u8);
+                for addr in relays {
+                    w.bytes16(&addr.to_vec());
+                }
             }
         }
     }
@@ -354,6 +374,29 @@ impl Op {
                 }
                 Op::SetTimer { secs }
             }
+            KIND_RELAYS => {
+                let n = usize::from(r.u8("group relay count")?);
+                if n > MAX_GROUP_RELAYS {
+                    return Err(DecodeError::TooLong {
+                        field: "group relays",
+                        len: n as u64,
+                        max: MAX_GROUP_RELAYS as u64,
+                    }
+                    .into());
+                }
+                let mut relays = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let raw = r.bytes16(MAX_ADDR_LEN, "group relay")?;
+                    relays.push(Multiaddr::try_from(raw.to_vec()).map_err(|_| {
+                        DecodeError::Invalid {
+                            field: "group relay",
+                            reason: "not a multiaddr",
+                        }
+                    })?);
+                }
+                check_group_relays(&relays)?;
+                Op::SetRelays { relays }
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "group operation",
@@ -386,9 +429,41 @@ pub enum GroupError {
     /// The operations hold no creation of the group.
     #[error("the group's creation is missing")]
     NoCreate,
+    /// The group relays break a rule of [`check_group_relays`].
+    #[error("bad group relays: {0}")]
+    Relays(&'static str),
     /// More operations than [`MAX_LOG_OPS`].
     #[error("the group has too many operations ({0} > {MAX_LOG_OPS})")]
     TooManyOps(usize),
+}
+
+/// Checks a group's relays as an operation setting them must hold them: at most
+/// [`MAX_GROUP_RELAYS`], each ending in `/p2p/<peer id>`, no relay twice, and all of them
+/// within an operation's body.
+pub fn check_group_relays(relays: &[Multiaddr]) -> Result<(), GroupError> {
+    if relays.len() > MAX_GROUP_RELAYS {
+        return Err(GroupError::Relays("a group has at most 8 relays"));
+    }
+    let mut peers = Vec::with_capacity(relays.len());
+    let mut len = 1;
+    for addr in relays {
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            return Err(GroupError::Relays(
+                "a relay address must end in /p2p/<relay peer id>",
+            ));
+        };
+        if peers.contains(&peer) {
+            return Err(GroupError::Relays("a relay is named twice"));
+        }
+        peers.push(peer);
+        len += 2 + addr.to_vec().len();
+    }
+    if len > MAX_OP_BODY_LEN {
+        return Err(GroupError::Relays(
+            "the relays' addresses take more than 800 bytes together",
+        ));
+    }
+    Ok(())
 }
 
 /// An operation with its author, number, clock and signature.
@@ -629,6 +704,8 @@ pub struct Roster {
     pub mode: Mode,
     /// Its disappearing-message timer, seconds (0: off).
     pub timer_secs: u32,
+    /// Its group relays: empty in the small tier (SPEC §14.5).
+    pub relays: Vec<Multiaddr>,
     /// Its members, by Ed25519 identity key.
     pub members: BTreeMap<[u8; 32], Member>,
     /// Everyone who was a member once and is not now.
@@ -795,6 +872,7 @@ fn replay(
         name: String::new(),
         mode: Mode::Chat,
         timer_secs: 0,
+        relays: Vec::new(),
         members: BTreeMap::new(),
         former: BTreeSet::new(),
         latest: Hlc::default(),
@@ -892,6 +970,7 @@ fn replay(
             Op::Rename { name } if admin => roster.name.clone_from(name),
             Op::SetMode { mode } if admin => roster.mode = *mode,
             Op::SetTimer { secs } if admin => roster.timer_secs = *secs,
+            Op::SetRelays { relays } if admin => roster.relays.clone_from(relays),
             _ => roster.ignored += 1,
         }
         if roster.ignored == applied_before {

@@ -50,6 +50,12 @@ pub enum QueueKind {
     /// everyone holding the invite code, with a small quota, short lifetimes and a
     /// small allowance per source.
     Requests,
+    /// A group queue (SPEC §14.5): every member of a large group reads it with the
+    /// epoch's read key and puts through the epoch's one capability; nothing is deleted
+    /// from it (its envelopes leave by expiry only, so no member can take another's
+    /// message away), its capability is not revoked, and it takes grants of this kind
+    /// only.
+    Group,
 }
 
 impl QueueKind {
@@ -58,6 +64,7 @@ impl QueueKind {
         match self {
             Self::Inbox => 1,
             Self::Requests => 2,
+            Self::Group => 3,
         }
     }
 
@@ -66,6 +73,7 @@ impl QueueKind {
         match v {
             1 => Some(Self::Inbox),
             2 => Some(Self::Requests),
+            3 => Some(Self::Group),
             _ => None,
         }
     }

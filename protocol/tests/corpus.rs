@@ -56,6 +56,22 @@ fn seeds_exercise_the_success_paths() {
             2
         );
     }
+    {
+        use kkachi_protocol::fuzzing::{FUZZ_EPOCH_KEY, FUZZ_GROUP};
+        use kkachi_protocol::group::large::{EpochKey, KeyRecord, Post, open_item};
+        let record = KeyRecord::decode(&read("group_large", "key")[1..]).unwrap();
+        let me = kkachi_protocol::fuzzing::fuzz_recipient();
+        assert_eq!(
+            record.unwrap(&me).map(|k| k.id(&FUZZ_GROUP)),
+            Some(record.epoch())
+        );
+        let post = Post::decode(&read("group_large", "post")[1..]).unwrap();
+        let key = EpochKey::from_bytes(FUZZ_EPOCH_KEY);
+        assert_eq!(
+            open_item(&FUZZ_GROUP, &key, &read("group_large", "item")[1..]).unwrap(),
+            post
+        );
+    }
     let me = kkachi_protocol::fuzzing::fuzz_recipient();
     assert!(matches!(
         session::open(&me, &read("session_packet", "init")),

@@ -59,6 +59,27 @@ fn spec_states_the_limits_the_code_enforces() {
         ),
         ("MAX_MEMBERS", kkachi_protocol::group::MAX_MEMBERS as u64),
         (
+            "MAX_GROUP_RELAYS",
+            kkachi_protocol::group::MAX_GROUP_RELAYS as u64,
+        ),
+        ("MAX_WRAPS", kkachi_protocol::group::large::MAX_WRAPS as u64),
+        (
+            "MAX_KEY_PARTS",
+            kkachi_protocol::group::large::MAX_KEY_PARTS as u64,
+        ),
+        (
+            "MAX_POST_OPS",
+            kkachi_protocol::group::large::MAX_POST_OPS as u64,
+        ),
+        (
+            "MAX_HAVE_AUTHORS",
+            kkachi_protocol::group::large::MAX_HAVE_AUTHORS as u64,
+        ),
+        (
+            "MAX_POST_LEN",
+            kkachi_protocol::group::large::MAX_POST_LEN as u64,
+        ),
+        (
             "SMALL_GROUP_MAX",
             kkachi_protocol::group::SMALL_GROUP_MAX as u64,
         ),

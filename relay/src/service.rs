@@ -381,6 +381,9 @@ impl<S: MailboxStore + Clone> Service<S> {
             }
             ClientToRelay::Delete { key, ids } => {
                 let queue = key.queue();
+                if let Some(refusal) = self.refuse_on_group_queue(&queue) {
+                    return Action::Respond(refusal);
+                }
                 let (store, metrics) = (self.store.clone(), self.metrics.clone());
                 let failed = metrics.clone();
                 // Indexing the queue first is nothing once it is indexed.
@@ -421,6 +424,9 @@ impl<S: MailboxStore + Clone> Service<S> {
                 self.grant(requester, &key, kind, &token, &write_ids)
             }
             ClientToRelay::Revoke { key, write_ids } => {
+                if let Some(refusal) = self.refuse_on_group_queue(&key.queue()) {
+                    return Action::Respond(refusal);
+                }
                 match self.store.revoke(&key.queue(), &write_ids) {
                     Ok(grants) => self.once_durable(RelayToClient::Granted { grants }),
                     Err(e) => {
@@ -471,6 +477,9 @@ impl<S: MailboxStore + Clone> Service<S> {
             }
             ClientToRelay::DeleteChunks { key, ids } => {
                 let queue = key.queue();
+                if let Some(refusal) = self.refuse_on_group_queue(&queue) {
+                    return Action::Respond(refusal);
+                }
                 self.with_chunk_store(move |chunks, metrics| match chunks.delete(&queue, &ids) {
                     Ok(count) => RelayToClient::Deleted { count },
                     Err(e) => {
@@ -511,6 +520,24 @@ impl<S: MailboxStore + Clone> Service<S> {
         }))
     }
 
+    /// The refusal of a Delete, Revoke or DeleteChunks on a group queue: every member
+    /// holds its read key, so none may take away what others have not read, nor shut
+    /// the others out.
+    fn refuse_on_group_queue(&self, queue: &QueueId) -> Option<RelayToClient> {
+        match self.store.is_group_queue(queue) {
+            Ok(false) => None,
+            Ok(true) => Some(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "a group queue keeps its envelopes, files and capability until they expire; nothing is deleted or revoked in it",
+            )),
+            Err(e) => {
+                let (code, message) = store_refusal(&e);
+                Some(refuse(&self.metrics, code, message))
+            }
+        }
+    }
+
     /// The answer of a relay that stores no files.
     fn no_files(&self) -> Action {
         Action::Respond(refuse(
@@ -525,7 +552,7 @@ impl<S: MailboxStore + Clone> Service<S> {
     #[allow(clippy::result_large_err)] // the refusal, as answered
     fn route_chunks(&self, write: &kkachi_protocol::WriteKey) -> Result<QueueId, RelayToClient> {
         match self.store.route(&write.id()) {
-            Ok(Some((queue, QueueKind::Inbox))) => Ok(queue),
+            Ok(Some((queue, QueueKind::Inbox | QueueKind::Group))) => Ok(queue),
             Ok(Some((_, QueueKind::Requests))) => Err(refuse(
                 &self.metrics,
                 ErrorCode::NotAllowed,
@@ -717,6 +744,11 @@ impl<S: MailboxStore + Clone> Service<S> {
                 &self.metrics,
                 ErrorCode::NotAllowed,
                 "one of these write keys is granted to another queue here; choose new keys",
+            )),
+            Ok(Granted::OtherKind) => Action::Respond(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "this queue takes write keys of another kind (a group queue takes group keys only); choose new keys",
             )),
             Ok(Granted::Full(grants)) => Action::Respond(refuse(
                 &self.metrics,
@@ -964,7 +996,7 @@ impl<S: MailboxStore + Clone> Service<S> {
             Err(e) => return Err(store_refusal(&e)),
         };
         let max_ttl = match kind {
-            QueueKind::Inbox => self.max_ttl,
+            QueueKind::Inbox | QueueKind::Group => self.max_ttl,
             QueueKind::Requests => self.request_max_ttl,
         };
         envelope

@@ -314,6 +314,10 @@ impl MailboxStore for EvilStore {
         self.inner.has_queue(queue)
     }
 
+    fn is_group_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        self.inner.is_group_queue(queue)
+    }
+
     fn queue_count(&self) -> u64 {
         self.inner.queue_count()
     }

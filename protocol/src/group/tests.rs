@@ -265,6 +265,63 @@ fn a_removed_admin_cannot_act_concurrently_or_backdate() {
     assert_eq!(r.voided, 3);
 }
 
+fn relay_addr(n: u8) -> Multiaddr {
+    format!(
+        "/ip4/127.0.0.{n}/tcp/4001/p2p/{}",
+        person(100 + n).peer_id()
+    )
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn admins_set_the_group_relays_within_their_bounds() {
+    let (a, b) = (person(1), person(2));
+    let mut log = Log::new(&a);
+    log.add(&a, 2, &b, Role::Member);
+    assert!(log.roster().relays.is_empty(), "a new group is small-tier");
+    let three: Vec<Multiaddr> = (1..=3).map(relay_addr).collect();
+    let op = log.push(
+        &a,
+        3,
+        Op::SetRelays {
+            relays: three.clone(),
+        },
+    );
+    assert_eq!(SignedOp::decode(op.encode()).unwrap(), op);
+    // A member cannot change them.
+    log.push(&b, 4, Op::SetRelays { relays: vec![] });
+    assert_eq!(log.roster().relays, three);
+    // The last admin's word stands, and none is the small tier again.
+    log.push(&a, 5, Op::SetRelays { relays: vec![] });
+    assert!(log.roster().relays.is_empty());
+
+    assert!(check_group_relays(&three).is_ok());
+    let nine: Vec<Multiaddr> = (1..=9).map(relay_addr).collect();
+    assert!(check_group_relays(&nine).is_err(), "more than 8");
+    let twice = vec![relay_addr(1), relay_addr(1)];
+    assert!(check_group_relays(&twice).is_err(), "a relay twice");
+    let bare: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+    assert!(check_group_relays(std::slice::from_ref(&bare)).is_err(), "no /p2p");
+    // Decoding refuses what signing would not make.
+    let mut body = Writer::default();
+    body.u8(1).bytes16(&bare.to_vec());
+    let mut w = Writer::default();
+    w.u8(GROUP_OP_VERSION)
+        .raw(&log.id.0)
+        .raw(&key(&a))
+        .u64(4)
+        .u64(6)
+        .u32(0)
+        .u8(KIND_RELAYS)
+        .bytes16(&body.finish());
+    let signed = w.finish();
+    let sig = a.sign(GROUP_OP_LABEL, &signed);
+    let mut bytes = signed;
+    bytes.extend_from_slice(&sig);
+    assert!(SignedOp::decode(&bytes).is_err());
+}
+
 #[test]
 fn admins_set_the_timer_and_a_timer_over_a_year_is_refused() {
     let (a, b) = (person(1), person(2));

@@ -497,6 +497,9 @@ impl MailboxStore for GatedStore {
     fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
         self.inner.has_queue(queue)
     }
+    fn is_group_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        self.inner.is_group_queue(queue)
+    }
     fn queue_count(&self) -> u64 {
         self.inner.queue_count()
     }
@@ -851,4 +854,91 @@ mod files {
             "{answer:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_group_queue_is_read_by_every_member_and_emptied_by_none() {
+    let s = service(&Config::default());
+    let group = queue(7);
+    open(&s, &group, QueueKind::Group).await;
+    let (alice, bob) = (PeerId::random(), PeerId::random());
+    let put = ClientToRelay::Put {
+        items: vec![to(&group, 1), to(&group, 2)],
+    };
+    assert_eq!(codes(run(&s, &alice, put).await), vec![None, None]);
+    let fetch = || ClientToRelay::Fetch {
+        key: group.key.clone(),
+        after: 0,
+        limit: 10,
+    };
+    let RelayToClient::Batch { items, .. } = run(&s, &bob, fetch()).await else {
+        panic!("batch expected")
+    };
+    assert_eq!(items.len(), 2);
+    let ids: Vec<EnvelopeId> = items.iter().map(|i| i.envelope.id()).collect();
+    // A member (or a former one, who kept the read key) can neither delete what the
+    // others have not read nor revoke the capability the others put with.
+    let refused = |answer: RelayToClient| {
+        matches!(
+            answer,
+            RelayToClient::Error {
+                code: ErrorCode::NotAllowed,
+                ..
+            }
+        )
+    };
+    let delete = ClientToRelay::Delete {
+        key: group.key.clone(),
+        ids: ids.clone(),
+    };
+    assert!(refused(run(&s, &bob, delete).await));
+    let revoke = ClientToRelay::Revoke {
+        key: group.key.clone(),
+        write_ids: vec![group.write.id()],
+    };
+    assert!(refused(run(&s, &bob, revoke).await));
+    let RelayToClient::Batch { items, .. } = run(&s, &alice, fetch()).await else {
+        panic!("batch expected")
+    };
+    assert_eq!(items.len(), 2, "nothing was taken away");
+    // Nor can the queue be turned into an inbox someone else writes to, or an inbox
+    // into a group queue.
+    let grant = |key: &ReadKey, kind, id: WriteId| ClientToRelay::Grant {
+        key: key.clone(),
+        kind,
+        token: Vec::new(),
+        write_ids: vec![id],
+    };
+    let other = WriteKey([42; 32]).id();
+    assert!(refused(
+        run(&s, &bob, grant(&group.key, QueueKind::Inbox, other)).await
+    ));
+    let inbox = queue(8);
+    open(&s, &inbox, QueueKind::Inbox).await;
+    assert!(refused(
+        run(&s, &bob, grant(&inbox.key, QueueKind::Group, other)).await
+    ));
+    // Granting the group's own capability again is harmless (every member may).
+    assert!(matches!(
+        run(
+            &s,
+            &bob,
+            grant(&group.key, QueueKind::Group, group.write.id())
+        )
+        .await,
+        RelayToClient::Granted { grants: 1 }
+    ));
+    // An inbox still deletes as before.
+    let put = ClientToRelay::Put {
+        items: vec![to(&inbox, 3)],
+    };
+    assert_eq!(codes(run(&s, &alice, put).await), vec![None]);
+    let delete = ClientToRelay::Delete {
+        key: inbox.key.clone(),
+        ids: vec![envelope(3).id()],
+    };
+    assert_eq!(
+        run(&s, &bob, delete).await,
+        RelayToClient::Deleted { count: 1 }
+    );
 }

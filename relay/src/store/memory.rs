@@ -19,7 +19,8 @@ struct Inner {
     /// Write capability → its queue and kind.
     grants: HashMap<WriteId, (QueueId, QueueKind)>,
     /// Queue → how many capabilities it grants.
-    queues: HashMap<QueueId, u32>,
+    /// Each open queue: how many capabilities it grants, and whether it is a group queue.
+    queues: HashMap<QueueId, (u32, bool)>,
 }
 
 impl Inner {
@@ -167,7 +168,14 @@ impl MailboxStore for MemoryStore {
         max: u32,
     ) -> Result<Granted, StoreError> {
         let mut inner = self.inner.lock();
-        let count = inner.queues.get(queue).copied().unwrap_or(0);
+        let (count, group) = inner
+            .queues
+            .get(queue)
+            .copied()
+            .unwrap_or((0, kind == QueueKind::Group));
+        if group != (kind == QueueKind::Group) {
+            return Ok(Granted::OtherKind);
+        }
         if ids
             .iter()
             .any(|id| inner.grants.get(id).is_some_and(|(q, _)| q != queue))
@@ -188,7 +196,7 @@ impl MailboxStore for MemoryStore {
         for id in new {
             inner.grants.insert(id, (*queue, kind));
         }
-        inner.queues.insert(*queue, total);
+        inner.queues.insert(*queue, (total, group));
         Ok(Granted::Held(total))
     }
 
@@ -201,7 +209,7 @@ impl MailboxStore for MemoryStore {
                 removed += 1;
             }
         }
-        let Some(count) = inner.queues.get_mut(queue) else {
+        let Some((count, _)) = inner.queues.get_mut(queue) else {
             return Ok(0);
         };
         *count = count.saturating_sub(removed);
@@ -210,6 +218,10 @@ impl MailboxStore for MemoryStore {
 
     fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
         Ok(self.inner.lock().queues.contains_key(queue))
+    }
+
+    fn is_group_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        Ok(self.inner.lock().queues.get(queue).is_some_and(|q| q.1))
     }
 
     fn queue_count(&self) -> u64 {

@@ -67,6 +67,8 @@ impl Limits {
         match kind {
             QueueKind::Inbox => (self.queue, self.capability),
             QueueKind::Requests => (self.queue, self.requests),
+            // One capability for every member: the queue's whole quota.
+            QueueKind::Group => (self.queue, self.queue),
         }
     }
 }
@@ -95,6 +97,9 @@ pub enum Granted {
     /// write key can bind its id first (an invite holder, the request capability), so
     /// the owner must hear of it rather than believe its queue takes those puts.
     Conflict,
+    /// The queue is a group queue and the grant is not of that kind, or the other way
+    /// round; nothing changed.
+    OtherKind,
 }
 
 /// What happened to one envelope of a put.
@@ -222,6 +227,9 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Whether `queue` was opened (by a grant).
     fn has_queue(&self, queue: &QueueId) -> Result<bool, StoreError>;
+
+    /// Whether `queue` is a group queue (opened by a grant of [`QueueKind::Group`]).
+    fn is_group_queue(&self, queue: &QueueId) -> Result<bool, StoreError>;
 
     /// How many queues are open.
     fn queue_count(&self) -> u64;

@@ -875,11 +875,24 @@ fn registry_key(family: u8, id: &[u8; 32]) -> [u8; 33] {
 }
 
 /// A queue record: how many capabilities it grants.
-fn parse_queue_record(v: &[u8]) -> Result<u32, StoreError> {
-    let v: [u8; 4] = v
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("queue record".into()))?;
-    Ok(u32::from_be_bytes(v))
+/// A queue record: how many capabilities the queue grants, and a last byte 1 for a
+/// group queue (absent for the others).
+fn queue_record(count: u32, group: bool) -> Vec<u8> {
+    let mut v = count.to_be_bytes().to_vec();
+    if group {
+        v.push(1);
+    }
+    v
+}
+
+fn parse_queue_record(v: &[u8]) -> Result<(u32, bool), StoreError> {
+    let corrupt = || StoreError::Corrupt("queue record".into());
+    let (count, group) = match v {
+        [a, b, c, d] => ([*a, *b, *c, *d], false),
+        [a, b, c, d, 1] => ([*a, *b, *c, *d], true),
+        _ => return Err(corrupt()),
+    };
+    Ok((u32::from_be_bytes(count), group))
 }
 
 /// A grant record: the queue and the capability's kind.
@@ -1040,10 +1053,13 @@ impl MailboxStore for SledStore {
         // The index lock serialises every change to the registry as well.
         let _guard = self.index.lock();
         let qkey = registry_key(QUEUE, &queue.0);
-        let (count, new_queue) = match self.registry.get(qkey).map_err(io)? {
+        let ((count, group), new_queue) = match self.registry.get(qkey).map_err(io)? {
             Some(v) => (parse_queue_record(&v)?, false),
-            None => (0, true),
+            None => ((0, kind == QueueKind::Group), true),
         };
+        if group != (kind == QueueKind::Group) {
+            return Ok(Granted::OtherKind);
+        }
         let mut new = Vec::new();
         for id in ids {
             match self.registry.get(registry_key(GRANT, &id.0)).map_err(io)? {
@@ -1066,7 +1082,7 @@ impl MailboxStore for SledStore {
                 .map_err(|e| self.note(io(e)))?;
         }
         self.registry
-            .insert(qkey, &total.to_be_bytes())
+            .insert(qkey, queue_record(total, group))
             .map_err(|e| self.note(io(e)))?;
         if new_queue {
             self.queues.fetch_add(1, Ordering::Relaxed);
@@ -1080,7 +1096,7 @@ impl MailboxStore for SledStore {
         let Some(record) = self.registry.get(qkey).map_err(io)? else {
             return Ok(0);
         };
-        let count = parse_queue_record(&record)?;
+        let (count, group) = parse_queue_record(&record)?;
         let mut removed = 0u32;
         for id in ids {
             let key = registry_key(GRANT, &id.0);
@@ -1094,7 +1110,7 @@ impl MailboxStore for SledStore {
         }
         let count = count.saturating_sub(removed);
         self.registry
-            .insert(qkey, &count.to_be_bytes())
+            .insert(qkey, queue_record(count, group))
             .map_err(|e| self.note(io(e)))?;
         Ok(count)
     }
@@ -1103,6 +1119,17 @@ impl MailboxStore for SledStore {
         self.registry
             .contains_key(registry_key(QUEUE, &queue.0))
             .map_err(io)
+    }
+
+    fn is_group_queue(&self, queue: &QueueId) -> Result<bool, StoreError> {
+        match self
+            .registry
+            .get(registry_key(QUEUE, &queue.0))
+            .map_err(io)?
+        {
+            Some(v) => Ok(parse_queue_record(&v)?.1),
+            None => Ok(false),
+        }
     }
 
     fn queue_count(&self) -> u64 {

@@ -432,6 +432,28 @@ async fn registry_suite<S: MailboxStore>(store: S) {
     assert_eq!(store.route(&w3).unwrap(), None);
     assert_eq!(store.revoke(&q1, &[w2]).unwrap(), 2);
     assert_eq!(store.route(&w2).unwrap(), None);
+    // a group queue takes group capabilities only, and no other queue takes one
+    let (gq, wg) = (QueueId([3; 32]), WriteId([30; 32]));
+    assert_eq!(
+        store.grant(&gq, QueueKind::Group, &[wg], 4).unwrap(),
+        Granted::Held(1)
+    );
+    assert!(store.is_group_queue(&gq).unwrap());
+    assert!(!store.is_group_queue(&q1).unwrap());
+    assert!(!store.is_group_queue(&QueueId([99; 32])).unwrap());
+    assert_eq!(
+        store
+            .grant(&gq, QueueKind::Inbox, &[WriteId([31; 32])], 4)
+            .unwrap(),
+        Granted::OtherKind
+    );
+    assert_eq!(
+        store
+            .grant(&q1, QueueKind::Group, &[WriteId([31; 32])], 4)
+            .unwrap(),
+        Granted::OtherKind
+    );
+    assert_eq!(store.route(&wg).unwrap(), Some((gq, QueueKind::Group)));
     // a request capability has its own, smaller quota
     let rq = QueueId([5; 32]);
     let through_request = |n: u32| Placed {
@@ -474,6 +496,8 @@ async fn sled_registry_behaves_and_survives_reopen() {
         Some((QueueId([1; 32]), QueueKind::Inbox))
     );
     assert_eq!(store.route(&WriteId([12; 32])).unwrap(), None);
+    assert!(store.is_group_queue(&QueueId([3; 32])).unwrap());
+    assert!(!store.is_group_queue(&QueueId([1; 32])).unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -202,9 +202,9 @@ impl Transport for FakeNet {
                 .unwrap()
             {
                 Granted::Held(grants) | Granted::Full(grants) => RelayToClient::Granted { grants },
-                Granted::Conflict => RelayToClient::error(
+                Granted::Conflict | Granted::OtherKind => RelayToClient::error(
                     kkachi_protocol::ErrorCode::NotAllowed,
-                    "granted to another queue",
+                    "granted to another queue, or of another kind",
                 ),
             },
             ClientToRelay::Revoke { key, write_ids } => RelayToClient::Granted {
