@@ -442,6 +442,20 @@ pub enum GroupCommand {
         /// `chat` or `announcement`.
         mode: String,
     },
+    /// Give a group its own relays, where it keeps one queue every member reads: a
+    /// message is sent once per relay whatever the number of members, and the group
+    /// may grow to 1,000 members (admins only). Name three run by different people, so
+    /// losing one loses nothing. Without addresses, shows them; with `--none`, the
+    /// group goes back to sealing each message to each member (32 members at most).
+    Relays {
+        /// The group's name or id.
+        group: String,
+        /// Relay addresses, each ending in /p2p/<relay peer id>.
+        addrs: Vec<String>,
+        /// Take the group relays away.
+        #[arg(long, conflicts_with = "addrs")]
+        none: bool,
+    },
 }
 
 /// `kkachi request ...`

@@ -93,6 +93,7 @@ fn main() {
         let post = Post::sign(
             &admin,
             FUZZ_GROUP,
+            key.id(&FUZZ_GROUP),
             1,
             MessageId([0; 16]),
             at,

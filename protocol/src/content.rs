@@ -111,6 +111,7 @@ const GROUP_OPS: u8 = 1;
 const GROUP_MESSAGE: u8 = 2;
 const GROUP_FILE: u8 = 3;
 const GROUP_CARDS: u8 = 4;
+const GROUP_KEY: u8 = 5;
 
 /// What a group record carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +154,13 @@ pub enum GroupBody {
     Cards {
         /// At most [`MAX_GROUP_CARDS`], at least one.
         cards: Vec<Card>,
+    },
+    /// A large group's epoch key record (SPEC §14.5), handed over a pairwise session
+    /// to a member who cannot read the group queue yet (unsequenced, as operations
+    /// are).
+    Key {
+        /// The record; its group is the record's.
+        record: Box<crate::group::large::KeyRecord>,
     },
 }
 
@@ -391,6 +399,10 @@ impl Body {
                         }
                         out.extend_from_slice(&w.finish());
                     }
+                    GroupBody::Key { record } => {
+                        out.push(GROUP_KEY);
+                        out.extend_from_slice(record.encode());
+                    }
                 }
                 out
             }
@@ -567,6 +579,15 @@ impl Body {
                         }
                         r.finish()?;
                         GroupBody::Cards { cards }
+                    }
+                    GROUP_KEY => {
+                        let record = crate::group::large::KeyRecord::decode(r.rest())?;
+                        if record.group() != group {
+                            return Err(ContentError::Group(GroupError::WrongGroup));
+                        }
+                        GroupBody::Key {
+                            record: Box::new(record),
+                        }
                     }
                     tag => {
                         return Err(DecodeError::UnknownTag {

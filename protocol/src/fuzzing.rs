@@ -90,7 +90,7 @@ pub fn group_large(data: &[u8]) {
         }
         Some((2, rest)) => {
             let key = EpochKey::from_bytes(FUZZ_EPOCH_KEY);
-            if let Ok(post) = open_item(&FUZZ_GROUP, &key, rest) {
+            if let Ok(post) = open_item(&FUZZ_GROUP, &key, rest, |_| true) {
                 assert_eq!(Post::decode(post.encode()).expect("opened"), post);
             }
         }

@@ -429,6 +429,12 @@ pub enum GroupError {
     /// The operations hold no creation of the group.
     #[error("the group's creation is missing")]
     NoCreate,
+    /// The author of a post is not one the reader takes posts from.
+    #[error("the post's author is not a member")]
+    NotMember,
+    /// A key cannot be used (of low order: anyone could compute what it agrees).
+    #[error("unusable key: {0}")]
+    Key(&'static str),
     /// The group relays break a rule of [`check_group_relays`].
     #[error("bad group relays: {0}")]
     Relays(&'static str),

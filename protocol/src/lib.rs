@@ -44,7 +44,7 @@ pub use codec::DecodeError;
 pub use content::{Body, Content, ContentError, MessageId, ReceiptStatus};
 pub use envelope::{Envelope, EnvelopeError, EnvelopeId};
 pub use identity::{Identity, IdentityError, PublicIdentity};
-pub use queue::{QueueId, QueueKind, ReadKey, WriteId, WriteKey};
+pub use queue::{GroupKey, QueueId, QueueKind, ReadKey, WriteId, WriteKey};
 pub use session::{Incoming, Opened, Session, SessionError};
 pub use wire::{ClientToRelay, ErrorCode, PutOutcome, RelayInfo, RelayToClient, StoredEnvelope};
 

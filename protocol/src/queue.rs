@@ -37,6 +37,26 @@ pub struct ReadKey(pub [u8; 32]);
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WriteKey(pub [u8; 32]);
 
+/// The one secret of a group queue (SPEC §14.5): whoever holds it opens the queue, reads
+/// it and puts into it; nobody deletes from it or grants anything on it. Its queue id is
+/// `H("kkachi/group-queue/v1", key)`, a different name space from queues opened by a
+/// grant, so no one can open a group's queue as another kind or bind its key elsewhere.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupKey(pub [u8; 32]);
+
+impl GroupKey {
+    /// The group queue this key names.
+    pub fn queue(&self) -> QueueId {
+        QueueId(hash("kkachi/group-queue/v1", &[&self.0]))
+    }
+}
+
+impl std::fmt::Debug for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GroupKey(queue {})", self.queue())
+    }
+}
+
 /// What a relay keeps of a write key: `H("kkachi/queue-write/v2", write_key)`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WriteId(pub [u8; 32]);
@@ -50,11 +70,10 @@ pub enum QueueKind {
     /// everyone holding the invite code, with a small quota, short lifetimes and a
     /// small allowance per source.
     Requests,
-    /// A group queue (SPEC §14.5): every member of a large group reads it with the
-    /// epoch's read key and puts through the epoch's one capability; nothing is deleted
-    /// from it (its envelopes leave by expiry only, so no member can take another's
-    /// message away), its capability is not revoked, and it takes grants of this kind
-    /// only.
+    /// A group queue (SPEC §14.5), opened by `OpenGroup` and never by a grant: every
+    /// member of a large group reads it and puts into it with its [`GroupKey`]; nothing
+    /// is deleted from it (its envelopes leave by expiry only, so no member can take
+    /// another's message away). Not a wire value of `Grant`.
     Group,
 }
 

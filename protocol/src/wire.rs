@@ -15,7 +15,7 @@
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{ENVELOPE_HEADER_LEN, Envelope, EnvelopeId, MAX_ENVELOPE_LEN};
 use crate::file::ChunkId;
-use crate::queue::{QueueKind, ReadKey, WriteId, WriteKey};
+use crate::queue::{GroupKey, QueueKind, ReadKey, WriteId, WriteKey};
 
 /// The session protocol, the only one relays speak: one long-lived stream carries many
 /// requests, each frame tagged with its request id, answered in any order (SPEC.md §6).
@@ -135,6 +135,32 @@ pub enum ClientToRelay {
         key: ReadKey,
         /// Up to [`MAX_CHUNK_IDS`] ids.
         ids: Vec<ChunkId>,
+    },
+    /// Open the group queue of `key` if it does not exist (SPEC §14.5): `Granted` (0).
+    OpenGroup {
+        /// The group queue's key.
+        key: GroupKey,
+        /// An access token, as for `Grant`.
+        token: Vec<u8>,
+    },
+    /// Store envelopes, each into the open group queue of its key (the `write` of each
+    /// item is a [`GroupKey`]'s bytes): `Stored`.
+    PutGroup {
+        /// One to [`MAX_PUT_BATCH`] envelopes.
+        items: Vec<Addressed>,
+    },
+    /// Read a group queue after a cursor; with `wait_ms` > 0, a long poll as
+    /// `Subscribe`: `Batch`.
+    ReadGroup {
+        /// The group queue's key.
+        key: GroupKey,
+        /// Return envelopes stored after this cursor.
+        after: u64,
+        /// At most this many (capped at [`MAX_BATCH_ITEMS`]).
+        limit: u16,
+        /// How long to wait when there is nothing yet (0: answer at once; capped at
+        /// [`MAX_WAIT_MS`]).
+        wait_ms: u32,
     },
 }
 
@@ -435,6 +461,26 @@ fn read_write_ids(r: &mut Reader<'_>) -> Result<Vec<WriteId>, DecodeError> {
     Ok(ids)
 }
 
+/// The envelopes of a `Put` or `PutGroup`, each with its key.
+fn read_put_items(r: &mut Reader<'_>) -> Result<Vec<Addressed>, DecodeError> {
+    let n = r.count16(MAX_PUT_BATCH, 32 + ENVELOPE_HEADER_LEN, "put envelopes")?;
+    if n == 0 {
+        return Err(DecodeError::Invalid {
+            field: "put envelopes",
+            reason: "a put needs at least one envelope",
+        });
+    }
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        let write = WriteKey(r.array("write key")?);
+        items.push(Addressed {
+            write,
+            envelope: Envelope::read(r)?,
+        });
+    }
+    Ok(items)
+}
+
 impl ClientToRelay {
     /// Encodes the body (without the frame length).
     pub fn encode(&self) -> Vec<u8> {
@@ -502,6 +548,24 @@ impl ClientToRelay {
                 w.u8(11).raw(&key.0);
                 chunk_ids_to(&mut w, ids);
             }
+            Self::OpenGroup { key, token } => {
+                w.u8(12).raw(&key.0).bytes8(token);
+            }
+            Self::PutGroup { items } => {
+                w.u8(13).u16(items.len() as u16);
+                for item in items {
+                    w.raw(&item.write.0);
+                    item.envelope.write(&mut w);
+                }
+            }
+            Self::ReadGroup {
+                key,
+                after,
+                limit,
+                wait_ms,
+            } => {
+                w.u8(14).raw(&key.0).u64(*after).u16(*limit).u32(*wait_ms);
+            }
         }
         w.finish()
     }
@@ -511,24 +575,9 @@ impl ClientToRelay {
         check_frame_len(bytes.len())?;
         let mut r = Reader::new(bytes);
         let msg = match read_tag(&mut r)? {
-            1 => {
-                let n = r.count16(MAX_PUT_BATCH, 32 + ENVELOPE_HEADER_LEN, "put envelopes")?;
-                if n == 0 {
-                    return Err(DecodeError::Invalid {
-                        field: "put envelopes",
-                        reason: "a put needs at least one envelope",
-                    });
-                }
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let write = WriteKey(r.array("write key")?);
-                    items.push(Addressed {
-                        write,
-                        envelope: Envelope::read(&mut r)?,
-                    });
-                }
-                Self::Put { items }
-            }
+            1 => Self::Put {
+                items: read_put_items(&mut r)?,
+            },
             2 => Self::Fetch {
                 key: ReadKey(r.array("read key")?),
                 after: r.u64("cursor")?,
@@ -552,10 +601,13 @@ impl ClientToRelay {
             6 => {
                 let key = ReadKey(r.array("read key")?);
                 let kind = r.u8("queue kind")?;
-                let kind = QueueKind::from_u8(kind).ok_or(DecodeError::UnknownTag {
-                    field: "queue kind",
-                    tag: kind.into(),
-                })?;
+                // Group queues are opened by OpenGroup, never granted.
+                let kind = QueueKind::from_u8(kind)
+                    .filter(|k| *k != QueueKind::Group)
+                    .ok_or(DecodeError::UnknownTag {
+                        field: "queue kind",
+                        tag: kind.into(),
+                    })?;
                 let token = r.bytes8(MAX_TOKEN_LEN, "access token")?.to_vec();
                 let write_ids = read_write_ids(&mut r)?;
                 Self::Grant {
@@ -586,6 +638,19 @@ impl ClientToRelay {
             11 => Self::DeleteChunks {
                 key: ReadKey(r.array("read key")?),
                 ids: read_chunk_ids(&mut r)?,
+            },
+            12 => Self::OpenGroup {
+                key: GroupKey(r.array("group key")?),
+                token: r.bytes8(MAX_TOKEN_LEN, "access token")?.to_vec(),
+            },
+            13 => Self::PutGroup {
+                items: read_put_items(&mut r)?,
+            },
+            14 => Self::ReadGroup {
+                key: GroupKey(r.array("group key")?),
+                after: r.u64("cursor")?,
+                limit: r.u16("limit")?,
+                wait_ms: r.u32("wait")?,
             },
             tag => {
                 return Err(DecodeError::UnknownTag {
@@ -933,6 +998,24 @@ mod tests {
             }),
             (
                 any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..MAX_TOKEN_LEN)
+            )
+                .prop_map(|(k, token)| ClientToRelay::OpenGroup {
+                    key: GroupKey(k),
+                    token
+                }),
+            proptest::collection::vec(arb_addressed(), 1..MAX_PUT_BATCH)
+                .prop_map(|items| ClientToRelay::PutGroup { items }),
+            (any::<[u8; 32]>(), any::<u64>(), any::<u16>(), any::<u32>()).prop_map(
+                |(k, after, limit, wait_ms)| ClientToRelay::ReadGroup {
+                    key: GroupKey(k),
+                    after,
+                    limit,
+                    wait_ms,
+                }
+            ),
+            (
+                any::<[u8; 32]>(),
                 any::<u64>(),
                 any::<[u8; 32]>(),
                 proptest::collection::vec(any::<u8>(), 0..300)
@@ -1167,5 +1250,74 @@ mod tests {
         assert!(RelayToClient::decode(&hex::decode("0800090d03").unwrap()).is_err());
         assert!(RelayToClient::decode(&hex::decode("0804010000").unwrap()).is_err());
         assert_eq!(ErrorCode::from_u16(13), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn known_answer_group_queues() {
+        let open = ClientToRelay::OpenGroup {
+            key: GroupKey([0x55; 32]),
+            token: b"t".to_vec(),
+        };
+        assert_eq!(
+            hex::encode(open.encode()),
+            concat!(
+                "0c",
+                "5555555555555555555555555555555555555555555555555555555555555555",
+                "0174"
+            )
+        );
+        let put = ClientToRelay::PutGroup {
+            items: vec![Addressed {
+                write: WriteKey([0x55; 32]),
+                envelope: Envelope {
+                    expires_at: 7,
+                    payload: vec![0xAB],
+                },
+            }],
+        };
+        assert_eq!(
+            hex::encode(put.encode()),
+            concat!(
+                "0d",
+                "0001",
+                "5555555555555555555555555555555555555555555555555555555555555555",
+                "02",
+                "0000000000000007",
+                "00000001",
+                "ab"
+            )
+        );
+        let read = ClientToRelay::ReadGroup {
+            key: GroupKey([0x55; 32]),
+            after: 5,
+            limit: 10,
+            wait_ms: 25_000,
+        };
+        assert_eq!(
+            hex::encode(read.encode()),
+            concat!(
+                "0e",
+                "5555555555555555555555555555555555555555555555555555555555555555",
+                "0000000000000005",
+                "000a",
+                "000061a8"
+            )
+        );
+        // A grant never opens a group queue: kind 3 is no grant's.
+        let mut grant = ClientToRelay::Grant {
+            key: ReadKey([0x11; 32]),
+            kind: QueueKind::Inbox,
+            token: Vec::new(),
+            write_ids: vec![],
+        }
+        .encode();
+        grant[33] = 3;
+        assert!(ClientToRelay::decode(&grant).is_err());
+        // Group queue ids are their own name space.
+        assert_ne!(
+            GroupKey([0x55; 32]).queue(),
+            ReadKey([0x55; 32]).queue(),
+            "a group key read as a read key names another queue"
+        );
     }
 }

@@ -68,7 +68,10 @@ fn seeds_exercise_the_success_paths() {
         let post = Post::decode(&read("group_large", "post")[1..]).unwrap();
         let key = EpochKey::from_bytes(FUZZ_EPOCH_KEY);
         assert_eq!(
-            open_item(&FUZZ_GROUP, &key, &read("group_large", "item")[1..]).unwrap(),
+            open_item(&FUZZ_GROUP, &key, &read("group_large", "item")[1..], |_| {
+                true
+            })
+            .unwrap(),
             post
         );
     }

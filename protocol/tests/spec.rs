@@ -76,6 +76,10 @@ fn spec_states_the_limits_the_code_enforces() {
             kkachi_protocol::group::large::MAX_HAVE_AUTHORS as u64,
         ),
         (
+            "EPOCHS_READ",
+            kkachi_protocol::group::large::EPOCHS_READ as u64,
+        ),
+        (
             "MAX_POST_LEN",
             kkachi_protocol::group::large::MAX_POST_LEN as u64,
         ),

@@ -16,7 +16,7 @@ use kkachi_protocol::wire::{
     PROTOCOL_VERSION, PutOutcome,
 };
 use kkachi_protocol::{
-    ClientToRelay, ErrorCode, Multiaddr, PeerId, QueueId, QueueKind, ReadKey, RelayInfo,
+    ClientToRelay, ErrorCode, GroupKey, Multiaddr, PeerId, QueueId, QueueKind, RelayInfo,
     RelayToClient, WriteId,
 };
 use libp2p::multiaddr::Protocol;
@@ -337,6 +337,9 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::GetChunk { .. } => "get_chunk",
             ClientToRelay::HasChunks { .. } => "has_chunks",
             ClientToRelay::DeleteChunks { .. } => "delete_chunks",
+            ClientToRelay::OpenGroup { .. } => "open_group",
+            ClientToRelay::PutGroup { .. } => "put_group",
+            ClientToRelay::ReadGroup { .. } => "read_group",
         };
         self.metrics
             .requests
@@ -352,38 +355,33 @@ impl<S: MailboxStore + Clone> Service<S> {
         // Holding a queue's read key is what owning it means: the relay checks nothing
         // else, and learns nothing about who the owner is.
         match msg {
-            ClientToRelay::Put { items } => self.put(peer, source, items, now),
+            ClientToRelay::Put { items } => self.put(peer, source, items, false, now),
+            ClientToRelay::PutGroup { items } => self.put(peer, source, items, true, now),
+            ClientToRelay::OpenGroup { key, token } => {
+                let requester = Source::of(peer, source);
+                self.grant(requester, &key.queue(), QueueKind::Group, &token, &[])
+            }
+            ClientToRelay::ReadGroup {
+                key,
+                after,
+                limit,
+                wait_ms,
+            } => self.read(key.queue(), after, usize::from(limit), wait_ms),
             ClientToRelay::Info => Action::Respond(RelayToClient::Info(RelayInfo {
                 now_secs: crate::node::unix_now(),
                 store_epoch: self.store.epoch(),
                 ..self.info.clone()
             })),
             ClientToRelay::Fetch { key, after, limit } => {
-                Action::Respond(self.fetch(&key.queue(), after, usize::from(limit)))
+                self.read(key.queue(), after, usize::from(limit), 0)
             }
             ClientToRelay::Subscribe {
                 key,
                 after,
                 wait_ms,
-            } => {
-                let queue = key.queue();
-                let batch = self.fetch(&queue, after, MAX_BATCH_ITEMS);
-                match batch {
-                    RelayToClient::Batch { ref items, .. } if items.is_empty() && wait_ms > 0 => {
-                        Action::Wait {
-                            mailbox: queue,
-                            after,
-                            wait_ms: wait_ms.min(MAX_WAIT_MS),
-                        }
-                    }
-                    other => Action::Respond(other),
-                }
-            }
+            } => self.read(key.queue(), after, MAX_BATCH_ITEMS, wait_ms),
             ClientToRelay::Delete { key, ids } => {
                 let queue = key.queue();
-                if let Some(refusal) = self.refuse_on_group_queue(&queue) {
-                    return Action::Respond(refusal);
-                }
                 let (store, metrics) = (self.store.clone(), self.metrics.clone());
                 let failed = metrics.clone();
                 // Indexing the queue first is nothing once it is indexed.
@@ -421,12 +419,17 @@ impl<S: MailboxStore + Clone> Service<S> {
                 write_ids,
             } => {
                 let requester = Source::of(peer, source);
-                self.grant(requester, &key, kind, &token, &write_ids)
+                if kind == QueueKind::Group {
+                    // Not a wire value; a group queue is opened by OpenGroup only.
+                    return Action::Respond(refuse(
+                        &self.metrics,
+                        ErrorCode::Malformed,
+                        "group queues are opened with OpenGroup, not granted",
+                    ));
+                }
+                self.grant(requester, &key.queue(), kind, &token, &write_ids)
             }
             ClientToRelay::Revoke { key, write_ids } => {
-                if let Some(refusal) = self.refuse_on_group_queue(&key.queue()) {
-                    return Action::Respond(refusal);
-                }
                 match self.store.revoke(&key.queue(), &write_ids) {
                     Ok(grants) => self.once_durable(RelayToClient::Granted { grants }),
                     Err(e) => {
@@ -477,9 +480,6 @@ impl<S: MailboxStore + Clone> Service<S> {
             }
             ClientToRelay::DeleteChunks { key, ids } => {
                 let queue = key.queue();
-                if let Some(refusal) = self.refuse_on_group_queue(&queue) {
-                    return Action::Respond(refusal);
-                }
                 self.with_chunk_store(move |chunks, metrics| match chunks.delete(&queue, &ids) {
                     Ok(count) => RelayToClient::Deleted { count },
                     Err(e) => {
@@ -520,24 +520,6 @@ impl<S: MailboxStore + Clone> Service<S> {
         }))
     }
 
-    /// The refusal of a Delete, Revoke or DeleteChunks on a group queue: every member
-    /// holds its read key, so none may take away what others have not read, nor shut
-    /// the others out.
-    fn refuse_on_group_queue(&self, queue: &QueueId) -> Option<RelayToClient> {
-        match self.store.is_group_queue(queue) {
-            Ok(false) => None,
-            Ok(true) => Some(refuse(
-                &self.metrics,
-                ErrorCode::NotAllowed,
-                "a group queue keeps its envelopes, files and capability until they expire; nothing is deleted or revoked in it",
-            )),
-            Err(e) => {
-                let (code, message) = store_refusal(&e);
-                Some(refuse(&self.metrics, code, message))
-            }
-        }
-    }
-
     /// The answer of a relay that stores no files.
     fn no_files(&self) -> Action {
         Action::Respond(refuse(
@@ -552,11 +534,17 @@ impl<S: MailboxStore + Clone> Service<S> {
     #[allow(clippy::result_large_err)] // the refusal, as answered
     fn route_chunks(&self, write: &kkachi_protocol::WriteKey) -> Result<QueueId, RelayToClient> {
         match self.store.route(&write.id()) {
-            Ok(Some((queue, QueueKind::Inbox | QueueKind::Group))) => Ok(queue),
+            Ok(Some((queue, QueueKind::Inbox))) => Ok(queue),
             Ok(Some((_, QueueKind::Requests))) => Err(refuse(
                 &self.metrics,
                 ErrorCode::NotAllowed,
                 "files go only to contacts: become one first",
+            )),
+            // No grant is of this kind: group queues have none.
+            Ok(Some((_, QueueKind::Group))) => Err(refuse(
+                &self.metrics,
+                ErrorCode::NotAllowed,
+                "chunks do not go into group queues",
             )),
             Ok(None) => Err(refuse(
                 &self.metrics,
@@ -680,15 +668,17 @@ impl<S: MailboxStore + Clone> Service<S> {
     }
 
     /// Opens a queue (subject to the relay's policy) and grants it write capabilities.
+    /// Opens `queue` if new and grants it `ids` as capabilities of `kind` (a group
+    /// queue is opened with no capability: its key is its only one).
     fn grant(
         &self,
         requester: Source,
-        key: &ReadKey,
+        queue: &QueueId,
         kind: QueueKind,
         token: &[u8],
         ids: &[WriteId],
     ) -> Action {
-        let queue = key.queue();
+        let queue = *queue;
         if self.disk_low() {
             return Action::Respond(refuse(
                 &self.metrics,
@@ -748,7 +738,7 @@ impl<S: MailboxStore + Clone> Service<S> {
             Ok(Granted::OtherKind) => Action::Respond(refuse(
                 &self.metrics,
                 ErrorCode::NotAllowed,
-                "this queue takes write keys of another kind (a group queue takes group keys only); choose new keys",
+                "this queue is of another kind; choose new keys",
             )),
             Ok(Granted::Full(grants)) => Action::Respond(refuse(
                 &self.metrics,
@@ -820,11 +810,28 @@ impl<S: MailboxStore + Clone> Service<S> {
         None
     }
 
+    /// A Fetch (`wait_ms` 0) or a long poll of `queue`.
+    fn read(&self, queue: QueueId, after: u64, limit: usize, wait_ms: u32) -> Action {
+        let batch = self.fetch(&queue, after, limit);
+        match batch {
+            RelayToClient::Batch { ref items, .. } if items.is_empty() && wait_ms > 0 => {
+                Action::Wait {
+                    mailbox: queue,
+                    after,
+                    wait_ms: wait_ms.min(MAX_WAIT_MS),
+                }
+            }
+            other => Action::Respond(other),
+        }
+    }
+
+    /// A Put, or with `group` a PutGroup (each item's key a group queue's).
     fn put(
         &self,
         peer: &PeerId,
         source: Option<IpAddr>,
         items: Vec<Addressed>,
+        group: bool,
         now: u64,
     ) -> Action {
         let incoming: u64 = items
@@ -863,7 +870,7 @@ impl<S: MailboxStore + Clone> Service<S> {
         let mut outcomes: Vec<Option<PutOutcome>> = Vec::with_capacity(items.len());
         let mut valid = Vec::with_capacity(items.len());
         for item in items {
-            match self.admit(requester, item, now) {
+            match self.admit(requester, item, group, now) {
                 Ok(placed) => {
                     outcomes.push(None);
                     valid.push(placed);
@@ -981,11 +988,30 @@ impl<S: MailboxStore + Clone> Service<S> {
         &self,
         requester: Source,
         item: Addressed,
+        group: bool,
         now: u64,
     ) -> Result<Placed, (ErrorCode, String)> {
         let Addressed { write, envelope } = item;
-        let (queue, kind) = match self.store.route(&write.id()) {
+        let route = if group {
+            // A group queue is named by its key; its one capability is the key itself,
+            // counted under the queue's own id.
+            let queue = GroupKey(write.0).queue();
+            match self.store.is_group_queue(&queue) {
+                Ok(true) => Ok(Some((queue, QueueKind::Group))),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.store.route(&write.id())
+        };
+        let (queue, kind) = match route {
             Ok(Some(route)) => route,
+            Ok(None) if group => {
+                return Err((
+                    ErrorCode::NoQueue,
+                    "no group queue here for this key; open it (OpenGroup) and put again".into(),
+                ));
+            }
             Ok(None) => {
                 return Err((
                     ErrorCode::NoQueue,
@@ -1013,7 +1039,7 @@ impl<S: MailboxStore + Clone> Service<S> {
         }
         Ok(Placed {
             queue,
-            grant: write.id(),
+            grant: if group { WriteId(queue.0) } else { write.id() },
             kind,
             envelope,
         })

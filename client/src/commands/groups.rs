@@ -399,6 +399,54 @@ impl App {
                 let done = self.change(&g, GroupChange::Timer(secs)).await?;
                 report_change(out, json, &g, "timer", &done);
             }
+            GroupCommand::Relays { group, addrs, none } => {
+                let g = resolve_group(&self.store, &group)?;
+                if addrs.is_empty() && !none {
+                    let relays: Vec<String> =
+                        g.roster.relays.iter().map(|a| a.to_string()).collect();
+                    let status = match self.store.group(&g.id)? {
+                        Some(record) => crate::engine::large_status(&record, &g.roster),
+                        None => None,
+                    };
+                    if json {
+                        out.json(json!({
+                            "group": g.roster.name,
+                            "relays": relays,
+                            "status": status,
+                        }));
+                    } else if relays.is_empty() {
+                        out.out(format!(
+                            "{} has no group relays: each message is sealed to each member (at most {} members)",
+                            name(&g.roster.name),
+                            kkachi_protocol::group::SMALL_GROUP_MAX
+                        ));
+                    } else {
+                        out.out(format!("{} keeps its messages on:", name(&g.roster.name)));
+                        for r in &relays {
+                            out.out(format!("  {r}"));
+                        }
+                        if let Some(status) = status {
+                            out.warn(status);
+                        }
+                    }
+                    return Ok(());
+                }
+                let mut relays = Vec::new();
+                for a in &addrs {
+                    let addr: kkachi_protocol::Multiaddr = a
+                        .parse()
+                        .or_else(|e| fail(format!("{a} is not a relay address: {e}")))?;
+                    relays.push(addr);
+                }
+                if !relays.is_empty() && relays.len() < 3 {
+                    out.warn(format!(
+                        "{} group relay(s): with fewer than three, losing one or two stops the group until they return",
+                        relays.len()
+                    ));
+                }
+                let done = self.change(&g, GroupChange::Relays(relays)).await?;
+                report_change(out, json, &g, "relays", &done);
+            }
             GroupCommand::Mode { group, mode } => {
                 let g = resolve_group(&self.store, &group)?;
                 let mode = match mode.to_lowercase().as_str() {
@@ -623,7 +671,7 @@ impl App {
                 .next()
                 .unwrap_or_default(),
             &hex(&m.message.id)[..12],
-            m.copies.len()
+            m.audience()
         ));
         let width = rows
             .iter()
@@ -733,6 +781,11 @@ impl App {
         }
         let engine = self.engine()?;
         let sent = engine.send_group(g.id, text).await?;
+        if !g.roster.relays.is_empty() {
+            return self
+                .sent_to_large_group(g, sent, args.timeout, json, out)
+                .await;
+        }
         // Durable now: the exit status says so. Then how far the copies got.
         let relayed = self
             .relayed_copies(g.id, sent.id, sent.copies, args.timeout)
@@ -774,6 +827,71 @@ impl App {
                     .collect::<Vec<_>>()
                     .join(", "),
             ));
+        }
+        Ok(())
+    }
+
+    /// `send GROUP TEXT` in a group with group relays: one copy per group relay, read
+    /// by every member; reports how many relays took it within the timeout.
+    async fn sent_to_large_group(
+        &mut self,
+        g: Group,
+        sent: crate::engine::GroupSent,
+        timeout: f64,
+        json: bool,
+        out: &mut Output,
+    ) -> Result<(), CommandError> {
+        let engine = self.engine()?;
+        let total = g.roster.relays.len();
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let mut relayed = 0;
+        // Nothing went while it waits for a key: nothing to count.
+        while sent.copies > 0 && relayed < total {
+            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
+            let m = self
+                .store
+                .recent_group_messages(&g.id, 64)?
+                .into_iter()
+                .find(|m| m.message.id == sent.id.0);
+            relayed = match m.map(|m| m.message.state) {
+                Some(MessageState::Relayed { relayed, .. }) => usize::from(relayed),
+                Some(MessageState::Delivered | MessageState::Read) => total,
+                _ => relayed,
+            };
+            if relayed >= total || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if json {
+            out.json(json!({
+                "id": sent.id.to_hex(),
+                "group": g.roster.name,
+                "group_id": g.id.to_hex(),
+                "members": sent.copies,
+                "relays": total,
+                "relayed": relayed,
+                "unreachable": sent.unreachable,
+                "state": if sent.copies == 0 { "waiting" } else if relayed == 0 { "queued" } else { "relayed" },
+            }));
+            return Ok(());
+        }
+        if sent.copies == 0 {
+            out.out(format!(
+                "kept for {}: it goes once an admin hands out the group's new key (message {})",
+                name(&g.roster.name),
+                sent.id.to_hex()
+            ));
+            return Ok(());
+        }
+        out.out(format!(
+            "sent to {}: on {relayed} of {total} group relay(s), for {} member(s) (message {})",
+            name(&g.roster.name),
+            sent.copies,
+            sent.id.to_hex()
+        ));
+        if relayed < total {
+            out.out("  the rest stays in the outbox: `kkachi sync` or the daemon delivers it");
         }
         Ok(())
     }
@@ -827,11 +945,11 @@ impl App {
                 line.push_str(&format!(
                     "  [delivered {delivered}/{n}{}]",
                     if read > 0 {
-                        format!(", read {read}/{}", m.copies.len())
+                        format!(", read {read}/{}", m.audience())
                     } else {
                         String::new()
                     },
-                    n = m.copies.len()
+                    n = m.audience()
                 ));
             }
             out.out(line);
@@ -902,7 +1020,7 @@ fn group_message_json(
     if author.is_none() && !m.event {
         let (delivered, read) = m.tally();
         v["unseen"] = json!(m.unseen);
-        v["members"] = json!(m.copies.len());
+        v["members"] = json!(m.audience());
         v["delivered_to"] = json!(delivered);
         v["read_by"] = json!(read);
     }
@@ -941,6 +1059,13 @@ fn report_change(out: &mut Output, json: bool, g: &Group, what: &str, done: &Gro
                 Some(secs) => format!(
                     "messages now disappear {} after they arrive",
                     super::describe_duration(secs)
+                ),
+            },
+            "relays" => match done.changed.first().map(String::as_str) {
+                Some("0 relays") => "no group relays: each message is sealed to each member".into(),
+                _ => format!(
+                    "the group now keeps its messages on {}",
+                    list(&done.changed)
                 ),
             },
             "mode" => match done.changed.first().map(String::as_str) {

@@ -17,12 +17,15 @@ use kkachi_protocol::{MessageId, PeerId, PublicIdentity};
 
 use super::EngineError;
 use super::receive::{Outcome, Received};
+
+mod large;
 use super::state::{Sessions, State};
 use crate::store::{
     Contact, Direction, FileNote, GroupMessage, GroupRecord, LocalStore, MAX_INTRODUCTIONS,
     MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, MessageRecord, MessageState, OutboxKind, Waiting,
     WriteSet,
 };
+pub(crate) use large::{GroupQueue, group_poll_relay, large_status};
 
 /// Most of our messages of one group sealed again for a member we could not reach
 /// when they went (the newest).
@@ -65,6 +68,8 @@ pub enum GroupChange {
     Mode(Mode),
     /// Sets the disappearing-message timer (seconds; 0: off).
     Timer(u32),
+    /// Sets the group relays (none: the small tier; SPEC §14.5).
+    Relays(Vec<kkachi_protocol::Multiaddr>),
 }
 
 /// What a change did.
@@ -258,9 +263,17 @@ impl<T> State<T> {
                         contact.name.clone(),
                     ));
                 }
-                if before.members.len() + added.len() > SMALL_GROUP_MAX {
+                if before.relays.is_empty() && before.members.len() + added.len() > SMALL_GROUP_MAX
+                {
                     return Err(EngineError::Invalid(format!(
-                        "a group holds at most {SMALL_GROUP_MAX} members in this version"
+                        "a group without group relays holds at most {SMALL_GROUP_MAX} members; give it three (`kkachi group relays GROUP ADDR…`) to grow it to {}",
+                        kkachi_protocol::group::MAX_MEMBERS
+                    )));
+                }
+                if before.members.len() + added.len() > kkachi_protocol::group::MAX_MEMBERS {
+                    return Err(EngineError::Invalid(format!(
+                        "a group holds at most {} members",
+                        kkachi_protocol::group::MAX_MEMBERS
                     )));
                 }
             }
@@ -329,6 +342,24 @@ impl<T> State<T> {
                     return Err(EngineError::Invalid("a timer is at most a year".into()));
                 }
                 planned.push((Op::SetTimer { secs: *secs }, secs.to_string()));
+            }
+            GroupChange::Relays(relays) if *relays == before.relays => {
+                skipped.push("the group has these relays already".into());
+            }
+            GroupChange::Relays(relays) => {
+                kkachi_protocol::group::check_group_relays(relays)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                if relays.is_empty() && before.members.len() > SMALL_GROUP_MAX {
+                    return Err(EngineError::Invalid(format!(
+                        "a group of more than {SMALL_GROUP_MAX} members needs group relays"
+                    )));
+                }
+                planned.push((
+                    Op::SetRelays {
+                        relays: relays.clone(),
+                    },
+                    format!("{} relays", relays.len()),
+                ));
             }
         }
         if planned.is_empty() {
@@ -414,8 +445,21 @@ impl<T> State<T> {
                         this.share_ops(&mut w, sessions, &contact, id, what, whole, have, now)?;
                         told += 1;
                     }
+                    // In the large tier, the group queue tells them.
+                    None if !after.relays.is_empty() && !added.contains(key) => told += 1,
                     None => unreachable.push(name.clone()),
                 }
+            }
+            if !after.relays.is_empty() {
+                // The group queue tells every member (under the epoch they can read:
+                // a member removed learns it too), then an epoch without anyone who
+                // left, and with everyone added, is made.
+                let mut record = record.clone();
+                this.post_ops(&mut w, id, &mut record, &after, &new_ops, now)?;
+                this.keep_epoch_sound(&mut w, sessions, id, &mut record, &after, now)?;
+                LocalStore::write_group(&mut w, &id, &record);
+                this.group_queues_changed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             this.apply_or_reset(sessions, w)?;
             Ok(GroupChanged {
@@ -1040,6 +1084,11 @@ impl<T> State<T> {
     /// blocked), and whether we may post there.
     pub(crate) fn group_recipients(&mut self, id: GroupId) -> Result<Vec<Contact>, EngineError> {
         let (_, _, roster) = self.where_we_post(id)?;
+        if !roster.relays.is_empty() {
+            return Err(EngineError::Invalid(
+                "files cannot go to a group with group relays in this version; send a text, or share the file with members one by one".into(),
+            ));
+        }
         let me = self.own_key();
         let mut out = Vec::new();
         for (key, m) in &roster.members {
@@ -1092,6 +1141,9 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<GroupSent, EngineError> {
         let (mut record, have, roster) = self.where_we_post(id)?;
+        if !roster.relays.is_empty() {
+            return self.post_large(id, record, roster, posting, with, now);
+        }
         let me = self.own_key();
         let cap = Hlc {
             ms: now.saturating_add(MAX_AHEAD_MS),
@@ -1184,6 +1236,8 @@ impl<T> State<T> {
                 event: false,
                 unseen: false,
                 missed,
+                post_seq: 0,
+                reach: (0, 0),
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
             LocalStore::write_group(&mut w, &id, &record);
@@ -1314,6 +1368,12 @@ impl<T> State<T> {
                 LocalStore::write_receipt_due(w, &contact.peer, &content.id);
                 self.take_cards(w, contact, *group, cards, now)?
             }
+            GroupBody::Key { record } => {
+                // Confirmed whatever becomes of it, as operations are.
+                LocalStore::write_receipt_due(w, &contact.peer, &content.id);
+                self.take_sealed_key(w, sessions, *group, record, now)?;
+                Outcome::Applied("a group's key")
+            }
         };
         // A member who holds other operations than we do (their digest says so) gets
         // all of ours: they merge, and send theirs if we lack some. Once per pair of
@@ -1321,7 +1381,7 @@ impl<T> State<T> {
         let (theirs, compare) = match what {
             GroupBody::Ops { all, have, .. } => (*have, *all),
             GroupBody::Message { have, .. } | GroupBody::File { have, .. } => (*have, true),
-            GroupBody::Cards { .. } => ([0; 16], false),
+            GroupBody::Cards { .. } | GroupBody::Key { .. } => ([0; 16], false),
         };
         if compare {
             self.answer_digest(w, sessions, contact, *group, theirs, now)?;
@@ -1411,15 +1471,32 @@ impl<T> State<T> {
         ops: Vec<SignedOp>,
         now: u64,
     ) -> Result<Outcome, EngineError> {
-        let sender = *contact.card.identity().ed25519();
+        let sender = (*contact.card.identity().ed25519(), contact.peer);
+        self.take_ops_from(w, sessions, sender, id, ops, now)
+    }
+
+    /// [`Self::take_ops`] from `sender` (their identity key and peer id): a contact, or
+    /// a member whose post in a large group's queue carried them.
+    fn take_ops_from(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        (sender, sender_peer): ([u8; 32], PeerId),
+        id: GroupId,
+        ops: Vec<SignedOp>,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
         let me = self.own_key();
-        let existing = self.store.group(&id)?;
-        if existing.is_none() && !self.may_hold_another(w, &contact.peer, now)? {
+        let existing = match LocalStore::pending_group(w, &id) {
+            Some(g) => Some(g),
+            None => self.store.group(&id)?,
+        };
+        if existing.is_none() && !self.may_hold_another(w, &sender_peer, now)? {
             return refused_ops("too many groups from this contact wait to be complete");
         }
         let mut record = existing.unwrap_or_else(|| GroupRecord {
             joined_ms: now,
-            invited_by: contact.peer.to_bytes(),
+            invited_by: sender_peer.to_bytes(),
             ..GroupRecord::default()
         });
         let held = record.signed_ops()?;
@@ -1522,7 +1599,7 @@ impl<T> State<T> {
             record.next_local += 1;
             let m = event_message(author.map(|p| p.to_bytes()), hlc, text, now);
             LocalStore::write_group_message(w, &id, local, &m);
-            shown.push(self.shown(author.unwrap_or(contact.peer), &after, m));
+            shown.push(self.shown(author.unwrap_or(sender_peer), &after, m));
         }
         // Messages that waited for these operations.
         let mut waiting = std::mem::take(&mut record.waiting);
@@ -1566,6 +1643,16 @@ impl<T> State<T> {
         }
         // Members whose cards came before the operations adding them are met now.
         self.introduce(w, &mut record, &after, now)?;
+        if !after.relays.is_empty() {
+            // The large tier: key records that came before we were in are taken, and an
+            // admin makes an epoch without those who left and with those added.
+            self.take_pending_keys(w, id, &mut record, &after, now)?;
+            self.keep_epoch_sound(w, sessions, id, &mut record, &after, now)?;
+        }
+        if before.as_ref().map(|b| &b.relays) != Some(&after.relays) || !after.relays.is_empty() {
+            self.group_queues_changed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         LocalStore::write_group(w, &id, &record);
         // Pass new operations on to the members we added, except their authors and the
         // sender: they may have missed what others did at the same time.
@@ -1666,6 +1753,8 @@ impl<T> State<T> {
             event: false,
             unseen: false,
             missed: Vec::new(),
+            post_seq: 0,
+            reach: (0, 0),
         };
         message.message.seq = content.seq;
         message.message.prev = content.prev;
@@ -2012,6 +2101,8 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         event: true,
         unseen: false,
         missed: Vec::new(),
+        post_seq: 0,
+        reach: (0, 0),
     }
 }
 

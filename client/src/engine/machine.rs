@@ -468,18 +468,22 @@ impl Deliveries {
         }
         let is_message = entry.kind == OutboxKind::Message;
         let progress = Progress::of(entry);
-        // A direct handover is answered only once the contact stored it durably: it is
-        // delivered, nothing more needs sending. A receipt or card is done once every
-        // relay (or the contact) has it; a message, once the contact confirms.
-        let all_relays = entry.targets.iter().all(|t| t.acked);
-        if entry.direct_acked || (!is_message && all_relays) {
-            return self.finish(attempt.key, handed_over, relay);
-        }
-        let state =
-            (is_message && progress.acked > before.acked).then_some(MessageState::Relayed {
+        // A message, and a post of ours in a large group, count the relays that have it.
+        let state = ((is_message || entry.kind == OutboxKind::Group)
+            && progress.acked > before.acked)
+            .then_some(MessageState::Relayed {
                 relayed: progress.acked,
                 total: progress.total,
             });
+        // A direct handover is answered only once the contact stored it durably: it is
+        // delivered, nothing more needs sending. A receipt, card or group post is done
+        // once every relay (or the contact) has it; a message, once the contact confirms.
+        let all_relays = entry.targets.iter().all(|t| t.acked);
+        if entry.direct_acked || (!is_message && all_relays) {
+            let mut done = self.finish(attempt.key, handed_over, relay);
+            done.state = done.state.or(state);
+            return done;
+        }
         Recorded {
             change: Change::Write(entry.clone()),
             gone: false,

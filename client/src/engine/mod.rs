@@ -51,6 +51,7 @@ use crate::store::{LocalStore, MessageState, StoreError};
 pub(crate) use bundle::export_items;
 pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
+pub(crate) use groups::large_status;
 pub use groups::{GroupChange, GroupChanged, GroupSent, GroupTag};
 pub use machine::Progress;
 pub use receive::{Change, Received, Verdict};

@@ -205,6 +205,9 @@ pub(crate) struct State<T> {
     /// A group lost members (or us) in this batch: members met in groups we no longer
     /// share are forgotten when it ends.
     pub(crate) members_left: std::sync::atomic::AtomicBool,
+    /// A large group's epochs or relays changed: the owner reads (and opens) its group
+    /// queues anew.
+    pub(crate) group_queues_changed: std::sync::atomic::AtomicBool,
     /// When each contact last rotated its session key (in this run): one more within
     /// [`super::receive::ROTATION_EVERY_MS`] is not taken.
     pub(crate) rotations: parking_lot::Mutex<HashMap<PeerId, u64>>,
@@ -271,6 +274,7 @@ impl<T> State<T> {
             newly_met: parking_lot::Mutex::default(),
             meeting: std::sync::atomic::AtomicBool::new(false),
             members_left: std::sync::atomic::AtomicBool::new(false),
+            group_queues_changed: std::sync::atomic::AtomicBool::new(true),
             rotations: parking_lot::Mutex::default(),
             stale: parking_lot::Mutex::default(),
             stale_due: parking_lot::Mutex::default(),

@@ -93,6 +93,123 @@ pub struct GroupRecord {
     /// Cards members passed on of people who are not (yet) members here: kept (at most
     /// [`MAX_INTRODUCTIONS`]) until the operations adding them arrive.
     pub introductions: Vec<Vec<u8>>,
+    /// The large tier's state (SPEC §14.5): empty while the group has no group relays.
+    pub large: LargeState,
+}
+
+/// Most epochs whose keys one group keeps (the newest): older ones are forgotten, and
+/// what is still sealed under them can no longer be read.
+pub const MAX_EPOCHS_KEPT: usize = 8;
+/// Most numbers above a gap kept per author in a large group.
+pub(crate) const MAX_ABOVE_GAP: usize = 256;
+/// Most of our posts held back while no epoch may carry them.
+pub const MAX_HELD_POSTS: usize = 256;
+
+/// A large group's epochs, chains and acknowledgements, as we hold them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LargeState {
+    /// Epochs whose key we hold, at most [`MAX_EPOCHS_KEPT`].
+    pub epochs: Vec<HeldEpoch>,
+    /// The number of our next message or file in the group (from 1).
+    pub next_seq: u64,
+    /// The id of our last numbered post (zeros before the first).
+    pub last_id: [u8; 16],
+    /// Each author's chain of numbered posts, as far as we hold it.
+    pub chains: Vec<Chain>,
+    /// Our signed posts waiting for an epoch that may carry them (one whose key went to
+    /// no one who is not a member): sealed and put once one arrives.
+    pub held: Vec<Vec<u8>>,
+    /// For each member (identity key), the highest of our numbers they hold with nothing
+    /// missing below it, as their last have said.
+    pub acks: Vec<([u8; 32], u64)>,
+    /// Something new arrived since we last posted our have.
+    pub have_due: bool,
+    /// When we last posted our have (Unix ms).
+    pub have_sent_ms: u64,
+    /// Items and key records refused (unreadable, forged, from outsiders, out of
+    /// bounds).
+    pub refused: u64,
+    /// Key records sealed to us before the group's log made us a member: taken once it
+    /// does (at most [`MAX_EPOCHS_KEPT`]).
+    pub pending_keys: Vec<Vec<u8>>,
+    /// When we last posted our whole log for a have whose digest differed (Unix ms).
+    pub log_posted_ms: u64,
+}
+
+/// An epoch of a large group whose key we hold.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldEpoch {
+    /// Its id.
+    pub id: [u8; 32],
+    /// Its number, clock and author: which epoch wins (SPEC §14.5).
+    pub number: u64,
+    /// Its clock.
+    pub hlc: (u64, u32),
+    /// The admin who made it (identity key).
+    pub author: [u8; 32],
+    /// The key.
+    pub key: [u8; 32],
+    /// Its key record's parts we hold (verified when they came): passed on to members
+    /// added, who cannot read the group queue yet.
+    pub records: Vec<Vec<u8>>,
+    /// The first 8 bytes of every member key its parts we hold wrap the key for.
+    pub tags: Vec<[u8; 8]>,
+    /// How many parts the record has.
+    pub parts: u8,
+    /// When we took it (Unix ms).
+    pub learnt_ms: u64,
+}
+
+impl HeldEpoch {
+    /// The order in which epochs win: number, clock, id.
+    pub fn rank(&self) -> (u64, (u64, u32), [u8; 32]) {
+        (self.number, self.hlc, self.id)
+    }
+}
+
+/// One author's numbered posts in a large group, as far as we hold them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Chain {
+    /// The author (identity key).
+    pub author: [u8; 32],
+    /// The highest number held with nothing missing below it.
+    pub head: u64,
+    /// Numbers held above a gap (at most [`MAX_ABOVE_GAP`]).
+    pub above: Vec<u64>,
+}
+
+impl Chain {
+    /// Whether number `seq` is held.
+    pub fn holds(&self, seq: u64) -> bool {
+        seq <= self.head || self.above.contains(&seq)
+    }
+
+    /// Takes number `seq` in; false if it was held already or cannot be kept.
+    pub fn take(&mut self, seq: u64) -> bool {
+        if self.holds(seq) {
+            return false;
+        }
+        if seq != self.head + 1 {
+            if self.above.len() >= MAX_ABOVE_GAP {
+                return false;
+            }
+            self.above.push(seq);
+            return true;
+        }
+        self.head = seq;
+        self.above.sort_unstable();
+        while let Some(i) = self.above.iter().position(|s| *s == self.head + 1) {
+            self.above.swap_remove(i);
+            self.head += 1;
+        }
+        true
+    }
+
+    /// How many numbers below the highest held are missing.
+    pub fn missing(&self) -> u64 {
+        let top = self.above.iter().copied().max().unwrap_or(self.head);
+        top - self.head - self.above.len() as u64
+    }
 }
 
 /// Most cards of people not (yet) members one group keeps.
@@ -171,6 +288,11 @@ pub struct GroupMessage {
     /// Ours: members (peer ids) it could not be sealed to when it went because no card
     /// of theirs had reached us; it goes to each once they are met.
     pub missed: Vec<Vec<u8>>,
+    /// In a large group: its number in its author's chain (0 in the small tier).
+    pub post_seq: u64,
+    /// Ours in a large group: how many other members there were when it went, and how
+    /// many hold it as their haves say (the small tier counts `copies` instead).
+    pub reach: (u32, u32),
 }
 
 impl GroupMessage {
@@ -181,6 +303,10 @@ impl GroupMessage {
 
     /// How many members' copies reached their device, and were read.
     pub fn tally(&self) -> (usize, usize) {
+        if self.post_seq != 0 {
+            // A large group's haves say what members hold, not what they read.
+            return (self.reach.1 as usize, 0);
+        }
         let delivered = self
             .copies
             .iter()
@@ -192,6 +318,17 @@ impl GroupMessage {
             .filter(|(_, s)| *s == MessageState::Read)
             .count();
         (delivered, read)
+    }
+}
+
+impl GroupMessage {
+    /// How many other members it went to.
+    pub fn audience(&self) -> usize {
+        if self.post_seq != 0 {
+            self.reach.0 as usize
+        } else {
+            self.copies.len()
+        }
     }
 }
 
@@ -493,6 +630,8 @@ mod tests {
             event: false,
             unseen: false,
             missed: Vec::new(),
+            post_seq: 0,
+            reach: (0, 0),
         }
     }
 

@@ -436,6 +436,10 @@ pub enum OutboxKind {
     /// Someone else's envelope from a bundle, carried on to its relays: kept until
     /// every one has it, or it expires. It names no contact (`contact` is empty).
     Forward,
+    /// A post of ours into a large group's queue on each group relay (SPEC §14.5): kept
+    /// until every group relay has it. `contact` holds the group's local name
+    /// ([`crate::store::group_key`], shaped like a peer id).
+    Group,
 }
 
 /// One relay an outbox entry must reach.

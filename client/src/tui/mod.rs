@@ -773,7 +773,7 @@ fn group_snapshot(
                 event: m.event,
                 delivered,
                 read,
-                copies: m.copies.len(),
+                copies: m.audience(),
                 unseen: m.unseen,
             });
         }
@@ -931,6 +931,8 @@ mod group_view_tests {
             event: false,
             unseen: false,
             missed: Vec::new(),
+            post_seq: 0,
+            reach: (0, 0),
         }
     }
 

@@ -4,23 +4,23 @@
 //! reads.
 //!
 //! ```text
-//! epoch_id    = H("kkachi/group-epoch/v1", group_id, epoch_key)[0..16]
-//! read key    = H("kkachi/group-read/v1", epoch_key, relay peer id)
-//! write key   = H("kkachi/group-write/v1", epoch_key, relay peer id)
+//! epoch_id    = H("kkachi/group-epoch/v1", group_id, epoch_key)
+//! queue key   = H("kkachi/group-queue-key/v1", epoch_key, relay peer id)
 //! item key    = H("kkachi/group-item/v1", epoch_key)
 //! key record  = version(1)=1 ‖ group_id(32) ‖ author identity(128) ‖ number(8)
-//!               ‖ hlc_ms(8) ‖ hlc_count(4) ‖ epoch_id(16) ‖ part(1) ‖ parts(1)
+//!               ‖ hlc_ms(8) ‖ hlc_count(4) ‖ epoch_id(32) ‖ part(1) ‖ parts(1)
 //!               ‖ u16 n ‖ n × (tag(8) ‖ wrapped(48)) ‖ signature(64)
 //! wrap key_i  = H("kkachi/group-wrap/v1", X25519(s_author, X_i), group_id, epoch_id,
 //!                 X_author, X_i)
 //! wrapped_i   = ChaCha20-Poly1305(wrap key_i, nonce 0, epoch_key, ad = group_id ‖ epoch_id)
 //! tag_i       = X_i[0..8]
-//! post        = version(1)=1 ‖ group_id(32) ‖ author(32) ‖ seq(8) ‖ prev(16) ‖ hlc_ms(8)
-//!               ‖ hlc_count(4) ‖ kind(1) ‖ u32 len ‖ body ‖ signature(64)
-//! item        = version(1)=1 ‖ epoch_id(16) ‖ nonce(24)
+//! post        = version(1)=1 ‖ group_id(32) ‖ epoch_id(32) ‖ author(32) ‖ seq(8)
+//!               ‖ prev(16) ‖ hlc_ms(8) ‖ hlc_count(4) ‖ kind(1) ‖ u32 len ‖ body
+//!               ‖ signature(64)
+//! item        = version(1)=1 ‖ nonce(24)
 //!               ‖ XChaCha20-Poly1305(item key, nonce, u32 len ‖ post ‖ zeros,
 //!                                    ad = version ‖ epoch_id),
-//!               len(item) ∈ the sealed packets' size classes
+//!               len(item) = the smallest of the sealed packets' size classes that holds it
 //! ```
 //!
 //! Messages are encrypted once for everyone and signed by their author, so any member
@@ -39,7 +39,7 @@ use crate::codec::{DecodeError, Reader, Writer, hash};
 use crate::content::{MAX_TEXT_LEN, MAX_TIMER_SECS, MessageId};
 use crate::file::FileRef;
 use crate::identity::{Identity, PUBLIC_LEN, PublicIdentity, verify_raw};
-use crate::queue::{ReadKey, WriteKey};
+use crate::queue::GroupKey;
 use crate::session::SIZE_CLASSES;
 
 /// Version byte of key records, posts and items.
@@ -55,19 +55,21 @@ pub const MAX_WRAPS: usize = 1024;
 pub const MAX_KEY_PARTS: usize = 8;
 /// Most authors a have-vector names.
 pub const MAX_HAVE_AUTHORS: usize = 1024;
+/// How many of a group's newest epochs members read (SPEC §14.5).
+pub const EPOCHS_READ: usize = 3;
 /// Most operations one post carries.
 pub const MAX_POST_OPS: usize = 64;
-/// Bytes of an item before its ciphertext: version, epoch id, nonce.
-const ITEM_HEADER_LEN: usize = 1 + 16 + 24;
+/// Bytes of an item before its ciphertext: version, nonce.
+const ITEM_HEADER_LEN: usize = 1 + 24;
 const AEAD_TAG_LEN: usize = 16;
 /// Longest post: what fits in the largest item.
 pub const MAX_POST_LEN: usize =
     SIZE_CLASSES[SIZE_CLASSES.len() - 1] - ITEM_HEADER_LEN - AEAD_TAG_LEN - 4;
-const POST_HEADER_LEN: usize = 1 + 32 + 32 + 8 + 16 + 8 + 4 + 1 + 4;
+const POST_HEADER_LEN: usize = 1 + 32 + 32 + 32 + 8 + 16 + 8 + 4 + 1 + 4;
 /// Longest body of a post.
 pub const MAX_POST_BODY: usize = MAX_POST_LEN - POST_HEADER_LEN - 64;
 const WRAP_LEN: usize = 8 + 32 + AEAD_TAG_LEN;
-const KEY_HEADER_LEN: usize = 1 + 32 + PUBLIC_LEN + 8 + 8 + 4 + 16 + 1 + 1 + 2;
+const KEY_HEADER_LEN: usize = 1 + 32 + PUBLIC_LEN + 8 + 8 + 4 + 32 + 1 + 1 + 2;
 /// Longest key record.
 pub const MAX_KEY_RECORD_LEN: usize = KEY_HEADER_LEN + MAX_WRAPS * WRAP_LEN + 64;
 
@@ -87,9 +89,10 @@ impl std::fmt::Debug for EpochKey {
     }
 }
 
-/// Names an epoch of a group: it commits to the group and the epoch's key.
+/// Names an epoch of a group: it commits to the group and the epoch's key (32 bytes, so
+/// finding two keys with one id is out of reach).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EpochId(pub [u8; 16]);
+pub struct EpochId(pub [u8; 32]);
 
 impl EpochKey {
     /// A fresh random key.
@@ -111,24 +114,17 @@ impl EpochKey {
 
     /// The epoch this key opens in `group`.
     pub fn id(&self, group: &GroupId) -> EpochId {
-        let full = hash("kkachi/group-epoch/v1", &[&group.0, self.0.as_slice()]);
-        let mut id = [0; 16];
-        id.copy_from_slice(&full[..16]);
-        EpochId(id)
-    }
-
-    /// The read key of the epoch's group queue on `relay`: every member reads with it.
-    pub fn read_key(&self, relay: &PeerId) -> ReadKey {
-        ReadKey(hash(
-            "kkachi/group-read/v1",
-            &[self.0.as_slice(), &relay.to_bytes()],
+        EpochId(hash(
+            "kkachi/group-epoch/v1",
+            &[&group.0, self.0.as_slice()],
         ))
     }
 
-    /// The capability every member puts into that queue with.
-    pub fn write_key(&self, relay: &PeerId) -> WriteKey {
-        WriteKey(hash(
-            "kkachi/group-write/v1",
+    /// The key of the epoch's group queue on `relay`: every member opens, reads and
+    /// puts with it.
+    pub fn queue_key(&self, relay: &PeerId) -> GroupKey {
+        GroupKey(hash(
+            "kkachi/group-queue-key/v1",
             &[self.0.as_slice(), &relay.to_bytes()],
         ))
     }
@@ -151,20 +147,21 @@ fn wrap_key(
     ))
 }
 
-fn wrap_ad(group: &GroupId, epoch: &EpochId) -> [u8; 48] {
-    let mut ad = [0; 48];
+fn wrap_ad(group: &GroupId, epoch: &EpochId) -> [u8; 64] {
+    let mut ad = [0; 64];
     ad[..32].copy_from_slice(&group.0);
     ad[32..].copy_from_slice(&epoch.0);
     ad
 }
 
-fn diffie_hellman(identity: &Identity, public: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+/// The X25519 agreement of our key and `public`; `None` for a key of low order, whose
+/// agreement anyone could compute.
+fn diffie_hellman(identity: &Identity, public: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
     let secret = x25519_dalek::StaticSecret::from(*identity.x25519_secret());
-    Zeroizing::new(
-        secret
-            .diffie_hellman(&x25519_dalek::PublicKey::from(*public))
-            .to_bytes(),
-    )
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*public));
+    shared
+        .was_contributory()
+        .then(|| Zeroizing::new(shared.to_bytes()))
 }
 
 /// A signed record handing an epoch's key to members: one part of an epoch's wraps.
@@ -238,7 +235,9 @@ impl KeyRecord {
                 .u8(parts)
                 .u16(chunk.len() as u16);
             for member in chunk {
-                let dh = diffie_hellman(author, member);
+                let dh = diffie_hellman(author, member).ok_or(GroupError::Key(
+                    "a member's session key is of low order; no key can be wrapped for it",
+                ))?;
                 let k = wrap_key(&dh, &group, &epoch, &author_x, member);
                 let sealed = ChaCha20Poly1305::new(Key::from_slice(k.as_slice()))
                     .encrypt(
@@ -387,7 +386,7 @@ impl KeyRecord {
     pub fn unwrap(&self, me: &Identity) -> Option<EpochKey> {
         let own = me.x25519_public();
         let author_x = self.author.x25519();
-        let dh = diffie_hellman(me, author_x);
+        let dh = diffie_hellman(me, author_x)?;
         let k = wrap_key(&dh, &self.group, &self.epoch, author_x, &own);
         let ad = wrap_ad(&self.group, &self.epoch);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(k.as_slice()));
@@ -575,6 +574,7 @@ impl PostBody {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Post {
     group: GroupId,
+    epoch: EpochId,
     author: [u8; 32],
     seq: u64,
     prev: [u8; 16],
@@ -594,12 +594,15 @@ impl std::fmt::Debug for Post {
 }
 
 impl Post {
-    /// Signs a post. For a numbered body (a message or file) `seq` is the author's
-    /// number for it in the group (from 1) and `prev` the id of their post numbered
-    /// `seq − 1` (zeros for 1); other bodies carry 0 and zeros.
+    /// Signs a post for epoch `epoch` of `group` (it is refused in any other). For a
+    /// numbered body (a message or file) `seq` is the author's number for it in the
+    /// group (from 1) and `prev` the id of their post numbered `seq − 1` (zeros for 1);
+    /// other bodies carry 0 and zeros.
+    #[allow(clippy::too_many_arguments)]
     pub fn sign(
         author: &Identity,
         group: GroupId,
+        epoch: EpochId,
         seq: u64,
         prev: MessageId,
         hlc: Hlc,
@@ -609,6 +612,7 @@ impl Post {
         let mut w = Writer::with_capacity(POST_HEADER_LEN + encoded_body.len() + 64);
         w.u8(LARGE_VERSION)
             .raw(&group.0)
+            .raw(&epoch.0)
             .raw(author.public().ed25519())
             .u64(seq)
             .raw(&prev.0)
@@ -624,6 +628,16 @@ impl Post {
 
     /// Decodes a post and verifies its signature and every bound.
     pub fn decode(bytes: &[u8]) -> Result<Self, GroupError> {
+        Self::decode_from(bytes, |_| true)
+    }
+
+    /// [`Post::decode`], refusing a post whose author `allowed` refuses once its
+    /// signature is checked and before its body is decoded (which may verify many
+    /// operations): a stranger's posts cost one signature check each.
+    pub fn decode_from(
+        bytes: &[u8],
+        allowed: impl Fn(&[u8; 32]) -> bool,
+    ) -> Result<Self, GroupError> {
         if bytes.len() > MAX_POST_LEN {
             return Err(DecodeError::TooLong {
                 field: "group post",
@@ -642,6 +656,7 @@ impl Post {
             .into());
         }
         let group = GroupId(r.array("group id")?);
+        let epoch = EpochId(r.array("post epoch")?);
         let author: [u8; 32] = r.array("post author")?;
         let seq = r.u64("post number")?;
         let prev: [u8; 16] = r.array("post previous")?;
@@ -656,6 +671,9 @@ impl Post {
         r.finish()?;
         if !verify_raw(&author, POST_LABEL, &bytes[..signed_len], &sig) {
             return Err(GroupError::BadSignature);
+        }
+        if !allowed(&author) {
+            return Err(GroupError::NotMember);
         }
         let body = PostBody::decode(kind, body)?;
         let numbered = body.is_numbered();
@@ -679,6 +697,7 @@ impl Post {
         }
         Ok(Self {
             group,
+            epoch,
             author,
             seq,
             prev,
@@ -686,6 +705,11 @@ impl Post {
             body,
             encoded: bytes.to_vec(),
         })
+    }
+
+    /// The epoch it was written for.
+    pub fn epoch(&self) -> EpochId {
+        self.epoch
     }
 
     /// Names the post: `H("kkachi/group-post/v1", post)[0..16]`, the same for every
@@ -732,24 +756,20 @@ impl Post {
         &self.body
     }
 
-    /// Encrypts the post under `key` into an item for the group queue, padded to a
-    /// size class.
+    /// Encrypts the post under `key` (its epoch's) into an item for a group queue,
+    /// padded to a size class. Sealed once per relay (a fresh nonce each), so relays
+    /// comparing what they hold cannot tell that two items are one post.
     pub fn seal<R: RngCore + CryptoRng>(&self, key: &EpochKey, rng: &mut R) -> Vec<u8> {
         let epoch = key.id(&self.group);
-        let inner = 4 + self.encoded.len();
-        let total = SIZE_CLASSES
-            .into_iter()
-            .find(|c| *c >= ITEM_HEADER_LEN + inner + AEAD_TAG_LEN)
-            .expect("a post is at most MAX_POST_LEN");
+        debug_assert_eq!(epoch, self.epoch, "a post is sealed under its own epoch");
+        let total = item_len(self.encoded.len()).expect("a post is at most MAX_POST_LEN");
         let mut plain = Zeroizing::new(Vec::with_capacity(total - ITEM_HEADER_LEN));
         plain.extend_from_slice(&(self.encoded.len() as u32).to_be_bytes());
         plain.extend_from_slice(&self.encoded);
         plain.resize(total - ITEM_HEADER_LEN - AEAD_TAG_LEN, 0);
         let mut nonce = [0u8; 24];
         rng.fill_bytes(&mut nonce);
-        let mut ad = [0u8; 17];
-        ad[0] = LARGE_VERSION;
-        ad[1..].copy_from_slice(&epoch.0);
+        let ad = item_ad(&epoch);
         let k = key.item_key();
         let sealed = XChaCha20Poly1305::new(Key::from_slice(k.as_slice()))
             .encrypt(
@@ -762,7 +782,6 @@ impl Post {
             .expect("sealing a bounded item cannot fail");
         let mut out = Vec::with_capacity(total);
         out.push(LARGE_VERSION);
-        out.extend_from_slice(&epoch.0);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         debug_assert_eq!(out.len(), total);
@@ -770,18 +789,18 @@ impl Post {
     }
 }
 
-/// The epoch an item of a group queue names, so its reader picks the key.
-pub fn item_epoch(item: &[u8]) -> Result<EpochId, GroupError> {
-    let mut r = Reader::new(item);
-    let version = r.u8("group item version")?;
-    if version != LARGE_VERSION {
-        return Err(DecodeError::UnsupportedVersion {
-            what: "group item",
-            version,
-        }
-        .into());
-    }
-    Ok(EpochId(r.array("group item epoch")?))
+fn item_ad(epoch: &EpochId) -> [u8; 33] {
+    let mut ad = [0u8; 33];
+    ad[0] = LARGE_VERSION;
+    ad[1..].copy_from_slice(&epoch.0);
+    ad
+}
+
+/// The smallest size class an item holding a post of `len` bytes takes.
+fn item_len(len: usize) -> Option<usize> {
+    SIZE_CLASSES
+        .into_iter()
+        .find(|c| *c >= ITEM_HEADER_LEN + 4 + len + AEAD_TAG_LEN)
 }
 
 /// Why an item of a group queue was refused.
@@ -790,23 +809,26 @@ pub enum ItemError {
     /// Not an item of this epoch, or altered.
     #[error("the group item does not open under this epoch's key")]
     Unreadable,
-    /// It opens, but what it holds is not a valid post of the group.
+    /// It opens, but what it holds is not a valid post of the group and epoch.
     #[error(transparent)]
     Post(#[from] GroupError),
 }
 
-/// Opens an item of `group`'s queue with the key of the epoch it names and verifies
-/// the post inside (its signature and bounds; whether its author may post is the
-/// caller's to check against the merged roster).
-pub fn open_item(group: &GroupId, key: &EpochKey, item: &[u8]) -> Result<Post, ItemError> {
+/// Opens an item read from the queue of epoch `key` of `group` and verifies the post
+/// inside: its signature, its bounds, its group and epoch, and (before its body is
+/// decoded) that `allowed` takes its author. Whether the author may post is the
+/// caller's to check against the merged roster.
+pub fn open_item(
+    group: &GroupId,
+    key: &EpochKey,
+    item: &[u8],
+    allowed: impl Fn(&[u8; 32]) -> bool,
+) -> Result<Post, ItemError> {
     let epoch = key.id(group);
-    if !SIZE_CLASSES.contains(&item.len()) || item_epoch(item).ok() != Some(epoch) {
+    if !SIZE_CLASSES.contains(&item.len()) || item.first() != Some(&LARGE_VERSION) {
         return Err(ItemError::Unreadable);
     }
-    let nonce = &item[17..ITEM_HEADER_LEN];
-    let mut ad = [0u8; 17];
-    ad[0] = LARGE_VERSION;
-    ad[1..].copy_from_slice(&epoch.0);
+    let nonce = &item[1..ITEM_HEADER_LEN];
     let k = key.item_key();
     let plain = Zeroizing::new(
         XChaCha20Poly1305::new(Key::from_slice(k.as_slice()))
@@ -814,7 +836,7 @@ pub fn open_item(group: &GroupId, key: &EpochKey, item: &[u8]) -> Result<Post, I
                 XNonce::from_slice(nonce),
                 Payload {
                     msg: &item[ITEM_HEADER_LEN..],
-                    aad: &ad,
+                    aad: &item_ad(&epoch),
                 },
             )
             .map_err(|_| ItemError::Unreadable)?,
@@ -823,15 +845,15 @@ pub fn open_item(group: &GroupId, key: &EpochKey, item: &[u8]) -> Result<Post, I
     let post = r
         .bytes32(MAX_POST_LEN, "group item post")
         .map_err(GroupError::from)?;
-    if r.rest().iter().any(|b| *b != 0) {
+    if r.rest().iter().any(|b| *b != 0) || item_len(post.len()) != Some(item.len()) {
         return Err(GroupError::from(DecodeError::Invalid {
             field: "group item padding",
-            reason: "not zeros",
+            reason: "not zeros, or more than the smallest size class needs",
         })
         .into());
     }
-    let post = Post::decode(post)?;
-    if post.group != *group {
+    let post = Post::decode_from(post, allowed)?;
+    if post.group != *group || post.epoch != epoch {
         return Err(GroupError::WrongGroup.into());
     }
     Ok(post)

@@ -302,7 +302,10 @@ fn admins_set_the_group_relays_within_their_bounds() {
     let twice = vec![relay_addr(1), relay_addr(1)];
     assert!(check_group_relays(&twice).is_err(), "a relay twice");
     let bare: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
-    assert!(check_group_relays(std::slice::from_ref(&bare)).is_err(), "no /p2p");
+    assert!(
+        check_group_relays(std::slice::from_ref(&bare)).is_err(),
+        "no /p2p"
+    );
     // Decoding refuses what signing would not make.
     let mut body = Writer::default();
     body.u8(1).bytes16(&bare.to_vec());

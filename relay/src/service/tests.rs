@@ -1,6 +1,6 @@
 use super::*;
 use crate::store::{Fetched, Limits, MemoryStore, Quota, StoreStats};
-use kkachi_protocol::{Envelope, EnvelopeId, WriteKey};
+use kkachi_protocol::{Envelope, EnvelopeId, ReadKey, WriteKey};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -857,88 +857,123 @@ mod files {
 }
 
 #[tokio::test]
-async fn a_group_queue_is_read_by_every_member_and_emptied_by_none() {
+async fn a_group_queue_is_opened_read_and_put_by_its_key_alone_and_emptied_by_none() {
+    use kkachi_protocol::GroupKey;
     let s = service(&Config::default());
-    let group = queue(7);
-    open(&s, &group, QueueKind::Group).await;
+    let key = GroupKey([7; 32]);
     let (alice, bob) = (PeerId::random(), PeerId::random());
-    let put = ClientToRelay::Put {
-        items: vec![to(&group, 1), to(&group, 2)],
+    let put = |n: u8| ClientToRelay::PutGroup {
+        items: vec![Addressed {
+            write: WriteKey(key.0),
+            envelope: envelope(n),
+        }],
     };
-    assert_eq!(codes(run(&s, &alice, put).await), vec![None, None]);
-    let fetch = || ClientToRelay::Fetch {
-        key: group.key.clone(),
+    // Nothing goes into a group queue nobody opened.
+    assert_eq!(
+        codes(run(&s, &alice, put(1)).await),
+        vec![Some(ErrorCode::NoQueue)]
+    );
+    let open = ClientToRelay::OpenGroup {
+        key,
+        token: Vec::new(),
+    };
+    assert!(matches!(
+        run(&s, &alice, open.clone()).await,
+        RelayToClient::Granted { grants: 0 }
+    ));
+    // Opening it again is harmless (every member may).
+    assert!(matches!(
+        run(&s, &bob, open).await,
+        RelayToClient::Granted { grants: 0 }
+    ));
+    assert_eq!(codes(run(&s, &alice, put(1)).await), vec![None]);
+    assert_eq!(codes(run(&s, &bob, put(2)).await), vec![None]);
+    let read = |wait_ms| ClientToRelay::ReadGroup {
+        key,
         after: 0,
         limit: 10,
+        wait_ms,
     };
-    let RelayToClient::Batch { items, .. } = run(&s, &bob, fetch()).await else {
+    let RelayToClient::Batch { items, .. } = run(&s, &bob, read(0)).await else {
         panic!("batch expected")
     };
     assert_eq!(items.len(), 2);
     let ids: Vec<EnvelopeId> = items.iter().map(|i| i.envelope.id()).collect();
-    // A member (or a former one, who kept the read key) can neither delete what the
-    // others have not read nor revoke the capability the others put with.
-    let refused = |answer: RelayToClient| {
-        matches!(
-            answer,
-            RelayToClient::Error {
-                code: ErrorCode::NotAllowed,
-                ..
-            }
-        )
-    };
+    // The group key, taken as a read or write key, reaches nothing: no one can delete
+    // from the group queue, revoke anything on it, open it as another kind, or put
+    // into it through a grant.
+    let as_read = ReadKey(key.0);
     let delete = ClientToRelay::Delete {
-        key: group.key.clone(),
+        key: as_read.clone(),
         ids: ids.clone(),
-    };
-    assert!(refused(run(&s, &bob, delete).await));
-    let revoke = ClientToRelay::Revoke {
-        key: group.key.clone(),
-        write_ids: vec![group.write.id()],
-    };
-    assert!(refused(run(&s, &bob, revoke).await));
-    let RelayToClient::Batch { items, .. } = run(&s, &alice, fetch()).await else {
-        panic!("batch expected")
-    };
-    assert_eq!(items.len(), 2, "nothing was taken away");
-    // Nor can the queue be turned into an inbox someone else writes to, or an inbox
-    // into a group queue.
-    let grant = |key: &ReadKey, kind, id: WriteId| ClientToRelay::Grant {
-        key: key.clone(),
-        kind,
-        token: Vec::new(),
-        write_ids: vec![id],
-    };
-    let other = WriteKey([42; 32]).id();
-    assert!(refused(
-        run(&s, &bob, grant(&group.key, QueueKind::Inbox, other)).await
-    ));
-    let inbox = queue(8);
-    open(&s, &inbox, QueueKind::Inbox).await;
-    assert!(refused(
-        run(&s, &bob, grant(&inbox.key, QueueKind::Group, other)).await
-    ));
-    // Granting the group's own capability again is harmless (every member may).
-    assert!(matches!(
-        run(
-            &s,
-            &bob,
-            grant(&group.key, QueueKind::Group, group.write.id())
-        )
-        .await,
-        RelayToClient::Granted { grants: 1 }
-    ));
-    // An inbox still deletes as before.
-    let put = ClientToRelay::Put {
-        items: vec![to(&inbox, 3)],
-    };
-    assert_eq!(codes(run(&s, &alice, put).await), vec![None]);
-    let delete = ClientToRelay::Delete {
-        key: inbox.key.clone(),
-        ids: vec![envelope(3).id()],
     };
     assert_eq!(
         run(&s, &bob, delete).await,
-        RelayToClient::Deleted { count: 1 }
+        RelayToClient::Deleted { count: 0 }
     );
+    let hijack = ClientToRelay::Grant {
+        key: as_read.clone(),
+        kind: QueueKind::Inbox,
+        token: Vec::new(),
+        write_ids: vec![WriteKey(key.0).id()],
+    };
+    assert!(matches!(
+        run(&s, &bob, hijack).await,
+        RelayToClient::Granted { grants: 1 }
+    ));
+    // That grant opened some other queue: the group's puts still land in the group's.
+    assert_eq!(codes(run(&s, &alice, put(3)).await), vec![None]);
+    let RelayToClient::Batch { items, .. } = run(&s, &alice, read(0)).await else {
+        panic!("batch expected")
+    };
+    assert_eq!(items.len(), 3, "nothing was taken away or diverted");
+    // A grant of the group kind is no request at all.
+    let group_grant = ClientToRelay::Grant {
+        key: ReadKey([8; 32]),
+        kind: QueueKind::Group,
+        token: Vec::new(),
+        write_ids: vec![],
+    };
+    assert!(matches!(
+        run(&s, &bob, group_grant).await,
+        RelayToClient::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+    // A long poll of the group queue waits like a Subscribe.
+    let after = ClientToRelay::ReadGroup {
+        key,
+        after: u64::MAX - 1,
+        limit: 10,
+        wait_ms: 1_000,
+    };
+    assert!(matches!(
+        s.handle(&bob, None, Request::Message(after), NOW),
+        Action::Wait { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_relay_for_token_holders_opens_group_queues_only_for_them() {
+    use kkachi_protocol::GroupKey;
+    let mut config = Config::default();
+    config.access.open = OpenPolicy::Token;
+    config.access.tokens = vec!["member-token".into()];
+    let s = service(&config);
+    let open = |token: &str| ClientToRelay::OpenGroup {
+        key: GroupKey([9; 32]),
+        token: token.as_bytes().to_vec(),
+    };
+    assert!(matches!(
+        run(&s, &PeerId::random(), open("")).await,
+        RelayToClient::Error {
+            code: ErrorCode::NotAllowed,
+            ..
+        }
+    ));
+    assert!(matches!(
+        run(&s, &PeerId::random(), open("member-token")).await,
+        RelayToClient::Granted { grants: 0 }
+    ));
 }

@@ -31,7 +31,10 @@ impl<T: Transport> Owner<T> {
     pub(super) fn ask_mailbox(&mut self, relay: String, request: ClientToRelay, sync: bool) {
         let net = self.state.net.clone();
         self.work.push(Box::pin(async move {
-            let result = match split_poll(&relay).0.parse::<Multiaddr>() {
+            // A group queue's name starts with its group relay's address.
+            let addr = super::super::groups::group_poll_relay(&relay)
+                .unwrap_or_else(|| split_poll(&relay).0);
+            let result = match addr.parse::<Multiaddr>() {
                 Ok(addr) => net.request(&addr, request).await,
                 Err(e) => Err(NetError::Unreachable(format!("bad relay address: {e}"))),
             };
@@ -68,6 +71,33 @@ impl<T: Transport> Owner<T> {
         };
         let ids: Vec<EnvelopeId> = items.iter().map(|i| i.envelope.id()).collect();
         let envelopes: Vec<Envelope> = items.into_iter().map(|i| i.envelope).collect();
+        if let Some(q) = self.group_queue(&relay).cloned() {
+            // A large group's queue: taken in, never deleted from (others read it).
+            let result = self
+                .state
+                .take_group_items(q.group, q.epoch, &envelopes, now);
+            self.drain_announcements();
+            self.next_large_upkeep = match (self.next_large_upkeep, self.state.next_have_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match result {
+                Ok(shown) => self.wait_durable(After::Mailbox(Batch {
+                    relay,
+                    ids: Vec::new(),
+                    next,
+                    more,
+                    sync,
+                    empty: envelopes.is_empty(),
+                    shown: if sync { shown } else { Vec::new() },
+                })),
+                Err(e) => {
+                    self.mailbox_failed(&relay, RelayError::NotStored(e.to_string()), sync, now)
+                }
+            }
+            self.sync_outbox();
+            return;
+        }
         let result = self.state.receive(&envelopes, Source::Network, now);
         self.drain_announcements();
         match result {
@@ -93,6 +123,18 @@ impl<T: Transport> Owner<T> {
 
     /// A poll or fetch of the queue named `name` failed.
     pub(super) fn mailbox_failed(&mut self, name: &str, why: RelayError, sync: bool, now: u64) {
+        if self.group_queue(name).is_some() {
+            // A group relay (not ours): read from the start once it answers.
+            self.cursors.remove(name);
+            if sync {
+                self.sync_relay_done(name, Err(why));
+            } else {
+                let jitter = rand::thread_rng().r#gen::<u64>();
+                self.inboxes
+                    .handle_answer(name, Answer::Failed, now, jitter);
+            }
+            return;
+        }
         let relay = split_poll(name).0;
         for which in Which::ALL {
             self.cursors.remove(&poll_name(relay, which));
@@ -116,6 +158,12 @@ impl<T: Transport> Owner<T> {
     /// (by its inbox).
     pub(super) fn sync_relay_done(&mut self, name: &str, result: Result<(), RelayError>) {
         let (relay, which) = split_poll(name);
+        // A group relay is not one of ours: not in the report.
+        let which = if self.group_queue(name).is_some() {
+            Which::Requests
+        } else {
+            which
+        };
         for run in &mut self.syncs {
             if let Some(i) = run.left.iter().position(|r| r == name) {
                 run.left.remove(i);
@@ -158,16 +206,12 @@ impl<T: Transport> Owner<T> {
         let names: Vec<String> = relays
             .iter()
             .flat_map(|r| queues.iter().map(|w| poll_name(r, *w)))
+            .chain(self.group_queues.keys().cloned())
             .collect();
         for name in &names {
             let after = self.cursor(name);
-            let Some(key) = self.queue_key(name) else {
+            let Some(fetch) = self.read_request(name, after, 0) else {
                 continue;
-            };
-            let fetch = ClientToRelay::Fetch {
-                key,
-                after,
-                limit: 256,
             };
             self.ask_mailbox(name.clone(), fetch, true);
         }
@@ -243,16 +287,21 @@ impl<T: Transport> Owner<T> {
         for run in &mut self.syncs {
             run.report.shown.extend(batch.shown.iter().cloned());
         }
-        let Some(key) = self.queue_key(&relay) else {
-            return;
-        };
-        if !batch.ids.is_empty() {
-            self.delete(&relay, key.clone(), batch.ids);
+        let group = self.group_queue(&relay).is_some();
+        if !group {
+            let Some(key) = self.queue_key(&relay) else {
+                return;
+            };
+            if !batch.ids.is_empty() {
+                self.delete(&relay, key, batch.ids);
+            }
         }
         let (addr, which) = split_poll(&relay);
         let cursor = self.cursors.entry(relay.clone()).or_default();
         *cursor = (*cursor).max(next);
-        self.state.note_relay(addr, Ok(()));
+        if !group {
+            self.state.note_relay(addr, Ok(()));
+        }
         if std::mem::take(&mut self.reserve_again)
             && let Err(e) = self.take_relays()
         {
@@ -260,14 +309,11 @@ impl<T: Transport> Owner<T> {
         }
         // Strangers' requests are read a batch at a time, at a steady pace, however
         // many wait; a sync reads everything.
-        let paced = which.is_requests() && !sync;
+        let paced = which.is_requests() && !sync && !group;
         if batch.more && !paced {
-            let fetch = ClientToRelay::Fetch {
-                key,
-                after: next,
-                limit: 256,
-            };
-            self.ask_mailbox(relay, fetch, sync);
+            if let Some(fetch) = self.read_request(&relay, next, 0) {
+                self.ask_mailbox(relay, fetch, sync);
+            }
         } else if sync {
             self.sync_relay_done(&relay, Ok(()));
         } else {

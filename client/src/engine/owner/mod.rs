@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use kkachi_protocol::{ClientToRelay, EnvelopeId, Multiaddr, PeerId, RelayToClient};
+use kkachi_protocol::{EnvelopeId, Multiaddr, PeerId, RelayToClient};
 use tokio::sync::{mpsc, oneshot};
 
 use super::machine::{Attempt, Deliveries, EarlySends, Inboxes, Outcome};
@@ -36,6 +36,7 @@ use crate::store::StoreError;
 use watch::Watcher;
 
 mod grants;
+mod group_queues;
 mod inbox;
 mod outbox;
 mod watch;
@@ -163,6 +164,12 @@ pub(super) struct Owner<T> {
     reserve_again: bool,
     /// Where each of our queues was read up to in this run, by poll name.
     cursors: HashMap<String, u64>,
+    /// The poll names of our own queues at our relays.
+    inbox_names: Vec<String>,
+    /// Large groups' queues we read, by poll name.
+    group_queues: HashMap<String, super::groups::GroupQueue>,
+    /// When large groups' upkeep is next due (a have waits to be posted).
+    next_large_upkeep: Option<u64>,
     /// The epoch of our contact-request queues (our card's).
     request_epoch: u32,
     /// Until when (Unix seconds) the request queue of the epoch before is read.
@@ -205,6 +212,9 @@ impl<T: Transport> Owner<T> {
             grants: grants::Grants::default(),
             reserve_again: false,
             cursors: HashMap::new(),
+            inbox_names: Vec::new(),
+            group_queues: HashMap::new(),
+            next_large_upkeep: None,
             request_epoch: 0,
             earlier_requests_until: 0,
             lan_keys: HashMap::new(),
@@ -387,11 +397,11 @@ impl<T: Transport> Owner<T> {
         self.grant_relays(&relays);
         if self.mode.inbox {
             let queues = self.read_queues();
-            self.inboxes.set(
-                relays
-                    .iter()
-                    .flat_map(|a| queues.iter().map(|w| grants::poll_name(a, *w))),
-            );
+            self.inbox_names = relays
+                .iter()
+                .flat_map(|a| queues.iter().map(|w| grants::poll_name(a, *w)))
+                .collect();
+            self.set_polls();
             self.state
                 .net
                 .reserve_at(relays.iter().filter_map(|a| a.parse().ok()).collect());
@@ -439,6 +449,9 @@ impl<T: Transport> Owner<T> {
             deadlines.extend(self.inboxes.next_deadline());
             deadlines.push(self.next_housekeeping);
         }
+        if self.mode.deliver {
+            deadlines.extend(self.next_large_upkeep);
+        }
         if self.mode.inbox || self.mode.deliver {
             deadlines.extend(self.grants.next_deadline());
         }
@@ -482,16 +495,22 @@ impl<T: Transport> Owner<T> {
         if self.mode.inbox || self.mode.deliver {
             self.start_grants();
         }
+        if self
+            .state
+            .group_queues_changed
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.refresh_group_queues();
+            self.next_large_upkeep = Some(now);
+        }
+        if self.mode.deliver {
+            self.large_upkeep_if_due(now);
+        }
         if self.mode.inbox {
             for relay in self.inboxes.poll(now) {
                 let after = self.cursor(&relay);
-                let Some(key) = self.queue_key(&relay) else {
+                let Some(request) = self.read_request(&relay, after, SUBSCRIBE_WAIT_MS) else {
                     continue;
-                };
-                let request = ClientToRelay::Subscribe {
-                    key,
-                    after,
-                    wait_ms: SUBSCRIBE_WAIT_MS,
                 };
                 self.ask_mailbox(relay, request, false);
             }
@@ -733,7 +752,10 @@ impl<T: Transport> Owner<T> {
         self.syncs = running;
         for mut run in late {
             for name in run.left.drain(..) {
-                // Each relay once, by its inbox.
+                // Each of our relays once, by its inbox (a group relay is not ours).
+                if super::groups::group_poll_relay(&name).is_some() {
+                    continue;
+                }
                 if let (relay, grants::Which::Inbox) = grants::split_poll(&name) {
                     run.report
                         .relays

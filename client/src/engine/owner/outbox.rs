@@ -20,6 +20,10 @@ impl<T: Transport> Owner<T> {
             watcher.on_attempt();
         }
         let net = self.state.net.clone();
+        let group = self
+            .deliveries
+            .get(attempt.key)
+            .is_some_and(|e| e.kind == crate::store::OutboxKind::Group);
         let keys = match &attempt.path {
             Path::Relay(addr) => self
                 .deliveries
@@ -41,6 +45,11 @@ impl<T: Transport> Owner<T> {
                     },
                     (Path::Relay(addr), Some((pairwise, request))) => {
                         match addr.parse::<Multiaddr>() {
+                            // A post of ours into a large group's queue.
+                            Ok(relay) if group => {
+                                let key = kkachi_protocol::GroupKey(pairwise.0);
+                                super::group_queues::put_to_group(&net, &relay, envelope, key).await
+                            }
                             Ok(relay) => {
                                 put_to_relay(&net, &relay, envelope, pairwise, request).await
                             }
@@ -94,9 +103,18 @@ impl<T: Transport> Owner<T> {
             Change::Nothing => {}
         }
         if let (Some(state), Some(id), Some(contact)) = (r.state, attempt.message, attempt.contact)
-            && let Err(e) = self.state.advance_state(&mut w, &contact, &id, state)
         {
-            tracing::warn!(error = %e, "cannot record a message's state");
+            let result = match crate::store::group_of(&contact.to_bytes()) {
+                // Our post in a large group: one more group relay holds it.
+                Some(group) => self.state.advance_group_post(&mut w, group, &id),
+                None => self
+                    .state
+                    .advance_state(&mut w, &contact, &id, state)
+                    .map(drop),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot record a message's state");
+            }
         }
         if r.handed_over
             && let (Some(id), Some(contact)) = (attempt.message, attempt.contact)
@@ -258,7 +276,7 @@ async fn put_to_relay<T: Transport>(
 
 /// One put, and what its answer means for the path, with the relay's store epoch (0
 /// when it named none).
-async fn put(
+pub(super) async fn put(
     request: impl std::future::Future<Output = Result<RelayToClient, NetError>>,
 ) -> (Outcome, u64) {
     match tokio::time::timeout(ATTEMPT_TIMEOUT, request).await {

@@ -9,6 +9,7 @@
 //! - `replies`: replies, reactions, and changes arriving out of order;
 //! - `files`: files sent, fetched, broken by their sender, fetched on their own.
 //! - `groups`: membership shared, messages to every member once, waiting for operations.
+//! - `large_groups`: groups with group relays: epochs, group queues, haves.
 
 mod bundles;
 mod contacts;
@@ -16,6 +17,7 @@ mod delivery;
 mod files;
 mod groups;
 mod hostile;
+mod large_groups;
 mod replies;
 mod rotation;
 mod timers;
@@ -68,6 +70,10 @@ struct FakeInner {
     chunks: HashMap<String, RelayChunks>,
     /// Chunks served by all relays.
     chunks_served: usize,
+    /// Reads of group queues.
+    group_reads: usize,
+    /// Puts into group queues.
+    group_puts: usize,
 }
 
 #[derive(Clone, Default)]
@@ -145,8 +151,9 @@ impl Transport for FakeNet {
                 _ => return Err(NetError::Unreachable("connection refused".into())),
             }
         };
+        let group = matches!(request, ClientToRelay::PutGroup { .. });
         Ok(match request {
-            ClientToRelay::Put { items } => {
+            ClientToRelay::Put { items } | ClientToRelay::PutGroup { items } => {
                 let gate = self.inner.lock().gate.clone();
                 if let Some(gate) = gate {
                     drop(gate.acquire().await.unwrap());
@@ -154,6 +161,7 @@ impl Transport for FakeNet {
                 {
                     let mut inner = self.inner.lock();
                     inner.puts += 1;
+                    inner.group_puts += usize::from(group);
                     if inner.chaos && inner.puts.is_multiple_of(10) {
                         inner.lost += 1;
                         return Err(NetError::Unreachable("lost on the way".into()));
@@ -161,7 +169,18 @@ impl Transport for FakeNet {
                 }
                 let mut outcomes = Vec::new();
                 for item in items {
-                    let Some((queue, kind)) = store.route(&item.write.id()).unwrap() else {
+                    // As the relay does: a group queue by its key (opened, never
+                    // granted), any other queue by a granted write key.
+                    let route = if group {
+                        let queue = kkachi_protocol::GroupKey(item.write.0).queue();
+                        store
+                            .is_group_queue(&queue)
+                            .unwrap()
+                            .then_some((queue, kkachi_protocol::QueueKind::Group))
+                    } else {
+                        store.route(&item.write.id()).unwrap()
+                    };
+                    let Some((queue, kind)) = route else {
                         outcomes.push(PutOutcome::Rejected {
                             code: kkachi_protocol::ErrorCode::NoQueue,
                             message: "no queue".into(),
@@ -170,7 +189,11 @@ impl Transport for FakeNet {
                     };
                     let placed = Placed {
                         queue,
-                        grant: item.write.id(),
+                        grant: if group {
+                            WriteId(queue.0)
+                        } else {
+                            item.write.id()
+                        },
                         kind,
                         envelope: item.envelope,
                     };
@@ -304,6 +327,38 @@ impl Transport for FakeNet {
             ClientToRelay::Delete { key, ids } => RelayToClient::Deleted {
                 count: store.delete(&key.queue(), &ids).unwrap(),
             },
+            ClientToRelay::OpenGroup { key, .. } => {
+                match store
+                    .grant(
+                        &key.queue(),
+                        kkachi_protocol::QueueKind::Group,
+                        &[],
+                        u32::MAX,
+                    )
+                    .unwrap()
+                {
+                    Granted::Held(grants) => RelayToClient::Granted { grants },
+                    _ => RelayToClient::error(kkachi_protocol::ErrorCode::NotAllowed, "taken"),
+                }
+            }
+            ClientToRelay::ReadGroup {
+                key, after, limit, ..
+            } => {
+                self.inner.lock().group_reads += 1;
+                let f = store
+                    .fetch(&key.queue(), after, usize::from(limit), usize::MAX)
+                    .unwrap();
+                let mut items = f.items;
+                if self.inner.lock().chaos && !items.is_empty() {
+                    items.reverse();
+                    items.push(items[0].clone());
+                }
+                RelayToClient::Batch {
+                    items,
+                    next: f.next,
+                    more: f.more,
+                }
+            }
             ClientToRelay::Info => {
                 RelayToClient::error(kkachi_protocol::ErrorCode::Internal, "fake")
             }

@@ -15,6 +15,8 @@ fn at(ms: u64) -> Hlc {
 }
 
 const GROUP: GroupId = GroupId([9; 32]);
+/// An epoch id for posts whose epoch no test opens.
+const E: EpochId = EpochId([3; 32]);
 
 fn relay(n: u8) -> PeerId {
     person(200 + n).peer_id()
@@ -80,7 +82,7 @@ fn a_wrap_of_another_key_than_the_epoch_names_is_no_key() {
     let other = EpochKey::generate(&mut test_rng(2));
     let epoch = named.id(&GROUP);
     let mx = member.x25519_public();
-    let dh = diffie_hellman(&admin, &mx);
+    let dh = diffie_hellman(&admin, &mx).unwrap();
     let k = wrap_key(&dh, &GROUP, &epoch, &admin.x25519_public(), &mx);
     let sealed = ChaCha20Poly1305::new(Key::from_slice(k.as_slice()))
         .encrypt(
@@ -125,6 +127,7 @@ fn a_thousand_and_more_member_keys_spread_over_parts() {
         let post = Post::sign(
             &admin,
             GROUP,
+            key.id(&GROUP),
             0,
             MessageId([0; 16]),
             at(10),
@@ -133,7 +136,7 @@ fn a_thousand_and_more_member_keys_spread_over_parts() {
         .unwrap();
         let item = post.seal(&key, &mut test_rng(3));
         assert_eq!(item.len(), if i < 2 { 65_536 } else { 32_768 });
-        assert_eq!(open_item(&GROUP, &key, &item).unwrap(), post);
+        assert_eq!(open_item(&GROUP, &key, &item, |_| true).unwrap(), post);
         wraps += r.tags().count();
     }
     assert_eq!(wraps, 2500);
@@ -211,17 +214,26 @@ fn posts_of_every_kind_round_trip_through_an_item() {
         } else {
             MessageId([0; 16])
         };
-        let post = Post::sign(&admin, group, seq, prev, at(20), body.clone()).unwrap();
+        let post = Post::sign(
+            &admin,
+            group,
+            key.id(&group),
+            seq,
+            prev,
+            at(20),
+            body.clone(),
+        )
+        .unwrap();
         assert_eq!(post.body(), &body);
         assert_eq!(Post::decode(post.encode()).unwrap(), post);
         let item = post.seal(&key, &mut rng);
         assert!(SIZE_CLASSES.contains(&item.len()));
-        assert_eq!(item_epoch(&item).unwrap(), key.id(&group));
-        let opened = open_item(&group, &key, &item).unwrap();
+        assert_eq!(item.len(), item.len());
+        let opened = open_item(&group, &key, &item, |_| true).unwrap();
         assert_eq!(opened, post);
         assert_eq!(opened.id(), post.id());
         // Sealed again (another nonce), it is the same post with the same id.
-        let again = open_item(&group, &key, &post.seal(&key, &mut rng)).unwrap();
+        let again = open_item(&group, &key, &post.seal(&key, &mut rng), |_| true).unwrap();
         assert_eq!(again.id(), post.id());
     }
 }
@@ -234,6 +246,7 @@ fn items_that_are_not_the_epochs_do_not_open() {
     let post = Post::sign(
         &admin,
         GROUP,
+        key.id(&GROUP),
         1,
         MessageId([0; 16]),
         at(5),
@@ -246,27 +259,29 @@ fn items_that_are_not_the_epochs_do_not_open() {
     let item = post.seal(&key, &mut test_rng(3));
     assert_eq!(item.len(), SIZE_CLASSES[0]);
     assert!(matches!(
-        open_item(&GROUP, &other, &item),
+        open_item(&GROUP, &other, &item, |_| true),
         Err(ItemError::Unreadable)
     ));
     assert!(matches!(
-        open_item(&GroupId([8; 32]), &key, &item),
+        open_item(&GroupId([8; 32]), &key, &item, |_| true),
         Err(ItemError::Unreadable)
     ));
     for i in [0, 5, 30, 100, item.len() - 1] {
         let mut bad = item.clone();
         bad[i] ^= 1;
-        assert!(open_item(&GROUP, &key, &bad).is_err(), "byte {i} altered");
+        assert!(
+            open_item(&GROUP, &key, &bad, |_| true).is_err(),
+            "byte {i} altered"
+        );
     }
-    assert!(open_item(&GROUP, &key, &item[..item.len() - 1]).is_err());
+    assert!(open_item(&GROUP, &key, &item[..item.len() - 1], |_| true).is_err());
     // Padding that is not zeros, sealed properly, is refused.
     let epoch = key.id(&GROUP);
     let mut plain = (post.encode().len() as u32).to_be_bytes().to_vec();
     plain.extend_from_slice(post.encode());
     plain.resize(SIZE_CLASSES[0] - ITEM_HEADER_LEN - AEAD_TAG_LEN, 0);
     *plain.last_mut().unwrap() = 1;
-    let mut ad = [LARGE_VERSION; 17];
-    ad[1..].copy_from_slice(&epoch.0);
+    let ad = item_ad(&epoch);
     let sealed = XChaCha20Poly1305::new(Key::from_slice(key.item_key().as_slice()))
         .encrypt(
             XNonce::from_slice(&[0; 24]),
@@ -277,11 +292,10 @@ fn items_that_are_not_the_epochs_do_not_open() {
         )
         .unwrap();
     let mut crafted = vec![LARGE_VERSION];
-    crafted.extend_from_slice(&epoch.0);
     crafted.extend_from_slice(&[0; 24]);
     crafted.extend_from_slice(&sealed);
     assert!(matches!(
-        open_item(&GROUP, &key, &crafted),
+        open_item(&GROUP, &key, &crafted, |_| true),
         Err(ItemError::Post(_))
     ));
 }
@@ -294,22 +308,22 @@ fn numbers_are_for_messages_and_files_only() {
         text: "x".into(),
     };
     let zero = MessageId([0; 16]);
-    assert!(Post::sign(&admin, GROUP, 0, zero, at(1), text()).is_err());
-    assert!(Post::sign(&admin, GROUP, 1, MessageId([1; 16]), at(1), text()).is_err());
-    assert!(Post::sign(&admin, GROUP, 2, MessageId([1; 16]), at(1), text()).is_ok());
+    assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), text()).is_err());
+    assert!(Post::sign(&admin, GROUP, E, 1, MessageId([1; 16]), at(1), text()).is_err());
+    assert!(Post::sign(&admin, GROUP, E, 2, MessageId([1; 16]), at(1), text()).is_ok());
     let have = PostBody::Have(Have::default());
-    assert!(Post::sign(&admin, GROUP, 1, zero, at(1), have.clone()).is_err());
-    assert!(Post::sign(&admin, GROUP, 0, zero, at(1), have).is_ok());
+    assert!(Post::sign(&admin, GROUP, E, 1, zero, at(1), have.clone()).is_err());
+    assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), have).is_ok());
     let empty = PostBody::Message {
         seconds: 0,
         text: String::new(),
     };
-    assert!(Post::sign(&admin, GROUP, 1, zero, at(1), empty).is_err());
+    assert!(Post::sign(&admin, GROUP, E, 1, zero, at(1), empty).is_err());
     let unsorted = PostBody::Have(Have {
         heads: vec![([2; 32], 1), ([1; 32], 1)],
         ops: [0; 16],
     });
-    assert!(Post::sign(&admin, GROUP, 0, zero, at(1), unsorted).is_err());
+    assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), unsorted).is_err());
 }
 
 #[test]
@@ -322,9 +336,9 @@ fn a_key_record_posted_by_someone_else_is_refused() {
         .remove(0);
     let zero = MessageId([0; 16]);
     let body = PostBody::Key(Box::new(record));
-    assert!(Post::sign(&other, GROUP, 0, zero, at(1), body.clone()).is_err());
-    assert!(Post::sign(&admin, GroupId([1; 32]), 0, zero, at(1), body.clone()).is_err());
-    assert!(Post::sign(&admin, GROUP, 0, zero, at(1), body).is_ok());
+    assert!(Post::sign(&other, GROUP, E, 0, zero, at(1), body.clone()).is_err());
+    assert!(Post::sign(&admin, GroupId([1; 32]), E, 0, zero, at(1), body.clone()).is_err());
+    assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), body).is_ok());
 }
 
 #[test]
@@ -334,26 +348,25 @@ fn known_answers() {
     let key = EpochKey::from_bytes([0x11; 32]);
     assert_eq!(
         hex::encode(key.id(&GROUP).0),
-        "bf3c3ecdbc3d487eb8c721b6d0b421c7"
+        "bf3c3ecdbc3d487eb8c721b6d0b421c73d3a3e41f0c1cfb26c3669e2dc566e68"
     );
-    // The queue keys differ per relay and from each other, and read a queue named as
-    // every queue is.
+    // The queue keys differ per relay, and name queues apart from granted ones.
     let (r1, r2) = (relay(1), relay(2));
-    assert_ne!(key.read_key(&r1).0, key.read_key(&r2).0);
-    assert_ne!(key.read_key(&r1).0, key.write_key(&r1).0);
+    assert_ne!(key.queue_key(&r1).0, key.queue_key(&r2).0);
     assert_eq!(
-        key.read_key(&r1).0,
-        hash("kkachi/group-read/v1", &[&[0x11; 32], &r1.to_bytes()])
+        key.queue_key(&r1).0,
+        hash("kkachi/group-queue-key/v1", &[&[0x11; 32], &r1.to_bytes()])
     );
     assert_eq!(
-        key.write_key(&r1).0,
-        hash("kkachi/group-write/v1", &[&[0x11; 32], &r1.to_bytes()])
+        hex::encode(crate::queue::GroupKey([0x55; 32]).queue().0),
+        "dcb9736b547c95a2306f2155c011c1098e48037225276bfc286406b73c879072"
     );
     // The post layout, field by field.
     let admin = person(1);
     let post = Post::sign(
         &admin,
         GROUP,
+        key.id(&GROUP),
         1,
         MessageId([0; 16]),
         Hlc {
@@ -368,6 +381,7 @@ fn known_answers() {
     .unwrap();
     let mut expected = vec![1u8];
     expected.extend_from_slice(&[9; 32]);
+    expected.extend_from_slice(&key.id(&GROUP).0);
     expected.extend_from_slice(admin.public().ed25519());
     expected.extend_from_slice(&1u64.to_be_bytes());
     expected.extend_from_slice(&[0; 16]);
@@ -385,4 +399,88 @@ fn known_answers() {
         &bytes[bytes.len() - 64..].try_into().unwrap()
     ));
     assert_eq!(post.id().0[..], hash(POST_LABEL, &[bytes])[..16]);
+}
+
+#[test]
+fn low_order_keys_get_no_wrap_and_strangers_cost_one_signature() {
+    let admin = person(1);
+    let key = EpochKey::generate(&mut test_rng(1));
+    // A member binding a key of low order would have a wrap anyone could open.
+    let members = [person(2).x25519_public(), [0; 32]];
+    assert!(matches!(
+        KeyRecord::make(&admin, GROUP, 1, at(1), &key, &members),
+        Err(GroupError::Key(_))
+    ));
+    // A post whose author the reader does not take is refused before its body.
+    let post = Post::sign(
+        &admin,
+        GROUP,
+        key.id(&GROUP),
+        1,
+        MessageId([0; 16]),
+        at(2),
+        PostBody::Message {
+            seconds: 0,
+            text: "hi".into(),
+        },
+    )
+    .unwrap();
+    let item = post.seal(&key, &mut test_rng(4));
+    assert!(matches!(
+        open_item(&GROUP, &key, &item, |_| false),
+        Err(ItemError::Post(GroupError::NotMember))
+    ));
+    // An item padded past the smallest size class that holds it is refused (it would
+    // cost every reader more than it needs).
+    let epoch = key.id(&GROUP);
+    let mut plain = (post.encode().len() as u32).to_be_bytes().to_vec();
+    plain.extend_from_slice(post.encode());
+    plain.resize(SIZE_CLASSES[1] - ITEM_HEADER_LEN - AEAD_TAG_LEN, 0);
+    let sealed = XChaCha20Poly1305::new(Key::from_slice(key.item_key().as_slice()))
+        .encrypt(
+            XNonce::from_slice(&[1; 24]),
+            Payload {
+                msg: &plain,
+                aad: &item_ad(&epoch),
+            },
+        )
+        .unwrap();
+    let mut padded = vec![LARGE_VERSION];
+    padded.extend_from_slice(&[1; 24]);
+    padded.extend_from_slice(&sealed);
+    assert_eq!(padded.len(), SIZE_CLASSES[1]);
+    assert!(open_item(&GROUP, &key, &padded, |_| true).is_err());
+    // A post written for another epoch, sealed under this one, is refused.
+    let elsewhere = Post::sign(
+        &admin,
+        GROUP,
+        E,
+        1,
+        MessageId([0; 16]),
+        at(2),
+        PostBody::Message {
+            seconds: 0,
+            text: "hi".into(),
+        },
+    )
+    .unwrap();
+    let mut plain = (elsewhere.encode().len() as u32).to_be_bytes().to_vec();
+    plain.extend_from_slice(elsewhere.encode());
+    plain.resize(SIZE_CLASSES[0] - ITEM_HEADER_LEN - AEAD_TAG_LEN, 0);
+    let sealed = XChaCha20Poly1305::new(Key::from_slice(key.item_key().as_slice()))
+        .encrypt(
+            XNonce::from_slice(&[2; 24]),
+            Payload {
+                msg: &plain,
+                aad: &item_ad(&epoch),
+            },
+        )
+        .unwrap();
+    let mut moved = vec![LARGE_VERSION];
+    moved.extend_from_slice(&[2; 24]);
+    moved.extend_from_slice(&sealed);
+    assert!(matches!(
+        open_item(&GROUP, &key, &moved, |_| true),
+        Err(ItemError::Post(GroupError::WrongGroup))
+    ));
 }
