@@ -418,3 +418,68 @@ fn members_who_are_not_contacts_talk_in_the_group_and_stay_out_of_the_contact_li
         vec!["coffee tomorrow?".to_string()]
     );
 }
+
+/// A group given relays of its own (SPEC §14.5): members who are not each other's
+/// contacts read one queue on each group relay; a message goes once per relay; one
+/// relay killed -9 loses nothing; a removed member reads nothing written after.
+#[test]
+fn a_group_with_group_relays_talks_through_a_relay_loss_and_shuts_out_a_removed_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let home_relay = RelayProc::start(&dir.path().join("home"), &[]);
+    let mut group_relays: Vec<RelayProc> = (0..3)
+        .map(|i| RelayProc::start(&dir.path().join(format!("g{i}")), &[]))
+        .collect();
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    let carol = User::new(dir.path(), "carol");
+    let dave = User::new(dir.path(), "dave");
+    for u in [&alice, &bob, &carol, &dave] {
+        u.ok(&["relay", "add", &home_relay.addr]);
+    }
+    // Alice knows everyone; the others know only her.
+    for u in [&bob, &carol, &dave] {
+        User::introduce(&alice, u);
+    }
+    alice.ok(&["group", "create", "Town"]);
+    let addrs: Vec<&str> = group_relays.iter().map(|r| r.addr.as_str()).collect();
+    let mut args = vec!["group", "relays", "Town"];
+    args.extend(&addrs);
+    alice.ok(&args);
+    let shown = &objects(&alice.ok(&["group", "relays", "Town", "--json"]))[0];
+    assert_eq!(shown["relays"].as_array().unwrap().len(), 3, "{shown}");
+    alice.ok(&["group", "add", "Town", "bob", "carol", "dave"]);
+    for u in [&bob, &carol, &dave] {
+        u.ok(&["sync"]);
+    }
+    let sent = &objects(&bob.ok(&["send", "Town", "the", "bridge", "is", "out", "--json"]))[0];
+    assert_eq!(sent["members"], 3, "{sent}");
+    assert_eq!(sent["relayed"], 3, "on every group relay: {sent}");
+    for u in [&alice, &carol, &dave] {
+        u.ok(&["sync"]);
+        let said = said(u, "Town");
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert_eq!(said[0].1, "the bridge is out");
+    }
+
+    // One group relay killed -9: nothing lost, nothing twice.
+    group_relays[0].kill9();
+    carol.ok(&["send", "Town", "go round by the school"]);
+    for u in [&alice, &bob, &dave] {
+        u.ok(&["sync"]);
+        let texts: Vec<String> = said(u, "Town").into_iter().map(|(_, t)| t).collect();
+        assert_eq!(texts, ["the bridge is out", "go round by the school"]);
+    }
+
+    // Dave is removed; what Bob writes once he knows is not Dave's to read.
+    alice.ok(&["group", "remove", "Town", "dave"]);
+    bob.ok(&["sync"]);
+    bob.ok(&["send", "Town", "meet at the gym"]);
+    carol.ok(&["sync"]);
+    assert_eq!(said(&carol, "Town").len(), 3);
+    dave.ok(&["sync"]);
+    dave.ok(&["sync"]);
+    let texts: Vec<String> = said(&dave, "Town").into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["the bridge is out", "go round by the school"]);
+    let out = dave.run(&["send", "Town", "still here?"]);
+    assert!(!out.status.success(), "a removed member cannot post");
+}

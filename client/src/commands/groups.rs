@@ -612,8 +612,33 @@ impl App {
                 }
             ));
         };
+        // In a large group, each member's have says whether they hold it.
+        let copies: Vec<(Vec<u8>, MessageState)> = if m.post_seq == 0 {
+            m.copies.clone()
+        } else {
+            let me = *self.identity()?.public().ed25519();
+            g.roster
+                .members
+                .iter()
+                .filter(|(k, _)| **k != me)
+                .map(|(k, member)| {
+                    let held = g
+                        .record
+                        .large
+                        .acks
+                        .iter()
+                        .any(|(a, head, _)| a == k && *head >= m.post_seq);
+                    let state = match (held, m.message.state) {
+                        (true, _) => MessageState::Delivered,
+                        (false, s @ MessageState::Relayed { .. }) => s,
+                        (false, _) => MessageState::Queued,
+                    };
+                    (member.identity.peer_id().to_bytes(), state)
+                })
+                .collect()
+        };
         let mut rows = Vec::new();
-        for (peer, state) in &m.copies {
+        for (peer, state) in &copies {
             let Ok(peer) = PeerId::from_bytes(peer) else {
                 continue;
             };
@@ -634,6 +659,9 @@ impl App {
                 _ if !member => "not a member any more",
                 MessageState::Read => "read",
                 MessageState::Delivered => "delivered",
+                MessageState::Relayed { .. } if m.post_seq != 0 => {
+                    "on the group's relays, not on their device yet"
+                }
                 MessageState::Relayed { .. } => "on their relays, not on their device yet",
                 _ => "not sent yet (in your outbox)",
             };
@@ -962,6 +990,24 @@ impl App {
                 "  ⚠ {} message(s) from people who may not post here were dropped",
                 g.record.dropped
             ));
+        }
+        // A large group's gaps: messages of an author numbered below one shown.
+        for chain in &g.record.large.chains {
+            let missing = chain.missing();
+            if missing == 0 {
+                continue;
+            }
+            let who = match g.roster.members.get(&chain.author) {
+                Some(m) => self.member_name(&m.identity.peer_id(), &m.name)?,
+                None => "a former member".into(),
+            };
+            out.out(format!(
+                "  ⚠ {missing} earlier message(s) from {} have not arrived yet",
+                name(&who)
+            ));
+        }
+        if let Some(status) = crate::engine::large_status(&g.record, &g.roster) {
+            out.out(format!("  ⚠ {status}"));
         }
         if !g.record.waiting.is_empty() {
             // Whose: a member's add (or promotion) may be on its way; someone removed

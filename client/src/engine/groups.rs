@@ -451,12 +451,11 @@ impl<T> State<T> {
                 }
             }
             if !after.relays.is_empty() {
-                // The group queue tells every member (under the epoch they can read:
-                // a member removed learns it too), then an epoch without anyone who
-                // left, and with everyone added, is made.
+                // An epoch without anyone who left and with everyone added, and the
+                // group queue telling every member (a removed one too, under the
+                // epoch they held).
                 let mut record = record.clone();
-                this.post_ops(&mut w, id, &mut record, &after, &new_ops, now)?;
-                this.keep_epoch_sound(&mut w, sessions, id, &mut record, &after, now)?;
+                this.after_change_large(&mut w, sessions, id, &mut record, &after, &new_ops, now)?;
                 LocalStore::write_group(&mut w, &id, &record);
                 this.group_queues_changed
                     .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -599,6 +598,23 @@ impl<T> State<T> {
         whole: Option<&Roster>,
         now: u64,
     ) -> Result<(), EngineError> {
+        // With group relays, members reach each other through the group's queue: nobody
+        // needs another's card (and nobody meets anyone above the small tier).
+        let large = match whole {
+            Some(roster) => !roster.relays.is_empty(),
+            None => {
+                let record = match LocalStore::pending_group(w, &id) {
+                    Some(r) => Some(r),
+                    None => self.store.group(&id)?,
+                };
+                record
+                    .and_then(|r| self.merged(id, &r).ok()?.roster)
+                    .is_some_and(|r| !r.relays.is_empty())
+            }
+        };
+        if large {
+            return Ok(());
+        }
         let keys: Vec<[u8; 32]> = if let Some(roster) = whole {
             roster.members.keys().copied().collect()
         } else {
@@ -1371,7 +1387,8 @@ impl<T> State<T> {
             GroupBody::Key { record } => {
                 // Confirmed whatever becomes of it, as operations are.
                 LocalStore::write_receipt_due(w, &contact.peer, &content.id);
-                self.take_sealed_key(w, sessions, *group, record, now)?;
+                let sender = (*contact.card.identity().ed25519(), contact.peer);
+                self.take_sealed_key(w, sender, *group, record, now)?;
                 Outcome::Applied("a group's key")
             }
         };
@@ -1646,8 +1663,8 @@ impl<T> State<T> {
         if !after.relays.is_empty() {
             // The large tier: key records that came before we were in are taken, and an
             // admin makes an epoch without those who left and with those added.
+            // A new epoch, if one is needed, is made at upkeep, once for the batch.
             self.take_pending_keys(w, id, &mut record, &after, now)?;
-            self.keep_epoch_sound(w, sessions, id, &mut record, &after, now)?;
         }
         if before.as_ref().map(|b| &b.relays) != Some(&after.relays) || !after.relays.is_empty() {
             self.group_queues_changed

@@ -361,7 +361,7 @@ impl Deliveries {
                         version: s.version,
                         path,
                         contact: s.contact,
-                        message: (s.entry.kind == OutboxKind::Message)
+                        message: matches!(s.entry.kind, OutboxKind::Message | OutboxKind::Group)
                             .then_some(MessageId(s.entry.message_id)),
                         envelope: s.entry.envelope.clone(),
                     });

@@ -97,11 +97,11 @@ pub struct GroupRecord {
     pub large: LargeState,
 }
 
-/// Most epochs whose keys one group keeps (the newest): older ones are forgotten, and
-/// what is still sealed under them can no longer be read.
-pub const MAX_EPOCHS_KEPT: usize = 8;
-/// Most numbers above a gap kept per author in a large group.
-pub(crate) const MAX_ABOVE_GAP: usize = 256;
+/// Most epochs whose keys one group keeps (the current one, then admins' newest):
+/// older ones are forgotten, and what is still sealed under them can no longer be read.
+pub const MAX_EPOCHS_KEPT: usize = kkachi_protocol::group::large::EPOCHS_READ;
+/// Most epochs of one maker one group keeps.
+pub const MAX_EPOCHS_PER_MAKER: usize = 2;
 /// Most of our posts held back while no epoch may carry them.
 pub const MAX_HELD_POSTS: usize = 256;
 
@@ -117,11 +117,16 @@ pub struct LargeState {
     /// Each author's chain of numbered posts, as far as we hold it.
     pub chains: Vec<Chain>,
     /// Our signed posts waiting for an epoch that may carry them (one whose key went to
-    /// no one who is not a member): sealed and put once one arrives.
-    pub held: Vec<Vec<u8>>,
+    /// no one who is not a member), with where their message is: sealed and put once
+    /// one arrives.
+    pub held: Vec<(Vec<u8>, u64)>,
     /// For each member (identity key), the highest of our numbers they hold with nothing
-    /// missing below it, as their last have said.
-    pub acks: Vec<([u8; 32], u64)>,
+    /// missing below it, and the clock of the have that said so (older ones change
+    /// nothing).
+    pub acks: Vec<([u8; 32], u64, (u64, u32))>,
+    /// Since when (Unix ms) the current epoch was found unsound (0: it is sound), for
+    /// admins who wait before making another (SPEC §14.5).
+    pub unsound_since_ms: u64,
     /// Something new arrived since we last posted our have.
     pub have_due: bool,
     /// When we last posted our have (Unix ms).
@@ -134,6 +139,9 @@ pub struct LargeState {
     pub pending_keys: Vec<Vec<u8>>,
     /// When we last posted our whole log for a have whose digest differed (Unix ms).
     pub log_posted_ms: u64,
+    /// When we last put again messages of ours a member's have said they lack (Unix
+    /// ms).
+    pub repaired_ms: u64,
 }
 
 /// An epoch of a large group whose key we hold.
@@ -167,48 +175,71 @@ impl HeldEpoch {
     }
 }
 
-/// One author's numbered posts in a large group, as far as we hold them.
+/// One author's numbered posts in a large group, as far as we hold them: runs of
+/// numbers, so a member added late (who starts at whatever number the author had
+/// reached) and one who missed some hold a few runs, not a list of every number.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Chain {
     /// The author (identity key).
     pub author: [u8; 32],
-    /// The highest number held with nothing missing below it.
-    pub head: u64,
-    /// Numbers held above a gap (at most [`MAX_ABOVE_GAP`]).
-    pub above: Vec<u64>,
+    /// The numbers held, as inclusive runs in ascending order, apart from each other
+    /// (at most [`MAX_RUNS`]).
+    pub runs: Vec<(u64, u64)>,
+    /// Gaps that were filled (a number came after a later one).
+    pub filled: u64,
+    /// Gaps given up on to keep at most [`MAX_RUNS`] runs: what was missing in them
+    /// counts as held from then on.
+    pub abandoned: u64,
 }
+
+/// Most runs of numbers kept per author (so at most one less gap).
+pub(crate) const MAX_RUNS: usize = 64;
 
 impl Chain {
     /// Whether number `seq` is held.
     pub fn holds(&self, seq: u64) -> bool {
-        seq <= self.head || self.above.contains(&seq)
+        self.runs.iter().any(|(a, b)| *a <= seq && seq <= *b)
     }
 
-    /// Takes number `seq` in; false if it was held already or cannot be kept.
+    /// Takes number `seq` in; false if it was held already.
     pub fn take(&mut self, seq: u64) -> bool {
-        if self.holds(seq) {
+        if seq == 0 || self.holds(seq) {
             return false;
         }
-        if seq != self.head + 1 {
-            if self.above.len() >= MAX_ABOVE_GAP {
-                return false;
+        if self.runs.last().is_some_and(|(_, b)| seq < *b) {
+            self.filled += 1;
+        }
+        self.runs.push((seq, seq));
+        self.runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.runs.len());
+        for (a, b) in self.runs.drain(..) {
+            match merged.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
             }
-            self.above.push(seq);
-            return true;
         }
-        self.head = seq;
-        self.above.sort_unstable();
-        while let Some(i) = self.above.iter().position(|s| *s == self.head + 1) {
-            self.above.swap_remove(i);
-            self.head += 1;
+        while merged.len() > MAX_RUNS {
+            // The oldest gap is given up on.
+            let second = merged.remove(1);
+            merged[0].1 = second.1;
+            self.abandoned += 1;
         }
+        self.runs = merged;
         true
     }
 
-    /// How many numbers below the highest held are missing.
+    /// The highest number held with nothing missing below it since the first held
+    /// (what a have says).
+    pub fn head(&self) -> u64 {
+        self.runs.first().map_or(0, |(_, b)| *b)
+    }
+
+    /// How many numbers between the first held and the last are missing.
     pub fn missing(&self) -> u64 {
-        let top = self.above.iter().copied().max().unwrap_or(self.head);
-        top - self.head - self.above.len() as u64
+        self.runs
+            .windows(2)
+            .map(|w| w[1].0.saturating_sub(w[0].1).saturating_sub(1))
+            .sum()
     }
 }
 
@@ -322,6 +353,11 @@ impl GroupMessage {
 }
 
 impl GroupMessage {
+    /// It carries no file.
+    pub fn file_free(&self) -> bool {
+        self.message.file.is_none()
+    }
+
     /// How many other members it went to.
     pub fn audience(&self) -> usize {
         if self.post_seq != 0 {

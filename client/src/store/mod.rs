@@ -40,9 +40,9 @@ pub use backup::{
 };
 use conversations::ContactCache;
 pub use groups::{
-    Chain, GroupMessage, GroupRecord, HeldEpoch, LargeState, MAX_EPOCHS_KEPT, MAX_HELD_POSTS,
-    MAX_INTRODUCTIONS, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting, group_key,
-    group_member_key, group_of, member_of,
+    Chain, GroupMessage, GroupRecord, HeldEpoch, LargeState, MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER,
+    MAX_HELD_POSTS, MAX_INTRODUCTIONS, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting,
+    group_key, group_member_key, group_of, member_of,
 };
 pub use keyfile::{
     KEY_FILE, PASSPHRASE_ENV, PassphrasePrompt, Protection, has_passphrase, key_path,

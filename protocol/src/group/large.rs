@@ -55,8 +55,9 @@ pub const MAX_WRAPS: usize = 1024;
 pub const MAX_KEY_PARTS: usize = 8;
 /// Most authors a have-vector names.
 pub const MAX_HAVE_AUTHORS: usize = 1024;
-/// How many of a group's newest epochs members read (SPEC §14.5).
-pub const EPOCHS_READ: usize = 3;
+/// How many of a group's epochs (the newest its admins made) members keep and read
+/// (SPEC §14.5).
+pub const EPOCHS_READ: usize = 6;
 /// Most operations one post carries.
 pub const MAX_POST_OPS: usize = 64;
 /// Bytes of an item before its ciphertext: version, nonce.
@@ -162,6 +163,15 @@ fn diffie_hellman(identity: &Identity, public: &[u8; 32]) -> Option<Zeroizing<[u
     shared
         .was_contributory()
         .then(|| Zeroizing::new(shared.to_bytes()))
+}
+
+/// Whether an X25519 public key can be given a key: not of low order (whose agreement
+/// with anyone is public).
+pub fn usable_key(x25519: &[u8; 32]) -> bool {
+    let probe = x25519_dalek::StaticSecret::from([7u8; 32]);
+    probe
+        .diffie_hellman(&x25519_dalek::PublicKey::from(*x25519))
+        .was_contributory()
 }
 
 /// A signed record handing an epoch's key to members: one part of an epoch's wraps.

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use kkachi_protocol::content::GroupBody;
 use kkachi_protocol::envelope::{DEFAULT_TTL_SECS, Envelope};
 use kkachi_protocol::group::large::{
-    EPOCHS_READ, EpochKey, Have, KeyRecord, MAX_HAVE_AUTHORS, MAX_POST_OPS, Post, PostBody,
-    open_item,
+    EPOCHS_READ, EpochId, EpochKey, Have, KeyRecord, MAX_HAVE_AUTHORS, MAX_POST_OPS, Post,
+    PostBody, open_item, usable_key,
 };
 use kkachi_protocol::group::{GroupId, Hlc, Role, Roster, SignedOp, have_digest};
 use kkachi_protocol::multiaddr::Protocol;
@@ -25,8 +25,8 @@ use super::super::state::{Sessions, State};
 use super::{FAR_AHEAD_MS, MAX_AHEAD_MS, MAX_WAIT_MS, Posting, new_record};
 use crate::store::{
     Chain, Direction, FileNote, GroupMessage, GroupRecord, HeldEpoch, LargeState, LocalStore,
-    MAX_EPOCHS_KEPT, MAX_HELD_POSTS, MAX_WAITING_PER_GROUP, MessageState, OutboxEntry, OutboxKind,
-    Target, Waiting, WriteSet, group_key,
+    MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER, MAX_HELD_POSTS, MAX_WAITING_PER_GROUP, MessageState,
+    OutboxEntry, OutboxKind, Target, Waiting, WriteSet, group_key,
 };
 
 /// How often, at most, we post our have in one group while something new arrives.
@@ -34,6 +34,18 @@ pub(crate) const HAVE_EVERY_MS: u64 = 30_000;
 /// How often, at most, we post our whole log in one group for a have whose digest
 /// differs from ours.
 const LOG_EVERY_MS: u64 = 10 * 60 * 1000;
+/// How long an admin who neither made a change nor is the group's first admin waits,
+/// with the current epoch unsound, before making a new one itself: the first admin
+/// (lowest identity key) does it at once, so several admins do not all rotate.
+const ROTATE_GRACE_MS: u64 = 60_000;
+/// How often, at most, we put again in one group messages of ours that a member's
+/// have says they lack, and how many at a time.
+const REPAIR_EVERY_MS: u64 = 30_000;
+const REPAIR_MAX: usize = 16;
+/// How far past the highest epoch held an epoch's number may be.
+const MAX_EPOCH_JUMP: u64 = 64;
+/// Members' X25519 keys, each member's every known one.
+type MemberKeys = BTreeMap<[u8; 32], Vec<[u8; 32]>>;
 
 /// A group queue we read and put into: one epoch's, on one group relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,25 +95,43 @@ fn current<'a>(large: &'a LargeState, roster: &Roster) -> Option<&'a HeldEpoch> 
         .max_by_key(|e| e.rank())
 }
 
+/// The epochs members may be reading: every one an admin made that they keep (at
+/// most [`EPOCHS_READ`]), so two who hold any epoch in common hear of each other's
+/// new ones.
+fn readable_epochs(large: &LargeState, roster: &Roster) -> Vec<HeldEpoch> {
+    let mut epochs: Vec<&HeldEpoch> = large
+        .epochs
+        .iter()
+        .filter(|e| roster.role(&e.author) == Some(Role::Admin))
+        .collect();
+    epochs.sort_by_key(|e| std::cmp::Reverse(e.rank()));
+    epochs.into_iter().take(EPOCHS_READ).cloned().collect()
+}
+
 /// Whether `epoch` gave its key to a key no member holds.
-fn names_outsider(epoch: &HeldEpoch, keys: &BTreeMap<[u8; 32], [u8; 32]>) -> bool {
+fn names_outsider(epoch: &HeldEpoch, keys: &MemberKeys) -> bool {
     epoch
         .tags
         .iter()
-        .any(|t| !keys.values().any(|x| x[..8] == t[..]))
+        .any(|t| !keys.values().flatten().any(|x| x[..8] == t[..]))
 }
 
-/// Whether `epoch`, every part held, misses a member's key.
-fn misses_member(epoch: &HeldEpoch, keys: &BTreeMap<[u8; 32], [u8; 32]>) -> bool {
+/// Whether `epoch`, every part held, misses a member (with a usable key, none of whose
+/// keys it wraps).
+fn misses_member(epoch: &HeldEpoch, keys: &MemberKeys) -> bool {
     epoch.records.len() == usize::from(epoch.parts)
-        && keys
-            .values()
-            .any(|x| !epoch.tags.iter().any(|t| t[..] == x[..8]))
+        && keys.values().any(|xs| {
+            !xs.is_empty()
+                && !xs
+                    .iter()
+                    .any(|x| epoch.tags.iter().any(|t| t[..] == x[..8]))
+        })
 }
 
-/// Keeps `epoch` among `epochs` (merging the parts of one we hold), the newest
-/// [`MAX_EPOCHS_KEPT`] only.
-fn keep_epoch(epochs: &mut Vec<HeldEpoch>, epoch: HeldEpoch) {
+/// Keeps `epoch` among `epochs` (merging the parts of one we hold): the current one,
+/// then admins' by rank, then others'; at most [`MAX_EPOCHS_PER_MAKER`] of one maker
+/// and [`MAX_EPOCHS_KEPT`] in all, so no maker can push the current epoch out.
+fn keep_epoch(epochs: &mut Vec<HeldEpoch>, epoch: HeldEpoch, roster: &Roster) {
     match epochs.iter_mut().find(|e| e.id == epoch.id) {
         Some(held) => {
             for r in epoch.records {
@@ -117,7 +147,16 @@ fn keep_epoch(epochs: &mut Vec<HeldEpoch>, epoch: HeldEpoch) {
         }
         None => epochs.push(epoch),
     }
-    epochs.sort_by_key(|e| std::cmp::Reverse(e.rank()));
+    let admin = |e: &HeldEpoch| roster.role(&e.author) == Some(Role::Admin);
+    epochs.sort_by_key(|e| std::cmp::Reverse((admin(e), e.rank())));
+    let mut per_maker: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    let mut first = true;
+    epochs.retain(|e| {
+        let n = per_maker.entry(e.author).or_default();
+        *n += 1;
+        // The first is the current one (or the best there is): always kept.
+        std::mem::take(&mut first) || *n <= MAX_EPOCHS_PER_MAKER
+    });
     epochs.truncate(MAX_EPOCHS_KEPT);
 }
 
@@ -154,7 +193,8 @@ impl<T> State<T> {
             if !roster.members.contains_key(&self.own_key()) {
                 continue;
             }
-            for e in record.large.epochs.iter().take(EPOCHS_READ) {
+            // The current epoch and the admins' newest: where members write.
+            for e in readable_epochs(&record.large, &roster) {
                 let key = EpochKey::from_bytes(e.key);
                 for addr in &roster.relays {
                     let Some(peer) = relay_peer(addr) else {
@@ -174,21 +214,29 @@ impl<T> State<T> {
         Ok(out)
     }
 
-    /// Each member's X25519 key as we know it best: the card we hold of them (a contact,
-    /// or a member met in a group) if it is theirs, else the one their add named.
-    fn member_keys(&self, roster: &Roster) -> Result<BTreeMap<[u8; 32], [u8; 32]>, EngineError> {
+    /// Each member's X25519 keys: the one their add named and, if we hold a card of
+    /// theirs (a contact, or a member met in a group), its key; ours, our current one.
+    /// Every one is wrapped for and none counts as an outsider's, so admins and members
+    /// who know different cards agree. Keys of low order are left out (no wrap is made
+    /// for them, and they are missed by no one).
+    fn member_keys(&self, roster: &Roster) -> Result<MemberKeys, EngineError> {
         let me = self.own_key();
         let mut out = BTreeMap::new();
         for (key, m) in &roster.members {
-            let x = if *key == me {
-                self.me.x25519_public()
+            let mut xs = Vec::with_capacity(2);
+            if *key == me {
+                xs.push(self.me.x25519_public());
             } else {
-                match self.store.contact(&m.identity.peer_id())? {
-                    Some(c) if c.card.identity().ed25519() == key => *c.card.identity().x25519(),
-                    _ => *m.identity.x25519(),
+                xs.push(*m.identity.x25519());
+                if let Some(c) = self.store.contact(&m.identity.peer_id())?
+                    && c.card.identity().ed25519() == key
+                    && !xs.contains(c.card.identity().x25519())
+                {
+                    xs.push(*c.card.identity().x25519());
                 }
-            };
-            out.insert(*key, x);
+            }
+            xs.retain(usable_key);
+            out.insert(*key, xs);
         }
         Ok(out)
     }
@@ -225,7 +273,7 @@ impl<T> State<T> {
         let hlc = record.hlc().max(roster.latest.min(cap)).tick(now);
         record.set_hlc(hlc);
         let key = EpochKey::generate(&mut rand::rngs::OsRng);
-        let wrapped: Vec<[u8; 32]> = keys.values().copied().collect();
+        let wrapped: Vec<[u8; 32]> = keys.values().flatten().copied().collect();
         let parts = KeyRecord::make(&self.me, id, number, hlc, &key, &wrapped).map_err(invalid)?;
         let epoch = HeldEpoch {
             id: key.id(&id).0,
@@ -238,26 +286,22 @@ impl<T> State<T> {
             parts: parts.len() as u8,
             learnt_ms: now,
         };
-        keep_epoch(&mut record.large.epochs, epoch.clone());
+        keep_epoch(&mut record.large.epochs, epoch.clone(), roster);
+        record.large.unsound_since_ms = 0;
+        // Posted in the queue of every epoch members may be reading (concurrent epochs
+        // of other admins among them), and in its own.
+        let readable = readable_epochs(&record.large, roster);
         for part in &parts {
             let body = PostBody::Key(Box::new(part.clone()));
-            for under in previous.iter().chain([&epoch]) {
-                let post = Post::sign(
-                    &self.me,
-                    id,
-                    kkachi_protocol::group::large::EpochId(under.id),
-                    0,
-                    MessageId([0; 16]),
-                    hlc,
-                    body.clone(),
-                )
-                .map_err(invalid)?;
-                self.queue_post(w, id, roster, under, &post, now)?;
+            for under in &readable {
+                self.post_under(w, id, record, roster, under, body.clone(), now)?;
             }
         }
         for (k, m) in &roster.members {
-            let x = keys[k];
-            if *k == me || previous.as_ref().is_some_and(|p| p.tags.contains(&tag(&x))) {
+            let named_before = previous
+                .as_ref()
+                .is_some_and(|p| keys[k].iter().any(|x| p.tags.contains(&tag(x))));
+            if *k == me || named_before {
                 continue;
             }
             if let Some(contact) = self.reachable(&m.identity.peer_id())? {
@@ -279,7 +323,11 @@ impl<T> State<T> {
     }
 
     /// A new epoch if we are an admin and the current one is missing, made by someone
-    /// who is no admin, wrapped for a key no member holds, or missing a member's key.
+    /// who is no admin, wrapped for a key no member holds, or missing a member's key:
+    /// at once if we made the change (`acting`) or are the group's first admin (lowest
+    /// identity key), else once it has stayed so for [`ROTATE_GRACE_MS`], so several
+    /// admins seeing one change do not all make an epoch.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn keep_epoch_sound(
         &self,
         w: &mut WriteSet,
@@ -287,18 +335,26 @@ impl<T> State<T> {
         id: GroupId,
         record: &mut GroupRecord,
         roster: &Roster,
+        acting: bool,
         now: u64,
     ) -> Result<bool, EngineError> {
-        if roster.relays.is_empty()
-            || roster.role(&self.own_key()) != Some(Role::Admin)
-            || !record.joined
-        {
+        let me = self.own_key();
+        if roster.relays.is_empty() || roster.role(&me) != Some(Role::Admin) || !record.joined {
             return Ok(false);
         }
         let keys = self.member_keys(roster)?;
         let sound = current(&record.large, roster)
             .is_some_and(|e| !names_outsider(e, &keys) && !misses_member(e, &keys));
         if sound {
+            record.large.unsound_since_ms = 0;
+            return Ok(false);
+        }
+        if record.large.unsound_since_ms == 0 {
+            record.large.unsound_since_ms = now;
+        }
+        let first_admin = roster.admins().min() == Some(&me);
+        let waited = now.saturating_sub(record.large.unsound_since_ms) >= ROTATE_GRACE_MS;
+        if !(acting || first_admin || waited) {
             return Ok(false);
         }
         self.new_epoch(w, sessions, id, record, roster, now)?;
@@ -372,6 +428,22 @@ impl<T> State<T> {
         else {
             return Ok(false);
         };
+        self.post_under(w, id, record, roster, &epoch, body, now)?;
+        Ok(true)
+    }
+
+    /// Posts `body` (not numbered) in group `id` under `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    fn post_under(
+        &self,
+        w: &mut WriteSet,
+        id: GroupId,
+        record: &mut GroupRecord,
+        roster: &Roster,
+        epoch: &HeldEpoch,
+        body: PostBody,
+        now: u64,
+    ) -> Result<(), EngineError> {
         let cap = Hlc {
             ms: now.saturating_add(MAX_AHEAD_MS),
             count: 0,
@@ -381,24 +453,57 @@ impl<T> State<T> {
         let post = Post::sign(
             &self.me,
             id,
-            kkachi_protocol::group::large::EpochId(epoch.id),
+            EpochId(epoch.id),
             0,
             MessageId([0; 16]),
             hlc,
             body,
         )
         .map_err(invalid)?;
-        self.queue_post(w, id, roster, &epoch, &post, now)?;
-        Ok(true)
+        self.queue_post(w, id, roster, epoch, &post, now)
     }
 
-    /// Posts `ops` of group `id` in its queue (as many posts as they need).
+    /// After a change we made in large group `id`: the epoch kept sound (a new one if
+    /// someone left or came), and the change's operations posted under the epoch
+    /// members held before (a removed member learns of it there) and under the current
+    /// one.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn after_change_large(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        id: GroupId,
+        record: &mut GroupRecord,
+        roster: &Roster,
+        ops: &[SignedOp],
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let before = current(&record.large, roster).cloned();
+        self.keep_epoch_sound(w, sessions, id, record, roster, true, now)?;
+        let after = current(&record.large, roster).cloned();
+        let mut under = before.into_iter().collect::<Vec<_>>();
+        if let Some(e) = after
+            && !under.iter().any(|b| b.id == e.id)
+        {
+            under.push(e);
+        }
+        for epoch in &under {
+            self.post_ops(w, id, record, roster, epoch, ops, now)?;
+        }
+        Ok(())
+    }
+
+    /// Posts `ops` of group `id` in the queue of `epoch` (as many posts as they need).
+    /// Operations may go under an epoch a removed member holds: they learn of their
+    /// removal, nothing more.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn post_ops(
         &self,
         w: &mut WriteSet,
         id: GroupId,
         record: &mut GroupRecord,
         roster: &Roster,
+        epoch: &HeldEpoch,
         ops: &[SignedOp],
         now: u64,
     ) -> Result<(), EngineError> {
@@ -415,10 +520,7 @@ impl<T> State<T> {
                 end += 1;
             }
             let body = PostBody::Ops(ops[start..end].to_vec());
-            if !self.post_unnumbered(w, id, record, roster, body, now)? {
-                // No epoch may carry them yet: the digests bring them later.
-                return Ok(());
-            }
+            self.post_under(w, id, record, roster, epoch, body, now)?;
             start = end;
         }
         Ok(())
@@ -499,7 +601,7 @@ impl<T> State<T> {
             let post = Post::sign(
                 &this.me,
                 id,
-                kkachi_protocol::group::large::EpochId(epoch_id),
+                EpochId(epoch_id),
                 seq,
                 MessageId(prev),
                 hlc,
@@ -517,7 +619,10 @@ impl<T> State<T> {
                             "too many messages wait for an admin to hand out this group's new key; try again later".into(),
                         ));
                     }
-                    record.large.held.push(post.encode().to_vec());
+                    record
+                        .large
+                        .held
+                        .push((post.encode().to_vec(), record.next_local));
                 }
             }
             if timer_secs != 0 {
@@ -584,16 +689,18 @@ impl<T> State<T> {
         else {
             return Ok(());
         };
-        for bytes in std::mem::take(&mut record.large.held) {
+        let pseudo = PeerId::from_bytes(&group_key(&id)).ok();
+        for (bytes, local) in std::mem::take(&mut record.large.held) {
             let Ok(old) = Post::decode(&bytes) else {
                 continue;
             };
-            // The same number, clock and body; the id changes with the epoch named, so
-            // the message is found under its first id (it went nowhere under it).
+            // The same number, clock and body under the epoch it goes in (a post names
+            // its epoch, so its id changes): our copy of the message takes the new id,
+            // which is what members show and the relays' answers name.
             let post = Post::sign(
                 &self.me,
                 id,
-                kkachi_protocol::group::large::EpochId(epoch.id),
+                EpochId(epoch.id),
                 old.seq(),
                 old.prev(),
                 old.hlc(),
@@ -601,6 +708,16 @@ impl<T> State<T> {
             )
             .map_err(invalid)?;
             self.queue_post(w, id, roster, &epoch, &post, now)?;
+            if let Some(pseudo) = pseudo
+                && let Some((key, mut m)) = self.store.group_copy(&pseudo, &old.id().0)?
+            {
+                m.message.id = post.id().0;
+                LocalStore::rewrite_group_message(w, key, &m);
+                LocalStore::write_group_copy(w, &pseudo, &post.id().0, &id, local);
+            }
+            if record.large.last_id == old.id().0 {
+                record.large.last_id = post.id().0;
+            }
         }
         Ok(())
     }
@@ -644,8 +761,8 @@ impl<T> State<T> {
             return Ok(false);
         }
         let highest = record.large.epochs.iter().map(|e| e.number).max();
-        if highest.is_some_and(|h| key_record.number() > h.saturating_add(1)) {
-            // Numbered past every later epoch: it would outrank them all.
+        if highest.is_some_and(|h| key_record.number() > h.saturating_add(MAX_EPOCH_JUMP)) {
+            // Numbered far past every epoch held: it would outrank every later one.
             record.large.refused += 1;
             return Ok(false);
         }
@@ -665,27 +782,66 @@ impl<T> State<T> {
                 parts,
                 learnt_ms: now,
             },
+            roster,
         );
         tracing::info!(group = %id.to_hex(), number = key_record.number(), "took a group epoch");
+        // An admin who holds a newer epoch tells the readers of this one about it: two
+        // admins who made epochs at once each post in the queues they read, and members
+        // who read only the other's would never learn theirs.
+        if roster.role(&self.own_key()) == Some(Role::Admin)
+            && let Some(newer) = current(&record.large, roster).cloned()
+            && newer.id != epoch_id
+            && newer.records.len() == usize::from(newer.parts)
+            && let Some(learnt) = record
+                .large
+                .epochs
+                .iter()
+                .find(|e| e.id == epoch_id)
+                .cloned()
+        {
+            for part in &newer.records {
+                if let Ok(part) = KeyRecord::decode(part) {
+                    let body = PostBody::Key(Box::new(part));
+                    self.post_under(w, id, record, roster, &learnt, body, now)?;
+                }
+            }
+        }
         self.release_held(w, id, record, roster, now)?;
         self.group_queues_changed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(true)
     }
 
-    /// A key record sealed to us over a session (we were added, and cannot read the
-    /// group queue yet): taken if we are in the group, else kept with the group until
-    /// its log makes us a member.
+    /// A key record sealed to us over a session by the admin who made it (we were
+    /// added, and cannot read the group queue yet): taken if we are in the group, else
+    /// kept with the group (one per epoch, the newest [`MAX_EPOCHS_KEPT`]) until its log
+    /// makes us a member.
     pub(super) fn take_sealed_key(
         &self,
         w: &mut WriteSet,
-        sessions: &mut Sessions,
+        (sender, sender_peer): ([u8; 32], PeerId),
         id: GroupId,
         key_record: &KeyRecord,
         now: u64,
     ) -> Result<(), EngineError> {
-        let Some(mut record) = LocalStore::pending_group(w, &id).or(self.store.group(&id)?) else {
+        if key_record.author().ed25519() != &sender {
+            // Only its maker seals an epoch's key to someone.
             return Ok(());
+        }
+        let existing = match LocalStore::pending_group(w, &id) {
+            Some(g) => Some(g),
+            None => self.store.group(&id)?,
+        };
+        let mut record = match existing {
+            Some(r) => r,
+            // The key came before the log (another relay was faster): kept with a
+            // group that waits for it, within the bounds of such groups.
+            None if self.may_hold_another(w, &sender_peer, now)? => GroupRecord {
+                joined_ms: now,
+                invited_by: sender_peer.to_bytes(),
+                ..GroupRecord::default()
+            },
+            None => return Ok(()),
         };
         let roster = if record.joined {
             self.merged(id, &record)?.roster
@@ -695,14 +851,21 @@ impl<T> State<T> {
         match roster {
             Some(roster) if roster.members.contains_key(&self.own_key()) => {
                 self.take_key_record(w, id, &mut record, &roster, key_record, now)?;
-                self.keep_epoch_sound(w, sessions, id, &mut record, &roster, now)?;
             }
             _ => {
                 let bytes = key_record.encode().to_vec();
-                if record.large.pending_keys.len() < MAX_EPOCHS_KEPT
-                    && !record.large.pending_keys.contains(&bytes)
-                {
-                    record.large.pending_keys.push(bytes);
+                let epoch = key_record.epoch();
+                let pending = &mut record.large.pending_keys;
+                if !pending.contains(&bytes) {
+                    // One part per epoch and part; the oldest goes when full.
+                    pending.retain(|b| {
+                        KeyRecord::decode(b)
+                            .is_ok_and(|k| k.epoch() != epoch || k.part() != key_record.part())
+                    });
+                    if pending.len() >= MAX_EPOCHS_KEPT {
+                        pending.remove(0);
+                    }
+                    pending.push(bytes);
                 }
             }
         }
@@ -728,8 +891,9 @@ impl<T> State<T> {
     }
 
     /// Takes in items read from a group queue of group `group` (one epoch's, on one
-    /// relay): each on its own, so one that fails harms none of the others. Returns
-    /// what was shown.
+    /// relay), in one write: the group's record is read once and written once, and
+    /// what members' haves acknowledge is counted once. An item refused harms none of
+    /// the others. Returns what was shown.
     pub(crate) fn take_group_items(
         &mut self,
         group: GroupId,
@@ -739,19 +903,31 @@ impl<T> State<T> {
     ) -> Result<Vec<Received>, EngineError> {
         let mut shown = Vec::new();
         let result = self.with_sessions(|this, sessions| {
+            let Some(mut record) = this.store.group(&group)? else {
+                return Ok(());
+            };
+            let mut w = WriteSet::default();
+            let mut acked = Vec::new();
             for envelope in envelopes {
-                let mut w = WriteSet::default();
-                match this.take_item(&mut w, sessions, group, epoch, &envelope.payload, now) {
-                    Ok(out) => {
-                        this.apply_or_reset(sessions, w)?;
-                        shown.extend(out);
-                    }
+                match this.take_item(
+                    &mut w,
+                    sessions,
+                    group,
+                    epoch,
+                    &mut record,
+                    &mut acked,
+                    &envelope.payload,
+                    now,
+                ) {
+                    Ok(out) => shown.extend(out),
                     Err(e) => {
                         tracing::debug!(group = %group.to_hex(), error = %e, "a group item was not taken");
                     }
                 }
             }
-            Ok(())
+            this.count_acks(&mut w, group, &acked)?;
+            LocalStore::write_group(&mut w, &group, &record);
+            this.apply_or_reset(sessions, w)
         });
         for r in &shown {
             self.emit(super::super::AppEvent::Incoming(r.clone()));
@@ -761,21 +937,23 @@ impl<T> State<T> {
         Ok(shown)
     }
 
+    /// One item of a batch, into `record` (the caller writes it once the batch is
+    /// taken); ranges of our numbers members now acknowledge are added to `acked`.
+    #[allow(clippy::too_many_arguments)]
     fn take_item(
         &self,
         w: &mut WriteSet,
         sessions: &mut Sessions,
         group: GroupId,
         epoch: [u8; 32],
+        record: &mut GroupRecord,
+        acked: &mut Vec<(u64, u64)>,
         item: &[u8],
         now: u64,
     ) -> Result<Vec<Received>, EngineError> {
-        let Some(mut record) = self.store.group(&group)? else {
-            return Ok(Vec::new());
-        };
         let Some(roster) = record
             .joined
-            .then(|| self.merged(group, &record))
+            .then(|| self.merged(group, record))
             .transpose()?
             .and_then(|m| m.roster)
         else {
@@ -798,7 +976,6 @@ impl<T> State<T> {
             Ok(post) => post,
             Err(e) => {
                 record.large.refused += 1;
-                LocalStore::write_group(w, &group, &record);
                 return Err(invalid(e));
             }
         };
@@ -809,14 +986,19 @@ impl<T> State<T> {
         }
         match post.body() {
             PostBody::Message { .. } | PostBody::File { .. } => {
-                self.take_large_message(w, group, &mut record, &roster, &post, now)
+                self.take_large_message(w, group, record, &roster, &post, now)
             }
             PostBody::Ops(ops) => {
                 let Some(peer) = peer_of_key(&author) else {
                     return Ok(Vec::new());
                 };
+                // Operations merge as over a session: through the record as written.
+                LocalStore::write_group(w, &group, record);
                 let outcome =
                     self.take_ops_from(w, sessions, (author, peer), group, ops.clone(), now)?;
+                if let Some(merged) = LocalStore::pending_group(w, &group) {
+                    *record = merged;
+                }
                 Ok(match outcome {
                     super::super::receive::Outcome::Shown(r) => vec![*r],
                     super::super::receive::Outcome::ShownSeveral(rs) => rs,
@@ -824,18 +1006,52 @@ impl<T> State<T> {
                 })
             }
             PostBody::Key(key_record) => {
-                self.take_key_record(w, group, &mut record, &roster, key_record, now)?;
-                self.keep_epoch_sound(w, sessions, group, &mut record, &roster, now)?;
-                LocalStore::write_group(w, &group, &record);
+                // A new epoch, if one is needed, is made at upkeep, once for the batch.
+                self.take_key_record(w, group, record, &roster, key_record, now)?;
                 Ok(Vec::new())
             }
             PostBody::Have(have) => {
                 if roster.members.contains_key(&author) {
-                    self.take_have(w, group, &mut record, &roster, author, have, now)?;
+                    let have_at = post.hlc();
+                    self.take_have(w, group, record, &roster, author, have_at, have, acked, now)?;
                 }
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// Counts, for each of our recent messages, the members whose haves in a batch
+    /// newly cover it (`acked`: the ranges of our numbers each newly acknowledges).
+    fn count_acks(
+        &self,
+        w: &mut WriteSet,
+        group: GroupId,
+        acked: &[(u64, u64)],
+    ) -> Result<(), EngineError> {
+        if acked.is_empty() {
+            return Ok(());
+        }
+        for (key, mut m) in self
+            .store
+            .recent_group_messages_keyed(&group, super::CATCH_UP_SCAN)?
+        {
+            if m.author().is_some() || m.event || m.post_seq == 0 {
+                continue;
+            }
+            let newly = acked
+                .iter()
+                .filter(|(before, theirs)| m.post_seq > *before && m.post_seq <= *theirs)
+                .count() as u32;
+            if newly == 0 {
+                continue;
+            }
+            m.reach.1 = m.reach.1.saturating_add(newly).min(m.reach.0);
+            if m.reach.1 >= m.reach.0 && m.message.state.advances_to(&MessageState::Delivered) {
+                m.message.state = MessageState::Delivered;
+            }
+            LocalStore::rewrite_group_message(w, key, &m);
+        }
+        Ok(())
     }
 
     /// A member's message or file from the group queue: shown once (each author's
@@ -904,7 +1120,6 @@ impl<T> State<T> {
             record.next_local += 1;
             LocalStore::write_group_message(w, &group, local, &message);
             self.offer_group_file(w, group, local, &message, now)?;
-            LocalStore::write_group(w, &group, record);
             return Ok(vec![self.shown(peer, roster, message)]);
         }
         // Its author's add or promotion may be on its way: it waits, within bounds.
@@ -927,13 +1142,13 @@ impl<T> State<T> {
                 message,
             });
         }
-        LocalStore::write_group(w, &group, record);
         Ok(Vec::new())
     }
 
-    /// A member's have: how many of our messages they hold (counted as delivered to
-    /// them), and, if their log differs from ours, our whole log posted (at most every
-    /// ten minutes).
+    /// A member's have (dated `hlc`; one no newer than their last changes nothing): how
+    /// many of our messages they hold (counted as delivered to them), and, if we are an
+    /// admin and their log differs from ours, our whole log posted (at most every ten
+    /// minutes).
     #[allow(clippy::too_many_arguments)]
     fn take_have(
         &self,
@@ -942,116 +1157,216 @@ impl<T> State<T> {
         record: &mut GroupRecord,
         roster: &Roster,
         author: [u8; 32],
+        hlc: Hlc,
         have: &Have,
+        acked: &mut Vec<(u64, u64)>,
         now: u64,
     ) -> Result<(), EngineError> {
         let me = self.own_key();
+        let clock = (hlc.ms, hlc.count);
+        let last = record
+            .large
+            .acks
+            .iter()
+            .find(|(a, ..)| *a == author)
+            .copied();
+        if last.is_some_and(|(_, _, seen)| seen >= clock) {
+            return Ok(());
+        }
         let theirs = have
             .heads
             .iter()
             .find(|(a, _)| *a == me)
             .map_or(0, |(_, s)| *s)
             .min(record.large.next_seq.saturating_sub(1));
-        let before = record
-            .large
-            .acks
-            .iter()
-            .find(|(a, _)| *a == author)
-            .map_or(0, |(_, s)| *s);
+        let before = last.map_or(0, |(_, s, _)| s);
+        match record.large.acks.iter_mut().find(|(a, ..)| *a == author) {
+            Some(ack) => *ack = (author, theirs.max(before), clock),
+            None => {
+                // One per member: former members' go.
+                record
+                    .large
+                    .acks
+                    .retain(|(a, ..)| roster.members.contains_key(a));
+                record.large.acks.push((author, theirs, clock));
+            }
+        }
         if theirs > before {
-            match record.large.acks.iter_mut().find(|(a, _)| *a == author) {
-                Some(ack) => ack.1 = theirs,
-                None => record.large.acks.push((author, theirs)),
-            }
-            for (key, mut m) in self
-                .store
-                .recent_group_messages_keyed(&group, super::CATCH_UP_SCAN)?
-            {
-                if m.author().is_none() && !m.event && m.post_seq > before && m.post_seq <= theirs {
-                    m.reach.1 = m.reach.1.saturating_add(1).min(m.reach.0);
-                    if m.reach.1 >= m.reach.0
-                        && m.message.state.advances_to(&MessageState::Delivered)
-                    {
-                        m.message.state = MessageState::Delivered;
-                    }
-                    LocalStore::rewrite_group_message(w, key, &m);
-                }
-            }
+            acked.push((before, theirs));
         }
-        let merged = self.merged(group, record)?;
-        if have.ops != merged.have && now.saturating_sub(record.large.log_posted_ms) >= LOG_EVERY_MS
+        // They lack messages of ours after ones they hold (sealed under an epoch they
+        // never got, or lost with a relay): put again under the current epoch, the
+        // same numbers (who holds them takes them as copies).
+        let latest = record.large.next_seq.saturating_sub(1);
+        if theirs > 0
+            && theirs < latest
+            && now.saturating_sub(record.large.repaired_ms) >= REPAIR_EVERY_MS
         {
-            record.large.log_posted_ms = now;
-            let ops = record.signed_ops()?;
-            self.post_ops(w, group, record, roster, &ops, now)?;
+            record.large.repaired_ms = now;
+            self.repair(w, group, record, roster, theirs, now)?;
         }
-        LocalStore::write_group(w, &group, record);
+        // Admins answer a log that differs (members would all answer at once).
+        let merged = self.merged(group, record)?;
+        if have.ops != merged.have
+            && roster.role(&me) == Some(Role::Admin)
+            && now.saturating_sub(record.large.log_posted_ms) >= LOG_EVERY_MS
+        {
+            let keys = self.member_keys(roster)?;
+            if let Some(epoch) = current(&record.large, roster)
+                .filter(|e| !names_outsider(e, &keys))
+                .cloned()
+            {
+                record.large.log_posted_ms = now;
+                let ops = record.signed_ops()?;
+                self.post_ops(w, group, record, roster, &epoch, &ops, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts again, under the current epoch, our messages numbered after `after` (at
+    /// most [`REPAIR_MAX`], texts only; what is gone from this device is not).
+    fn repair(
+        &self,
+        w: &mut WriteSet,
+        group: GroupId,
+        record: &mut GroupRecord,
+        roster: &Roster,
+        after: u64,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let keys = self.member_keys(roster)?;
+        let Some(epoch) = current(&record.large, roster)
+            .filter(|e| !names_outsider(e, &keys))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let ours: Vec<GroupMessage> = self
+            .store
+            .recent_group_messages(&group, super::CATCH_UP_SCAN)?
+            .into_iter()
+            .filter(|m| m.author().is_none() && !m.event && m.post_seq != 0)
+            .collect();
+        let prev_of = |seq: u64| {
+            ours.iter()
+                .find(|m| m.post_seq + 1 == seq)
+                .map_or([0; 16], |m| m.message.id)
+        };
+        for m in ours
+            .iter()
+            .filter(|m| m.post_seq > after && m.file_free())
+            .take(REPAIR_MAX)
+        {
+            if m.message.deleted || m.message.text.is_empty() {
+                continue;
+            }
+            let post = Post::sign(
+                &self.me,
+                group,
+                EpochId(epoch.id),
+                m.post_seq,
+                MessageId(prev_of(m.post_seq)),
+                Hlc {
+                    ms: m.hlc.0,
+                    count: m.hlc.1,
+                },
+                PostBody::Message {
+                    seconds: m.message.timer_secs,
+                    text: m.message.text.clone(),
+                },
+            )
+            .map_err(invalid)?;
+            self.queue_post(w, group, roster, &epoch, &post, now)?;
+        }
         Ok(())
     }
 
     /// Upkeep of large groups: our have posted where something new arrived (at most
-    /// every [`HAVE_EVERY_MS`]), held posts released, epochs kept sound. Returns
-    /// whether anything was queued.
-    pub(crate) fn large_upkeep(&mut self, now: u64) -> Result<bool, EngineError> {
+    /// every [`HAVE_EVERY_MS`]), held posts released, epochs kept sound; each group on
+    /// its own (one that fails is logged, the others go on). Returns whether anything
+    /// was queued, and when the next have is due.
+    pub(crate) fn large_upkeep(&mut self, now: u64) -> Result<(bool, Option<u64>), EngineError> {
         let mut queued = false;
+        let mut next: Option<u64> = None;
         let groups = self.store.groups()?;
         self.with_sessions(|this, sessions| {
-            for (id, mut record) in groups {
+            for (id, record) in groups {
                 if !record.joined || record.forgotten || record.large.epochs.is_empty() {
                     continue;
                 }
-                let Some(roster) = this.merged(id, &record)?.roster else {
-                    continue;
-                };
-                if !roster.members.contains_key(&this.own_key()) || roster.relays.is_empty() {
-                    continue;
-                }
-                let mut w = WriteSet::default();
-                let mut changed =
-                    this.keep_epoch_sound(&mut w, sessions, id, &mut record, &roster, now)?;
-                if !record.large.held.is_empty() {
-                    this.release_held(&mut w, id, &mut record, &roster, now)?;
-                    changed = true;
-                }
-                if record.large.have_due
-                    && now.saturating_sub(record.large.have_sent_ms) >= HAVE_EVERY_MS
-                {
-                    let mut heads: Vec<([u8; 32], u64)> = record
-                        .large
-                        .chains
-                        .iter()
-                        .filter(|c| roster.members.contains_key(&c.author) && c.head > 0)
-                        .map(|c| (c.author, c.head))
-                        .collect();
-                    heads.sort();
-                    heads.truncate(MAX_HAVE_AUTHORS);
-                    let ops = have_digest(&record.signed_ops()?);
-                    let body = PostBody::Have(Have { heads, ops });
-                    if this.post_unnumbered(&mut w, id, &mut record, &roster, body, now)? {
-                        record.large.have_due = false;
-                        record.large.have_sent_ms = now;
-                        changed = true;
+                match this.upkeep_one(sessions, id, record, now) {
+                    Ok((q, due)) => {
+                        queued |= q;
+                        next = match (next, due) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
                     }
-                }
-                if changed {
-                    LocalStore::write_group(&mut w, &id, &record);
-                    this.apply_or_reset(sessions, w)?;
-                    queued = true;
+                    Err(e) => {
+                        sessions.reset();
+                        tracing::warn!(group = %id.to_hex(), error = %e, "a large group's upkeep failed");
+                    }
                 }
             }
             Ok(())
         })?;
-        Ok(queued)
+        Ok((queued, next))
     }
 
-    /// When the next have is due in some large group (Unix ms).
-    pub(crate) fn next_have_due(&self) -> Option<u64> {
-        let groups = self.store.groups().ok()?;
-        groups
-            .iter()
-            .filter(|(_, g)| g.joined && !g.forgotten && g.large.have_due)
-            .map(|(_, g)| g.large.have_sent_ms.saturating_add(HAVE_EVERY_MS))
-            .min()
+    fn upkeep_one(
+        &self,
+        sessions: &mut Sessions,
+        id: GroupId,
+        mut record: GroupRecord,
+        now: u64,
+    ) -> Result<(bool, Option<u64>), EngineError> {
+        let Some(roster) = self.merged(id, &record)?.roster else {
+            return Ok((false, None));
+        };
+        if !roster.members.contains_key(&self.own_key()) || roster.relays.is_empty() {
+            return Ok((false, None));
+        }
+        let mut w = WriteSet::default();
+        let mut changed =
+            self.keep_epoch_sound(&mut w, sessions, id, &mut record, &roster, false, now)?;
+        if !record.large.held.is_empty() {
+            let before = record.large.held.len();
+            self.release_held(&mut w, id, &mut record, &roster, now)?;
+            changed |= record.large.held.len() != before;
+        }
+        let mut due = None;
+        if record.large.have_due {
+            let at = record.large.have_sent_ms.saturating_add(HAVE_EVERY_MS);
+            if at <= now {
+                let mut heads: Vec<([u8; 32], u64)> = record
+                    .large
+                    .chains
+                    .iter()
+                    .filter(|c| roster.members.contains_key(&c.author) && c.head() > 0)
+                    .map(|c| (c.author, c.head()))
+                    .collect();
+                heads.sort();
+                heads.truncate(MAX_HAVE_AUTHORS);
+                let ops = have_digest(&record.signed_ops()?);
+                let body = PostBody::Have(Have { heads, ops });
+                // Posted, or (no epoch may carry it yet) tried again after a while.
+                if self.post_unnumbered(&mut w, id, &mut record, &roster, body, now)? {
+                    record.large.have_due = false;
+                } else {
+                    due = Some(now.saturating_add(HAVE_EVERY_MS));
+                }
+                record.large.have_sent_ms = now;
+                changed = true;
+            } else {
+                due = Some(at);
+            }
+        }
+        if changed {
+            LocalStore::write_group(&mut w, &id, &record);
+            self.apply_or_reset(sessions, w)?;
+        }
+        Ok((changed, due))
     }
 
     /// A group relay took our post `post` in group `id` (each relay has its own

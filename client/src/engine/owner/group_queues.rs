@@ -124,12 +124,18 @@ impl<T: Transport> Owner<T> {
         if self.next_large_upkeep.is_none_or(|at| at > now) {
             return;
         }
-        let result = self.state.large_upkeep(now);
-        self.next_large_upkeep = self.state.next_have_due();
-        match result {
-            Ok(false) => {}
-            Ok(true) => self.after_change(Ok(()), |_| {}),
-            Err(e) => tracing::warn!(error = %e, "large groups' upkeep failed"),
+        match self.state.large_upkeep(now) {
+            Ok((queued, next)) => {
+                self.next_large_upkeep = next;
+                if queued {
+                    self.after_change(Ok(()), |_| {});
+                }
+            }
+            Err(e) => {
+                // Not again at once: at the next change or batch taken in.
+                self.next_large_upkeep = None;
+                tracing::warn!(error = %e, "large groups' upkeep failed");
+            }
         }
     }
 }

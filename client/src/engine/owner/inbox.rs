@@ -71,16 +71,24 @@ impl<T: Transport> Owner<T> {
         };
         let ids: Vec<EnvelopeId> = items.iter().map(|i| i.envelope.id()).collect();
         let envelopes: Vec<Envelope> = items.into_iter().map(|i| i.envelope).collect();
+        if super::super::groups::group_poll_relay(&relay).is_some()
+            && self.group_queue(&relay).is_none()
+        {
+            // A group queue no longer read (we left, or its epoch is past): its batch
+            // is dropped, read again from the start if it is ever read again.
+            if sync {
+                self.sync_relay_done(&relay, Ok(()));
+            }
+            return;
+        }
         if let Some(q) = self.group_queue(&relay).cloned() {
             // A large group's queue: taken in, never deleted from (others read it).
             let result = self
                 .state
                 .take_group_items(q.group, q.epoch, &envelopes, now);
             self.drain_announcements();
-            self.next_large_upkeep = match (self.next_large_upkeep, self.state.next_have_due()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // A have may be due now that something came.
+            self.next_large_upkeep = Some(now);
             match result {
                 Ok(shown) => self.wait_durable(After::Mailbox(Batch {
                     relay,
@@ -287,7 +295,7 @@ impl<T: Transport> Owner<T> {
         for run in &mut self.syncs {
             run.report.shown.extend(batch.shown.iter().cloned());
         }
-        let group = self.group_queue(&relay).is_some();
+        let group = super::super::groups::group_poll_relay(&relay).is_some();
         if !group {
             let Some(key) = self.queue_key(&relay) else {
                 return;
@@ -310,10 +318,12 @@ impl<T: Transport> Owner<T> {
         // Strangers' requests are read a batch at a time, at a steady pace, however
         // many wait; a sync reads everything.
         let paced = which.is_requests() && !sync && !group;
-        if batch.more && !paced {
-            if let Some(fetch) = self.read_request(&relay, next, 0) {
-                self.ask_mailbox(relay, fetch, sync);
-            }
+        let more = match (batch.more && !paced, self.read_request(&relay, next, 0)) {
+            (true, Some(fetch)) => Some(fetch),
+            _ => None,
+        };
+        if let Some(fetch) = more {
+            self.ask_mailbox(relay, fetch, sync);
         } else if sync {
             self.sync_relay_done(&relay, Ok(()));
         } else {

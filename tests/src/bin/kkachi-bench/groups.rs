@@ -1,7 +1,10 @@
 //! Send → shown in a group: a message to a group until every member shows it (each
 //! member a client in its own process), against a 1:1 message to one of them in the
 //! same run; a membership change until every member holds it; and the same messages
-//! once one of the three relays is killed.
+//! once one of the three relays is killed. Both tiers: sealed to each member over
+//! their sessions (small), or once per group relay into the group's queue (large,
+//! the three relays as group relays). And what one message costs the relays at 10,
+//! 100 and 1,000 members, in each tier.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,11 +16,13 @@ use serde_json::json;
 use crate::common::{Relay, free_port, mono_us, pct};
 use crate::latency::{provision, spawn_recipient, user};
 
-/// `members` clients besides the sender, `messages` messages each way of sending.
+/// `members` clients besides the sender, `messages` messages each way of sending; with
+/// `large`, the group has the three relays as group relays.
 pub(crate) async fn group_latency(
     root: &Path,
     members: usize,
     messages: usize,
+    large: bool,
 ) -> Result<serde_json::Value> {
     let mut relays: Vec<Relay> = (0..3)
         .map(|i| Relay::start(&root.join(format!("groups-{i}-{}", mono_us())), free_port()))
@@ -75,6 +80,12 @@ pub(crate) async fn group_latency(
     // The group: made and joined; how long until every member holds it.
     let id = alice.engine.create_group("Bench".into()).await?;
     let t = Instant::now();
+    if large {
+        alice
+            .engine
+            .change_group(id, GroupChange::Relays(parsed.clone()))
+            .await?;
+    }
     alice
         .engine
         .change_group(id, GroupChange::Add(peers.clone()))
@@ -154,6 +165,7 @@ pub(crate) async fn group_latency(
     let p50 = pct(&to_all, 0.5);
     let one_p50 = pct(&one, 0.5);
     Ok(json!({
+        "tier": if large { "large" } else { "small" },
         "members": members + 1,
         "messages": messages,
         "to_all_p50_us": p50,
@@ -165,5 +177,102 @@ pub(crate) async fn group_latency(
         "joined_ms": joined_ms,
         "lost": lost,
         "duplicated": duplicated,
+    }))
+}
+
+/// What one message to a group of `n` members costs its relays, for n = 10, 100 and
+/// 1,000, made with the protocol's own sealing (no network): in the large tier one
+/// item per group relay (3), whatever `n`; an epoch's key records, posted in two
+/// queues on each relay, are what grows with `n` (once per epoch). In the small tier
+/// (up to 32 members) one sealed envelope per other member.
+pub(crate) fn group_costs() -> Result<serde_json::Value> {
+    use kkachi_protocol::content::MessageId;
+    use kkachi_protocol::envelope::{DEFAULT_TTL_SECS, Envelope};
+    use kkachi_protocol::group::large::{EpochKey, KeyRecord, Post, PostBody};
+    use kkachi_protocol::group::{GroupId, Hlc, SMALL_GROUP_MAX};
+    const RELAYS: usize = 3;
+    let text = "The bridge on the river road is out; go round by the school.".to_string();
+    let envelope_len = |payload: Vec<u8>| {
+        Envelope {
+            expires_at: DEFAULT_TTL_SECS,
+            payload,
+        }
+        .encode()
+        .len()
+    };
+    let mut rows = Vec::new();
+    for n in [10usize, 100, 1000] {
+        let members: Vec<kkachi_protocol::Identity> = (0..n)
+            .map(|_| kkachi_protocol::Identity::generate())
+            .collect();
+        let group = GroupId([7; 32]);
+        let key = EpochKey::generate(&mut rand::rngs::OsRng);
+        let epoch = key.id(&group);
+        let at = Hlc { ms: 1, count: 0 };
+        let post = Post::sign(
+            &members[1],
+            group,
+            epoch,
+            1,
+            MessageId([0; 16]),
+            at,
+            PostBody::Message {
+                seconds: 0,
+                text: text.clone(),
+            },
+        )?;
+        let t = Instant::now();
+        let large_bytes: usize = (0..RELAYS)
+            .map(|_| envelope_len(post.seal(&key, &mut rand::rngs::OsRng)))
+            .sum();
+        let seal_us = t.elapsed().as_secs_f64() * 1e6;
+        let keys: Vec<[u8; 32]> = members.iter().map(|m| m.x25519_public()).collect();
+        let t = Instant::now();
+        let parts = KeyRecord::make(&members[0], group, 1, at, &key, &keys)?;
+        let epoch_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut epoch_bytes = 0;
+        let mut epoch_writes = 0;
+        for part in &parts {
+            let post = Post::sign(
+                &members[0],
+                group,
+                epoch,
+                0,
+                MessageId([0; 16]),
+                at,
+                PostBody::Key(Box::new(part.clone())),
+            )?;
+            // In the queue of the epoch it replaces and in its own, on every relay.
+            for _ in 0..2 * RELAYS {
+                epoch_bytes += envelope_len(post.seal(&key, &mut rand::rngs::OsRng));
+                epoch_writes += 1;
+            }
+        }
+        // The small tier: one envelope per other member, each a sealed packet of the
+        // smallest size class (a text this short fits it).
+        let small = (n <= SMALL_GROUP_MAX).then(|| {
+            let packet = kkachi_protocol::session::SIZE_CLASSES[0];
+            json!({
+                "writes": n - 1,
+                "bytes": (n - 1) * envelope_len(vec![0; packet]),
+            })
+        });
+        rows.push(json!({
+            "members": n,
+            "large_writes": RELAYS,
+            "large_bytes": large_bytes,
+            "large_seal_us": seal_us,
+            "epoch_writes": epoch_writes,
+            "epoch_bytes": epoch_bytes,
+            "epoch_make_ms": epoch_ms,
+            "small": small,
+        }));
+    }
+    let at = |i: usize, k: &str| rows[i][k].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "relays": RELAYS,
+        "sizes": rows,
+        // The large tier's cost per message at 1,000 members over its cost at 10.
+        "large_1000_vs_10": at(2, "large_bytes") / at(0, "large_bytes").max(1.0),
     }))
 }

@@ -243,13 +243,19 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
     } else {
         serde_json::Value::Null
     };
-    let group = if args.part("groups") {
-        let r =
-            groups::group_latency(root, if q { 3 } else { 7 }, if q { 20 } else { 100 }).await?;
+    let (group, group_large, group_costs) = if args.part("groups") {
+        let (members, messages) = if q { (3, 20) } else { (7, 100) };
+        let small = groups::group_latency(root, members, messages, false).await?;
+        let large = groups::group_latency(root, members, messages, true).await?;
+        let costs = groups::group_costs()?;
         eprintln!("groups done");
-        r
+        (small, large, costs)
     } else {
-        serde_json::Value::Null
+        (
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+        )
     };
     let ingest_rate = match (
         batched["msgs_per_s"].as_f64(),
@@ -306,6 +312,9 @@ async fn measure(args: &Args) -> Result<serde_json::Value> {
         "file_peak_rss_mib": files["transfer"]["peak_rss_mib"],
         "group": group,
         "group_to_all_p50_us": group["to_all_p50_us"],
+        "group_large": group_large,
+        "group_large_to_all_p50_us": group_large["to_all_p50_us"],
+        "group_costs": group_costs,
         "baseline_libp2p_rtt_us": us(rtt),
         "baseline_sled_insert_flush_per_s": sled_flush,
         "baseline_sled_insert_per_s": sled_noflush,

@@ -350,6 +350,63 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             "fault-free, same run",
         ));
         out.push(killed);
+        let g = &r["group_large"];
+        let mut to_all = row(
+            "group with group relays: message until every member shows it, p50 (ms)",
+            &json_ms(&r["group_large_to_all_p50_us"]),
+            2,
+            format!(
+                "the same members, one queue on each of the 3 relays; p99 {:.2} ms; {} lost, {} duplicated",
+                num(&g["to_all_p99_us"]) / 1e3,
+                g["lost"],
+                g["duplicated"]
+            ),
+        );
+        to_all.ratio = Some((
+            num(&g["vs_one"]),
+            "a 1:1 message to one of them, alternated",
+        ));
+        out.push(to_all);
+        let mut killed = row(
+            "the same with one of the 3 group relays killed -9, p50 (ms)",
+            &json_ms(&g["relay_killed_p50_us"]),
+            2,
+            "goal: at most 2× fault-free".into(),
+        );
+        killed.ratio = Some((
+            num(&g["relay_killed_vs_fault_free"]),
+            "fault-free, same run",
+        ));
+        out.push(killed);
+        let c = &r["group_costs"];
+        let sizes = c["sizes"].as_array().cloned().unwrap_or_default();
+        let at = |n: u64, k: &str| {
+            sizes
+                .iter()
+                .find(|s| s["members"].as_u64() == Some(n))
+                .map_or(0.0, |s| num(&s[k]))
+        };
+        let small10 = sizes
+            .iter()
+            .find(|s| s["members"].as_u64() == Some(10))
+            .map_or(0.0, |s| num(&s["small"]["bytes"]));
+        let mut cost = row(
+            "bytes relays store per group message, 1,000 members (large tier)",
+            &c["sizes"][2]["large_bytes"],
+            0,
+            format!(
+                "{} writes at 10, 100 and 1,000 members alike ({:.0}, {:.0}, {:.0} bytes); small tier at 10: {:.0} bytes in 9 writes; a new key for 1,000 members: {:.0} bytes in {:.0} writes, once per epoch",
+                c["relays"],
+                at(10, "large_bytes"),
+                at(100, "large_bytes"),
+                at(1000, "large_bytes"),
+                small10,
+                at(1000, "epoch_bytes"),
+                at(1000, "epoch_writes")
+            ),
+        );
+        cost.ratio = Some((num(&c["large_1000_vs_10"]), "the same at 10 members"));
+        out.push(cost);
     }
     out.push(row(
         "baseline: libp2p request/response RTT (µs)",
