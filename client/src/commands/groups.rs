@@ -438,11 +438,14 @@ impl App {
                         .or_else(|e| fail(format!("{a} is not a relay address: {e}")))?;
                     relays.push(addr);
                 }
-                if !relays.is_empty() && relays.len() < 3 {
-                    out.warn(format!(
-                        "{} group relay(s): with fewer than three, losing one or two stops the group until they return",
-                        relays.len()
-                    ));
+                match relays.len() {
+                    1 => out.warn(
+                        "one group relay: losing it stops the group until it returns; name three run by different people",
+                    ),
+                    2 => out.warn(
+                        "two group relays: losing one leaves a single copy of each message, losing both stops the group; name three",
+                    ),
+                    _ => {}
                 }
                 let done = self.change(&g, GroupChange::Relays(relays)).await?;
                 report_change(out, json, &g, "relays", &done);
@@ -918,7 +921,13 @@ impl App {
             sent.copies,
             sent.id.to_hex()
         ));
-        if relayed < total {
+        if relayed == 0 {
+            out.warn(format!(
+                "no group relay of {} took it yet: it stays in your outbox; `kkachi group relays {}` shows them, and `kkachi sync` tries again",
+                name(&g.roster.name),
+                short(&g.id)
+            ));
+        } else if relayed < total {
             out.out("  the rest stays in the outbox: `kkachi sync` or the daemon delivers it");
         }
         Ok(())

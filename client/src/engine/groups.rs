@@ -1817,30 +1817,11 @@ impl<T> State<T> {
                         }
                     }
                 };
-                // What waited too long goes (counted).
-                let before = record.waiting.len();
-                record
-                    .waiting
-                    .retain(|m| now.saturating_sub(m.message.message.stored_at_ms) < MAX_WAIT_MS);
-                record.dropped += (before - record.waiting.len()) as u64;
-                let theirs = record
-                    .waiting
-                    .iter()
-                    .filter(|m| m.from == message.from)
-                    .count();
-                if record.waiting.len() >= MAX_WAITING_PER_GROUP
-                    || theirs >= MAX_WAITING_PER_GROUP / 4
-                {
-                    record.dropped += 1;
-                    LocalStore::write_group(w, &id, &record);
+                let held = hold_waiting(&mut record, peer, sender, message, now);
+                LocalStore::write_group(w, &id, &record);
+                if !held {
                     return refused_ops("too many group messages waiting for their group");
                 }
-                record.waiting.push(Waiting {
-                    from: peer.to_bytes(),
-                    key: sender,
-                    message,
-                });
-                LocalStore::write_group(w, &id, &record);
                 Ok(Outcome::Applied("a group message waiting for its group"))
             }
         }
@@ -2085,6 +2066,39 @@ impl<T> State<T> {
             }),
         }
     }
+}
+
+/// Keeps `message` of `peer` (identity key `key`) in group `record` until operations
+/// let its author post: what waited too long goes first (counted), and at most
+/// [`MAX_WAITING_PER_GROUP`] wait, a quarter of them from one sender. False if it
+/// could not wait (counted as dropped).
+fn hold_waiting(
+    record: &mut GroupRecord,
+    peer: PeerId,
+    key: [u8; 32],
+    message: GroupMessage,
+    now: u64,
+) -> bool {
+    let before = record.waiting.len();
+    record
+        .waiting
+        .retain(|m| now.saturating_sub(m.message.message.stored_at_ms) < MAX_WAIT_MS);
+    record.dropped += (before - record.waiting.len()) as u64;
+    let theirs = record
+        .waiting
+        .iter()
+        .filter(|m| m.from == message.from)
+        .count();
+    if record.waiting.len() >= MAX_WAITING_PER_GROUP || theirs >= MAX_WAITING_PER_GROUP / 4 {
+        record.dropped += 1;
+        return false;
+    }
+    record.waiting.push(Waiting {
+        from: peer.to_bytes(),
+        key,
+        message,
+    });
+    true
 }
 
 /// When an outbox entry was first queued (Unix ms).

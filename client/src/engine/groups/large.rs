@@ -22,11 +22,11 @@ use kkachi_protocol::{GroupKey, MessageId, Multiaddr, PeerId};
 use super::super::EngineError;
 use super::super::receive::Received;
 use super::super::state::{Sessions, State};
-use super::{FAR_AHEAD_MS, MAX_AHEAD_MS, MAX_WAIT_MS, Posting, new_record};
+use super::{FAR_AHEAD_MS, MAX_AHEAD_MS, Posting, new_record};
 use crate::store::{
     Chain, Direction, FileNote, GroupMessage, GroupRecord, HeldEpoch, LargeState, LocalStore,
-    MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER, MAX_HELD_POSTS, MAX_WAITING_PER_GROUP, MessageState,
-    OutboxEntry, OutboxKind, Target, Waiting, WriteSet, group_key,
+    MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER, MAX_HELD_POSTS, MessageState, OutboxEntry, OutboxKind,
+    Target, WriteSet, group_key,
 };
 
 /// How often, at most, we post our have in one group while something new arrives.
@@ -361,6 +361,19 @@ impl<T> State<T> {
         Ok(true)
     }
 
+    /// The epoch we may write under in group `record`: the current one, unless it gave
+    /// its key to a key no member holds.
+    fn usable_epoch(
+        &self,
+        record: &GroupRecord,
+        roster: &Roster,
+    ) -> Result<Option<HeldEpoch>, EngineError> {
+        let keys = self.member_keys(roster)?;
+        Ok(current(&record.large, roster)
+            .filter(|e| !names_outsider(e, &keys))
+            .cloned())
+    }
+
     /// Seals `post` under `epoch` once for each group relay and queues it there.
     fn queue_post(
         &self,
@@ -421,11 +434,7 @@ impl<T> State<T> {
         body: PostBody,
         now: u64,
     ) -> Result<bool, EngineError> {
-        let keys = self.member_keys(roster)?;
-        let Some(epoch) = current(&record.large, roster)
-            .filter(|e| !names_outsider(e, &keys))
-            .cloned()
-        else {
+        let Some(epoch) = self.usable_epoch(record, roster)? else {
             return Ok(false);
         };
         self.post_under(w, id, record, roster, &epoch, body, now)?;
@@ -682,11 +691,7 @@ impl<T> State<T> {
         if record.large.held.is_empty() {
             return Ok(());
         }
-        let keys = self.member_keys(roster)?;
-        let Some(epoch) = current(&record.large, roster)
-            .filter(|e| !names_outsider(e, &keys))
-            .cloned()
-        else {
+        let Some(epoch) = self.usable_epoch(record, roster)? else {
             return Ok(());
         };
         let pseudo = PeerId::from_bytes(&group_key(&id)).ok();
@@ -1123,25 +1128,7 @@ impl<T> State<T> {
             return Ok(vec![self.shown(peer, roster, message)]);
         }
         // Its author's add or promotion may be on its way: it waits, within bounds.
-        let before = record.waiting.len();
-        record
-            .waiting
-            .retain(|m| now.saturating_sub(m.message.message.stored_at_ms) < MAX_WAIT_MS);
-        record.dropped += (before - record.waiting.len()) as u64;
-        let theirs = record
-            .waiting
-            .iter()
-            .filter(|m| m.from == message.from)
-            .count();
-        if record.waiting.len() >= MAX_WAITING_PER_GROUP || theirs >= MAX_WAITING_PER_GROUP / 4 {
-            record.dropped += 1;
-        } else {
-            record.waiting.push(Waiting {
-                from: peer.to_bytes(),
-                key: author,
-                message,
-            });
-        }
+        super::hold_waiting(record, peer, author, message, now);
         Ok(Vec::new())
     }
 
@@ -1210,16 +1197,11 @@ impl<T> State<T> {
         if have.ops != merged.have
             && roster.role(&me) == Some(Role::Admin)
             && now.saturating_sub(record.large.log_posted_ms) >= LOG_EVERY_MS
+            && let Some(epoch) = self.usable_epoch(record, roster)?
         {
-            let keys = self.member_keys(roster)?;
-            if let Some(epoch) = current(&record.large, roster)
-                .filter(|e| !names_outsider(e, &keys))
-                .cloned()
-            {
-                record.large.log_posted_ms = now;
-                let ops = record.signed_ops()?;
-                self.post_ops(w, group, record, roster, &epoch, &ops, now)?;
-            }
+            record.large.log_posted_ms = now;
+            let ops = record.signed_ops()?;
+            self.post_ops(w, group, record, roster, &epoch, &ops, now)?;
         }
         Ok(())
     }
@@ -1235,11 +1217,7 @@ impl<T> State<T> {
         after: u64,
         now: u64,
     ) -> Result<(), EngineError> {
-        let keys = self.member_keys(roster)?;
-        let Some(epoch) = current(&record.large, roster)
-            .filter(|e| !names_outsider(e, &keys))
-            .cloned()
-        else {
+        let Some(epoch) = self.usable_epoch(record, roster)? else {
             return Ok(());
         };
         let ours: Vec<GroupMessage> = self

@@ -167,7 +167,7 @@ impl<T: Transport> Owner<T> {
     pub(super) fn sync_relay_done(&mut self, name: &str, result: Result<(), RelayError>) {
         let (relay, which) = split_poll(name);
         // A group relay is not one of ours: not in the report.
-        let which = if self.group_queue(name).is_some() {
+        let which = if super::super::groups::group_poll_relay(name).is_some() {
             Which::Requests
         } else {
             which
