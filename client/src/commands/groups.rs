@@ -625,16 +625,14 @@ impl App {
                 .iter()
                 .filter(|(k, _)| **k != me)
                 .map(|(k, member)| {
-                    let held = g
-                        .record
-                        .large
-                        .acks
-                        .iter()
-                        .any(|(a, head, _)| a == k && *head >= m.post_seq);
-                    let state = match (held, m.message.state) {
-                        (true, _) => MessageState::Delivered,
-                        (false, s @ MessageState::Relayed { .. }) => s,
-                        (false, _) => MessageState::Queued,
+                    let ack = g.record.large.acks.iter().find(|(a, ..)| a == k);
+                    let held = ack.is_some_and(|(_, head, ..)| *head >= m.post_seq);
+                    let read = ack.is_some_and(|(_, _, read, _)| *read >= m.post_seq);
+                    let state = match (held, read, m.message.state) {
+                        (_, true, _) => MessageState::Read,
+                        (true, false, _) => MessageState::Delivered,
+                        (false, false, s @ MessageState::Relayed { .. }) => s,
+                        (false, false, _) => MessageState::Queued,
                     };
                     (member.identity.peer_id().to_bytes(), state)
                 })

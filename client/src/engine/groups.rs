@@ -1008,11 +1008,17 @@ impl<T> State<T> {
     pub(crate) fn mark_group_read(&mut self, id: GroupId, now: u64) -> Result<usize, EngineError> {
         let mut w = WriteSet::default();
         let mut by_author: BTreeMap<Vec<u8>, Vec<MessageId>> = BTreeMap::new();
+        // In a large group: the highest number read of each author.
+        let mut read_seqs: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
         for (key, mut m) in self.store.group_messages_keyed(&id)? {
             if m.event || m.from.is_empty() || m.message.state != MessageState::Received {
                 continue;
             }
             m.message.state = MessageState::Read;
+            if m.post_seq != 0 {
+                let seq = read_seqs.entry(m.from.clone()).or_default();
+                *seq = (*seq).max(m.post_seq);
+            }
             by_author
                 .entry(m.from.clone())
                 .or_default()
@@ -1022,6 +1028,33 @@ impl<T> State<T> {
         let read: usize = by_author.values().map(Vec::len).sum();
         if read == 0 {
             return Ok(0);
+        }
+        // In a large group, our next have says what we read (unless receipts are off).
+        if !read_seqs.is_empty()
+            && let Some(mut record) = self.store.group(&id)?
+            && let Some(roster) = self.merged(id, &record)?.roster
+        {
+            for (from, seq) in &read_seqs {
+                let Some(author) = roster
+                    .members
+                    .iter()
+                    .find(|(_, x)| x.identity.peer_id().to_bytes() == *from)
+                    .map(|(k, _)| *k)
+                else {
+                    continue;
+                };
+                if let Some(chain) = record.large.chains.iter_mut().find(|c| c.author == author)
+                    && *seq > chain.read
+                {
+                    chain.read = *seq;
+                    record.large.have_due = true;
+                    // A read goes out at once, not after the half minute between haves.
+                    record.large.have_sent_ms = 0;
+                }
+            }
+            LocalStore::write_group(&mut w, &id, &record);
+            self.group_queues_changed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if self.store.profile()?.is_some_and(|p| p.read_receipts_off) {
             self.store.apply(w)?;
@@ -1253,7 +1286,7 @@ impl<T> State<T> {
                 unseen: false,
                 missed,
                 post_seq: 0,
-                reach: (0, 0),
+                reach: (0, 0, 0),
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
             LocalStore::write_group(&mut w, &id, &record);
@@ -1771,7 +1804,7 @@ impl<T> State<T> {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
-            reach: (0, 0),
+            reach: (0, 0, 0),
         };
         message.message.seq = content.seq;
         message.message.prev = content.prev;
@@ -2133,7 +2166,7 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         unseen: false,
         missed: Vec::new(),
         post_seq: 0,
-        reach: (0, 0),
+        reach: (0, 0, 0),
     }
 }
 

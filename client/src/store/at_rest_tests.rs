@@ -122,7 +122,7 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         unseen: false,
         missed: Vec::new(),
         post_seq: 0,
-        reach: (0, 0),
+        reach: (0, 0, 0),
     };
     LocalStore::write_group_message(&mut w, &group, 0, &said);
     LocalStore::write_group_copy(&mut w, &peer, &ids[1], &group, 0);

@@ -121,9 +121,9 @@ pub struct LargeState {
     /// one arrives.
     pub held: Vec<(Vec<u8>, u64)>,
     /// For each member (identity key), the highest of our numbers they hold with nothing
-    /// missing below it, and the clock of the have that said so (older ones change
-    /// nothing).
-    pub acks: Vec<([u8; 32], u64, (u64, u32))>,
+    /// missing below it, the highest they read, and the clock of the have that said so
+    /// (older ones change nothing).
+    pub acks: Vec<Ack>,
     /// Since when (Unix ms) the current epoch was found unsound (0: it is sound), for
     /// admins who wait before making another (SPEC §14.5).
     pub unsound_since_ms: u64,
@@ -143,6 +143,11 @@ pub struct LargeState {
     /// ms).
     pub repaired_ms: u64,
 }
+
+/// A member's acknowledgement of our messages in a large group: (their identity key,
+/// the highest of our numbers they hold with nothing missing below it, the highest
+/// they read, the clock of their have).
+pub(crate) type Ack = ([u8; 32], u64, u64, (u64, u32));
 
 /// An epoch of a large group whose key we hold.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -187,6 +192,9 @@ pub struct Chain {
     pub runs: Vec<(u64, u64)>,
     /// Gaps that were filled (a number came after a later one).
     pub filled: u64,
+    /// The highest of their numbers we read (what our haves say, unless read receipts
+    /// are off).
+    pub read: u64,
     /// Gaps given up on to keep at most [`MAX_RUNS`] runs: what was missing in them
     /// counts as held from then on.
     pub abandoned: u64,
@@ -321,9 +329,10 @@ pub struct GroupMessage {
     pub missed: Vec<Vec<u8>>,
     /// In a large group: its number in its author's chain (0 in the small tier).
     pub post_seq: u64,
-    /// Ours in a large group: how many other members there were when it went, and how
-    /// many hold it as their haves say (the small tier counts `copies` instead).
-    pub reach: (u32, u32),
+    /// Ours in a large group: how many other members there were when it went, how many
+    /// hold it and how many read it, as their haves say (the small tier counts
+    /// `copies` instead).
+    pub reach: (u32, u32, u32),
 }
 
 impl GroupMessage {
@@ -335,8 +344,7 @@ impl GroupMessage {
     /// How many members' copies reached their device, and were read.
     pub fn tally(&self) -> (usize, usize) {
         if self.post_seq != 0 {
-            // A large group's haves say what members hold, not what they read.
-            return (self.reach.1 as usize, 0);
+            return (self.reach.1 as usize, self.reach.2 as usize);
         }
         let delivered = self
             .copies
@@ -667,7 +675,7 @@ mod tests {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
-            reach: (0, 0),
+            reach: (0, 0, 0),
         }
     }
 

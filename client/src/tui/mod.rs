@@ -932,7 +932,7 @@ mod group_view_tests {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
-            reach: (0, 0),
+            reach: (0, 0, 0),
         }
     }
 

@@ -421,12 +421,14 @@ impl KeyRecord {
     }
 }
 
-/// Highest message number held of each author, and the sender's digest of operations:
-/// what members exchange to find and repair what is missing, and to count deliveries.
+/// Highest message number held of each author, the highest read, and the sender's
+/// digest of operations: what members exchange to find and repair what is missing, and
+/// to count deliveries and reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Have {
-    /// (author, highest number of theirs held with nothing missing below it).
-    pub heads: Vec<([u8; 32], u64)>,
+    /// (author, highest number of theirs held with nothing missing below it, highest
+    /// number of theirs read: 0 with read receipts off).
+    pub heads: Vec<([u8; 32], u64, u64)>,
     /// The sender's operations digest (SPEC §14.4).
     pub ops: [u8; 16],
 }
@@ -489,8 +491,8 @@ impl PostBody {
             }
             PostBody::Have(have) => {
                 w.u16(have.heads.len() as u16);
-                for (author, seq) in &have.heads {
-                    w.raw(author).u64(*seq);
+                for (author, seq, read) in &have.heads {
+                    w.raw(author).u64(*seq).u64(*read);
                 }
                 w.raw(&have.ops);
             }
@@ -553,10 +555,14 @@ impl PostBody {
             }
             POST_KEY => PostBody::Key(Box::new(KeyRecord::decode(bytes)?)),
             POST_HAVE => {
-                let n = r.count16(MAX_HAVE_AUTHORS, 40, "have-vector")?;
+                let n = r.count16(MAX_HAVE_AUTHORS, 48, "have-vector")?;
                 let mut heads = Vec::with_capacity(n);
                 for _ in 0..n {
-                    heads.push((r.array("have author")?, r.u64("have number")?));
+                    heads.push((
+                        r.array("have author")?,
+                        r.u64("have number")?,
+                        r.u64("have read")?,
+                    ));
                 }
                 let ops = r.array("have digest")?;
                 r.finish()?;

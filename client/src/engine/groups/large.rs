@@ -42,6 +42,9 @@ const ROTATE_GRACE_MS: u64 = 60_000;
 /// have says they lack, and how many at a time.
 const REPAIR_EVERY_MS: u64 = 30_000;
 const REPAIR_MAX: usize = 16;
+/// How old the current epoch may grow before the group's first admin makes a new one
+/// (keys change now and then even when nobody comes or goes).
+const ROTATE_EVERY_MS: u64 = 7 * 24 * 3600 * 1000;
 /// How far past the highest epoch held an epoch's number may be.
 const MAX_EPOCH_JUMP: u64 = 64;
 /// Members' X25519 keys, each member's every known one.
@@ -656,7 +659,7 @@ impl<T> State<T> {
                 unseen: false,
                 missed: Vec::new(),
                 post_seq: seq,
-                reach: (others as u32, 0),
+                reach: (others as u32, 0, 0),
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
             // Found again by its id when the relays' answers come.
@@ -952,7 +955,7 @@ impl<T> State<T> {
         group: GroupId,
         epoch: [u8; 32],
         record: &mut GroupRecord,
-        acked: &mut Vec<(u64, u64)>,
+        acked: &mut Vec<(u64, u64, bool)>,
         item: &[u8],
         now: u64,
     ) -> Result<Vec<Received>, EngineError> {
@@ -1026,12 +1029,13 @@ impl<T> State<T> {
     }
 
     /// Counts, for each of our recent messages, the members whose haves in a batch
-    /// newly cover it (`acked`: the ranges of our numbers each newly acknowledges).
+    /// newly cover it (`acked`: the ranges of our numbers each newly acknowledges as
+    /// held, or with `true` as read).
     fn count_acks(
         &self,
         w: &mut WriteSet,
         group: GroupId,
-        acked: &[(u64, u64)],
+        acked: &[(u64, u64, bool)],
     ) -> Result<(), EngineError> {
         if acked.is_empty() {
             return Ok(());
@@ -1043,16 +1047,29 @@ impl<T> State<T> {
             if m.author().is_some() || m.event || m.post_seq == 0 {
                 continue;
             }
-            let newly = acked
-                .iter()
-                .filter(|(before, theirs)| m.post_seq > *before && m.post_seq <= *theirs)
-                .count() as u32;
-            if newly == 0 {
+            let newly = |read: bool| {
+                acked
+                    .iter()
+                    .filter(|(before, theirs, r)| {
+                        *r == read && m.post_seq > *before && m.post_seq <= *theirs
+                    })
+                    .count() as u32
+            };
+            let (held, read) = (newly(false), newly(true));
+            if held == 0 && read == 0 {
                 continue;
             }
-            m.reach.1 = m.reach.1.saturating_add(newly).min(m.reach.0);
-            if m.reach.1 >= m.reach.0 && m.message.state.advances_to(&MessageState::Delivered) {
-                m.message.state = MessageState::Delivered;
+            m.reach.1 = m.reach.1.saturating_add(held).min(m.reach.0);
+            m.reach.2 = m.reach.2.saturating_add(read).min(m.reach.0);
+            let state = if m.reach.2 >= m.reach.0 {
+                MessageState::Read
+            } else if m.reach.1 >= m.reach.0 {
+                MessageState::Delivered
+            } else {
+                m.message.state
+            };
+            if m.message.state.advances_to(&state) {
+                m.message.state = state;
             }
             LocalStore::rewrite_group_message(w, key, &m);
         }
@@ -1115,7 +1132,7 @@ impl<T> State<T> {
             unseen: false,
             missed: Vec::new(),
             post_seq: post.seq(),
-            reach: (0, 0),
+            reach: (0, 0, 0),
         };
         message.message.file = file;
         if roster.may_post(&author) {
@@ -1146,7 +1163,7 @@ impl<T> State<T> {
         author: [u8; 32],
         hlc: Hlc,
         have: &Have,
-        acked: &mut Vec<(u64, u64)>,
+        acked: &mut Vec<(u64, u64, bool)>,
         now: u64,
     ) -> Result<(), EngineError> {
         let me = self.own_key();
@@ -1157,34 +1174,43 @@ impl<T> State<T> {
             .iter()
             .find(|(a, ..)| *a == author)
             .copied();
-        if last.is_some_and(|(_, _, seen)| seen >= clock) {
+        if last.is_some_and(|(.., seen)| seen >= clock) {
             return Ok(());
         }
-        let theirs = have
+        let latest = record.large.next_seq.saturating_sub(1);
+        let (theirs, theirs_read) = have
             .heads
             .iter()
-            .find(|(a, _)| *a == me)
-            .map_or(0, |(_, s)| *s)
-            .min(record.large.next_seq.saturating_sub(1));
-        let before = last.map_or(0, |(_, s, _)| s);
+            .find(|(a, ..)| *a == me)
+            .map_or((0, 0), |(_, s, r)| (*s, *r));
+        let (theirs, theirs_read) = (theirs.min(latest), theirs_read.min(latest));
+        let (before, before_read) = last.map_or((0, 0), |(_, s, r, _)| (s, r));
+        let entry = (
+            author,
+            theirs.max(before),
+            theirs_read.max(before_read),
+            clock,
+        );
         match record.large.acks.iter_mut().find(|(a, ..)| *a == author) {
-            Some(ack) => *ack = (author, theirs.max(before), clock),
+            Some(ack) => *ack = entry,
             None => {
                 // One per member: former members' go.
                 record
                     .large
                     .acks
                     .retain(|(a, ..)| roster.members.contains_key(a));
-                record.large.acks.push((author, theirs, clock));
+                record.large.acks.push(entry);
             }
         }
         if theirs > before {
-            acked.push((before, theirs));
+            acked.push((before, theirs, false));
+        }
+        if theirs_read > before_read {
+            acked.push((before_read, theirs_read, true));
         }
         // They lack messages of ours after ones they hold (sealed under an epoch they
         // never got, or lost with a relay): put again under the current epoch, the
         // same numbers (who holds them takes them as copies).
-        let latest = record.large.next_seq.saturating_sub(1);
         if theirs > 0
             && theirs < latest
             && now.saturating_sub(record.large.repaired_ms) >= REPAIR_EVERY_MS
@@ -1308,6 +1334,16 @@ impl<T> State<T> {
         let mut w = WriteSet::default();
         let mut changed =
             self.keep_epoch_sound(&mut w, sessions, id, &mut record, &roster, false, now)?;
+        // Now and then a new key, by the group's first admin, even with nobody leaving.
+        let me = self.own_key();
+        if !changed
+            && roster.admins().min() == Some(&me)
+            && current(&record.large, &roster)
+                .is_some_and(|e| now.saturating_sub(e.hlc.0) >= ROTATE_EVERY_MS)
+        {
+            self.new_epoch(&mut w, sessions, id, &mut record, &roster, now)?;
+            changed = true;
+        }
         if !record.large.held.is_empty() {
             let before = record.large.held.len();
             self.release_held(&mut w, id, &mut record, &roster, now)?;
@@ -1317,14 +1353,15 @@ impl<T> State<T> {
         if record.large.have_due {
             let at = record.large.have_sent_ms.saturating_add(HAVE_EVERY_MS);
             if at <= now {
-                let mut heads: Vec<([u8; 32], u64)> = record
+                let reads = !self.store.profile()?.is_some_and(|p| p.read_receipts_off);
+                let mut heads: Vec<([u8; 32], u64, u64)> = record
                     .large
                     .chains
                     .iter()
                     .filter(|c| roster.members.contains_key(&c.author) && c.head() > 0)
-                    .map(|c| (c.author, c.head()))
+                    .map(|c| (c.author, c.head(), if reads { c.read } else { 0 }))
                     .collect();
-                heads.sort();
+                heads.sort_unstable_by_key(|h| h.0);
                 heads.truncate(MAX_HAVE_AUTHORS);
                 let ops = have_digest(&record.signed_ops()?);
                 let body = PostBody::Have(Have { heads, ops });

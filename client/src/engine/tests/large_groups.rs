@@ -124,6 +124,27 @@ async fn a_message_is_put_once_per_group_relay_and_read_once_by_every_member() {
     assert_eq!(ours.tally(), (4, 0), "delivered to all four others");
     assert_eq!(ours.audience(), 4);
     assert_eq!(ours.message.state, MessageState::Delivered);
+    // Three of them read it (one with read receipts off): their haves say so.
+    members[3].engine.set_read_receipts(false).await.unwrap();
+    for reader in members[1..].iter().chain([&admin]) {
+        assert_eq!(reader.engine.mark_group_read(id).await.unwrap(), 1);
+        reader.engine.deliver_now().await.unwrap();
+    }
+    members[0].sync().await;
+    let ours = members[0]
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .find(|m| !m.event)
+        .unwrap();
+    assert_eq!(
+        ours.tally(),
+        (4, 3),
+        "read by three, the fourth keeps it to themself"
+    );
+    assert_eq!(ours.message.state, MessageState::Delivered);
 }
 
 #[tokio::test]
@@ -521,4 +542,32 @@ async fn a_gap_in_an_authors_messages_is_shown_then_filled() {
     );
     assert_eq!(chain(reader).missing(), 0);
     assert_eq!(chain(reader).filled, 1);
+}
+
+#[tokio::test]
+async fn the_first_admin_changes_the_key_once_a_week() {
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, 2).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    let before = current_epoch(&admin, id).unwrap();
+    // The current epoch was made a week and a minute ago.
+    let mut record = admin.engine.store().group(&id).unwrap().unwrap();
+    for e in &mut record.large.epochs {
+        e.hlc.0 -= 7 * 24 * 3600 * 1000 + 60_000;
+    }
+    let mut w = WriteSet::default();
+    LocalStore::write_group(&mut w, &id, &record);
+    admin.engine.store().apply(w).unwrap();
+    // Any change to the group wakes the upkeep (a rename does not need a new key).
+    admin
+        .engine
+        .change_group(id, GroupChange::Rename("Town square".into()))
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    let after = current_epoch(&admin, id).unwrap();
+    assert_ne!(after, before, "a week-old key was replaced");
+    members[0].sync().await;
+    assert_eq!(current_epoch(&members[0], id), Some(after));
 }

@@ -191,7 +191,7 @@ fn every_body(admin: &Identity) -> Vec<(u64, PostBody)> {
         (
             0,
             PostBody::Have(Have {
-                heads: vec![([1; 32], 4), ([2; 32], 9)],
+                heads: vec![([1; 32], 4, 3), ([2; 32], 9, 0)],
                 ops: [6; 16],
             }),
         ),
@@ -320,7 +320,7 @@ fn numbers_are_for_messages_and_files_only() {
     };
     assert!(Post::sign(&admin, GROUP, E, 1, zero, at(1), empty).is_err());
     let unsorted = PostBody::Have(Have {
-        heads: vec![([2; 32], 1), ([1; 32], 1)],
+        heads: vec![([2; 32], 1, 0), ([1; 32], 1, 0)],
         ops: [0; 16],
     });
     assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), unsorted).is_err());
