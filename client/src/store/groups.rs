@@ -131,9 +131,6 @@ pub struct LargeState {
     pub have_due: bool,
     /// When we last posted our have (Unix ms).
     pub have_sent_ms: u64,
-    /// Items and key records refused (unreadable, forged, from outsiders, out of
-    /// bounds).
-    pub refused: u64,
     /// Key records sealed to us before the group's log made us a member: taken once it
     /// does (at most [`MAX_EPOCHS_KEPT`]).
     pub pending_keys: Vec<Vec<u8>>,
@@ -169,8 +166,6 @@ pub struct HeldEpoch {
     pub tags: Vec<[u8; 8]>,
     /// How many parts the record has.
     pub parts: u8,
-    /// When we took it (Unix ms).
-    pub learnt_ms: u64,
 }
 
 impl HeldEpoch {
@@ -195,9 +190,6 @@ pub struct Chain {
     /// The highest of their numbers we read (what our haves say, unless read receipts
     /// are off).
     pub read: u64,
-    /// Gaps given up on to keep at most [`MAX_RUNS`] runs: what was missing in them
-    /// counts as held from then on.
-    pub abandoned: u64,
 }
 
 /// Most runs of numbers kept per author (so at most one less gap).
@@ -229,8 +221,8 @@ impl Chain {
         while merged.len() > MAX_RUNS {
             // The oldest gap is given up on.
             let second = merged.remove(1);
+            // What was missing in it counts as held from then on.
             merged[0].1 = second.1;
-            self.abandoned += 1;
         }
         self.runs = merged;
         true

@@ -16,12 +16,11 @@ use kkachi_protocol::group::large::{
     PostBody, open_item, usable_key,
 };
 use kkachi_protocol::group::{GroupId, Hlc, Role, Roster, SignedOp, have_digest};
-use kkachi_protocol::multiaddr::Protocol;
-use kkachi_protocol::{GroupKey, MessageId, Multiaddr, PeerId};
+use kkachi_protocol::{GroupKey, MessageId, PeerId};
 
 use super::super::EngineError;
 use super::super::receive::Received;
-use super::super::state::{Sessions, State};
+use super::super::state::{Sessions, State, relay_peer};
 use super::{FAR_AHEAD_MS, MAX_AHEAD_MS, Posting, new_record};
 use crate::store::{
     Chain, Direction, FileNote, GroupMessage, GroupRecord, HeldEpoch, LargeState, LocalStore,
@@ -74,13 +73,6 @@ pub(crate) fn group_poll_name(relay: &str, epoch: &[u8; 32]) -> String {
 /// The relay a poll name made by [`group_poll_name`] names, if it is one.
 pub(crate) fn group_poll_relay(name: &str) -> Option<&str> {
     name.split_once("#group-").map(|(relay, _)| relay)
-}
-
-fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(peer)) => Some(peer),
-        _ => None,
-    }
 }
 
 /// The peer id of the Ed25519 identity key `key`.
@@ -287,7 +279,6 @@ impl<T> State<T> {
             records: parts.iter().map(|p| p.encode().to_vec()).collect(),
             tags: parts.iter().flat_map(|p| p.tags().copied()).collect(),
             parts: parts.len() as u8,
-            learnt_ms: now,
         };
         keep_epoch(&mut record.large.epochs, epoch.clone(), roster);
         record.large.unsound_since_ms = 0;
@@ -746,7 +737,6 @@ impl<T> State<T> {
             || roster.role(key_record.author().ed25519()) != Some(Role::Admin)
             || key_record.hlc().ms > now.saturating_add(FAR_AHEAD_MS)
         {
-            record.large.refused += 1;
             return Ok(false);
         }
         let (_, parts) = key_record.part();
@@ -771,7 +761,6 @@ impl<T> State<T> {
         let highest = record.large.epochs.iter().map(|e| e.number).max();
         if highest.is_some_and(|h| key_record.number() > h.saturating_add(MAX_EPOCH_JUMP)) {
             // Numbered far past every epoch held: it would outrank every later one.
-            record.large.refused += 1;
             return Ok(false);
         }
         let Some(key) = key_record.unwrap(&self.me) else {
@@ -788,7 +777,6 @@ impl<T> State<T> {
                 records: vec![key_record.encode().to_vec()],
                 tags: key_record.tags().copied().collect(),
                 parts,
-                learnt_ms: now,
             },
             roster,
         );
@@ -982,10 +970,7 @@ impl<T> State<T> {
         };
         let post = match open_item(&group, &key, item, known) {
             Ok(post) => post,
-            Err(e) => {
-                record.large.refused += 1;
-                return Err(invalid(e));
-            }
+            Err(e) => return Err(invalid(e)),
         };
         let author = *post.author();
         if author == me {

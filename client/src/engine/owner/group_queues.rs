@@ -82,7 +82,7 @@ impl<T: Transport> Owner<T> {
                     tracing::debug!(%relay, error = %e, "could not open a group queue; a put opens it");
                 }
             }
-            Done::Deleted
+            Done::Quiet
         }));
     }
 

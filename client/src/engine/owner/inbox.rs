@@ -191,7 +191,7 @@ impl<T: Transport> Owner<T> {
             {
                 tracing::debug!(%relay, error = %e, "delete failed; what stays is recognised as a copy");
             }
-            Done::Deleted
+            Done::Quiet
         }));
     }
 

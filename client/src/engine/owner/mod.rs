@@ -106,7 +106,9 @@ enum Done {
         sync: bool,
     },
     Flushed(Flushed),
-    Deleted,
+    /// A request whose answer changes nothing here (a delete, opening a group queue):
+    /// what it did not do is done again later.
+    Quiet,
     /// A relay took our grants, or not.
     Granted {
         relay: String,
@@ -545,7 +547,7 @@ impl<T: Transport> Owner<T> {
                 sync,
             } => self.on_mailbox(relay, result, sync),
             Done::Flushed(result) => self.flushed(result),
-            Done::Deleted => {}
+            Done::Quiet => {}
             Done::Granted { relay, result } => self.on_granted(relay, result),
         }
     }

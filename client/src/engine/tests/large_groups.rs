@@ -56,6 +56,17 @@ fn shown_texts(u: &User, id: GroupId) -> Vec<String> {
         .collect()
 }
 
+/// The first message (not a line about a change) `u` holds in group `id`.
+fn first_message(u: &User, id: GroupId) -> crate::store::GroupMessage {
+    u.engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .find(|m| !m.event)
+        .unwrap()
+}
+
 fn epochs(u: &User, id: GroupId) -> Vec<[u8; 32]> {
     u.engine
         .store()
@@ -113,14 +124,7 @@ async fn a_message_is_put_once_per_group_relay_and_read_once_by_every_member() {
         reader.engine.deliver_now().await.unwrap();
     }
     members[0].sync().await;
-    let ours = members[0]
-        .engine
-        .store()
-        .group_messages(&id)
-        .unwrap()
-        .into_iter()
-        .find(|m| !m.event)
-        .unwrap();
+    let ours = first_message(&members[0], id);
     assert_eq!(ours.tally(), (4, 0), "delivered to all four others");
     assert_eq!(ours.audience(), 4);
     assert_eq!(ours.message.state, MessageState::Delivered);
@@ -131,14 +135,7 @@ async fn a_message_is_put_once_per_group_relay_and_read_once_by_every_member() {
         reader.engine.deliver_now().await.unwrap();
     }
     members[0].sync().await;
-    let ours = members[0]
-        .engine
-        .store()
-        .group_messages(&id)
-        .unwrap()
-        .into_iter()
-        .find(|m| !m.event)
-        .unwrap();
+    let ours = first_message(&members[0], id);
     assert_eq!(
         ours.tally(),
         (4, 3),

@@ -320,64 +320,65 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
         ));
     }
     if args.part("groups") {
+        // Each tier: until every member shows a message, and the same with a relay
+        // killed, each as a ratio to its baseline of the same run.
+        let mut tier = |g: &Value, labels: [&'static str; 2], notes: [String; 2]| {
+            let [to_all_label, killed_label] = labels;
+            let [to_all_note, killed_note] = notes;
+            let mut to_all = row(to_all_label, &json_ms(&g["to_all_p50_us"]), 2, to_all_note);
+            to_all.ratio = Some((
+                num(&g["vs_one"]),
+                "a 1:1 message to one of them, alternated",
+            ));
+            out.push(to_all);
+            let mut killed = row(
+                killed_label,
+                &json_ms(&g["relay_killed_p50_us"]),
+                2,
+                killed_note,
+            );
+            killed.ratio = Some((
+                num(&g["relay_killed_vs_fault_free"]),
+                "fault-free, same run",
+            ));
+            out.push(killed);
+        };
         let g = &r["group"];
-        let mut to_all = row(
-            "group message until every member shows it, p50 (ms)",
-            &json_ms(&r["group_to_all_p50_us"]),
-            2,
-            format!(
-                "{} members, each in its own process, 3 relays; p99 {:.2} ms; the group made and joined by all in {:.0} ms; {} lost, {} duplicated",
-                g["members"],
-                num(&g["to_all_p99_us"]) / 1e3,
-                num(&g["joined_ms"]),
-                g["lost"],
-                g["duplicated"]
-            ),
+        tier(
+            g,
+            [
+                "group message until every member shows it, p50 (ms)",
+                "the same with one of the 3 relays killed -9, p50 (ms)",
+            ],
+            [
+                format!(
+                    "{} members, each in its own process, 3 relays; p99 {:.2} ms; the group made and joined by all in {:.0} ms; {} lost, {} duplicated",
+                    g["members"],
+                    num(&g["to_all_p99_us"]) / 1e3,
+                    num(&g["joined_ms"]),
+                    g["lost"],
+                    g["duplicated"]
+                ),
+                "the relay killed after the fault-free messages; as many sent after".into(),
+            ],
         );
-        to_all.ratio = Some((
-            num(&g["vs_one"]),
-            "a 1:1 message to one of them, alternated",
-        ));
-        out.push(to_all);
-        let mut killed = row(
-            "the same with one of the 3 relays killed -9, p50 (ms)",
-            &json_ms(&g["relay_killed_p50_us"]),
-            2,
-            "the relay killed after the fault-free messages; as many sent after".into(),
-        );
-        killed.ratio = Some((
-            num(&g["relay_killed_vs_fault_free"]),
-            "fault-free, same run",
-        ));
-        out.push(killed);
         let g = &r["group_large"];
-        let mut to_all = row(
-            "group with group relays: message until every member shows it, p50 (ms)",
-            &json_ms(&r["group_large_to_all_p50_us"]),
-            2,
-            format!(
-                "the same members, one queue on each of the 3 relays; p99 {:.2} ms; {} lost, {} duplicated",
-                num(&g["to_all_p99_us"]) / 1e3,
-                g["lost"],
-                g["duplicated"]
-            ),
+        tier(
+            g,
+            [
+                "group with group relays: message until every member shows it, p50 (ms)",
+                "the same with one of the 3 group relays killed -9, p50 (ms)",
+            ],
+            [
+                format!(
+                    "the same members, one queue on each of the 3 relays; p99 {:.2} ms; {} lost, {} duplicated",
+                    num(&g["to_all_p99_us"]) / 1e3,
+                    g["lost"],
+                    g["duplicated"]
+                ),
+                "goal: at most 2× fault-free".into(),
+            ],
         );
-        to_all.ratio = Some((
-            num(&g["vs_one"]),
-            "a 1:1 message to one of them, alternated",
-        ));
-        out.push(to_all);
-        let mut killed = row(
-            "the same with one of the 3 group relays killed -9, p50 (ms)",
-            &json_ms(&g["relay_killed_p50_us"]),
-            2,
-            "goal: at most 2× fault-free".into(),
-        );
-        killed.ratio = Some((
-            num(&g["relay_killed_vs_fault_free"]),
-            "fault-free, same run",
-        ));
-        out.push(killed);
         let c = &r["group_costs"];
         let sizes = c["sizes"].as_array().cloned().unwrap_or_default();
         let at = |n: u64, k: &str| {
