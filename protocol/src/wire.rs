@@ -162,6 +162,32 @@ pub enum ClientToRelay {
         /// [`MAX_WAIT_MS`]).
         wait_ms: u32,
     },
+    /// Store a chunk of a file in the open group queue of `key` (SPEC §14.5), as
+    /// `PutChunk` does in a queue a write key was granted for: `Stored` (one outcome).
+    PutGroupChunk {
+        /// The group queue's key.
+        key: GroupKey,
+        /// Unix seconds after which the relay may drop it.
+        expires_at: u64,
+        /// BLAKE3 of `data`.
+        id: ChunkId,
+        /// The chunk, at most [`file::MAX_CHUNK`](crate::file::MAX_CHUNK) bytes.
+        data: Vec<u8>,
+    },
+    /// Read a chunk of the group queue of `key`: `Chunk`, or `NotFound`.
+    GetGroupChunk {
+        /// The group queue's key.
+        key: GroupKey,
+        /// The chunk.
+        id: ChunkId,
+    },
+    /// Which of these chunks the group queue of `key` holds: `ChunksHeld`.
+    HasGroupChunks {
+        /// The group queue's key.
+        key: GroupKey,
+        /// Up to [`MAX_CHUNK_IDS`] ids.
+        ids: Vec<ChunkId>,
+    },
 }
 
 /// An envelope and the write key it is put with.
@@ -566,6 +592,25 @@ impl ClientToRelay {
             } => {
                 w.u8(14).raw(&key.0).u64(*after).u16(*limit).u32(*wait_ms);
             }
+            Self::PutGroupChunk {
+                key,
+                expires_at,
+                id,
+                data,
+            } => {
+                w.u8(15)
+                    .raw(&key.0)
+                    .u64(*expires_at)
+                    .raw(&id.0)
+                    .bytes32(data);
+            }
+            Self::GetGroupChunk { key, id } => {
+                w.u8(16).raw(&key.0).raw(&id.0);
+            }
+            Self::HasGroupChunks { key, ids } => {
+                w.u8(17).raw(&key.0);
+                chunk_ids_to(&mut w, ids);
+            }
         }
         w.finish()
     }
@@ -651,6 +696,20 @@ impl ClientToRelay {
                 after: r.u64("cursor")?,
                 limit: r.u16("limit")?,
                 wait_ms: r.u32("wait")?,
+            },
+            15 => Self::PutGroupChunk {
+                key: GroupKey(r.array("group key")?),
+                expires_at: r.u64("expiry")?,
+                id: ChunkId(r.array("chunk id")?),
+                data: r.bytes32(crate::file::MAX_CHUNK, "chunk")?.to_vec(),
+            },
+            16 => Self::GetGroupChunk {
+                key: GroupKey(r.array("group key")?),
+                id: ChunkId(r.array("chunk id")?),
+            },
+            17 => Self::HasGroupChunks {
+                key: GroupKey(r.array("group key")?),
+                ids: read_chunk_ids(&mut r)?,
             },
             tag => {
                 return Err(DecodeError::UnknownTag {
@@ -1018,6 +1077,32 @@ mod tests {
                 any::<[u8; 32]>(),
                 any::<u64>(),
                 any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(k, expires_at, id, data)| ClientToRelay::PutGroupChunk {
+                    key: GroupKey(k),
+                    expires_at,
+                    id: ChunkId(id),
+                    data
+                }),
+            (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(k, id)| {
+                ClientToRelay::GetGroupChunk {
+                    key: GroupKey(k),
+                    id: ChunkId(id),
+                }
+            }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..8)
+            )
+                .prop_map(|(k, ids)| ClientToRelay::HasGroupChunks {
+                    key: GroupKey(k),
+                    ids: ids.into_iter().map(ChunkId).collect()
+                }),
+            (
+                any::<[u8; 32]>(),
+                any::<u64>(),
+                any::<[u8; 32]>(),
                 proptest::collection::vec(any::<u8>(), 0..300)
             )
                 .prop_map(|(w, expires_at, id, data)| ClientToRelay::PutChunk {
@@ -1313,6 +1398,52 @@ mod tests {
         .encode();
         grant[33] = 3;
         assert!(ClientToRelay::decode(&grant).is_err());
+        // Files in group queues: the chunk requests' layouts, with a group key.
+        let put = ClientToRelay::PutGroupChunk {
+            key: GroupKey([0x55; 32]),
+            expires_at: 9,
+            id: ChunkId([0x44; 32]),
+            data: vec![0xCD, 0xEF],
+        };
+        assert_eq!(
+            hex::encode(put.encode()),
+            concat!(
+                "0f",
+                "5555555555555555555555555555555555555555555555555555555555555555",
+                "0000000000000009",
+                "4444444444444444444444444444444444444444444444444444444444444444",
+                "00000002",
+                "cdef"
+            )
+        );
+        let get = ClientToRelay::GetGroupChunk {
+            key: GroupKey([0x55; 32]),
+            id: ChunkId([0x44; 32]),
+        };
+        assert_eq!(
+            hex::encode(get.encode()),
+            concat!(
+                "10",
+                "5555555555555555555555555555555555555555555555555555555555555555",
+                "4444444444444444444444444444444444444444444444444444444444444444"
+            )
+        );
+        let has = ClientToRelay::HasGroupChunks {
+            key: GroupKey([0x55; 32]),
+            ids: vec![ChunkId([0x44; 32])],
+        };
+        assert_eq!(
+            hex::encode(has.encode()),
+            concat!(
+                "11",
+                "5555555555555555555555555555555555555555555555555555555555555555",
+                "0001",
+                "4444444444444444444444444444444444444444444444444444444444444444"
+            )
+        );
+        for request in [put, get, has] {
+            assert_eq!(ClientToRelay::decode(&request.encode()).unwrap(), request);
+        }
         // Group queue ids are their own name space.
         assert_ne!(
             GroupKey([0x55; 32]).queue(),

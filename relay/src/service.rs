@@ -112,6 +112,13 @@ pub(crate) struct Service<S> {
     chunks: Option<Arc<dyn Chunks>>,
 }
 
+/// What names the queue a chunk request puts into: a write capability granted by the
+/// queue's owner, or a group queue's key.
+enum ChunkCap {
+    Write(kkachi_protocol::WriteKey),
+    Group(GroupKey),
+}
+
 /// Who a request-queue allowance is counted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Source {
@@ -340,6 +347,9 @@ impl<S: MailboxStore + Clone> Service<S> {
             ClientToRelay::OpenGroup { .. } => "open_group",
             ClientToRelay::PutGroup { .. } => "put_group",
             ClientToRelay::ReadGroup { .. } => "read_group",
+            ClientToRelay::PutGroupChunk { .. } => "put_group_chunk",
+            ClientToRelay::GetGroupChunk { .. } => "get_group_chunk",
+            ClientToRelay::HasGroupChunks { .. } => "has_group_chunks",
         };
         self.metrics
             .requests
@@ -443,40 +453,35 @@ impl<S: MailboxStore + Clone> Service<S> {
                 expires_at,
                 id,
                 data,
-            } => self.put_chunk(peer, source, &write, expires_at, id, data, now),
-            ClientToRelay::GetChunk { key, id } => {
-                let queue = key.queue();
-                self.with_chunk_store(move |chunks, metrics| match chunks.get(&queue, &id) {
-                    Ok(Some(data)) => {
-                        metrics.chunk_bytes_served.inc_by(data.len() as u64);
-                        RelayToClient::Chunk { data }
-                    }
-                    Ok(None) => refuse(
-                        metrics,
-                        ErrorCode::NotFound,
-                        "no such chunk here: never put, deleted, or expired; try another relay",
-                    ),
-                    Err(e) => {
-                        let (code, message) = store_refusal(&e);
-                        refuse(metrics, code, message)
-                    }
-                })
-            }
-            ClientToRelay::HasChunks { write, ids } => {
-                let route = match self.route_chunks(&write) {
-                    Ok(queue) => queue,
-                    Err(refusal) => return Action::Respond(refusal),
-                };
-                let grant = write.id();
-                self.with_chunk_store(move |chunks, metrics| {
-                    match chunks.has_from(&route, &grant, &ids) {
-                        Ok(held) => RelayToClient::ChunksHeld { held },
-                        Err(e) => {
-                            let (code, message) = store_refusal(&e);
-                            refuse(metrics, code, message)
-                        }
-                    }
-                })
+            } => self.put_chunk(
+                peer,
+                source,
+                ChunkCap::Write(write),
+                expires_at,
+                id,
+                data,
+                now,
+            ),
+            ClientToRelay::PutGroupChunk {
+                key,
+                expires_at,
+                id,
+                data,
+            } => self.put_chunk(
+                peer,
+                source,
+                ChunkCap::Group(key),
+                expires_at,
+                id,
+                data,
+                now,
+            ),
+            ClientToRelay::GetChunk { key, id } => self.get_chunk(key.queue(), id),
+            // A group queue's id is in a name space of its own: no read key reaches it.
+            ClientToRelay::GetGroupChunk { key, id } => self.get_chunk(key.queue(), id),
+            ClientToRelay::HasChunks { write, ids } => self.has_chunks(ChunkCap::Write(write), ids),
+            ClientToRelay::HasGroupChunks { key, ids } => {
+                self.has_chunks(ChunkCap::Group(key), ids)
             }
             ClientToRelay::DeleteChunks { key, ids } => {
                 let queue = key.queue();
@@ -489,6 +494,42 @@ impl<S: MailboxStore + Clone> Service<S> {
                 })
             }
         }
+    }
+
+    /// A chunk of `queue`: `Chunk`, or refused as not found.
+    fn get_chunk(&self, queue: QueueId, id: kkachi_protocol::file::ChunkId) -> Action {
+        self.with_chunk_store(move |chunks, metrics| match chunks.get(&queue, &id) {
+            Ok(Some(data)) => {
+                metrics.chunk_bytes_served.inc_by(data.len() as u64);
+                RelayToClient::Chunk { data }
+            }
+            Ok(None) => refuse(
+                metrics,
+                ErrorCode::NotFound,
+                "no such chunk here: never put, deleted, or expired; try another relay",
+            ),
+            Err(e) => {
+                let (code, message) = store_refusal(&e);
+                refuse(metrics, code, message)
+            }
+        })
+    }
+
+    /// Which of `ids` the queue `cap` puts into holds as put through it.
+    fn has_chunks(&self, cap: ChunkCap, ids: Vec<kkachi_protocol::file::ChunkId>) -> Action {
+        let (route, grant) = match self.route_chunks(&cap) {
+            Ok(route) => route,
+            Err(refusal) => return Action::Respond(refusal),
+        };
+        self.with_chunk_store(
+            move |chunks, metrics| match chunks.has_from(&route, &grant, &ids) {
+                Ok(held) => RelayToClient::ChunksHeld { held },
+                Err(e) => {
+                    let (code, message) = store_refusal(&e);
+                    refuse(metrics, code, message)
+                }
+            },
+        )
     }
 
     /// Runs `work` on the chunk store off the node's loop (it reads and writes files);
@@ -529,12 +570,32 @@ impl<S: MailboxStore + Clone> Service<S> {
         ))
     }
 
-    /// The queue a write capability puts chunks into: contacts' capabilities only
-    /// (strangers holding an invite send no files).
+    /// The queue `cap` puts chunks into, and the capability they are counted under:
+    /// contacts' write capabilities only (strangers holding an invite send no files),
+    /// or the key of an open group queue (counted under the queue's own id, as its
+    /// envelopes are).
     #[allow(clippy::result_large_err)] // the refusal, as answered
-    fn route_chunks(&self, write: &kkachi_protocol::WriteKey) -> Result<QueueId, RelayToClient> {
+    fn route_chunks(&self, cap: &ChunkCap) -> Result<(QueueId, WriteId), RelayToClient> {
+        let write = match cap {
+            ChunkCap::Write(write) => write,
+            ChunkCap::Group(key) => {
+                let queue = key.queue();
+                return match self.store.is_group_queue(&queue) {
+                    Ok(true) => Ok((queue, WriteId(queue.0))),
+                    Ok(false) => Err(refuse(
+                        &self.metrics,
+                        ErrorCode::NoQueue,
+                        "no group queue here for this key; open it (OpenGroup) and put again",
+                    )),
+                    Err(e) => {
+                        let (code, message) = store_refusal(&e);
+                        Err(refuse(&self.metrics, code, message))
+                    }
+                };
+            }
+        };
         match self.store.route(&write.id()) {
-            Ok(Some((queue, QueueKind::Inbox))) => Ok(queue),
+            Ok(Some((queue, QueueKind::Inbox))) => Ok((queue, write.id())),
             Ok(Some((_, QueueKind::Requests))) => Err(refuse(
                 &self.metrics,
                 ErrorCode::NotAllowed,
@@ -565,7 +626,7 @@ impl<S: MailboxStore + Clone> Service<S> {
         &self,
         peer: &PeerId,
         source: Option<IpAddr>,
-        write: &kkachi_protocol::WriteKey,
+        cap: ChunkCap,
         expires_at: u64,
         id: kkachi_protocol::file::ChunkId,
         data: Vec<u8>,
@@ -600,8 +661,8 @@ impl<S: MailboxStore + Clone> Service<S> {
                 "too many puts; slow down and retry in a few seconds",
             ));
         }
-        let queue = match self.route_chunks(write) {
-            Ok(queue) => queue,
+        let (queue, grant) = match self.route_chunks(&cap) {
+            Ok(route) => route,
             Err(RelayToClient::Error { code, message }) => {
                 return rejected(&self.metrics, code, &message);
             }
@@ -626,8 +687,15 @@ impl<S: MailboxStore + Clone> Service<S> {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
                 Some(f.saturating_sub(incoming))
             });
-        let grant = write.id();
         let epoch = self.store.epoch();
+        let share_full = match cap {
+            ChunkCap::Write(_) => {
+                "the recipient's share of this relay's file storage is full for you; it drains as they fetch"
+            }
+            ChunkCap::Group(_) => {
+                "the group's share of this relay's file storage is full; it drains as files expire"
+            }
+        };
         self.with_chunk_store(move |chunks, metrics| {
             let outcome = match chunks.put(&queue, &grant, &id, expires_at, &data) {
                 // A chunk held already is answered like a new one: whether a copy is
@@ -643,7 +711,7 @@ impl<S: MailboxStore + Clone> Service<S> {
                 },
                 Ok(ChunkPut::QuotaExceeded) => PutOutcome::Rejected {
                     code: ErrorCode::QuotaExceeded,
-                    message: "the recipient's share of this relay's file storage is full for you; it drains as they fetch".into(),
+                    message: share_full.into(),
                 },
                 Ok(ChunkPut::Full) => PutOutcome::Rejected {
                     code: ErrorCode::StorageFull,

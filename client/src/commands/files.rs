@@ -182,9 +182,13 @@ impl App {
             // Durable (the engine said so before answering); then how many members'
             // relays took their copy within the timeout, as for a text.
             message = Some(sent.id.to_hex());
-            let n = self
-                .relayed_copies(group, sent.id, sent.copies, timeout)
-                .await?;
+            let n = if report.group_relays {
+                self.relayed_on_group_relays(group, sent.id, report.relays, timeout)
+                    .await?
+            } else {
+                self.relayed_copies(group, sent.id, sent.copies, timeout)
+                    .await?
+            };
             relayed = Some(n);
             state = if sent.copies == 0 {
                 "sent"
@@ -242,6 +246,7 @@ impl App {
                 "text_error": caption_error,
                 "left_members": report.left_members,
                 "relays": report.relays,
+                "group_relays": report.group_relays,
                 "bytes_put": report.bytes,
                 "seconds": seconds,
                 "left_out": report.left_out.iter()
@@ -264,12 +269,19 @@ impl App {
                         report.copies, report.relays
                     )
                 }
+                files::To::Group(_) if report.group_relays => format!(
+                    "each chunk on {} of the group's {} relays, for {} member(s)",
+                    report.copies, report.relays, report.members
+                ),
                 files::To::Group(_) => format!(
                     "each chunk on at least {} relays of each of {} member(s)",
                     report.copies, report.members
                 ),
             };
             let went = match (relayed, &report.group_sent) {
+                (Some(n), Some(_)) if report.group_relays => {
+                    format!("message on {n} of {} group relay(s)", report.relays)
+                }
                 (Some(n), Some(sent)) => {
                     format!("message relayed for {n} of {} member(s)", sent.copies)
                 }

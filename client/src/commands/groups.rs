@@ -759,6 +759,38 @@ impl App {
         }
     }
 
+    /// How many of the `total` group relays of `group` took message `id` (a post to a
+    /// group with group relays), waiting at most `timeout` seconds for all of them.
+    pub(super) async fn relayed_on_group_relays(
+        &mut self,
+        group: GroupId,
+        id: kkachi_protocol::MessageId,
+        total: usize,
+        timeout: f64,
+    ) -> Result<usize, CommandError> {
+        let engine = self.engine()?;
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let mut relayed = 0;
+        while relayed < total {
+            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
+            let m = self
+                .store
+                .recent_group_messages(&group, 64)?
+                .into_iter()
+                .find(|m| m.message.id == id.0);
+            relayed = match m.map(|m| m.message.state) {
+                Some(MessageState::Relayed { relayed, .. }) => usize::from(relayed),
+                Some(MessageState::Delivered | MessageState::Read) => total,
+                _ => relayed,
+            };
+            if relayed >= total || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(relayed)
+    }
+
     /// `send GROUP TEXT`: sealed to every member; exits once it is durable, after
     /// reporting how many members' relays took their copy within the timeout.
     pub(super) async fn send_to_group(
@@ -870,28 +902,14 @@ impl App {
         json: bool,
         out: &mut Output,
     ) -> Result<(), CommandError> {
-        let engine = self.engine()?;
         let total = g.roster.relays.len();
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
-        let mut relayed = 0;
         // Nothing went while it waits for a key: nothing to count.
-        while sent.copies > 0 && relayed < total {
-            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
-            let m = self
-                .store
-                .recent_group_messages(&g.id, 64)?
-                .into_iter()
-                .find(|m| m.message.id == sent.id.0);
-            relayed = match m.map(|m| m.message.state) {
-                Some(MessageState::Relayed { relayed, .. }) => usize::from(relayed),
-                Some(MessageState::Delivered | MessageState::Read) => total,
-                _ => relayed,
-            };
-            if relayed >= total || Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let relayed = if sent.copies > 0 {
+            self.relayed_on_group_relays(g.id, sent.id, total, timeout)
+                .await?
+        } else {
+            0
+        };
         if json {
             out.json(json!({
                 "id": sent.id.to_hex(),

@@ -25,7 +25,7 @@ use crate::store::{
     MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, MessageRecord, MessageState, OutboxKind, Waiting,
     WriteSet,
 };
-pub(crate) use large::{GroupQueue, group_poll_relay, large_status};
+pub(crate) use large::{GroupQueue, group_poll_name, group_poll_relay, large_status};
 
 /// Most of our messages of one group sealed again for a member we could not reach
 /// when they went (the newest).
@@ -97,6 +97,24 @@ pub struct GroupSent {
     /// Members it could not be sealed to: no card of theirs has reached us (they are
     /// not contacts, and no member passed it on yet), or blocked.
     pub unreachable: Vec<String>,
+}
+
+/// Where a file for a group goes (SPEC §14.4, §14.5).
+#[derive(Debug, Clone)]
+pub enum GroupFileRoute {
+    /// No group relays: into each member's own queues, for the members we reach.
+    Members(Vec<Contact>),
+    /// Into the group queues of `epoch` on each group relay, once for every member.
+    Relays {
+        /// The epoch we may write under, whose queues take the chunks.
+        epoch: [u8; 32],
+        /// Each group relay, and the epoch's group queue key there.
+        queues: Vec<(kkachi_protocol::Multiaddr, kkachi_protocol::GroupKey)>,
+        /// Members other than us.
+        members: usize,
+    },
+    /// Group relays, but no key we may write under yet (an admin hands one out).
+    Waiting,
 }
 
 /// A group in a shown message: which one, and its name.
@@ -1123,20 +1141,31 @@ impl<T> State<T> {
         id: GroupId,
         file: FileRef,
         to: Vec<PeerId>,
+        epoch: Option<[u8; 32]>,
         with: WriteSet,
         now: u64,
     ) -> Result<GroupSent, EngineError> {
+        // Its chunks are in one epoch's group queues: posted under that epoch or not at
+        // all (members fetch from the queues of the epoch a post names).
+        let route = self.group_file_route(id)?;
+        let fits = match (&route, epoch) {
+            (GroupFileRoute::Members(_), None) => true,
+            (GroupFileRoute::Relays { epoch: now_in, .. }, Some(put_in)) => *now_in == put_in,
+            _ => false,
+        };
+        if !fits {
+            return Err(EngineError::Changed(
+                "the group's key or relays changed during the upload; its chunks go again".into(),
+            ));
+        }
         self.post_to(id, Posting::File(Box::new(file)), Some(&to), with, now)
     }
 
-    /// The members of group `id` a message of ours reaches now (our contacts, not
-    /// blocked), and whether we may post there.
-    pub(crate) fn group_recipients(&mut self, id: GroupId) -> Result<Vec<Contact>, EngineError> {
-        let (_, _, roster) = self.where_we_post(id)?;
+    /// Where a file for group `id` goes now, and whether we may post there.
+    pub(crate) fn group_file_route(&mut self, id: GroupId) -> Result<GroupFileRoute, EngineError> {
+        let (record, _, roster) = self.where_we_post(id)?;
         if !roster.relays.is_empty() {
-            return Err(EngineError::Invalid(
-                "files cannot go to a group with group relays in this version; send a text, or share the file with members one by one".into(),
-            ));
+            return self.large_file_route(&record, &roster);
         }
         let me = self.own_key();
         let mut out = Vec::new();
@@ -1147,7 +1176,7 @@ impl<T> State<T> {
                 out.push(c);
             }
         }
-        Ok(out)
+        Ok(GroupFileRoute::Members(out))
     }
 
     /// Seals `posting` to every member of group `id` we can reach, in one write (with
@@ -1666,7 +1695,7 @@ impl<T> State<T> {
                     let local = record.next_local;
                     record.next_local += 1;
                     LocalStore::write_group_message(w, &id, local, &m);
-                    self.offer_group_file(w, id, local, &m, now)?;
+                    self.offer_group_file(w, id, local, &m, waited.queues, now)?;
                     shown.push(self.shown(peer, &after, m));
                 }
                 // Not (yet) allowed: a re-add or promotion may still be on its way. It
@@ -1823,7 +1852,7 @@ impl<T> State<T> {
                 let local = record.next_local;
                 record.next_local += 1;
                 LocalStore::write_group_message(w, &id, local, &message);
-                self.offer_group_file(w, id, local, &message, now)?;
+                self.offer_group_file(w, id, local, &message, Vec::new(), now)?;
                 LocalStore::write_group(w, &id, &record);
                 Ok(Outcome::Shown(Box::new(self.shown(peer, &roster, message))))
             }
@@ -1850,7 +1879,7 @@ impl<T> State<T> {
                         }
                     }
                 };
-                let held = hold_waiting(&mut record, peer, sender, message, now);
+                let held = hold_waiting(&mut record, peer, sender, message, Vec::new(), now);
                 LocalStore::write_group(w, &id, &record);
                 if !held {
                     return refused_ops("too many group messages waiting for their group");
@@ -1869,6 +1898,7 @@ impl<T> State<T> {
         id: GroupId,
         local: u64,
         message: &GroupMessage,
+        queues: crate::store::FileQueues,
         now: u64,
     ) -> Result<(), EngineError> {
         let Some(file) = message.message.file.as_ref().and_then(|f| f.file()) else {
@@ -1882,7 +1912,7 @@ impl<T> State<T> {
         let key = crate::store::group_member_key(&id, &from);
         Ok(self
             .store
-            .offer_incoming_file(w, &file, key, message.message.id, now)?)
+            .offer_incoming_file(w, &file, key, message.message.id, now, queues)?)
     }
 
     /// How a member is named in event lines: "you", the name we gave a contact, else
@@ -2110,6 +2140,7 @@ fn hold_waiting(
     peer: PeerId,
     key: [u8; 32],
     message: GroupMessage,
+    queues: crate::store::FileQueues,
     now: u64,
 ) -> bool {
     let before = record.waiting.len();
@@ -2130,6 +2161,7 @@ fn hold_waiting(
         from: peer.to_bytes(),
         key,
         message,
+        queues,
     });
     true
 }

@@ -51,8 +51,8 @@ use crate::store::{LocalStore, MessageState, StoreError};
 pub(crate) use bundle::export_items;
 pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
-pub(crate) use groups::large_status;
-pub use groups::{GroupChange, GroupChanged, GroupSent, GroupTag};
+pub use groups::{GroupChange, GroupChanged, GroupFileRoute, GroupSent, GroupTag};
+pub(crate) use groups::{group_poll_name, large_status};
 pub use machine::Progress;
 pub use receive::{Change, Received, Verdict};
 
@@ -89,6 +89,10 @@ pub enum EngineError {
     /// What was written could not be made durable.
     #[error("the local database could not save it: {0}")]
     NotSaved(Arc<StoreError>),
+    /// What the caller prepared no longer fits (a group's key changed meanwhile):
+    /// nothing was done, and it may be prepared again.
+    #[error("{0}")]
+    Changed(String),
 }
 
 /// Why one of our relays did not serve a request.
@@ -508,26 +512,29 @@ impl<T: Transport> Engine<T> {
             .await
     }
 
-    /// Seals a message carrying `file` to the members `to` of group `id` (those whose
-    /// relays took its chunks), in one write with `with`; returns once it is durable.
+    /// Sends a message carrying `file` to group `id`, in one write with `with`; returns
+    /// once it is durable. In a group without group relays it is sealed to the members
+    /// `to` (those whose relays took its chunks); with group relays it is posted under
+    /// `epoch`, whose group queues hold the chunks (`Changed` if we may no longer write
+    /// under it).
     pub async fn send_group_file(
         &self,
         id: kkachi_protocol::group::GroupId,
         file: kkachi_protocol::file::FileRef,
         to: Vec<PeerId>,
+        epoch: Option<[u8; 32]>,
         with: crate::store::WriteSet,
     ) -> Result<GroupSent, EngineError> {
-        self.change(move |state, now| state.send_group_file(id, file, to, with, now))
+        self.change(move |state, now| state.send_group_file(id, file, to, epoch, with, now))
             .await
     }
 
-    /// The contacts a message to group `id` reaches now; an error if we may not post
-    /// there.
-    pub async fn group_recipients(
+    /// Where a file for group `id` goes now; an error if we may not post there.
+    pub async fn group_file_route(
         &self,
         id: kkachi_protocol::group::GroupId,
-    ) -> Result<Vec<crate::store::Contact>, EngineError> {
-        self.read(move |state, _| state.group_recipients(id)).await
+    ) -> Result<GroupFileRoute, EngineError> {
+        self.read(move |state, _| state.group_file_route(id)).await
     }
 
     /// Marks `peer`'s messages read and tells them (read receipts).

@@ -972,8 +972,14 @@ impl<T> State<T> {
                 LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
                 if let Some(file) = record.file.as_ref().and_then(|f| f.file()) {
                     // What to fetch, when asked (or at once, by the auto-download rule).
-                    self.store
-                        .offer_incoming_file(w, &file, peer.to_bytes(), record.id, now)?;
+                    self.store.offer_incoming_file(
+                        w,
+                        &file,
+                        peer.to_bytes(),
+                        record.id,
+                        now,
+                        Vec::new(),
+                    )?;
                 }
                 LocalStore::write_conversation(w, &peer, &conv);
                 LocalStore::write_receipt_due(w, &peer, &content.id);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kkachi_protocol::file::{ChunkId, FileRef, Manifest, open_chunk};
 use kkachi_protocol::wire::MAX_CHUNK_IDS;
-use kkachi_protocol::{ClientToRelay, Multiaddr, ReadKey, RelayToClient};
+use kkachi_protocol::{ClientToRelay, GroupKey, Multiaddr, ReadKey, RelayToClient};
 use parking_lot::Mutex;
 
 use super::{
@@ -42,11 +42,30 @@ pub struct FetchReport {
     pub elapsed: Duration,
 }
 
-/// One of our relays and our inbox's read key there.
+/// Where a file's chunks are read: one of our relays and our inbox's read key there,
+/// or a group relay and the key of the group queue there that holds them.
 #[derive(Clone)]
 struct Source {
     addr: Multiaddr,
-    key: ReadKey,
+    key: SourceKey,
+}
+
+#[derive(Clone)]
+enum SourceKey {
+    Inbox(ReadKey),
+    Group(GroupKey),
+}
+
+impl Source {
+    fn get(&self, id: ChunkId) -> ClientToRelay {
+        match &self.key {
+            SourceKey::Inbox(key) => ClientToRelay::GetChunk {
+                key: key.clone(),
+                id,
+            },
+            SourceKey::Group(key) => ClientToRelay::GetGroupChunk { key: *key, id },
+        }
+    }
 }
 
 /// Fetches the file `id` (waiting for a fetch of it already running here to end):
@@ -114,11 +133,17 @@ pub(super) async fn fetch_claimed<T: Transport>(
         write_back(&store, &id, &record)?;
         store.flush().await?;
     }
-    let sources = our_relays(engine)?;
+    let sources = if record.group_queues.is_empty() {
+        our_relays(engine)?
+    } else {
+        group_queues(&record)
+    };
     if sources.is_empty() {
-        return Err(FilesError::Unavailable(
-            "you have no relays to fetch it from; add one with `kkachi relay add`".into(),
-        ));
+        return Err(FilesError::Unavailable(if record.group_queues.is_empty() {
+            "you have no relays to fetch it from; add one with `kkachi relay add`".into()
+        } else {
+            "none of the group relays that hold it has an address this version reads".into()
+        }));
     }
     private_dir(&in_dir(&home))?;
     claim.update(|p| p.doing = "fetching its list of chunks");
@@ -278,7 +303,8 @@ pub async fn release<T: Transport>(engine: &Engine<T>, id: TransferId) -> Result
     let Some(record) = store.incoming_file(&id)? else {
         return Ok(());
     };
-    if record.state != IncomingState::Done {
+    // A group queue's chunks are every member's: nobody deletes them, they expire.
+    if record.state != IncomingState::Done || !record.group_queues.is_empty() {
         return Ok(());
     }
     let file = record.file()?;
@@ -293,9 +319,12 @@ pub async fn release<T: Transport>(engine: &Engine<T>, id: TransferId) -> Result
     futures::future::join_all(sources.iter().map(|source| {
         let all = &all;
         async move {
+            let SourceKey::Inbox(key) = &source.key else {
+                return;
+            };
             for batch in all.chunks(MAX_CHUNK_IDS) {
                 let request = ClientToRelay::DeleteChunks {
-                    key: source.key.clone(),
+                    key: key.clone(),
                     ids: batch.to_vec(),
                 };
                 let _ = super::ask(engine.net(), &source.addr, request, true).await;
@@ -323,11 +352,25 @@ fn our_relays<T: Transport>(engine: &Engine<T>) -> Result<Vec<Source>, FilesErro
         .chain(engine.previous_identity())
         .flat_map(|me| {
             relays.iter().map(|(addr, relay)| Source {
-                key: me.inbox_key(relay),
+                key: SourceKey::Inbox(me.inbox_key(relay)),
                 addr: addr.clone(),
             })
         })
         .collect())
+}
+
+/// The group queues that hold a file posted to a group with group relays.
+fn group_queues(record: &Incoming) -> Vec<Source> {
+    record
+        .group_queues
+        .iter()
+        .filter_map(|(addr, key)| {
+            Some(Source {
+                addr: addr.parse().ok()?,
+                key: SourceKey::Group(GroupKey(*key)),
+            })
+        })
+        .collect()
 }
 
 /// Marks the file as one that cannot be fetched (its sender's fault, or too late).
@@ -387,10 +430,7 @@ async fn manifest<T: Transport>(
     }
     let mut why = Vec::new();
     for source in sources {
-        let request = ClientToRelay::GetChunk {
-            key: source.key.clone(),
-            id: file.manifest,
-        };
+        let request = source.get(file.manifest);
         match super::ask(net, &source.addr, request, true).await {
             Answer::Ok(RelayToClient::Chunk { data }) => {
                 match Manifest::open(&file.key, &file.manifest, &data) {
@@ -521,10 +561,7 @@ async fn get_worker<T: Transport>(net: T, source: Source, r: usize, w: Worker) {
             }
             Pick::Item(i) => i,
         };
-        let request = ClientToRelay::GetChunk {
-            key: source.key.clone(),
-            id: w.ids[i],
-        };
+        let request = source.get(w.ids[i]);
         let answer = super::ask(&net, &source.addr, request, true).await;
         let mut wait = None;
         match answer {
@@ -729,6 +766,7 @@ mod tests {
             auto: false,
             attempts: 0,
             retry_at_ms: 0,
+            group_queues: Vec::new(),
         };
         let mut w = WriteSet::default();
         LocalStore::write_incoming_file(&mut w, &id, &offered);

@@ -11,7 +11,7 @@ use kkachi_protocol::file::{
 };
 use kkachi_protocol::group::GroupId;
 use kkachi_protocol::wire::MAX_CHUNK_IDS;
-use kkachi_protocol::{ClientToRelay, Multiaddr, PeerId, RelayToClient, WriteKey};
+use kkachi_protocol::{ClientToRelay, GroupKey, Multiaddr, PeerId, RelayToClient, WriteKey};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -21,7 +21,7 @@ use super::{
     chunk_len, chunk_offset, disk, human_size, media_type, out_dir, private_dir, safe_name,
     spool_path, sync_dir,
 };
-use crate::engine::{Engine, EngineError, Sending, now_ms};
+use crate::engine::{Engine, EngineError, GroupFileRoute, Sending, now_ms};
 use crate::net::Transport;
 use crate::store::{Contact, LocalStore, Outgoing, StoreError, TransferId, WriteSet};
 
@@ -44,8 +44,11 @@ pub struct UploadReport {
     /// A recipient with two relays or more holds only one copy of some chunk (the
     /// others refused or failed).
     pub degraded: bool,
-    /// Relays the recipients have (a relay two members share counts twice).
+    /// Relays the recipients have (a relay two members share counts twice); for a
+    /// group with group relays, the group's.
     pub relays: usize,
+    /// It went to a group with group relays (into the group queues of one epoch).
+    pub group_relays: bool,
     /// Bytes put by this run.
     pub bytes: u64,
     /// How long this run took.
@@ -90,7 +93,9 @@ pub async fn prepare<T: Transport>(
         }
         To::Group(group) => {
             // Only where we may post, and someone is there to get it.
-            if engine.group_recipients(group).await?.is_empty() {
+            if let GroupFileRoute::Members(members) = engine.group_file_route(group).await?
+                && members.is_empty()
+            {
                 return Err(FilesError::Refused(
                     "no other member of the group can be reached (members get files from \
                      their contacts only)"
@@ -179,6 +184,7 @@ pub async fn prepare<T: Transport>(
         attempts: 0,
         retry_at_ms: 0,
         members: Vec::new(),
+        epoch: None,
     };
     let mut w = WriteSet::default();
     LocalStore::write_outgoing_file(&mut w, &id, &record);
@@ -294,11 +300,46 @@ fn seal_into_spool(
     Ok((tmp, ids, sealed.len() as u32))
 }
 
+/// What names the queue chunks go into on a relay.
+#[derive(Clone)]
+enum Cap {
+    /// Our capability into a contact's (or member's) inbox queue.
+    Write(WriteKey),
+    /// A group queue's key (a group with group relays).
+    Group(GroupKey),
+}
+
+impl Cap {
+    fn put(&self, expires_at: u64, id: ChunkId, data: Vec<u8>) -> ClientToRelay {
+        match self {
+            Cap::Write(write) => ClientToRelay::PutChunk {
+                write: *write,
+                expires_at,
+                id,
+                data,
+            },
+            Cap::Group(key) => ClientToRelay::PutGroupChunk {
+                key: *key,
+                expires_at,
+                id,
+                data,
+            },
+        }
+    }
+
+    fn has(&self, ids: Vec<ChunkId>) -> ClientToRelay {
+        match self {
+            Cap::Write(write) => ClientToRelay::HasChunks { write: *write, ids },
+            Cap::Group(key) => ClientToRelay::HasGroupChunks { key: *key, ids },
+        }
+    }
+}
+
 /// One relay of a recipient's, and our capability into their queue there.
 #[derive(Clone)]
 struct Target {
     addr: Multiaddr,
-    key: WriteKey,
+    key: Cap,
     /// Whose relay it is: an index into the recipients (one for a contact, each member
     /// reached for a group).
     member: usize,
@@ -321,9 +362,11 @@ fn targets_of<T: Transport>(
                 let relay = crate::net::peer_of(addr)?;
                 Some(Target {
                     addr: addr.clone(),
-                    key: engine
-                        .identity()
-                        .write_key_for(contact.card.identity(), &relay),
+                    key: Cap::Write(
+                        engine
+                            .identity()
+                            .write_key_for(contact.card.identity(), &relay),
+                    ),
                     member,
                     name: if group {
                         format!("{addr} {}", contact.peer)
@@ -476,11 +519,45 @@ fn unbitmap(bits: &[u8], n: usize) -> Vec<bool> {
         .collect()
 }
 
-/// Uploads the file `claim` names to its contact's relays, and queues its message once
-/// every chunk is on enough of them. Goes on from where an earlier run stopped.
+/// Uploads the file `claim` names to its contact's relays (or its group's), and queues
+/// its message once every chunk is on enough of them. Goes on from where an earlier run
+/// stopped.
 pub async fn upload<T: Transport>(
     engine: &Engine<T>,
     claim: Claim,
+) -> Result<UploadReport, FilesError> {
+    let claim = Arc::new(claim);
+    // A group's key may change while its chunks go up: they go again, into the new
+    // epoch's queues, before the message goes (a few times at most; then later).
+    let mut tries = 0;
+    loop {
+        match upload_once(engine, &claim).await {
+            Err(FilesError::Engine(EngineError::Changed(why))) if tries < 3 => {
+                tries += 1;
+                tracing::info!(%why, "the file goes again");
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whom an upload's chunks are for.
+enum Route {
+    /// Contacts (one, or the members of a group without group relays), each into
+    /// their own queues.
+    Contacts(Vec<Contact>),
+    /// The group queues of one epoch of a group with group relays.
+    Group {
+        epoch: [u8; 32],
+        queues: Vec<(Multiaddr, GroupKey)>,
+        members: usize,
+    },
+}
+
+/// One run of [`upload`].
+async fn upload_once<T: Transport>(
+    engine: &Engine<T>,
+    claim: &Arc<Claim>,
 ) -> Result<UploadReport, FilesError> {
     let id = claim.id;
     let store = engine.store().clone();
@@ -491,15 +568,42 @@ pub async fn upload<T: Transport>(
     };
     let file = record.file()?;
     let group = record.group();
-    // Who gets it: the contact, or the members of the group we reach now.
-    let recipients = match group {
-        Some(group) => match engine.group_recipients(group).await {
-            Ok(members) if !members.is_empty() => members,
-            Ok(_) => {
+    // Who gets it: the contact, or the members of the group we reach now, or the
+    // group's relays.
+    let route = match group {
+        Some(group) => match engine.group_file_route(group).await {
+            Ok(GroupFileRoute::Members(members)) if !members.is_empty() => Route::Contacts(
+                members
+                    .into_iter()
+                    // Once its message went, only the members it went to still get
+                    // copies.
+                    .filter(|m| !record.message_sent || record.members.contains(&m.peer.to_bytes()))
+                    .collect(),
+            ),
+            Ok(GroupFileRoute::Members(_)) => {
                 forget(&store, &home, &id).await?;
                 return Err(FilesError::Refused(
                     "no other member of the group can be reached: the file goes no further".into(),
                 ));
+            }
+            Ok(GroupFileRoute::Relays {
+                epoch,
+                queues,
+                members,
+            }) => Route::Group {
+                epoch,
+                queues,
+                members,
+            },
+            Ok(GroupFileRoute::Waiting) => {
+                let why = "the group has no key you may write under yet; the file goes once an admin hands one out";
+                record.last_error = Some(why.into());
+                record.attempts = record.attempts.saturating_add(1);
+                record.retry_at_ms =
+                    now_ms() + super::retry_after(record.attempts).as_millis() as u64;
+                save(&store, &id, &record)?;
+                store.flush().await?;
+                return Err(FilesError::Unavailable(why.into()));
             }
             // Not a member any more, or the group is gone: it goes nowhere.
             Err(EngineError::Invalid(why)) => {
@@ -510,17 +614,13 @@ pub async fn upload<T: Transport>(
             }
             // Stopping, or the store failed: it goes on later.
             Err(e) => return Err(e.into()),
-        }
-        .into_iter()
-        // Once its message went, only the members it went to still get copies.
-        .filter(|m| !record.message_sent || record.members.contains(&m.peer.to_bytes()))
-        .collect(),
+        },
         None => {
             let peer = record
                 .contact()
                 .ok_or(StoreError::Corrupt("outgoing file"))?;
             match store.contact(&peer)? {
-                Some(c) if store.blocked(&peer)?.is_none() => vec![c],
+                Some(c) if store.blocked(&peer)?.is_none() => Route::Contacts(vec![c]),
                 // Removed or blocked meanwhile: nothing goes to them any more.
                 _ => {
                     forget(&store, &home, &id).await?;
@@ -532,12 +632,57 @@ pub async fn upload<T: Transport>(
             }
         }
     };
-    let targets = targets_of(engine, &recipients, group.is_some());
+    // A group's file whose message went under one epoch is topped up in that epoch's
+    // queues only; once the group's key or tier changed, it is not topped up.
+    if record.message_sent
+        && group.is_some()
+        && match &route {
+            Route::Group { epoch, .. } => record.epoch != Some(*epoch),
+            Route::Contacts(_) => record.epoch.is_some(),
+        }
+    {
+        record.finished = true;
+    }
+    let (targets, names, recipients, epoch, members) = match route {
+        Route::Contacts(recipients) => {
+            let names = recipients.iter().map(|c| c.name.clone()).collect();
+            let members = recipients.len();
+            (
+                targets_of(engine, &recipients, group.is_some()),
+                names,
+                recipients,
+                None,
+                members,
+            )
+        }
+        Route::Group {
+            epoch,
+            queues,
+            members,
+        } => {
+            let targets = queues
+                .into_iter()
+                .map(|(addr, key)| Target {
+                    name: crate::engine::group_poll_name(&addr.to_string(), &epoch),
+                    addr,
+                    key: Cap::Group(key),
+                    member: 0,
+                })
+                .collect();
+            (
+                targets,
+                vec!["the group's relays".to_owned()],
+                Vec::new(),
+                Some(epoch),
+                members,
+            )
+        }
+    };
     // Each recipient's relays: two copies of every chunk are enough to send the
     // message; a small file goes to every relay.
     let relays_of = |m: usize| targets.iter().filter(|t| t.member == m).count();
-    let enough: Vec<usize> = (0..recipients.len()).map(|m| relays_of(m).min(2)).collect();
-    let need: Vec<usize> = (0..recipients.len())
+    let enough: Vec<usize> = (0..names.len()).map(|m| relays_of(m).min(2)).collect();
+    let need: Vec<usize> = (0..names.len())
         .map(|m| {
             if file.size <= SMALL_FILE {
                 relays_of(m)
@@ -553,8 +698,9 @@ pub async fn upload<T: Transport>(
         degraded: false,
         message_sent: record.message_sent,
         copies: 0,
-        members: recipients.len(),
+        members,
         relays: targets.len(),
+        group_relays: epoch.is_some(),
         bytes: 0,
         elapsed: Duration::ZERO,
         left_out: Vec::new(),
@@ -566,16 +712,12 @@ pub async fn upload<T: Transport>(
     }
     // A member whose card names no relay cannot take a file: left out at once (the
     // others do not wait for them). A contact without relays is told.
-    let with_relays: Vec<usize> = (0..recipients.len())
-        .filter(|&m| relays_of(m) > 0)
-        .collect();
-    if with_relays.len() < recipients.len() && (group.is_none() || with_relays.is_empty()) {
-        let m = (0..recipients.len())
-            .find(|&m| relays_of(m) == 0)
-            .unwrap_or(0);
+    let with_relays: Vec<usize> = (0..names.len()).filter(|&m| relays_of(m) > 0).collect();
+    if with_relays.len() < names.len() && (group.is_none() || with_relays.is_empty()) {
+        let m = (0..names.len()).find(|&m| relays_of(m) == 0).unwrap_or(0);
         return Err(FilesError::Unavailable(format!(
             "{} has no relays to take the file",
-            crate::sanitize::for_terminal(&recipients[m].name)
+            crate::sanitize::for_terminal(&names[m])
         )));
     }
     let spool_file = spool_path(&home, &id);
@@ -616,6 +758,8 @@ pub async fn upload<T: Transport>(
             plan.held[r] = unbitmap(bits, items);
         }
     }
+    // A group queue is opened by whoever puts first (every member may).
+    futures::future::join_all(targets.iter().map(|t| open_group(engine.net(), t))).await;
     // What each relay holds now: the record may be behind (a crash) or ahead (expired).
     let asked =
         futures::future::join_all(targets.iter().map(|t| holds(engine.net(), t, &ids))).await;
@@ -626,7 +770,7 @@ pub async fn upload<T: Transport>(
     }
     plan.recount();
     let plan = Arc::new(Mutex::new(plan));
-    let claim = Arc::new(claim);
+    let claim = claim.clone();
     // Progress counts the file's chunks (the manifest, a chunk of its own, is not
     // the file's).
     claim.update(|p| {
@@ -660,6 +804,8 @@ pub async fn upload<T: Transport>(
             ));
         }
     }
+    // The group its message goes to, and the epoch it goes under (with group relays).
+    let to_group = group.map(|g| (g, epoch));
     // Whom the message went to (all who have relays, unless some are left out).
     let mut sent_to = with_relays.clone();
     let mut saved = Instant::now();
@@ -685,9 +831,12 @@ pub async fn upload<T: Transport>(
             .map(|(t, h)| (t.name.clone(), bitmap(h)))
             .collect();
         if ready && !record.message_sent {
-            let to: Vec<&Contact> = with_relays.iter().map(|&m| &recipients[m]).collect();
+            let to: Vec<&Contact> = with_relays
+                .iter()
+                .filter_map(|&m| recipients.get(m))
+                .collect();
             if let Err(e) =
-                send_message(engine, &id, &mut record, &mut report, group, &file, &to).await
+                send_message(engine, &id, &mut record, &mut report, to_group, &file, &to).await
             {
                 workers.abort_all();
                 return Err(e);
@@ -716,13 +865,13 @@ pub async fn upload<T: Transport>(
             (to, left.iter().all(|&m| p.unavailable(m)))
         };
         if !to.is_empty() && stuck {
-            let contacts: Vec<&Contact> = to.iter().map(|&m| &recipients[m]).collect();
+            let contacts: Vec<&Contact> = to.iter().filter_map(|&m| recipients.get(m)).collect();
             send_message(
                 engine,
                 &id,
                 &mut record,
                 &mut report,
-                group,
+                to_group,
                 &file,
                 &contacts,
             )
@@ -732,9 +881,9 @@ pub async fn upload<T: Transport>(
     }
     // Members the message of this run did not go to.
     if report.group_sent.is_some() {
-        report.left_members = (0..recipients.len())
+        report.left_members = (0..names.len())
             .filter(|m| !sent_to.contains(m))
-            .map(|m| recipients[m].name.clone())
+            .map(|m| names[m].clone())
             .collect();
     }
     {
@@ -818,14 +967,15 @@ pub async fn upload<T: Transport>(
 /// before it goes to the others without them.
 pub const LEAVE_OUT_AFTER_MS: u64 = 10 * 60 * 1000;
 
-/// Queues the file's message for `to` (the recipients whose relays hold it), in one
-/// write with the record saying it went; a file cancelled meanwhile does not go.
+/// Queues the file's message for `to` (the recipients whose relays hold it; for a group
+/// with group relays, the group, under the epoch whose queues hold it), in one write
+/// with the record saying it went; a file cancelled meanwhile does not go.
 async fn send_message<T: Transport>(
     engine: &Engine<T>,
     id: &TransferId,
     record: &mut Outgoing,
     report: &mut UploadReport,
-    group: Option<GroupId>,
+    group: Option<(GroupId, Option<[u8; 32]>)>,
     file: &FileRef,
     to: &[&Contact],
 ) -> Result<(), FilesError> {
@@ -833,28 +983,33 @@ async fn send_message<T: Transport>(
     if store.outgoing_file(id)?.is_none() {
         return Err(FilesError::Refused("the file was cancelled".into()));
     }
-    record.message_sent = true;
-    if group.is_some() {
-        record.members = to.iter().map(|c| c.peer.to_bytes()).collect();
+    let mut went = record.clone();
+    went.message_sent = true;
+    if let Some((_, epoch)) = group {
+        went.members = to.iter().map(|c| c.peer.to_bytes()).collect();
+        went.epoch = epoch;
     }
     let mut with = WriteSet::default();
-    LocalStore::write_outgoing_file(&mut with, id, record);
+    LocalStore::write_outgoing_file(&mut with, id, &went);
+    // Refused (a group's key changed meanwhile): nothing went, and the record stays
+    // as it was.
     match (group, to.first()) {
-        (Some(group), _) => {
+        (Some((group, epoch)), _) => {
             let peers = to.iter().map(|c| c.peer).collect();
             let sent = engine
-                .send_group_file(group, file.clone(), peers, with)
+                .send_group_file(group, file.clone(), peers, epoch, with)
                 .await?;
-            record.message = Some(sent.id.0);
+            went.message = Some(sent.id.0);
             report.group_sent = Some(sent);
         }
         (None, Some(contact)) => {
             let sent = engine.send_file(contact.peer, file.clone(), with).await?;
-            record.message = Some(sent.queued.id.0);
+            went.message = Some(sent.queued.id.0);
             report.sending = Some(sent);
         }
         (None, None) => return Err(FilesError::Refused("the file has no recipient".into())),
     }
+    *record = went;
     report.message_sent = true;
     save(store, id, record)?;
     Ok(())
@@ -884,14 +1039,23 @@ async fn forget(store: &LocalStore, home: &Path, id: &TransferId) -> Result<(), 
     Ok(())
 }
 
+/// Opens the group queue `target` puts into, if it is one (harmless when it is open;
+/// a relay that lost it answers puts with `no_queue` until it is opened again).
+async fn open_group<T: Transport>(net: &T, target: &Target) {
+    if let Cap::Group(key) = &target.key {
+        let open = ClientToRelay::OpenGroup {
+            key: *key,
+            token: Vec::new(),
+        };
+        let _ = super::ask(net, &target.addr, open, false).await;
+    }
+}
+
 /// Which of `ids` the relay holds as put by us (`None` if it did not say).
 async fn holds<T: Transport>(net: &T, target: &Target, ids: &[ChunkId]) -> Option<Vec<bool>> {
     let mut held = Vec::with_capacity(ids.len());
     for batch in ids.chunks(MAX_CHUNK_IDS) {
-        let request = ClientToRelay::HasChunks {
-            write: target.key,
-            ids: batch.to_vec(),
-        };
+        let request = target.key.has(batch.to_vec());
         match super::ask(net, &target.addr, request, false).await {
             Answer::Ok(RelayToClient::ChunksHeld { held: h }) if h.len() == batch.len() => {
                 held.extend(h)
@@ -933,13 +1097,11 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
             p.out[r] = Some(format!("the sealed copy of the file cannot be read: {e}"));
             return;
         }
-        let request = ClientToRelay::PutChunk {
-            write: target.key,
-            expires_at: now_ms() / 1000 + CHUNK_TTL_SECS,
-            id: w.ids[item],
-            data,
-        };
+        let request = target
+            .key
+            .put(now_ms() / 1000 + CHUNK_TTL_SECS, w.ids[item], data);
         let answer = super::ask(&net, &target.addr, request, false).await;
+        let mut reopen = false;
         let wait = {
             let mut p = w.plan.lock();
             p.inflight[r][item] = false;
@@ -972,6 +1134,9 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
                     None
                 }
                 Answer::Transient(why) => {
+                    if why.starts_with("no_queue") {
+                        reopen = true;
+                    }
                     p.failures[r] += 1;
                     p.trouble[r] = Some(why.clone());
                     if p.failures[r] >= MAX_FAILURES {
@@ -994,6 +1159,9 @@ async fn put_worker<T: Transport>(net: T, target: Target, r: usize, w: Worker) {
         };
         if let Some(wait) = wait {
             tokio::time::sleep(wait).await;
+        }
+        if reopen {
+            open_group(&net, &target).await;
         }
     }
 }

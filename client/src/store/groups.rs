@@ -255,6 +255,8 @@ pub struct Waiting {
     pub key: [u8; 32],
     /// The message as it will be shown.
     pub message: GroupMessage,
+    /// Where its file is, for a file posted to a group with group relays.
+    pub queues: super::FileQueues,
 }
 
 impl GroupRecord {

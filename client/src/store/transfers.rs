@@ -55,6 +55,9 @@ pub struct Outgoing {
     /// For a group's file, the members (peer ids) its message went to, written with
     /// the message: only their copies are topped up later.
     pub members: Vec<Vec<u8>>,
+    /// For a file to a group with group relays, the epoch its message went under
+    /// (whose group queues hold its chunks), written with the message.
+    pub epoch: Option<[u8; 32]>,
 }
 
 /// The contact a transfer record's `contact` names: `None` for a group's key (see
@@ -130,13 +133,27 @@ pub struct Incoming {
     pub attempts: u32,
     /// Not tried again on its own before this (Unix ms).
     pub retry_at_ms: u64,
+    /// For a file posted to a group with group relays, where its chunks are (see
+    /// [`FileQueues`]); empty for one put into our own queues.
+    pub group_queues: FileQueues,
 }
+
+/// Where a group's file is when its group has group relays: each group relay (its
+/// address) and the key of the group queue there that holds the chunks (SPEC §14.5).
+pub type FileQueues = Vec<(String, [u8; 32])>;
 
 impl Incoming {
     /// A file offered in message `message` from `from` (a contact's peer id, or a
-    /// group's key), not asked for yet.
-    pub fn offered(from: Vec<u8>, message: [u8; 16], file: &FileRef, now_ms: u64) -> Self {
+    /// group's key), not asked for yet, its chunks in our queues or in `group_queues`.
+    pub fn offered(
+        from: Vec<u8>,
+        message: [u8; 16],
+        file: &FileRef,
+        now_ms: u64,
+        group_queues: FileQueues,
+    ) -> Self {
         Incoming {
+            group_queues,
             contact: from,
             message,
             reference: file.encode(),
@@ -193,9 +210,9 @@ impl LocalStore {
         w.put_record(TreeId::Transfers, key(IN, id), record);
     }
 
-    /// Offers `file` (from message `message` of `from`, a peer id or a group's key)
-    /// for fetching, in a WriteSet, unless it is here already (the same file sent
-    /// again keeps its record).
+    /// Offers `file` (from message `message` of `from`, a peer id or a group's key,
+    /// its chunks in our queues or in `group_queues`) for fetching, in a WriteSet,
+    /// unless it is here already (the same file sent again keeps its record).
     pub fn offer_incoming_file(
         &self,
         w: &mut WriteSet,
@@ -203,13 +220,14 @@ impl LocalStore {
         from: Vec<u8>,
         message: [u8; 16],
         now_ms: u64,
+        group_queues: FileQueues,
     ) -> Result<(), StoreError> {
         let id = file.id();
         if self.incoming_file(&id)?.is_none() {
             LocalStore::write_incoming_file(
                 w,
                 &id,
-                &Incoming::offered(from, message, file, now_ms),
+                &Incoming::offered(from, message, file, now_ms, group_queues),
             );
         }
         Ok(())

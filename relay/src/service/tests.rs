@@ -844,6 +844,105 @@ mod files {
     }
 
     #[tokio::test]
+    async fn a_group_queue_takes_chunks_by_its_key_alone_and_no_read_or_write_key_reaches_them() {
+        use kkachi_protocol::GroupKey;
+        let dir = tempfile::tempdir().unwrap();
+        let s = with_chunks(dir.path(), 8192);
+        let key = GroupKey([5; 32]);
+        let (alice, bob) = (PeerId::random(), PeerId::random());
+        let data = vec![3u8; 4096 + 16];
+        let id = ChunkId::of(&data);
+        let put = |data: &[u8], expires_at| ClientToRelay::PutGroupChunk {
+            key,
+            expires_at,
+            id: ChunkId::of(data),
+            data: data.to_vec(),
+        };
+        let rejected = |answer: RelayToClient| codes(answer)[0];
+        // Nothing goes into a group queue nobody opened.
+        assert_eq!(
+            rejected(run(&s, &alice, put(&data, NOW + 60)).await),
+            Some(ErrorCode::NoQueue)
+        );
+        let open = ClientToRelay::OpenGroup {
+            key,
+            token: Vec::new(),
+        };
+        run(&s, &alice, open).await;
+        assert_eq!(rejected(run(&s, &alice, put(&data, NOW + 60)).await), None);
+        assert_eq!(
+            rejected(run(&s, &alice, put(&data, NOW + 365 * 86_400)).await),
+            Some(ErrorCode::ExpiryTooFar)
+        );
+        // Every member holds the key: any of them reads it, and asks what is held.
+        let has = ClientToRelay::HasGroupChunks {
+            key,
+            ids: vec![id, ChunkId([0; 32])],
+        };
+        assert_eq!(
+            run(&s, &bob, has).await,
+            RelayToClient::ChunksHeld {
+                held: vec![true, false]
+            }
+        );
+        let get = ClientToRelay::GetGroupChunk { key, id };
+        assert_eq!(
+            run(&s, &bob, get.clone()).await,
+            RelayToClient::Chunk { data: data.clone() }
+        );
+        // The key as a read key names another queue: it neither reads nor deletes the
+        // group's chunks, and as a write key it puts nothing.
+        let as_read = ReadKey(key.0);
+        assert!(matches!(
+            run(
+                &s,
+                &bob,
+                ClientToRelay::GetChunk {
+                    key: as_read.clone(),
+                    id
+                }
+            )
+            .await,
+            RelayToClient::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        ));
+        assert_eq!(
+            run(
+                &s,
+                &bob,
+                ClientToRelay::DeleteChunks {
+                    key: as_read,
+                    ids: vec![id]
+                }
+            )
+            .await,
+            RelayToClient::Deleted { count: 0 }
+        );
+        let as_write = Queue {
+            key: ReadKey([6; 32]),
+            write: WriteKey(key.0),
+        };
+        assert_eq!(
+            rejected(run(&s, &bob, put_chunk(&as_write, &data, NOW + 60)).await),
+            Some(ErrorCode::NoQueue)
+        );
+        assert_eq!(
+            run(&s, &alice, get).await,
+            RelayToClient::Chunk { data: data.clone() },
+            "still there for every member"
+        );
+        // The group's share is the queue's, whoever puts.
+        let more = vec![4u8; 4096 + 16];
+        let answer = run(&s, &bob, put(&more, NOW + 60)).await;
+        assert!(
+            matches!(&answer, RelayToClient::Stored { outcomes, .. } if matches!(&outcomes[0], PutOutcome::Rejected { code: ErrorCode::QuotaExceeded, message } if message.contains("group"))),
+            "{answer:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_relay_that_stores_no_files_says_so() {
         let s = service(&Config::default());
         let q = queue(1);

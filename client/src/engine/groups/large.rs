@@ -16,7 +16,7 @@ use kkachi_protocol::group::large::{
     PostBody, open_item, usable_key,
 };
 use kkachi_protocol::group::{GroupId, Hlc, Role, Roster, SignedOp, have_digest};
-use kkachi_protocol::{GroupKey, MessageId, PeerId};
+use kkachi_protocol::{GroupKey, MessageId, Multiaddr, PeerId};
 
 use super::super::EngineError;
 use super::super::receive::Received;
@@ -155,6 +155,16 @@ fn keep_epoch(epochs: &mut Vec<HeldEpoch>, epoch: HeldEpoch, roster: &Roster) {
     epochs.truncate(MAX_EPOCHS_KEPT);
 }
 
+/// Epoch `epoch`'s group queue on each of the group's relays, and its key there.
+fn epoch_queues(epoch: &HeldEpoch, roster: &Roster) -> Vec<(Multiaddr, GroupKey)> {
+    let key = EpochKey::from_bytes(epoch.key);
+    roster
+        .relays
+        .iter()
+        .filter_map(|addr| Some((addr.clone(), key.queue_key(&relay_peer(addr)?))))
+        .collect()
+}
+
 fn chain_of(large: &mut LargeState, author: [u8; 32]) -> &mut Chain {
     let i = match large.chains.iter().position(|c| c.author == author) {
         Some(i) => i,
@@ -190,18 +200,14 @@ impl<T> State<T> {
             }
             // The current epoch and the admins' newest: where members write.
             for e in readable_epochs(&record.large, &roster) {
-                let key = EpochKey::from_bytes(e.key);
-                for addr in &roster.relays {
-                    let Some(peer) = relay_peer(addr) else {
-                        continue;
-                    };
+                for (addr, key) in epoch_queues(&e, &roster) {
                     let relay = addr.to_string();
                     out.push(GroupQueue {
                         name: group_poll_name(&relay, &e.id),
                         relay,
                         group: id,
                         epoch: e.id,
-                        key: key.queue_key(&peer),
+                        key,
                     });
                 }
             }
@@ -366,6 +372,23 @@ impl<T> State<T> {
         Ok(current(&record.large, roster)
             .filter(|e| !names_outsider(e, &keys))
             .cloned())
+    }
+
+    /// Where a file for large group `record` goes: the group queues of the epoch we may
+    /// write under, on every group relay.
+    pub(super) fn large_file_route(
+        &self,
+        record: &GroupRecord,
+        roster: &Roster,
+    ) -> Result<super::GroupFileRoute, EngineError> {
+        let Some(epoch) = self.usable_epoch(record, roster)? else {
+            return Ok(super::GroupFileRoute::Waiting);
+        };
+        Ok(super::GroupFileRoute::Relays {
+            epoch: epoch.id,
+            queues: epoch_queues(&epoch, roster),
+            members: roster.members.len().saturating_sub(1),
+        })
     }
 
     /// Seals `post` under `epoch` once for each group relay and queues it there.
@@ -1120,17 +1143,33 @@ impl<T> State<T> {
             reach: (0, 0, 0),
         };
         message.message.file = file;
+        // A file's chunks are in the group queues of the epoch its post names.
+        let queues = match &message.message.file {
+            Some(_) => record
+                .large
+                .epochs
+                .iter()
+                .find(|e| e.id == post.epoch().0)
+                .map(|e| {
+                    epoch_queues(e, roster)
+                        .into_iter()
+                        .map(|(addr, key)| (addr.to_string(), key.0))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         if roster.may_post(&author) {
             self.note_group_expiry(record, &message);
             record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
             let local = record.next_local;
             record.next_local += 1;
             LocalStore::write_group_message(w, &group, local, &message);
-            self.offer_group_file(w, group, local, &message, now)?;
+            self.offer_group_file(w, group, local, &message, queues, now)?;
             return Ok(vec![self.shown(peer, roster, message)]);
         }
         // Its author's add or promotion may be on its way: it waits, within bounds.
-        super::hold_waiting(record, peer, author, message, now);
+        super::hold_waiting(record, peer, author, message, queues, now);
         Ok(Vec::new())
     }
 

@@ -568,3 +568,155 @@ async fn the_first_admin_changes_the_key_once_a_week() {
     members[0].sync().await;
     assert_eq!(current_epoch(&members[0], id), Some(after));
 }
+
+/// The file message `u` holds in group `id`, and its offered file record.
+fn group_file(
+    u: &User,
+    id: GroupId,
+) -> Option<(kkachi_protocol::file::FileRef, crate::store::Incoming)> {
+    let m = u
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.message.file.is_some())?;
+    let file = m.message.file.as_ref().unwrap().file().unwrap();
+    let incoming = u.engine.store().incoming_file(&file.id()).unwrap()?;
+    Some((file, incoming))
+}
+
+#[tokio::test]
+async fn a_file_goes_once_into_the_group_queues_and_every_member_fetches_it() {
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, 4).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shelter-map.bin");
+    let bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let sender = &members[0];
+    let claim = files::prepare(&sender.engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    let report = files::upload(&sender.engine, claim).await.unwrap();
+    assert!(report.message_sent && report.group_sent.is_some());
+    // Over 1 MiB: every chunk (6) and the manifest on two of the three group relays,
+    // once for all four other members.
+    assert_eq!((report.members, report.copies, report.relays), (4, 2, 3));
+    let (group_chunks, all_chunks) = {
+        let inner = net.inner.lock();
+        let all: usize = inner.chunks.values().map(HashMap::len).sum();
+        (inner.group_chunk_puts, all)
+    };
+    assert_eq!(group_chunks, 2 * (6 + 1), "one upload, not one per member");
+    assert_eq!(all_chunks, group_chunks, "nothing in members' own queues");
+    let outgoing = sender
+        .engine
+        .store()
+        .file_transfers()
+        .unwrap()
+        .0
+        .into_iter()
+        .next()
+        .unwrap()
+        .1;
+    assert_eq!(outgoing.epoch, Some(epochs(sender, id)[0]));
+    // One group relay goes down: every member still fetches the file whole.
+    net.set_up(&group_relays[0], false);
+    for u in members[1..].iter().chain([&admin]) {
+        u.sync().await;
+        let (file, incoming) = group_file(u, id).expect("the file's message");
+        assert_eq!(incoming.group(), Some(id));
+        assert_eq!(incoming.group_queues.len(), 3, "every group relay's queue");
+        let fetched = files::fetch(&u.engine, file.id()).await.unwrap();
+        assert!(fetched.complete, "{}", u.card.name());
+        let out = dir.path().join(format!("out-{}", u.peer()));
+        let saved = files::export(u.engine.store(), &file.id(), &out).unwrap();
+        assert_eq!(std::fs::read(saved).unwrap(), bytes);
+        // A group queue's chunks are every member's: fetching deletes none.
+        files::release(&u.engine, file.id()).await.unwrap();
+        let held: usize = net.inner.lock().chunks.values().map(HashMap::len).sum();
+        assert_eq!(held, all_chunks);
+    }
+}
+
+#[tokio::test]
+async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_none() {
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, 3).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    let before = epochs(&members[0], id)[0];
+    let gone = &members[2];
+    admin
+        .engine
+        .change_group(id, GroupChange::Remove(gone.peer()))
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    members[0].sync().await;
+    let after = epochs(&members[0], id)[0];
+    assert_ne!(after, before);
+    // Chunks put under the old key (an upload that began before the removal) do not
+    // go with a post under the new one: the upload goes again.
+    let file = kkachi_protocol::file::FileRef {
+        key: kkachi_protocol::file::FileKey([1; 32]),
+        manifest: kkachi_protocol::file::ChunkId([2; 32]),
+        size: 10,
+        name: "a.txt".into(),
+        mime: "text/plain".into(),
+        thumbnail: Vec::new(),
+    };
+    let stale = members[0]
+        .engine
+        .send_group_file(id, file, Vec::new(), Some(before), WriteSet::default())
+        .await;
+    assert!(matches!(stale, Err(EngineError::Changed(_))), "{stale:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roster.txt");
+    std::fs::write(&path, b"who is at the school").unwrap();
+    let claim = files::prepare(&members[0].engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    let report = files::upload(&members[0].engine, claim).await.unwrap();
+    // A small file: on every group relay.
+    assert_eq!((report.members, report.copies), (2, 3));
+    members[0].engine.deliver_now().await.unwrap();
+    members[1].sync().await;
+    let (file, incoming) = group_file(&members[1], id).expect("the file's message");
+    assert!(
+        files::fetch(&members[1].engine, file.id())
+            .await
+            .unwrap()
+            .complete
+    );
+    let queues: Vec<[u8; 32]> = incoming.group_queues.iter().map(|q| q.1).collect();
+    let new_key = kkachi_protocol::group::large::EpochKey::from_bytes(
+        members[1]
+            .engine
+            .store()
+            .group(&id)
+            .unwrap()
+            .unwrap()
+            .large
+            .epochs
+            .iter()
+            .find(|e| e.id == after)
+            .unwrap()
+            .key,
+    );
+    let expected: Vec<[u8; 32]> = group_relays
+        .iter()
+        .map(|r| new_key.queue_key(&crate::net::peer_of(r).unwrap()).0)
+        .collect();
+    assert_eq!(queues, expected, "in the new epoch's queues");
+    // The removed member sees neither the message nor the file.
+    gone.sync().await;
+    gone.sync().await;
+    assert!(group_file(gone, id).is_none());
+    assert!(gone.engine.store().file_transfers().unwrap().1.is_empty());
+}

@@ -74,6 +74,8 @@ struct FakeInner {
     group_reads: usize,
     /// Puts into group queues.
     group_puts: usize,
+    /// Chunks put into group queues.
+    group_chunk_puts: usize,
 }
 
 #[derive(Clone, Default)]
@@ -357,6 +359,58 @@ impl Transport for FakeNet {
                     items,
                     next: f.next,
                     more: f.more,
+                }
+            }
+            ClientToRelay::PutGroupChunk { key, id, data, .. } => {
+                let queue = key.queue();
+                let outcome = if !store.is_group_queue(&queue).unwrap() {
+                    PutOutcome::Rejected {
+                        code: kkachi_protocol::ErrorCode::NoQueue,
+                        message: "no group queue here for this key; open it".into(),
+                    }
+                } else if ChunkId::of(&data) != id {
+                    PutOutcome::Rejected {
+                        code: kkachi_protocol::ErrorCode::Malformed,
+                        message: "not its id".into(),
+                    }
+                } else {
+                    let mut inner = self.inner.lock();
+                    inner.group_chunk_puts += 1;
+                    inner
+                        .chunks
+                        .entry(relay.to_string())
+                        .or_default()
+                        .insert((queue, id), (WriteId(queue.0), data));
+                    PutOutcome::Stored
+                };
+                RelayToClient::Stored {
+                    outcomes: vec![outcome],
+                    epoch: store.epoch(),
+                }
+            }
+            ClientToRelay::GetGroupChunk { key, id } => {
+                let mut inner = self.inner.lock();
+                let held = inner
+                    .chunks
+                    .get(&relay.to_string())
+                    .and_then(|c| c.get(&(key.queue(), id)))
+                    .map(|(_, data)| data.clone());
+                match held {
+                    Some(data) => {
+                        inner.chunks_served += 1;
+                        RelayToClient::Chunk { data }
+                    }
+                    None => RelayToClient::error(kkachi_protocol::ErrorCode::NotFound, "no"),
+                }
+            }
+            ClientToRelay::HasGroupChunks { key, ids } => {
+                let inner = self.inner.lock();
+                let held = inner.chunks.get(&relay.to_string());
+                RelayToClient::ChunksHeld {
+                    held: ids
+                        .iter()
+                        .map(|id| held.is_some_and(|h| h.contains_key(&(key.queue(), *id))))
+                        .collect(),
                 }
             }
             ClientToRelay::Info => {
