@@ -470,16 +470,57 @@ fn a_group_with_group_relays_talks_through_a_relay_loss_and_shuts_out_a_removed_
         assert_eq!(texts, ["the bridge is out", "go round by the school"]);
     }
 
+    // A 3 MB photo, with that relay still down: uploaded once into the group's queues
+    // on the two left, and fetched whole by every member.
+    let photo = dir.path().join("school-gym.jpg");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 29 % 241) as u8).collect();
+    std::fs::write(&photo, &bytes).unwrap();
+    let sent =
+        &objects(&carol.ok(&["send", "Town", "--file", photo.to_str().unwrap(), "--json"]))[0];
+    println!("photo to a group with group relays: {sent}");
+    assert_eq!(sent["group_relays"], true, "{sent}");
+    assert_eq!(sent["members"], 3, "{sent}");
+    assert_eq!(sent["relays"], 3, "{sent}");
+    assert_eq!(sent["copies"], 2, "on both relays left: {sent}");
+    assert_eq!(sent["relayed"], 2, "{sent}");
+    let one_upload = sent["bytes_put"].as_u64().unwrap();
+    // Two sealed copies (12 chunks of 262,160 bytes and a 4,112-byte manifest each),
+    // not two per member.
+    assert_eq!(
+        one_upload,
+        2 * (12 * 262_160 + 4_112),
+        "one upload per group relay, not per member: {sent}"
+    );
+    for u in [&alice, &bob, &dave] {
+        u.ok(&["sync"]);
+        let history = &objects(&u.ok(&["history", "Town", "--json"]))[0];
+        let with_file = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| !m["file"].is_null())
+            .unwrap_or_else(|| panic!("no file in the group's history: {history}"));
+        let id = with_file["file"]["id"].as_str().unwrap().to_string();
+        let to = dir.path().join(format!("saved-{}", u.name));
+        let got = &objects(&u.ok(&["get", &id, "--to", to.to_str().unwrap(), "--json"]))[0];
+        assert!(
+            got["from"].as_str().unwrap().starts_with("Town › "),
+            "{got}"
+        );
+        let saved = std::fs::read(got["path"].as_str().unwrap()).unwrap();
+        assert!(saved == bytes, "the saved photo differs from the one sent");
+    }
+
     // Dave is removed; what Bob writes once he knows is not Dave's to read.
     alice.ok(&["group", "remove", "Town", "dave"]);
     bob.ok(&["sync"]);
     bob.ok(&["send", "Town", "meet at the gym"]);
     carol.ok(&["sync"]);
-    assert_eq!(said(&carol, "Town").len(), 3);
+    assert_eq!(said(&carol, "Town").len(), 4, "three texts and the photo");
     dave.ok(&["sync"]);
     dave.ok(&["sync"]);
     let texts: Vec<String> = said(&dave, "Town").into_iter().map(|(_, t)| t).collect();
-    assert_eq!(texts, ["the bridge is out", "go round by the school"]);
+    assert_eq!(texts, ["the bridge is out", "go round by the school", ""]);
     let out = dave.run(&["send", "Town", "still here?"]);
     assert!(!out.status.success(), "a removed member cannot post");
 }

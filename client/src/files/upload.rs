@@ -348,6 +348,17 @@ struct Target {
     name: String,
 }
 
+impl Target {
+    /// How a report names it: a group relay by its address (one queue per epoch there
+    /// is the group's, not a person's).
+    fn shown(&self) -> String {
+        match self.key {
+            Cap::Group(_) => self.addr.to_string(),
+            Cap::Write(_) => self.name.clone(),
+        }
+    }
+}
+
 /// Every relay of every recipient, with our capability into their queue there.
 fn targets_of<T: Transport>(
     engine: &Engine<T>,
@@ -897,12 +908,12 @@ async fn upload_once<T: Transport>(
         report.left_out = targets
             .iter()
             .zip(&p.out)
-            .filter_map(|(t, why)| why.clone().map(|w| (t.name.clone(), w)))
+            .filter_map(|(t, why)| why.clone().map(|w| (t.shown(), w)))
             .collect();
         report.refused = targets
             .iter()
             .zip(&p.trouble)
-            .filter_map(|(t, why)| why.clone().map(|w| (t.name.clone(), w)))
+            .filter_map(|(t, why)| why.clone().map(|w| (t.shown(), w)))
             .collect();
     }
     report.elapsed = started.elapsed();
