@@ -490,13 +490,19 @@ pub struct SendArgs {
     /// it, or its id (`kkachi group list`).
     pub contact: String,
     /// The message (its words are joined by spaces, so quoting is optional); `-`
-    /// reads it from standard input. With --file, an optional text sent after it.
-    #[arg(required_unless_present = "file", num_args = 0..)]
+    /// reads it from standard input. With --file or --forward, an optional text sent
+    /// after it.
+    #[arg(required_unless_present_any = ["file", "forward"], num_args = 0..)]
     pub text: Vec<String>,
     /// Send this file (up to 2 GiB): sealed, put on the contact's relays, then its
     /// message sent. If this stops part-way, `sync` or the daemon goes on with it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "forward")]
     pub file: Option<PathBuf>,
+    /// Pass on a file you received (its id from `files`, or the start of it; fetched
+    /// first if it is not here yet), sealed anew for them: never written out in the
+    /// clear, and nothing put twice if you pass it to them again.
+    #[arg(long, value_name = "FILE")]
+    pub forward: Option<String>,
     /// How long to wait for relays to acknowledge, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,

@@ -80,6 +80,19 @@ impl FileKey {
         rng.fill_bytes(&mut key);
         Self(key)
     }
+
+    /// The key a file under this key is sealed under anew when `by` (an Ed25519
+    /// identity key) passes it on to `to` (a contact's peer id or a group's key, SPEC
+    /// §13.1): the same file passed again to the same conversation by the same person
+    /// makes the same chunks; any other conversation or person, unrelated ones.
+    pub fn forwarded(&self, to: &[u8], by: &[u8; 32]) -> Self {
+        let mut h = blake3::Hasher::new_derive_key("kkachi/file-forward/v1");
+        h.update(&self.0)
+            .update(&(to.len() as u32).to_be_bytes())
+            .update(to)
+            .update(by);
+        Self(*h.finalize().as_bytes())
+    }
 }
 
 impl std::fmt::Debug for FileKey {
@@ -485,6 +498,21 @@ mod tests {
             chunks: manifest.chunks.clone(),
         };
         assert!(wrong.seal(&key).is_err());
+    }
+
+    #[test]
+    fn a_forwarded_key_is_one_per_conversation_and_person() {
+        let key = FileKey([7; 32]);
+        let forwarded = key.forwarded(b"bob", &[1; 32]);
+        assert_eq!(
+            hex::encode(forwarded.0),
+            "c67b21078318cc8a386c2d691aa86485e7c8cce4dd86963075b7d4fd0599912b",
+            "known answer (checked with Python's blake3)"
+        );
+        assert_eq!(forwarded.0, key.forwarded(b"bob", &[1; 32]).0);
+        assert_ne!(forwarded.0, key.forwarded(b"carol", &[1; 32]).0);
+        assert_ne!(forwarded.0, key.forwarded(b"bob", &[2; 32]).0);
+        assert_ne!(forwarded.0, FileKey([8; 32]).forwarded(b"bob", &[1; 32]).0);
     }
 
     #[test]

@@ -639,3 +639,58 @@ fn with_a_relay_down_a_file_goes_on_the_one_left_and_its_text_is_never_held_back
         .collect();
     assert_eq!(names, ["levee.bin", "shelter-list.bin"], "{history}");
 }
+
+#[test]
+fn a_file_passed_on_from_the_command_line_arrives_whole_and_is_not_put_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("r"), &[]);
+    let (alice, bob) = pair(dir.path(), &[&relay]);
+    let carol = User::new(dir.path(), "carol");
+    carol.ok(&["relay", "add", &relay.addr]);
+    User::introduce(&bob, &carol);
+    carol.ok(&["sync", "--timeout", "10"]);
+    bob.ok(&["sync", "--timeout", "10"]);
+    let src = dir.path().join("route.pdf");
+    random_file(&src, 600 << 10, 23);
+    alice.ok(&["send", "bob", "--file", src.to_str().unwrap()]);
+    let id = file_id_at(&bob);
+    // Not fetched yet: `--forward` fetches it first, then passes it on.
+    let sent = json(&bob.ok(&[
+        "send",
+        "carol",
+        "--forward",
+        &id[..8],
+        "from alice",
+        "--json",
+    ]));
+    println!("passed on: {sent}");
+    assert_eq!(sent["name"], "route.pdf", "{sent}");
+    assert_ne!(sent["file"].as_str().unwrap(), id, "sealed anew: {sent}");
+    let first_put = sent["bytes_put"].as_u64().unwrap();
+    assert!(first_put > 600 << 10, "{sent}");
+    assert!(
+        sent["text_id"].is_string(),
+        "the text went after it: {sent}"
+    );
+    carol.ok(&["sync", "--timeout", "10"]);
+    let history = json(&carol.ok(&["history", "bob", "--json"]));
+    let with_file = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| !m["file"].is_null())
+        .unwrap_or_else(|| panic!("no file in carol's history: {history}"));
+    let forwarded = with_file["file"]["id"].as_str().unwrap().to_string();
+    assert_eq!(forwarded, sent["file"].as_str().unwrap());
+    // Passed on again before she saves it (her relay still holds it): nothing is put.
+    let again = json(&bob.ok(&["send", "carol", "--forward", &id[..8], "--json"]));
+    assert_eq!(again["file"], sent["file"], "{again}");
+    assert_eq!(again["bytes_put"], 0, "nothing put twice: {again}");
+    let got = saved_by(&carol, &forwarded, &dir.path().join("saved"));
+    assert!(same_bytes(&src, Path::new(got["path"].as_str().unwrap())));
+    // A file one sent is not passed on: it is sent again from where it is.
+    let out = alice.run(&["send", "bob", "--forward", &id[..8]]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--file PATH"), "{err}");
+}

@@ -68,6 +68,25 @@ fn report_progress(live: Arc<Live>, incoming: bool, id: TransferId, label: Strin
     }))
 }
 
+/// What `send` sends as a file.
+pub(super) enum Payload<'a> {
+    /// A file on this device.
+    Path(&'a Path),
+    /// A file received here, passed on (`--forward`): how it was named.
+    Forward(&'a str),
+}
+
+impl<'a> Payload<'a> {
+    /// The file `send` was given, if any.
+    pub(super) fn of(args: &'a crate::cli::SendArgs) -> Option<Self> {
+        match (&args.file, &args.forward) {
+            (Some(path), _) => Some(Payload::Path(path)),
+            (None, Some(spec)) => Some(Payload::Forward(spec)),
+            (None, None) => None,
+        }
+    }
+}
+
 impl App {
     /// How a contact or a group a file is with is named.
     fn party_name(&self, party: files::To) -> Result<String, CommandError> {
@@ -111,13 +130,13 @@ impl App {
     }
 
     /// `send CONTACT --file PATH [TEXT]`, and `send GROUP --file PATH [TEXT]` (`to_name`
-    /// names the contact or the group).
+    /// names the contact or the group); `--forward FILE` instead of `--file`.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send_file(
         &mut self,
         to: files::To,
         to_name: &str,
-        path: &Path,
+        payload: Payload<'_>,
         text: &str,
         timeout: f64,
         json: bool,
@@ -125,7 +144,37 @@ impl App {
     ) -> Result<(), CommandError> {
         let engine = self.engine()?;
         let started = Instant::now();
-        let claim = files::prepare(&engine, to, path).await?;
+        let claim = match payload {
+            Payload::Path(path) => files::prepare(&engine, to, path).await?,
+            Payload::Forward(spec) => {
+                let (incoming, id) = files::find_transfer(&self.store, spec)?;
+                if !incoming {
+                    return fail(
+                        "that is a file you sent; send it again from where it is with --file PATH",
+                    );
+                }
+                let (_, file) = files::transfer_file(&self.store, true, &id)?;
+                // Not here yet: fetched first, as `get` does.
+                let ticker = self.owned.then(|| {
+                    report_progress(
+                        engine.transfers().clone(),
+                        true,
+                        id,
+                        format!("fetching {}", files::safe_name(&file.name)),
+                    )
+                });
+                let fetched = files::fetch(&engine, id).await;
+                drop(ticker);
+                if !fetched?.complete {
+                    return fail(format!(
+                        "{} is not all here yet, so it cannot be passed on; `kkachi get {}` goes on fetching it",
+                        files::safe_name(&file.name),
+                        &hex(&id)[..12]
+                    ));
+                }
+                files::prepare_forward(&engine, to, id).await?
+            }
+        };
         let id = claim.id;
         let (_, file) = files::transfer_file(&self.store, false, &id)?;
         let ticker = self.owned.then(|| {

@@ -827,12 +827,12 @@ impl App {
             break;
         }
         let text = words.join(" ");
-        if let Some(path) = &args.file {
+        if let Some(payload) = crate::commands::files::Payload::of(&args) {
             return self
                 .send_file(
                     crate::files::To::Group(g.id),
                     &g.roster.name,
-                    path,
+                    payload,
                     &text,
                     args.timeout,
                     json,

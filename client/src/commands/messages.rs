@@ -60,7 +60,7 @@ impl App {
                 name(&contact.name)
             ));
         }
-        if let Some(path) = &args.file {
+        if let Some(payload) = crate::commands::files::Payload::of(&args) {
             if args.reply.is_some() {
                 return fail("--reply goes with a text; send the file, then reply to it");
             }
@@ -68,7 +68,7 @@ impl App {
                 .send_file(
                     crate::files::To::Contact(contact.peer),
                     &contact.name,
-                    path,
+                    payload,
                     &text,
                     args.timeout,
                     json,

@@ -99,6 +99,9 @@ pub struct GroupSent {
     pub unreachable: Vec<String>,
 }
 
+/// The epoch a group file's chunks went under, and the group relays they went to.
+pub type GroupFilePlace = ([u8; 32], Vec<kkachi_protocol::Multiaddr>);
+
 /// Where a file for a group goes (SPEC §14.4, §14.5).
 #[derive(Debug, Clone)]
 pub enum GroupFileRoute {
@@ -1141,16 +1144,19 @@ impl<T> State<T> {
         id: GroupId,
         file: FileRef,
         to: Vec<PeerId>,
-        epoch: Option<[u8; 32]>,
+        put_in: Option<GroupFilePlace>,
         with: WriteSet,
         now: u64,
     ) -> Result<GroupSent, EngineError> {
-        // Its chunks are in one epoch's group queues: posted under that epoch or not at
-        // all (members fetch from the queues of the epoch a post names).
+        // Its chunks are in one epoch's group queues on the group's relays: posted under
+        // that epoch while those are the relays, or not at all (members fetch from the
+        // queues of the epoch a post names, on the relays they know).
         let route = self.group_file_route(id)?;
-        let fits = match (&route, epoch) {
+        let fits = match (&route, put_in) {
             (GroupFileRoute::Members(_), None) => true,
-            (GroupFileRoute::Relays { epoch: now_in, .. }, Some(put_in)) => *now_in == put_in,
+            (GroupFileRoute::Relays { epoch, queues, .. }, Some((put_epoch, put_relays))) => {
+                *epoch == put_epoch && queues.iter().map(|(a, _)| a).eq(put_relays.iter())
+            }
             _ => false,
         };
         if !fits {
@@ -1695,7 +1701,7 @@ impl<T> State<T> {
                     let local = record.next_local;
                     record.next_local += 1;
                     LocalStore::write_group_message(w, &id, local, &m);
-                    self.offer_group_file(w, id, local, &m, waited.queues, now)?;
+                    self.offer_group_file(w, id, local, &m, waited.source, now)?;
                     shown.push(self.shown(peer, &after, m));
                 }
                 // Not (yet) allowed: a re-add or promotion may still be on its way. It
@@ -1852,7 +1858,7 @@ impl<T> State<T> {
                 let local = record.next_local;
                 record.next_local += 1;
                 LocalStore::write_group_message(w, &id, local, &message);
-                self.offer_group_file(w, id, local, &message, Vec::new(), now)?;
+                self.offer_group_file(w, id, local, &message, None, now)?;
                 LocalStore::write_group(w, &id, &record);
                 Ok(Outcome::Shown(Box::new(self.shown(peer, &roster, message))))
             }
@@ -1879,7 +1885,7 @@ impl<T> State<T> {
                         }
                     }
                 };
-                let held = hold_waiting(&mut record, peer, sender, message, Vec::new(), now);
+                let held = hold_waiting(&mut record, peer, sender, message, None, now);
                 LocalStore::write_group(w, &id, &record);
                 if !held {
                     return refused_ops("too many group messages waiting for their group");
@@ -1898,7 +1904,7 @@ impl<T> State<T> {
         id: GroupId,
         local: u64,
         message: &GroupMessage,
-        queues: crate::store::FileQueues,
+        source: Option<crate::store::GroupSource>,
         now: u64,
     ) -> Result<(), EngineError> {
         let Some(file) = message.message.file.as_ref().and_then(|f| f.file()) else {
@@ -1912,7 +1918,7 @@ impl<T> State<T> {
         let key = crate::store::group_member_key(&id, &from);
         Ok(self
             .store
-            .offer_incoming_file(w, &file, key, message.message.id, now, queues)?)
+            .offer_incoming_file(w, &file, key, message.message.id, now, source)?)
     }
 
     /// How a member is named in event lines: "you", the name we gave a contact, else
@@ -2140,7 +2146,7 @@ fn hold_waiting(
     peer: PeerId,
     key: [u8; 32],
     message: GroupMessage,
-    queues: crate::store::FileQueues,
+    source: Option<crate::store::GroupSource>,
     now: u64,
 ) -> bool {
     let before = record.waiting.len();
@@ -2161,7 +2167,7 @@ fn hold_waiting(
         from: peer.to_bytes(),
         key,
         message,
-        queues,
+        source,
     });
     true
 }

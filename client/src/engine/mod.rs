@@ -51,7 +51,7 @@ use crate::store::{LocalStore, MessageState, StoreError};
 pub(crate) use bundle::export_items;
 pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
-pub use groups::{GroupChange, GroupChanged, GroupFileRoute, GroupSent, GroupTag};
+pub use groups::{GroupChange, GroupChanged, GroupFilePlace, GroupFileRoute, GroupSent, GroupTag};
 pub(crate) use groups::{group_poll_name, large_status};
 pub use machine::Progress;
 pub use receive::{Change, Received, Verdict};
@@ -515,17 +515,28 @@ impl<T: Transport> Engine<T> {
     /// Sends a message carrying `file` to group `id`, in one write with `with`; returns
     /// once it is durable. In a group without group relays it is sealed to the members
     /// `to` (those whose relays took its chunks); with group relays it is posted under
-    /// `epoch`, whose group queues hold the chunks (`Changed` if we may no longer write
-    /// under it).
+    /// the epoch whose group queues on those relays hold the chunks (`put_in`;
+    /// `Changed` if we may no longer write under it, or the relays changed).
     pub async fn send_group_file(
         &self,
         id: kkachi_protocol::group::GroupId,
         file: kkachi_protocol::file::FileRef,
         to: Vec<PeerId>,
-        epoch: Option<[u8; 32]>,
+        put_in: Option<GroupFilePlace>,
         with: crate::store::WriteSet,
     ) -> Result<GroupSent, EngineError> {
-        self.change(move |state, now| state.send_group_file(id, file, to, epoch, with, now))
+        self.change(move |state, now| state.send_group_file(id, file, to, put_in, with, now))
+            .await
+    }
+
+    /// The group queues of epoch `epoch` of group `group` on its relays now (none if we
+    /// do not hold that epoch): where a file posted under it is.
+    pub async fn group_epoch_queues(
+        &self,
+        group: kkachi_protocol::group::GroupId,
+        epoch: [u8; 32],
+    ) -> Result<Vec<(kkachi_protocol::Multiaddr, kkachi_protocol::GroupKey)>, EngineError> {
+        self.read(move |state, _| state.epoch_queues_of(group, epoch))
             .await
     }
 

@@ -978,7 +978,7 @@ impl<T> State<T> {
                         peer.to_bytes(),
                         record.id,
                         now,
-                        Vec::new(),
+                        None,
                     )?;
                 }
                 LocalStore::write_conversation(w, &peer, &conv);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kkachi_protocol::file::{ChunkId, FileRef, Manifest, open_chunk};
+use kkachi_protocol::group::GroupId;
 use kkachi_protocol::wire::MAX_CHUNK_IDS;
 use kkachi_protocol::{ClientToRelay, GroupKey, Multiaddr, ReadKey, RelayToClient};
 use parking_lot::Mutex;
@@ -133,16 +134,18 @@ pub(super) async fn fetch_claimed<T: Transport>(
         write_back(&store, &id, &record)?;
         store.flush().await?;
     }
-    let sources = if record.group_queues.is_empty() {
+    // Wherever a message offering it said it is: our own relays, group queues.
+    let mut sources = if record.inbox {
         our_relays(engine)?
     } else {
-        group_queues(&record)
+        Vec::new()
     };
+    sources.extend(group_queues(engine, &record).await);
     if sources.is_empty() {
-        return Err(FilesError::Unavailable(if record.group_queues.is_empty() {
+        return Err(FilesError::Unavailable(if record.inbox {
             "you have no relays to fetch it from; add one with `kkachi relay add`".into()
         } else {
-            "none of the group relays that hold it has an address this version reads".into()
+            "the group has no relay to fetch it from".into()
         }));
     }
     private_dir(&in_dir(&home))?;
@@ -303,8 +306,9 @@ pub async fn release<T: Transport>(engine: &Engine<T>, id: TransferId) -> Result
     let Some(record) = store.incoming_file(&id)? else {
         return Ok(());
     };
-    // A group queue's chunks are every member's: nobody deletes them, they expire.
-    if record.state != IncomingState::Done || !record.group_queues.is_empty() {
+    // Only from our own queues: a group queue's chunks are every member's, nobody
+    // deletes them, they expire.
+    if record.state != IncomingState::Done || !record.inbox {
         return Ok(());
     }
     let file = record.file()?;
@@ -359,18 +363,33 @@ fn our_relays<T: Transport>(engine: &Engine<T>) -> Result<Vec<Source>, FilesErro
         .collect())
 }
 
-/// The group queues that hold a file posted to a group with group relays.
-fn group_queues(record: &Incoming) -> Vec<Source> {
-    record
-        .group_queues
-        .iter()
-        .filter_map(|(addr, key)| {
-            Some(Source {
-                addr: addr.parse().ok()?,
-                key: SourceKey::Group(GroupKey(*key)),
-            })
-        })
-        .collect()
+/// The group queues that hold a file posted to a group with group relays: on the
+/// group's relays as they were when its post came, and as they are now (members who
+/// saw the relays change at different times look in the same places).
+async fn group_queues<T: Transport>(engine: &Engine<T>, record: &Incoming) -> Vec<Source> {
+    let mut out: Vec<Source> = Vec::new();
+    for source in &record.sources {
+        let now = engine
+            .group_epoch_queues(GroupId(source.group), source.epoch)
+            .await
+            .unwrap_or_default();
+        let recorded = source
+            .queues
+            .iter()
+            .filter_map(|(addr, key)| Some((addr.parse().ok()?, GroupKey(*key))));
+        for (addr, key) in recorded.chain(now) {
+            if !out
+                .iter()
+                .any(|s| s.addr == addr && matches!(s.key, SourceKey::Group(k) if k == key))
+            {
+                out.push(Source {
+                    addr,
+                    key: SourceKey::Group(key),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Marks the file as one that cannot be fetched (its sender's fault, or too late).
@@ -490,13 +509,16 @@ fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), Fi
 
 /// Writes the record back, unless it was removed meanwhile: then the fetch stops.
 fn write_back(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
-    if store.incoming_file(id)?.is_none() {
+    let Some(stored) = store.incoming_file(id)? else {
         return Err(FilesError::Refused(
             "its message is gone, or its sender was removed or blocked".into(),
         ));
-    }
+    };
+    // Other messages offering it meanwhile are not forgotten.
+    let mut record = record.clone();
+    record.keep_offers_of(&stored);
     let mut w = WriteSet::default();
-    LocalStore::write_incoming_file(&mut w, id, record);
+    LocalStore::write_incoming_file(&mut w, id, &record);
     store.apply(w)?;
     Ok(())
 }
@@ -766,7 +788,9 @@ mod tests {
             auto: false,
             attempts: 0,
             retry_at_ms: 0,
-            group_queues: Vec::new(),
+            inbox: true,
+            sources: Vec::new(),
+            also: Vec::new(),
         };
         let mut w = WriteSet::default();
         LocalStore::write_incoming_file(&mut w, &id, &offered);

@@ -38,7 +38,7 @@ use crate::store::{IncomingState, StoreError, TransferId};
 
 pub use download::{FetchReport, export, fetch, release};
 pub use live::{Claim, Live, LiveProgress};
-pub use upload::{LEAVE_OUT_AFTER_MS, To, UploadReport, prepare, upload};
+pub use upload::{LEAVE_OUT_AFTER_MS, To, UploadReport, prepare, prepare_forward, upload};
 
 /// Files up to this size go to every relay of the recipient; larger ones to two.
 pub const SMALL_FILE: u64 = 1 << 20;
@@ -433,8 +433,10 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
     let group_here = |group: &kkachi_protocol::group::GroupId| -> Result<bool, FilesError> {
         Ok(store.group(group)?.is_some_and(|g| !g.forgotten))
     };
-    for (id, r) in &incoming {
-        let keep = match (r.group(), wanted(r.contact())?) {
+    // Whether the message `r` names (its sender and its id) is here, from someone not
+    // removed or blocked, and carries file `id`.
+    let offered = |r: &crate::store::Incoming, id: &TransferId| -> Result<bool, FilesError> {
+        Ok(match (r.group(), wanted(r.contact())?) {
             (Some(group), _) => match r.member() {
                 Some(from) => {
                     group_here(&group)?
@@ -445,10 +447,17 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
                 }
                 None => false,
             },
+            (None, Some(peer)) => store
+                .message(&peer, &kkachi_protocol::MessageId(r.message))?
+                .is_some_and(|(_, m)| carries(&m, id)),
+            (None, None) => false,
+        })
+    };
+    for (id, r) in &incoming {
+        let keep = match (r.group(), wanted(r.contact())?) {
+            (Some(_), _) => offered(r, id)?,
             (None, Some(peer)) => {
-                let here = store
-                    .message(&peer, &kkachi_protocol::MessageId(r.message))?
-                    .is_some_and(|(_, m)| carries(&m, id));
+                let here = offered(r, id)?;
                 // The same file in another message of theirs (sent again): it stays,
                 // named by that one.
                 let other = if here {
@@ -469,6 +478,24 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
             }
             (None, None) => false,
         };
+        // Gone, but another message offered the same file: it stays, named by that one.
+        let mut instead = None;
+        if !keep {
+            for (from, message) in &r.also {
+                let mut moved = r.clone();
+                moved.contact = from.clone();
+                moved.message = *message;
+                moved.also.retain(|o| o != &(from.clone(), *message));
+                if offered(&moved, id)? {
+                    instead = Some(moved);
+                    break;
+                }
+            }
+        }
+        if let Some(moved) = &instead {
+            crate::store::LocalStore::write_incoming_file(&mut w, id, moved);
+        }
+        let keep = keep || instead.is_some();
         if !keep {
             crate::store::LocalStore::remove_file_record(&mut w, id, true);
             gone.push(vec![

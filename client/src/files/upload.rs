@@ -21,7 +21,7 @@ use super::{
     chunk_len, chunk_offset, disk, human_size, media_type, out_dir, private_dir, safe_name,
     spool_path, sync_dir,
 };
-use crate::engine::{Engine, EngineError, GroupFileRoute, Sending, now_ms};
+use crate::engine::{Engine, EngineError, GroupFilePlace, GroupFileRoute, Sending, now_ms};
 use crate::net::Transport;
 use crate::store::{Contact, LocalStore, Outgoing, StoreError, TransferId, WriteSet};
 
@@ -77,34 +77,7 @@ pub async fn prepare<T: Transport>(
     to: To,
     path: &Path,
 ) -> Result<Claim, FilesError> {
-    let store = engine.store().clone();
-    let recipient = match to {
-        To::Contact(contact) => {
-            let Some(c) = store.added_contact(&contact)? else {
-                return Err(FilesError::Refused(format!("{contact} is not a contact")));
-            };
-            if store.blocked(&contact)?.is_some() {
-                return Err(FilesError::Refused(format!(
-                    "{} is blocked; unblock them first",
-                    crate::sanitize::for_terminal(&c.name)
-                )));
-            }
-            contact.to_bytes()
-        }
-        To::Group(group) => {
-            // Only where we may post, and someone is there to get it.
-            if let GroupFileRoute::Members(members) = engine.group_file_route(group).await?
-                && members.is_empty()
-            {
-                return Err(FilesError::Refused(
-                    "no other member of the group can be reached (members get files from \
-                     their contacts only)"
-                        .into(),
-                ));
-            }
-            crate::store::group_key(&group)
-        }
-    };
+    let recipient = recipient_of(engine, to).await?;
     let read = |source| FilesError::Read {
         path: path.to_path_buf(),
         source,
@@ -132,13 +105,49 @@ pub async fn prepare<T: Transport>(
             .unwrap_or_default(),
     );
     let key = FileKey(rand::random());
-    let home = store.home().to_path_buf();
+    let home = engine.store().home().to_path_buf();
     let src = path.to_path_buf();
     let sealing_key = key.clone();
-    let (spool, chunks, manifest_len) =
-        tokio::task::spawn_blocking(move || seal_into_spool(&home, &src, &sealing_key, size))
-            .await
-            .map_err(|e| FilesError::Refused(format!("sealing the file failed: {e}")))??;
+    let sealed = tokio::task::spawn_blocking(move || -> Result<_, FilesError> {
+        let input = File::open(&src).map_err(|e| FilesError::Read {
+            path: src.clone(),
+            source: e,
+        })?;
+        let modified = input.metadata().and_then(|m| m.modified()).ok();
+        let changed = || {
+            FilesError::Refused(format!(
+                "{} changed while it was read; send it again once it is complete",
+                src.display()
+            ))
+        };
+        let fill = |i: usize, plain: &mut [u8]| {
+            use std::os::unix::fs::FileExt;
+            input
+                .read_exact_at(plain, (i * CHUNK_BYTES) as u64)
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        changed()
+                    } else {
+                        FilesError::Read {
+                            path: src.clone(),
+                            source: e,
+                        }
+                    }
+                })
+        };
+        let sealed = seal_into_spool(&home, &sealing_key, size, &fill)?;
+        // Written to meanwhile (longer, shorter, or the same length changed in place).
+        let after = input.metadata().map_err(|e| FilesError::Read {
+            path: src.clone(),
+            source: e,
+        })?;
+        if after.len() != size || after.modified().ok() != modified {
+            return Err(changed());
+        }
+        Ok(sealed)
+    })
+    .await
+    .map_err(|e| FilesError::Refused(format!("sealing the file failed: {e}")))??;
     // A photo carries a small preview, so it shows before it is fetched.
     let mime = media_type(&name).to_owned();
     let (from, kind) = (path.to_path_buf(), mime.clone());
@@ -147,6 +156,140 @@ pub async fn prepare<T: Transport>(
         .ok()
         .flatten()
         .unwrap_or_default();
+    record_sealed(engine, recipient, key, size, name, mime, thumbnail, sealed).await
+}
+
+/// Seals the file `id`, received and fetched here, for `to` into the spool and records
+/// it, as [`prepare`] does a file on disk: passed on without being written out in the
+/// clear. Its key is derived from its own, from `to` and from us, so passing the same
+/// file to the same conversation again makes the same chunks (the relays' `has` finds
+/// what they still hold, and nothing is put twice), while no two conversations, and no
+/// two people passing it on, share a chunk a relay could match.
+pub async fn prepare_forward<T: Transport>(
+    engine: &Engine<T>,
+    to: To,
+    id: TransferId,
+) -> Result<Claim, FilesError> {
+    let recipient = recipient_of(engine, to).await?;
+    let store = engine.store().clone();
+    let Some(record) = store.incoming_file(&id)? else {
+        return Err(FilesError::Refused(
+            "no such file received here (`kkachi files` lists them)".into(),
+        ));
+    };
+    if record.state != crate::store::IncomingState::Done {
+        return Err(FilesError::Refused(format!(
+            "it is not fetched yet: fetch it first (`kkachi get {}`)",
+            &super::hex(&id)[..12]
+        )));
+    }
+    let original = record.file()?;
+    let home = store.home().to_path_buf();
+    let manifest_file = super::manifest_path(&home, &id);
+    let sealed = std::fs::read(&manifest_file).map_err(disk(&manifest_file))?;
+    let manifest = Manifest::open(&original.key, &original.manifest, &sealed)
+        .map_err(|e| FilesError::Refused(format!("its list of chunks here is damaged: {e}")))?;
+    let key = original
+        .key
+        .forwarded(&recipient, engine.identity().public().ed25519());
+    let (sealing_key, size) = (key.clone(), original.size);
+    let opening_key = original.key.clone();
+    let sealed = tokio::task::spawn_blocking(move || -> Result<_, FilesError> {
+        let part_file = super::part_path(&home, &id);
+        let part = File::open(&part_file).map_err(disk(&part_file))?;
+        let fill = |i: usize, plain: &mut [u8]| {
+            use std::os::unix::fs::FileExt;
+            let mut sealed = vec![0u8; chunk_len(size, i)];
+            part.read_exact_at(&mut sealed, chunk_offset(i))
+                .map_err(disk(&part_file))?;
+            let opened = kkachi_protocol::file::open_chunk(
+                &opening_key,
+                &manifest.chunks[i],
+                i,
+                size,
+                &sealed,
+            )
+            .map_err(|e| {
+                FilesError::Refused(format!("chunk {i} of the file here is damaged: {e}"))
+            })?;
+            if opened.len() != plain.len() {
+                return Err(FilesError::Refused(format!(
+                    "chunk {i} of the file here is damaged"
+                )));
+            }
+            plain.copy_from_slice(&opened);
+            Ok(())
+        };
+        seal_into_spool(&home, &sealing_key, size, &fill)
+    })
+    .await
+    .map_err(|e| FilesError::Refused(format!("sealing the file failed: {e}")))??;
+    record_sealed(
+        engine,
+        recipient,
+        key,
+        size,
+        original.name,
+        original.mime,
+        original.thumbnail,
+        sealed,
+    )
+    .await
+}
+
+/// What a file is recorded as sent to: a contact's peer id, or a group's key; refused
+/// if it cannot go there.
+async fn recipient_of<T: Transport>(engine: &Engine<T>, to: To) -> Result<Vec<u8>, FilesError> {
+    let store = engine.store();
+    Ok(match to {
+        To::Contact(contact) => {
+            let Some(c) = store.added_contact(&contact)? else {
+                return Err(FilesError::Refused(format!("{contact} is not a contact")));
+            };
+            if store.blocked(&contact)?.is_some() {
+                return Err(FilesError::Refused(format!(
+                    "{} is blocked; unblock them first",
+                    crate::sanitize::for_terminal(&c.name)
+                )));
+            }
+            contact.to_bytes()
+        }
+        To::Group(group) => {
+            // Only where we may post, and someone is there to get it.
+            if let GroupFileRoute::Members(members) = engine.group_file_route(group).await?
+                && members.is_empty()
+            {
+                return Err(FilesError::Refused(
+                    "no other member of the group can be reached (members get files from \
+                     their contacts only)"
+                        .into(),
+                ));
+            }
+            crate::store::group_key(&group)
+        }
+    })
+}
+
+/// The spool file of a file just sealed (to be named by its id), every chunk id (the
+/// manifest's last) and the sealed manifest's length.
+type Sealed = (tempfile::NamedTempFile, Vec<[u8; 32]>, u32);
+
+/// What gives chunk `i`'s plaintext to [`seal_into_spool`], into a buffer its length.
+type Fill<'a> = dyn Fn(usize, &mut [u8]) -> Result<(), FilesError> + Sync + 'a;
+
+/// Records a file sealed into the spool for `recipient`, durably, and claims it.
+#[allow(clippy::too_many_arguments)]
+async fn record_sealed<T: Transport>(
+    engine: &Engine<T>,
+    recipient: Vec<u8>,
+    key: FileKey,
+    size: u64,
+    name: String,
+    mime: String,
+    thumbnail: Vec<u8>,
+    (spool, chunks, manifest_len): Sealed,
+) -> Result<Claim, FilesError> {
+    let store = engine.store().clone();
     let file = FileRef {
         key,
         manifest: ChunkId(*chunks.last().expect("the manifest's id is last")),
@@ -158,6 +301,18 @@ pub async fn prepare<T: Transport>(
     file.check()
         .map_err(|e| FilesError::Refused(e.to_string()))?;
     let id = file.id();
+    // The same file passed on to the same conversation again (the same id): once the
+    // first has gone, it goes again (the relays' `has` says what they still hold).
+    let Some(claim) = engine.transfers().claim(false, id) else {
+        return Err(FilesError::Refused(
+            "that file is being sent there now; `kkachi files` shows how far".into(),
+        ));
+    };
+    if store.outgoing_file(&id)?.is_some_and(|o| !o.finished) {
+        return Err(FilesError::Refused(
+            "that file is on its way there already; `kkachi files` shows how far".into(),
+        ));
+    }
     let home = store.home().to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<(), FilesError> {
         let path = spool_path(&home, &id);
@@ -166,10 +321,6 @@ pub async fn prepare<T: Transport>(
     })
     .await
     .map_err(|e| FilesError::Refused(format!("keeping the sealed file failed: {e}")))??;
-    let claim = engine
-        .transfers()
-        .claim(false, id)
-        .expect("a new file's id is new");
     let record = Outgoing {
         contact: recipient,
         reference: file.encode(),
@@ -193,35 +344,24 @@ pub async fn prepare<T: Transport>(
     Ok(claim)
 }
 
-/// Reads `src` once, sealing each chunk into a new spool file, then the manifest; the
-/// file is synced before this returns. Returns it (to be named by the file's id), every
-/// chunk id (the manifest's last) and the sealed manifest's length.
+/// Seals a file of `size` bytes into a new spool file, chunk by chunk (`fill` gives
+/// chunk `i`'s plaintext, as long as the buffer it is handed), then its manifest; the
+/// spool is synced before this returns.
 fn seal_into_spool(
     home: &Path,
-    src: &Path,
     key: &FileKey,
     size: u64,
-) -> Result<(tempfile::NamedTempFile, Vec<[u8; 32]>, u32), FilesError> {
+    fill: &Fill<'_>,
+) -> Result<Sealed, FilesError> {
     let dir = out_dir(home);
     private_dir(&dir)?;
     let tmp = tempfile::Builder::new()
         .prefix(".sealing-")
         .tempfile_in(&dir)
         .map_err(disk(&dir))?;
-    let read = |source| FilesError::Read {
-        path: src.to_path_buf(),
-        source,
-    };
-    let changed = || {
-        FilesError::Refused(format!(
-            "{} changed while it was read; send it again once it is complete",
-            src.display()
-        ))
-    };
-    let input = File::open(src).map_err(read)?;
     let n = chunk_count(size);
     // Chunks are sealed on every core at once: each has its fixed place in the spool
-    // (see `chunk_offset`), read from its own place in the file.
+    // (see `chunk_offset`), read from its own place in the source.
     let workers = std::thread::available_parallelism()
         .map_or(1, |p| p.get())
         .clamp(1, 4)
@@ -230,13 +370,12 @@ fn seal_into_spool(
     let (spool, spool_path) = (tmp.as_file(), tmp.path());
     // One worker failing stops the others.
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let modified = input.metadata().and_then(|m| m.modified()).ok();
     // Each worker's chunks: their indexes and ids.
-    type Sealed = Vec<(usize, [u8; 32])>;
-    let results: Vec<Result<Sealed, FilesError>> = std::thread::scope(|scope| {
+    type Done = Vec<(usize, [u8; 32])>;
+    let results: Vec<Result<Done, FilesError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                let (input, read, changed, stop) = (&input, &read, &changed, &stop);
+                let stop = &stop;
                 scope.spawn(move || {
                     use std::os::unix::fs::FileExt;
                     use std::sync::atomic::Ordering;
@@ -248,15 +387,7 @@ fn seal_into_spool(
                         }
                         let at = (i * CHUNK_BYTES) as u64;
                         let want = (size - at).min(CHUNK_BYTES as u64) as usize;
-                        let sealed = input
-                            .read_exact_at(&mut plain[..want], at)
-                            .map_err(|e| {
-                                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                                    changed()
-                                } else {
-                                    read(e)
-                                }
-                            })
+                        let sealed = fill(i, &mut plain[..want])
                             .and_then(|()| {
                                 let sealed = seal_chunk(key, i, n, &plain[..want], size);
                                 spool
@@ -280,11 +411,6 @@ fn seal_into_spool(
         for (i, id) in result? {
             ids[i] = id;
         }
-    }
-    // Written to meanwhile (longer, shorter, or the same length changed in place).
-    let after = input.metadata().map_err(read)?;
-    if after.len() != size || after.modified().ok() != modified {
-        return Err(changed());
     }
     let manifest = Manifest {
         size,
@@ -404,6 +530,9 @@ struct Plan {
     /// Copies of each item on each recipient's relays (what `held` says, counted).
     count: Vec<Vec<u16>>,
     bytes: u64,
+    /// A share full for us frees as the recipients fetch (their own queues); a group
+    /// queue's frees only as its files expire.
+    quota_frees: bool,
 }
 
 impl Plan {
@@ -457,7 +586,7 @@ impl Plan {
     fn gone(&self, r: usize) -> bool {
         self.out[r]
             .as_ref()
-            .is_some_and(|why| !why.starts_with("quota_exceeded"))
+            .is_some_and(|why| !(self.quota_frees && why.starts_with("quota_exceeded")))
     }
 
     /// Puts of `item` under way to recipient `m`'s relays that have not failed lately:
@@ -606,6 +735,11 @@ async fn upload_once<T: Transport>(
                 queues,
                 members,
             },
+            // Its message went under a key since replaced: no more copies go.
+            Ok(GroupFileRoute::Waiting) if record.message_sent => {
+                finish(&store, &home, &id, &mut record).await?;
+                return Ok(finished_report(&record));
+            }
             Ok(GroupFileRoute::Waiting) => {
                 let why = "the group has no key you may write under yet; the file goes once an admin hands one out";
                 record.last_error = Some(why.into());
@@ -652,9 +786,10 @@ async fn upload_once<T: Transport>(
             Route::Contacts(_) => record.epoch.is_some(),
         }
     {
-        record.finished = true;
+        finish(&store, &home, &id, &mut record).await?;
+        return Ok(finished_report(&record));
     }
-    let (targets, names, recipients, epoch, members) = match route {
+    let (targets, names, recipients, place, members) = match route {
         Route::Contacts(recipients) => {
             let names = recipients.iter().map(|c| c.name.clone()).collect();
             let members = recipients.len();
@@ -671,6 +806,7 @@ async fn upload_once<T: Transport>(
             queues,
             members,
         } => {
+            let relays = queues.iter().map(|(addr, _)| addr.clone()).collect();
             let targets = queues
                 .into_iter()
                 .map(|(addr, key)| Target {
@@ -684,7 +820,7 @@ async fn upload_once<T: Transport>(
                 targets,
                 vec!["the group's relays".to_owned()],
                 Vec::new(),
-                Some(epoch),
+                Some((epoch, relays)),
                 members,
             )
         }
@@ -711,7 +847,7 @@ async fn upload_once<T: Transport>(
         copies: 0,
         members,
         relays: targets.len(),
-        group_relays: epoch.is_some(),
+        group_relays: place.is_some(),
         bytes: 0,
         elapsed: Duration::ZERO,
         left_out: Vec::new(),
@@ -763,6 +899,7 @@ async fn upload_once<T: Transport>(
         need: need.clone(),
         count: Vec::new(),
         bytes: 0,
+        quota_frees: place.is_none(),
     };
     for (r, t) in targets.iter().enumerate() {
         if let Some((_, bits)) = record.relays.iter().find(|(a, _)| *a == t.name) {
@@ -816,7 +953,7 @@ async fn upload_once<T: Transport>(
         }
     }
     // The group its message goes to, and the epoch it goes under (with group relays).
-    let to_group = group.map(|g| (g, epoch));
+    let to_group = group.map(|g| (g, place.clone()));
     // Whom the message went to (all who have relays, unless some are left out).
     let mut sent_to = with_relays.clone();
     let mut saved = Instant::now();
@@ -846,8 +983,16 @@ async fn upload_once<T: Transport>(
                 .iter()
                 .filter_map(|&m| recipients.get(m))
                 .collect();
-            if let Err(e) =
-                send_message(engine, &id, &mut record, &mut report, to_group, &file, &to).await
+            if let Err(e) = send_message(
+                engine,
+                &id,
+                &mut record,
+                &mut report,
+                to_group.clone(),
+                &file,
+                &to,
+            )
+            .await
             {
                 workers.abort_all();
                 return Err(e);
@@ -882,7 +1027,7 @@ async fn upload_once<T: Transport>(
                 &id,
                 &mut record,
                 &mut report,
-                to_group,
+                to_group.clone(),
                 &file,
                 &contacts,
             )
@@ -935,16 +1080,7 @@ async fn upload_once<T: Transport>(
         return Ok(report);
     }
     if record.message_sent {
-        record.finished = true;
-        record.last_error = None;
-        record.attempts = 0;
-        // Nothing more is put: the chunk list (up to 256 KiB) and what each relay holds
-        // are not kept, so listing transfers stays cheap.
-        record.chunks = Vec::new();
-        record.relays = Vec::new();
-        save(&store, &id, &record)?;
-        store.flush().await?;
-        let _ = std::fs::remove_file(&spool_file);
+        finish(&store, &home, &id, &mut record).await?;
         return Ok(report);
     }
     let why: Vec<String> = report
@@ -986,7 +1122,7 @@ async fn send_message<T: Transport>(
     id: &TransferId,
     record: &mut Outgoing,
     report: &mut UploadReport,
-    group: Option<(GroupId, Option<[u8; 32]>)>,
+    group: Option<(GroupId, Option<GroupFilePlace>)>,
     file: &FileRef,
     to: &[&Contact],
 ) -> Result<(), FilesError> {
@@ -996,19 +1132,19 @@ async fn send_message<T: Transport>(
     }
     let mut went = record.clone();
     went.message_sent = true;
-    if let Some((_, epoch)) = group {
+    if let Some((_, place)) = &group {
         went.members = to.iter().map(|c| c.peer.to_bytes()).collect();
-        went.epoch = epoch;
+        went.epoch = place.as_ref().map(|(epoch, _)| *epoch);
     }
     let mut with = WriteSet::default();
     LocalStore::write_outgoing_file(&mut with, id, &went);
     // Refused (a group's key changed meanwhile): nothing went, and the record stays
     // as it was.
     match (group, to.first()) {
-        (Some((group, epoch)), _) => {
+        (Some((group, place)), _) => {
             let peers = to.iter().map(|c| c.peer).collect();
             let sent = engine
-                .send_group_file(group, file.clone(), peers, epoch, with)
+                .send_group_file(group, file.clone(), peers, place, with)
                 .await?;
             went.message = Some(sent.id.0);
             report.group_sent = Some(sent);
@@ -1024,6 +1160,45 @@ async fn send_message<T: Transport>(
     report.message_sent = true;
     save(store, id, record)?;
     Ok(())
+}
+
+/// Marks a file whose message went as done: nothing more is put. The chunk list (up to
+/// 256 KiB) and what each relay holds are not kept, so listing transfers stays cheap,
+/// and the sealed copy goes.
+async fn finish(
+    store: &LocalStore,
+    home: &Path,
+    id: &TransferId,
+    record: &mut Outgoing,
+) -> Result<(), FilesError> {
+    record.finished = true;
+    record.last_error = None;
+    record.attempts = 0;
+    record.chunks = Vec::new();
+    record.relays = Vec::new();
+    save(store, id, record)?;
+    store.flush().await?;
+    let _ = std::fs::remove_file(spool_path(home, id));
+    Ok(())
+}
+
+/// What a run that found the file done reports.
+fn finished_report(record: &Outgoing) -> UploadReport {
+    UploadReport {
+        sending: None,
+        group_sent: None,
+        message_sent: record.message_sent,
+        copies: 0,
+        members: record.members.len(),
+        left_members: Vec::new(),
+        degraded: false,
+        relays: 0,
+        group_relays: record.epoch.is_some(),
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        left_out: Vec::new(),
+        refused: Vec::new(),
+    }
 }
 
 /// Writes the record back, unless it was removed meanwhile (its contact removed or

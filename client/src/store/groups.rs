@@ -256,7 +256,7 @@ pub struct Waiting {
     /// The message as it will be shown.
     pub message: GroupMessage,
     /// Where its file is, for a file posted to a group with group relays.
-    pub queues: super::FileQueues,
+    pub source: Option<super::GroupSource>,
 }
 
 impl GroupRecord {

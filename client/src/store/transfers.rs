@@ -133,27 +133,48 @@ pub struct Incoming {
     pub attempts: u32,
     /// Not tried again on its own before this (Unix ms).
     pub retry_at_ms: u64,
-    /// For a file posted to a group with group relays, where its chunks are (see
-    /// [`FileQueues`]); empty for one put into our own queues.
-    pub group_queues: FileQueues,
+    /// Some message offered it in our own queues (from a contact, or a group without
+    /// group relays).
+    pub inbox: bool,
+    /// The group queues messages offered it in (groups with group relays), at most
+    /// [`MAX_FILE_SOURCES`].
+    pub sources: Vec<GroupSource>,
+    /// Other messages that offered the same file (who, as `contact`, and which), at
+    /// most [`MAX_FILE_SOURCES`]: the file stays while any of them is here.
+    pub also: Vec<(Vec<u8>, [u8; 16])>,
 }
 
-/// Where a group's file is when its group has group relays: each group relay (its
-/// address) and the key of the group queue there that holds the chunks (SPEC §14.5).
-pub type FileQueues = Vec<(String, [u8; 32])>;
+/// Where a file posted to a group with group relays is (SPEC §14.5).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupSource {
+    /// The group.
+    pub group: [u8; 32],
+    /// The epoch its post named, whose group queues hold the chunks.
+    pub epoch: [u8; 32],
+    /// Each group relay (its address) and the key of the epoch's group queue there,
+    /// as the group's relays were when the post came.
+    pub queues: Vec<(String, [u8; 32])>,
+}
+
+/// Sources and other offers kept of one file: the same file offered by many messages
+/// (anyone may send a reference they got) is fetched from any of the first few.
+pub const MAX_FILE_SOURCES: usize = 4;
 
 impl Incoming {
     /// A file offered in message `message` from `from` (a contact's peer id, or a
-    /// group's key), not asked for yet, its chunks in our queues or in `group_queues`.
+    /// group's key), not asked for yet, its chunks in our queues or in the group
+    /// queues of `source`.
     pub fn offered(
         from: Vec<u8>,
         message: [u8; 16],
         file: &FileRef,
         now_ms: u64,
-        group_queues: FileQueues,
+        source: Option<GroupSource>,
     ) -> Self {
         Incoming {
-            group_queues,
+            inbox: source.is_none(),
+            sources: source.into_iter().collect(),
+            also: Vec::new(),
             contact: from,
             message,
             reference: file.encode(),
@@ -164,6 +185,48 @@ impl Incoming {
             auto: false,
             attempts: 0,
             retry_at_ms: 0,
+        }
+    }
+
+    /// Notes another message offering this file (`from`, `message`) and where it says
+    /// the chunks are; whether anything changed.
+    pub fn learn(&mut self, from: Vec<u8>, message: [u8; 16], source: Option<GroupSource>) -> bool {
+        let mut changed = false;
+        match source {
+            None if !self.inbox => {
+                self.inbox = true;
+                changed = true;
+            }
+            Some(s) if !self.sources.contains(&s) && self.sources.len() < MAX_FILE_SOURCES => {
+                self.sources.push(s);
+                changed = true;
+            }
+            _ => {}
+        }
+        let offer = (from, message);
+        if (self.contact.as_slice(), self.message) != (offer.0.as_slice(), offer.1)
+            && !self.also.contains(&offer)
+            && self.also.len() < MAX_FILE_SOURCES
+        {
+            self.also.push(offer);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Keeps what `stored` (the record as it is now in the store) learnt of other
+    /// offers while this copy of it was being worked on.
+    pub fn keep_offers_of(&mut self, stored: &Incoming) {
+        self.inbox |= stored.inbox;
+        for s in &stored.sources {
+            if !self.sources.contains(s) && self.sources.len() < MAX_FILE_SOURCES {
+                self.sources.push(s.clone());
+            }
+        }
+        for o in &stored.also {
+            if !self.also.contains(o) && self.also.len() < MAX_FILE_SOURCES {
+                self.also.push(o.clone());
+            }
         }
     }
 
@@ -211,8 +274,10 @@ impl LocalStore {
     }
 
     /// Offers `file` (from message `message` of `from`, a peer id or a group's key,
-    /// its chunks in our queues or in `group_queues`) for fetching, in a WriteSet,
-    /// unless it is here already (the same file sent again keeps its record).
+    /// its chunks in our queues or in the group queues of `source`) for fetching, in a
+    /// WriteSet. The same file offered again keeps its record, and one not fetched yet
+    /// learns where else it is: whoever sends a reference first cannot decide where
+    /// the file is fetched from, nor make it go by deleting their message.
     pub fn offer_incoming_file(
         &self,
         w: &mut WriteSet,
@@ -220,15 +285,22 @@ impl LocalStore {
         from: Vec<u8>,
         message: [u8; 16],
         now_ms: u64,
-        group_queues: FileQueues,
+        source: Option<GroupSource>,
     ) -> Result<(), StoreError> {
         let id = file.id();
-        if self.incoming_file(&id)?.is_none() {
+        let Some(mut record) = self.incoming_file(&id)? else {
             LocalStore::write_incoming_file(
                 w,
                 &id,
-                &Incoming::offered(from, message, file, now_ms, group_queues),
+                &Incoming::offered(from, message, file, now_ms, source),
             );
+            return Ok(());
+        };
+        if record.state == IncomingState::Done {
+            return Ok(());
+        }
+        if record.learn(from, message, source) {
+            LocalStore::write_incoming_file(w, &id, &record);
         }
         Ok(())
     }

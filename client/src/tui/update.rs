@@ -139,7 +139,7 @@ Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /timer [1d|off]         show or set: messages here disappear (5s to 1y)
 /search WORDS           find in 1:1 chats     /mute  this conversation on/off
 /relays  /relay add|remove ADDR   your relays (up/down, latency), add, remove
-/file PATH /save [DIR] /open  send a file; save/open their last or picked
+/file PATH /save [DIR] /open /forward WHO  send; save, open, pass on theirs
 /drill [game-day]       check relays, clocks, outbox; game-day: each relay out
 /bell /notify /mouse    bell, notifications, mouse on/off     /receipts on|off";
 
@@ -562,7 +562,7 @@ const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
     "receipts", "edit", "delete", "reply", "react", "name", "mouse", "file", "save", "open",
-    "group", "members", "leave",
+    "forward", "group", "members", "leave",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -916,48 +916,38 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
                     timeout: 5.0,
                     reply: None,
                     file: Some(path),
+                    forward: None,
+                }),
+                None,
+            )]
+        }
+        (Some("forward"), to) => {
+            let Some(to) = to.map(|_| line.trim_start()["/forward".len()..].trim()) else {
+                notice(
+                    state,
+                    "usage: /forward NAME (their last file, or the one picked, to a contact or group)",
+                );
+                return vec![];
+            };
+            let Some((id, _)) = their_file(state, "forward") else {
+                return vec![];
+            };
+            state.picked = None;
+            vec![run(
+                Command::Send(crate::cli::SendArgs {
+                    contact: to.to_owned(),
+                    text: Vec::new(),
+                    timeout: 5.0,
+                    reply: None,
+                    file: None,
+                    forward: Some(id),
                 }),
                 None,
             )]
         }
         (Some(verb @ ("save" | "open")), dir) => {
-            // In a group, the last file a member sent; in a conversation, the picked
-            // message's file, else their last one.
-            let found = if state.group.is_some() {
-                let last = state.data.group_lines.iter().rev();
-                let Some(file) = last
-                    .filter(|l| !l.ours && !l.event)
-                    .find_map(|l| l.file.as_ref())
-                else {
-                    notice(state, &format!("no file from a member here to {verb}"));
-                    return vec![];
-                };
-                (file.id.clone(), file.name.clone())
-            } else {
-                if state.selected.is_none() {
-                    notice(state, "open the conversation first");
-                    return vec![];
-                }
-                let target =
-                    match state.picked {
-                        Some(id) => state.data.messages.iter().find(|m| m.id == id),
-                        None => state.data.messages.iter().rev().find(|m| {
-                            m.direction == Direction::In && m.file.is_some() && !m.deleted
-                        }),
-                    };
-                let Some(file) = target
-                    .filter(|m| m.direction == Direction::In && !m.deleted)
-                    .and_then(|m| m.file.as_ref()?.file())
-                else {
-                    notice(
-                        state,
-                        &format!(
-                            "no file of theirs here to {verb}: pick one with Ctrl+Up, then /{verb}"
-                        ),
-                    );
-                    return vec![];
-                };
-                (crate::files::hex(&file.id()), file.name)
+            let Some(found) = their_file(state, verb) else {
+                return vec![];
             };
             let (id, file_name) = found;
             let to = match (dir, path_after(line, verb)) {
@@ -1263,6 +1253,48 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             vec![]
         }
     }
+}
+
+/// The file `/VERB` acts on: in a group, the last file a member sent; in a
+/// conversation, the picked message's file, else their last one (its id and name). A
+/// notice says why there is none.
+fn their_file(state: &mut State, verb: &str) -> Option<(String, String)> {
+    Some(if state.group.is_some() {
+        let last = state.data.group_lines.iter().rev();
+        let Some(file) = last
+            .filter(|l| !l.ours && !l.event)
+            .find_map(|l| l.file.as_ref())
+        else {
+            notice(state, &format!("no file from a member here to {verb}"));
+            return None;
+        };
+        (file.id.clone(), file.name.clone())
+    } else {
+        if state.selected.is_none() {
+            notice(state, "open the conversation first");
+            return None;
+        }
+        let target = match state.picked {
+            Some(id) => state.data.messages.iter().find(|m| m.id == id),
+            None => state
+                .data
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.direction == Direction::In && m.file.is_some() && !m.deleted),
+        };
+        let Some(file) = target
+            .filter(|m| m.direction == Direction::In && !m.deleted)
+            .and_then(|m| m.file.as_ref()?.file())
+        else {
+            notice(
+                state,
+                &format!("no file of theirs here to {verb}: pick one with Ctrl+Up, then /{verb}"),
+            );
+            return None;
+        };
+        (crate::files::hex(&file.id()), file.name)
+    })
 }
 
 #[cfg(test)]
@@ -1748,6 +1780,20 @@ mod tests {
                 },
                 title: None,
             }]
+        );
+        // Their last file, passed on to a contact or group named as `send` names them.
+        typed(&mut s, "/forward");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("usage: /forward"));
+        s.input = crate::tui::state::new_input();
+        typed(&mut s, "/forward Town Hall");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(&e[..], [Effect::Run { command: Command::Send(args), .. }]
+                if args.contact == "Town Hall"
+                    && args.file.is_none()
+                    && args.forward.as_deref() == Some(crate::files::hex(&file("b.pdf").id()).as_str())),
+            "{e:?}"
         );
         // The picked one.
         let ctrl = |code| Msg::Key(KeyEvent::new(code, KeyModifiers::CONTROL));

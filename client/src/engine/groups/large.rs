@@ -374,6 +374,28 @@ impl<T> State<T> {
             .cloned())
     }
 
+    /// The group queues of epoch `epoch` of group `group` on its relays now (none if we
+    /// do not hold that epoch, or the group).
+    pub(crate) fn epoch_queues_of(
+        &self,
+        group: GroupId,
+        epoch: [u8; 32],
+    ) -> Result<Vec<(Multiaddr, GroupKey)>, EngineError> {
+        let Some(record) = self.store.group(&group)? else {
+            return Ok(Vec::new());
+        };
+        let Some(roster) = self.merged(group, &record)?.roster else {
+            return Ok(Vec::new());
+        };
+        Ok(record
+            .large
+            .epochs
+            .iter()
+            .find(|e| e.id == epoch)
+            .map(|e| epoch_queues(e, &roster))
+            .unwrap_or_default())
+    }
+
     /// Where a file for large group `record` goes: the group queues of the epoch we may
     /// write under, on every group relay.
     pub(super) fn large_file_route(
@@ -1143,21 +1165,23 @@ impl<T> State<T> {
             reach: (0, 0, 0),
         };
         message.message.file = file;
-        // A file's chunks are in the group queues of the epoch its post names.
-        let queues = match &message.message.file {
+        // A file's chunks are in the group queues of the epoch its post names (it
+        // opened under that epoch's key, so we hold it).
+        let source = match &message.message.file {
             Some(_) => record
                 .large
                 .epochs
                 .iter()
                 .find(|e| e.id == post.epoch().0)
-                .map(|e| {
-                    epoch_queues(e, roster)
+                .map(|e| crate::store::GroupSource {
+                    group: group.0,
+                    epoch: e.id,
+                    queues: epoch_queues(e, roster)
                         .into_iter()
                         .map(|(addr, key)| (addr.to_string(), key.0))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            None => Vec::new(),
+                        .collect(),
+                }),
+            None => None,
         };
         if roster.may_post(&author) {
             self.note_group_expiry(record, &message);
@@ -1165,11 +1189,11 @@ impl<T> State<T> {
             let local = record.next_local;
             record.next_local += 1;
             LocalStore::write_group_message(w, &group, local, &message);
-            self.offer_group_file(w, group, local, &message, queues, now)?;
+            self.offer_group_file(w, group, local, &message, source, now)?;
             return Ok(vec![self.shown(peer, roster, message)]);
         }
         // Its author's add or promotion may be on its way: it waits, within bounds.
-        super::hold_waiting(record, peer, author, message, queues, now);
+        super::hold_waiting(record, peer, author, message, source, now);
         Ok(Vec::new())
     }
 

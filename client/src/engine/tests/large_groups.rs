@@ -630,7 +630,13 @@ async fn a_file_goes_once_into_the_group_queues_and_every_member_fetches_it() {
         u.sync().await;
         let (file, incoming) = group_file(u, id).expect("the file's message");
         assert_eq!(incoming.group(), Some(id));
-        assert_eq!(incoming.group_queues.len(), 3, "every group relay's queue");
+        assert!(!incoming.inbox, "not in our own queues");
+        assert_eq!(incoming.sources.len(), 1);
+        assert_eq!(
+            incoming.sources[0].queues.len(),
+            3,
+            "every group relay's queue"
+        );
         let fetched = files::fetch(&u.engine, file.id()).await.unwrap();
         assert!(fetched.complete, "{}", u.card.name());
         let out = dir.path().join(format!("out-{}", u.peer()));
@@ -673,9 +679,30 @@ async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_n
     };
     let stale = members[0]
         .engine
-        .send_group_file(id, file, Vec::new(), Some(before), WriteSet::default())
+        .send_group_file(
+            id,
+            file.clone(),
+            Vec::new(),
+            Some((before, group_relays.clone())),
+            WriteSet::default(),
+        )
         .await;
     assert!(matches!(stale, Err(EngineError::Changed(_))), "{stale:?}");
+    // Nor with the group's relays changed since they went up.
+    let elsewhere = members[0]
+        .engine
+        .send_group_file(
+            id,
+            file,
+            Vec::new(),
+            Some((after, group_relays[..2].to_vec())),
+            WriteSet::default(),
+        )
+        .await;
+    assert!(
+        matches!(elsewhere, Err(EngineError::Changed(_))),
+        "{elsewhere:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("roster.txt");
     std::fs::write(&path, b"who is at the school").unwrap();
@@ -694,7 +721,8 @@ async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_n
             .unwrap()
             .complete
     );
-    let queues: Vec<[u8; 32]> = incoming.group_queues.iter().map(|q| q.1).collect();
+    assert_eq!(incoming.sources[0].epoch, after);
+    let queues: Vec<[u8; 32]> = incoming.sources[0].queues.iter().map(|q| q.1).collect();
     let new_key = kkachi_protocol::group::large::EpochKey::from_bytes(
         members[1]
             .engine
@@ -719,4 +747,221 @@ async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_n
     gone.sync().await;
     assert!(group_file(gone, id).is_none());
     assert!(gone.engine.store().file_transfers().unwrap().1.is_empty());
+}
+
+#[tokio::test]
+async fn a_file_passed_on_is_sealed_anew_per_conversation_and_not_put_twice() {
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, 2).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    let (from, to) = (&members[0], &members[1]);
+    // A member sends the admin a photo, 1:1.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dam.jpg");
+    let bytes: Vec<u8> = (0..700_000u32).map(|i| (i * 17 % 239) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let admin_peer = admin.peer();
+    let claim = files::prepare(&from.engine, To::Contact(admin_peer), &path)
+        .await
+        .unwrap();
+    files::upload(&from.engine, claim).await.unwrap();
+    admin.sync().await;
+    let (_, incoming) = admin.engine.store().file_transfers().unwrap();
+    let (original_id, record) = incoming.into_iter().next().expect("offered");
+    let original = record.file().unwrap();
+    let chunks_before: std::collections::HashSet<ChunkId> = net
+        .inner
+        .lock()
+        .chunks
+        .values()
+        .flat_map(|c| c.keys().map(|(_, id)| *id))
+        .collect();
+    // Not fetched yet: it cannot be passed on.
+    let early = files::prepare_forward(&admin.engine, To::Contact(to.peer()), original_id).await;
+    assert!(
+        matches!(early, Err(files::FilesError::Refused(ref why)) if why.contains("fetch it first"))
+    );
+    assert!(
+        files::fetch(&admin.engine, original_id)
+            .await
+            .unwrap()
+            .complete
+    );
+
+    // Passed on to another contact: sealed anew, fetched whole there.
+    let forward = |to: To| {
+        let admin = &admin;
+        async move {
+            let claim = files::prepare_forward(&admin.engine, to, original_id)
+                .await
+                .unwrap();
+            let sent = claim.id;
+            (sent, files::upload(&admin.engine, claim).await.unwrap())
+        }
+    };
+    let (sent, report) = forward(To::Contact(to.peer())).await;
+    assert!(report.message_sent);
+    assert!(report.bytes > bytes.len() as u64, "put once: {report:?}");
+    assert_ne!(sent, original_id, "another file to the relays and to them");
+    to.sync().await;
+    let got = to
+        .engine
+        .store()
+        .incoming_file(&sent)
+        .unwrap()
+        .expect("offered");
+    let file = got.file().unwrap();
+    assert_eq!((file.name.as_str(), file.size), ("dam.jpg", original.size));
+    assert_eq!(
+        file.thumbnail, original.thumbnail,
+        "its preview goes with it"
+    );
+    assert!(files::fetch(&to.engine, sent).await.unwrap().complete);
+    let out = dir.path().join("out");
+    let saved = files::export(to.engine.store(), &sent, &out).unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), bytes);
+    // No chunk a relay holds for them is one it held for the first conversation.
+    let chunks_after: std::collections::HashSet<ChunkId> = net
+        .inner
+        .lock()
+        .chunks
+        .values()
+        .flat_map(|c| c.keys().map(|(_, id)| *id))
+        .collect();
+    let new: Vec<&ChunkId> = chunks_after.difference(&chunks_before).collect();
+    assert_eq!(new.len(), 3 + 1, "three chunks and a manifest, all new");
+
+    // Passed on to them again: the relays hold it still, nothing is put.
+    let (again, report) = forward(To::Contact(to.peer())).await;
+    assert_eq!(again, sent, "the same chunks");
+    assert!(report.message_sent);
+    assert_eq!(report.bytes, 0, "nothing put twice");
+
+    // Into the group with group relays: once, then again for nothing.
+    let (in_group, report) = forward(To::Group(id)).await;
+    assert!(report.message_sent && report.group_relays);
+    assert!(report.bytes > 0);
+    assert_ne!(in_group, sent);
+    let (_, report) = forward(To::Group(id)).await;
+    assert_eq!(report.bytes, 0, "the group queues hold it");
+    from.sync().await;
+    let (file, _) = group_file(from, id).expect("the file in the group");
+    assert_eq!(file.id(), in_group);
+    assert!(files::fetch(&from.engine, in_group).await.unwrap().complete);
+}
+
+#[tokio::test]
+async fn a_reference_sent_on_first_by_someone_else_neither_hides_the_file_nor_takes_it_away() {
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, 2).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    let (author, victim) = (&members[0], &members[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("levels.csv");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 233) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let claim = files::prepare(&author.engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    files::upload(&author.engine, claim).await.unwrap();
+    // The admin reads the reference in the group and sends it, unchanged, 1:1 to the
+    // victim: a message saying the chunks are in the victim's own queues (they are
+    // not), which may well be taken in before the group's.
+    admin.sync().await;
+    let (file, _) = group_file(&admin, id).expect("the admin has it");
+    let decoy = admin
+        .engine
+        .send_file(victim.peer(), file.clone(), WriteSet::default())
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    victim.sync().await;
+    let record = victim
+        .engine
+        .store()
+        .incoming_file(&file.id())
+        .unwrap()
+        .unwrap();
+    assert!(record.inbox, "one message said our own queues");
+    assert_eq!(
+        record.contact(),
+        Some(admin.peer()),
+        "the admin's came first"
+    );
+    assert_eq!(record.sources.len(), 1, "the other the group's: {record:?}");
+    assert_eq!(record.also.len(), 1, "both messages are noted");
+    // Fetched from the group's queues, whichever came first.
+    assert!(
+        files::fetch(&victim.engine, file.id())
+            .await
+            .unwrap()
+            .complete
+    );
+    // The decoy deleted: the file stays, named by the group's message.
+    victim
+        .engine
+        .delete_for_me(admin.peer(), decoy.queued.id)
+        .await
+        .unwrap();
+    files::sweep(victim.engine.store()).unwrap();
+    let kept = victim
+        .engine
+        .store()
+        .incoming_file(&file.id())
+        .unwrap()
+        .expect("kept for the group's message");
+    assert_eq!(kept.group(), Some(id));
+    let out = dir.path().join("out");
+    let saved = files::export(victim.engine.store(), &file.id(), &out).unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_group_file_short_of_copies_is_done_once_the_key_changes() {
+    use crate::files::{self, To};
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, 3).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    net.set_up(&group_relays[0], false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("note.txt");
+    std::fs::write(&path, b"water at the gym").unwrap();
+    let sender = &members[0];
+    let claim = files::prepare(&sender.engine, To::Group(id), &path)
+        .await
+        .unwrap();
+    let file_id = claim.id;
+    let report = files::upload(&sender.engine, claim).await.unwrap();
+    // A small file goes to every group relay: one is down, so it went short.
+    assert!(report.message_sent);
+    assert_eq!(report.copies, 2);
+    let outgoing = |u: &User| u.engine.store().outgoing_file(&file_id).unwrap().unwrap();
+    assert!(!outgoing(sender).finished);
+    let spool = sender
+        .engine
+        .store()
+        .home()
+        .join("files/out")
+        .join(crate::files::hex(&file_id));
+    assert!(spool.exists(), "kept to put the missing copies");
+    // A removal makes a new key: copies under the old one are no longer topped up,
+    // and the file is done (nothing tried again, the sealed copy gone).
+    admin
+        .engine
+        .change_group(id, GroupChange::Remove(members[2].peer()))
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    sender.sync().await;
+    net.set_up(&group_relays[0], true);
+    let claim = sender.engine.transfers().claim(false, file_id).unwrap();
+    let again = files::upload(&sender.engine, claim).await.unwrap();
+    assert_eq!(again.bytes, 0);
+    assert!(outgoing(sender).finished, "saved as done");
+    assert!(!spool.exists());
 }
