@@ -576,45 +576,43 @@ impl<S: MailboxStore + Clone> Service<S> {
     /// envelopes are).
     #[allow(clippy::result_large_err)] // the refusal, as answered
     fn route_chunks(&self, cap: &ChunkCap) -> Result<(QueueId, WriteId), RelayToClient> {
-        let write = match cap {
-            ChunkCap::Write(write) => write,
+        let route = match cap {
+            ChunkCap::Write(write) => self
+                .store
+                .route(&write.id())
+                .map(|r| r.map(|(queue, kind)| (queue, kind, write.id()))),
             ChunkCap::Group(key) => {
                 let queue = key.queue();
-                return match self.store.is_group_queue(&queue) {
-                    Ok(true) => Ok((queue, WriteId(queue.0))),
-                    Ok(false) => Err(refuse(
-                        &self.metrics,
-                        ErrorCode::NoQueue,
-                        "no group queue here for this key; open it (OpenGroup) and put again",
-                    )),
-                    Err(e) => {
-                        let (code, message) = store_refusal(&e);
-                        Err(refuse(&self.metrics, code, message))
-                    }
-                };
+                self.store
+                    .is_group_queue(&queue)
+                    .map(|open| open.then_some((queue, QueueKind::Group, WriteId(queue.0))))
             }
         };
-        match self.store.route(&write.id()) {
-            Ok(Some((queue, QueueKind::Inbox))) => Ok((queue, write.id())),
-            Ok(Some((_, QueueKind::Requests))) => Err(refuse(
-                &self.metrics,
+        let refused = |code, message| Err(refuse(&self.metrics, code, message));
+        match (cap, route) {
+            (ChunkCap::Write(_), Ok(Some((queue, QueueKind::Inbox, grant))))
+            | (ChunkCap::Group(_), Ok(Some((queue, QueueKind::Group, grant)))) => {
+                Ok((queue, grant))
+            }
+            (_, Ok(Some((_, QueueKind::Requests, _)))) => refused(
                 ErrorCode::NotAllowed,
                 "files go only to contacts: become one first",
-            )),
+            ),
             // No grant is of this kind: group queues have none.
-            Ok(Some((_, QueueKind::Group))) => Err(refuse(
-                &self.metrics,
-                ErrorCode::NotAllowed,
-                "chunks do not go into group queues",
-            )),
-            Ok(None) => Err(refuse(
-                &self.metrics,
+            (_, Ok(Some(_))) => {
+                refused(ErrorCode::NotAllowed, "chunks do not go into group queues")
+            }
+            (ChunkCap::Group(_), Ok(None)) => refused(
+                ErrorCode::NoQueue,
+                "no group queue here for this key; open it (OpenGroup) and put again",
+            ),
+            (ChunkCap::Write(_), Ok(None)) => refused(
                 ErrorCode::NoQueue,
                 "no queue on this relay takes this write key; the recipient has not granted it here, or withdrew it",
-            )),
-            Err(e) => {
+            ),
+            (_, Err(e)) => {
                 let (code, message) = store_refusal(&e);
-                Err(refuse(&self.metrics, code, message))
+                refused(code, &message)
             }
         }
     }

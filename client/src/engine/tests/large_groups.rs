@@ -45,6 +45,38 @@ async fn large_group(admin: &User, members: &[User], relays: &[Multiaddr]) -> Gr
     id
 }
 
+/// A network, an admin and `n` members (each only the admin's contact) in a group with
+/// three group relays, every member holding its key.
+async fn town(n: usize) -> (FakeNet, User, Vec<User>, Vec<Multiaddr>, GroupId) {
+    let net = FakeNet::default();
+    let (admin, members) = star(&net, n).await;
+    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
+    let id = large_group(&admin, &members, &group_relays).await;
+    (net, admin, members, group_relays, id)
+}
+
+/// `u` sends `to` a file of `size` bytes named `name` (written into `dir`): its bytes,
+/// its id, and what the upload did.
+async fn send_file(
+    u: &User,
+    to: crate::files::To,
+    dir: &std::path::Path,
+    name: &str,
+    size: u32,
+) -> (
+    Vec<u8>,
+    crate::store::TransferId,
+    crate::files::UploadReport,
+) {
+    let path = dir.join(name);
+    let bytes: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let claim = crate::files::prepare(&u.engine, to, &path).await.unwrap();
+    let id = claim.id;
+    let report = crate::files::upload(&u.engine, claim).await.unwrap();
+    (bytes, id, report)
+}
+
 fn shown_texts(u: &User, id: GroupId) -> Vec<String> {
     u.engine
         .store()
@@ -78,10 +110,7 @@ fn epochs(u: &User, id: GroupId) -> Vec<[u8; 32]> {
 
 #[tokio::test]
 async fn a_message_is_put_once_per_group_relay_and_read_once_by_every_member() {
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 4).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, admin, members, _group_relays, id) = town(4).await;
     // Every member holds the admin's newest epoch: the one made for all of them.
     let newest = epochs(&admin, id)[0];
     for m in &members {
@@ -146,10 +175,7 @@ async fn a_message_is_put_once_per_group_relay_and_read_once_by_every_member() {
 
 #[tokio::test]
 async fn losing_a_group_relay_loses_nothing() {
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 3).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, admin, members, group_relays, id) = town(3).await;
     net.set_up(&group_relays[1], false);
     for (i, m) in members.iter().enumerate() {
         m.engine
@@ -173,10 +199,7 @@ async fn losing_a_group_relay_loses_nothing() {
 
 #[tokio::test]
 async fn a_removed_member_reads_nothing_sent_after_the_removal() {
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 3).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (_net, admin, members, _group_relays, id) = town(3).await;
     let before = epochs(&admin, id)[0];
     let gone = &members[2];
     admin
@@ -225,10 +248,7 @@ async fn a_member_who_has_not_seen_a_removal_holds_their_message_until_a_new_key
     // before hearing of it wrote under the old epoch, which the removed member can
     // read. One who has heard of the removal but not yet of the new epoch holds the
     // message back instead of writing under a key a non-member holds.
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 3).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, admin, members, group_relays, id) = town(3).await;
     let gone = members[2].peer();
     // The removal's operations reach member 0, but the new epoch's record does not
     // (its relays are down while the admin posts it).
@@ -498,10 +518,7 @@ async fn a_hundred_members_converge_under_relay_loss_and_concurrent_admins() {
 
 #[tokio::test]
 async fn a_gap_in_an_authors_messages_is_shown_then_filled() {
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 2).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, _admin, members, group_relays, id) = town(2).await;
     let (author, reader) = (&members[0], &members[1]);
     author.engine.send_group(id, "one".into()).await.unwrap();
     author.engine.deliver_now().await.unwrap();
@@ -543,10 +560,7 @@ async fn a_gap_in_an_authors_messages_is_shown_then_filled() {
 
 #[tokio::test]
 async fn the_first_admin_changes_the_key_once_a_week() {
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 2).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (_net, admin, members, _group_relays, id) = town(2).await;
     let before = current_epoch(&admin, id).unwrap();
     // The current epoch was made a week and a minute ago.
     let mut record = admin.engine.store().group(&id).unwrap().unwrap();
@@ -589,19 +603,17 @@ fn group_file(
 #[tokio::test]
 async fn a_file_goes_once_into_the_group_queues_and_every_member_fetches_it() {
     use crate::files::{self, To};
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 4).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, admin, members, group_relays, id) = town(4).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shelter-map.bin");
-    let bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i * 13 % 251) as u8).collect();
-    std::fs::write(&path, &bytes).unwrap();
     let sender = &members[0];
-    let claim = files::prepare(&sender.engine, To::Group(id), &path)
-        .await
-        .unwrap();
-    let report = files::upload(&sender.engine, claim).await.unwrap();
+    let (bytes, _, report) = send_file(
+        sender,
+        To::Group(id),
+        dir.path(),
+        "shelter-map.bin",
+        1_500_000,
+    )
+    .await;
     assert!(report.message_sent && report.group_sent.is_some());
     // Over 1 MiB: every chunk (6) and the manifest on two of the three group relays,
     // once for all four other members.
@@ -652,10 +664,7 @@ async fn a_file_goes_once_into_the_group_queues_and_every_member_fetches_it() {
 #[tokio::test]
 async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_none() {
     use crate::files::{self, To};
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 3).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (_net, admin, members, group_relays, id) = town(3).await;
     let before = epochs(&members[0], id)[0];
     let gone = &members[2];
     admin
@@ -704,12 +713,7 @@ async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_n
         "{elsewhere:?}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("roster.txt");
-    std::fs::write(&path, b"who is at the school").unwrap();
-    let claim = files::prepare(&members[0].engine, To::Group(id), &path)
-        .await
-        .unwrap();
-    let report = files::upload(&members[0].engine, claim).await.unwrap();
+    let (_, _, report) = send_file(&members[0], To::Group(id), dir.path(), "roster.txt", 40).await;
     // A small file: on every group relay.
     assert_eq!((report.members, report.copies), (2, 3));
     members[0].engine.deliver_now().await.unwrap();
@@ -752,18 +756,18 @@ async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_n
 #[tokio::test]
 async fn a_file_passed_on_is_sealed_anew_per_conversation_and_not_put_twice() {
     use crate::files::{self, To};
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 2).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, admin, members, _group_relays, id) = town(2).await;
     let (from, to) = (&members[0], &members[1]);
     // A member sends the admin a photo, 1:1.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dam.jpg");
-    let bytes: Vec<u8> = (0..700_000u32).map(|i| (i * 17 % 239) as u8).collect();
-    std::fs::write(&path, &bytes).unwrap();
-    let admin_peer = admin.peer();
-    let claim = files::prepare(&from.engine, To::Contact(admin_peer), &path)
+    let path = dir.path().join("dam.png");
+    image::RgbImage::from_fn(600, 400, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+    })
+    .save(&path)
+    .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let claim = files::prepare(&from.engine, To::Contact(admin.peer()), &path)
         .await
         .unwrap();
     files::upload(&from.engine, claim).await.unwrap();
@@ -813,7 +817,8 @@ async fn a_file_passed_on_is_sealed_anew_per_conversation_and_not_put_twice() {
         .unwrap()
         .expect("offered");
     let file = got.file().unwrap();
-    assert_eq!((file.name.as_str(), file.size), ("dam.jpg", original.size));
+    assert_eq!((file.name.as_str(), file.size), ("dam.png", original.size));
+    assert!(!original.thumbnail.is_empty(), "a photo has a preview");
     assert_eq!(
         file.thumbnail, original.thumbnail,
         "its preview goes with it"
@@ -831,7 +836,12 @@ async fn a_file_passed_on_is_sealed_anew_per_conversation_and_not_put_twice() {
         .flat_map(|c| c.keys().map(|(_, id)| *id))
         .collect();
     let new: Vec<&ChunkId> = chunks_after.difference(&chunks_before).collect();
-    assert_eq!(new.len(), 3 + 1, "three chunks and a manifest, all new");
+    let chunks = kkachi_protocol::file::chunk_count(bytes.len() as u64);
+    assert_eq!(
+        new.len(),
+        chunks + 1,
+        "every chunk and the manifest, all new"
+    );
 
     // Passed on to them again: the relays hold it still, nothing is put.
     let (again, report) = forward(To::Contact(to.peer())).await;
@@ -855,19 +865,10 @@ async fn a_file_passed_on_is_sealed_anew_per_conversation_and_not_put_twice() {
 #[tokio::test]
 async fn a_reference_sent_on_first_by_someone_else_neither_hides_the_file_nor_takes_it_away() {
     use crate::files::{self, To};
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 2).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (_net, admin, members, _group_relays, id) = town(2).await;
     let (author, victim) = (&members[0], &members[1]);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("levels.csv");
-    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 233) as u8).collect();
-    std::fs::write(&path, &bytes).unwrap();
-    let claim = files::prepare(&author.engine, To::Group(id), &path)
-        .await
-        .unwrap();
-    files::upload(&author.engine, claim).await.unwrap();
+    let (bytes, _, _) = send_file(author, To::Group(id), dir.path(), "levels.csv", 300_000).await;
     // The admin reads the reference in the group and sends it, unchanged, 1:1 to the
     // victim: a message saying the chunks are in the victim's own queues (they are
     // not), which may well be taken in before the group's.
@@ -923,20 +924,11 @@ async fn a_reference_sent_on_first_by_someone_else_neither_hides_the_file_nor_ta
 #[tokio::test]
 async fn a_group_file_short_of_copies_is_done_once_the_key_changes() {
     use crate::files::{self, To};
-    let net = FakeNet::default();
-    let (admin, members) = star(&net, 3).await;
-    let group_relays: Vec<Multiaddr> = (0..3).map(|_| net.add_relay()).collect();
-    let id = large_group(&admin, &members, &group_relays).await;
+    let (net, admin, members, group_relays, id) = town(3).await;
     net.set_up(&group_relays[0], false);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("note.txt");
-    std::fs::write(&path, b"water at the gym").unwrap();
     let sender = &members[0];
-    let claim = files::prepare(&sender.engine, To::Group(id), &path)
-        .await
-        .unwrap();
-    let file_id = claim.id;
-    let report = files::upload(&sender.engine, claim).await.unwrap();
+    let (_, file_id, report) = send_file(sender, To::Group(id), dir.path(), "note.txt", 16).await;
     // A small file goes to every group relay: one is down, so it went short.
     assert!(report.message_sent);
     assert_eq!(report.copies, 2);

@@ -135,6 +135,28 @@ impl FakeNet {
         inner.lost
     }
 
+    /// Chunk `id` of `queue` on `relay`, as a relay answers a read of it.
+    fn serve_chunk(
+        &self,
+        relay: &Multiaddr,
+        queue: kkachi_protocol::QueueId,
+        id: ChunkId,
+    ) -> RelayToClient {
+        let mut inner = self.inner.lock();
+        let held = inner
+            .chunks
+            .get(&relay.to_string())
+            .and_then(|c| c.get(&(queue, id)))
+            .map(|(_, data)| data.clone());
+        match held {
+            Some(data) => {
+                inner.chunks_served += 1;
+                RelayToClient::Chunk { data }
+            }
+            None => RelayToClient::error(kkachi_protocol::ErrorCode::NotFound, "no"),
+        }
+    }
+
     fn relay_store(&self, relay: &Multiaddr) -> MemoryStore {
         self.inner.lock().relays[&relay.to_string()].0.clone()
     }
@@ -262,21 +284,8 @@ impl Transport for FakeNet {
                     epoch: store.epoch(),
                 }
             }
-            ClientToRelay::GetChunk { key, id } => {
-                let mut inner = self.inner.lock();
-                let held = inner
-                    .chunks
-                    .get(&relay.to_string())
-                    .and_then(|c| c.get(&(key.queue(), id)))
-                    .map(|(_, data)| data.clone());
-                match held {
-                    Some(data) => {
-                        inner.chunks_served += 1;
-                        RelayToClient::Chunk { data }
-                    }
-                    None => RelayToClient::error(kkachi_protocol::ErrorCode::NotFound, "no"),
-                }
-            }
+            ClientToRelay::GetChunk { key, id } => self.serve_chunk(relay, key.queue(), id),
+            ClientToRelay::GetGroupChunk { key, id } => self.serve_chunk(relay, key.queue(), id),
             ClientToRelay::HasChunks { write, ids } => {
                 let queue = store.route(&write.id()).unwrap().map(|(q, _)| q);
                 let inner = self.inner.lock();
@@ -386,21 +395,6 @@ impl Transport for FakeNet {
                 RelayToClient::Stored {
                     outcomes: vec![outcome],
                     epoch: store.epoch(),
-                }
-            }
-            ClientToRelay::GetGroupChunk { key, id } => {
-                let mut inner = self.inner.lock();
-                let held = inner
-                    .chunks
-                    .get(&relay.to_string())
-                    .and_then(|c| c.get(&(key.queue(), id)))
-                    .map(|(_, data)| data.clone());
-                match held {
-                    Some(data) => {
-                        inner.chunks_served += 1;
-                        RelayToClient::Chunk { data }
-                    }
-                    None => RelayToClient::error(kkachi_protocol::ErrorCode::NotFound, "no"),
                 }
             }
             ClientToRelay::HasGroupChunks { key, ids } => {
