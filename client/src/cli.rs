@@ -53,7 +53,8 @@ pub enum Command {
     /// `history GROUP` talk in one.
     #[command(subcommand)]
     Group(GroupCommand),
-    /// Send a message or a file. Exits 0 once it is safely in your outbox.
+    /// Send a message or a file, or pass on a file you received. Exits 0 once it is
+    /// safely in your outbox.
     Send(SendArgs),
     /// Files sent and received: how far each is, and its id for `get`.
     Files {
@@ -498,9 +499,10 @@ pub struct SendArgs {
     /// message sent. If this stops part-way, `sync` or the daemon goes on with it.
     #[arg(long, value_name = "PATH", conflicts_with = "forward")]
     pub file: Option<PathBuf>,
-    /// Pass on a file you received (its id from `files`, or the start of it; fetched
-    /// first if it is not here yet), sealed anew for them: never written out in the
-    /// clear, and nothing put twice if you pass it to them again.
+    /// Pass on a file you received (its id from `files` or the start of it, or the id
+    /// of its message, as for `get`; fetched first if it is not here yet), sealed anew
+    /// for them: never written out in the clear, and what their relays still hold of
+    /// it is not put again if you pass it to them again.
     #[arg(long, value_name = "FILE")]
     pub forward: Option<String>,
     /// How long to wait for relays to acknowledge, in seconds.

@@ -80,19 +80,31 @@ impl FileKey {
         rng.fill_bytes(&mut key);
         Self(key)
     }
+}
 
-    /// The key a file under this key is sealed under anew when `by` (an Ed25519
-    /// identity key) passes it on to `to` (a contact's peer id or a group's key, SPEC
-    /// §13.1): the same file passed again to the same conversation by the same person
-    /// makes the same chunks; any other conversation or person, unrelated ones.
-    pub fn forwarded(&self, to: &[u8], by: &[u8; 32]) -> Self {
-        let mut h = blake3::Hasher::new_derive_key("kkachi/file-forward/v1");
-        h.update(&self.0)
-            .update(&(to.len() as u32).to_be_bytes())
-            .update(to)
-            .update(by);
-        Self(*h.finalize().as_bytes())
-    }
+/// How long a file passed on keeps the same key (SPEC §13.1): a week, so chunks a relay
+/// still holds from passing it on before have a week or more left of their two.
+pub const FORWARD_PERIOD_SECS: u64 = 7 * 86_400;
+
+/// The key the file `file` is sealed under anew when `by` passes it on to `to` (a
+/// contact's peer id or a group's key) at `now_secs` (SPEC §13.1). Keyed by a secret of
+/// `by`'s, so nobody else, the file's first sender included, can tell which chunks are
+/// the file passed on; the same within a period, so passing it to the same
+/// conversation again makes the same chunks (found with `HasChunks`, not put twice).
+pub fn forward_key(
+    file: &FileRef,
+    to: &[u8],
+    by: &crate::identity::Identity,
+    now_secs: u64,
+) -> FileKey {
+    let secret = by.derived_secret("kkachi/file-forward-secret/v1");
+    let mut h = blake3::Hasher::new_keyed(&secret);
+    h.update(b"kkachi/file-forward/v1")
+        .update(&file.id())
+        .update(&(to.len() as u32).to_be_bytes())
+        .update(to)
+        .update(&(now_secs / FORWARD_PERIOD_SECS).to_be_bytes());
+    FileKey(*h.finalize().as_bytes())
 }
 
 impl std::fmt::Debug for FileKey {
@@ -501,18 +513,46 @@ mod tests {
     }
 
     #[test]
-    fn a_forwarded_key_is_one_per_conversation_and_person() {
-        let key = FileKey([7; 32]);
-        let forwarded = key.forwarded(b"bob", &[1; 32]);
+    fn a_forward_key_is_one_per_file_conversation_person_and_week() {
+        let identity = |n: u8| {
+            let mut secret = vec![1u8];
+            secret.extend([n; 32]);
+            secret.extend([9u8; 32]);
+            crate::identity::Identity::from_secret_bytes(&secret).unwrap()
+        };
+        let file = FileRef {
+            key: FileKey([7; 32]),
+            manifest: ChunkId([8; 32]),
+            size: 5,
+            name: "a.txt".into(),
+            mime: String::new(),
+            thumbnail: Vec::new(),
+        };
+        let (me, week) = (identity(1), 3 * FORWARD_PERIOD_SECS + 5);
+        let key = forward_key(&file, b"bob", &me, week);
         assert_eq!(
-            hex::encode(forwarded.0),
-            "c67b21078318cc8a386c2d691aa86485e7c8cce4dd86963075b7d4fd0599912b",
+            hex::encode(key.0),
+            "cc909939025f8e812e478356eba7c0e3c0ad69d10b842f5cf7f1d7c7771dfaf3",
             "known answer (checked with Python's blake3)"
         );
-        assert_eq!(forwarded.0, key.forwarded(b"bob", &[1; 32]).0);
-        assert_ne!(forwarded.0, key.forwarded(b"carol", &[1; 32]).0);
-        assert_ne!(forwarded.0, key.forwarded(b"bob", &[2; 32]).0);
-        assert_ne!(forwarded.0, FileKey([8; 32]).forwarded(b"bob", &[1; 32]).0);
+        assert_eq!(
+            key.0,
+            forward_key(&file, b"bob", &me, 3 * FORWARD_PERIOD_SECS).0,
+            "the same all week"
+        );
+        let other = |k: FileKey| assert_ne!(k.0, key.0);
+        other(forward_key(&file, b"carol", &me, week));
+        other(forward_key(&file, b"bob", &identity(2), week));
+        other(forward_key(&file, b"bob", &me, week + FORWARD_PERIOD_SECS));
+        // Another file under the same key (its sender's doing) gets another key.
+        let renamed = FileRef {
+            name: "b.txt".into(),
+            ..file.clone()
+        };
+        other(forward_key(&renamed, b"bob", &me, week));
+        // The session key does not change it: only the identity's secret does.
+        let rotated = me.with_new_session_key(&mut rand_core::OsRng);
+        assert_eq!(forward_key(&file, b"bob", &rotated, week).0, key.0);
     }
 
     #[test]

@@ -135,6 +135,14 @@ impl Identity {
         self.keypair.public() == other.keypair.public()
     }
 
+    /// A secret only this identity derives, for the purpose `context` names (a
+    /// `kkachi/…/vN` string): BLAKE3 derive_key(context, Ed25519 secret), the same
+    /// whatever the session key.
+    pub(crate) fn derived_secret(&self, context: &str) -> Zeroizing<[u8; 32]> {
+        let ed = self.keypair.secret();
+        Zeroizing::new(blake3::derive_key(context, ed.as_ref()))
+    }
+
     /// The X25519 secret key used in end-to-end sessions.
     pub(crate) fn x25519_secret(&self) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(self.x25519.to_bytes())

@@ -38,6 +38,7 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_NAME_BYTES", file::MAX_NAME_BYTES as u64),
         ("MAX_MIME_BYTES", file::MAX_MIME_BYTES as u64),
         ("MAX_THUMBNAIL_BYTES", file::MAX_THUMBNAIL_BYTES as u64),
+        ("FORWARD_PERIOD_SECS", file::FORWARD_PERIOD_SECS),
         ("MAX_BODY_LEN", content::MAX_BODY_LEN as u64),
         ("MAX_PUT_BATCH", wire::MAX_PUT_BATCH as u64),
         ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),

@@ -686,6 +686,8 @@ fn a_file_passed_on_from_the_command_line_arrives_whole_and_is_not_put_twice() {
     let again = json(&bob.ok(&["send", "carol", "--forward", &id[..8], "--json"]));
     assert_eq!(again["file"], sent["file"], "{again}");
     assert_eq!(again["bytes_put"], 0, "nothing put twice: {again}");
+    let said = bob.ok(&["send", "carol", "--forward", &id[..8]]);
+    assert!(said.contains("nothing put"), "{said}");
     let got = saved_by(&carol, &forwarded, &dir.path().join("saved"));
     assert!(same_bytes(&src, Path::new(got["path"].as_str().unwrap())));
     // A file one sent is not passed on: it is sent again from where it is.

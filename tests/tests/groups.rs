@@ -482,6 +482,7 @@ fn a_group_with_group_relays_talks_through_a_relay_loss_and_shuts_out_a_removed_
     assert_eq!(sent["members"], 3, "{sent}");
     assert_eq!(sent["relays"], 3, "{sent}");
     assert_eq!(sent["copies"], 2, "on both relays left: {sent}");
+    assert_eq!(sent["wanted"], 2, "two copies of a file over 1 MiB: {sent}");
     assert_eq!(sent["relayed"], 2, "{sent}");
     let one_upload = sent["bytes_put"].as_u64().unwrap();
     // Two sealed copies (12 chunks of 262,160 bytes and a 4,112-byte manifest each),

@@ -165,7 +165,15 @@ impl App {
                 });
                 let fetched = files::fetch(&engine, id).await;
                 drop(ticker);
-                if !fetched?.complete {
+                let fetched = fetched?;
+                if fetched.fetched > 0 && !json {
+                    out.out(format!(
+                        "fetched {} first ({} chunk(s))",
+                        describe(&file),
+                        fetched.fetched
+                    ));
+                }
+                if !fetched.complete {
                     return fail(format!(
                         "{} is not all here yet, so it cannot be passed on; `kkachi get {}` goes on fetching it",
                         files::safe_name(&file.name),
@@ -289,6 +297,7 @@ impl App {
                 "name": files::safe_name(&file.name),
                 "size": file.size,
                 "copies": report.copies,
+                "wanted": report.wanted,
                 "members": report.members,
                 "relayed": relayed,
                 "text_id": caption.map(|c| c.to_hex()),
@@ -311,21 +320,33 @@ impl App {
             } else {
                 String::new()
             };
+            // Short of where it goes (a relay out): the rest follows.
+            let so_far = if report.copies < report.wanted {
+                format!(" so far (it goes on {} once they answer)", report.wanted)
+            } else {
+                String::new()
+            };
             let placed = match to {
                 files::To::Contact(_) => {
                     format!(
-                        "each chunk on {} of their {} relays",
+                        "each chunk on {} of their {} relays{so_far}",
                         report.copies, report.relays
                     )
                 }
                 files::To::Group(_) if report.group_relays => format!(
-                    "each chunk on {} of the group's {} relays, for {} member(s)",
+                    "each chunk on {} of the group's {} relays{so_far}, for {} member(s)",
                     report.copies, report.relays, report.members
                 ),
                 files::To::Group(_) => format!(
-                    "each chunk on at least {} relays of each of {} member(s)",
+                    "each chunk on at least {} relays of each of {} member(s){so_far}",
                     report.copies, report.members
                 ),
+            };
+            // Passed on again, or sent again: what the relays held already is not put.
+            let put = if report.bytes == 0 {
+                "; nothing put: the relays hold it already".to_owned()
+            } else {
+                String::new()
             };
             let went = match (relayed, &report.group_sent) {
                 (Some(n), Some(_)) if report.group_relays => {
@@ -337,7 +358,7 @@ impl App {
                 _ => format!("message {state}"),
             };
             out.out(format!(
-                "sent {} to {}: {placed}{speed} (file {}); {went}",
+                "sent {} to {}: {placed}{speed}{put} (file {}); {went}",
                 describe(&file),
                 name(to_name),
                 &hex(&id)[..12],
@@ -346,7 +367,7 @@ impl App {
                 out.warn(format!(
                     "relay {} was left out: {}",
                     crate::sanitize::for_terminal(relay),
-                    crate::sanitize::for_terminal(why)
+                    crate::sanitize::for_terminal(&super::drill::why_down(why))
                 ));
             }
             if report.degraded {

@@ -771,6 +771,9 @@ impl App {
         let engine = self.engine()?;
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
         let mut relayed = 0;
+        // Once one relay has it, the others only briefly: a relay that is down does not
+        // hold the sender up (the outbox goes on with it).
+        let mut first: Option<Instant> = None;
         while relayed < total {
             let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
             let m = self
@@ -783,7 +786,13 @@ impl App {
                 Some(MessageState::Delivered | MessageState::Read) => total,
                 _ => relayed,
             };
-            if relayed >= total || Instant::now() >= deadline {
+            if relayed > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            let until = first.map_or(deadline, |t| {
+                (t + super::messages::STRAGGLER_GRACE).min(deadline)
+            });
+            if relayed >= total || Instant::now() >= until {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

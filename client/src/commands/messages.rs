@@ -14,7 +14,7 @@ use crate::store::{Contact, Conversation, Direction, MessageRecord, MessageState
 use crate::time::{LocalTimes, format_ms};
 
 /// After the first acknowledgement, how long `send` waits for slower relays.
-const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
+pub(super) const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
 
 impl App {
     pub(super) async fn send(

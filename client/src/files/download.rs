@@ -108,18 +108,23 @@ pub(super) async fn fetch_claimed<T: Transport>(
     }
     // Only for a message still here, from a contact not blocked.
     super::sweep(&store)?;
-    if store.incoming_file(&id)?.is_none() {
+    // As the sweep left it (it may name another message that offered it now).
+    let Some(swept) = store.incoming_file(&id)? else {
         return Err(FilesError::Refused(
             "that file's message is gone, or its sender was removed or blocked".into(),
         ));
-    }
+    };
+    record = swept;
+    let offers = store.file_offers(&id)?;
     if let IncomingState::Failed(why) = &record.state {
         return Err(FilesError::Refused(format!(
             "that file cannot be fetched: {}",
             crate::sanitize::for_terminal(why)
         )));
     }
-    let late = record.created_ms / 1000 + super::CHUNK_TTL_SECS;
+    // Relays keep chunks two weeks from the newest message that offered it.
+    let newest = offers.iter().map(|o| o.at_ms).max().unwrap_or(0);
+    let late = record.created_ms.max(newest) / 1000 + super::CHUNK_TTL_SECS;
     if crate::engine::now_ms() / 1000 > late {
         return fail(
             &store,
@@ -135,14 +140,15 @@ pub(super) async fn fetch_claimed<T: Transport>(
         store.flush().await?;
     }
     // Wherever a message offering it said it is: our own relays, group queues.
-    let mut sources = if record.inbox {
+    let inbox = in_inbox(&offers);
+    let mut sources = if inbox {
         our_relays(engine)?
     } else {
         Vec::new()
     };
-    sources.extend(group_queues(engine, &record).await);
+    sources.extend(group_queues(engine, &offers).await);
     if sources.is_empty() {
-        return Err(FilesError::Unavailable(if record.inbox {
+        return Err(FilesError::Unavailable(if inbox {
             "you have no relays to fetch it from; add one with `kkachi relay add`".into()
         } else {
             "the group has no relay to fetch it from".into()
@@ -274,7 +280,7 @@ pub(super) async fn fetch_claimed<T: Transport>(
             .zip(&out)
             .filter_map(|(s, w)| {
                 w.as_ref()
-                    .map(|w| format!("{}: {}", s.addr, crate::sanitize::for_terminal(w)))
+                    .map(|w| format!("{}: {}", shown(&s.addr), crate::sanitize::for_terminal(w)))
             })
             .collect();
         let e = FilesError::Unavailable(format!(
@@ -308,7 +314,7 @@ pub async fn release<T: Transport>(engine: &Engine<T>, id: TransferId) -> Result
     };
     // Only from our own queues: a group queue's chunks are every member's, nobody
     // deletes them, they expire.
-    if record.state != IncomingState::Done || !record.inbox {
+    if record.state != IncomingState::Done || !in_inbox(&store.file_offers(&id)?) {
         return Ok(());
     }
     let file = record.file()?;
@@ -363,12 +369,26 @@ fn our_relays<T: Transport>(engine: &Engine<T>) -> Result<Vec<Source>, FilesErro
         .collect())
 }
 
+/// A relay's address as words say it (a group's relays are named by its admins).
+fn shown(addr: &Multiaddr) -> String {
+    crate::sanitize::for_terminal(&addr.to_string()).into_owned()
+}
+
+/// Whether a message offered the file in our own queues (from a contact, or a group
+/// without group relays); so is one offered before offers were kept.
+fn in_inbox(offers: &[crate::store::Offer]) -> bool {
+    offers.is_empty() || offers.iter().any(|o| o.source.is_none())
+}
+
 /// The group queues that hold a file posted to a group with group relays: on the
 /// group's relays as they were when its post came, and as they are now (members who
 /// saw the relays change at different times look in the same places).
-async fn group_queues<T: Transport>(engine: &Engine<T>, record: &Incoming) -> Vec<Source> {
+async fn group_queues<T: Transport>(
+    engine: &Engine<T>,
+    offers: &[crate::store::Offer],
+) -> Vec<Source> {
     let mut out: Vec<Source> = Vec::new();
-    for source in &record.sources {
+    for source in offers.iter().filter_map(|o| o.source.as_ref()) {
         let now = engine
             .group_epoch_queues(GroupId(source.group), source.epoch)
             .await
@@ -471,15 +491,18 @@ async fn manifest<T: Transport>(
                     }
                     Err(e) => {
                         report.bad += 1;
-                        why.push(format!("{}: {e}", source.addr));
+                        why.push(format!("{}: {e}", shown(&source.addr)));
                     }
                 }
             }
-            Answer::Ok(_) => why.push(format!("{}: an answer that is not a chunk", source.addr)),
-            Answer::NotFound => why.push(format!("{}: not there", source.addr)),
+            Answer::Ok(_) => why.push(format!(
+                "{}: an answer that is not a chunk",
+                shown(&source.addr)
+            )),
+            Answer::NotFound => why.push(format!("{}: not there", shown(&source.addr))),
             Answer::Transient(w) | Answer::Refused(w) => why.push(format!(
                 "{}: {}",
-                source.addr,
+                shown(&source.addr),
                 crate::sanitize::for_terminal(&w)
             )),
         }
@@ -509,16 +532,13 @@ fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), Fi
 
 /// Writes the record back, unless it was removed meanwhile: then the fetch stops.
 fn write_back(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
-    let Some(stored) = store.incoming_file(id)? else {
+    if store.incoming_file(id)?.is_none() {
         return Err(FilesError::Refused(
             "its message is gone, or its sender was removed or blocked".into(),
         ));
-    };
-    // Other messages offering it meanwhile are not forgotten.
-    let mut record = record.clone();
-    record.keep_offers_of(&stored);
+    }
     let mut w = WriteSet::default();
-    LocalStore::write_incoming_file(&mut w, id, &record);
+    LocalStore::write_incoming_file(&mut w, id, record);
     store.apply(w)?;
     Ok(())
 }
@@ -788,9 +808,6 @@ mod tests {
             auto: false,
             attempts: 0,
             retry_at_ms: 0,
-            inbox: true,
-            sources: Vec::new(),
-            also: Vec::new(),
         };
         let mut w = WriteSet::default();
         LocalStore::write_incoming_file(&mut w, &id, &offered);

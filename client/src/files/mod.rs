@@ -454,55 +454,67 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
         })
     };
     for (id, r) in &incoming {
-        let keep = match (r.group(), wanted(r.contact())?) {
-            (Some(_), _) => offered(r, id)?,
-            (None, Some(peer)) => {
-                let here = offered(r, id)?;
-                // The same file in another message of theirs (sent again): it stays,
-                // named by that one.
-                let other = if here {
-                    None
-                } else {
-                    store
-                        .recent_messages(&peer, SWEEP_LOOKBACK)?
-                        .into_iter()
-                        .rev()
-                        .find(|m| carries(m, id))
-                };
-                if let Some(m) = &other {
-                    let mut moved = r.clone();
-                    moved.message = m.id;
-                    crate::store::LocalStore::write_incoming_file(&mut w, id, &moved);
-                }
-                here || other.is_some()
-            }
-            (None, None) => false,
-        };
-        // Gone, but another message offered the same file: it stays, named by that one.
-        let mut instead = None;
-        if !keep {
-            for (from, message) in &r.also {
-                let mut moved = r.clone();
-                moved.contact = from.clone();
-                moved.message = *message;
-                moved.also.retain(|o| o != &(from.clone(), *message));
-                if offered(&moved, id)? {
-                    instead = Some(moved);
-                    break;
-                }
+        // The messages that offered it and are still here (one offered before offers
+        // were kept counts as its own).
+        let mut offers = store.file_offers(id)?;
+        if offers.is_empty() {
+            offers.push(crate::store::Offer {
+                from: r.contact.clone(),
+                message: r.message,
+                source: None,
+                at_ms: r.created_ms,
+            });
+        }
+        let before = offers.len();
+        let mut here = Vec::with_capacity(offers.len());
+        for o in offers {
+            let mut probe = r.clone();
+            probe.contact.clone_from(&o.from);
+            probe.message = o.message;
+            if offered(&probe, id)? {
+                here.push(o);
             }
         }
-        if let Some(moved) = &instead {
-            crate::store::LocalStore::write_incoming_file(&mut w, id, moved);
+        // Its contact's message is gone, but the same file is in another message of
+        // theirs (sent again): it stays, offered by that one.
+        if here.is_empty()
+            && r.group().is_none()
+            && let Some(peer) = wanted(r.contact())?
+            && let Some(m) = store
+                .recent_messages(&peer, SWEEP_LOOKBACK)?
+                .into_iter()
+                .rev()
+                .find(|m| carries(m, id))
+        {
+            here.push(crate::store::Offer {
+                from: r.contact.clone(),
+                message: m.id,
+                source: None,
+                at_ms: r.created_ms,
+            });
         }
-        let keep = keep || instead.is_some();
-        if !keep {
+        let Some(first) = here.first() else {
             crate::store::LocalStore::remove_file_record(&mut w, id, true);
             gone.push(vec![
                 part_path(&home, id),
                 bits_path(&home, id),
                 manifest_path(&home, id),
             ]);
+            continue;
+        };
+        // Named by a message still here; offered by those still here only (where the
+        // others said it is is asked no more).
+        if !here
+            .iter()
+            .any(|o| o.from == r.contact && o.message == r.message)
+        {
+            let mut moved = r.clone();
+            moved.contact.clone_from(&first.from);
+            moved.message = first.message;
+            crate::store::LocalStore::write_incoming_file(&mut w, id, &moved);
+        }
+        if here.len() != before || store.file_offers(id)?.is_empty() {
+            crate::store::LocalStore::write_file_offers(&mut w, id, &here);
         }
     }
     for (id, r) in &outgoing {

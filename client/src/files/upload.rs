@@ -36,6 +36,9 @@ pub struct UploadReport {
     pub message_sent: bool,
     /// The fewest relays any chunk is on.
     pub copies: usize,
+    /// The copies each chunk goes to in the end (every relay for a small file, else
+    /// two): `copies` short of it are put later, once relays take them.
+    pub wanted: usize,
     /// Recipients: the contact, or the members of a group it reached.
     pub members: usize,
     /// Members of a group the message did not go to: their relays took no file (or
@@ -161,10 +164,11 @@ pub async fn prepare<T: Transport>(
 
 /// Seals the file `id`, received and fetched here, for `to` into the spool and records
 /// it, as [`prepare`] does a file on disk: passed on without being written out in the
-/// clear. Its key is derived from its own, from `to` and from us, so passing the same
-/// file to the same conversation again makes the same chunks (the relays' `has` finds
-/// what they still hold, and nothing is put twice), while no two conversations, and no
-/// two people passing it on, share a chunk a relay could match.
+/// clear. Its key ([`forward_key`](kkachi_protocol::file::forward_key)) is derived
+/// from a secret of ours, the file and `to`, so passing the same file to the same
+/// conversation again within the week makes the same chunks (the relays' `has` finds
+/// what they still hold, and nothing is put twice), while no two conversations, and
+/// nobody else, can match its chunks to the file's.
 pub async fn prepare_forward<T: Transport>(
     engine: &Engine<T>,
     to: To,
@@ -189,9 +193,17 @@ pub async fn prepare_forward<T: Transport>(
     let sealed = std::fs::read(&manifest_file).map_err(disk(&manifest_file))?;
     let manifest = Manifest::open(&original.key, &original.manifest, &sealed)
         .map_err(|e| FilesError::Refused(format!("its list of chunks here is damaged: {e}")))?;
-    let key = original
-        .key
-        .forwarded(&recipient, engine.identity().public().ed25519());
+    if manifest.size != original.size {
+        return Err(FilesError::Refused(
+            "its list of chunks here does not match its size".into(),
+        ));
+    }
+    let key = kkachi_protocol::file::forward_key(
+        &original,
+        &recipient,
+        engine.identity(),
+        now_ms() / 1000,
+    );
     let (sealing_key, size) = (key.clone(), original.size);
     let opening_key = original.key.clone();
     let sealed = tokio::task::spawn_blocking(move || -> Result<_, FilesError> {
@@ -845,6 +857,7 @@ async fn upload_once<T: Transport>(
         degraded: false,
         message_sent: record.message_sent,
         copies: 0,
+        wanted: need.iter().copied().min().unwrap_or(0),
         members,
         relays: targets.len(),
         group_relays: place.is_some(),
@@ -1069,8 +1082,13 @@ async fn upload_once<T: Transport>(
         && !plan.lock().everywhere(&need)
         && now_ms().saturating_sub(record.created_ms) < CHUNK_TTL_SECS * 1000;
     if short {
+        let whose = if place.is_some() {
+            "the group's"
+        } else {
+            "their"
+        };
         record.last_error = Some(format!(
-            "each chunk on {} of their {} relays so far; the other copies go once their relays take them",
+            "each chunk on {} of {whose} {} relays so far; the other copies go once those relays take them",
             report.copies, report.relays
         ));
         record.attempts = record.attempts.saturating_add(1);
@@ -1189,6 +1207,7 @@ fn finished_report(record: &Outgoing) -> UploadReport {
         group_sent: None,
         message_sent: record.message_sent,
         copies: 0,
+        wanted: 0,
         members: record.members.len(),
         left_members: Vec::new(),
         degraded: false,

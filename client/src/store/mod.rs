@@ -51,7 +51,9 @@ pub use keyfile::{
 pub use records::*;
 pub use requests::{Blocked, HeldMessage, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL, Request};
 pub use rotation::{PreviousKey, Rotated, SEALED_UNDER_AN_OLD_KEY};
-pub use transfers::{GroupSource, Incoming, IncomingState, MAX_FILE_SOURCES, Outgoing, TransferId};
+pub use transfers::{
+    GroupSource, Incoming, IncomingState, MAX_FILE_OFFERS, Offer, Outgoing, TransferId,
+};
 use vault::{Tree, Vault};
 use writes::{Durability, JOURNAL_TREE, TREES, Writer, complete_journaled};
 pub use writes::{TreeId, WriteSet};

@@ -493,3 +493,63 @@ fn an_expired_message_not_delivered_yet_leaves_no_text_in_the_outbox() {
     assert!(left.content.is_empty(), "its text is gone with it");
     assert_eq!(left.envelope, vec![7; 64], "what is sealed still goes");
 }
+
+#[test]
+fn a_file_offered_by_several_messages_keeps_each_senders_newest_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let file = kkachi_protocol::file::FileRef {
+        key: kkachi_protocol::file::FileKey([1; 32]),
+        manifest: kkachi_protocol::file::ChunkId([2; 32]),
+        size: 10,
+        name: "a.txt".into(),
+        mime: String::new(),
+        thumbnail: Vec::new(),
+    };
+    let id = file.id();
+    let in_group = GroupSource {
+        group: [3; 32],
+        epoch: [4; 32],
+        queues: vec![("/ip4/127.0.0.1/tcp/1".into(), [5; 32])],
+    };
+    // Two offers in one write (one batch): both kept, the record named by the first.
+    let mut w = WriteSet::default();
+    let offer = |w: &mut WriteSet, from: &str, n: u8, at: u64, source: Option<GroupSource>| {
+        store
+            .offer_incoming_file(w, &file, from.as_bytes().to_vec(), [n; 16], at, source)
+            .unwrap()
+    };
+    offer(&mut w, "mallory", 1, 10, None);
+    offer(&mut w, "alice", 2, 20, Some(in_group.clone()));
+    store.apply(w).unwrap();
+    let record = store.incoming_file(&id).unwrap().unwrap();
+    assert_eq!(
+        (record.contact.as_slice(), record.message),
+        (&b"mallory"[..], [1; 16])
+    );
+    let offers = store.file_offers(&id).unwrap();
+    assert_eq!(offers.len(), 2);
+    assert_eq!(offers[1].source, Some(in_group));
+    // One sender holds one place, their newest; past the bound the oldest goes.
+    let mut w = WriteSet::default();
+    for n in 0..3 {
+        offer(&mut w, "mallory", 10 + n, 30 + u64::from(n), None);
+    }
+    store.apply(w).unwrap();
+    let offers = store.file_offers(&id).unwrap();
+    assert_eq!(offers.len(), 2, "{offers:?}");
+    assert_eq!(offers[1].message, [12; 16]);
+    let mut w = WriteSet::default();
+    for n in 0..MAX_FILE_OFFERS as u8 {
+        offer(&mut w, &format!("m{n}"), 50 + n, 100, None);
+    }
+    store.apply(w).unwrap();
+    let offers = store.file_offers(&id).unwrap();
+    assert_eq!(offers.len(), MAX_FILE_OFFERS);
+    assert!(offers.iter().all(|o| o.from != b"alice"), "the oldest went");
+    // The record and its offers go together.
+    let mut w = WriteSet::default();
+    LocalStore::remove_file_record(&mut w, &id, true);
+    store.apply(w).unwrap();
+    assert!(store.file_offers(&id).unwrap().is_empty());
+}

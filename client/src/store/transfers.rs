@@ -14,6 +14,8 @@ pub type TransferId = [u8; 32];
 
 const OUT: u8 = 0;
 const IN: u8 = 1;
+/// The messages that offered a received file ([`Offer`]s).
+const OFFERS: u8 = 2;
 
 fn key(direction: u8, id: &TransferId) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
@@ -133,15 +135,21 @@ pub struct Incoming {
     pub attempts: u32,
     /// Not tried again on its own before this (Unix ms).
     pub retry_at_ms: u64,
-    /// Some message offered it in our own queues (from a contact, or a group without
-    /// group relays).
-    pub inbox: bool,
-    /// The group queues messages offered it in (groups with group relays), at most
-    /// [`MAX_FILE_SOURCES`].
-    pub sources: Vec<GroupSource>,
-    /// Other messages that offered the same file (who, as `contact`, and which), at
-    /// most [`MAX_FILE_SOURCES`]: the file stays while any of them is here.
-    pub also: Vec<(Vec<u8>, [u8; 16])>,
+}
+
+/// A message that offered a file, and where it said the chunks are: the same file (one
+/// id) may come in several messages, since anyone may send on a reference they got.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Offer {
+    /// Who sent it, as [`Incoming::contact`] names them.
+    pub from: Vec<u8>,
+    /// The message.
+    pub message: [u8; 16],
+    /// The group queues it said hold the chunks (a group with group relays); `None`:
+    /// our own queues.
+    pub source: Option<GroupSource>,
+    /// Our clock when it came, Unix ms.
+    pub at_ms: u64,
 }
 
 /// Where a file posted to a group with group relays is (SPEC §14.5).
@@ -156,25 +164,16 @@ pub struct GroupSource {
     pub queues: Vec<(String, [u8; 32])>,
 }
 
-/// Sources and other offers kept of one file: the same file offered by many messages
-/// (anyone may send a reference they got) is fetched from any of the first few.
-pub const MAX_FILE_SOURCES: usize = 4;
+/// Offers kept of one file, one per sender (their newest): the file is fetched from
+/// wherever any of them says, and stays while any of them is here. Past this many, the
+/// oldest goes.
+pub const MAX_FILE_OFFERS: usize = 8;
 
 impl Incoming {
     /// A file offered in message `message` from `from` (a contact's peer id, or a
-    /// group's key), not asked for yet, its chunks in our queues or in the group
-    /// queues of `source`.
-    pub fn offered(
-        from: Vec<u8>,
-        message: [u8; 16],
-        file: &FileRef,
-        now_ms: u64,
-        source: Option<GroupSource>,
-    ) -> Self {
+    /// group's key), not asked for yet.
+    pub fn offered(from: Vec<u8>, message: [u8; 16], file: &FileRef, now_ms: u64) -> Self {
         Incoming {
-            inbox: source.is_none(),
-            sources: source.into_iter().collect(),
-            also: Vec::new(),
             contact: from,
             message,
             reference: file.encode(),
@@ -185,48 +184,6 @@ impl Incoming {
             auto: false,
             attempts: 0,
             retry_at_ms: 0,
-        }
-    }
-
-    /// Notes another message offering this file (`from`, `message`) and where it says
-    /// the chunks are; whether anything changed.
-    pub fn learn(&mut self, from: Vec<u8>, message: [u8; 16], source: Option<GroupSource>) -> bool {
-        let mut changed = false;
-        match source {
-            None if !self.inbox => {
-                self.inbox = true;
-                changed = true;
-            }
-            Some(s) if !self.sources.contains(&s) && self.sources.len() < MAX_FILE_SOURCES => {
-                self.sources.push(s);
-                changed = true;
-            }
-            _ => {}
-        }
-        let offer = (from, message);
-        if (self.contact.as_slice(), self.message) != (offer.0.as_slice(), offer.1)
-            && !self.also.contains(&offer)
-            && self.also.len() < MAX_FILE_SOURCES
-        {
-            self.also.push(offer);
-            changed = true;
-        }
-        changed
-    }
-
-    /// Keeps what `stored` (the record as it is now in the store) learnt of other
-    /// offers while this copy of it was being worked on.
-    pub fn keep_offers_of(&mut self, stored: &Incoming) {
-        self.inbox |= stored.inbox;
-        for s in &stored.sources {
-            if !self.sources.contains(s) && self.sources.len() < MAX_FILE_SOURCES {
-                self.sources.push(s.clone());
-            }
-        }
-        for o in &stored.also {
-            if !self.also.contains(o) && self.also.len() < MAX_FILE_SOURCES {
-                self.also.push(o.clone());
-            }
         }
     }
 
@@ -275,8 +232,9 @@ impl LocalStore {
 
     /// Offers `file` (from message `message` of `from`, a peer id or a group's key,
     /// its chunks in our queues or in the group queues of `source`) for fetching, in a
-    /// WriteSet. The same file offered again keeps its record, and one not fetched yet
-    /// learns where else it is: whoever sends a reference first cannot decide where
+    /// WriteSet (read through it: one batch may offer a file twice). The same file
+    /// offered again keeps its record, and notes the offer beside it (see
+    /// [`MAX_FILE_OFFERS`]): whoever sends a reference first cannot decide alone where
     /// the file is fetched from, nor make it go by deleting their message.
     pub fn offer_incoming_file(
         &self,
@@ -288,26 +246,56 @@ impl LocalStore {
         source: Option<GroupSource>,
     ) -> Result<(), StoreError> {
         let id = file.id();
-        let Some(mut record) = self.incoming_file(&id)? else {
+        let held = match w.pending(TreeId::Transfers, &key(IN, &id)) {
+            Some(pending) => pending.is_some(),
+            None => self.incoming_file(&id)?.is_some(),
+        };
+        if !held {
             LocalStore::write_incoming_file(
                 w,
                 &id,
-                &Incoming::offered(from, message, file, now_ms, source),
+                &Incoming::offered(from.clone(), message, file, now_ms),
             );
-            return Ok(());
+        }
+        let mut offers = match w.pending(TreeId::Transfers, &key(OFFERS, &id)) {
+            Some(Some(bytes)) => decode(bytes, "file offers")?,
+            Some(None) => Vec::new(),
+            None => self.file_offers(&id)?,
         };
-        if record.state == IncomingState::Done {
-            return Ok(());
+        let offer = Offer {
+            from,
+            message,
+            source,
+            at_ms: now_ms,
+        };
+        // One per sender, their newest; the oldest goes past the bound.
+        offers.retain(|o: &Offer| o.from != offer.from);
+        offers.push(offer);
+        if offers.len() > MAX_FILE_OFFERS {
+            offers.remove(0);
         }
-        if record.learn(from, message, source) {
-            LocalStore::write_incoming_file(w, &id, &record);
-        }
+        LocalStore::write_file_offers(w, &id, &offers);
         Ok(())
     }
 
-    /// Removes a transfer's record (in a WriteSet).
+    /// The messages that offered file `id` (oldest first).
+    pub fn file_offers(&self, id: &TransferId) -> Result<Vec<Offer>, StoreError> {
+        Ok(self
+            .get_record(TreeId::Transfers, &key(OFFERS, id), "file offers")?
+            .unwrap_or_default())
+    }
+
+    /// Writes the offers of file `id` (in a WriteSet).
+    pub fn write_file_offers(w: &mut WriteSet, id: &TransferId, offers: &Vec<Offer>) {
+        w.put_record(TreeId::Transfers, key(OFFERS, id), offers);
+    }
+
+    /// Removes a transfer's record (in a WriteSet), and a received file's offers.
     pub fn remove_file_record(w: &mut WriteSet, id: &TransferId, incoming: bool) {
         w.remove(TreeId::Transfers, key(if incoming { IN } else { OUT }, id));
+        if incoming {
+            w.remove(TreeId::Transfers, key(OFFERS, id));
+        }
     }
 
     /// Every transfer: files being sent, then files received, each by id.

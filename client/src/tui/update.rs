@@ -922,7 +922,12 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
             )]
         }
         (Some("forward"), to) => {
-            let Some(to) = to.map(|_| line.trim_start()["/forward".len()..].trim()) else {
+            let target = line
+                .trim_start()
+                .strip_prefix("forward")
+                .map(str::trim)
+                .filter(|t| !t.is_empty());
+            let Some(to) = target.filter(|_| to.is_some()) else {
                 notice(
                     state,
                     "usage: /forward NAME (their last file, or the one picked, to a contact or group)",
@@ -1793,6 +1798,13 @@ mod tests {
                 if args.contact == "Town Hall"
                     && args.file.is_none()
                     && args.forward.as_deref() == Some(crate::files::hex(&file("b.pdf").id()).as_str())),
+            "{e:?}"
+        );
+        // A full-width space (as Korean input methods type it) is a space.
+        typed(&mut s, "/forward\u{3000}민지");
+        let e = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            matches!(&e[..], [Effect::Run { command: Command::Send(args), .. }] if args.contact == "민지"),
             "{e:?}"
         );
         // The picked one.

@@ -642,13 +642,10 @@ async fn a_file_goes_once_into_the_group_queues_and_every_member_fetches_it() {
         u.sync().await;
         let (file, incoming) = group_file(u, id).expect("the file's message");
         assert_eq!(incoming.group(), Some(id));
-        assert!(!incoming.inbox, "not in our own queues");
-        assert_eq!(incoming.sources.len(), 1);
-        assert_eq!(
-            incoming.sources[0].queues.len(),
-            3,
-            "every group relay's queue"
-        );
+        let offers = u.engine.store().file_offers(&file.id()).unwrap();
+        assert_eq!(offers.len(), 1);
+        let source = offers[0].source.as_ref().expect("not in our own queues");
+        assert_eq!(source.queues.len(), 3, "every group relay's queue");
         let fetched = files::fetch(&u.engine, file.id()).await.unwrap();
         assert!(fetched.complete, "{}", u.card.name());
         let out = dir.path().join(format!("out-{}", u.peer()));
@@ -718,15 +715,17 @@ async fn a_file_goes_under_the_key_its_chunks_are_in_and_a_removed_member_gets_n
     assert_eq!((report.members, report.copies), (2, 3));
     members[0].engine.deliver_now().await.unwrap();
     members[1].sync().await;
-    let (file, incoming) = group_file(&members[1], id).expect("the file's message");
+    let (file, _) = group_file(&members[1], id).expect("the file's message");
     assert!(
         files::fetch(&members[1].engine, file.id())
             .await
             .unwrap()
             .complete
     );
-    assert_eq!(incoming.sources[0].epoch, after);
-    let queues: Vec<[u8; 32]> = incoming.sources[0].queues.iter().map(|q| q.1).collect();
+    let offers = members[1].engine.store().file_offers(&file.id()).unwrap();
+    let source = offers[0].source.clone().expect("in group queues");
+    assert_eq!(source.epoch, after);
+    let queues: Vec<[u8; 32]> = source.queues.iter().map(|q| q.1).collect();
     let new_key = kkachi_protocol::group::large::EpochKey::from_bytes(
         members[1]
             .engine
@@ -887,14 +886,15 @@ async fn a_reference_sent_on_first_by_someone_else_neither_hides_the_file_nor_ta
         .incoming_file(&file.id())
         .unwrap()
         .unwrap();
-    assert!(record.inbox, "one message said our own queues");
     assert_eq!(
         record.contact(),
         Some(admin.peer()),
         "the admin's came first"
     );
-    assert_eq!(record.sources.len(), 1, "the other the group's: {record:?}");
-    assert_eq!(record.also.len(), 1, "both messages are noted");
+    let offers = victim.engine.store().file_offers(&file.id()).unwrap();
+    assert_eq!(offers.len(), 2, "both messages are noted: {offers:?}");
+    assert!(offers[0].source.is_none(), "one said our own queues");
+    assert!(offers[1].source.is_some(), "the other the group's");
     // Fetched from the group's queues, whichever came first.
     assert!(
         files::fetch(&victim.engine, file.id())
