@@ -774,8 +774,22 @@ impl App {
         // Once one relay has it, the others only briefly: a relay that is down does not
         // hold the sender up (the outbox goes on with it).
         let mut first: Option<Instant> = None;
+        // Delivery runs while the message's state is looked at every 50 ms: one relay
+        // that hangs holds the delivery up, not the count.
+        let deliver = engine.deliver_now();
+        tokio::pin!(deliver);
+        let mut delivering = true;
         while relayed < total {
-            let _ = tokio::time::timeout_at(deadline.into(), engine.deliver_now()).await;
+            tokio::select! {
+                _ = &mut deliver, if delivering => delivering = false,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    // Done: another round for what is left (a relay that failed).
+                    if !delivering {
+                        deliver.set(engine.deliver_now());
+                        delivering = true;
+                    }
+                }
+            }
             let m = self
                 .store
                 .recent_group_messages(&group, 64)?
@@ -795,7 +809,6 @@ impl App {
             if relayed >= total || Instant::now() >= until {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(relayed)
     }

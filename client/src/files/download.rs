@@ -122,9 +122,7 @@ pub(super) async fn fetch_claimed<T: Transport>(
             crate::sanitize::for_terminal(why)
         )));
     }
-    // Relays keep chunks two weeks from the newest message that offered it.
-    let newest = offers.iter().map(|o| o.at_ms).max().unwrap_or(0);
-    let late = record.created_ms.max(newest) / 1000 + super::CHUNK_TTL_SECS;
+    let late = record.created_ms / 1000 + super::CHUNK_TTL_SECS;
     if crate::engine::now_ms() / 1000 > late {
         return fail(
             &store,
@@ -532,13 +530,17 @@ fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), Fi
 
 /// Writes the record back, unless it was removed meanwhile: then the fetch stops.
 fn write_back(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
-    if store.incoming_file(id)?.is_none() {
+    let Some(stored) = store.incoming_file(id)? else {
         return Err(FilesError::Refused(
             "its message is gone, or its sender was removed or blocked".into(),
         ));
-    }
+    };
+    // Named by the message the sweep left it with meanwhile.
+    let mut record = record.clone();
+    record.contact = stored.contact;
+    record.message = stored.message;
     let mut w = WriteSet::default();
-    LocalStore::write_incoming_file(&mut w, id, record);
+    LocalStore::write_incoming_file(&mut w, id, &record);
     store.apply(w)?;
     Ok(())
 }

@@ -456,7 +456,8 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
     for (id, r) in &incoming {
         // The messages that offered it and are still here (one offered before offers
         // were kept counts as its own).
-        let mut offers = store.file_offers(id)?;
+        let stored = store.file_offers(id)?;
+        let mut offers = stored.clone();
         if offers.is_empty() {
             offers.push(crate::store::Offer {
                 from: r.contact.clone(),
@@ -465,7 +466,6 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
                 at_ms: r.created_ms,
             });
         }
-        let before = offers.len();
         let mut here = Vec::with_capacity(offers.len());
         for o in offers {
             let mut probe = r.clone();
@@ -513,7 +513,7 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
             moved.message = first.message;
             crate::store::LocalStore::write_incoming_file(&mut w, id, &moved);
         }
-        if here.len() != before || store.file_offers(id)?.is_empty() {
+        if here != stored {
             crate::store::LocalStore::write_file_offers(&mut w, id, &here);
         }
     }
@@ -692,7 +692,13 @@ pub fn find_transfer(
     let message_hex = |m: &[u8; 16]| m.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let mut found: Vec<(bool, TransferId)> = Vec::new();
     for (id, r) in &incoming {
-        if hex(id).starts_with(&spec) || message_hex(&r.message).starts_with(&spec) {
+        // By any message that offered it, not only the one it is named by.
+        let by_message = message_hex(&r.message).starts_with(&spec)
+            || store
+                .file_offers(id)?
+                .iter()
+                .any(|o| message_hex(&o.message).starts_with(&spec));
+        if hex(id).starts_with(&spec) || by_message {
             found.push((true, *id));
         }
     }

@@ -530,15 +530,23 @@ fn a_file_offered_by_several_messages_keeps_each_senders_newest_within_a_bound()
     let offers = store.file_offers(&id).unwrap();
     assert_eq!(offers.len(), 2);
     assert_eq!(offers[1].source, Some(in_group));
-    // One sender holds one place, their newest; past the bound the oldest goes.
+    // One sender holds one place, their newest, besides the message the record is
+    // named by (never pushed out); past the bound the oldest other goes.
+    let named = |offers: &[Offer]| {
+        offers
+            .iter()
+            .any(|o| o.from == b"mallory" && o.message == [1; 16])
+    };
     let mut w = WriteSet::default();
+    offer(&mut w, "mallory", 1, 25, None);
     for n in 0..3 {
         offer(&mut w, "mallory", 10 + n, 30 + u64::from(n), None);
     }
     store.apply(w).unwrap();
     let offers = store.file_offers(&id).unwrap();
-    assert_eq!(offers.len(), 2, "{offers:?}");
-    assert_eq!(offers[1].message, [12; 16]);
+    assert_eq!(offers.len(), 3, "{offers:?}");
+    assert!(named(&offers));
+    assert_eq!(offers[2].message, [12; 16]);
     let mut w = WriteSet::default();
     for n in 0..MAX_FILE_OFFERS as u8 {
         offer(&mut w, &format!("m{n}"), 50 + n, 100, None);
@@ -546,6 +554,7 @@ fn a_file_offered_by_several_messages_keeps_each_senders_newest_within_a_bound()
     store.apply(w).unwrap();
     let offers = store.file_offers(&id).unwrap();
     assert_eq!(offers.len(), MAX_FILE_OFFERS);
+    assert!(named(&offers), "the record's own message stays: {offers:?}");
     assert!(offers.iter().all(|o| o.from != b"alice"), "the oldest went");
     // The record and its offers go together.
     let mut w = WriteSet::default();

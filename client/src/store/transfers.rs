@@ -246,17 +246,24 @@ impl LocalStore {
         source: Option<GroupSource>,
     ) -> Result<(), StoreError> {
         let id = file.id();
-        let held = match w.pending(TreeId::Transfers, &key(IN, &id)) {
-            Some(pending) => pending.is_some(),
-            None => self.incoming_file(&id)?.is_some(),
+        let held: Option<Incoming> = match w.pending(TreeId::Transfers, &key(IN, &id)) {
+            Some(Some(bytes)) => Some(decode(bytes, "incoming file")?),
+            Some(None) => None,
+            None => self.incoming_file(&id)?,
         };
-        if !held {
-            LocalStore::write_incoming_file(
-                w,
-                &id,
-                &Incoming::offered(from.clone(), message, file, now_ms),
-            );
-        }
+        // The message the record is named by: its offer is never pushed out.
+        let named = match &held {
+            Some(r) => (r.contact.clone(), r.message),
+            None => {
+                LocalStore::write_incoming_file(
+                    w,
+                    &id,
+                    &Incoming::offered(from.clone(), message, file, now_ms),
+                );
+                (from.clone(), message)
+            }
+        };
+        let is_named = |o: &Offer| o.from == named.0 && o.message == named.1;
         let mut offers = match w.pending(TreeId::Transfers, &key(OFFERS, &id)) {
             Some(Some(bytes)) => decode(bytes, "file offers")?,
             Some(None) => Vec::new(),
@@ -268,11 +275,20 @@ impl LocalStore {
             source,
             at_ms: now_ms,
         };
-        // One per sender, their newest; the oldest goes past the bound.
-        offers.retain(|o: &Offer| o.from != offer.from);
+        // One per sender, their newest (and the one the record is named by); the oldest
+        // goes past the bound.
+        if offers
+            .iter()
+            .any(|o| o.from == offer.from && o.message == offer.message)
+        {
+            return Ok(());
+        }
+        offers.retain(|o: &Offer| o.from != offer.from || is_named(o));
         offers.push(offer);
-        if offers.len() > MAX_FILE_OFFERS {
-            offers.remove(0);
+        if offers.len() > MAX_FILE_OFFERS
+            && let Some(oldest) = offers.iter().position(|o| !is_named(o))
+        {
+            offers.remove(oldest);
         }
         LocalStore::write_file_offers(w, &id, &offers);
         Ok(())
