@@ -463,6 +463,16 @@ fn a_group_with_group_relays_talks_through_a_relay_loss_and_shuts_out_a_removed_
 
     // One group relay killed -9: nothing lost, nothing twice.
     group_relays[0].kill9();
+    let synced = dave.run(&["sync"]);
+    let warned = String::from_utf8_lossy(&synced.stderr);
+    assert!(warned.contains("2/3 group relays"), "{warned}");
+    assert!(
+        warned.contains(&format!(
+            "group relay {}: connection refused",
+            group_relays[0].addr
+        )),
+        "{warned}"
+    );
     carol.ok(&["send", "Town", "go round by the school"]);
     for u in [&alice, &bob, &dave] {
         u.ok(&["sync"]);

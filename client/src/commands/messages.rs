@@ -237,6 +237,21 @@ impl App {
                 Err(e) => out.warn(format!("relay {addr}: {}", for_terminal(&e.to_string()))),
             }
         }
+        // Group relays (of groups that have them): said apart, each once.
+        let group_reached = report
+            .group_relays
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .count();
+        for (addr, result) in &report.group_relays {
+            if let Err(e) = result {
+                out.warn(format!(
+                    "group relay {}: {}",
+                    for_terminal(addr),
+                    for_terminal(&super::drill::why_down(&e.to_string()))
+                ));
+            }
+        }
         let mut received = report.shown;
         received.sort_by_key(|r| r.message.sent_at_ms);
         for r in &received {
@@ -266,8 +281,12 @@ impl App {
                 0 => String::new(),
                 n => format!(" and {n} edit(s), deletion(s) or reaction(s)"),
             };
+            let groups = match report.group_relays.len() {
+                0 => String::new(),
+                n => format!(", {group_reached}/{n} group relays"),
+            };
             out.warn(format!(
-                "{new} new message(s){changes}; {reached}/{} relays reached; {pending} item(s) in the outbox, not yet confirmed by their recipients",
+                "{new} new message(s){changes}; {reached}/{} relays reached{groups}; {pending} item(s) in the outbox, not yet confirmed by their recipients",
                 report.relays.len()
             ));
         }

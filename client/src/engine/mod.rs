@@ -249,6 +249,9 @@ pub struct SyncReport {
     pub shown: Vec<Received>,
     /// Each of our relays, and whether it answered (or why not).
     pub relays: Vec<(String, Result<(), RelayError>)>,
+    /// Each group relay of our groups with group relays, and whether it answered any
+    /// read of a group queue there (or why not).
+    pub group_relays: Vec<(String, Result<(), RelayError>)>,
 }
 
 /// Unix milliseconds now.

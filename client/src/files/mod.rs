@@ -517,6 +517,9 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
             crate::store::LocalStore::write_file_offers(&mut w, id, &here);
         }
     }
+    for id in store.orphan_file_offers()? {
+        crate::store::LocalStore::remove_file_record(&mut w, &id, true);
+    }
     for (id, r) in &outgoing {
         let gone_away = match r.group() {
             // Still going out while we are in the group (the upload checks that we may

@@ -561,4 +561,10 @@ fn a_file_offered_by_several_messages_keeps_each_senders_newest_within_a_bound()
     LocalStore::remove_file_record(&mut w, &id, true);
     store.apply(w).unwrap();
     assert!(store.file_offers(&id).unwrap().is_empty());
+    // Offers left with no record (it went while a message offering it came) are found.
+    assert!(store.orphan_file_offers().unwrap().is_empty());
+    let mut w = WriteSet::default();
+    LocalStore::write_file_offers(&mut w, &id, &offers);
+    store.apply(w).unwrap();
+    assert_eq!(store.orphan_file_offers().unwrap(), vec![id]);
 }

@@ -301,6 +301,21 @@ impl LocalStore {
             .unwrap_or_default())
     }
 
+    /// Files whose offers are kept with no record of the file (it was swept while a
+    /// message offering it was taken in).
+    pub fn orphan_file_offers(&self) -> Result<Vec<TransferId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(TreeId::Transfers).scan_prefix([OFFERS]) {
+            let (k, _) = item?;
+            if let Some(id) = k.get(1..).and_then(|id| TransferId::try_from(id).ok())
+                && self.incoming_file(&id)?.is_none()
+            {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes the offers of file `id` (in a WriteSet).
     pub fn write_file_offers(w: &mut WriteSet, id: &TransferId, offers: &Vec<Offer>) {
         w.put_record(TreeId::Transfers, key(OFFERS, id), offers);

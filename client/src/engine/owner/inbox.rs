@@ -166,17 +166,18 @@ impl<T: Transport> Owner<T> {
     /// (by its inbox).
     pub(super) fn sync_relay_done(&mut self, name: &str, result: Result<(), RelayError>) {
         let (relay, which) = split_poll(name);
-        // A group relay is not one of ours: not in the report.
-        let which = if super::super::groups::group_poll_relay(name).is_some() {
-            Which::Requests
-        } else {
-            which
-        };
+        // A group relay is not one of ours: reported apart, once (answering a read of
+        // any of its group queues).
+        let group = super::super::groups::group_poll_relay(name);
         for run in &mut self.syncs {
             if let Some(i) = run.left.iter().position(|r| r == name) {
                 run.left.remove(i);
-                if which == Which::Inbox {
-                    run.report.relays.push((relay.to_owned(), result.clone()));
+                match group {
+                    Some(relay) => note_group_relay(&mut run.report, relay, result.clone()),
+                    None if which == Which::Inbox => {
+                        run.report.relays.push((relay.to_owned(), result.clone()));
+                    }
+                    None => {}
                 }
             }
         }
@@ -354,5 +355,22 @@ fn direct_outcome(verdict: Verdict) -> PutOutcome {
             kkachi_protocol::ErrorCode::Malformed,
             "the recipient could not take it in",
         ),
+    }
+}
+
+/// Notes how group relay `relay` answered a read of one of its group queues: once per
+/// relay, answered if any read was.
+pub(super) fn note_group_relay(
+    report: &mut crate::engine::SyncReport,
+    relay: &str,
+    result: Result<(), RelayError>,
+) {
+    match report.group_relays.iter_mut().find(|(r, _)| r == relay) {
+        Some((_, held)) => {
+            if held.is_err() {
+                *held = result;
+            }
+        }
+        None => report.group_relays.push((relay.to_owned(), result)),
     }
 }

@@ -754,8 +754,9 @@ impl<T: Transport> Owner<T> {
         self.syncs = running;
         for mut run in late {
             for name in run.left.drain(..) {
-                // Each of our relays once, by its inbox (a group relay is not ours).
-                if super::groups::group_poll_relay(&name).is_some() {
+                // Each of our relays once, by its inbox; group relays apart.
+                if let Some(relay) = super::groups::group_poll_relay(&name) {
+                    inbox::note_group_relay(&mut run.report, relay, Err(RelayError::Late));
                     continue;
                 }
                 if let (relay, grants::Which::Inbox) = grants::split_poll(&name) {
