@@ -456,6 +456,9 @@ pub enum GroupCommand {
         /// Take the group relays away.
         #[arg(long, conflicts_with = "addrs")]
         none: bool,
+        /// Set them without asking each whether it answers and is open to anyone.
+        #[arg(long, conflicts_with = "none")]
+        unchecked: bool,
     },
 }
 

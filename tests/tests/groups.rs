@@ -441,6 +441,19 @@ fn a_group_with_group_relays_talks_through_a_relay_loss_and_shuts_out_a_removed_
         User::introduce(&alice, u);
     }
     alice.ok(&["group", "create", "Town"]);
+    // A relay that does not answer is refused as a group relay, saying which.
+    let mut gone = RelayProc::start(&dir.path().join("gone"), &[]);
+    gone.kill9();
+    let refused = alice.run(&["group", "relays", "Town", &group_relays[0].addr, &gone.addr]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains(&format!(
+            "{} does not answer (connection refused",
+            gone.addr
+        )),
+        "{why}"
+    );
     let addrs: Vec<&str> = group_relays.iter().map(|r| r.addr.as_str()).collect();
     let mut args = vec!["group", "relays", "Town"];
     args.extend(&addrs);

@@ -399,7 +399,12 @@ impl App {
                 let done = self.change(&g, GroupChange::Timer(secs)).await?;
                 report_change(out, json, &g, "timer", &done);
             }
-            GroupCommand::Relays { group, addrs, none } => {
+            GroupCommand::Relays {
+                group,
+                addrs,
+                none,
+                unchecked,
+            } => {
                 let g = resolve_group(&self.store, &group)?;
                 if addrs.is_empty() && !none {
                     let relays: Vec<String> =
@@ -437,6 +442,9 @@ impl App {
                         .parse()
                         .or_else(|e| fail(format!("{a} is not a relay address: {e}")))?;
                     relays.push(addr);
+                }
+                if !unchecked {
+                    self.check_group_relays(&relays).await?;
                 }
                 match relays.len() {
                     1 => out.warn(
@@ -757,6 +765,52 @@ impl App {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Asks each of `relays` whether it answers and opens queues for anyone (every
+    /// member opens the group's queues there): refused, naming the first that does not.
+    async fn check_group_relays(
+        &mut self,
+        relays: &[kkachi_protocol::Multiaddr],
+    ) -> Result<(), CommandError> {
+        let engine = self.engine()?;
+        use crate::net::Transport;
+        let asked = futures::future::join_all(relays.iter().map(|addr| {
+            let engine = engine.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    engine
+                        .net()
+                        .request(addr, kkachi_protocol::ClientToRelay::Info),
+                )
+                .await
+                .map_err(|_| "no answer within 5 s".to_owned())
+                .and_then(|r| r.map_err(|e| super::drill::why_down(&e.to_string())))
+            }
+        }))
+        .await;
+        for (addr, answer) in relays.iter().zip(asked) {
+            let shown = crate::sanitize::for_terminal(&addr.to_string()).into_owned();
+            match answer {
+                Ok(kkachi_protocol::RelayToClient::Info(info)) if info.open_policy == 0 => {}
+                Ok(kkachi_protocol::RelayToClient::Info(_)) => {
+                    return fail(format!(
+                        "{shown} opens queues only for holders of its operator's access token: members could not open the group's queues there; name relays open to anyone"
+                    ));
+                }
+                Ok(_) => {
+                    return fail(format!("{shown} does not answer as a kkachi relay"));
+                }
+                Err(why) => {
+                    return fail(format!(
+                        "{shown} does not answer ({}); start it or name another, or set it anyway with --unchecked",
+                        crate::sanitize::for_terminal(&why)
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// How many of the `total` group relays of `group` took message `id` (a post to a
