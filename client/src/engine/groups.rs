@@ -2003,13 +2003,24 @@ impl<T> State<T> {
             );
             return Ok(out);
         }
+        // Who each admin added, said in one line per admin.
+        let mut added: Vec<(String, Option<&SignedOp>, Vec<String>)> = Vec::new();
         for (key, m) in &after.members {
             if !before.members.contains_key(key) {
                 let op = author_of(
                     &|op| matches!(op, Op::Add { member, .. } if member.ed25519() == key),
                 );
                 let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
-                push(op, format!("{by} added {}", self.call(key, &rosters)?));
+                let who = self.call(key, &rosters)?;
+                match added.iter_mut().find(|(b, _, _)| *b == by) {
+                    Some((_, last, names)) => {
+                        names.push(who);
+                        if op.map(SignedOp::hlc) > last.map(SignedOp::hlc) {
+                            *last = op;
+                        }
+                    }
+                    None => added.push((by, op, vec![who])),
+                }
             } else if before.members[key].role != m.role {
                 let op = author_of(&|op| matches!(op, Op::SetRole { member, .. } if member == key));
                 let by = op.map_or(Ok("someone".into()), |o| self.call(o.author(), &rosters))?;
@@ -2022,6 +2033,10 @@ impl<T> State<T> {
                     },
                 );
             }
+        }
+        for (by, op, mut names) in added {
+            names.sort_by_key(|n| n.to_lowercase());
+            push(op, format!("{by} added {}", said_in_short(&names)));
         }
         for key in before.members.keys() {
             if after.members.contains_key(key) {
@@ -2170,6 +2185,21 @@ fn hold_waiting(
         source,
     });
     true
+}
+
+/// `names` as a line says them: all of up to five, else the first three and how many
+/// more.
+fn said_in_short(names: &[String]) -> String {
+    const ALL_UP_TO: usize = 5;
+    const SHOWN: usize = 3;
+    if names.len() <= ALL_UP_TO {
+        return names.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        names[..SHOWN].join(", "),
+        names.len() - SHOWN
+    )
 }
 
 /// When an outbox entry was first queued (Unix ms).

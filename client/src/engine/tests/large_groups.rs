@@ -957,3 +957,41 @@ async fn a_group_file_short_of_copies_is_done_once_the_key_changes() {
     assert!(outgoing(sender).finished, "saved as done");
     assert!(!spool.exists());
 }
+
+#[tokio::test]
+async fn many_added_at_once_are_one_line() {
+    let (net, admin, members, _group_relays, id) = town(1).await;
+    let mut newcomers = Vec::new();
+    for i in 0..6 {
+        let m = User::started(&net, &format!("n{i}"), 1).await;
+        admin.add_contact(&m);
+        m.add_contact(&admin);
+        m.regrant().await;
+        newcomers.push(m);
+    }
+    admin.regrant().await;
+    let peers = newcomers.iter().map(User::peer).collect();
+    admin
+        .engine
+        .change_group(id, GroupChange::Add(peers))
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    members[0].sync().await;
+    let lines: Vec<String> = members[0]
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.event && m.message.text.starts_with("admin added n"))
+        .map(|m| m.message.text)
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].ends_with(
+            "added n0 (not a contact), n1 (not a contact), n2 (not a contact) and 3 more"
+        ),
+        "{lines:?}"
+    );
+}
