@@ -28,6 +28,21 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 }
 
 fn main() {
+    // Devices: two copies of one account's set, edited apart (one linked a phone, the
+    // other took out a tablet), alone and as a pair to merge.
+    {
+        use kkachi_protocol::device::DeviceSet;
+        let me = fuzz_sender();
+        let mut laptop = DeviceSet::new(&me, "laptop", NOW).expect("a valid set");
+        laptop.add(&me, [3; 32], "tablet", NOW + 1).expect("room");
+        let mut desk = laptop.clone();
+        laptop.add(&me, [9; 32], "phone", NOW + 2).expect("room");
+        desk.remove(&me, &[3; 32], NOW + 3).expect("listed");
+        let (a, b) = (laptop.encode(), desk.encode());
+        write("device_set", "set", &[&[0][..], &a].concat());
+        let len = u16::try_from(a.len()).expect("small").to_be_bytes();
+        write("device_set", "pair", &[&[1][..], &len, &a, &b].concat());
+    }
     // Groups: a creation, an add, a demotion and a removal, as one member shares them.
     {
         use kkachi_protocol::group::{Hlc, Mode, Op, Role, SignedOp, encode_ops};

@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("file", file),
     ("group", group),
     ("group_large", group_large),
+    ("device_set", device_set),
 ];
 
 /// The key of the manifests in the `file` corpus (public, so seeds can be real).
@@ -64,6 +65,45 @@ pub fn group(data: &[u8]) {
             let id = first.group();
             let _ = Roster::merge(id, ops.iter().filter(|op| op.group() == id));
         }
+    }
+}
+
+/// An account's device sets, which its own devices and its contacts take in (SPEC
+/// §15), under the identity key of [`fuzz_sender`]: one set (first byte 0), or two
+/// (first byte 1, then the first's length as a u16), merged both ways round.
+pub fn device_set(data: &[u8]) {
+    use crate::device::DeviceSet;
+    let account = *fuzz_sender().public().ed25519();
+    let decoded = |bytes: &[u8]| {
+        let set = DeviceSet::decode(&account, bytes).ok()?;
+        assert_eq!(set.encode(), bytes, "device sets are canonical");
+        Some(set)
+    };
+    match data.split_first() {
+        Some((0, rest)) => {
+            if let Some(mut set) = decoded(rest) {
+                let same = set.clone();
+                assert!(
+                    set.merge(&same)
+                        .expect("a set merges with itself")
+                        .is_empty()
+                );
+            }
+        }
+        Some((1, rest)) if rest.len() >= 2 => {
+            let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+            let rest = &rest[2..];
+            let (a, b) = rest.split_at(len.min(rest.len()));
+            if let (Some(a), Some(b)) = (decoded(a), decoded(b)) {
+                let (mut ab, mut ba) = (a.clone(), b.clone());
+                if ab.merge(&b).is_ok() {
+                    ba.merge(&a)
+                        .expect("a merge that fits one way fits the other");
+                    assert_eq!(ab, ba, "merging commutes");
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`session`]: end-to-end encryption between two users over Noise IK, tolerant of
 //!   duplication, reordering, loss and restarts.
 //! - [`content`]: what a session carries: message id, sequence and hash chain, body.
+//! - [`device`]: the devices of one account, a set every device edits and all agree on.
 //! - [`wire`]: the client↔relay protocol, `/kkachi/relay/2`: requests and answers over
 //!   one long-lived stream.
 //! - [`bundle`]: sealed envelopes and where they go, in a file carried on a drive.
@@ -28,6 +29,7 @@ pub mod bundle;
 pub mod card;
 mod codec;
 pub mod content;
+pub mod device;
 pub mod envelope;
 pub mod file;
 #[doc(hidden)]

@@ -75,6 +75,19 @@ fn seeds_exercise_the_success_paths() {
             post
         );
     }
+    {
+        use kkachi_protocol::device::DeviceSet;
+        let account = *kkachi_protocol::fuzzing::fuzz_sender().public().ed25519();
+        let set = DeviceSet::decode(&account, &read("device_set", "set")[1..]).unwrap();
+        assert_eq!(set.devices().count(), 3);
+        let pair = read("device_set", "pair");
+        let len = usize::from(u16::from_be_bytes([pair[1], pair[2]]));
+        let mut a = DeviceSet::decode(&account, &pair[3..3 + len]).unwrap();
+        let b = DeviceSet::decode(&account, &pair[3 + len..]).unwrap();
+        let merged = a.merge(&b).unwrap();
+        assert_eq!((merged.added.len(), merged.removed.len()), (0, 1));
+        assert_eq!(a.devices().count(), 2);
+    }
     let me = kkachi_protocol::fuzzing::fuzz_recipient();
     assert!(matches!(
         session::open(&me, &read("session_packet", "init")),

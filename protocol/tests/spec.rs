@@ -39,6 +39,19 @@ fn spec_states_the_limits_the_code_enforces() {
         ("MAX_MIME_BYTES", file::MAX_MIME_BYTES as u64),
         ("MAX_THUMBNAIL_BYTES", file::MAX_THUMBNAIL_BYTES as u64),
         ("FORWARD_PERIOD_SECS", file::FORWARD_PERIOD_SECS),
+        ("MAX_DEVICES", kkachi_protocol::device::MAX_DEVICES as u64),
+        (
+            "MAX_LISTED_DEVICES",
+            kkachi_protocol::device::MAX_LISTED_DEVICES as u64,
+        ),
+        (
+            "MAX_DEVICE_RECORDS",
+            kkachi_protocol::device::MAX_DEVICE_RECORDS as u64,
+        ),
+        (
+            "MAX_DEVICE_SET_LEN",
+            kkachi_protocol::device::MAX_DEVICE_SET_LEN as u64,
+        ),
         ("MAX_BODY_LEN", content::MAX_BODY_LEN as u64),
         ("MAX_PUT_BATCH", wire::MAX_PUT_BATCH as u64),
         ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),
