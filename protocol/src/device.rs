@@ -12,7 +12,11 @@
 //!
 //! Nothing here trusts the bytes it reads: every entry and removal is checked against
 //! the account's key, counts are bounded before anything is allocated, and a merge
-//! whose result would break the bounds is refused as a whole, leaving the set as it was.
+//! whose result would hold more records than a set may is refused as a whole, leaving
+//! the set as it was. The one bound is on keys ever signed (devices listed plus
+//! removals), which a merge can only raise: so whenever everything signed for an
+//! account fits, every order of merging succeeds and they all agree. Devices stop
+//! editing at half the bound, which leaves the other half to copies edited apart.
 
 use std::collections::BTreeMap;
 
@@ -31,12 +35,14 @@ pub const REMOVAL_LABEL: &str = "kkachi/device-removal/v1";
 /// Devices a client lets its user link: it refuses to add one more while it sees
 /// this many.
 pub const MAX_DEVICES: usize = 8;
-/// Devices a set may list. Twice [`MAX_DEVICES`], so two devices that each linked up to
-/// the limit while apart still merge.
-pub const MAX_LISTED_DEVICES: usize = 2 * MAX_DEVICES;
-/// Entries and removals together in one set: an account can take out 48 devices over
-/// its life before it needs a new identity.
+/// Entries and removals together in one set: the keys ever signed for an account.
 pub const MAX_DEVICE_RECORDS: usize = 64;
+/// Records past which a device adds no device: an account links this many devices over
+/// its life (the first included) before it needs a new identity, and copies of the set
+/// edited apart have as many again to merge into.
+pub const MAX_EDIT_RECORDS: usize = MAX_DEVICE_RECORDS / 2;
+/// A device's time may not be this (a rename must be able to come later).
+const END_OF_TIME: u64 = u64::MAX;
 /// Bytes of a device's name (at most 64 characters, as every name: SPEC §2).
 pub const MAX_DEVICE_NAME_LEN: usize = 255;
 /// The largest encoded set: version, two counts, and the records at their largest.
@@ -75,20 +81,20 @@ pub enum DeviceError {
     /// The account already has as many devices as a client links.
     #[error("this account has {0} devices, the most it may have; remove one first")]
     TooMany(usize),
-    /// The set (or a merge into it) would hold more than the bounds allow.
+    /// The set (or a merge into it) would hold more records than the bound allows.
     #[error(
-        "the device set would list {devices} devices and {records} records in all; at most {max_devices} and {max_records}"
+        "the device set would hold {records} devices and removals; at most {max} may be (an account that signed more needs a new identity)"
     )]
     Full {
-        /// Devices it would list.
-        devices: usize,
         /// Entries and removals it would hold.
         records: usize,
-        /// [`MAX_LISTED_DEVICES`].
-        max_devices: usize,
-        /// [`MAX_DEVICE_RECORDS`].
-        max_records: usize,
+        /// The bound that applies: [`MAX_DEVICE_RECORDS`], or [`MAX_EDIT_RECORDS`]
+        /// for adding a device.
+        max: usize,
     },
+    /// A time at the end of the clock's range: nothing could come after it.
+    #[error("the device time {0} is out of range")]
+    BadTime(u64),
 }
 
 /// One device of the account, as its identity key vouched for it.
@@ -129,8 +135,9 @@ impl Device {
             .raw(&self.sig);
     }
 
-    /// Of two entries for the same key, the one a merge keeps: the later, and of two as
-    /// late the greater encoding, so every device keeps the same one.
+    /// Of two entries for the same key, the one a merge keeps: the greater `(at, name,
+    /// signature)` (names and signatures compared byte by byte), so every device keeps
+    /// the same one.
     fn wins_over(&self, other: &Device) -> bool {
         (self.at, &self.name, &self.sig) > (other.at, &other.name, &other.sig)
     }
@@ -239,17 +246,17 @@ impl DeviceSet {
         }
     }
 
-    fn check_bounds(devices: usize, removed: usize) -> Result<(), DeviceError> {
-        let records = devices + removed;
-        if devices > MAX_LISTED_DEVICES || records > MAX_DEVICE_RECORDS {
-            return Err(DeviceError::Full {
-                devices,
-                records,
-                max_devices: MAX_LISTED_DEVICES,
-                max_records: MAX_DEVICE_RECORDS,
-            });
+    fn check_bounds(records: usize, max: usize) -> Result<(), DeviceError> {
+        if records > max {
+            return Err(DeviceError::Full { records, max });
         }
         Ok(())
+    }
+
+    /// Entries and removals held: the keys ever signed for the account, as far as this
+    /// copy knows.
+    pub fn records(&self) -> usize {
+        self.devices.len() + self.removed.len()
     }
 
     /// Lists a device (or renames one listed), signed by the account's identity key.
@@ -264,6 +271,9 @@ impl DeviceSet {
     ) -> Result<(), DeviceError> {
         self.check_identity(identity)?;
         check_name(name)?;
+        if now == END_OF_TIME {
+            return Err(DeviceError::BadTime(now));
+        }
         if self.removed.contains_key(&key) {
             return Err(DeviceError::Removed);
         }
@@ -272,10 +282,16 @@ impl DeviceSet {
             if self.devices.len() >= MAX_DEVICES {
                 return Err(DeviceError::TooMany(self.devices.len()));
             }
-            Self::check_bounds(self.devices.len() + 1, self.removed.len())?;
+            Self::check_bounds(self.records() + 1, MAX_EDIT_RECORDS)?;
         }
         // A rename is a later entry: it must win over the one it replaces.
-        let at = listed.map_or(now, |d| now.max(d.at.saturating_add(1)));
+        let at = match listed {
+            None => now,
+            Some(d) => match d.at.checked_add(1).filter(|at| *at != END_OF_TIME) {
+                Some(after) => now.max(after),
+                None => return Err(DeviceError::BadTime(d.at)),
+            },
+        };
         let sig = identity.sign(DEVICE_LABEL, &Device::signed_bytes(&key, at, name));
         let device = Device {
             key,
@@ -287,7 +303,10 @@ impl DeviceSet {
         Ok(())
     }
 
-    /// Takes a device out of the account for good. Refused for the last device listed.
+    /// Takes a device out of the account for good. Refused for the last device listed
+    /// (though two devices that each take out the other while apart leave none: see
+    /// SPEC §15). The removal takes the place of the entry, so the records held stay as
+    /// many.
     pub fn remove(
         &mut self,
         identity: &Identity,
@@ -297,6 +316,9 @@ impl DeviceSet {
         self.check_identity(identity)?;
         if self.removed.contains_key(key) {
             return Ok(());
+        }
+        if now == END_OF_TIME {
+            return Err(DeviceError::BadTime(now));
         }
         if !self.devices.contains_key(key) {
             return Err(DeviceError::Unknown);
@@ -319,7 +341,8 @@ impl DeviceSet {
 
     /// Takes in what another copy of the set holds. Both must be the same account's
     /// (anything decoded was checked against it). Refused as a whole, changing nothing,
-    /// when the result would break the bounds.
+    /// when the result would hold more than [`MAX_DEVICE_RECORDS`] records: only an
+    /// account signing past its bound can cause that, and only about its own devices.
     pub fn merge(&mut self, other: &DeviceSet) -> Result<Merged, DeviceError> {
         if other.account != self.account {
             return Err(DeviceError::OtherAccount);
@@ -350,7 +373,7 @@ impl DeviceSet {
                 }
             }
         }
-        Self::check_bounds(devices.len(), removed.len())?;
+        Self::check_bounds(devices.len() + removed.len(), MAX_DEVICE_RECORDS)?;
         let mut merged = Merged::default();
         for (key, d) in &devices {
             match self.devices.get(key) {
@@ -409,7 +432,7 @@ impl DeviceSet {
             .into());
         }
         let count = usize::from(r.u8("device count")?);
-        Self::check_bounds(count, 0)?;
+        Self::check_bounds(count, MAX_DEVICE_RECORDS)?;
         let mut devices = BTreeMap::new();
         for _ in 0..count {
             let key = r.array::<32>("device key")?;
@@ -417,6 +440,9 @@ impl DeviceSet {
             let name = r.str8(MAX_DEVICE_NAME_LEN, "device name")?;
             let sig = r.array::<64>("device signature")?;
             check_name(name)?;
+            if at == END_OF_TIME {
+                return Err(DeviceError::BadTime(at));
+            }
             if devices.keys().next_back().is_some_and(|last| *last >= key) {
                 return Err(DecodeError::Invalid {
                     field: "device set",
@@ -436,12 +462,15 @@ impl DeviceSet {
             devices.insert(key, Device { key, name, at, sig });
         }
         let count = usize::from(r.u8("removal count")?);
-        Self::check_bounds(devices.len(), count)?;
+        Self::check_bounds(devices.len() + count, MAX_DEVICE_RECORDS)?;
         let mut removed = BTreeMap::new();
         for _ in 0..count {
             let key = r.array::<32>("removed device key")?;
             let at = r.u64("removal time")?;
             let sig = r.array::<64>("removal signature")?;
+            if at == END_OF_TIME {
+                return Err(DeviceError::BadTime(at));
+            }
             if removed.keys().next_back().is_some_and(|last| *last >= key) {
                 return Err(DecodeError::Invalid {
                     field: "device set",

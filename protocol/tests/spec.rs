@@ -41,8 +41,8 @@ fn spec_states_the_limits_the_code_enforces() {
         ("FORWARD_PERIOD_SECS", file::FORWARD_PERIOD_SECS),
         ("MAX_DEVICES", kkachi_protocol::device::MAX_DEVICES as u64),
         (
-            "MAX_LISTED_DEVICES",
-            kkachi_protocol::device::MAX_LISTED_DEVICES as u64,
+            "MAX_EDIT_RECORDS",
+            kkachi_protocol::device::MAX_EDIT_RECORDS as u64,
         ),
         (
             "MAX_DEVICE_RECORDS",

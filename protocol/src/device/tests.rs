@@ -120,36 +120,142 @@ fn a_removed_device_never_comes_back_from_an_old_copy() {
     assert_eq!(stale, laptop);
 }
 
+/// A copy of the set with `n` devices linked and taken out again, keys from `from`
+/// on: `n` records more, one device listed still.
+fn churned(me: &Identity, base: &DeviceSet, from: u8, n: u8) -> DeviceSet {
+    let mut set = base.clone();
+    for k in from..from + n {
+        set.add(me, device_key(k), "passing", 2).unwrap();
+        set.remove(me, &device_key(k), 3).unwrap();
+    }
+    set
+}
+
 #[test]
-fn a_merge_past_the_bounds_is_refused_and_changes_nothing() {
+fn a_device_adds_none_past_half_the_records() {
     let me = person(1);
-    let mut a = DeviceSet::new(&me, "a", 1).unwrap();
-    let mut b = a.clone();
-    for n in 0..7 {
-        a.add(&me, device_key(10 + n), "a's", 2).unwrap();
-        b.add(&me, device_key(30 + n), "b's", 2).unwrap();
-    }
-    let mut c = a.clone();
-    c.merge(&b).unwrap();
+    let set = DeviceSet::new(&me, "a", 1).unwrap();
+    let mut set = churned(&me, &set, 10, (MAX_EDIT_RECORDS - 1) as u8);
+    assert_eq!(set.records(), MAX_EDIT_RECORDS);
     assert_eq!(
-        c.devices().count(),
-        15,
-        "two sides linking while apart both keep theirs"
+        set.add(&me, device_key(200), "one more", 4),
+        Err(DeviceError::Full {
+            records: MAX_EDIT_RECORDS + 1,
+            max: MAX_EDIT_RECORDS
+        })
     );
-    let mut d = DeviceSet::new(&me, "a", 1).unwrap();
-    for n in 0..7 {
-        d.add(&me, device_key(50 + n), "d's", 2).unwrap();
+    // Renaming adds no record.
+    set.add(&me, me.x25519_public(), "renamed", 5).unwrap();
+}
+
+#[test]
+fn removals_that_arrive_late_do_not_make_the_order_matter() {
+    // Three copies link seven devices each while apart; one copy of the second then
+    // takes its seven out again. Whichever order a holder meets them in, it ends with
+    // the same devices (the only bound is on records, which merging can only raise).
+    let me = person(1);
+    let base = DeviceSet::new(&me, "a", 1).unwrap();
+    let link = |from: u8| {
+        let mut set = base.clone();
+        for k in from..from + 7 {
+            set.add(&me, device_key(k), "linked", 2).unwrap();
+        }
+        set
+    };
+    let (a, b, c) = (link(10), link(30), link(50));
+    let mut b_later = b.clone();
+    for k in 30..37 {
+        b_later.remove(&me, &device_key(k), 3).unwrap();
     }
-    let before = c.clone();
-    let err = c.merge(&d).unwrap_err();
-    assert!(
-        matches!(err, DeviceError::Full { devices: 22, .. }),
-        "{err}"
+    let mut first = a.clone();
+    for other in [&b, &c, &b_later] {
+        first.merge(other).unwrap();
+    }
+    let mut second = a;
+    for other in [&b_later, &c, &b] {
+        second.merge(other).unwrap();
+    }
+    assert_eq!(first, second);
+    assert_eq!(first.devices().count(), 15);
+}
+
+#[test]
+fn a_merge_past_the_bound_is_refused_and_changes_nothing() {
+    let me = person(1);
+    let base = DeviceSet::new(&me, "a", 1).unwrap();
+    let per_copy = (MAX_EDIT_RECORDS - 1) as u8;
+    let a = churned(&me, &base, 10, per_copy);
+    let b = churned(&me, &base, 10 + per_copy, per_copy);
+    let c = churned(&me, &base, 10 + 2 * per_copy, 2);
+    let mut ab = a.clone();
+    ab.merge(&b).unwrap();
+    assert_eq!(ab.records(), MAX_DEVICE_RECORDS - 1);
+    let before = ab.clone();
+    assert_eq!(
+        ab.merge(&c),
+        Err(DeviceError::Full {
+            records: MAX_DEVICE_RECORDS + 1,
+            max: MAX_DEVICE_RECORDS
+        })
     );
-    assert_eq!(c, before);
+    assert_eq!(ab, before);
     assert_eq!(
         DeviceSet::new(&person(2), "x", 1).unwrap().merge(&a),
         Err(DeviceError::OtherAccount)
+    );
+}
+
+#[test]
+fn two_devices_that_take_each_other_out_leave_none() {
+    let me = person(1);
+    let mut one = DeviceSet::new(&me, "one", 1).unwrap();
+    one.add(&me, device_key(9), "two", 2).unwrap();
+    let mut two = one.clone();
+    one.remove(&me, &device_key(9), 3).unwrap();
+    two.remove(&me, &me.x25519_public(), 3).unwrap();
+    one.merge(&two).unwrap();
+    two.merge(&one).unwrap();
+    assert_eq!(one, two);
+    assert_eq!(one.devices().count(), 0, "an account with no device left");
+    assert_eq!(
+        DeviceSet::decode(one.account(), &one.encode()).unwrap(),
+        one
+    );
+}
+
+#[test]
+fn times_at_the_end_of_the_clock_are_refused() {
+    let me = person(1);
+    let mut set = DeviceSet::new(&me, "a", 1).unwrap();
+    assert_eq!(
+        set.add(&me, device_key(3), "b", u64::MAX),
+        Err(DeviceError::BadTime(u64::MAX))
+    );
+    set.add(&me, device_key(3), "b", u64::MAX - 1).unwrap();
+    assert_eq!(
+        set.add(&me, device_key(3), "renamed", 5),
+        Err(DeviceError::BadTime(u64::MAX - 1)),
+        "a rename must come later, and nothing can"
+    );
+    assert_eq!(set.device(&device_key(3)).unwrap().name(), "b");
+    assert_eq!(
+        set.remove(&me, &device_key(3), u64::MAX),
+        Err(DeviceError::BadTime(u64::MAX))
+    );
+    // Signed at the end of time by the identity key, it is still refused.
+    let key = device_key(4);
+    let sig = me.sign(DEVICE_LABEL, &Device::signed_bytes(&key, u64::MAX, "late"));
+    let mut w = Writer::with_capacity(200);
+    w.u8(DEVICE_SET_VERSION)
+        .u8(1)
+        .raw(&key)
+        .u64(u64::MAX)
+        .bytes8(b"late")
+        .raw(&sig)
+        .u8(0);
+    assert_eq!(
+        DeviceSet::decode(set.account(), &w.finish()),
+        Err(DeviceError::BadTime(u64::MAX))
     );
 }
 
@@ -200,7 +306,7 @@ fn hostile_encodings_are_refused_with_what_is_wrong() {
     let huge = [DEVICE_SET_VERSION, 255];
     assert!(matches!(
         DeviceSet::decode(&account, &huge),
-        Err(DeviceError::Full { devices: 255, .. })
+        Err(DeviceError::Full { records: 255, .. })
     ));
     assert!(matches!(
         DeviceSet::decode(&account, &vec![0; MAX_DEVICE_SET_LEN + 1]),
@@ -265,7 +371,8 @@ fn only_canonical_sets_decode() {
     ));
 }
 
-/// One edit on one device: link a new device, rename one, or take one out.
+/// One edit on one device: link a new device, rename one, or take one out (the nth
+/// listed).
 #[derive(Debug, Clone)]
 enum Edit {
     Add(u8),
@@ -276,13 +383,78 @@ enum Edit {
 }
 
 fn edits() -> impl Strategy<Value = Vec<(usize, Edit, u64)>> {
+    // Up to 200 keys, so that copies edited apart can sign more than a set may hold.
     let edit = prop_oneof![
-        (0u8..12).prop_map(Edit::Add),
-        (0u8..12, 0u8..4).prop_map(|(k, n)| Edit::Rename(k, n)),
-        (0u8..12).prop_map(Edit::Remove),
-        (0usize..3).prop_map(Edit::Sync),
+        8 => (0u8..200).prop_map(Edit::Add),
+        1 => (0u8..200, 0u8..4).prop_map(|(k, n)| Edit::Rename(k, n)),
+        8 => (0u8..200).prop_map(Edit::Remove),
+        1 => (0usize..3).prop_map(Edit::Sync),
     ];
-    proptest::collection::vec((0usize..3, edit, 1u64..50), 0..60)
+    proptest::collection::vec((0usize..3, edit, 1u64..50), 0..600)
+}
+
+/// Three copies of one account's set after `history`, with the keys taken out
+/// anywhere.
+fn play(me: &Identity, history: Vec<(usize, Edit, u64)>) -> ([DeviceSet; 3], Vec<[u8; 32]>) {
+    let first = DeviceSet::new(me, "first", 0).unwrap();
+    let mut copies = [first.clone(), first.clone(), first];
+    let mut ever_removed = Vec::new();
+    for (who, edit, now) in history {
+        match edit {
+            Edit::Add(k) => {
+                let _ = copies[who].add(me, device_key(k), &format!("device {k}"), now);
+            }
+            Edit::Rename(k, n) => {
+                if copies[who].device(&device_key(k)).is_some() {
+                    copies[who]
+                        .add(me, device_key(k), &format!("name {n}"), now)
+                        .unwrap();
+                }
+            }
+            Edit::Remove(k) => {
+                // One of those listed (by position), so that devices come and go.
+                let listed: Vec<[u8; 32]> = copies[who].devices().map(|d| *d.key()).collect();
+                let Some(&key) = listed.get(usize::from(k) % listed.len().max(1)) else {
+                    continue;
+                };
+                if copies[who].remove(me, &key, now).is_ok() && copies[who].is_removed(&key) {
+                    ever_removed.push(key);
+                }
+            }
+            Edit::Sync(from) => {
+                let other = copies[from].clone();
+                let _ = copies[who].merge(&other);
+            }
+        }
+    }
+    (copies, ever_removed)
+}
+
+/// The keys signed in any of `sets`: how many records their union holds.
+fn union_records(sets: &[&DeviceSet]) -> usize {
+    let mut keys = std::collections::BTreeSet::new();
+    for set in sets {
+        keys.extend(set.devices().map(|d| *d.key()));
+        keys.extend(set.removals().map(|r| *r.key()));
+    }
+    keys.len()
+}
+
+/// `a` merged with `b`, or `a` as it was if the merge was refused (checked to be for
+/// the bound, and only past it).
+fn merged(a: &DeviceSet, b: &DeviceSet) -> DeviceSet {
+    let mut out = a.clone();
+    match out.merge(b) {
+        Ok(_) => {}
+        Err(DeviceError::Full { records, max }) => {
+            assert_eq!(max, MAX_DEVICE_RECORDS);
+            assert!(records > MAX_DEVICE_RECORDS);
+            assert_eq!(records, union_records(&[a, b]));
+            assert_eq!(&out, a);
+        }
+        Err(e) => panic!("{e}"),
+    }
+    out
 }
 
 proptest! {
@@ -291,88 +463,51 @@ proptest! {
     /// Three devices edit the set while apart (with clocks that collide or run back),
     /// now and then taking in another's copy; once each has taken in the others', in
     /// any order and more than once, all three list the same devices, and no device
-    /// taken out anywhere is listed.
+    /// taken out anywhere is listed. Past the bound, merges are refused for it alone.
     #[test]
     fn concurrent_edits_converge(history in edits(), order in proptest::collection::vec(0usize..3, 0..12)) {
         let me = person(1);
-        let first = DeviceSet::new(&me, "first", 0).unwrap();
-        let mut copies = [first.clone(), first.clone(), first];
-        let mut ever_removed = Vec::new();
-        for (who, edit, now) in history {
-            match edit {
-                Edit::Add(k) => {
-                    let _ = copies[who].add(&me, device_key(k), &format!("device {k}"), now);
-                }
-                Edit::Rename(k, n) => {
-                    if copies[who].device(&device_key(k)).is_some() {
-                        copies[who].add(&me, device_key(k), &format!("name {n}"), now).unwrap();
-                    }
-                }
-                Edit::Remove(k) => {
-                    if copies[who].remove(&me, &device_key(k), now).is_ok()
-                        && copies[who].is_removed(&device_key(k))
-                    {
-                        ever_removed.push(device_key(k));
-                    }
-                }
-                Edit::Sync(from) => {
-                    let other = copies[from].clone();
-                    let _ = copies[who].merge(&other);
-                }
-            }
-        }
+        let (mut copies, ever_removed) = play(&me, history);
+        let fits = union_records(&[&copies[0], &copies[1], &copies[2]]) <= MAX_DEVICE_RECORDS;
         // Gossip: some random exchanges, then each takes in every other's copy twice
         // over (the second round carries what the first brought).
         for pair in order.windows(2) {
-            let other = copies[pair[1]].clone();
-            copies[pair[0]].merge(&other).unwrap();
+            copies[pair[0]] = merged(&copies[pair[0]], &copies[pair[1]]);
         }
         for _ in 0..2 {
             for i in 0..3 {
                 for j in 0..3 {
-                    let other = copies[j].clone();
-                    copies[i].merge(&other).unwrap();
+                    copies[i] = merged(&copies[i], &copies[j]);
                 }
             }
         }
-        prop_assert_eq!(&copies[0], &copies[1]);
-        prop_assert_eq!(&copies[1], &copies[2]);
-        for key in &ever_removed {
-            prop_assert!(copies[0].device(key).is_none());
-            prop_assert!(copies[0].is_removed(key));
+        if fits {
+            prop_assert_eq!(&copies[0], &copies[1]);
+            prop_assert_eq!(&copies[1], &copies[2]);
+            for key in &ever_removed {
+                prop_assert!(copies[0].device(key).is_none());
+                prop_assert!(copies[0].is_removed(key));
+            }
         }
         // Merging is idempotent, and what converged survives the wire.
         let mut again = copies[0].clone();
-        prop_assert!(again.merge(&copies[1]).unwrap().is_empty());
+        prop_assert!(again.merge(&copies[0].clone()).unwrap().is_empty());
         let decoded = DeviceSet::decode(copies[0].account(), &copies[0].encode()).unwrap();
         prop_assert_eq!(&decoded, &copies[0]);
     }
 
-    /// Merging two copies gives the same set in either order.
+    /// Merging commutes and associates whenever the union fits.
     #[test]
-    fn merging_commutes(history in edits()) {
+    fn merging_commutes_and_associates(history in edits()) {
         let me = person(1);
-        let first = DeviceSet::new(&me, "first", 0).unwrap();
-        let (mut a, mut b) = (first.clone(), first);
-        for (who, edit, now) in history {
-            let set = if who == 0 { &mut a } else { &mut b };
-            match edit {
-                Edit::Add(k) | Edit::Rename(k, _) => {
-                    let _ = set.add(&me, device_key(k), &format!("n{now}"), now);
-                }
-                Edit::Remove(k) => {
-                    let _ = set.remove(&me, &device_key(k), now);
-                }
-                Edit::Sync(_) => {}
-            }
+        let ([a, b, c], _) = play(&me, history);
+        if union_records(&[&a, &b]) <= MAX_DEVICE_RECORDS {
+            prop_assert_eq!(merged(&a, &b), merged(&b, &a));
         }
-        let mut ab = a.clone();
-        let mut ba = b.clone();
-        let left = ab.merge(&b);
-        let right = ba.merge(&a);
-        prop_assert_eq!(left.is_ok(), right.is_ok());
-        if left.is_ok() {
-            prop_assert_eq!(ab, ba);
+        if union_records(&[&a, &b, &c]) <= MAX_DEVICE_RECORDS {
+            let left = merged(&merged(&a, &b), &c);
+            prop_assert_eq!(&left, &merged(&a, &merged(&b, &c)));
+            prop_assert_eq!(&left, &merged(&merged(&c, &a), &b));
         }
     }
 }
