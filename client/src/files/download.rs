@@ -516,6 +516,7 @@ async fn manifest<T: Transport>(
 /// to offered and removed what was here): then the fetch stops, and never marks as
 /// fetched a file whose bytes are gone.
 fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
+    let _turn = store.files_turn();
     if store
         .incoming_file(id)?
         .is_some_and(|now| now.state == IncomingState::Offered)
@@ -525,11 +526,21 @@ fn save(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), Fi
             "the fetch was cancelled; `kkachi get` starts it again".into(),
         ));
     }
-    write_back(store, id, record)
+    write_back_in_turn(store, id, record)
 }
 
 /// Writes the record back, unless it was removed meanwhile: then the fetch stops.
 fn write_back(store: &LocalStore, id: &TransferId, record: &Incoming) -> Result<(), FilesError> {
+    let _turn = store.files_turn();
+    write_back_in_turn(store, id, record)
+}
+
+/// [`write_back`], for a caller holding [`LocalStore::files_turn`].
+fn write_back_in_turn(
+    store: &LocalStore,
+    id: &TransferId,
+    record: &Incoming,
+) -> Result<(), FilesError> {
     let Some(stored) = store.incoming_file(id)? else {
         return Err(FilesError::Refused(
             "its message is gone, or its sender was removed or blocked".into(),

@@ -413,6 +413,7 @@ pub const AUTO_FETCH_TOTAL: u64 = 512 << 20;
 /// of people removed or blocked, with what was fetched of them; files being sent to
 /// people removed or blocked, with their sealed copies. Returns how many.
 pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
+    let _turn = store.files_turn();
     let home = store.home().to_path_buf();
     let (outgoing, incoming) = store.file_transfers()?;
     let mut w = crate::store::WriteSet::default();
@@ -533,6 +534,8 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
         }
     }
     let n = gone.len();
+    #[cfg(test)]
+    sweep_pause(&home);
     store.apply(w)?;
     for paths in gone {
         for p in paths {
@@ -554,6 +557,27 @@ pub fn sweep(store: &crate::store::LocalStore) -> Result<usize, FilesError> {
         }
     }
     Ok(n)
+}
+
+/// What a sweep of the home named runs between reading and writing (tests only: what
+/// another writes meanwhile, if it can, lands in between).
+#[cfg(test)]
+pub(crate) type SweepPause = (std::path::PathBuf, std::sync::Arc<dyn Fn() + Send + Sync>);
+/// See [`SweepPause`].
+#[cfg(test)]
+pub(crate) static SWEEP_PAUSE: parking_lot::Mutex<Option<SweepPause>> =
+    parking_lot::Mutex::new(None);
+
+#[cfg(test)]
+fn sweep_pause(home: &std::path::Path) {
+    let pause = SWEEP_PAUSE
+        .lock()
+        .as_ref()
+        .filter(|(of, _)| of == home)
+        .map(|(_, pause)| pause.clone());
+    if let Some(pause) = pause {
+        pause();
+    }
 }
 
 /// Goes on with transfers left part-way: files being sent, files asked for, and (with
@@ -604,7 +628,7 @@ pub fn resume<T: Transport>(
             auto_total += size;
         }
     }
-    for (id, mut record) in incoming {
+    for (id, record) in incoming {
         if record.retry_at_ms > now || !room(&started) {
             continue;
         }
@@ -623,11 +647,20 @@ pub fn resume<T: Transport>(
                     *auto_bytes.entry(owner).or_default() += file.size;
                 }
                 auto_total += file.size;
-                record.auto = true;
-                record.state = IncomingState::Fetching;
+                // As it is now: still offered (not asked for, moved or gone meanwhile).
+                let store = engine.store();
+                let _turn = store.files_turn();
+                let Some(mut now) = store
+                    .incoming_file(&id)?
+                    .filter(|now| now.state == IncomingState::Offered)
+                else {
+                    continue;
+                };
+                now.auto = true;
+                now.state = IncomingState::Fetching;
                 let mut w = crate::store::WriteSet::default();
-                crate::store::LocalStore::write_incoming_file(&mut w, &id, &record);
-                engine.store().apply(w)?;
+                crate::store::LocalStore::write_incoming_file(&mut w, &id, &now);
+                store.apply(w)?;
             }
             _ => continue,
         }
@@ -741,6 +774,7 @@ pub fn cancel(
     id: &TransferId,
 ) -> Result<Cancelled, FilesError> {
     let home = store.home().to_path_buf();
+    let _turn = store.files_turn();
     let mut w = crate::store::WriteSet::default();
     if incoming {
         let Some(mut record) = store.incoming_file(id)? else {

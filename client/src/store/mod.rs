@@ -119,6 +119,9 @@ pub struct LocalStore {
     /// Held while a relay record is read, changed and written back, so two changes
     /// (the engine's cursor, `relay list`'s names) cannot undo each other.
     relays_turn: Arc<parking_lot::Mutex<()>>,
+    /// Held by whoever reads a received file's records and writes them back: see
+    /// [`LocalStore::files_turn`].
+    files_turn: Arc<parking_lot::Mutex<()>>,
 }
 
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -212,6 +215,7 @@ impl LocalStore {
             outbox_changes: Arc::default(),
             outbox_index: Arc::default(),
             relays_turn: Arc::default(),
+            files_turn: Arc::default(),
         };
         store.check_key(empty)?;
         complete_journaled(&store.db, &store.trees, &store.journal)?;
@@ -440,6 +444,16 @@ impl LocalStore {
             .collect();
         relays.sort_by_key(|(order, _)| *order);
         Ok(relays.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// The turn to read a received file's records (its record, the messages that offered
+    /// it) and write them back: taking in messages (which adds offers), the sweep (which
+    /// prunes them, moves the record or removes it), a fetch saving its progress and
+    /// cancelling one all hold it from their first read to their write, so none writes
+    /// over what another wrote in between (an offer taken in while the sweep ran, a
+    /// fetch's progress). Not reentrant: whoever holds it calls none of the others.
+    pub fn files_turn(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.files_turn.lock()
     }
 
     /// Adds a relay; false if it was already there.

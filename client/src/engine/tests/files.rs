@@ -353,3 +353,84 @@ async fn a_file_sent_while_a_relay_was_out_gets_its_second_copy_when_it_returns(
         .count();
     assert_eq!(files_shown, 1);
 }
+
+/// Taking messages in and the sweep take turns on a file's records: a message offering
+/// a file, taken in while the sweep is between reading the file's records and writing
+/// them, is not written over (else the sweep, which found the file offered by nothing,
+/// would remove it from under the message just shown).
+#[tokio::test]
+async fn a_file_offered_while_the_sweep_runs_stays() {
+    let net = FakeNet::default();
+    let bob = User::started(&net, "bob", 1).await;
+    let store = bob.engine.store().clone();
+    let file = FileRef {
+        key: FileKey([1; 32]),
+        manifest: kkachi_protocol::file::ChunkId([2; 32]),
+        size: 10,
+        name: "map.png".into(),
+        mime: "image/png".into(),
+        thumbnail: Vec::new(),
+    };
+    let id = file.id();
+    // Offered by a message that is not here: the next sweep removes it.
+    let mut w = crate::store::WriteSet::default();
+    store
+        .offer_incoming_file(&mut w, &file, b"gone".to_vec(), [1; 16], 1, None)
+        .unwrap();
+    store.apply(w).unwrap();
+    let (read_tx, read_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = parking_lot::Mutex::new(go_rx);
+    let read_tx = parking_lot::Mutex::new(read_tx);
+    *files::SWEEP_PAUSE.lock() = Some((
+        store.home().to_path_buf(),
+        std::sync::Arc::new(move || {
+            let _ = read_tx.lock().send(());
+            // Taking turns, the message cannot come in now: the sweep goes on alone.
+            let _ = go_rx
+                .lock()
+                .recv_timeout(std::time::Duration::from_millis(300));
+        }),
+    ));
+    let sweeping = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || files::sweep(&store))
+    };
+    tokio::task::spawn_blocking(move || read_rx.recv())
+        .await
+        .unwrap()
+        .expect("the sweep read the file's records");
+    // A message offering the same file comes in, as the engine takes messages in.
+    bob.engine
+        .change(move |state, now| {
+            state.with_sessions(|this, _| {
+                let mut w = crate::store::WriteSet::default();
+                this.store.offer_incoming_file(
+                    &mut w,
+                    &file,
+                    b"carol".to_vec(),
+                    [2; 16],
+                    now,
+                    None,
+                )?;
+                Ok(this.store.apply(w)?)
+            })
+        })
+        .await
+        .unwrap();
+    let _ = go_tx.send(());
+    sweeping.await.unwrap().unwrap();
+    *files::SWEEP_PAUSE.lock() = None;
+    let record = store
+        .incoming_file(&id)
+        .unwrap()
+        .expect("the file of the message taken in is still offered");
+    assert_eq!(record.message, [2; 16], "named by the message still here");
+    assert!(
+        store
+            .file_offers(&id)
+            .unwrap()
+            .iter()
+            .any(|o| o.message == [2; 16])
+    );
+}
