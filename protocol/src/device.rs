@@ -440,16 +440,12 @@ impl DeviceSet {
             let name = r.str8(MAX_DEVICE_NAME_LEN, "device name")?;
             let sig = r.array::<64>("device signature")?;
             check_name(name)?;
-            if at == END_OF_TIME {
-                return Err(DeviceError::BadTime(at));
-            }
-            if devices.keys().next_back().is_some_and(|last| *last >= key) {
-                return Err(DecodeError::Invalid {
-                    field: "device set",
-                    reason: "devices are not in ascending order of key",
-                }
-                .into());
-            }
+            check_read(
+                &devices,
+                &key,
+                at,
+                "devices are not in ascending order of key",
+            )?;
             if !verify_raw(
                 account,
                 DEVICE_LABEL,
@@ -468,16 +464,12 @@ impl DeviceSet {
             let key = r.array::<32>("removed device key")?;
             let at = r.u64("removal time")?;
             let sig = r.array::<64>("removal signature")?;
-            if at == END_OF_TIME {
-                return Err(DeviceError::BadTime(at));
-            }
-            if removed.keys().next_back().is_some_and(|last| *last >= key) {
-                return Err(DecodeError::Invalid {
-                    field: "device set",
-                    reason: "removals are not in ascending order of key",
-                }
-                .into());
-            }
+            check_read(
+                &removed,
+                &key,
+                at,
+                "removals are not in ascending order of key",
+            )?;
             if devices.contains_key(&key) {
                 return Err(DecodeError::Invalid {
                     field: "device set",
@@ -502,6 +494,27 @@ impl DeviceSet {
             removed,
         })
     }
+}
+
+/// Checks a record just read against those before it: its time in range, its key after
+/// theirs (`disorder` says what is wrong otherwise).
+fn check_read<T>(
+    before: &BTreeMap<[u8; 32], T>,
+    key: &[u8; 32],
+    at: u64,
+    disorder: &'static str,
+) -> Result<(), DeviceError> {
+    if at == END_OF_TIME {
+        return Err(DeviceError::BadTime(at));
+    }
+    if before.keys().next_back().is_some_and(|last| last >= key) {
+        return Err(DecodeError::Invalid {
+            field: "device set",
+            reason: disorder,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,16 +1,8 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::identity::SECRET_LEN;
 
-/// An identity from a fixed secret (the same in every run).
-fn person(n: u8) -> Identity {
-    let mut secret = vec![1u8];
-    secret.extend_from_slice(&[n; 32]);
-    secret.extend_from_slice(&[n.wrapping_add(100); 32]);
-    assert_eq!(secret.len(), SECRET_LEN);
-    Identity::from_secret_bytes(&secret).unwrap()
-}
+use crate::test_person as person;
 
 /// The session key of the account's `n`th device.
 fn device_key(n: u8) -> [u8; 32] {

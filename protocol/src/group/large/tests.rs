@@ -1,14 +1,7 @@
 use super::*;
-use crate::identity::SECRET_LEN;
 use crate::test_rng;
 
-fn person(n: u8) -> Identity {
-    let mut secret = vec![1u8];
-    secret.extend_from_slice(&[n; 32]);
-    secret.extend_from_slice(&[n.wrapping_add(100); 32]);
-    assert_eq!(secret.len(), SECRET_LEN);
-    Identity::from_secret_bytes(&secret).unwrap()
-}
+use crate::test_person as person;
 
 fn at(ms: u64) -> Hlc {
     Hlc { ms, count: 0 }
