@@ -647,19 +647,21 @@ pub fn resume<T: Transport>(
                     *auto_bytes.entry(owner).or_default() += file.size;
                 }
                 auto_total += file.size;
-                // As it is now: still offered (not asked for, moved or gone meanwhile).
+                // As it is now: still offered (not asked for, moved or gone meanwhile),
+                // and no fetch of it still stopping (one cancelled a moment ago would
+                // take the mark as its own and go on).
                 let store = engine.store();
                 let _turn = store.files_turn();
-                let Some(mut now) = store
+                let Some(mut current) = store
                     .incoming_file(&id)?
-                    .filter(|now| now.state == IncomingState::Offered)
+                    .filter(|r| r.state == IncomingState::Offered && !live.busy(true, &id))
                 else {
                     continue;
                 };
-                now.auto = true;
-                now.state = IncomingState::Fetching;
+                current.auto = true;
+                current.state = IncomingState::Fetching;
                 let mut w = crate::store::WriteSet::default();
-                crate::store::LocalStore::write_incoming_file(&mut w, &id, &now);
+                crate::store::LocalStore::write_incoming_file(&mut w, &id, &current);
                 store.apply(w)?;
             }
             _ => continue,

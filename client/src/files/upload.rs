@@ -1223,6 +1223,7 @@ fn finished_report(record: &Outgoing) -> UploadReport {
 /// Writes the record back, unless it was removed meanwhile (its contact removed or
 /// blocked): then the upload stops.
 fn save(store: &LocalStore, id: &TransferId, record: &Outgoing) -> Result<(), FilesError> {
+    let _turn = store.files_turn();
     if store.outgoing_file(id)?.is_none() {
         return Err(FilesError::Refused(
             "they were removed or blocked meanwhile: the file goes no further".into(),

@@ -446,12 +446,13 @@ impl LocalStore {
         Ok(relays.into_iter().map(|(_, r)| r).collect())
     }
 
-    /// The turn to read a received file's records (its record, the messages that offered
-    /// it) and write them back: taking in messages (which adds offers), the sweep (which
-    /// prunes them, moves the record or removes it), a fetch saving its progress and
-    /// cancelling one all hold it from their first read to their write, so none writes
-    /// over what another wrote in between (an offer taken in while the sweep ran, a
-    /// fetch's progress). Not reentrant: whoever holds it calls none of the others.
+    /// The turn to read a file's records (a received file's record and the messages that
+    /// offered it, a sent file's record) and write them back: taking in messages (which
+    /// adds offers), the sweep (which prunes them, moves a record or removes it), a fetch
+    /// or an upload saving its progress and cancelling one all hold it from their first
+    /// read to their write, so none writes over what another wrote in between (an offer
+    /// taken in while the sweep ran, a transfer cancelled while it saved). Not
+    /// reentrant: whoever holds it calls none of the others.
     pub fn files_turn(&self) -> parking_lot::MutexGuard<'_, ()> {
         self.files_turn.lock()
     }
