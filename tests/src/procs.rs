@@ -110,7 +110,7 @@ impl RelayProc {
             netns: netns.map(str::to_string),
             log: None,
         };
-        relay.restart();
+        relay.first_start();
         relay
     }
 
@@ -126,12 +126,35 @@ impl RelayProc {
             netns: None,
             log: Some(log.to_path_buf()),
         };
-        relay.restart();
+        relay.first_start();
         relay
+    }
+
+    /// The first start: a port found free may be taken by another process (a client's
+    /// outgoing connection, another test's relay) before the relay binds it, so a relay
+    /// that exits at once is started again on another port, a few times.
+    fn first_start(&mut self) {
+        for _ in 0..4 {
+            match self.try_start() {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!(
+                        "relay did not start on port {} ({e}); another port",
+                        self.port
+                    );
+                    self.port = free_port();
+                }
+            }
+        }
+        self.restart();
     }
 
     /// (Re)starts the process on the same port and data; waits for its address line.
     pub fn restart(&mut self) {
+        self.try_start().expect("relay printed its address");
+    }
+
+    fn try_start(&mut self) -> Result<(), std::sync::mpsc::RecvTimeoutError> {
         assert!(self.child.is_none(), "relay already running");
         let mut cmd = command_in(self.netns.as_deref(), bin("kkachi-relay"));
         let listen = format!("/ip4/{}/tcp/{}", self.ip, self.port);
@@ -154,14 +177,20 @@ impl RelayProc {
         }
         let mut child = cmd.spawn().expect("relay starts");
         let rx = lines_of(child.stdout.take().expect("stdout"));
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay printed its address");
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(e) => {
+                let mut child = Some(child);
+                kill9(&mut child);
+                return Err(e);
+            }
+        };
         self.addr = line
             .strip_prefix("listening on ")
             .expect("listening line")
             .to_string();
         self.child = Some(child);
+        Ok(())
     }
 
     /// kill -9.
