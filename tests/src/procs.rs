@@ -132,18 +132,16 @@ impl RelayProc {
 
     /// The first start: a port found free may be taken by another process (a client's
     /// outgoing connection, another test's relay) before the relay binds it, so a relay
-    /// that exits at once is started again on another port, a few times.
+    /// that exits at once is started again on another port, a few times (one that hangs
+    /// is not).
     fn first_start(&mut self) {
         for _ in 0..4 {
             match self.try_start() {
-                Ok(()) => return,
-                Err(e) => {
-                    eprintln!(
-                        "relay did not start on port {} ({e}); another port",
-                        self.port
-                    );
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    eprintln!("relay exited at start on port {}; another port", self.port);
                     self.port = free_port();
                 }
+                other => return other.expect("relay printed its address"),
             }
         }
         self.restart();

@@ -307,8 +307,7 @@ impl<T> State<T> {
         f: impl FnOnce(&Self, &mut Sessions) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         // Whatever is taken in here may offer files (see `LocalStore::files_turn`).
-        let store = self.store.clone();
-        let _files = store.files_turn();
+        let _files = self.store.files_turn();
         let mut sessions = std::mem::take(&mut self.sessions);
         let result = f(self, &mut sessions);
         if result.is_err() {

@@ -119,7 +119,7 @@ pub struct LocalStore {
     /// Held while a relay record is read, changed and written back, so two changes
     /// (the engine's cursor, `relay list`'s names) cannot undo each other.
     relays_turn: Arc<parking_lot::Mutex<()>>,
-    /// Held by whoever reads a received file's records and writes them back: see
+    /// Held by whoever reads a file's records and writes them back: see
     /// [`LocalStore::files_turn`].
     files_turn: Arc<parking_lot::Mutex<()>>,
 }
