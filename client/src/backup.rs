@@ -299,6 +299,9 @@ pub struct Restored {
     pub ending: Ending,
     /// Our messages not confirmed as delivered, sealed again at the next start.
     pub resend: usize,
+    /// Whether the restored device has a session key of its own (false only for an
+    /// account whose devices signed every record they may: it keeps the backup's).
+    pub new_key: bool,
 }
 
 /// A set written while restoring holds at most this many records, or bytes.
@@ -308,9 +311,9 @@ const RESTORE_BATCH_BYTES: usize = 8 << 20;
 /// Restores the backup `file` into `home`, which must not exist yet (or be an empty
 /// directory): as much as reads, up to a damaged chunk. The home is made beside it and
 /// moved into place once whole, so an interrupted restore leaves no half home behind.
-/// It gets its own new database key; no session is restored (contacts are sent the
-/// card again on new ones at the next start, and what they had not confirmed goes
-/// again).
+/// It gets its own new database key and a new session key (the backup's is taken out
+/// of the account's devices); no session is restored (contacts are sent the card at
+/// the next start, on new sessions, and what they had not confirmed goes again).
 pub fn restore(
     home: &Path,
     file: &Path,
@@ -404,10 +407,25 @@ fn restore_into(
     }
     store.restore_records(batch)?;
     let repaired = store.repair_after_restore()?;
+    // A new device of the account (SPEC §11): a session key of its own, so nothing is
+    // sealed to it under a key the lost device held, and that key is taken out of the
+    // account's devices. What was sealed to the old key is still read for a while.
+    // An account whose devices signed every record they may keeps the backup's key
+    // (restored as before device sets), rather than no restore at all.
+    let new_key =
+        match store.rotate_session_key(crate::engine::now_ms() / 1000, &mut rand_core::OsRng) {
+            Ok(_) => true,
+            Err(StoreError::Devices(why)) => {
+                tracing::warn!(%why, "restored under the backup's session key");
+                false
+            }
+            Err(e) => return Err(e.into()),
+        };
     store.sync()?;
     Ok(Restored {
         counts,
         ending,
         resend: repaired.resend,
+        new_key,
     })
 }

@@ -43,6 +43,10 @@ pub enum Command {
         #[arg(long)]
         renew: bool,
     },
+    /// Your account's devices: list them (with the fingerprint of each one's key), or
+    /// name this one.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Manage contacts.
     #[command(subcommand)]
     Contact(ContactCommand),
@@ -341,6 +345,27 @@ pub enum ContactCommand {
         contact: String,
         /// The new name.
         name: String,
+    },
+    /// The devices a contact's account lists, each with its key's fingerprint: compare
+    /// them with what `kkachi device list` shows on their side.
+    Devices {
+        /// Contact name or peer id.
+        contact: String,
+    },
+}
+
+/// `kkachi device ...`
+#[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
+pub enum DeviceCommand {
+    /// List your account's devices: this one, and those taken out. Each shows the
+    /// fingerprint of its key, which contacts see under `kkachi contact devices`.
+    List,
+    /// Give this device a name your contacts see ("laptop"; the words are joined by
+    /// spaces).
+    Rename {
+        /// The new name.
+        #[arg(required = true, num_args = 1..)]
+        name: Vec<String>,
     },
 }
 

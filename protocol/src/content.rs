@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::card::{Card, CardError};
 use crate::codec::{DecodeError, Reader, Writer, hash};
+use crate::device::MAX_DEVICE_SET_LEN;
 use crate::group::{GroupError, GroupId, Hlc, SignedOp, decode_ops, encode_ops};
 
 /// Version byte of the content encoding.
@@ -37,6 +38,7 @@ const KIND_REPLY: u16 = 8;
 const KIND_REACTION: u16 = 9;
 const KIND_FILE: u16 = 10;
 const KIND_GROUP: u16 = 11;
+const KIND_DEVICES: u16 = 12;
 
 /// Longest reaction, in UTF-8 bytes (an emoji of several code points fits; empty takes
 /// a reaction back).
@@ -252,6 +254,10 @@ pub enum Body {
         /// What it carries.
         what: GroupBody,
     },
+    /// The device set of the sender's account (SPEC §15), as encoded. It is read
+    /// against the sender's identity key, which only its recipient knows: decoding
+    /// checks its length alone ([`crate::device::MAX_DEVICE_SET_LEN`]).
+    Devices(Vec<u8>),
     /// A kind this version does not understand, kept verbatim.
     Unknown {
         /// The kind tag.
@@ -305,6 +311,7 @@ impl Body {
             Body::Reaction { .. } => KIND_REACTION,
             Body::File { .. } => KIND_FILE,
             Body::Group { .. } => KIND_GROUP,
+            Body::Devices(_) => KIND_DEVICES,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -406,7 +413,7 @@ impl Body {
                 }
                 out
             }
-            Body::Unknown { data, .. } => data.clone(),
+            Body::Devices(set) | Body::Unknown { data: set, .. } => set.clone(),
         }
     }
 
@@ -438,6 +445,10 @@ impl Body {
                 Body::Receipt { status, ids }
             }
             KIND_CARD => Body::CardUpdate(Box::new(Card::decode(data)?)),
+            KIND_DEVICES if data.len() > MAX_DEVICE_SET_LEN => {
+                return Err(ContentError::DevicesTooLong(data.len()));
+            }
+            KIND_DEVICES => Body::Devices(data.to_vec()),
             KIND_TIMED_TEXT => {
                 let (secs, text) = data
                     .split_first_chunk::<4>()
@@ -710,6 +721,9 @@ pub enum ContentError {
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
+    /// A device set longer than any (SPEC §15).
+    #[error("a device set of {0} bytes; the limit is 23043")]
+    DevicesTooLong(usize),
 }
 
 /// One content record.
@@ -782,6 +796,9 @@ impl Content {
                 Err(ContentError::BodyTooLarge(
                     ops.iter().map(|o| 2 + o.encode().len()).sum(),
                 ))
+            }
+            Body::Devices(set) if set.len() > MAX_DEVICE_SET_LEN => {
+                Err(ContentError::DevicesTooLong(set.len()))
             }
             Body::Unknown { data, .. } if data.len() > MAX_BODY_LEN => {
                 Err(ContentError::BodyTooLarge(data.len()))
@@ -942,7 +959,8 @@ mod tests {
                         }),
                     },
                 }),
-            (12u16.., proptest::collection::vec(any::<u8>(), 0..100))
+            proptest::collection::vec(any::<u8>(), 0..100).prop_map(Body::Devices),
+            (13u16.., proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(kind, data)| Body::Unknown { kind, data }),
         ]
     }
@@ -1074,6 +1092,44 @@ mod tests {
         long[CONTENT_HEADER_LEN - 4..CONTENT_HEADER_LEN]
             .copy_from_slice(&(body_len as u32).to_be_bytes());
         assert!(Content::decode(&long).is_err());
+    }
+
+    #[test]
+    fn a_device_set_goes_as_kind_12_verbatim_and_an_overlong_one_is_refused() {
+        use crate::device::{DeviceSet, MAX_DEVICE_SET_LEN};
+        let alice = Identity::generate();
+        let set = DeviceSet::new(&alice, "laptop", 1_700_000_000)
+            .unwrap()
+            .encode();
+        let c = Content {
+            body: Body::Devices(set.clone()),
+            ..text(0, "")
+        };
+        let bytes = c.encode();
+        assert_eq!(
+            &bytes[CONTENT_HEADER_LEN - 6..CONTENT_HEADER_LEN - 4],
+            &[0, 12]
+        );
+        assert_eq!(&bytes[CONTENT_HEADER_LEN..], set.as_slice());
+        assert_eq!(Content::decode(&bytes).unwrap(), c);
+        assert!(!c.body.is_sequenced());
+        // One byte over the largest set: refused before it is kept.
+        let long = Content {
+            body: Body::Devices(vec![1; MAX_DEVICE_SET_LEN + 1]),
+            ..text(0, "")
+        };
+        assert!(matches!(
+            long.check(),
+            Err(ContentError::DevicesTooLong(n)) if n == MAX_DEVICE_SET_LEN + 1
+        ));
+        let mut bytes = c.encode();
+        bytes.truncate(CONTENT_HEADER_LEN - 4);
+        bytes.extend_from_slice(&((MAX_DEVICE_SET_LEN + 1) as u32).to_be_bytes());
+        bytes.extend(std::iter::repeat_n(1u8, MAX_DEVICE_SET_LEN + 1));
+        assert!(matches!(
+            Content::decode(&bytes),
+            Err(ContentError::DevicesTooLong(_))
+        ));
     }
 
     #[test]

@@ -42,6 +42,12 @@ fn seeds_exercise_the_success_paths() {
             "content-{i}"
         );
     }
+    // A device set (kind 12), the account's one set seeded for `device_set`.
+    let devices = Content::decode(&read("content", "content-15")).expect("content-15");
+    assert!(matches!(
+        &devices.body,
+        kkachi_protocol::Body::Devices(set) if set[..] == read("device_set", "set")[1..]
+    ));
     {
         use kkachi_protocol::file::{ChunkId, FileRef, Manifest};
         let file = read("file", "file-ref");

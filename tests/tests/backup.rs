@@ -66,6 +66,12 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
     hana.ok(&["group", "add", "Kin", "dae"]);
     hana.ok(&["send", "Kin", "group before the backup"]);
     dae.ok(&["sync"]);
+    // Her device's name, and the devices Dae's account lists, as she sees them.
+    hana.ok(&["device", "rename", "hana's phone"]);
+    hana.ok(&["sync"]);
+    let devices = hana.ok(&["device", "list", "--json"]);
+    let dae_devices = hana.ok(&["contact", "devices", "dae", "--json"]);
+    assert!(!json(&dae_devices)["devices"].is_null(), "{dae_devices}");
     let backup = dir.path().join("hana.backup");
     // Without a terminal, the first backup makes its key only when asked to.
     let refused = hana.run(&["backup", "create", "--to", backup.to_str().unwrap()]);
@@ -129,6 +135,28 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         said[..6],
         "what the backup held is back"
     );
+    // A new device of her account: her device's name, under a new session key; the
+    // key the backup held is taken out.
+    let (before, after) = (
+        json(&devices),
+        json(&hana.ok(&["device", "list", "--json"])),
+    );
+    let old_fingerprint = &before["devices"][0]["fingerprint"];
+    let new_fingerprint = after["devices"][0]["fingerprint"].clone();
+    assert_eq!(after["devices"][0]["name"], "hana's phone", "{after}");
+    assert_ne!(
+        &new_fingerprint, old_fingerprint,
+        "a new session key: {after}"
+    );
+    assert_eq!(
+        &after["removed"][0]["fingerprint"], old_fingerprint,
+        "{after}"
+    );
+    assert_eq!(
+        hana.ok(&["contact", "devices", "dae", "--json"]),
+        dae_devices,
+        "Dae's devices as they were"
+    );
     // Restoring over an identity is refused.
     let twice = with_key(
         &hana.home,
@@ -178,6 +206,13 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         h.iter().filter(|t| *t == "dae after the restore").count(),
         1,
         "{h:?}"
+    );
+    // Dae seals to the restored device's key, and keeps the lost one's taken out.
+    let seen = json(&dae.ok(&["contact", "devices", "hana", "--json"]));
+    assert_eq!(seen["card_fingerprint"], new_fingerprint, "{seen}");
+    assert_eq!(
+        &seen["removed"][0]["fingerprint"], old_fingerprint,
+        "{seen}"
     );
     // The group came back too, with what was said in it, and goes on: its next message
     // reaches dae once.
@@ -396,4 +431,52 @@ fn open_when_free(home: &std::path::Path) -> kkachi_client::store::LocalStore {
             other => return other.expect("the restored store opens"),
         }
     }
+}
+
+#[test]
+fn a_restore_lists_a_new_device_key_and_keeps_the_backups_when_the_account_can_list_no_more() {
+    use kkachi_client::store::{LocalStore, WriteSet};
+    use kkachi_protocol::device::{DeviceSet, MAX_EDIT_RECORDS};
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, public) = kkachi_client::backup::new_recovery_key();
+    let key = kkachi_client::backup::parse_recovery_key(&secret).unwrap();
+    // Two accounts: one with room in its list of devices, one whose devices changed
+    // key as often as the list allows.
+    let mut outcomes = Vec::new();
+    for full in [false, true] {
+        let home = dir.path().join(format!("home-{full}"));
+        let (store, me, _) = LocalStore::provision(&home, "Min", &[]).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut w = WriteSet::default();
+        LocalStore::write_own_devices(&mut w, &DeviceSet::new(&me, "tablet", now).unwrap());
+        store.apply(w).unwrap();
+        if full {
+            while store.rotate_session_key(now, &mut rand_core::OsRng).is_ok() {}
+        }
+        let me = store.identity().unwrap().unwrap();
+        let backed_up = me.x25519_public();
+        let file = dir.path().join(format!("backup-{full}"));
+        kkachi_client::backup::create(&store, &public, &file).unwrap();
+        drop(store);
+        let target = dir.path().join(format!("restored-{full}"));
+        let restored = kkachi_client::backup::restore(&target, &file, &key).unwrap();
+        let store = open_when_free(&target);
+        let me = store.identity().unwrap().unwrap();
+        let set = store.own_devices(&me).unwrap().unwrap();
+        let listed: Vec<_> = set.devices().map(|d| d.name().to_owned()).collect();
+        assert_eq!(listed, ["tablet"], "one device, under its name");
+        assert!(set.device(&me.x25519_public()).is_some());
+        outcomes.push((restored.new_key, me.x25519_public() != backed_up));
+        if restored.new_key {
+            assert!(set.is_removed(&backed_up), "the backup's key taken out");
+        } else {
+            assert_eq!(set.records(), MAX_EDIT_RECORDS);
+        }
+    }
+    // A new key where the list had room; the backup's own where it had none (restored
+    // all the same).
+    assert_eq!(outcomes, [(true, true), (false, false)]);
 }

@@ -212,3 +212,55 @@ fn a_new_session_key_keeps_the_conversation_going_and_retires_old_codes() {
     assert!(requests.contains("with the new code"), "{requests}");
     assert!(requests.contains("with the old code"), "{requests}");
 }
+
+#[test]
+fn each_side_sees_the_others_devices_and_a_new_key_takes_the_old_one_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("r"), &[]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    for u in [&alice, &bob] {
+        u.ok(&["relay", "add", &relay.addr]);
+    }
+    User::introduce(&alice, &bob);
+    let own = |u: &User| objects(&u.ok(&["device", "list", "--json"]))[0].clone();
+    let listed = own(&alice);
+    let devices = listed["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1, "{listed}");
+    assert_eq!(devices[0]["name"], "first device");
+    assert_eq!(devices[0]["this"], true);
+    // A name of her choosing reaches Bob, with the fingerprint she sees.
+    alice.ok(&["device", "rename", "work", "laptop"]);
+    bob.ok(&["sync"]);
+    let seen = objects(&bob.ok(&["contact", "devices", "alice", "--json"]))[0].clone();
+    println!("alice's devices as bob sees them: {seen}");
+    let fingerprint = own(&alice)["devices"][0]["fingerprint"].clone();
+    assert_eq!(seen["devices"][0]["name"], "work laptop", "{seen}");
+    assert_eq!(seen["devices"][0]["fingerprint"], fingerprint, "{seen}");
+    assert_eq!(seen["card_fingerprint"], fingerprint, "{seen}");
+    let shown = bob.ok(&["contact", "devices", "alice"]);
+    assert!(shown.contains("work laptop"), "{shown}");
+    assert!(shown.contains("their card names this one"), "{shown}");
+    // A name that could disguise itself is refused, saying why.
+    let refused = alice.run(&["device", "rename", "laptop\u{202e}"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("cannot rename this device"), "{why}");
+    // A new session key lists this device under it and takes the old key out, for
+    // Bob too: he never goes back to it.
+    alice.ok(&["rotate-key"]);
+    for _ in 0..2 {
+        bob.ok(&["sync"]);
+        alice.ok(&["sync"]);
+    }
+    let after = own(&alice);
+    let new_fingerprint = after["devices"][0]["fingerprint"].clone();
+    assert_ne!(new_fingerprint, fingerprint);
+    assert_eq!(after["removed"][0]["fingerprint"], fingerprint, "{after}");
+    let seen = objects(&bob.ok(&["contact", "devices", "alice", "--json"]))[0].clone();
+    assert_eq!(seen["devices"].as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(seen["devices"][0]["name"], "work laptop", "{seen}");
+    assert_eq!(seen["devices"][0]["fingerprint"], new_fingerprint, "{seen}");
+    assert_eq!(seen["removed"][0]["fingerprint"], fingerprint, "{seen}");
+    assert_eq!(seen["card_fingerprint"], new_fingerprint, "{seen}");
+}

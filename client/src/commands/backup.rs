@@ -170,6 +170,8 @@ pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandEr
             "records": restored.counts.records,
             "made_at": restored.counts.made_ms,
             "resend": restored.resend,
+            "new_key": restored.new_key,
+            "new_key": restored.new_key,
             "ending": ending_json(&restored.ending),
             "ms": ms,
         }));
@@ -182,14 +184,20 @@ pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandEr
             home.display(),
             ms as f64 / 1000.0
         ));
-        out.out("Conversations go on with new sessions: at the next start your contacts get your card again and send again what you had not received.");
+        if restored.new_key {
+            out.out("This device has a new session key: at the next start your contacts get your card, take the key, and send again what you had not received. The key the backup held is taken out of your devices, so nothing new is sealed to it.");
+            out.out("The invite codes you gave out before reach you no more: share `kkachi invite` again.");
+        } else {
+            out.out("Conversations go on with new sessions: at the next start your contacts get your card again and send again what you had not received.");
+            out.warn("This device keeps the session key the backup held: your account has listed as many device keys as it may. A new identity starts a new list.");
+        }
         if restored.resend > 0 {
             out.out(format!(
                 "{} message(s) you sent had not been delivered when the backup was made: they go again then.",
                 restored.resend
             ));
         }
-        out.out("Restore only if the old device is gone: two devices of one identity take each other's messages.");
+        out.out("Restore only if the old device is gone: once your contacts take the new key, it is shut out.");
         out.out("This home has no passphrase yet: `kkachi passphrase set` adds one.");
     }
     if let Some(line) = ending_line(file, &restored.ending, "restored") {

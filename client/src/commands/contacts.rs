@@ -28,6 +28,7 @@ impl App {
                 self.contact_add(&code.concat(), name, json, out).await
             }
             ContactCommand::List => self.contact_list(json, out),
+            ContactCommand::Devices { contact } => self.contact_devices(&contact, json, out),
             ContactCommand::Remove { contact } => {
                 let c = self.resolve(&contact)?;
                 let done = self.local_engine()?.remove_contact(c.peer).await?;

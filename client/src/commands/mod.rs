@@ -13,6 +13,7 @@
 mod backup;
 mod bundle;
 mod contacts;
+mod devices;
 mod drill;
 mod files;
 mod groups;
@@ -254,6 +255,7 @@ impl App {
                 }
                 self.invite(qr, json, &mut out)?
             }
+            Command::Device(command) => self.device(command, json, &mut out).await?,
             Command::Contact(command) => self.contact(command, json, &mut out).await?,
             Command::Request(command) => self.request(command, json, &mut out).await?,
             Command::Group(command) => self.group(command, json, &mut out).await?,

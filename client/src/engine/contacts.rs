@@ -36,6 +36,11 @@ pub enum ContactError {
         /// The contact holding it.
         holder: String,
     },
+    /// The card names a session key its account took out (SPEC §15).
+    #[error(
+        "this code names a device {0} took out of their account: it is an old code, or a copy of a device they removed. Ask {0} for their code now (`kkachi invite`)"
+    )]
+    RemovedDevice(String),
     /// The name is taken by another contact.
     #[error("you already have a contact named {0}; choose another name")]
     NameTaken(String),
@@ -193,6 +198,12 @@ impl<T> State<T> {
             // Their newer code with a new session key, given to us by hand: taken (it
             // is signed by their identity key; whose key it is was checked above), and
             // the session and what waits for them follow it.
+            Some(old)
+                if card.rotates(&old.card)
+                    && self.removed_device(old, card.identity().x25519())? =>
+            {
+                return Err(ContactError::RemovedDevice(old.name.clone()).into());
+            }
             Some(old) if card.rotates(&old.card) => {
                 self.take_rotation(&mut w, old, now)?;
                 sessions.forget(&peer);
@@ -212,6 +223,9 @@ impl<T> State<T> {
             let session = sessions.get(&self.store, &contact)?;
             let card = Box::new(self.own_card()?);
             self.queue_control(&mut w, &contact, session, Body::CardUpdate(card), now)?;
+            // And the devices they are to seal to.
+            let devices = self.own_devices(&mut w, now)?;
+            self.queue_devices(&mut w, &contact, session, &devices, now)?;
         }
         let unblocked = self.store.blocked(&peer)?.is_some();
         if unblocked {

@@ -29,6 +29,7 @@
 
 mod bundle;
 mod contacts;
+mod devices;
 mod groups;
 pub mod machine;
 mod owner;
@@ -632,6 +633,31 @@ impl<T: Transport> Engine<T> {
             report.add(&done);
         }
         Ok(report)
+    }
+
+    /// Our account's device set (made, this device alone, in a home from before sets).
+    pub async fn own_devices(&self) -> Result<kkachi_protocol::device::DeviceSet, EngineError> {
+        self.change(|state, now| {
+            let mut w = crate::store::WriteSet::default();
+            let set = state.own_devices(&mut w, now)?;
+            state.store.apply(w)?;
+            Ok(set)
+        })
+        .await
+    }
+
+    /// Gives this device a new name and queues the set for every contact: the set as
+    /// it is now, and for how many contacts it was queued.
+    pub async fn rename_device(
+        &self,
+        name: String,
+    ) -> Result<(kkachi_protocol::device::DeviceSet, usize), EngineError> {
+        self.change(move |state, now| {
+            let set = state.rename_device(&name, now)?;
+            let sent = state.announce_devices_if_due(now)?;
+            Ok((set, sent))
+        })
+        .await
     }
 
     /// Adds or updates a contact from `card` (see [`ContactOutcome`]).

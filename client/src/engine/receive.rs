@@ -520,10 +520,16 @@ impl<T> State<T> {
                     let recently = resent
                         .get(&contact.peer)
                         .is_some_and(|t| now.saturating_sub(*t) < RESEAL_EVERY_MS);
-                    if card.version() > 1 && !recently {
+                    if !recently {
                         resent.insert(contact.peer, now);
-                        let body = Body::CardUpdate(Box::new(card));
-                        self.queue_control(&mut again, &contact, session, body, now)?;
+                        if card.version() > 1 {
+                            let body = Body::CardUpdate(Box::new(card));
+                            self.queue_control(&mut again, &contact, session, body, now)?;
+                        }
+                        // Our device set, likewise (it was sent once, when we met).
+                        if let Some(set) = self.store.own_devices(&self.me)? {
+                            self.queue_devices(&mut again, &contact, session, &set, now)?;
+                        }
                     }
                     Ok(())
                 });
@@ -600,6 +606,11 @@ impl<T> State<T> {
             return end("a first message under a session key their card does not carry");
         }
         let now_s = now / 1000;
+        if rotated && self.removed_device(contact, card.identity().x25519())? {
+            // Whoever kept a copy of a device their account took out does not get
+            // sealed to again, whatever card they sign.
+            return end("a change to a session key their account took out");
+        }
         if rotated {
             match self.may_rotate(contact, &card, &init, under_old_key, now) {
                 Ok(()) => {}
@@ -808,6 +819,7 @@ impl<T> State<T> {
             Body::Group { .. } if group => None,
             Body::Receipt { .. }
             | Body::CardUpdate(_)
+            | Body::Devices(_)
             | Body::Timer { .. }
             | Body::Edit { .. }
             | Body::Delete { .. }
@@ -816,7 +828,7 @@ impl<T> State<T> {
             | Body::File { .. }
             | Body::Group { .. } => {
                 return refused(
-                    "a receipt, card, timer, edit, delete, reply, reaction, file or group record from someone who is not a contact",
+                    "a receipt, card, device set, timer, edit, delete, reply, reaction, file or group record from someone who is not a contact",
                 );
             }
         };
@@ -884,6 +896,7 @@ impl<T> State<T> {
                 Body::Group { .. }
                     | Body::Receipt { .. }
                     | Body::CardUpdate(_)
+                    | Body::Devices(_)
                     | Body::Unknown { .. }
             )
         {
@@ -1026,6 +1039,7 @@ impl<T> State<T> {
                 }
                 Ok(Outcome::Applied("a card update"))
             }
+            Body::Devices(bytes) => self.take_devices(w, contact, &bytes),
             Body::Timer { secs } => {
                 // The setting sent last wins; at the same moment, the shorter one. A
                 // clock ahead of ours counts as now, so it cannot hold the setting.

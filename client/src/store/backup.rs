@@ -11,13 +11,14 @@
 use kkachi_protocol::content::{Body, Content};
 use kkachi_protocol::{MessageId, PeerId};
 
+use super::devices::DEVICES_KEY;
 use super::{
     Direction, IDENTITY_KEY, LocalStore, MessageRecord, MessageState, PROFILE_KEY, Profile,
     StoreError, TreeId, WriteSet, decode,
 };
 
 /// Trees a backup copies whole.
-const WHOLE: [TreeId; 11] = [
+const WHOLE: [TreeId; 12] = [
     TreeId::Relays,
     TreeId::Contacts,
     TreeId::Conversations,
@@ -29,6 +30,7 @@ const WHOLE: [TreeId; 11] = [
     TreeId::Groups,
     TreeId::GroupMessages,
     TreeId::GroupIndex,
+    TreeId::Devices,
 ];
 
 /// The longest key and value a restore takes.
@@ -84,6 +86,11 @@ impl LocalStore {
                 .ok_or(StoreError::Corrupt("identity"))?;
             f(TreeId::Meta, key, &value).map_err(io)?;
         }
+        // Our device set, once the engine made it: the devices contacts seal to, and
+        // the removals they keep.
+        if let Some(value) = self.tree(TreeId::Meta).get(DEVICES_KEY)? {
+            f(TreeId::Meta, DEVICES_KEY, &value).map_err(io)?;
+        }
         for tree in WHOLE {
             for item in self.tree(tree).iter() {
                 let (k, v) = item?;
@@ -113,7 +120,7 @@ impl LocalStore {
                 w.put_record(tree, key, &profile);
                 continue;
             }
-            if tree == TreeId::Meta && key != IDENTITY_KEY {
+            if tree == TreeId::Meta && key != IDENTITY_KEY && key != DEVICES_KEY {
                 continue;
             }
             w.put(tree, key, value);

@@ -347,6 +347,7 @@ impl LocalStore {
         w.remove(TreeId::Contacts, prefix.clone());
         w.remove(TreeId::Sessions, prefix.clone());
         w.remove(TreeId::Conversations, prefix.clone());
+        Self::forget_devices(w, peer);
         let mut messages = 0;
         for tree in [TreeId::Messages, TreeId::MessageIndex, TreeId::Chain] {
             for item in self.tree(tree).scan_prefix(&prefix) {

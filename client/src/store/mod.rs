@@ -24,6 +24,7 @@ use thiserror::Error;
 
 mod backup;
 mod conversations;
+mod devices;
 mod groups;
 mod keyfile;
 mod outbox;
@@ -39,6 +40,7 @@ pub use backup::{
     text_body,
 };
 use conversations::ContactCache;
+pub use devices::DEFAULT_DEVICE_NAME;
 pub use groups::{
     Chain, GroupMessage, GroupRecord, HeldEpoch, LargeState, MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER,
     MAX_HELD_POSTS, MAX_INTRODUCTIONS, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting,
@@ -90,6 +92,9 @@ pub enum StoreError {
     /// The key is under a passphrase and none could be asked for.
     #[error("{0}")]
     PassphraseNeeded(String),
+    /// A change our device set refuses (SPEC §15).
+    #[error("{0}")]
+    Devices(String),
 }
 
 fn db(e: impl std::fmt::Display) -> StoreError {

@@ -146,6 +146,27 @@ impl LocalStore {
             epoch: profile.request_epoch,
         };
         w.put_record(TreeId::Meta, PREVIOUS_IDENTITY_KEY, &previous);
+        // This device goes on under the new key: listed under it, the old one taken out
+        // for good (contacts never go back to it), in one edit of the set.
+        if let Some(mut set) = self.own_devices(&me)? {
+            let old = me.x25519_public();
+            let name = set
+                .device(&old)
+                .map_or(super::DEFAULT_DEVICE_NAME.to_owned(), |d| {
+                    d.name().to_owned()
+                });
+            let refused = |e: kkachi_protocol::device::DeviceError| {
+                StoreError::Devices(format!(
+                    "cannot list the new key among your devices: {e}; a new identity (`kkachi init` in a new home) starts a new list"
+                ))
+            };
+            set.add(&identity, identity.x25519_public(), &name, now_s)
+                .map_err(refused)?;
+            if set.device(&old).is_some() {
+                set.remove(&identity, &old, now_s).map_err(refused)?;
+            }
+            Self::write_own_devices(&mut w, &set);
+        }
         // The card goes to every contact now; again to those still behind, from a day
         // on.
         Self::write_rotated_card_sent(&mut w, now_s.saturating_mul(1000));
@@ -210,5 +231,40 @@ mod tests {
             "gone, not only hidden"
         );
         assert!(store.rotated_card_sent_ms().unwrap().is_none());
+    }
+
+    #[test]
+    fn each_new_key_takes_the_old_one_out_and_a_change_past_the_records_is_refused_whole() {
+        use kkachi_protocol::device::{DeviceSet, MAX_EDIT_RECORDS};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, me, _) = LocalStore::provision(dir.path(), "alice", &[]).unwrap();
+        let now = crate::engine::now_ms() / 1000;
+        let mut w = WriteSet::default();
+        LocalStore::write_own_devices(&mut w, &DeviceSet::new(&me, "phone", now).unwrap());
+        store.apply(w).unwrap();
+        let mut keys = vec![me.x25519_public()];
+        let refused = loop {
+            match store.rotate_session_key(now, &mut rand_core::OsRng) {
+                Ok(rotated) => keys.push(rotated.identity.x25519_public()),
+                Err(e) => break e,
+            }
+            assert!(keys.len() <= MAX_EDIT_RECORDS, "never past the bound");
+        };
+        // One device, under the newest key and its name; every earlier key taken out.
+        let me = store.identity().unwrap().unwrap();
+        let set = store.own_devices(&me).unwrap().unwrap();
+        let listed: Vec<_> = set
+            .devices()
+            .map(|d| (*d.key(), d.name().to_owned()))
+            .collect();
+        assert_eq!(listed, [(*keys.last().unwrap(), "phone".to_owned())]);
+        assert!(keys[..keys.len() - 1].iter().all(|k| set.is_removed(k)));
+        assert_eq!(set.records(), MAX_EDIT_RECORDS);
+        // The change past them is refused, saying why, and nothing of it is written.
+        assert!(
+            refused.to_string().contains("cannot list the new key"),
+            "{refused}"
+        );
+        assert_eq!(&me.x25519_public(), keys.last().unwrap());
     }
 }

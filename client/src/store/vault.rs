@@ -61,7 +61,8 @@ fn shape(tree: TreeId) -> Shape {
         | TreeId::Blocked
         | TreeId::Chain
         | TreeId::Groups
-        | TreeId::GroupMessages => Shape::Peer,
+        | TreeId::GroupMessages
+        | TreeId::Devices => Shape::Peer,
     }
 }
 

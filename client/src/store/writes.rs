@@ -44,9 +44,11 @@ pub enum TreeId {
     GroupMessages,
     /// Our group messages by (member, message id): where each member's copy is counted.
     GroupIndex,
+    /// Contacts' device sets.
+    Devices,
 }
 
-pub(super) const TREES: [&str; 17] = [
+pub(super) const TREES: [&str; 18] = [
     "meta",
     "relays",
     "contacts",
@@ -64,6 +66,7 @@ pub(super) const TREES: [&str; 17] = [
     "groups",
     "group_messages",
     "group_index",
+    "devices",
 ];
 
 /// Changes to apply atomically.

@@ -339,6 +339,13 @@ impl<T: Transport> Owner<T> {
             Ok(_) => self.after_change(Ok(()), |_| {}),
             Err(e) => tracing::warn!(error = %e, "could not send contacts our new card"),
         }
+        // Our device set, made at the first start of a home from before sets, or
+        // changed (a device renamed, a key rotated) since contacts were last sent it.
+        match self.state.announce_devices_if_due(now) {
+            Ok(0) => {}
+            Ok(_) => self.after_change(Ok(()), |_| {}),
+            Err(e) => tracing::warn!(error = %e, "could not send contacts our device set"),
+        }
         // After a rotation of our key: contacts we have no session with under the new
         // one get the card again (daily), until the old key is forgotten.
         match self.state.resend_rotated_card(now) {

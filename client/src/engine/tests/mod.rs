@@ -10,10 +10,12 @@
 //! - `files`: files sent, fetched, broken by their sender, fetched on their own.
 //! - `groups`: membership shared, messages to every member once, waiting for operations.
 //! - `large_groups`: groups with group relays: epochs, group queues, haves.
+//! - `devices`: device sets kept, merged, refused; keys taken out never taken again.
 
 mod bundles;
 mod contacts;
 mod delivery;
+mod devices;
 mod files;
 mod groups;
 mod hostile;

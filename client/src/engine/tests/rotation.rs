@@ -10,7 +10,7 @@ use crate::store::Rotated;
 impl User {
     /// What `kkachi rotate-key` does: the engine stops, the store gets a new session
     /// key, and a new engine tells our relays and sends every contact the new card.
-    async fn rotate(&mut self, net: &FakeNet) -> Rotated {
+    pub(super) async fn rotate(&mut self, net: &FakeNet) -> Rotated {
         self.engine.shutdown().await.unwrap();
         let store = self.engine.store().clone();
         let rotated = store
@@ -46,7 +46,7 @@ async fn talk(alice: &User, bob: &User, bob_c: &Contact, alice_c: &Contact, tag:
 }
 
 /// The session key `bob` holds for `alice`.
-fn bob_c_key(bob: &User, alice: &User) -> [u8; 32] {
+pub(super) fn bob_c_key(bob: &User, alice: &User) -> [u8; 32] {
     *bob.contact_of(&alice.peer())
         .unwrap()
         .card

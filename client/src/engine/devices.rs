@@ -1,0 +1,147 @@
+//! Device sets (SPEC §15): ours, sent to every contact whenever it changes, and each
+//! contact's, taken in from what their devices send (content kind 12) and merged over
+//! what they sent before.
+//!
+//! This version keeps and shows the sets, and refuses a contact's move to a session
+//! key their account took out: whoever copied a device's key before its removal cannot
+//! have contacts seal to it again. Sealing to every device listed comes with sessions
+//! per device.
+
+use kkachi_protocol::device::DeviceSet;
+use kkachi_protocol::{Body, Session};
+
+use super::receive::Outcome;
+use super::state::State;
+use super::{AppEvent, EngineError};
+use crate::store::{Contact, DEFAULT_DEVICE_NAME, LocalStore, WriteSet};
+
+impl<T> State<T> {
+    /// Our account's device set; this device alone in a new one, written into `w`, for
+    /// a home from before sets.
+    pub(crate) fn own_devices(&self, w: &mut WriteSet, now: u64) -> Result<DeviceSet, EngineError> {
+        if let Some(set) = self.store.own_devices(&self.me)? {
+            return Ok(set);
+        }
+        let set = DeviceSet::new(&self.me, DEFAULT_DEVICE_NAME, now / 1000)
+            .map_err(|e| EngineError::Invalid(format!("cannot list this device: {e}")))?;
+        LocalStore::write_own_devices(w, &set);
+        Ok(set)
+    }
+
+    /// Queues our device set for every contact not blocked who was not sent it as it
+    /// is (met since, or it changed), recording it as sent in the same write. Returns
+    /// for how many.
+    pub(crate) fn announce_devices_if_due(&mut self, now: u64) -> Result<usize, EngineError> {
+        let mut w = WriteSet::default();
+        let set = self.own_devices(&mut w, now)?;
+        let mut behind = Vec::new();
+        for contact in self.store.contacts()?.iter() {
+            if self.store.blocked(&contact.peer)?.is_none()
+                && !self.store.devices_sent_to(&contact.peer, &set)?
+            {
+                behind.push(contact.clone());
+            }
+        }
+        if behind.is_empty() {
+            self.store.apply(w)?;
+            return Ok(0);
+        }
+        self.with_sessions(|this, sessions| {
+            let mut n = 0;
+            for contact in &behind {
+                let session = sessions.get(&this.store, contact)?;
+                this.queue_devices(&mut w, contact, session, &set, now)?;
+                n += 1;
+            }
+            this.apply_or_reset(sessions, w)?;
+            Ok(n)
+        })
+    }
+
+    /// Gives this device a new name, which contacts see. Returns the set as it is now;
+    /// it goes to contacts with [`State::announce_devices_if_due`].
+    pub(crate) fn rename_device(&mut self, name: &str, now: u64) -> Result<DeviceSet, EngineError> {
+        let mut w = WriteSet::default();
+        let mut set = self.own_devices(&mut w, now)?;
+        let key = self.me.x25519_public();
+        let name = name.trim();
+        if set.device(&key).is_some_and(|d| d.name() == name) {
+            self.store.apply(w)?;
+            return Ok(set);
+        }
+        set.add(&self.me, key, name, now / 1000)
+            .map_err(|e| EngineError::Invalid(format!("cannot rename this device: {e}")))?;
+        LocalStore::write_own_devices(&mut w, &set);
+        self.store.apply(w)?;
+        Ok(set)
+    }
+
+    /// Queues `set` (ours) for `contact`, recorded as sent to them.
+    pub(super) fn queue_devices(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut Session,
+        set: &DeviceSet,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        self.queue_control(w, contact, session, Body::Devices(set.encode()), now)?;
+        LocalStore::write_devices_sent_to(w, &contact.peer, set);
+        Ok(())
+    }
+
+    /// Takes in the device set `contact` sent: read against their identity key, merged
+    /// over the one kept. A set that does not hold, or whose merge would pass the bound
+    /// on records, is refused whole and changes nothing.
+    pub(super) fn take_devices(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        bytes: &[u8],
+    ) -> Result<Outcome, EngineError> {
+        let account = *contact.card.identity().ed25519();
+        let theirs = match DeviceSet::decode(&account, bytes) {
+            Ok(set) => set,
+            Err(e) => {
+                return Ok(Outcome::Refused(
+                    format!("a device set that does not hold: {e}").into(),
+                ));
+            }
+        };
+        let kept = self.store.contact_devices(&contact.peer, &account)?;
+        let merged = match kept.clone() {
+            None => theirs,
+            Some(mut set) => match set.merge(&theirs) {
+                Ok(_) => set,
+                Err(e) => {
+                    return Ok(Outcome::Refused(
+                        format!("a device set that cannot be merged: {e}").into(),
+                    ));
+                }
+            },
+        };
+        if merged.is_removed(contact.card.identity().x25519()) {
+            tracing::warn!(contact = %contact.peer, "a contact's account took out the device their card names");
+        }
+        // The same set again (the usual case) writes nothing.
+        if kept.as_ref() != Some(&merged) {
+            LocalStore::write_contact_devices(w, &contact.peer, &merged);
+            self.emit(AppEvent::ContactUpdated(contact.peer));
+        }
+        Ok(Outcome::Applied("a device set"))
+    }
+
+    /// Whether `contact`'s account took session key `key` out (so no card naming it is
+    /// taken again).
+    pub(super) fn removed_device(
+        &self,
+        contact: &Contact,
+        key: &[u8; 32],
+    ) -> Result<bool, EngineError> {
+        let account = contact.card.identity().ed25519();
+        Ok(self
+            .store
+            .contact_devices(&contact.peer, account)?
+            .is_some_and(|set| set.is_removed(key)))
+    }
+}

@@ -1,0 +1,184 @@
+//! Device sets (SPEC §15): a contact keeps the set their account sends, merged over
+//! what came before, refuses one that is not theirs, and never again takes a session
+//! key their account took out.
+
+use kkachi_protocol::device::DeviceSet;
+
+use super::rotation::bob_c_key;
+use super::*;
+use crate::store::Profile;
+
+/// The device set `bob` keeps for `alice`.
+fn set_of(bob: &User, alice: &User) -> Option<DeviceSet> {
+    bob.engine
+        .store()
+        .contact_devices(&alice.peer(), alice.engine.identity().public().ed25519())
+        .unwrap()
+}
+
+/// The names of the devices of `set`.
+fn names(set: &DeviceSet) -> Vec<String> {
+    set.devices().map(|d| d.name().to_owned()).collect()
+}
+
+fn devices_record(set: Vec<u8>) -> Content {
+    Content {
+        id: MessageId(rand::random()),
+        seq: 0,
+        prev: [0; 32],
+        sent_at_ms: now_ms(),
+        body: Body::Devices(set),
+    }
+}
+
+#[tokio::test]
+async fn a_contact_keeps_the_devices_sent_and_a_newer_name_wins_whatever_the_order() {
+    let net = FakeNet::default();
+    let (alice, bob, _bob_c, alice_c) = pair(&net).await;
+    // Her first upkeep with Bob as a contact (any sync) sends him her set.
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    let key = alice.engine.identity().x25519_public();
+    let first = set_of(&bob, &alice).expect("Alice's set reached Bob");
+    assert_eq!(names(&first), ["first device"]);
+    assert_eq!(first.devices().next().unwrap().key(), &key);
+    // A new name reaches him.
+    let (renamed, sent) = alice.engine.rename_device("laptop".into()).await.unwrap();
+    assert_eq!(sent, 1, "queued for Bob");
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert_eq!(set_of(&bob, &alice).unwrap(), renamed);
+    assert_eq!(names(&renamed), ["laptop"]);
+    // The older set, arriving late (another relay, a bundle), does not bring the old
+    // name back.
+    let bob_c = alice.contact_of(&bob.peer()).unwrap();
+    alice
+        .send_raw(&bob_c, &devices_record(first.encode()))
+        .await;
+    bob.sync().await;
+    assert_eq!(names(&set_of(&bob, &alice).unwrap()), ["laptop"]);
+    // The same name again changes nothing and is not sent again.
+    let (_, sent) = alice.engine.rename_device("laptop".into()).await.unwrap();
+    assert_eq!(sent, 0);
+    // A name no card could carry is refused, saying why.
+    let refused = alice
+        .engine
+        .rename_device("bad\u{202e}name".into())
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("cannot rename this device"),
+        "{refused}"
+    );
+    let _ = alice_c;
+}
+
+#[tokio::test]
+async fn a_device_set_that_is_not_the_contacts_own_is_refused_and_harms_nothing_else() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c, _alice_c) = pair(&net).await;
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    let before = set_of(&bob, &alice).expect("Alice's own set came first");
+    // Alice's session carries a set signed by someone else, one cut short, and one
+    // whose signature was altered; then a text.
+    let mallory = kkachi_protocol::Identity::generate();
+    let foreign = DeviceSet::new(&mallory, "mallory's", now_ms() / 1000).unwrap();
+    let mut cut = before.encode();
+    cut.truncate(cut.len() - 1);
+    let mut altered = before.encode();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    for bad in [foreign.encode(), cut, altered, vec![]] {
+        alice.send_raw(&bob_c, &devices_record(bad)).await;
+    }
+    let _ = alice.send(&bob_c, "still here").await;
+    let shown = bob.sync().await;
+    assert!(
+        shown.iter().any(|r| r.message.text == "still here"),
+        "{shown:?}"
+    );
+    assert_eq!(
+        set_of(&bob, &alice).unwrap(),
+        before,
+        "nothing of them was kept"
+    );
+}
+
+#[tokio::test]
+async fn a_session_key_the_account_took_out_is_never_taken_again() {
+    let net = FakeNet::default();
+    let (mut alice, mut bob, bob_c, alice_c) = pair(&net).await;
+    converse(&alice, &bob, &bob_c, &alice_c).await;
+    // Someone copies Alice's device (identity key and session key), then she changes
+    // her session key: her set lists the new one and takes the old one out.
+    let copied = alice.engine.identity().clone();
+    let old_key = copied.x25519_public();
+    let rotated = alice.rotate(&net).await;
+    let own = alice
+        .engine
+        .store()
+        .own_devices(alice.engine.identity())
+        .unwrap()
+        .unwrap();
+    assert!(own.is_removed(&old_key));
+    assert!(
+        own.device(&alice.engine.identity().x25519_public())
+            .is_some()
+    );
+    for _ in 0..2 {
+        bob.sync().await;
+        alice.sync().await;
+        alice.engine.settle().await.unwrap();
+    }
+    let new_key = alice.engine.identity().x25519_public();
+    assert_eq!(bob_c_key(&bob, &alice), new_key);
+    let kept = set_of(&bob, &alice).unwrap();
+    assert!(kept.is_removed(&old_key), "Bob keeps the removal");
+    assert_eq!(names(&kept), ["first device"]);
+    // (A restart forgets when Alice last changed key, so only the removal stands in
+    // the way below.)
+    bob.restart(&net).await;
+    // The copy signs a newer card with the old key and writes to Bob as a first
+    // message sealed with it: everything a real change of key has.
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let mut profile = Profile::new("alice");
+    profile.card_version = rotated.card_version + 10;
+    store.init_identity(&copied, &profile).unwrap();
+    for relay in &alice.relays {
+        store.add_relay(relay).unwrap();
+    }
+    let thief = User {
+        card: store.own_card(&copied).unwrap(),
+        engine: engine(store, copied, &net),
+        relays: alice.relays.clone(),
+        _dir: dir,
+    };
+    let bob_at_thief = thief.add_contact(&bob);
+    thief.regrant().await;
+    let _ = thief.send(&bob_at_thief, "it is me, with my old key").await;
+    bob.sync().await;
+    assert_eq!(
+        bob_c_key(&bob, &alice),
+        new_key,
+        "Bob stays with the new key"
+    );
+    assert!(
+        !bob.messages(&alice)
+            .iter()
+            .any(|m| m.text == "it is me, with my old key"),
+        "nothing sealed with the key taken out is shown"
+    );
+    // Alice and Bob go on.
+    let _ = alice.send(&bob_c, "after the copy tried").await;
+    let shown = bob.sync().await;
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.message.text == "after the copy tried"),
+        "{shown:?}"
+    );
+}

@@ -1,0 +1,92 @@
+//! Device sets (SPEC §15): our account's, and each contact's as their devices sent it.
+//!
+//! Every set is kept in its canonical encoding and read back against the account's
+//! identity key, so what the store holds is checked as a peer's set would be.
+
+use kkachi_protocol::device::DeviceSet;
+use kkachi_protocol::{Identity, PeerId};
+
+use super::{LocalStore, StoreError, TreeId, WriteSet};
+
+/// Our account's set.
+pub(super) const DEVICES_KEY: &[u8] = b"devices";
+/// After a contact's peer id in the devices tree: the digest of our set as last
+/// queued for them. A set that differs goes again (to a contact met since, or after a
+/// crash between a change and telling contacts).
+const SENT_SUFFIX: u8 = 1;
+
+/// What a device is called until its user names it (`kkachi device rename`). Contacts
+/// see it, so it says nothing of the machine.
+pub const DEFAULT_DEVICE_NAME: &str = "first device";
+
+impl LocalStore {
+    /// Our account's device set, if this home has one yet (it is made at the first
+    /// start of a home from before sets).
+    pub fn own_devices(&self, me: &Identity) -> Result<Option<DeviceSet>, StoreError> {
+        self.device_set(TreeId::Meta, DEVICES_KEY, me.public().ed25519())
+    }
+
+    /// Replaces our account's device set.
+    pub fn write_own_devices(w: &mut WriteSet, set: &DeviceSet) {
+        w.put(TreeId::Meta, DEVICES_KEY, set.encode());
+    }
+
+    /// Whether `set` (ours) is what contact `peer` was last sent.
+    pub fn devices_sent_to(&self, peer: &PeerId, set: &DeviceSet) -> Result<bool, StoreError> {
+        Ok(self
+            .tree(TreeId::Devices)
+            .get(sent_key(peer))?
+            .is_some_and(|sent| sent == digest(set)))
+    }
+
+    /// Records `set` (ours) as sent to contact `peer`.
+    pub fn write_devices_sent_to(w: &mut WriteSet, peer: &PeerId, set: &DeviceSet) {
+        w.put(TreeId::Devices, sent_key(peer), digest(set).to_vec());
+    }
+
+    /// Forgets what is kept about contact `peer`'s devices, and what we sent them.
+    pub(super) fn forget_devices(w: &mut WriteSet, peer: &PeerId) {
+        w.remove(TreeId::Devices, peer.to_bytes());
+        w.remove(TreeId::Devices, sent_key(peer));
+    }
+
+    /// The device set contact `peer` (whose identity key is `account`) sent, merged
+    /// over everything they sent before.
+    pub fn contact_devices(
+        &self,
+        peer: &PeerId,
+        account: &[u8; 32],
+    ) -> Result<Option<DeviceSet>, StoreError> {
+        self.device_set(TreeId::Devices, &peer.to_bytes(), account)
+    }
+
+    /// Replaces the device set kept for contact `peer`.
+    pub fn write_contact_devices(w: &mut WriteSet, peer: &PeerId, set: &DeviceSet) {
+        w.put(TreeId::Devices, peer.to_bytes(), set.encode());
+    }
+
+    fn device_set(
+        &self,
+        tree: TreeId,
+        key: &[u8],
+        account: &[u8; 32],
+    ) -> Result<Option<DeviceSet>, StoreError> {
+        match self.tree(tree).get(key)? {
+            None => Ok(None),
+            Some(bytes) => DeviceSet::decode(account, &bytes)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("device set")),
+        }
+    }
+}
+
+fn sent_key(peer: &PeerId) -> Vec<u8> {
+    let mut key = peer.to_bytes();
+    key.push(SENT_SUFFIX);
+    key
+}
+
+fn digest(set: &DeviceSet) -> [u8; 32] {
+    use blake2::Digest as _;
+    blake2::Blake2s256::digest(set.encode()).into()
+}
