@@ -328,6 +328,17 @@ impl User {
         self.ok(&["invite"]).trim().to_string()
     }
 
+    /// Alice and Bob, homes under `dir`, both on `relay` and contacts of each other.
+    pub fn alice_and_bob(dir: &Path, relay: &RelayProc) -> (User, User) {
+        let alice = User::new(dir, "alice");
+        let bob = User::new(dir, "bob");
+        for u in [&alice, &bob] {
+            u.ok(&["relay", "add", &relay.addr]);
+        }
+        User::introduce(&alice, &bob);
+        (alice, bob)
+    }
+
     /// Makes `a` and `b` contacts of each other.
     pub fn introduce(a: &User, b: &User) {
         a.ok(&["contact", "add", &b.invite()]);

@@ -16,12 +16,7 @@ fn objects(out: &str) -> Vec<serde_json::Value> {
 fn replies_reactions_and_a_new_name_reach_the_contact() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(&dir.path().join("r"), &[]);
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    for u in [&alice, &bob] {
-        u.ok(&["relay", "add", &relay.addr]);
-    }
-    User::introduce(&alice, &bob);
+    let (alice, bob) = User::alice_and_bob(dir.path(), &relay);
     let question = bob.send("alice", "lunch?", 5.0).unwrap();
     let question_id = question["id"].as_str().unwrap().to_string();
     alice.ok(&["sync"]);
@@ -217,19 +212,19 @@ fn a_new_session_key_keeps_the_conversation_going_and_retires_old_codes() {
 fn each_side_sees_the_others_devices_and_a_new_key_takes_the_old_one_out() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(&dir.path().join("r"), &[]);
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    for u in [&alice, &bob] {
-        u.ok(&["relay", "add", &relay.addr]);
-    }
-    User::introduce(&alice, &bob);
+    let (alice, bob) = User::alice_and_bob(dir.path(), &relay);
     let own = |u: &User| objects(&u.ok(&["device", "list", "--json"]))[0].clone();
     let listed = own(&alice);
     let devices = listed["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 1, "{listed}");
     assert_eq!(devices[0]["name"], "first device");
     assert_eq!(devices[0]["this"], true);
-    // A name of her choosing reaches Bob, with the fingerprint she sees.
+    // Once they have written to each other, a name of her choosing reaches Bob, with
+    // the fingerprint she sees.
+    alice.send("bob", "hi", 5.0).unwrap();
+    bob.ok(&["sync"]);
+    bob.send("alice", "hello", 5.0).unwrap();
+    alice.ok(&["sync"]);
     alice.ok(&["device", "rename", "work", "laptop"]);
     bob.ok(&["sync"]);
     let seen = objects(&bob.ok(&["contact", "devices", "alice", "--json"]))[0].clone();

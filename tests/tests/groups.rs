@@ -204,12 +204,7 @@ fn a_group_talks_through_a_relay_loss_and_agrees_on_its_members() {
 fn names_that_are_not_groups_or_are_both_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(&dir.path().join("r"), &[]);
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    for u in [&alice, &bob] {
-        u.ok(&["relay", "add", &relay.addr]);
-    }
-    User::introduce(&alice, &bob);
+    let (alice, _bob) = User::alice_and_bob(dir.path(), &relay);
     let none = alice.run(&["group", "members", "Nope"]);
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("no group named"));

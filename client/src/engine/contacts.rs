@@ -223,9 +223,6 @@ impl<T> State<T> {
             let session = sessions.get(&self.store, &contact)?;
             let card = Box::new(self.own_card()?);
             self.queue_control(&mut w, &contact, session, Body::CardUpdate(card), now)?;
-            // And the devices they are to seal to.
-            let devices = self.own_devices(&mut w, now)?;
-            self.queue_devices(&mut w, &contact, session, &devices, now)?;
         }
         let unblocked = self.store.blocked(&peer)?.is_some();
         if unblocked {

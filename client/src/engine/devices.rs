@@ -29,8 +29,10 @@ impl<T> State<T> {
     }
 
     /// Queues our device set for every contact not blocked who was not sent it as it
-    /// is (met since, or it changed), recording it as sent in the same write. Returns
-    /// for how many.
+    /// is (met since, or it changed) and who has written to us (an established session,
+    /// or a message of theirs): one who has not may not have added us, and a set would
+    /// spend their relays' allowance for strangers on a record they refuse. Records it
+    /// as sent in the same write. Returns for how many.
     pub(crate) fn announce_devices_if_due(&mut self, now: u64) -> Result<usize, EngineError> {
         let mut w = WriteSet::default();
         let set = self.own_devices(&mut w, now)?;
@@ -43,15 +45,19 @@ impl<T> State<T> {
             }
         }
         if behind.is_empty() {
+            // The usual case at every upkeep.
             self.store.apply(w)?;
             return Ok(0);
         }
         self.with_sessions(|this, sessions| {
             let mut n = 0;
             for contact in &behind {
+                let heard = this.store.conversation(&contact.peer)?.gaps.max_seen() > 0;
                 let session = sessions.get(&this.store, contact)?;
-                this.queue_devices(&mut w, contact, session, &set, now)?;
-                n += 1;
+                if heard || session.is_established() {
+                    this.queue_devices(&mut w, contact, session, &set, now)?;
+                    n += 1;
+                }
             }
             this.apply_or_reset(sessions, w)?;
             Ok(n)

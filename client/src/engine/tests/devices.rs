@@ -31,14 +31,26 @@ fn devices_record(set: Vec<u8>) -> Content {
     }
 }
 
-#[tokio::test]
-async fn a_contact_keeps_the_devices_sent_and_a_newer_name_wins_whatever_the_order() {
-    let net = FakeNet::default();
-    let (alice, bob, _bob_c, alice_c) = pair(&net).await;
-    // Her first upkeep with Bob as a contact (any sync) sends him her set.
+/// Alice and Bob as [`pair`] makes them, once they talked and her next upkeep (any
+/// sync) has sent Bob her set and he has read it; with Bob as Alice knows him.
+async fn pair_with_sets(net: &FakeNet) -> (User, User, Contact) {
+    let (alice, bob, bob_c, alice_c) = pair(net).await;
+    // Before Bob writes to her, nothing goes: he may not have added her.
     alice.sync().await;
     alice.engine.settle().await.unwrap();
     bob.sync().await;
+    assert!(set_of(&bob, &alice).is_none());
+    converse(&alice, &bob, &bob_c, &alice_c).await;
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    (alice, bob, bob_c)
+}
+
+#[tokio::test]
+async fn a_contact_keeps_the_devices_sent_and_a_newer_name_wins_whatever_the_order() {
+    let net = FakeNet::default();
+    let (alice, bob, bob_c) = pair_with_sets(&net).await;
     let key = alice.engine.identity().x25519_public();
     let first = set_of(&bob, &alice).expect("Alice's set reached Bob");
     assert_eq!(names(&first), ["first device"]);
@@ -52,7 +64,6 @@ async fn a_contact_keeps_the_devices_sent_and_a_newer_name_wins_whatever_the_ord
     assert_eq!(names(&renamed), ["laptop"]);
     // The older set, arriving late (another relay, a bundle), does not bring the old
     // name back.
-    let bob_c = alice.contact_of(&bob.peer()).unwrap();
     alice
         .send_raw(&bob_c, &devices_record(first.encode()))
         .await;
@@ -71,16 +82,12 @@ async fn a_contact_keeps_the_devices_sent_and_a_newer_name_wins_whatever_the_ord
         refused.to_string().contains("cannot rename this device"),
         "{refused}"
     );
-    let _ = alice_c;
 }
 
 #[tokio::test]
 async fn a_device_set_that_is_not_the_contacts_own_is_refused_and_harms_nothing_else() {
     let net = FakeNet::default();
-    let (alice, bob, bob_c, _alice_c) = pair(&net).await;
-    alice.sync().await;
-    alice.engine.settle().await.unwrap();
-    bob.sync().await;
+    let (alice, bob, bob_c) = pair_with_sets(&net).await;
     let before = set_of(&bob, &alice).expect("Alice's own set came first");
     // Alice's session carries a set signed by someone else, one cut short, and one
     // whose signature was altered; then a text.
