@@ -19,7 +19,8 @@ use crate::store::{
 };
 
 const MAGIC: &[u8] = b"kkachi-backup";
-const VERSION: u8 = 1;
+/// The version written; a reader takes every one up to it (1 held no device sets).
+const VERSION: u8 = 2;
 const END: u8 = 0xff;
 /// The contents are authenticated in chunks of this many bytes.
 pub const CHUNK: u64 = 64 << 10;
@@ -216,7 +217,7 @@ pub fn read(
     if &head[..MAGIC.len()] != MAGIC {
         return Err(BackupError::NotABackup(name));
     }
-    if head[MAGIC.len()] != VERSION {
+    if !(1..=VERSION).contains(&head[MAGIC.len()]) {
         return Err(BackupError::Newer(name, head[MAGIC.len()]));
     }
     let made_ms = u64::from_be_bytes(head[MAGIC.len() + 1..].try_into().expect("8 bytes"));

@@ -112,7 +112,8 @@ impl Device {
         &self.key
     }
 
-    /// The name its user gave it ("laptop"): shown to the account's own devices.
+    /// The name its user gave it ("laptop"): shown to the account's own devices and
+    /// to every contact (and member met in a group) the set goes to.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -440,34 +440,58 @@ fn a_restore_lists_a_new_device_key_and_keeps_the_backups_when_the_account_can_l
     let dir = tempfile::tempdir().unwrap();
     let (secret, public) = kkachi_client::backup::new_recovery_key();
     let key = kkachi_client::backup::parse_recovery_key(&secret).unwrap();
-    // Two accounts: one with room in its list of devices, one whose devices changed
-    // key as often as the list allows.
+    // Three accounts: one with room in its list of devices, one whose devices changed
+    // key as often as the list allows, and one from before lists (none in its backup).
     let mut outcomes = Vec::new();
-    for full in [false, true] {
-        let home = dir.path().join(format!("home-{full}"));
+    for case in ["room", "full", "none"] {
+        let home = dir.path().join(format!("home-{case}"));
         let (store, me, _) = LocalStore::provision(&home, "Min", &[]).unwrap();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
+        // A contact's set, and the record that ours was sent to them.
+        let other = kkachi_protocol::Identity::generate();
+        let card = kkachi_protocol::Card::new(&other, "Other", vec![], 1).unwrap();
+        let peer = store.add_card(&card).unwrap().peer;
+        let theirs = DeviceSet::new(&other, "their phone", now).unwrap();
         let mut w = WriteSet::default();
-        LocalStore::write_own_devices(&mut w, &DeviceSet::new(&me, "tablet", now).unwrap());
+        if case != "none" {
+            LocalStore::write_own_devices(&mut w, &DeviceSet::new(&me, "tablet", now).unwrap());
+        }
+        LocalStore::write_contact_devices(&mut w, &peer, &theirs);
+        LocalStore::write_devices_sent_to(&mut w, &peer, &[9; 32]);
         store.apply(w).unwrap();
-        if full {
+        assert!(store.devices_sent_to(&peer, &[9; 32]).unwrap());
+        if case == "full" {
             while store.rotate_session_key(now, &mut rand_core::OsRng).is_ok() {}
         }
         let me = store.identity().unwrap().unwrap();
         let backed_up = me.x25519_public();
-        let file = dir.path().join(format!("backup-{full}"));
+        let file = dir.path().join(format!("backup-{case}"));
         kkachi_client::backup::create(&store, &public, &file).unwrap();
         drop(store);
-        let target = dir.path().join(format!("restored-{full}"));
+        let target = dir.path().join(format!("restored-{case}"));
         let restored = kkachi_client::backup::restore(&target, &file, &key).unwrap();
         let store = open_when_free(&target);
         let me = store.identity().unwrap().unwrap();
+        // Their set came back; the record of what we sent did not (the outbox that
+        // carried it is not in a backup), so it goes again.
+        assert_eq!(
+            store
+                .contact_devices(&peer, other.public().ed25519())
+                .unwrap(),
+            Some(theirs)
+        );
+        assert!(!store.devices_sent_to(&peer, &[9; 32]).unwrap());
         let set = store.own_devices(&me).unwrap().unwrap();
         let listed: Vec<_> = set.devices().map(|d| d.name().to_owned()).collect();
-        assert_eq!(listed, ["tablet"], "one device, under its name");
+        let name = if case == "none" {
+            "first device"
+        } else {
+            "tablet"
+        };
+        assert_eq!(listed, [name], "one device, under its name");
         assert!(set.device(&me.x25519_public()).is_some());
         outcomes.push((restored.new_key, me.x25519_public() != backed_up));
         if restored.new_key {
@@ -476,7 +500,7 @@ fn a_restore_lists_a_new_device_key_and_keeps_the_backups_when_the_account_can_l
             assert_eq!(set.records(), MAX_EDIT_RECORDS);
         }
     }
-    // A new key where the list had room; the backup's own where it had none (restored
-    // all the same).
-    assert_eq!(outcomes, [(true, true), (false, false)]);
+    // A new key where the list had room, or none was kept (the backup's key taken out
+    // all the same); the backup's own where it had none (restored all the same).
+    assert_eq!(outcomes, [(true, true), (false, false), (true, true)]);
 }

@@ -171,7 +171,6 @@ pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandEr
             "made_at": restored.counts.made_ms,
             "resend": restored.resend,
             "new_key": restored.new_key,
-            "new_key": restored.new_key,
             "ending": ending_json(&restored.ending),
             "ms": ms,
         }));

@@ -81,10 +81,10 @@ impl App {
     ) -> Result<(), CommandError> {
         let me = self.identity()?;
         let ours = me.x25519_public();
-        let engine = self.engine()?;
         match command {
             DeviceCommand::List => {
-                let set = engine.own_devices().await?;
+                // Read here: nothing to deliver.
+                let set = self.local_engine()?.own_devices().await?;
                 if json {
                     let (devices, removed) = set_json(&set, &ours);
                     out.json(json!({ "devices": devices, "removed": removed }));
@@ -94,6 +94,7 @@ impl App {
                 set_lines(&set, (&ours, "  ← this device"), out);
             }
             DeviceCommand::Rename { name: words } => {
+                let engine = self.engine()?;
                 let new = words.join(" ");
                 let new = new.trim();
                 let before = engine.own_devices().await?;

@@ -122,7 +122,7 @@ impl App {
             ));
             out.out("your earlier invite codes no longer reach you: share `kkachi invite` again");
             out.out(
-                "make a new backup: restoring one made before now would bring the old key back",
+                "make a new backup: one made before now holds the key just replaced, and restoring it would leave this one listed among your devices",
             );
         }
         Ok(())

@@ -163,6 +163,15 @@ impl<T> State<T> {
             return Err(ContactError::OwnKey.into());
         }
         let contacts = self.store.contacts()?;
+        let existing = contacts.iter().find(|c| c.peer == peer);
+        // A key their account took out is never taken again, from a code either (asked
+        // before anything else changes).
+        let changes_key =
+            existing.is_none_or(|c| c.card.identity().x25519() != card.identity().x25519());
+        if changes_key && self.names_removed_device(card)? {
+            let who = existing.map_or(card.name(), |c| c.name.as_str());
+            return Err(ContactError::RemovedDevice(who.to_owned()).into());
+        }
         let mut w = WriteSet::default();
         if let Some(holder) = contacts
             .iter()
@@ -181,7 +190,6 @@ impl<T> State<T> {
             sessions.forget(&holder.peer);
             self.revoked.lock().push(*holder.card.identity());
         }
-        let existing = contacts.iter().find(|c| c.peer == peer);
         let name = match (name, existing) {
             (Some(n), _) => n.trim().to_owned(),
             (None, Some(c)) if card.supersedes(&c.card) || card.rotates(&c.card) => {
@@ -198,12 +206,6 @@ impl<T> State<T> {
             // Their newer code with a new session key, given to us by hand: taken (it
             // is signed by their identity key; whose key it is was checked above), and
             // the session and what waits for them follow it.
-            Some(old)
-                if card.rotates(&old.card)
-                    && self.removed_device(old, card.identity().x25519())? =>
-            {
-                return Err(ContactError::RemovedDevice(old.name.clone()).into());
-            }
             Some(old) if card.rotates(&old.card) => {
                 self.take_rotation(&mut w, old, now)?;
                 sessions.forget(&peer);

@@ -8,12 +8,12 @@
 //! per device.
 
 use kkachi_protocol::device::DeviceSet;
-use kkachi_protocol::{Body, Session};
+use kkachi_protocol::{Body, Card, Session};
 
 use super::receive::Outcome;
 use super::state::State;
 use super::{AppEvent, EngineError};
-use crate::store::{Contact, DEFAULT_DEVICE_NAME, LocalStore, WriteSet};
+use crate::store::{Contact, DEFAULT_DEVICE_NAME, LocalStore, WriteSet, devices_digest};
 
 impl<T> State<T> {
     /// Our account's device set; this device alone in a new one, written into `w`, for
@@ -36,10 +36,11 @@ impl<T> State<T> {
     pub(crate) fn announce_devices_if_due(&mut self, now: u64) -> Result<usize, EngineError> {
         let mut w = WriteSet::default();
         let set = self.own_devices(&mut w, now)?;
+        let digest = devices_digest(&set);
         let mut behind = Vec::new();
         for contact in self.store.contacts()?.iter() {
             if self.store.blocked(&contact.peer)?.is_none()
-                && !self.store.devices_sent_to(&contact.peer, &set)?
+                && !self.store.devices_sent_to(&contact.peer, &digest)?
             {
                 behind.push(contact.clone());
             }
@@ -53,8 +54,8 @@ impl<T> State<T> {
             let mut n = 0;
             for contact in &behind {
                 let heard = this.store.conversation(&contact.peer)?.gaps.max_seen() > 0;
-                let session = sessions.get(&this.store, contact)?;
-                if heard || session.is_established() {
+                if heard || sessions.get(&this.store, contact)?.is_established() {
+                    let session = sessions.get(&this.store, contact)?;
                     this.queue_devices(&mut w, contact, session, &set, now)?;
                     n += 1;
                 }
@@ -92,7 +93,7 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<(), EngineError> {
         self.queue_control(w, contact, session, Body::Devices(set.encode()), now)?;
-        LocalStore::write_devices_sent_to(w, &contact.peer, set);
+        LocalStore::write_devices_sent_to(w, &contact.peer, &devices_digest(set));
         Ok(())
     }
 
@@ -106,6 +107,11 @@ impl<T> State<T> {
         bytes: &[u8],
     ) -> Result<Outcome, EngineError> {
         let account = *contact.card.identity().ed25519();
+        let stored = self.store.contact_devices_bytes(&contact.peer)?;
+        if stored.as_deref() == Some(bytes) {
+            // The usual case (the set came again): nothing to check or write.
+            return Ok(Outcome::Applied("a device set kept already"));
+        }
         let theirs = match DeviceSet::decode(&account, bytes) {
             Ok(set) => set,
             Err(e) => {
@@ -114,7 +120,10 @@ impl<T> State<T> {
                 ));
             }
         };
-        let kept = self.store.contact_devices(&contact.peer, &account)?;
+        let kept = match stored {
+            None => None,
+            Some(_) => self.store.contact_devices(&contact.peer, &account)?,
+        };
         let merged = match kept.clone() {
             None => theirs,
             Some(mut set) => match set.merge(&theirs) {
@@ -137,17 +146,14 @@ impl<T> State<T> {
         Ok(Outcome::Applied("a device set"))
     }
 
-    /// Whether `contact`'s account took session key `key` out (so no card naming it is
-    /// taken again).
-    pub(super) fn removed_device(
-        &self,
-        contact: &Contact,
-        key: &[u8; 32],
-    ) -> Result<bool, EngineError> {
-        let account = contact.card.identity().ed25519();
+    /// Whether the account of `card` took the session key it names out (as far as the
+    /// set kept for it says, kept even after they stopped being a contact): such a card
+    /// is never taken.
+    pub(super) fn names_removed_device(&self, card: &Card) -> Result<bool, EngineError> {
+        let identity = card.identity();
         Ok(self
             .store
-            .contact_devices(&contact.peer, account)?
-            .is_some_and(|set| set.is_removed(key)))
+            .contact_devices(&identity.peer_id(), identity.ed25519())?
+            .is_some_and(|set| set.is_removed(identity.x25519())))
     }
 }

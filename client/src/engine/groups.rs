@@ -817,6 +817,11 @@ impl<T> State<T> {
                 tracing::warn!(member = %peer, "too many members met in groups; not taken");
                 return Ok(None);
             }
+            // A key their account took out (a set kept from when they were a contact).
+            None if self.names_removed_device(card)? => {
+                tracing::warn!(member = %peer, "a member's card names a session key their account took out; not taken");
+                return Ok(None);
+            }
             _ => {}
         }
         if let Some(other) = contacts

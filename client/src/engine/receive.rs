@@ -606,7 +606,7 @@ impl<T> State<T> {
             return end("a first message under a session key their card does not carry");
         }
         let now_s = now / 1000;
-        if rotated && self.removed_device(contact, card.identity().x25519())? {
+        if rotated && self.names_removed_device(&card)? {
             // Whoever kept a copy of a device their account took out does not get
             // sealed to again, whatever card they sign.
             return end("a change to a session key their account took out");

@@ -364,6 +364,7 @@ impl<T> State<T> {
             return Ok(0);
         }
         let card = self.own_card()?;
+        let devices = self.store.own_devices(&self.me)?;
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             LocalStore::write_rotated_card_sent(&mut w, now);
@@ -378,6 +379,11 @@ impl<T> State<T> {
                 }
                 let body = Body::CardUpdate(Box::new(card.clone()));
                 this.queue_control(&mut w, contact, session, body, now)?;
+                // And our set, which takes the old key out: sent once, it may have
+                // expired unread, as the card did.
+                if let Some(set) = &devices {
+                    this.queue_devices(&mut w, contact, session, set, now)?;
+                }
                 n += 1;
             }
             this.apply_or_reset(sessions, w)?;
@@ -481,9 +487,12 @@ impl<T> State<T> {
             sealed_on,
             resealed_ms: 0,
             queued_ms: now,
-            // Messages, and group records (a member who misses an operation would see
-            // another group), are sealed again on a new session, as they were.
-            content: if kind == OutboxKind::Message || matches!(content.body, Body::Group { .. }) {
+            // Messages, group records (a member who misses an operation would see
+            // another group) and device sets (no other goes until ours changes) are
+            // sealed again on a new session, as they were.
+            content: if kind == OutboxKind::Message
+                || matches!(content.body, Body::Group { .. } | Body::Devices(_))
+            {
                 content.encode()
             } else {
                 Vec::new()

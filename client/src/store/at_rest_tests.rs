@@ -126,12 +126,19 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     };
     LocalStore::write_group_message(&mut w, &group, 0, &said);
     LocalStore::write_group_copy(&mut w, &peer, &ids[1], &group, 0);
+    // Her account's devices, and a record of what we sent her.
+    let devices =
+        kkachi_protocol::device::DeviceSet::new(&minji, "Minji's tablet", 1_700_000_000).unwrap();
+    LocalStore::write_contact_devices(&mut w, &peer, &devices);
+    LocalStore::write_devices_sent_to(&mut w, &peer, &[7; 32]);
     store.apply(w).unwrap();
     store.db.flush().unwrap();
     (
         vec![
             PHRASE.as_bytes().to_vec(),
             b"Minji Kwon".to_vec(),
+            b"Minji's tablet".to_vec(),
+            minji.x25519_public().to_vec(),
             b"Kwon family gathering".to_vec(),
             group.0.to_vec(),
             peer.to_bytes(),

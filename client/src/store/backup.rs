@@ -101,6 +101,9 @@ impl LocalStore {
                 {
                     continue;
                 }
+                if tree == TreeId::Devices && Self::is_sent_marker(&k) {
+                    continue;
+                }
                 f(tree, &k, &v).map_err(io)?;
             }
         }

@@ -341,13 +341,14 @@ impl LocalStore {
     }
 
     /// Everything kept about `peer` goes (in a WriteSet): contact, session,
-    /// conversation, messages, chain and outbox entries. Returns how many messages.
+    /// conversation, messages, chain and outbox entries; their device set stays (a key
+    /// their account took out stays out). Returns how many messages.
     pub fn forget_contact(&self, w: &mut WriteSet, peer: &PeerId) -> Result<usize, StoreError> {
         let prefix = peer.to_bytes();
         w.remove(TreeId::Contacts, prefix.clone());
         w.remove(TreeId::Sessions, prefix.clone());
         w.remove(TreeId::Conversations, prefix.clone());
-        Self::forget_devices(w, peer);
+        Self::forget_devices_sent(w, peer);
         let mut messages = 0;
         for tree in [TreeId::Messages, TreeId::MessageIndex, TreeId::Chain] {
             for item in self.tree(tree).scan_prefix(&prefix) {

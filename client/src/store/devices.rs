@@ -31,23 +31,35 @@ impl LocalStore {
         w.put(TreeId::Meta, DEVICES_KEY, set.encode());
     }
 
-    /// Whether `set` (ours) is what contact `peer` was last sent.
-    pub fn devices_sent_to(&self, peer: &PeerId, set: &DeviceSet) -> Result<bool, StoreError> {
+    /// Whether our set of digest `sent` ([`devices_digest`]) is what contact `peer` was
+    /// last sent.
+    pub fn devices_sent_to(&self, peer: &PeerId, sent: &[u8; 32]) -> Result<bool, StoreError> {
         Ok(self
             .tree(TreeId::Devices)
             .get(sent_key(peer))?
-            .is_some_and(|sent| sent == digest(set)))
+            .is_some_and(|kept| kept == sent))
     }
 
-    /// Records `set` (ours) as sent to contact `peer`.
-    pub fn write_devices_sent_to(w: &mut WriteSet, peer: &PeerId, set: &DeviceSet) {
-        w.put(TreeId::Devices, sent_key(peer), digest(set).to_vec());
+    /// Records our set of digest `sent` as sent to contact `peer`.
+    pub fn write_devices_sent_to(w: &mut WriteSet, peer: &PeerId, sent: &[u8; 32]) {
+        w.put(TreeId::Devices, sent_key(peer), sent.to_vec());
     }
 
-    /// Forgets what is kept about contact `peer`'s devices, and what we sent them.
-    pub(super) fn forget_devices(w: &mut WriteSet, peer: &PeerId) {
-        w.remove(TreeId::Devices, peer.to_bytes());
+    /// Forgets what we sent contact `peer` (they are forgotten). Their set stays: a
+    /// key their account took out stays out if they are added again, or met in a group.
+    pub(super) fn forget_devices_sent(w: &mut WriteSet, peer: &PeerId) {
         w.remove(TreeId::Devices, sent_key(peer));
+    }
+
+    /// The set kept for `peer`, as stored (it holds what was checked when it came).
+    pub fn contact_devices_bytes(&self, peer: &PeerId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tree(TreeId::Devices).get(peer.to_bytes())
+    }
+
+    /// Whether `key` of the devices tree is a record of what we sent (not a contact's
+    /// set): a backup leaves those out, as it leaves out the outbox that carried them.
+    pub(super) fn is_sent_marker(key: &[u8]) -> bool {
+        key.last() == Some(&SENT_SUFFIX) && PeerId::from_bytes(&key[..key.len() - 1]).is_ok()
     }
 
     /// The device set contact `peer` (whose identity key is `account`) sent, merged
@@ -86,7 +98,8 @@ fn sent_key(peer: &PeerId) -> Vec<u8> {
     key
 }
 
-fn digest(set: &DeviceSet) -> [u8; 32] {
+/// What stands for a set of ours in the records of what each contact was sent.
+pub fn devices_digest(set: &DeviceSet) -> [u8; 32] {
     use blake2::Digest as _;
     blake2::Blake2s256::digest(set.encode()).into()
 }

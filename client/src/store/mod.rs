@@ -40,7 +40,7 @@ pub use backup::{
     text_body,
 };
 use conversations::ContactCache;
-pub use devices::DEFAULT_DEVICE_NAME;
+pub use devices::{DEFAULT_DEVICE_NAME, devices_digest};
 pub use groups::{
     Chain, GroupMessage, GroupRecord, HeldEpoch, LargeState, MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER,
     MAX_HELD_POSTS, MAX_INTRODUCTIONS, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting,

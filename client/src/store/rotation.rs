@@ -147,26 +147,31 @@ impl LocalStore {
         };
         w.put_record(TreeId::Meta, PREVIOUS_IDENTITY_KEY, &previous);
         // This device goes on under the new key: listed under it, the old one taken out
-        // for good (contacts never go back to it), in one edit of the set.
-        if let Some(mut set) = self.own_devices(&me)? {
-            let old = me.x25519_public();
-            let name = set
-                .device(&old)
-                .map_or(super::DEFAULT_DEVICE_NAME.to_owned(), |d| {
-                    d.name().to_owned()
-                });
-            let refused = |e: kkachi_protocol::device::DeviceError| {
-                StoreError::Devices(format!(
-                    "cannot list the new key among your devices: {e}; a new identity (`kkachi init` in a new home) starts a new list"
-                ))
-            };
-            set.add(&identity, identity.x25519_public(), &name, now_s)
-                .map_err(refused)?;
-            if set.device(&old).is_some() {
-                set.remove(&identity, &old, now_s).map_err(refused)?;
-            }
-            Self::write_own_devices(&mut w, &set);
+        // for good (contacts never go back to it), in one edit of the set. A home whose
+        // set the engine has not made yet (one from before sets, a backup without one)
+        // starts from the old key alone, so its removal is signed all the same.
+        let refused = |e: kkachi_protocol::device::DeviceError| {
+            StoreError::Devices(format!(
+                "cannot list the new key among your devices: {e}; a new identity (`kkachi init` in a new home) starts a new list"
+            ))
+        };
+        let mut set = match self.own_devices(&me)? {
+            Some(set) => set,
+            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
+                .map_err(refused)?,
+        };
+        let old = me.x25519_public();
+        let name = set
+            .device(&old)
+            .map_or(super::DEFAULT_DEVICE_NAME.to_owned(), |d| {
+                d.name().to_owned()
+            });
+        set.add(&identity, identity.x25519_public(), &name, now_s)
+            .map_err(refused)?;
+        if set.device(&old).is_some() {
+            set.remove(&identity, &old, now_s).map_err(refused)?;
         }
+        Self::write_own_devices(&mut w, &set);
         // The card goes to every contact now; again to those still behind, from a day
         // on.
         Self::write_rotated_card_sent(&mut w, now_s.saturating_mul(1000));
@@ -231,6 +236,20 @@ mod tests {
             "gone, not only hidden"
         );
         assert!(store.rotated_card_sent_ms().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_home_with_no_set_yet_still_takes_the_old_key_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, me, _) = LocalStore::provision(dir.path(), "alice", &[]).unwrap();
+        assert!(store.own_devices(&me).unwrap().is_none());
+        let rotated = store
+            .rotate_session_key(crate::engine::now_ms() / 1000, &mut rand_core::OsRng)
+            .unwrap();
+        let set = store.own_devices(&rotated.identity).unwrap().unwrap();
+        assert!(set.is_removed(&me.x25519_public()));
+        let listed: Vec<_> = set.devices().map(|d| *d.key()).collect();
+        assert_eq!(listed, [rotated.identity.x25519_public()]);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use super::state::{Overlay, Snapshot, State, new_input};
 use clap::Parser as _;
 
-use crate::cli::{Command, ContactCommand, GroupCommand, RelayCommand, RequestCommand};
+use crate::cli::{
+    Command, ContactCommand, DeviceCommand, GroupCommand, RelayCommand, RequestCommand,
+};
 use crate::store::{Direction, MessageRecord};
 
 /// Something that happened.
@@ -129,7 +131,7 @@ Tab, S-Tab   next / previous chat or group (Alt+Down / Alt+Up); Alt+U  unread
 PgUp, PgDn   scroll (or the wheel)    Ctrl+Up/Down  pick a message, Esc unpick
 Ctrl+C       quit     Ctrl+U  delete to the line's start     Ctrl+Z  undo
 /invite  your code and QR            /add CODE [name]  add a contact from it
-/requests               messages from people who are not contacts yet
+/requests  messages from non-contacts  /devices [mine]  their (your) devices
 /accept WHO [name]      add them; their messages join the conversation
 /reject /block /unblock WHO  drop, block, unblock  /remove WHO delete contact
 /group create NAME, /group list; in a group: /members /leave /group add WHO
@@ -562,7 +564,7 @@ const COMMANDS: &[&str] = &[
     "quit", "q", "help", "invite", "relays", "relay", "drill", "add", "requests", "accept",
     "reject", "block", "unblock", "remove", "rename", "bell", "timer", "mute", "notify", "search",
     "receipts", "edit", "delete", "reply", "react", "name", "mouse", "file", "save", "open",
-    "forward", "group", "members", "leave",
+    "forward", "group", "members", "leave", "devices",
 ];
 
 fn submit(state: &mut State) -> Vec<Effect> {
@@ -701,6 +703,28 @@ fn run_command(state: &mut State, line: &str) -> Vec<Effect> {
         }
     }
     state.confirm_leave = None;
+    // In a 1:1 chat, the contact's devices; elsewhere (or `/devices mine`) ours.
+    if first == Some("devices") {
+        return match (second, state.selected) {
+            (None, Some(peer)) if state.group.is_none() => vec![run(
+                Command::Contact(ContactCommand::Devices {
+                    contact: peer.to_string(),
+                }),
+                Some("Devices"),
+            )],
+            (None | Some("mine"), _) => vec![run(
+                Command::Device(DeviceCommand::List),
+                Some("Your devices"),
+            )],
+            _ => {
+                notice(
+                    state,
+                    "usage: /devices (this contact's, with their fingerprints), /devices mine",
+                );
+                vec![]
+            }
+        };
+    }
     if matches!(first, Some("members" | "leave")) && state.group.is_none() {
         notice(
             state,
@@ -1404,6 +1428,33 @@ mod tests {
             Msg::Key(KeyEvent::new(KeyCode::Down, KeyModifiers::ALT)),
         );
         assert_eq!(s.selected, Some(peers[0]));
+    }
+
+    #[test]
+    fn devices_shows_the_open_contacts_or_ours() {
+        let (mut s, peers) = loaded(2);
+        assert_eq!(s.selected, Some(peers[0]));
+        typed(&mut s, "/devices");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Run {
+                command: Command::Contact(ContactCommand::Devices {
+                    contact: peers[0].to_string()
+                }),
+                title: Some("Devices".into())
+            }]
+        );
+        typed(&mut s, "/devices mine");
+        assert_eq!(
+            update(&mut s, key(KeyCode::Enter)),
+            vec![Effect::Run {
+                command: Command::Device(DeviceCommand::List),
+                title: Some("Your devices".into())
+            }]
+        );
+        typed(&mut s, "/devices of everyone");
+        assert!(update(&mut s, key(KeyCode::Enter)).is_empty());
+        assert!(s.notice.as_ref().unwrap().0.contains("usage: /devices"));
     }
 
     #[test]

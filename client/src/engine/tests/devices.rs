@@ -188,4 +188,60 @@ async fn a_session_key_the_account_took_out_is_never_taken_again() {
             .any(|r| r.message.text == "after the copy tried"),
         "{shown:?}"
     );
+    // The copy's card as an invite code is refused too, saying why, and changes
+    // nothing; so it is once Bob has removed Alice (the removal outlives the contact),
+    // while her own code still adds her.
+    let refused = bob.engine.add_contact(thief.card.clone(), None).await;
+    assert!(
+        matches!(&refused, Err(EngineError::Contact(ContactError::RemovedDevice(n))) if n == "alice"),
+        "{refused:?}"
+    );
+    assert_eq!(bob_c_key(&bob, &alice), new_key);
+    bob.engine.remove_contact(alice.peer()).await.unwrap();
+    assert!(bob.contact_of(&alice.peer()).is_none());
+    let refused = bob.engine.add_contact(thief.card.clone(), None).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(EngineError::Contact(ContactError::RemovedDevice(_)))
+        ),
+        "{refused:?}"
+    );
+    assert!(bob.contact_of(&alice.peer()).is_none());
+    bob.engine
+        .add_contact(alice.card.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(bob_c_key(&bob, &alice), new_key);
+}
+
+#[tokio::test]
+async fn a_set_lost_after_a_change_of_key_goes_again_with_the_card_each_day() {
+    let net = FakeNet::default();
+    let (mut alice, mut bob, bob_c, alice_c) = pair(&net).await;
+    converse(&alice, &bob, &bob_c, &alice_c).await;
+    let old_key = alice.engine.identity().x25519_public();
+    alice.rotate(&net).await;
+    // (Her next upkeep sends the set that takes the old key out.)
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    // Bob's relays lose all of it: card and set.
+    for relay in &bob.relays {
+        net.wipe_relay(relay);
+    }
+    bob.restart(&net).await;
+    bob.regrant().await;
+    bob.sync().await;
+    assert!(!set_of(&bob, &alice).unwrap().is_removed(&old_key));
+    // A day later both go again, to contacts with no session under the new key.
+    let mut w = WriteSet::default();
+    LocalStore::write_rotated_card_sent(&mut w, now_ms() - 25 * 3600 * 1000);
+    alice.engine.store().apply(w).unwrap();
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert!(
+        set_of(&bob, &alice).unwrap().is_removed(&old_key),
+        "Bob learns the old key was taken out"
+    );
 }
