@@ -4,7 +4,7 @@
 
 use kkachi_protocol::device::DeviceSet;
 
-use super::rotation::bob_c_key;
+use super::rotation::{a_day_later, bob_c_key};
 use super::*;
 use crate::store::Profile;
 
@@ -234,12 +234,7 @@ async fn a_set_lost_after_a_change_of_key_goes_again_with_the_card_each_day() {
     bob.sync().await;
     assert!(!set_of(&bob, &alice).unwrap().is_removed(&old_key));
     // A day later both go again, to contacts with no session under the new key.
-    let mut w = WriteSet::default();
-    LocalStore::write_rotated_card_sent(&mut w, now_ms() - 25 * 3600 * 1000);
-    alice.engine.store().apply(w).unwrap();
-    alice.sync().await;
-    alice.engine.settle().await.unwrap();
-    bob.sync().await;
+    a_day_later(&alice, &bob).await;
     assert!(
         set_of(&bob, &alice).unwrap().is_removed(&old_key),
         "Bob learns the old key was taken out"

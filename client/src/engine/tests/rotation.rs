@@ -54,6 +54,17 @@ pub(super) fn bob_c_key(bob: &User, alice: &User) -> [u8; 32] {
         .x25519()
 }
 
+/// A day after `alice` last sent her rotated card: her next upkeep sends it again
+/// (with her set), and `bob` reads what came.
+pub(super) async fn a_day_later(alice: &User, bob: &User) {
+    let mut w = WriteSet::default();
+    LocalStore::write_rotated_card_sent(&mut w, now_ms() - 25 * 3600 * 1000);
+    alice.engine.store().apply(w).unwrap();
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+}
+
 /// Each of `wanted` exactly once among `texts`.
 fn once_each(texts: &[String], wanted: &[&str]) {
     for w in wanted {
@@ -301,12 +312,7 @@ async fn contacts_still_on_the_old_key_get_the_card_again_each_day_and_resealed_
     alice.engine.settle().await.unwrap();
     bob.sync().await;
     assert_eq!(bob_c_key(&bob, &alice), old_key, "not again within the day");
-    let mut w = WriteSet::default();
-    LocalStore::write_rotated_card_sent(&mut w, now_ms() - 25 * 3600 * 1000);
-    alice.engine.store().apply(w).unwrap();
-    alice.sync().await;
-    alice.engine.settle().await.unwrap();
-    bob.sync().await;
+    a_day_later(&alice, &bob).await;
     let card = bob.contact_of(&alice.peer()).unwrap().card;
     assert_eq!(
         card.identity().x25519(),
