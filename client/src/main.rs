@@ -243,6 +243,18 @@ async fn print_events(
                 );
             }
         }
+        AppEvent::DevicesChanged {
+            name,
+            added,
+            removed,
+            ..
+        } => {
+            // Keys that speak for a contact now, or no longer do: told on stderr.
+            eprintln!(
+                "{}",
+                kkachi_client::engine::device_change_line(&name, &added, &removed)
+            );
+        }
         AppEvent::Request(peer) => {
             // Not a message of a contact: told on stderr, never mixed into the stream
             // of messages.

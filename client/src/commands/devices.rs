@@ -8,12 +8,8 @@ use unicode_width::UnicodeWidthStr;
 
 use super::{App, CommandError, Output, hex, name};
 use crate::cli::DeviceCommand;
+use crate::engine::fingerprint;
 use crate::time::format_ms;
-
-/// A device's key as people compare it: its first 8 bytes, in four groups.
-pub(super) fn fingerprint(key: &[u8; 32]) -> String {
-    key[..8].chunks(2).map(hex).collect::<Vec<_>>().join(" ")
-}
 
 /// The devices of `set` as JSON: listed and taken out.
 fn set_json(set: &DeviceSet, ours: &[u8; 32]) -> (serde_json::Value, serde_json::Value) {

@@ -124,10 +124,10 @@ impl<T> State<T> {
             None => None,
             Some(_) => self.store.contact_devices(&contact.peer, &account)?,
         };
-        let merged = match kept.clone() {
-            None => theirs,
+        let (merged, change) = match kept.clone() {
+            None => (theirs, None),
             Some(mut set) => match set.merge(&theirs) {
-                Ok(_) => set,
+                Ok(change) => (set, Some(change)),
                 Err(e) => {
                     return Ok(Outcome::Refused(
                         format!("a device set that cannot be merged: {e}").into(),
@@ -135,6 +135,21 @@ impl<T> State<T> {
                 }
             },
         };
+        // A key that speaks for them now, or no longer does, is told (not renames).
+        if let Some(change) = change.filter(|c| !c.added.is_empty() || !c.removed.is_empty()) {
+            let added = change
+                .added
+                .iter()
+                .filter_map(|k| merged.device(k))
+                .map(|d| (d.name().to_owned(), *d.key()))
+                .collect();
+            self.emit(AppEvent::DevicesChanged {
+                contact: contact.peer,
+                name: contact.name.clone(),
+                added,
+                removed: change.removed,
+            });
+        }
         if merged.is_removed(contact.card.identity().x25519()) {
             tracing::warn!(contact = %contact.peer, "a contact's account took out the device their card names");
         }
@@ -155,5 +170,73 @@ impl<T> State<T> {
             .store
             .contact_devices(&identity.peer_id(), identity.ed25519())?
             .is_some_and(|set| set.is_removed(identity.x25519())))
+    }
+}
+
+/// A device's key as people compare it: its first 8 bytes in hex, in four groups.
+pub fn fingerprint(key: &[u8; 32]) -> String {
+    key[..8]
+        .chunks(2)
+        .map(|pair| format!("{:02x}{:02x}", pair[0], pair[1]))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What a change to the devices of `name` says, on one line (the names made safe to
+/// print): "Minji's account lists a new device: tablet (dc47 5c0f 7176 0ac1), and took
+/// out 9a0b 1c2d 3e4f 5a6b".
+pub fn device_change_line(
+    name: &str,
+    added: &[(String, [u8; 32])],
+    removed: &[[u8; 32]],
+) -> String {
+    use crate::sanitize::for_terminal;
+    let listed: Vec<String> = added
+        .iter()
+        .map(|(device, key)| format!("{} ({})", for_terminal(device), fingerprint(key)))
+        .collect();
+    let out: Vec<String> = removed.iter().map(fingerprint).collect();
+    let device = |n: usize| {
+        if n == 1 {
+            "a new device"
+        } else {
+            "new devices"
+        }
+    };
+    let said = match (listed.is_empty(), out.is_empty()) {
+        (false, true) => format!("lists {}: {}", device(listed.len()), listed.join(", ")),
+        (true, false) => format!("took out a device: {}", out.join(", ")),
+        _ => format!(
+            "lists {}: {}, and took out {}",
+            device(listed.len()),
+            listed.join(", "),
+            out.join(", ")
+        ),
+    };
+    format!("{}'s account {said}", for_terminal(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_of_devices_reads_as_one_safe_line() {
+        let (a, b) = ([0xdc; 32], [0x9a; 32]);
+        assert_eq!(fingerprint(&a), "dcdc dcdc dcdc dcdc");
+        assert_eq!(
+            device_change_line("Minji", &[("tablet".into(), a)], &[b]),
+            "Minji's account lists a new device: tablet (dcdc dcdc dcdc dcdc), and took out 9a9a 9a9a 9a9a 9a9a"
+        );
+        assert_eq!(
+            device_change_line("Minji", &[], &[b]),
+            "Minji's account took out a device: 9a9a 9a9a 9a9a 9a9a"
+        );
+        // A name that would drive the terminal is shown defanged.
+        let line = device_change_line("Min\u{1b}[2Jji", &[("x\u{7}".into(), a)], &[]);
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\u{7}'),
+            "{line:?}"
+        );
     }
 }

@@ -52,6 +52,7 @@ use crate::store::{LocalStore, MessageState, StoreError};
 pub(crate) use bundle::export_items;
 pub use bundle::{Imported, MAX_CARRIED_RELAYS, MAX_FORWARDING, MAX_FORWARDING_BYTES};
 pub use contacts::{ContactError, ContactOutcome};
+pub use devices::{device_change_line, fingerprint};
 pub use groups::{GroupChange, GroupChanged, GroupFilePlace, GroupFileRoute, GroupSent, GroupTag};
 pub(crate) use groups::{group_poll_name, large_status};
 pub use machine::Progress;
@@ -143,6 +144,18 @@ pub enum AppEvent {
     },
     /// A contact was added, changed (new relays or name), blocked or removed.
     ContactUpdated(PeerId),
+    /// A contact's account listed devices or took some out (SPEC §15): session keys
+    /// that now speak for them, or no longer do. Not sent for the first list.
+    DevicesChanged {
+        /// The contact.
+        contact: PeerId,
+        /// What the user calls them.
+        name: String,
+        /// Devices listed now: name and key.
+        added: Vec<(String, [u8; 32])>,
+        /// Keys taken out.
+        removed: Vec<[u8; 32]>,
+    },
     /// Someone who is not a contact sent a message; it is held as a request.
     Request(PeerId),
     /// A relay answered (true) or failed (false).

@@ -174,6 +174,11 @@ pub async fn run_with(
                     None => Msg::Arrived(r.contact),
                 },
                 Some(AppEvent::Message(_)) => Msg::Redraw,
+                // A contact's keys changed: said on the notice line (`/devices` shows them).
+                Some(AppEvent::DevicesChanged { name, added, removed, .. }) => Msg::Done {
+                    title: None,
+                    result: Ok(crate::engine::device_change_line(&name, &added, &removed)),
+                },
                 Some(AppEvent::Request(peer)) => {
                     let data = snapshot(&store, online.as_ref().map(|o| &o.engine), state.selected, state.group);
                     mark(update(&mut state, Msg::Loaded(data)), &online);

@@ -123,6 +123,7 @@ async fn a_session_key_the_account_took_out_is_never_taken_again() {
     // her session key: her set lists the new one and takes the old one out.
     let copied = alice.engine.identity().clone();
     let old_key = copied.x25519_public();
+    let mut events = bob.engine.subscribe();
     let rotated = alice.rotate(&net).await;
     let own = alice
         .engine
@@ -145,6 +146,27 @@ async fn a_session_key_the_account_took_out_is_never_taken_again() {
     let kept = set_of(&bob, &alice).unwrap();
     assert!(kept.is_removed(&old_key), "Bob keeps the removal");
     assert_eq!(names(&kept), ["first device"]);
+    // And is told, once, on one line.
+    let mut told = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let AppEvent::DevicesChanged {
+            name,
+            added,
+            removed,
+            ..
+        } = event
+        {
+            told.push(crate::engine::device_change_line(&name, &added, &removed));
+        }
+    }
+    assert_eq!(
+        told,
+        [format!(
+            "alice's account lists a new device: first device ({}), and took out {}",
+            crate::engine::fingerprint(&new_key),
+            crate::engine::fingerprint(&old_key)
+        )]
+    );
     // (A restart forgets when Alice last changed key, so only the removal stands in
     // the way below.)
     bob.restart(&net).await;
