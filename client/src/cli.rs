@@ -354,14 +354,15 @@ pub enum ContactCommand {
     },
 }
 
-/// `kkachi device ...`
+/// `kkachi device ...` (linking a second device comes later; `rotate-key` and a
+/// restore take this device's old key out)
 #[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum DeviceCommand {
     /// List your account's devices: this one, and those taken out. Each shows the
     /// fingerprint of its key, which contacts see under `kkachi contact devices`.
     List,
     /// Give this device a name your contacts see ("laptop"; the words are joined by
-    /// spaces).
+    /// spaces; at most 64 characters).
     Rename {
         /// The new name.
         #[arg(required = true, num_args = 1..)]

@@ -460,9 +460,9 @@ fn a_restore_lists_a_new_device_key_and_keeps_the_backups_when_the_account_can_l
             LocalStore::write_own_devices(&mut w, &DeviceSet::new(&me, "tablet", now).unwrap());
         }
         LocalStore::write_contact_devices(&mut w, &peer, &theirs);
-        LocalStore::write_devices_sent_to(&mut w, &peer, &[9; 32]);
+        LocalStore::write_devices_sent_to(&mut w, &peer, &[9; 32], true);
         store.apply(w).unwrap();
-        assert!(store.devices_sent_to(&peer, &[9; 32]).unwrap());
+        assert_eq!(store.devices_sent_to(&peer, &[9; 32]).unwrap(), Some(true));
         if case == "full" {
             while store.rotate_session_key(now, &mut rand_core::OsRng).is_ok() {}
         }
@@ -483,7 +483,7 @@ fn a_restore_lists_a_new_device_key_and_keeps_the_backups_when_the_account_can_l
                 .unwrap(),
             Some(theirs)
         );
-        assert!(!store.devices_sent_to(&peer, &[9; 32]).unwrap());
+        assert_eq!(store.devices_sent_to(&peer, &[9; 32]).unwrap(), None);
         let set = store.own_devices(&me).unwrap().unwrap();
         let listed: Vec<_> = set.devices().map(|d| d.name().to_owned()).collect();
         let name = if case == "none" {

@@ -240,18 +240,29 @@ fn each_side_sees_the_others_devices_and_a_new_key_takes_the_old_one_out() {
     let refused = alice.run(&["device", "rename", "laptop\u{202e}"]);
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("cannot rename this device"), "{why}");
+    assert!(why.contains("the device name is not allowed"), "{why}");
     // A new session key lists this device under it and takes the old key out, for
     // Bob too: he never goes back to it.
     alice.ok(&["rotate-key"]);
+    let mut told = String::new();
     for _ in 0..2 {
-        bob.ok(&["sync"]);
+        told += &String::from_utf8_lossy(&bob.run(&["sync"]).stderr);
         alice.ok(&["sync"]);
     }
+    // Bob's sync says so, with both fingerprints.
+    told += &String::from_utf8_lossy(&bob.run(&["sync"]).stderr);
     let after = own(&alice);
     let new_fingerprint = after["devices"][0]["fingerprint"].clone();
     assert_ne!(new_fingerprint, fingerprint);
     assert_eq!(after["removed"][0]["fingerprint"], fingerprint, "{after}");
+    assert!(
+        told.contains(&format!(
+            "alice's account lists work laptop (key {}) and took out key {}",
+            new_fingerprint.as_str().unwrap(),
+            fingerprint.as_str().unwrap()
+        )),
+        "{told}"
+    );
     let seen = objects(&bob.ok(&["contact", "devices", "alice", "--json"]))[0].clone();
     assert_eq!(seen["devices"].as_array().unwrap().len(), 1, "{seen}");
     assert_eq!(seen["devices"][0]["name"], "work laptop", "{seen}");

@@ -186,6 +186,7 @@ pub fn restore(home: &Path, file: &Path, json: bool) -> Result<Output, CommandEr
         if restored.new_key {
             out.out("This device has a new session key: at the next start your contacts get your card, take the key, and send again what you had not received. The key the backup held is taken out of your devices, so nothing new is sealed to it.");
             out.out("The invite codes you gave out before reach you no more: share `kkachi invite` again.");
+            out.out("This device keeps the name the backup's had: `kkachi device rename NAME` gives it its own.");
         } else {
             out.out("Conversations go on with new sessions: at the next start your contacts get your card again and send again what you had not received.");
             out.warn("This device keeps the session key the backup held: your account has listed as many device keys as it may. A new identity starts a new list.");

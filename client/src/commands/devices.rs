@@ -11,22 +11,32 @@ use crate::cli::DeviceCommand;
 use crate::engine::fingerprint;
 use crate::time::format_ms;
 
-/// The devices of `set` as JSON: listed and taken out.
-fn set_json(set: &DeviceSet, ours: &[u8; 32]) -> (serde_json::Value, serde_json::Value) {
+/// The removals of `set`, the latest first.
+fn removals_by_time(set: &DeviceSet) -> Vec<&kkachi_protocol::device::Removal> {
+    let mut removals: Vec<_> = set.removals().collect();
+    removals.sort_by_key(|r| std::cmp::Reverse(r.at()));
+    removals
+}
+
+/// The devices of `set` as JSON, listed and taken out; `mark` names the field that is
+/// true for the device whose key it holds (`this` for ours, `card` for the one a
+/// contact's card names).
+fn set_json(set: &DeviceSet, mark: (&[u8; 32], &str)) -> (serde_json::Value, serde_json::Value) {
     let devices = set
         .devices()
         .map(|d| {
-            json!({
+            let mut device = json!({
                 "name": d.name(),
                 "key": hex(d.key()),
                 "fingerprint": fingerprint(d.key()),
-                "listed_at_ms": d.at().saturating_mul(1000),
-                "this": d.key() == ours,
-            })
+                "signed_at_ms": d.at().saturating_mul(1000),
+            });
+            device[mark.1] = json!(d.key() == mark.0);
+            device
         })
         .collect();
-    let removed = set
-        .removals()
+    let removed = removals_by_time(set)
+        .into_iter()
         .map(|r| {
             json!({
                 "key": hex(r.key()),
@@ -42,7 +52,8 @@ fn set_json(set: &DeviceSet, ours: &[u8; 32]) -> (serde_json::Value, serde_json:
 }
 
 /// The devices of `set`, a line each, names padded by the columns they take; `mark`
-/// says what to add after the one whose key it names.
+/// says what to add after the one whose key it names. Each shows when its entry was
+/// signed (listed, or last renamed); the keys taken out follow, the latest first.
 fn set_lines(set: &DeviceSet, mark: (&[u8; 32], &str), out: &mut Output) {
     let width = set
         .devices()
@@ -54,12 +65,12 @@ fn set_lines(set: &DeviceSet, mark: (&[u8; 32], &str), out: &mut Output) {
         let pad = " ".repeat(width - shown.width());
         let note = if d.key() == mark.0 { mark.1 } else { "" };
         out.out(format!(
-            "  {shown}{pad}  {}  listed {}{note}",
+            "  {shown}{pad}  {}  signed {}{note}",
             fingerprint(d.key()),
             format_ms(d.at().saturating_mul(1000))
         ));
     }
-    for r in set.removals() {
+    for r in removals_by_time(set) {
         out.out(format!(
             "  (taken out)  {}  on {}",
             fingerprint(r.key()),
@@ -82,7 +93,7 @@ impl App {
                 // Read here: nothing to deliver.
                 let set = self.local_engine()?.own_devices().await?;
                 if json {
-                    let (devices, removed) = set_json(&set, &ours);
+                    let (devices, removed) = set_json(&set, (&ours, "this"));
                     out.json(json!({ "devices": devices, "removed": removed }));
                     return Ok(());
                 }
@@ -95,7 +106,11 @@ impl App {
                 let new = new.trim();
                 let before = engine.own_devices().await?;
                 if before.device(&ours).is_some_and(|d| d.name() == new) {
-                    out.warn(format!("this device is called {} already", name(new)));
+                    if json {
+                        out.json(json!({ "name": new, "contacts": 0, "unchanged": true }));
+                    } else {
+                        out.warn(format!("this device is called {} already", name(new)));
+                    }
                     return Ok(());
                 }
                 let (_, sent) = engine.rename_device(new.to_owned()).await?;
@@ -126,7 +141,7 @@ impl App {
         let set = self.store.contact_devices(&c.peer, account)?;
         if json {
             let (devices, removed) = match &set {
-                Some(set) => set_json(set, card_key),
+                Some(set) => set_json(set, (card_key, "card")),
                 None => (serde_json::Value::Null, serde_json::Value::Array(vec![])),
             };
             out.json(json!({

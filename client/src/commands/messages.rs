@@ -222,9 +222,22 @@ impl App {
             .map(|c| (c.peer, c.name.clone()))
             .collect();
         let limit = Duration::from_secs_f64(timeout.max(0.1));
+        // A contact's keys that changed while reading are told (on stderr).
+        let mut events = engine.subscribe();
         // Everything pending goes now; every relay of ours is read; receipts for what
         // came go out before it returns.
         let report = engine.sync(limit).await?;
+        while let Ok(event) = events.try_recv() {
+            if let crate::engine::AppEvent::DevicesChanged {
+                name,
+                added,
+                removed,
+                ..
+            } = event
+            {
+                out.warn(crate::engine::device_change_line(&name, &added, &removed));
+            }
+        }
         // Files sent or asked for that stopped part-way go on, and end, here.
         for transfer in crate::files::resume(&engine, false)? {
             let _ = transfer.await;

@@ -94,6 +94,15 @@ impl App {
         let rotated = self
             .store
             .rotate_session_key(now_s, &mut rand_core::OsRng)?;
+        // Each change of key signs a record of the account's devices, which holds 32.
+        if let Some(set) = self.store.own_devices(&rotated.identity)? {
+            let left = kkachi_protocol::device::MAX_EDIT_RECORDS.saturating_sub(set.records());
+            if left <= 4 {
+                out.warn(format!(
+                    "{left} more change(s) of key (or restores) fit in your account's list of devices; past them, only a new identity changes key"
+                ));
+            }
+        }
         if earlier.is_some() {
             out.warn("the key before your last rotation is no longer read: contacts who have not heard from you since then send again, once your new card reaches them, what you had not confirmed");
         }
@@ -122,7 +131,7 @@ impl App {
             ));
             out.out("your earlier invite codes no longer reach you: share `kkachi invite` again");
             out.out(
-                "make a new backup: one made before now holds the key just replaced, and restoring it would leave this one listed among your devices",
+                "if you keep backups, make a new one: one made before now holds the key just replaced",
             );
         }
         Ok(())

@@ -39,10 +39,12 @@ impl<T> State<T> {
         let digest = devices_digest(&set);
         let mut behind = Vec::new();
         for contact in self.store.contacts()?.iter() {
-            if self.store.blocked(&contact.peer)?.is_none()
-                && !self.store.devices_sent_to(&contact.peer, &digest)?
-            {
-                behind.push(contact.clone());
+            if self.store.blocked(&contact.peer)?.is_some() {
+                continue;
+            }
+            match self.store.devices_sent_to(&contact.peer, &digest)? {
+                Some(true) => {}
+                sent => behind.push((contact.clone(), sent.is_some())),
             }
         }
         if behind.is_empty() {
@@ -52,9 +54,16 @@ impl<T> State<T> {
         }
         self.with_sessions(|this, sessions| {
             let mut n = 0;
-            for contact in &behind {
-                let heard = this.store.conversation(&contact.peer)?.gaps.max_seen() > 0;
-                if heard || sessions.get(&this.store, contact)?.is_established() {
+            for (contact, sent_unanswered) in &behind {
+                let answered = sessions.get(&this.store, contact)?.is_established();
+                // Sent as a first message already: once more when they answer (a first
+                // message can be set aside, as during a change of our key).
+                let due = if *sent_unanswered {
+                    answered
+                } else {
+                    answered || this.store.conversation(&contact.peer)?.gaps.max_seen() > 0
+                };
+                if due {
                     let session = sessions.get(&this.store, contact)?;
                     this.queue_devices(&mut w, contact, session, &set, now)?;
                     n += 1;
@@ -77,7 +86,7 @@ impl<T> State<T> {
             return Ok(set);
         }
         set.add(&self.me, key, name, now / 1000)
-            .map_err(|e| EngineError::Invalid(format!("cannot rename this device: {e}")))?;
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         LocalStore::write_own_devices(&mut w, &set);
         self.store.apply(w)?;
         Ok(set)
@@ -92,8 +101,9 @@ impl<T> State<T> {
         set: &DeviceSet,
         now: u64,
     ) -> Result<(), EngineError> {
+        let answered = session.is_established();
         self.queue_control(w, contact, session, Body::Devices(set.encode()), now)?;
-        LocalStore::write_devices_sent_to(w, &contact.peer, &devices_digest(set));
+        LocalStore::write_devices_sent_to(w, &contact.peer, &devices_digest(set), answered);
         Ok(())
     }
 
@@ -183,8 +193,8 @@ pub fn fingerprint(key: &[u8; 32]) -> String {
 }
 
 /// What a change to the devices of `name` says, on one line (the names made safe to
-/// print): "Minji's account lists a new device: tablet (dc47 5c0f 7176 0ac1), and took
-/// out 9a0b 1c2d 3e4f 5a6b".
+/// print): "Minji's account lists tablet (key dc47 5c0f 7176 0ac1) and took out key
+/// 9a0b 1c2d 3e4f 5a6b" (a change of key, or a restore, reads so).
 pub fn device_change_line(
     name: &str,
     added: &[(String, [u8; 32])],
@@ -193,22 +203,17 @@ pub fn device_change_line(
     use crate::sanitize::for_terminal;
     let listed: Vec<String> = added
         .iter()
-        .map(|(device, key)| format!("{} ({})", for_terminal(device), fingerprint(key)))
+        .map(|(device, key)| format!("{} (key {})", for_terminal(device), fingerprint(key)))
         .collect();
-    let out: Vec<String> = removed.iter().map(fingerprint).collect();
-    let device = |n: usize| {
-        if n == 1 {
-            "a new device"
-        } else {
-            "new devices"
-        }
-    };
+    let out: Vec<String> = removed
+        .iter()
+        .map(|k| format!("key {}", fingerprint(k)))
+        .collect();
     let said = match (listed.is_empty(), out.is_empty()) {
-        (false, true) => format!("lists {}: {}", device(listed.len()), listed.join(", ")),
-        (true, false) => format!("took out a device: {}", out.join(", ")),
+        (false, true) => format!("lists another device: {}", listed.join(", ")),
+        (true, false) => format!("took out the device with {}", out.join(", ")),
         _ => format!(
-            "lists {}: {}, and took out {}",
-            device(listed.len()),
+            "lists {} and took out {}",
             listed.join(", "),
             out.join(", ")
         ),
@@ -226,11 +231,15 @@ mod tests {
         assert_eq!(fingerprint(&a), "dcdc dcdc dcdc dcdc");
         assert_eq!(
             device_change_line("Minji", &[("tablet".into(), a)], &[b]),
-            "Minji's account lists a new device: tablet (dcdc dcdc dcdc dcdc), and took out 9a9a 9a9a 9a9a 9a9a"
+            "Minji's account lists tablet (key dcdc dcdc dcdc dcdc) and took out key 9a9a 9a9a 9a9a 9a9a"
+        );
+        assert_eq!(
+            device_change_line("Minji", &[("tablet".into(), a)], &[]),
+            "Minji's account lists another device: tablet (key dcdc dcdc dcdc dcdc)"
         );
         assert_eq!(
             device_change_line("Minji", &[], &[b]),
-            "Minji's account took out a device: 9a9a 9a9a 9a9a 9a9a"
+            "Minji's account took out the device with key 9a9a 9a9a 9a9a 9a9a"
         );
         // A name that would drive the terminal is shown defanged.
         let line = device_change_line("Min\u{1b}[2Jji", &[("x\u{7}".into(), a)], &[]);

@@ -130,7 +130,7 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let devices =
         kkachi_protocol::device::DeviceSet::new(&minji, "Minji's tablet", 1_700_000_000).unwrap();
     LocalStore::write_contact_devices(&mut w, &peer, &devices);
-    LocalStore::write_devices_sent_to(&mut w, &peer, &[7; 32]);
+    LocalStore::write_devices_sent_to(&mut w, &peer, &[7; 32], true);
     store.apply(w).unwrap();
     store.db.flush().unwrap();
     (

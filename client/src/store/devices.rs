@@ -32,17 +32,27 @@ impl LocalStore {
     }
 
     /// Whether our set of digest `sent` ([`devices_digest`]) is what contact `peer` was
-    /// last sent.
-    pub fn devices_sent_to(&self, peer: &PeerId, sent: &[u8; 32]) -> Result<bool, StoreError> {
+    /// last sent: `None` if not; else whether it went on a session they had answered
+    /// (one sent before, as a first message, may have been set aside by them: it goes
+    /// once more when they answer).
+    pub fn devices_sent_to(
+        &self,
+        peer: &PeerId,
+        sent: &[u8; 32],
+    ) -> Result<Option<bool>, StoreError> {
         Ok(self
             .tree(TreeId::Devices)
             .get(sent_key(peer))?
-            .is_some_and(|kept| kept == sent))
+            .filter(|kept| kept.len() == 33 && kept[..32] == sent[..])
+            .map(|kept| kept[32] == 1))
     }
 
-    /// Records our set of digest `sent` as sent to contact `peer`.
-    pub fn write_devices_sent_to(w: &mut WriteSet, peer: &PeerId, sent: &[u8; 32]) {
-        w.put(TreeId::Devices, sent_key(peer), sent.to_vec());
+    /// Records our set of digest `sent` as sent to contact `peer`, on a session they
+    /// had answered (`answered`) or not.
+    pub fn write_devices_sent_to(w: &mut WriteSet, peer: &PeerId, sent: &[u8; 32], answered: bool) {
+        let mut value = sent.to_vec();
+        value.push(u8::from(answered));
+        w.put(TreeId::Devices, sent_key(peer), value);
     }
 
     /// Forgets what we sent contact `peer` (they are forgotten). Their set stays: a

@@ -151,9 +151,7 @@ impl LocalStore {
         // set the engine has not made yet (one from before sets, a backup without one)
         // starts from the old key alone, so its removal is signed all the same.
         let refused = |e: kkachi_protocol::device::DeviceError| {
-            StoreError::Devices(format!(
-                "cannot list the new key among your devices: {e}; a new identity (`kkachi init` in a new home) starts a new list"
-            ))
+            StoreError::Devices(format!("cannot list the new key among your devices: {e}"))
         };
         let mut set = match self.own_devices(&me)? {
             Some(set) => set,

@@ -79,7 +79,9 @@ async fn a_contact_keeps_the_devices_sent_and_a_newer_name_wins_whatever_the_ord
         .await
         .unwrap_err();
     assert!(
-        refused.to_string().contains("cannot rename this device"),
+        refused
+            .to_string()
+            .contains("the device name is not allowed"),
         "{refused}"
     );
 }
@@ -162,7 +164,7 @@ async fn a_session_key_the_account_took_out_is_never_taken_again() {
     assert_eq!(
         told,
         [format!(
-            "alice's account lists a new device: first device ({}), and took out {}",
+            "alice's account lists first device (key {}) and took out key {}",
             crate::engine::fingerprint(&new_key),
             crate::engine::fingerprint(&old_key)
         )]
@@ -261,4 +263,52 @@ async fn a_set_lost_after_a_change_of_key_goes_again_with_the_card_each_day() {
         set_of(&bob, &alice).unwrap().is_removed(&old_key),
         "Bob learns the old key was taken out"
     );
+}
+
+#[tokio::test]
+async fn a_set_a_contact_set_aside_goes_again_once_they_answer() {
+    let net = FakeNet::default();
+    let (mut alice, mut bob, bob_c, alice_c) = pair(&net).await;
+    converse(&alice, &bob, &bob_c, &alice_c).await;
+    // Two changes of key within minutes: Bob takes the first, and sets aside what
+    // comes under the second (a contact changing keys over and over is not followed).
+    alice.rotate(&net).await;
+    for _ in 0..2 {
+        alice.sync().await;
+        alice.engine.settle().await.unwrap();
+        bob.sync().await;
+    }
+    let first_new = alice.engine.identity().x25519_public();
+    assert_eq!(bob_c_key(&bob, &alice), first_new);
+    alice.rotate(&net).await;
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert_eq!(
+        bob_c_key(&bob, &alice),
+        first_new,
+        "the second is set aside"
+    );
+    assert!(!set_of(&bob, &alice).unwrap().is_removed(&first_new));
+    // Later (Bob started again) her next message brings the new key, Bob answers, and
+    // her set, sent once as a first message, goes again on the session he answered.
+    bob.restart(&net).await;
+    bob.regrant().await;
+    let _ = alice.send(&bob_c, "still me").await;
+    bob.sync().await;
+    let second_new = alice.engine.identity().x25519_public();
+    assert_eq!(bob_c_key(&bob, &alice), second_new);
+    let _ = bob.send(&alice_c, "got it").await;
+    // (Her upkeep runs as a sync starts: the one after she read his answer sends it.)
+    for _ in 0..2 {
+        alice.sync().await;
+        alice.engine.settle().await.unwrap();
+    }
+    bob.sync().await;
+    let kept = set_of(&bob, &alice).unwrap();
+    assert!(
+        kept.is_removed(&first_new),
+        "Bob learns the first new key was taken out too"
+    );
+    assert!(kept.device(&second_new).is_some());
 }
