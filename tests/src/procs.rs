@@ -323,6 +323,20 @@ impl User {
             .collect()
     }
 
+    /// Syncs until `text` from `sender` (known here as `with`) is in the conversation:
+    /// `send` exits once a message is in the outbox, and on a loaded machine its put may
+    /// still be waiting there, so the sender syncs too between tries (at most 20).
+    pub fn sync_until_said(&self, with: &str, text: &str, sender: &User) {
+        for _ in 0..20 {
+            self.ok(&["sync"]);
+            if self.history_texts(with).iter().any(|t| t == text) {
+                return;
+            }
+            sender.ok(&["sync"]);
+        }
+        panic!("{text:?} from {} never reached {}", sender.name, self.name);
+    }
+
     /// This user's invite code.
     pub fn invite(&self) -> String {
         self.ok(&["invite"]).trim().to_string()

@@ -45,9 +45,9 @@ fn a_conversation_leaves_nothing_readable_in_either_home() {
     let to_jaewon = "meet at the north gate of the stadium at six";
     let to_seoyeon = "bring the radio and the spare batteries";
     seoyeon.send("Jaewon", to_jaewon, 5.0).expect("sent");
-    jaewon.ok(&["sync"]);
+    jaewon.sync_until_said("Seoyeon", to_jaewon, &seoyeon);
     jaewon.send("Seoyeon", to_seoyeon, 5.0).expect("sent");
-    seoyeon.ok(&["sync"]);
+    seoyeon.sync_until_said("Jaewon", to_seoyeon, &jaewon);
     assert_eq!(jaewon.history_texts("Seoyeon"), [to_jaewon, to_seoyeon]);
     assert_eq!(seoyeon.history_texts("Jaewon"), [to_jaewon, to_seoyeon]);
 
