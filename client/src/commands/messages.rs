@@ -227,15 +227,20 @@ impl App {
         // Everything pending goes now; every relay of ours is read; receipts for what
         // came go out before it returns.
         let report = engine.sync(limit).await?;
-        while let Ok(event) = events.try_recv() {
-            if let crate::engine::AppEvent::DevicesChanged {
-                name,
-                added,
-                removed,
-                ..
-            } = event
-            {
-                out.warn(crate::engine::device_change_line(&name, &added, &removed));
+        loop {
+            use tokio::sync::broadcast::error::TryRecvError;
+            match events.try_recv() {
+                Ok(crate::engine::AppEvent::DevicesChanged {
+                    name,
+                    added,
+                    removed,
+                    ..
+                }) => out.warn(crate::engine::device_change_line(&name, &added, &removed)),
+                Ok(_) => {}
+                // Many messages came meanwhile: the oldest events were passed over,
+                // and those after them are still read.
+                Err(TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
             }
         }
         // Files sent or asked for that stopped part-way go on, and end, here.

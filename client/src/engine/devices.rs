@@ -130,11 +130,15 @@ impl<T> State<T> {
                 ));
             }
         };
-        let kept = match stored {
+        // Read from the bytes at hand (checked when they came), not read again.
+        let kept = match &stored {
             None => None,
-            Some(_) => self.store.contact_devices(&contact.peer, &account)?,
+            Some(bytes) => Some(
+                DeviceSet::decode(&account, bytes)
+                    .map_err(|_| crate::store::StoreError::Corrupt("device set"))?,
+            ),
         };
-        let (merged, change) = match kept.clone() {
+        let (merged, change) = match kept {
             None => (theirs, None),
             Some(mut set) => match set.merge(&theirs) {
                 Ok(change) => (set, Some(change)),
@@ -163,8 +167,9 @@ impl<T> State<T> {
         if merged.is_removed(contact.card.identity().x25519()) {
             tracing::warn!(contact = %contact.peer, "a contact's account took out the device their card names");
         }
-        // The same set again (the usual case) writes nothing.
-        if kept.as_ref() != Some(&merged) {
+        // A set that adds nothing (an older one, come late) writes nothing.
+        let merged_bytes = merged.encode();
+        if stored.as_deref() != Some(merged_bytes.as_slice()) {
             LocalStore::write_contact_devices(w, &contact.peer, &merged);
             self.emit(AppEvent::ContactUpdated(contact.peer));
         }
