@@ -123,10 +123,30 @@ pub fn create(
     let mut out = encryptor
         .wrap_output(BufWriter::with_capacity(256 << 10, tmp.as_file()))
         .map_err(io(to))?;
+    let counts = write_contents(store, &mut out, io(to))?;
+    let mut buffered = out.finish().map_err(io(to))?;
+    buffered.flush().map_err(io(to))?;
+    drop(buffered);
+    tmp.as_file().sync_all().map_err(io(to))?;
+    let bytes = tmp.as_file().metadata().map_err(io(to))?.len();
+    tmp.persist(to).map_err(|e| io(to)(e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok((counts, bytes))
+}
+
+/// Writes what a backup holds inside its encryption (the same stream hands an account
+/// to a linked device: SPEC §15.1) to `out`; `on_io` says what a failed write was.
+pub(crate) fn write_contents(
+    store: &LocalStore,
+    out: &mut impl Write,
+    on_io: impl Fn(std::io::Error) -> BackupError,
+) -> Result<Counts, BackupError> {
     out.write_all(MAGIC)
         .and_then(|()| out.write_all(&[VERSION]))
         .and_then(|()| out.write_all(&crate::engine::now_ms().to_be_bytes()))
-        .map_err(io(to))?;
+        .map_err(&on_io)?;
     let mut counts = Counts::default();
     store.backup_records(|tree, key, value| {
         counts.count(tree);
@@ -138,17 +158,9 @@ pub fn create(
     })?;
     out.write_all(&[END])
         .and_then(|()| out.write_all(&counts.records.to_be_bytes()))
-        .map_err(io(to))?;
-    let mut buffered = out.finish().map_err(io(to))?;
-    buffered.flush().map_err(io(to))?;
-    drop(buffered);
-    tmp.as_file().sync_all().map_err(io(to))?;
-    let bytes = tmp.as_file().metadata().map_err(io(to))?.len();
-    tmp.persist(to).map_err(|e| io(to)(e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok((counts, bytes))
+        .and_then(|()| out.flush())
+        .map_err(&on_io)?;
+    Ok(counts)
 }
 
 /// How a read ended.
@@ -184,7 +196,7 @@ impl<R: Read> Read for Counting<R> {
 pub fn read(
     file: &Path,
     key: &age::x25519::Identity,
-    mut sink: impl FnMut(BackupRecord) -> Result<(), BackupError>,
+    sink: impl FnMut(BackupRecord) -> Result<(), BackupError>,
 ) -> Result<(Counts, Ending), BackupError> {
     let name = file.display().to_string();
     let input = std::fs::File::open(file).map_err(io(file))?;
@@ -202,8 +214,21 @@ pub fn read(
         Err(age::DecryptError::Io(e)) => return Err(io(file)(e)),
         Err(_) => return Err(BackupError::Header(name)),
     };
+    read_contents(BufReader::with_capacity(256 << 10, reader), &name, sink)
+}
+
+/// Reads what a backup holds inside its encryption from `input` (`name` says where it
+/// comes from in errors), giving each record to `sink` in order. A read failing as
+/// `InvalidData` is a chunk that does not authenticate; one ending early, a stream cut
+/// short.
+pub(crate) fn read_contents(
+    input: impl Read,
+    name: &str,
+    mut sink: impl FnMut(BackupRecord) -> Result<(), BackupError>,
+) -> Result<(Counts, Ending), BackupError> {
+    let name = name.to_owned();
     let mut r = Counting {
-        inner: BufReader::with_capacity(256 << 10, reader),
+        inner: input,
         read: 0,
     };
     let mut head = [0u8; MAGIC.len() + 1 + 8];
@@ -303,6 +328,8 @@ pub struct Restored {
     /// Whether the restored device has a session key of its own (false only for an
     /// account whose devices signed every record they may: it keeps the backup's).
     pub new_key: bool,
+    /// The restored device's session key (X25519 public).
+    pub session_key: [u8; 32],
 }
 
 /// A set written while restoring holds at most this many records, or bytes.
@@ -320,34 +347,67 @@ pub fn restore(
     file: &Path,
     key: &age::x25519::Identity,
 ) -> Result<Restored, BackupError> {
-    // A home that exists may be taken only if it holds no identity: one kkachi opened
-    // before the restore (the UI on a new device) made an empty database and a key.
+    restore_with(home, |staging| {
+        restore_into(staging, &file.display().to_string(), |sink| {
+            read(file, key, sink)
+        })
+    })
+}
+
+/// Makes a home at `home` (which must not exist yet, or hold no identity) with
+/// `stage`, which fills a staging directory beside it: once it returns `Ok`, the
+/// staging directory takes the home's place; if it fails, nothing is left behind.
+pub(crate) fn restore_with<T, E: From<BackupError>>(
+    home: &Path,
+    stage: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
+    let fresh_db = check_new_home(home)?;
+    let parent = home
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let staging = (|| {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        tempfile::Builder::new()
+            .prefix(".kkachi-restoring-")
+            .tempdir_in(parent)
+            .map_err(io(parent))
+    })()?;
+    let restored = stage(staging.path())?;
+    place(home, parent, staging, fresh_db)?;
+    Ok(restored)
+}
+
+/// Whether `home` may become a restored or linked home: it does not exist, or holds no
+/// identity (one kkachi opened before, as the UI on a new device does, made an empty
+/// database and a key: then `Ok(true)`).
+fn check_new_home(home: &Path) -> Result<bool, BackupError> {
     let fresh_db = home.join("db").exists() || crate::store::key_path(home).exists();
     if fresh_db {
         let store = LocalStore::open(home).map_err(|e| {
             BackupError::Io(format!(
-                "{} holds a kkachi home that does not open ({e}): restore into a new --home, or move it aside",
+                "{} holds a kkachi home that does not open ({e}): restore or join into a new --home, or move it aside",
                 home.display()
             ))
         })?;
         if let Some(me) = store.identity()? {
             return Err(BackupError::Io(format!(
-                "{} already holds an identity ({}): restore into a new --home, or move it aside",
+                "{} already holds an identity ({}): restore or join into a new --home, or move it aside",
                 home.display(),
                 me.peer_id()
             )));
         }
     }
-    let parent = home
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".kkachi-restoring-")
-        .tempdir_in(parent)
-        .map_err(io(parent))?;
-    let restored = restore_into(staging.path(), file, key)?;
+    Ok(fresh_db)
+}
+
+/// Moves the whole `staging` home into place at `home`.
+fn place(
+    home: &Path,
+    parent: &Path,
+    staging: tempfile::TempDir,
+    fresh_db: bool,
+) -> Result<(), BackupError> {
     let staged = staging.keep();
     let placed = if std::fs::read_dir(home).map_or(true, |mut d| d.next().is_none()) {
         // Whole, into place at once.
@@ -380,19 +440,24 @@ pub fn restore(
     if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
     }
-    Ok(restored)
+    Ok(())
 }
 
-fn restore_into(
+/// Restores into the new home at `home` the records `read` gives its sink (see
+/// [`read_contents`]; `name` says where they come from), then makes it a new device of
+/// the account.
+pub(crate) fn restore_into(
     home: &Path,
-    file: &Path,
-    key: &age::x25519::Identity,
+    name: &str,
+    read: impl FnOnce(
+        &mut dyn FnMut(BackupRecord) -> Result<(), BackupError>,
+    ) -> Result<(Counts, Ending), BackupError>,
 ) -> Result<Restored, BackupError> {
     let store = LocalStore::open(home)?;
     let mut batch: Vec<BackupRecord> = Vec::with_capacity(RESTORE_BATCH);
     let mut batch_bytes = 0usize;
     let mut head = 0usize;
-    let (counts, ending) = read(file, key, |record| {
+    let (counts, ending) = read(&mut |record| {
         // `read` checked that who we are comes first.
         head = (head + 1).min(2);
         batch_bytes += record.1.len() + record.2.len();
@@ -404,7 +469,7 @@ fn restore_into(
         Ok(())
     })?;
     if head < 2 {
-        return Err(BackupError::NotABackup(file.display().to_string()));
+        return Err(BackupError::NotABackup(name.to_owned()));
     }
     store.restore_records(batch)?;
     let repaired = store.repair_after_restore()?;
@@ -423,10 +488,15 @@ fn restore_into(
             Err(e) => return Err(e.into()),
         };
     store.sync()?;
+    let session_key = store
+        .identity()?
+        .ok_or(StoreError::Corrupt("identity"))?
+        .x25519_public();
     Ok(Restored {
         counts,
         ending,
         resend: repaired.resend,
         new_key,
+        session_key,
     })
 }

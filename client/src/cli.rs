@@ -43,8 +43,8 @@ pub enum Command {
         #[arg(long)]
         renew: bool,
     },
-    /// Your account's devices: list them (with the fingerprint of each one's key), or
-    /// name this one.
+    /// Your account's devices: list them (with the fingerprint of each one's key), name
+    /// this one, or hand the account to a new device (link, join).
     #[command(subcommand)]
     Device(DeviceCommand),
     /// Manage contacts.
@@ -354,8 +354,7 @@ pub enum ContactCommand {
     },
 }
 
-/// `kkachi device ...` (linking a second device comes later; `rotate-key` and a
-/// restore take this device's old key out)
+/// `kkachi device ...`
 #[derive(Debug, Clone, PartialEq, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum DeviceCommand {
     /// List your account's devices: this one, and those taken out. Each shows the
@@ -368,6 +367,36 @@ pub enum DeviceCommand {
         #[arg(required = true, num_args = 1..)]
         name: Vec<String>,
     },
+    /// Hand your account to a new device: shows a one-time code (and its QR code) for
+    /// `kkachi device join` there, and waits. The account goes over the local network,
+    /// encrypted under the code; once the new device holds it, this one stops acting for
+    /// it (the new device has a key of its own, and this one's is taken out). Stop the
+    /// daemon or UI of this home first.
+    Link {
+        /// Listen here (repeat for several; port 0 picks one) instead of on every
+        /// address of this machine.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Vec<std::net::SocketAddr>,
+        /// How long the code holds.
+        #[arg(long, default_value = "10m", value_parser = link_wait)]
+        wait: u32,
+    },
+    /// Take your account from another device, with the code `kkachi device link` shows
+    /// there. Run it with a --home that holds no account yet.
+    Join {
+        /// The code (spaces and line breaks are ignored).
+        #[arg(required = true, num_args = 1..)]
+        code: Vec<String>,
+    },
+}
+
+/// How long a link code holds: a duration as `parse_duration` reads it, from 10 s to a
+/// day.
+fn link_wait(text: &str) -> Result<u32, String> {
+    match crate::commands::parse_duration(text)? {
+        secs @ 10..=86_400 => Ok(secs),
+        _ => Err("a link code holds from 10s to 1d".into()),
+    }
 }
 
 /// `kkachi group ...`

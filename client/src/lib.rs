@@ -20,6 +20,7 @@
 //!   answer changes), the owner task, receiving with deduplication, receipts and gap
 //!   detection, message requests.
 //! - [`runtime`]: the engine started with a real network, and the network's settings.
+//! - [`backup`]: backups of a home; [`link`]: handing the account to a new device.
 //! - [`cli`], [`commands`]: the command line; [`ipc`] forwards commands to a running
 //!   daemon or UI, which holds the database.
 //! - [`tui`]: the terminal UI.
@@ -30,6 +31,7 @@ pub mod commands;
 pub mod engine;
 pub mod files;
 pub mod ipc;
+pub mod link;
 pub mod net;
 pub mod passphrase;
 pub mod qr;

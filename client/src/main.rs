@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use kkachi_client::cli::{BackupCommand, BundleCommand, Cli, Command};
+use kkachi_client::cli::{BackupCommand, BundleCommand, Cli, Command, DeviceCommand};
 use kkachi_client::commands::{App, CommandError, Output, print_received, request_line};
 use kkachi_client::engine::{AppEvent, Mode};
 use kkachi_client::store::{LocalStore, StoreError};
@@ -184,7 +184,7 @@ async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
             return Err(CommandError::Refused(format!("{}: {e}", home.display())));
         }
     };
-    let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
+    let me = store.acting_identity()?.ok_or(CommandError::NoIdentity)?;
     let engine = runtime::start_engine(store, me, runtime::net_config(), Mode::ONLINE)?;
     let control = ipc::Control::start(home, engine.clone()).await?;
     let transfers = kkachi_client::files::keep_going(engine.clone(), TRANSFERS_RETRY);
@@ -514,6 +514,23 @@ fn main() -> ExitCode {
             }
             Command::Backup(BackupCommand::Restore { file }) => {
                 match kkachi_client::commands::backup_restore(&home, &file, cli.json) {
+                    Ok(output) => emit(&output),
+                    Err(e) => error(e),
+                }
+            }
+            // One makes a home, the other must hold its home alone while the account
+            // goes over: neither is forwarded to a running kkachi.
+            Command::Device(DeviceCommand::Join { code }) => {
+                match kkachi_client::commands::device_join(&home, &code, cli.json).await {
+                    Ok(output) => emit(&output),
+                    Err(e) => error(e),
+                }
+            }
+            Command::Device(DeviceCommand::Link { listen, wait }) => {
+                if let Some(why) = missing_home(&home) {
+                    return error(why);
+                }
+                match kkachi_client::commands::device_link(&home, &listen, wait, cli.json).await {
                     Ok(output) => emit(&output),
                     Err(e) => error(e),
                 }

@@ -18,6 +18,7 @@
 //! - [`wire`]: the client↔relay protocol, `/kkachi/relay/2`: requests and answers over
 //!   one long-lived stream.
 //! - [`bundle`]: sealed envelopes and where they go, in a file carried on a drive.
+//! - [`link`]: the one-time code that links a device, and the channel it opens.
 //!
 //! Sending a text, end to end: build a [`Content`], encode it, [`Session::seal`] it for
 //! the contact, wrap the packet in an [`Envelope`] for the contact's [`MailboxId`], and
@@ -37,6 +38,7 @@ pub mod fuzzing;
 pub mod group;
 pub mod identity;
 pub mod lan;
+pub mod link;
 pub mod queue;
 pub mod session;
 pub mod wire;

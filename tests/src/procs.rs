@@ -261,7 +261,20 @@ impl User {
 
     /// A user with an identity, in network namespace `netns`, with extra environment.
     pub fn with_env(root: &Path, name: &str, netns: Option<&str>, env: &[(&str, &str)]) -> Self {
-        let user = Self {
+        let user = Self::without_identity(root, name, netns, env);
+        user.ok(&["init", "--name", name]);
+        user
+    }
+
+    /// A user whose home (`root/name`) holds no identity yet: one to restore or join
+    /// into.
+    pub fn without_identity(
+        root: &Path,
+        name: &str,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self {
             home: root.join(name),
             name: name.to_string(),
             netns: netns.map(str::to_string),
@@ -269,9 +282,14 @@ impl User {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        user.ok(&["init", "--name", name]);
-        user
+        }
+    }
+
+    /// `kkachi ARGS` for this user, to start as a child.
+    pub fn spawn(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command();
+        cmd.args(args);
+        cmd
     }
 
     fn command(&self) -> Command {

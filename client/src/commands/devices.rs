@@ -2,14 +2,31 @@
 //! a contact's, each shown with the fingerprint of its key so two people can compare
 //! what each side sees.
 
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
 use kkachi_protocol::device::DeviceSet;
+use kkachi_protocol::link::LinkCode;
 use serde_json::json;
 use unicode_width::UnicodeWidthStr;
 
-use super::{App, CommandError, Output, hex, name};
+use super::{App, CommandError, Output, describe_duration, hex, name};
 use crate::cli::DeviceCommand;
 use crate::engine::fingerprint;
+use crate::link::{LinkFailure, Offer, Seen};
+use crate::store::{LocalStore, StoreError};
 use crate::time::format_ms;
+
+impl From<LinkFailure> for CommandError {
+    fn from(e: LinkFailure) -> Self {
+        match e {
+            LinkFailure::Store(e) => CommandError::Store(e),
+            other => CommandError::Refused(other.to_string()),
+        }
+    }
+}
 
 /// The removals of `set`, the latest first.
 fn removals_by_time(set: &DeviceSet) -> Vec<&kkachi_protocol::device::Removal> {
@@ -100,6 +117,12 @@ impl App {
                 out.out(format!("your devices ({} listed):", set.devices().count()));
                 set_lines(&set, (&ours, "  ← this device"), out);
             }
+            DeviceCommand::Link { .. } | DeviceCommand::Join { .. } => {
+                return Err(CommandError::Refused(
+                    "linking runs on its own: stop the daemon or UI of this home, then run it again"
+                        .into(),
+                ));
+            }
             DeviceCommand::Rename { name: words } => {
                 let engine = self.engine()?;
                 let new = words.join(" ");
@@ -187,4 +210,171 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// A line on standard output at once (the command goes on waiting after it).
+fn say(line: impl AsRef<str>) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", line.as_ref());
+    let _ = stdout.flush();
+}
+
+/// `kkachi device link`: offers the account in `home` under a one-time code for
+/// `wait` seconds, and hands it to the device that joins with it. Runs only where no
+/// other kkachi holds the home (this one must not change while it goes over).
+pub async fn link(
+    home: &Path,
+    listen: &[SocketAddr],
+    wait: u32,
+    json: bool,
+) -> Result<Output, CommandError> {
+    let store = match LocalStore::open(home) {
+        Ok(s) => s,
+        Err(StoreError::Locked(_)) => {
+            return Err(CommandError::Refused(format!(
+                "a kkachi daemon or UI is running for {}: stop it first (the account must not change while it goes to the new device)",
+                home.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
+    let before = store.handed_over()?;
+    let interfaces = if listen.iter().any(|a| a.ip().is_unspecified()) || listen.is_empty() {
+        crate::link::interfaces().await
+    } else {
+        Vec::new()
+    };
+    let offer = Offer::new(listen, &interfaces)?;
+    let code = offer.code().encode();
+    let addrs: Vec<String> = offer.code().addrs().iter().map(|a| a.to_string()).collect();
+    if json {
+        say(crate::sanitize::json(&json!({
+            "code": code,
+            "addresses": addrs,
+            "wait_secs": wait,
+        })));
+    } else {
+        if let Some(h) = before {
+            eprintln!(
+                "warning: this home handed your account to device {} on {}: hand it over again only if that device did not finish joining",
+                fingerprint(&h.to),
+                format_ms(h.at_ms)
+            );
+        }
+        say("On the new device, run:");
+        say("");
+        say(format!("    kkachi device join {code}"));
+        say("");
+        if let Ok(qr) = crate::qr::render(&code) {
+            say(qr);
+        }
+        say(format!(
+            "It reaches this device at {} (the same network), for {}.",
+            addrs.join(", "),
+            describe_duration(wait)
+        ));
+        say(
+            "Anyone who has this code before the new device uses it can take your account: show it to no one else.",
+        );
+        say("Once the new device holds the account, this one stops acting for it.");
+    }
+    let peer = me.peer_id();
+    let served = store.clone();
+    let handed = tokio::task::spawn_blocking(move || {
+        offer.serve(&served, Duration::from_secs(u64::from(wait)), |seen| {
+            let (event, from, line) = match &seen {
+                Seen::WrongCode(from) => (
+                    "wrong_code",
+                    from,
+                    format!("{from} connected without this code: dropped"),
+                ),
+                Seen::Sending(from) => (
+                    "sending",
+                    from,
+                    format!("the device at {from} holds the code: sending your account"),
+                ),
+                Seen::BrokeOff(from, why) => (
+                    "broke_off",
+                    from,
+                    format!("the transfer to {from} broke off ({why}); the code still holds"),
+                ),
+            };
+            if json {
+                eprintln!("{}", json!({ "event": event, "from": from.to_string() }));
+            } else {
+                eprintln!("{line}");
+            }
+        })
+    })
+    .await
+    .map_err(|e| CommandError::Refused(format!("linking stopped: {e}")))??;
+    let mut out = Output::default();
+    if json {
+        out.json(json!({
+            "handed_over": true,
+            "peer_id": peer.to_string(),
+            "key": hex(&handed.to),
+            "fingerprint": fingerprint(&handed.to),
+            "from": handed.from.to_string(),
+            "contacts": handed.counts.contacts,
+            "messages": handed.counts.messages,
+            "records": handed.counts.records,
+        }));
+        return Ok(out);
+    }
+    out.out(format!(
+        "Your account went to the device at {} (key {}): {} contacts and {} messages.",
+        handed.from,
+        fingerprint(&handed.to),
+        handed.counts.contacts,
+        handed.counts.messages
+    ));
+    out.out("This device no longer acts for it: use the new one, and remove this home once it works there.");
+    Ok(out)
+}
+
+/// `kkachi device join CODE`: takes the account a device offers under `code` into
+/// `home`, which must hold none yet.
+pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, CommandError> {
+    let code = LinkCode::parse(&code.join(" ")).map_err(LinkFailure::from)?;
+    let into = home.to_path_buf();
+    let joined = tokio::task::spawn_blocking(move || crate::link::join(&into, &code))
+        .await
+        .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??;
+    let restored = &joined.restored;
+    let key = restored.session_key;
+    let mut out = Output::default();
+    if json {
+        out.json(json!({
+            "home": home.display().to_string(),
+            "from": joined.from.to_string(),
+            "key": hex(&key),
+            "fingerprint": fingerprint(&key),
+            "contacts": restored.counts.contacts,
+            "messages": restored.counts.messages,
+            "records": restored.counts.records,
+            "resend": restored.resend,
+            "new_key": restored.new_key,
+        }));
+        return Ok(out);
+    }
+    out.out(format!(
+        "This device now holds your account: {} contacts and {} messages, from the device at {}.",
+        restored.counts.contacts, restored.counts.messages, joined.from
+    ));
+    out.out(format!(
+        "Its key is {}; the other device's is taken out of your devices, and it no longer acts for the account. At the next start your contacts get your card and take the new key.",
+        fingerprint(&key)
+    ));
+    if restored.resend > 0 {
+        out.out(format!(
+            "{} message(s) you sent had not been delivered yet: they go again then.",
+            restored.resend
+        ));
+    }
+    out.out("The invite codes you gave out before reach you no more: share `kkachi invite` again.");
+    out.out("This device has the other one's name: `kkachi device rename NAME` gives it its own.");
+    out.out("This home has no passphrase yet: `kkachi passphrase set` adds one.");
+    Ok(out)
 }

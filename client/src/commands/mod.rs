@@ -34,6 +34,7 @@ use crate::store::{Contact, LocalStore, Profile, StoreError};
 
 pub use backup::{restore as backup_restore, verify as backup_verify};
 pub use contacts::{describe_duration, parse_duration, timer_line};
+pub use devices::{join as device_join, link as device_link};
 use groups::Target;
 use messages::Pick;
 pub use messages::{
@@ -192,7 +193,9 @@ impl App {
     }
 
     fn identity(&self) -> Result<Identity, CommandError> {
-        self.store.identity()?.ok_or(CommandError::NoIdentity)
+        self.store
+            .acting_identity()?
+            .ok_or(CommandError::NoIdentity)
     }
 
     fn profile(&self) -> Result<Profile, CommandError> {

@@ -15,11 +15,61 @@ pub(super) const DEVICES_KEY: &[u8] = b"devices";
 /// crash between a change and telling contacts).
 const SENT_SUFFIX: u8 = 1;
 
+/// Set once this home handed the account to a linked device (SPEC §15.1): that
+/// device's session key (32) ‖ when, Unix ms (8). Never in a backup or a link's stream.
+const HANDED_OVER_KEY: &[u8] = b"handed-over";
+
+/// This home handed its account to another device: to which (its session key) and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandedOver {
+    /// The session key of the device that took the account.
+    pub to: [u8; 32],
+    /// When, Unix ms.
+    pub at_ms: u64,
+}
+
 /// What a device is called until its user names it (`kkachi device rename`). Contacts
 /// see it, so it says nothing of the machine.
 pub const DEFAULT_DEVICE_NAME: &str = "first device";
 
 impl LocalStore {
+    /// Whether this home handed its account to another device (and so acts for it no
+    /// more).
+    pub fn handed_over(&self) -> Result<Option<HandedOver>, StoreError> {
+        Ok(self
+            .tree(TreeId::Meta)
+            .get(HANDED_OVER_KEY)?
+            .filter(|v| v.len() == 40)
+            .map(|v| HandedOver {
+                to: v[..32].try_into().expect("32 bytes"),
+                at_ms: u64::from_be_bytes(v[32..].try_into().expect("8 bytes")),
+            }))
+    }
+
+    /// Records, durably before it returns, that this home handed its account to the
+    /// device of session key `to`: from then on it starts no engine.
+    pub fn hand_over(&self, to: [u8; 32], at_ms: u64) -> Result<(), StoreError> {
+        let mut value = to.to_vec();
+        value.extend_from_slice(&at_ms.to_be_bytes());
+        let mut w = WriteSet::default();
+        w.put(TreeId::Meta, HANDED_OVER_KEY, value);
+        self.apply(w)?;
+        self.sync()
+    }
+
+    /// Our identity, to act for the account with: `None` before `init`, and refused
+    /// (saying why and what to do) in a home that handed the account to another device.
+    pub fn acting_identity(&self) -> Result<Option<Identity>, StoreError> {
+        if let Some(h) = self.handed_over()? {
+            return Err(StoreError::HandedOver(format!(
+                "this device handed your account to another device (key {}) on {}, and no longer acts for it: use that device. Only if it did not finish joining, `kkachi device link` here hands the account over again; otherwise remove this home",
+                crate::engine::fingerprint(&h.to),
+                crate::time::format_ms(h.at_ms)
+            )));
+        }
+        self.identity()
+    }
+
     /// Our account's device set, if this home has one yet (it is made at the first
     /// start of a home from before sets).
     pub fn own_devices(&self, me: &Identity) -> Result<Option<DeviceSet>, StoreError> {

@@ -40,7 +40,7 @@ pub use backup::{
     text_body,
 };
 use conversations::ContactCache;
-pub use devices::{DEFAULT_DEVICE_NAME, devices_digest};
+pub use devices::{DEFAULT_DEVICE_NAME, HandedOver, devices_digest};
 pub use groups::{
     Chain, GroupMessage, GroupRecord, HeldEpoch, LargeState, MAX_EPOCHS_KEPT, MAX_EPOCHS_PER_MAKER,
     MAX_HELD_POSTS, MAX_INTRODUCTIONS, MAX_WAITING_GROUPS, MAX_WAITING_PER_GROUP, Waiting,
@@ -95,6 +95,9 @@ pub enum StoreError {
     /// A change our device set refuses (SPEC §15).
     #[error("{0}")]
     Devices(String),
+    /// This home handed its account to a linked device (SPEC §15.1).
+    #[error("{0}")]
+    HandedOver(String),
 }
 
 fn db(e: impl std::fmt::Display) -> StoreError {

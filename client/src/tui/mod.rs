@@ -66,7 +66,7 @@ impl Online {
         store: LocalStore,
         config: NetConfig,
     ) -> Result<Self, CommandError> {
-        let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
+        let me = store.acting_identity()?.ok_or(CommandError::NoIdentity)?;
         let engine = crate::runtime::start_engine(store, me, config, Mode::ONLINE)?;
         let control = crate::ipc::Control::start(home, engine.clone()).await?;
         let transfers =

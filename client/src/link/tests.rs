@@ -1,0 +1,390 @@
+//! Handing an account over: what goes, what the old device becomes, and what a
+//! transfer broken, tampered with or guessed at leaves behind.
+
+use std::sync::mpsc;
+
+use kkachi_protocol::{Card, Identity, Multiaddr};
+
+use super::*;
+use crate::store::{Conversation, Direction, MessageRecord, MessageState, WriteSet, message_key};
+
+const MESSAGES: u64 = 1500;
+
+/// A home holding an account with a contact and [`MESSAGES`] messages (some hundreds
+/// of KiB: the stream spans many channel messages).
+fn account(home: &Path) -> (LocalStore, Identity, kkachi_protocol::PeerId) {
+    let relay: Multiaddr =
+        "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+            .parse()
+            .unwrap();
+    let (store, me, _) = LocalStore::provision(home, "Alice", std::slice::from_ref(&relay)).unwrap();
+    let minji = Identity::generate();
+    let card = Card::new(&minji, "Minji", vec![relay], 1).unwrap();
+    let peer = store.add_card(&card).unwrap().peer;
+    let mut w = WriteSet::default();
+    for i in 0..MESSAGES {
+        let record = MessageRecord {
+            id: rand::random(),
+            direction: if i % 2 == 0 {
+                Direction::In
+            } else {
+                Direction::Out
+            },
+            text: format!("message {i}: {}", "가".repeat(80)),
+            state: MessageState::Received,
+            sent_at_ms: i,
+            stored_at_ms: i,
+            seq: i + 1,
+            prev: [0; 32],
+            timer_secs: 0,
+            edited: false,
+            deleted: false,
+            revised_seq: 0,
+            reply_to: None,
+            reactions: Default::default(),
+            file: None,
+        };
+        LocalStore::write_message(&mut w, &peer, message_key(&peer, i), &record);
+    }
+    LocalStore::write_conversation(&mut w, &peer, &Conversation::default());
+    store.apply(w).unwrap();
+    (store, me, peer)
+}
+
+fn loopback() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:0".parse().unwrap()]
+}
+
+/// Serves `offer` for `store` on a thread: its result, and what it saw, as they come.
+fn serve(
+    offer: Offer,
+    store: &LocalStore,
+    wait: Duration,
+) -> (
+    std::thread::JoinHandle<Result<Handed, LinkFailure>>,
+    mpsc::Receiver<Seen>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let store = store.clone();
+    let handle = std::thread::spawn(move || {
+        offer.serve(&store, wait, |seen| {
+            let _ = tx.send(seen);
+        })
+    });
+    (handle, rx)
+}
+
+#[test]
+fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, me, peer) = account(&dir.path().join("old"));
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
+    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let new_home = dir.path().join("new");
+    let started = Instant::now();
+    let joined = join(&new_home, &code).expect("joins");
+    let took = started.elapsed();
+    let handed = server.join().unwrap().expect("hands over");
+    println!(
+        "{MESSAGES} messages handed over in {} ms ({} records)",
+        took.as_millis(),
+        joined.restored.counts.records
+    );
+    assert!(matches!(seen.try_recv(), Ok(Seen::Sending(_))));
+    assert_eq!(joined.restored.counts.messages, MESSAGES);
+    let counted = |c: &Counts| (c.records, c.contacts, c.messages);
+    assert_eq!(counted(&joined.restored.counts), counted(&handed.counts));
+    assert!(joined.restored.new_key);
+    // The new device: the same account, a key of its own, the old one taken out.
+    let new = LocalStore::open(&new_home).unwrap();
+    let them = new.identity().unwrap().unwrap();
+    assert_eq!(them.peer_id(), me.peer_id());
+    assert_ne!(them.x25519_public(), me.x25519_public());
+    assert_eq!(them.x25519_public(), handed.to);
+    assert_eq!(joined.restored.session_key, handed.to);
+    let set = new.own_devices(&them).unwrap().expect("a device set");
+    assert!(set.device(&handed.to).is_some());
+    assert!(set.is_removed(&me.x25519_public()));
+    let messages = new.messages(&peer).unwrap();
+    assert_eq!(messages.len() as u64, MESSAGES);
+    assert!(messages[7].text.starts_with("message 7: 가"));
+    assert_eq!(
+        new.acting_identity().unwrap().unwrap().peer_id(),
+        me.peer_id()
+    );
+    // The old device acts no more, and says why.
+    assert_eq!(store.handed_over().unwrap().map(|h| h.to), Some(handed.to));
+    let refused = store.acting_identity().unwrap_err().to_string();
+    assert!(refused.contains("handed your account"), "{refused}");
+    assert!(
+        refused.contains(&crate::engine::fingerprint(&handed.to)),
+        "{refused}"
+    );
+    // Nothing of the hand-over went with the account.
+    assert_eq!(new.handed_over().unwrap(), None);
+}
+
+#[test]
+fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
+    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    // Same address, another secret: a guess, or a stale code.
+    let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
+    let new_home = dir.path().join("new");
+    let err = join(&new_home, &guess).unwrap_err();
+    assert!(
+        matches!(err, LinkFailure::Code(LinkError::Handshake)),
+        "{err}"
+    );
+    assert!(!new_home.exists(), "a failed join leaves no home");
+    assert!(matches!(
+        seen.recv_timeout(Duration::from_secs(10)),
+        Ok(Seen::WrongCode(_))
+    ));
+    assert_eq!(store.handed_over().unwrap(), None);
+    // Junk, and a connection that closes at once: dropped, the offer goes on.
+    let mut junk = TcpStream::connect(code.addrs()[0]).unwrap();
+    junk.write_all(&[0, 48]).unwrap();
+    junk.write_all(&[0x41; 48]).unwrap();
+    assert!(matches!(
+        seen.recv_timeout(Duration::from_secs(10)),
+        Ok(Seen::WrongCode(_))
+    ));
+    drop(TcpStream::connect(code.addrs()[0]).unwrap());
+    join(&new_home, &code).expect("the right code still works");
+    server.join().unwrap().expect("hands over");
+}
+
+#[test]
+fn too_many_wrong_codes_withdraw_the_offer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
+    let (server, _seen) = serve(offer, &store, Duration::from_secs(60));
+    for _ in 0..MAX_WRONG_CODES {
+        let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
+        let _ = join(&dir.path().join("new"), &guess);
+    }
+    let err = server.join().unwrap().unwrap_err();
+    assert!(matches!(err, LinkFailure::WrongCodes), "{err}");
+    assert_eq!(store.handed_over().unwrap(), None);
+    // Withdrawn: the right code finds no one now.
+    let err = join(&dir.path().join("new"), &code).unwrap_err();
+    assert!(matches!(err, LinkFailure::NoAnswer(_)), "{err}");
+}
+
+#[test]
+fn a_code_nobody_uses_runs_out_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let err = offer
+        .serve(&store, Duration::from_millis(200), |_| {})
+        .unwrap_err();
+    assert!(matches!(err, LinkFailure::TimedOut(_)), "{err}");
+    assert!(store.acting_identity().unwrap().is_some());
+}
+
+#[test]
+fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
+    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    // It reads the whole account, then hangs up (or says something else).
+    for last in [None, Some(vec![READY, 1, 2, 3]), Some(vec![DONE])] {
+        let (mut conn, _) = connect(&code).unwrap();
+        let (joining, first) = code.join();
+        conn.write(&first).unwrap();
+        let channel = joining.finish(&conn.read().unwrap()).unwrap();
+        let mut input = Opening {
+            conn,
+            channel,
+            buf: Vec::new(),
+            at: 0,
+        };
+        let (counts, ending) =
+            crate::backup::read_contents(&mut input, "test", |_| Ok(())).unwrap();
+        assert_eq!(ending, Ending::Whole);
+        assert_eq!(counts.messages, MESSAGES);
+        if let Some(last) = last {
+            let msg = input.channel.seal(&last).unwrap();
+            input.conn.write(&msg).unwrap();
+        }
+        drop(input);
+        match seen.recv_timeout(Duration::from_secs(10)) {
+            Ok(Seen::Sending(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        match seen.recv_timeout(Duration::from_secs(10)) {
+            Ok(Seen::BrokeOff(_, why)) => println!("the old device saw: {why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.handed_over().unwrap(), None);
+        assert!(store.acting_identity().unwrap().is_some());
+    }
+    // The code still holds.
+    join(&dir.path().join("new"), &code).expect("joins");
+    server.join().unwrap().expect("hands over");
+}
+
+/// Plays the old device for `code` with `send` (called with the channel and the
+/// connection once the handshake is done), on a thread.
+fn fake_linker(
+    code: &LinkCode,
+    send: impl FnOnce(&mut Channel, &mut Conn) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let listener = TcpListener::bind(code.addrs()[0]).unwrap();
+    let code = code.clone();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = Conn::new(stream, Duration::from_secs(10)).unwrap();
+        let first = conn.read().unwrap();
+        let (mut channel, answer) = code.answer(&first).unwrap();
+        conn.write(&answer).unwrap();
+        send(&mut channel, &mut conn);
+    })
+}
+
+/// A free loopback address for a code.
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The whole stream of the account in `home`, as the old device would send it.
+fn stream_of(store: &LocalStore) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    crate::backup::write_contents(store, &mut bytes, |e| BackupError::Io(e.to_string())).unwrap();
+    bytes
+}
+
+#[test]
+fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let stream = stream_of(&store);
+    assert!(stream.len() > 4 * MAX_LINK_CHUNK, "{} bytes", stream.len());
+    type Play = Box<dyn FnOnce(&mut Channel, &mut Conn, Vec<u8>) + Send>;
+    let plays: Vec<(&str, Play)> = vec![
+        (
+            "closed after",
+            Box::new(|ch, conn, s| {
+                for chunk in s[..s.len() / 2].chunks(MAX_LINK_CHUNK) {
+                    conn.write(&ch.seal(chunk).unwrap()).unwrap();
+                }
+            }),
+        ),
+        (
+            "tampered with",
+            Box::new(|ch, conn, s| {
+                for (i, chunk) in s.chunks(MAX_LINK_CHUNK).enumerate() {
+                    let mut msg = ch.seal(chunk).unwrap();
+                    if i == 2 {
+                        msg[100] ^= 1;
+                    }
+                    conn.write(&msg).unwrap();
+                }
+            }),
+        ),
+        (
+            "not a kkachi account",
+            Box::new(|ch, conn, _| {
+                conn.write(&ch.seal(&[]).unwrap()).unwrap();
+            }),
+        ),
+        (
+            "not a kkachi account",
+            Box::new(|ch, conn, _| {
+                conn.write(
+                    &ch.seal(b"kkachi-backup\x02\0\0\0\0\0\0\0\0\x05\0\0\0\0\0\0\0")
+                        .unwrap(),
+                )
+                .unwrap();
+            }),
+        ),
+        (
+            "did not confirm it handed the account over (the other device closed",
+            Box::new(|ch, conn, s| {
+                for chunk in s.chunks(MAX_LINK_CHUNK) {
+                    conn.write(&ch.seal(chunk).unwrap()).unwrap();
+                }
+                let ready = ch.open(&conn.read().unwrap()).unwrap();
+                assert_eq!(ready[0], READY);
+                // Hangs up instead of confirming.
+            }),
+        ),
+        (
+            "did not confirm it handed the account over",
+            Box::new(|ch, conn, s| {
+                for chunk in s.chunks(MAX_LINK_CHUNK) {
+                    conn.write(&ch.seal(chunk).unwrap()).unwrap();
+                }
+                let _ = conn.read().unwrap();
+                conn.write(&ch.seal(&[DONE, 0]).unwrap()).unwrap();
+            }),
+        ),
+    ];
+    for (what, play) in plays {
+        let code = LinkCode::generate(&mut rand_core::OsRng, vec![free_addr()]).unwrap();
+        let bytes = stream.clone();
+        let linker = fake_linker(&code, move |ch, conn| play(ch, conn, bytes));
+        let home = dir.path().join("new");
+        let err = join(&home, &code).unwrap_err().to_string();
+        assert!(err.contains(what), "expected {what:?}: {err}");
+        assert!(!home.exists(), "{what}: no home is left behind");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "old")
+            .collect();
+        assert!(leftovers.is_empty(), "{what}: {leftovers:?}");
+        linker.join().unwrap();
+    }
+}
+
+#[test]
+fn a_home_that_holds_an_account_is_not_joined_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let (_other, _, _) = account(&dir.path().join("taken"));
+    drop(_other);
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
+    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let err = join(&dir.path().join("taken"), &code).unwrap_err();
+    assert!(
+        err.to_string().contains("already holds an identity"),
+        "{err}"
+    );
+    // Refused before connecting: the old device saw no one.
+    assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
+    join(&dir.path().join("new"), &code).expect("joins");
+    server.join().unwrap().expect("hands over");
+}
+
+#[test]
+fn an_unspecified_address_is_named_by_the_interfaces() {
+    let lan: IpAddr = "192.168.7.20".parse().unwrap();
+    let offer = Offer::new(
+        &["0.0.0.0:0".parse().unwrap()],
+        &[lan, "127.0.0.1".parse().unwrap()],
+    )
+    .unwrap();
+    let addrs = offer.code().addrs();
+    assert_eq!(addrs.len(), 1);
+    assert_eq!(addrs[0].ip(), lan);
+    assert_ne!(addrs[0].port(), 0);
+    // No network: this machine only.
+    let offer = Offer::new(&["0.0.0.0:0".parse().unwrap()], &[]).unwrap();
+    assert!(offer.code().addrs()[0].ip().is_loopback());
+}

@@ -1,0 +1,325 @@
+//! Linking a device (SPEC.md §15.1): the one-time code a device shows, and the
+//! encrypted channel over which it hands the account to the device that types it.
+//!
+//! The code carries a 16-byte secret and the addresses the showing device listens on.
+//! Both ends make a pre-shared key of the secret and run Noise `NNpsk0`: whoever does
+//! not hold the code cannot complete the handshake, cannot read what follows, and
+//! cannot pass for either end, even on the same network. What goes over the channel
+//! after that (the account's records, then a two-message commit) is the client's; this
+//! module only gives the code, the handshake and the sealing of each message, and does
+//! no I/O.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use thiserror::Error;
+
+use crate::codec::{DecodeError, Reader, Writer, hash};
+
+/// What every link code starts with.
+pub const LINK_PREFIX: &str = "kkd1";
+/// Version byte of the code's contents.
+pub const LINK_VERSION: u8 = 1;
+/// Bytes of the code's secret.
+pub const LINK_SECRET_LEN: usize = 16;
+/// Addresses a code lists at most.
+pub const MAX_LINK_ADDRS: usize = 8;
+/// The longest code accepted, in characters; checked before decoding.
+pub const MAX_LINK_CODE_LEN: usize = LINK_PREFIX.len() + MAX_LINK_BYTES * 14 / 10 + 8;
+/// The Noise protocol of the channel.
+pub const LINK_NOISE: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// The channel's Noise prologue.
+pub const LINK_PROLOGUE: &[u8] = b"kkachi/link/v1";
+/// The longest message on the channel (a Noise message), in bytes.
+pub const MAX_LINK_MESSAGE: usize = 65_535;
+/// The most plaintext one channel message carries (a message less its tag).
+pub const MAX_LINK_CHUNK: usize = MAX_LINK_MESSAGE - 16;
+const CHECKSUM_LEN: usize = 4;
+const MAX_LINK_BYTES: usize = 1 + LINK_SECRET_LEN + 1 + MAX_LINK_ADDRS * 19 + CHECKSUM_LEN;
+
+/// Why a link code or the channel failed. Each message says what a person can do.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// The text does not start with `kkd1`.
+    #[error(
+        "not a device link code (it should start with \"{LINK_PREFIX}\"; `kkachi device link` on your other device shows one)"
+    )]
+    BadPrefix,
+    /// An invite code (`kk1…`), not a link code.
+    #[error(
+        "that is an invite code, which adds a contact (`kkachi contact add`); a device link code starts with \"{LINK_PREFIX}\""
+    )]
+    InviteCode,
+    /// Far longer than any code.
+    #[error("the link code is too long ({0} characters); check that only one code was pasted")]
+    TooLong(usize),
+    /// Characters outside base58.
+    #[error(
+        "the link code contains characters that cannot appear in one; it may have been mistyped"
+    )]
+    BadCharacters,
+    /// A typo or a code cut short.
+    #[error("the link code's checksum does not match; it was probably mistyped or cut short")]
+    BadChecksum,
+    /// Made by a newer kkachi.
+    #[error("the link code was made by a newer kkachi (version {0}): update kkachi on this device")]
+    Newer(u8),
+    /// The bytes do not form a code.
+    #[error("the link code is malformed: {0}")]
+    Decode(#[from] DecodeError),
+    /// A code must list where to reach the device, and at most 8 places.
+    #[error("a link code lists 1 to 8 addresses; this one lists {0}")]
+    Addresses(usize),
+    /// The other end does not hold the same code (or is not a kkachi device).
+    #[error(
+        "the other end does not hold this code: check it was typed as shown, and is the newest one"
+    )]
+    Handshake,
+    /// A message on the channel does not open: altered, or out of order.
+    #[error("a message from the other device does not open: the connection was tampered with")]
+    Tampered,
+    /// A message longer than a channel message may be.
+    #[error("a message of {0} bytes is longer than the channel carries")]
+    TooBig(usize),
+}
+
+/// A one-time link code: a secret, and where the device that made it listens.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkCode {
+    secret: [u8; LINK_SECRET_LEN],
+    addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for LinkCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is the account: never in a log.
+        f.debug_struct("LinkCode")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkCode {
+    /// A code for `addrs` (1 to [`MAX_LINK_ADDRS`]) with a fresh secret from `rng`.
+    pub fn generate(
+        rng: &mut impl rand_core::CryptoRngCore,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<Self, LinkError> {
+        let mut secret = [0u8; LINK_SECRET_LEN];
+        rng.fill_bytes(&mut secret);
+        Self::new(secret, addrs)
+    }
+
+    /// A code of this secret and these addresses.
+    pub fn new(secret: [u8; LINK_SECRET_LEN], addrs: Vec<SocketAddr>) -> Result<Self, LinkError> {
+        if addrs.is_empty() || addrs.len() > MAX_LINK_ADDRS {
+            return Err(LinkError::Addresses(addrs.len()));
+        }
+        Ok(Self { secret, addrs })
+    }
+
+    /// Where the device that made it listens, in the order to try.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The code as one line: `kkd1` ‖ base58(contents ‖ checksum).
+    pub fn encode(&self) -> String {
+        let mut w = Writer::with_capacity(MAX_LINK_BYTES);
+        w.u8(LINK_VERSION)
+            .raw(&self.secret)
+            .u8(self.addrs.len() as u8);
+        for addr in &self.addrs {
+            match addr.ip() {
+                IpAddr::V4(ip) => w.u8(4).raw(&ip.octets()),
+                IpAddr::V6(ip) => w.u8(6).raw(&ip.octets()),
+            };
+            w.u16(addr.port());
+        }
+        let mut bytes = w.finish();
+        let sum = hash("kkachi/link-checksum/v1", &[&bytes]);
+        bytes.extend_from_slice(&sum[..CHECKSUM_LEN]);
+        format!("{LINK_PREFIX}{}", bs58::encode(bytes).into_string())
+    }
+
+    /// Reads a code as typed or pasted: whitespace anywhere is ignored (a code read out
+    /// or copied across a line break).
+    pub fn parse(text: &str) -> Result<Self, LinkError> {
+        let text: String = text.split_whitespace().collect();
+        let Some(body) = text.strip_prefix(LINK_PREFIX) else {
+            return Err(if text.starts_with(crate::card::INVITE_PREFIX) {
+                LinkError::InviteCode
+            } else {
+                LinkError::BadPrefix
+            });
+        };
+        if text.len() > MAX_LINK_CODE_LEN {
+            return Err(LinkError::TooLong(text.len()));
+        }
+        let bytes = bs58::decode(body)
+            .into_vec()
+            .map_err(|_| LinkError::BadCharacters)?;
+        if bytes.len() < CHECKSUM_LEN {
+            return Err(LinkError::BadChecksum);
+        }
+        let (contents, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        if hash("kkachi/link-checksum/v1", &[contents])[..CHECKSUM_LEN] != *sum {
+            return Err(LinkError::BadChecksum);
+        }
+        let mut r = Reader::new(contents);
+        let version = r.u8("version")?;
+        if version != LINK_VERSION {
+            return Err(LinkError::Newer(version));
+        }
+        let secret = r.array::<LINK_SECRET_LEN>("secret")?;
+        let count = usize::from(r.u8("address count")?);
+        if count == 0 || count > MAX_LINK_ADDRS {
+            return Err(LinkError::Addresses(count));
+        }
+        let mut addrs = Vec::with_capacity(count);
+        for _ in 0..count {
+            let ip = match r.u8("address family")? {
+                4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("IPv4 address")?)),
+                6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("IPv6 address")?)),
+                tag => {
+                    return Err(DecodeError::UnknownTag {
+                        field: "address family",
+                        tag: u64::from(tag),
+                    }
+                    .into());
+                }
+            };
+            addrs.push(SocketAddr::new(ip, r.u16("port")?));
+        }
+        r.finish()?;
+        Self::new(secret, addrs)
+    }
+
+    /// The Noise pre-shared key both ends make of the secret.
+    pub fn psk(&self) -> [u8; 32] {
+        hash("kkachi/link-psk/v1", &[&self.secret])
+    }
+
+    fn builder(&self) -> snow::HandshakeState {
+        // Never fails: the parameters are fixed and supported, the key 32 bytes.
+        let psk = self.psk();
+        let builder = snow::Builder::new(LINK_NOISE.parse().expect("valid Noise parameters"))
+            .prologue(LINK_PROLOGUE)
+            .and_then(|b| b.psk(0, &psk));
+        builder
+            .and_then(|b| b.build_initiator())
+            .expect("a supported Noise pattern")
+    }
+
+    /// The joining device's end: its first handshake message, and the state that
+    /// reads the answer.
+    pub fn join(&self) -> (Joining, Vec<u8>) {
+        let mut state = self.builder();
+        let mut msg = vec![0u8; 64];
+        let n = state
+            .write_message(&[], &mut msg)
+            .expect("the first message fits");
+        msg.truncate(n);
+        (Joining { state }, msg)
+    }
+
+    /// The linking device's end: reads the joining device's first message and answers
+    /// it. A wrong code fails here, before anything is sent.
+    pub fn answer(&self, first: &[u8]) -> Result<(Channel, Vec<u8>), LinkError> {
+        if first.len() > MAX_LINK_MESSAGE {
+            return Err(LinkError::TooBig(first.len()));
+        }
+        let psk = self.psk();
+        let mut state = snow::Builder::new(LINK_NOISE.parse().expect("valid Noise parameters"))
+            .prologue(LINK_PROLOGUE)
+            .and_then(|b| b.psk(0, &psk))
+            .and_then(|b| b.build_responder())
+            .expect("a supported Noise pattern");
+        let mut payload = vec![0u8; MAX_LINK_MESSAGE];
+        state
+            .read_message(first, &mut payload)
+            .map_err(|_| LinkError::Handshake)?;
+        let mut msg = vec![0u8; 64];
+        let n = state
+            .write_message(&[], &mut msg)
+            .map_err(|_| LinkError::Handshake)?;
+        msg.truncate(n);
+        let transport = state
+            .into_transport_mode()
+            .map_err(|_| LinkError::Handshake)?;
+        Ok((Channel { transport }, msg))
+    }
+}
+
+/// The joining device's handshake, waiting for the answer.
+pub struct Joining {
+    state: snow::HandshakeState,
+}
+
+impl std::fmt::Debug for Joining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joining").finish_non_exhaustive()
+    }
+}
+
+impl Joining {
+    /// Reads the linking device's answer: the channel, if it holds the same code.
+    pub fn finish(mut self, answer: &[u8]) -> Result<Channel, LinkError> {
+        if answer.len() > MAX_LINK_MESSAGE {
+            return Err(LinkError::TooBig(answer.len()));
+        }
+        let mut payload = vec![0u8; MAX_LINK_MESSAGE];
+        self.state
+            .read_message(answer, &mut payload)
+            .map_err(|_| LinkError::Handshake)?;
+        let transport = self
+            .state
+            .into_transport_mode()
+            .map_err(|_| LinkError::Handshake)?;
+        Ok(Channel { transport })
+    }
+}
+
+/// The channel once both ends proved they hold the code: each message sealed in
+/// order, each opened only once and only in order.
+pub struct Channel {
+    transport: snow::TransportState,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").finish_non_exhaustive()
+    }
+}
+
+impl Channel {
+    /// Seals `plaintext` (at most [`MAX_LINK_CHUNK`] bytes) as the next message.
+    pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, LinkError> {
+        if plaintext.len() > MAX_LINK_CHUNK {
+            return Err(LinkError::TooBig(plaintext.len()));
+        }
+        let mut msg = vec![0u8; plaintext.len() + 16];
+        let n = self
+            .transport
+            .write_message(plaintext, &mut msg)
+            .map_err(|_| LinkError::TooBig(plaintext.len()))?;
+        msg.truncate(n);
+        Ok(msg)
+    }
+
+    /// Opens the next message from the other end.
+    pub fn open(&mut self, msg: &[u8]) -> Result<Vec<u8>, LinkError> {
+        if msg.len() > MAX_LINK_MESSAGE {
+            return Err(LinkError::TooBig(msg.len()));
+        }
+        let mut plaintext = vec![0u8; msg.len()];
+        let n = self
+            .transport
+            .read_message(msg, &mut plaintext)
+            .map_err(|_| LinkError::Tampered)?;
+        plaintext.truncate(n);
+        Ok(plaintext)
+    }
+}
+
+#[cfg(test)]
+mod tests;

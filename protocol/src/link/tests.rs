@@ -1,0 +1,203 @@
+use std::net::SocketAddr;
+
+use super::*;
+
+fn addrs() -> Vec<SocketAddr> {
+    vec![
+        "127.0.0.1:7000".parse().expect("an address"),
+        "[::1]:7001".parse().expect("an address"),
+    ]
+}
+
+fn code() -> LinkCode {
+    LinkCode::new([7u8; LINK_SECRET_LEN], addrs()).expect("a code")
+}
+
+/// Encodes `contents` as a code with a valid checksum (for codes this version never
+/// makes).
+fn raw_code(contents: &[u8]) -> String {
+    let mut bytes = contents.to_vec();
+    let sum = hash("kkachi/link-checksum/v1", &[contents]);
+    bytes.extend_from_slice(&sum[..CHECKSUM_LEN]);
+    format!("{LINK_PREFIX}{}", bs58::encode(bytes).into_string())
+}
+
+#[test]
+fn known_answer_code_and_key() {
+    // Fixed secret and addresses: any change to the layout, labels or alphabet shows.
+    // (Both values were also computed apart from this code, from SPEC §15.1 alone.)
+    let code = code();
+    assert_eq!(
+        code.encode(),
+        "kkd13BnfcEa5aW45anvzWHer13RHGYjk249N6Hgmx7o3N17tGo5aosPRjrhbLQTVH2c9M"
+    );
+    assert_eq!(
+        hex(&code.psk()),
+        "37e30abad5beeddaee1e37fd04b5009b1206d90071a8c7d4d560c1714cf853f7"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_code_reads_back_as_typed_with_spaces_and_line_breaks() {
+    let code = code();
+    let text = code.encode();
+    let (a, b) = text.split_at(20);
+    let typed = format!("  {a}\n {b} ");
+    assert_eq!(LinkCode::parse(&typed).expect("reads"), code);
+    assert_eq!(LinkCode::parse(&text).expect("reads").addrs(), &addrs()[..]);
+}
+
+#[test]
+fn each_kind_of_bad_code_says_what_is_wrong() {
+    let text = code().encode();
+    assert!(matches!(
+        LinkCode::parse(&text.replacen("kkd1", "kk1", 1)),
+        Err(LinkError::InviteCode)
+    ));
+    assert!(matches!(
+        LinkCode::parse(&text.replacen("kkd1", "kkx1", 1)),
+        Err(LinkError::BadPrefix)
+    ));
+    assert!(matches!(
+        LinkCode::parse(&format!("{text}0")),
+        Err(LinkError::BadCharacters)
+    ));
+    // One character changed: the checksum catches it.
+    let mut typo = text.clone().into_bytes();
+    let last = typo.len() - 3;
+    typo[last] = if typo[last] == b'2' { b'3' } else { b'2' };
+    assert!(matches!(
+        LinkCode::parse(&String::from_utf8(typo).expect("ascii")),
+        Err(LinkError::BadChecksum)
+    ));
+    assert!(matches!(
+        LinkCode::parse(&text[..text.len() - 5]),
+        Err(LinkError::BadChecksum)
+    ));
+    let long = format!("{LINK_PREFIX}{}", "2".repeat(MAX_LINK_CODE_LEN));
+    assert!(matches!(LinkCode::parse(&long), Err(LinkError::TooLong(_))));
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&[2, 0])),
+        Err(LinkError::Newer(2))
+    ));
+    let mut none = vec![LINK_VERSION];
+    none.extend_from_slice(&[1; LINK_SECRET_LEN]);
+    none.push(0);
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&none)),
+        Err(LinkError::Addresses(0))
+    ));
+    let mut family = none.clone();
+    family.pop();
+    family.extend_from_slice(&[1, 5, 1, 2, 3, 4, 0, 80]);
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&family)),
+        Err(LinkError::Decode(DecodeError::UnknownTag { .. }))
+    ));
+    let mut cut = none.clone();
+    cut.pop();
+    cut.extend_from_slice(&[1, 4, 1, 2, 3]);
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&cut)),
+        Err(LinkError::Decode(DecodeError::Truncated { .. }))
+    ));
+    let mut trailing = none;
+    trailing.pop();
+    trailing.extend_from_slice(&[1, 4, 1, 2, 3, 4, 0, 80, 9]);
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&trailing)),
+        Err(LinkError::Decode(DecodeError::TrailingBytes(1)))
+    ));
+}
+
+#[test]
+fn a_code_lists_one_to_eight_addresses() {
+    let one: SocketAddr = "10.0.0.1:1".parse().expect("an address");
+    assert!(matches!(
+        LinkCode::new([0; LINK_SECRET_LEN], vec![]),
+        Err(LinkError::Addresses(0))
+    ));
+    assert!(matches!(
+        LinkCode::new([0; LINK_SECRET_LEN], vec![one; MAX_LINK_ADDRS + 1]),
+        Err(LinkError::Addresses(9))
+    ));
+    let v6: SocketAddr = "[2001:db8::1]:65535".parse().expect("an address");
+    let most = LinkCode::new([0xff; LINK_SECRET_LEN], vec![v6; MAX_LINK_ADDRS]).expect("fits");
+    let text = most.encode();
+    assert!(text.len() <= MAX_LINK_CODE_LEN, "{} characters", text.len());
+    assert_eq!(LinkCode::parse(&text).expect("reads"), most);
+}
+
+#[test]
+fn the_secret_stays_out_of_logs() {
+    let shown = format!("{:?}", code());
+    assert!(shown.contains("127.0.0.1:7000"), "{shown}");
+    assert!(
+        !shown.contains("secret") && !shown.contains("[7, 7"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn both_ends_of_one_code_talk_in_both_directions() {
+    let code = LinkCode::generate(&mut crate::test_rng(1), addrs()).expect("a code");
+    let (joining, first) = code.join();
+    let (mut linker, answer) = code.answer(&first).expect("same code");
+    let mut joiner = joining.finish(&answer).expect("same code");
+    let big = vec![0x5a; MAX_LINK_CHUNK];
+    let sealed = linker.seal(&big).expect("seals");
+    assert_eq!(sealed.len(), MAX_LINK_MESSAGE);
+    assert_eq!(joiner.open(&sealed).expect("opens"), big);
+    let back = joiner.seal(b"ready").expect("seals");
+    assert_eq!(linker.open(&back).expect("opens"), b"ready");
+    assert!(matches!(
+        linker.seal(&vec![0; MAX_LINK_CHUNK + 1]),
+        Err(LinkError::TooBig(_))
+    ));
+}
+
+#[test]
+fn another_code_never_completes_the_handshake() {
+    let right = code();
+    let wrong = LinkCode::new([8u8; LINK_SECRET_LEN], addrs()).expect("a code");
+    // A joiner with the wrong code: the linker refuses its first message.
+    let (_, first) = wrong.join();
+    assert!(matches!(right.answer(&first), Err(LinkError::Handshake)));
+    // A linker with the wrong code: the joiner refuses its answer.
+    let (joining, _) = right.join();
+    let (_, answer) = wrong.answer(&wrong.join().1).expect("its own code answers");
+    assert!(matches!(joining.finish(&answer), Err(LinkError::Handshake)));
+    // Junk and an empty message, likewise.
+    assert!(matches!(right.answer(&[]), Err(LinkError::Handshake)));
+    assert!(matches!(
+        right.answer(&[0u8; 48]),
+        Err(LinkError::Handshake)
+    ));
+    assert!(matches!(
+        right.answer(&vec![0u8; MAX_LINK_MESSAGE + 1]),
+        Err(LinkError::TooBig(_))
+    ));
+}
+
+#[test]
+fn an_altered_replayed_or_reordered_message_does_not_open() {
+    let code = code();
+    let (joining, first) = code.join();
+    let (mut linker, answer) = code.answer(&first).expect("same code");
+    let mut joiner = joining.finish(&answer).expect("same code");
+    let one = linker.seal(b"one").expect("seals");
+    let two = linker.seal(b"two").expect("seals");
+    let mut flipped = one.clone();
+    flipped[0] ^= 1;
+    assert!(matches!(joiner.open(&flipped), Err(LinkError::Tampered)));
+    // Out of order: the second before the first.
+    assert!(matches!(joiner.open(&two), Err(LinkError::Tampered)));
+    // A failed open moves nothing on: the first still opens, once.
+    assert_eq!(joiner.open(&one).expect("opens"), b"one");
+    assert!(matches!(joiner.open(&one), Err(LinkError::Tampered)));
+    assert_eq!(joiner.open(&two).expect("opens"), b"two");
+}

@@ -1,0 +1,187 @@
+//! Devices against the real binaries: an account handed to a new device over the
+//! network with a one-time code (`device link`, `device join`); the conversation goes
+//! on from the new device, every message shown once; the old device stops acting for
+//! the account; a mistyped code and a code nobody holds are named as such. Prints its
+//! figures.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Instant;
+
+use kkachi_tests::procs::{LOOPBACK_ENV, RelayProc, User};
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let (alice, bob) = User::alice_and_bob(dir.path(), &relay);
+    let said = ["alice before the move", "bob before the move"];
+    alice.ok(&["send", "bob", said[0]]);
+    bob.sync_until_said("alice", said[0], &alice);
+    bob.ok(&["send", "alice", said[1]]);
+    alice.sync_until_said("bob", said[1], &bob);
+    let before = json(&alice.ok(&["device", "list", "--json"]));
+    let old_fingerprint = before["devices"][0]["fingerprint"].clone();
+
+    // The old device offers the account; its first line is the code.
+    let mut link = alice
+        .spawn(&[
+            "device",
+            "link",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait",
+            "2m",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(link.stdout.take().unwrap()).lines();
+    let offer: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the code").unwrap()).unwrap();
+    let code = offer["code"].as_str().expect("a code").to_string();
+    assert!(code.starts_with("kkd1"), "{offer}");
+    assert_eq!(
+        offer["addresses"].as_array().map(Vec::len),
+        Some(1),
+        "{offer}"
+    );
+
+    let phone = User::without_identity(dir.path(), "alice-phone", None, &LOOPBACK_ENV);
+    // A mistyped code is named as such, and leaves nothing behind.
+    let mut typo = code.clone().into_bytes();
+    let at = typo.len() - 2;
+    typo[at] = if typo[at] == b'a' { b'b' } else { b'a' };
+    let mistyped = phone.run(&["device", "join", std::str::from_utf8(&typo).unwrap()]);
+    assert!(!mistyped.status.success());
+    let why = String::from_utf8_lossy(&mistyped.stderr);
+    assert!(why.contains("checksum"), "{why}");
+    assert!(!phone.home.exists(), "a failed join makes no home");
+
+    // The right code, typed in two pieces as read out.
+    let (a, b) = code.split_at(code.len() / 2);
+    let started = Instant::now();
+    let joined = json(&phone.ok(&["device", "join", a, b, "--json"]));
+    let join_ms = started.elapsed().as_millis();
+    let handed: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the outcome").unwrap()).unwrap();
+    assert!(link.wait().unwrap().success());
+    assert_eq!(handed["handed_over"], true, "{handed}");
+    assert_eq!(handed["key"], joined["key"], "{handed} {joined}");
+    assert_eq!(handed["messages"], joined["messages"], "{handed} {joined}");
+    assert!(joined["messages"].as_u64().unwrap() >= 2, "{joined}");
+    assert_eq!(joined["new_key"], true, "{joined}");
+
+    // The old device acts no more, and says why and where to go.
+    for args in [&["send", "bob", "from the old device"][..], &["sync"][..]] {
+        let refused = alice.run(args);
+        assert!(!refused.status.success(), "{args:?}");
+        let why = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            why.contains("handed your account")
+                && why.contains(joined["fingerprint"].as_str().unwrap()),
+            "{why}"
+        );
+    }
+    // The new device holds the conversation, under a key of its own.
+    let history = phone.history_texts("bob");
+    for text in said {
+        assert_eq!(
+            history.iter().filter(|t| *t == text).count(),
+            1,
+            "{history:?}"
+        );
+    }
+    let devices = json(&phone.ok(&["device", "list", "--json"]));
+    assert_eq!(
+        devices["devices"][0]["fingerprint"], joined["fingerprint"],
+        "{devices}"
+    );
+    assert_eq!(devices["devices"][0]["this"], true, "{devices}");
+    assert_eq!(
+        devices["removed"][0]["fingerprint"], old_fingerprint,
+        "{devices}"
+    );
+
+    // The conversation goes on from the new device, both ways, each message once.
+    phone.ok(&["sync"]);
+    let after = ["alice from her phone", "bob to the phone"];
+    phone.ok(&["send", "bob", after[0]]);
+    bob.sync_until_said("alice", after[0], &phone);
+    bob.ok(&["send", "alice", after[1]]);
+    phone.sync_until_said("bob", after[1], &bob);
+    let b = bob.history_texts("alice");
+    for text in said.iter().chain(after.iter()) {
+        assert_eq!(
+            b.iter().filter(|t| t == text).count(),
+            1,
+            "{text:?} in {b:?}"
+        );
+    }
+    let p = phone.history_texts("bob");
+    assert_eq!(p.iter().filter(|t| *t == after[1]).count(), 1, "{p:?}");
+    // Bob seals to the new device's key, and keeps the old one taken out.
+    let seen = json(&bob.ok(&["contact", "devices", "alice", "--json"]));
+    assert_eq!(seen["card_fingerprint"], joined["fingerprint"], "{seen}");
+    assert_eq!(seen["removed"][0]["fingerprint"], old_fingerprint, "{seen}");
+    println!(
+        "devices: {} records ({} messages) went to the new device in {join_ms} ms; \
+         the conversation went on from it both ways, each message once",
+        joined["records"], joined["messages"]
+    );
+}
+
+#[test]
+fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = User::new(dir.path(), "alice");
+    // A code for a port nobody listens on.
+    let mut link = alice
+        .spawn(&[
+            "device",
+            "link",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait",
+            "10s",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(link.stdout.take().unwrap()).lines();
+    let offer: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the code").unwrap()).unwrap();
+    let code = offer["code"].as_str().unwrap().to_string();
+    // The offer runs out: nothing changed, and the code then reaches no one.
+    let started = Instant::now();
+    let out = link.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed().as_secs() < 30);
+    alice.ok(&["device", "list"]);
+    let phone = User::without_identity(dir.path(), "phone", None, &LOOPBACK_ENV);
+    let late = phone.run(&["device", "join", &code]);
+    assert!(!late.status.success());
+    let why = String::from_utf8_lossy(&late.stderr);
+    assert!(why.contains("nothing answers at 127.0.0.1:"), "{why}");
+    assert!(!phone.home.exists());
+    // Not a link code at all.
+    let invite = alice.invite();
+    let wrong = phone.run(&["device", "join", &invite]);
+    let why = String::from_utf8_lossy(&wrong.stderr);
+    assert!(why.contains("that is an invite code"), "{why}");
+    // Linking needs the home to itself: with a daemon running it says so.
+    let mut daemon = alice.daemon();
+    let busy = alice.run(&["device", "link", "--listen", "127.0.0.1:0", "--wait", "10s"]);
+    assert!(!busy.status.success());
+    let why = String::from_utf8_lossy(&busy.stderr);
+    assert!(why.contains("stop it first"), "{why}");
+    daemon.stop();
+}
