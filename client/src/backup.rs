@@ -330,6 +330,10 @@ pub struct Restored {
     pub new_key: bool,
     /// The restored device's session key (X25519 public).
     pub session_key: [u8; 32],
+    /// The account restored: its user id.
+    pub peer: kkachi_protocol::PeerId,
+    /// The account's name, as its card gives it.
+    pub name: String,
 }
 
 /// A set written while restoring holds at most this many records, or bytes.
@@ -356,7 +360,8 @@ pub fn restore(
 
 /// Makes a home at `home` (which must not exist yet, or hold no identity) with
 /// `stage`, which fills a staging directory beside it: once it returns `Ok`, the
-/// staging directory takes the home's place; if it fails, nothing is left behind.
+/// staging directory takes the home's place; if it fails, nothing is left behind (and
+/// what a process killed meanwhile left is removed by the next restore of that home).
 pub(crate) fn restore_with<T, E: From<BackupError>>(
     home: &Path,
     stage: impl FnOnce(&Path) -> Result<T, E>,
@@ -366,10 +371,22 @@ pub(crate) fn restore_with<T, E: From<BackupError>>(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let prefix = format!(
+        ".kkachi-restoring-{}-",
+        home.file_name()
+            .map_or_else(|| "home".into(), |n| n.to_string_lossy())
+    );
     let staging = (|| {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
+        // A restore of this home cut off by a kill left its staging behind: it holds
+        // the account, so it goes.
+        for entry in std::fs::read_dir(parent).map_err(io(parent))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         tempfile::Builder::new()
-            .prefix(".kkachi-restoring-")
+            .prefix(&prefix)
             .tempdir_in(parent)
             .map_err(io(parent))
     })()?;
@@ -381,7 +398,7 @@ pub(crate) fn restore_with<T, E: From<BackupError>>(
 /// Whether `home` may become a restored or linked home: it does not exist, or holds no
 /// identity (one kkachi opened before, as the UI on a new device does, made an empty
 /// database and a key: then `Ok(true)`).
-fn check_new_home(home: &Path) -> Result<bool, BackupError> {
+pub(crate) fn check_new_home(home: &Path) -> Result<bool, BackupError> {
     let fresh_db = home.join("db").exists() || crate::store::key_path(home).exists();
     if fresh_db {
         let store = LocalStore::open(home).map_err(|e| {
@@ -401,7 +418,9 @@ fn check_new_home(home: &Path) -> Result<bool, BackupError> {
     Ok(fresh_db)
 }
 
-/// Moves the whole `staging` home into place at `home`.
+/// Moves the whole `staging` home into place at `home`. If it cannot, the staging
+/// directory stays where it is, and the error says where: it may be the account's only
+/// copy now (a device that handed it over acts for it no more).
 fn place(
     home: &Path,
     parent: &Path,
@@ -434,8 +453,11 @@ fn place(
             .and_then(|()| std::fs::remove_dir_all(&staged))
     };
     placed.map_err(|e| {
-        let _ = std::fs::remove_dir_all(&staged);
-        io(home)(e)
+        BackupError::Io(format!(
+            "cannot move the new home into {} ({e}): it is whole at {}; move that directory there yourself",
+            home.display(),
+            staged.display()
+        ))
     })?;
     if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
@@ -488,15 +510,15 @@ pub(crate) fn restore_into(
             Err(e) => return Err(e.into()),
         };
     store.sync()?;
-    let session_key = store
-        .identity()?
-        .ok_or(StoreError::Corrupt("identity"))?
-        .x25519_public();
+    let me = store.identity()?.ok_or(StoreError::Corrupt("identity"))?;
+    let profile = store.profile()?.ok_or(StoreError::Corrupt("profile"))?;
     Ok(Restored {
         counts,
         ending,
         resend: repaired.resend,
         new_key,
-        session_key,
+        session_key: me.x25519_public(),
+        peer: me.peer_id(),
+        name: profile.name,
     })
 }

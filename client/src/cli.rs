@@ -380,11 +380,16 @@ pub enum DeviceCommand {
         /// How long the code holds.
         #[arg(long, default_value = "10m", value_parser = link_wait)]
         wait: u32,
+        /// Hand the account over again from a home that handed it over before: only if
+        /// the device it went to did not finish joining (it holds no account).
+        #[arg(long)]
+        again: bool,
     },
     /// Take your account from another device, with the code `kkachi device link` shows
     /// there. Run it with a --home that holds no account yet.
     Join {
-        /// The code (spaces and line breaks are ignored).
+        /// The code (spaces and line breaks are ignored); `-` reads it from standard
+        /// input, where other users of this machine cannot see it.
         #[arg(required = true, num_args = 1..)]
         code: Vec<String>,
     },

@@ -1,48 +1,65 @@
 //! Handing the account to a new device over the local network (SPEC §15.1).
 //!
 //! The device that has the account listens and shows a one-time code (a secret and its
-//! addresses); the new device connects, and both prove they hold the code in a Noise
-//! `NNpsk0` handshake before anything else is said. The account then goes over in the
-//! stream a backup holds (§11), sealed message by message; the new device restores it
-//! beside its home as a restore does, with a session key of its own, and says so. Only
-//! then does the old device record, durably, that it handed the account over (it acts
-//! for it no more), and confirm; only on that confirmation does the new home take its
-//! place. So at no moment do two devices act for the account under one key, and a
-//! transfer broken anywhere leaves the old device as it was, or (the confirmation lost)
-//! able to hand the account over again.
+//! addresses); the new device connects, and both prove they hold the code (a Noise
+//! `NNpsk0` handshake, then a first channel message from the new device, which a
+//! recorded handshake replayed cannot make) before anything else is said. The account
+//! then goes over in the stream a backup holds (§11), sealed message by message; the
+//! new device restores it beside its home as a restore does, with a session key of its
+//! own, and says so. Only then does the old device record, durably, that it handed the
+//! account over (it acts for it no more), and confirm; only on that confirmation does
+//! the new home take its place, which it tells the old device last. So two devices
+//! never act for the account at once, and a transfer broken anywhere leaves the old
+//! device as it was, or (the confirmation lost) able to hand the account over again,
+//! which it tells its user.
 //!
 //! Everything the other end sends is bounded (a message is at most 64 KiB by its
-//! length field, records as a restore bounds them) and waited for only so long; a
-//! connection that does not hold the code is dropped after its first message, and too
-//! many of them end the offer.
+//! length field, a handshake message exactly 48 bytes, records as a restore bounds
+//! them) and waited for only so long, whole: a connection that trickles bytes is
+//! dropped when its time is up. Connections are checked for the code on threads of
+//! their own, a few at once, so none holds up the device that has it.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kkachi_protocol::link::{Channel, LinkCode, LinkError, MAX_LINK_CHUNK, MAX_LINK_MESSAGE};
+use kkachi_protocol::link::{
+    Channel, LINK_HANDSHAKE_LEN, LinkCode, LinkError, MAX_LINK_CHUNK, MAX_LINK_MESSAGE,
+};
 use thiserror::Error;
 
 use crate::backup::{BackupError, Counts, Ending, Restored};
 use crate::store::{LocalStore, StoreError};
 
-/// How long the new device's first message, and the old device's answer, may take.
+/// How long a connection may take to prove it holds the code (its first message, then
+/// its hello), from when it was accepted, whatever it sends meanwhile.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long any later read or write may wait before the transfer is given up.
+/// How long any later message may take before the transfer is given up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the old device waits for the new one to restore what it was sent.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the old device waits to hear that the new home is in place.
+const PLACED_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new device tries each address of the code.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections that do not hold the code, after which the offer ends (someone on the
-/// network is guessing; a new code is one command away).
-pub const MAX_WRONG_CODES: u32 = 16;
+/// Connections checked at once; more wait in the listener's queue.
+const MAX_CHECKING: usize = 64;
+/// Connections from one address checked at once; more from it are dropped at once (so
+/// nobody holds the offer up by opening connections and saying nothing).
+const MAX_CHECKING_PER_ADDRESS: usize = 4;
+/// The new device's first channel message: proof that it holds the code now (a first
+/// message recorded and sent again cannot make it). `HELLO`.
+const HELLO: u8 = 0;
 /// The new device restored the account: `READY ‖ its session key (32)`.
 const READY: u8 = 1;
 /// The old device handed the account over: `DONE`.
 const DONE: u8 = 2;
+/// The new home is in place: `PLACED`.
+const PLACED: u8 = 3;
 
 /// Why linking failed. Each message says what a person can do.
 #[derive(Debug, Error)]
@@ -66,11 +83,6 @@ pub enum LinkFailure {
         "no device took the account while the code held ({0}): run `kkachi device link` again for a new code"
     )]
     TimedOut(String),
-    /// Too many connections did not hold the code.
-    #[error(
-        "{MAX_WRONG_CODES} connections did not hold the code (someone may be guessing): the code is withdrawn; run `kkachi device link` again for a new one"
-    )]
-    WrongCodes,
     /// The transfer broke off.
     #[error("the transfer broke off: {0}")]
     BrokeOff(String),
@@ -90,7 +102,7 @@ pub enum LinkFailure {
 /// Something the old device saw while it waited, for its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
-    /// A connection that does not hold the code was dropped.
+    /// A connection that did not prove it holds the code was dropped.
     WrongCode(SocketAddr),
     /// A device with the code connected; the account is going over.
     Sending(SocketAddr),
@@ -107,6 +119,9 @@ pub struct Handed {
     pub counts: Counts,
     /// Where the new device connected from.
     pub from: SocketAddr,
+    /// Whether the new device said its home is in place (if not, it may have stopped
+    /// before: its user checks it before this home goes).
+    pub confirmed: bool,
 }
 
 /// A code being offered: the listening sockets and the code that names them.
@@ -114,53 +129,101 @@ pub struct Handed {
 pub struct Offer {
     code: LinkCode,
     listeners: Vec<TcpListener>,
+    loopback_only: bool,
+}
+
+/// The order in which a code lists this machine's addresses: a private network's
+/// first (what a home or office LAN uses), then link-local IPv4 (a LAN with no router
+/// hands out none other), then the rest; never loopback, nor IPv6 link-local (an
+/// address that needs its interface named).
+fn rank(ip: &IpAddr) -> Option<u8> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() => None,
+        IpAddr::V4(v4) if v4.is_private() => Some(0),
+        IpAddr::V4(v4) if v4.is_link_local() => Some(1),
+        IpAddr::V4(_) => Some(2),
+        IpAddr::V6(v6) if v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() => None,
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => None,
+        IpAddr::V6(v6) if v6.is_unique_local() => Some(3),
+        IpAddr::V6(_) => Some(4),
+    }
+}
+
+/// `interfaces` in the order a code lists them, each once.
+fn ordered(interfaces: &[IpAddr]) -> Vec<IpAddr> {
+    let mut ranked: Vec<(u8, IpAddr)> = interfaces
+        .iter()
+        .filter_map(|ip| rank(ip).map(|r| (r, *ip)))
+        .collect();
+    ranked.sort();
+    ranked.dedup();
+    ranked.into_iter().map(|(_, ip)| ip).collect()
 }
 
 impl Offer {
-    /// Listens on `listen` (every address of this machine, on one port, if empty) and
-    /// makes a code naming where: the addresses of `interfaces` for an unspecified one
-    /// (loopback only if there is no other).
+    /// Listens on `listen`, or (if it is empty) on each address of `interfaces` a code
+    /// lists (see [`rank`]; loopback alone if there is none), and makes a code naming
+    /// where. An unspecified address in `listen` is listened on as given and named by
+    /// the addresses of `interfaces`.
     pub fn new(listen: &[SocketAddr], interfaces: &[IpAddr]) -> Result<Self, LinkFailure> {
-        let any = [SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)];
-        let listen = if listen.is_empty() { &any[..] } else { listen };
+        let ours = ordered(interfaces);
+        let mut wanted: Vec<SocketAddr> = listen.to_vec();
+        let mut loopback_only = false;
+        if wanted.is_empty() {
+            wanted = ours
+                .iter()
+                .take(kkachi_protocol::link::MAX_LINK_ADDRS)
+                .map(|ip| SocketAddr::new(*ip, 0))
+                .collect();
+        }
+        if wanted.is_empty() {
+            loopback_only = true;
+            wanted.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+        }
         let mut listeners = Vec::new();
-        let mut addrs = Vec::new();
-        for want in listen {
-            let listener = TcpListener::bind(want)
-                .map_err(|e| LinkFailure::Io(format!("cannot listen on {want}: {e}")))?;
-            let bound = listener
-                .local_addr()
-                .map_err(|e| LinkFailure::Io(format!("cannot listen on {want}: {e}")))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| LinkFailure::Io(format!("cannot listen on {want}: {e}")))?;
-            if bound.ip().is_unspecified() {
-                let mut named: Vec<IpAddr> = interfaces
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for want in &wanted {
+            let failed =
+                |e: std::io::Error| LinkFailure::Io(format!("cannot listen on {want}: {e}"));
+            let listener = TcpListener::bind(want).map_err(failed)?;
+            let bound = listener.local_addr().map_err(failed)?;
+            listener.set_nonblocking(true).map_err(failed)?;
+            let named: Vec<SocketAddr> = if bound.ip().is_unspecified() {
+                let matching: Vec<SocketAddr> = ours
                     .iter()
-                    .copied()
-                    .filter(|ip| ip.is_ipv4() == bound.is_ipv4() && !ip.is_loopback())
+                    .filter(|ip| ip.is_ipv4() == bound.is_ipv4())
+                    .map(|ip| SocketAddr::new(*ip, bound.port()))
                     .collect();
-                if named.is_empty() {
-                    named.push(if bound.is_ipv4() {
-                        IpAddr::V4(Ipv4Addr::LOCALHOST)
-                    } else {
-                        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-                    });
+                if matching.is_empty() {
+                    loopback_only = true;
+                    vec![SocketAddr::new(
+                        if bound.is_ipv4() {
+                            IpAddr::V4(Ipv4Addr::LOCALHOST)
+                        } else {
+                            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+                        },
+                        bound.port(),
+                    )]
+                } else {
+                    matching
                 }
-                addrs.extend(
-                    named
-                        .into_iter()
-                        .map(|ip| SocketAddr::new(ip, bound.port())),
-                );
             } else {
-                addrs.push(bound);
+                vec![bound]
+            };
+            for addr in named {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
             }
             listeners.push(listener);
         }
-        addrs.dedup();
         addrs.truncate(kkachi_protocol::link::MAX_LINK_ADDRS);
         let code = LinkCode::generate(&mut rand_core::OsRng, addrs)?;
-        Ok(Self { code, listeners })
+        Ok(Self {
+            code,
+            listeners,
+            loopback_only,
+        })
     }
 
     /// The code to show.
@@ -168,8 +231,16 @@ impl Offer {
         &self.code
     }
 
+    /// Whether the code reaches this machine only (no other address was found).
+    pub fn loopback_only(&self) -> bool {
+        self.loopback_only
+    }
+
     /// Waits `wait` for a device holding the code, sends it the account in `store`,
     /// and records that this home handed it over. `seen` hears what happens meanwhile.
+    /// Connections are checked on threads of their own (at most [`MAX_CHECKING`] at
+    /// once, [`MAX_CHECKING_PER_ADDRESS`] from one address, each for at most
+    /// [`HANDSHAKE_TIMEOUT`]), so none holds up another.
     /// Blocks: run it off the async runtime.
     pub fn serve(
         self,
@@ -178,7 +249,11 @@ impl Offer {
         mut seen: impl FnMut(Seen),
     ) -> Result<Handed, LinkFailure> {
         let deadline = Instant::now() + wait;
-        let mut wrong = 0u32;
+        let (checked_tx, checked) =
+            mpsc::channel::<(SocketAddr, Result<(Conn, Channel), LinkFailure>)>();
+        let checking = Arc::new(AtomicUsize::new(0));
+        let per_address: Arc<parking_lot::Mutex<std::collections::HashMap<IpAddr, usize>>> =
+            Arc::default();
         loop {
             if Instant::now() >= deadline {
                 let secs = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX);
@@ -186,62 +261,108 @@ impl Offer {
                     secs,
                 )));
             }
-            let mut accepted = None;
+            let mut idle = true;
             for listener in &self.listeners {
-                match listener.accept() {
-                    Ok(conn) => {
-                        accepted = Some(conn);
-                        break;
+                // Only as many as are checked at once: the rest wait in the queue.
+                while checking.load(Ordering::Acquire) < MAX_CHECKING {
+                    let (stream, from) = match listener.accept() {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            if e.kind() != std::io::ErrorKind::WouldBlock {
+                                tracing::debug!(error = %e, "a link connection failed");
+                            }
+                            break;
+                        }
+                    };
+                    idle = false;
+                    {
+                        let mut from_there = per_address.lock();
+                        let n = from_there.entry(from.ip()).or_default();
+                        if *n >= MAX_CHECKING_PER_ADDRESS {
+                            drop(stream);
+                            drop(from_there);
+                            seen(Seen::WrongCode(from));
+                            continue;
+                        }
+                        *n += 1;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => tracing::debug!(error = %e, "a link connection failed"),
+                    checking.fetch_add(1, Ordering::AcqRel);
+                    let (code, tx, count, there) = (
+                        self.code.clone(),
+                        checked_tx.clone(),
+                        checking.clone(),
+                        per_address.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let result = check(&code, stream);
+                        count.fetch_sub(1, Ordering::AcqRel);
+                        let mut from_there = there.lock();
+                        if let Some(n) = from_there.get_mut(&from.ip()) {
+                            *n -= 1;
+                            if *n == 0 {
+                                from_there.remove(&from.ip());
+                            }
+                        }
+                        drop(from_there);
+                        let _ = tx.send((from, result));
+                    });
                 }
             }
-            let Some((stream, from)) = accepted else {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            };
-            let mut conn = match Conn::new(stream, HANDSHAKE_TIMEOUT) {
-                Ok(c) => c,
-                Err(_) => continue,
-            };
-            let channel = match conn.read().map_err(LinkFailure::from).and_then(|first| {
-                let (channel, answer) = self.code.answer(&first)?;
-                conn.write(&answer)?;
-                Ok(channel)
-            }) {
-                Ok(c) => c,
-                Err(LinkFailure::Code(LinkError::Handshake)) => {
-                    wrong += 1;
-                    seen(Seen::WrongCode(from));
-                    if wrong >= MAX_WRONG_CODES {
-                        return Err(LinkFailure::WrongCodes);
+            while let Ok((from, result)) = checked.try_recv() {
+                idle = false;
+                let (conn, channel) = match result {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(%from, error = %e, "a link connection did not prove it holds the code");
+                        seen(Seen::WrongCode(from));
+                        continue;
                     }
-                    continue;
+                };
+                seen(Seen::Sending(from));
+                match hand_over(store, conn, channel) {
+                    Ok((to, counts, confirmed)) => {
+                        return Ok(Handed {
+                            to,
+                            counts,
+                            from,
+                            confirmed,
+                        });
+                    }
+                    Err(e @ LinkFailure::Store(_)) => return Err(e),
+                    Err(e) => seen(Seen::BrokeOff(from, e.to_string())),
                 }
-                Err(e) => {
-                    tracing::debug!(%from, error = %e, "a link connection gave up before its handshake");
-                    continue;
-                }
-            };
-            seen(Seen::Sending(from));
-            match hand_over(store, conn, channel) {
-                Ok((to, counts)) => return Ok(Handed { to, counts, from }),
-                Err(e @ LinkFailure::Store(_)) => return Err(e),
-                Err(e) => seen(Seen::BrokeOff(from, e.to_string())),
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
 }
 
+/// Whether the connection `stream` holds the code: its first message opens under the
+/// code, and its hello (which only the one who made that first message can seal) comes
+/// next; all within [`HANDSHAKE_TIMEOUT`] of now.
+fn check(code: &LinkCode, stream: TcpStream) -> Result<(Conn, Channel), LinkFailure> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut conn = Conn::new(stream)?;
+    let first = conn.read_until(deadline, LINK_HANDSHAKE_LEN)?;
+    let (mut channel, answer) = code.answer(&first)?;
+    conn.write(&answer)?;
+    let hello = channel.open(&conn.read_until(deadline, LINK_HANDSHAKE_LEN)?)?;
+    if hello != [HELLO] {
+        return Err(LinkError::Handshake.into());
+    }
+    Ok((conn, channel))
+}
+
 /// Sends the account over `channel`, waits for the new device's word that it holds
-/// it, records the hand-over durably, and confirms.
+/// it, records the hand-over durably, confirms, and waits to hear the new home is in
+/// place: the new device's key, what went, and whether it was heard.
 fn hand_over(
     store: &LocalStore,
-    mut conn: Conn,
+    conn: Conn,
     channel: Channel,
-) -> Result<([u8; 32], Counts), LinkFailure> {
-    conn.timeout(IDLE_TIMEOUT)?;
+) -> Result<([u8; 32], Counts, bool), LinkFailure> {
     let mut out = Sealing {
         conn,
         channel,
@@ -263,8 +384,7 @@ fn hand_over(
         mut channel,
         ..
     } = out;
-    conn.timeout(RESTORE_TIMEOUT)?;
-    let ready = channel.open(&conn.read()?)?;
+    let ready = channel.open(&conn.read(RESTORE_TIMEOUT)?)?;
     let to: [u8; 32] = match ready.split_first() {
         Some((&READY, key)) if key.len() == 32 => key.try_into().expect("32 bytes"),
         _ => {
@@ -276,18 +396,21 @@ fn hand_over(
     let me = store.identity()?.ok_or(StoreError::Corrupt("identity"))?;
     if to == me.x25519_public() {
         return Err(LinkFailure::BrokeOff(
-            "the new device kept this device's key (its list of devices is full): the account stays here".into(),
+            "the new device kept this device's key: the account stays here".into(),
         ));
     }
     // The commit: from here this home acts for the account no more.
     store.hand_over(to, crate::engine::now_ms())?;
-    // Best effort: if the confirmation is lost, the new device does not take its home,
-    // and this one (which holds everything still) may hand the account over again.
-    let _ = channel
+    // If the confirmation is lost, the new device does not take its home, and this one
+    // (which holds everything still) may hand the account over again: so whether the
+    // new home is in place is asked, and told.
+    let confirmed = channel
         .seal(&[DONE])
         .map_err(LinkFailure::from)
-        .and_then(|done| conn.write(&done).map_err(LinkFailure::from));
-    Ok((to, counts))
+        .and_then(|done| conn.write(&done).map_err(LinkFailure::from))
+        .and_then(|()| Ok(channel.open(&conn.read(PLACED_TIMEOUT)?)?))
+        .is_ok_and(|placed| placed == [PLACED]);
+    Ok((to, counts, confirmed))
 }
 
 /// What the new device took.
@@ -303,19 +426,8 @@ pub struct Joined {
 /// appears only once the old device confirmed it handed the account over. Blocks: run
 /// it off the async runtime.
 pub fn join(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
-    crate::backup::restore_with(home, |staging| {
-        let (mut conn, from) = connect(code)?;
-        let (joining, first) = code.join();
-        conn.write(&first)?;
-        // The old device hangs up on a first message that does not hold its code.
-        let answer = conn.read().map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                LinkFailure::Code(LinkError::Handshake)
-            }
-            _ => e.into(),
-        })?;
-        let channel = joining.finish(&answer)?;
-        conn.timeout(IDLE_TIMEOUT)?;
+    let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
+        let (conn, channel, from) = connect(code)?;
         let mut input = Opening {
             conn,
             channel,
@@ -342,12 +454,19 @@ pub fn join(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
             }
             Ending::Damaged { .. } => return Err(LinkFailure::Code(LinkError::Tampered)),
         }
+        if input.at != input.buf.len() {
+            // Something after the end of the account, in its last message.
+            return Err(LinkFailure::NotAnAccount);
+        }
         if !restored.new_key {
             // It would act under the other device's key: two devices, one key.
             return Err(LinkFailure::BrokeOff(
                 "your account has listed as many device keys as it may, so no device can join it: the account stays on the other device (a new identity starts a new list)".into(),
             ));
         }
+        // The home may have changed while the account came: checked again before the
+        // other device lets go of it.
+        crate::backup::check_new_home(home)?;
         let Opening {
             mut conn,
             mut channel,
@@ -356,7 +475,7 @@ pub fn join(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
         let mut ready = vec![READY];
         ready.extend_from_slice(&restored.session_key);
         conn.write(&channel.seal(&ready)?)?;
-        let done = conn.read().map_err(|e| {
+        let done = conn.read(IDLE_TIMEOUT).map_err(|e| {
             LinkFailure::BrokeOff(format!(
                 "the other device did not confirm it handed the account over ({}): nothing was kept here; run `kkachi device link` there again",
                 io_why(&e)
@@ -367,21 +486,59 @@ pub fn join(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
                 "the other device did not confirm it handed the account over".into(),
             ));
         }
-        Ok(Joined { restored, from })
-    })
+        Ok((Joined { restored, from }, conn, channel))
+    })?;
+    // In place: the old device hears it (if not, it tells its user to check here).
+    if let Ok(placed) = channel.seal(&[PLACED]) {
+        let _ = conn.write(&placed);
+    }
+    Ok(joined)
 }
 
-/// Connects to the first address of `code` that answers.
-fn connect(code: &LinkCode) -> Result<(Conn, SocketAddr), LinkFailure> {
+/// Connects to the first address of `code` where a device holding it answers, and
+/// proves this one holds it too (the handshake, then the hello).
+fn connect(code: &LinkCode) -> Result<(Conn, Channel, SocketAddr), LinkFailure> {
     let mut failed = Vec::new();
+    let mut refused = false;
     for addr in code.addrs() {
-        match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
-            Ok(stream) => {
-                let conn = Conn::new(stream, HANDSHAKE_TIMEOUT)?;
-                return Ok((conn, *addr));
+        let stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                failed.push(format!("{addr} ({e})"));
+                continue;
+            }
+        };
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let shake = || -> Result<(Conn, Channel), LinkFailure> {
+            let mut conn = Conn::new(stream)?;
+            let (joining, first) = code.join();
+            conn.write(&first)?;
+            // The old device hangs up on a first message that does not hold its code.
+            let answer =
+                conn.read_until(deadline, LINK_HANDSHAKE_LEN)
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::InvalidData => {
+                            LinkFailure::Code(LinkError::Handshake)
+                        }
+                        _ => e.into(),
+                    })?;
+            let mut channel = joining.finish(&answer)?;
+            conn.write(&channel.seal(&[HELLO])?)?;
+            Ok((conn, channel))
+        };
+        match shake() {
+            Ok((conn, channel)) => return Ok((conn, channel, *addr)),
+            Err(LinkFailure::Code(LinkError::Handshake)) => {
+                refused = true;
+                failed.push(format!("{addr} (does not hold this code)"));
             }
             Err(e) => failed.push(format!("{addr} ({e})")),
         }
+    }
+    if refused {
+        return Err(LinkError::Handshake.into());
     }
     Err(LinkFailure::NoAnswer(failed.join(", ")))
 }
@@ -393,8 +550,12 @@ pub async fn interfaces() -> Vec<IpAddr> {
     };
     let mut found = Vec::new();
     // The watcher lists what is up at once; it only waits for changes after that.
-    while let Ok(Some(event)) =
-        tokio::time::timeout(Duration::from_millis(200), watcher.next()).await
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(event)) = tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+        watcher.next(),
+    )
+    .await
     {
         if let Ok(if_watch::IfEvent::Up(net)) = event {
             found.push(net.addr());
@@ -409,21 +570,13 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, timeout: Duration) -> Result<Self, LinkFailure> {
+    fn new(stream: TcpStream) -> Result<Self, LinkFailure> {
         stream
             .set_nonblocking(false)
             .and_then(|()| stream.set_nodelay(true))
+            .and_then(|()| stream.set_write_timeout(Some(IDLE_TIMEOUT)))
             .map_err(|e| LinkFailure::Io(e.to_string()))?;
-        let mut conn = Self { stream };
-        conn.timeout(timeout)?;
-        Ok(conn)
-    }
-
-    fn timeout(&mut self, after: Duration) -> Result<(), LinkFailure> {
-        self.stream
-            .set_read_timeout(Some(after))
-            .and_then(|()| self.stream.set_write_timeout(Some(after)))
-            .map_err(|e| LinkFailure::Io(e.to_string()))
+        Ok(Self { stream })
     }
 
     fn write(&mut self, msg: &[u8]) -> std::io::Result<()> {
@@ -436,15 +589,58 @@ impl Conn {
         self.stream.write_all(&framed)
     }
 
-    /// The next message: at most [`MAX_LINK_MESSAGE`] bytes, as its length field allows.
-    fn read(&mut self) -> std::io::Result<Vec<u8>> {
+    /// The next message, within `within`.
+    fn read(&mut self, within: Duration) -> std::io::Result<Vec<u8>> {
+        self.read_until(Instant::now() + within, MAX_LINK_MESSAGE)
+    }
+
+    /// The next message, whole by `deadline` (however slowly it trickles in), and at
+    /// most `max` bytes long: a longer one is refused before it is read.
+    fn read_until(&mut self, deadline: Instant, max: usize) -> std::io::Result<Vec<u8>> {
         let mut len = [0u8; 2];
-        self.stream.read_exact(&mut len)?;
+        self.read_exact_until(&mut len, deadline)?;
         let len = usize::from(u16::from_be_bytes(len));
-        debug_assert!(len <= MAX_LINK_MESSAGE);
+        if len > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a message of {len} bytes where at most {max} may come"),
+            ));
+        }
         let mut msg = vec![0u8; len];
-        self.stream.read_exact(&mut msg)?;
+        self.read_exact_until(&mut msg, deadline)?;
         Ok(msg)
+    }
+
+    fn read_exact_until(&mut self, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the other device stopped answering",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the other device closed the connection",
+                    ));
+                }
+                Ok(n) => filled += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -507,8 +703,9 @@ impl Write for Sealing {
     }
 }
 
-/// Reads a stream from channel messages. A message that does not open reads as
-/// `InvalidData` (what a restore takes for a damaged chunk).
+/// Reads a stream from channel messages, each within [`IDLE_TIMEOUT`]. A message that
+/// does not open, or holds nothing, reads as `InvalidData` (what a restore takes for a
+/// damaged chunk).
 struct Opening {
     conn: Conn,
     channel: Channel,
@@ -519,7 +716,7 @@ struct Opening {
 impl Read for Opening {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         if self.at == self.buf.len() {
-            let msg = self.conn.read()?;
+            let msg = self.conn.read(IDLE_TIMEOUT)?;
             self.buf = self
                 .channel
                 .open(&msg)

@@ -526,11 +526,17 @@ fn main() -> ExitCode {
                     Err(e) => error(e),
                 }
             }
-            Command::Device(DeviceCommand::Link { listen, wait }) => {
+            Command::Device(DeviceCommand::Link {
+                listen,
+                wait,
+                again,
+            }) => {
                 if let Some(why) = missing_home(&home) {
                     return error(why);
                 }
-                match kkachi_client::commands::device_link(&home, &listen, wait, cli.json).await {
+                match kkachi_client::commands::device_link(&home, &listen, wait, again, cli.json)
+                    .await
+                {
                     Ok(output) => emit(&output),
                     Err(e) => error(e),
                 }

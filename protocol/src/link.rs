@@ -33,6 +33,9 @@ pub const LINK_PROLOGUE: &[u8] = b"kkachi/link/v1";
 pub const MAX_LINK_MESSAGE: usize = 65_535;
 /// The most plaintext one channel message carries (a message less its tag).
 pub const MAX_LINK_CHUNK: usize = MAX_LINK_MESSAGE - 16;
+/// The length of each handshake message: an ephemeral key and the tag of an empty
+/// payload. Anything else is refused before it is read.
+pub const LINK_HANDSHAKE_LEN: usize = 32 + 16;
 const CHECKSUM_LEN: usize = 4;
 const MAX_LINK_BYTES: usize = 1 + LINK_SECRET_LEN + 1 + MAX_LINK_ADDRS * 19 + CHECKSUM_LEN;
 
@@ -225,8 +228,8 @@ impl LinkCode {
     /// The linking device's end: reads the joining device's first message and answers
     /// it. A wrong code fails here, before anything is sent.
     pub fn answer(&self, first: &[u8]) -> Result<(Channel, Vec<u8>), LinkError> {
-        if first.len() > MAX_LINK_MESSAGE {
-            return Err(LinkError::TooBig(first.len()));
+        if first.len() != LINK_HANDSHAKE_LEN {
+            return Err(LinkError::Handshake);
         }
         let psk = self.psk();
         let mut state = snow::Builder::new(LINK_NOISE.parse().expect("valid Noise parameters"))
@@ -234,10 +237,14 @@ impl LinkCode {
             .and_then(|b| b.psk(0, &psk))
             .and_then(|b| b.build_responder())
             .expect("a supported Noise pattern");
-        let mut payload = vec![0u8; MAX_LINK_MESSAGE];
-        state
+        let mut payload = [0u8; LINK_HANDSHAKE_LEN];
+        if state
             .read_message(first, &mut payload)
-            .map_err(|_| LinkError::Handshake)?;
+            .map_err(|_| LinkError::Handshake)?
+            != 0
+        {
+            return Err(LinkError::Handshake);
+        }
         let mut msg = vec![0u8; 64];
         let n = state
             .write_message(&[], &mut msg)
@@ -264,13 +271,18 @@ impl std::fmt::Debug for Joining {
 impl Joining {
     /// Reads the linking device's answer: the channel, if it holds the same code.
     pub fn finish(mut self, answer: &[u8]) -> Result<Channel, LinkError> {
-        if answer.len() > MAX_LINK_MESSAGE {
-            return Err(LinkError::TooBig(answer.len()));
+        if answer.len() != LINK_HANDSHAKE_LEN {
+            return Err(LinkError::Handshake);
         }
-        let mut payload = vec![0u8; MAX_LINK_MESSAGE];
-        self.state
+        let mut payload = [0u8; LINK_HANDSHAKE_LEN];
+        if self
+            .state
             .read_message(answer, &mut payload)
-            .map_err(|_| LinkError::Handshake)?;
+            .map_err(|_| LinkError::Handshake)?
+            != 0
+        {
+            return Err(LinkError::Handshake);
+        }
         let transport = self
             .state
             .into_transport_mode()

@@ -5,13 +5,58 @@
 //! figures.
 
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::time::Instant;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use kkachi_tests::procs::{LOOPBACK_ENV, RelayProc, User};
 
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The lines `child` prints on stdout, as they come.
+fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// The next line as JSON, within `secs` seconds.
+fn next_json(lines: &mpsc::Receiver<String>, secs: u64) -> serde_json::Value {
+    let line = lines
+        .recv_timeout(Duration::from_secs(secs))
+        .expect("a line in time");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// What restores and joins left beside their homes under `dir`.
+fn staging_left(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("kkachi-restoring"))
+        .collect()
+}
+
+/// Waits for `child` to exit, at most `secs` seconds (killed and failed after that).
+fn exits_within(mut child: Child, secs: u64) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -39,12 +84,11 @@ fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
             "--json",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(link.stdout.take().unwrap()).lines();
-    let offer: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("the code").unwrap()).unwrap();
+    let lines = stdout_lines(&mut link);
+    let offer = next_json(&lines, 30);
     let code = offer["code"].as_str().expect("a code").to_string();
     assert!(code.starts_with("kkd1"), "{offer}");
     assert_eq!(
@@ -62,33 +106,57 @@ fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
     assert!(!mistyped.status.success());
     let why = String::from_utf8_lossy(&mistyped.stderr);
     assert!(why.contains("checksum"), "{why}");
-    assert!(!phone.home.exists(), "a failed join makes no home");
 
     // The right code, typed in two pieces as read out.
     let (a, b) = code.split_at(code.len() / 2);
     let started = Instant::now();
     let joined = json(&phone.ok(&["device", "join", a, b, "--json"]));
     let join_ms = started.elapsed().as_millis();
-    let handed: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("the outcome").unwrap()).unwrap();
-    assert!(link.wait().unwrap().success());
+    let handed = next_json(&lines, 30);
+    assert!(exits_within(link, 30).status.success());
     assert_eq!(handed["handed_over"], true, "{handed}");
+    assert_eq!(handed["confirmed"], true, "{handed}");
+    assert_eq!(joined["name"], "alice", "{joined}");
+    assert_eq!(handed["peer_id"], joined["peer_id"], "{handed} {joined}");
+    assert!(
+        staging_left(dir.path()).is_empty(),
+        "{:?}",
+        staging_left(dir.path())
+    );
     assert_eq!(handed["key"], joined["key"], "{handed} {joined}");
     assert_eq!(handed["messages"], joined["messages"], "{handed} {joined}");
     assert!(joined["messages"].as_u64().unwrap() >= 2, "{joined}");
     assert_eq!(joined["new_key"], true, "{joined}");
 
-    // The old device acts no more, and says why and where to go.
-    for args in [&["send", "bob", "from the old device"][..], &["sync"][..]] {
+    // The old device acts no more, and says why and where to go: no command that
+    // would act for the account, no daemon, no second hand-over unless asked.
+    for args in [
+        &["send", "bob", "from the old device"][..],
+        &["sync"][..],
+        &["rotate-key"][..],
+        &["device", "link", "--listen", "127.0.0.1:0"][..],
+    ] {
         let refused = alice.run(args);
         assert!(!refused.status.success(), "{args:?}");
         let why = String::from_utf8_lossy(&refused.stderr);
         assert!(
             why.contains("handed your account")
                 && why.contains(joined["fingerprint"].as_str().unwrap()),
-            "{why}"
+            "{args:?}: {why}"
         );
     }
+    let daemon = exits_within(
+        alice
+            .spawn(&["daemon"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        20,
+    );
+    assert!(!daemon.status.success());
+    let why = String::from_utf8_lossy(&daemon.stderr);
+    assert!(why.contains("handed your account"), "{why}");
     // The new device holds the conversation, under a key of its own.
     let history = phone.history_texts("bob");
     for text in said {
@@ -141,7 +209,7 @@ fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
 fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let alice = User::new(dir.path(), "alice");
-    // A code for a port nobody listens on.
+    // An offer nobody takes.
     let mut link = alice
         .spawn(&[
             "device",
@@ -153,18 +221,17 @@ fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
             "--json",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(link.stdout.take().unwrap()).lines();
-    let offer: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("the code").unwrap()).unwrap();
+    let lines = stdout_lines(&mut link);
+    let offer = next_json(&lines, 30);
     let code = offer["code"].as_str().unwrap().to_string();
-    // The offer runs out: nothing changed, and the code then reaches no one.
-    let started = Instant::now();
-    let out = link.wait_with_output().unwrap();
+    // It runs out: nothing changed, and the code then reaches no one.
+    let out = exits_within(link, 30);
     assert!(!out.status.success());
-    assert!(started.elapsed().as_secs() < 30);
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("no device took the account"), "{why}");
     alice.ok(&["device", "list"]);
     let phone = User::without_identity(dir.path(), "phone", None, &LOOPBACK_ENV);
     let late = phone.run(&["device", "join", &code]);

@@ -2,7 +2,7 @@
 //! a contact's, each shown with the fingerprint of its key so two people can compare
 //! what each side sees.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -226,6 +226,7 @@ pub async fn link(
     home: &Path,
     listen: &[SocketAddr],
     wait: u32,
+    again: bool,
     json: bool,
 ) -> Result<Output, CommandError> {
     let store = match LocalStore::open(home) {
@@ -240,6 +241,13 @@ pub async fn link(
     };
     let me = store.identity()?.ok_or(CommandError::NoIdentity)?;
     let before = store.handed_over()?;
+    if let (Some(h), false) = (before, again) {
+        return Err(CommandError::Refused(format!(
+            "this home handed your account to device {} on {}. Only if that device did not finish joining (it holds no account), run `kkachi device link --again`",
+            fingerprint(&h.to),
+            format_ms(h.at_ms)
+        )));
+    }
     let interfaces = if listen.iter().any(|a| a.ip().is_unspecified()) || listen.is_empty() {
         crate::link::interfaces().await
     } else {
@@ -253,13 +261,12 @@ pub async fn link(
             "code": code,
             "addresses": addrs,
             "wait_secs": wait,
+            "loopback_only": offer.loopback_only(),
         })));
     } else {
-        if let Some(h) = before {
+        if offer.loopback_only() {
             eprintln!(
-                "warning: this home handed your account to device {} on {}: hand it over again only if that device did not finish joining",
-                fingerprint(&h.to),
-                format_ms(h.at_ms)
+                "warning: this machine has no network address: the code reaches kkachi on this machine only"
             );
         }
         say("On the new device, run:");
@@ -281,9 +288,25 @@ pub async fn link(
     }
     let peer = me.peer_id();
     let served = store.clone();
+    let mut wrong = 0u64;
     let handed = tokio::task::spawn_blocking(move || {
         offer.serve(&served, Duration::from_secs(u64::from(wait)), |seen| {
+            if matches!(seen, Seen::WrongCode(_)) {
+                wrong += 1;
+                // A few are told; then only every hundredth (someone may be trying
+                // codes, which cannot be guessed: the code holds).
+                if wrong > 5 && !wrong.is_multiple_of(100) {
+                    return;
+                }
+            }
             let (event, from, line) = match &seen {
+                Seen::WrongCode(from) if wrong > 5 => (
+                    "wrong_code",
+                    from,
+                    format!(
+                        "{wrong} connections so far without this code (the last from {from}): someone on the network may be trying codes, which cannot be guessed; the code still holds"
+                    ),
+                ),
                 Seen::WrongCode(from) => (
                     "wrong_code",
                     from,
@@ -313,6 +336,7 @@ pub async fn link(
     if json {
         out.json(json!({
             "handed_over": true,
+            "confirmed": handed.confirmed,
             "peer_id": peer.to_string(),
             "key": hex(&handed.to),
             "fingerprint": fingerprint(&handed.to),
@@ -330,14 +354,29 @@ pub async fn link(
         handed.counts.contacts,
         handed.counts.messages
     ));
-    out.out("This device no longer acts for it: use the new one, and remove this home once it works there.");
+    if handed.confirmed {
+        out.out("This device no longer acts for it: use the new one, and remove this home once it works there.");
+    } else {
+        out.warn("This device no longer acts for your account, but the new one did not say its home is in place: check that it holds your account (`kkachi device list` there). If it does not, run `kkachi device link --again` here.");
+    }
     Ok(out)
 }
 
 /// `kkachi device join CODE`: takes the account a device offers under `code` into
 /// `home`, which must hold none yet.
 pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, CommandError> {
-    let code = LinkCode::parse(&code.join(" ")).map_err(LinkFailure::from)?;
+    let typed = if code == ["-"] {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_to_string(&mut line)
+            .map_err(|e| CommandError::Refused(format!("cannot read the code: {e}")))?;
+        zeroize::Zeroizing::new(line)
+    } else {
+        zeroize::Zeroizing::new(code.join(" "))
+    };
+    let code = LinkCode::parse(&typed).map_err(LinkFailure::from)?;
     let into = home.to_path_buf();
     let joined = tokio::task::spawn_blocking(move || crate::link::join(&into, &code))
         .await
@@ -348,6 +387,8 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
     if json {
         out.json(json!({
             "home": home.display().to_string(),
+            "peer_id": restored.peer.to_string(),
+            "name": restored.name,
             "from": joined.from.to_string(),
             "key": hex(&key),
             "fingerprint": fingerprint(&key),
@@ -360,8 +401,12 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
         return Ok(out);
     }
     out.out(format!(
-        "This device now holds your account: {} contacts and {} messages, from the device at {}.",
-        restored.counts.contacts, restored.counts.messages, joined.from
+        "This device now holds the account of {} ({}): {} contacts and {} messages, from the device at {}.",
+        name(&restored.name),
+        restored.peer,
+        restored.counts.contacts,
+        restored.counts.messages,
+        joined.from
     ));
     out.out(format!(
         "Its key is {}; the other device's is taken out of your devices, and it no longer acts for the account. At the next start your contacts get your card and take the new key.",

@@ -130,7 +130,9 @@ impl LocalStore {
         now_s: u64,
         rng: &mut R,
     ) -> Result<Rotated, StoreError> {
-        let me = self.identity()?.ok_or(StoreError::Corrupt("identity"))?;
+        let me = self
+            .acting_identity()?
+            .ok_or(StoreError::Corrupt("identity"))?;
         let mut profile = self.profile()?.ok_or(StoreError::Corrupt("profile"))?;
         let identity = me.with_new_session_key(rng);
         let until = now_s.saturating_add(RETAIN_SECS);

@@ -179,8 +179,17 @@ fn another_code_never_completes_the_handshake() {
     ));
     assert!(matches!(
         right.answer(&vec![0u8; MAX_LINK_MESSAGE + 1]),
-        Err(LinkError::TooBig(_))
+        Err(LinkError::Handshake)
     ));
+    // The first message is exactly an ephemeral key and a tag; one longer (a payload
+    // hidden in it) is refused before it is read.
+    let (_, first) = right.join();
+    assert_eq!(first.len(), LINK_HANDSHAKE_LEN);
+    let mut longer = first.clone();
+    longer.push(0);
+    assert!(matches!(right.answer(&longer), Err(LinkError::Handshake)));
+    let (_, answer) = right.answer(&first).expect("answers");
+    assert_eq!(answer.len(), LINK_HANDSHAKE_LEN);
 }
 
 #[test]

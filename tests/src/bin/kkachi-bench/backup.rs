@@ -11,7 +11,9 @@ use crate::history::{kkachi_bin, long_conversation};
 
 /// `kkachi backup create`, `verify` and `restore` of a home holding `n` messages, each
 /// the median of three runs. The baseline is `verify`: reading the same backup through
-/// (decrypting and checking every chunk) without writing anything.
+/// (decrypting and checking every chunk) without writing anything. Then each restored
+/// home is handed to a new one over loopback (`device link`, `device join`): the join,
+/// from start to its home in place.
 pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
     let home = root.join("backup-home");
     long_conversation(&home, n)?;
@@ -54,10 +56,53 @@ pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
         let (took, _) = run(&["backup", "restore", file_arg], &target, Some(&key))?;
         restore.push(took);
     }
+    let mut link = Vec::new();
+    for i in 0..3 {
+        let old = root.join(format!("backup-restored-{i}"));
+        link.push(link_once(&bin, &old, &root.join(format!("linked-{i}")))?);
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(
         json!({ "messages": n, "bytes": std::fs::metadata(&file)?.len(),
                "create_ms": ms(median(create)), "verify_ms": ms(median(verify)),
-               "restore_ms": ms(median(restore)) }),
+               "restore_ms": ms(median(restore)), "link_ms": ms(median(link)) }),
     )
+}
+
+/// Hands the account in `old` to a new home `new` over loopback; how long the join took.
+fn link_once(bin: &Path, old: &Path, new: &Path) -> Result<Duration> {
+    use std::io::{BufRead, BufReader};
+    let mut link = Command::new(bin)
+        .arg("--home")
+        .arg(old)
+        .args([
+            "device",
+            "link",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait",
+            "1m",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut lines = BufReader::new(link.stdout.take().context("stdout")?).lines();
+    let offer: serde_json::Value = serde_json::from_str(&lines.next().context("a code")??)?;
+    let code = offer["code"].as_str().context("a code")?;
+    let t = Instant::now();
+    let out = Command::new(bin)
+        .arg("--home")
+        .arg(new)
+        .args(["device", "join", code])
+        .output()?;
+    let took = t.elapsed();
+    let linked = link.wait()?;
+    if !out.status.success() || !linked.success() {
+        bail!(
+            "device join failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(took)
 }

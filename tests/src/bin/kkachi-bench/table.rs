@@ -244,7 +244,16 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             restore.value / num(&backup["verify_ms"]),
             "reading it through (backup verify)",
         ));
+        let restore_ms = restore.value;
         out.push(restore);
+        let mut link = row(
+            "hand the same account to a new device (ms)",
+            &backup["link_ms"],
+            0,
+            "device link → device join over loopback, until the new home is in place".to_string(),
+        );
+        link.ratio = Some((link.value / restore_ms, "the restore"));
+        out.push(link);
     }
     if args.part("restart") {
         let restart = &r["restart"];
