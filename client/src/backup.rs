@@ -233,10 +233,12 @@ pub(crate) fn read_contents(
     };
     let mut head = [0u8; MAGIC.len() + 1 + 8];
     if let Err(e) = r.read_exact(&mut head) {
-        // The first chunk itself fails: nothing in the file can be read.
+        // The first chunk itself fails (nothing in the file can be read), or the file
+        // ends before its header does, or reading it fails.
         return Err(match e.kind() {
             std::io::ErrorKind::InvalidData => BackupError::Header(name),
-            _ => BackupError::NotABackup(name),
+            std::io::ErrorKind::UnexpectedEof => BackupError::NotABackup(name),
+            _ => BackupError::Io(format!("{name}: {e}")),
         });
     }
     if &head[..MAGIC.len()] != MAGIC {
@@ -367,24 +369,13 @@ pub(crate) fn restore_with<T, E: From<BackupError>>(
     stage: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
     let fresh_db = check_new_home(home)?;
-    let parent = home
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let prefix = format!(
-        ".kkachi-restoring-{}-",
-        home.file_name()
-            .map_or_else(|| "home".into(), |n| n.to_string_lossy())
-    );
+    let parent = parent_of(home);
+    let prefix = staging_prefix(home);
     let staging = (|| {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
         // A restore of this home cut off by a kill left its staging behind: it holds
         // the account, so it goes.
-        for entry in std::fs::read_dir(parent).map_err(io(parent))?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
+        remove_staging(home);
         tempfile::Builder::new()
             .prefix(&prefix)
             .tempdir_in(parent)
@@ -393,6 +384,35 @@ pub(crate) fn restore_with<T, E: From<BackupError>>(
     let restored = stage(staging.path())?;
     place(home, parent, staging, fresh_db)?;
     Ok(restored)
+}
+
+/// The prefix of the staging directories of a restore or join of `home`, beside it.
+fn staging_prefix(home: &Path) -> String {
+    format!(
+        ".kkachi-restoring-{}-",
+        home.file_name()
+            .map_or_else(|| "home".into(), |n| n.to_string_lossy())
+    )
+}
+
+/// The directory `home` is made in.
+fn parent_of(home: &Path) -> &Path {
+    home.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Removes what a restore or join of `home` staged beside it (one cut off, or being
+/// cancelled).
+pub fn remove_staging(home: &Path) {
+    let prefix = staging_prefix(home);
+    if let Ok(entries) = std::fs::read_dir(parent_of(home)) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// Whether `home` may become a restored or linked home: it does not exist, or holds no

@@ -373,11 +373,11 @@ pub enum DeviceCommand {
     /// it (the new device has a key of its own, and this one's is taken out). Stop the
     /// daemon or UI of this home first.
     Link {
-        /// Listen here (repeat for several; port 0 picks one) instead of on every
-        /// address of this machine.
+        /// Listen here (an IP address and a port: 0 picks one; repeat for several)
+        /// instead of on this machine's network addresses (or those KKACHI_LISTEN names).
         #[arg(long, value_name = "ADDR:PORT")]
         listen: Vec<std::net::SocketAddr>,
-        /// How long the code holds.
+        /// How long the code holds (10s to 1d).
         #[arg(long, default_value = "10m", value_parser = link_wait)]
         wait: u32,
         /// Hand the account over again from a home that handed it over before: only if

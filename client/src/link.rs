@@ -73,9 +73,9 @@ pub enum LinkFailure {
     /// The local store.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Nothing answered at any address of the code.
+    /// No device holding the code answered at any of its addresses.
     #[error(
-        "nothing answers at {0}: is `kkachi device link` still running on your other device, on the same network? (a code holds while it runs)"
+        "no device answered with this code at {0}: is `kkachi device link` still running on your other device, on the same network? (a code holds while it runs)"
     )]
     NoAnswer(String),
     /// The code ran out before a device took the account.
@@ -218,6 +218,7 @@ impl Offer {
             listeners.push(listener);
         }
         addrs.truncate(kkachi_protocol::link::MAX_LINK_ADDRS);
+        loopback_only |= addrs.iter().all(|a| a.ip().is_loopback());
         let code = LinkCode::generate(&mut rand_core::OsRng, addrs)?;
         Ok(Self {
             code,
@@ -231,7 +232,7 @@ impl Offer {
         &self.code
     }
 
-    /// Whether the code reaches this machine only (no other address was found).
+    /// Whether the code reaches this machine only (it names loopback addresses only).
     pub fn loopback_only(&self) -> bool {
         self.loopback_only
     }
@@ -534,13 +535,74 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, SocketAddr), LinkFailure> 
                 refused = true;
                 failed.push(format!("{addr} (does not hold this code)"));
             }
-            Err(e) => failed.push(format!("{addr} ({e})")),
+            Err(_) => failed.push(format!("{addr} (connected, but no answer in time)")),
         }
     }
     if refused {
         return Err(LinkError::Handshake.into());
     }
     Err(LinkFailure::NoAnswer(failed.join(", ")))
+}
+
+/// The file a running `device link` keeps in its home (its process id), so that what
+/// finds the home held can say by what.
+const LINKING_FILE: &str = "linking";
+
+/// Marks `home` as being handed over by this process, until the guard goes.
+pub fn mark_linking(home: &Path) -> impl Drop {
+    let path = home.join(LINKING_FILE);
+    let _ = std::fs::write(&path, std::process::id().to_string());
+    struct Unmark(std::path::PathBuf);
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    Unmark(path)
+}
+
+/// The process handing `home` over, if one marked it (read only when the home is
+/// found held: a mark a killed process left is then someone else's hold).
+pub fn linking(home: &Path) -> Option<u32> {
+    std::fs::read_to_string(home.join(LINKING_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What to tell someone who finds `home` held while `device link` hands it over.
+pub fn held_by_linking(home: &Path) -> Option<String> {
+    linking(home).map(|pid| {
+        format!(
+            "`kkachi device link` (process {pid}) is handing this account to a new device: wait for it to end, or stop it"
+        )
+    })
+}
+
+/// Where kkachi is told to listen (`KKACHI_LISTEN`, as the network reads it): the
+/// addresses an offer listens on by default, each on a port of its own.
+pub fn listen_from_env() -> Vec<SocketAddr> {
+    if std::env::var_os("KKACHI_LISTEN").is_none() {
+        return Vec::new();
+    }
+    crate::runtime::net_config()
+        .listen
+        .iter()
+        .filter_map(|addr| {
+            addr.iter().find_map(|p| match p {
+                kkachi_protocol::multiaddr::Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+                kkachi_protocol::multiaddr::Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+                _ => None,
+            })
+        })
+        .map(|ip| SocketAddr::new(ip, 0))
+        .fold(Vec::new(), |mut all, a| {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+            all
+        })
 }
 
 /// The addresses of this machine's interfaces, as the system lists them now.

@@ -175,10 +175,14 @@ async fn daemon(home: &Path, json: bool) -> Result<(), CommandError> {
     let store = match LocalStore::open(home) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
-            return Err(CommandError::Refused(format!(
-                "a kkachi daemon or UI is already running for {}",
-                home.display()
-            )));
+            return Err(CommandError::Refused(
+                kkachi_client::link::held_by_linking(home).unwrap_or_else(|| {
+                    format!(
+                        "a kkachi daemon or UI is already running for {}",
+                        home.display()
+                    )
+                }),
+            ));
         }
         Err(e) => {
             return Err(CommandError::Refused(format!("{}: {e}", home.display())));
@@ -329,7 +333,10 @@ async fn one_shot(home: &Path, command: Command, json: bool) -> ExitCode {
         }
         Err(StoreError::Locked(_)) => match ipc::forward(home, command, json).await {
             Ok(output) => emit(&output),
-            Err(e) => error(e),
+            Err(e) => match kkachi_client::link::held_by_linking(home) {
+                Some(why) => error(why),
+                None => error(e),
+            },
         },
         Err(e) => error(format!("{}: {e}", home.display())),
     }

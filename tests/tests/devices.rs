@@ -36,6 +36,38 @@ fn next_json(lines: &mpsc::Receiver<String>, secs: u64) -> serde_json::Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
+/// `user`'s `device link --json` on loopback, held `wait`: the process, its stdout
+/// lines after the first, and the code the first gives (its addresses checked).
+fn offer(user: &User, wait: &str) -> (Child, mpsc::Receiver<String>, String) {
+    let mut link = user
+        .spawn(&[
+            "device",
+            "link",
+            "--listen",
+            "127.0.0.1:0",
+            "--wait",
+            wait,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stdout_lines(&mut link);
+    let offer = next_json(&lines, 30);
+    let code = offer["code"].as_str().expect("a code").to_string();
+    assert!(code.starts_with("kkd1"), "{offer}");
+    let addrs = offer["addresses"].as_array().expect("addresses");
+    assert_eq!(addrs.len(), 1, "{offer}");
+    assert!(
+        addrs[0].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{offer}"
+    );
+    // --listen named loopback: the code says it reaches this machine only.
+    assert_eq!(offer["loopback_only"], true, "{offer}");
+    (link, lines, code)
+}
+
 /// What restores and joins left beside their homes under `dir`.
 fn staging_left(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -73,29 +105,7 @@ fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
     let old_fingerprint = before["devices"][0]["fingerprint"].clone();
 
     // The old device offers the account; its first line is the code.
-    let mut link = alice
-        .spawn(&[
-            "device",
-            "link",
-            "--listen",
-            "127.0.0.1:0",
-            "--wait",
-            "2m",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = stdout_lines(&mut link);
-    let offer = next_json(&lines, 30);
-    let code = offer["code"].as_str().expect("a code").to_string();
-    assert!(code.starts_with("kkd1"), "{offer}");
-    assert_eq!(
-        offer["addresses"].as_array().map(Vec::len),
-        Some(1),
-        "{offer}"
-    );
+    let (link, lines, code) = offer(&alice, "2m");
 
     let phone = User::without_identity(dir.path(), "alice-phone", None, &LOOPBACK_ENV);
     // A mistyped code is named as such, and leaves nothing behind.
@@ -107,10 +117,35 @@ fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
     let why = String::from_utf8_lossy(&mistyped.stderr);
     assert!(why.contains("checksum"), "{why}");
 
-    // The right code, typed in two pieces as read out.
+    // Meanwhile the old home is held, and what finds it so says by what.
+    let held = alice.run(&["send", "bob", "while it goes"]);
+    assert!(!held.status.success());
+    let why = String::from_utf8_lossy(&held.stderr);
+    assert!(why.contains("`kkachi device link` (process"), "{why}");
+
+    // The right code, on standard input (out of the process list), in two lines as
+    // copied.
     let (a, b) = code.split_at(code.len() / 2);
     let started = Instant::now();
-    let joined = json(&phone.ok(&["device", "join", a, b, "--json"]));
+    let mut join = phone
+        .spawn(&["device", "join", "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = join.stdin.take().unwrap();
+        writeln!(stdin, "{a}\n{b}").unwrap();
+    }
+    let out = exits_within(join, 60);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let joined = json(&String::from_utf8_lossy(&out.stdout));
     let join_ms = started.elapsed().as_millis();
     let handed = next_json(&lines, 30);
     assert!(exits_within(link, 30).status.success());
@@ -210,23 +245,7 @@ fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let alice = User::new(dir.path(), "alice");
     // An offer nobody takes.
-    let mut link = alice
-        .spawn(&[
-            "device",
-            "link",
-            "--listen",
-            "127.0.0.1:0",
-            "--wait",
-            "10s",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stdout_lines(&mut link);
-    let offer = next_json(&lines, 30);
-    let code = offer["code"].as_str().unwrap().to_string();
+    let (link, _, code) = offer(&alice, "10s");
     // It runs out: nothing changed, and the code then reaches no one.
     let out = exits_within(link, 30);
     assert!(!out.status.success());
@@ -237,7 +256,10 @@ fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
     let late = phone.run(&["device", "join", &code]);
     assert!(!late.status.success());
     let why = String::from_utf8_lossy(&late.stderr);
-    assert!(why.contains("nothing answers at 127.0.0.1:"), "{why}");
+    assert!(
+        why.contains("no device answered with this code at 127.0.0.1:"),
+        "{why}"
+    );
     assert!(!phone.home.exists());
     // Not a link code at all.
     let invite = alice.invite();

@@ -212,6 +212,42 @@ impl App {
     }
 }
 
+/// "1 contact and 3 messages".
+fn counted(contacts: u64, messages: u64) -> String {
+    let s = |n: u64| if n == 1 { "" } else { "s" };
+    format!(
+        "{contacts} contact{} and {messages} message{}",
+        s(contacts),
+        s(messages)
+    )
+}
+
+/// A link code from standard input: asked for (not echoed) at a terminal, else read
+/// from what is piped in.
+fn code_from_stdin() -> Result<zeroize::Zeroizing<String>, CommandError> {
+    use std::io::IsTerminal;
+    let typed = if std::io::stdin().is_terminal() {
+        crate::passphrase::read_line_hidden(
+            "Paste the code `kkachi device link` shows, then Enter: ",
+        )
+        .ok_or_else(|| CommandError::Refused("no terminal to read the code from".into()))?
+    } else {
+        let mut text = String::new();
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_to_string(&mut text)
+            .map_err(|e| CommandError::Refused(format!("cannot read the code: {e}")))?;
+        zeroize::Zeroizing::new(text)
+    };
+    if typed.trim().is_empty() {
+        return Err(CommandError::Refused(
+            "no code came on standard input".into(),
+        ));
+    }
+    Ok(typed)
+}
+
 /// A line on standard output at once (the command goes on waiting after it).
 fn say(line: impl AsRef<str>) {
     let mut stdout = std::io::stdout().lock();
@@ -248,27 +284,44 @@ pub async fn link(
             format_ms(h.at_ms)
         )));
     }
+    // What finds the home held meanwhile says by what.
+    let _linking = crate::link::mark_linking(home);
+    let asked = if listen.is_empty() {
+        crate::link::listen_from_env()
+    } else {
+        listen.to_vec()
+    };
+    let mut listen: Vec<SocketAddr> = Vec::new();
+    for addr in asked {
+        if !listen.contains(&addr) {
+            listen.push(addr);
+        }
+    }
     let interfaces = if listen.iter().any(|a| a.ip().is_unspecified()) || listen.is_empty() {
         crate::link::interfaces().await
     } else {
         Vec::new()
     };
-    let offer = Offer::new(listen, &interfaces)?;
+    let offer = Offer::new(&listen, &interfaces)?;
     let code = offer.code().encode();
     let addrs: Vec<String> = offer.code().addrs().iter().map(|a| a.to_string()).collect();
+    if let Some(h) = before {
+        // On the user's word alone: if that device holds the account, two would.
+        eprintln!(
+            "warning: this home handed your account to device {} on {}. Go on only if that device holds no account: if it does, the account would act from two devices, and contacts would reach only one",
+            fingerprint(&h.to),
+            format_ms(h.at_ms)
+        );
+    }
     if json {
         say(crate::sanitize::json(&json!({
             "code": code,
             "addresses": addrs,
             "wait_secs": wait,
             "loopback_only": offer.loopback_only(),
+            "again": before.is_some(),
         })));
     } else {
-        if offer.loopback_only() {
-            eprintln!(
-                "warning: this machine has no network address: the code reaches kkachi on this machine only"
-            );
-        }
         say("On the new device, run:");
         say("");
         say(format!("    kkachi device join {code}"));
@@ -276,15 +329,22 @@ pub async fn link(
         if let Ok(qr) = crate::qr::render(&code) {
             say(qr);
         }
+        let reach = if offer.loopback_only() {
+            "this machine only: no network address of it was found, or --listen named loopback"
+        } else {
+            "the same network"
+        };
         say(format!(
-            "It reaches this device at {} (the same network), for {}.",
+            "It reaches this device at {} ({reach}), for {}.",
             addrs.join(", "),
             describe_duration(wait)
         ));
         say(
-            "Anyone who has this code before the new device uses it can take your account: show it to no one else.",
+            "Anyone who has this code before the new device uses it can take your account: show it to no one else. Where others share the new machine, type `kkachi device join -` and paste the code: it then stays out of the process list.",
         );
-        say("Once the new device holds the account, this one stops acting for it.");
+        say(
+            "Once the new device holds the account, this one stops acting for it. The new device has a key of its own: invite codes you gave out before no longer reach you.",
+        );
     }
     let peer = me.peer_id();
     let served = store.clone();
@@ -310,7 +370,9 @@ pub async fn link(
                 Seen::WrongCode(from) => (
                     "wrong_code",
                     from,
-                    format!("{from} connected without this code: dropped"),
+                    format!(
+                        "{from} connected but did not prove it holds this code (a wrong code, or it gave up): dropped"
+                    ),
                 ),
                 Seen::Sending(from) => (
                     "sending",
@@ -331,7 +393,13 @@ pub async fn link(
         })
     })
     .await
-    .map_err(|e| CommandError::Refused(format!("linking stopped: {e}")))??;
+    .map_err(|e| CommandError::Refused(format!("linking stopped: {e}")))?
+    .map_err(|e| match (e, before.is_some()) {
+        (LinkFailure::TimedOut(held), true) => CommandError::Refused(format!(
+            "no device took the account while the code held ({held}): run `kkachi device link --again` for a new code"
+        )),
+        (e, _) => e.into(),
+    })?;
     let mut out = Output::default();
     if json {
         out.json(json!({
@@ -348,11 +416,10 @@ pub async fn link(
         return Ok(out);
     }
     out.out(format!(
-        "Your account went to the device at {} (key {}): {} contacts and {} messages.",
+        "Your account went to the device at {} (key {}): {}.",
         handed.from,
         fingerprint(&handed.to),
-        handed.counts.contacts,
-        handed.counts.messages
+        counted(handed.counts.contacts, handed.counts.messages)
     ));
     if handed.confirmed {
         out.out("This device no longer acts for it: use the new one, and remove this home once it works there.");
@@ -366,21 +433,25 @@ pub async fn link(
 /// `home`, which must hold none yet.
 pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, CommandError> {
     let typed = if code == ["-"] {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .take(4096)
-            .read_to_string(&mut line)
-            .map_err(|e| CommandError::Refused(format!("cannot read the code: {e}")))?;
-        zeroize::Zeroizing::new(line)
+        code_from_stdin()?
     } else {
         zeroize::Zeroizing::new(code.join(" "))
     };
     let code = LinkCode::parse(&typed).map_err(LinkFailure::from)?;
     let into = home.to_path_buf();
-    let joined = tokio::task::spawn_blocking(move || crate::link::join(&into, &code))
-        .await
-        .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??;
+    let joining = tokio::task::spawn_blocking(move || crate::link::join(&into, &code));
+    let joined = tokio::select! {
+        joined = joining => joined
+            .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??,
+        _ = tokio::signal::ctrl_c() => {
+            // What was staged goes (the other device let go of nothing: that waits for
+            // this one's word, which a cancelled join never gives).
+            crate::backup::remove_staging(home);
+            // At once: the transfer's thread is not waited for (it may wait a minute).
+            eprintln!("cancelled: nothing was kept here, and the other device still holds your account");
+            std::process::exit(130);
+        }
+    };
     let restored = &joined.restored;
     let key = restored.session_key;
     let mut out = Output::default();
@@ -401,11 +472,10 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
         return Ok(out);
     }
     out.out(format!(
-        "This device now holds the account of {} ({}): {} contacts and {} messages, from the device at {}.",
+        "This device now holds the account of {} ({}): {}, from the device at {}.",
         name(&restored.name),
         restored.peer,
-        restored.counts.contacts,
-        restored.counts.messages,
+        counted(restored.counts.contacts, restored.counts.messages),
         joined.from
     ));
     out.out(format!(

@@ -56,32 +56,32 @@ fn loopback() -> Vec<SocketAddr> {
     vec!["127.0.0.1:0".parse().unwrap()]
 }
 
-/// Serves `offer` for `store` on a thread: its result, and what it saw, as they come.
-fn serve(
-    offer: Offer,
+/// Offers the account in `store` on loopback for a minute, on a thread: the code, the
+/// offer's result, and what it saw, as they come.
+fn offered(
     store: &LocalStore,
-    wait: Duration,
 ) -> (
+    LinkCode,
     std::thread::JoinHandle<Result<Handed, LinkFailure>>,
     mpsc::Receiver<Seen>,
 ) {
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
     let (tx, rx) = mpsc::channel();
     let store = store.clone();
     let handle = std::thread::spawn(move || {
-        offer.serve(&store, wait, |seen| {
+        offer.serve(&store, Duration::from_secs(60), |seen| {
             let _ = tx.send(seen);
         })
     });
-    (handle, rx)
+    (code, handle, rx)
 }
 
 #[test]
 fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let dir = tempfile::tempdir().unwrap();
     let (store, me, peer) = account(&dir.path().join("old"));
-    let offer = Offer::new(&loopback(), &[]).unwrap();
-    let code = offer.code().clone();
-    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let (code, server, seen) = offered(&store);
     let new_home = dir.path().join("new");
     let started = Instant::now();
     let joined = join(&new_home, &code).expect("joins");
@@ -133,9 +133,7 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
 fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));
-    let offer = Offer::new(&loopback(), &[]).unwrap();
-    let code = offer.code().clone();
-    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let (code, server, seen) = offered(&store);
     // Same address, another secret: a guess, or a stale code.
     let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
     let new_home = dir.path().join("new");
@@ -176,9 +174,7 @@ fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
 fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_offer() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));
-    let offer = Offer::new(&loopback(), &[]).unwrap();
-    let code = offer.code().clone();
-    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let (code, server, seen) = offered(&store);
     for _ in 0..20 {
         let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
         let _ = join(&dir.path().join("new"), &guess);
@@ -237,9 +233,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
 fn a_joiner_gone_after_the_hand_over_leaves_it_done_but_unconfirmed() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));
-    let offer = Offer::new(&loopback(), &[]).unwrap();
-    let code = offer.code().clone();
-    let (server, _seen) = serve(offer, &store, Duration::from_secs(60));
+    let (code, server, _seen) = offered(&store);
     let (conn, channel, _) = connect(&code).unwrap();
     let mut input = Opening {
         conn,
@@ -278,9 +272,7 @@ fn a_code_nobody_uses_runs_out_and_changes_nothing() {
 fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_device() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));
-    let offer = Offer::new(&loopback(), &[]).unwrap();
-    let code = offer.code().clone();
-    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let (code, server, seen) = offered(&store);
     // It reads the whole account, then hangs up (or says something else).
     for last in [None, Some(vec![READY, 1, 2, 3]), Some(vec![DONE])] {
         let (conn, channel, _) = connect(&code).unwrap();
@@ -443,9 +435,7 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
     let (store, _, _) = account(&dir.path().join("old"));
     let (_other, _, _) = account(&dir.path().join("taken"));
     drop(_other);
-    let offer = Offer::new(&loopback(), &[]).unwrap();
-    let code = offer.code().clone();
-    let (server, seen) = serve(offer, &store, Duration::from_secs(60));
+    let (code, server, seen) = offered(&store);
     let err = join(&dir.path().join("taken"), &code).unwrap_err();
     assert!(
         err.to_string().contains("already holds an identity"),
@@ -484,6 +474,9 @@ fn a_code_lists_the_lan_first_and_never_loopback_unless_alone() {
     assert_eq!(v4, &want[..3]);
     assert!(addrs.iter().all(|a| a.port() != 0));
     assert!(!offer.loopback_only());
+    // Loopback named: this machine only.
+    let offer = Offer::new(&loopback(), &ips).unwrap();
+    assert!(offer.loopback_only());
     // No network: this machine only, and it says so.
     let offer = Offer::new(&["0.0.0.0:0".parse().unwrap()], &[]).unwrap();
     assert!(offer.code().addrs()[0].ip().is_loopback());

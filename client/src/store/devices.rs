@@ -62,7 +62,7 @@ impl LocalStore {
     pub fn acting_identity(&self) -> Result<Option<Identity>, StoreError> {
         if let Some(h) = self.handed_over()? {
             return Err(StoreError::HandedOver(format!(
-                "this device handed your account to another device (key {}) on {}, and no longer acts for it: use that device. Only if it did not finish joining, `kkachi device link` here hands the account over again; otherwise remove this home",
+                "this device handed your account to another device (key {}) on {}, and no longer acts for it: use that device. Only if it did not finish joining (it holds no account), `kkachi device link --again` here hands the account over again; otherwise remove this home",
                 crate::engine::fingerprint(&h.to),
                 crate::time::format_ms(h.at_ms)
             )));

@@ -97,10 +97,12 @@ pub async fn run_with(
     let store = match LocalStore::open(home) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
-            return Err(CommandError::Refused(format!(
-                "kkachi is already running for {} (a daemon or another UI); stop it to open the UI here (the UI stays online just like a daemon)",
-                home.display()
-            )));
+            return Err(CommandError::Refused(
+                crate::link::held_by_linking(home).unwrap_or_else(|| format!(
+                    "kkachi is already running for {} (a daemon or another UI); stop it to open the UI here (the UI stays online just like a daemon)",
+                    home.display()
+                )),
+            ));
         }
         Err(e) => return Err(e.into()),
     };
