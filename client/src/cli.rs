@@ -384,6 +384,10 @@ pub enum DeviceCommand {
         /// the device it went to did not finish joining (it holds no account).
         #[arg(long)]
         again: bool,
+        /// Hand the account to the first device that has the code, without asking to
+        /// compare its safety number (for scripts; a terminal is needed otherwise).
+        #[arg(long)]
+        yes: bool,
     },
     /// Take your account from another device, with the code `kkachi device link` shows
     /// there. Run it with a --home that holds no account yet.

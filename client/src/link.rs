@@ -3,15 +3,17 @@
 //! The device that has the account listens and shows a one-time code (a secret and its
 //! addresses); the new device connects, and both prove they hold the code (a Noise
 //! `NNpsk0` handshake, then a first channel message from the new device, which a
-//! recorded handshake replayed cannot make) before anything else is said. The account
-//! then goes over in the stream a backup holds (§11), sealed message by message; the
-//! new device restores it beside its home as a restore does, with a session key of its
-//! own, and says so. Only then does the old device record, durably, that it handed the
-//! account over (it acts for it no more), and confirm; only on that confirmation does
-//! the new home take its place, which it tells the old device last. So two devices
-//! never act for the account at once, and a transfer broken anywhere leaves the old
-//! device as it was, or (the confirmation lost) able to hand the account over again,
-//! which it tells its user.
+//! recorded handshake replayed cannot make) before anything else is said. Both then
+//! show the handshake's safety number, and the old device's user confirms the new one
+//! shows the same before anything more is sent (someone else who saw the code shows
+//! another). The account then goes over in the stream a backup holds (§11), sealed
+//! message by message; the new device restores it beside its home as a restore does,
+//! with a session key of its own, and says so. Only then does the old device record,
+//! durably, that it handed the account over (it acts for it no more), and confirm;
+//! only on that confirmation does the new home take its place, which it tells the old
+//! device last. So two devices never act for the account at once, and a transfer
+//! broken anywhere leaves the old device as it was, or (the confirmation lost) able to
+//! hand the account over again, which it tells its user.
 //!
 //! Everything the other end sends is bounded (a message is at most 64 KiB by its
 //! length field, a handshake message exactly 48 bytes, records as a restore bounds
@@ -40,6 +42,9 @@ use crate::store::{LocalStore, StoreError};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long any later message may take before the transfer is given up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new device waits for the account to start coming: its user compares
+/// the safety number and confirms on the old device meanwhile.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the old device waits for the new one to restore what it was sent.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the old device waits to hear that the new home is in place.
@@ -86,6 +91,11 @@ pub enum LinkFailure {
     /// The transfer broke off.
     #[error("the transfer broke off: {0}")]
     BrokeOff(String),
+    /// The old device sent nothing: its user did not confirm this one.
+    #[error(
+        "the other device did not send your account: its user did not confirm this device (the safety numbers must match), or its offer ended"
+    )]
+    NotAccepted,
     /// What came is not an account.
     #[error("what the other device sent is not a kkachi account: nothing was kept")]
     NotAnAccount,
@@ -106,6 +116,9 @@ pub enum Seen {
     WrongCode(SocketAddr),
     /// A device with the code connected; the account is going over.
     Sending(SocketAddr),
+    /// A device with the code connected, and the user did not confirm it: it was sent
+    /// nothing.
+    Declined(SocketAddr),
     /// A transfer broke off; the code still holds.
     BrokeOff(SocketAddr, String),
 }
@@ -238,7 +251,10 @@ impl Offer {
     }
 
     /// Waits `wait` for a device holding the code, sends it the account in `store`,
-    /// and records that this home handed it over. `seen` hears what happens meanwhile.
+    /// and records that this home handed it over. `confirm` is asked first, with where
+    /// the device is and the safety number of its handshake (the new device shows its
+    /// own: the same, unless someone else who holds the code connected instead); a
+    /// device it does not confirm is sent nothing. `seen` hears what happens meanwhile.
     /// Connections are checked on threads of their own (at most [`MAX_CHECKING`] at
     /// once, [`MAX_CHECKING_PER_ADDRESS`] from one address, each for at most
     /// [`HANDSHAKE_TIMEOUT`]), so none holds up another.
@@ -247,6 +263,7 @@ impl Offer {
         self,
         store: &LocalStore,
         wait: Duration,
+        mut confirm: impl FnMut(SocketAddr, &str) -> bool,
         mut seen: impl FnMut(Seen),
     ) -> Result<Handed, LinkFailure> {
         let deadline = Instant::now() + wait;
@@ -319,6 +336,10 @@ impl Offer {
                         continue;
                     }
                 };
+                if !confirm(from, &channel.safety_number()) {
+                    seen(Seen::Declined(from));
+                    continue;
+                }
                 seen(Seen::Sending(from));
                 match hand_over(store, conn, channel) {
                     Ok((to, counts, confirmed)) => {
@@ -423,23 +444,32 @@ pub struct Joined {
     pub from: SocketAddr,
 }
 
-/// Takes the account offered under `code` into `home` (which must hold none). The home
-/// appears only once the old device confirmed it handed the account over. Blocks: run
-/// it off the async runtime.
-pub fn join(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
+/// Takes the account offered under `code` into `home` (which must hold none).
+/// `connected` hears where the old device answered and the safety number its user is
+/// to compare. The home appears only once the old device confirmed it handed the
+/// account over. Blocks: run it off the async runtime.
+pub fn join(
+    home: &Path,
+    code: &LinkCode,
+    connected: impl FnOnce(SocketAddr, &str),
+) -> Result<Joined, LinkFailure> {
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
         let (conn, channel, from) = connect(code)?;
+        connected(from, &channel.safety_number());
         let mut input = Opening {
             conn,
             channel,
             buf: Vec::new(),
             at: 0,
+            opened: 0,
         };
         let name = format!("the account from {from}");
         let restored = crate::backup::restore_into(staging, &name, |sink| {
             crate::backup::read_contents(&mut input, &name, sink)
         })
         .map_err(|e| match e {
+            // Nothing came: the old device's user did not confirm this one.
+            _ if input.opened == 0 => LinkFailure::NotAccepted,
             BackupError::Io(why) => LinkFailure::BrokeOff(why),
             BackupError::NotABackup(_) | BackupError::Header(_) => LinkFailure::NotAnAccount,
             BackupError::Newer(_, version) => LinkFailure::Newer(version),
@@ -773,17 +803,25 @@ struct Opening {
     channel: Channel,
     buf: Vec<u8>,
     at: usize,
+    /// Messages opened so far (the first may wait for the other user to confirm).
+    opened: usize,
 }
 
 impl Read for Opening {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         if self.at == self.buf.len() {
-            let msg = self.conn.read(IDLE_TIMEOUT)?;
+            let within = if self.opened == 0 {
+                CONFIRM_TIMEOUT
+            } else {
+                IDLE_TIMEOUT
+            };
+            let msg = self.conn.read(within)?;
             self.buf = self
                 .channel
                 .open(&msg)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
             self.at = 0;
+            self.opened += 1;
             if self.buf.is_empty() {
                 // Never sent: the stream goes in messages that each hold some of it.
                 return Err(std::io::Error::new(

@@ -537,13 +537,18 @@ fn main() -> ExitCode {
                 listen,
                 wait,
                 again,
+                yes,
             }) => {
                 if let Some(why) = missing_home(&home) {
                     return error(why);
                 }
-                match kkachi_client::commands::device_link(&home, &listen, wait, again, cli.json)
-                    .await
-                {
+                let asked = kkachi_client::commands::LinkAsked {
+                    listen,
+                    wait,
+                    again,
+                    yes,
+                };
+                match kkachi_client::commands::device_link(&home, &asked, cli.json).await {
                     Ok(output) => emit(&output),
                     Err(e) => error(e),
                 }

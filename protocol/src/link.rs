@@ -250,10 +250,7 @@ impl LinkCode {
             .write_message(&[], &mut msg)
             .map_err(|_| LinkError::Handshake)?;
         msg.truncate(n);
-        let transport = state
-            .into_transport_mode()
-            .map_err(|_| LinkError::Handshake)?;
-        Ok((Channel { transport }, msg))
+        Ok((Channel::after(state)?, msg))
     }
 }
 
@@ -283,11 +280,7 @@ impl Joining {
         {
             return Err(LinkError::Handshake);
         }
-        let transport = self
-            .state
-            .into_transport_mode()
-            .map_err(|_| LinkError::Handshake)?;
-        Ok(Channel { transport })
+        Channel::after(self.state)
     }
 }
 
@@ -295,6 +288,15 @@ impl Joining {
 /// order, each opened only once and only in order.
 pub struct Channel {
     transport: snow::TransportState,
+    safety: u32,
+}
+
+/// The safety number of a handshake of hash `hash`: both ends of one handshake show
+/// the same, and anyone else's handshake with either end (someone who saw the code)
+/// another, but for one chance in 10^8.
+fn safety_number(handshake: &[u8]) -> u32 {
+    let h = hash("kkachi/link-safety/v1", &[handshake]);
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % 100_000_000
 }
 
 impl std::fmt::Debug for Channel {
@@ -304,6 +306,20 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
+    fn after(state: snow::HandshakeState) -> Result<Self, LinkError> {
+        let safety = safety_number(state.get_handshake_hash());
+        let transport = state
+            .into_transport_mode()
+            .map_err(|_| LinkError::Handshake)?;
+        Ok(Self { transport, safety })
+    }
+
+    /// The handshake's safety number, as people compare it: two groups of four digits
+    /// ("0412 7730").
+    pub fn safety_number(&self) -> String {
+        format!("{:04} {:04}", self.safety / 10_000, self.safety % 10_000)
+    }
+
     /// Seals `plaintext` (at most [`MAX_LINK_CHUNK`] bytes) as the next message.
     pub fn seal(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, LinkError> {
         if plaintext.len() > MAX_LINK_CHUNK {

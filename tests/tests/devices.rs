@@ -47,6 +47,7 @@ fn offer(user: &User, wait: &str) -> (Child, mpsc::Receiver<String>, String) {
             "127.0.0.1:0",
             "--wait",
             wait,
+            "--yes",
             "--json",
         ])
         .stdout(Stdio::piped())
@@ -268,9 +269,18 @@ fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
     assert!(why.contains("that is an invite code"), "{why}");
     // Linking needs the home to itself: with a daemon running it says so.
     let mut daemon = alice.daemon();
-    let busy = alice.run(&["device", "link", "--listen", "127.0.0.1:0", "--wait", "10s"]);
+    let busy = alice.run(&["device", "link", "--listen", "127.0.0.1:0", "--yes"]);
     assert!(!busy.status.success());
     let why = String::from_utf8_lossy(&busy.stderr);
     assert!(why.contains("stop it first"), "{why}");
     daemon.stop();
+    // With no terminal to confirm the new device's safety number, and no --yes, it
+    // does not offer at all.
+    let unasked = alice.run(&["device", "link", "--listen", "127.0.0.1:0"]);
+    assert!(!unasked.status.success());
+    let why = String::from_utf8_lossy(&unasked.stderr);
+    assert!(
+        why.contains("at a terminal") && why.contains("--yes"),
+        "{why}"
+    );
 }

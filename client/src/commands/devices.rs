@@ -255,16 +255,32 @@ fn say(line: impl AsRef<str>) {
     let _ = stdout.flush();
 }
 
-/// `kkachi device link`: offers the account in `home` under a one-time code for
-/// `wait` seconds, and hands it to the device that joins with it. Runs only where no
+/// What `device link` was asked.
+#[derive(Debug, Clone)]
+pub struct LinkAsked {
+    /// Where to listen (empty: where `KKACHI_LISTEN` says, else this machine's network
+    /// addresses).
+    pub listen: Vec<SocketAddr>,
+    /// How long the code holds, in seconds.
+    pub wait: u32,
+    /// Hand over again from a home that handed its account over before.
+    pub again: bool,
+    /// Hand over without asking to compare the safety number.
+    pub yes: bool,
+}
+
+/// `kkachi device link`: offers the account in `home` under a one-time code for as
+/// long as asked, and hands it to the device that joins with it once its user
+/// confirmed the safety number both show (unless asked not to). Runs only where no
 /// other kkachi holds the home (this one must not change while it goes over).
-pub async fn link(
-    home: &Path,
-    listen: &[SocketAddr],
-    wait: u32,
-    again: bool,
-    json: bool,
-) -> Result<Output, CommandError> {
+pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, CommandError> {
+    let LinkAsked {
+        ref listen,
+        wait,
+        again,
+        yes,
+    } = *asked;
+
     let store = match LocalStore::open(home) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => {
@@ -284,15 +300,20 @@ pub async fn link(
             format_ms(h.at_ms)
         )));
     }
+    if !yes && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err(CommandError::Refused(
+            "the new device's safety number is confirmed here, at a terminal: run this in one, or add --yes to hand your account to the first device that has the code".into(),
+        ));
+    }
     // What finds the home held meanwhile says by what.
     let _linking = crate::link::mark_linking(home);
-    let asked = if listen.is_empty() {
+    let wanted = if listen.is_empty() {
         crate::link::listen_from_env()
     } else {
         listen.to_vec()
     };
     let mut listen: Vec<SocketAddr> = Vec::new();
-    for addr in asked {
+    for addr in wanted {
         if !listen.contains(&addr) {
             listen.push(addr);
         }
@@ -349,8 +370,28 @@ pub async fn link(
     let peer = me.peer_id();
     let served = store.clone();
     let mut wrong = 0u64;
+    let confirm = move |from: SocketAddr, number: &str| {
+        if json {
+            eprintln!(
+                "{}",
+                json!({ "event": "holds_code", "from": from.to_string(), "safety_number": number })
+            );
+        }
+        if yes {
+            if !json {
+                eprintln!("the device at {from} holds the code (safety number {number})");
+            }
+            return true;
+        }
+        eprint!(
+            "The device at {from} holds the code. Does it show the safety number {number}? Type y to hand it your account: "
+        );
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
+    };
     let handed = tokio::task::spawn_blocking(move || {
-        offer.serve(&served, Duration::from_secs(u64::from(wait)), |seen| {
+        offer.serve(&served, Duration::from_secs(u64::from(wait)), confirm, |seen| {
             if matches!(seen, Seen::WrongCode(_)) {
                 wrong += 1;
                 // A few are told; then only every hundredth (someone may be trying
@@ -383,6 +424,13 @@ pub async fn link(
                     "broke_off",
                     from,
                     format!("the transfer to {from} broke off ({why}); the code still holds"),
+                ),
+                Seen::Declined(from) => (
+                    "declined",
+                    from,
+                    format!(
+                        "the device at {from} was not confirmed: it was sent nothing; the code still holds. If you did not start it, someone else has seen the code: stop here (Ctrl-C) and make a new one"
+                    ),
                 ),
             };
             if json {
@@ -439,7 +487,20 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
     };
     let code = LinkCode::parse(&typed).map_err(LinkFailure::from)?;
     let into = home.to_path_buf();
-    let joining = tokio::task::spawn_blocking(move || crate::link::join(&into, &code));
+    let joining = tokio::task::spawn_blocking(move || {
+        crate::link::join(&into, &code, |from, number| {
+            if json {
+                eprintln!(
+                    "{}",
+                    json!({ "event": "connected", "from": from.to_string(), "safety_number": number })
+                );
+            } else {
+                eprintln!(
+                    "Connected to the device at {from}. Safety number: {number}. Check that it shows the same, and confirm there."
+                );
+            }
+        })
+    });
     let joined = tokio::select! {
         joined = joining => joined
             .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??,

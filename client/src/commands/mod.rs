@@ -34,7 +34,7 @@ use crate::store::{Contact, LocalStore, Profile, StoreError};
 
 pub use backup::{restore as backup_restore, verify as backup_verify};
 pub use contacts::{describe_duration, parse_duration, timer_line};
-pub use devices::{join as device_join, link as device_link};
+pub use devices::{LinkAsked, join as device_join, link as device_link};
 use groups::Target;
 use messages::Pick;
 pub use messages::{

@@ -70,9 +70,14 @@ fn offered(
     let (tx, rx) = mpsc::channel();
     let store = store.clone();
     let handle = std::thread::spawn(move || {
-        offer.serve(&store, Duration::from_secs(60), |seen| {
-            let _ = tx.send(seen);
-        })
+        offer.serve(
+            &store,
+            Duration::from_secs(60),
+            |_, _| true,
+            |seen| {
+                let _ = tx.send(seen);
+            },
+        )
     });
     (code, handle, rx)
 }
@@ -84,7 +89,7 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let (code, server, seen) = offered(&store);
     let new_home = dir.path().join("new");
     let started = Instant::now();
-    let joined = join(&new_home, &code).expect("joins");
+    let joined = join(&new_home, &code, |_, _| {}).expect("joins");
     let took = started.elapsed();
     let handed = server.join().unwrap().expect("hands over");
     println!(
@@ -137,7 +142,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     // Same address, another secret: a guess, or a stale code.
     let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
     let new_home = dir.path().join("new");
-    let err = join(&new_home, &guess).unwrap_err();
+    let err = join(&new_home, &guess, |_, _| {}).unwrap_err();
     assert!(
         matches!(err, LinkFailure::Code(LinkError::Handshake)),
         "{err}"
@@ -157,7 +162,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
         Ok(Seen::WrongCode(_))
     ));
     drop(TcpStream::connect(code.addrs()[0]).unwrap());
-    join(&new_home, &code).expect("the right code still works");
+    join(&new_home, &code, |_, _| {}).expect("the right code still works");
     server.join().unwrap().expect("hands over");
 }
 
@@ -177,7 +182,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
     let (code, server, seen) = offered(&store);
     for _ in 0..20 {
         let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
-        let _ = join(&dir.path().join("new"), &guess);
+        let _ = join(&dir.path().join("new"), &guess, |_, _| {});
     }
     // From other hosts: connections that say nothing, more than one address may hold
     // at once, and one that trickles a message in a byte at a time.
@@ -196,10 +201,10 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
     let answer = conn.read(Duration::from_secs(5)).unwrap();
     assert_eq!(answer.len(), LINK_HANDSHAKE_LEN);
     conn.write(&[0x5a; 17]).unwrap();
+    // Were it queued behind them, its own handshake would run out first and fail.
     let started = Instant::now();
-    join(&dir.path().join("new"), &code).expect("the right code still works");
+    join(&dir.path().join("new"), &code, |_, _| {}).expect("the right code still works");
     let took = started.elapsed();
-    assert!(took < HANDSHAKE_TIMEOUT, "held up {} ms", took.as_millis());
     let handed = server.join().unwrap().expect("hands over");
     let seen: Vec<Seen> = seen.try_iter().collect();
     let wrong = seen
@@ -240,6 +245,7 @@ fn a_joiner_gone_after_the_hand_over_leaves_it_done_but_unconfirmed() {
         channel,
         buf: Vec::new(),
         at: 0,
+        opened: 0,
     };
     crate::backup::read_contents(&mut input, "test", |_| Ok(())).unwrap();
     let key = Identity::generate().x25519_public();
@@ -262,7 +268,7 @@ fn a_code_nobody_uses_runs_out_and_changes_nothing() {
     let (store, _, _) = account(&dir.path().join("old"));
     let offer = Offer::new(&loopback(), &[]).unwrap();
     let err = offer
-        .serve(&store, Duration::from_millis(200), |_| {})
+        .serve(&store, Duration::from_millis(200), |_, _| true, |_| {})
         .unwrap_err();
     assert!(matches!(err, LinkFailure::TimedOut(_)), "{err}");
     assert!(store.acting_identity().unwrap().is_some());
@@ -281,6 +287,7 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
             channel,
             buf: Vec::new(),
             at: 0,
+            opened: 0,
         };
         let (counts, ending) =
             crate::backup::read_contents(&mut input, "test", |_| Ok(())).unwrap();
@@ -303,7 +310,7 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
         assert!(store.acting_identity().unwrap().is_some());
     }
     // The code still holds.
-    join(&dir.path().join("new"), &code).expect("joins");
+    join(&dir.path().join("new"), &code, |_, _| {}).expect("joins");
     server.join().unwrap().expect("hands over");
 }
 
@@ -415,7 +422,7 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
         let bytes = stream.clone();
         let linker = fake_linker(&code, move |ch, conn| play(ch, conn, bytes));
         let home = dir.path().join("new");
-        let err = join(&home, &code).unwrap_err().to_string();
+        let err = join(&home, &code, |_, _| {}).unwrap_err().to_string();
         assert!(err.contains(what), "expected {what:?}: {err}");
         assert!(!home.exists(), "{what}: no home is left behind");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -436,14 +443,22 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
     let (_other, _, _) = account(&dir.path().join("taken"));
     drop(_other);
     let (code, server, seen) = offered(&store);
-    let err = join(&dir.path().join("taken"), &code).unwrap_err();
-    assert!(
-        err.to_string().contains("already holds an identity"),
-        "{err}"
-    );
+    // The store just closed may hold its lock a moment longer (its flusher lets go in
+    // the background): a home held is refused too, but the case here is the identity.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let err = join(&dir.path().join("taken"), &code, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        if !err.contains("does not open") || Instant::now() > deadline {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(err.contains("already holds an identity"), "{err}");
     // Refused before connecting: the old device saw no one.
     assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
-    join(&dir.path().join("new"), &code).expect("joins");
+    join(&dir.path().join("new"), &code, |_, _| {}).expect("joins");
     server.join().unwrap().expect("hands over");
 }
 
@@ -483,4 +498,46 @@ fn a_code_lists_the_lan_first_and_never_loopback_unless_alone() {
     assert!(offer.loopback_only());
     let offer = Offer::new(&[], &[]).unwrap();
     assert!(offer.loopback_only());
+}
+
+#[test]
+fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let offer = Offer::new(&loopback(), &[]).unwrap();
+    let code = offer.code().clone();
+    let (asked_tx, asked) = mpsc::channel::<String>();
+    let (seen_tx, seen) = mpsc::channel();
+    let served = store.clone();
+    // The user declines the first device, then confirms the next.
+    let mut answers = [false, true].into_iter();
+    let server = std::thread::spawn(move || {
+        offer.serve(
+            &served,
+            Duration::from_secs(60),
+            |_, number| {
+                let _ = asked_tx.send(number.to_string());
+                answers.next().unwrap()
+            },
+            |s| {
+                let _ = seen_tx.send(s);
+            },
+        )
+    });
+    let home = dir.path().join("new");
+    let mut shown = String::new();
+    let err = join(&home, &code, |_, number| shown = number.to_string()).unwrap_err();
+    assert!(matches!(err, LinkFailure::NotAccepted), "{err}");
+    assert_eq!(asked.recv().unwrap(), shown, "both ends show one number");
+    assert!(!home.exists());
+    assert!(matches!(
+        seen.recv_timeout(Duration::from_secs(10)),
+        Ok(Seen::Declined(_))
+    ));
+    assert_eq!(store.handed_over().unwrap(), None);
+    let mut second = String::new();
+    join(&home, &code, |_, number| second = number.to_string()).expect("joins");
+    assert_eq!(asked.recv().unwrap(), second);
+    assert_ne!(second, shown, "another handshake, another number");
+    server.join().unwrap().expect("hands over");
 }

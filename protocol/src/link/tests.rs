@@ -37,6 +37,12 @@ fn known_answer_code_and_key() {
     );
 }
 
+#[test]
+fn known_answer_safety_number() {
+    // Computed apart from this code, from SPEC §15.1 alone.
+    assert_eq!(safety_number(&[1u8; 32]), 82_355_473);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -154,6 +160,16 @@ fn both_ends_of_one_code_talk_in_both_directions() {
     assert_eq!(joiner.open(&sealed).expect("opens"), big);
     let back = joiner.seal(b"ready").expect("seals");
     assert_eq!(linker.open(&back).expect("opens"), b"ready");
+    // Both ends of one handshake show one safety number; another handshake (someone
+    // else who holds the code) shows another.
+    let shown = linker.safety_number();
+    assert_eq!(joiner.safety_number(), shown);
+    assert_eq!(shown.len(), 9, "{shown}");
+    let (other, first) = code.join();
+    let (linked, answer) = code.answer(&first).expect("same code");
+    let other = other.finish(&answer).expect("same code");
+    assert_eq!(other.safety_number(), linked.safety_number());
+    assert_ne!(other.safety_number(), shown);
     assert!(matches!(
         linker.seal(&vec![0; MAX_LINK_CHUNK + 1]),
         Err(LinkError::TooBig(_))

@@ -82,6 +82,7 @@ fn link_once(bin: &Path, old: &Path, new: &Path) -> Result<Duration> {
             "127.0.0.1:0",
             "--wait",
             "1m",
+            "--yes",
             "--json",
         ])
         .stdout(std::process::Stdio::piped())
