@@ -378,6 +378,7 @@ pub(crate) fn restore_with<T, E: From<BackupError>>(
         remove_staging(home);
         tempfile::Builder::new()
             .prefix(&prefix)
+            .rand_bytes(STAGING_RANDOM)
             .tempdir_in(parent)
             .map_err(io(parent))
     })()?;
@@ -408,12 +409,22 @@ pub fn remove_staging(home: &Path) {
     let prefix = staging_prefix(home);
     if let Ok(entries) = std::fs::read_dir(parent_of(home)) {
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            // This home's alone: the prefix and exactly the random part after it (the
+            // staging of a home `a-b` starts with the prefix of a home `a`).
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let ours = name.strip_prefix(&prefix).is_some_and(|rest| {
+                rest.len() == STAGING_RANDOM && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+            if ours && entry.path().is_dir() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
 }
+
+/// Random characters after a staging directory's prefix.
+const STAGING_RANDOM: usize = 8;
 
 /// Whether `home` may become a restored or linked home: it does not exist, or holds no
 /// identity (one kkachi opened before, as the UI on a new device does, made an empty
@@ -473,10 +484,22 @@ fn place(
             .and_then(|()| std::fs::remove_dir_all(&staged))
     };
     placed.map_err(|e| {
+        // Out of the way of the next restore's clean-up (it may be the account's only
+        // copy now), under a name that says what it is.
+        let kept = parent.join(format!(
+            "{}.kkachi-new-home-{}",
+            home.file_name()
+                .map_or_else(|| "home".into(), |n| n.to_string_lossy()),
+            crate::engine::now_ms()
+        ));
+        let kept = match std::fs::rename(&staged, &kept) {
+            Ok(()) => kept,
+            Err(_) => staged.clone(),
+        };
         BackupError::Io(format!(
-            "cannot move the new home into {} ({e}): it is whole at {}; move that directory there yourself",
+            "cannot move the new home into {} ({e}): it is at {}; move that directory there yourself",
             home.display(),
-            staged.display()
+            kept.display()
         ))
     })?;
     if let Ok(d) = std::fs::File::open(parent) {

@@ -24,13 +24,14 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kkachi_protocol::link::{
-    Channel, LINK_HANDSHAKE_LEN, LinkCode, LinkError, MAX_LINK_CHUNK, MAX_LINK_MESSAGE,
+    Channel, LINK_ANSWER_LEN, LINK_FIRST_LEN, LINK_HELLO_LEN, LinkCode, LinkError, MAX_LINK_CHUNK,
+    MAX_LINK_MESSAGE,
 };
 use thiserror::Error;
 
@@ -51,14 +52,16 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 const PLACED_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new device tries each address of the code.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections checked at once; more wait in the listener's queue.
+/// How long a connection may take to send its first message.
+const FIRST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections checked at once; past it, the oldest is cut off.
 const MAX_CHECKING: usize = 64;
-/// Connections from one address checked at once; more from it are dropped at once (so
-/// nobody holds the offer up by opening connections and saying nothing).
+/// Connections from one source (an IPv4 address, an IPv6 /64) checked at once; more
+/// from it are dropped at once (so nobody holds the offer up by opening connections and
+/// saying nothing).
 const MAX_CHECKING_PER_ADDRESS: usize = 4;
-/// The new device's first channel message: proof that it holds the code now (a first
-/// message recorded and sent again cannot make it). `HELLO`.
-const HELLO: u8 = 0;
+/// Connections taken from one listener before the offer looks at anything else.
+const ACCEPTS_PER_PASS: usize = 16;
 /// The new device restored the account: `READY ‖ its session key (32)`.
 const READY: u8 = 1;
 /// The old device handed the account over: `DONE`.
@@ -256,8 +259,8 @@ impl Offer {
     /// own: the same, unless someone else who holds the code connected instead); a
     /// device it does not confirm is sent nothing. `seen` hears what happens meanwhile.
     /// Connections are checked on threads of their own (at most [`MAX_CHECKING`] at
-    /// once, [`MAX_CHECKING_PER_ADDRESS`] from one address, each for at most
-    /// [`HANDSHAKE_TIMEOUT`]), so none holds up another.
+    /// once, the oldest cut off past it; [`MAX_CHECKING_PER_ADDRESS`] from one source;
+    /// each for at most [`HANDSHAKE_TIMEOUT`]), so none holds up another for long.
     /// Blocks: run it off the async runtime.
     pub fn serve(
         self,
@@ -269,9 +272,7 @@ impl Offer {
         let deadline = Instant::now() + wait;
         let (checked_tx, checked) =
             mpsc::channel::<(SocketAddr, Result<(Conn, Channel), LinkFailure>)>();
-        let checking = Arc::new(AtomicUsize::new(0));
-        let per_address: Arc<parking_lot::Mutex<std::collections::HashMap<IpAddr, usize>>> =
-            Arc::default();
+        let checking = Checking::default();
         loop {
             if Instant::now() >= deadline {
                 let secs = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX);
@@ -281,8 +282,9 @@ impl Offer {
             }
             let mut idle = true;
             for listener in &self.listeners {
-                // Only as many as are checked at once: the rest wait in the queue.
-                while checking.load(Ordering::Acquire) < MAX_CHECKING {
+                // A bounded number each pass, so results are read and the deadline
+                // checked whatever comes in.
+                for _ in 0..ACCEPTS_PER_PASS {
                     let (stream, from) = match listener.accept() {
                         Ok(conn) => conn,
                         Err(e) => {
@@ -293,35 +295,17 @@ impl Offer {
                         }
                     };
                     idle = false;
-                    {
-                        let mut from_there = per_address.lock();
-                        let n = from_there.entry(from.ip()).or_default();
-                        if *n >= MAX_CHECKING_PER_ADDRESS {
-                            drop(stream);
-                            drop(from_there);
-                            seen(Seen::WrongCode(from));
-                            continue;
-                        }
-                        *n += 1;
-                    }
-                    checking.fetch_add(1, Ordering::AcqRel);
-                    let (code, tx, count, there) = (
-                        self.code.clone(),
-                        checked_tx.clone(),
-                        checking.clone(),
-                        per_address.clone(),
-                    );
+                    let Some(id) = checking.admit(from, &stream) else {
+                        // That address has as many being checked as it may.
+                        drop(stream);
+                        seen(Seen::WrongCode(from));
+                        continue;
+                    };
+                    let (code, tx, done) =
+                        (self.code.clone(), checked_tx.clone(), checking.clone());
                     std::thread::spawn(move || {
                         let result = check(&code, stream);
-                        count.fetch_sub(1, Ordering::AcqRel);
-                        let mut from_there = there.lock();
-                        if let Some(n) = from_there.get_mut(&from.ip()) {
-                            *n -= 1;
-                            if *n == 0 {
-                                from_there.remove(&from.ip());
-                            }
-                        }
-                        drop(from_there);
+                        done.release(id, from);
                         let _ = tx.send((from, result));
                     });
                 }
@@ -336,6 +320,10 @@ impl Offer {
                         continue;
                     }
                 };
+                if Instant::now() >= deadline {
+                    // Ran out while others were asked about: this one is too late.
+                    break;
+                }
                 if !confirm(from, &channel.safety_number()) {
                     seen(Seen::Declined(from));
                     continue;
@@ -362,19 +350,82 @@ impl Offer {
 }
 
 /// Whether the connection `stream` holds the code: its first message opens under the
-/// code, and its hello (which only the one who made that first message can seal) comes
-/// next; all within [`HANDSHAKE_TIMEOUT`] of now.
+/// code (within [`FIRST_TIMEOUT`]: a device that has the code sends it at once), and
+/// its hello (which only the one who made that first message can seal) comes next; all
+/// within [`HANDSHAKE_TIMEOUT`] of now.
 fn check(code: &LinkCode, stream: TcpStream) -> Result<(Conn, Channel), LinkFailure> {
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let started = Instant::now();
     let mut conn = Conn::new(stream)?;
-    let first = conn.read_until(deadline, LINK_HANDSHAKE_LEN)?;
-    let (mut channel, answer) = code.answer(&first)?;
+    let first = conn.read_until(started + FIRST_TIMEOUT, LINK_FIRST_LEN)?;
+    let (answered, answer) = code.answer(&first)?;
     conn.write(&answer)?;
-    let hello = channel.open(&conn.read_until(deadline, LINK_HANDSHAKE_LEN)?)?;
-    if hello != [HELLO] {
-        return Err(LinkError::Handshake.into());
+    let hello = conn.read_until(started + HANDSHAKE_TIMEOUT, LINK_HELLO_LEN)?;
+    Ok((conn, answered.hello(&hello)?))
+}
+
+/// The connections being checked: how many from each source, and (oldest first) a
+/// handle on each, to cut the oldest off when the most are being checked.
+#[derive(Clone, Default)]
+struct Checking {
+    inner: Arc<parking_lot::Mutex<CheckingInner>>,
+}
+
+#[derive(Default)]
+struct CheckingInner {
+    next: u64,
+    by_source: std::collections::HashMap<IpAddr, usize>,
+    live: std::collections::VecDeque<(u64, TcpStream)>,
+}
+
+/// Where a connection comes from, for counting: an IPv4 address, or an IPv6 /64 (one
+/// host easily holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(o))
+        }
+        v4 => v4,
     }
-    Ok((conn, channel))
+}
+
+impl Checking {
+    /// Takes `stream` from `from` in to be checked, unless its source has as many
+    /// being checked as it may; when the most are being checked, the oldest is cut off
+    /// (a device that has the code answers in a moment: only one that does not is old).
+    fn admit(&self, from: SocketAddr, stream: &TcpStream) -> Option<u64> {
+        let mut inner = self.inner.lock();
+        let n = inner.by_source.entry(source(from.ip())).or_default();
+        if *n >= MAX_CHECKING_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        if inner.live.len() >= MAX_CHECKING
+            && let Some((_, oldest)) = inner.live.pop_front()
+        {
+            let _ = oldest.shutdown(std::net::Shutdown::Both);
+        }
+        let id = inner.next;
+        inner.next += 1;
+        if let Ok(handle) = stream.try_clone() {
+            inner.live.push_back((id, handle));
+        }
+        Some(id)
+    }
+
+    /// Connection `id` from `from` was checked.
+    fn release(&self, id: u64, from: SocketAddr) {
+        let mut inner = self.inner.lock();
+        inner.live.retain(|(live, _)| *live != id);
+        let key = source(from.ip());
+        if let Some(n) = inner.by_source.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                inner.by_source.remove(&key);
+            }
+        }
+    }
 }
 
 /// Sends the account over `channel`, waits for the new device's word that it holds
@@ -452,6 +503,7 @@ pub fn join(
     home: &Path,
     code: &LinkCode,
     connected: impl FnOnce(SocketAddr, &str),
+    committing: &std::sync::atomic::AtomicBool,
 ) -> Result<Joined, LinkFailure> {
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
         let (conn, channel, from) = connect(code)?;
@@ -469,7 +521,9 @@ pub fn join(
         })
         .map_err(|e| match e {
             // Nothing came: the old device's user did not confirm this one.
-            _ if input.opened == 0 => LinkFailure::NotAccepted,
+            e if input.opened == 0 && !matches!(e, BackupError::Store(_)) => {
+                LinkFailure::NotAccepted
+            }
             BackupError::Io(why) => LinkFailure::BrokeOff(why),
             BackupError::NotABackup(_) | BackupError::Header(_) => LinkFailure::NotAnAccount,
             BackupError::Newer(_, version) => LinkFailure::Newer(version),
@@ -505,6 +559,9 @@ pub fn join(
         } = input;
         let mut ready = vec![READY];
         ready.extend_from_slice(&restored.session_key);
+        // From here the other device may let go of the account: this one must not be
+        // cancelled any more.
+        committing.store(true, Ordering::SeqCst);
         conn.write(&channel.seal(&ready)?)?;
         let done = conn.read(IDLE_TIMEOUT).map_err(|e| {
             LinkFailure::BrokeOff(format!(
@@ -542,11 +599,11 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, SocketAddr), LinkFailure> 
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let shake = || -> Result<(Conn, Channel), LinkFailure> {
             let mut conn = Conn::new(stream)?;
-            let (joining, first) = code.join();
+            let (joining, first) = code.join(&mut rand_core::OsRng);
             conn.write(&first)?;
             // The old device hangs up on a first message that does not hold its code.
             let answer =
-                conn.read_until(deadline, LINK_HANDSHAKE_LEN)
+                conn.read_until(deadline, LINK_ANSWER_LEN)
                     .map_err(|e| match e.kind() {
                         std::io::ErrorKind::UnexpectedEof
                         | std::io::ErrorKind::ConnectionReset
@@ -555,8 +612,8 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, SocketAddr), LinkFailure> 
                         }
                         _ => e.into(),
                     })?;
-            let mut channel = joining.finish(&answer)?;
-            conn.write(&channel.seal(&[HELLO])?)?;
+            let (channel, hello) = joining.finish(&answer)?;
+            conn.write(&hello)?;
             Ok((conn, channel))
         };
         match shake() {

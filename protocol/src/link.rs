@@ -33,9 +33,18 @@ pub const LINK_PROLOGUE: &[u8] = b"kkachi/link/v1";
 pub const MAX_LINK_MESSAGE: usize = 65_535;
 /// The most plaintext one channel message carries (a message less its tag).
 pub const MAX_LINK_CHUNK: usize = MAX_LINK_MESSAGE - 16;
-/// The length of each handshake message: an ephemeral key and the tag of an empty
-/// payload. Anything else is refused before it is read.
-pub const LINK_HANDSHAKE_LEN: usize = 32 + 16;
+/// The length of the first handshake message: an ephemeral key, and the commitment to
+/// the joining device's nonce under its tag. Anything else is refused before it is read.
+pub const LINK_FIRST_LEN: usize = 32 + 32 + 16;
+/// The length of the answer: an ephemeral key and the tag of an empty payload.
+pub const LINK_ANSWER_LEN: usize = 32 + 16;
+/// The joining device's nonce, committed to in the first message, revealed in the
+/// hello.
+const NONCE_LEN: usize = 16;
+/// The first channel message, from the joining device: `0x00 ‖ nonce`, sealed.
+const HELLO: u8 = 0;
+/// The length of the sealed hello.
+pub const LINK_HELLO_LEN: usize = 1 + NONCE_LEN + 16;
 const CHECKSUM_LEN: usize = 4;
 const MAX_LINK_BYTES: usize = 1 + LINK_SECRET_LEN + 1 + MAX_LINK_ADDRS * 19 + CHECKSUM_LEN;
 
@@ -202,61 +211,85 @@ impl LinkCode {
         hash("kkachi/link-psk/v1", &[&self.secret])
     }
 
-    fn builder(&self) -> snow::HandshakeState {
+    /// A fresh handshake state under this code's key, for the joining device
+    /// (`initiator`) or the linking one.
+    fn state(&self, initiator: bool) -> snow::HandshakeState {
         // Never fails: the parameters are fixed and supported, the key 32 bytes.
         let psk = self.psk();
         let builder = snow::Builder::new(LINK_NOISE.parse().expect("valid Noise parameters"))
             .prologue(LINK_PROLOGUE)
-            .and_then(|b| b.psk(0, &psk));
-        builder
-            .and_then(|b| b.build_initiator())
-            .expect("a supported Noise pattern")
+            .and_then(|b| b.psk(0, &psk))
+            .expect("a supported Noise pattern");
+        if initiator {
+            builder.build_initiator()
+        } else {
+            builder.build_responder()
+        }
+        .expect("a supported Noise pattern")
     }
 
-    /// The joining device's end: its first handshake message, and the state that
-    /// reads the answer.
-    pub fn join(&self) -> (Joining, Vec<u8>) {
-        let mut state = self.builder();
-        let mut msg = vec![0u8; 64];
+    /// The joining device's end: its first handshake message, which commits to a
+    /// random nonce (revealed in the hello, after the answer), and the state that reads
+    /// the answer.
+    pub fn join(&self, rng: &mut impl rand_core::CryptoRngCore) -> (Joining, Vec<u8>) {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let mut state = self.state(true);
+        let mut msg = vec![0u8; LINK_FIRST_LEN];
         let n = state
-            .write_message(&[], &mut msg)
+            .write_message(&commitment(&nonce), &mut msg)
             .expect("the first message fits");
         msg.truncate(n);
-        (Joining { state }, msg)
+        (Joining { state, nonce }, msg)
     }
 
     /// The linking device's end: reads the joining device's first message and answers
     /// it. A wrong code fails here, before anything is sent.
-    pub fn answer(&self, first: &[u8]) -> Result<(Channel, Vec<u8>), LinkError> {
-        if first.len() != LINK_HANDSHAKE_LEN {
+    pub fn answer(&self, first: &[u8]) -> Result<(Answered, Vec<u8>), LinkError> {
+        if first.len() != LINK_FIRST_LEN {
             return Err(LinkError::Handshake);
         }
-        let psk = self.psk();
-        let mut state = snow::Builder::new(LINK_NOISE.parse().expect("valid Noise parameters"))
-            .prologue(LINK_PROLOGUE)
-            .and_then(|b| b.psk(0, &psk))
-            .and_then(|b| b.build_responder())
-            .expect("a supported Noise pattern");
-        let mut payload = [0u8; LINK_HANDSHAKE_LEN];
-        if state
+        let mut state = self.state(false);
+        let mut payload = [0u8; LINK_FIRST_LEN];
+        let n = state
             .read_message(first, &mut payload)
-            .map_err(|_| LinkError::Handshake)?
-            != 0
-        {
-            return Err(LinkError::Handshake);
-        }
-        let mut msg = vec![0u8; 64];
+            .map_err(|_| LinkError::Handshake)?;
+        let commit: [u8; 32] = payload[..n].try_into().map_err(|_| LinkError::Handshake)?;
+        let mut msg = vec![0u8; LINK_ANSWER_LEN];
         let n = state
             .write_message(&[], &mut msg)
             .map_err(|_| LinkError::Handshake)?;
         msg.truncate(n);
-        Ok((Channel::after(state)?, msg))
+        let handshake = handshake_hash(&state);
+        let transport = state
+            .into_transport_mode()
+            .map_err(|_| LinkError::Handshake)?;
+        Ok((
+            Answered {
+                transport,
+                handshake,
+                commit,
+            },
+            msg,
+        ))
     }
+}
+
+/// What the first message commits to.
+fn commitment(nonce: &[u8; NONCE_LEN]) -> [u8; 32] {
+    hash("kkachi/link-commit/v1", &[nonce])
+}
+
+fn handshake_hash(state: &snow::HandshakeState) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&state.get_handshake_hash()[..32]);
+    h
 }
 
 /// The joining device's handshake, waiting for the answer.
 pub struct Joining {
     state: snow::HandshakeState,
+    nonce: [u8; NONCE_LEN],
 }
 
 impl std::fmt::Debug for Joining {
@@ -266,12 +299,13 @@ impl std::fmt::Debug for Joining {
 }
 
 impl Joining {
-    /// Reads the linking device's answer: the channel, if it holds the same code.
-    pub fn finish(mut self, answer: &[u8]) -> Result<Channel, LinkError> {
-        if answer.len() != LINK_HANDSHAKE_LEN {
+    /// Reads the linking device's answer: the channel, if it holds the same code, and
+    /// the hello to send at once (it reveals the nonce the first message committed to).
+    pub fn finish(mut self, answer: &[u8]) -> Result<(Channel, Vec<u8>), LinkError> {
+        if answer.len() != LINK_ANSWER_LEN {
             return Err(LinkError::Handshake);
         }
-        let mut payload = [0u8; LINK_HANDSHAKE_LEN];
+        let mut payload = [0u8; LINK_ANSWER_LEN];
         if self
             .state
             .read_message(answer, &mut payload)
@@ -280,7 +314,57 @@ impl Joining {
         {
             return Err(LinkError::Handshake);
         }
-        Channel::after(self.state)
+        let handshake = handshake_hash(&self.state);
+        let transport = self
+            .state
+            .into_transport_mode()
+            .map_err(|_| LinkError::Handshake)?;
+        let mut channel = Channel {
+            transport,
+            safety: safety_number(&handshake, &self.nonce),
+        };
+        let mut hello = vec![HELLO];
+        hello.extend_from_slice(&self.nonce);
+        let hello = channel.seal(&hello)?;
+        Ok((channel, hello))
+    }
+}
+
+/// The linking device's handshake, answered, waiting for the hello.
+pub struct Answered {
+    transport: snow::TransportState,
+    handshake: [u8; 32],
+    commit: [u8; 32],
+}
+
+impl std::fmt::Debug for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answered").finish_non_exhaustive()
+    }
+}
+
+impl Answered {
+    /// Opens the joining device's hello: the channel, if it opens (only the one who
+    /// made the first message can seal it: a first message recorded and sent again
+    /// gets no further) and reveals the nonce the first message committed to.
+    pub fn hello(self, sealed: &[u8]) -> Result<Channel, LinkError> {
+        if sealed.len() != LINK_HELLO_LEN {
+            return Err(LinkError::Handshake);
+        }
+        let mut channel = Channel {
+            transport: self.transport,
+            safety: 0,
+        };
+        let hello = channel.open(sealed).map_err(|_| LinkError::Handshake)?;
+        let nonce: [u8; NONCE_LEN] = match hello.split_first() {
+            Some((&HELLO, nonce)) => nonce.try_into().map_err(|_| LinkError::Handshake)?,
+            _ => return Err(LinkError::Handshake),
+        };
+        if commitment(&nonce) != self.commit {
+            return Err(LinkError::Handshake);
+        }
+        channel.safety = safety_number(&self.handshake, &nonce);
+        Ok(channel)
     }
 }
 
@@ -291,11 +375,14 @@ pub struct Channel {
     safety: u32,
 }
 
-/// The safety number of a handshake of hash `hash`: both ends of one handshake show
-/// the same, and anyone else's handshake with either end (someone who saw the code)
-/// another, but for one chance in 10^8.
-fn safety_number(handshake: &[u8]) -> u32 {
-    let h = hash("kkachi/link-safety/v1", &[handshake]);
+/// The safety number of a handshake of hash `handshake` whose first message committed
+/// to `nonce`: both ends of one handshake show the same. Anyone else's handshake with
+/// either end shows another, but for one chance in 10^8: the joining device's nonce
+/// is unknown to whoever answers it until the answer is sent, and the linking
+/// device's answer unknown to whoever committed, so neither side of someone in the
+/// middle can steer the number towards the other's.
+fn safety_number(handshake: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> u32 {
+    let h = hash("kkachi/link-safety/v1", &[handshake, nonce]);
     u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % 100_000_000
 }
 
@@ -306,14 +393,6 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
-    fn after(state: snow::HandshakeState) -> Result<Self, LinkError> {
-        let safety = safety_number(state.get_handshake_hash());
-        let transport = state
-            .into_transport_mode()
-            .map_err(|_| LinkError::Handshake)?;
-        Ok(Self { transport, safety })
-    }
-
     /// The handshake's safety number, as people compare it: two groups of four digits
     /// ("0412 7730").
     pub fn safety_number(&self) -> String {

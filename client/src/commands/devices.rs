@@ -383,6 +383,8 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
             }
             return true;
         }
+        // What was typed before the question (a stray Enter, a "y") does not answer it.
+        let _ = rustix::termios::tcflush(std::io::stdin(), rustix::termios::QueueSelector::IFlush);
         eprint!(
             "The device at {from} holds the code. Does it show the safety number {number}? Type y to hand it your account: "
         );
@@ -487,30 +489,45 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
     };
     let code = LinkCode::parse(&typed).map_err(LinkFailure::from)?;
     let into = home.to_path_buf();
-    let joining = tokio::task::spawn_blocking(move || {
-        crate::link::join(&into, &code, |from, number| {
-            if json {
-                eprintln!(
-                    "{}",
-                    json!({ "event": "connected", "from": from.to_string(), "safety_number": number })
-                );
-            } else {
-                eprintln!(
-                    "Connected to the device at {from}. Safety number: {number}. Check that it shows the same, and confirm there."
-                );
-            }
-        })
+    let committing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committed = committing.clone();
+    let mut joining = tokio::task::spawn_blocking(move || {
+        crate::link::join(
+            &into,
+            &code,
+            |from, number| {
+                if json {
+                    eprintln!(
+                        "{}",
+                        json!({ "event": "connected", "from": from.to_string(), "safety_number": number })
+                    );
+                } else {
+                    eprintln!(
+                        "Connected to the device at {from}. Safety number: {number}. Check that it shows the same, and confirm there."
+                    );
+                }
+            },
+            &committed,
+        )
     });
-    let joined = tokio::select! {
-        joined = joining => joined
-            .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??,
-        _ = tokio::signal::ctrl_c() => {
-            // What was staged goes (the other device let go of nothing: that waits for
-            // this one's word, which a cancelled join never gives).
-            crate::backup::remove_staging(home);
-            // At once: the transfer's thread is not waited for (it may wait a minute).
-            eprintln!("cancelled: nothing was kept here, and the other device still holds your account");
-            std::process::exit(130);
+    let joined = loop {
+        tokio::select! {
+            joined = &mut joining => break joined
+                .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??,
+            _ = tokio::signal::ctrl_c() => {
+                if committing.load(std::sync::atomic::Ordering::SeqCst) {
+                    // The other device may have let go of the account already.
+                    eprintln!("the account is being handed over: this can no longer be cancelled, and ends in a moment");
+                    continue;
+                }
+                // What was staged goes (the other device let go of nothing: that
+                // waits for this one's word, which a cancelled join never gives).
+                crate::backup::remove_staging(home);
+                // At once: the transfer's thread is not waited for (it may wait a
+                // minute).
+                eprintln!("cancelled: nothing was kept here, and the other device still holds your account");
+                std::process::exit(130);
+            }
         }
     };
     let restored = &joined.restored;

@@ -1,6 +1,7 @@
 //! Handing an account over: what goes, what the old device becomes, and what a
 //! transfer broken, tampered with or guessed at leaves behind.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 
 use kkachi_protocol::{Card, Identity, Multiaddr};
@@ -89,7 +90,7 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let (code, server, seen) = offered(&store);
     let new_home = dir.path().join("new");
     let started = Instant::now();
-    let joined = join(&new_home, &code, |_, _| {}).expect("joins");
+    let joined = join(&new_home, &code, |_, _| {}, &AtomicBool::new(false)).expect("joins");
     let took = started.elapsed();
     let handed = server.join().unwrap().expect("hands over");
     println!(
@@ -142,7 +143,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     // Same address, another secret: a guess, or a stale code.
     let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
     let new_home = dir.path().join("new");
-    let err = join(&new_home, &guess, |_, _| {}).unwrap_err();
+    let err = join(&new_home, &guess, |_, _| {}, &AtomicBool::new(false)).unwrap_err();
     assert!(
         matches!(err, LinkFailure::Code(LinkError::Handshake)),
         "{err}"
@@ -155,14 +156,14 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     assert_eq!(store.handed_over().unwrap(), None);
     // Junk, and a connection that closes at once: dropped, the offer goes on.
     let mut junk = TcpStream::connect(code.addrs()[0]).unwrap();
-    junk.write_all(&[0, 48]).unwrap();
-    junk.write_all(&[0x41; 48]).unwrap();
+    junk.write_all(&[0, LINK_FIRST_LEN as u8]).unwrap();
+    junk.write_all(&[0x41; LINK_FIRST_LEN]).unwrap();
     assert!(matches!(
         seen.recv_timeout(Duration::from_secs(10)),
         Ok(Seen::WrongCode(_))
     ));
     drop(TcpStream::connect(code.addrs()[0]).unwrap());
-    join(&new_home, &code, |_, _| {}).expect("the right code still works");
+    join(&new_home, &code, |_, _| {}, &AtomicBool::new(false)).expect("the right code still works");
     server.join().unwrap().expect("hands over");
 }
 
@@ -182,7 +183,12 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
     let (code, server, seen) = offered(&store);
     for _ in 0..20 {
         let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
-        let _ = join(&dir.path().join("new"), &guess, |_, _| {});
+        let _ = join(
+            &dir.path().join("new"),
+            &guess,
+            |_, _| {},
+            &AtomicBool::new(false),
+        );
     }
     // From other hosts: connections that say nothing, more than one address may hold
     // at once, and one that trickles a message in a byte at a time.
@@ -190,20 +196,24 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
         .map(|_| connect_from("127.0.0.2", code.addrs()[0]))
         .collect();
     let mut trickle = connect_from("127.0.0.3", code.addrs()[0]);
-    trickle
-        .write_all(&[0, LINK_HANDSHAKE_LEN as u8, 1])
-        .unwrap();
+    trickle.write_all(&[0, LINK_FIRST_LEN as u8, 1]).unwrap();
     // A recorded first message sent again, with no hello it could seal after it.
-    let (_, recorded) = code.join();
+    let (_, recorded) = code.join(&mut rand_core::OsRng);
     let mut replay = connect_from("127.0.0.4", code.addrs()[0]);
     let mut conn = Conn::new(replay.try_clone().unwrap()).unwrap();
     conn.write(&recorded).unwrap();
     let answer = conn.read(Duration::from_secs(5)).unwrap();
-    assert_eq!(answer.len(), LINK_HANDSHAKE_LEN);
-    conn.write(&[0x5a; 17]).unwrap();
+    assert_eq!(answer.len(), LINK_ANSWER_LEN);
+    conn.write(&[0x5a; LINK_HELLO_LEN]).unwrap();
     // Were it queued behind them, its own handshake would run out first and fail.
     let started = Instant::now();
-    join(&dir.path().join("new"), &code, |_, _| {}).expect("the right code still works");
+    join(
+        &dir.path().join("new"),
+        &code,
+        |_, _| {},
+        &AtomicBool::new(false),
+    )
+    .expect("the right code still works");
     let took = started.elapsed();
     let handed = server.join().unwrap().expect("hands over");
     let seen: Vec<Seen> = seen.try_iter().collect();
@@ -310,7 +320,13 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
         assert!(store.acting_identity().unwrap().is_some());
     }
     // The code still holds.
-    join(&dir.path().join("new"), &code, |_, _| {}).expect("joins");
+    join(
+        &dir.path().join("new"),
+        &code,
+        |_, _| {},
+        &AtomicBool::new(false),
+    )
+    .expect("joins");
     server.join().unwrap().expect("hands over");
 }
 
@@ -326,10 +342,10 @@ fn fake_linker(
         let (stream, _) = listener.accept().unwrap();
         let mut conn = Conn::new(stream).unwrap();
         let first = conn.read(Duration::from_secs(10)).unwrap();
-        let (mut channel, answer) = code.answer(&first).unwrap();
+        let (answered, answer) = code.answer(&first).unwrap();
         conn.write(&answer).unwrap();
         let hello = conn.read(Duration::from_secs(10)).unwrap();
-        assert_eq!(channel.open(&hello).unwrap(), [HELLO]);
+        let mut channel = answered.hello(&hello).unwrap();
         send(&mut channel, &mut conn);
     })
 }
@@ -422,7 +438,9 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
         let bytes = stream.clone();
         let linker = fake_linker(&code, move |ch, conn| play(ch, conn, bytes));
         let home = dir.path().join("new");
-        let err = join(&home, &code, |_, _| {}).unwrap_err().to_string();
+        let err = join(&home, &code, |_, _| {}, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(what), "expected {what:?}: {err}");
         assert!(!home.exists(), "{what}: no home is left behind");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -447,9 +465,14 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
     // the background): a home held is refused too, but the case here is the identity.
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
-        let err = join(&dir.path().join("taken"), &code, |_, _| {})
-            .unwrap_err()
-            .to_string();
+        let err = join(
+            &dir.path().join("taken"),
+            &code,
+            |_, _| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap_err()
+        .to_string();
         if !err.contains("does not open") || Instant::now() > deadline {
             break err;
         }
@@ -458,7 +481,13 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
     assert!(err.contains("already holds an identity"), "{err}");
     // Refused before connecting: the old device saw no one.
     assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
-    join(&dir.path().join("new"), &code, |_, _| {}).expect("joins");
+    join(
+        &dir.path().join("new"),
+        &code,
+        |_, _| {},
+        &AtomicBool::new(false),
+    )
+    .expect("joins");
     server.join().unwrap().expect("hands over");
 }
 
@@ -526,7 +555,13 @@ fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number
     });
     let home = dir.path().join("new");
     let mut shown = String::new();
-    let err = join(&home, &code, |_, number| shown = number.to_string()).unwrap_err();
+    let err = join(
+        &home,
+        &code,
+        |_, number| shown = number.to_string(),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
     assert!(matches!(err, LinkFailure::NotAccepted), "{err}");
     assert_eq!(asked.recv().unwrap(), shown, "both ends show one number");
     assert!(!home.exists());
@@ -536,8 +571,90 @@ fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number
     ));
     assert_eq!(store.handed_over().unwrap(), None);
     let mut second = String::new();
-    join(&home, &code, |_, number| second = number.to_string()).expect("joins");
+    join(
+        &home,
+        &code,
+        |_, number| second = number.to_string(),
+        &AtomicBool::new(false),
+    )
+    .expect("joins");
     assert_eq!(asked.recv().unwrap(), second);
     assert_ne!(second, shown, "another handshake, another number");
     server.join().unwrap().expect("hands over");
+}
+
+#[test]
+fn what_a_cut_off_join_staged_goes_and_only_that_homes() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("key"), b"secret").unwrap();
+        path
+    };
+    let ours = make(".kkachi-restoring-a-Xy3k9QzA");
+    let other_home = make(".kkachi-restoring-a-b-Xy3k9QzA");
+    let longer = make(".kkachi-restoring-a-Xy3k9QzAb");
+    crate::backup::remove_staging(&dir.path().join("a"));
+    assert!(!ours.exists(), "the staging of home a goes");
+    assert!(other_home.exists(), "home a-b's stays");
+    assert!(longer.exists(), "a name that only starts like it stays");
+}
+
+#[test]
+fn sources_are_counted_by_address_or_ipv6_64_and_the_oldest_is_cut_off_when_full() {
+    let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+    let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+    let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+    assert_eq!(source(a), source(b), "one /64");
+    assert_ne!(source(a), source(c));
+    let v4: IpAddr = "192.168.1.7".parse().unwrap();
+    assert_eq!(source(v4), v4);
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap();
+    // Both ends of a fresh loopback connection: ours, and the other side's.
+    let pair = || {
+        let theirs = TcpStream::connect(to).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (ours, theirs)
+    };
+    let checking = Checking::default();
+    // One /64 may have only so many checked at once.
+    let from_a = SocketAddr::new(a, 1);
+    let from_b = SocketAddr::new(b, 2);
+    let mut held = Vec::new();
+    for _ in 0..MAX_CHECKING_PER_ADDRESS {
+        let (ours, theirs) = pair();
+        assert!(checking.admit(from_a, &ours).is_some());
+        held.push((ours, theirs));
+    }
+    let (ours, _theirs) = pair();
+    assert!(checking.admit(from_b, &ours).is_none(), "the same /64");
+    // From many sources: past the most checked at once, the oldest is cut off.
+    for i in 0..MAX_CHECKING - MAX_CHECKING_PER_ADDRESS {
+        let (ours, theirs) = pair();
+        let from = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, i as u8)),
+            9,
+        );
+        assert!(checking.admit(from, &ours).is_some());
+        held.push((ours, theirs));
+    }
+    let (ours, _theirs2) = pair();
+    assert!(checking.admit(SocketAddr::new(c, 3), &ours).is_some());
+    // The oldest (the first from `a`) was shut: its other side reads the end.
+    let oldest_theirs = &mut held[0].1;
+    oldest_theirs
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(oldest_theirs.read(&mut byte).unwrap(), 0, "cut off");
+    // And a slot freed is taken again.
+    checking.release(0, from_a);
+    let (ours, _theirs3) = pair();
+    assert!(
+        checking.admit(from_b, &ours).is_some(),
+        "a slot of the /64 freed"
+    );
 }

@@ -40,7 +40,11 @@ fn known_answer_code_and_key() {
 #[test]
 fn known_answer_safety_number() {
     // Computed apart from this code, from SPEC §15.1 alone.
-    assert_eq!(safety_number(&[1u8; 32]), 82_355_473);
+    assert_eq!(safety_number(&[1u8; 32], &[2u8; NONCE_LEN]), 31_634_530);
+    assert_eq!(
+        hex(&commitment(&[2u8; NONCE_LEN])),
+        "d38ba0574f47e1476442316eeb426a8711fe61bf59dcfc164194d466496b0afc"
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -148,12 +152,20 @@ fn the_secret_stays_out_of_logs() {
     );
 }
 
+/// Both ends of one handshake under `code`: the joining device's channel, the linking
+/// device's.
+fn pair(code: &LinkCode, seed: u64) -> (Channel, Channel) {
+    let (joining, first) = code.join(&mut crate::test_rng(seed));
+    let (answered, answer) = code.answer(&first).expect("same code");
+    let (joiner, hello) = joining.finish(&answer).expect("same code");
+    let linker = answered.hello(&hello).expect("its hello");
+    (joiner, linker)
+}
+
 #[test]
 fn both_ends_of_one_code_talk_in_both_directions() {
     let code = LinkCode::generate(&mut crate::test_rng(1), addrs()).expect("a code");
-    let (joining, first) = code.join();
-    let (mut linker, answer) = code.answer(&first).expect("same code");
-    let mut joiner = joining.finish(&answer).expect("same code");
+    let (mut joiner, mut linker) = pair(&code, 2);
     let big = vec![0x5a; MAX_LINK_CHUNK];
     let sealed = linker.seal(&big).expect("seals");
     assert_eq!(sealed.len(), MAX_LINK_MESSAGE);
@@ -165,9 +177,7 @@ fn both_ends_of_one_code_talk_in_both_directions() {
     let shown = linker.safety_number();
     assert_eq!(joiner.safety_number(), shown);
     assert_eq!(shown.len(), 9, "{shown}");
-    let (other, first) = code.join();
-    let (linked, answer) = code.answer(&first).expect("same code");
-    let other = other.finish(&answer).expect("same code");
+    let (other, linked) = pair(&code, 3);
     assert_eq!(other.safety_number(), linked.safety_number());
     assert_ne!(other.safety_number(), shown);
     assert!(matches!(
@@ -180,40 +190,76 @@ fn both_ends_of_one_code_talk_in_both_directions() {
 fn another_code_never_completes_the_handshake() {
     let right = code();
     let wrong = LinkCode::new([8u8; LINK_SECRET_LEN], addrs()).expect("a code");
+    let rng = &mut crate::test_rng(4);
     // A joiner with the wrong code: the linker refuses its first message.
-    let (_, first) = wrong.join();
+    let (_, first) = wrong.join(rng);
     assert!(matches!(right.answer(&first), Err(LinkError::Handshake)));
     // A linker with the wrong code: the joiner refuses its answer.
-    let (joining, _) = right.join();
-    let (_, answer) = wrong.answer(&wrong.join().1).expect("its own code answers");
+    let (joining, _) = right.join(rng);
+    let (_, answer) = wrong
+        .answer(&wrong.join(rng).1)
+        .expect("its own code answers");
     assert!(matches!(joining.finish(&answer), Err(LinkError::Handshake)));
     // Junk and an empty message, likewise.
     assert!(matches!(right.answer(&[]), Err(LinkError::Handshake)));
     assert!(matches!(
-        right.answer(&[0u8; 48]),
+        right.answer(&[0u8; LINK_FIRST_LEN]),
         Err(LinkError::Handshake)
     ));
     assert!(matches!(
         right.answer(&vec![0u8; MAX_LINK_MESSAGE + 1]),
         Err(LinkError::Handshake)
     ));
-    // The first message is exactly an ephemeral key and a tag; one longer (a payload
-    // hidden in it) is refused before it is read.
-    let (_, first) = right.join();
-    assert_eq!(first.len(), LINK_HANDSHAKE_LEN);
+    // Each message has its one length; one longer is refused before it is read.
+    let (joining, first) = right.join(rng);
+    assert_eq!(first.len(), LINK_FIRST_LEN);
     let mut longer = first.clone();
     longer.push(0);
     assert!(matches!(right.answer(&longer), Err(LinkError::Handshake)));
-    let (_, answer) = right.answer(&first).expect("answers");
-    assert_eq!(answer.len(), LINK_HANDSHAKE_LEN);
+    let (answered, answer) = right.answer(&first).expect("answers");
+    assert_eq!(answer.len(), LINK_ANSWER_LEN);
+    let (_, hello) = joining.finish(&answer).expect("finishes");
+    assert_eq!(hello.len(), LINK_HELLO_LEN);
+    answered.hello(&hello).expect("its hello opens");
+}
+
+#[test]
+fn a_first_message_sent_again_gets_no_channel() {
+    let code = code();
+    let rng = &mut crate::test_rng(5);
+    let (joining, first) = code.join(rng);
+    let (answered, answer) = code.answer(&first).expect("same code");
+    let (_, hello) = joining.finish(&answer).expect("same code");
+    answered.hello(&hello).expect("the real one");
+    // Someone who recorded the first message (and its hello) sends both again: the
+    // answer is new, so the old hello does not open under it, and no hello can be made
+    // without the joining device's ephemeral key.
+    let (replayed, _) = code.answer(&first).expect("message 1 alone proves nothing");
+    assert!(matches!(replayed.hello(&hello), Err(LinkError::Handshake)));
+    let (replayed, _) = code.answer(&first).expect("again");
+    assert!(matches!(
+        replayed.hello(&[0u8; LINK_HELLO_LEN]),
+        Err(LinkError::Handshake)
+    ));
+}
+
+#[test]
+fn a_hello_that_does_not_reveal_the_committed_nonce_is_refused() {
+    // Whoever answers the joining device learns its nonce only from the hello, after
+    // its answer is sent; a hello revealing another nonce than the first message
+    // committed to (to steer the number) is refused.
+    let code = code();
+    let (mut joining, first) = code.join(&mut crate::test_rng(6));
+    let (answered, answer) = code.answer(&first).expect("same code");
+    joining.nonce = [9u8; NONCE_LEN];
+    let (_, hello) = joining.finish(&answer).expect("same code");
+    assert!(matches!(answered.hello(&hello), Err(LinkError::Handshake)));
 }
 
 #[test]
 fn an_altered_replayed_or_reordered_message_does_not_open() {
     let code = code();
-    let (joining, first) = code.join();
-    let (mut linker, answer) = code.answer(&first).expect("same code");
-    let mut joiner = joining.finish(&answer).expect("same code");
+    let (mut joiner, mut linker) = pair(&code, 7);
     let one = linker.seal(b"one").expect("seals");
     let two = linker.seal(b"two").expect("seals");
     let mut flipped = one.clone();
