@@ -126,12 +126,20 @@ fn a_new_session_key_keeps_the_conversation_going_and_retires_old_codes() {
     bob.ok(&["sync"]);
     alice.ok(&["sync"]);
     for i in 0..3 {
-        alice.send("bob", &format!("alice after {i}"), 5.0).unwrap();
-        bob.ok(&["sync"]);
-        bob.send("alice", &format!("bob after {i}"), 5.0).unwrap();
-        alice.ok(&["sync"]);
+        // A message relayed on a session the other side just replaced is sealed again
+        // on the new one at the sender's next sync: each side syncs until it is there.
+        let text = format!("alice after {i}");
+        alice.send("bob", &text, 5.0).unwrap();
+        bob.sync_until_said("alice", &text, &alice);
+        let text = format!("bob after {i}");
+        bob.send("alice", &text, 5.0).unwrap();
+        alice.sync_until_said("bob", &text, &bob);
     }
+    // What either side sealed again is put, and confirmed, before the drill looks.
     bob.ok(&["sync"]);
+    alice.ok(&["sync"]);
+    bob.ok(&["sync"]);
+    alice.ok(&["sync"]);
     let at_alice = alice.history_texts("bob");
     let at_bob = bob.history_texts("alice");
     for i in 0..3 {
