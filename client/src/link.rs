@@ -145,7 +145,6 @@ pub struct Handed {
 pub struct Offer {
     code: LinkCode,
     listeners: Vec<TcpListener>,
-    loopback_only: bool,
 }
 
 /// The order in which a code lists this machine's addresses: a private network's
@@ -184,7 +183,6 @@ impl Offer {
     pub fn new(listen: &[SocketAddr], interfaces: &[IpAddr]) -> Result<Self, LinkFailure> {
         let ours = ordered(interfaces);
         let mut wanted: Vec<SocketAddr> = listen.to_vec();
-        let mut loopback_only = false;
         if wanted.is_empty() {
             wanted = ours
                 .iter()
@@ -193,7 +191,6 @@ impl Offer {
                 .collect();
         }
         if wanted.is_empty() {
-            loopback_only = true;
             wanted.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
         }
         let mut listeners = Vec::new();
@@ -211,7 +208,6 @@ impl Offer {
                     .map(|ip| SocketAddr::new(*ip, bound.port()))
                     .collect();
                 if matching.is_empty() {
-                    loopback_only = true;
                     vec![SocketAddr::new(
                         if bound.is_ipv4() {
                             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -234,13 +230,8 @@ impl Offer {
             listeners.push(listener);
         }
         addrs.truncate(kkachi_protocol::link::MAX_LINK_ADDRS);
-        loopback_only |= addrs.iter().all(|a| a.ip().is_loopback());
         let code = LinkCode::generate(&mut rand_core::OsRng, addrs)?;
-        Ok(Self {
-            code,
-            listeners,
-            loopback_only,
-        })
+        Ok(Self { code, listeners })
     }
 
     /// The code to show.
@@ -250,7 +241,7 @@ impl Offer {
 
     /// Whether the code reaches this machine only (it names loopback addresses only).
     pub fn loopback_only(&self) -> bool {
-        self.loopback_only
+        self.code.addrs().iter().all(|a| a.ip().is_loopback())
     }
 
     /// Waits `wait` for a device holding the code, sends it the account in `store`,
@@ -508,13 +499,7 @@ pub fn join(
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
         let (conn, channel, from) = connect(code)?;
         connected(from, &channel.safety_number());
-        let mut input = Opening {
-            conn,
-            channel,
-            buf: Vec::new(),
-            at: 0,
-            opened: 0,
-        };
+        let mut input = Opening::new(conn, channel);
         let name = format!("the account from {from}");
         let restored = crate::backup::restore_into(staging, &name, |sink| {
             crate::backup::read_contents(&mut input, &name, sink)
@@ -862,6 +847,18 @@ struct Opening {
     at: usize,
     /// Messages opened so far (the first may wait for the other user to confirm).
     opened: usize,
+}
+
+impl Opening {
+    fn new(conn: Conn, channel: Channel) -> Self {
+        Self {
+            conn,
+            channel,
+            buf: Vec::new(),
+            at: 0,
+            opened: 0,
+        }
+    }
 }
 
 impl Read for Opening {
