@@ -9,7 +9,7 @@
 //! (big-endian lengths), then `0xff ‖ records (u64)`, which says the stream is whole.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use age::secrecy::ExposeSecret;
 use thiserror::Error;
@@ -368,23 +368,93 @@ pub(crate) fn restore_with<T, E: From<BackupError>>(
     home: &Path,
     stage: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
-    let fresh_db = check_new_home(home)?;
     let parent = parent_of(home);
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    // One restore or join of a home at a time: another's staging is no leftover.
+    let lock = lock_home(home, parent)?;
+    let fresh_db = check_new_home(home)?;
     let prefix = staging_prefix(home);
-    let staging = (|| {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-        // A restore of this home cut off by a kill left its staging behind: it holds
-        // the account, so it goes.
-        remove_staging(home);
-        tempfile::Builder::new()
-            .prefix(&prefix)
-            .rand_bytes(STAGING_RANDOM)
-            .tempdir_in(parent)
-            .map_err(io(parent))
-    })()?;
+    // A restore of this home cut off by a kill left its staging behind: it holds the
+    // account, so it goes.
+    remove_staging(home);
+    let staging = tempfile::Builder::new()
+        .prefix(&prefix)
+        .rand_bytes(STAGING_RANDOM)
+        .tempdir_in(parent)
+        .map_err(io(parent))?;
     let restored = stage(staging.path())?;
     place(home, parent, staging, fresh_db)?;
+    drop(lock);
     Ok(restored)
+}
+
+/// The lock of restores and joins into one home: a file beside it, locked while this
+/// lives, and removed (still locked) when it goes.
+struct HomeLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for HomeLock {
+    fn drop(&mut self) {
+        // Whoever opened the file meanwhile finds, once it holds the lock, that it is
+        // not the file at the path any more, and takes the lock again (`lock_home`).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The lock file of restores and joins into `home`.
+fn lock_path(home: &Path, parent: &Path) -> PathBuf {
+    parent.join(format!(
+        ".kkachi-restore-{}.lock",
+        home.file_name()
+            .map_or_else(|| "home".into(), |n| n.to_string_lossy())
+    ))
+}
+
+/// Cancels this process's restore or join into `home` as it exits: what it staged
+/// goes, and its lock file (it holds the lock, which goes with the process).
+pub fn cancel_restore(home: &Path) {
+    remove_staging(home);
+    let _ = std::fs::remove_file(lock_path(home, parent_of(home)));
+}
+
+/// Takes the lock of restores and joins into `home`, or says that another process
+/// holds it.
+fn lock_home(home: &Path, parent: &Path) -> Result<HomeLock, BackupError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = lock_path(home, parent);
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(BackupError::Io(format!(
+                    "another restore or join into {} is running: let it finish (or stop it) first",
+                    home.display()
+                )));
+            }
+            Err(e) => {
+                return Err(BackupError::Io(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+        // Locked: but if its holder removed it before we did, the lock is on a file
+        // nobody else will open.
+        let held = file.metadata().map_err(io(&path))?;
+        if std::fs::metadata(&path)
+            .is_ok_and(|now| now.ino() == held.ino() && now.dev() == held.dev())
+        {
+            return Ok(HomeLock { _file: file, path });
+        }
+    }
 }
 
 /// The prefix of the staging directories of a restore or join of `home`, beside it.

@@ -369,14 +369,23 @@ pub enum DeviceCommand {
     },
     /// Hand your account to a new device: shows a one-time code (and its QR code) for
     /// `kkachi device join` there, and waits. The account goes over the local network,
-    /// encrypted under the code; once the new device holds it, this one stops acting for
-    /// it (the new device has a key of its own, and this one's is taken out). Stop the
-    /// daemon or UI of this home first.
+    /// or (for a device elsewhere) through one of your relays, encrypted under the code;
+    /// once the new device holds it, this one stops acting for it (the new device has a
+    /// key of its own, and this one's is taken out). Stop the daemon or UI of this home
+    /// first.
     Link {
         /// Listen here (an IP address and a port: 0 picks one; repeat for several)
         /// instead of on this machine's network addresses (or those KKACHI_LISTEN names).
         #[arg(long, value_name = "ADDR:PORT")]
         listen: Vec<std::net::SocketAddr>,
+        /// Over the local network only: no relay carries the transfer (nor learns its
+        /// size).
+        #[arg(long, conflicts_with = "relay_only")]
+        no_relay: bool,
+        /// Through a relay only: the code names no address of this device (for a new
+        /// device on another network).
+        #[arg(long, conflicts_with = "listen")]
+        relay_only: bool,
         /// How long the code holds (10s to 1d).
         #[arg(long, default_value = "10m", value_parser = link_wait)]
         wait: u32,

@@ -35,6 +35,8 @@ use kkachi_protocol::link::{
 };
 use thiserror::Error;
 
+use kkachi_protocol::Multiaddr;
+
 use crate::backup::{BackupError, Counts, Ending, Restored};
 use crate::store::{LocalStore, StoreError};
 
@@ -52,6 +54,11 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 const PLACED_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new device tries each address of the code.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the new device tries each address of a code that also names a relay.
+const CONNECT_TIMEOUT_BEFORE_RELAY: Duration = Duration::from_secs(2);
+/// How long the handshake through a relay may take, from the new device's end (each
+/// message a put and a poll away).
+const RELAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a connection may take to send its first message.
 const FIRST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections checked at once; past it, the oldest is cut off.
@@ -83,9 +90,15 @@ pub enum LinkFailure {
     Store(#[from] StoreError),
     /// No device holding the code answered at any of its addresses.
     #[error(
-        "no device answered with this code at {0}: is `kkachi device link` still running on your other device, on the same network? (a code holds while it runs)"
+        "no device answered with this code at {tried}: is `kkachi device link` still running on your other device{}? (a code holds while it runs)",
+        if *relayed { "" } else { ", on the same network" }
     )]
-    NoAnswer(String),
+    NoAnswer {
+        /// Each place tried, and what happened there.
+        tried: String,
+        /// Whether the code names a relay (the devices need not share a network).
+        relayed: bool,
+    },
     /// The code ran out before a device took the account.
     #[error(
         "no device took the account while the code held ({0}): run `kkachi device link` again for a new code"
@@ -116,14 +129,32 @@ pub enum LinkFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
     /// A connection that did not prove it holds the code was dropped.
-    WrongCode(SocketAddr),
+    WrongCode(Via),
     /// A device with the code connected; the account is going over.
-    Sending(SocketAddr),
+    Sending(Via),
     /// A device with the code connected, and the user did not confirm it: it was sent
     /// nothing.
-    Declined(SocketAddr),
+    Declined(Via),
     /// A transfer broke off; the code still holds.
-    BrokeOff(SocketAddr, String),
+    BrokeOff(Via, String),
+}
+
+/// Where the other device is: an address on the network, or behind a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// Connected directly, from or to this address.
+    Direct(SocketAddr),
+    /// Through the relay at this address.
+    Relay(String),
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Direct(addr) => write!(f, "{addr}"),
+            Self::Relay(relay) => write!(f, "relay {relay}"),
+        }
+    }
 }
 
 /// What the old device handed over, and to whom.
@@ -134,17 +165,19 @@ pub struct Handed {
     /// What went over.
     pub counts: Counts,
     /// Where the new device connected from.
-    pub from: SocketAddr,
+    pub from: Via,
     /// Whether the new device said its home is in place (if not, it may have stopped
     /// before: its user checks it before this home goes).
     pub confirmed: bool,
 }
 
-/// A code being offered: the listening sockets and the code that names them.
+/// A code being offered: the listening sockets, the relay, and the code that names
+/// them.
 #[derive(Debug)]
 pub struct Offer {
     code: LinkCode,
     listeners: Vec<TcpListener>,
+    relay: Option<relay::Listening>,
 }
 
 /// The order in which a code lists this machine's addresses: a private network's
@@ -229,9 +262,78 @@ impl Offer {
             }
             listeners.push(listener);
         }
-        addrs.truncate(kkachi_protocol::link::MAX_LINK_ADDRS);
-        let code = LinkCode::generate(&mut rand_core::OsRng, addrs)?;
-        Ok(Self { code, listeners })
+        // Room for a relay.
+        addrs.truncate(kkachi_protocol::link::MAX_LINK_ADDRS - 1);
+        let code = LinkCode::generate(&mut rand_core::OsRng, addrs, None)?;
+        Ok(Self {
+            code,
+            listeners,
+            relay: None,
+        })
+    }
+
+    /// An offer (listening as [`Offer::new`] does, given `listen` and its interfaces)
+    /// that also waits on one of `relays` (each with the access token its operator
+    /// gave, if any): the first that opens the code's queues. Without `listen` the code
+    /// names the relay alone, and fails if none opens; with it, an offer no relay holds
+    /// is made all the same, and why none does is told.
+    pub async fn through_relay(
+        listen: Option<(&[SocketAddr], &[IpAddr])>,
+        relays: &[(Multiaddr, Vec<u8>)],
+    ) -> Result<(Self, Option<String>), LinkFailure> {
+        if listen.is_none() && relays.is_empty() {
+            return Err(LinkFailure::Io(
+                "this account has no relay to link through: add one (`kkachi relay add`), or link over the local network".into(),
+            ));
+        }
+        let mut offer = match listen {
+            Some((listen, interfaces)) => Self::new(listen, interfaces)?,
+            None => Self {
+                code: LinkCode::generate(
+                    &mut rand_core::OsRng,
+                    Vec::new(),
+                    relays.first().map(|r| r.0.clone()),
+                )?,
+                listeners: Vec::new(),
+                relay: None,
+            },
+        };
+        let net = relay::network().map_err(LinkFailure::Io)?;
+        let queues = offer.code.queues();
+        let mut failed = Vec::new();
+        for (addr, token) in relays {
+            match relay::open(&net, addr, &queues, token).await {
+                Ok(()) => {
+                    offer.code = offer.code.with_relay(Some(addr.clone()))?;
+                    offer.relay = Some(relay::listen(
+                        tokio::runtime::Handle::current(),
+                        net,
+                        addr.clone(),
+                        queues,
+                    ));
+                    return Ok((offer, None));
+                }
+                Err(why) => failed.push(format!("{addr}: {why}")),
+            }
+        }
+        if offer.listeners.is_empty() {
+            return Err(LinkFailure::Io(format!(
+                "no relay could hold the link: {}",
+                failed.join("; ")
+            )));
+        }
+        offer.code = offer.code.with_relay(None)?;
+        let why = if failed.is_empty() {
+            "this account has no relay".into()
+        } else {
+            failed.join("; ")
+        };
+        Ok((offer, Some(why)))
+    }
+
+    /// The relay the code names, if any.
+    pub fn relay(&self) -> Option<&Multiaddr> {
+        self.relay.as_ref().map(relay::Listening::relay)
     }
 
     /// The code to show.
@@ -241,7 +343,7 @@ impl Offer {
 
     /// Whether the code reaches this machine only (it names loopback addresses only).
     pub fn loopback_only(&self) -> bool {
-        self.code.addrs().iter().all(|a| a.ip().is_loopback())
+        self.code.relay().is_none() && self.code.addrs().iter().all(|a| a.ip().is_loopback())
     }
 
     /// Waits `wait` for a device holding the code, sends it the account in `store`,
@@ -257,96 +359,132 @@ impl Offer {
         self,
         store: &LocalStore,
         wait: Duration,
-        mut confirm: impl FnMut(SocketAddr, &str) -> bool,
-        mut seen: impl FnMut(Seen),
+        confirm: impl FnMut(&Via, &str) -> bool,
+        seen: impl FnMut(Seen),
     ) -> Result<Handed, LinkFailure> {
-        let deadline = Instant::now() + wait;
-        let (checked_tx, checked) =
-            mpsc::channel::<(SocketAddr, Result<(Conn, Channel), LinkFailure>)>();
-        let checking = Checking::default();
-        loop {
-            if Instant::now() >= deadline {
-                let secs = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX);
-                return Err(LinkFailure::TimedOut(crate::commands::describe_duration(
-                    secs,
-                )));
-            }
-            let mut idle = true;
-            for listener in &self.listeners {
-                // A bounded number each pass, so results are read and the deadline
-                // checked whatever comes in.
-                for _ in 0..ACCEPTS_PER_PASS {
-                    let (stream, from) = match listener.accept() {
-                        Ok(conn) => conn,
-                        Err(e) => {
-                            if e.kind() != std::io::ErrorKind::WouldBlock {
-                                tracing::debug!(error = %e, "a link connection failed");
-                            }
-                            break;
-                        }
-                    };
-                    idle = false;
-                    let Some(id) = checking.admit(from, &stream) else {
-                        // That address has as many being checked as it may.
-                        drop(stream);
-                        seen(Seen::WrongCode(from));
-                        continue;
-                    };
-                    let (code, tx, done) =
-                        (self.code.clone(), checked_tx.clone(), checking.clone());
-                    std::thread::spawn(move || {
-                        let result = check(&code, stream);
-                        done.release(id, from);
-                        let _ = tx.send((from, result));
-                    });
-                }
-            }
-            while let Ok((from, result)) = checked.try_recv() {
-                idle = false;
-                let (conn, channel) = match result {
-                    Ok(c) => c,
+        let Self {
+            code,
+            listeners,
+            relay,
+        } = self;
+        let handed = serve(
+            &code,
+            &listeners,
+            relay.as_ref(),
+            store,
+            wait,
+            confirm,
+            seen,
+        );
+        if let Some(relay) = relay {
+            relay.close();
+        }
+        handed
+    }
+}
+
+/// [`Offer::serve`], on its parts.
+fn serve(
+    code: &LinkCode,
+    listeners: &[TcpListener],
+    relay: Option<&relay::Listening>,
+    store: &LocalStore,
+    wait: Duration,
+    mut confirm: impl FnMut(&Via, &str) -> bool,
+    mut seen: impl FnMut(Seen),
+) -> Result<Handed, LinkFailure> {
+    let deadline = Instant::now() + wait;
+    let (checked_tx, checked) = mpsc::channel::<(Via, Result<(Conn, Channel), LinkFailure>)>();
+    let checking = Checking::default();
+    loop {
+        if Instant::now() >= deadline {
+            let secs = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX);
+            return Err(LinkFailure::TimedOut(crate::commands::describe_duration(
+                secs,
+            )));
+        }
+        let mut idle = true;
+        // Streams through the relay: as many as started (the relay's end bounds them).
+        while let Some(pipe) = relay.and_then(|r| r.streams.try_recv().ok()) {
+            idle = false;
+            let (code, tx) = (code.clone(), checked_tx.clone());
+            let from = Via::Relay(pipe.relay().to_string());
+            std::thread::spawn(move || {
+                let _ = tx.send((from, check(&code, Conn::relay(pipe))));
+            });
+        }
+        for listener in listeners {
+            // A bounded number each pass, so results are read and the deadline
+            // checked whatever comes in.
+            for _ in 0..ACCEPTS_PER_PASS {
+                let (stream, from) = match listener.accept() {
+                    Ok(conn) => conn,
                     Err(e) => {
-                        tracing::debug!(%from, error = %e, "a link connection did not prove it holds the code");
-                        seen(Seen::WrongCode(from));
-                        continue;
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::debug!(error = %e, "a link connection failed");
+                        }
+                        break;
                     }
                 };
-                if Instant::now() >= deadline {
-                    // Ran out while others were asked about: this one is too late.
-                    break;
-                }
-                if !confirm(from, &channel.safety_number()) {
-                    seen(Seen::Declined(from));
+                idle = false;
+                let Some(id) = checking.admit(from, &stream) else {
+                    // That address has as many being checked as it may.
+                    drop(stream);
+                    seen(Seen::WrongCode(Via::Direct(from)));
+                    continue;
+                };
+                let (code, tx, done) = (code.clone(), checked_tx.clone(), checking.clone());
+                std::thread::spawn(move || {
+                    let result = Conn::new(stream).and_then(|conn| check(&code, conn));
+                    done.release(id, from);
+                    let _ = tx.send((Via::Direct(from), result));
+                });
+            }
+        }
+        while let Ok((from, result)) = checked.try_recv() {
+            idle = false;
+            let (conn, channel) = match result {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%from, error = %e, "a link connection did not prove it holds the code");
+                    seen(Seen::WrongCode(from));
                     continue;
                 }
-                seen(Seen::Sending(from));
-                match hand_over(store, conn, channel) {
-                    Ok((to, counts, confirmed)) => {
-                        return Ok(Handed {
-                            to,
-                            counts,
-                            from,
-                            confirmed,
-                        });
-                    }
-                    Err(e @ LinkFailure::Store(_)) => return Err(e),
-                    Err(e) => seen(Seen::BrokeOff(from, e.to_string())),
+            };
+            if Instant::now() >= deadline {
+                // Ran out while others were asked about: this one is too late.
+                break;
+            }
+            if !confirm(&from, &channel.safety_number()) {
+                seen(Seen::Declined(from));
+                continue;
+            }
+            seen(Seen::Sending(from.clone()));
+            match hand_over(store, conn, channel) {
+                Ok((to, counts, confirmed)) => {
+                    return Ok(Handed {
+                        to,
+                        counts,
+                        from,
+                        confirmed,
+                    });
                 }
+                Err(e @ LinkFailure::Store(_)) => return Err(e),
+                Err(e) => seen(Seen::BrokeOff(from, e.to_string())),
             }
-            if idle {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-/// Whether the connection `stream` holds the code: its first message opens under the
+/// Whether the connection `conn` holds the code: its first message opens under the
 /// code (within [`FIRST_TIMEOUT`]: a device that has the code sends it at once), and
 /// its hello (which only the one who made that first message can seal) comes next; all
 /// within [`HANDSHAKE_TIMEOUT`] of now.
-fn check(code: &LinkCode, stream: TcpStream) -> Result<(Conn, Channel), LinkFailure> {
+fn check(code: &LinkCode, mut conn: Conn) -> Result<(Conn, Channel), LinkFailure> {
     let started = Instant::now();
-    let mut conn = Conn::new(stream)?;
     let first = conn.read_until(started + FIRST_TIMEOUT, LINK_FIRST_LEN)?;
     let (answered, answer) = code.answer(&first)?;
     conn.write(&answer)?;
@@ -482,8 +620,8 @@ fn hand_over(
 pub struct Joined {
     /// What was restored.
     pub restored: Restored,
-    /// The address that answered.
-    pub from: SocketAddr,
+    /// Where the old device answered.
+    pub from: Via,
 }
 
 /// Takes the account offered under `code` into `home` (which must hold none).
@@ -493,12 +631,12 @@ pub struct Joined {
 pub fn join(
     home: &Path,
     code: &LinkCode,
-    connected: impl FnOnce(SocketAddr, &str),
+    connected: impl FnOnce(&Via, &str),
     committing: &std::sync::atomic::AtomicBool,
 ) -> Result<Joined, LinkFailure> {
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
         let (conn, channel, from) = connect(code)?;
-        connected(from, &channel.safety_number());
+        connected(&from, &channel.safety_number());
         let mut input = Opening::new(conn, channel);
         let name = format!("the account from {from}");
         let restored = crate::backup::restore_into(staging, &name, |sink| {
@@ -563,27 +701,50 @@ pub fn join(
     })?;
     // In place: the old device hears it (if not, it tells its user to check here).
     if let Ok(placed) = channel.seal(&[PLACED]) {
-        let _ = conn.write(&placed);
+        let _ = conn.write(&placed).and_then(|()| conn.flush());
     }
     Ok(joined)
 }
 
-/// Connects to the first address of `code` where a device holding it answers, and
-/// proves this one holds it too (the handshake, then the hello).
-fn connect(code: &LinkCode) -> Result<(Conn, Channel, SocketAddr), LinkFailure> {
+/// Connects to the first address of `code` where a device holding it answers (its
+/// relay last), and proves this one holds it too (the handshake, then the hello).
+fn connect(code: &LinkCode) -> Result<(Conn, Channel, Via), LinkFailure> {
     let mut failed = Vec::new();
     let mut refused = false;
-    for addr in code.addrs() {
-        let stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
-            Ok(s) => s,
+    // With a relay to fall back on, an address that does not answer is given up sooner.
+    let within = if code.relay().is_some() {
+        CONNECT_TIMEOUT_BEFORE_RELAY
+    } else {
+        CONNECT_TIMEOUT
+    };
+    let direct = code.addrs().iter().map(|addr| {
+        (
+            Via::Direct(*addr),
+            TcpStream::connect_timeout(addr, within)
+                .map_err(|e| e.to_string())
+                .and_then(|s| Conn::new(s).map_err(|e| e.to_string())),
+        )
+    });
+    let relayed = code.relay().map(|r| {
+        (
+            Via::Relay(r.to_string()),
+            relay::connect(r, &code.queues()).map(Conn::relay),
+        )
+    });
+    for (via, conn) in direct.chain(relayed) {
+        let mut conn = match conn {
+            Ok(c) => c,
             Err(e) => {
-                failed.push(format!("{addr} ({e})"));
+                failed.push(format!("{via} ({e})"));
                 continue;
             }
         };
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let shake = || -> Result<(Conn, Channel), LinkFailure> {
-            let mut conn = Conn::new(stream)?;
+        let deadline = Instant::now()
+            + match via {
+                Via::Direct(_) => HANDSHAKE_TIMEOUT,
+                Via::Relay(_) => RELAY_HANDSHAKE_TIMEOUT,
+            };
+        let mut shake = || -> Result<Channel, LinkFailure> {
             let (joining, first) = code.join(&mut rand_core::OsRng);
             conn.write(&first)?;
             // The old device hangs up on a first message that does not hold its code.
@@ -599,21 +760,26 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, SocketAddr), LinkFailure> 
                     })?;
             let (channel, hello) = joining.finish(&answer)?;
             conn.write(&hello)?;
-            Ok((conn, channel))
+            conn.flush()?;
+            Ok(channel)
         };
         match shake() {
-            Ok((conn, channel)) => return Ok((conn, channel, *addr)),
+            Ok(channel) => return Ok((conn, channel, via)),
             Err(LinkFailure::Code(LinkError::Handshake)) => {
                 refused = true;
-                failed.push(format!("{addr} (does not hold this code)"));
+                failed.push(format!("{via} (does not hold this code)"));
             }
-            Err(_) => failed.push(format!("{addr} (connected, but no answer in time)")),
+            Err(LinkFailure::BrokeOff(why)) => failed.push(format!("{via} ({why})")),
+            Err(_) => failed.push(format!("{via} (connected, but no answer in time)")),
         }
     }
     if refused {
         return Err(LinkError::Handshake.into());
     }
-    Err(LinkFailure::NoAnswer(failed.join(", ")))
+    Err(LinkFailure::NoAnswer {
+        tried: failed.join(", "),
+        relayed: code.relay().is_some(),
+    })
 }
 
 /// The file a running `device link` keeps in its home (its process id), so that what
@@ -698,9 +864,15 @@ pub async fn interfaces() -> Vec<IpAddr> {
     found
 }
 
-/// A TCP connection carrying length-prefixed messages (`u16 ‖ bytes`).
+/// A connection carrying length-prefixed messages (`u16 ‖ bytes`): over TCP, or a
+/// stream through a relay.
 struct Conn {
-    stream: TcpStream,
+    io: Io,
+}
+
+enum Io {
+    Tcp(TcpStream),
+    Relay(Box<relay::Pipe>),
 }
 
 impl Conn {
@@ -710,9 +882,19 @@ impl Conn {
             .and_then(|()| stream.set_nodelay(true))
             .and_then(|()| stream.set_write_timeout(Some(IDLE_TIMEOUT)))
             .map_err(|e| LinkFailure::Io(e.to_string()))?;
-        Ok(Self { stream })
+        Ok(Self {
+            io: Io::Tcp(stream),
+        })
     }
 
+    fn relay(pipe: relay::Pipe) -> Self {
+        Self {
+            io: Io::Relay(Box::new(pipe)),
+        }
+    }
+
+    /// Sends `msg`: at once over TCP; through a relay, once an envelope fills or on the
+    /// next read or [`Conn::flush`].
     fn write(&mut self, msg: &[u8]) -> std::io::Result<()> {
         let len = u16::try_from(msg.len()).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "message too long")
@@ -720,7 +902,18 @@ impl Conn {
         let mut framed = Vec::with_capacity(2 + msg.len());
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(msg);
-        self.stream.write_all(&framed)
+        match &mut self.io {
+            Io::Tcp(stream) => stream.write_all(&framed),
+            Io::Relay(pipe) => pipe.write_all(&framed, Instant::now() + IDLE_TIMEOUT),
+        }
+    }
+
+    /// Sends what was written and not sent yet.
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.io {
+            Io::Tcp(_) => Ok(()),
+            Io::Relay(pipe) => pipe.flush(Instant::now() + IDLE_TIMEOUT),
+        }
     }
 
     /// The next message, within `within`.
@@ -746,6 +939,10 @@ impl Conn {
     }
 
     fn read_exact_until(&mut self, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+        let stream = match &mut self.io {
+            Io::Tcp(stream) => stream,
+            Io::Relay(pipe) => return pipe.read_exact_until(buf, deadline),
+        };
         let mut filled = 0;
         while filled < buf.len() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -755,8 +952,8 @@ impl Conn {
                     "the other device stopped answering",
                 ));
             }
-            self.stream.set_read_timeout(Some(left))?;
-            match self.stream.read(&mut buf[filled..]) {
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut buf[filled..]) {
                 Ok(0) => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -833,7 +1030,7 @@ impl Write for Sealing {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.send()?;
-        self.conn.stream.flush()
+        self.conn.flush()
     }
 }
 
@@ -891,5 +1088,6 @@ impl Read for Opening {
     }
 }
 
+mod relay;
 #[cfg(test)]
 mod tests;

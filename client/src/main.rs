@@ -535,6 +535,8 @@ fn main() -> ExitCode {
             }
             Command::Device(DeviceCommand::Link {
                 listen,
+                no_relay,
+                relay_only,
                 wait,
                 again,
                 yes,
@@ -544,6 +546,8 @@ fn main() -> ExitCode {
                 }
                 let asked = kkachi_client::commands::LinkAsked {
                     listen,
+                    no_relay,
+                    relay_only,
                     wait,
                     again,
                     yes,

@@ -1,7 +1,9 @@
 //! Linking a device (SPEC.md §15.1): the one-time code a device shows, and the
 //! encrypted channel over which it hands the account to the device that types it.
 //!
-//! The code carries a 16-byte secret and the addresses the showing device listens on.
+//! The code carries a 16-byte secret, the addresses the showing device listens on, and
+//! (for devices on different networks) a relay both can reach, where two queues named
+//! by the secret carry the same messages.
 //! Both ends make a pre-shared key of the secret and run Noise `NNpsk0`: whoever does
 //! not hold the code cannot complete the handshake, cannot read what follows, and
 //! cannot pass for either end, even on the same network. What goes over the channel
@@ -11,9 +13,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use multiaddr::{Multiaddr, Protocol};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer, hash};
+use crate::queue::{ReadKey, WriteKey};
 
 /// What every link code starts with.
 pub const LINK_PREFIX: &str = "kkd1";
@@ -21,8 +25,21 @@ pub const LINK_PREFIX: &str = "kkd1";
 pub const LINK_VERSION: u8 = 1;
 /// Bytes of the code's secret.
 pub const LINK_SECRET_LEN: usize = 16;
-/// Addresses a code lists at most.
+/// Places a code lists at most (addresses, and the relay).
 pub const MAX_LINK_ADDRS: usize = 8;
+/// The longest relay address in a code, in bytes (a multiaddr ending in `/p2p/`).
+pub const MAX_LINK_RELAY_LEN: usize = 128;
+/// Bytes of the stream id that tells relayed link messages of one joining device apart.
+pub const LINK_STREAM_LEN: usize = 16;
+/// The most bytes of the channel one relayed envelope carries: an envelope's largest
+/// payload less the stream id and sequence number.
+pub const MAX_LINK_RELAYED: usize = crate::envelope::MAX_PAYLOAD_LEN - LINK_STREAM_LEN - 4;
+/// Address family of an IPv4 address in a code.
+const FAMILY_V4: u8 = 4;
+/// Address family of an IPv6 address in a code.
+const FAMILY_V6: u8 = 6;
+/// Address family of the relay in a code.
+const FAMILY_RELAY: u8 = b'r';
 /// The longest code accepted, in characters; checked before decoding.
 pub const MAX_LINK_CODE_LEN: usize = LINK_PREFIX.len() + MAX_LINK_BYTES * 14 / 10 + 8;
 /// The Noise protocol of the channel.
@@ -46,7 +63,8 @@ const HELLO: u8 = 0;
 /// The length of the sealed hello.
 pub const LINK_HELLO_LEN: usize = 1 + NONCE_LEN + 16;
 const CHECKSUM_LEN: usize = 4;
-const MAX_LINK_BYTES: usize = 1 + LINK_SECRET_LEN + 1 + MAX_LINK_ADDRS * 19 + CHECKSUM_LEN;
+const MAX_LINK_BYTES: usize =
+    1 + LINK_SECRET_LEN + 1 + MAX_LINK_ADDRS * 19 + 2 + MAX_LINK_RELAY_LEN + CHECKSUM_LEN;
 
 /// Why a link code or the channel failed. Each message says what a person can do.
 #[derive(Debug, Error)]
@@ -79,8 +97,13 @@ pub enum LinkError {
     #[error("the link code is malformed: {0}")]
     Decode(#[from] DecodeError),
     /// A code must list where to reach the device, and at most 8 places.
-    #[error("a link code lists 1 to 8 addresses; this one lists {0}")]
+    #[error("a link code lists 1 to 8 places to reach the device; this one lists {0}")]
     Addresses(usize),
+    /// A relay address that cannot be in a code.
+    #[error(
+        "the relay in a link code must be one address of at most {MAX_LINK_RELAY_LEN} bytes ending in /p2p/ and the relay's id"
+    )]
+    Relay,
     /// The other end does not hold the same code (or is not a kkachi device).
     #[error(
         "the other end does not hold this code: check it was typed as shown, and is the newest one"
@@ -94,11 +117,65 @@ pub enum LinkError {
     TooBig(usize),
 }
 
-/// A one-time link code: a secret, and where the device that made it listens.
+/// A one-time link code: a secret, where the device that made it listens, and the
+/// relay where it also waits, if any.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LinkCode {
     secret: [u8; LINK_SECRET_LEN],
     addrs: Vec<SocketAddr>,
+    relay: Option<Multiaddr>,
+}
+
+/// The two relay queues of a code: the read and write keys of the queue to the old
+/// device (which makes both queues and reads this one) and of the queue to the new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkQueues {
+    /// What the new device sends: the old device reads it.
+    pub to_old: (ReadKey, WriteKey),
+    /// What the old device sends: the new device reads it.
+    pub to_new: (ReadKey, WriteKey),
+}
+
+/// One message of the channel as a relay carries it, in an envelope's payload:
+/// `stream(16) ‖ seq(4) ‖ bytes`. `stream` is the joining device's, drawn at random;
+/// `seq` counts each direction's envelopes of one stream from 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// The joining device's stream.
+    pub stream: [u8; LINK_STREAM_LEN],
+    /// The envelope's place in its direction of the stream.
+    pub seq: u32,
+    /// Bytes of the channel (its framed messages, cut anywhere), 1 to
+    /// [`MAX_LINK_RELAYED`].
+    pub bytes: Vec<u8>,
+}
+
+impl Relayed {
+    /// The payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(LINK_STREAM_LEN + 4 + self.bytes.len());
+        w.raw(&self.stream).u32(self.seq).raw(&self.bytes);
+        w.finish()
+    }
+
+    /// Reads a payload; one with no bytes, or too many, is refused.
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(payload);
+        let stream = r.array::<LINK_STREAM_LEN>("stream")?;
+        let seq = r.u32("sequence number")?;
+        let bytes = r.rest();
+        if bytes.is_empty() || bytes.len() > MAX_LINK_RELAYED {
+            return Err(DecodeError::Invalid {
+                field: "relayed bytes",
+                reason: "empty or too long",
+            });
+        }
+        Ok(Self {
+            stream,
+            seq,
+            bytes: bytes.to_vec(),
+        })
+    }
 }
 
 impl std::fmt::Debug for LinkCode {
@@ -106,27 +183,45 @@ impl std::fmt::Debug for LinkCode {
         // The secret is the account: never in a log.
         f.debug_struct("LinkCode")
             .field("addrs", &self.addrs)
+            .field("relay", &self.relay)
             .finish_non_exhaustive()
     }
 }
 
 impl LinkCode {
-    /// A code for `addrs` (1 to [`MAX_LINK_ADDRS`]) with a fresh secret from `rng`.
+    /// A code for `addrs` and `relay` (1 to [`MAX_LINK_ADDRS`] places in all) with a
+    /// fresh secret from `rng`.
     pub fn generate(
         rng: &mut impl rand_core::CryptoRngCore,
         addrs: Vec<SocketAddr>,
+        relay: Option<Multiaddr>,
     ) -> Result<Self, LinkError> {
         let mut secret = [0u8; LINK_SECRET_LEN];
         rng.fill_bytes(&mut secret);
-        Self::new(secret, addrs)
+        Self::new(secret, addrs, relay)
     }
 
-    /// A code of this secret and these addresses.
-    pub fn new(secret: [u8; LINK_SECRET_LEN], addrs: Vec<SocketAddr>) -> Result<Self, LinkError> {
-        if addrs.is_empty() || addrs.len() > MAX_LINK_ADDRS {
-            return Err(LinkError::Addresses(addrs.len()));
+    /// A code of this secret, these addresses and this relay.
+    pub fn new(
+        secret: [u8; LINK_SECRET_LEN],
+        addrs: Vec<SocketAddr>,
+        relay: Option<Multiaddr>,
+    ) -> Result<Self, LinkError> {
+        let places = addrs.len() + usize::from(relay.is_some());
+        if places == 0 || places > MAX_LINK_ADDRS {
+            return Err(LinkError::Addresses(places));
         }
-        Ok(Self { secret, addrs })
+        if let Some(relay) = &relay {
+            let len = relay.to_vec().len();
+            if len > MAX_LINK_RELAY_LEN || !matches!(relay.iter().last(), Some(Protocol::P2p(_))) {
+                return Err(LinkError::Relay);
+            }
+        }
+        Ok(Self {
+            secret,
+            addrs,
+            relay,
+        })
     }
 
     /// Where the device that made it listens, in the order to try.
@@ -134,18 +229,46 @@ impl LinkCode {
         &self.addrs
     }
 
+    /// The same code (the same secret) with `relay` in place of the one it names.
+    pub fn with_relay(&self, relay: Option<Multiaddr>) -> Result<Self, LinkError> {
+        Self::new(self.secret, self.addrs.clone(), relay)
+    }
+
+    /// The relay where the device that made it also waits (after the addresses).
+    pub fn relay(&self) -> Option<&Multiaddr> {
+        self.relay.as_ref()
+    }
+
+    /// The keys of the code's two queues on its relay.
+    pub fn queues(&self) -> LinkQueues {
+        let key = |label: &str, to: u8| hash(label, &[&self.secret, &[to]]);
+        let pair = |to: u8| {
+            (
+                ReadKey(key("kkachi/link-read/v1", to)),
+                WriteKey(key("kkachi/link-write/v1", to)),
+            )
+        };
+        LinkQueues {
+            to_old: pair(0),
+            to_new: pair(1),
+        }
+    }
+
     /// The code as one line: `kkd1` ‖ base58(contents ‖ checksum).
     pub fn encode(&self) -> String {
         let mut w = Writer::with_capacity(MAX_LINK_BYTES);
         w.u8(LINK_VERSION)
             .raw(&self.secret)
-            .u8(self.addrs.len() as u8);
+            .u8((self.addrs.len() + usize::from(self.relay.is_some())) as u8);
         for addr in &self.addrs {
             match addr.ip() {
-                IpAddr::V4(ip) => w.u8(4).raw(&ip.octets()),
-                IpAddr::V6(ip) => w.u8(6).raw(&ip.octets()),
+                IpAddr::V4(ip) => w.u8(FAMILY_V4).raw(&ip.octets()),
+                IpAddr::V6(ip) => w.u8(FAMILY_V6).raw(&ip.octets()),
             };
             w.u16(addr.port());
+        }
+        if let Some(relay) = &self.relay {
+            w.u8(FAMILY_RELAY).bytes8(&relay.to_vec());
         }
         let mut bytes = w.finish();
         let sum = hash("kkachi/link-checksum/v1", &[&bytes]);
@@ -188,10 +311,18 @@ impl LinkCode {
             return Err(LinkError::Addresses(count));
         }
         let mut addrs = Vec::with_capacity(count);
+        let mut relay = None;
         for _ in 0..count {
             let ip = match r.u8("address family")? {
-                4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("IPv4 address")?)),
-                6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("IPv6 address")?)),
+                FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("IPv4 address")?)),
+                FAMILY_V6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("IPv6 address")?)),
+                FAMILY_RELAY if relay.is_none() => {
+                    let raw = r.bytes8(MAX_LINK_RELAY_LEN, "relay address")?;
+                    relay = Some(Multiaddr::try_from(raw.to_vec()).map_err(|_| LinkError::Relay)?);
+                    continue;
+                }
+                // One relay: the code names where the old device waits, not a list.
+                FAMILY_RELAY => return Err(LinkError::Relay),
                 tag => {
                     return Err(DecodeError::UnknownTag {
                         field: "address family",
@@ -203,7 +334,7 @@ impl LinkCode {
             addrs.push(SocketAddr::new(ip, r.u16("port")?));
         }
         r.finish()?;
-        Self::new(secret, addrs)
+        Self::new(secret, addrs, relay)
     }
 
     /// The Noise pre-shared key both ends make of the secret.

@@ -61,6 +61,14 @@ fn spec_states_the_limits_the_code_enforces() {
             "MAX_LINK_CHUNK",
             kkachi_protocol::link::MAX_LINK_CHUNK as u64,
         ),
+        (
+            "MAX_LINK_RELAY_LEN",
+            kkachi_protocol::link::MAX_LINK_RELAY_LEN as u64,
+        ),
+        (
+            "MAX_LINK_RELAYED",
+            kkachi_protocol::link::MAX_LINK_RELAYED as u64,
+        ),
         ("MAX_PUT_BATCH", wire::MAX_PUT_BATCH as u64),
         ("MAX_BATCH_ITEMS", wire::MAX_BATCH_ITEMS as u64),
         ("MAX_DELETE_IDS", wire::MAX_DELETE_IDS as u64),

@@ -36,26 +36,13 @@ fn next_json(lines: &mpsc::Receiver<String>, secs: u64) -> serde_json::Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
-/// `user`'s `device link --json` on loopback, held `wait`: the process, its stdout
+/// `user`'s `device link --json` on loopback (no relay), held `wait`: the process, its stdout
 /// lines after the first, and the code the first gives (its addresses checked).
 fn offer(user: &User, wait: &str) -> (Child, mpsc::Receiver<String>, String) {
-    let mut link = user
-        .spawn(&[
-            "device",
-            "link",
-            "--listen",
-            "127.0.0.1:0",
-            "--wait",
-            wait,
-            "--yes",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stdout_lines(&mut link);
-    let offer = next_json(&lines, 30);
+    let (link, lines, offer) = linking(
+        user,
+        &["--listen", "127.0.0.1:0", "--no-relay", "--wait", wait],
+    );
     let code = offer["code"].as_str().expect("a code").to_string();
     assert!(code.starts_with("kkd1"), "{offer}");
     let addrs = offer["addresses"].as_array().expect("addresses");
@@ -64,9 +51,28 @@ fn offer(user: &User, wait: &str) -> (Child, mpsc::Receiver<String>, String) {
         addrs[0].as_str().unwrap().starts_with("127.0.0.1:"),
         "{offer}"
     );
-    // --listen named loopback: the code says it reaches this machine only.
+    // --listen named loopback, and no relay: the code says it reaches this machine
+    // only.
     assert_eq!(offer["loopback_only"], true, "{offer}");
+    assert_eq!(offer["relay"], serde_json::Value::Null, "{offer}");
     (link, lines, code)
+}
+
+/// `user`'s `device link --yes --json` with `args`: the process, its stdout lines after
+/// the first, and the first (the offer).
+fn linking(user: &User, args: &[&str]) -> (Child, mpsc::Receiver<String>, serde_json::Value) {
+    let mut all = vec!["device", "link"];
+    all.extend_from_slice(args);
+    all.extend(["--yes", "--json"]);
+    let mut link = user
+        .spawn(&all)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stdout_lines(&mut link);
+    let offer = next_json(&lines, 30);
+    (link, lines, offer)
 }
 
 /// What restores and joins left beside their homes under `dir`.
@@ -75,7 +81,7 @@ fn staging_left(dir: &Path) -> Vec<String> {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("kkachi-restoring"))
+        .filter(|n| n.contains("kkachi-restor"))
         .collect()
 }
 
@@ -239,6 +245,81 @@ fn an_account_moves_to_a_new_device_with_a_code_and_the_conversation_goes_on() {
          the conversation went on from it both ways, each message once",
         joined["records"], joined["messages"]
     );
+}
+
+#[test]
+fn an_account_moves_through_a_relay_to_a_device_that_cannot_reach_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(dir.path(), &[]);
+    let (alice, bob) = User::alice_and_bob(dir.path(), &relay);
+    let before = "alice before she moves through the relay";
+    alice.ok(&["send", "bob", before]);
+    bob.sync_until_said("alice", before, &alice);
+
+    // The code names the relay alone: no address of the old device.
+    let (link, lines, offer) = linking(&alice, &["--relay-only", "--wait", "2m"]);
+    assert_eq!(
+        offer["addresses"].as_array().map(Vec::len),
+        Some(0),
+        "{offer}"
+    );
+    assert_eq!(offer["relay"], relay.addr.as_str(), "{offer}");
+    assert_eq!(offer["loopback_only"], false, "{offer}");
+    let code = offer["code"].as_str().expect("a code").to_string();
+
+    let phone = User::without_identity(dir.path(), "alice-phone", None, &LOOPBACK_ENV);
+    let started = Instant::now();
+    let out = exits_within(
+        phone
+            .spawn(&["device", "join", &code, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        60,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let join_ms = started.elapsed().as_millis();
+    let joined = json(&String::from_utf8_lossy(&out.stdout));
+    let handed = next_json(&lines, 30);
+    let link = exits_within(link, 30);
+    assert!(link.status.success());
+    let through = format!("relay {}", relay.addr);
+    assert_eq!(joined["from"], through.as_str(), "{joined}");
+    assert_eq!(handed["from"], through.as_str(), "{handed}");
+    assert_eq!(handed["confirmed"], true, "{handed}");
+    assert_eq!(handed["key"], joined["key"], "{handed} {joined}");
+    assert!(staging_left(dir.path()).is_empty());
+    // No panic or stray report from the link's threads as either process ended.
+    for err in [&out.stderr, &link.stderr] {
+        let err = String::from_utf8_lossy(err);
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // The conversation goes on from the new device.
+    phone.ok(&["sync"]);
+    let after = "alice from the phone that came through the relay";
+    phone.ok(&["send", "bob", after]);
+    bob.sync_until_said("alice", after, &phone);
+    let b = bob.history_texts("alice");
+    for text in [before, after] {
+        assert_eq!(b.iter().filter(|t| *t == text).count(), 1, "{b:?}");
+    }
+    println!(
+        "devices: {} records went to the new device through the relay in {join_ms} ms",
+        joined["records"]
+    );
+
+    // An account with no relay cannot link through one, and says so.
+    let carol = User::new(dir.path(), "carol");
+    let none = carol.run(&["device", "link", "--relay-only", "--yes"]);
+    assert!(!none.status.success());
+    let why = String::from_utf8_lossy(&none.stderr);
+    assert!(why.contains("no relay to link through"), "{why}");
 }
 
 #[test]

@@ -261,6 +261,10 @@ pub struct LinkAsked {
     /// Where to listen (empty: where `KKACHI_LISTEN` says, else this machine's network
     /// addresses).
     pub listen: Vec<SocketAddr>,
+    /// Over the local network only.
+    pub no_relay: bool,
+    /// Through a relay only.
+    pub relay_only: bool,
     /// How long the code holds, in seconds.
     pub wait: u32,
     /// Hand over again from a home that handed its account over before.
@@ -276,6 +280,8 @@ pub struct LinkAsked {
 pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, CommandError> {
     let LinkAsked {
         ref listen,
+        no_relay,
+        relay_only,
         wait,
         again,
         yes,
@@ -318,14 +324,42 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
             listen.push(addr);
         }
     }
-    let interfaces = if listen.iter().any(|a| a.ip().is_unspecified()) || listen.is_empty() {
+    let interfaces = if relay_only {
+        Vec::new()
+    } else if listen.iter().any(|a| a.ip().is_unspecified()) || listen.is_empty() {
         crate::link::interfaces().await
     } else {
         Vec::new()
     };
-    let offer = Offer::new(&listen, &interfaces)?;
+    let relays: Vec<(kkachi_protocol::Multiaddr, Vec<u8>)> = if no_relay {
+        Vec::new()
+    } else {
+        store
+            .relays()?
+            .into_iter()
+            .filter_map(|r| {
+                let addr = r.addr.parse().ok()?;
+                Some((addr, r.token.map(String::into_bytes).unwrap_or_default()))
+            })
+            .collect()
+    };
+    let direct = (!relay_only).then_some((listen.as_slice(), interfaces.as_slice()));
+    let (offer, no_relay_why) = if relays.is_empty() && !relay_only {
+        (Offer::new(&listen, &interfaces)?, None)
+    } else {
+        if !json {
+            eprintln!("opening the link on your relay…");
+        }
+        Offer::through_relay(direct, &relays).await?
+    };
+    if let Some(why) = &no_relay_why {
+        eprintln!(
+            "warning: no relay could hold the link ({why}): the code reaches this network only"
+        );
+    }
     let code = offer.code().encode();
     let addrs: Vec<String> = offer.code().addrs().iter().map(|a| a.to_string()).collect();
+    let relay = offer.relay().map(|r| r.to_string());
     if let Some(h) = before {
         // On the user's word alone: if that device holds the account, two would.
         eprintln!(
@@ -338,6 +372,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         say(crate::sanitize::json(&json!({
             "code": code,
             "addresses": addrs,
+            "relay": relay,
             "wait_secs": wait,
             "loopback_only": offer.loopback_only(),
             "again": before.is_some(),
@@ -350,14 +385,23 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         if let Ok(qr) = crate::qr::render(&code) {
             say(qr);
         }
-        let reach = if offer.loopback_only() {
-            "this machine only: no network address of it was found, or --listen named loopback"
+        let reach = if addrs.is_empty() {
+            String::new()
+        } else if offer.code().addrs().iter().all(|a| a.ip().is_loopback()) {
+            format!(
+                "at {} (this machine only: no network address of it was found, or --listen named loopback)",
+                addrs.join(", ")
+            )
         } else {
-            "the same network"
+            format!("at {} (the same network)", addrs.join(", "))
+        };
+        let through = match &relay {
+            Some(r) if reach.is_empty() => format!("through your relay {r}"),
+            Some(r) => format!(", and through your relay {r} from anywhere"),
+            None => String::new(),
         };
         say(format!(
-            "It reaches this device at {} ({reach}), for {}.",
-            addrs.join(", "),
+            "It reaches this device {reach}{through}, for {}.",
             describe_duration(wait)
         ));
         say(
@@ -370,7 +414,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
     let peer = me.peer_id();
     let served = store.clone();
     let mut wrong = 0u64;
-    let confirm = move |from: SocketAddr, number: &str| {
+    let confirm = move |from: &crate::link::Via, number: &str| {
         if json {
             eprintln!(
                 "{}",
@@ -414,7 +458,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
                     "wrong_code",
                     from,
                     format!(
-                        "{from} connected but did not prove it holds this code (a wrong code, or it gave up): dropped"
+                        "a connection from {from} did not prove it holds this code (a wrong code, or it gave up): dropped"
                     ),
                 ),
                 Seen::Sending(from) => (
@@ -522,7 +566,7 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
                 }
                 // What was staged goes (the other device let go of nothing: that
                 // waits for this one's word, which a cancelled join never gives).
-                crate::backup::remove_staging(home);
+                crate::backup::cancel_restore(home);
                 // At once: the transfer's thread is not waited for (it may wait a
                 // minute).
                 eprintln!("cancelled: nothing was kept here, and the other device still holds your account");

@@ -9,11 +9,11 @@ use kkachi_protocol::{Card, Identity, Multiaddr};
 use super::*;
 use crate::store::{Conversation, Direction, MessageRecord, MessageState, WriteSet, message_key};
 
-const MESSAGES: u64 = 1500;
+pub(super) const MESSAGES: u64 = 1500;
 
 /// A home holding an account with a contact and [`MESSAGES`] messages (some hundreds
 /// of KiB: the stream spans many channel messages).
-fn account(home: &Path) -> (LocalStore, Identity, kkachi_protocol::PeerId) {
+pub(super) fn account(home: &Path) -> (LocalStore, Identity, kkachi_protocol::PeerId) {
     let relay: Multiaddr =
         "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
             .parse()
@@ -141,7 +141,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     let (store, _, _) = account(&dir.path().join("old"));
     let (code, server, seen) = offered(&store);
     // Same address, another secret: a guess, or a stale code.
-    let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
+    let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec(), None).unwrap();
     let new_home = dir.path().join("new");
     let err = join(&new_home, &guess, |_, _| {}, &AtomicBool::new(false)).unwrap_err();
     assert!(
@@ -182,7 +182,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
     let (store, _, _) = account(&dir.path().join("old"));
     let (code, server, seen) = offered(&store);
     for _ in 0..20 {
-        let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec()).unwrap();
+        let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec(), None).unwrap();
         let _ = join(
             &dir.path().join("new"),
             &guess,
@@ -422,7 +422,7 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
         ),
     ];
     for (what, play) in plays {
-        let code = LinkCode::generate(&mut rand_core::OsRng, vec![free_addr()]).unwrap();
+        let code = LinkCode::generate(&mut rand_core::OsRng, vec![free_addr()], None).unwrap();
         let bytes = stream.clone();
         let linker = fake_linker(&code, move |ch, conn| play(ch, conn, bytes));
         let home = dir.path().join("new");
@@ -587,6 +587,41 @@ fn what_a_cut_off_join_staged_goes_and_only_that_homes() {
     assert!(!ours.exists(), "the staging of home a goes");
     assert!(other_home.exists(), "home a-b's stays");
     assert!(longer.exists(), "a name that only starts like it stays");
+}
+
+#[test]
+fn a_second_restore_or_join_into_one_home_waits_for_none_and_harms_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("new");
+    let staged = crate::backup::restore_with(&home, |staging| -> Result<_, BackupError> {
+        std::fs::write(staging.join("half"), b"half an account").unwrap();
+        // Meanwhile another restore or join of the same home starts.
+        let second = crate::backup::restore_with(&home, |_| -> Result<(), BackupError> {
+            panic!("the second one must not stage anything")
+        })
+        .expect_err("refused while the first runs");
+        assert!(
+            second.to_string().contains("another restore or join"),
+            "{second}"
+        );
+        assert!(
+            staging.join("half").exists(),
+            "the first's staging is untouched"
+        );
+        Ok(staging.to_path_buf())
+    })
+    .expect("the first one goes on and is placed");
+    assert!(!staged.exists() && home.join("half").exists(), "placed");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["new".to_string()],
+        "no lock file or staging left"
+    );
 }
 
 #[test]

@@ -1,5 +1,7 @@
 use std::net::SocketAddr;
 
+use multiaddr::Multiaddr;
+
 use super::*;
 
 fn addrs() -> Vec<SocketAddr> {
@@ -10,7 +12,7 @@ fn addrs() -> Vec<SocketAddr> {
 }
 
 fn code() -> LinkCode {
-    LinkCode::new([7u8; LINK_SECRET_LEN], addrs()).expect("a code")
+    LinkCode::new([7u8; LINK_SECRET_LEN], addrs(), None).expect("a code")
 }
 
 /// Encodes `contents` as a code with a valid checksum (for codes this version never
@@ -128,18 +130,145 @@ fn each_kind_of_bad_code_says_what_is_wrong() {
 fn a_code_lists_one_to_eight_addresses() {
     let one: SocketAddr = "10.0.0.1:1".parse().expect("an address");
     assert!(matches!(
-        LinkCode::new([0; LINK_SECRET_LEN], vec![]),
+        LinkCode::new([0; LINK_SECRET_LEN], vec![], None),
         Err(LinkError::Addresses(0))
     ));
     assert!(matches!(
-        LinkCode::new([0; LINK_SECRET_LEN], vec![one; MAX_LINK_ADDRS + 1]),
+        LinkCode::new([0; LINK_SECRET_LEN], vec![one; MAX_LINK_ADDRS + 1], None),
         Err(LinkError::Addresses(9))
     ));
     let v6: SocketAddr = "[2001:db8::1]:65535".parse().expect("an address");
-    let most = LinkCode::new([0xff; LINK_SECRET_LEN], vec![v6; MAX_LINK_ADDRS]).expect("fits");
+    let most =
+        LinkCode::new([0xff; LINK_SECRET_LEN], vec![v6; MAX_LINK_ADDRS], None).expect("fits");
     let text = most.encode();
     assert!(text.len() <= MAX_LINK_CODE_LEN, "{} characters", text.len());
     assert_eq!(LinkCode::parse(&text).expect("reads"), most);
+}
+
+/// A relay address as the reference client puts it in a code.
+fn relay() -> Multiaddr {
+    "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+        .parse()
+        .expect("a multiaddr")
+}
+
+#[test]
+fn known_answer_code_with_a_relay_and_its_queues() {
+    // Computed apart from this code, from SPEC §15.1 alone.
+    let code = LinkCode::new([7u8; LINK_SECRET_LEN], addrs()[..1].to_vec(), Some(relay()))
+        .expect("a code");
+    assert_eq!(code.encode(), KAT_RELAY_CODE);
+    let read = LinkCode::parse(KAT_RELAY_CODE).expect("reads");
+    assert_eq!(read, code);
+    assert_eq!(read.relay(), Some(&relay()));
+    let queues = code.queues();
+    assert_eq!(hex(&queues.to_old.0.0), KAT_TO_OLD_READ);
+    assert_eq!(hex(&queues.to_old.1.0), KAT_TO_OLD_WRITE);
+    assert_eq!(hex(&queues.to_new.0.0), KAT_TO_NEW_READ);
+    assert_eq!(hex(&queues.to_new.1.0), KAT_TO_NEW_WRITE);
+    // A relay alone is a place to reach the device.
+    let only = LinkCode::new([7u8; LINK_SECRET_LEN], vec![], Some(relay())).expect("a code");
+    assert_eq!(LinkCode::parse(&only.encode()).expect("reads"), only);
+}
+
+const KAT_RELAY_CODE: &str = "kkd1efVi9Ki6uMvTPGkx7quMNgoxa1aikm5d6erviuDqyyL25es64ttykNaupcdMB2n6Nkp6ZAJaD5bUYZgRWtMtY1cu3vMxbswuCHf9NqzKmCuT";
+const KAT_TO_OLD_READ: &str = "4d74632f7329cb5b05509ec34a25b0de75804879e0290c0f76ffe1fa6cacd747";
+const KAT_TO_OLD_WRITE: &str = "9ada32d9c4eb6ad10eede0e99fdce005e8ecfd1ad95ba64e58f7d017f5c54b1e";
+const KAT_TO_NEW_READ: &str = "b27e1f92b91f2f89c05e61e2724e88a5bab9a5f43d2b41e8b10bdb15bfbaf0e6";
+const KAT_TO_NEW_WRITE: &str = "db5b8561ff19963f01c6580fa6e4528079dfee8d1607f5a5acf0b051eb0f7dab";
+
+#[test]
+fn a_relay_in_a_code_is_one_short_address_ending_in_its_id() {
+    let no_id: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().expect("a multiaddr");
+    assert!(matches!(
+        LinkCode::new([0; LINK_SECRET_LEN], vec![], Some(no_id)),
+        Err(LinkError::Relay)
+    ));
+    let long: Multiaddr = format!(
+        "/dns/{}.example/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        "a".repeat(80)
+    )
+    .parse()
+    .expect("a multiaddr");
+    assert!(matches!(
+        LinkCode::new([0; LINK_SECRET_LEN], vec![], Some(long)),
+        Err(LinkError::Relay)
+    ));
+    let one: SocketAddr = "10.0.0.1:1".parse().expect("an address");
+    assert!(matches!(
+        LinkCode::new(
+            [0; LINK_SECRET_LEN],
+            vec![one; MAX_LINK_ADDRS],
+            Some(relay())
+        ),
+        Err(LinkError::Addresses(9))
+    ));
+    // The most a code holds still fits its bound.
+    let v6: SocketAddr = "[2001:db8::1]:65535".parse().expect("an address");
+    let biggest: Multiaddr = format!(
+        "/dns/{}.example/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        "a".repeat(40)
+    )
+    .parse()
+    .expect("a multiaddr");
+    let most = LinkCode::new(
+        [0xff; LINK_SECRET_LEN],
+        vec![v6; MAX_LINK_ADDRS - 1],
+        Some(biggest),
+    )
+    .expect("fits");
+    let text = most.encode();
+    assert!(text.len() <= MAX_LINK_CODE_LEN, "{} characters", text.len());
+    assert_eq!(LinkCode::parse(&text).expect("reads"), most);
+    // Two relays, or a relay that is no multiaddr, are refused.
+    let mut contents = vec![LINK_VERSION];
+    contents.extend_from_slice(&[0; LINK_SECRET_LEN]);
+    let r = relay().to_vec();
+    contents.push(2);
+    for _ in 0..2 {
+        contents.push(b'r');
+        contents.push(r.len() as u8);
+        contents.extend_from_slice(&r);
+    }
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&contents)),
+        Err(LinkError::Relay)
+    ));
+    let mut junk = vec![LINK_VERSION];
+    junk.extend_from_slice(&[0; LINK_SECRET_LEN]);
+    junk.extend_from_slice(&[1, b'r', 3, 0xff, 0xff, 0xff]);
+    assert!(matches!(
+        LinkCode::parse(&raw_code(&junk)),
+        Err(LinkError::Relay)
+    ));
+}
+
+#[test]
+fn a_relayed_message_reads_back_and_empty_or_oversized_ones_are_refused() {
+    let sent = Relayed {
+        stream: [3; LINK_STREAM_LEN],
+        seq: 7,
+        bytes: vec![1, 2, 3],
+    };
+    let payload = sent.encode();
+    assert_eq!(payload.len(), LINK_STREAM_LEN + 4 + 3);
+    assert_eq!(Relayed::decode(&payload).expect("reads"), sent);
+    assert!(
+        Relayed::decode(&payload[..LINK_STREAM_LEN + 4]).is_err(),
+        "empty"
+    );
+    assert!(Relayed::decode(&payload[..10]).is_err(), "cut short");
+    let mut big = payload[..LINK_STREAM_LEN + 4].to_vec();
+    big.extend(std::iter::repeat_n(0u8, MAX_LINK_RELAYED + 1));
+    assert!(
+        Relayed::decode(&big).is_err(),
+        "longer than an envelope carries"
+    );
+    big.pop();
+    assert_eq!(
+        Relayed::decode(&big).expect("the most").bytes.len(),
+        MAX_LINK_RELAYED
+    );
 }
 
 #[test]
@@ -164,7 +293,7 @@ fn pair(code: &LinkCode, seed: u64) -> (Channel, Channel) {
 
 #[test]
 fn both_ends_of_one_code_talk_in_both_directions() {
-    let code = LinkCode::generate(&mut crate::test_rng(1), addrs()).expect("a code");
+    let code = LinkCode::generate(&mut crate::test_rng(1), addrs(), None).expect("a code");
     let (mut joiner, mut linker) = pair(&code, 2);
     let big = vec![0x5a; MAX_LINK_CHUNK];
     let sealed = linker.seal(&big).expect("seals");
@@ -189,7 +318,7 @@ fn both_ends_of_one_code_talk_in_both_directions() {
 #[test]
 fn another_code_never_completes_the_handshake() {
     let right = code();
-    let wrong = LinkCode::new([8u8; LINK_SECRET_LEN], addrs()).expect("a code");
+    let wrong = LinkCode::new([8u8; LINK_SECRET_LEN], addrs(), None).expect("a code");
     let rng = &mut crate::test_rng(4);
     // A joiner with the wrong code: the linker refuses its first message.
     let (_, first) = wrong.join(rng);

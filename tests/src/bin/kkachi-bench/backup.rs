@@ -13,7 +13,8 @@ use crate::history::{kkachi_bin, long_conversation};
 /// the median of three runs. The baseline is `verify`: reading the same backup through
 /// (decrypting and checking every chunk) without writing anything. Then each restored
 /// home is handed to a new one over loopback (`device link`, `device join`): the join,
-/// from start to its home in place.
+/// from start to its home in place; and that one to another through a relay on
+/// loopback (`device link --relay-only`), whose baseline is the direct hand-over.
 pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
     let home = root.join("backup-home");
     long_conversation(&home, n)?;
@@ -59,32 +60,49 @@ pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
     let mut link = Vec::new();
     for i in 0..3 {
         let old = root.join(format!("backup-restored-{i}"));
-        link.push(link_once(&bin, &old, &root.join(format!("linked-{i}")))?);
+        link.push(link_once(
+            &bin,
+            &old,
+            &root.join(format!("linked-{i}")),
+            false,
+        )?);
     }
+    let relay = crate::common::Relay::start(&root.join("link-relay"), crate::common::free_port())?;
+    let mut relayed = Vec::new();
+    for i in 0..3 {
+        let old = root.join(format!("linked-{i}"));
+        run(&["relay", "add", &relay.addr], &old, None)?;
+        relayed.push(link_once(
+            &bin,
+            &old,
+            &root.join(format!("relayed-{i}")),
+            true,
+        )?);
+    }
+    drop(relay);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(
         json!({ "messages": n, "bytes": std::fs::metadata(&file)?.len(),
                "create_ms": ms(median(create)), "verify_ms": ms(median(verify)),
-               "restore_ms": ms(median(restore)), "link_ms": ms(median(link)) }),
+               "restore_ms": ms(median(restore)), "link_ms": ms(median(link)),
+               "relay_link_ms": ms(median(relayed)) }),
     )
 }
 
-/// Hands the account in `old` to a new home `new` over loopback; how long the join took.
-fn link_once(bin: &Path, old: &Path, new: &Path) -> Result<Duration> {
+/// Hands the account in `old` to a new home `new` over loopback, or (`relayed`)
+/// through the account's relay alone; how long the join took.
+fn link_once(bin: &Path, old: &Path, new: &Path, relayed: bool) -> Result<Duration> {
     use std::io::{BufRead, BufReader};
+    let mut args = vec!["device", "link", "--wait", "1m", "--yes", "--json"];
+    if relayed {
+        args.push("--relay-only");
+    } else {
+        args.extend(["--listen", "127.0.0.1:0", "--no-relay"]);
+    }
     let mut link = Command::new(bin)
         .arg("--home")
         .arg(old)
-        .args([
-            "device",
-            "link",
-            "--listen",
-            "127.0.0.1:0",
-            "--wait",
-            "1m",
-            "--yes",
-            "--json",
-        ])
+        .args(&args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()?;

@@ -253,7 +253,16 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             "device link → device join over loopback, until the new home is in place".to_string(),
         );
         link.ratio = Some((link.value / restore_ms, "the restore"));
+        let link_ms = link.value;
         out.push(link);
+        let mut relayed = row(
+            "the same through a relay (ms)",
+            &backup["relay_link_ms"],
+            0,
+            "device link --relay-only → device join, through a relay on loopback".to_string(),
+        );
+        relayed.ratio = Some((relayed.value / link_ms, "the direct hand-over"));
+        out.push(relayed);
     }
     if args.part("restart") {
         let restart = &r["restart"];

@@ -1,0 +1,194 @@
+//! Linking through a relay (a real one, in this process): the account goes over with
+//! the queues' quota forcing the sender to wait for the reader; junk, floods and
+//! streams that stall from whoever else holds the code hold nothing up; a wrong code
+//! finds nothing there; and the queues take nothing once the offer ended.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use kkachi_protocol::link::LinkCode;
+use kkachi_relay::config::Config;
+use kkachi_relay::store::{Limits, MemoryStore, Quota};
+use kkachi_relay::{Metrics, RelayHandle};
+
+use super::*;
+use crate::link::tests::account;
+use crate::link::{Handed, LinkFailure, Offer, Seen, Via, join};
+
+/// A relay on loopback whose queues hold at most `envelopes` envelopes each.
+async fn relay(envelopes: u64) -> (RelayHandle, Multiaddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = Config {
+        data_dir: PathBuf::new(),
+        listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()],
+        ..Config::default()
+    };
+    let store = MemoryStore::new(Limits::uniform(Quota {
+        max_envelopes: envelopes,
+        max_bytes: 1 << 30,
+    }));
+    let mut handle = kkachi_relay::start_with(
+        config,
+        libp2p::identity::Keypair::generate_ed25519(),
+        store,
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let addr = handle.wait_listening(1).await.remove(0);
+    (handle, addr)
+}
+
+/// Offers `store`'s account through `relay` alone, for a minute, on a thread that
+/// confirms every device: the code, the result, and what it saw.
+async fn offered(
+    store: &crate::store::LocalStore,
+    relay: &Multiaddr,
+) -> (
+    LinkCode,
+    tokio::task::JoinHandle<Result<Handed, LinkFailure>>,
+    std::sync::mpsc::Receiver<Seen>,
+) {
+    let (offer, why) = Offer::through_relay(None, &[(relay.clone(), Vec::new())])
+        .await
+        .expect("the relay holds the offer");
+    assert_eq!(why, None);
+    let code = offer.code().clone();
+    assert!(code.addrs().is_empty(), "no address of this device");
+    assert_eq!(code.relay(), Some(relay));
+    let (tx, seen) = std::sync::mpsc::channel();
+    let store = store.clone();
+    let served = tokio::task::spawn_blocking(move || {
+        offer.serve(
+            &store,
+            Duration::from_secs(60),
+            |_, _| true,
+            |s| {
+                let _ = tx.send(s);
+            },
+        )
+    });
+    (code, served, seen)
+}
+
+/// Puts `payload` into the code's queue to the old device, as anyone holding the code
+/// can; whether the relay took it.
+async fn put(net: &Network, relay: &Multiaddr, code: &LinkCode, payload: Vec<u8>) -> bool {
+    let envelope = Envelope {
+        expires_at: crate::engine::now_ms() / 1000 + 600,
+        payload,
+    };
+    let request = ClientToRelay::Put {
+        items: vec![Addressed {
+            write: code.queues().to_old.1,
+            envelope,
+        }],
+    };
+    matches!(
+        ask(net, relay, request).await,
+        Ok(RelayToClient::Stored { outcomes, .. })
+            if matches!(outcomes.first(), Some(PutOutcome::Stored | PutOutcome::Duplicate))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_up() {
+    // A relay that holds at most 4 envelopes in a queue.
+    let (_relay, addr) = relay(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, me, _) = account(&dir.path().join("old"));
+    let (code, served, seen) = offered(&store, &addr).await;
+
+    // Someone else with the code (or the relay) first: junk, a stream that skips a
+    // number, a first message of the wrong length, and more streams that say a byte
+    // and stall than are checked at once.
+    let net = network().unwrap();
+    assert!(put(&net, &addr, &code, b"not a relayed message".to_vec()).await);
+    for (seq, bytes) in [(0u32, vec![0xff, 0xff]), (5, vec![1])] {
+        let junk = Relayed {
+            stream: rand::random(),
+            seq,
+            bytes,
+        };
+        assert!(put(&net, &addr, &code, junk.encode()).await);
+    }
+    for _ in 0..MAX_STREAMS + 2 {
+        let stall = Relayed {
+            stream: rand::random(),
+            seq: 0,
+            bytes: vec![0],
+        };
+        assert!(put(&net, &addr, &code, stall.encode()).await);
+    }
+
+    let new_home = dir.path().join("new");
+    let started = Instant::now();
+    let joining = code.clone();
+    let (joined, took) = tokio::task::spawn_blocking(move || {
+        let joined = join(&new_home, &joining, |_, _| {}, &AtomicBool::new(false));
+        (joined, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let joined = joined.expect("joins through the relay");
+    let handed = served.await.unwrap().expect("hands over");
+    println!(
+        "{} messages handed over through a relay (holding at most 4 envelopes a queue) in {} ms",
+        joined.restored.counts.messages,
+        took.as_millis()
+    );
+    assert!(matches!(joined.from, Via::Relay(ref r) if *r == addr.to_string()));
+    assert!(matches!(handed.from, Via::Relay(_)));
+    assert!(handed.confirmed, "the new home said it is in place");
+    assert_eq!(joined.restored.peer, me.peer_id());
+    assert_eq!(
+        joined.restored.counts.messages,
+        crate::link::tests::MESSAGES
+    );
+    assert_eq!(handed.to, joined.restored.session_key);
+    // The others were dropped as not holding the code, and never sent anything.
+    let seen: Vec<Seen> = seen.try_iter().collect();
+    assert!(
+        seen.iter()
+            .filter(|s| matches!(s, Seen::WrongCode(_)))
+            .count()
+            >= 2,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|s| matches!(s, Seen::Sending(_)))
+            .count(),
+        1,
+        "{seen:?}"
+    );
+    // The offer ended: its queues take nothing more, whoever holds the code.
+    let late = Relayed {
+        stream: rand::random(),
+        seq: 0,
+        bytes: vec![0],
+    };
+    assert!(!put(&net, &addr, &code, late.encode()).await, "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_nothing_waits_for_at_the_relay_is_named_as_such() {
+    let (_relay, addr) = relay(64).await;
+    let dir = tempfile::tempdir().unwrap();
+    let code = LinkCode::generate(&mut rand_core::OsRng, Vec::new(), Some(addr.clone())).unwrap();
+    let new_home = dir.path().join("new");
+    let home = new_home.clone();
+    let failed =
+        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &AtomicBool::new(false)))
+            .await
+            .unwrap()
+            .expect_err("nothing waits under that code");
+    let why = failed.to_string();
+    assert!(why.contains("nothing waits there under this code"), "{why}");
+    assert!(why.contains(&addr.to_string()), "{why}");
+    assert!(!new_home.exists());
+}
