@@ -413,10 +413,16 @@ fn lock_path(home: &Path, parent: &Path) -> PathBuf {
 }
 
 /// Cancels this process's restore or join into `home` as it exits: what it staged
-/// goes, and its lock file (it holds the lock, which goes with the process).
+/// goes (tried again a few times: the restore's thread may still be writing there).
+/// The lock goes with the process; its file, which locks nothing then, is left.
 pub fn cancel_restore(home: &Path) {
-    remove_staging(home);
-    let _ = std::fs::remove_file(lock_path(home, parent_of(home)));
+    for _ in 0..5 {
+        remove_staging(home);
+        if stagings(home).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Takes the lock of restores and joins into `home`, or says that another process
@@ -476,21 +482,30 @@ fn parent_of(home: &Path) -> &Path {
 /// Removes what a restore or join of `home` staged beside it (one cut off, or being
 /// cancelled).
 pub fn remove_staging(home: &Path) {
+    for staged in stagings(home) {
+        let _ = std::fs::remove_dir_all(staged);
+    }
+}
+
+/// What a restore or join of `home` staged beside it.
+fn stagings(home: &Path) -> Vec<PathBuf> {
     let prefix = staging_prefix(home);
-    if let Ok(entries) = std::fs::read_dir(parent_of(home)) {
-        for entry in entries.flatten() {
+    let Ok(entries) = std::fs::read_dir(parent_of(home)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
             // This home's alone: the prefix and exactly the random part after it (the
             // staging of a home `a-b` starts with the prefix of a home `a`).
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let ours = name.strip_prefix(&prefix).is_some_and(|rest| {
+            name.strip_prefix(&prefix).is_some_and(|rest| {
                 rest.len() == STAGING_RANDOM && rest.bytes().all(|b| b.is_ascii_alphanumeric())
-            });
-            if ours && entry.path().is_dir() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+            }) && entry.path().is_dir()
+        })
+        .map(|entry| entry.path())
+        .collect()
 }
 
 /// Random characters after a staging directory's prefix.

@@ -152,7 +152,8 @@ impl std::fmt::Display for Via {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Direct(addr) => write!(f, "{addr}"),
-            Self::Relay(relay) => write!(f, "relay {relay}"),
+            // A code's relay address is anyone's text.
+            Self::Relay(relay) => write!(f, "relay {}", crate::sanitize::for_terminal(relay)),
         }
     }
 }
@@ -286,30 +287,45 @@ impl Offer {
                 "this account has no relay to link through: add one (`kkachi relay add`), or link over the local network".into(),
             ));
         }
-        let mut offer = match listen {
-            Some((listen, interfaces)) => Self::new(listen, interfaces)?,
-            None => Self {
+        // Only a relay a code can name (its address short enough, ending in its id).
+        let mut failed = Vec::new();
+        let mut usable = Vec::new();
+        for (addr, token) in relays {
+            match LinkCode::new([0; 16], Vec::new(), Some(addr.clone())) {
+                Ok(_) => usable.push((addr, token)),
+                Err(e) => failed.push(format!("{addr}: {e}")),
+            }
+        }
+        let mut offer = match (listen, usable.first()) {
+            (Some((listen, interfaces)), _) => Self::new(listen, interfaces)?,
+            (None, Some((first, _))) => Self {
                 code: LinkCode::generate(
                     &mut rand_core::OsRng,
                     Vec::new(),
-                    relays.first().map(|r| r.0.clone()),
+                    Some((*first).clone()),
                 )?,
                 listeners: Vec::new(),
                 relay: None,
             },
+            (None, None) => {
+                return Err(LinkFailure::Io(format!(
+                    "no relay could hold the link: {}",
+                    failed.join("; ")
+                )));
+            }
         };
         let net = relay::network().map_err(LinkFailure::Io)?;
         let queues = offer.code.queues();
-        let mut failed = Vec::new();
-        for (addr, token) in relays {
+        for (addr, token) in usable {
             match relay::open(&net, addr, &queues, token).await {
-                Ok(()) => {
+                Ok(chunk) => {
                     offer.code = offer.code.with_relay(Some(addr.clone()))?;
                     offer.relay = Some(relay::listen(
                         tokio::runtime::Handle::current(),
                         net,
                         addr.clone(),
                         queues,
+                        chunk,
                     ));
                     return Ok((offer, None));
                 }
@@ -405,13 +421,21 @@ fn serve(
         }
         let mut idle = true;
         // Streams through the relay: as many as started (the relay's end bounds them).
-        while let Some(pipe) = relay.and_then(|r| r.streams.try_recv().ok()) {
+        while let Some(mut pipe) = relay.and_then(|r| r.streams.try_recv().ok()) {
             idle = false;
+            if pipe.ended() {
+                // Dropped for newer streams before this pass.
+                seen(Seen::WrongCode(Via::Relay(pipe.relay().to_string())));
+                continue;
+            }
             let (code, tx) = (code.clone(), checked_tx.clone());
             let from = Via::Relay(pipe.relay().to_string());
-            std::thread::spawn(move || {
+            let checking = std::thread::Builder::new().spawn(move || {
                 let _ = tx.send((from, check(&code, Conn::relay(pipe))));
             });
+            if let Err(e) = checking {
+                tracing::warn!(error = %e, "a link stream was not checked");
+            }
         }
         for listener in listeners {
             // A bounded number each pass, so results are read and the deadline
@@ -455,6 +479,8 @@ fn serve(
                 // Ran out while others were asked about: this one is too late.
                 break;
             }
+            // Proven: a stream through the relay is no longer pushed out by newer ones.
+            conn.hold();
             if !confirm(&from, &channel.safety_number()) {
                 seen(Seen::Declined(from));
                 continue;
@@ -606,6 +632,9 @@ fn hand_over(
     // If the confirmation is lost, the new device does not take its home, and this one
     // (which holds everything still) may hand the account over again: so whether the
     // new home is in place is asked, and told.
+    // Through a relay, DONE stays there for the new device to read, whatever becomes of
+    // this end (as bytes written to a connection reach its other end after it closes).
+    conn.keep_sent();
     let confirmed = channel
         .seal(&[DONE])
         .map_err(LinkFailure::from)
@@ -624,6 +653,43 @@ pub struct Joined {
     pub from: Via,
 }
 
+/// Where a join stands, for what may cancel it: it is either cancelled before it tells
+/// the old device it holds the account, or not cancelled at all.
+#[derive(Debug, Default)]
+pub struct JoinState(std::sync::atomic::AtomicU8);
+
+impl JoinState {
+    const RUNNING: u8 = 0;
+    const COMMITTING: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    /// From here the old device may let go of the account; false if it was cancelled
+    /// first.
+    fn commit(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::RUNNING,
+                Self::COMMITTING,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Cancels the join, unless it told the old device it holds the account already
+    /// (false: it can only finish now).
+    pub fn cancel(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::RUNNING,
+                Self::CANCELLED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+}
+
 /// Takes the account offered under `code` into `home` (which must hold none).
 /// `connected` hears where the old device answered and the safety number its user is
 /// to compare. The home appears only once the old device confirmed it handed the
@@ -632,7 +698,7 @@ pub fn join(
     home: &Path,
     code: &LinkCode,
     connected: impl FnOnce(&Via, &str),
-    committing: &std::sync::atomic::AtomicBool,
+    state: &JoinState,
 ) -> Result<Joined, LinkFailure> {
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
         let (conn, channel, from) = connect(code)?;
@@ -684,7 +750,9 @@ pub fn join(
         ready.extend_from_slice(&restored.session_key);
         // From here the other device may let go of the account: this one must not be
         // cancelled any more.
-        committing.store(true, Ordering::SeqCst);
+        if !state.commit() {
+            return Err(LinkFailure::BrokeOff("cancelled".into()));
+        }
         conn.write(&channel.seal(&ready)?)?;
         let done = conn.read(IDLE_TIMEOUT).map_err(|e| {
             LinkFailure::BrokeOff(format!(
@@ -725,7 +793,9 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, Via), LinkFailure> {
                 .and_then(|s| Conn::new(s).map_err(|e| e.to_string())),
         )
     });
-    let relayed = code.relay().map(|r| {
+    // Tried only once every address was: the relay learns nothing of a link that does
+    // not need it.
+    let relayed = code.relay().into_iter().map(|r| {
         (
             Via::Relay(r.to_string()),
             relay::connect(r, &code.queues()).map(Conn::relay),
@@ -747,13 +817,17 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, Via), LinkFailure> {
         let mut shake = || -> Result<Channel, LinkFailure> {
             let (joining, first) = code.join(&mut rand_core::OsRng);
             conn.write(&first)?;
-            // The old device hangs up on a first message that does not hold its code.
+            // The old device hangs up on a first message that does not hold its code
+            // (through a relay, nothing waits under a wrong code: the put says so).
+            let direct = matches!(via, Via::Direct(_));
             let answer =
                 conn.read_until(deadline, LINK_ANSWER_LEN)
                     .map_err(|e| match e.kind() {
                         std::io::ErrorKind::UnexpectedEof
                         | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::InvalidData => {
+                        | std::io::ErrorKind::InvalidData
+                            if direct =>
+                        {
                             LinkFailure::Code(LinkError::Handshake)
                         }
                         _ => e.into(),
@@ -890,6 +964,20 @@ impl Conn {
     fn relay(pipe: relay::Pipe) -> Self {
         Self {
             io: Io::Relay(Box::new(pipe)),
+        }
+    }
+
+    /// The other end proved it holds the code (through a relay, that keeps the stream).
+    fn hold(&self) {
+        if let Io::Relay(pipe) = &self.io {
+            pipe.hold();
+        }
+    }
+
+    /// What was sent stays for the other end to read, whatever becomes of this end.
+    fn keep_sent(&mut self) {
+        if let Io::Relay(pipe) = &mut self.io {
+            pipe.keep_sent();
         }
     }
 

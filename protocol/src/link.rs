@@ -138,15 +138,16 @@ pub struct LinkQueues {
 
 /// One message of the channel as a relay carries it, in an envelope's payload:
 /// `stream(16) ‖ seq(4) ‖ bytes`. `stream` is the joining device's, drawn at random;
-/// `seq` counts each direction's envelopes of one stream from 0.
+/// `seq` counts each direction's envelopes of one stream from 0; no bytes end the
+/// stream (as closing a connection does).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relayed {
     /// The joining device's stream.
     pub stream: [u8; LINK_STREAM_LEN],
     /// The envelope's place in its direction of the stream.
     pub seq: u32,
-    /// Bytes of the channel (its framed messages, cut anywhere), 1 to
-    /// [`MAX_LINK_RELAYED`].
+    /// Bytes of the channel (its framed messages, cut anywhere), at most
+    /// [`MAX_LINK_RELAYED`]; none: the sender ends the stream.
     pub bytes: Vec<u8>,
 }
 
@@ -158,16 +159,21 @@ impl Relayed {
         w.finish()
     }
 
-    /// Reads a payload; one with no bytes, or too many, is refused.
+    /// Whether it ends its stream.
+    pub fn is_end(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Reads a payload; one with too many bytes is refused.
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(payload);
         let stream = r.array::<LINK_STREAM_LEN>("stream")?;
         let seq = r.u32("sequence number")?;
         let bytes = r.rest();
-        if bytes.is_empty() || bytes.len() > MAX_LINK_RELAYED {
+        if bytes.len() > MAX_LINK_RELAYED {
             return Err(DecodeError::Invalid {
                 field: "relayed bytes",
-                reason: "empty or too long",
+                reason: "longer than an envelope carries",
             });
         }
         Ok(Self {

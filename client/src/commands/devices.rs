@@ -533,8 +533,8 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
     };
     let code = LinkCode::parse(&typed).map_err(LinkFailure::from)?;
     let into = home.to_path_buf();
-    let committing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let committed = committing.clone();
+    let state = std::sync::Arc::new(crate::link::JoinState::default());
+    let joined_state = state.clone();
     let mut joining = tokio::task::spawn_blocking(move || {
         crate::link::join(
             &into,
@@ -551,7 +551,7 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
                     );
                 }
             },
-            &committed,
+            &joined_state,
         )
     });
     let joined = loop {
@@ -559,7 +559,7 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
             joined = &mut joining => break joined
                 .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??,
             _ = tokio::signal::ctrl_c() => {
-                if committing.load(std::sync::atomic::Ordering::SeqCst) {
+                if !state.cancel() {
                     // The other device may have let go of the account already.
                     eprintln!("the account is being handed over: this can no longer be cancelled, and ends in a moment");
                     continue;

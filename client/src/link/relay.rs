@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use kkachi_protocol::link::{LINK_STREAM_LEN, LinkQueues, MAX_LINK_RELAYED, Relayed};
 use kkachi_protocol::wire::Addressed;
 use kkachi_protocol::{
-    ClientToRelay, Envelope, ErrorCode, Multiaddr, PutOutcome, QueueKind, ReadKey, RelayToClient,
-    WriteKey,
+    ClientToRelay, Envelope, EnvelopeId, ErrorCode, Multiaddr, PutOutcome, QueueKind, ReadKey,
+    RelayToClient, WriteKey,
 };
 use tokio::runtime::Handle;
 
@@ -48,6 +48,12 @@ const JOINER_BACKLOG: usize = 32;
 const MAX_DONE: usize = 4096;
 /// Pause before a refused or failed put is tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How long a stream's end is tried for, as its pipe goes.
+const END_WITHIN: Duration = Duration::from_secs(2);
+/// The smallest envelope a relay must take for a link to go through it.
+const MIN_CHUNK: usize = 1024;
+/// What an envelope carries besides the channel's bytes: the stream and its number.
+const RELAYED_HEADER: usize = LINK_STREAM_LEN + 4;
 
 /// A network that speaks to relays only, as throwaway identities, for one link.
 pub(super) fn network() -> Result<Network, String> {
@@ -100,25 +106,55 @@ fn blocking(
     relay: &Multiaddr,
     request: ClientToRelay,
 ) -> Result<RelayToClient, String> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let (net, relay) = (net.clone(), relay.clone());
+    waited(rt, async move { ask(&net, &relay, request).await })
+}
+
+/// `task` (which ends within [`ANSWER_WITHIN`]) run on `rt` and waited for from a
+/// thread off the runtime; a runtime gone fails it.
+fn waited<T: Send + 'static>(
+    rt: &Handle,
+    task: impl Future<Output = Result<T, String>> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {
-        let _ = tx.send(ask(&net, &relay, request).await);
+        let _ = tx.send(task.await);
     });
     rx.recv_timeout(ANSWER_WITHIN + Duration::from_secs(1))
         .unwrap_or_else(|_| Err("the link stopped".into()))
 }
 
+/// The most channel bytes one envelope to `relay` carries: as much as its largest
+/// payload allows (its info says), at most [`MAX_LINK_RELAYED`].
+async fn chunk_at(net: &Network, relay: &Multiaddr) -> Result<usize, String> {
+    let RelayToClient::Info(info) = ask(net, relay, ClientToRelay::Info).await? else {
+        return Err("the relay answered something else".into());
+    };
+    let payload = match info.max_payload {
+        0 => kkachi_protocol::envelope::MAX_PAYLOAD_LEN,
+        n => n as usize,
+    };
+    let chunk = payload.saturating_sub(RELAYED_HEADER).min(MAX_LINK_RELAYED);
+    if chunk < MIN_CHUNK {
+        return Err(format!(
+            "it takes envelopes of {payload} bytes at most, too few to link through"
+        ));
+    }
+    Ok(chunk)
+}
+
 /// Opens the code's two queues on `relay` (with the access token its operator gave, if
-/// any), each writable with the code's key alone.
+/// any), each writable with the code's key alone: how many bytes an envelope there
+/// carries. Opens neither if it cannot open both.
 pub(super) async fn open(
     net: &Network,
     relay: &Multiaddr,
     queues: &LinkQueues,
     token: &[u8],
-) -> Result<(), String> {
-    for (read, write) in [&queues.to_old, &queues.to_new] {
-        match ask(
+) -> Result<usize, String> {
+    let chunk = chunk_at(net, relay).await?;
+    for (i, (read, write)) in [&queues.to_old, &queues.to_new].into_iter().enumerate() {
+        let granted = ask(
             net,
             relay,
             ClientToRelay::Grant {
@@ -128,13 +164,23 @@ pub(super) async fn open(
                 write_ids: vec![write.id()],
             },
         )
-        .await?
-        {
-            RelayToClient::Granted { .. } => {}
-            _ => return Err("the relay answered something else".into()),
+        .await;
+        let why = match granted {
+            Ok(RelayToClient::Granted { .. }) => continue,
+            Ok(_) => "the relay answered something else".to_string(),
+            Err(why) => why,
+        };
+        if i == 1 {
+            let (read, write) = &queues.to_old;
+            let revoke = ClientToRelay::Revoke {
+                key: read.clone(),
+                write_ids: vec![write.id()],
+            };
+            let _ = ask(net, relay, revoke).await;
         }
+        return Err(why);
     }
-    Ok(())
+    Ok(chunk)
 }
 
 /// Where envelopes of one stream go, in order.
@@ -145,6 +191,12 @@ struct Out {
     write: WriteKey,
     stream: [u8; LINK_STREAM_LEN],
     seq: u32,
+    /// The most channel bytes an envelope carries there.
+    chunk: usize,
+    /// The old device's: the key that reads the queue it puts into, to take back what
+    /// a stream that broke off left there (it would hold the queue's quota from the
+    /// next stream), and the envelopes put so far.
+    cleanup: Option<(ReadKey, Vec<EnvelopeId>)>,
 }
 
 impl Out {
@@ -171,6 +223,9 @@ impl Out {
                 Ok(RelayToClient::Stored { outcomes, .. }) => match outcomes.first() {
                     Some(PutOutcome::Stored | PutOutcome::Duplicate) => {
                         self.seq += 1;
+                        if let Some((_, ids)) = &mut self.cleanup {
+                            ids.push(envelope.id());
+                        }
                         return Ok(());
                     }
                     // The reader is behind, or the relay busy: it frees up.
@@ -224,11 +279,37 @@ pub(super) struct Pipe {
     /// Set when the pipe goes: what reads for it stops (the new device's thread), or
     /// forgets its stream (the old device's).
     gone: Arc<AtomicBool>,
+    /// Set once the old device's check of the stream passed: it is not dropped for
+    /// newer ones any more.
+    held: Arc<AtomicBool>,
+    /// Whether what was put stays for the other end to read when the pipe goes (the
+    /// account was handed over).
+    keep: bool,
 }
 
 impl Drop for Pipe {
     fn drop(&mut self) {
         self.gone.store(true, Ordering::SeqCst);
+        if self.out.seq == 0 {
+            // Nothing was said on it: nothing to end, or take back (a stream dropped
+            // unanswered, as under a flood, costs no put).
+            return;
+        }
+        // The other end hears at once that the stream ended, as a closed connection
+        // says (else it would wait out its deadline).
+        let _ = self.out.put(&[], Instant::now() + END_WITHIN);
+        let Some((read, ids)) = self.out.cleanup.take().filter(|_| !self.keep) else {
+            return;
+        };
+        // What the other end did not read of a stream that broke off goes (but its end).
+        let ids = &ids[..ids.len().saturating_sub(1)];
+        for ids in ids.chunks(kkachi_protocol::wire::MAX_DELETE_IDS) {
+            let delete = ClientToRelay::Delete {
+                key: read.clone(),
+                ids: ids.to_vec(),
+            };
+            let _ = blocking(&self.out.rt, &self.out.net, &self.out.relay, delete);
+        }
     }
 }
 
@@ -241,6 +322,35 @@ impl Pipe {
             buf: Vec::new(),
             at: 0,
             gone,
+            held: Arc::default(),
+            keep: false,
+        }
+    }
+
+    /// The old device's check of the stream passed: newer streams no longer push it out.
+    pub(super) fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// What was put stays for the other end when the pipe goes (it reads it after).
+    pub(super) fn keep_sent(&mut self) {
+        self.keep = true;
+    }
+
+    /// Whether the stream ended before anything of it was read (the old device
+    /// dropped it for newer ones): nothing to check.
+    pub(super) fn ended(&mut self) -> bool {
+        if self.at < self.buf.len() {
+            return false;
+        }
+        match self.inbound.try_recv() {
+            Ok(bytes) => {
+                self.buf = bytes;
+                self.at = 0;
+                false
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => true,
         }
     }
 
@@ -253,8 +363,8 @@ impl Pipe {
     /// [`Pipe::flush`] (or the next read).
     pub(super) fn write_all(&mut self, bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
         self.pending.extend_from_slice(bytes);
-        while self.pending.len() >= MAX_LINK_RELAYED {
-            let rest = self.pending.split_off(MAX_LINK_RELAYED);
+        while self.pending.len() >= self.out.chunk {
+            let rest = self.pending.split_off(self.out.chunk);
             let full = std::mem::replace(&mut self.pending, rest);
             self.out.put(&full, deadline)?;
         }
@@ -383,6 +493,10 @@ pub(super) fn connect(relay: &Multiaddr, queues: &LinkQueues) -> Result<Pipe, St
         let _entered = rt.enter();
         network()?
     };
+    let chunk = {
+        let (net, relay) = (net.clone(), relay.clone());
+        waited(&rt, async move { chunk_at(&net, &relay).await })?
+    };
     let stream: [u8; LINK_STREAM_LEN] = rand::random();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, inbound) = std::sync::mpsc::sync_channel(JOINER_BACKLOG);
@@ -398,7 +512,8 @@ pub(super) fn connect(relay: &Multiaddr, queues: &LinkQueues) -> Result<Pipe, St
             let mut expected = 0u32;
             read_queue(&rt, &net, &relay, &read, &stop, |payload| {
                 let Ok(relayed) = Relayed::decode(payload) else {
-                    return Routed::Left;
+                    // Junk, which nobody reads: it goes.
+                    return Routed::Taken;
                 };
                 if relayed.stream != stream {
                     // Another device's: for it to read.
@@ -408,8 +523,9 @@ pub(super) fn connect(relay: &Multiaddr, queues: &LinkQueues) -> Result<Pipe, St
                     // One put twice.
                     return Routed::Taken;
                 }
-                if relayed.seq > expected {
-                    // One was lost: the channel cannot go on (ending it says so).
+                if relayed.seq > expected || relayed.is_end() {
+                    // The other end ended the stream, or one was lost: the channel
+                    // cannot go on (ending it says so).
                     return Routed::Done;
                 }
                 expected += 1;
@@ -428,6 +544,8 @@ pub(super) fn connect(relay: &Multiaddr, queues: &LinkQueues) -> Result<Pipe, St
         write: queues.to_old.1,
         stream,
         seq: 0,
+        chunk,
+        cleanup: None,
     };
     Ok(Pipe::new(out, inbound, stop))
 }
@@ -438,6 +556,8 @@ struct Live {
     expected: u32,
     tx: SyncSender<Vec<u8>>,
     gone: Arc<AtomicBool>,
+    /// Whether its check passed.
+    held: Arc<AtomicBool>,
     /// When it started, counted in streams.
     started: u64,
 }
@@ -514,12 +634,22 @@ impl Listening {
     }
 }
 
-/// Listens on the queues `open` made on `relay`: each stream that starts (its first
-/// envelope, number 0) becomes a [`Pipe`], at most [`MAX_STREAMS`] at once (the
-/// oldest dropped past it); a stream that floods its pipe, skips a number, or whose pipe was dropped, is done, and
-/// nothing of it is read again.
-pub(super) fn listen(rt: Handle, net: Network, relay: Multiaddr, queues: LinkQueues) -> Listening {
+/// Listens on the queues `open` made on `relay` (whose envelopes carry `chunk` bytes):
+/// each stream that starts (its first envelope, number 0) becomes a [`Pipe`]. At most
+/// [`MAX_STREAMS`] are being checked at once, the oldest dropped past it (never one
+/// whose check passed), and at most as many wait to be checked; a stream that ends,
+/// floods its pipe, skips a number, or whose pipe was dropped, is done, and nothing of
+/// it is read again.
+pub(super) fn listen(
+    rt: Handle,
+    net: Network,
+    relay: Multiaddr,
+    queues: LinkQueues,
+    chunk: usize,
+) -> Listening {
     let stop = Arc::new(AtomicBool::new(false));
+    // Unbounded, but each stream in it past the newest few was dropped already (and
+    // holds at most what came before): the offer takes them all at its next pass.
     let (streams_tx, streams) = std::sync::mpsc::channel();
     {
         let (rt, net, relay, queues, stop) = (
@@ -550,44 +680,37 @@ pub(super) fn listen(rt: Handle, net: Network, relay: Multiaddr, queues: LinkQue
                     if relayed.seq < l.expected {
                         return Routed::Taken;
                     }
-                    let flooded = relayed.seq > l.expected
+                    let ended = relayed.seq > l.expected
+                        || relayed.is_end()
                         || matches!(
                             l.tx.try_send(relayed.bytes),
                             Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
                         );
                     l.expected += 1;
-                    if flooded {
+                    if ended {
                         streams.finish(stream);
                     }
                     return Routed::Taken;
                 }
-                if streams.done.contains(&stream) || relayed.seq != 0 {
+                if streams.done.contains(&stream) || relayed.seq != 0 || relayed.is_end() {
                     return Routed::Taken;
                 }
-                if streams.live.len() >= MAX_STREAMS
-                    && let Some(oldest) = streams
+                if streams.live.len() >= MAX_STREAMS {
+                    let oldest = streams
                         .live
                         .iter()
+                        .filter(|(_, l)| !l.held.load(Ordering::SeqCst))
                         .min_by_key(|(_, l)| l.started)
-                        .map(|(s, _)| *s)
-                {
-                    streams.finish(oldest);
+                        .map(|(s, _)| *s);
+                    match oldest {
+                        Some(oldest) => streams.finish(oldest),
+                        None => return Routed::Taken,
+                    }
                 }
                 let (tx, inbound) = std::sync::mpsc::sync_channel(STREAM_BACKLOG);
                 if tx.try_send(relayed.bytes).is_err() {
                     return Routed::Taken;
                 }
-                let gone = Arc::new(AtomicBool::new(false));
-                streams.started += 1;
-                streams.live.insert(
-                    stream,
-                    Live {
-                        expected: 1,
-                        tx,
-                        gone: gone.clone(),
-                        started: streams.started,
-                    },
-                );
                 let out = Out {
                     rt: rt.clone(),
                     net: net.clone(),
@@ -595,13 +718,23 @@ pub(super) fn listen(rt: Handle, net: Network, relay: Multiaddr, queues: LinkQue
                     write: queues.to_new.1,
                     stream,
                     seq: 0,
+                    chunk,
+                    cleanup: Some((queues.to_new.0.clone(), Vec::new())),
                 };
-                let pipe = Pipe::new(out, inbound, gone);
-                if streams_tx.send(pipe).is_ok() {
-                    Routed::Taken
-                } else {
-                    Routed::Done
+                let pipe = Pipe::new(out, inbound, Arc::default());
+                let live = Live {
+                    expected: 1,
+                    tx,
+                    gone: pipe.gone.clone(),
+                    held: pipe.held.clone(),
+                    started: streams.started + 1,
+                };
+                if streams_tx.send(pipe).is_err() {
+                    return Routed::Done;
                 }
+                streams.started += 1;
+                streams.live.insert(stream, live);
+                Routed::Taken
             });
         });
     }

@@ -1,7 +1,6 @@
 //! Handing an account over: what goes, what the old device becomes, and what a
 //! transfer broken, tampered with or guessed at leaves behind.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 
 use kkachi_protocol::{Card, Identity, Multiaddr};
@@ -90,7 +89,7 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let (code, server, seen) = offered(&store);
     let new_home = dir.path().join("new");
     let started = Instant::now();
-    let joined = join(&new_home, &code, |_, _| {}, &AtomicBool::new(false)).expect("joins");
+    let joined = join(&new_home, &code, |_, _| {}, &JoinState::default()).expect("joins");
     let took = started.elapsed();
     let handed = server.join().unwrap().expect("hands over");
     println!(
@@ -143,7 +142,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     // Same address, another secret: a guess, or a stale code.
     let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec(), None).unwrap();
     let new_home = dir.path().join("new");
-    let err = join(&new_home, &guess, |_, _| {}, &AtomicBool::new(false)).unwrap_err();
+    let err = join(&new_home, &guess, |_, _| {}, &JoinState::default()).unwrap_err();
     assert!(
         matches!(err, LinkFailure::Code(LinkError::Handshake)),
         "{err}"
@@ -163,7 +162,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
         Ok(Seen::WrongCode(_))
     ));
     drop(TcpStream::connect(code.addrs()[0]).unwrap());
-    join(&new_home, &code, |_, _| {}, &AtomicBool::new(false)).expect("the right code still works");
+    join(&new_home, &code, |_, _| {}, &JoinState::default()).expect("the right code still works");
     server.join().unwrap().expect("hands over");
 }
 
@@ -187,7 +186,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
             &dir.path().join("new"),
             &guess,
             |_, _| {},
-            &AtomicBool::new(false),
+            &JoinState::default(),
         );
     }
     // From other hosts: connections that say nothing, more than one address may hold
@@ -211,7 +210,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
         &dir.path().join("new"),
         &code,
         |_, _| {},
-        &AtomicBool::new(false),
+        &JoinState::default(),
     )
     .expect("the right code still works");
     let took = started.elapsed();
@@ -312,7 +311,7 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
         &dir.path().join("new"),
         &code,
         |_, _| {},
-        &AtomicBool::new(false),
+        &JoinState::default(),
     )
     .expect("joins");
     server.join().unwrap().expect("hands over");
@@ -426,7 +425,7 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
         let bytes = stream.clone();
         let linker = fake_linker(&code, move |ch, conn| play(ch, conn, bytes));
         let home = dir.path().join("new");
-        let err = join(&home, &code, |_, _| {}, &AtomicBool::new(false))
+        let err = join(&home, &code, |_, _| {}, &JoinState::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains(what), "expected {what:?}: {err}");
@@ -457,7 +456,7 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
             &dir.path().join("taken"),
             &code,
             |_, _| {},
-            &AtomicBool::new(false),
+            &JoinState::default(),
         )
         .unwrap_err()
         .to_string();
@@ -473,7 +472,7 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
         &dir.path().join("new"),
         &code,
         |_, _| {},
-        &AtomicBool::new(false),
+        &JoinState::default(),
     )
     .expect("joins");
     server.join().unwrap().expect("hands over");
@@ -547,7 +546,7 @@ fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number
         &home,
         &code,
         |_, number| shown = number.to_string(),
-        &AtomicBool::new(false),
+        &JoinState::default(),
     )
     .unwrap_err();
     assert!(matches!(err, LinkFailure::NotAccepted), "{err}");
@@ -563,7 +562,7 @@ fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number
         &home,
         &code,
         |_, number| second = number.to_string(),
-        &AtomicBool::new(false),
+        &JoinState::default(),
     )
     .expect("joins");
     assert_eq!(asked.recv().unwrap(), second);

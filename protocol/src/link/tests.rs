@@ -244,7 +244,7 @@ fn a_relay_in_a_code_is_one_short_address_ending_in_its_id() {
 }
 
 #[test]
-fn a_relayed_message_reads_back_and_empty_or_oversized_ones_are_refused() {
+fn a_relayed_message_reads_back_none_ends_its_stream_and_oversized_ones_are_refused() {
     let sent = Relayed {
         stream: [3; LINK_STREAM_LEN],
         seq: 7,
@@ -253,10 +253,9 @@ fn a_relayed_message_reads_back_and_empty_or_oversized_ones_are_refused() {
     let payload = sent.encode();
     assert_eq!(payload.len(), LINK_STREAM_LEN + 4 + 3);
     assert_eq!(Relayed::decode(&payload).expect("reads"), sent);
-    assert!(
-        Relayed::decode(&payload[..LINK_STREAM_LEN + 4]).is_err(),
-        "empty"
-    );
+    assert!(!Relayed::decode(&payload).expect("reads").is_end());
+    let end = Relayed::decode(&payload[..LINK_STREAM_LEN + 4]).expect("the end");
+    assert!(end.is_end() && end.seq == 7);
     assert!(Relayed::decode(&payload[..10]).is_err(), "cut short");
     let mut big = payload[..LINK_STREAM_LEN + 4].to_vec();
     big.extend(std::iter::repeat_n(0u8, MAX_LINK_RELAYED + 1));

@@ -4,7 +4,6 @@
 //! finds nothing there; and the queues take nothing once the offer ended.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 
 use kkachi_protocol::link::LinkCode;
 use kkachi_relay::config::Config;
@@ -13,7 +12,7 @@ use kkachi_relay::{Metrics, RelayHandle};
 
 use super::*;
 use crate::link::tests::account;
-use crate::link::{Handed, LinkFailure, Offer, Seen, Via, join};
+use crate::link::{Handed, JoinState, LinkFailure, Offer, Seen, Via, join};
 
 /// A relay on loopback whose queues hold at most `envelopes` envelopes each.
 async fn relay(envelopes: u64) -> (RelayHandle, Multiaddr) {
@@ -43,11 +42,14 @@ async fn relay(envelopes: u64) -> (RelayHandle, Multiaddr) {
     (handle, addr)
 }
 
-/// Offers `store`'s account through `relay` alone, for a minute, on a thread that
-/// confirms every device: the code, the result, and what it saw.
+/// Offers `store`'s account through `relay` alone, for `secs` seconds, on a thread
+/// that confirms every device (or, without `confirm`, none): the code, the result, and
+/// what it saw.
 async fn offered(
     store: &crate::store::LocalStore,
     relay: &Multiaddr,
+    secs: u64,
+    confirm: bool,
 ) -> (
     LinkCode,
     tokio::task::JoinHandle<Result<Handed, LinkFailure>>,
@@ -65,8 +67,8 @@ async fn offered(
     let served = tokio::task::spawn_blocking(move || {
         offer.serve(
             &store,
-            Duration::from_secs(60),
-            |_, _| true,
+            Duration::from_secs(secs),
+            move |_, _| confirm,
             |s| {
                 let _ = tx.send(s);
             },
@@ -97,11 +99,10 @@ async fn put(net: &Network, relay: &Multiaddr, code: &LinkCode, payload: Vec<u8>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_up() {
-    // A relay that holds at most 4 envelopes in a queue.
-    let (_relay, addr) = relay(4).await;
+    let (_relay, addr) = relay(64).await;
     let dir = tempfile::tempdir().unwrap();
     let (store, me, _) = account(&dir.path().join("old"));
-    let (code, served, seen) = offered(&store, &addr).await;
+    let (code, served, seen) = offered(&store, &addr, 60, true).await;
 
     // Someone else with the code (or the relay) first: junk, a stream that skips a
     // number, a first message of the wrong length, and more streams that say a byte
@@ -129,7 +130,7 @@ async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_
     let started = Instant::now();
     let joining = code.clone();
     let (joined, took) = tokio::task::spawn_blocking(move || {
-        let joined = join(&new_home, &joining, |_, _| {}, &AtomicBool::new(false));
+        let joined = join(&new_home, &joining, |_, _| {}, &JoinState::default());
         (joined, started.elapsed())
     })
     .await
@@ -137,7 +138,7 @@ async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_
     let joined = joined.expect("joins through the relay");
     let handed = served.await.unwrap().expect("hands over");
     println!(
-        "{} messages handed over through a relay (holding at most 4 envelopes a queue) in {} ms",
+        "{} messages handed over through a relay in {} ms",
         joined.restored.counts.messages,
         took.as_millis()
     );
@@ -176,6 +177,102 @@ async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_is_heard_at_once_and_what_it_left_on_the_relay_goes() {
+    let (_relay, addr) = relay(64).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // A device its user does not confirm hears so at once, not when its wait runs out.
+    let (store, _, _) = account(&dir.path().join("declining"));
+    let (code, served, _) = offered(&store, &addr, 10, false).await;
+    let home = dir.path().join("declined");
+    let started = Instant::now();
+    let declined =
+        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &JoinState::default()))
+            .await
+            .unwrap();
+    assert!(
+        matches!(declined, Err(LinkFailure::NotAccepted)),
+        "{declined:?}"
+    );
+    let heard = started.elapsed();
+    println!(
+        "a declined device heard so through the relay in {} ms",
+        heard.as_millis()
+    );
+    assert!(heard < Duration::from_secs(8), "{heard:?}");
+    assert!(matches!(
+        served.await.unwrap(),
+        Err(LinkFailure::TimedOut(_))
+    ));
+
+    // A device that goes after the handshake, while the account comes: the old device
+    // hears it, takes back what it put there, and the code still holds.
+    let (store, me, _) = account(&dir.path().join("old"));
+    let (code, served, seen) = offered(&store, &addr, 60, true).await;
+    let queues = code.queues();
+    let gone = code.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn =
+            crate::link::Conn::relay(connect(gone.relay().unwrap(), &gone.queues()).unwrap());
+        let (joining, first) = gone.join(&mut rand_core::OsRng);
+        conn.write(&first).unwrap();
+        let answer = conn
+            .read_until(Instant::now() + Duration::from_secs(20), 48)
+            .unwrap();
+        let (_channel, hello) = joining.finish(&answer).unwrap();
+        conn.write(&hello).unwrap();
+        conn.flush().unwrap();
+        // The first of the account, then nothing more: it goes.
+        conn.read(Duration::from_secs(20)).unwrap();
+    })
+    .await
+    .unwrap();
+    let heard = tokio::task::spawn_blocking(move || {
+        loop {
+            match seen.recv_timeout(Duration::from_secs(30)) {
+                Ok(Seen::BrokeOff(..)) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(heard, "the old device heard the transfer broke off");
+    // What it put for the device that went is gone from the relay, but its end.
+    let net = network().unwrap();
+    let left = match ask(
+        &net,
+        &addr,
+        ClientToRelay::Fetch {
+            key: queues.to_new.0.clone(),
+            after: 0,
+            limit: 100,
+        },
+    )
+    .await
+    {
+        Ok(RelayToClient::Batch { items, .. }) => items,
+        other => panic!("{other:?}"),
+    };
+    let ends = left
+        .iter()
+        .filter(|s| Relayed::decode(&s.envelope.payload).is_ok_and(|r| r.is_end()))
+        .count();
+    assert_eq!(left.len() - ends, 0, "{} envelopes left", left.len());
+    // The code still holds: the device with it takes the account.
+    let new_home = dir.path().join("new");
+    let joined = tokio::task::spawn_blocking(move || {
+        join(&new_home, &code, |_, _| {}, &JoinState::default())
+    })
+    .await
+    .unwrap()
+    .expect("joins after the one that went");
+    assert_eq!(joined.restored.peer, me.peer_id());
+    assert!(served.await.unwrap().expect("hands over").confirmed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_code_nothing_waits_for_at_the_relay_is_named_as_such() {
     let (_relay, addr) = relay(64).await;
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +280,7 @@ async fn a_code_nothing_waits_for_at_the_relay_is_named_as_such() {
     let new_home = dir.path().join("new");
     let home = new_home.clone();
     let failed =
-        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &AtomicBool::new(false)))
+        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &JoinState::default()))
             .await
             .unwrap()
             .expect_err("nothing waits under that code");
