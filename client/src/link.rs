@@ -59,6 +59,8 @@ const CONNECT_TIMEOUT_BEFORE_RELAY: Duration = Duration::from_secs(2);
 /// How long the handshake through a relay may take, from the new device's end (each
 /// message a put and a poll away).
 const RELAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a wait looks whether it was cancelled.
+const CANCEL_CHECK: Duration = Duration::from_millis(200);
 /// How long a connection may take to send its first message.
 const FIRST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections checked at once; past it, the oldest is cut off.
@@ -123,6 +125,9 @@ pub enum LinkFailure {
     /// Listening or connecting.
     #[error("{0}")]
     Io(String),
+    /// Its user stopped the offer.
+    #[error("cancelled: the code no longer works, and this device still holds your account")]
+    Cancelled,
 }
 
 /// Something the old device saw while it waited, for its user.
@@ -179,6 +184,8 @@ pub struct Offer {
     code: LinkCode,
     listeners: Vec<TcpListener>,
     relay: Option<relay::Listening>,
+    /// Set to end the offer at its next pass.
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The order in which a code lists this machine's addresses: a private network's
@@ -270,6 +277,7 @@ impl Offer {
             code,
             listeners,
             relay: None,
+            stop: Arc::default(),
         })
     }
 
@@ -284,7 +292,7 @@ impl Offer {
     ) -> Result<(Self, Option<String>), LinkFailure> {
         if listen.is_none() && relays.is_empty() {
             return Err(LinkFailure::Io(
-                "this account has no relay to link through: add one (`kkachi relay add`), or link over the local network".into(),
+                "this account has no relay to link through: add one (`kkachi relay add`), or leave out --relay-only to link over the local network".into(),
             ));
         }
         // Only a relay a code can name (its address short enough, ending in its id).
@@ -306,6 +314,7 @@ impl Offer {
                 )?,
                 listeners: Vec::new(),
                 relay: None,
+                stop: Arc::default(),
             },
             (None, None) => {
                 return Err(LinkFailure::Io(format!(
@@ -347,6 +356,11 @@ impl Offer {
         Ok((offer, Some(why)))
     }
 
+    /// What ends the offer at its next pass, once set (not a transfer under way).
+    pub fn stopper(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stop.clone()
+    }
+
     /// The relay the code names, if any.
     pub fn relay(&self) -> Option<&Multiaddr> {
         self.relay.as_ref().map(relay::Listening::relay)
@@ -378,21 +392,8 @@ impl Offer {
         confirm: impl FnMut(&Via, &str) -> bool,
         seen: impl FnMut(Seen),
     ) -> Result<Handed, LinkFailure> {
-        let Self {
-            code,
-            listeners,
-            relay,
-        } = self;
-        let handed = serve(
-            &code,
-            &listeners,
-            relay.as_ref(),
-            store,
-            wait,
-            confirm,
-            seen,
-        );
-        if let Some(relay) = relay {
+        let handed = serve(&self, store, wait, confirm, seen);
+        if let Some(relay) = self.relay {
             relay.close();
         }
         handed
@@ -401,18 +402,20 @@ impl Offer {
 
 /// [`Offer::serve`], on its parts.
 fn serve(
-    code: &LinkCode,
-    listeners: &[TcpListener],
-    relay: Option<&relay::Listening>,
+    offer: &Offer,
     store: &LocalStore,
     wait: Duration,
     mut confirm: impl FnMut(&Via, &str) -> bool,
     mut seen: impl FnMut(Seen),
 ) -> Result<Handed, LinkFailure> {
+    let (code, listeners, relay) = (&offer.code, &offer.listeners, offer.relay.as_ref());
     let deadline = Instant::now() + wait;
     let (checked_tx, checked) = mpsc::channel::<(Via, Result<(Conn, Channel), LinkFailure>)>();
     let checking = Checking::default();
     loop {
+        if offer.stop.load(Ordering::SeqCst) {
+            return Err(LinkFailure::Cancelled);
+        }
         if Instant::now() >= deadline {
             let secs = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX);
             return Err(LinkFailure::TimedOut(crate::commands::describe_duration(
@@ -655,8 +658,8 @@ pub struct Joined {
 
 /// Where a join stands, for what may cancel it: it is either cancelled before it tells
 /// the old device it holds the account, or not cancelled at all.
-#[derive(Debug, Default)]
-pub struct JoinState(std::sync::atomic::AtomicU8);
+#[derive(Debug, Default, Clone)]
+pub struct JoinState(Arc<std::sync::atomic::AtomicU8>);
 
 impl JoinState {
     const RUNNING: u8 = 0;
@@ -676,8 +679,14 @@ impl JoinState {
             .is_ok()
     }
 
+    /// Whether the join was cancelled: what it waits for it waits for no more.
+    fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == Self::CANCELLED
+    }
+
     /// Cancels the join, unless it told the old device it holds the account already
-    /// (false: it can only finish now).
+    /// (false: it can only finish now). The join then stops within a moment, and
+    /// says so to the old device (which would wait for it otherwise).
     pub fn cancel(&self) -> bool {
         self.0
             .compare_exchange(
@@ -701,7 +710,7 @@ pub fn join(
     state: &JoinState,
 ) -> Result<Joined, LinkFailure> {
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
-        let (conn, channel, from) = connect(code)?;
+        let (conn, channel, from) = connect(code, state)?;
         connected(&from, &channel.safety_number());
         let mut input = Opening::new(conn, channel);
         let name = format!("the account from {from}");
@@ -776,7 +785,7 @@ pub fn join(
 
 /// Connects to the first address of `code` where a device holding it answers (its
 /// relay last), and proves this one holds it too (the handshake, then the hello).
-fn connect(code: &LinkCode) -> Result<(Conn, Channel, Via), LinkFailure> {
+fn connect(code: &LinkCode, state: &JoinState) -> Result<(Conn, Channel, Via), LinkFailure> {
     let mut failed = Vec::new();
     let mut refused = false;
     // With a relay to fall back on, an address that does not answer is given up sooner.
@@ -803,7 +812,7 @@ fn connect(code: &LinkCode) -> Result<(Conn, Channel, Via), LinkFailure> {
     });
     for (via, conn) in direct.chain(relayed) {
         let mut conn = match conn {
-            Ok(c) => c,
+            Ok(c) => c.cancelled_by(state),
             Err(e) => {
                 failed.push(format!("{via} ({e})"));
                 continue;
@@ -942,6 +951,9 @@ pub async fn interfaces() -> Vec<IpAddr> {
 /// stream through a relay.
 struct Conn {
     io: Io,
+    /// What a wait gives up on, besides its deadline (the joining device's user
+    /// cancelling).
+    cancel: Option<JoinState>,
 }
 
 enum Io {
@@ -958,13 +970,21 @@ impl Conn {
             .map_err(|e| LinkFailure::Io(e.to_string()))?;
         Ok(Self {
             io: Io::Tcp(stream),
+            cancel: None,
         })
     }
 
     fn relay(pipe: relay::Pipe) -> Self {
         Self {
             io: Io::Relay(Box::new(pipe)),
+            cancel: None,
         }
+    }
+
+    /// Waits on this connection end when `state` is cancelled.
+    fn cancelled_by(mut self, state: &JoinState) -> Self {
+        self.cancel = Some(state.clone());
+        self
     }
 
     /// The other end proved it holds the code (through a relay, that keeps the stream).
@@ -1027,9 +1047,11 @@ impl Conn {
     }
 
     fn read_exact_until(&mut self, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+        let cancel = self.cancel.clone();
+        let cancelled = move || cancel.as_ref().is_some_and(JoinState::is_cancelled);
         let stream = match &mut self.io {
             Io::Tcp(stream) => stream,
-            Io::Relay(pipe) => return pipe.read_exact_until(buf, deadline),
+            Io::Relay(pipe) => return pipe.read_exact_until(buf, deadline, &cancelled),
         };
         let mut filled = 0;
         while filled < buf.len() {
@@ -1040,7 +1062,13 @@ impl Conn {
                     "the other device stopped answering",
                 ));
             }
-            stream.set_read_timeout(Some(left))?;
+            if cancelled() {
+                return Err(
+                    // Not `Interrupted`, which readers take as "try again".
+                    std::io::Error::other("cancelled"),
+                );
+            }
+            stream.set_read_timeout(Some(left.min(CANCEL_CHECK)))?;
             match stream.read(&mut buf[filled..]) {
                 Ok(0) => {
                     return Err(std::io::Error::new(

@@ -343,6 +343,19 @@ fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
         "{why}"
     );
     assert!(!phone.home.exists());
+    // An offer its user stops (Ctrl-C) says so, and leaves the home free.
+    let (link, _, _) = offer(&alice, "2m");
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &link.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let out = exits_within(link, 20);
+    assert_eq!(out.status.code(), Some(130));
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("cancelled: the code no longer works"), "{why}");
+    assert!(!alice.home.join("linking").exists());
+    alice.ok(&["device", "list"]);
     // Not a link code at all.
     let invite = alice.invite();
     let wrong = phone.run(&["device", "join", &invite]);

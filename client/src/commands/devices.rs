@@ -312,7 +312,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         ));
     }
     // What finds the home held meanwhile says by what.
-    let _linking = crate::link::mark_linking(home);
+    let linking = crate::link::mark_linking(home);
     let wanted = if listen.is_empty() {
         crate::link::listen_from_env()
     } else {
@@ -347,7 +347,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
     let (offer, no_relay_why) = if relays.is_empty() && !relay_only {
         (Offer::new(&listen, &interfaces)?, None)
     } else {
-        if !json {
+        if !json && !relays.is_empty() {
             eprintln!("opening the link on your relay…");
         }
         Offer::through_relay(direct, &relays).await?
@@ -382,7 +382,10 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         say("");
         say(format!("    kkachi device join {code}"));
         say("");
-        if let Ok(qr) = crate::qr::render(&code) {
+        // For a camera: not into a file or a pipe.
+        if std::io::IsTerminal::is_terminal(&std::io::stdout())
+            && let Ok(qr) = crate::qr::render(&code)
+        {
             say(qr);
         }
         let reach = if addrs.is_empty() {
@@ -436,7 +439,8 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         let _ = std::io::stdin().read_line(&mut answer);
         matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
     };
-    let handed = tokio::task::spawn_blocking(move || {
+    let stop = offer.stopper();
+    let mut serving = tokio::task::spawn_blocking(move || {
         offer.serve(&served, Duration::from_secs(u64::from(wait)), confirm, |seen| {
             if matches!(seen, Seen::WrongCode(_)) {
                 wrong += 1;
@@ -485,8 +489,31 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
                 eprintln!("{line}");
             }
         })
-    })
-    .await
+    });
+    let served = tokio::select! {
+        served = &mut serving => served,
+        _ = tokio::signal::ctrl_c() => {
+            // The offer ends at its next pass (its relay keys withdrawn); a transfer
+            // under way is not waited for: until this device recorded the hand-over, it
+            // keeps the account, and after it, the record is durable.
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            match tokio::time::timeout(Duration::from_secs(3), &mut serving).await {
+                Ok(served) if !matches!(served, Ok(Err(LinkFailure::Cancelled))) => served,
+                _ => {
+                    drop(linking);
+                    match store.handed_over() {
+                        Ok(Some(h)) if before.is_none_or(|b| b.to != h.to) => eprintln!(
+                            "stopped after this device handed your account to device {}: check that it holds it",
+                            fingerprint(&h.to)
+                        ),
+                        _ => eprintln!("{}", LinkFailure::Cancelled),
+                    }
+                    std::process::exit(130);
+                }
+            }
+        }
+    };
+    let handed = served
     .map_err(|e| CommandError::Refused(format!("linking stopped: {e}")))?
     .map_err(|e| match (e, before.is_some()) {
         (LinkFailure::TimedOut(held), true) => CommandError::Refused(format!(
@@ -547,7 +574,7 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
                     );
                 } else {
                     eprintln!(
-                        "Connected to the device at {from}. Safety number: {number}. Check that it shows the same, and confirm there."
+                        "Connected to the device at {from}. Safety number: {number}. Check that it shows the same (it asks you to confirm there, unless it was started with --yes)."
                     );
                 }
             },
@@ -564,11 +591,11 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
                     eprintln!("the account is being handed over: this can no longer be cancelled, and ends in a moment");
                     continue;
                 }
-                // What was staged goes (the other device let go of nothing: that
+                // The transfer stops within a moment, tells the other device, and
+                // removes what it staged (the other device let go of nothing: that
                 // waits for this one's word, which a cancelled join never gives).
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut joining).await;
                 crate::backup::cancel_restore(home);
-                // At once: the transfer's thread is not waited for (it may wait a
-                // minute).
                 eprintln!("cancelled: nothing was kept here, and the other device still holds your account");
                 std::process::exit(130);
             }

@@ -48,6 +48,8 @@ const JOINER_BACKLOG: usize = 32;
 const MAX_DONE: usize = 4096;
 /// Pause before a refused or failed put is tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How often a wait looks whether it was cancelled.
+const CANCEL_CHECK: Duration = Duration::from_millis(200);
 /// How long a stream's end is tried for, as its pipe goes.
 const END_WITHIN: Duration = Duration::from_secs(2);
 /// The smallest envelope a relay must take for a link to go through it.
@@ -240,7 +242,7 @@ impl Out {
                     }) => {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::ConnectionRefused,
-                            "nothing waits there under this code: it ran out, or was mistyped",
+                            "nothing waits there under this code: it was used already, ran out, or was mistyped",
                         ));
                     }
                     Some(PutOutcome::Rejected { code, message }) => {
@@ -385,14 +387,22 @@ impl Pipe {
         &mut self,
         buf: &mut [u8],
         deadline: Instant,
+        cancelled: &dyn Fn() -> bool,
     ) -> std::io::Result<()> {
         self.flush(deadline)?;
         let mut filled = 0;
         while filled < buf.len() {
             if self.at == self.buf.len() {
                 let left = deadline.saturating_duration_since(Instant::now());
-                self.buf = match self.inbound.recv_timeout(left) {
+                if cancelled() {
+                    return Err(
+                        // Not `Interrupted`, which readers take as "try again".
+                        std::io::Error::other("cancelled"),
+                    );
+                }
+                self.buf = match self.inbound.recv_timeout(left.min(CANCEL_CHECK)) {
                     Ok(bytes) => bytes,
+                    Err(RecvTimeoutError::Timeout) if !left.is_zero() => continue,
                     Err(RecvTimeoutError::Timeout) => {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,

@@ -248,7 +248,7 @@ fn a_joiner_gone_after_the_hand_over_leaves_it_done_but_unconfirmed() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));
     let (code, server, _seen) = offered(&store);
-    let (conn, channel, _) = connect(&code).unwrap();
+    let (conn, channel, _) = connect(&code, &JoinState::default()).unwrap();
     let mut input = Opening::new(conn, channel);
     crate::backup::read_contents(&mut input, "test", |_| Ok(())).unwrap();
     let key = Identity::generate().x25519_public();
@@ -284,7 +284,7 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
     let (code, server, seen) = offered(&store);
     // It reads the whole account, then hangs up (or says something else).
     for last in [None, Some(vec![READY, 1, 2, 3]), Some(vec![DONE])] {
-        let (conn, channel, _) = connect(&code).unwrap();
+        let (conn, channel, _) = connect(&code, &JoinState::default()).unwrap();
         let mut input = Opening::new(conn, channel);
         let (counts, ending) =
             crate::backup::read_contents(&mut input, "test", |_| Ok(())).unwrap();

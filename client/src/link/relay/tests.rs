@@ -273,6 +273,80 @@ async fn a_stream_that_ends_is_heard_at_once_and_what_it_left_on_the_relay_goes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_cancelled_while_it_waits_stops_at_once_tells_the_old_device_and_leaves_nothing() {
+    let (_relay, addr) = relay(64).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let (offer, _) = Offer::through_relay(None, &[(addr.clone(), Vec::new())])
+        .await
+        .unwrap();
+    let code = offer.code().clone();
+    let stop = offer.stopper();
+    let (tx, seen) = std::sync::mpsc::channel();
+    let served = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            offer.serve(
+                &store,
+                Duration::from_secs(30),
+                // Its user takes a while to confirm: the new device is cancelled meanwhile.
+                |_, _| {
+                    std::thread::sleep(Duration::from_secs(2));
+                    true
+                },
+                |s| {
+                    let _ = tx.send(s);
+                },
+            )
+        })
+    };
+    let state = JoinState::default();
+    let cancel = state.clone();
+    let home = dir.path().join("new");
+    let joining = {
+        let home = home.clone();
+        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &state))
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let cancelled_at = Instant::now();
+    assert!(cancel.cancel(), "not committing yet");
+    let failed = joining.await.unwrap().expect_err("cancelled");
+    let stopped = cancelled_at.elapsed();
+    assert!(stopped < Duration::from_secs(2), "{stopped:?}: {failed}");
+    // Nothing kept: no home, no staging, no lock.
+    assert!(!home.exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["old".to_string()], "{left:?}");
+    // The old device hears the new one went once its user confirmed, not minutes later,
+    // and keeps the account.
+    let heard = tokio::task::spawn_blocking(move || {
+        loop {
+            match seen.recv_timeout(Duration::from_secs(15)) {
+                Ok(Seen::BrokeOff(..)) => return Some(cancelled_at.elapsed()),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .expect("the old device heard the new one went");
+    println!(
+        "a join cancelled: stopped in {} ms; the old device heard it {} ms after",
+        stopped.as_millis(),
+        heard.as_millis()
+    );
+    assert_eq!(store.handed_over().unwrap(), None);
+    // Its user stops the offer: it ends at once.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(served.await.unwrap(), Err(LinkFailure::Cancelled)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_code_nothing_waits_for_at_the_relay_is_named_as_such() {
     let (_relay, addr) = relay(64).await;
     let dir = tempfile::tempdir().unwrap();
