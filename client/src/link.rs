@@ -299,8 +299,8 @@ impl Offer {
         let mut failed = Vec::new();
         let mut usable = Vec::new();
         for (addr, token) in relays {
-            match LinkCode::new([0; 16], Vec::new(), Some(addr.clone())) {
-                Ok(_) => usable.push((addr, token)),
+            match kkachi_protocol::link::check_relay(addr) {
+                Ok(()) => usable.push((addr, token)),
                 Err(e) => failed.push(format!("{addr}: {e}")),
             }
         }
@@ -426,13 +426,13 @@ fn serve(
         // Streams through the relay: as many as started (the relay's end bounds them).
         while let Some(mut pipe) = relay.and_then(|r| r.streams.try_recv().ok()) {
             idle = false;
+            let from = Via::Relay(pipe.relay().to_string());
             if pipe.ended() {
                 // Dropped for newer streams before this pass.
-                seen(Seen::WrongCode(Via::Relay(pipe.relay().to_string())));
+                seen(Seen::WrongCode(from));
                 continue;
             }
             let (code, tx) = (code.clone(), checked_tx.clone());
-            let from = Via::Relay(pipe.relay().to_string());
             let checking = std::thread::Builder::new().spawn(move || {
                 let _ = tx.send((from, check(&code, Conn::relay(pipe))));
             });

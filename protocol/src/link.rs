@@ -218,10 +218,7 @@ impl LinkCode {
             return Err(LinkError::Addresses(places));
         }
         if let Some(relay) = &relay {
-            let len = relay.to_vec().len();
-            if len > MAX_LINK_RELAY_LEN || !matches!(relay.iter().last(), Some(Protocol::P2p(_))) {
-                return Err(LinkError::Relay);
-            }
+            check_relay(relay)?;
         }
         Ok(Self {
             secret,
@@ -410,6 +407,17 @@ impl LinkCode {
             msg,
         ))
     }
+}
+
+/// Whether a code can name `relay`: an address of at most [`MAX_LINK_RELAY_LEN`] bytes
+/// ending in `/p2p/` and the relay's id.
+pub fn check_relay(relay: &Multiaddr) -> Result<(), LinkError> {
+    if relay.to_vec().len() > MAX_LINK_RELAY_LEN
+        || !matches!(relay.iter().last(), Some(Protocol::P2p(_)))
+    {
+        return Err(LinkError::Relay);
+    }
+    Ok(())
 }
 
 /// What the first message commits to.

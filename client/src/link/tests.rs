@@ -52,6 +52,11 @@ pub(super) fn account(home: &Path) -> (LocalStore, Identity, kkachi_protocol::Pe
     (store, me, peer)
 }
 
+/// Joins with `code` into `home`, showing nothing and never cancelled.
+pub(super) fn join_quietly(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
+    join(home, code, |_, _| {}, &JoinState::default())
+}
+
 fn loopback() -> Vec<SocketAddr> {
     vec!["127.0.0.1:0".parse().unwrap()]
 }
@@ -89,7 +94,7 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let (code, server, seen) = offered(&store);
     let new_home = dir.path().join("new");
     let started = Instant::now();
-    let joined = join(&new_home, &code, |_, _| {}, &JoinState::default()).expect("joins");
+    let joined = join_quietly(&new_home, &code).expect("joins");
     let took = started.elapsed();
     let handed = server.join().unwrap().expect("hands over");
     println!(
@@ -142,7 +147,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
     // Same address, another secret: a guess, or a stale code.
     let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec(), None).unwrap();
     let new_home = dir.path().join("new");
-    let err = join(&new_home, &guess, |_, _| {}, &JoinState::default()).unwrap_err();
+    let err = join_quietly(&new_home, &guess).unwrap_err();
     assert!(
         matches!(err, LinkFailure::Code(LinkError::Handshake)),
         "{err}"
@@ -162,7 +167,7 @@ fn a_wrong_code_gets_nothing_and_the_right_one_still_works() {
         Ok(Seen::WrongCode(_))
     ));
     drop(TcpStream::connect(code.addrs()[0]).unwrap());
-    join(&new_home, &code, |_, _| {}, &JoinState::default()).expect("the right code still works");
+    join_quietly(&new_home, &code).expect("the right code still works");
     server.join().unwrap().expect("hands over");
 }
 
@@ -182,12 +187,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
     let (code, server, seen) = offered(&store);
     for _ in 0..20 {
         let guess = LinkCode::generate(&mut rand_core::OsRng, code.addrs().to_vec(), None).unwrap();
-        let _ = join(
-            &dir.path().join("new"),
-            &guess,
-            |_, _| {},
-            &JoinState::default(),
-        );
+        let _ = join_quietly(&dir.path().join("new"), &guess);
     }
     // From other hosts: connections that say nothing, more than one address may hold
     // at once, and one that trickles a message in a byte at a time.
@@ -206,13 +206,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
     conn.write(&[0x5a; LINK_HELLO_LEN]).unwrap();
     // Were it queued behind them, its own handshake would run out first and fail.
     let started = Instant::now();
-    join(
-        &dir.path().join("new"),
-        &code,
-        |_, _| {},
-        &JoinState::default(),
-    )
-    .expect("the right code still works");
+    join_quietly(&dir.path().join("new"), &code).expect("the right code still works");
     let took = started.elapsed();
     let handed = server.join().unwrap().expect("hands over");
     let seen: Vec<Seen> = seen.try_iter().collect();
@@ -307,13 +301,7 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
         assert!(store.acting_identity().unwrap().is_some());
     }
     // The code still holds.
-    join(
-        &dir.path().join("new"),
-        &code,
-        |_, _| {},
-        &JoinState::default(),
-    )
-    .expect("joins");
+    join_quietly(&dir.path().join("new"), &code).expect("joins");
     server.join().unwrap().expect("hands over");
 }
 
@@ -425,9 +413,7 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
         let bytes = stream.clone();
         let linker = fake_linker(&code, move |ch, conn| play(ch, conn, bytes));
         let home = dir.path().join("new");
-        let err = join(&home, &code, |_, _| {}, &JoinState::default())
-            .unwrap_err()
-            .to_string();
+        let err = join_quietly(&home, &code).unwrap_err().to_string();
         assert!(err.contains(what), "expected {what:?}: {err}");
         assert!(!home.exists(), "{what}: no home is left behind");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -452,14 +438,9 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
     // the background): a home held is refused too, but the case here is the identity.
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
-        let err = join(
-            &dir.path().join("taken"),
-            &code,
-            |_, _| {},
-            &JoinState::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = join_quietly(&dir.path().join("taken"), &code)
+            .unwrap_err()
+            .to_string();
         if !err.contains("does not open") || Instant::now() > deadline {
             break err;
         }
@@ -468,13 +449,7 @@ fn a_home_that_holds_an_account_is_not_joined_into() {
     assert!(err.contains("already holds an identity"), "{err}");
     // Refused before connecting: the old device saw no one.
     assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
-    join(
-        &dir.path().join("new"),
-        &code,
-        |_, _| {},
-        &JoinState::default(),
-    )
-    .expect("joins");
+    join_quietly(&dir.path().join("new"), &code).expect("joins");
     server.join().unwrap().expect("hands over");
 }
 

@@ -11,7 +11,7 @@ use kkachi_relay::store::{Limits, MemoryStore, Quota};
 use kkachi_relay::{Metrics, RelayHandle};
 
 use super::*;
-use crate::link::tests::account;
+use crate::link::tests::{account, join_quietly};
 use crate::link::{Handed, JoinState, LinkFailure, Offer, Seen, Via, join};
 
 /// A relay on loopback whose queues hold at most `envelopes` envelopes each.
@@ -130,7 +130,7 @@ async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_
     let started = Instant::now();
     let joining = code.clone();
     let (joined, took) = tokio::task::spawn_blocking(move || {
-        let joined = join(&new_home, &joining, |_, _| {}, &JoinState::default());
+        let joined = join_quietly(&new_home, &joining);
         (joined, started.elapsed())
     })
     .await
@@ -186,10 +186,9 @@ async fn a_stream_that_ends_is_heard_at_once_and_what_it_left_on_the_relay_goes(
     let (code, served, _) = offered(&store, &addr, 10, false).await;
     let home = dir.path().join("declined");
     let started = Instant::now();
-    let declined =
-        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &JoinState::default()))
-            .await
-            .unwrap();
+    let declined = tokio::task::spawn_blocking(move || join_quietly(&home, &code))
+        .await
+        .unwrap();
     assert!(
         matches!(declined, Err(LinkFailure::NotAccepted)),
         "{declined:?}"
@@ -262,12 +261,10 @@ async fn a_stream_that_ends_is_heard_at_once_and_what_it_left_on_the_relay_goes(
     assert_eq!(left.len() - ends, 0, "{} envelopes left", left.len());
     // The code still holds: the device with it takes the account.
     let new_home = dir.path().join("new");
-    let joined = tokio::task::spawn_blocking(move || {
-        join(&new_home, &code, |_, _| {}, &JoinState::default())
-    })
-    .await
-    .unwrap()
-    .expect("joins after the one that went");
+    let joined = tokio::task::spawn_blocking(move || join_quietly(&new_home, &code))
+        .await
+        .unwrap()
+        .expect("joins after the one that went");
     assert_eq!(joined.restored.peer, me.peer_id());
     assert!(served.await.unwrap().expect("hands over").confirmed);
 }
@@ -353,11 +350,10 @@ async fn a_code_nothing_waits_for_at_the_relay_is_named_as_such() {
     let code = LinkCode::generate(&mut rand_core::OsRng, Vec::new(), Some(addr.clone())).unwrap();
     let new_home = dir.path().join("new");
     let home = new_home.clone();
-    let failed =
-        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &JoinState::default()))
-            .await
-            .unwrap()
-            .expect_err("nothing waits under that code");
+    let failed = tokio::task::spawn_blocking(move || join_quietly(&home, &code))
+        .await
+        .unwrap()
+        .expect_err("nothing waits under that code");
     let why = failed.to_string();
     assert!(why.contains("nothing waits there under this code"), "{why}");
     assert!(why.contains(&addr.to_string()), "{why}");
