@@ -50,6 +50,22 @@ pub enum BackupError {
     /// Reading or writing a file.
     #[error("{0}")]
     Io(String),
+    /// Restoring more would leave the disk all but full.
+    #[error(
+        "{name} needs more room than this disk has: stopped after {records} records ({taken_mib} MiB), with {free_mib} MiB free when it began (kkachi keeps {reserve_mib} MiB free); nothing was kept: free some space and try again"
+    )]
+    NoRoom {
+        /// Where the records came from.
+        name: String,
+        /// Records taken in before it stopped.
+        records: u64,
+        /// Their bytes.
+        taken_mib: u64,
+        /// What was free when the restore began.
+        free_mib: u64,
+        /// What is kept free.
+        reserve_mib: u64,
+    },
     /// The store.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -93,6 +109,13 @@ pub fn parse_recovery_key(text: &str) -> Result<age::x25519::Identity, BackupErr
         .to_uppercase()
         .parse()
         .map_err(|_| BackupError::BadKey)
+}
+
+/// Bytes free to an unprivileged writer on the disk holding `path` (`None`: it cannot
+/// tell, and nothing is stopped for it).
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(path).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
@@ -340,6 +363,24 @@ pub struct Restored {
 
 /// A set written while restoring holds at most this many records, or bytes.
 const RESTORE_BATCH: usize = 2048;
+/// A restore stops rather than leave less than this free on the disk it writes to:
+/// whatever a backup or a linked device sends (a hostile one sends without end) never
+/// fills the disk under the rest of the system.
+pub(crate) const DISK_RESERVE: u64 = 64 << 20;
+
+#[cfg(test)]
+thread_local! {
+    /// What restores on this thread keep free: a test sets it just under what the disk
+    /// has, to see a restore stop without filling the disk first.
+    pub(crate) static TEST_RESERVE: std::cell::Cell<u64> = const { std::cell::Cell::new(DISK_RESERVE) };
+}
+
+fn reserve() -> u64 {
+    #[cfg(test)]
+    return TEST_RESERVE.with(|r| r.get());
+    #[cfg(not(test))]
+    DISK_RESERVE
+}
 const RESTORE_BATCH_BYTES: usize = 8 << 20;
 
 /// Restores the backup `file` into `home`, which must not exist yet (or be an empty
@@ -603,16 +644,42 @@ pub(crate) fn restore_into(
         &mut dyn FnMut(BackupRecord) -> Result<(), BackupError>,
     ) -> Result<(Counts, Ending), BackupError>,
 ) -> Result<Restored, BackupError> {
+    let reserve = reserve();
     let store = LocalStore::open(home)?;
     let mut batch: Vec<BackupRecord> = Vec::with_capacity(RESTORE_BATCH);
     let mut batch_bytes = 0usize;
     let mut head = 0usize;
+    let mut taken = (0u64, 0u64);
+    // Checked before each set is written, so never past the reserve by more than a
+    // set: by what the disk says is free, and by what came since the start counted
+    // twice (the store writes a log first; the disk counts written pages only once
+    // they reach it).
+    let at_start = free_bytes(home);
+    let room = |(records, bytes): (u64, u64)| -> Result<(), BackupError> {
+        let Some(start) = at_start else {
+            return Ok(());
+        };
+        let free = free_bytes(home).unwrap_or(start);
+        if free >= reserve && bytes.saturating_mul(2) <= start.saturating_sub(reserve) {
+            return Ok(());
+        }
+        Err(BackupError::NoRoom {
+            name: name.to_owned(),
+            records,
+            taken_mib: bytes >> 20,
+            free_mib: start >> 20,
+            reserve_mib: reserve >> 20,
+        })
+    };
     let (counts, ending) = read(&mut |record| {
         // `read` checked that who we are comes first.
         head = (head + 1).min(2);
         batch_bytes += record.1.len() + record.2.len();
         batch.push(record);
         if head == 2 && (batch.len() >= RESTORE_BATCH || batch_bytes >= RESTORE_BATCH_BYTES) {
+            let next = (taken.0 + batch.len() as u64, taken.1 + batch_bytes as u64);
+            room(next)?;
+            taken = next;
             store.restore_records(std::mem::take(&mut batch))?;
             batch_bytes = 0;
         }
@@ -621,6 +688,7 @@ pub(crate) fn restore_into(
     if head < 2 {
         return Err(BackupError::NotABackup(name.to_owned()));
     }
+    room((taken.0 + batch.len() as u64, taken.1 + batch_bytes as u64))?;
     store.restore_records(batch)?;
     let repaired = store.repair_after_restore()?;
     // A new device of the account (SPEC §11): a session key of its own, so nothing is

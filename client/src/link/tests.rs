@@ -428,6 +428,63 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
 }
 
 #[test]
+fn a_device_that_sends_without_end_is_stopped_before_the_disk_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = account(&dir.path().join("old"));
+    let mut stream = stream_of(&store);
+    // Everything but the end record, then messages without end.
+    stream.truncate(stream.len() - 9);
+    let code = LinkCode::generate(&mut rand_core::OsRng, vec![free_addr()], None).unwrap();
+    let linker = fake_linker(&code, move |ch, conn| {
+        for chunk in stream.chunks(MAX_LINK_CHUNK) {
+            conn.write(&ch.seal(chunk).unwrap()).unwrap();
+        }
+        let value = vec![7u8; 60_000];
+        for i in 0u64.. {
+            let mut record = vec![5u8];
+            record.extend_from_slice(&16u16.to_be_bytes());
+            record.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            record.extend_from_slice(&[i.to_be_bytes(), i.to_be_bytes()].concat());
+            record.extend_from_slice(&value);
+            let sent = ch
+                .seal(&record)
+                .map_err(std::io::Error::other)
+                .and_then(|msg| conn.write(&msg));
+            if sent.is_err() {
+                // The joiner hung up.
+                return;
+            }
+        }
+    });
+    // This disk keeps what it has now, less 40 MiB, free: the joiner stops past that.
+    let free = crate::backup::free_bytes(dir.path()).expect("the disk says what is free");
+    let reserve = free.saturating_sub(40 << 20);
+    crate::backup::TEST_RESERVE.with(|r| r.set(reserve));
+    let home = dir.path().join("new");
+    let err = join_quietly(&home, &code).unwrap_err().to_string();
+    crate::backup::TEST_RESERVE.with(|r| r.set(crate::backup::DISK_RESERVE));
+    println!("a device sending without end, with 40 MiB to spare: {err}");
+    assert!(err.contains("needs more room than this disk has"), "{err}");
+    let taken: u64 = err
+        .split(" records (")
+        .nth(1)
+        .and_then(|s| s.split(" MiB").next()?.parse().ok())
+        .expect("the error says how much came");
+    // Stopped within a set (8 MiB) of half the room there was, counted as it came.
+    assert!(taken <= 28, "{taken} MiB taken in: {err}");
+    assert!(!home.exists(), "no home is left behind");
+    linker.join().unwrap();
+    // What the stopped join wrote is gone again.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "old")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
 fn a_home_that_holds_an_account_is_not_joined_into() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));

@@ -16,6 +16,12 @@ use crate::link::{Handed, JoinState, LinkFailure, Offer, Seen, Via, join};
 
 /// A relay on loopback whose queues hold at most `envelopes` envelopes each.
 async fn relay(envelopes: u64) -> (RelayHandle, Multiaddr) {
+    let (handle, addr, _) = relay_counted(envelopes).await;
+    (handle, addr)
+}
+
+/// [`relay`], with the metrics it counts refusals in.
+async fn relay_counted(envelopes: u64) -> (RelayHandle, Multiaddr, Metrics) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -30,16 +36,27 @@ async fn relay(envelopes: u64) -> (RelayHandle, Multiaddr) {
         max_envelopes: envelopes,
         max_bytes: 1 << 30,
     }));
+    let metrics = Metrics::new();
     let mut handle = kkachi_relay::start_with(
         config,
         libp2p::identity::Keypair::generate_ed25519(),
         store,
-        Metrics::new(),
+        metrics.clone(),
     )
     .await
     .unwrap();
     let addr = handle.wait_listening(1).await.remove(0);
-    (handle, addr)
+    (handle, addr, metrics)
+}
+
+/// How many puts `metrics`' relay refused for a full queue.
+fn refused_as_full(metrics: &Metrics) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find(|l| l.starts_with("kkachi_rejections_total{") && l.contains("\"quota_exceeded\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map_or(0, |n| n as u64)
 }
 
 /// Offers `store`'s account through `relay` alone, for `secs` seconds, on a thread
@@ -174,6 +191,37 @@ async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_
         bytes: vec![0],
     };
     assert!(!put(&net, &addr, &code, late.encode()).await, "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_holds_one_envelope_makes_the_old_device_wait_for_the_reader() {
+    // The relay keeps one envelope per queue: each put after the first waits until the
+    // other end took the one before.
+    let (_relay, addr, metrics) = relay_counted(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, me, _) = account(&dir.path().join("old"));
+    let (code, served, _) = offered(&store, &addr, 60, true).await;
+    let new_home = dir.path().join("new");
+    let started = Instant::now();
+    let joined = tokio::task::spawn_blocking(move || join_quietly(&new_home, &code))
+        .await
+        .unwrap()
+        .expect("joins through a relay that holds one envelope at a time");
+    let took = started.elapsed();
+    let handed = served.await.unwrap().expect("hands over");
+    let full = refused_as_full(&metrics);
+    println!(
+        "{} messages through queues of one envelope in {} ms; {full} puts waited for a full queue",
+        joined.restored.counts.messages,
+        took.as_millis()
+    );
+    assert!(full > 0, "the queue was full at least once");
+    assert_eq!(joined.restored.peer, me.peer_id());
+    assert_eq!(
+        joined.restored.counts.messages,
+        crate::link::tests::MESSAGES
+    );
+    assert!(handed.confirmed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
