@@ -187,17 +187,29 @@ impl Identity {
     /// The capability for `writer` to put into this user's inbox on `relay`: what this
     /// user grants there for that contact.
     pub fn grant_for(&self, writer: &PublicIdentity, relay: &PeerId) -> WriteKey {
-        self.pair_write_key(writer, &self.x25519_public(), writer.x25519(), relay)
+        self.grant_for_device(writer.x25519(), relay)
+    }
+
+    /// The capability for the device whose session key is `writer` (one of a
+    /// contact's devices, 15) to put into this user's inbox on `relay`.
+    pub fn grant_for_device(&self, writer: &[u8; 32], relay: &PeerId) -> WriteKey {
+        self.pair_write_key(writer, &self.x25519_public(), writer, relay)
     }
 
     /// The capability this user puts with into `owner`'s inbox on `relay`.
     pub fn write_key_for(&self, owner: &PublicIdentity, relay: &PeerId) -> WriteKey {
-        self.pair_write_key(owner, owner.x25519(), &self.x25519_public(), relay)
+        self.write_key_to_device(owner.x25519(), relay)
+    }
+
+    /// The capability this user puts with into the inbox on `relay` of the device
+    /// whose session key is `owner`.
+    pub fn write_key_to_device(&self, owner: &[u8; 32], relay: &PeerId) -> WriteKey {
+        self.pair_write_key(owner, owner, &self.x25519_public(), relay)
     }
 
     fn pair_write_key(
         &self,
-        peer: &PublicIdentity,
+        peer: &[u8; 32],
         owner: &[u8; 32],
         writer: &[u8; 32],
         relay: &PeerId,
@@ -205,7 +217,7 @@ impl Identity {
         let secret = x25519_dalek::StaticSecret::from(*self.x25519_secret());
         let shared = Zeroizing::new(
             secret
-                .diffie_hellman(&x25519_dalek::PublicKey::from(*peer.x25519()))
+                .diffie_hellman(&x25519_dalek::PublicKey::from(*peer))
                 .to_bytes(),
         );
         WriteKey(hash(

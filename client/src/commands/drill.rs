@@ -890,6 +890,7 @@ mod tests {
             message_id: [0; 16],
             contact: vec![],
             kind: crate::store::OutboxKind::Message,
+            device: None,
             envelope: vec![],
             targets: vec![],
             direct_acked: false,

@@ -262,6 +262,7 @@ impl<T> State<T> {
                         message_id,
                         contact: Vec::new(),
                         kind: OutboxKind::Forward,
+                        device: None,
                         envelope: item.envelope.encode(),
                         targets,
                         direct_acked: false,

@@ -12,7 +12,7 @@ use kkachi_protocol::{Body, Card, Envelope, PeerId, Session};
 use thiserror::Error;
 
 use super::receive::Source;
-use super::state::{Sessions, State};
+use super::state::{PeerSessions, Sessions, State};
 use super::{AppEvent, EngineError, Received, now_ms};
 use crate::store::{Blocked, Contact, LocalStore, WriteSet};
 
@@ -188,7 +188,7 @@ impl<T> State<T> {
             tracing::warn!(member = %holder.peer, contact = %peer, "a card a member passed on names the session key of a contact being added: forgotten");
             self.store.forget_contact(&mut w, &holder.peer)?;
             sessions.forget(&holder.peer);
-            self.revoked.lock().push(*holder.card.identity());
+            self.revoked.lock().push(*holder.card.identity().x25519());
         }
         let name = match (name, existing) {
             (Some(n), _) => n.trim().to_owned(),
@@ -286,8 +286,9 @@ impl<T> State<T> {
         self.store.apply(w)?;
         self.sweep_files();
         if let Some(contact) = self.store.contact(peer)? {
-            // Our relays stop taking their puts.
-            self.revoked.lock().push(*contact.card.identity());
+            // Our relays stop taking their puts, from every device of theirs.
+            let keys = self.device_keys(&contact)?;
+            self.revoked.lock().extend(keys);
         }
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome::of(self.store.contact(peer)?))
@@ -317,13 +318,15 @@ impl<T> State<T> {
         let Some(contact) = self.store.contact(peer)? else {
             return Err(ContactError::NotContact(peer.to_string()).into());
         };
+        let keys = self.device_keys(&contact)?;
         let removed = self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             let removed = this.store.forget_contact(&mut w, peer)?;
             sessions.forget(peer);
             if this.store.blocked(peer)?.is_none() {
                 // Sealed on a session that is never stored: nothing of it stays here.
-                let mut fresh = Session::new(*contact.card.identity().x25519());
+                let mut fresh =
+                    PeerSessions::alone(Session::new(*contact.card.identity().x25519()));
                 let card = Box::new(this.own_card()?);
                 this.queue_control(&mut w, &contact, &mut fresh, Body::CardUpdate(card), now)?;
                 // Sealing wrote it; it must not stay (one added again later starts
@@ -333,7 +336,7 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)?;
             Ok(removed)
         })?;
-        self.revoked.lock().push(*contact.card.identity());
+        self.revoked.lock().extend(keys);
         self.sweep_files();
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(ContactOutcome {

@@ -2,16 +2,17 @@
 //! contact's, taken in from what their devices send (content kind 12) and merged over
 //! what they sent before.
 //!
-//! This version keeps and shows the sets, and refuses a contact's move to a session
-//! key their account took out: whoever copied a device's key before its removal cannot
-//! have contacts seal to it again. Sealing to every device listed comes with sessions
-//! per device.
+//! It keeps and shows the sets, and refuses a contact's move to a session key their
+//! account took out: whoever copied a device's key before its removal cannot have
+//! contacts seal to it again. Every other device of a contact's account that proved its
+//! key is sealed to as well (see [`super::state::PeerSessions`]); one the set takes out
+//! is sealed nothing more.
 
 use kkachi_protocol::device::DeviceSet;
-use kkachi_protocol::{Body, Card, Session};
+use kkachi_protocol::{Body, Card};
 
 use super::receive::Outcome;
-use super::state::State;
+use super::state::{PeerSessions, Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::store::{Contact, DEFAULT_DEVICE_NAME, LocalStore, WriteSet, devices_digest};
 
@@ -92,12 +93,67 @@ impl<T> State<T> {
         Ok(set)
     }
 
+    /// Takes the device named by `which` (its name, or the start of its key's
+    /// fingerprint or hex) out of our account: contacts seal nothing more to it once
+    /// the set reaches them (it goes with [`State::announce_devices_if_due`]). Never
+    /// this device (it would stop acting for the account by its own hand), nor one
+    /// `which` does not name alone. Returns the set as it is now and the key taken out.
+    pub(crate) fn remove_device(
+        &mut self,
+        which: &str,
+        now: u64,
+    ) -> Result<(DeviceSet, [u8; 32]), EngineError> {
+        let mut w = WriteSet::default();
+        let mut set = self.own_devices(&mut w, now)?;
+        let wanted = which.trim().to_lowercase().replace(' ', "");
+        if wanted.is_empty() {
+            return Err(EngineError::Invalid("name the device to remove".into()));
+        }
+        let named: Vec<[u8; 32]> = set
+            .devices()
+            .filter(|d| {
+                d.name().to_lowercase() == which.trim().to_lowercase()
+                    || d.key()
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                        .starts_with(&wanted)
+            })
+            .map(|d| *d.key())
+            .collect();
+        let key = match named.as_slice() {
+            [key] => *key,
+            [] => {
+                return Err(EngineError::Invalid(format!(
+                    "no device of this account is named {}: `kkachi device list` shows them",
+                    crate::sanitize::for_terminal(which)
+                )));
+            }
+            _ => {
+                return Err(EngineError::Invalid(format!(
+                    "{} names more than one device: give more of its key",
+                    crate::sanitize::for_terminal(which)
+                )));
+            }
+        };
+        if key == self.me.x25519_public() {
+            return Err(EngineError::Invalid(
+                "that is this device: remove it from another device of the account".into(),
+            ));
+        }
+        set.remove(&self.me, &key, now / 1000)
+            .map_err(|e| EngineError::Invalid(format!("cannot remove that device: {e}")))?;
+        LocalStore::write_own_devices(&mut w, &set);
+        self.store.apply(w)?;
+        Ok((set, key))
+    }
+
     /// Queues `set` (ours) for `contact`, recorded as sent to them.
     pub(super) fn queue_devices(
         &self,
         w: &mut WriteSet,
         contact: &Contact,
-        session: &mut Session,
+        session: &mut PeerSessions,
         set: &DeviceSet,
         now: u64,
     ) -> Result<(), EngineError> {
@@ -110,9 +166,14 @@ impl<T> State<T> {
     /// Takes in the device set `contact` sent: read against their identity key, merged
     /// over the one kept. A set that does not hold, or whose merge would pass the bound
     /// on records, is refused whole and changes nothing.
+    ///
+    /// A device the set takes out is sealed nothing more from here: our session with
+    /// it goes, with what waits for it in the outbox, and our relays stop taking its
+    /// puts.
     pub(super) fn take_devices(
         &self,
         w: &mut WriteSet,
+        sessions: &mut Sessions,
         contact: &Contact,
         bytes: &[u8],
     ) -> Result<Outcome, EngineError> {
@@ -166,6 +227,33 @@ impl<T> State<T> {
         }
         if merged.is_removed(contact.card.identity().x25519()) {
             tracing::warn!(contact = %contact.peer, "a contact's account took out the device their card names");
+        }
+        let peer_sessions = sessions.get(&self.store, contact)?;
+        let gone: Vec<[u8; 32]> = peer_sessions
+            .devices
+            .keys()
+            .filter(|k| merged.is_removed(k))
+            .copied()
+            .collect();
+        for key in &gone {
+            peer_sessions.devices.remove(key);
+            LocalStore::remove_device_session(w, &contact.peer, key);
+            for entry in self.store.outbox_keys_of_device(&contact.peer, &Some(*key)) {
+                w.remove(crate::store::TreeId::Outbox, entry.to_be_bytes().to_vec());
+            }
+            tracing::info!(contact = %contact.peer, "a contact's account took out a device of theirs: nothing more is sealed to it");
+        }
+        let card_out = merged.is_removed(contact.card.identity().x25519());
+        if card_out && !peer_sessions.card_out && !peer_sessions.devices.is_empty() {
+            // The card's device likewise, while another device of theirs is there.
+            for entry in self.store.outbox_keys_of_device(&contact.peer, &None) {
+                w.remove(crate::store::TreeId::Outbox, entry.to_be_bytes().to_vec());
+            }
+        }
+        peer_sessions.card_out = card_out;
+        if !gone.is_empty() {
+            sessions.reindex(&contact.peer);
+            self.revoked.lock().extend(gone);
         }
         // A set that adds nothing (an older one, come late) writes nothing.
         let merged_bytes = merged.encode();

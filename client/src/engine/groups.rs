@@ -577,7 +577,7 @@ impl<T> State<T> {
             self.queue_group_record(w, contact, session, id, what, now)?;
             start = end;
         }
-        LocalStore::write_session(w, &contact.peer, session);
+        session.write(w, &contact.peer);
         self.pass_cards(w, sessions, contact, id, ops, whole, now)
     }
 
@@ -588,7 +588,7 @@ impl<T> State<T> {
         &self,
         w: &mut WriteSet,
         contact: &Contact,
-        session: &mut kkachi_protocol::Session,
+        session: &mut super::state::PeerSessions,
         id: GroupId,
         what: GroupBody,
         now: u64,
@@ -672,7 +672,7 @@ impl<T> State<T> {
             };
             self.queue_group_record(w, contact, session, id, what, now)?;
         }
-        LocalStore::write_session(w, &contact.peer, session);
+        session.write(w, &contact.peer);
         Ok(())
     }
 
@@ -834,7 +834,7 @@ impl<T> State<T> {
             }
             tracing::warn!(member = %other.peer, holder = %peer, "a member met in a group named a session key another proved holding: that card is forged");
             self.store.forget_contact(w, &other.peer)?;
-            self.revoked.lock().push(*other.card.identity());
+            self.revoked.lock().push(*other.card.identity().x25519());
         }
         let met = Contact {
             peer,
@@ -1004,7 +1004,7 @@ impl<T> State<T> {
             this.apply_or_reset(sessions, w)
         })?;
         for c in &gone {
-            self.revoked.lock().push(*c.card.identity());
+            self.revoked.lock().push(*c.card.identity().x25519());
             tracing::info!(member = %c.peer, "forgot a member met in a group we no longer share");
         }
         Ok(gone.len())

@@ -115,7 +115,7 @@ pub enum Change {
     /// Nothing (the entry is gone, or was sealed again since the attempt left).
     Nothing,
     /// Write the entry as it is now.
-    Write(OutboxEntry),
+    Write(Box<OutboxEntry>),
     /// It is done: remove it.
     Remove,
 }
@@ -163,9 +163,13 @@ impl Scheduled {
     }
 
     /// The direct path, if it is wanted at all: the contact is reachable directly
-    /// and has not taken it yet.
+    /// and has not taken it yet. Only what is sealed to the device their card names
+    /// goes there: the direct path knows the account, not which of its devices
+    /// answers, and a device that cannot open an envelope would still take it.
     fn wants_direct(&self, direct: &HashSet<PeerId>) -> bool {
-        !self.entry.direct_acked && self.contact.is_some_and(|c| direct.contains(&c))
+        !self.entry.direct_acked
+            && self.entry.device.is_none()
+            && self.contact.is_some_and(|c| direct.contains(&c))
     }
 
     /// Every relay holds it and the contact never confirmed: when to put it again.
@@ -485,7 +489,7 @@ impl Deliveries {
             return done;
         }
         Recorded {
-            change: Change::Write(entry.clone()),
+            change: Change::Write(Box::new(entry.clone())),
             gone: false,
             state,
             handed_over: false,

@@ -673,6 +673,21 @@ impl<T: Transport> Engine<T> {
         .await
     }
 
+    /// Takes the device `which` names out of the account and queues the set for every
+    /// contact: the set as it is now, the key taken out, and for how many contacts it
+    /// was queued.
+    pub async fn remove_device(
+        &self,
+        which: String,
+    ) -> Result<(kkachi_protocol::device::DeviceSet, [u8; 32], usize), EngineError> {
+        self.change(move |state, now| {
+            let (set, key) = state.remove_device(&which, now)?;
+            let sent = state.announce_devices_if_due(now)?;
+            Ok((set, key, sent))
+        })
+        .await
+    }
+
     /// Adds or updates a contact from `card` (see [`ContactOutcome`]).
     pub async fn add_contact(
         &self,

@@ -22,10 +22,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use kkachi_protocol::envelope::{CLOCK_SKEW_SECS, MAX_TTL_SECS};
 use kkachi_protocol::session::{self, InitPacket, RETAIN_SECS};
 use kkachi_protocol::{
-    Body, Content, Envelope, MessageId, Opened, PeerId, ReceiptStatus, Session, SessionError,
+    Body, Content, Envelope, MessageId, Opened, PeerId, ReceiptStatus, SessionError,
 };
 
-use super::state::{Sessions, State};
+use super::state::{Device, PeerSessions, Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
@@ -151,7 +151,7 @@ pub(crate) const RESEAL_EVERY_MS: u64 = 10 * 60 * 1000;
 pub(crate) const ROTATION_EVERY_MS: u64 = 10 * 60 * 1000;
 
 /// A transport packet opened by a contact's session, or why it is refused.
-type TransportResult = Result<(Contact, Opened), &'static str>;
+type TransportResult = Result<(Contact, Device, Opened), &'static str>;
 
 /// How a batch went, for the caller.
 #[derive(Debug, Default)]
@@ -261,7 +261,9 @@ impl<T> State<T> {
                 let mut w = WriteSet::default();
                 LocalStore::release_held_id(&mut w, peer, &m.message_id);
                 let outcome = match Content::decode(&m.opened) {
-                    Ok(content) => this.apply_content(&mut w, sessions, &contact, content, now)?,
+                    Ok(content) => {
+                        this.apply_content(&mut w, sessions, &contact, None, content, now)?
+                    }
                     Err(e) => Outcome::Refused(format!("unreadable held message: {e}").into()),
                 };
                 this.apply_or_reset(sessions, w)?;
@@ -411,7 +413,9 @@ impl<T> State<T> {
             && let Some(found) = self.open_transport(w, sessions, &contacts, &packet, owner, now)?
         {
             return match found {
-                Ok((contact, opened)) => self.after_opening(w, sessions, contact, opened, now),
+                Ok((contact, device, opened)) => {
+                    self.after_opening(w, sessions, contact, device, opened, now)
+                }
                 Err(reason) => refused(reason),
             };
         }
@@ -424,7 +428,7 @@ impl<T> State<T> {
             }
             other => other.map(|init| (init, false)),
         };
-        let (contact, opened) = match first {
+        let (contact, device, opened) = match first {
             Ok((init, under_old_key)) => {
                 match self.open_first(w, sessions, envelope, init, source, under_old_key, now)? {
                     Ok(x) => x,
@@ -443,11 +447,12 @@ impl<T> State<T> {
             }
             Err(e) => return dropped(format!("unreadable first message: {e}")),
         };
-        self.after_opening(w, sessions, contact, opened, now)
+        self.after_opening(w, sessions, contact, device, opened, now)
     }
 
-    /// Tries a transport packet on the sessions of `owner` (everyone's when `None`).
-    /// The result says whose it was, or why an opened one is refused.
+    /// Tries a transport packet on the sessions of `owner`, the contact and which
+    /// device of theirs (every device of everyone when `None`). The result says whose
+    /// it was, or why an opened one is refused.
     /// `None` if none opens it; the inner `Err` says why an opened one is refused.
     fn open_transport(
         &self,
@@ -455,25 +460,35 @@ impl<T> State<T> {
         sessions: &mut Sessions,
         contacts: &[Contact],
         packet: &session::Packet,
-        owner: Option<PeerId>,
+        owner: Option<(PeerId, Device)>,
         now: u64,
     ) -> Result<Option<TransportResult>, EngineError> {
         for contact in contacts
             .iter()
-            .filter(|c| owner.is_none_or(|peer| c.peer == peer))
+            .filter(|c| owner.is_none_or(|(peer, _)| c.peer == peer))
         {
-            let session = sessions.get(&self.store, contact)?;
-            let Some(result) = session.open_transport(&self.me, packet, now / 1000) else {
+            let peer_sessions = sessions.get(&self.store, contact)?;
+            let mut found = None;
+            for (device, session) in peer_sessions.each() {
+                if owner.is_some_and(|(_, d)| d != device) {
+                    continue;
+                }
+                if let Some(result) = session.open_transport(&self.me, packet, now / 1000) {
+                    found = Some((device, result));
+                    break;
+                }
+            }
+            let Some((device, result)) = found else {
                 continue;
             };
             // Whatever it did to the session is kept with the outcome.
-            LocalStore::write_session(w, &contact.peer, session);
+            peer_sessions.write(w, &contact.peer);
             return Ok(Some(match result {
                 // Opened only to know whose it is: dropped unread.
                 Ok(_) if self.store.blocked(&contact.peer)?.is_some() => {
                     Err("from a blocked contact")
                 }
-                Ok(opened) => Ok((contact.clone(), opened)),
+                Ok(opened) => Ok((contact.clone(), device, opened)),
                 Err(SessionError::Replay) => Err("a copy of a message already read"),
                 Err(_) => Err("it opened but its frame is malformed"),
             }));
@@ -481,12 +496,14 @@ impl<T> State<T> {
         Ok(None)
     }
 
-    /// What follows an opened packet: the session's changes, then its content.
+    /// What follows an opened packet from `device` of `contact`: the session's
+    /// changes, then its content.
     fn after_opening(
         &self,
         w: &mut WriteSet,
         sessions: &mut Sessions,
         contact: Contact,
+        device: Device,
         opened: Opened,
         now: u64,
     ) -> Result<Outcome, EngineError> {
@@ -539,13 +556,13 @@ impl<T> State<T> {
                     tracing::warn!(contact = %contact.peer, error = %e, "could not seal again")
                 }
             }
-            LocalStore::write_session(w, &contact.peer, session);
+            session.write(w, &contact.peer);
         }
         let content = match Content::decode(&opened.body) {
             Ok(c) => c,
             Err(e) => return refused(format!("unreadable content from {}: {e}", contact.peer)),
         };
-        self.apply_content(w, sessions, &contact, content, now)
+        self.apply_content(w, sessions, &contact, device, content, now)
     }
 
     /// A first message: from a contact (by both keys) it is accepted into their
@@ -564,7 +581,7 @@ impl<T> State<T> {
         source: Source,
         under_old_key: bool,
         now: u64,
-    ) -> Result<Result<(Contact, Opened), Outcome>, EngineError> {
+    ) -> Result<Result<(Contact, Device, Opened), Outcome>, EngineError> {
         let card = init.sender_card().clone();
         let peer = card.identity().peer_id();
         let end = |reason: &'static str| Ok(Err(Outcome::Refused(reason.into())));
@@ -599,6 +616,12 @@ impl<T> State<T> {
             }
             None => return self.hold(w, envelope, &init, now).map(Err),
         };
+        let key = *init.remote_static();
+        if key != *contact.card.identity().x25519()
+            && self.is_other_device(contact, &init, sessions)?
+        {
+            return self.open_from_device(w, sessions, contact, init, under_old_key, now);
+        }
         // A newer card binding another session key, in a message sealed with that key
         // (which proves its sender holds it): the contact rotated its key.
         let mut rotated = card.rotates(&contact.card);
@@ -660,7 +683,7 @@ impl<T> State<T> {
         if rotated {
             self.take_rotation(w, contact, now)?;
         }
-        LocalStore::write_session(w, &contact.peer, session);
+        session.write(w, &contact.peer);
         let mut contact = contact.clone();
         if card.supersedes(&contact.card) || rotated {
             // Their newest card rides every first message: take it like a card update
@@ -678,7 +701,115 @@ impl<T> State<T> {
             Err(SessionError::TooOld) => return end("a first message older than any envelope"),
             Err(_) => return end("a first message that does not fit their session"),
         };
-        Ok(Ok((contact, opened)))
+        Ok(Ok((contact, None, opened)))
+    }
+
+    /// Whether the first message `init` from `contact`, sealed with another session
+    /// key than their card's, comes from another device of their account (SPEC §15)
+    /// rather than with a change of key: a device we hold a session with already, or
+    /// one their device set lists (the set we keep, with the one this message carries
+    /// if it carries one, as a device's first words do) while it still lists the
+    /// card's device. A change of key takes the old key out in the same edit.
+    fn is_other_device(
+        &self,
+        contact: &Contact,
+        init: &InitPacket,
+        sessions: &mut Sessions,
+    ) -> Result<bool, EngineError> {
+        let key = init.remote_static();
+        if sessions
+            .get(&self.store, contact)?
+            .devices
+            .contains_key(key)
+        {
+            return Ok(true);
+        }
+        let account = contact.card.identity().ed25519();
+        let mut set = self.store.contact_devices(&contact.peer, account)?;
+        if let Ok(Content {
+            body: Body::Devices(bytes),
+            ..
+        }) = Content::decode(init.body())
+            && let Ok(carried) = kkachi_protocol::device::DeviceSet::decode(account, &bytes)
+        {
+            match &mut set {
+                Some(kept) => {
+                    // A merge refused for the bound keeps what was kept.
+                    let _ = kept.merge(&carried);
+                }
+                None => set = Some(carried),
+            }
+        }
+        Ok(set.is_some_and(|set| {
+            set.device(key).is_some() && set.device(contact.card.identity().x25519()).is_some()
+        }))
+    }
+
+    /// A first message from another device of `contact`'s account: opened into our
+    /// session with that device, which starts with it (its first message proves it
+    /// holds the key). Their card stays the one we keep: the card names the device
+    /// it came with, and every device of theirs is sealed to from now on.
+    fn open_from_device(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        contact: &Contact,
+        init: Box<InitPacket>,
+        under_old_key: bool,
+        now: u64,
+    ) -> Result<Result<(Contact, Device, Opened), Outcome>, EngineError> {
+        let end = |reason: &'static str| Ok(Err(Outcome::Refused(reason.into())));
+        let key = *init.remote_static();
+        let now_s = now / 1000;
+        if key == self.me.x25519_public() {
+            return end("a device of theirs under our own session key");
+        }
+        let card = init.sender_card();
+        if card.check_fresh(now_s).is_err() {
+            return end("a first message from a device of theirs with an out-of-date card");
+        }
+        let peer_sessions = sessions.get(&self.store, contact)?;
+        let known = peer_sessions.devices.contains_key(&key);
+        if !known && peer_sessions.devices.len() + 1 >= kkachi_protocol::device::MAX_DEVICES {
+            return end("a device beyond the most an account lists");
+        }
+        let result = if under_old_key {
+            // Sealed to our key before its rotation: opened, no session of ours changes.
+            if init.sent_at().saturating_add(RETAIN_SECS) < now_s {
+                Err(SessionError::TooOld)
+            } else {
+                Ok(Opened {
+                    body: init.body().to_vec(),
+                    sent_at: init.sent_at(),
+                    peer_reset: false,
+                    switched: false,
+                    late: true,
+                })
+            }
+        } else {
+            let mut fresh = None;
+            let session = match peer_sessions.devices.get_mut(&key) {
+                Some(s) => s,
+                None => fresh.insert(kkachi_protocol::Session::new(key)),
+            };
+            let result = session.accept_init(&self.me, init, now_s);
+            if let Some(session) = fresh
+                && result.is_ok()
+            {
+                peer_sessions.devices.insert(key, session);
+                // Our relays grant the new device's capability too.
+                self.grants_changed();
+                tracing::info!(contact = %contact.peer, "a contact's other device wrote for the first time");
+            }
+            result
+        };
+        peer_sessions.write(w, &contact.peer);
+        match result {
+            Ok(opened) => Ok(Ok((contact.clone(), Some(key), opened))),
+            Err(SessionError::Replay) => end("a copy of a message already read"),
+            Err(SessionError::TooOld) => end("a first message older than any envelope"),
+            Err(_) => end("a first message that does not fit their session"),
+        }
     }
 
     /// Whether `contact` may rotate its session key to the one `card` binds, in the
@@ -733,7 +864,7 @@ impl<T> State<T> {
         *due = Some(due.map_or(now, |d| d.min(now)));
         drop(due);
         // Withdrawn, and every grant told again (the new key's among them).
-        self.revoked.lock().push(*contact.card.identity());
+        self.revoked.lock().push(*contact.card.identity().x25519());
         // What waits for them sealed to the old key, first messages too, is marked to
         // go again on the new one (soon: `stale_due` above).
         for key in self.store.outbox_keys_of(&contact.peer) {
@@ -880,12 +1011,13 @@ impl<T> State<T> {
         })
     }
 
-    /// Takes in one content record from `contact`.
+    /// Takes in one content record from `device` of `contact`.
     fn apply_content(
         &self,
         w: &mut WriteSet,
         sessions: &mut Sessions,
         contact: &Contact,
+        device: Device,
         content: Content,
         now: u64,
     ) -> Result<Outcome, EngineError> {
@@ -1013,8 +1145,9 @@ impl<T> State<T> {
                 for id in &ids {
                     self.advance_state(w, &peer, id, state)?;
                 }
-                // Delivered: the outbox entries of those messages are done.
-                for key in self.store.outbox_keys_for(&peer, &ids) {
+                // Delivered: the outbox entries of those messages for the device that
+                // says so are done (each other device of theirs confirms its own).
+                for key in self.store.outbox_keys_for(&peer, &ids, &device) {
                     w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
                 }
                 Ok(Outcome::Applied("a receipt"))
@@ -1039,7 +1172,7 @@ impl<T> State<T> {
                 }
                 Ok(Outcome::Applied("a card update"))
             }
-            Body::Devices(bytes) => self.take_devices(w, contact, &bytes),
+            Body::Devices(bytes) => self.take_devices(w, sessions, contact, &bytes),
             Body::Timer { secs } => {
                 // The setting sent last wins; at the same moment, the shorter one. A
                 // clock ahead of ours counts as now, so it cannot hold the setting.
@@ -1291,7 +1424,7 @@ impl<T> State<T> {
                     continue;
                 }
                 sealed = true;
-                LocalStore::write_session(&mut theirs, &contact.peer, session);
+                session.write(&mut theirs, &contact.peer);
             }
             w.extend(theirs);
         }
@@ -1312,19 +1445,23 @@ impl<T> State<T> {
         &self,
         w: &mut WriteSet,
         contact: &Contact,
-        session: &mut Session,
+        sessions: &mut PeerSessions,
         why: &'static str,
         now: u64,
     ) -> Result<usize, EngineError> {
         let mut count = 0usize;
         let mut held_back = false;
         let mut due: Option<u64> = None;
-        let current = session.sealing_session();
         for key in self.store.outbox_keys_of(&contact.peer) {
             let Some(mut entry) = self.store.outbox_entry(key)? else {
                 continue;
             };
-            if entry.sealed_on.is_none() || entry.sealed_on == current {
+            // Each device's entries go again on the session with that device; one
+            // taken out since keeps what it has (it is no longer sealed to).
+            let Some(session) = sessions.device(&entry.device) else {
+                continue;
+            };
+            if entry.sealed_on.is_none() || entry.sealed_on == session.sealing_session() {
                 // A first message opens whatever happens (one sealed to a contact's
                 // key before they rotated it is marked otherwise), or still current.
                 continue;
@@ -1355,7 +1492,7 @@ impl<T> State<T> {
             entry.resealed_ms = now;
             // Where it goes as the contact's card and our key say now: after a change
             // of either key, the old queues are no longer read.
-            entry.targets = self.targets(&contact.card, session.is_established());
+            entry.targets = self.targets(&contact.card, &entry.device, session.is_established());
             entry.direct_acked = false;
             LocalStore::write_outbox(w, key, &entry);
             count += 1;
@@ -1394,7 +1531,7 @@ impl<T> State<T> {
                     "sealed on a replaced session",
                     now,
                 )?;
-                LocalStore::write_session(&mut w, &contact.peer, session);
+                session.write(&mut w, &contact.peer);
             }
             this.apply_or_reset(sessions, w)?;
             Ok(n)

@@ -12,8 +12,8 @@ use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::file::FileRef;
 use kkachi_protocol::session::SessionTag;
 use kkachi_protocol::{
-    Body, Card, Content, Envelope, Identity, MessageId, Multiaddr, PeerId, PublicIdentity,
-    ReceiptStatus, Session, WriteKey,
+    Body, Card, Content, Envelope, Identity, MessageId, Multiaddr, PeerId, ReceiptStatus, Session,
+    WriteKey,
 };
 use tokio::sync::broadcast;
 
@@ -39,15 +39,88 @@ const FALLBACKS_PER_MINUTE: u32 = 16;
 /// were made from.
 type Indexed = (Vec<SessionTag>, Vec<(SessionTag, u64)>);
 
+/// Which of a contact's devices: the one their card names (`None`), or another their
+/// account lists, by its session key (SPEC §15).
+pub(crate) type Device = Option<[u8; 32]>;
+
+/// Everything sealed for a contact goes to each device of theirs we hold a session
+/// with: the one their card names (`main`, which follows their changes of key) and
+/// every other device of their account that proved its key to us (a first message
+/// sealed with it) and that their account has not taken out. Derefs to `main`, which
+/// answers whether a session is established, and the like.
+#[derive(Debug)]
+pub(crate) struct PeerSessions {
+    main: Session,
+    /// With each other device, by its session key.
+    pub(crate) devices: std::collections::BTreeMap<[u8; 32], Session>,
+    /// Their account took the device their card names out: while another device of
+    /// theirs is sealed to, that one is not (its session still opens what it sealed
+    /// before).
+    pub(crate) card_out: bool,
+}
+
+impl std::ops::Deref for PeerSessions {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.main
+    }
+}
+
+impl std::ops::DerefMut for PeerSessions {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.main
+    }
+}
+
+impl PeerSessions {
+    /// A session with the card's device alone (one never stored).
+    pub(crate) fn alone(main: Session) -> Self {
+        Self {
+            main,
+            devices: Default::default(),
+            card_out: false,
+        }
+    }
+
+    /// The devices sealed to, and each one's session.
+    pub(crate) fn sealing(&mut self) -> impl Iterator<Item = (Device, &mut Session)> {
+        let skip_card = self.card_out && !self.devices.is_empty();
+        self.each()
+            .filter(move |(d, _)| !(skip_card && d.is_none()))
+    }
+
+    /// The session with `device`, if we hold one.
+    pub(crate) fn device(&mut self, device: &Device) -> Option<&mut Session> {
+        match device {
+            None => Some(&mut self.main),
+            Some(key) => self.devices.get_mut(key),
+        }
+    }
+
+    /// Each device's session, the card's first.
+    pub(crate) fn each(&mut self) -> impl Iterator<Item = (Device, &mut Session)> {
+        std::iter::once((None, &mut self.main))
+            .chain(self.devices.iter_mut().map(|(k, s)| (Some(*k), s)))
+    }
+
+    /// Writes every session with `peer` into `w`.
+    pub(crate) fn write(&self, w: &mut WriteSet, peer: &PeerId) {
+        LocalStore::write_session(w, peer, &self.main);
+        for (key, session) in &self.devices {
+            LocalStore::write_device_session(w, peer, key, session);
+        }
+    }
+}
+
 /// Live end-to-end sessions by contact, written through to the store. Their
 /// unanswered handshakes exist only here. An index of the tags each contact's sessions
 /// expect finds the session of a transport packet at once, whatever the number of
 /// contacts: no trial decryption across them.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
-    live: HashMap<PeerId, Session>,
-    /// Tag → contact, for every contact once `indexed`.
-    by_tag: HashMap<SessionTag, PeerId>,
+    live: HashMap<PeerId, PeerSessions>,
+    /// Tag → contact and device, for every contact once `indexed`.
+    by_tag: HashMap<SessionTag, (PeerId, Device)>,
     /// Each contact's indexed tags, and the windows they were made from.
     by_peer: HashMap<PeerId, Indexed>,
     indexed: bool,
@@ -61,21 +134,35 @@ impl Sessions {
         &mut self,
         store: &LocalStore,
         contact: &Contact,
-    ) -> Result<&mut Session, StoreError> {
+    ) -> Result<&mut PeerSessions, StoreError> {
         Ok(match self.live.entry(contact.peer) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 // What is on disk may lag packets already handed out (a send leaves
                 // before its write is durable): skip past them.
-                let mut session = store.session(contact)?;
-                session.resume_after_restart();
+                let mut main = store.session(contact)?;
+                main.resume_after_restart();
                 let key = *contact.card.identity().x25519();
-                if *session.remote() != key {
+                if *main.remote() != key {
                     // Their card (a code added by hand) names a newer session key
                     // than the one the state was made for: handshakes go to it.
-                    session.peer_rotated(key, super::now_ms() / 1000);
+                    main.peer_rotated(key, super::now_ms() / 1000);
                 }
-                v.insert(session)
+                let mut devices = std::collections::BTreeMap::new();
+                for other in store.device_sessions_of(contact)? {
+                    let mut session = store.device_session(&contact.peer, &other)?;
+                    session.resume_after_restart();
+                    devices.insert(other, session);
+                }
+                let card_out = !devices.is_empty()
+                    && store
+                        .contact_devices(&contact.peer, contact.card.identity().ed25519())?
+                        .is_some_and(|set| set.is_removed(&key));
+                v.insert(PeerSessions {
+                    main,
+                    devices,
+                    card_out,
+                })
             }
         })
     }
@@ -96,7 +183,7 @@ impl Sessions {
 
     fn unindex(&mut self, peer: &PeerId) {
         for tag in self.by_peer.remove(peer).unwrap_or_default().0 {
-            if self.by_tag.get(&tag) == Some(peer) {
+            if self.by_tag.get(&tag).is_some_and(|(p, _)| p == peer) {
                 self.by_tag.remove(&tag);
             }
         }
@@ -124,11 +211,12 @@ impl Sessions {
     /// window (until then the index holds a few tags already received, which only lead
     /// to the session that refuses them as replays).
     pub(crate) fn reindex(&mut self, peer: &PeerId) {
-        let Some(session) = self.live.get(peer) else {
+        let Some(sessions) = self.live.get_mut(peer) else {
             self.unindex(peer);
             return;
         };
-        let windows = session.tag_windows();
+        let windows: Vec<(SessionTag, u64)> =
+            sessions.each().flat_map(|(_, s)| s.tag_windows()).collect();
         if let Some((_, old)) = self.by_peer.get(peer)
             && old.len() == windows.len()
             && old
@@ -140,16 +228,25 @@ impl Sessions {
         {
             return;
         }
-        let tags = session.expected_tags(TAG_WINDOW);
+        let tags: Vec<(SessionTag, Device)> = sessions
+            .each()
+            .flat_map(|(device, s)| {
+                s.expected_tags(TAG_WINDOW)
+                    .into_iter()
+                    .map(move |t| (t, device))
+            })
+            .collect();
         self.unindex(peer);
-        for tag in &tags {
-            self.by_tag.insert(*tag, *peer);
+        for (tag, device) in &tags {
+            self.by_tag.insert(*tag, (*peer, *device));
         }
-        self.by_peer.insert(*peer, (tags, windows));
+        self.by_peer
+            .insert(*peer, (tags.into_iter().map(|(t, _)| t).collect(), windows));
     }
 
-    /// The contact whose session expects a packet tagged `tag`.
-    pub(crate) fn owner_of(&self, tag: &SessionTag) -> Option<PeerId> {
+    /// The contact, and which device of theirs, whose session expects a packet tagged
+    /// `tag`.
+    pub(crate) fn owner_of(&self, tag: &SessionTag) -> Option<(PeerId, Device)> {
         self.by_tag.get(tag).copied()
     }
 
@@ -193,7 +290,7 @@ pub(crate) struct State<T> {
     pub(crate) requests: Vec<PeerId>,
     /// People removed or blocked, and contacts' keys replaced by a rotation, since the
     /// owner last withdrew their write capabilities from our relays.
-    pub(crate) revoked: parking_lot::Mutex<Vec<PublicIdentity>>,
+    pub(crate) revoked: parking_lot::Mutex<Vec<[u8; 32]>>,
     /// Members met in a group were written since the owner last told our relays what
     /// to grant: their capabilities are granted too.
     pub(crate) met: std::sync::atomic::AtomicBool,
@@ -285,14 +382,28 @@ impl<T> State<T> {
     }
 
     /// Our capability into `owner`'s queue at `relay`.
-    fn write_key(&self, owner: &PublicIdentity, relay: PeerId) -> WriteKey {
+    fn write_key(&self, owner: &[u8; 32], relay: PeerId) -> WriteKey {
         let mut keys = self.write_keys.lock();
         if keys.len() > 65_536 {
             keys.clear();
         }
         *keys
-            .entry((*owner.x25519(), relay))
-            .or_insert_with(|| self.me.write_key_for(owner, &relay))
+            .entry((*owner, relay))
+            .or_insert_with(|| self.me.write_key_to_device(owner, &relay))
+    }
+
+    /// The session keys of every device of `contact` we seal to: their card's, then
+    /// each other device's that wrote to us.
+    pub(crate) fn device_keys(&self, contact: &Contact) -> Result<Vec<[u8; 32]>, EngineError> {
+        let mut keys = vec![*contact.card.identity().x25519()];
+        keys.extend(self.store.device_sessions_of(contact)?);
+        Ok(keys)
+    }
+
+    /// What our relays grant changed (a contact's device, a member met): they are
+    /// told again.
+    pub(crate) fn grants_changed(&self) {
+        self.met.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub(crate) fn emit(&self, event: AppEvent) {
@@ -435,15 +546,21 @@ impl<T> State<T> {
     /// While we keep a previous session key and have no session under the new one with
     /// them (`established`), the capability is the old key's: they grant it until they
     /// take our new card, and their request allowance is not spent on our change.
-    pub(crate) fn targets(&self, card: &Card, established: bool) -> Vec<Target> {
+    ///
+    /// For another `device` of the account than the card's, the relays are the card's
+    /// (an account's devices share its relays), the capability that device's, and
+    /// there is no request capability (the card's reaches the card's device): that
+    /// device granted ours before it wrote to us, which is how we know it.
+    pub(crate) fn targets(&self, card: &Card, device: &Device, established: bool) -> Vec<Target> {
         let previous = self.previous.as_ref().filter(|_| !established);
+        let owner = device.as_ref().unwrap_or(card.identity().x25519());
         card.relays()
             .iter()
             .filter_map(|addr| {
                 let relay = relay_peer(addr)?;
                 let write = match previous {
-                    Some(p) => p.identity.write_key_for(card.identity(), &relay),
-                    None => self.write_key(card.identity(), relay),
+                    Some(p) => p.identity.write_key_to_device(owner, &relay),
+                    None => self.write_key(owner, relay),
                 };
                 Some(Target {
                     addr: addr.to_string(),
@@ -451,55 +568,68 @@ impl<T> State<T> {
                     attempts: 0,
                     next_try_ms: 0,
                     write: write.0,
-                    request: card.request_key_at(&relay).map(|k| k.0),
+                    request: match device {
+                        None => card.request_key_at(&relay).map(|k| k.0),
+                        Some(_) => None,
+                    },
                     epoch: 0,
                 })
             })
             .collect()
     }
 
-    /// Seals `content` for `contact` with `session` and adds the envelope to `w` as an
-    /// outbox entry, with the session state that sealed it: both become durable
-    /// together.
+    /// Seals `content` for each device of `contact` we hold a session with (SPEC §15)
+    /// and adds the envelopes to `w` as outbox entries, one per device, with the
+    /// session states that sealed them: all become durable together. Returns the key
+    /// of the entry for the device their card names.
     pub(crate) fn seal_into(
         &self,
         w: &mut WriteSet,
         contact: &Contact,
-        session: &mut Session,
+        sessions: &mut PeerSessions,
         content: &Content,
         kind: OutboxKind,
         now: u64,
     ) -> Result<u64, EngineError> {
-        let sealed_on = session.sealing_session();
-        let sealed = self.seal_envelope(contact, session, content, now);
-        LocalStore::write_session(w, &contact.peer, session);
-        let envelope = sealed?;
-        let targets = self.targets(&contact.card, session.is_established());
-        let key = self.store.next_outbox_seq()?;
-        let entry = OutboxEntry {
-            message_id: content.id.0,
-            contact: contact.peer.to_bytes(),
-            envelope: envelope.encode(),
-            targets,
-            direct_acked: false,
-            kind,
-            created_ms: now,
-            sealed_on,
-            resealed_ms: 0,
-            queued_ms: now,
-            // Messages, group records (a member who misses an operation would see
-            // another group) and device sets (no other goes until ours changes) are
-            // sealed again on a new session, as they were.
-            content: if kind == OutboxKind::Message
-                || matches!(content.body, Body::Group { .. } | Body::Devices(_))
-            {
-                content.encode()
-            } else {
-                Vec::new()
-            },
-        };
-        LocalStore::write_outbox(w, key, &entry);
-        Ok(key)
+        let encoded = content.encode();
+        let mut first = None;
+        for (device, session) in sessions.sealing() {
+            let sealed_on = session.sealing_session();
+            let sealed = self.seal_envelope(contact, session, content, now);
+            match device {
+                None => LocalStore::write_session(w, &contact.peer, session),
+                Some(key) => LocalStore::write_device_session(w, &contact.peer, &key, session),
+            }
+            let envelope = sealed?;
+            let targets = self.targets(&contact.card, &device, session.is_established());
+            let key = self.store.next_outbox_seq()?;
+            let entry = OutboxEntry {
+                message_id: content.id.0,
+                contact: contact.peer.to_bytes(),
+                kind,
+                device,
+                envelope: envelope.encode(),
+                targets,
+                direct_acked: false,
+                created_ms: now,
+                sealed_on,
+                resealed_ms: 0,
+                queued_ms: now,
+                // Messages, group records (a member who misses an operation would see
+                // another group) and device sets (no other goes until ours changes) are
+                // sealed again on a new session, as they were.
+                content: if kind == OutboxKind::Message
+                    || matches!(content.body, Body::Group { .. } | Body::Devices(_))
+                {
+                    encoded.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            LocalStore::write_outbox(w, key, &entry);
+            first.get_or_insert(key);
+        }
+        Ok(first.expect("some device is always sealed to"))
     }
 
     /// Queues a control record (receipt, card update) for `contact` into `w`, sealed
@@ -508,7 +638,7 @@ impl<T> State<T> {
         &self,
         w: &mut WriteSet,
         contact: &Contact,
-        session: &mut Session,
+        session: &mut PeerSessions,
         body: Body,
         now: u64,
     ) -> Result<u64, EngineError> {

@@ -88,6 +88,66 @@ impl LocalStore {
         w.put(TreeId::Sessions, peer.to_bytes(), session.encode().to_vec());
     }
 
+    /// The session with the device of `peer`'s account whose session key is `key`,
+    /// other than the one their card names (a fresh one if none is stored).
+    pub fn device_session(&self, peer: &PeerId, key: &[u8; 32]) -> Result<Session, StoreError> {
+        match self
+            .tree(TreeId::Sessions)
+            .get(device_session_key(peer, key))?
+        {
+            Some(bytes) => Session::decode(&bytes).map_err(|_| StoreError::Corrupt("session")),
+            None => Ok(Session::new(*key)),
+        }
+    }
+
+    /// The session keys of `contact`'s other devices we hold sessions with (each proved
+    /// its key with a first message), but those their account took out since.
+    pub fn device_sessions_of(&self, contact: &Contact) -> Result<Vec<[u8; 32]>, StoreError> {
+        let prefix = contact.peer.to_bytes();
+        let mut keys = Vec::new();
+        for item in self.tree(TreeId::Sessions).scan_prefix(&prefix) {
+            let (k, _) = item?;
+            if let Ok(key) = <[u8; 32]>::try_from(&k[prefix.len()..]) {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Ok(keys);
+        }
+        if let Some(set) = self.contact_devices(&contact.peer, contact.card.identity().ed25519())? {
+            keys.retain(|k| !set.is_removed(k));
+        }
+        Ok(keys)
+    }
+
+    /// Writes the session with one of `peer`'s other devices (in a WriteSet).
+    pub fn write_device_session(
+        w: &mut WriteSet,
+        peer: &PeerId,
+        key: &[u8; 32],
+        session: &Session,
+    ) {
+        w.put(
+            TreeId::Sessions,
+            device_session_key(peer, key),
+            session.encode().to_vec(),
+        );
+    }
+
+    /// Removes the session with one of `peer`'s other devices (in a WriteSet).
+    pub fn remove_device_session(w: &mut WriteSet, peer: &PeerId, key: &[u8; 32]) {
+        w.remove(TreeId::Sessions, device_session_key(peer, key));
+    }
+
+    /// Removes every session with `peer`, their other devices' included (in a WriteSet).
+    pub fn forget_sessions(&self, w: &mut WriteSet, peer: &PeerId) -> Result<(), StoreError> {
+        for item in self.tree(TreeId::Sessions).scan_prefix(peer.to_bytes()) {
+            let (k, _) = item?;
+            w.remove(TreeId::Sessions, k.to_vec());
+        }
+        Ok(())
+    }
+
     /// The conversation with `peer`.
     pub fn conversation(&self, peer: &PeerId) -> Result<Conversation, StoreError> {
         Ok(self
@@ -264,7 +324,7 @@ impl LocalStore {
                 } else {
                     // Not delivered yet: it still goes, sealed as it is, but the copy
                     // of its text kept to seal it again goes now, with the message.
-                    for key in self.outbox_keys_for(peer, &[MessageId(record.id)]) {
+                    for key in self.outbox_keys_of_message(peer, &MessageId(record.id)) {
                         if let Some(mut entry) = self.outbox_entry(key)?
                             && !entry.content.is_empty()
                         {
@@ -346,7 +406,7 @@ impl LocalStore {
     pub fn forget_contact(&self, w: &mut WriteSet, peer: &PeerId) -> Result<usize, StoreError> {
         let prefix = peer.to_bytes();
         w.remove(TreeId::Contacts, prefix.clone());
-        w.remove(TreeId::Sessions, prefix.clone());
+        self.forget_sessions(w, peer)?;
         w.remove(TreeId::Conversations, prefix.clone());
         Self::forget_devices_sent(w, peer);
         let mut messages = 0;
@@ -371,6 +431,12 @@ impl LocalStore {
         }
         Ok(())
     }
+}
+
+fn device_session_key(peer: &PeerId, key: &[u8; 32]) -> Vec<u8> {
+    let mut k = peer.to_bytes();
+    k.extend_from_slice(key);
+    k
 }
 
 fn chain_key(peer: &PeerId, seq: u64) -> Vec<u8> {

@@ -13,23 +13,27 @@ struct Head {
     message_id: [u8; 16],
     contact: Vec<u8>,
     kind: OutboxKind,
+    device: Option<[u8; 32]>,
 }
 
-/// The outbox's messages by contact and message id, in memory, kept up to date by
-/// every write: a receipt (which names message ids) or a contact who lost its session
-/// finds its entries without reading the whole outbox.
+/// A message for one device of a contact: contact, message id, device.
+type Addressed = (Vec<u8>, [u8; 16], Option<[u8; 32]>);
+
+/// The outbox's messages by contact, message id and device, in memory, kept up to
+/// date by every write: a receipt (which names message ids) or a contact who lost its
+/// session finds its entries without reading the whole outbox.
 #[derive(Debug, Default)]
 pub(super) struct OutboxIndex {
     by_contact: HashMap<Vec<u8>, BTreeSet<u64>>,
-    by_message: HashMap<(Vec<u8>, [u8; 16]), u64>,
-    by_key: HashMap<u64, (Vec<u8>, [u8; 16])>,
+    by_message: HashMap<Addressed, u64>,
+    by_key: HashMap<u64, Addressed>,
 }
 
 impl OutboxIndex {
     /// Entry `key` is now `value` (an encoded entry), or (`None`) gone.
     pub(super) fn note(&mut self, key: u64, value: Option<&[u8]>) {
-        if let Some((contact, id)) = self.by_key.remove(&key) {
-            self.by_message.remove(&(contact.clone(), id));
+        if let Some((contact, id, device)) = self.by_key.remove(&key) {
+            self.by_message.remove(&(contact.clone(), id, device));
             if let Some(keys) = self.by_contact.get_mut(&contact) {
                 keys.remove(&key);
                 if keys.is_empty() {
@@ -48,8 +52,9 @@ impl OutboxIndex {
             .or_default()
             .insert(key);
         self.by_message
-            .insert((head.contact.clone(), head.message_id), key);
-        self.by_key.insert(key, (head.contact, head.message_id));
+            .insert((head.contact.clone(), head.message_id, head.device), key);
+        self.by_key
+            .insert(key, (head.contact, head.message_id, head.device));
     }
 }
 
@@ -76,13 +81,49 @@ impl LocalStore {
         self.get_record(TreeId::Outbox, &key.to_be_bytes(), "outbox entry")
     }
 
-    /// The outbox keys of `contact`'s messages among `ids` (receipts and card
-    /// updates are not included).
-    pub fn outbox_keys_for(&self, contact: &PeerId, ids: &[MessageId]) -> Vec<u64> {
+    /// The outbox keys of `contact`'s messages among `ids` sealed to `device` of
+    /// theirs (receipts and card updates are not included).
+    pub fn outbox_keys_for(
+        &self,
+        contact: &PeerId,
+        ids: &[MessageId],
+        device: &Option<[u8; 32]>,
+    ) -> Vec<u64> {
         let contact = contact.to_bytes();
         let index = self.outbox_index.lock();
         ids.iter()
-            .filter_map(|id| index.by_message.get(&(contact.clone(), id.0)).copied())
+            .filter_map(|id| {
+                index
+                    .by_message
+                    .get(&(contact.clone(), id.0, *device))
+                    .copied()
+            })
+            .collect()
+    }
+
+    /// The outbox keys of message `id` for `contact`, for every device of theirs.
+    pub fn outbox_keys_of_message(&self, contact: &PeerId, id: &MessageId) -> Vec<u64> {
+        let contact = contact.to_bytes();
+        let index = self.outbox_index.lock();
+        let Some(keys) = index.by_contact.get(&contact) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .copied()
+            .filter(|k| index.by_key.get(k).is_some_and(|(_, m, _)| *m == id.0))
+            .collect()
+    }
+
+    /// The outbox keys of the messages waiting for `device` of `contact`.
+    pub fn outbox_keys_of_device(&self, contact: &PeerId, device: &Option<[u8; 32]>) -> Vec<u64> {
+        let contact = contact.to_bytes();
+        let index = self.outbox_index.lock();
+        let Some(keys) = index.by_contact.get(&contact) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .copied()
+            .filter(|k| index.by_key.get(k).is_some_and(|(_, _, d)| d == device))
             .collect()
     }
 

@@ -470,9 +470,12 @@ pub struct OutboxEntry {
     pub message_id: [u8; 16],
     /// The recipient.
     pub contact: Vec<u8>,
-    /// What it is. (Before the envelope: the store's index reads the fields up to
-    /// here without decoding the rest.)
+    /// What it is.
     pub kind: OutboxKind,
+    /// Which device of the recipient's account it is sealed to: the one their card
+    /// names (`None`), or another, by its session key. (Before the envelope: the
+    /// store's index reads the fields up to here without decoding the rest.)
+    pub device: Option<[u8; 32]>,
     /// The encoded envelope.
     pub envelope: Vec<u8>,
     /// The recipient's relays.

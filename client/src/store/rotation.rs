@@ -179,7 +179,7 @@ impl LocalStore {
         Self::write_profile(&mut w, &profile);
         let mut resealed = 0;
         for contact in self.contacts()?.iter() {
-            w.remove(TreeId::Sessions, contact.peer.to_bytes());
+            self.forget_sessions(&mut w, &contact.peer)?;
             for key in self.outbox_keys_of(&contact.peer) {
                 let Some(mut entry) = self.outbox_entry(key)? else {
                     continue;
@@ -199,6 +199,76 @@ impl LocalStore {
             old_key_until: until,
             resealed,
         })
+    }
+
+    /// Lists the device whose session key is `key` among our account's devices, as
+    /// `name` (the device that linked it does, as the new one lists itself).
+    pub fn list_device(&self, key: [u8; 32], name: &str, now_s: u64) -> Result<(), StoreError> {
+        let me = self
+            .acting_identity()?
+            .ok_or(StoreError::Corrupt("identity"))?;
+        let refused = |e: kkachi_protocol::device::DeviceError| {
+            StoreError::Devices(format!("cannot list that device: {e}"))
+        };
+        let mut set = match self.own_devices(&me)? {
+            Some(set) => set,
+            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
+                .map_err(refused)?,
+        };
+        set.add(&me, key, name, now_s).map_err(refused)?;
+        let mut w = WriteSet::default();
+        Self::write_own_devices(&mut w, &set);
+        self.apply(w)
+    }
+
+    /// Makes this home, holding the records of another device of the account (and
+    /// none of its sessions or outbox), a device of its own beside that one: a session
+    /// key of its own, listed among the account's devices as `name` with every device
+    /// listed before, and a card of its own. Nothing of the other device's key is kept:
+    /// it goes on reading its own queues. Returns the identity under the new key.
+    pub fn become_new_device<R: RngCore + CryptoRng>(
+        &self,
+        name: &str,
+        now_s: u64,
+        rng: &mut R,
+    ) -> Result<Identity, StoreError> {
+        let me = self
+            .acting_identity()?
+            .ok_or(StoreError::Corrupt("identity"))?;
+        let mut profile = self.profile()?.ok_or(StoreError::Corrupt("profile"))?;
+        let identity = me.with_new_session_key(rng);
+        let refused = |e: kkachi_protocol::device::DeviceError| {
+            StoreError::Devices(format!("cannot list this device: {e}"))
+        };
+        let mut set = match self.own_devices(&me)? {
+            Some(set) => set,
+            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
+                .map_err(refused)?,
+        };
+        set.add(&identity, identity.x25519_public(), name, now_s)
+            .map_err(refused)?;
+        let mut w = WriteSet::default();
+        w.put(
+            TreeId::Meta,
+            IDENTITY_KEY,
+            identity.to_secret_bytes().to_vec(),
+        );
+        w.remove(TreeId::Meta, PREVIOUS_IDENTITY_KEY);
+        w.remove(TreeId::Meta, ROTATED_CARD_SENT_KEY);
+        Self::write_own_devices(&mut w, &set);
+        // A card of its own, which rides its first messages; not sent as a card update
+        // (contacts keep the account's card, and would take this one for a change of
+        // key): its first words to each contact are the set, which lists it.
+        profile.card_version += 1;
+        profile.card_announced = profile.card_version;
+        Self::write_profile(&mut w, &profile);
+        // Sealed on the other device's sessions, for it: never this one's.
+        for contact in self.contacts()?.iter() {
+            self.forget_sessions(&mut w, &contact.peer)?;
+            self.forget_outbox(&mut w, &contact.peer)?;
+        }
+        self.apply(w)?;
+        Ok(identity)
     }
 }
 

@@ -345,6 +345,7 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
         message_id: [id; 16],
         contact: to.to_bytes(),
         kind,
+        device: None,
         envelope: vec![0; 64],
         targets: Vec::new(),
         direct_acked: false,
@@ -364,7 +365,7 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
         store.apply(w).unwrap();
         let ids = [MessageId([1; 16]), MessageId([3; 16]), MessageId([9; 16])];
         assert_eq!(
-            store.outbox_keys_for(&bob, &ids),
+            store.outbox_keys_for(&bob, &ids, &None),
             [1],
             "messages only, bob's only"
         );
@@ -372,13 +373,16 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
         let mut w = WriteSet::default();
         w.remove(TreeId::Outbox, 1u64.to_be_bytes().to_vec());
         store.apply(w).unwrap();
-        assert!(store.outbox_keys_for(&bob, &ids).is_empty());
+        assert!(store.outbox_keys_for(&bob, &ids, &None).is_empty());
         assert_eq!(store.outbox_keys_of(&bob), [2]);
     }
     let store = reopen(dir.path());
     assert_eq!(store.outbox_keys_of(&bob), [2]);
     assert_eq!(store.outbox_keys_of(&carol), [3]);
-    assert_eq!(store.outbox_keys_for(&carol, &[MessageId([1; 16])]), [3]);
+    assert_eq!(
+        store.outbox_keys_for(&carol, &[MessageId([1; 16])], &None),
+        [3]
+    );
 }
 
 #[test]
@@ -473,6 +477,7 @@ fn an_expired_message_not_delivered_yet_leaves_no_text_in_the_outbox() {
         message_id: [4; 16],
         contact: bob.to_bytes(),
         kind: OutboxKind::Message,
+        device: None,
         envelope: vec![7; 64],
         targets: Vec::new(),
         direct_acked: false,

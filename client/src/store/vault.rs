@@ -51,11 +51,13 @@ fn shape(tree: TreeId) -> Shape {
     match tree {
         TreeId::Meta | TreeId::Outbox => Shape::Plain,
         TreeId::Relays | TreeId::Seen | TreeId::Transfers => Shape::Whole,
-        TreeId::MessageIndex | TreeId::ReceiptsDue | TreeId::Requests | TreeId::GroupIndex => {
-            Shape::PeerThenHidden
-        }
+        // Sessions: a contact's own, then one per other device of theirs, under its key.
+        TreeId::MessageIndex
+        | TreeId::ReceiptsDue
+        | TreeId::Requests
+        | TreeId::GroupIndex
+        | TreeId::Sessions => Shape::PeerThenHidden,
         TreeId::Contacts
-        | TreeId::Sessions
         | TreeId::Conversations
         | TreeId::Messages
         | TreeId::Blocked

@@ -312,7 +312,7 @@ impl<T> State<T> {
                     };
                     self.queue_group_record(w, &contact, session, id, what, now)?;
                 }
-                LocalStore::write_session(w, &contact.peer, session);
+                session.write(w, &contact.peer);
             }
         }
         tracing::info!(group = %id.to_hex(), number, members = keys.len(), "new group epoch");
@@ -440,6 +440,7 @@ impl<T> State<T> {
                 message_id: post.id().0,
                 contact: group_key(&id),
                 kind: OutboxKind::Group,
+                device: None,
                 envelope: envelope.encode(),
                 targets: vec![Target {
                     addr: addr.to_string(),

@@ -12,6 +12,7 @@ fn entry(kind: OutboxKind, contact: PeerId, relays: &[&str]) -> OutboxEntry {
     OutboxEntry {
         message_id: [7; 16],
         contact: contact.to_bytes(),
+        device: None,
         envelope: vec![1, 2, 3],
         targets: relays
             .iter()

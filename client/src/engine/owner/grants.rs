@@ -11,8 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use kkachi_protocol::wire::MAX_GRANT_IDS;
 use kkachi_protocol::{
-    ClientToRelay, Identity, Multiaddr, PeerId, PublicIdentity, QueueKind, ReadKey, RelayToClient,
-    WriteId,
+    ClientToRelay, Identity, Multiaddr, PeerId, QueueKind, ReadKey, RelayToClient, WriteId,
 };
 
 use super::super::state::relay_peer;
@@ -33,7 +32,7 @@ pub(super) struct Grants {
     dirty: HashSet<String>,
     /// People removed in this run: withdrawn at every telling (blocked contacts are
     /// found in the store each time).
-    removed: Vec<PublicIdentity>,
+    removed: Vec<[u8; 32]>,
 }
 
 impl Grants {
@@ -145,13 +144,15 @@ pub(super) fn split_poll(name: &str) -> (&str, Which) {
 fn inbox_requests(
     me: &Identity,
     peer: &PeerId,
-    withdrawn: &[&PublicIdentity],
-    granted: &[&PublicIdentity],
+    withdrawn: &[[u8; 32]],
+    granted: &[[u8; 32]],
     token: &[u8],
 ) -> (Vec<ClientToRelay>, Vec<ClientToRelay>) {
     let key = me.inbox_key(peer);
-    let ids = |who: &[&PublicIdentity]| -> Vec<WriteId> {
-        who.iter().map(|id| me.grant_for(id, peer).id()).collect()
+    let ids = |who: &[[u8; 32]]| -> Vec<WriteId> {
+        who.iter()
+            .map(|device| me.grant_for_device(device, peer).id())
+            .collect()
     };
     let revokes = ids(withdrawn)
         .chunks(MAX_GRANT_IDS)
@@ -308,13 +309,23 @@ impl<T: Transport> Owner<T> {
         let (blocked, granted): (Vec<_>, Vec<_>) = contacts
             .iter()
             .partition(|c| !matches!(self.state.store.blocked(&c.peer), Ok(None)));
-        let withdrawn: Vec<&PublicIdentity> = self
-            .grants
-            .removed
-            .iter()
-            .chain(blocked.iter().map(|c| c.card.identity()))
-            .collect();
-        let granted: Vec<&PublicIdentity> = granted.iter().map(|c| c.card.identity()).collect();
+        // Every device of each: the card's, and each other one that wrote to us.
+        let keys = |of: &[&crate::store::Contact]| -> Option<Vec<[u8; 32]>> {
+            let mut keys = Vec::new();
+            for c in of {
+                match self.state.device_keys(c) {
+                    Ok(k) => keys.extend(k),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read a contact's devices");
+                        return None;
+                    }
+                }
+            }
+            Some(keys)
+        };
+        let mut withdrawn = self.grants.removed.clone();
+        withdrawn.extend(keys(&blocked)?);
+        let granted = keys(&granted)?;
         let token = self.relay_token(relay);
         let (mut requests, inbox_grants) =
             inbox_requests(&self.state.me, &peer, &withdrawn, &granted, &token);

@@ -312,3 +312,206 @@ async fn a_set_a_contact_set_aside_goes_again_once_they_answer() {
     );
     assert!(kept.device(&second_new).is_some());
 }
+
+/// A second device of `user`'s account, as linking makes it: their records (none of
+/// their sessions or outbox) in a home of its own, under a session key of its own,
+/// listed beside theirs.
+fn second_device(net: &FakeNet, user: &User, name: &str) -> User {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = Vec::new();
+    crate::backup::write_contents(user.engine.store(), &mut bytes, |e| {
+        crate::backup::BackupError::Io(e.to_string())
+    })
+    .unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    crate::backup::read_contents(&bytes[..], "the other device", |record| {
+        store.restore_records(vec![record]).map_err(Into::into)
+    })
+    .unwrap();
+    store.repair_after_restore().unwrap();
+    let me = store
+        .become_new_device(name, now_ms() / 1000, &mut rand_core::OsRng)
+        .unwrap();
+    let card = store.own_card(&me).unwrap();
+    // The device that linked it lists it too.
+    user.engine
+        .store()
+        .list_device(me.x25519_public(), name, now_ms() / 1000)
+        .unwrap();
+    User {
+        engine: engine(store, me, net),
+        card,
+        relays: user.relays.clone(),
+        _dir: dir,
+    }
+}
+
+/// How many of `user`'s outbox entries wait for `to`'s device `device`.
+fn waiting_for(user: &User, to: &User, device: Option<[u8; 32]>) -> usize {
+    user.engine
+        .store()
+        .outbox()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| e.contact == to.peer().to_bytes() && e.device == device)
+        .count()
+}
+
+fn texts(received: &[Received]) -> Vec<String> {
+    received.iter().map(|r| r.message.text.clone()).collect()
+}
+
+/// Alice (her laptop) and Bob, who talked, and her phone, which joined her account
+/// and told Bob so; with Alice as Bob knows her, and the phone's key.
+async fn with_a_phone(net: &FakeNet) -> (User, User, User, Contact, [u8; 32]) {
+    let (alice, bob, _) = pair_with_sets(net).await;
+    let alice_c = bob.contact_of(&alice.peer()).unwrap();
+    // Its first words to Bob are her set, which lists it beside her laptop, sealed
+    // with its own key.
+    let phone = second_device(net, &alice, "phone");
+    let phone_key = phone.engine.identity().x25519_public();
+    assert_ne!(phone_key, alice.engine.identity().x25519_public());
+    assert_eq!(phone.peer(), alice.peer(), "one account");
+    phone.regrant().await;
+    phone.sync().await;
+    phone.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert_eq!(
+        bob.contact_of(&alice.peer()).unwrap().card,
+        alice_c.card,
+        "her phone is not taken for a change of her key"
+    );
+    let devices = bob.engine.store().device_sessions_of(&alice_c).unwrap();
+    assert_eq!(devices, [phone_key], "Bob holds a session with her phone");
+    let mut listed = names(&set_of(&bob, &alice).unwrap());
+    listed.sort();
+    assert_eq!(listed, ["first device", "phone"]);
+    bob.regrant().await;
+    (alice, phone, bob, alice_c, phone_key)
+}
+
+#[tokio::test]
+async fn contacts_seal_to_every_device_and_either_one_alone_goes_on() {
+    let net = FakeNet::default();
+    let (alice, phone, bob, alice_c, phone_key) = with_a_phone(&net).await;
+
+    // What Bob sends reaches both, once each, and is delivered when the first says so.
+    let (sent, _) = bob.send(&alice_c, "to both of her devices").await;
+    assert_eq!(waiting_for(&bob, &alice, None), 1);
+    assert_eq!(waiting_for(&bob, &alice, Some(phone_key)), 1);
+    assert_eq!(texts(&phone.sync().await), ["to both of her devices"]);
+    phone.engine.settle().await.unwrap();
+    bob.sync().await;
+    let state = |bob: &User, id: MessageId| {
+        bob.messages(&alice)
+            .into_iter()
+            .find(|m| m.id == id.0)
+            .unwrap()
+            .state
+    };
+    assert_eq!(
+        state(&bob, sent.id),
+        MessageState::Delivered,
+        "the phone said so"
+    );
+    assert_eq!(
+        waiting_for(&bob, &alice, Some(phone_key)),
+        0,
+        "the phone's copy is done"
+    );
+    assert_eq!(
+        waiting_for(&bob, &alice, None),
+        1,
+        "the laptop's still waits for it"
+    );
+    assert_eq!(texts(&alice.sync().await), ["to both of her devices"]);
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert_eq!(waiting_for(&bob, &alice, None), 0);
+    assert!(phone.sync().await.is_empty(), "nothing twice");
+    assert!(alice.sync().await.is_empty(), "nothing twice");
+
+    // Her laptop is gone for good: the phone alone sends and receives, nothing lost.
+    alice.engine.shutdown().await.unwrap();
+    let (sent, _) = bob.send(&alice_c, "while the laptop is gone").await;
+    assert_eq!(texts(&phone.sync().await), ["while the laptop is gone"]);
+    phone.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert_eq!(state(&bob, sent.id), MessageState::Delivered);
+    let phone_bob = phone.contact_of(&bob.peer()).unwrap();
+    phone.send(&phone_bob, "from her phone").await;
+    assert_eq!(texts(&bob.sync().await), ["from her phone"]);
+    println!(
+        "Bob sealed to {} devices of Alice's; each got each message once, and the phone alone went on",
+        1 + bob
+            .engine
+            .store()
+            .device_sessions_of(&alice_c)
+            .unwrap()
+            .len()
+    );
+}
+
+#[tokio::test]
+async fn a_device_taken_out_is_sealed_nothing_once_the_contact_holds_the_set() {
+    // The laptop takes the phone out.
+    let net = FakeNet::default();
+    let (alice, phone, bob, alice_c, phone_key) = with_a_phone(&net).await;
+    let (set, key, sent) = alice.engine.remove_device("phone".into()).await.unwrap();
+    assert_eq!(key, phone_key);
+    assert!(set.is_removed(&phone_key));
+    assert_eq!(sent, 1, "queued for Bob");
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    assert!(
+        bob.engine
+            .store()
+            .device_sessions_of(&alice_c)
+            .unwrap()
+            .is_empty()
+    );
+    bob.send(&alice_c, "after the phone went").await;
+    assert_eq!(waiting_for(&bob, &alice, Some(phone_key)), 0);
+    assert!(phone.sync().await.is_empty(), "the phone gets nothing more");
+    assert_eq!(texts(&alice.sync().await), ["after the phone went"]);
+    // What the phone still sends is refused.
+    let phone_bob = phone.contact_of(&bob.peer()).unwrap();
+    phone.send(&phone_bob, "still here?").await;
+    assert!(bob.sync().await.is_empty());
+    // This device, or a name nobody has, is not taken out.
+    for (which, why) in [
+        ("first device", "that is this device"),
+        ("tablet", "no device of this account is named tablet"),
+    ] {
+        let refused = alice.engine.remove_device(which.into()).await.unwrap_err();
+        assert!(refused.to_string().contains(why), "{refused}");
+    }
+
+    // The phone takes the laptop out (the device her card names): Bob seals to the
+    // phone alone from then on, and the laptop gets nothing more.
+    let net = FakeNet::default();
+    let (alice, phone, bob, alice_c, phone_key) = with_a_phone(&net).await;
+    let laptop = alice.engine.identity().x25519_public();
+    let fingerprint: String = laptop[..3].iter().map(|b| format!("{b:02x}")).collect();
+    let (_, key, _) = phone.engine.remove_device(fingerprint).await.unwrap();
+    assert_eq!(key, laptop);
+    phone.engine.settle().await.unwrap();
+    bob.sync().await;
+    let (sent, _) = bob.send(&alice_c, "to the phone alone").await;
+    assert_eq!(waiting_for(&bob, &alice, None), 0, "nothing for the laptop");
+    assert_eq!(waiting_for(&bob, &alice, Some(phone_key)), 1);
+    assert!(
+        alice.sync().await.is_empty(),
+        "the laptop gets nothing more"
+    );
+    assert_eq!(texts(&phone.sync().await), ["to the phone alone"]);
+    phone.engine.settle().await.unwrap();
+    bob.sync().await;
+    let state = bob
+        .messages(&alice)
+        .into_iter()
+        .find(|m| m.id == sent.id.0)
+        .unwrap()
+        .state;
+    assert_eq!(state, MessageState::Delivered);
+}
