@@ -148,6 +148,31 @@ impl<T> State<T> {
         Ok((set, key))
     }
 
+    /// Before anything else goes to `contact` on a new session: our set, if it lists
+    /// other devices and they were never sent it. A device's first words to a contact
+    /// must say it is one of the account's devices, or its card would be taken for a
+    /// change of key (SPEC §15).
+    pub(crate) fn devices_first(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        session: &mut PeerSessions,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let Some(set) = self.store.own_devices(&self.me)? else {
+            return Ok(());
+        };
+        if set.devices().nth(1).is_none()
+            || self
+                .store
+                .devices_sent_to(&contact.peer, &devices_digest(&set))?
+                .is_some()
+        {
+            return Ok(());
+        }
+        self.queue_devices(w, contact, session, &set, now)
+    }
+
     /// Queues `set` (ours) for `contact`, recorded as sent to them.
     pub(super) fn queue_devices(
         &self,
@@ -243,14 +268,19 @@ impl<T> State<T> {
             }
             tracing::info!(contact = %contact.peer, "a contact's account took out a device of theirs: nothing more is sealed to it");
         }
-        let card_out = merged.is_removed(contact.card.identity().x25519());
-        if card_out && !peer_sessions.card_out && !peer_sessions.devices.is_empty() {
-            // The card's device likewise, while another device of theirs is there.
-            for entry in self.store.outbox_keys_of_device(&contact.peer, &None) {
-                w.remove(crate::store::TreeId::Outbox, entry.to_be_bytes().to_vec());
+        let card_key = contact.card.identity().x25519();
+        let card_removed_at = super::state::removed_at(&merged, card_key);
+        if card_removed_at.is_some() && peer_sessions.card_removed_at.is_none() {
+            // The card's device likewise: our relays stop taking its puts, and while
+            // another device of theirs is there, what waits for it goes.
+            if !peer_sessions.devices.is_empty() {
+                for entry in self.store.outbox_keys_of_device(&contact.peer, &None) {
+                    w.remove(crate::store::TreeId::Outbox, entry.to_be_bytes().to_vec());
+                }
             }
+            self.revoked.lock().push(*card_key);
         }
-        peer_sessions.card_out = card_out;
+        peer_sessions.card_removed_at = card_removed_at;
         if !gone.is_empty() {
             sessions.reindex(&contact.peer);
             self.revoked.lock().extend(gone);

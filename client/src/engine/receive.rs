@@ -510,6 +510,16 @@ impl<T> State<T> {
         // What opening it changed (a counter received, a session confirmed, offered or
         // retired) changes what the contact's sessions expect next.
         sessions.reindex(&contact.peer);
+        if device.is_none()
+            && sessions
+                .get(&self.store, &contact)?
+                .card_removed_at
+                .is_some()
+        {
+            // Sealed on a session with the device their account took out (when, only
+            // its sender says): whoever still holds its keys does not speak for them.
+            return refused("from a device their account took out");
+        }
         let switched = opened.peer_reset || opened.switched;
         if switched || self.stale.lock().contains(&contact.peer) {
             // The peer lost its state (it cannot open what we sealed before), or we
@@ -622,6 +632,17 @@ impl<T> State<T> {
         {
             return self.open_from_device(w, sessions, contact, init, under_old_key, now);
         }
+        if key == *contact.card.identity().x25519()
+            && sessions
+                .get(&self.store, contact)?
+                .card_removed_at
+                .is_some()
+        {
+            // Whoever still holds the keys of a device their account took out does not
+            // speak for them (what that device sent and we did not confirm, it sends
+            // again under its new key, if it changed key).
+            return end("from a device their account took out");
+        }
         // A newer card binding another session key, in a message sealed with that key
         // (which proves its sender holds it): the contact rotated its key.
         let mut rotated = card.rotates(&contact.card);
@@ -682,6 +703,16 @@ impl<T> State<T> {
         }
         if rotated {
             self.take_rotation(w, contact, now)?;
+            // The card's device is under a key their account did not take out (that
+            // was checked), and is no longer another device of theirs as well.
+            let new = *card.identity().x25519();
+            session.card_removed_at = None;
+            if session.devices.remove(&new).is_some() {
+                LocalStore::remove_device_session(w, &contact.peer, &new);
+                for key in self.store.outbox_keys_of_device(&contact.peer, &Some(new)) {
+                    w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+                }
+            }
         }
         session.write(w, &contact.peer);
         let mut contact = contact.clone();
@@ -725,7 +756,14 @@ impl<T> State<T> {
             return Ok(true);
         }
         let account = contact.card.identity().ed25519();
+        let card = contact.card.identity().x25519();
+        let lists = |set: &kkachi_protocol::device::DeviceSet| {
+            set.device(key).is_some() && set.device(card).is_some()
+        };
         let mut set = self.store.contact_devices(&contact.peer, account)?;
+        if set.as_ref().is_some_and(lists) {
+            return Ok(true);
+        }
         if let Ok(Content {
             body: Body::Devices(bytes),
             ..
@@ -740,9 +778,7 @@ impl<T> State<T> {
                 None => set = Some(carried),
             }
         }
-        Ok(set.is_some_and(|set| {
-            set.device(key).is_some() && set.device(contact.card.identity().x25519()).is_some()
-        }))
+        Ok(set.as_ref().is_some_and(lists))
     }
 
     /// A first message from another device of `contact`'s account: opened into our
@@ -767,6 +803,24 @@ impl<T> State<T> {
         let card = init.sender_card();
         if card.check_fresh(now_s).is_err() {
             return end("a first message from a device of theirs with an out-of-date card");
+        }
+        if self
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.identity.x25519_public() == key)
+        {
+            return end("a device of theirs under our previous session key");
+        }
+        // One key, one person (2): a key another contact's card names is not also a
+        // device of this one's.
+        if let Some(other) = self
+            .store
+            .contacts()?
+            .iter()
+            .find(|c| c.peer != contact.peer && *c.card.identity().x25519() == key)
+        {
+            tracing::warn!(contact = %contact.peer, holder = %other.peer, "a contact's device proved a key another contact's card names: that card is forged");
+            return end("a device under a key another contact's card names");
         }
         let peer_sessions = sessions.get(&self.store, contact)?;
         let known = peer_sessions.devices.contains_key(&key);
@@ -867,7 +921,7 @@ impl<T> State<T> {
         self.revoked.lock().push(*contact.card.identity().x25519());
         // What waits for them sealed to the old key, first messages too, is marked to
         // go again on the new one (soon: `stale_due` above).
-        for key in self.store.outbox_keys_of(&contact.peer) {
+        for key in self.store.outbox_keys_of_device(&contact.peer, &None) {
             if let Some(mut entry) = self.store.outbox_entry(key)?
                 && entry.sealed_on.is_none()
             {
@@ -1147,8 +1201,28 @@ impl<T> State<T> {
                 }
                 // Delivered: the outbox entries of those messages for the device that
                 // says so are done (each other device of theirs confirms its own).
-                for key in self.store.outbox_keys_for(&peer, &ids, &device) {
+                let done = self.store.outbox_keys_for(&peer, &ids, &device);
+                for key in &done {
                     w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+                }
+                // The account has them: each other device's copy is done once every
+                // relay holds it (that device reads it there when it comes back), so a
+                // device gone for good, or one that never answers, holds nothing up.
+                for id in &ids {
+                    for key in self.store.outbox_keys_of_message(&peer, id) {
+                        if done.contains(&key) {
+                            continue;
+                        }
+                        let Some(mut entry) = self.store.outbox_entry(key)? else {
+                            continue;
+                        };
+                        if entry.targets.iter().all(|t| t.acked) {
+                            w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+                        } else {
+                            entry.kind = crate::store::OutboxKind::Control;
+                            LocalStore::write_outbox(w, key, &entry);
+                        }
+                    }
                 }
                 Ok(Outcome::Applied("a receipt"))
             }

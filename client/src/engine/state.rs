@@ -53,10 +53,10 @@ pub(crate) struct PeerSessions {
     main: Session,
     /// With each other device, by its session key.
     pub(crate) devices: std::collections::BTreeMap<[u8; 32], Session>,
-    /// Their account took the device their card names out: while another device of
-    /// theirs is sealed to, that one is not (its session still opens what it sealed
-    /// before).
-    pub(crate) card_out: bool,
+    /// When their account took the device their card names out (Unix seconds, as
+    /// the removal says), if it did: while another device of theirs is sealed to,
+    /// that one is not, and what it sealed after is refused.
+    pub(crate) card_removed_at: Option<u64>,
 }
 
 impl std::ops::Deref for PeerSessions {
@@ -78,13 +78,13 @@ impl PeerSessions {
         Self {
             main,
             devices: Default::default(),
-            card_out: false,
+            card_removed_at: None,
         }
     }
 
     /// The devices sealed to, and each one's session.
     pub(crate) fn sealing(&mut self) -> impl Iterator<Item = (Device, &mut Session)> {
-        let skip_card = self.card_out && !self.devices.is_empty();
+        let skip_card = self.card_removed_at.is_some() && !self.devices.is_empty();
         self.each()
             .filter(move |(d, _)| !(skip_card && d.is_none()))
     }
@@ -110,6 +110,11 @@ impl PeerSessions {
             LocalStore::write_device_session(w, peer, key, session);
         }
     }
+}
+
+/// When `set` took the device whose session key is `key` out, if it did.
+pub(crate) fn removed_at(set: &kkachi_protocol::device::DeviceSet, key: &[u8; 32]) -> Option<u64> {
+    set.removals().find(|r| r.key() == key).map(|r| r.at())
 }
 
 /// Live end-to-end sessions by contact, written through to the store. Their
@@ -154,14 +159,13 @@ impl Sessions {
                     session.resume_after_restart();
                     devices.insert(other, session);
                 }
-                let card_out = !devices.is_empty()
-                    && store
-                        .contact_devices(&contact.peer, contact.card.identity().ed25519())?
-                        .is_some_and(|set| set.is_removed(&key));
+                let card_removed_at = store
+                    .contact_devices(&contact.peer, contact.card.identity().ed25519())?
+                    .and_then(|set| removed_at(&set, &key));
                 v.insert(PeerSessions {
                     main,
                     devices,
-                    card_out,
+                    card_removed_at,
                 })
             }
         })
@@ -395,7 +399,16 @@ impl<T> State<T> {
     /// The session keys of every device of `contact` we seal to: their card's, then
     /// each other device's that wrote to us.
     pub(crate) fn device_keys(&self, contact: &Contact) -> Result<Vec<[u8; 32]>, EngineError> {
-        let mut keys = vec![*contact.card.identity().x25519()];
+        let card = contact.card.identity();
+        let mut keys = Vec::new();
+        // Not the card's, once their account took that device out.
+        if !self
+            .store
+            .contact_devices(&contact.peer, card.ed25519())?
+            .is_some_and(|set| set.is_removed(card.x25519()))
+        {
+            keys.push(*card.x25519());
+        }
         keys.extend(self.store.device_sessions_of(contact)?);
         Ok(keys)
     }
@@ -591,6 +604,9 @@ impl<T> State<T> {
         kind: OutboxKind,
         now: u64,
     ) -> Result<u64, EngineError> {
+        if !matches!(content.body, Body::Devices(_)) && !sessions.is_established() {
+            self.devices_first(w, contact, sessions, now)?;
+        }
         let encoded = content.encode();
         let mut first = None;
         for (device, session) in sessions.sealing() {

@@ -111,6 +111,8 @@ impl LocalStore {
                 keys.push(key);
             }
         }
+        // The card's device is the contact's own session, never also another device.
+        keys.retain(|k| k != contact.card.identity().x25519());
         if keys.is_empty() {
             return Ok(keys);
         }

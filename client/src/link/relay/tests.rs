@@ -16,22 +16,24 @@ use crate::link::{Handed, JoinState, LinkFailure, Offer, Seen, Via, join};
 
 /// A relay on loopback whose queues hold at most `envelopes` envelopes each.
 async fn relay(envelopes: u64) -> (RelayHandle, Multiaddr) {
-    let (handle, addr, _) = relay_counted(envelopes).await;
+    let (handle, addr, _) = relay_counted(envelopes, Config::default().limits.max_payload).await;
     (handle, addr)
 }
 
-/// [`relay`], with the metrics it counts refusals in.
-async fn relay_counted(envelopes: u64) -> (RelayHandle, Multiaddr, Metrics) {
+/// [`relay`], taking envelopes of at most `payload` bytes, with the metrics it counts
+/// refusals in.
+async fn relay_counted(envelopes: u64, payload: usize) -> (RelayHandle, Multiaddr, Metrics) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let config = Config {
+    let mut config = Config {
         data_dir: PathBuf::new(),
         listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()],
         ..Config::default()
     };
+    config.limits.max_payload = payload;
     let store = MemoryStore::new(Limits::uniform(Quota {
         max_envelopes: envelopes,
         max_bytes: 1 << 30,
@@ -195,9 +197,9 @@ async fn the_account_goes_through_a_relay_and_others_with_the_code_hold_nothing_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_that_holds_one_envelope_makes_the_old_device_wait_for_the_reader() {
-    // The relay keeps one envelope per queue: each put after the first waits until the
-    // other end took the one before.
-    let (_relay, addr, metrics) = relay_counted(1).await;
+    // The relay keeps one envelope per queue, of 16 KiB at most: each of the tens of
+    // puts after the first waits until the other end took the one before.
+    let (_relay, addr, metrics) = relay_counted(1, 16 << 10).await;
     let dir = tempfile::tempdir().unwrap();
     let (store, me, _) = account(&dir.path().join("old"));
     let (code, served, _) = offered(&store, &addr, 60, true).await;
