@@ -679,17 +679,7 @@ impl<T> State<T> {
         }
         let result = if under_old_key {
             // Sealed to our key before its rotation: not under any session of ours.
-            if init.sent_at().saturating_add(RETAIN_SECS) < now_s {
-                Err(SessionError::TooOld)
-            } else {
-                Ok(Opened {
-                    body: init.body().to_vec(),
-                    sent_at: init.sent_at(),
-                    peer_reset: false,
-                    switched: false,
-                    late: true,
-                })
-            }
+            opened_late(&init, now_s)
         } else {
             session.accept_init(&self.me, init, now_s)
         };
@@ -829,17 +819,7 @@ impl<T> State<T> {
         }
         let result = if under_old_key {
             // Sealed to our key before its rotation: opened, no session of ours changes.
-            if init.sent_at().saturating_add(RETAIN_SECS) < now_s {
-                Err(SessionError::TooOld)
-            } else {
-                Ok(Opened {
-                    body: init.body().to_vec(),
-                    sent_at: init.sent_at(),
-                    peer_reset: false,
-                    switched: false,
-                    late: true,
-                })
-            }
+            opened_late(&init, now_s)
         } else {
             let mut fresh = None;
             let session = match peer_sessions.devices.get_mut(&key) {
@@ -1611,6 +1591,22 @@ impl<T> State<T> {
             Ok(n)
         })
     }
+}
+
+/// A first message sealed to our session key before its rotation, opened without any
+/// session of ours (all are under the new key): refused once older than any envelope,
+/// else taken as late (SPEC §4.4).
+fn opened_late(init: &InitPacket, now_s: u64) -> Result<Opened, SessionError> {
+    if init.sent_at().saturating_add(RETAIN_SECS) < now_s {
+        return Err(SessionError::TooOld);
+    }
+    Ok(Opened {
+        body: init.body().to_vec(),
+        sent_at: init.sent_at(),
+        peer_reset: false,
+        switched: false,
+        late: true,
+    })
 }
 
 /// Counts a record of `len` bytes against [`MAX_STORED_PER_CONTACT`]; false (and the

@@ -400,16 +400,15 @@ impl<T> State<T> {
     /// each other device's that wrote to us.
     pub(crate) fn device_keys(&self, contact: &Contact) -> Result<Vec<[u8; 32]>, EngineError> {
         let card = contact.card.identity();
-        let mut keys = Vec::new();
+        let mut keys = self.store.device_sessions_of(contact)?;
         // Not the card's, once their account took that device out.
         if !self
             .store
             .contact_devices(&contact.peer, card.ed25519())?
             .is_some_and(|set| set.is_removed(card.x25519()))
         {
-            keys.push(*card.x25519());
+            keys.insert(0, *card.x25519());
         }
-        keys.extend(self.store.device_sessions_of(contact)?);
         Ok(keys)
     }
 

@@ -333,6 +333,16 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// What `dir` holds besides the old device's home: what a join left behind.
+fn beside_old(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "old")
+        .collect()
+}
+
 /// The whole stream of the account in `home`, as the old device would send it.
 fn stream_of(store: &LocalStore) -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -416,13 +426,7 @@ fn a_transfer_cut_short_altered_or_unconfirmed_leaves_no_home() {
         let err = join_quietly(&home, &code).unwrap_err().to_string();
         assert!(err.contains(what), "expected {what:?}: {err}");
         assert!(!home.exists(), "{what}: no home is left behind");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .filter(|n| n != "old")
-            .collect();
-        assert!(leftovers.is_empty(), "{what}: {leftovers:?}");
+        assert_eq!(beside_old(dir.path()), Vec::<String>::new(), "{what}");
         linker.join().unwrap();
     }
 }
@@ -475,13 +479,7 @@ fn a_device_that_sends_without_end_is_stopped_before_the_disk_fills() {
     assert!(!home.exists(), "no home is left behind");
     linker.join().unwrap();
     // What the stopped join wrote is gone again.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .filter(|n| n != "old")
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(beside_old(dir.path()), Vec::<String>::new());
 }
 
 #[test]

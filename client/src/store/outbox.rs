@@ -103,27 +103,23 @@ impl LocalStore {
 
     /// The outbox keys of message `id` for `contact`, for every device of theirs.
     pub fn outbox_keys_of_message(&self, contact: &PeerId, id: &MessageId) -> Vec<u64> {
-        let contact = contact.to_bytes();
-        let index = self.outbox_index.lock();
-        let Some(keys) = index.by_contact.get(&contact) else {
-            return Vec::new();
-        };
-        keys.iter()
-            .copied()
-            .filter(|k| index.by_key.get(k).is_some_and(|(_, m, _)| *m == id.0))
-            .collect()
+        self.outbox_keys_where(contact, |(_, m, _)| *m == id.0)
     }
 
     /// The outbox keys of the messages waiting for `device` of `contact`.
     pub fn outbox_keys_of_device(&self, contact: &PeerId, device: &Option<[u8; 32]>) -> Vec<u64> {
-        let contact = contact.to_bytes();
+        self.outbox_keys_where(contact, |(_, _, d)| d == device)
+    }
+
+    /// The outbox keys of `contact`'s messages whose address `pick` takes.
+    fn outbox_keys_where(&self, contact: &PeerId, pick: impl Fn(&Addressed) -> bool) -> Vec<u64> {
         let index = self.outbox_index.lock();
-        let Some(keys) = index.by_contact.get(&contact) else {
+        let Some(keys) = index.by_contact.get(&contact.to_bytes()) else {
             return Vec::new();
         };
         keys.iter()
             .copied()
-            .filter(|k| index.by_key.get(k).is_some_and(|(_, _, d)| d == device))
+            .filter(|k| index.by_key.get(k).is_some_and(&pick))
             .collect()
     }
 

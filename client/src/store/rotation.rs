@@ -119,6 +119,25 @@ impl LocalStore {
         w.put_record(TreeId::Meta, ROTATED_CARD_SENT_KEY, &at_ms);
     }
 
+    /// Our acting identity and our account's device set (the identity alone in a new
+    /// one, for a home whose set the engine has not made yet: one from before sets, a
+    /// backup without one); a refusal to edit it reads `why: …`.
+    fn identity_and_devices(
+        &self,
+        now_s: u64,
+        why: &'static str,
+    ) -> Result<(Identity, kkachi_protocol::device::DeviceSet), StoreError> {
+        let me = self
+            .acting_identity()?
+            .ok_or(StoreError::Corrupt("identity"))?;
+        let set = match self.own_devices(&me)? {
+            Some(set) => set,
+            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
+                .map_err(devices_refused(why))?,
+        };
+        Ok((me, set))
+    }
+
     /// Gives our identity a new session key, in one write: the key before is kept
     /// until `now_s +` [`RETAIN_SECS`], the card gets a new version (the engine sends
     /// it to every contact at its next start), every session is dropped (contacts see
@@ -130,9 +149,13 @@ impl LocalStore {
         now_s: u64,
         rng: &mut R,
     ) -> Result<Rotated, StoreError> {
-        let me = self
-            .acting_identity()?
-            .ok_or(StoreError::Corrupt("identity"))?;
+        // This device goes on under the new key: listed under it, the old one taken out
+        // for good (contacts never go back to it), in one edit of the set. A home with
+        // no set yet starts from the old key alone, so its removal is signed all the
+        // same.
+        const WHY: &str = "cannot list the new key among your devices";
+        let (me, mut set) = self.identity_and_devices(now_s, WHY)?;
+        let refused = devices_refused(WHY);
         let mut profile = self.profile()?.ok_or(StoreError::Corrupt("profile"))?;
         let identity = me.with_new_session_key(rng);
         let until = now_s.saturating_add(RETAIN_SECS);
@@ -148,18 +171,6 @@ impl LocalStore {
             epoch: profile.request_epoch,
         };
         w.put_record(TreeId::Meta, PREVIOUS_IDENTITY_KEY, &previous);
-        // This device goes on under the new key: listed under it, the old one taken out
-        // for good (contacts never go back to it), in one edit of the set. A home whose
-        // set the engine has not made yet (one from before sets, a backup without one)
-        // starts from the old key alone, so its removal is signed all the same.
-        let refused = |e: kkachi_protocol::device::DeviceError| {
-            StoreError::Devices(format!("cannot list the new key among your devices: {e}"))
-        };
-        let mut set = match self.own_devices(&me)? {
-            Some(set) => set,
-            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
-                .map_err(refused)?,
-        };
         let old = me.x25519_public();
         let name = set
             .device(&old)
@@ -167,9 +178,9 @@ impl LocalStore {
                 d.name().to_owned()
             });
         set.add(&identity, identity.x25519_public(), &name, now_s)
-            .map_err(refused)?;
+            .map_err(&refused)?;
         if set.device(&old).is_some() {
-            set.remove(&identity, &old, now_s).map_err(refused)?;
+            set.remove(&identity, &old, now_s).map_err(&refused)?;
         }
         Self::write_own_devices(&mut w, &set);
         // The card goes to every contact now; again to those still behind, from a day
@@ -204,18 +215,10 @@ impl LocalStore {
     /// Lists the device whose session key is `key` among our account's devices, as
     /// `name` (the device that linked it does, as the new one lists itself).
     pub fn list_device(&self, key: [u8; 32], name: &str, now_s: u64) -> Result<(), StoreError> {
-        let me = self
-            .acting_identity()?
-            .ok_or(StoreError::Corrupt("identity"))?;
-        let refused = |e: kkachi_protocol::device::DeviceError| {
-            StoreError::Devices(format!("cannot list that device: {e}"))
-        };
-        let mut set = match self.own_devices(&me)? {
-            Some(set) => set,
-            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
-                .map_err(refused)?,
-        };
-        set.add(&me, key, name, now_s).map_err(refused)?;
+        const WHY: &str = "cannot list that device";
+        let (me, mut set) = self.identity_and_devices(now_s, WHY)?;
+        set.add(&me, key, name, now_s)
+            .map_err(devices_refused(WHY))?;
         let mut w = WriteSet::default();
         Self::write_own_devices(&mut w, &set);
         self.apply(w)
@@ -232,21 +235,12 @@ impl LocalStore {
         now_s: u64,
         rng: &mut R,
     ) -> Result<Identity, StoreError> {
-        let me = self
-            .acting_identity()?
-            .ok_or(StoreError::Corrupt("identity"))?;
+        const WHY: &str = "cannot list this device";
+        let (me, mut set) = self.identity_and_devices(now_s, WHY)?;
         let mut profile = self.profile()?.ok_or(StoreError::Corrupt("profile"))?;
         let identity = me.with_new_session_key(rng);
-        let refused = |e: kkachi_protocol::device::DeviceError| {
-            StoreError::Devices(format!("cannot list this device: {e}"))
-        };
-        let mut set = match self.own_devices(&me)? {
-            Some(set) => set,
-            None => kkachi_protocol::device::DeviceSet::new(&me, super::DEFAULT_DEVICE_NAME, now_s)
-                .map_err(refused)?,
-        };
         set.add(&identity, identity.x25519_public(), name, now_s)
-            .map_err(refused)?;
+            .map_err(devices_refused(WHY))?;
         let mut w = WriteSet::default();
         w.put(
             TreeId::Meta,
@@ -270,6 +264,13 @@ impl LocalStore {
         self.apply(w)?;
         Ok(identity)
     }
+}
+
+/// What a refused edit of our device set becomes: `why: …`.
+fn devices_refused(
+    why: &'static str,
+) -> impl Fn(kkachi_protocol::device::DeviceError) -> StoreError {
+    move |e| StoreError::Devices(format!("{why}: {e}"))
 }
 
 #[cfg(test)]

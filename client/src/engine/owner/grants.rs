@@ -139,6 +139,9 @@ pub(super) fn split_poll(name: &str) -> (&str, Which) {
         .unwrap_or((name, Which::Inbox))
 }
 
+/// Session keys, one per device.
+type Keys = Vec<[u8; 32]>;
+
 /// What the inbox of `me` at relay `peer` is told: the capabilities of `withdrawn`
 /// revoked, and those of `granted` granted (in that order: the revocations first).
 fn inbox_requests(
@@ -246,12 +249,20 @@ impl<T: Transport> Owner<T> {
             // A contact's key replaced by a rotation: the LAN knows their new one too.
             self.allow_contacts();
         }
+        // Whom to grant and withdraw, worked out once for every relay told now.
+        let mut keys = None;
         for relay in relays {
             let state = self.grants.relays.get(&relay).copied().flatten();
             if !matches!(state, Some(t) if t != 0 && t <= now) {
                 continue;
             }
-            let Some(requests) = self.grant_requests(&relay) else {
+            if keys.is_none() {
+                keys = self.grant_keys();
+            }
+            let Some((withdrawn, granted)) = &keys else {
+                continue;
+            };
+            let Some(requests) = self.grant_requests(&relay, withdrawn, granted) else {
                 continue;
             };
             self.grants.relays.insert(relay.clone(), None);
@@ -294,11 +305,10 @@ impl<T: Transport> Owner<T> {
         }
     }
 
-    /// The requests that bring `relay` up to date: withdraw the capabilities of everyone
-    /// blocked, or removed in this run; grant our card's and every other contact's.
-    fn grant_requests(&self, relay: &str) -> Option<Vec<ClientToRelay>> {
-        let addr: Multiaddr = relay.parse().ok()?;
-        let peer = relay_peer(&addr)?;
+    /// The session keys whose capabilities our inbox withdraws (everyone blocked, or
+    /// removed in this run) and grants (every device of every other contact), or
+    /// `None` if the store cannot say.
+    fn grant_keys(&self) -> Option<(Keys, Keys)> {
         let contacts = match self.state.store.contacts() {
             Ok(cs) => cs,
             Err(e) => {
@@ -325,10 +335,22 @@ impl<T: Transport> Owner<T> {
         };
         let mut withdrawn = self.grants.removed.clone();
         withdrawn.extend(keys(&blocked)?);
-        let granted = keys(&granted)?;
+        Some((withdrawn, keys(&granted)?))
+    }
+
+    /// The requests that bring `relay` up to date: withdraw the capabilities of
+    /// `withdrawn`, grant those of `granted` (see [`Self::grant_keys`]).
+    fn grant_requests(
+        &self,
+        relay: &str,
+        withdrawn: &[[u8; 32]],
+        granted: &[[u8; 32]],
+    ) -> Option<Vec<ClientToRelay>> {
+        let addr: Multiaddr = relay.parse().ok()?;
+        let peer = relay_peer(&addr)?;
         let token = self.relay_token(relay);
         let (mut requests, inbox_grants) =
-            inbox_requests(&self.state.me, &peer, &withdrawn, &granted, &token);
+            inbox_requests(&self.state.me, &peer, withdrawn, granted, &token);
         let epoch = self.request_epoch;
         if let Some(before) = epoch.checked_sub(1) {
             // The codes given out before the last renewal reach nothing any more.
@@ -352,7 +374,7 @@ impl<T: Transport> Owner<T> {
                 key: old.request_read_key(&peer, previous.epoch),
                 write_ids: vec![old.request_write_key(&peer, previous.epoch).id()],
             });
-            let (revokes, grants) = inbox_requests(old, &peer, &withdrawn, &granted, &token);
+            let (revokes, grants) = inbox_requests(old, &peer, withdrawn, granted, &token);
             requests.extend(revokes);
             requests.extend(grants);
         }

@@ -514,3 +514,40 @@ async fn a_device_taken_out_is_sealed_nothing_once_the_contact_holds_the_set() {
         .state;
     assert_eq!(state, MessageState::Delivered);
 }
+
+#[tokio::test]
+async fn a_device_that_changes_key_beside_another_is_followed_and_both_get_everything() {
+    let net = FakeNet::default();
+    let (mut alice, phone, bob, _, phone_key) = with_a_phone(&net).await;
+    // The laptop changes its key: its set lists the new key, the phone, and takes the
+    // old key out; its first messages under the new key carry its new card.
+    let rotated = alice.rotate(&net).await;
+    alice.sync().await;
+    alice.engine.settle().await.unwrap();
+    bob.sync().await;
+    let alice_c = bob.contact_of(&alice.peer()).unwrap();
+    assert_eq!(
+        alice_c.card.identity().x25519(),
+        &rotated.identity.x25519_public(),
+        "Bob follows the laptop's new key"
+    );
+    assert_eq!(
+        bob.engine.store().device_sessions_of(&alice_c).unwrap(),
+        [phone_key],
+        "and still seals to the phone"
+    );
+    bob.regrant().await;
+    bob.send(&alice_c, "after the laptop's new key").await;
+    assert_eq!(waiting_for(&bob, &alice, None), 1, "one for the laptop");
+    assert_eq!(
+        waiting_for(&bob, &alice, Some(phone_key)),
+        1,
+        "one for the phone"
+    );
+    assert_eq!(texts(&alice.sync().await), ["after the laptop's new key"]);
+    assert_eq!(texts(&phone.sync().await), ["after the laptop's new key"]);
+    // Both answer under their keys, and Bob takes both.
+    let laptop_bob = alice.contact_of(&bob.peer()).unwrap();
+    alice.send(&laptop_bob, "from the laptop, new key").await;
+    assert_eq!(texts(&bob.sync().await), ["from the laptop, new key"]);
+}
