@@ -70,8 +70,14 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
     hana.ok(&["device", "rename", "hana's phone"]);
     hana.ok(&["sync"]);
     let devices = hana.ok(&["device", "list", "--json"]);
-    let dae_devices = hana.ok(&["contact", "devices", "dae", "--json"]);
-    assert!(!json(&dae_devices)["devices"].is_null(), "{dae_devices}");
+    let dae_devices = json(&hana.ok(&["contact", "devices", "dae", "--json"]));
+    assert!(!dae_devices["devices"].is_null(), "{dae_devices}");
+    // One device of Dae's, the one his card names, is sealed to.
+    assert_eq!(
+        dae_devices["sealed_to"],
+        serde_json::json!([dae_devices["card_fingerprint"]]),
+        "{dae_devices}"
+    );
     let backup = dir.path().join("hana.backup");
     // Without a terminal, the first backup makes its key only when asked to.
     let refused = hana.run(&["backup", "create", "--to", backup.to_str().unwrap()]);
@@ -153,7 +159,7 @@ fn a_lost_device_comes_back_from_its_backup_and_the_conversation_goes_on() {
         "{after}"
     );
     assert_eq!(
-        hana.ok(&["contact", "devices", "dae", "--json"]),
+        json(&hana.ok(&["contact", "devices", "dae", "--json"])),
         dae_devices,
         "Dae's devices as they were"
     );

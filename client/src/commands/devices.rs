@@ -162,6 +162,12 @@ impl App {
         let account = c.card.identity().ed25519();
         let card_key = c.card.identity().x25519();
         let set = self.store.contact_devices(&c.peer, account)?;
+        // What we send goes to: each device that wrote to us, and the card's unless
+        // their account took it out while another is there.
+        let mut sealed_to = self.store.device_sessions_of(&c)?;
+        if sealed_to.is_empty() || !set.as_ref().is_some_and(|s| s.is_removed(card_key)) {
+            sealed_to.insert(0, *card_key);
+        }
         if json {
             let (devices, removed) = match &set {
                 Some(set) => set_json(set, (card_key, "card")),
@@ -174,6 +180,7 @@ impl App {
                 "card_fingerprint": fingerprint(card_key),
                 "devices": devices,
                 "removed": removed,
+                "sealed_to": sealed_to.iter().map(|k| fingerprint(k)).collect::<Vec<_>>(),
             }));
             return Ok(());
         }
@@ -191,6 +198,14 @@ impl App {
             set.devices().count()
         ));
         set_lines(&set, (card_key, "  ← their card names this one"), out);
+        out.out(format!(
+            "What you send them goes to {}.",
+            sealed_to
+                .iter()
+                .map(|k| fingerprint(k))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ));
         if set.is_removed(card_key) {
             out.warn(format!(
                 "their card names a device their account took out ({}): nothing newer from them has reached you yet",
