@@ -180,7 +180,7 @@ impl App {
                 "card_fingerprint": fingerprint(card_key),
                 "devices": devices,
                 "removed": removed,
-                "sealed_to": sealed_to.iter().map(|k| fingerprint(k)).collect::<Vec<_>>(),
+                "sealed_to": sealed_to.iter().map(fingerprint).collect::<Vec<_>>(),
             }));
             return Ok(());
         }
@@ -202,7 +202,7 @@ impl App {
             "What you send them goes to {}.",
             sealed_to
                 .iter()
-                .map(|k| fingerprint(k))
+                .map(fingerprint)
                 .collect::<Vec<_>>()
                 .join(" and ")
         ));
