@@ -70,6 +70,15 @@ impl Gaps {
         Arrival::Filled
     }
 
+    /// Takes `seq` as where the numbers start, if none arrived yet: nothing below it
+    /// counts as missing. (Another device of a contact's is met partway through its
+    /// numbers: after a change of its key, say.)
+    pub fn start_at(&mut self, seq: u64) {
+        if self.max_seen == 0 && self.ranges.is_empty() {
+            self.max_seen = seq.saturating_sub(1);
+        }
+    }
+
     /// Forgets the oldest ranges past [`MAX_GAP_RANGES`].
     fn trim(&mut self) {
         while self.ranges.len() > MAX_GAP_RANGES {

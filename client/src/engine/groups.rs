@@ -1404,6 +1404,7 @@ impl<T> State<T> {
         w: &mut WriteSet,
         sessions: &mut Sessions,
         contact: &Contact,
+        device: &super::state::Device,
         content: &Content,
         now: u64,
     ) -> Result<Outcome, EngineError> {
@@ -1432,7 +1433,7 @@ impl<T> State<T> {
                 hlc, secs, text, ..
             } => self.take_group_message(
                 w,
-                contact,
+                (contact, device),
                 content,
                 *group,
                 *hlc,
@@ -1444,7 +1445,7 @@ impl<T> State<T> {
                 hlc, secs, file, ..
             } => self.take_group_message(
                 w,
-                contact,
+                (contact, device),
                 content,
                 *group,
                 *hlc,
@@ -1778,7 +1779,7 @@ impl<T> State<T> {
     fn take_group_message(
         &self,
         w: &mut WriteSet,
-        contact: &Contact,
+        (contact, device): (&Contact, &super::state::Device),
         content: &Content,
         id: GroupId,
         hlc: Hlc,
@@ -1803,14 +1804,14 @@ impl<T> State<T> {
             // could not be told from its copies.
             return refused_ops("a group message without its number");
         }
-        if self.is_copy(&peer, content)? {
+        if self.is_copy(&peer, device, content)? {
             LocalStore::write_receipt_due(w, &peer, &content.id);
             return Ok(Outcome::Applied("a copy of a group message"));
         }
         // Its number in the pairwise conversation is taken whatever becomes of it, so it
         // never looks like a missing message.
         if self
-            .take_numbered(w, &peer, content, size as u64)?
+            .take_numbered(w, &peer, device, content, size as u64)?
             .is_none()
         {
             return refused_ops("over the storage limit for one contact");

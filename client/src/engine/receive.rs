@@ -153,6 +153,17 @@ pub(crate) const ROTATION_EVERY_MS: u64 = 10 * 60 * 1000;
 /// A transport packet opened by a contact's session, or why it is refused.
 type TransportResult = Result<(Contact, Device, Opened), &'static str>;
 
+/// What a contact's new session key is, as their device set says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NewKey {
+    /// Another device of their account.
+    Device,
+    /// The card's device under a new key.
+    CardChange,
+    /// The set does not say.
+    Unknown,
+}
+
 /// How a batch went, for the caller.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
@@ -627,9 +638,12 @@ impl<T> State<T> {
             None => return self.hold(w, envelope, &init, now).map(Err),
         };
         let key = *init.remote_static();
-        if key != *contact.card.identity().x25519()
-            && self.is_other_device(contact, &init, sessions)?
-        {
+        let new_key = if key == *contact.card.identity().x25519() {
+            None
+        } else {
+            Some(self.new_key_is(contact, &init, sessions)?)
+        };
+        if new_key == Some(NewKey::Device) {
             return self.open_from_device(w, sessions, contact, init, under_old_key, now);
         }
         if key == *contact.card.identity().x25519()
@@ -646,6 +660,17 @@ impl<T> State<T> {
         // A newer card binding another session key, in a message sealed with that key
         // (which proves its sender holds it): the contact rotated its key.
         let mut rotated = card.rotates(&contact.card);
+        if rotated
+            && new_key == Some(NewKey::Unknown)
+            && !sessions.get(&self.store, contact)?.devices.is_empty()
+        {
+            // An account with several devices: a new key is a change of the card's,
+            // or another device, as the set that comes with it says; until it has
+            // come, the message waits (its sender puts it again).
+            return Ok(Err(Outcome::Skipped(
+                "a new key of an account with several devices, before its set",
+            )));
+        }
         if contact.card.identity().x25519() != init.remote_static() && !rotated {
             return end("a first message under a session key their card does not carry");
         }
@@ -725,34 +750,39 @@ impl<T> State<T> {
         Ok(Ok((contact, None, opened)))
     }
 
-    /// Whether the first message `init` from `contact`, sealed with another session
-    /// key than their card's, comes from another device of their account (SPEC §15)
-    /// rather than with a change of key: a device we hold a session with already, or
-    /// one their device set lists (the set we keep, with the one this message carries
-    /// if it carries one, as a device's first words do) while it still lists the
-    /// card's device. A change of key takes the old key out in the same edit.
-    fn is_other_device(
+    /// What a first message `init` from `contact`, sealed with another session key
+    /// than their card's, is (SPEC §15), as their device set says: the set we keep,
+    /// with the one this message carries if it carries one (as a device's first words
+    /// do). Another device of theirs if we hold a session with it already, or the set
+    /// lists it while it still lists the card's device; a change of the card's key if
+    /// the set lists it and took the card's key out (one edit does both); `Unknown`
+    /// if the set does not list it.
+    fn new_key_is(
         &self,
         contact: &Contact,
         init: &InitPacket,
         sessions: &mut Sessions,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<NewKey, EngineError> {
         let key = init.remote_static();
         if sessions
             .get(&self.store, contact)?
             .devices
             .contains_key(key)
         {
-            return Ok(true);
+            return Ok(NewKey::Device);
         }
         let account = contact.card.identity().ed25519();
         let card = contact.card.identity().x25519();
-        let lists = |set: &kkachi_protocol::device::DeviceSet| {
-            set.device(key).is_some() && set.device(card).is_some()
+        let says = |set: &kkachi_protocol::device::DeviceSet| match set.device(key) {
+            None => NewKey::Unknown,
+            Some(_) if set.device(card).is_some() => NewKey::Device,
+            Some(_) => NewKey::CardChange,
         };
         let mut set = self.store.contact_devices(&contact.peer, account)?;
-        if set.as_ref().is_some_and(lists) {
-            return Ok(true);
+        if let Some(kept) = &set
+            && says(kept) == NewKey::Device
+        {
+            return Ok(NewKey::Device);
         }
         if let Ok(Content {
             body: Body::Devices(bytes),
@@ -768,7 +798,7 @@ impl<T> State<T> {
                 None => set = Some(carried),
             }
         }
-        Ok(set.as_ref().is_some_and(lists))
+        Ok(set.as_ref().map_or(NewKey::Unknown, says))
     }
 
     /// A first message from another device of `contact`'s account: opened into our
@@ -945,6 +975,7 @@ impl<T> State<T> {
         &self,
         w: &mut WriteSet,
         contact: &Contact,
+        device: &Device,
         content: &Content,
         now: u64,
     ) -> Result<Outcome, EngineError> {
@@ -955,9 +986,19 @@ impl<T> State<T> {
         // Its number counts as arrived once it is held, or refused for its kind: a
         // text refused only for lack of room is a gap (it may come again).
         if content.seq > 0 && (!text || !matches!(outcome, Outcome::Refused(_))) {
-            let mut conv = self.store.conversation(&contact.peer)?;
-            conv.gaps.arrived(content.seq);
-            LocalStore::write_conversation(w, &contact.peer, &conv);
+            let peer = &contact.peer;
+            match device {
+                None => {
+                    let mut conv = self.store.conversation(peer)?;
+                    conv.gaps.arrived(content.seq);
+                    LocalStore::write_conversation(w, peer, &conv);
+                }
+                Some(key) => {
+                    let mut numbers = self.store.device_numbers(peer, key)?;
+                    numbers.gaps.arrived(content.seq);
+                    LocalStore::write_device_numbers(w, peer, key, &numbers);
+                }
+            }
         }
         Ok(outcome)
     }
@@ -1066,11 +1107,11 @@ impl<T> State<T> {
                     | Body::Unknown { .. }
             )
         {
-            return self.hold_opened(w, contact, &content, now);
+            return self.hold_opened(w, contact, &device, &content, now);
         }
         match content.body {
             Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. } | Body::File { .. }
-                if self.already_have(&peer, &content)? =>
+                if self.already_have(&peer, &device, &content)? =>
             {
                 // A copy (another path, or sealed again): confirm it again, in case the
                 // first receipt was lost.
@@ -1095,8 +1136,7 @@ impl<T> State<T> {
                     LocalStore::write_conversation(w, &peer, &conv);
                     return refused("over the storage limit for one contact");
                 }
-                self.check_chain(w, &peer, &mut conv, &content)?;
-                conv.gaps.arrived(content.seq);
+                self.take_number(w, &peer, &device, &mut conv, &content)?;
                 let local = conv.next_local;
                 conv.next_local += 1;
                 let (text, secs, reply_to, file) = match content.body {
@@ -1253,7 +1293,7 @@ impl<T> State<T> {
                 refused("an edit, delete or reaction outside the sender's numbers")
             }
             Body::Edit { .. } | Body::Delete { .. } => {
-                if self.is_copy(&peer, &content)? {
+                if self.is_copy(&peer, &device, &content)? {
                     LocalStore::write_receipt_due(w, &peer, &content.id);
                     return Ok(Outcome::Applied("a copy of an edit"));
                 }
@@ -1261,7 +1301,7 @@ impl<T> State<T> {
                     Body::Edit { text, .. } => text.len() as u64,
                     _ => 0,
                 };
-                let Some(mut conv) = self.take_numbered(w, &peer, &content, len)? else {
+                let Some(mut conv) = self.take_numbered(w, &peer, &device, &content, len)? else {
                     return refused("over the storage limit for one contact");
                 };
                 let target = match &content.body {
@@ -1302,8 +1342,8 @@ impl<T> State<T> {
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("an edit or delete"))
             }
-            Body::Reaction { target, own, .. } if !self.is_copy(&peer, &content)? => {
-                let Some(conv) = self.take_numbered(w, &peer, &content, 0)? else {
+            Body::Reaction { target, own, .. } if !self.is_copy(&peer, &device, &content)? => {
+                let Some(conv) = self.take_numbered(w, &peer, &device, &content, 0)? else {
                     return refused("over the storage limit for one contact");
                 };
                 let Body::Reaction { emoji, .. } = content.body else {
@@ -1341,11 +1381,15 @@ impl<T> State<T> {
                 LocalStore::write_receipt_due(w, &peer, &content.id);
                 Ok(Outcome::Applied("a copy of a reaction"))
             }
-            Body::Group { .. } => self.apply_group(w, sessions, contact, &content, now),
+            Body::Group { .. } => self.apply_group(w, sessions, contact, &device, &content, now),
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their
                 // sequence, so it causes no false gap.
-                if content.seq > 0 && self.take_numbered(w, &peer, &content, 0)?.is_none() {
+                if content.seq > 0
+                    && self
+                        .take_numbered(w, &peer, &device, &content, 0)?
+                        .is_none()
+                {
                     return refused("over the storage limit for one contact");
                 }
                 tracing::debug!(kind, from = %peer, "ignoring content of an unknown kind");
@@ -1362,6 +1406,7 @@ impl<T> State<T> {
         &self,
         w: &mut WriteSet,
         peer: &PeerId,
+        device: &Device,
         content: &Content,
         len: u64,
     ) -> Result<Option<crate::store::Conversation>, EngineError> {
@@ -1370,43 +1415,82 @@ impl<T> State<T> {
             LocalStore::write_conversation(w, peer, &conv);
             return Ok(None);
         }
-        self.check_chain(w, peer, &mut conv, content)?;
-        conv.gaps.arrived(content.seq);
+        self.take_number(w, peer, device, &mut conv, content)?;
         LocalStore::write_conversation(w, peer, &conv);
         Ok(Some(conv))
     }
 
     /// True if this sequenced control record (an edit, a delete, a reaction) of
-    /// `peer`'s was taken in already: the hash-chain link at its number is its own.
-    pub(super) fn is_copy(&self, peer: &PeerId, content: &Content) -> Result<bool, EngineError> {
+    /// `device` of `peer` was taken in already: the hash-chain link at its number is
+    /// its own.
+    pub(super) fn is_copy(
+        &self,
+        peer: &PeerId,
+        device: &Device,
+        content: &Content,
+    ) -> Result<bool, EngineError> {
         Ok(content.seq > 0
             && self
                 .store
-                .chain_link(peer, content.seq)?
+                .chain_link(peer, device, content.seq)?
                 .is_some_and(|link| link.id == content.id.0))
     }
 
     /// True if this text of `peer`'s is one we hold or held: by its id, or (once its
     /// timer deleted it) by the hash-chain link that stays at its number.
-    fn already_have(&self, peer: &PeerId, content: &Content) -> Result<bool, EngineError> {
+    fn already_have(
+        &self,
+        peer: &PeerId,
+        device: &Device,
+        content: &Content,
+    ) -> Result<bool, EngineError> {
         if self.store.message(peer, &content.id)?.is_some() {
             return Ok(true);
         }
-        Ok(content.seq > 0
-            && self
-                .store
-                .chain_link(peer, content.seq)?
-                .is_some_and(|link| link.id == content.id.0))
+        self.is_copy(peer, device, content)
     }
 
-    /// Checks a sequenced record against their records next to it (SPEC §5) and
-    /// records it; what does not fit is noted in `conv` and shown.
+    /// Takes a sequenced record into the numbers of the device of `peer` that sealed
+    /// it (SPEC §5): the device their card names numbers in the conversation (`conv`),
+    /// each other device of theirs apart. Its number is no longer missing, and it is
+    /// checked against the records next to it; what does not fit is noted and shown.
+    fn take_number(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        device: &Device,
+        conv: &mut crate::store::Conversation,
+        content: &Content,
+    ) -> Result<(), EngineError> {
+        match device {
+            None => {
+                let (conflicts, breaks) = (&mut conv.conflicts, &mut conv.chain_breaks);
+                self.check_chain(w, peer, device, content, conflicts, breaks)?;
+                conv.gaps.arrived(content.seq);
+            }
+            Some(key) => {
+                let mut numbers = self.store.device_numbers(peer, key)?;
+                let (conflicts, breaks) = (&mut numbers.conflicts, &mut numbers.chain_breaks);
+                self.check_chain(w, peer, device, content, conflicts, breaks)?;
+                // Known from the first record of it that arrives.
+                numbers.gaps.start_at(content.seq);
+                numbers.gaps.arrived(content.seq);
+                LocalStore::write_device_numbers(w, peer, key, &numbers);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a sequenced record against the same device's records next to it (SPEC
+    /// §5) and records it; a conflict or break is counted in `conflicts` and `breaks`.
     fn check_chain(
         &self,
         w: &mut WriteSet,
         peer: &PeerId,
-        conv: &mut crate::store::Conversation,
+        device: &Device,
         content: &Content,
+        conflicts: &mut u64,
+        breaks: &mut Vec<u64>,
     ) -> Result<(), EngineError> {
         let seq = content.seq;
         if seq == 0 {
@@ -1417,26 +1501,26 @@ impl<T> State<T> {
             hash: content.hash(),
             prev: content.prev,
         };
-        let same = self.store.chain_link(peer, seq)?;
+        let same = self.store.chain_link(peer, device, seq)?;
         let before = match seq {
             1 => None,
-            _ => self.store.chain_link(peer, seq - 1)?,
+            _ => self.store.chain_link(peer, device, seq - 1)?,
         };
         let after = match seq {
             u64::MAX => None,
-            _ => self.store.chain_link(peer, seq + 1)?,
+            _ => self.store.chain_link(peer, device, seq + 1)?,
         };
         let check = ChainCheck::of(seq, &link, same.as_ref(), before.as_ref(), after.as_ref());
         if check.conflict {
-            conv.conflicts = conv.conflicts.saturating_add(1);
+            *conflicts = conflicts.saturating_add(1);
             tracing::warn!(from = %peer, seq, "two messages claim one sequence number");
         }
         for at in check.break_before.into_iter().chain(check.break_after) {
-            note_break(&mut conv.chain_breaks, at);
+            note_break(breaks, at);
             tracing::warn!(from = %peer, seq = at, "a message does not follow the one before it");
         }
         if same.is_none() {
-            LocalStore::write_chain_link(w, peer, seq, &link);
+            LocalStore::write_chain_link(w, peer, device, seq, &link);
         }
         Ok(())
     }

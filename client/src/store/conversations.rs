@@ -7,7 +7,8 @@ use kkachi_protocol::{Card, MessageId, PeerId, Session};
 
 use super::records::ContactRecord;
 use super::{
-    Contact, Conversation, LocalStore, MessageRecord, StoreError, TreeId, WriteSet, decode,
+    Contact, Conversation, DeviceNumbers, LocalStore, MessageRecord, StoreError, TreeId, WriteSet,
+    decode,
 };
 use crate::sequence::ChainLink;
 
@@ -393,13 +394,54 @@ impl LocalStore {
     // --- hash chains ---
 
     /// The record of `peer` held at sequence number `seq`, if any.
-    pub fn chain_link(&self, peer: &PeerId, seq: u64) -> Result<Option<ChainLink>, StoreError> {
-        self.get_record(TreeId::Chain, &chain_key(peer, seq), "chain link")
+    pub fn chain_link(
+        &self,
+        peer: &PeerId,
+        device: &Option<[u8; 32]>,
+        seq: u64,
+    ) -> Result<Option<ChainLink>, StoreError> {
+        self.get_record(TreeId::Chain, &chain_key(peer, device, seq), "chain link")
     }
 
-    /// Records the record of `peer` at `seq` (in a WriteSet).
-    pub fn write_chain_link(w: &mut WriteSet, peer: &PeerId, seq: u64, link: &ChainLink) {
-        w.put_record(TreeId::Chain, chain_key(peer, seq), link);
+    /// Records the record of `device` of `peer` (their card's: `None`) at `seq` (in a
+    /// WriteSet).
+    pub fn write_chain_link(
+        w: &mut WriteSet,
+        peer: &PeerId,
+        device: &Option<[u8; 32]>,
+        seq: u64,
+        link: &ChainLink,
+    ) {
+        w.put_record(TreeId::Chain, chain_key(peer, device, seq), link);
+    }
+
+    /// What `peer`'s device `key` (not their card's) numbered so far.
+    pub fn device_numbers(
+        &self,
+        peer: &PeerId,
+        key: &[u8; 32],
+    ) -> Result<DeviceNumbers, StoreError> {
+        Ok(self
+            .get_record(
+                TreeId::Conversations,
+                &device_session_key(peer, key),
+                "device numbers",
+            )?
+            .unwrap_or_default())
+    }
+
+    /// Writes what `peer`'s device `key` numbered (in a WriteSet).
+    pub fn write_device_numbers(
+        w: &mut WriteSet,
+        peer: &PeerId,
+        key: &[u8; 32],
+        numbers: &DeviceNumbers,
+    ) {
+        w.put_record(
+            TreeId::Conversations,
+            device_session_key(peer, key),
+            numbers,
+        );
     }
 
     /// Everything kept about `peer` goes (in a WriteSet): contact, session,
@@ -409,10 +451,14 @@ impl LocalStore {
         let prefix = peer.to_bytes();
         w.remove(TreeId::Contacts, prefix.clone());
         self.forget_sessions(w, peer)?;
-        w.remove(TreeId::Conversations, prefix.clone());
         Self::forget_devices_sent(w, peer);
         let mut messages = 0;
-        for tree in [TreeId::Messages, TreeId::MessageIndex, TreeId::Chain] {
+        for tree in [
+            TreeId::Messages,
+            TreeId::MessageIndex,
+            TreeId::Chain,
+            TreeId::Conversations,
+        ] {
             for item in self.tree(tree).scan_prefix(&prefix) {
                 let (k, _) = item?;
                 w.remove(tree, k.to_vec());
@@ -441,8 +487,11 @@ fn device_session_key(peer: &PeerId, key: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-fn chain_key(peer: &PeerId, seq: u64) -> Vec<u8> {
+fn chain_key(peer: &PeerId, device: &Option<[u8; 32]>, seq: u64) -> Vec<u8> {
     let mut k = peer.to_bytes();
+    if let Some(device) = device {
+        k.extend_from_slice(device);
+    }
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }

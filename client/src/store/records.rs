@@ -155,6 +155,18 @@ pub struct Conversation {
     pub pending_revisions: Vec<PendingRevision>,
 }
 
+/// What a contact's device other than the one their card names numbered (SPEC §5:
+/// each of those numbers its own records), kept apart from the conversation's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceNumbers {
+    /// Which of its numbers are missing.
+    pub gaps: Gaps,
+    /// Its numbers where the hash chain breaks.
+    pub chain_breaks: Vec<u64>,
+    /// Its records that claimed a number another of its records holds.
+    pub conflicts: u64,
+}
+
 /// A change of theirs to a message not here yet.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PendingRevision {

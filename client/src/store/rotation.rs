@@ -256,10 +256,16 @@ impl LocalStore {
         profile.card_version += 1;
         profile.card_announced = profile.card_version;
         Self::write_profile(&mut w, &profile);
-        // Sealed on the other device's sessions, for it: never this one's.
+        // Sealed on the other device's sessions, for it: never this one's. And this
+        // device numbers its own records, from 1 (SPEC §5): contacts keep each
+        // device's numbers apart.
         for contact in self.contacts()?.iter() {
             self.forget_sessions(&mut w, &contact.peer)?;
             self.forget_outbox(&mut w, &contact.peer)?;
+            let mut conv = self.conversation(&contact.peer)?;
+            conv.next_seq = 0;
+            conv.last_hash = [0; 32];
+            Self::write_conversation(&mut w, &contact.peer, &conv);
         }
         self.apply(w)?;
         Ok(identity)

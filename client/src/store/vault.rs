@@ -51,17 +51,18 @@ fn shape(tree: TreeId) -> Shape {
     match tree {
         TreeId::Meta | TreeId::Outbox => Shape::Plain,
         TreeId::Relays | TreeId::Seen | TreeId::Transfers => Shape::Whole,
-        // Sessions: a contact's own, then one per other device of theirs, under its key.
+        // Sessions, conversations and hash chains: a contact's own, then one per other
+        // device of theirs, under its key (hidden: it names the device).
         TreeId::MessageIndex
         | TreeId::ReceiptsDue
         | TreeId::Requests
         | TreeId::GroupIndex
-        | TreeId::Sessions => Shape::PeerThenHidden,
-        TreeId::Contacts
+        | TreeId::Sessions
         | TreeId::Conversations
+        | TreeId::Chain => Shape::PeerThenHidden,
+        TreeId::Contacts
         | TreeId::Messages
         | TreeId::Blocked
-        | TreeId::Chain
         | TreeId::Groups
         | TreeId::GroupMessages
         | TreeId::Devices => Shape::Peer,
