@@ -56,7 +56,9 @@ impl<T> State<T> {
         self.with_sessions(|this, sessions| {
             let mut n = 0;
             for (contact, sent_unanswered) in &behind {
-                let answered = sessions.get(&this.store, contact)?.is_established();
+                let theirs = sessions.get(&this.store, contact)?;
+                // Established, or another device of theirs wrote to us (it proved its key).
+                let answered = theirs.is_established() || !theirs.devices.is_empty();
                 // Sent as a first message already: once more when they answer (a first
                 // message can be set aside, as during a change of our key).
                 let due = if *sent_unanswered {
@@ -263,6 +265,7 @@ impl<T> State<T> {
         for key in &gone {
             peer_sessions.devices.remove(key);
             LocalStore::remove_device_session(w, &contact.peer, key);
+            LocalStore::forget_device_numbers(w, &contact.peer, key);
             for entry in self.store.outbox_keys_of_device(&contact.peer, &Some(*key)) {
                 w.remove(crate::store::TreeId::Outbox, entry.to_be_bytes().to_vec());
             }

@@ -662,7 +662,11 @@ impl<T> State<T> {
         let mut rotated = card.rotates(&contact.card);
         if rotated
             && new_key == Some(NewKey::Unknown)
-            && !sessions.get(&self.store, contact)?.devices.is_empty()
+            && (!sessions.get(&self.store, contact)?.devices.is_empty()
+                || self
+                    .store
+                    .contact_devices(&contact.peer, contact.card.identity().ed25519())?
+                    .is_some_and(|set| set.devices().nth(1).is_some()))
         {
             // An account with several devices: a new key is a change of the card's,
             // or another device, as the set that comes with it says; until it has
@@ -792,8 +796,11 @@ impl<T> State<T> {
         {
             match &mut set {
                 Some(kept) => {
-                    // A merge refused for the bound keeps what was kept.
-                    let _ = kept.merge(&carried);
+                    if kept.merge(&carried).is_err() {
+                        // A merge refused for the bound keeps what was kept; what the
+                        // carried set says of this key still says what it is.
+                        return Ok(says(&carried));
+                    }
                 }
                 None => set = Some(carried),
             }
@@ -995,6 +1002,7 @@ impl<T> State<T> {
                 }
                 Some(key) => {
                     let mut numbers = self.store.device_numbers(peer, key)?;
+                    numbers.gaps.start_at(content.seq);
                     numbers.gaps.arrived(content.seq);
                     LocalStore::write_device_numbers(w, peer, key, &numbers);
                 }

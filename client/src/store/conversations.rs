@@ -430,6 +430,11 @@ impl LocalStore {
             .unwrap_or_default())
     }
 
+    /// Forgets what `peer`'s device `key` numbered (in a WriteSet): it was taken out.
+    pub fn forget_device_numbers(w: &mut WriteSet, peer: &PeerId, key: &[u8; 32]) {
+        w.remove(TreeId::Conversations, device_session_key(peer, key));
+    }
+
     /// Writes what `peer`'s device `key` numbered (in a WriteSet).
     pub fn write_device_numbers(
         w: &mut WriteSet,
