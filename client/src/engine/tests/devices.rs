@@ -625,3 +625,62 @@ async fn two_devices_sending_at_once_are_numbered_apart_and_nothing_looks_missin
     assert_eq!(numbers.gaps.max_seen(), 4);
     assert_eq!((numbers.gaps.missing(), numbers.conflicts), (0, 0));
 }
+
+#[tokio::test]
+async fn a_new_key_of_an_account_with_several_devices_waits_for_the_set_that_says_what_it_is() {
+    let net = FakeNet::default();
+    let (alice, _phone, bob, alice_c, _) = with_a_phone(&net).await;
+    // Her tablet joins; before its set, it writes to Bob (as a reordered relay would
+    // bring it): its card, newer and under another key, is not taken as her change of
+    // key, nor is its text shown.
+    let tablet = second_device(&net, &alice, "tablet");
+    let tablet_key = tablet.engine.identity().x25519_public();
+    let tablet_bob = tablet.contact_of(&bob.peer()).unwrap();
+    let (to, content) = (tablet_bob.clone(), raw_text(1, [0; 32], "before the set"));
+    let first = tablet
+        .engine
+        .change(move |state, now| {
+            state.with_sessions(|this, sessions| {
+                let session = sessions.get(&this.store, &to)?;
+                let envelope = this.seal_envelope(&to, session, &content, now)?;
+                let mut w = WriteSet::default();
+                session.write(&mut w, &to.peer);
+                this.apply_or_reset(sessions, w)?;
+                Ok(envelope)
+            })
+        })
+        .await
+        .unwrap();
+    assert!(
+        bob.engine.receive(vec![first]).await.unwrap().is_empty(),
+        "it waits"
+    );
+    assert!(
+        !bob.engine
+            .store()
+            .device_sessions_of(&alice_c)
+            .unwrap()
+            .contains(&tablet_key)
+    );
+    assert_eq!(
+        bob.contact_of(&alice.peer()).unwrap().card,
+        alice_c.card,
+        "her card still names the laptop"
+    );
+    // Its set comes: it is a device of hers, and what it sends next is shown.
+    tablet.regrant().await;
+    tablet.sync().await;
+    tablet.engine.settle().await.unwrap();
+    bob.sync().await;
+    let alice_now = bob.contact_of(&alice.peer()).unwrap();
+    assert_eq!(alice_now.card, alice_c.card);
+    assert!(
+        bob.engine
+            .store()
+            .device_sessions_of(&alice_now)
+            .unwrap()
+            .contains(&tablet_key)
+    );
+    tablet.send(&tablet_bob, "after the set").await;
+    assert_eq!(texts(&bob.sync().await), ["after the set"]);
+}
