@@ -160,8 +160,8 @@ enum NewKey {
     Device,
     /// The card's device under a new key.
     CardChange,
-    /// The set does not say.
-    Unknown,
+    /// The set does not say; whether it lists other devices than the card's.
+    Unknown { several: bool },
 }
 
 /// How a batch went, for the caller.
@@ -661,12 +661,8 @@ impl<T> State<T> {
         // (which proves its sender holds it): the contact rotated its key.
         let mut rotated = card.rotates(&contact.card);
         if rotated
-            && new_key == Some(NewKey::Unknown)
-            && (!sessions.get(&self.store, contact)?.devices.is_empty()
-                || self
-                    .store
-                    .contact_devices(&contact.peer, contact.card.identity().ed25519())?
-                    .is_some_and(|set| set.devices().nth(1).is_some()))
+            && let Some(NewKey::Unknown { several }) = new_key
+            && (several || !sessions.get(&self.store, contact)?.devices.is_empty())
         {
             // An account with several devices: a new key is a change of the card's,
             // or another device, as the set that comes with it says; until it has
@@ -778,7 +774,9 @@ impl<T> State<T> {
         let account = contact.card.identity().ed25519();
         let card = contact.card.identity().x25519();
         let says = |set: &kkachi_protocol::device::DeviceSet| match set.device(key) {
-            None => NewKey::Unknown,
+            None => NewKey::Unknown {
+                several: set.devices().nth(1).is_some(),
+            },
             Some(_) if set.device(card).is_some() => NewKey::Device,
             Some(_) => NewKey::CardChange,
         };
@@ -805,7 +803,9 @@ impl<T> State<T> {
                 None => set = Some(carried),
             }
         }
-        Ok(set.as_ref().map_or(NewKey::Unknown, says))
+        Ok(set
+            .as_ref()
+            .map_or(NewKey::Unknown { several: false }, says))
     }
 
     /// A first message from another device of `contact`'s account: opened into our
@@ -1236,20 +1236,18 @@ impl<T> State<T> {
                 // The account has them: each other device's copy is done once every
                 // relay holds it (that device reads it there when it comes back), so a
                 // device gone for good, or one that never answers, holds nothing up.
-                for id in &ids {
-                    for key in self.store.outbox_keys_of_message(&peer, id) {
-                        if done.contains(&key) {
-                            continue;
-                        }
-                        let Some(mut entry) = self.store.outbox_entry(key)? else {
-                            continue;
-                        };
-                        if entry.targets.iter().all(|t| t.acked) {
-                            w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
-                        } else {
-                            entry.kind = crate::store::OutboxKind::Control;
-                            LocalStore::write_outbox(w, key, &entry);
-                        }
+                for key in self.store.outbox_keys_of_messages(&peer, &ids) {
+                    if done.contains(&key) {
+                        continue;
+                    }
+                    let Some(mut entry) = self.store.outbox_entry(key)? else {
+                        continue;
+                    };
+                    if entry.targets.iter().all(|t| t.acked) {
+                        w.remove(TreeId::Outbox, key.to_be_bytes().to_vec());
+                    } else {
+                        entry.kind = crate::store::OutboxKind::Control;
+                        LocalStore::write_outbox(w, key, &entry);
                     }
                 }
                 Ok(Outcome::Applied("a receipt"))

@@ -106,6 +106,13 @@ impl LocalStore {
         self.outbox_keys_where(contact, |(_, m, _)| *m == id.0)
     }
 
+    /// The outbox keys of the messages among `ids` for `contact`, for every device
+    /// of theirs: one pass over their entries, however many ids.
+    pub fn outbox_keys_of_messages(&self, contact: &PeerId, ids: &[MessageId]) -> Vec<u64> {
+        let ids: std::collections::HashSet<[u8; 16]> = ids.iter().map(|id| id.0).collect();
+        self.outbox_keys_where(contact, |(_, m, _)| ids.contains(m))
+    }
+
     /// The outbox keys of the messages waiting for `device` of `contact`.
     pub fn outbox_keys_of_device(&self, contact: &PeerId, device: &Option<[u8; 32]>) -> Vec<u64> {
         self.outbox_keys_where(contact, |(_, _, d)| d == device)

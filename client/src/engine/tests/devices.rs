@@ -636,21 +636,9 @@ async fn a_new_key_of_an_account_with_several_devices_waits_for_the_set_that_say
     let tablet = second_device(&net, &alice, "tablet");
     let tablet_key = tablet.engine.identity().x25519_public();
     let tablet_bob = tablet.contact_of(&bob.peer()).unwrap();
-    let (to, content) = (tablet_bob.clone(), raw_text(1, [0; 32], "before the set"));
     let first = tablet
-        .engine
-        .change(move |state, now| {
-            state.with_sessions(|this, sessions| {
-                let session = sessions.get(&this.store, &to)?;
-                let envelope = this.seal_envelope(&to, session, &content, now)?;
-                let mut w = WriteSet::default();
-                session.write(&mut w, &to.peer);
-                this.apply_or_reset(sessions, w)?;
-                Ok(envelope)
-            })
-        })
-        .await
-        .unwrap();
+        .seal_raw(&tablet_bob, &raw_text(1, [0; 32], "before the set"))
+        .await;
     assert!(
         bob.engine.receive(vec![first]).await.unwrap().is_empty(),
         "it waits"

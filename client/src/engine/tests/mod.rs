@@ -574,23 +574,28 @@ impl User {
     /// Seals `content` exactly as given (any seq, prev, body) for `to` through our
     /// session with them, as a modified client could, and puts it on their relays.
     async fn send_raw(&self, to: &Contact, content: &Content) -> Envelope {
-        let (to2, content) = (to.clone(), content.clone());
-        let envelope = self
-            .engine
+        let envelope = self.seal_raw(to, content).await;
+        self.put_raw(to, envelope.clone()).await;
+        envelope
+    }
+
+    /// Seals `content` exactly as given for `to` through our session with them (only
+    /// the card's device of theirs), and hands the envelope back unsent.
+    async fn seal_raw(&self, to: &Contact, content: &Content) -> Envelope {
+        let (to, content) = (to.clone(), content.clone());
+        self.engine
             .change(move |state, now| {
                 state.with_sessions(|this, sessions| {
-                    let session = sessions.get(&this.store, &to2)?;
-                    let envelope = this.seal_envelope(&to2, session, &content, now)?;
+                    let session = sessions.get(&this.store, &to)?;
+                    let envelope = this.seal_envelope(&to, session, &content, now)?;
                     let mut w = WriteSet::default();
-                    LocalStore::write_session(&mut w, &to2.peer, session);
+                    session.write(&mut w, &to.peer);
                     this.apply_or_reset(sessions, w)?;
                     Ok(envelope)
                 })
             })
             .await
-            .unwrap();
-        self.put_raw(to, envelope.clone()).await;
-        envelope
+            .unwrap()
     }
 
     /// Puts `envelope` on `to`'s relays as it is: with our capability there, or with
