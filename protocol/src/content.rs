@@ -39,6 +39,9 @@ const KIND_REACTION: u16 = 9;
 const KIND_FILE: u16 = 10;
 const KIND_GROUP: u16 = 11;
 const KIND_DEVICES: u16 = 12;
+const KIND_SENT: u16 = 13;
+/// Longest peer id a copy for our other devices names (an Ed25519 one is 38 bytes).
+const MAX_PEER_ID_LEN: usize = 64;
 
 /// Longest reaction, in UTF-8 bytes (an emoji of several code points fits; empty takes
 /// a reaction back).
@@ -258,6 +261,16 @@ pub enum Body {
     /// against the sender's identity key, which only its recipient knows: decoding
     /// checks its length alone ([`crate::device::MAX_DEVICE_SET_LEN`]).
     Devices(Vec<u8>),
+    /// For the sender's own other devices only (SPEC §15.2): a copy of a record it
+    /// sealed to contact `to`, exactly as sealed (id, numbers, time and body), so
+    /// each device of an account shows what the others sent and read. Never a copy
+    /// of a copy.
+    Sent {
+        /// The contact the record went to.
+        to: libp2p_identity::PeerId,
+        /// The record.
+        content: Box<Content>,
+    },
     /// A kind this version does not understand, kept verbatim.
     Unknown {
         /// The kind tag.
@@ -312,6 +325,7 @@ impl Body {
             Body::File { .. } => KIND_FILE,
             Body::Group { .. } => KIND_GROUP,
             Body::Devices(_) => KIND_DEVICES,
+            Body::Sent { .. } => KIND_SENT,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -413,6 +427,15 @@ impl Body {
                 }
                 out
             }
+            Body::Sent { to, content } => {
+                let to = to.to_bytes();
+                let content = content.encode();
+                let mut w = Writer::with_capacity(1 + to.len() + content.len());
+                // A peer id longer than any is refused by `check`; the length never wraps.
+                w.bytes8(&to[..to.len().min(usize::from(u8::MAX))])
+                    .raw(&content);
+                w.finish()
+            }
             Body::Devices(set) | Body::Unknown { data: set, .. } => set.clone(),
         }
     }
@@ -449,6 +472,29 @@ impl Body {
                 return Err(ContentError::DevicesTooLong(data.len()));
             }
             KIND_DEVICES => Body::Devices(data.to_vec()),
+            KIND_SENT => {
+                let mut r = Reader::new(data);
+                let to = r.bytes8(MAX_PEER_ID_LEN, "copy's contact")?;
+                let to =
+                    libp2p_identity::PeerId::from_bytes(to).map_err(|_| DecodeError::Invalid {
+                        field: "copy's contact",
+                        reason: "not a peer id",
+                    })?;
+                // The outer body is bounded, so the copy is; and a copy holds no copy,
+                // so decoding never nests deeper than this.
+                let content = Content::decode(r.rest())?;
+                if matches!(content.body, Body::Sent { .. }) {
+                    return Err(DecodeError::Invalid {
+                        field: "copy",
+                        reason: "a copy of a copy",
+                    }
+                    .into());
+                }
+                Body::Sent {
+                    to,
+                    content: Box::new(content),
+                }
+            }
             KIND_TIMED_TEXT => {
                 let (secs, text) = data
                     .split_first_chunk::<4>()
@@ -721,6 +767,9 @@ pub enum ContentError {
     /// An unknown body exceeds [`MAX_BODY_LEN`].
     #[error("message body is {0} bytes; the limit is 61440")]
     BodyTooLarge(usize),
+    /// A copy for our other devices (kind 13) that holds a copy.
+    #[error("a copy for the other devices cannot hold another copy")]
+    CopyOfACopy,
     /// A device set longer than any (SPEC §15).
     #[error("a device set of {0} bytes; the limit is 23043")]
     DevicesTooLong(usize),
@@ -802,6 +851,18 @@ impl Content {
             }
             Body::Unknown { data, .. } if data.len() > MAX_BODY_LEN => {
                 Err(ContentError::BodyTooLarge(data.len()))
+            }
+            Body::Sent { content, .. } if matches!(content.body, Body::Sent { .. }) => {
+                Err(ContentError::CopyOfACopy)
+            }
+            Body::Sent { to, content } => {
+                content.check()?;
+                let len =
+                    1 + to.to_bytes().len() + CONTENT_HEADER_LEN + content.body.encode().len();
+                if to.to_bytes().len() > MAX_PEER_ID_LEN || len > MAX_BODY_LEN {
+                    return Err(ContentError::BodyTooLarge(len));
+                }
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -1179,6 +1240,94 @@ mod tests {
             sent_at_ms: 1_700_000_000_000,
             body: Body::Text(s.into()),
         }
+    }
+
+    /// The peer id of a fixed Ed25519 key (for known answers).
+    fn fixed_peer() -> libp2p_identity::PeerId {
+        let secret = libp2p_identity::ed25519::SecretKey::try_from_bytes([7u8; 32]).unwrap();
+        let keys = libp2p_identity::ed25519::Keypair::from(secret);
+        libp2p_identity::PeerId::from_public_key(&keys.public().into())
+    }
+
+    #[test]
+    fn a_copy_for_the_other_devices_carries_the_record_as_sealed_and_never_a_copy() {
+        let copy = Content {
+            id: MessageId([9; 16]),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: 1_700_000_000_000,
+            body: Body::Sent {
+                to: fixed_peer(),
+                content: Box::new(text(2, "안녕")),
+            },
+        };
+        copy.check().unwrap();
+        let bytes = copy.encode();
+        assert_eq!(
+            hex::encode(&bytes),
+            concat!(
+                "01",
+                "09090909090909090909090909090909",
+                "0000000000000000",
+                "0000000000000000000000000000000000000000000000000000000000000000",
+                "0000018bcfe56800",
+                "000d",
+                "00000074",
+                // The contact's peer id, behind its length (38).
+                "26",
+                "002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c",
+                // The record as sealed: the text of `known_answer_encoding`.
+                "01",
+                "02020202020202020202020202020202",
+                "0000000000000002",
+                "0000000000000000000000000000000000000000000000000000000000000000",
+                "0000018bcfe56800",
+                "0001",
+                "00000006",
+                "ec9588eb8595"
+            )
+        );
+        assert_eq!(Content::decode(&bytes).unwrap(), copy);
+        assert!(!copy.body.is_sequenced(), "a control record");
+        assert!(copy.body.text().is_none());
+
+        // A copy of a copy is refused, sealing and reading.
+        let nested = Content {
+            body: Body::Sent {
+                to: fixed_peer(),
+                content: Box::new(copy.clone()),
+            },
+            ..copy.clone()
+        };
+        assert!(matches!(nested.check(), Err(ContentError::CopyOfACopy)));
+        assert!(Content::decode(&nested.encode()).is_err());
+        // As is a contact that is no peer id, one cut short, and a record that does not
+        // read.
+        let mut wrong = bytes.clone();
+        let at = CONTENT_HEADER_LEN + 1;
+        wrong[at..at + 4].copy_from_slice(&[0xff; 4]);
+        assert!(Content::decode(&wrong).is_err());
+        for cut in [CONTENT_HEADER_LEN + 1, bytes.len() - 1] {
+            let mut short = bytes[..cut].to_vec();
+            let len = (cut - CONTENT_HEADER_LEN) as u32;
+            short[CONTENT_HEADER_LEN - 4..CONTENT_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+            assert!(Content::decode(&short).is_err(), "cut at {cut}");
+        }
+        // A record whose copy would not fit one body is refused before sealing.
+        let long = Content {
+            body: Body::Sent {
+                to: fixed_peer(),
+                content: Box::new(Content {
+                    body: Body::Unknown {
+                        kind: 99,
+                        data: vec![0; MAX_BODY_LEN],
+                    },
+                    ..text(3, "")
+                }),
+            },
+            ..copy
+        };
+        assert!(matches!(long.check(), Err(ContentError::BodyTooLarge(_))));
     }
 
     #[test]

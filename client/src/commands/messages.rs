@@ -614,7 +614,8 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             "contact": r.name,
             "from": r.name,
             "peer_id": r.contact.to_string(),
-            "direction": "in",
+            // "out": sent from another device of this account.
+            "direction": if r.message.direction == Direction::Out { "out" } else { "in" },
             "text": r.message.text,
             "state": r.message.state.label(),
             "sent_at": r.message.sent_at_ms,
@@ -658,10 +659,15 @@ pub fn print_received(out: &mut Output, r: &Received, json: bool) {
             Some(quote) => format!("{} ", quote_mark(quote, &r.name)),
             None => String::new(),
         };
+        let who = if r.message.direction == Direction::Out {
+            // Sent from another device of this account.
+            format!("you → {}", name(&r.name))
+        } else {
+            name(&r.name).to_string()
+        };
         out.out(format!(
-            "{}  {}: {reply}{}",
+            "{}  {who}: {reply}{}",
             format_ms(r.message.sent_at_ms),
-            name(&r.name),
             shown_text(&r.message)
         ));
         if r.gaps.missing() > 0 {

@@ -16,6 +16,9 @@ use super::state::{PeerSessions, Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::store::{Contact, DEFAULT_DEVICE_NAME, LocalStore, WriteSet, devices_digest};
 
+/// What our account's other devices are called where one name is wanted (logs).
+const OWN_DEVICES: &str = "your other devices";
+
 impl<T> State<T> {
     /// Our account's device set; this device alone in a new one, written into `w`, for
     /// a home from before sets.
@@ -27,6 +30,39 @@ impl<T> State<T> {
             .map_err(|e| EngineError::Invalid(format!("cannot list this device: {e}")))?;
         LocalStore::write_own_devices(w, &set);
         Ok(set)
+    }
+
+    /// Our account's other devices as one peer to seal to and read from (SPEC §15.2):
+    /// our own peer id and card, with a session per device our set lists beside this
+    /// one ([`super::state::Sessions`]); `None` while it lists this device alone. Never
+    /// a contact: it is not stored, listed or shown as one.
+    pub(crate) fn own_contact(&self) -> Result<Option<Contact>, EngineError> {
+        let raw = self.store.own_devices_bytes()?;
+        let card = self.own_card()?;
+        let mut cached = self.own.lock();
+        if let Some((bytes, version, contact)) = cached.as_ref()
+            && raw.as_ref() == Some(bytes)
+            && *version == card.version()
+        {
+            return Ok(contact.clone());
+        }
+        let me = self.me.x25519_public();
+        let others = match &raw {
+            None => false,
+            Some(bytes) => DeviceSet::decode(self.me.public().ed25519(), bytes)
+                .map_err(|_| crate::store::StoreError::Corrupt("device set"))?
+                .devices()
+                .any(|d| *d.key() != me),
+        };
+        let version = card.version();
+        let contact = others.then(|| Contact {
+            peer: self.me.peer_id(),
+            name: OWN_DEVICES.into(),
+            card,
+            through_group: false,
+        });
+        *cached = Some((raw.unwrap_or_default(), version, contact.clone()));
+        Ok(contact)
     }
 
     /// Queues our device set for every contact not blocked who was not sent it as it
@@ -48,13 +84,25 @@ impl<T> State<T> {
                 sent => behind.push((contact.clone(), sent.is_some())),
             }
         }
-        if behind.is_empty() {
+        // Our other devices get every change, to merge into theirs (SPEC §15.2).
+        let own = match self.own_contact()? {
+            Some(own) if self.store.devices_sent_to(&own.peer, &digest)?.is_none() => Some(own),
+            _ => None,
+        };
+        if behind.is_empty() && own.is_none() {
             // The usual case at every upkeep.
             self.store.apply(w)?;
             return Ok(0);
         }
         self.with_sessions(|this, sessions| {
             let mut n = 0;
+            if let Some(own) = &own {
+                let devices = sessions.get(&this.store, own)?;
+                if !devices.devices.is_empty() {
+                    this.queue_devices(&mut w, own, devices, &set, now)?;
+                    n += 1;
+                }
+            }
             for (contact, sent_unanswered) in &behind {
                 let theirs = sessions.get(&this.store, contact)?;
                 // Established, or another device of theirs wrote to us (it proved its key).

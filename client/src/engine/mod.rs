@@ -32,6 +32,7 @@ mod contacts;
 mod devices;
 mod groups;
 pub mod machine;
+mod own;
 mod owner;
 mod receive;
 mod state;

@@ -418,10 +418,13 @@ impl<T> State<T> {
         // message to us (one handshake), and only then, within a small allowance, on
         // every session.
         let contacts = self.store.contacts()?;
-        sessions.index_all(&self.store, &contacts)?;
+        // Our account's other devices are read as one more peer.
+        let own = self.own_contact()?;
+        let everyone = (&contacts[..], own.as_ref());
+        sessions.index_all(&self.store, &contacts, own.as_ref())?;
         let owner = sessions.owner_of(packet.tag());
         if owner.is_some()
-            && let Some(found) = self.open_transport(w, sessions, &contacts, &packet, owner, now)?
+            && let Some(found) = self.open_transport(w, sessions, everyone, &packet, owner, now)?
         {
             return match found {
                 Ok((contact, device, opened)) => {
@@ -450,7 +453,7 @@ impl<T> State<T> {
                 if owner.is_some() || !sessions.take_fallback(now) {
                     return dropped("no session of ours expects it");
                 }
-                match self.open_transport(w, sessions, &contacts, &packet, None, now)? {
+                match self.open_transport(w, sessions, everyone, &packet, None, now)? {
                     Some(Ok(x)) => x,
                     Some(Err(reason)) => return refused(reason),
                     None => return dropped("no session of ours opens it"),
@@ -469,13 +472,14 @@ impl<T> State<T> {
         &self,
         w: &mut WriteSet,
         sessions: &mut Sessions,
-        contacts: &[Contact],
+        (contacts, own): (&[Contact], Option<&Contact>),
         packet: &session::Packet,
         owner: Option<(PeerId, Device)>,
         now: u64,
     ) -> Result<Option<TransportResult>, EngineError> {
         for contact in contacts
             .iter()
+            .chain(own)
             .filter(|c| owner.is_none_or(|(peer, _)| c.peer == peer))
         {
             let peer_sessions = sessions.get(&self.store, contact)?;
@@ -558,7 +562,8 @@ impl<T> State<T> {
                     let recently = resent
                         .get(&contact.peer)
                         .is_some_and(|t| now.saturating_sub(*t) < RESEAL_EVERY_MS);
-                    if !recently {
+                    // (Our own devices know our card and set.)
+                    if !recently && contact.peer != self.me.peer_id() {
                         resent.insert(contact.peer, now);
                         if card.version() > 1 {
                             let body = Body::CardUpdate(Box::new(card));
@@ -607,7 +612,13 @@ impl<T> State<T> {
         let peer = card.identity().peer_id();
         let end = |reason: &'static str| Ok(Err(Outcome::Refused(reason.into())));
         if peer == self.me.peer_id() {
-            return end("a first message that claims to be from ourselves");
+            // Another device of our account (SPEC §15.2), if our set lists its key.
+            let key = *init.remote_static();
+            let listed = match self.own_contact()? {
+                Some(own) if sessions.get(&self.store, &own)?.devices.contains_key(&key) => own,
+                _ => return end("a first message that claims to be from ourselves"),
+            };
+            return self.open_from_device(w, sessions, &listed, init, under_old_key, now);
         }
         if self.store.blocked(&peer)?.is_some() {
             return end("from a blocked sender");
@@ -1034,6 +1045,7 @@ impl<T> State<T> {
             Body::Receipt { .. }
             | Body::CardUpdate(_)
             | Body::Devices(_)
+            | Body::Sent { .. }
             | Body::Timer { .. }
             | Body::Edit { .. }
             | Body::Delete { .. }
@@ -1105,6 +1117,9 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
+        if peer == self.me.peer_id() {
+            return self.apply_from_own(w, content, now);
+        }
         if contact.through_group
             && !matches!(
                 content.body,
@@ -1388,6 +1403,8 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a copy of a reaction"))
             }
             Body::Group { .. } => self.apply_group(w, sessions, contact, &device, &content, now),
+            // Only an account's own devices copy to each other.
+            Body::Sent { .. } => refused("a copy for the other devices of someone else's account"),
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their
                 // sequence, so it causes no false gap.

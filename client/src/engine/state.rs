@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use kkachi_protocol::device::DeviceSet;
 use kkachi_protocol::envelope::DEFAULT_TTL_SECS;
 use kkachi_protocol::file::FileRef;
 use kkachi_protocol::session::SessionTag;
@@ -39,6 +40,10 @@ const FALLBACKS_PER_MINUTE: u32 = 16;
 /// were made from.
 type Indexed = (Vec<SessionTag>, Vec<(SessionTag, u64)>);
 
+/// Our account's other devices as one peer (`None`: our set lists this device alone),
+/// for our set's encoding and our card's version it was made from.
+pub(crate) type OwnPeer = (Vec<u8>, u64, Option<Contact>);
+
 /// Which of a contact's devices: the one their card names (`None`), or another their
 /// account lists, by its session key (SPEC §15).
 pub(crate) type Device = Option<[u8; 32]>;
@@ -57,6 +62,9 @@ pub(crate) struct PeerSessions {
     /// the removal says), if it did: while another device of theirs is sealed to,
     /// that one is not, and what it sealed after is refused.
     pub(crate) card_removed_at: Option<u64>,
+    /// Our own account's other devices (SPEC §15.2): `main` stands for this device,
+    /// and is never sealed to nor written.
+    pub(crate) own: bool,
 }
 
 impl std::ops::Deref for PeerSessions {
@@ -79,12 +87,13 @@ impl PeerSessions {
             main,
             devices: Default::default(),
             card_removed_at: None,
+            own: false,
         }
     }
 
     /// The devices sealed to, and each one's session.
     pub(crate) fn sealing(&mut self) -> impl Iterator<Item = (Device, &mut Session)> {
-        let skip_card = self.card_removed_at.is_some() && !self.devices.is_empty();
+        let skip_card = self.own || (self.card_removed_at.is_some() && !self.devices.is_empty());
         self.each()
             .filter(move |(d, _)| !(skip_card && d.is_none()))
     }
@@ -105,7 +114,9 @@ impl PeerSessions {
 
     /// Writes every session with `peer` into `w`.
     pub(crate) fn write(&self, w: &mut WriteSet, peer: &PeerId) {
-        LocalStore::write_session(w, peer, &self.main);
+        if !self.own {
+            LocalStore::write_session(w, peer, &self.main);
+        }
         for (key, session) in &self.devices {
             LocalStore::write_device_session(w, peer, key, session);
         }
@@ -123,6 +134,10 @@ pub(crate) fn removed_at(set: &kkachi_protocol::device::DeviceSet, key: &[u8; 32
 /// contacts: no trial decryption across them.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
+    /// Our own account, whose other devices' sessions are kept under it.
+    me: Option<PeerId>,
+    /// Our set as the sessions with our other devices were last made from.
+    own_set: Option<Vec<u8>>,
     live: HashMap<PeerId, PeerSessions>,
     /// Tag → contact and device, for every contact once `indexed`.
     by_tag: HashMap<SessionTag, (PeerId, Device)>,
@@ -134,12 +149,23 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
+    /// No session yet, for the account `me`.
+    pub(crate) fn of(me: PeerId) -> Self {
+        Self {
+            me: Some(me),
+            ..Self::default()
+        }
+    }
+
     /// The live session with `contact`, loaded from the store the first time.
     pub(crate) fn get(
         &mut self,
         store: &LocalStore,
         contact: &Contact,
     ) -> Result<&mut PeerSessions, StoreError> {
+        if self.me == Some(contact.peer) {
+            return self.own(store, contact);
+        }
         Ok(match self.live.entry(contact.peer) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
@@ -166,13 +192,52 @@ impl Sessions {
                     main,
                     devices,
                     card_removed_at,
+                    own: false,
                 })
             }
         })
     }
 
+    /// The sessions with our account's other devices (`me`, from
+    /// [`State::own_contact`]): one with each device our set lists, not taken out,
+    /// but this one. Followed as the set changes: a session kept live stays as it is
+    /// (it may be ahead of the store), one with a device no longer listed goes.
+    fn own(&mut self, store: &LocalStore, me: &Contact) -> Result<&mut PeerSessions, StoreError> {
+        let raw = store.own_devices_bytes()?;
+        if self.own_set == raw && self.live.contains_key(&me.peer) {
+            return Ok(self.live.get_mut(&me.peer).expect("just looked"));
+        }
+        let this = *me.card.identity().x25519();
+        let listed: Vec<[u8; 32]> = match &raw {
+            None => Vec::new(),
+            Some(bytes) => DeviceSet::decode(me.card.identity().ed25519(), bytes)
+                .map_err(|_| StoreError::Corrupt("device set"))?
+                .devices()
+                .map(|d| *d.key())
+                .filter(|k| *k != this)
+                .collect(),
+        };
+        self.own_set = raw;
+        let entry = self.live.entry(me.peer).or_insert_with(|| PeerSessions {
+            main: Session::new(this),
+            devices: Default::default(),
+            card_removed_at: None,
+            own: true,
+        });
+        entry.devices.retain(|k, _| listed.contains(k));
+        for key in listed {
+            if let std::collections::btree_map::Entry::Vacant(v) = entry.devices.entry(key) {
+                let mut session = store.device_session(&me.peer, &key)?;
+                session.resume_after_restart();
+                v.insert(session);
+            }
+        }
+        Ok(entry)
+    }
+
     /// Forgets in-memory state after a failed write, so memory never runs ahead of disk.
     pub(crate) fn reset(&mut self) {
+        // (`me` stays.)
         self.live.clear();
         self.by_tag.clear();
         self.by_peer.clear();
@@ -198,11 +263,12 @@ impl Sessions {
         &mut self,
         store: &LocalStore,
         contacts: &[Contact],
+        own: Option<&Contact>,
     ) -> Result<(), StoreError> {
         if self.indexed {
             return Ok(());
         }
-        for contact in contacts {
+        for contact in contacts.iter().chain(own) {
             self.get(store, contact)?;
             self.reindex(&contact.peer);
         }
@@ -322,6 +388,9 @@ pub(crate) struct State<T> {
     pub(crate) expiry_due: parking_lot::Mutex<Option<u64>>,
     /// When our card last went again to each contact after a switch of sessions.
     pub(crate) card_resent: parking_lot::Mutex<HashMap<PeerId, u64>>,
+    /// Our account's other devices, as one peer to seal to ([`State::own_contact`]),
+    /// for our set's encoding and our card's version it was made from.
+    pub(crate) own: parking_lot::Mutex<Option<OwnPeer>>,
     /// Each group's merged state and digest, for the log it was computed from: a group
     /// message is checked against its group without merging the whole log again.
     pub(crate) rosters: parking_lot::Mutex<HashMap<[u8; 32], super::groups::Merged>>,
@@ -358,12 +427,14 @@ impl<T> State<T> {
         events: broadcast::Sender<AppEvent>,
         faults: Arc<AtomicU64>,
     ) -> Self {
+        let sessions = Sessions::of(me.peer_id());
         Self {
             store,
             me,
             previous,
             net,
-            sessions: Sessions::default(),
+            sessions,
+            own: parking_lot::Mutex::default(),
             events,
             card: parking_lot::Mutex::default(),
             write_keys: parking_lot::Mutex::default(),
@@ -634,8 +705,10 @@ impl<T> State<T> {
                 // another group) and device sets (no other goes until ours changes) are
                 // sealed again on a new session, as they were.
                 content: if kind == OutboxKind::Message
-                    || matches!(content.body, Body::Group { .. } | Body::Devices(_))
-                {
+                    || matches!(
+                        content.body,
+                        Body::Group { .. } | Body::Devices(_) | Body::Sent { .. }
+                    ) {
                     encoded.clone()
                 } else {
                     Vec::new()
@@ -774,6 +847,7 @@ impl<T> State<T> {
         let session = sessions.get(&self.store, contact)?;
         let outbox_key =
             self.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
+        self.copy_to_own(&mut w, sessions, &contact.peer, &content, now)?;
         conv.next_seq = seq + 1;
         conv.last_hash = content.hash();
         let local = conv.next_local;
@@ -842,19 +916,32 @@ impl<T> State<T> {
             return Ok(false);
         }
         let receipts_off = self.store.profile()?.is_some_and(|p| p.read_receipts_off);
-        if receipts_off {
-            // Read here; they are not told.
-            self.store.apply(w)?;
-            return Ok(true);
-        }
         self.with_sessions(|this, sessions| {
-            let session = sessions.get(&this.store, &contact)?;
             for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
-                let receipt = Body::Receipt {
-                    status: ReceiptStatus::Read,
-                    ids: chunk.to_vec(),
+                let receipt = Content {
+                    id: MessageId(rand::random()),
+                    seq: 0,
+                    prev: [0; 32],
+                    sent_at_ms: now,
+                    body: Body::Receipt {
+                        status: ReceiptStatus::Read,
+                        ids: chunk.to_vec(),
+                    },
                 };
-                this.queue_control(&mut w, &contact, session, receipt, now)?;
+                // Without read receipts, read here (and on our other devices); they
+                // are not told.
+                if !receipts_off {
+                    let session = sessions.get(&this.store, &contact)?;
+                    this.seal_into(
+                        &mut w,
+                        &contact,
+                        session,
+                        &receipt,
+                        OutboxKind::Control,
+                        now,
+                    )?;
+                }
+                this.copy_to_own(&mut w, sessions, peer, &receipt, now)?;
             }
             this.apply_or_reset(sessions, w)?;
             Ok(true)
@@ -915,6 +1002,14 @@ impl<T> State<T> {
             // Dated as the setting is, so the contact orders it as we do.
             let at = conv.timer_set_ms;
             this.queue_control(&mut w, &contact, session, Body::Timer { secs }, at)?;
+            let setting = Content {
+                id: MessageId(rand::random()),
+                seq: 0,
+                prev: [0; 32],
+                sent_at_ms: at,
+                body: Body::Timer { secs },
+            };
+            this.copy_to_own(&mut w, sessions, peer, &setting, now)?;
             this.apply_or_reset(sessions, w)
         })?;
         self.emit(AppEvent::ContactUpdated(*peer));
@@ -991,6 +1086,7 @@ impl<T> State<T> {
             let mut w = WriteSet::default();
             let session = sessions.get(&this.store, contact)?;
             this.seal_into(&mut w, contact, session, &content, OutboxKind::Message, now)?;
+            this.copy_to_own(&mut w, sessions, peer, &content, now)?;
             conv.next_seq = seq + 1;
             conv.last_hash = content.hash();
             LocalStore::write_conversation(&mut w, peer, &conv);

@@ -76,6 +76,12 @@ impl LocalStore {
         self.device_set(TreeId::Meta, DEVICES_KEY, me.public().ed25519())
     }
 
+    /// Our account's device set as stored (canonical, read back with
+    /// [`DeviceSet::decode`] against our identity key), if there is one.
+    pub fn own_devices_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tree(TreeId::Meta).get(DEVICES_KEY)
+    }
+
     /// Replaces our account's device set.
     pub fn write_own_devices(w: &mut WriteSet, set: &DeviceSet) {
         w.put(TreeId::Meta, DEVICES_KEY, set.encode());

@@ -261,6 +261,9 @@ pub enum MessageState {
     Read,
     /// An incoming message.
     Received,
+    /// Ours, sent from another device of our account (SPEC §15.2), which delivers it:
+    /// no delivery receipt of the contact's has reached this device yet.
+    SentElsewhere,
 }
 
 impl MessageState {
@@ -272,6 +275,7 @@ impl MessageState {
             Self::Delivered => "delivered",
             Self::Read => "read",
             Self::Received => "received",
+            Self::SentElsewhere => "sent",
         }
     }
 
@@ -280,7 +284,7 @@ impl MessageState {
         match self {
             Self::Queued => 0,
             Self::Relayed { .. } => 1,
-            Self::Received => 1,
+            Self::Received | Self::SentElsewhere => 1,
             Self::Delivered => 2,
             Self::Read => 3,
         }

@@ -134,6 +134,9 @@ pub fn glyph(state: &MessageState) -> Span<'static> {
         ),
         MessageState::Delivered => Span::styled(" ✓✓", Style::new().fg(Color::Green)),
         MessageState::Read => Span::styled(" ✓✓ read", Style::new().fg(Color::Cyan)),
+        MessageState::SentElsewhere => {
+            Span::styled(" ✓ from another device", Style::new().fg(Color::DarkGray))
+        }
         MessageState::Received => Span::raw(""),
     }
 }

@@ -335,7 +335,21 @@ impl<T: Transport> Owner<T> {
         };
         let mut withdrawn = self.grants.removed.clone();
         withdrawn.extend(keys(&blocked)?);
-        Some((withdrawn, keys(&granted)?))
+        let mut granted = keys(&granted)?;
+        // Our account's other devices (SPEC §15.2); those it took out are withdrawn.
+        match self.state.store.own_devices(&self.state.me) {
+            Ok(Some(set)) => {
+                let me = self.state.me.x25519_public();
+                granted.extend(set.devices().map(|d| *d.key()).filter(|k| *k != me));
+                withdrawn.extend(set.removals().map(|r| *r.key()).filter(|k| *k != me));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read our device set");
+                return None;
+            }
+        }
+        Some((withdrawn, granted))
     }
 
     /// The requests that bring `relay` up to date: withdraw the capabilities of

@@ -9,7 +9,7 @@ use super::*;
 use crate::store::Profile;
 
 /// The device set `bob` keeps for `alice`.
-fn set_of(bob: &User, alice: &User) -> Option<DeviceSet> {
+pub(super) fn set_of(bob: &User, alice: &User) -> Option<DeviceSet> {
     bob.engine
         .store()
         .contact_devices(&alice.peer(), alice.engine.identity().public().ed25519())
@@ -17,7 +17,7 @@ fn set_of(bob: &User, alice: &User) -> Option<DeviceSet> {
 }
 
 /// The names of the devices of `set`.
-fn names(set: &DeviceSet) -> Vec<String> {
+pub(super) fn names(set: &DeviceSet) -> Vec<String> {
     set.devices().map(|d| d.name().to_owned()).collect()
 }
 
@@ -316,7 +316,7 @@ async fn a_set_a_contact_set_aside_goes_again_once_they_answer() {
 /// A second device of `user`'s account, as linking makes it: their records (none of
 /// their sessions or outbox) in a home of its own, under a session key of its own,
 /// listed beside theirs.
-fn second_device(net: &FakeNet, user: &User, name: &str) -> User {
+pub(super) fn second_device(net: &FakeNet, user: &User, name: &str) -> User {
     let dir = tempfile::tempdir().unwrap();
     let mut bytes = Vec::new();
     crate::backup::write_contents(user.engine.store(), &mut bytes, |e| {
@@ -347,7 +347,7 @@ fn second_device(net: &FakeNet, user: &User, name: &str) -> User {
 }
 
 /// How many of `user`'s outbox entries wait for `to`'s device `device`.
-fn waiting_for(user: &User, to: &User, device: Option<[u8; 32]>) -> usize {
+pub(super) fn waiting_for(user: &User, to: &User, device: Option<[u8; 32]>) -> usize {
     user.engine
         .store()
         .outbox()
@@ -357,13 +357,13 @@ fn waiting_for(user: &User, to: &User, device: Option<[u8; 32]>) -> usize {
         .count()
 }
 
-fn texts(received: &[Received]) -> Vec<String> {
+pub(super) fn texts(received: &[Received]) -> Vec<String> {
     received.iter().map(|r| r.message.text.clone()).collect()
 }
 
 /// Alice (her laptop) and Bob, who talked, and her phone, which joined her account
 /// and told Bob so; with Alice as Bob knows her, and the phone's key.
-async fn with_a_phone(net: &FakeNet) -> (User, User, User, Contact, [u8; 32]) {
+pub(super) async fn with_a_phone(net: &FakeNet) -> (User, User, User, Contact, [u8; 32]) {
     let (alice, bob, _) = pair_with_sets(net).await;
     let alice_c = bob.contact_of(&alice.peer()).unwrap();
     // Its first words to Bob are her set, which lists it beside her laptop, sealed

@@ -20,6 +20,7 @@ mod files;
 mod groups;
 mod hostile;
 mod large_groups;
+mod own;
 mod replies;
 mod rotation;
 mod timers;

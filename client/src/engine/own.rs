@@ -1,0 +1,287 @@
+//! Our account's other devices (SPEC §15.2): what this device seals to a contact goes
+//! to them as a copy (content kind 13), and what they sealed comes here the same way,
+//! so every device shows the conversation as the account had it: the messages each
+//! sent, edits, deletions and reactions, timers, and what was read. They also send each
+//! other the account's device set whenever it changes, merged here as a contact's is.
+//!
+//! They are read as one more peer, under our own peer id ([`State::own_contact`]), with
+//! a session per device ([`super::state::Sessions`]); never stored or shown as a
+//! contact. A copy names the contact it went to: one this device does not hold is
+//! dropped (contacts are added on each device).
+
+use kkachi_protocol::device::DeviceSet;
+use kkachi_protocol::{Body, Content, MessageId, PeerId, ReceiptStatus};
+
+use super::receive::{Outcome, Received};
+use super::state::{Sessions, State};
+use super::{AppEvent, EngineError};
+use crate::store::{
+    Contact, Direction, FileNote, LocalStore, MIN_TIMER_SECS, MessageRecord, MessageState,
+    OutboxKind, Quote, TreeId, WriteSet, message_key,
+};
+
+impl<T> State<T> {
+    /// Seals a copy of `content`, as just sealed to contact `to`, for each of our other
+    /// devices, into `w` (with what it copies, so both are durable together). Nothing
+    /// while our set lists this device alone. A copy too large for one record (a file
+    /// reference near the bound) is left out, and logged.
+    pub(crate) fn copy_to_own(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        to: &PeerId,
+        content: &Content,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let Some(own) = self.own_contact()? else {
+            return Ok(());
+        };
+        let copy = Content {
+            id: MessageId(rand::random()),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: now,
+            body: Body::Sent {
+                to: *to,
+                content: Box::new(content.clone()),
+            },
+        };
+        if let Err(e) = copy.check() {
+            tracing::warn!(error = %e, "a record too large to copy to our other devices");
+            return Ok(());
+        }
+        let session = sessions.get(&self.store, &own)?;
+        if session.devices.is_empty() {
+            return Ok(());
+        }
+        self.seal_into(w, &own, session, &copy, OutboxKind::Control, now)?;
+        Ok(())
+    }
+
+    /// What one of our other devices sealed to us: a copy of what it sent a contact,
+    /// or our set. Anything else is for contacts only, and dropped.
+    pub(super) fn apply_from_own(
+        &self,
+        w: &mut WriteSet,
+        content: Content,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        match content.body {
+            Body::Sent { to, content } => self.apply_sent(w, &to, *content, now),
+            Body::Devices(bytes) => self.take_own_devices(w, &bytes),
+            _ => Ok(Outcome::Dropped(
+                "a record from another device of ours that only contacts send".into(),
+            )),
+        }
+    }
+
+    /// Merges the set another device of ours sent over ours. A set that does not
+    /// hold, or whose merge would pass the bound, is refused whole.
+    fn take_own_devices(&self, w: &mut WriteSet, bytes: &[u8]) -> Result<Outcome, EngineError> {
+        let Ok(theirs) = DeviceSet::decode(self.me.public().ed25519(), bytes) else {
+            return Ok(Outcome::Refused(
+                "a device set from another device of ours that does not hold".into(),
+            ));
+        };
+        let mut set = self.own_devices(w, super::now_ms())?;
+        let before = set.encode();
+        if set.merge(&theirs).is_err() {
+            return Ok(Outcome::Refused(
+                "a device set from another device of ours past the bound".into(),
+            ));
+        }
+        if set.encode() == before {
+            return Ok(Outcome::Applied("our device set, as we hold it"));
+        }
+        if set.is_removed(&self.me.x25519_public()) {
+            tracing::warn!(
+                "another device of this account took this one out: contacts seal nothing more to it once they have the set"
+            );
+        }
+        LocalStore::write_own_devices(w, &set);
+        // The sessions with our other devices follow the set (once it is applied), as
+        // do our relays' grants; contacts and our other devices get the merged set at
+        // the next upkeep.
+        self.grants_changed();
+        tracing::info!(
+            devices = set.devices().count(),
+            "our device set changed on another device of ours"
+        );
+        Ok(Outcome::Applied("our device set, merged"))
+    }
+
+    /// A copy of what another device of ours sealed to contact `to`.
+    fn apply_sent(
+        &self,
+        w: &mut WriteSet,
+        to: &PeerId,
+        content: Content,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let Some(contact) = self.store.added_contact(to)? else {
+            return Ok(Outcome::Dropped(
+                "a copy of what another device of ours sent someone this one does not hold".into(),
+            ));
+        };
+        if *to == self.me.peer_id() {
+            return Ok(Outcome::Refused("a copy of a record to ourselves".into()));
+        }
+        match content.body {
+            Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. } | Body::File { .. } => {
+                self.take_sent_message(w, &contact, content, now)
+            }
+            Body::Edit { target, text } => {
+                self.take_own_change(w, to, target, Direction::Out, |r| r.revise(Some(text)))
+            }
+            Body::Delete { target } => {
+                self.take_own_change(w, to, target, Direction::Out, |r| r.revise(None))
+            }
+            Body::Reaction { target, own, emoji } => {
+                let direction = if own { Direction::Out } else { Direction::In };
+                self.take_own_change(w, to, target, direction, |r| r.reactions.ours = emoji)
+            }
+            Body::Timer { secs } => {
+                // As a contact's setting: the one set last wins.
+                let at = content
+                    .sent_at_ms
+                    .min(now.saturating_add(kkachi_protocol::envelope::CLOCK_SKEW_SECS * 1000));
+                let secs = if secs == 0 {
+                    0
+                } else {
+                    secs.max(MIN_TIMER_SECS)
+                };
+                let mut conv = self.store.conversation(to)?;
+                if (at, std::cmp::Reverse(secs))
+                    > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs))
+                {
+                    conv.timer_secs = secs;
+                    conv.timer_set_ms = at;
+                    LocalStore::write_conversation(w, to, &conv);
+                    self.emit(AppEvent::ContactUpdated(*to));
+                }
+                Ok(Outcome::Applied("a timer set on another device of ours"))
+            }
+            Body::Receipt {
+                status: ReceiptStatus::Read,
+                ids,
+            } => {
+                // Read there: read here, and the contact was told (or not) from there.
+                let mut any = false;
+                for id in &ids {
+                    if let Some((key, mut record)) = self.store.message(to, id)?
+                        && record.direction == Direction::In
+                        && record.state == MessageState::Received
+                    {
+                        record.state = MessageState::Read;
+                        w.put_record(TreeId::Messages, key, &record);
+                        any = true;
+                    }
+                }
+                if any {
+                    self.emit(AppEvent::ContactUpdated(*to));
+                }
+                Ok(Outcome::Applied("messages read on another device of ours"))
+            }
+            _ => Ok(Outcome::Dropped(
+                "a copy of a kind our devices do not share".into(),
+            )),
+        }
+    }
+
+    /// A message another device of ours sent `contact`: shown here as ours, once.
+    fn take_sent_message(
+        &self,
+        w: &mut WriteSet,
+        contact: &Contact,
+        content: Content,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let peer = contact.peer;
+        if self.store.message(&peer, &content.id)?.is_some() {
+            return Ok(Outcome::Applied("a copy of a message of ours already here"));
+        }
+        let mut conv = self.store.conversation(&peer)?;
+        let local = conv.next_local;
+        conv.next_local += 1;
+        let (text, secs, reply_to, file) = match content.body {
+            Body::Text(text) => (text, 0, None, None),
+            Body::TimedText { secs, text } => (text, secs, None, None),
+            // Its chunks went into the contact's queues: this device shows what was
+            // sent, and cannot fetch it.
+            Body::File { secs, file } => (String::new(), secs, None, Some(FileNote::of(&file))),
+            Body::Reply {
+                target,
+                own,
+                secs,
+                text,
+            } => (
+                text,
+                secs,
+                Some(Quote {
+                    id: target.0,
+                    ours: own,
+                }),
+                None,
+            ),
+            _ => unreachable!("a message"),
+        };
+        let record = MessageRecord {
+            id: content.id.0,
+            direction: Direction::Out,
+            text,
+            // The contact's receipts reach every device of ours.
+            state: MessageState::SentElsewhere,
+            sent_at_ms: content.sent_at_ms,
+            stored_at_ms: now,
+            seq: content.seq,
+            prev: content.prev,
+            timer_secs: if secs == 0 {
+                0
+            } else {
+                secs.max(MIN_TIMER_SECS)
+            },
+            edited: false,
+            deleted: false,
+            revised_seq: 0,
+            reply_to,
+            reactions: Default::default(),
+            file,
+        };
+        conv.note_expiry(record.expires_at());
+        self.note_expiry_due(record.expires_at());
+        LocalStore::write_conversation(w, &peer, &conv);
+        LocalStore::write_message(w, &peer, message_key(&peer, local), &record);
+        Ok(Outcome::Shown(Box::new(Received {
+            contact: peer,
+            name: contact.name.clone(),
+            message: record,
+            gaps: Default::default(),
+            change: None,
+            group: None,
+        })))
+    }
+
+    /// An edit, delete or reaction another device of ours made to message `target`
+    /// with `peer` (sent by `direction`): applied to ours if it is here and not
+    /// deleted; a message not here takes none.
+    fn take_own_change(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        target: MessageId,
+        direction: Direction,
+        change: impl FnOnce(&mut MessageRecord),
+    ) -> Result<Outcome, EngineError> {
+        match self.store.message(peer, &target)? {
+            Some((key, mut record)) if record.direction == direction && !record.deleted => {
+                change(&mut record);
+                w.put_record(TreeId::Messages, key, &record);
+                self.emit(AppEvent::ContactUpdated(*peer));
+                Ok(Outcome::Applied("a change made on another device of ours"))
+            }
+            _ => Ok(Outcome::Applied(
+                "a change made on another device of ours to a message not here",
+            )),
+        }
+    }
+}

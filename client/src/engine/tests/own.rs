@@ -1,0 +1,205 @@
+//! An account's own devices (SPEC §15.2): each shows what the others sent, changed and
+//! read, and their device set converges whatever order its edits take.
+
+use super::devices::{names, second_device, set_of, texts, with_a_phone};
+use super::*;
+
+/// `user`'s copy of message `id` with `to`.
+fn message(user: &User, to: &User, id: MessageId) -> MessageRecord {
+    user.messages(to)
+        .into_iter()
+        .find(|m| m.id == id.0)
+        .expect("the message is here")
+}
+
+#[tokio::test]
+async fn what_one_device_sends_reads_and_changes_shows_on_the_other_within_one_round_trip() {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, alice_c, _) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    let bob_at_laptop = laptop.contact_of(&bob.peer()).unwrap();
+    let bob_at_phone = phone.contact_of(&bob.peer()).unwrap();
+
+    // Sent on the laptop: one read of the phone's relays shows it there, as hers.
+    let (sent, _) = laptop.send(&bob_at_laptop, "from the laptop").await;
+    let shown = phone.sync().await;
+    assert_eq!(texts(&shown), ["from the laptop"], "one round trip");
+    assert_eq!(shown[0].message.direction, Direction::Out);
+    assert_eq!(shown[0].message.id, sent.id.0, "the same message");
+    assert_eq!(
+        message(&phone, &bob, sent.id).state,
+        MessageState::SentElsewhere
+    );
+    // Bob gets it once; his receipt reaches both of her devices.
+    assert_eq!(texts(&bob.sync().await), ["from the laptop"]);
+    bob.engine.settle().await.unwrap();
+    laptop.sync().await;
+    phone.sync().await;
+    assert_eq!(
+        message(&laptop, &bob, sent.id).state,
+        MessageState::Delivered
+    );
+    assert_eq!(
+        message(&phone, &bob, sent.id).state,
+        MessageState::Delivered
+    );
+
+    // The other way: sent on the phone, shown on the laptop.
+    let (from_phone, _) = phone.send(&bob_at_phone, "from the phone").await;
+    let shown = laptop.sync().await;
+    assert_eq!(texts(&shown), ["from the phone"]);
+    assert_eq!(shown[0].message.direction, Direction::Out);
+    assert_eq!(texts(&bob.sync().await), ["from the phone"]);
+
+    // Read on the laptop: read on the phone (with no receipt at Bob's twice).
+    bob.send(&alice_c, "read me").await;
+    assert_eq!(texts(&laptop.sync().await), ["read me"]);
+    assert_eq!(texts(&phone.sync().await), ["read me"]);
+    laptop.engine.mark_read(bob.peer()).await.unwrap();
+    laptop.engine.settle().await.unwrap();
+    phone.sync().await;
+    let read_me = |user: &User| {
+        user.messages(&bob)
+            .into_iter()
+            .find(|m| m.text == "read me")
+            .unwrap()
+            .state
+    };
+    assert_eq!(read_me(&laptop), MessageState::Read);
+    assert_eq!(read_me(&phone), MessageState::Read, "read on the laptop");
+
+    // Edited on the phone (its own message), deleted on the laptop (the laptop's):
+    // each shows on the other.
+    phone
+        .engine
+        .revise(
+            bob.peer(),
+            from_phone.id,
+            Some("from the phone, edited".into()),
+        )
+        .await
+        .unwrap();
+    laptop
+        .engine
+        .revise(bob.peer(), sent.id, None)
+        .await
+        .unwrap();
+    phone.engine.settle().await.unwrap();
+    laptop.engine.settle().await.unwrap();
+    laptop.sync().await;
+    phone.sync().await;
+    assert_eq!(
+        message(&laptop, &bob, from_phone.id).text,
+        "from the phone, edited"
+    );
+    assert!(message(&laptop, &bob, from_phone.id).edited);
+    assert!(message(&phone, &bob, sent.id).deleted);
+    // A timer set on one is set on the other.
+    phone.engine.set_timer(bob.peer(), 3600).await.unwrap();
+    phone.engine.settle().await.unwrap();
+    laptop.sync().await;
+    assert_eq!(
+        laptop
+            .engine
+            .store()
+            .conversation(&bob.peer())
+            .unwrap()
+            .timer_secs,
+        3600
+    );
+
+    // Nothing twice, on either device or at Bob's.
+    bob.sync().await;
+    assert!(laptop.sync().await.is_empty());
+    assert!(phone.sync().await.is_empty());
+    let at_bob = bob.messages(&laptop);
+    for id in [sent.id, from_phone.id] {
+        assert_eq!(
+            at_bob.iter().filter(|m| m.id == id.0).count(),
+            1,
+            "once at Bob's"
+        );
+    }
+    assert_eq!(
+        message(&bob, &laptop, from_phone.id).text,
+        "from the phone, edited"
+    );
+    assert!(message(&bob, &laptop, sent.id).deleted);
+    let on = |user: &User| {
+        user.messages(&bob)
+            .into_iter()
+            .filter(|m| m.direction == Direction::Out)
+            .count()
+    };
+    assert_eq!(
+        on(&laptop),
+        on(&phone),
+        "both devices hold what the account sent"
+    );
+    println!(
+        "the laptop and the phone each hold {} messages the account sent Bob; each copy came within one read of the relays",
+        on(&laptop)
+    );
+}
+
+#[tokio::test]
+async fn device_sets_edited_on_two_devices_at_once_converge() {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, _, phone_key) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    let bob_at_laptop = laptop.contact_of(&bob.peer()).unwrap();
+    // The two devices hold sessions with each other.
+    laptop.send(&bob_at_laptop, "hello").await;
+    phone.sync().await;
+    phone.engine.settle().await.unwrap();
+    laptop.sync().await;
+
+    // Apart, each renames itself and the laptop links a tablet.
+    laptop
+        .engine
+        .rename_device("work laptop".into())
+        .await
+        .unwrap();
+    phone
+        .engine
+        .rename_device("old phone".into())
+        .await
+        .unwrap();
+    let tablet = second_device(&net, &laptop, "tablet");
+    let tablet_key = tablet.engine.identity().x25519_public();
+    // Their next upkeeps send each other (and Bob) the set; each merges the other's.
+    for _ in 0..3 {
+        for device in [&laptop, &phone] {
+            device.engine.housekeeping().await.unwrap();
+            device.engine.settle().await.unwrap();
+            device.sync().await;
+        }
+    }
+    let own = |user: &User| {
+        user.engine
+            .store()
+            .own_devices(user.engine.identity())
+            .unwrap()
+            .unwrap()
+    };
+    let (on_laptop, on_phone) = (own(&laptop), own(&phone));
+    assert_eq!(
+        on_laptop.encode(),
+        on_phone.encode(),
+        "the same set on both"
+    );
+    let mut listed = names(&on_laptop);
+    listed.sort();
+    assert_eq!(listed, ["old phone", "tablet", "work laptop"]);
+    assert!(on_phone.device(&tablet_key).is_some());
+    assert!(on_phone.device(&phone_key).is_some());
+    // And Bob holds it too.
+    bob.sync().await;
+    let mut at_bob = names(&set_of(&bob, &laptop).unwrap());
+    at_bob.sort();
+    assert_eq!(at_bob, listed);
+    println!(
+        "after edits apart on two devices, both hold the same set of {} devices, as does Bob",
+        listed.len()
+    );
+}
