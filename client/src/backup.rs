@@ -395,7 +395,7 @@ pub fn restore(
     key: &age::x25519::Identity,
 ) -> Result<Restored, BackupError> {
     restore_with(home, |staging| {
-        restore_into(staging, &file.display().to_string(), |sink| {
+        restore_into(staging, &file.display().to_string(), None, |sink| {
             read(file, key, sink)
         })
     })
@@ -636,10 +636,12 @@ fn place(
 
 /// Restores into the new home at `home` the records `read` gives its sink (see
 /// [`read_contents`]; `name` says where they come from), then makes it a new device of
-/// the account.
+/// the account: in place of the device the records came from, or (`beside`: the new
+/// device's name) beside it, as a linked device is (SPEC §15.1).
 pub(crate) fn restore_into(
     home: &Path,
     name: &str,
+    beside: Option<&str>,
     read: impl FnOnce(
         &mut dyn FnMut(BackupRecord) -> Result<(), BackupError>,
     ) -> Result<(Counts, Ending), BackupError>,
@@ -696,22 +698,38 @@ pub(crate) fn restore_into(
     // account's devices. What was sealed to the old key is still read for a while.
     // An account whose devices signed every record they may keeps the backup's key
     // (restored as before device sets), rather than no restore at all.
-    let new_key =
-        match store.rotate_session_key(crate::engine::now_ms() / 1000, &mut rand_core::OsRng) {
-            Ok(_) => true,
-            Err(StoreError::Devices(why)) => {
-                tracing::warn!(%why, "restored under the backup's session key");
-                false
-            }
-            Err(e) => return Err(e.into()),
-        };
+    // A device beside the one the records came from keeps that one listed, and what it
+    // had not delivered is its own to deliver.
+    let now_s = crate::engine::now_ms() / 1000;
+    let made = match beside {
+        None => store
+            .rotate_session_key(now_s, &mut rand_core::OsRng)
+            .map(drop),
+        Some(device) => store
+            .become_new_device(device, now_s, &mut rand_core::OsRng)
+            .map(drop),
+    };
+    let new_key = match made {
+        Ok(()) => true,
+        Err(StoreError::Devices(why)) => {
+            tracing::warn!(%why, "restored under the backup's session key");
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let resend = if beside.is_some() && new_key {
+        store.forget_resends()?;
+        0
+    } else {
+        repaired.resend
+    };
     store.sync()?;
     let me = store.identity()?.ok_or(StoreError::Corrupt("identity"))?;
     let profile = store.profile()?.ok_or(StoreError::Corrupt("profile"))?;
     Ok(Restored {
         counts,
         ending,
-        resend: repaired.resend,
+        resend,
         new_key,
         session_key: me.x25519_public(),
         peer: me.peer_id(),

@@ -367,11 +367,11 @@ pub enum DeviceCommand {
         #[arg(required = true, num_args = 1..)]
         name: Vec<String>,
     },
-    /// Hand your account to a new device: shows a one-time code (and its QR code) for
+    /// Add a device to your account: shows a one-time code (and its QR code) for
     /// `kkachi device join` there, and waits. The account goes over the local network,
     /// or (for a device elsewhere) through one of your relays, encrypted under the code;
-    /// once the new device holds it, this one stops acting for it (the new device has a
-    /// key of its own, and this one's is taken out). Stop the daemon or UI of this home
+    /// the new device then sends and receives beside this one, under a key of its own,
+    /// and each shows what the other sends and reads. Stop the daemon or UI of this home
     /// first.
     Link {
         /// Listen here (an IP address and a port: 0 picks one; repeat for several)
@@ -398,15 +398,30 @@ pub enum DeviceCommand {
         #[arg(long)]
         yes: bool,
     },
-    /// Take your account from another device, with the code `kkachi device link` shows
-    /// there. Run it with a --home that holds no account yet.
+    /// Make this a device of your account, with the code `kkachi device link` shows on
+    /// another device of it. Run it with a --home that holds no account yet.
     Join {
         /// The code (spaces and line breaks are ignored); `-` reads it from standard
         /// input, where other users of this machine cannot see it.
         #[arg(required = true, num_args = 1..)]
         code: Vec<String>,
+        /// What to call this device (your contacts see it).
+        #[arg(long, default_value = NEW_DEVICE_NAME)]
+        name: String,
+    },
+    /// Take a device out of your account (lost, sold, or one that never finished
+    /// joining), by its name or the start of its key's fingerprint: contacts and your
+    /// other devices seal nothing more to it once your device set reaches them. Not
+    /// this device: remove it from another.
+    Remove {
+        /// Its name, or the start of its fingerprint (`kkachi device list`).
+        #[arg(required = true, num_args = 1..)]
+        which: Vec<String>,
     },
 }
+
+/// What `kkachi device join` calls the new device unless told.
+pub const NEW_DEVICE_NAME: &str = "new device";
 
 /// How long a link code holds: a duration as `parse_duration` reads it, from 10 s to a
 /// day.

@@ -1,4 +1,5 @@
-//! Handing the account to a new device over the local network (SPEC §15.1).
+//! Adding a device to the account over the local network, or through a relay (SPEC
+//! §15.1).
 //!
 //! The device that has the account listens and shows a one-time code (a secret and its
 //! addresses); the new device connects, and both prove they hold the code (a Noise
@@ -8,12 +9,12 @@
 //! shows the same before anything more is sent (someone else who saw the code shows
 //! another). The account then goes over in the stream a backup holds (§11), sealed
 //! message by message; the new device restores it beside its home as a restore does,
-//! with a session key of its own, and says so. Only then does the old device record,
-//! durably, that it handed the account over (it acts for it no more), and confirm;
-//! only on that confirmation does the new home take its place, which it tells the old
-//! device last. So two devices never act for the account at once, and a transfer
-//! broken anywhere leaves the old device as it was, or (the confirmation lost) able to
-//! hand the account over again, which it tells its user.
+//! as a device of its own (a session key of its own, listed beside the old one), and
+//! says so with its key and name. Only then does the old device list it, durably, and
+//! confirm; only on that confirmation does the new home take its place, which it tells
+//! the old device last. Both then act for the account. A transfer broken anywhere
+//! leaves the old device as it was, or (the confirmation lost) listing a device its
+//! user checks, and takes out if it holds nothing.
 //!
 //! Everything the other end sends is bounded (a message is at most 64 KiB by its
 //! length field, a handshake message exactly 48 bytes, records as a restore bounds
@@ -71,9 +72,10 @@ const MAX_CHECKING: usize = 64;
 const MAX_CHECKING_PER_ADDRESS: usize = 4;
 /// Connections taken from one listener before the offer looks at anything else.
 const ACCEPTS_PER_PASS: usize = 16;
-/// The new device restored the account: `READY ‖ its session key (32)`.
+/// The new device restored the account: `READY ‖ its session key (32) ‖ u8 len ‖ its
+/// name`.
 const READY: u8 = 1;
-/// The old device handed the account over: `DONE`.
+/// The old device listed the new one among the account's devices: `DONE`.
 const DONE: u8 = 2;
 /// The new home is in place: `PLACED`.
 const PLACED: u8 = 3;
@@ -109,6 +111,9 @@ pub enum LinkFailure {
     /// The transfer broke off.
     #[error("the transfer broke off: {0}")]
     BrokeOff(String),
+    /// The name asked for this device is not one a device may have.
+    #[error("that name cannot be this device's ({0}): give another with --name")]
+    BadName(String),
     /// The old device sent nothing: its user did not confirm this one.
     #[error(
         "the other device did not send your account: its user did not confirm this device (the safety numbers must match), or its offer ended"
@@ -163,11 +168,13 @@ impl std::fmt::Display for Via {
     }
 }
 
-/// What the old device handed over, and to whom.
+/// What the old device sent, and to which device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handed {
     /// The new device's session key.
     pub to: [u8; 32],
+    /// The new device's name, as it gave it.
+    pub name: String,
     /// What went over.
     pub counts: Counts,
     /// Where the new device connected from.
@@ -489,10 +496,11 @@ fn serve(
                 continue;
             }
             seen(Seen::Sending(from.clone()));
-            match hand_over(store, conn, channel) {
-                Ok((to, counts, confirmed)) => {
+            match add_device(store, conn, channel) {
+                Ok((to, name, counts, confirmed)) => {
                     return Ok(Handed {
                         to,
+                        name,
                         counts,
                         from,
                         confirmed,
@@ -587,13 +595,14 @@ impl Checking {
 }
 
 /// Sends the account over `channel`, waits for the new device's word that it holds
-/// it, records the hand-over durably, confirms, and waits to hear the new home is in
-/// place: the new device's key, what went, and whether it was heard.
-fn hand_over(
+/// it, lists it among the account's devices durably, confirms, and waits to hear the
+/// new home is in place: the new device's key and name, what went, and whether it was
+/// heard.
+fn add_device(
     store: &LocalStore,
     conn: Conn,
     channel: Channel,
-) -> Result<([u8; 32], Counts, bool), LinkFailure> {
+) -> Result<([u8; 32], String, Counts, bool), LinkFailure> {
     let mut out = Sealing {
         conn,
         channel,
@@ -616,25 +625,38 @@ fn hand_over(
         ..
     } = out;
     let ready = channel.open(&conn.read(RESTORE_TIMEOUT)?)?;
-    let to: [u8; 32] = match ready.split_first() {
-        Some((&READY, key)) if key.len() == 32 => key.try_into().expect("32 bytes"),
-        _ => {
-            return Err(LinkFailure::BrokeOff(
-                "the new device did not say it holds the account".into(),
-            ));
+    let said = match ready.split_first() {
+        Some((&READY, rest)) if rest.len() > 33 && rest.len() == 33 + usize::from(rest[32]) => {
+            let key: [u8; 32] = rest[..32].try_into().expect("32 bytes");
+            std::str::from_utf8(&rest[33..])
+                .ok()
+                .map(|name| (key, name.to_owned()))
         }
+        _ => None,
+    };
+    let Some((to, name)) = said else {
+        return Err(LinkFailure::BrokeOff(
+            "the new device did not say it holds the account".into(),
+        ));
     };
     let me = store.identity()?.ok_or(StoreError::Corrupt("identity"))?;
     if to == me.x25519_public() {
         return Err(LinkFailure::BrokeOff(
-            "the new device kept this device's key: the account stays here".into(),
+            "the new device kept this device's key: it would act as this one".into(),
         ));
     }
-    // The commit: from here this home acts for the account no more.
-    store.hand_over(to, crate::engine::now_ms())?;
-    // If the confirmation is lost, the new device does not take its home, and this one
-    // (which holds everything still) may hand the account over again: so whether the
-    // new home is in place is asked, and told.
+    // The commit: from here the account lists the new device beside this one (a name
+    // the rules refuse, or an account that lists all it may, ends the link here).
+    store
+        .list_device(to, &name, crate::engine::now_ms() / 1000)
+        .map_err(|e| match e {
+            StoreError::Devices(why) => LinkFailure::BrokeOff(why),
+            e => e.into(),
+        })?;
+    store.sync()?;
+    // If the confirmation is lost, the new device does not take its home: this one
+    // tells its user to check there (and to take the key out if it holds nothing), so
+    // whether the new home is in place is asked, and told.
     // Through a relay, DONE stays there for the new device to read, whatever becomes of
     // this end (as bytes written to a connection reach its other end after it closes).
     conn.keep_sent();
@@ -644,7 +666,7 @@ fn hand_over(
         .and_then(|done| conn.write(&done).map_err(LinkFailure::from))
         .and_then(|()| Ok(channel.open(&conn.read(PLACED_TIMEOUT)?)?))
         .is_ok_and(|placed| placed == [PLACED]);
-    Ok((to, counts, confirmed))
+    Ok((to, name, counts, confirmed))
 }
 
 /// What the new device took.
@@ -699,22 +721,27 @@ impl JoinState {
     }
 }
 
-/// Takes the account offered under `code` into `home` (which must hold none).
-/// `connected` hears where the old device answered and the safety number its user is
-/// to compare. The home appears only once the old device confirmed it handed the
-/// account over. Blocks: run it off the async runtime.
+/// Takes the account offered under `code` into `home` (which must hold none), as a
+/// device of the account named `device`, beside the one offering it. `connected`
+/// hears where the old device answered and the safety number its user is to compare.
+/// The home appears only once the old device confirmed it listed this one. Blocks:
+/// run it off the async runtime.
 pub fn join(
     home: &Path,
     code: &LinkCode,
+    device: &str,
     connected: impl FnOnce(&Via, &str),
     state: &JoinState,
 ) -> Result<Joined, LinkFailure> {
+    // Checked before anything is asked of the other device.
+    let device = device.trim();
+    kkachi_protocol::card::check_name(device).map_err(|e| LinkFailure::BadName(e.to_string()))?;
     let (joined, mut conn, mut channel) = crate::backup::restore_with(home, |staging| {
         let (conn, channel, from) = connect(code, state)?;
         connected(&from, &channel.safety_number());
         let mut input = Opening::new(conn, channel);
         let name = format!("the account from {from}");
-        let restored = crate::backup::restore_into(staging, &name, |sink| {
+        let restored = crate::backup::restore_into(staging, &name, Some(device), |sink| {
             crate::backup::read_contents(&mut input, &name, sink)
         })
         .map_err(|e| match e {
@@ -757,6 +784,9 @@ pub fn join(
         } = input;
         let mut ready = vec![READY];
         ready.extend_from_slice(&restored.session_key);
+        // At most a name's length, which fits a byte.
+        ready.push(u8::try_from(device.len()).unwrap_or(u8::MAX));
+        ready.extend_from_slice(device.as_bytes());
         // From here the other device may let go of the account: this one must not be
         // cancelled any more.
         if !state.commit() {

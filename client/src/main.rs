@@ -527,8 +527,8 @@ fn main() -> ExitCode {
             }
             // One makes a home, the other must hold its home alone while the account
             // goes over: neither is forwarded to a running kkachi.
-            Command::Device(DeviceCommand::Join { code }) => {
-                match kkachi_client::commands::device_join(&home, &code, cli.json).await {
+            Command::Device(DeviceCommand::Join { code, name }) => {
+                match kkachi_client::commands::device_join(&home, &code, &name, cli.json).await {
                     Ok(output) => emit(&output),
                     Err(e) => error(e),
                 }

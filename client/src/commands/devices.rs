@@ -148,6 +148,28 @@ impl App {
                     }
                 }
             }
+            DeviceCommand::Remove { which } => {
+                let engine = self.engine()?;
+                let (set, key, sent) = engine.remove_device(which.join(" ")).await?;
+                engine.settle().await?;
+                if json {
+                    let (devices, removed) = set_json(&set, (&ours, "this"));
+                    out.json(json!({
+                        "removed_key": hex(&key),
+                        "removed_fingerprint": fingerprint(&key),
+                        "sent_to": sent,
+                        "devices": devices,
+                        "removed": removed,
+                    }));
+                    return Ok(());
+                }
+                out.out(format!(
+                    "took the device with key {} out of your account: your contacts and other devices seal nothing more to it once your device set reaches them ({sent} queued)",
+                    fingerprint(&key)
+                ));
+                out.out(format!("your devices ({} listed):", set.devices().count()));
+                set_lines(&set, (&ours, "  ← this device"), out);
+            }
         }
         Ok(())
     }
@@ -323,7 +345,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
     }
     if !yes && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         return Err(CommandError::Refused(
-            "the new device's safety number is confirmed here, at a terminal: run this in one, or add --yes to hand your account to the first device that has the code".into(),
+            "the new device's safety number is confirmed here, at a terminal: run this in one, or add --yes to add the first device that has the code to your account".into(),
         ));
     }
     // What finds the home held meanwhile says by what.
@@ -426,7 +448,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
             "Anyone who has this code before the new device uses it can take your account: show it to no one else. Where others share the new machine, type `kkachi device join -` and paste the code: it then stays out of the process list.",
         );
         say(
-            "Once the new device holds the account, this one stops acting for it. The new device has a key of its own: invite codes you gave out before no longer reach you.",
+            "The new device joins your account beside this one, under a key of its own: both send and receive, and each shows what the other sends and reads.",
         );
     }
     let peer = me.peer_id();
@@ -448,7 +470,7 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         // What was typed before the question (a stray Enter, a "y") does not answer it.
         let _ = rustix::termios::tcflush(std::io::stdin(), rustix::termios::QueueSelector::IFlush);
         eprint!(
-            "The device at {from} holds the code. Does it show the safety number {number}? Type y to hand it your account: "
+            "The device at {from} holds the code. Does it show the safety number {number}? Type y to add it to your account: "
         );
         let mut answer = String::new();
         let _ = std::io::stdin().read_line(&mut answer);
@@ -539,7 +561,8 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
     let mut out = Output::default();
     if json {
         out.json(json!({
-            "handed_over": true,
+            "linked": true,
+            "device": handed.name,
             "confirmed": handed.confirmed,
             "peer_id": peer.to_string(),
             "key": hex(&handed.to),
@@ -552,22 +575,31 @@ pub async fn link(home: &Path, asked: &LinkAsked, json: bool) -> Result<Output, 
         return Ok(out);
     }
     out.out(format!(
-        "Your account went to the device at {} (key {}): {}.",
+        "Your account went to the device at {}, now one of your devices as {} (key {}): {}.",
         handed.from,
+        name(&handed.name),
         fingerprint(&handed.to),
         counted(handed.counts.contacts, handed.counts.messages)
     ));
     if handed.confirmed {
-        out.out("This device no longer acts for it: use the new one, and remove this home once it works there.");
+        out.out("Both devices act for your account: start kkachi here again, and each shows what the other sends. Contacts seal to the new one from its first message to them.");
     } else {
-        out.warn("This device no longer acts for your account, but the new one did not say its home is in place: check that it holds your account (`kkachi device list` there). If it does not, run `kkachi device link --again` here.");
+        out.warn(format!(
+            "The new device did not say its home is in place: check that it holds your account (`kkachi device list` there). If it does not, take it out here: `kkachi device remove {}`.",
+            &hex(&handed.to)[..16]
+        ));
     }
     Ok(out)
 }
 
 /// `kkachi device join CODE`: takes the account a device offers under `code` into
-/// `home`, which must hold none yet.
-pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, CommandError> {
+/// `home`, which must hold none yet, as a device of it called `device`.
+pub async fn join(
+    home: &Path,
+    code: &[String],
+    device: &str,
+    json: bool,
+) -> Result<Output, CommandError> {
     let typed = if code == ["-"] {
         code_from_stdin()?
     } else {
@@ -577,10 +609,13 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
     let into = home.to_path_buf();
     let state = std::sync::Arc::new(crate::link::JoinState::default());
     let joined_state = state.clone();
+    let device = device.trim().to_owned();
+    let named = device.clone();
     let mut joining = tokio::task::spawn_blocking(move || {
         crate::link::join(
             &into,
             &code,
+            &device,
             |from, number| {
                 if json {
                     eprintln!(
@@ -602,8 +637,8 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
                 .map_err(|e| CommandError::Refused(format!("joining stopped: {e}")))??,
             _ = tokio::signal::ctrl_c() => {
                 if !state.cancel() {
-                    // The other device may have let go of the account already.
-                    eprintln!("the account is being handed over: this can no longer be cancelled, and ends in a moment");
+                    // The other device may have listed this one already.
+                    eprintln!("the other device is listing this one: this can no longer be cancelled, and ends in a moment");
                     continue;
                 }
                 // The transfer stops within a moment, tells the other device, and
@@ -611,7 +646,7 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
                 // waits for this one's word, which a cancelled join never gives).
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut joining).await;
                 crate::backup::cancel_restore(home);
-                eprintln!("cancelled: nothing was kept here, and the other device still holds your account");
+                eprintln!("cancelled: nothing was kept here, and your account's devices are as they were");
                 std::process::exit(130);
             }
         }
@@ -632,6 +667,7 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
             "records": restored.counts.records,
             "resend": restored.resend,
             "new_key": restored.new_key,
+            "device": named,
         }));
         return Ok(out);
     }
@@ -643,17 +679,9 @@ pub async fn join(home: &Path, code: &[String], json: bool) -> Result<Output, Co
         joined.from
     ));
     out.out(format!(
-        "Its key is {}; the other device's is taken out of your devices, and it no longer acts for the account. At the next start your contacts get your card and take the new key.",
+        "It is one of your devices, beside the other, under a key of its own ({}). From its first start, your contacts seal to it too once it writes to them, and your devices show each other what each sends and reads.",
         fingerprint(&key)
     ));
-    if restored.resend > 0 {
-        out.out(format!(
-            "{} message(s) you sent had not been delivered yet: they go again then.",
-            restored.resend
-        ));
-    }
-    out.out("The invite codes you gave out before reach you no more: share `kkachi invite` again.");
-    out.out("This device has the other one's name: `kkachi device rename NAME` gives it its own.");
     out.out("This home has no passphrase yet: `kkachi passphrase set` adds one.");
     Ok(out)
 }

@@ -54,7 +54,7 @@ pub(super) fn account(home: &Path) -> (LocalStore, Identity, kkachi_protocol::Pe
 
 /// Joins with `code` into `home`, showing nothing and never cancelled.
 pub(super) fn join_quietly(home: &Path, code: &LinkCode) -> Result<Joined, LinkFailure> {
-    join(home, code, |_, _| {}, &JoinState::default())
+    join(home, code, "phone", |_, _| {}, &JoinState::default())
 }
 
 fn loopback() -> Vec<SocketAddr> {
@@ -88,7 +88,7 @@ fn offered(
 }
 
 #[test]
-fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
+fn the_device_with_the_code_joins_the_account_beside_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let (store, me, peer) = account(&dir.path().join("old"));
     let (code, server, seen) = offered(&store);
@@ -96,9 +96,9 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let started = Instant::now();
     let joined = join_quietly(&new_home, &code).expect("joins");
     let took = started.elapsed();
-    let handed = server.join().unwrap().expect("hands over");
+    let handed = server.join().unwrap().expect("lists it");
     println!(
-        "{MESSAGES} messages handed over in {} ms ({} records)",
+        "{MESSAGES} messages went to the new device in {} ms ({} records)",
         took.as_millis(),
         joined.restored.counts.records
     );
@@ -110,16 +110,21 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
     let counted = |c: &Counts| (c.records, c.contacts, c.messages);
     assert_eq!(counted(&joined.restored.counts), counted(&handed.counts));
     assert!(joined.restored.new_key);
-    // The new device: the same account, a key of its own, the old one taken out.
+    // The new device: the same account, a key of its own, listed beside the old one
+    // under the name it gave, on both.
     let new = LocalStore::open(&new_home).unwrap();
     let them = new.identity().unwrap().unwrap();
     assert_eq!(them.peer_id(), me.peer_id());
     assert_ne!(them.x25519_public(), me.x25519_public());
     assert_eq!(them.x25519_public(), handed.to);
     assert_eq!(joined.restored.session_key, handed.to);
+    assert_eq!(handed.name, "phone");
     let set = new.own_devices(&them).unwrap().expect("a device set");
-    assert!(set.device(&handed.to).is_some());
-    assert!(set.is_removed(&me.x25519_public()));
+    assert_eq!(set.device(&handed.to).map(|d| d.name()), Some("phone"));
+    assert!(set.device(&me.x25519_public()).is_some());
+    let old_set = store.own_devices(&me).unwrap().expect("a device set");
+    assert_eq!(old_set.device(&handed.to).map(|d| d.name()), Some("phone"));
+    assert!(old_set.device(&me.x25519_public()).is_some());
     let messages = new.messages(&peer).unwrap();
     assert_eq!(messages.len() as u64, MESSAGES);
     assert!(messages[7].text.starts_with("message 7: 가"));
@@ -127,15 +132,12 @@ fn the_device_with_the_code_takes_the_account_and_the_old_one_stops_acting() {
         new.acting_identity().unwrap().unwrap().peer_id(),
         me.peer_id()
     );
-    // The old device acts no more, and says why.
-    assert_eq!(store.handed_over().unwrap().map(|h| h.to), Some(handed.to));
-    let refused = store.acting_identity().unwrap_err().to_string();
-    assert!(refused.contains("handed your account"), "{refused}");
-    assert!(
-        refused.contains(&crate::engine::fingerprint(&handed.to)),
-        "{refused}"
+    // The old device still acts for the account: both do.
+    assert_eq!(store.handed_over().unwrap(), None);
+    assert_eq!(
+        store.acting_identity().unwrap().unwrap().x25519_public(),
+        me.x25519_public()
     );
-    // Nothing of the hand-over went with the account.
     assert_eq!(new.handed_over().unwrap(), None);
 }
 
@@ -238,7 +240,7 @@ fn wrong_codes_silent_and_trickling_connections_neither_stop_nor_hold_up_the_off
 }
 
 #[test]
-fn a_joiner_gone_after_the_hand_over_leaves_it_done_but_unconfirmed() {
+fn a_joiner_gone_after_it_was_listed_leaves_it_listed_but_unconfirmed() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = account(&dir.path().join("old"));
     let (code, server, _seen) = offered(&store);
@@ -248,15 +250,21 @@ fn a_joiner_gone_after_the_hand_over_leaves_it_done_but_unconfirmed() {
     let key = Identity::generate().x25519_public();
     let mut ready = vec![READY];
     ready.extend_from_slice(&key);
+    ready.push(6);
+    ready.extend_from_slice(b"tablet");
     let msg = input.channel.seal(&ready).unwrap();
     input.conn.write(&msg).unwrap();
     let done = input.conn.read(Duration::from_secs(10)).unwrap();
     assert_eq!(input.channel.open(&done).unwrap(), [DONE]);
     drop(input);
-    let handed = server.join().unwrap().expect("handed over");
+    let handed = server.join().unwrap().expect("listed");
     assert_eq!(handed.to, key);
     assert!(!handed.confirmed, "the new home never said it is in place");
-    assert_eq!(store.handed_over().unwrap().map(|h| h.to), Some(key));
+    // Listed (its user takes it out if it holds nothing), and the old device acts on.
+    let me = store.acting_identity().unwrap().unwrap();
+    let set = store.own_devices(&me).unwrap().unwrap();
+    assert_eq!(set.device(&key).map(|d| d.name()), Some("tablet"));
+    assert_eq!(store.handed_over().unwrap(), None);
 }
 
 #[test]
@@ -277,7 +285,19 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
     let (store, _, _) = account(&dir.path().join("old"));
     let (code, server, seen) = offered(&store);
     // It reads the whole account, then hangs up (or says something else).
-    for last in [None, Some(vec![READY, 1, 2, 3]), Some(vec![DONE])] {
+    // A name the rules refuse (a control character), or none, lists nothing either.
+    let mut bad_name = vec![READY];
+    bad_name.extend_from_slice(&[7; 32]);
+    bad_name.extend_from_slice(&[2, b'a', 0x07]);
+    let mut no_name = vec![READY];
+    no_name.extend_from_slice(&[7; 32]);
+    for last in [
+        None,
+        Some(vec![READY, 1, 2, 3]),
+        Some(vec![DONE]),
+        Some(bad_name),
+        Some(no_name),
+    ] {
         let (conn, channel, _) = connect(&code, &JoinState::default()).unwrap();
         let mut input = Opening::new(conn, channel);
         let (counts, ending) =
@@ -298,7 +318,14 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
             other => panic!("{other:?}"),
         }
         assert_eq!(store.handed_over().unwrap(), None);
-        assert!(store.acting_identity().unwrap().is_some());
+        let me = store.acting_identity().unwrap().unwrap();
+        assert!(
+            store
+                .own_devices(&me)
+                .unwrap()
+                .is_none_or(|set| set.device(&[7; 32]).is_none()),
+            "nothing listed"
+        );
     }
     // The code still holds.
     join_quietly(&dir.path().join("new"), &code).expect("joins");
@@ -575,6 +602,7 @@ fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number
     let err = join(
         &home,
         &code,
+        "phone",
         |_, number| shown = number.to_string(),
         &JoinState::default(),
     )
@@ -591,6 +619,7 @@ fn a_device_its_user_does_not_confirm_gets_nothing_and_both_ends_show_one_number
     join(
         &home,
         &code,
+        "phone",
         |_, number| second = number.to_string(),
         &JoinState::default(),
     )

@@ -214,6 +214,18 @@ impl LocalStore {
         w.remove(TreeId::Meta, RESEND_KEY);
     }
 
+    /// Our messages a restore found unconfirmed are another device's to deliver (this
+    /// home joined beside it): shown as sent from there, and not sealed again here.
+    pub fn forget_resends(&self) -> Result<(), StoreError> {
+        let mut w = WriteSet::default();
+        for (_, key, mut record) in self.pending_resends()? {
+            record.state = MessageState::SentElsewhere;
+            w.put_record(TreeId::Messages, key, &record);
+        }
+        Self::clear_resends(&mut w);
+        self.apply(w)
+    }
+
     /// Notes a backup made now to `recipient` (an age recipient).
     pub fn note_backup(&self, recipient: &str, at_ms: u64) -> Result<(), StoreError> {
         let mut w = WriteSet::default();

@@ -352,7 +352,7 @@ async fn a_join_cancelled_while_it_waits_stops_at_once_tells_the_old_device_and_
     let home = dir.path().join("new");
     let joining = {
         let home = home.clone();
-        tokio::task::spawn_blocking(move || join(&home, &code, |_, _| {}, &state))
+        tokio::task::spawn_blocking(move || join(&home, &code, "phone", |_, _| {}, &state))
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     let cancelled_at = Instant::now();

@@ -12,9 +12,9 @@ use crate::history::{kkachi_bin, long_conversation};
 /// `kkachi backup create`, `verify` and `restore` of a home holding `n` messages, each
 /// the median of three runs. The baseline is `verify`: reading the same backup through
 /// (decrypting and checking every chunk) without writing anything. Then each restored
-/// home is handed to a new one over loopback (`device link`, `device join`): the join,
-/// from start to its home in place; and that one to another through a relay on
-/// loopback (`device link --relay-only`), whose baseline is the direct hand-over.
+/// home is joined by a new device over loopback (`device link`, `device join`): the
+/// join, from start to its home in place; and that one by another through a relay on
+/// loopback (`device link --relay-only`), whose baseline is the direct link.
 pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
     let home = root.join("backup-home");
     long_conversation(&home, n)?;
@@ -89,7 +89,7 @@ pub(crate) fn backup_bench(root: &Path, n: usize) -> Result<serde_json::Value> {
     )
 }
 
-/// Hands the account in `old` to a new home `new` over loopback, or (`relayed`)
+/// Joins a new home `new` to the account in `old` over loopback, or (`relayed`)
 /// through the account's relay alone; how long the join took.
 fn link_once(bin: &Path, old: &Path, new: &Path, relayed: bool) -> Result<Duration> {
     use std::io::{BufRead, BufReader};

@@ -247,7 +247,7 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
         let restore_ms = restore.value;
         out.push(restore);
         let mut link = row(
-            "hand the same account to a new device (ms)",
+            "a new device joins the same account (ms)",
             &backup["link_ms"],
             0,
             "device link → device join over loopback, until the new home is in place".to_string(),
@@ -261,7 +261,7 @@ fn rows(args: &Args, r: &Value) -> Vec<Row> {
             0,
             "device link --relay-only → device join, through a relay on loopback".to_string(),
         );
-        relayed.ratio = Some((relayed.value / link_ms, "the direct hand-over"));
+        relayed.ratio = Some((relayed.value / link_ms, "the direct link"));
         out.push(relayed);
     }
     if args.part("restart") {
