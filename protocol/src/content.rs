@@ -40,6 +40,7 @@ const KIND_FILE: u16 = 10;
 const KIND_GROUP: u16 = 11;
 const KIND_DEVICES: u16 = 12;
 const KIND_SENT: u16 = 13;
+const KIND_ACCOUNT: u16 = 14;
 /// Longest peer id a copy for our other devices names (an Ed25519 one is 38 bytes).
 const MAX_PEER_ID_LEN: usize = 64;
 
@@ -169,6 +170,119 @@ pub enum GroupBody {
     },
 }
 
+const ACCOUNT_CONTACT_ADDED: u8 = 1;
+const ACCOUNT_CONTACT_REMOVED: u8 = 2;
+const ACCOUNT_BLOCKED: u8 = 3;
+const ACCOUNT_UNBLOCKED: u8 = 4;
+const ACCOUNT_DELETED_FOR_ME: u8 = 5;
+
+/// A change one device of an account made to the account's own records, for its other
+/// devices only (SPEC §15.2): they make the same change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountRecord {
+    /// A contact added (or accepted), under the name given them here.
+    ContactAdded {
+        /// Their card, as added.
+        card: Box<Card>,
+        /// The name shown for them (the rules for names, SPEC §2).
+        name: String,
+    },
+    /// A contact removed, with everything kept about them.
+    ContactRemoved {
+        /// Who.
+        peer: libp2p_identity::PeerId,
+    },
+    /// Someone blocked.
+    Blocked {
+        /// Who.
+        peer: libp2p_identity::PeerId,
+    },
+    /// Someone unblocked.
+    Unblocked {
+        /// Who.
+        peer: libp2p_identity::PeerId,
+    },
+    /// A message of the conversation with `peer` deleted on this device only.
+    DeletedForMe {
+        /// The contact.
+        peer: libp2p_identity::PeerId,
+        /// The message.
+        id: MessageId,
+    },
+}
+
+impl AccountRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        // Peer ids longer than any are refused by `check`; a length never wraps.
+        let peer = |w: &mut Writer, p: &libp2p_identity::PeerId| {
+            let bytes = p.to_bytes();
+            w.bytes8(&bytes[..bytes.len().min(usize::from(u8::MAX))]);
+        };
+        match self {
+            AccountRecord::ContactAdded { card, name } => {
+                w.u8(ACCOUNT_CONTACT_ADDED).bytes16(&card.encode());
+                w.bytes8(&name.as_bytes()[..name.len().min(usize::from(u8::MAX))]);
+            }
+            AccountRecord::ContactRemoved { peer: p } => peer(w.u8(ACCOUNT_CONTACT_REMOVED), p),
+            AccountRecord::Blocked { peer: p } => peer(w.u8(ACCOUNT_BLOCKED), p),
+            AccountRecord::Unblocked { peer: p } => peer(w.u8(ACCOUNT_UNBLOCKED), p),
+            AccountRecord::DeletedForMe { peer: p, id } => {
+                peer(w.u8(ACCOUNT_DELETED_FOR_ME), p);
+                w.raw(&id.0);
+            }
+        }
+        w.finish()
+    }
+
+    fn decode(data: &[u8]) -> Result<Self, ContentError> {
+        let mut r = Reader::new(data);
+        let peer = |r: &mut Reader<'_>| -> Result<libp2p_identity::PeerId, ContentError> {
+            let bytes = r.bytes8(MAX_PEER_ID_LEN, "account record's peer")?;
+            libp2p_identity::PeerId::from_bytes(bytes).map_err(|_| {
+                DecodeError::Invalid {
+                    field: "account record's peer",
+                    reason: "not a peer id",
+                }
+                .into()
+            })
+        };
+        let record = match r.u8("account record")? {
+            ACCOUNT_CONTACT_ADDED => {
+                let card = Card::decode(r.bytes16(crate::card::MAX_CARD_LEN, "added card")?)?;
+                let name = r.str8(crate::card::MAX_NAME_LEN, "contact name")?;
+                crate::card::check_name(name).map_err(CardError::from)?;
+                AccountRecord::ContactAdded {
+                    card: Box::new(card),
+                    name: name.to_owned(),
+                }
+            }
+            ACCOUNT_CONTACT_REMOVED => AccountRecord::ContactRemoved {
+                peer: peer(&mut r)?,
+            },
+            ACCOUNT_BLOCKED => AccountRecord::Blocked {
+                peer: peer(&mut r)?,
+            },
+            ACCOUNT_UNBLOCKED => AccountRecord::Unblocked {
+                peer: peer(&mut r)?,
+            },
+            ACCOUNT_DELETED_FOR_ME => AccountRecord::DeletedForMe {
+                peer: peer(&mut r)?,
+                id: MessageId(r.array("message id")?),
+            },
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    field: "account record",
+                    tag: tag.into(),
+                }
+                .into());
+            }
+        };
+        r.finish()?;
+        Ok(record)
+    }
+}
+
 /// What a receipt reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReceiptStatus {
@@ -271,6 +385,9 @@ pub enum Body {
         /// The record.
         content: Box<Content>,
     },
+    /// For the sender's own other devices only (SPEC §15.2): a change it made to the
+    /// account's own records (contacts, blocks, deletions for this device).
+    Account(AccountRecord),
     /// A kind this version does not understand, kept verbatim.
     Unknown {
         /// The kind tag.
@@ -326,6 +443,7 @@ impl Body {
             Body::Group { .. } => KIND_GROUP,
             Body::Devices(_) => KIND_DEVICES,
             Body::Sent { .. } => KIND_SENT,
+            Body::Account(_) => KIND_ACCOUNT,
             Body::Unknown { kind, .. } => *kind,
         }
     }
@@ -436,6 +554,7 @@ impl Body {
                     .raw(&content);
                 w.finish()
             }
+            Body::Account(record) => record.encode(),
             Body::Devices(set) | Body::Unknown { data: set, .. } => set.clone(),
         }
     }
@@ -472,6 +591,7 @@ impl Body {
                 return Err(ContentError::DevicesTooLong(data.len()));
             }
             KIND_DEVICES => Body::Devices(data.to_vec()),
+            KIND_ACCOUNT => Body::Account(AccountRecord::decode(data)?),
             KIND_SENT => {
                 let mut r = Reader::new(data);
                 let to = r.bytes8(MAX_PEER_ID_LEN, "copy's contact")?;
@@ -851,6 +971,9 @@ impl Content {
             }
             Body::Unknown { data, .. } if data.len() > MAX_BODY_LEN => {
                 Err(ContentError::BodyTooLarge(data.len()))
+            }
+            Body::Account(AccountRecord::ContactAdded { name, .. }) => {
+                crate::card::check_name(name).map_err(|e| ContentError::Card(CardError::from(e)))
             }
             Body::Sent { content, .. } if matches!(content.body, Body::Sent { .. }) => {
                 Err(ContentError::CopyOfACopy)
@@ -1328,6 +1451,62 @@ mod tests {
             ..copy
         };
         assert!(matches!(long.check(), Err(ContentError::BodyTooLarge(_))));
+    }
+
+    #[test]
+    fn account_records_round_trip_and_a_malformed_one_is_refused() {
+        let id = Identity::generate();
+        let card = Card::new(&id, "Minji", vec![], 1).unwrap();
+        let records = [
+            AccountRecord::ContactAdded {
+                card: Box::new(card.clone()),
+                name: "민지 (work)".into(),
+            },
+            AccountRecord::ContactRemoved { peer: fixed_peer() },
+            AccountRecord::Blocked { peer: fixed_peer() },
+            AccountRecord::Unblocked { peer: fixed_peer() },
+            AccountRecord::DeletedForMe {
+                peer: fixed_peer(),
+                id: MessageId([5; 16]),
+            },
+        ];
+        for record in records {
+            let mut c = text(0, "");
+            c.body = Body::Account(record);
+            c.check().unwrap();
+            let bytes = c.encode();
+            assert_eq!(Content::decode(&bytes).unwrap(), c);
+            assert!(!c.body.is_sequenced());
+            // Cut short anywhere in the body: refused.
+            let body_len = bytes.len() - CONTENT_HEADER_LEN;
+            for cut in 0..body_len {
+                let mut short = bytes[..CONTENT_HEADER_LEN + cut].to_vec();
+                short[CONTENT_HEADER_LEN - 4..CONTENT_HEADER_LEN]
+                    .copy_from_slice(&(cut as u32).to_be_bytes());
+                assert!(Content::decode(&short).is_err(), "cut at {cut}");
+            }
+        }
+        // A blocked peer, known answer: kind 14, tag 3, the peer id behind its length.
+        let mut c = text(0, "");
+        c.body = Body::Account(AccountRecord::Blocked { peer: fixed_peer() });
+        assert!(hex::encode(c.encode()).ends_with(concat!(
+            "000e",
+            "00000028",
+            "03",
+            "26",
+            "002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c"
+        )));
+        // A name the rules refuse, and an unknown tag: refused, sealing and reading.
+        let mut bad = text(0, "");
+        bad.body = Body::Account(AccountRecord::ContactAdded {
+            card: Box::new(card),
+            name: "a\u{202e}b".into(),
+        });
+        assert!(bad.check().is_err());
+        assert!(Content::decode(&bad.encode()).is_err());
+        let mut unknown = c.encode();
+        unknown[CONTENT_HEADER_LEN] = 9;
+        assert!(Content::decode(&unknown).is_err());
     }
 
     #[test]

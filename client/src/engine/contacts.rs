@@ -7,6 +7,7 @@
 //! moment. Each writes (applied, not flushed); the owner flushes before it answers.
 
 use kkachi_protocol::card::{CardError, NameError, check_new_name};
+use kkachi_protocol::content::AccountRecord;
 use kkachi_protocol::envelope::CLOCK_SKEW_SECS;
 use kkachi_protocol::{Body, Card, Envelope, PeerId, Session};
 use thiserror::Error;
@@ -230,6 +231,14 @@ impl<T> State<T> {
         if unblocked {
             LocalStore::write_unblocked(&mut w, &peer);
         }
+        if existing.is_none_or(|c| c.through_group) {
+            // Our other devices add them too (SPEC §15.2).
+            let record = AccountRecord::ContactAdded {
+                card: Box::new(contact.card.clone()),
+                name: contact.name.clone(),
+            };
+            self.tell_own(&mut w, sessions, record, now)?;
+        }
         self.apply_or_reset(sessions, w)?;
         Ok(ContactOutcome {
             // A member met in a group becomes a contact: added, as far as the user knows.
@@ -283,7 +292,11 @@ impl<T> State<T> {
         LocalStore::write_blocked(&mut w, peer, &record);
         self.store.forget_outbox(&mut w, peer)?;
         self.store.remove_request(&mut w, peer)?;
-        self.store.apply(w)?;
+        self.with_sessions(|this, sessions| {
+            let told = AccountRecord::Blocked { peer: *peer };
+            this.tell_own(&mut w, sessions, told, record.at_ms)?;
+            this.apply_or_reset(sessions, w)
+        })?;
         self.sweep_files();
         if let Some(contact) = self.store.contact(peer)? {
             // Our relays stop taking their puts, from every device of theirs.
@@ -301,7 +314,11 @@ impl<T> State<T> {
         }
         let mut w = WriteSet::default();
         LocalStore::write_unblocked(&mut w, peer);
-        self.store.apply(w)?;
+        self.with_sessions(|this, sessions| {
+            let told = AccountRecord::Unblocked { peer: *peer };
+            this.tell_own(&mut w, sessions, told, now_ms())?;
+            this.apply_or_reset(sessions, w)
+        })?;
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(true)
     }
@@ -333,6 +350,12 @@ impl<T> State<T> {
                 // afresh, under the key their card then has).
                 w.remove(crate::store::TreeId::Sessions, peer.to_bytes());
             }
+            this.tell_own(
+                &mut w,
+                sessions,
+                AccountRecord::ContactRemoved { peer: *peer },
+                now,
+            )?;
             this.apply_or_reset(sessions, w)?;
             Ok(removed)
         })?;

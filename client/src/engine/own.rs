@@ -9,6 +9,7 @@
 //! contact. A copy names the contact it went to: one this device does not hold is
 //! dropped (contacts are added on each device).
 
+use kkachi_protocol::content::AccountRecord;
 use kkachi_protocol::device::DeviceSet;
 use kkachi_protocol::{Body, Content, MessageId, PeerId, ReceiptStatus};
 
@@ -63,15 +64,147 @@ impl<T> State<T> {
     pub(super) fn apply_from_own(
         &self,
         w: &mut WriteSet,
+        sessions: &mut Sessions,
         content: Content,
         now: u64,
     ) -> Result<Outcome, EngineError> {
         match content.body {
             Body::Sent { to, content } => self.apply_sent(w, &to, *content, now),
             Body::Devices(bytes) => self.take_own_devices(w, &bytes),
+            Body::Account(record) => self.take_account(w, sessions, record, now),
             _ => Ok(Outcome::Dropped(
                 "a record from another device of ours that only contacts send".into(),
             )),
+        }
+    }
+
+    /// Seals `record` (a change to our own records just made here) for each of our
+    /// other devices, into `w` with the change itself. Nothing while our set lists this
+    /// device alone.
+    pub(crate) fn tell_own(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        record: AccountRecord,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let Some(own) = self.own_contact()? else {
+            return Ok(());
+        };
+        let session = sessions.get(&self.store, &own)?;
+        if session.devices.is_empty() {
+            return Ok(());
+        }
+        let body = Body::Account(record);
+        self.queue_control(w, &own, session, body, now)?;
+        Ok(())
+    }
+
+    /// A change another device of ours made to our records: made here too, as far as it
+    /// changes anything (a contact added who is one here already stays as they are, so
+    /// nothing goes back and forth). Never a contact under our own account or key.
+    fn take_account(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        record: AccountRecord,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let me = self.me.peer_id();
+        match record {
+            AccountRecord::ContactAdded { card, name } => {
+                let peer = card.identity().peer_id();
+                if peer == me || *card.identity().x25519() == self.me.x25519_public() {
+                    return Ok(Outcome::Refused(
+                        "a contact under our own account, from another device of ours".into(),
+                    ));
+                }
+                let contacts = self.store.contacts()?;
+                if contacts.iter().any(|c| c.peer == peer && c.is_added()) {
+                    return Ok(Outcome::Applied("a contact added here already"));
+                }
+                // As a code added by hand would be: never a key their account took
+                // out, nor one another contact holds.
+                if self.names_removed_device(&card)?
+                    || contacts.iter().any(|c| {
+                        c.peer != peer && c.card.identity().x25519() == card.identity().x25519()
+                    })
+                {
+                    return Ok(Outcome::Refused(
+                        "a contact added on another device of ours whose key cannot be theirs here"
+                            .into(),
+                    ));
+                }
+                // Their name here, unless another contact has it: then their card's.
+                let name = if contacts.iter().any(|c| {
+                    c.is_added() && c.peer != peer && c.name.to_lowercase() == name.to_lowercase()
+                }) {
+                    card.name().to_owned()
+                } else {
+                    name
+                };
+                let contact = Contact::new(peer, name, *card);
+                LocalStore::write_contact(w, &contact);
+                if self.store.blocked(&peer)?.is_some() {
+                    LocalStore::write_unblocked(w, &peer);
+                }
+                // What they sent while not a contact here is taken in once this batch
+                // ends, and our relays grant them.
+                self.newly_met.lock().push(peer);
+                self.grants_changed();
+                self.emit(AppEvent::ContactUpdated(peer));
+                Ok(Outcome::Applied(
+                    "a contact added on another device of ours",
+                ))
+            }
+            AccountRecord::ContactRemoved { peer } => {
+                let Some(contact) = self.store.contact(&peer)?.filter(Contact::is_added) else {
+                    return Ok(Outcome::Applied("a contact removed here already"));
+                };
+                let keys = self.device_keys(&contact)?;
+                self.store.forget_contact(w, &peer)?;
+                sessions.forget(&peer);
+                self.revoked.lock().extend(keys);
+                self.emit(AppEvent::ContactUpdated(peer));
+                Ok(Outcome::Applied(
+                    "a contact removed on another device of ours",
+                ))
+            }
+            AccountRecord::Blocked { peer } => {
+                if peer == me || self.store.blocked(&peer)?.is_some() {
+                    return Ok(Outcome::Applied("blocked here already"));
+                }
+                let contact = self.store.contact(&peer)?;
+                let name = contact
+                    .as_ref()
+                    .map_or_else(|| peer.to_string(), |c| c.name.clone());
+                LocalStore::write_blocked(w, &peer, &crate::store::Blocked { name, at_ms: now });
+                self.store.forget_outbox(w, &peer)?;
+                self.store.remove_request(w, &peer)?;
+                if let Some(contact) = contact {
+                    let keys = self.device_keys(&contact)?;
+                    self.revoked.lock().extend(keys);
+                }
+                self.emit(AppEvent::ContactUpdated(peer));
+                Ok(Outcome::Applied("blocked on another device of ours"))
+            }
+            AccountRecord::Unblocked { peer } => {
+                if self.store.blocked(&peer)?.is_some() {
+                    LocalStore::write_unblocked(w, &peer);
+                    self.grants_changed();
+                    self.emit(AppEvent::ContactUpdated(peer));
+                }
+                Ok(Outcome::Applied("unblocked on another device of ours"))
+            }
+            AccountRecord::DeletedForMe { peer, id } => {
+                if let Some((key, _)) = self.store.message(&peer, &id)? {
+                    w.remove(TreeId::Messages, key);
+                    self.emit(AppEvent::ContactUpdated(peer));
+                }
+                Ok(Outcome::Applied(
+                    "a message deleted on another device of ours",
+                ))
+            }
         }
     }
 

@@ -1046,6 +1046,7 @@ impl<T> State<T> {
             | Body::CardUpdate(_)
             | Body::Devices(_)
             | Body::Sent { .. }
+            | Body::Account(_)
             | Body::Timer { .. }
             | Body::Edit { .. }
             | Body::Delete { .. }
@@ -1118,7 +1119,7 @@ impl<T> State<T> {
     ) -> Result<Outcome, EngineError> {
         let peer = contact.peer;
         if peer == self.me.peer_id() {
-            return self.apply_from_own(w, content, now);
+            return self.apply_from_own(w, sessions, content, now);
         }
         if contact.through_group
             && !matches!(
@@ -1404,7 +1405,9 @@ impl<T> State<T> {
             }
             Body::Group { .. } => self.apply_group(w, sessions, contact, &device, &content, now),
             // Only an account's own devices copy to each other.
-            Body::Sent { .. } => refused("a copy for the other devices of someone else's account"),
+            Body::Sent { .. } | Body::Account(_) => {
+                refused("a record for the other devices of someone else's account")
+            }
             Body::Unknown { kind, .. } => {
                 // A kind from a newer version: it still takes its place in their
                 // sequence, so it causes no false gap.

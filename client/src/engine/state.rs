@@ -1144,7 +1144,14 @@ impl<T> State<T> {
         };
         let mut w = WriteSet::default();
         w.remove(TreeId::Messages, key);
-        self.store.apply(w)?;
+        self.with_sessions(|this, sessions| {
+            let told = kkachi_protocol::content::AccountRecord::DeletedForMe {
+                peer: *peer,
+                id: target,
+            };
+            this.tell_own(&mut w, sessions, told, super::now_ms())?;
+            this.apply_or_reset(sessions, w)
+        })?;
         self.sweep_files();
         self.emit(AppEvent::ContactUpdated(*peer));
         Ok(())

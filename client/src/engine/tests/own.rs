@@ -203,3 +203,99 @@ async fn device_sets_edited_on_two_devices_at_once_converge() {
         listed.len()
     );
 }
+
+#[tokio::test]
+async fn contacts_blocks_and_deletions_made_on_one_device_are_made_on_the_other() {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, alice_c, _) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    let carol = User::started(&net, "carol", 2).await;
+
+    // Carol added on the laptop: a contact on the phone too, under the laptop's name
+    // for her.
+    laptop
+        .engine
+        .add_contact(carol.card.clone(), Some("Carol (work)".into()))
+        .await
+        .unwrap();
+    laptop.engine.settle().await.unwrap();
+    phone.sync().await;
+    let carol_at_phone = phone.contact_of(&carol.peer()).expect("added on the phone");
+    assert_eq!(carol_at_phone.name, "Carol (work)");
+    assert!(carol_at_phone.is_added());
+    // The phone writes to her: she takes it as Alice's (her set comes first).
+    carol.add_contact(&laptop);
+    carol.regrant().await;
+    phone.regrant().await;
+    phone
+        .send(&carol_at_phone, "carol, from alice's phone")
+        .await;
+    assert_eq!(texts(&carol.sync().await), ["carol, from alice's phone"]);
+
+    // Bob blocked on the phone: blocked on the laptop, which drops what he sends.
+    phone.engine.block(bob.peer(), "bob".into()).await.unwrap();
+    phone.engine.settle().await.unwrap();
+    laptop.sync().await;
+    assert!(
+        laptop
+            .engine
+            .store()
+            .blocked(&bob.peer())
+            .unwrap()
+            .is_some()
+    );
+    bob.send(&alice_c, "while blocked").await;
+    assert!(laptop.sync().await.is_empty(), "dropped unread");
+    // Unblocked on the laptop: on the phone too.
+    laptop.engine.unblock(bob.peer()).await.unwrap();
+    laptop.engine.settle().await.unwrap();
+    phone.sync().await;
+    assert!(phone.engine.store().blocked(&bob.peer()).unwrap().is_none());
+
+    // A message deleted for me on the laptop: gone from the phone, not from Bob's.
+    let kept = |user: &User| {
+        user.messages(&bob)
+            .into_iter()
+            .map(|m| MessageId(m.id))
+            .collect::<Vec<_>>()
+    };
+    let target = kept(&laptop)[0];
+    assert!(kept(&phone).contains(&target));
+    laptop
+        .engine
+        .delete_for_me(bob.peer(), target)
+        .await
+        .unwrap();
+    laptop.engine.settle().await.unwrap();
+    phone.sync().await;
+    assert!(!kept(&phone).contains(&target), "deleted on the phone");
+    assert!(
+        bob.messages(&laptop).iter().any(|m| m.id == target.0),
+        "Bob keeps his copy"
+    );
+
+    // Carol removed on the phone: removed on the laptop.
+    phone.engine.remove_contact(carol.peer()).await.unwrap();
+    phone.engine.settle().await.unwrap();
+    laptop.sync().await;
+    assert!(laptop.contact_of(&carol.peer()).is_none());
+    // Nothing went back and forth: neither device has anything more to read.
+    assert!(laptop.sync().await.is_empty());
+    assert!(phone.sync().await.is_empty());
+    let waiting = |user: &User| {
+        user.engine
+            .store()
+            .outbox()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e.contact == user.peer().to_bytes())
+            .count()
+    };
+    laptop.engine.settle().await.unwrap();
+    phone.engine.settle().await.unwrap();
+    println!(
+        "a contact added, a block, an unblock, a deletion and a removal each reached the other device; {} and {} copies left waiting",
+        waiting(&laptop),
+        waiting(&phone)
+    );
+}
