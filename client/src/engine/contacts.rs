@@ -160,7 +160,7 @@ impl<T> State<T> {
         if peer == self.me.peer_id() {
             return Err(ContactError::Own.into());
         }
-        if *card.identity().x25519() == self.me.x25519_public() {
+        if self.is_own_device_key(card.identity().x25519())? {
             return Err(ContactError::OwnKey.into());
         }
         let contacts = self.store.contacts()?;

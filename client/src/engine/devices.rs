@@ -191,9 +191,12 @@ impl<T> State<T> {
                 "that is this device: remove it from another device of the account".into(),
             ));
         }
+        let before = set.clone();
         set.remove(&self.me, &key, now / 1000)
             .map_err(|e| EngineError::Invalid(format!("cannot remove that device: {e}")))?;
         LocalStore::write_own_devices(&mut w, &set);
+        // Nothing more goes to it from here, not even what waits.
+        self.drop_own_taken_out(&mut w, &before, &set);
         self.store.apply(w)?;
         Ok((set, key))
     }

@@ -801,7 +801,7 @@ impl<T> State<T> {
         let peer = card.identity().peer_id();
         let x = card.identity().x25519();
         if peer == self.me.peer_id()
-            || *x == self.me.x25519_public()
+            || self.is_own_device_key(x)?
             || self.store.blocked(&peer)?.is_some()
             || card.check_fresh(now / 1000).is_err()
         {

@@ -70,7 +70,7 @@ impl<T> State<T> {
     ) -> Result<Outcome, EngineError> {
         match content.body {
             Body::Sent { to, content } => self.apply_sent(w, &to, *content, now),
-            Body::Devices(bytes) => self.take_own_devices(w, &bytes),
+            Body::Devices(bytes) => self.take_own_devices(w, &bytes, now),
             Body::Account(record) => self.take_account(w, sessions, record, now),
             _ => Ok(Outcome::Dropped(
                 "a record from another device of ours that only contacts send".into(),
@@ -208,15 +208,78 @@ impl<T> State<T> {
         }
     }
 
+    /// Whether first message `init`, sealed with `key` by another device of our
+    /// account, carries our set (as a device's first words are) listing `key`, which
+    /// the set we keep did not take out: a device of ours under a key we did not hold
+    /// yet (one that changed key, or joined elsewhere).
+    pub(super) fn own_set_carried_lists(
+        &self,
+        init: &kkachi_protocol::session::InitPacket,
+        key: &[u8; 32],
+    ) -> Result<bool, EngineError> {
+        let Ok(Content {
+            body: Body::Devices(bytes),
+            ..
+        }) = Content::decode(init.body())
+        else {
+            return Ok(false);
+        };
+        let Ok(carried) = DeviceSet::decode(self.me.public().ed25519(), &bytes) else {
+            return Ok(false);
+        };
+        let kept_out = self
+            .store
+            .own_devices(&self.me)?
+            .is_some_and(|set| set.is_removed(key));
+        Ok(carried.device(key).is_some() && !kept_out && *key != self.me.x25519_public())
+    }
+
+    /// Whether `key` is, or was, a device of our account (our set lists it, or took it
+    /// out): no contact's card may name it.
+    pub(crate) fn is_own_device_key(&self, key: &[u8; 32]) -> Result<bool, EngineError> {
+        Ok(*key == self.me.x25519_public()
+            || self
+                .store
+                .own_devices(&self.me)?
+                .is_some_and(|set| set.device(key).is_some() || set.is_removed(key)))
+    }
+
+    /// What a change of our set from `before` to `after` takes out (SPEC §15.2): our
+    /// sessions with those devices, and what waits for them, go in `w`.
+    pub(crate) fn drop_own_taken_out(
+        &self,
+        w: &mut WriteSet,
+        before: &DeviceSet,
+        after: &DeviceSet,
+    ) {
+        let me = self.me.peer_id();
+        for removal in after.removals() {
+            let key = *removal.key();
+            if before.is_removed(&key) {
+                continue;
+            }
+            LocalStore::remove_device_session(w, &me, &key);
+            for entry in self.store.outbox_keys_of_device(&me, &Some(key)) {
+                w.remove(TreeId::Outbox, entry.to_be_bytes().to_vec());
+            }
+        }
+    }
+
     /// Merges the set another device of ours sent over ours. A set that does not
     /// hold, or whose merge would pass the bound, is refused whole.
-    fn take_own_devices(&self, w: &mut WriteSet, bytes: &[u8]) -> Result<Outcome, EngineError> {
+    fn take_own_devices(
+        &self,
+        w: &mut WriteSet,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
         let Ok(theirs) = DeviceSet::decode(self.me.public().ed25519(), bytes) else {
             return Ok(Outcome::Refused(
                 "a device set from another device of ours that does not hold".into(),
             ));
         };
-        let mut set = self.own_devices(w, super::now_ms())?;
+        let mut set = self.own_devices(w, now)?;
+        let kept = set.clone();
         let before = set.encode();
         if set.merge(&theirs).is_err() {
             return Ok(Outcome::Refused(
@@ -232,6 +295,7 @@ impl<T> State<T> {
             );
         }
         LocalStore::write_own_devices(w, &set);
+        self.drop_own_taken_out(w, &kept, &set);
         // The sessions with our other devices follow the set (once it is applied), as
         // do our relays' grants; contacts and our other devices get the merged set at
         // the next upkeep.
@@ -251,23 +315,35 @@ impl<T> State<T> {
         content: Content,
         now: u64,
     ) -> Result<Outcome, EngineError> {
+        if *to == self.me.peer_id() {
+            return Ok(Outcome::Refused("a copy of a record to ourselves".into()));
+        }
         let Some(contact) = self.store.added_contact(to)? else {
             return Ok(Outcome::Dropped(
                 "a copy of what another device of ours sent someone this one does not hold".into(),
             ));
         };
-        if *to == self.me.peer_id() {
-            return Ok(Outcome::Refused("a copy of a record to ourselves".into()));
-        }
         match content.body {
             Body::Text(_) | Body::TimedText { .. } | Body::Reply { .. } | Body::File { .. } => {
                 self.take_sent_message(w, &contact, content, now)
             }
-            Body::Edit { target, text } => {
-                self.take_own_change(w, to, target, Direction::Out, |r| r.revise(Some(text)))
-            }
-            Body::Delete { target } => {
-                self.take_own_change(w, to, target, Direction::Out, |r| r.revise(None))
+            Body::Edit { .. } | Body::Delete { .. } => {
+                let (target, change) = match content.body {
+                    Body::Edit { target, text } => (target, Some(text)),
+                    Body::Delete { target } => (target, None),
+                    _ => unreachable!("matched above"),
+                };
+                if self.store.message(to, &target)?.is_none() {
+                    // Its copy may come later (another relay): the change waits for it,
+                    // as a contact's does.
+                    let mut conv = self.store.conversation(to)?;
+                    conv.hold_revision(target.0, content.seq, change);
+                    LocalStore::write_conversation(w, to, &conv);
+                    return Ok(Outcome::Applied(
+                        "a change made on another device of ours, before its message",
+                    ));
+                }
+                self.take_own_change(w, to, target, Direction::Out, |r| r.revise(change))
             }
             Body::Reaction { target, own, emoji } => {
                 let direction = if own { Direction::Out } else { Direction::In };
@@ -336,6 +412,14 @@ impl<T> State<T> {
         let mut conv = self.store.conversation(&peer)?;
         let local = conv.next_local;
         conv.next_local += 1;
+        if let Some((_, secs)) = content.body.text()
+            && secs > 0
+            && content.sent_at_ms.saturating_add(u64::from(secs) * 1000) < now
+        {
+            // A timed message whose time ran out (a copy sealed again late): gone here
+            // as everywhere.
+            return Ok(Outcome::Applied("a copy of a message of ours that ran out"));
+        }
         let (text, secs, reply_to, file) = match content.body {
             Body::Text(text) => (text, 0, None, None),
             Body::TimedText { secs, text } => (text, secs, None, None),
@@ -358,7 +442,7 @@ impl<T> State<T> {
             ),
             _ => unreachable!("a message"),
         };
-        let record = MessageRecord {
+        let mut record = MessageRecord {
             id: content.id.0,
             direction: Direction::Out,
             text,
@@ -380,6 +464,8 @@ impl<T> State<T> {
             reactions: Default::default(),
             file,
         };
+        // An edit or delete of it that came first.
+        conv.apply_held_revision(&mut record);
         conv.note_expiry(record.expires_at());
         self.note_expiry_due(record.expires_at());
         LocalStore::write_conversation(w, &peer, &conv);

@@ -615,7 +615,12 @@ impl<T> State<T> {
             // Another device of our account (SPEC §15.2), if our set lists its key.
             let key = *init.remote_static();
             let listed = match self.own_contact()? {
-                Some(own) if sessions.get(&self.store, &own)?.devices.contains_key(&key) => own,
+                Some(own)
+                    if sessions.get(&self.store, &own)?.devices.contains_key(&key)
+                        || self.own_set_carried_lists(&init, &key)? =>
+                {
+                    own
+                }
                 _ => return end("a first message that claims to be from ourselves"),
             };
             return self.open_from_device(w, sessions, &listed, init, under_old_key, now);
@@ -850,12 +855,14 @@ impl<T> State<T> {
             return end("a device of theirs under our previous session key");
         }
         // One key, one person (2): a key another contact's card names is not also a
-        // device of this one's.
-        if let Some(other) = self
-            .store
-            .contacts()?
-            .iter()
-            .find(|c| c.peer != contact.peer && *c.card.identity().x25519() == key)
+        // device of this one's. (Our own devices are known by our signed set, which
+        // no contact's card can overrule.)
+        if contact.peer != self.me.peer_id()
+            && let Some(other) = self
+                .store
+                .contacts()?
+                .iter()
+                .find(|c| c.peer != contact.peer && *c.card.identity().x25519() == key)
         {
             tracing::warn!(contact = %contact.peer, holder = %other.peer, "a contact's device proved a key another contact's card names: that card is forged");
             return end("a device under a key another contact's card names");
@@ -1681,7 +1688,9 @@ impl<T> State<T> {
         self.with_sessions(|this, sessions| {
             let mut w = WriteSet::default();
             let mut n = 0;
-            for contact in this.store.contacts()?.iter() {
+            // Our own other devices too (SPEC §15.2).
+            let own = this.own_contact()?;
+            for contact in this.store.contacts()?.iter().chain(own.as_ref()) {
                 if this.store.outbox_keys_of(&contact.peer).is_empty()
                     || this.store.blocked(&contact.peer)?.is_some()
                 {

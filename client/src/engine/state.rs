@@ -707,7 +707,10 @@ impl<T> State<T> {
                 content: if kind == OutboxKind::Message
                     || matches!(
                         content.body,
-                        Body::Group { .. } | Body::Devices(_) | Body::Sent { .. }
+                        Body::Group { .. }
+                            | Body::Devices(_)
+                            | Body::Sent { .. }
+                            | Body::Account(_)
                     ) {
                     encoded.clone()
                 } else {

@@ -19,9 +19,10 @@ struct Head {
 /// A message for one device of a contact: contact, message id, device.
 type Addressed = (Vec<u8>, [u8; 16], Option<[u8; 32]>);
 
-/// The outbox's messages by contact, message id and device, in memory, kept up to
-/// date by every write: a receipt (which names message ids) or a contact who lost its
-/// session finds its entries without reading the whole outbox.
+/// The outbox's messages (and the control records for devices other than a card's) by
+/// contact, message id and device, in memory, kept up to date by every write: a
+/// receipt (which names message ids) or a contact who lost its session finds its
+/// entries without reading the whole outbox.
 #[derive(Debug, Default)]
 pub(super) struct OutboxIndex {
     by_contact: HashMap<Vec<u8>, BTreeSet<u64>>,
@@ -44,7 +45,11 @@ impl OutboxIndex {
         let Some((head, _)) = value.and_then(|v| postcard::take_from_bytes::<Head>(v).ok()) else {
             return;
         };
-        if head.kind != OutboxKind::Message {
+        // Messages, and whatever goes to a device other than a card's (a contact's
+        // other device, or one of ours): what a device taken out, or a new session
+        // with it, must find.
+        let for_a_device = head.kind == OutboxKind::Control && head.device.is_some();
+        if head.kind != OutboxKind::Message && !for_a_device {
             return;
         }
         self.by_contact

@@ -3,8 +3,8 @@
 //! who we are to contacts, stays. The key before is kept for as long as what was
 //! sealed to it, or put into the queues derived from it, can still arrive.
 
-use kkachi_protocol::Identity;
 use kkachi_protocol::session::RETAIN_SECS;
+use kkachi_protocol::{Identity, PeerId};
 use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
@@ -189,9 +189,18 @@ impl LocalStore {
         profile.card_version += 1;
         Self::write_profile(&mut w, &profile);
         let mut resealed = 0;
-        for contact in self.contacts()?.iter() {
-            self.forget_sessions(&mut w, &contact.peer)?;
-            for key in self.outbox_keys_of(&contact.peer) {
+        // Our other devices too (SPEC §15.2): our sessions with them were under the old
+        // key; what waits for them goes again on new ones (put with the old key's
+        // capability, which they granted, until they hold the new set).
+        let peers: Vec<PeerId> = self
+            .contacts()?
+            .iter()
+            .map(|c| c.peer)
+            .chain(std::iter::once(me.peer_id()))
+            .collect();
+        for peer in &peers {
+            self.forget_sessions(&mut w, peer)?;
+            for key in self.outbox_keys_of(peer) {
                 let Some(mut entry) = self.outbox_entry(key)? else {
                     continue;
                 };

@@ -166,6 +166,12 @@ pub async fn run_with(
             Some(msg) = rx.recv() => msg,
             event = recv_event(&mut events) => match event {
                 // Shown as soon as it is in the store; the durable copy changes nothing.
+                // Ours, sent from another device of ours: shown, neither rung nor notified.
+                Some(AppEvent::Incoming(r))
+                    if r.message.direction == crate::store::Direction::Out =>
+                {
+                    Msg::Redraw
+                }
                 Some(AppEvent::Incoming(r)) if r.change.is_none() => match &r.group {
                     Some(group) => Msg::GroupArrived {
                         id: group.id,

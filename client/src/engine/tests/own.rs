@@ -1,7 +1,7 @@
 //! An account's own devices (SPEC §15.2): each shows what the others sent, changed and
 //! read, and their device set converges whatever order its edits take.
 
-use super::devices::{names, second_device, set_of, texts, with_a_phone};
+use super::devices::{names, second_device, set_of, texts, waiting_for, with_a_phone};
 use super::*;
 
 /// `user`'s copy of message `id` with `to`.
@@ -298,4 +298,100 @@ async fn contacts_blocks_and_deletions_made_on_one_device_are_made_on_the_other(
         waiting(&laptop),
         waiting(&phone)
     );
+}
+
+#[tokio::test]
+async fn a_change_of_key_on_one_device_and_a_card_naming_another_leave_them_in_sync() {
+    let net = FakeNet::default();
+    let (laptop, mut phone, bob, _, phone_key) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    let bob_at_laptop = laptop.contact_of(&bob.peer()).unwrap();
+    laptop.send(&bob_at_laptop, "before").await;
+    assert_eq!(texts(&phone.sync().await), ["before"]);
+    phone.engine.settle().await.unwrap();
+
+    // Someone hands the laptop a card naming the phone's key: refused, as our own.
+    let mallory = User::started(&net, "mallory", 1).await;
+    let forged = kkachi_protocol::fuzzing::forged_card(
+        mallory.engine.identity(),
+        phone_key,
+        "Alice's phone",
+        mallory.relays.clone(),
+        1,
+    );
+    let err = laptop.engine.add_contact(forged, None).await.unwrap_err();
+    assert!(
+        matches!(err, EngineError::Contact(ContactError::OwnKey)),
+        "{err}"
+    );
+
+    // The phone changes key: its first words to the laptop carry the set that lists
+    // the new key, under the old key's capability the laptop granted.
+    let rotated = phone.rotate(&net).await;
+    let new_key = rotated.identity.x25519_public();
+    assert_ne!(new_key, phone_key);
+    let bob_at_phone = phone.contact_of(&bob.peer()).unwrap();
+    phone
+        .send(&bob_at_phone, "from the phone under its new key")
+        .await;
+    assert_eq!(
+        texts(&laptop.sync().await),
+        ["from the phone under its new key"]
+    );
+    laptop.engine.settle().await.unwrap();
+    laptop.regrant().await;
+    let own = laptop
+        .engine
+        .store()
+        .own_devices(laptop.engine.identity())
+        .unwrap()
+        .unwrap();
+    assert!(own.device(&new_key).is_some() && own.is_removed(&phone_key));
+    // And back: the laptop seals to the new key.
+    laptop.send(&bob_at_laptop, "to the phone's new key").await;
+    assert_eq!(texts(&phone.sync().await), ["to the phone's new key"]);
+}
+
+#[tokio::test]
+async fn a_device_taken_out_gets_nothing_of_what_waited_for_it() {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, _, phone_key) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    let bob_at_laptop = laptop.contact_of(&bob.peer()).unwrap();
+    // The relays are out of reach: the copy for the phone waits here.
+    for relay in &laptop.relays {
+        net.set_up(relay, false);
+    }
+    laptop
+        .queue(&bob_at_laptop, "while the relays are away")
+        .await;
+    let waited = waiting_for(&laptop, &laptop, Some(phone_key));
+    assert!(waited >= 1, "the copy (and our set) wait for the phone");
+    // The phone is lost: taken out, and what waited for it goes with it.
+    laptop.engine.remove_device("phone".into()).await.unwrap();
+    assert_eq!(waiting_for(&laptop, &laptop, Some(phone_key)), 0);
+    assert!(
+        laptop
+            .engine
+            .store()
+            .device_sessions_of(&Contact::new(
+                laptop.peer(),
+                "me".into(),
+                laptop.card.clone()
+            ))
+            .unwrap()
+            .is_empty(),
+        "no session with it kept"
+    );
+    for relay in &laptop.relays {
+        net.set_up(relay, true);
+    }
+    laptop.engine.settle().await.unwrap();
+    let seen = texts(&phone.sync().await);
+    assert!(
+        !seen.iter().any(|t| t == "while the relays are away"),
+        "{seen:?}"
+    );
+    // Bob's copy went all the same.
+    assert_eq!(texts(&bob.sync().await), ["while the relays are away"]);
 }
