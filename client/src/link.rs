@@ -640,9 +640,14 @@ fn add_device(
         ));
     };
     let me = store.identity()?.ok_or(StoreError::Corrupt("identity"))?;
-    if to == me.x25519_public() {
+    if to == me.x25519_public()
+        || store
+            .own_devices(&me)?
+            .is_some_and(|set| set.device(&to).is_some() || set.is_removed(&to))
+    {
         return Err(LinkFailure::BrokeOff(
-            "the new device kept this device's key: it would act as this one".into(),
+            "the new device kept a key this account holds already: it would act as another device"
+                .into(),
         ));
     }
     // The commit: from here the account lists the new device beside this one (a name
@@ -771,7 +776,7 @@ pub fn join(
         if !restored.new_key {
             // It would act under the other device's key: two devices, one key.
             return Err(LinkFailure::BrokeOff(
-                "your account has listed as many device keys as it may, so no device can join it: the account stays on the other device (a new identity starts a new list)".into(),
+                "your account lists as many devices as it may (8), or has signed every device record it may: take a device out first (`kkachi device remove` on the other device), or start a new identity".into(),
             ));
         }
         // The home may have changed while the account came: checked again before the

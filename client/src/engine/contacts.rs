@@ -462,7 +462,11 @@ pub(crate) const NOT_A_CONTACT: &str = "(not a contact)";
 /// Names follow the rules of names a client makes (nothing hidden or reordered, no
 /// leading tilde, not an id, not marked as someone's who is not a contact), and no two
 /// contacts share one (any case).
-fn check_contact_name(name: &str, peer: &PeerId, contacts: &[Contact]) -> Result<(), ContactError> {
+pub(super) fn check_contact_name(
+    name: &str,
+    peer: &PeerId,
+    contacts: &[Contact],
+) -> Result<(), ContactError> {
     check_new_name(name)?;
     if looks_like_peer_id(name) {
         return Err(ContactError::NameIsPeerId);

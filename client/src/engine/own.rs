@@ -114,13 +114,14 @@ impl<T> State<T> {
         match record {
             AccountRecord::ContactAdded { card, name } => {
                 let peer = card.identity().peer_id();
-                if peer == me || *card.identity().x25519() == self.me.x25519_public() {
+                if peer == me || self.is_own_device_key(card.identity().x25519())? {
                     return Ok(Outcome::Refused(
                         "a contact under our own account, from another device of ours".into(),
                     ));
                 }
                 let contacts = self.store.contacts()?;
-                if contacts.iter().any(|c| c.peer == peer && c.is_added()) {
+                let existing = contacts.iter().find(|c| c.peer == peer);
+                if existing.is_some_and(Contact::is_added) {
                     return Ok(Outcome::Applied("a contact added here already"));
                 }
                 // As a code added by hand would be: never a key their account took
@@ -135,15 +136,24 @@ impl<T> State<T> {
                             .into(),
                     ));
                 }
-                // Their name here, unless another contact has it: then their card's.
-                let name = if contacts.iter().any(|c| {
-                    c.is_added() && c.peer != peer && c.name.to_lowercase() == name.to_lowercase()
-                }) {
-                    card.name().to_owned()
-                } else {
-                    name
+                // Their name there, if it passes here (no other contact has it, and
+                // the rules of names we give); else the first of "name (2)", "name
+                // (3)"… that does.
+                let added: Vec<Contact> =
+                    contacts.iter().filter(|c| c.is_added()).cloned().collect();
+                let Some(name) = std::iter::once(name.clone())
+                    .chain((2..=9).map(|n| format!("{name} ({n})")))
+                    .find(|n| super::contacts::check_contact_name(n, &peer, &added).is_ok())
+                else {
+                    return Ok(Outcome::Refused(
+                        "a contact added on another device of ours under a name no contact may have here"
+                            .into(),
+                    ));
                 };
-                let contact = Contact::new(peer, name, *card);
+                // A member met in a group keeps the card we hold (a change of their key
+                // is taken from their first message only).
+                let card = existing.map_or(*card, |c| c.card.clone());
+                let contact = Contact::new(peer, name, card);
                 LocalStore::write_contact(w, &contact);
                 if self.store.blocked(&peer)?.is_some() {
                     LocalStore::write_unblocked(w, &peer);
@@ -333,16 +343,9 @@ impl<T> State<T> {
                     Body::Delete { target } => (target, None),
                     _ => unreachable!("matched above"),
                 };
-                if self.store.message(to, &target)?.is_none() {
-                    // Its copy may come later (another relay): the change waits for it,
-                    // as a contact's does.
-                    let mut conv = self.store.conversation(to)?;
-                    conv.hold_revision(target.0, content.seq, change);
-                    LocalStore::write_conversation(w, to, &conv);
-                    return Ok(Outcome::Applied(
-                        "a change made on another device of ours, before its message",
-                    ));
-                }
+                // (One that comes before its message, through another relay, is not
+                // held: the changes held in a conversation are its contact's, and
+                // theirs must never touch ours.)
                 self.take_own_change(w, to, target, Direction::Out, |r| r.revise(change))
             }
             Body::Reaction { target, own, emoji } => {
@@ -442,7 +445,7 @@ impl<T> State<T> {
             ),
             _ => unreachable!("a message"),
         };
-        let mut record = MessageRecord {
+        let record = MessageRecord {
             id: content.id.0,
             direction: Direction::Out,
             text,
@@ -464,8 +467,6 @@ impl<T> State<T> {
             reactions: Default::default(),
             file,
         };
-        // An edit or delete of it that came first.
-        conv.apply_held_revision(&mut record);
         conv.note_expiry(record.expires_at());
         self.note_expiry_due(record.expires_at());
         LocalStore::write_conversation(w, &peer, &conv);

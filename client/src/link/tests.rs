@@ -291,12 +291,17 @@ fn a_joiner_that_never_says_it_holds_the_account_takes_nothing_from_the_old_devi
     bad_name.extend_from_slice(&[2, b'a', 0x07]);
     let mut no_name = vec![READY];
     no_name.extend_from_slice(&[7; 32]);
+    // Nor a key the account holds already (this device's).
+    let mut ours = vec![READY];
+    ours.extend_from_slice(&store.identity().unwrap().unwrap().x25519_public());
+    ours.extend_from_slice(&[5, b'p', b'h', b'o', b'n', b'e']);
     for last in [
         None,
         Some(vec![READY, 1, 2, 3]),
         Some(vec![DONE]),
         Some(bad_name),
         Some(no_name),
+        Some(ours),
     ] {
         let (conn, channel, _) = connect(&code, &JoinState::default()).unwrap();
         let mut input = Opening::new(conn, channel);

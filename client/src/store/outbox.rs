@@ -87,7 +87,8 @@ impl LocalStore {
     }
 
     /// The outbox keys of `contact`'s messages among `ids` sealed to `device` of
-    /// theirs (receipts and card updates are not included).
+    /// theirs (receipts and card updates are not included, but for devices other than
+    /// a card's, whose random ids no receipt names).
     pub fn outbox_keys_for(
         &self,
         contact: &PeerId,

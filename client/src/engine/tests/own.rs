@@ -211,8 +211,14 @@ async fn contacts_blocks_and_deletions_made_on_one_device_are_made_on_the_other(
     laptop.regrant().await;
     let carol = User::started(&net, "carol", 2).await;
 
+    // On the phone, Bob goes by the name the laptop is about to give Carol.
+    phone
+        .engine
+        .rename_contact(bob.peer(), "Carol (work)".into())
+        .await
+        .unwrap();
     // Carol added on the laptop: a contact on the phone too, under the laptop's name
-    // for her.
+    // for her, made unique there.
     laptop
         .engine
         .add_contact(carol.card.clone(), Some("Carol (work)".into()))
@@ -221,7 +227,7 @@ async fn contacts_blocks_and_deletions_made_on_one_device_are_made_on_the_other(
     laptop.engine.settle().await.unwrap();
     phone.sync().await;
     let carol_at_phone = phone.contact_of(&carol.peer()).expect("added on the phone");
-    assert_eq!(carol_at_phone.name, "Carol (work)");
+    assert_eq!(carol_at_phone.name, "Carol (work) (2)");
     assert!(carol_at_phone.is_added());
     // The phone writes to her: she takes it as Alice's (her set comes first).
     carol.add_contact(&laptop);
