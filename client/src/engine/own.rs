@@ -17,8 +17,8 @@ use super::receive::{Outcome, Received};
 use super::state::{Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::store::{
-    Contact, Direction, FileNote, LocalStore, MIN_TIMER_SECS, MessageRecord, MessageState,
-    OutboxKind, Quote, TreeId, WriteSet, message_key,
+    Contact, Direction, LocalStore, MIN_TIMER_SECS, MessageRecord, MessageState, OutboxKind,
+    TreeId, WriteSet, message_key,
 };
 
 impl<T> State<T> {
@@ -37,16 +37,13 @@ impl<T> State<T> {
         let Some(own) = self.own_contact()? else {
             return Ok(());
         };
-        let copy = Content {
-            id: MessageId(rand::random()),
-            seq: 0,
-            prev: [0; 32],
-            sent_at_ms: now,
-            body: Body::Sent {
+        let copy = super::state::control(
+            Body::Sent {
                 to: *to,
                 content: Box::new(content.clone()),
             },
-        };
+            now,
+        );
         if let Err(e) = copy.check() {
             tracing::warn!(error = %e, "a record too large to copy to our other devices");
             return Ok(());
@@ -423,28 +420,10 @@ impl<T> State<T> {
             // as everywhere.
             return Ok(Outcome::Applied("a copy of a message of ours that ran out"));
         }
-        let (text, secs, reply_to, file) = match content.body {
-            Body::Text(text) => (text, 0, None, None),
-            Body::TimedText { secs, text } => (text, secs, None, None),
-            // Its chunks went into the contact's queues: this device shows what was
-            // sent, and cannot fetch it.
-            Body::File { secs, file } => (String::new(), secs, None, Some(FileNote::of(&file))),
-            Body::Reply {
-                target,
-                own,
-                secs,
-                text,
-            } => (
-                text,
-                secs,
-                Some(Quote {
-                    id: target.0,
-                    ours: own,
-                }),
-                None,
-            ),
-            _ => unreachable!("a message"),
-        };
+        // (A file's chunks went into the contact's queues: this device shows what was
+        // sent, and cannot fetch it.)
+        let (text, secs, reply_to, file) =
+            super::receive::message_parts(content.body, true).expect("a message");
         let record = MessageRecord {
             id: content.id.0,
             direction: Direction::Out,

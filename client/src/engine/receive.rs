@@ -1170,29 +1170,9 @@ impl<T> State<T> {
                 self.take_number(w, &peer, &device, &mut conv, &content)?;
                 let local = conv.next_local;
                 conv.next_local += 1;
-                let (text, secs, reply_to, file) = match content.body {
-                    Body::Text(text) => (text, 0, None, None),
-                    Body::TimedText { secs, text } => (text, secs, None, None),
-                    Body::File { secs, file } => {
-                        (String::new(), secs, None, Some(FileNote::of(&file)))
-                    }
-                    // Their own message, or ours: whose copy to show.
-                    Body::Reply {
-                        target,
-                        own,
-                        secs,
-                        text,
-                    } => (
-                        text,
-                        secs,
-                        Some(Quote {
-                            id: target.0,
-                            ours: !own,
-                        }),
-                        None,
-                    ),
-                    _ => unreachable!("matched above"),
-                };
+                // Their own message, or ours: whose copy a reply shows.
+                let (text, secs, reply_to, file) =
+                    message_parts(content.body, false).expect("matched above");
                 // Ours lasts at least the shortest timer we keep.
                 let timer_secs = if secs == 0 {
                     0
@@ -1725,6 +1705,36 @@ fn opened_late(init: &InitPacket, now_s: u64) -> Result<Opened, SessionError> {
         peer_reset: false,
         switched: false,
         late: true,
+    })
+}
+
+/// What a message record keeps of a message's `body` (text, timer, what it answers,
+/// the file it carries), sealed by us (`ours`, a copy from another device of ours) or
+/// by the contact; `None` for a body that is no message. A reply's `own` says whether
+/// its sender sent what it answers.
+pub(super) fn message_parts(
+    body: Body,
+    ours: bool,
+) -> Option<(String, u32, Option<Quote>, Option<FileNote>)> {
+    Some(match body {
+        Body::Text(text) => (text, 0, None, None),
+        Body::TimedText { secs, text } => (text, secs, None, None),
+        Body::File { secs, file } => (String::new(), secs, None, Some(FileNote::of(&file))),
+        Body::Reply {
+            target,
+            own,
+            secs,
+            text,
+        } => (
+            text,
+            secs,
+            Some(Quote {
+                id: target.0,
+                ours: own == ours,
+            }),
+            None,
+        ),
+        _ => return None,
     })
 }
 

@@ -410,6 +410,18 @@ pub(crate) fn previous_key(store: &LocalStore, me: &Identity) -> Option<Previous
     }
 }
 
+/// A control record (unsequenced: a receipt, a card, a set, a copy for our other
+/// devices) carrying `body`, made at `at` (Unix ms), under a fresh id.
+pub(crate) fn control(body: Body, at: u64) -> Content {
+    Content {
+        id: MessageId(rand::random()),
+        seq: 0,
+        prev: [0; 32],
+        sent_at_ms: at,
+        body,
+    }
+}
+
 /// The relay an address names (its final `/p2p/…`).
 pub(crate) fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
     match addr.iter().last() {
@@ -733,13 +745,7 @@ impl<T> State<T> {
         body: Body,
         now: u64,
     ) -> Result<u64, EngineError> {
-        let content = Content {
-            id: MessageId(rand::random()),
-            seq: 0,
-            prev: [0; 32],
-            sent_at_ms: now,
-            body,
-        };
+        let content = control(body, now);
         self.seal_into(w, contact, session, &content, OutboxKind::Control, now)
     }
 
@@ -921,16 +927,13 @@ impl<T> State<T> {
         let receipts_off = self.store.profile()?.is_some_and(|p| p.read_receipts_off);
         self.with_sessions(|this, sessions| {
             for chunk in ids.chunks(kkachi_protocol::content::MAX_RECEIPT_IDS) {
-                let receipt = Content {
-                    id: MessageId(rand::random()),
-                    seq: 0,
-                    prev: [0; 32],
-                    sent_at_ms: now,
-                    body: Body::Receipt {
+                let receipt = control(
+                    Body::Receipt {
                         status: ReceiptStatus::Read,
                         ids: chunk.to_vec(),
                     },
-                };
+                    now,
+                );
                 // Without read receipts, read here (and on our other devices); they
                 // are not told.
                 if !receipts_off {
@@ -1005,13 +1008,7 @@ impl<T> State<T> {
             // Dated as the setting is, so the contact orders it as we do.
             let at = conv.timer_set_ms;
             this.queue_control(&mut w, &contact, session, Body::Timer { secs }, at)?;
-            let setting = Content {
-                id: MessageId(rand::random()),
-                seq: 0,
-                prev: [0; 32],
-                sent_at_ms: at,
-                body: Body::Timer { secs },
-            };
+            let setting = control(Body::Timer { secs }, at);
             this.copy_to_own(&mut w, sessions, peer, &setting, now)?;
             this.apply_or_reset(sessions, w)
         })?;
