@@ -350,24 +350,8 @@ impl<T> State<T> {
                 self.take_own_change(w, to, target, direction, |r| r.reactions.ours = emoji)
             }
             Body::Timer { secs } => {
-                // As a contact's setting: the one set last wins.
-                let at = content
-                    .sent_at_ms
-                    .min(now.saturating_add(kkachi_protocol::envelope::CLOCK_SKEW_SECS * 1000));
-                let secs = if secs == 0 {
-                    0
-                } else {
-                    secs.max(MIN_TIMER_SECS)
-                };
-                let mut conv = self.store.conversation(to)?;
-                if (at, std::cmp::Reverse(secs))
-                    > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs))
-                {
-                    conv.timer_secs = secs;
-                    conv.timer_set_ms = at;
-                    LocalStore::write_conversation(w, to, &conv);
-                    self.emit(AppEvent::ContactUpdated(*to));
-                }
+                // As a contact's setting: the one made last wins.
+                self.take_timer(w, to, secs, content.sent_at_ms, now)?;
                 Ok(Outcome::Applied("a timer set on another device of ours"))
             }
             Body::Receipt {

@@ -1277,25 +1277,7 @@ impl<T> State<T> {
             }
             Body::Devices(bytes) => self.take_devices(w, sessions, contact, &bytes),
             Body::Timer { secs } => {
-                // The setting sent last wins; at the same moment, the shorter one. A
-                // clock ahead of ours counts as now, so it cannot hold the setting.
-                let at = content
-                    .sent_at_ms
-                    .min(now.saturating_add(kkachi_protocol::envelope::CLOCK_SKEW_SECS * 1000));
-                let secs = if secs == 0 {
-                    0
-                } else {
-                    secs.max(MIN_TIMER_SECS)
-                };
-                let mut conv = self.store.conversation(&peer)?;
-                let newer = (at, std::cmp::Reverse(secs))
-                    > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs));
-                if newer {
-                    conv.timer_secs = secs;
-                    conv.timer_set_ms = at;
-                    LocalStore::write_conversation(w, &peer, &conv);
-                    self.emit(AppEvent::ContactUpdated(peer));
-                }
+                self.take_timer(w, &peer, secs, content.sent_at_ms, now)?;
                 Ok(Outcome::Applied("a disappearing-message timer"))
             }
             Body::Edit { .. } | Body::Delete { .. } | Body::Reaction { .. } if content.seq == 0 => {
@@ -1409,6 +1391,34 @@ impl<T> State<T> {
                 Ok(Outcome::Applied("a kind this version does not know"))
             }
         }
+    }
+
+    /// A setting of the conversation with `peer`'s timer (`secs`, 0: off) made at
+    /// `at_ms`, by them or on another device of ours: the setting made last wins; at the
+    /// same moment, the shorter one. A clock ahead of ours counts as now, so it cannot
+    /// hold the setting.
+    pub(super) fn take_timer(
+        &self,
+        w: &mut WriteSet,
+        peer: &PeerId,
+        secs: u32,
+        at_ms: u64,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let at = at_ms.min(now.saturating_add(kkachi_protocol::envelope::CLOCK_SKEW_SECS * 1000));
+        let secs = if secs == 0 {
+            0
+        } else {
+            secs.max(MIN_TIMER_SECS)
+        };
+        let mut conv = self.store.conversation(peer)?;
+        if (at, std::cmp::Reverse(secs)) > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs)) {
+            conv.timer_secs = secs;
+            conv.timer_set_ms = at;
+            LocalStore::write_conversation(w, peer, &conv);
+            self.emit(AppEvent::ContactUpdated(*peer));
+        }
+        Ok(())
     }
 
     /// Takes `peer`'s sequenced record `content`, which keeps `len` bytes, into their
