@@ -1314,6 +1314,17 @@ impl<T> State<T> {
                 LocalStore::write_group_copy(&mut w, &peer, &message_id.0, &id, local);
                 copies.push((peer.to_bytes(), MessageState::Queued));
             }
+            // Our other devices show it too (a copy of what went to the first member).
+            if let Some(first) = copies.first().and_then(|(p, _)| PeerId::from_bytes(p).ok()) {
+                let sealed = Content {
+                    id: message_id,
+                    seq: 0,
+                    prev: [0; 32],
+                    sent_at_ms: now,
+                    body: body.clone(),
+                };
+                this.copy_to_own(&mut w, sessions, &first, &sealed, now)?;
+            }
             let mut ours = new_record(message_id, Direction::Out, text, now, now, timer_secs);
             ours.file = file;
             let message = GroupMessage {
@@ -2133,6 +2144,100 @@ impl<T> State<T> {
     /// A group message to show, from `peer`: a contact by the name we gave them, a
     /// member we only know from the group by their own name marked with `~` (as
     /// messengers mark names nobody vouched for), so no one passes for a contact.
+    /// A copy of a post of ours to small group `id` (`content`, as sealed to its
+    /// members) that another device of ours made (SPEC §15.2): shown here as ours,
+    /// once, if this device is in the group.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn take_own_post(
+        &self,
+        w: &mut WriteSet,
+        id: GroupId,
+        content: &Content,
+        hlc: Hlc,
+        secs: u32,
+        posting: Posting,
+        now: u64,
+    ) -> Result<Outcome, EngineError> {
+        let me = self.me.peer_id();
+        if self
+            .store
+            .group_message_by_id(&id, &me, &content.id.0)?
+            .is_some()
+        {
+            return Ok(Outcome::Applied("a copy of a post of ours already here"));
+        }
+        let Some(mut record) = self.store.group(&id)?.filter(|r| r.joined && !r.forgotten) else {
+            return Ok(Outcome::Dropped(
+                "a copy of a post of ours to a group this device is not in".into(),
+            ));
+        };
+        let Some(roster) = self.merged(id, &record)?.roster else {
+            return Ok(Outcome::Dropped(
+                "a copy of a post of ours to a group this device is not in".into(),
+            ));
+        };
+        let Some(member) = roster.members.get(&self.own_key()) else {
+            return Ok(Outcome::Dropped(
+                "a copy of a post of ours to a group we are not in".into(),
+            ));
+        };
+        let (text, file) = match posting {
+            Posting::Text(text) => (text, None),
+            // Its chunks went to the members: shown, not fetched.
+            Posting::File(file) => (String::new(), Some(FileNote::of(&file))),
+        };
+        let timer_secs = if secs == 0 {
+            0
+        } else {
+            secs.max(crate::store::MIN_TIMER_SECS)
+        };
+        let hlc = hlc.min(Hlc {
+            ms: now.saturating_add(MAX_AHEAD_MS),
+            count: 0,
+        });
+        let mut ours = new_record(
+            content.id,
+            Direction::Out,
+            &text,
+            content.sent_at_ms,
+            now,
+            timer_secs,
+        );
+        ours.file = file;
+        ours.state = MessageState::SentElsewhere;
+        let message = GroupMessage {
+            from: Vec::new(),
+            name: member.name.clone(),
+            hlc: (hlc.ms, hlc.count),
+            message: ours,
+            copies: Vec::new(),
+            event: false,
+            unseen: false,
+            missed: Vec::new(),
+            post_seq: 0,
+            reach: (0, 0, 0),
+        };
+        self.note_group_expiry(&mut record, &message);
+        record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
+        let local = record.next_local;
+        record.next_local += 1;
+        LocalStore::write_group_message(w, &id, local, &message);
+        LocalStore::write_group_message_index(w, &id, &me, &content.id.0, local);
+        LocalStore::write_group(w, &id, &record);
+        Ok(Outcome::Shown(Box::new(Received {
+            contact: me,
+            name: message.name.clone(),
+            message: message.message,
+            gaps: Default::default(),
+            change: None,
+            group: Some(GroupTag {
+                id: roster.id,
+                name: roster.name.clone(),
+                event: false,
+            }),
+        })))
+    }
+
     fn shown(&self, peer: PeerId, roster: &Roster, message: GroupMessage) -> Received {
         let name = match self.store.added_contact(&peer) {
             Ok(Some(c)) => c.name,

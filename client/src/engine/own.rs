@@ -9,10 +9,11 @@
 //! contact. A copy names the contact it went to: one this device does not hold is
 //! dropped (contacts are added on each device).
 
-use kkachi_protocol::content::AccountRecord;
+use kkachi_protocol::content::{AccountRecord, GroupBody};
 use kkachi_protocol::device::DeviceSet;
 use kkachi_protocol::{Body, Content, MessageId, PeerId, ReceiptStatus};
 
+use super::groups::Posting;
 use super::receive::{Outcome, Received};
 use super::state::{Sessions, State};
 use super::{AppEvent, EngineError};
@@ -324,6 +325,24 @@ impl<T> State<T> {
     ) -> Result<Outcome, EngineError> {
         if *to == self.me.peer_id() {
             return Ok(Outcome::Refused("a copy of a record to ourselves".into()));
+        }
+        // A post of ours to a small group: the group says where it goes, whoever of
+        // its members the copy names.
+        if let Body::Group { group, what } = &content.body {
+            let (hlc, secs, posting) = match what {
+                GroupBody::Message {
+                    hlc, secs, text, ..
+                } => (*hlc, *secs, Posting::Text(text.clone())),
+                GroupBody::File {
+                    hlc, secs, file, ..
+                } => (*hlc, *secs, Posting::File(file.clone())),
+                _ => {
+                    return Ok(Outcome::Dropped(
+                        "a copy of a group record our devices do not share".into(),
+                    ));
+                }
+            };
+            return self.take_own_post(w, *group, &content, hlc, secs, posting, now);
         }
         let Some(contact) = self.store.added_contact(to)? else {
             return Ok(Outcome::Dropped(

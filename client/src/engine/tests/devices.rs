@@ -33,7 +33,7 @@ fn devices_record(set: Vec<u8>) -> Content {
 
 /// Alice and Bob as [`pair`] makes them, once they talked and her next upkeep (any
 /// sync) has sent Bob her set and he has read it; with Bob as Alice knows him.
-async fn pair_with_sets(net: &FakeNet) -> (User, User, Contact) {
+pub(super) async fn pair_with_sets(net: &FakeNet) -> (User, User, Contact) {
     let (alice, bob, bob_c, alice_c) = pair(net).await;
     // Before Bob writes to her, nothing goes: he may not have added her.
     alice.sync().await;

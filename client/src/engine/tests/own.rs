@@ -401,3 +401,67 @@ async fn a_device_taken_out_gets_nothing_of_what_waited_for_it() {
     // Bob's copy went all the same.
     assert_eq!(texts(&bob.sync().await), ["while the relays are away"]);
 }
+
+#[tokio::test]
+async fn a_post_to_a_group_from_one_device_shows_on_the_other() {
+    let net = FakeNet::default();
+    let (laptop, bob, _) = super::devices::pair_with_sets(&net).await;
+    // A group with Bob, made before the phone joined (it comes with the account).
+    let id = laptop.engine.create_group("Hikers".into()).await.unwrap();
+    laptop
+        .engine
+        .change_group(id, crate::engine::GroupChange::Add(vec![bob.peer()]))
+        .await
+        .unwrap();
+    bob.sync().await;
+    let phone = second_device(&net, &laptop, "phone");
+    phone.regrant().await;
+    laptop.regrant().await;
+    let posts = |user: &User| -> Vec<(String, Direction)> {
+        user.engine
+            .store()
+            .group_messages(&id)
+            .unwrap()
+            .into_iter()
+            .filter(|m| !m.event)
+            .map(|m| (m.message.text, m.message.direction))
+            .collect()
+    };
+
+    // Posted on the laptop: Bob gets it, and the phone shows it as ours, once.
+    laptop
+        .engine
+        .send_group(id, "meet at the trailhead".into())
+        .await
+        .unwrap();
+    laptop.engine.settle().await.unwrap();
+    let shown = phone.sync().await;
+    assert_eq!(texts(&shown), ["meet at the trailhead"]);
+    assert_eq!(shown[0].group.as_ref().map(|g| g.id), Some(id));
+    assert_eq!(
+        posts(&phone),
+        [("meet at the trailhead".to_string(), Direction::Out)]
+    );
+    assert_eq!(texts(&bob.sync().await), ["meet at the trailhead"]);
+    // Posted on the phone: the laptop shows it as ours, and Bob gets it.
+    phone
+        .engine
+        .send_group(id, "bringing water".into())
+        .await
+        .unwrap();
+    phone.engine.settle().await.unwrap();
+    assert_eq!(texts(&laptop.sync().await), ["bringing water"]);
+    assert_eq!(texts(&bob.sync().await), ["bringing water"]);
+    assert!(phone.sync().await.is_empty() && laptop.sync().await.is_empty());
+    for user in [&laptop, &phone] {
+        let mut all = posts(user);
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            all,
+            [
+                ("bringing water".to_string(), Direction::Out),
+                ("meet at the trailhead".to_string(), Direction::Out)
+            ]
+        );
+    }
+}
