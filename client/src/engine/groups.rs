@@ -471,6 +471,16 @@ impl<T> State<T> {
                     None => unreachable.push(name.clone()),
                 }
             }
+            // Our other devices take the whole log (SPEC §15.2): a group made here
+            // after they joined, too. (A copy names a member it went to.)
+            if let Some((identity, _)) = audience.values().next() {
+                let first = identity.peer_id();
+                for what in ops_records(&all, true, have) {
+                    let body = Body::Group { group: id, what };
+                    let record = super::state::control(body, now);
+                    this.copy_to_own(&mut w, sessions, &first, &record, now)?;
+                }
+            }
             if !after.relays.is_empty() {
                 // An epoch without anyone who left and with everyone added, and the
                 // group queue telling every member (a removed one too, under the
@@ -559,23 +569,8 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<(), EngineError> {
         let session = sessions.get(&self.store, contact)?;
-        let mut start = 0;
-        while start < ops.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < ops.len()
-                && (end == start || bytes + 2 + ops[end].encode().len() <= OPS_RECORD_BYTES)
-            {
-                bytes += 2 + ops[end].encode().len();
-                end += 1;
-            }
-            let what = GroupBody::Ops {
-                all: whole.is_some() && end == ops.len(),
-                have,
-                ops: ops[start..end].to_vec(),
-            };
+        for what in ops_records(ops, whole.is_some(), have) {
             self.queue_group_record(w, contact, session, id, what, now)?;
-            start = end;
         }
         session.write(w, &contact.peer);
         self.pass_cards(w, sessions, contact, id, ops, whole, now)
@@ -1579,7 +1574,7 @@ impl<T> State<T> {
 
     /// [`Self::take_ops`] from `sender` (their identity key and peer id): a contact, or
     /// a member whose post in a large group's queue carried them.
-    fn take_ops_from(
+    pub(super) fn take_ops_from(
         &self,
         w: &mut WriteSet,
         sessions: &mut Sessions,
@@ -1767,7 +1762,8 @@ impl<T> State<T> {
             })
             .collect();
         for key in ours {
-            if key == sender || new.iter().all(|o| o.author() == &key) {
+            // (Our other device that made them shared them.)
+            if key == sender || sender == me || new.iter().all(|o| o.author() == &key) {
                 continue;
             }
             let Some(m) = after.members.get(&key) else {
@@ -2354,6 +2350,30 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
 pub(crate) enum Posting {
     Text(String),
     File(Box<FileRef>),
+}
+
+/// `ops` cut into group records of at most [`OPS_RECORD_BYTES`] each (the last says
+/// whether they are the `whole` log), with our digest `have`.
+fn ops_records(ops: &[SignedOp], whole: bool, have: [u8; 16]) -> Vec<GroupBody> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < ops.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < ops.len()
+            && (end == start || bytes + 2 + ops[end].encode().len() <= OPS_RECORD_BYTES)
+        {
+            bytes += 2 + ops[end].encode().len();
+            end += 1;
+        }
+        out.push(GroupBody::Ops {
+            all: whole && end == ops.len(),
+            have,
+            ops: ops[start..end].to_vec(),
+        });
+        start = end;
+    }
+    out
 }
 
 /// A message record as a group message holds it.

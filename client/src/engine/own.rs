@@ -67,7 +67,7 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<Outcome, EngineError> {
         match content.body {
-            Body::Sent { to, content } => self.apply_sent(w, &to, *content, now),
+            Body::Sent { to, content } => self.apply_sent(w, sessions, &to, *content, now),
             Body::Devices(bytes) => self.take_own_devices(w, &bytes, now),
             Body::Account(record) => self.take_account(w, sessions, record, now),
             _ => Ok(Outcome::Dropped(
@@ -319,6 +319,7 @@ impl<T> State<T> {
     fn apply_sent(
         &self,
         w: &mut WriteSet,
+        sessions: &mut Sessions,
         to: &PeerId,
         content: Content,
         now: u64,
@@ -336,6 +337,11 @@ impl<T> State<T> {
                 GroupBody::File {
                     hlc, secs, file, ..
                 } => (*hlc, *secs, Posting::File(file.clone())),
+                // The group's log, as this account signed it on another device.
+                GroupBody::Ops { ops, .. } => {
+                    let me = (*self.me.public().ed25519(), self.me.peer_id());
+                    return self.take_ops_from(w, sessions, me, *group, ops.clone(), now);
+                }
                 _ => {
                     return Ok(Outcome::Dropped(
                         "a copy of a group record our devices do not share".into(),

@@ -465,3 +465,55 @@ async fn a_post_to_a_group_from_one_device_shows_on_the_other() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_group_made_on_one_device_after_the_other_joined_reaches_it() {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, _, _) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    // The laptop makes a group with Bob: the phone takes its log, as ours.
+    let id = laptop
+        .engine
+        .create_group("Night shift".into())
+        .await
+        .unwrap();
+    laptop
+        .engine
+        .change_group(id, crate::engine::GroupChange::Add(vec![bob.peer()]))
+        .await
+        .unwrap();
+    laptop.engine.settle().await.unwrap();
+    bob.sync().await;
+    phone.sync().await;
+    let members = |user: &User| {
+        let record = user
+            .engine
+            .store()
+            .group(&id)
+            .unwrap()
+            .expect("the group is here");
+        assert!(record.joined);
+        let mut names: Vec<String> = record
+            .roster(id)
+            .unwrap()
+            .unwrap()
+            .members
+            .values()
+            .map(|m| m.name.clone())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(members(&phone), members(&laptop));
+    assert_eq!(members(&phone).len(), 2);
+    // The phone posts in it: Bob gets it once, and the laptop shows it as ours.
+    phone
+        .engine
+        .send_group(id, "I'll take the first watch".into())
+        .await
+        .unwrap();
+    phone.engine.settle().await.unwrap();
+    assert_eq!(texts(&bob.sync().await), ["I'll take the first watch"]);
+    assert_eq!(texts(&laptop.sync().await), ["I'll take the first watch"]);
+    assert!(bob.sync().await.is_empty(), "once");
+}
