@@ -471,11 +471,17 @@ impl<T> State<T> {
                     None => unreachable.push(name.clone()),
                 }
             }
-            // Our other devices take the whole log (SPEC §15.2): a group made here
-            // after they joined, too. (A copy names a member it went to.)
+            // Our other devices take the log (SPEC §15.2): a group made here after they
+            // joined, too. The whole log while it is short (as a group starts: what
+            // came since is then new operations only). (A copy names a member told.)
             if let Some((identity, _)) = audience.values().next() {
                 let first = identity.peer_id();
-                for what in ops_records(&all, true, have) {
+                let (copied, whole) = if all.len() <= WHOLE_LOG_TO_OWN_OPS {
+                    (&all, true)
+                } else {
+                    (&new_ops, false)
+                };
+                for what in ops_records(copied, whole, have) {
                     let body = Body::Group { group: id, what };
                     let record = super::state::control(body, now);
                     this.copy_to_own(&mut w, sessions, &first, &record, now)?;
@@ -1588,12 +1594,18 @@ impl<T> State<T> {
             Some(g) => Some(g),
             None => self.store.group(&id)?,
         };
-        if existing.is_none() && !self.may_hold_another(w, &sender_peer, now)? {
+        // (A log another device of ours signed is ours: not counted as a contact's.)
+        let from_us = sender == me;
+        if existing.is_none() && !from_us && !self.may_hold_another(w, &sender_peer, now)? {
             return refused_ops("too many groups from this contact wait to be complete");
         }
         let mut record = existing.unwrap_or_else(|| GroupRecord {
             joined_ms: now,
-            invited_by: sender_peer.to_bytes(),
+            invited_by: if from_us {
+                Vec::new()
+            } else {
+                sender_peer.to_bytes()
+            },
             ..GroupRecord::default()
         });
         let held = record.signed_ops()?;
@@ -2137,9 +2149,6 @@ impl<T> State<T> {
         Ok((gone, next))
     }
 
-    /// A group message to show, from `peer`: a contact by the name we gave them, a
-    /// member we only know from the group by their own name marked with `~` (as
-    /// messengers mark names nobody vouched for), so no one passes for a contact.
     /// A copy of a post of ours to small group `id` (`content`, as sealed to its
     /// members) that another device of ours made (SPEC §15.2): shown here as ours,
     /// once, if this device is in the group.
@@ -2157,7 +2166,7 @@ impl<T> State<T> {
         let me = self.me.peer_id();
         if self
             .store
-            .group_message_by_id(&id, &me, &content.id.0)?
+            .own_group_post(&id, &me, &content.id.0)?
             .is_some()
         {
             return Ok(Outcome::Applied("a copy of a post of ours already here"));
@@ -2234,6 +2243,9 @@ impl<T> State<T> {
         })))
     }
 
+    /// A group message to show, from `peer`: a contact by the name we gave them, a
+    /// member we only know from the group by their own name marked with `~` (as
+    /// messengers mark names nobody vouched for), so no one passes for a contact.
     fn shown(&self, peer: PeerId, roster: &Roster, message: GroupMessage) -> Received {
         let name = match self.store.added_contact(&peer) {
             Ok(Some(c)) => c.name,
@@ -2351,6 +2363,10 @@ pub(crate) enum Posting {
     Text(String),
     File(Box<FileRef>),
 }
+
+/// A group's log up to this many operations goes whole to our other devices after each
+/// change we sign; a longer one, only the new operations.
+const WHOLE_LOG_TO_OWN_OPS: usize = 64;
 
 /// `ops` cut into group records of at most [`OPS_RECORD_BYTES`] each (the last says
 /// whether they are the `whole` log), with our digest `have`.

@@ -474,6 +474,24 @@ impl LocalStore {
             }))
     }
 
+    /// Our own post `message` in group `id` as another device of ours copied it here,
+    /// noted by [`LocalStore::write_group_message_index`] under our peer id `me`.
+    pub fn own_group_post(
+        &self,
+        id: &GroupId,
+        me: &PeerId,
+        message: &[u8; 16],
+    ) -> Result<Option<GroupMessage>, StoreError> {
+        let mut key = group_member_key(id, me);
+        key.extend_from_slice(message);
+        let Some(at) = self.tree(TreeId::GroupIndex).get(key)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_record::<GroupMessage>(TreeId::GroupMessages, &at, "group message")?
+            .filter(|m| m.message.id == *message && m.from.is_empty()))
+    }
+
     /// Entries of the group index (tests: nothing is left behind).
     #[cfg(test)]
     pub(crate) fn group_index_len(&self) -> usize {

@@ -443,6 +443,24 @@ async fn a_post_to_a_group_from_one_device_shows_on_the_other() {
         [("meet at the trailhead".to_string(), Direction::Out)]
     );
     assert_eq!(texts(&bob.sync().await), ["meet at the trailhead"]);
+    // The same copy again (as after a new session): not shown twice.
+    let again = MessageId(shown[0].message.id);
+    let shown_again = phone
+        .engine
+        .change(move |state, now| {
+            let mut w = WriteSet::default();
+            let copy = crate::engine::state::control(Body::Text(String::new()), now);
+            let copy = Content { id: again, ..copy };
+            let posting = crate::engine::groups::Posting::Text("meet at the trailhead".into());
+            let hlc = kkachi_protocol::group::Hlc::default();
+            let outcome = state.take_own_post(&mut w, id, &copy, hlc, 0, posting, now)?;
+            state.store.apply(w)?;
+            Ok(matches!(outcome, crate::engine::receive::Outcome::Shown(_)))
+        })
+        .await
+        .unwrap();
+    assert!(!shown_again, "once");
+    assert_eq!(posts(&phone).len(), 1);
     // Posted on the phone: the laptop shows it as ours, and Bob gets it.
     phone
         .engine
