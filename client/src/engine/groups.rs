@@ -1315,8 +1315,13 @@ impl<T> State<T> {
                 LocalStore::write_group_copy(&mut w, &peer, &message_id.0, &id, local);
                 copies.push((peer.to_bytes(), MessageState::Queued));
             }
-            // Our other devices show it too (a copy of what went to the first member).
-            if let Some(first) = copies.first().and_then(|(p, _)| PeerId::from_bytes(p).ok()) {
+            // Our other devices show it too (a copy naming a member, reached or not).
+            if let Some(first) = roster
+                .members
+                .iter()
+                .find(|(k, _)| **k != me)
+                .map(|(_, m)| m.identity.peer_id())
+            {
                 let sealed = Content {
                     id: message_id,
                     seq: 0,
@@ -2018,14 +2023,24 @@ impl<T> State<T> {
                 .map(|k| self.call(k, &rosters))
                 .collect::<Result<_, _>>()?;
             others.sort_by_key(|n| n.to_lowercase());
-            push(
-                by,
+            let made_by_us = by.is_none()
+                && author_of(&|op| matches!(op, Op::Create { .. }))
+                    .is_some_and(|o| o.author() == &me);
+            let text = if made_by_us {
+                // Made on another device of ours: its log came from there.
+                format!(
+                    "you made {} on another device; members: you, {}",
+                    after.name,
+                    others.join(", ")
+                )
+            } else {
                 format!(
                     "{who} added you to {}; members: you, {}",
                     after.name,
                     others.join(", ")
-                ),
-            );
+                )
+            };
+            push(by, text);
             return Ok(out);
         }
         // Who each admin added, said in one line per admin.

@@ -524,6 +524,20 @@ async fn a_group_made_on_one_device_after_the_other_joined_reaches_it() {
     };
     assert_eq!(members(&phone), members(&laptop));
     assert_eq!(members(&phone).len(), 2);
+    let said: Vec<String> = phone
+        .engine
+        .store()
+        .group_messages(&id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.event)
+        .map(|m| m.message.text)
+        .collect();
+    assert!(
+        said.iter()
+            .any(|t| t.starts_with("you made Night shift on another device")),
+        "{said:?}"
+    );
     // The phone posts in it: Bob gets it once, and the laptop shows it as ours.
     phone
         .engine
