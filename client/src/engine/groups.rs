@@ -1275,11 +1275,7 @@ impl<T> State<T> {
         .check()
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let own_name = roster.members[&me].name.clone();
-        let timer_secs = if roster.timer_secs == 0 {
-            0
-        } else {
-            roster.timer_secs.max(crate::store::MIN_TIMER_SECS)
-        };
+        let timer_secs = crate::store::kept_timer(roster.timer_secs);
         if timer_secs != 0 {
             let ends = now.saturating_add(u64::from(timer_secs) * 1000);
             record.next_expiry_ms = match record.next_expiry_ms {
@@ -1841,11 +1837,7 @@ impl<T> State<T> {
             return refused_ops("over the storage limit for one contact");
         }
         LocalStore::write_receipt_due(w, &peer, &content.id);
-        let timer_secs = if secs == 0 {
-            0
-        } else {
-            secs.max(crate::store::MIN_TIMER_SECS)
-        };
+        let timer_secs = crate::store::kept_timer(secs);
         // A clock far ahead would pin the message below every later one: it counts as
         // at most now plus the allowed skew.
         let hlc = hlc.min(Hlc {
@@ -2206,11 +2198,7 @@ impl<T> State<T> {
             // Its chunks went to the members: shown, not fetched.
             Posting::File(file) => (String::new(), Some(FileNote::of(&file))),
         };
-        let timer_secs = if secs == 0 {
-            0
-        } else {
-            secs.max(crate::store::MIN_TIMER_SECS)
-        };
+        let timer_secs = crate::store::kept_timer(secs);
         let hlc = hlc.min(Hlc {
             ms: now.saturating_add(MAX_AHEAD_MS),
             count: 0,

@@ -18,8 +18,8 @@ use super::receive::{Outcome, Received};
 use super::state::{Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::store::{
-    Contact, Direction, LocalStore, MIN_TIMER_SECS, MessageRecord, MessageState, OutboxKind,
-    TreeId, WriteSet, message_key,
+    Contact, Direction, LocalStore, MessageRecord, MessageState, OutboxKind, TreeId, WriteSet,
+    message_key,
 };
 
 impl<T> State<T> {
@@ -443,11 +443,7 @@ impl<T> State<T> {
             stored_at_ms: now,
             seq: content.seq,
             prev: content.prev,
-            timer_secs: if secs == 0 {
-                0
-            } else {
-                secs.max(MIN_TIMER_SECS)
-            },
+            timer_secs: crate::store::kept_timer(secs),
             edited: false,
             deleted: false,
             revised_seq: 0,

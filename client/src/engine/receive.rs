@@ -30,8 +30,7 @@ use super::{AppEvent, EngineError};
 use crate::sequence::{ChainCheck, ChainLink, Gaps, note_break};
 use crate::store::{
     Contact, Direction, FileNote, HeldMessage, LocalStore, MAX_HELD_PER_SENDER, MAX_HELD_TOTAL,
-    MAX_STORED_PER_CONTACT, MIN_TIMER_SECS, MessageRecord, MessageState, Quote, TreeId, WriteSet,
-    message_key,
+    MAX_STORED_PER_CONTACT, MessageRecord, MessageState, Quote, TreeId, WriteSet, message_key,
 };
 
 /// A message shown to the user.
@@ -1174,11 +1173,7 @@ impl<T> State<T> {
                 let (text, secs, reply_to, file) =
                     message_parts(content.body, false).expect("matched above");
                 // Ours lasts at least the shortest timer we keep.
-                let timer_secs = if secs == 0 {
-                    0
-                } else {
-                    secs.max(MIN_TIMER_SECS)
-                };
+                let timer_secs = crate::store::kept_timer(secs);
                 let mut record = MessageRecord {
                     id: content.id.0,
                     direction: Direction::In,
@@ -1406,11 +1401,7 @@ impl<T> State<T> {
         now: u64,
     ) -> Result<(), EngineError> {
         let at = at_ms.min(now.saturating_add(kkachi_protocol::envelope::CLOCK_SKEW_SECS * 1000));
-        let secs = if secs == 0 {
-            0
-        } else {
-            secs.max(MIN_TIMER_SECS)
-        };
+        let secs = crate::store::kept_timer(secs);
         let mut conv = self.store.conversation(peer)?;
         if (at, std::cmp::Reverse(secs)) > (conv.timer_set_ms, std::cmp::Reverse(conv.timer_secs)) {
             conv.timer_secs = secs;

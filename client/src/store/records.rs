@@ -442,6 +442,15 @@ pub const RECORD_CHARGE: u64 = 256;
 /// this, so nothing vanishes before it can be read.
 pub const MIN_TIMER_SECS: u32 = 5;
 
+/// The timer kept for one of `secs` (0: none): at least [`MIN_TIMER_SECS`].
+pub fn kept_timer(secs: u32) -> u32 {
+    if secs == 0 {
+        0
+    } else {
+        secs.max(MIN_TIMER_SECS)
+    }
+}
+
 /// What an outbox entry carries.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum OutboxKind {

@@ -593,11 +593,7 @@ impl<T> State<T> {
             ms: now.saturating_add(MAX_AHEAD_MS),
             count: 0,
         };
-        let timer_secs = if roster.timer_secs == 0 {
-            0
-        } else {
-            roster.timer_secs.max(crate::store::MIN_TIMER_SECS)
-        };
+        let timer_secs = crate::store::kept_timer(roster.timer_secs);
         let (body, text, file) = match posting {
             Posting::Text(text) => (
                 PostBody::Message {
@@ -1133,11 +1129,7 @@ impl<T> State<T> {
             return Ok(Vec::new());
         }
         record.large.have_due = true;
-        let timer_secs = if seconds == 0 {
-            0
-        } else {
-            seconds.max(crate::store::MIN_TIMER_SECS)
-        };
+        let timer_secs = crate::store::kept_timer(seconds);
         let hlc = post.hlc().min(Hlc {
             ms: now.saturating_add(MAX_AHEAD_MS),
             count: 0,
