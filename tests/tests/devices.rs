@@ -1,6 +1,7 @@
 //! Devices against the real binaries: a device joins an account over the network with
 //! a one-time code (`device link`, `device join`); both devices send and receive, each
-//! shows what the other sent, every message once; a device taken out (`device remove`)
+//! shows what the other sent, every message once, and each has the contacts and blocks
+//! made on the other; a device taken out (`device remove`)
 //! is sealed nothing more; a mistyped code and a code nobody holds are named as such.
 //! Prints its figures.
 
@@ -257,6 +258,29 @@ fn a_device_joins_with_a_code_and_both_devices_send_receive_and_show_each_others
         Some(2),
         "{seen}"
     );
+
+    // A contact added on the laptop is one on the phone; a block on the phone holds
+    // on the laptop.
+    let carol = User::new(dir.path(), "carol");
+    carol.ok(&["relay", "add", &relay.addr]);
+    alice.ok(&["contact", "add", &carol.invite()]);
+    // (Adding works offline: what it tells goes at the next sync.)
+    alice.ok(&["sync"]);
+    phone.ok(&["sync"]);
+    let carol_at = |user: &User| {
+        let list = json(&user.ok(&["contact", "list", "--json"]));
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "carol")
+            .cloned()
+            .unwrap_or_else(|| panic!("carol is not a contact of {}: {list}", user.name))
+    };
+    assert_eq!(carol_at(&phone)["blocked"], false);
+    phone.ok(&["contact", "block", "carol"]);
+    phone.ok(&["sync"]);
+    alice.ok(&["sync"]);
+    assert_eq!(carol_at(&alice)["blocked"], true);
 
     // The laptop takes the phone out: it is listed no more, on either device or at
     // Bob's once the set reaches them.
