@@ -1,8 +1,10 @@
 //! Our account's other devices (SPEC §15.2): what this device seals to a contact goes
 //! to them as a copy (content kind 13), and what they sealed comes here the same way,
-//! so every device shows the conversation as the account had it: the messages each
-//! sent, edits, deletions and reactions, timers, and what was read. They also send each
-//! other the account's device set whenever it changes, merged here as a contact's is.
+//! so every device shows the conversations as the account had them: the messages each
+//! sent, edits, deletions and reactions, timers, what was read, posts to groups and
+//! each group's log. Changes to the account's records (contacts, blocks, deletions on
+//! one device) go as account records (kind 14). They also send each other the
+//! account's device set whenever it changes, merged here as a contact's is.
 //!
 //! They are read as one more peer, under our own peer id ([`State::own_contact`]), with
 //! a session per device ([`super::state::Sessions`]); never stored or shown as a
@@ -35,7 +37,7 @@ impl<T> State<T> {
         content: &Content,
         now: u64,
     ) -> Result<(), EngineError> {
-        let Some(own) = self.own_contact()? else {
+        let Some((own, session)) = self.own_sessions(sessions)? else {
             return Ok(());
         };
         let copy = super::state::control(
@@ -49,12 +51,21 @@ impl<T> State<T> {
             tracing::warn!(error = %e, "a record too large to copy to our other devices");
             return Ok(());
         }
-        let session = sessions.get(&self.store, &own)?;
-        if session.devices.is_empty() {
-            return Ok(());
-        }
         self.seal_into(w, &own, session, &copy, OutboxKind::Control, now)?;
         Ok(())
+    }
+
+    /// Our other devices as one peer, and our sessions with them; `None` while our set
+    /// lists this device alone.
+    fn own_sessions<'a>(
+        &self,
+        sessions: &'a mut Sessions,
+    ) -> Result<Option<(Contact, &'a mut super::state::PeerSessions)>, EngineError> {
+        let Some(own) = self.own_contact()? else {
+            return Ok(None);
+        };
+        let session = sessions.get(&self.store, &own)?;
+        Ok((!session.devices.is_empty()).then_some((own, session)))
     }
 
     /// What one of our other devices sealed to us: a copy of what it sent a contact,
@@ -86,15 +97,9 @@ impl<T> State<T> {
         record: AccountRecord,
         now: u64,
     ) -> Result<(), EngineError> {
-        let Some(own) = self.own_contact()? else {
-            return Ok(());
-        };
-        let session = sessions.get(&self.store, &own)?;
-        if session.devices.is_empty() {
-            return Ok(());
+        if let Some((own, session)) = self.own_sessions(sessions)? {
+            self.queue_control(w, &own, session, Body::Account(record), now)?;
         }
-        let body = Body::Account(record);
-        self.queue_control(w, &own, session, body, now)?;
         Ok(())
     }
 
