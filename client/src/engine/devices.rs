@@ -12,7 +12,7 @@ use kkachi_protocol::device::DeviceSet;
 use kkachi_protocol::{Body, Card};
 
 use super::receive::Outcome;
-use super::state::{PeerSessions, Sessions, State};
+use super::state::{OwnPeer, PeerSessions, Sessions, State};
 use super::{AppEvent, EngineError};
 use crate::store::{Contact, DEFAULT_DEVICE_NAME, LocalStore, WriteSet, devices_digest};
 
@@ -37,32 +37,43 @@ impl<T> State<T> {
     /// one ([`super::state::Sessions`]); `None` while it lists this device alone. Never
     /// a contact: it is not stored, listed or shown as one.
     pub(crate) fn own_contact(&self) -> Result<Option<Contact>, EngineError> {
-        let raw = self.store.own_devices_bytes()?;
+        self.with_own(|own| own.contact.clone())
+    }
+
+    /// `f` of what our set says ([`OwnPeer`]), decoded (and its signatures checked)
+    /// only when the set or our card changed since it last was.
+    pub(super) fn with_own<R>(&self, f: impl FnOnce(&OwnPeer) -> R) -> Result<R, EngineError> {
+        let raw = self.store.own_devices_bytes()?.unwrap_or_default();
         let card = self.own_card()?;
         let mut cached = self.own.lock();
-        if let Some((bytes, version, contact)) = cached.as_ref()
-            && raw.as_ref() == Some(bytes)
-            && *version == card.version()
+        if let Some(own) = cached.as_ref()
+            && own.set == raw
+            && own.card_version == card.version()
         {
-            return Ok(contact.clone());
+            return Ok(f(own));
         }
         let me = self.me.x25519_public();
-        let others = match &raw {
-            None => false,
-            Some(bytes) => DeviceSet::decode(self.me.public().ed25519(), bytes)
-                .map_err(|_| crate::store::StoreError::Corrupt("device set"))?
-                .devices()
-                .any(|d| *d.key() != me),
+        let mut keys = vec![me];
+        let mut others = false;
+        if !raw.is_empty() {
+            let set = DeviceSet::decode(self.me.public().ed25519(), &raw)
+                .map_err(|_| crate::store::StoreError::Corrupt("device set"))?;
+            others = set.devices().any(|d| *d.key() != me);
+            keys.extend(set.devices().map(|d| *d.key()).filter(|k| *k != me));
+            keys.extend(set.removals().map(|r| *r.key()).filter(|k| *k != me));
+        }
+        let own = OwnPeer {
+            set: raw,
+            card_version: card.version(),
+            contact: others.then(|| Contact {
+                peer: self.me.peer_id(),
+                name: OWN_DEVICES.into(),
+                card,
+                through_group: false,
+            }),
+            keys,
         };
-        let version = card.version();
-        let contact = others.then(|| Contact {
-            peer: self.me.peer_id(),
-            name: OWN_DEVICES.into(),
-            card,
-            through_group: false,
-        });
-        *cached = Some((raw.unwrap_or_default(), version, contact.clone()));
-        Ok(contact)
+        Ok(f(cached.insert(own)))
     }
 
     /// Queues our device set for every contact not blocked who was not sent it as it

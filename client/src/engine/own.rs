@@ -250,11 +250,7 @@ impl<T> State<T> {
     /// Whether `key` is, or was, a device of our account (our set lists it, or took it
     /// out): no contact's card may name it.
     pub(crate) fn is_own_device_key(&self, key: &[u8; 32]) -> Result<bool, EngineError> {
-        Ok(*key == self.me.x25519_public()
-            || self
-                .store
-                .own_devices(&self.me)?
-                .is_some_and(|set| set.device(key).is_some() || set.is_removed(key)))
+        self.with_own(|own| own.keys.contains(key))
     }
 
     /// What a change of our set from `before` to `after` takes out (SPEC §15.2): our

@@ -40,9 +40,18 @@ const FALLBACKS_PER_MINUTE: u32 = 16;
 /// were made from.
 type Indexed = (Vec<SessionTag>, Vec<(SessionTag, u64)>);
 
-/// Our account's other devices as one peer (`None`: our set lists this device alone),
-/// for our set's encoding and our card's version it was made from.
-pub(crate) type OwnPeer = (Vec<u8>, u64, Option<Contact>);
+/// What our own set says, as read from its encoding `set` under our card of version
+/// `card_version` (read again only when either changes).
+#[derive(Debug, Clone)]
+pub(crate) struct OwnPeer {
+    pub(crate) set: Vec<u8>,
+    pub(crate) card_version: u64,
+    /// Our account's other devices as one peer (`None`: the set lists this device
+    /// alone).
+    pub(crate) contact: Option<Contact>,
+    /// Every key the set lists or took out (ours among them).
+    pub(crate) keys: Vec<[u8; 32]>,
+}
 
 /// Which of a contact's devices: the one their card names (`None`), or another their
 /// account lists, by its session key (SPEC §15).
