@@ -50,6 +50,6 @@ pub fn start_engine(
     config: NetConfig,
     mode: Mode,
 ) -> Result<Engine<Network>, NetError> {
-    let (net, events) = Network::start(me.keypair(), config)?;
+    let (net, events) = Network::start(me.transport_keypair(), config)?;
     Ok(Engine::start(store, me, net, Some(events), mode))
 }

@@ -42,6 +42,15 @@ fn main() {
         write("device_set", "set", &[&[0][..], &a].concat());
         let len = u16::try_from(a.len()).expect("small").to_be_bytes();
         write("device_set", "pair", &[&[1][..], &len, &a, &b].concat());
+        // The same set as a contact receives it (content kind 12).
+        let content = Content {
+            id: MessageId(std::array::from_fn(|i| i as u8)),
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: NOW * 1000,
+            body: Body::Devices(a),
+        };
+        write("content", "content-15", &content.encode());
     }
     // Groups: a creation, an add, a demotion and a removal, as one member shares them.
     {

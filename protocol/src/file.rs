@@ -515,7 +515,7 @@ mod tests {
     #[test]
     fn a_forward_key_is_one_per_file_conversation_person_and_week() {
         let identity = |n: u8| {
-            let mut secret = vec![1u8];
+            let mut secret = vec![2u8];
             secret.extend([n; 32]);
             secret.extend([9u8; 32]);
             crate::identity::Identity::from_secret_bytes(&secret).unwrap()

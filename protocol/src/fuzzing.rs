@@ -193,7 +193,7 @@ pub fn content(data: &[u8]) {
 /// The fixed recipient used by [`session_packet`]; its secret is public knowledge, so
 /// seeds in the corpus can be real packets sealed to it.
 pub fn fuzz_recipient() -> Identity {
-    let mut secret = vec![1u8];
+    let mut secret = vec![2u8];
     secret.extend_from_slice(&[0x5a; 32]);
     secret.extend_from_slice(&[0xa5; 32]);
     Identity::from_secret_bytes(&secret).expect("valid fixed identity")
@@ -201,7 +201,7 @@ pub fn fuzz_recipient() -> Identity {
 
 /// The fixed sender used to make seed packets for [`session_packet`].
 pub fn fuzz_sender() -> Identity {
-    let mut secret = vec![1u8];
+    let mut secret = vec![2u8];
     secret.extend_from_slice(&[0x11; 32]);
     secret.extend_from_slice(&[0x22; 32]);
     Identity::from_secret_bytes(&secret).expect("valid fixed identity")

@@ -11,6 +11,12 @@
 //! Every signature made with an identity key names what it is for: the signed bytes are
 //! `u8 len(label) ‖ label ‖ message` ([`Identity::sign`]), so a signature made for one
 //! purpose can never be read as one made for another.
+//!
+//! Each device of an account has a key of its own: an Ed25519 key that is its transport
+//! identity on the network (its libp2p keypair, [`Identity::transport_keypair`]), whose
+//! Montgomery form is its X25519 session key. Anyone who knows a device's session key
+//! (from a card or a device set) so knows the peer id it listens and dials as
+//! ([`transport_peer`]), and nothing else need be published for it.
 
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use rand_core::{CryptoRng, RngCore};
@@ -23,7 +29,12 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// Label of the signature binding the X25519 key to the identity.
 const BINDING_LABEL: &str = "kkachi/x25519-binding/v2";
 /// Version byte of the secret identity encoding.
-const SECRET_VERSION: u8 = 1;
+const SECRET_VERSION: u8 = 2;
+/// Label of the hash that makes a device's Ed25519 seed from its stored secret.
+const DEVICE_SEED_LABEL: &str = "kkachi/device-seed/v1";
+/// Seeds tried for a device key whose public key has sign bit 0 (each has one chance in
+/// two; 64 failures in a row do not happen).
+const DEVICE_SEED_TRIES: u8 = 64;
 /// Length of [`Identity::to_secret_bytes`].
 pub const SECRET_LEN: usize = 1 + 32 + 32;
 /// Length of an encoded [`PublicIdentity`].
@@ -41,13 +52,51 @@ pub enum IdentityError {
     /// The Ed25519 key bytes are not a valid key.
     #[error("invalid identity key")]
     BadKey,
+    /// No device key comes from the stored device secret.
+    #[error("the stored device secret gives no device key")]
+    NoDeviceKey,
 }
 
 /// A user's own secret keys. Never leaves the device.
 #[derive(Clone)]
 pub struct Identity {
     keypair: ed25519::Keypair,
+    /// The device's key: its transport identity, and its session key in Montgomery form.
+    device: ed25519::Keypair,
+    /// What the device key is made from (kept as stored).
+    device_secret: Zeroizing<[u8; 32]>,
     x25519: StaticSecret,
+}
+
+/// The device key made from `device_secret`: the first Ed25519 seed
+/// `H("kkachi/device-seed/v1", device_secret, u8 i)` whose public key has sign bit 0 (so
+/// the X25519 key names exactly one Ed25519 key), with its X25519 secret (the Ed25519
+/// secret scalar, whose public key is the Montgomery form of the Ed25519 one).
+fn device_key(device_secret: &[u8; 32]) -> Option<(ed25519::Keypair, StaticSecret)> {
+    (0..DEVICE_SEED_TRIES).find_map(|i| {
+        let seed = Zeroizing::new(crate::codec::hash(
+            DEVICE_SEED_LABEL,
+            &[device_secret, &[i]],
+        ));
+        let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+        if signing.verifying_key().as_bytes()[31] & 0x80 != 0 {
+            return None;
+        }
+        let scalar = Zeroizing::new(signing.to_scalar_bytes());
+        let mut seed = seed;
+        let secret = ed25519::SecretKey::try_from_bytes(seed.as_mut())
+            .expect("any 32 bytes are an Ed25519 secret key");
+        Some((ed25519::Keypair::from(secret), StaticSecret::from(*scalar)))
+    })
+}
+
+/// The peer id a device with X25519 session key `x25519` has on the network: the
+/// Ed25519 key of sign bit 0 whose Montgomery form it is. `None` for a key that is no
+/// point of the curve (no device has it).
+pub fn transport_peer(x25519: &[u8; 32]) -> Option<PeerId> {
+    let point = curve25519_dalek::montgomery::MontgomeryPoint(*x25519).to_edwards(0)?;
+    let key = ed25519::PublicKey::try_from_bytes(point.compress().as_bytes()).ok()?;
+    Some(PeerId::from_public_key(&PublicKey::from(key)))
 }
 
 impl std::fmt::Debug for Identity {
@@ -67,24 +116,45 @@ impl Identity {
     /// A fresh identity from the given random source (deterministic in tests).
     pub fn generate_with<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
         let mut ed = Zeroizing::new([0u8; 32]);
-        let mut x = [0u8; 32];
         rng.fill_bytes(ed.as_mut());
-        rng.fill_bytes(&mut x);
-        Self::from_parts(ed, x)
+        let secret = ed25519::SecretKey::try_from_bytes(ed.as_mut())
+            .expect("any 32 bytes are an Ed25519 secret key");
+        Self::with_device(ed25519::Keypair::from(secret), rng)
     }
 
-    fn from_parts(mut ed_secret: Zeroizing<[u8; 32]>, x_secret: [u8; 32]) -> Self {
-        let secret = ed25519::SecretKey::try_from_bytes(ed_secret.as_mut())
-            .expect("any 32 bytes are an Ed25519 secret key");
-        Self {
-            keypair: ed25519::Keypair::from(secret),
-            x25519: StaticSecret::from(x_secret),
+    /// `keypair` with a fresh device key from `rng`.
+    fn with_device<R: RngCore + CryptoRng>(keypair: ed25519::Keypair, rng: &mut R) -> Self {
+        loop {
+            let mut device_secret = Zeroizing::new([0u8; 32]);
+            rng.fill_bytes(device_secret.as_mut());
+            if let Ok(id) = Self::from_parts(keypair.clone(), device_secret) {
+                return id;
+            }
         }
     }
 
-    /// The libp2p keypair for this identity (the transport identity of the user's node).
+    fn from_parts(
+        keypair: ed25519::Keypair,
+        device_secret: Zeroizing<[u8; 32]>,
+    ) -> Result<Self, IdentityError> {
+        let (device, x25519) = device_key(&device_secret).ok_or(IdentityError::NoDeviceKey)?;
+        Ok(Self {
+            keypair,
+            device,
+            device_secret,
+            x25519,
+        })
+    }
+
+    /// The account's identity key as a libp2p keypair (what signs for the account).
     pub fn keypair(&self) -> Keypair {
         Keypair::from(self.keypair.clone())
+    }
+
+    /// This device's transport identity on the network: the key whose Montgomery form is
+    /// its session key, so its peer id is [`transport_peer`] of [`Identity::x25519_public`].
+    pub fn transport_keypair(&self) -> Keypair {
+        Keypair::from(self.device.clone())
     }
 
     /// The user's id on the network.
@@ -122,12 +192,7 @@ impl Identity {
     /// The same identity key with a fresh X25519 session key (a key rotation, SPEC.md
     /// §1): every queue and capability derived from the session key changes with it.
     pub fn with_new_session_key<R: RngCore + CryptoRng>(&self, rng: &mut R) -> Self {
-        let mut x = Zeroizing::new([0u8; 32]);
-        rng.fill_bytes(x.as_mut());
-        Self {
-            keypair: self.keypair.clone(),
-            x25519: StaticSecret::from(*x),
-        }
+        Self::with_device(self.keypair.clone(), rng)
     }
 
     /// Whether `other` is the same identity key (whatever its session key).
@@ -158,14 +223,14 @@ impl Identity {
         out
     }
 
-    /// Serialises the secret keys for the local store. Layout: version (1) ‖ Ed25519
-    /// secret (32) ‖ X25519 secret (32).
+    /// Serialises the secret keys for the local store. Layout: version (1) = 2 ‖ Ed25519
+    /// secret (32) ‖ device secret (32), from which the device key is made.
     pub fn to_secret_bytes(&self) -> Zeroizing<Vec<u8>> {
         let ed_secret = self.keypair.secret();
         let mut w = Writer::with_capacity(SECRET_LEN);
         w.u8(SECRET_VERSION)
             .raw(ed_secret.as_ref())
-            .raw(self.x25519.as_bytes());
+            .raw(self.device_secret.as_slice());
         Zeroizing::new(w.finish())
     }
 
@@ -180,10 +245,12 @@ impl Identity {
             }
             .into());
         }
-        let ed = Zeroizing::new(r.array::<32>("ed25519 secret")?);
-        let x = Zeroizing::new(r.array::<32>("x25519 secret")?);
+        let mut ed = Zeroizing::new(r.array::<32>("ed25519 secret")?);
+        let device = Zeroizing::new(r.array::<32>("device secret")?);
         r.finish()?;
-        Ok(Self::from_parts(ed, *x))
+        let secret = ed25519::SecretKey::try_from_bytes(ed.as_mut())
+            .expect("any 32 bytes are an Ed25519 secret key");
+        Self::from_parts(ed25519::Keypair::from(secret), device)
     }
 }
 
@@ -236,6 +303,11 @@ impl PublicIdentity {
     /// The X25519 public key used in end-to-end sessions.
     pub fn x25519(&self) -> &[u8; 32] {
         &self.x25519
+    }
+
+    /// The peer id of the device this identity's session key names ([`transport_peer`]).
+    pub fn transport_peer(&self) -> Option<PeerId> {
+        transport_peer(&self.x25519)
     }
 
     fn ed25519_key(&self) -> ed25519::PublicKey {
@@ -357,7 +429,45 @@ mod tests {
         );
         assert_eq!(
             hex::encode(id.x25519_public()),
-            "57db4b359f23ae5e146e4e2512056704722506348c150c14753d0c933d04d421"
+            "5945e9bb8c4a819e6354e95e58425d9bbb08ec358367f8a98d04ed6c0223e428"
         );
+        assert_eq!(
+            id.transport_keypair().public().to_peer_id().to_base58(),
+            "12D3KooWC79ck26Lob8yW29o3TqR7SEFqQzd7ctA14guFCuTiepk"
+        );
+    }
+
+    #[test]
+    fn a_device_key_is_its_transport_identity_and_anyone_finds_one_from_the_other() {
+        let mut rng = test_rng(5);
+        for _ in 0..64 {
+            let id = Identity::generate_with(&mut rng);
+            let transport = id.transport_keypair().public().to_peer_id();
+            // Its session key names its transport identity, for anyone holding its card.
+            assert_eq!(transport_peer(&id.x25519_public()), Some(transport));
+            assert_eq!(id.public().transport_peer(), Some(transport));
+            assert_ne!(transport, id.peer_id(), "the account key is not a device's");
+            // The X25519 secret agrees with the public key others see.
+            let other = Identity::generate_with(&mut rng);
+            let a = x25519_dalek::StaticSecret::from(*id.x25519_secret())
+                .diffie_hellman(&x25519_dalek::PublicKey::from(other.x25519_public()));
+            let b = x25519_dalek::StaticSecret::from(*other.x25519_secret())
+                .diffie_hellman(&x25519_dalek::PublicKey::from(id.x25519_public()));
+            assert_eq!(a.as_bytes(), b.as_bytes());
+            // A new session key is a new device key, under the same account.
+            let rotated = id.with_new_session_key(&mut rng);
+            assert_eq!(rotated.peer_id(), id.peer_id());
+            let moved = rotated.transport_keypair().public().to_peer_id();
+            assert_ne!(moved, transport);
+            assert_eq!(transport_peer(&rotated.x25519_public()), Some(moved));
+            // And it survives the store.
+            let back = Identity::from_secret_bytes(&rotated.to_secret_bytes()).unwrap();
+            assert_eq!(back.transport_keypair().public().to_peer_id(), moved);
+        }
+        // A key off the curve names no device.
+        let twist = (0u8..=255)
+            .map(|b| [b; 32])
+            .find(|x| transport_peer(x).is_none());
+        assert!(twist.is_some(), "some u-coordinate is on the twist");
     }
 }

@@ -152,13 +152,19 @@ impl Identity {
     /// both compute the same one, nobody else can. `None` for a key whose
     /// Diffie–Hellman gives nothing secret (a low-order point: no honest card has one).
     pub fn lan_key_for(&self, contact: &PublicIdentity) -> Option<LanKey> {
+        self.lan_key_with(contact.x25519())
+    }
+
+    /// The key this device shares for the LAN with the device whose session key is
+    /// `device` (a contact's, or another of our own account's).
+    pub fn lan_key_with(&self, device: &[u8; 32]) -> Option<LanKey> {
         let secret = x25519_dalek::StaticSecret::from(*self.x25519_secret());
-        let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*contact.x25519()));
+        let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*device));
         if !shared.was_contributory() {
             return None;
         }
         let shared = Zeroizing::new(shared.to_bytes());
-        let (mine, theirs) = (self.x25519_public(), *contact.x25519());
+        let (mine, theirs) = (self.x25519_public(), *device);
         let (lo, hi) = if mine <= theirs {
             (mine, theirs)
         } else {
@@ -383,12 +389,12 @@ mod tests {
         let key = a.lan_key_for(&b.public()).unwrap();
         assert_eq!(
             hex(key.0.as_slice()),
-            "d79fbb00d2620780692c02b46cc6e07df530501af7c5b65022ff25d5cad25689"
+            "98b88b2f57776f736966ef9cf1464a02056071ef1f9d4f5ccf12a6c5f7d916c4"
         );
-        assert_eq!(hex(&key.tag(&a.peer_id(), 1)), "471370b5fad1d9b0");
+        assert_eq!(hex(&key.tag(&a.peer_id(), 1)), "1afba6b15275ba1f");
         assert_eq!(
             hex(&key.entry(&a.peer_id(), 1, ip("10.0.0.1"), (4001, 4002))),
-            "471370b5fad1d9b06910d800c4707d52b2642343"
+            "1afba6b15275ba1fce5854b38c07b44225187f00"
         );
     }
 }

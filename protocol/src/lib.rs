@@ -58,10 +58,10 @@ pub use libp2p_identity::{self, PeerId};
 pub use multiaddr::{self, Multiaddr};
 
 /// An identity from a fixed secret, the same in every run (tests): Ed25519 seed 32 bytes
-/// of `n`, X25519 secret 32 bytes of `n + 100`, as the known-answer scripts take them.
+/// of `n`, device secret 32 bytes of `n + 100`, as the known-answer scripts take them.
 #[cfg(test)]
 pub(crate) fn test_person(n: u8) -> Identity {
-    let mut secret = vec![1u8];
+    let mut secret = vec![2u8];
     secret.extend_from_slice(&[n; 32]);
     secret.extend_from_slice(&[n.wrapping_add(100); 32]);
     Identity::from_secret_bytes(&secret).expect("a valid fixed identity")

@@ -292,24 +292,24 @@ mod tests {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         assert_eq!(
             hex(&a.inbox_key(&r1).queue().0),
-            "b344c17b475a4f745825a1aa51c5de55e5da9965b7ccfd6b5b2108a535872f6e"
+            "a17c1553d9084466806198d38e8cd7294d36b4b89b10630354730268054125ab"
         );
         assert_eq!(
             hex(&a.request_write_key(&r1, 0).id().0),
-            "38d30e55a4bf0e9059c6d777e81b5785e541c1240158c39ad6cddab4fdf07cdd"
+            "87e0331c37a7d8154ee1c3908e19169c6e3fa75257b5e00145f93448eaed326a"
         );
         assert_eq!(
             hex(&a.grant_for(&b.public(), &r1).id().0),
-            "9d619195053a4493ae6cd697cc41d51c9d945a6ff8abf46295ed92cf13b30753"
+            "7d5aa5278e57b2be2409fd6a06ce7dcf9263cc30ad3a9da0fc310b10bcc9e9e3"
         );
         let (read, write) = a.drill_keys(&r1);
         assert_eq!(
             hex(&read.queue().0),
-            "e6aa2f3ce8d9aca96a7ab05d81737c0c36f75a3ffb371992c310154de56d9b37"
+            "4c496887c583e1c3d54f49238db8f210b78aa389785a292dd96d4140f31a4335"
         );
         assert_eq!(
             hex(&write.id().0),
-            "e209168ff7e81151fd884966498de2f680d3f294b7dd17738091b3fdbb4f2cc6"
+            "511edb965624d6718b193a50cc081ea0040cc3f15710520e0df620621335fcfe"
         );
         assert_ne!(read.queue(), a.inbox_key(&r1).queue(), "a queue of its own");
     }

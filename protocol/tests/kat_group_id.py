@@ -1,15 +1,17 @@
 """Known answers for group operations (SPEC section 14.1), computed without kkachi's code.
 
 The founder is `person(1)` of protocol/src/group/tests.rs: Ed25519 seed 32 bytes of 1,
-X25519 secret 32 bytes of 101. Prints the creation's hash and the group id that
+device secret 32 bytes of 101 (its X25519 key made as
+kat_device_key.py says). Prints the creation's hash and the group id that
 `known_answer_group_id` expects. Needs the `cryptography` package.
 """
 import hashlib, struct
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives import serialization as s
+from kat_device_key import device_x25519
 raw=lambda k: k.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
-ed=Ed25519PrivateKey.from_private_bytes(bytes([1]*32)); x=X25519PrivateKey.from_private_bytes(bytes([101]*32))
+ed=Ed25519PrivateKey.from_private_bytes(bytes([1]*32)); x=device_x25519(bytes([101]*32))
 edp, xp = raw(ed), raw(x)
 def sign(label,msg): return ed.sign(bytes([len(label)])+label.encode()+msg)
 def h(label,parts):

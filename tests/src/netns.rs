@@ -202,6 +202,36 @@ impl Bridged {
         Ok(net)
     }
 
+    /// Lets multicast through (LAN beacons): a route for it in every member, and the
+    /// bridge flooding it to every port.
+    pub fn multicast(&self) -> anyhow::Result<()> {
+        run(&[
+            "ip",
+            "-n",
+            &self.core,
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        for ns in &self.ns {
+            let dev = self.member_dev(ns);
+            run(&["ip", "-n", ns, "link", "set", &dev, "multicast", "on"])?;
+            run(&["ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", &dev])?;
+        }
+        Ok(())
+    }
+
+    /// The name of member `ns`'s end of its link to the bridge.
+    fn member_dev(&self, ns: &str) -> String {
+        let i = self.ns.iter().position(|n| n == ns).expect("a member");
+        let prefix = self.core.strip_suffix("core").expect("named by create");
+        format!("{prefix}{i}m")
+    }
+
     /// Cuts member `i` off from everyone (or restores it); nothing if it already is.
     pub fn cut(&mut self, i: usize, cut: bool) -> anyhow::Result<()> {
         if self.cut[i] != cut {

@@ -11,7 +11,8 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kkachi_tests::procs::{LOOPBACK_ENV, RelayProc, User};
+use kkachi_tests::netns::{self, Bridged};
+use kkachi_tests::procs::{Daemon, LOOPBACK_ENV, RelayProc, User};
 
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
@@ -435,5 +436,134 @@ fn a_code_nobody_offers_is_named_and_linking_waits_for_no_daemon() {
     assert!(
         why.contains("at a terminal") && why.contains("--yes"),
         "{why}"
+    );
+}
+
+/// The texts of the messages `daemon` shows within `wait` (or until `enough` says so),
+/// each with its direction.
+fn shown(
+    daemon: &Daemon,
+    wait: Duration,
+    enough: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let texts = |got: &[(Instant, serde_json::Value)]| -> Vec<(String, String)> {
+        got.iter()
+            .filter(|(_, v)| v["event"] == "message")
+            .map(|(_, v)| {
+                (
+                    v["text"].as_str().unwrap_or_default().to_owned(),
+                    v["direction"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    texts(&daemon.collect(wait, |got| enough(&texts(got))))
+}
+
+#[test]
+fn on_a_lan_with_no_relay_every_device_of_an_account_reaches_and_is_reached_directly() {
+    if let Some(why) = netns::unavailable() {
+        println!(
+            "SKIPPED on_a_lan_with_no_relay_every_device_of_an_account_reaches_and_is_reached_directly: {why}"
+        );
+        return;
+    }
+    // Her laptop, her phone and Bob, each in a namespace of its own on one bridge: a LAN
+    // with no internet and no relay at all.
+    let net = Bridged::create("kkt_dv_", 44, &["laptop", "phone", "bob"]).expect("namespaces");
+    net.multicast().expect("multicast on the bridge");
+    let dir = tempfile::tempdir().unwrap();
+    let listen: Vec<String> = net
+        .ips
+        .iter()
+        .map(|ip| format!("/ip4/{ip}/tcp/0"))
+        .collect();
+    let on = |i: usize| [("KKACHI_LISTEN", listen[i].as_str())];
+    let alice = User::with_env(dir.path(), "alice", Some(&net.ns[0]), &on(0));
+    let bob = User::with_env(dir.path(), "bob", Some(&net.ns[2]), &on(2));
+    User::introduce(&alice, &bob);
+    let bob_daemon = bob.daemon();
+    {
+        // They talk once over the LAN: Bob has written to her, so her devices are his
+        // to know.
+        let _laptop = alice.daemon();
+        let v = alice.send("bob", "before the phone", 30.0).expect("sent");
+        assert_eq!(v["direct"], true, "{v}");
+        let v = bob.send("alice", "hello laptop", 30.0).expect("sent");
+        assert_eq!(v["direct"], true, "{v}");
+        let got = shown(&_laptop, Duration::from_secs(30), |t| !t.is_empty());
+        assert_eq!(got, [("hello laptop".to_owned(), "in".to_owned())]);
+    }
+
+    // The phone joins her account over the LAN.
+    let (link, lines, offer) = linking(
+        &alice,
+        &[
+            "--listen",
+            &format!("{}:0", net.ips[0]),
+            "--no-relay",
+            "--wait",
+            "2m",
+        ],
+    );
+    let code = offer["code"].as_str().expect("a code").to_owned();
+    let phone = User::without_identity(dir.path(), "alice-phone", Some(&net.ns[1]), &on(1));
+    phone.ok(&["device", "join", &code, "--name", "phone"]);
+    assert_eq!(next_json(&lines, 30)["linked"], true);
+    assert!(exits_within(link, 30).status.success());
+
+    // Both of her devices run. The laptop tells Bob its set (which lists the phone),
+    // and the phone, found on the LAN, writes its first words to Bob directly.
+    let laptop = alice.daemon();
+    let phone_daemon = phone.daemon();
+    let started = Instant::now();
+    let mut to_both = Vec::new();
+    let mut at_phone = Vec::new();
+    while at_phone.is_empty() && started.elapsed() < Duration::from_secs(90) {
+        let text = format!("to both of her devices {}", to_both.len());
+        let v = bob.send("alice", &text, 10.0).expect("sent");
+        assert_eq!(v["direct"], true, "no relay: only the LAN carries it: {v}");
+        to_both.push(text);
+        at_phone = shown(&phone_daemon, Duration::from_secs(4), |t| !t.is_empty());
+    }
+    let reached_phone = started.elapsed();
+    assert_eq!(
+        at_phone,
+        [(to_both.last().unwrap().clone(), "in".to_owned())],
+        "Bob reached her phone directly, once"
+    );
+    // The laptop got every one of them, once each.
+    let at_laptop = shown(&laptop, Duration::from_secs(30), |t| {
+        t.len() >= to_both.len()
+    });
+    let expected: Vec<(String, String)> = to_both
+        .iter()
+        .map(|t| (t.clone(), "in".to_owned()))
+        .collect();
+    assert_eq!(at_laptop, expected);
+
+    // The phone writes back: Bob gets it directly, and the laptop shows it as hers.
+    let v = phone.send("bob", "from her phone", 30.0).expect("sent");
+    assert_eq!(v["direct"], true, "{v}");
+    let at_bob = shown(&bob_daemon, Duration::from_secs(30), |t| {
+        t.iter().any(|(text, _)| text == "from her phone")
+    });
+    assert_eq!(
+        at_bob.iter().filter(|(t, _)| t == "from her phone").count(),
+        1,
+        "{at_bob:?}"
+    );
+    let copy = shown(&laptop, Duration::from_secs(30), |t| !t.is_empty());
+    assert_eq!(copy, [("from her phone".to_owned(), "out".to_owned())]);
+    // Nothing more shows anywhere (nothing twice).
+    let late = Duration::from_secs(2);
+    assert!(shown(&laptop, late, |_| false).is_empty());
+    assert!(shown(&phone_daemon, late, |_| false).is_empty());
+    println!(
+        "LAN only, three devices: Bob reached her phone directly {:.1} s after both of her \
+         devices started ({} messages to her, each once on the laptop); the phone's message \
+         reached Bob and her laptop directly",
+        reached_phone.as_secs_f64(),
+        to_both.len()
     );
 }

@@ -227,7 +227,7 @@ impl App {
             return Ok(e.clone());
         }
         let me = self.identity()?;
-        let net = Network::offline(me.peer_id());
+        let net = Network::offline(me.transport_keypair().public().to_peer_id());
         let engine = Engine::start(self.store.clone(), me, net, None, Mode::LOCAL);
         self.offline = Some(engine.clone());
         Ok(engine)

@@ -54,14 +54,15 @@ impl<T> State<T> {
         }
         let me = self.me.x25519_public();
         let mut keys = vec![me];
-        let mut others = false;
+        let mut listed = Vec::new();
         if !raw.is_empty() {
             let set = DeviceSet::decode(self.me.public().ed25519(), &raw)
                 .map_err(|_| crate::store::StoreError::Corrupt("device set"))?;
-            others = set.devices().any(|d| *d.key() != me);
-            keys.extend(set.devices().map(|d| *d.key()).filter(|k| *k != me));
+            listed.extend(set.devices().map(|d| *d.key()).filter(|k| *k != me));
+            keys.extend(&listed);
             keys.extend(set.removals().map(|r| *r.key()).filter(|k| *k != me));
         }
+        let others = !listed.is_empty();
         let own = OwnPeer {
             set: raw,
             card_version: card.version(),
@@ -72,6 +73,7 @@ impl<T> State<T> {
                 through_group: false,
             }),
             keys,
+            listed,
         };
         Ok(f(cached.insert(own)))
     }
@@ -355,6 +357,8 @@ impl<T> State<T> {
         if stored.as_deref() != Some(merged_bytes.as_slice()) {
             LocalStore::write_contact_devices(w, &contact.peer, &merged);
             self.emit(AppEvent::ContactUpdated(contact.peer));
+            // The devices it lists are let in on the network (and on the LAN).
+            self.grants_changed();
         }
         Ok(Outcome::Applied("a device set"))
     }

@@ -19,6 +19,7 @@ use kkachi_protocol::session::MAX_UNSAVED_SEALS;
 use kkachi_protocol::{MessageId, PeerId};
 
 use super::RelayError;
+use super::state::Device;
 use crate::backoff::Backoff;
 use crate::store::{MessageState, OutboxEntry, OutboxKind, Target};
 
@@ -162,14 +163,14 @@ impl Scheduled {
             .any(|p| matches!(p, Path::Relay(a) if a == addr))
     }
 
-    /// The direct path, if it is wanted at all: the contact is reachable directly
-    /// and has not taken it yet. Only what is sealed to the device their card names
-    /// goes there: the direct path knows the account, not which of its devices
-    /// answers, and a device that cannot open an envelope would still take it.
-    fn wants_direct(&self, direct: &HashSet<PeerId>) -> bool {
+    /// The direct path, if it is wanted at all: the device it is sealed to is
+    /// reachable directly (each device is a peer of its own on the network, SPEC §1)
+    /// and has not taken it yet.
+    fn wants_direct(&self, direct: &HashSet<(PeerId, Device)>) -> bool {
         !self.entry.direct_acked
-            && self.entry.device.is_none()
-            && self.contact.is_some_and(|c| direct.contains(&c))
+            && self
+                .contact
+                .is_some_and(|c| direct.contains(&(c, self.entry.device)))
     }
 
     /// Every relay holds it and the contact never confirmed: when to put it again.
@@ -190,8 +191,8 @@ pub struct Deliveries {
     in_flight: usize,
     /// Entries whose latest write is not durable yet: nothing of them leaves until it is.
     held: HashSet<u64>,
-    /// Contacts reachable directly now.
-    direct: HashSet<PeerId>,
+    /// Devices reachable directly now: each contact's (and each of our own account's).
+    direct: HashSet<(PeerId, Device)>,
     versions: u64,
     /// The next deadline, while nothing changed since it was worked out.
     deadline: std::cell::Cell<Option<Option<u64>>>,
@@ -292,8 +293,8 @@ impl Deliveries {
         self.in_flight
     }
 
-    /// Who is reachable directly now.
-    pub fn set_direct(&mut self, peers: HashSet<PeerId>) {
+    /// Which devices are reachable directly now.
+    pub fn set_direct(&mut self, peers: HashSet<(PeerId, Device)>) {
         if peers != self.direct {
             self.changed();
             self.direct = peers;
@@ -693,14 +694,14 @@ impl Deliveries {
         next
     }
 
-    /// Contacts with messages waiting who are not reachable directly: worth a try for a
-    /// direct path.
+    /// Contacts with messages waiting whose card's device is not reachable directly:
+    /// worth a try for a direct path.
     pub fn waiting_contacts(&self) -> HashSet<PeerId> {
         self.entries
             .values()
             .filter(|s| s.entry.kind == OutboxKind::Message)
             .filter_map(|s| s.contact)
-            .filter(|p| !self.direct.contains(p))
+            .filter(|p| !self.direct.contains(&(*p, None)))
             .collect()
     }
 

@@ -366,10 +366,33 @@ impl<T> State<T> {
                     Body::Delete { target } => (target, None),
                     _ => unreachable!("matched above"),
                 };
-                // (One that comes before its message, through another relay, is not
-                // held: the changes held in a conversation are its contact's, and
-                // theirs must never touch ours.)
-                self.take_own_change(w, to, target, Direction::Out, |r| r.revise(change))
+                // Applied by its number, as a contact's are: the later of two wins. One
+                // that comes before its message (through another relay) is held, as
+                // ours, and applied when the message comes: a contact's held change
+                // never touches ours, nor ours theirs.
+                let seq = content.seq;
+                match self.store.message(to, &target)? {
+                    Some((key, mut record))
+                        if record.direction == Direction::Out && !record.deleted =>
+                    {
+                        if record.revise_at(seq, change) {
+                            w.put_record(TreeId::Messages, key, &record);
+                            self.emit(AppEvent::ContactUpdated(*to));
+                        }
+                        Ok(Outcome::Applied("a change made on another device of ours"))
+                    }
+                    Some(_) => Ok(Outcome::Applied(
+                        "a change made on another device of ours to a message it cannot change",
+                    )),
+                    None => {
+                        let mut conv = self.store.conversation(to)?;
+                        conv.hold_revision(target.0, seq, change, true);
+                        LocalStore::write_conversation(w, to, &conv);
+                        Ok(Outcome::Applied(
+                            "a change made on another device of ours, held until its message comes",
+                        ))
+                    }
+                }
             }
             Body::Reaction { target, own, emoji } => {
                 let direction = if own { Direction::Out } else { Direction::In };
@@ -434,7 +457,7 @@ impl<T> State<T> {
         // sent, and cannot fetch it.)
         let (text, secs, reply_to, file) =
             super::receive::message_parts(content.body, true).expect("a message");
-        let record = MessageRecord {
+        let mut record = MessageRecord {
             id: content.id.0,
             direction: Direction::Out,
             text,
@@ -452,6 +475,8 @@ impl<T> State<T> {
             reactions: Default::default(),
             file,
         };
+        // An edit or delete of it that came first (another relay) applies now.
+        conv.apply_held_revision(&mut record);
         conv.note_expiry(record.expires_at());
         self.note_expiry_due(record.expires_at());
         LocalStore::write_conversation(w, &peer, &conv);

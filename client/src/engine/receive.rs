@@ -1321,7 +1321,7 @@ impl<T> State<T> {
                     None => {
                         // Not here yet (another relay, or sealed again later): applied
                         // when it arrives, so the change is never lost to the order.
-                        conv.hold_revision(target.0, content.seq, change);
+                        conv.hold_revision(target.0, content.seq, change, false);
                         LocalStore::write_conversation(w, &peer, &conv);
                     }
                 }

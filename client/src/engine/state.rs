@@ -51,6 +51,8 @@ pub(crate) struct OwnPeer {
     pub(crate) contact: Option<Contact>,
     /// Every key the set lists or took out (ours among them).
     pub(crate) keys: Vec<[u8; 32]>,
+    /// The other devices the set lists (not this one).
+    pub(crate) listed: Vec<[u8; 32]>,
 }
 
 /// Which of a contact's devices: the one their card names (`None`), or another their

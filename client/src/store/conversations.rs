@@ -104,14 +104,7 @@ impl LocalStore {
     /// The session keys of `contact`'s other devices we hold sessions with (each proved
     /// its key with a first message), but those their account took out since.
     pub fn device_sessions_of(&self, contact: &Contact) -> Result<Vec<[u8; 32]>, StoreError> {
-        let prefix = contact.peer.to_bytes();
-        let mut keys = Vec::new();
-        for item in self.tree(TreeId::Sessions).scan_prefix(&prefix) {
-            let (k, _) = item?;
-            if let Ok(key) = <[u8; 32]>::try_from(&k[prefix.len()..]) {
-                keys.push(key);
-            }
-        }
+        let mut keys = self.device_session_keys(&contact.peer)?;
         // The card's device is the contact's own session, never also another device.
         keys.retain(|k| k != contact.card.identity().x25519());
         if keys.is_empty() {
@@ -119,6 +112,20 @@ impl LocalStore {
         }
         if let Some(set) = self.contact_devices(&contact.peer, contact.card.identity().ed25519())? {
             keys.retain(|k| !set.is_removed(k));
+        }
+        Ok(keys)
+    }
+
+    /// The keys of every device of `peer` a session is kept with, as stored (the
+    /// card's and those their set took out included).
+    pub fn device_session_keys(&self, peer: &PeerId) -> Result<Vec<[u8; 32]>, StoreError> {
+        let prefix = peer.to_bytes();
+        let mut keys = Vec::new();
+        for item in self.tree(TreeId::Sessions).scan_prefix(&prefix) {
+            let (k, _) = item?;
+            if let Ok(key) = <[u8; 32]>::try_from(&k[prefix.len()..]) {
+                keys.push(key);
+            }
         }
         Ok(keys)
     }

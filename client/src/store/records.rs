@@ -176,6 +176,9 @@ pub struct PendingRevision {
     pub seq: u64,
     /// A new text, or `None` for deleted.
     pub change: Option<String>,
+    /// Made by another device of ours to a message of ours (a copy, SPEC §15.2), not
+    /// by the contact: each applies only to messages of its own side.
+    pub ours: bool,
 }
 
 /// Most edits and deletes kept for messages not arrived yet, per contact.
@@ -188,15 +191,20 @@ impl Conversation {
     /// Keeps their change (made at their `seq`) to message `id`, which is not here yet:
     /// of two changes to one message, the later one by `seq` stays, and a delete
     /// stays whatever comes after it.
-    pub fn hold_revision(&mut self, id: [u8; 16], seq: u64, change: Option<String>) {
-        if let Some(held) = self.pending_revisions.iter().find(|p| p.id == id)
+    pub fn hold_revision(&mut self, id: [u8; 16], seq: u64, change: Option<String>, ours: bool) {
+        let same = |p: &PendingRevision| p.id == id && p.ours == ours;
+        if let Some(held) = self.pending_revisions.iter().find(|p| same(p))
             && (held.change.is_none() || (change.is_some() && held.seq >= seq))
         {
             return;
         }
-        self.pending_revisions.retain(|p| p.id != id);
-        self.pending_revisions
-            .push(PendingRevision { id, seq, change });
+        self.pending_revisions.retain(|p| !same(p));
+        self.pending_revisions.push(PendingRevision {
+            id,
+            seq,
+            change,
+            ours,
+        });
         let bytes = |p: &[PendingRevision]| {
             p.iter()
                 .map(|p| p.change.as_ref().map_or(0, String::len))
@@ -209,12 +217,14 @@ impl Conversation {
         }
     }
 
-    /// Applies to `record` (just arrived) a change of theirs that came before it.
+    /// Applies to `record` (just arrived) a change that came before it: the contact's
+    /// to a message of theirs, ours (from another device of ours) to one of ours.
     pub fn apply_held_revision(&mut self, record: &mut MessageRecord) {
+        let ours = record.direction == Direction::Out;
         let Some(at) = self
             .pending_revisions
             .iter()
-            .position(|p| p.id == record.id)
+            .position(|p| p.id == record.id && p.ours == ours)
         else {
             return;
         };

@@ -389,7 +389,7 @@ fn the_outbox_index_finds_messages_by_contact_and_id_across_a_reopen() {
 fn changes_held_for_messages_not_here_yet_stay_small() {
     let mut conv = Conversation::default();
     for i in 0..10u8 {
-        conv.hold_revision([i; 16], u64::from(i) + 1, Some("x".repeat(32 << 10)));
+        conv.hold_revision([i; 16], u64::from(i) + 1, Some("x".repeat(32 << 10)), false);
     }
     let bytes: usize = conv
         .pending_revisions
@@ -403,7 +403,7 @@ fn changes_held_for_messages_not_here_yet_stay_small() {
         "the newest is kept"
     );
     for i in 0..100u8 {
-        conv.hold_revision([i; 16], 200 + u64::from(i), None);
+        conv.hold_revision([i; 16], 200 + u64::from(i), None, false);
     }
     assert_eq!(conv.pending_revisions.len(), MAX_PENDING_REVISIONS);
 }
@@ -412,12 +412,17 @@ fn changes_held_for_messages_not_here_yet_stay_small() {
 fn of_two_changes_held_for_one_message_the_later_by_number_stays_and_a_delete_is_final() {
     let mut conv = Conversation::default();
     let id = [7; 16];
-    conv.hold_revision(id, 5, Some("newer".into()));
-    conv.hold_revision(id, 4, Some("older, arrived later".into()));
+    conv.hold_revision(id, 5, Some("newer".into()), false);
+    conv.hold_revision(id, 4, Some("older, arrived later".into()), false);
     assert_eq!(conv.pending_revisions.len(), 1);
     assert_eq!(conv.pending_revisions[0].change.as_deref(), Some("newer"));
-    conv.hold_revision(id, 3, None);
-    conv.hold_revision(id, 6, Some("later by number, yet after a delete".into()));
+    conv.hold_revision(id, 3, None, false);
+    conv.hold_revision(
+        id,
+        6,
+        Some("later by number, yet after a delete".into()),
+        false,
+    );
     assert_eq!(conv.pending_revisions[0].change, None, "a delete is final");
     // Applied to the message when it comes, and an older edit after that changes nothing.
     let mut m = MessageRecord {
@@ -438,7 +443,7 @@ fn of_two_changes_held_for_one_message_the_later_by_number_stays_and_a_delete_is
         file: None,
     };
     let mut other = Conversation::default();
-    other.hold_revision(id, 9, Some("nine".into()));
+    other.hold_revision(id, 9, Some("nine".into()), false);
     other.apply_held_revision(&mut m);
     assert_eq!(
         (m.text.as_str(), m.edited, m.revised_seq),

@@ -114,7 +114,8 @@ impl RelaySwitch for DemoRelays {
         let bot = self.bot.get().cloned();
         async move {
             let Some(bot) = bot else { return };
-            let peer = bot.identity().peer_id();
+            // The other user's device, as the network knows it.
+            let peer = bot.net().local_peer();
             // The other user listens on loopback only: as two people on one network.
             for _ in 0..50 {
                 for addr in &bot.net().listen_addrs() {
@@ -218,6 +219,8 @@ pub async fn run() -> Result<(), CommandError> {
 
     let bot = crate::runtime::start_engine(bot_store, bot_me, loopback_net(), Mode::ONLINE)?;
     let _ = relays.bot.set(bot.clone());
+    // Your device, as the bot's network knows it.
+    let you_device = you_card.identity().transport_peer();
     let responder = {
         let bot = bot.clone();
         let cut = relays.clone();
@@ -239,7 +242,7 @@ pub async fn run() -> Result<(), CommandError> {
                 let seen = Seen {
                     relays_up: relay_peers.iter().filter(|p| connected.contains(p)).count(),
                     direct: !cut.direct_cut.load(std::sync::atomic::Ordering::Relaxed)
-                        && connected.contains(&r.contact),
+                        && you_device.is_some_and(|d| connected.contains(&d)),
                 };
                 let _ = bot
                     .send(r.contact, reply_to(&r.message.text, count, seen))

@@ -668,7 +668,13 @@ pub fn snapshot(
                     .contacts()
                     .map(|cs| {
                         cs.iter()
-                            .filter(|c| c.is_added() && connected.contains(&c.peer))
+                            .filter(|c| {
+                                c.is_added()
+                                    && c.card
+                                        .identity()
+                                        .transport_peer()
+                                        .is_some_and(|d| connected.contains(&d))
+                            })
                             .filter(|c| !matches!(store.blocked(&c.peer), Ok(Some(_))))
                             .count()
                     })

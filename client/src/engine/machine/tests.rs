@@ -46,7 +46,7 @@ fn due_paths_are_handed_out_once_direct_first() {
     let mut d = Deliveries::default();
     d.upsert(1, entry(OutboxKind::Message, bob, &["r1", "r2"]));
     d.upsert(2, entry(OutboxKind::Control, bob, &["r1"]));
-    d.set_direct([bob].into());
+    d.set_direct([(bob, None)].into());
     let first = d.poll_attempts(T0, 3);
     assert_eq!(
         paths(&first),
@@ -115,7 +115,7 @@ fn a_direct_handover_delivers_and_finishes() {
     let bob = PeerId::random();
     let mut d = Deliveries::default();
     d.upsert(1, entry(OutboxKind::Message, bob, &["r1"]));
-    d.set_direct([bob].into());
+    d.set_direct([(bob, None)].into());
     let a = d.poll_attempts(T0, 10);
     let r = d.handle_result(&a[0], Outcome::Acked, T0, 0);
     assert_eq!(r.state, Some(MessageState::Delivered));
@@ -297,7 +297,7 @@ fn a_contact_refusing_direct_hand_overs_is_retried_with_backoff_not_in_a_loop() 
     let bob = PeerId::random();
     let mut d = Deliveries::default();
     d.upsert(1, entry(OutboxKind::Message, bob, &[]));
-    d.set_direct([bob].into());
+    d.set_direct([(bob, None)].into());
     let mut now = T0;
     let mut waits = Vec::new();
     for failures in 1..=6u32 {
@@ -437,7 +437,7 @@ fn an_envelope_carried_for_someone_else_goes_to_its_relays_only_and_is_done_when
     carried.contact = Vec::new();
     assert!(d.upsert(1, carried), "it names no contact, and needs none");
     // No direct path, whoever is reachable directly; no message state to move.
-    d.set_direct([bob].into());
+    d.set_direct([(bob, None)].into());
     let a = d.poll_attempts(T0, 10);
     assert_eq!(
         paths(&a),

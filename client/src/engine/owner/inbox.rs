@@ -237,8 +237,9 @@ impl<T: Transport> Owner<T> {
         self.after_change(result, |_| {});
     }
 
-    /// A peer handed us envelopes directly: a contact (not blocked) is answered per
-    /// envelope once what became of them is durable; anyone else is sent to the relays.
+    /// A peer handed us envelopes directly: a device of a contact (not blocked) or of
+    /// our own account is answered per envelope once what became of them is durable;
+    /// anyone else is sent to the relays.
     pub(super) fn direct_put(
         &mut self,
         from: PeerId,
@@ -247,9 +248,15 @@ impl<T: Transport> Owner<T> {
         now: u64,
     ) {
         let store = &self.state.store;
-        let contact =
-            matches!(store.contact(&from), Ok(Some(_))) && matches!(store.blocked(&from), Ok(None));
-        if !contact {
+        let known = match self.transports.get(&from) {
+            Some((peer, _)) if *peer == self.state.me.peer_id() => true,
+            Some((peer, _)) => {
+                matches!(store.contact(peer), Ok(Some(_)))
+                    && matches!(store.blocked(peer), Ok(None))
+            }
+            None => false,
+        };
+        if !known {
             reply.send(RelayToClient::error(
                 kkachi_protocol::ErrorCode::NotOwner,
                 "this client takes direct deliveries from its contacts only",

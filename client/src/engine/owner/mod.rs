@@ -26,7 +26,7 @@ use kkachi_protocol::{EnvelopeId, Multiaddr, PeerId, RelayToClient};
 use tokio::sync::{mpsc, oneshot};
 
 use super::machine::{Attempt, Deliveries, EarlySends, Inboxes, Outcome};
-use super::state::State;
+use super::state::{Device, State};
 use super::{
     EngineError, Mode, Outgoing, Progress, RelayError, SUBSCRIBE_WAIT_MS, Sending, SyncReport,
     now_ms,
@@ -176,9 +176,17 @@ pub(super) struct Owner<T> {
     request_epoch: u32,
     /// Until when (Unix seconds) the request queue of the epoch before is read.
     earlier_requests_until: u64,
-    /// The LAN key shared with each contact, by their X25519 key (`None`: a key that
-    /// gives none).
+    /// The LAN key shared with each device of each contact (and of our own account),
+    /// by its X25519 key (`None`: a key that gives none).
     lan_keys: HashMap<[u8; 32], Option<kkachi_protocol::lan::LanKey>>,
+    /// Whose device each peer id on the network is (SPEC §1: a device's transport
+    /// identity is its session key's), for every device let in.
+    transports: HashMap<PeerId, (PeerId, Device)>,
+    /// And the other way: the peer id of each such device.
+    device_peers: HashMap<(PeerId, Device), PeerId>,
+    /// What each contact's device set lists and took out, read again only when the set
+    /// changed.
+    listings: HashMap<PeerId, Listing>,
     commands: mpsc::Receiver<Command<T>>,
     net_events: Option<mpsc::Receiver<NetEvent>>,
     work: FuturesUnordered<BoxFuture<'static, Done>>,
@@ -197,6 +205,46 @@ pub(super) struct Owner<T> {
     next_housekeeping: u64,
     next_seek: u64,
     stopping: Option<oneshot::Sender<Result<(), EngineError>>>,
+}
+
+/// The keys a contact's device set lists and took out, as read from its bytes.
+#[derive(Debug, Default)]
+struct Listing {
+    set: Option<Vec<u8>>,
+    listed: Vec<[u8; 32]>,
+    removed: Vec<[u8; 32]>,
+}
+
+impl Listing {
+    /// This listing, read again if `contact`'s set changed since (a set that does not
+    /// decode lists nothing: their card's device is still let in).
+    fn refreshed(self, store: &crate::store::LocalStore, contact: &crate::store::Contact) -> Self {
+        let raw = match store.contact_devices_bytes(&contact.peer) {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a contact's devices");
+                return self;
+            }
+        };
+        if raw == self.set {
+            return self;
+        }
+        let account = contact.card.identity().ed25519();
+        let set = raw
+            .as_deref()
+            .and_then(|b| kkachi_protocol::device::DeviceSet::decode(account, b).ok());
+        Self {
+            listed: set
+                .iter()
+                .flat_map(|s| s.devices().map(|d| *d.key()))
+                .collect(),
+            removed: set
+                .iter()
+                .flat_map(|s| s.removals().map(|r| *r.key()))
+                .collect(),
+            set: raw,
+        }
+    }
 }
 
 impl<T: Transport> Owner<T> {
@@ -220,6 +268,9 @@ impl<T: Transport> Owner<T> {
             request_epoch: 0,
             earlier_requests_until: 0,
             lan_keys: HashMap::new(),
+            transports: HashMap::new(),
+            device_peers: HashMap::new(),
+            listings: HashMap::new(),
             commands,
             net_events,
             work: FuturesUnordered::new(),
@@ -286,37 +337,109 @@ impl<T: Transport> Owner<T> {
         }
         self.state.store.take_outbox_changes();
         self.allow_contacts();
-        self.deliveries.set_direct(self.state.net.direct_peers());
         self.take_relays()?;
         Ok(())
     }
 
-    /// Tells the network who our contacts are (not blocked): only they may connect,
-    /// and only they find us on the LAN (each by the key we share, a Diffie–Hellman
-    /// each, so kept from one call to the next).
+    /// Tells the network whose devices may connect and find us on the LAN: every
+    /// device of each contact not blocked that we seal to (the card's, and each other
+    /// one that wrote to us) or that their device set lists (so a device of theirs that
+    /// never wrote can, on a LAN with no relay), and each other device of our own
+    /// account (SPEC §15.2). Each
+    /// is a peer of its own on the network (its session key names its transport
+    /// identity, SPEC §1) and shares a key of its own with this device for the LAN (a
+    /// Diffie–Hellman each, so kept from one call to the next).
     fn allow_contacts(&mut self) {
         let Ok(contacts) = self.state.store.contacts() else {
             return;
         };
-        let mut keys = std::mem::take(&mut self.lan_keys);
-        let mut kept = HashMap::with_capacity(contacts.len());
-        let mut allowed = Vec::with_capacity(contacts.len());
+        // A key two accounts name is let in once, as the first to name it: our own
+        // devices, then the devices contacts' cards name, then those we hold sessions
+        // with, then those only a set lists (which a hostile contact could list to
+        // shadow someone else's device).
+        let me = self.state.me.peer_id();
+        let mut devices: Vec<(u8, PeerId, Device, [u8; 32])> = Vec::new();
+        match self.state.with_own(|own| own.listed.clone()) {
+            Ok(listed) => devices.extend(listed.into_iter().map(|k| (0, me, Some(k), k))),
+            Err(e) => tracing::warn!(error = %e, "cannot read our device set"),
+        }
+        let mut listings = std::mem::take(&mut self.listings);
         for c in contacts.iter() {
             if !matches!(self.state.store.blocked(&c.peer), Ok(None)) {
                 continue;
             }
-            let x = *c.card.identity().x25519();
+            let card = *c.card.identity().x25519();
+            let listing = listings
+                .remove(&c.peer)
+                .unwrap_or_default()
+                .refreshed(&self.state.store, c);
+            if !listing.removed.contains(&card) {
+                devices.push((1, c.peer, None, card));
+            }
+            match self.state.store.device_session_keys(&c.peer) {
+                Ok(keys) => devices.extend(
+                    keys.into_iter()
+                        .filter(|k| *k != card && !listing.removed.contains(k))
+                        .map(|k| (2, c.peer, Some(k), k)),
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot read a contact's devices"),
+            }
+            devices.extend(
+                listing
+                    .listed
+                    .iter()
+                    .filter(|k| **k != card)
+                    .take(kkachi_protocol::device::MAX_DEVICES)
+                    .map(|k| (3, c.peer, Some(*k), *k)),
+            );
+            self.listings.insert(c.peer, listing);
+        }
+        devices.sort_by_key(|d| d.0);
+        let own_key = self.state.me.x25519_public();
+        let mut keys = std::mem::take(&mut self.lan_keys);
+        let mut kept = HashMap::with_capacity(devices.len());
+        let mut allowed = Vec::with_capacity(devices.len());
+        self.transports.clear();
+        self.device_peers.clear();
+        for (_, peer, device, x) in devices {
+            // Named by its transport identity, which every encoding of one key shares.
+            let Some(transport) = kkachi_protocol::identity::transport_peer(&x) else {
+                continue;
+            };
+            if x == own_key || self.transports.contains_key(&transport) {
+                continue;
+            }
             let key = match keys.remove(&x) {
                 Some(k) => k,
-                None => self.state.me.lan_key_for(c.card.identity()),
+                None => self.state.me.lan_key_with(&x),
             };
             if let Some(k) = &key {
-                allowed.push((c.peer, k.clone()));
+                allowed.push((transport, k.clone()));
+                self.transports.insert(transport, (peer, device));
+                self.device_peers.insert((peer, device), transport);
             }
             kept.insert(x, key);
         }
         self.lan_keys = kept;
         self.state.net.allow_only(allowed);
+        self.set_direct();
+    }
+
+    /// Tells the schedule which devices the network reaches directly now.
+    pub(super) fn set_direct(&mut self) {
+        let direct = self
+            .state
+            .net
+            .direct_peers()
+            .iter()
+            .filter_map(|p| self.transports.get(p).copied())
+            .collect();
+        self.deliveries.set_direct(direct);
+    }
+
+    /// The peer id of `contact`'s device `device` on the network, if it is let in.
+    pub(super) fn device_peer(&self, contact: PeerId, device: Device) -> Option<PeerId> {
+        self.device_peers.get(&(contact, device)).copied()
     }
 
     /// A card about to run out is renewed: granted anew at our relays (the previous
@@ -652,11 +775,11 @@ impl<T: Transport> Owner<T> {
                 });
             }
             Command::Sync { timeout, reply } => {
-                self.deliveries.set_direct(self.state.net.direct_peers());
+                self.set_direct();
                 self.start_sync(reply, timeout, now);
             }
             Command::Settle { force, reply } => {
-                self.deliveries.set_direct(self.state.net.direct_peers());
+                self.set_direct();
                 if force {
                     let due = self.deliveries.handle_force(now);
                     self.write_entries(due);
@@ -664,7 +787,7 @@ impl<T: Transport> Owner<T> {
                 self.settles.push(reply);
             }
             Command::RetryNow => {
-                self.deliveries.set_direct(self.state.net.direct_peers());
+                self.set_direct();
                 let due = self.deliveries.handle_force(now);
                 self.write_entries(due);
                 if let Ok(relays) = self.state.store.relays() {
@@ -805,10 +928,10 @@ impl<T: Transport> Owner<T> {
                 reply,
             } => self.direct_put(from, envelopes, reply, now),
             NetEvent::LanPeer { .. } => {
-                self.deliveries.set_direct(self.state.net.direct_peers());
+                self.set_direct();
             }
             NetEvent::Connection { peer, up } => {
-                self.deliveries.set_direct(self.state.net.direct_peers());
+                self.set_direct();
                 if up {
                     // A relay we could not reach is back: what waits for it goes now.
                     let of_peer = |addr: &str| {

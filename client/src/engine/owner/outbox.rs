@@ -32,6 +32,14 @@ impl<T: Transport> Owner<T> {
                 .map(|t| (WriteKey(t.write), t.request.map(WriteKey))),
             Path::Direct => None,
         };
+        // The device it is sealed to, as a peer on the network.
+        let device = match (&attempt.path, attempt.contact) {
+            (Path::Direct, Some(contact)) => self
+                .deliveries
+                .get(attempt.key)
+                .and_then(|e| self.device_peer(contact, e.device)),
+            _ => None,
+        };
         self.work.push(Box::pin(async move {
             let (outcome, epoch) = match Envelope::decode(&attempt.envelope) {
                 Err(e) => (
@@ -39,9 +47,9 @@ impl<T: Transport> Owner<T> {
                     0,
                 ),
                 Ok(envelope) => match (&attempt.path, keys) {
-                    (Path::Direct, _) => match attempt.contact {
-                        Some(contact) => (put(net.direct_put(contact, vec![envelope])).await.0, 0),
-                        None => (Outcome::Refused("no contact to hand it to".into()), 0),
+                    (Path::Direct, _) => match device {
+                        Some(device) => (put(net.direct_put(device, vec![envelope])).await.0, 0),
+                        None => (Outcome::Refused("no device to hand it to".into()), 0),
                     },
                     (Path::Relay(addr), Some((pairwise, request))) => {
                         match addr.parse::<Multiaddr>() {
@@ -70,8 +78,11 @@ impl<T: Transport> Owner<T> {
     /// their relays; the network backs off per contact).
     pub(super) fn seek_direct(&self) {
         for peer in self.deliveries.waiting_contacts() {
-            if let Ok(Some(contact)) = self.state.store.contact(&peer) {
-                self.state.net.seek_direct(peer, contact.card.relays());
+            if let (Ok(Some(contact)), Some(device)) = (
+                self.state.store.contact(&peer),
+                self.device_peer(peer, None),
+            ) {
+                self.state.net.seek_direct(device, contact.card.relays());
             }
         }
     }
@@ -169,7 +180,9 @@ impl<T: Transport> Owner<T> {
         {
             self.deliveries.release(queued.outbox_key);
         }
-        self.state.net.seek_direct(contact, card.card.relays());
+        if let Some(device) = self.device_peer(contact, None) {
+            self.state.net.seek_direct(device, card.card.relays());
+        }
         self.wait_durable(After::SendDurable(queued.outbox_key));
         Ok(Sending { queued, events: rx })
     }

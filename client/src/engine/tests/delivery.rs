@@ -170,12 +170,12 @@ async fn direct_path_on_the_lan_without_relays() {
     let net = FakeNet::default();
     let alice = User::started(&net, "alice", 0).await;
     let bob = User::started(&net, "bob", 0).await;
-    let bob_c = alice.add_contact(&bob);
+    let bob_c = alice.add_contact_live(&bob).await;
     bob.add_contact(&alice);
-    net.inner.lock().direct.insert(bob.peer());
+    net.inner.lock().direct.insert(bob.device());
     let (_, p) = alice.send(&bob_c, "no internet here").await;
     assert!(p.direct);
-    let inbox = net.inner.lock().direct_inbox.remove(&bob.peer()).unwrap();
+    let inbox = net.inner.lock().direct_inbox.remove(&bob.device()).unwrap();
     let got = bob.engine.receive(inbox.clone()).await.unwrap();
     assert_eq!(got[0].message.text, "no internet here");
     // The same envelope again (another path) is not shown twice.
@@ -300,9 +300,9 @@ async fn waiting_messages_ask_for_a_direct_path_unless_there_is_one() {
     }
     net.inner.lock().sought.clear();
     alice.send(&bob_c, "are you there?").await;
-    assert_eq!(net.inner.lock().sought, vec![bob.peer()]);
+    assert_eq!(net.inner.lock().sought, vec![bob.device()]);
     // On the LAN: handed over directly, nothing left waiting.
-    net.inner.lock().direct.insert(bob.peer());
+    net.inner.lock().direct.insert(bob.device());
     alice.engine.settle().await.unwrap();
     assert_eq!(alice.messages(&bob)[0].state, MessageState::Delivered);
     assert_eq!(alice.engine.store().outbox_len(), 0);
@@ -366,7 +366,7 @@ async fn messages_out_before_a_crash_lost_their_write_do_not_block_later_ones() 
 async fn a_message_is_announced_when_stored_then_once_durable_and_never_again() {
     let net = FakeNet::default();
     let (alice, bob, bob_c, _) = pair(&net).await;
-    net.inner.lock().direct.insert(bob.peer());
+    net.inner.lock().direct.insert(bob.device());
     // What bob's subscribers see, and whether the store was durable when they saw a
     // message announced durable. (Whether the flush is done by the time a subscriber
     // sees the first announcement depends on the disk: the owner task may take the
@@ -396,7 +396,7 @@ async fn a_message_is_announced_when_stored_then_once_durable_and_never_again() 
     assert!(p.direct);
     assert_eq!(net.inner.lock().puts, 3, "the relays carry it too");
     // The direct copy, then the three relays' copies.
-    let inbox = net.inner.lock().direct_inbox.remove(&bob.peer()).unwrap();
+    let inbox = net.inner.lock().direct_inbox.remove(&bob.device()).unwrap();
     assert_eq!(bob.engine.receive(inbox).await.unwrap().len(), 1);
     assert!(bob.sync().await.is_empty());
     bob.engine.shutdown().await.unwrap();
@@ -438,7 +438,7 @@ async fn a_direct_handover_is_announced_once_whoever_waits() {
     }
     let (waiting, mut events) = alice.queue(&bob_c, "on the LAN").await;
     alice.engine.settle().await.unwrap();
-    net.inner.lock().direct.insert(bob.peer());
+    net.inner.lock().direct.insert(bob.device());
     alice.engine.settle().await.unwrap();
     assert_eq!(
         alice.engine.progress(waiting.outbox_key).await.unwrap(),
@@ -474,8 +474,8 @@ async fn a_contact_refusing_direct_hand_overs_is_not_asked_again_at_once() {
     let (alice, bob, bob_c, _) = pair(&net).await;
     {
         let mut inner = net.inner.lock();
-        inner.direct.insert(bob.peer());
-        inner.refusing.insert(bob.peer());
+        inner.direct.insert(bob.device());
+        inner.refusing.insert(bob.device());
     }
     let (_, p) = tokio::time::timeout(Duration::from_secs(10), alice.send(&bob_c, "hello"))
         .await

@@ -341,6 +341,38 @@ async fn a_direct_handover_from_a_stranger_is_not_delivered() {
     );
 }
 
+#[tokio::test]
+async fn a_contact_listing_another_contacts_device_in_its_set_takes_nothing_of_it() {
+    // Mallory signs a device set that lists Bob's device key as one of his: on the
+    // network Bob's device stays Bob's (let in as Bob, handed what is sealed to Bob).
+    let net = FakeNet::default();
+    let alice = User::started(&net, "alice", 0).await;
+    let bob = User::started(&net, "bob", 0).await;
+    let mallory = User::started(&net, "mallory", 0).await;
+    let bob_c = alice.add_contact_live(&bob).await;
+    bob.add_contact(&alice);
+    let bob_key = *bob.card.identity().x25519();
+    let me = mallory.engine.identity();
+    let mut set = kkachi_protocol::device::DeviceSet::new(me, "phone", 1_000).unwrap();
+    set.add(me, bob_key, "laptop", 1_001).unwrap();
+    let mallory_c = alice.add_contact(&mallory);
+    let mut w = WriteSet::default();
+    LocalStore::write_contact_devices(&mut w, &mallory_c.peer, &set);
+    alice.engine.store().apply(w).unwrap();
+    // (Told as a user's change tells it: the network is told whom to let in again.)
+    alice
+        .engine
+        .add_contact(mallory.card.clone(), None)
+        .await
+        .unwrap();
+    net.inner.lock().direct.insert(bob.device());
+    let (_, p) = alice.send(&bob_c, "for bob only").await;
+    assert!(p.direct, "handed to Bob's device directly, as Bob's");
+    let inbox = net.inner.lock().direct_inbox.remove(&bob.device()).unwrap();
+    let got = bob.engine.receive(inbox).await.unwrap();
+    assert_eq!(got[0].message.text, "for bob only");
+}
+
 /// One thing a hostile contact does, for the property test below.
 #[derive(Debug, Clone)]
 enum Act {

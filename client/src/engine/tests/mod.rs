@@ -503,6 +503,25 @@ impl User {
         self.engine.identity().peer_id()
     }
 
+    /// This device as the network knows it (its transport identity).
+    fn device(&self) -> PeerId {
+        self.engine
+            .identity()
+            .transport_keypair()
+            .public()
+            .to_peer_id()
+    }
+
+    /// Adds `other` as a user does: through the engine, so its network is told whose
+    /// devices to let in.
+    async fn add_contact_live(&self, other: &User) -> Contact {
+        self.engine
+            .add_contact(other.card.clone(), None)
+            .await
+            .unwrap();
+        self.engine.store().contact(&other.peer()).unwrap().unwrap()
+    }
+
     fn add_contact(&self, other: &User) -> Contact {
         let contact = Contact::new(other.peer(), other.card.name().into(), other.card.clone());
         let mut w = WriteSet::default();

@@ -549,3 +549,119 @@ async fn a_group_made_on_one_device_after_the_other_joined_reaches_it() {
     assert_eq!(texts(&laptop.sync().await), ["I'll take the first watch"]);
     assert!(bob.sync().await.is_empty(), "once");
 }
+
+#[tokio::test]
+async fn every_device_of_an_account_is_reached_directly_on_the_lan_with_no_relay() {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, _, phone_key) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    // Every device is a peer of its own on the network: three of them, on one LAN.
+    let devices = [laptop.device(), phone.device(), bob.device()];
+    assert_ne!(
+        devices[0], devices[1],
+        "her devices are apart on the network"
+    );
+    assert!(
+        devices
+            .iter()
+            .all(|d| *d != laptop.peer() && *d != bob.peer())
+    );
+    for r in laptop.relays.iter().chain(&bob.relays) {
+        net.set_up(r, false);
+    }
+    net.inner.lock().direct.extend(devices);
+    let inbox = |user: &User| {
+        net.inner
+            .lock()
+            .direct_inbox
+            .remove(&user.device())
+            .unwrap_or_default()
+    };
+
+    // Bob's message goes to each of her devices directly: the phone too, not only the
+    // one her card names.
+    let alice_c = bob.contact_of(&laptop.peer()).unwrap();
+    let (_, progress) = bob.send(&alice_c, "no internet here").await;
+    assert!(progress.direct);
+    bob.engine.settle().await.unwrap();
+    assert_eq!(
+        waiting_for(&bob, &laptop, Some(phone_key)),
+        0,
+        "the phone took it"
+    );
+    let at_phone = phone.engine.receive(inbox(&phone)).await.unwrap();
+    assert_eq!(texts(&at_phone), ["no internet here"]);
+    let at_laptop = laptop.engine.receive(inbox(&laptop)).await.unwrap();
+    assert_eq!(texts(&at_laptop), ["no internet here"]);
+
+    // The phone writes back: to Bob directly, and its copy to the laptop directly.
+    let bob_at_phone = phone.contact_of(&bob.peer()).unwrap();
+    let (sent, progress) = phone.send(&bob_at_phone, "me neither").await;
+    assert!(progress.direct);
+    phone.engine.settle().await.unwrap();
+    let laptop_key = laptop.engine.identity().x25519_public();
+    assert_eq!(
+        waiting_for(&phone, &laptop, Some(laptop_key)),
+        0,
+        "the laptop took its copy"
+    );
+    let at_bob = bob.engine.receive(inbox(&bob)).await.unwrap();
+    assert_eq!(texts(&at_bob), ["me neither"]);
+    let copy = laptop.engine.receive(inbox(&laptop)).await.unwrap();
+    assert_eq!(texts(&copy), ["me neither"]);
+    assert_eq!(copy[0].message.direction, Direction::Out);
+    assert_eq!(copy[0].message.id, sent.id.0);
+    println!(
+        "on one LAN with no relay: Bob reached both of Alice's devices directly, her phone reached Bob and her laptop"
+    );
+}
+
+#[tokio::test]
+async fn an_edit_or_delete_from_another_device_that_comes_before_its_message_is_applied_when_it_comes()
+ {
+    let net = FakeNet::default();
+    let (laptop, phone, bob, _, _) = with_a_phone(&net).await;
+    laptop.regrant().await;
+    let bob_at_laptop = laptop.contact_of(&bob.peer()).unwrap();
+    // The copies reach the phone directly here, so the test can hand them over in the
+    // order another relay might have: each change before its message.
+    for r in &laptop.relays {
+        net.set_up(r, false);
+    }
+    net.inner.lock().direct.insert(phone.device());
+    let (edited, _) = laptop.send(&bob_at_laptop, "draft").await;
+    laptop
+        .engine
+        .revise(bob.peer(), edited.id, Some("final".into()))
+        .await
+        .unwrap();
+    let (deleted, _) = laptop.send(&bob_at_laptop, "oops").await;
+    laptop
+        .engine
+        .revise(bob.peer(), deleted.id, None)
+        .await
+        .unwrap();
+    laptop.engine.settle().await.unwrap();
+    let copies = net
+        .inner
+        .lock()
+        .direct_inbox
+        .remove(&phone.device())
+        .unwrap_or_default();
+    assert!(copies.len() >= 4, "two messages and two changes at least");
+    for copy in copies.into_iter().rev() {
+        phone.engine.receive(vec![copy]).await.unwrap();
+    }
+    let at_phone = |id: MessageId| message(&phone, &bob, id);
+    assert_eq!(at_phone(edited.id).text, "final");
+    assert!(at_phone(edited.id).edited);
+    assert!(at_phone(deleted.id).deleted);
+    assert_eq!(at_phone(deleted.id).text, "");
+    // Nothing held is left over.
+    let conv = phone.engine.store().conversation(&bob.peer()).unwrap();
+    assert!(
+        conv.pending_revisions.is_empty(),
+        "{:?}",
+        conv.pending_revisions
+    );
+}
