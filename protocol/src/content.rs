@@ -175,6 +175,7 @@ const ACCOUNT_CONTACT_REMOVED: u8 = 2;
 const ACCOUNT_BLOCKED: u8 = 3;
 const ACCOUNT_UNBLOCKED: u8 = 4;
 const ACCOUNT_DELETED_FOR_ME: u8 = 5;
+const ACCOUNT_GROUP_KEY: u8 = 6;
 
 /// A change one device of an account made to the account's own records, for its other
 /// devices only (SPEC §15.2): they make the same change.
@@ -209,6 +210,15 @@ pub enum AccountRecord {
         /// The message.
         id: MessageId,
     },
+    /// The key of an epoch of a large group this device holds, with one part of the
+    /// epoch's key record (its group, number, clock and maker, signed): the account's
+    /// other devices, for whose keys no admin wrapped it, read the group too.
+    GroupKey {
+        /// The epoch's key (it hashes to the record's epoch id).
+        key: crate::group::large::EpochKey,
+        /// One part of the epoch's key record.
+        record: Box<crate::group::large::KeyRecord>,
+    },
 }
 
 impl AccountRecord {
@@ -230,6 +240,11 @@ impl AccountRecord {
             AccountRecord::DeletedForMe { peer: p, id } => {
                 peer(w.u8(ACCOUNT_DELETED_FOR_ME), p);
                 w.raw(&id.0);
+            }
+            AccountRecord::GroupKey { key, record } => {
+                w.u8(ACCOUNT_GROUP_KEY)
+                    .raw(key.to_bytes().as_slice())
+                    .raw(record.encode());
             }
         }
         w.finish()
@@ -270,6 +285,23 @@ impl AccountRecord {
                 peer: peer(&mut r)?,
                 id: MessageId(r.array("message id")?),
             },
+            ACCOUNT_GROUP_KEY => {
+                let key = crate::group::large::EpochKey::from_bytes(r.array("epoch key")?);
+                // The rest is the record (and nothing is left after it).
+                let rest = std::mem::replace(&mut r, Reader::new(&[])).rest();
+                let record = crate::group::large::KeyRecord::decode(rest)?;
+                if key.id(&record.group()) != record.epoch() {
+                    return Err(DecodeError::Invalid {
+                        field: "account record's epoch key",
+                        reason: "not the key of the record's epoch",
+                    }
+                    .into());
+                }
+                AccountRecord::GroupKey {
+                    key,
+                    record: Box::new(record),
+                }
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "account record",
@@ -1469,6 +1501,7 @@ mod tests {
                 peer: fixed_peer(),
                 id: MessageId([5; 16]),
             },
+            group_key(&id, [7; 32]),
         ];
         for record in records {
             let mut c = text(0, "");
@@ -1507,6 +1540,33 @@ mod tests {
         let mut unknown = c.encode();
         unknown[CONTENT_HEADER_LEN] = 9;
         assert!(Content::decode(&unknown).is_err());
+        // An epoch key that is not the record's epoch's: refused.
+        let mut wrong = text(0, "");
+        wrong.body = Body::Account(group_key(&id, [7; 32]));
+        let mut bytes = wrong.encode();
+        bytes[CONTENT_HEADER_LEN + 1] ^= 1;
+        assert!(Content::decode(&bytes).is_err());
+    }
+
+    /// An epoch key of group `[9; 32]` (from `seed`), with its key record made by `admin`.
+    fn group_key(admin: &Identity, seed: [u8; 32]) -> AccountRecord {
+        use crate::group::large::{EpochKey, KeyRecord};
+        let key = EpochKey::from_bytes(seed);
+        let hlc = crate::group::Hlc { ms: 5, count: 0 };
+        let record = KeyRecord::make(
+            admin,
+            GroupId([9; 32]),
+            1,
+            hlc,
+            &key,
+            &[admin.x25519_public()],
+        )
+        .unwrap()
+        .remove(0);
+        AccountRecord::GroupKey {
+            key,
+            record: Box::new(record),
+        }
     }
 
     #[test]

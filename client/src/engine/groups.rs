@@ -196,6 +196,11 @@ impl<T> State<T> {
         *self.me.public().ed25519()
     }
 
+    /// This device, as large groups' posts and haves name it (SPEC §14.5).
+    fn own_device(&self) -> kkachi_protocol::group::large::DeviceTag {
+        kkachi_protocol::group::large::device_tag(&self.me.x25519_public())
+    }
+
     /// Founds a group with us as its only member and admin.
     pub(crate) fn create_group(&mut self, name: &str, now: u64) -> Result<GroupId, EngineError> {
         check_name(name).map_err(|e| EngineError::Invalid(format!("group name: {e}")))?;
@@ -1035,15 +1040,17 @@ impl<T> State<T> {
     pub(crate) fn mark_group_read(&mut self, id: GroupId, now: u64) -> Result<usize, EngineError> {
         let mut w = WriteSet::default();
         let mut by_author: BTreeMap<Vec<u8>, Vec<MessageId>> = BTreeMap::new();
-        // In a large group: the highest number read of each author.
-        let mut read_seqs: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        // In a large group: the highest number read of each author's device.
+        let mut read_seqs: BTreeMap<(Vec<u8>, [u8; 8]), u64> = BTreeMap::new();
         for (key, mut m) in self.store.group_messages_keyed(&id)? {
             if m.event || m.from.is_empty() || m.message.state != MessageState::Received {
                 continue;
             }
             m.message.state = MessageState::Read;
             if m.post_seq != 0 {
-                let seq = read_seqs.entry(m.from.clone()).or_default();
+                let seq = read_seqs
+                    .entry((m.from.clone(), m.post_device))
+                    .or_default();
                 *seq = (*seq).max(m.post_seq);
             }
             by_author
@@ -1061,7 +1068,7 @@ impl<T> State<T> {
             && let Some(mut record) = self.store.group(&id)?
             && let Some(roster) = self.merged(id, &record)?.roster
         {
-            for (from, seq) in &read_seqs {
+            for ((from, device), seq) in &read_seqs {
                 let Some(author) = roster
                     .members
                     .iter()
@@ -1070,7 +1077,11 @@ impl<T> State<T> {
                 else {
                     continue;
                 };
-                if let Some(chain) = record.large.chains.iter_mut().find(|c| c.author == author)
+                if let Some(chain) = record
+                    .large
+                    .chains
+                    .iter_mut()
+                    .find(|c| c.author == author && c.device == *device)
                     && *seq > chain.read
                 {
                     chain.read = *seq;
@@ -1339,6 +1350,7 @@ impl<T> State<T> {
                 unseen: false,
                 missed,
                 post_seq: 0,
+                post_device: [0; 8],
                 reach: (0, 0, 0),
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
@@ -1861,6 +1873,7 @@ impl<T> State<T> {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
+            post_device: [0; 8],
             reach: (0, 0, 0),
         };
         message.message.seq = content.seq;
@@ -2223,6 +2236,7 @@ impl<T> State<T> {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
+            post_device: [0; 8],
             reach: (0, 0, 0),
         };
         self.note_group_expiry(&mut record, &message);
@@ -2356,6 +2370,7 @@ fn event_message(from: Option<Vec<u8>>, hlc: Hlc, text: String, now: u64) -> Gro
         unseen: false,
         missed: Vec::new(),
         post_seq: 0,
+        post_device: [0; 8],
         reach: (0, 0, 0),
     }
 }

@@ -209,6 +209,12 @@ impl<T> State<T> {
                 }
                 Ok(Outcome::Applied("unblocked on another device of ours"))
             }
+            AccountRecord::GroupKey { key, record } => {
+                self.take_own_epoch(w, &key, &record, now)?;
+                Ok(Outcome::Applied(
+                    "an epoch key of a large group, from another device of ours",
+                ))
+            }
             AccountRecord::DeletedForMe { peer, id } => {
                 if let Some((key, _)) = self.store.message(&peer, &id)? {
                     w.remove(TreeId::Messages, key);

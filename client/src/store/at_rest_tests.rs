@@ -122,6 +122,7 @@ fn converse(store: &LocalStore) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         unseen: false,
         missed: Vec::new(),
         post_seq: 0,
+        post_device: [0; 8],
         reach: (0, 0, 0),
     };
     LocalStore::write_group_message(&mut w, &group, 0, &said);

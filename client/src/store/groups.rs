@@ -110,8 +110,12 @@ pub const MAX_HELD_POSTS: usize = 256;
 pub struct LargeState {
     /// Epochs whose key we hold, at most [`MAX_EPOCHS_KEPT`].
     pub epochs: Vec<HeldEpoch>,
-    /// The number of our next message or file in the group (from 1).
+    /// The number of our next message or file in the group (from 1), in the chain of
+    /// the device `device` names: this device's (SPEC §14.5), started again from 1
+    /// when it is another (a new session key, or a device restored from another).
     pub next_seq: u64,
+    /// The device whose chain `next_seq` and `last_id` count.
+    pub device: [u8; 8],
     /// The id of our last numbered post (zeros before the first).
     pub last_id: [u8; 16],
     /// Each author's chain of numbered posts, as far as we hold it.
@@ -129,6 +133,15 @@ pub struct LargeState {
     pub unsound_since_ms: u64,
     /// Something new arrived since we last posted our have.
     pub have_due: bool,
+    /// The epochs (by id) whose keys our other devices were sent (SPEC §15.2), with
+    /// how many parts of each record went...
+    pub told_own: Vec<([u8; 32], u8)>,
+    /// ...while our set listed these other devices (once it lists others, every
+    /// epoch is sent again).
+    pub told_own_to: Vec<[u8; 32]>,
+    /// Epoch keys another device of ours sent before this one was in the group (the
+    /// key, and a part of its record): taken once its log makes us a member.
+    pub own_keys: Vec<([u8; 32], Vec<u8>)>,
     /// When we last posted our have (Unix ms).
     pub have_sent_ms: u64,
     /// Key records sealed to us before the group's log made us a member: taken once it
@@ -182,6 +195,8 @@ impl HeldEpoch {
 pub struct Chain {
     /// The author (identity key).
     pub author: [u8; 32],
+    /// Which of the author's devices (each numbers its own posts).
+    pub device: [u8; 8],
     /// The numbers held, as inclusive runs in ascending order, apart from each other
     /// (at most [`MAX_RUNS`]).
     pub runs: Vec<(u64, u64)>,
@@ -323,6 +338,9 @@ pub struct GroupMessage {
     pub missed: Vec<Vec<u8>>,
     /// In a large group: its number in its author's chain (0 in the small tier).
     pub post_seq: u64,
+    /// In a large group: which of its author's devices posted it (whose chain
+    /// `post_seq` counts).
+    pub post_device: [u8; 8],
     /// Ours in a large group: how many other members there were when it went, how many
     /// hold it and how many read it, as their haves say (the small tier counts
     /// `copies` instead).
@@ -687,6 +705,7 @@ mod tests {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
+            post_device: [0; 8],
             reach: (0, 0, 0),
         }
     }

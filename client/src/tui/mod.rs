@@ -951,6 +951,7 @@ mod group_view_tests {
             unseen: false,
             missed: Vec::new(),
             post_seq: 0,
+            post_device: [0; 8],
             reach: (0, 0, 0),
         }
     }

@@ -14,9 +14,11 @@
 //!                 X_author, X_i)
 //! wrapped_i   = ChaCha20-Poly1305(wrap key_i, nonce 0, epoch_key, ad = group_id ‖ epoch_id)
 //! tag_i       = X_i[0..8]
-//! post        = version(1)=1 ‖ group_id(32) ‖ epoch_id(32) ‖ author(32) ‖ seq(8)
-//!               ‖ prev(16) ‖ hlc_ms(8) ‖ hlc_count(4) ‖ kind(1) ‖ u32 len ‖ body
-//!               ‖ signature(64)
+//! post        = version(1)=2 ‖ group_id(32) ‖ epoch_id(32) ‖ author(32) ‖ device(8)
+//!               ‖ seq(8) ‖ prev(16) ‖ hlc_ms(8) ‖ hlc_count(4) ‖ kind(1) ‖ u32 len
+//!               ‖ body ‖ signature(64)
+//! device      = the posting device's X25519 key[0..8]: each device of an account
+//!               numbers its own posts (its own chain)
 //! item        = version(1)=1 ‖ nonce(24)
 //!               ‖ XChaCha20-Poly1305(item key, nonce, u32 len ‖ post ‖ zeros,
 //!                                    ad = version ‖ epoch_id),
@@ -42,8 +44,10 @@ use crate::identity::{Identity, PUBLIC_LEN, PublicIdentity, verify_raw};
 use crate::queue::GroupKey;
 use crate::session::SIZE_CLASSES;
 
-/// Version byte of key records, posts and items.
+/// Version byte of key records and items.
 pub const LARGE_VERSION: u8 = 1;
+/// Version byte of posts (2: each names the device that posted it).
+pub const POST_VERSION: u8 = 2;
 /// Label of a key record's signature.
 pub const KEY_RECORD_LABEL: &str = "kkachi/group-key/v1";
 /// Label of a post's signature, and of the hash that names a post.
@@ -53,8 +57,17 @@ pub const POST_LABEL: &str = "kkachi/group-post/v1";
 pub const MAX_WRAPS: usize = 1024;
 /// Most parts of one epoch's key record.
 pub const MAX_KEY_PARTS: usize = 8;
-/// Most authors a have-vector names.
+/// Most chains (an author's device each) a have-vector names.
 pub const MAX_HAVE_AUTHORS: usize = 1024;
+/// What names one device of an author in posts and haves: its X25519 key's first bytes.
+pub type DeviceTag = [u8; 8];
+
+/// The tag of the device whose X25519 key is `x25519`.
+pub fn device_tag(x25519: &[u8; 32]) -> DeviceTag {
+    let mut tag = [0; 8];
+    tag.copy_from_slice(&x25519[..8]);
+    tag
+}
 /// How many of a group's epochs (the newest its admins made) members keep and read
 /// (SPEC §14.5).
 pub const EPOCHS_READ: usize = 6;
@@ -66,7 +79,7 @@ const AEAD_TAG_LEN: usize = 16;
 /// Longest post: what fits in the largest item.
 pub const MAX_POST_LEN: usize =
     SIZE_CLASSES[SIZE_CLASSES.len() - 1] - ITEM_HEADER_LEN - AEAD_TAG_LEN - 4;
-const POST_HEADER_LEN: usize = 1 + 32 + 32 + 32 + 8 + 16 + 8 + 4 + 1 + 4;
+const POST_HEADER_LEN: usize = 1 + 32 + 32 + 32 + 8 + 8 + 16 + 8 + 4 + 1 + 4;
 /// Longest body of a post.
 pub const MAX_POST_BODY: usize = MAX_POST_LEN - POST_HEADER_LEN - 64;
 const WRAP_LEN: usize = 8 + 32 + AEAD_TAG_LEN;
@@ -426,9 +439,10 @@ impl KeyRecord {
 /// to count deliveries and reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Have {
-    /// (author, highest number of theirs held with nothing missing below it, highest
-    /// number of theirs read: 0 with read receipts off).
-    pub heads: Vec<([u8; 32], u64, u64)>,
+    /// (author, their device, highest number of that device's held with nothing
+    /// missing below it, highest of them read: 0 with read receipts off), ascending by
+    /// author and device.
+    pub heads: Vec<([u8; 32], DeviceTag, u64, u64)>,
     /// The sender's operations digest (SPEC §14.4).
     pub ops: [u8; 16],
 }
@@ -491,8 +505,8 @@ impl PostBody {
             }
             PostBody::Have(have) => {
                 w.u16(have.heads.len() as u16);
-                for (author, seq, read) in &have.heads {
-                    w.raw(author).u64(*seq).u64(*read);
+                for (author, device, seq, read) in &have.heads {
+                    w.raw(author).raw(device).u64(*seq).u64(*read);
                 }
                 w.raw(&have.ops);
             }
@@ -555,21 +569,25 @@ impl PostBody {
             }
             POST_KEY => PostBody::Key(Box::new(KeyRecord::decode(bytes)?)),
             POST_HAVE => {
-                let n = r.count16(MAX_HAVE_AUTHORS, 48, "have-vector")?;
+                let n = r.count16(MAX_HAVE_AUTHORS, 56, "have-vector")?;
                 let mut heads = Vec::with_capacity(n);
                 for _ in 0..n {
                     heads.push((
                         r.array("have author")?,
+                        r.array("have device")?,
                         r.u64("have number")?,
                         r.u64("have read")?,
                     ));
                 }
                 let ops = r.array("have digest")?;
                 r.finish()?;
-                if heads.windows(2).any(|w| w[0].0 >= w[1].0) {
+                if heads
+                    .windows(2)
+                    .any(|w| (w[0].0, w[0].1) >= (w[1].0, w[1].1))
+                {
                     return Err(DecodeError::Invalid {
                         field: "have-vector",
-                        reason: "authors not in ascending order",
+                        reason: "chains not in ascending order",
                     }
                     .into());
                 }
@@ -592,6 +610,7 @@ pub struct Post {
     group: GroupId,
     epoch: EpochId,
     author: [u8; 32],
+    device: DeviceTag,
     seq: u64,
     prev: [u8; 16],
     hlc: Hlc,
@@ -610,10 +629,10 @@ impl std::fmt::Debug for Post {
 }
 
 impl Post {
-    /// Signs a post for epoch `epoch` of `group` (it is refused in any other). For a
-    /// numbered body (a message or file) `seq` is the author's number for it in the
-    /// group (from 1) and `prev` the id of their post numbered `seq − 1` (zeros for 1);
-    /// other bodies carry 0 and zeros.
+    /// Signs a post for epoch `epoch` of `group` (it is refused in any other), as
+    /// `author`'s device. For a numbered body (a message or file) `seq` is that
+    /// device's number for it in the group (from 1) and `prev` the id of its post
+    /// numbered `seq − 1` (zeros for 1); other bodies carry 0 and zeros.
     #[allow(clippy::too_many_arguments)]
     pub fn sign(
         author: &Identity,
@@ -626,10 +645,11 @@ impl Post {
     ) -> Result<Self, GroupError> {
         let encoded_body = body.encode();
         let mut w = Writer::with_capacity(POST_HEADER_LEN + encoded_body.len() + 64);
-        w.u8(LARGE_VERSION)
+        w.u8(POST_VERSION)
             .raw(&group.0)
             .raw(&epoch.0)
             .raw(author.public().ed25519())
+            .raw(&device_tag(&author.x25519_public()))
             .u64(seq)
             .raw(&prev.0)
             .u64(hlc.ms)
@@ -664,7 +684,7 @@ impl Post {
         }
         let mut r = Reader::new(bytes);
         let version = r.u8("group post version")?;
-        if version != LARGE_VERSION {
+        if version != POST_VERSION {
             return Err(DecodeError::UnsupportedVersion {
                 what: "group post",
                 version,
@@ -674,6 +694,7 @@ impl Post {
         let group = GroupId(r.array("group id")?);
         let epoch = EpochId(r.array("post epoch")?);
         let author: [u8; 32] = r.array("post author")?;
+        let device: DeviceTag = r.array("post device")?;
         let seq = r.u64("post number")?;
         let prev: [u8; 16] = r.array("post previous")?;
         let hlc = Hlc {
@@ -715,6 +736,7 @@ impl Post {
             group,
             epoch,
             author,
+            device,
             seq,
             prev,
             hlc,
@@ -752,7 +774,12 @@ impl Post {
         &self.author
     }
 
-    /// The author's number for it (0 for what is not numbered).
+    /// The author's device that posted it (whose numbers `seq` counts).
+    pub fn device(&self) -> DeviceTag {
+        self.device
+    }
+
+    /// That device's number for it (0 for what is not numbered).
     pub fn seq(&self) -> u64 {
         self.seq
     }

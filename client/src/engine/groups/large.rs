@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use kkachi_protocol::content::GroupBody;
 use kkachi_protocol::envelope::{DEFAULT_TTL_SECS, Envelope};
 use kkachi_protocol::group::large::{
-    EPOCHS_READ, EpochId, EpochKey, Have, KeyRecord, MAX_HAVE_AUTHORS, MAX_POST_OPS, Post,
-    PostBody, open_item, usable_key,
+    DeviceTag, EPOCHS_READ, EpochId, EpochKey, Have, KeyRecord, MAX_HAVE_AUTHORS, MAX_POST_OPS,
+    Post, PostBody, open_item, usable_key,
 };
 use kkachi_protocol::group::{GroupId, Hlc, Role, Roster, SignedOp, have_digest};
 use kkachi_protocol::{GroupKey, MessageId, Multiaddr, PeerId};
@@ -165,12 +165,38 @@ fn epoch_queues(epoch: &HeldEpoch, roster: &Roster) -> Vec<(Multiaddr, GroupKey)
         .collect()
 }
 
-fn chain_of(large: &mut LargeState, author: [u8; 32]) -> &mut Chain {
-    let i = match large.chains.iter().position(|c| c.author == author) {
+/// Most chains one author's posts may open (one per device: an account lists at most 8
+/// at once, and a device under a new key numbers afresh). Posts of a device beyond are
+/// dropped: a member making up devices harms only their own posts.
+const MAX_CHAINS_PER_AUTHOR: usize = 16;
+
+/// Takes number `seq` of `author`'s device `device` in: false if it was held already,
+/// or that device would be one chain too many of theirs.
+fn take_number(large: &mut LargeState, author: [u8; 32], device: DeviceTag, seq: u64) -> bool {
+    let known = large
+        .chains
+        .iter()
+        .any(|c| c.author == author && c.device == device);
+    if !known && large.chains.iter().filter(|c| c.author == author).count() >= MAX_CHAINS_PER_AUTHOR
+    {
+        tracing::warn!("a member's posts from more devices than any account has: dropped");
+        return false;
+    }
+    chain_of(large, author, device).take(seq)
+}
+
+/// `author`'s device `device`'s chain of numbered posts (each device numbers its own).
+fn chain_of(large: &mut LargeState, author: [u8; 32], device: DeviceTag) -> &mut Chain {
+    let i = match large
+        .chains
+        .iter()
+        .position(|c| c.author == author && c.device == device)
+    {
         Some(i) => i,
         None => {
             large.chains.push(Chain {
                 author,
+                device,
                 ..Chain::default()
             });
             large.chains.len() - 1
@@ -216,17 +242,52 @@ impl<T> State<T> {
     }
 
     /// Each member's X25519 keys: the one their add named and, if we hold a card of
-    /// theirs (a contact, or a member met in a group), its key; ours, our current one.
-    /// Every one is wrapped for and none counts as an outsider's, so admins and members
-    /// who know different cards agree. Keys of low order are left out (no wrap is made
-    /// for them, and they are missed by no one).
+    /// theirs (a contact, or a member met in a group), its key. Every one is wrapped for
+    /// and none counts as an outsider's, so admins and members who know different cards
+    /// agree. Ours: this device's, the one our add named (unless our set took it out) and
+    /// every other device's our set lists: none of them is an outsider's. Keys of low
+    /// order are left out (no wrap is made for them, and they are missed by no one).
     fn member_keys(&self, roster: &Roster) -> Result<MemberKeys, EngineError> {
+        self.member_keys_for(roster, false)
+    }
+
+    /// [`State::member_keys`], or (`wrapping`) the keys an epoch we make is wrapped for:
+    /// the same but ours, which is the one our add named (every member knows it) unless
+    /// our set took it out, then this device's. Our other devices, whose keys members
+    /// may not know, get the epoch's key from the device that holds it (SPEC §15.2).
+    fn member_keys_for(&self, roster: &Roster, wrapping: bool) -> Result<MemberKeys, EngineError> {
         let me = self.own_key();
+        let this = self.me.x25519_public();
+        let (listed, removed) = self.with_own(|own| {
+            let removed: Vec<[u8; 32]> = own
+                .keys
+                .iter()
+                .filter(|k| **k != this && !own.listed.contains(k))
+                .copied()
+                .collect();
+            (own.listed.clone(), removed)
+        })?;
         let mut out = BTreeMap::new();
         for (key, m) in &roster.members {
             let mut xs = Vec::with_capacity(2);
             if *key == me {
-                xs.push(self.me.x25519_public());
+                let added = *m.identity.x25519();
+                if wrapping {
+                    // Never a key our set took out, which a copy of an old device holds.
+                    xs.push(if removed.contains(&added) {
+                        this
+                    } else {
+                        added
+                    });
+                } else {
+                    // The add's key counts as ours even once taken out: every member
+                    // wraps for it until a new add names another.
+                    xs.push(this);
+                    if added != this {
+                        xs.push(added);
+                    }
+                    xs.extend(listed.iter().filter(|k| **k != this && **k != added));
+                }
             } else {
                 xs.push(*m.identity.x25519());
                 if let Some(c) = self.store.contact(&m.identity.peer_id())?
@@ -274,7 +335,12 @@ impl<T> State<T> {
         let hlc = record.hlc().max(roster.latest.min(cap)).tick(now);
         record.set_hlc(hlc);
         let key = EpochKey::generate(&mut rand::rngs::OsRng);
-        let wrapped: Vec<[u8; 32]> = keys.values().flatten().copied().collect();
+        let wrapped: Vec<[u8; 32]> = self
+            .member_keys_for(roster, true)?
+            .values()
+            .flatten()
+            .copied()
+            .collect();
         let parts = KeyRecord::make(&self.me, id, number, hlc, &key, &wrapped).map_err(invalid)?;
         let epoch = HeldEpoch {
             id: key.id(&id).0,
@@ -631,6 +697,17 @@ impl<T> State<T> {
             let epoch = usable(&record);
             let hlc = record.hlc().max(roster.latest.min(cap)).tick(now);
             record.set_hlc(hlc);
+            // This device's chain: started again from 1 if the numbers kept were
+            // another device's (a new session key, or a home restored from another).
+            let device = this.own_device();
+            if record.large.device != device {
+                record.large.device = device;
+                record.large.next_seq = 1;
+                record.large.last_id = [0; 16];
+                // What members acknowledged was of the other chain.
+                record.large.acks.clear();
+                record.large.repaired_ms = 0;
+            }
             let seq = record.large.next_seq.max(1);
             let prev = if seq == 1 {
                 [0; 16]
@@ -655,7 +732,7 @@ impl<T> State<T> {
             .map_err(invalid)?;
             record.large.next_seq = seq + 1;
             record.large.last_id = post.id().0;
-            chain_of(&mut record.large, me).take(seq);
+            chain_of(&mut record.large, me, device).take(seq);
             match &epoch {
                 Some(epoch) => this.queue_post(&mut w, id, &roster, epoch, &post, now)?,
                 None => {
@@ -692,6 +769,7 @@ impl<T> State<T> {
                 unseen: false,
                 missed: Vec::new(),
                 post_seq: seq,
+                post_device: device,
                 reach: (others as u32, 0, 0),
             };
             LocalStore::write_group_message(&mut w, &id, local, &message);
@@ -766,6 +844,7 @@ impl<T> State<T> {
     /// Takes in a key record of group `id` (from a post, or over a session): kept if
     /// it counts (SPEC §14.5) and wraps the key for us. Returns whether a new epoch
     /// came.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn take_key_record(
         &self,
         w: &mut WriteSet,
@@ -773,6 +852,7 @@ impl<T> State<T> {
         record: &mut GroupRecord,
         roster: &Roster,
         key_record: &KeyRecord,
+        known: Option<&EpochKey>,
         now: u64,
     ) -> Result<bool, EngineError> {
         if key_record.group() != id
@@ -805,8 +885,13 @@ impl<T> State<T> {
             // Numbered far past every epoch held: it would outrank every later one.
             return Ok(false);
         }
-        let Some(key) = key_record.unwrap(&self.me) else {
-            return Ok(false);
+        // Wrapped for us, or sent by another device of ours (which holds it).
+        let key = match known.filter(|k| k.id(&id) == key_record.epoch()) {
+            Some(key) => key.clone(),
+            None => match key_record.unwrap(&self.me) {
+                Some(key) => key,
+                None => return Ok(false),
+            },
         };
         keep_epoch(
             &mut record.large.epochs,
@@ -888,7 +973,7 @@ impl<T> State<T> {
         };
         match roster {
             Some(roster) if roster.members.contains_key(&self.own_key()) => {
-                self.take_key_record(w, id, &mut record, &roster, key_record, now)?;
+                self.take_key_record(w, id, &mut record, &roster, key_record, None, now)?;
             }
             _ => {
                 let bytes = key_record.encode().to_vec();
@@ -911,6 +996,144 @@ impl<T> State<T> {
         Ok(())
     }
 
+    /// An epoch key another device of ours holds (SPEC §15.2), with a part of its
+    /// record: taken as if it were wrapped for this device (no admin wraps for it),
+    /// once we are in the group; kept with the group until its log makes us a member.
+    pub(crate) fn take_own_epoch(
+        &self,
+        w: &mut WriteSet,
+        key: &EpochKey,
+        key_record: &KeyRecord,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let id = key_record.group();
+        let existing = match LocalStore::pending_group(w, &id) {
+            Some(g) => Some(g),
+            None => self.store.group(&id)?,
+        };
+        // The key may come before the group's log (another relay was faster).
+        let mut record = existing.unwrap_or_else(|| GroupRecord {
+            joined_ms: now,
+            invited_by: self.me.peer_id().to_bytes(),
+            ..GroupRecord::default()
+        });
+        if record.forgotten {
+            return Ok(());
+        }
+        let roster = if record.joined {
+            self.merged(id, &record)?.roster
+        } else {
+            None
+        };
+        match roster {
+            Some(roster) if roster.members.contains_key(&self.own_key()) => {
+                self.take_key_record(w, id, &mut record, &roster, key_record, Some(key), now)?;
+                // It came from there: not sent back.
+                let epoch = key_record.epoch().0;
+                if !record.large.told_own.iter().any(|(id, _)| *id == epoch) {
+                    let parts = record
+                        .large
+                        .epochs
+                        .iter()
+                        .find(|e| e.id == epoch)
+                        .map_or(0, |e| e.records.len() as u8);
+                    record.large.told_own.push((epoch, parts));
+                }
+            }
+            _ => {
+                let entry = (*key.to_bytes(), key_record.encode().to_vec());
+                let own = &mut record.large.own_keys;
+                if !own.contains(&entry) {
+                    if own.len() >= MAX_EPOCHS_KEPT * kkachi_protocol::group::large::MAX_KEY_PARTS {
+                        own.remove(0);
+                    }
+                    own.push(entry);
+                }
+            }
+        }
+        LocalStore::write_group(w, &id, &record);
+        Ok(())
+    }
+
+    /// The epochs of group `record` we hold and the parts of their records that our
+    /// other devices were not sent (all of them once our set lists another device):
+    /// each key, with those parts, sealed to them (SPEC §15.2), for no admin wraps for
+    /// their keys. Whether anything was sent.
+    fn tell_own_epochs(
+        &self,
+        w: &mut WriteSet,
+        sessions: &mut Sessions,
+        record: &mut GroupRecord,
+        now: u64,
+    ) -> Result<bool, EngineError> {
+        let listed = self.with_own(|own| own.listed.clone())?;
+        if listed.is_empty() {
+            // No other device (any we told was taken out, and a new epoch came).
+            let told = !record.large.told_own_to.is_empty();
+            record.large.told_own_to.clear();
+            record.large.told_own.clear();
+            return Ok(told);
+        }
+        let mut changed = false;
+        if listed.iter().any(|k| !record.large.told_own_to.contains(k)) {
+            record.large.told_own.clear();
+            changed = true;
+        }
+        if record.large.told_own_to != listed {
+            record.large.told_own_to = listed;
+            changed = true;
+        }
+        let large = &mut record.large;
+        large
+            .told_own
+            .retain(|(id, _)| large.epochs.iter().any(|e| e.id == *id));
+        let mut untold: Vec<(HeldEpoch, usize)> = Vec::new();
+        for e in &large.epochs {
+            let told = large
+                .told_own
+                .iter()
+                .find(|(id, _)| *id == e.id)
+                .map_or(0, |(_, n)| usize::from(*n));
+            if told < e.records.len() {
+                untold.push((e.clone(), told));
+            }
+        }
+        for (epoch, told) in untold {
+            let key = EpochKey::from_bytes(epoch.key);
+            for part in &epoch.records[told..] {
+                if let Ok(part) = KeyRecord::decode(part) {
+                    let told = kkachi_protocol::content::AccountRecord::GroupKey {
+                        key: key.clone(),
+                        record: Box::new(part),
+                    };
+                    self.tell_own(w, sessions, told, now)?;
+                }
+            }
+            let parts = epoch.records.len() as u8;
+            match record
+                .large
+                .told_own
+                .iter_mut()
+                .find(|(id, _)| *id == epoch.id)
+            {
+                Some(told) => told.1 = parts,
+                None => record.large.told_own.push((epoch.id, parts)),
+            }
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Whether a device of ours that was sent this group's epoch keys has since been
+    /// taken out of our set: it reads under them until a new epoch comes.
+    fn told_a_device_taken_out(&self, record: &GroupRecord) -> Result<bool, EngineError> {
+        if record.large.told_own_to.is_empty() {
+            return Ok(false);
+        }
+        let listed = self.with_own(|own| own.listed.clone())?;
+        Ok(record.large.told_own_to.iter().any(|k| !listed.contains(k)))
+    }
+
     /// Key records that came before the log made us a member are taken now.
     pub(super) fn take_pending_keys(
         &self,
@@ -922,7 +1145,13 @@ impl<T> State<T> {
     ) -> Result<(), EngineError> {
         for bytes in std::mem::take(&mut record.large.pending_keys) {
             if let Ok(key_record) = KeyRecord::decode(&bytes) {
-                self.take_key_record(w, id, record, roster, &key_record, now)?;
+                self.take_key_record(w, id, record, roster, &key_record, None, now)?;
+            }
+        }
+        for (key, bytes) in std::mem::take(&mut record.large.own_keys) {
+            if let Ok(key_record) = KeyRecord::decode(&bytes) {
+                let key = EpochKey::from_bytes(key);
+                self.take_key_record(w, id, record, roster, &key_record, Some(&key), now)?;
             }
         }
         Ok(())
@@ -1015,11 +1244,15 @@ impl<T> State<T> {
             Err(e) => return Err(invalid(e)),
         };
         let author = *post.author();
-        if author == me {
+        if author == me && post.device() == self.own_device() {
             // Ours, as put: nothing to take.
             return Ok(Vec::new());
         }
         match post.body() {
+            // Another device of ours posted it: shown as ours (SPEC §15.2).
+            PostBody::Message { .. } | PostBody::File { .. } if author == me => {
+                self.take_own_large_post(w, group, record, &roster, &post, now)
+            }
             PostBody::Message { .. } | PostBody::File { .. } => {
                 self.take_large_message(w, group, record, &roster, &post, now)
             }
@@ -1042,11 +1275,12 @@ impl<T> State<T> {
             }
             PostBody::Key(key_record) => {
                 // A new epoch, if one is needed, is made at upkeep, once for the batch.
-                self.take_key_record(w, group, record, &roster, key_record, now)?;
+                self.take_key_record(w, group, record, &roster, key_record, None, now)?;
                 Ok(Vec::new())
             }
             PostBody::Have(have) => {
-                if roster.members.contains_key(&author) {
+                // (Another device of ours is no member whose copies we count.)
+                if roster.members.contains_key(&author) && author != me {
                     let have_at = post.hlc();
                     self.take_have(w, group, record, &roster, author, have_at, have, acked, now)?;
                 }
@@ -1067,11 +1301,12 @@ impl<T> State<T> {
         if acked.is_empty() {
             return Ok(());
         }
+        let device = self.own_device();
         for (key, mut m) in self
             .store
             .recent_group_messages_keyed(&group, super::CATCH_UP_SCAN)?
         {
-            if m.author().is_some() || m.event || m.post_seq == 0 {
+            if m.author().is_some() || m.event || m.post_seq == 0 || m.post_device != device {
                 continue;
             }
             let newly = |read: bool| {
@@ -1119,13 +1354,11 @@ impl<T> State<T> {
         let Some(peer) = peer_of_key(&author) else {
             return Ok(Vec::new());
         };
-        let (seconds, text, file) = match post.body() {
-            PostBody::Message { seconds, text } => (*seconds, text.clone(), None),
-            PostBody::File { seconds, file } => (*seconds, String::new(), Some(FileNote::of(file))),
-            _ => return Ok(Vec::new()),
+        let Some((seconds, text, file)) = post_parts(post) else {
+            return Ok(Vec::new());
         };
         // A copy (another relay's, or read again from the start) is not taken twice.
-        if !chain_of(&mut record.large, author).take(post.seq()) {
+        if !take_number(&mut record.large, author, post.device(), post.seq()) {
             return Ok(Vec::new());
         }
         record.large.have_due = true;
@@ -1155,27 +1388,11 @@ impl<T> State<T> {
             unseen: false,
             missed: Vec::new(),
             post_seq: post.seq(),
+            post_device: post.device(),
             reach: (0, 0, 0),
         };
         message.message.file = file;
-        // A file's chunks are in the group queues of the epoch its post names (it
-        // opened under that epoch's key, so we hold it).
-        let source = match &message.message.file {
-            Some(_) => record
-                .large
-                .epochs
-                .iter()
-                .find(|e| e.id == post.epoch().0)
-                .map(|e| crate::store::GroupSource {
-                    group: group.0,
-                    epoch: e.id,
-                    queues: epoch_queues(e, roster)
-                        .into_iter()
-                        .map(|(addr, key)| (addr.to_string(), key.0))
-                        .collect(),
-                }),
-            None => None,
-        };
+        let source = file_source(group, record, roster, post, &message);
         if roster.may_post(&author) {
             self.note_group_expiry(record, &message);
             record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
@@ -1188,6 +1405,88 @@ impl<T> State<T> {
         // Its author's add or promotion may be on its way: it waits, within bounds.
         super::hold_waiting(record, peer, author, message, source, now);
         Ok(Vec::new())
+    }
+
+    /// A message or file another device of ours posted in the group queue: shown as
+    /// ours, sent from there (once: that device's numbers find copies). Its file's
+    /// chunks are in the epoch's queues, which we read: fetched as a member's are.
+    fn take_own_large_post(
+        &self,
+        w: &mut WriteSet,
+        group: GroupId,
+        record: &mut GroupRecord,
+        roster: &Roster,
+        post: &Post,
+        now: u64,
+    ) -> Result<Vec<Received>, EngineError> {
+        let me = self.own_key();
+        let Some(member) = roster.members.get(&me) else {
+            return Ok(Vec::new());
+        };
+        // Only a device our set lists speaks for us here (not one taken out, which
+        // still holds the identity key).
+        let listed = self.with_own(|own| {
+            own.listed
+                .iter()
+                .any(|k| kkachi_protocol::group::large::device_tag(k) == post.device())
+        })?;
+        if !listed {
+            tracing::warn!(group = %group.to_hex(), "a post as ours from a device our set does not list: dropped");
+            return Ok(Vec::new());
+        }
+        let Some((seconds, text, file)) = post_parts(post) else {
+            return Ok(Vec::new());
+        };
+        if !take_number(&mut record.large, me, post.device(), post.seq()) {
+            return Ok(Vec::new());
+        }
+        let hlc = post.hlc().min(Hlc {
+            ms: now.saturating_add(MAX_AHEAD_MS),
+            count: 0,
+        });
+        let timer_secs = crate::store::kept_timer(seconds);
+        let mut ours = new_record(
+            post.id(),
+            Direction::Out,
+            &text,
+            hlc.ms.min(now),
+            now,
+            timer_secs,
+        );
+        ours.file = file;
+        ours.state = MessageState::SentElsewhere;
+        let message = GroupMessage {
+            from: Vec::new(),
+            name: member.name.clone(),
+            hlc: (hlc.ms, hlc.count),
+            message: ours,
+            copies: Vec::new(),
+            event: false,
+            unseen: false,
+            missed: Vec::new(),
+            post_seq: post.seq(),
+            post_device: post.device(),
+            reach: (0, 0, 0),
+        };
+        let source = file_source(group, record, roster, post, &message);
+        self.note_group_expiry(record, &message);
+        record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
+        let local = record.next_local;
+        record.next_local += 1;
+        LocalStore::write_group_message(w, &group, local, &message);
+        self.offer_group_file(w, group, local, &message, source, now)?;
+        Ok(vec![Received {
+            contact: self.me.peer_id(),
+            name: message.name.clone(),
+            message: message.message,
+            gaps: Default::default(),
+            change: None,
+            group: Some(crate::engine::GroupTag {
+                id: roster.id,
+                name: roster.name.clone(),
+                event: false,
+            }),
+        }])
     }
 
     /// A member's have (dated `hlc`; one no newer than their last changes nothing): how
@@ -1218,12 +1517,18 @@ impl<T> State<T> {
         if last.is_some_and(|(.., seen)| seen >= clock) {
             return Ok(());
         }
-        let latest = record.large.next_seq.saturating_sub(1);
+        // Our numbers are this device's chain's (as long as it is the one counted).
+        let device = self.own_device();
+        let latest = if record.large.device == device {
+            record.large.next_seq.saturating_sub(1)
+        } else {
+            0
+        };
         let (theirs, theirs_read) = have
             .heads
             .iter()
-            .find(|(a, ..)| *a == me)
-            .map_or((0, 0), |(_, s, r)| (*s, *r));
+            .find(|(a, d, ..)| *a == me && *d == device)
+            .map_or((0, 0), |(_, _, s, r)| (*s, *r));
         let (theirs, theirs_read) = (theirs.min(latest), theirs_read.min(latest));
         let (before, before_read) = last.map_or((0, 0), |(_, s, r, _)| (s, r));
         let entry = (
@@ -1287,11 +1592,14 @@ impl<T> State<T> {
         let Some(epoch) = self.usable_epoch(record, roster)? else {
             return Ok(());
         };
+        let device = self.own_device();
         let ours: Vec<GroupMessage> = self
             .store
             .recent_group_messages(&group, super::CATCH_UP_SCAN)?
             .into_iter()
-            .filter(|m| m.author().is_none() && !m.event && m.post_seq != 0)
+            .filter(|m| {
+                m.author().is_none() && !m.event && m.post_seq != 0 && m.post_device == device
+            })
             .collect();
         let prev_of = |seq: u64| {
             ours.iter()
@@ -1375,6 +1683,17 @@ impl<T> State<T> {
         let mut w = WriteSet::default();
         let mut changed =
             self.keep_epoch_sound(&mut w, sessions, id, &mut record, &roster, false, now)?;
+        // A device of ours taken out reads no more than it was sent: if we are an
+        // admin, a new epoch at once (else the group's next one).
+        if !changed
+            && roster.role(&self.own_key()) == Some(Role::Admin)
+            && self.told_a_device_taken_out(&record)?
+        {
+            self.new_epoch(&mut w, sessions, id, &mut record, &roster, now)?;
+            changed = true;
+        }
+        // Our other devices read the group under the epochs we hold.
+        changed |= self.tell_own_epochs(&mut w, sessions, &mut record, now)?;
         // Now and then a new key, by the group's first admin, even with nobody leaving.
         let me = self.own_key();
         if !changed
@@ -1395,15 +1714,11 @@ impl<T> State<T> {
             let at = record.large.have_sent_ms.saturating_add(HAVE_EVERY_MS);
             if at <= now {
                 let reads = !self.store.profile()?.is_some_and(|p| p.read_receipts_off);
-                let mut heads: Vec<([u8; 32], u64, u64)> = record
-                    .large
-                    .chains
-                    .iter()
-                    .filter(|c| roster.members.contains_key(&c.author) && c.head() > 0)
-                    .map(|c| (c.author, c.head(), if reads { c.read } else { 0 }))
-                    .collect();
-                heads.sort_unstable_by_key(|h| h.0);
-                heads.truncate(MAX_HAVE_AUTHORS);
+                let heads = have_heads(
+                    &record.large.chains,
+                    |a| roster.members.contains_key(a),
+                    reads,
+                );
                 let ops = have_digest(&record.signed_ops()?);
                 let body = PostBody::Have(Have { heads, ops });
                 // Posted, or (no epoch may carry it yet) tried again after a while.
@@ -1480,8 +1795,113 @@ pub(crate) fn large_status(record: &GroupRecord, roster: &Roster) -> Option<Stri
     }
 }
 
+/// A numbered post's timer, text and file (none for other kinds).
+fn post_parts(post: &Post) -> Option<(u32, String, Option<FileNote>)> {
+    match post.body() {
+        PostBody::Message { seconds, text } => Some((*seconds, text.clone(), None)),
+        PostBody::File { seconds, file } => {
+            Some((*seconds, String::new(), Some(FileNote::of(file))))
+        }
+        _ => None,
+    }
+}
+
+/// Where the file of `message` (from `post`) is fetched from: the group queues of the
+/// epoch its post names (it opened under that epoch's key, so we hold it).
+fn file_source(
+    group: GroupId,
+    record: &GroupRecord,
+    roster: &Roster,
+    post: &Post,
+    message: &GroupMessage,
+) -> Option<crate::store::GroupSource> {
+    message.message.file.as_ref()?;
+    record
+        .large
+        .epochs
+        .iter()
+        .find(|e| e.id == post.epoch().0)
+        .map(|e| crate::store::GroupSource {
+            group: group.0,
+            epoch: e.id,
+            queues: epoch_queues(e, roster)
+                .into_iter()
+                .map(|(addr, key)| (addr.to_string(), key.0))
+                .collect(),
+        })
+}
+
+/// One entry of a have: an author's device, its head and what of it was read.
+type Head = ([u8; 32], DeviceTag, u64, u64);
+
+/// What our have lists of `chains` (those of authors `member` takes, with anything in
+/// them; what was read only if `reads`): at most [`MAX_HAVE_AUTHORS`], every member's
+/// longest chain first, then their others, so a member with many devices crowds no one
+/// out; in the order the have is encoded in.
+fn have_heads(chains: &[Chain], member: impl Fn(&[u8; 32]) -> bool, reads: bool) -> Vec<Head> {
+    let mut heads: Vec<Head> = chains
+        .iter()
+        .filter(|c| member(&c.author) && c.head() > 0)
+        .map(|c| (c.author, c.device, c.head(), if reads { c.read } else { 0 }))
+        .collect();
+    heads.sort_unstable_by_key(|h| (h.0, std::cmp::Reverse(h.2), h.1));
+    // Each chain's rank among its author's: 0 for the longest.
+    let mut ranked: Vec<(usize, Head)> = Vec::with_capacity(heads.len());
+    for h in heads {
+        let rank = match ranked.last() {
+            Some((r, last)) if last.0 == h.0 => r + 1,
+            _ => 0,
+        };
+        ranked.push((rank, h));
+    }
+    ranked.sort_by_key(|(r, h)| (*r, h.0, h.1));
+    ranked.truncate(MAX_HAVE_AUTHORS);
+    let mut heads: Vec<Head> = ranked.into_iter().map(|(_, h)| h).collect();
+    heads.sort_unstable_by_key(|h| (h.0, h.1));
+    heads
+}
+
 fn tag(x: &[u8; 32]) -> [u8; 8] {
     let mut t = [0; 8];
     t.copy_from_slice(&x[..8]);
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_have_past_its_bound_keeps_every_members_longest_chain() {
+        // 1,000 members with one device each, and one member with 200 more devices.
+        let chain = |author: [u8; 32], device: u8, head: u64| Chain {
+            author,
+            device: [device; 8],
+            runs: vec![(1, head)],
+            ..Chain::default()
+        };
+        let author = |i: u16| {
+            let mut a = [0; 32];
+            a[..2].copy_from_slice(&i.to_be_bytes());
+            a
+        };
+        let mut chains: Vec<Chain> = (0..1000).map(|i| chain(author(i), 0, 5)).collect();
+        chains.extend((1..=200).map(|d| chain(author(7), d, u64::from(d) * 10)));
+        let heads = have_heads(&chains, |_| true, true);
+        assert_eq!(heads.len(), MAX_HAVE_AUTHORS);
+        for i in 0..1000 {
+            assert!(
+                heads.iter().any(|h| h.0 == author(i)),
+                "member {i} is in it"
+            );
+        }
+        // The many-device member's longest chains are the ones kept.
+        assert!(heads.iter().any(|h| h.0 == author(7) && h.2 == 2000));
+        assert!(!heads.iter().any(|h| h.0 == author(7) && h.2 == 10));
+        assert!(
+            heads
+                .windows(2)
+                .all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1))
+        );
+    }
 }

@@ -757,9 +757,11 @@ impl<T: Transport> Owner<T> {
             Command::Change { run, reply } => {
                 let result = run(&mut self.state, now);
                 // Contacts may have changed: our relays grant theirs again, and the
-                // network lets in whom it should.
+                // network lets in whom it should; our devices may have (large groups'
+                // keys go to those added, and a new key follows one taken out).
                 self.grants.invalidate();
                 self.allow_contacts();
+                self.next_large_upkeep = Some(now);
                 self.after_change(result, move |r| {
                     let _ = reply.send(r);
                 });

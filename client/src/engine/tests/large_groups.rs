@@ -995,3 +995,209 @@ async fn many_added_at_once_are_one_line() {
         "{lines:?}"
     );
 }
+
+#[tokio::test]
+async fn every_device_of_a_member_reads_the_group_and_posts_in_it_under_numbers_of_its_own() {
+    let (net, admin, members, _, id) = town(2).await;
+    let (laptop, bob) = (&members[0], &members[1]);
+    // Her phone joins her account after she joined the group: it holds what her laptop
+    // held then. No admin wraps a key for it.
+    let phone = super::devices::second_device(&net, laptop, "phone");
+    phone.regrant().await;
+    laptop.regrant().await;
+
+    // A new epoch (Carol added), wrapped for her laptop's key only: the laptop sends its
+    // key to the phone, which reads the group under it.
+    let carol = User::started(&net, "carol", 1).await;
+    admin.add_contact(&carol);
+    carol.add_contact(&admin);
+    carol.regrant().await;
+    admin.regrant().await;
+    admin
+        .engine
+        .change_group(id, GroupChange::Add(vec![carol.peer()]))
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    let newest = epochs(&admin, id)[0];
+    laptop.sync().await;
+    assert_eq!(epochs(laptop, id).first(), Some(&newest));
+    laptop.engine.settle().await.unwrap();
+    phone.sync().await;
+    assert_eq!(
+        epochs(&phone, id).first(),
+        Some(&newest),
+        "the phone holds the epoch no admin wrapped for it"
+    );
+    bob.sync().await;
+    carol.sync().await;
+
+    // Both of her devices post before either hears of the other's post: each numbers
+    // its own, so neither takes the other's place anywhere.
+    laptop
+        .engine
+        .send_group(id, "from her laptop".into())
+        .await
+        .unwrap();
+    phone
+        .engine
+        .send_group(id, "from her phone".into())
+        .await
+        .unwrap();
+    laptop.engine.deliver_now().await.unwrap();
+    phone.engine.deliver_now().await.unwrap();
+    let both = ["from her laptop", "from her phone"];
+    for reader in [bob, &carol, &admin] {
+        reader.sync().await;
+        let texts = shown_texts(reader, id);
+        for text in both {
+            assert_eq!(
+                texts.iter().filter(|t| *t == text).count(),
+                1,
+                "{text:?} once at {}: {texts:?}",
+                reader.card.name()
+            );
+        }
+        // Two chains of hers, each whole.
+        let record = reader.engine.store().group(&id).unwrap().unwrap();
+        let hers: Vec<_> = record
+            .large
+            .chains
+            .iter()
+            .filter(|c| c.author == *laptop.card.identity().ed25519())
+            .collect();
+        assert_eq!(hers.len(), 2, "one chain per device");
+        assert!(hers.iter().all(|c| c.head() == 1 && c.missing() == 0));
+    }
+    // Each of her devices shows the other's post as hers, once.
+    laptop.sync().await;
+    phone.sync().await;
+    for (device, other) in [(laptop, "from her phone"), (&phone, "from her laptop")] {
+        let ours: Vec<_> = device
+            .engine
+            .store()
+            .group_messages(&id)
+            .unwrap()
+            .into_iter()
+            .filter(|m| !m.event && m.message.text == other)
+            .collect();
+        assert_eq!(ours.len(), 1, "{other:?} once");
+        assert!(ours[0].author().is_none(), "shown as hers");
+        assert_eq!(ours[0].message.state, MessageState::SentElsewhere);
+    }
+    println!(
+        "a large group on two devices: both read it under an epoch wrapped for one; two posts at once, one per device chain, each shown once at every member"
+    );
+}
+
+#[tokio::test]
+async fn a_member_making_up_devices_gets_no_more_chains_than_an_account_has() {
+    use kkachi_protocol::group::Hlc;
+    use kkachi_protocol::group::large::{EpochId, EpochKey, Post, PostBody};
+    let (net, admin, members, group_relays, id) = town(2).await;
+    let (mallory, reader) = (&members[0], &members[1]);
+    let held = reader.engine.store().group(&id).unwrap().unwrap();
+    let epoch = &held.large.epochs[0];
+    let key = EpochKey::from_bytes(epoch.key);
+    // Mallory signs posts as her account from twenty devices of her own making (each a
+    // session key of her identity), and puts them into the group queue herself.
+    let mut rng = rand_core::OsRng;
+    for i in 0..20u64 {
+        let device = mallory.engine.identity().with_new_session_key(&mut rng);
+        let post = Post::sign(
+            &device,
+            id,
+            EpochId(epoch.id),
+            1,
+            MessageId([0; 16]),
+            Hlc {
+                ms: now_ms(),
+                count: 0,
+            },
+            PostBody::Message {
+                seconds: 0,
+                text: format!("device {i}"),
+            },
+        )
+        .unwrap();
+        for relay in &group_relays {
+            let queue = key.queue_key(&crate::net::peer_of(relay).unwrap());
+            let envelope = Envelope {
+                expires_at: now_ms() / 1000 + 3600,
+                payload: post.seal(&key, &mut rng),
+            };
+            let put = ClientToRelay::PutGroup {
+                items: vec![kkachi_protocol::wire::Addressed {
+                    write: kkachi_protocol::WriteKey(queue.0),
+                    envelope,
+                }],
+            };
+            net.request(relay, put).await.unwrap();
+        }
+    }
+    reader.sync().await;
+    let shown = shown_texts(reader, id);
+    assert_eq!(
+        shown.len(),
+        16,
+        "sixteen devices' posts, no more: {shown:?}"
+    );
+    let record = reader.engine.store().group(&id).unwrap().unwrap();
+    let hers = record
+        .large
+        .chains
+        .iter()
+        .filter(|c| c.author == *mallory.card.identity().ed25519())
+        .count();
+    assert_eq!(hers, 16);
+    // Everyone else still gets through.
+    admin
+        .engine
+        .send_group(id, "still here".into())
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    reader.sync().await;
+    assert!(shown_texts(reader, id).iter().any(|t| t == "still here"));
+}
+
+#[tokio::test]
+async fn a_device_taken_out_gets_no_key_of_a_large_group_made_after() {
+    let (_net, admin, members, _, id) = town(2).await;
+    let laptop = &members[0];
+    // Her laptop is an admin; her phone reads the group under the keys it sends it.
+    admin
+        .engine
+        .change_group(id, GroupChange::Admin(laptop.peer(), true))
+        .await
+        .unwrap();
+    admin.engine.deliver_now().await.unwrap();
+    laptop.sync().await;
+    let phone = super::devices::second_device(&_net, laptop, "phone");
+    phone.regrant().await;
+    laptop.regrant().await;
+    laptop.engine.housekeeping().await.unwrap();
+    laptop.engine.settle().await.unwrap();
+    phone.sync().await;
+    let before = epochs(laptop, id)[0];
+    assert!(epochs(&phone, id).contains(&before));
+
+    // The phone is lost: taken out. The laptop, an admin, makes a new epoch at once,
+    // sealed to no device of hers but itself.
+    laptop.engine.remove_device("phone".into()).await.unwrap();
+    laptop.engine.housekeeping().await.unwrap();
+    laptop.engine.settle().await.unwrap();
+    let after = epochs(laptop, id)[0];
+    assert_ne!(
+        after, before,
+        "a new epoch once a device that held the keys left"
+    );
+    admin.sync().await;
+    assert_eq!(epochs(&admin, id)[0], after, "the group takes it");
+    phone.sync().await;
+    phone.sync().await;
+    assert!(
+        !epochs(&phone, id).contains(&after),
+        "the phone taken out holds no key made after"
+    );
+}

@@ -184,7 +184,11 @@ fn every_body(admin: &Identity) -> Vec<(u64, PostBody)> {
         (
             0,
             PostBody::Have(Have {
-                heads: vec![([1; 32], 4, 3), ([2; 32], 9, 0)],
+                heads: vec![
+                    ([1; 32], [1; 8], 4, 3),
+                    ([1; 32], [2; 8], 2, 2),
+                    ([2; 32], [1; 8], 9, 0),
+                ],
                 ops: [6; 16],
             }),
         ),
@@ -313,10 +317,16 @@ fn numbers_are_for_messages_and_files_only() {
     };
     assert!(Post::sign(&admin, GROUP, E, 1, zero, at(1), empty).is_err());
     let unsorted = PostBody::Have(Have {
-        heads: vec![([2; 32], 1, 0), ([1; 32], 1, 0)],
+        heads: vec![([2; 32], [0; 8], 1, 0), ([1; 32], [0; 8], 1, 0)],
         ops: [0; 16],
     });
     assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), unsorted).is_err());
+    // One author's devices ascend too, each named once.
+    let twice = PostBody::Have(Have {
+        heads: vec![([1; 32], [3; 8], 1, 0), ([1; 32], [3; 8], 2, 0)],
+        ops: [0; 16],
+    });
+    assert!(Post::sign(&admin, GROUP, E, 0, zero, at(1), twice).is_err());
 }
 
 #[test]
@@ -372,10 +382,12 @@ fn known_answers() {
         },
     )
     .unwrap();
-    let mut expected = vec![1u8];
+    let mut expected = vec![2u8];
     expected.extend_from_slice(&[9; 32]);
     expected.extend_from_slice(&key.id(&GROUP).0);
     expected.extend_from_slice(admin.public().ed25519());
+    // The device that posted it: its X25519 key's first 8 bytes.
+    expected.extend_from_slice(&admin.x25519_public()[..8]);
     expected.extend_from_slice(&1u64.to_be_bytes());
     expected.extend_from_slice(&[0; 16]);
     expected.extend_from_slice(&1_000u64.to_be_bytes());
