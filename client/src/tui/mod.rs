@@ -669,11 +669,14 @@ pub fn snapshot(
                     .map(|cs| {
                         cs.iter()
                             .filter(|c| {
+                                // Any device of theirs we seal to, each a peer of its own.
+                                let mut devices = store.device_sessions_of(c).unwrap_or_default();
+                                devices.push(*c.card.identity().x25519());
                                 c.is_added()
-                                    && c.card
-                                        .identity()
-                                        .transport_peer()
-                                        .is_some_and(|d| connected.contains(&d))
+                                    && devices.iter().any(|x| {
+                                        kkachi_protocol::identity::transport_peer(x)
+                                            .is_some_and(|d| connected.contains(&d))
+                                    })
                             })
                             .filter(|c| !matches!(store.blocked(&c.peer), Ok(Some(_))))
                             .count()
