@@ -287,9 +287,8 @@ impl AccountRecord {
             },
             ACCOUNT_GROUP_KEY => {
                 let key = crate::group::large::EpochKey::from_bytes(r.array("epoch key")?);
-                // The rest is the record (and nothing is left after it).
-                let rest = std::mem::replace(&mut r, Reader::new(&[])).rest();
-                let record = crate::group::large::KeyRecord::decode(rest)?;
+                // The rest is the record (whose decoding leaves nothing after it).
+                let record = crate::group::large::KeyRecord::decode(r.rest())?;
                 if key.id(&record.group()) != record.epoch() {
                     return Err(DecodeError::Invalid {
                         field: "account record's epoch key",
@@ -297,10 +296,10 @@ impl AccountRecord {
                     }
                     .into());
                 }
-                AccountRecord::GroupKey {
+                return Ok(AccountRecord::GroupKey {
                     key,
                     record: Box::new(record),
-                }
+                });
             }
             tag => {
                 return Err(DecodeError::UnknownTag {

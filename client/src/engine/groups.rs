@@ -2211,43 +2211,70 @@ impl<T> State<T> {
             // Its chunks went to the members: shown, not fetched.
             Posting::File(file) => (String::new(), Some(FileNote::of(&file))),
         };
-        let timer_secs = crate::store::kept_timer(secs);
-        let hlc = hlc.min(Hlc {
+        let posted = OwnPost {
+            id: content.id,
+            text,
+            file,
+            sent_at_ms: content.sent_at_ms,
+            hlc,
+            secs,
+            chain: (0, [0; 8]),
+        };
+        let (local, message) = self.take_own_group_post(&mut record, &member.name, posted, now);
+        LocalStore::write_group_message(w, &id, local, &message);
+        LocalStore::write_group_message_index(w, &id, &me, &content.id.0, local);
+        LocalStore::write_group(w, &id, &record);
+        Ok(Outcome::Shown(Box::new(self.shown_own(&roster, message))))
+    }
+
+    /// A post of ours that another device of ours made (`posted`), as this device keeps
+    /// it in `record`: ours, sent from there, under our name `name` in the group; its
+    /// timer and clock noted, with the local number it takes.
+    pub(super) fn take_own_group_post(
+        &self,
+        record: &mut GroupRecord,
+        name: &str,
+        posted: OwnPost,
+        now: u64,
+    ) -> (u64, GroupMessage) {
+        let hlc = posted.hlc.min(Hlc {
             ms: now.saturating_add(MAX_AHEAD_MS),
             count: 0,
         });
         let mut ours = new_record(
-            content.id,
+            posted.id,
             Direction::Out,
-            &text,
-            content.sent_at_ms,
+            &posted.text,
+            posted.sent_at_ms,
             now,
-            timer_secs,
+            crate::store::kept_timer(posted.secs),
         );
-        ours.file = file;
+        ours.file = posted.file;
         ours.state = MessageState::SentElsewhere;
         let message = GroupMessage {
             from: Vec::new(),
-            name: member.name.clone(),
+            name: name.to_owned(),
             hlc: (hlc.ms, hlc.count),
             message: ours,
             copies: Vec::new(),
             event: false,
             unseen: false,
             missed: Vec::new(),
-            post_seq: 0,
-            post_device: [0; 8],
+            post_seq: posted.chain.0,
+            post_device: posted.chain.1,
             reach: (0, 0, 0),
         };
-        self.note_group_expiry(&mut record, &message);
+        self.note_group_expiry(record, &message);
         record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
         let local = record.next_local;
         record.next_local += 1;
-        LocalStore::write_group_message(w, &id, local, &message);
-        LocalStore::write_group_message_index(w, &id, &me, &content.id.0, local);
-        LocalStore::write_group(w, &id, &record);
-        Ok(Outcome::Shown(Box::new(Received {
-            contact: me,
+        (local, message)
+    }
+
+    /// Our own `message` in the group of `roster`, to show.
+    pub(super) fn shown_own(&self, roster: &Roster, message: GroupMessage) -> Received {
+        Received {
+            contact: self.me.peer_id(),
             name: message.name.clone(),
             message: message.message,
             gaps: Default::default(),
@@ -2257,7 +2284,7 @@ impl<T> State<T> {
                 name: roster.name.clone(),
                 event: false,
             }),
-        })))
+        }
     }
 
     /// A group message to show, from `peer`: a contact by the name we gave them, a
@@ -2286,6 +2313,20 @@ impl<T> State<T> {
             }),
         }
     }
+}
+
+/// A post of ours another device of ours made, as it reached this one.
+pub(super) struct OwnPost {
+    pub(super) id: MessageId,
+    pub(super) text: String,
+    pub(super) file: Option<FileNote>,
+    pub(super) sent_at_ms: u64,
+    /// Its group clock.
+    pub(super) hlc: Hlc,
+    /// The group's timer it went with.
+    pub(super) secs: u32,
+    /// In a large group: its number and the device whose chain counts it (0s else).
+    pub(super) chain: (u64, [u8; 8]),
 }
 
 /// Keeps `message` of `peer` (identity key `key`) in group `record` until operations

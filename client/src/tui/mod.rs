@@ -669,8 +669,10 @@ pub fn snapshot(
                     .map(|cs| {
                         cs.iter()
                             .filter(|c| {
-                                // Any device of theirs we seal to, each a peer of its own.
-                                let mut devices = store.device_sessions_of(c).unwrap_or_default();
+                                // Any device of theirs we hold a session with, each a peer
+                                // of its own (a device taken out has none left).
+                                let mut devices =
+                                    store.device_session_keys(&c.peer).unwrap_or_default();
                                 devices.push(*c.card.identity().x25519());
                                 c.is_added()
                                     && devices.iter().any(|x| {

@@ -179,7 +179,7 @@ fn take_number(large: &mut LargeState, author: [u8; 32], device: DeviceTag, seq:
         .any(|c| c.author == author && c.device == device);
     if !known && large.chains.iter().filter(|c| c.author == author).count() >= MAX_CHAINS_PER_AUTHOR
     {
-        tracing::warn!("a member's posts from more devices than any account has: dropped");
+        tracing::debug!("a member's posts from more devices than any account has: dropped");
         return false;
     }
     chain_of(large, author, device).take(seq)
@@ -1064,9 +1064,9 @@ impl<T> State<T> {
         w: &mut WriteSet,
         sessions: &mut Sessions,
         record: &mut GroupRecord,
+        listed: &[[u8; 32]],
         now: u64,
     ) -> Result<bool, EngineError> {
-        let listed = self.with_own(|own| own.listed.clone())?;
         if listed.is_empty() {
             // No other device (any we told was taken out, and a new epoch came).
             let told = !record.large.told_own_to.is_empty();
@@ -1080,7 +1080,7 @@ impl<T> State<T> {
             changed = true;
         }
         if record.large.told_own_to != listed {
-            record.large.told_own_to = listed;
+            record.large.told_own_to = listed.to_vec();
             changed = true;
         }
         let large = &mut record.large;
@@ -1122,16 +1122,6 @@ impl<T> State<T> {
             changed = true;
         }
         Ok(changed)
-    }
-
-    /// Whether a device of ours that was sent this group's epoch keys has since been
-    /// taken out of our set: it reads under them until a new epoch comes.
-    fn told_a_device_taken_out(&self, record: &GroupRecord) -> Result<bool, EngineError> {
-        if record.large.told_own_to.is_empty() {
-            return Ok(false);
-        }
-        let listed = self.with_own(|own| own.listed.clone())?;
-        Ok(record.large.told_own_to.iter().any(|k| !listed.contains(k)))
     }
 
     /// Key records that came before the log made us a member are taken now.
@@ -1440,53 +1430,20 @@ impl<T> State<T> {
         if !take_number(&mut record.large, me, post.device(), post.seq()) {
             return Ok(Vec::new());
         }
-        let hlc = post.hlc().min(Hlc {
-            ms: now.saturating_add(MAX_AHEAD_MS),
-            count: 0,
-        });
-        let timer_secs = crate::store::kept_timer(seconds);
-        let mut ours = new_record(
-            post.id(),
-            Direction::Out,
-            &text,
-            hlc.ms.min(now),
-            now,
-            timer_secs,
-        );
-        ours.file = file;
-        ours.state = MessageState::SentElsewhere;
-        let message = GroupMessage {
-            from: Vec::new(),
-            name: member.name.clone(),
-            hlc: (hlc.ms, hlc.count),
-            message: ours,
-            copies: Vec::new(),
-            event: false,
-            unseen: false,
-            missed: Vec::new(),
-            post_seq: post.seq(),
-            post_device: post.device(),
-            reach: (0, 0, 0),
+        let posted = super::OwnPost {
+            id: post.id(),
+            text,
+            file,
+            sent_at_ms: post.hlc().ms.min(now),
+            hlc: post.hlc(),
+            secs: seconds,
+            chain: (post.seq(), post.device()),
         };
+        let (local, message) = self.take_own_group_post(record, &member.name, posted, now);
         let source = file_source(group, record, roster, post, &message);
-        self.note_group_expiry(record, &message);
-        record.set_hlc(record.hlc().observe(hlc, now, MAX_AHEAD_MS));
-        let local = record.next_local;
-        record.next_local += 1;
         LocalStore::write_group_message(w, &group, local, &message);
         self.offer_group_file(w, group, local, &message, source, now)?;
-        Ok(vec![Received {
-            contact: self.me.peer_id(),
-            name: message.name.clone(),
-            message: message.message,
-            gaps: Default::default(),
-            change: None,
-            group: Some(crate::engine::GroupTag {
-                id: roster.id,
-                name: roster.name.clone(),
-                event: false,
-            }),
-        }])
+        Ok(vec![self.shown_own(roster, message)])
     }
 
     /// A member's have (dated `hlc`; one no newer than their last changes nothing): how
@@ -1683,17 +1640,19 @@ impl<T> State<T> {
         let mut w = WriteSet::default();
         let mut changed =
             self.keep_epoch_sound(&mut w, sessions, id, &mut record, &roster, false, now)?;
-        // A device of ours taken out reads no more than it was sent: if we are an
-        // admin, a new epoch at once (else the group's next one).
+        // A device of ours that was sent this group's keys and was taken out since reads
+        // no more than it was sent: if we are an admin, a new epoch at once (else the
+        // group's next one).
+        let listed = self.with_own(|own| own.listed.clone())?;
         if !changed
             && roster.role(&self.own_key()) == Some(Role::Admin)
-            && self.told_a_device_taken_out(&record)?
+            && record.large.told_own_to.iter().any(|k| !listed.contains(k))
         {
             self.new_epoch(&mut w, sessions, id, &mut record, &roster, now)?;
             changed = true;
         }
         // Our other devices read the group under the epochs we hold.
-        changed |= self.tell_own_epochs(&mut w, sessions, &mut record, now)?;
+        changed |= self.tell_own_epochs(&mut w, sessions, &mut record, &listed, now)?;
         // Now and then a new key, by the group's first admin, even with nobody leaving.
         let me = self.own_key();
         if !changed

@@ -228,9 +228,11 @@ impl<T: Transport> Owner<T> {
             .met
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
-            // Members met in a group are granted as contacts are, and let in on the LAN.
+            // Members met in a group are granted as contacts are, and let in on the LAN;
+            // our own devices too (as large groups follow them).
             self.grants.invalidate();
             self.allow_contacts();
+            self.after_own_devices(now);
         }
         if self.state.revoked.lock().is_empty()
             && self.grants.next_deadline().is_none_or(|t| t > now)

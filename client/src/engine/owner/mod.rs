@@ -176,14 +176,17 @@ pub(super) struct Owner<T> {
     request_epoch: u32,
     /// Until when (Unix seconds) the request queue of the epoch before is read.
     earlier_requests_until: u64,
-    /// The LAN key shared with each device of each contact (and of our own account),
-    /// by its X25519 key (`None`: a key that gives none).
-    lan_keys: HashMap<[u8; 32], Option<kkachi_protocol::lan::LanKey>>,
+    /// The peer id of each device of each contact (and of our own account), and the
+    /// LAN key this device shares with it, by its X25519 key (`None`: a key that gives
+    /// neither), each worked out once.
+    lan_keys: HashMap<[u8; 32], Option<(PeerId, kkachi_protocol::lan::LanKey)>>,
     /// Whose device each peer id on the network is (SPEC §1: a device's transport
     /// identity is its session key's), for every device let in.
     transports: HashMap<PeerId, (PeerId, Device)>,
     /// And the other way: the peer id of each such device.
     device_peers: HashMap<(PeerId, Device), PeerId>,
+    /// Our account's device set as large groups' upkeep last followed it.
+    own_set_seen: Option<Vec<u8>>,
     /// What each contact's device set lists and took out, read again only when the set
     /// changed.
     listings: HashMap<PeerId, Listing>,
@@ -270,6 +273,7 @@ impl<T: Transport> Owner<T> {
             lan_keys: HashMap::new(),
             transports: HashMap::new(),
             device_peers: HashMap::new(),
+            own_set_seen: None,
             listings: HashMap::new(),
             commands,
             net_events,
@@ -402,27 +406,42 @@ impl<T: Transport> Owner<T> {
         self.transports.clear();
         self.device_peers.clear();
         for (_, peer, device, x) in devices {
+            if x == own_key {
+                continue;
+            }
+            let known = match keys.remove(&x).or_else(|| kept.get(&x).cloned()) {
+                Some(known) => known,
+                None => kkachi_protocol::identity::transport_peer(&x)
+                    .zip(self.state.me.lan_key_with(&x)),
+            };
+            kept.insert(x, known.clone());
             // Named by its transport identity, which every encoding of one key shares.
-            let Some(transport) = kkachi_protocol::identity::transport_peer(&x) else {
+            let Some((transport, key)) = known else {
                 continue;
             };
-            if x == own_key || self.transports.contains_key(&transport) {
+            if self.transports.contains_key(&transport) {
                 continue;
             }
-            let key = match keys.remove(&x) {
-                Some(k) => k,
-                None => self.state.me.lan_key_with(&x),
-            };
-            if let Some(k) = &key {
-                allowed.push((transport, k.clone()));
-                self.transports.insert(transport, (peer, device));
-                self.device_peers.insert((peer, device), transport);
-            }
-            kept.insert(x, key);
+            allowed.push((transport, key));
+            self.transports.insert(transport, (peer, device));
+            self.device_peers.insert((peer, device), transport);
         }
         self.lan_keys = kept;
         self.state.net.allow_only(allowed);
         self.set_direct();
+    }
+
+    /// If our account's device set changed since last seen, large groups' upkeep runs
+    /// now: their keys go to a device added, and a new key follows one taken out.
+    pub(super) fn after_own_devices(&mut self, now: u64) {
+        match self.state.store.own_devices_bytes() {
+            Ok(set) if set != self.own_set_seen => {
+                self.own_set_seen = set;
+                self.next_large_upkeep = Some(now);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read our device set"),
+        }
     }
 
     /// Tells the schedule which devices the network reaches directly now.
@@ -757,11 +776,10 @@ impl<T: Transport> Owner<T> {
             Command::Change { run, reply } => {
                 let result = run(&mut self.state, now);
                 // Contacts may have changed: our relays grant theirs again, and the
-                // network lets in whom it should; our devices may have (large groups'
-                // keys go to those added, and a new key follows one taken out).
+                // network lets in whom it should.
                 self.grants.invalidate();
                 self.allow_contacts();
-                self.next_large_upkeep = Some(now);
+                self.after_own_devices(now);
                 self.after_change(result, move |r| {
                     let _ = reply.send(r);
                 });
